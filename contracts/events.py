@@ -1,0 +1,377 @@
+"""Every event on the log, one msgspec Struct each, and the table naming them.
+
+Rules that keep old events readable for as long as the log keeps them:
+
+- a field is only ever added, with a default, in a new ``VERSION`` (with a new example payload
+  under ``tests/contracts/payloads`` and a new schema under ``contracts/schemas``);
+- a field's type never changes, and no field becomes required;
+- no event forbids unknown fields, so an older reader accepts a newer producer's event;
+- secrets (passwords and their hashes, Stripe keys, private signing keys) are never fields.
+
+``tests/contracts`` checks each of these. The body carries no ``type`` tag: the envelope names
+the type, so the envelope can always be read even when its body's type is unknown here.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, ClassVar, Literal
+
+from msgspec import Meta, Struct, field
+
+from contracts.errors import UnknownEventType
+
+Plan = Literal["trial", "starter", "professional", "enterprise"]
+
+# msgspec checks constraints when decoding; ``new_envelope`` decodes what it wraps, so a
+# producer learns of a broken event before any consumer has to park it.
+UtcDateTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 time with an offset")]
+Id = Annotated[str, Meta(min_length=1)]
+Count = Annotated[int, Meta(ge=0)]
+Attempt = Annotated[int, Meta(ge=1, description="1 for the first try")]
+
+
+class Event(Struct, frozen=True, kw_only=True):
+    """Base of every event body: ``TYPE`` names it on the log, ``VERSION`` is its contract.
+
+    Subclasses repeat ``frozen=True, kw_only=True`` because msgspec does not inherit
+    ``kw_only``; keyword-only fields let a new version add a defaulted field anywhere.
+    """
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int]
+
+
+# --- shared values ------------------------------------------------------------------------------
+
+
+class Features(Struct, frozen=True, kw_only=True, rename=None):
+    """What a license switches on; the camelCase names are the license JWT's claim names."""
+
+    maxDevices: Count
+    dataRetentionDays: Count
+    alerting: bool
+    apiAccess: bool
+    webhooks: bool
+
+
+class Limits(Struct, frozen=True, kw_only=True, rename=None):
+    """Daily quotas a license grants; the camelCase names are the license JWT's claim names."""
+
+    mqttMessagesPerDay: Count
+    apiRequestsPerDay: Count
+
+
+# --- signup -------------------------------------------------------------------------------------
+
+
+class CustomerSignedUp(Event, frozen=True, kw_only=True):
+    """A new account exists. Starts the trial, the license and the first deployment.
+
+    Carries no password or hash: credentials stay in the signup service's private tables.
+    """
+
+    TYPE = "CustomerSignedUp"
+    VERSION = 1
+
+    customer_id: Id
+    email: Annotated[str, Meta(min_length=3, description="normalised: trimmed, lower-case")]
+    email_display: Annotated[str, Meta(min_length=3, description="as the customer typed it")]
+    company_name: str
+    full_name: str | None = None
+    plan: Plan = "starter"
+    signed_up_at: UtcDateTime
+
+
+class CustomerClosed(Event, frozen=True, kw_only=True):
+    """An account is closed; its instance is torn down and its license revoked."""
+
+    TYPE = "CustomerClosed"
+    VERSION = 1
+
+    customer_id: Id
+    reason: str | None = None
+    closed_by: Literal["customer", "admin", "system"]
+
+
+# --- licensing ----------------------------------------------------------------------------------
+
+
+class LicenseIssued(Event, frozen=True, kw_only=True):
+    """A signed license now governs the customer's instance; the provisioner deploys it.
+
+    ``jwt`` is the signed token the customer's instance verifies with the public key: the
+    customer may see it. The private signing key never leaves the licensing service.
+    """
+
+    TYPE = "LicenseIssued"
+    VERSION = 1
+
+    customer_id: Id
+    license_id: Id
+    jwt: Annotated[str, Meta(min_length=1, description="the signed RS256 license token")]
+    kid: Annotated[str, Meta(min_length=1, description="id of the key in the JWKS that signed")]
+    plan: Plan
+    issued_at: UtcDateTime
+    expires_at: UtcDateTime
+    features: Features
+    limits: Limits
+    license_type: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="why it was issued: trial_signup, subscription, renewal, grace, final",
+        ),
+    ]
+    reason: str | None = None
+    issued_by: str = "system"
+    grace_until: UtcDateTime | None = None
+
+
+class LicenseRevoked(Event, frozen=True, kw_only=True):
+    """A license no longer holds; instances that verify it must stop honouring it."""
+
+    TYPE = "LicenseRevoked"
+    VERSION = 1
+
+    customer_id: Id
+    license_id: Id
+    reason: str
+    revoked_by: str = "system"
+
+
+# --- billing ------------------------------------------------------------------------------------
+
+
+class TrialStarted(Event, frozen=True, kw_only=True):
+    """The customer's free trial runs from now until ``trial_ends_at``."""
+
+    TYPE = "TrialStarted"
+    VERSION = 1
+
+    customer_id: Id
+    plan: Plan
+    trial_started_at: UtcDateTime
+    trial_ends_at: UtcDateTime
+    trial_days: Annotated[int, Meta(ge=1)]
+
+
+class TrialExpired(Event, frozen=True, kw_only=True):
+    """The trial ended without a subscription; licensing issues the grace or final license."""
+
+    TYPE = "TrialExpired"
+    VERSION = 1
+
+    customer_id: Id
+    trial_ended_at: UtcDateTime
+
+
+class SubscriptionActivated(Event, frozen=True, kw_only=True):
+    """A Stripe subscription was created and paid; the license follows its plan."""
+
+    TYPE = "SubscriptionActivated"
+    VERSION = 1
+
+    customer_id: Id
+    plan: Plan
+    status: Annotated[str, Meta(description="Stripe's subscription status, e.g. active")]
+    stripe_customer_id: Id
+    stripe_subscription_id: Id
+    current_period_end: UtcDateTime | None = None
+    stripe_event_id: str | None = None
+
+
+class SubscriptionChanged(Event, frozen=True, kw_only=True):
+    """A subscription's plan or status changed in Stripe (upgrade, downgrade, past_due...)."""
+
+    TYPE = "SubscriptionChanged"
+    VERSION = 1
+
+    customer_id: Id
+    plan: Plan
+    previous_plan: Plan | None = None
+    status: Annotated[str, Meta(description="Stripe's subscription status, e.g. past_due")]
+    stripe_subscription_id: Id
+    current_period_end: UtcDateTime | None = None
+    stripe_event_id: str | None = None
+
+
+class PaymentFailed(Event, frozen=True, kw_only=True):
+    """Stripe could not collect an invoice; the customer is told, and may fall into grace."""
+
+    TYPE = "PaymentFailed"
+    VERSION = 1
+
+    customer_id: Id
+    stripe_invoice_id: Id
+    stripe_subscription_id: str | None = None
+    amount_due: Annotated[int, Meta(ge=0, description="in the currency's minor unit (cents)")]
+    currency: Annotated[
+        str, Meta(min_length=3, max_length=3, description="ISO 4217, lower-case as Stripe sends")
+    ]
+    attempt_count: Count
+    next_payment_attempt: UtcDateTime | None = None
+    stripe_event_id: str | None = None
+
+
+class SubscriptionCanceled(Event, frozen=True, kw_only=True):
+    """A subscription ended; the license falls back to grace and then to final."""
+
+    TYPE = "SubscriptionCanceled"
+    VERSION = 1
+
+    customer_id: Id
+    stripe_subscription_id: Id
+    canceled_at: UtcDateTime
+    reason: str | None = None
+    stripe_event_id: str | None = None
+
+
+class StripeEventReceived(Event, frozen=True, kw_only=True):
+    """A verified Stripe webhook, stored once so billing can (re)derive its own events from it.
+
+    ``customer_id`` is optional because an event may arrive before we can map it to a customer.
+    ``payload`` is the verified body exactly as sent: it holds no Stripe key or signing secret.
+    """
+
+    TYPE = "StripeEventReceived"
+    VERSION = 1
+
+    customer_id: str | None = None
+    stripe_event_id: Id
+    stripe_type: Annotated[str, Meta(min_length=1, description="e.g. invoice.payment_failed")]
+    stripe_created: UtcDateTime
+    livemode: bool
+    api_version: str | None = None
+    payload: Annotated[str, Meta(description="the verified JSON text exactly as Stripe sent it")]
+
+
+# --- provisioner --------------------------------------------------------------------------------
+
+DeploymentKind = Literal["deploy-customer-stack", "update-customer-stack", "delete-customer-stack"]
+
+
+class DeploymentRequested(Event, frozen=True, kw_only=True):
+    """A deployment job is queued for the customer's instance."""
+
+    TYPE = "DeploymentRequested"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    kind: DeploymentKind
+    plan: Plan | None = None
+    priority: Annotated[int, Meta(ge=1, le=10, description="1 is most urgent")]
+    license_id: str | None = None
+    requested_by: str = "system"
+
+
+class DeploymentStarted(Event, frozen=True, kw_only=True):
+    """A worker claimed a deployment job and began an attempt."""
+
+    TYPE = "DeploymentStarted"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    attempt: Attempt
+    backend: Annotated[str, Meta(min_length=1, description="e.g. local, kubernetes")]
+    worker_id: Id
+
+
+class DeploymentProgressed(Event, frozen=True, kw_only=True):
+    """A running deployment reached a step; shown to the customer while they wait."""
+
+    TYPE = "DeploymentProgressed"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    progress: Annotated[int, Meta(ge=0, le=100, description="percent done")]
+    step: str
+
+
+class DeploymentSucceeded(Event, frozen=True, kw_only=True):
+    """The customer's instance is running and reachable."""
+
+    TYPE = "DeploymentSucceeded"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    backend: Annotated[str, Meta(min_length=1)]
+    instance_url: str | None = None
+    components: Annotated[
+        dict[str, str], Meta(description="component name to its state, e.g. api: ready")
+    ] = field(default_factory=dict)
+
+
+class DeploymentFailed(Event, frozen=True, kw_only=True):
+    """An attempt failed; ``will_retry`` says whether the job goes back on the queue."""
+
+    TYPE = "DeploymentFailed"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    attempt: Attempt
+    error: str
+    will_retry: bool
+    next_attempt_at: UtcDateTime | None = None
+
+
+# --- instance -----------------------------------------------------------------------------------
+
+
+class UsageReported(Event, frozen=True, kw_only=True):
+    """An instance's usage for one UTC day, reported as it goes and once more when final."""
+
+    TYPE = "UsageReported"
+    VERSION = 1
+
+    customer_id: Id
+    day: Annotated[date, Meta(description="the UTC day counted")]
+    devices: Count
+    mqtt_messages: Count
+    api_requests: Count
+    rejected_readings: Count
+    storage_bytes: Count
+    final: bool = False  # true once the day is over and its counts will not change
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+# Every event this code can read. A type is never removed: the log still holds its events.
+ALL_EVENTS: tuple[type[Event], ...] = (
+    CustomerSignedUp,
+    CustomerClosed,
+    LicenseIssued,
+    LicenseRevoked,
+    TrialStarted,
+    TrialExpired,
+    SubscriptionActivated,
+    SubscriptionChanged,
+    PaymentFailed,
+    SubscriptionCanceled,
+    StripeEventReceived,
+    DeploymentRequested,
+    DeploymentStarted,
+    DeploymentProgressed,
+    DeploymentSucceeded,
+    DeploymentFailed,
+    UsageReported,
+)
+
+EVENT_TYPES: dict[str, type[Event]] = {cls.TYPE: cls for cls in ALL_EVENTS}
+
+
+def event_type(name: str) -> type[Event]:
+    """The event class registered under ``name``, for code that reads types off the wire.
+
+    Raises ``UnknownEventType`` (a ``MalformedEvent``) so callers park it like any unreadable
+    event instead of crashing on a ``KeyError``.
+    """
+    try:
+        return EVENT_TYPES[name]
+    except KeyError:
+        raise UnknownEventType(f"unknown event type {name!r}") from None
