@@ -1,0 +1,280 @@
+"""The event log: one JetStream stream that every service appends to and projects from.
+
+Subjects are ``<prefix>.<EventType>.<key>``: the type first, so a projection subscribes to the
+types it handles with one filter each; the key names the thing the event is about (normally the
+customer id), so "first writer wins" can be asked of JetStream for one thing at a time with
+``Nats-Expected-Last-Subject-Sequence``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from contracts import Envelope, Event, TraceContext, encode_envelope, new_envelope
+from libs.config import EventLogSettings
+from libs.telemetry import current_trace_context
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# JetStream's error code for a failed expected-last-(subject-)sequence check.
+_WRONG_LAST_SEQUENCE = 10071
+
+HEADER_EVENT_TYPE = "Iotistic-Event-Type"
+HEADER_TRACEPARENT = "traceparent"
+HEADER_TRACESTATE = "tracestate"
+
+
+class EventStoreError(RuntimeError):
+    """The log could not take or give an event (connection, timeout, stream missing)."""
+
+
+class ConcurrencyConflict(EventStoreError):
+    """Another writer appended to the subject first; the caller lost the race."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"another event was appended to {subject} first")
+        self.subject = subject
+
+
+@dataclass(frozen=True)
+class Appended:
+    """Where an appended event landed; ``duplicate`` when the log already had its event id."""
+
+    envelope: Envelope
+    subject: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message read back from the log, not yet decoded (it may be malformed)."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+    @property
+    def event_type(self) -> str:
+        """The event type its subject names (``<prefix>.<EventType>.<key>``)."""
+        parts = self.subject.rsplit(".", 2)
+        return parts[-2] if len(parts) == 3 else ""
+
+
+class EventStore:
+    """Appends events to the log and reads them back."""
+
+    def __init__(self, js: JetStreamContext, settings: EventLogSettings) -> None:
+        """Use ``js`` for the stream named in ``settings``; call ``ensure_stream`` once at start."""
+        self._js = js
+        self.settings = settings
+        self.stream = settings.events_stream
+        self.prefix = settings.events_subject_prefix
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context (for consumers built on this log)."""
+        return self._js
+
+    def stream_config(self) -> api.StreamConfig:
+        """The stream as this deployment wants it; limits refuse new writes, never drop events."""
+        s = self.settings
+        return api.StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.NEW,
+            num_replicas=s.events_replicas,
+            max_bytes=s.events_max_bytes or -1,
+            max_age=float(s.events_max_age_seconds),
+            duplicate_window=float(s.events_duplicate_window_seconds),
+            allow_direct=True,
+            description="Iotistic domain events: the source of truth of every service",
+        )
+
+    async def ensure_stream(self) -> api.StreamInfo:
+        """Create the stream, or bring an existing one to the configured settings."""
+        config = self.stream_config()
+        try:
+            await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            log.info("creating stream %s (%s)", self.stream, config.subjects)
+            return await self._js.add_stream(config)
+        return await self._js.update_stream(config)
+
+    def subject(self, event_type: str, key: str) -> str:
+        """The subject an event of ``event_type`` about ``key`` is appended to."""
+        if not _KEY.match(key):
+            raise ValueError(f"subject key {key!r} must be 1-128 of A-Z a-z 0-9 _ -")
+        return f"{self.prefix}.{event_type}.{key}"
+
+    def filter_for(self, event_types: Iterable[str]) -> list[str]:
+        """Subject filters that match every event of the given types."""
+        return [f"{self.prefix}.{name}.*" for name in sorted(set(event_types))]
+
+    async def append(
+        self,
+        envelope: Envelope,
+        *,
+        key: str | None = None,
+        expected_last_subject_seq: int | None = None,
+        timeout: float = 5.0,
+    ) -> Appended:
+        """Append one event, stored once per event id (``Nats-Msg-Id``).
+
+        ``key`` defaults to the envelope's customer id. With ``expected_last_subject_seq`` the
+        append succeeds only if the subject's last event has that sequence (0 = none yet);
+        otherwise ``ConcurrencyConflict`` is raised and nothing is stored.
+        """
+        subject_key = key or envelope.customer_id
+        if subject_key is None:
+            raise ValueError(f"{envelope.type}: an event without a customer id needs a key")
+        subject = self.subject(envelope.type, subject_key)
+        headers = {
+            api.Header.MSG_ID: envelope.event_id,
+            HEADER_EVENT_TYPE: envelope.type,
+        }
+        if envelope.trace.traceparent:
+            headers[HEADER_TRACEPARENT] = envelope.trace.traceparent
+        if envelope.trace.tracestate:
+            headers[HEADER_TRACESTATE] = envelope.trace.tracestate
+        if expected_last_subject_seq is not None:
+            headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_last_subject_seq)
+        try:
+            ack = await self._js.publish(
+                subject,
+                encode_envelope(envelope),
+                timeout=timeout,
+                stream=self.stream,
+                headers=headers,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                raise ConcurrencyConflict(subject) from exc
+            raise EventStoreError(f"append to {subject} refused: {exc}") from exc
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise EventStoreError(f"append to {subject} failed: {exc!r}") from exc
+        return Appended(envelope, subject, ack.seq, bool(ack.duplicate))
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        customer_id: str | None,
+        causation: Envelope | None = None,
+        key: str | None = None,
+        expected_last_subject_seq: int | None = None,
+        event_id: str | None = None,
+    ) -> Appended:
+        """Wrap ``event`` in an envelope carrying the current trace and append it."""
+        trace = current_trace_context()
+        envelope = new_envelope(
+            event,
+            customer_id=customer_id,
+            causation=causation,
+            trace=TraceContext(
+                traceparent=trace.get("traceparent"), tracestate=trace.get("tracestate")
+            ),
+            event_id=event_id,
+        )
+        return await self.append(
+            envelope, key=key, expected_last_subject_seq=expected_last_subject_seq
+        )
+
+    async def last_seq(self) -> int:
+        """The sequence of the newest event in the log (0 when empty)."""
+        info = await self._js.stream_info(self.stream)
+        return int(info.state.last_seq)
+
+    async def first_seq(self) -> int:
+        """The sequence of the oldest event still in the log."""
+        info = await self._js.stream_info(self.stream)
+        return int(info.state.first_seq)
+
+    async def last_seq_of(self, event_type: str, key: str) -> int:
+        """The sequence of the newest event on one subject (0 when there is none)."""
+        try:
+            msg = await self._js.get_last_msg(self.stream, self.subject(event_type, key))
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def count_by_subject(self, filter_subject: str | None = None) -> dict[str, int]:
+        """Message counts per subject (JetStream keeps them; no scan of the log)."""
+        info = await self._js.stream_info(
+            self.stream, subjects_filter=filter_subject or f"{self.prefix}.>"
+        )
+        return {str(k): int(v) for k, v in (info.state.subjects or {}).items()}
+
+    async def read(
+        self,
+        *,
+        from_seq: int = 1,
+        to_seq: int | None = None,
+        event_types: Iterable[str] | None = None,
+        batch: int = 500,
+        follow: bool = False,
+    ) -> AsyncIterator[StoredMessage]:
+        """Yield the log's messages in order from ``from_seq`` (through ``to_seq``).
+
+        Uses a short-lived ephemeral consumer, so reading never moves any service's position.
+        With ``follow`` it keeps waiting for new events instead of stopping at the end.
+        """
+        filters = self.filter_for(event_types) if event_types is not None else [f"{self.prefix}.>"]
+        end = to_seq if to_seq is not None else (None if follow else await self.last_seq())
+        if end is not None and end < from_seq:
+            return
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(from_seq, 1),
+            ack_policy=api.AckPolicy.NONE,
+            filter_subjects=filters,
+            inactive_threshold=60.0,
+            max_waiting=1,
+            mem_storage=True,
+        )
+        sub = await self._js.pull_subscribe("", stream=self.stream, config=config)
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    if follow:
+                        continue
+                    return
+                for msg in msgs:
+                    stored = to_stored(msg)
+                    if end is not None and stored.seq > end:
+                        return
+                    yield stored
+                    if end is not None and stored.seq >= end:
+                        return
+                if not follow and msgs and msgs[-1].metadata.num_pending == 0:
+                    return
+        finally:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                log.debug("reader unsubscribe failed", exc_info=True)
+
+
+def to_stored(msg: Msg) -> StoredMessage:
+    """The parts of a JetStream message a projection or reader needs."""
+    meta = msg.metadata
+    return StoredMessage(
+        seq=int(meta.sequence.stream),
+        subject=msg.subject,
+        data=msg.data,
+        headers=dict(msg.headers or {}),
+    )

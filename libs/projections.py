@@ -1,0 +1,522 @@
+"""Projections: read models kept in step with the log, one durable consumer each.
+
+Every event is applied in one Postgres transaction together with the projection's checkpoint
+(the last stream sequence applied), and acknowledged to JetStream only after that commit. A
+redelivered event finds the checkpoint already past it and changes nothing, so delivery at least
+once gives read models as if each event were applied exactly once.
+
+Order matters to a read model, so one process at a time consumes a projection (a Postgres
+advisory lock; other replicas wait on standby) and an event that cannot be applied is parked and
+stops the projection where it is: it moves on only when an operator decides (`iotistic parked
+skip|retry`). The service keeps serving what it has meanwhile; readiness and metrics show it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api
+from opentelemetry import trace
+
+from contracts import Envelope, Event, MalformedEvent, decode_envelope, decode_event
+from libs.db import CONNECTION_ERRORS
+from libs.eventstore import EventStore, StoredMessage, to_stored
+from libs.metrics import ProjectionMetrics
+from libs.telemetry import context_from, tracer
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+
+NATS_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    OSError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class Recorded(Generic[E]):
+    """An event as the log recorded it: its position, its envelope and its decoded body."""
+
+    seq: int
+    envelope: Envelope
+    event: E
+
+
+EventHandler = Callable[[asyncpg.Connection, Recorded[Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A read model: the tables it owns and the function that applies each event type to them.
+
+    Handlers must derive every value from the event (use ``envelope.occurred_at``, never
+    ``now()``), so that a replay builds exactly the rows the live projection built.
+    """
+
+    name: str
+    handlers: Mapping[type[Event], EventHandler]
+    tables: tuple[str, ...]
+
+    @property
+    def event_types(self) -> list[str]:
+        """Names of the event types this projection reads."""
+        return sorted(cls.TYPE for cls in self.handlers)
+
+    def handler_for(self, event_type: str) -> EventHandler | None:
+        """The handler for an event type, if this projection reads it."""
+        for cls, handler in self.handlers.items():
+            if event_type == cls.TYPE:
+                return handler
+        return None
+
+
+class ApplyOutcome(enum.Enum):
+    """What applying one stored message did."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+
+
+class PoisonEvent(Exception):
+    """An event that a projection cannot apply: malformed, unknown, or its handler fails."""
+
+    def __init__(self, seq: int, reason: str, *, retryable: bool) -> None:
+        super().__init__(f"seq {seq}: {reason}")
+        self.seq = seq
+        self.reason = reason
+        self.retryable = retryable
+
+
+def decode_stored(stored: StoredMessage) -> Recorded[Event]:
+    """Decode a stored message, raising ``PoisonEvent`` if it is not a valid event."""
+    try:
+        envelope = decode_envelope(stored.data)
+        event = decode_event(envelope)
+    except MalformedEvent as exc:
+        raise PoisonEvent(stored.seq, f"malformed event: {exc}", retryable=False) from exc
+    return Recorded(seq=stored.seq, envelope=envelope, event=event)
+
+
+async def ensure_checkpoint(conn: asyncpg.Connection, projection: str) -> int:
+    """The projection's checkpoint, creating it at 0 the first time."""
+    await conn.execute(
+        "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
+        projection,
+    )
+    value = await conn.fetchval(
+        "SELECT last_seq FROM projection_checkpoints WHERE projection = $1", projection
+    )
+    return int(value)
+
+
+async def apply_stored(
+    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage
+) -> ApplyOutcome:
+    """Apply one message and advance the checkpoint, in one transaction on ``conn``.
+
+    Raises ``PoisonEvent`` for a message that cannot be applied (the transaction is rolled
+    back); connection errors propagate unchanged for the caller to retry.
+    """
+    async with conn.transaction():
+        last = await conn.fetchval(
+            "SELECT last_seq FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+            projection.name,
+        )
+        if last is None:
+            raise RuntimeError(f"projection {projection.name} has no checkpoint row")
+        if stored.seq <= last:
+            return ApplyOutcome.DUPLICATE
+        recorded = decode_stored(stored)
+        handler = projection.handler_for(recorded.envelope.type)
+        outcome = ApplyOutcome.IGNORED
+        if handler is not None:
+            try:
+                async with conn.transaction():  # a savepoint: the handler's work only
+                    await handler(conn, recorded)
+            except CONNECTION_ERRORS:
+                raise
+            # Any other failure of a handler is this event's problem, not the connection's:
+            # it is parked (with its reason), never dropped.
+            except Exception as exc:
+                raise PoisonEvent(
+                    stored.seq, f"{type(exc).__name__}: {exc}", retryable=True
+                ) from exc
+            outcome = ApplyOutcome.APPLIED
+        await conn.execute(
+            "UPDATE projection_checkpoints SET last_seq = $2, updated_at = now() "
+            "WHERE projection = $1",
+            projection.name,
+            stored.seq,
+        )
+        return outcome
+
+
+class RunnerState(enum.Enum):
+    """Where a projection runner is; shown by readiness."""
+
+    STARTING = "starting"
+    STANDBY = "standby"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    DISCONNECTED = "disconnected"
+    STOPPED = "stopped"
+
+
+@dataclass
+class RunnerStatus:
+    """A snapshot of a runner for health checks and the operator."""
+
+    state: RunnerState = RunnerState.STARTING
+    checkpoint: int = 0
+    blocked_at: int | None = None
+    last_error: str | None = None
+    attached: bool = False
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How a runner consumes: batch size, ack wait, attempts before parking."""
+
+    batch_size: int = 100
+    ack_wait_seconds: float = 30.0
+    max_attempts: int = 3
+    decision_poll_seconds: float = 1.0
+    reconnect_delay_seconds: float = 1.0
+
+
+@dataclass
+class ProjectionRunner:
+    """Consumes the log for one projection of one service and keeps its checkpoint."""
+
+    service: str
+    projection: Projection
+    pool: asyncpg.Pool
+    dsn: str
+    schema: str
+    store: EventStore
+    metrics: ProjectionMetrics
+    config: RunnerConfig = field(default_factory=RunnerConfig)
+    status: RunnerStatus = field(default_factory=RunnerStatus)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _lock_conn: asyncpg.Connection | None = None
+    _was_attached: bool = False
+
+    @property
+    def durable(self) -> str:
+        """The JetStream durable consumer name: ``<service>_<projection>``."""
+        return f"{self.service}_{self.projection.name}"
+
+    @property
+    def lock_key(self) -> str:
+        """The advisory-lock key that makes one process at a time the consumer."""
+        return f"projection:{self.schema}.{self.projection.name}"
+
+    def stop(self) -> None:
+        """Ask the runner to finish the event in hand and return from ``run``."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume until stopped, riding out lost connections to Postgres or NATS."""
+        base = self.config.reconnect_delay_seconds
+        delay = base
+        while not self._stopping.is_set():
+            try:
+                await self._lead_and_consume()
+                delay = base  # on standby, or stopped: poll for the lock at the base pace
+            except (*CONNECTION_ERRORS, *NATS_ERRORS) as exc:
+                self.status.state = RunnerState.DISCONNECTED
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: %s; retrying in %.1fs", self.durable, exc, delay)
+                delay = min(delay * 2, 10.0) if not self._was_attached else base
+            finally:
+                self.status.attached = False
+                self._was_attached = False
+                await self._release_lock()
+            await self._sleep(delay)
+        self.status.state = RunnerState.STOPPED
+
+    async def _lead_and_consume(self) -> None:
+        if not await self._acquire_lock():
+            return
+        async with self.pool.acquire() as conn:
+            self.status.checkpoint = await ensure_checkpoint(conn, self.projection.name)
+        sub = await self._attach(self.status.checkpoint)
+        self.status.attached = True
+        self._was_attached = True
+        self.status.state = RunnerState.RUNNING
+        self.status.last_error = None
+        try:
+            await self._consume(sub)
+        finally:
+            self.status.attached = False
+            try:
+                await sub.unsubscribe()
+            except NATS_ERRORS:
+                log.debug("%s: unsubscribe failed", self.durable, exc_info=True)
+
+    async def _acquire_lock(self) -> bool:
+        self._lock_conn = await asyncpg.connect(self.dsn)
+        got = await self._lock_conn.fetchval(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", self.lock_key
+        )
+        if got:
+            return True
+        self.status.state = RunnerState.STANDBY
+        return False
+
+    async def _release_lock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await conn.close(timeout=2)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            conn.terminate()
+
+    async def _still_leader(self) -> None:
+        """Raise if the lock's connection died: another replica may be leader now."""
+        if self._lock_conn is None or self._lock_conn.is_closed():
+            raise ConnectionError("lost the projection lock's connection")
+        await self._lock_conn.fetchval("SELECT 1", timeout=5)
+
+    def consumer_config(self, start_after: int) -> api.ConsumerConfig:
+        """The durable consumer for this projection, starting after ``start_after``."""
+        deliver = api.DeliverPolicy.ALL if start_after == 0 else api.DeliverPolicy.BY_START_SEQUENCE
+        return api.ConsumerConfig(
+            durable_name=self.durable,
+            name=self.durable,
+            description=f"{self.service} projection {self.projection.name}",
+            deliver_policy=deliver,
+            opt_start_seq=start_after + 1 if start_after else None,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.config.ack_wait_seconds,
+            max_deliver=-1,
+            max_ack_pending=self.config.batch_size * 2,
+            filter_subjects=self.store.filter_for(self.projection.event_types),
+        )
+
+    async def _attach(self, checkpoint: int) -> Any:
+        """Bind to the durable consumer, recreating it if it would skip or stall events.
+
+        The checkpoint in Postgres is the truth. A consumer that has delivered past it (events
+        in flight when a process died, or a checkpoint reset by replay) is recreated from the
+        checkpoint, so nothing waits for an ack timeout and nothing is skipped. A consumer
+        behind the checkpoint is kept: what it redelivers is recognised as already applied.
+        """
+        js = self.store.js
+        wanted = self.consumer_config(checkpoint)
+        try:
+            info = await js.consumer_info(self.store.stream, self.durable)
+            filters = sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
+            keep = (
+                filters == sorted(wanted.filter_subjects or [])
+                and info.delivered.stream_seq <= checkpoint
+                and info.config.ack_wait == wanted.ack_wait
+            )
+            if not keep:
+                log.info("%s: recreating consumer from seq %d", self.durable, checkpoint + 1)
+                await js.delete_consumer(self.store.stream, self.durable)
+                await js.add_consumer(self.store.stream, wanted)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(self.store.stream, wanted)
+        return await js.pull_subscribe_bind(durable=self.durable, stream=self.store.stream)
+
+    async def _consume(self, sub: Any) -> None:
+        last_lock_check = time.monotonic()
+        while not self._stopping.is_set():
+            if time.monotonic() - last_lock_check > 5:
+                await self._still_leader()
+                last_lock_check = time.monotonic()
+            try:
+                msgs: list[Msg] = await sub.fetch(self.config.batch_size, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            for index, msg in enumerate(msgs):
+                try:
+                    await self._handle(msg)
+                except PoisonEvent as poison:
+                    await self._nak_all(msgs[index:])
+                    await self._wait_for_decision(poison)
+                    break
+                except BaseException:
+                    await self._nak_all(msgs[index:])
+                    raise
+
+    async def _handle(self, msg: Msg) -> None:
+        stored = to_stored(msg)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                outcome = await self._apply_traced(stored)
+            except PoisonEvent as poison:
+                if poison.retryable and attempt < self.config.max_attempts:
+                    log.warning("%s: attempt %d failed: %s", self.durable, attempt, poison)
+                    await self._sleep(0.2 * 2**attempt)
+                    continue
+                await self._park(stored, poison, attempt)
+                raise
+            break
+        await msg.ack()
+        self.status.checkpoint = max(self.status.checkpoint, stored.seq)
+        self.metrics.record(self.service, self.projection.name, outcome.value, stored.seq)
+
+    async def _apply_traced(self, stored: StoredMessage) -> ApplyOutcome:
+        parent = context_from(
+            {k: v for k, v in stored.headers.items() if k in ("traceparent", "tracestate")}
+        )
+        event_type = stored.event_type
+        with tracer("iotistic.projections").start_as_current_span(
+            f"apply {event_type}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "iotistic.service": self.service,
+                "iotistic.projection": self.projection.name,
+                "messaging.system": "nats",
+                "messaging.destination.name": stored.subject,
+                "messaging.message.id": stored.headers.get("Nats-Msg-Id", ""),
+                "iotistic.stream_seq": stored.seq,
+            },
+        ) as span:
+            started = time.perf_counter()
+            async with self.pool.acquire() as conn:
+                outcome = await apply_stored(conn, self.projection, stored)
+            self.metrics.observe_apply(
+                self.service, self.projection.name, time.perf_counter() - started
+            )
+            span.set_attribute("iotistic.outcome", outcome.value)
+            return outcome
+
+    async def _park(self, stored: StoredMessage, poison: PoisonEvent, attempts: int) -> None:
+        log.error("%s: parked event seq %d: %s", self.durable, stored.seq, poison.reason)
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """
+                INSERT INTO parked_events
+                    (projection, seq, subject, event_type, event_id, payload, error, attempts)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                ON CONFLICT (projection, seq) DO UPDATE SET
+                    error = EXCLUDED.error,
+                    attempts = parked_events.attempts + EXCLUDED.attempts,
+                    parked_at = now(),
+                    -- a decision taken while no runner was waiting still stands
+                    decision = CASE WHEN parked_events.resolved_at IS NULL
+                                    THEN parked_events.decision END,
+                    decided_at = CASE WHEN parked_events.resolved_at IS NULL
+                                      THEN parked_events.decided_at END,
+                    resolved_at = NULL
+                """,
+                self.projection.name,
+                stored.seq,
+                stored.subject,
+                stored.event_type,
+                stored.headers.get("Nats-Msg-Id"),
+                stored.data,
+                poison.reason,
+                attempts,
+            )
+        self.metrics.parked(self.service, self.projection.name)
+        self.status.state = RunnerState.BLOCKED
+        self.status.blocked_at = stored.seq
+        self.status.last_error = poison.reason
+
+    async def _wait_for_decision(self, poison: PoisonEvent) -> None:
+        """Hold the projection at the parked event until an operator skips or retries it."""
+        while not self._stopping.is_set():
+            await self._still_leader()
+            async with self.pool.acquire() as conn:
+                decision = await resolve_decision(conn, self.projection.name, poison.seq)
+            if decision is not None:
+                log.info("%s: operator chose %s for seq %d", self.durable, decision, poison.seq)
+                self.status.state = RunnerState.RUNNING
+                self.status.blocked_at = None
+                self.status.last_error = None
+                return
+            await self._sleep(self.config.decision_poll_seconds)
+
+    async def _nak_all(self, msgs: Sequence[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await msg.nak()
+            except NATS_ERRORS:
+                # Unacked messages come back after ack_wait anyway; nothing is lost.
+                log.debug("%s: nak failed", self.durable, exc_info=True)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+
+    async def lag(self) -> int:
+        """Events of this projection's types in the log not yet applied (consumer's view)."""
+        info = await self.store.js.consumer_info(self.store.stream, self.durable, timeout=1)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+async def resolve_decision(conn: asyncpg.Connection, projection: str, seq: int) -> str | None:
+    """Carry out an operator's decision on a parked event, if one was made.
+
+    ``skip`` advances the checkpoint past the event; ``retry`` leaves it, so the event is
+    applied again. Either way the parked row is marked resolved. Returns the decision.
+    """
+    async with conn.transaction():
+        decision = await conn.fetchval(
+            "SELECT decision FROM parked_events WHERE projection = $1 AND seq = $2 "
+            "AND resolved_at IS NULL FOR UPDATE",
+            projection,
+            seq,
+        )
+        if decision is None:
+            return None
+        if decision == "skip":
+            await conn.execute(
+                "UPDATE projection_checkpoints SET last_seq = GREATEST(last_seq, $2), "
+                "updated_at = now() WHERE projection = $1",
+                projection,
+                seq,
+            )
+        await conn.execute(
+            "UPDATE parked_events SET resolved_at = now() WHERE projection = $1 AND seq = $2",
+            projection,
+            seq,
+        )
+        return str(decision)
+
+
+async def decide(conn: asyncpg.Connection, projection: str, seq: int, decision: str) -> bool:
+    """Record an operator's ``skip`` or ``retry`` for an open parked event; False if none."""
+    if decision not in ("skip", "retry"):
+        raise ValueError("decision must be skip or retry")
+    result = await conn.execute(
+        "UPDATE parked_events SET decision = $3, decided_at = now() "
+        "WHERE projection = $1 AND seq = $2 AND resolved_at IS NULL",
+        projection,
+        seq,
+        decision,
+    )
+    return bool(result.endswith(" 1"))
+
+
+async def open_parked(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    """Parked events not yet resolved, oldest first (for the operator)."""
+    rows = await conn.fetch(
+        "SELECT projection, seq, subject, event_type, event_id, error, attempts, parked_at, "
+        "decision FROM parked_events WHERE resolved_at IS NULL ORDER BY projection, seq"
+    )
+    return [dict(r.items()) for r in rows]

@@ -1,0 +1,299 @@
+"""Rebuilding a service's read models from the log, and checking the live ones against it.
+
+A rebuild always happens in a scratch schema first, built by the same migrations and the same
+projection code as the live one, and fed from the log by a reader that moves no consumer. Then:
+
+- ``verify`` compares the scratch tables with the live ones at the same checkpoint and reports
+  every row that differs;
+- a real replay swaps the rebuilt rows in, in one transaction that holds the live checkpoints,
+  so a running service waits for a moment and then carries on from where the rebuild ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from libs.db import check_schema_name, drop_schema, migrate, service_migrations
+from libs.eventstore import EventStore
+from libs.projections import PoisonEvent, Projection, apply_stored, ensure_checkpoint
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class ReplayError(RuntimeError):
+    """The rebuild met an event it could not apply that the live projection did not skip."""
+
+
+@dataclass
+class TableDiff:
+    """Rows of one table that differ between the live and the rebuilt read model."""
+
+    table: str
+    only_live: list[dict[str, Any]] = field(default_factory=list)
+    only_rebuilt: list[dict[str, Any]] = field(default_factory=list)
+    changed: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True when the table is the same in both."""
+        return not (self.only_live or self.only_rebuilt or self.changed)
+
+
+@dataclass
+class ReplayReport:
+    """What a rebuild did: events read and applied, up to which sequence, and any differences."""
+
+    service: str
+    events_read: int = 0
+    events_applied: int = 0
+    upto_seq: int = 0
+    diffs: list[TableDiff] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def differences(self) -> int:
+        """Number of differing rows across all tables."""
+        return sum(len(d.only_live) + len(d.only_rebuilt) + len(d.changed) for d in self.diffs)
+
+
+@dataclass
+class Rebuild:
+    """One rebuild of one service's projections into ``<schema>__replay``."""
+
+    conn: asyncpg.Connection
+    store: EventStore
+    schema: str
+    migrations_package: str
+    projections: Sequence[Projection]
+    from_seq: int = 1
+    progress: Progress | None = None
+
+    @property
+    def scratch(self) -> str:
+        """The scratch schema the rebuild writes to."""
+        return check_schema_name(f"{self.schema}__replay")
+
+    async def prepare(self) -> None:
+        """A fresh scratch schema with the service's tables, every checkpoint at from_seq - 1."""
+        await drop_schema(self.conn, self.scratch)
+        await migrate(self.conn, self.scratch, service_migrations(self.migrations_package))
+        await self._use(self.scratch)
+        for projection in self.projections:
+            await ensure_checkpoint(self.conn, projection.name)
+        if self.from_seq > 1:
+            await self.conn.execute(
+                "UPDATE projection_checkpoints SET last_seq = $1", self.from_seq - 1
+            )
+
+    async def live_checkpoints(self) -> dict[str, int]:
+        """Checkpoints of the live projections (0 for one that never ran)."""
+        rows = await self.conn.fetch(
+            f"SELECT projection, last_seq FROM {self.schema}.projection_checkpoints"
+        )
+        found = {r["projection"]: int(r["last_seq"]) for r in rows}
+        return {p.name: found.get(p.name, 0) for p in self.projections}
+
+    async def skipped_live(self) -> set[tuple[str, int]]:
+        """Events an operator told the live projections to skip: the rebuild skips them too."""
+        rows = await self.conn.fetch(
+            f"SELECT projection, seq FROM {self.schema}.parked_events "
+            "WHERE decision = 'skip' AND resolved_at IS NOT NULL"
+        )
+        return {(r["projection"], int(r["seq"])) for r in rows}
+
+    async def catch_up(self, targets: dict[str, int], report: ReplayReport) -> None:
+        """Apply events to the scratch projections until each reaches its target sequence."""
+        await self._use(self.scratch)
+        start = min([await self._scratch_checkpoint(p.name) for p in self.projections] or [0]) + 1
+        end = max(targets.values(), default=0)
+        if end < start:
+            return
+        skips = await self.skipped_live()
+        types = {t for p in self.projections for t in p.event_types}
+        await self._use(self.scratch)
+        async for stored in self.store.read(from_seq=start, to_seq=end, event_types=types):
+            report.events_read += 1
+            for projection in self.projections:
+                if stored.seq > targets[projection.name]:
+                    continue
+                if stored.event_type not in projection.event_types:
+                    continue  # its live consumer's filter never delivers this type
+                if (projection.name, stored.seq) in skips:
+                    await self._skip(projection.name, stored.seq)
+                    report.skipped.append(stored.seq)
+                    continue
+                try:
+                    await apply_stored(self.conn, projection, stored)
+                except PoisonEvent as exc:
+                    raise ReplayError(
+                        f"{projection.name}: event at seq {stored.seq} cannot be applied "
+                        f"({exc.reason}) and the live projection has not skipped it"
+                    ) from exc
+                report.events_applied += 1
+            report.upto_seq = stored.seq
+            if self.progress is not None:
+                self.progress(stored.seq, end)
+        for projection in self.projections:
+            await self._skip(projection.name, targets[projection.name])
+        report.upto_seq = max(report.upto_seq, end)
+
+    async def _skip(self, projection: str, seq: int) -> None:
+        await self.conn.execute(
+            "UPDATE projection_checkpoints SET last_seq = GREATEST(last_seq, $2) "
+            "WHERE projection = $1",
+            projection,
+            seq,
+        )
+
+    async def _scratch_checkpoint(self, projection: str) -> int:
+        value = await self.conn.fetchval(
+            "SELECT last_seq FROM projection_checkpoints WHERE projection = $1", projection
+        )
+        return int(value or 0)
+
+    async def _use(self, schema: str) -> None:
+        await self.conn.execute(f"SET search_path TO {check_schema_name(schema)}, public")
+
+    async def compare(self) -> list[TableDiff]:
+        """Every row that differs between the live and the scratch tables, by primary key."""
+        diffs: list[TableDiff] = []
+        for projection in self.projections:
+            for table in projection.tables:
+                diffs.append(await self._compare_table(table))
+        return diffs
+
+    async def _compare_table(self, table: str) -> TableDiff:
+        keys = await primary_key(self.conn, self.schema, table)
+        live = await self._rows(self.schema, table)
+        rebuilt = await self._rows(self.scratch, table)
+
+        def key_of(row: dict[str, Any]) -> tuple[Any, ...]:
+            return tuple(row.get(k) for k in keys) if keys else tuple(sorted(row.items()))
+
+        live_by_key = {key_of(r): r for r in live}
+        rebuilt_by_key = {key_of(r): r for r in rebuilt}
+        diff = TableDiff(table=table)
+        for key, row in live_by_key.items():
+            other = rebuilt_by_key.get(key)
+            if other is None:
+                diff.only_live.append(row)
+            elif other != row:
+                diff.changed.append((row, other))
+        diff.only_rebuilt = [r for k, r in rebuilt_by_key.items() if k not in live_by_key]
+        return diff
+
+    async def _rows(self, schema: str, table: str) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            f"SELECT to_jsonb(t)::text AS row FROM {check_schema_name(schema)}.{table} t"
+        )
+        return [json.loads(r["row"]) for r in rows]
+
+    async def swap_in(self, report: ReplayReport) -> None:
+        """Replace the live rows with the rebuilt ones, holding the live checkpoints meanwhile.
+
+        Events the live projection applied while the rebuild ran are applied to the scratch
+        tables first, inside the same transaction, so no event is lost or applied twice.
+        """
+        async with self.conn.transaction():
+            await self.conn.execute(
+                f"SELECT 1 FROM {self.schema}.projection_checkpoints "
+                "WHERE projection = ANY($1::text[]) FOR UPDATE",
+                [p.name for p in self.projections],
+            )
+            # The live service may have gone past the rebuild meanwhile: reach it first.
+            live = await self.live_checkpoints()
+            targets = {name: max(seq, report.upto_seq) for name, seq in live.items()}
+            await self.catch_up(targets, report)
+            tables = [t for p in self.projections for t in p.tables]
+            live_tables = ", ".join(f"{self.schema}.{t}" for t in tables)
+            await self.conn.execute(f"TRUNCATE {live_tables}")
+            for table in tables:
+                await self.conn.execute(
+                    f"INSERT INTO {self.schema}.{table} SELECT * FROM {self.scratch}.{table}"
+                )
+            await self.conn.execute(
+                f"INSERT INTO {self.schema}.projection_checkpoints (projection, last_seq) "
+                f"SELECT projection, last_seq FROM {self.scratch}.projection_checkpoints "
+                "ON CONFLICT (projection) DO UPDATE "
+                "SET last_seq = EXCLUDED.last_seq, updated_at = now()"
+            )
+        await self._use(self.schema)
+
+    async def cleanup(self) -> None:
+        """Drop the scratch schema."""
+        await drop_schema(self.conn, self.scratch)
+
+
+async def primary_key(conn: asyncpg.Connection, schema: str, table: str) -> list[str]:
+    """The primary-key columns of a table, in order."""
+    rows = await conn.fetch(
+        """
+        SELECT a.attname
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)
+        WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
+        ORDER BY array_position(i.indkey, a.attnum)
+        """,
+        schema,
+        table,
+    )
+    return [r["attname"] for r in rows]
+
+
+async def replay_service(
+    conn: asyncpg.Connection,
+    store: EventStore,
+    *,
+    schema: str,
+    migrations_package: str,
+    projections: Sequence[Projection],
+    from_seq: int = 1,
+    dry_run: bool = False,
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> ReplayReport:
+    """Rebuild a service's read models from the log (see the module's docstring).
+
+    ``dry_run`` rebuilds and reports without touching the live tables; ``verify`` rebuilds to
+    the live checkpoints and reports every difference from the live tables.
+    """
+    report = ReplayReport(service=schema)
+    rebuild = Rebuild(conn, store, schema, migrations_package, projections, from_seq, progress)
+    # The live schema must exist (migrated) for checkpoints and the swap; a service that never
+    # ran gets its tables here.
+    await migrate(conn, schema, service_migrations(migrations_package))
+    await rebuild.prepare()
+    try:
+        if verify:
+            await _verify(rebuild, report)
+        else:
+            end = await store.last_seq()
+            await rebuild.catch_up({p.name: end for p in projections}, report)
+            if not dry_run:
+                await rebuild.swap_in(report)
+    finally:
+        await rebuild.cleanup()
+    return report
+
+
+async def _verify(rebuild: Rebuild, report: ReplayReport, attempts: int = 5) -> None:
+    """Compare at one checkpoint: if the live projection moved meanwhile, catch up and retry."""
+    for _ in range(attempts):
+        targets = await rebuild.live_checkpoints()
+        await rebuild.catch_up(targets, report)
+        async with rebuild.conn.transaction(isolation="repeatable_read", readonly=True):
+            if await rebuild.live_checkpoints() != targets:
+                continue
+            report.diffs = await rebuild.compare()
+            return
+    raise ReplayError("the live projections kept moving; try again when the log is quieter")
