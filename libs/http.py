@@ -1,0 +1,157 @@
+"""The HTTP app every service runs: health, metrics, OpenAPI, JSON errors and tracing.
+
+Errors are translated to JSON once, here: ``{"error": {"status", "code", "message", "fields"}}``.
+Nothing a client sends can make the app answer with a stack trace; unexpected failures are
+logged with their trace id and answered with a plain 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.types import ControllerRouterHandler
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
+
+
+class DomainError(Exception):
+    """A request the domain refuses; carries the HTTP status it maps to."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, fields: list[dict[str, str]] | None = None) -> None:
+        """``fields`` name each offending field with its reason."""
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or []
+
+
+def error_body(
+    status: int, code: str, message: str, fields: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """The JSON error shape every service answers with."""
+    body: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if fields:
+        body["fields"] = fields
+    return {"error": body}
+
+
+def _validation_fields(exc: ValidationException) -> list[dict[str, str]]:
+    fields: list[dict[str, str]] = []
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if isinstance(item, dict):
+            key = str(item.get("key") or item.get("source") or "body")
+            fields.append({"field": key, "reason": str(item.get("message", "invalid"))})
+    return fields
+
+
+def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    fields = _validation_fields(exc)
+    message = exc.detail if isinstance(exc.detail, str) else "invalid request"
+    return Response(error_body(400, "invalid_request", message, fields), status_code=400)
+
+
+def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    code = {
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        409: "conflict",
+        413: "too_large",
+        429: "rate_limited",
+    }.get(exc.status_code, "error")
+    detail = exc.detail if isinstance(exc.detail, str) else "error"
+    return Response(
+        error_body(exc.status_code, code, detail),
+        status_code=exc.status_code,
+        headers=exc.headers or None,
+    )
+
+
+def _on_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
+    return Response(
+        error_body(exc.status_code, exc.code, exc.message, exc.fields),
+        status_code=exc.status_code,
+    )
+
+
+def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    span = trace.get_current_span().get_span_context()
+    trace_id = f"{span.trace_id:032x}" if span.is_valid else None
+    log.error(
+        "unhandled error on %s %s (trace %s)",
+        request.method,
+        request.url.path,
+        trace_id,
+        exc_info=exc,
+    )
+    body = error_body(500, "internal_error", "internal error")
+    if trace_id:
+        body["error"]["trace_id"] = trace_id
+    return Response(body, status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+def health_routes(
+    readiness: Readiness, registry: CollectorRegistry
+) -> list[ControllerRouterHandler]:
+    """``/health/live``, ``/health/ready`` (and ``/health``, the original path) and ``/metrics``."""
+
+    @get("/health/live", sync_to_thread=False, tags=["operations"])
+    def live() -> dict[str, str]:
+        """The process is up and serving HTTP."""
+        return {"status": "live"}
+
+    @get(["/health/ready", "/health"], tags=["operations"])
+    async def ready() -> Response[dict[str, Any]]:
+        """Database reachable, consumers attached, projections caught up within the bound."""
+        ok, detail = await readiness()
+        body = {"status": "ready" if ok else "not_ready", **detail}
+        return Response(body, status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
+
+    @get("/metrics", tags=["operations"], media_type=MediaType.TEXT, sync_to_thread=False)
+    def metrics() -> Response[bytes]:
+        """Prometheus text exposition of this process's metrics."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return [live, ready, metrics]
+
+
+def create_app(
+    *,
+    title: str,
+    route_handlers: Sequence[ControllerRouterHandler],
+    readiness: Readiness,
+    registry: CollectorRegistry,
+    lifespan: Sequence[Lifespan] = (),
+    version: str = "0.1.0",
+) -> Litestar:
+    """The litestar app of a service (or of every service, in target ``all``)."""
+    return Litestar(
+        route_handlers=[*health_routes(readiness, registry), *route_handlers],
+        lifespan=list(lifespan),
+        openapi_config=OpenAPIConfig(title=title, version=version, path="/schema"),
+        exception_handlers={
+            ValidationException: _on_validation,
+            HTTPException: _on_http,
+            DomainError: _on_domain,
+            Exception: _on_unexpected,
+        },
+        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],
+        debug=False,
+    )

@@ -1,0 +1,12 @@
+"""Wiring of the billing service: trials, subscriptions and the Stripe webhook gateway."""
+
+from __future__ import annotations
+
+from libs.runtime import ServiceDefinition
+from services.billing.projections import SUBSCRIPTIONS
+
+BILLING = ServiceDefinition(
+    name="billing",
+    migrations_package="services.billing.migrations",
+    projections=(SUBSCRIPTIONS,),
+)

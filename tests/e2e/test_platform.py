@@ -1,0 +1,259 @@
+"""The platform as a newcomer and an operator meet it: `iotistic up`, `iotistic run`, health.
+
+These start the real command in a subprocess and talk to it over HTTP; the Postgres and NATS
+servers here belong to the test, because the test stops and starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from libs.config import ServiceSettings
+from libs.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from libs.eventstore import EventStore
+from libs.runtime import connect_nats
+from support import eventually, license_issued
+
+pytestmark = pytest.mark.slow
+
+IOTISTIC = str(Path(sys.executable).parent / "iotistic")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def ready_status(client: httpx.AsyncClient) -> int:
+    return (await client.get("/health/ready", timeout=5)).status_code
+
+
+async def wait_status(client: httpx.AsyncClient, status: int, timeout: float = 60) -> None:
+    await eventually(
+        lambda: ready_status(client),
+        lambda s: s == status,
+        timeout=timeout,
+        interval=0.2,
+        what=f"/health/ready {status}",
+    )
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, EmbeddedNats]]:
+    postgres = EmbeddedPostgres(tmp_path / "pg")
+    nats_server = EmbeddedNats(tmp_path / "nats")
+    postgres.start()
+    nats_server.start()
+    yield postgres, nats_server
+    nats_server.stop()
+    postgres.stop()
+
+
+async def test_health_follows_postgres_and_nats_without_a_restart(servers) -> None:
+    postgres, nats_server = servers
+    port = free_port()
+    token = "a" * 40
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres.create_database("iotistic"),
+        "NATS_URL": nats_server.url,
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": str(port),
+        "ADMIN_TOKEN": token,
+        "LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen([IOTISTIC, "run", "--target", "all"], env=env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await eventually(
+                lambda: client.get("/health/live"), lambda r: r.status_code == 200, what="live"
+            )
+            await wait_status(client, 200)
+            body = (await client.get("/health/ready")).json()
+            assert body["status"] == "ready"
+            assert set(body["services"]) == {"signup", "licensing", "billing", "provisioner"}
+            for service in body["services"].values():
+                assert service["database"] == {"ok": True}
+                assert all(p["attached"] for p in service["projections"].values())
+
+            postgres.stop()
+            await wait_status(client, 503)
+            body = (await client.get("/health/ready")).json()
+            assert body["services"]["licensing"]["database"]["ok"] is False
+            assert (await client.get("/health/live")).status_code == 200
+            postgres.start()
+            await wait_status(client, 200)
+
+            nats_server.stop()
+            await wait_status(client, 503)
+            assert (await client.get("/health/ready")).json()["nats"]["ok"] is False
+            nats_server.start()
+            await wait_status(client, 200)
+
+            # The same process still does its work after both outages.
+            settings = ServiceSettings(database_url=env["DATABASE_URL"], nats_url=nats_server.url)
+            nc = await connect_nats(nats_server.url)
+            try:
+                event = license_issued()
+                await EventStore(nc.jetstream(), settings).publish(
+                    event, customer_id=event.customer_id
+                )
+            finally:
+                await nc.close()
+            conn = await asyncpg.connect(env["DATABASE_URL"])
+            try:
+                await eventually(
+                    lambda: conn.fetchval("SELECT count(*) FROM licensing.licenses"),
+                    lambda n: n == 1,
+                    what="event applied after the outages",
+                )
+            finally:
+                await conn.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+async def test_http_surface_metrics_openapi_errors_and_admin(servers) -> None:
+    postgres, nats_server = servers
+    port = free_port()
+    token = "b" * 40
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres.create_database("iotistic"),
+        "NATS_URL": nats_server.url,
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": str(port),
+        "ADMIN_TOKEN": token,
+        "LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen([IOTISTIC, "run", "--target", "licensing"], env=env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_status(client, 200)
+            body = (await client.get("/health")).json()
+            assert set(body["services"]) == {"licensing"}
+
+            metrics = await client.get("/metrics")
+            assert metrics.status_code == 200
+            assert metrics.headers["content-type"].startswith("text/plain")
+            assert "iotistic_projection_apply_seconds" in metrics.text
+
+            openapi = (await client.get("/schema/openapi.json")).json()
+            assert "/health/ready" in openapi["paths"]
+
+            missing = await client.get("/no/such/route")
+            assert missing.status_code == 404
+            assert missing.json()["error"]["code"] == "not_found"
+            assert "Traceback" not in missing.text
+
+            assert (await client.get("/api/admin/projections")).status_code == 401
+            wrong = await client.get(
+                "/api/admin/projections", headers={"Authorization": "Bearer " + "c" * 40}
+            )
+            assert wrong.status_code == 401
+            admin = await client.get(
+                "/api/admin/projections", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert admin.status_code == 200
+            assert admin.json()["parked"] == {"licensing": []}
+            bad = await client.post(
+                "/api/admin/projections/licensing/licenses/parked/5/explode",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert bad.status_code == 400
+            assert "Traceback" not in bad.text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+def test_run_refuses_bad_configuration_naming_the_variable() -> None:
+    env = {**os.environ, "NATS_URL": "http://wrong", "HTTP_PORT": "not-a-port"}
+    result = subprocess.run(
+        [IOTISTIC, "run", "--target", "all"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "NATS_URL" in result.stderr or "HTTP_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_up_brings_everything_up_and_keeps_data_across_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    command = [IOTISTIC, "--data-dir", str(data_dir), "up", "--port", str(port)]
+    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    for key in ("DATABASE_URL", "NATS_URL"):
+        env.pop(key, None)
+
+    async def start_and_wait() -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+        proc = subprocess.Popen(command, env=env)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_status(client, 200, timeout=120)
+        runtime = json.loads((data_dir / "runtime.json").read_text())
+        return proc, runtime
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+
+    proc, runtime = await start_and_wait()
+    try:
+        pg_port = int(runtime["DATABASE_URL"].rsplit(":", 1)[1].split("/")[0])
+        nats_port = int(runtime["NATS_URL"].rsplit(":", 1)[1])
+        assert 5432 not in (pg_port, nats_port) and 4222 not in (pg_port, nats_port)
+        token_file = data_dir / "secrets" / "admin-token"
+        assert token_file.stat().st_mode & 0o077 == 0
+        nc = await connect_nats(runtime["NATS_URL"])
+        try:
+            settings = ServiceSettings(
+                database_url=runtime["DATABASE_URL"], nats_url=runtime["NATS_URL"]
+            )
+            event = license_issued()
+            await EventStore(nc.jetstream(), settings).publish(event, customer_id=event.customer_id)
+        finally:
+            await nc.close()
+        conn = await asyncpg.connect(runtime["DATABASE_URL"])
+        try:
+            await eventually(
+                lambda: conn.fetchval("SELECT count(*) FROM licensing.licenses"),
+                lambda n: n == 1,
+                what="license projected",
+            )
+        finally:
+            await conn.close()
+    finally:
+        stop(proc)
+    assert not (data_dir / "runtime.json").exists()
+    assert not listening(pg_port) and not listening(nats_port) and not listening(port)
+
+    proc, runtime = await start_and_wait()
+    try:
+        conn = await asyncpg.connect(runtime["DATABASE_URL"])
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM licensing.licenses") == 1
+        finally:
+            await conn.close()
+        stats = subprocess.run(
+            [IOTISTIC, "--data-dir", str(data_dir), "events", "stats", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(stats.stdout)["by_type"] == {"LicenseIssued": 1}
+    finally:
+        stop(proc)

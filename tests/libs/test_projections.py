@@ -1,0 +1,378 @@
+"""Projections against real Postgres and JetStream: checkpoints, redelivery, crashes, poison.
+
+The licensing service's real ``licenses`` projection is the subject under test; events are put
+on the log the way services put them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import api
+
+from contracts import new_envelope
+from libs.config import ServiceSettings
+from libs.embedded import free_port
+from libs.eventstore import EventStore
+from libs.replay import ReplayReport, replay_service
+from libs.runtime import Platform
+from services.licensing.app import LICENSING
+from support import create_database, eventually, license_issued, make_settings
+
+PROJECTION = "licenses"
+
+
+@pytest.fixture
+async def fresh(
+    postgres_server_url: str, nats_url: str, nc: NatsClient
+) -> AsyncIterator[tuple[ServiceSettings, EventStore]]:
+    """A database and a stream of this test's own."""
+    settings = make_settings(await create_database(postgres_server_url), nats_url)
+    store = EventStore(nc.jetstream(), settings)
+    await store.ensure_stream()
+    yield settings, store
+    await nc.jetstream().delete_stream(settings.events_stream)
+
+
+@pytest.fixture
+async def db(fresh: tuple[ServiceSettings, EventStore]) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(
+        fresh[0].database_url, server_settings={"search_path": "licensing"}
+    )
+    yield conn
+    await conn.close()
+
+
+async def start(settings: ServiceSettings) -> Platform:
+    platform = Platform(settings, [LICENSING])
+    await platform.start()
+    await platform.wait_started()
+    return platform
+
+
+async def publish_licenses(store: EventStore, count: int) -> list[int]:
+    seqs = []
+    for _ in range(count):
+        event = license_issued()
+        seqs.append((await store.publish(event, customer_id=event.customer_id)).seq)
+    return seqs
+
+
+async def checkpoint(db: asyncpg.Connection) -> int:
+    value = await db.fetchval(
+        "SELECT last_seq FROM projection_checkpoints WHERE projection = $1", PROJECTION
+    )
+    return int(value or 0)
+
+
+async def caught_up(db: asyncpg.Connection, seq: int) -> None:
+    await eventually(lambda: checkpoint(db), lambda c: c >= seq, what=f"checkpoint {seq}")
+
+
+async def verify(settings: ServiceSettings, store: EventStore, **kw: object) -> ReplayReport:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await replay_service(
+            conn,
+            store,
+            schema="licensing",
+            migrations_package=LICENSING.migrations_package,
+            projections=LICENSING.projections,
+            **kw,  # type: ignore[arg-type]
+        )
+    finally:
+        await conn.close()
+
+
+def sample(platform: Platform, name: str, **labels: str) -> float:
+    value = platform.registry.get_sample_value(
+        name, {"service": "licensing", "projection": PROJECTION, **labels}
+    )
+    return value or 0.0
+
+
+async def test_events_are_applied_once_with_their_checkpoint(fresh, db) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 30)
+    platform = await start(settings)
+    try:
+        await caught_up(db, seqs[-1])
+        assert await db.fetchval("SELECT count(*) FROM licenses") == 30
+        assert await db.fetchval("SELECT count(*) FROM license_history") == 30
+        assert sample(platform, "iotistic_projection_events_total", outcome="applied") == 30
+        ok, detail = await platform.readiness()
+        assert ok, detail
+        entry = detail["services"]["licensing"]["projections"][PROJECTION]
+        assert entry == {"state": "running", "attached": True, "checkpoint": seqs[-1], "lag": 0}
+    finally:
+        await platform.stop()
+    report = await verify(settings, store, verify=True)
+    assert report.differences == 0
+    assert report.upto_seq == seqs[-1]
+
+
+async def test_a_redelivered_event_changes_nothing(fresh, db) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 20)
+    platform = await start(settings)
+    await caught_up(db, seqs[-1])
+    await platform.stop()
+    before = await db.fetch("SELECT * FROM licenses ORDER BY license_id")
+
+    # A consumer that starts over (restored from an old backup, say) delivers everything again.
+    js = store.js
+    durable = f"licensing_{PROJECTION}"
+    info = await js.consumer_info(store.stream, durable)
+    await js.delete_consumer(store.stream, durable)
+    config = info.config
+    config.deliver_policy = api.DeliverPolicy.ALL
+    config.opt_start_seq = None
+    await js.add_consumer(store.stream, config)
+
+    platform = await start(settings)
+    try:
+        await eventually(
+            lambda: asyncio.sleep(
+                0, sample(platform, "iotistic_projection_events_total", outcome="duplicate")
+            ),
+            lambda n: n == 20,
+            what="20 duplicates recognised",
+        )
+        assert sample(platform, "iotistic_projection_events_total", outcome="applied") == 0
+        assert await db.fetch("SELECT * FROM licenses ORDER BY license_id") == before
+        assert await db.fetchval("SELECT count(*) FROM license_history") == 20
+    finally:
+        await platform.stop()
+    assert (await verify(settings, store, verify=True)).differences == 0
+
+
+def iotistic_bin() -> str:
+    return str(Path(sys.executable).parent / "iotistic")
+
+
+def service_env(settings: ServiceSettings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("database_url", "nats_url", "events_stream", "events_subject_prefix"):
+        env[name.upper()] = str(getattr(settings, name))
+    env.update(HTTP_HOST="127.0.0.1", HTTP_PORT=str(free_port()), LOG_LEVEL="WARNING", **extra)
+    return env
+
+
+async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(
+    fresh, db
+) -> None:
+    settings, store = fresh
+    env = service_env(settings, PROJECTION_BATCH_SIZE="5")
+    stop_publishing = asyncio.Event()
+
+    async def keep_publishing() -> list[int]:
+        seqs: list[int] = []
+        while not stop_publishing.is_set():
+            seqs += await publish_licenses(store, 5)
+            await asyncio.sleep(0.005)
+        return seqs
+
+    def launch() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [iotistic_bin(), "run", "--target", "licensing"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    publisher = asyncio.create_task(keep_publishing())
+    proc = launch()
+    try:
+        for _ in range(4):
+            # Let it apply some events, then kill it mid-stream without a chance to clean up.
+            before = await _checkpoint_or_zero(db)
+            await eventually(
+                lambda: _checkpoint_or_zero(db), lambda c, b=before: c > b + 10,
+                what="progress before the kill",
+            )
+            await asyncio.sleep(random.uniform(0.0, 0.2))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc = launch()
+        stop_publishing.set()
+        seqs = await publisher
+        await caught_up(db, seqs[-1])
+    finally:
+        stop_publishing.set()
+        proc.terminate()
+        proc.wait(timeout=20)
+    total = len(seqs)
+    assert total > 50
+    assert await db.fetchval("SELECT count(*) FROM licenses") == total
+    assert await db.fetchval("SELECT count(DISTINCT seq) FROM license_history") == total
+    assert (await verify(settings, store, verify=True)).differences == 0
+
+
+async def _has_checkpoint(db: asyncpg.Connection) -> bool:
+    return bool(await db.fetchval("SELECT to_regclass('projection_checkpoints') IS NOT NULL"))
+
+
+async def _checkpoint_or_zero(db: asyncpg.Connection) -> int:
+    return await checkpoint(db) if await _has_checkpoint(db) else 0
+
+
+async def test_verify_reports_rows_altered_by_hand_and_replay_repairs_them(fresh, db) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 12)
+    platform = await start(settings)
+    try:
+        await caught_up(db, seqs[-1])
+        changed = await db.fetchval("SELECT license_id FROM licenses LIMIT 1")
+        await db.execute("UPDATE licenses SET plan = 'enterprise' WHERE license_id = $1", changed)
+        await db.execute("DELETE FROM license_history WHERE seq = $1", seqs[3])
+        await db.execute(
+            "INSERT INTO license_history (seq, customer_id, license_id, action, actor, at) "
+            "VALUES (999999, 'c', 'l', 'issued', 'someone', now())"
+        )
+        report = await verify(settings, store, verify=True)
+        by_table = {d.table: d for d in report.diffs}
+        assert report.differences == 3
+        [(live, rebuilt)] = by_table["licenses"].changed
+        assert (live["plan"], rebuilt["plan"]) == ("enterprise", "starter")
+        assert [r["seq"] for r in by_table["license_history"].only_rebuilt] == [seqs[3]]
+        assert [r["seq"] for r in by_table["license_history"].only_live] == [999999]
+
+        # A replay while the service runs puts the log's truth back, and the service goes on.
+        repaired = await verify(settings, store)
+        assert repaired.upto_seq == seqs[-1]
+        more = await publish_licenses(store, 3)
+        await caught_up(db, more[-1])
+        assert (await verify(settings, store, verify=True)).differences == 0
+        assert await db.fetchval("SELECT count(*) FROM licenses") == 15
+    finally:
+        await platform.stop()
+
+
+async def test_replay_from_a_sequence_and_dry_run(fresh, db) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 10)
+    dry = await verify(settings, store, dry_run=True)
+    assert (dry.events_applied, dry.upto_seq) == (10, seqs[-1])
+    assert await db.fetchval("SELECT count(*) FROM licenses") == 0  # dry run changed nothing
+    partial = await verify(settings, store, from_seq=seqs[6])
+    assert partial.events_applied == 4
+    assert await db.fetchval("SELECT count(*) FROM licenses") == 4
+    assert await checkpoint(db) == seqs[-1]
+
+
+async def publish_raw(nc: NatsClient, store: EventStore, subject_type: str, data: bytes) -> int:
+    ack = await nc.jetstream().publish(
+        store.subject(subject_type, "bad"), data, stream=store.stream
+    )
+    return int(ack.seq)
+
+
+async def test_a_malformed_event_is_parked_counted_and_waits_for_the_operator(
+    fresh, db, nc: NatsClient
+) -> None:
+    settings, store = fresh
+    [good] = await publish_licenses(store, 1)
+    garbage = await publish_raw(nc, store, "LicenseIssued", b"\x00not json at all")
+    [after] = await publish_licenses(store, 1)
+    platform = await start(settings)
+    try:
+        parked = await eventually(
+            lambda: db.fetch("SELECT * FROM parked_events"), what="a parked event"
+        )
+        assert [(r["seq"], r["event_type"], r["resolved_at"]) for r in parked] == [
+            (garbage, "LicenseIssued", None)
+        ]
+        assert "malformed" in parked[0]["error"]
+        assert sample(platform, "iotistic_projection_parked_events_total") == 1
+        ok, detail = await platform.readiness()
+        entry = detail["services"]["licensing"]["projections"][PROJECTION]
+        assert ok, detail  # the service keeps serving
+        assert entry["state"] == "blocked"
+        assert entry["blocked_at"] == garbage
+        # The projection holds at the parked event: the later one waits for the decision.
+        assert await checkpoint(db) == good
+        assert await db.fetchval("SELECT count(*) FROM licenses") == 1
+
+        await db.execute(
+            "UPDATE parked_events SET decision = 'skip', decided_at = now() WHERE seq = $1",
+            garbage,
+        )
+        await caught_up(db, after)
+        assert await db.fetchval("SELECT count(*) FROM licenses") == 2
+        assert await db.fetchval("SELECT resolved_at IS NOT NULL FROM parked_events") is True
+        ok, detail = await platform.readiness()
+        assert detail["services"]["licensing"]["projections"][PROJECTION]["state"] == "running"
+    finally:
+        await platform.stop()
+    # The rebuild skips what the operator skipped, so live and replay agree.
+    report = await verify(settings, store, verify=True)
+    assert report.differences == 0
+    assert report.skipped == [garbage]
+
+
+async def test_an_event_with_a_bad_body_is_parked_and_can_be_retried(
+    fresh, db, nc: NatsClient
+) -> None:
+    settings, store = fresh
+    good = license_issued()
+    envelope = new_envelope(good, customer_id=good.customer_id)
+    body = msgspec.json.decode(msgspec.json.encode(envelope))
+    del body["data"]["features"]
+    bad = await publish_raw(nc, store, "LicenseIssued", msgspec.json.encode(body))
+    platform = await start(settings)
+    try:
+        await eventually(lambda: db.fetchval("SELECT attempts FROM parked_events"), what="parked")
+        await db.execute("UPDATE parked_events SET decision = 'retry' WHERE seq = $1", bad)
+        # Retried, it fails again: parked again, attempts add up, still waiting.
+        row = await eventually(
+            lambda: db.fetchrow("SELECT * FROM parked_events WHERE seq = $1", bad),
+            lambda r: r["attempts"] >= 2 and r["decision"] is None,
+            what="parked again after retry",
+        )
+        assert row["resolved_at"] is None
+        assert "features" in row["error"]
+        assert await checkpoint(db) == bad - 1
+    finally:
+        await platform.stop()
+
+
+async def test_one_replica_consumes_and_a_standby_takes_over(fresh, db) -> None:
+    settings, store = fresh
+    first = await start(settings)
+    second = await start(settings)
+    try:
+        states = await eventually(
+            lambda: asyncio.sleep(
+                0,
+                sorted(
+                    p.services["licensing"].runners[0].status.state.value for p in (first, second)
+                ),
+            ),
+            lambda s: s == ["running", "standby"],
+            what="one leader and one standby",
+        )
+        assert states == ["running", "standby"]
+        leader, standby = (
+            (first, second)
+            if (first.services["licensing"].runners[0].status.state.value == "running")
+            else (second, first)
+        )
+        seqs = await publish_licenses(store, 10)
+        await caught_up(db, seqs[-1])
+        await leader.stop()
+        more = await publish_licenses(store, 10)
+        await caught_up(db, more[-1])
+        assert standby.services["licensing"].runners[0].status.state.value == "running"
+        assert await db.fetchval("SELECT count(*) FROM license_history") == 20
+    finally:
+        await first.stop()
+        await second.stop()

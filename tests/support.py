@@ -1,0 +1,96 @@
+"""Helpers the tests share: settings on a private stream, fresh databases, bounded polling."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+
+from contracts import Features, LicenseIssued, Limits
+from libs.config import ServiceSettings
+
+T = TypeVar("T")
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL naming another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+async def create_database(server_url: str) -> str:
+    """A new empty database on the server; returns its URL."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_database(server_url, name)
+
+
+def make_settings(database_url: str, nats_url: str, **overrides: object) -> ServiceSettings:
+    """Settings on a stream and subject space of their own, so tests never see each other."""
+    tag = secrets.token_hex(4)
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "nats_url": nats_url,
+        "events_stream": f"T_{tag.upper()}",
+        "events_subject_prefix": f"t{tag}.events",
+        "projection_ack_wait_seconds": 5,
+        "admin_token": secrets.token_urlsafe(32),
+        "http_host": "127.0.0.1",
+    }
+    values.update(overrides)
+    return ServiceSettings(**values)  # type: ignore[arg-type]
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    accept: Callable[[T], bool] = bool,
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Poll ``probe`` until ``accept`` holds for its result; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        try:
+            last = await probe()
+            if accept(last):
+                return last
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, httpx.TransportError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        await asyncio.sleep(interval)
+
+
+def license_issued(customer_id: str | None = None, *, plan: str = "starter") -> LicenseIssued:
+    """A realistic LicenseIssued event (the JWT is opaque to projections)."""
+    issued = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    return LicenseIssued(
+        customer_id=customer_id or str(uuid.uuid4()),
+        license_id=str(uuid.uuid4()),
+        jwt="eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl",
+        kid="k1",
+        plan=plan,  # type: ignore[arg-type]
+        issued_at=issued,
+        expires_at=issued + timedelta(days=14),
+        features=Features(
+            maxDevices=10, dataRetentionDays=90, alerting=True, apiAccess=True, webhooks=False
+        ),
+        limits=Limits(mqttMessagesPerDay=100_000, apiRequestsPerDay=10_000),
+        license_type="trial_signup",
+        reason="test",
+    )
