@@ -1,0 +1,42 @@
+# Every routine task; `./dev <recipe>` installs what is needed first.
+
+bin := justfile_directory() / ".venv/bin"
+
+# list the recipes
+default:
+    @{{bin}}/just --list --unsorted
+
+# bring the whole platform up on the embedded default (Ctrl-C stops it; data is kept)
+up *ARGS:
+    {{bin}}/iotistic up {{ARGS}}
+
+# run the test suite against real Postgres and NATS JetStream (embedded unless TEST_*_URL set)
+test *ARGS:
+    {{bin}}/pytest {{ARGS}}
+
+# lint, format check and type check
+check:
+    {{bin}}/ruff check .
+    {{bin}}/ruff format --check .
+    {{bin}}/mypy
+
+# format the code
+fmt:
+    {{bin}}/ruff format .
+    {{bin}}/ruff check --fix .
+
+# measure speed and memory: `just bench events` (see README for the figures)
+bench *WHAT:
+    {{bin}}/python -m tests.bench {{WHAT}}
+
+# rebuild (or --verify, --dry-run) a service's read models from the log
+replay SERVICE *ARGS:
+    {{bin}}/iotistic replay {{SERVICE}} {{ARGS}}
+
+# write the JSON Schemas of every event to contracts/schemas
+schemas:
+    {{bin}}/iotistic contracts export --out contracts/schemas
+
+# pin the installed dependency versions into constraints.txt
+lock:
+    {{bin}}/pip freeze --exclude-editable --exclude iotistic > constraints.txt
