@@ -83,6 +83,21 @@ class Projection:
         return None
 
 
+async def update_row(
+    conn: asyncpg.Connection,
+    table: str,
+    key_column: str,
+    key: object,
+    assignments: str,
+    *values: object,
+) -> None:
+    """``UPDATE table SET assignments WHERE key_column = $1``; ``values`` are ``$2`` onwards.
+
+    A handler's common move: events about a row the projection does not have change nothing.
+    """
+    await conn.execute(f"UPDATE {table} SET {assignments} WHERE {key_column} = $1", key, *values)
+
+
 class ApplyOutcome(enum.Enum):
     """What applying one stored message did."""
 
@@ -126,43 +141,49 @@ async def ensure_checkpoint(conn: asyncpg.Connection, projection: str) -> int:
 async def apply_stored(
     conn: asyncpg.Connection, projection: Projection, stored: StoredMessage
 ) -> ApplyOutcome:
-    """Apply one message and advance the checkpoint, in one transaction on ``conn``.
+    """Apply one message and advance the checkpoint atomically.
 
-    Raises ``PoisonEvent`` for a message that cannot be applied (the transaction is rolled
-    back); connection errors propagate unchanged for the caller to retry.
+    On a connection outside a transaction it makes one of its own. Inside the caller's (a batch
+    applied with one commit), a failure leaves that transaction for the caller to roll back.
+    Raises ``PoisonEvent`` for a message that cannot be applied; connection errors propagate
+    unchanged for the caller to retry.
     """
+    if conn.is_in_transaction():
+        return await _apply(conn, projection, stored)
     async with conn.transaction():
-        last = await conn.fetchval(
-            "SELECT last_seq FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-            projection.name,
-        )
-        if last is None:
-            raise RuntimeError(f"projection {projection.name} has no checkpoint row")
-        if stored.seq <= last:
-            return ApplyOutcome.DUPLICATE
-        recorded = decode_stored(stored)
-        handler = projection.handler_for(recorded.envelope.type)
-        outcome = ApplyOutcome.IGNORED
-        if handler is not None:
-            try:
-                async with conn.transaction():  # a savepoint: the handler's work only
-                    await handler(conn, recorded)
-            except CONNECTION_ERRORS:
-                raise
-            # Any other failure of a handler is this event's problem, not the connection's:
-            # it is parked (with its reason), never dropped.
-            except Exception as exc:
-                raise PoisonEvent(
-                    stored.seq, f"{type(exc).__name__}: {exc}", retryable=True
-                ) from exc
-            outcome = ApplyOutcome.APPLIED
-        await conn.execute(
-            "UPDATE projection_checkpoints SET last_seq = $2, updated_at = now() "
-            "WHERE projection = $1",
-            projection.name,
-            stored.seq,
-        )
-        return outcome
+        return await _apply(conn, projection, stored)
+
+
+async def _apply(
+    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage
+) -> ApplyOutcome:
+    last = await conn.fetchval(
+        "SELECT last_seq FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+        projection.name,
+    )
+    if last is None:
+        raise RuntimeError(f"projection {projection.name} has no checkpoint row")
+    if stored.seq <= last:
+        return ApplyOutcome.DUPLICATE
+    recorded = decode_stored(stored)
+    handler = projection.handler_for(recorded.envelope.type)
+    outcome = ApplyOutcome.IGNORED
+    if handler is not None:
+        try:
+            await handler(conn, recorded)
+        except CONNECTION_ERRORS:
+            raise
+        # Any other failure of a handler is this event's problem, not the connection's:
+        # it is parked (with its reason), never dropped.
+        except Exception as exc:
+            raise PoisonEvent(stored.seq, f"{type(exc).__name__}: {exc}", retryable=True) from exc
+        outcome = ApplyOutcome.APPLIED
+    await conn.execute(
+        "UPDATE projection_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
+        projection.name,
+        stored.seq,
+    )
+    return outcome
 
 
 class RunnerState(enum.Enum):
@@ -345,6 +366,8 @@ class ProjectionRunner:
                 msgs: list[Msg] = await sub.fetch(self.config.batch_size, timeout=1.0)
             except nats.errors.TimeoutError:
                 continue
+            if await self._apply_together(msgs):
+                continue
             for index, msg in enumerate(msgs):
                 try:
                     await self._handle(msg)
@@ -356,13 +379,34 @@ class ProjectionRunner:
                     await self._nak_all(msgs[index:])
                     raise
 
+    async def _apply_together(self, msgs: Sequence[Msg]) -> bool:
+        """Apply a batch in one transaction: one commit (one WAL flush) instead of one each.
+
+        Returns False, keeping nothing, if any event of it fails; the batch is then applied
+        one event at a time, which finds the event to retry or park.
+        """
+        if len(msgs) < 2:
+            return False
+        batch = [to_stored(m) for m in msgs]
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                outcomes = [await self._apply_traced(conn, stored) for stored in batch]
+        except PoisonEvent:
+            return False
+        for msg, stored, outcome in zip(msgs, batch, outcomes, strict=True):
+            await msg.ack()
+            self.metrics.record(self.service, self.projection.name, outcome.value, stored.seq)
+        self.status.checkpoint = max(self.status.checkpoint, batch[-1].seq)
+        return True
+
     async def _handle(self, msg: Msg) -> None:
         stored = to_stored(msg)
         attempt = 0
         while True:
             attempt += 1
             try:
-                outcome = await self._apply_traced(stored)
+                async with self.pool.acquire() as conn:
+                    outcome = await self._apply_traced(conn, stored)
             except PoisonEvent as poison:
                 if poison.retryable and attempt < self.config.max_attempts:
                     log.warning("%s: attempt %d failed: %s", self.durable, attempt, poison)
@@ -375,7 +419,7 @@ class ProjectionRunner:
         self.status.checkpoint = max(self.status.checkpoint, stored.seq)
         self.metrics.record(self.service, self.projection.name, outcome.value, stored.seq)
 
-    async def _apply_traced(self, stored: StoredMessage) -> ApplyOutcome:
+    async def _apply_traced(self, conn: asyncpg.Connection, stored: StoredMessage) -> ApplyOutcome:
         parent = context_from(
             {k: v for k, v in stored.headers.items() if k in ("traceparent", "tracestate")}
         )
@@ -394,8 +438,7 @@ class ProjectionRunner:
             },
         ) as span:
             started = time.perf_counter()
-            async with self.pool.acquire() as conn:
-                outcome = await apply_stored(conn, self.projection, stored)
+            outcome = await apply_stored(conn, self.projection, stored)
             self.metrics.observe_apply(
                 self.service, self.projection.name, time.perf_counter() - started
             )

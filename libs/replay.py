@@ -20,12 +20,15 @@ from typing import Any
 import asyncpg
 
 from libs.db import check_schema_name, drop_schema, migrate, service_migrations
-from libs.eventstore import EventStore
+from libs.eventstore import EventStore, StoredMessage
 from libs.projections import PoisonEvent, Projection, apply_stored, ensure_checkpoint
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+
+# Events applied per transaction when rebuilding.
+REPLAY_CHUNK = 500
 
 
 class ReplayError(RuntimeError):
@@ -119,31 +122,60 @@ class Rebuild:
         skips = await self.skipped_live()
         types = {t for p in self.projections for t in p.event_types}
         await self._use(self.scratch)
-        async for stored in self.store.read(from_seq=start, to_seq=end, event_types=types):
-            report.events_read += 1
-            for projection in self.projections:
-                if stored.seq > targets[projection.name]:
-                    continue
-                if stored.event_type not in projection.event_types:
-                    continue  # its live consumer's filter never delivers this type
-                if (projection.name, stored.seq) in skips:
-                    await self._skip(projection.name, stored.seq)
-                    report.skipped.append(stored.seq)
-                    continue
-                try:
-                    await apply_stored(self.conn, projection, stored)
-                except PoisonEvent as exc:
-                    raise ReplayError(
-                        f"{projection.name}: event at seq {stored.seq} cannot be applied "
-                        f"({exc.reason}) and the live projection has not skipped it"
-                    ) from exc
-                report.events_applied += 1
-            report.upto_seq = stored.seq
-            if self.progress is not None:
-                self.progress(stored.seq, end)
+        await self._apply_range(start, end, types, targets, skips, report)
         for projection in self.projections:
             await self._skip(projection.name, targets[projection.name])
         report.upto_seq = max(report.upto_seq, end)
+
+    async def _apply_range(
+        self,
+        start: int,
+        end: int,
+        types: set[str],
+        targets: dict[str, int],
+        skips: set[tuple[str, int]],
+        report: ReplayReport,
+    ) -> None:
+        chunk: list[StoredMessage] = []
+        async for stored in self.store.read(from_seq=start, to_seq=end, event_types=types):
+            chunk.append(stored)
+            if len(chunk) >= REPLAY_CHUNK:
+                await self._apply_chunk(chunk, targets, skips, report, end)
+                chunk = []
+        await self._apply_chunk(chunk, targets, skips, report, end)
+
+    async def _apply_chunk(
+        self,
+        chunk: list[StoredMessage],
+        targets: dict[str, int],
+        skips: set[tuple[str, int]],
+        report: ReplayReport,
+        end: int,
+    ) -> None:
+        """Apply a chunk of events in one transaction: one commit instead of one per event."""
+        async with self.conn.transaction():
+            for stored in chunk:
+                report.events_read += 1
+                for projection in self.projections:
+                    if stored.seq > targets[projection.name]:
+                        continue
+                    if stored.event_type not in projection.event_types:
+                        continue  # its live consumer's filter never delivers this type
+                    if (projection.name, stored.seq) in skips:
+                        await self._skip(projection.name, stored.seq)
+                        report.skipped.append(stored.seq)
+                        continue
+                    try:
+                        await apply_stored(self.conn, projection, stored)
+                    except PoisonEvent as exc:
+                        raise ReplayError(
+                            f"{projection.name}: event at seq {stored.seq} cannot be applied "
+                            f"({exc.reason}) and the live projection has not skipped it"
+                        ) from exc
+                    report.events_applied += 1
+                report.upto_seq = stored.seq
+                if self.progress is not None:
+                    self.progress(stored.seq, end)
 
     async def _skip(self, projection: str, seq: int) -> None:
         await self.conn.execute(

@@ -13,7 +13,7 @@ from contracts import (
     TrialStarted,
 )
 from libs.db import Connection
-from libs.projections import Projection, Recorded
+from libs.projections import Projection, Recorded, update_row
 
 
 async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialStarted]) -> None:
@@ -34,9 +34,12 @@ async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialSta
 
 
 async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
-    await conn.execute(
-        f"UPDATE subscriptions SET {sets}, updated_at = $2 WHERE customer_id = $1",
+    await update_row(
+        conn,
+        "subscriptions",
+        "customer_id",
         r.envelope.customer_id,
+        f"{sets}, updated_at = $2",
         r.envelope.occurred_at,
         *args,
     )

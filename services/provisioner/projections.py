@@ -12,7 +12,7 @@ from contracts import (
     DeploymentSucceeded,
 )
 from libs.db import Connection
-from libs.projections import Projection, Recorded
+from libs.projections import Projection, Recorded, update_row
 
 
 async def when_deployment_requested_record_job(
@@ -35,7 +35,7 @@ async def when_deployment_requested_record_job(
 
 
 async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
-    await conn.execute(f"UPDATE deployments SET {sets} WHERE job_id = $1", r.event.job_id, *args)
+    await update_row(conn, "deployments", "job_id", r.event.job_id, sets, *args)
 
 
 async def when_deployment_started_mark_active(

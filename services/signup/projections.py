@@ -24,7 +24,7 @@ from contracts import (
     TrialStarted,
 )
 from libs.db import Connection
-from libs.projections import Projection, Recorded
+from libs.projections import Projection, Recorded, update_row
 
 
 async def when_customer_signed_up_open_account(
@@ -50,10 +50,12 @@ async def when_customer_signed_up_open_account(
 
 
 async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
-    """Update the customer's row; events about an unknown customer change nothing."""
-    await conn.execute(
-        f"UPDATE accounts SET {sets}, updated_at = $2 WHERE customer_id = $1",
+    await update_row(
+        conn,
+        "accounts",
+        "customer_id",
         r.envelope.customer_id,
+        f"{sets}, updated_at = $2",
         r.envelope.occurred_at,
         *args,
     )

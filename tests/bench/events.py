@@ -54,13 +54,17 @@ async def run(pg_url: str, nats_url: str) -> None:
             break
         await asyncio.sleep(0.05)
     applied = PROJECTED / (time.perf_counter() - started)
-    print(f"events: projection catching up {PROJECTED} events (one txn each): {applied:,.0f}/s")
+    print(f"events: projection catching up {PROJECTED} events (a transaction per fetched batch): {applied:,.0f}/s")
     await platform.stop()
 
     started = time.perf_counter()
     report = await replay_service(
-        conn, store, schema="licensing", migrations_package=LICENSING.migrations_package,
-        projections=LICENSING.projections, verify=True,
+        conn,
+        store,
+        schema="licensing",
+        migrations_package=LICENSING.migrations_package,
+        projections=LICENSING.projections,
+        verify=True,
     )
     elapsed = time.perf_counter() - started
     print(
