@@ -8,7 +8,7 @@ default:
 
 # bring the whole platform up on the embedded default (Ctrl-C stops it; data is kept)
 up *ARGS:
-    {{bin}}/iotistic up {{ARGS}}
+    exec {{bin}}/iotistic up {{ARGS}}
 
 # run the test suite against real Postgres and NATS JetStream (embedded unless TEST_*_URL set)
 test *ARGS:

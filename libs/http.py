@@ -154,4 +154,6 @@ def create_app(
         },
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],
         debug=False,
+        # Logging is the process's to configure (the CLI does); litestar must not replace it.
+        logging_config=None,
     )
