@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from litestar import get, post
 from litestar.exceptions import NotFoundException
+from litestar.params import FromPath
 from litestar.types import ControllerRouterHandler
 
 from libs.projections import decide, open_parked
@@ -35,7 +36,10 @@ def operations_routes(platform: Platform) -> list[ControllerRouterHandler]:
         status_code=200,
     )
     async def decide_parked(
-        service: str, projection: str, seq: int, decision: Literal["skip", "retry"]
+        service: FromPath[str],
+        projection: FromPath[str],
+        seq: FromPath[int],
+        decision: FromPath[Literal["skip", "retry"]],
     ) -> dict[str, Any]:
         """Skip a parked event (the projection moves past it) or retry it."""
         runtime = platform.services.get(service)

@@ -50,6 +50,21 @@ async def wait_status(client: httpx.AsyncClient, status: int, timeout: float = 6
     )
 
 
+def run_env(
+    postgres: EmbeddedPostgres, nats_server: EmbeddedNats, port: int, token: str
+) -> dict[str, str]:
+    """Environment for `iotistic run` against the test's own servers."""
+    return {
+        **os.environ,
+        "DATABASE_URL": postgres.create_database("iotistic"),
+        "NATS_URL": nats_server.url,
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": str(port),
+        "ADMIN_TOKEN": token,
+        "LOG_LEVEL": "WARNING",
+    }
+
+
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, EmbeddedNats]]:
     postgres = EmbeddedPostgres(tmp_path / "pg")
@@ -65,15 +80,7 @@ async def test_health_follows_postgres_and_nats_without_a_restart(servers) -> No
     postgres, nats_server = servers
     port = free_port()
     token = "a" * 40
-    env = {
-        **os.environ,
-        "DATABASE_URL": postgres.create_database("iotistic"),
-        "NATS_URL": nats_server.url,
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_PORT": str(port),
-        "ADMIN_TOKEN": token,
-        "LOG_LEVEL": "WARNING",
-    }
+    env = run_env(postgres, nats_server, port, token)
     proc = subprocess.Popen([IOTISTIC, "run", "--target", "all"], env=env)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
@@ -130,15 +137,7 @@ async def test_http_surface_metrics_openapi_errors_and_admin(servers) -> None:
     postgres, nats_server = servers
     port = free_port()
     token = "b" * 40
-    env = {
-        **os.environ,
-        "DATABASE_URL": postgres.create_database("iotistic"),
-        "NATS_URL": nats_server.url,
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_PORT": str(port),
-        "ADMIN_TOKEN": token,
-        "LOG_LEVEL": "WARNING",
-    }
+    env = run_env(postgres, nats_server, port, token)
     proc = subprocess.Popen([IOTISTIC, "run", "--target", "licensing"], env=env)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:

@@ -169,9 +169,7 @@ def service_env(settings: ServiceSettings, **extra: str) -> dict[str, str]:
     return env
 
 
-async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(
-    fresh, db
-) -> None:
+async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(fresh, db) -> None:
     settings, store = fresh
     env = service_env(settings, PROJECTION_BATCH_SIZE="5")
     stop_publishing = asyncio.Event()
@@ -185,8 +183,10 @@ async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(
 
     def launch() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [iotistic_bin(), "run", "--target", "licensing"], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [iotistic_bin(), "run", "--target", "licensing"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     publisher = asyncio.create_task(keep_publishing())
@@ -196,7 +196,8 @@ async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(
             # Let it apply some events, then kill it mid-stream without a chance to clean up.
             before = await _checkpoint_or_zero(db)
             await eventually(
-                lambda: _checkpoint_or_zero(db), lambda c, b=before: c > b + 10,
+                lambda: _checkpoint_or_zero(db),
+                lambda c, b=before: c > b + 10,
                 what="progress before the kill",
             )
             await asyncio.sleep(random.uniform(0.0, 0.2))

@@ -1,0 +1,94 @@
+"""One trace from a request through the events it causes, across services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+from litestar.testing import AsyncTestClient
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from libs.config import ServiceSettings
+from libs.eventstore import EventStore
+from libs.runtime import Platform
+from libs.telemetry import setup_tracing, tracer
+from services.licensing.app import LICENSING
+from services.signup.app import SIGNUP
+from services.targets import build_app
+from support import eventually, license_issued
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The process's tracer provider, recording every finished span in memory."""
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing("iotistic-test", "none", (SimpleSpanProcessor(exporter),))
+    yield exporter
+    provider.shutdown()
+
+
+async def test_an_event_is_handled_in_the_trace_of_the_request_that_caused_it(
+    spans: InMemorySpanExporter, settings: ServiceSettings, store: EventStore
+) -> None:
+    platform = Platform(settings, [SIGNUP, LICENSING])
+    await platform.start()
+    await platform.wait_started()
+    try:
+        event = license_issued()
+        with tracer("test").start_as_current_span("POST /api/customers/signup") as request:
+            await store.publish(event, customer_id=event.customer_id)
+        request_ctx = request.get_span_context()
+
+        def handled() -> list[object]:
+            return [
+                s
+                for s in spans.get_finished_spans()
+                if s.name == "apply LicenseIssued"
+                and s.context is not None
+                and s.context.trace_id == request_ctx.trace_id
+            ]
+
+        found = await eventually(
+            lambda: _now(handled()), lambda found: len(found) == 2, what="both services' spans"
+        )
+        services = sorted(s.attributes["iotistic.service"] for s in found)  # type: ignore[attr-defined]
+        assert services == ["licensing", "signup"]
+        for span in found:
+            assert span.parent is not None  # type: ignore[attr-defined]
+            assert span.parent.span_id == request_ctx.span_id  # type: ignore[attr-defined]
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM licensing.licenses") == 1
+        finally:
+            await conn.close()
+    finally:
+        await platform.stop()
+
+
+async def test_a_request_continues_the_callers_trace(
+    spans: InMemorySpanExporter, settings: ServiceSettings
+) -> None:
+    platform = Platform(settings, [LICENSING])
+    app = build_app(platform, "licensing")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with AsyncTestClient(app) as client:
+        response = await client.get(
+            "/schema/openapi.json",
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+        assert response.status_code == 200
+    server_spans = [
+        s
+        for s in spans.get_finished_spans()
+        if s.context is not None and f"{s.context.trace_id:032x}" == trace_id
+    ]
+    assert server_spans, "the request made no span in the caller's trace"
+    assert any(s.name.startswith("GET /schema/openapi.json") for s in server_spans), [
+        s.name for s in server_spans
+    ]
+
+
+async def _now(value: list[object]) -> list[object]:
+    return value
