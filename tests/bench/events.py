@@ -54,7 +54,10 @@ async def run(pg_url: str, nats_url: str) -> None:
             break
         await asyncio.sleep(0.05)
     applied = PROJECTED / (time.perf_counter() - started)
-    print(f"events: projection catching up {PROJECTED} events (a transaction per fetched batch): {applied:,.0f}/s")
+    print(
+        f"events: projection catching up {PROJECTED} events "
+        f"(a transaction per fetched batch): {applied:,.0f}/s"
+    )
     await platform.stop()
 
     started = time.perf_counter()
