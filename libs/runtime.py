@@ -303,8 +303,13 @@ class Platform:
         return ok, detail
 
 
-async def connect_nats(url: str, name: str = "iotistic") -> NatsClient:
-    """A NATS connection that reconnects forever after it was first made."""
+async def connect_nats(url: str, name: str = "iotistic", attempts: int = 3) -> NatsClient:
+    """A NATS connection that, once made, reconnects forever.
+
+    The first connection is tried ``attempts`` times per server and then fails with a NATS
+    error, so a caller (the platform's start loop, a CLI command) can report it instead of
+    hanging silently.
+    """
     servers = [u.strip() for u in url.split(",") if u.strip()]
 
     async def on_error(exc: Exception) -> None:
@@ -316,14 +321,17 @@ async def connect_nats(url: str, name: str = "iotistic") -> NatsClient:
     async def on_reconnected() -> None:
         log.info("nats: reconnected")
 
-    return await nats.connect(
+    client = await nats.connect(
         servers=servers,
         name=name,
         allow_reconnect=True,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=attempts,
         reconnect_time_wait=1,
         connect_timeout=2,
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
     )
+    # nats-py reads this option on every reconnect: from now on, never give up.
+    client.options["max_reconnect_attempts"] = -1
+    return client

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import asyncpg
-import msgspec
 import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,8 +23,9 @@ from rich.table import Table
 
 from contracts import MalformedEvent, decode_envelope
 from libs.config import ConfigError, ServiceSettings, load_settings
+from libs.db import CONNECTION_ERRORS
 from libs.eventstore import EventStore, StoredMessage
-from libs.projections import decide, open_parked
+from libs.projections import NATS_ERRORS, decide, open_parked
 from libs.replay import ReplayError, ReplayReport, replay_service
 from libs.runtime import Platform, connect_nats
 from libs.telemetry import setup_tracing
@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except (*NATS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        # An unreachable or refusing server is the operator's to fix: say which, no traceback.
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        code = 1
     sys.exit(code or 0)
 
 
@@ -369,9 +373,8 @@ def describe(stored: StoredMessage) -> dict[str, Any]:
         envelope = decode_envelope(stored.data)
     except MalformedEvent as exc:
         return {**base, "malformed": str(exc), "raw": stored.data.decode(errors="replace")}
-    body = msgspec.to_builtins(envelope)
-    body["data"] = json.loads(bytes(envelope.data))
-    return {**base, "envelope": body}
+    del envelope  # decoded only to tell a valid envelope from a malformed one
+    return {**base, "envelope": json.loads(stored.data)}
 
 
 def cmd_events_tail(args: argparse.Namespace) -> int:

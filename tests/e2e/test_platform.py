@@ -189,6 +189,20 @@ def test_run_refuses_bad_configuration_naming_the_variable() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_commands_report_an_unreachable_server_without_a_traceback() -> None:
+    env = {**os.environ, "NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    result = subprocess.run(
+        [IOTISTIC, "--data-dir", "/nonexistent", "events", "stats"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no servers available" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_up_brings_everything_up_and_keeps_data_across_restarts(tmp_path: Path) -> None:
     port = free_port()
     data_dir = tmp_path / "data"
