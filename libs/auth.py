@@ -1,33 +1,116 @@
-"""Admin credential: a bearer token compared in constant time, required on admin routes."""
+"""Who is calling: the admin (a bearer token) or a customer (a short-lived session token).
+
+Session tokens are HS256 JWTs signed with ``SESSION_SECRET``: signup issues them at login, every
+service checks them for the customer's own routes. Admin routes take ``ADMIN_TOKEN``. Both are
+compared in constant time, and an unset secret closes its routes rather than opening them.
+"""
 
 from __future__ import annotations
 
 import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Literal
 
+import jwt
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
 
+SESSION_AUDIENCE = "iotistic-customer"
+SESSION_ISSUER = "iotistic-signup"
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of a request."""
+
+    kind: Literal["admin", "customer"]
+    customer_id: str | None = None
+
+    def may_see(self, customer_id: str) -> bool:
+        """Admins see every customer; a customer sees only themselves."""
+        return self.kind == "admin" or self.customer_id == customer_id
+
+
+def bearer(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
+    """The bearer token of a request, if it has one."""
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def is_admin(token: str | None, admin_token: str | None) -> bool:
+    """True when ``token`` is the configured admin token."""
+    if not token or not admin_token:
+        return False
+    return hmac.compare_digest(token.encode(), admin_token.encode())
+
 
 def admin_guard(admin_token: str | None) -> Guard:
-    """A litestar guard that lets a request through only with ``Bearer <admin_token>``.
-
-    Without a configured token, admin routes are closed to everyone rather than open.
-    """
+    """A litestar guard that lets a request through only with ``Bearer <admin_token>``."""
 
     def guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
         if not admin_token:
             raise PermissionDeniedException("admin routes are disabled: ADMIN_TOKEN is not set")
-        header = connection.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            raise NotAuthorizedException(
-                "admin credential required", headers={"WWW-Authenticate": "Bearer"}
-            )
-        if not hmac.compare_digest(presented.encode(), admin_token.encode()):
-            raise NotAuthorizedException(
-                "admin credential required", headers={"WWW-Authenticate": "Bearer"}
-            )
+        if not is_admin(bearer(connection), admin_token):
+            raise NotAuthorizedException("admin credential required", headers=_CHALLENGE)
 
     return guard
+
+
+class SessionTokens:
+    """Issues and checks customers' session tokens."""
+
+    def __init__(self, secret: str | None, ttl_seconds: int = 3600) -> None:
+        """``secret`` None means customer sessions are switched off (every check fails)."""
+        self._secret = secret
+        self.ttl_seconds = ttl_seconds
+
+    def issue(self, customer_id: str, email: str, now: float | None = None) -> str:
+        """A session token for the customer, valid for ``ttl_seconds``."""
+        if not self._secret:
+            raise PermissionDeniedException("customer sessions are disabled: SESSION_SECRET unset")
+        issued = int(now if now is not None else time.time())
+        claims = {
+            "sub": customer_id,
+            "email": email,
+            "iat": issued,
+            "exp": issued + self.ttl_seconds,
+            "iss": SESSION_ISSUER,
+            "aud": SESSION_AUDIENCE,
+            "jti": secrets.token_urlsafe(12),
+        }
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    def customer_of(self, token: str | None) -> str | None:
+        """The customer id a valid session token names, else None."""
+        if not token or not self._secret:
+            return None
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                audience=SESSION_AUDIENCE,
+                issuer=SESSION_ISSUER,
+                options={"require": ["sub", "exp", "iat"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        subject = claims.get("sub")
+        return subject if isinstance(subject, str) else None
+
+    def caller(self, connection: ASGIConnection, admin_token: str | None) -> Caller:  # type: ignore[type-arg]
+        """The admin or the customer making the request; 401 for anyone else."""
+        token = bearer(connection)
+        if is_admin(token, admin_token):
+            return Caller(kind="admin")
+        customer_id = self.customer_of(token)
+        if customer_id is None:
+            raise NotAuthorizedException("a valid session token is required", headers=_CHALLENGE)
+        return Caller(kind="customer", customer_id=customer_id)

@@ -71,6 +71,10 @@ class ServiceSettings(EventLogSettings, frozen=True, kw_only=True):
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     # Bearer token for admin routes; unset closes them. `iotistic up` generates one.
     admin_token: Annotated[str, Meta(min_length=32)] | None = None
+    # Signs customers' session tokens (signup issues them, every service checks them); unset
+    # closes customer routes. `iotistic up` generates one.
+    session_secret: Annotated[str, Meta(min_length=32)] | None = None
+    session_ttl_seconds: Annotated[int, Meta(ge=60, le=86400)] = 3600
 
 
 _FIELD_IN_PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)`")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -34,11 +35,14 @@ HEADER_TRACESTATE = "tracestate"
 
 
 class EventStoreError(RuntimeError):
-    """The log could not take or give an event (connection, timeout, stream missing)."""
+    """The log could not take or give an event (connection, timeout, stream missing).
+
+    Transient: the same append may succeed later.
+    """
 
 
-class ConcurrencyConflict(EventStoreError):
-    """Another writer appended to the subject first; the caller lost the race."""
+class ConcurrencyConflict(Exception):
+    """Another writer appended to the subject first; the caller lost the race (final)."""
 
     def __init__(self, subject: str) -> None:
         super().__init__(f"another event was appended to {subject} first")
@@ -267,6 +271,15 @@ class EventStore:
                 await sub.unsubscribe()
             except nats.errors.Error:
                 log.debug("reader unsubscribe failed", exc_info=True)
+
+
+def caused_event_id(cause: Envelope, purpose: str) -> str:
+    """The id of the event that answers ``cause`` for ``purpose``, the same on every attempt.
+
+    A consumer that answers an event again (redelivered after a crash) appends an event with
+    the same id, which JetStream stores once.
+    """
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"iotistic:{cause.event_id}:{purpose}"))
 
 
 def to_stored(msg: Msg) -> StoredMessage:

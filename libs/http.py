@@ -33,11 +33,56 @@ class DomainError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, fields: list[dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        fields: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """``fields`` name each offending field with its reason."""
         super().__init__(message)
         self.message = message
         self.fields = fields or []
+        self.headers = headers or {}
+
+
+class InvalidRequest(DomainError):
+    """400: the request names fields that are wrong, each with its reason."""
+
+    code = "invalid_request"
+
+
+class Unauthorized(DomainError):
+    """401: no valid credential."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(DomainError):
+    """404: nothing there, or nothing this caller may see (the same answer on purpose)."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    """409: the thing exists already, or another request is making it."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class TooManyRequests(DomainError):
+    """429: come back after ``retry_after`` seconds."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        """Answered with ``Retry-After: <retry_after>``."""
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
 
 
 def error_body(
@@ -88,6 +133,7 @@ def _on_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
     return Response(
         error_body(exc.status_code, exc.code, exc.message, exc.fields),
         status_code=exc.status_code,
+        headers=exc.headers or None,
     )
 
 

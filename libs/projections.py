@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from contracts import Envelope, Event, MalformedEvent, decode_envelope, decode_event
 from libs.db import CONNECTION_ERRORS
-from libs.eventstore import EventStore, StoredMessage, to_stored
+from libs.eventstore import EventStore, EventStoreError, StoredMessage, to_stored
 from libs.metrics import ProjectionMetrics
 from libs.telemetry import context_from, tracer
 
@@ -43,6 +43,14 @@ NATS_ERRORS: tuple[type[BaseException], ...] = (
     nats.js.errors.Error,
     OSError,
     TimeoutError,
+)
+
+# Failures that say nothing about the event: the database or the log is away for a moment.
+# The runner reconnects and tries the same event again; it is never parked for these.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    *NATS_ERRORS,
+    EventStoreError,
 )
 
 
@@ -171,7 +179,7 @@ async def _apply(
     if handler is not None:
         try:
             await handler(conn, recorded)
-        except CONNECTION_ERRORS:
+        except TRANSIENT_ERRORS:
             raise
         # Any other failure of a handler is this event's problem, not the connection's:
         # it is parked (with its reason), never dropped.
@@ -258,7 +266,7 @@ class ProjectionRunner:
             try:
                 await self._lead_and_consume()
                 delay = base  # on standby, or stopped: poll for the lock at the base pace
-            except (*CONNECTION_ERRORS, *NATS_ERRORS) as exc:
+            except TRANSIENT_ERRORS as exc:
                 self.status.state = RunnerState.DISCONNECTED
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: %s; retrying in %.1fs", self.durable, exc, delay)

@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
+import msgspec
 import nats
 import nats.errors
 from litestar.types import ControllerRouterHandler
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
-from libs.config import ServiceSettings
+from libs.config import ServiceSettings, load_settings
 from libs.db import CONNECTION_ERRORS, create_pool, migrate, ping, service_migrations
 from libs.eventstore import EventStore
 from libs.http import DomainError
@@ -38,6 +39,8 @@ from libs.projections import (
 
 log = logging.getLogger(__name__)
 
+S = TypeVar("S", bound=ServiceSettings)
+
 
 @dataclass(frozen=True)
 class ServiceDefinition:
@@ -45,10 +48,16 @@ class ServiceDefinition:
 
     name: str
     migrations_package: str
+    # Read models, rebuilt from the log by `iotistic replay`.
     projections: tuple[Projection, ...] = ()
+    # Consumers that answer events with events of their own (issue a license when a customer
+    # signs up). Checkpointed like projections, but never replayed: that would act twice.
+    reactors: Callable[[ServiceRuntime], Sequence[Projection]] = lambda _: ()
     routes: Callable[[ServiceRuntime], Sequence[ControllerRouterHandler]] = lambda _: ()
-    # Long-running tasks of the service besides its projections (schedulers, job workers).
+    # Long-running tasks of the service besides its consumers (schedulers, job workers).
     workers: Callable[[ServiceRuntime], Sequence[Callable[[], Awaitable[None]]]] = lambda _: ()
+    # The service's own settings type (a ServiceSettings with more fields), read once at start.
+    settings_type: type[ServiceSettings] = ServiceSettings
 
     @property
     def schema(self) -> str:
@@ -81,6 +90,12 @@ class ServiceRuntime:
         if self.pool is None:
             raise ServiceUnavailable(f"{self.name}: database not connected yet")
         return self.pool
+
+    def settings_as(self, cls: type[S]) -> S:
+        """This service's settings as its own settings type."""
+        if not isinstance(self.settings, cls):
+            raise TypeError(f"{self.name}: settings are {type(self.settings).__name__}, not {cls}")
+        return self.settings
 
     def events(self) -> EventStore:
         """The event log; raises ``ServiceUnavailable`` until NATS has connected."""
@@ -118,7 +133,8 @@ class ServiceRuntime:
             ack_wait_seconds=float(self.settings.projection_ack_wait_seconds),
             max_attempts=self.settings.projection_max_attempts,
         )
-        for projection in self.definition.projections:
+        consumers = [*self.definition.projections, *self.definition.reactors(self)]
+        for projection in consumers:
             runner = ProjectionRunner(
                 service=self.name,
                 projection=projection,
@@ -232,15 +248,50 @@ class Platform:
     services: dict[str, ServiceRuntime] = field(default_factory=dict)
     _starter: asyncio.Task[None] | None = None
 
+    # Each service's own settings where it has more than the common ones.
+    service_settings: Mapping[str, ServiceSettings] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.metrics = ProjectionMetrics(self.registry)
         for definition in self.definitions:
             self.services[definition.name] = ServiceRuntime(
                 definition=definition,
-                settings=self.settings,
+                settings=self.service_settings.get(definition.name, self.settings),
                 metrics=self.metrics,
                 registry=self.registry,
             )
+
+    @classmethod
+    def from_settings(
+        cls, settings: ServiceSettings, definitions: Sequence[ServiceDefinition], **extra: object
+    ) -> Platform:
+        """A platform from common settings plus the services' own (``extra``, by field name)."""
+        common = msgspec.structs.asdict(settings)
+        own = {
+            d.name: msgspec.convert(
+                {
+                    **common,
+                    **{k: v for k, v in extra.items() if k in d.settings_type.__struct_fields__},
+                },
+                d.settings_type,
+            )
+            for d in definitions
+        }
+        return cls(settings=settings, definitions=definitions, service_settings=own)
+
+    @classmethod
+    def from_environ(
+        cls, definitions: Sequence[ServiceDefinition], environ: Mapping[str, str]
+    ) -> Platform:
+        """A platform whose common and per-service settings come from ``environ``.
+
+        Raises ``ConfigError`` naming the first bad variable of any hosted service.
+        """
+        return cls(
+            settings=load_settings(ServiceSettings, environ),
+            definitions=definitions,
+            service_settings={d.name: load_settings(d.settings_type, environ) for d in definitions},
+        )
 
     def runtime_of(self, name: str) -> ServiceRuntime:
         """The runtime of a hosted service."""
