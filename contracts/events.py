@@ -81,6 +81,8 @@ class CustomerSignedUp(Event, frozen=True, kw_only=True):
     full_name: str | None = None
     plan: Plan = "starter"
     signed_up_at: UtcDateTime
+    # Decided once, at signup: billing's trial and licensing's first license both end with it.
+    trial_days: Annotated[int, Meta(ge=1, le=365)] = 14
 
 
 class CustomerClosed(Event, frozen=True, kw_only=True):
