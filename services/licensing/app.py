@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
-from libs.runtime import ServiceDefinition
+from collections.abc import Sequence
+from functools import cache
+
+from litestar.types import ControllerRouterHandler
+
+from libs.projections import Projection
+from libs.runtime import ServiceDefinition, ServiceRuntime
+from services.licensing.keys import KeyRing, LicenseSigner, load_keyring
 from services.licensing.projections import LICENSES
+from services.licensing.reactors import licensing_reactors
+from services.licensing.routes import licensing_routes
+from services.licensing.settings import LicensingSettings
+
+
+@cache
+def _keyring(settings: LicensingSettings) -> KeyRing:
+    # Loaded once per process: key objects, never PEM strings, are handed to the JWT library.
+    from pathlib import Path
+
+    folder = Path(settings.license_keys_dir) if settings.license_keys_dir else None
+    return load_keyring(folder, settings.license_private_key)
+
+
+def _reactors(runtime: ServiceRuntime) -> Sequence[Projection]:
+    settings = runtime.settings_as(LicensingSettings)
+    signer = LicenseSigner(_keyring(settings), issuer=settings.license_issuer)
+    return licensing_reactors(runtime, signer)
+
+
+def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
+    return licensing_routes(runtime, _keyring(runtime.settings_as(LicensingSettings)))
+
 
 LICENSING = ServiceDefinition(
     name="licensing",
     migrations_package="services.licensing.migrations",
     projections=(LICENSES,),
+    reactors=_reactors,
+    routes=_routes,
+    settings_type=LicensingSettings,
 )

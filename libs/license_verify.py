@@ -1,0 +1,123 @@
+"""Verifying licenses with public keys only: what the customer instance imports.
+
+Only RS256 is accepted, from a key the verifier was given (so neither ``alg: none`` nor an HMAC
+signed with a public key gets through), and every failure says why.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import jwt
+import msgspec
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from contracts.license import LicenseClaims
+
+Reason = Literal[
+    "malformed", "unknown_kid", "bad_signature", "expired", "wrong_issuer", "bad_claims"
+]
+
+
+class InvalidLicense(Exception):
+    """A license that must not be trusted, and why."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        """``reason`` is machine-readable; ``message`` is for people."""
+        super().__init__(message)
+        self.reason: Reason = reason
+
+
+def _int(value: str) -> int:
+    padded = value + "=" * (-len(value) % 4)
+    return int.from_bytes(base64.urlsafe_b64decode(padded), "big")
+
+
+def public_key_from_jwk(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
+    """An RSA public key object from a JWK's ``n`` and ``e``."""
+    return rsa.RSAPublicNumbers(e=_int(str(jwk["e"])), n=_int(str(jwk["n"]))).public_key()
+
+
+class LicenseVerifier:
+    """Checks license JWTs against a set of public keys (loaded once)."""
+
+    def __init__(
+        self,
+        keys: Mapping[str, rsa.RSAPublicKey],
+        issuer: str = "iotistic-licensing",
+        leeway_seconds: int = 0,
+    ) -> None:
+        """``keys`` maps each ``kid`` to its public key."""
+        self._keys = dict(keys)
+        self.issuer = issuer
+        self.leeway_seconds = leeway_seconds
+
+    @classmethod
+    def from_jwks(
+        cls, jwks: Mapping[str, Any], issuer: str = "iotistic-licensing", leeway_seconds: int = 0
+    ) -> LicenseVerifier:
+        """A verifier for every RSA key of a JWK Set (as ``/.well-known/jwks.json`` serves it)."""
+        keys: dict[str, rsa.RSAPublicKey] = {}
+        for jwk in jwks.get("keys", []):
+            if isinstance(jwk, Mapping) and jwk.get("kty") == "RSA" and "kid" in jwk:
+                keys[str(jwk["kid"])] = public_key_from_jwk(jwk)
+        return cls(keys, issuer, leeway_seconds)
+
+    @classmethod
+    def from_public_keys(
+        cls,
+        keys: Mapping[str, rsa.RSAPublicKey],
+        issuer: str = "iotistic-licensing",
+        leeway_seconds: int = 0,
+    ) -> LicenseVerifier:
+        """A verifier for the given ``kid`` → public key objects."""
+        return cls(keys, issuer, leeway_seconds)
+
+    @property
+    def kids(self) -> frozenset[str]:
+        """The key ids this verifier trusts."""
+        return frozenset(self._keys)
+
+    def verify(self, token: str, now: datetime | None = None) -> LicenseClaims:
+        """The license's claims, or ``InvalidLicense`` saying why not."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidLicense("malformed", f"not a JWT: {exc}") from None
+        if header.get("alg") != "RS256":
+            raise InvalidLicense("bad_signature", f"algorithm {header.get('alg')!r} not accepted")
+        key = self._keys.get(str(header.get("kid")))
+        if key is None:
+            raise InvalidLicense("unknown_kid", f"no published key has kid {header.get('kid')!r}")
+        try:
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=["RS256"],
+                options={
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise InvalidLicense("bad_signature", "the signature does not match") from None
+        except jwt.DecodeError as exc:
+            raise InvalidLicense("malformed", f"cannot decode: {exc}") from None
+        except jwt.PyJWTError as exc:
+            raise InvalidLicense("bad_claims", str(exc)) from None
+        try:
+            claims = msgspec.convert(payload, LicenseClaims)
+        except msgspec.ValidationError as exc:
+            raise InvalidLicense("bad_claims", f"claims do not match a license: {exc}") from None
+        if claims.iss != self.issuer:
+            raise InvalidLicense("wrong_issuer", f"issued by {claims.iss!r}, not {self.issuer!r}")
+        moment = (now or datetime.now(UTC)).timestamp()
+        if claims.exp + self.leeway_seconds < moment:
+            raise InvalidLicense("expired", f"expired at {claims.expiresAt}")
+        return claims
