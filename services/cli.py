@@ -29,6 +29,7 @@ from libs.projections import NATS_ERRORS, decide, open_parked
 from libs.replay import ReplayError, ReplayReport, replay_service
 from libs.runtime import Platform, connect_nats
 from libs.telemetry import setup_tracing
+from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
 log = logging.getLogger("iotistic")
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         code = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, KeyConfigError) as exc:
         console.print(f"[red]configuration error:[/red] {exc}")
         code = 2
     except KeyboardInterrupt:
@@ -167,18 +168,18 @@ async def connected(settings: ServiceSettings) -> AsyncIterator[tuple[EventStore
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``iotistic run --target``: serve one target until interrupted."""
-    settings = settings_from(args)
-    host = args.host or settings.http_host
-    port = args.port or settings.http_port
-    asyncio.run(serve(settings, args.target, host, port))
+    platform = Platform.from_environ(definitions_for(args.target), environment(args))
+    host = args.host or platform.settings.http_host
+    port = args.port or platform.settings.http_port
+    asyncio.run(serve(platform, args.target, host, port))
     return 0
 
 
-async def serve(settings: ServiceSettings, target: str, host: str, port: int) -> None:
+async def serve(platform: Platform, target: str, host: str, port: int) -> None:
     """Run a target's platform and HTTP app until the server is told to stop."""
+    settings = platform.settings
     logging.getLogger().setLevel(settings.log_level)
     provider = setup_tracing(f"iotistic-{target}", settings.otel_exporter)
-    platform = Platform(settings, definitions_for(target))
     app = build_app(platform, target)
     config = uvicorn.Config(
         app,
@@ -216,15 +217,26 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def admin_token(data_dir: Path) -> str:
-    """The embedded platform's admin token, generated at first start, readable by owner only."""
-    path = data_dir / "secrets" / "admin-token"
+def generated_secret(data_dir: Path, name: str) -> str:
+    """A secret of the embedded platform, generated at first start, readable by owner only."""
+    path = data_dir / "secrets" / name
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def license_keys(data_dir: Path) -> Path:
+    """The licensing keys of the embedded platform: a 4096-bit key made at first start."""
+    from services.licensing.keys import ensure_keyring
+
+    folder = data_dir / "keys" / "licensing"
+    if not folder.exists() or not any(folder.glob("*.pem")):
+        console.print("generating the license signing key (4096-bit RSA, first start only) ...")
+    ensure_keyring(folder)
+    return folder
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -239,7 +251,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         return 1
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    token = admin_token(data_dir)
+    secrets_env = {
+        "ADMIN_TOKEN": generated_secret(data_dir, "admin-token"),
+        "SESSION_SECRET": generated_secret(data_dir, "session-secret"),
+        "LICENSE_KEYS_DIR": str(license_keys(data_dir)),
+    }
     postgres = EmbeddedPostgres(data_dir / "postgres")
     nats_server = EmbeddedNats(data_dir / "nats")
     runtime_file = data_dir / RUNTIME_FILE
@@ -250,11 +266,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         database_url = postgres.create_database("iotistic")
         env = {
             **os.environ,
+            **secrets_env,
             "DATABASE_URL": database_url,
             "NATS_URL": nats_server.url,
-            "ADMIN_TOKEN": token,
         }
-        settings = load_settings(ServiceSettings, env)
+        platform = Platform.from_environ(definitions_for("all"), env)
         http_url = f"http://{args.host}:{args.port}"
         runtime_file.write_text(
             json.dumps(
@@ -268,7 +284,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
         )
         _print_up(data_dir, database_url, nats_server.url, http_url)
-        asyncio.run(serve(settings, "all", args.host, args.port))
+        asyncio.run(serve(platform, "all", args.host, args.port))
     finally:
         runtime_file.unlink(missing_ok=True)
         console.print("stopping NATS and Postgres ...")

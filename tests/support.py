@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+import uvicorn
+from litestar import Litestar
 
 from contracts import Features, LicenseIssued, Limits
 from libs.config import ServiceSettings
+from libs.runtime import Platform, ServiceDefinition
 
 T = TypeVar("T")
 
@@ -37,6 +44,21 @@ async def create_database(server_url: str) -> str:
     return with_database(server_url, name)
 
 
+@cache
+def license_keys_dir() -> str:
+    """A folder with one 2048-bit license signing key, made once per test process."""
+    from services.licensing.keys import generate_key
+
+    folder = Path(tempfile.mkdtemp(prefix="iotistic-keys-")) / "licensing"
+    generate_key(folder, bits=2048)
+    return str(folder)
+
+
+def make_platform(settings: ServiceSettings, definitions: Sequence[ServiceDefinition]) -> Platform:
+    """A platform hosting ``definitions``, with the test license key for licensing."""
+    return Platform.from_settings(settings, definitions, license_keys_dir=license_keys_dir())
+
+
 def make_settings(database_url: str, nats_url: str, **overrides: object) -> ServiceSettings:
     """Settings on a stream and subject space of their own, so tests never see each other."""
     tag = secrets.token_hex(4)
@@ -47,6 +69,7 @@ def make_settings(database_url: str, nats_url: str, **overrides: object) -> Serv
         "events_subject_prefix": f"t{tag}.events",
         "projection_ack_wait_seconds": 5,
         "admin_token": secrets.token_urlsafe(32),
+        "session_secret": secrets.token_urlsafe(32),
         "http_host": "127.0.0.1",
     }
     values.update(overrides)
@@ -94,3 +117,21 @@ def license_issued(customer_id: str | None = None, *, plan: str = "starter") -> 
         license_type="trial_signup",
         reason="test",
     )
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    """The app served by uvicorn on a free port in this event loop, and a client for it."""
+    from libs.embedded import free_port
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: asyncio.sleep(0, server.started), what="uvicorn started")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task

@@ -15,10 +15,11 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tests.bench import events
+from tests.bench import events, signup
 
 BENCHES: dict[str, Callable[[str, str], Awaitable[None]]] = {
     "events": events.run,
+    "signup": signup.run,
 }
 
 
@@ -37,8 +38,12 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="just bench")
-    parser.add_argument("what", nargs="*", default=list(BENCHES), choices=[*BENCHES, []])
+    parser.add_argument("what", nargs="*", help=f"any of {', '.join(BENCHES)} (default: all)")
     args = parser.parse_args()
+    unknown = set(args.what) - set(BENCHES)
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {list(BENCHES)}")
+    args.what = args.what or list(BENCHES)
     print(f"machine: {machine()}")
     from libs.embedded import EmbeddedNats, EmbeddedPostgres
 

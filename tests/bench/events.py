@@ -9,9 +9,9 @@ import asyncpg
 
 from libs.eventstore import EventStore
 from libs.replay import replay_service
-from libs.runtime import Platform, connect_nats
+from libs.runtime import connect_nats
 from services.licensing.app import LICENSING
-from tests.support import create_database, license_issued, make_settings
+from tests.support import create_database, license_issued, make_platform, make_settings
 
 APPENDS = 3000
 PROJECTED = 3000
@@ -41,7 +41,7 @@ async def run(pg_url: str, nats_url: str) -> None:
     print(f"events: append with {window} acks in flight: {windowed:,.0f}/s")
 
     conn = await asyncpg.connect(settings.database_url)
-    platform = Platform(settings, [LICENSING])
+    platform = make_platform(settings, [LICENSING])
     started = time.perf_counter()
     await platform.start()
     await platform.wait_started()

@@ -14,9 +14,8 @@ from nats.aio.client import Client as NatsClient
 
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
-from libs.runtime import Platform
 from services.licensing.app import LICENSING
-from support import eventually, license_issued
+from support import eventually, license_issued, make_platform
 
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")
 
@@ -53,7 +52,7 @@ async def log_with_events(
     bad = await nc.jetstream().publish(
         store.subject("LicenseIssued", "broken"), b"{not json", stream=store.stream
     )
-    platform = Platform(settings, [LICENSING])
+    platform = make_platform(settings, [LICENSING])
     await platform.start()
     await platform.wait_started()
     conn = await asyncpg.connect(settings.database_url)
@@ -137,7 +136,7 @@ async def test_parked_list_and_skip_then_replay_verify(settings, log_with_events
     assert again.returncode == 1
 
     # Let the projection act on the decision and catch up, then compare with a clean replay.
-    platform = Platform(settings, [LICENSING])
+    platform = make_platform(settings, [LICENSING])
     await platform.start()
     await platform.wait_started()
     conn = await asyncpg.connect(settings.database_url)

@@ -23,7 +23,7 @@ from libs.config import ServiceSettings
 from libs.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from libs.eventstore import EventStore
 from libs.runtime import connect_nats
-from support import eventually, license_issued
+from support import eventually, license_issued, license_keys_dir
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,8 @@ def run_env(
         "HTTP_HOST": "127.0.0.1",
         "HTTP_PORT": str(port),
         "ADMIN_TOKEN": token,
+        "SESSION_SECRET": "s" * 40,
+        "LICENSE_KEYS_DIR": license_keys_dir(),
         "LOG_LEVEL": "WARNING",
     }
 

@@ -28,7 +28,14 @@ from libs.eventstore import EventStore
 from libs.replay import ReplayReport, replay_service
 from libs.runtime import Platform
 from services.licensing.app import LICENSING
-from support import create_database, eventually, license_issued, make_settings
+from support import (
+    create_database,
+    eventually,
+    license_issued,
+    license_keys_dir,
+    make_platform,
+    make_settings,
+)
 
 PROJECTION = "licenses"
 
@@ -55,7 +62,7 @@ async def db(fresh: tuple[ServiceSettings, EventStore]) -> AsyncIterator[asyncpg
 
 
 async def start(settings: ServiceSettings) -> Platform:
-    platform = Platform(settings, [LICENSING])
+    platform = make_platform(settings, [LICENSING])
     await platform.start()
     await platform.wait_started()
     return platform
@@ -165,7 +172,13 @@ def service_env(settings: ServiceSettings, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("database_url", "nats_url", "events_stream", "events_subject_prefix"):
         env[name.upper()] = str(getattr(settings, name))
-    env.update(HTTP_HOST="127.0.0.1", HTTP_PORT=str(free_port()), LOG_LEVEL="WARNING", **extra)
+    env.update(
+        HTTP_HOST="127.0.0.1",
+        HTTP_PORT=str(free_port()),
+        LOG_LEVEL="WARNING",
+        LICENSE_KEYS_DIR=license_keys_dir(),
+        **extra,
+    )
     return env
 
 

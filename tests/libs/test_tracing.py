@@ -12,12 +12,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
-from libs.runtime import Platform
 from libs.telemetry import setup_tracing, tracer
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
 from services.targets import build_app
-from support import eventually, license_issued
+from support import eventually, license_issued, make_platform
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 async def test_an_event_is_handled_in_the_trace_of_the_request_that_caused_it(
     spans: InMemorySpanExporter, settings: ServiceSettings, store: EventStore
 ) -> None:
-    platform = Platform(settings, [SIGNUP, LICENSING])
+    platform = make_platform(settings, [SIGNUP, LICENSING])
     await platform.start()
     await platform.wait_started()
     try:
@@ -70,7 +69,7 @@ async def test_an_event_is_handled_in_the_trace_of_the_request_that_caused_it(
 async def test_a_request_continues_the_callers_trace(
     spans: InMemorySpanExporter, settings: ServiceSettings
 ) -> None:
-    platform = Platform(settings, [LICENSING])
+    platform = make_platform(settings, [LICENSING])
     app = build_app(platform, "licensing")
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     async with AsyncTestClient(app) as client:

@@ -1,0 +1,344 @@
+"""What the signup service decides: sign a customer up, log them in, show their account."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from contracts import CustomerSignedUp, Features
+from libs.auth import SessionTokens
+from libs.eventstore import ConcurrencyConflict, EventStore
+from libs.http import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
+from services.signup.models import (
+    AccountView,
+    CustomerOut,
+    DeploymentOut,
+    LicenseOut,
+    LoginAnswer,
+    LoginForm,
+    SignupAnswer,
+    SignupForm,
+    SubscriptionOut,
+)
+from services.signup.passwords import Passwords
+from services.signup.settings import SignupSettings
+
+ACCOUNT_URL = "/api/customers/me"
+ESTIMATED_DEPLOY_TIME = "a few seconds"
+
+
+class IdempotencyMismatch(DomainError):
+    """422: an Idempotency-Key reused for a different request."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+def email_key(email: str) -> str:
+    """The subject key of an email: first writer on it owns the email (no PII in subjects)."""
+    return hashlib.sha256(email.encode()).hexdigest()[:40]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- the account view --------------------------------------------------------------------------
+
+
+def subscription_of(row: asyncpg.Record | None, now: datetime) -> SubscriptionOut:
+    """The subscription part of the account view (pending until billing has answered)."""
+    if row is None or row["subscription_status"] == "pending":
+        return SubscriptionOut(
+            plan="starter", status="pending", trial_ends_at=None, trial_days_remaining=None
+        )
+    ends = row["trial_ends_at"]
+    remaining = None
+    if ends is not None and row["subscription_status"] == "trialing":
+        remaining = max(0, math.ceil((ends - now).total_seconds() / 86400))
+    return SubscriptionOut(
+        plan=row["plan"],
+        status=row["subscription_status"],
+        trial_ends_at=ends,
+        trial_days_remaining=remaining,
+    )
+
+
+def license_of(row: asyncpg.Record | None) -> LicenseOut:
+    """The current license (pending until licensing has issued one)."""
+    if row is None or row["license_jwt"] is None:
+        return LicenseOut(status="pending", jwt=None, expires_at=None, features=None)
+    features = msgspec.json.decode(row["license_features"], type=Features)
+    return LicenseOut(
+        status="active",
+        jwt=row["license_jwt"],
+        expires_at=row["license_expires_at"],
+        features=features,
+        plan=row["license_plan"],
+    )
+
+
+def deployment_of(row: asyncpg.Record | None) -> DeploymentOut:
+    """The instance's deployment (pending until the provisioner has taken it up)."""
+    if row is None:
+        return DeploymentOut(
+            status="pending",
+            job_id=None,
+            instance_url=None,
+            estimated_time=ESTIMATED_DEPLOY_TIME,
+            check_status_url=ACCOUNT_URL,
+        )
+    ready = row["deployment_status"] == "ready"
+    return DeploymentOut(
+        status=row["deployment_status"],
+        job_id=row["deployment_job_id"],
+        instance_url=row["instance_url"],
+        estimated_time=None if ready else ESTIMATED_DEPLOY_TIME,
+        check_status_url=ACCOUNT_URL,
+        progress=row["deployment_progress"],
+        step=row["deployment_step"],
+        error=row["deployment_error"],
+    )
+
+
+# --- rate limiting of failed logins --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    """How many failed logins a window allows, per email and per client address."""
+
+    per_email: int
+    per_address: int
+    window_seconds: int
+
+
+async def refuse_if_limited(
+    conn: asyncpg.Connection, limits: LoginLimits, email: str, address: str
+) -> None:
+    """429 with Retry-After when the email or the address has failed too often lately."""
+    rows = await conn.fetch(
+        "SELECT subject, failures, window_started_at FROM login_failures "
+        "WHERE subject = ANY($1::text[])",
+        [f"email:{email_key(email)}", f"addr:{address}"],
+    )
+    now = time.time()
+    for row in rows:
+        limit = limits.per_email if row["subject"].startswith("email:") else limits.per_address
+        ends = row["window_started_at"].timestamp() + limits.window_seconds
+        if row["failures"] >= limit and ends > now:
+            raise TooManyRequests("too many failed logins; try again later", math.ceil(ends - now))
+
+
+async def record_failure(
+    conn: asyncpg.Connection, limits: LoginLimits, email: str, address: str
+) -> None:
+    """Count a failed login against the email and the address (a new window when one ended)."""
+    await conn.execute(
+        """
+        INSERT INTO login_failures (subject, window_started_at, failures)
+        SELECT unnest($1::text[]), now(), 1
+        ON CONFLICT (subject) DO UPDATE SET
+            failures = CASE WHEN login_failures.window_started_at
+                                 < now() - make_interval(secs => $2) THEN 1
+                            ELSE login_failures.failures + 1 END,
+            window_started_at = CASE WHEN login_failures.window_started_at
+                                          < now() - make_interval(secs => $2) THEN now()
+                                     ELSE login_failures.window_started_at END
+        """,
+        [f"email:{email_key(email)}", f"addr:{address}"],
+        float(limits.window_seconds),
+    )
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SignupService:
+    """Signup, login and the account view, over the signup schema and the log."""
+
+    pool: asyncpg.Pool
+    store: EventStore
+    passwords: Passwords
+    sessions: SessionTokens
+    settings: SignupSettings
+
+    @property
+    def limits(self) -> LoginLimits:
+        """Failed-login limits from the settings."""
+        s = self.settings
+        return LoginLimits(
+            s.login_max_failures_per_email,
+            s.login_max_failures_per_address,
+            s.login_failure_window_seconds,
+        )
+
+    async def sign_up(self, form: SignupForm) -> SignupAnswer:
+        """Open an account: the log decides who got the email first."""
+        if await self.pool.fetchval("SELECT 1 FROM accounts WHERE email = $1", form.email):
+            raise Conflict("an account with this email already exists")
+        customer_id = str(uuid.uuid4())
+        password_hash = await self.passwords.hash(form.password)
+        await self.pool.execute(
+            "INSERT INTO credentials (customer_id, email, password_hash) VALUES ($1, $2, $3)",
+            customer_id,
+            form.email,
+            password_hash,
+        )
+        event = CustomerSignedUp(
+            customer_id=customer_id,
+            email=form.email,
+            email_display=form.email_display,
+            company_name=form.company_name,
+            full_name=form.full_name,
+            plan="starter",
+            signed_up_at=_now(),
+            trial_days=self.settings.default_trial_days,
+        )
+        try:
+            await self.store.publish(
+                event,
+                customer_id=customer_id,
+                key=email_key(form.email),
+                expected_last_subject_seq=0,
+            )
+        except ConcurrencyConflict:
+            await self.pool.execute("DELETE FROM credentials WHERE customer_id = $1", customer_id)
+            raise Conflict("an account with this email already exists") from None
+        await self.pool.execute(
+            "UPDATE credentials SET confirmed = true WHERE customer_id = $1", customer_id
+        )
+        row = await self._wait_for_answers(customer_id)
+        now = _now()
+        return SignupAnswer(
+            message="Account created. Your trial has started; your instance is being deployed.",
+            customer=CustomerOut(
+                customer_id=customer_id, email=form.email, company_name=form.company_name
+            ),
+            subscription=subscription_of(row, now),
+            license=license_of(row),
+            deployment=deployment_of(row),
+        )
+
+    async def _wait_for_answers(self, customer_id: str) -> asyncpg.Record | None:
+        """The account row once licensing and billing have answered, or as it is at the deadline."""
+        deadline = time.monotonic() + self.settings.signup_wait_ms / 1000
+        delay = 0.005
+        row = None
+        while True:
+            row = await self.pool.fetchrow(
+                "SELECT * FROM accounts WHERE customer_id = $1", customer_id
+            )
+            answered = (
+                row is not None
+                and row["license_jwt"] is not None
+                and row["subscription_status"] != "pending"
+            )
+            if answered or time.monotonic() + delay > deadline:
+                return row
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    async def log_in(self, form: LoginForm, address: str) -> LoginAnswer:
+        """A session token for the right password; the same 401 for every wrong answer."""
+        async with self.pool.acquire() as conn:
+            await refuse_if_limited(conn, self.limits, form.email, address)
+            row = await conn.fetchrow(
+                "SELECT customer_id, password_hash FROM credentials WHERE email = $1 AND confirmed",
+                form.email,
+            )
+        ok = await self.passwords.verify(row["password_hash"] if row else None, form.password)
+        async with self.pool.acquire() as conn:
+            if not ok or row is None:
+                await record_failure(conn, self.limits, form.email, address)
+                raise Unauthorized("invalid email or password")
+            await conn.execute(
+                "DELETE FROM login_failures WHERE subject = $1", f"email:{email_key(form.email)}"
+            )
+            account = await conn.fetchrow(
+                "SELECT * FROM accounts WHERE customer_id = $1", row["customer_id"]
+            )
+        return LoginAnswer(
+            customer_id=row["customer_id"],
+            email=form.email,
+            license=license_of(account),
+            token=self.sessions.issue(row["customer_id"], form.email),
+            token_expires_in=self.sessions.ttl_seconds,
+        )
+
+    async def account(self, customer_id: str) -> AccountView:
+        """The customer's account view, projected from every event about them."""
+        row = await self.pool.fetchrow("SELECT * FROM accounts WHERE customer_id = $1", customer_id)
+        if row is None:
+            raise NotFound("no such account")
+        now = _now()
+        return AccountView(
+            customer=CustomerOut(
+                customer_id=row["customer_id"], email=row["email"], company_name=row["company_name"]
+            ),
+            full_name=row["full_name"],
+            signed_up_at=row["signed_up_at"],
+            subscription=subscription_of(row, now),
+            license=license_of(row),
+            deployment=deployment_of(row),
+            closed_at=row["closed_at"],
+        )
+
+
+# --- idempotent retries ---------------------------------------------------------------------------
+
+
+def request_fingerprint(form: SignupForm) -> str:
+    """What makes two signups the same request (the password is left out: never stored)."""
+    return hashlib.sha256(
+        msgspec.json.encode([form.email, form.company_name, form.full_name])
+    ).hexdigest()
+
+
+async def claim_idempotency_key(
+    pool: asyncpg.Pool, key: str, fingerprint: str
+) -> tuple[int, Any] | None:
+    """The stored answer for a retried key, or None after claiming a new key for this request."""
+    inserted = await pool.fetchval(
+        "INSERT INTO idempotency_keys (key, request_hash) VALUES ($1, $2) "
+        "ON CONFLICT (key) DO NOTHING RETURNING true",
+        key,
+        fingerprint,
+    )
+    if inserted:
+        return None
+    row = await pool.fetchrow(
+        "SELECT request_hash, status_code, response FROM idempotency_keys WHERE key = $1", key
+    )
+    if row is None:  # released in between: claim again
+        return await claim_idempotency_key(pool, key, fingerprint)
+    if row["request_hash"] != fingerprint:
+        raise IdempotencyMismatch("this Idempotency-Key was used for a different signup")
+    if row["status_code"] is None:
+        raise Conflict("a signup with this Idempotency-Key is still in progress")
+    return int(row["status_code"]), msgspec.json.decode(row["response"])
+
+
+async def remember_answer(pool: asyncpg.Pool, key: str, status: int, body: Any) -> None:
+    """Keep the answer given to a keyed request, for its retries."""
+    await pool.execute(
+        "UPDATE idempotency_keys SET status_code = $2, response = $3::jsonb WHERE key = $1",
+        key,
+        status,
+        msgspec.json.encode(body).decode(),
+    )
+
+
+async def release_idempotency_key(pool: asyncpg.Pool, key: str) -> None:
+    """Forget a key whose request failed for a passing reason, so a retry runs again."""
+    await pool.execute("DELETE FROM idempotency_keys WHERE key = $1 AND status_code IS NULL", key)

@@ -1,0 +1,193 @@
+"""What the signup API takes and answers, and the checks on what it takes."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+from email_validator import EmailNotValidError, validate_email
+
+from contracts import Features
+from libs.http import InvalidRequest
+from services.signup.passwords import is_common
+
+EMAIL_MAX = 254
+PASSWORD_MIN = 8
+PASSWORD_MAX = 128
+NAME_MAX = 200
+
+
+class SignupForm(msgspec.Struct, frozen=True, kw_only=True):
+    """A signup that passed every check."""
+
+    email: str
+    email_display: str
+    password: str
+    company_name: str
+    full_name: str | None = None
+
+
+class LoginForm(msgspec.Struct, frozen=True, kw_only=True):
+    """A login as sent (checked for shape only: what is wrong with it must not be told)."""
+
+    email: str
+    password: str
+
+
+class CustomerOut(msgspec.Struct, frozen=True, kw_only=True):
+    customer_id: str
+    email: str
+    company_name: str
+
+
+class SubscriptionOut(msgspec.Struct, frozen=True, kw_only=True):
+    plan: str
+    status: str
+    trial_ends_at: datetime | None
+    trial_days_remaining: int | None
+
+
+class LicenseOut(msgspec.Struct, frozen=True, kw_only=True):
+    status: Literal["active", "pending"]
+    jwt: str | None
+    expires_at: datetime | None
+    features: Features | None
+    plan: str | None = None
+
+
+class DeploymentOut(msgspec.Struct, frozen=True, kw_only=True):
+    status: str
+    job_id: str | None
+    instance_url: str | None
+    estimated_time: str | None
+    check_status_url: str
+    progress: int = 0
+    step: str | None = None
+    error: str | None = None
+
+
+class SignupAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """The 201 of a signup, in the original design's shape."""
+
+    message: str
+    customer: CustomerOut
+    subscription: SubscriptionOut
+    license: LicenseOut
+    deployment: DeploymentOut
+
+
+class LoginAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    customer_id: str
+    email: str
+    license: LicenseOut
+    token: str
+    token_expires_in: int
+
+
+class AccountView(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /api/customers/me``: everything the platform knows about the customer."""
+
+    customer: CustomerOut
+    full_name: str | None
+    signed_up_at: datetime
+    subscription: SubscriptionOut
+    license: LicenseOut
+    deployment: DeploymentOut
+    closed_at: datetime | None
+
+
+def invalid(fields: list[dict[str, str]], message: str = "invalid request") -> InvalidRequest:
+    """A 400 naming each bad field with its reason."""
+    return InvalidRequest(message, fields=fields)
+
+
+def _text(
+    data: dict[str, Any], name: str, errors: list[dict[str, str]], *, required: bool, limit: int
+) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            errors.append({"field": name, "reason": "is required"})
+        return None
+    if not isinstance(value, str):
+        errors.append({"field": name, "reason": "must be a string"})
+        return None
+    value = value.strip()
+    if required and not value:
+        errors.append({"field": name, "reason": "is required"})
+        return None
+    if len(value) > limit:
+        errors.append({"field": name, "reason": f"must be at most {limit} characters"})
+        return None
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        errors.append({"field": name, "reason": "must not contain control characters"})
+        return None
+    return value
+
+
+def check_email(value: str, errors: list[dict[str, str]]) -> str | None:
+    """The email lower-cased, or None with the reason added to ``errors``."""
+    try:
+        validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        errors.append({"field": "email", "reason": str(exc)})
+        return None
+    return value.lower()
+
+
+def parse_signup(data: Any) -> SignupForm:
+    """Check a signup body, raising a 400 that names every bad field at once."""
+    if not isinstance(data, dict):
+        raise invalid([{"field": "body", "reason": "must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    allowed = {"email", "password", "company_name", "full_name"}
+    for name in sorted(set(data) - allowed):
+        errors.append({"field": str(name)[:64], "reason": "is not a known field"})
+    display = _text(data, "email", errors, required=True, limit=EMAIL_MAX)
+    email = check_email(display, errors) if display is not None else None
+    password = data.get("password")
+    if password is None:
+        errors.append({"field": "password", "reason": "is required"})
+    elif not isinstance(password, str):
+        errors.append({"field": "password", "reason": "must be a string"})
+    elif len(password) < PASSWORD_MIN:
+        errors.append(
+            {"field": "password", "reason": f"must be at least {PASSWORD_MIN} characters"}
+        )
+    elif len(password) > PASSWORD_MAX:
+        errors.append({"field": "password", "reason": f"must be at most {PASSWORD_MAX} characters"})
+    elif is_common(password):
+        errors.append({"field": "password", "reason": "is too common; choose another"})
+    company = _text(data, "company_name", errors, required=True, limit=NAME_MAX)
+    full_name = _text(data, "full_name", errors, required=False, limit=NAME_MAX)
+    if errors or email is None or display is None or company is None:
+        raise invalid(errors)
+    if not isinstance(password, str):
+        raise invalid(errors)
+    return SignupForm(
+        email=email,
+        email_display=display,
+        password=password,
+        company_name=company,
+        full_name=full_name or None,
+    )
+
+
+def parse_login(data: Any) -> LoginForm:
+    """Check a login body's shape (400); whether it is right is for the 401 to say."""
+    if not isinstance(data, dict):
+        raise invalid([{"field": "body", "reason": "must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    for name in sorted(set(data) - {"email", "password"}):
+        errors.append({"field": str(name)[:64], "reason": "is not a known field"})
+    email = _text(data, "email", errors, required=True, limit=EMAIL_MAX)
+    password = data.get("password")
+    if not isinstance(password, str) or not password:
+        errors.append({"field": "password", "reason": "is required"})
+    elif len(password) > PASSWORD_MAX:
+        errors.append({"field": "password", "reason": f"must be at most {PASSWORD_MAX} characters"})
+    if errors or email is None or not isinstance(password, str):
+        raise invalid(errors)
+    return LoginForm(email=email.lower(), password=password)

@@ -1,0 +1,29 @@
+"""Settings of the signup service, on top of the common ones."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta
+
+from libs.config import ServiceSettings
+
+
+class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
+    """Trial length, how long a signup waits for its license, password hashing, login limits."""
+
+    default_trial_days: Annotated[int, Meta(ge=1, le=90)] = 14
+    # How long a signup waits for the license and trial other services answer with; what has
+    # not come by then is returned as pending, with a link to follow.
+    signup_wait_ms: Annotated[int, Meta(ge=0, le=5000)] = 450
+    # argon2id cost. The default is OWASP's minimum (19 MiB, t=2, p=1), about 15 ms a hash here.
+    argon2_memory_kib: Annotated[int, Meta(ge=8192)] = 19456
+    argon2_time_cost: Annotated[int, Meta(ge=1)] = 2
+    argon2_parallelism: Annotated[int, Meta(ge=1, le=16)] = 1
+    # Hashing runs in threads, no more than the cores, so it never starves the event loop.
+    hash_workers: Annotated[int, Meta(ge=1, le=64)] | None = None
+    login_max_failures_per_email: Annotated[int, Meta(ge=1)] = 5
+    login_max_failures_per_address: Annotated[int, Meta(ge=1)] = 20
+    login_failure_window_seconds: Annotated[int, Meta(ge=1)] = 900
+    # Proxies in front of the service that append to X-Forwarded-For; 0 trusts none of it.
+    trusted_proxy_hops: Annotated[int, Meta(ge=0, le=5)] = 0

@@ -1,0 +1,310 @@
+"""The public signup API with licensing and billing answering, on real Postgres and JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import KeySet
+
+from libs.config import ServiceSettings
+from libs.eventstore import EventStore
+from libs.replay import replay_service
+from libs.runtime import Platform
+from services.billing.app import BILLING
+from services.licensing.app import LICENSING
+from services.signup.app import SIGNUP
+from services.signup.handlers import email_key
+from services.targets import build_app
+from support import license_keys_dir, serving
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+async def platform(settings: ServiceSettings, store: EventStore) -> Platform:
+    """Signup, licensing and billing in one process, as in the embedded default."""
+    platform = Platform.from_settings(
+        settings,
+        [SIGNUP, LICENSING, BILLING],
+        license_keys_dir=license_keys_dir(),
+        # Cheaper hashing keeps the suite fast; the real cost is measured by `just bench`.
+        argon2_memory_kib=8192,
+        argon2_time_cost=1,
+    )
+    return platform
+
+
+@pytest.fixture(scope="module")
+async def client(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(build_app(platform, "all")) as http:
+        await platform.wait_started()
+        yield http
+
+
+_counter = iter(range(10**6))
+
+
+def new_email() -> str:
+    return f"Customer.{next(_counter)}.{datetime.now(UTC).timestamp():.0f}@Example.com"
+
+
+async def sign_up(client: httpx.AsyncClient, email: str | None = None, **body: Any) -> Any:
+    payload = {"email": email or new_email(), "password": PASSWORD, "company_name": "Acme Air"}
+    payload.update(body)
+    return await client.post("/api/customers/signup", json=payload)
+
+
+async def test_signup_answers_with_account_trial_and_a_license_that_verifies(client) -> None:
+    email = new_email()
+    response = await sign_up(client, email, full_name="Grace Hopper")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert set(body) == {"message", "customer", "subscription", "license", "deployment"}
+    assert body["customer"]["email"] == email.lower()
+    assert body["customer"]["company_name"] == "Acme Air"
+    subscription = body["subscription"]
+    assert subscription["plan"] == "starter"
+    assert subscription["status"] == "trialing"
+    assert subscription["trial_days_remaining"] == 14
+    ends = datetime.fromisoformat(subscription["trial_ends_at"])
+    assert abs(ends - (datetime.now(UTC) + timedelta(days=14))) < timedelta(minutes=1)
+    license_ = body["license"]
+    assert license_["status"] == "active"
+    assert license_["features"] == {
+        "maxDevices": 10,
+        "dataRetentionDays": 90,
+        "alerting": True,
+        "apiAccess": True,
+        "webhooks": False,
+    }
+    assert datetime.fromisoformat(license_["expires_at"]) == ends
+    # Not produced yet by anyone: pending, with where to look, never invented.
+    assert body["deployment"]["status"] == "pending"
+    assert body["deployment"]["job_id"] is None
+    assert body["deployment"]["check_status_url"] == "/api/customers/me"
+
+    # The license verifies against the published keys with another JWT library.
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+    token = jose_jwt.decode(license_["jwt"], KeySet.import_key_set(jwks), algorithms=["RS256"])
+    claims = token.claims
+    assert token.header["kid"] in {k["kid"] for k in jwks["keys"]}
+    assert claims["customerId"] == claims["sub"] == body["customer"]["customer_id"]
+    assert claims["plan"] == "starter"
+    assert claims["limits"] == {"mqttMessagesPerDay": 100_000, "apiRequestsPerDay": 10_000}
+    assert claims["exp"] == int(ends.timestamp())
+    assert claims["iss"] == "iotistic-licensing"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "reason"),
+    [
+        ({"email": "not-an-email"}, "email", "@"),
+        ({"email": "a@b"}, "email", "after the @-sign"),
+        ({"email": "   "}, "email", "is required"),
+        ({"email": 7}, "email", "must be a string"),
+        ({"password": "short1!"}, "password", "at least 8"),
+        ({"password": "x" * 129}, "password", "at most 128"),
+        ({"password": "password1"}, "password", "too common"),
+        ({"password": "aaaaaaaaaaaa"}, "password", "too common"),
+        ({"company_name": "   "}, "company_name", "is required"),
+        ({"company_name": "c" * 201}, "company_name", "at most 200"),
+        ({"full_name": "f" * 201}, "full_name", "at most 200"),
+        ({"full_name": "bell\x07"}, "full_name", "control characters"),
+        ({"plan": "enterprise"}, "plan", "not a known field"),
+    ],
+)
+async def test_every_invalid_field_gets_a_400_naming_it(client, body, field, reason) -> None:
+    response = await sign_up(client, **body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    named = {f["field"]: f["reason"] for f in error["fields"]}
+    assert field in named, error
+    assert reason in named[field]
+
+
+async def test_all_bad_fields_are_named_at_once(client) -> None:
+    response = await client.post(
+        "/api/customers/signup", json={"email": "nope", "password": "x", "extra": 1}
+    )
+    assert response.status_code == 400
+    fields = {f["field"] for f in response.json()["error"]["fields"]}
+    assert fields == {"email", "password", "company_name", "extra"}
+    assert (await client.post("/api/customers/signup", json=[1, 2])).status_code == 400
+    garbage = await client.post(
+        "/api/customers/signup", content=b"{oops", headers={"content-type": "application/json"}
+    )
+    assert garbage.status_code == 400
+    assert "Traceback" not in garbage.text
+
+
+async def test_fifty_concurrent_signups_with_one_email_make_one_account(
+    client, store: EventStore
+) -> None:
+    email = new_email()
+    responses = await asyncio.gather(*(sign_up(client, email) for _ in range(50)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(201) == 1, codes
+    assert codes.count(409) == 49, codes
+    subject = store.subject("CustomerSignedUp", email_key(email.lower()))
+    assert await store.count_by_subject(subject) == {subject: 1}
+
+
+async def test_an_idempotency_key_makes_a_retry_return_the_first_answer(
+    client, store: EventStore
+) -> None:
+    email = new_email()
+    headers = {"Idempotency-Key": f"retry-{email}"}
+    body = {"email": email, "password": PASSWORD, "company_name": "Acme Air"}
+    first = await client.post("/api/customers/signup", json=body, headers=headers)
+    again = await client.post("/api/customers/signup", json=body, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    subject = store.subject("CustomerSignedUp", email_key(email.lower()))
+    assert await store.count_by_subject(subject) == {subject: 1}
+    other = await client.post(
+        "/api/customers/signup", json={**body, "company_name": "Other"}, headers=headers
+    )
+    assert other.status_code == 422
+
+
+async def log_in(client: httpx.AsyncClient, email: str, password: str) -> Any:
+    return await client.post("/api/customers/login", json={"email": email, "password": password})
+
+
+async def test_login_gives_a_session_for_the_account_view(client) -> None:
+    email = new_email()
+    signed = (await sign_up(client, email)).json()
+    response = await log_in(client, email.upper(), PASSWORD)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["customer_id"] == signed["customer"]["customer_id"]
+    assert body["email"] == email.lower()
+    assert body["license"]["jwt"] == signed["license"]["jwt"]
+    me = await client.get("/api/customers/me", headers={"Authorization": f"Bearer {body['token']}"})
+    assert me.status_code == 200
+    view = me.json()
+    assert view["customer"]["customer_id"] == body["customer_id"]
+    assert view["subscription"]["status"] == "trialing"
+    assert view["license"]["status"] == "active"
+    assert view["deployment"]["check_status_url"] == "/api/customers/me"
+    assert (await client.get("/api/customers/me")).status_code == 401
+    tampered = body["token"][:-3] + ("AAA" if not body["token"].endswith("AAA") else "BBB")
+    bad = await client.get("/api/customers/me", headers={"Authorization": f"Bearer {tampered}"})
+    assert bad.status_code == 401
+
+
+async def test_login_does_not_tell_unknown_emails_from_wrong_passwords(client) -> None:
+    email = new_email()
+    await sign_up(client, email)
+    wrong = await log_in(client, email, "not the password at all")
+    unknown = await log_in(client, new_email(), "not the password at all")
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json() == unknown.json()
+    assert (await client.post("/api/customers/login", json={"email": email})).status_code == 400
+
+
+async def test_repeated_failures_are_rate_limited_per_email(client) -> None:
+    email = new_email()
+    await sign_up(client, email)
+    codes = [(await log_in(client, email, f"wrong guess {i}")).status_code for i in range(5)]
+    assert codes == [401] * 5
+    limited = await log_in(client, email, PASSWORD)  # even the right password waits now
+    assert limited.status_code == 429
+    assert int(limited.headers["Retry-After"]) > 0
+    assert limited.json()["error"]["code"] == "rate_limited"
+
+
+async def test_repeated_failures_are_rate_limited_per_client_address(client, platform) -> None:
+    # The test client always comes from the same address; spread guesses over many emails.
+    conn = await asyncpg.connect(platform.settings.database_url)
+    try:
+        await conn.execute("DELETE FROM signup.login_failures WHERE subject LIKE 'addr:%'")
+        codes = [(await log_in(client, new_email(), "wrong guess")).status_code for _ in range(21)]
+        assert codes[:20] == [401] * 20
+        assert codes[20] == 429
+    finally:
+        await conn.execute("DELETE FROM signup.login_failures WHERE subject LIKE 'addr:%'")
+        await conn.close()
+
+
+async def test_licenses_are_shown_to_their_customer_and_admins_only(client, platform) -> None:
+    email, other = new_email(), new_email()
+    mine = (await sign_up(client, email)).json()
+    await sign_up(client, other)
+    token = (await log_in(client, email, PASSWORD)).json()["token"]
+    other_token = (await log_in(client, other, PASSWORD)).json()["token"]
+    customer_id = mine["customer"]["customer_id"]
+    own = await client.get(
+        f"/api/licenses/{customer_id}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert own.status_code == 200
+    assert own.json()["jwt"] == mine["license"]["jwt"]
+    assert own.json()["status"] == "active"
+    foreign = await client.get(
+        f"/api/licenses/{customer_id}", headers={"Authorization": f"Bearer {other_token}"}
+    )
+    assert foreign.status_code == 404
+    assert (await client.get(f"/api/licenses/{customer_id}")).status_code == 401
+    admin = {"Authorization": f"Bearer {platform.settings.admin_token}"}
+    history = await client.get(f"/api/licenses/{customer_id}/history", headers=admin)
+    assert history.status_code == 200
+    [entry] = history.json()["history"]
+    assert (entry["action"], entry["license_type"], entry["actor"]) == (
+        "issued",
+        "trial_signup",
+        "system",
+    )
+
+    valid = await client.post("/api/licenses/verify", json={"token": mine["license"]["jwt"]})
+    assert valid.json()["valid"] is True
+    assert valid.json()["claims"]["customerId"] == customer_id
+    jwt = mine["license"]["jwt"]
+    header, payload, signature = jwt.split(".")
+    middle = len(signature) // 2
+    flipped = (
+        signature[:middle] + ("A" if signature[middle] != "A" else "B") + signature[middle + 1 :]
+    )
+    tampered = (
+        await client.post("/api/licenses/verify", json={"token": f"{header}.{payload}.{flipped}"})
+    ).json()
+    assert tampered == {"valid": False, "reason": "bad_signature", "message": tampered["message"]}
+
+
+async def test_no_password_or_hash_ever_reaches_the_log(client, store: EventStore) -> None:
+    await sign_up(client, new_email())
+    seen = 0
+    async for stored in store.read():
+        seen += 1
+        assert b"argon2" not in stored.data
+        assert PASSWORD.encode() not in stored.data
+    assert seen > 0
+
+
+async def test_replays_of_signup_and_licensing_show_no_difference(
+    client, platform, store: EventStore
+) -> None:
+    results = await asyncio.gather(*(sign_up(client) for _ in range(60)))
+    assert {r.status_code for r in results} == {201}
+    conn = await asyncpg.connect(platform.settings.database_url)
+    try:
+        for service in (SIGNUP, LICENSING, BILLING):
+            report = await replay_service(
+                conn,
+                store,
+                schema=service.schema,
+                migrations_package=service.migrations_package,
+                projections=service.projections,
+                verify=True,
+            )
+            assert report.differences == 0, (service.name, report.diffs)
+            assert report.events_applied > 0
+    finally:
+        await conn.close()
