@@ -252,8 +252,9 @@ class EventStore:
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                    # Short waits: a batch fetch lingers until full or timed out (see runner).
+                    msgs = await sub.fetch(batch, timeout=0.25)
+                except (nats.errors.TimeoutError, TimeoutError):
                     if follow:
                         continue
                     return

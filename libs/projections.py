@@ -165,33 +165,52 @@ async def apply_stored(
 async def _apply(
     conn: asyncpg.Connection, projection: Projection, stored: StoredMessage
 ) -> ApplyOutcome:
+    last = await lock_checkpoint(conn, projection.name)
+    outcome = await apply_event(conn, projection, stored, last)
+    if outcome is not ApplyOutcome.DUPLICATE:
+        await save_checkpoint(conn, projection.name, stored.seq)
+    return outcome
+
+
+async def lock_checkpoint(conn: asyncpg.Connection, projection: str) -> int:
+    """The checkpoint, locked until the transaction ends (one applier at a time)."""
     last = await conn.fetchval(
         "SELECT last_seq FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-        projection.name,
+        projection,
     )
     if last is None:
-        raise RuntimeError(f"projection {projection.name} has no checkpoint row")
+        raise RuntimeError(f"projection {projection} has no checkpoint row")
+    return int(last)
+
+
+async def save_checkpoint(conn: asyncpg.Connection, projection: str, seq: int) -> None:
+    """Move the checkpoint, in the transaction that applied the events up to ``seq``."""
+    await conn.execute(
+        "UPDATE projection_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
+        projection,
+        seq,
+    )
+
+
+async def apply_event(
+    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage, last: int
+) -> ApplyOutcome:
+    """Apply one event given the checkpoint ``last``; the caller saves the checkpoint."""
     if stored.seq <= last:
         return ApplyOutcome.DUPLICATE
     recorded = decode_stored(stored)
     handler = projection.handler_for(recorded.envelope.type)
-    outcome = ApplyOutcome.IGNORED
-    if handler is not None:
-        try:
-            await handler(conn, recorded)
-        except TRANSIENT_ERRORS:
-            raise
-        # Any other failure of a handler is this event's problem, not the connection's:
-        # it is parked (with its reason), never dropped.
-        except Exception as exc:
-            raise PoisonEvent(stored.seq, f"{type(exc).__name__}: {exc}", retryable=True) from exc
-        outcome = ApplyOutcome.APPLIED
-    await conn.execute(
-        "UPDATE projection_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
-        projection.name,
-        stored.seq,
-    )
-    return outcome
+    if handler is None:
+        return ApplyOutcome.IGNORED
+    try:
+        await handler(conn, recorded)
+    except TRANSIENT_ERRORS:
+        raise
+    # Any other failure of a handler is this event's problem, not the connection's:
+    # it is parked (with its reason), never dropped.
+    except Exception as exc:
+        raise PoisonEvent(stored.seq, f"{type(exc).__name__}: {exc}", retryable=True) from exc
+    return ApplyOutcome.APPLIED
 
 
 class RunnerState(enum.Enum):
@@ -269,7 +288,7 @@ class ProjectionRunner:
             except TRANSIENT_ERRORS as exc:
                 self.status.state = RunnerState.DISCONNECTED
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("%s: %s; retrying in %.1fs", self.durable, exc, delay)
+                log.warning("%s: %r; retrying in %.1fs", self.durable, exc, delay)
                 delay = min(delay * 2, 10.0) if not self._was_attached else base
             finally:
                 self.status.attached = False
@@ -366,13 +385,14 @@ class ProjectionRunner:
 
     async def _consume(self, sub: Any) -> None:
         last_lock_check = time.monotonic()
+        idle = True
         while not self._stopping.is_set():
             if time.monotonic() - last_lock_check > 5:
                 await self._still_leader()
                 last_lock_check = time.monotonic()
-            try:
-                msgs: list[Msg] = await sub.fetch(self.config.batch_size, timeout=1.0)
-            except nats.errors.TimeoutError:
+            msgs = await self._next_batch(sub, idle)
+            idle = not msgs
+            if not msgs:
                 continue
             if await self._apply_together(msgs):
                 continue
@@ -387,6 +407,21 @@ class ProjectionRunner:
                     await self._nak_all(msgs[index:])
                     raise
 
+    async def _next_batch(self, sub: Any, idle: bool) -> list[Msg]:
+        """Wait for the next event when idle; take what is there, up to a batch, when busy.
+
+        nats-py's fetch of a batch waits until the batch is full or its timeout ends, so
+        asking for a batch while idle would hold a lone event back for up to a second.
+        """
+        try:
+            if idle:
+                msgs: list[Msg] = await sub.fetch(1, timeout=1.0)
+            else:
+                msgs = await sub.fetch(self.config.batch_size, timeout=0.05)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        return msgs
+
     async def _apply_together(self, msgs: Sequence[Msg]) -> bool:
         """Apply a batch in one transaction: one commit (one WAL flush) instead of one each.
 
@@ -396,9 +431,17 @@ class ProjectionRunner:
         if len(msgs) < 2:
             return False
         batch = [to_stored(m) for m in msgs]
+        outcomes: list[ApplyOutcome] = []
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                outcomes = [await self._apply_traced(conn, stored) for stored in batch]
+                # The checkpoint is read and written once for the whole batch.
+                last = await lock_checkpoint(conn, self.projection.name)
+                for stored in batch:
+                    outcome = await self._apply_traced(conn, stored, last)
+                    if outcome is not ApplyOutcome.DUPLICATE:
+                        last = stored.seq
+                    outcomes.append(outcome)
+                await save_checkpoint(conn, self.projection.name, last)
         except PoisonEvent:
             return False
         for msg, stored, outcome in zip(msgs, batch, outcomes, strict=True):
@@ -427,7 +470,9 @@ class ProjectionRunner:
         self.status.checkpoint = max(self.status.checkpoint, stored.seq)
         self.metrics.record(self.service, self.projection.name, outcome.value, stored.seq)
 
-    async def _apply_traced(self, conn: asyncpg.Connection, stored: StoredMessage) -> ApplyOutcome:
+    async def _apply_traced(
+        self, conn: asyncpg.Connection, stored: StoredMessage, last: int | None = None
+    ) -> ApplyOutcome:
         parent = context_from(
             {k: v for k, v in stored.headers.items() if k in ("traceparent", "tracestate")}
         )
@@ -446,7 +491,10 @@ class ProjectionRunner:
             },
         ) as span:
             started = time.perf_counter()
-            outcome = await apply_stored(conn, self.projection, stored)
+            if last is None:
+                outcome = await apply_stored(conn, self.projection, stored)
+            else:
+                outcome = await apply_event(conn, self.projection, stored, last)
             self.metrics.observe_apply(
                 self.service, self.projection.name, time.perf_counter() - started
             )

@@ -22,7 +22,7 @@ from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
 from services.signup.handlers import email_key
 from services.targets import build_app
-from support import license_keys_dir, serving
+from support import eventually, license_keys_dir, serving
 
 PASSWORD = "correct horse battery staple"
 
@@ -242,8 +242,13 @@ async def test_licenses_are_shown_to_their_customer_and_admins_only(client, plat
     token = (await log_in(client, email, PASSWORD)).json()["token"]
     other_token = (await log_in(client, other, PASSWORD)).json()["token"]
     customer_id = mine["customer"]["customer_id"]
-    own = await client.get(
-        f"/api/licenses/{customer_id}", headers={"Authorization": f"Bearer {token}"}
+    # Licensing's own read model follows the log a few milliseconds behind the signup answer.
+    own = await eventually(
+        lambda: client.get(
+            f"/api/licenses/{customer_id}", headers={"Authorization": f"Bearer {token}"}
+        ),
+        lambda r: r.status_code != 404,
+        what="licensing's read model",
     )
     assert own.status_code == 200
     assert own.json()["jwt"] == mine["license"]["jwt"]
