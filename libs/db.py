@@ -116,9 +116,17 @@ async def create_pool(
             "application_name": f"iotistic-{schema}",
         },
         command_timeout=30,
+        reset=_keep_session,
     )
     # asyncpg pools connect on first await; keep that explicit for the caller.
     return await pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset round trip on every release (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL): pooled connections never take session locks, LISTEN, hold cursors or SET
+    anything (the search path is a startup parameter), and asyncpg still ends any transaction.
+    """
 
 
 async def migrate(

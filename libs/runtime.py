@@ -362,11 +362,15 @@ async def connect_nats(url: str, name: str = "iotistic", attempts: int = 3) -> N
     hanging silently.
     """
     servers = [u.strip() for u in url.split(",") if u.strip()]
+    client_ref: list[NatsClient] = []
 
     async def on_error(exc: Exception) -> None:
         log.debug("nats: %s", exc)
 
     async def on_disconnected() -> None:
+        # Closing on purpose also "disconnects"; only an unplanned loss is worth a warning.
+        if client_ref and (client_ref[0].is_closed or client_ref[0].is_draining):
+            return
         log.warning("nats: disconnected")
 
     async def on_reconnected() -> None:
@@ -385,4 +389,5 @@ async def connect_nats(url: str, name: str = "iotistic", attempts: int = 3) -> N
     )
     # nats-py reads this option on every reconnect: from now on, never give up.
     client.options["max_reconnect_attempts"] = -1
+    client_ref.append(client)
     return client

@@ -42,8 +42,10 @@ RUNTIME_FILE = "runtime.json"
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``iotistic`` console script."""
     args = _parser().parse_args(argv)
+    # Servers log what they do; the operator's one-shot commands only what went wrong.
+    quiet = "WARNING" if args.command not in ("run", "up") else "INFO"
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
+        level=os.environ.get("LOG_LEVEL", quiet),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
