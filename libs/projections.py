@@ -106,6 +106,22 @@ async def update_row(
     await conn.execute(f"UPDATE {table} SET {assignments} WHERE {key_column} = $1", key, *values)
 
 
+async def update_customer_row(
+    conn: asyncpg.Connection, table: str, r: Recorded[Any], assignments: str, *values: object
+) -> None:
+    """Update the event's customer's row in ``table``, stamping ``updated_at`` with the event's
+    time (``$2``); ``values`` are ``$3`` onwards."""
+    await update_row(
+        conn,
+        table,
+        "customer_id",
+        r.envelope.customer_id,
+        f"{assignments}, updated_at = $2",
+        r.envelope.occurred_at,
+        *values,
+    )
+
+
 class ApplyOutcome(enum.Enum):
     """What applying one stored message did."""
 

@@ -135,3 +135,26 @@ async def serving(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
     finally:
         server.should_exit = True
         await task
+
+
+async def publish_license_and_wait(nats_url: str, database_url: str, expected: int = 1) -> None:
+    """Put a LicenseIssued on a running platform's log and wait until licensing projected it."""
+    from libs.eventstore import EventStore
+    from libs.runtime import connect_nats
+
+    nc = await connect_nats(nats_url)
+    try:
+        settings = ServiceSettings(database_url=database_url, nats_url=nats_url)
+        event = license_issued()
+        await EventStore(nc.jetstream(), settings).publish(event, customer_id=event.customer_id)
+    finally:
+        await nc.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await eventually(
+            lambda: conn.fetchval("SELECT count(*) FROM licensing.licenses"),
+            lambda n: n == expected,
+            what="the license projected",
+        )
+    finally:
+        await conn.close()

@@ -13,7 +13,7 @@ from contracts import (
     TrialStarted,
 )
 from libs.db import Connection
-from libs.projections import Projection, Recorded, update_row
+from libs.projections import Projection, Recorded, update_customer_row
 
 
 async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialStarted]) -> None:
@@ -34,15 +34,7 @@ async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialSta
 
 
 async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
-    await update_row(
-        conn,
-        "subscriptions",
-        "customer_id",
-        r.envelope.customer_id,
-        f"{sets}, updated_at = $2",
-        r.envelope.occurred_at,
-        *args,
-    )
+    await update_customer_row(conn, "subscriptions", r, sets, *args)
 
 
 async def when_trial_expired_record_expiry(conn: Connection, r: Recorded[TrialExpired]) -> None:

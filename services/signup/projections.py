@@ -24,7 +24,7 @@ from contracts import (
     TrialStarted,
 )
 from libs.db import Connection
-from libs.projections import Projection, Recorded, update_row
+from libs.projections import Projection, Recorded, update_customer_row
 
 
 async def when_customer_signed_up_open_account(
@@ -50,15 +50,7 @@ async def when_customer_signed_up_open_account(
 
 
 async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) -> None:
-    await update_row(
-        conn,
-        "accounts",
-        "customer_id",
-        r.envelope.customer_id,
-        f"{sets}, updated_at = $2",
-        r.envelope.occurred_at,
-        *args,
-    )
+    await update_customer_row(conn, "accounts", r, sets, *args)
 
 
 async def when_customer_closed_close_account(conn: Connection, r: Recorded[CustomerClosed]) -> None:

@@ -19,11 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
-from libs.config import ServiceSettings
 from libs.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from libs.eventstore import EventStore
-from libs.runtime import connect_nats
-from support import eventually, license_issued, license_keys_dir
+from support import eventually, license_keys_dir, publish_license_and_wait
 
 pytestmark = pytest.mark.slow
 
@@ -112,24 +109,7 @@ async def test_health_follows_postgres_and_nats_without_a_restart(servers) -> No
             await wait_status(client, 200)
 
             # The same process still does its work after both outages.
-            settings = ServiceSettings(database_url=env["DATABASE_URL"], nats_url=nats_server.url)
-            nc = await connect_nats(nats_server.url)
-            try:
-                event = license_issued()
-                await EventStore(nc.jetstream(), settings).publish(
-                    event, customer_id=event.customer_id
-                )
-            finally:
-                await nc.close()
-            conn = await asyncpg.connect(env["DATABASE_URL"])
-            try:
-                await eventually(
-                    lambda: conn.fetchval("SELECT count(*) FROM licensing.licenses"),
-                    lambda n: n == 1,
-                    what="event applied after the outages",
-                )
-            finally:
-                await conn.close()
+            await publish_license_and_wait(nats_server.url, env["DATABASE_URL"])
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
@@ -231,24 +211,7 @@ async def test_up_brings_everything_up_and_keeps_data_across_restarts(tmp_path: 
         assert 5432 not in (pg_port, nats_port) and 4222 not in (pg_port, nats_port)
         token_file = data_dir / "secrets" / "admin-token"
         assert token_file.stat().st_mode & 0o077 == 0
-        nc = await connect_nats(runtime["NATS_URL"])
-        try:
-            settings = ServiceSettings(
-                database_url=runtime["DATABASE_URL"], nats_url=runtime["NATS_URL"]
-            )
-            event = license_issued()
-            await EventStore(nc.jetstream(), settings).publish(event, customer_id=event.customer_id)
-        finally:
-            await nc.close()
-        conn = await asyncpg.connect(runtime["DATABASE_URL"])
-        try:
-            await eventually(
-                lambda: conn.fetchval("SELECT count(*) FROM licensing.licenses"),
-                lambda n: n == 1,
-                what="license projected",
-            )
-        finally:
-            await conn.close()
+        await publish_license_and_wait(runtime["NATS_URL"], runtime["DATABASE_URL"])
     finally:
         stop(proc)
     assert not (data_dir / "runtime.json").exists()
