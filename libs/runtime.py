@@ -79,6 +79,7 @@ class ServiceRuntime:
     started: bool = False
     last_error: str | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _workers: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -148,10 +149,10 @@ class ServiceRuntime:
             self.runners.append(runner)
             self._spawn(runner.run(), f"{self.name}.{projection.name}")
         for worker in self.definition.workers(self):
-            self._spawn(worker(), f"{self.name}.worker")
+            self._workers.append(self._spawn(worker(), f"{self.name}.worker"))
         self.started = True
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         async def guarded() -> None:
             try:
                 await coro
@@ -162,12 +163,16 @@ class ServiceRuntime:
                 log.exception("%s crashed", name)
                 raise
 
-        self._tasks.append(asyncio.create_task(guarded(), name=name))
+        task = asyncio.create_task(guarded(), name=name)
+        self._tasks.append(task)
+        return task
 
     async def stop(self) -> None:
         """Stop the runners and workers, then close the pool."""
         for runner in self.runners:
             runner.stop()
+        for worker in self._workers:
+            worker.cancel()  # workers hold no event in hand; runners finish theirs
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=5)
             for task in pending:

@@ -262,11 +262,14 @@ class SignupService:
             if not ok or row is None:
                 await record_failure(conn, self.limits, form.email, address)
                 raise Unauthorized("invalid email or password")
-            await conn.execute(
-                "DELETE FROM login_failures WHERE subject = $1", f"email:{email_key(form.email)}"
-            )
             account = await conn.fetchrow(
                 "SELECT * FROM accounts WHERE customer_id = $1", row["customer_id"]
+            )
+            if account is not None and account["closed_at"] is not None:
+                # A closed account answers like a wrong password: nothing to learn from it.
+                raise Unauthorized("invalid email or password")
+            await conn.execute(
+                "DELETE FROM login_failures WHERE subject = $1", f"email:{email_key(form.email)}"
             )
         return LoginAnswer(
             customer_id=row["customer_id"],
@@ -342,3 +345,17 @@ async def remember_answer(pool: asyncpg.Pool, key: str, status: int, body: Any) 
 async def release_idempotency_key(pool: asyncpg.Pool, key: str) -> None:
     """Forget a key whose request failed for a passing reason, so a retry runs again."""
     await pool.execute("DELETE FROM idempotency_keys WHERE key = $1 AND status_code IS NULL", key)
+
+
+async def forget_stale_private_state(
+    pool: asyncpg.Pool, login_window_seconds: int, idempotency_hours: int = 24
+) -> None:
+    """Drop failed-login windows that ended, and idempotency answers older than a day."""
+    await pool.execute(
+        "DELETE FROM login_failures WHERE window_started_at < now() - make_interval(secs => $1)",
+        float(login_window_seconds),
+    )
+    await pool.execute(
+        "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)",
+        idempotency_hours,
+    )

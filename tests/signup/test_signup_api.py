@@ -13,6 +13,7 @@ import pytest
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 
+from contracts import CustomerClosed
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.replay import replay_service
@@ -20,7 +21,7 @@ from libs.runtime import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
-from services.signup.handlers import email_key
+from services.signup.handlers import email_key, forget_stale_private_state
 from services.targets import build_app
 from support import eventually, license_keys_dir, serving
 
@@ -316,3 +317,38 @@ async def test_replays_of_signup_and_licensing_show_no_difference(
             assert report.events_applied > 0
     finally:
         await conn.close()
+
+
+async def test_a_closed_account_cannot_log_in(client, platform, store: EventStore) -> None:
+    email = new_email()
+    customer_id = (await sign_up(client, email)).json()["customer"]["customer_id"]
+    assert (await log_in(client, email, PASSWORD)).status_code == 200
+    await store.publish(
+        CustomerClosed(customer_id=customer_id, reason="test", closed_by="admin"),
+        customer_id=customer_id,
+    )
+    response = await eventually(
+        lambda: log_in(client, email, PASSWORD),
+        lambda r: r.status_code != 200,
+        what="the closed account refused",
+    )
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == "invalid email or password"
+
+
+async def test_stale_rate_limit_windows_and_idempotency_answers_are_forgotten(platform) -> None:
+    pool = platform.runtime_of("signup").db()
+    await pool.execute(
+        "INSERT INTO login_failures VALUES ('addr:old', now() - interval '1 hour', 3), "
+        "('addr:new', now(), 1)"
+    )
+    await pool.execute(
+        "INSERT INTO idempotency_keys (key, request_hash, created_at) VALUES "
+        "('old-key', 'h', now() - interval '2 days'), ('new-key', 'h', now())"
+    )
+    await forget_stale_private_state(pool, login_window_seconds=900)
+    subjects = {r["subject"] for r in await pool.fetch("SELECT subject FROM login_failures")}
+    keys = {r["key"] for r in await pool.fetch("SELECT key FROM idempotency_keys")}
+    assert "addr:old" not in subjects and "addr:new" in subjects
+    assert "old-key" not in keys and "new-key" in keys
+    await pool.execute("DELETE FROM login_failures WHERE subject = 'addr:new'")
