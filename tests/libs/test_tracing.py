@@ -12,11 +12,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
+from libs.runtime import Platform
 from libs.telemetry import setup_tracing, tracer
+from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
 from services.targets import build_app
-from support import eventually, license_issued, make_platform
+from support import eventually, license_issued, license_keys_dir, make_platform, serving
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +93,43 @@ async def test_a_request_continues_the_callers_trace(
 
 async def _now(value: list[object]) -> list[object]:
     return value
+
+
+async def test_a_signup_request_and_every_event_it_causes_are_one_trace(
+    spans: InMemorySpanExporter, settings: ServiceSettings, store: EventStore
+) -> None:
+    platform = Platform.from_settings(
+        settings,
+        [SIGNUP, LICENSING, BILLING],
+        license_keys_dir=license_keys_dir(),
+        argon2_memory_kib=8192,
+        argon2_time_cost=1,
+    )
+    async with serving(build_app(platform, "all")) as client:
+        await platform.wait_started()
+        response = await client.post(
+            "/api/customers/signup",
+            json={
+                "email": "trace@example.com",
+                "password": "a long passphrase",
+                "company_name": "Traced Air",
+            },
+        )
+        assert response.status_code == 201
+        assert response.json()["license"]["status"] == "active"
+    [request] = [
+        s
+        for s in spans.get_finished_spans()
+        if s.name.startswith("POST /api/customers/signup") and s.kind.name == "SERVER"
+    ]
+    trace_id = request.context.trace_id
+    in_trace = {
+        (s.attributes.get("iotistic.service"), s.name)
+        for s in spans.get_finished_spans()
+        if s.context.trace_id == trace_id and s.name.startswith("apply ")
+    }
+    # signup's request → licensing and billing answer → signup's account view applies both.
+    assert ("licensing", "apply CustomerSignedUp") in in_trace
+    assert ("billing", "apply CustomerSignedUp") in in_trace
+    assert ("signup", "apply LicenseIssued") in in_trace
+    assert ("signup", "apply TrialStarted") in in_trace
