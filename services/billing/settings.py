@@ -1,0 +1,18 @@
+"""Settings of the billing service, on top of the common ones."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta
+
+from libs.config import ServiceSettings
+
+
+class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
+    """Stripe's webhook secret and how old a signed webhook may be."""
+
+    # whsec_... from Stripe's dashboard; unset refuses every webhook (503) rather than trust one.
+    stripe_webhook_secret: Annotated[str, Meta(min_length=8)] | None = None
+    # Stripe's own default: a signature older than this is refused as a possible replay.
+    stripe_webhook_tolerance_seconds: Annotated[int, Meta(ge=1, le=3600)] = 300

@@ -1,0 +1,144 @@
+"""The Stripe webhook gateway: verify, store the raw event on the log once, answer fast.
+
+It does no business logic: the billing service turns stored Stripe events into domain events
+from the log, where a retried, duplicated or reordered webhook is just another event to judge.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter
+from stripe import SignatureVerificationError, WebhookSignature
+
+from contracts import StripeEventReceived
+from libs.eventstore import ConcurrencyConflict, EventStore
+from libs.http import DomainError, InvalidRequest
+
+
+class WebhookNotConfigured(DomainError):
+    """503: no STRIPE_WEBHOOK_SECRET, so no webhook can be trusted."""
+
+    status_code = 503
+    code = "webhook_not_configured"
+
+
+class StripeEventHead(msgspec.Struct, frozen=True, kw_only=True):
+    """The parts of a Stripe event the gateway reads; the rest is stored as sent."""
+
+    id: str
+    type: str
+    created: int
+    livemode: bool = False
+    api_version: str | None = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_HEAD = msgspec.json.Decoder(StripeEventHead)
+
+
+class WebhookMetrics:
+    """Webhooks received, rejected, duplicated (and processed, counted by billing), by type."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Register the counters on ``registry``."""
+        self.webhooks = Counter(
+            "iotistic_stripe_webhooks_total",
+            "Stripe webhooks by outcome (received, duplicate, rejected) and event type",
+            ("outcome", "type"),
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the gateway did with a webhook."""
+
+    stripe_event_id: str
+    stripe_type: str
+    duplicate: bool
+
+
+def customer_of(head: StripeEventHead) -> str | None:
+    """Our customer id, when the Stripe object carries it (metadata.customer_id)."""
+    obj = head.data.get("object")
+    if not isinstance(obj, dict):
+        return None
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("customer_id"), str):
+        return str(metadata["customer_id"])
+    return None
+
+
+def verify(payload: bytes, signature: str | None, secret: str, tolerance: int) -> StripeEventHead:
+    """The event, if ``signature`` is Stripe's for this payload and recent; else a 400."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("webhook body is not UTF-8") from None
+    if not signature:
+        raise InvalidRequest("missing Stripe-Signature header")
+    try:
+        WebhookSignature.verify_header(text, signature, secret, tolerance)
+    except SignatureVerificationError as exc:
+        # Stripe's message says which check failed (no signature, timestamp outside tolerance).
+        raise InvalidRequest(f"invalid Stripe-Signature: {exc.user_message or exc}") from None
+    try:
+        return _HEAD.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"webhook body is not a Stripe event: {exc}") from None
+
+
+async def receive_webhook(
+    store: EventStore,
+    payload: bytes,
+    signature: str | None,
+    *,
+    secret: str | None,
+    tolerance: int,
+    metrics: WebhookMetrics,
+) -> Received:
+    """Verify a webhook and put it on the log once per Stripe event id."""
+    if not secret:
+        metrics.webhooks.labels("rejected", "unknown").inc()
+        raise WebhookNotConfigured("STRIPE_WEBHOOK_SECRET is not set; webhooks are refused")
+    try:
+        head = verify(payload, signature, secret, tolerance)
+    except InvalidRequest:
+        metrics.webhooks.labels("rejected", "unknown").inc()
+        raise
+    event = StripeEventReceived(
+        customer_id=customer_of(head),
+        stripe_event_id=head.id,
+        stripe_type=head.type,
+        stripe_created=datetime.fromtimestamp(head.created, UTC),
+        livemode=head.livemode,
+        api_version=head.api_version,
+        payload=payload.decode("utf-8"),
+    )
+    try:
+        # One subject per Stripe event: the first delivery is stored, every retry conflicts.
+        await store.publish(
+            event,
+            customer_id=event.customer_id,
+            key=stripe_key(head.id),
+            expected_last_subject_seq=0,
+            event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"stripe:{head.id}")),
+        )
+    except ConcurrencyConflict:
+        metrics.webhooks.labels("duplicate", head.type).inc()
+        return Received(head.id, head.type, duplicate=True)
+    metrics.webhooks.labels("received", head.type).inc()
+    return Received(head.id, head.type, duplicate=False)
+
+
+def stripe_key(stripe_event_id: str) -> str:
+    """The subject key of a Stripe event id (``evt_...``), made safe for a NATS subject."""
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in stripe_event_id)[:100]
+    if not safe:
+        raise InvalidRequest("Stripe event without an id")
+    return safe
