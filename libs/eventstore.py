@@ -145,6 +145,10 @@ class EventStore:
         if subject_key is None:
             raise ValueError(f"{envelope.type}: an event without a customer id needs a key")
         subject = self.subject(envelope.type, subject_key)
+        if not self._js._nc.is_connected:
+            # nats-py would buffer the publish and wait out the timeout for an ack that cannot
+            # come; a caller answering a person should hear at once that the log is away.
+            raise EventStoreError(f"append to {subject}: not connected to NATS")
         headers = {
             api.Header.MSG_ID: envelope.event_id,
             HEADER_EVENT_TYPE: envelope.type,

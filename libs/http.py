@@ -21,6 +21,9 @@ from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from libs.db import CONNECTION_ERRORS
+from libs.eventstore import EventStoreError
+
 log = logging.getLogger(__name__)
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
@@ -137,6 +140,16 @@ def _on_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
     )
 
 
+def _on_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # The database or the log is away for a moment: say so, so the client retries.
+    log.warning("%s %s: dependency unavailable: %r", request.method, request.url.path, exc)
+    return Response(
+        error_body(503, "unavailable", "a dependency is unavailable; retry shortly"),
+        status_code=HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "1"},
+    )
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     span = trace.get_current_span().get_span_context()
     trace_id = f"{span.trace_id:032x}" if span.is_valid else None
@@ -196,6 +209,8 @@ def create_app(
             ValidationException: _on_validation,
             HTTPException: _on_http,
             DomainError: _on_domain,
+            EventStoreError: _on_unavailable,
+            **{e: _on_unavailable for e in CONNECTION_ERRORS if issubclass(e, Exception)},
             Exception: _on_unexpected,
         },
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],

@@ -25,6 +25,7 @@ from support import eventually, license_keys_dir, publish_license_and_wait
 pytestmark = pytest.mark.slow
 
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")
+SIGNUP = {"email": "outage@example.com", "password": "a long passphrase", "company_name": "X"}
 
 
 def listening(port: int) -> bool:
@@ -99,12 +100,18 @@ async def test_health_follows_postgres_and_nats_without_a_restart(servers) -> No
             body = (await client.get("/health/ready")).json()
             assert body["services"]["licensing"]["database"]["ok"] is False
             assert (await client.get("/health/live")).status_code == 200
+            signup = await client.post("/api/customers/signup", json=SIGNUP)
+            assert signup.status_code == 503
+            assert signup.json()["error"]["code"] == "unavailable"
             postgres.start()
             await wait_status(client, 200)
 
             nats_server.stop()
             await wait_status(client, 503)
             assert (await client.get("/health/ready")).json()["nats"]["ok"] is False
+            signup = await client.post("/api/customers/signup", json=SIGNUP)
+            assert signup.status_code == 503
+            assert "Traceback" not in signup.text
             nats_server.start()
             await wait_status(client, 200)
 
