@@ -338,7 +338,10 @@ class ProjectionRunner:
             "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", self.lock_key
         )
         if got:
+            log.info("%s: consuming from checkpoint", self.durable)
             return True
+        if self.status.state is not RunnerState.STANDBY:
+            log.info("%s: standby, another process consumes this projection", self.durable)
         self.status.state = RunnerState.STANDBY
         return False
 
@@ -376,10 +379,11 @@ class ProjectionRunner:
     async def _attach(self, checkpoint: int) -> Any:
         """Bind to the durable consumer, recreating it if it would skip or stall events.
 
-        The checkpoint in Postgres is the truth. A consumer that has delivered past it (events
-        in flight when a process died, or a checkpoint reset by replay) is recreated from the
-        checkpoint, so nothing waits for an ack timeout and nothing is skipped. A consumer
-        behind the checkpoint is kept: what it redelivers is recognised as already applied.
+        The checkpoint in Postgres is the truth. A consumer that has delivered past it, or has
+        events in flight or pull requests waiting (left by a process that died), or whose
+        checkpoint was reset by a replay, is recreated from the checkpoint: nothing waits for
+        an ack timeout and nothing is skipped. A consumer behind the checkpoint with nothing in
+        flight is kept: what it delivers again is recognised as already applied.
         """
         js = self.store.js
         wanted = self.consumer_config(checkpoint)
@@ -388,8 +392,21 @@ class ProjectionRunner:
             filters = sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
             keep = (
                 filters == sorted(wanted.filter_subjects or [])
-                and info.delivered.stream_seq <= checkpoint
                 and info.config.ack_wait == wanted.ack_wait
+                and info.delivered.stream_seq <= checkpoint
+                # Nobody else consumes while we hold the lock: anything in flight or any pull
+                # request waiting belongs to a process that died. Left alone, its unacked
+                # events would hold up to max_ack_pending events back for a whole ack_wait.
+                and not info.num_ack_pending
+                and not info.num_waiting
+            )
+            log.info(
+                "%s: consumer delivered %d, acked %d, %d pending; checkpoint %d",
+                self.durable,
+                info.delivered.stream_seq,
+                info.ack_floor.stream_seq,
+                info.num_ack_pending,
+                checkpoint,
             )
             if not keep:
                 log.info("%s: recreating consumer from seq %d", self.durable, checkpoint + 1)

@@ -177,14 +177,17 @@ def service_env(settings: ServiceSettings, **extra: str) -> dict[str, str]:
         HTTP_PORT=str(free_port()),
         LOG_LEVEL="WARNING",
         LICENSE_KEYS_DIR=license_keys_dir(),
-        **extra,
     )
+    env.update(extra)
     return env
 
 
-async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(fresh, db) -> None:
+async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(
+    fresh, db, tmp_path: Path
+) -> None:
     settings, store = fresh
-    env = service_env(settings, PROJECTION_BATCH_SIZE="5")
+    env = service_env(settings, PROJECTION_BATCH_SIZE="5", LOG_LEVEL="INFO")
+    log_file = tmp_path / "service.log"
     stop_publishing = asyncio.Event()
 
     async def keep_publishing() -> list[int]:
@@ -195,12 +198,13 @@ async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(
         return seqs
 
     def launch() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [iotistic_bin(), "run", "--target", "licensing"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with log_file.open("ab") as log:
+            return subprocess.Popen(
+                [iotistic_bin(), "run", "--target", "licensing"],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
 
     publisher = asyncio.create_task(keep_publishing())
     proc = launch()
@@ -208,18 +212,35 @@ async def test_killed_between_events_and_restarted_ends_equal_to_a_clean_replay(
         for _ in range(4):
             # Let it apply some events, then kill it mid-stream without a chance to clean up.
             before = await _checkpoint_or_zero(db)
-            await eventually(
-                lambda: _checkpoint_or_zero(db),
-                lambda c, b=before: c > b + 10,
-                what="progress before the kill",
-            )
+            try:
+                await eventually(
+                    lambda: _checkpoint_or_zero(db),
+                    lambda c, b=before: c > b + 10,
+                    what="progress before the kill",
+                )
+            except AssertionError as exc:
+                tail = log_file.read_text(errors="replace")[-3000:]
+                activity = await db.fetch(
+                    "SELECT pid, state, wait_event_type, wait_event, left(query, 80) AS q "
+                    "FROM pg_stat_activity WHERE datname = current_database()"
+                )
+                info = await store.js.consumer_info(store.stream, "licensing_licenses")
+                raise AssertionError(
+                    f"{exc}\n--- service log ---\n{tail}\n--- activity ---\n"
+                    + "\n".join(str(dict(r)) for r in activity)
+                    + f"\n--- consumer ---\n{info}"
+                ) from None
             await asyncio.sleep(random.uniform(0.0, 0.2))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             proc = launch()
         stop_publishing.set()
         seqs = await publisher
-        await caught_up(db, seqs[-1])
+        try:
+            await caught_up(db, seqs[-1])
+        except AssertionError as exc:
+            tail = log_file.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}\n--- service log ---\n{tail}") from None
     finally:
         stop_publishing.set()
         proc.terminate()
