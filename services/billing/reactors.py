@@ -1,18 +1,21 @@
-"""What billing does when other services' events arrive."""
+"""What billing does when events arrive: start trials, and read Stripe's events."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from contracts import CustomerSignedUp, TrialStarted
+from contracts import CustomerSignedUp, StripeEventReceived, TrialStarted
 from libs.db import Connection
 from libs.eventstore import caused_event_id
 from libs.projections import Projection, Recorded
 from libs.runtime import ServiceRuntime
+from services.billing.settings import BillingSettings
+from services.billing.stripe_events import StripeTranslator
 
 
 def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
-    """Start a trial for every new customer."""
+    """Start a trial for every new customer; turn stored Stripe events into domain events."""
+    settings = runtime.settings_as(BillingSettings)
 
     async def when_customer_signed_up_start_trial(
         conn: Connection, r: Recorded[CustomerSignedUp]
@@ -31,10 +34,28 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
             event_id=caused_event_id(r.envelope, "trial"),
         )
 
+    async def when_stripe_event_stored_apply_it(
+        conn: Connection, r: Recorded[StripeEventReceived]
+    ) -> None:
+        events = await StripeTranslator(conn, settings).translate(r)
+        for index, event in enumerate(events):
+            customer_id = getattr(event, "customer_id", None)
+            await runtime.events().publish(
+                event,
+                customer_id=customer_id,
+                causation=r.envelope,
+                event_id=caused_event_id(r.envelope, f"stripe-{index}"),
+            )
+
     return [
         Projection(
             name="start_trials",
             tables=(),
             handlers={CustomerSignedUp: when_customer_signed_up_start_trial},
-        )
+        ),
+        Projection(
+            name="apply_stripe_events",
+            tables=(),
+            handlers={StripeEventReceived: when_stripe_event_stored_apply_it},
+        ),
     ]

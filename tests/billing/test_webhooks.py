@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -19,16 +17,8 @@ from libs.runtime import Platform
 from services.billing.app import BILLING
 from services.billing.webhooks import stripe_key
 from services.targets import build_app
+from stripe_signing import SECRET, sign
 from support import serving
-
-SECRET = "whsec_" + "t3st" * 8
-
-
-def sign(payload: bytes, secret: str = SECRET, at: int | None = None) -> str:
-    """A Stripe-Signature header: t=<unix time>,v1=HMAC-SHA256(secret, "<t>.<payload>")."""
-    timestamp = int(time.time()) if at is None else at
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
 
 
 def checkout_completed(customer_id: str) -> bytes:

@@ -1,0 +1,325 @@
+"""Turning stored Stripe events into billing's domain events.
+
+Stripe retries, duplicates and reorders webhooks. Each Stripe event is looked at once (its id is
+remembered), and a subscription's state only moves forward: an event older than the newest one
+applied to that subscription changes nothing, and a canceled subscription is never revived.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from contracts import (
+    Event,
+    PaymentFailed,
+    StripeEventReceived,
+    SubscriptionActivated,
+    SubscriptionCanceled,
+    SubscriptionChanged,
+)
+from libs.db import Connection
+from libs.projections import Recorded
+from services.billing.settings import BillingSettings
+
+ACTIVE = ("active", "trialing")
+
+
+def _time(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(value), UTC) if isinstance(value, int | float) else None
+
+
+def _str(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _price_of(obj: dict[str, Any]) -> str | None:
+    items = obj.get("items")
+    data = items.get("data") if isinstance(items, dict) else None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        price = data[0].get("price")
+        if isinstance(price, dict):
+            return _str(price, "id")
+    return None
+
+
+class StripeTranslator:
+    """Decides, for one stored Stripe event, which domain events (if any) it means."""
+
+    def __init__(self, conn: Connection, settings: BillingSettings) -> None:
+        """Reads and writes billing's private Stripe tables on ``conn`` (in the apply txn)."""
+        self.conn = conn
+        self.settings = settings
+
+    async def translate(self, r: Recorded[StripeEventReceived]) -> list[Event]:
+        """The domain events this Stripe event means; records that it was looked at."""
+        e = r.event
+        if await self.conn.fetchval(
+            "SELECT 1 FROM stripe_events WHERE stripe_event_id = $1", e.stripe_event_id
+        ):
+            return []  # the same Stripe event again (stored twice past the duplicate window)
+        body = msgspec.json.decode(e.payload)
+        obj = body.get("data", {}).get("object", {}) if isinstance(body, dict) else {}
+        created = int(e.stripe_created.timestamp())
+        handler = {
+            "checkout.session.completed": self._checkout_completed,
+            "customer.subscription.created": self._subscription_updated,
+            "customer.subscription.updated": self._subscription_updated,
+            "customer.subscription.deleted": self._subscription_deleted,
+            "invoice.paid": self._invoice_paid,
+            "invoice.payment_failed": self._payment_failed,
+        }.get(e.stripe_type)
+        outcome, events = ("ignored", []) if handler is None else await handler(e, obj, created)
+        await self.conn.execute(
+            "INSERT INTO stripe_events (stripe_event_id, stripe_type, outcome, seq) "
+            "VALUES ($1, $2, $3, $4)",
+            e.stripe_event_id,
+            e.stripe_type,
+            outcome,
+            r.seq,
+        )
+        return events
+
+    async def _customer_of(self, obj: dict[str, Any]) -> str | None:
+        metadata = obj.get("metadata")
+        if isinstance(metadata, dict) and isinstance(metadata.get("customer_id"), str):
+            return str(metadata["customer_id"])
+        stripe_customer = _str(obj, "customer")
+        if stripe_customer is None:
+            return None
+        value = await self.conn.fetchval(
+            "SELECT customer_id FROM stripe_customers WHERE stripe_customer_id = $1",
+            stripe_customer,
+        )
+        return str(value) if value else None
+
+    async def _remember_customer(self, stripe_customer: str | None, customer_id: str) -> None:
+        if stripe_customer:
+            await self.conn.execute(
+                "INSERT INTO stripe_customers VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                stripe_customer,
+                customer_id,
+            )
+
+    def _plan(self, obj: dict[str, Any]) -> str | None:
+        plan = self.settings.plan_of_price(_price_of(obj))
+        metadata = obj.get("metadata")
+        if plan is None and isinstance(metadata, dict):
+            candidate = metadata.get("plan")
+            plan = candidate if candidate in ("starter", "professional", "enterprise") else None
+        return plan
+
+    async def _checkout_completed(
+        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+    ) -> tuple[str, list[Event]]:
+        # The checkout ties Stripe's customer to ours; the subscription itself (with its price,
+        # status and period) arrives in customer.subscription.* events, which carry our id in
+        # their metadata, so activation never depends on which of the two came first.
+        customer_id = await self._customer_of(obj) or _str(obj, "client_reference_id")
+        if customer_id is None:
+            return "unmatched", []
+        await self._remember_customer(_str(obj, "customer"), customer_id)
+        return "noted", []
+
+    async def _subscription_updated(
+        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+    ) -> tuple[str, list[Event]]:
+        customer_id = await self._customer_of(obj)
+        subscription = _str(obj, "id")
+        plan = self._plan(obj)
+        status = _str(obj, "status") or "active"
+        if customer_id is None or subscription is None or plan is None:
+            return "unmatched", []
+        await self._remember_customer(_str(obj, "customer"), customer_id)
+        return await self._subscription_state(
+            e,
+            customer_id,
+            subscription,
+            _str(obj, "customer"),
+            plan,
+            status,
+            _time(obj.get("current_period_end")),
+            created,
+        )
+
+    async def _subscription_state(
+        self,
+        e: StripeEventReceived,
+        customer_id: str,
+        subscription: str,
+        stripe_customer: str | None,
+        plan: str,
+        status: str,
+        period_end: datetime | None,
+        created: int,
+    ) -> tuple[str, list[Event]]:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM stripe_subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE",
+            subscription,
+        )
+        if row is None:
+            if status not in ACTIVE:
+                return "not_active", []
+            await self.conn.execute(
+                "INSERT INTO stripe_subscriptions (stripe_subscription_id, customer_id, "
+                "stripe_customer_id, plan, status, current_period_end, last_event_created) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                subscription,
+                customer_id,
+                stripe_customer,
+                plan,
+                status,
+                period_end,
+                created,
+            )
+            return "activated", [
+                SubscriptionActivated(
+                    customer_id=customer_id,
+                    plan=plan,  # type: ignore[arg-type]
+                    status=status,
+                    stripe_customer_id=stripe_customer or "",
+                    stripe_subscription_id=subscription,
+                    current_period_end=period_end,
+                    stripe_event_id=e.stripe_event_id,
+                )
+            ]
+        if row["canceled"] or created < row["last_event_created"]:
+            return "stale", []
+        period_end = period_end or row["current_period_end"]
+        if (plan, status, period_end) == (row["plan"], row["status"], row["current_period_end"]):
+            await self._touch(subscription, created)
+            return "unchanged", []
+        await self.conn.execute(
+            "UPDATE stripe_subscriptions SET plan = $2, status = $3, current_period_end = $4, "
+            "last_event_created = $5 WHERE stripe_subscription_id = $1",
+            subscription,
+            plan,
+            status,
+            period_end,
+            created,
+        )
+        return "changed", [
+            SubscriptionChanged(
+                customer_id=customer_id,
+                plan=plan,  # type: ignore[arg-type]
+                previous_plan=row["plan"],
+                status=status,
+                stripe_subscription_id=subscription,
+                current_period_end=period_end,
+                stripe_event_id=e.stripe_event_id,
+            )
+        ]
+
+    async def _touch(self, subscription: str, created: int) -> None:
+        await self.conn.execute(
+            "UPDATE stripe_subscriptions SET last_event_created = GREATEST(last_event_created, $2)"
+            " WHERE stripe_subscription_id = $1",
+            subscription,
+            created,
+        )
+
+    async def _subscription_deleted(
+        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+    ) -> tuple[str, list[Event]]:
+        subscription = _str(obj, "id")
+        row = await self.conn.fetchrow(
+            "SELECT * FROM stripe_subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE",
+            subscription,
+        )
+        if row is None:
+            # Deleted before any other event about it arrived: remember it as canceled, so the
+            # older created/updated events that come later cannot bring it to life.
+            customer_id = await self._customer_of(obj)
+            if customer_id is None or subscription is None:
+                return "unmatched", []
+            await self.conn.execute(
+                "INSERT INTO stripe_subscriptions (stripe_subscription_id, customer_id, "
+                "stripe_customer_id, plan, status, last_event_created, canceled) "
+                "VALUES ($1, $2, $3, $4, 'canceled', $5, true)",
+                subscription, customer_id, _str(obj, "customer"), self._plan(obj) or "starter",
+                created,
+            )
+            return "canceled_unseen", []
+        if row["canceled"]:
+            return "stale", []
+        await self.conn.execute(
+            "UPDATE stripe_subscriptions SET canceled = true, status = 'canceled', "
+            "last_event_created = GREATEST(last_event_created, $2) "
+            "WHERE stripe_subscription_id = $1",
+            subscription,
+            created,
+        )
+        canceled_at = _time(obj.get("canceled_at")) or e.stripe_created
+        return "canceled", [
+            SubscriptionCanceled(
+                customer_id=row["customer_id"],
+                stripe_subscription_id=row["stripe_subscription_id"],
+                canceled_at=canceled_at,
+                reason=_str(obj, "cancellation_details") or None,
+                stripe_event_id=e.stripe_event_id,
+            )
+        ]
+
+    async def _invoice_paid(
+        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+    ) -> tuple[str, list[Event]]:
+        row = await self._subscription_of_invoice(obj)
+        if row is None or row["canceled"] or row["status"] != "past_due":
+            return "noted", []
+        await self.conn.execute(
+            "UPDATE stripe_subscriptions SET status = 'active', "
+            "last_event_created = GREATEST(last_event_created, $2) "
+            "WHERE stripe_subscription_id = $1",
+            row["stripe_subscription_id"],
+            created,
+        )
+        return "changed", [
+            SubscriptionChanged(
+                customer_id=row["customer_id"],
+                plan=row["plan"],
+                previous_plan=row["plan"],
+                status="active",
+                stripe_subscription_id=row["stripe_subscription_id"],
+                current_period_end=row["current_period_end"],
+                stripe_event_id=e.stripe_event_id,
+            )
+        ]
+
+    async def _payment_failed(
+        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+    ) -> tuple[str, list[Event]]:
+        row = await self._subscription_of_invoice(obj)
+        if row is None or row["canceled"]:
+            return "unmatched", []
+        await self.conn.execute(
+            "UPDATE stripe_subscriptions SET status = 'past_due' "
+            "WHERE stripe_subscription_id = $1 AND last_event_created <= $2",
+            row["stripe_subscription_id"],
+            created,
+        )
+        attempt = obj.get("attempt_count")
+        due = obj.get("amount_due")
+        return "payment_failed", [
+            PaymentFailed(
+                customer_id=row["customer_id"],
+                stripe_invoice_id=_str(obj, "id") or "",
+                stripe_subscription_id=row["stripe_subscription_id"],
+                amount_due=due if isinstance(due, int) else 0,
+                currency=_str(obj, "currency") or "eur",
+                attempt_count=attempt if isinstance(attempt, int) else 1,
+                next_payment_attempt=_time(obj.get("next_payment_attempt")),
+                stripe_event_id=e.stripe_event_id,
+            )
+        ]
+
+    async def _subscription_of_invoice(self, obj: dict[str, Any]) -> Any:
+        subscription = _str(obj, "subscription")
+        if subscription is None:
+            return None
+        return await self.conn.fetchrow(
+            "SELECT * FROM stripe_subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE",
+            subscription,
+        )
