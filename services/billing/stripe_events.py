@@ -239,7 +239,10 @@ class StripeTranslator:
                 "INSERT INTO stripe_subscriptions (stripe_subscription_id, customer_id, "
                 "stripe_customer_id, plan, status, last_event_created, canceled) "
                 "VALUES ($1, $2, $3, $4, 'canceled', $5, true)",
-                subscription, customer_id, _str(obj, "customer"), self._plan(obj) or "starter",
+                subscription,
+                customer_id,
+                _str(obj, "customer"),
+                self._plan(obj) or "starter",
                 created,
             )
             return "canceled_unseen", []
