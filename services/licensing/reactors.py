@@ -1,10 +1,25 @@
-"""What licensing does when other services' events arrive: issue licenses."""
+"""What licensing does when other services' events arrive: issue the license that follows.
+
+A trial license at signup; a subscription license (30 days) when billing activates or changes a
+subscription; a license with a grace period when a payment fails; a final, expired license
+when the subscription is canceled or the trial runs out. Every license's times come from the
+event that caused it, so issuing it again after a crash yields the very same token and event.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from contracts import CustomerSignedUp, LicenseIssued
+from contracts import (
+    CustomerSignedUp,
+    LicenseIssued,
+    PaymentFailed,
+    SubscriptionActivated,
+    SubscriptionCanceled,
+    SubscriptionChanged,
+    TrialExpired,
+)
 from libs.db import Connection
 from libs.eventstore import caused_event_id
 from libs.projections import Projection, Recorded
@@ -12,34 +27,44 @@ from libs.runtime import ServiceRuntime
 from services.licensing.keys import LicenseSigner, build_claims
 from services.licensing.plans import plan
 
+SUBSCRIPTION_LICENSE_DAYS = 30
+GRACE_DAYS = 7
+
 
 def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[Projection]:
-    """Issue a trial license to every new customer."""
+    """The license that follows each signup and each change of the subscription."""
 
-    async def when_customer_signed_up_issue_trial_license(
-        conn: Connection, r: Recorded[CustomerSignedUp]
+    async def issue(
+        conn: Connection,
+        r: Recorded[Any],
+        *,
+        plan_name: str,
+        license_type: str,
+        expires_at: datetime,
+        grace_until: datetime | None,
+        reason: str,
     ) -> None:
-        e = r.event
+        customer_id = r.envelope.customer_id
+        if customer_id is None:
+            raise ValueError(f"{r.envelope.type} without a customer id")
         license_id = caused_event_id(r.envelope, "license")
         if await conn.fetchval("SELECT 1 FROM licenses WHERE license_id = $1", license_id):
             return  # issued and projected already: this is a redelivery
-        spec = plan(e.plan)
-        # Times come from the signup itself, so issuing again yields the very same token.
-        issued_at = e.signed_up_at
-        expires_at = e.signed_up_at + timedelta(days=e.trial_days)
+        spec = plan(plan_name)
+        issued_at = r.envelope.occurred_at
         claims = build_claims(
-            customer_id=e.customer_id,
+            customer_id=customer_id,
             license_id=license_id,
             plan=spec,
-            license_type="trial_signup",
+            license_type=license_type,
             issued_at=issued_at,
             expires_at=expires_at,
-            grace_until=None,
+            grace_until=grace_until,
             issuer=signer.issuer,
         )
         await runtime.events().publish(
             LicenseIssued(
-                customer_id=e.customer_id,
+                customer_id=customer_id,
                 license_id=license_id,
                 jwt=signer.sign(claims),
                 kid=signer.kid,
@@ -48,19 +73,104 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
                 expires_at=expires_at,
                 features=spec.features,
                 limits=spec.limits,
-                license_type="trial_signup",
-                reason=f"{e.trial_days}-day trial at signup",
+                license_type=license_type,
+                reason=reason,
                 issued_by="system",
+                grace_until=grace_until,
             ),
-            customer_id=e.customer_id,
+            customer_id=customer_id,
             causation=r.envelope,
             event_id=caused_event_id(r.envelope, "license-issued"),
+        )
+
+    async def current_plan(conn: Connection, customer_id: str) -> str:
+        value = await conn.fetchval(
+            "SELECT plan FROM license_plans WHERE customer_id = $1", customer_id
+        )
+        return str(value) if value else "starter"
+
+    async def remember_plan(conn: Connection, customer_id: str, plan_name: str) -> None:
+        await conn.execute(
+            "INSERT INTO license_plans VALUES ($1, $2) "
+            "ON CONFLICT (customer_id) DO UPDATE SET plan = EXCLUDED.plan",
+            customer_id,
+            plan_name,
+        )
+
+    async def when_customer_signed_up_issue_trial_license(
+        conn: Connection, r: Recorded[CustomerSignedUp]
+    ) -> None:
+        e = r.event
+        await remember_plan(conn, e.customer_id, e.plan)
+        # The trial license is timed by the signup itself, so it ends with billing's trial.
+        await issue(
+            conn,
+            r,
+            plan_name=e.plan,
+            license_type="trial_signup",
+            expires_at=e.signed_up_at + timedelta(days=e.trial_days),
+            grace_until=None,
+            reason=f"{e.trial_days}-day trial at signup",
+        )
+
+    async def when_subscription_active_issue_subscription_license(
+        conn: Connection, r: Recorded[SubscriptionActivated] | Recorded[SubscriptionChanged]
+    ) -> None:
+        e = r.event
+        await remember_plan(conn, e.customer_id, e.plan)
+        if e.status not in ("active", "trialing"):
+            return  # past due is answered by PaymentFailed, the end by SubscriptionCanceled
+        await issue(
+            conn,
+            r,
+            plan_name=e.plan,
+            license_type="subscription",
+            expires_at=r.envelope.occurred_at + timedelta(days=SUBSCRIPTION_LICENSE_DAYS),
+            grace_until=None,
+            reason=f"subscription {e.status} on {e.plan}",
+        )
+
+    async def when_payment_failed_issue_grace_license(
+        conn: Connection, r: Recorded[PaymentFailed]
+    ) -> None:
+        grace = r.envelope.occurred_at + timedelta(days=GRACE_DAYS)
+        await issue(
+            conn,
+            r,
+            plan_name=await current_plan(conn, r.event.customer_id),
+            license_type="grace",
+            expires_at=grace,
+            grace_until=grace,
+            reason=f"payment failed (attempt {r.event.attempt_count}); {GRACE_DAYS} days grace",
+        )
+
+    async def when_subscription_ends_issue_final_license(
+        conn: Connection, r: Recorded[SubscriptionCanceled] | Recorded[TrialExpired]
+    ) -> None:
+        # Expired the moment it is issued: the instance goes read-only.
+        await issue(
+            conn,
+            r,
+            plan_name=await current_plan(conn, r.event.customer_id),
+            license_type="final",
+            expires_at=r.envelope.occurred_at,
+            grace_until=None,
+            reason="subscription canceled"
+            if isinstance(r.event, SubscriptionCanceled)
+            else "trial ended unpaid",
         )
 
     return [
         Projection(
             name="issue_licenses",
             tables=(),
-            handlers={CustomerSignedUp: when_customer_signed_up_issue_trial_license},
+            handlers={
+                CustomerSignedUp: when_customer_signed_up_issue_trial_license,
+                SubscriptionActivated: when_subscription_active_issue_subscription_license,
+                SubscriptionChanged: when_subscription_active_issue_subscription_license,
+                PaymentFailed: when_payment_failed_issue_grace_license,
+                SubscriptionCanceled: when_subscription_ends_issue_final_license,
+                TrialExpired: when_subscription_ends_issue_final_license,
+            },
         )
     ]
