@@ -11,11 +11,13 @@ from libs.projections import Projection, Recorded
 from libs.runtime import ServiceRuntime
 from services.billing.settings import BillingSettings
 from services.billing.stripe_events import StripeTranslator
+from services.billing.webhooks import webhook_metrics
 
 
 def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
     """Start a trial for every new customer; turn stored Stripe events into domain events."""
     settings = runtime.settings_as(BillingSettings)
+    metrics = webhook_metrics(runtime.registry)
 
     async def when_customer_signed_up_start_trial(
         conn: Connection, r: Recorded[CustomerSignedUp]
@@ -38,6 +40,7 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
         conn: Connection, r: Recorded[StripeEventReceived]
     ) -> None:
         events = await StripeTranslator(conn, settings).translate(r)
+        metrics.webhooks.labels("processed", r.event.stripe_type).inc()
         for index, event in enumerate(events):
             customer_id = getattr(event, "customer_id", None)
             await runtime.events().publish(

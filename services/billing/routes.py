@@ -9,7 +9,7 @@ from litestar.types import ControllerRouterHandler
 
 from libs.runtime import ServiceRuntime
 from services.billing.settings import BillingSettings
-from services.billing.webhooks import WebhookMetrics, receive_webhook
+from services.billing.webhooks import receive_webhook, webhook_metrics
 
 WEBHOOK_BODY_LIMIT = 1024 * 1024
 
@@ -17,7 +17,7 @@ WEBHOOK_BODY_LIMIT = 1024 * 1024
 def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     """``POST /webhooks/stripe``."""
     settings = runtime.settings_as(BillingSettings)
-    metrics = WebhookMetrics(runtime.registry)
+    metrics = webhook_metrics(runtime.registry)
 
     @post(
         "/webhooks/stripe",

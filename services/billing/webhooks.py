@@ -6,6 +6,7 @@ from the log, where a retried, duplicated or reordered webhook is just another e
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,14 +42,20 @@ class StripeEventHead(msgspec.Struct, frozen=True, kw_only=True):
 _HEAD = msgspec.json.Decoder(StripeEventHead)
 
 
+@functools.cache
+def webhook_metrics(registry: CollectorRegistry) -> WebhookMetrics:
+    """The webhook counters of a process's registry (the gateway and the reactor share them)."""
+    return WebhookMetrics(registry)
+
+
 class WebhookMetrics:
-    """Webhooks received, rejected, duplicated (and processed, counted by billing), by type."""
+    """Webhooks received, rejected, duplicated and processed, by Stripe event type."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         """Register the counters on ``registry``."""
         self.webhooks = Counter(
             "iotistic_stripe_webhooks_total",
-            "Stripe webhooks by outcome (received, duplicate, rejected) and event type",
+            "Stripe webhooks by outcome (received, duplicate, rejected, processed) and type",
             ("outcome", "type"),
             registry=registry,
         )

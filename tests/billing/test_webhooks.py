@@ -18,7 +18,7 @@ from services.billing.app import BILLING
 from services.billing.webhooks import stripe_key
 from services.targets import build_app
 from stripe_signing import SECRET, sign
-from support import serving
+from support import eventually, serving
 
 
 def checkout_completed(customer_id: str) -> bytes:
@@ -119,6 +119,12 @@ async def test_a_signed_webhook_is_stored_once_however_often_stripe_sends_it(
     metrics = (await client.get("/metrics")).text
     assert metric(metrics, "received", "checkout.session.completed") == 1
     assert metric(metrics, "duplicate", "checkout.session.completed") == 2
+    processed = await eventually(
+        lambda: client.get("/metrics"),
+        lambda r: metric(r.text, "processed", "checkout.session.completed") >= 1,
+        what="the stored event processed by billing",
+    )
+    assert metric(processed.text, "processed", "checkout.session.completed") == 1
 
 
 @pytest.mark.parametrize("case", ["forged", "other secret", "stale", "missing", "garbled"])
