@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -156,5 +156,28 @@ async def publish_license_and_wait(nats_url: str, database_url: str, expected: i
             lambda n: n == expected,
             what="the license projected",
         )
+    finally:
+        await conn.close()
+
+
+async def assert_replays_clean(
+    database_url: str, store: Any, services: Sequence[ServiceDefinition]
+) -> None:
+    """`iotistic replay <service> --verify` finds no difference for each of ``services``."""
+    from libs.replay import replay_service
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        for service in services:
+            report = await replay_service(
+                conn,
+                store,
+                schema=service.schema,
+                migrations_package=service.migrations_package,
+                projections=service.projections,
+                verify=True,
+            )
+            assert report.differences == 0, (service.name, report.diffs)
+            assert report.events_applied > 0, service.name
     finally:
         await conn.close()

@@ -9,20 +9,18 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
-from libs.replay import replay_service
 from libs.runtime import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
 from services.targets import build_app
 from stripe_signing import SECRET, sign
-from support import eventually, license_keys_dir, serving
+from support import assert_replays_clean, eventually, license_keys_dir, serving
 
 PRO_PRICE = "price_pro_monthly"
 
@@ -160,17 +158,4 @@ async def test_the_license_follows_the_subscription(client, platform, store) -> 
         what="the final license in the account view",
     )
 
-    conn = await asyncpg.connect(platform.settings.database_url)
-    try:
-        for service in (SIGNUP, LICENSING, BILLING):
-            report = await replay_service(
-                conn,
-                store,
-                schema=service.schema,
-                migrations_package=service.migrations_package,
-                projections=service.projections,
-                verify=True,
-            )
-            assert report.differences == 0, (service.name, report.diffs)
-    finally:
-        await conn.close()
+    await assert_replays_clean(platform.settings.database_url, store, [SIGNUP, LICENSING, BILLING])
