@@ -105,12 +105,3 @@ def _explain(message: str, raw: Mapping[str, str]) -> str:
     secret = any(word in field for word in ("url", "secret", "key", "password", "token"))
     shown = "" if value is None or secret else f" (got {value!r})"
     return f"{field.upper()}: {reason}{shown}"
-
-
-def describe_settings(cls: type[msgspec.Struct]) -> list[tuple[str, str, str]]:
-    """(variable, default, constraint) rows for the configuration reference."""
-    rows: list[tuple[str, str, str]] = []
-    for field in msgspec.structs.fields(cls):
-        default = "" if field.default is msgspec.NODEFAULT else repr(field.default)
-        rows.append((field.name.upper(), default, str(field.type)))
-    return rows

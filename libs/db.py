@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
-from typing import Any
 
 import asyncpg
 
@@ -196,8 +195,3 @@ async def ping(pool: asyncpg.Pool, timeout: float = 2.0) -> None:
     """Raise unless the database answers within ``timeout`` seconds."""
     async with pool.acquire(timeout=timeout) as conn:
         await conn.fetchval("SELECT 1", timeout=timeout)
-
-
-def record_to_dict(record: Any) -> dict[str, Any]:
-    """A row as a plain dict (for JSON responses and comparisons)."""
-    return dict(record.items())

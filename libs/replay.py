@@ -121,7 +121,6 @@ class Rebuild:
             return
         skips = await self.skipped_live()
         types = {t for p in self.projections for t in p.event_types}
-        await self._use(self.scratch)
         await self._apply_range(start, end, types, targets, skips, report)
         for projection in self.projections:
             await self._skip(projection.name, targets[projection.name])

@@ -241,7 +241,8 @@ class LicenseSigner:
     def sign(self, claims: LicenseClaims) -> str:
         """The license JWT (RS256, ``kid`` in the header)."""
         key = self.keyring.current
-        assert key.private_key is not None  # current always has one
+        if key.private_key is None:  # KeyRing.current never returns one, but say so plainly
+            raise KeyConfigError("the current license key has no private half")
         return jwt.encode(
             msgspec.to_builtins(claims),
             key.private_key,

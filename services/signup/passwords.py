@@ -61,7 +61,3 @@ class Passwords:
             return self._hasher.verify(password_hash, password) and real
         except (VerificationError, InvalidHashError):
             return False
-
-    def close(self) -> None:
-        """Stop the hashing threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
