@@ -105,6 +105,13 @@ class SessionTokens:
         subject = claims.get("sub")
         return subject if isinstance(subject, str) else None
 
+    def customer(self, connection: ASGIConnection) -> str:  # type: ignore[type-arg]
+        """The customer whose valid session token the request carries; 401 otherwise."""
+        customer_id = self.customer_of(bearer(connection))
+        if customer_id is None:
+            raise NotAuthorizedException("a valid session token is required", headers=_CHALLENGE)
+        return customer_id
+
     def caller(self, connection: ASGIConnection, admin_token: str | None) -> Caller:  # type: ignore[type-arg]
         """The admin or the customer making the request; 401 for anyone else."""
         token = bearer(connection)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from libs.runtime import ServiceDefinition, ServiceRuntime
+from libs.scheduling import run_every
 from services.billing.projections import SUBSCRIPTIONS
 from services.billing.reactors import billing_reactors
 from services.billing.routes import billing_routes
 from services.billing.settings import BillingSettings
-from services.billing.trials import trial_scheduler_loop
+from services.billing.trials import expire_ended_trials
 
 
 def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
-    every = runtime.settings_as(BillingSettings).trial_scan_seconds
-    return [lambda: trial_scheduler_loop(runtime.db, runtime.events, every)]
+    seconds = runtime.settings_as(BillingSettings).trial_scan_seconds
+
+    async def expire() -> int:
+        return await expire_ended_trials(runtime.db(), runtime.events(), datetime.now(UTC))
+
+    return [lambda: run_every(seconds, "trial scheduler: trials expired", expire)]
 
 
 BILLING = ServiceDefinition(

@@ -7,24 +7,15 @@ each TrialExpired comes from the trial itself, so two passes over the same trial
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 import asyncpg
 
 from contracts import TrialExpired
 from libs.eventstore import EventStore
-from libs.projections import TRANSIENT_ERRORS
-from libs.runtime import ServiceUnavailable
-
-log = logging.getLogger(__name__)
 
 LOCK_KEY = "billing:trial-scheduler"
-# Failures that pass: the next pass tries again.
-PASSING: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ServiceUnavailable)
 
 
 async def expire_ended_trials(pool: asyncpg.Pool, store: EventStore, now: datetime) -> int:
@@ -52,17 +43,3 @@ async def expire_ended_trials(pool: asyncpg.Pool, store: EventStore, now: dateti
                 ),
             )
         return len(ended)
-
-
-async def trial_scheduler_loop(
-    get_pool: Callable[[], asyncpg.Pool], get_store: Callable[[], EventStore], every: float
-) -> None:
-    """Expire ended trials every ``every`` seconds, riding out outages."""
-    while True:
-        try:
-            expired = await expire_ended_trials(get_pool(), get_store(), datetime.now(UTC))
-            if expired:
-                log.info("trial scheduler: %d trial(s) expired", expired)
-        except PASSING as exc:
-            log.warning("trial scheduler: %r; next pass in %.0fs", exc, every)
-        await asyncio.sleep(every)

@@ -18,6 +18,7 @@ from contracts import CustomerSignedUp, Features
 from libs.auth import SessionTokens
 from libs.eventstore import ConcurrencyConflict, EventStore
 from libs.http import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
+from libs.timeutil import days_remaining
 from services.signup.models import (
     AccountView,
     CustomerOut,
@@ -64,7 +65,7 @@ def subscription_of(row: asyncpg.Record | None, now: datetime) -> SubscriptionOu
     ends = row["trial_ends_at"]
     remaining = None
     if ends is not None and row["subscription_status"] == "trialing":
-        remaining = max(0, math.ceil((ends - now).total_seconds() / 86400))
+        remaining = days_remaining(ends, now)
     return SubscriptionOut(
         plan=row["plan"],
         status=row["subscription_status"],

@@ -9,8 +9,8 @@ from litestar import Request, Response, get, post
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from libs.auth import SessionTokens, bearer
-from libs.http import DomainError, InvalidRequest, Unauthorized, error_body
+from libs.auth import SessionTokens
+from libs.http import DomainError, InvalidRequest, error_body
 from libs.runtime import ServiceRuntime
 from services.signup.handlers import (
     SignupService,
@@ -113,11 +113,6 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     @get("/api/customers/me", tags=["customers"])
     async def me(request: Request[Any, Any, Any]) -> AccountView:
         """The customer's account: subscription, license, deployment and instance URLs."""
-        customer_id = sessions.customer_of(bearer(request))
-        if customer_id is None:
-            raise Unauthorized(
-                "a valid session token is required", headers={"WWW-Authenticate": "Bearer"}
-            )
-        return await service().account(customer_id)
+        return await service().account(sessions.customer(request))
 
     return [signup, login, me]
