@@ -248,6 +248,21 @@ class StripeEventReceived(Event, frozen=True, kw_only=True):
     payload: Annotated[str, Meta(description="the verified JSON text exactly as Stripe sent it")]
 
 
+class StripeCustomerLinked(Event, frozen=True, kw_only=True):
+    """Our customer has a Stripe customer: the two-ID mapping billing keeps.
+
+    Appended once per customer when a checkout first creates the Stripe customer (whose
+    ``metadata.customer_id`` names ours), so the mapping is rebuilt by replay like any view.
+    """
+
+    TYPE = "StripeCustomerLinked"
+    VERSION = 1
+
+    customer_id: Id
+    stripe_customer_id: Id
+    linked_via: Literal["checkout", "webhook", "admin"] = "checkout"
+
+
 # --- provisioner --------------------------------------------------------------------------------
 
 DeploymentKind = Literal["deploy-customer-stack", "update-customer-stack", "delete-customer-stack"]
@@ -356,6 +371,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     PaymentFailed,
     SubscriptionCanceled,
     StripeEventReceived,
+    StripeCustomerLinked,
     DeploymentRequested,
     DeploymentStarted,
     DeploymentProgressed,

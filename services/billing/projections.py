@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from contracts import (
+    CustomerSignedUp,
     PaymentFailed,
+    StripeCustomerLinked,
     SubscriptionActivated,
     SubscriptionCanceled,
     SubscriptionChanged,
@@ -14,6 +16,36 @@ from contracts import (
 )
 from libs.db import Connection
 from libs.projections import Projection, Recorded, update_customer_row
+
+
+async def when_customer_signed_up_record_contact(
+    conn: Connection, r: Recorded[CustomerSignedUp]
+) -> None:
+    e = r.event
+    await conn.execute(
+        "INSERT INTO billing_customers (customer_id, email, company_name) VALUES ($1, $2, $3) "
+        "ON CONFLICT (customer_id) DO NOTHING",
+        e.customer_id,
+        e.email_display,
+        e.company_name,
+    )
+
+
+async def when_stripe_customer_linked_record_mapping(
+    conn: Connection, r: Recorded[StripeCustomerLinked]
+) -> None:
+    e = r.event
+    # The first link wins: a customer has one Stripe customer for life.
+    await conn.execute(
+        "UPDATE billing_customers SET stripe_customer_id = $2, linked_at = $3 "
+        "WHERE customer_id = $1 AND stripe_customer_id IS NULL",
+        e.customer_id,
+        e.stripe_customer_id,
+        r.envelope.occurred_at,
+    )
+    await _update(
+        conn, r, "stripe_customer_id = COALESCE(stripe_customer_id, $3)", e.stripe_customer_id
+    )
 
 
 async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialStarted]) -> None:
@@ -93,8 +125,10 @@ async def when_subscription_canceled_record_it(
 
 SUBSCRIPTIONS = Projection(
     name="subscriptions",
-    tables=("subscriptions",),
+    tables=("subscriptions", "billing_customers"),
     handlers={
+        CustomerSignedUp: when_customer_signed_up_record_contact,
+        StripeCustomerLinked: when_stripe_customer_linked_record_mapping,
         TrialStarted: when_trial_started_record_trial,
         TrialExpired: when_trial_expired_record_expiry,
         SubscriptionActivated: when_subscription_activated_record_it,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from contracts import CustomerSignedUp, StripeEventReceived, TrialStarted
+from contracts import CustomerSignedUp, StripeCustomerLinked, StripeEventReceived, TrialStarted
 from libs.db import Connection
 from libs.eventstore import caused_event_id
 from libs.projections import Projection, Recorded
@@ -50,6 +50,14 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
                 event_id=caused_event_id(r.envelope, f"stripe-{index}"),
             )
 
+    async def when_stripe_customer_linked_remember_it(
+        conn: Connection, r: Recorded[StripeCustomerLinked]
+    ) -> None:
+        # Stripe events that name only Stripe's customer (invoices, say) find ours through it.
+        await StripeTranslator(conn, settings).remember_customer(
+            r.event.stripe_customer_id, r.event.customer_id
+        )
+
     return [
         Projection(
             name="start_trials",
@@ -59,6 +67,9 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
         Projection(
             name="apply_stripe_events",
             tables=(),
-            handlers={StripeEventReceived: when_stripe_event_stored_apply_it},
+            handlers={
+                StripeEventReceived: when_stripe_event_stored_apply_it,
+                StripeCustomerLinked: when_stripe_customer_linked_remember_it,
+            },
         ),
     ]

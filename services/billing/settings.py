@@ -8,6 +8,8 @@ from msgspec import Meta
 
 from libs.config import ServiceSettings
 
+HttpUrl = Annotated[str, Meta(pattern=r"^https?://[^\s]+$")]
+
 
 class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
     """Stripe's webhook secret and how old a signed webhook may be."""
@@ -22,6 +24,15 @@ class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
     stripe_price_starter: str | None = None
     stripe_price_professional: str | None = None
     stripe_price_enterprise: str | None = None
+    # sk_... (or a restricted rk_... key with customers, checkout and portal write access).
+    # Unset: checkout and portal answer 503; webhooks and trials work without it.
+    stripe_secret_key: Annotated[str, Meta(min_length=8)] | None = None
+    # Where Stripe's HTTP API answers. Only tests and air-gapped set-ups change it, to point the
+    # stripe package at a stand-in server.
+    stripe_api_base: HttpUrl = "https://api.stripe.com"
+    stripe_timeout_seconds: Annotated[float, Meta(gt=0, le=120)] = 20.0
+    # Where Stripe sends the customer back after checkout or the billing portal.
+    billing_return_url: HttpUrl = "http://127.0.0.1:8080/"
 
     def plan_of_price(self, price_id: str | None) -> str | None:
         """The plan a Stripe price id stands for, if it is one of ours."""
@@ -31,3 +42,11 @@ class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
             self.stripe_price_enterprise: "enterprise",
         }
         return prices.get(price_id) if price_id else None
+
+    def price_of_plan(self, plan: str) -> str | None:
+        """The Stripe price id configured for ``plan``, if any."""
+        return {
+            "starter": self.stripe_price_starter,
+            "professional": self.stripe_price_professional,
+            "enterprise": self.stripe_price_enterprise,
+        }.get(plan)

@@ -96,7 +96,8 @@ class StripeTranslator:
         )
         return str(value) if value else None
 
-    async def _remember_customer(self, stripe_customer: str | None, customer_id: str) -> None:
+    async def remember_customer(self, stripe_customer: str | None, customer_id: str) -> None:
+        """Map Stripe's customer to ours; the first mapping stays."""
         if stripe_customer:
             await self.conn.execute(
                 "INSERT INTO stripe_customers VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -121,7 +122,7 @@ class StripeTranslator:
         customer_id = await self._customer_of(obj) or _str(obj, "client_reference_id")
         if customer_id is None:
             return "unmatched", []
-        await self._remember_customer(_str(obj, "customer"), customer_id)
+        await self.remember_customer(_str(obj, "customer"), customer_id)
         return "noted", []
 
     async def _subscription_updated(
@@ -133,7 +134,7 @@ class StripeTranslator:
         status = _str(obj, "status") or "active"
         if customer_id is None or subscription is None or plan is None:
             return "unmatched", []
-        await self._remember_customer(_str(obj, "customer"), customer_id)
+        await self.remember_customer(_str(obj, "customer"), customer_id)
         return await self._subscription_state(
             e,
             customer_id,
