@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from functools import cache
 
 from litestar.types import ControllerRouterHandler
 
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
+from libs.scheduling import run_every
 from services.licensing.keys import KeyRing, LicenseSigner, load_keyring
 from services.licensing.projections import LICENSES
 from services.licensing.reactors import licensing_reactors
+from services.licensing.renewals import renew_due_licenses
 from services.licensing.routes import licensing_routes
 from services.licensing.settings import LicensingSettings
 
@@ -26,9 +29,29 @@ def _keyring(settings: LicensingSettings) -> KeyRing:
 
 
 def _reactors(runtime: ServiceRuntime) -> Sequence[Projection]:
+    return licensing_reactors(runtime, _signer(runtime))
+
+
+def _signer(runtime: ServiceRuntime) -> LicenseSigner:
     settings = runtime.settings_as(LicensingSettings)
-    signer = LicenseSigner(_keyring(settings), issuer=settings.license_issuer)
-    return licensing_reactors(runtime, signer)
+    return LicenseSigner(_keyring(settings), issuer=settings.license_issuer)
+
+
+def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
+    settings = runtime.settings_as(LicensingSettings)
+    before = timedelta(days=settings.license_renew_before_days)
+    signer = _signer(runtime)
+
+    async def renew() -> int:
+        return await renew_due_licenses(
+            runtime.db(), runtime.events(), signer, datetime.now(UTC), before
+        )
+
+    return [
+        lambda: run_every(
+            settings.license_renewal_scan_seconds, "renewal scheduler: licenses renewed", renew
+        )
+    ]
 
 
 def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
@@ -41,5 +64,6 @@ LICENSING = ServiceDefinition(
     projections=(LICENSES,),
     reactors=_reactors,
     routes=_routes,
+    workers=_workers,
     settings_type=LicensingSettings,
 )

@@ -31,6 +31,47 @@ SUBSCRIPTION_LICENSE_DAYS = 30
 GRACE_DAYS = 7
 
 
+def signed_license(
+    signer: LicenseSigner,
+    *,
+    customer_id: str,
+    license_id: str,
+    plan_name: str,
+    license_type: str,
+    issued_at: datetime,
+    expires_at: datetime,
+    grace_until: datetime | None,
+    reason: str,
+) -> LicenseIssued:
+    """The LicenseIssued event for a license signed now with the newest key."""
+    spec = plan(plan_name)
+    claims = build_claims(
+        customer_id=customer_id,
+        license_id=license_id,
+        plan=spec,
+        license_type=license_type,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        grace_until=grace_until,
+        issuer=signer.issuer,
+    )
+    return LicenseIssued(
+        customer_id=customer_id,
+        license_id=license_id,
+        jwt=signer.sign(claims),
+        kid=signer.kid,
+        plan=spec.name,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        features=spec.features,
+        limits=spec.limits,
+        license_type=license_type,
+        reason=reason,
+        issued_by="system",
+        grace_until=grace_until,
+    )
+
+
 def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[Projection]:
     """The license that follows each signup and each change of the subscription."""
 
@@ -50,33 +91,17 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
         license_id = caused_event_id(r.envelope, "license")
         if await conn.fetchval("SELECT 1 FROM licenses WHERE license_id = $1", license_id):
             return  # issued and projected already: this is a redelivery
-        spec = plan(plan_name)
-        issued_at = r.envelope.occurred_at
-        claims = build_claims(
-            customer_id=customer_id,
-            license_id=license_id,
-            plan=spec,
-            license_type=license_type,
-            issued_at=issued_at,
-            expires_at=expires_at,
-            grace_until=grace_until,
-            issuer=signer.issuer,
-        )
         await runtime.events().publish(
-            LicenseIssued(
+            signed_license(
+                signer,
                 customer_id=customer_id,
                 license_id=license_id,
-                jwt=signer.sign(claims),
-                kid=signer.kid,
-                plan=spec.name,
-                issued_at=issued_at,
-                expires_at=expires_at,
-                features=spec.features,
-                limits=spec.limits,
+                plan_name=plan_name,
                 license_type=license_type,
-                reason=reason,
-                issued_by="system",
+                issued_at=r.envelope.occurred_at,
+                expires_at=expires_at,
                 grace_until=grace_until,
+                reason=reason,
             ),
             customer_id=customer_id,
             causation=r.envelope,
@@ -89,19 +114,30 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
         )
         return str(value) if value else "starter"
 
-    async def remember_plan(conn: Connection, customer_id: str, plan_name: str) -> None:
+    async def remember_plan(
+        conn: Connection, customer_id: str, plan_name: str, status: str
+    ) -> None:
         await conn.execute(
-            "INSERT INTO license_plans VALUES ($1, $2) "
-            "ON CONFLICT (customer_id) DO UPDATE SET plan = EXCLUDED.plan",
+            "INSERT INTO license_plans (customer_id, plan, subscription_status) "
+            "VALUES ($1, $2, $3) ON CONFLICT (customer_id) DO UPDATE "
+            "SET plan = EXCLUDED.plan, subscription_status = EXCLUDED.subscription_status",
             customer_id,
             plan_name,
+            status,
+        )
+
+    async def remember_status(conn: Connection, customer_id: str, status: str) -> None:
+        await conn.execute(
+            "UPDATE license_plans SET subscription_status = $2 WHERE customer_id = $1",
+            customer_id,
+            status,
         )
 
     async def when_customer_signed_up_issue_trial_license(
         conn: Connection, r: Recorded[CustomerSignedUp]
     ) -> None:
         e = r.event
-        await remember_plan(conn, e.customer_id, e.plan)
+        await remember_plan(conn, e.customer_id, e.plan, "trialing")
         # The trial license is timed by the signup itself, so it ends with billing's trial.
         await issue(
             conn,
@@ -117,7 +153,7 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
         conn: Connection, r: Recorded[SubscriptionActivated] | Recorded[SubscriptionChanged]
     ) -> None:
         e = r.event
-        await remember_plan(conn, e.customer_id, e.plan)
+        await remember_plan(conn, e.customer_id, e.plan, e.status)
         if e.status not in ("active", "trialing"):
             return  # past due is answered by PaymentFailed, the end by SubscriptionCanceled
         await issue(
@@ -133,6 +169,7 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
     async def when_payment_failed_issue_grace_license(
         conn: Connection, r: Recorded[PaymentFailed]
     ) -> None:
+        await remember_status(conn, r.event.customer_id, "past_due")
         grace = r.envelope.occurred_at + timedelta(days=GRACE_DAYS)
         await issue(
             conn,
@@ -147,6 +184,8 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
     async def when_subscription_ends_issue_final_license(
         conn: Connection, r: Recorded[SubscriptionCanceled] | Recorded[TrialExpired]
     ) -> None:
+        ended = "canceled" if isinstance(r.event, SubscriptionCanceled) else "expired"
+        await remember_status(conn, r.event.customer_id, ended)
         # Expired the moment it is issued: the instance goes read-only.
         await issue(
             conn,

@@ -1,0 +1,78 @@
+"""Renewal: a paid subscription's license is renewed before it lapses, on one replica at a time.
+
+Subscription licenses last 30 days. While the subscription stays active, the scheduler issues
+the next license when the current one has ``LICENSE_RENEW_BEFORE_DAYS`` left, without waiting for
+Stripe's renewal webhooks, so a late or lost webhook never turns a paying customer read-only.
+It keeps no state of its own: the newest license (licensing's read model) and the subscription's
+state as the license reactor saw it say what is due. Each renewal is derived from the license it
+renews (its id, its times, hence the very same signed token), so two passes, a restart or two
+replicas append it once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from libs.eventstore import EventStore
+from services.licensing.keys import LicenseSigner
+from services.licensing.reactors import SUBSCRIPTION_LICENSE_DAYS, signed_license
+
+LOCK_KEY = "licensing:renewal-scheduler"
+RENEWABLE = ("subscription", "renewal")
+
+# The newest license of each customer whose subscription is active, when it is a subscription
+# license that expires within the renewal window.
+_DUE = """
+    SELECT l.license_id, l.customer_id, l.expires_at, p.plan
+    FROM license_plans p
+    JOIN LATERAL (
+        SELECT * FROM licenses l
+        WHERE l.customer_id = p.customer_id AND l.revoked_at IS NULL
+        ORDER BY l.issued_at DESC, l.expires_at DESC LIMIT 1
+    ) l ON true
+    WHERE p.subscription_status = 'active'
+      AND l.license_type = ANY($2::text[])
+      AND l.expires_at <= $1
+    ORDER BY l.expires_at
+    LIMIT 500
+"""
+
+
+async def renew_due_licenses(
+    pool: asyncpg.Pool,
+    store: EventStore,
+    signer: LicenseSigner,
+    now: datetime,
+    renew_before: timedelta,
+) -> int:
+    """Issue the next license for every active subscription whose license is due; how many."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY
+        ):
+            return 0  # another replica is on it
+        due = await conn.fetch(_DUE, now + renew_before, list(RENEWABLE))
+        for row in due:
+            renewal_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal:{row['license_id']}"))
+            # Timed by the license it renews: issued when it became due, running on from its
+            # end, so the customer never has a gap and a repeat signs the same token.
+            issued_at = row["expires_at"] - renew_before
+            await store.publish(
+                signed_license(
+                    signer,
+                    customer_id=row["customer_id"],
+                    license_id=renewal_id,
+                    plan_name=row["plan"],
+                    license_type="renewal",
+                    issued_at=issued_at,
+                    expires_at=row["expires_at"] + timedelta(days=SUBSCRIPTION_LICENSE_DAYS),
+                    grace_until=None,
+                    reason=f"subscription active: renews license {row['license_id']}",
+                ),
+                customer_id=row["customer_id"],
+                event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal-issued:{renewal_id}")),
+            )
+        return len(due)
