@@ -132,14 +132,15 @@ class StripeTranslator:
         subscription = _str(obj, "id")
         plan = self._plan(obj)
         status = _str(obj, "status") or "active"
-        if customer_id is None or subscription is None or plan is None:
-            return "unmatched", []
-        await self.remember_customer(_str(obj, "customer"), customer_id)
+        stripe_customer = _str(obj, "customer")
+        if customer_id is None or subscription is None or plan is None or stripe_customer is None:
+            return "unmatched", []  # every real subscription names its customer, id and price
+        await self.remember_customer(stripe_customer, customer_id)
         return await self._subscription_state(
             e,
             customer_id,
             subscription,
-            _str(obj, "customer"),
+            stripe_customer,
             plan,
             status,
             _time(obj.get("current_period_end")),
@@ -151,7 +152,7 @@ class StripeTranslator:
         e: StripeEventReceived,
         customer_id: str,
         subscription: str,
-        stripe_customer: str | None,
+        stripe_customer: str,
         plan: str,
         status: str,
         period_end: datetime | None,
@@ -181,7 +182,7 @@ class StripeTranslator:
                     customer_id=customer_id,
                     plan=plan,  # type: ignore[arg-type]
                     status=status,
-                    stripe_customer_id=stripe_customer or "",
+                    stripe_customer_id=stripe_customer,
                     stripe_subscription_id=subscription,
                     current_period_end=period_end,
                     stripe_event_id=e.stripe_event_id,
