@@ -337,6 +337,39 @@ class DeploymentFailed(Event, frozen=True, kw_only=True):
     next_attempt_at: UtcDateTime | None = None
 
 
+class DeploymentRetried(Event, frozen=True, kw_only=True):
+    """A failed job goes back on the queue for a fresh set of attempts (an operator asked)."""
+
+    TYPE = "DeploymentRetried"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    requested_by: str = "admin"
+
+
+class DeploymentSuperseded(Event, frozen=True, kw_only=True):
+    """A waiting job will not run: a newer job for the same customer covers it."""
+
+    TYPE = "DeploymentSuperseded"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    superseded_by: Id
+
+
+class DeploymentJobRemoved(Event, frozen=True, kw_only=True):
+    """A finished job was cleaned from the queue's views (its events stay on the log)."""
+
+    TYPE = "DeploymentJobRemoved"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    removed_by: str = "admin"
+
+
 # --- instance -----------------------------------------------------------------------------------
 
 
@@ -377,6 +410,9 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     DeploymentProgressed,
     DeploymentSucceeded,
     DeploymentFailed,
+    DeploymentRetried,
+    DeploymentSuperseded,
+    DeploymentJobRemoved,
     UsageReported,
 )
 

@@ -1,0 +1,66 @@
+"""The one interface every provisioning backend implements, and what a job hands it.
+
+A backend turns a job into a running (or removed) customer instance. Every method is
+idempotent: a job retried after a crash calls it again with the same spec, and it must converge
+on the same result rather than fail or duplicate anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Reports a step: percent done (0-100) and the step's name, e.g. (40, "database").
+Progress = Callable[[int, str], Awaitable[None]]
+
+
+class BackendError(Exception):
+    """A step failed; the message says which and why, without secrets. The job may retry."""
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything a backend needs to run one customer's instance."""
+
+    customer_id: str
+    plan: str
+    # The customer's current license: the signed RS256 JWT and its id.
+    license_jwt: str
+    license_id: str
+    # Where the instance fetches the public keys that verify its license.
+    jwks_url: str
+    # Limits from the license, for quotas and sizing.
+    max_devices: int = 10
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What a successful deploy or update reports."""
+
+    instance_url: str
+    components: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A way to run customer instances: ``local`` processes or ``kubernetes``."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Begin serving: find the instances that should be running again (after a restart)."""
+
+    async def stop(self) -> None:
+        """Stop serving (the local backend stops its processes; kubernetes does nothing)."""
+
+    async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
+        """Create or converge the customer's instance and wait until it answers."""
+
+    async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
+        """Hand the running instance its new license (and plan); roll it if needed."""
+
+    async def delete(self, customer_id: str, progress: Progress) -> None:
+        """Remove everything of the customer's: processes or namespace, database, broker users."""
+
+    async def status(self, customer_id: str) -> dict[str, object]:
+        """The backend's view of the instance: release state and each component's state."""
