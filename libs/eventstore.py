@@ -186,15 +186,8 @@ class EventStore:
         event_id: str | None = None,
     ) -> Appended:
         """Wrap ``event`` in an envelope carrying the current trace and append it."""
-        trace = current_trace_context()
-        envelope = new_envelope(
-            event,
-            customer_id=customer_id,
-            causation=causation,
-            trace=TraceContext(
-                traceparent=trace.get("traceparent"), tracestate=trace.get("tracestate")
-            ),
-            event_id=event_id,
+        envelope = traced_envelope(
+            event, customer_id=customer_id, causation=causation, event_id=event_id
         )
         return await self.append(
             envelope, key=key, expected_last_subject_seq=expected_last_subject_seq
@@ -276,6 +269,26 @@ class EventStore:
                 await sub.unsubscribe()
             except nats.errors.Error:
                 log.debug("reader unsubscribe failed", exc_info=True)
+
+
+def traced_envelope(
+    event: Event,
+    *,
+    customer_id: str | None,
+    causation: Envelope | None = None,
+    event_id: str | None = None,
+) -> Envelope:
+    """``event`` in an envelope that carries the current span's trace context."""
+    trace = current_trace_context()
+    return new_envelope(
+        event,
+        customer_id=customer_id,
+        causation=causation,
+        trace=TraceContext(
+            traceparent=trace.get("traceparent"), tracestate=trace.get("tracestate")
+        ),
+        event_id=event_id,
+    )
 
 
 def caused_event_id(cause: Envelope, purpose: str) -> str:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import msgspec
@@ -40,6 +40,7 @@ from libs.projections import (
 log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=ServiceSettings)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ServiceRuntime:
     runners: list[ProjectionRunner] = field(default_factory=list)
     started: bool = False
     last_error: str | None = None
+    _shared: dict[str, Any] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _workers: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -91,6 +93,13 @@ class ServiceRuntime:
         if self.pool is None:
             raise ServiceUnavailable(f"{self.name}: database not connected yet")
         return self.pool
+
+    def shared(self, key: str, make: Callable[[], T]) -> T:
+        """One object per service runtime, made on first use (a backend its workers and routes
+        share, say)."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return cast(T, self._shared[key])
 
     def settings_as(self, cls: type[S]) -> S:
         """This service's settings as its own settings type."""

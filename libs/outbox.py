@@ -1,0 +1,113 @@
+"""A transactional outbox: events decided inside a Postgres transaction reach the log as
+committed, once.
+
+A service whose own state is the truth for some decision (the deployment queue's leases and
+job states) writes the state change and the events that record it in one transaction
+(``add_to_outbox``). ``OutboxRelay`` appends them to the log in the order they were written,
+one relay at a time across replicas, and deletes them once JetStream has acknowledged them.
+A crash between the append and the delete appends again with the same event id, which
+JetStream stores once. The table is ``outbox`` in the service's schema::
+
+    CREATE TABLE outbox (
+        id bigserial PRIMARY KEY,
+        event_id text NOT NULL UNIQUE,
+        subject_key text NOT NULL,
+        envelope bytea NOT NULL
+    );
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+from contracts import Envelope, Event, decode_envelope, encode_envelope
+from libs.eventstore import EventStore, traced_envelope
+from libs.scheduling import PASSING
+
+log = logging.getLogger(__name__)
+
+RELAY_BATCH = 200
+
+
+async def add_to_outbox(
+    conn: asyncpg.Connection,
+    event: Event,
+    *,
+    customer_id: str | None,
+    key: str | None = None,
+    causation: Envelope | None = None,
+    event_id: str | None = None,
+) -> Envelope:
+    """Record ``event`` for the log in the caller's transaction; returns its envelope."""
+    envelope = traced_envelope(
+        event, customer_id=customer_id, causation=causation, event_id=event_id
+    )
+    subject_key = key or customer_id
+    if subject_key is None:
+        raise ValueError(f"{event.TYPE}: an event without a customer id needs a key")
+    await conn.execute(
+        "INSERT INTO outbox (event_id, subject_key, envelope) VALUES ($1, $2, $3) "
+        "ON CONFLICT (event_id) DO NOTHING",
+        envelope.event_id,
+        subject_key,
+        encode_envelope(envelope),
+    )
+    return envelope
+
+
+class OutboxRelay:
+    """Appends the outbox's events to the log in order; ``wake()`` after a commit for speed."""
+
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool],
+        store: Callable[[], EventStore],
+        lock_key: str,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        """``lock_key`` names the advisory lock that keeps one relay at a time per service."""
+        self._pool = pool
+        self._store = store
+        self._lock_key = lock_key
+        self._poll = poll_seconds
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Relay now rather than at the next poll."""
+        self._wake.set()
+
+    async def relay_once(self) -> int:
+        """Append what the outbox holds (a batch); returns how many were appended."""
+        store = self._store()
+        async with self._pool().acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", self._lock_key
+            ):
+                return 0  # another replica relays
+            rows = await conn.fetch(
+                "SELECT id, subject_key, envelope FROM outbox ORDER BY id LIMIT $1", RELAY_BATCH
+            )
+            for row in rows:
+                await store.append(decode_envelope(row["envelope"]), key=row["subject_key"])
+            if rows:
+                await conn.execute(
+                    "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+                )
+            return len(rows)
+
+    async def run(self) -> None:
+        """Relay for ever: at once when woken, else every ``poll_seconds``; outages pass."""
+        while True:
+            self._wake.clear()
+            try:
+                while await self.relay_once() == RELAY_BATCH:
+                    pass
+            except PASSING as exc:
+                log.warning("outbox relay (%s): %r; retrying", self._lock_key, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll)
