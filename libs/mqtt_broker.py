@@ -1,0 +1,166 @@
+"""A real Mosquitto broker run as a child process, with dynamic security, for ``iotistic up``
+and the tests.
+
+Mosquitto is the machine's (Debian's ``mosquitto`` package: the broker, ``mosquitto_ctrl`` and
+the dynamic-security plugin). The broker listens for MQTT and MQTT over WebSockets on ports of
+its own, refuses anonymous clients, and keeps its clients, roles and ACLs in
+``<data_dir>/dynamic-security.json``, administered over MQTT by the admin whose password is
+generated at first start into ``<data_dir>/admin-password`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from libs.embedded import (
+    START_TIMEOUT,
+    EmbeddedServerError,
+    _ChildServer,
+    _open_log,
+    free_port,
+)
+
+ADMIN_USER = "iotistic-admin"
+PLUGIN_GLOBS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/usr/lib/*/mosquitto/mosquitto_dynamic_security.so",
+)
+INSTALL_HINT = "install Debian's mosquitto package: apt-get install mosquitto"
+
+
+@functools.cache
+def mosquitto_binaries() -> tuple[Path, Path, Path]:
+    """The broker, ``mosquitto_ctrl`` and the dynamic-security plugin, or a clear error."""
+    broker = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    ctrl = shutil.which("mosquitto_ctrl")
+    plugins = [p for pattern in PLUGIN_GLOBS for p in sorted(glob.glob(pattern))]
+    if not broker or not ctrl or not plugins:
+        missing = [n for n, v in (("mosquitto", broker), ("mosquitto_ctrl", ctrl)) if not v]
+        if not plugins:
+            missing.append("mosquitto_dynamic_security.so")
+        raise EmbeddedServerError(f"Mosquitto not found ({', '.join(missing)}): {INSTALL_HINT}")
+    return Path(broker), Path(ctrl), Path(plugins[0])
+
+
+class EmbeddedMosquitto(_ChildServer):
+    """Mosquitto with dynamic security on free ports, over a data folder."""
+
+    name = "mosquitto"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        ws_port: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        """Ports are fixed here, so a restart comes back on the same ones."""
+        self.data_dir = Path(data_dir).absolute()
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        super().__init__(self.data_dir / "mosquitto.log")
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.ws_port = ws_port if ws_port is not None else free_port(host)
+        self.admin_username = ADMIN_USER
+
+    @property
+    def url(self) -> str:
+        """``mqtt://host:port`` of the MQTT listener."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://host:port`` of the MQTT-over-WebSockets listener."""
+        return f"ws://{self.host}:{self.ws_port}"
+
+    @property
+    def dynsec_file(self) -> Path:
+        """Where the broker keeps its clients, roles and ACLs."""
+        return self.data_dir / "dynamic-security.json"
+
+    @property
+    def admin_password(self) -> str:
+        """The dynamic-security admin's password, generated at first use (file, mode 0600)."""
+        path = self.data_dir / "admin-password"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Write the configuration, create the admin at first start, start and wait."""
+        if self.is_running:
+            return
+        self._forget_dead_server()
+        broker, ctrl, plugin = mosquitto_binaries()
+        if not self.dynsec_file.exists():
+            self._init_dynsec(ctrl)
+        config = self.data_dir / "mosquitto.conf"
+        config.write_text(self._config(plugin))
+        with _open_log(self.log_path) as log_file:
+            self._spawn([str(broker), "-c", str(config)], log_file)
+        self._wait_ready(timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then kill after ``timeout``; idempotent."""
+        import signal
+
+        self._stop(signal.SIGTERM, timeout)
+
+    def _init_dynsec(self, ctrl: Path) -> None:
+        result = subprocess.run(
+            [str(ctrl), "dynsec", "init", str(self.dynsec_file), ADMIN_USER, self.admin_password],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0 or not self.dynsec_file.exists():
+            raise EmbeddedServerError(f"mosquitto_ctrl dynsec init failed: {result.stderr.strip()}")
+        self.dynsec_file.chmod(0o600)
+
+    def _config(self, plugin: Path) -> str:
+        lines = [
+            "# Written by iotistic at every start; edits are lost.",
+            "per_listener_settings false",
+            "allow_anonymous false",
+            "persistence false",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"listener {self.port} {self.host}",
+            f"listener {self.ws_port} {self.host}",
+            "protocol websockets",
+            f"plugin {plugin}",
+            f"plugin_opt_config_file {self.dynsec_file}",
+        ]
+        if os.geteuid() == 0:
+            # As root Mosquitto would switch to the `mosquitto` account, which cannot reach a
+            # data folder inside root's private temporary folders; it listens on loopback only.
+            lines.append("user root")
+        return "\n".join(lines) + "\n"
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise self._fail(f"not listening on {self.host}:{self.port} after {timeout:.0f} s")

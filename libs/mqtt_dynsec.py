@@ -1,0 +1,189 @@
+"""Administering Mosquitto's dynamic security over MQTT: roles, ACLs and clients.
+
+Commands go to ``$CONTROL/dynamic-security/v1`` as JSON, each with correlation data, and the
+answer is read from ``$CONTROL/dynamic-security/v1/response``. The ``ensure_*`` and
+``delete_*`` calls converge: creating what exists updates it, deleting what is gone succeeds,
+so a retried deployment job does the same thing twice without failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import aiomqtt
+
+CONTROL = "$CONTROL/dynamic-security/v1"
+RESPONSE = f"{CONTROL}/response"
+
+
+class DynSecError(Exception):
+    """The broker refused a command, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class Acl:
+    """One ACL of a role: ``acltype`` such as ``publishClientSend`` or ``subscribePattern``."""
+
+    acltype: str
+    topic: str
+    allow: bool = True
+    priority: int = 0
+
+    def as_command(self) -> dict[str, Any]:
+        """The ACL as dynamic security writes it."""
+        return {
+            "acltype": self.acltype,
+            "topic": self.topic,
+            "allow": self.allow,
+            "priority": self.priority,
+        }
+
+
+class DynSec:
+    """A connection to the broker as its dynamic-security admin."""
+
+    def __init__(
+        self, host: str, port: int, username: str, password: str, timeout: float = 5.0
+    ) -> None:
+        """Connects on ``async with``; passwords are never logged."""
+        self._client = aiomqtt.Client(
+            host,
+            port,
+            username=username,
+            password=password,
+            identifier=f"iotistic-dynsec-{secrets.token_hex(6)}",
+            timeout=timeout,
+        )
+        self._timeout = timeout
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            await asyncio.wait_for(self._client.__aenter__(), self._timeout)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            raise DynSecError(f"cannot connect to the broker as its admin: {exc}") from None
+        await self._client.subscribe(RESPONSE, qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        await self._client.__aexit__(exc_type, exc, traceback)
+
+    async def _read(self) -> None:
+        async for message in self._client.messages:
+            try:
+                body = json.loads(bytes(message.payload))
+            except (TypeError, ValueError):
+                continue
+            for response in body.get("responses", []):
+                waiter = self._waiting.pop(str(response.get("correlationData")), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(response)
+
+    async def command(self, name: str, **arguments: Any) -> dict[str, Any]:
+        """Send one command and return its response; raises ``DynSecError`` on an error."""
+        response = await self._send(name, arguments)
+        if "error" in response:
+            raise DynSecError(f"{name}: {response['error']}")
+        return response
+
+    async def _send(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        correlation = secrets.token_hex(8)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = waiter
+        payload = {"commands": [{"command": name, **arguments, "correlationData": correlation}]}
+        try:
+            await self._client.publish(CONTROL, json.dumps(payload), qos=1)
+            return await asyncio.wait_for(waiter, self._timeout)
+        except TimeoutError:
+            raise DynSecError(
+                f"{name}: the broker did not answer within {self._timeout}s"
+            ) from None
+        except aiomqtt.MqttError as exc:
+            raise DynSecError(f"{name}: {exc}") from None
+        finally:
+            self._waiting.pop(correlation, None)
+
+    async def _tolerating(self, tolerated: str, name: str, **arguments: Any) -> bool:
+        """Run a command; True if it did something, False if it hit ``tolerated``."""
+        response = await self._send(name, arguments)
+        error = response.get("error")
+        if error is None:
+            return True
+        if tolerated.lower() in str(error).lower():
+            return False
+        raise DynSecError(f"{name}: {error}")
+
+    async def ensure_role(self, name: str, acls: list[Acl]) -> None:
+        """The role exists with exactly these ACLs."""
+        wanted = [acl.as_command() for acl in acls]
+        if await self._tolerating("already exists", "createRole", rolename=name, acls=wanted):
+            return
+        current = (await self.command("getRole", rolename=name)).get("data", {}).get("role", {})
+        for acl in current.get("acls", []):
+            await self._tolerating(
+                "not found",
+                "removeRoleACL",
+                rolename=name,
+                acltype=acl["acltype"],
+                topic=acl["topic"],
+            )
+        for acl in wanted:
+            await self.command("addRoleACL", rolename=name, **acl)
+
+    async def ensure_client(
+        self, username: str, password: str, roles: list[str], textname: str | None = None
+    ) -> None:
+        """The client exists with this password and exactly these roles."""
+        role_list = [{"rolename": r} for r in roles]
+        extra = {"textname": textname} if textname else {}
+        if await self._tolerating(
+            "already exists",
+            "createClient",
+            username=username,
+            password=password,
+            roles=role_list,
+            **extra,
+        ):
+            return
+        await self.command("setClientPassword", username=username, password=password)
+        client = await self.get_client(username) or {}
+        have = {r["rolename"] for r in client.get("roles", [])}
+        for role in have - set(roles):
+            await self.command("removeClientRole", username=username, rolename=role)
+        for role in set(roles) - have:
+            await self.command("addClientRole", username=username, rolename=role)
+
+    async def get_client(self, username: str) -> dict[str, Any] | None:
+        """The client's record, or None."""
+        response = await self._send("getClient", {"username": username})
+        if "error" in response:
+            return None
+        client: dict[str, Any] = response.get("data", {}).get("client", {})
+        return client
+
+    async def list_clients(self) -> list[str]:
+        """Every client's user name."""
+        response = await self.command("listClients", verbose=False)
+        return [str(c) for c in response.get("data", {}).get("clients", [])]
+
+    async def delete_client(self, username: str) -> None:
+        """The client is gone (and disconnected); fine if it never existed."""
+        await self._tolerating("not found", "deleteClient", username=username)
+
+    async def delete_role(self, name: str) -> None:
+        """The role is gone; fine if it never existed."""
+        await self._tolerating("not found", "deleteRole", rolename=name)
