@@ -22,6 +22,9 @@ Reason = Literal[
 ]
 
 
+Status = Literal["active", "grace", "expired"]
+
+
 class InvalidLicense(Exception):
     """A license that must not be trusted, and why."""
 
@@ -82,7 +85,33 @@ class LicenseVerifier:
         return frozenset(self._keys)
 
     def verify(self, token: str, now: datetime | None = None) -> LicenseClaims:
-        """The license's claims, or ``InvalidLicense`` saying why not."""
+        """The license's claims, or ``InvalidLicense`` saying why not (``expired`` once past
+        ``exp``, even inside a grace period: use ``status`` to tell the two apart)."""
+        claims = self.authentic(token)
+        moment = (now or datetime.now(UTC)).timestamp()
+        if claims.exp + self.leeway_seconds < moment:
+            raise InvalidLicense("expired", f"expired at {claims.expiresAt}")
+        return claims
+
+    def status(self, token: str, now: datetime | None = None) -> tuple[LicenseClaims, Status]:
+        """The claims of an authentic license and where it stands ``now``: ``active`` before
+        ``exp``, ``grace`` until ``graceUntil``, then ``expired`` (the instance goes read-only).
+        Raises ``InvalidLicense`` for anything but expiry."""
+        claims = self.authentic(token)
+        moment = (now or datetime.now(UTC)).timestamp()
+        if moment <= claims.exp + self.leeway_seconds:
+            return claims, "active"
+        if claims.graceUntil is not None:
+            try:
+                grace = datetime.fromisoformat(claims.graceUntil).timestamp()
+            except ValueError:
+                raise InvalidLicense("bad_claims", "graceUntil is not a time") from None
+            if moment <= grace + self.leeway_seconds:
+                return claims, "grace"
+        return claims, "expired"
+
+    def authentic(self, token: str) -> LicenseClaims:
+        """The claims of a license signed by one of our keys, whatever its times say."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -117,7 +146,4 @@ class LicenseVerifier:
             raise InvalidLicense("bad_claims", f"claims do not match a license: {exc}") from None
         if claims.iss != self.issuer:
             raise InvalidLicense("wrong_issuer", f"issued by {claims.iss!r}, not {self.issuer!r}")
-        moment = (now or datetime.now(UTC)).timestamp()
-        if claims.exp + self.leeway_seconds < moment:
-            raise InvalidLicense("expired", f"expired at {claims.expiresAt}")
         return claims

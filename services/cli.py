@@ -170,10 +170,32 @@ async def connected(settings: ServiceSettings) -> AsyncIterator[tuple[EventStore
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``iotistic run --target``: serve one target until interrupted."""
+    if args.target == "instance":
+        return run_instance(args)
     platform = Platform.from_environ(definitions_for(args.target), environment(args))
     host = args.host or platform.settings.http_host
     port = args.port or platform.settings.http_port
     asyncio.run(serve(platform, args.target, host, port))
+    return 0
+
+
+def run_instance(args: argparse.Namespace) -> int:
+    """``iotistic run --target instance``: one customer's instance, as a backend starts it."""
+    from services.instance.app import create_instance_app
+    from services.instance.settings import InstanceSettings
+
+    settings = load_settings(InstanceSettings, os.environ)
+    logging.getLogger().setLevel(settings.log_level)
+    config = uvicorn.Config(
+        create_instance_app(settings),
+        host=args.host or settings.http_host,
+        port=args.port or settings.http_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+    )
+    asyncio.run(GracefulServer(config).serve())
     return 0
 
 
@@ -244,6 +266,7 @@ def license_keys(data_dir: Path) -> Path:
 def cmd_up(args: argparse.Namespace) -> int:
     """``iotistic up``: embedded Postgres and NATS on free ports, then target all."""
     from libs.embedded import EmbeddedNats, EmbeddedPostgres
+    from libs.mqtt_broker import EmbeddedMosquitto
 
     data_dir = Path(args.data_dir).resolve()
     if not port_is_free(args.host, args.port):
@@ -253,56 +276,74 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         return 1
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    http_url = f"http://{args.host}:{args.port}"
     secrets_env = {
         "ADMIN_TOKEN": generated_secret(data_dir, "admin-token"),
         "SESSION_SECRET": generated_secret(data_dir, "session-secret"),
+        "PROVISIONER_SECRET": generated_secret(data_dir, "provisioner-secret"),
         "LICENSE_KEYS_DIR": str(license_keys(data_dir)),
     }
     postgres = EmbeddedPostgres(data_dir / "postgres")
     nats_server = EmbeddedNats(data_dir / "nats")
+    mosquitto = EmbeddedMosquitto(data_dir / "mosquitto")
     runtime_file = data_dir / RUNTIME_FILE
     try:
-        console.print("starting Postgres and NATS ...")
+        console.print("starting Postgres, NATS and Mosquitto ...")
         postgres.start()
         nats_server.start()
+        mosquitto.start()
         database_url = postgres.create_database("iotistic")
         env = {
             **os.environ,
             **secrets_env,
             "DATABASE_URL": database_url,
             "NATS_URL": nats_server.url,
+            # The local backend: instances here, on the embedded broker, verifying licenses
+            # with this process's JWKS.
+            "PROVISIONER_BACKEND": "local",
+            "LOCAL_INSTANCES_DIR": str(data_dir / "instances"),
+            "LICENSE_JWKS_URL": f"{http_url}/.well-known/jwks.json",
+            "MQTT_HOST": mosquitto.host,
+            "MQTT_PORT": str(mosquitto.port),
+            "MQTT_ADMIN_USERNAME": mosquitto.admin_username,
+            "MQTT_ADMIN_PASSWORD": mosquitto.admin_password,
         }
         platform = Platform.from_environ(definitions_for("all"), env)
-        http_url = f"http://{args.host}:{args.port}"
         runtime_file.write_text(
             json.dumps(
                 {
                     "DATABASE_URL": database_url,
                     "NATS_URL": nats_server.url,
+                    "MQTT_URL": mosquitto.url,
                     "HTTP_URL": http_url,
                     "pid": os.getpid(),
                 },
                 indent=2,
             )
         )
-        _print_up(data_dir, database_url, nats_server.url, http_url)
+        _print_up(data_dir, database_url, nats_server.url, mosquitto.url, http_url)
         asyncio.run(serve(platform, "all", args.host, args.port))
     finally:
         runtime_file.unlink(missing_ok=True)
-        console.print("stopping NATS and Postgres ...")
+        console.print("stopping Mosquitto, NATS and Postgres ...")
+        mosquitto.stop()
         nats_server.stop()
         postgres.stop()
         console.print("stopped; data kept in", str(data_dir))
     return 0
 
 
-def _print_up(data_dir: Path, database_url: str, nats_url: str, http_url: str) -> None:
+def _print_up(
+    data_dir: Path, database_url: str, nats_url: str, mqtt_url: str, http_url: str
+) -> None:
     table = Table(title="Iotistic is running (Ctrl-C stops everything)", show_header=False)
     table.add_row("API, health, metrics", http_url)
     table.add_row("readiness", f"{http_url}/health/ready")
     table.add_row("OpenAPI", f"{http_url}/schema/openapi.json")
     table.add_row("Postgres", database_url)
     table.add_row("NATS JetStream", f"{nats_url}  (sync_interval: always)")
+    table.add_row("MQTT (Mosquitto)", mqtt_url)
+    table.add_row("deployment queue", f"{http_url}/admin/queues  (admin token as password)")
     table.add_row("data folder", str(data_dir))
     table.add_row("admin token", f"{data_dir / 'secrets' / 'admin-token'}  (file, owner only)")
     console.print(table)

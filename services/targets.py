@@ -21,8 +21,9 @@ CONTROL_PLANE: dict[str, ServiceDefinition] = {
     d.name: d for d in (SIGNUP, LICENSING, BILLING, PROVISIONER)
 }
 
-Target = Literal["all", "signup", "licensing", "billing", "provisioner"]
-TARGETS: tuple[str, ...] = ("all", *CONTROL_PLANE)
+Target = Literal["all", "signup", "licensing", "billing", "provisioner", "instance"]
+# ``instance`` is the data plane: one per customer, started by the provisioner's backends.
+TARGETS: tuple[str, ...] = ("all", *CONTROL_PLANE, "instance")
 
 
 def definitions_for(target: str) -> list[ServiceDefinition]:
@@ -30,7 +31,9 @@ def definitions_for(target: str) -> list[ServiceDefinition]:
     if target == "all":
         return list(CONTROL_PLANE.values())
     if target not in CONTROL_PLANE:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise ValueError(
+            f"unknown control-plane target {target!r}; choose one of {', '.join(TARGETS)}"
+        )
     return [CONTROL_PLANE[target]]
 
 
