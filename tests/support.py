@@ -120,11 +120,12 @@ def license_issued(customer_id: str | None = None, *, plan: str = "starter") -> 
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
-    """The app served by uvicorn on a free port in this event loop, and a client for it."""
+async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """The app served by uvicorn on ``port`` (a free one by default) in this event loop, and a
+    client for it."""
     from libs.embedded import free_port
 
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -181,3 +182,23 @@ async def assert_replays_clean(
             assert report.events_applied > 0, service.name
     finally:
         await conn.close()
+
+
+def signed_license_issued(customer_id: str, *, plan: str = "starter") -> LicenseIssued:
+    """A LicenseIssued whose JWT is really signed with the tests' license key, as licensing
+    signs it, for instances that verify it against the JWKS."""
+    from services.licensing.keys import LicenseSigner, load_keyring
+    from services.licensing.reactors import signed_license
+
+    now = datetime.now(UTC)
+    return signed_license(
+        LicenseSigner(load_keyring(Path(license_keys_dir()))),
+        customer_id=customer_id,
+        license_id=str(uuid.uuid4()),
+        plan_name=plan,
+        license_type="trial_signup",
+        issued_at=now,
+        expires_at=now + timedelta(days=14),
+        grace_until=None,
+        reason="test",
+    )

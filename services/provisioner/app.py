@@ -1,12 +1,99 @@
-"""Wiring of the provisioner: the deployment queue and the backends that run instances."""
+"""Wiring of the provisioner: the deployment queue, its workers and the instance backends."""
 
 from __future__ import annotations
 
-from libs.runtime import ServiceDefinition
+from collections.abc import Awaitable, Callable, Sequence
+
+from litestar.types import ControllerRouterHandler
+
+from libs.outbox import OutboxRelay
+from libs.projections import Projection
+from libs.runtime import ServiceDefinition, ServiceRuntime
+from services.provisioner.backends.base import Backend
+from services.provisioner.metrics import QueueMetrics
 from services.provisioner.projections import DEPLOYMENTS
+from services.provisioner.reactors import provisioner_reactors
+from services.provisioner.settings import ProvisionerSettings
+from services.provisioner.worker import QueueWorker
+
+METRICS_REFRESH_SECONDS = 5.0
+
+
+def settings_of(runtime: ServiceRuntime) -> ProvisionerSettings:
+    """The provisioner's settings."""
+    return runtime.settings_as(ProvisionerSettings)
+
+
+def backend_of(runtime: ServiceRuntime) -> Backend:
+    """The backend this provisioner runs instances with (one per process)."""
+
+    def make() -> Backend:
+        settings = settings_of(runtime)
+        if settings.provisioner_backend == "kubernetes":
+            raise NotImplementedError("the kubernetes backend is not built yet")
+        from services.provisioner.backends.local import LocalBackend
+
+        return LocalBackend(settings, runtime.db)
+
+    return runtime.shared("backend", make)
+
+
+def relay_of(runtime: ServiceRuntime) -> OutboxRelay:
+    """Appends the queue's events to the log."""
+    return runtime.shared(
+        "relay", lambda: OutboxRelay(runtime.db, runtime.events, "provisioner:outbox")
+    )
+
+
+def metrics_of(runtime: ServiceRuntime) -> QueueMetrics:
+    """The queue's metrics, registered once in the process's registry."""
+    return runtime.shared("metrics", lambda: QueueMetrics(runtime.registry))
+
+
+def worker_of(runtime: ServiceRuntime) -> QueueWorker:
+    """This replica's queue worker."""
+    return runtime.shared(
+        "worker",
+        lambda: QueueWorker(
+            runtime.db,
+            settings_of(runtime),
+            backend_of(runtime),
+            relay_of(runtime),
+            metrics_of(runtime),
+        ),
+    )
+
+
+def _reactors(runtime: ServiceRuntime) -> Sequence[Projection]:
+    def wake() -> None:
+        # After the reactor's transaction commits the job is claimable; the next poll (a
+        # quarter second) finds it anyway, waking just saves that wait.
+        worker_of(runtime).wake()
+        relay_of(runtime).wake()
+
+    return provisioner_reactors(settings_of(runtime).queue_max_retries, wake)
+
+
+def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
+    return [
+        worker_of(runtime).run,
+        relay_of(runtime).run,
+        lambda: metrics_of(runtime).refresh_every(runtime.db, METRICS_REFRESH_SECONDS),
+    ]
+
+
+def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
+    from services.provisioner.routes import provisioner_routes
+
+    return provisioner_routes(runtime, backend_of(runtime), relay_of(runtime), worker_of(runtime))
+
 
 PROVISIONER = ServiceDefinition(
     name="provisioner",
     migrations_package="services.provisioner.migrations",
     projections=(DEPLOYMENTS,),
+    reactors=_reactors,
+    routes=_routes,
+    workers=_workers,
+    settings_type=ProvisionerSettings,
 )

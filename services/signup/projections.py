@@ -165,12 +165,15 @@ async def when_deployment_progressed_show_progress(
 async def when_deployment_succeeded_show_instance(
     conn: Connection, r: Recorded[DeploymentSucceeded]
 ) -> None:
+    # A finished delete job reports its instance as removed: the account has none any more.
+    removed = r.event.components.get("instance") == "removed"
     await _update(
         conn,
         r,
-        "deployment_status = 'ready', deployment_progress = 100, "
+        "deployment_status = $4, deployment_progress = 100, "
         "deployment_error = NULL, instance_url = $3",
         r.event.instance_url,
+        "removed" if removed else "ready",
     )
 
 

@@ -15,11 +15,12 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tests.bench import events, signup
+from tests.bench import events, provision, signup
 
 BENCHES: dict[str, Callable[[str, str], Awaitable[None]]] = {
     "events": events.run,
     "signup": signup.run,
+    "provision": provision.run,
 }
 
 

@@ -1,0 +1,531 @@
+"""The ``local`` backend: each customer's instance as supervised processes on this machine.
+
+Per customer: a database and a role of its own in the shared Postgres, a role and a client of
+its own on the shared Mosquitto (dynamic security), a folder with its license file and log, and
+an ``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
+passwords are derived from ``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same
+ones and nothing secret is stored. After the provisioner restarts it finds running instances
+again by the marker in their environment, and starts the ones that should run but do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+
+from libs.db import CONNECTION_ERRORS
+from libs.embedded import free_port
+from libs.mqtt_dynsec import Acl, DynSec, DynSecError
+from services.provisioner.backends.base import BackendError, Deployed, InstanceSpec, Progress
+from services.provisioner.settings import ProvisionerSettings
+
+log = logging.getLogger(__name__)
+
+MARKER = "IOTISTIC_INSTANCE_OF"
+# What an instance inherits from the provisioner's environment; nothing else (no secrets).
+INHERITED = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "VIRTUAL_ENV", "PYTHONPATH", "TMPDIR")
+RESTART_BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0
+
+
+def instance_name(customer_id: str) -> str:
+    """The Postgres database, role and broker names of a customer: ``inst_<32 hex>``."""
+    try:
+        digits = uuid.UUID(customer_id).hex
+    except ValueError:
+        digits = hashlib.sha256(customer_id.encode()).hexdigest()[:32]
+    return f"inst_{digits}"
+
+
+def derive_password(secret: bytes, purpose: str, customer_id: str) -> str:
+    """A customer's password for ``purpose`` (``database``, ``mqtt``): the same on every retry."""
+    return hmac.new(secret, f"{purpose}:{customer_id}".encode(), "sha256").hexdigest()
+
+
+def topic_root(customer_id: str) -> str:
+    """Every MQTT topic of the customer is under ``customers/<customer_id>/``."""
+    return f"customers/{customer_id}"
+
+
+@dataclass
+class Supervised:
+    """One instance process and the task that keeps it running."""
+
+    customer_id: str
+    port: int
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+    adopted_pid: int | None = None
+    restarts: int = 0
+    wanted: bool = True
+    task: asyncio.Task[None] | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's id, if any."""
+        if self.process is not None and self.process.returncode is None:
+            return self.process.pid
+        return self.adopted_pid
+
+
+class LocalBackend:
+    """Runs instances as processes here, with their database and broker credentials."""
+
+    name = "local"
+
+    def __init__(self, settings: ProvisionerSettings, pool: Callable[[], asyncpg.Pool]) -> None:
+        """``pool`` is the provisioner's, where it keeps which instances it runs."""
+        self._settings = settings
+        self._pool = pool
+        self._secret = (settings.provisioner_secret or "").encode()
+        self._dir = Path(settings.local_instances_dir).absolute()
+        self._supervised: dict[str, Supervised] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Find the instances that should run: adopt live ones, start the others."""
+        async with self._pool().acquire() as conn:
+            rows = await conn.fetch("SELECT customer_id, port FROM local_instances")
+        running = _instances_running()
+        for row in rows:
+            customer_id = row["customer_id"]
+            pid = running.get(customer_id)
+            self._supervise(customer_id, row["port"], adopted_pid=pid)
+            log.info(
+                "instance of %s: %s",
+                customer_id,
+                f"adopted (pid {pid})" if pid else "not running; starting it",
+            )
+
+    async def stop(self) -> None:
+        """Stop every instance process this backend runs (they start again with it)."""
+        await asyncio.gather(
+            *(self._stop_process(s) for s in list(self._supervised.values())),
+            return_exceptions=True,
+        )
+        self._supervised.clear()
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
+        """Database, broker credentials, license, process; ready when /health/ready says so."""
+        name = instance_name(spec.customer_id)
+        await progress(10, "database")
+        database_url = await self._ensure_database(name)
+        await progress(30, "broker")
+        broker = await self._ensure_broker(spec.customer_id, name)
+        await progress(50, "license")
+        folder = self._folder(spec.customer_id)
+        _write_private(folder / "license.jwt", spec.license_jwt)
+        await progress(70, "instance")
+        port = await self._port_of(spec.customer_id)
+        supervised = self._supervised.get(spec.customer_id)
+        if supervised is None:
+            supervised = self._supervise(
+                spec.customer_id,
+                port,
+                adopted_pid=_instances_running().get(spec.customer_id),
+                database_url=database_url,
+            )
+        await progress(90, "health")
+        try:
+            await self._wait_ready(supervised, spec.license_id)
+        except BackendError:
+            # Start clean on the next attempt rather than keep restarting a failing instance.
+            self._supervised.pop(spec.customer_id, None)
+            await self._stop_process(supervised)
+            raise
+        return Deployed(
+            instance_url=self._url(port),
+            components={"database": "ready", "broker": broker, "instance": "running"},
+        )
+
+    async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
+        """Write the new license and have the running instance re-read it (SIGHUP)."""
+        supervised = self._supervised.get(spec.customer_id)
+        if supervised is None or supervised.pid is None:
+            return await self.deploy(spec, progress)
+        await progress(30, "license")
+        _write_private(self._folder(spec.customer_id) / "license.jwt", spec.license_jwt)
+        await progress(60, "reload")
+        await progress(90, "health")
+        await self._wait_ready(supervised, spec.license_id)
+        return Deployed(
+            instance_url=self._url(supervised.port),
+            components={"database": "ready", "broker": "ready", "instance": "running"},
+        )
+
+    async def delete(self, customer_id: str, progress: Progress) -> None:
+        """Stop the process, then remove broker credentials, database, role and files."""
+        name = instance_name(customer_id)
+        await progress(10, "instance")
+        supervised = self._supervised.pop(customer_id, None)
+        if supervised is not None:
+            await self._stop_process(supervised)
+        stray = _instances_running().get(customer_id)
+        if stray is not None:
+            await _terminate_pid(stray)
+        await progress(40, "broker")
+        await self._remove_broker(customer_id, name)
+        await progress(70, "database")
+        await self._drop_database(name)
+        await progress(90, "files")
+        shutil.rmtree(self._dir / name, ignore_errors=True)
+        async with self._pool().acquire() as conn:
+            await conn.execute("DELETE FROM local_instances WHERE customer_id = $1", customer_id)
+
+    async def status(self, customer_id: str) -> dict[str, object]:
+        """Release state and each component's state, as this machine sees them."""
+        supervised = self._supervised.get(customer_id)
+        if supervised is None:
+            return {"release": "missing", "components": {}}
+        ready = await _answers(f"{self._url(supervised.port)}/health/ready")
+        return {
+            "release": "deployed" if ready else "progressing",
+            "instance_url": self._url(supervised.port),
+            "pid": supervised.pid,
+            "restarts": supervised.restarts,
+            "components": {
+                "instance": "running" if supervised.pid else "restarting",
+                "ready": "yes" if ready else "no",
+            },
+        }
+
+    # --- parts ----------------------------------------------------------------------------------
+
+    def _password(self, purpose: str, customer_id: str) -> str:
+        if not self._secret:
+            raise BackendError("the local backend needs PROVISIONER_SECRET to make credentials")
+        return derive_password(self._secret, purpose, customer_id)
+
+    def _folder(self, customer_id: str) -> Path:
+        folder = self._dir / instance_name(customer_id)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder
+
+    def _url(self, port: int) -> str:
+        return f"http://{self._settings.local_instance_host}:{port}"
+
+    def _admin_url(self) -> str:
+        return self._settings.local_admin_database_url or self._settings.database_url
+
+    async def _ensure_database(self, name: str) -> str:
+        password = self._password("database", name)
+        try:
+            conn = await asyncpg.connect(self._admin_url())
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise BackendError(f"database server not reachable: {type(exc).__name__}") from None
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
+                await conn.execute(
+                    await conn.fetchval(
+                        "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)",
+                        name,
+                        password,
+                    )
+                )
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+                await conn.execute(
+                    await conn.fetchval(
+                        "SELECT format('CREATE DATABASE %I OWNER %I', $1::text, $1::text)", name
+                    )
+                )
+            # Nobody but the owner may connect to a customer's database.
+            await conn.execute(
+                await conn.fetchval(
+                    "SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', $1::text)", name
+                )
+            )
+        except asyncpg.PostgresError as exc:
+            raise BackendError(f"creating the database failed: {exc.sqlstate}") from None
+        finally:
+            await conn.close()
+        parts = urlsplit(self._admin_url())
+        host = parts.hostname or "127.0.0.1"
+        netloc = f"{name}:{quote(password)}@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, f"/{name}", parts.query, ""))
+
+    async def _drop_database(self, name: str) -> None:
+        try:
+            conn = await asyncpg.connect(self._admin_url())
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise BackendError(f"database server not reachable: {type(exc).__name__}") from None
+        try:
+            for statement in (
+                "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', $1::text)",
+                "SELECT format('DROP ROLE IF EXISTS %I', $1::text)",
+            ):
+                await conn.execute(await conn.fetchval(statement, name))
+        except asyncpg.PostgresError as exc:
+            raise BackendError(f"dropping the database failed: {exc.sqlstate}") from None
+        finally:
+            await conn.close()
+
+    def _dynsec(self) -> DynSec | None:
+        s = self._settings
+        if not s.mqtt_admin_username or not s.mqtt_admin_password:
+            return None
+        return DynSec(s.mqtt_host, s.mqtt_port, s.mqtt_admin_username, s.mqtt_admin_password)
+
+    async def _ensure_broker(self, customer_id: str, name: str) -> str:
+        dynsec = self._dynsec()
+        if dynsec is None:
+            return "not configured"
+        root = topic_root(customer_id)
+        acls = [
+            Acl("publishClientSend", f"{root}/#", True),
+            Acl("publishClientReceive", f"{root}/#", True),
+            Acl("subscribePattern", f"{root}/#", True),
+        ]
+        try:
+            async with dynsec:
+                await dynsec.ensure_role(name, acls)
+                await dynsec.ensure_client(
+                    name, self._password("mqtt", customer_id), [name], textname=customer_id
+                )
+        except (DynSecError, OSError) as exc:
+            raise BackendError(f"broker credentials failed: {exc}") from None
+        return "ready"
+
+    async def _remove_broker(self, customer_id: str, name: str) -> None:
+        dynsec = self._dynsec()
+        if dynsec is None:
+            return
+        try:
+            async with dynsec:
+                await dynsec.delete_client(name)
+                await dynsec.delete_role(name)
+        except (DynSecError, OSError) as exc:
+            raise BackendError(f"removing broker credentials failed: {exc}") from None
+
+    async def _port_of(self, customer_id: str) -> int:
+        async with self._pool().acquire() as conn, conn.transaction():
+            port = await conn.fetchval(
+                "SELECT port FROM local_instances WHERE customer_id = $1", customer_id
+            )
+            if port is None:
+                port = free_port(self._settings.local_instance_host)
+                await conn.execute(
+                    "INSERT INTO local_instances (customer_id, port, created_at) "
+                    "VALUES ($1, $2, $3)",
+                    customer_id,
+                    port,
+                    datetime.now(UTC),
+                )
+        return int(port)
+
+    def _command(self) -> list[str]:
+        if self._settings.local_instance_command:
+            return self._settings.local_instance_command.split()
+        return [str(Path(sys.executable).parent / "iotistic"), "run", "--target", "instance"]
+
+    def _environment(self, customer_id: str, port: int, database_url: str | None) -> dict[str, str]:
+        name = instance_name(customer_id)
+        env = {k: os.environ[k] for k in INHERITED if k in os.environ}
+        env.update(
+            {
+                MARKER: customer_id,
+                "INSTANCE_CUSTOMER_ID": customer_id,
+                "DATABASE_URL": database_url or "",
+                "LICENSE_FILE": str(self._dir / name / "license.jwt"),
+                "LICENSE_JWKS_URL": self._settings.license_jwks_url,
+                "HTTP_HOST": self._settings.local_instance_host,
+                "HTTP_PORT": str(port),
+                "MQTT_HOST": self._settings.mqtt_host,
+                "MQTT_PORT": str(self._settings.mqtt_port),
+                "MQTT_USERNAME": name,
+                "MQTT_PASSWORD": self._password("mqtt", customer_id),
+                "LOG_LEVEL": "WARNING",
+            }
+        )
+        return env
+
+    def _supervise(
+        self,
+        customer_id: str,
+        port: int,
+        adopted_pid: int | None,
+        database_url: str | None = None,
+    ) -> Supervised:
+        if database_url is None:
+            database_url = self._database_url_of(customer_id)
+        supervised = Supervised(
+            customer_id=customer_id,
+            port=port,
+            command=self._command(),
+            env=self._environment(customer_id, port, database_url),
+            log_path=self._folder(customer_id) / "instance.log",
+            adopted_pid=adopted_pid,
+        )
+        supervised.task = asyncio.create_task(
+            self._keep_running(supervised), name=f"instance {customer_id}"
+        )
+        self._supervised[customer_id] = supervised
+        return supervised
+
+    def _database_url_of(self, customer_id: str) -> str:
+        name = instance_name(customer_id)
+        parts = urlsplit(self._admin_url())
+        host = parts.hostname or "127.0.0.1"
+        password = quote(self._password("database", name))
+        netloc = f"{name}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, f"/{name}", parts.query, ""))
+
+    async def _keep_running(self, s: Supervised) -> None:
+        backoff = 1.0
+        while s.wanted:
+            started = asyncio.get_running_loop().time()
+            if s.adopted_pid is not None:
+                await _wait_pid_gone(s.adopted_pid)
+                s.adopted_pid = None
+            else:
+                with s.log_path.open("ab") as out:
+                    s.process = await asyncio.create_subprocess_exec(
+                        *s.command,
+                        env=s.env,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=out,
+                        start_new_session=True,
+                    )
+                s.exited.clear()
+                code = await s.process.wait()
+                s.exited.set()
+                if s.wanted:
+                    log.warning("instance of %s exited with %s", s.customer_id, code)
+            if not s.wanted:
+                return
+            if asyncio.get_running_loop().time() - started > STABLE_AFTER:
+                backoff = 1.0
+            s.restarts += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    async def _stop_process(self, s: Supervised) -> None:
+        s.wanted = False
+        pid = s.pid
+        if pid is not None:
+            await _terminate_pid(pid)
+        if s.task is not None:
+            s.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await s.task
+
+    async def _wait_ready(self, s: Supervised, license_id: str) -> None:
+        url = self._url(s.port)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.local_ready_timeout_seconds
+        resend = loop.time()
+        async with httpx.AsyncClient(timeout=2) as client:
+            while loop.time() < deadline:
+                if s.process is not None and s.exited.is_set():
+                    break  # it died while starting: this attempt failed
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    held = (await client.get(f"{url}/api/license")).json()
+                    if held.get("license_id") == license_id:
+                        if (await client.get(f"{url}/health/ready")).status_code == 200:
+                            return
+                    elif loop.time() >= resend and s.pid is not None:
+                        # It answers with another license: have it re-read the file. Never
+                        # signal an instance that does not answer yet: it reads the file as
+                        # it starts, and a SIGHUP before its handler is set would end it.
+                        os.kill(s.pid, signal.SIGHUP)
+                        resend = loop.time() + 2.0
+                await asyncio.sleep(0.1)
+        code = s.process.returncode if s.process is not None else None
+        if code is not None:
+            raise BackendError(f"the instance exited with code {code} while starting")
+        raise BackendError(
+            f"the instance did not become ready with license {license_id} within "
+            f"{self._settings.local_ready_timeout_seconds:.0f}s"
+        )
+
+
+def _write_private(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    temporary.replace(path)
+
+
+def _instances_running() -> dict[str, int]:
+    """Customer id → pid of the instance processes running here (found by their marker).
+
+    An instance's own children (a wrapper's ``sleep``, say) inherit the marker; the instance
+    is the marked process whose parent is not marked.
+    """
+    marked: dict[int, tuple[str, int]] = {}
+    prefix = f"{MARKER}=".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(prefix):
+                parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+                marked[int(entry.name)] = (item[len(prefix) :].decode(), parent)
+    return {customer: pid for pid, (customer, parent) in marked.items() if parent not in marked}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie of ours counts as gone.
+    with contextlib.suppress(OSError):
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
+    return True
+
+
+async def _wait_pid_gone(pid: int) -> None:
+    # Not our child (adopted after a restart): nothing to wait on but the pid itself.
+    while _alive(pid):  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
+
+
+async def _terminate_pid(pid: int, grace: float = 10.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while _alive(pid) and loop.time() < deadline:  # noqa: ASYNC110 - a pid has no event
+        await asyncio.sleep(0.05)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def _answers(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False

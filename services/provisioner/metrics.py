@@ -1,0 +1,60 @@
+"""The queue's Prometheus metrics: jobs by state, workers, and how long jobs take."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from libs.scheduling import PASSING
+from services.provisioner.queue import STATES, queue_stats
+
+log = logging.getLogger(__name__)
+
+
+class QueueMetrics:
+    """``deployment_queue_<state>`` gauges, ``deployment_queue_workers`` and job durations."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Registers the metrics in ``registry``."""
+        self.by_state = {
+            state: Gauge(
+                f"deployment_queue_{state}",
+                f"Deployment jobs {state} (across every provisioner replica)",
+                registry=registry,
+            )
+            for state in STATES
+        }
+        self.workers = Gauge(
+            "deployment_queue_workers",
+            "Queue workers running in this process (0 while the queue is paused)",
+            registry=registry,
+        )
+        self.durations = Histogram(
+            "deployment_job_duration_seconds",
+            "Time from claiming a deployment job to the end of its attempt",
+            ["kind", "outcome"],
+            buckets=(0.5, 1, 2, 3, 5, 10, 30, 60, 120, 300, 600),
+            registry=registry,
+        )
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        """Read the queue's counts into the gauges."""
+        async with pool.acquire() as conn:
+            counts = await queue_stats(conn)
+            paused = await conn.fetchval("SELECT paused FROM queue_control")
+        for state, gauge in self.by_state.items():
+            gauge.set(counts[state])
+        self.workers.set(0 if paused else 1)
+
+    async def refresh_every(self, pool: Callable[[], asyncpg.Pool], seconds: float) -> None:
+        """Keep the gauges current; while Postgres is away they keep their last values."""
+        while True:
+            try:
+                await self.refresh(pool())
+            except PASSING as exc:
+                log.warning("queue metrics: %r", exc)
+            await asyncio.sleep(seconds)

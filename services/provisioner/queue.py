@@ -1,0 +1,506 @@
+"""The deployment queue: jobs, priorities, leases, retries with backoff, collapsing.
+
+Every function here runs inside the caller's Postgres transaction and records each change of
+a job as an event in the outbox, in that same transaction: the queue (private state, like the
+leases) and the log always agree, and the ``deployments`` read model follows from the log.
+
+Rules:
+- priority 1 (most urgent) to 10: delete 1, enterprise 1, professional 2, update 3, starter 3,
+  trial 5; among equals the oldest first;
+- at most ``concurrency`` jobs hold a live lease across all replicas (claims are serialised by
+  a transaction-level advisory lock, so counting and claiming are one step);
+- one job at a time per customer; a job whose lease ran out (its worker died) is claimed again;
+- jobs read the customer's current license when they run, so a waiting deploy or update covers
+  any newer license, and a delete makes waiting deploys and updates pointless.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg
+
+from contracts import (
+    DeploymentFailed,
+    DeploymentJobRemoved,
+    DeploymentProgressed,
+    DeploymentRequested,
+    DeploymentRetried,
+    DeploymentStarted,
+    DeploymentSucceeded,
+    DeploymentSuperseded,
+    Envelope,
+    Event,
+)
+from libs.outbox import add_to_outbox
+
+Kind = Literal["deploy-customer-stack", "update-customer-stack", "delete-customer-stack"]
+DEPLOY: Kind = "deploy-customer-stack"
+UPDATE: Kind = "update-customer-stack"
+DELETE: Kind = "delete-customer-stack"
+STATES = ("waiting", "active", "delayed", "completed", "failed")
+PENDING = ("waiting", "delayed")
+FINISHED = ("completed", "failed", "superseded")
+QUEUE_LOCK = "provisioner:queue"
+PLAN_PRIORITY = {"enterprise": 1, "professional": 2, "starter": 3, "trial": 5}
+
+
+def priority_of(kind: str, plan: str | None) -> int:
+    """How urgent a job is, 1 (most) to 10."""
+    if kind == DELETE:
+        return 1
+    if kind == UPDATE:
+        return 3
+    return PLAN_PRIORITY.get(plan or "trial", 5)
+
+
+def job_id_for(customer_id: str, at: datetime) -> str:
+    """``deploy-<customer_id>-<epoch ms>``, as the original queue named its jobs."""
+    return f"deploy-{customer_id}-{int(at.timestamp() * 1000)}"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job a worker now holds a lease on."""
+
+    job_id: str
+    customer_id: str
+    kind: str
+    attempt: int
+    max_attempts: int
+    data: dict[str, Any]
+
+
+async def _record(
+    conn: asyncpg.Connection,
+    event: Event,
+    customer_id: str,
+    event_id: str,
+    causation: Envelope | None = None,
+) -> None:
+    await add_to_outbox(
+        conn, event, customer_id=customer_id, causation=causation, event_id=event_id
+    )
+
+
+async def _lock(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", QUEUE_LOCK)
+
+
+# --- enqueueing ---------------------------------------------------------------------------------
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    *,
+    customer_id: str,
+    kind: Kind,
+    plan: str | None,
+    license_id: str | None,
+    requested_by: str,
+    at: datetime,
+    max_attempts: int,
+    causation: Envelope | None = None,
+) -> str:
+    """Queue a job unless a pending one covers it; returns the id of the job that will run."""
+    await _lock(conn)
+    pending = await conn.fetch(
+        "SELECT job_id, kind FROM queue_jobs WHERE customer_id = $1 AND state = ANY($2) "
+        "ORDER BY created_at",
+        customer_id,
+        list(PENDING),
+    )
+    kinds = {row["kind"]: row["job_id"] for row in pending}
+    if kind == DELETE and DELETE in kinds:
+        return str(kinds[DELETE])
+    if kind != DELETE:
+        if DELETE in kinds:
+            return str(kinds[DELETE])  # the customer is leaving: nothing to deploy
+        if DEPLOY in kinds:
+            return str(kinds[DEPLOY])  # it will run with the newest license anyway
+    job_id = job_id_for(customer_id, at)
+    while await conn.fetchval("SELECT 1 FROM queue_jobs WHERE job_id = $1", job_id):
+        at += timedelta(milliseconds=1)
+        job_id = job_id_for(customer_id, at)
+    # A new delete makes pending deploys and updates pointless; a new deploy or update
+    # replaces a pending update.
+    replaced = [row["job_id"] for row in pending if row["kind"] in (DEPLOY, UPDATE)]
+    for old in replaced:
+        await conn.execute(
+            "UPDATE queue_jobs SET state = 'superseded', superseded_by = $2, finished_on = $3 "
+            "WHERE job_id = $1",
+            old,
+            job_id,
+            at,
+        )
+        await _record(
+            conn,
+            DeploymentSuperseded(customer_id=customer_id, job_id=old, superseded_by=job_id),
+            customer_id,
+            f"{old}:superseded",
+            causation,
+        )
+    priority = priority_of(kind, plan)
+    data = {"plan": plan, "license_id": license_id, "requested_by": requested_by}
+    await conn.execute(
+        "INSERT INTO queue_jobs (job_id, customer_id, kind, priority, state, data, max_attempts, "
+        "created_at, run_after) VALUES ($1, $2, $3, $4, 'waiting', $5::jsonb, $6, $7, $7)",
+        job_id,
+        customer_id,
+        kind,
+        priority,
+        json.dumps(data),
+        max_attempts,
+        at,
+    )
+    await _record(
+        conn,
+        DeploymentRequested(
+            customer_id=customer_id,
+            job_id=job_id,
+            kind=kind,
+            plan=plan,  # type: ignore[arg-type]
+            priority=priority,
+            license_id=license_id,
+            requested_by=requested_by,
+        ),
+        customer_id,
+        f"{job_id}:requested",
+        causation,
+    )
+    return job_id
+
+
+# --- running ------------------------------------------------------------------------------------
+
+_NEXT = """
+    SELECT * FROM queue_jobs j
+    WHERE ((j.state = ANY($2) AND j.run_after <= $1)
+           OR (j.state = 'active' AND j.lease_until <= $1))
+      AND NOT EXISTS (
+          SELECT 1 FROM queue_jobs o
+          WHERE o.customer_id = j.customer_id AND o.state = 'active' AND o.lease_until > $1
+      )
+    ORDER BY j.priority, j.created_at
+    LIMIT 1
+"""
+
+
+async def claim_next_job(
+    conn: asyncpg.Connection,
+    *,
+    worker_id: str,
+    backend: str,
+    now: datetime,
+    concurrency: int,
+    lease: timedelta,
+) -> Claimed | None:
+    """Lease the most urgent runnable job to ``worker_id``, if a slot is free."""
+    await _lock(conn)
+    if await conn.fetchval("SELECT paused FROM queue_control"):
+        return None
+    while True:
+        running = await conn.fetchval(
+            "SELECT count(*) FROM queue_jobs WHERE state = 'active' AND lease_until > $1", now
+        )
+        if running >= concurrency:
+            return None
+        row = await conn.fetchrow(_NEXT, now, list(PENDING))
+        if row is None:
+            return None
+        if row["state"] == "active" and row["attempts"] >= row["max_attempts"]:
+            # Its worker died on the last attempt: that attempt failed.
+            await _finish_failed(conn, row, now, "the worker running it stopped (lease expired)")
+            continue
+        attempt = row["attempts"] + 1
+        entry = {"attempt": attempt, "worker": worker_id, "started_at": now.isoformat()}
+        await conn.execute(
+            "UPDATE queue_jobs SET state = 'active', attempts = $2, lease_owner = $3, "
+            "lease_until = $4, processed_on = COALESCE(processed_on, $5), progress = 0, "
+            "step = NULL, attempt_log = attempt_log || $6::jsonb WHERE job_id = $1",
+            row["job_id"],
+            attempt,
+            worker_id,
+            now + lease,
+            now,
+            json.dumps([entry]),
+        )
+        await _record(
+            conn,
+            DeploymentStarted(
+                customer_id=row["customer_id"],
+                job_id=row["job_id"],
+                attempt=attempt,
+                backend=backend,
+                worker_id=worker_id,
+            ),
+            row["customer_id"],
+            f"{row['job_id']}:started:{attempt}",
+        )
+        return Claimed(
+            job_id=row["job_id"],
+            customer_id=row["customer_id"],
+            kind=row["kind"],
+            attempt=attempt,
+            max_attempts=row["max_attempts"],
+            data=json.loads(row["data"]),
+        )
+
+
+_MINE = "job_id = $1 AND state = 'active' AND lease_owner = $2 AND attempts = $3"
+
+
+async def extend_lease(
+    conn: asyncpg.Connection, job: Claimed, worker_id: str, until: datetime
+) -> bool:
+    """Keep the lease alive; False when the job is no longer this worker's."""
+    result = await conn.execute(
+        f"UPDATE queue_jobs SET lease_until = $4 WHERE {_MINE}",
+        job.job_id,
+        worker_id,
+        job.attempt,
+        until,
+    )
+    return bool(result.endswith(" 1"))
+
+
+async def record_progress(
+    conn: asyncpg.Connection, job: Claimed, worker_id: str, progress: int, step: str
+) -> bool:
+    """Note how far the job got; False when it is no longer this worker's."""
+    result = await conn.execute(
+        f"UPDATE queue_jobs SET progress = $4, step = $5 WHERE {_MINE}",
+        job.job_id,
+        worker_id,
+        job.attempt,
+        progress,
+        step,
+    )
+    if not result.endswith(" 1"):
+        return False
+    await _record(
+        conn,
+        DeploymentProgressed(
+            customer_id=job.customer_id, job_id=job.job_id, progress=progress, step=step
+        ),
+        job.customer_id,
+        f"{job.job_id}:progress:{job.attempt}:{progress}:{step}",
+    )
+    return True
+
+
+async def complete_job(
+    conn: asyncpg.Connection,
+    job: Claimed,
+    worker_id: str,
+    now: datetime,
+    *,
+    backend: str,
+    instance_url: str | None,
+    components: dict[str, str],
+) -> bool:
+    """The attempt succeeded; False (and nothing recorded) if the lease was lost meanwhile."""
+    result = await conn.execute(
+        "UPDATE queue_jobs SET state = 'completed', progress = 100, finished_on = $4, "
+        "lease_owner = NULL, lease_until = NULL, failed_reason = NULL, "
+        f"attempt_log = {_closed_log('$5')} WHERE {_MINE}",
+        job.job_id,
+        worker_id,
+        job.attempt,
+        now,
+        json.dumps({"finished_at": now.isoformat(), "outcome": "completed"}),
+    )
+    if not result.endswith(" 1"):
+        return False
+    await conn.execute(
+        "INSERT INTO customer_instances (customer_id, state, instance_url, backend, updated_at) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id) DO UPDATE SET state = $2, "
+        "instance_url = $3, backend = $4, updated_at = $5",
+        job.customer_id,
+        "removed" if job.kind == DELETE else "running",
+        instance_url,
+        backend,
+        now,
+    )
+    await _record(
+        conn,
+        DeploymentSucceeded(
+            customer_id=job.customer_id,
+            job_id=job.job_id,
+            backend=backend,
+            instance_url=instance_url,
+            components=components,
+        ),
+        job.customer_id,
+        f"{job.job_id}:succeeded",
+    )
+    return True
+
+
+def _closed_log(param: str) -> str:
+    # The attempt log's last entry gets the attempt's end and outcome merged in.
+    return (
+        f"jsonb_set(attempt_log, ARRAY[(jsonb_array_length(attempt_log) - 1)::text], "
+        f"attempt_log -> (jsonb_array_length(attempt_log) - 1) || {param}::jsonb)"
+    )
+
+
+async def fail_job(
+    conn: asyncpg.Connection,
+    job: Claimed,
+    worker_id: str,
+    now: datetime,
+    error: str,
+    retry_delay: timedelta,
+) -> bool:
+    """The attempt failed: delayed with backoff while attempts remain, else failed."""
+    row = await conn.fetchrow(
+        f"SELECT * FROM queue_jobs WHERE {_MINE} FOR UPDATE", job.job_id, worker_id, job.attempt
+    )
+    if row is None:
+        return False
+    if job.attempt >= job.max_attempts:
+        await _finish_failed(conn, row, now, error)
+        return True
+    next_at = now + retry_delay * (2 ** (job.attempt - 1))
+    await conn.execute(
+        "UPDATE queue_jobs SET state = 'delayed', run_after = $2, failed_reason = $3, "
+        f"lease_owner = NULL, lease_until = NULL, attempt_log = {_closed_log('$4')} "
+        "WHERE job_id = $1",
+        job.job_id,
+        next_at,
+        error,
+        json.dumps({"finished_at": now.isoformat(), "outcome": "failed", "error": error}),
+    )
+    await _record(
+        conn,
+        DeploymentFailed(
+            customer_id=job.customer_id,
+            job_id=job.job_id,
+            attempt=job.attempt,
+            error=error,
+            will_retry=True,
+            next_attempt_at=next_at,
+        ),
+        job.customer_id,
+        f"{job.job_id}:failed:{job.attempt}",
+    )
+    return True
+
+
+async def _finish_failed(
+    conn: asyncpg.Connection, row: asyncpg.Record, now: datetime, error: str
+) -> None:
+    await conn.execute(
+        "UPDATE queue_jobs SET state = 'failed', finished_on = $2, failed_reason = $3, "
+        f"lease_owner = NULL, lease_until = NULL, attempt_log = {_closed_log('$4')} "
+        "WHERE job_id = $1",
+        row["job_id"],
+        now,
+        error,
+        json.dumps({"finished_at": now.isoformat(), "outcome": "failed", "error": error}),
+    )
+    await _record(
+        conn,
+        DeploymentFailed(
+            customer_id=row["customer_id"],
+            job_id=row["job_id"],
+            attempt=max(1, row["attempts"]),
+            error=error,
+            will_retry=False,
+        ),
+        row["customer_id"],
+        f"{row['job_id']}:failed:{row['attempts']}",
+    )
+
+
+async def release_job(
+    conn: asyncpg.Connection, job: Claimed, worker_id: str, now: datetime
+) -> None:
+    """A worker shutting down gives its job back at once instead of waiting out the lease."""
+    await conn.execute(
+        f"UPDATE queue_jobs SET lease_until = $4 WHERE {_MINE}",
+        job.job_id,
+        worker_id,
+        job.attempt,
+        now,
+    )
+
+
+# --- operators ----------------------------------------------------------------------------------
+
+
+class JobNotFound(LookupError):
+    """No job with that id."""
+
+
+class JobNotRetryable(ValueError):
+    """Only failed jobs go back on the queue."""
+
+
+async def retry_job(
+    conn: asyncpg.Connection, job_id: str, now: datetime, requested_by: str
+) -> None:
+    """A failed job gets a fresh set of attempts."""
+    await _lock(conn)
+    row = await conn.fetchrow("SELECT * FROM queue_jobs WHERE job_id = $1 FOR UPDATE", job_id)
+    if row is None:
+        raise JobNotFound(job_id)
+    if row["state"] != "failed":
+        raise JobNotRetryable(f"job {job_id} is {row['state']}; only failed jobs are retried")
+    await conn.execute(
+        "UPDATE queue_jobs SET state = 'waiting', attempts = 0, run_after = $2, "
+        "finished_on = NULL, failed_reason = NULL, progress = 0, step = NULL WHERE job_id = $1",
+        job_id,
+        now,
+    )
+    await _record(
+        conn,
+        DeploymentRetried(customer_id=row["customer_id"], job_id=job_id, requested_by=requested_by),
+        row["customer_id"],
+        f"{job_id}:retried:{now.isoformat()}",
+    )
+
+
+async def clean_jobs(
+    conn: asyncpg.Connection, state: str, older_than: datetime, removed_by: str, limit: int = 1000
+) -> int:
+    """Remove finished jobs in ``state`` that finished before ``older_than``; how many."""
+    rows = await conn.fetch(
+        "DELETE FROM queue_jobs WHERE job_id IN (SELECT job_id FROM queue_jobs "
+        "WHERE state = $1 AND finished_on < $2 ORDER BY finished_on LIMIT $3) "
+        "RETURNING job_id, customer_id",
+        state,
+        older_than,
+        limit,
+    )
+    for row in rows:
+        await _record(
+            conn,
+            DeploymentJobRemoved(
+                customer_id=row["customer_id"], job_id=row["job_id"], removed_by=removed_by
+            ),
+            row["customer_id"],
+            f"{row['job_id']}:removed",
+        )
+    return len(rows)
+
+
+async def set_paused(conn: asyncpg.Connection, paused: bool) -> None:
+    """Pause (no new claims; running jobs finish) or resume the queue, for every replica."""
+    await conn.execute("UPDATE queue_control SET paused = $1", paused)
+
+
+async def queue_stats(conn: asyncpg.Connection) -> dict[str, int]:
+    """``{waiting, active, completed, failed, delayed, total}`` as the original queue said."""
+    rows = await conn.fetch(
+        "SELECT state, count(*) AS n FROM queue_jobs WHERE state <> 'superseded' GROUP BY state"
+    )
+    counts = {state: 0 for state in STATES}
+    for row in rows:
+        counts[row["state"]] = row["n"]
+    counts["total"] = sum(counts[s] for s in STATES)
+    return counts

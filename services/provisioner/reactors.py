@@ -1,0 +1,94 @@
+"""What the provisioner does when licenses are issued and customers leave: queue a job.
+
+The first license of a customer deploys their instance; every later one updates it (the
+instance then runs the newest license, including a final one that makes it read-only); a
+closed account deletes everything. The job is queued in the same transaction as this
+consumer's checkpoint, with its DeploymentRequested in the outbox, so a redelivered event
+queues nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from contracts import CustomerClosed, LicenseIssued
+from libs.db import Connection
+from libs.projections import Projection, Recorded
+from services.provisioner.queue import DELETE, DEPLOY, UPDATE, enqueue
+
+
+def provisioner_reactors(max_attempts: int, wake: Callable[[], None]) -> list[Projection]:
+    """Queue deploy, update and delete jobs as licenses and closures arrive."""
+
+    async def when_license_issued_queue_deployment(
+        conn: Connection, r: Recorded[LicenseIssued]
+    ) -> None:
+        e = r.event
+        closed = await conn.fetchval(
+            "SELECT closed FROM customer_licenses WHERE customer_id = $1", e.customer_id
+        )
+        if closed:
+            return  # a license after the account closed changes nothing that runs
+        await conn.execute(
+            "INSERT INTO customer_licenses (customer_id, license_id, plan, jwt, max_devices) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id) DO UPDATE SET "
+            "license_id = $2, plan = $3, jwt = $4, max_devices = $5",
+            e.customer_id,
+            e.license_id,
+            e.plan,
+            e.jwt,
+            e.features.maxDevices,
+        )
+        deployed = await conn.fetchval(
+            "SELECT state = 'running' FROM customer_instances WHERE customer_id = $1",
+            e.customer_id,
+        )
+        queued = await conn.fetchval(
+            "SELECT 1 FROM queue_jobs WHERE customer_id = $1 AND kind = $2 "
+            "AND state IN ('waiting', 'delayed', 'active')",
+            e.customer_id,
+            DEPLOY,
+        )
+        await enqueue(
+            conn,
+            customer_id=e.customer_id,
+            kind=UPDATE if deployed or queued else DEPLOY,
+            plan=e.plan,
+            license_id=e.license_id,
+            requested_by="system",
+            at=r.envelope.occurred_at,
+            max_attempts=max_attempts,
+            causation=r.envelope,
+        )
+        wake()
+
+    async def when_customer_closed_queue_removal(
+        conn: Connection, r: Recorded[CustomerClosed]
+    ) -> None:
+        customer_id = r.event.customer_id
+        await conn.execute(
+            "UPDATE customer_licenses SET closed = true WHERE customer_id = $1", customer_id
+        )
+        await enqueue(
+            conn,
+            customer_id=customer_id,
+            kind=DELETE,
+            plan=None,
+            license_id=None,
+            requested_by=r.event.closed_by,
+            at=r.envelope.occurred_at,
+            max_attempts=max_attempts,
+            causation=r.envelope,
+        )
+        wake()
+
+    return [
+        Projection(
+            name="queue_deployments",
+            tables=(),
+            handlers={
+                LicenseIssued: when_license_issued_queue_deployment,
+                CustomerClosed: when_customer_closed_queue_removal,
+            },
+        )
+    ]

@@ -1,0 +1,49 @@
+"""Settings of the provisioner: the queue, and the backend that runs customers' instances."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta
+
+from libs.config import ServiceSettings
+
+
+class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
+    """The queue's limits and timings; where and how instances run."""
+
+    # Jobs running at once across every provisioner replica.
+    queue_concurrency: Annotated[int, Meta(ge=1, le=100)] = 3
+    # Attempts per job (the first one included) before it fails for good.
+    queue_max_retries: Annotated[int, Meta(ge=1, le=20)] = 3
+    # Backoff before the second attempt, doubling for each one after (ms).
+    queue_retry_delay: Annotated[int, Meta(ge=1, le=86_400_000)] = 60_000
+    # A running job's lease: a worker that dies loses its job to another after this long.
+    queue_lease_seconds: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    # How often idle workers look for jobs another replica queued.
+    queue_poll_seconds: Annotated[float, Meta(gt=0, le=60)] = 0.25
+    provisioner_backend: Literal["local", "kubernetes"] = "local"
+    # Derives each instance's database and broker passwords (HMAC), so retries converge.
+    provisioner_secret: Annotated[str, Meta(min_length=32)] | None = None
+    # Where instances fetch the keys that verify their license.
+    license_jwks_url: str = "http://127.0.0.1:8080/.well-known/jwks.json"
+    # --- local backend
+    # A folder for each instance's license file and log.
+    local_instances_dir: str = ".iotistic/instances"
+    # Postgres where each instance gets a database and role (needs CREATEDB and CREATEROLE);
+    # unset: the provisioner's own DATABASE_URL server.
+    local_admin_database_url: str | None = None
+    # The broker instances and devices use, and its dynamic-security admin.
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    mqtt_admin_username: str | None = None
+    mqtt_admin_password: str | None = None
+    # The command that runs an instance (its environment says which customer); space-separated.
+    local_instance_command: str | None = None
+    local_instance_host: str = "127.0.0.1"
+    # How long a started instance has to answer /health/ready.
+    local_ready_timeout_seconds: Annotated[float, Meta(gt=0, le=600)] = 60.0
+    # --- kubernetes backend
+    base_domain: str = "iotistic.cloud"
+    instance_image: str = "ghcr.io/iotistic/iotistic:0.1.0"
+    kubernetes_ready_timeout_seconds: Annotated[float, Meta(gt=0, le=3600)] = 300.0

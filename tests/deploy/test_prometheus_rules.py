@@ -1,0 +1,48 @@
+"""The queue's alert rules load and fire as intended (Debian's promtool), on our metrics."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from services.provisioner.metrics import QueueMetrics
+
+RULES = Path(__file__).parents[2] / "deploy" / "prometheus"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: apt-get install prometheus (the CI script does)"
+    return subprocess.run([binary, *args], cwd=RULES, capture_output=True, text=True, timeout=60)
+
+
+def test_the_rules_are_valid() -> None:
+    result = promtool("check", "rules", "alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 rules found" in result.stdout
+
+
+def test_the_rules_fire_when_they_should_and_only_then() -> None:
+    result = promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_rules_name_only_metrics_the_provisioner_exports() -> None:
+    registry = CollectorRegistry()
+    QueueMetrics(registry)
+    exported = set()
+    for family in registry.collect():
+        exported.add(family.name)
+        exported.update(sample.name for sample in family.samples)
+    rules = yaml.safe_load((RULES / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {"QueueBacklogHigh", "HighFailureRate", "NoActiveWorkers"}
+    used = set()
+    for rule in rules:
+        used.update(re.findall(r"\b(deployment_[a-z_]+)", rule["expr"]))
+    assert used, "the rules use no queue metric"
+    assert used <= exported | {f"{name}_count" for name in exported}, used - exported
