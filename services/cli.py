@@ -121,6 +121,23 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("seq", type=int)
         p.set_defaults(func=cmd_parked_decide, decision=decision)
 
+    provisioner = sub.add_parser("provisioner", help="the provisioner's tools")
+    pv = provisioner.add_subparsers(dest="provisioner_command", required=True)
+    render = pv.add_parser(
+        "render", help="print a customer's Kubernetes manifests as YAML (for GitOps)"
+    )
+    render.add_argument("customer_id")
+    render.add_argument(
+        "--license-file", help="the license JWT to put in (default: the customer's current one)"
+    )
+    render.add_argument("--plan", default="starter", help="plan, with --license-file")
+    render.add_argument(
+        "--include-secrets",
+        action="store_true",
+        help="also print the license and database Secrets (values in clear text)",
+    )
+    render.set_defaults(func=cmd_provisioner_render)
+
     contracts = sub.add_parser("contracts", help="event contracts")
     ct = contracts.add_subparsers(dest="contracts_command", required=True)
     exp = ct.add_parser("export", help="write the JSON Schemas of every event")
@@ -347,6 +364,57 @@ def _print_up(
     table.add_row("data folder", str(data_dir))
     table.add_row("admin token", f"{data_dir / 'secrets' / 'admin-token'}  (file, owner only)")
     console.print(table)
+
+
+# --- provisioner -------------------------------------------------------------------------------
+
+
+def cmd_provisioner_render(args: argparse.Namespace) -> int:
+    """``iotistic provisioner render <customer_id>``: the manifests the kubernetes backend
+    applies, as YAML; Secrets only with ``--include-secrets``."""
+    from services.provisioner.app import kubernetes_settings
+    from services.provisioner.backends.base import InstanceSpec, derive_password
+    from services.provisioner.backends.k8s_manifests import render, render_yaml
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings = load_settings(ProvisionerSettings, environment(args))
+    if args.license_file:
+        jwt, license_id, plan = Path(args.license_file).read_text().strip(), "given", args.plan
+    else:
+        jwt, license_id, plan = asyncio.run(_current_license(settings, args.customer_id))
+    if args.include_secrets and not settings.provisioner_secret:
+        console.print("[red]PROVISIONER_SECRET is needed to render the database Secret[/red]")
+        return 1
+    spec = InstanceSpec(
+        customer_id=args.customer_id,
+        plan=plan,
+        license_jwt=jwt,
+        license_id=license_id,
+        jwks_url=settings.license_jwks_url,
+    )
+    password = derive_password(
+        (settings.provisioner_secret or "").encode(), "database", args.customer_id
+    )
+    objects = render(spec, kubernetes_settings(settings), password)
+    if not args.include_secrets:
+        objects = [o for o in objects if o["kind"] != "Secret"]
+    sys.stdout.write(render_yaml(objects))
+    return 0
+
+
+async def _current_license(settings: ServiceSettings, customer_id: str) -> tuple[str, str, str]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT jwt, license_id, plan FROM provisioner.customer_licenses "
+            "WHERE customer_id = $1",
+            customer_id,
+        )
+    finally:
+        await conn.close()
+    if row is None:
+        raise SystemExit(f"no license has been issued to customer {customer_id}")
+    return row["jwt"], row["license_id"], row["plan"]
 
 
 # --- replay ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from libs.outbox import OutboxRelay
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from services.provisioner.backends.base import Backend
+from services.provisioner.backends.k8s_manifests import KubernetesSettings
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.projections import DEPLOYMENTS
 from services.provisioner.reactors import provisioner_reactors
@@ -30,12 +31,30 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
     def make() -> Backend:
         settings = settings_of(runtime)
         if settings.provisioner_backend == "kubernetes":
-            raise NotImplementedError("the kubernetes backend is not built yet")
+            from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
+
+            return KubernetesBackend(
+                kubernetes_settings(settings),
+                (settings.provisioner_secret or "").encode(),
+                cluster_client,
+                ready_timeout=settings.kubernetes_ready_timeout_seconds,
+            )
         from services.provisioner.backends.local import LocalBackend
 
         return LocalBackend(settings, runtime.db)
 
     return runtime.shared("backend", make)
+
+
+def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
+    """What the rendered Kubernetes objects depend on, from the provisioner's settings."""
+    return KubernetesSettings(
+        base_domain=settings.base_domain,
+        instance_image=settings.instance_image,
+        cluster_issuer=settings.cluster_issuer,
+        ingress_class=settings.ingress_class,
+        storage_class=settings.storage_class,
+    )
 
 
 def relay_of(runtime: ServiceRuntime) -> OutboxRelay:

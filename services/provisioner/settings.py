@@ -47,3 +47,6 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     base_domain: str = "iotistic.cloud"
     instance_image: str = "ghcr.io/iotistic/iotistic:0.1.0"
     kubernetes_ready_timeout_seconds: Annotated[float, Meta(gt=0, le=3600)] = 300.0
+    cluster_issuer: str = "letsencrypt-prod"
+    ingress_class: str = "nginx"
+    storage_class: str | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import logging
 import os
 import shutil
@@ -32,7 +31,13 @@ import httpx
 from libs.db import CONNECTION_ERRORS
 from libs.embedded import free_port
 from libs.mqtt_dynsec import Acl, DynSec, DynSecError
-from services.provisioner.backends.base import BackendError, Deployed, InstanceSpec, Progress
+from services.provisioner.backends.base import (
+    BackendError,
+    Deployed,
+    InstanceSpec,
+    Progress,
+    derive_password,
+)
 from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)
@@ -51,11 +56,6 @@ def instance_name(customer_id: str) -> str:
     except ValueError:
         digits = hashlib.sha256(customer_id.encode()).hexdigest()[:32]
     return f"inst_{digits}"
-
-
-def derive_password(secret: bytes, purpose: str, customer_id: str) -> str:
-    """A customer's password for ``purpose`` (``database``, ``mqtt``): the same on every retry."""
-    return hmac.new(secret, f"{purpose}:{customer_id}".encode(), "sha256").hexdigest()
 
 
 def topic_root(customer_id: str) -> str:

@@ -1,0 +1,311 @@
+"""The ``kubernetes`` backend: server-side apply of each customer's objects, through
+kubernetes-asyncio.
+
+Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
+``application/apply-patch+yaml``, field manager ``iotistic-provisioner``, conflicts forced, so
+the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
+Mosquitto and the instance are ready, reporting progress. Update re-applies the license Secret
+and the instance Deployment; the license annotation on its pod template rolls it. Delete
+removes the namespace and waits until it is gone. The database password is derived from
+``PROVISIONER_SECRET`` (HMAC), so re-applying never changes it; it is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from services.provisioner.backends.base import (
+    BackendError,
+    Deployed,
+    InstanceSpec,
+    Progress,
+    derive_password,
+)
+from services.provisioner.backends.k8s_manifests import (
+    KubernetesSettings,
+    host_of,
+    namespace_of,
+    render,
+)
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "iotistic-provisioner"
+PLURALS = {
+    "Namespace": "namespaces",
+    "ResourceQuota": "resourcequotas",
+    "LimitRange": "limitranges",
+    "NetworkPolicy": "networkpolicies",
+    "Secret": "secrets",
+    "Service": "services",
+    "StatefulSet": "statefulsets",
+    "Deployment": "deployments",
+    "Ingress": "ingresses",
+}
+# Progress while applying: the percent reached once each kind is applied.
+APPLY_STEPS = {
+    "Namespace": (10, "namespace"),
+    "NetworkPolicy": (20, "quota and network policy"),
+    "Secret": (30, "secrets"),
+    "StatefulSet": (50, "postgres"),
+    "Deployment": (70, "workloads"),
+    "Ingress": (80, "ingress"),
+}
+WORKLOADS = (("StatefulSet", "postgres"), ("Deployment", "mosquitto"), ("Deployment", "instance"))
+
+
+def object_path(api_version: str, kind: str, name: str, namespace: str | None) -> str:
+    """The REST path of an object: ``/api/v1/...`` or ``/apis/<group>/<version>/...``."""
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    scope = f"/namespaces/{namespace}" if namespace and kind != "Namespace" else ""
+    return f"{base}{scope}/{PLURALS[kind]}/{name}"
+
+
+class KubeApi:
+    """The few calls the backend makes, over kubernetes-asyncio's ApiClient."""
+
+    def __init__(self, api: k8s.ApiClient) -> None:
+        """``api`` is configured for the cluster (in-cluster, kubeconfig, or a given host)."""
+        self._api = api
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        try:
+            result = await self._api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                response_types_map={200: "object", 201: "object", 202: "object"},
+                _return_http_data_only=True,
+                _request_timeout=30,
+            )
+        except ApiException as exc:
+            raise exc from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise BackendError(f"Kubernetes API not reachable: {type(exc).__name__}") from None
+        return result if isinstance(result, dict) else {}
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply ``obj``; returns the object as the server holds it."""
+        meta = obj["metadata"]
+        path = object_path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
+        try:
+            return await self._call(
+                "PATCH",
+                path,
+                body=obj,
+                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            raise _failed(f"applying {obj['kind']} {meta['name']}", exc) from None
+
+    async def get(
+        self, api_version: str, kind: str, name: str, namespace: str | None
+    ) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return await self._call("GET", object_path(api_version, kind, name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _failed(f"reading {kind} {name}", exc) from None
+
+    async def delete(self, api_version: str, kind: str, name: str, namespace: str | None) -> None:
+        """Delete the object (its dependents in the background); fine if it is gone."""
+        try:
+            await self._call(
+                "DELETE",
+                object_path(api_version, kind, name, namespace),
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": "Background",
+                },
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _failed(f"deleting {kind} {name}", exc) from None
+
+
+def _failed(what: str, exc: ApiException) -> BackendError:
+    # The API's message names the field or reason; the body never holds our secrets' values.
+    reason = exc.reason or "error"
+    return BackendError(f"Kubernetes refused {what}: {exc.status} {reason}")
+
+
+def ready(obj: dict[str, Any] | None) -> bool:
+    """Whether a workload has rolled out: observed its generation, wanted replicas ready."""
+    if obj is None:
+        return False
+    status = obj.get("status") or {}
+    wanted = (obj.get("spec") or {}).get("replicas", 1)
+    generation = (obj.get("metadata") or {}).get("generation", 0)
+    if status.get("observedGeneration", 0) < generation:
+        return False
+    if obj.get("kind") == "Deployment":
+        updated = status.get("updatedReplicas", 0)
+        return bool(updated >= wanted and status.get("availableReplicas", 0) >= wanted)
+    return bool(status.get("readyReplicas", 0) >= wanted)
+
+
+class KubernetesBackend:
+    """Runs each customer's instance in a namespace of its own."""
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        settings: KubernetesSettings,
+        secret: bytes,
+        api_client: Callable[[], Awaitable[k8s.ApiClient]],
+        ready_timeout: float = 300.0,
+        poll_seconds: float = 2.0,
+    ) -> None:
+        """``api_client`` makes the configured client at start (in-cluster or kubeconfig)."""
+        self._settings = settings
+        self._secret = secret
+        self._make_client = api_client
+        self._client: k8s.ApiClient | None = None
+        self._ready_timeout = ready_timeout
+        self._poll = poll_seconds
+
+    @property
+    def _api(self) -> KubeApi:
+        if self._client is None:
+            raise BackendError("the kubernetes backend is not started")
+        return KubeApi(self._client)
+
+    async def start(self) -> None:
+        """Connect to the cluster's API."""
+        # kubernetes-asyncio logs whole response bodies at DEBUG, Secrets included: never let
+        # that logger below INFO, whatever LOG_LEVEL says.
+        logging.getLogger("kubernetes_asyncio.client.rest").setLevel(logging.INFO)
+        self._client = await self._make_client()
+
+    async def stop(self) -> None:
+        """Close the connection; what runs in the cluster keeps running."""
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def objects(self, spec: InstanceSpec) -> list[dict[str, Any]]:
+        """The customer's objects, with the derived database password."""
+        if not self._secret:
+            raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
+        password = derive_password(self._secret, "database", spec.customer_id)
+        return render(spec, self._settings, password)
+
+    async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
+        """Apply everything, then wait for Postgres, Mosquitto and the instance."""
+        api = self._api
+        for obj in self.objects(spec):
+            await api.apply(obj)
+            step = APPLY_STEPS.get(obj["kind"])
+            if step is not None:
+                await progress(*step)
+        await self._wait_ready(spec.customer_id, progress, 80)
+        return self._deployed(spec.customer_id)
+
+    async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
+        """New license: re-apply its Secret and the instance, which rolls; wait for it."""
+        api = self._api
+        wanted = {("Secret", "license"), ("Deployment", "instance")}
+        ns = namespace_of(spec.customer_id, self._settings)
+        if await api.get("v1", "Namespace", ns, None) is None:
+            return await self.deploy(spec, progress)
+        for obj in self.objects(spec):
+            if (obj["kind"], obj["metadata"]["name"]) in wanted:
+                await api.apply(obj)
+        await progress(40, "license applied")
+        await self._wait_ready(spec.customer_id, progress, 40)
+        return self._deployed(spec.customer_id)
+
+    async def delete(self, customer_id: str, progress: Progress) -> None:
+        """Delete the namespace (and so everything in it) and wait until it is gone."""
+        api = self._api
+        ns = namespace_of(customer_id, self._settings)
+        await progress(10, "deleting namespace")
+        await api.delete("v1", "Namespace", ns, None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ready_timeout
+        while await api.get("v1", "Namespace", ns, None) is not None:
+            if loop.time() > deadline:
+                raise BackendError(f"namespace {ns} still terminating after {self._ready_timeout}s")
+            await progress(50, "waiting for the namespace to go")
+            await asyncio.sleep(self._poll)
+
+    async def status(self, customer_id: str) -> dict[str, object]:
+        """Release state from the namespace and each workload's readiness."""
+        api = self._api
+        ns = namespace_of(customer_id, self._settings)
+        namespace = await api.get("v1", "Namespace", ns, None)
+        if namespace is None:
+            return {"release": "missing", "components": {}}
+        states = {}
+        for kind, name in WORKLOADS:
+            obj = await api.get("apps/v1", kind, name, ns)
+            states[name] = "missing" if obj is None else ("ready" if ready(obj) else "progressing")
+        phase = (namespace.get("status") or {}).get("phase")
+        release = (
+            "terminating"
+            if phase == "Terminating"
+            else ("deployed" if all(s == "ready" for s in states.values()) else "progressing")
+        )
+        return {"release": release, "namespace": ns, "components": states}
+
+    async def _wait_ready(self, customer_id: str, progress: Progress, start: int) -> None:
+        api = self._api
+        ns = namespace_of(customer_id, self._settings)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ready_timeout
+        reported = -1
+        while True:
+            states = [ready(await api.get("apps/v1", k, n, ns)) for k, n in WORKLOADS]
+            done = sum(states)
+            if done == len(WORKLOADS):
+                return
+            if loop.time() > deadline:
+                waiting = [n for (_, n), ok in zip(WORKLOADS, states, strict=True) if not ok]
+                raise BackendError(
+                    f"not ready after {self._ready_timeout:.0f}s: {', '.join(waiting)}"
+                )
+            if done != reported:
+                reported = done
+                await progress(start + (99 - start) * done // len(WORKLOADS), "readiness")
+            await asyncio.sleep(self._poll)
+
+    def _deployed(self, customer_id: str) -> Deployed:
+        return Deployed(
+            instance_url=f"https://{host_of(customer_id, self._settings)}",
+            components={name: "ready" for _, name in WORKLOADS},
+        )
+
+
+async def cluster_client() -> k8s.ApiClient:
+    """A client for the cluster the provisioner runs in, else the current kubeconfig context."""
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        try:
+            await k8s_config.load_kube_config()
+        except (k8s_config.ConfigException, OSError) as exc:
+            raise BackendError(f"no Kubernetes configuration found: {exc}") from None
+    return k8s.ApiClient()

@@ -1,0 +1,425 @@
+"""The Kubernetes objects of one customer's instance, as plain dicts, in the order they apply.
+
+Namespace ``customer-<id>`` with a ResourceQuota (4 CPU / 4Gi) and LimitRange; a NetworkPolicy
+that isolates it (in: its own pods, the ingress controller to the instance, MQTT from anywhere;
+out: its own pods, DNS, and the control plane's namespace for the JWKS); Secrets for the license
+and the database; Postgres as a StatefulSet with a 10Gi volume; Mosquitto on 1883 and 9001; the
+instance Deployment and Service; an Ingress at ``<id>.<BASE_DOMAIN>`` with TLS by cert-manager.
+``render`` is pure: the same customer, license and password give the same objects, so applying
+them again (a retried job, an update) converges. A new license changes the instance pod
+template's annotation, which rolls the Deployment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from services.provisioner.backends.base import InstanceSpec
+
+PART_OF = "iotistic"
+INSTANCE_PORT = 8080
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """Cluster-specific choices for the rendered objects."""
+
+    base_domain: str = "iotistic.cloud"
+    instance_image: str = "ghcr.io/iotistic/iotistic:0.1.0"
+    postgres_image: str = "postgres:18"
+    mosquitto_image: str = "eclipse-mosquitto:2.0"
+    cluster_issuer: str = "letsencrypt-prod"
+    ingress_class: str = "nginx"
+    ingress_namespace: str = "ingress-nginx"
+    control_plane_namespace: str = "iotistic"
+    storage_class: str | None = None
+    namespace_prefix: str = "customer-"
+
+
+def dns_label(customer_id: str) -> str:
+    """The customer id as a DNS-1123 label (lower case, a-z0-9 and '-', at most 63)."""
+    label = re.sub(r"[^a-z0-9-]", "-", customer_id.lower()).strip("-")
+    return label[:63].rstrip("-") or "customer"
+
+
+def namespace_of(customer_id: str, settings: KubernetesSettings) -> str:
+    """``customer-<id>``."""
+    return dns_label(f"{settings.namespace_prefix}{dns_label(customer_id)}")
+
+
+def host_of(customer_id: str, settings: KubernetesSettings) -> str:
+    """``<id>.<base domain>``, where the customer's instance answers."""
+    return f"{dns_label(customer_id)}.{settings.base_domain}"
+
+
+def _meta(name: str, namespace: str | None, customer_id: str, **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {
+            "app.kubernetes.io/part-of": PART_OF,
+            "app.kubernetes.io/managed-by": "iotistic-provisioner",
+            "iotistic.io/customer-id": dns_label(customer_id),
+            **extra.pop("labels", {}),
+        },
+        **extra,
+    }
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return meta
+
+
+def render(
+    spec: InstanceSpec, settings: KubernetesSettings, db_password: str
+) -> list[dict[str, Any]]:
+    """Every object of the customer's instance, in apply order."""
+    cid = spec.customer_id
+    ns = namespace_of(cid, settings)
+    database = "iotistic"
+    db_url = f"postgresql://iotistic:{db_password}@postgres.{ns}.svc:5432/{database}"
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(ns, None, cid)},
+        _quota(ns, cid),
+        _limits(ns, cid),
+        _network_policy(ns, cid, settings),
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta("license", ns, cid),
+            "type": "Opaque",
+            "stringData": {"license.jwt": spec.license_jwt, "license-id": spec.license_id},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta("database", ns, cid),
+            "type": "Opaque",
+            "stringData": {
+                "user": "iotistic",
+                "password": db_password,
+                "database": database,
+                "url": db_url,
+            },
+        },
+        _postgres_service(ns, cid),
+        _postgres(ns, cid, settings),
+        _mosquitto_service(ns, cid),
+        _mosquitto(ns, cid, settings),
+        _instance_service(ns, cid),
+        _instance(spec, ns, settings),
+        _ingress(ns, cid, settings),
+    ]
+
+
+def _quota(ns: str, cid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": _meta("customer-quota", ns, cid),
+        "spec": {
+            "hard": {
+                "requests.cpu": "4",
+                "requests.memory": "4Gi",
+                "limits.cpu": "4",
+                "limits.memory": "4Gi",
+                "persistentvolumeclaims": "4",
+                "requests.storage": "20Gi",
+            }
+        },
+    }
+
+
+def _limits(ns: str, cid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": _meta("container-defaults", ns, cid),
+        "spec": {
+            "limits": [
+                {
+                    "type": "Container",
+                    "default": {"cpu": "500m", "memory": "512Mi"},
+                    "defaultRequest": {"cpu": "100m", "memory": "128Mi"},
+                    "max": {"cpu": "2", "memory": "2Gi"},
+                }
+            ]
+        },
+    }
+
+
+def _network_policy(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
+    same_namespace: dict[str, Any] = {"podSelector": {}}
+
+    def namespace(name: str) -> dict[str, Any]:
+        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta("isolate-customer", ns, cid),
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": [same_namespace]},
+                {
+                    "from": [namespace(settings.ingress_namespace)],
+                    "ports": [{"protocol": "TCP", "port": INSTANCE_PORT}],
+                },
+                {
+                    # Devices connect from anywhere, to the broker only.
+                    "from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+                    "ports": [{"protocol": "TCP", "port": 1883}, {"protocol": "TCP", "port": 9001}],
+                },
+            ],
+            "egress": [
+                {"to": [same_namespace]},
+                {
+                    "to": [namespace("kube-system")],
+                    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+                },
+                {"to": [namespace(settings.control_plane_namespace)]},
+            ],
+        },
+    }
+
+
+def _service(
+    name: str, ns: str, cid: str, ports: list[dict[str, Any]], headless: bool = False
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"selector": {"app.kubernetes.io/name": name}, "ports": ports}
+    if headless:
+        spec["clusterIP"] = "None"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, ns, cid, labels={"app.kubernetes.io/name": name}),
+        "spec": spec,
+    }
+
+
+def _postgres_service(ns: str, cid: str) -> dict[str, Any]:
+    return _service(
+        "postgres", ns, cid, [{"name": "postgres", "port": 5432, "targetPort": 5432}], True
+    )
+
+
+def _mosquitto_service(ns: str, cid: str) -> dict[str, Any]:
+    return _service(
+        "mosquitto",
+        ns,
+        cid,
+        [
+            {"name": "mqtt", "port": 1883, "targetPort": 1883},
+            {"name": "websockets", "port": 9001, "targetPort": 9001},
+        ],
+    )
+
+
+def _instance_service(ns: str, cid: str) -> dict[str, Any]:
+    return _service("instance", ns, cid, [{"name": "http", "port": 80, "targetPort": "http"}])
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _postgres(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "10Gi"}},
+    }
+    if settings.storage_class:
+        claim["storageClassName"] = settings.storage_class
+    labels = {"app.kubernetes.io/name": "postgres"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _meta("postgres", ns, cid, labels=dict(labels)),
+        "spec": {
+            "serviceName": "postgres",
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "fsGroup": 999},
+                    "containers": [
+                        {
+                            "name": "postgres",
+                            "image": settings.postgres_image,
+                            "ports": [{"name": "postgres", "containerPort": 5432}],
+                            "env": [
+                                _secret_env("POSTGRES_USER", "database", "user"),
+                                _secret_env("POSTGRES_PASSWORD", "database", "password"),
+                                _secret_env("POSTGRES_DB", "database", "database"),
+                                {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
+                            ],
+                            "readinessProbe": {
+                                "exec": {"command": ["pg_isready", "-U", "iotistic"]},
+                                "periodSeconds": 5,
+                            },
+                            "resources": {
+                                "requests": {"cpu": "250m", "memory": "512Mi"},
+                                "limits": {"cpu": "1", "memory": "1Gi"},
+                            },
+                            "securityContext": RESTRICTED,
+                            "volumeMounts": [
+                                {"name": "data", "mountPath": "/var/lib/postgresql/data"}
+                            ],
+                        }
+                    ],
+                },
+            },
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": claim}],
+        },
+    }
+
+
+def _mosquitto(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": "mosquitto"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta("mosquitto", ns, cid, labels=dict(labels)),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1883},
+                    "containers": [
+                        {
+                            "name": "mosquitto",
+                            "image": settings.mosquitto_image,
+                            "ports": [
+                                {"name": "mqtt", "containerPort": 1883},
+                                {"name": "websockets", "containerPort": 9001},
+                            ],
+                            "readinessProbe": {"tcpSocket": {"port": 1883}, "periodSeconds": 5},
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "64Mi"},
+                                "limits": {"cpu": "500m", "memory": "256Mi"},
+                            },
+                            "securityContext": RESTRICTED,
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": "instance"}
+    probe = {"httpGet": {"path": "/health/ready", "port": "http"}, "periodSeconds": 5}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta("instance", ns, spec.customer_id, labels=dict(labels)),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    # A new license changes the template, so the Deployment rolls.
+                    "annotations": {"iotistic.io/license-id": spec.license_id},
+                },
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                    "containers": [
+                        {
+                            "name": "instance",
+                            "image": settings.instance_image,
+                            "args": ["run", "--target", "instance"],
+                            "ports": [{"name": "http", "containerPort": INSTANCE_PORT}],
+                            "env": [
+                                {"name": "INSTANCE_CUSTOMER_ID", "value": spec.customer_id},
+                                _secret_env("DATABASE_URL", "database", "url"),
+                                {
+                                    "name": "LICENSE_FILE",
+                                    "value": "/etc/iotistic/license/license.jwt",
+                                },
+                                {"name": "LICENSE_JWKS_URL", "value": spec.jwks_url},
+                                {"name": "HTTP_HOST", "value": "0.0.0.0"},  # noqa: S104
+                                {"name": "HTTP_PORT", "value": str(INSTANCE_PORT)},
+                                {"name": "MQTT_HOST", "value": "mosquitto"},
+                                {"name": "MQTT_PORT", "value": "1883"},
+                            ],
+                            "readinessProbe": probe,
+                            "livenessProbe": {
+                                "httpGet": {"path": "/health/live", "port": "http"},
+                                "periodSeconds": 10,
+                            },
+                            "resources": {
+                                "requests": {"cpu": "250m", "memory": "256Mi"},
+                                "limits": {"cpu": "1", "memory": "1Gi"},
+                            },
+                            "securityContext": {**RESTRICTED, "readOnlyRootFilesystem": True},
+                            "volumeMounts": [
+                                {
+                                    "name": "license",
+                                    "mountPath": "/etc/iotistic/license",
+                                    "readOnly": True,
+                                },
+                                {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "license", "secret": {"secretName": "license"}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _ingress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
+    host = host_of(cid, settings)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": _meta(
+            "instance",
+            ns,
+            cid,
+            annotations={"cert-manager.io/cluster-issuer": settings.cluster_issuer},
+        ),
+        "spec": {
+            "ingressClassName": settings.ingress_class,
+            "tls": [{"hosts": [host], "secretName": "instance-tls"}],
+            "rules": [
+                {
+                    "host": host,
+                    "http": {
+                        "paths": [
+                            {
+                                "path": "/",
+                                "pathType": "Prefix",
+                                "backend": {
+                                    "service": {"name": "instance", "port": {"name": "http"}}
+                                },
+                            }
+                        ]
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_yaml(objects: list[dict[str, Any]]) -> str:
+    """The objects as one multi-document YAML stream."""
+    return str(yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False))

@@ -1,0 +1,141 @@
+"""STAND-IN for a Kubernetes API server, which cannot run on these machines.
+
+It is not Kubernetes: it answers only what the provisioner's kubernetes backend calls, the way
+the API server documents it — server-side apply (PATCH with ``application/apply-patch+yaml``,
+``fieldManager``, ``force``), GET, and DELETE of a namespace (which terminates, then takes its
+objects with it) — and records every request so tests can check the call sequence. Workloads
+report ready after ``ready_after`` reads, the way a rollout takes a while; a changed spec bumps
+``metadata.generation`` and starts a new rollout. The manifests themselves are checked against
+the real Kubernetes schemas separately (kubernetes-validate).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar import Litestar, Request, Response, route
+from litestar.params import FromPath
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+@dataclass
+class KubeStandIn:
+    """The stand-in's objects, requests, and knobs."""
+
+    ready_after: int = 2
+    gone_after: int = 2
+    token: str = "standin-token"
+    fail_status: int | None = None
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reads: dict[str, int] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def app(self) -> Litestar:
+        """The HTTP server, for uvicorn."""
+
+        @route("/{path:path}", http_method=["GET", "PATCH", "DELETE"], status_code=200)
+        async def handle(request: Request[Any, Any, Any], path: FromPath[str]) -> Response[Any]:
+            body = await request.body()
+            self.requests.append(
+                {
+                    "method": request.method,
+                    "path": path,
+                    "query": dict(request.query_params),
+                    "content_type": request.headers.get("content-type", ""),
+                    "body": json.loads(body) if body else None,
+                }
+            )
+            if request.headers.get("authorization") != f"Bearer {self.token}":
+                return _status(401, "Unauthorized", "no valid bearer token")
+            if self.fail_status is not None:
+                return _status(self.fail_status, "InternalError", "injected failure")
+            if request.method == "PATCH":
+                return self._apply(path, request, json.loads(body))
+            if request.method == "DELETE":
+                return self._delete(path)
+            return self._get(path)
+
+        return Litestar([handle], debug=False)
+
+    def _apply(
+        self, path: str, request: Request[Any, Any, Any], obj: dict[str, Any]
+    ) -> Response[Any]:
+        if request.headers.get("content-type") != "application/apply-patch+yaml":
+            return _status(415, "UnsupportedMediaType", "server-side apply needs apply-patch+yaml")
+        if not request.query_params.get("fieldManager"):
+            return _status(422, "Invalid", "fieldManager is required for apply")
+        stored = self.objects.get(path)
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        if stored is None:
+            meta["generation"] = 1
+            meta["uid"] = f"uid-{len(self.objects) + 1}"
+        else:
+            meta["uid"] = stored["metadata"]["uid"]
+            same = (
+                stored.get("spec") == obj.get("spec")
+                and stored.get("data") == obj.get("data")
+                and stored.get("stringData") == obj.get("stringData")
+            )
+            meta["generation"] = stored["metadata"]["generation"] + (0 if same else 1)
+            if not same:
+                self.reads[path] = 0  # a new rollout
+        obj["status"] = {"phase": "Active"} if obj.get("kind") == "Namespace" else {}
+        self.objects[path] = obj
+        return Response(obj, status_code=201 if stored is None else 200)
+
+    def _get(self, path: str) -> Response[Any]:
+        obj = self.objects.get(path)
+        if obj is None:
+            return _status(404, "NotFound", f"{path} not found")
+        self.reads[path] = self.reads.get(path, 0) + 1
+        terminating = obj.get("kind") == "Namespace" and obj["status"].get("phase") == "Terminating"
+        if terminating and self.reads[path] >= self.gone_after:
+            prefix = f"namespaces/{obj['metadata']['name']}/"
+            for key in [k for k in self.objects if prefix in k or k == path]:
+                del self.objects[key]
+            return _status(404, "NotFound", f"{path} not found")
+        if obj.get("kind") in WORKLOAD_KINDS and self.reads[path] >= self.ready_after:
+            replicas = obj.get("spec", {}).get("replicas", 1)
+            obj["status"] = {
+                "observedGeneration": obj["metadata"]["generation"],
+                "replicas": replicas,
+                "readyReplicas": replicas,
+                "updatedReplicas": replicas,
+                "availableReplicas": replicas,
+            }
+        return Response(obj)
+
+    def _delete(self, path: str) -> Response[Any]:
+        obj = self.objects.get(path)
+        if obj is None:
+            return _status(404, "NotFound", f"{path} not found")
+        obj["status"] = {"phase": "Terminating"}
+        self.reads[path] = 0
+        return Response(obj, status_code=202)
+
+    def applied(self) -> list[tuple[str, str]]:
+        """(kind, name) of every apply, in order."""
+        return [
+            (r["body"]["kind"], r["body"]["metadata"]["name"])
+            for r in self.requests
+            if r["method"] == "PATCH"
+        ]
+
+
+def _status(code: int, reason: str, message: str) -> Response[Any]:
+    return Response(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        },
+        status_code=code,
+    )

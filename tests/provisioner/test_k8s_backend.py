@@ -1,0 +1,263 @@
+"""The kubernetes backend: its manifests against the real Kubernetes schemas (offline, with
+kubernetes-validate), and its calls against a STAND-IN of the API server (tests/k8s_standin.py),
+since no API server can run here.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from k8s_standin import KubeStandIn
+from kubernetes_asyncio import client as k8s
+
+from services.provisioner.backends.base import BackendError, InstanceSpec
+from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.k8s_manifests import KubernetesSettings, render, render_yaml
+from support import serving
+
+CUSTOMER = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
+NS = f"customer-{CUSTOMER}"
+K8S_VERSION = "1.37.0"
+SECRET = b"k" * 40
+STANDIN_TOKEN = KubeStandIn().token
+
+
+def spec(license_id: str = "lic-1", jwt: str = "header.claims.signature-one") -> InstanceSpec:
+    return InstanceSpec(
+        customer_id=CUSTOMER,
+        plan="starter",
+        license_jwt=jwt,
+        license_id=license_id,
+        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
+    )
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
+    standin = KubeStandIn()
+    async with serving(standin.app()) as http:
+        yield standin, str(http.base_url)
+
+
+def backend_for(url: str, token: str = STANDIN_TOKEN) -> KubernetesBackend:
+    async def make() -> k8s.ApiClient:
+        configuration = k8s.Configuration(host=url)
+        configuration.api_key = {"BearerToken": token}
+        configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        return k8s.ApiClient(configuration)
+
+    return KubernetesBackend(
+        KubernetesSettings(), SECRET, make, ready_timeout=20, poll_seconds=0.05
+    )
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []
+
+    async def __call__(self, percent: int, step: str) -> None:
+        self.seen.append((percent, step))
+
+
+def test_every_manifest_is_valid_against_the_kubernetes_schemas() -> None:
+    objects = render(spec(), KubernetesSettings(storage_class="fast"), "p" * 64)
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    kinds = [o["kind"] for o in objects]
+    assert kinds[0] == "Namespace"
+    assert set(kinds) == {
+        "Namespace",
+        "ResourceQuota",
+        "LimitRange",
+        "NetworkPolicy",
+        "Secret",
+        "Service",
+        "StatefulSet",
+        "Deployment",
+        "Ingress",
+    }
+
+
+def test_a_broken_manifest_is_caught_by_the_schema_check() -> None:
+    deployment = next(
+        o for o in render(spec(), KubernetesSettings(), "p") if o["kind"] == "Deployment"
+    )
+    deployment["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_the_manifests_say_what_the_design_asks() -> None:
+    objects = render(spec(), KubernetesSettings(base_domain="example.io"), "secret-pw")
+    assert objects == render(spec(), KubernetesSettings(base_domain="example.io"), "secret-pw")
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    assert all(o["metadata"].get("namespace", NS) == NS for o in objects)
+    quota = by[("ResourceQuota", "customer-quota")]["spec"]["hard"]
+    assert (quota["limits.cpu"], quota["limits.memory"]) == ("4", "4Gi")
+    postgres = by[("StatefulSet", "postgres")]["spec"]
+    assert postgres["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    ports = {p["port"] for p in by[("Service", "mosquitto")]["spec"]["ports"]}
+    assert ports == {1883, 9001}
+    ingress = by[("Ingress", "instance")]
+    assert ingress["spec"]["rules"][0]["host"] == f"{CUSTOMER}.example.io"
+    assert ingress["spec"]["tls"][0]["hosts"] == [f"{CUSTOMER}.example.io"]
+    assert "cert-manager.io/cluster-issuer" in ingress["metadata"]["annotations"]
+    instance = by[("Deployment", "instance")]["spec"]["template"]
+    assert instance["metadata"]["annotations"]["iotistic.io/license-id"] == "lic-1"
+    container = instance["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert by[("Secret", "license")]["stringData"]["license.jwt"] == spec().license_jwt
+    policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert list(yaml.safe_load_all(render_yaml(objects))) == objects
+
+
+async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog) -> None:
+    standin, url = cluster
+    backend = backend_for(url)
+    steps = Steps()
+    await backend.start()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            deployed = await backend.deploy(spec(), steps)
+    finally:
+        await backend.stop()
+    patches = [r for r in standin.requests if r["method"] == "PATCH"]
+    assert [o["kind"] for o in render(spec(), KubernetesSettings(), "x")] == [
+        r["body"]["kind"] for r in patches
+    ]
+    for request in patches:
+        assert request["content_type"] == "application/apply-patch+yaml"
+        assert request["query"] == {"fieldManager": "iotistic-provisioner", "force": "true"}
+    assert patches[0]["path"].rstrip("/").endswith(f"/api/v1/namespaces/{NS}")
+    assert any(
+        p["path"].endswith(f"/apis/apps/v1/namespaces/{NS}/deployments/instance") for p in patches
+    )
+    reads = [r for r in standin.requests if r["method"] == "GET"]
+    assert len(reads) >= 3 * standin.ready_after  # it polled until the rollouts were ready
+    percents = [p for p, _ in steps.seen]
+    assert percents == sorted(percents) and percents[-1] >= 80
+    assert deployed.instance_url == f"https://{CUSTOMER}.iotistic.cloud"
+    assert deployed.components == {"postgres": "ready", "mosquitto": "ready", "instance": "ready"}
+    password = standin.objects[f"/api/v1/namespaces/{NS}/secrets/database"]["stringData"][
+        "password"
+    ]
+    logged = caplog.text
+    assert password not in logged and spec().license_jwt not in logged
+
+
+async def test_a_retried_deploy_converges_on_the_same_objects(cluster) -> None:
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), Steps())
+        first = {k: v["metadata"]["generation"] for k, v in standin.objects.items()}
+        await backend.deploy(spec(), Steps())
+    finally:
+        await backend.stop()
+    assert {k: v["metadata"]["generation"] for k, v in standin.objects.items()} == first
+
+
+async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), Steps())
+        applied_before = len(standin.applied())
+        await backend.update(spec("lic-2", "header.claims.signature-two"), Steps())
+        status = await backend.status(CUSTOMER)
+    finally:
+        await backend.stop()
+    assert standin.applied()[applied_before:] == [("Secret", "license"), ("Deployment", "instance")]
+    instance = standin.objects[f"/apis/apps/v1/namespaces/{NS}/deployments/instance"]
+    assert instance["metadata"]["generation"] == 2
+    assert (
+        instance["spec"]["template"]["metadata"]["annotations"]["iotistic.io/license-id"] == "lic-2"
+    )
+    secret = standin.objects[f"/api/v1/namespaces/{NS}/secrets/license"]["stringData"]
+    assert secret["license.jwt"] == "header.claims.signature-two"
+    assert status["release"] == "deployed"
+
+
+async def test_delete_removes_the_namespace_and_waits_until_it_is_gone(cluster) -> None:
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), Steps())
+        await backend.delete(CUSTOMER, Steps())
+        status = await backend.status(CUSTOMER)
+        await backend.delete(CUSTOMER, Steps())  # again: nothing left, still fine
+    finally:
+        await backend.stop()
+    deletes = [r for r in standin.requests if r["method"] == "DELETE"]
+    assert deletes[0]["path"].endswith(f"/api/v1/namespaces/{NS}")
+    assert standin.objects == {}
+    assert status == {"release": "missing", "components": {}}
+
+
+async def test_api_failures_and_an_unreachable_server_are_backend_errors(cluster) -> None:
+    standin, url = cluster
+    standin.fail_status = 500
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        with pytest.raises(BackendError, match="500"):
+            await backend.deploy(spec(), Steps())
+    finally:
+        await backend.stop()
+    standin.fail_status = None
+    wrong = backend_for(url, token="wrong")
+    await wrong.start()
+    try:
+        with pytest.raises(BackendError, match="401"):
+            await wrong.deploy(spec(), Steps())
+    finally:
+        await wrong.stop()
+    from libs.embedded import free_port
+
+    nowhere = backend_for(f"http://127.0.0.1:{free_port()}")
+    await nowhere.start()
+    try:
+        with pytest.raises(BackendError, match="not reachable"):
+            await nowhere.deploy(spec(), Steps())
+    finally:
+        await nowhere.stop()
+
+
+def test_render_command_prints_manifests_without_secrets_unless_asked(tmp_path: Path) -> None:
+    license_file = tmp_path / "license.jwt"
+    license_file.write_text("header.claims.render-signature")
+    command = [
+        str(Path(sys.executable).parent / "iotistic"),
+        "provisioner",
+        "render",
+        CUSTOMER,
+        "--license-file",
+        str(license_file),
+    ]
+    env = {"PROVISIONER_SECRET": "r" * 40, "PATH": "/usr/bin:/bin"}
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert plain.returncode == 0, plain.stderr
+    objects: list[dict[str, Any]] = [o for o in yaml.safe_load_all(plain.stdout) if o]
+    assert "Secret" not in {o["kind"] for o in objects}
+    assert "render-signature" not in plain.stdout
+    assert {o["kind"] for o in objects} >= {"Namespace", "Deployment", "Ingress"}
+    full = subprocess.run(
+        [*command, "--include-secrets"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert full.returncode == 0, full.stderr
+    assert "render-signature" in full.stdout
+    for obj in yaml.safe_load_all(full.stdout):
+        if obj:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
