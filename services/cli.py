@@ -13,7 +13,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import asyncpg
 import uvicorn
@@ -31,6 +31,9 @@ from libs.runtime import Platform, connect_nats
 from libs.telemetry import setup_tracing
 from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
+
+if TYPE_CHECKING:
+    from libs.mqtt_broker import EmbeddedMosquitto
 
 log = logging.getLogger("iotistic")
 console = Console(stderr=True)
@@ -308,7 +311,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print("starting Postgres, NATS and Mosquitto ...")
         postgres.start()
         nats_server.start()
-        mosquitto.start()
+        broker = _start_broker(mosquitto)
         database_url = postgres.create_database("iotistic")
         env = {
             **os.environ,
@@ -320,10 +323,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "PROVISIONER_BACKEND": "local",
             "LOCAL_INSTANCES_DIR": str(data_dir / "instances"),
             "LICENSE_JWKS_URL": f"{http_url}/.well-known/jwks.json",
-            "MQTT_HOST": mosquitto.host,
-            "MQTT_PORT": str(mosquitto.port),
-            "MQTT_ADMIN_USERNAME": mosquitto.admin_username,
-            "MQTT_ADMIN_PASSWORD": mosquitto.admin_password,
+            **broker,
         }
         platform = Platform.from_environ(definitions_for("all"), env)
         runtime_file.write_text(
@@ -331,14 +331,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                 {
                     "DATABASE_URL": database_url,
                     "NATS_URL": nats_server.url,
-                    "MQTT_URL": mosquitto.url,
+                    "MQTT_URL": mosquitto.url if broker else None,
                     "HTTP_URL": http_url,
                     "pid": os.getpid(),
                 },
                 indent=2,
             )
         )
-        _print_up(data_dir, database_url, nats_server.url, mosquitto.url, http_url)
+        _print_up(
+            data_dir,
+            database_url,
+            nats_server.url,
+            mosquitto.url if broker else "not running (install mosquitto)",
+            http_url,
+        )
         asyncio.run(serve(platform, "all", args.host, args.port))
     finally:
         runtime_file.unlink(missing_ok=True)
@@ -348,6 +354,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         postgres.stop()
         console.print("stopped; data kept in", str(data_dir))
     return 0
+
+
+def _start_broker(mosquitto: EmbeddedMosquitto) -> dict[str, str]:
+    """Start the device broker; without Mosquitto on the machine, go on without one."""
+    from libs.embedded import EmbeddedServerError
+
+    try:
+        mosquitto.start()
+    except EmbeddedServerError as exc:
+        console.print(f"[yellow]no device broker:[/yellow] {exc}")
+        return {}
+    return {
+        "MQTT_HOST": mosquitto.host,
+        "MQTT_PORT": str(mosquitto.port),
+        "MQTT_ADMIN_USERNAME": mosquitto.admin_username,
+        "MQTT_ADMIN_PASSWORD": mosquitto.admin_password,
+    }
 
 
 def _print_up(

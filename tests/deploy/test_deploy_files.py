@@ -630,3 +630,19 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
                 assert not (source == pattern or source.startswith(pattern + "/")), (
                     f"COPY {source} is excluded by {pattern} in {DOCKERIGNORE.name}"
                 )
+
+
+def test_the_provisioner_rbac_grants_what_the_kubernetes_backend_applies() -> None:
+    from services.provisioner.backends.k8s import PLURALS
+
+    template = (TEMPLATES / "provisioner-rbac.yaml").read_text()
+    assert "kubernetesBackend.enabled" in template
+    assert values()["targets"]["provisioner"]["kubernetesBackend"]["enabled"] is False
+    for kind in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding"):
+        assert f"kind: {kind}" in template
+    granted = set(
+        re.findall(r'"([a-z]+)"', " ".join(re.findall(r"resources: \[(.*?)\]", template)))
+    )
+    assert set(PLURALS.values()) <= granted, set(PLURALS.values()) - granted
+    verbs = set(re.findall(r'"([a-z]+)"', " ".join(re.findall(r"verbs: \[(.*?)\]", template))))
+    assert verbs == {"get", "create", "patch", "delete"}

@@ -1,5 +1,6 @@
-"""The upgrade flow on `iotistic up`, as a new user tries it: signup, trial, checkout URL,
-Stripe's signed webhooks, a professional license; then `replay billing --verify` is clean.
+"""The upgrade flow on `iotistic up`, as a new user tries it: signup, trial, an instance of
+their own, checkout URL, Stripe's signed webhooks, a professional license that reaches the
+instance, the instance removed; then `replay billing --verify` is clean.
 
 Stripe's API is the labelled STAND-IN (tests/stripe_standin.py), reached by the real command
 through STRIPE_API_BASE; everything else is the command as shipped.
@@ -14,11 +15,13 @@ import signal
 import subprocess
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from test_platform import IOTISTIC, wait_status
 
 from libs.embedded import free_port
+from services.provisioner.backends.local import instance_name
 from stripe_signing import SECRET, sign
 from stripe_standin import API_KEY, StripeStandIn
 from support import eventually, license_keys_dir, serving
@@ -26,6 +29,17 @@ from support import eventually, license_keys_dir, serving
 pytestmark = pytest.mark.slow
 
 PRO = "price_pro_up"
+
+
+async def instance_license(url: str) -> dict:
+    """The license the instance at ``url`` runs under; {} when nothing answers."""
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            return (await client.get(f"{url}/api/license")).json()
+    except httpx.TransportError:
+        return {}
+
+
 ACCOUNT = {
     "email": "Newcomer@Example.com",
     "password": "a long passphrase",
@@ -87,6 +101,45 @@ async def test_upgrade_flow_end_to_end_on_iotistic_up(tmp_path: Path) -> None:
                 )
                 assert me.json()["subscription"]["status"] == "active"
                 assert me.json()["license"]["features"]["webhooks"] is True
+
+                # The instance came up at signup and now runs the professional license.
+                me = await eventually(
+                    lambda: api.get("/api/customers/me", headers=auth),
+                    lambda r: r.json()["deployment"]["status"] == "ready",
+                    what="the instance deployed and updated",
+                )
+                url = me.json()["deployment"]["instance_url"]
+                held = await eventually(
+                    lambda: instance_license(url),
+                    lambda held: held.get("plan") == "professional",
+                    what="the instance running the professional license",
+                )
+                assert held["customer_id"] == signed.json()["customer"]["customer_id"]
+
+                # The operator removes it: the process stops and its database is dropped.
+                customer_id = signed.json()["customer"]["customer_id"]
+                token = (data_dir / "secrets" / "admin-token").read_text().strip()
+                admin = {"Authorization": f"Bearer {token}"}
+                removal = await api.delete(
+                    f"/api/customers/{customer_id}/deployment", headers=admin
+                )
+                assert removal.status_code == 202, removal.text
+                await eventually(
+                    lambda: api.get(f"/api/queue/jobs/{removal.json()['id']}", headers=admin),
+                    lambda r: r.json()["state"] == "completed",
+                    what="the delete job completed",
+                )
+                assert await instance_license(url) == {}
+                runtime = json.loads((data_dir / "runtime.json").read_text())
+                conn = await asyncpg.connect(runtime["DATABASE_URL"])
+                try:
+                    left = await conn.fetchval(
+                        "SELECT count(*) FROM pg_database WHERE datname = $1",
+                        instance_name(customer_id),
+                    )
+                finally:
+                    await conn.close()
+                assert left == 0
 
             verify = subprocess.run(
                 [IOTISTIC, "--data-dir", str(data_dir), "replay", "billing", "--verify"],
