@@ -6,10 +6,13 @@ from typing import Any
 
 from contracts import (
     DeploymentFailed,
+    DeploymentJobRemoved,
     DeploymentProgressed,
     DeploymentRequested,
+    DeploymentRetried,
     DeploymentStarted,
     DeploymentSucceeded,
+    DeploymentSuperseded,
 )
 from libs.db import Connection
 from libs.projections import Projection, Recorded, update_row
@@ -87,6 +90,29 @@ async def when_deployment_failed_record_failure(
     )
 
 
+async def when_deployment_retried_mark_waiting(
+    conn: Connection, r: Recorded[DeploymentRetried]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "state = 'waiting', attempts = 0, progress = 0, step = NULL, error = NULL, "
+        "finished_at = NULL",
+    )
+
+
+async def when_deployment_superseded_mark_it(
+    conn: Connection, r: Recorded[DeploymentSuperseded]
+) -> None:
+    await _update(conn, r, "state = 'superseded', finished_at = $2", r.envelope.occurred_at)
+
+
+async def when_deployment_job_removed_forget_it(
+    conn: Connection, r: Recorded[DeploymentJobRemoved]
+) -> None:
+    await conn.execute("DELETE FROM deployments WHERE job_id = $1", r.event.job_id)
+
+
 DEPLOYMENTS = Projection(
     name="deployments",
     tables=("deployments",),
@@ -96,5 +122,8 @@ DEPLOYMENTS = Projection(
         DeploymentProgressed: when_deployment_progressed_record_progress,
         DeploymentSucceeded: when_deployment_succeeded_mark_completed,
         DeploymentFailed: when_deployment_failed_record_failure,
+        DeploymentRetried: when_deployment_retried_mark_waiting,
+        DeploymentSuperseded: when_deployment_superseded_mark_it,
+        DeploymentJobRemoved: when_deployment_job_removed_forget_it,
     },
 )

@@ -35,7 +35,13 @@ from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import Platform
 from services.provisioner.backends.local import derive_password, instance_name
 from services.targets import CONTROL_PLANE, build_app
-from support import eventually, license_keys_dir, serving, signed_license_issued
+from support import (
+    assert_replays_clean,
+    eventually,
+    license_keys_dir,
+    serving,
+    signed_license_issued,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -378,3 +384,7 @@ async def test_the_admin_page_lists_jobs_and_its_buttons_work(
     )
     assert cleaned.status_code == 303
     assert (await client.get(f"/api/queue/jobs/{job['id']}", headers=admin)).status_code == 404
+
+
+async def test_replay_verify_of_every_service_is_clean_after_the_flows(platform, store) -> None:
+    await assert_replays_clean(platform.settings.database_url, store, list(CONTROL_PLANE.values()))
