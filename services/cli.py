@@ -323,6 +323,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "PROVISIONER_BACKEND": "local",
             "LOCAL_INSTANCES_DIR": str(data_dir / "instances"),
             "LICENSE_JWKS_URL": f"{http_url}/.well-known/jwks.json",
+            "CONTROL_PLANE_URL": http_url,
             **broker,
         }
         platform = Platform.from_environ(definitions_for("all"), env)

@@ -202,3 +202,27 @@ def signed_license_issued(customer_id: str, *, plan: str = "starter") -> License
         grace_until=None,
         reason="test",
     )
+
+
+def local_backend_settings(
+    broker: Any, port: int, folder: Path, **extra: object
+) -> dict[str, object]:
+    """Settings for a platform whose provisioner runs instances here (the local backend),
+    on ``broker`` (an EmbeddedMosquitto), with its HTTP app on ``port``."""
+    return {
+        "license_keys_dir": license_keys_dir(),
+        "argon2_memory_kib": 8192,
+        "argon2_time_cost": 1,
+        "provisioner_secret": "p" * 40,
+        "license_jwks_url": f"http://127.0.0.1:{port}/.well-known/jwks.json",
+        "control_plane_url": f"http://127.0.0.1:{port}",
+        "local_instances_dir": str(folder / "instances"),
+        "local_ready_timeout_seconds": 30,
+        "queue_retry_delay": 300,
+        "queue_lease_seconds": 5,
+        "mqtt_host": broker.host,
+        "mqtt_port": broker.port,
+        "mqtt_admin_username": broker.admin_username,
+        "mqtt_admin_password": broker.admin_password,
+        **extra,
+    }

@@ -1,124 +1,154 @@
-"""The customer instance (target ``instance``): for now its health and its license.
+"""The customer instance (target ``instance``): devices, ingest, queries, usage and its license.
 
-The instance verifies its license with the control plane's public keys only (the JWKS) and
-re-reads it on SIGHUP, which is how the local backend hands it a renewed or changed license.
-Devices, readings, alerts and the dashboard come with the instance issue.
+One process per customer, with a database of its own. Routes under ``/api`` need the
+customer's session token (checked with the control plane) and count against the license's
+``apiRequestsPerDay``; a session of another customer gets 404, as if nothing were here. An
+expired license (after its grace) makes the instance read-only: queries answer, ingest and
+changes stop, and every answer about it says why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import io
 import logging
 import signal
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import httpx
-from litestar import Litestar, get
+from litestar import Litestar, Request, delete, get, post
+from litestar.params import FromPath, JSONBody
+from litestar.response import Stream
 from prometheus_client import CollectorRegistry, Gauge
 
 from contracts.license import LicenseClaims
-from libs.db import CONNECTION_ERRORS
-from libs.http import create_app
-from libs.license_verify import InvalidLicense, LicenseVerifier, Status
+from libs.auth import bearer
+from libs.db import CONNECTION_ERRORS, create_pool, load_migrations, migrate
+from libs.http import (
+    DomainError,
+    InvalidRequest,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    create_app,
+)
+from services.instance.auth import ControlPlaneUnavailable, CustomerSessions
+from services.instance.devices import (
+    BrokerUnavailable,
+    DeviceLimitReached,
+    Devices,
+    device_view,
+)
+from services.instance.ingest import Ingest, IngestMetrics
+from services.instance.license import LicenseHolder, keep_license_current
+from services.instance.readings import (
+    BUCKETS,
+    METRICS,
+    aggregate,
+    drop_expired_partitions,
+    latest,
+    parse_metrics,
+)
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
 
+SCHEMA = "instance"
+BODY_LIMIT = 4096
+CSV_ROWS = 1_000_000
 
-class LicenseHolder:
-    """The instance's current license: read, verified, and kept while a newer one is bad."""
 
-    def __init__(self, settings: InstanceSettings, registry: CollectorRegistry) -> None:
-        self._settings = settings
-        self._verifier: LicenseVerifier | None = None
-        self.claims: LicenseClaims | None = None
-        self.error: str | None = None
-        self._valid = Gauge(
-            "iotistic_instance_license_valid",
-            "1 while the instance holds an authentic license (active, grace or expired)",
-            registry=registry,
-        )
-        self._expires = Gauge(
-            "iotistic_instance_license_expires_timestamp_seconds",
-            "When the instance's license expires (exp)",
-            registry=registry,
-        )
+class Forbidden(DomainError):
+    """403: the license does not allow it (or the instance is read-only)."""
 
-    def _token(self) -> str:
-        if self._settings.license_file:
-            return Path(self._settings.license_file).read_text().strip()
-        return (self._settings.license_jwt or "").strip()
+    status_code = 403
+    code = "forbidden"
 
-    async def _fetch_keys(self) -> LicenseVerifier:
-        async with httpx.AsyncClient(timeout=5) as client:
-            answer = await client.get(self._settings.license_jwks_url)
-            answer.raise_for_status()
-        return LicenseVerifier.from_jwks(answer.json(), issuer=self._settings.license_issuer)
 
-    async def load(self) -> None:
-        """Read and verify the license; on failure keep the last good one and say why."""
-        try:
-            token = self._token()
-            if self._verifier is None:
-                self._verifier = await self._fetch_keys()
-            try:
-                claims = self._verifier.authentic(token)
-            except InvalidLicense as exc:
-                if exc.reason != "unknown_kid":
-                    raise
-                self._verifier = await self._fetch_keys()  # keys rotated since we fetched
-                claims = self._verifier.authentic(token)
-        except InvalidLicense as exc:
-            self.error = f"license rejected ({exc.reason}): {exc}"
-        except (OSError, httpx.HTTPError, ValueError) as exc:
-            self.error = f"license not loaded: {type(exc).__name__}: {exc}"
-        else:
-            if claims.customerId != self._settings.instance_customer_id:
-                self.error = "license rejected: it names another customer"
-            else:
-                self.claims, self.error = claims, None
-                self._expires.set(claims.exp)
-        self._valid.set(1 if self.claims is not None else 0)
-        if self.error:
-            log.warning("%s", self.error)
+class BadGateway(DomainError):
+    """502: the broker or the control plane did not do its part; try again."""
 
-    def status(self, now: datetime) -> Status | None:
-        """Where the held license stands now."""
-        if self.claims is None or self._verifier is None:
-            return None
-        moment = now.timestamp()
-        if moment <= self.claims.exp:
-            return "active"
-        grace = self.claims.graceUntil
-        if grace is not None and moment <= datetime.fromisoformat(grace).timestamp():
-            return "grace"
-        return "expired"
+    status_code = 502
+    code = "upstream_error"
+
+
+def _time_param(value: str | None, field: str, default: datetime) -> datetime:
+    if not value:
+        return default
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            "invalid request", fields=[{"field": field, "reason": "must be an RFC 3339 time"}]
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def create_instance_app(settings: InstanceSettings) -> Litestar:
-    """The instance's HTTP app: health, readiness (database and license) and its license."""
+    """The instance's HTTP app and, in its lifespan, ingest and housekeeping."""
     registry = CollectorRegistry()
     holder = LicenseHolder(settings, registry)
     state: dict[str, asyncpg.Pool] = {}
+    metrics = IngestMetrics(registry)
+    ingest = Ingest(settings, lambda: state.get("pool"), holder, metrics)
+    sessions = CustomerSessions(settings.control_plane_url, settings.instance_customer_id)
+    devices = Devices(settings)
+    api_today: dict[str, Any] = {"day": datetime.now(UTC).date(), "count": 0}
+    gauges = _usage_gauges(registry)
+
+    def pool() -> asyncpg.Pool:
+        found = state.get("pool")
+        if found is None:
+            raise asyncpg.exceptions.CannotConnectNowError("the database is not reachable yet")
+        return found
+
+    async def connect() -> None:
+        delay = 0.2
+        while "pool" not in state:
+            try:
+                conn = await asyncpg.connect(settings.database_url)
+                try:
+                    await migrate(
+                        conn, SCHEMA, load_migrations("services.instance.migrations", "service")
+                    )
+                finally:
+                    await conn.close()
+                state["pool"] = await create_pool(settings.database_url, SCHEMA, max_size=6)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("database not reachable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        await ingest.load_usage()
+        async with pool().acquire() as conn:
+            api_today["count"] = int(
+                await conn.fetchval(
+                    "SELECT api_requests FROM usage_days WHERE day = $1", api_today["day"]
+                )
+                or 0
+            )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(holder.load()))
-        keeper = loop.create_task(_keep_loading(holder))
-        try:
-            state["pool"] = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            log.warning("database not reachable at start: %s", type(exc).__name__)
+        tasks = [
+            loop.create_task(keep_license_current(holder)),
+            loop.create_task(connect()),
+            loop.create_task(ingest.run()),
+            loop.create_task(_housekeeping(pool, holder, ingest, gauges, api_today)),
+        ]
         try:
             yield
         finally:
-            keeper.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
+                await ingest.flush()
             loop.remove_signal_handler(signal.SIGHUP)
             if "pool" in state:
                 await state["pool"].close()
@@ -132,6 +162,46 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             "license": {"status": status, "error": holder.error},
         }
         return database and status is not None, detail
+
+    async def authorize(request: Request[Any, Any, Any]) -> None:
+        """The customer's own session, API access in the license, and today's quota."""
+        try:
+            who = await sessions.caller(bearer(request))
+        except ControlPlaneUnavailable as exc:
+            raise BadGateway(f"cannot check the session: {exc}") from None
+        if who == "nobody":
+            raise Unauthorized(
+                "a valid session token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if who == "other":
+            raise NotFound("not found")
+        claims = licensed()
+        if not claims.features.apiAccess:
+            raise Forbidden("the license does not include API access")
+        now = datetime.now(UTC)
+        if api_today["day"] != now.date():
+            api_today.update(day=now.date(), count=0)
+        if api_today["count"] >= claims.limits.apiRequestsPerDay:
+            midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+            raise TooManyRequests(
+                f"the license allows {claims.limits.apiRequestsPerDay} API requests a day",
+                int((midnight - now).total_seconds()) + 1,
+            )
+        api_today["count"] += 1
+        ingest.count_api_request()
+
+    def licensed() -> LicenseClaims:
+        claims = holder.claims
+        if claims is None:
+            raise Forbidden("this instance has no valid license yet")
+        return claims
+
+    def writable() -> None:
+        if holder.read_only(datetime.now(UTC)):
+            raise Forbidden(
+                "read-only: the license has expired (its grace period included); renew the "
+                "subscription to make changes and ingest readings again"
+            )
 
     @get("/api/license", tags=["instance"])
     async def license_view() -> dict[str, Any]:
@@ -154,24 +224,298 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             "error": holder.error,
         }
 
+    @post("/api/devices", status_code=201, request_max_body_size=BODY_LIMIT, tags=["devices"])
+    async def register_device(
+        data: JSONBody[dict[str, Any]], request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        """A new device and its broker credentials; the password is shown only here."""
+        await authorize(request)
+        writable()
+        name = _device_name(data)
+        async with pool().acquire() as conn:
+            try:
+                device = await devices.register(conn, name, licensed().features.maxDevices)
+            except DeviceLimitReached as exc:
+                raise Forbidden(str(exc)) from None
+            except BrokerUnavailable as exc:
+                raise BadGateway(str(exc)) from None
+        ingest.know_device(device.device_id)
+        return {
+            "device_id": device.device_id,
+            "name": device.name,
+            "mqtt": {
+                "host": settings.mqtt_host,
+                "port": settings.mqtt_port,
+                "username": device.mqtt_username,
+                "password": device.mqtt_password,
+                "topics": device.topics,
+            },
+            "note": "the password is shown only once; store it on the device",
+        }
+
+    @get("/api/devices", tags=["devices"])
+    async def list_devices(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The customer's devices with their latest values and online state."""
+        await authorize(request)
+        async with pool().acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM devices WHERE deleted_at IS NULL ORDER BY created_at"
+            )
+            newest = await latest(conn, [r["device_id"] for r in rows])
+        now = datetime.now(UTC)
+        return {"devices": [device_view(r, newest.get(r["device_id"]), now) for r in rows]}
+
+    @get("/api/devices/{device_id:str}", tags=["devices"])
+    async def get_device(
+        device_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        """One device."""
+        await authorize(request)
+        async with pool().acquire() as conn:
+            row = await _device(conn, device_id)
+            newest = await latest(conn, [device_id])
+        return device_view(row, newest.get(device_id), datetime.now(UTC))
+
+    @delete("/api/devices/{device_id:str}", status_code=204, tags=["devices"])
+    async def delete_device(device_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
+        """Revoke the device's credentials at once; its readings stay until retention."""
+        await authorize(request)
+        writable()
+        async with pool().acquire() as conn:
+            try:
+                removed = await devices.remove(conn, device_id)
+            except BrokerUnavailable as exc:
+                raise BadGateway(str(exc)) from None
+        if not removed:
+            raise NotFound(f"no device {device_id}")
+        ingest.forget_device(device_id)
+
+    @get("/api/devices/{device_id:str}/readings", tags=["readings"])
+    async def readings(
+        device_id: FromPath[str],
+        request: Request[Any, Any, Any],
+    ) -> dict[str, Any]:
+        """avg/min/max per bucket (``1m``, ``5m``, ``1h``, ``1d``) between ``from`` and ``to``."""
+        await authorize(request)
+        start, end, bucket, metrics_asked = _range(request)
+        async with pool().acquire() as conn:
+            await _device(conn, device_id, include_deleted=True)
+            return await aggregate(conn, device_id, start, end, bucket, metrics_asked)
+
+    @get("/api/devices/{device_id:str}/readings.csv", tags=["readings"])
+    async def readings_csv(device_id: FromPath[str], request: Request[Any, Any, Any]) -> Stream:
+        """Every stored reading between ``from`` and ``to`` as CSV."""
+        await authorize(request)
+        start, end, _, _ = _range(request)
+        async with pool().acquire() as conn:
+            await _device(conn, device_id, include_deleted=True)
+
+        async def rows() -> AsyncIterator[str]:
+            header = io.StringIO()
+            csv.writer(header).writerow(["ts", *METRICS])
+            yield header.getvalue()
+            async with pool().acquire() as conn, conn.transaction():
+                cursor = conn.cursor(
+                    "SELECT ts, " + ", ".join(METRICS) + " FROM readings WHERE device_id = $1 "
+                    "AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
+                    device_id,
+                    start,
+                    end,
+                    CSV_ROWS,
+                )
+                chunk = io.StringIO()
+                writer = csv.writer(chunk)
+                async for row in cursor:
+                    writer.writerow([row["ts"].isoformat(), *(row[m] for m in METRICS)])
+                    if chunk.tell() > 65536:
+                        yield chunk.getvalue()
+                        chunk.seek(0)
+                        chunk.truncate()
+                yield chunk.getvalue()
+
+        return Stream(
+            rows(),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{device_id}.csv"'},
+        )
+
+    @get("/api/readings/latest", tags=["readings"])
+    async def latest_readings(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The newest reading of every device."""
+        await authorize(request)
+        async with pool().acquire() as conn:
+            ids = [
+                r["device_id"]
+                for r in await conn.fetch("SELECT device_id FROM devices WHERE deleted_at IS NULL")
+            ]
+            return {"latest": await latest(conn, ids)}
+
+    @get("/api/usage", tags=["instance"])
+    async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Today's usage against the license's limits."""
+        await authorize(request)
+        claims = licensed()
+        async with pool().acquire() as conn:
+            today = await conn.fetchrow(
+                "SELECT * FROM usage_days WHERE day = $1", datetime.now(UTC).date()
+            )
+            count = await conn.fetchval("SELECT count(*) FROM devices WHERE deleted_at IS NULL")
+            dead = await conn.fetchval("SELECT count(*) FROM dead_letters")
+        return {
+            "day": datetime.now(UTC).date(),
+            "devices": {"used": count, "limit": claims.features.maxDevices},
+            "mqtt_messages": {
+                "used": ingest.accepted_today,
+                "limit": claims.limits.mqttMessagesPerDay,
+            },
+            "api_requests": {"used": api_today["count"], "limit": claims.limits.apiRequestsPerDay},
+            "rejected_readings": today["rejected_readings"] if today else 0,
+            "over_quota_readings": today["over_quota_readings"] if today else 0,
+            "dead_letters": dead,
+            "mode": "read-only" if holder.read_only(datetime.now(UTC)) else "read-write",
+        }
+
+    @get("/api/dead-letters", tags=["readings"])
+    async def dead_letters(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The latest rejected messages and why (payloads cut at 4 KiB)."""
+        await authorize(request)
+        async with pool().acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, received_at, topic, device_id, reason, "
+                "convert_from(substring(payload for 512), 'SQL_ASCII') AS payload "
+                "FROM dead_letters ORDER BY id DESC LIMIT 100"
+            )
+        return {"dead_letters": [dict(r) for r in rows]}
+
     return create_app(
         title=f"Iotistic instance {settings.instance_customer_id}",
-        route_handlers=[license_view],
+        route_handlers=[
+            license_view,
+            register_device,
+            list_devices,
+            get_device,
+            delete_device,
+            readings,
+            readings_csv,
+            latest_readings,
+            usage,
+            dead_letters,
+        ],
         readiness=readiness,
         registry=registry,
         lifespan=[lifespan],
     )
 
 
-async def _keep_loading(holder: LicenseHolder) -> None:
-    # Until the first license is in hand (the control plane may still be starting), retry.
-    delay = 0.2
-    while holder.claims is None:
-        await holder.load()
-        if holder.claims is not None:
-            return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
+def _device_name(data: Any) -> str:
+    fields = []
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            "invalid request", fields=[{"field": "body", "reason": "must be a JSON object"}]
+        )
+    fields += [
+        {"field": str(k)[:64], "reason": "is not a known field"}
+        for k in sorted(set(data) - {"name"}, key=str)
+    ]
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        fields.append({"field": "name", "reason": "is required"})
+    elif len(name) > 100:
+        fields.append({"field": "name", "reason": "must be at most 100 characters"})
+    if fields:
+        raise InvalidRequest("invalid request", fields=fields)
+    return str(name).strip()
+
+
+def _range(request: Request[Any, Any, Any]) -> tuple[datetime, datetime, str, list[str]]:
+    q = request.query_params
+    now = datetime.now(UTC)
+    end = _time_param(q.get("to"), "to", now)
+    start = _time_param(q.get("from"), "from", end - timedelta(hours=24))
+    bucket = q.get("bucket") or "5m"
+    fields = []
+    if bucket not in BUCKETS:
+        fields.append({"field": "bucket", "reason": f"must be one of {', '.join(BUCKETS)}"})
+    if start >= end:
+        fields.append({"field": "from", "reason": "must be before to"})
+    if end - start > timedelta(days=400):
+        fields.append({"field": "from", "reason": "the range may span at most 400 days"})
+    try:
+        asked = parse_metrics(q.get("metrics"))
+    except ValueError as exc:
+        fields.append({"field": "metrics", "reason": str(exc)})
+        asked = []
+    if fields:
+        raise InvalidRequest("invalid request", fields=fields)
+    return start, end, bucket, asked
+
+
+async def _device(
+    conn: asyncpg.Connection, device_id: str, include_deleted: bool = False
+) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM devices WHERE device_id = $1", device_id)
+    if row is None or (row["deleted_at"] is not None and not include_deleted):
+        raise NotFound(f"no device {device_id}")
+    return row
+
+
+def _usage_gauges(registry: CollectorRegistry) -> dict[str, Gauge]:
+    return {
+        "devices": Gauge("iotistic_instance_devices", "Registered devices", registry=registry),
+        "mqtt_messages": Gauge(
+            "iotistic_instance_mqtt_messages_today", "Readings accepted today", registry=registry
+        ),
+        "api_requests": Gauge(
+            "iotistic_instance_api_requests_today", "API requests today", registry=registry
+        ),
+        "rejected": Gauge(
+            "iotistic_instance_rejected_readings_today",
+            "Readings rejected today",
+            registry=registry,
+        ),
+        "storage": Gauge(
+            "iotistic_instance_storage_bytes", "Size of the instance's database", registry=registry
+        ),
+    }
+
+
+async def _housekeeping(
+    pool: Any,
+    holder: LicenseHolder,
+    ingest: Ingest,
+    gauges: dict[str, Gauge],
+    api_today: dict[str, Any],
+) -> None:
+    """Every half minute: usage gauges; every hour: drop partitions past retention."""
+    last_retention = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(30 if last_retention else 2)
+        try:
+            async with pool().acquire() as conn:
+                gauges["devices"].set(
+                    await conn.fetchval("SELECT count(*) FROM devices WHERE deleted_at IS NULL")
+                )
+                today = await conn.fetchrow(
+                    "SELECT * FROM usage_days WHERE day = $1", datetime.now(UTC).date()
+                )
+                gauges["rejected"].set(today["rejected_readings"] if today else 0)
+                gauges["storage"].set(
+                    await conn.fetchval("SELECT pg_database_size(current_database())")
+                )
+                claims = holder.claims
+                if claims is not None and loop.time() - last_retention > 3600:
+                    keep = datetime.now(UTC).date() - timedelta(
+                        days=claims.features.dataRetentionDays
+                    )
+                    dropped = await drop_expired_partitions(conn, keep)
+                    if dropped:
+                        log.info("retention: dropped %s", ", ".join(dropped))
+                    last_retention = loop.time()
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("housekeeping: %s", type(exc).__name__)
+        gauges["mqtt_messages"].set(ingest.accepted_today)
+        gauges["api_requests"].set(api_today["count"])
 
 
 async def _database_ok(pool: asyncpg.Pool | None) -> bool:

@@ -21,6 +21,19 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The control plane's JWKS, fetched at start and when a license names an unknown key.
     license_jwks_url: str
     license_issuer: str = "iotistic-licensing"
+    # The control plane, which vouches for customers' session tokens (GET /api/customers/me).
+    control_plane_url: str = "http://127.0.0.1:8080"
+    # The broker: the instance's own client (ingest) and, to make device credentials, its
+    # dynamic-security admin (the local backend's shared broker; a pod's own in Kubernetes).
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: Port = 1883
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_admin_username: str | None = None
+    mqtt_admin_password: str | None = None
+    # Readings are written in batches: at this many rows, or after this long.
+    ingest_batch_rows: Annotated[int, Meta(ge=1, le=100_000)] = 5000
+    ingest_flush_seconds: Annotated[float, Meta(gt=0, le=10)] = 0.2
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
     log_level: LogLevel = "INFO"

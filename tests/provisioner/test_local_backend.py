@@ -38,7 +38,7 @@ from services.targets import CONTROL_PLANE, build_app
 from support import (
     assert_replays_clean,
     eventually,
-    license_keys_dir,
+    local_backend_settings,
     serving,
     signed_license_issued,
 )
@@ -87,20 +87,12 @@ async def platform(
     return Platform.from_settings(
         settings,
         list(CONTROL_PLANE.values()),
-        license_keys_dir=license_keys_dir(),
-        argon2_memory_kib=8192,
-        argon2_time_cost=1,
-        provisioner_secret="p" * 40,
-        license_jwks_url=f"http://127.0.0.1:{port}/.well-known/jwks.json",
-        local_instances_dir=str(control / "instances"),
-        local_instance_command=f"{control / 'instance.sh'} {IOTISTIC} run --target instance",
-        local_ready_timeout_seconds=30,
-        queue_retry_delay=300,
-        queue_lease_seconds=5,
-        mqtt_host=broker.host,
-        mqtt_port=broker.port,
-        mqtt_admin_username=broker.admin_username,
-        mqtt_admin_password=broker.admin_password,
+        **local_backend_settings(
+            broker,
+            port,
+            control,
+            local_instance_command=f"{control / 'instance.sh'} {IOTISTIC} run --target instance",
+        ),
     )
 
 
@@ -181,8 +173,8 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
     async with aiomqtt.Client(
         broker.host, broker.port, username=name, password=mqtt_password
     ) as mqtt:
-        await mqtt.subscribe(f"customers/{customer_id}/#")
-        await mqtt.publish(f"customers/{customer_id}/hello", b"hi", qos=1)
+        await mqtt.subscribe(f"{customer_id}/#")
+        await mqtt.publish(f"{customer_id}/hello", b"hi", qos=1)
         async with asyncio.timeout(5):
             async for message in mqtt.messages:
                 assert message.payload == b"hi"

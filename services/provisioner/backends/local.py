@@ -59,8 +59,9 @@ def instance_name(customer_id: str) -> str:
 
 
 def topic_root(customer_id: str) -> str:
-    """Every MQTT topic of the customer is under ``customers/<customer_id>/``."""
-    return f"customers/{customer_id}"
+    """Every MQTT topic of the customer is under ``<customer_id>/`` (devices publish to
+    ``<customer_id>/devices/<device_id>/readings`` and ``.../status``)."""
+    return customer_id
 
 
 @dataclass
@@ -355,6 +356,11 @@ class LocalBackend:
                 "MQTT_PORT": str(self._settings.mqtt_port),
                 "MQTT_USERNAME": name,
                 "MQTT_PASSWORD": self._password("mqtt", customer_id),
+                # The shared broker's admin makes device credentials: on one machine the
+                # instances share the provisioner's trust (in Kubernetes each has its own broker).
+                "MQTT_ADMIN_USERNAME": self._settings.mqtt_admin_username or "",
+                "MQTT_ADMIN_PASSWORD": self._settings.mqtt_admin_password or "",
+                "CONTROL_PLANE_URL": self._settings.control_plane_url,
                 "LOG_LEVEL": "WARNING",
             }
         )

@@ -1,0 +1,279 @@
+"""BME688 readings: what a device may publish, how it is stored, and how it is queried.
+
+A reading is validated by msgspec against the sensor's ranges (and the BSEC outputs when
+present) before it is stored; anything else goes to the dead-letter table with the reason.
+Readings live in a table partitioned by UTC day (partitions are made as days arrive and
+dropped whole when they pass the license's retention) with hourly rollups per metric, so a
+30-day query reads about 720 rows per metric and device instead of millions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any
+
+import asyncpg
+import msgspec
+from msgspec import Meta
+
+METRICS = (
+    "temperature",
+    "humidity",
+    "pressure",
+    "gas_resistance",
+    "iaq",
+    "iaq_accuracy",
+    "co2_equivalent",
+    "breath_voc_equivalent",
+)
+COLUMNS = ("device_id", "ts", *METRICS)
+BUCKETS = {
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "1h": timedelta(hours=1),
+    "1d": timedelta(days=1),
+}
+# Ranges longer than this are answered from the hourly rollups.
+RAW_LIMIT = timedelta(days=2)
+MAX_PAYLOAD = 4096
+FUTURE_SLACK = timedelta(minutes=5)
+
+
+class Reading(msgspec.Struct, frozen=True, kw_only=True):
+    """One BME688 reading as a device publishes it (JSON)."""
+
+    ts: str | int
+    temperature: Annotated[float, Meta(ge=-40, le=85, description="°C")]
+    humidity: Annotated[float, Meta(ge=0, le=100, description="%RH")]
+    pressure: Annotated[float, Meta(ge=300, le=1100, description="hPa")]
+    gas_resistance: Annotated[float, Meta(gt=0, le=1e9, description="Ω")]
+    iaq: Annotated[float, Meta(ge=0, le=500)] | None = None
+    iaq_accuracy: Annotated[int, Meta(ge=0, le=3)] | None = None
+    co2_equivalent: Annotated[float, Meta(ge=0, le=100_000, description="ppm")] | None = None
+    breath_voc_equivalent: Annotated[float, Meta(ge=0, le=100_000, description="ppm")] | None = None
+
+
+DECODER = msgspec.json.Decoder(Reading)
+
+
+class Rejected(ValueError):
+    """A payload that is not a reading we store, and why."""
+
+
+def parse_reading(payload: bytes, now: datetime, oldest: datetime) -> tuple[datetime, Reading]:
+    """The reading and its time, or ``Rejected`` with the reason."""
+    if len(payload) > MAX_PAYLOAD:
+        raise Rejected(f"oversized: {len(payload)} bytes (at most {MAX_PAYLOAD})")
+    try:
+        reading = DECODER.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise Rejected(f"invalid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise Rejected(f"malformed: {exc}") from None
+    ts = _time(reading.ts)
+    if ts > now + FUTURE_SLACK:
+        raise Rejected("invalid: ts is in the future")
+    if ts < oldest:
+        raise Rejected("invalid: ts is older than the data retention")
+    return ts, reading
+
+
+def _time(value: str | int) -> datetime:
+    if isinstance(value, int):
+        try:
+            return datetime.fromtimestamp(value / 1000, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise Rejected("invalid: ts is not a time in epoch milliseconds") from None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise Rejected("invalid: ts is not RFC 3339") from None
+    if parsed.tzinfo is None:
+        raise Rejected("invalid: ts has no UTC offset")
+    return parsed.astimezone(UTC)
+
+
+def record(device_id: str, ts: datetime, r: Reading) -> tuple[Any, ...]:
+    """The row of ``readings`` for this reading, in ``COLUMNS`` order."""
+    return (
+        device_id,
+        ts,
+        r.temperature,
+        r.humidity,
+        r.pressure,
+        r.gas_resistance,
+        r.iaq,
+        r.iaq_accuracy,
+        r.co2_equivalent,
+        r.breath_voc_equivalent,
+    )
+
+
+# --- storage ------------------------------------------------------------------------------------
+
+
+def partition_name(day: date) -> str:
+    """``readings_YYYYMMDD``."""
+    return f"readings_{day:%Y%m%d}"
+
+
+async def ensure_partitions(
+    conn: asyncpg.Connection, days: Iterable[date], known: set[date]
+) -> None:
+    """Make the daily partitions the rows need (``known`` remembers the ones made)."""
+    for day in sorted(set(days) - known):
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF readings "
+            f"FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')"
+        )
+        known.add(day)
+
+
+async def store_readings(
+    conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]], known: set[date]
+) -> None:
+    """COPY the rows in and fold them into the hourly rollups, in the caller's transaction."""
+    await ensure_partitions(conn, {row[1].date() for row in rows}, known)
+    await conn.copy_records_to_table("readings", records=rows, columns=COLUMNS)
+    await conn.executemany(
+        """
+        INSERT INTO readings_hourly (device_id, hour, metric, n, total, low, high)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (device_id, metric, hour) DO UPDATE SET
+            n = readings_hourly.n + EXCLUDED.n,
+            total = readings_hourly.total + EXCLUDED.total,
+            low = LEAST(readings_hourly.low, EXCLUDED.low),
+            high = GREATEST(readings_hourly.high, EXCLUDED.high)
+        """,
+        _rollups(rows),
+    )
+
+
+def _rollups(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    groups: dict[tuple[str, datetime, str], list[float]] = defaultdict(list)
+    for row in rows:
+        hour = row[1].replace(minute=0, second=0, microsecond=0)
+        for metric, value in zip(METRICS, row[2:], strict=True):
+            if value is not None:
+                groups[(row[0], hour, metric)].append(float(value))
+    return [
+        (device, hour, metric, len(v), sum(v), min(v), max(v))
+        for (device, hour, metric), v in groups.items()
+    ]
+
+
+async def drop_expired_partitions(conn: asyncpg.Connection, keep_from: date) -> list[str]:
+    """Drop whole daily partitions older than ``keep_from``; and their rollups."""
+    names = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'readings'"
+    )
+    dropped = []
+    for row in names:
+        name = row["relname"]
+        try:
+            day = datetime.strptime(name, "readings_%Y%m%d").date()
+        except ValueError:
+            continue
+        if day < keep_from:
+            await conn.execute(f"DROP TABLE {name}")
+            dropped.append(name)
+    await conn.execute(
+        "DELETE FROM readings_hourly WHERE hour < $1",
+        datetime.combine(keep_from, datetime.min.time(), UTC),
+    )
+    return dropped
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+
+def parse_metrics(value: str | None) -> list[str]:
+    """The metrics asked for (all when none), or ValueError naming the unknown one."""
+    if not value:
+        return list(METRICS)
+    asked = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in asked if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    return asked
+
+
+async def aggregate(
+    conn: asyncpg.Connection,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    bucket: str,
+    metrics: list[str],
+) -> dict[str, Any]:
+    """avg/min/max of each metric per bucket; long ranges from the hourly rollups."""
+    step = BUCKETS[bucket]
+    from_rollups = step >= BUCKETS["1h"] and (end - start) > RAW_LIMIT
+    if from_rollups:
+        rows = await conn.fetch(
+            """
+            SELECT date_bin($4::interval, hour, '2000-01-01') AS bucket, metric,
+                   sum(total) / sum(n) AS avg, min(low) AS min, max(high) AS max
+            FROM readings_hourly
+            WHERE device_id = $1 AND hour >= $2 AND hour < $3 AND metric = ANY($5::text[])
+            GROUP BY 1, 2 ORDER BY 1
+            """,
+            device_id,
+            start,
+            end,
+            step,
+            metrics,
+        )
+        series: dict[str, list[dict[str, Any]]] = {m: [] for m in metrics}
+        for row in rows:
+            series[row["metric"]].append(
+                {"t": row["bucket"], "avg": row["avg"], "min": row["min"], "max": row["max"]}
+            )
+    else:
+        columns = ", ".join(
+            f"avg({m}) AS {m}_avg, min({m}) AS {m}_min, max({m}) AS {m}_max" for m in metrics
+        )
+        rows = await conn.fetch(
+            f"SELECT date_bin($4::interval, ts, '2000-01-01') AS bucket, {columns} "
+            "FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 GROUP BY 1 ORDER BY 1",
+            device_id,
+            start,
+            end,
+            step,
+        )
+        series = {
+            m: [
+                {"t": r["bucket"], "avg": r[f"{m}_avg"], "min": r[f"{m}_min"], "max": r[f"{m}_max"]}
+                for r in rows
+                if r[f"{m}_avg"] is not None
+            ]
+            for m in metrics
+        }
+    return {
+        "device_id": device_id,
+        "from": start,
+        "to": end,
+        "bucket": bucket,
+        "source": "rollups" if from_rollups else "readings",
+        "series": series,
+    }
+
+
+async def latest(conn: asyncpg.Connection, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The newest reading of each device (one index probe per device)."""
+    rows = await conn.fetch(
+        """
+        SELECT d.id AS device_id, r.*
+        FROM unnest($1::text[]) AS d(id)
+        CROSS JOIN LATERAL (
+            SELECT ts, temperature, humidity, pressure, gas_resistance, iaq, iaq_accuracy,
+                   co2_equivalent, breath_voc_equivalent
+            FROM readings WHERE device_id = d.id ORDER BY ts DESC LIMIT 1
+        ) r
+        """,
+        list(device_ids),
+    )
+    return {r["device_id"]: {k: r[k] for k in ("ts", *METRICS)} for r in rows}

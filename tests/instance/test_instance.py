@@ -1,0 +1,310 @@
+"""A customer's instance as the customer uses it: devices with their own broker credentials,
+readings over MQTT into the API, isolation from devices and customers, rejected payloads,
+license limits and read-only mode. Everything real: the control plane, the provisioner's local
+backend, Postgres, NATS, Mosquitto and the instance process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiomqtt
+import httpx
+import pytest
+
+from contracts import TrialExpired
+from libs.config import ServiceSettings
+from libs.embedded import free_port
+from libs.eventstore import EventStore
+from libs.mqtt_broker import EmbeddedMosquitto
+from libs.runtime import Platform
+from services.targets import CONTROL_PLANE, build_app
+from support import eventually, local_backend_settings, serving
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "a long passphrase"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMosquitto]:
+    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+async def client(
+    settings: ServiceSettings,
+    store: EventStore,
+    broker: EmbeddedMosquitto,
+    port: int,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[httpx.AsyncClient]:
+    platform = Platform.from_settings(
+        settings,
+        list(CONTROL_PLANE.values()),
+        **local_backend_settings(broker, port, tmp_path_factory.mktemp("instances")),
+    )
+    async with serving(build_app(platform, "all"), port) as http:
+        await platform.wait_started()
+        yield http
+
+
+class Customer:
+    """A signed-up customer, their session, and their instance."""
+
+    def __init__(self, customer_id: str, token: str, url: str) -> None:
+        self.id = customer_id
+        self.auth = {"Authorization": f"Bearer {token}"}
+        self.api = httpx.AsyncClient(base_url=url, timeout=10, headers=self.auth)
+
+
+async def customer(client: httpx.AsyncClient, email: str) -> Customer:
+    signed = await client.post(
+        "/api/customers/signup",
+        json={"email": email, "password": PASSWORD, "company_name": "Air Co"},
+    )
+    assert signed.status_code == 201, signed.text
+    token = (
+        await client.post("/api/customers/login", json={"email": email, "password": PASSWORD})
+    ).json()["token"]
+    me = await eventually(
+        lambda: client.get("/api/customers/me", headers={"Authorization": f"Bearer {token}"}),
+        lambda r: r.json()["deployment"]["status"] == "ready",
+        timeout=60,
+        what="the customer's instance",
+    )
+    return Customer(
+        signed.json()["customer"]["customer_id"], token, me.json()["deployment"]["instance_url"]
+    )
+
+
+@pytest.fixture(scope="module")
+async def alice(client) -> AsyncIterator[Customer]:
+    found = await customer(client, "alice@example.com")
+    yield found
+    await found.api.aclose()
+
+
+@pytest.fixture(scope="module")
+async def bob(client) -> AsyncIterator[Customer]:
+    found = await customer(client, "bob@example.com")
+    yield found
+    await found.api.aclose()
+
+
+def reading(**overrides: Any) -> bytes:
+    body = {
+        "ts": datetime.now(UTC).isoformat(),
+        "temperature": 21.5,
+        "humidity": 45.2,
+        "pressure": 1013.2,
+        "gas_resistance": 125000.0,
+        "iaq": 42.0,
+        "iaq_accuracy": 3,
+        "co2_equivalent": 612.0,
+        "breath_voc_equivalent": 0.8,
+    }
+    body.update(overrides)
+    return json.dumps(body).encode()
+
+
+async def register(c: Customer, name: str) -> dict[str, Any]:
+    answer = await c.api.post("/api/devices", json={"name": name})
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
+async def received_within(mqtt: aiomqtt.Client, seconds: float) -> list[str]:
+    """Topics of the messages a client gets within ``seconds``."""
+    got: list[str] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for message in mqtt.messages:
+                got.append(str(message.topic))
+    return got
+
+
+def device_client(broker: EmbeddedMosquitto, device: dict[str, Any]) -> aiomqtt.Client:
+    mqtt = device["mqtt"]
+    return aiomqtt.Client(
+        broker.host, broker.port, username=mqtt["username"], password=mqtt["password"]
+    )
+
+
+async def test_a_published_reading_is_returned_by_the_api(alice, broker) -> None:
+    device = await register(alice, "kitchen")
+    assert (
+        device["mqtt"]["topics"]["readings"] == f"{alice.id}/devices/{device['device_id']}/readings"
+    )
+    async with device_client(broker, device) as mqtt:
+        await mqtt.publish(device["mqtt"]["topics"]["status"], b"online", qos=1)
+        await mqtt.publish(device["mqtt"]["topics"]["readings"], reading(temperature=23.25), qos=1)
+    listed = await eventually(
+        lambda: alice.api.get("/api/devices"),
+        lambda r: any(d["latest"] for d in r.json()["devices"]),
+        what="the reading stored",
+    )
+    mine = next(d for d in listed.json()["devices"] if d["device_id"] == device["device_id"])
+    assert mine["latest"]["temperature"] == pytest.approx(23.25)
+    assert mine["online"] is True
+    assert "password" not in json.dumps(listed.json())
+    series = await alice.api.get(
+        f"/api/devices/{device['device_id']}/readings",
+        params={"bucket": "1m", "metrics": "temperature,iaq"},
+    )
+    assert series.status_code == 200, series.text
+    points = series.json()["series"]["temperature"]
+    assert len(points) == 1 and points[0]["avg"] == pytest.approx(23.25)
+    assert set(series.json()["series"]) == {"temperature", "iaq"}
+    month = await alice.api.get(
+        f"/api/devices/{device['device_id']}/readings",
+        params={"bucket": "1d", "from": (datetime.now(UTC) - timedelta(days=30)).isoformat()},
+    )
+    assert month.json()["source"] == "rollups"
+    assert month.json()["series"]["temperature"][0]["max"] == pytest.approx(23.25)
+    exported = await alice.api.get(f"/api/devices/{device['device_id']}/readings.csv")
+    assert exported.status_code == 200
+    assert exported.text.splitlines()[0].startswith("ts,temperature,humidity")
+    assert len(exported.text.splitlines()) == 2
+
+
+async def test_bad_payloads_are_dead_lettered_and_ingest_goes_on(alice, broker) -> None:
+    device = await register(alice, "hallway")
+    topic = device["mqtt"]["topics"]["readings"]
+    async with device_client(broker, device) as mqtt:
+        for payload in (
+            b"{not json",
+            reading(humidity=140),
+            reading(ts="yesterday"),
+            b'{"ts": 1, "temperature": 20}',
+            b"x" * 5000,
+            reading(temperature=19.0),
+        ):
+            await mqtt.publish(topic, payload, qos=1)
+    await eventually(
+        lambda: alice.api.get(f"/api/devices/{device['device_id']}"),
+        lambda r: r.json()["latest"] is not None,
+        what="the good reading after the bad ones",
+    )
+    dead = (await alice.api.get("/api/dead-letters")).json()["dead_letters"]
+    reasons = [d["reason"] for d in dead if d["device_id"] == device["device_id"]]
+    assert len(reasons) == 5
+    assert any(r.startswith("malformed") for r in reasons)
+    assert any(r.startswith("oversized") for r in reasons)
+    assert any("humidity" in r for r in reasons)
+    usage = (await alice.api.get("/api/usage")).json()
+    assert usage["rejected_readings"] >= 5
+
+
+async def test_a_device_cannot_publish_as_another_nor_subscribe(alice, broker) -> None:
+    a = await register(alice, "device a")
+    b = await register(alice, "device b")
+    async with device_client(broker, a) as mqtt:
+        await mqtt.publish(b["mqtt"]["topics"]["readings"], reading(temperature=30.0), qos=1)
+        await mqtt.subscribe(f"{alice.id}/#")
+        await mqtt.publish(a["mqtt"]["topics"]["readings"], reading(temperature=20.0), qos=1)
+        # A device receives nothing, not even its own readings.
+        assert await received_within(mqtt, 1.0) == []
+    await eventually(
+        lambda: alice.api.get(f"/api/devices/{a['device_id']}"),
+        lambda r: r.json()["latest"] is not None,
+        what="device a's own reading",
+    )
+    assert (await alice.api.get(f"/api/devices/{b['device_id']}")).json()["latest"] is None
+
+
+async def test_deleting_a_device_revokes_its_credentials_at_once(alice, broker) -> None:
+    device = await register(alice, "to delete")
+    async with device_client(broker, device):
+        pass
+    assert (await alice.api.delete(f"/api/devices/{device['device_id']}")).status_code == 204
+    with pytest.raises(aiomqtt.MqttError):
+        async with device_client(broker, device):
+            pass
+    assert (await alice.api.get(f"/api/devices/{device['device_id']}")).status_code == 404
+
+
+async def test_customers_and_strangers_see_nothing_of_each_other(alice, bob, broker) -> None:
+    device = await register(alice, "private")
+    bobs_view = httpx.AsyncClient(base_url=str(alice.api.base_url), headers=bob.auth, timeout=10)
+    async with bobs_view:
+        assert (await bobs_view.get("/api/devices")).status_code == 404
+        assert (
+            await bobs_view.get(f"/api/devices/{device['device_id']}/readings")
+        ).status_code == 404
+        assert (await bobs_view.post("/api/devices", json={"name": "x"})).status_code == 404
+    async with httpx.AsyncClient(base_url=str(alice.api.base_url)) as anonymous:
+        assert (await anonymous.get("/api/devices")).status_code == 401
+    bobs_device = await register(bob, "bob's")
+    async with device_client(broker, bobs_device) as mqtt:
+        await mqtt.subscribe(f"{alice.id}/#")
+        assert await received_within(mqtt, 1.0) == []
+
+
+async def test_the_eleventh_device_on_starter_is_refused(bob) -> None:
+    listed = (await bob.api.get("/api/devices")).json()["devices"]
+    for index in range(10 - len(listed)):
+        await register(bob, f"sensor {index}")
+    refused = await bob.api.post("/api/devices", json={"name": "one too many"})
+    assert refused.status_code == 403
+    assert "10 devices" in refused.json()["error"]["message"]
+    bad = await bob.api.post("/api/devices", json={"nom": "x"})
+    assert bad.status_code == 400
+    assert {f["field"] for f in bad.json()["error"]["fields"]} == {"nom", "name"}
+
+
+async def test_after_the_license_expires_ingest_stops_and_queries_work(
+    client, store, broker
+) -> None:
+    carol = await customer(client, "carol@example.com")
+    try:
+        device = await register(carol, "last one")
+        async with device_client(broker, device) as mqtt:
+            await mqtt.publish(
+                device["mqtt"]["topics"]["readings"], reading(temperature=18.0), qos=1
+            )
+        await eventually(
+            lambda: carol.api.get(f"/api/devices/{device['device_id']}"),
+            lambda r: r.json()["latest"] is not None,
+            what="a reading before expiry",
+        )
+        # The trial ends unpaid: licensing issues a final license, the instance is updated.
+        await store.publish(
+            TrialExpired(customer_id=carol.id, trial_ended_at=datetime.now(UTC)),
+            customer_id=carol.id,
+        )
+        await eventually(
+            lambda: carol.api.get("/api/license"),
+            lambda r: r.json().get("mode") == "read-only",
+            timeout=60,
+            what="the instance read-only",
+        )
+        async with device_client(broker, device) as mqtt:
+            await mqtt.publish(
+                device["mqtt"]["topics"]["readings"], reading(temperature=99.0 - 70), qos=1
+            )
+        await eventually(
+            lambda: carol.api.get("/api/dead-letters"),
+            lambda r: any(d["reason"].startswith("read-only") for d in r.json()["dead_letters"]),
+            what="the reading refused",
+        )
+        latest = (await carol.api.get(f"/api/devices/{device['device_id']}")).json()["latest"]
+        assert latest["temperature"] == pytest.approx(18.0)
+        refused = await carol.api.post("/api/devices", json={"name": "new"})
+        assert refused.status_code == 403
+        assert "read-only" in refused.json()["error"]["message"]
+    finally:
+        await carol.api.aclose()
