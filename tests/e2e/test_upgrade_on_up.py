@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import asyncpg
@@ -115,6 +116,51 @@ async def test_upgrade_flow_end_to_end_on_iotistic_up(tmp_path: Path) -> None:
                     what="the instance running the professional license",
                 )
                 assert held["customer_id"] == signed.json()["customer"]["customer_id"]
+
+                # A device registered on the instance publishes with mosquitto_pub, using its
+                # own credentials, and the API returns the reading.
+                async with httpx.AsyncClient(base_url=url, headers=auth, timeout=10) as instance:
+                    device = await instance.post("/api/devices", json={"name": "lab"})
+                    assert device.status_code == 201, device.text
+                    mqtt = device.json()["mqtt"]
+                    published = subprocess.run(
+                        [
+                            "mosquitto_pub",
+                            "-h",
+                            mqtt["host"],
+                            "-p",
+                            str(mqtt["port"]),
+                            "-u",
+                            mqtt["username"],
+                            "-P",
+                            mqtt["password"],
+                            "-q",
+                            "1",
+                            "-t",
+                            mqtt["topics"]["readings"],
+                            "-m",
+                            json.dumps(
+                                {
+                                    "ts": int(time.time() * 1000),
+                                    "temperature": 22.75,
+                                    "humidity": 40.0,
+                                    "pressure": 1001.0,
+                                    "gas_resistance": 90000.0,
+                                    "iaq": 55,
+                                }
+                            ),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    )
+                    assert published.returncode == 0, published.stderr
+                    stored = await eventually(
+                        lambda: instance.get(f"/api/devices/{device.json()['device_id']}"),
+                        lambda r: r.json()["latest"] is not None,
+                        what="the published reading in the API",
+                    )
+                    assert stored.json()["latest"]["temperature"] == 22.75
 
                 # The operator removes it: the process stops and its database is dropped.
                 customer_id = signed.json()["customer"]["customer_id"]
