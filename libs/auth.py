@@ -44,6 +44,17 @@ def bearer(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
     return token.strip()
 
 
+def derived_secret(secret: bytes, purpose: str, subject: str) -> str:
+    """A secret for ``purpose`` and ``subject`` (a customer), derived with HMAC-SHA256 from
+    ``secret``: the same every time, so it needs no storing, and useless for any other pair."""
+    return hmac.new(secret, f"{purpose}:{subject}".encode(), "sha256").hexdigest()
+
+
+def instance_usage_token(usage_secret: str, customer_id: str) -> str:
+    """The token a customer's instance reports its usage to billing with."""
+    return derived_secret(usage_secret.encode(), "usage", customer_id)
+
+
 def is_admin(token: str | None, admin_token: str | None) -> bool:
     """True when ``token`` is the configured admin token."""
     if not token or not admin_token:

@@ -301,6 +301,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "ADMIN_TOKEN": generated_secret(data_dir, "admin-token"),
         "SESSION_SECRET": generated_secret(data_dir, "session-secret"),
         "PROVISIONER_SECRET": generated_secret(data_dir, "provisioner-secret"),
+        "USAGE_SECRET": generated_secret(data_dir, "usage-secret"),
         "LICENSE_KEYS_DIR": str(license_keys(data_dir)),
     }
     postgres = EmbeddedPostgres(data_dir / "postgres")

@@ -12,6 +12,7 @@ from services.billing.reactors import billing_reactors
 from services.billing.routes import billing_routes
 from services.billing.settings import BillingSettings
 from services.billing.trials import expire_ended_trials
+from services.billing.usage import USAGE
 
 
 def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
@@ -26,7 +27,7 @@ def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
 BILLING = ServiceDefinition(
     name="billing",
     migrations_package="services.billing.migrations",
-    projections=(SUBSCRIPTIONS,),
+    projections=(SUBSCRIPTIONS, USAGE),
     reactors=billing_reactors,
     routes=billing_routes,
     workers=_workers,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from litestar import Request, get, post
-from litestar.params import HeaderParameter, JSONBody
+from litestar.params import FromPath, HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
 from contracts import StripeCustomerLinked
@@ -18,6 +18,7 @@ from libs.runtime import ServiceRuntime
 from libs.timeutil import days_remaining
 from services.billing.settings import BillingSettings
 from services.billing.stripe_api import StripeGateway
+from services.billing.usage import check_instance, parse_report, usage_event
 from services.billing.webhooks import receive_webhook, webhook_metrics
 
 WEBHOOK_BODY_LIMIT = 1024 * 1024
@@ -188,7 +189,35 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         )
         return {"received": True, "id": received.stripe_event_id, "duplicate": received.duplicate}
 
-    return [checkout, portal, subscription, stripe_webhook]
+    @post(
+        "/api/instances/{customer_id:str}/usage",
+        status_code=202,
+        request_max_body_size=BODY_LIMIT,
+        tags=["billing"],
+    )
+    async def report_usage(
+        customer_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        """An instance's usage for a UTC day (its own usage token)."""
+        check_instance(request, settings.usage_secret, customer_id)
+        event, event_id = usage_event(customer_id, parse_report(await request.body()))
+        await runtime.events().publish(event, customer_id=customer_id, event_id=event_id)
+        return {"recorded": True, "day": event.day.isoformat(), "final": event.final}
+
+    @get("/api/billing/usage", tags=["billing"])
+    async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The customer's usage per day, newest first (the last 90 days)."""
+        customer_id = sessions.customer(request)
+        async with runtime.db().acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT day, devices, mqtt_messages, api_requests, rejected_readings, "
+                "storage_bytes, final FROM usage_days WHERE customer_id = $1 "
+                "ORDER BY day DESC LIMIT 90",
+                customer_id,
+            )
+        return {"customer_id": customer_id, "days": [dict(r) for r in rows]}
+
+    return [checkout, portal, subscription, stripe_webhook, report_usage, usage]
 
 
 def _iso(timestamp: int | None) -> str | None:

@@ -18,6 +18,8 @@ class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
     stripe_webhook_secret: Annotated[str, Meta(min_length=8)] | None = None
     # Stripe's own default: a signature older than this is refused as a possible replay.
     stripe_webhook_tolerance_seconds: Annotated[int, Meta(ge=1, le=3600)] = 300
+    # Instances report usage with a token derived from this (the provisioner hands it out).
+    usage_secret: Annotated[str, Meta(min_length=32)] | None = None
     # How often the trial scheduler looks for trials that ended unpaid.
     trial_scan_seconds: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     # Stripe price ids of the plans (price_...): a subscription's plan is read from its price.

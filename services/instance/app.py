@@ -54,6 +54,7 @@ from services.instance.readings import (
     parse_metrics,
 )
 from services.instance.settings import InstanceSettings
+from services.instance.usage import UsageReporter
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             loop.create_task(connect()),
             loop.create_task(ingest.run()),
             loop.create_task(_housekeeping(pool, holder, ingest, gauges, api_today)),
+            loop.create_task(UsageReporter(settings, pool).run()),
         ]
         try:
             yield

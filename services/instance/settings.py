@@ -34,6 +34,9 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Readings are written in batches: at this many rows, or after this long.
     ingest_batch_rows: Annotated[int, Meta(ge=1, le=100_000)] = 5000
     ingest_flush_seconds: Annotated[float, Meta(gt=0, le=10)] = 0.2
+    # Usage goes to billing every so often with this instance's own token.
+    usage_token: str | None = None
+    usage_report_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
     log_level: LogLevel = "INFO"

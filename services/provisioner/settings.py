@@ -25,6 +25,8 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     provisioner_backend: Literal["local", "kubernetes"] = "local"
     # Derives each instance's database and broker passwords (HMAC), so retries converge.
     provisioner_secret: Annotated[str, Meta(min_length=32)] | None = None
+    # Billing's USAGE_SECRET: each instance gets the usage token derived from it.
+    usage_secret: Annotated[str, Meta(min_length=32)] | None = None
     # Where instances reach the control plane (customers' sign-in is checked there).
     control_plane_url: str = "http://127.0.0.1:8080"
     # Where instances fetch the keys that verify their license.

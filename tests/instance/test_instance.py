@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -308,3 +309,38 @@ async def test_after_the_license_expires_ingest_stops_and_queries_work(
         assert "read-only" in refused.json()["error"]["message"]
     finally:
         await carol.api.aclose()
+
+
+async def test_usage_reaches_billing_and_only_from_the_instance(client, alice) -> None:
+    from libs.auth import instance_usage_token
+
+    # Alice's instance has stored readings by now (earlier tests); it reports within seconds.
+    today = datetime.now(UTC).date().isoformat()
+    usage = await eventually(
+        lambda: client.get("/api/billing/usage", headers=alice.auth),
+        lambda r: any(d["day"] == today and d["mqtt_messages"] > 0 for d in r.json()["days"]),
+        timeout=30,
+        what="today's usage recorded by billing",
+    )
+    days = {d["day"]: d for d in usage.json()["days"]}
+    assert days[today]["devices"] >= 1 and days[today]["storage_bytes"] > 0
+    yesterday = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+    assert days[yesterday]["final"] is True
+    report = {
+        "day": today,
+        "devices": 0,
+        "mqtt_messages": 0,
+        "api_requests": 0,
+        "rejected_readings": 0,
+        "storage_bytes": 0,
+    }
+    path = f"/api/instances/{alice.id}/usage"
+    assert (await client.post(path, json=report)).status_code == 401
+    forged = {"Authorization": f"Bearer {instance_usage_token('u' * 40, str(uuid.uuid4()))}"}
+    assert (await client.post(path, json=report, headers=forged)).status_code == 401
+    own = {"Authorization": f"Bearer {instance_usage_token('u' * 40, alice.id)}"}
+    bad = await client.post(path, json={**report, "mqtt_messages": -1}, headers=own)
+    assert bad.status_code == 400
+    accepted = await client.post(path, json=report, headers=own)
+    assert accepted.status_code == 202
+    assert accepted.json() == {"recorded": True, "day": today, "final": False}

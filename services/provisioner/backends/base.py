@@ -7,10 +7,11 @@ on the same result rather than fail or duplicate anything.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from libs.auth import derived_secret
 
 # Reports a step: percent done (0-100) and the step's name, e.g. (40, "database").
 Progress = Callable[[int, str], Awaitable[None]]
@@ -18,8 +19,8 @@ Progress = Callable[[int, str], Awaitable[None]]
 
 def derive_password(secret: bytes, purpose: str, customer_id: str) -> str:
     """A customer's password for ``purpose`` (``database``, ``mqtt``): the same on every retry,
-    so nothing secret needs storing; HMAC-SHA256 of ``PROVISIONER_SECRET``."""
-    return hmac.new(secret, f"{purpose}:{customer_id}".encode(), "sha256").hexdigest()
+    so nothing secret needs storing; derived from ``PROVISIONER_SECRET``."""
+    return derived_secret(secret, purpose, customer_id)
 
 
 class BackendError(Exception):

@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import httpx
 
+from libs.auth import instance_usage_token
 from libs.db import CONNECTION_ERRORS
 from libs.embedded import free_port
 from libs.mqtt_dynsec import Acl, DynSec, DynSecError
@@ -361,6 +362,9 @@ class LocalBackend:
                 "MQTT_ADMIN_USERNAME": self._settings.mqtt_admin_username or "",
                 "MQTT_ADMIN_PASSWORD": self._settings.mqtt_admin_password or "",
                 "CONTROL_PLANE_URL": self._settings.control_plane_url,
+                "USAGE_TOKEN": instance_usage_token(self._settings.usage_secret, customer_id)
+                if self._settings.usage_secret
+                else "",
                 "LOG_LEVEL": "WARNING",
             }
         )

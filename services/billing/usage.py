@@ -1,0 +1,115 @@
+"""Usage that customers' instances report: received over HTTP, recorded as UsageReported.
+
+An instance posts its counts for a UTC day every few minutes and once more, ``final``, when
+the day is over. It proves who it is with a token derived from ``USAGE_SECRET`` and its
+customer id (the provisioner hands each instance its own), so one instance cannot report for
+another. The event's id comes from the report's content, so a retried post is stored once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from datetime import date
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from contracts import UsageReported
+from libs.auth import bearer, instance_usage_token
+from libs.db import Connection
+from libs.http import InvalidRequest, Unauthorized
+from libs.projections import Projection, Recorded
+
+Count = Annotated[int, Meta(ge=0)]
+
+
+class UsageReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What an instance reports for one UTC day."""
+
+    day: date
+    devices: Count
+    mqtt_messages: Count
+    api_requests: Count
+    rejected_readings: Count
+    storage_bytes: Count
+    final: bool = False
+
+
+def check_instance(request: Any, secret: str | None, customer_id: str) -> None:
+    """401 unless the request carries this customer's instance token."""
+    token = bearer(request)
+    if (
+        not secret
+        or not token
+        or not hmac.compare_digest(token, instance_usage_token(secret, customer_id))
+    ):
+        raise Unauthorized("an instance usage token is required")
+
+
+def parse_report(body: bytes) -> UsageReport:
+    """The report, or 400 naming what is wrong."""
+    try:
+        return msgspec.json.decode(body, type=UsageReport)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(
+            "invalid usage report", fields=[{"field": "body", "reason": str(exc)}]
+        ) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest(
+            "invalid usage report", fields=[{"field": "body", "reason": "not JSON"}]
+        ) from None
+
+
+def usage_event(customer_id: str, report: UsageReport) -> tuple[UsageReported, str]:
+    """The event and its content-derived id."""
+    event = UsageReported(
+        customer_id=customer_id,
+        day=report.day,
+        devices=report.devices,
+        mqtt_messages=report.mqtt_messages,
+        api_requests=report.api_requests,
+        rejected_readings=report.rejected_readings,
+        storage_bytes=report.storage_bytes,
+        final=report.final,
+    )
+    content = msgspec.json.encode(event).decode()
+    return event, str(uuid.uuid5(uuid.NAMESPACE_URL, f"usage:{customer_id}:{content}"))
+
+
+async def when_usage_reported_record_it(conn: Connection, r: Recorded[UsageReported]) -> None:
+    e = r.event
+    # A day's counts only grow; a late, older report never lowers them, and final stays final.
+    await conn.execute(
+        """
+        INSERT INTO usage_days (customer_id, day, devices, mqtt_messages, api_requests,
+                                rejected_readings, storage_bytes, final, reported_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (customer_id, day) DO UPDATE SET
+            devices = CASE WHEN usage_days.final THEN usage_days.devices ELSE EXCLUDED.devices END,
+            mqtt_messages = GREATEST(usage_days.mqtt_messages, EXCLUDED.mqtt_messages),
+            api_requests = GREATEST(usage_days.api_requests, EXCLUDED.api_requests),
+            rejected_readings = GREATEST(usage_days.rejected_readings, EXCLUDED.rejected_readings),
+            storage_bytes = CASE WHEN usage_days.final THEN usage_days.storage_bytes
+                                 ELSE EXCLUDED.storage_bytes END,
+            final = usage_days.final OR EXCLUDED.final,
+            reported_at = GREATEST(usage_days.reported_at, EXCLUDED.reported_at)
+        """,
+        e.customer_id,
+        e.day,
+        e.devices,
+        e.mqtt_messages,
+        e.api_requests,
+        e.rejected_readings,
+        e.storage_bytes,
+        e.final,
+        r.envelope.occurred_at,
+    )
+
+
+USAGE = Projection(
+    name="usage",
+    tables=("usage_days",),
+    handlers={UsageReported: when_usage_reported_record_it},
+)

@@ -1,0 +1,81 @@
+"""Reporting the instance's usage to billing: today's counts every few minutes, and each
+finished day once more as final. A report that does not get through is sent again at the next
+turn; billing stores each distinct report once and keeps the highest counts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+
+from libs.db import CONNECTION_ERRORS
+from services.instance.settings import InstanceSettings
+
+log = logging.getLogger(__name__)
+
+
+async def usage_of(conn: asyncpg.Connection, day: date) -> dict[str, Any]:
+    """The instance's counts for ``day``."""
+    row = await conn.fetchrow("SELECT * FROM usage_days WHERE day = $1", day)
+    return {
+        "day": day.isoformat(),
+        "devices": await conn.fetchval("SELECT count(*) FROM devices WHERE deleted_at IS NULL"),
+        "mqtt_messages": row["mqtt_messages"] if row else 0,
+        "api_requests": row["api_requests"] if row else 0,
+        "rejected_readings": row["rejected_readings"] if row else 0,
+        "storage_bytes": await conn.fetchval("SELECT pg_database_size(current_database())"),
+    }
+
+
+class UsageReporter:
+    """Posts usage to ``<control plane>/api/instances/<customer>/usage``."""
+
+    def __init__(self, settings: InstanceSettings, pool: Callable[[], asyncpg.Pool]) -> None:
+        """Does nothing without a usage token (an instance started by hand)."""
+        self._settings = settings
+        self._pool = pool
+        self._final_sent: date | None = None
+
+    @property
+    def url(self) -> str:
+        """Where reports go."""
+        base = self._settings.control_plane_url.rstrip("/")
+        return f"{base}/api/instances/{self._settings.instance_customer_id}/usage"
+
+    async def report(self, now: datetime) -> None:
+        """Send today's counts, and yesterday's as final once."""
+        today = now.date()
+        async with self._pool().acquire() as conn:
+            reports = [{**await usage_of(conn, today), "final": False}]
+            if self._final_sent != today - timedelta(days=1):
+                reports.insert(
+                    0, {**await usage_of(conn, today - timedelta(days=1)), "final": True}
+                )
+        async with httpx.AsyncClient(timeout=10) as client:
+            for body in reports:
+                answer = await client.post(
+                    self.url,
+                    json=body,
+                    headers={"Authorization": f"Bearer {self._settings.usage_token}"},
+                )
+                answer.raise_for_status()
+                if body["final"]:
+                    self._final_sent = today - timedelta(days=1)
+
+    async def run(self) -> None:
+        """Report every ``USAGE_REPORT_SECONDS`` (the first time soon after start)."""
+        if not self._settings.usage_token:
+            log.warning("no USAGE_TOKEN: usage is not reported to billing")
+            return
+        await asyncio.sleep(min(5.0, self._settings.usage_report_seconds))
+        while True:
+            try:
+                await self.report(datetime.now(UTC))
+            except (httpx.HTTPError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("usage report not sent (%s); next turn", type(exc).__name__)
+            await asyncio.sleep(self._settings.usage_report_seconds)
