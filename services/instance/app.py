@@ -36,6 +36,7 @@ from libs.http import (
     Unauthorized,
     create_app,
 )
+from services.instance.alerts import AlertEngine, RuleError, create_rule, parse_rule
 from services.instance.auth import ControlPlaneUnavailable, CustomerSessions
 from services.instance.devices import (
     BrokerUnavailable,
@@ -101,6 +102,12 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     api_today: dict[str, Any] = {"day": datetime.now(UTC).date(), "count": 0}
     gauges = _usage_gauges(registry)
 
+    def alerting_allowed() -> bool:
+        claims = holder.claims
+        return bool(claims and claims.features.alerting) and not holder.read_only(datetime.now(UTC))
+
+    alerts = AlertEngine(lambda: pool(), settings.instance_customer_id, alerting_allowed)
+
     def pool() -> asyncpg.Pool:
         found = state.get("pool")
         if found is None:
@@ -142,6 +149,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             loop.create_task(ingest.run()),
             loop.create_task(_housekeeping(pool, holder, ingest, gauges, api_today)),
             loop.create_task(UsageReporter(settings, pool).run()),
+            loop.create_task(alerts.run()),
         ]
         try:
             yield
@@ -389,6 +397,70 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             )
         return {"dead_letters": [dict(r) for r in rows]}
 
+    def alerting() -> LicenseClaims:
+        claims = licensed()
+        if not claims.features.alerting:
+            raise Forbidden("the license does not include alerting")
+        return claims
+
+    @post("/api/alerts/rules", status_code=201, request_max_body_size=BODY_LIMIT, tags=["alerts"])
+    async def create_alert_rule(
+        data: JSONBody[Any], request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        """A rule; with ``webhook_url`` its signing secret is in this answer only."""
+        await authorize(request)
+        writable()
+        claims = alerting()
+        try:
+            rule = parse_rule(data, claims.features.webhooks)
+        except RuleError as exc:
+            if exc.field == "webhook_url" and "license" in exc.reason:
+                raise Forbidden(exc.reason) from None
+            raise InvalidRequest(
+                "invalid rule", fields=[{"field": exc.field, "reason": exc.reason}]
+            ) from None
+        async with pool().acquire() as conn:
+            return await create_rule(conn, rule)
+
+    @get("/api/alerts/rules", tags=["alerts"])
+    async def list_alert_rules(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The rules (without their secrets) and each device's state under them."""
+        await authorize(request)
+        async with pool().acquire() as conn:
+            rules = await conn.fetch(
+                "SELECT rule_id, name, metric, operator, threshold, for_seconds, devices, "
+                "webhook_url, created_at FROM alert_rules WHERE deleted_at IS NULL "
+                "ORDER BY created_at"
+            )
+            states = await conn.fetch("SELECT * FROM alert_states")
+        by_rule: dict[str, list[dict[str, Any]]] = {}
+        for state in states:
+            by_rule.setdefault(state["rule_id"], []).append(dict(state))
+        return {"rules": [{**dict(r), "states": by_rule.get(r["rule_id"], [])} for r in rules]}
+
+    @delete("/api/alerts/rules/{rule_id:str}", status_code=204, tags=["alerts"])
+    async def delete_alert_rule(rule_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
+        """Stop evaluating a rule (its history stays)."""
+        await authorize(request)
+        writable()
+        async with pool().acquire() as conn:
+            done = await conn.execute(
+                "UPDATE alert_rules SET deleted_at = now() WHERE rule_id = $1 "
+                "AND deleted_at IS NULL",
+                rule_id,
+            )
+            await conn.execute("DELETE FROM alert_states WHERE rule_id = $1", rule_id)
+        if done.endswith(" 0"):
+            raise NotFound(f"no rule {rule_id}")
+
+    @get("/api/alerts/history", tags=["alerts"])
+    async def alert_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Firings and resolutions, newest first."""
+        await authorize(request)
+        async with pool().acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM alert_history ORDER BY id DESC LIMIT 200")
+        return {"history": [dict(r) for r in rows]}
+
     return create_app(
         title=f"Iotistic instance {settings.instance_customer_id}",
         route_handlers=[
@@ -402,6 +474,10 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             latest_readings,
             usage,
             dead_letters,
+            create_alert_rule,
+            list_alert_rules,
+            delete_alert_rule,
+            alert_history,
         ],
         readiness=readiness,
         registry=registry,

@@ -344,3 +344,117 @@ async def test_usage_reaches_billing_and_only_from_the_instance(client, alice) -
     accepted = await client.post(path, json=report, headers=own)
     assert accepted.status_code == 202
     assert accepted.json() == {"recorded": True, "day": today, "final": False}
+
+
+async def test_an_alert_fires_resolves_and_its_webhook_verifies(
+    client, store, broker, alice
+) -> None:
+    from litestar import Litestar, Request, post
+
+    from contracts import SubscriptionActivated
+    from services.instance.alerts import sign
+
+    received: list[dict[str, Any]] = []
+    failures = {"left": 1}
+
+    @post("/hook", status_code=200)
+    async def hook(request: Request[Any, Any, Any]) -> dict[str, bool]:
+        body = (await request.body()).decode()
+        received.append({"headers": dict(request.headers), "body": body})
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("the receiver is down once")  # answers 500: retried
+        return {"ok": True}
+
+    dave = await customer(client, "dave@example.com")
+    try:
+        starter = await alice.api.post(
+            "/api/alerts/rules",
+            json={
+                "metric": "temperature",
+                "operator": ">",
+                "threshold": 30,
+                "webhook_url": "http://127.0.0.1:9/x",
+            },
+        )
+        assert starter.status_code == 403, starter.text  # webhooks are not in the starter plan
+        await store.publish(
+            SubscriptionActivated(
+                customer_id=dave.id,
+                plan="professional",
+                status="active",
+                stripe_customer_id="cus_dave",
+                stripe_subscription_id="sub_dave",
+            ),
+            customer_id=dave.id,
+        )
+        await eventually(
+            lambda: dave.api.get("/api/license"),
+            lambda r: r.json().get("plan") == "professional",
+            timeout=60,
+            what="the professional license on the instance",
+        )
+        async with serving(Litestar([hook], debug=False)) as receiver:
+            device = await register(dave, "greenhouse")
+            silent = await register(dave, "silent one")
+            bad = await dave.api.post("/api/alerts/rules", json={"metric": "warmth"})
+            assert bad.status_code == 400 and bad.json()["error"]["fields"][0]["field"] == "metric"
+            rule = await dave.api.post(
+                "/api/alerts/rules",
+                json={
+                    "name": "too hot",
+                    "metric": "temperature",
+                    "operator": ">",
+                    "threshold": 30,
+                    "for_seconds": 2,
+                    "devices": [device["device_id"]],
+                    "webhook_url": f"{receiver.base_url}/hook",
+                },
+            )
+            assert rule.status_code == 201, rule.text
+            secret = rule.json()["webhook_secret"]
+            quiet = await dave.api.post(
+                "/api/alerts/rules",
+                json={"metric": "no_data", "for_seconds": 3, "devices": [silent["device_id"]]},
+            )
+            assert quiet.status_code == 201
+            topic = device["mqtt"]["topics"]["readings"]
+            async with device_client(broker, device) as mqtt:
+                for _ in range(10):
+                    await mqtt.publish(topic, reading(temperature=35.0), qos=1)
+                    await asyncio.sleep(0.5)
+                await eventually(
+                    lambda: dave.api.get("/api/alerts/history"),
+                    lambda r: any(
+                        h["event"] == "firing" and h["device_id"] == device["device_id"]
+                        for h in r.json()["history"]
+                    ),
+                    what="the alert firing",
+                )
+                await mqtt.publish(topic, reading(temperature=20.0), qos=1)
+            history = await eventually(
+                lambda: dave.api.get("/api/alerts/history"),
+                lambda r: any(h["event"] == "resolved" for h in r.json()["history"]),
+                what="the alert resolved",
+            )
+            events = [(h["device_id"], h["event"]) for h in reversed(history.json()["history"])]
+            assert (device["device_id"], "firing") in events
+            assert events.index((device["device_id"], "firing")) < events.index(
+                (device["device_id"], "resolved")
+            )
+            assert (silent["device_id"], "firing") in events  # no data for 3 s
+            await eventually(
+                lambda: asyncio.sleep(0, len(received)),
+                lambda n: n >= 3,
+                timeout=30,
+                what="the firing (failed once, retried) and resolved webhooks",
+            )
+        bodies = [json.loads(r["body"]) for r in received]
+        assert [b["event"] for b in bodies] == ["firing", "firing", "resolved"]
+        for delivery in received:
+            headers = delivery["headers"]
+            expected = sign(secret, headers["x-iotistic-timestamp"], delivery["body"])
+            assert headers["x-iotistic-signature"] == expected
+        assert sign("not the secret", headers["x-iotistic-timestamp"], delivery["body"]) != expected
+    finally:
+        await dave.api.aclose()

@@ -1,0 +1,348 @@
+"""Alerts: rules on a metric (or on silence), evaluated every few seconds per device.
+
+A rule ``{metric, operator, threshold, for_seconds, devices}`` fires for a device when the
+device's newest reading has met the condition continuously for ``for_seconds`` (pending
+until then), and resolves when a newer reading no longer meets it. The metric ``no_data``
+fires when a device has sent nothing for ``for_seconds``. Each firing and resolution goes into
+the history and, with the ``webhooks`` feature and a URL on the rule, into a delivery queue:
+a POST signed with HMAC-SHA256 (``X-Iotistic-Signature: sha256=<hex>`` over
+``<timestamp>.<body>``, the timestamp in ``X-Iotistic-Timestamp``), retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+
+from libs.db import CONNECTION_ERRORS
+from services.instance.readings import METRICS
+
+log = logging.getLogger(__name__)
+
+OPERATORS = {
+    ">": lambda v, t: v > t,
+    ">=": lambda v, t: v >= t,
+    "<": lambda v, t: v < t,
+    "<=": lambda v, t: v <= t,
+}
+NO_DATA = "no_data"
+MAX_DELIVERY_ATTEMPTS = 8
+FRESH = timedelta(minutes=10)
+
+
+class RuleError(ValueError):
+    """A rule that cannot be evaluated; names the field and why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        """``field`` of the request body, ``reason`` for people."""
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def parse_rule(data: Any, webhooks_allowed: bool) -> dict[str, Any]:
+    """A rule from a request body, or ``RuleError`` for the first bad field."""
+    if not isinstance(data, dict):
+        raise RuleError("body", "must be a JSON object")
+    known = {"name", "metric", "operator", "threshold", "for_seconds", "devices", "webhook_url"}
+    for key in data:
+        if key not in known:
+            raise RuleError(str(key)[:64], "is not a known field")
+    metric = data.get("metric")
+    if metric not in (*METRICS, NO_DATA):
+        raise RuleError("metric", f"must be one of {', '.join((*METRICS, NO_DATA))}")
+    operator, threshold = data.get("operator"), data.get("threshold")
+    if metric != NO_DATA:
+        if operator not in OPERATORS:
+            raise RuleError("operator", f"must be one of {' '.join(OPERATORS)}")
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+            raise RuleError("threshold", "must be a number")
+    for_seconds = data.get("for_seconds", 0)
+    if (
+        not isinstance(for_seconds, int)
+        or isinstance(for_seconds, bool)
+        or not 0 <= for_seconds <= 86400
+    ):
+        raise RuleError("for_seconds", "must be whole seconds from 0 to 86400")
+    devices = data.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        raise RuleError("devices", "must be a list of device ids (empty: every device)")
+    url = data.get("webhook_url")
+    if url is not None:
+        if not webhooks_allowed:
+            raise RuleError("webhook_url", "the license does not include webhooks")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise RuleError("webhook_url", "must be an http(s) URL")
+    name = data.get("name") or f"{metric} {operator or ''} {threshold or ''}".strip()
+    return {
+        "name": str(name)[:100],
+        "metric": metric,
+        "operator": operator if metric != NO_DATA else None,
+        "threshold": float(threshold) if isinstance(threshold, int | float) else None,
+        "for_seconds": for_seconds,
+        "devices": devices,
+        "webhook_url": url,
+    }
+
+
+async def create_rule(conn: asyncpg.Connection, rule: dict[str, Any]) -> dict[str, Any]:
+    """Store the rule; a webhook secret is made for it and shown once."""
+    rule_id = uuid.uuid4().hex[:16]
+    secret = secrets.token_urlsafe(32) if rule["webhook_url"] else None
+    await conn.execute(
+        "INSERT INTO alert_rules (rule_id, name, metric, operator, threshold, for_seconds, "
+        "devices, webhook_url, webhook_secret, created_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        rule_id,
+        rule["name"],
+        rule["metric"],
+        rule["operator"],
+        rule["threshold"],
+        rule["for_seconds"],
+        rule["devices"],
+        rule["webhook_url"],
+        secret,
+        datetime.now(UTC),
+    )
+    return {"rule_id": rule_id, **rule, "webhook_secret": secret}
+
+
+def sign(secret: str, timestamp: str, body: str) -> str:
+    """``sha256=<hex>`` of HMAC-SHA256(secret, "<timestamp>.<body>")."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256)
+    return f"sha256={mac.hexdigest()}"
+
+
+class AlertEngine:
+    """Evaluates the rules and delivers the webhooks."""
+
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool],
+        customer_id: str,
+        alerting: Callable[[], bool],
+        every: float = 2.0,
+    ) -> None:
+        """``alerting`` says whether the license includes alerting right now."""
+        self._pool = pool
+        self._customer = customer_id
+        self._alerting = alerting
+        self._every = every
+
+    async def run(self) -> None:
+        """Evaluate and deliver for ever."""
+        while True:
+            await asyncio.sleep(self._every)
+            try:
+                if self._alerting():
+                    await self.evaluate(datetime.now(UTC))
+                await self.deliver(datetime.now(UTC))
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("alerts: %s", type(exc).__name__)
+
+    async def evaluate(self, now: datetime) -> int:
+        """One pass over every rule and device; returns how many alerts changed state."""
+        changed = 0
+        async with self._pool().acquire() as conn, conn.transaction():
+            rules = await conn.fetch("SELECT * FROM alert_rules WHERE deleted_at IS NULL")
+            devices = await conn.fetch(
+                "SELECT device_id, last_seen FROM devices WHERE deleted_at IS NULL"
+            )
+            for rule in rules:
+                scope = [
+                    d for d in devices if not rule["devices"] or d["device_id"] in rule["devices"]
+                ]
+                for device in scope:
+                    changed += await self._evaluate_one(conn, rule, device, now)
+        return changed
+
+    async def _evaluate_one(
+        self, conn: asyncpg.Connection, rule: asyncpg.Record, device: asyncpg.Record, now: datetime
+    ) -> int:
+        device_id = device["device_id"]
+        if rule["metric"] == NO_DATA:
+            seen = device["last_seen"]
+            value = (now - seen).total_seconds() if seen else None
+            # Silence counts from the last message (or from the rule's creation).
+            since = seen or rule["created_at"]
+            holds, since_true = (now - since).total_seconds() >= rule["for_seconds"], since
+            return await self._transition(
+                conn, rule, device_id, holds, since_true, now, value, True
+            )
+        newest = await conn.fetchrow(
+            f"SELECT ts, {rule['metric']} AS v FROM readings WHERE device_id = $1 "
+            f"AND ts > $2 ORDER BY ts DESC LIMIT 1",
+            device_id,
+            now - FRESH,
+        )
+        if newest is None or newest["v"] is None:
+            return 0
+        holds = OPERATORS[rule["operator"]](newest["v"], rule["threshold"])
+        return await self._transition(
+            conn, rule, device_id, holds, newest["ts"], now, newest["v"], False
+        )
+
+    async def _transition(
+        self,
+        conn: asyncpg.Connection,
+        rule: asyncpg.Record,
+        device_id: str,
+        holds: bool,
+        since_true: datetime,
+        now: datetime,
+        value: float | None,
+        silence: bool,
+    ) -> int:
+        state = await conn.fetchrow(
+            "SELECT * FROM alert_states WHERE rule_id = $1 AND device_id = $2",
+            rule["rule_id"],
+            device_id,
+        )
+        current = state["state"] if state else "ok"
+        if holds and current == "ok":
+            await self._set(conn, rule, device_id, "pending", since_true, value)
+            current, state_since = "pending", since_true
+        else:
+            state_since = state["since"] if state else now
+        if holds and current == "pending":
+            if silence or (now - state_since).total_seconds() >= rule["for_seconds"]:
+                await self._set(conn, rule, device_id, "firing", state_since, value)
+                await self._record(conn, rule, device_id, "firing", now, value)
+                return 1
+            return 0
+        if not holds and current in ("pending", "firing"):
+            await self._set(conn, rule, device_id, "ok", now, value)
+            if current == "firing":
+                await self._record(conn, rule, device_id, "resolved", now, value)
+                return 1
+        return 0
+
+    async def _set(
+        self,
+        conn: asyncpg.Connection,
+        rule: asyncpg.Record,
+        device_id: str,
+        state: str,
+        since: datetime,
+        value: float | None,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO alert_states (rule_id, device_id, state, since, value) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (rule_id, device_id) DO UPDATE SET "
+            "state = $3, since = $4, value = $5",
+            rule["rule_id"],
+            device_id,
+            state,
+            since,
+            value,
+        )
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        rule: asyncpg.Record,
+        device_id: str,
+        event: str,
+        now: datetime,
+        value: float | None,
+    ) -> None:
+        what = (
+            "no data"
+            if rule["metric"] == NO_DATA
+            else (f"{rule['metric']} {rule['operator']} {rule['threshold']:g}")
+        )
+        message = f"{rule['name']}: {what} on device {device_id} {event}"
+        await conn.execute(
+            "INSERT INTO alert_history (rule_id, device_id, event, at, value, message) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            rule["rule_id"],
+            device_id,
+            event,
+            now,
+            value,
+            message,
+        )
+        if rule["webhook_url"]:
+            body = json.dumps(
+                {
+                    "customer_id": self._customer,
+                    "rule_id": rule["rule_id"],
+                    "rule": rule["name"],
+                    "device_id": device_id,
+                    "event": event,
+                    "metric": rule["metric"],
+                    "value": value,
+                    "at": now.isoformat(),
+                    "message": message,
+                }
+            )
+            await conn.execute(
+                "INSERT INTO webhook_deliveries (rule_id, url, body, next_at) "
+                "VALUES ($1, $2, $3, $4)",
+                rule["rule_id"],
+                rule["webhook_url"],
+                body,
+                now,
+            )
+
+    async def deliver(self, now: datetime) -> int:
+        """POST the webhooks that are due; failures back off (1 s, 2 s, 4 s ... 8 tries)."""
+        async with self._pool().acquire() as conn:
+            due = await conn.fetch(
+                "SELECT d.*, r.webhook_secret FROM webhook_deliveries d "
+                "JOIN alert_rules r USING (rule_id) WHERE d.delivered_at IS NULL "
+                "AND d.next_at <= $1 AND d.attempts < $2 ORDER BY d.id LIMIT 50",
+                now,
+                MAX_DELIVERY_ATTEMPTS,
+            )
+        delivered = 0
+        async with httpx.AsyncClient(timeout=10) as client:
+            for row in due:
+                stamp = str(int(time.time()))
+                error = None
+                try:
+                    answer = await client.post(
+                        row["url"],
+                        content=row["body"],
+                        headers={
+                            "Content-Type": "application/json",
+                            "X-Iotistic-Timestamp": stamp,
+                            "X-Iotistic-Signature": sign(
+                                row["webhook_secret"] or "", stamp, row["body"]
+                            ),
+                        },
+                    )
+                    if answer.status_code >= 300:
+                        error = f"answered {answer.status_code}"
+                except httpx.HTTPError as exc:
+                    error = type(exc).__name__
+                async with self._pool().acquire() as conn:
+                    if error is None:
+                        delivered += 1
+                        await conn.execute(
+                            "UPDATE webhook_deliveries SET delivered_at = $2, "
+                            "attempts = attempts + 1 WHERE id = $1",
+                            row["id"],
+                            datetime.now(UTC),
+                        )
+                    else:
+                        backoff = timedelta(seconds=2 ** row["attempts"])
+                        await conn.execute(
+                            "UPDATE webhook_deliveries SET attempts = attempts + 1, "
+                            "last_error = $2, next_at = $3 WHERE id = $1",
+                            row["id"],
+                            error,
+                            datetime.now(UTC) + backoff,
+                        )
+        return delivered
