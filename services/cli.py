@@ -141,6 +141,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.set_defaults(func=cmd_provisioner_render)
 
+    simulate = sub.add_parser(
+        "simulate", help="devices publishing realistic BME688 readings to a customer's instance"
+    )
+    simulate.add_argument("--customer", required=True, help="the customer id (checked at sign-in)")
+    simulate.add_argument("--email", required=True, help="the customer's sign-in email")
+    simulate.add_argument(
+        "--password", help="the customer's password (default: IOTISTIC_PASSWORD, else asked)"
+    )
+    simulate.add_argument("--devices", type=int, default=3)
+    simulate.add_argument("--rate", default="1/s", help="readings per second in all, e.g. 5/s")
+    simulate.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    simulate.add_argument("--url", help="the control plane (default: the running iotistic up)")
+    simulate.set_defaults(func=cmd_simulate)
+
     contracts = sub.add_parser("contracts", help="event contracts")
     ct = contracts.add_subparsers(dest="contracts_command", required=True)
     exp = ct.add_parser("export", help="write the JSON Schemas of every event")
@@ -389,6 +403,46 @@ def _print_up(
     table.add_row("data folder", str(data_dir))
     table.add_row("admin token", f"{data_dir / 'secrets' / 'admin-token'}  (file, owner only)")
     console.print(table)
+
+
+# --- simulate ----------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``iotistic simulate``: register devices and publish readings until told to stop."""
+    import getpass
+
+    from services.instance.simulate import devices_for, publish, session
+
+    rate = float(str(args.rate).removesuffix("/s"))
+    if rate <= 0 or args.devices < 1:
+        console.print("[red]--rate and --devices must be positive[/red]")
+        return 2
+    url = args.url or _running_http_url(args) or "http://127.0.0.1:8080"
+    password = args.password or os.environ.get("IOTISTIC_PASSWORD") or getpass.getpass()
+
+    async def go() -> int:
+        customer_id, token, instance_url = await session(url, args.email, password)
+        if customer_id != args.customer:
+            raise SystemExit(f"{args.email} is customer {customer_id}, not {args.customer}")
+        store = Path(args.data_dir) / "simulate" / f"{customer_id}.json"
+        devices = await devices_for(instance_url, token, args.devices, store)
+        console.print(
+            f"simulating {len(devices)} devices at {rate:g} readings/s in all; "
+            f"live at {instance_url}"
+        )
+        return await publish(devices, rate, args.duration)
+
+    sent = asyncio.run(go())
+    console.print(f"sent {sent} readings")
+    return 0
+
+
+def _running_http_url(args: argparse.Namespace) -> str | None:
+    runtime_file = Path(args.data_dir) / RUNTIME_FILE
+    if runtime_file.exists():
+        return str(json.loads(runtime_file.read_text()).get("HTTP_URL") or "") or None
+    return None
 
 
 # --- provisioner -------------------------------------------------------------------------------

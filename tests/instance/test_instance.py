@@ -458,3 +458,62 @@ async def test_an_alert_fires_resolves_and_its_webhook_verifies(
         assert sign("not the secret", headers["x-iotistic-timestamp"], delivery["body"]) != expected
     finally:
         await dave.api.aclose()
+
+
+async def test_simulate_publishes_realistic_readings(client, tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    erin = await customer(client, "erin@example.com")
+    try:
+        command = [
+            str(Path(sys.executable).parent / "iotistic"),
+            "--data-dir",
+            str(tmp_path),
+            "simulate",
+            "--customer",
+            erin.id,
+            "--email",
+            "erin@example.com",
+            "--devices",
+            "2",
+            "--rate",
+            "8/s",
+            "--duration",
+            "2",
+            "--url",
+            str(client.base_url),
+        ]
+        env = {"PATH": "/usr/bin:/bin", "IOTISTIC_PASSWORD": PASSWORD}
+        run = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, timeout=60, env=env
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert (tmp_path / "simulate" / f"{erin.id}.json").stat().st_mode & 0o077 == 0
+        listed = await eventually(
+            lambda: erin.api.get("/api/devices"),
+            lambda r: (
+                len(r.json()["devices"]) == 2 and all(d["latest"] for d in r.json()["devices"])
+            ),
+            what="both simulated devices reporting",
+        )
+        for device in listed.json()["devices"]:
+            latest = device["latest"]
+            assert 10 < latest["temperature"] < 35 and 15 <= latest["humidity"] <= 95
+            assert 950 < latest["pressure"] < 1080 and 0 <= latest["iaq"] <= 500
+        usage = (await erin.api.get("/api/usage")).json()
+        assert usage["mqtt_messages"]["used"] >= 10
+        # A second run reuses the devices it registered.
+        again = await asyncio.to_thread(
+            subprocess.run,
+            [*command[:-4], "--duration", "0.5", *command[-2:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert again.returncode == 0, again.stderr
+        assert len((await erin.api.get("/api/devices")).json()["devices"]) == 2
+    finally:
+        await erin.api.aclose()
