@@ -38,6 +38,7 @@ from libs.http import (
 )
 from services.instance.alerts import AlertEngine, RuleError, create_rule, parse_rule
 from services.instance.auth import ControlPlaneUnavailable, CustomerSessions
+from services.instance.dashboard import LiveReadings, dashboard_routes, session_cookie
 from services.instance.devices import (
     BrokerUnavailable,
     DeviceLimitReached,
@@ -96,7 +97,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     holder = LicenseHolder(settings, registry)
     state: dict[str, asyncpg.Pool] = {}
     metrics = IngestMetrics(registry)
-    ingest = Ingest(settings, lambda: state.get("pool"), holder, metrics)
+    live = LiveReadings()
+    ingest = Ingest(settings, lambda: state.get("pool"), holder, metrics, live.publish)
     sessions = CustomerSessions(settings.control_plane_url, settings.instance_customer_id)
     devices = Devices(settings)
     api_today: dict[str, Any] = {"day": datetime.now(UTC).date(), "count": 0}
@@ -176,7 +178,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     async def authorize(request: Request[Any, Any, Any]) -> None:
         """The customer's own session, API access in the license, and today's quota."""
         try:
-            who = await sessions.caller(bearer(request))
+            who = await sessions.caller(bearer(request) or session_cookie(request))
         except ControlPlaneUnavailable as exc:
             raise BadGateway(f"cannot check the session: {exc}") from None
         if who == "nobody":
@@ -464,6 +466,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     return create_app(
         title=f"Iotistic instance {settings.instance_customer_id}",
         route_handlers=[
+            *dashboard_routes(settings, live, authorize),
             license_view,
             register_device,
             list_devices,

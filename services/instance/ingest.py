@@ -26,7 +26,7 @@ from prometheus_client import Counter as PromCounter
 
 from libs.db import CONNECTION_ERRORS
 from services.instance.license import LicenseHolder
-from services.instance.readings import Rejected, parse_reading, record, store_readings
+from services.instance.readings import METRICS, Rejected, parse_reading, record, store_readings
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,15 @@ class Ingest:
         pool: Callable[[], asyncpg.Pool | None],
         license: LicenseHolder,
         metrics: IngestMetrics,
+        on_stored: Callable[[dict[str, Any]], None] = lambda _: None,
     ) -> None:
-        """``pool`` may be None until the database answers; messages wait in the buffer."""
+        """``pool`` may be None until the database answers; messages wait in the buffer.
+        ``on_stored`` sees each reading once it is stored (the dashboard's live charts)."""
         self._settings = settings
         self._pool = pool
         self._license = license
         self._metrics = metrics
+        self._on_stored = on_stored
         self._batch = Batch()
         self._known_devices: set[str] = set()
         self._devices_loaded_at = 0.0
@@ -259,6 +262,14 @@ class Ingest:
             self._merge_back(batch)
             raise
         self._metrics.stored.inc(len(batch.rows))
+        for row in batch.rows:
+            self._on_stored(
+                {
+                    "device_id": row[0],
+                    "ts": row[1].isoformat(),
+                    **dict(zip(METRICS, row[2:], strict=True)),
+                }
+            )
         return len(batch.rows)
 
     async def _record_usage(self, conn: asyncpg.Connection, batch: Batch) -> None:

@@ -517,3 +517,49 @@ async def test_simulate_publishes_realistic_readings(client, tmp_path) -> None:
         assert len((await erin.api.get("/api/devices")).json()["devices"]) == 2
     finally:
         await erin.api.aclose()
+
+
+async def test_the_dashboard_shows_a_published_reading_live_in_chromium(client, broker) -> None:
+    import shutil
+
+    from playwright.async_api import async_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: apt-get install chromium (the CI script does)"
+    frank = await customer(client, "frank@example.com")
+    try:
+        device = await register(frank, "office")
+        base = str(frank.api.base_url).rstrip("/")
+        requested: list[str] = []
+        async with async_playwright() as driver:
+            browser = await driver.chromium.launch(
+                executable_path=chromium, args=["--no-sandbox", "--disable-gpu"]
+            )
+            try:
+                page = await browser.new_page()
+                page.on("request", lambda r: requested.append(r.url))
+                await page.goto(base + "/")
+                await page.wait_for_selector("#login-form", state="visible")
+                await page.fill("#email", "frank@example.com")
+                await page.fill("#password", PASSWORD)
+                await page.click("button[type=submit]")
+                await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)
+                assert "office" in await page.inner_text("#devices")
+                async with device_client(broker, device) as mqtt:
+                    await mqtt.publish(
+                        device["mqtt"]["topics"]["readings"], reading(temperature=27.125), qos=1
+                    )
+                await page.wait_for_function(
+                    "() => { const c = document.getElementById('chart-temperature');"
+                    " return !!(c && c.data && c.data[0].y.includes(27.125)); }",
+                    timeout=20_000,
+                )
+                cookies = await page.context.cookies()
+                session = next(c for c in cookies if c["name"] == "iotistic_session")
+                assert session["httpOnly"] is True and session["sameSite"] == "Strict"
+            finally:
+                await browser.close()
+        # Everything the page loaded came from the instance itself: no CDN.
+        assert requested and all(url.startswith(base) for url in requested), requested
+    finally:
+        await frank.api.aclose()
