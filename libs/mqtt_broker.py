@@ -138,6 +138,10 @@ class EmbeddedMosquitto(_ChildServer):
             "per_listener_settings false",
             "allow_anonymous false",
             "persistence false",
+            # A subscriber that falls behind (ingest during a burst) must not lose QoS 1
+            # messages: Mosquitto's default queue of 1000 per client drops the rest.
+            "max_queued_messages 200000",
+            "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",

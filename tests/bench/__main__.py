@@ -15,12 +15,14 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tests.bench import events, provision, signup
+from tests.bench import events, instance, provision, signup
 
 BENCHES: dict[str, Callable[[str, str], Awaitable[None]]] = {
     "events": events.run,
     "signup": signup.run,
     "provision": provision.run,
+    "ingest": instance.run_ingest,
+    "query": instance.run_query,
 }
 
 
