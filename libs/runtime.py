@@ -40,6 +40,7 @@ from libs.projections import (
 log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=ServiceSettings)
+STOP_SECONDS = 15.0
 T = TypeVar("T")
 
 
@@ -183,7 +184,9 @@ class ServiceRuntime:
         for worker in self._workers:
             worker.cancel()  # workers hold no event in hand; runners finish theirs
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5)
+            # Workers may have children to stop (the local backend's instances): give them
+            # time before cancelling what is left.
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_SECONDS)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -30,6 +30,7 @@ from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import Platform
 from services.licensing.app import LICENSING
+from services.provisioner.backends.local import instances_running
 from services.targets import build_app
 from support import eventually, license_keys_dir, serving, signed_license_issued
 
@@ -230,6 +231,8 @@ async def test_two_provisioners_share_the_concurrency_limit(
     finally:
         for process in processes:
             process.stop()
+    # A provisioner that stops stops its instances: none is left running.
+    assert set(customers).isdisjoint(instances_running())
     spans = []
     for row in jobs:
         for attempt in json.loads(row["attempt_log"]):

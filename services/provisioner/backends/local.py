@@ -108,7 +108,7 @@ class LocalBackend:
         """Find the instances that should run: adopt live ones, start the others."""
         async with self._pool().acquire() as conn:
             rows = await conn.fetch("SELECT customer_id, port FROM local_instances")
-        running = _instances_running()
+        running = instances_running()
         for row in rows:
             customer_id = row["customer_id"]
             pid = running.get(customer_id)
@@ -120,11 +120,17 @@ class LocalBackend:
             )
 
     async def stop(self) -> None:
-        """Stop every instance process this backend runs (they start again with it)."""
-        await asyncio.gather(
-            *(self._stop_process(s) for s in list(self._supervised.values())),
-            return_exceptions=True,
-        )
+        """Stop every instance process this backend runs (they start again with it).
+
+        Every instance is signalled before anything is awaited, so that even a shutdown cut
+        short (a second cancellation) leaves none of them running."""
+        supervised = list(self._supervised.values())
+        for s in supervised:
+            s.wanted = False
+            if s.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(s.pid, signal.SIGTERM)
+        await asyncio.gather(*(self._stop_process(s) for s in supervised), return_exceptions=True)
         self._supervised.clear()
 
     # --- jobs -----------------------------------------------------------------------------------
@@ -146,7 +152,7 @@ class LocalBackend:
             supervised = self._supervise(
                 spec.customer_id,
                 port,
-                adopted_pid=_instances_running().get(spec.customer_id),
+                adopted_pid=instances_running().get(spec.customer_id),
                 database_url=database_url,
             )
         await progress(90, "health")
@@ -184,7 +190,7 @@ class LocalBackend:
         supervised = self._supervised.pop(customer_id, None)
         if supervised is not None:
             await self._stop_process(supervised)
-        stray = _instances_running().get(customer_id)
+        stray = instances_running().get(customer_id)
         if stray is not None:
             await _terminate_pid(stray)
         await progress(40, "broker")
@@ -479,7 +485,7 @@ def _write_private(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def _instances_running() -> dict[str, int]:
+def instances_running() -> dict[str, int]:
     """Customer id → pid of the instance processes running here (found by their marker).
 
     An instance's own children (a wrapper's ``sleep``, say) inherit the marker; the instance
