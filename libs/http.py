@@ -63,6 +63,13 @@ class Unauthorized(DomainError):
     code = "unauthorized"
 
 
+class Forbidden(DomainError):
+    """403: known caller, but the license (or the state of things) does not allow it."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(DomainError):
     """404: nothing there, or nothing this caller may see (the same answer on purpose)."""
 
@@ -75,6 +82,14 @@ class Conflict(DomainError):
 
     status_code = 409
     code = "conflict"
+
+
+class UpstreamError(DomainError):
+    """502: a service we depend on (Stripe, the broker, the control plane) did not do its part;
+    nothing was changed, try again."""
+
+    status_code = 502
+    code = "upstream_error"
 
 
 class TooManyRequests(DomainError):

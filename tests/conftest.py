@@ -18,8 +18,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from libs.config import ServiceSettings
-from libs.embedded import EmbeddedNats, EmbeddedPostgres
+from libs.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from libs.eventstore import EventStore
+from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import connect_nats
 from support import create_database, make_settings
 
@@ -92,3 +93,19 @@ async def store(nc: NatsClient, settings: ServiceSettings) -> AsyncIterator[Even
 def data_dir(tmp_path: Path) -> Path:
     """A data folder for one test."""
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMosquitto]:
+    """A Mosquitto of the test module's own, with dynamic security, on free ports (the
+    machine's mosquitto binary; never the system broker on 1883)."""
+    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    """A free port for the module's control-plane HTTP app (instances are told it)."""
+    return free_port()

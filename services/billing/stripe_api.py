@@ -16,16 +16,15 @@ from stripe.params import CustomerCreateParams
 from stripe.params.billing_portal import SessionCreateParams as PortalParams
 from stripe.params.checkout import SessionCreateParams as CheckoutParams
 
-from libs.http import DomainError
+from libs.http import DomainError, UpstreamError
 from services.billing.settings import BillingSettings
 
 log = logging.getLogger(__name__)
 
 
-class StripeUnavailable(DomainError):
+class StripeUnavailable(UpstreamError):
     """502: Stripe did not answer, or refused what we asked; nothing was charged."""
 
-    status_code = 502
     code = "payment_provider_error"
 
 

@@ -29,11 +29,12 @@ from contracts.license import LicenseClaims
 from libs.auth import bearer
 from libs.db import CONNECTION_ERRORS, create_pool, load_migrations, migrate
 from libs.http import (
-    DomainError,
+    Forbidden,
     InvalidRequest,
     NotFound,
     TooManyRequests,
     Unauthorized,
+    UpstreamError,
     create_app,
 )
 from services.instance.alerts import AlertEngine, RuleError, create_rule, parse_rule
@@ -63,20 +64,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "instance"
 BODY_LIMIT = 4096
 CSV_ROWS = 1_000_000
-
-
-class Forbidden(DomainError):
-    """403: the license does not allow it (or the instance is read-only)."""
-
-    status_code = 403
-    code = "forbidden"
-
-
-class BadGateway(DomainError):
-    """502: the broker or the control plane did not do its part; try again."""
-
-    status_code = 502
-    code = "upstream_error"
 
 
 def _time_param(value: str | None, field: str, default: datetime) -> datetime:
@@ -180,7 +167,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         try:
             who = await sessions.caller(bearer(request) or session_cookie(request))
         except ControlPlaneUnavailable as exc:
-            raise BadGateway(f"cannot check the session: {exc}") from None
+            raise UpstreamError(f"cannot check the session: {exc}") from None
         if who == "nobody":
             raise Unauthorized(
                 "a valid session token is required", headers={"WWW-Authenticate": "Bearer"}
@@ -250,7 +237,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             except DeviceLimitReached as exc:
                 raise Forbidden(str(exc)) from None
             except BrokerUnavailable as exc:
-                raise BadGateway(str(exc)) from None
+                raise UpstreamError(str(exc)) from None
         ingest.know_device(device.device_id)
         return {
             "device_id": device.device_id,
@@ -297,7 +284,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             try:
                 removed = await devices.remove(conn, device_id)
             except BrokerUnavailable as exc:
-                raise BadGateway(str(exc)) from None
+                raise UpstreamError(str(exc)) from None
         if not removed:
             raise NotFound(f"no device {device_id}")
         ingest.forget_device(device_id)

@@ -28,16 +28,13 @@ from litestar.response import Redirect
 from litestar.types import ControllerRouterHandler
 
 from libs.auth import bearer, is_admin
-from libs.http import Conflict, InvalidRequest, NotFound
+from libs.http import InvalidRequest, NotFound
 from libs.runtime import ServiceRuntime
 from services.provisioner.queue import (
     FINISHED,
     STATES,
-    JobNotFound,
-    JobNotRetryable,
     clean_jobs,
     queue_stats,
-    retry_job,
 )
 from services.provisioner.settings import ProvisionerSettings
 
@@ -126,7 +123,7 @@ def admin_page_routes(
     changed: Callable[[], Awaitable[None]],
 ) -> list[ControllerRouterHandler]:
     """The admin page's handlers, behind the admin guard."""
-    from services.provisioner.routes import job_view
+    from services.provisioner.routes import job_view, retry_or_refuse
 
     guards = [admin_page_guard(settings.admin_token)]
     token = _csrf(settings.admin_token or "")
@@ -232,12 +229,7 @@ def admin_page_routes(
     async def retry_from_page(job_id: FromPath[str], request: Request[Any, Any, Any]) -> Redirect:
         await _form(request, token)
         async with runtime.db().acquire() as conn, conn.transaction():
-            try:
-                await retry_job(conn, job_id, datetime.now(UTC), "admin page")
-            except JobNotFound:
-                raise NotFound(f"no job {job_id}") from None
-            except JobNotRetryable as exc:
-                raise Conflict(str(exc)) from None
+            await retry_or_refuse(conn, job_id, "admin page")
         await changed()
         return Redirect(f"/admin/queues/jobs/{quote(job_id)}", status_code=303)
 

@@ -72,6 +72,16 @@ async def find_job(conn: asyncpg.Connection, job_id: str) -> asyncpg.Record:
     return row
 
 
+async def retry_or_refuse(conn: asyncpg.Connection, job_id: str, by: str) -> None:
+    """Retry a failed job; 404 for no such job, 409 for one that has not failed."""
+    try:
+        await retry_job(conn, job_id, datetime.now(UTC), by)
+    except JobNotFound:
+        raise NotFound(f"no job {job_id}") from None
+    except JobNotRetryable as exc:
+        raise Conflict(str(exc)) from None
+
+
 def provisioner_routes(
     runtime: ServiceRuntime, backend: Backend, relay: OutboxRelay, worker: QueueWorker
 ) -> list[ControllerRouterHandler]:
@@ -99,12 +109,7 @@ def provisioner_routes(
     async def retry(job_id: FromPath[str]) -> dict[str, Any]:
         """Run a failed job again, with a fresh set of attempts."""
         async with runtime.db().acquire() as conn, conn.transaction():
-            try:
-                await retry_job(conn, job_id, datetime.now(UTC), "admin")
-            except JobNotFound:
-                raise NotFound(f"no job {job_id}") from None
-            except JobNotRetryable as exc:
-                raise Conflict(str(exc)) from None
+            await retry_or_refuse(conn, job_id, "admin")
             row = await find_job(conn, job_id)
         await changed()
         return job_view(row)

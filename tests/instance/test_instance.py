@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,6 @@ import pytest
 
 from contracts import TrialExpired
 from libs.config import ServiceSettings
-from libs.embedded import free_port
 from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import Platform
@@ -30,19 +29,6 @@ from support import eventually, local_backend_settings, serving
 pytestmark = pytest.mark.slow
 
 PASSWORD = "a long passphrase"
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMosquitto]:
-    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")

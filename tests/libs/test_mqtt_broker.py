@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -19,14 +18,6 @@ def acls(root: str) -> list[Acl]:
         Acl("publishClientReceive", f"{root}/#"),
         Acl("subscribePattern", f"{root}/#"),
     ]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMosquitto]:
-    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def admin(broker: EmbeddedMosquitto, password: str | None = None) -> DynSec:

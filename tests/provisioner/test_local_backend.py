@@ -29,9 +29,7 @@ import pytest
 
 from contracts import SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
-from libs.embedded import free_port
 from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import Platform
 from services.provisioner.backends.local import derive_password, instance_name
 from services.targets import CONTROL_PLANE, build_app
@@ -65,19 +63,6 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script.write_text(WRAPPER.format(dir=folder))
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return folder
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,14 +52,6 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script.write_text(WRAPPER.format(dir=folder))
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return folder
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMosquitto]:
-    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

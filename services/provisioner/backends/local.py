@@ -302,8 +302,11 @@ class LocalBackend:
         root = topic_root(customer_id)
         acls = [
             Acl("publishClientSend", f"{root}/#", True),
-            Acl("publishClientReceive", f"{root}/#", True),
             Acl("subscribePattern", f"{root}/#", True),
+            Acl("publishClientReceive", f"{root}/#", True),
+            # Dynamic security lets clients receive anything by default; the subscribe ACL is
+            # what isolates customers, this is the second lock behind it.
+            Acl("publishClientReceive", "#", False, priority=-1),
         ]
         try:
             async with dynsec:
