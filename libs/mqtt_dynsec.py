@@ -44,6 +44,19 @@ class Acl:
         }
 
 
+def instance_acls(customer_id: str) -> list[Acl]:
+    """What a customer's instance may do on the broker: everything under ``<customer_id>/``
+    and nothing else. Dynamic security lets clients receive anything by default, so receiving
+    is also denied outside the customer's topics, a second lock behind the subscribe ACL."""
+    root = f"{customer_id}/#"
+    return [
+        Acl("publishClientSend", root),
+        Acl("subscribePattern", root),
+        Acl("publishClientReceive", root),
+        Acl("publishClientReceive", "#", allow=False, priority=-1),
+    ]
+
+
 class DynSec:
     """A connection to the broker as its dynamic-security admin."""
 

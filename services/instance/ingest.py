@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
 from libs.db import CONNECTION_ERRORS
+from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from services.instance.license import LicenseHolder
 from services.instance.readings import METRICS, Rejected, parse_reading, record, store_readings
 from services.instance.settings import InstanceSettings
@@ -94,14 +95,27 @@ class Ingest:
         """``<customer_id>/devices``."""
         return f"{self._settings.instance_customer_id}/devices"
 
+    async def ensure_own_client(self) -> None:
+        """Where the instance administers its broker (its own, in Kubernetes), make sure its
+        ingest client exists and may read only this customer's devices."""
+        s = self._settings
+        if not (s.mqtt_admin_username and s.mqtt_admin_password and s.mqtt_username):
+            return
+        async with DynSec(
+            s.mqtt_host, s.mqtt_port, s.mqtt_admin_username, s.mqtt_admin_password
+        ) as ds:
+            await ds.ensure_role(s.mqtt_username, instance_acls(s.instance_customer_id))
+            await ds.ensure_client(s.mqtt_username, s.mqtt_password or "", [s.mqtt_username])
+
     async def run(self) -> None:
         """Subscribe and write for ever, reconnecting to the broker when it goes away."""
         writer = asyncio.create_task(self._write_forever())
         try:
             while True:
                 try:
+                    await self.ensure_own_client()
                     await self._subscribe()
-                except aiomqtt.MqttError as exc:
+                except (aiomqtt.MqttError, DynSecError) as exc:
                     log.warning("broker connection lost (%s); reconnecting", exc)
                     await asyncio.sleep(1)
         finally:

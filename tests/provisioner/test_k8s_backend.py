@@ -79,6 +79,7 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas() -> None:
         "LimitRange",
         "NetworkPolicy",
         "Secret",
+        "ConfigMap",
         "Service",
         "StatefulSet",
         "Deployment",
@@ -115,6 +116,18 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     container = instance["spec"]["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert by[("Secret", "license")]["stringData"]["license.jwt"] == spec().license_jwt
+    broker = by[("StatefulSet", "mosquitto")]["spec"]
+    init = broker["template"]["spec"]["initContainers"][0]
+    assert "mosquitto_ctrl dynsec init" in init["command"][-1]
+    assert broker["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    conf = by[("ConfigMap", "mosquitto")]["data"]["mosquitto.conf"]
+    assert "allow_anonymous false" in conf and "listener 9001" in conf
+    assert "mosquitto_dynamic_security.so" in conf
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MQTT_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mqtt",
+        "key": "admin-password",
+    }
     policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     assert list(yaml.safe_load_all(render_yaml(objects))) == objects
@@ -147,11 +160,17 @@ async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog)
     assert percents == sorted(percents) and percents[-1] >= 80
     assert deployed.instance_url == f"https://{CUSTOMER}.iotistic.cloud"
     assert deployed.components == {"postgres": "ready", "mosquitto": "ready", "instance": "ready"}
-    password = standin.objects[f"/api/v1/namespaces/{NS}/secrets/database"]["stringData"][
-        "password"
-    ]
+    secrets = {
+        name: standin.objects[f"/api/v1/namespaces/{NS}/secrets/{name}"]["stringData"]
+        for name in ("database", "mqtt")
+    }
+    mqtt = secrets["mqtt"]
+    assert mqtt["admin-password"] and mqtt["password"]
+    assert len({secrets["database"]["password"], mqtt["admin-password"], mqtt["password"]}) == 3
     logged = caplog.text
-    assert password not in logged and spec().license_jwt not in logged
+    for secret in (secrets["database"]["password"], mqtt["admin-password"], mqtt["password"]):
+        assert secret not in logged
+    assert spec().license_jwt not in logged
 
 
 async def test_a_retried_deploy_converges_on_the_same_objects(cluster) -> None:

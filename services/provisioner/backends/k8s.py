@@ -49,17 +49,18 @@ PLURALS = {
     "StatefulSet": "statefulsets",
     "Deployment": "deployments",
     "Ingress": "ingresses",
+    "ConfigMap": "configmaps",
 }
-# Progress while applying: the percent reached once each kind is applied.
+# Progress while applying: the percent reached once each object is applied.
 APPLY_STEPS = {
-    "Namespace": (10, "namespace"),
-    "NetworkPolicy": (20, "quota and network policy"),
-    "Secret": (30, "secrets"),
-    "StatefulSet": (50, "postgres"),
-    "Deployment": (70, "workloads"),
-    "Ingress": (80, "ingress"),
+    ("NetworkPolicy", "isolate-customer"): (20, "quota and network policy"),
+    ("Secret", "mqtt"): (30, "secrets"),
+    ("StatefulSet", "postgres"): (45, "postgres"),
+    ("StatefulSet", "mosquitto"): (55, "mosquitto"),
+    ("Deployment", "instance"): (70, "instance"),
+    ("Ingress", "instance"): (80, "ingress"),
 }
-WORKLOADS = (("StatefulSet", "postgres"), ("Deployment", "mosquitto"), ("Deployment", "instance"))
+WORKLOADS = (("StatefulSet", "postgres"), ("StatefulSet", "mosquitto"), ("Deployment", "instance"))
 
 
 def object_path(api_version: str, kind: str, name: str, namespace: str | None) -> str:
@@ -210,15 +211,25 @@ class KubernetesBackend:
         """The customer's objects, with the derived database password."""
         if not self._secret:
             raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
-        password = derive_password(self._secret, "database", spec.customer_id)
-        return render(spec, self._settings, password)
+        cid = spec.customer_id
+        return render(
+            spec,
+            self._settings,
+            derive_password(self._secret, "database", cid),
+            mqtt_admin_password=derive_password(self._secret, "mqtt-admin", cid),
+            mqtt_password=derive_password(self._secret, "mqtt", cid),
+        )
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance."""
         api = self._api
         for obj in self.objects(spec):
             await api.apply(obj)
-            step = APPLY_STEPS.get(obj["kind"])
+            step = (
+                (10, "namespace")
+                if obj["kind"] == "Namespace"
+                else APPLY_STEPS.get((obj["kind"], obj["metadata"]["name"]))
+            )
             if step is not None:
                 await progress(*step)
         await self._wait_ready(spec.customer_id, progress, 80)

@@ -21,6 +21,20 @@ import yaml
 from services.provisioner.backends.base import InstanceSpec
 
 PART_OF = "iotistic"
+MQTT_ADMIN = "admin"
+MQTT_INGEST = "instance"
+DYNSEC_FILE = "/mosquitto/data/dynamic-security.json"
+MOSQUITTO_CONF = f"""per_listener_settings false
+allow_anonymous false
+persistence true
+persistence_location /mosquitto/data/
+max_queued_messages 200000
+listener 1883
+listener 9001
+protocol websockets
+plugin /usr/lib/mosquitto_dynamic_security.so
+plugin_opt_config_file {DYNSEC_FILE}
+"""
 INSTANCE_PORT = 8080
 RESTRICTED = {
     "allowPrivilegeEscalation": False,
@@ -78,9 +92,17 @@ def _meta(name: str, namespace: str | None, customer_id: str, **extra: Any) -> d
 
 
 def render(
-    spec: InstanceSpec, settings: KubernetesSettings, db_password: str
+    spec: InstanceSpec,
+    settings: KubernetesSettings,
+    db_password: str,
+    mqtt_admin_password: str = "",
+    mqtt_password: str = "",
 ) -> list[dict[str, Any]]:
-    """Every object of the customer's instance, in apply order."""
+    """Every object of the customer's instance, in apply order.
+
+    The broker keeps its clients (dynamic security) on a volume of its own; its admin, which
+    the instance uses to give devices their credentials, and the instance's own ingest client
+    have the passwords given here."""
     cid = spec.customer_id
     ns = namespace_of(cid, settings)
     database = "iotistic"
@@ -108,6 +130,24 @@ def render(
                 "database": database,
                 "url": db_url,
             },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta("mqtt", ns, cid),
+            "type": "Opaque",
+            "stringData": {
+                "admin-username": MQTT_ADMIN,
+                "admin-password": mqtt_admin_password,
+                "username": MQTT_INGEST,
+                "password": mqtt_password,
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta("mosquitto", ns, cid),
+            "data": {"mosquitto.conf": MOSQUITTO_CONF},
         },
         _postgres_service(ns, cid),
         _postgres(ns, cid, settings),
@@ -233,12 +273,7 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
 
 
 def _postgres(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
-    claim: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": "10Gi"}},
-    }
-    if settings.storage_class:
-        claim["storageClassName"] = settings.storage_class
+    claim = _claim("10Gi", settings)
     labels = {"app.kubernetes.io/name": "postgres"}
     return {
         "apiVersion": "apps/v1",
@@ -286,21 +321,43 @@ def _postgres(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]
 
 def _mosquitto(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
     labels = {"app.kubernetes.io/name": "mosquitto"}
+    admin_env = [
+        _secret_env("ADMIN_USER", "mqtt", "admin-username"),
+        _secret_env("ADMIN_PASSWORD", "mqtt", "admin-password"),
+    ]
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": "StatefulSet",
         "metadata": _meta("mosquitto", ns, cid, labels=dict(labels)),
         "spec": {
+            "serviceName": "mosquitto",
             "replicas": 1,
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1883},
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1883, "fsGroup": 1883},
+                    "initContainers": [
+                        {
+                            # The first start makes the dynamic-security file with the admin.
+                            "name": "dynsec-init",
+                            "image": settings.mosquitto_image,
+                            "command": [
+                                "sh",
+                                "-c",
+                                f"[ -f {DYNSEC_FILE} ] || mosquitto_ctrl dynsec init {DYNSEC_FILE} "
+                                '"$ADMIN_USER" "$ADMIN_PASSWORD"',
+                            ],
+                            "env": admin_env,
+                            "securityContext": RESTRICTED,
+                            "volumeMounts": [{"name": "data", "mountPath": "/mosquitto/data"}],
+                        }
+                    ],
                     "containers": [
                         {
                             "name": "mosquitto",
                             "image": settings.mosquitto_image,
+                            "command": ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"],
                             "ports": [
                                 {"name": "mqtt", "containerPort": 1883},
                                 {"name": "websockets", "containerPort": 9001},
@@ -311,12 +368,33 @@ def _mosquitto(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any
                                 "limits": {"cpu": "500m", "memory": "256Mi"},
                             },
                             "securityContext": RESTRICTED,
+                            "volumeMounts": [
+                                {"name": "config", "mountPath": "/mosquitto/config"},
+                                {"name": "data", "mountPath": "/mosquitto/data"},
+                            ],
                         }
                     ],
+                    "volumes": [{"name": "config", "configMap": {"name": "mosquitto"}}],
                 },
             },
+            "volumeClaimTemplates": [
+                {
+                    "metadata": {"name": "data"},
+                    "spec": _claim("1Gi", settings),
+                }
+            ],
         },
     }
+
+
+def _claim(size: str, settings: KubernetesSettings) -> dict[str, Any]:
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": size}},
+    }
+    if settings.storage_class:
+        claim["storageClassName"] = settings.storage_class
+    return claim
 
 
 def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict[str, Any]:
@@ -355,6 +433,10 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
                                 {"name": "HTTP_PORT", "value": str(INSTANCE_PORT)},
                                 {"name": "MQTT_HOST", "value": "mosquitto"},
                                 {"name": "MQTT_PORT", "value": "1883"},
+                                _secret_env("MQTT_USERNAME", "mqtt", "username"),
+                                _secret_env("MQTT_PASSWORD", "mqtt", "password"),
+                                _secret_env("MQTT_ADMIN_USERNAME", "mqtt", "admin-username"),
+                                _secret_env("MQTT_ADMIN_PASSWORD", "mqtt", "admin-password"),
                             ],
                             "readinessProbe": probe,
                             "livenessProbe": {

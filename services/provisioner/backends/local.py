@@ -31,7 +31,7 @@ import httpx
 from libs.auth import instance_usage_token
 from libs.db import CONNECTION_ERRORS
 from libs.embedded import free_port
-from libs.mqtt_dynsec import Acl, DynSec, DynSecError
+from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from services.provisioner.backends.base import (
     BackendError,
     Deployed,
@@ -299,15 +299,7 @@ class LocalBackend:
         dynsec = self._dynsec()
         if dynsec is None:
             return "not configured"
-        root = topic_root(customer_id)
-        acls = [
-            Acl("publishClientSend", f"{root}/#", True),
-            Acl("subscribePattern", f"{root}/#", True),
-            Acl("publishClientReceive", f"{root}/#", True),
-            # Dynamic security lets clients receive anything by default; the subscribe ACL is
-            # what isolates customers, this is the second lock behind it.
-            Acl("publishClientReceive", "#", False, priority=-1),
-        ]
+        acls = instance_acls(topic_root(customer_id))
         try:
             async with dynsec:
                 await dynsec.ensure_role(name, acls)
@@ -371,6 +363,7 @@ class LocalBackend:
                 "MQTT_ADMIN_USERNAME": self._settings.mqtt_admin_username or "",
                 "MQTT_ADMIN_PASSWORD": self._settings.mqtt_admin_password or "",
                 "CONTROL_PLANE_URL": self._settings.control_plane_url,
+                "USAGE_REPORT_SECONDS": str(self._settings.instance_usage_report_seconds),
                 "USAGE_TOKEN": instance_usage_token(self._settings.usage_secret, customer_id)
                 if self._settings.usage_secret
                 else "",
