@@ -29,6 +29,9 @@ _KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # JetStream's error code for a failed expected-last-(subject-)sequence check.
 _WRONG_LAST_SEQUENCE = 10071
 
+# Fetch timeouts in a row, with the consumer still owing events, before a read gives up.
+_READ_STALL_CHECKS = 40
+
 HEADER_EVENT_TYPE = "Iotistic-Event-Type"
 HEADER_TRACEPARENT = "traceparent"
 HEADER_TRACESTATE = "tracestate"
@@ -226,15 +229,21 @@ class EventStore:
         event_types: Iterable[str] | None = None,
         batch: int = 500,
         follow: bool = False,
+        position: ReadPosition | None = None,
     ) -> AsyncIterator[StoredMessage]:
         """Yield the log's messages in order from ``from_seq`` (through ``to_seq``).
 
         Uses a short-lived ephemeral consumer, so reading never moves any service's position.
-        With ``follow`` it keeps waiting for new events instead of stopping at the end.
+        With ``follow`` it keeps waiting for new events instead of stopping at the end. A fetch
+        that times out ends a bounded read only once the consumer has nothing left to deliver;
+        a delivery that never arrives raises ``EventStoreError``. ``position``, if given, is
+        kept up to date with how far the read covered the log.
         """
         filters = self.filter_for(event_types) if event_types is not None else [f"{self.prefix}.>"]
         end = to_seq if to_seq is not None else (None if follow else await self.last_seq())
+        position = position if position is not None else ReadPosition()
         if end is not None and end < from_seq:
+            position.through = end
             return
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -246,29 +255,79 @@ class EventStore:
             mem_storage=True,
         )
         sub = await self._js.pull_subscribe("", stream=self.stream, config=config)
+        received = 0  # consumer sequence of the last delivery received
+        stalls = 0
         try:
             while True:
                 try:
                     # Short waits: a batch fetch lingers until full or timed out (see runner).
                     msgs = await sub.fetch(batch, timeout=0.25)
                 except (nats.errors.TimeoutError, TimeoutError):
-                    if follow:
+                    stalls += 1
+                    if follow or end is None:
                         continue
-                    return
+                    if await self._read_is_complete(sub, received, stalls):
+                        position.through = end
+                        return
+                    continue
+                stalls = 0
                 for msg in msgs:
+                    received = self._next_delivery(msg, received)
                     stored = to_stored(msg)
                     if end is not None and stored.seq > end:
+                        position.through = end
                         return
                     yield stored
+                    position.through = stored.seq
                     if end is not None and stored.seq >= end:
                         return
-                if not follow and msgs and msgs[-1].metadata.num_pending == 0:
+                if not follow and end is not None and msgs and msgs[-1].metadata.num_pending == 0:
+                    position.through = end
                     return
         finally:
             try:
                 await sub.unsubscribe()
             except nats.errors.Error:
                 log.debug("reader unsubscribe failed", exc_info=True)
+
+    def _next_delivery(self, msg: Msg, received: int) -> int:
+        """The delivery's consumer sequence, which must follow ``received`` without a gap."""
+        delivered = int(msg.metadata.sequence.consumer)
+        if delivered != received + 1:
+            # The reader's consumer never redelivers (no acks): what was skipped is gone.
+            raise EventStoreError(
+                f"read of {self.stream}: delivery {received + 1} was lost "
+                f"(got {delivered}, stream seq {msg.metadata.sequence.stream})"
+            )
+        return delivered
+
+    async def _read_is_complete(
+        self, sub: JetStreamContext.PullSubscription, received: int, stalls: int
+    ) -> bool:
+        """After a fetch timed out: True when the reader's consumer has nothing left to deliver
+        and all it delivered arrived. A timeout alone says nothing about the end of the log (a
+        slow server or network looks the same)."""
+        try:
+            info = await sub.consumer_info()
+        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+            raise EventStoreError(f"read of {self.stream} lost its consumer: {exc!r}") from exc
+        delivered = int((info.delivered.consumer_seq or 0) if info.delivered else 0)
+        # Deliveries sent before the timeout may still be on their way: the next fetch takes them.
+        if not info.num_pending and delivered <= received:
+            return True
+        if stalls >= _READ_STALL_CHECKS:
+            raise EventStoreError(
+                f"read of {self.stream} stalled: {info.num_pending} events not delivered, "
+                f"{delivered - received} delivered but not received"
+            )
+        return False
+
+
+@dataclass
+class ReadPosition:
+    """How far a read covered the log: every matching event through ``through`` was yielded."""
+
+    through: int = 0
 
 
 def traced_envelope(

@@ -229,6 +229,10 @@ async def apply_event(
     return ApplyOutcome.APPLIED
 
 
+class _Reattach(Exception):
+    """The consumer is out of step with the checkpoint: bind again, recreating it from there."""
+
+
 class RunnerState(enum.Enum):
     """Where a projection runner is; shown by readiness."""
 
@@ -278,6 +282,7 @@ class ProjectionRunner:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _lock_conn: asyncpg.Connection | None = None
     _was_attached: bool = False
+    _recreate_consumer: bool = False
 
     @property
     def durable(self) -> str:
@@ -316,15 +321,24 @@ class ProjectionRunner:
     async def _lead_and_consume(self) -> None:
         if not await self._acquire_lock():
             return
+        while not self._stopping.is_set():
+            try:
+                await self._attach_and_consume()
+                return
+            except _Reattach as why:
+                log.warning("%s: %s; re-attaching from the checkpoint", self.durable, why)
+                self._recreate_consumer = True
+
+    async def _attach_and_consume(self) -> None:
         async with self.pool.acquire() as conn:
             self.status.checkpoint = await ensure_checkpoint(conn, self.projection.name)
-        sub = await self._attach(self.status.checkpoint)
+        sub, delivered = await self._attach(self.status.checkpoint)
         self.status.attached = True
         self._was_attached = True
         self.status.state = RunnerState.RUNNING
         self.status.last_error = None
         try:
-            await self._consume(sub)
+            await self._consume(sub, delivered)
         finally:
             self.status.attached = False
             try:
@@ -376,14 +390,16 @@ class ProjectionRunner:
             filter_subjects=self.store.filter_for(self.projection.event_types),
         )
 
-    async def _attach(self, checkpoint: int) -> Any:
+    async def _attach(self, checkpoint: int) -> tuple[Any, int]:
         """Bind to the durable consumer, recreating it if it would skip or stall events.
 
         The checkpoint in Postgres is the truth. A consumer that has delivered past it, or has
         events in flight or pull requests waiting (left by a process that died), or whose
-        checkpoint was reset by a replay, is recreated from the checkpoint: nothing waits for
-        an ack timeout and nothing is skipped. A consumer behind the checkpoint with nothing in
-        flight is kept: what it delivers again is recognised as already applied.
+        checkpoint was reset by a replay, or that fell out of step with this runner, is
+        recreated from the checkpoint: nothing waits for an ack timeout and nothing is skipped.
+        A consumer behind the checkpoint with nothing in flight is kept: what it delivers again
+        is recognised as already applied. Returns the subscription and the consumer sequence
+        of the last delivery so far, which the next delivery must follow.
         """
         js = self.store.js
         wanted = self.consumer_config(checkpoint)
@@ -391,7 +407,8 @@ class ProjectionRunner:
             info = await js.consumer_info(self.store.stream, self.durable)
             filters = sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
             keep = (
-                filters == sorted(wanted.filter_subjects or [])
+                not self._recreate_consumer
+                and filters == sorted(wanted.filter_subjects or [])
                 and info.config.ack_wait == wanted.ack_wait
                 and info.delivered.stream_seq <= checkpoint
                 # Nobody else consumes while we hold the lock: anything in flight or any pull
@@ -408,15 +425,27 @@ class ProjectionRunner:
                 info.num_ack_pending,
                 checkpoint,
             )
+            delivered = int((info.delivered.consumer_seq or 0) if info.delivered else 0)
             if not keep:
                 log.info("%s: recreating consumer from seq %d", self.durable, checkpoint + 1)
                 await js.delete_consumer(self.store.stream, self.durable)
                 await js.add_consumer(self.store.stream, wanted)
+                delivered = 0
         except nats.js.errors.NotFoundError:
             await js.add_consumer(self.store.stream, wanted)
-        return await js.pull_subscribe_bind(durable=self.durable, stream=self.store.stream)
+            delivered = 0
+        self._recreate_consumer = False
+        sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.store.stream)
+        return sub, delivered
 
-    async def _consume(self, sub: Any) -> None:
+    async def _consume(self, sub: Any, delivered: int) -> None:
+        """Apply what the consumer delivers, in the order of its delivery sequence.
+
+        "At or below the checkpoint means applied" holds only while no delivery is missing: a
+        delivery lost in a reconnect waits for its ack timeout while later ones arrive. So, as
+        NATS's ordered consumers do, every delivery must follow the last one (``delivered``);
+        at a gap nothing more is applied and ``_Reattach`` is raised.
+        """
         last_lock_check = time.monotonic()
         idle = True
         while not self._stopping.is_set():
@@ -425,20 +454,33 @@ class ProjectionRunner:
                 last_lock_check = time.monotonic()
             msgs = await self._next_batch(sub, idle)
             idle = not msgs
-            if not msgs:
-                continue
-            if await self._apply_together(msgs):
-                continue
-            for index, msg in enumerate(msgs):
-                try:
-                    await self._handle(msg)
-                except PoisonEvent as poison:
-                    await self._nak_all(msgs[index:])
-                    await self._wait_for_decision(poison)
-                    break
-                except BaseException:
-                    await self._nak_all(msgs[index:])
-                    raise
+            in_step = deliveries_in_step(msgs, delivered)
+            if in_step:
+                delivered = int(msgs[in_step - 1].metadata.sequence.consumer)
+                await self._apply_batch(msgs[:in_step])
+            if in_step < len(msgs):
+                got = msgs[in_step].metadata.sequence
+                raise _Reattach(
+                    f"delivery {delivered + 1} is missing (got {got.consumer}, seq {got.stream})"
+                )
+
+    async def _apply_batch(self, msgs: Sequence[Msg]) -> None:
+        if await self._apply_together(msgs):
+            return
+        for index, msg in enumerate(msgs):
+            try:
+                await self._handle(msg)
+            except PoisonEvent as poison:
+                await self._nak_all(msgs[index:])
+                await self._wait_for_decision(poison)
+                # A nak is never confirmed: one lost on the way leaves these events waiting
+                # for their ack timeout while later ones are delivered without a gap in the
+                # delivery sequence. Starting again from the checkpoint cannot skip them.
+                raise _Reattach(f"the parked event at seq {poison.seq} was decided") from None
+            except BaseException:
+                if not await self._nak_all(msgs[index:]):
+                    self._recreate_consumer = True
+                raise
 
     async def _next_batch(self, sub: Any, idle: bool) -> list[Msg]:
         """Wait for the next event when idle; take what is there, up to a batch, when busy.
@@ -581,13 +623,16 @@ class ProjectionRunner:
                 return
             await self._sleep(self.config.decision_poll_seconds)
 
-    async def _nak_all(self, msgs: Sequence[Msg]) -> None:
+    async def _nak_all(self, msgs: Sequence[Msg]) -> bool:
+        """Ask for ``msgs`` again; False if a nak failed (the caller must re-attach: until
+        their ack timeout, later events would be delivered before them)."""
         for msg in msgs:
             try:
                 await msg.nak()
             except NATS_ERRORS:
-                # Unacked messages come back after ack_wait anyway; nothing is lost.
-                log.debug("%s: nak failed", self.durable, exc_info=True)
+                log.warning("%s: nak failed", self.durable, exc_info=True)
+                return False
+        return True
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -599,6 +644,16 @@ class ProjectionRunner:
         """Events of this projection's types in the log not yet applied (consumer's view)."""
         info = await self.store.js.consumer_info(self.store.stream, self.durable, timeout=1)
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+def deliveries_in_step(msgs: Sequence[Msg], delivered: int) -> int:
+    """How many of ``msgs``, from the first, follow consumer sequence ``delivered`` with no gap."""
+    count = 0
+    for msg in msgs:
+        if int(msg.metadata.sequence.consumer) != delivered + count + 1:
+            break
+        count += 1
+    return count
 
 
 async def resolve_decision(conn: asyncpg.Connection, projection: str, seq: int) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from libs.db import check_schema_name, drop_schema, migrate, service_migrations
-from libs.eventstore import EventStore, StoredMessage
+from libs.eventstore import EventStore, EventStoreError, ReadPosition, StoredMessage
 from libs.projections import PoisonEvent, Projection, apply_stored, ensure_checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,9 @@ REPLAY_CHUNK = 500
 
 
 class ReplayError(RuntimeError):
-    """The rebuild met an event it could not apply that the live projection did not skip."""
+    """The rebuild could not be done as asked: an event it could not apply that the live
+    projection did not skip, a log it could not read to the end, or a partial rebuild that
+    would replace the live read models."""
 
 
 @dataclass
@@ -121,7 +123,14 @@ class Rebuild:
             return
         skips = await self.skipped_live()
         types = {t for p in self.projections for t in p.event_types}
-        await self._apply_range(start, end, types, targets, skips, report)
+        position = ReadPosition()
+        try:
+            await self._apply_range(start, end, types, targets, skips, report, position)
+        except EventStoreError as exc:
+            raise ReplayError(f"reading the log failed: {exc}") from exc
+        if position.through < end:
+            # Moving the checkpoints to the targets now would claim events never applied.
+            raise ReplayError(f"the log reader stopped at seq {position.through}, before {end}")
         for projection in self.projections:
             await self._skip(projection.name, targets[projection.name])
         report.upto_seq = max(report.upto_seq, end)
@@ -134,9 +143,11 @@ class Rebuild:
         targets: dict[str, int],
         skips: set[tuple[str, int]],
         report: ReplayReport,
+        position: ReadPosition,
     ) -> None:
         chunk: list[StoredMessage] = []
-        async for stored in self.store.read(from_seq=start, to_seq=end, event_types=types):
+        read = self.store.read(from_seq=start, to_seq=end, event_types=types, position=position)
+        async for stored in read:
             chunk.append(stored)
             if len(chunk) >= REPLAY_CHUNK:
                 await self._apply_chunk(chunk, targets, skips, report, end)
@@ -233,6 +244,7 @@ class Rebuild:
         Events the live projection applied while the rebuild ran are applied to the scratch
         tables first, inside the same transaction, so no event is lost or applied twice.
         """
+        refuse_partial_swap(self.from_seq)
         async with self.conn.transaction():
             await self.conn.execute(
                 f"SELECT 1 FROM {self.schema}.projection_checkpoints "
@@ -296,8 +308,11 @@ async def replay_service(
     """Rebuild a service's read models from the log (see the module's docstring).
 
     ``dry_run`` rebuilds and reports without touching the live tables; ``verify`` rebuilds to
-    the live checkpoints and reports every difference from the live tables.
+    the live checkpoints and reports every difference from the live tables. A ``from_seq``
+    after 1 is for those two only: ``ReplayError`` otherwise, before anything is touched.
     """
+    if not (dry_run or verify):
+        refuse_partial_swap(from_seq)
     report = ReplayReport(service=schema)
     rebuild = Rebuild(conn, store, schema, migrations_package, projections, from_seq, progress)
     # The live schema must exist (migrated) for checkpoints and the swap; a service that never
@@ -315,6 +330,19 @@ async def replay_service(
     finally:
         await rebuild.cleanup()
     return report
+
+
+def refuse_partial_swap(from_seq: int) -> None:
+    """Raise ``ReplayError`` for a rebuild from after seq 1 that would replace the live rows.
+
+    Rebuilt from an empty model, it lacks every row the events before ``from_seq`` built, and
+    the swap truncates the live tables: those rows would be lost.
+    """
+    if from_seq > 1:
+        raise ReplayError(
+            f"a rebuild from seq {from_seq} lacks the events before it, so it cannot replace "
+            "the live read models; rebuild from seq 1, or start later only for a dry run or verify"
+        )
 
 
 async def _verify(rebuild: Rebuild, report: ReplayReport, attempts: int = 5) -> None:

@@ -88,7 +88,12 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="rebuild a service's read models from the log")
     replay.add_argument("service", choices=sorted(CONTROL_PLANE))
-    replay.add_argument("--from-seq", type=int, default=1, help="first stream sequence to read")
+    replay.add_argument(
+        "--from-seq",
+        type=int,
+        default=1,
+        help="first stream sequence to read (with --dry-run or --verify only)",
+    )
     replay.add_argument("--dry-run", action="store_true", help="rebuild and report, change nothing")
     replay.add_argument(
         "--verify", action="store_true", help="rebuild into a scratch schema, report differences"

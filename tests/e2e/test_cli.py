@@ -167,3 +167,22 @@ async def test_parked_list_and_skip_then_replay_verify(settings, log_with_events
     finally:
         await conn.close()
         await platform.stop()
+
+
+async def test_replay_from_a_later_seq_is_refused_without_dry_run_or_verify(
+    settings, log_with_events
+) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        before = await conn.fetch("SELECT * FROM licensing.licenses ORDER BY license_id")
+        assert len(before) >= 8
+        later = str(log_with_events["first"] + 2)
+        refused = cli(settings, "replay", "licensing", "--from-seq", later, check=False)
+        assert refused.returncode == 1
+        assert "replay failed" in refused.stderr
+        assert "dry run or verify" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        # A rebuild missing the events before --from-seq never replaces the live rows.
+        assert await conn.fetch("SELECT * FROM licensing.licenses ORDER BY license_id") == before
+    finally:
+        await conn.close()

@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 
 import pytest
 from nats.js import api
+from tcp_relay import TcpRelay
 
 from contracts import CustomerSignedUp, decode_envelope, new_envelope
-from libs.eventstore import ConcurrencyConflict, EventStore
+from libs.eventstore import ConcurrencyConflict, EventStore, ReadPosition
+from libs.runtime import connect_nats
 
 
 def signed_up(customer_id: str | None = None, email: str = "ada@example.com") -> CustomerSignedUp:
@@ -94,6 +96,41 @@ async def test_read_returns_the_range_in_order_filtered_by_type(store: EventStor
     bounded = [m.seq async for m in store.read(from_seq=start, to_seq=appended[2].seq)]
     assert bounded == [a.seq for a in appended[:3]]
     assert [m async for m in store.read(from_seq=start, event_types=["TrialStarted"])] == []
+
+
+async def test_a_read_whose_fetch_times_out_mid_log_still_reads_to_the_end(
+    store: EventStore, nats_url: str
+) -> None:
+    start = await store.last_seq() + 1
+    events = [signed_up() for _ in range(12)]
+    appended = [await store.publish(e, customer_id=e.customer_id) for e in events]
+    async with TcpRelay(nats_url) as relay:
+        nc = await connect_nats(relay.url, name="stalled reader")
+        try:
+            reader = EventStore(nc.jetstream(), store.settings)
+            seen: list[int] = []
+            position = ReadPosition()
+
+            async def read_all() -> None:
+                async for message in reader.read(from_seq=start, batch=4, position=position):
+                    seen.append(message.seq)
+                    if len(seen) == 4:
+                        relay.hold()  # the next batch is held up longer than a fetch waits
+
+            asked = relay.watch_client(b"CONSUMER.INFO")
+            reading = asyncio.create_task(read_all())
+            # The reader either gives up at the timeout (the bug) or asks the server how far
+            # its consumer got; either way the network recovers then.
+            await asyncio.wait(
+                {reading, asyncio.create_task(asked.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            relay.release()
+            await reading
+        finally:
+            await nc.close()
+    assert seen == [a.seq for a in appended]
+    assert position.through == appended[-1].seq
 
 
 def test_subject_keys_are_validated(store: EventStore) -> None:

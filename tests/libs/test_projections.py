@@ -20,13 +20,14 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import api
+from tcp_relay import TcpRelay
 
 from contracts import new_envelope
 from libs.config import ServiceSettings
 from libs.embedded import free_port
 from libs.eventstore import EventStore
-from libs.replay import ReplayReport, replay_service
-from libs.runtime import Platform
+from libs.replay import ReplayError, ReplayReport, replay_service
+from libs.runtime import Platform, connect_nats
 from services.licensing.app import LICENSING
 from support import (
     create_database,
@@ -298,9 +299,56 @@ async def test_replay_from_a_sequence_and_dry_run(fresh, db) -> None:
     dry = await verify(settings, store, dry_run=True)
     assert (dry.events_applied, dry.upto_seq) == (10, seqs[-1])
     assert await db.fetchval("SELECT count(*) FROM licenses") == 0  # dry run changed nothing
-    partial = await verify(settings, store, from_seq=seqs[6])
-    assert partial.events_applied == 4
-    assert await db.fetchval("SELECT count(*) FROM licenses") == 4
+    partial = await verify(settings, store, from_seq=seqs[6], dry_run=True)
+    assert (partial.events_applied, partial.upto_seq) == (4, seqs[-1])
+    full = await verify(settings, store)
+    assert full.events_applied == 10
+    assert await db.fetchval("SELECT count(*) FROM licenses") == 10
+    assert await checkpoint(db) == seqs[-1]
+
+
+async def test_a_replay_from_a_later_sequence_never_replaces_the_live_rows(fresh, db) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 10)
+    await verify(settings, store)
+    before = await db.fetch("SELECT * FROM licenses ORDER BY license_id")
+    assert len(before) == 10
+    # Rebuilt from seqs[6] the model lacks the first six events: swapping it in would lose them.
+    with pytest.raises(ReplayError, match="dry run or verify"):
+        await verify(settings, store, from_seq=seqs[6])
+    assert await db.fetch("SELECT * FROM licenses ORDER BY license_id") == before
+    assert await checkpoint(db) == seqs[-1]
+
+
+async def test_a_replay_whose_log_reader_stalls_still_rebuilds_every_event(
+    fresh, db, nats_url: str
+) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 520)  # more than one batch of the log reader (500)
+    async with TcpRelay(nats_url) as relay:
+        nc = await connect_nats(relay.url, name="stalled replay")
+        try:
+
+            def progress(seq: int, end: int) -> None:
+                if seq == seqs[499]:
+                    relay.hold()  # the next batch is held up longer than a fetch waits
+
+            asked = relay.watch_client(b"CONSUMER.INFO")
+            replaying = asyncio.create_task(
+                verify(settings, EventStore(nc.jetstream(), settings), progress=progress)
+            )
+            # The reader either gives up at the timeout (the bug) or asks the server how far
+            # its consumer got; either way the network recovers then.
+            await asyncio.wait(
+                {replaying, asyncio.create_task(asked.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            relay.release()
+            report = await replaying
+        finally:
+            await nc.close()
+    assert (report.events_applied, report.upto_seq) == (520, seqs[-1])
+    assert await db.fetchval("SELECT count(*) FROM licenses") == 520
     assert await checkpoint(db) == seqs[-1]
 
 
@@ -411,3 +459,36 @@ async def test_one_replica_consumes_and_a_standby_takes_over(fresh, db) -> None:
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_a_delivery_lost_in_a_reconnect_is_applied_not_taken_for_a_duplicate(
+    fresh, db, nats_url: str
+) -> None:
+    settings, store = fresh
+    [first] = await publish_licenses(store, 1)
+    async with TcpRelay(nats_url) as relay:
+        # A long ack wait: the lost delivery is not redelivered while the test runs, so only
+        # noticing the gap in delivery brings it back.
+        relayed = msgspec.structs.replace(
+            settings, nats_url=relay.url, projection_ack_wait_seconds=300
+        )
+        platform = await start(relayed)
+        try:
+            await caught_up(db, first)
+            # The connection drops just as the server delivers the next event to the projection;
+            # the client reconnects and the consumer goes on with the events after it.
+            relay.cut_at(f".{store.stream}.licensing_{PROJECTION}.".encode())
+            [lost] = await publish_licenses(store, 1)
+            await asyncio.wait_for(relay.cut.wait(), timeout=30)
+            later = await publish_licenses(store, 3)
+            await caught_up(db, later[-1])
+            await eventually(
+                lambda: db.fetchval("SELECT count(*) FROM license_history"),
+                lambda n: n == 5,
+                what="every event applied, the one lost in the reconnect too",
+            )
+            applied = await db.fetch("SELECT seq FROM license_history ORDER BY seq")
+            assert [r["seq"] for r in applied] == [first, lost, *later]
+        finally:
+            await platform.stop()
+    assert (await verify(settings, store, verify=True)).differences == 0
