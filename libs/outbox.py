@@ -82,8 +82,14 @@ class OutboxRelay:
         self._wake.set()
 
     async def relay_once(self) -> int:
-        """Append what the outbox holds (a batch); returns how many were appended."""
+        """Append what the outbox holds (a batch); returns how many were appended.
+
+        If an append fails, the events appended before it are still deleted (committed)
+        before the failure is raised, so that they are not appended again later.
+        """
         store = self._store()
+        appended: list[int] = []
+        failure: Exception | None = None
         async with self._pool().acquire() as conn, conn.transaction():
             if not await conn.fetchval(
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", self._lock_key
@@ -92,13 +98,17 @@ class OutboxRelay:
             rows = await conn.fetch(
                 "SELECT id, subject_key, envelope FROM outbox ORDER BY id LIMIT $1", RELAY_BATCH
             )
-            for row in rows:
-                await store.append(decode_envelope(row["envelope"]), key=row["subject_key"])
-            if rows:
-                await conn.execute(
-                    "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-                )
-            return len(rows)
+            try:
+                for row in rows:
+                    await store.append(decode_envelope(row["envelope"]), key=row["subject_key"])
+                    appended.append(row["id"])
+            except Exception as exc:  # noqa: BLE001 - raised again once the deletes commit
+                failure = exc
+            if appended:
+                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", appended)
+        if failure is not None:
+            raise failure
+        return len(appended)
 
     async def run(self) -> None:
         """Relay for ever: at once when woken, else every ``poll_seconds``; outages pass."""

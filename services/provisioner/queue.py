@@ -9,7 +9,11 @@ Rules:
   trial 5; among equals the oldest first;
 - at most ``concurrency`` jobs hold a live lease across all replicas (claims are serialised by
   a transaction-level advisory lock, so counting and claiming are one step);
-- one job at a time per customer; a job whose lease ran out (its worker died) is claimed again;
+- one job at a time per customer; a job whose lease ran out (its worker died) is claimed again,
+  and until then it still holds its customer's turn;
+- lease and run times come from Postgres's clock, one clock for every replica;
+- a worker records progress and outcomes only while it still holds the job: same attempt and
+  generation, still active; a claim changes a row only if it is still as the claim read it;
 - jobs read the customer's current license when they run, so a waiting deploy or update covers
   any newer license, and a delete makes waiting deploys and updates pointless.
 """
@@ -72,6 +76,19 @@ class Claimed:
     attempt: int
     max_attempts: int
     data: dict[str, Any]
+    # Counted up each time the job's attempts start over (a retry, a job given back).
+    generation: int = 0
+
+
+def _event_id(job_id: str, generation: int, *parts: object) -> str:
+    # A job whose attempts start over numbers them from 1 again: the generation keeps the new
+    # run's event ids apart from the old run's, which the outbox and JetStream would drop.
+    run = job_id if generation == 0 else f"{job_id}:g{generation}"
+    return ":".join([run, *(str(part) for part in parts)])
+
+
+def _changed_one(result: str) -> bool:
+    return result.endswith(" 1")
 
 
 async def _record(
@@ -88,6 +105,12 @@ async def _record(
 
 async def _lock(conn: asyncpg.Connection) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", QUEUE_LOCK)
+
+
+async def _clock(conn: asyncpg.Connection) -> datetime:
+    # Postgres's clock, not this replica's: leases are compared across replicas.
+    now: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return now
 
 
 # --- enqueueing ---------------------------------------------------------------------------------
@@ -147,7 +170,8 @@ async def enqueue(
     data = {"plan": plan, "license_id": license_id, "requested_by": requested_by}
     await conn.execute(
         "INSERT INTO queue_jobs (job_id, customer_id, kind, priority, state, data, max_attempts, "
-        "created_at, run_after) VALUES ($1, $2, $3, $4, 'waiting', $5::jsonb, $6, $7, $7)",
+        "created_at, run_after) "
+        "VALUES ($1, $2, $3, $4, 'waiting', $5::jsonb, $6, $7, clock_timestamp())",
         job_id,
         customer_id,
         kind,
@@ -176,17 +200,31 @@ async def enqueue(
 
 # --- running ------------------------------------------------------------------------------------
 
+# A waiting or delayed job waits while any other job of its customer is active, even one whose
+# lease ran out: that one is claimed again first. Of two active jobs (left by an older version)
+# only a live lease blocks, so they cannot block each other for ever.
 _NEXT = """
     SELECT * FROM queue_jobs j
     WHERE ((j.state = ANY($2) AND j.run_after <= $1)
            OR (j.state = 'active' AND j.lease_until <= $1))
       AND NOT EXISTS (
           SELECT 1 FROM queue_jobs o
-          WHERE o.customer_id = j.customer_id AND o.state = 'active' AND o.lease_until > $1
+          WHERE o.customer_id = j.customer_id AND o.state = 'active' AND o.job_id <> j.job_id
+            AND (j.state <> 'active' OR o.lease_until > $1)
       )
     ORDER BY j.priority, j.created_at
     LIMIT 1
 """
+
+# The row is still as it was read: nobody finished, extended or claimed it meanwhile.
+_AS_READ = (
+    "job_id = $1 AND state = $2 AND attempts = $3 AND generation = $4 "
+    "AND lease_until IS NOT DISTINCT FROM $5"
+)
+
+
+def _as_read(row: asyncpg.Record) -> tuple[Any, ...]:
+    return (row["job_id"], row["state"], row["attempts"], row["generation"], row["lease_until"])
 
 
 async def claim_next_job(
@@ -194,15 +232,20 @@ async def claim_next_job(
     *,
     worker_id: str,
     backend: str,
-    now: datetime,
     concurrency: int,
     lease: timedelta,
 ) -> Claimed | None:
-    """Lease the most urgent runnable job to ``worker_id``, if a slot is free."""
+    """Lease the most urgent runnable job to ``worker_id``, if a slot is free.
+
+    The lease runs for ``lease`` from now on Postgres's clock. Finishing and extending do not
+    take the queue's lock, so the job is changed only if it is still as it was read; if it is
+    not (its old worker just finished it, say), the next one is looked for.
+    """
     await _lock(conn)
     if await conn.fetchval("SELECT paused FROM queue_control"):
         return None
     while True:
+        now = await _clock(conn)
         running = await conn.fetchval(
             "SELECT count(*) FROM queue_jobs WHERE state = 'active' AND lease_until > $1", now
         )
@@ -217,17 +260,19 @@ async def claim_next_job(
             continue
         attempt = row["attempts"] + 1
         entry = {"attempt": attempt, "worker": worker_id, "started_at": now.isoformat()}
-        await conn.execute(
-            "UPDATE queue_jobs SET state = 'active', attempts = $2, lease_owner = $3, "
-            "lease_until = $4, processed_on = COALESCE(processed_on, $5), progress = 0, "
-            "step = NULL, attempt_log = attempt_log || $6::jsonb WHERE job_id = $1",
-            row["job_id"],
+        result = await conn.execute(
+            "UPDATE queue_jobs SET state = 'active', attempts = $6, lease_owner = $7, "
+            "lease_until = $8, processed_on = COALESCE(processed_on, $9), progress = 0, "
+            f"step = NULL, attempt_log = attempt_log || $10::jsonb WHERE {_AS_READ}",
+            *_as_read(row),
             attempt,
             worker_id,
             now + lease,
             now,
             json.dumps([entry]),
         )
+        if not _changed_one(result):
+            continue
         await _record(
             conn,
             DeploymentStarted(
@@ -238,7 +283,7 @@ async def claim_next_job(
                 worker_id=worker_id,
             ),
             row["customer_id"],
-            f"{row['job_id']}:started:{attempt}",
+            _event_id(row["job_id"], row["generation"], "started", attempt),
         )
         return Claimed(
             job_id=row["job_id"],
@@ -247,24 +292,31 @@ async def claim_next_job(
             attempt=attempt,
             max_attempts=row["max_attempts"],
             data=json.loads(row["data"]),
+            generation=row["generation"],
         )
 
 
-_MINE = "job_id = $1 AND state = 'active' AND lease_owner = $2 AND attempts = $3"
+# The job is still this worker's: same attempt of the same generation, still active.
+_MINE = (
+    "job_id = $1 AND state = 'active' AND lease_owner = $2 AND attempts = $3 AND generation = $4"
+)
+
+
+def _mine(job: Claimed, worker_id: str) -> tuple[Any, ...]:
+    return (job.job_id, worker_id, job.attempt, job.generation)
 
 
 async def extend_lease(
-    conn: asyncpg.Connection, job: Claimed, worker_id: str, until: datetime
+    conn: asyncpg.Connection, job: Claimed, worker_id: str, lease: timedelta
 ) -> bool:
-    """Keep the lease alive; False when the job is no longer this worker's."""
+    """Keep the lease alive for ``lease`` from now (Postgres's clock); False when the job is
+    no longer this worker's."""
     result = await conn.execute(
-        f"UPDATE queue_jobs SET lease_until = $4 WHERE {_MINE}",
-        job.job_id,
-        worker_id,
-        job.attempt,
-        until,
+        f"UPDATE queue_jobs SET lease_until = clock_timestamp() + $5 WHERE {_MINE}",
+        *_mine(job, worker_id),
+        lease,
     )
-    return bool(result.endswith(" 1"))
+    return _changed_one(result)
 
 
 async def record_progress(
@@ -272,14 +324,12 @@ async def record_progress(
 ) -> bool:
     """Note how far the job got; False when it is no longer this worker's."""
     result = await conn.execute(
-        f"UPDATE queue_jobs SET progress = $4, step = $5 WHERE {_MINE}",
-        job.job_id,
-        worker_id,
-        job.attempt,
+        f"UPDATE queue_jobs SET progress = $5, step = $6 WHERE {_MINE}",
+        *_mine(job, worker_id),
         progress,
         step,
     )
-    if not result.endswith(" 1"):
+    if not _changed_one(result):
         return False
     await _record(
         conn,
@@ -287,7 +337,7 @@ async def record_progress(
             customer_id=job.customer_id, job_id=job.job_id, progress=progress, step=step
         ),
         job.customer_id,
-        f"{job.job_id}:progress:{job.attempt}:{progress}:{step}",
+        _event_id(job.job_id, job.generation, "progress", job.attempt, progress, step),
     )
     return True
 
@@ -296,24 +346,23 @@ async def complete_job(
     conn: asyncpg.Connection,
     job: Claimed,
     worker_id: str,
-    now: datetime,
     *,
     backend: str,
     instance_url: str | None,
     components: dict[str, str],
 ) -> bool:
-    """The attempt succeeded; False (and nothing recorded) if the lease was lost meanwhile."""
+    """The attempt succeeded; False (and nothing recorded) if the job is no longer this
+    worker's."""
+    now = await _clock(conn)
     result = await conn.execute(
-        "UPDATE queue_jobs SET state = 'completed', progress = 100, finished_on = $4, "
+        "UPDATE queue_jobs SET state = 'completed', progress = 100, finished_on = $5, "
         "lease_owner = NULL, lease_until = NULL, failed_reason = NULL, "
-        f"attempt_log = {_closed_log('$5')} WHERE {_MINE}",
-        job.job_id,
-        worker_id,
-        job.attempt,
+        f"attempt_log = {_closed_log('$6')} WHERE {_MINE}",
+        *_mine(job, worker_id),
         now,
         json.dumps({"finished_at": now.isoformat(), "outcome": "completed"}),
     )
-    if not result.endswith(" 1"):
+    if not _changed_one(result):
         return False
     await conn.execute(
         "INSERT INTO customer_instances (customer_id, state, instance_url, backend, updated_at) "
@@ -335,7 +384,7 @@ async def complete_job(
             components=components,
         ),
         job.customer_id,
-        f"{job.job_id}:succeeded",
+        _event_id(job.job_id, job.generation, "succeeded"),
     )
     return True
 
@@ -352,19 +401,19 @@ async def fail_job(
     conn: asyncpg.Connection,
     job: Claimed,
     worker_id: str,
-    now: datetime,
     error: str,
     retry_delay: timedelta,
 ) -> bool:
-    """The attempt failed: delayed with backoff while attempts remain, else failed."""
+    """The attempt failed: delayed with backoff while attempts remain, else failed; False (and
+    nothing recorded) if the job is no longer this worker's."""
     row = await conn.fetchrow(
-        f"SELECT * FROM queue_jobs WHERE {_MINE} FOR UPDATE", job.job_id, worker_id, job.attempt
+        f"SELECT * FROM queue_jobs WHERE {_MINE} FOR UPDATE", *_mine(job, worker_id)
     )
     if row is None:
         return False
+    now = await _clock(conn)
     if job.attempt >= job.max_attempts:
-        await _finish_failed(conn, row, now, error)
-        return True
+        return await _finish_failed(conn, row, now, error)
     next_at = now + retry_delay * (2 ** (job.attempt - 1))
     await conn.execute(
         "UPDATE queue_jobs SET state = 'delayed', run_after = $2, failed_reason = $3, "
@@ -386,23 +435,25 @@ async def fail_job(
             next_attempt_at=next_at,
         ),
         job.customer_id,
-        f"{job.job_id}:failed:{job.attempt}",
+        _event_id(job.job_id, job.generation, "failed", job.attempt),
     )
     return True
 
 
 async def _finish_failed(
     conn: asyncpg.Connection, row: asyncpg.Record, now: datetime, error: str
-) -> None:
-    await conn.execute(
-        "UPDATE queue_jobs SET state = 'failed', finished_on = $2, failed_reason = $3, "
-        f"lease_owner = NULL, lease_until = NULL, attempt_log = {_closed_log('$4')} "
-        "WHERE job_id = $1",
-        row["job_id"],
+) -> bool:
+    result = await conn.execute(
+        "UPDATE queue_jobs SET state = 'failed', finished_on = $6, failed_reason = $7, "
+        f"lease_owner = NULL, lease_until = NULL, attempt_log = {_closed_log('$8')} "
+        f"WHERE {_AS_READ}",
+        *_as_read(row),
         now,
         error,
         json.dumps({"finished_at": now.isoformat(), "outcome": "failed", "error": error}),
     )
+    if not _changed_one(result):
+        return False
     await _record(
         conn,
         DeploymentFailed(
@@ -413,21 +464,24 @@ async def _finish_failed(
             will_retry=False,
         ),
         row["customer_id"],
-        f"{row['job_id']}:failed:{row['attempts']}",
+        _event_id(row["job_id"], row["generation"], "failed", row["attempts"]),
     )
+    return True
 
 
-async def release_job(
-    conn: asyncpg.Connection, job: Claimed, worker_id: str, now: datetime
-) -> None:
-    """A worker shutting down gives its job back at once instead of waiting out the lease."""
-    await conn.execute(
-        f"UPDATE queue_jobs SET lease_until = $4 WHERE {_MINE}",
-        job.job_id,
-        worker_id,
-        job.attempt,
+async def release_job(conn: asyncpg.Connection, job: Claimed, worker_id: str) -> bool:
+    """A worker shutting down gives its job back at once instead of waiting out the lease: the
+    job waits again and the attempt does not count. False if it was no longer this worker's."""
+    now = await _clock(conn)
+    result = await conn.execute(
+        "UPDATE queue_jobs SET state = 'waiting', attempts = attempts - 1, "
+        "generation = generation + 1, run_after = $5, lease_owner = NULL, lease_until = NULL, "
+        f"progress = 0, step = NULL, attempt_log = {_closed_log('$6')} WHERE {_MINE}",
+        *_mine(job, worker_id),
         now,
+        json.dumps({"finished_at": now.isoformat(), "outcome": "released"}),
     )
+    return _changed_one(result)
 
 
 # --- operators ----------------------------------------------------------------------------------
@@ -441,27 +495,27 @@ class JobNotRetryable(ValueError):
     """Only failed jobs go back on the queue."""
 
 
-async def retry_job(
-    conn: asyncpg.Connection, job_id: str, now: datetime, requested_by: str
-) -> None:
-    """A failed job gets a fresh set of attempts."""
+async def retry_job(conn: asyncpg.Connection, job_id: str, requested_by: str) -> None:
+    """A failed job gets a fresh set of attempts, in a new generation."""
     await _lock(conn)
     row = await conn.fetchrow("SELECT * FROM queue_jobs WHERE job_id = $1 FOR UPDATE", job_id)
     if row is None:
         raise JobNotFound(job_id)
     if row["state"] != "failed":
         raise JobNotRetryable(f"job {job_id} is {row['state']}; only failed jobs are retried")
+    generation = row["generation"] + 1
     await conn.execute(
-        "UPDATE queue_jobs SET state = 'waiting', attempts = 0, run_after = $2, "
-        "finished_on = NULL, failed_reason = NULL, progress = 0, step = NULL WHERE job_id = $1",
+        "UPDATE queue_jobs SET state = 'waiting', attempts = 0, generation = $2, "
+        "run_after = clock_timestamp(), finished_on = NULL, failed_reason = NULL, progress = 0, "
+        "step = NULL WHERE job_id = $1",
         job_id,
-        now,
+        generation,
     )
     await _record(
         conn,
         DeploymentRetried(customer_id=row["customer_id"], job_id=job_id, requested_by=requested_by),
         row["customer_id"],
-        f"{job_id}:retried:{now.isoformat()}",
+        _event_id(job_id, generation, "retried"),
     )
 
 

@@ -2,9 +2,9 @@
 
 The first license of a customer deploys their instance; every later one updates it (the
 instance then runs the newest license, including a final one that makes it read-only); a
-closed account deletes everything. The job is queued in the same transaction as this
-consumer's checkpoint, with its DeploymentRequested in the outbox, so a redelivered event
-queues nothing twice.
+closed account deletes everything, and no license after the closure deploys anything. The job
+is queued in the same transaction as this consumer's checkpoint, with its DeploymentRequested
+in the outbox, so a redelivered event queues nothing twice.
 """
 
 from __future__ import annotations
@@ -66,8 +66,12 @@ def provisioner_reactors(max_attempts: int, wake: Callable[[], None]) -> list[Pr
         conn: Connection, r: Recorded[CustomerClosed]
     ) -> None:
         customer_id = r.event.customer_id
+        # A closure can arrive before any license: the row, licensed or not, remembers it, so
+        # that a license arriving later deploys nothing.
         await conn.execute(
-            "UPDATE customer_licenses SET closed = true WHERE customer_id = $1", customer_id
+            "INSERT INTO customer_licenses (customer_id, closed) VALUES ($1, true) "
+            "ON CONFLICT (customer_id) DO UPDATE SET closed = true",
+            customer_id,
         )
         await enqueue(
             conn,

@@ -75,7 +75,7 @@ async def find_job(conn: asyncpg.Connection, job_id: str) -> asyncpg.Record:
 async def retry_or_refuse(conn: asyncpg.Connection, job_id: str, by: str) -> None:
     """Retry a failed job; 404 for no such job, 409 for one that has not failed."""
     try:
-        await retry_job(conn, job_id, datetime.now(UTC), by)
+        await retry_job(conn, job_id, by)
     except JobNotFound:
         raise NotFound(f"no job {job_id}") from None
     except JobNotRetryable as exc:

@@ -1,9 +1,12 @@
 """The queue's workers: claim the most urgent job, run it on the backend, record how it went.
 
 Each provisioner replica runs one ``QueueWorker``; the concurrency limit is global (claims
-count live leases across replicas). A running job's lease is extended while it runs; a worker
-that loses its lease (paused for longer than the lease, say) stops the job without recording
-anything, since another worker owns it now.
+count live leases across replicas). A running job's lease is extended while it runs. The worker
+also keeps its own deadline on the monotonic clock (the last extension that went through, plus
+the lease, less a margin): when the deadline passes with no extension getting through, or the
+queue says the job is no longer this worker's, the job is stopped without recording anything,
+since another worker may own it now. The outcome of a finished attempt is written again after
+a failure for as long as the lease holds.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from functools import partial
 from typing import TypeVar
 
 import asyncpg
@@ -39,9 +43,20 @@ from services.provisioner.settings import ProvisionerSettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The share of the lease kept in hand: the work stops this long before the lease would run out.
+LEASE_MARGIN = 0.2
+# The longest wait between attempts at something that keeps failing (a claim, an outcome).
+RETRY_CAP_SECONDS = 10.0
+OutcomeWrite = Callable[[asyncpg.Connection], Awaitable[bool]]
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+
+def _longer(delay: float) -> float:
+    return min(delay * 2, RETRY_CAP_SECONDS)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class QueueWorker:
@@ -74,12 +89,23 @@ class QueueWorker:
         self._wake.set()
 
     async def run(self) -> None:
-        """Claim and run jobs for ever; on cancel, give running jobs back and stop the backend."""
-        await self._backend.start()
+        """Claim and run jobs for ever; on cancel, give running jobs back and stop the backend.
+
+        Failures pass: starting the backend and claiming are tried again with a growing wait.
+        """
         try:
+            await self._start_backend()
+            delay = self._settings.queue_poll_seconds
             while True:
                 self._wake.clear()
-                await self._fill_slots()
+                try:
+                    await self._fill_slots()
+                except Exception:
+                    log.exception("queue: claiming jobs failed; trying again in %.1fs", delay)
+                    await asyncio.sleep(delay)
+                    delay = _longer(delay)
+                    continue
+                delay = self._settings.queue_poll_seconds
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._settings.queue_poll_seconds)
         finally:
@@ -88,15 +114,31 @@ class QueueWorker:
             await asyncio.gather(*self._running, return_exceptions=True)
             await self._backend.stop()
 
+    async def _start_backend(self) -> None:
+        delay = self._settings.queue_poll_seconds
+        while True:
+            try:
+                await self._backend.start()
+                return
+            except Exception:
+                log.exception(
+                    "queue: starting the %s backend failed; trying again in %.1fs",
+                    self._backend.name,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = _longer(delay)
+
     async def _fill_slots(self) -> None:
         while len(self._running) < self._settings.queue_concurrency:
+            # Taken before the claim: the lease Postgres grants runs from a later moment.
+            asked = time.monotonic()
             try:
                 async with self._pool().acquire() as conn, conn.transaction():
                     job = await claim_next_job(
                         conn,
                         worker_id=self.worker_id,
                         backend=self._backend.name,
-                        now=_now(),
                         concurrency=self._settings.queue_concurrency,
                         lease=self._lease,
                     )
@@ -106,50 +148,57 @@ class QueueWorker:
             if job is None:
                 return
             self._relay.wake()
-            task = asyncio.create_task(self._run_job(job), name=f"job {job.job_id}")
+            task = asyncio.create_task(self._run_job(job, asked), name=f"job {job.job_id}")
             self._running.add(task)
             task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._wake.set()  # a slot is free
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: stopped by an error", task.get_name(), exc_info=task.exception())
 
-    async def _run_job(self, job: Claimed) -> None:
+    async def _run_job(self, job: Claimed, asked: float) -> None:
         log.info("job %s (%s) attempt %d started", job.job_id, job.kind, job.attempt)
         started = time.monotonic()
         lost = asyncio.Event()
-        work = asyncio.create_task(self._attempt(job))
-        keeper = asyncio.create_task(self._keep_lease(job, work, lost))
-        outcome = "failed"
+        work = asyncio.create_task(self._attempt(job), name=f"job {job.job_id} work")
+        keeper = asyncio.create_task(self._keep_lease(job, asked), name=f"job {job.job_id} lease")
+        keeper.add_done_callback(partial(self._lease_ended, job, work, lost))
         try:
-            deployed = await work
-        except asyncio.CancelledError:
-            if lost.is_set():
-                log.warning("job %s: lease lost; another worker has it", job.job_id)
+            try:
+                deployed = await work
+            except asyncio.CancelledError:
+                if not lost.is_set():
+                    # This worker is shutting down: give the job back at once for another to
+                    # take, without counting the attempt.
+                    with contextlib.suppress(*PASSING):
+                        await self._transact(lambda c: release_job(c, job, self.worker_id))
+                    raise
+                log.warning("job %s: lease lost; stopped without recording it", job.job_id)
+                if _being_cancelled():
+                    raise
                 return
-            # This worker is shutting down: give the job back at once for another to take.
-            with contextlib.suppress(*PASSING):
-                await self._transact(lambda c: release_job(c, job, self.worker_id, _now()))
-            raise
-        except BackendError as exc:
-            await self._record_failure(job, str(exc))
-        except Exception as exc:
-            log.exception("job %s: unexpected error", job.job_id)
-            await self._record_failure(job, f"internal error: {type(exc).__name__}")
-        else:
-            outcome = "completed"
-            await self._transact(
-                lambda conn: complete_job(
-                    conn,
-                    job,
-                    self.worker_id,
-                    _now(),
+            except BackendError as exc:
+                outcome, write = "failed", self._failure(job, str(exc))
+            except Exception as exc:
+                log.exception("job %s: unexpected error", job.job_id)
+                error = f"internal error: {type(exc).__name__}"
+                outcome, write = "failed", self._failure(job, error)
+            else:
+                outcome = "completed"
+                write = partial(
+                    complete_job,
+                    job=job,
+                    worker_id=self.worker_id,
                     backend=self._backend.name,
                     instance_url=deployed[0],
                     components=deployed[1],
                 )
-            )
-            log.info("job %s completed", job.job_id)
+            if not await self._record_outcome(job, write, lost):
+                log.warning("job %s: lease lost before its outcome was recorded", job.job_id)
+                return
+            log.info("job %s %s", job.job_id, outcome)
         finally:
             keeper.cancel()
         self._metrics.durations.labels(job.kind, outcome).observe(time.monotonic() - started)
@@ -188,31 +237,72 @@ class QueueWorker:
             max_devices=row["max_devices"],
         )
 
-    async def _keep_lease(
+    async def _keep_lease(self, job: Claimed, asked: float) -> None:
+        """Extend the lease until cancelled; return once it is lost or about to run out."""
+        lease = self._settings.queue_lease_seconds
+        every = lease / 3
+        deadline = asked + lease * (1 - LEASE_MARGIN)
+        wait = every
+        while True:
+            await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+            asked = time.monotonic()
+            if asked >= deadline:
+                log.warning("job %s: its lease could not be extended in time", job.job_id)
+                return
+            try:
+                async with asyncio.timeout(deadline - asked):
+                    mine = await self._transact(
+                        lambda conn: extend_lease(conn, job, self.worker_id, self._lease)
+                    )
+            except PASSING as exc:
+                log.warning("job %s: could not extend its lease: %r", job.job_id, exc)
+                wait = every / 3
+                continue
+            if not mine:
+                log.warning("job %s: the queue gave it to another worker", job.job_id)
+                return
+            deadline = asked + lease * (1 - LEASE_MARGIN)
+            wait = every
+
+    def _lease_ended(
         self,
         job: Claimed,
         work: asyncio.Task[tuple[str | None, dict[str, str]]],
         lost: asyncio.Event,
+        keeper: asyncio.Task[None],
     ) -> None:
-        every = self._settings.queue_lease_seconds / 3
-        while True:
-            await asyncio.sleep(every)
-            try:
-                mine = await self._transact(
-                    lambda conn: extend_lease(conn, job, self.worker_id, _now() + self._lease)
-                )
-            except PASSING as exc:
-                log.warning("job %s: could not extend its lease: %r", job.job_id, exc)
-                continue
-            if not mine:
-                lost.set()
-                work.cancel()
-                return
+        # Cancelled: the job ended and let go of its lease. Anything else, the keeper gave up
+        # or died: the lease cannot be counted on, so the work stops.
+        if keeper.cancelled():
+            return
+        if keeper.exception() is not None:
+            log.error("job %s: the lease keeper failed", job.job_id, exc_info=keeper.exception())
+        lost.set()
+        work.cancel()
 
-    async def _record_failure(self, job: Claimed, error: str) -> None:
+    def _failure(self, job: Claimed, error: str) -> OutcomeWrite:
         log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, error)
         delay = timedelta(milliseconds=self._settings.queue_retry_delay)
-        await self._transact(lambda conn: fail_job(conn, job, self.worker_id, _now(), error, delay))
+        return partial(fail_job, job=job, worker_id=self.worker_id, error=error, retry_delay=delay)
+
+    async def _record_outcome(self, job: Claimed, write: OutcomeWrite, lost: asyncio.Event) -> bool:
+        """Write the attempt's outcome, again after failures that pass, while the lease holds;
+        False when the job is not (or no longer) this worker's."""
+        delay = 0.1
+        while not lost.is_set():
+            try:
+                return await self._transact(write)
+            except PASSING as exc:
+                log.warning(
+                    "job %s: recording its outcome failed: %r; again in %.1fs",
+                    job.job_id,
+                    exc,
+                    delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), delay)
+            delay = _longer(delay)
+        return False
 
     async def _transact(self, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         async with self._pool().acquire() as conn, conn.transaction():
