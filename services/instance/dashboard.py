@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from litestar.response import File, ServerSentEvent, ServerSentEventMessage
 from litestar.types import ControllerRouterHandler
 
 from libs.http import InvalidRequest, Unauthorized
+from services.instance.readings import METRICS
 from services.instance.settings import InstanceSettings
 
 COOKIE = "iotistic_session"
@@ -45,11 +46,19 @@ class LiveReadings:
         """No one is watching yet."""
         self._queues: set[asyncio.Queue[dict[str, Any]]] = set()
 
-    def publish(self, reading: dict[str, Any]) -> None:
-        """Hand a reading to every watcher that has room."""
-        for queue in self._queues:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(reading)
+    def publish(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Hand stored readings (rows of ``readings``) to every watcher that has room."""
+        if not self._queues:
+            return
+        for row in rows:
+            reading = {
+                "device_id": row[0],
+                "ts": row[1].isoformat(),
+                **dict(zip(METRICS, row[2:], strict=True)),
+            }
+            for queue in self._queues:
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(reading)
 
     @contextlib.contextmanager
     def watch(self) -> Any:

@@ -3,9 +3,15 @@
 Each message is checked (known device, size, msgspec against the sensor's ranges, the license's
 daily message quota, read-only mode) and either buffered as a row or recorded as a dead letter
 with its reason. The buffer is written with COPY in one transaction per batch (at
-``INGEST_BATCH_ROWS`` rows or every ``INGEST_FLUSH_SECONDS``), together with the rollups,
+``INGEST_BATCH_ROWS`` messages or every ``INGEST_FLUSH_SECONDS``), together with the rollups,
 dead letters, the day's usage counters and the devices' last-seen times. A reading over the
 quota is dropped and counted, never half-stored.
+
+Messages are acknowledged to the broker (PUBACK) only after their batch has committed, so a
+crash or a database outage loses nothing: the broker delivers what was not acknowledged again
+(at least once; a crash between the commit and the acknowledgement stores a reading twice).
+While the database is away the broker holds back everything past the receive maximum, which
+bounds what this process buffers.
 """
 
 from __future__ import annotations
@@ -19,15 +25,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import aiomqtt
 import asyncpg
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
 from libs.db import CONNECTION_ERRORS
 from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
+from libs.mqtt_subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
 from services.instance.license import LicenseHolder
-from services.instance.readings import METRICS, Rejected, parse_reading, record, store_readings
+from services.instance.readings import Rejected, parse_reading, record, store_readings
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,11 @@ class Batch:
     dead: list[tuple[Any, ...]] = field(default_factory=list)
     seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
+    # Messages from devices not known yet: looked up again before the batch is written.
+    unknown: list[tuple[str, bytes, datetime, int]] = field(default_factory=list)
+    # The broker's packet ids to acknowledge once the batch is stored, and their connection.
+    acks: list[int] = field(default_factory=list)
+    connection: int = 0
 
 
 class IngestMetrics:
@@ -73,10 +84,11 @@ class Ingest:
         pool: Callable[[], asyncpg.Pool | None],
         license: LicenseHolder,
         metrics: IngestMetrics,
-        on_stored: Callable[[dict[str, Any]], None] = lambda _: None,
+        on_stored: Callable[[list[tuple[Any, ...]]], None] | None = None,
     ) -> None:
-        """``pool`` may be None until the database answers; messages wait in the buffer.
-        ``on_stored`` sees each reading once it is stored (the dashboard's live charts)."""
+        """``pool`` may be None until the database answers; messages wait in the buffer (and,
+        unacknowledged, in the broker). ``on_stored`` sees the rows of each batch once they
+        are stored (the dashboard's live charts)."""
         self._settings = settings
         self._pool = pool
         self._license = license
@@ -84,9 +96,11 @@ class Ingest:
         self._on_stored = on_stored
         self._batch = Batch()
         self._known_devices: set[str] = set()
-        self._devices_loaded_at = 0.0
+        self._devices_loaded_at = -1.0
         self._partitions: set[date] = set()
         self._full = asyncio.Event()
+        self._subscriber: MqttSubscriber | None = None
+        self._closing = False
         self.today: date = datetime.now(UTC).date()
         self.accepted_today = 0
 
@@ -108,47 +122,83 @@ class Ingest:
             await ds.ensure_client(s.mqtt_username, s.mqtt_password or "", [s.mqtt_username])
 
     async def run(self) -> None:
-        """Subscribe and write for ever, reconnecting to the broker when it goes away."""
+        """Subscribe and write for ever, reconnecting to the broker when it goes away. When
+        cancelled, stop taking messages, write and acknowledge what was taken, then leave."""
         writer = asyncio.create_task(self._write_forever())
+        connection: asyncio.Task[None] | None = None
         try:
             while True:
+                connection = asyncio.create_task(self._connection())
                 try:
-                    await self.ensure_own_client()
-                    await self._subscribe()
-                except (aiomqtt.MqttError, DynSecError) as exc:
+                    await asyncio.shield(connection)
+                except (MqttSubscriberError, DynSecError) as exc:
                     log.warning("broker connection lost (%s); reconnecting", exc)
                     await asyncio.sleep(1)
-        finally:
+        except asyncio.CancelledError:
+            self._closing = True
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError, TimeoutError):
+                await asyncio.wait_for(self.flush(), 10)
+            raise
+        finally:
+            writer.cancel()
+            if connection is not None:
+                connection.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MqttSubscriberError):
+                    await connection
 
-    async def _subscribe(self) -> None:
+    async def _connection(self) -> None:
         s = self._settings
-        async with aiomqtt.Client(
-            s.mqtt_host,
-            s.mqtt_port,
-            username=s.mqtt_username,
-            password=s.mqtt_password,
-            identifier=f"instance-{s.instance_customer_id}",
-            clean_session=False,
-        ) as client:
-            await client.subscribe(f"{self.root}/+/readings", qos=1)
-            await client.subscribe(f"{self.root}/+/status", qos=1)
-            async for message in client.messages:
-                await self.receive(str(message.topic), bytes(message.payload))
+        await self.ensure_own_client()
+        self._subscriber = MqttSubscriber(
+            SubscriberOptions(
+                host=s.mqtt_host,
+                port=s.mqtt_port,
+                client_id=f"instance-{s.instance_customer_id}",
+                username=s.mqtt_username,
+                password=s.mqtt_password,
+                filters=(f"{self.root}/+/readings", f"{self.root}/+/status"),
+                # Room for two batches in flight while one is being written.
+                receive_maximum=min(65_535, 2 * s.ingest_batch_rows + 1000),
+            ),
+            self.receive,
+        )
+        await self._subscriber.run()
 
-    async def receive(self, topic: str, payload: bytes) -> None:
-        """Take one message: buffer it as a row, or as a dead letter with its reason."""
-        now = datetime.now(UTC)
-        self._metrics.messages.inc()
+    def receive(self, topic: str, payload: bytes, packet_id: int = 0) -> None:
+        """Take one message: buffer it as a row, or as a dead letter with its reason. Its
+        ``packet_id`` (0 for QoS 0) is acknowledged once the batch is stored."""
+        if self._closing:
+            return  # not acknowledged: the broker delivers it again to the next instance run
+        connection = self._subscriber.connection if self._subscriber else 0
+        if connection != self._batch.connection:
+            # A lost connection's unacknowledged messages come again on the new one.
+            self._batch.acks.clear()
+            self._batch.unknown.clear()
+            self._batch.connection = connection
+        self._take(topic, payload, datetime.now(UTC), packet_id)
+
+    def _take(
+        self, topic: str, payload: bytes, now: datetime, packet_id: int, looked_up: bool = False
+    ) -> None:
+        batch = self._batch
         parts = topic.split("/")
+        known = len(parts) == 4 and parts[2] in self._known_devices
+        if len(parts) == 4 and not known and not looked_up:
+            batch.unknown.append((topic, payload, now, packet_id))  # see _settle_unknown
+            return None
+        if packet_id:
+            batch.acks.append(packet_id)
+            if len(batch.acks) >= self._settings.ingest_batch_rows:
+                self._full.set()
+        batch.usage["messages"] += 1
         if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != self.root:
             return self._reject(topic, None, "unknown topic", payload, now)
         device_id, kind = parts[2], parts[3]
-        if not await self._known(device_id):
+        if not known:
             return self._reject(topic, device_id, "unknown device", payload, now)
-        batch = self._batch
         if kind == "status":
             state = payload.decode(errors="replace").strip().strip('"').lower()
             batch.seen[device_id] = (now, "offline" if state == "offline" else "online")
@@ -164,14 +214,11 @@ class Ingest:
         self._roll_day(now)
         if self.accepted_today >= self._quota():
             batch.usage["over_quota_readings"] += 1
-            self._metrics.rejected.labels("over quota").inc()
             return None
         self.accepted_today += 1
         batch.rows.append(record(device_id, ts, reading))
         batch.usage["mqtt_messages"] += 1
         batch.seen[device_id] = (now, "online")
-        if len(batch.rows) >= self._settings.ingest_batch_rows:
-            self._full.set()
         return None
 
     def _reject(
@@ -195,20 +242,28 @@ class Ingest:
         if now.date() != self.today:
             self.today, self.accepted_today = now.date(), 0
 
-    async def _known(self, device_id: str) -> bool:
+    async def _settle_unknown(self, pool: asyncpg.Pool) -> None:
+        """Messages from devices not in the cache: reload the devices (at most once a second,
+        so a stranger's flood cannot hammer the database), then take each message again or
+        dead-letter it."""
+        connection, unknown = self._batch.connection, self._batch.unknown
+        self._batch.unknown = []
         loop = asyncio.get_running_loop()
-        if device_id in self._known_devices:
-            return True
-        if loop.time() - self._devices_loaded_at < 1.0:
-            return False
-        pool = self._pool()
-        if pool is None:
-            return False
-        self._devices_loaded_at = loop.time()
-        async with pool.acquire() as conn:
-            rows = await conn.fetch("SELECT device_id FROM devices WHERE deleted_at IS NULL")
-        self._known_devices = {r["device_id"] for r in rows}
-        return device_id in self._known_devices
+        if loop.time() - self._devices_loaded_at >= 1.0 or self._devices_loaded_at < 0:
+            self._devices_loaded_at = loop.time()
+            try:
+                async with pool.acquire() as conn:
+                    rows = await conn.fetch(
+                        "SELECT device_id FROM devices WHERE deleted_at IS NULL"
+                    )
+            except BaseException:
+                self._batch.unknown[:0] = unknown
+                raise
+            self._known_devices = {r["device_id"] for r in rows}
+        if connection != self._batch.connection:
+            return  # those messages come again on the new connection
+        for topic, payload, now, packet_id in unknown:
+            self._take(topic, payload, now, packet_id, looked_up=True)
 
     def count_api_request(self) -> None:
         """One more API request today, written with the next batch."""
@@ -223,7 +278,8 @@ class Ingest:
         self._known_devices.discard(device_id)
 
     async def load_usage(self) -> None:
-        """Start the day's quota from what was stored today before a restart."""
+        """Start the day's quota from what was stored today before a restart, and learn the
+        devices."""
         pool = self._pool()
         if pool is None:
             return
@@ -231,7 +287,10 @@ class Ingest:
             stored = await conn.fetchval(
                 "SELECT mqtt_messages FROM usage_days WHERE day = $1", self.today
             )
+            rows = await conn.fetch("SELECT device_id FROM devices WHERE deleted_at IS NULL")
         self.accepted_today = int(stored or 0)
+        self._known_devices = {r["device_id"] for r in rows}
+        self._devices_loaded_at = asyncio.get_running_loop().time()
 
     async def _write_forever(self) -> None:
         while True:
@@ -245,14 +304,19 @@ class Ingest:
                 await asyncio.sleep(1)
 
     async def flush(self) -> int:
-        """Write the buffer in one transaction; on failure it stays for the next try."""
-        batch = self._batch
-        if not (batch.rows or batch.dead or batch.seen or batch.usage):
-            return 0
+        """Write the buffer in one transaction and acknowledge its messages to the broker; on
+        failure it stays for the next try."""
         pool = self._pool()
         if pool is None:
             return 0
-        self._batch = Batch()
+        if self._batch.unknown:
+            await self._settle_unknown(pool)
+        batch = self._batch
+        if not (batch.rows or batch.dead or batch.seen or +batch.usage or batch.acks):
+            return 0
+        # Messages of devices still being looked up stay for the next batch (with their acks).
+        self._batch = Batch(connection=batch.connection, unknown=batch.unknown)
+        batch.unknown = []
         try:
             async with pool.acquire() as conn, conn.transaction():
                 if batch.rows:
@@ -275,15 +339,14 @@ class Ingest:
         except BaseException:
             self._merge_back(batch)
             raise
+        if self._subscriber is not None:
+            self._subscriber.ack(batch.connection, batch.acks)
+        self._metrics.messages.inc(batch.usage["messages"])
         self._metrics.stored.inc(len(batch.rows))
-        for row in batch.rows:
-            self._on_stored(
-                {
-                    "device_id": row[0],
-                    "ts": row[1].isoformat(),
-                    **dict(zip(METRICS, row[2:], strict=True)),
-                }
-            )
+        if batch.usage["over_quota_readings"]:
+            self._metrics.rejected.labels("over quota").inc(batch.usage["over_quota_readings"])
+        if self._on_stored is not None and batch.rows:
+            self._on_stored(batch.rows)
         return len(batch.rows)
 
     async def _record_usage(self, conn: asyncpg.Connection, batch: Batch) -> None:
@@ -315,4 +378,9 @@ class Ingest:
         batch.dead.extend(current.dead)
         batch.seen.update(current.seen)
         batch.usage.update(current.usage)
+        batch.unknown.extend(current.unknown)
+        if current.connection == batch.connection:
+            batch.acks.extend(current.acks)
+        else:
+            batch.acks, batch.connection = current.acks, current.connection
         self._batch = batch

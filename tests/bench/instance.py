@@ -13,7 +13,6 @@ and over 30 days (1-day buckets, from the rollups), 200 times each.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -32,12 +31,16 @@ from libs.db import create_pool, load_migrations, migrate
 from libs.embedded import free_port
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.mqtt_dynsec import Acl, DynSec
-from services.instance.readings import COLUMNS, METRICS, aggregate
+from services.instance.readings import COLUMNS, ROLLUP_SQL, aggregate
 from tests.support import create_database, license_keys_dir, serving
 
 DEVICES = 100
-READINGS = 200_000
-PUBLISHERS = 2
+# The burst: this many readings sent as fast as the publishers go (within the broker's queue
+# for one subscriber, 200,000, so the broker drops none).
+BURST = 150_000
+# The sustained load: readings a second offered by the devices together, for this long.
+SUSTAINED_RATE = int(os.environ.get("BENCH_INGEST_RATE", "20000"))
+SUSTAINED_SECONDS = 30
 
 
 def _license(customer_id: str) -> str:
@@ -58,42 +61,110 @@ def _license(customer_id: str) -> str:
     ).jwt
 
 
-def _publisher(
-    host: str, port: int, user: str, password: str, topics: list[str], count: int
-) -> None:
-    import json
+LINE = (
+    b'{"ts":%d,"temperature":%.1f,"humidity":40.0,"pressure":1010.0,'
+    b'"gas_resistance":120000.0,"iaq":50.0,"iaq_accuracy":3}\n'
+)
 
-    import paho.mqtt.client as mqtt
 
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:8]}"
+def _device_lines(count: int, first_ms: int) -> bytes:
+    """``count`` readings, one JSON document a line, 1 ms apart from ``first_ms``."""
+    return b"".join(LINE % (first_ms + index, 20.0 + (index % 50) / 10) for index in range(count))
+
+
+def _publishers(
+    host: str, port: int, user: str, password: str, topics: list[str], tag: str
+) -> list[subprocess.Popen[bytes]]:
+    """One ``mosquitto_pub -l`` per device (its own connection, QoS 1, 100 in flight) sending
+    each line written to its stdin: a C client, so the load costs the machine little beside
+    the instance."""
+    return [
+        subprocess.Popen(
+            [
+                *("mosquitto_pub", "-h", host, "-p", str(port), "-u", user, "-P", password),
+                *("-i", f"bench-{tag}-{index}", "-q", "1", "-M", "100", "-t", topic, "-l"),
+            ],
+            stdin=subprocess.PIPE,
+        )
+        for index, topic in enumerate(topics)
+    ]
+
+
+def _finish(publishers: list[subprocess.Popen[bytes]]) -> None:
+    for publisher in publishers:
+        assert publisher.stdin is not None
+        publisher.stdin.close()
+    for publisher in publishers:
+        publisher.wait(timeout=120)
+
+
+async def _stored(conn: asyncpg.Connection) -> int:
+    """Readings stored so far (the day's usage row, cheaper than counting the table)."""
+    return int(await conn.fetchval("SELECT coalesce(sum(stored_readings), 0) FROM usage_days"))
+
+
+async def _burst(conn: asyncpg.Connection, publish: Any, topics: list[str]) -> str:
+    """Every device's share of ``BURST`` written to its publisher at once."""
+    base = await _stored(conn)
+    start_ms = int(time.time() * 1000) - 600_000
+    chunks = [_device_lines(BURST // len(topics), start_ms) for _ in topics]
+    publishers = publish(topics, "burst")
+    started = time.perf_counter()
+    for publisher, chunk in zip(publishers, chunks, strict=True):
+        assert publisher.stdin is not None
+        publisher.stdin.write(chunk)
+        publisher.stdin.flush()
+    stored, last_change = base, time.perf_counter()
+    while stored - base < BURST and time.perf_counter() - last_change < 20:
+        await asyncio.sleep(0.05)
+        now = await _stored(conn)
+        if now != stored:
+            stored, last_change = now, time.perf_counter()
+    _finish(publishers)
+    done = stored - base
+    elapsed = last_change - started
+    return (
+        f"ingest, burst: {BURST:,} QoS 1 readings from {len(topics)} devices as fast as they "
+        f"go: {done:,} stored in {elapsed:.1f} s = {done / elapsed:,.0f} readings/s; "
+        f"lost {BURST - done:,}"
     )
-    client.username_pw_set(user, password)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(5000)
-    client.connect(host, port)
-    client.loop_start()
-    body = {
-        "temperature": 21.5,
-        "humidity": 40.0,
-        "pressure": 1010.0,
-        "gas_resistance": 1.2e5,
-        "iaq": 50.0,
-        "iaq_accuracy": 3,
-    }
-    infos = []
-    for index in range(count):
-        body["ts"] = int(time.time() * 1000)
-        while True:
-            info = client.publish(topics[index % len(topics)], json.dumps(body), qos=1)
-            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
-                break
-            time.sleep(0.001)  # the client's queue is full: wait for acknowledgements
-        infos.append(info)
-    for info in infos:
-        info.wait_for_publish()
-    client.loop_stop()
-    client.disconnect()
+
+
+async def _sustained(conn: asyncpg.Connection, publish: Any, topics: list[str]) -> str:
+    """``SUSTAINED_RATE`` readings a second offered for ``SUSTAINED_SECONDS``, in 0.1 s ticks;
+    how far storage falls behind what was offered, and whether all of it is stored."""
+    base = await _stored(conn)
+    per_tick = SUSTAINED_RATE // 10 // len(topics)
+    ticks = SUSTAINED_SECONDS * 10
+    publishers = publish(topics, "sustained")
+    offered, worst_lag = 0, 0
+    started = time.perf_counter()
+    for tick in range(ticks):
+        now_ms = int(time.time() * 1000)
+        for publisher in publishers:
+            assert publisher.stdin is not None
+            publisher.stdin.write(_device_lines(per_tick, now_ms - per_tick))
+            publisher.stdin.flush()
+        offered += per_tick * len(topics)
+        if tick % 5 == 4:
+            worst_lag = max(worst_lag, offered - (await _stored(conn) - base))
+        await asyncio.sleep(max(0.0, started + (tick + 1) / 10 - time.perf_counter()))
+    offered_for = time.perf_counter() - started
+    stored, last_change = await _stored(conn) - base, time.perf_counter()
+    while stored < offered and time.perf_counter() - last_change < 20:
+        await asyncio.sleep(0.05)
+        now = await _stored(conn) - base
+        if now != stored:
+            stored, last_change = now, time.perf_counter()
+    drained = last_change - started - offered_for
+    _finish(publishers)
+    return (
+        f"ingest, sustained: {offered / offered_for:,.0f} readings/s offered by "
+        f"{len(topics)} devices for {offered_for:.0f} s ({offered:,} readings): {stored:,} "
+        f"stored, lost {offered - stored:,}; storage at most {worst_lag:,} readings "
+        f"({worst_lag / SUSTAINED_RATE:.2f} s) behind, all in {max(drained, 0):.1f} s after "
+        f"the last was sent"
+    )
 
 
 async def run_ingest(pg_url: str, nats_url: str) -> None:
@@ -170,33 +241,19 @@ async def run_ingest(pg_url: str, nats_url: str) -> None:
                     )
                     await asyncio.sleep(1.5)  # the ingest's device cache
                     topics = [f"{customer_id}/devices/{d}/readings" for d in devices]
-                    started = time.perf_counter()
-                    workers = [
-                        multiprocessing.Process(
-                            target=_publisher,
-                            args=(
-                                broker.host,
-                                broker.port,
-                                "bench-publisher",
-                                "bench-publisher-password",
-                                topics[i::PUBLISHERS],
-                                READINGS // PUBLISHERS,
-                            ),
+
+                    def publish(topics: list[str], tag: str) -> list[subprocess.Popen[bytes]]:
+                        return _publishers(
+                            broker.host,
+                            broker.port,
+                            "bench-publisher",
+                            "bench-publisher-password",
+                            topics,
+                            tag,
                         )
-                        for i in range(PUBLISHERS)
-                    ]
-                    for worker in workers:
-                        worker.start()
-                    stored = 0
-                    last_change, last = time.perf_counter(), -1
-                    while stored < READINGS and time.perf_counter() - last_change < 20:
-                        await asyncio.sleep(0.1)
-                        stored = await conn.fetchval("SELECT count(*) FROM readings")
-                        if stored != last:
-                            last, last_change = stored, time.perf_counter()
-                    elapsed = last_change - started
-                    for worker in workers:
-                        worker.join(timeout=60)
+
+                    burst = await _burst(conn, publish, topics)
+                    sustained = await _sustained(conn, publish, topics)
                     dead = await conn.fetchval("SELECT count(*) FROM dead_letters")
                 finally:
                     await conn.close()
@@ -205,11 +262,9 @@ async def run_ingest(pg_url: str, nats_url: str) -> None:
                 server.wait(timeout=30)
                 broker.stop()
     print(f"instance: idle resident memory {rss:.0f} MiB")
-    print(
-        f"ingest: {READINGS:,} QoS 1 readings from {DEVICES} devices ({PUBLISHERS} publisher "
-        f"processes): {stored:,} stored in {elapsed:.1f} s = {stored / elapsed:,.0f} readings/s; "
-        f"lost {READINGS - stored - dead:,}, dead letters {dead:,}"
-    )
+    print(burst)
+    print(sustained)
+    print(f"ingest: dead letters {dead:,} (none expected)")
 
 
 def _write(path: Path, text: str) -> str:
@@ -265,16 +320,10 @@ async def run_query(pg_url: str, nats_url: str) -> None:
                 for i in range(per_device)
             ]
             await conn.copy_records_to_table("readings", records=rows, columns=COLUMNS)
-    # Rollups as ingest would have made them, one metric at a time (no statement timeout).
+    # Rollups as ingest makes them, over the whole table at once (no statement timeout).
     direct = await asyncpg.connect(database_url, server_settings={"search_path": "instance"})
     try:
-        for metric in METRICS:
-            await direct.execute(
-                "INSERT INTO readings_hourly (device_id, hour, metric, n, total, low, high) "
-                f"SELECT device_id, date_trunc('hour', ts), '{metric}', count({metric}), "
-                f"sum({metric}), min({metric}), max({metric}) FROM readings "
-                f"WHERE {metric} IS NOT NULL GROUP BY 1, 2"
-            )
+        await direct.execute(ROLLUP_SQL.format(source="readings"))
         await direct.execute("ANALYZE readings; ANALYZE readings_hourly")
     finally:
         await direct.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +25,7 @@ from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import Platform
+from services.provisioner.backends.local import instances_running
 from services.targets import CONTROL_PLANE, build_app
 from support import eventually, local_backend_settings, serving
 
@@ -549,3 +552,36 @@ async def test_the_dashboard_shows_a_published_reading_live_in_chromium(client, 
         assert requested and all(url.startswith(base) for url in requested), requested
     finally:
         await frank.api.aclose()
+
+
+async def test_readings_in_flight_when_the_instance_is_killed_are_all_stored(
+    client, broker
+) -> None:
+    """Ingest acknowledges a reading to the broker only once it is stored: a ``kill -9`` in
+    the middle of a stream loses nothing (the broker keeps the session and delivers the rest
+    to the restarted instance)."""
+    carol = await customer(client, "carol@example.com")
+    device = await register(carol, "crash test")
+    topic = device["mqtt"]["topics"]["readings"]
+    pid = instances_running()[carol.id]
+    start = (datetime.now(UTC) - timedelta(minutes=10)).replace(microsecond=0)
+    count = 3000
+    async with device_client(broker, device) as mqtt:
+        for index in range(count):
+            ts = (start + timedelta(milliseconds=10 * index)).isoformat()
+            await mqtt.publish(topic, reading(ts=ts, temperature=10 + index % 30), qos=1)
+            if index == count // 3:
+                os.kill(pid, signal.SIGKILL)
+    stored = await eventually(
+        lambda: carol.api.get(
+            f"/api/devices/{device['device_id']}/readings.csv",
+            params={"from": start.isoformat()},
+        ),
+        lambda r: r.status_code == 200 and len(r.text.splitlines()) - 1 >= count,
+        timeout=90,
+        what="every reading stored after the restart",
+    )
+    times = {line.split(",")[0] for line in stored.text.splitlines()[1:]}
+    assert len(times) == count  # each one, at least once
+    assert instances_running()[carol.id] != pid
+    await carol.api.aclose()

@@ -98,8 +98,8 @@ async def test_the_daily_quota_drops_and_counts_the_readings_over_it(database) -
             "pressure": 1000,
             "gas_resistance": 1e5,
         }
-        await ingest.receive(topic, json.dumps(body).encode())
-    await ingest.receive(f"{customer_id}/devices/nobody/readings", b"{}")
+        ingest.receive(topic, json.dumps(body).encode())
+    ingest.receive(f"{customer_id}/devices/nobody/readings", b"{}")
     assert await ingest.flush() == 2
     async with pool.acquire() as conn:
         stored = await conn.fetchval("SELECT count(*) FROM readings")

@@ -1,0 +1,195 @@
+"""The ingest's MQTT 5 subscriber against a real Mosquitto: flow control by the receive
+maximum, acknowledgement only when asked, redelivery of what was not acknowledged, large
+packets split across reads, and clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import aiomqtt
+import pytest
+
+from libs.mqtt_broker import EmbeddedMosquitto
+from libs.mqtt_dynsec import Acl, DynSec
+from libs.mqtt_subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
+
+ROOT = "sub-tests"
+
+
+@pytest.fixture(scope="module")
+async def users(broker: EmbeddedMosquitto) -> tuple[str, str]:
+    """A client that may publish and read ``sub-tests/#``; its name and password."""
+    async with DynSec(
+        broker.host, broker.port, broker.admin_username, broker.admin_password
+    ) as dynsec:
+        await dynsec.ensure_role(
+            "sub-tests",
+            [
+                Acl("subscribePattern", f"{ROOT}/#"),
+                Acl("publishClientReceive", f"{ROOT}/#"),
+                Acl("publishClientSend", f"{ROOT}/#"),
+            ],
+        )
+        await dynsec.ensure_client("sub-tests", "sub-tests-password", ["sub-tests"])
+    return "sub-tests", "sub-tests-password"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for ``condition`` to hold; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+class Inbox:
+    """What a subscriber was given: (topic, payload, packet id)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, int]] = []
+
+    def __call__(self, topic: str, payload: bytes, packet_id: int) -> None:
+        self.messages.append((topic, payload, packet_id))
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [m[1] for m in self.messages]
+
+
+@contextlib.asynccontextmanager
+async def subscribed(
+    broker: EmbeddedMosquitto,
+    users: tuple[str, str],
+    inbox: Inbox,
+    client_id: str,
+    topic: str,
+    **options: int,
+) -> AsyncIterator[MqttSubscriber]:
+    subscriber = MqttSubscriber(
+        SubscriberOptions(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            username=users[0],
+            password=users[1],
+            filters=(topic,),
+            **options,
+        ),
+        inbox,
+    )
+    task = asyncio.create_task(subscriber.run())
+    waiting = asyncio.create_task(subscriber.subscribed.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    assert not task.done(), task.exception()
+    try:
+        yield subscriber
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, MqttSubscriberError):
+            await task
+
+
+async def publish(
+    broker: EmbeddedMosquitto, users: tuple[str, str], topic: str, payloads: list[bytes]
+) -> None:
+    async with aiomqtt.Client(
+        broker.host, broker.port, username=users[0], password=users[1]
+    ) as client:
+        for payload in payloads:
+            await client.publish(topic, payload, qos=1)
+
+
+async def test_the_broker_holds_back_what_is_past_the_receive_maximum(broker, users) -> None:
+    inbox = Inbox()
+    topic = f"{ROOT}/{uuid.uuid4().hex[:8]}/#"
+    async with subscribed(broker, users, inbox, "held-back", topic, receive_maximum=5) as sub:
+        await publish(broker, users, topic.replace("#", "r"), [b"%d" % i for i in range(20)])
+        await until(lambda: len(inbox.messages) == 5)
+        await asyncio.sleep(0.3)
+        assert len(inbox.messages) == 5  # nothing more until they are acknowledged
+        assert sub.ack(sub.connection, [m[2] for m in inbox.messages]) == 5
+        await until(lambda: len(inbox.messages) > 5)
+        while len(inbox.messages) < 20:
+            sub.ack(sub.connection, [m[2] for m in inbox.messages])
+            await asyncio.sleep(0.05)
+        assert inbox.payloads == [b"%d" % i for i in range(20)]
+
+
+async def test_what_was_not_acknowledged_comes_again_on_the_next_connection(broker, users) -> None:
+    topic = f"{ROOT}/{uuid.uuid4().hex[:8]}/#"
+    client_id = f"again-{uuid.uuid4().hex[:8]}"
+    first = Inbox()
+    async with subscribed(broker, users, first, client_id, topic) as sub:
+        await publish(broker, users, topic.replace("#", "r"), [b"a", b"b", b"c", b"d"])
+        await until(lambda: len(first.messages) == 4)
+        # a and b are stored and acknowledged; c and d were not when the connection ended.
+        sub.ack(sub.connection, [m[2] for m in first.messages[:2]])
+        await asyncio.sleep(0.2)
+    second = Inbox()
+    async with subscribed(broker, users, second, client_id, topic):
+        await until(lambda: len(second.messages) >= 2)
+        await asyncio.sleep(0.3)
+        assert second.payloads == [b"c", b"d"]
+
+
+async def test_acks_of_a_lost_connection_are_not_sent_on_the_next(broker, users) -> None:
+    topic = f"{ROOT}/{uuid.uuid4().hex[:8]}/#"
+    inbox = Inbox()
+    async with subscribed(broker, users, inbox, f"old-{uuid.uuid4().hex[:8]}", topic) as sub:
+        assert sub.ack(sub.connection - 1, [1, 2, 3]) == 0
+
+
+async def test_a_large_payload_split_across_reads_arrives_whole(broker, users) -> None:
+    topic = f"{ROOT}/{uuid.uuid4().hex[:8]}/#"
+    inbox = Inbox()
+    big = bytes(range(256)) * 2000  # 512 KB: many socket reads
+    async with subscribed(broker, users, inbox, f"big-{uuid.uuid4().hex[:8]}", topic):
+        await publish(broker, users, topic.replace("#", "r"), [b"before", big, b"after"])
+        await until(lambda: len(inbox.messages) == 3)
+        assert inbox.payloads == [b"before", big, b"after"]
+        assert inbox.messages[1][0] == topic.replace("#", "r")
+
+
+async def test_a_wrong_password_is_a_clear_error(broker, users) -> None:
+    subscriber = MqttSubscriber(
+        SubscriberOptions(
+            host=broker.host,
+            port=broker.port,
+            client_id="wrong",
+            username=users[0],
+            password="not-the-password",
+            filters=(f"{ROOT}/#",),
+        ),
+        Inbox(),
+    )
+    with pytest.raises(MqttSubscriberError, match=r"not authorized|bad user name"):
+        await subscriber.run()
+
+
+async def test_a_filter_beyond_the_acl_is_refused(broker, users) -> None:
+    subscriber = MqttSubscriber(
+        SubscriberOptions(
+            host=broker.host,
+            port=broker.port,
+            client_id="beyond",
+            username=users[0],
+            password=users[1],
+            filters=("someone-else/#",),
+        ),
+        Inbox(),
+    )
+    with pytest.raises(MqttSubscriberError, match="subscription refused"):
+        await subscriber.run()
+
+
+async def test_no_broker_is_a_clear_error(broker) -> None:
+    from libs.embedded import free_port
+
+    subscriber = MqttSubscriber(
+        SubscriberOptions(host="127.0.0.1", port=free_port(), client_id="nobody"), Inbox()
+    )
+    with pytest.raises(MqttSubscriberError, match="cannot reach the broker"):
+        await subscriber.run(connect_timeout=2)
