@@ -44,6 +44,8 @@ from services.instance.devices import (
     BrokerUnavailable,
     DeviceLimitReached,
     Devices,
+    broker_address,
+    broker_urls,
     device_view,
 )
 from services.instance.ingest import Ingest, IngestMetrics
@@ -88,6 +90,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     ingest = Ingest(settings, lambda: state.get("pool"), holder, metrics, live.publish)
     sessions = CustomerSessions(settings.control_plane_url, settings.instance_customer_id)
     devices = Devices(settings)
+    brokers = broker_urls(settings)
+    broker_host, broker_port = broker_address(brokers[0])
     api_today: dict[str, Any] = {"day": datetime.now(UTC).date(), "count": 0}
     gauges = _usage_gauges(registry)
 
@@ -243,8 +247,9 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             "device_id": device.device_id,
             "name": device.name,
             "mqtt": {
-                "host": settings.mqtt_host,
-                "port": settings.mqtt_port,
+                "host": broker_host,
+                "port": broker_port,
+                "urls": brokers,
                 "username": device.mqtt_username,
                 "password": device.mqtt_password,
                 "topics": device.topics,

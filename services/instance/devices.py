@@ -14,9 +14,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
+from libs.config import ConfigError
 from libs.mqtt_dynsec import Acl, DynSec, DynSecError
 from services.instance.settings import InstanceSettings
 
@@ -29,6 +31,30 @@ class DeviceLimitReached(Exception):
 
 class BrokerUnavailable(Exception):
     """The broker did not take the device's credentials."""
+
+
+MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+
+
+def broker_urls(settings: InstanceSettings) -> list[str]:
+    """Where devices connect (``MQTT_PUBLIC_URLS``, else the broker the instance uses); a
+    ``ConfigError`` names a URL that is not one."""
+    urls = [u.strip() for u in settings.mqtt_public_urls.split(",") if u.strip()]
+    if not urls:
+        return [f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}"]
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in MQTT_SCHEMES or not parts.hostname:
+            raise ConfigError(
+                f"MQTT_PUBLIC_URLS: {url!r} is not an mqtt://, mqtts://, ws:// or wss:// URL"
+            )
+    return urls
+
+
+def broker_address(url: str) -> tuple[str, int]:
+    """The host and port of one of ``broker_urls``."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or MQTT_SCHEMES[parts.scheme]
 
 
 def topic(customer_id: str, device_id: str, kind: str) -> str:

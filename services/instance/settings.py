@@ -31,6 +31,9 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     mqtt_password: str | None = None
     mqtt_admin_username: str | None = None
     mqtt_admin_password: str | None = None
+    # Where devices connect, as URLs (comma-separated; mqtt://, mqtts://, ws:// or wss://),
+    # told to each device at registration. Unset: mqtt://MQTT_HOST:MQTT_PORT.
+    mqtt_public_urls: str = ""
     # Readings are written in batches: at this many rows, or after this long.
     ingest_batch_rows: Annotated[int, Meta(ge=1, le=100_000)] = 5000
     ingest_flush_seconds: Annotated[float, Meta(gt=0, le=10)] = 0.2

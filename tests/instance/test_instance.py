@@ -139,6 +139,7 @@ async def test_a_published_reading_is_returned_by_the_api(alice, broker) -> None
     assert (
         device["mqtt"]["topics"]["readings"] == f"{alice.id}/devices/{device['device_id']}/readings"
     )
+    assert device["mqtt"]["urls"] == [f"mqtt://{broker.host}:{broker.port}"]
     async with device_client(broker, device) as mqtt:
         await mqtt.publish(device["mqtt"]["topics"]["status"], b"online", qos=1)
         await mqtt.publish(device["mqtt"]["topics"]["readings"], reading(temperature=23.25), qos=1)

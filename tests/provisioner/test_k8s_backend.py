@@ -130,6 +130,19 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     }
     policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    # Devices outside the cluster reach the broker through the Ingress, over TLS, and the
+    # ingress controller is the only way in from outside the namespace.
+    paths = {p["path"]: p for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    assert paths["/mqtt"]["backend"]["service"] == {
+        "name": "mosquitto",
+        "port": {"name": "websockets"},
+    }
+    assert paths["/"]["backend"]["service"]["name"] == "instance"
+    assert env["MQTT_PUBLIC_URLS"]["value"] == f"wss://{CUSTOMER}.example.io/mqtt"
+    sources = [rule["from"] for rule in policy["ingress"]]
+    assert not any("ipBlock" in peer for peers in sources for peer in peers)
+    from_ingress = next(r for r in policy["ingress"] if "namespaceSelector" in r["from"][0])
+    assert {p["port"] for p in from_ingress["ports"]} == {8080, 9001}
     assert list(yaml.safe_load_all(render_yaml(objects))) == objects
 
 

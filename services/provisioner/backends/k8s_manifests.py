@@ -1,10 +1,12 @@
 """The Kubernetes objects of one customer's instance, as plain dicts, in the order they apply.
 
 Namespace ``customer-<id>`` with a ResourceQuota (4 CPU / 4Gi) and LimitRange; a NetworkPolicy
-that isolates it (in: its own pods, the ingress controller to the instance, MQTT from anywhere;
-out: its own pods, DNS, and the control plane's namespace for the JWKS); Secrets for the license
-and the database; Postgres as a StatefulSet with a 10Gi volume; Mosquitto on 1883 and 9001; the
-instance Deployment and Service; an Ingress at ``<id>.<BASE_DOMAIN>`` with TLS by cert-manager.
+that isolates it (in: its own pods, and the ingress controller to the instance and to the
+broker's WebSockets; out: its own pods, DNS, and the control plane's namespace for the JWKS);
+Secrets for the license and the database; Postgres as a StatefulSet with a 10Gi volume;
+Mosquitto on 1883 and 9001; the instance Deployment and Service; an Ingress at
+``<id>.<BASE_DOMAIN>`` with TLS by cert-manager, which also carries MQTT over WebSockets at
+``wss://<id>.<BASE_DOMAIN>/mqtt`` to the broker: the way devices outside the cluster reach it.
 ``render`` is pure: the same customer, license and password give the same objects, so applying
 them again (a retried job, an update) converges. A new license changes the instance pod
 template's annotation, which rolls the Deployment.
@@ -36,6 +38,7 @@ plugin /usr/lib/mosquitto_dynamic_security.so
 plugin_opt_config_file {DYNSEC_FILE}
 """
 INSTANCE_PORT = 8080
+MQTT_PATH = "/mqtt"
 RESTRICTED = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -211,13 +214,13 @@ def _network_policy(ns: str, cid: str, settings: KubernetesSettings) -> dict[str
             "ingress": [
                 {"from": [same_namespace]},
                 {
+                    # The ingress controller, to the instance and (devices' MQTT over
+                    # WebSockets, TLS ended at the ingress) to the broker.
                     "from": [namespace(settings.ingress_namespace)],
-                    "ports": [{"protocol": "TCP", "port": INSTANCE_PORT}],
-                },
-                {
-                    # Devices connect from anywhere, to the broker only.
-                    "from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
-                    "ports": [{"protocol": "TCP", "port": 1883}, {"protocol": "TCP", "port": 9001}],
+                    "ports": [
+                        {"protocol": "TCP", "port": INSTANCE_PORT},
+                        {"protocol": "TCP", "port": 9001},
+                    ],
                 },
             ],
             "egress": [
@@ -433,6 +436,10 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
                                 {"name": "HTTP_PORT", "value": str(INSTANCE_PORT)},
                                 {"name": "MQTT_HOST", "value": "mosquitto"},
                                 {"name": "MQTT_PORT", "value": "1883"},
+                                {
+                                    "name": "MQTT_PUBLIC_URLS",
+                                    "value": mqtt_public_url(spec.customer_id, settings),
+                                },
                                 _secret_env("MQTT_USERNAME", "mqtt", "username"),
                                 _secret_env("MQTT_PASSWORD", "mqtt", "password"),
                                 _secret_env("MQTT_ADMIN_USERNAME", "mqtt", "admin-username"),
@@ -468,6 +475,11 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
     }
 
 
+def mqtt_public_url(customer_id: str, settings: KubernetesSettings) -> str:
+    """Where the customer's devices connect: MQTT over WebSockets through the Ingress."""
+    return f"wss://{host_of(customer_id, settings)}{MQTT_PATH}"
+
+
 def _ingress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
     host = host_of(cid, settings)
     return {
@@ -477,7 +489,12 @@ def _ingress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
             "instance",
             ns,
             cid,
-            annotations={"cert-manager.io/cluster-issuer": settings.cluster_issuer},
+            annotations={
+                "cert-manager.io/cluster-issuer": settings.cluster_issuer,
+                # Devices keep their MQTT connection open, browsers their live stream.
+                "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+                "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
+            },
         ),
         "spec": {
             "ingressClassName": settings.ingress_class,
@@ -488,12 +505,22 @@ def _ingress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
                     "http": {
                         "paths": [
                             {
+                                "path": MQTT_PATH,
+                                "pathType": "Exact",
+                                "backend": {
+                                    "service": {
+                                        "name": "mosquitto",
+                                        "port": {"name": "websockets"},
+                                    }
+                                },
+                            },
+                            {
                                 "path": "/",
                                 "pathType": "Prefix",
                                 "backend": {
                                     "service": {"name": "instance", "port": {"name": "http"}}
                                 },
-                            }
+                            },
                         ]
                     },
                 }
