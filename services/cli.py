@@ -496,7 +496,8 @@ async def _current_license(settings: ServiceSettings, customer_id: str) -> tuple
         )
     finally:
         await conn.close()
-    if row is None:
+    if row is None or row["jwt"] is None:
+        # No row, or only the mark of an account closed before any license arrived.
         raise SystemExit(f"no license has been issued to customer {customer_id}")
     return row["jwt"], row["license_id"], row["plan"]
 
