@@ -153,34 +153,28 @@ async def test_a_large_payload_split_across_reads_arrives_whole(broker, users) -
         assert inbox.messages[1][0] == topic.replace("#", "r")
 
 
-async def test_a_wrong_password_is_a_clear_error(broker, users) -> None:
-    subscriber = MqttSubscriber(
-        SubscriberOptions(
-            host=broker.host,
-            port=broker.port,
-            client_id="wrong",
-            username=users[0],
-            password="not-the-password",
-            filters=(f"{ROOT}/#",),
-        ),
-        Inbox(),
+def subscriber_as(
+    broker: EmbeddedMosquitto, user: str, password: str, topic_filter: str
+) -> MqttSubscriber:
+    options = SubscriberOptions(
+        host=broker.host,
+        port=broker.port,
+        client_id=f"refused-{uuid.uuid4().hex[:8]}",
+        username=user,
+        password=password,
+        filters=(topic_filter,),
     )
+    return MqttSubscriber(options, Inbox())
+
+
+async def test_a_wrong_password_is_a_clear_error(broker, users) -> None:
+    subscriber = subscriber_as(broker, users[0], "not-the-password", f"{ROOT}/#")
     with pytest.raises(MqttSubscriberError, match=r"not authorized|bad user name"):
         await subscriber.run()
 
 
 async def test_a_filter_beyond_the_acl_is_refused(broker, users) -> None:
-    subscriber = MqttSubscriber(
-        SubscriberOptions(
-            host=broker.host,
-            port=broker.port,
-            client_id="beyond",
-            username=users[0],
-            password=users[1],
-            filters=("someone-else/#",),
-        ),
-        Inbox(),
-    )
+    subscriber = subscriber_as(broker, users[0], users[1], "someone-else/#")
     with pytest.raises(MqttSubscriberError, match="subscription refused"):
         await subscriber.run()
 
