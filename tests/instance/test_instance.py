@@ -260,7 +260,7 @@ async def test_the_eleventh_device_on_starter_is_refused(bob) -> None:
 async def test_after_the_license_expires_ingest_stops_and_queries_work(
     client, store, broker
 ) -> None:
-    carol = await customer(client, "carol@example.com")
+    carol = await customer(client, f"crash-{uuid.uuid4().hex[:8]}@example.com")
     try:
         device = await register(carol, "last one")
         async with device_client(broker, device) as mqtt:
@@ -561,7 +561,7 @@ async def test_readings_in_flight_when_the_instance_is_killed_are_all_stored(
     """Ingest acknowledges a reading to the broker only once it is stored: a ``kill -9`` in
     the middle of a stream loses nothing (the broker keeps the session and delivers the rest
     to the restarted instance)."""
-    carol = await customer(client, "carol@example.com")
+    carol = await customer(client, f"crash-{uuid.uuid4().hex[:8]}@example.com")
     device = await register(carol, "crash test")
     topic = device["mqtt"]["topics"]["readings"]
     pid = instances_running()[carol.id]
