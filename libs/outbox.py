@@ -32,6 +32,8 @@ from libs.scheduling import PASSING
 log = logging.getLogger(__name__)
 
 RELAY_BATCH = 200
+# The longest wait between tries at an event the log will not take.
+MAX_WAIT = 60.0
 
 
 async def add_to_outbox(
@@ -111,13 +113,28 @@ class OutboxRelay:
         return len(appended)
 
     async def run(self) -> None:
-        """Relay for ever: at once when woken, else every ``poll_seconds``; outages pass."""
+        """Relay for ever: at once when woken, else every ``poll_seconds``; outages pass.
+
+        Any other failure (an event the log refuses, a row that does not decode) is logged as
+        an error at every try, with the wait growing to a minute, and the relay stays alive:
+        the events behind it wait, in order, for an operator to mend or remove the row."""
+        failures = 0
         while True:
             self._wake.clear()
             try:
                 while await self.relay_once() == RELAY_BATCH:
                     pass
+                failures = 0
             except PASSING as exc:
                 log.warning("outbox relay (%s): %r; retrying", self._lock_key, exc)
+            except Exception:
+                failures += 1
+                log.exception(
+                    "outbox relay (%s): cannot append the oldest event; the events behind it "
+                    "wait (try %d)",
+                    self._lock_key,
+                    failures,
+                )
+            wait = self._poll if failures == 0 else min(self._poll * 2**failures, MAX_WAIT)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll)
+                await asyncio.wait_for(self._wake.wait(), wait)

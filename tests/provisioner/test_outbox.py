@@ -4,6 +4,8 @@ order, and an append failing halfway through a batch does not send the ones befo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import asyncpg
@@ -12,6 +14,7 @@ import pytest
 from contracts import DeploymentRequested, MalformedEvent, decode_envelope
 from libs.eventstore import EventStore
 from libs.outbox import OutboxRelay, add_to_outbox
+from support import eventually
 
 
 def requested(job_id: str) -> DeploymentRequested:
@@ -62,3 +65,34 @@ async def test_an_append_failing_midway_keeps_the_events_appended_before_it_sent
     assert await relay.relay_once() == 1
     assert await outbox_jobs(pool) == []
     assert await logged_jobs(store) == ["j1", "j2", "j3"]
+
+
+async def test_a_row_the_log_will_not_take_holds_the_relay_without_stopping_it(
+    pool, store, caplog
+) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO outbox (event_id, subject_key, envelope) VALUES ('bad', 'c-outbox', $1)",
+            b"not an envelope",
+        )
+        await add_to_outbox(conn, requested("after-bad"), customer_id="c-outbox")
+    relay = OutboxRelay(lambda: pool, lambda: store, "provisioner:outbox", poll_seconds=0.05)
+    running = asyncio.create_task(relay.run())
+    try:
+        await eventually(
+            lambda: asyncio.sleep(0, result=caplog.text),
+            lambda text: "cannot append the oldest event" in text,
+            what="the relay's error",
+        )
+        assert not running.done()
+        assert "after-bad" not in await logged_jobs(store)  # in order: it waits behind
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM outbox WHERE event_id = 'bad'")
+        relay.wake()
+        await eventually(
+            lambda: logged_jobs(store), lambda jobs: "after-bad" in jobs, what="the next event"
+        )
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
