@@ -503,6 +503,20 @@ async def retry_job(conn: asyncpg.Connection, job_id: str, requested_by: str) ->
         raise JobNotFound(job_id)
     if row["state"] != "failed":
         raise JobNotRetryable(f"job {job_id} is {row['state']}; only failed jobs are retried")
+    # A later job of the customer decided what their instance should be now (a later deploy,
+    # update or delete): running this one again would undo it, or queue a second job.
+    newer = await conn.fetchval(
+        "SELECT job_id FROM queue_jobs WHERE customer_id = $1 AND job_id <> $2 "
+        "AND (created_at, job_id) > ($3, $2) AND state <> 'superseded' "
+        "ORDER BY created_at DESC LIMIT 1",
+        row["customer_id"],
+        job_id,
+        row["created_at"],
+    )
+    if newer is not None:
+        raise JobNotRetryable(
+            f"job {job_id} was overtaken by the customer's later job {newer}; retry that one"
+        )
     generation = row["generation"] + 1
     await conn.execute(
         "UPDATE queue_jobs SET state = 'waiting', attempts = 0, generation = $2, "

@@ -401,3 +401,19 @@ async def test_a_license_after_the_account_closed_deploys_nothing(pool) -> None:
         )
     assert [j["kind"] for j in jobs] == [DELETE]
     assert closed is True
+
+
+async def test_a_failed_job_overtaken_by_a_later_one_is_not_retried(pool) -> None:
+    customer = str(uuid.uuid4())
+    old = await queue(pool, DEPLOY, "starter", T0, customer_id=customer, max_attempts=1)
+    claimed = await claim(pool)
+    assert claimed is not None and claimed.job_id == old
+    async with pool.acquire() as conn, conn.transaction():
+        assert await fail_job(conn, claimed, "w1", "boom", timedelta(seconds=1))
+    # The customer leaves: the delete that follows must not be undone by a retried deploy.
+    removal = await queue(pool, DELETE, None, T0 + timedelta(minutes=1), customer_id=customer)
+    async with pool.acquire() as conn, conn.transaction():
+        with pytest.raises(JobNotRetryable, match=removal):
+            await retry_job(conn, old, "admin")
+    assert (await job(pool, old))["state"] == "failed"
+    assert (await job(pool, removal))["state"] == "waiting"
