@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 import nats.errors
 import nats.js.errors
@@ -200,6 +201,12 @@ class EventStore:
         """The sequence of the newest event in the log (0 when empty)."""
         info = await self._js.stream_info(self.stream)
         return int(info.state.last_seq)
+
+    async def identity(self) -> tuple[datetime | None, int]:
+        """When the stream was created (which tells one stream from a later one of the same
+        name) and the sequence of its newest event."""
+        info = await self._js.stream_info(self.stream)
+        return info.created, int(info.state.last_seq)
 
     async def first_seq(self) -> int:
         """The sequence of the oldest event still in the log."""

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -160,6 +161,43 @@ async def ensure_checkpoint(conn: asyncpg.Connection, projection: str) -> int:
         "SELECT last_seq FROM projection_checkpoints WHERE projection = $1", projection
     )
     return int(value)
+
+
+class LogMismatch(Exception):
+    """The log is not the one the projection has read: it was created again, or it ends before
+    the checkpoint. Consuming would take its events for ones already applied."""
+
+
+async def check_stream(
+    conn: asyncpg.Connection,
+    projection: str,
+    checkpoint: int,
+    created: datetime | None,
+    last_seq: int,
+) -> None:
+    """Raise ``LogMismatch`` unless the stream is the one this projection has read so far; a
+    projection that has read nothing (or predates the record) adopts the current stream."""
+    seen = await conn.fetchval(
+        "SELECT stream_created FROM projection_checkpoints WHERE projection = $1", projection
+    )
+    if created is not None and (seen is None or checkpoint == 0):
+        await conn.execute(
+            "UPDATE projection_checkpoints SET stream_created = $2 WHERE projection = $1",
+            projection,
+            created,
+        )
+    elif created is not None and seen != created:
+        raise LogMismatch(
+            f"the event stream was created again ({created.isoformat()}; this projection read "
+            f"the one created {seen.isoformat()}, up to seq {checkpoint}): restore the stream, "
+            "or rebuild the read models from the new one with `iotistic replay`"
+        )
+    if checkpoint > last_seq:
+        raise LogMismatch(
+            f"the event stream ends at seq {last_seq} but this projection has applied events "
+            f"up to seq {checkpoint}: events were lost from the log; restore it, or rebuild the "
+            "read models with `iotistic replay`"
+        )
 
 
 async def apply_stored(
@@ -311,6 +349,14 @@ class ProjectionRunner:
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: %r; retrying in %.1fs", self.durable, exc, delay)
                 delay = min(delay * 2, 10.0) if not self._was_attached else base
+            except LogMismatch as exc:
+                # Nothing is consumed until an operator restores the log or rebuilds; looked
+                # at again now and then, so a restored stream is taken up by itself.
+                if self.status.state is not RunnerState.BLOCKED:
+                    log.error("%s: stopped: %s", self.durable, exc)
+                self.status.state = RunnerState.BLOCKED
+                self.status.last_error = str(exc)
+                delay = min(max(delay, base) * 2, 30.0)
             finally:
                 self.status.attached = False
                 self._was_attached = False
@@ -330,8 +376,12 @@ class ProjectionRunner:
                 self._recreate_consumer = True
 
     async def _attach_and_consume(self) -> None:
+        created, last_seq = await self.store.identity()
         async with self.pool.acquire() as conn:
             self.status.checkpoint = await ensure_checkpoint(conn, self.projection.name)
+            await check_stream(
+                conn, self.projection.name, self.status.checkpoint, created, last_seq
+            )
         sub, delivered = await self._attach(self.status.checkpoint)
         self.status.attached = True
         self._was_attached = True

@@ -99,11 +99,17 @@ class Rebuild:
             )
 
     async def live_checkpoints(self) -> dict[str, int]:
-        """Checkpoints of the live projections (0 for one that never ran)."""
+        """Checkpoints of the live projections (0 for one that never ran, or that read a
+        stream of the same name that has since been created again)."""
+        created, _ = await self.store.identity()
         rows = await self.conn.fetch(
-            f"SELECT projection, last_seq FROM {self.schema}.projection_checkpoints"
+            f"SELECT projection, last_seq, stream_created FROM {self.schema}.projection_checkpoints"
         )
-        found = {r["projection"]: int(r["last_seq"]) for r in rows}
+        found = {
+            r["projection"]: int(r["last_seq"])
+            for r in rows
+            if r["stream_created"] is None or created is None or r["stream_created"] == created
+        }
         return {p.name: found.get(p.name, 0) for p in self.projections}
 
     async def skipped_live(self) -> set[tuple[str, int]]:
@@ -262,11 +268,17 @@ class Rebuild:
                 await self.conn.execute(
                     f"INSERT INTO {self.schema}.{table} SELECT * FROM {self.scratch}.{table}"
                 )
+            # The rebuilt models come from the stream as it is now: the live projections read
+            # on from it (after a stream was created again, this is how they start anew).
+            created, _ = await self.store.identity()
             await self.conn.execute(
-                f"INSERT INTO {self.schema}.projection_checkpoints (projection, last_seq) "
-                f"SELECT projection, last_seq FROM {self.scratch}.projection_checkpoints "
+                f"INSERT INTO {self.schema}.projection_checkpoints "
+                "(projection, last_seq, stream_created) "
+                f"SELECT projection, last_seq, $1 FROM {self.scratch}.projection_checkpoints "
                 "ON CONFLICT (projection) DO UPDATE "
-                "SET last_seq = EXCLUDED.last_seq, updated_at = now()"
+                "SET last_seq = EXCLUDED.last_seq, stream_created = EXCLUDED.stream_created, "
+                "updated_at = now()",
+                created,
             )
         await self._use(self.schema)
 

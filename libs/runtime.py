@@ -238,7 +238,7 @@ class ServiceRuntime:
             lag = await runner.lag()
         except NATS_ERRORS as exc:
             entry["lag"] = None
-            entry["error"] = f"consumer info: {type(exc).__name__}"
+            entry.setdefault("error", f"consumer info: {type(exc).__name__}")
             return False, entry
         entry["lag"] = lag
         if state is not RunnerState.BLOCKED and lag > self.settings.projection_max_lag:

@@ -492,3 +492,47 @@ async def test_a_delivery_lost_in_a_reconnect_is_applied_not_taken_for_a_duplica
         finally:
             await platform.stop()
     assert (await verify(settings, store, verify=True)).differences == 0
+
+
+async def test_a_stream_created_again_stops_the_projection_until_it_is_rebuilt(
+    fresh, db, nc: NatsClient
+) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 5)
+    platform = await start(settings)
+    try:
+        await caught_up(db, seqs[-1])
+    finally:
+        await platform.stop()
+    # The stream is lost and made again: its sequences start at 1 again, below the checkpoint
+    # at first, then past it; neither may be taken for events already applied.
+    await nc.jetstream().delete_stream(settings.events_stream)
+    await store.ensure_stream()
+    for count in (2, 6):
+        await publish_licenses(store, count)
+        platform = await start(settings)
+        try:
+            entry = await eventually(
+                platform.readiness,
+                lambda r: (
+                    r[1]["services"]["licensing"]["projections"][PROJECTION]["state"] == "blocked"
+                ),
+                what="the projection stopped",
+            )
+            detail = entry[1]["services"]["licensing"]["projections"][PROJECTION]
+            assert "created again" in detail["error"]
+            assert await checkpoint(db) == seqs[-1]
+            assert await db.fetchval("SELECT count(*) FROM licenses") == 5
+        finally:
+            await platform.stop()
+    # Rebuilt from the new stream, the projection reads on from it.
+    report = await verify(settings, store)
+    assert report.upto_seq == 8
+    assert await db.fetchval("SELECT count(*) FROM licenses") == 8
+    [later] = await publish_licenses(store, 1)
+    platform = await start(settings)
+    try:
+        await caught_up(db, later)
+        assert await db.fetchval("SELECT count(*) FROM licenses") == 9
+    finally:
+        await platform.stop()
