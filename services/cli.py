@@ -323,7 +323,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         "USAGE_SECRET": generated_secret(data_dir, "usage-secret"),
         "LICENSE_KEYS_DIR": str(license_keys(data_dir)),
     }
-    postgres = EmbeddedPostgres(data_dir / "postgres")
+    postgres = EmbeddedPostgres(
+        data_dir / "postgres", password_file=data_dir / "secrets" / "postgres-password"
+    )
     nats_server = EmbeddedNats(data_dir / "nats")
     mosquitto = EmbeddedMosquitto(data_dir / "mosquitto")
     runtime_file = data_dir / RUNTIME_FILE
@@ -347,6 +349,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             **broker,
         }
         platform = Platform.from_environ(definitions_for("all"), env)
+        # Owner only: the database URL in it carries the password.
+        runtime_file.touch(mode=0o600)
+        runtime_file.chmod(0o600)
         runtime_file.write_text(
             json.dumps(
                 {
@@ -361,7 +366,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         _print_up(
             data_dir,
-            database_url,
+            postgres.shown_url.removesuffix("/postgres") + "/iotistic",
             nats_server.url,
             mosquitto.url if broker else "not running (install mosquitto)",
             http_url,
@@ -401,7 +406,10 @@ def _print_up(
     table.add_row("API, health, metrics", http_url)
     table.add_row("readiness", f"{http_url}/health/ready")
     table.add_row("OpenAPI", f"{http_url}/schema/openapi.json")
-    table.add_row("Postgres", database_url)
+    table.add_row(
+        "Postgres",
+        f"{database_url}  (password: {data_dir / 'secrets' / 'postgres-password'})",
+    )
     table.add_row("NATS JetStream", f"{nats_url}  (sync_interval: always)")
     table.add_row("MQTT (Mosquitto)", mqtt_url)
     table.add_row("deployment queue", f"{http_url}/admin/queues  (admin token as password)")

@@ -199,3 +199,48 @@ def test_free_port_never_repeats_an_answer() -> None:
 
     assert len(set(ports)) == len(ports)
     assert not STANDARD_PORTS & set(ports)
+
+
+async def refused_without_password(server: EmbeddedPostgres) -> bool:
+    try:
+        conn = await asyncpg.connect(server.shown_url)
+    except asyncpg.InvalidAuthorizationSpecificationError:
+        return True
+    except asyncpg.InvalidPasswordError:
+        return True
+    await conn.close()
+    return False
+
+
+async def test_postgres_asks_every_connection_for_the_password_kept_owner_only(
+    postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await refused_without_password(postgres)
+    wrong = postgres.url.replace(postgres.password, "not-the-password")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(wrong)
+    await write_reading(postgres.url, "with the password")
+    assert postgres.password_file.stat().st_mode & 0o777 == 0o600
+    assert postgres.password not in caplog.text
+
+
+async def test_a_cluster_made_with_trust_gets_a_password_at_its_next_start(
+    tmp_path: Path,
+) -> None:
+    server = EmbeddedPostgres(tmp_path / "pg" / "data")
+    server.start()
+    try:
+        await write_reading(server.url, "before")
+    finally:
+        server.stop()
+    # As the earlier version made it: anyone on the machine could connect without one.
+    (server.data_dir / "pg_hba.conf").write_text(
+        "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+    )
+    server.password_file.unlink()
+    server.start()
+    try:
+        assert await refused_without_password(server)
+        assert await fetch_readings(server.url) == ["before"]
+    finally:
+        server.stop()
