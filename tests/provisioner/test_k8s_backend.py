@@ -122,6 +122,8 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     assert broker["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
     conf = by[("ConfigMap", "mosquitto")]["data"]["mosquitto.conf"]
     assert "allow_anonymous false" in conf and "listener 9001" in conf
+    # Messages queued for the instance (acknowledged only once stored) are saved every minute.
+    assert "persistence true" in conf and "autosave_interval 60" in conf
     assert "mosquitto_dynamic_security.so" in conf
     env = {e["name"]: e for e in container["env"]}
     assert env["MQTT_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {

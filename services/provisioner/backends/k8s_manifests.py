@@ -30,6 +30,7 @@ MOSQUITTO_CONF = f"""per_listener_settings false
 allow_anonymous false
 persistence true
 persistence_location /mosquitto/data/
+autosave_interval 60
 max_queued_messages 200000
 listener 1883
 listener 9001
