@@ -201,7 +201,10 @@ async def check_stream(
 
 
 async def apply_stored(
-    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage
+    conn: asyncpg.Connection,
+    projection: Projection,
+    stored: StoredMessage,
+    epoch: int | None = None,
 ) -> ApplyOutcome:
     """Apply one message and advance the checkpoint atomically.
 
@@ -211,30 +214,53 @@ async def apply_stored(
     unchanged for the caller to retry.
     """
     if conn.is_in_transaction():
-        return await _apply(conn, projection, stored)
+        return await _apply(conn, projection, stored, epoch)
     async with conn.transaction():
-        return await _apply(conn, projection, stored)
+        return await _apply(conn, projection, stored, epoch)
 
 
 async def _apply(
-    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage
+    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage, epoch: int | None
 ) -> ApplyOutcome:
-    last = await lock_checkpoint(conn, projection.name)
+    last = await lock_checkpoint(conn, projection.name, epoch)
     outcome = await apply_event(conn, projection, stored, last)
     if outcome is not ApplyOutcome.DUPLICATE:
         await save_checkpoint(conn, projection.name, stored.seq)
     return outcome
 
 
-async def lock_checkpoint(conn: asyncpg.Connection, projection: str) -> int:
-    """The checkpoint, locked until the transaction ends (one applier at a time)."""
-    last = await conn.fetchval(
-        "SELECT last_seq FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+class LostLeadership(Exception):
+    """Another replica has taken the projection since this one did: it must not write."""
+
+
+async def lock_checkpoint(
+    conn: asyncpg.Connection, projection: str, epoch: int | None = None
+) -> int:
+    """The checkpoint, locked until the transaction ends (one applier at a time). With
+    ``epoch``, raise ``LostLeadership`` unless it is still the projection's."""
+    row = await conn.fetchrow(
+        "SELECT last_seq, epoch FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
         projection,
     )
-    if last is None:
+    if row is None:
         raise RuntimeError(f"projection {projection} has no checkpoint row")
-    return int(last)
+    if epoch is not None and row["epoch"] != epoch:
+        raise LostLeadership(
+            f"projection {projection} was taken by another replica (epoch {row['epoch']}, "
+            f"this one had {epoch})"
+        )
+    return int(row["last_seq"])
+
+
+async def take_leadership(conn: asyncpg.Connection, projection: str) -> int:
+    """Count the projection's epoch up for a replica that now holds its lock; the new epoch."""
+    return int(
+        await conn.fetchval(
+            "UPDATE projection_checkpoints SET epoch = epoch + 1 WHERE projection = $1 "
+            "RETURNING epoch",
+            projection,
+        )
+    )
 
 
 async def save_checkpoint(conn: asyncpg.Connection, projection: str, seq: int) -> None:
@@ -321,6 +347,7 @@ class ProjectionRunner:
     _lock_conn: asyncpg.Connection | None = None
     _was_attached: bool = False
     _recreate_consumer: bool = False
+    _epoch: int | None = None
 
     @property
     def durable(self) -> str:
@@ -349,6 +376,12 @@ class ProjectionRunner:
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: %r; retrying in %.1fs", self.durable, exc, delay)
                 delay = min(delay * 2, 10.0) if not self._was_attached else base
+            except LostLeadership as exc:
+                # Another replica leads now (this one's lock went without it noticing): stand
+                # by; nothing of this one's was written after the other took over.
+                log.warning("%s: %s; standing by", self.durable, exc)
+                self.status.state = RunnerState.STANDBY
+                delay = base
             except LogMismatch as exc:
                 # Nothing is consumed until an operator restores the log or rebuilds; looked
                 # at again now and then, so a restored stream is taken up by itself.
@@ -382,6 +415,7 @@ class ProjectionRunner:
             await check_stream(
                 conn, self.projection.name, self.status.checkpoint, created, last_seq
             )
+            self._epoch = await take_leadership(conn, self.projection.name)
         sub, delivered = await self._attach(self.status.checkpoint)
         self.status.attached = True
         self._was_attached = True
@@ -560,7 +594,7 @@ class ProjectionRunner:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 # The checkpoint is read and written once for the whole batch.
-                last = await lock_checkpoint(conn, self.projection.name)
+                last = await lock_checkpoint(conn, self.projection.name, self._epoch)
                 for stored in batch:
                     outcome = await self._apply_traced(conn, stored, last)
                     if outcome is not ApplyOutcome.DUPLICATE:
@@ -617,7 +651,7 @@ class ProjectionRunner:
         ) as span:
             started = time.perf_counter()
             if last is None:
-                outcome = await apply_stored(conn, self.projection, stored)
+                outcome = await apply_stored(conn, self.projection, stored, self._epoch)
             else:
                 outcome = await apply_event(conn, self.projection, stored, last)
             self.metrics.observe_apply(

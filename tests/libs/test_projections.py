@@ -536,3 +536,38 @@ async def test_a_stream_created_again_stops_the_projection_until_it_is_rebuilt(
         assert await db.fetchval("SELECT count(*) FROM licenses") == 9
     finally:
         await platform.stop()
+
+
+async def test_a_replica_whose_projection_was_taken_over_writes_nothing_more(
+    fresh, db, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 3)
+    platform = await start(settings)
+    try:
+        await caught_up(db, seqs[-1])
+        epoch = await db.fetchval(
+            "SELECT epoch FROM projection_checkpoints WHERE projection = $1", PROJECTION
+        )
+        # Another replica takes the projection, as when this one's lock session was lost
+        # without it noticing yet: it counts the epoch up.
+        await db.execute(
+            "UPDATE projection_checkpoints SET epoch = epoch + 1 WHERE projection = $1",
+            PROJECTION,
+        )
+        more = await publish_licenses(store, 3)
+        # This replica's next write is refused; it stands by, and as no one else holds the
+        # lock here, it leads again under an epoch of its own and applies them once.
+        await caught_up(db, more[-1])
+        assert "taken by another replica" in caplog.text
+        assert await db.fetchval("SELECT count(*) FROM licenses") == 6
+        assert (
+            await db.fetchval(
+                "SELECT epoch FROM projection_checkpoints WHERE projection = $1", PROJECTION
+            )
+            == epoch + 2
+        )
+    finally:
+        await platform.stop()
+    report = await verify(settings, store, verify=True)
+    assert report.differences == 0
