@@ -192,6 +192,18 @@ class _ChildServer:
         self.stop()
 
 
+def secret_file(path: Path, nbytes: int = 24) -> str:
+    """The secret kept in ``path``, made at first use: random, owner-only (0600), in a folder
+    of the owner's (0700) when the folder is new."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(nbytes))
+    return path.read_text().strip()
+
+
 # --- Postgres ------------------------------------------------------------------------------------
 
 
@@ -231,13 +243,7 @@ class EmbeddedPostgres(_ChildServer):
     @property
     def password(self) -> str:
         """The superuser's password, generated at first use (file, mode 0600)."""
-        path = self.password_file
-        if not path.exists():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
+        return secret_file(self.password_file)
 
     @property
     def url(self) -> str:

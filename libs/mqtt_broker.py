@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import glob
 import os
-import secrets
 import shutil
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from libs.embedded import (
     _ChildServer,
     _open_log,
     free_port,
+    secret_file,
 )
 
 ADMIN_USER = "iotistic-admin"
@@ -93,12 +93,7 @@ class EmbeddedMosquitto(_ChildServer):
     @property
     def admin_password(self) -> str:
         """The dynamic-security admin's password, generated at first use (file, mode 0600)."""
-        path = self.data_dir / "admin-password"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
+        return secret_file(self.data_dir / "admin-password")
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Write the configuration, create the admin at first start, start and wait."""

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -282,13 +281,9 @@ def port_is_free(host: str, port: int) -> bool:
 
 def generated_secret(data_dir: Path, name: str) -> str:
     """A secret of the embedded platform, generated at first start, readable by owner only."""
-    path = data_dir / "secrets" / name
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    from libs.embedded import secret_file
+
+    return secret_file(data_dir / "secrets" / name, nbytes=32)
 
 
 def license_keys(data_dir: Path) -> Path:
