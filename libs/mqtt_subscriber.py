@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ _SUBSCRIBE, _SUBACK, _PINGREQ, _PINGRESP, _DISCONNECT = 8, 9, 12, 13, 14
 _SESSION_EXPIRY, _RECEIVE_MAXIMUM, _MAXIMUM_PACKET_SIZE = 0x11, 0x21, 0x27
 
 OnMessage = Callable[[str, bytes, int], None]
+
+
+log = logging.getLogger(__name__)
 
 
 class MqttSubscriberError(Exception):
@@ -102,10 +106,11 @@ def connect_packet(options: SubscriberOptions) -> bytes:
 
 
 def subscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
-    """SUBSCRIBE to each filter at QoS 1."""
+    """SUBSCRIBE to each filter at QoS 1; retained messages only when the subscription is new
+    (retain handling 1), not again at every reconnect of a lasting session."""
     body = struct.pack("!H", packet_id) + b"\x00"
     for topic_filter in filters:
-        body += _string(topic_filter) + b"\x01"
+        body += _string(topic_filter) + b"\x11"
     return _packet(_SUBSCRIBE, 2, body)
 
 
@@ -127,9 +132,15 @@ def _read_varint(buf: bytes | bytearray, pos: int, end: int) -> tuple[int, int] 
 class _Protocol(asyncio.Protocol):
     """Splits the byte stream into packets; PUBLISH goes straight to ``on_message``."""
 
-    def __init__(self, on_message: OnMessage, on_control: Callable[[int, bytes], None]) -> None:
+    def __init__(
+        self,
+        on_message: OnMessage,
+        on_control: Callable[[int, bytes], None],
+        maximum_packet_size: int,
+    ) -> None:
         self._on_message = on_message
         self._on_control = on_control
+        self._maximum_packet_size = maximum_packet_size
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[BaseException | None] = (
@@ -149,7 +160,7 @@ class _Protocol(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(reason)
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = asyncio.get_running_loop().time()
@@ -159,17 +170,21 @@ class _Protocol(asyncio.Protocol):
         pos = 0
         on_message = self._on_message
         try:
-            while end - pos >= 2:
+            while end - pos >= 2 and not self.closed.done():
                 header = buf[pos]
                 length = _read_varint(buf, pos + 1, end)
                 if length is None:
                     break
                 size, start = length
+                if size > self._maximum_packet_size:
+                    raise MqttSubscriberError(f"packet of {size} bytes, over the maximum")
                 stop = start + size
                 if stop > end:
                     break
                 if header >> 4 == _PUBLISH:
                     qos = (header >> 1) & 3
+                    if qos > 1:
+                        raise MqttSubscriberError(f"PUBLISH at QoS {qos}; subscribed at 1")
                     topic_end = start + 2 + (buf[start] << 8 | buf[start + 1])
                     topic = buf[start + 2 : topic_end].decode()
                     at = topic_end
@@ -188,6 +203,9 @@ class _Protocol(asyncio.Protocol):
             self.fail(
                 exc if isinstance(exc, MqttSubscriberError) else MqttSubscriberError(str(exc))
             )
+        except Exception as exc:  # on_message failed: never leave the stream half-parsed
+            log.exception("MQTT subscriber: a message handler failed")
+            self.fail(MqttSubscriberError(f"message handler failed: {exc!r}"))
         finally:
             del buf[:pos]
 
@@ -206,6 +224,9 @@ class MqttSubscriber:
         self.connection = 0
         # Set while subscribed: from the SUBACK until the connection ends.
         self.subscribed = asyncio.Event()
+        # Whether the broker still had this client's session (and its queued messages) at the
+        # last CONNACK.
+        self.session_present = False
 
     def ack(self, connection: int, packet_ids: Sequence[int]) -> int:
         """PUBACK these packet ids of ``connection`` in one write, if it is still the current
@@ -230,7 +251,7 @@ class MqttSubscriber:
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Protocol(self._on_message, self._control),
+                    lambda: _Protocol(self._on_message, self._control, options.maximum_packet_size),
                     options.host,
                     options.port,
                 ),
@@ -279,6 +300,7 @@ class MqttSubscriber:
     def _control(self, header: int, body: bytes) -> None:
         kind = header >> 4
         if kind == _CONNACK:
+            self.session_present = bool(body[:1] and body[0] & 1)
             self._settle(self._connected, _reason("connection refused", body, 1))
         elif kind == _SUBACK:
             at = 2

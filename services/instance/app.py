@@ -261,7 +261,12 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     async def list_devices(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """The customer's devices with their latest values and online state."""
         await authorize(request)
-        async with pool().acquire() as conn:
+        # One snapshot for both: a batch committed between them would show a reading with a
+        # device not seen yet.
+        async with (
+            pool().acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             rows = await conn.fetch(
                 "SELECT * FROM devices WHERE deleted_at IS NULL ORDER BY created_at"
             )
@@ -275,7 +280,10 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     ) -> dict[str, Any]:
         """One device."""
         await authorize(request)
-        async with pool().acquire() as conn:
+        async with (
+            pool().acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             row = await _device(conn, device_id)
             newest = await latest(conn, [device_id])
         return device_view(row, newest.get(device_id), datetime.now(UTC))

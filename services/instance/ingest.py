@@ -101,6 +101,8 @@ class Ingest:
         self._full = asyncio.Event()
         self._subscriber: MqttSubscriber | None = None
         self._closing = False
+        # Messages buffered (rows, dead letters, unknown devices') before QoS 0 ones are dropped.
+        self._buffer_cap = 4 * settings.ingest_batch_rows
         self.today: date = datetime.now(UTC).date()
         self.accepted_today = 0
 
@@ -152,33 +154,65 @@ class Ingest:
     async def _connection(self) -> None:
         s = self._settings
         await self.ensure_own_client()
-        self._subscriber = MqttSubscriber(
-            SubscriberOptions(
-                host=s.mqtt_host,
-                port=s.mqtt_port,
-                client_id=f"instance-{s.instance_customer_id}",
-                username=s.mqtt_username,
-                password=s.mqtt_password,
-                filters=(f"{self.root}/+/readings", f"{self.root}/+/status"),
-                # Room for two batches in flight while one is being written.
-                receive_maximum=min(65_535, 2 * s.ingest_batch_rows + 1000),
-            ),
-            self.receive,
-        )
-        await self._subscriber.run()
+        if self._subscriber is None:
+            # One subscriber for the process: its connection count tells a lost connection's
+            # packet ids from the current one's.
+            self._subscriber = MqttSubscriber(
+                SubscriberOptions(
+                    host=s.mqtt_host,
+                    port=s.mqtt_port,
+                    client_id=f"instance-{s.instance_customer_id}",
+                    username=s.mqtt_username,
+                    password=s.mqtt_password,
+                    filters=(f"{self.root}/+/readings", f"{self.root}/+/status"),
+                    # Room for two batches in flight while one is being written.
+                    receive_maximum=min(65_535, 2 * s.ingest_batch_rows + 1000),
+                ),
+                self.receive,
+            )
+        subscriber = self._subscriber
+        waiting = asyncio.create_task(subscriber.subscribed.wait())
+        running = asyncio.create_task(subscriber.run())
+        try:
+            await asyncio.wait({waiting, running}, return_when=asyncio.FIRST_COMPLETED)
+            reconnected = subscriber.connection > 1
+            if reconnected and subscriber.subscribed.is_set() and not subscriber.session_present:
+                log.warning(
+                    "the broker kept no session for this instance: messages sent while it was "
+                    "away, if any, were not kept for it"
+                )
+            await running
+        finally:
+            waiting.cancel()
+            running.cancel()
 
     def receive(self, topic: str, payload: bytes, packet_id: int = 0) -> None:
         """Take one message: buffer it as a row, or as a dead letter with its reason. Its
         ``packet_id`` (0 for QoS 0) is acknowledged once the batch is stored."""
         if self._closing:
             return  # not acknowledged: the broker delivers it again to the next instance run
+        batch = self._batch
+        if not packet_id and len(batch.rows) + len(batch.dead) + len(batch.unknown) >= (
+            self._buffer_cap
+        ):
+            # QoS 0 is not held back by the broker: past the cap (the database is away or
+            # behind) such readings are dropped, and counted.
+            self._metrics.rejected.labels("buffer full (QoS 0)").inc()
+            return
         connection = self._subscriber.connection if self._subscriber else 0
         if connection != self._batch.connection:
             # A lost connection's unacknowledged messages come again on the new one.
             self._batch.acks.clear()
             self._batch.unknown.clear()
             self._batch.connection = connection
-        self._take(topic, payload, datetime.now(UTC), packet_id)
+        try:
+            self._take(topic, payload, datetime.now(UTC), packet_id)
+        except Exception as exc:
+            # A reading this code cannot handle must not stop ingest: kept as a dead letter.
+            log.exception("ingest: could not take a message on %s", topic[:200])
+            self._reject(topic, None, f"internal error: {type(exc).__name__}", payload, now=None)
+            if packet_id and packet_id not in self._batch.acks[-1:]:
+                self._batch.acks.append(packet_id)
 
     def _take(
         self, topic: str, payload: bytes, now: datetime, packet_id: int, looked_up: bool = False
@@ -217,15 +251,23 @@ class Ingest:
             return None
         self.accepted_today += 1
         batch.rows.append(record(device_id, ts, reading))
+        if len(batch.rows) >= self._settings.ingest_batch_rows:
+            self._full.set()
         batch.usage["mqtt_messages"] += 1
         batch.seen[device_id] = (now, "online")
         return None
 
     def _reject(
-        self, topic: str, device_id: str | None, reason: str, payload: bytes, now: datetime
+        self,
+        topic: str,
+        device_id: str | None,
+        reason: str,
+        payload: bytes,
+        now: datetime | None,
     ) -> None:
+        received = now or datetime.now(UTC)
         self._batch.dead.append(
-            (now, topic[:512], device_id, reason[:500], payload[:DEAD_LETTER_PAYLOAD])
+            (received, topic[:512], device_id, reason[:500], payload[:DEAD_LETTER_PAYLOAD])
         )
         self._batch.usage["rejected_readings"] += 1
         self._metrics.rejected.labels(reason.split(":")[0]).inc()
@@ -245,10 +287,11 @@ class Ingest:
     async def _settle_unknown(self, pool: asyncpg.Pool) -> None:
         """Messages from devices not in the cache: reload the devices (at most once a second,
         so a stranger's flood cannot hammer the database), then take each message again or
-        dead-letter it."""
+        dead-letter it. Until a reload is allowed, they wait (with their acknowledgements)."""
         connection, unknown = self._batch.connection, self._batch.unknown
         self._batch.unknown = []
         loop = asyncio.get_running_loop()
+        reloaded = False
         if loop.time() - self._devices_loaded_at >= 1.0 or self._devices_loaded_at < 0:
             self._devices_loaded_at = loop.time()
             try:
@@ -257,13 +300,27 @@ class Ingest:
                         "SELECT device_id FROM devices WHERE deleted_at IS NULL"
                     )
             except BaseException:
-                self._batch.unknown[:0] = unknown
+                if connection == self._batch.connection:
+                    self._batch.unknown[:0] = unknown
                 raise
             self._known_devices = {r["device_id"] for r in rows}
+            reloaded = True
         if connection != self._batch.connection:
             return  # those messages come again on the new connection
-        for topic, payload, now, packet_id in unknown:
-            self._take(topic, payload, now, packet_id, looked_up=True)
+        waiting = []
+        for message in unknown:
+            topic, payload, now, packet_id = message
+            if reloaded or topic.split("/")[2] in self._known_devices:
+                try:
+                    self._take(topic, payload, now, packet_id, looked_up=True)
+                except Exception as exc:
+                    log.exception("ingest: could not take a message on %s", topic[:200])
+                    self._reject(topic, None, f"internal error: {type(exc).__name__}", payload, now)
+                    if packet_id:
+                        self._batch.acks.append(packet_id)
+            else:
+                waiting.append(message)
+        self._batch.unknown[:0] = waiting
 
     def count_api_request(self) -> None:
         """One more API request today, written with the next batch."""
@@ -302,6 +359,9 @@ class Ingest:
             except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("could not write readings (%s); keeping them for the next try", exc)
                 await asyncio.sleep(1)
+            except Exception:
+                log.exception("could not write readings; keeping them for the next try")
+                await asyncio.sleep(1)
 
     async def flush(self) -> int:
         """Write the buffer in one transaction and acknowledge its messages to the broker; on
@@ -338,6 +398,9 @@ class Ingest:
                     )
         except BaseException:
             self._merge_back(batch)
+            # A partition made in the rolled-back transaction is gone again (and retention
+            # may have dropped one): make them again, as needed, on the next try.
+            self._partitions.clear()
             raise
         if self._subscriber is not None:
             self._subscriber.ack(batch.connection, batch.acks)

@@ -91,7 +91,10 @@ def _time(value: str | int) -> datetime:
         raise Rejected("invalid: ts is not RFC 3339") from None
     if parsed.tzinfo is None:
         raise Rejected("invalid: ts has no UTC offset")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # a date at the very edge of the calendar, with an offset
+        raise Rejected("invalid: ts is out of range") from None
 
 
 def record(device_id: str, ts: datetime, r: Reading) -> tuple[Any, ...]:

@@ -182,6 +182,7 @@ async def test_bad_payloads_are_dead_lettered_and_ingest_goes_on(alice, broker) 
             reading(ts="yesterday"),
             b'{"ts": 1, "temperature": 20}',
             b"x" * 5000,
+            reading(ts="0001-01-01T00:00:00+01:00"),  # outside what a datetime holds in UTC
             reading(temperature=19.0),
         ):
             await mqtt.publish(topic, payload, qos=1)
@@ -192,12 +193,13 @@ async def test_bad_payloads_are_dead_lettered_and_ingest_goes_on(alice, broker) 
     )
     dead = (await alice.api.get("/api/dead-letters")).json()["dead_letters"]
     reasons = [d["reason"] for d in dead if d["device_id"] == device["device_id"]]
-    assert len(reasons) == 5
+    assert len(reasons) == 6
     assert any(r.startswith("malformed") for r in reasons)
+    assert "invalid: ts is out of range" in reasons
     assert any(r.startswith("oversized") for r in reasons)
     assert any("humidity" in r for r in reasons)
     usage = (await alice.api.get("/api/usage")).json()
-    assert usage["rejected_readings"] >= 5
+    assert usage["rejected_readings"] >= 6
 
 
 async def test_a_device_cannot_publish_as_another_nor_subscribe(alice, broker) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -14,7 +15,12 @@ import pytest
 
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.mqtt_dynsec import Acl, DynSec
-from libs.mqtt_subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
+from libs.mqtt_subscriber import (
+    MqttSubscriber,
+    MqttSubscriberError,
+    SubscriberOptions,
+    _Protocol,
+)
 
 ROOT = "sub-tests"
 
@@ -187,3 +193,43 @@ async def test_no_broker_is_a_clear_error(broker) -> None:
     )
     with pytest.raises(MqttSubscriberError, match="cannot reach the broker"):
         await subscriber.run(connect_timeout=2)
+
+
+def publish_packet(topic: str, payload: bytes, packet_id: int, qos: int = 1) -> bytes:
+    """A PUBLISH as a broker sends it (MQTT 5, no properties)."""
+    body = len(topic).to_bytes(2, "big") + topic.encode()
+    if qos:
+        body += packet_id.to_bytes(2, "big")
+    body += b"\x00" + payload
+    size, length = len(body), bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        length.append(byte | (0x80 if size else 0))
+        if not size:
+            break
+    return bytes([0x30 | qos << 1]) + bytes(length) + body
+
+
+async def test_the_parser_takes_split_packets_and_stops_at_a_broken_stream() -> None:
+    """The subscriber's protocol over a real socket pair, fed bytes a broker could send: a
+    packet split across reads arrives whole; QoS 2 (never asked for) and a packet over the
+    maximum size end the connection, and nothing after them is delivered."""
+    loop = asyncio.get_running_loop()
+    for bad in (
+        publish_packet("t/x", b"qos two", 7, qos=2),
+        b"\x30\xff\xff\xff\x7f",  # a remaining length of 256 MiB
+    ):
+        inbox = Inbox()
+        ours, theirs = socket.socketpair()
+        _, protocol = await loop.connect_accepted_socket(
+            lambda inbox=inbox: _Protocol(inbox, lambda *_: None, 1 << 20), ours
+        )
+        first = publish_packet("t/a", b"x" * 3000, 1)
+        theirs.sendall(first[:1500])
+        await asyncio.sleep(0.05)
+        assert inbox.messages == []
+        theirs.sendall(first[1500:] + bad + publish_packet("t/b", b"after", 2))
+        reason = await asyncio.wait_for(protocol.closed, 5)
+        assert inbox.messages == [("t/a", b"x" * 3000, 1)]
+        assert isinstance(reason, MqttSubscriberError)
+        theirs.close()
