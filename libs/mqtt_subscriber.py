@@ -301,6 +301,12 @@ class MqttSubscriber:
         kind = header >> 4
         if kind == _CONNACK:
             self.session_present = bool(body[:1] and body[0] & 1)
+            if self.connection > 1 and not self.session_present:
+                log.warning(
+                    "MQTT %s: the broker kept no session; what was sent while disconnected "
+                    "was not kept",
+                    self._options.client_id,
+                )
             self._settle(self._connected, _reason("connection refused", body, 1))
         elif kind == _SUBACK:
             at = 2

@@ -56,6 +56,12 @@ class Batch:
     connection: int = 0
 
 
+async def _active_devices(conn: asyncpg.Connection) -> set[str]:
+    """The devices that may publish (registered, not deleted)."""
+    rows = await conn.fetch("SELECT device_id FROM devices WHERE deleted_at IS NULL")
+    return {r["device_id"] for r in rows}
+
+
 class IngestMetrics:
     """Readings received, stored and rejected (by reason) since the instance started."""
 
@@ -170,21 +176,7 @@ class Ingest:
                 ),
                 self.receive,
             )
-        subscriber = self._subscriber
-        waiting = asyncio.create_task(subscriber.subscribed.wait())
-        running = asyncio.create_task(subscriber.run())
-        try:
-            await asyncio.wait({waiting, running}, return_when=asyncio.FIRST_COMPLETED)
-            reconnected = subscriber.connection > 1
-            if reconnected and subscriber.subscribed.is_set() and not subscriber.session_present:
-                log.warning(
-                    "the broker kept no session for this instance: messages sent while it was "
-                    "away, if any, were not kept for it"
-                )
-            await running
-        finally:
-            waiting.cancel()
-            running.cancel()
+        await self._subscriber.run()
 
     def receive(self, topic: str, payload: bytes, packet_id: int = 0) -> None:
         """Take one message: buffer it as a row, or as a dead letter with its reason. Its
@@ -200,18 +192,25 @@ class Ingest:
             self._metrics.rejected.labels("buffer full (QoS 0)").inc()
             return
         connection = self._subscriber.connection if self._subscriber else 0
-        if connection != self._batch.connection:
+        if connection != batch.connection:
             # A lost connection's unacknowledged messages come again on the new one.
-            self._batch.acks.clear()
-            self._batch.unknown.clear()
-            self._batch.connection = connection
+            batch.acks.clear()
+            batch.unknown.clear()
+            batch.connection = connection
+        self._take_safely(topic, payload, datetime.now(UTC), packet_id)
+
+    def _take_safely(
+        self, topic: str, payload: bytes, now: datetime, packet_id: int, looked_up: bool = False
+    ) -> None:
+        """``_take``, except that a message this code cannot handle becomes a dead letter (and
+        is acknowledged with its batch) instead of stopping ingest."""
+        acks = len(self._batch.acks)
         try:
-            self._take(topic, payload, datetime.now(UTC), packet_id)
+            self._take(topic, payload, now, packet_id, looked_up)
         except Exception as exc:
-            # A reading this code cannot handle must not stop ingest: kept as a dead letter.
             log.exception("ingest: could not take a message on %s", topic[:200])
-            self._reject(topic, None, f"internal error: {type(exc).__name__}", payload, now=None)
-            if packet_id and packet_id not in self._batch.acks[-1:]:
+            self._reject(topic, None, f"internal error: {type(exc).__name__}", payload, now)
+            if packet_id and len(self._batch.acks) == acks:
                 self._batch.acks.append(packet_id)
 
     def _take(
@@ -258,16 +257,10 @@ class Ingest:
         return None
 
     def _reject(
-        self,
-        topic: str,
-        device_id: str | None,
-        reason: str,
-        payload: bytes,
-        now: datetime | None,
+        self, topic: str, device_id: str | None, reason: str, payload: bytes, now: datetime
     ) -> None:
-        received = now or datetime.now(UTC)
         self._batch.dead.append(
-            (received, topic[:512], device_id, reason[:500], payload[:DEAD_LETTER_PAYLOAD])
+            (now, topic[:512], device_id, reason[:500], payload[:DEAD_LETTER_PAYLOAD])
         )
         self._batch.usage["rejected_readings"] += 1
         self._metrics.rejected.labels(reason.split(":")[0]).inc()
@@ -296,14 +289,11 @@ class Ingest:
             self._devices_loaded_at = loop.time()
             try:
                 async with pool.acquire() as conn:
-                    rows = await conn.fetch(
-                        "SELECT device_id FROM devices WHERE deleted_at IS NULL"
-                    )
+                    self._known_devices = await _active_devices(conn)
             except BaseException:
                 if connection == self._batch.connection:
                     self._batch.unknown[:0] = unknown
                 raise
-            self._known_devices = {r["device_id"] for r in rows}
             reloaded = True
         if connection != self._batch.connection:
             return  # those messages come again on the new connection
@@ -311,13 +301,7 @@ class Ingest:
         for message in unknown:
             topic, payload, now, packet_id = message
             if reloaded or topic.split("/")[2] in self._known_devices:
-                try:
-                    self._take(topic, payload, now, packet_id, looked_up=True)
-                except Exception as exc:
-                    log.exception("ingest: could not take a message on %s", topic[:200])
-                    self._reject(topic, None, f"internal error: {type(exc).__name__}", payload, now)
-                    if packet_id:
-                        self._batch.acks.append(packet_id)
+                self._take_safely(topic, payload, now, packet_id, looked_up=True)
             else:
                 waiting.append(message)
         self._batch.unknown[:0] = waiting
@@ -344,9 +328,8 @@ class Ingest:
             stored = await conn.fetchval(
                 "SELECT mqtt_messages FROM usage_days WHERE day = $1", self.today
             )
-            rows = await conn.fetch("SELECT device_id FROM devices WHERE deleted_at IS NULL")
+            self._known_devices = await _active_devices(conn)
         self.accepted_today = int(stored or 0)
-        self._known_devices = {r["device_id"] for r in rows}
         self._devices_loaded_at = asyncio.get_running_loop().time()
 
     async def _write_forever(self) -> None:
