@@ -53,6 +53,7 @@ _HBA_MARK = "# iotistic: every connection must give a password (SCRAM)"
 # The machine's own servers live on the standard ports; an embedded server must never take them.
 _STANDARD_PORTS = frozenset({4222, 5432, 6222, 8222})
 _LOG_TAIL_BYTES = 4000
+_LOOPBACK = "127.0.0.1"
 
 _handed_out_ports: set[int] = set()
 _ports_lock = threading.Lock()
@@ -580,13 +581,17 @@ class EmbeddedNats(_ChildServer):
         port: int | None = None,
         host: str = "127.0.0.1",
         monitor_port: int | None = None,
+        authorization: str | None = None,
     ) -> None:
         data_dir = Path(data_dir).absolute()
         super().__init__(data_dir / "nats.log")
         self.data_dir = data_dir
         self.host = host
         self.port = port if port is not None else free_port(host)
-        self.monitor_port = monitor_port if monitor_port is not None else free_port(host)
+        # Monitoring answers anyone who reaches it (no credentials): loopback only, always.
+        self.monitor_port = monitor_port if monitor_port is not None else free_port(_LOOPBACK)
+        # The server's `authorization` block (libs/bus_auth.py); None: clients need none.
+        self.authorization = authorization
 
     @property
     def url(self) -> str:
@@ -595,8 +600,8 @@ class EmbeddedNats(_ChildServer):
 
     @property
     def monitor_url(self) -> str:
-        """The monitoring endpoint's base URL (``/healthz``, ``/jsz``, ``/varz``)."""
-        return f"http://{_url_host(_connect_host(self.host))}:{self.monitor_port}"
+        """The monitoring endpoint's base URL (``/healthz``, ``/jsz``, ``/varz``), on loopback."""
+        return f"http://{_LOOPBACK}:{self.monitor_port}"
 
     @property
     def config_path(self) -> Path:
@@ -615,6 +620,9 @@ class EmbeddedNats(_ChildServer):
         self._forget_dead_server()
         binary = nats_server_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Owner only: with authorization it holds the users' password hashes.
+        self.config_path.touch(mode=0o600)
+        self.config_path.chmod(0o600)
         self.config_path.write_text(self._config())
         with _open_log(self.log_path) as log_file:
             self._spawn([str(binary), "-c", str(self.config_path)], log_file)
@@ -634,7 +642,7 @@ class EmbeddedNats(_ChildServer):
                 "# Written by libs/embedded.py at every start; edits here are overwritten.",
                 f"server_name: {NATS_SERVER_NAME}",
                 f"listen: {text(_host_port(self.host, self.port))}",
-                f"http: {text(_host_port(self.host, self.monitor_port))}",
+                f"http: {text(_host_port(_LOOPBACK, self.monitor_port))}",
                 f"log_file: {text(self.log_path)}",
                 "logtime: true",
                 "jetstream {",
@@ -646,6 +654,7 @@ class EmbeddedNats(_ChildServer):
                 "  max_memory_store: 256MB",
                 "  max_file_store: 10GB",
                 "}",
+                self.authorization or "# no authorization: every client may do anything",
                 "",
             ]
         )

@@ -111,6 +111,10 @@ class EventStore:
             description="Iotistic domain events: the source of truth of every service",
         )
 
+    async def stream_info(self) -> api.StreamInfo:
+        """The stream as the server has it; ``NotFoundError`` when it does not exist."""
+        return await self._js.stream_info(self.stream)
+
     async def ensure_stream(self) -> api.StreamInfo:
         """Create the stream, or bring an existing one to the configured settings."""
         config = self.stream_config()

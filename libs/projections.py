@@ -297,6 +297,12 @@ class _Reattach(Exception):
     """The consumer is out of step with the checkpoint: bind again, recreating it from there."""
 
 
+def durable_name(service: str, consumer: str) -> str:
+    """The JetStream durable consumer of one projection or reactor of a service; the bus lets
+    each service use only the consumers named so after its own (``libs/bus_auth.py``)."""
+    return f"{service}_{consumer}"
+
+
 class RunnerState(enum.Enum):
     """Where a projection runner is; shown by readiness."""
 
@@ -352,7 +358,7 @@ class ProjectionRunner:
     @property
     def durable(self) -> str:
         """The JetStream durable consumer name: ``<service>_<projection>``."""
-        return f"{self.service}_{self.projection.name}"
+        return durable_name(self.service, self.projection.name)
 
     @property
     def lock_key(self) -> str:

@@ -2,9 +2,10 @@
 
 A service is declared once (``ServiceDefinition``: its schema's migrations, its projections, its
 routes). A process (``Platform``) hosts one service in production or every control-plane service
-in the embedded default; the service code is the same either way, only the wiring differs. All
-services in a process share one NATS connection but each has its own pool, schema and consumers,
-and they talk to each other only through the log.
+in the embedded default; the service code is the same either way, only the wiring differs. Each
+service has its own NATS connection, as its own bus user (``libs/bus_auth.py``: the server lets
+it append only the events it owns), its own pool, schema and consumers, and the services talk to
+each other only through the log, even inside one process.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import asyncpg
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 from litestar.types import ControllerRouterHandler
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
-from libs.config import ServiceSettings, load_settings
+from contracts import Event
+from libs.bus_auth import OPERATOR, BusAuthError, Credentials, inbox_prefix
+from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
 from libs.db import CONNECTION_ERRORS, create_pool, migrate, ping, service_migrations
 from libs.eventstore import EventStore
 from libs.http import DomainError
@@ -35,6 +40,7 @@ from libs.projections import (
     ProjectionRunner,
     RunnerConfig,
     RunnerState,
+    durable_name,
 )
 
 log = logging.getLogger(__name__)
@@ -60,11 +66,28 @@ class ServiceDefinition:
     workers: Callable[[ServiceRuntime], Sequence[Callable[[], Awaitable[None]]]] = lambda _: ()
     # The service's own settings type (a ServiceSettings with more fields), read once at start.
     settings_type: type[ServiceSettings] = ServiceSettings
+    # The event types this service appends. It owns them: no other service may, and the bus
+    # refuses this service any other (``libs/bus_auth.py``).
+    emits: tuple[type[Event], ...] = ()
+    # The names of the consumers ``reactors`` makes. The bus lets a service consume only through
+    # its projections and these, so a reactor must be named here (checked at start).
+    reactor_names: tuple[str, ...] = ()
 
     @property
     def schema(self) -> str:
         """The Postgres schema this service owns."""
         return self.name
+
+    @property
+    def emitted_types(self) -> tuple[str, ...]:
+        """The ``type`` of every event this service owns."""
+        return tuple(event.TYPE for event in self.emits)
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        """The durable consumers this service may use: one per projection and reactor."""
+        names = (*(p.name for p in self.projections), *self.reactor_names)
+        return tuple(durable_name(self.name, n) for n in names)
 
 
 @dataclass
@@ -144,7 +167,12 @@ class ServiceRuntime:
             ack_wait_seconds=float(self.settings.projection_ack_wait_seconds),
             max_attempts=self.settings.projection_max_attempts,
         )
-        consumers = [*self.definition.projections, *self.definition.reactors(self)]
+        reactors = self.definition.reactors(self)
+        undeclared = {r.name for r in reactors} - set(self.definition.reactor_names)
+        if undeclared:
+            # The bus would refuse their consumers; say why here rather than time out there.
+            raise RuntimeError(f"{self.name}: reactors not in reactor_names: {sorted(undeclared)}")
+        consumers = [*self.definition.projections, *reactors]
         for projection in consumers:
             runner = ProjectionRunner(
                 service=self.name,
@@ -255,14 +283,15 @@ class ServiceUnavailable(DomainError):
 
 @dataclass
 class Platform:
-    """A process hosting one or more services over one NATS connection."""
+    """A process hosting one or more services, each over its own NATS connection."""
 
     settings: ServiceSettings
     definitions: Sequence[ServiceDefinition]
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    nc: NatsClient | None = None
-    store: EventStore | None = None
     services: dict[str, ServiceRuntime] = field(default_factory=dict)
+    connections: dict[str, NatsClient] = field(default_factory=dict)
+    # Why the event stream cannot be used yet (missing, unreachable); None once it is.
+    stream_problem: str | None = "not checked yet"
     _starter: asyncio.Task[None] | None = None
 
     # Each service's own settings where it has more than the common ones.
@@ -302,13 +331,28 @@ class Platform:
     ) -> Platform:
         """A platform whose common and per-service settings come from ``environ``.
 
-        Raises ``ConfigError`` naming the first bad variable of any hosted service.
+        Raises ``ConfigError`` naming the first bad variable of any hosted service, or the
+        bus password file a hosted service lacks.
         """
-        return cls(
+        platform = cls(
             settings=load_settings(ServiceSettings, environ),
             definitions=definitions,
             service_settings={d.name: load_settings(d.settings_type, environ) for d in definitions},
         )
+        platform.check_credentials()
+        return platform
+
+    def check_credentials(self) -> None:
+        """Every hosted service has its bus password (when the bus asks for credentials)."""
+        folder = self.settings.nats_credentials_dir
+        if folder is None:
+            return
+        credentials = Credentials(Path(folder))
+        for name in self.services:
+            try:
+                credentials.password(name)
+            except BusAuthError as exc:
+                raise ConfigError(f"NATS_CREDENTIALS_DIR: {exc}") from None
 
     def runtime_of(self, name: str) -> ServiceRuntime:
         """The runtime of a hosted service."""
@@ -325,43 +369,94 @@ class Platform:
         await asyncio.wait_for(asyncio.shield(self._starter), timeout)
 
     async def _connect_and_start(self) -> None:
+        stores = dict(
+            zip(
+                self.services,
+                await asyncio.gather(*(self._connect(name) for name in self.services)),
+                strict=True,
+            )
+        )
+        await self._declare_stream(next(iter(stores.values())))
+        await asyncio.gather(*(s.start(stores[name]) for name, s in self.services.items()))
+
+    async def _connect(self, service: str) -> EventStore:
+        """The service's event store, over a connection as its own bus user."""
         delay = 0.5
-        while self.nc is None:
-            try:
-                self.nc = await connect_nats(self.settings.nats_url)
-            except NATS_ERRORS as exc:
-                log.warning("NATS not reachable at start (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        store = EventStore(self.nc.jetstream(), self.settings)
         while True:
             try:
-                await store.ensure_stream()
+                nc = await connect_bus(self.settings, service, name=f"iotistic-{service}")
                 break
             except NATS_ERRORS as exc:
-                log.warning("could not declare the event stream (%s); retrying", exc)
+                log.warning("%s: NATS not reachable at start (%s); retrying", service, exc)
                 await asyncio.sleep(delay)
-        self.store = store
-        await asyncio.gather(*(s.start(store) for s in self.services.values()))
+                delay = min(delay * 2, 5.0)
+        self.connections[service] = nc
+        return EventStore(nc.jetstream(), self.settings)
+
+    async def _declare_stream(self, store: EventStore) -> None:
+        """Bring the stream to its configured settings, or wait until an operator has made it.
+
+        Only the operator may create or change streams. Where this process holds the operator's
+        credentials (``iotistic up``, the tests) it declares the stream itself; a service of a
+        production deployment waits, not ready, until ``iotistic events init`` has made it.
+        """
+        delay = 0.5
+        while True:
+            try:
+                await self._declare_or_check(store)
+                self.stream_problem = None
+                return
+            except nats.js.errors.NotFoundError:
+                self.stream_problem = (
+                    f"event stream {store.stream} does not exist: `iotistic events init` makes it"
+                )
+            except NATS_ERRORS as exc:
+                self.stream_problem = f"event stream not reachable: {type(exc).__name__}"
+            log.warning("%s; retrying", self.stream_problem)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _declare_or_check(self, store: EventStore) -> None:
+        folder = self.settings.nats_credentials_dir
+        if folder is None:
+            # A bus without credentials: every connection may do anything, as before.
+            await store.ensure_stream()
+            return
+        if not Credentials(Path(folder)).has(OPERATOR):
+            await store.stream_info()
+            return
+        operator = await connect_bus(self.settings, OPERATOR, name="iotistic-stream-setup")
+        try:
+            await EventStore(operator.jetstream(), self.settings).ensure_stream()
+        finally:
+            with contextlib.suppress(*NATS_ERRORS):
+                await operator.close()
 
     async def stop(self) -> None:
-        """Stop every service, then drain the NATS connection."""
+        """Stop every service, then drain their NATS connections."""
         if self._starter is not None and not self._starter.done():
             self._starter.cancel()
             await asyncio.gather(self._starter, return_exceptions=True)
         await asyncio.gather(*(s.stop() for s in self.services.values()))
-        if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(*NATS_ERRORS):
-                await asyncio.wait_for(self.nc.drain(), timeout=5)
+        await asyncio.gather(*(_drain(nc) for nc in self.connections.values()))
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Every hosted service's readiness, and the NATS connection's."""
+        """Every hosted service's readiness, its NATS connection's and the stream's."""
         detail: dict[str, Any] = {}
-        nats_ok = self.nc is not None and self.nc.is_connected
-        detail["nats"] = {"ok": nats_ok}
+        connected = {
+            name: name in self.connections and self.connections[name].is_connected
+            for name in self.services
+        }
+        nats_ok = all(connected.values()) and self.stream_problem is None
+        detail["nats"] = {"ok": nats_ok, "connected": connected}
+        if self.stream_problem is not None:
+            detail["nats"]["error"] = self.stream_problem
         ok = nats_ok
         results = await asyncio.gather(
-            *(runtime.readiness(nats_ok) for runtime in self.services.values())
+            *(
+                runtime.readiness(connected[name] and self.stream_problem is None)
+                for name, runtime in self.services.items()
+            )
         )
         services: dict[str, Any] = {}
         for name, (ready, state) in zip(self.services, results, strict=True):
@@ -371,17 +466,53 @@ class Platform:
         return ok, detail
 
 
-async def connect_nats(url: str, name: str = "iotistic", attempts: int = 3) -> NatsClient:
+async def _drain(nc: NatsClient) -> None:
+    if nc.is_closed:
+        return
+    with contextlib.suppress(*NATS_ERRORS):
+        await asyncio.wait_for(nc.drain(), timeout=5)
+
+
+async def connect_bus(
+    settings: EventLogSettings, user: str, *, name: str | None = None, attempts: int = 3
+) -> NatsClient:
+    """A NATS connection as bus user ``user``, with its password from NATS_CREDENTIALS_DIR.
+
+    Without a credentials folder the connection gives no credentials (a bus that asks for
+    none). ``BusAuthError`` names a missing password file.
+    """
+    folder = settings.nats_credentials_dir
+    if folder is None:
+        return await connect_nats(settings.nats_url, name=name or user, attempts=attempts)
+    password = Credentials(Path(folder)).password(user)
+    return await connect_nats(
+        settings.nats_url, name=name or user, attempts=attempts, user=user, password=password
+    )
+
+
+async def connect_nats(
+    url: str,
+    name: str = "iotistic",
+    attempts: int = 3,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+) -> NatsClient:
     """A NATS connection that, once made, reconnects forever.
 
     The first connection is tried ``attempts`` times per server and then fails with a NATS
     error, so a caller (the platform's start loop, a CLI command) can report it instead of
-    hanging silently.
+    hanging silently. With ``user``, replies come to that user's own inbox prefix, the only
+    one the bus lets it subscribe to.
     """
     servers = [u.strip() for u in url.split(",") if u.strip()]
     client_ref: list[NatsClient] = []
 
     async def on_error(exc: Exception) -> None:
+        # A refused publish or subscription is a bug or an attack, never noise: say so.
+        if "permissions violation" in str(exc).lower():
+            log.error("nats (%s): %s", user or name, exc)
+            return
         log.debug("nats: %s", exc)
 
     async def on_disconnected() -> None:
@@ -393,6 +524,9 @@ async def connect_nats(url: str, name: str = "iotistic", attempts: int = 3) -> N
     async def on_reconnected() -> None:
         log.info("nats: reconnected")
 
+    credentials: dict[str, Any] = {}
+    if user is not None:
+        credentials = {"user": user, "password": password, "inbox_prefix": inbox_prefix(user)}
     client = await nats.connect(
         servers=servers,
         name=name,
@@ -403,6 +537,7 @@ async def connect_nats(url: str, name: str = "iotistic", attempts: int = 3) -> N
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
+        **credentials,
     )
     # nats-py reads this option on every reconnect: from now on, never give up.
     client.options["max_reconnect_attempts"] = -1

@@ -21,12 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from contracts import MalformedEvent, decode_envelope
-from libs.config import ConfigError, ServiceSettings, load_settings
+from libs.bus_auth import OPERATOR, BusAuthError
+from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
 from libs.db import CONNECTION_ERRORS
 from libs.eventstore import EventStore, StoredMessage
 from libs.projections import NATS_ERRORS, decide, open_parked
 from libs.replay import ReplayError, ReplayReport, replay_service
-from libs.runtime import Platform, connect_nats
+from libs.runtime import Platform, connect_bus
 from libs.telemetry import setup_tracing
 from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
@@ -112,9 +113,34 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--type", action="append", dest="types", help="only this event type")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.set_defaults(func=cmd_events_export)
+    init = ev.add_parser(
+        "init",
+        help="create the event stream, or bring it to the EVENTS_* settings (as the operator)",
+    )
+    init.set_defaults(func=cmd_events_init)
     stats = ev.add_parser("stats", help="event counts per type")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_events_stats)
+
+    bus = sub.add_parser("bus", help="who may publish and consume what on the event bus")
+    bs = bus.add_subparsers(dest="bus_command", required=True)
+    permissions = bs.add_parser(
+        "permissions", help="each event's owner and each bus user's subjects, from the code"
+    )
+    permissions.add_argument("--json", action="store_true", help="as JSON (for the chart)")
+    permissions.set_defaults(func=cmd_bus_permissions)
+    config = bs.add_parser(
+        "config",
+        help="write a nats-server `authorization` block for the control plane's users, making "
+        "a password for each user that has none",
+    )
+    config.add_argument(
+        "--credentials-dir",
+        required=True,
+        help="folder of the users' passwords, one file per user (made if missing)",
+    )
+    config.add_argument("--out", help="file to write (default: standard output)")
+    config.set_defaults(func=cmd_bus_config)
 
     parked = sub.add_parser("parked", help="events projections could not apply")
     pk = parked.add_subparsers(dest="parked_command", required=True)
@@ -176,7 +202,7 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
     runtime_file = Path(args.data_dir) / RUNTIME_FILE
     if runtime_file.exists():
         published = json.loads(runtime_file.read_text())
-        for key in ("DATABASE_URL", "NATS_URL"):
+        for key in ("DATABASE_URL", "NATS_URL", "NATS_CREDENTIALS_DIR"):
             if key not in env and key in published:
                 env[key] = published[key]
     return env
@@ -189,8 +215,11 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
 
 @contextlib.asynccontextmanager
 async def connected(settings: ServiceSettings) -> AsyncIterator[tuple[EventStore, Any]]:
-    """The event store (stream declared) and a database connection, closed afterwards."""
-    nc = await connect_nats(settings.nats_url, name="iotistic-cli")
+    """The event store (stream declared) and a database connection, closed afterwards.
+
+    The tools connect to the bus as its operator (``NATS_CREDENTIALS_DIR``/operator).
+    """
+    nc = await _operator_connection(settings)
     conn = None
     try:
         store = EventStore(nc.jetstream(), settings)
@@ -201,6 +230,13 @@ async def connected(settings: ServiceSettings) -> AsyncIterator[tuple[EventStore
         if conn is not None:
             await conn.close()
         await nc.close()
+
+
+async def _operator_connection(settings: EventLogSettings) -> Any:
+    try:
+        return await connect_bus(settings, OPERATOR, name="iotistic-cli")
+    except BusAuthError as exc:
+        raise ConfigError(f"NATS_CREDENTIALS_DIR: {exc}") from None
 
 
 # --- run / up ----------------------------------------------------------------------------------
@@ -297,6 +333,19 @@ def license_keys(data_dir: Path) -> Path:
     return folder
 
 
+def embedded_bus(data_dir: Path, settings: EventLogSettings) -> tuple[Path, str]:
+    """The embedded bus's credentials (generated at first start into ``secrets/nats``, one
+    password per service and the operator's) and the server's ``authorization`` block."""
+    from libs.bus_auth import Credentials, authorization_block
+    from services.bus import bus_users
+
+    credentials = Credentials(data_dir / "secrets" / "nats")
+    users = bus_users(settings)
+    credentials.ensure(user.name for user in users)
+    hashes = credentials.hashes([user.name for user in users])
+    return credentials.folder, authorization_block(users, hashes)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """``iotistic up``: embedded Postgres and NATS on free ports, then target all."""
     from libs.embedded import EmbeddedNats, EmbeddedPostgres
@@ -321,7 +370,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     postgres = EmbeddedPostgres(
         data_dir / "postgres", password_file=data_dir / "secrets" / "postgres-password"
     )
-    nats_server = EmbeddedNats(data_dir / "nats")
+    bus_folder, authorization = embedded_bus(data_dir, load_settings(EventLogSettings, os.environ))
+    nats_server = EmbeddedNats(data_dir / "nats", authorization=authorization)
     mosquitto = EmbeddedMosquitto(data_dir / "mosquitto")
     runtime_file = data_dir / RUNTIME_FILE
     try:
@@ -335,6 +385,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             **secrets_env,
             "DATABASE_URL": database_url,
             "NATS_URL": nats_server.url,
+            "NATS_CREDENTIALS_DIR": str(bus_folder),
             # The local backend: instances here, on the embedded broker, verifying licenses
             # with this process's JWKS.
             "PROVISIONER_BACKEND": "local",
@@ -352,6 +403,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 {
                     "DATABASE_URL": database_url,
                     "NATS_URL": nats_server.url,
+                    "NATS_CREDENTIALS_DIR": str(bus_folder),
                     "MQTT_URL": mosquitto.url if broker else None,
                     "HTTP_URL": http_url,
                     "pid": os.getpid(),
@@ -405,7 +457,11 @@ def _print_up(
         "Postgres",
         f"{database_url}  (password: {data_dir / 'secrets' / 'postgres-password'})",
     )
-    table.add_row("NATS JetStream", f"{nats_url}  (sync_interval: always)")
+    table.add_row(
+        "NATS JetStream",
+        f"{nats_url}  (sync_interval: always; a user per service, passwords in "
+        f"{data_dir / 'secrets' / 'nats'})",
+    )
     table.add_row("MQTT (Mosquitto)", mqtt_url)
     table.add_row("deployment queue", f"{http_url}/admin/queues  (admin token as password)")
     table.add_row("data folder", str(data_dir))
@@ -639,6 +695,78 @@ def cmd_events_export(args: argparse.Namespace) -> int:
     else:
         count = asyncio.run(go(sys.stdout))
     console.print(f"exported {count} events")
+    return 0
+
+
+def cmd_events_init(args: argparse.Namespace) -> int:
+    """``iotistic events init``: make the stream (services may not), or update its settings."""
+    settings = settings_from(args)
+
+    async def go() -> Any:
+        nc = await _operator_connection(settings)
+        try:
+            return await EventStore(nc.jetstream(), settings).ensure_stream()
+        finally:
+            await nc.close()
+
+    info = asyncio.run(go())
+    Console().print(
+        f"stream {info.config.name}: subjects {', '.join(info.config.subjects or [])}, "
+        f"{info.config.num_replicas} replica(s), {info.state.messages} events"
+    )
+    return 0
+
+
+def cmd_bus_permissions(args: argparse.Namespace) -> int:
+    """``iotistic bus permissions``: what the server lets each user do, from the declarations."""
+    from services.bus import bus_users, event_owners
+
+    settings = load_settings(EventLogSettings, environment(args))
+    users = bus_users(settings)
+    owners = event_owners()
+    data = {
+        "stream": settings.events_stream,
+        "subject_prefix": settings.events_subject_prefix,
+        "owners": owners,
+        "users": [
+            {"user": u.name, "publish": list(u.publish), "subscribe": list(u.subscribe)}
+            for u in users
+        ],
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    table = Table(title="event types and the one service that may append each")
+    table.add_column("event type")
+    table.add_column("owner")
+    for event_type, owner in owners.items():
+        table.add_row(event_type, owner)
+    out = Console()
+    out.print(table)
+    for user in users:
+        out.print(f"[b]{user.name}[/b] publish: {', '.join(user.publish)}")
+        out.print(f"  subscribe: {', '.join(user.subscribe)}")
+    return 0
+
+
+def cmd_bus_config(args: argparse.Namespace) -> int:
+    """``iotistic bus config``: the server's authorization block; passwords made if missing."""
+    from libs.bus_auth import Credentials, authorization_block
+    from services.bus import bus_users
+
+    settings = load_settings(EventLogSettings, environment(args))
+    users = bus_users(settings)
+    credentials = Credentials(Path(args.credentials_dir))
+    credentials.ensure(u.name for u in users)
+    block = authorization_block(users, credentials.hashes([u.name for u in users]))
+    if args.out:
+        out = Path(args.out)
+        out.touch(mode=0o600)
+        out.chmod(0o600)
+        out.write_text(block)
+        console.print(f"wrote {out} for {', '.join(u.name for u in users)}")
+    else:
+        sys.stdout.write(block)
     return 0
 
 

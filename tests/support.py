@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import tempfile
 import time
@@ -21,8 +22,9 @@ import uvicorn
 from litestar import Litestar
 
 from contracts import Features, LicenseIssued, Limits
+from libs.bus_auth import Credentials, authorization_block, superuser
 from libs.config import ServiceSettings
-from libs.runtime import Platform, ServiceDefinition
+from libs.runtime import Platform, ServiceDefinition, connect_nats
 
 T = TypeVar("T")
 
@@ -59,12 +61,60 @@ def make_platform(settings: ServiceSettings, definitions: Sequence[ServiceDefini
     return Platform.from_settings(settings, definitions, license_keys_dir=license_keys_dir())
 
 
+NATS_CREDENTIALS_ENV = "TEST_NATS_CREDENTIALS_DIR"
+HARNESS_USER = "harness"
+# The harness's server is thrown away after the run: a cheap bcrypt keeps connecting fast.
+_HARNESS_BCRYPT_COST = 4
+
+
+def harness_authorization(credentials: Credentials) -> str:
+    """The ``authorization`` block of the harness's NATS: the control plane's users with their
+    real permissions on any test stream (``T_*``, ``*.events``), and the harness's own user,
+    allowed everything. Makes the passwords in ``credentials`` first."""
+    from services.bus import bus_users
+
+    users = [
+        *bus_users(ServiceSettings(), stream="*", prefix="*.events"),
+        superuser(HARNESS_USER),
+    ]
+    credentials.ensure(u.name for u in users)
+    hashes = credentials.hashes([u.name for u in users], cost=_HARNESS_BCRYPT_COST)
+    return authorization_block(users, hashes)
+
+
+def start_harness_nats(folder: Path) -> Any:
+    """The harness's NATS (an ``EmbeddedNats`` asking for credentials) started in ``folder``;
+    its passwords' folder is published in ``TEST_NATS_CREDENTIALS_DIR``."""
+    from libs.embedded import EmbeddedNats
+
+    credentials = Credentials(folder / "credentials")
+    server = EmbeddedNats(folder / "server", authorization=harness_authorization(credentials))
+    server.start()
+    os.environ[NATS_CREDENTIALS_ENV] = str(credentials.folder)
+    return server
+
+
+def nats_credentials_dir() -> str | None:
+    """The folder of the harness's bus passwords, when its NATS asks for them."""
+    return os.environ.get(NATS_CREDENTIALS_ENV) or None
+
+
+async def connect_harness(nats_url: str, name: str = "tests") -> Any:
+    """A NATS connection as the harness (allowed everything), or without credentials."""
+    folder = nats_credentials_dir()
+    if folder is None:
+        return await connect_nats(nats_url, name=name)
+    password = Credentials(Path(folder)).password(HARNESS_USER)
+    return await connect_nats(nats_url, name=name, user=HARNESS_USER, password=password)
+
+
 def make_settings(database_url: str, nats_url: str, **overrides: object) -> ServiceSettings:
     """Settings on a stream and subject space of their own, so tests never see each other."""
     tag = secrets.token_hex(4)
     values: dict[str, object] = {
         "database_url": database_url,
         "nats_url": nats_url,
+        "nats_credentials_dir": nats_credentials_dir(),
         "events_stream": f"T_{tag.upper()}",
         "events_subject_prefix": f"t{tag}.events",
         "projection_ack_wait_seconds": 5,
@@ -138,14 +188,25 @@ async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx
         await task
 
 
-async def publish_license_and_wait(nats_url: str, database_url: str, expected: int = 1) -> None:
-    """Put a LicenseIssued on a running platform's log and wait until licensing projected it."""
-    from libs.eventstore import EventStore
-    from libs.runtime import connect_nats
+async def publish_license_and_wait(
+    nats_url: str, database_url: str, expected: int = 1, credentials_dir: str | None = None
+) -> None:
+    """Put a LicenseIssued on a running platform's log and wait until licensing projected it.
 
-    nc = await connect_nats(nats_url)
+    With ``credentials_dir`` (a platform's bus passwords) it appends as licensing, the owner of
+    LicenseIssued; otherwise as the harness.
+    """
+    from libs.eventstore import EventStore
+    from libs.runtime import connect_bus
+
+    settings = ServiceSettings(
+        database_url=database_url, nats_url=nats_url, nats_credentials_dir=credentials_dir
+    )
+    if credentials_dir is None:
+        nc = await connect_harness(nats_url)
+    else:
+        nc = await connect_bus(settings, "licensing")
     try:
-        settings = ServiceSettings(database_url=database_url, nats_url=nats_url)
         event = license_issued()
         await EventStore(nc.jetstream(), settings).publish(event, customer_id=event.customer_id)
     finally:

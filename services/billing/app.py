@@ -5,6 +5,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
+from contracts import (
+    PaymentFailed,
+    StripeCustomerLinked,
+    StripeEventReceived,
+    SubscriptionActivated,
+    SubscriptionCanceled,
+    SubscriptionChanged,
+    TrialExpired,
+    TrialStarted,
+    UsageReported,
+)
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.scheduling import run_every
 from services.billing.projections import SUBSCRIPTIONS
@@ -31,5 +42,20 @@ BILLING = ServiceDefinition(
     reactors=billing_reactors,
     routes=billing_routes,
     workers=_workers,
+    emits=(
+        PaymentFailed,
+        StripeCustomerLinked,
+        StripeEventReceived,
+        SubscriptionActivated,
+        SubscriptionCanceled,
+        SubscriptionChanged,
+        TrialExpired,
+        TrialStarted,
+        UsageReported,
+    ),
+    reactor_names=(
+        "start_trials",
+        "apply_stripe_events",
+    ),
     settings_type=BillingSettings,
 )

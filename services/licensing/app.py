@@ -8,6 +8,7 @@ from functools import cache
 
 from litestar.types import ControllerRouterHandler
 
+from contracts import LicenseIssued, LicenseRevoked
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.scheduling import run_every
@@ -65,5 +66,10 @@ LICENSING = ServiceDefinition(
     reactors=_reactors,
     routes=_routes,
     workers=_workers,
+    emits=(
+        LicenseIssued,
+        LicenseRevoked,
+    ),
+    reactor_names=("issue_licenses",),
     settings_type=LicensingSettings,
 )

@@ -6,6 +6,16 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from litestar.types import ControllerRouterHandler
 
+from contracts import (
+    DeploymentFailed,
+    DeploymentJobRemoved,
+    DeploymentProgressed,
+    DeploymentRequested,
+    DeploymentRetried,
+    DeploymentStarted,
+    DeploymentSucceeded,
+    DeploymentSuperseded,
+)
 from libs.outbox import OutboxRelay
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
@@ -114,5 +124,16 @@ PROVISIONER = ServiceDefinition(
     reactors=_reactors,
     routes=_routes,
     workers=_workers,
+    emits=(
+        DeploymentFailed,
+        DeploymentJobRemoved,
+        DeploymentProgressed,
+        DeploymentRequested,
+        DeploymentRetried,
+        DeploymentStarted,
+        DeploymentSucceeded,
+        DeploymentSuperseded,
+    ),
+    reactor_names=("queue_deployments",),
     settings_type=ProvisionerSettings,
 )

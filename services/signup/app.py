@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from contracts import CustomerClosed, CustomerSignedUp
 from libs.db import CONNECTION_ERRORS
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from services.signup.handlers import forget_stale_private_state
@@ -39,5 +40,9 @@ SIGNUP = ServiceDefinition(
     projections=(ACCOUNTS,),
     routes=signup_routes,
     workers=_workers,
+    emits=(
+        CustomerClosed,
+        CustomerSignedUp,
+    ),
     settings_type=SignupSettings,
 )

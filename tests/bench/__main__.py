@@ -49,6 +49,7 @@ def main() -> None:
     args.what = args.what or list(BENCHES)
     print(f"machine: {machine()}")
     from libs.embedded import EmbeddedNats, EmbeddedPostgres
+    from tests.support import start_harness_nats
 
     with tempfile.TemporaryDirectory(prefix="iotistic-bench-") as tmp:
         pg_url = os.environ.get("TEST_DATABASE_URL")
@@ -60,8 +61,7 @@ def main() -> None:
             servers.append(pg)
             pg_url = pg.url
         if not nats_url:
-            nats_server = EmbeddedNats(Path(tmp) / "nats")
-            nats_server.start()
+            nats_server = start_harness_nats(Path(tmp) / "nats")
             servers.append(nats_server)
             nats_url = nats_server.url
         try:

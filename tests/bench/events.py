@@ -9,9 +9,14 @@ import asyncpg
 
 from libs.eventstore import EventStore
 from libs.replay import replay_service
-from libs.runtime import connect_nats
 from services.licensing.app import LICENSING
-from tests.support import create_database, license_issued, make_platform, make_settings
+from tests.support import (
+    connect_harness,
+    create_database,
+    license_issued,
+    make_platform,
+    make_settings,
+)
 
 APPENDS = 3000
 PROJECTED = 3000
@@ -19,7 +24,7 @@ PROJECTED = 3000
 
 async def run(pg_url: str, nats_url: str) -> None:
     settings = make_settings(await create_database(pg_url), nats_url)
-    nc = await connect_nats(nats_url)
+    nc = await connect_harness(nats_url)
     store = EventStore(nc.jetstream(), settings)
     await store.ensure_stream()
     events = [license_issued() for _ in range(APPENDS)]

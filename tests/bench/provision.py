@@ -22,7 +22,7 @@ import httpx
 
 from libs.embedded import free_port
 from libs.mqtt_broker import EmbeddedMosquitto
-from tests.support import create_database, license_keys_dir
+from tests.support import create_database, license_keys_dir, nats_credentials_dir
 
 CUSTOMERS = 20
 
@@ -44,6 +44,7 @@ async def _measure(pg_url: str, nats_url: str, broker: EmbeddedMosquitto, tmp: P
         **os.environ,
         "DATABASE_URL": await create_database(pg_url),
         "NATS_URL": nats_url,
+        "NATS_CREDENTIALS_DIR": nats_credentials_dir() or "",
         "EVENTS_STREAM": f"BENCH_{tag.upper()}",
         "EVENTS_SUBJECT_PREFIX": f"bench{tag}.events",
         "HTTP_HOST": "127.0.0.1",

@@ -21,7 +21,7 @@ import httpx
 from libs.config import load_settings
 from libs.embedded import free_port
 from services.signup.settings import SignupSettings
-from tests.support import create_database, license_keys_dir
+from tests.support import create_database, license_keys_dir, nats_credentials_dir
 
 SIGNUPS = 400
 CONCURRENCY = 8
@@ -63,6 +63,7 @@ async def run(pg_url: str, nats_url: str) -> None:
         **os.environ,
         "DATABASE_URL": await create_database(pg_url),
         "NATS_URL": nats_url,
+        "NATS_CREDENTIALS_DIR": nats_credentials_dir() or "",
         "EVENTS_STREAM": f"BENCH_{tag.upper()}",
         "EVENTS_SUBJECT_PREFIX": f"bench{tag}.events",
         "HTTP_HOST": "127.0.0.1",

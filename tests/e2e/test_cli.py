@@ -27,6 +27,7 @@ def cli(
         **os.environ,
         "DATABASE_URL": settings.database_url,
         "NATS_URL": settings.nats_url,
+        "NATS_CREDENTIALS_DIR": settings.nats_credentials_dir or "",
         "EVENTS_STREAM": settings.events_stream,
         "EVENTS_SUBJECT_PREFIX": settings.events_subject_prefix,
         "IOTISTIC_DATA_DIR": "/nonexistent",
@@ -104,6 +105,7 @@ async def test_events_tail_follows_new_events(settings, store: EventStore, log_w
         **os.environ,
         "DATABASE_URL": settings.database_url,
         "NATS_URL": settings.nats_url,
+        "NATS_CREDENTIALS_DIR": settings.nats_credentials_dir or "",
         "EVENTS_STREAM": settings.events_stream,
         "EVENTS_SUBJECT_PREFIX": settings.events_subject_prefix,
     }

@@ -218,7 +218,11 @@ async def test_up_brings_everything_up_and_keeps_data_across_restarts(tmp_path: 
         assert 5432 not in (pg_port, nats_port) and 4222 not in (pg_port, nats_port)
         token_file = data_dir / "secrets" / "admin-token"
         assert token_file.stat().st_mode & 0o077 == 0
-        await publish_license_and_wait(runtime["NATS_URL"], runtime["DATABASE_URL"])
+        await publish_license_and_wait(
+            runtime["NATS_URL"],
+            runtime["DATABASE_URL"],
+            credentials_dir=runtime["NATS_CREDENTIALS_DIR"],
+        )
     finally:
         stop(proc)
     assert not (data_dir / "runtime.json").exists()

@@ -12,7 +12,7 @@ from tcp_relay import TcpRelay
 
 from contracts import CustomerSignedUp, decode_envelope, new_envelope
 from libs.eventstore import ConcurrencyConflict, EventStore, ReadPosition
-from libs.runtime import connect_nats
+from support import connect_harness
 
 
 def signed_up(customer_id: str | None = None, email: str = "ada@example.com") -> CustomerSignedUp:
@@ -105,7 +105,7 @@ async def test_a_read_whose_fetch_times_out_mid_log_still_reads_to_the_end(
     events = [signed_up() for _ in range(12)]
     appended = [await store.publish(e, customer_id=e.customer_id) for e in events]
     async with TcpRelay(nats_url) as relay:
-        nc = await connect_nats(relay.url, name="stalled reader")
+        nc = await connect_harness(relay.url, name="stalled reader")
         try:
             reader = EventStore(nc.jetstream(), store.settings)
             seen: list[int] = []

@@ -27,9 +27,10 @@ from libs.config import ServiceSettings
 from libs.embedded import free_port
 from libs.eventstore import EventStore
 from libs.replay import ReplayError, ReplayReport, replay_service
-from libs.runtime import Platform, connect_nats
+from libs.runtime import Platform
 from services.licensing.app import LICENSING
 from support import (
+    connect_harness,
     create_database,
     eventually,
     license_issued,
@@ -173,6 +174,7 @@ def service_env(settings: ServiceSettings, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("database_url", "nats_url", "events_stream", "events_subject_prefix"):
         env[name.upper()] = str(getattr(settings, name))
+    env["NATS_CREDENTIALS_DIR"] = settings.nats_credentials_dir or ""
     env.update(
         HTTP_HOST="127.0.0.1",
         HTTP_PORT=str(free_port()),
@@ -326,7 +328,7 @@ async def test_a_replay_whose_log_reader_stalls_still_rebuilds_every_event(
     settings, store = fresh
     seqs = await publish_licenses(store, 520)  # more than one batch of the log reader (500)
     async with TcpRelay(nats_url) as relay:
-        nc = await connect_nats(relay.url, name="stalled replay")
+        nc = await connect_harness(relay.url, name="stalled replay")
         try:
 
             def progress(seq: int, end: int) -> None:

@@ -69,6 +69,7 @@ def environment(
         **os.environ,
         "DATABASE_URL": settings.database_url,
         "NATS_URL": settings.nats_url,
+        "NATS_CREDENTIALS_DIR": settings.nats_credentials_dir or "",
         "EVENTS_STREAM": settings.events_stream,
         "EVENTS_SUBJECT_PREFIX": settings.events_subject_prefix,
         "ADMIN_TOKEN": settings.admin_token or "",
