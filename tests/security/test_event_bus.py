@@ -1,0 +1,342 @@
+"""The event bus authenticates every client and lets each do only its part (issue 11, item 2).
+
+The attack: any process that reached NATS read the whole log, created and deleted streams and
+appended a forged ``SubscriptionActivated`` (enterprise, to 2036) that licensing then signed.
+Here NATS is configured exactly as ``iotistic up`` configures its own (``embedded_bus``, the
+production stream and subject names, bcrypt at full cost), and a raw ``nats.connect`` tries
+each step of the attack, without credentials and with a service's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import api
+
+from contracts import SubscriptionActivated, encode_envelope, new_envelope
+from libs.bus_auth import OPERATOR, Credentials, inbox_prefix
+from libs.config import ServiceSettings
+from libs.embedded import EmbeddedNats
+from libs.eventstore import EventStore
+from libs.runtime import Platform, ServiceDefinition
+from services.bus import OwnershipError, event_owners
+from services.cli import embedded_bus
+from services.targets import CONTROL_PLANE, build_app
+from support import eventually, make_platform, publish_license_and_wait, serving
+
+STREAM = "IOTISTIC_EVENTS"
+PREFIX = "iotistic.events"
+
+
+@dataclass
+class Bus:
+    server: EmbeddedNats
+    credentials: Credentials
+    settings: ServiceSettings
+
+
+@pytest.fixture(scope="module")
+def bus(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Bus]:
+    """NATS set up as `iotistic up` sets up its own, and settings naming its real stream."""
+    folder = tmp_path_factory.mktemp("bus")
+    base = ServiceSettings()
+    credentials_dir, authorization = embedded_bus(folder, base)
+    server = EmbeddedNats(folder / "nats", authorization=authorization)
+    server.start()
+    settings = msgspec.structs.replace(
+        base,
+        database_url=database_url,
+        nats_url=server.url,
+        nats_credentials_dir=str(credentials_dir),
+        http_host="127.0.0.1",
+        admin_token="a" * 40,
+        session_secret="s" * 40,
+        projection_ack_wait_seconds=5,
+    )
+    yield Bus(server, Credentials(credentials_dir), settings)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+async def platform(bus: Bus) -> AsyncIterator[Platform]:
+    """The whole control plane on that bus, each service as its own bus user."""
+    running = make_platform(bus.settings, list(CONTROL_PLANE.values()))
+    async with serving(build_app(running, "all")):
+        await running.wait_started()
+        yield running
+
+
+class Client:
+    """A raw NATS connection as some user, recording what the server refused."""
+
+    def __init__(self, nc: NatsClient, errors: list[str]) -> None:
+        self.nc = nc
+        self.errors = errors
+
+    def refused(self, subject: str) -> bool:
+        wanted = f'permissions violation for publish to "{subject.lower()}"'
+        return any(wanted in e.lower() for e in self.errors)
+
+
+async def connect_as(bus: Bus, user: str) -> Client:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(
+        bus.server.url,
+        user=user,
+        password=bus.credentials.password(user),
+        inbox_prefix=inbox_prefix(user),
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
+    return Client(nc, errors)
+
+
+async def test_a_client_without_credentials_is_refused(bus: Bus) -> None:
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await asyncio.wait_for(
+            nats.connect(bus.server.url, allow_reconnect=False, connect_timeout=2), 10
+        )
+
+
+async def test_a_wrong_password_is_refused(bus: Bus) -> None:
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await asyncio.wait_for(
+            nats.connect(
+                bus.server.url,
+                user="billing",
+                password="not-the-password",
+                allow_reconnect=False,
+                connect_timeout=2,
+            ),
+            10,
+        )
+
+
+async def test_the_server_config_holds_no_password(bus: Bus) -> None:
+    config = bus.server.config_path.read_text()
+    for user in event_owners().values():
+        assert bus.credentials.password(user) not in config
+    assert bus.server.config_path.stat().st_mode & 0o077 == 0
+    assert bus.credentials.path(OPERATOR).stat().st_mode & 0o077 == 0
+
+
+async def test_a_forged_subscription_from_another_service_is_refused_by_the_server(
+    bus: Bus, platform: Platform
+) -> None:
+    """Licensing's credentials cannot append billing's events: the forged enterprise
+    subscription never reaches the log, so nothing can sign a license from it."""
+    forger = await connect_as(bus, "licensing")
+    customer = "c0ffee00-0000-4000-8000-000000000001"
+    subject = f"{PREFIX}.SubscriptionActivated.{customer}"
+    forged = new_envelope(
+        SubscriptionActivated(
+            customer_id=customer,
+            plan="enterprise",
+            status="active",
+            stripe_customer_id="cus_forged",
+            stripe_subscription_id="sub_forged",
+            current_period_end=datetime(2036, 1, 1, tzinfo=UTC),
+        ),
+        customer_id=customer,
+    )
+    try:
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await forger.nc.jetstream().publish(
+                subject, encode_envelope(forged), stream=STREAM, timeout=2
+            )
+        await eventually(
+            lambda: asyncio.sleep(0, forger.refused(subject)),
+            lambda refused: refused,
+            what="the server's permissions violation",
+        )
+    finally:
+        await forger.nc.close()
+    store = platform.services["billing"].events()
+    assert await store.count_by_subject(subject) == {}
+
+
+async def test_each_service_appends_its_own_events(bus: Bus, platform: Platform) -> None:
+    # Licensing owns LicenseIssued; appending it as licensing is what the platform does.
+    await publish_license_and_wait(
+        bus.settings.nats_url,
+        bus.settings.database_url,
+        credentials_dir=bus.settings.nats_credentials_dir,
+    )
+
+
+async def test_a_service_cannot_read_the_log_other_than_through_its_consumers(
+    bus: Bus, platform: Platform
+) -> None:
+    spy = await connect_as(bus, "licensing")
+    js = spy.nc.jetstream()
+    try:
+        attempts = {
+            # Another service's consumer: reading, resetting or deleting it.
+            f"$JS.API.CONSUMER.CREATE.{STREAM}.billing_subscriptions": js.add_consumer(
+                STREAM,
+                api.ConsumerConfig(
+                    name="billing_subscriptions", durable_name="billing_subscriptions"
+                ),
+                timeout=1,
+            ),
+            f"$JS.API.CONSUMER.DELETE.{STREAM}.billing_subscriptions": js.delete_consumer(
+                STREAM, "billing_subscriptions"
+            ),
+            # An ephemeral consumer of its own choosing.
+            f"$JS.API.CONSUMER.CREATE.{STREAM}": js.add_consumer(
+                STREAM, api.ConsumerConfig(ack_policy=api.AckPolicy.NONE), timeout=1
+            ),
+            # Messages by sequence or by subject.
+            f"$JS.API.STREAM.MSG.GET.{STREAM}": js.get_msg(STREAM, 1),
+            f"$JS.API.DIRECT.GET.{STREAM}": js.get_msg(STREAM, 1, direct=True),
+            # What exists.
+            f"$JS.API.CONSUMER.LIST.{STREAM}": js.consumers_info(STREAM),
+            "$JS.API.STREAM.LIST": js.streams_info(),
+        }
+        for subject, attempt in attempts.items():
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                await asyncio.wait_for(attempt, 3)
+            await eventually(
+                lambda s=subject: asyncio.sleep(0, spy.refused(s)),
+                lambda refused: refused,
+                what=f"refusal of {subject}",
+            )
+    finally:
+        await spy.nc.close()
+
+
+async def test_a_service_cannot_change_or_remove_the_log(bus: Bus, platform: Platform) -> None:
+    vandal = await connect_as(bus, "provisioner")
+    js = vandal.nc.jetstream()
+    store = platform.services["provisioner"].events()
+    before = await store.last_seq()
+    try:
+        attempts = {
+            f"$JS.API.STREAM.DELETE.{STREAM}": js.delete_stream(STREAM),
+            f"$JS.API.STREAM.PURGE.{STREAM}": js.purge_stream(STREAM),
+            f"$JS.API.STREAM.UPDATE.{STREAM}": js.update_stream(
+                api.StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], max_age=1.0)
+            ),
+            "$JS.API.STREAM.CREATE.STOLEN": js.add_stream(name="STOLEN", subjects=["stolen.>"]),
+        }
+        for subject, attempt in attempts.items():
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                await asyncio.wait_for(attempt, 3)
+            await eventually(
+                lambda s=subject: asyncio.sleep(0, vandal.refused(s)),
+                lambda refused: refused,
+                what=f"refusal of {subject}",
+            )
+    finally:
+        await vandal.nc.close()
+    info = await store.stream_info()
+    assert info.state.last_seq >= before and info.config.max_age == 0
+
+
+async def test_a_service_cannot_listen_to_events_or_to_others_replies(bus: Bus) -> None:
+    eavesdropper = await connect_as(bus, "signup")
+    try:
+        for subject in (f"{PREFIX}.>", "_INBOX.billing.>", "_INBOX.operator.>", ">"):
+            await eavesdropper.nc.subscribe(subject)
+            await eavesdropper.nc.flush()
+            await eventually(
+                lambda s=subject: asyncio.sleep(
+                    0,
+                    any(
+                        f'permissions violation for subscription to "{s.lower()}"' in e.lower()
+                        for e in eavesdropper.errors
+                    ),
+                ),
+                lambda refused: refused,
+                what=f"refusal to subscribe to {subject}",
+            )
+    finally:
+        await eavesdropper.nc.close()
+
+
+async def test_the_operator_reads_but_does_not_append(bus: Bus, platform: Platform) -> None:
+    operator = await connect_as(bus, OPERATOR)
+    try:
+        reader = EventStore(operator.nc.jetstream(), bus.settings)
+        assert [m.seq async for m in reader.read(from_seq=1)]  # the log is readable to it
+        subject = f"{PREFIX}.LicenseIssued.c0ffee00-0000-4000-8000-000000000002"
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await operator.nc.jetstream().publish(subject, b"{}", stream=STREAM, timeout=2)
+        await eventually(
+            lambda: asyncio.sleep(0, operator.refused(subject)),
+            lambda refused: refused,
+            what="refusal of the operator's append",
+        )
+    finally:
+        await operator.nc.close()
+
+
+def _outside_address() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))  # no packet is sent: it only picks a route
+        return str(probe.getsockname()[0])
+
+
+async def test_the_monitoring_port_answers_on_loopback_only(bus: Bus) -> None:
+    port = bus.server.monitor_port
+
+    def status() -> int:
+        url = f"http://127.0.0.1:{port}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return int(answer.status)
+
+    assert await asyncio.to_thread(status) == 200
+    address = _outside_address()
+    assert not address.startswith("127.")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, port), timeout=2).close()
+
+
+def test_every_event_type_has_exactly_one_owner() -> None:
+    owners = event_owners()
+    assert owners["SubscriptionActivated"] == "billing"
+    assert owners["LicenseIssued"] == "licensing"
+    assert owners["CustomerSignedUp"] == "signup"
+    assert owners["DeploymentRequested"] == "provisioner"
+
+
+def test_two_services_declaring_one_event_are_refused() -> None:
+    thief = ServiceDefinition(
+        name="thief",
+        migrations_package="services.signup.migrations",
+        emits=(SubscriptionActivated,),
+    )
+    with pytest.raises(OwnershipError, match="SubscriptionActivated"):
+        event_owners([*CONTROL_PLANE.values(), thief])
+
+
+def test_an_event_nobody_owns_is_refused() -> None:
+    without_billing = [d for d in CONTROL_PLANE.values() if d.name != "billing"]
+    with pytest.raises(OwnershipError, match="no service owns"):
+        event_owners(without_billing)
+
+
+def test_a_service_connects_without_its_password_file_only_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    from libs.config import ConfigError
+
+    (tmp_path / "signup").write_text("x")
+    environ = {"NATS_CREDENTIALS_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"NATS_CREDENTIALS_DIR: no bus password for licensing"):
+        Platform.from_environ([CONTROL_PLANE["licensing"]], environ)
