@@ -10,7 +10,10 @@ each step of the attack, without credentials and with a service's.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -340,3 +343,61 @@ def test_a_service_connects_without_its_password_file_only_with_a_clear_error(
     environ = {"NATS_CREDENTIALS_DIR": str(tmp_path)}
     with pytest.raises(ConfigError, match=r"NATS_CREDENTIALS_DIR: no bus password for licensing"):
         Platform.from_environ([CONTROL_PLANE["licensing"]], environ)
+
+
+async def test_a_service_waits_not_ready_until_the_operator_makes_the_stream(
+    tmp_path: Path, database_url: str
+) -> None:
+    """In production a service holds only its own password: it cannot make the stream, so it
+    says why it is not ready until `iotistic events init` (the operator) has made it."""
+    settings = ServiceSettings(events_stream="LATE_EVENTS", events_subject_prefix="late.events")
+    credentials_dir, authorization = embedded_bus(tmp_path / "platform", settings)
+    server = EmbeddedNats(tmp_path / "nats", authorization=authorization)
+    server.start()
+    try:
+        own_only = tmp_path / "licensing-pod"
+        own_only.mkdir(mode=0o700)
+        (own_only / "licensing").write_text(Credentials(credentials_dir).password("licensing"))
+        pod = msgspec.structs.replace(
+            settings,
+            database_url=database_url,
+            nats_url=server.url,
+            nats_credentials_dir=str(own_only),
+            http_host="127.0.0.1",
+        )
+        licensing = make_platform(pod, [CONTROL_PLANE["licensing"]])
+        async with serving(build_app(licensing, "licensing")) as http:
+            answer = await eventually(
+                lambda: http.get("/health/ready"),
+                lambda r: "does not exist" in r.text,
+                what="readiness naming the missing stream",
+            )
+            assert answer.status_code == 503
+            assert "iotistic events init" in answer.json()["nats"]["error"]
+            environ = {
+                **os.environ,
+                "NATS_URL": server.url,
+                "NATS_CREDENTIALS_DIR": str(credentials_dir),
+                "EVENTS_STREAM": settings.events_stream,
+                "EVENTS_SUBJECT_PREFIX": settings.events_subject_prefix,
+                "IOTISTIC_DATA_DIR": str(tmp_path / "none"),
+            }
+            made = await asyncio.to_thread(
+                subprocess.run,
+                [str(Path(sys.executable).parent / "iotistic"), "events", "init"],
+                env=environ,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert made.returncode == 0, made.stderr
+            assert "stream LATE_EVENTS" in made.stdout
+            await eventually(
+                lambda: http.get("/health/ready"),
+                lambda r: r.status_code == 200,
+                timeout=30,
+                what="ready once the stream exists",
+            )
+    finally:
+        server.stop()
