@@ -178,9 +178,10 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         tags=["billing"],
     )
     async def stripe_webhook(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """Stripe's webhooks: verified, stored on the log once per event id, answered at once."""
+        """Stripe's webhooks: verified, kept, their facts stored on the log once per event id."""
         received = await receive_webhook(
             runtime.events(),
+            runtime.db(),
             await request.body(),
             request.headers.get("stripe-signature"),
             secret=settings.stripe_webhook_secret,

@@ -12,12 +12,17 @@ HttpUrl = Annotated[str, Meta(pattern=r"^https?://[^\s]+$")]
 
 
 class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
-    """Stripe's webhook secret and how old a signed webhook may be."""
+    """Stripe's webhook secret, how old a signed webhook may be, how long its body is kept."""
 
     # whsec_... from Stripe's dashboard; unset refuses every webhook (503) rather than trust one.
     stripe_webhook_secret: Annotated[str, Meta(min_length=8)] | None = None
     # Stripe's own default: a signature older than this is refused as a possible replay.
     stripe_webhook_tolerance_seconds: Annotated[int, Meta(ge=1, le=3600)] = 300
+    # How long billing keeps a webhook's raw body (personal data included) before deleting it;
+    # the log keeps only the facts billing needs. Fractions of a day are allowed.
+    stripe_payload_retention_days: Annotated[float, Meta(ge=0, le=3650)] = 30.0
+    # How often the purge looks for bodies past their retention.
+    stripe_payload_purge_seconds: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
     # Instances report usage with a token derived from this (the provisioner hands it out).
     usage_secret: Annotated[str, Meta(min_length=32)] | None = None
     # How often the trial scheduler looks for trials that ended unpaid.

@@ -1,4 +1,10 @@
-"""Stripe's webhook bodies, read strictly into the facts billing keeps (``StripeFacts``).
+"""Stripe's webhook bodies: read strictly into the facts billing keeps, and kept raw a while.
+
+The log carries only ``StripeFacts``: ids, states, amounts and times. The body as Stripe sent
+it, with whatever personal data it holds (names, emails, addresses, card details), is private
+state of billing, like signup's password hashes: one row per Stripe event in
+``stripe_payloads``, deleted ``STRIPE_PAYLOAD_RETENTION_DAYS`` after it arrived. Nothing reads a
+row back to decide anything, so neither a purge nor a replay changes what billing knows.
 
 Reading is strict. A fact billing reads that is not what Stripe documents (a time that is not
 a whole number of seconds between 1970 and 9999, a negative amount, an id with spaces) refuses
@@ -11,6 +17,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+import asyncpg
 import msgspec
 from msgspec import Meta, Struct
 
@@ -35,6 +42,7 @@ PAID_PLANS = ("starter", "professional", "enterprise")
 MAX_UNIX_TIME = 253_402_300_799
 # Stripe stamps `created` when it makes the event; a day covers any clock skew between us.
 FUTURE_SKEW = timedelta(days=1)
+PURGE_BATCH = 1000
 
 UnixTime = Annotated[
     int, Meta(ge=0, le=MAX_UNIX_TIME, description="whole seconds since 1970 (until 9999)")
@@ -217,3 +225,37 @@ def _invalid(exc: msgspec.ValidationError, prefix: str) -> InvalidRequest:
         "webhook body is not a Stripe event billing can read",
         fields=[{"field": field, "reason": reason}],
     )
+
+
+# --- the raw bodies, private to billing ---------------------------------------------------------
+
+
+async def keep_payload(pool: asyncpg.Pool, head: StripeEventHead, body: bytes) -> None:
+    """Keep the body as Stripe sent it; the first delivery's copy stays."""
+    await pool.execute(
+        "INSERT INTO stripe_payloads (stripe_event_id, stripe_type, payload) VALUES ($1, $2, $3) "
+        "ON CONFLICT (stripe_event_id) DO NOTHING",
+        head.id,
+        head.type,
+        body,
+    )
+
+
+async def purge_payloads(pool: asyncpg.Pool, retention_days: float) -> int:
+    """Delete the bodies that arrived more than ``retention_days`` ago (by the database's
+    clock); returns how many."""
+    purged = 0
+    while True:
+        async with pool.acquire() as conn:
+            status = await conn.execute(
+                "DELETE FROM stripe_payloads WHERE stripe_event_id IN ("
+                "  SELECT stripe_event_id FROM stripe_payloads"
+                "  WHERE received_at < now() - make_interval(secs => $1)"
+                "  ORDER BY received_at LIMIT $2)",
+                retention_days * 86400.0,
+                PURGE_BATCH,
+            )
+        deleted = int(status.rsplit(" ", 1)[-1])
+        purged += deleted
+        if deleted < PURGE_BATCH:
+            return purged

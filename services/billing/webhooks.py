@@ -1,7 +1,9 @@
-"""The Stripe webhook gateway: verify, read, store the event on the log once, answer fast.
+"""The Stripe webhook gateway: verify, keep the body, put its facts on the log once, answer fast.
 
 It does no business logic: the billing service turns stored Stripe events into domain events
 from the log, where a retried, duplicated or reordered webhook is just another event to judge.
+The body as sent stays in billing's own table (``stripe_payloads``); the log gets only the
+facts billing reads (``services/billing/stripe_payloads.py``).
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 from stripe import SignatureVerificationError, WebhookSignature
 
 from contracts import StripeEventReceived, StripeFacts
 from libs.eventstore import ConcurrencyConflict, EventStore
 from libs.http import DomainError, InvalidRequest
-from services.billing.stripe_payloads import StripeEventHead, customer_hint, read_webhook
+from services.billing.stripe_payloads import (
+    StripeEventHead,
+    customer_hint,
+    keep_payload,
+    read_webhook,
+)
 
 
 class WebhookNotConfigured(DomainError):
@@ -25,6 +33,13 @@ class WebhookNotConfigured(DomainError):
 
     status_code = 503
     code = "webhook_not_configured"
+
+
+class WebhookTooLarge(DomainError):
+    """413: a body over STRIPE_WEBHOOK_MAX_BYTES; it is read no further and stored nowhere."""
+
+    status_code = 413
+    code = "too_large"
 
 
 @functools.cache
@@ -76,6 +91,7 @@ def verify(
 
 async def receive_webhook(
     store: EventStore,
+    db: asyncpg.Pool,
     payload: bytes,
     signature: str | None,
     *,
@@ -83,7 +99,7 @@ async def receive_webhook(
     tolerance: int,
     metrics: WebhookMetrics,
 ) -> Received:
-    """Verify a webhook and put it on the log once per Stripe event id."""
+    """Verify a webhook, keep its body, and put its facts on the log once per Stripe event id."""
     if not secret:
         metrics.webhooks.labels("rejected", "unknown").inc()
         raise WebhookNotConfigured("STRIPE_WEBHOOK_SECRET is not set; webhooks are refused")
@@ -99,9 +115,10 @@ async def receive_webhook(
         stripe_created=datetime.fromtimestamp(head.created, UTC),
         livemode=head.livemode,
         api_version=head.api_version,
-        payload=payload.decode("utf-8"),
         facts=facts,
     )
+    # Kept before it is announced: a retry after a failed append finds the body kept already.
+    await keep_payload(db, head, payload)
     try:
         # One subject per Stripe event: the first delivery is stored, every retry conflicts.
         await store.publish(
