@@ -229,15 +229,65 @@ class SubscriptionCanceled(Event, frozen=True, kw_only=True):
     stripe_event_id: str | None = None
 
 
+# Stripe's ids (evt_..., sub_..., cus_...) and ours in Stripe's metadata: letters, digits, "_"
+# and "-" only, so no name, email or sentence can pass for one.
+StripeRef = Annotated[
+    str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+$", description="an id")
+]
+StripeWord = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z_]+$",
+        description="one of Stripe's enum values, e.g. past_due",
+    ),
+]
+# The largest integer every JSON reader reads exactly (2**53 - 1): no real amount comes near it.
+MinorUnits = Annotated[
+    int, Meta(ge=0, le=2**53 - 1, description="in the currency's minor unit (cents)")
+]
+PaidPlan = Literal["starter", "professional", "enterprise"]
+
+
+class StripeFacts(Struct, frozen=True, kw_only=True):
+    """What billing reads of a Stripe event's ``data.object``, and nothing else of it.
+
+    Ids, states, amounts and times, named after Stripe's fields (``metadata_*`` come from the
+    object's ``metadata``, ``price`` from its first item's price, ``cancellation_reason`` from
+    ``cancellation_details.reason``). No names, emails, addresses, card details or free text.
+    """
+
+    id: StripeRef | None = None
+    customer: Annotated[StripeRef, Meta(description="Stripe's customer, cus_...")] | None = None
+    metadata_customer_id: Annotated[StripeRef, Meta(description="our customer id")] | None = None
+    metadata_plan: PaidPlan | None = None
+    client_reference_id: StripeRef | None = None
+    subscription: Annotated[StripeRef, Meta(description="an invoice's sub_...")] | None = None
+    status: StripeWord | None = None
+    price: Annotated[StripeRef, Meta(description="price_... of the first item")] | None = None
+    current_period_end: UtcDateTime | None = None
+    canceled_at: UtcDateTime | None = None
+    cancellation_reason: StripeWord | None = None
+    amount_due: MinorUnits | None = None
+    currency: (
+        Annotated[str, Meta(pattern=r"^[a-z]{3}$", description="ISO 4217, lower-case")] | None
+    ) = None
+    attempt_count: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
+    next_payment_attempt: UtcDateTime | None = None
+
+
 class StripeEventReceived(Event, frozen=True, kw_only=True):
     """A verified Stripe webhook, stored once so billing can (re)derive its own events from it.
 
     ``customer_id`` is optional because an event may arrive before we can map it to a customer.
-    ``payload`` is the verified body exactly as sent: it holds no Stripe key or signing secret.
+    Version 1 carried the body as Stripe sent it in ``payload``, personal data and all. Version
+    2 carries only ``facts``, what billing derives its events from (none for the Stripe types
+    billing does not read); the body stays in billing's own table for a retention period.
     """
 
     TYPE = "StripeEventReceived"
-    VERSION = 1
+    VERSION = 2
 
     customer_id: str | None = None
     stripe_event_id: Id
@@ -245,7 +295,10 @@ class StripeEventReceived(Event, frozen=True, kw_only=True):
     stripe_created: UtcDateTime
     livemode: bool
     api_version: str | None = None
-    payload: Annotated[str, Meta(description="the verified JSON text exactly as Stripe sent it")]
+    payload: (
+        Annotated[str, Meta(description="version 1 only: the verified JSON text as sent")] | None
+    ) = None
+    facts: StripeFacts | None = None
 
 
 class StripeCustomerLinked(Event, frozen=True, kw_only=True):

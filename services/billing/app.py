@@ -22,17 +22,26 @@ from services.billing.projections import SUBSCRIPTIONS
 from services.billing.reactors import billing_reactors
 from services.billing.routes import billing_routes
 from services.billing.settings import BillingSettings
+from services.billing.stripe_payloads import purge_payloads
 from services.billing.trials import expire_ended_trials
 from services.billing.usage import USAGE
 
 
 def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
-    seconds = runtime.settings_as(BillingSettings).trial_scan_seconds
+    settings = runtime.settings_as(BillingSettings)
 
     async def expire() -> int:
         return await expire_ended_trials(runtime.db(), runtime.events(), datetime.now(UTC))
 
-    return [lambda: run_every(seconds, "trial scheduler: trials expired", expire)]
+    async def purge() -> int:
+        return await purge_payloads(runtime.db(), settings.stripe_payload_retention_days)
+
+    return [
+        lambda: run_every(settings.trial_scan_seconds, "trial scheduler: trials expired", expire),
+        lambda: run_every(
+            settings.stripe_payload_purge_seconds, "Stripe payloads: past retention, deleted", purge
+        ),
+    ]
 
 
 BILLING = ServiceDefinition(

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from litestar import Request, get, post
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.params import FromPath, HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
@@ -19,9 +20,8 @@ from libs.timeutil import days_remaining
 from services.billing.settings import BillingSettings
 from services.billing.stripe_api import StripeGateway
 from services.billing.usage import check_instance, parse_report, usage_event
-from services.billing.webhooks import receive_webhook, webhook_metrics
+from services.billing.webhooks import WebhookTooLarge, receive_webhook, webhook_metrics
 
-WEBHOOK_BODY_LIMIT = 1024 * 1024
 BODY_LIMIT = 4 * 1024
 PAID_PLANS = ("starter", "professional", "enterprise")
 # A Stripe subscription in these states still bills: a second checkout would charge twice.
@@ -174,14 +174,24 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     @post(
         "/webhooks/stripe",
         status_code=200,
-        request_max_body_size=WEBHOOK_BODY_LIMIT,
+        request_max_body_size=settings.stripe_webhook_max_bytes,
         tags=["billing"],
     )
     async def stripe_webhook(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """Stripe's webhooks: verified, stored on the log once per event id, answered at once."""
+        """Stripe's webhooks: verified, kept, their facts stored on the log once per event id."""
+        try:
+            # Refused on its Content-Length before a byte is read, or once the limit is passed.
+            body = await request.body()
+        except RequestEntityTooLarge:
+            metrics.webhooks.labels("rejected", "unknown").inc()
+            raise WebhookTooLarge(
+                f"webhook body is over {settings.stripe_webhook_max_bytes} bytes "
+                "(STRIPE_WEBHOOK_MAX_BYTES); it was not stored"
+            ) from None
         received = await receive_webhook(
             runtime.events(),
-            await request.body(),
+            runtime.db(),
+            body,
             request.headers.get("stripe-signature"),
             secret=settings.stripe_webhook_secret,
             tolerance=settings.stripe_webhook_tolerance_seconds,

@@ -5,19 +5,36 @@ from __future__ import annotations
 from typing import Annotated
 
 from msgspec import Meta
+from nats.aio.client import DEFAULT_MAX_PAYLOAD_SIZE
 
 from libs.config import ServiceSettings
 
 HttpUrl = Annotated[str, Meta(pattern=r"^https?://[^\s]+$")]
+# Room for the envelope and NATS headers of the largest StripeEventReceived the gateway can
+# append: its facts are bounded by their contract, and the trace context a caller may pass on
+# by OpenTelemetry's (8192 characters of tracestate, in the body and in a header).
+# tests/security/test_stripe_webhooks.py builds that worst case and holds it to this.
+STRIPE_EVENT_RESERVE = 64 * 1024
+# However it is configured, the gateway takes no body that one message of a NATS server left at
+# its default max_payload (1 MiB) could not carry along with that envelope.
+WEBHOOK_BODY_CEILING = DEFAULT_MAX_PAYLOAD_SIZE - STRIPE_EVENT_RESERVE
 
 
 class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
-    """Stripe's webhook secret and how old a signed webhook may be."""
+    """Stripe's webhook secret, how old and big a signed webhook may be, how long it is kept."""
 
     # whsec_... from Stripe's dashboard; unset refuses every webhook (503) rather than trust one.
     stripe_webhook_secret: Annotated[str, Meta(min_length=8)] | None = None
     # Stripe's own default: a signature older than this is refused as a possible replay.
     stripe_webhook_tolerance_seconds: Annotated[int, Meta(ge=1, le=3600)] = 300
+    # The largest webhook body taken; a bigger one gets 413 and is stored nowhere. Stripe's
+    # events are typically a few KB.
+    stripe_webhook_max_bytes: Annotated[int, Meta(ge=4096, le=WEBHOOK_BODY_CEILING)] = 512 * 1024
+    # How long billing keeps a webhook's raw body (personal data included) before deleting it;
+    # the log keeps only the facts billing needs. Fractions of a day are allowed.
+    stripe_payload_retention_days: Annotated[float, Meta(ge=0, le=3650)] = 30.0
+    # How often the purge looks for bodies past their retention.
+    stripe_payload_purge_seconds: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
     # Instances report usage with a token derived from this (the provisioner hands it out).
     usage_secret: Annotated[str, Meta(min_length=32)] | None = None
     # How often the trial scheduler looks for trials that ended unpaid.

@@ -7,15 +7,16 @@ applied to that subscription changes nothing, and a canceled subscription is nev
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
-
-import msgspec
 
 from contracts import (
     Event,
     PaymentFailed,
     StripeEventReceived,
+    StripeFacts,
     SubscriptionActivated,
     SubscriptionCanceled,
     SubscriptionChanged,
@@ -23,27 +24,20 @@ from contracts import (
 from libs.db import Connection
 from libs.projections import Recorded
 from services.billing.settings import BillingSettings
+from services.billing.stripe_payloads import UnreadableStripeObject, stored_facts
+
+log = logging.getLogger(__name__)
 
 ACTIVE = ("active", "trialing")
+Handler = Callable[[StripeEventReceived, StripeFacts, int], Awaitable[tuple[str, list[Event]]]]
 
 
-def _time(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(int(value), UTC) if isinstance(value, int | float) else None
-
-
-def _str(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _price_of(obj: dict[str, Any]) -> str | None:
-    items = obj.get("items")
-    data = items.get("data") if isinstance(items, dict) else None
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        price = data[0].get("price")
-        if isinstance(price, dict):
-            return _str(price, "id")
-    return None
+def facts_of(e: StripeEventReceived) -> StripeFacts | None:
+    """The facts billing reads of a stored Stripe event: carried by version 2, read out of the
+    stored body of version 1 (the same way the gateway reads them now)."""
+    if e.facts is not None or e.payload is None:
+        return e.facts
+    return stored_facts(e.payload, e.stripe_type)
 
 
 class StripeTranslator:
@@ -61,18 +55,22 @@ class StripeTranslator:
             "SELECT 1 FROM stripe_events WHERE stripe_event_id = $1", e.stripe_event_id
         ):
             return []  # the same Stripe event again (stored twice past the duplicate window)
-        body = msgspec.json.decode(e.payload)
-        obj = body.get("data", {}).get("object", {}) if isinstance(body, dict) else {}
         created = int(e.stripe_created.timestamp())
-        handler = {
-            "checkout.session.completed": self._checkout_completed,
-            "customer.subscription.created": self._subscription_updated,
-            "customer.subscription.updated": self._subscription_updated,
-            "customer.subscription.deleted": self._subscription_deleted,
-            "invoice.paid": self._invoice_paid,
-            "invoice.payment_failed": self._payment_failed,
-        }.get(e.stripe_type)
-        outcome, events = ("ignored", []) if handler is None else await handler(e, obj, created)
+        handler = self.handlers().get(e.stripe_type)
+        try:
+            facts = facts_of(e)
+        except UnreadableStripeObject as exc:
+            # Only a version 1 event can get here (the gateway now refuses such a body): its
+            # object says nothing billing can act on. Recorded like an unmatched event.
+            log.warning("Stripe event %s: its object does not read: %s", e.stripe_event_id, exc)
+            facts = None
+        events: list[Event] = []
+        if handler is None:
+            outcome = "ignored"
+        elif facts is None:
+            outcome = "unreadable"
+        else:
+            outcome, events = await handler(e, facts, created)
         await self.conn.execute(
             "INSERT INTO stripe_events (stripe_event_id, stripe_type, outcome, seq) "
             "VALUES ($1, $2, $3, $4)",
@@ -83,16 +81,26 @@ class StripeTranslator:
         )
         return events
 
-    async def _customer_of(self, obj: dict[str, Any]) -> str | None:
-        metadata = obj.get("metadata")
-        if isinstance(metadata, dict) and isinstance(metadata.get("customer_id"), str):
-            return str(metadata["customer_id"])
-        stripe_customer = _str(obj, "customer")
-        if stripe_customer is None:
+    def handlers(self) -> dict[str, Handler]:
+        """What each Stripe type billing reads means (the gateway reads the facts of exactly
+        these types: ``stripe_payloads.READ_TYPES``)."""
+        return {
+            "checkout.session.completed": self._checkout_completed,
+            "customer.subscription.created": self._subscription_updated,
+            "customer.subscription.updated": self._subscription_updated,
+            "customer.subscription.deleted": self._subscription_deleted,
+            "invoice.paid": self._invoice_paid,
+            "invoice.payment_failed": self._payment_failed,
+        }
+
+    async def _customer_of(self, facts: StripeFacts) -> str | None:
+        if facts.metadata_customer_id is not None:
+            return facts.metadata_customer_id
+        if facts.customer is None:
             return None
         value = await self.conn.fetchval(
             "SELECT customer_id FROM stripe_customers WHERE stripe_customer_id = $1",
-            stripe_customer,
+            facts.customer,
         )
         return str(value) if value else None
 
@@ -105,34 +113,28 @@ class StripeTranslator:
                 customer_id,
             )
 
-    def _plan(self, obj: dict[str, Any]) -> str | None:
-        plan = self.settings.plan_of_price(_price_of(obj))
-        metadata = obj.get("metadata")
-        if plan is None and isinstance(metadata, dict):
-            candidate = metadata.get("plan")
-            plan = candidate if candidate in ("starter", "professional", "enterprise") else None
-        return plan
+    def _plan(self, facts: StripeFacts) -> str | None:
+        return self.settings.plan_of_price(facts.price) or facts.metadata_plan
 
     async def _checkout_completed(
-        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+        self, e: StripeEventReceived, facts: StripeFacts, created: int
     ) -> tuple[str, list[Event]]:
         # The checkout ties Stripe's customer to ours; the subscription itself (with its price,
         # status and period) arrives in customer.subscription.* events, which carry our id in
         # their metadata, so activation never depends on which of the two came first.
-        customer_id = await self._customer_of(obj) or _str(obj, "client_reference_id")
+        customer_id = await self._customer_of(facts) or facts.client_reference_id
         if customer_id is None:
             return "unmatched", []
-        await self.remember_customer(_str(obj, "customer"), customer_id)
+        await self.remember_customer(facts.customer, customer_id)
         return "noted", []
 
     async def _subscription_updated(
-        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+        self, e: StripeEventReceived, facts: StripeFacts, created: int
     ) -> tuple[str, list[Event]]:
-        customer_id = await self._customer_of(obj)
-        subscription = _str(obj, "id")
-        plan = self._plan(obj)
-        status = _str(obj, "status") or "active"
-        stripe_customer = _str(obj, "customer")
+        customer_id = await self._customer_of(facts)
+        subscription = facts.id
+        plan = self._plan(facts)
+        stripe_customer = facts.customer
         if customer_id is None or subscription is None or plan is None or stripe_customer is None:
             return "unmatched", []  # every real subscription names its customer, id and price
         await self.remember_customer(stripe_customer, customer_id)
@@ -142,8 +144,8 @@ class StripeTranslator:
             subscription,
             stripe_customer,
             plan,
-            status,
-            _time(obj.get("current_period_end")),
+            facts.status or "active",
+            facts.current_period_end,
             created,
         )
 
@@ -224,9 +226,9 @@ class StripeTranslator:
         )
 
     async def _subscription_deleted(
-        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+        self, e: StripeEventReceived, facts: StripeFacts, created: int
     ) -> tuple[str, list[Event]]:
-        subscription = _str(obj, "id")
+        subscription = facts.id
         row = await self.conn.fetchrow(
             "SELECT * FROM stripe_subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE",
             subscription,
@@ -234,7 +236,7 @@ class StripeTranslator:
         if row is None:
             # Deleted before any other event about it arrived: remember it as canceled, so the
             # older created/updated events that come later cannot bring it to life.
-            customer_id = await self._customer_of(obj)
+            customer_id = await self._customer_of(facts)
             if customer_id is None or subscription is None:
                 return "unmatched", []
             await self.conn.execute(
@@ -243,8 +245,8 @@ class StripeTranslator:
                 "VALUES ($1, $2, $3, $4, 'canceled', $5, true)",
                 subscription,
                 customer_id,
-                _str(obj, "customer"),
-                self._plan(obj) or "starter",
+                facts.customer,
+                self._plan(facts) or "starter",
                 created,
             )
             return "canceled_unseen", []
@@ -257,21 +259,21 @@ class StripeTranslator:
             subscription,
             created,
         )
-        canceled_at = _time(obj.get("canceled_at")) or e.stripe_created
+        canceled_at = facts.canceled_at or e.stripe_created
         return "canceled", [
             SubscriptionCanceled(
                 customer_id=row["customer_id"],
                 stripe_subscription_id=row["stripe_subscription_id"],
                 canceled_at=canceled_at,
-                reason=_str(obj, "cancellation_details") or None,
+                reason=facts.cancellation_reason,
                 stripe_event_id=e.stripe_event_id,
             )
         ]
 
     async def _invoice_paid(
-        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+        self, e: StripeEventReceived, facts: StripeFacts, created: int
     ) -> tuple[str, list[Event]]:
-        row = await self._subscription_of_invoice(obj)
+        row = await self._subscription_of_invoice(facts)
         if row is None or row["canceled"] or row["status"] != "past_due":
             return "noted", []
         await self.conn.execute(
@@ -294,10 +296,10 @@ class StripeTranslator:
         ]
 
     async def _payment_failed(
-        self, e: StripeEventReceived, obj: dict[str, Any], created: int
+        self, e: StripeEventReceived, facts: StripeFacts, created: int
     ) -> tuple[str, list[Event]]:
-        row = await self._subscription_of_invoice(obj)
-        if row is None or row["canceled"]:
+        row = await self._subscription_of_invoice(facts)
+        if row is None or row["canceled"] or facts.id is None:
             return "unmatched", []
         await self.conn.execute(
             "UPDATE stripe_subscriptions SET status = 'past_due' "
@@ -305,23 +307,21 @@ class StripeTranslator:
             row["stripe_subscription_id"],
             created,
         )
-        attempt = obj.get("attempt_count")
-        due = obj.get("amount_due")
         return "payment_failed", [
             PaymentFailed(
                 customer_id=row["customer_id"],
-                stripe_invoice_id=_str(obj, "id") or "",
+                stripe_invoice_id=facts.id,
                 stripe_subscription_id=row["stripe_subscription_id"],
-                amount_due=due if isinstance(due, int) else 0,
-                currency=_str(obj, "currency") or "eur",
-                attempt_count=attempt if isinstance(attempt, int) else 1,
-                next_payment_attempt=_time(obj.get("next_payment_attempt")),
+                amount_due=facts.amount_due or 0,
+                currency=facts.currency or "eur",
+                attempt_count=1 if facts.attempt_count is None else facts.attempt_count,
+                next_payment_attempt=facts.next_payment_attempt,
                 stripe_event_id=e.stripe_event_id,
             )
         ]
 
-    async def _subscription_of_invoice(self, obj: dict[str, Any]) -> Any:
-        subscription = _str(obj, "subscription")
+    async def _subscription_of_invoice(self, facts: StripeFacts) -> Any:
+        subscription = facts.subscription
         if subscription is None:
             return None
         return await self.conn.fetchrow(

@@ -1,7 +1,9 @@
-"""The Stripe webhook gateway: verify, store the raw event on the log once, answer fast.
+"""The Stripe webhook gateway: verify, keep the body, put its facts on the log once, answer fast.
 
 It does no business logic: the billing service turns stored Stripe events into domain events
 from the log, where a retried, duplicated or reordered webhook is just another event to judge.
+The body as sent stays in billing's own table (``stripe_payloads``); the log gets only the
+facts billing reads (``services/billing/stripe_payloads.py``).
 """
 
 from __future__ import annotations
@@ -10,15 +12,20 @@ import functools
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-import msgspec
+import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 from stripe import SignatureVerificationError, WebhookSignature
 
-from contracts import StripeEventReceived
+from contracts import StripeEventReceived, StripeFacts
 from libs.eventstore import ConcurrencyConflict, EventStore
 from libs.http import DomainError, InvalidRequest
+from services.billing.stripe_payloads import (
+    StripeEventHead,
+    customer_hint,
+    keep_payload,
+    read_webhook,
+)
 
 
 class WebhookNotConfigured(DomainError):
@@ -28,18 +35,11 @@ class WebhookNotConfigured(DomainError):
     code = "webhook_not_configured"
 
 
-class StripeEventHead(msgspec.Struct, frozen=True, kw_only=True):
-    """The parts of a Stripe event the gateway reads; the rest is stored as sent."""
+class WebhookTooLarge(DomainError):
+    """413: a body over STRIPE_WEBHOOK_MAX_BYTES; it is read no further and stored nowhere."""
 
-    id: str
-    type: str
-    created: int
-    livemode: bool = False
-    api_version: str | None = None
-    data: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-_HEAD = msgspec.json.Decoder(StripeEventHead)
+    status_code = 413
+    code = "too_large"
 
 
 @functools.cache
@@ -70,19 +70,11 @@ class Received:
     duplicate: bool
 
 
-def customer_of(head: StripeEventHead) -> str | None:
-    """Our customer id, when the Stripe object carries it (metadata.customer_id)."""
-    obj = head.data.get("object")
-    if not isinstance(obj, dict):
-        return None
-    metadata = obj.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("customer_id"), str):
-        return str(metadata["customer_id"])
-    return None
-
-
-def verify(payload: bytes, signature: str | None, secret: str, tolerance: int) -> StripeEventHead:
-    """The event, if ``signature`` is Stripe's for this payload and recent; else a 400."""
+def verify(
+    payload: bytes, signature: str | None, secret: str, tolerance: int
+) -> tuple[StripeEventHead, StripeFacts | None]:
+    """The event and its facts, if ``signature`` is Stripe's for this payload and recent; else
+    a 400 (naming the field, for a signed body billing cannot read)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -94,14 +86,12 @@ def verify(payload: bytes, signature: str | None, secret: str, tolerance: int) -
     except SignatureVerificationError as exc:
         # Stripe's message says which check failed (no signature, timestamp outside tolerance).
         raise InvalidRequest(f"invalid Stripe-Signature: {exc.user_message or exc}") from None
-    try:
-        return _HEAD.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"webhook body is not a Stripe event: {exc}") from None
+    return read_webhook(payload, datetime.now(UTC))
 
 
 async def receive_webhook(
     store: EventStore,
+    db: asyncpg.Pool,
     payload: bytes,
     signature: str | None,
     *,
@@ -109,24 +99,26 @@ async def receive_webhook(
     tolerance: int,
     metrics: WebhookMetrics,
 ) -> Received:
-    """Verify a webhook and put it on the log once per Stripe event id."""
+    """Verify a webhook, keep its body, and put its facts on the log once per Stripe event id."""
     if not secret:
         metrics.webhooks.labels("rejected", "unknown").inc()
         raise WebhookNotConfigured("STRIPE_WEBHOOK_SECRET is not set; webhooks are refused")
     try:
-        head = verify(payload, signature, secret, tolerance)
+        head, facts = verify(payload, signature, secret, tolerance)
     except InvalidRequest:
         metrics.webhooks.labels("rejected", "unknown").inc()
         raise
     event = StripeEventReceived(
-        customer_id=customer_of(head),
+        customer_id=facts.metadata_customer_id if facts is not None else customer_hint(head),
         stripe_event_id=head.id,
         stripe_type=head.type,
         stripe_created=datetime.fromtimestamp(head.created, UTC),
         livemode=head.livemode,
         api_version=head.api_version,
-        payload=payload.decode("utf-8"),
+        facts=facts,
     )
+    # Kept before it is announced: a retry after a failed append finds the body kept already.
+    await keep_payload(db, head, payload)
     try:
         # One subject per Stripe event: the first delivery is stored, every retry conflicts.
         await store.publish(

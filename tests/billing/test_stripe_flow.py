@@ -7,18 +7,24 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
-from contracts import decode_envelope
+from contracts import Envelope, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.replay import replay_service
 from libs.runtime import Platform
 from services.billing.app import BILLING
+from services.billing.settings import BillingSettings
+from services.billing.stripe_events import StripeTranslator
+from services.billing.stripe_payloads import READ_TYPES
+from services.billing.webhooks import stripe_key
 from services.targets import build_app
 from stripe_signing import SECRET, sign
 from support import eventually, serving
@@ -229,6 +235,78 @@ async def test_a_failed_payment_and_the_paid_invoice_after_it(client, settings, 
     ]
 
 
+def version_1_event(payload: bytes, customer_id: str | None) -> Envelope:
+    """A StripeEventReceived as the gateway before version 2 appended it: the body in full."""
+    head = json.loads(payload)
+    body = {
+        "customer_id": customer_id,
+        "stripe_event_id": head["id"],
+        "stripe_type": head["type"],
+        "stripe_created": datetime.fromtimestamp(head["created"], UTC).isoformat(),
+        "livemode": False,
+        "api_version": head["api_version"],
+        "payload": payload.decode(),
+    }
+    return Envelope(
+        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"stripe:{head['id']}")),
+        type="StripeEventReceived",
+        version=1,
+        occurred_at=datetime.now(UTC),
+        customer_id=customer_id,
+        correlation_id=str(uuid.uuid4()),
+        data=msgspec.Raw(msgspec.json.encode(body)),
+    )
+
+
+async def test_version_1_events_with_the_whole_payload_still_drive_billing(
+    client, settings, store
+) -> None:
+    customer_id, sub_id = str(uuid.uuid4()), f"sub_{uuid.uuid4().hex[:14]}"
+    now = int(time.time())
+    created = stripe_event(
+        "customer.subscription.created",
+        subscription(customer_id, sub_id, "professional", "active", now + 86400),
+        now,
+    )
+    failed = stripe_event(
+        "invoice.payment_failed",
+        {"id": "in_v1", "subscription": sub_id, "amount_due": 4900, "currency": "eur"},
+        now + 1,
+    )
+    for payload, customer in [(created, customer_id), (failed, None)]:
+        key = stripe_key(json.loads(payload)["id"])
+        await store.append(version_1_event(payload, customer), key=key)
+    row = await eventually(
+        lambda: subscription_row(settings, customer_id),
+        lambda r: r is not None and r["status"] == "past_due",
+        what="the subscription from version 1 events, past due",
+    )
+    assert row["plan"] == "professional"
+    assert await domain_events(store, customer_id) == ["SubscriptionActivated", "PaymentFailed"]
+    # A version 1 body that does not read as Stripe documents it is recorded, never parked.
+    broken = stripe_event(
+        "customer.subscription.updated",
+        subscription(customer_id, sub_id, "enterprise", "active", 10**30),
+        now + 2,
+    )
+    await store.append(
+        version_1_event(broken, customer_id), key=stripe_key(json.loads(broken)["id"])
+    )
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        outcome = await eventually(
+            lambda: conn.fetchval(
+                "SELECT outcome FROM billing.stripe_events WHERE stripe_event_id = $1",
+                json.loads(broken)["id"],
+            ),
+            what="the unreadable version 1 event recorded",
+        )
+    finally:
+        await conn.close()
+    assert outcome == "unreadable"
+    assert (await subscription_row(settings, customer_id))["plan"] == "professional"
+
+
 async def test_billing_replay_verifies_after_the_flows(client, settings, store) -> None:
     conn = await asyncpg.connect(settings.database_url)
     try:
@@ -244,3 +322,7 @@ async def test_billing_replay_verifies_after_the_flows(client, settings, store) 
         await conn.close()
     assert report.differences == 0
     assert report.events_applied > 0
+
+
+def test_the_gateway_reads_the_facts_of_exactly_the_types_billing_acts_on() -> None:
+    assert set(StripeTranslator(None, BillingSettings()).handlers()) == READ_TYPES

@@ -7,14 +7,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import httpx
 import pytest
 
-from contracts import StripeEventReceived, decode_envelope, decode_event
+from contracts import StripeEventReceived, StripeFacts, decode_envelope, decode_event
 from libs.config import ServiceSettings
+from libs.db import create_pool
 from libs.eventstore import EventStore
 from libs.runtime import Platform
 from services.billing.app import BILLING
+from services.billing.stripe_payloads import purge_payloads
 from services.billing.webhooks import stripe_key
 from services.targets import build_app
 from stripe_signing import SECRET, sign
@@ -105,7 +108,7 @@ def metric(text: str, outcome: str, event_type: str) -> float:
 
 
 async def test_a_signed_webhook_is_stored_once_however_often_stripe_sends_it(
-    client, store: EventStore
+    client, settings, store: EventStore
 ) -> None:
     payload = checkout_completed("cust-1")
     stripe_id = json.loads(payload)["id"]
@@ -113,9 +116,20 @@ async def test_a_signed_webhook_is_stored_once_however_often_stripe_sends_it(
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.json()["duplicate"] for a in answers] == [False, True, True]
     [event] = await stored(store, stripe_id)
-    assert event.payload == payload.decode()  # exactly as Stripe sent it
+    assert event.payload is None  # the body is billing's, kept apart; the log has its facts
+    assert event.facts == StripeFacts(
+        id=json.loads(payload)["data"]["object"]["id"],
+        customer="cus_Q1w2e3r4t5y6u7",
+        metadata_customer_id="cust-1",
+        metadata_plan="professional",
+        client_reference_id="cust-1",
+        subscription="sub_1PabcdEFGhijKLmn",
+        status="complete",
+        currency="eur",
+    )
     assert event.stripe_type == "checkout.session.completed"
     assert event.customer_id == "cust-1"
+    assert await kept(settings, stripe_id) == [payload]  # exactly as Stripe sent it, once
     metrics = (await client.get("/metrics")).text
     assert metric(metrics, "received", "checkout.session.completed") == 1
     assert metric(metrics, "duplicate", "checkout.session.completed") == 2
@@ -164,21 +178,67 @@ async def test_an_unknown_event_type_is_acknowledged_and_recorded(client, store)
     [event] = await stored(store, json.loads(payload)["id"])
     assert event.stripe_type == "radar.early_fraud_warning.created"
     assert event.customer_id is None
+    assert event.facts is None  # billing reads nothing of an object of this type
 
 
-async def test_without_a_webhook_secret_every_webhook_is_refused(store: EventStore) -> None:
+async def test_without_a_webhook_secret_every_webhook_is_refused(
+    client, settings, store: EventStore
+) -> None:
     from prometheus_client import CollectorRegistry
 
     from services.billing.webhooks import WebhookMetrics, WebhookNotConfigured, receive_webhook
 
     payload = checkout_completed("cust-3")
-    with pytest.raises(WebhookNotConfigured):
-        await receive_webhook(
-            store,
-            payload,
-            sign(payload),
-            secret=None,
-            tolerance=300,
-            metrics=WebhookMetrics(CollectorRegistry()),
-        )
+    pool = await create_pool(settings.database_url, BILLING.schema)
+    try:
+        with pytest.raises(WebhookNotConfigured):
+            await receive_webhook(
+                store,
+                pool,
+                payload,
+                sign(payload),
+                secret=None,
+                tolerance=300,
+                metrics=WebhookMetrics(CollectorRegistry()),
+            )
+    finally:
+        await pool.close()
     assert await stored(store, json.loads(payload)["id"]) == []
+    assert await kept(settings, json.loads(payload)["id"]) == []
+
+
+async def test_the_purge_deletes_the_bodies_past_their_retention_and_keeps_the_rest(
+    client, settings
+) -> None:
+    pool = await create_pool(settings.database_url, BILLING.schema)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM stripe_payloads")
+            for stripe_id, days in [("evt_old", 31), ("evt_recent", 29)]:
+                await conn.execute(
+                    "INSERT INTO stripe_payloads (stripe_event_id, stripe_type, payload, "
+                    "received_at) VALUES ($1, 'invoice.paid', $2, "
+                    "now() - make_interval(days => $3))",
+                    stripe_id,
+                    b'{"id": "%s"}' % stripe_id.encode(),
+                    days,
+                )
+        assert await purge_payloads(pool, 30) == 1
+        assert await purge_payloads(pool, 30) == 0
+        remaining = await pool.fetch("SELECT stripe_event_id FROM stripe_payloads")
+        assert [r["stripe_event_id"] for r in remaining] == ["evt_recent"]
+        assert await purge_payloads(pool, 28.5) == 1
+    finally:
+        await pool.close()
+
+
+async def kept(settings: ServiceSettings, stripe_event_id: str) -> list[bytes]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT payload FROM billing.stripe_payloads WHERE stripe_event_id = $1",
+            stripe_event_id,
+        )
+    finally:
+        await conn.close()
+    return [bytes(row["payload"]) for row in rows]
