@@ -124,10 +124,11 @@ async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx
     """The app served by uvicorn on ``port`` (a free one by default) in this event loop, and a
     client for it."""
     from libs.embedded import free_port
+    from services.cli import server_config
 
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
-    server = uvicorn.Server(config)
+    # The configuration production runs with (no X-Forwarded-For believed by uvicorn).
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, "warning"))
     task = asyncio.create_task(server.serve())
     try:
         await eventually(lambda: asyncio.sleep(0, server.started), what="uvicorn started")

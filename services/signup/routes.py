@@ -10,7 +10,7 @@ from litestar.params import HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
 from libs.auth import SessionTokens
-from libs.http import DomainError, InvalidRequest, error_body
+from libs.http import DomainError, InvalidRequest, client_address, error_body
 from libs.runtime import ServiceRuntime
 from services.signup.handlers import (
     SignupService,
@@ -33,14 +33,6 @@ IdempotencyKey = Annotated[
         description="Retrying with the same key returns the first answer",
     ),
 ]
-
-
-def client_address(request: Request[Any, Any, Any], trusted_hops: int) -> str:
-    """The caller's address: the peer, or the hop our trusted proxies saw."""
-    forwarded = [a.strip() for a in request.headers.get("x-forwarded-for", "").split(",") if a]
-    if trusted_hops and len(forwarded) >= trusted_hops:
-        return forwarded[-trusted_hops]
-    return request.client.host if request.client else "unknown"
 
 
 def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
