@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
+import ipaddress
 import time
 import uuid
 from dataclasses import dataclass
@@ -114,6 +114,20 @@ def deployment_of(row: asyncpg.Record | None) -> DeploymentOut:
 # --- rate limiting of failed logins --------------------------------------------------------------
 
 
+def address_subject(address: str) -> str:
+    """What a client address is counted under: an IPv4 address, or the /64 an IPv6 address is
+    in (one subscriber holds a /64 or more, so single IPv6 addresses would count nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"addr:{address[:64]}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"addr:{ip.ipv4_mapped}"
+        return f"addr:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"addr:{ip}"
+
+
 @dataclass(frozen=True)
 class LoginLimits:
     """How many failed logins a window allows, per email and per client address."""
@@ -123,41 +137,50 @@ class LoginLimits:
     window_seconds: int
 
 
-async def refuse_if_limited(
-    conn: asyncpg.Connection, limits: LoginLimits, email: str, address: str
-) -> None:
-    """429 with Retry-After when the email or the address has failed too often lately."""
-    rows = await conn.fetch(
-        "SELECT subject, failures, window_started_at FROM login_failures "
-        "WHERE subject = ANY($1::text[])",
-        [f"email:{email_key(email)}", f"addr:{address}"],
-    )
-    now = time.time()
-    for row in rows:
-        limit = limits.per_email if row["subject"].startswith("email:") else limits.per_address
-        ends = row["window_started_at"].timestamp() + limits.window_seconds
-        if row["failures"] >= limit and ends > now:
-            raise TooManyRequests("too many failed logins; try again later", math.ceil(ends - now))
+def login_subjects(email: str, address: str) -> list[str]:
+    """The rows a login is counted under, always in this order (row locks never cross)."""
+    return [address_subject(address), f"email:{email_key(email)}"]
 
 
-async def record_failure(
+async def reserve_login_attempt(
     conn: asyncpg.Connection, limits: LoginLimits, email: str, address: str
 ) -> None:
-    """Count a failed login against the email and the address (a new window when one ended)."""
+    """Count a login against the email and the address before its password is hashed, in one
+    transaction: concurrent attempts take turns on the rows, so no more than the limit ever
+    reach the hash. 429 with Retry-After, and nothing counted, when either is spent."""
+    subjects = login_subjects(email, address)
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """
+            INSERT INTO login_failures AS f (subject, window_started_at, failures)
+            SELECT unnest($1::text[]), now(), 1
+            ON CONFLICT (subject) DO UPDATE SET
+                failures = CASE WHEN f.window_started_at < now() - make_interval(secs => $2)
+                                THEN 1 ELSE f.failures + 1 END,
+                window_started_at = CASE WHEN f.window_started_at
+                                              < now() - make_interval(secs => $2)
+                                         THEN now() ELSE f.window_started_at END
+            RETURNING subject, failures,
+                      ceil(extract(epoch FROM window_started_at
+                                   + make_interval(secs => $2) - now()))::int AS retry_after
+            """,
+            subjects,
+            float(limits.window_seconds),
+        )
+        for row in rows:
+            is_email = row["subject"].startswith("email:")
+            limit = limits.per_email if is_email else limits.per_address
+            if row["failures"] > limit:
+                raise TooManyRequests("too many failed logins; try again later", row["retry_after"])
+
+
+async def forgive_login_attempt(conn: asyncpg.Connection, email: str, address: str) -> None:
+    """A login that succeeded: the email starts afresh and the address does not count it."""
+    address_row, email_row = login_subjects(email, address)
+    await conn.execute("DELETE FROM login_failures WHERE subject = $1", email_row)
     await conn.execute(
-        """
-        INSERT INTO login_failures (subject, window_started_at, failures)
-        SELECT unnest($1::text[]), now(), 1
-        ON CONFLICT (subject) DO UPDATE SET
-            failures = CASE WHEN login_failures.window_started_at
-                                 < now() - make_interval(secs => $2) THEN 1
-                            ELSE login_failures.failures + 1 END,
-            window_started_at = CASE WHEN login_failures.window_started_at
-                                          < now() - make_interval(secs => $2) THEN now()
-                                     ELSE login_failures.window_started_at END
-        """,
-        [f"email:{email_key(email)}", f"addr:{address}"],
-        float(limits.window_seconds),
+        "UPDATE login_failures SET failures = failures - 1 WHERE subject = $1 AND failures > 0",
+        address_row,
     )
 
 
@@ -253,7 +276,7 @@ class SignupService:
     async def log_in(self, form: LoginForm, address: str) -> LoginAnswer:
         """A session token for the right password; the same 401 for every wrong answer."""
         async with self.pool.acquire() as conn:
-            await refuse_if_limited(conn, self.limits, form.email, address)
+            await reserve_login_attempt(conn, self.limits, form.email, address)
             row = await conn.fetchrow(
                 "SELECT customer_id, password_hash FROM credentials WHERE email = $1 AND confirmed",
                 form.email,
@@ -261,17 +284,14 @@ class SignupService:
         ok = await self.passwords.verify(row["password_hash"] if row else None, form.password)
         async with self.pool.acquire() as conn:
             if not ok or row is None:
-                await record_failure(conn, self.limits, form.email, address)
-                raise Unauthorized("invalid email or password")
+                raise Unauthorized("invalid email or password")  # the attempt stays counted
             account = await conn.fetchrow(
                 "SELECT * FROM accounts WHERE customer_id = $1", row["customer_id"]
             )
             if account is not None and account["closed_at"] is not None:
-                # A closed account answers like a wrong password: nothing to learn from it.
+                # A closed account answers (and counts) like a wrong password.
                 raise Unauthorized("invalid email or password")
-            await conn.execute(
-                "DELETE FROM login_failures WHERE subject = $1", f"email:{email_key(form.email)}"
-            )
+            await forgive_login_attempt(conn, form.email, address)
         return LoginAnswer(
             customer_id=row["customer_id"],
             email=form.email,
