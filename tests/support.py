@@ -54,9 +54,19 @@ def license_keys_dir() -> str:
     return str(folder)
 
 
+# The suite signs many customers up from 127.0.0.1, as no person would: platforms that sign
+# up more than a handful raise the limits as an operator would, through the settings.
+SUITE_SIGNUP_LIMITS: dict[str, object] = {
+    "signup_max_per_address": 100_000,
+    "signup_max_per_hour": 100_000,
+}
+
+
 def make_platform(settings: ServiceSettings, definitions: Sequence[ServiceDefinition]) -> Platform:
     """A platform hosting ``definitions``, with the test license key for licensing."""
-    return Platform.from_settings(settings, definitions, license_keys_dir=license_keys_dir())
+    return Platform.from_settings(
+        settings, definitions, license_keys_dir=license_keys_dir(), **SUITE_SIGNUP_LIMITS
+    )
 
 
 def make_settings(database_url: str, nats_url: str, **overrides: object) -> ServiceSettings:
@@ -227,5 +237,6 @@ def local_backend_settings(
         "mqtt_port": broker.port,
         "mqtt_admin_username": broker.admin_username,
         "mqtt_admin_password": broker.admin_password,
+        **SUITE_SIGNUP_LIMITS,
         **extra,
     }

@@ -111,7 +111,7 @@ def deployment_of(row: asyncpg.Record | None) -> DeploymentOut:
     )
 
 
-# --- rate limiting of failed logins --------------------------------------------------------------
+# --- abuse limits: signups and failed logins ------------------------------------------------------
 
 
 def address_subject(address: str) -> str:
@@ -126,6 +126,47 @@ def address_subject(address: str) -> str:
             return f"addr:{ip.ipv4_mapped}"
         return f"addr:{ipaddress.IPv6Network((ip, 64), strict=False)}"
     return f"addr:{ip}"
+
+
+@dataclass(frozen=True)
+class SignupLimits:
+    """How many signups a window allows, per client address and overall."""
+
+    per_address: int
+    address_window_seconds: int
+    per_hour: int
+
+
+async def reserve_signup(pool: asyncpg.Pool, limits: SignupLimits, address: str) -> None:
+    """Count a signup against its address and the overall cap before any work is done, in one
+    transaction; 429 with Retry-After, and nothing counted, when either is spent."""
+    subjects = [address_subject(address), "all"]
+    allowed = {subjects[0]: limits.per_address, "all": limits.per_hour}
+    async with pool.acquire() as conn, conn.transaction():
+        # One statement counts both; its row locks make concurrent signups take turns, so
+        # every replica sees the same count. The order of the subjects is always the same.
+        rows = await conn.fetch(
+            """
+            INSERT INTO signup_windows AS w (subject, window_ends_at, signups)
+            SELECT subject, now() + make_interval(secs => secs), 1
+            FROM unnest($1::text[], $2::float8[]) AS t(subject, secs)
+            ON CONFLICT (subject) DO UPDATE SET
+                signups = CASE WHEN w.window_ends_at <= now() THEN 1 ELSE w.signups + 1 END,
+                window_ends_at = CASE WHEN w.window_ends_at <= now()
+                                      THEN EXCLUDED.window_ends_at ELSE w.window_ends_at END
+            RETURNING subject, signups,
+                      ceil(extract(epoch FROM window_ends_at - now()))::int AS retry_after
+            """,
+            subjects,
+            [float(limits.address_window_seconds), 3600.0],
+        )
+        for row in rows:
+            if row["signups"] > allowed[row["subject"]]:
+                # Raising rolls the transaction back: a refused signup is not counted.
+                who = "this address" if row["subject"] != "all" else "the platform"
+                raise TooManyRequests(
+                    f"too many signups from {who} lately; try again later", row["retry_after"]
+                )
 
 
 @dataclass(frozen=True)
@@ -207,8 +248,17 @@ class SignupService:
             s.login_failure_window_seconds,
         )
 
-    async def sign_up(self, form: SignupForm) -> SignupAnswer:
-        """Open an account: the log decides who got the email first."""
+    @property
+    def signup_limits(self) -> SignupLimits:
+        """Signup limits from the settings."""
+        s = self.settings
+        return SignupLimits(
+            s.signup_max_per_address, s.signup_address_window_seconds, s.signup_max_per_hour
+        )
+
+    async def sign_up(self, form: SignupForm, address: str) -> SignupAnswer:
+        """Open an account: the limits first, then the log decides who got the email first."""
+        await reserve_signup(self.pool, self.signup_limits, address)
         if await self.pool.fetchval("SELECT 1 FROM accounts WHERE email = $1", form.email):
             raise Conflict("an account with this email already exists")
         customer_id = str(uuid.uuid4())
@@ -371,11 +421,13 @@ async def release_idempotency_key(pool: asyncpg.Pool, key: str) -> None:
 async def forget_stale_private_state(
     pool: asyncpg.Pool, login_window_seconds: int, idempotency_hours: int = 24
 ) -> None:
-    """Drop failed-login windows that ended, and idempotency answers older than a day."""
+    """Drop failed-login and signup windows that ended, and idempotency answers older than a
+    day."""
     await pool.execute(
         "DELETE FROM login_failures WHERE window_started_at < now() - make_interval(secs => $1)",
         float(login_window_seconds),
     )
+    await pool.execute("DELETE FROM signup_windows WHERE window_ends_at < now()")
     await pool.execute(
         "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)",
         idempotency_hours,

@@ -10,7 +10,7 @@ from litestar.params import HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
 from libs.auth import SessionTokens
-from libs.http import DomainError, InvalidRequest, client_address, error_body
+from libs.http import DomainError, InvalidRequest, TooManyRequests, client_address, error_body
 from libs.runtime import ServiceRuntime
 from services.signup.handlers import (
     SignupService,
@@ -56,26 +56,31 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         tags=["customers"],
     )
     async def signup(
-        data: JSONBody[dict[str, Any]], idempotency_key: IdempotencyKey = None
+        data: JSONBody[dict[str, Any]],
+        request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[Any]:
         """Sign a customer up: account, trial and license, deployment under way."""
         form = parse_signup(data)
         signups = service()
+        address = client_address(request, settings.trusted_proxy_hops)
         if idempotency_key is None:
-            return Response(await signups.sign_up(form), status_code=201)
+            return Response(await signups.sign_up(form, address), status_code=201)
         if not idempotency_key.isprintable() or not idempotency_key.strip():
             raise InvalidRequest(
                 "invalid request",
                 fields=[{"field": "Idempotency-Key", "reason": "must be printable text"}],
             )
         pool = signups.pool
+        # A retry of a signup that was answered gets that answer, before any limit is counted.
         stored = await claim_idempotency_key(pool, idempotency_key, request_fingerprint(form))
         if stored is not None:
             return Response(stored[1], status_code=stored[0])
         try:
-            answer = await signups.sign_up(form)
+            answer = await signups.sign_up(form, address)
         except DomainError as exc:
-            if exc.status_code >= 500:
+            if exc.status_code >= 500 or isinstance(exc, TooManyRequests):
+                # Passing: a retry (after Retry-After) runs again.
                 await release_idempotency_key(pool, idempotency_key)
             else:  # a refusal is the answer; a retry gets it again
                 await remember_answer(
