@@ -321,6 +321,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "SESSION_SECRET": generated_secret(data_dir, "session-secret"),
         "PROVISIONER_SECRET": generated_secret(data_dir, "provisioner-secret"),
         "USAGE_SECRET": generated_secret(data_dir, "usage-secret"),
+        "LOGIN_RELAY_SECRET": generated_secret(data_dir, "login-relay-secret"),
         "LICENSE_KEYS_DIR": str(license_keys(data_dir)),
     }
     postgres = EmbeddedPostgres(

@@ -226,6 +226,7 @@ def local_backend_settings(
         "argon2_time_cost": 1,
         "provisioner_secret": "p" * 40,
         "usage_secret": "u" * 40,
+        "login_relay_secret": "r" * 40,
         "instance_usage_report_seconds": 1.0,
         "license_jwks_url": f"http://127.0.0.1:{port}/.well-known/jwks.json",
         "control_plane_url": f"http://127.0.0.1:{port}",

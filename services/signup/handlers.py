@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 
 from contracts import CustomerSignedUp, Features
-from libs.auth import SessionTokens
+from libs.auth import LOGIN_RELAY_MAX_AGE_SECONDS, RelayedClient, SessionTokens
 from libs.eventstore import ConcurrencyConflict, EventStore
 from libs.http import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
 from libs.timeutil import days_remaining
@@ -167,6 +167,20 @@ async def reserve_signup(pool: asyncpg.Pool, limits: SignupLimits, address: str)
                 raise TooManyRequests(
                     f"too many signups from {who} lately; try again later", row["retry_after"]
                 )
+
+
+# Assertions older than LOGIN_RELAY_MAX_AGE_SECONDS are refused by their timestamp, so their
+# nonces need keeping only a while longer (clocks of instances may run a little ahead).
+RELAY_NONCE_KEEP_SECONDS = 10 * LOGIN_RELAY_MAX_AGE_SECONDS
+
+
+async def first_use_of_relay(conn: asyncpg.Connection, nonce: str) -> bool:
+    """True the first time a relayed sign-in's nonce is seen (on any replica), False after."""
+    inserted = await conn.fetchval(
+        "INSERT INTO login_relay_nonces (nonce) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true",
+        nonce,
+    )
+    return bool(inserted)
 
 
 @dataclass(frozen=True)
@@ -323,9 +337,16 @@ class SignupService:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
 
-    async def log_in(self, form: LoginForm, address: str) -> LoginAnswer:
-        """A session token for the right password; the same 401 for every wrong answer."""
+    async def log_in(
+        self, form: LoginForm, address: str, relayed: RelayedClient | None = None
+    ) -> LoginAnswer:
+        """A session token for the right password; the same 401 for every wrong answer.
+
+        ``address`` is the caller's; a sign-in an instance relayed with a valid signature
+        (``relayed``) counts against the browser address it vouches for instead, once."""
         async with self.pool.acquire() as conn:
+            if relayed is not None and await first_use_of_relay(conn, relayed.nonce):
+                address = relayed.address
             await reserve_login_attempt(conn, self.limits, form.email, address)
             row = await conn.fetchrow(
                 "SELECT customer_id, password_hash FROM credentials WHERE email = $1 AND confirmed",
@@ -421,13 +442,17 @@ async def release_idempotency_key(pool: asyncpg.Pool, key: str) -> None:
 async def forget_stale_private_state(
     pool: asyncpg.Pool, login_window_seconds: int, idempotency_hours: int = 24
 ) -> None:
-    """Drop failed-login and signup windows that ended, and idempotency answers older than a
-    day."""
+    """Drop failed-login and signup windows that ended, relay nonces too old to be believed
+    anyway, and idempotency answers older than a day."""
     await pool.execute(
         "DELETE FROM login_failures WHERE window_started_at < now() - make_interval(secs => $1)",
         float(login_window_seconds),
     )
     await pool.execute("DELETE FROM signup_windows WHERE window_ends_at < now()")
+    await pool.execute(
+        "DELETE FROM login_relay_nonces WHERE seen_at < now() - make_interval(secs => $1)",
+        float(RELAY_NONCE_KEEP_SECONDS),
+    )
     await pool.execute(
         "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)",
         idempotency_hours,

@@ -9,7 +9,7 @@ from litestar import Request, Response, get, post
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from libs.auth import SessionTokens
+from libs.auth import LOGIN_RELAY_HEADER, SessionTokens, verify_relayed_client
 from libs.http import DomainError, InvalidRequest, TooManyRequests, client_address, error_body
 from libs.runtime import ServiceRuntime
 from services.signup.handlers import (
@@ -105,7 +105,11 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     async def login(data: JSONBody[dict[str, Any]], request: Request[Any, Any, Any]) -> LoginAnswer:
         """A session token for the customer's own routes."""
         form = parse_login(data)
-        return await service().log_in(form, client_address(request, settings.trusted_proxy_hops))
+        relayed = verify_relayed_client(
+            request.headers.get(LOGIN_RELAY_HEADER), settings.login_relay_secret, form.email
+        )
+        address = client_address(request, settings.trusted_proxy_hops)
+        return await service().log_in(form, address, relayed)
 
     @get("/api/customers/me", tags=["customers"])
     async def me(request: Request[Any, Any, Any]) -> AccountView:

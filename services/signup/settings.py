@@ -33,3 +33,6 @@ class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
     signup_max_per_hour: Annotated[int, Meta(ge=1)] = 60
     # Proxies in front of the service that append to X-Forwarded-For; 0 trusts none of it.
     trusted_proxy_hops: Annotated[int, Meta(ge=0, le=5)] = 0
+    # Instances' dashboards relay sign-ins with the browser's address, signed with a key
+    # derived from this (the provisioner hands each instance its own); unset believes none.
+    login_relay_secret: Annotated[str, Meta(min_length=32)] | None = None

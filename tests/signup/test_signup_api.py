@@ -336,12 +336,18 @@ async def test_stale_rate_limit_windows_and_idempotency_answers_are_forgotten(pl
         "INSERT INTO signup_windows VALUES ('addr:ended', now() - interval '1 second', 4), "
         "('addr:open', now() + interval '1 hour', 2)"
     )
+    await pool.execute(
+        "INSERT INTO login_relay_nonces VALUES ('old-nonce', now() - interval '1 hour'), "
+        "('new-nonce', now())"
+    )
     await forget_stale_private_state(pool, login_window_seconds=900)
     subjects = {r["subject"] for r in await pool.fetch("SELECT subject FROM login_failures")}
     keys = {r["key"] for r in await pool.fetch("SELECT key FROM idempotency_keys")}
     windows = {r["subject"] for r in await pool.fetch("SELECT subject FROM signup_windows")}
     assert "addr:old" not in subjects and "addr:new" in subjects
     assert "old-key" not in keys and "new-key" in keys
+    nonces = {r["nonce"] for r in await pool.fetch("SELECT nonce FROM login_relay_nonces")}
     assert "addr:ended" not in windows and "addr:open" in windows
+    assert nonces == {"new-nonce"}
     await pool.execute("DELETE FROM login_failures WHERE subject = 'addr:new'")
     await pool.execute("DELETE FROM signup_windows WHERE subject LIKE 'addr:%'")
