@@ -3,11 +3,16 @@
 Session tokens are HS256 JWTs signed with ``SESSION_SECRET``: signup issues them at login, every
 service checks them for the customer's own routes. Admin routes take ``ADMIN_TOKEN``. Both are
 compared in constant time, and an unset secret closes its routes rather than opening them.
+Instances prove themselves with credentials derived per customer from a secret the provisioner
+shares with the service that checks them: usage tokens (billing) and the key that signs the
+browser address of a dashboard sign-in (signup).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -53,6 +58,77 @@ def derived_secret(secret: bytes, purpose: str, subject: str) -> str:
 def instance_usage_token(usage_secret: str, customer_id: str) -> str:
     """The token a customer's instance reports its usage to billing with."""
     return derived_secret(usage_secret.encode(), "usage", customer_id)
+
+
+LOGIN_RELAY_HEADER = "Iotistic-Relayed-Client"
+LOGIN_RELAY_MAX_AGE_SECONDS = 60
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def login_relay_key(login_relay_secret: str, customer_id: str) -> str:
+    """The key a customer's instance signs its browsers' addresses with, when its dashboard
+    relays a sign-in to the control plane (derived from ``LOGIN_RELAY_SECRET``)."""
+    return derived_secret(login_relay_secret.encode(), "login-relay", customer_id)
+
+
+@dataclass(frozen=True)
+class RelayedClient:
+    """A browser address an instance vouched for, for one sign-in."""
+
+    customer_id: str
+    address: str
+    nonce: str
+
+
+def _relay_signature(
+    key: str, customer_id: str, address: str, issued_at: int, nonce: str, email: str
+) -> str:
+    message = "\n".join(("login-relay/v1", customer_id, address, str(issued_at), nonce, email))
+    return hmac.new(key.encode(), message.encode(), "sha256").hexdigest()
+
+
+def relayed_client_header(
+    key: str, customer_id: str, address: str, email: str, now: float | None = None
+) -> str:
+    """The ``Iotistic-Relayed-Client`` value an instance sends with a sign-in it relays: the
+    browser's address, when, a nonce, and an HMAC over them and the email signing in."""
+    issued = int(time.time() if now is None else now)
+    nonce = secrets.token_hex(16)
+    signature = _relay_signature(key, customer_id, address, issued, nonce, email)
+    return f"instance={customer_id}; address={address}; ts={issued}; nonce={nonce}; sig={signature}"
+
+
+def verify_relayed_client(
+    header: str | None, login_relay_secret: str | None, email: str, now: float | None = None
+) -> RelayedClient | None:
+    """The address a relayed sign-in's header vouches for, or None when the header is absent,
+    malformed, older (or newer) than a minute, or not signed with the named instance's key
+    over this email. Whether its nonce was seen before is the caller's to check."""
+    if not header or not login_relay_secret or len(header) > 512:
+        return None
+    fields: dict[str, str] = {}
+    for part in header.split(";"):
+        name, _, value = part.strip().partition("=")
+        fields[name] = value
+    customer_id, address = fields.get("instance", ""), fields.get("address", "")
+    nonce, signature, issued = fields.get("nonce", ""), fields.get("sig", ""), fields.get("ts", "")
+    if not (customer_id and _NONCE.match(nonce) and _SIGNATURE.match(signature)):
+        return None
+    if not issued.isdigit() or len(issued) > 12:
+        return None
+    current = time.time() if now is None else now
+    if abs(current - int(issued)) > LOGIN_RELAY_MAX_AGE_SECONDS:
+        return None
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    key = login_relay_key(login_relay_secret, customer_id)
+    expected = _relay_signature(key, customer_id, address, int(issued), nonce, email)
+    if not hmac.compare_digest(expected, signature):
+        return None
+    return RelayedClient(customer_id=customer_id, address=address, nonce=nonce)
 
 
 def is_admin(token: str | None, admin_token: str | None) -> bool:

@@ -7,6 +7,7 @@ logged with their trace id and answered with a plain 500.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -111,6 +112,28 @@ def error_body(
     if fields:
         body["fields"] = fields
     return {"error": body}
+
+
+def client_address(request: Request[Any, Any, Any], trusted_proxy_hops: int) -> str:
+    """The caller's address: the TCP peer, or, behind ``trusted_proxy_hops`` proxies that each
+    append to ``X-Forwarded-For``, the entry the outermost of them wrote. What a client wrote
+    itself sits left of that and is never read; with 0 hops the header is not read at all, and
+    an entry that is not an IP address (a misconfigured hop count) falls back to the peer."""
+    peer = request.client.host if request.client else "unknown"
+    if trusted_proxy_hops <= 0:
+        return peer
+    hops = [
+        entry.strip()
+        for header in request.headers.getall("x-forwarded-for", [])
+        for entry in header.split(",")
+        if entry.strip()
+    ]
+    if len(hops) < trusted_proxy_hops:
+        return peer
+    try:
+        return str(ipaddress.ip_address(hops[-trusted_proxy_hops]))
+    except ValueError:
+        return peer
 
 
 def _validation_fields(exc: ValidationException) -> list[dict[str, str]]:

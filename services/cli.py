@@ -260,14 +260,11 @@ def run_instance(args: argparse.Namespace) -> int:
 
     settings = load_settings(InstanceSettings, os.environ)
     logging.getLogger().setLevel(settings.log_level)
-    config = uvicorn.Config(
+    config = server_config(
         create_instance_app(settings),
-        host=args.host or settings.http_host,
-        port=args.port or settings.http_port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        lifespan="on",
-        server_header=False,
+        args.host or settings.http_host,
+        args.port or settings.http_port,
+        settings.log_level,
     )
     asyncio.run(GracefulServer(config).serve())
     return 0
@@ -279,19 +276,27 @@ async def serve(platform: Platform, target: str, host: str, port: int) -> None:
     logging.getLogger().setLevel(settings.log_level)
     provider = setup_tracing(f"iotistic-{target}", settings.otel_exporter)
     app = build_app(platform, target)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-    )
+    config = server_config(app, host, port, settings.log_level)
     try:
         await GracefulServer(config).serve()
     finally:
         provider.shutdown()
+
+
+def server_config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """How every HTTP server of ours runs under uvicorn (the tests' harness too)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        # uvicorn would otherwise take the client address from X-Forwarded-For on any request
+        # from loopback; only TRUSTED_PROXY_HOPS decides that (libs.http.client_address).
+        proxy_headers=False,
+    )
 
 
 class GracefulServer(uvicorn.Server):
@@ -365,6 +370,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "SESSION_SECRET": generated_secret(data_dir, "session-secret"),
         "PROVISIONER_SECRET": generated_secret(data_dir, "provisioner-secret"),
         "USAGE_SECRET": generated_secret(data_dir, "usage-secret"),
+        "LOGIN_RELAY_SECRET": generated_secret(data_dir, "login-relay-secret"),
         "LICENSE_KEYS_DIR": str(license_keys(data_dir)),
     }
     postgres = EmbeddedPostgres(

@@ -56,9 +56,19 @@ def license_keys_dir() -> str:
     return str(folder)
 
 
+# The suite signs many customers up from 127.0.0.1, as no person would: platforms that sign
+# up more than a handful raise the limits as an operator would, through the settings.
+SUITE_SIGNUP_LIMITS: dict[str, object] = {
+    "signup_max_per_address": 100_000,
+    "signup_max_per_hour": 100_000,
+}
+
+
 def make_platform(settings: ServiceSettings, definitions: Sequence[ServiceDefinition]) -> Platform:
     """A platform hosting ``definitions``, with the test license key for licensing."""
-    return Platform.from_settings(settings, definitions, license_keys_dir=license_keys_dir())
+    return Platform.from_settings(
+        settings, definitions, license_keys_dir=license_keys_dir(), **SUITE_SIGNUP_LIMITS
+    )
 
 
 NATS_CREDENTIALS_ENV = "TEST_NATS_CREDENTIALS_DIR"
@@ -174,10 +184,11 @@ async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx
     """The app served by uvicorn on ``port`` (a free one by default) in this event loop, and a
     client for it."""
     from libs.embedded import free_port
+    from services.cli import server_config
 
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
-    server = uvicorn.Server(config)
+    # The configuration production runs with (no X-Forwarded-For believed by uvicorn).
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, "warning"))
     task = asyncio.create_task(server.serve())
     try:
         await eventually(lambda: asyncio.sleep(0, server.started), what="uvicorn started")
@@ -276,6 +287,7 @@ def local_backend_settings(
         "argon2_time_cost": 1,
         "provisioner_secret": "p" * 40,
         "usage_secret": "u" * 40,
+        "login_relay_secret": "r" * 40,
         "instance_usage_report_seconds": 1.0,
         "license_jwks_url": f"http://127.0.0.1:{port}/.well-known/jwks.json",
         "control_plane_url": f"http://127.0.0.1:{port}",
@@ -287,5 +299,6 @@ def local_backend_settings(
         "mqtt_port": broker.port,
         "mqtt_admin_username": broker.admin_username,
         "mqtt_admin_password": broker.admin_password,
+        **SUITE_SIGNUP_LIMITS,
         **extra,
     }

@@ -3,9 +3,11 @@
 The page is served by the instance with its chart library (plotly.js, from the ``plotly``
 package installed from PyPI: nothing comes from a CDN, nothing is copied into the repo), so it
 works offline. Signing in posts the customer's email and password to the instance, which asks
-the control plane to sign them in and keeps the session token in an HttpOnly, SameSite=Strict
-cookie; the cookie is accepted for reading only (GET), so another site cannot make a signed-in
-browser change anything. Readings arrive live over server-sent events (``/api/stream``).
+the control plane to sign them in — with the browser's address, signed with the instance's
+``LOGIN_RELAY_KEY``, so failed tries count against that browser and not against the instance —
+and keeps the session token in an HttpOnly, SameSite=Strict cookie; the cookie is accepted for
+reading only (GET), so another site cannot make a signed-in browser change anything. Readings
+arrive live over server-sent events (``/api/stream``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from litestar.params import JSONBody
 from litestar.response import File, ServerSentEvent, ServerSentEventMessage
 from litestar.types import ControllerRouterHandler
 
-from libs.http import InvalidRequest, Unauthorized
+from libs.auth import LOGIN_RELAY_HEADER, relayed_client_header
+from libs.http import InvalidRequest, TooManyRequests, Unauthorized, UpstreamError, client_address
 from services.instance.readings import METRICS
 from services.instance.settings import InstanceSettings
 
@@ -78,6 +81,10 @@ def session_cookie(request: Request[Any, Any, Any]) -> str | None:
     return request.cookies.get(COOKIE)
 
 
+def _retry_after(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 60
+
+
 def dashboard_routes(
     settings: InstanceSettings,
     live: LiveReadings,
@@ -109,17 +116,26 @@ def dashboard_routes(
         data: JSONBody[dict[str, Any]], request: Request[Any, Any, Any]
     ) -> Response[Any]:
         email, password = data.get("email"), data.get("password")
-        if not isinstance(email, str) or not isinstance(password, str):
-            raise InvalidRequest(
-                "invalid request", fields=[{"field": "email", "reason": "email and password"}]
+        missing = [
+            {"field": name, "reason": "is required (a string)"}
+            for name, value in (("email", email), ("password", password))
+            if not isinstance(value, str) or not value
+        ]
+        if missing or not isinstance(email, str) or not isinstance(password, str):
+            raise InvalidRequest("invalid request", fields=missing)
+        email = email.strip().lower()  # as the control plane reads it, so the signature holds
+        answer = await relay_login(
+            email, password, client_address(request, settings.trusted_proxy_hops)
+        )
+        if answer.status_code == 429:
+            raise TooManyRequests(
+                "too many failed sign-ins; try again later",
+                _retry_after(answer.headers.get("retry-after")),
             )
-        async with httpx.AsyncClient(timeout=10) as client:
-            answer = await client.post(
-                f"{settings.control_plane_url.rstrip('/')}/api/customers/login",
-                json={"email": email, "password": password},
-            )
-        if answer.status_code != 200:
+        if answer.status_code in (400, 401):
             raise Unauthorized("wrong email or password")
+        if answer.status_code != 200:
+            raise UpstreamError("the control plane could not check the sign-in; try again")
         body = answer.json()
         if body.get("customer_id") != settings.instance_customer_id:
             raise Unauthorized("this dashboard belongs to another account")
@@ -137,6 +153,24 @@ def dashboard_routes(
                 )
             ],
         )
+
+    async def relay_login(email: str, password: str, browser: str) -> httpx.Response:
+        """Ask the control plane, vouching for the browser's address so that its failures
+        count against it, not against this instance (every local instance is 127.0.0.1)."""
+        headers = {}
+        if settings.login_relay_key:
+            headers[LOGIN_RELAY_HEADER] = relayed_client_header(
+                settings.login_relay_key, settings.instance_customer_id, browser, email
+            )
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                return await client.post(
+                    f"{settings.control_plane_url.rstrip('/')}/api/customers/login",
+                    json={"email": email, "password": password},
+                    headers=headers,
+                )
+        except httpx.HTTPError as exc:
+            raise UpstreamError("the control plane is unreachable; try again") from exc
 
     @post("/dashboard/logout", status_code=200, include_in_schema=False)
     async def logout() -> Response[Any]:

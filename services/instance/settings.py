@@ -37,6 +37,11 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Readings are written in batches: at this many rows, or after this long.
     ingest_batch_rows: Annotated[int, Meta(ge=1, le=100_000)] = 5000
     ingest_flush_seconds: Annotated[float, Meta(gt=0, le=10)] = 0.2
+    # Signs the browser's address on the sign-ins the dashboard relays to the control plane
+    # (the provisioner derives it for this customer); unset, they count against ours.
+    login_relay_key: str | None = None
+    # Proxies in front of the instance (the ingress) that append to X-Forwarded-For.
+    trusted_proxy_hops: Annotated[int, Meta(ge=0, le=5)] = 0
     # Usage goes to billing every so often with this instance's own token.
     usage_token: str | None = None
     usage_report_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0

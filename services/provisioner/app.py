@@ -48,6 +48,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
                 (settings.provisioner_secret or "").encode(),
                 cluster_client,
                 ready_timeout=settings.kubernetes_ready_timeout_seconds,
+                login_relay_secret=settings.login_relay_secret,
             )
         from services.provisioner.backends.local import LocalBackend
 

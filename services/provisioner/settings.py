@@ -27,6 +27,8 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     provisioner_secret: Annotated[str, Meta(min_length=32)] | None = None
     # Billing's USAGE_SECRET: each instance gets the usage token derived from it.
     usage_secret: Annotated[str, Meta(min_length=32)] | None = None
+    # Signup's LOGIN_RELAY_SECRET: each instance gets the key its dashboard signs with.
+    login_relay_secret: Annotated[str, Meta(min_length=32)] | None = None
     # How often instances report their usage to billing.
     instance_usage_report_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0
     # Where instances reach the control plane (customers' sign-in is checked there).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
+import ipaddress
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 
 from contracts import CustomerSignedUp, Features
-from libs.auth import SessionTokens
+from libs.auth import LOGIN_RELAY_MAX_AGE_SECONDS, RelayedClient, SessionTokens
 from libs.eventstore import ConcurrencyConflict, EventStore
 from libs.http import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
 from libs.timeutil import days_remaining
@@ -111,7 +111,76 @@ def deployment_of(row: asyncpg.Record | None) -> DeploymentOut:
     )
 
 
-# --- rate limiting of failed logins --------------------------------------------------------------
+# --- abuse limits: signups and failed logins ------------------------------------------------------
+
+
+def address_subject(address: str) -> str:
+    """What a client address is counted under: an IPv4 address, or the /64 an IPv6 address is
+    in (one subscriber holds a /64 or more, so single IPv6 addresses would count nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"addr:{address[:64]}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"addr:{ip.ipv4_mapped}"
+        return f"addr:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"addr:{ip}"
+
+
+@dataclass(frozen=True)
+class SignupLimits:
+    """How many signups a window allows, per client address and overall."""
+
+    per_address: int
+    address_window_seconds: int
+    per_hour: int
+
+
+async def reserve_signup(pool: asyncpg.Pool, limits: SignupLimits, address: str) -> None:
+    """Count a signup against its address and the overall cap before any work is done, in one
+    transaction; 429 with Retry-After, and nothing counted, when either is spent."""
+    subjects = [address_subject(address), "all"]
+    allowed = {subjects[0]: limits.per_address, "all": limits.per_hour}
+    async with pool.acquire() as conn, conn.transaction():
+        # One statement counts both; its row locks make concurrent signups take turns, so
+        # every replica sees the same count. The order of the subjects is always the same.
+        rows = await conn.fetch(
+            """
+            INSERT INTO signup_windows AS w (subject, window_ends_at, signups)
+            SELECT subject, now() + make_interval(secs => secs), 1
+            FROM unnest($1::text[], $2::float8[]) AS t(subject, secs)
+            ON CONFLICT (subject) DO UPDATE SET
+                signups = CASE WHEN w.window_ends_at <= now() THEN 1 ELSE w.signups + 1 END,
+                window_ends_at = CASE WHEN w.window_ends_at <= now()
+                                      THEN EXCLUDED.window_ends_at ELSE w.window_ends_at END
+            RETURNING subject, signups,
+                      ceil(extract(epoch FROM window_ends_at - now()))::int AS retry_after
+            """,
+            subjects,
+            [float(limits.address_window_seconds), 3600.0],
+        )
+        for row in rows:
+            if row["signups"] > allowed[row["subject"]]:
+                # Raising rolls the transaction back: a refused signup is not counted.
+                who = "this address" if row["subject"] != "all" else "the platform"
+                raise TooManyRequests(
+                    f"too many signups from {who} lately; try again later", row["retry_after"]
+                )
+
+
+# Assertions older than LOGIN_RELAY_MAX_AGE_SECONDS are refused by their timestamp, so their
+# nonces need keeping only a while longer (clocks of instances may run a little ahead).
+RELAY_NONCE_KEEP_SECONDS = 10 * LOGIN_RELAY_MAX_AGE_SECONDS
+
+
+async def first_use_of_relay(conn: asyncpg.Connection, nonce: str) -> bool:
+    """True the first time a relayed sign-in's nonce is seen (on any replica), False after."""
+    inserted = await conn.fetchval(
+        "INSERT INTO login_relay_nonces (nonce) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true",
+        nonce,
+    )
+    return bool(inserted)
 
 
 @dataclass(frozen=True)
@@ -123,41 +192,50 @@ class LoginLimits:
     window_seconds: int
 
 
-async def refuse_if_limited(
-    conn: asyncpg.Connection, limits: LoginLimits, email: str, address: str
-) -> None:
-    """429 with Retry-After when the email or the address has failed too often lately."""
-    rows = await conn.fetch(
-        "SELECT subject, failures, window_started_at FROM login_failures "
-        "WHERE subject = ANY($1::text[])",
-        [f"email:{email_key(email)}", f"addr:{address}"],
-    )
-    now = time.time()
-    for row in rows:
-        limit = limits.per_email if row["subject"].startswith("email:") else limits.per_address
-        ends = row["window_started_at"].timestamp() + limits.window_seconds
-        if row["failures"] >= limit and ends > now:
-            raise TooManyRequests("too many failed logins; try again later", math.ceil(ends - now))
+def login_subjects(email: str, address: str) -> list[str]:
+    """The rows a login is counted under, always in this order (row locks never cross)."""
+    return [address_subject(address), f"email:{email_key(email)}"]
 
 
-async def record_failure(
+async def reserve_login_attempt(
     conn: asyncpg.Connection, limits: LoginLimits, email: str, address: str
 ) -> None:
-    """Count a failed login against the email and the address (a new window when one ended)."""
+    """Count a login against the email and the address before its password is hashed, in one
+    transaction: concurrent attempts take turns on the rows, so no more than the limit ever
+    reach the hash. 429 with Retry-After, and nothing counted, when either is spent."""
+    subjects = login_subjects(email, address)
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """
+            INSERT INTO login_failures AS f (subject, window_started_at, failures)
+            SELECT unnest($1::text[]), now(), 1
+            ON CONFLICT (subject) DO UPDATE SET
+                failures = CASE WHEN f.window_started_at < now() - make_interval(secs => $2)
+                                THEN 1 ELSE f.failures + 1 END,
+                window_started_at = CASE WHEN f.window_started_at
+                                              < now() - make_interval(secs => $2)
+                                         THEN now() ELSE f.window_started_at END
+            RETURNING subject, failures,
+                      ceil(extract(epoch FROM window_started_at
+                                   + make_interval(secs => $2) - now()))::int AS retry_after
+            """,
+            subjects,
+            float(limits.window_seconds),
+        )
+        for row in rows:
+            is_email = row["subject"].startswith("email:")
+            limit = limits.per_email if is_email else limits.per_address
+            if row["failures"] > limit:
+                raise TooManyRequests("too many failed logins; try again later", row["retry_after"])
+
+
+async def forgive_login_attempt(conn: asyncpg.Connection, email: str, address: str) -> None:
+    """A login that succeeded: the email starts afresh and the address does not count it."""
+    address_row, email_row = login_subjects(email, address)
+    await conn.execute("DELETE FROM login_failures WHERE subject = $1", email_row)
     await conn.execute(
-        """
-        INSERT INTO login_failures (subject, window_started_at, failures)
-        SELECT unnest($1::text[]), now(), 1
-        ON CONFLICT (subject) DO UPDATE SET
-            failures = CASE WHEN login_failures.window_started_at
-                                 < now() - make_interval(secs => $2) THEN 1
-                            ELSE login_failures.failures + 1 END,
-            window_started_at = CASE WHEN login_failures.window_started_at
-                                          < now() - make_interval(secs => $2) THEN now()
-                                     ELSE login_failures.window_started_at END
-        """,
-        [f"email:{email_key(email)}", f"addr:{address}"],
-        float(limits.window_seconds),
+        "UPDATE login_failures SET failures = failures - 1 WHERE subject = $1 AND failures > 0",
+        address_row,
     )
 
 
@@ -184,8 +262,17 @@ class SignupService:
             s.login_failure_window_seconds,
         )
 
-    async def sign_up(self, form: SignupForm) -> SignupAnswer:
-        """Open an account: the log decides who got the email first."""
+    @property
+    def signup_limits(self) -> SignupLimits:
+        """Signup limits from the settings."""
+        s = self.settings
+        return SignupLimits(
+            s.signup_max_per_address, s.signup_address_window_seconds, s.signup_max_per_hour
+        )
+
+    async def sign_up(self, form: SignupForm, address: str) -> SignupAnswer:
+        """Open an account: the limits first, then the log decides who got the email first."""
+        await reserve_signup(self.pool, self.signup_limits, address)
         if await self.pool.fetchval("SELECT 1 FROM accounts WHERE email = $1", form.email):
             raise Conflict("an account with this email already exists")
         customer_id = str(uuid.uuid4())
@@ -250,10 +337,17 @@ class SignupService:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
 
-    async def log_in(self, form: LoginForm, address: str) -> LoginAnswer:
-        """A session token for the right password; the same 401 for every wrong answer."""
+    async def log_in(
+        self, form: LoginForm, address: str, relayed: RelayedClient | None = None
+    ) -> LoginAnswer:
+        """A session token for the right password; the same 401 for every wrong answer.
+
+        ``address`` is the caller's; a sign-in an instance relayed with a valid signature
+        (``relayed``) counts against the browser address it vouches for instead, once."""
         async with self.pool.acquire() as conn:
-            await refuse_if_limited(conn, self.limits, form.email, address)
+            if relayed is not None and await first_use_of_relay(conn, relayed.nonce):
+                address = relayed.address
+            await reserve_login_attempt(conn, self.limits, form.email, address)
             row = await conn.fetchrow(
                 "SELECT customer_id, password_hash FROM credentials WHERE email = $1 AND confirmed",
                 form.email,
@@ -261,17 +355,14 @@ class SignupService:
         ok = await self.passwords.verify(row["password_hash"] if row else None, form.password)
         async with self.pool.acquire() as conn:
             if not ok or row is None:
-                await record_failure(conn, self.limits, form.email, address)
-                raise Unauthorized("invalid email or password")
+                raise Unauthorized("invalid email or password")  # the attempt stays counted
             account = await conn.fetchrow(
                 "SELECT * FROM accounts WHERE customer_id = $1", row["customer_id"]
             )
             if account is not None and account["closed_at"] is not None:
-                # A closed account answers like a wrong password: nothing to learn from it.
+                # A closed account answers (and counts) like a wrong password.
                 raise Unauthorized("invalid email or password")
-            await conn.execute(
-                "DELETE FROM login_failures WHERE subject = $1", f"email:{email_key(form.email)}"
-            )
+            await forgive_login_attempt(conn, form.email, address)
         return LoginAnswer(
             customer_id=row["customer_id"],
             email=form.email,
@@ -351,10 +442,16 @@ async def release_idempotency_key(pool: asyncpg.Pool, key: str) -> None:
 async def forget_stale_private_state(
     pool: asyncpg.Pool, login_window_seconds: int, idempotency_hours: int = 24
 ) -> None:
-    """Drop failed-login windows that ended, and idempotency answers older than a day."""
+    """Drop failed-login and signup windows that ended, relay nonces too old to be believed
+    anyway, and idempotency answers older than a day."""
     await pool.execute(
         "DELETE FROM login_failures WHERE window_started_at < now() - make_interval(secs => $1)",
         float(login_window_seconds),
+    )
+    await pool.execute("DELETE FROM signup_windows WHERE window_ends_at < now()")
+    await pool.execute(
+        "DELETE FROM login_relay_nonces WHERE seen_at < now() - make_interval(secs => $1)",
+        float(RELAY_NONCE_KEEP_SECONDS),
     )
     await pool.execute(
         "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)",

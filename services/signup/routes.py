@@ -9,8 +9,8 @@ from litestar import Request, Response, get, post
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from libs.auth import SessionTokens
-from libs.http import DomainError, InvalidRequest, error_body
+from libs.auth import LOGIN_RELAY_HEADER, SessionTokens, verify_relayed_client
+from libs.http import DomainError, InvalidRequest, TooManyRequests, client_address, error_body
 from libs.runtime import ServiceRuntime
 from services.signup.handlers import (
     SignupService,
@@ -35,14 +35,6 @@ IdempotencyKey = Annotated[
 ]
 
 
-def client_address(request: Request[Any, Any, Any], trusted_hops: int) -> str:
-    """The caller's address: the peer, or the hop our trusted proxies saw."""
-    forwarded = [a.strip() for a in request.headers.get("x-forwarded-for", "").split(",") if a]
-    if trusted_hops and len(forwarded) >= trusted_hops:
-        return forwarded[-trusted_hops]
-    return request.client.host if request.client else "unknown"
-
-
 def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     """``POST /api/customers/signup``, ``POST /api/customers/login``, ``GET /api/customers/me``."""
     settings = runtime.settings_as(SignupSettings)
@@ -64,26 +56,31 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         tags=["customers"],
     )
     async def signup(
-        data: JSONBody[dict[str, Any]], idempotency_key: IdempotencyKey = None
+        data: JSONBody[dict[str, Any]],
+        request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[Any]:
         """Sign a customer up: account, trial and license, deployment under way."""
         form = parse_signup(data)
         signups = service()
+        address = client_address(request, settings.trusted_proxy_hops)
         if idempotency_key is None:
-            return Response(await signups.sign_up(form), status_code=201)
+            return Response(await signups.sign_up(form, address), status_code=201)
         if not idempotency_key.isprintable() or not idempotency_key.strip():
             raise InvalidRequest(
                 "invalid request",
                 fields=[{"field": "Idempotency-Key", "reason": "must be printable text"}],
             )
         pool = signups.pool
+        # A retry of a signup that was answered gets that answer, before any limit is counted.
         stored = await claim_idempotency_key(pool, idempotency_key, request_fingerprint(form))
         if stored is not None:
             return Response(stored[1], status_code=stored[0])
         try:
-            answer = await signups.sign_up(form)
+            answer = await signups.sign_up(form, address)
         except DomainError as exc:
-            if exc.status_code >= 500:
+            if exc.status_code >= 500 or isinstance(exc, TooManyRequests):
+                # Passing: a retry (after Retry-After) runs again.
                 await release_idempotency_key(pool, idempotency_key)
             else:  # a refusal is the answer; a retry gets it again
                 await remember_answer(
@@ -108,7 +105,11 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     async def login(data: JSONBody[dict[str, Any]], request: Request[Any, Any, Any]) -> LoginAnswer:
         """A session token for the customer's own routes."""
         form = parse_login(data)
-        return await service().log_in(form, client_address(request, settings.trusted_proxy_hops))
+        relayed = verify_relayed_client(
+            request.headers.get(LOGIN_RELAY_HEADER), settings.login_relay_secret, form.email
+        )
+        address = client_address(request, settings.trusted_proxy_hops)
+        return await service().log_in(form, address, relayed)
 
     @get("/api/customers/me", tags=["customers"])
     async def me(request: Request[Any, Any, Any]) -> AccountView:

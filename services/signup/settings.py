@@ -10,7 +10,7 @@ from libs.config import ServiceSettings
 
 
 class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
-    """Trial length, how long a signup waits for its license, password hashing, login limits."""
+    """Trial length, how long a signup waits for its license, password hashing, abuse limits."""
 
     default_trial_days: Annotated[int, Meta(ge=1, le=90)] = 14
     # How long a signup waits for the license and trial other services answer with; what has
@@ -25,5 +25,14 @@ class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
     login_max_failures_per_email: Annotated[int, Meta(ge=1)] = 5
     login_max_failures_per_address: Annotated[int, Meta(ge=1)] = 20
     login_failure_window_seconds: Annotated[int, Meta(ge=1)] = 900
+    # Each signup starts an instance (a database, a role, a broker client, ~100 MB): a handful
+    # per address lets a person or a small team try the platform, and the overall cap bounds
+    # what many addresses together can start.
+    signup_max_per_address: Annotated[int, Meta(ge=1)] = 10
+    signup_address_window_seconds: Annotated[int, Meta(ge=1)] = 3600
+    signup_max_per_hour: Annotated[int, Meta(ge=1)] = 60
     # Proxies in front of the service that append to X-Forwarded-For; 0 trusts none of it.
     trusted_proxy_hops: Annotated[int, Meta(ge=0, le=5)] = 0
+    # Instances' dashboards relay sign-ins with the browser's address, signed with a key
+    # derived from this (the provisioner hands each instance its own); unset believes none.
+    login_relay_secret: Annotated[str, Meta(min_length=32)] | None = None

@@ -72,6 +72,9 @@ async def run(pg_url: str, nats_url: str) -> None:
         "SESSION_SECRET": uuid.uuid4().hex * 2,
         "ADMIN_TOKEN": uuid.uuid4().hex * 2,
         "LOG_LEVEL": "WARNING",
+        # Every signup comes from 127.0.0.1: an operator's raised limits, not the defaults.
+        "SIGNUP_MAX_PER_ADDRESS": "100000",
+        "SIGNUP_MAX_PER_HOUR": "100000",
     }
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "iotistic"), "run", "--target", "all"], env=env

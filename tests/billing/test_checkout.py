@@ -27,7 +27,7 @@ from services.signup.app import SIGNUP
 from services.targets import build_app
 from stripe_signing import SECRET, sign
 from stripe_standin import API_KEY, StripeStandIn
-from support import assert_replays_clean, eventually, license_keys_dir, serving
+from support import SUITE_SIGNUP_LIMITS, assert_replays_clean, eventually, license_keys_dir, serving
 
 PRICES = {
     "starter": "price_starter_m",
@@ -59,6 +59,7 @@ async def platform(settings: ServiceSettings, store: EventStore, stripe_api) -> 
         billing_return_url="https://app.example.com/account",
         argon2_memory_kib=8192,
         argon2_time_cost=1,
+        **SUITE_SIGNUP_LIMITS,
     )
 
 

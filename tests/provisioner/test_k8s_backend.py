@@ -130,6 +130,16 @@ def test_the_manifests_say_what_the_design_asks() -> None:
         "name": "mqtt",
         "key": "admin-password",
     }
+    # The dashboard signs browsers' addresses (seen through the ingress) with its own key.
+    assert env["LOGIN_RELAY_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "control-plane",
+        "key": "login-relay-key",
+    }
+    assert env["TRUSTED_PROXY_HOPS"]["value"] == "1"
+    relay = render(spec(), KubernetesSettings(), "pw", login_relay_key="k" * 64)
+    assert {(o["kind"], o["metadata"]["name"]): o for o in relay}[("Secret", "control-plane")][
+        "stringData"
+    ] == {"login-relay-key": "k" * 64}
     policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     # Devices outside the cluster reach the broker through the Ingress, over TLS, and the

@@ -22,7 +22,7 @@ from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
 from services.signup.handlers import email_key, forget_stale_private_state
 from services.targets import build_app
-from support import assert_replays_clean, eventually, license_keys_dir, serving
+from support import SUITE_SIGNUP_LIMITS, assert_replays_clean, eventually, license_keys_dir, serving
 
 PASSWORD = "correct horse battery staple"
 
@@ -37,6 +37,7 @@ async def platform(settings: ServiceSettings, store: EventStore) -> Platform:
         # Cheaper hashing keeps the suite fast; the real cost is measured by `just bench`.
         argon2_memory_kib=8192,
         argon2_time_cost=1,
+        **SUITE_SIGNUP_LIMITS,
     )
     return platform
 
@@ -331,9 +332,22 @@ async def test_stale_rate_limit_windows_and_idempotency_answers_are_forgotten(pl
         "INSERT INTO idempotency_keys (key, request_hash, created_at) VALUES "
         "('old-key', 'h', now() - interval '2 days'), ('new-key', 'h', now())"
     )
+    await pool.execute(
+        "INSERT INTO signup_windows VALUES ('addr:ended', now() - interval '1 second', 4), "
+        "('addr:open', now() + interval '1 hour', 2)"
+    )
+    await pool.execute(
+        "INSERT INTO login_relay_nonces VALUES ('old-nonce', now() - interval '1 hour'), "
+        "('new-nonce', now())"
+    )
     await forget_stale_private_state(pool, login_window_seconds=900)
     subjects = {r["subject"] for r in await pool.fetch("SELECT subject FROM login_failures")}
     keys = {r["key"] for r in await pool.fetch("SELECT key FROM idempotency_keys")}
+    windows = {r["subject"] for r in await pool.fetch("SELECT subject FROM signup_windows")}
     assert "addr:old" not in subjects and "addr:new" in subjects
     assert "old-key" not in keys and "new-key" in keys
+    nonces = {r["nonce"] for r in await pool.fetch("SELECT nonce FROM login_relay_nonces")}
+    assert "addr:ended" not in windows and "addr:open" in windows
+    assert nonces == {"new-nonce"}
     await pool.execute("DELETE FROM login_failures WHERE subject = 'addr:new'")
+    await pool.execute("DELETE FROM signup_windows WHERE subject LIKE 'addr:%'")

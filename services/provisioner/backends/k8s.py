@@ -22,6 +22,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from libs.auth import login_relay_key
 from services.provisioner.backends.base import (
     BackendError,
     Deployed,
@@ -179,10 +180,12 @@ class KubernetesBackend:
         api_client: Callable[[], Awaitable[k8s.ApiClient]],
         ready_timeout: float = 300.0,
         poll_seconds: float = 2.0,
+        login_relay_secret: str | None = None,
     ) -> None:
         """``api_client`` makes the configured client at start (in-cluster or kubeconfig)."""
         self._settings = settings
         self._secret = secret
+        self._login_relay_secret = login_relay_secret
         self._make_client = api_client
         self._client: k8s.ApiClient | None = None
         self._ready_timeout = ready_timeout
@@ -218,6 +221,9 @@ class KubernetesBackend:
             derive_password(self._secret, "database", cid),
             mqtt_admin_password=derive_password(self._secret, "mqtt-admin", cid),
             mqtt_password=derive_password(self._secret, "mqtt", cid),
+            login_relay_key=login_relay_key(self._login_relay_secret, cid)
+            if self._login_relay_secret
+            else "",
         )
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:

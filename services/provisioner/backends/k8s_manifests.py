@@ -101,6 +101,7 @@ def render(
     db_password: str,
     mqtt_admin_password: str = "",
     mqtt_password: str = "",
+    login_relay_key: str = "",
 ) -> list[dict[str, Any]]:
     """Every object of the customer's instance, in apply order.
 
@@ -146,6 +147,14 @@ def render(
                 "username": MQTT_INGEST,
                 "password": mqtt_password,
             },
+        },
+        {
+            # The key the dashboard signs browsers' addresses with when it relays a sign-in.
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta("control-plane", ns, cid),
+            "type": "Opaque",
+            "stringData": {"login-relay-key": login_relay_key},
         },
         {
             "apiVersion": "v1",
@@ -445,6 +454,10 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
                                 _secret_env("MQTT_PASSWORD", "mqtt", "password"),
                                 _secret_env("MQTT_ADMIN_USERNAME", "mqtt", "admin-username"),
                                 _secret_env("MQTT_ADMIN_PASSWORD", "mqtt", "admin-password"),
+                                _secret_env("LOGIN_RELAY_KEY", "control-plane", "login-relay-key"),
+                                # Browsers come through the ingress controller, which sets
+                                # X-Forwarded-For to the address it saw.
+                                {"name": "TRUSTED_PROXY_HOPS", "value": "1"},
                             ],
                             "readinessProbe": probe,
                             "livenessProbe": {

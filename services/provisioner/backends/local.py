@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import httpx
 
-from libs.auth import instance_usage_token
+from libs.auth import instance_usage_token, login_relay_key
 from libs.db import CONNECTION_ERRORS
 from libs.embedded import free_port
 from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
@@ -366,6 +366,9 @@ class LocalBackend:
                 "USAGE_REPORT_SECONDS": str(self._settings.instance_usage_report_seconds),
                 "USAGE_TOKEN": instance_usage_token(self._settings.usage_secret, customer_id)
                 if self._settings.usage_secret
+                else "",
+                "LOGIN_RELAY_KEY": login_relay_key(self._settings.login_relay_secret, customer_id)
+                if self._settings.login_relay_secret
                 else "",
                 "LOG_LEVEL": "WARNING",
             }
