@@ -36,7 +36,7 @@ from libs.runtime import Platform, ServiceDefinition
 from services.bus import OwnershipError, event_owners
 from services.cli import embedded_bus
 from services.targets import CONTROL_PLANE, build_app
-from support import eventually, make_platform, publish_license_and_wait, serving
+from support import create_database, eventually, make_platform, publish_license_and_wait, serving
 
 STREAM = "IOTISTIC_EVENTS"
 PREFIX = "iotistic.events"
@@ -346,7 +346,7 @@ def test_a_service_connects_without_its_password_file_only_with_a_clear_error(
 
 
 async def test_a_service_waits_not_ready_until_the_operator_makes_the_stream(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, postgres_server_url: str
 ) -> None:
     """In production a service holds only its own password: it cannot make the stream, so it
     says why it is not ready until `iotistic events init` (the operator) has made it."""
@@ -360,7 +360,8 @@ async def test_a_service_waits_not_ready_until_the_operator_makes_the_stream(
         (own_only / "licensing").write_text(Credentials(credentials_dir).password("licensing"))
         pod = msgspec.structs.replace(
             settings,
-            database_url=database_url,
+            # A database of its own: the module's holds checkpoints of another stream.
+            database_url=await create_database(postgres_server_url),
             nats_url=server.url,
             nats_credentials_dir=str(own_only),
             http_host="127.0.0.1",
@@ -399,5 +400,6 @@ async def test_a_service_waits_not_ready_until_the_operator_makes_the_stream(
                 timeout=30,
                 what="ready once the stream exists",
             )
+            assert "error" not in (await http.get("/health/ready")).json()["nats"]
     finally:
         server.stop()
