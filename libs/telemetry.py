@@ -54,10 +54,20 @@ def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 
 
+TRACESTATE_MAX_CHARS = 512
+"""What W3C Trace Context asks every vendor to propagate; longer ones are not kept."""
+
+
 def current_trace_context() -> dict[str, str]:
-    """The active span's W3C trace headers (empty when no span is recording)."""
+    """The active span's W3C trace headers (empty when no span is recording).
+
+    A ``tracestate`` longer than W3C's 512 characters, which a client may send with any
+    request, is dropped rather than copied into every event the request causes.
+    """
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
+    if len(carrier.get("tracestate", "")) > TRACESTATE_MAX_CHARS:
+        del carrier["tracestate"]
     return carrier
 
 

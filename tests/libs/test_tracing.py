@@ -133,3 +133,27 @@ async def test_a_signup_request_and_every_event_it_causes_are_one_trace(
     assert ("billing", "apply CustomerSignedUp") in in_trace
     assert ("signup", "apply LicenseIssued") in in_trace
     assert ("signup", "apply TrialStarted") in in_trace
+
+
+@pytest.mark.parametrize(("members", "kept"), [(2, True), (30, False)])
+def test_a_callers_oversized_tracestate_is_not_copied_into_events(members: int, kept: bool) -> None:
+    from opentelemetry import context as otel_context
+
+    from libs.telemetry import TRACESTATE_MAX_CHARS, context_from, current_trace_context
+
+    tracestate = ",".join(f"vendor{i}={'x' * 40}" for i in range(members))
+    assert (len(tracestate) <= TRACESTATE_MAX_CHARS) is kept
+    token = otel_context.attach(
+        context_from(
+            {
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "tracestate": tracestate,
+            }
+        )
+    )
+    try:
+        carried = current_trace_context()
+    finally:
+        otel_context.detach(token)
+    assert carried["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    assert ("tracestate" in carried) is kept
