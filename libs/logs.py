@@ -39,11 +39,6 @@ def escape_control(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
-def has_control(text: str) -> bool:
-    """True when ``text`` holds a character that ``escape_control`` would escape."""
-    return any(ord(c) in CONTROL_CHARACTERS for c in text)
-
-
 def format_exception(exc_info: ExcInfo) -> str:
     """A traceback as the standard one, but each exception's message on one escaped line."""
     exception = traceback.TracebackException(*exc_info, compact=True)
@@ -102,7 +97,11 @@ def _escaped_record_factory(make: Any) -> Any:
             record.args = {k: _escaped_argument(v) for k, v in record.args.items()}
         if record.exc_info and record.exc_info[1] is not None:
             # Formatters take exc_text as it is when it is set: ours, escaped, for all of them.
-            record.exc_text = format_exception(record.exc_info)
+            try:
+                record.exc_text = format_exception(record.exc_info)
+            except Exception:  # noqa: BLE001 - a record must not be lost to its traceback
+                text = "".join(traceback.format_exception(*record.exc_info))
+                record.exc_text = escape_control(text.rstrip("\n"))
         return record
 
     factory.escapes_control = True  # type: ignore[attr-defined]
