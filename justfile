@@ -29,7 +29,7 @@ fmt:
 bench *WHAT:
     {{bin}}/python -m tests.bench {{WHAT}}
 
-# fuzz every operation of the control plane and an instance: `just fuzz --examples 50 --seconds 600`
+# fuzz every operation of the control plane and an instance: `just fuzz --examples 200 --seconds 600`
 fuzz *ARGS:
     {{bin}}/python -m tests.security.fuzz {{ARGS}}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import re
 import sys
 import tempfile
@@ -236,10 +237,12 @@ async def fuzz_platform(examples: int, seconds: float) -> list[FuzzReport]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="just fuzz", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=50, help="cases per operation and mode")
+    parser.add_argument("--examples", type=int, default=200, help="cases per operation and mode")
     parser.add_argument("--seconds", type=float, default=600, help="time budget per API")
     args = parser.parse_args()
     from tests.bench.__main__ import machine
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is no report
 
     print(f"machine: {machine()}")
     started = time.monotonic()
