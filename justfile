@@ -29,6 +29,10 @@ fmt:
 bench *WHAT:
     {{bin}}/python -m tests.bench {{WHAT}}
 
+# fuzz every operation of the control plane and an instance: `just fuzz --examples 200 --seconds 600`
+fuzz *ARGS:
+    {{bin}}/python -m tests.security.fuzz {{ARGS}}
+
 # rebuild (or --verify, --dry-run) a service's read models from the log
 replay SERVICE *ARGS:
     {{bin}}/iotistic replay {{SERVICE}} {{ARGS}}

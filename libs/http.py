@@ -3,6 +3,13 @@
 Errors are translated to JSON once, here: ``{"error": {"status", "code", "message", "fields"}}``.
 Nothing a client sends can make the app answer with a stack trace; unexpected failures are
 logged with their trace id and answered with a plain 500.
+
+Before any route runs, what a client sent is checked once for what no route accepts (see
+``check_request_input``): control characters in the path or a query value, a parameter given twice,
+and in a JSON body invalid UTF-8, nesting deeper than ``MAX_JSON_DEPTH``, a NUL in a string or an
+integer beyond 64 bits. Each is a 400 naming the field and the reason. Values that get past that and
+still cannot be taken (a time or number out of range, a character Postgres cannot store) are 400s
+too, from the mappers below, rather than the 500 they would otherwise be.
 """
 
 from __future__ import annotations
@@ -12,7 +19,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import parse_qsl
 
+import asyncpg
+import msgspec
+
+# asyncpg's own error for an argument it cannot encode (an int beyond 64 bits, a date out of
+# range); it subclasses InterfaceError, which CONNECTION_ERRORS answers as "unavailable".
+from asyncpg.exceptions._base import DataError as ArgumentError
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
@@ -24,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from libs.db import CONNECTION_ERRORS
 from libs.eventstore import EventStoreError
+from libs.logs import CONTROL_CHARACTERS, escape_control
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +119,106 @@ class TooManyRequests(DomainError):
         super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
 
 
+# --- what no route accepts ----------------------------------------------------------------------
+
+# Deeper than any body of ours; msgspec itself gives up near Python's recursion limit (~1000).
+MAX_JSON_DEPTH = 32
+MAX_QUERY_PARAMETERS = 50
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def invalid(field: str, reason: str) -> InvalidRequest:
+    """A 400 naming one field and why."""
+    return InvalidRequest("invalid request", fields=[{"field": field, "reason": reason}])
+
+
+def control_character_reason(text: str) -> str | None:
+    """Why ``text`` may not be taken as it is (its first control character), or None."""
+    for character in text:
+        if ord(character) in CONTROL_CHARACTERS:
+            return f"must not contain control characters (found U+{ord(character):04X})"
+    return None
+
+
+def _check_path(path: str) -> None:
+    reason = control_character_reason(path)
+    if reason:
+        raise invalid("path", reason)
+
+
+def _check_query(raw: bytes) -> None:
+    try:
+        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise invalid("query", "is not valid UTF-8 once percent-decoded") from None
+    seen: set[str] = set()
+    for name, value in pairs:
+        field = escape_control(name)[:64]
+        reason = control_character_reason(name) or control_character_reason(value)
+        if reason:
+            raise invalid(field, reason)
+        if name in seen:
+            # No parameter of ours is a list: a second value would be silently ignored.
+            raise invalid(field, "is given more than once")
+        seen.add(name)
+    if len(seen) > MAX_QUERY_PARAMETERS:
+        raise invalid("query", f"has more than {MAX_QUERY_PARAMETERS} parameters")
+
+
+def _json_problem(value: Any) -> tuple[str, str] | None:
+    """The first field (a JSON path) of a decoded body that no route may take, and why."""
+    pending: list[tuple[str, Any, int]] = [("", value, 0)]
+    while pending:
+        path, item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            return path or "body", f"is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path or "body", "must not contain NUL characters"
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not INT64_MIN <= item <= INT64_MAX:
+                return path or "body", "is out of range (a 64-bit integer at most)"
+        elif isinstance(item, dict):
+            for key, member in item.items():
+                name = f"{path}.{key}" if path else str(key)
+                if "\x00" in key:
+                    return escape_control(name)[:64], "must not contain NUL characters"
+                pending.append((name[:64], member, depth + 1))
+        elif isinstance(item, list):
+            pending.extend((f"{path}[{i}]", member, depth + 1) for i, member in enumerate(item))
+    return None
+
+
+def check_json_body(body: bytes) -> None:
+    """400 naming the field for a body that is not JSON or holds what no route may take."""
+    try:
+        value = msgspec.json.decode(body)
+    except UnicodeDecodeError:
+        raise invalid("body", "is not valid UTF-8") from None
+    except RecursionError:
+        raise invalid("body", f"is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except msgspec.ValidationError:  # msgspec's only one here: a number beyond a double's range
+        raise invalid("body", "holds a number out of range") from None
+    except msgspec.DecodeError as exc:
+        raise invalid("body", str(exc)) from None
+    problem = _json_problem(value)
+    if problem:
+        raise invalid(*problem)
+
+
+async def check_request_input(request: Request[Any, Any, Any]) -> None:
+    """Every route's first step (litestar's ``before_request``, after its guards): the path,
+    the query and a JSON body checked for what no route accepts."""
+    _check_path(request.scope["path"])
+    _check_query(request.scope.get("query_string", b""))
+    if "data" in request.route_handler.parsed_fn_signature.parameters:
+        body = await request.body()
+        if body:
+            check_json_body(body)
+
+
 def error_body(
     status: int, code: str, message: str, fields: list[dict[str, str]] | None = None
 ) -> dict[str, Any]:
@@ -178,9 +293,38 @@ def _on_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
     )
 
 
+def _refused(field: str, reason: str) -> Response[Any]:
+    fields = [{"field": field, "reason": reason}]
+    return Response(error_body(400, "invalid_request", "invalid request", fields), status_code=400)
+
+
+def _on_undecodable(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # Decoding what the client sent (a body read by hand, a Stripe payload) is where these come
+    # from: invalid UTF-8 in a string, or nesting deeper than the decoder's recursion limit.
+    if isinstance(exc, RecursionError):
+        return _refused("body", f"is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    return _refused("body", "is not valid UTF-8")
+
+
+def _on_out_of_range(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # A value the checks above let through and Python or Postgres could not take: the client's
+    # value, not our fault, but a route that should have named the field. Logged to find it.
+    log.warning(
+        "%s %s: refused a value out of range: %s",
+        request.method,
+        escape_control(request.url.path),
+        type(exc).__name__,
+    )
+    if isinstance(exc, asyncpg.exceptions.CharacterNotInRepertoireError):
+        return _refused("request", "holds a character that cannot be stored")
+    return _refused("request", "a number or a time in it is out of range")
+
+
 def _on_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     # The database or the log is away for a moment: say so, so the client retries.
-    log.warning("%s %s: dependency unavailable: %r", request.method, request.url.path, exc)
+    log.warning(
+        "%s %s: dependency unavailable: %r", request.method, escape_control(request.url.path), exc
+    )
     return Response(
         error_body(503, "unavailable", "a dependency is unavailable; retry shortly"),
         status_code=HTTP_503_SERVICE_UNAVAILABLE,
@@ -194,7 +338,7 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     log.error(
         "unhandled error on %s %s (trace %s)",
         request.method,
-        request.url.path,
+        escape_control(request.url.path),
         trace_id,
         exc_info=exc,
     )
@@ -249,8 +393,14 @@ def create_app(
             DomainError: _on_domain,
             EventStoreError: _on_unavailable,
             **{e: _on_unavailable for e in CONNECTION_ERRORS if issubclass(e, Exception)},
+            UnicodeDecodeError: _on_undecodable,
+            RecursionError: _on_undecodable,
+            OverflowError: _on_out_of_range,
+            ArgumentError: _on_out_of_range,
+            asyncpg.exceptions.DataError: _on_out_of_range,
             Exception: _on_unexpected,
         },
+        before_request=check_request_input,
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],
         debug=False,
         # Logging is the process's to configure (the CLI does); litestar must not replace it.

@@ -25,6 +25,7 @@ from libs.bus_auth import OPERATOR, BusAuthError
 from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
 from libs.db import CONNECTION_ERRORS
 from libs.eventstore import EventStore, StoredMessage
+from libs.logs import configure_logging
 from libs.projections import NATS_ERRORS, decide, open_parked
 from libs.replay import ReplayError, ReplayReport, replay_service
 from libs.runtime import Platform, connect_bus
@@ -45,12 +46,7 @@ RUNTIME_FILE = "runtime.json"
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``iotistic`` console script."""
     args = _parser().parse_args(argv)
-    # Servers log what they do; the operator's one-shot commands only what went wrong.
-    quiet = "WARNING" if args.command not in ("run", "up") else "INFO"
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", quiet),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.command)
     try:
         code = args.func(args)
     except (ConfigError, KeyConfigError) as exc:
@@ -63,6 +59,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
         code = 1
     sys.exit(code or 0)
+
+
+def setup_logging(command: str) -> None:
+    """The process's logging: one escaped line per record, uvicorn's included (``libs.logs``)."""
+    # Servers log what they do; the operator's one-shot commands only what went wrong.
+    quiet = "WARNING" if command not in ("run", "up") else "INFO"
+    configure_logging(os.environ.get("LOG_LEVEL", quiet))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import get, post
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath
+from litestar.params import FromPath, Parameter
 from litestar.types import ControllerRouterHandler
 
 from libs.projections import decide, open_parked
@@ -38,7 +38,7 @@ def operations_routes(platform: Platform) -> list[ControllerRouterHandler]:
     async def decide_parked(
         service: FromPath[str],
         projection: FromPath[str],
-        seq: FromPath[int],
+        seq: Annotated[int, Parameter(ge=1, le=2**63 - 1, description="stream sequence")],
         decision: FromPath[Literal["skip", "retry"]],
     ) -> dict[str, Any]:
         """Skip a parked event (the projection moves past it) or retry it."""

@@ -22,7 +22,7 @@ from libs.db import Connection
 from libs.http import InvalidRequest, Unauthorized
 from libs.projections import Projection, Recorded
 
-Count = Annotated[int, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # what the bigint columns hold
 
 
 class UsageReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -43,7 +43,10 @@ def check_instance(request: Any, secret: str | None, customer_id: str) -> None:
     if (
         not secret
         or not token
-        or not hmac.compare_digest(token, instance_usage_token(secret, customer_id))
+        # Bytes: compare_digest refuses str with anything but ASCII, and a token may hold any.
+        or not hmac.compare_digest(
+            token.encode(), instance_usage_token(secret, customer_id).encode()
+        )
     ):
         raise Unauthorized("an instance usage token is required")
 

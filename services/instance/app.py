@@ -17,11 +17,11 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 from litestar import Litestar, Request, delete, get, post
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response import Stream
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -35,7 +35,9 @@ from libs.http import (
     TooManyRequests,
     Unauthorized,
     UpstreamError,
+    control_character_reason,
     create_app,
+    invalid,
 )
 from services.instance.alerts import AlertEngine, RuleError, create_rule, parse_rule
 from services.instance.auth import ControlPlaneUnavailable, CustomerSessions
@@ -51,8 +53,8 @@ from services.instance.devices import (
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder, keep_license_current
 from services.instance.readings import (
-    BUCKETS,
     METRICS,
+    BucketName,
     aggregate,
     drop_expired_partitions,
     latest,
@@ -68,16 +70,38 @@ BODY_LIMIT = 4096
 CSV_ROWS = 1_000_000
 
 
-def _time_param(value: str | None, field: str, default: datetime) -> datetime:
-    if not value:
+# Times a query may name, in UTC: a timestamptz, a Python datetime and every offset of both
+# hold them, so no range arithmetic overflows.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+TIME_DOC = "RFC 3339 time (UTC without an offset), from 1970-01-01 to 9999-12-30 in UTC"
+METRICS_PATTERN = f"^(({'|'.join(METRICS)})(,({'|'.join(METRICS)}))*)?$"
+From = Annotated[
+    datetime | None,
+    Parameter(query="from", description=f"{TIME_DOC}; default: `to` minus 24 hours"),
+]
+To = Annotated[datetime | None, Parameter(query="to", description=f"{TIME_DOC}; default: now")]
+Bucket = Annotated[BucketName, Parameter(description="bucket width")]
+Metrics = Annotated[
+    str | None,
+    Parameter(
+        description=f"comma-separated, any of {', '.join(METRICS)}; absent or empty: all",
+        max_length=len(",".join(METRICS)),
+        pattern=METRICS_PATTERN,
+    ),
+]
+
+
+def _utc(value: datetime | None, field: str, default: datetime) -> datetime:
+    if value is None:
         return default
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(
-            "invalid request", fields=[{"field": field, "reason": "must be an RFC 3339 time"}]
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        moment = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:  # 9999-12-31T23:59-14:00 is in the year 10000 in UTC
+        moment = None
+    if moment is None or not EARLIEST <= moment <= LATEST:
+        raise invalid(field, "must be from 1970-01-01 to 9999-12-30 (UTC)")
+    return moment
 
 
 def create_instance_app(settings: InstanceSettings) -> Litestar:
@@ -306,26 +330,35 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     async def readings(
         device_id: FromPath[str],
         request: Request[Any, Any, Any],
+        start_at: From = None,
+        end_at: To = None,
+        bucket: Bucket = "5m",
+        metrics: Metrics = None,
     ) -> dict[str, Any]:
         """avg/min/max per bucket (``1m``, ``5m``, ``1h``, ``1d``) between ``from`` and ``to``."""
         await authorize(request)
-        start, end, bucket, metrics_asked = _range(request)
+        start, end, metrics_asked = _range(start_at, end_at, metrics)
         async with pool().acquire() as conn:
             await _device(conn, device_id, include_deleted=True)
             return await aggregate(conn, device_id, start, end, bucket, metrics_asked)
 
     @get("/api/devices/{device_id:str}/readings.csv", tags=["readings"])
-    async def readings_csv(device_id: FromPath[str], request: Request[Any, Any, Any]) -> Stream:
+    async def readings_csv(
+        device_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        start_at: From = None,
+        end_at: To = None,
+    ) -> Stream:
         """Every stored reading between ``from`` and ``to`` as CSV."""
         await authorize(request)
-        start, end, _, _ = _range(request)
+        start, end, _ = _range(start_at, end_at)
         async with pool().acquire() as conn:
             await _device(conn, device_id, include_deleted=True)
 
         async def rows() -> AsyncIterator[str]:
-            header = io.StringIO()
-            csv.writer(header).writerow(["ts", *METRICS])
-            yield header.getvalue()
+            chunk = io.StringIO()
+            writer = csv.writer(chunk)
+            writer.writerow(["ts", *METRICS])
             async with pool().acquire() as conn, conn.transaction():
                 cursor = conn.cursor(
                     "SELECT ts, " + ", ".join(METRICS) + " FROM readings WHERE device_id = $1 "
@@ -335,8 +368,6 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                     end,
                     CSV_ROWS,
                 )
-                chunk = io.StringIO()
-                writer = csv.writer(chunk)
                 async for row in cursor:
                     writer.writerow([row["ts"].isoformat(), *(row[m] for m in METRICS)])
                     if chunk.tell() > 65536:
@@ -345,8 +376,18 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                         chunk.truncate()
                 yield chunk.getvalue()
 
+        # The first chunk is made before the answer starts: the query's arguments and its
+        # first rows are taken while an error can still be a status, not a cut-off body.
+        body = rows()
+        first = await anext(body)
+
+        async def whole() -> AsyncIterator[str]:
+            yield first
+            async for part in body:
+                yield part
+
         return Stream(
-            rows(),
+            whole(),
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{device_id}.csv"'},
         )
@@ -503,32 +544,31 @@ def _device_name(data: Any) -> str:
         fields.append({"field": "name", "reason": "is required"})
     elif len(name) > 100:
         fields.append({"field": "name", "reason": "must be at most 100 characters"})
+    elif reason := control_character_reason(name):
+        fields.append({"field": "name", "reason": reason})
     if fields:
         raise InvalidRequest("invalid request", fields=fields)
     return str(name).strip()
 
 
-def _range(request: Request[Any, Any, Any]) -> tuple[datetime, datetime, str, list[str]]:
-    q = request.query_params
-    now = datetime.now(UTC)
-    end = _time_param(q.get("to"), "to", now)
-    start = _time_param(q.get("from"), "from", end - timedelta(hours=24))
-    bucket = q.get("bucket") or "5m"
+def _range(
+    start_at: datetime | None, end_at: datetime | None, metrics: str | None = None
+) -> tuple[datetime, datetime, list[str]]:
+    end = _utc(end_at, "to", datetime.now(UTC))
+    start = _utc(start_at, "from", end - timedelta(hours=24))
     fields = []
-    if bucket not in BUCKETS:
-        fields.append({"field": "bucket", "reason": f"must be one of {', '.join(BUCKETS)}"})
     if start >= end:
         fields.append({"field": "from", "reason": "must be before to"})
     if end - start > timedelta(days=400):
         fields.append({"field": "from", "reason": "the range may span at most 400 days"})
     try:
-        asked = parse_metrics(q.get("metrics"))
+        asked = parse_metrics(metrics)
     except ValueError as exc:
         fields.append({"field": "metrics", "reason": str(exc)})
         asked = []
     if fields:
         raise InvalidRequest("invalid request", fields=fields)
-    return start, end, bucket, asked
+    return start, end, asked
 
 
 async def _device(

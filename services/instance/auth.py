@@ -36,8 +36,8 @@ class CustomerSessions:
     async def caller(self, token: str | None) -> Caller:
         """``customer`` for a session of this instance's customer, ``other`` for another
         customer's, ``nobody`` without a valid one."""
-        if not token:
-            return "nobody"
+        if not token or not (token.isascii() and token.isprintable()):
+            return "nobody"  # no token of ours is anything else, and no header could carry it on
         key = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
         cached = self._cache.get(key)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import msgspec
@@ -28,7 +28,8 @@ METRICS = (
     "breath_voc_equivalent",
 )
 COLUMNS = ("device_id", "ts", *METRICS)
-BUCKETS = {
+BucketName = Literal["1m", "5m", "1h", "1d"]  # the keys of BUCKETS
+BUCKETS: dict[str, timedelta] = {
     "1m": timedelta(minutes=1),
     "5m": timedelta(minutes=5),
     "1h": timedelta(hours=1),
@@ -199,10 +200,10 @@ async def drop_expired_partitions(conn: asyncpg.Connection, keep_from: date) -> 
 
 
 def parse_metrics(value: str | None) -> list[str]:
-    """The metrics asked for (all when none), or ValueError naming the unknown one."""
+    """The metrics asked for (all when none; each once), or ValueError naming the unknown one."""
     if not value:
         return list(METRICS)
-    asked = [m.strip() for m in value.split(",") if m.strip()]
+    asked = list(dict.fromkeys(m.strip() for m in value.split(",") if m.strip()))
     unknown = [m for m in asked if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")

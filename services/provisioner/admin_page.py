@@ -112,7 +112,8 @@ def _button(action: str, label: str, token: str, extra: str = "") -> str:
 async def _form(request: Request[Any, Any, Any], token: str) -> dict[str, str]:
     body = (await request.body()).decode(errors="replace")
     form = {k: v[0] for k, v in parse_qs(body).items()}
-    if not hmac.compare_digest(form.get("csrf", ""), token):
+    # Bytes: compare_digest refuses str with anything but ASCII, and a form may hold any.
+    if not hmac.compare_digest(form.get("csrf", "").encode(), token.encode()):
         raise PermissionDeniedException("the form is stale or not ours; reload the page")
     return form
 

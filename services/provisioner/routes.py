@@ -37,6 +37,8 @@ from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.worker import QueueWorker
 
 BODY_LIMIT = 4 * 1024
+# Older than any job can be, and far from where "now minus grace" leaves the calendar.
+MAX_GRACE_SECONDS = 10 * 365 * 86400
 
 
 def _ms(value: datetime | None) -> int | None:
@@ -252,8 +254,17 @@ def _parse_clean(data: dict[str, Any]) -> tuple[str, float]:
     if state not in FINISHED:
         fields.append({"field": "state", "reason": f"must be one of {', '.join(FINISHED)}"})
     grace = data.get("grace_seconds", 0)
-    if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:
-        fields.append({"field": "grace_seconds", "reason": "must be a number of seconds >= 0"})
+    if (
+        not isinstance(grace, int | float)
+        or isinstance(grace, bool)
+        or not 0 <= grace <= MAX_GRACE_SECONDS
+    ):
+        fields.append(
+            {
+                "field": "grace_seconds",
+                "reason": f"must be a number of seconds from 0 to {MAX_GRACE_SECONDS} (ten years)",
+            }
+        )
     if fields:
         raise InvalidRequest("invalid request", fields=fields)
     return str(state), float(grace)
