@@ -44,7 +44,8 @@ NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
 COMPOSE = ROOT / "docker-compose.yml"
 CHART = ROOT / "charts" / "iotistic"
 TEMPLATES = CHART / "templates"
-NATS_TEMPLATE = TEMPLATES / "nats-config.yaml"
+NATS_TEMPLATE = TEMPLATES / "bus.yaml"
+BUS_PERMISSIONS = CHART / "files" / "bus-permissions.json"
 MAKE_SECRETS = ROOT / "deploy" / "make-secrets.sh"
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")
 
@@ -762,6 +763,191 @@ def test_secret_template_requires_values_or_an_existing_secret() -> None:
     assert "DATABASE_URL:" in text and "ADMIN_TOKEN:" in text
 
 
+# --- Helm chart: the authenticated event bus (issue 11) ------------------------------------------
+
+
+def yaml_block(text: str, key: str) -> str:
+    """The lines of the first ``key:`` block in ``text`` (template text read as lines)."""
+    match = re.search(rf"^(?P<indent> *)(?:- )?{re.escape(key)}:\s*\n", text, re.MULTILINE)
+    assert match, f"no {key}: block"
+    indent = len(match.group("indent"))
+    lines = []
+    for line in text[match.end() :].splitlines():
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def bus_volume(text: str) -> str:
+    """The ``bus-credentials`` volume of a pod template."""
+    volumes = yaml_block(text, "volumes")
+    match = re.search(r"^\s*- name: bus-credentials\n((?:\s{10,}.*\n?)+)", volumes, re.MULTILINE)
+    assert match, "no bus-credentials volume"
+    return match.group(1)
+
+
+def assert_mounts_only(text: str, key: str) -> None:
+    volume = bus_volume(text)
+    assert re.search(r'secretName: \{\{ include "iotistic\.busSecretName" \$? ?\.?\s*\}\}', volume)
+    items = yaml_block(volume, "items")
+    assert re.findall(r"- key: (.+)", items) == [key]
+    assert re.findall(r"path: (.+)", items) == [key]
+    mount = re.search(r"- name: bus-credentials\n\s*mountPath: (.+)\n\s*readOnly: true", text)
+    assert mount, "bus-credentials is not mounted read-only"
+    assert 'include "iotistic.busCredentialsDir"' in mount.group(1)
+    assert re.search(
+        r'- name: NATS_CREDENTIALS_DIR\n\s*value: \{\{ include "iotistic\.busCredentialsDir"', text
+    )
+
+
+def test_chart_credentials_dir_is_the_programs() -> None:
+    helpers = (TEMPLATES / "_helpers.tpl").read_text()
+    body = helpers.split('define "iotistic.busCredentialsDir" -}}')[1].split("{{- end }}")[0]
+    assert body.strip() == CREDENTIALS_DIR
+    assert "nats_credentials_dir" in ServiceSettings.__struct_fields__
+
+
+def test_every_deployment_mounts_only_its_own_bus_password() -> None:
+    body = template_body_inside_range(TEMPLATES / "deployment.yaml", ".Values.targets")
+    assert_mounts_only(body, "{{ $name }}")
+    # One container per pod, so the target's name is the only key a pod can see.
+    assert len(re.findall(r"^\s*- name: \{\{ \$name \}\}$", body, re.MULTILINE)) == 1
+
+
+def test_the_events_init_job_runs_as_the_operator_hardened() -> None:
+    text = (TEMPLATES / "events-init-job.yaml").read_text()
+    assert "kind: Job" in text and "apiVersion: batch/v1" in text
+    assert re.search(r'"helm\.sh/hook": post-install,post-upgrade\n', text)
+    assert re.search(r'args: \["events", "init"\]', text)
+    assert_mounts_only(text, OPERATOR)
+    # Hardened as the Deployments: the same (tested) security contexts, no token, no DB secret.
+    assert "automountServiceAccountToken: false" in text
+    assert "toYaml .Values.podSecurityContext" in text
+    assert "toYaml .Values.securityContext" in text
+    assert "restartPolicy: Never" in text
+    assert "secretRef:" not in text, "the Job needs no DATABASE_URL or ADMIN_TOKEN"
+    v = values()
+    assert v["podSecurityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert v["podSecurityContext"]["runAsNonRoot"] is True
+    # The password files are 0440: the pods' user reads them through the kubelet's fsGroup.
+    assert v["podSecurityContext"]["fsGroup"] == v["podSecurityContext"]["runAsGroup"]
+    assert "defaultMode: 0440" in bus_volume(text)
+    assert v["bus"]["eventsInit"]["enabled"] is True
+
+
+def test_the_bus_template_makes_passwords_and_their_hashes_in_one_render() -> None:
+    text = NATS_TEMPLATE.read_text()
+    assert '.Files.Get "files/bus-permissions.json" | fromJson' in text
+    assert "range $user := $permissions.users" in text
+    # Generated (and kept across upgrades) or read from bus.existingSecret.
+    assert "randAlphaNum 32" in text
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \$secretName', text)
+    assert re.search(
+        r'lookup "v1" "Secret" \.Release\.Namespace \.Values\.bus\.existingSecret', text
+    )
+    assert values()["bus"]["existingSecret"] == ""
+    # Both Secrets, no ConfigMap: the server's configuration carries the hashes.
+    assert len(re.findall(r"^kind: Secret$", text, re.MULTILINE)) == 2
+    assert "ConfigMap" not in uncommented(text)
+    auth = text.split("authorization.conf: |")[1]
+    assert re.search(r"password: \{\{ \$hash \| toRawJson \}\}", auth)
+    assert re.search(r"\$hash := bcrypt \(index \$passwords \$user\.user\)", auth)
+    # toJson escapes > as \u003e, which nats-server refuses (see the next test).
+    assert not any(re.search(r"\btoJson\b", action) for action in ACTION.findall(text))
+    for field in ("user", "publish", "subscribe"):
+        assert f"$user.{field} | toRawJson" in auth
+
+
+def test_nats_server_refuses_json_unicode_escapes(tmp_path: Path) -> None:
+    """Why the chart writes its strings with toRawJson, never toJson."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        'authorization { users: [{user: "a", password: "b",'
+        ' permissions: {publish: {allow: ["x.\\u003e"]}}}] }\n'
+    )
+    result = subprocess.run(
+        [str(nats_server()), "-t", "-c", str(conf)], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "Invalid escape" in result.stdout + result.stderr
+
+
+def test_the_chart_nats_config_includes_the_block_and_monitors_on_loopback() -> None:
+    text = NATS_TEMPLATE.read_text()
+    conf = uncommented(text.split("nats.conf: |")[1].split("authorization.conf: |")[0])
+    assert re.findall(
+        r"^\s*(?:http|http_port|monitor_port|https|https_port)\s*:.*$", conf, re.M
+    ) == ["    http: 127.0.0.1:8222"]
+    # Mounted together from one Secret: the include is its sibling key.
+    assert re.findall(r"^\s*include (.+)$", conf, re.MULTILINE) == ["./authorization.conf"]
+
+
+def test_the_bus_permissions_file_is_what_the_code_derives(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTS_", "NATS_"))}
+    env["IOTISTIC_DATA_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [IOTISTIC, "bus", "permissions", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    shipped = json.loads(BUS_PERMISSIONS.read_text())
+    assert shipped == json.loads(result.stdout), "regenerate it: ./dev bus-permissions"
+    assert [user["user"] for user in shipped["users"]] == list(BUS_USERS)
+    # The chart refuses to render a server config for other stream names than the file's.
+    config = values()["config"]
+    assert shipped["stream"] == config["EVENTS_STREAM"]
+    assert shipped["subject_prefix"] == config["EVENTS_SUBJECT_PREFIX"]
+    text = NATS_TEMPLATE.read_text()
+    assert "(ne $stream $permissions.stream)" in text
+    assert "(ne $prefix $permissions.subject_prefix)" in text
+
+
+def test_the_justfile_regenerates_the_bus_permissions() -> None:
+    justfile = (ROOT / "justfile").read_text()
+    recipe = justfile.split("\nbus-permissions:\n")[1].split("\n\n")[0]
+    assert "iotistic bus permissions --json" in recipe
+    assert str(BUS_PERMISSIONS.relative_to(ROOT)) in recipe
+    # Made with the default stream names, whatever the developer's shell exports.
+    assert "-u EVENTS_STREAM -u EVENTS_SUBJECT_PREFIX" in recipe
+
+
+# Template functions newer than Helm 3.0, and the first Helm release that has each (its go.mod's
+# sprig version: sprig 3.1.0 came with Helm 3.2.0 and sprig 3.2.0 with Helm 3.5.0; lookup is
+# Helm's own, from 3.1.0). Read from helm/helm's tags and sprig's CHANGELOG.
+HELM_SINCE = {
+    "lookup": (3, 1, 0),
+    "htpasswd": (3, 2, 0),
+    "seq": (3, 2, 0),
+    "duration": (3, 2, 0),
+    "bcrypt": (3, 5, 0),
+    "randBytes": (3, 5, 0),
+    "randInt": (3, 5, 0),
+    "dig": (3, 5, 0),
+    "regexQuoteMeta": (3, 5, 0),
+    "chunk": (3, 5, 0),
+}
+
+
+def test_chart_uses_only_functions_of_the_helm_it_targets() -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    wanted = chart["annotations"]["iotistic.io/min-helm-version"]
+    minimum = tuple(int(part) for part in wanted.split("."))
+    used = set()
+    for path in chart_template_files():
+        for action in ACTION.findall(path.read_text()):
+            if not action.strip("- ").startswith("/*"):
+                used |= set(re.findall(r"\b([a-zA-Z]\w*)\b", action)) & set(HELM_SINCE)
+    assert "bcrypt" in used and "lookup" in used
+    too_new = {name: HELM_SINCE[name] for name in used if HELM_SINCE[name] > minimum}
+    assert not too_new, f"newer than Helm {wanted}: {too_new}"
+    assert minimum == max(HELM_SINCE[name] for name in used), "the annotation claims too much"
+
+
 def chart_template_files() -> list[Path]:
     return sorted(p for p in TEMPLATES.iterdir() if p.suffix in (".yaml", ".tpl", ".txt"))
 
@@ -774,7 +960,8 @@ def test_chart_has_the_expected_templates() -> None:
         "service.yaml",
         "configmap.yaml",
         "secret.yaml",
-        "nats-config.yaml",
+        "bus.yaml",
+        "events-init-job.yaml",
         "poddisruptionbudget.yaml",
         "NOTES.txt",
     }
