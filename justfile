@@ -41,6 +41,11 @@ replay SERVICE *ARGS:
 schemas:
     {{bin}}/iotistic contracts export --out contracts/schemas
 
+# write the bus users' permissions the chart renders into NATS's config (default stream names)
+bus-permissions:
+    env -u EVENTS_STREAM -u EVENTS_SUBJECT_PREFIX {{bin}}/iotistic bus permissions --json > charts/iotistic/files/bus-permissions.json.new
+    mv charts/iotistic/files/bus-permissions.json.new charts/iotistic/files/bus-permissions.json
+
 # pin the installed dependency versions into constraints.txt
 lock:
     {{bin}}/pip freeze --exclude-editable --exclude iotistic > constraints.txt

