@@ -143,6 +143,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             loop.create_task(_housekeeping(pool, holder, ingest, gauges, api_today)),
             loop.create_task(UsageReporter(settings, pool).run()),
             loop.create_task(alerts.run()),
+            loop.create_task(devices.converge_at_start(lambda: state.get("pool"))),
         ]
         try:
             yield
@@ -252,6 +253,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                 "urls": brokers,
                 "username": device.mqtt_username,
                 "password": device.mqtt_password,
+                "client_id": device.mqtt_client_id,
                 "topics": device.topics,
             },
             "note": "the password is shown only once; store it on the device",

@@ -134,6 +134,8 @@ async def test_upgrade_flow_end_to_end_on_iotistic_up(tmp_path: Path) -> None:
                             mqtt["username"],
                             "-P",
                             mqtt["password"],
+                            "-i",
+                            mqtt["client_id"],
                             "-q",
                             "1",
                             "-t",

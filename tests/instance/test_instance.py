@@ -130,7 +130,11 @@ async def received_within(mqtt: aiomqtt.Client, seconds: float) -> list[str]:
 def device_client(broker: EmbeddedMosquitto, device: dict[str, Any]) -> aiomqtt.Client:
     mqtt = device["mqtt"]
     return aiomqtt.Client(
-        broker.host, broker.port, username=mqtt["username"], password=mqtt["password"]
+        broker.host,
+        broker.port,
+        username=mqtt["username"],
+        password=mqtt["password"],
+        identifier=mqtt["client_id"],
     )
 
 

@@ -226,6 +226,11 @@ class LocalBackend:
             raise BackendError("the local backend needs PROVISIONER_SECRET to make credentials")
         return derive_password(self._secret, purpose, customer_id)
 
+    def _client_id(self, customer_id: str) -> str:
+        """The instance's broker client id: random to anyone without the secret (the
+        customer id is no secret), the same on every retry."""
+        return f"instance-{self._password('mqtt-client-id', customer_id)[:32]}"
+
     def _folder(self, customer_id: str) -> Path:
         folder = self._dir / instance_name(customer_id)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -304,7 +309,11 @@ class LocalBackend:
             async with dynsec:
                 await dynsec.ensure_role(name, acls)
                 await dynsec.ensure_client(
-                    name, self._password("mqtt", customer_id), [name], textname=customer_id
+                    name,
+                    self._password("mqtt", customer_id),
+                    [name],
+                    textname=customer_id,
+                    clientid=self._client_id(customer_id),
                 )
         except (DynSecError, OSError) as exc:
             raise BackendError(f"broker credentials failed: {exc}") from None
@@ -358,6 +367,7 @@ class LocalBackend:
                 "MQTT_PORT": str(self._settings.mqtt_port),
                 "MQTT_USERNAME": name,
                 "MQTT_PASSWORD": self._password("mqtt", customer_id),
+                "MQTT_CLIENT_ID": self._client_id(customer_id),
                 # The shared broker's admin makes device credentials: on one machine the
                 # instances share the provisioner's trust (in Kubernetes each has its own broker).
                 "MQTT_ADMIN_USERNAME": self._settings.mqtt_admin_username or "",
