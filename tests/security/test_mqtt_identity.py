@@ -1,5 +1,5 @@
 """Devices on the shared broker, attacked by another tenant's device: each broker client is
-bound to its client id, and devices receive nothing.
+bound to its client id, devices receive nothing, and oversized messages are refused.
 
 Issue 11: a device of customer A connected with the client id ``instance-<B's customer id>``
 and ``clean_start=false``, resumed B's ingest session (its subscriptions), received B's
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import struct
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -201,3 +202,67 @@ async def test_devices_registered_before_are_bound_when_the_instance_starts(alic
     }
     connected, _ = await attempt(broker, device, "its-old-random-id", clean_start=True)
     assert not connected
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def _length(value: int) -> bytes:
+    """MQTT's variable-length integer."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _connect_311(username: str, password: str, client_id: str) -> bytes:
+    flags = 0xC2  # user name, password, clean session
+    body = _string("MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + _string(client_id)
+    body += _string(username) + _string(password)
+    return b"\x10" + _length(len(body)) + body
+
+
+async def test_an_oversized_publish_is_refused_and_the_broker_stays_up(alice, broker) -> None:
+    device = await register(alice, "oversized")
+    mqtt = device["mqtt"]
+    topic = mqtt["topics"]["readings"]
+    reader, writer = await asyncio.open_connection(broker.host, broker.port)
+    writer.write(_connect_311(mqtt["username"], mqtt["password"], device["device_id"]))
+    await writer.drain()
+    assert (await reader.readexactly(4))[3] == 0  # CONNACK: accepted
+    size = 100 * 1024 * 1024
+    head = _string(topic) + struct.pack("!H", 1)
+    writer.write(b"\x32" + _length(len(head) + size) + head)  # PUBLISH, QoS 1
+    sent, answer = 0, b""
+    chunk = b"x" * (1 << 20)
+    try:
+        while sent < size:
+            writer.write(chunk)
+            sent += len(chunk)
+            await asyncio.wait_for(writer.drain(), 10)
+        answer = await asyncio.wait_for(reader.read(4), 10)
+    except (ConnectionError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+    assert answer[:1] != b"\x40", "the broker acknowledged a 100 MB message (PUBACK)"
+    assert sent < size, "the broker read the whole 100 MB"
+    # An MQTT 5 client over the limit is refused too (64 KiB is the broker's limit).
+    with pytest.raises(aiomqtt.MqttError):
+        async with device_client(broker, device) as client:
+            await client.publish(topic, b"{" + b" " * 100_000 + b"}", qos=1, timeout=5)
+    assert broker.is_running
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    async with device_client(broker, device) as client:
+        await client.publish(topic, reading(temperature=19.5), qos=1)
+    await eventually(
+        lambda: stored_times(alice, device["device_id"], since),
+        lambda found: len(found) == 1,
+        what="a normal reading after the oversized ones",
+    )
+    dead = (await alice.api.get("/api/dead-letters")).json()["dead_letters"]
+    assert [d for d in dead if d["device_id"] == device["device_id"]] == []
