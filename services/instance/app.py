@@ -4,7 +4,9 @@ One process per customer, with a database of its own. Routes under ``/api`` need
 customer's session token (checked with the control plane) and count against the license's
 ``apiRequestsPerDay``; a session of another customer gets 404, as if nothing were here. An
 expired license (after its grace) makes the instance read-only: queries answer, ingest and
-changes stop, and every answer about it says why.
+changes stop, and every answer about it says why. Without a session the instance shows nothing
+of its customer, neither the id nor the usage (the health and metrics routes are in
+``monitoring``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from services.instance.devices import (
 )
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder, keep_license_current
+from services.instance.monitoring import monitoring_routes
 from services.instance.readings import (
     BUCKETS,
     METRICS,
@@ -158,12 +161,19 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                 await state["pool"].close()
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
+        """Whether the instance is ready, and the detail only monitoring sees."""
         database = await _database_ok(state.get("pool"))
         status = holder.status(datetime.now(UTC))
+        claims = holder.claims
         detail = {
             "customer_id": settings.instance_customer_id,
             "database": {"ok": database},
-            "license": {"status": status, "error": holder.error},
+            "license": {
+                "ok": status is not None,
+                "status": status,
+                "license_id": claims.licenseId if claims else None,
+                "error": holder.error,
+            },
         }
         return database and status is not None, detail
 
@@ -208,8 +218,9 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             )
 
     @get("/api/license", tags=["instance"])
-    async def license_view() -> dict[str, Any]:
+    async def license_view(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """The license this instance runs under and what it allows."""
+        await authorize(request)
         claims = holder.claims
         if claims is None:
             return {"status": None, "error": holder.error}
@@ -466,7 +477,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         return {"history": [dict(r) for r in rows]}
 
     return create_app(
-        title=f"Iotistic instance {settings.instance_customer_id}",
+        # Public (/schema): no customer id in it.
+        title="Iotistic instance",
         route_handlers=[
             *dashboard_routes(settings, live, authorize),
             license_view,
@@ -487,6 +499,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         readiness=readiness,
         registry=registry,
         lifespan=[lifespan],
+        health=monitoring_routes(readiness, registry, settings.monitoring_token, authorize),
     )
 
 

@@ -45,6 +45,9 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Usage goes to billing every so often with this instance's own token.
     usage_token: str | None = None
     usage_report_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0
+    # Opens /metrics and the detail of /health/ready to monitoring (Prometheus, the
+    # provisioner); derived by the provisioner. Unset: /metrics needs the customer's session.
+    monitoring_token: Annotated[str, Meta(min_length=32)] | None = None
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
     log_level: LogLevel = "INFO"

@@ -145,7 +145,7 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
     ]
     async with httpx.AsyncClient(base_url=url, timeout=5) as instance:
         assert (await instance.get("/health/ready")).status_code == 200
-        held = (await instance.get("/api/license")).json()
+        held = (await instance.get("/api/license", headers=auth)).json()
     assert held["customer_id"] == customer_id
     assert held["status"] == "active"
     assert held["license_id"] == license_id
@@ -213,7 +213,7 @@ async def test_a_new_license_reaches_the_running_instance(client, admin, store) 
     update = await finished_job(client, admin, customer_id, "update-customer-stack")
     assert update["state"] == "completed"
     async with httpx.AsyncClient(base_url=url, timeout=5) as instance:
-        held = (await instance.get("/api/license")).json()
+        held = (await instance.get("/api/license", headers=auth)).json()
     assert held["plan"] == "professional"
     assert held["features"]["webhooks"] is True
     assert held["license_type"] == "subscription"

@@ -368,6 +368,7 @@ class LocalBackend:
                 "MQTT_USERNAME": name,
                 "MQTT_PASSWORD": self._password("mqtt", customer_id),
                 "MQTT_CLIENT_ID": self._client_id(customer_id),
+                "MONITORING_TOKEN": self._password("monitoring", customer_id),
                 # The shared broker's admin makes device credentials: on one machine the
                 # instances share the provisioner's trust (in Kubernetes each has its own broker).
                 "MQTT_ADMIN_USERNAME": self._settings.mqtt_admin_username or "",
@@ -458,14 +459,18 @@ class LocalBackend:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.local_ready_timeout_seconds
         resend = loop.time()
-        async with httpx.AsyncClient(timeout=2) as client:
+        # The instance shows which license it holds only to monitoring.
+        token = self._password("monitoring", s.customer_id)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=2, headers=headers) as client:
             while loop.time() < deadline:
                 if s.process is not None and s.exited.is_set():
                     break  # it died while starting: this attempt failed
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    held = (await client.get(f"{url}/api/license")).json()
-                    if held.get("license_id") == license_id:
-                        if (await client.get(f"{url}/health/ready")).status_code == 200:
+                with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+                    answer = await client.get(f"{url}/health/ready")
+                    held = (answer.json().get("license") or {}).get("license_id")
+                    if held == license_id:
+                        if answer.status_code == 200:
                             return
                     elif loop.time() >= resend and s.pid is not None:
                         # It answers with another license: have it re-read the file. Never
