@@ -39,7 +39,13 @@ from libs.http import (
     UpstreamError,
     create_app,
 )
-from services.instance.alerts import AlertEngine, RuleError, create_rule, parse_rule
+from services.instance.alerts import (
+    AlertEngine,
+    RuleError,
+    WebhookTargets,
+    create_rule,
+    parse_rule,
+)
 from services.instance.auth import ControlPlaneUnavailable, CustomerSessions
 from services.instance.dashboard import LiveReadings, dashboard_routes, session_cookie
 from services.instance.devices import (
@@ -102,7 +108,10 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         claims = holder.claims
         return bool(claims and claims.features.alerting) and not holder.read_only(datetime.now(UTC))
 
-    alerts = AlertEngine(lambda: pool(), settings.instance_customer_id, alerting_allowed)
+    webhook_targets = WebhookTargets.from_setting(settings.alert_webhook_allowed_cidrs)
+    alerts = AlertEngine(
+        lambda: pool(), settings.instance_customer_id, alerting_allowed, targets=webhook_targets
+    )
 
     def pool() -> asyncpg.Pool:
         found = state.get("pool")
@@ -427,7 +436,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         writable()
         claims = alerting()
         try:
-            rule = parse_rule(data, claims.features.webhooks)
+            rule = await parse_rule(data, claims.features.webhooks, webhook_targets)
         except RuleError as exc:
             if exc.field == "webhook_url" and "license" in exc.reason:
                 raise Forbidden(exc.reason) from None

@@ -48,6 +48,9 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Opens /metrics and the detail of /health/ready to monitoring (Prometheus, the
     # provisioner); derived by the provisioner. Unset: /metrics needs the customer's session.
     monitoring_token: Annotated[str, Meta(min_length=32)] | None = None
+    # Networks (comma-separated CIDRs) that alert webhooks may reach although they are
+    # loopback, private, link-local or reserved; unset: only public addresses.
+    alert_webhook_allowed_cidrs: str = ""
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
     log_level: LogLevel = "INFO"

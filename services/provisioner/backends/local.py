@@ -39,7 +39,7 @@ from services.provisioner.backends.base import (
     Progress,
     derive_password,
 )
-from services.provisioner.settings import ProvisionerSettings
+from services.provisioner.settings import ProvisionerSettings, parse_cidrs
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class LocalBackend:
         self._pool = pool
         self._secret = (settings.provisioner_secret or "").encode()
         self._dir = Path(settings.local_instances_dir).absolute()
+        # Handed to every instance: refused here, at start, rather than by each instance.
+        parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
         self._supervised: dict[str, Supervised] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -369,6 +371,7 @@ class LocalBackend:
                 "MQTT_PASSWORD": self._password("mqtt", customer_id),
                 "MQTT_CLIENT_ID": self._client_id(customer_id),
                 "MONITORING_TOKEN": self._password("monitoring", customer_id),
+                "ALERT_WEBHOOK_ALLOWED_CIDRS": self._settings.alert_webhook_allowed_cidrs,
                 # The shared broker's admin makes device credentials: on one machine the
                 # instances share the provisioner's trust (in Kubernetes each has its own broker).
                 "MQTT_ADMIN_USERNAME": self._settings.mqtt_admin_username or "",
