@@ -1,11 +1,13 @@
 """The ``local`` backend: each customer's instance as supervised processes on this machine.
 
-Per customer: a database and a role of its own in the shared Postgres, a role and a client of
-its own on the shared Mosquitto (dynamic security), a folder with its license file and log, and
-an ``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
-passwords are derived from ``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same
-ones and nothing secret is stored. After the provisioner restarts it finds running instances
-again by the marker in their environment, and starts the ones that should run but do not.
+Per customer: a database and a role of its own in the shared Postgres (the role may connect to
+no other database), a role and a client of its own on the shared Mosquitto (dynamic security,
+bound to a client id of its own), a folder with its license file and log, and an
+``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
+passwords, the broker client id and the instance's monitoring token are derived from
+``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same ones and nothing secret
+is stored. After the provisioner restarts it finds running instances again by the marker in
+their environment, and starts the ones that should run but do not.
 """
 
 from __future__ import annotations
@@ -271,6 +273,7 @@ class LocalBackend:
                     "SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', $1::text)", name
                 )
             )
+            await _confine_role(conn, name)
         except asyncpg.PostgresError as exc:
             raise BackendError(f"creating the database failed: {exc.sqlstate}") from None
         finally:
@@ -488,6 +491,61 @@ class LocalBackend:
         raise BackendError(
             f"the instance did not become ready with license {license_id} within "
             f"{self._settings.local_ready_timeout_seconds:.0f}s"
+        )
+
+
+# Instance roles, by the only name ``instance_name`` makes.
+INSTANCE_ROLE = r"^inst_[0-9a-f]{32}$"
+
+
+async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
+    """``role`` (an instance's) may connect to no database but its own.
+
+    Postgres grants CONNECT to PUBLIC on every new database (the control plane's, ``postgres``,
+    ``template1``, ...) and cannot take it from one role alone, so it is taken from PUBLIC on
+    every database but the instance's own, after the roles that are not instances' and could
+    connect (the control plane's own) have been granted it by name. Roles made later need an
+    explicit ``GRANT CONNECT``."""
+    async with conn.transaction():
+        # One deploy at a time: concurrent GRANTs on one database fail each other.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('iotistic-local-database-acl', 0))"
+        )
+        databases = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
+            "AND (has_database_privilege('public', oid, 'CONNECT') "
+            "OR has_database_privilege($1, oid, 'CONNECT'))",
+            role,
+        )
+        for database in (r["datname"] for r in databases):
+            keep = await conn.fetch(
+                "SELECT rolname FROM pg_roles WHERE rolcanlogin AND NOT rolsuper "
+                "AND rolname !~ $2 AND has_database_privilege(oid, "
+                "(SELECT oid FROM pg_database WHERE datname = $1), 'CONNECT')",
+                database,
+                INSTANCE_ROLE,
+            )
+            statements = [
+                *(("GRANT CONNECT ON DATABASE %I TO %I", r["rolname"]) for r in keep),
+                ("REVOKE CONNECT ON DATABASE %I FROM PUBLIC", None),
+                ("REVOKE CONNECT ON DATABASE %I FROM %I", role),
+            ]
+            for template, grantee in statements:
+                await conn.execute(
+                    await conn.fetchval(
+                        "SELECT format($1::text, $2::text, $3::text)", template, database, grantee
+                    )
+                )
+        still = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
+            "AND has_database_privilege($1, oid, 'CONNECT') ORDER BY datname",
+            role,
+        )
+    if still:
+        names = ", ".join(r["datname"] for r in still[:5])
+        raise BackendError(
+            f"the instance's database role could still connect to {names}: the role in "
+            "LOCAL_ADMIN_DATABASE_URL must own those databases or be a superuser"
         )
 
 
