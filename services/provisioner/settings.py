@@ -60,6 +60,9 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     cluster_issuer: str = "letsencrypt-prod"
     ingress_class: str = "nginx"
     storage_class: str | None = None
+    # The cluster's pod and service networks (comma-separated CIDRs), which instances may not
+    # reach beyond their namespace, where they are not in the private ranges already refused.
+    kubernetes_cluster_cidrs: str = ""
 
 
 def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:

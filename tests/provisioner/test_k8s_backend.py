@@ -125,10 +125,22 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     # Messages queued for the instance (acknowledged only once stored) are saved every minute.
     assert "persistence true" in conf and "autosave_interval 60" in conf
     assert "mosquitto_dynamic_security.so" in conf
+    # Packets over 64 KiB are refused, and what is queued for a client is bounded.
+    assert "message_size_limit 65536" in conf and "max_packet_size 65536" in conf
+    assert "max_queued_bytes 67108864" in conf
     env = {e["name"]: e for e in container["env"]}
     assert env["MQTT_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "mqtt",
         "key": "admin-password",
+    }
+    # The ingest client's id, bound on the broker, is kept with its password.
+    assert env["MQTT_CLIENT_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mqtt",
+        "key": "client-id",
+    }
+    assert env["MONITORING_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "monitoring",
+        "key": "token",
     }
     policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
@@ -177,13 +189,21 @@ async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog)
     assert deployed.components == {"postgres": "ready", "mosquitto": "ready", "instance": "ready"}
     secrets = {
         name: standin.objects[f"/api/v1/namespaces/{NS}/secrets/{name}"]["stringData"]
-        for name in ("database", "mqtt")
+        for name in ("database", "mqtt", "monitoring")
     }
     mqtt = secrets["mqtt"]
     assert mqtt["admin-password"] and mqtt["password"]
-    assert len({secrets["database"]["password"], mqtt["admin-password"], mqtt["password"]}) == 3
+    assert mqtt["client-id"].startswith("instance-") and CUSTOMER not in mqtt["client-id"]
+    kept = (
+        secrets["database"]["password"],
+        mqtt["admin-password"],
+        mqtt["password"],
+        mqtt["client-id"],
+        secrets["monitoring"]["token"],
+    )
+    assert len(set(kept)) == 5
     logged = caplog.text
-    for secret in (secrets["database"]["password"], mqtt["admin-password"], mqtt["password"]):
+    for secret in kept:
         assert secret not in logged
     assert spec().license_jwt not in logged
 

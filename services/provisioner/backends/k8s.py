@@ -6,8 +6,9 @@ Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
 Mosquitto and the instance are ready, reporting progress. Update re-applies the license Secret
 and the instance Deployment; the license annotation on its pod template rolls it. Delete
-removes the namespace and waits until it is gone. The database password is derived from
-``PROVISIONER_SECRET`` (HMAC), so re-applying never changes it; it is never logged.
+removes the namespace and waits until it is gone. The passwords, the broker client id and the
+monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes
+them; they are never logged.
 """
 
 from __future__ import annotations
@@ -61,6 +62,23 @@ APPLY_STEPS = {
     ("Ingress", "instance"): (80, "ingress"),
 }
 WORKLOADS = (("StatefulSet", "postgres"), ("StatefulSet", "mosquitto"), ("Deployment", "instance"))
+
+
+def customer_objects(
+    spec: InstanceSpec, settings: KubernetesSettings, secret: bytes
+) -> list[dict[str, Any]]:
+    """``render`` with the customer's passwords, broker client id and monitoring token, all
+    derived from ``PROVISIONER_SECRET``: re-applying never changes them, nothing is stored."""
+    cid = spec.customer_id
+    return render(
+        spec,
+        settings,
+        derive_password(secret, "database", cid),
+        mqtt_admin_password=derive_password(secret, "mqtt-admin", cid),
+        mqtt_password=derive_password(secret, "mqtt", cid),
+        mqtt_client_id=f"instance-{derive_password(secret, 'mqtt-client-id', cid)[:32]}",
+        monitoring_token=derive_password(secret, "monitoring", cid),
+    )
 
 
 def object_path(api_version: str, kind: str, name: str, namespace: str | None) -> str:
@@ -208,17 +226,10 @@ class KubernetesBackend:
             self._client = None
 
     def objects(self, spec: InstanceSpec) -> list[dict[str, Any]]:
-        """The customer's objects, with the derived database password."""
+        """The customer's objects, with the derived passwords."""
         if not self._secret:
             raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
-        cid = spec.customer_id
-        return render(
-            spec,
-            self._settings,
-            derive_password(self._secret, "database", cid),
-            mqtt_admin_password=derive_password(self._secret, "mqtt-admin", cid),
-            mqtt_password=derive_password(self._secret, "mqtt", cid),
-        )
+        return customer_objects(spec, self._settings, self._secret)
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance."""
