@@ -133,15 +133,21 @@ def test_the_manifests_say_what_the_design_asks() -> None:
         "name": "mqtt",
         "key": "admin-password",
     }
-    # The ingest client's id, bound on the broker, is kept with its password.
+    # The ingest client's id, bound on the broker, is kept with its password (optional: an
+    # older Secret lacks it until the next update re-applies the Secrets).
     assert env["MQTT_CLIENT_ID"]["valueFrom"]["secretKeyRef"] == {
         "name": "mqtt",
         "key": "client-id",
+        "optional": True,
     }
     assert env["MONITORING_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": "monitoring",
         "key": "token",
+        "optional": True,
     }
+    # A new broker configuration rolls the broker.
+    annotations = broker["template"]["metadata"]["annotations"]
+    assert len(annotations["iotistic.io/config-sha256"]) == 16
     policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     # Devices outside the cluster reach the broker through the Ingress, over TLS, and the
@@ -228,11 +234,24 @@ async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
     try:
         await backend.deploy(spec(), Steps())
         applied_before = len(standin.applied())
+        generations = {k: v["metadata"]["generation"] for k, v in standin.objects.items()}
         await backend.update(spec("lic-2", "header.claims.signature-two"), Steps())
         status = await backend.status(CUSTOMER)
     finally:
         await backend.stop()
-    assert standin.applied()[applied_before:] == [("Secret", "license"), ("Deployment", "instance")]
+    # Every object is applied again (a customer deployed by an older version gets today's),
+    # and only the license Secret and the instance change.
+    rendered = render(spec(), KubernetesSettings(), "x")
+    assert standin.applied()[applied_before:] == [
+        (o["kind"], o["metadata"]["name"]) for o in rendered
+    ]
+    changed = {
+        k for k, v in standin.objects.items() if v["metadata"]["generation"] != generations[k]
+    }
+    assert changed == {
+        f"/api/v1/namespaces/{NS}/secrets/license",
+        f"/apis/apps/v1/namespaces/{NS}/deployments/instance",
+    }
     instance = standin.objects[f"/apis/apps/v1/namespaces/{NS}/deployments/instance"]
     assert instance["metadata"]["generation"] == 2
     assert (

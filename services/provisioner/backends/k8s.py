@@ -4,8 +4,9 @@ kubernetes-asyncio.
 Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 ``application/apply-patch+yaml``, field manager ``iotistic-provisioner``, conflicts forced, so
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
-Mosquitto and the instance are ready, reporting progress. Update re-applies the license Secret
-and the instance Deployment; the license annotation on its pod template rolls it. Delete
+Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
+changed is the license Secret and the instance Deployment, which the license annotation on its
+pod template rolls (and, for a customer deployed by an older version, whatever else is new). Delete
 removes the namespace and waits until it is gone. The passwords, the broker client id and the
 monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes
 them; they are never logged.
@@ -247,15 +248,15 @@ class KubernetesBackend:
         return self._deployed(spec.customer_id)
 
     async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
-        """New license: re-apply its Secret and the instance, which rolls; wait for it."""
+        """New license: re-apply every object (what did not change stays as it is, so only
+        the license Secret and the instance, which rolls, move), and wait for it. Applying
+        them all also brings a customer deployed by an older version to today's objects."""
         api = self._api
-        wanted = {("Secret", "license"), ("Deployment", "instance")}
         ns = namespace_of(spec.customer_id, self._settings)
         if await api.get("v1", "Namespace", ns, None) is None:
             return await self.deploy(spec, progress)
         for obj in self.objects(spec):
-            if (obj["kind"], obj["metadata"]["name"]) in wanted:
-                await api.apply(obj)
+            await api.apply(obj)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return self._deployed(spec.customer_id)

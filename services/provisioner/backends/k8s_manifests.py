@@ -17,6 +17,7 @@ template's annotation, which rolls the Deployment.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -361,8 +362,11 @@ def _instance_service(ns: str, cid: str) -> dict[str, Any]:
     return _service("instance", ns, cid, [{"name": "http", "port": 80, "targetPort": "http"}])
 
 
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
 def _postgres(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
@@ -414,6 +418,8 @@ def _postgres(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]
 
 def _mosquitto(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
     labels = {"app.kubernetes.io/name": "mosquitto"}
+    # A new configuration (new limits) changes the pod template, so the broker rolls.
+    config_hash = hashlib.sha256(MOSQUITTO_CONF.encode()).hexdigest()[:16]
     admin_env = [
         _secret_env("ADMIN_USER", "mqtt", "admin-username"),
         _secret_env("ADMIN_PASSWORD", "mqtt", "admin-password"),
@@ -427,7 +433,10 @@ def _mosquitto(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any
             "replicas": 1,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {"iotistic.io/config-sha256": config_hash},
+                },
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1883, "fsGroup": 1883},
                     "initContainers": [
@@ -532,8 +541,12 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
                                 },
                                 _secret_env("MQTT_USERNAME", "mqtt", "username"),
                                 _secret_env("MQTT_PASSWORD", "mqtt", "password"),
-                                _secret_env("MQTT_CLIENT_ID", "mqtt", "client-id"),
-                                _secret_env("MONITORING_TOKEN", "monitoring", "token"),
+                                # Optional: a Secret of an older version lacks them (the
+                                # id then derives from the password; /metrics needs a session).
+                                _secret_env("MQTT_CLIENT_ID", "mqtt", "client-id", optional=True),
+                                _secret_env(
+                                    "MONITORING_TOKEN", "monitoring", "token", optional=True
+                                ),
                                 {
                                     "name": "ALERT_WEBHOOK_ALLOWED_CIDRS",
                                     "value": settings.alert_webhook_allowed_cidrs,
