@@ -151,6 +151,8 @@ class WebhookTargets:
         if parsed.scheme not in ("http", "https") or not host:
             raise WebhookRefused("must be an http(s) URL with a host")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if not 0 < port < 65536:
+            raise WebhookRefused("has a port that is not from 1 to 65535")
         try:
             literal: IPAddress | None = ipaddress.ip_address(host)
         except ValueError:
@@ -163,8 +165,9 @@ class WebhookTargets:
             reason = self.refusal(address)
             if reason is not None:
                 where = "is" if literal is not None else f"{host[:100]} resolves to"
+                article = "an" if reason[0] in "aeiou" else "a"
                 raise WebhookRefused(
-                    f"{where} a {reason} address; webhooks go only to public addresses"
+                    f"{where} {article} {reason} address; webhooks go only to public addresses"
                 )
         return WebhookTarget(parsed, host, tuple(dict.fromkeys(str(a) for a in addresses)))
 
