@@ -381,10 +381,13 @@ def create_app(
     registry: CollectorRegistry,
     lifespan: Sequence[Lifespan] = (),
     version: str = "0.1.0",
+    health: Sequence[ControllerRouterHandler] | None = None,
 ) -> Litestar:
-    """The litestar app of a service (or of every service, in target ``all``)."""
+    """The litestar app of a service (or of every service, in target ``all``). ``health``
+    replaces the default ``health_routes`` (a customer instance guards what they show)."""
+    operations = health_routes(readiness, registry) if health is None else health
     return Litestar(
-        route_handlers=[*health_routes(readiness, registry), *route_handlers],
+        route_handlers=[*operations, *route_handlers],
         lifespan=list(lifespan),
         openapi_config=OpenAPIConfig(title=title, version=version, path="/schema"),
         exception_handlers={

@@ -3,9 +3,10 @@ and the tests.
 
 Mosquitto is the machine's (Debian's ``mosquitto`` package: the broker, ``mosquitto_ctrl`` and
 the dynamic-security plugin). The broker listens for MQTT and MQTT over WebSockets on ports of
-its own, refuses anonymous clients, and keeps its clients, roles and ACLs in
-``<data_dir>/dynamic-security.json``, administered over MQTT by the admin whose password is
-generated at first start into ``<data_dir>/admin-password`` (mode 0600).
+its own, refuses anonymous clients and packets over 64 KiB, bounds what it queues per client,
+and keeps its clients, roles and ACLs in ``<data_dir>/dynamic-security.json``, administered
+over MQTT by the admin whose password is generated at first start into
+``<data_dir>/admin-password`` (mode 0600).
 """
 
 from __future__ import annotations
@@ -36,6 +37,27 @@ PLUGIN_GLOBS = (
     "/usr/lib/*/mosquitto/mosquitto_dynamic_security.so",
 )
 INSTALL_HINT = "install Debian's mosquitto package: apt-get install mosquitto"
+# A reading is at most 4 KiB and a dynamic-security command a few hundred bytes: 64 KiB leaves
+# room for both. A larger PUBLISH (indeed any larger packet) ends the client's connection as
+# soon as its header arrives, so the broker never holds it; nothing is acknowledged.
+MESSAGE_SIZE_LIMIT = 64 * 1024
+# What the broker holds for one client that is away or behind (the instance while its
+# database is down): about 200,000 readings of a typical 300 bytes, whichever limit comes first.
+MAX_QUEUED_MESSAGES = 200_000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+
+
+def broker_limits() -> list[str]:
+    """The size and queue limits every broker of the platform runs with (``mosquitto.conf``
+    lines), embedded or in Kubernetes."""
+    return [
+        f"message_size_limit {MESSAGE_SIZE_LIMIT}",
+        f"max_packet_size {MESSAGE_SIZE_LIMIT}",
+        # A subscriber that falls behind (ingest during a burst) must not lose QoS 1
+        # messages: Mosquitto's default queue of 1000 per client drops the rest.
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
+    ]
 
 
 @functools.cache
@@ -133,9 +155,7 @@ class EmbeddedMosquitto(_ChildServer):
             "per_listener_settings false",
             "allow_anonymous false",
             "persistence false",
-            # A subscriber that falls behind (ingest during a burst) must not lose QoS 1
-            # messages: Mosquitto's default queue of 1000 per client drops the rest.
-            "max_queued_messages 200000",
+            *broker_limits(),
             "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",

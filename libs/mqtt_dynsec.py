@@ -4,6 +4,10 @@ Commands go to ``$CONTROL/dynamic-security/v1`` as JSON, each with correlation d
 answer is read from ``$CONTROL/dynamic-security/v1/response``. The ``ensure_*`` and
 ``delete_*`` calls converge: creating what exists updates it, deleting what is gone succeeds,
 so a retried deployment job does the same thing twice without failing.
+
+Every client the platform makes is bound to one client id (dynamic security's ``clientid``):
+the broker refuses its user name with any other id, so no client can connect under another's
+client id and take over (or wipe) that client's session.
 """
 
 from __future__ import annotations
@@ -53,6 +57,17 @@ def instance_acls(customer_id: str) -> list[Acl]:
         Acl("publishClientSend", root),
         Acl("subscribePattern", root),
         Acl("publishClientReceive", root),
+        Acl("publishClientReceive", "#", allow=False, priority=-1),
+    ]
+
+
+def device_acls(topics: list[str]) -> list[Acl]:
+    """What a device may do: publish to its own ``topics`` and nothing else. Subscribing and
+    receiving are denied everywhere (lowest priority, under the allows), so a device gets no
+    message even on a session that holds subscriptions it did not make."""
+    return [
+        *(Acl("publishClientSend", topic) for topic in topics),
+        Acl("subscribePattern", "#", allow=False, priority=-1),
         Acl("publishClientReceive", "#", allow=False, priority=-1),
     ]
 
@@ -141,28 +156,42 @@ class DynSec:
         raise DynSecError(f"{name}: {error}")
 
     async def ensure_role(self, name: str, acls: list[Acl]) -> None:
-        """The role exists with exactly these ACLs."""
-        wanted = [acl.as_command() for acl in acls]
-        if await self._tolerating("already exists", "createRole", rolename=name, acls=wanted):
+        """The role exists with exactly these ACLs. Only what differs is changed, new ACLs
+        before old ones go, so converging a role in use never leaves it empty for a moment."""
+        wanted = {(a.acltype, a.topic): a.as_command() for a in acls}
+        if await self._tolerating(
+            "already exists", "createRole", rolename=name, acls=list(wanted.values())
+        ):
             return
         current = (await self.command("getRole", rolename=name)).get("data", {}).get("role", {})
-        for acl in current.get("acls", []):
+        have = {(a["acltype"], a["topic"]): a for a in current.get("acls", [])}
+        for key, acl in wanted.items():
+            if key not in have:
+                await self.command("addRoleACL", rolename=name, **acl)
+        for key, acl in have.items():
+            wanted_acl = wanted.get(key)
+            if wanted_acl is not None and all(acl.get(k) == v for k, v in wanted_acl.items()):
+                continue
             await self._tolerating(
-                "not found",
-                "removeRoleACL",
-                rolename=name,
-                acltype=acl["acltype"],
-                topic=acl["topic"],
+                "not found", "removeRoleACL", rolename=name, acltype=key[0], topic=key[1]
             )
-        for acl in wanted:
-            await self.command("addRoleACL", rolename=name, **acl)
+            if wanted_acl is not None:
+                await self.command("addRoleACL", rolename=name, **wanted_acl)
 
     async def ensure_client(
-        self, username: str, password: str, roles: list[str], textname: str | None = None
+        self,
+        username: str,
+        password: str,
+        roles: list[str],
+        textname: str | None = None,
+        clientid: str | None = None,
     ) -> None:
-        """The client exists with this password and exactly these roles."""
+        """The client exists with this password, exactly these roles and, given ``clientid``,
+        bound to that client id (without one: any id)."""
         role_list = [{"rolename": r} for r in roles]
-        extra = {"textname": textname} if textname else {}
+        extra: dict[str, Any] = {"textname": textname} if textname else {}
+        if clientid:
+            extra["clientid"] = clientid
         if await self._tolerating(
             "already exists",
             "createClient",
@@ -174,6 +203,24 @@ class DynSec:
             return
         await self.command("setClientPassword", username=username, password=password)
         client = await self.get_client(username) or {}
+        await self._converge_client(username, client, roles, clientid)
+
+    async def bind_client(self, username: str, clientid: str, roles: list[str]) -> bool:
+        """An existing client, its password untouched, bound to ``clientid`` with exactly
+        these roles; False when there is no such client."""
+        client = await self.get_client(username)
+        if client is None:
+            return False
+        await self._converge_client(username, client, roles, clientid)
+        return True
+
+    async def _converge_client(
+        self, username: str, client: dict[str, Any], roles: list[str], clientid: str | None
+    ) -> None:
+        if client.get("clientid") != clientid:
+            # The broker disconnects the client if it is connected under another id.
+            bound = {"clientid": clientid} if clientid else {}
+            await self.command("setClientId", username=username, **bound)
         have = {r["rolename"] for r in client.get("roles", [])}
         for role in have - set(roles):
             await self.command("removeClientRole", username=username, rolename=role)

@@ -525,8 +525,9 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
     """``iotistic provisioner render <customer_id>``: the manifests the kubernetes backend
     applies, as YAML; Secrets only with ``--include-secrets``."""
     from services.provisioner.app import kubernetes_settings
-    from services.provisioner.backends.base import InstanceSpec, derive_password
-    from services.provisioner.backends.k8s_manifests import render, render_yaml
+    from services.provisioner.backends.base import InstanceSpec
+    from services.provisioner.backends.k8s import customer_objects
+    from services.provisioner.backends.k8s_manifests import render_yaml
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
@@ -544,10 +545,8 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
         license_id=license_id,
         jwks_url=settings.license_jwks_url,
     )
-    password = derive_password(
-        (settings.provisioner_secret or "").encode(), "database", args.customer_id
-    )
-    objects = render(spec, kubernetes_settings(settings), password)
+    secret = (settings.provisioner_secret or "").encode()
+    objects = customer_objects(spec, kubernetes_settings(settings), secret)
     if not args.include_secrets:
         objects = [o for o in objects if o["kind"] != "Secret"]
     sys.stdout.write(render_yaml(objects))

@@ -7,6 +7,12 @@ fires when a device has sent nothing for ``for_seconds``. Each firing and resolu
 the history and, with the ``webhooks`` feature and a URL on the rule, into a delivery queue:
 a POST signed with HMAC-SHA256 (``X-Iotistic-Signature: sha256=<hex>`` over
 ``<timestamp>.<body>``, the timestamp in ``X-Iotistic-Timestamp``), retried with backoff.
+
+A webhook goes only to public addresses (``WebhookTargets``): its host name is resolved and
+every address it resolves to is checked when the rule is made and again at each delivery, and
+the POST goes to one of the addresses just checked (the name is kept for the Host header and
+TLS), so a name that resolves elsewhere by the time of delivery cannot lead it into the
+instance's own network. Operators may allow networks (``ALERT_WEBHOOK_ALLOWED_CIDRS``).
 """
 
 from __future__ import annotations
@@ -14,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
 
+from libs.config import ConfigError
 from libs.db import CONNECTION_ERRORS
 from services.instance.readings import METRICS
 
@@ -40,6 +50,12 @@ OPERATORS = {
 NO_DATA = "no_data"
 MAX_DELIVERY_ATTEMPTS = 8
 FRESH = timedelta(minutes=10)
+MAX_URL_LENGTH = 2048
+RESOLVE_SECONDS = 5.0
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# NAT64's well-known prefix carries an IPv4 address in its last 32 bits.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 class RuleError(ValueError):
@@ -51,8 +67,135 @@ class RuleError(ValueError):
         self.field, self.reason = field, reason
 
 
-def parse_rule(data: Any, webhooks_allowed: bool) -> dict[str, Any]:
-    """A rule from a request body, or ``RuleError`` for the first bad field."""
+class WebhookRefused(Exception):
+    """A webhook URL that leads somewhere webhooks may not go; the message says why."""
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """A webhook URL whose host resolved to ``addresses``, every one of them allowed."""
+
+    url: httpx.URL
+    host: str
+    addresses: tuple[str, ...]
+
+    def via(self, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+        """The URL to connect to ``address`` (one of ``addresses``), with the Host header and
+        the TLS server name of the URL as given."""
+        default = 443 if self.url.scheme == "https" else 80
+        port = self.url.port
+        host_header = self.host if port in (None, default) else f"{self.host}:{port}"
+        extensions = {"sni_hostname": self.host} if self.url.scheme == "https" else {}
+        return self.url.copy_with(host=address), {"Host": host_header}, extensions
+
+
+def _embedded_ipv4(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64), else itself."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
+        if address in NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+@dataclass(frozen=True)
+class WebhookTargets:
+    """Where alert webhooks may go: public unicast addresses, and the networks an operator
+    allows although they are not (``ALERT_WEBHOOK_ALLOWED_CIDRS``)."""
+
+    allowed: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_setting(cls, text: str) -> WebhookTargets:
+        """From comma-separated CIDRs; a ``ConfigError`` names one that is not."""
+        networks = []
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"ALERT_WEBHOOK_ALLOWED_CIDRS: {item[:64]!r} is not a network in CIDR notation"
+                ) from None
+        return cls(tuple(networks))
+
+    def refusal(self, address: IPAddress) -> str | None:
+        """Why webhooks may not go to ``address`` (``loopback``, ``private``, ...), or None."""
+        inner = _embedded_ipv4(address)
+        if any(a in net for net in self.allowed for a in (address, inner)):
+            return None
+        for reason, refused in (
+            ("unspecified", inner.is_unspecified),
+            ("loopback", inner.is_loopback),
+            ("link-local", inner.is_link_local),
+            ("multicast", inner.is_multicast),
+            ("reserved", inner.is_reserved),
+            ("private", inner.is_private),
+            ("non-public", not inner.is_global),
+        ):
+            if refused:
+                return reason
+        return None
+
+    async def resolve(self, url: str) -> WebhookTarget:
+        """Resolve the URL's host and check every address; ``WebhookRefused`` says why not."""
+        try:
+            parsed = httpx.URL(url)
+            host = parsed.raw_host.decode("ascii")
+        except (httpx.InvalidURL, UnicodeError):
+            raise WebhookRefused("is not a valid URL") from None
+        if parsed.scheme not in ("http", "https") or not host:
+            raise WebhookRefused("must be an http(s) URL with a host")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if not 0 < port < 65536:
+            raise WebhookRefused("has a port that is not from 1 to 65535")
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            addresses = [literal]
+        else:
+            addresses = await _resolved(host, port)
+        for address in addresses:
+            reason = self.refusal(address)
+            if reason is not None:
+                where = "is" if literal is not None else f"{host[:100]} resolves to"
+                article = "an" if reason[0] in "aeiou" else "a"
+                raise WebhookRefused(
+                    f"{where} {article} {reason} address; webhooks go only to public addresses"
+                )
+        return WebhookTarget(parsed, host, tuple(dict.fromkeys(str(a) for a in addresses)))
+
+
+async def _resolved(host: str, port: int) -> list[IPAddress]:
+    try:
+        async with asyncio.timeout(RESOLVE_SECONDS):
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+    except (OSError, TimeoutError, UnicodeError):
+        raise WebhookRefused(f"{host[:100]} does not resolve") from None
+    addresses = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        try:
+            addresses.append(ipaddress.ip_address(str(sockaddr[0])))
+        except ValueError:
+            continue
+    if not addresses:
+        raise WebhookRefused(f"{host[:100]} does not resolve")
+    return addresses
+
+
+async def parse_rule(
+    data: Any, webhooks_allowed: bool, targets: WebhookTargets | None = None
+) -> dict[str, Any]:
+    """A rule from a request body, or ``RuleError`` for the first bad field. A webhook URL
+    must lead to an address ``targets`` allows (by default: public ones only)."""
     if not isinstance(data, dict):
         raise RuleError("body", "must be a JSON object")
     known = {"name", "metric", "operator", "threshold", "for_seconds", "devices", "webhook_url"}
@@ -84,6 +227,12 @@ def parse_rule(data: Any, webhooks_allowed: bool) -> dict[str, Any]:
             raise RuleError("webhook_url", "the license does not include webhooks")
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise RuleError("webhook_url", "must be an http(s) URL")
+        if len(url) > MAX_URL_LENGTH:
+            raise RuleError("webhook_url", f"must be at most {MAX_URL_LENGTH} characters")
+        try:
+            await (targets or WebhookTargets()).resolve(url)
+        except WebhookRefused as exc:
+            raise RuleError("webhook_url", str(exc)) from None
     name = data.get("name") or f"{metric} {operator or ''} {threshold or ''}".strip()
     return {
         "name": str(name)[:100],
@@ -133,12 +282,15 @@ class AlertEngine:
         customer_id: str,
         alerting: Callable[[], bool],
         every: float = 2.0,
+        targets: WebhookTargets | None = None,
     ) -> None:
-        """``alerting`` says whether the license includes alerting right now."""
+        """``alerting`` says whether the license includes alerting right now; webhooks go only
+        where ``targets`` allows (by default: public addresses)."""
         self._pool = pool
         self._customer = customer_id
         self._alerting = alerting
         self._every = every
+        self._targets = targets or WebhookTargets()
 
     async def run(self) -> None:
         """Evaluate and deliver for ever."""
@@ -307,26 +459,16 @@ class AlertEngine:
                 MAX_DELIVERY_ATTEMPTS,
             )
         delivered = 0
-        async with httpx.AsyncClient(timeout=10) as client:
+        # No proxy from the environment: the connection goes to the address that was checked.
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
             for row in due:
                 stamp = str(int(time.time()))
-                error = None
-                try:
-                    answer = await client.post(
-                        row["url"],
-                        content=row["body"],
-                        headers={
-                            "Content-Type": "application/json",
-                            "X-Iotistic-Timestamp": stamp,
-                            "X-Iotistic-Signature": sign(
-                                row["webhook_secret"] or "", stamp, row["body"]
-                            ),
-                        },
-                    )
-                    if answer.status_code >= 300:
-                        error = f"answered {answer.status_code}"
-                except httpx.HTTPError as exc:
-                    error = type(exc).__name__
+                headers = {
+                    "Content-Type": "application/json",
+                    "X-Iotistic-Timestamp": stamp,
+                    "X-Iotistic-Signature": sign(row["webhook_secret"] or "", stamp, row["body"]),
+                }
+                error = await self._post(client, row["url"], row["body"], headers)
                 async with self._pool().acquire() as conn:
                     if error is None:
                         delivered += 1
@@ -346,3 +488,27 @@ class AlertEngine:
                             datetime.now(UTC) + backoff,
                         )
         return delivered
+
+    async def _post(
+        self, client: httpx.AsyncClient, url: str, body: str, headers: dict[str, str]
+    ) -> str | None:
+        """POST to an address the URL resolves to now, checked; None, or what went wrong."""
+        try:
+            target = await self._targets.resolve(url)
+        except WebhookRefused as exc:
+            log.warning("webhook refused: %s", exc)
+            return f"refused: {exc}"[:500]
+        error = "not reachable"
+        for address in target.addresses:
+            pinned, host, extensions = target.via(address)
+            try:
+                answer = await client.post(
+                    pinned, content=body, headers={**headers, **host}, extensions=extensions
+                )
+            except httpx.ConnectError:
+                error = "ConnectError"
+                continue  # the next address the name resolved to, checked as well
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+            return None if answer.status_code < 300 else f"answered {answer.status_code}"
+        return error

@@ -4,7 +4,9 @@ One process per customer, with a database of its own. Routes under ``/api`` need
 customer's session token (checked with the control plane) and count against the license's
 ``apiRequestsPerDay``; a session of another customer gets 404, as if nothing were here. An
 expired license (after its grace) makes the instance read-only: queries answer, ingest and
-changes stop, and every answer about it says why.
+changes stop, and every answer about it says why. Without a session the instance shows nothing
+of its customer, neither the id nor the usage (the health and metrics routes are in
+``monitoring``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ from libs.http import (
     create_app,
     invalid,
 )
-from services.instance.alerts import AlertEngine, RuleError, create_rule, parse_rule
+from services.instance.alerts import (
+    AlertEngine,
+    RuleError,
+    WebhookTargets,
+    create_rule,
+    parse_rule,
+)
 from services.instance.auth import ControlPlaneUnavailable, CustomerSessions
 from services.instance.dashboard import LiveReadings, dashboard_routes, session_cookie
 from services.instance.devices import (
@@ -52,6 +60,7 @@ from services.instance.devices import (
 )
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder, keep_license_current
+from services.instance.monitoring import monitoring_routes
 from services.instance.readings import (
     METRICS,
     BucketName,
@@ -123,7 +132,10 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         claims = holder.claims
         return bool(claims and claims.features.alerting) and not holder.read_only(datetime.now(UTC))
 
-    alerts = AlertEngine(lambda: pool(), settings.instance_customer_id, alerting_allowed)
+    webhook_targets = WebhookTargets.from_setting(settings.alert_webhook_allowed_cidrs)
+    alerts = AlertEngine(
+        lambda: pool(), settings.instance_customer_id, alerting_allowed, targets=webhook_targets
+    )
 
     def pool() -> asyncpg.Pool:
         found = state.get("pool")
@@ -167,6 +179,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             loop.create_task(_housekeeping(pool, holder, ingest, gauges, api_today)),
             loop.create_task(UsageReporter(settings, pool).run()),
             loop.create_task(alerts.run()),
+            loop.create_task(devices.converge_at_start(lambda: state.get("pool"))),
         ]
         try:
             yield
@@ -181,12 +194,19 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                 await state["pool"].close()
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
+        """Whether the instance is ready, and the detail only monitoring sees."""
         database = await _database_ok(state.get("pool"))
         status = holder.status(datetime.now(UTC))
+        claims = holder.claims
         detail = {
             "customer_id": settings.instance_customer_id,
             "database": {"ok": database},
-            "license": {"status": status, "error": holder.error},
+            "license": {
+                "ok": status is not None,
+                "status": status,
+                "license_id": claims.licenseId if claims else None,
+                "error": holder.error,
+            },
         }
         return database and status is not None, detail
 
@@ -231,8 +251,9 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             )
 
     @get("/api/license", tags=["instance"])
-    async def license_view() -> dict[str, Any]:
+    async def license_view(request: Request[Any, Any, Any]) -> dict[str, Any]:
         """The license this instance runs under and what it allows."""
+        await authorize(request)
         claims = holder.claims
         if claims is None:
             return {"status": None, "error": holder.error}
@@ -276,6 +297,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                 "urls": brokers,
                 "username": device.mqtt_username,
                 "password": device.mqtt_password,
+                "client_id": device.mqtt_client_id,
                 "topics": device.topics,
             },
             "note": "the password is shown only once; store it on the device",
@@ -455,7 +477,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         writable()
         claims = alerting()
         try:
-            rule = parse_rule(data, claims.features.webhooks)
+            rule = await parse_rule(data, claims.features.webhooks, webhook_targets)
         except RuleError as exc:
             if exc.field == "webhook_url" and "license" in exc.reason:
                 raise Forbidden(exc.reason) from None
@@ -505,7 +527,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         return {"history": [dict(r) for r in rows]}
 
     return create_app(
-        title=f"Iotistic instance {settings.instance_customer_id}",
+        # Public (/schema): no customer id in it.
+        title="Iotistic instance",
         route_handlers=[
             *dashboard_routes(settings, live, authorize),
             license_view,
@@ -526,6 +549,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         readiness=readiness,
         registry=registry,
         lifespan=[lifespan],
+        health=monitoring_routes(readiness, registry, settings.monitoring_token, authorize),
     )
 
 

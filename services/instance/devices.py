@@ -1,16 +1,22 @@
 """Devices: each one gets broker credentials of its own, allowed to publish only to its topics.
 
 A device publishes to ``<customer_id>/devices/<device_id>/readings`` and ``.../status`` and
-nothing else: its broker role allows exactly those two topics for publishing and no
-subscription at all. Its password is made here, shown once in the answer to its registration,
-and kept only by the broker (hashed). Deleting a device deletes its broker client, which also
-disconnects it at once.
+nothing else: its broker role allows exactly those two topics for publishing and denies
+subscribing and receiving everywhere. Its broker client is bound to the client id
+``<device_id>``, so its credentials work under no other id (and, as every client is bound to
+its own, no other client can use its id). Its password is made here, shown once in the answer
+to its registration, and kept only by the broker (hashed). Deleting a device deletes its broker
+client, which also disconnects it at once. Devices registered before the binding are brought to
+this shape when the instance starts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,8 +25,11 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from libs.config import ConfigError
-from libs.mqtt_dynsec import Acl, DynSec, DynSecError
+from libs.db import CONNECTION_ERRORS
+from libs.mqtt_dynsec import DynSec, DynSecError, device_acls
 from services.instance.settings import InstanceSettings
+
+log = logging.getLogger(__name__)
 
 ONLINE_WITHIN = timedelta(minutes=2)
 
@@ -62,6 +71,11 @@ def topic(customer_id: str, device_id: str, kind: str) -> str:
     return f"{customer_id}/devices/{device_id}/{kind}"
 
 
+def device_topics(customer_id: str, device_id: str) -> dict[str, str]:
+    """The two topics a device publishes to, by kind: ``readings`` and ``status``."""
+    return {kind: topic(customer_id, device_id, kind) for kind in ("readings", "status")}
+
+
 @dataclass(frozen=True)
 class Registered:
     """A new device and its credentials (the password is never shown again)."""
@@ -71,6 +85,11 @@ class Registered:
     mqtt_username: str
     mqtt_password: str
     topics: dict[str, str]
+
+    @property
+    def mqtt_client_id(self) -> str:
+        """The only client id its credentials connect with: the device id."""
+        return self.device_id
 
 
 class Devices:
@@ -108,16 +127,56 @@ class Devices:
                 username,
                 datetime.now(UTC),
             )
-            topics = {k: topic(customer, device_id, k) for k in ("readings", "status")}
+            topics = device_topics(customer, device_id)
             try:
                 async with self._dynsec() as dynsec:
-                    await dynsec.ensure_role(
-                        username, [Acl("publishClientSend", t) for t in topics.values()]
+                    await dynsec.ensure_role(username, device_acls(list(topics.values())))
+                    await dynsec.ensure_client(
+                        username, password, [username], textname=name, clientid=device_id
                     )
-                    await dynsec.ensure_client(username, password, [username], textname=name)
             except (DynSecError, OSError) as exc:
                 raise BrokerUnavailable(f"the broker refused the device: {exc}") from None
         return Registered(device_id, name, username, password, topics)
+
+    async def converge(self, conn: asyncpg.Connection) -> int:
+        """Bring every registered device's broker client and role to today's shape (bound to
+        its device id; publishing only, receiving nothing), keeping its password; idempotent.
+        Returns how many devices it went over."""
+        rows = await conn.fetch(
+            "SELECT device_id, mqtt_username FROM devices WHERE deleted_at IS NULL"
+        )
+        customer = self._settings.instance_customer_id
+        try:
+            async with self._dynsec() as dynsec:
+                for row in rows:
+                    username, device_id = row["mqtt_username"], row["device_id"]
+                    topics = list(device_topics(customer, device_id).values())
+                    await dynsec.ensure_role(username, device_acls(topics))
+                    if not await dynsec.bind_client(username, device_id, [username]):
+                        log.warning("device %s has no broker client", device_id)
+        except (DynSecError, OSError) as exc:
+            raise BrokerUnavailable(f"the broker did not take the devices' shape: {exc}") from None
+        return len(rows)
+
+    async def converge_at_start(self, pool: Callable[[], asyncpg.Pool | None]) -> None:
+        """``converge`` once the database answers, retried with backoff until it succeeds
+        (the broker or the database may come later than the instance)."""
+        s = self._settings
+        if not s.mqtt_admin_username or not s.mqtt_admin_password:
+            return  # devices' credentials are not made here
+        delay = 0.5
+        while True:
+            found = pool()
+            if found is not None:
+                try:
+                    async with found.acquire() as conn:
+                        count = await self.converge(conn)
+                    log.info("broker clients of %d devices converged", count)
+                    return
+                except (BrokerUnavailable, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                    log.warning("devices' broker clients not converged yet: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def remove(self, conn: asyncpg.Connection, device_id: str) -> bool:
         """Revoke the device's credentials (disconnecting it) and mark it deleted."""

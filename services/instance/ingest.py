@@ -34,7 +34,7 @@ from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from libs.mqtt_subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
 from services.instance.license import LicenseHolder
 from services.instance.readings import Rejected, parse_reading, record, store_readings
-from services.instance.settings import InstanceSettings
+from services.instance.settings import InstanceSettings, ingest_client_id
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class Ingest:
 
     async def ensure_own_client(self) -> None:
         """Where the instance administers its broker (its own, in Kubernetes), make sure its
-        ingest client exists and may read only this customer's devices."""
+        ingest client exists, bound to its client id, and may read only this customer's
+        devices."""
         s = self._settings
         if not (s.mqtt_admin_username and s.mqtt_admin_password and s.mqtt_username):
             return
@@ -127,7 +128,12 @@ class Ingest:
             s.mqtt_host, s.mqtt_port, s.mqtt_admin_username, s.mqtt_admin_password
         ) as ds:
             await ds.ensure_role(s.mqtt_username, instance_acls(s.instance_customer_id))
-            await ds.ensure_client(s.mqtt_username, s.mqtt_password or "", [s.mqtt_username])
+            await ds.ensure_client(
+                s.mqtt_username,
+                s.mqtt_password or "",
+                [s.mqtt_username],
+                clientid=ingest_client_id(s),
+            )
 
     async def run(self) -> None:
         """Subscribe and write for ever, reconnecting to the broker when it goes away. When
@@ -167,7 +173,7 @@ class Ingest:
                 SubscriberOptions(
                     host=s.mqtt_host,
                     port=s.mqtt_port,
-                    client_id=f"instance-{s.instance_customer_id}",
+                    client_id=ingest_client_id(s),
                     username=s.mqtt_username,
                     password=s.mqtt_password,
                     filters=(f"{self.root}/+/readings", f"{self.root}/+/status"),

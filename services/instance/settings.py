@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from libs.auth import derived_secret
 from libs.config import LogLevel, Port, PostgresUrl
 
 
@@ -29,6 +30,10 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     mqtt_port: Port = 1883
     mqtt_username: str | None = None
     mqtt_password: str | None = None
+    # The client id the ingest client is bound to on the broker: random, kept with its
+    # password by the backends. Unset: one derived from the password (never the customer id,
+    # which is no secret).
+    mqtt_client_id: Annotated[str, Meta(min_length=8, max_length=128)] | None = None
     mqtt_admin_username: str | None = None
     mqtt_admin_password: str | None = None
     # Where devices connect, as URLs (comma-separated; mqtt://, mqtts://, ws:// or wss://),
@@ -45,6 +50,22 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Usage goes to billing every so often with this instance's own token.
     usage_token: str | None = None
     usage_report_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0
+    # Opens /metrics and the detail of /health/ready to monitoring (Prometheus, the
+    # provisioner); derived by the provisioner. Unset: /metrics needs the customer's session.
+    monitoring_token: Annotated[str, Meta(min_length=32)] | None = None
+    # Networks (comma-separated CIDRs) that alert webhooks may reach although they are
+    # loopback, private, link-local or reserved; unset: only public addresses.
+    alert_webhook_allowed_cidrs: str = ""
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
     log_level: LogLevel = "INFO"
+
+
+def ingest_client_id(settings: InstanceSettings) -> str:
+    """The client id of the instance's ingest client on the broker (it is bound to it)."""
+    if settings.mqtt_client_id:
+        return settings.mqtt_client_id
+    secret = (settings.mqtt_password or "").encode()
+    return (
+        f"instance-{derived_secret(secret, 'mqtt-client-id', settings.instance_customer_id)[:32]}"
+    )

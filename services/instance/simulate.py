@@ -125,7 +125,13 @@ async def publish(
         model = SensorModel(seed)
         mqtt = device["mqtt"]
         async with aiomqtt.Client(
-            host or mqtt["host"], mqtt["port"], username=mqtt["username"], password=mqtt["password"]
+            host or mqtt["host"],
+            mqtt["port"],
+            username=mqtt["username"],
+            password=mqtt["password"],
+            # The broker takes the credentials only with the device's own client id (its
+            # device id; devices remembered from before the answer said so have none stored).
+            identifier=mqtt.get("client_id") or device["device_id"],
         ) as client:
             await client.publish(mqtt["topics"]["status"], b"online", qos=1)
             loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from services.provisioner.backends.k8s_manifests import KubernetesSettings
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.projections import DEPLOYMENTS
 from services.provisioner.reactors import provisioner_reactors
-from services.provisioner.settings import ProvisionerSettings
+from services.provisioner.settings import ProvisionerSettings, parse_cidrs
 from services.provisioner.worker import QueueWorker
 
 METRICS_REFRESH_SECONDS = 5.0
@@ -65,6 +65,10 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         cluster_issuer=settings.cluster_issuer,
         ingress_class=settings.ingress_class,
         storage_class=settings.storage_class,
+        cluster_cidrs=parse_cidrs(settings.kubernetes_cluster_cidrs, "KUBERNETES_CLUSTER_CIDRS"),
+        alert_webhook_allowed_cidrs=",".join(
+            parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
+        ),
     )
 
 

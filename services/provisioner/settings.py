@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from msgspec import Meta
 
-from libs.config import ServiceSettings
+from libs.config import ConfigError, ServiceSettings
 
 
 class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
@@ -35,6 +36,9 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     control_plane_url: str = "http://127.0.0.1:8080"
     # Where instances fetch the keys that verify their license.
     license_jwks_url: str = "http://127.0.0.1:8080/.well-known/jwks.json"
+    # Handed to every instance: networks its alert webhooks may reach although they are not
+    # public (comma-separated CIDRs); unset: public addresses only.
+    alert_webhook_allowed_cidrs: str = ""
     # --- local backend
     # A folder for each instance's license file and log.
     local_instances_dir: str = ".iotistic/instances"
@@ -58,3 +62,19 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     cluster_issuer: str = "letsencrypt-prod"
     ingress_class: str = "nginx"
     storage_class: str | None = None
+    # The cluster's pod and service networks (comma-separated CIDRs), which instances may not
+    # reach beyond their namespace, where they are not in the private ranges already refused.
+    kubernetes_cluster_cidrs: str = ""
+
+
+def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:
+    """Comma-separated networks in CIDR notation, normalised; a ``ConfigError`` names one
+    that is not."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                networks.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ConfigError(f"{variable}: {item[:64]!r} is not a CIDR network") from None
+    return tuple(networks)

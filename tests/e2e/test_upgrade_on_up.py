@@ -32,10 +32,11 @@ pytestmark = pytest.mark.slow
 PRO = "price_pro_up"
 
 
-async def instance_license(url: str) -> dict:
-    """The license the instance at ``url`` runs under; {} when nothing answers."""
+async def instance_license(url: str, auth: dict[str, str]) -> dict:
+    """The license the instance at ``url`` runs under, as its customer (``auth``) sees it; {}
+    when nothing answers."""
     try:
-        async with httpx.AsyncClient(timeout=2) as client:
+        async with httpx.AsyncClient(timeout=2, headers=auth) as client:
             return (await client.get(f"{url}/api/license")).json()
     except httpx.TransportError:
         return {}
@@ -111,7 +112,7 @@ async def test_upgrade_flow_end_to_end_on_iotistic_up(tmp_path: Path) -> None:
                 )
                 url = me.json()["deployment"]["instance_url"]
                 held = await eventually(
-                    lambda: instance_license(url),
+                    lambda: instance_license(url, auth),
                     lambda held: held.get("plan") == "professional",
                     what="the instance running the professional license",
                 )
@@ -134,6 +135,8 @@ async def test_upgrade_flow_end_to_end_on_iotistic_up(tmp_path: Path) -> None:
                             mqtt["username"],
                             "-P",
                             mqtt["password"],
+                            "-i",
+                            mqtt["client_id"],
                             "-q",
                             "1",
                             "-t",
@@ -175,7 +178,7 @@ async def test_upgrade_flow_end_to_end_on_iotistic_up(tmp_path: Path) -> None:
                     lambda r: r.json()["state"] == "completed",
                     what="the delete job completed",
                 )
-                assert await instance_license(url) == {}
+                assert await instance_license(url, auth) == {}
                 runtime = json.loads((data_dir / "runtime.json").read_text())
                 conn = await asyncpg.connect(runtime["DATABASE_URL"])
                 try:

@@ -45,7 +45,14 @@ async def client(
     platform = Platform.from_settings(
         settings,
         list(CONTROL_PLANE.values()),
-        **local_backend_settings(broker, port, tmp_path_factory.mktemp("instances")),
+        **local_backend_settings(
+            broker,
+            port,
+            tmp_path_factory.mktemp("instances"),
+            # The webhook receiver below listens on loopback, which webhooks may not reach
+            # unless the operator allows it.
+            alert_webhook_allowed_cidrs="127.0.0.0/8",
+        ),
     )
     async with serving(build_app(platform, "all"), port) as http:
         await platform.wait_started()
@@ -130,7 +137,11 @@ async def received_within(mqtt: aiomqtt.Client, seconds: float) -> list[str]:
 def device_client(broker: EmbeddedMosquitto, device: dict[str, Any]) -> aiomqtt.Client:
     mqtt = device["mqtt"]
     return aiomqtt.Client(
-        broker.host, broker.port, username=mqtt["username"], password=mqtt["password"]
+        broker.host,
+        broker.port,
+        username=mqtt["username"],
+        password=mqtt["password"],
+        identifier=mqtt["client_id"],
     )
 
 

@@ -9,7 +9,7 @@ import aiomqtt
 import pytest
 
 from libs.mqtt_broker import EmbeddedMosquitto
-from libs.mqtt_dynsec import Acl, DynSec, DynSecError
+from libs.mqtt_dynsec import Acl, DynSec, DynSecError, device_acls
 
 
 def acls(root: str) -> list[Acl]:
@@ -76,6 +76,48 @@ async def test_ensure_is_idempotent_and_changes_the_password(broker) -> None:
             pass
     async with client(broker, "user-c", "new"):
         pass
+
+
+async def connects(broker: EmbeddedMosquitto, user: str, password: str, client_id: str) -> bool:
+    try:
+        async with aiomqtt.Client(
+            broker.host, broker.port, username=user, password=password, identifier=client_id
+        ):
+            return True
+    except aiomqtt.MqttError:
+        return False
+
+
+async def test_a_bound_client_connects_only_with_its_client_id(broker) -> None:
+    async with admin(broker) as dynsec:
+        await dynsec.ensure_role("role-f", acls("customers/f"))
+        await dynsec.ensure_client("user-f", "pw", ["role-f"], clientid="f-1")
+        await dynsec.ensure_client("user-f", "pw", ["role-f"], clientid="f-1")
+    assert await connects(broker, "user-f", "pw", "f-1")
+    assert not await connects(broker, "user-f", "pw", "someone-else")
+    async with admin(broker) as dynsec:
+        # Bound anew, the password and roles kept: only the new id works.
+        assert await dynsec.bind_client("user-f", "f-2", ["role-f"])
+        assert not await dynsec.bind_client("nobody-here", "f-3", [])
+        assert (await dynsec.get_client("user-f"))["clientid"] == "f-2"
+    assert not await connects(broker, "user-f", "pw", "f-1")
+    assert await connects(broker, "user-f", "pw", "f-2")
+
+
+async def test_a_device_role_converges_to_publishing_only(broker) -> None:
+    topics = ["customers/g/devices/1/readings", "customers/g/devices/1/status"]
+    async with admin(broker) as dynsec:
+        await dynsec.ensure_role("role-g", [Acl("publishClientSend", t) for t in topics])
+        await dynsec.ensure_role("role-g", device_acls(topics))
+        await dynsec.ensure_role("role-g", device_acls(topics))
+        role = await dynsec.command("getRole", rolename="role-g")
+    got = sorted(
+        (a["acltype"], a["topic"], a["allow"], a["priority"]) for a in role["data"]["role"]["acls"]
+    )
+    assert got == sorted(
+        [("publishClientSend", t, True, 0) for t in topics]
+        + [("publishClientReceive", "#", False, -1), ("subscribePattern", "#", False, -1)]
+    )
 
 
 async def test_deleted_clients_cannot_connect_and_deleting_twice_is_fine(broker) -> None:

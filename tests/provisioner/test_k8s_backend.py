@@ -125,6 +125,9 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     # Messages queued for the instance (acknowledged only once stored) are saved every minute.
     assert "persistence true" in conf and "autosave_interval 60" in conf
     assert "mosquitto_dynamic_security.so" in conf
+    # Packets over 64 KiB are refused, and what is queued for a client is bounded.
+    assert "message_size_limit 65536" in conf and "max_packet_size 65536" in conf
+    assert "max_queued_bytes 67108864" in conf
     env = {e["name"]: e for e in container["env"]}
     assert env["MQTT_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "mqtt",
@@ -140,6 +143,21 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     assert {(o["kind"], o["metadata"]["name"]): o for o in relay}[("Secret", "control-plane")][
         "stringData"
     ] == {"login-relay-key": "k" * 64}
+    # The ingest client's id, bound on the broker, is kept with its password (optional: an
+    # older Secret lacks it until the next update re-applies the Secrets).
+    assert env["MQTT_CLIENT_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mqtt",
+        "key": "client-id",
+        "optional": True,
+    }
+    assert env["MONITORING_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "monitoring",
+        "key": "token",
+        "optional": True,
+    }
+    # A new broker configuration rolls the broker.
+    annotations = broker["template"]["metadata"]["annotations"]
+    assert len(annotations["iotistic.io/config-sha256"]) == 16
     policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     # Devices outside the cluster reach the broker through the Ingress, over TLS, and the
@@ -187,13 +205,21 @@ async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog)
     assert deployed.components == {"postgres": "ready", "mosquitto": "ready", "instance": "ready"}
     secrets = {
         name: standin.objects[f"/api/v1/namespaces/{NS}/secrets/{name}"]["stringData"]
-        for name in ("database", "mqtt")
+        for name in ("database", "mqtt", "monitoring")
     }
     mqtt = secrets["mqtt"]
     assert mqtt["admin-password"] and mqtt["password"]
-    assert len({secrets["database"]["password"], mqtt["admin-password"], mqtt["password"]}) == 3
+    assert mqtt["client-id"].startswith("instance-") and CUSTOMER not in mqtt["client-id"]
+    kept = (
+        secrets["database"]["password"],
+        mqtt["admin-password"],
+        mqtt["password"],
+        mqtt["client-id"],
+        secrets["monitoring"]["token"],
+    )
+    assert len(set(kept)) == 5
     logged = caplog.text
-    for secret in (secrets["database"]["password"], mqtt["admin-password"], mqtt["password"]):
+    for secret in kept:
         assert secret not in logged
     assert spec().license_jwt not in logged
 
@@ -218,11 +244,24 @@ async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
     try:
         await backend.deploy(spec(), Steps())
         applied_before = len(standin.applied())
+        generations = {k: v["metadata"]["generation"] for k, v in standin.objects.items()}
         await backend.update(spec("lic-2", "header.claims.signature-two"), Steps())
         status = await backend.status(CUSTOMER)
     finally:
         await backend.stop()
-    assert standin.applied()[applied_before:] == [("Secret", "license"), ("Deployment", "instance")]
+    # Every object is applied again (a customer deployed by an older version gets today's),
+    # and only the license Secret and the instance change.
+    rendered = render(spec(), KubernetesSettings(), "x")
+    assert standin.applied()[applied_before:] == [
+        (o["kind"], o["metadata"]["name"]) for o in rendered
+    ]
+    changed = {
+        k for k, v in standin.objects.items() if v["metadata"]["generation"] != generations[k]
+    }
+    assert changed == {
+        f"/api/v1/namespaces/{NS}/secrets/license",
+        f"/apis/apps/v1/namespaces/{NS}/deployments/instance",
+    }
     instance = standin.objects[f"/apis/apps/v1/namespaces/{NS}/deployments/instance"]
     assert instance["metadata"]["generation"] == 2
     assert (

@@ -10,7 +10,6 @@ one production takes.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import stat
@@ -30,6 +29,7 @@ import pytest
 from contracts import SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
+from libs.mqtt_dynsec import DynSec
 from libs.runtime import Platform
 from services.provisioner.backends.local import derive_password, instance_name
 from services.targets import CONTROL_PLANE, build_app
@@ -145,7 +145,7 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
     ]
     async with httpx.AsyncClient(base_url=url, timeout=5) as instance:
         assert (await instance.get("/health/ready")).status_code == 200
-        held = (await instance.get("/api/license")).json()
+        held = (await instance.get("/api/license", headers=auth)).json()
     assert held["customer_id"] == customer_id
     assert held["status"] == "active"
     assert held["license_id"] == license_id
@@ -155,15 +155,15 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
     name = instance_name(customer_id)
     assert await database_exists(settings, name)
     mqtt_password = derive_password(b"p" * 40, "mqtt", customer_id)
-    async with aiomqtt.Client(
-        broker.host, broker.port, username=name, password=mqtt_password
-    ) as mqtt:
-        await mqtt.subscribe(f"{customer_id}/#")
-        await mqtt.publish(f"{customer_id}/hello", b"hi", qos=1)
-        async with asyncio.timeout(5):
-            async for message in mqtt.messages:
-                assert message.payload == b"hi"
-                break
+    client_id = f"instance-{derive_password(b'p' * 40, 'mqtt-client-id', customer_id)[:32]}"
+    # The instance's broker client exists, with its password, bound to its own client id.
+    async with DynSec(
+        broker.host, broker.port, broker.admin_username, broker.admin_password
+    ) as dynsec:
+        assert (await dynsec.get_client(name) or {})["clientid"] == client_id
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client(broker.host, broker.port, username=name, password=mqtt_password):
+            pass
 
     status = await client.get(f"/api/customers/{customer_id}/deployment/status", headers=admin)
     assert status.status_code == 200
@@ -179,9 +179,10 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
         async with httpx.AsyncClient(timeout=2) as http:
             await http.get(f"{url}/health/live")
     assert not await database_exists(settings, name)
-    with pytest.raises(aiomqtt.MqttError):
-        async with aiomqtt.Client(broker.host, broker.port, username=name, password=mqtt_password):
-            pass
+    async with DynSec(
+        broker.host, broker.port, broker.admin_username, broker.admin_password
+    ) as dynsec:
+        assert await dynsec.get_client(name) is None
     me = await eventually(
         lambda: client.get("/api/customers/me", headers=auth),
         lambda r: r.json()["deployment"]["status"] == "removed",
@@ -212,7 +213,7 @@ async def test_a_new_license_reaches_the_running_instance(client, admin, store) 
     update = await finished_job(client, admin, customer_id, "update-customer-stack")
     assert update["state"] == "completed"
     async with httpx.AsyncClient(base_url=url, timeout=5) as instance:
-        held = (await instance.get("/api/license")).json()
+        held = (await instance.get("/api/license", headers=auth)).json()
     assert held["plan"] == "professional"
     assert held["features"]["webhooks"] is True
     assert held["license_type"] == "subscription"

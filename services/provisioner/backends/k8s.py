@@ -4,10 +4,12 @@ kubernetes-asyncio.
 Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 ``application/apply-patch+yaml``, field manager ``iotistic-provisioner``, conflicts forced, so
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
-Mosquitto and the instance are ready, reporting progress. Update re-applies the license Secret
-and the instance Deployment; the license annotation on its pod template rolls it. Delete
-removes the namespace and waits until it is gone. The database password is derived from
-``PROVISIONER_SECRET`` (HMAC), so re-applying never changes it; it is never logged.
+Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
+changed is the license Secret and the instance Deployment, which the license annotation on its
+pod template rolls (and, for a customer deployed by an older version, whatever else is new). Delete
+removes the namespace and waits until it is gone. The passwords, the broker client id and the
+monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes
+them; they are never logged.
 """
 
 from __future__ import annotations
@@ -62,6 +64,28 @@ APPLY_STEPS = {
     ("Ingress", "instance"): (80, "ingress"),
 }
 WORKLOADS = (("StatefulSet", "postgres"), ("StatefulSet", "mosquitto"), ("Deployment", "instance"))
+
+
+def customer_objects(
+    spec: InstanceSpec,
+    settings: KubernetesSettings,
+    secret: bytes,
+    login_relay_secret: str | None = None,
+) -> list[dict[str, Any]]:
+    """``render`` with the customer's passwords, broker client id and monitoring token, all
+    derived from ``PROVISIONER_SECRET`` (and the login relay key from ``LOGIN_RELAY_SECRET``):
+    re-applying never changes them, nothing is stored."""
+    cid = spec.customer_id
+    return render(
+        spec,
+        settings,
+        derive_password(secret, "database", cid),
+        mqtt_admin_password=derive_password(secret, "mqtt-admin", cid),
+        mqtt_password=derive_password(secret, "mqtt", cid),
+        mqtt_client_id=f"instance-{derive_password(secret, 'mqtt-client-id', cid)[:32]}",
+        monitoring_token=derive_password(secret, "monitoring", cid),
+        login_relay_key=login_relay_key(login_relay_secret, cid) if login_relay_secret else "",
+    )
 
 
 def object_path(api_version: str, kind: str, name: str, namespace: str | None) -> str:
@@ -211,20 +235,10 @@ class KubernetesBackend:
             self._client = None
 
     def objects(self, spec: InstanceSpec) -> list[dict[str, Any]]:
-        """The customer's objects, with the derived database password."""
+        """The customer's objects, with the derived passwords."""
         if not self._secret:
             raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
-        cid = spec.customer_id
-        return render(
-            spec,
-            self._settings,
-            derive_password(self._secret, "database", cid),
-            mqtt_admin_password=derive_password(self._secret, "mqtt-admin", cid),
-            mqtt_password=derive_password(self._secret, "mqtt", cid),
-            login_relay_key=login_relay_key(self._login_relay_secret, cid)
-            if self._login_relay_secret
-            else "",
-        )
+        return customer_objects(spec, self._settings, self._secret, self._login_relay_secret)
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance."""
@@ -242,15 +256,15 @@ class KubernetesBackend:
         return self._deployed(spec.customer_id)
 
     async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
-        """New license: re-apply its Secret and the instance, which rolls; wait for it."""
+        """New license: re-apply every object (what did not change stays as it is, so only
+        the license Secret and the instance, which rolls, move), and wait for it. Applying
+        them all also brings a customer deployed by an older version to today's objects."""
         api = self._api
-        wanted = {("Secret", "license"), ("Deployment", "instance")}
         ns = namespace_of(spec.customer_id, self._settings)
         if await api.get("v1", "Namespace", ns, None) is None:
             return await self.deploy(spec, progress)
         for obj in self.objects(spec):
-            if (obj["kind"], obj["metadata"]["name"]) in wanted:
-                await api.apply(obj)
+            await api.apply(obj)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return self._deployed(spec.customer_id)

@@ -2,9 +2,12 @@
 
 Namespace ``customer-<id>`` with a ResourceQuota (4 CPU / 4Gi) and LimitRange; a NetworkPolicy
 that isolates it (in: its own pods, and the ingress controller to the instance and to the
-broker's WebSockets; out: its own pods, DNS, and the control plane's namespace for the JWKS);
-Secrets for the license and the database; Postgres as a StatefulSet with a 10Gi volume;
-Mosquitto on 1883 and 9001; the instance Deployment and Service; an Ingress at
+broker's WebSockets; out: its own pods and DNS) and one that lets the instance pods out to the
+control plane's HTTP port (its pods only, for the JWKS, sign-ins and usage) and to the public
+internet (alert webhooks), but not to private, loopback or link-local addresses nor the
+cluster's own networks; Secrets for the license, the database, the broker and monitoring;
+Postgres as a StatefulSet with a 10Gi volume; Mosquitto on 1883 and 9001, with the platform's
+message size and queue limits; the instance Deployment and Service; an Ingress at
 ``<id>.<BASE_DOMAIN>`` with TLS by cert-manager, which also carries MQTT over WebSockets at
 ``wss://<id>.<BASE_DOMAIN>/mqtt`` to the broker: the way devices outside the cluster reach it.
 ``render`` is pure: the same customer, license and password give the same objects, so applying
@@ -14,24 +17,28 @@ template's annotation, which rolls the Deployment.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from libs.mqtt_broker import broker_limits
 from services.provisioner.backends.base import InstanceSpec
 
 PART_OF = "iotistic"
 MQTT_ADMIN = "admin"
 MQTT_INGEST = "instance"
 DYNSEC_FILE = "/mosquitto/data/dynamic-security.json"
+BROKER_LIMITS = "\n".join(broker_limits())
 MOSQUITTO_CONF = f"""per_listener_settings false
 allow_anonymous false
 persistence true
 persistence_location /mosquitto/data/
 autosave_interval 60
-max_queued_messages 200000
+{BROKER_LIMITS}
 listener 1883
 listener 9001
 protocol websockets
@@ -40,6 +47,22 @@ plugin_opt_config_file {DYNSEC_FILE}
 """
 INSTANCE_PORT = 8080
 MQTT_PATH = "/mqtt"
+# What instances may not reach outside their namespace, although it is not the control plane:
+# every private, loopback, link-local, shared, multicast and reserved range (and IPv4 in IPv6).
+NOT_PUBLIC_V4 = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
+NOT_PUBLIC_V6 = ("::1/128", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
 RESTRICTED = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -59,6 +82,15 @@ class KubernetesSettings:
     ingress_class: str = "nginx"
     ingress_namespace: str = "ingress-nginx"
     control_plane_namespace: str = "iotistic"
+    # The control plane's HTTP pods (the chart's) and their port: all of it instances reach.
+    control_plane_pod_labels: dict[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "iotistic"}
+    )
+    control_plane_port: int = 8080
+    # The cluster's pod and service networks, refused like the private ranges.
+    cluster_cidrs: tuple[str, ...] = ()
+    # Handed to instances: networks their webhooks may reach although not public.
+    alert_webhook_allowed_cidrs: str = ""
     storage_class: str | None = None
     namespace_prefix: str = "customer-"
 
@@ -102,12 +134,15 @@ def render(
     mqtt_admin_password: str = "",
     mqtt_password: str = "",
     login_relay_key: str = "",
+    mqtt_client_id: str = "",
+    monitoring_token: str = "",
 ) -> list[dict[str, Any]]:
     """Every object of the customer's instance, in apply order.
 
     The broker keeps its clients (dynamic security) on a volume of its own; its admin, which
     the instance uses to give devices their credentials, and the instance's own ingest client
-    have the passwords given here."""
+    have the passwords given here, and the ingest client is bound to ``mqtt_client_id``.
+    ``monitoring_token`` opens the instance's metrics and readiness detail."""
     cid = spec.customer_id
     ns = namespace_of(cid, settings)
     database = "iotistic"
@@ -117,6 +152,7 @@ def render(
         _quota(ns, cid),
         _limits(ns, cid),
         _network_policy(ns, cid, settings),
+        _instance_egress(ns, cid, settings),
         {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -146,6 +182,7 @@ def render(
                 "admin-password": mqtt_admin_password,
                 "username": MQTT_INGEST,
                 "password": mqtt_password,
+                "client-id": mqtt_client_id,
             },
         },
         {
@@ -155,6 +192,13 @@ def render(
             "metadata": _meta("control-plane", ns, cid),
             "type": "Opaque",
             "stringData": {"login-relay-key": login_relay_key},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta("monitoring", ns, cid),
+            "type": "Opaque",
+            "stringData": {"token": monitoring_token},
         },
         {
             "apiVersion": "v1",
@@ -239,10 +283,56 @@ def _network_policy(ns: str, cid: str, settings: KubernetesSettings) -> dict[str
                     "to": [namespace("kube-system")],
                     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
                 },
-                {"to": [namespace(settings.control_plane_namespace)]},
             ],
         },
     }
+
+
+def _instance_egress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
+    """The instance pods, besides their namespace and DNS: the control plane's HTTP pods on
+    their port only (never its NATS or Postgres), and public addresses (alert webhooks)."""
+    control_plane = {
+        "namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": settings.control_plane_namespace}
+        },
+        "podSelector": {"matchLabels": dict(settings.control_plane_pod_labels)},
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta("instance-egress", ns, cid),
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "instance"}},
+            "policyTypes": ["Egress"],
+            "egress": [
+                {
+                    "to": [control_plane],
+                    "ports": [{"protocol": "TCP", "port": settings.control_plane_port}],
+                },
+                {"to": public_internet(settings.cluster_cidrs)},
+            ],
+        },
+    }
+
+
+def public_internet(cluster_cidrs: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """``ipBlock`` peers for every public address: all of IPv4 and IPv6 except the ranges that
+    are not public and the cluster's own networks (as far as a NetworkPolicy can say it: pod
+    addresses are matched by ipBlock only where the network plugin does so)."""
+    blocks = []
+    for everything, refused in (("0.0.0.0/0", NOT_PUBLIC_V4), ("::/0", NOT_PUBLIC_V6)):
+        version = ipaddress.ip_network(everything).version
+        excepted = [ipaddress.ip_network(c) for c in refused]
+        for cidr in cluster_cidrs:
+            network = ipaddress.ip_network(cidr, strict=False)
+            if network.version == version and not any(
+                network.subnet_of(e)  # type: ignore[arg-type]
+                for e in excepted
+                if e.version == version
+            ):
+                excepted.append(network)
+        blocks.append({"ipBlock": {"cidr": everything, "except": [str(e) for e in excepted]}})
+    return blocks
 
 
 def _service(
@@ -281,8 +371,11 @@ def _instance_service(ns: str, cid: str) -> dict[str, Any]:
     return _service("instance", ns, cid, [{"name": "http", "port": 80, "targetPort": "http"}])
 
 
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
 def _postgres(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
@@ -334,6 +427,8 @@ def _postgres(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]
 
 def _mosquitto(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
     labels = {"app.kubernetes.io/name": "mosquitto"}
+    # A new configuration (new limits) changes the pod template, so the broker rolls.
+    config_hash = hashlib.sha256(MOSQUITTO_CONF.encode()).hexdigest()[:16]
     admin_env = [
         _secret_env("ADMIN_USER", "mqtt", "admin-username"),
         _secret_env("ADMIN_PASSWORD", "mqtt", "admin-password"),
@@ -347,7 +442,10 @@ def _mosquitto(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any
             "replicas": 1,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {"iotistic.io/config-sha256": config_hash},
+                },
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1883, "fsGroup": 1883},
                     "initContainers": [
@@ -452,6 +550,16 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
                                 },
                                 _secret_env("MQTT_USERNAME", "mqtt", "username"),
                                 _secret_env("MQTT_PASSWORD", "mqtt", "password"),
+                                # Optional: a Secret of an older version lacks them (the
+                                # id then derives from the password; /metrics needs a session).
+                                _secret_env("MQTT_CLIENT_ID", "mqtt", "client-id", optional=True),
+                                _secret_env(
+                                    "MONITORING_TOKEN", "monitoring", "token", optional=True
+                                ),
+                                {
+                                    "name": "ALERT_WEBHOOK_ALLOWED_CIDRS",
+                                    "value": settings.alert_webhook_allowed_cidrs,
+                                },
                                 _secret_env("MQTT_ADMIN_USERNAME", "mqtt", "admin-username"),
                                 _secret_env("MQTT_ADMIN_PASSWORD", "mqtt", "admin-password"),
                                 _secret_env("LOGIN_RELAY_KEY", "control-plane", "login-relay-key"),

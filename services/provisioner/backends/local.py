@@ -1,11 +1,13 @@
 """The ``local`` backend: each customer's instance as supervised processes on this machine.
 
-Per customer: a database and a role of its own in the shared Postgres, a role and a client of
-its own on the shared Mosquitto (dynamic security), a folder with its license file and log, and
-an ``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
-passwords are derived from ``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same
-ones and nothing secret is stored. After the provisioner restarts it finds running instances
-again by the marker in their environment, and starts the ones that should run but do not.
+Per customer: a database and a role of its own in the shared Postgres (the role may connect to
+no other database), a role and a client of its own on the shared Mosquitto (dynamic security,
+bound to a client id of its own), a folder with its license file and log, and an
+``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
+passwords, the broker client id and the instance's monitoring token are derived from
+``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same ones and nothing secret
+is stored. After the provisioner restarts it finds running instances again by the marker in
+their environment, and starts the ones that should run but do not.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from services.provisioner.backends.base import (
     Progress,
     derive_password,
 )
-from services.provisioner.settings import ProvisionerSettings
+from services.provisioner.settings import ProvisionerSettings, parse_cidrs
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class LocalBackend:
         self._pool = pool
         self._secret = (settings.provisioner_secret or "").encode()
         self._dir = Path(settings.local_instances_dir).absolute()
+        # Handed to every instance: refused here, at start, rather than by each instance.
+        parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
         self._supervised: dict[str, Supervised] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -226,6 +230,11 @@ class LocalBackend:
             raise BackendError("the local backend needs PROVISIONER_SECRET to make credentials")
         return derive_password(self._secret, purpose, customer_id)
 
+    def _client_id(self, customer_id: str) -> str:
+        """The instance's broker client id: random to anyone without the secret (the
+        customer id is no secret), the same on every retry."""
+        return f"instance-{self._password('mqtt-client-id', customer_id)[:32]}"
+
     def _folder(self, customer_id: str) -> Path:
         folder = self._dir / instance_name(customer_id)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -264,6 +273,7 @@ class LocalBackend:
                     "SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', $1::text)", name
                 )
             )
+            await _confine_role(conn, name)
         except asyncpg.PostgresError as exc:
             raise BackendError(f"creating the database failed: {exc.sqlstate}") from None
         finally:
@@ -304,7 +314,11 @@ class LocalBackend:
             async with dynsec:
                 await dynsec.ensure_role(name, acls)
                 await dynsec.ensure_client(
-                    name, self._password("mqtt", customer_id), [name], textname=customer_id
+                    name,
+                    self._password("mqtt", customer_id),
+                    [name],
+                    textname=customer_id,
+                    clientid=self._client_id(customer_id),
                 )
         except (DynSecError, OSError) as exc:
             raise BackendError(f"broker credentials failed: {exc}") from None
@@ -358,6 +372,9 @@ class LocalBackend:
                 "MQTT_PORT": str(self._settings.mqtt_port),
                 "MQTT_USERNAME": name,
                 "MQTT_PASSWORD": self._password("mqtt", customer_id),
+                "MQTT_CLIENT_ID": self._client_id(customer_id),
+                "MONITORING_TOKEN": self._password("monitoring", customer_id),
+                "ALERT_WEBHOOK_ALLOWED_CIDRS": self._settings.alert_webhook_allowed_cidrs,
                 # The shared broker's admin makes device credentials: on one machine the
                 # instances share the provisioner's trust (in Kubernetes each has its own broker).
                 "MQTT_ADMIN_USERNAME": self._settings.mqtt_admin_username or "",
@@ -451,14 +468,18 @@ class LocalBackend:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.local_ready_timeout_seconds
         resend = loop.time()
-        async with httpx.AsyncClient(timeout=2) as client:
+        # The instance shows which license it holds only to monitoring.
+        token = self._password("monitoring", s.customer_id)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=2, headers=headers) as client:
             while loop.time() < deadline:
                 if s.process is not None and s.exited.is_set():
                     break  # it died while starting: this attempt failed
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    held = (await client.get(f"{url}/api/license")).json()
-                    if held.get("license_id") == license_id:
-                        if (await client.get(f"{url}/health/ready")).status_code == 200:
+                with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+                    answer = await client.get(f"{url}/health/ready")
+                    held = (answer.json().get("license") or {}).get("license_id")
+                    if held == license_id:
+                        if answer.status_code == 200:
                             return
                     elif loop.time() >= resend and s.pid is not None:
                         # It answers with another license: have it re-read the file. Never
@@ -473,6 +494,61 @@ class LocalBackend:
         raise BackendError(
             f"the instance did not become ready with license {license_id} within "
             f"{self._settings.local_ready_timeout_seconds:.0f}s"
+        )
+
+
+# Instance roles, by the only name ``instance_name`` makes.
+INSTANCE_ROLE = r"^inst_[0-9a-f]{32}$"
+
+
+async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
+    """``role`` (an instance's) may connect to no database but its own.
+
+    Postgres grants CONNECT to PUBLIC on every new database (the control plane's, ``postgres``,
+    ``template1``, ...) and cannot take it from one role alone, so it is taken from PUBLIC on
+    every database but the instance's own, after the roles that are not instances' and could
+    connect (the control plane's own) have been granted it by name. Roles made later need an
+    explicit ``GRANT CONNECT``."""
+    async with conn.transaction():
+        # One deploy at a time: concurrent GRANTs on one database fail each other.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('iotistic-local-database-acl', 0))"
+        )
+        databases = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
+            "AND (has_database_privilege('public', oid, 'CONNECT') "
+            "OR has_database_privilege($1, oid, 'CONNECT'))",
+            role,
+        )
+        for database in (r["datname"] for r in databases):
+            keep = await conn.fetch(
+                "SELECT rolname FROM pg_roles WHERE rolcanlogin AND NOT rolsuper "
+                "AND rolname !~ $2 AND has_database_privilege(oid, "
+                "(SELECT oid FROM pg_database WHERE datname = $1), 'CONNECT')",
+                database,
+                INSTANCE_ROLE,
+            )
+            statements = [
+                *(("GRANT CONNECT ON DATABASE %I TO %I", r["rolname"]) for r in keep),
+                ("REVOKE CONNECT ON DATABASE %I FROM PUBLIC", None),
+                ("REVOKE CONNECT ON DATABASE %I FROM %I", role),
+            ]
+            for template, grantee in statements:
+                await conn.execute(
+                    await conn.fetchval(
+                        "SELECT format($1::text, $2::text, $3::text)", template, database, grantee
+                    )
+                )
+        still = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
+            "AND has_database_privilege($1, oid, 'CONNECT') ORDER BY datname",
+            role,
+        )
+    if still:
+        names = ", ".join(r["datname"] for r in still[:5])
+        raise BackendError(
+            f"the instance's database role could still connect to {names}: the role in "
+            "LOCAL_ADMIN_DATABASE_URL must own those databases or be a superuser"
         )
 
 
