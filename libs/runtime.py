@@ -292,6 +292,8 @@ class Platform:
     connections: dict[str, NatsClient] = field(default_factory=dict)
     # Why the event stream cannot be used yet (missing, unreachable); None once it is.
     stream_problem: str | None = "not checked yet"
+    # Why the bus itself cannot be trusted (it lets anyone in); None while it asks who we are.
+    bus_problem: str | None = None
     _starter: asyncio.Task[None] | None = None
 
     # Each service's own settings where it has more than the common ones.
@@ -391,6 +393,14 @@ class Platform:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.connections[service] = nc
+        if self.settings.nats_credentials_dir and not server_asks_for_credentials(nc):
+            # Credentials were given, so the bus is meant to be closed; a server that lets
+            # anyone in is a deployment mistake that readiness must show, not a detail.
+            self.bus_problem = (
+                "the NATS server asks for no credentials: anyone who reaches it can read and "
+                "append events (give it the block `iotistic bus config` writes)"
+            )
+            log.error("%s: %s", service, self.bus_problem)
         return EventStore(nc.jetstream(), self.settings)
 
     async def _declare_stream(self, store: EventStore) -> None:
@@ -447,10 +457,11 @@ class Platform:
             name: name in self.connections and self.connections[name].is_connected
             for name in self.services
         }
-        nats_ok = all(connected.values()) and self.stream_problem is None
+        problem = self.bus_problem or self.stream_problem
+        nats_ok = all(connected.values()) and problem is None
         detail["nats"] = {"ok": nats_ok, "connected": connected}
-        if self.stream_problem is not None:
-            detail["nats"]["error"] = self.stream_problem
+        if problem is not None:
+            detail["nats"]["error"] = problem
         ok = nats_ok
         results = await asyncio.gather(
             *(
@@ -464,6 +475,12 @@ class Platform:
             ok = ok and ready
         detail["services"] = services
         return ok, detail
+
+
+def server_asks_for_credentials(nc: NatsClient) -> bool:
+    """Whether the server ``nc`` is connected to requires clients to authenticate."""
+    info: Mapping[str, Any] = getattr(nc, "_server_info", {})  # nats-py keeps its INFO here
+    return bool(info.get("auth_required"))
 
 
 async def _drain(nc: NatsClient) -> None:

@@ -36,7 +36,14 @@ from libs.runtime import Platform, ServiceDefinition
 from services.bus import OwnershipError, event_owners
 from services.cli import embedded_bus
 from services.targets import CONTROL_PLANE, build_app
-from support import create_database, eventually, make_platform, publish_license_and_wait, serving
+from support import (
+    connect_harness,
+    create_database,
+    eventually,
+    make_platform,
+    publish_license_and_wait,
+    serving,
+)
 
 STREAM = "IOTISTIC_EVENTS"
 PREFIX = "iotistic.events"
@@ -401,5 +408,34 @@ async def test_a_service_waits_not_ready_until_the_operator_makes_the_stream(
                 what="ready once the stream exists",
             )
             assert "error" not in (await http.get("/health/ready")).json()["nats"]
+    finally:
+        server.stop()
+
+
+async def test_a_bus_that_lets_anyone_in_is_not_ready(
+    tmp_path: Path, postgres_server_url: str
+) -> None:
+    """Credentials given but a NATS server deployed without its authorization block: the bus
+    is open to anyone, and readiness says so instead of serving over it."""
+    server = EmbeddedNats(tmp_path / "open-nats")
+    server.start()
+    try:
+        credentials = Credentials(tmp_path / "credentials")
+        credentials.ensure(["licensing"])
+        pod = ServiceSettings(
+            database_url=await create_database(postgres_server_url),
+            nats_url=server.url,
+            nats_credentials_dir=str(credentials.folder),
+            http_host="127.0.0.1",
+        )
+        # Without the operator's password the service cannot make the stream: the harness does.
+        async with await connect_harness(server.url) as nc:
+            await EventStore(nc.jetstream(), pod).ensure_stream()
+        licensing = make_platform(pod, [CONTROL_PLANE["licensing"]])
+        async with serving(build_app(licensing, "licensing")) as http:
+            await licensing.wait_started()
+            answer = await http.get("/health/ready")
+            assert answer.status_code == 503
+            assert "asks for no credentials" in answer.json()["nats"]["error"]
     finally:
         server.stop()

@@ -55,6 +55,11 @@ async def reporting(postgres_server_url: str) -> str:
         await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{REPORTING_PASSWORD}'")
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'iotistic'"):
             await conn.execute("CREATE DATABASE iotistic")
+        # The suite's server is shared: an instance deployed by an earlier module has already
+        # revoked PUBLIC's CONNECT. Give it back, as on a server no instance ran on yet, so the
+        # role reaches these databases through PUBLIC, as an operator's role would before.
+        for database in ("iotistic", "postgres"):
+            await conn.execute(f"GRANT CONNECT ON DATABASE {database} TO PUBLIC")
     finally:
         await conn.close()
     return role
