@@ -15,11 +15,9 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
-from tenant_instances import Tenant, control_plane, device_client, reading, register, sign_up
+from tenant_instances import Tenant, device_client, reading, register, sign_up
 
-from libs.config import ServiceSettings
 from libs.embedded import free_port
-from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from services.instance.app import create_instance_app
 from services.instance.settings import InstanceSettings
@@ -27,18 +25,6 @@ from services.provisioner.backends.base import derive_password
 from support import eventually, serving
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-async def client(
-    settings: ServiceSettings,
-    store: EventStore,
-    broker: EmbeddedMosquitto,
-    port: int,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with control_plane(settings, broker, port, tmp_path_factory.mktemp("tenants")) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import httpx
 import pytest
 from tenant_instances import (
     Tenant,
-    control_plane,
     device_client,
     reading,
     register,
@@ -31,8 +30,6 @@ from tenant_instances import (
     stored_times,
 )
 
-from libs.config import ServiceSettings
-from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.mqtt_dynsec import Acl, DynSec
 from services.provisioner.backends.base import derive_password
@@ -42,18 +39,6 @@ from support import eventually
 pytestmark = pytest.mark.slow
 
 READINGS = 25
-
-
-@pytest.fixture(scope="module")
-async def client(
-    settings: ServiceSettings,
-    store: EventStore,
-    broker: EmbeddedMosquitto,
-    port: int,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with control_plane(settings, broker, port, tmp_path_factory.mktemp("tenants")) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")

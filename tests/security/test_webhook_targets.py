@@ -21,12 +21,10 @@ import httpx
 import kubernetes_validate
 import pytest
 from litestar import Litestar, Request, post
-from tenant_instances import Tenant, control_plane, device_client, reading, register, sign_up
+from tenant_instances import Tenant, device_client, reading, register, sign_up
 
 from contracts import SubscriptionActivated
-from libs.config import ServiceSettings
 from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
 from services.provisioner.backends.local import instance_name
@@ -50,18 +48,6 @@ REFUSED = [
     "https://224.0.0.1/",
     "http://100.64.0.1/",
 ]
-
-
-@pytest.fixture(scope="module")
-async def client(
-    settings: ServiceSettings,
-    store: EventStore,
-    broker: EmbeddedMosquitto,
-    port: int,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with control_plane(settings, broker, port, tmp_path_factory.mktemp("tenants")) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")
