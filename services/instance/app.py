@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from litestar import Litestar, Request, delete, get, post
-from litestar.params import FromPath, JSONBody, Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -87,13 +87,13 @@ TIME_DOC = "RFC 3339 time (UTC without an offset), from 1970-01-01 to 9999-12-30
 METRICS_PATTERN = f"^(({'|'.join(METRICS)})(,({'|'.join(METRICS)}))*)?$"
 From = Annotated[
     datetime | None,
-    Parameter(query="from", description=f"{TIME_DOC}; default: `to` minus 24 hours"),
+    QueryParameter(name="from", description=f"{TIME_DOC}; default: `to` minus 24 hours"),
 ]
-To = Annotated[datetime | None, Parameter(query="to", description=f"{TIME_DOC}; default: now")]
-Bucket = Annotated[BucketName, Parameter(description="bucket width")]
+To = Annotated[datetime | None, QueryParameter(name="to", description=f"{TIME_DOC}; default: now")]
+Bucket = Annotated[BucketName, QueryParameter(description="bucket width")]
 Metrics = Annotated[
     str | None,
-    Parameter(
+    QueryParameter(
         description=f"comma-separated, any of {', '.join(METRICS)}; absent or empty: all",
         max_length=len(",".join(METRICS)),
         pattern=METRICS_PATTERN,
