@@ -54,6 +54,7 @@ _HBA_MARK = "# iotistic: every connection must give a password (SCRAM)"
 _STANDARD_PORTS = frozenset({4222, 5432, 6222, 8222})
 _LOG_TAIL_BYTES = 4000
 _LOOPBACK = "127.0.0.1"
+_MONITOR_PORT_TRIES = 3
 
 _handed_out_ports: set[int] = set()
 _ports_lock = threading.Lock()
@@ -620,13 +621,26 @@ class EmbeddedNats(_ChildServer):
         self._forget_dead_server()
         binary = nats_server_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # Owner only: with authorization it holds the users' password hashes.
-        self.config_path.touch(mode=0o600)
-        self.config_path.chmod(0o600)
-        self.config_path.write_text(self._config())
-        with _open_log(self.log_path) as log_file:
-            self._spawn([str(binary), "-c", str(self.config_path)], log_file)
-        self._wait_ready(timeout)
+        for attempt in range(_MONITOR_PORT_TRIES):
+            # Owner only: with authorization it holds the users' password hashes.
+            self.config_path.touch(mode=0o600)
+            self.config_path.chmod(0o600)
+            self.config_path.write_text(self._config())
+            with _open_log(self.log_path) as log_file:
+                self._spawn([str(binary), "-c", str(self.config_path)], log_file)
+            try:
+                self._wait_ready(timeout)
+                break
+            except EmbeddedServerError as error:
+                # The monitor port is ours alone (clients never see it): when another process
+                # took it between choosing and binding, choose again. The client port is not
+                # changed behind anyone's back.
+                if "monitor port" not in str(error) or attempt == _MONITOR_PORT_TRIES - 1:
+                    raise
+                log.info(
+                    "nats-server monitor port %d was taken; choosing another", self.monitor_port
+                )
+                self.monitor_port = free_port(_LOOPBACK)
         log.info("nats-server ready at %s (data %s)", self.url, self.data_dir)
 
     def stop(self, timeout: float = 15.0) -> None:

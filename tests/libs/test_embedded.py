@@ -244,3 +244,20 @@ async def test_a_cluster_made_with_trust_gets_a_password_at_its_next_start(
         assert await fetch_readings(server.url) == ["before"]
     finally:
         server.stop()
+
+
+def test_a_monitor_port_taken_before_start_is_chosen_again(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        server = EmbeddedNats(tmp_path / "nats", monitor_port=taken)
+        server.start()
+        try:
+            assert server.monitor_port != taken
+            with urllib.request.urlopen(f"{server.monitor_url}/healthz", timeout=5) as answer:  # noqa: S310
+                assert answer.status == 200
+        finally:
+            server.stop()
