@@ -129,6 +129,8 @@ class ApplyOutcome(enum.Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     IGNORED = "ignored"
+    # Its envelope names another type than its subject: see ``apply_event``.
+    REFUSED = "refused"
 
 
 class PoisonEvent(Exception):
@@ -279,6 +281,20 @@ async def apply_event(
     if stored.seq <= last:
         return ApplyOutcome.DUPLICATE
     recorded = decode_stored(stored)
+    if recorded.envelope.type != stored.event_type:
+        # The bus vouches only for the subject: it let the subject's owner append, and an
+        # envelope claiming another type is that owner forging another service's event. Not
+        # applied, never parked (a compromised service must not stall everyone's projections),
+        # counted and logged; the same on every replay, so read models stay reproducible.
+        log.error(
+            "%s: seq %d on %s claims to be %s; refused: only %s's owner could append there",
+            projection.name,
+            stored.seq,
+            stored.subject,
+            recorded.envelope.type[:64],
+            stored.event_type,
+        )
+        return ApplyOutcome.REFUSED
     handler = projection.handler_for(recorded.envelope.type)
     if handler is None:
         return ApplyOutcome.IGNORED

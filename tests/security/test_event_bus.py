@@ -439,3 +439,63 @@ async def test_a_bus_that_lets_anyone_in_is_not_ready(
             assert "asks for no credentials" in answer.json()["nats"]["error"]
     finally:
         server.stop()
+
+
+async def test_an_event_whose_envelope_claims_another_type_than_its_subject_is_refused(
+    bus: Bus, platform: Platform
+) -> None:
+    """The server lets signup append on its own subjects only; a body there that claims to be
+    billing's SubscriptionActivated (enterprise, to 2036) is a forgery. It reaches the log, but
+    no projection or reactor applies it: no subscription, no license, and it is counted."""
+    forger = await connect_as(bus, "signup")
+    customer = "c0ffee00-0000-4000-8000-000000000003"
+    subject = f"{PREFIX}.CustomerSignedUp.{customer}"
+    forged = new_envelope(
+        SubscriptionActivated(
+            customer_id=customer,
+            plan="enterprise",
+            status="active",
+            stripe_customer_id="cus_forged",
+            stripe_subscription_id="sub_forged",
+            current_period_end=datetime(2036, 1, 1, tzinfo=UTC),
+        ),
+        customer_id=customer,
+    )
+    try:
+        ack = await forger.nc.jetstream().publish(
+            subject, encode_envelope(forged), stream=STREAM, timeout=5
+        )
+    finally:
+        await forger.nc.close()
+
+    def refused() -> float:
+        return sum(
+            sample.value
+            for metric in platform.registry.collect()
+            for sample in metric.samples
+            if sample.name == "iotistic_projection_events_total"
+            and sample.labels.get("outcome") == "refused"
+        )
+
+    # Every consumer of CustomerSignedUp (signup's accounts, billing's trials and customers,
+    # licensing's reactor) passes the forgery by, each counting it.
+    runners = [
+        r
+        for runtime in platform.services.values()
+        for r in runtime.runners
+        if "CustomerSignedUp" in r.projection.event_types
+    ]
+    assert len(runners) >= 3
+    await eventually(
+        lambda: asyncio.sleep(0, all(r.status.checkpoint >= ack.seq for r in runners)),
+        what="every consumer of the subject past the forgery",
+    )
+    assert refused() >= len(runners)
+    db = platform.services["billing"].db()
+    assert await db.fetchval(
+        "SELECT count(*) FROM billing.subscriptions WHERE customer_id = $1", customer
+    ) in (0, None)
+    licensing = platform.services["licensing"].db()
+    assert await licensing.fetchval(
+        "SELECT count(*) FROM licensing.licenses WHERE customer_id = $1", customer
+    ) in (0, None)
