@@ -22,6 +22,7 @@ write another service's events, disturb another service's consumers, or change t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -156,10 +157,25 @@ class Credentials:
         return value
 
     def ensure(self, users: Iterable[str]) -> None:
-        """Make a random password for every user that has none (0600, in a 0700 folder)."""
+        """Make a random password for every user that has none, or an empty file (0600, in a
+        0700 folder); tighten the modes of what is there where they are looser."""
         for user in users:
-            secret_file(self.path(user), nbytes=32)
+            path = self.path(user)
+            if path.is_file() and not path.read_text().strip():
+                path.unlink()  # an empty file is no password: make one
+            secret_file(path, nbytes=32)
+            _owner_only(path, 0o600)
+        _owner_only(self.folder, 0o700)
 
     def hashes(self, users: Iterable[str], cost: int = BCRYPT_COST) -> dict[str, str]:
         """bcrypt hashes of the users' passwords, for the server's configuration."""
         return {user: password_hash(self.password(user), cost) for user in users}
+
+
+def _owner_only(path: Path, mode: int) -> None:
+    """Take group and other rights away from ``path``, where its file system lets us."""
+    current = path.stat().st_mode & 0o777
+    if current & 0o077:
+        # A read-only mount (compose's secrets) keeps its modes; its owner chose them.
+        with contextlib.suppress(OSError):
+            path.chmod(mode)

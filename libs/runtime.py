@@ -388,11 +388,19 @@ class Platform:
             try:
                 nc = await connect_bus(self.settings, service, name=f"iotistic-{service}")
                 break
+            except CredentialsRefused as exc:
+                self.bus_problem = f"{service}: {exc}"
+                log.error("%s; retrying", self.bus_problem)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
             except NATS_ERRORS as exc:
                 log.warning("%s: NATS not reachable at start (%s); retrying", service, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.connections[service] = nc
+        if self.bus_problem and self.bus_problem.startswith(f"{service}: "):
+            self.bus_problem = None  # its credentials were refused before; now they are taken
         if self.settings.nats_credentials_dir and not server_asks_for_credentials(nc):
             # Credentials were given, so the bus is meant to be closed; a server that lets
             # anyone in is a deployment mistake that readiness must show, not a detail.
@@ -477,6 +485,10 @@ class Platform:
         return ok, detail
 
 
+class CredentialsRefused(nats.errors.Error):
+    """The NATS server refused the user or password a connection gave."""
+
+
 def server_asks_for_credentials(nc: NatsClient) -> bool:
     """Whether the server ``nc`` is connected to requires clients to authenticate."""
     info: Mapping[str, Any] = getattr(nc, "_server_info", {})  # nats-py keeps its INFO here
@@ -524,8 +536,11 @@ async def connect_nats(
     """
     servers = [u.strip() for u in url.split(",") if u.strip()]
     client_ref: list[NatsClient] = []
+    refused: list[str] = []
 
     async def on_error(exc: Exception) -> None:
+        if "authorization violation" in str(exc).lower():
+            refused.append(str(exc))
         # A refused publish or subscription is a bug or an attack, never noise: say so.
         if "permissions violation" in str(exc).lower():
             log.error("nats (%s): %s", user or name, exc)
@@ -544,18 +559,28 @@ async def connect_nats(
     credentials: dict[str, Any] = {}
     if user is not None:
         credentials = {"user": user, "password": password, "inbox_prefix": inbox_prefix(user)}
-    client = await nats.connect(
-        servers=servers,
-        name=name,
-        allow_reconnect=True,
-        max_reconnect_attempts=attempts,
-        reconnect_time_wait=1,
-        connect_timeout=2,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-        **credentials,
-    )
+    try:
+        client = await nats.connect(
+            servers=servers,
+            name=name,
+            allow_reconnect=True,
+            max_reconnect_attempts=attempts,
+            reconnect_time_wait=1,
+            connect_timeout=2,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+            **credentials,
+        )
+    except NATS_ERRORS as exc:
+        if refused:
+            # nats-py reports only "no servers available": say what the server said.
+            raise CredentialsRefused(
+                f"NATS refused the credentials of {user or 'this client'} (Authorization "
+                "Violation): check its password file in NATS_CREDENTIALS_DIR and the server's "
+                "authorization block"
+            ) from exc
+        raise
     # nats-py reads this option on every reconnect: from now on, never give up.
     client.options["max_reconnect_attempts"] = -1
     client_ref.append(client)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import asyncpg
+import nats.js.errors
 import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.command)
     try:
         code = args.func(args)
-    except (ConfigError, KeyConfigError) as exc:
+    except (ConfigError, KeyConfigError, BusAuthError) as exc:
         console.print(f"[red]configuration error:[/red] {exc}")
         code = 2
     except KeyboardInterrupt:
@@ -211,28 +212,57 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def settings_from(args: argparse.Namespace) -> ServiceSettings:
-    """Validated settings for this command."""
-    return load_settings(ServiceSettings, environment(args))
+def settings_from(
+    args: argparse.Namespace, needs: tuple[str, ...] = ("NATS_URL", "DATABASE_URL")
+) -> ServiceSettings:
+    """Validated settings for an operator's command.
+
+    The URLs it ``needs`` must be given (in the environment, or by a running ``iotistic up`` in
+    the data folder): a tool that fell back to the defaults would talk to whatever Postgres
+    and NATS the machine runs on the standard ports, which are not ours.
+    """
+    env = environment(args)
+    missing = [name for name in needs if not env.get(name)]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} not set, and no running `iotistic up` in "
+            f"{Path(args.data_dir).resolve()} ({RUNTIME_FILE}): nothing to connect to; set "
+            "them, or pass the platform's --data-dir"
+        )
+    return load_settings(ServiceSettings, env)
+
+
+@contextlib.asynccontextmanager
+async def event_log(settings: ServiceSettings) -> AsyncIterator[EventStore]:
+    """The event log, as its operator (``NATS_CREDENTIALS_DIR``/operator), closed afterwards.
+
+    Only ``iotistic events init`` makes or changes the stream: a tool that reads finds it or
+    says that it is not there.
+    """
+    nc = await _operator_connection(settings)
+    try:
+        store = EventStore(nc.jetstream(), settings)
+        try:
+            await store.stream_info()
+        except nats.js.errors.NotFoundError:
+            raise ConfigError(
+                f"the event stream {store.stream} does not exist at NATS_URL; "
+                "`iotistic events init` makes it"
+            ) from None
+        yield store
+    finally:
+        await nc.close()
 
 
 @contextlib.asynccontextmanager
 async def connected(settings: ServiceSettings) -> AsyncIterator[tuple[EventStore, Any]]:
-    """The event store (stream declared) and a database connection, closed afterwards.
-
-    The tools connect to the bus as its operator (``NATS_CREDENTIALS_DIR``/operator).
-    """
-    nc = await _operator_connection(settings)
-    conn = None
-    try:
-        store = EventStore(nc.jetstream(), settings)
-        await store.ensure_stream()
+    """The event log (as its operator) and a database connection, closed afterwards."""
+    async with event_log(settings) as store:
         conn = await asyncpg.connect(settings.database_url)
-        yield store, conn
-    finally:
-        if conn is not None:
+        try:
+            yield store, conn
+        finally:
             await conn.close()
-        await nc.close()
 
 
 async def _operator_connection(settings: EventLogSettings) -> Any:
@@ -354,6 +384,17 @@ def embedded_bus(data_dir: Path, settings: EventLogSettings) -> tuple[Path, str]
     return credentials.folder, authorization_block(users, hashes)
 
 
+def running_up_pid(data_dir: Path) -> int | None:
+    """The pid of the ``iotistic up`` that runs on ``data_dir`` now (by its runtime file), or
+    None; a file left by one that died does not count."""
+    try:
+        pid = int(json.loads((data_dir / RUNTIME_FILE).read_text())["pid"])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if b"iotistic" in command else None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """``iotistic up``: embedded Postgres and NATS on free ports, then target all."""
     from libs.embedded import EmbeddedNats, EmbeddedPostgres
@@ -364,6 +405,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(
             f"[red]{args.host}:{args.port} is in use.[/red] Stop what runs there or pass "
             "--port to choose another."
+        )
+        return 1
+    running = running_up_pid(data_dir)
+    if running is not None:
+        # A second `up` would fail on the first one's Postgres, and its clean-up would take
+        # away the runtime file the operator's tools find the running platform by.
+        console.print(
+            f"[red]iotistic up already runs on {data_dir} (pid {running}).[/red] Use it, or "
+            "stop it first."
         )
         return 1
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -429,7 +479,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         asyncio.run(serve(platform, "all", args.host, args.port))
     finally:
-        runtime_file.unlink(missing_ok=True)
+        if running_up_pid(data_dir) == os.getpid():
+            runtime_file.unlink(missing_ok=True)
         console.print("stopping Mosquitto, NATS and Postgres ...")
         mosquitto.stop()
         nats_server.stop()
@@ -658,11 +709,11 @@ def describe(stored: StoredMessage) -> dict[str, Any]:
 
 def cmd_events_tail(args: argparse.Namespace) -> int:
     """``iotistic events tail``: print events as they are appended."""
-    settings = settings_from(args)
+    settings = settings_from(args, needs=("NATS_URL",))
     out = Console()
 
     async def go() -> None:
-        async with connected(settings) as (store, _):
+        async with event_log(settings) as store:
             start = args.from_seq or await store.last_seq() + 1
             async for stored in store.read(from_seq=start, event_types=args.types, follow=True):
                 item = describe(stored)
@@ -685,11 +736,11 @@ def cmd_events_tail(args: argparse.Namespace) -> int:
 
 def cmd_events_export(args: argparse.Namespace) -> int:
     """``iotistic events export``: a range of the log as JSON lines."""
-    settings = settings_from(args)
+    settings = settings_from(args, needs=("NATS_URL",))
 
     async def go(handle: TextIO) -> int:
         count = 0
-        async with connected(settings) as (store, _):
+        async with event_log(settings) as store:
             async for stored in store.read(
                 from_seq=args.from_seq, to_seq=args.to_seq, event_types=args.types
             ):
@@ -708,7 +759,7 @@ def cmd_events_export(args: argparse.Namespace) -> int:
 
 def cmd_events_init(args: argparse.Namespace) -> int:
     """``iotistic events init``: make the stream (services may not), or update its settings."""
-    settings = settings_from(args)
+    settings = settings_from(args, needs=("NATS_URL",))
 
     async def go() -> Any:
         nc = await _operator_connection(settings)
@@ -780,10 +831,10 @@ def cmd_bus_config(args: argparse.Namespace) -> int:
 
 def cmd_events_stats(args: argparse.Namespace) -> int:
     """``iotistic events stats``: how many events of each type the log holds."""
-    settings = settings_from(args)
+    settings = settings_from(args, needs=("NATS_URL",))
 
     async def go() -> dict[str, Any]:
-        async with connected(settings) as (store, _):
+        async with event_log(settings) as store:
             by_subject = await store.count_by_subject()
             counts: dict[str, int] = {}
             for subject, n in by_subject.items():
@@ -822,7 +873,7 @@ async def _service_conn(settings: ServiceSettings, schema: str) -> asyncpg.Conne
 
 def cmd_parked_list(args: argparse.Namespace) -> int:
     """``iotistic parked list``: open parked events of every service."""
-    settings = settings_from(args)
+    settings = settings_from(args, needs=("DATABASE_URL",))
 
     async def go() -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -865,7 +916,7 @@ def cmd_parked_list(args: argparse.Namespace) -> int:
 
 def cmd_parked_decide(args: argparse.Namespace) -> int:
     """``iotistic parked skip|retry``: record the operator's decision."""
-    settings = settings_from(args)
+    settings = settings_from(args, needs=("DATABASE_URL",))
 
     async def go() -> bool:
         conn = await _service_conn(settings, args.service)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -188,3 +189,44 @@ async def test_replay_from_a_later_seq_is_refused_without_dry_run_or_verify(
         assert await conn.fetch("SELECT * FROM licensing.licenses ORDER BY license_id") == before
     finally:
         await conn.close()
+
+
+def test_a_tool_with_nothing_to_connect_to_says_so_and_touches_no_default_server(
+    tmp_path: Path,
+) -> None:
+    """Without NATS_URL and no running `iotistic up` in the data folder, a tool must not fall
+    back to 127.0.0.1:4222 and :5432: those are the machine's own servers, not ours."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL")}
+    env["COLUMNS"] = "200"
+    for command in (["events", "stats"], ["replay", "licensing", "--verify"], ["parked", "list"]):
+        result = subprocess.run(
+            [IOTISTIC, "--data-dir", str(tmp_path), *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, (command, result.stderr)
+        assert "nothing to connect to" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_tool_reading_a_log_without_its_stream_does_not_make_one(settings) -> None:
+    """Only `events init` makes the stream; a tool that reads says it is not there."""
+    missing = msgspec.structs.replace(settings, events_stream="NEVER_MADE")
+    result = cli(missing, "events", "stats", check=False)
+    assert result.returncode == 2
+    assert "NEVER_MADE does not exist" in result.stderr
+    assert "iotistic events init" in result.stderr
+
+
+def test_a_refused_operator_password_is_named_as_such(settings, tmp_path: Path) -> None:
+    folder = tmp_path / "credentials"
+    folder.mkdir(mode=0o700)
+    (folder / "operator").write_text("not-the-password")
+    wrong = msgspec.structs.replace(settings, nats_credentials_dir=str(folder))
+    result = cli(wrong, "events", "stats", check=False)
+    assert result.returncode == 1
+    assert "refused the credentials of operator" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -223,6 +223,19 @@ async def test_up_brings_everything_up_and_keeps_data_across_restarts(tmp_path: 
             runtime["DATABASE_URL"],
             credentials_dir=runtime["NATS_CREDENTIALS_DIR"],
         )
+        # A second `up` on the same folder is refused before it touches anything: the first
+        # keeps its servers and the runtime file the tools find it by.
+        second = subprocess.run(
+            [IOTISTIC, "--data-dir", str(data_dir), "up", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "already runs" in second.stdout + second.stderr
+        assert json.loads((data_dir / "runtime.json").read_text()) == runtime
     finally:
         stop(proc)
     assert not (data_dir / "runtime.json").exists()

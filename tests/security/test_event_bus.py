@@ -499,3 +499,37 @@ async def test_an_event_whose_envelope_claims_another_type_than_its_subject_is_r
     assert await licensing.fetchval(
         "SELECT count(*) FROM licensing.licenses WHERE customer_id = $1", customer
     ) in (0, None)
+
+
+def test_an_empty_or_loose_password_file_is_made_again_owner_only(tmp_path: Path) -> None:
+    credentials = Credentials(tmp_path / "nats")
+    credentials.ensure(["signup", "billing"])
+    kept = credentials.password("billing")
+    credentials.path("signup").write_text("")
+    credentials.path("billing").chmod(0o644)
+    credentials.folder.chmod(0o755)
+    credentials.ensure(["signup", "billing"])
+    assert len(credentials.password("signup")) >= 32
+    assert credentials.password("billing") == kept
+    assert credentials.path("billing").stat().st_mode & 0o077 == 0
+    assert credentials.folder.stat().st_mode & 0o077 == 0
+
+
+async def test_a_refused_password_is_named_in_readiness(bus: Bus, postgres_server_url: str) -> None:
+    folder = Path(bus.settings.nats_credentials_dir or "").parent / "wrong-licensing"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    (folder / "licensing").write_text("not-the-password")
+    pod = msgspec.structs.replace(
+        bus.settings,
+        database_url=await create_database(postgres_server_url),
+        nats_credentials_dir=str(folder),
+    )
+    licensing = make_platform(pod, [CONTROL_PLANE["licensing"]])
+    async with serving(build_app(licensing, "licensing")) as http:
+        answer = await eventually(
+            lambda: http.get("/health/ready"),
+            lambda r: "refused the credentials" in r.text,
+            what="readiness naming the refused credentials",
+        )
+        assert answer.status_code == 503
+        assert "licensing" in answer.json()["nats"]["error"]
