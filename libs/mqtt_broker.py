@@ -45,6 +45,16 @@ MESSAGE_SIZE_LIMIT = 64 * 1024
 # database is down): about 200,000 readings of a typical 300 bytes, whichever limit comes first.
 MAX_QUEUED_MESSAGES = 200_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
+# Connections per listener: far above what the devices of the customers one broker serves
+# open, and below the file descriptors a broker process gets (commonly 20,000 or more).
+MAX_CONNECTIONS = 10_000
+
+
+def listener_limits() -> list[str]:
+    """What each listener takes at most (``mosquitto.conf`` lines, after a ``listener`` line):
+    connections beyond it are refused, so connections that never finish their CONNECT cannot
+    use up the broker's file descriptors and take every tenant's devices down with it."""
+    return [f"max_connections {MAX_CONNECTIONS}"]
 
 
 def broker_limits() -> list[str]:
@@ -87,14 +97,18 @@ class EmbeddedMosquitto(_ChildServer):
         port: int | None = None,
         ws_port: int | None = None,
         host: str = "127.0.0.1",
+        websockets: bool = False,
     ) -> None:
-        """Ports are fixed here, so a restart comes back on the same ones."""
+        """Ports are fixed here, so a restart comes back on the same ones. ``websockets`` adds
+        an MQTT-over-WebSockets listener: off by default, because Mosquitto 2.0 binds it to
+        every interface whatever host it is given."""
         self.data_dir = Path(data_dir).absolute()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         super().__init__(self.data_dir / "mosquitto.log")
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.ws_port = ws_port if ws_port is not None else free_port(host)
+        self.websockets = websockets
         self.admin_username = ADMIN_USER
 
     @property
@@ -162,8 +176,12 @@ class EmbeddedMosquitto(_ChildServer):
             "log_type warning",
             "log_type notice",
             f"listener {self.port} {self.host}",
-            f"listener {self.ws_port} {self.host}",
-            "protocol websockets",
+            *listener_limits(),
+        ]
+        if self.websockets:
+            lines += [f"listener {self.ws_port} {self.host}", "protocol websockets"]
+            lines += listener_limits()
+        lines += [
             f"plugin {plugin}",
             f"plugin_opt_config_file {self.dynsec_file}",
         ]

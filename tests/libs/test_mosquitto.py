@@ -16,7 +16,7 @@ import aiomqtt
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.mqtt_broker import MAX_CONNECTIONS, EmbeddedMosquitto
 from libs.mqtt_dynsec import Acl, DynSec, DynSecError
 
 SENTINEL = b"sentinel"
@@ -32,7 +32,7 @@ def customer_acls(root: str) -> list[Acl]:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMosquitto]:
-    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"))
+    server = EmbeddedMosquitto(tmp_path_factory.mktemp("mosquitto"), websockets=True)
     server.start()
     yield server
     server.stop()
@@ -247,3 +247,28 @@ async def test_passwords_are_not_logged(
 def test_the_data_folder_keeps_secrets_private(broker: EmbeddedMosquitto) -> None:
     for name in ("admin-password", "dynamic-security.json"):
         assert (broker.data_dir / name).stat().st_mode & 0o077 == 0, name
+
+
+def test_the_embedded_broker_listens_on_loopback_only_and_bounds_connections(
+    tmp_path: Path,
+) -> None:
+    """Mosquitto 2.0 binds a WebSockets listener to every interface whatever its host (seen
+    by an attacker from the machine's network address): the embedded broker has none unless
+    asked, and each listener refuses connections beyond its bound."""
+    import socket
+
+    server = EmbeddedMosquitto(tmp_path / "plain")
+    server.start()
+    try:
+        config = (server.data_dir / "mosquitto.conf").read_text()
+        assert "protocol websockets" not in config
+        assert f"max_connections {MAX_CONNECTIONS}" in config
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))  # picks a route; sends nothing
+            outside = probe.getsockname()[0]
+        for port in (server.port, server.ws_port):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((outside, port), timeout=2).close()
+        socket.create_connection((server.host, server.port), timeout=2).close()
+    finally:
+        server.stop()

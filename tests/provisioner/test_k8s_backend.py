@@ -128,6 +128,8 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     # Packets over 64 KiB are refused, and what is queued for a client is bounded.
     assert "message_size_limit 65536" in conf and "max_packet_size 65536" in conf
     assert "max_queued_bytes 67108864" in conf
+    # Each listener refuses connections beyond its bound (half-open ones cannot exhaust it).
+    assert conf.count("max_connections 10000") == 2
     env = {e["name"]: e for e in container["env"]}
     assert env["MQTT_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "mqtt",

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from libs.mqtt_broker import broker_limits
+from libs.mqtt_broker import broker_limits, listener_limits
 from services.provisioner.backends.base import InstanceSpec
 
 PART_OF = "iotistic"
@@ -33,6 +33,7 @@ MQTT_ADMIN = "admin"
 MQTT_INGEST = "instance"
 DYNSEC_FILE = "/mosquitto/data/dynamic-security.json"
 BROKER_LIMITS = "\n".join(broker_limits())
+LISTENER_LIMITS = "\n".join(listener_limits())
 MOSQUITTO_CONF = f"""per_listener_settings false
 allow_anonymous false
 persistence true
@@ -40,8 +41,10 @@ persistence_location /mosquitto/data/
 autosave_interval 60
 {BROKER_LIMITS}
 listener 1883
+{LISTENER_LIMITS}
 listener 9001
 protocol websockets
+{LISTENER_LIMITS}
 plugin /usr/lib/mosquitto_dynamic_security.so
 plugin_opt_config_file {DYNSEC_FILE}
 """
