@@ -150,7 +150,8 @@ class WebhookTargets:
             raise WebhookRefused("is not a valid URL") from None
         if parsed.scheme not in ("http", "https") or not host:
             raise WebhookRefused("must be an http(s) URL with a host")
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        default = 443 if parsed.scheme == "https" else 80
+        port = parsed.port if parsed.port is not None else default  # 0 is a port, not none
         if not 0 < port < 65536:
             raise WebhookRefused("has a port that is not from 1 to 65535")
         try:

@@ -21,7 +21,7 @@ from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from services.provisioner.backends.base import derive_password
-from services.provisioner.backends.local import instance_name
+from services.provisioner.backends.local import INSTANCE_ROLE_CONNECTIONS, instance_name
 from support import with_database
 
 pytestmark = pytest.mark.slow
@@ -90,6 +90,23 @@ async def test_an_instance_role_connects_only_to_its_own_database(
     for database in ("iotistic", "postgres", "template1", control_plane_database):
         url = as_role(postgres_server_url, name, password, database)
         assert not await can_connect(url), f"the instance's role connected to {database}"
+    # A tenant who learned the role's password cannot take the shared server's connections.
+    holding: list[asyncpg.Connection] = []
+    refused: BaseException | None = None
+    try:
+        for _ in range(INSTANCE_ROLE_CONNECTIONS + 1):
+            try:
+                holding.append(
+                    await asyncpg.connect(as_role(postgres_server_url, name, password, name))
+                )
+            except asyncpg.TooManyConnectionsError as exc:
+                refused = exc
+                break
+    finally:
+        for conn in holding:
+            await conn.close()
+    assert refused is not None, "the role held more connections than its limit"
+    assert len(holding) <= INSTANCE_ROLE_CONNECTIONS
     # The control plane's (and the operator's) roles go on working.
     for database in ("iotistic", "postgres", control_plane_database):
         assert await can_connect(

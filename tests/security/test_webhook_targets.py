@@ -85,6 +85,10 @@ async def test_a_webhook_into_the_platforms_network_is_refused_at_creation(grace
         fields = answer.json()["error"]["fields"]
         assert fields[0]["field"] == "webhook_url", url
         assert "public addresses" in fields[0]["reason"], url
+    # Port 0 is a port (no service listens there), not a missing one that means 80.
+    answer = await grace.api.post("/api/alerts/rules", json=rule("http://8.8.8.8:0/"))
+    assert answer.status_code == 400
+    assert answer.json()["error"]["fields"][0]["reason"] == "has a port that is not from 1 to 65535"
     unknown = await grace.api.post("/api/alerts/rules", json=rule("http://nowhere.invalid/"))
     assert unknown.status_code == 400
     assert "does not resolve" in unknown.json()["error"]["fields"][0]["reason"]

@@ -49,6 +49,8 @@ MARKER = "IOTISTIC_INSTANCE_OF"
 # What an instance inherits from the provisioner's environment; nothing else (no secrets).
 INHERITED = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "VIRTUAL_ENV", "PYTHONPATH", "TMPDIR")
 RESTART_BACKOFF_MAX = 30.0
+# Connections an instance's database role may hold at once (its pool is 6).
+INSTANCE_ROLE_CONNECTIONS = 12
 STABLE_AFTER = 60.0
 
 
@@ -267,6 +269,15 @@ class LocalBackend:
                         "SELECT format('CREATE DATABASE %I OWNER %I', $1::text, $1::text)", name
                     )
                 )
+            # An instance holds a pool of 6 and a connection or two besides; a role holding
+            # more (its password in a tenant's hands) would take the shared server's slots.
+            await conn.execute(
+                await conn.fetchval(
+                    "SELECT format('ALTER ROLE %I CONNECTION LIMIT %s', $1::text, $2::int)",
+                    name,
+                    INSTANCE_ROLE_CONNECTIONS,
+                )
+            )
             # Nobody but the owner may connect to a customer's database.
             await conn.execute(
                 await conn.fetchval(
