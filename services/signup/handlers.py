@@ -145,6 +145,8 @@ async def reserve_signup(pool: asyncpg.Pool, limits: SignupLimits, address: str)
     async with pool.acquire() as conn, conn.transaction():
         # One statement counts both; its row locks make concurrent signups take turns, so
         # every replica sees the same count. The order of the subjects is always the same.
+        # Retry-After is measured from the clock, not now(): now() is when this transaction
+        # began, which may be before a concurrent one (that we waited for) opened the window.
         rows = await conn.fetch(
             """
             INSERT INTO signup_windows AS w (subject, window_ends_at, signups)
@@ -155,7 +157,8 @@ async def reserve_signup(pool: asyncpg.Pool, limits: SignupLimits, address: str)
                 window_ends_at = CASE WHEN w.window_ends_at <= now()
                                       THEN EXCLUDED.window_ends_at ELSE w.window_ends_at END
             RETURNING subject, signups,
-                      ceil(extract(epoch FROM window_ends_at - now()))::int AS retry_after
+                      ceil(extract(epoch FROM window_ends_at - clock_timestamp()))::int
+                          AS retry_after
             """,
             subjects,
             [float(limits.address_window_seconds), 3600.0],
@@ -216,8 +219,8 @@ async def reserve_login_attempt(
                                               < now() - make_interval(secs => $2)
                                          THEN now() ELSE f.window_started_at END
             RETURNING subject, failures,
-                      ceil(extract(epoch FROM window_started_at
-                                   + make_interval(secs => $2) - now()))::int AS retry_after
+                      ceil(extract(epoch FROM window_started_at + make_interval(secs => $2)
+                                              - clock_timestamp()))::int AS retry_after
             """,
             subjects,
             float(limits.window_seconds),

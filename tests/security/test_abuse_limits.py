@@ -145,6 +145,34 @@ async def test_fifteen_concurrent_signups_from_one_address_start_only_ten(plane,
         assert (await cp.counted("signup_windows", "signups"))["addr:127.0.0.1"] == 10
 
 
+async def test_a_signup_that_waited_for_another_is_told_no_more_than_the_window(plane) -> None:
+    # CI found Retry-After 3601 on a one-hour window: a signup whose transaction began before a
+    # concurrent one opened the window, then waited for its row lock, measured from its own
+    # (earlier) start. Here the concurrent signup is a transaction that holds the address's row
+    # while ours waits, and then opens a full window, as a signup that began later would.
+    async with plane(signup_max_per_address=1) as cp:
+        assert (await sign_up(cp.client)).status_code == 201
+        holder = await asyncpg.connect(cp.database_url)
+        try:
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM signup.signup_windows WHERE subject = 'addr:127.0.0.1' "
+                    "FOR UPDATE"
+                )
+                waiting = asyncio.create_task(sign_up(cp.client))
+                await eventually(
+                    lambda: holder.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"),
+                    what="the signup to wait for the address's row",
+                )
+                await holder.execute(
+                    "UPDATE signup.signup_windows SET window_ends_at = clock_timestamp() "
+                    "+ interval '3600 seconds' WHERE subject = 'addr:127.0.0.1'"
+                )
+            assert_rate_limited(await waiting)
+        finally:
+            await holder.close()
+
+
 async def test_the_overall_cap_holds_across_many_addresses(plane) -> None:
     async with plane(signup_max_per_hour=4, trusted_proxy_hops=1) as cp:
         codes = []
