@@ -45,6 +45,16 @@ class EventStoreError(RuntimeError):
     """
 
 
+class AppendRefused(EventStoreError):
+    """The log certainly did not store the event: the connection was down before it was sent,
+    or the server answered with an error (a full stream or disk, a refused permission).
+
+    A caller may undo what it prepared for the event; a plain ``EventStoreError`` from an
+    append (a timeout, a connection lost after sending) leaves it unknown whether the event was
+    stored, and the caller must keep what a later retry needs to find the first outcome.
+    """
+
+
 class ConcurrencyConflict(Exception):
     """Another writer appended to the subject first; the caller lost the race (final)."""
 
@@ -156,7 +166,7 @@ class EventStore:
         if not self._js._nc.is_connected:
             # nats-py would buffer the publish and wait out the timeout for an ack that cannot
             # come; a caller answering a person should hear at once that the log is away.
-            raise EventStoreError(f"append to {subject}: not connected to NATS")
+            raise AppendRefused(f"append to {subject}: not connected to NATS")
         headers = {
             api.Header.MSG_ID: envelope.event_id,
             HEADER_EVENT_TYPE: envelope.type,
@@ -178,7 +188,7 @@ class EventStore:
         except nats.js.errors.APIError as exc:
             if exc.err_code == _WRONG_LAST_SEQUENCE:
                 raise ConcurrencyConflict(subject) from exc
-            raise EventStoreError(f"append to {subject} refused: {exc}") from exc
+            raise AppendRefused(f"append to {subject} refused: {exc}") from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise EventStoreError(f"append to {subject} failed: {exc!r}") from exc
         return Appended(envelope, subject, ack.seq, bool(ack.duplicate))

@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from contracts import CustomerClosed, CustomerSignedUp
-from libs.db import CONNECTION_ERRORS
 from libs.runtime import ServiceDefinition, ServiceRuntime
-from services.signup.handlers import forget_stale_private_state
+from libs.scheduling import run_every
+from services.signup.handlers import forget_stale_private_state, settle_credentials
 from services.signup.projections import ACCOUNTS
 from services.signup.routes import signup_routes
 from services.signup.settings import SignupSettings
 
-log = logging.getLogger(__name__)
+# How often credentials are brought in line with the account view (cheap: two indexed
+# statements that find nothing on a healthy day).
+SETTLE_SECONDS = 30.0
 
 
 def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
     settings = runtime.settings_as(SignupSettings)
 
-    async def sweep_private_state() -> None:
-        """Every ten minutes, forget rate-limit windows and idempotency answers past their use."""
-        while True:
-            await asyncio.sleep(600)
-            try:
-                await forget_stale_private_state(
-                    runtime.db(), settings.login_failure_window_seconds
-                )
-            except CONNECTION_ERRORS as exc:
-                log.warning("signup: sweeping stale state failed (%r); next time", exc)
+    async def settle_signups() -> int:
+        """Credentials follow the log: confirmed once their account exists, dropped once the
+        email is another customer's."""
+        return await settle_credentials(runtime.db())
 
-    return [sweep_private_state]
+    async def sweep_private_state() -> int:
+        """Forget rate-limit windows and idempotency answers past their use."""
+        await forget_stale_private_state(runtime.db(), settings.login_failure_window_seconds)
+        return 0
+
+    return [
+        lambda: run_every(SETTLE_SECONDS, "signup: settling credentials", settle_signups),
+        lambda: run_every(600, "signup: sweeping stale state", sweep_private_state),
+    ]
 
 
 SIGNUP = ServiceDefinition(

@@ -14,10 +14,11 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from contracts import CustomerSignedUp, Features
+from contracts import CustomerSignedUp, Envelope, Features, decode_envelope, encode_envelope
 from libs.auth import LOGIN_RELAY_MAX_AGE_SECONDS, RelayedClient, SessionTokens
-from libs.eventstore import ConcurrencyConflict, EventStore
+from libs.eventstore import AppendRefused, ConcurrencyConflict, EventStore, traced_envelope
 from libs.http import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
+from libs.runtime import ServiceUnavailable
 from libs.timeutil import days_remaining
 from services.signup.models import (
     AccountView,
@@ -35,6 +36,12 @@ from services.signup.settings import SignupSettings
 
 ACCOUNT_URL = "/api/customers/me"
 ESTIMATED_DEPLOY_TIME = "a few seconds"
+# A credential younger than this may belong to a signup whose request is still appending (an
+# append gives up after 5 s); a retry takes it up only after that.
+IN_FLIGHT_SECONDS = 10.0
+# How long a retried signup whose event the log already holds waits for the account view to
+# say whose the email is, before answering 503 (the client retries again).
+OWNER_WAIT_SECONDS = 3.0
 
 
 class IdempotencyMismatch(DomainError):
@@ -274,52 +281,153 @@ class SignupService:
         )
 
     async def sign_up(self, form: SignupForm, address: str) -> SignupAnswer:
-        """Open an account: the limits first, then the log decides who got the email first."""
+        """Open an account: the limits first, then the log decides who got the email first.
+
+        A retry of a signup whose outcome the client never learned (the same email and
+        password, with or without an Idempotency-Key) answers with that account, whether its
+        event was stored the first time or is stored now.
+        """
         await reserve_signup(self.pool, self.signup_limits, address)
-        if await self.pool.fetchval("SELECT 1 FROM accounts WHERE email = $1", form.email):
-            raise Conflict("an account with this email already exists")
-        customer_id = str(uuid.uuid4())
-        password_hash = await self.passwords.hash(form.password)
-        await self.pool.execute(
-            "INSERT INTO credentials (customer_id, email, password_hash) VALUES ($1, $2, $3)",
-            customer_id,
-            form.email,
-            password_hash,
-        )
-        event = CustomerSignedUp(
-            customer_id=customer_id,
-            email=form.email,
-            email_display=form.email_display,
-            company_name=form.company_name,
-            full_name=form.full_name,
-            plan="starter",
-            signed_up_at=_now(),
-            trial_days=self.settings.default_trial_days,
-        )
-        try:
-            await self.store.publish(
-                event,
-                customer_id=customer_id,
-                key=email_key(form.email),
-                expected_last_subject_seq=0,
-            )
-        except ConcurrencyConflict:
-            await self.pool.execute("DELETE FROM credentials WHERE customer_id = $1", customer_id)
-            raise Conflict("an account with this email already exists") from None
-        await self.pool.execute(
-            "UPDATE credentials SET confirmed = true WHERE customer_id = $1", customer_id
-        )
+        customer_id = await self._earlier_signup(form, address)
+        if customer_id is None:
+            customer_id = await self._new_signup(form)
         row = await self._wait_for_answers(customer_id)
         now = _now()
         return SignupAnswer(
             message="Account created. Your trial has started; your instance is being deployed.",
             customer=CustomerOut(
-                customer_id=customer_id, email=form.email, company_name=form.company_name
+                customer_id=customer_id,
+                email=form.email,
+                company_name=row["company_name"] if row is not None else form.company_name,
             ),
             subscription=subscription_of(row, now),
             license=license_of(row),
             deployment=deployment_of(row),
         )
+
+    async def _new_signup(self, form: SignupForm) -> str:
+        """Keep the credential with the event it is for, then offer the event to the log."""
+        customer_id = str(uuid.uuid4())
+        password_hash = await self.passwords.hash(form.password)
+        envelope = traced_envelope(
+            CustomerSignedUp(
+                customer_id=customer_id,
+                email=form.email,
+                email_display=form.email_display,
+                company_name=form.company_name,
+                full_name=form.full_name,
+                plan="starter",
+                signed_up_at=_now(),
+                trial_days=self.settings.default_trial_days,
+            ),
+            customer_id=customer_id,
+        )
+        await self.pool.execute(
+            "INSERT INTO credentials (customer_id, email, password_hash, pending_envelope) "
+            "VALUES ($1, $2, $3, $4)",
+            customer_id,
+            form.email,
+            password_hash,
+            encode_envelope(envelope),
+        )
+        try:
+            await self._append_signup(customer_id, form.email, envelope, sent_before=False)
+        except (Conflict, AppendRefused):
+            # Certainly not stored: nothing of this signup is left behind.
+            await self.pool.execute("DELETE FROM credentials WHERE customer_id = $1", customer_id)
+            raise
+        return customer_id
+
+    async def _earlier_signup(self, form: SignupForm, address: str) -> str | None:
+        """The customer an earlier signup with this email and password made (or may have
+        made: its event is offered to the log again), None when there was none; 409 when the
+        email is someone else's."""
+        async with self.pool.acquire() as conn:
+            owner = await conn.fetchrow(
+                "SELECT customer_id, closed_at FROM accounts WHERE email = $1", form.email
+            )
+            rows = await conn.fetch(
+                "SELECT customer_id, password_hash, pending_envelope, "
+                "created_at > now() - make_interval(secs => $2) AS in_flight "
+                "FROM credentials WHERE email = $1 ORDER BY created_at",
+                form.email,
+                IN_FLIGHT_SECONDS,
+            )
+            if owner is not None:
+                if owner["closed_at"] is not None:
+                    raise Conflict("an account with this email already exists")
+                candidates = [r for r in rows if r["customer_id"] == owner["customer_id"]]
+            else:
+                # A signup still in flight is not yet an earlier one: its request will answer.
+                candidates = [
+                    r for r in rows if not r["in_flight"] and r["pending_envelope"] is not None
+                ]
+            if not candidates:
+                if owner is not None:
+                    raise Conflict("an account with this email already exists")
+                return None
+            # Answering "that is your account" says the password is right: a guess costs what
+            # a failed login costs, so signup is no way around the login limits.
+            await reserve_login_attempt(conn, self.limits, form.email, address)
+        for row in candidates:
+            if not await self.passwords.verify(row["password_hash"], form.password):
+                continue
+            await self._forgive(form.email, address)
+            customer_id = str(row["customer_id"])
+            if owner is None:
+                envelope = decode_envelope(row["pending_envelope"])
+                await self._append_signup(customer_id, form.email, envelope, sent_before=True)
+            else:
+                await self._confirm(customer_id)
+            return customer_id
+        if owner is not None:
+            raise Conflict("an account with this email already exists")
+        return None
+
+    async def _forgive(self, email: str, address: str) -> None:
+        async with self.pool.acquire() as conn:
+            await forgive_login_attempt(conn, email, address)
+
+    async def _append_signup(
+        self, customer_id: str, email: str, envelope: Envelope, *, sent_before: bool
+    ) -> None:
+        """Offer a signup's event to the email's subject, which takes one signup ever."""
+        try:
+            await self.store.append(envelope, key=email_key(email), expected_last_subject_seq=0)
+        except ConcurrencyConflict:
+            if not sent_before:
+                raise Conflict("an account with this email already exists") from None
+            # Sent before, this may be our own event, stored longer ago than JetStream keeps
+            # event ids: the account view, built from the log, says whose the email is.
+            owner = await self._owner_of(email)
+            if owner is None:
+                raise ServiceUnavailable(
+                    "the account is still being set up; retry shortly"
+                ) from None
+            if owner != customer_id:
+                await self.pool.execute(
+                    "DELETE FROM credentials WHERE customer_id = $1 AND NOT confirmed", customer_id
+                )
+                raise Conflict("an account with this email already exists") from None
+        await self._confirm(customer_id)
+
+    async def _confirm(self, customer_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE credentials SET confirmed = true, pending_envelope = NULL "
+            "WHERE customer_id = $1 AND NOT confirmed",
+            customer_id,
+        )
+
+    async def _owner_of(self, email: str) -> str | None:
+        """Who the account view says owns ``email``, waiting a moment for it to catch up."""
+        deadline = time.monotonic() + OWNER_WAIT_SECONDS
+        while True:
+            owner = await self.pool.fetchval(
+                "SELECT customer_id FROM accounts WHERE email = $1", email
+            )
+            if owner is not None or time.monotonic() > deadline:
+                return None if owner is None else str(owner)
+            await asyncio.sleep(0.05)
 
     async def _wait_for_answers(self, customer_id: str) -> asyncpg.Record | None:
         """The account row once licensing and billing have answered, or as it is at the deadline."""
@@ -351,8 +459,12 @@ class SignupService:
             if relayed is not None and await first_use_of_relay(conn, relayed.nonce):
                 address = relayed.address
             await reserve_login_attempt(conn, self.limits, form.email, address)
+            # In force: confirmed by the request that appended it, or proven by the account
+            # the log made (the request may have died between the append and the confirm).
             row = await conn.fetchrow(
-                "SELECT customer_id, password_hash FROM credentials WHERE email = $1 AND confirmed",
+                "SELECT customer_id, password_hash FROM credentials c WHERE email = $1 "
+                "AND (confirmed OR EXISTS (SELECT 1 FROM accounts a "
+                "WHERE a.customer_id = c.customer_id))",
                 form.email,
             )
         ok = await self.passwords.verify(row["password_hash"] if row else None, form.password)
@@ -440,6 +552,21 @@ async def remember_answer(pool: asyncpg.Pool, key: str, status: int, body: Any) 
 async def release_idempotency_key(pool: asyncpg.Pool, key: str) -> None:
     """Forget a key whose request failed for a passing reason, so a retry runs again."""
     await pool.execute("DELETE FROM idempotency_keys WHERE key = $1 AND status_code IS NULL", key)
+
+
+async def settle_credentials(pool: asyncpg.Pool) -> int:
+    """Confirm every credential whose customer the log has an account for, and drop the ones
+    of signups that lost their email to another customer. Returns how many rows changed."""
+    async with pool.acquire() as conn, conn.transaction():
+        confirmed = await conn.fetch(
+            "UPDATE credentials c SET confirmed = true, pending_envelope = NULL FROM accounts a "
+            "WHERE a.customer_id = c.customer_id AND NOT c.confirmed RETURNING c.customer_id"
+        )
+        lost = await conn.fetch(
+            "DELETE FROM credentials c WHERE NOT confirmed AND EXISTS (SELECT 1 FROM accounts a "
+            "WHERE a.email = c.email AND a.customer_id <> c.customer_id) RETURNING customer_id"
+        )
+    return len(confirmed) + len(lost)
 
 
 async def forget_stale_private_state(

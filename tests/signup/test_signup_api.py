@@ -152,8 +152,12 @@ async def test_fifty_concurrent_signups_with_one_email_make_one_account(
     email = new_email()
     responses = await asyncio.gather(*(sign_up(client, email) for _ in range(50)))
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(201) == 1, codes
-    assert codes.count(409) == 49, codes
+    # One wins the email. The same email and password sent again is the same signup retried:
+    # those that find the account answer with it (until the login limit says enough).
+    assert codes.count(201) >= 1, codes
+    assert set(codes) <= {201, 409, 429}, codes
+    winners = {r.json()["customer"]["customer_id"] for r in responses if r.status_code == 201}
+    assert len(winners) == 1, winners
     subject = store.subject("CustomerSignedUp", email_key(email.lower()))
     assert await store.count_by_subject(subject) == {subject: 1}
 

@@ -25,9 +25,11 @@ class TcpRelay:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._cut_marker: bytes | None = None
+        self._cut_client_marker: bytes | None = None
         self.cut = asyncio.Event()
         self._watch: tuple[bytes, asyncio.Event] | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._down = False
 
     @property
     def url(self) -> str:
@@ -47,6 +49,16 @@ class TcpRelay:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def go_down(self) -> None:
+        """Cut every connection and refuse new ones, as a server that is gone would."""
+        self._down = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def come_back(self) -> None:
+        """Accept connections again."""
+        self._down = False
+
     def hold(self) -> None:
         """Keep back everything the server sends from now on, until ``release``."""
         self._flowing.clear()
@@ -60,6 +72,12 @@ class TcpRelay:
         self.cut.clear()
         self._cut_marker = marker
 
+    def cut_client_at(self, marker: bytes) -> None:
+        """Drop the client's next data containing ``marker`` and cut that connection: what it
+        sent never reaches the server (a connection lost just as a request went out)."""
+        self.cut.clear()
+        self._cut_client_marker = marker
+
     def watch_client(self, marker: bytes) -> asyncio.Event:
         """An event set once the client sends data containing ``marker`` (from now on)."""
         seen = asyncio.Event()
@@ -67,6 +85,9 @@ class TcpRelay:
         return seen
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._down:
+            client_w.transport.abort()
+            return
         server_r, server_w = await asyncio.open_connection(*self._upstream)
         self._writers |= {client_w, server_w}
         pair = (client_w, server_w)
@@ -98,6 +119,12 @@ class TcpRelay:
                         self.cut.set()
                         return
                     await self._flowing.wait()
+                elif self._cut_client_marker is not None and self._cut_client_marker in window:
+                    self._cut_client_marker = None
+                    for w in pair:
+                        w.transport.abort()
+                    self.cut.set()
+                    return
                 elif self._watch is not None and self._watch[0] in window:
                     self._watch[1].set()
                     self._watch = None
