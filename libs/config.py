@@ -67,6 +67,9 @@ class ServiceSettings(EventLogSettings, frozen=True, kw_only=True):
     db_pool_max: PositiveInt = 10
     # A projection further behind the stream than this many events makes the service not ready.
     projection_max_lag: PositiveInt = 1000
+    # A projection behind the stream whose checkpoint has not moved for this long is stalled:
+    # not ready, however small its lag (a dead consumer falls behind by one event at a time).
+    projection_stall_seconds: PositiveInt = 30
     projection_batch_size: Annotated[int, Meta(ge=1, le=1000)] = 100
     projection_ack_wait_seconds: PositiveInt = 30
     # Attempts at one event before it is parked; connection errors are retried and never count.

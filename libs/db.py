@@ -40,6 +40,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.ConnectionFailureError,
+    # A connection whose protocol state broke mid-operation ("cannot switch to state 15;
+    # another operation is in progress", seen during COMMIT when Postgres was killed): the
+    # connection is unusable and a new one works.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

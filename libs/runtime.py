@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -25,7 +26,7 @@ import nats.errors
 import nats.js.errors
 from litestar.types import ControllerRouterHandler
 from nats.aio.client import Client as NatsClient
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from contracts import Event
 from libs.bus_auth import OPERATOR, BusAuthError, Credentials, inbox_prefix
@@ -42,6 +43,7 @@ from libs.projections import (
     RunnerState,
     durable_name,
 )
+from libs.supervision import Supervisor, Worker, restart_counter
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,9 @@ class ServiceDefinition:
     # signs up). Checkpointed like projections, but never replayed: that would act twice.
     reactors: Callable[[ServiceRuntime], Sequence[Projection]] = lambda _: ()
     routes: Callable[[ServiceRuntime], Sequence[ControllerRouterHandler]] = lambda _: ()
-    # Long-running tasks of the service besides its consumers (schedulers, job workers).
-    workers: Callable[[ServiceRuntime], Sequence[Callable[[], Awaitable[None]]]] = lambda _: ()
+    # Long-running tasks of the service besides its consumers (schedulers, job workers), each
+    # started and restarted by the service's supervisor.
+    workers: Callable[[ServiceRuntime], Sequence[Worker]] = lambda _: ()
     # The service's own settings type (a ServiceSettings with more fields), read once at start.
     settings_type: type[ServiceSettings] = ServiceSettings
     # The event types this service appends. It owns them: no other service may, and the bus
@@ -103,9 +106,14 @@ class ServiceRuntime:
     runners: list[ProjectionRunner] = field(default_factory=list)
     started: bool = False
     last_error: str | None = None
+    # Counts restarts of this service's tasks (shared by the services of a process).
+    restarts: Counter | None = None
     _shared: dict[str, Any] = field(default_factory=dict)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _workers: list[asyncio.Task[None]] = field(default_factory=list)
+    # Where each projection's checkpoint was last seen to move: (checkpoint, monotonic time).
+    _progress: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.definition.name, self.restarts)
 
     @property
     def name(self) -> str:
@@ -185,39 +193,24 @@ class ServiceRuntime:
                 config=config,
             )
             self.runners.append(runner)
-            self._spawn(runner.run(), f"{self.name}.{projection.name}")
+            self.supervisor.spawn(f"projection:{projection.name}", runner.run)
         for worker in self.definition.workers(self):
-            self._workers.append(self._spawn(worker(), f"{self.name}.worker"))
+            self.supervisor.spawn(worker.name, worker.start, stuck_after=worker.stuck_after)
         self.started = True
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
-        async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A crashed worker is a bug; say so loudly, readiness shows it as not attached.
-                log.exception("%s crashed", name)
-                raise
-
-        task = asyncio.create_task(guarded(), name=name)
-        self._tasks.append(task)
-        return task
 
     async def stop(self) -> None:
         """Stop the runners and workers, then close the pool."""
-        for runner in self.runners:
-            runner.stop()
-        for worker in self._workers:
-            worker.cancel()  # workers hold no event in hand; runners finish theirs
-        if self._tasks:
-            # Workers may have children to stop (the local backend's instances): give them
-            # time before cancelling what is left.
-            _, pending = await asyncio.wait(self._tasks, timeout=STOP_SECONDS)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+
+        def ask_to_stop() -> None:
+            for runner in self.runners:
+                runner.stop()  # runners finish the event in hand
+            for name in self.supervisor.tasks:
+                if not name.startswith("projection:"):
+                    self.supervisor.cancel(name)  # workers hold no event in hand
+
+        # Workers may have children to stop (the local backend's instances): give them time
+        # before cancelling what is left.
+        await self.supervisor.stop(STOP_SECONDS, before=ask_to_stop)
         if self.pool is not None:
             with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
                 await asyncio.wait_for(self.pool.close(), timeout=5)
@@ -236,7 +229,8 @@ class ServiceRuntime:
         detail["projections"] = {
             r.projection.name: c[1] for r, c in zip(self.runners, checks[1:], strict=True)
         }
-        return all(ok for ok, _ in checks), detail
+        tasks_ok, detail["tasks"] = self.supervisor.health()
+        return tasks_ok and all(ok for ok, _ in checks), detail
 
     async def _database_ok(self) -> tuple[bool, dict[str, Any]]:
         try:
@@ -271,7 +265,22 @@ class ServiceRuntime:
         entry["lag"] = lag
         if state is not RunnerState.BLOCKED and lag > self.settings.projection_max_lag:
             ok = False
+        stalled = self._stalled_for(runner, lag)
+        if stalled is not None and state not in (RunnerState.BLOCKED, RunnerState.STANDBY):
+            entry["stalled_seconds"] = round(stalled, 1)
+            ok = False
         return ok, entry
+
+    def _stalled_for(self, runner: ProjectionRunner, lag: int) -> float | None:
+        """Seconds the projection has been behind without its checkpoint moving, past the
+        bound; None when it is caught up, moving, or within the bound."""
+        name, checkpoint, now = runner.projection.name, runner.status.checkpoint, time.monotonic()
+        seen = self._progress.get(name)
+        if lag == 0 or seen is None or seen[0] != checkpoint:
+            self._progress[name] = (checkpoint, now)
+            return None
+        behind = now - seen[1]
+        return behind if behind > self.settings.projection_stall_seconds else None
 
 
 class ServiceUnavailable(DomainError):
@@ -301,12 +310,14 @@ class Platform:
 
     def __post_init__(self) -> None:
         self.metrics = ProjectionMetrics(self.registry)
+        restarts = restart_counter(self.registry)
         for definition in self.definitions:
             self.services[definition.name] = ServiceRuntime(
                 definition=definition,
                 settings=self.service_settings.get(definition.name, self.settings),
                 metrics=self.metrics,
                 registry=self.registry,
+                restarts=restarts,
             )
 
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from contracts import (
@@ -17,7 +16,8 @@ from contracts import (
     UsageReported,
 )
 from libs.runtime import ServiceDefinition, ServiceRuntime
-from libs.scheduling import run_every
+from libs.scheduling import every
+from libs.supervision import Worker
 from services.billing.projections import SUBSCRIPTIONS
 from services.billing.reactors import billing_reactors
 from services.billing.routes import billing_routes
@@ -27,7 +27,7 @@ from services.billing.trials import expire_ended_trials
 from services.billing.usage import USAGE
 
 
-def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
+def _workers(runtime: ServiceRuntime) -> list[Worker]:
     settings = runtime.settings_as(BillingSettings)
 
     async def expire() -> int:
@@ -37,10 +37,8 @@ def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
         return await purge_payloads(runtime.db(), settings.stripe_payload_retention_days)
 
     return [
-        lambda: run_every(settings.trial_scan_seconds, "trial scheduler: trials expired", expire),
-        lambda: run_every(
-            settings.stripe_payload_purge_seconds, "Stripe payloads: past retention, deleted", purge
-        ),
+        every(settings.trial_scan_seconds, "trial scheduler: trials expired", expire),
+        every(settings.stripe_payload_purge_seconds, "Stripe payloads: past retention", purge),
     ]
 
 

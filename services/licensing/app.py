@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
@@ -11,7 +11,8 @@ from litestar.types import ControllerRouterHandler
 from contracts import LicenseIssued, LicenseRevoked
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
-from libs.scheduling import run_every
+from libs.scheduling import every
+from libs.supervision import Worker
 from services.licensing.keys import KeyRing, LicenseSigner, load_keyring
 from services.licensing.projections import LICENSES
 from services.licensing.reactors import licensing_reactors
@@ -38,7 +39,7 @@ def _signer(runtime: ServiceRuntime) -> LicenseSigner:
     return LicenseSigner(_keyring(settings), issuer=settings.license_issuer)
 
 
-def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
+def _workers(runtime: ServiceRuntime) -> list[Worker]:
     settings = runtime.settings_as(LicensingSettings)
     before = timedelta(days=settings.license_renew_before_days)
     signer = _signer(runtime)
@@ -49,9 +50,7 @@ def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
         )
 
     return [
-        lambda: run_every(
-            settings.license_renewal_scan_seconds, "renewal scheduler: licenses renewed", renew
-        )
+        every(settings.license_renewal_scan_seconds, "renewal scheduler: licenses renewed", renew)
     ]
 
 

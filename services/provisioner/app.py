@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from litestar.types import ControllerRouterHandler
 
@@ -19,6 +19,7 @@ from contracts import (
 from libs.outbox import OutboxRelay
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
+from libs.supervision import Worker
 from services.provisioner.backends.base import Backend
 from services.provisioner.backends.k8s_manifests import KubernetesSettings
 from services.provisioner.metrics import QueueMetrics
@@ -108,11 +109,14 @@ def _reactors(runtime: ServiceRuntime) -> Sequence[Projection]:
     return provisioner_reactors(settings_of(runtime).queue_max_retries, wake)
 
 
-def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
+def _workers(runtime: ServiceRuntime) -> list[Worker]:
     return [
-        worker_of(runtime).run,
-        relay_of(runtime).run,
-        lambda: metrics_of(runtime).refresh_every(runtime.db, METRICS_REFRESH_SECONDS),
+        Worker("queue worker", worker_of(runtime).run),
+        Worker("outbox relay", relay_of(runtime).run),
+        Worker(
+            "queue metrics",
+            lambda: metrics_of(runtime).refresh_every(runtime.db, METRICS_REFRESH_SECONDS),
+        ),
     ]
 
 

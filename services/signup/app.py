@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from contracts import CustomerClosed, CustomerSignedUp
 from libs.runtime import ServiceDefinition, ServiceRuntime
-from libs.scheduling import run_every
+from libs.scheduling import every
+from libs.supervision import Worker
 from services.signup.handlers import forget_stale_private_state, settle_credentials
 from services.signup.projections import ACCOUNTS
 from services.signup.routes import signup_routes
@@ -17,7 +16,7 @@ from services.signup.settings import SignupSettings
 SETTLE_SECONDS = 30.0
 
 
-def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
+def _workers(runtime: ServiceRuntime) -> list[Worker]:
     settings = runtime.settings_as(SignupSettings)
 
     async def settle_signups() -> int:
@@ -31,8 +30,8 @@ def _workers(runtime: ServiceRuntime) -> list[Callable[[], Awaitable[None]]]:
         return 0
 
     return [
-        lambda: run_every(SETTLE_SECONDS, "signup: settling credentials", settle_signups),
-        lambda: run_every(600, "signup: sweeping stale state", sweep_private_state),
+        every(SETTLE_SECONDS, "signup: settling credentials", settle_signups),
+        every(600, "signup: sweeping stale state", sweep_private_state),
     ]
 
 
