@@ -33,6 +33,11 @@ _WRONG_LAST_SEQUENCE = 10071
 # Fetch timeouts in a row, with the consumer still owing events, before a read gives up.
 _READ_STALL_CHECKS = 40
 
+# The server names the sequence it found: "wrong last sequence: 42".
+_FOUND_SEQUENCE = re.compile(r"wrong last sequence: (\d+)")
+
+# nats-server 2.11+: check the expected last sequence on these subjects (wildcards allowed).
+HEADER_EXPECTED_ON = "Nats-Expected-Last-Subject-Sequence-Subject"
 HEADER_EVENT_TYPE = "Iotistic-Event-Type"
 HEADER_TRACEPARENT = "traceparent"
 HEADER_TRACESTATE = "tracestate"
@@ -56,11 +61,15 @@ class AppendRefused(EventStoreError):
 
 
 class ConcurrencyConflict(Exception):
-    """Another writer appended to the subject first; the caller lost the race (final)."""
+    """Another writer appended to the subject first; the caller lost the race (final).
 
-    def __init__(self, subject: str) -> None:
+    ``last_seq`` is the sequence the server found instead of the one expected, when it said.
+    """
+
+    def __init__(self, subject: str, last_seq: int | None = None) -> None:
         super().__init__(f"another event was appended to {subject} first")
         self.subject = subject
+        self.last_seq = last_seq
 
 
 @dataclass(frozen=True)
@@ -151,13 +160,17 @@ class EventStore:
         *,
         key: str | None = None,
         expected_last_subject_seq: int | None = None,
+        expected_on: str | None = None,
         timeout: float = 5.0,
     ) -> Appended:
         """Append one event, stored once per event id (``Nats-Msg-Id``).
 
         ``key`` defaults to the envelope's customer id. With ``expected_last_subject_seq`` the
         append succeeds only if the subject's last event has that sequence (0 = none yet);
-        otherwise ``ConcurrencyConflict`` is raised and nothing is stored.
+        otherwise ``ConcurrencyConflict`` is raised and nothing is stored. ``expected_on``
+        checks that sequence on other subjects instead (a filter such as
+        ``customer_filter(id)``: the last of all of a customer's events). The check comes
+        before JetStream's duplicate check: a repeat of a stored event conflicts.
         """
         subject_key = key or envelope.customer_id
         if subject_key is None:
@@ -177,6 +190,8 @@ class EventStore:
             headers[HEADER_TRACESTATE] = envelope.trace.tracestate
         if expected_last_subject_seq is not None:
             headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_last_subject_seq)
+            if expected_on is not None:
+                headers[HEADER_EXPECTED_ON] = expected_on
         try:
             ack = await self._js.publish(
                 subject,
@@ -187,7 +202,9 @@ class EventStore:
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code == _WRONG_LAST_SEQUENCE:
-                raise ConcurrencyConflict(subject) from exc
+                found = _FOUND_SEQUENCE.search(exc.description or "")
+                last_seq = int(found.group(1)) if found else None
+                raise ConcurrencyConflict(expected_on or subject, last_seq) from exc
             raise AppendRefused(f"append to {subject} refused: {exc}") from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise EventStoreError(f"append to {subject} failed: {exc!r}") from exc
@@ -201,6 +218,7 @@ class EventStore:
         causation: Envelope | None = None,
         key: str | None = None,
         expected_last_subject_seq: int | None = None,
+        expected_on: str | None = None,
         event_id: str | None = None,
     ) -> Appended:
         """Wrap ``event`` in an envelope carrying the current trace and append it."""
@@ -208,8 +226,20 @@ class EventStore:
             event, customer_id=customer_id, causation=causation, event_id=event_id
         )
         return await self.append(
-            envelope, key=key, expected_last_subject_seq=expected_last_subject_seq
+            envelope,
+            key=key,
+            expected_last_subject_seq=expected_last_subject_seq,
+            expected_on=expected_on,
         )
+
+    def customer_filter(self, customer_id: str) -> str:
+        """The subjects of every event keyed by ``customer_id`` (all types)."""
+        return self.subject("*", customer_id)
+
+    async def consumer_pending(self, durable: str) -> int:
+        """Events of a durable consumer's types not yet delivered and acknowledged."""
+        info = await self._js.consumer_info(self.stream, durable, timeout=2)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def last_seq(self) -> int:
         """The sequence of the newest event in the log (0 when empty)."""
