@@ -28,7 +28,14 @@ from libs.db import CONNECTION_ERRORS
 from libs.eventstore import EventStore, StoredMessage
 from libs.logs import configure_logging
 from libs.projections import NATS_ERRORS, decide, open_parked
-from libs.replay import ReplayError, ReplayReport, replay_service
+from libs.replay import (
+    VERIFY_WAIT_SECONDS,
+    ProjectionCheck,
+    ReplayError,
+    ReplayReport,
+    TableDiff,
+    replay_service,
+)
 from libs.runtime import Platform, connect_bus
 from libs.telemetry import setup_tracing
 from services.licensing.keys import KeyConfigError
@@ -100,8 +107,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--dry-run", action="store_true", help="rebuild and report, change nothing")
     replay.add_argument(
-        "--verify", action="store_true", help="rebuild into a scratch schema, report differences"
+        "--verify",
+        action="store_true",
+        help="measure each projection against the head of the log and compare its rows with "
+        "a rebuild into a scratch schema; exit 1 on a difference or a projection behind",
     )
+    replay.add_argument(
+        "--max-lag",
+        type=_count,
+        help="with --verify: events a projection may be behind the head (default 0: at the head)",
+    )
+    replay.add_argument(
+        "--wait",
+        type=float,
+        help="with --verify: seconds to wait for the projections to reach the head "
+        f"(default {VERIFY_WAIT_SECONDS:g})",
+    )
+    replay.add_argument("--json", action="store_true", help="the report as JSON")
     replay.set_defaults(func=cmd_replay)
 
     events = sub.add_parser("events", help="look at the event log")
@@ -623,8 +645,18 @@ async def _current_license(settings: ServiceSettings, customer_id: str) -> tuple
 # --- replay ------------------------------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """``iotistic replay <service>``: rebuild, dry-run or verify a service's read models."""
+    if not args.verify and (args.max_lag is not None or args.wait is not None):
+        console.print("[red]replay:[/red] --max-lag and --wait go with --verify only")
+        return 2
     settings = settings_from(args)
     definition = CONTROL_PLANE[args.service]
 
@@ -652,6 +684,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     from_seq=args.from_seq,
                     dry_run=args.dry_run,
                     verify=args.verify,
+                    wait=VERIFY_WAIT_SECONDS if args.wait is None else args.wait,
                     progress=progress,
                 )
 
@@ -660,24 +693,61 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ReplayError as exc:
         console.print(f"[red]replay failed:[/red] {exc}")
         return 1
-    return _print_replay(report, args)
+    max_lag = args.max_lag or 0
+    failed = args.verify and bool(report.differences or report.lagging(max_lag))
+    if args.json:
+        print(json.dumps(_replay_json(report, args, max_lag, failed), indent=2, default=str))
+    else:
+        _print_replay(report, args, max_lag)
+    return 1 if failed else 0
 
 
-def _print_replay(report: ReplayReport, args: argparse.Namespace) -> int:
-    mode = "verify" if args.verify else "dry run" if args.dry_run else "rebuild"
+def _replay_mode(args: argparse.Namespace) -> str:
+    return "verify" if args.verify else "dry run" if args.dry_run else "rebuild"
+
+
+def _print_replay(report: ReplayReport, args: argparse.Namespace, max_lag: int) -> None:
     out = Console()
     out.print(
-        f"{report.service} {mode}: read {report.events_read} events, applied "
+        f"{report.service} {_replay_mode(args)}: read {report.events_read} events, applied "
         f"{report.events_applied}, up to seq {report.upto_seq}"
         + (f", skipped as the live projection did: {report.skipped}" if report.skipped else "")
     )
     if not args.verify:
         if not args.dry_run:
             out.print("live read models replaced by the rebuilt ones")
-        return 0
+        return
+    out.print(f"head of the log: seq {report.head}")
+    for check in report.checks:
+        colour = "green" if check.lag == 0 else "red" if check.lag > max_lag else "yellow"
+        out.print(
+            f"  {check.projection}: checkpoint {check.checkpoint}, head {check.head}, "
+            f"[{colour}]lag {check.lag} ({check.state})[/{colour}], "
+            f"differences {check.differences}"
+        )
+    lagging = report.lagging(max_lag)
+    for check in lagging:
+        out.print(
+            f"[red]{check.projection} is {check.lag} event(s) behind the head "
+            f"(checkpoint {check.checkpoint}, head {check.head}, allowed {max_lag})"
+            + (
+                f": blocked at parked event seq {check.parked_at} (`iotistic parked list`)"
+                if check.parked_at is not None
+                else ": it did not move while verify waited"
+                if not check.moved
+                else ""
+            )
+            + "[/red]"
+        )
     if report.differences == 0:
-        out.print("no differences: the live read models equal a clean replay of the log")
-        return 0
+        if lagging:
+            out.print(
+                "no row differences at the checkpoints compared; the events after them are "
+                "not in the live read models yet"
+            )
+        else:
+            out.print("no differences: the live read models equal a clean replay of the log")
+        return
     out.print(f"[red]{report.differences} difference(s):[/red]")
     for diff in report.diffs:
         for row in diff.only_live:
@@ -690,7 +760,45 @@ def _print_replay(report: ReplayReport, args: argparse.Namespace) -> int:
                 f"{c}: live={live.get(c)!r} replay={rebuilt.get(c)!r}" for c in columns
             )
             out.print(f"  {diff.table}: row differs: {changes}")
-    return 1
+
+
+def _replay_json(
+    report: ReplayReport, args: argparse.Namespace, max_lag: int, failed: bool
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "service": report.service,
+        "mode": _replay_mode(args),
+        "ok": not failed,
+        "events_read": report.events_read,
+        "events_applied": report.events_applied,
+        "upto_seq": report.upto_seq,
+        "skipped": report.skipped,
+    }
+    if args.verify:
+        data["head"] = report.head
+        data["max_lag"] = max_lag
+        data["projections"] = [_check_json(c, report.diffs) for c in report.checks]
+    return data
+
+
+def _check_json(check: ProjectionCheck, diffs: list[TableDiff]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for diff in diffs:
+        if diff.projection != check.projection:
+            continue
+        rows += [{"table": diff.table, "only_live": row} for row in diff.only_live]
+        rows += [{"table": diff.table, "missing_from_live": row} for row in diff.only_rebuilt]
+        rows += [{"table": diff.table, "live": a, "replay": b} for a, b in diff.changed]
+    return {
+        "projection": check.projection,
+        "checkpoint": check.checkpoint,
+        "head": check.head,
+        "lag": check.lag,
+        "state": check.state,
+        "parked_at": check.parked_at,
+        "differences": check.differences,
+        "rows": rows,
+    }
 
 
 # --- events ------------------------------------------------------------------------------------
