@@ -191,6 +191,90 @@ async def test_replay_from_a_later_seq_is_refused_without_dry_run_or_verify(
         await conn.close()
 
 
+async def test_replay_verify_fails_on_a_projection_behind_the_head_and_names_its_lag(
+    settings, store: EventStore, log_with_events
+) -> None:
+    """No runner consumes meanwhile (as after a crash that left it dead): the events appended
+    after its checkpoint are its lag, and verify must say so and fail, not report no difference."""
+    # Past the malformed event, in case the test that skips it did not run first.
+    cli(
+        settings,
+        "parked",
+        "skip",
+        "licensing",
+        "licenses",
+        str(log_with_events["bad"]),
+        check=False,
+    )
+    platform = make_platform(settings, [LICENSING])
+    await platform.start()
+    await platform.wait_started()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        checkpoint = await eventually(
+            lambda: licenses_checkpoint(conn),
+            lambda seq: seq >= log_with_events["bad"],
+            what="the projection past the malformed event",
+        )
+        await platform.stop()
+        for _ in range(3):
+            event = license_issued()
+            head = (await store.publish(event, customer_id=event.customer_id)).seq
+        behind = cli(settings, "replay", "licensing", "--verify", "--wait", "0.2", check=False)
+        assert behind.returncode == 1, behind.stdout + behind.stderr
+        assert f"head of the log: seq {head}" in behind.stdout
+        assert f"checkpoint {checkpoint}, head {head}, lag 3 (stalled)" in behind.stdout
+        assert "licenses is 3 event(s) behind the head" in behind.stdout
+        assert "no differences:" not in behind.stdout
+    finally:
+        await conn.close()
+        await platform.stop()
+
+    as_json = cli(settings, "replay", "licensing", "--verify", "--wait", "0", "--json", check=False)
+    assert as_json.returncode == 1
+    report = json.loads(as_json.stdout)
+    [projection] = report["projections"]
+    assert (report["ok"], report["head"], report["max_lag"]) == (False, head, 0)
+    assert (projection["projection"], projection["head"], projection["lag"]) == (
+        "licenses",
+        head,
+        3,
+    )
+    assert (projection["checkpoint"], projection["state"]) == (checkpoint, "stalled")
+
+    tolerated = cli(settings, "replay", "licensing", "--verify", "--wait", "0", "--max-lag", "3")
+    assert "lag 3" in tolerated.stdout
+    refused = cli(settings, "replay", "licensing", "--max-lag", "3", check=False)
+    assert refused.returncode == 2 and "with --verify only" in refused.stderr
+
+    # Once a runner has applied them, the same check passes.
+    platform = make_platform(settings, [LICENSING])
+    await platform.start()
+    await platform.wait_started()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await eventually(
+            lambda: licenses_checkpoint(conn),
+            lambda seq: seq >= head,
+            what="the projection at the head",
+        )
+        # (cli() blocks this loop, and with it the runner: it must have caught up before.)
+        caught_up = cli(settings, "replay", "licensing", "--verify", "--json")
+    finally:
+        await conn.close()
+        await platform.stop()
+    [projection] = json.loads(caught_up.stdout)["projections"]
+    assert (projection["lag"], projection["state"], projection["differences"]) == (0, "at head", 0)
+    assert projection["checkpoint"] >= head
+
+
+async def licenses_checkpoint(conn: asyncpg.Connection) -> int:
+    value = await conn.fetchval(
+        "SELECT last_seq FROM licensing.projection_checkpoints WHERE projection = 'licenses'"
+    )
+    return int(value or 0)
+
+
 def test_a_tool_with_nothing_to_connect_to_says_so_and_touches_no_default_server(
     tmp_path: Path,
 ) -> None:
