@@ -64,9 +64,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 130
     except (*NATS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         # An unreachable or refusing server is the operator's to fix: say which, no traceback.
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        console.print(f"[red]error:[/red] {server_error_line(exc)}")
         code = 1
     sys.exit(code or 0)
+
+
+# JetStream's codes for "no room to store it": insufficient resources, storage resources
+# exceeded, and a consumer store that could not be created; a server may send that last one
+# as a general consumer-creation error (10012), so its words are matched too.
+_JETSTREAM_STORAGE_FULL = {10023, 10047, 10104}
+_STORAGE_FULL_WORDS = ("no space left on device", "creating store", "insufficient")
+
+
+def server_error_line(exc: BaseException) -> str:
+    """One line for an error a server gave; a NATS server out of disk is named as such."""
+    err_code = getattr(exc, "err_code", None)
+    description = str(getattr(exc, "description", None) or exc)
+    if err_code in _JETSTREAM_STORAGE_FULL or any(
+        words in description.lower() for words in _STORAGE_FULL_WORDS
+    ):
+        # Reads that make a consumer (export, tail, replay) need a little of its disk.
+        return (
+            "the NATS server has no room to store what this command needs (its JetStream disk "
+            f"or storage limit is full): free space there and try again ({description})"
+        )
+    return f"{type(exc).__name__}: {exc}"
 
 
 def setup_logging(command: str) -> None:
@@ -943,15 +965,16 @@ def cmd_events_stats(args: argparse.Namespace) -> int:
 
     async def go() -> dict[str, Any]:
         async with event_log(settings) as store:
-            by_subject = await store.count_by_subject()
+            # Stream info only: a reader (a consumer) would need the server's disk.
+            first_seq, last_seq, by_subject = await store.subject_counts()
             counts: dict[str, int] = {}
             for subject, n in by_subject.items():
                 event_type = StoredMessage(0, subject, b"", {}).event_type
                 counts[event_type] = counts.get(event_type, 0) + n
             return {
                 "stream": store.stream,
-                "first_seq": await store.first_seq(),
-                "last_seq": await store.last_seq(),
+                "first_seq": first_seq,
+                "last_seq": last_seq,
                 "total": sum(counts.values()),
                 "by_type": dict(sorted(counts.items())),
             }

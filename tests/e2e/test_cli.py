@@ -6,15 +6,21 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import msgspec
+import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import api
 
 from libs.config import ServiceSettings
+from libs.embedded import EmbeddedNats
 from libs.eventstore import EventStore
+from services.cli import server_error_line
 from services.licensing.app import LICENSING
 from support import eventually, license_issued, make_platform
 
@@ -314,3 +320,73 @@ def test_a_refused_operator_password_is_named_as_such(settings, tmp_path: Path) 
     assert result.returncode == 1
     assert "refused the credentials of operator" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 8 MiB tmpfs: a disk that really fills up (ENOSPC), where the machine lets us mount."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    with (folder / "filler").open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+
+
+async def test_events_stats_reads_a_log_whose_server_disk_is_full(
+    full_disk: Path, settings: ServiceSettings
+) -> None:
+    """Seen under faults: stats failed with "no space left on device". It asks only for stream
+    info (no consumer, nothing written), so it must answer on a full disk; a command that needs
+    a consumer gets one line that names the full disk."""
+    with EmbeddedNats(full_disk / "nats") as server:
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "NATS_CREDENTIALS_DIR"},
+            "NATS_URL": server.url,
+            "EVENTS_STREAM": settings.events_stream,
+            "EVENTS_SUBJECT_PREFIX": settings.events_subject_prefix,
+            "IOTISTIC_DATA_DIR": "/nonexistent",
+        }
+        run = [IOTISTIC, "events"]
+        subprocess.run([*run, "init"], env=env, capture_output=True, timeout=60, check=True)
+        nc = await nats.connect(server.url)
+        try:
+            store = EventStore(nc.jetstream(), settings)
+            for _ in range(5):
+                event = license_issued()
+                await store.publish(event, customer_id=event.customer_id)
+            fill(full_disk)
+            stats = subprocess.run(
+                [*run, "stats", "--json"], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert stats.returncode == 0, stats.stderr
+            assert json.loads(stats.stdout)["by_type"] == {"LicenseIssued": 5}
+
+            # A consumer kept on disk cannot be made now. The server tells the client only
+            # "error creating store for consumer" (the ENOSPC is in its log).
+            with pytest.raises(nats.js.errors.APIError) as refused:
+                await nc.jetstream().add_consumer(
+                    store.stream, api.ConsumerConfig(durable_name="needs_disk")
+                )
+            line = server_error_line(refused.value)
+            assert line.startswith("the NATS server has no room to store")
+            assert "\n" not in line
+        finally:
+            await nc.close()
