@@ -3,16 +3,22 @@
 A rebuild always happens in a scratch schema first, built by the same migrations and the same
 projection code as the live one, and fed from the log by a reader that moves no consumer. Then:
 
-- ``verify`` compares the scratch tables with the live ones at the same checkpoint and reports
-  every row that differs;
+- ``verify`` first measures each live projection against the head of the log (the stream's last
+  sequence when the check starts), waiting a bounded time for it to get there, then compares the
+  scratch tables with the live ones at the same checkpoint and reports every row that differs
+  and every projection still behind the head, by how many of its events;
 - a real replay swaps the rebuilt rows in, in one transaction that holds the live checkpoints,
   so a running service waits for a moment and then carries on from where the rebuild ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +36,11 @@ Progress = Callable[[int, int], None]
 # Events applied per transaction when rebuilding.
 REPLAY_CHUNK = 500
 
+# How long ``verify`` waits, by default, for the live projections to reach the head of the log.
+VERIFY_WAIT_SECONDS = 5.0
+# How often it looks at their checkpoints meanwhile.
+_HEAD_POLL_SECONDS = 0.1
+
 
 class ReplayError(RuntimeError):
     """The rebuild could not be done as asked: an event it could not apply that the live
@@ -42,6 +53,7 @@ class TableDiff:
     """Rows of one table that differ between the live and the rebuilt read model."""
 
     table: str
+    projection: str = ""
     only_live: list[dict[str, Any]] = field(default_factory=list)
     only_rebuilt: list[dict[str, Any]] = field(default_factory=list)
     changed: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
@@ -53,8 +65,41 @@ class TableDiff:
 
 
 @dataclass
+class ProjectionCheck:
+    """Where one live projection stood against the head of the log when it was verified.
+
+    ``lag`` counts the events of the projection's own types after its checkpoint, up to the
+    head: a projection whose last event is older than the head is at the head with lag 0.
+    ``moved`` says whether its checkpoint advanced while verify waited for it: a projection
+    behind the head that did not move is stalled (its runner dead or blocked), not just slow.
+    """
+
+    projection: str
+    checkpoint: int
+    head: int
+    lag: int
+    moved: bool
+    differences: int = 0
+    parked_at: int | None = None
+
+    @property
+    def state(self) -> str:
+        """``at head``; else ``blocked`` (at a parked event, for the operator to decide),
+        ``behind`` (it moved while verify waited) or ``stalled``."""
+        if self.lag == 0:
+            return "at head"
+        if self.parked_at is not None:
+            return "blocked"
+        return "behind" if self.moved else "stalled"
+
+
+@dataclass
 class ReplayReport:
-    """What a rebuild did: events read and applied, up to which sequence, and any differences."""
+    """What a rebuild did: events read and applied, up to which sequence, and any differences.
+
+    A verify also records the head of the log it measured against and, per projection, its
+    checkpoint and lag (``checks``).
+    """
 
     service: str
     events_read: int = 0
@@ -62,11 +107,41 @@ class ReplayReport:
     upto_seq: int = 0
     diffs: list[TableDiff] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    head: int = 0
+    checks: list[ProjectionCheck] = field(default_factory=list)
 
     @property
     def differences(self) -> int:
         """Number of differing rows across all tables."""
         return sum(len(d.only_live) + len(d.only_rebuilt) + len(d.changed) for d in self.diffs)
+
+    def lagging(self, max_lag: int = 0) -> list[ProjectionCheck]:
+        """The projections more than ``max_lag`` of their events behind the head."""
+        return [c for c in self.checks if c.lag > max_lag]
+
+
+@dataclass
+class OwedEvents:
+    """The events of each projection's types after its checkpoint, up to the head of the log.
+
+    Kept as sorted sequences (8 bytes each), so the lag at any later checkpoint is a bisection;
+    a projection that never ran owes the whole log, which this holds in 8 bytes an event.
+    """
+
+    head: int
+    after: dict[str, int]
+    seqs: dict[str, array[int]]
+
+    def lag(self, projection: str, checkpoint: int) -> int:
+        """How many of ``projection``'s events up to the head lie after ``checkpoint``."""
+        if checkpoint < self.after[projection]:
+            # Only a stream created again or a restored database moves a checkpoint back.
+            raise ReplayError(
+                f"{projection}: the live checkpoint went back from {self.after[projection]} to "
+                f"{checkpoint} while it was verified; run verify again"
+            )
+        owed = self.seqs[projection]
+        return len(owed) - bisect_right(owed, checkpoint)
 
 
 @dataclass
@@ -140,6 +215,54 @@ class Rebuild:
         for projection in self.projections:
             await self._skip(projection.name, targets[projection.name])
         report.upto_seq = max(report.upto_seq, end)
+
+    async def owed(self, head: int, checkpoints: dict[str, int]) -> OwedEvents:
+        """Read the log after the lowest checkpoint, through ``head``, noting for each
+        projection the events of its types it has not applied yet (a read, no consumer moved)."""
+        owed = OwedEvents(
+            head,
+            dict(checkpoints),
+            {p.name: array("q") for p in self.projections},
+        )
+        start = min(checkpoints.values(), default=head) + 1
+        if start > head:
+            return owed
+        by_type: dict[str, list[str]] = {}
+        for projection in self.projections:
+            for event_type in projection.event_types:
+                by_type.setdefault(event_type, []).append(projection.name)
+        position = ReadPosition()
+        try:
+            async for stored in self.store.read(
+                from_seq=start, to_seq=head, event_types=list(by_type), position=position
+            ):
+                for name in by_type.get(stored.event_type, ()):
+                    if stored.seq > checkpoints[name]:
+                        owed.seqs[name].append(stored.seq)
+        except EventStoreError as exc:
+            raise ReplayError(f"reading the log failed: {exc}") from exc
+        if position.through < head:
+            raise ReplayError(f"the log reader stopped at seq {position.through}, before {head}")
+        return owed
+
+    async def wait_for_head(self, owed: OwedEvents, seconds: float) -> dict[str, int]:
+        """The live checkpoints once every projection has applied its events up to the head,
+        or as they are when ``seconds`` have passed."""
+        deadline = time.monotonic() + seconds
+        while True:
+            checkpoints = await self.live_checkpoints()
+            behind = [n for n, seq in checkpoints.items() if owed.lag(n, seq) > 0]
+            if not behind or time.monotonic() >= deadline:
+                return checkpoints
+            await asyncio.sleep(_HEAD_POLL_SECONDS)
+
+    async def first_parked(self) -> dict[str, int]:
+        """The first open parked event of each live projection that has one."""
+        rows = await self.conn.fetch(
+            f"SELECT projection, min(seq) AS seq FROM {self.schema}.parked_events "
+            "WHERE resolved_at IS NULL GROUP BY projection"
+        )
+        return {r["projection"]: int(r["seq"]) for r in rows}
 
     async def _apply_range(
         self,
@@ -215,10 +338,10 @@ class Rebuild:
         diffs: list[TableDiff] = []
         for projection in self.projections:
             for table in projection.tables:
-                diffs.append(await self._compare_table(table))
+                diffs.append(await self._compare_table(table, projection.name))
         return diffs
 
-    async def _compare_table(self, table: str) -> TableDiff:
+    async def _compare_table(self, table: str, projection: str) -> TableDiff:
         keys = await primary_key(self.conn, self.schema, table)
         live = await self._rows(self.schema, table)
         rebuilt = await self._rows(self.scratch, table)
@@ -228,7 +351,7 @@ class Rebuild:
 
         live_by_key = {key_of(r): r for r in live}
         rebuilt_by_key = {key_of(r): r for r in rebuilt}
-        diff = TableDiff(table=table)
+        diff = TableDiff(table=table, projection=projection)
         for key, row in live_by_key.items():
             other = rebuilt_by_key.get(key)
             if other is None:
@@ -315,13 +438,16 @@ async def replay_service(
     from_seq: int = 1,
     dry_run: bool = False,
     verify: bool = False,
+    wait: float = VERIFY_WAIT_SECONDS,
     progress: Progress | None = None,
 ) -> ReplayReport:
     """Rebuild a service's read models from the log (see the module's docstring).
 
-    ``dry_run`` rebuilds and reports without touching the live tables; ``verify`` rebuilds to
-    the live checkpoints and reports every difference from the live tables. A ``from_seq``
-    after 1 is for those two only: ``ReplayError`` otherwise, before anything is touched.
+    ``dry_run`` rebuilds and reports without touching the live tables. ``verify`` takes the
+    head of the log, waits up to ``wait`` seconds for the live projections to reach it, and
+    reports each one's checkpoint and lag (``ReplayReport.checks``) and every row that differs
+    from a rebuild to the same checkpoint. A ``from_seq`` after 1 is for those two only:
+    ``ReplayError`` otherwise, before anything is touched.
     """
     if not (dry_run or verify):
         refuse_partial_swap(from_seq)
@@ -333,7 +459,7 @@ async def replay_service(
     await rebuild.prepare()
     try:
         if verify:
-            await _verify(rebuild, report)
+            await _verify(rebuild, report, wait)
         else:
             end = await store.last_seq()
             await rebuild.catch_up({p.name: end for p in projections}, report)
@@ -357,8 +483,48 @@ def refuse_partial_swap(from_seq: int) -> None:
         )
 
 
-async def _verify(rebuild: Rebuild, report: ReplayReport, attempts: int = 5) -> None:
-    """Compare at one checkpoint: if the live projection moved meanwhile, catch up and retry."""
+async def _verify(rebuild: Rebuild, report: ReplayReport, wait: float) -> None:
+    """Measure every projection against the head of the log, then compare rows.
+
+    The head is taken first; each projection gets up to ``wait`` seconds to apply its events
+    up to it. Rows are then compared at one checkpoint per projection, the same on both sides:
+    a live projection past the head (the log is busy) is met by the rebuild where it is, so new
+    events are no false difference; one still behind is compared where it stopped, and its lag
+    is reported on its own, so a stalled projection can never pass for a verified one.
+    """
+    report.head = await rebuild.store.last_seq()
+    started = await rebuild.live_checkpoints()
+    owed = await rebuild.owed(report.head, started)
+    await rebuild.wait_for_head(owed, wait)
+    compared = await _compare_at_live_checkpoints(rebuild, report)
+    differences: dict[str, int] = {}
+    for diff in report.diffs:
+        rows = len(diff.only_live) + len(diff.only_rebuilt) + len(diff.changed)
+        differences[diff.projection] = differences.get(diff.projection, 0) + rows
+    parked = await rebuild.first_parked()
+    report.checks = [
+        ProjectionCheck(
+            projection=name,
+            checkpoint=seq,
+            head=report.head,
+            lag=owed.lag(name, seq),
+            moved=seq > started[name],
+            differences=differences.get(name, 0),
+            parked_at=parked.get(name),
+        )
+        for name, seq in compared.items()
+    ]
+
+
+async def _compare_at_live_checkpoints(
+    rebuild: Rebuild, report: ReplayReport, attempts: int = 3
+) -> dict[str, int]:
+    """Compare at one checkpoint per projection, the same on both sides; the checkpoints used.
+
+    First without disturbing the service: catch up, then compare in a snapshot if the live
+    checkpoints have not moved meanwhile. On a log too busy for that, hold the live checkpoints
+    (a running projection waits for that moment, as during a swap) and compare under the hold.
+    """
     for _ in range(attempts):
         targets = await rebuild.live_checkpoints()
         await rebuild.catch_up(targets, report)
@@ -366,5 +532,15 @@ async def _verify(rebuild: Rebuild, report: ReplayReport, attempts: int = 5) -> 
             if await rebuild.live_checkpoints() != targets:
                 continue
             report.diffs = await rebuild.compare()
-            return
-    raise ReplayError("the live projections kept moving; try again when the log is quieter")
+            return targets
+    async with rebuild.conn.transaction():
+        # Every apply locks its checkpoint row first, so no live row changes while these are held.
+        await rebuild.conn.execute(
+            f"SELECT 1 FROM {rebuild.schema}.projection_checkpoints "
+            "WHERE projection = ANY($1::text[]) FOR SHARE",
+            [p.name for p in rebuild.projections],
+        )
+        targets = await rebuild.live_checkpoints()
+        await rebuild.catch_up(targets, report)
+        report.diffs = await rebuild.compare()
+    return targets

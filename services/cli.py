@@ -28,7 +28,14 @@ from libs.db import CONNECTION_ERRORS
 from libs.eventstore import EventStore, StoredMessage
 from libs.logs import configure_logging
 from libs.projections import NATS_ERRORS, decide, open_parked
-from libs.replay import ReplayError, ReplayReport, replay_service
+from libs.replay import (
+    VERIFY_WAIT_SECONDS,
+    ProjectionCheck,
+    ReplayError,
+    ReplayReport,
+    TableDiff,
+    replay_service,
+)
 from libs.runtime import Platform, connect_bus
 from libs.telemetry import setup_tracing
 from services.licensing.keys import KeyConfigError
@@ -57,9 +64,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 130
     except (*NATS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         # An unreachable or refusing server is the operator's to fix: say which, no traceback.
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        console.print(f"[red]error:[/red] {server_error_line(exc)}")
         code = 1
     sys.exit(code or 0)
+
+
+# JetStream's codes for "no room to store it": insufficient resources, storage resources
+# exceeded, and a consumer store that could not be created; a server may send that last one
+# as a general consumer-creation error (10012), so its words are matched too.
+_JETSTREAM_STORAGE_FULL = {10023, 10047, 10104}
+_STORAGE_FULL_WORDS = ("no space left on device", "creating store", "insufficient")
+
+
+def server_error_line(exc: BaseException) -> str:
+    """One line for an error a server gave; a NATS server out of disk is named as such."""
+    err_code = getattr(exc, "err_code", None)
+    description = str(getattr(exc, "description", None) or exc)
+    if err_code in _JETSTREAM_STORAGE_FULL or any(
+        words in description.lower() for words in _STORAGE_FULL_WORDS
+    ):
+        # Reads that make a consumer (export, tail, replay) need a little of its disk.
+        return (
+            "the NATS server has no room to store what this command needs (its JetStream disk "
+            f"or storage limit is full): free space there and try again ({description})"
+        )
+    return f"{type(exc).__name__}: {exc}"
 
 
 def setup_logging(command: str) -> None:
@@ -100,8 +129,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--dry-run", action="store_true", help="rebuild and report, change nothing")
     replay.add_argument(
-        "--verify", action="store_true", help="rebuild into a scratch schema, report differences"
+        "--verify",
+        action="store_true",
+        help="measure each projection against the head of the log and compare its rows with "
+        "a rebuild into a scratch schema; exit 1 on a difference or a projection behind",
     )
+    replay.add_argument(
+        "--max-lag",
+        type=_count,
+        help="with --verify: events a projection may be behind the head (default 0: at the head)",
+    )
+    replay.add_argument(
+        "--wait",
+        type=float,
+        help="with --verify: seconds to wait for the projections to reach the head "
+        f"(default {VERIFY_WAIT_SECONDS:g})",
+    )
+    replay.add_argument("--json", action="store_true", help="the report as JSON")
     replay.set_defaults(func=cmd_replay)
 
     events = sub.add_parser("events", help="look at the event log")
@@ -623,8 +667,18 @@ async def _current_license(settings: ServiceSettings, customer_id: str) -> tuple
 # --- replay ------------------------------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """``iotistic replay <service>``: rebuild, dry-run or verify a service's read models."""
+    if not args.verify and (args.max_lag is not None or args.wait is not None):
+        console.print("[red]replay:[/red] --max-lag and --wait go with --verify only")
+        return 2
     settings = settings_from(args)
     definition = CONTROL_PLANE[args.service]
 
@@ -652,6 +706,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     from_seq=args.from_seq,
                     dry_run=args.dry_run,
                     verify=args.verify,
+                    wait=VERIFY_WAIT_SECONDS if args.wait is None else args.wait,
                     progress=progress,
                 )
 
@@ -660,24 +715,61 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ReplayError as exc:
         console.print(f"[red]replay failed:[/red] {exc}")
         return 1
-    return _print_replay(report, args)
+    max_lag = args.max_lag or 0
+    failed = args.verify and bool(report.differences or report.lagging(max_lag))
+    if args.json:
+        print(json.dumps(_replay_json(report, args, max_lag, failed), indent=2, default=str))
+    else:
+        _print_replay(report, args, max_lag)
+    return 1 if failed else 0
 
 
-def _print_replay(report: ReplayReport, args: argparse.Namespace) -> int:
-    mode = "verify" if args.verify else "dry run" if args.dry_run else "rebuild"
+def _replay_mode(args: argparse.Namespace) -> str:
+    return "verify" if args.verify else "dry run" if args.dry_run else "rebuild"
+
+
+def _print_replay(report: ReplayReport, args: argparse.Namespace, max_lag: int) -> None:
     out = Console()
     out.print(
-        f"{report.service} {mode}: read {report.events_read} events, applied "
+        f"{report.service} {_replay_mode(args)}: read {report.events_read} events, applied "
         f"{report.events_applied}, up to seq {report.upto_seq}"
         + (f", skipped as the live projection did: {report.skipped}" if report.skipped else "")
     )
     if not args.verify:
         if not args.dry_run:
             out.print("live read models replaced by the rebuilt ones")
-        return 0
+        return
+    out.print(f"head of the log: seq {report.head}")
+    for check in report.checks:
+        colour = "green" if check.lag == 0 else "red" if check.lag > max_lag else "yellow"
+        out.print(
+            f"  {check.projection}: checkpoint {check.checkpoint}, head {check.head}, "
+            f"[{colour}]lag {check.lag} ({check.state})[/{colour}], "
+            f"differences {check.differences}"
+        )
+    lagging = report.lagging(max_lag)
+    for check in lagging:
+        out.print(
+            f"[red]{check.projection} is {check.lag} event(s) behind the head "
+            f"(checkpoint {check.checkpoint}, head {check.head}, allowed {max_lag})"
+            + (
+                f": blocked at parked event seq {check.parked_at} (`iotistic parked list`)"
+                if check.parked_at is not None
+                else ": it did not move while verify waited"
+                if not check.moved
+                else ""
+            )
+            + "[/red]"
+        )
     if report.differences == 0:
-        out.print("no differences: the live read models equal a clean replay of the log")
-        return 0
+        if lagging:
+            out.print(
+                "no row differences at the checkpoints compared; the events after them are "
+                "not in the live read models yet"
+            )
+        else:
+            out.print("no differences: the live read models equal a clean replay of the log")
+        return
     out.print(f"[red]{report.differences} difference(s):[/red]")
     for diff in report.diffs:
         for row in diff.only_live:
@@ -690,7 +782,45 @@ def _print_replay(report: ReplayReport, args: argparse.Namespace) -> int:
                 f"{c}: live={live.get(c)!r} replay={rebuilt.get(c)!r}" for c in columns
             )
             out.print(f"  {diff.table}: row differs: {changes}")
-    return 1
+
+
+def _replay_json(
+    report: ReplayReport, args: argparse.Namespace, max_lag: int, failed: bool
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "service": report.service,
+        "mode": _replay_mode(args),
+        "ok": not failed,
+        "events_read": report.events_read,
+        "events_applied": report.events_applied,
+        "upto_seq": report.upto_seq,
+        "skipped": report.skipped,
+    }
+    if args.verify:
+        data["head"] = report.head
+        data["max_lag"] = max_lag
+        data["projections"] = [_check_json(c, report.diffs) for c in report.checks]
+    return data
+
+
+def _check_json(check: ProjectionCheck, diffs: list[TableDiff]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for diff in diffs:
+        if diff.projection != check.projection:
+            continue
+        rows += [{"table": diff.table, "only_live": row} for row in diff.only_live]
+        rows += [{"table": diff.table, "missing_from_live": row} for row in diff.only_rebuilt]
+        rows += [{"table": diff.table, "live": a, "replay": b} for a, b in diff.changed]
+    return {
+        "projection": check.projection,
+        "checkpoint": check.checkpoint,
+        "head": check.head,
+        "lag": check.lag,
+        "state": check.state,
+        "parked_at": check.parked_at,
+        "differences": check.differences,
+        "rows": rows,
+    }
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -835,15 +965,16 @@ def cmd_events_stats(args: argparse.Namespace) -> int:
 
     async def go() -> dict[str, Any]:
         async with event_log(settings) as store:
-            by_subject = await store.count_by_subject()
+            # Stream info only: a reader (a consumer) would need the server's disk.
+            first_seq, last_seq, by_subject = await store.subject_counts()
             counts: dict[str, int] = {}
             for subject, n in by_subject.items():
                 event_type = StoredMessage(0, subject, b"", {}).event_type
                 counts[event_type] = counts.get(event_type, 0) + n
             return {
                 "stream": store.stream,
-                "first_seq": await store.first_seq(),
-                "last_seq": await store.last_seq(),
+                "first_seq": first_seq,
+                "last_seq": last_seq,
                 "total": sum(counts.values()),
                 "by_type": dict(sorted(counts.items())),
             }

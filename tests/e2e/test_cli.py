@@ -6,15 +6,21 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import msgspec
+import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import api
 
 from libs.config import ServiceSettings
+from libs.embedded import EmbeddedNats
 from libs.eventstore import EventStore
+from services.cli import server_error_line
 from services.licensing.app import LICENSING
 from support import eventually, license_issued, make_platform
 
@@ -191,6 +197,90 @@ async def test_replay_from_a_later_seq_is_refused_without_dry_run_or_verify(
         await conn.close()
 
 
+async def test_replay_verify_fails_on_a_projection_behind_the_head_and_names_its_lag(
+    settings, store: EventStore, log_with_events
+) -> None:
+    """No runner consumes meanwhile (as after a crash that left it dead): the events appended
+    after its checkpoint are its lag, and verify must say so and fail, not report no difference."""
+    # Past the malformed event, in case the test that skips it did not run first.
+    cli(
+        settings,
+        "parked",
+        "skip",
+        "licensing",
+        "licenses",
+        str(log_with_events["bad"]),
+        check=False,
+    )
+    platform = make_platform(settings, [LICENSING])
+    await platform.start()
+    await platform.wait_started()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        checkpoint = await eventually(
+            lambda: licenses_checkpoint(conn),
+            lambda seq: seq >= log_with_events["bad"],
+            what="the projection past the malformed event",
+        )
+        await platform.stop()
+        for _ in range(3):
+            event = license_issued()
+            head = (await store.publish(event, customer_id=event.customer_id)).seq
+        behind = cli(settings, "replay", "licensing", "--verify", "--wait", "0.2", check=False)
+        assert behind.returncode == 1, behind.stdout + behind.stderr
+        assert f"head of the log: seq {head}" in behind.stdout
+        assert f"checkpoint {checkpoint}, head {head}, lag 3 (stalled)" in behind.stdout
+        assert "licenses is 3 event(s) behind the head" in behind.stdout
+        assert "no differences:" not in behind.stdout
+    finally:
+        await conn.close()
+        await platform.stop()
+
+    as_json = cli(settings, "replay", "licensing", "--verify", "--wait", "0", "--json", check=False)
+    assert as_json.returncode == 1
+    report = json.loads(as_json.stdout)
+    [projection] = report["projections"]
+    assert (report["ok"], report["head"], report["max_lag"]) == (False, head, 0)
+    assert (projection["projection"], projection["head"], projection["lag"]) == (
+        "licenses",
+        head,
+        3,
+    )
+    assert (projection["checkpoint"], projection["state"]) == (checkpoint, "stalled")
+
+    tolerated = cli(settings, "replay", "licensing", "--verify", "--wait", "0", "--max-lag", "3")
+    assert "lag 3" in tolerated.stdout
+    refused = cli(settings, "replay", "licensing", "--max-lag", "3", check=False)
+    assert refused.returncode == 2 and "with --verify only" in refused.stderr
+
+    # Once a runner has applied them, the same check passes.
+    platform = make_platform(settings, [LICENSING])
+    await platform.start()
+    await platform.wait_started()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await eventually(
+            lambda: licenses_checkpoint(conn),
+            lambda seq: seq >= head,
+            what="the projection at the head",
+        )
+        # (cli() blocks this loop, and with it the runner: it must have caught up before.)
+        caught_up = cli(settings, "replay", "licensing", "--verify", "--json")
+    finally:
+        await conn.close()
+        await platform.stop()
+    [projection] = json.loads(caught_up.stdout)["projections"]
+    assert (projection["lag"], projection["state"], projection["differences"]) == (0, "at head", 0)
+    assert projection["checkpoint"] >= head
+
+
+async def licenses_checkpoint(conn: asyncpg.Connection) -> int:
+    value = await conn.fetchval(
+        "SELECT last_seq FROM licensing.projection_checkpoints WHERE projection = 'licenses'"
+    )
+    return int(value or 0)
+
+
 def test_a_tool_with_nothing_to_connect_to_says_so_and_touches_no_default_server(
     tmp_path: Path,
 ) -> None:
@@ -230,3 +320,73 @@ def test_a_refused_operator_password_is_named_as_such(settings, tmp_path: Path) 
     assert result.returncode == 1
     assert "refused the credentials of operator" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 8 MiB tmpfs: a disk that really fills up (ENOSPC), where the machine lets us mount."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    with (folder / "filler").open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+
+
+async def test_events_stats_reads_a_log_whose_server_disk_is_full(
+    full_disk: Path, settings: ServiceSettings
+) -> None:
+    """Seen under faults: stats failed with "no space left on device". It asks only for stream
+    info (no consumer, nothing written), so it must answer on a full disk; a command that needs
+    a consumer gets one line that names the full disk."""
+    with EmbeddedNats(full_disk / "nats") as server:
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "NATS_CREDENTIALS_DIR"},
+            "NATS_URL": server.url,
+            "EVENTS_STREAM": settings.events_stream,
+            "EVENTS_SUBJECT_PREFIX": settings.events_subject_prefix,
+            "IOTISTIC_DATA_DIR": "/nonexistent",
+        }
+        run = [IOTISTIC, "events"]
+        subprocess.run([*run, "init"], env=env, capture_output=True, timeout=60, check=True)
+        nc = await nats.connect(server.url)
+        try:
+            store = EventStore(nc.jetstream(), settings)
+            for _ in range(5):
+                event = license_issued()
+                await store.publish(event, customer_id=event.customer_id)
+            fill(full_disk)
+            stats = subprocess.run(
+                [*run, "stats", "--json"], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert stats.returncode == 0, stats.stderr
+            assert json.loads(stats.stdout)["by_type"] == {"LicenseIssued": 5}
+
+            # A consumer kept on disk cannot be made now. The server tells the client only
+            # "error creating store for consumer" (the ENOSPC is in its log).
+            with pytest.raises(nats.js.errors.APIError) as refused:
+                await nc.jetstream().add_consumer(
+                    store.stream, api.ConsumerConfig(durable_name="needs_disk")
+                )
+            line = server_error_line(refused.value)
+            assert line.startswith("the NATS server has no room to store")
+            assert "\n" not in line
+        finally:
+            await nc.close()

@@ -295,6 +295,88 @@ async def test_verify_reports_rows_altered_by_hand_and_replay_repairs_them(fresh
         await platform.stop()
 
 
+async def test_verify_fails_and_names_a_projection_stalled_behind_the_head(fresh, db) -> None:
+    """Issue 12: runners that died left their checkpoints behind the log, and verify, which
+    compared only up to those checkpoints, found nothing wrong."""
+    settings, store = fresh
+    never_ran = await publish_licenses(store, 4)
+    report = await verify(settings, store, verify=True, wait=0.2)
+    [check] = report.checks
+    assert (check.projection, check.checkpoint, check.head, check.lag) == (
+        PROJECTION,
+        0,
+        never_ran[-1],
+        4,
+    )
+    assert report.lagging() == [check]
+
+    platform = await start(settings)
+    await caught_up(db, never_ran[-1])
+    await platform.stop()  # its runner is gone; the log goes on
+    later = await publish_licenses(store, 7)
+    report = await verify(settings, store, verify=True, wait=0.3)
+    [check] = report.checks
+    assert (check.checkpoint, check.head, check.lag, check.state) == (
+        never_ran[-1],
+        later[-1],
+        7,
+        "stalled",
+    )
+    assert report.differences == 0  # its rows are right as far as it got: compared there
+    assert report.lagging(max_lag=6) == [check]
+    assert report.lagging(max_lag=7) == []
+
+
+async def test_verify_waits_for_a_running_projection_and_counts_only_its_own_events(
+    fresh, db, nc: NatsClient
+) -> None:
+    settings, store = fresh
+    seqs = await publish_licenses(store, 5)
+    platform = await start(settings)
+    try:
+        await caught_up(db, seqs[-1])
+        # Events this projection never reads leave its checkpoint behind the head, not behind.
+        other = await publish_raw(nc, store, "DeploymentStarted", b"{}")
+        report = await verify(settings, store, verify=True, wait=0.0)
+        [check] = report.checks
+        assert (check.checkpoint, check.head, check.lag) == (seqs[-1], other, 0)
+        assert report.lagging() == []
+
+        # Appended just before verify: it records the head and waits for the runner to get there.
+        more = await publish_licenses(store, 20)
+        report = await verify(settings, store, verify=True, wait=20.0)
+        [check] = report.checks
+        assert check.head == more[-1]
+        assert check.checkpoint >= more[-1]
+        assert (check.lag, check.state, report.differences) == (0, "at head", 0)
+    finally:
+        await platform.stop()
+
+
+async def test_verify_on_a_busy_log_compares_both_sides_at_one_sequence(fresh, db) -> None:
+    settings, store = fresh
+    stop_publishing = asyncio.Event()
+
+    async def keep_publishing() -> None:
+        while not stop_publishing.is_set():
+            await publish_licenses(store, 3)
+            await asyncio.sleep(0.01)
+
+    platform = await start(settings)
+    publisher = asyncio.create_task(keep_publishing())
+    try:
+        await caught_up(db, 30)
+        for _ in range(3):
+            report = await verify(settings, store, verify=True, wait=20.0)
+            [check] = report.checks
+            assert report.differences == 0, report.diffs
+            assert check.lag == 0 and check.checkpoint >= check.head
+    finally:
+        stop_publishing.set()
+        await publisher
+        await platform.stop()
+
+
 async def test_replay_from_a_sequence_and_dry_run(fresh, db) -> None:
     settings, store = fresh
     seqs = await publish_licenses(store, 10)
