@@ -464,6 +464,15 @@ async def test_an_alert_fires_resolves_and_its_webhook_verifies(
             silent = await register(dave, "silent one")
             bad = await dave.api.post("/api/alerts/rules", json={"metric": "warmth"})
             assert bad.status_code == 400 and bad.json()["error"]["fields"][0]["field"] == "metric"
+            no_url = await dave.api.post(
+                "/api/alerts/rules",
+                json={"metric": "no_data", "webhook_url": "https://[::1"},
+            )
+            assert no_url.status_code == 400, no_url.text
+            assert no_url.json()["error"]["fields"] == [
+                {"field": "webhook_url", "reason": "is not a valid URL"}
+            ]
+            assert "Traceback" not in no_url.text
             rule = await dave.api.post(
                 "/api/alerts/rules",
                 json={
