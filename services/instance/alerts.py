@@ -96,7 +96,8 @@ class WebhookTarget:
         the TLS server name of the URL as given."""
         default = 443 if self.url.scheme == "https" else 80
         port = self.url.port
-        host_header = self.host if port in (None, default) else f"{self.host}:{port}"
+        name = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        host_header = name if port in (None, default) else f"{name}:{port}"
         extensions = {"sni_hostname": self.host} if self.url.scheme == "https" else {}
         return self.url.copy_with(host=address), {"Host": host_header}, extensions
 

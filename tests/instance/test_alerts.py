@@ -19,6 +19,7 @@ from litestar import Litestar, Request, get, post
 
 from libs.db import load_migrations, migrate
 from libs.embedded import free_port
+from services.instance.alerts import WebhookTargets
 from services.instance.app import create_instance_app
 from services.instance.readings import store_readings
 from services.instance.settings import InstanceSettings
@@ -133,3 +134,15 @@ async def test_a_rule_that_cannot_be_evaluated_or_delivered_stops_no_other(
     assert evaluate_errors >= 1
     assert ready.status_code == 200, ready.text
     assert ready.json()["alerts"] == {"ok": True}
+
+
+async def test_a_webhook_to_an_ipv6_literal_names_its_host_in_brackets() -> None:
+    targets = WebhookTargets.from_setting("::1/128,127.0.0.0/8")
+    for url, host in (
+        ("http://[::1]:8080/hook", "[::1]:8080"),
+        ("https://[::1]/hook", "[::1]"),
+        ("http://127.0.0.1:8080/", "127.0.0.1:8080"),
+    ):
+        target = await targets.resolve(url)
+        _, header, _ = target.via(target.addresses[0])
+        assert header == {"Host": host}
