@@ -11,7 +11,8 @@ stored, so a crash loses what was buffered. This client does only what ingest ne
   gives, calling ``on_message(topic, payload, packet_id)`` synchronously;
 - it sends PUBACKs only when told (``ack``), in one write, after the caller has stored the
   messages. Unacknowledged messages are delivered again by the broker after a reconnect, so
-  delivery is at least once: a crash between the commit and the PUBACK stores a message twice.
+  delivery is at least once: after a crash between the commit and the PUBACK a message comes
+  again, so the caller stores idempotently (ingest keys readings on device and time).
 
 Anything else the broker sends (a refusal, a DISCONNECT, a malformed packet, silence past the
 keep-alive) ends ``run`` with ``MqttSubscriberError`` naming the reason; the caller reconnects.

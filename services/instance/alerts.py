@@ -13,6 +13,12 @@ every address it resolves to is checked when the rule is made and again at each 
 the POST goes to one of the addresses just checked (the name is kept for the Host header and
 TLS), so a name that resolves elsewhere by the time of delivery cannot lead it into the
 instance's own network. Operators may allow networks (``ALERT_WEBHOOK_ALLOWED_CIDRS``).
+
+Nothing one rule or one delivery does stops the others: a rule that cannot be evaluated (one
+stored by an older version, say) is rolled back alone, a delivery that fails in a way nobody
+foresaw is recorded as a failed attempt, and either is logged and counted
+(``iotistic_instance_alert_errors_total``); the loop itself goes on whatever a pass raised,
+and says when it last finished one, which readiness checks.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from prometheus_client import CollectorRegistry, Counter
 
 from libs.config import ConfigError
 from libs.db import CONNECTION_ERRORS
@@ -50,6 +57,11 @@ OPERATORS = {
 NO_DATA = "no_data"
 MAX_DELIVERY_ATTEMPTS = 8
 FRESH = timedelta(minutes=10)
+# No progress (a pass, a delivery) for this long (at least) means the loop is stuck or dead.
+STALLED_AFTER = 60.0
+# One delivery, all its addresses included: a receiver that trickles its answer cannot hold
+# the loop for longer.
+DELIVERY_SECONDS = 30.0
 MAX_URL_LENGTH = 2048
 RESOLVE_SECONDS = 5.0
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -84,7 +96,8 @@ class WebhookTarget:
         the TLS server name of the URL as given."""
         default = 443 if self.url.scheme == "https" else 80
         port = self.url.port
-        host_header = self.host if port in (None, default) else f"{self.host}:{port}"
+        name = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        host_header = name if port in (None, default) else f"{name}:{port}"
         extensions = {"sni_hostname": self.host} if self.url.scheme == "https" else {}
         return self.url.copy_with(host=address), {"Host": host_header}, extensions
 
@@ -284,28 +297,50 @@ class AlertEngine:
         alerting: Callable[[], bool],
         every: float = 2.0,
         targets: WebhookTargets | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         """``alerting`` says whether the license includes alerting right now; webhooks go only
-        where ``targets`` allows (by default: public addresses)."""
+        where ``targets`` allows (by default: public addresses). The error counter goes into
+        ``registry`` (the instance's /metrics)."""
         self._pool = pool
         self._customer = customer_id
         self._alerting = alerting
         self._every = every
         self._targets = targets or WebhookTargets()
+        self.errors = Counter(
+            "iotistic_instance_alert_errors_total",
+            "Unexpected errors in alerting, by stage (a rule's evaluation, a delivery, a pass); "
+            "the rest went on",
+            ["stage"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+        self._progress = time.monotonic()
+        self._failing: set[str] = set()  # rules whose failure was logged with its traceback
+
+    def stalled(self) -> bool:
+        """True when the loop has made no progress (finished no pass, tried no delivery) for
+        a while: it is stuck, dead, or every pass fails (the database is away)."""
+        return time.monotonic() - self._progress > max(STALLED_AFTER, 10 * self._every)
 
     async def run(self) -> None:
-        """Evaluate and deliver for ever."""
+        """Evaluate and deliver for ever; an error ends a pass, never the loop."""
         while True:
             await asyncio.sleep(self._every)
             try:
                 if self._alerting():
                     await self.evaluate(datetime.now(UTC))
                 await self.deliver(datetime.now(UTC))
+                self._progress = time.monotonic()
             except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("alerts: %s", type(exc).__name__)
+            except Exception:
+                # A bug nobody foresaw: logged and counted, and the next pass tries again.
+                log.exception("alerts: the pass failed; the next one runs as usual")
+                self.errors.labels("pass").inc()
 
     async def evaluate(self, now: datetime) -> int:
-        """One pass over every rule and device; returns how many alerts changed state."""
+        """One pass over every rule and device; returns how many alerts changed state. A
+        rule that cannot be evaluated is rolled back alone, logged and counted."""
         changed = 0
         async with self._pool().acquire() as conn, conn.transaction():
             rules = await conn.fetch("SELECT * FROM alert_rules WHERE deleted_at IS NULL")
@@ -316,9 +351,30 @@ class AlertEngine:
                 scope = [
                     d for d in devices if not rule["devices"] or d["device_id"] in rule["devices"]
                 ]
-                for device in scope:
-                    changed += await self._evaluate_one(conn, rule, device, now)
+                try:
+                    async with conn.transaction():  # a savepoint: this rule's changes only
+                        for device in scope:
+                            changed += await self._evaluate_one(conn, rule, device, now)
+                except CONNECTION_ERRORS:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - logged and counted in _rule_failed
+                    self._rule_failed(rule["rule_id"], exc)
+                else:
+                    self._failing.discard(rule["rule_id"])
         return changed
+
+    def _rule_failed(self, rule_id: str, exc: Exception) -> None:
+        """Count every failure; log the traceback once per rule, not at every pass."""
+        self.errors.labels("evaluate").inc()
+        if rule_id in self._failing:
+            return
+        self._failing.add(rule_id)
+        log.error(
+            "alerts: rule %s cannot be evaluated (%s); the other rules go on",
+            rule_id,
+            type(exc).__name__,
+            exc_info=exc,
+        )
 
     async def _evaluate_one(
         self, conn: asyncpg.Connection, rule: asyncpg.Record, device: asyncpg.Record, now: datetime
@@ -469,7 +525,17 @@ class AlertEngine:
                     "X-Iotistic-Timestamp": stamp,
                     "X-Iotistic-Signature": sign(row["webhook_secret"] or "", stamp, row["body"]),
                 }
-                error = await self._post(client, row["url"], row["body"], headers)
+                try:
+                    async with asyncio.timeout(DELIVERY_SECONDS):
+                        error = await self._post(client, row["url"], row["body"], headers)
+                except TimeoutError:
+                    error = "timed out"
+                except Exception as exc:
+                    # Not an answer nor a refusal: a failed attempt like any other (retried,
+                    # then given up), so it cannot hold back the deliveries after it.
+                    log.exception("alerts: delivery %s failed unexpectedly", row["id"])
+                    self.errors.labels("deliver").inc()
+                    error = f"internal error: {type(exc).__name__}"
                 async with self._pool().acquire() as conn:
                     if error is None:
                         delivered += 1
@@ -488,6 +554,7 @@ class AlertEngine:
                             error,
                             datetime.now(UTC) + backoff,
                         )
+                self._progress = time.monotonic()
         return delivered
 
     async def _post(

@@ -134,7 +134,11 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
 
     webhook_targets = WebhookTargets.from_setting(settings.alert_webhook_allowed_cidrs)
     alerts = AlertEngine(
-        lambda: pool(), settings.instance_customer_id, alerting_allowed, targets=webhook_targets
+        lambda: pool(),
+        settings.instance_customer_id,
+        alerting_allowed,
+        targets=webhook_targets,
+        registry=registry,
     )
 
     def pool() -> asyncpg.Pool:
@@ -198,9 +202,11 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         database = await _database_ok(state.get("pool"))
         status = holder.status(datetime.now(UTC))
         claims = holder.claims
+        alerting = not alerts.stalled()
         detail = {
             "customer_id": settings.instance_customer_id,
             "database": {"ok": database},
+            "alerts": {"ok": alerting},
             "license": {
                 "ok": status is not None,
                 "status": status,
@@ -208,7 +214,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                 "error": holder.error,
             },
         }
-        return database and status is not None, detail
+        return database and status is not None and alerting, detail
 
     async def authorize(request: Request[Any, Any, Any]) -> None:
         """The customer's own session, API access in the license, and today's quota."""

@@ -9,9 +9,12 @@ quota is dropped and counted, never half-stored.
 
 Messages are acknowledged to the broker (PUBACK) only after their batch has committed, so a
 crash or a database outage loses nothing: the broker delivers what was not acknowledged again
-(at least once; a crash between the commit and the acknowledgement stores a reading twice).
-While the database is away the broker holds back everything past the receive maximum, which
-bounds what this process buffers.
+(at least once). Delivery twice is harmless where it lands: a reading is keyed on its device
+and its time, one already stored is skipped, and the rollups, the usage counts and the daily
+quota count only the readings actually added. So the rows buffered when a connection is lost
+are kept (the broker may not deliver them again, if it lost the session) and their copies,
+delivered again on the next connection, are stored once. While the database is away the broker
+holds back everything past the receive maximum, which bounds what this process buffers.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from libs.db import CONNECTION_ERRORS
 from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from libs.mqtt_subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
 from services.instance.license import LicenseHolder
-from services.instance.readings import Rejected, parse_reading, record, store_readings
+from services.instance.readings import (
+    Rejected,
+    parse_reading,
+    readings_added,
+    record,
+    store_readings,
+)
 from services.instance.settings import InstanceSettings, ingest_client_id
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,11 @@ class IngestMetrics:
         )
         self.stored = PromCounter(
             "iotistic_instance_readings_stored_total", "Readings stored", registry=registry
+        )
+        self.repeated = PromCounter(
+            "iotistic_instance_readings_repeated_total",
+            "Readings received again (redelivered or published twice) and not stored again",
+            registry=registry,
         )
         self.rejected = PromCounter(
             "iotistic_instance_readings_rejected_total",
@@ -199,7 +213,9 @@ class Ingest:
             return
         connection = self._subscriber.connection if self._subscriber else 0
         if connection != batch.connection:
-            # A lost connection's unacknowledged messages come again on the new one.
+            # A lost connection's unacknowledged messages come again on the new one, and their
+            # packet ids are that connection's only. Their rows stay: the copies delivered
+            # again are skipped where they are stored.
             batch.acks.clear()
             batch.unknown.clear()
             batch.connection = connection
@@ -258,7 +274,6 @@ class Ingest:
         batch.rows.append(record(device_id, ts, reading))
         if len(batch.rows) >= self._settings.ingest_batch_rows:
             self._full.set()
-        batch.usage["mqtt_messages"] += 1
         batch.seen[device_id] = (now, "online")
         return None
 
@@ -366,17 +381,20 @@ class Ingest:
         # Messages of devices still being looked up stay for the next batch (with their acks).
         self._batch = Batch(connection=batch.connection, unknown=batch.unknown)
         batch.unknown = []
+        stored, shown = 0, batch.rows
         try:
             async with pool.acquire() as conn, conn.transaction():
                 if batch.rows:
-                    await store_readings(conn, batch.rows, self._partitions)
+                    stored = await store_readings(conn, batch.rows, self._partitions)
+                    if stored < len(batch.rows):  # some came again: show only the new ones
+                        shown = _only(batch.rows, await readings_added(conn))
                 if batch.dead:
                     await conn.executemany(
                         "INSERT INTO dead_letters (received_at, topic, device_id, reason, payload) "
                         "VALUES ($1, $2, $3, $4, $5)",
                         batch.dead,
                     )
-                await self._record_usage(conn, batch)
+                await self._record_usage(conn, batch, stored)
                 for device_id, (seen, status) in batch.seen.items():
                     await conn.execute(
                         "UPDATE devices SET last_seen = GREATEST(last_seen, $2), status = $3 "
@@ -394,14 +412,19 @@ class Ingest:
         if self._subscriber is not None:
             self._subscriber.ack(batch.connection, batch.acks)
         self._metrics.messages.inc(batch.usage["messages"])
-        self._metrics.stored.inc(len(batch.rows))
+        self._metrics.stored.inc(stored)
         if batch.usage["over_quota_readings"]:
             self._metrics.rejected.labels("over quota").inc(batch.usage["over_quota_readings"])
-        if self._on_stored is not None and batch.rows:
-            self._on_stored(batch.rows)
-        return len(batch.rows)
+        repeated = len(batch.rows) - stored
+        if repeated:
+            # They were counted against today's quota as they arrived; they are not stored.
+            self._metrics.repeated.inc(repeated)
+            self.accepted_today = max(0, self.accepted_today - repeated)
+        if self._on_stored is not None and shown:
+            self._on_stored(shown)
+        return stored
 
-    async def _record_usage(self, conn: asyncpg.Connection, batch: Batch) -> None:
+    async def _record_usage(self, conn: asyncpg.Connection, batch: Batch, stored: int) -> None:
         usage = batch.usage
         await conn.execute(
             """
@@ -417,8 +440,8 @@ class Ingest:
                 api_requests = usage_days.api_requests + EXCLUDED.api_requests
             """,
             self.today,
-            usage["mqtt_messages"],
-            len(batch.rows),
+            stored,
+            stored,
             usage["rejected_readings"],
             usage["over_quota_readings"],
             usage["api_requests"],
@@ -436,3 +459,14 @@ class Ingest:
         else:
             batch.acks, batch.connection = current.acks, current.connection
         self._batch = batch
+
+
+def _only(rows: list[tuple[Any, ...]], keys: set[tuple[str, datetime]]) -> list[tuple[Any, ...]]:
+    """The rows whose (device_id, ts) is in ``keys``, each key once."""
+    left = set(keys)
+    found = []
+    for row in rows:
+        if (row[0], row[1]) in left:
+            left.discard((row[0], row[1]))
+            found.append(row)
+    return found

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomqtt
+import asyncpg
 import httpx
 import pytest
 
@@ -25,9 +26,9 @@ from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import Platform
-from services.provisioner.backends.local import instances_running
+from services.provisioner.backends.local import instance_name, instances_running
 from services.targets import CONTROL_PLANE, build_app
-from support import eventually, local_backend_settings, serving
+from support import eventually, local_backend_settings, serving, with_database
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +125,32 @@ async def register(c: Customer, name: str) -> dict[str, Any]:
     return answer.json()
 
 
+@contextlib.asynccontextmanager
+async def instance_database(server_url: str, c: Customer) -> AsyncIterator[asyncpg.Connection]:
+    """The customer's instance database, as the server's owner (to count what is stored)."""
+    conn = await asyncpg.connect(
+        with_database(server_url, instance_name(c.id)), server_settings={"search_path": "instance"}
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def stored_of(conn: asyncpg.Connection, device_id: str) -> dict[str, int]:
+    """A device's rows, its distinct readings and how many its temperature rollups count."""
+    row = await conn.fetchrow(
+        """
+        SELECT (SELECT count(*) FROM readings WHERE device_id = $1) AS rows,
+               (SELECT count(DISTINCT ts) FROM readings WHERE device_id = $1) AS readings,
+               (SELECT coalesce(sum(n), 0)::bigint FROM readings_hourly
+                WHERE device_id = $1 AND metric = 'temperature') AS rolled_up
+        """,
+        device_id,
+    )
+    return dict(row)
+
+
 async def received_within(mqtt: aiomqtt.Client, seconds: float) -> list[str]:
     """Topics of the messages a client gets within ``seconds``."""
     got: list[str] = []
@@ -211,6 +238,41 @@ async def test_bad_payloads_are_dead_lettered_and_ingest_goes_on(alice, broker) 
     assert any("humidity" in r for r in reasons)
     usage = (await alice.api.get("/api/usage")).json()
     assert usage["rejected_readings"] >= 6
+
+
+async def test_a_reading_published_twice_is_stored_and_counted_once(
+    alice, broker, postgres_server_url
+) -> None:
+    """A device that sends the same reading again (its own retry, or a gateway's) adds
+    nothing: one row, one count in the rollups and in the day's messages."""
+    device = await register(alice, "retrying")
+    mqtt = device["mqtt"]
+    now = datetime.now(UTC).replace(microsecond=0)
+    again = reading(ts=(now - timedelta(seconds=5)).isoformat(), temperature=19.5)
+    marker = reading(ts=now.isoformat(), temperature=20.5)
+    used = (await alice.api.get("/api/usage")).json()["mqtt_messages"]["used"]
+    for payload in (again, again, marker):
+        published = await asyncio.create_subprocess_exec(
+            *("mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-q", "1"),
+            *("-u", mqtt["username"], "-P", mqtt["password"], "-i", mqtt["client_id"]),
+            *("-t", mqtt["topics"]["readings"], "-m", payload.decode()),
+        )
+        assert await published.wait() == 0
+    # The broker hands ingest one device's messages in order: once the marker is stored,
+    # both copies were taken.
+    await eventually(
+        lambda: alice.api.get("/api/readings/latest"),
+        lambda r: (r.json()["latest"].get(device["device_id"]) or {}).get("temperature") == 20.5,
+        what="the marker reading stored",
+    )
+    async with instance_database(postgres_server_url, alice) as conn:
+        assert await stored_of(conn, device["device_id"]) == {
+            "rows": 2,
+            "readings": 2,
+            "rolled_up": 2,
+        }
+    usage = await alice.api.get("/api/usage")
+    assert usage.json()["mqtt_messages"]["used"] == used + 2
 
 
 async def test_a_device_cannot_publish_as_another_nor_subscribe(alice, broker) -> None:
@@ -402,6 +464,15 @@ async def test_an_alert_fires_resolves_and_its_webhook_verifies(
             silent = await register(dave, "silent one")
             bad = await dave.api.post("/api/alerts/rules", json={"metric": "warmth"})
             assert bad.status_code == 400 and bad.json()["error"]["fields"][0]["field"] == "metric"
+            no_url = await dave.api.post(
+                "/api/alerts/rules",
+                json={"metric": "no_data", "webhook_url": "https://[::1"},
+            )
+            assert no_url.status_code == 400, no_url.text
+            assert no_url.json()["error"]["fields"] == [
+                {"field": "webhook_url", "reason": "is not a valid URL"}
+            ]
+            assert "Traceback" not in no_url.text
             rule = await dave.api.post(
                 "/api/alerts/rules",
                 json={
@@ -568,12 +639,13 @@ async def test_the_dashboard_shows_a_published_reading_live_in_chromium(client, 
         await frank.api.aclose()
 
 
-async def test_readings_in_flight_when_the_instance_is_killed_are_all_stored(
-    client, broker
+async def test_readings_in_flight_when_the_instance_is_killed_are_all_stored_once(
+    client, broker, postgres_server_url
 ) -> None:
     """Ingest acknowledges a reading to the broker only once it is stored: a ``kill -9`` in
     the middle of a stream loses nothing (the broker keeps the session and delivers the rest
-    to the restarted instance)."""
+    to the restarted instance), and what was stored but not yet acknowledged when it died,
+    delivered again, is stored, rolled up and counted once."""
     carol = await customer(client, f"crash-{uuid.uuid4().hex[:8]}@example.com")
     device = await register(carol, "crash test")
     topic = device["mqtt"]["topics"]["readings"]
@@ -595,7 +667,14 @@ async def test_readings_in_flight_when_the_instance_is_killed_are_all_stored(
         timeout=90,
         what="every reading stored after the restart",
     )
-    times = {line.split(",")[0] for line in stored.text.splitlines()[1:]}
-    assert len(times) == count  # each one, at least once
+    times = [line.split(",")[0] for line in stored.text.splitlines()[1:]]
+    assert len(times) == len(set(times)) == count  # each one, once
+    async with instance_database(postgres_server_url, carol) as conn:
+        assert await stored_of(conn, device["device_id"]) == {
+            "rows": count,
+            "readings": count,
+            "rolled_up": count,
+        }
+        assert await conn.fetchval("SELECT sum(mqtt_messages) FROM usage_days") == count
     assert instances_running()[carol.id] != pid
     await carol.api.aclose()

@@ -1,26 +1,38 @@
-"""The instance's storage and ingest on a real Postgres: retention drops whole day partitions,
-the daily message quota drops and counts what is over it, nothing is half-stored."""
+"""The instance's storage and ingest on a real Postgres (and a real Mosquitto where the broker
+matters): retention drops whole day partitions, the daily message quota drops and counts what
+is over it, nothing is half-stored, and a reading delivered twice is stored and counted once."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import asyncpg
 import pytest
 from litestar import Litestar, get
 from prometheus_client import CollectorRegistry
 
 from libs.db import create_pool, load_migrations, migrate
+from libs.mqtt_broker import EmbeddedMosquitto
+from libs.mqtt_dynsec import DynSec, device_acls, instance_acls
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder
-from services.instance.readings import drop_expired_partitions, store_readings
-from services.instance.settings import InstanceSettings
-from support import create_database, license_keys_dir, serving, signed_license_issued
+from services.instance.readings import (
+    COLUMNS,
+    ROLLUP_SQL,
+    drop_expired_partitions,
+    ensure_partitions,
+    store_readings,
+)
+from services.instance.settings import InstanceSettings, ingest_client_id
+from support import create_database, eventually, license_keys_dir, serving, signed_license_issued
 
 
 @pytest.fixture
@@ -60,7 +72,11 @@ async def test_retention_drops_whole_old_partitions_and_their_rollups(database) 
 
 
 async def ingest_for(
-    url: str, pool: asyncpg.Pool | None, registry: CollectorRegistry, **settings: Any
+    url: str,
+    pool: asyncpg.Pool | None,
+    registry: CollectorRegistry,
+    on_stored: Callable[[list[tuple[Any, ...]]], None] | None = None,
+    **settings: Any,
 ) -> tuple[Ingest, str]:
     """An ingest of a new customer with a starter license and device ``d1``; its topic."""
     customer_id = str(uuid.uuid4())
@@ -92,7 +108,7 @@ async def ingest_for(
         )
     finally:
         await conn.close()
-    ingest = Ingest(instance, lambda: pool, holder, IngestMetrics(registry))
+    ingest = Ingest(instance, lambda: pool, holder, IngestMetrics(registry), on_stored)
     return ingest, f"{customer_id}/devices/d1/readings"
 
 
@@ -175,3 +191,166 @@ async def test_qos_0_readings_past_the_buffer_are_dropped_and_counted_while_the_
         "iotistic_instance_readings_rejected_total", {"reason": "buffer full (QoS 0)"}
     )
     assert dropped == 60
+
+
+async def stored_once(pool: asyncpg.Pool) -> dict[str, int]:
+    """Rows, distinct readings, the temperature rollups' count and today's usage counts."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """
+            SELECT (SELECT count(*) FROM readings) AS rows,
+                   (SELECT count(DISTINCT (device_id, ts)) FROM readings) AS distinct_readings,
+                   (SELECT coalesce(sum(n), 0)::bigint FROM readings_hourly
+                    WHERE metric = 'temperature') AS rolled_up,
+                   (SELECT coalesce(sum(mqtt_messages), 0)::bigint FROM usage_days)
+                       AS mqtt_messages,
+                   (SELECT coalesce(sum(stored_readings), 0)::bigint FROM usage_days)
+                       AS stored_readings
+            """
+        )
+    return dict(row)
+
+
+async def test_a_reading_received_twice_is_stored_rolled_up_and_counted_once(database) -> None:
+    url, pool = database
+    registry = CollectorRegistry()
+    shown: list[tuple[Any, ...]] = []  # what the dashboard's live charts are given
+    ingest, topic = await ingest_for(url, pool, registry, shown.extend)
+    now = datetime.now(UTC).replace(microsecond=0)
+    first = [body(now - timedelta(seconds=i), 20 + i) for i in range(5)]
+    for payload in first + first[:2]:  # two of them twice in the same batch
+        ingest.receive(topic, payload)
+    assert await ingest.flush() == 5
+    for payload in [*first[2:], body(now - timedelta(seconds=10))]:  # three again, one new
+        ingest.receive(topic, payload)
+    assert await ingest.flush() == 1
+    assert await stored_once(pool) == {
+        "rows": 6,
+        "distinct_readings": 6,
+        "rolled_up": 6,
+        "mqtt_messages": 6,
+        "stored_readings": 6,
+    }
+    assert ingest.accepted_today == 6  # the copies do not use the day's quota
+    assert sorted(r[1] for r in shown) == [now - timedelta(seconds=s) for s in (10, 4, 3, 2, 1, 0)]
+    assert registry.get_sample_value("iotistic_instance_readings_repeated_total") == 5
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait for ``condition``; fail naming ``what`` after ``timeout`` seconds."""
+
+    async def holds() -> bool:
+        return condition()
+
+    await eventually(holds, timeout=timeout, what=what)
+
+
+async def test_readings_delivered_again_after_a_reconnect_are_stored_once(
+    database, broker: EmbeddedMosquitto
+) -> None:
+    """The broker drops ingest's connection while its readings wait, unacknowledged, for the
+    database; on the next connection it delivers them again. Both copies reach ingest; one of
+    each is stored, rolled up and counted."""
+    url, pool = database
+    registry = CollectorRegistry()
+    reachable: list[asyncpg.Pool] = []
+    username, password = f"ingest-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    ingest, topic = await ingest_for(
+        url,
+        None,
+        registry,
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        mqtt_username=username,
+        mqtt_password=password,
+        ingest_flush_seconds=0.05,
+    )
+    ingest._pool = lambda: reachable[0] if reachable else None  # the database comes back later
+    ingest.know_device("d1")  # as the app does when it registers one
+    customer_id = topic.split("/")[0]
+    client_id = ingest_client_id(ingest._settings)
+    admin = (broker.host, broker.port, broker.admin_username, broker.admin_password)
+    device = f"device-{uuid.uuid4().hex[:8]}"
+    async with DynSec(*admin) as dynsec:
+        await dynsec.ensure_role(username, instance_acls(customer_id))
+        await dynsec.ensure_client(username, password, [username], clientid=client_id)
+        await dynsec.ensure_role(device, device_acls([topic]))
+        await dynsec.ensure_client(device, "device-password", [device])
+    running = asyncio.create_task(ingest.run())
+    try:
+        await until(
+            lambda: ingest._subscriber is not None and ingest._subscriber.subscribed.is_set(),
+            "ingest subscribed",
+        )
+        count = 50
+        start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+        async with aiomqtt.Client(
+            broker.host, broker.port, username=device, password="device-password"
+        ) as mqtt:
+            for i in range(count):
+                await mqtt.publish(topic, body(start + timedelta(seconds=i), 20 + i % 10), qos=1)
+        await until(lambda: ingest.accepted_today == count, "every reading buffered")
+        async with DynSec(*admin) as dynsec:
+            # The broker ends the connection of a disabled client; enabled again, it reconnects
+            # to its session, whose messages were never acknowledged.
+            await dynsec.command("disableClient", username=username)
+            await until(lambda: not ingest._subscriber.subscribed.is_set(), "disconnected")
+            await dynsec.command("enableClient", username=username)
+        await until(lambda: ingest.accepted_today == 2 * count, "the readings delivered again")
+        reachable.append(pool)
+        await until(
+            lambda: registry.get_sample_value("iotistic_instance_mqtt_messages_total") == 2 * count,
+            "both deliveries written",
+        )
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert await stored_once(pool) == {
+        "rows": count,
+        "distinct_readings": count,
+        "rolled_up": count,
+        "mqtt_messages": count,
+        "stored_readings": count,
+    }
+    assert ingest.accepted_today == count
+
+
+async def test_a_database_with_readings_stored_twice_upgrades_to_one_of_each(
+    postgres_server_url: str,
+) -> None:
+    """Before readings had a key, a redelivery stored a second copy and counted it in the
+    rollups. The migration that adds the key keeps one copy and rebuilds those hours."""
+    url = await create_database(postgres_server_url)
+    migrations = load_migrations("services.instance.migrations", "service")
+    before = [m for m in migrations if m.name < "003"]
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    rows = [row("d1", hour + timedelta(minutes=i), 20.0 + i) for i in range(3)]
+    twice = [*rows, rows[0], rows[0], row("d2", hour, 30.0), row("d2", hour, 30.0)]
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn, "instance", before)
+        await conn.execute("SET search_path TO instance")
+        async with conn.transaction():
+            await ensure_partitions(conn, {hour.date()}, set())
+            await conn.copy_records_to_table("readings", records=twice, columns=COLUMNS)
+            await conn.execute(ROLLUP_SQL.format(source="readings"))  # as the old ingest did
+        assert await conn.fetchval("SELECT sum(n) FROM readings_hourly") == 7 * 8
+        await migrate(conn, "instance", migrations)
+        assert await conn.fetchval("SELECT count(*) FROM readings") == 4
+        rollups = await conn.fetch(
+            "SELECT device_id, n, total, low, high FROM readings_hourly "
+            "WHERE metric = 'temperature' ORDER BY device_id"
+        )
+        assert [tuple(r) for r in rollups] == [
+            ("d1", 3, 63.0, 20.0, 22.0),
+            ("d2", 1, 30.0, 30.0, 30.0),
+        ]
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "INSERT INTO readings (device_id, ts, temperature, humidity, pressure, "
+                "gas_resistance) VALUES ('d1', $1, 1, 1, 1000, 1)",
+                hour,
+            )
+    finally:
+        await conn.close()
