@@ -16,12 +16,18 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from contracts import LicenseIssued
+from libs.decisions import append_decision
 from libs.eventstore import EventStore
+from libs.projections import durable_name
 from services.licensing.keys import LicenseSigner
 from services.licensing.reactors import SUBSCRIPTION_LICENSE_DAYS, signed_license
 
 LOCK_KEY = "licensing:renewal-scheduler"
 RENEWABLE = ("subscription", "renewal")
+# The consumers behind the read models the decision is taken from: the subscription's state
+# (kept by the license reactor) and the licenses.
+CONSUMERS = (durable_name("licensing", "issue_licenses"), durable_name("licensing", "licenses"))
 
 # The newest license of each customer whose subscription is active, when it is a subscription
 # license that expires within the renewal window.
@@ -48,31 +54,56 @@ async def renew_due_licenses(
     now: datetime,
     renew_before: timedelta,
 ) -> int:
-    """Issue the next license for every active subscription whose license is due; how many."""
+    """Issue the next license for every active subscription whose license is due; how many.
+
+    Each renewal is appended only if the log holds nothing newer about the customer than the
+    read models have applied (a cancellation a moment ago must win): ``append_decision``.
+    """
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval(
             "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY
         ):
             return 0  # another replica is on it
         due = await conn.fetch(_DUE, now + renew_before, list(RENEWABLE))
+        renewed = 0
         for row in due:
-            renewal_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal:{row['license_id']}"))
-            # Timed by the license it renews: issued when it became due, running on from its
-            # end, so the customer never has a gap and a repeat signs the same token.
-            issued_at = row["expires_at"] - renew_before
-            await store.publish(
-                signed_license(
-                    signer,
-                    customer_id=row["customer_id"],
-                    license_id=renewal_id,
-                    plan_name=row["plan"],
-                    license_type="renewal",
-                    issued_at=issued_at,
-                    expires_at=row["expires_at"] + timedelta(days=SUBSCRIPTION_LICENSE_DAYS),
-                    grace_until=None,
-                    reason=f"subscription active: renews license {row['license_id']}",
-                ),
+            license_id = row["license_id"]
+
+            async def still_due(license_id: str = license_id) -> LicenseIssued | None:
+                again = await conn.fetch(_DUE, now + renew_before, list(RENEWABLE))
+                current = next((r for r in again if r["license_id"] == license_id), None)
+                return None if current is None else _renewal(current, signer, renew_before)
+
+            renewal_id = renewal_license_id(license_id)
+            appended = await append_decision(
+                store,
                 customer_id=row["customer_id"],
                 event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal-issued:{renewal_id}")),
+                decide=still_due,
+                consumers=CONSUMERS,
             )
-        return len(due)
+            renewed += appended is not None
+        return renewed
+
+
+def renewal_license_id(license_id: str) -> str:
+    """The id of the license that renews ``license_id``: one renewal per license."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal:{license_id}"))
+
+
+def _renewal(row: asyncpg.Record, signer: LicenseSigner, renew_before: timedelta) -> LicenseIssued:
+    renewal_id = renewal_license_id(row["license_id"])
+    # Timed by the license it renews: issued when it became due, running on from its end, so
+    # the customer never has a gap and a repeat signs the same token.
+    issued_at = row["expires_at"] - renew_before
+    return signed_license(
+        signer,
+        customer_id=row["customer_id"],
+        license_id=renewal_id,
+        plan_name=row["plan"],
+        license_type="renewal",
+        issued_at=issued_at,
+        expires_at=row["expires_at"] + timedelta(days=SUBSCRIPTION_LICENSE_DAYS),
+        grace_until=None,
+        reason=f"subscription active: renews license {row['license_id']}",
+    )

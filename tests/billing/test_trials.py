@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from contracts import CustomerSignedUp, decode_envelope
+from contracts import CustomerSignedUp, SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
+from libs.db import create_pool
 from libs.eventstore import EventStore
 from libs.runtime import Platform
 from services.billing.app import BILLING
+from services.billing.trials import expire_ended_trials
 from support import eventually
 
 
@@ -122,3 +124,109 @@ async def test_a_running_trial_does_not_expire(
 
 async def _now() -> datetime:
     return datetime.now(UTC)
+
+
+async def test_a_trial_is_not_expired_over_a_payment_the_read_model_has_not_seen(
+    settings: ServiceSettings, store: EventStore
+) -> None:
+    # Issue 12: the scheduler expired trials the read model still showed as trialing, though
+    # a SubscriptionActivated was already on the log: a paying customer went read-only.
+    platform = Platform.from_settings(settings, [BILLING], trial_scan_seconds=3600)
+    await platform.start()
+    await platform.wait_started()
+    customer_id = str(uuid.uuid4())
+    await store.publish(
+        CustomerSignedUp(
+            customer_id=customer_id,
+            email=f"{customer_id}@example.com",
+            email_display=f"{customer_id}@example.com",
+            company_name="Paying Air",
+            signed_up_at=datetime.now(UTC) - timedelta(days=20),
+            trial_days=14,
+        ),
+        customer_id=customer_id,
+    )
+    pool = await create_pool(settings.database_url, "billing")
+    try:
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
+            ),
+            lambda s: s == "trialing",
+            what="the trial recorded",
+        )
+        # The payment reaches the log while the projection is not applying anything.
+        await platform.stop()
+        await store.publish(
+            SubscriptionActivated(
+                customer_id=customer_id,
+                plan="professional",
+                status="active",
+                stripe_customer_id="cus_paying",
+                stripe_subscription_id="sub_paying",
+            ),
+            customer_id=customer_id,
+        )
+        assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 0
+        assert await expired_events(store, customer_id) == 0
+        # Once billing runs again it sees the payment, and no later pass expires the trial.
+        again = Platform.from_settings(settings, [BILLING], trial_scan_seconds=0.2)
+        await again.start()
+        await again.wait_started()
+        try:
+            await eventually(
+                lambda: pool.fetchval(
+                    "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
+                ),
+                lambda s: s == "active",
+                what="the payment applied",
+            )
+            assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 0
+            assert await expired_events(store, customer_id) == 0
+        finally:
+            await again.stop()
+    finally:
+        await pool.close()
+
+
+async def test_an_ended_trial_with_nothing_newer_on_the_log_expires_once(
+    settings: ServiceSettings, store: EventStore
+) -> None:
+    platform = Platform.from_settings(settings, [BILLING], trial_scan_seconds=3600)
+    await platform.start()
+    await platform.wait_started()
+    customer_id = str(uuid.uuid4())
+    await store.publish(
+        CustomerSignedUp(
+            customer_id=customer_id,
+            email=f"{customer_id}@example.com",
+            email_display=f"{customer_id}@example.com",
+            company_name="Unpaid Air",
+            signed_up_at=datetime.now(UTC) - timedelta(days=20),
+            trial_days=14,
+        ),
+        customer_id=customer_id,
+    )
+    pool = await create_pool(settings.database_url, "billing")
+    try:
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
+            ),
+            lambda s: s == "trialing",
+            what="the trial recorded",
+        )
+        assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 1
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
+            ),
+            lambda s: s == "expired",
+            what="the expiry applied",
+        )
+        # A second pass (a restart, another replica) finds it expired: nothing more.
+        assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 0
+        assert await expired_events(store, customer_id) == 1
+    finally:
+        await pool.close()
+        await platform.stop()

@@ -21,13 +21,14 @@ from contracts import (
     decode_event,
 )
 from libs.config import ServiceSettings
+from libs.db import create_pool
 from libs.eventstore import EventStore
 from libs.runtime import Platform
 from services.licensing.app import LICENSING
 from services.licensing.keys import LicenseSigner, load_keyring
 from services.licensing.renewals import renew_due_licenses
 from services.targets import build_app
-from support import eventually, license_keys_dir, serving
+from support import create_database, eventually, license_keys_dir, make_settings, serving
 
 BEFORE = timedelta(days=7)
 
@@ -168,3 +169,35 @@ async def test_unpaid_subscriptions_are_not_renewed(platform, store, signer, the
     far = datetime.now(UTC) + timedelta(days=60)
     await renew_due_licenses(pool, store, signer, far, BEFORE)
     assert await renewals_on_the_log(store, customer_id) == []
+
+
+async def test_a_renewal_is_not_issued_over_a_cancellation_the_read_model_has_not_seen(
+    postgres_server_url: str, nats_url: str, nc: Any, signer: LicenseSigner
+) -> None:
+    # Issue 12: the renewal scheduler decided on read models that may lag the log; a
+    # cancellation on the log but not yet applied got the customer another 30 days.
+    settings = make_settings(await create_database(postgres_server_url), nats_url)
+    store = EventStore(nc.jetstream(), settings)
+    await store.ensure_stream()
+    own = Platform.from_settings(settings, [LICENSING], license_keys_dir=license_keys_dir())
+    await own.start()
+    await own.wait_started()
+    pool = await create_pool(settings.database_url, "licensing")
+    try:
+        customer_id = await subscribed(store, own)
+        current = (await licenses(own, customer_id))[-1]
+        due = current["expires_at"] - BEFORE + timedelta(hours=1)
+        await own.stop()  # nothing applies what comes next
+        await store.publish(
+            SubscriptionCanceled(
+                customer_id=customer_id,
+                stripe_subscription_id=f"sub_{customer_id[:8]}",
+                canceled_at=datetime.now(UTC),
+            ),
+            customer_id=customer_id,
+        )
+        assert await renew_due_licenses(pool, store, signer, due, BEFORE) == 0
+        assert await renewals_on_the_log(store, customer_id) == []
+    finally:
+        await pool.close()
+        await nc.jetstream().delete_stream(settings.events_stream)
