@@ -98,6 +98,12 @@ class SupervisedTask:
         return ok, detail
 
 
+async def then_idle(step: Awaitable[None]) -> None:
+    """Run a start-up step under supervision (restarted if it crashes), then stay done."""
+    await step
+    await asyncio.Event().wait()
+
+
 def restart_counter(registry: CollectorRegistry) -> Counter:
     """The counter of restarts every supervisor of one registry shares."""
     return Counter(

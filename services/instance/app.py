@@ -41,6 +41,7 @@ from libs.http import (
     create_app,
     invalid,
 )
+from libs.supervision import Supervisor, restart_counter, then_idle
 from services.instance.alerts import (
     AlertEngine,
     RuleError,
@@ -127,6 +128,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     broker_host, broker_port = broker_address(brokers[0])
     api_today: dict[str, Any] = {"day": datetime.now(UTC).date(), "count": 0}
     gauges = _usage_gauges(registry)
+    supervisor = Supervisor("instance", restart_counter(registry))
 
     def alerting_allowed() -> bool:
         claims = holder.claims
@@ -176,21 +178,23 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(holder.load()))
-        tasks = [
-            loop.create_task(keep_license_current(holder)),
-            loop.create_task(connect()),
-            loop.create_task(ingest.run()),
-            loop.create_task(_housekeeping(pool, holder, ingest, gauges, api_today)),
-            loop.create_task(UsageReporter(settings, pool).run()),
-            loop.create_task(alerts.run()),
-            loop.create_task(devices.converge_at_start(lambda: state.get("pool"))),
-        ]
+        # Every task under the supervisor: one that crashes is logged, counted and started
+        # again, and readiness says so meanwhile. The start-up steps stay done once done.
+        supervisor.spawn("license", lambda: keep_license_current(holder))
+        supervisor.spawn("database", lambda: then_idle(connect()))
+        supervisor.spawn("ingest", ingest.run)
+        supervisor.spawn(
+            "housekeeping", lambda: _housekeeping(pool, holder, ingest, gauges, api_today)
+        )
+        supervisor.spawn("usage reports", UsageReporter(settings, pool).run)
+        supervisor.spawn("alerts", alerts.run)
+        supervisor.spawn(
+            "devices", lambda: then_idle(devices.converge_at_start(lambda: state.get("pool")))
+        )
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await supervisor.stop(0)
             with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
                 await ingest.flush()
             loop.remove_signal_handler(signal.SIGHUP)
@@ -203,10 +207,12 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         status = holder.status(datetime.now(UTC))
         claims = holder.claims
         alerting = not alerts.stalled()
+        tasks_ok, tasks = supervisor.health()
         detail = {
             "customer_id": settings.instance_customer_id,
             "database": {"ok": database},
             "alerts": {"ok": alerting},
+            "tasks": {"ok": tasks_ok, **tasks},
             "license": {
                 "ok": status is not None,
                 "status": status,
@@ -214,7 +220,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                 "error": holder.error,
             },
         }
-        return database and status is not None and alerting, detail
+        return database and status is not None and alerting and tasks_ok, detail
 
     async def authorize(request: Request[Any, Any, Any]) -> None:
         """The customer's own session, API access in the license, and today's quota."""

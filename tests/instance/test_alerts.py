@@ -134,6 +134,20 @@ async def test_a_rule_that_cannot_be_evaluated_or_delivered_stops_no_other(
     assert evaluate_errors >= 1
     assert ready.status_code == 200, ready.text
     assert ready.json()["alerts"] == {"ok": True}
+    # Every task of the instance runs under its supervisor, and none had to be restarted.
+    tasks = ready.json()["tasks"]
+    assert tasks.pop("ok") is True
+    assert set(tasks) == {
+        "license",
+        "database",
+        "ingest",
+        "housekeeping",
+        "usage reports",
+        "alerts",
+        "devices",
+    }
+    assert {t["state"] for t in tasks.values()} == {"running"}
+    assert {t["restarts"] for t in tasks.values()} == {0}
 
 
 async def test_a_webhook_to_an_ipv6_literal_names_its_host_in_brackets() -> None:
