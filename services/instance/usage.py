@@ -71,7 +71,8 @@ class UsageReporter:
         """Report every ``USAGE_REPORT_SECONDS`` (the first time soon after start)."""
         if not self._settings.usage_token:
             log.warning("no USAGE_TOKEN: usage is not reported to billing")
-            return
+            await asyncio.Event().wait()  # nothing to do, and nothing wrong: a task that ends
+            # while the instance runs is restarted and reported by its supervisor
         await asyncio.sleep(min(5.0, self._settings.usage_report_seconds))
         while True:
             try:
