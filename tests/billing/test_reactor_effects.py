@@ -10,19 +10,18 @@ once, more than a second after its handler ran: Postgres refuses it (a deferred 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
-from nats.aio.client import Client as NatsClient
 
 from contracts import CustomerSignedUp, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.runtime import Platform
 from services.billing.app import BILLING
-from support import create_database, eventually, make_settings
+from support import eventually
 
 # The reactor's next commit fails, once, after holding its transaction for 1.5 s: longer than
 # the stream's duplicate window below.
@@ -45,16 +44,8 @@ CREATE CONSTRAINT TRIGGER fail_the_first_commit
 
 
 @pytest.fixture
-async def fresh(
-    postgres_server_url: str, nats_url: str, nc: NatsClient
-) -> AsyncIterator[tuple[ServiceSettings, EventStore]]:
-    settings = make_settings(
-        await create_database(postgres_server_url), nats_url, events_duplicate_window_seconds=1
-    )
-    store = EventStore(nc.jetstream(), settings)
-    await store.ensure_stream()
-    yield settings, store
-    await nc.jetstream().delete_stream(settings.events_stream)
+async def fresh(fresh_log: Any) -> tuple[ServiceSettings, EventStore]:
+    return await fresh_log(events_duplicate_window_seconds=1)
 
 
 async def trials_started(store: EventStore, customer_id: str) -> int:
