@@ -243,7 +243,11 @@ class ServiceRuntime:
             r.projection.name: c[1] for r, c in zip(self.runners, checks[1:], strict=True)
         }
         tasks_ok, detail["tasks"] = self.supervisor.health()
-        return tasks_ok and all(ok for ok, _ in checks), detail
+        refusing = self.store.refusing_writes() if self.store is not None else None
+        detail["log"] = {"ok": refusing is None}
+        if refusing is not None:
+            detail["log"]["error"] = f"the log refuses this service's appends ({refusing})"
+        return refusing is None and tasks_ok and all(ok for ok, _ in checks), detail
 
     async def _database_ok(self) -> tuple[bool, dict[str, Any]]:
         try:
