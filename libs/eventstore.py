@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ _WRONG_LAST_SEQUENCE = 10071
 
 # Fetch timeouts in a row, with the consumer still owing events, before a read gives up.
 _READ_STALL_CHECKS = 40
+
+# How long a failed append keeps readiness red when no append has succeeded since (an append
+# that works clears it at once; without traffic, it fades after this).
+WRITE_FAILURE_SECONDS = 60.0
 
 # The server names the sequence it found: "wrong last sequence: 42".
 _FOUND_SEQUENCE = re.compile(r"wrong last sequence: (\d+)")
@@ -107,6 +112,8 @@ class EventStore:
         self.settings = settings
         self.stream = settings.events_stream
         self.prefix = settings.events_subject_prefix
+        # (monotonic time, reason) of the last append that failed, until one succeeds.
+        self._failed_write: tuple[float, str] | None = None
 
     @property
     def js(self) -> JetStreamContext:
@@ -205,10 +212,25 @@ class EventStore:
                 found = _FOUND_SEQUENCE.search(exc.description or "")
                 last_seq = int(found.group(1)) if found else None
                 raise ConcurrencyConflict(expected_on or subject, last_seq) from exc
+            self._write_failed(f"refused: {exc.description or exc}")
             raise AppendRefused(f"append to {subject} refused: {exc}") from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
+            self._write_failed(f"no answer: {type(exc).__name__}")
             raise EventStoreError(f"append to {subject} failed: {exc!r}") from exc
+        self._failed_write = None
         return Appended(envelope, subject, ack.seq, bool(ack.duplicate))
+
+    def _write_failed(self, why: str) -> None:
+        self._failed_write = (time.monotonic(), why)
+
+    def refusing_writes(self, within: float = WRITE_FAILURE_SECONDS) -> str | None:
+        """Why the last append failed, if it did within ``within`` seconds and none has
+        succeeded since (a full disk, a stream at its limits, a server that does not answer);
+        None while appends go through. Readiness reports it."""
+        if self._failed_write is None:
+            return None
+        at, why = self._failed_write
+        return why if time.monotonic() - at <= within else None
 
     async def publish(
         self,

@@ -27,7 +27,9 @@ import asyncpg
 
 from contracts import Envelope, Event, decode_envelope, encode_envelope
 from libs.eventstore import EventStore, traced_envelope
+from libs.runtime import ServiceRuntime
 from libs.scheduling import PASSING
+from libs.supervision import Worker
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +140,15 @@ class OutboxRelay:
             wait = self._poll if failures == 0 else min(self._poll * 2**failures, MAX_WAIT)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+
+
+def outbox_relay(runtime: ServiceRuntime) -> OutboxRelay:
+    """The service's outbox relay (one per service runtime; its table is ``outbox``)."""
+    return runtime.shared(
+        "outbox relay", lambda: OutboxRelay(runtime.db, runtime.events, f"{runtime.name}:outbox")
+    )
+
+
+def outbox_worker(runtime: ServiceRuntime) -> Worker:
+    """The supervised task that relays the service's outbox to the log."""
+    return Worker("outbox relay", outbox_relay(runtime).run)

@@ -78,6 +78,9 @@ class Projection:
     name: str
     handlers: Mapping[type[Event], EventHandler]
     tables: tuple[str, ...]
+    # Called after each transaction of this consumer commits (a reactor wakes the relay of
+    # the outbox its handlers wrote to, so the effects reach the log at once).
+    after_commit: Callable[[], None] | None = None
 
     @property
     def event_types(self) -> list[str]:
@@ -625,6 +628,7 @@ class ProjectionRunner:
                 await save_checkpoint(conn, self.projection.name, last)
         except PoisonEvent:
             return False
+        self._committed()
         for msg, stored, outcome in zip(msgs, batch, outcomes, strict=True):
             await msg.ack()
             self.metrics.record(self.service, self.projection.name, outcome.value, stored.seq)
@@ -647,9 +651,14 @@ class ProjectionRunner:
                 await self._park(stored, poison, attempt)
                 raise
             break
+        self._committed()
         await msg.ack()
         self.status.checkpoint = max(self.status.checkpoint, stored.seq)
         self.metrics.record(self.service, self.projection.name, outcome.value, stored.seq)
+
+    def _committed(self) -> None:
+        if self.projection.after_commit is not None:
+            self.projection.after_commit()
 
     async def _apply_traced(
         self, conn: asyncpg.Connection, stored: StoredMessage, last: int | None = None

@@ -43,7 +43,7 @@ from libs.projections import (
     RunnerState,
     durable_name,
 )
-from libs.supervision import Supervisor, Worker, restart_counter
+from libs.supervision import Supervisor, Worker, restart_counter, retrying
 
 log = logging.getLogger(__name__)
 
@@ -148,27 +148,11 @@ class ServiceRuntime:
     async def start(self, store: EventStore) -> None:
         """Connect, migrate and start consuming; retries until Postgres answers."""
         self.store = store
-        delay = 0.5
-        while self.pool is None:
-            try:
-                pool = await create_pool(
-                    self.settings.database_url,
-                    self.definition.schema,
-                    min_size=self.settings.db_pool_min,
-                    max_size=self.settings.db_pool_max,
-                )
-                async with pool.acquire() as conn:
-                    await migrate(
-                        conn,
-                        self.definition.schema,
-                        service_migrations(self.definition.migrations_package),
-                    )
-                self.pool = pool
-            except CONNECTION_ERRORS as exc:
-                self.last_error = f"database: {exc}"
-                log.warning("%s: database not reachable (%s); retrying", self.name, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # A database away is waited out; a migration that fails (a bug, a schema changed by
+        # hand) is retried too, and readiness names it meanwhile: never "connecting".
+        async for attempt in retrying((Exception,), wait_max=30.0):
+            with attempt:
+                self.pool = await self._connect_and_migrate()
         self.last_error = None
         config = RunnerConfig(
             batch_size=self.settings.projection_batch_size,
@@ -197,6 +181,35 @@ class ServiceRuntime:
         for worker in self.definition.workers(self):
             self.supervisor.spawn(worker.name, worker.start, stuck_after=worker.stuck_after)
         self.started = True
+
+    async def _connect_and_migrate(self) -> asyncpg.Pool:
+        """A pool on the service's schema, migrated; ``last_error`` says why not."""
+        try:
+            pool = await create_pool(
+                self.settings.database_url,
+                self.definition.schema,
+                min_size=self.settings.db_pool_min,
+                max_size=self.settings.db_pool_max,
+            )
+            try:
+                async with pool.acquire() as conn:
+                    await migrate(
+                        conn,
+                        self.definition.schema,
+                        service_migrations(self.definition.migrations_package),
+                    )
+            except BaseException:
+                await _close_quietly(pool)
+                raise
+        except CONNECTION_ERRORS as exc:
+            self.last_error = f"database: {exc}"
+            log.warning("%s: database not reachable (%s); retrying", self.name, exc)
+            raise
+        except Exception as exc:
+            self.last_error = f"migrations: {type(exc).__name__}: {exc}"
+            log.exception("%s: migrations failed; retrying", self.name)
+            raise
+        return pool
 
     async def stop(self) -> None:
         """Stop the runners and workers, then close the pool."""
@@ -230,7 +243,11 @@ class ServiceRuntime:
             r.projection.name: c[1] for r, c in zip(self.runners, checks[1:], strict=True)
         }
         tasks_ok, detail["tasks"] = self.supervisor.health()
-        return tasks_ok and all(ok for ok, _ in checks), detail
+        refusing = self.store.refusing_writes() if self.store is not None else None
+        detail["log"] = {"ok": refusing is None}
+        if refusing is not None:
+            detail["log"]["error"] = f"the log refuses this service's appends ({refusing})"
+        return refusing is None and tasks_ok and all(ok for ok, _ in checks), detail
 
     async def _database_ok(self) -> tuple[bool, dict[str, Any]]:
         try:
@@ -281,6 +298,11 @@ class ServiceRuntime:
             return None
         behind = now - seen[1]
         return behind if behind > self.settings.projection_stall_seconds else None
+
+
+async def _close_quietly(pool: asyncpg.Pool) -> None:
+    with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
+        await asyncio.wait_for(pool.close(), timeout=5)
 
 
 class ServiceUnavailable(DomainError):
@@ -394,21 +416,17 @@ class Platform:
 
     async def _connect(self, service: str) -> EventStore:
         """The service's event store, over a connection as its own bus user."""
-        delay = 0.5
-        while True:
-            try:
-                nc = await connect_bus(self.settings, service, name=f"iotistic-{service}")
-                break
-            except CredentialsRefused as exc:
-                self.bus_problem = f"{service}: {exc}"
-                log.error("%s; retrying", self.bus_problem)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            except NATS_ERRORS as exc:
-                log.warning("%s: NATS not reachable at start (%s); retrying", service, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        async for attempt in retrying(NATS_ERRORS):
+            with attempt:
+                try:
+                    nc = await connect_bus(self.settings, service, name=f"iotistic-{service}")
+                except CredentialsRefused as exc:
+                    self.bus_problem = f"{service}: {exc}"
+                    log.error("%s; retrying", self.bus_problem)
+                    raise
+                except NATS_ERRORS as exc:
+                    log.warning("%s: NATS not reachable at start (%s); retrying", service, exc)
+                    raise
         self.connections[service] = nc
         if self.bus_problem and self.bus_problem.startswith(f"{service}: "):
             self.bus_problem = None  # its credentials were refused before; now they are taken
@@ -429,21 +447,22 @@ class Platform:
         credentials (``iotistic up``, the tests) it declares the stream itself; a service of a
         production deployment waits, not ready, until ``iotistic events init`` has made it.
         """
-        delay = 0.5
-        while True:
-            try:
-                await self._declare_or_check(store)
-                self.stream_problem = None
-                return
-            except nats.js.errors.NotFoundError:
-                self.stream_problem = (
-                    f"event stream {store.stream} does not exist: `iotistic events init` makes it"
-                )
-            except NATS_ERRORS as exc:
-                self.stream_problem = f"event stream not reachable: {type(exc).__name__}"
-            log.warning("%s; retrying", self.stream_problem)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        async for attempt in retrying(NATS_ERRORS):
+            with attempt:
+                try:
+                    await self._declare_or_check(store)
+                except nats.js.errors.NotFoundError:
+                    self.stream_problem = (
+                        f"event stream {store.stream} does not exist: "
+                        "`iotistic events init` makes it"
+                    )
+                    log.warning("%s; retrying", self.stream_problem)
+                    raise
+                except NATS_ERRORS as exc:
+                    self.stream_problem = f"event stream not reachable: {type(exc).__name__}"
+                    log.warning("%s; retrying", self.stream_problem)
+                    raise
+        self.stream_problem = None
 
     async def _declare_or_check(self, store: EventStore) -> None:
         folder = self.settings.nats_credentials_dir

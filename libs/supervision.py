@@ -21,10 +21,11 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import stamina
 from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,28 @@ class SupervisedTask:
             ok = False
             detail["stuck_seconds"] = round(stuck, 1)
         return ok, detail
+
+
+def retrying(
+    on: tuple[type[BaseException], ...],
+    *,
+    wait_initial: float = 0.5,
+    wait_max: float = 5.0,
+) -> AsyncIterator[stamina.Attempt]:
+    """Attempts of one transient step until it works (stamina: jittered exponential backoff
+    from ``wait_initial`` to ``wait_max``, no limit on tries or time)::
+
+        async for attempt in retrying(CONNECTION_ERRORS):
+            with attempt:
+                await connect()
+    """
+    return stamina.retry_context(
+        on=lambda exc: isinstance(exc, on),
+        attempts=None,
+        timeout=None,
+        wait_initial=wait_initial,
+        wait_max=wait_max,
+    )
 
 
 async def then_idle(step: Awaitable[None]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats.js.errors
@@ -98,6 +98,30 @@ async def store(nc: NatsClient, settings: ServiceSettings) -> AsyncIterator[Even
     finally:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await nc.jetstream().delete_stream(settings.events_stream)
+
+
+FreshLog = Callable[..., Awaitable[tuple[ServiceSettings, EventStore]]]
+
+
+@pytest.fixture
+async def fresh_log(
+    postgres_server_url: str, nats_url: str, nc: NatsClient
+) -> AsyncIterator[FreshLog]:
+    """Makes a database and a stream of the test's own (settings overridden as asked), and
+    deletes the streams after the test."""
+    streams: list[str] = []
+
+    async def make(**overrides: object) -> tuple[ServiceSettings, EventStore]:
+        settings = make_settings(await create_database(postgres_server_url), nats_url, **overrides)
+        store = EventStore(nc.jetstream(), settings)
+        await store.ensure_stream()
+        streams.append(settings.events_stream)
+        return settings, store
+
+    yield make
+    for stream in streams:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await nc.jetstream().delete_stream(stream)
 
 
 @pytest.fixture

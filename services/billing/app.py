@@ -15,6 +15,7 @@ from contracts import (
     TrialStarted,
     UsageReported,
 )
+from libs.outbox import outbox_worker
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.scheduling import every
 from libs.supervision import Worker
@@ -39,6 +40,7 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
     return [
         every(settings.trial_scan_seconds, "trial scheduler: trials expired", expire),
         every(settings.stripe_payload_purge_seconds, "Stripe payloads: past retention", purge),
+        outbox_worker(runtime),
     ]
 
 

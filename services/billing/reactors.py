@@ -7,6 +7,7 @@ from datetime import timedelta
 from contracts import CustomerSignedUp, StripeCustomerLinked, StripeEventReceived, TrialStarted
 from libs.db import Connection
 from libs.eventstore import caused_event_id
+from libs.outbox import add_to_outbox, outbox_relay
 from libs.projections import Projection, Recorded
 from libs.runtime import ServiceRuntime
 from services.billing.settings import BillingSettings
@@ -18,12 +19,15 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
     """Start a trial for every new customer; turn stored Stripe events into domain events."""
     settings = runtime.settings_as(BillingSettings)
     metrics = webhook_metrics(runtime.registry)
+    # Effects go to the outbox in the reactor's transaction, and reach the log once.
+    relay = outbox_relay(runtime)
 
     async def when_customer_signed_up_start_trial(
         conn: Connection, r: Recorded[CustomerSignedUp]
     ) -> None:
         e = r.event
-        await runtime.events().publish(
+        await add_to_outbox(
+            conn,
             TrialStarted(
                 customer_id=e.customer_id,
                 plan=e.plan,
@@ -43,7 +47,8 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
         metrics.webhooks.labels("processed", r.event.stripe_type).inc()
         for index, event in enumerate(events):
             customer_id = getattr(event, "customer_id", None)
-            await runtime.events().publish(
+            await add_to_outbox(
+                conn,
                 event,
                 customer_id=customer_id,
                 causation=r.envelope,
@@ -63,6 +68,7 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
             name="start_trials",
             tables=(),
             handlers={CustomerSignedUp: when_customer_signed_up_start_trial},
+            after_commit=relay.wake,
         ),
         Projection(
             name="apply_stripe_events",
@@ -71,5 +77,6 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
                 StripeEventReceived: when_stripe_event_stored_apply_it,
                 StripeCustomerLinked: when_stripe_customer_linked_remember_it,
             },
+            after_commit=relay.wake,
         ),
     ]

@@ -41,7 +41,7 @@ from libs.http import (
     create_app,
     invalid,
 )
-from libs.supervision import Supervisor, restart_counter, then_idle
+from libs.supervision import Supervisor, restart_counter, retrying, then_idle
 from services.instance.alerts import (
     AlertEngine,
     RuleError,
@@ -150,21 +150,20 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         return found
 
     async def connect() -> None:
-        delay = 0.2
-        while "pool" not in state:
-            try:
-                conn = await asyncpg.connect(settings.database_url)
+        async for attempt in retrying((*CONNECTION_ERRORS, asyncpg.PostgresError)):
+            with attempt:
                 try:
-                    await migrate(
-                        conn, SCHEMA, load_migrations("services.instance.migrations", "service")
-                    )
-                finally:
-                    await conn.close()
-                state["pool"] = await create_pool(settings.database_url, SCHEMA, max_size=6)
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-                log.warning("database not reachable (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                    conn = await asyncpg.connect(settings.database_url)
+                    try:
+                        await migrate(
+                            conn, SCHEMA, load_migrations("services.instance.migrations", "service")
+                        )
+                    finally:
+                        await conn.close()
+                    state["pool"] = await create_pool(settings.database_url, SCHEMA, max_size=6)
+                except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                    log.warning("database not reachable (%s); retrying", type(exc).__name__)
+                    raise
         await ingest.load_usage()
         async with pool().acquire() as conn:
             api_today["count"] = int(

@@ -12,7 +12,6 @@ this shape when the instance starts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import uuid
@@ -27,6 +26,7 @@ import asyncpg
 from libs.config import ConfigError
 from libs.db import CONNECTION_ERRORS
 from libs.mqtt_dynsec import DynSec, DynSecError, device_acls
+from libs.supervision import retrying
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
@@ -164,19 +164,20 @@ class Devices:
         s = self._settings
         if not s.mqtt_admin_username or not s.mqtt_admin_password:
             return  # devices' credentials are not made here
-        delay = 0.5
-        while True:
-            found = pool()
-            if found is not None:
+        async for attempt in retrying(
+            (BrokerUnavailable, *CONNECTION_ERRORS, asyncpg.PostgresError), wait_max=30.0
+        ):
+            with attempt:
+                found = pool()
+                if found is None:
+                    raise asyncpg.exceptions.CannotConnectNowError("no database pool yet")
                 try:
                     async with found.acquire() as conn:
                         count = await self.converge(conn)
-                    log.info("broker clients of %d devices converged", count)
-                    return
                 except (BrokerUnavailable, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                     log.warning("devices' broker clients not converged yet: %s", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+                    raise
+        log.info("broker clients of %d devices converged", count)
 
     async def remove(self, conn: asyncpg.Connection, device_id: str) -> bool:
         """Revoke the device's credentials (disconnecting it) and mark it deleted."""

@@ -9,6 +9,7 @@ from functools import cache
 from litestar.types import ControllerRouterHandler
 
 from contracts import LicenseIssued, LicenseRevoked
+from libs.outbox import outbox_worker
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.scheduling import every
@@ -50,7 +51,8 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
         )
 
     return [
-        every(settings.license_renewal_scan_seconds, "renewal scheduler: licenses renewed", renew)
+        every(settings.license_renewal_scan_seconds, "renewal scheduler: licenses renewed", renew),
+        outbox_worker(runtime),
     ]
 
 

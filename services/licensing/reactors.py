@@ -22,6 +22,7 @@ from contracts import (
 )
 from libs.db import Connection
 from libs.eventstore import caused_event_id
+from libs.outbox import add_to_outbox, outbox_relay
 from libs.projections import Projection, Recorded
 from libs.runtime import ServiceRuntime
 from services.licensing.keys import LicenseSigner, build_claims
@@ -74,6 +75,7 @@ def signed_license(
 
 def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[Projection]:
     """The license that follows each signup and each change of the subscription."""
+    relay = outbox_relay(runtime)
 
     async def issue(
         conn: Connection,
@@ -89,9 +91,10 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
         if customer_id is None:
             raise ValueError(f"{r.envelope.type} without a customer id")
         license_id = caused_event_id(r.envelope, "license")
-        if await conn.fetchval("SELECT 1 FROM licenses WHERE license_id = $1", license_id):
-            return  # issued and projected already: this is a redelivery
-        await runtime.events().publish(
+        # Into the outbox, in this consumer's transaction: the license reaches the log once,
+        # however long after its cause this event is delivered again.
+        await add_to_outbox(
+            conn,
             signed_license(
                 signer,
                 customer_id=customer_id,
@@ -211,5 +214,6 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
                 SubscriptionCanceled: when_subscription_ends_issue_final_license,
                 TrialExpired: when_subscription_ends_issue_final_license,
             },
+            after_commit=relay.wake,
         )
     ]

@@ -16,7 +16,7 @@ from contracts import (
     DeploymentSucceeded,
     DeploymentSuperseded,
 )
-from libs.outbox import OutboxRelay
+from libs.outbox import OutboxRelay, outbox_relay, outbox_worker
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.supervision import Worker
@@ -75,9 +75,7 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
 
 def relay_of(runtime: ServiceRuntime) -> OutboxRelay:
     """Appends the queue's events to the log."""
-    return runtime.shared(
-        "relay", lambda: OutboxRelay(runtime.db, runtime.events, "provisioner:outbox")
-    )
+    return outbox_relay(runtime)
 
 
 def metrics_of(runtime: ServiceRuntime) -> QueueMetrics:
@@ -112,7 +110,7 @@ def _reactors(runtime: ServiceRuntime) -> Sequence[Projection]:
 def _workers(runtime: ServiceRuntime) -> list[Worker]:
     return [
         Worker("queue worker", worker_of(runtime).run),
-        Worker("outbox relay", relay_of(runtime).run),
+        outbox_worker(runtime),
         Worker(
             "queue metrics",
             lambda: metrics_of(runtime).refresh_every(runtime.db, METRICS_REFRESH_SECONDS),

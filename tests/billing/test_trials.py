@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -126,35 +128,56 @@ async def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def test_a_trial_is_not_expired_over_a_payment_the_read_model_has_not_seen(
-    settings: ServiceSettings, store: EventStore
-) -> None:
-    # Issue 12: the scheduler expired trials the read model still showed as trialing, though
-    # a SubscriptionActivated was already on the log: a paying customer went read-only.
-    platform = Platform.from_settings(settings, [BILLING], trial_scan_seconds=3600)
-    await platform.start()
-    await platform.wait_started()
+async def signed_up_20_days_ago(store: EventStore, company: str) -> str:
+    """A customer whose 14-day trial ended six days ago."""
     customer_id = str(uuid.uuid4())
     await store.publish(
         CustomerSignedUp(
             customer_id=customer_id,
             email=f"{customer_id}@example.com",
             email_display=f"{customer_id}@example.com",
-            company_name="Paying Air",
+            company_name=company,
             signed_up_at=datetime.now(UTC) - timedelta(days=20),
             trial_days=14,
         ),
         customer_id=customer_id,
     )
+    return customer_id
+
+
+async def status_becomes(pool: asyncpg.Pool, customer_id: str, status: str) -> None:
+    await eventually(
+        lambda: pool.fetchval(
+            "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
+        ),
+        lambda s: s == status,
+        what=f"the subscription {status}",
+    )
+
+
+@contextlib.asynccontextmanager
+async def billing_with_its_pool(
+    settings: ServiceSettings, scan: float
+) -> AsyncIterator[tuple[Platform, asyncpg.Pool]]:
+    platform = Platform.from_settings(settings, [BILLING], trial_scan_seconds=scan)
+    await platform.start()
+    await platform.wait_started()
     pool = await create_pool(settings.database_url, "billing")
     try:
-        await eventually(
-            lambda: pool.fetchval(
-                "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
-            ),
-            lambda s: s == "trialing",
-            what="the trial recorded",
-        )
+        yield platform, pool
+    finally:
+        await pool.close()
+        await platform.stop()
+
+
+async def test_a_trial_is_not_expired_over_a_payment_the_read_model_has_not_seen(
+    settings: ServiceSettings, store: EventStore
+) -> None:
+    # Issue 12: the scheduler expired trials the read model still showed as trialing, though
+    # a SubscriptionActivated was already on the log: a paying customer went read-only.
+    async with billing_with_its_pool(settings, 3600) as (platform, pool):
+        customer_id = await signed_up_20_days_ago(store, "Paying Air")
+        await status_becomes(pool, customer_id, "trialing")
         # The payment reaches the log while the projection is not applying anything.
         await platform.stop()
         await store.publish(
@@ -169,64 +192,21 @@ async def test_a_trial_is_not_expired_over_a_payment_the_read_model_has_not_seen
         )
         assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 0
         assert await expired_events(store, customer_id) == 0
-        # Once billing runs again it sees the payment, and no later pass expires the trial.
-        again = Platform.from_settings(settings, [BILLING], trial_scan_seconds=0.2)
-        await again.start()
-        await again.wait_started()
-        try:
-            await eventually(
-                lambda: pool.fetchval(
-                    "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
-                ),
-                lambda s: s == "active",
-                what="the payment applied",
-            )
-            assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 0
-            assert await expired_events(store, customer_id) == 0
-        finally:
-            await again.stop()
-    finally:
-        await pool.close()
+    # Once billing runs again it sees the payment, and no later pass expires the trial.
+    async with billing_with_its_pool(settings, 0.2) as (_, pool):
+        await status_becomes(pool, customer_id, "active")
+        assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 0
+        assert await expired_events(store, customer_id) == 0
 
 
 async def test_an_ended_trial_with_nothing_newer_on_the_log_expires_once(
     settings: ServiceSettings, store: EventStore
 ) -> None:
-    platform = Platform.from_settings(settings, [BILLING], trial_scan_seconds=3600)
-    await platform.start()
-    await platform.wait_started()
-    customer_id = str(uuid.uuid4())
-    await store.publish(
-        CustomerSignedUp(
-            customer_id=customer_id,
-            email=f"{customer_id}@example.com",
-            email_display=f"{customer_id}@example.com",
-            company_name="Unpaid Air",
-            signed_up_at=datetime.now(UTC) - timedelta(days=20),
-            trial_days=14,
-        ),
-        customer_id=customer_id,
-    )
-    pool = await create_pool(settings.database_url, "billing")
-    try:
-        await eventually(
-            lambda: pool.fetchval(
-                "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
-            ),
-            lambda s: s == "trialing",
-            what="the trial recorded",
-        )
+    async with billing_with_its_pool(settings, 3600) as (_, pool):
+        customer_id = await signed_up_20_days_ago(store, "Unpaid Air")
+        await status_becomes(pool, customer_id, "trialing")
         assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 1
-        await eventually(
-            lambda: pool.fetchval(
-                "SELECT status FROM subscriptions WHERE customer_id = $1", customer_id
-            ),
-            lambda s: s == "expired",
-            what="the expiry applied",
-        )
+        await status_becomes(pool, customer_id, "expired")
         # A second pass (a restart, another replica) finds it expired: nothing more.
         assert await expire_ended_trials(pool, store, datetime.now(UTC)) == 0
         assert await expired_events(store, customer_id) == 1
-    finally:
-        await pool.close()
-        await platform.stop()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -31,27 +32,19 @@ from libs.runtime import Platform
 from services.licensing.app import LICENSING
 from support import (
     connect_harness,
-    create_database,
     eventually,
     license_issued,
     license_keys_dir,
     make_platform,
-    make_settings,
 )
 
 PROJECTION = "licenses"
 
 
 @pytest.fixture
-async def fresh(
-    postgres_server_url: str, nats_url: str, nc: NatsClient
-) -> AsyncIterator[tuple[ServiceSettings, EventStore]]:
+async def fresh(fresh_log: Any) -> tuple[ServiceSettings, EventStore]:
     """A database and a stream of this test's own."""
-    settings = make_settings(await create_database(postgres_server_url), nats_url)
-    store = EventStore(nc.jetstream(), settings)
-    await store.ensure_stream()
-    yield settings, store
-    await nc.jetstream().delete_stream(settings.events_stream)
+    return await fresh_log()
 
 
 @pytest.fixture

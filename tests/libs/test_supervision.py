@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
+import asyncpg
 import pytest
-from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
 from contracts import CustomerSignedUp
@@ -25,7 +25,7 @@ from libs.runtime import Platform
 from libs.scheduling import run_every
 from libs.supervision import Backoff, Supervisor, TaskState, Worker, restart_counter
 from services.signup.app import SIGNUP
-from support import create_database, eventually, make_settings
+from support import eventually
 
 QUICK = Backoff(initial=0.05, cap=0.2, jitter=0.5, healthy_after=60)
 
@@ -123,16 +123,8 @@ async def test_a_scheduler_whose_pass_hangs_is_stuck_and_one_that_fails_is_resta
 
 
 @pytest.fixture
-async def fresh(
-    postgres_server_url: str, nats_url: str, nc: NatsClient
-) -> AsyncIterator[tuple[ServiceSettings, EventStore]]:
-    settings = make_settings(
-        await create_database(postgres_server_url), nats_url, projection_stall_seconds=1
-    )
-    store = EventStore(nc.jetstream(), settings)
-    await store.ensure_stream()
-    yield settings, store
-    await nc.jetstream().delete_stream(settings.events_stream)
+async def fresh(fresh_log: Any) -> tuple[ServiceSettings, EventStore]:
+    return await fresh_log(projection_stall_seconds=1)
 
 
 async def test_readiness_is_503_while_a_worker_is_down_and_200_once_it_runs(fresh) -> None:
@@ -206,3 +198,29 @@ async def test_a_projection_that_stops_moving_behind_the_log_is_not_ready(fresh)
     finally:
         release.set()
         await platform.stop()
+
+
+async def test_a_migration_that_fails_is_named_by_readiness_and_retried(fresh) -> None:
+    settings, _ = fresh
+    # Something in the way of the service's first migration: a table of that name, by hand.
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("CREATE SCHEMA signup; CREATE TABLE signup.accounts (by_hand int)")
+        platform = Platform.from_settings(settings, [SIGNUP])
+        await platform.start()
+        try:
+            _, detail = await eventually(
+                platform.readiness,
+                lambda r: "migrations" in str(r[1]["services"]["signup"]["database"]),
+                what="readiness naming the failed migration",
+            )
+            database = detail["services"]["signup"]["database"]
+            assert database["ok"] is False
+            assert "001_accounts.sql failed" in database["error"], database
+            # The operator removes what was in the way: the service carries on by itself.
+            await conn.execute("DROP TABLE signup.accounts")
+            await eventually(platform.readiness, lambda r: r[0], timeout=60, what="ready")
+        finally:
+            await platform.stop()
+    finally:
+        await conn.close()

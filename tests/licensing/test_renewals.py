@@ -28,7 +28,7 @@ from services.licensing.app import LICENSING
 from services.licensing.keys import LicenseSigner, load_keyring
 from services.licensing.renewals import renew_due_licenses
 from services.targets import build_app
-from support import create_database, eventually, license_keys_dir, make_settings, serving
+from support import eventually, license_keys_dir, serving
 
 BEFORE = timedelta(days=7)
 
@@ -172,13 +172,11 @@ async def test_unpaid_subscriptions_are_not_renewed(platform, store, signer, the
 
 
 async def test_a_renewal_is_not_issued_over_a_cancellation_the_read_model_has_not_seen(
-    postgres_server_url: str, nats_url: str, nc: Any, signer: LicenseSigner
+    fresh_log: Any, signer: LicenseSigner
 ) -> None:
     # Issue 12: the renewal scheduler decided on read models that may lag the log; a
     # cancellation on the log but not yet applied got the customer another 30 days.
-    settings = make_settings(await create_database(postgres_server_url), nats_url)
-    store = EventStore(nc.jetstream(), settings)
-    await store.ensure_stream()
+    settings, store = await fresh_log()
     own = Platform.from_settings(settings, [LICENSING], license_keys_dir=license_keys_dir())
     await own.start()
     await own.wait_started()
@@ -200,4 +198,3 @@ async def test_a_renewal_is_not_issued_over_a_cancellation_the_read_model_has_no
         assert await renewals_on_the_log(store, customer_id) == []
     finally:
         await pool.close()
-        await nc.jetstream().delete_stream(settings.events_stream)

@@ -221,3 +221,25 @@ async def test_credentials_of_a_stored_signup_are_confirmed_from_the_account_vie
     assert (await plane.log_in(email)).status_code == 200
     assert await settle_credentials(plane.signup_db) == 1
     assert [c["confirmed"] for c in await plane.credentials(email)] == [True]
+
+
+async def test_readiness_says_when_the_log_refuses_appends(plane: Plane) -> None:
+    # A stream at its limits (as a full disk does) refuses appends: the service must not look
+    # ready while it cannot take a signup, and must by itself once it can again.
+    js = plane.store.js
+    config = (await js.stream_info(plane.store.stream)).config
+    full = (await js.stream_info(plane.store.stream)).state.messages
+    await js.update_stream(msgspec.structs.replace(config, max_msgs=full))
+    try:
+        refused = await plane.sign_up("log-full@example.com")
+        assert refused.status_code == 503, refused.text
+        ready = await plane.client.get("/health/ready")
+        assert ready.status_code == 503
+        log = ready.json()["services"]["signup"]["log"]
+        assert log["ok"] is False and "refuses" in log["error"], log
+        assert await plane.credentials("log-full@example.com") == []
+    finally:
+        await js.update_stream(msgspec.structs.replace(config, max_msgs=-1))
+    again = await plane.sign_up("log-full@example.com")
+    assert again.status_code == 201, again.text
+    await ready(plane)
