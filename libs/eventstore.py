@@ -112,8 +112,9 @@ class EventStore:
         self.settings = settings
         self.stream = settings.events_stream
         self.prefix = settings.events_subject_prefix
-        # (monotonic time, reason) of the last append that failed, until one succeeds.
-        self._failed_write: tuple[float, str] | None = None
+        # (monotonic time, reconnects then, reason) of the last append that failed, until
+        # one succeeds.
+        self._failed_write: tuple[float, int, str] | None = None
 
     @property
     def js(self) -> JetStreamContext:
@@ -199,6 +200,7 @@ class EventStore:
             headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_last_subject_seq)
             if expected_on is not None:
                 headers[HEADER_EXPECTED_ON] = expected_on
+        reconnects = self._reconnects()
         try:
             ack = await self._js.publish(
                 subject,
@@ -212,24 +214,31 @@ class EventStore:
                 found = _FOUND_SEQUENCE.search(exc.description or "")
                 last_seq = int(found.group(1)) if found else None
                 raise ConcurrencyConflict(expected_on or subject, last_seq) from exc
-            self._write_failed(f"refused: {exc.description or exc}")
+            self._write_failed(f"refused: {exc.description or exc}", reconnects)
             raise AppendRefused(f"append to {subject} refused: {exc}") from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            self._write_failed(f"no answer: {type(exc).__name__}")
+            self._write_failed(f"no answer: {type(exc).__name__}", reconnects)
             raise EventStoreError(f"append to {subject} failed: {exc!r}") from exc
         self._failed_write = None
         return Appended(envelope, subject, ack.seq, bool(ack.duplicate))
 
-    def _write_failed(self, why: str) -> None:
-        self._failed_write = (time.monotonic(), why)
+    def _write_failed(self, why: str, reconnects_before: int) -> None:
+        self._failed_write = (time.monotonic(), reconnects_before, why)
+
+    def _reconnects(self) -> int:
+        return int(self._js._nc.stats.get("reconnects", 0))
 
     def refusing_writes(self, within: float = WRITE_FAILURE_SECONDS) -> str | None:
         """Why the last append failed, if it did within ``within`` seconds and none has
         succeeded since (a full disk, a stream at its limits, a server that does not answer);
-        None while appends go through. Readiness reports it."""
+        None while appends go through. A failure on a connection that was made again since
+        the append began (the connection was what failed) counts no more. Readiness reports
+        it."""
         if self._failed_write is None:
             return None
-        at, why = self._failed_write
+        at, reconnects, why = self._failed_write
+        if self._reconnects() != reconnects:
+            return None
         return why if time.monotonic() - at <= within else None
 
     async def publish(

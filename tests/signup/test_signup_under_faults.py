@@ -6,6 +6,7 @@ over a TCP relay in front of the real NATS server, which makes each fault happen
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -229,17 +230,17 @@ async def test_readiness_says_when_the_log_refuses_appends(plane: Plane) -> None
     js = plane.store.js
     config = (await js.stream_info(plane.store.stream)).config
     full = (await js.stream_info(plane.store.stream)).state.messages
-    await js.update_stream(msgspec.structs.replace(config, max_msgs=full))
+    await js.update_stream(dataclasses.replace(config, max_msgs=full))
     try:
         refused = await plane.sign_up("log-full@example.com")
         assert refused.status_code == 503, refused.text
-        ready = await plane.client.get("/health/ready")
-        assert ready.status_code == 503
-        log = ready.json()["services"]["signup"]["log"]
+        health = await plane.client.get("/health/ready")
+        assert health.status_code == 503
+        log = health.json()["services"]["signup"]["log"]
         assert log["ok"] is False and "refuses" in log["error"], log
         assert await plane.credentials("log-full@example.com") == []
     finally:
-        await js.update_stream(msgspec.structs.replace(config, max_msgs=-1))
+        await js.update_stream(dataclasses.replace(config, max_msgs=-1))
     again = await plane.sign_up("log-full@example.com")
     assert again.status_code == 201, again.text
     await ready(plane)
