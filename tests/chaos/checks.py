@@ -145,10 +145,12 @@ async def converge(
     attempts: list[Attempt],
     timeout: float,
     extra: dict[str, str] | None = None,
+    since: float | None = None,
 ) -> Convergence:
     """Poll until every expected customer is complete and every process (and each URL of
-    ``extra``) is ready, or ``timeout`` s pass."""
-    started = time.monotonic()
+    ``extra``) is ready, or ``timeout`` s pass; the seconds count from ``since`` (now)."""
+    began = time.monotonic()
+    started = since if since is not None else began
     done: set[str] = set()
     async with httpx.AsyncClient(timeout=10) as client:
         while True:
@@ -173,7 +175,7 @@ async def converge(
             elapsed = time.monotonic() - started
             if not problems and not not_ready:
                 return Convergence(elapsed, log, len(expected), {}, {})
-            if elapsed > timeout:
+            if time.monotonic() - began > timeout:
                 return Convergence(None, log, len(expected), problems, not_ready)
             await asyncio.sleep(POLL_INTERVAL)
 

@@ -105,7 +105,19 @@ async def conclude(
     extra: dict[str, str] | None = None,
 ) -> Convergence:
     """The checks every experiment ends with, and its figures."""
-    conv = await converge(cluster, attempts, options.converge_timeout, extra)
+    since = time.monotonic()
+    accepted, probes = await signups_accepted_again(cluster, options.converge_timeout)
+    attempts = [*attempts, *probes]
+    outcome.checks.append(
+        Check(
+            "a new signup answered 201 after the fault",
+            accepted is not None,
+            f"{len(probes)} tried over {options.converge_timeout:.0f} s: {tally(probes)}",
+        )
+    )
+    if accepted is not None:
+        outcome.figures.append(f"new signups answered 201 again {accepted:.1f} s after the fault")
+    conv = await converge(cluster, attempts, options.converge_timeout, extra, since)
     failed_on_log = sum(
         1 for a in attempts if a.status != "201" and a.email.lower() in conv.log.signed_up()
     )
@@ -156,6 +168,21 @@ async def conclude(
         outcome.checks.append(Check("event log readable", False, conv.log.error))
     outcome.checks += await replay_checks(cluster)
     return conv
+
+
+async def signups_accepted_again(
+    cluster: Cluster, timeout: float
+) -> tuple[float | None, list[Attempt]]:
+    """Seconds until a fresh signup is answered 201 (one try every 3 s), and the tries: the
+    platform recovered only if it takes new customers again."""
+    started = time.monotonic()
+    probes: list[Attempt] = []
+    while time.monotonic() - started < timeout:
+        probes += await sign_up(cluster.public_url, 1, tag=f"after{len(probes)}")
+        if probes[-1].status == "201":
+            return time.monotonic() - started, probes
+        await asyncio.sleep(3.0)
+    return None, probes
 
 
 # --- 1. kill -9 of each service in separated mode ----------------------------------------------
@@ -368,7 +395,7 @@ async def readings_stored(cluster: Cluster, customer_id: str) -> tuple[int, int,
         changed = time.monotonic()
         while True:
             row = await conn.fetchrow(
-                "SELECT count(*) AS n, count(DISTINCT (device_id, ts)) AS d FROM readings"
+                "SELECT count(*) AS n, count(DISTINCT (device_id, ts)) AS d FROM instance.readings"
             )
             now = (int(row["n"]), int(row["d"]))
             if now != last:
@@ -415,20 +442,23 @@ async def full_nats_disk(options: Options) -> Outcome:
 
 
 def fill(path: Path) -> int:
-    """Write ``path`` until the filesystem has no byte left; returns its size."""
+    """Write ``path`` until the filesystem has no byte left; returns its size. Unbuffered:
+    a buffered file would fail again on close, flushing what the disk refused."""
     written = 0
-    with path.open("wb") as handle:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
         for chunk in (1 << 20, 1 << 12, 1):
             block = b"\0" * chunk
             while True:
                 try:
-                    handle.write(block)
-                    handle.flush()
-                    written += chunk
+                    written += os.write(fd, block)
                 except OSError as exc:
                     if exc.errno != errno.ENOSPC:
                         raise
                     break
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return written
 
 
