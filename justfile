@@ -29,6 +29,10 @@ fmt:
 bench *WHAT:
     {{bin}}/python -m tests.bench {{WHAT}}
 
+# inject faults (kill -9, SIGSTOP, full disk) and check nothing is lost: `just chaos --short`
+chaos *ARGS:
+    {{bin}}/python -m tests.chaos {{ARGS}}
+
 # fuzz every operation of the control plane and an instance: `just fuzz --examples 200 --seconds 600`
 fuzz *ARGS:
     {{bin}}/python -m tests.security.fuzz {{ARGS}}
