@@ -11,6 +11,7 @@ only, which then stops NATS before Postgres, in that order, itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import importlib.metadata
@@ -688,6 +689,76 @@ class EmbeddedNats(_ChildServer):
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
         raise self._fail(f"JetStream not healthy at {health} after {timeout:.0f} s")
+
+
+class NatsWatchdog:
+    """Restarts an embedded NATS whose JetStream is stuck on a write error.
+
+    When its disk fills up, nats-server marks the stream with a critical write error and keeps
+    refusing every append after the space is freed, until it is restarted (its ``/healthz``
+    says so meanwhile). What a process supervisor does for a NATS pod (a liveness probe on
+    ``/healthz``), this does for the embedded one: once the write error has lasted
+    ``after`` seconds and the store's file system has ``min_free_bytes`` free again, it stops
+    nats-server gracefully and starts it on the same ports and data. Clients reconnect.
+    """
+
+    def __init__(
+        self,
+        server: EmbeddedNats,
+        *,
+        after: float = 20.0,
+        every: float = 5.0,
+        min_free_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        """Watch ``server`` every ``every`` seconds."""
+        self.server = server
+        self.after = after
+        self.every = every
+        self.min_free_bytes = min_free_bytes
+        self.restarts = 0
+
+    def write_error(self) -> str | None:
+        """JetStream's write error as ``/healthz`` states it, or None while there is none."""
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - our own loopback monitor port
+                f"{self.server.monitor_url}/healthz", timeout=3
+            ) as response:
+                response.read()
+                return None
+        except urllib.error.HTTPError as answer:
+            body = answer.read(2000).decode(errors="replace")
+            return body if "write error" in body else None
+        except (urllib.error.URLError, OSError):
+            return None  # not answering: a dead server is its start's and stop's business
+
+    def disk_has_room(self) -> bool:
+        """Whether the store's file system has room for JetStream to write again: a tenth of
+        it free, or ``min_free_bytes``, whichever is less."""
+        stats = os.statvfs(self.server.data_dir)
+        total = stats.f_blocks * stats.f_frsize
+        return stats.f_bavail * stats.f_frsize >= min(self.min_free_bytes, total // 10)
+
+    async def run(self) -> None:
+        """Watch for ever; restart the server when its write error outlasts ``after``."""
+        since: float | None = None
+        while True:
+            error = await asyncio.to_thread(self.write_error)
+            if error is None:
+                since = None
+            else:
+                now = time.monotonic()
+                since = since if since is not None else now
+                if now - since >= self.after and self.disk_has_room():
+                    log.error(
+                        "nats-server: JetStream refuses writes (%s) and the disk has room "
+                        "again; restarting it",
+                        error[:300],
+                    )
+                    await asyncio.to_thread(self.server.stop)
+                    await asyncio.to_thread(self.server.start)
+                    self.restarts += 1
+                    since = None
+            await asyncio.sleep(self.every)
 
 
 @functools.cache

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -228,6 +229,8 @@ class MqttSubscriber:
         # Whether the broker still had this client's session (and its queued messages) at the
         # last CONNACK.
         self.session_present = False
+        # When the last subscribed connection ended (monotonic), None before any did.
+        self.lost_at: float | None = None
 
     def ack(self, connection: int, packet_ids: Sequence[int]) -> int:
         """PUBACK these packet ids of ``connection`` in one write, if it is still the current
@@ -274,6 +277,8 @@ class MqttSubscriber:
             reason = await protocol.closed
             raise MqttSubscriberError(f"connection lost: {reason or 'closed by the broker'}")
         finally:
+            if self.subscribed.is_set():
+                self.lost_at = time.monotonic()
             self.subscribed.clear()
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):

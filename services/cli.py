@@ -521,7 +521,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             mosquitto.url if broker else "not running (install mosquitto)",
             http_url,
         )
-        asyncio.run(serve(platform, "all", args.host, args.port))
+        asyncio.run(_serve_up(platform, nats_server, args.host, args.port))
     finally:
         if running_up_pid(data_dir) == os.getpid():
             runtime_file.unlink(missing_ok=True)
@@ -531,6 +531,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         postgres.stop()
         console.print("stopped; data kept in", str(data_dir))
     return 0
+
+
+async def _serve_up(platform: Platform, nats_server: Any, host: str, port: int) -> None:
+    """The platform, and what `up` does for its embedded servers as a supervisor would."""
+    from libs.embedded import NatsWatchdog
+    from libs.supervision import Supervisor
+
+    supervisor = Supervisor("up")
+    # A NATS whose JetStream stays broken after its disk was full is restarted.
+    supervisor.spawn("nats watchdog", NatsWatchdog(nats_server).run)
+    try:
+        await serve(platform, "all", host, port)
+    finally:
+        await supervisor.stop(0)
 
 
 def _start_broker(mosquitto: EmbeddedMosquitto) -> dict[str, str]:

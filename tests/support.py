@@ -302,3 +302,14 @@ def local_backend_settings(
         **SUITE_SIGNUP_LIMITS,
         **extra,
     }
+
+
+def fill(folder: Path) -> None:
+    """Write a file into ``folder`` until its disk is full."""
+    with (folder / "filler").open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass

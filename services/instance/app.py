@@ -207,9 +207,13 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         claims = holder.claims
         alerting = not alerts.stalled()
         tasks_ok, tasks = supervisor.health()
+        away = ingest.disconnected_for()
+        # An instance given no broker account ingests nothing, and is not the worse for it.
+        broker = settings.mqtt_username is None or away <= settings.ingest_broker_grace_seconds
         detail = {
             "customer_id": settings.instance_customer_id,
             "database": {"ok": database},
+            "broker": {"ok": broker, "disconnected_seconds": round(away, 1)},
             "alerts": {"ok": alerting},
             "tasks": {"ok": tasks_ok, **tasks},
             "license": {
@@ -219,7 +223,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                 "error": holder.error,
             },
         }
-        return database and status is not None and alerting and tasks_ok, detail
+        return database and status is not None and alerting and tasks_ok and broker, detail
 
     async def authorize(request: Request[Any, Any, Any]) -> None:
         """The customer's own session, API access in the license, and today's quota."""

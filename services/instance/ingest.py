@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,6 +126,16 @@ class Ingest:
         self._buffer_cap = 4 * settings.ingest_batch_rows
         self.today: date = datetime.now(UTC).date()
         self.accepted_today = 0
+        self._started_at = time.monotonic()
+
+    def disconnected_for(self) -> float:
+        """Seconds ingest has not been subscribed to the broker (0 while it is): since its
+        last connection was lost, or since the instance started if it never was."""
+        subscriber = self._subscriber
+        if subscriber is not None and subscriber.subscribed.is_set():
+            return 0.0
+        lost = subscriber.lost_at if subscriber is not None else None
+        return time.monotonic() - (lost if lost is not None else self._started_at)
 
     @property
     def root(self) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from libs.config import EventLogSettings, load_settings
-from libs.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from libs.embedded import EmbeddedNats, EmbeddedPostgres, NatsWatchdog, free_port
 from libs.mqtt_broker import EmbeddedMosquitto
 from services.provisioner.backends.local import MARKER, instance_name
 
@@ -98,6 +98,7 @@ class Cluster:
         self.mosquitto = EmbeddedMosquitto(self.root / "mosquitto")
         self.relay: object | None = None
         self.nats_stopped = False
+        self.watchdog: asyncio.Task[None] | None = None
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -116,6 +117,9 @@ class Cluster:
         await asyncio.to_thread(generate_key, keys, 2048)
         await asyncio.to_thread(self.postgres.start)
         await asyncio.to_thread(self.nats.start)
+        # What `iotistic up` does for its embedded NATS (a supervisor's liveness probe does it
+        # for a NATS pod): restart it when JetStream stays stuck on a write error.
+        self.watchdog = asyncio.create_task(NatsWatchdog(self.nats, after=10.0).run())
         await asyncio.to_thread(self.mosquitto.start)
         mqtt_port = self.mosquitto.port
         if self.relay_broker:
@@ -286,6 +290,9 @@ class Cluster:
 
     async def close(self) -> None:
         """Stop everything started here, remove the folder (unless kept); never raises."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            await asyncio.gather(self.watchdog, return_exceptions=True)
         self.continue_nats()
         for service in self.services.values():
             if service.running:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -22,7 +21,7 @@ from libs.embedded import EmbeddedNats
 from libs.eventstore import EventStore
 from services.cli import server_error_line
 from services.licensing.app import LICENSING
-from support import eventually, license_issued, make_platform
+from support import eventually, fill, license_issued, make_platform
 
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")
 
@@ -320,34 +319,6 @@ def test_a_refused_operator_password_is_named_as_such(settings, tmp_path: Path) 
     assert result.returncode == 1
     assert "refused the credentials of operator" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-@pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 8 MiB tmpfs: a disk that really fills up (ENOSPC), where the machine lets us mount."""
-    folder = tmp_path / "small-disk"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> None:
-    with (folder / "filler").open("wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
 
 
 async def test_events_stats_reads_a_log_whose_server_disk_is_full(
