@@ -44,7 +44,7 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_flush_seconds: Annotated[float, Meta(gt=0, le=10)] = 0.2
     # How long ingest may be off the broker (a reconnect takes about a second) before the
     # instance is not ready: its devices' readings are then only waiting at the broker.
-    ingest_broker_grace_seconds: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    ingest_broker_grace_seconds: Annotated[float, Meta(gt=0, le=3600)] = 2.0
     # Signs the browser's address on the sign-ins the dashboard relays to the control plane
     # (the provisioner derives it for this customer); unset, they count against ours.
     login_relay_key: str | None = None
