@@ -99,6 +99,9 @@ class OutboxRelay:
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", self._lock_key
             ):
                 return 0  # another replica relays
+            # The deletes need no flush of their own: one lost in a crash only appends its
+            # event again, seconds later, which JetStream stores once (the same event id).
+            await conn.execute("SET LOCAL synchronous_commit = off")
             rows = await conn.fetch(
                 "SELECT id, subject_key, envelope FROM outbox ORDER BY id LIMIT $1", RELAY_BATCH
             )
