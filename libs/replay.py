@@ -21,7 +21,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -172,6 +172,15 @@ class Rebuild:
             await self.conn.execute(
                 "UPDATE projection_checkpoints SET last_seq = $1", self.from_seq - 1
             )
+
+    async def hold_live_checkpoints(self, mode: Literal["UPDATE", "SHARE"]) -> None:
+        """Lock the live checkpoint rows of these projections until the transaction ends
+        (every apply locks its row first): ``SHARE`` holds them still, ``UPDATE`` for a swap."""
+        await self.conn.execute(
+            f"SELECT 1 FROM {self.schema}.projection_checkpoints "
+            f"WHERE projection = ANY($1::text[]) FOR {mode}",
+            [p.name for p in self.projections],
+        )
 
     async def live_checkpoints(self) -> dict[str, int]:
         """Checkpoints of the live projections (0 for one that never ran, or that read a
@@ -375,11 +384,7 @@ class Rebuild:
         """
         refuse_partial_swap(self.from_seq)
         async with self.conn.transaction():
-            await self.conn.execute(
-                f"SELECT 1 FROM {self.schema}.projection_checkpoints "
-                "WHERE projection = ANY($1::text[]) FOR UPDATE",
-                [p.name for p in self.projections],
-            )
+            await self.hold_live_checkpoints("UPDATE")
             # The live service may have gone past the rebuild meanwhile: reach it first.
             live = await self.live_checkpoints()
             targets = {name: max(seq, report.upto_seq) for name, seq in live.items()}
@@ -535,11 +540,7 @@ async def _compare_at_live_checkpoints(
             return targets
     async with rebuild.conn.transaction():
         # Every apply locks its checkpoint row first, so no live row changes while these are held.
-        await rebuild.conn.execute(
-            f"SELECT 1 FROM {rebuild.schema}.projection_checkpoints "
-            "WHERE projection = ANY($1::text[]) FOR SHARE",
-            [p.name for p in rebuild.projections],
-        )
+        await rebuild.hold_live_checkpoints("SHARE")
         targets = await rebuild.live_checkpoints()
         await rebuild.catch_up(targets, report)
         report.diffs = await rebuild.compare()
