@@ -25,7 +25,7 @@ from contracts import MalformedEvent, decode_envelope
 from libs.bus_auth import OPERATOR, BusAuthError
 from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
 from libs.db import CONNECTION_ERRORS
-from libs.eventstore import EventStore, StoredMessage
+from libs.eventstore import EventStore, EventStoreError, StoredMessage
 from libs.logs import configure_logging
 from libs.projections import NATS_ERRORS, decide, open_parked
 from libs.replay import (
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
-    except (*NATS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+    except (*NATS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError, EventStoreError) as exc:
         # An unreachable or refusing server is the operator's to fix: say which, no traceback.
         console.print(f"[red]error:[/red] {server_error_line(exc)}")
         code = 1

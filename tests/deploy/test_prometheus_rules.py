@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
+from libs.supervision import restart_counter
 from services.provisioner.metrics import QueueMetrics
 
 RULES = Path(__file__).parents[2] / "deploy" / "prometheus"
@@ -24,7 +25,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 rules found" in result.stdout
+    assert "4 rules found" in result.stdout
 
 
 def test_the_rules_fire_when_they_should_and_only_then() -> None:
@@ -46,3 +47,14 @@ def test_the_rules_name_only_metrics_the_provisioner_exports() -> None:
         used.update(re.findall(r"\b(deployment_[a-z_]+)", rule["expr"]))
     assert used, "the rules use no queue metric"
     assert used <= exported | {f"{name}_count" for name in exported}, used - exported
+
+
+def test_the_supervision_rule_names_the_metric_the_supervisors_export() -> None:
+    registry = CollectorRegistry()
+    restart_counter(registry)
+    # A labelled counter has no samples until used: its family names it.
+    exported = {f"{family.name}_total" for family in registry.collect() if family.type == "counter"}
+    groups = yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+    [rule] = next(g for g in groups if g["name"] == "iotistic-supervision")["rules"]
+    used = set(re.findall(r"\b(iotistic_[a-z_]+)", rule["expr"]))
+    assert used == {"iotistic_task_restarts_total"} and used <= exported, (used, exported)
