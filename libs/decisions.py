@@ -21,6 +21,12 @@ from libs.eventstore import Appended, ConcurrencyConflict, EventStore
 
 log = logging.getLogger(__name__)
 
+
+class ReadModelBehind(Exception):
+    """The read model did not apply what the log holds in time: no decision can be made from
+    it now; the scheduler ends its pass and decides on the next one."""
+
+
 # How long one decision waits for its read model to apply what the log holds.
 CATCH_UP_SECONDS = 5.0
 # Tries at one decision in one pass; a customer whose events keep coming waits for the next.
@@ -38,7 +44,9 @@ async def append_decision(
 ) -> Appended | None:
     """Append what ``decide`` answers (re-reading its read model) about ``customer_id``, only
     while nothing newer of the customer is on the log than ``consumers`` (the durable consumers
-    feeding that read model) have applied; None when it decides nothing, or cannot be sure yet.
+    feeding that read model) have applied; None when it decides nothing. Raises
+    ``ReadModelBehind`` when the read model did not catch up (a parked event, a stalled
+    consumer): no other decision from it can be trusted in this pass either.
     """
     expected = 0  # nothing known yet: the first try learns the customer's last sequence
     for _ in range(ATTEMPTS):
@@ -58,8 +66,7 @@ async def append_decision(
                 raise
             expected = conflict.last_seq
         if not await caught_up(store, consumers, catch_up_seconds):
-            log.info("%s: read model behind the log; deciding on the next pass", customer_id)
-            return None
+            raise ReadModelBehind(f"{', '.join(consumers)} behind the log (customer {customer_id})")
     log.info("%s: events keep arriving; deciding on the next pass", customer_id)
     return None
 

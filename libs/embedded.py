@@ -716,6 +716,7 @@ class NatsWatchdog:
         self.every = every
         self.min_free_bytes = min_free_bytes
         self.restarts = 0
+        self._starting_failed = False
 
     def write_error(self) -> str | None:
         """JetStream's write error as ``/healthz`` states it, or None while there is none."""
@@ -738,10 +739,24 @@ class NatsWatchdog:
         total = stats.f_blocks * stats.f_frsize
         return stats.f_bavail * stats.f_frsize >= min(self.min_free_bytes, total // 10)
 
+    async def _start_again(self) -> None:
+        try:
+            await asyncio.to_thread(self.server.start)
+            self._starting_failed = False
+        except EmbeddedServerError as exc:
+            self._starting_failed = True
+            log.error("nats-server did not start again (%s); trying again", exc)
+
     async def run(self) -> None:
         """Watch for ever; restart the server when its write error outlasts ``after``."""
         since: float | None = None
         while True:
+            if self._starting_failed and not self.server.is_running:
+                # A restart of ours that did not come up (recovery outlasting the start
+                # timeout, say): keep trying, or NATS stays down for good.
+                await self._start_again()
+                await asyncio.sleep(self.every)
+                continue
             error = await asyncio.to_thread(self.write_error)
             if error is None:
                 since = None
@@ -755,8 +770,8 @@ class NatsWatchdog:
                         error[:300],
                     )
                     await asyncio.to_thread(self.server.stop)
-                    await asyncio.to_thread(self.server.start)
                     self.restarts += 1
+                    await self._start_again()
                     since = None
             await asyncio.sleep(self.every)
 

@@ -36,7 +36,7 @@ _READ_STALL_CHECKS = 40
 
 # How long a failed append keeps readiness red when no append has succeeded since (an append
 # that works clears it at once; without traffic, it fades after this).
-WRITE_FAILURE_SECONDS = 60.0
+WRITE_FAILURE_SECONDS = 20.0
 
 # The server names the sequence it found: "wrong last sequence: 42".
 _FOUND_SEQUENCE = re.compile(r"wrong last sequence: (\d+)")

@@ -29,13 +29,16 @@ from contracts import Envelope, Event, decode_envelope, encode_envelope
 from libs.eventstore import EventStore, traced_envelope
 from libs.runtime import ServiceRuntime
 from libs.scheduling import PASSING
-from libs.supervision import Worker
+from libs.supervision import Worker, beat
 
 log = logging.getLogger(__name__)
 
 RELAY_BATCH = 200
 # The longest wait between tries at an event the log will not take.
 MAX_WAIT = 60.0
+# A relay that has not emptied its outbox for this long is stuck: the events behind the one
+# the log refuses wait, and readiness says so.
+RELAY_STUCK_SECONDS = 120.0
 
 
 async def add_to_outbox(
@@ -130,6 +133,7 @@ class OutboxRelay:
                 while await self.relay_once() == RELAY_BATCH:
                     pass
                 failures = 0
+                beat()  # the outbox is empty, or as far along as the log lets it be
             except PASSING as exc:
                 log.warning("outbox relay (%s): %r; retrying", self._lock_key, exc)
             except Exception:
@@ -153,5 +157,6 @@ def outbox_relay(runtime: ServiceRuntime) -> OutboxRelay:
 
 
 def outbox_worker(runtime: ServiceRuntime) -> Worker:
-    """The supervised task that relays the service's outbox to the log."""
-    return Worker("outbox relay", outbox_relay(runtime).run)
+    """The supervised task that relays the service's outbox to the log; stuck (readiness
+    503) when it has not emptied the outbox for ``RELAY_STUCK_SECONDS``."""
+    return Worker("outbox relay", outbox_relay(runtime).run, stuck_after=RELAY_STUCK_SECONDS)

@@ -306,10 +306,15 @@ async def _close_quietly(pool: asyncpg.Pool) -> None:
 
 
 class ServiceUnavailable(DomainError):
-    """A dependency of the service (database, log) is not reachable right now: 503."""
+    """A dependency of the service (database, log) is not reachable right now: 503, with
+    ``Retry-After`` (seconds) so a client knows to come back."""
 
     status_code = 503
     code = "unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        """Answered with ``Retry-After: <retry_after>``."""
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 @dataclass

@@ -197,8 +197,14 @@ class Supervisor:
             started = time.monotonic()
             try:
                 await start()
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                current = asyncio.current_task()
+                if self._stopping or (current is not None and current.cancelling()):
+                    raise
+                # Not asked for: a library let a cancellation of its own escape. That is a
+                # crash like any other, not a reason to end quietly.
+                supervised.last_error = f"CancelledError (not asked for): {exc}"
+                log.error("%s: task %s ended by a stray cancellation", self.owner, supervised.name)
             except Exception as exc:
                 if self._stopping:
                     break

@@ -7,15 +7,18 @@ each TrialExpired comes from the trial itself, so two passes over the same trial
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 
 import asyncpg
 
 from contracts import TrialExpired
-from libs.decisions import append_decision
+from libs.decisions import ReadModelBehind, append_decision
 from libs.eventstore import EventStore
 from libs.projections import durable_name
+
+log = logging.getLogger(__name__)
 
 LOCK_KEY = "billing:trial-scheduler"
 # The consumers behind the subscriptions read model the decision is taken from.
@@ -58,13 +61,17 @@ async def expire_ended_trials(pool: asyncpg.Pool, store: EventStore, now: dateti
             ends = await conn.fetchval(
                 "SELECT trial_ends_at FROM subscriptions WHERE customer_id = $1", customer_id
             )
-            appended = await append_decision(
-                store,
-                customer_id=customer_id,
-                event_id=trial_expired_id(customer_id, ends),
-                decide=still_ended,
-                consumers=CONSUMERS,
-            )
+            try:
+                appended = await append_decision(
+                    store,
+                    customer_id=customer_id,
+                    event_id=trial_expired_id(customer_id, ends),
+                    decide=still_ended,
+                    consumers=CONSUMERS,
+                )
+            except ReadModelBehind as behind:
+                log.warning("trial scheduler: %s; the next pass decides", behind)
+                break
             expired += appended is not None
         return expired
 

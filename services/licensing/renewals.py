@@ -11,17 +11,20 @@ replicas append it once.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime, timedelta
 
 import asyncpg
 
 from contracts import LicenseIssued
-from libs.decisions import append_decision
+from libs.decisions import ReadModelBehind, append_decision
 from libs.eventstore import EventStore
 from libs.projections import durable_name
 from services.licensing.keys import LicenseSigner
 from services.licensing.reactors import SUBSCRIPTION_LICENSE_DAYS, signed_license
+
+log = logging.getLogger(__name__)
 
 LOCK_KEY = "licensing:renewal-scheduler"
 RENEWABLE = ("subscription", "renewal")
@@ -75,13 +78,17 @@ async def renew_due_licenses(
                 return None if current is None else _renewal(current, signer, renew_before)
 
             renewal_id = renewal_license_id(license_id)
-            appended = await append_decision(
-                store,
-                customer_id=row["customer_id"],
-                event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal-issued:{renewal_id}")),
-                decide=still_due,
-                consumers=CONSUMERS,
-            )
+            try:
+                appended = await append_decision(
+                    store,
+                    customer_id=row["customer_id"],
+                    event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal-issued:{renewal_id}")),
+                    decide=still_due,
+                    consumers=CONSUMERS,
+                )
+            except ReadModelBehind as behind:
+                log.warning("renewal scheduler: %s; the next pass decides", behind)
+                break
             renewed += appended is not None
         return renewed
 

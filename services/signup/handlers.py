@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from contracts import CustomerSignedUp, Envelope, Features, decode_envelope, encode_envelope
+from contracts import CustomerSignedUp, Features, decode_envelope, encode_envelope
 from libs.auth import LOGIN_RELAY_MAX_AGE_SECONDS, RelayedClient, SessionTokens
 from libs.eventstore import AppendRefused, ConcurrencyConflict, EventStore, traced_envelope
 from libs.http import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
@@ -39,6 +39,11 @@ ESTIMATED_DEPLOY_TIME = "a few seconds"
 # A credential younger than this may belong to a signup whose request is still appending (an
 # append gives up after 5 s); a retry takes it up only after that.
 IN_FLIGHT_SECONDS = 10.0
+# A try not stored this long ago is not offered to the log again: its signup time (and so its
+# trial) would be that old. JetStream's duplicate window, by default.
+PENDING_REUSE_SECONDS = 900.0
+# Earlier tries of one email looked at (each costs a password check).
+MAX_EARLIER_TRIES = 3
 # How long a retried signup whose event the log already holds waits for the account view to
 # say whose the email is, before answering 503 (the client retries again).
 OWNER_WAIT_SECONDS = 3.0
@@ -290,7 +295,7 @@ class SignupService:
         await reserve_signup(self.pool, self.signup_limits, address)
         customer_id = await self._earlier_signup(form, address)
         if customer_id is None:
-            customer_id = await self._new_signup(form)
+            customer_id = await self._new_signup(form, address)
         row = await self._wait_for_answers(customer_id)
         now = _now()
         return SignupAnswer(
@@ -305,7 +310,7 @@ class SignupService:
             deployment=deployment_of(row),
         )
 
-    async def _new_signup(self, form: SignupForm) -> str:
+    async def _new_signup(self, form: SignupForm, address: str) -> str:
         """Keep the credential with the event it is for, then offer the event to the log."""
         customer_id = str(uuid.uuid4())
         password_hash = await self.passwords.hash(form.password)
@@ -331,11 +336,22 @@ class SignupService:
             encode_envelope(envelope),
         )
         try:
-            await self._append_signup(customer_id, form.email, envelope, sent_before=False)
-        except (Conflict, AppendRefused):
-            # Certainly not stored: nothing of this signup is left behind.
-            await self.pool.execute("DELETE FROM credentials WHERE customer_id = $1", customer_id)
+            await self.store.append(
+                envelope, key=email_key(form.email), expected_last_subject_seq=0
+            )
+        except AppendRefused:
+            await self._forget_unstored(customer_id)  # certainly not stored: nothing is left
             raise
+        except ConcurrencyConflict:
+            await self._forget_unstored(customer_id)
+            # The email is taken. By this client's own earlier try, not yet recognisable as
+            # such (still in flight, or the account view behind)? Then it is to come back.
+            if await self._same_details_tried(form, address, besides=customer_id):
+                raise ServiceUnavailable(
+                    "an earlier signup with these details is still being set up; retry shortly"
+                ) from None
+            raise Conflict("an account with this email already exists") from None
+        await self._confirm(customer_id)
         return customer_id
 
     async def _earlier_signup(self, form: SignupForm, address: str) -> str | None:
@@ -348,10 +364,13 @@ class SignupService:
             )
             rows = await conn.fetch(
                 "SELECT customer_id, password_hash, pending_envelope, "
-                "created_at > now() - make_interval(secs => $2) AS in_flight "
-                "FROM credentials WHERE email = $1 ORDER BY created_at",
+                "created_at > now() - make_interval(secs => $2) AS in_flight, "
+                "created_at > now() - make_interval(secs => $3) AS reusable "
+                "FROM credentials WHERE email = $1 ORDER BY created_at DESC LIMIT $4",
                 form.email,
                 IN_FLIGHT_SECONDS,
+                PENDING_REUSE_SECONDS,
+                MAX_EARLIER_TRIES,
             )
             if owner is not None:
                 if owner["closed_at"] is not None:
@@ -359,8 +378,12 @@ class SignupService:
                 candidates = [r for r in rows if r["customer_id"] == owner["customer_id"]]
             else:
                 # A signup still in flight is not yet an earlier one: its request will answer.
+                # One sent long ago is not offered again: its signup time (and so its trial)
+                # would be that old; a new signup is made instead.
                 candidates = [
-                    r for r in rows if not r["in_flight"] and r["pending_envelope"] is not None
+                    r
+                    for r in rows
+                    if not r["in_flight"] and r["reusable"] and r["pending_envelope"] is not None
                 ]
             if not candidates:
                 if owner is not None:
@@ -369,47 +392,72 @@ class SignupService:
             # Answering "that is your account" says the password is right: a guess costs what
             # a failed login costs, so signup is no way around the login limits.
             await reserve_login_attempt(conn, self.limits, form.email, address)
-        for row in candidates:
-            if not await self.passwords.verify(row["password_hash"], form.password):
-                continue
-            await self._forgive(form.email, address)
-            customer_id = str(row["customer_id"])
-            if owner is None:
-                envelope = decode_envelope(row["pending_envelope"])
-                await self._append_signup(customer_id, form.email, envelope, sent_before=True)
-            else:
-                await self._confirm(customer_id)
-            return customer_id
+        mine = [
+            r for r in candidates if await self.passwords.verify(r["password_hash"], form.password)
+        ]
+        if not mine:
+            if owner is not None:
+                raise Conflict("an account with this email already exists")
+            return None
+        await self._forget(form.email, address)
         if owner is not None:
-            raise Conflict("an account with this email already exists")
-        return None
+            await self._confirm(owner["customer_id"])
+            return str(owner["customer_id"])
+        return await self._append_again(form.email, mine)
 
-    async def _forgive(self, email: str, address: str) -> None:
-        async with self.pool.acquire() as conn:
-            await forgive_login_attempt(conn, email, address)
-
-    async def _append_signup(
-        self, customer_id: str, email: str, envelope: Envelope, *, sent_before: bool
-    ) -> None:
-        """Offer a signup's event to the email's subject, which takes one signup ever."""
+    async def _append_again(self, email: str, mine: list[asyncpg.Record]) -> str:
+        """Offer the newest of this client's unanswered signups to the log again: stored
+        now, or found stored already (by this or another of its tries)."""
+        customer_id = str(mine[0]["customer_id"])
+        envelope = decode_envelope(mine[0]["pending_envelope"])
         try:
             await self.store.append(envelope, key=email_key(email), expected_last_subject_seq=0)
         except ConcurrencyConflict:
-            if not sent_before:
-                raise Conflict("an account with this email already exists") from None
-            # Sent before, this may be our own event, stored longer ago than JetStream keeps
-            # event ids: the account view, built from the log, says whose the email is.
+            # Stored longer ago than JetStream keeps event ids, or another try won: the
+            # account view, built from the log, says whose the email is.
             owner = await self._owner_of(email)
             if owner is None:
                 raise ServiceUnavailable(
                     "the account is still being set up; retry shortly"
                 ) from None
-            if owner != customer_id:
-                await self.pool.execute(
-                    "DELETE FROM credentials WHERE customer_id = $1 AND NOT confirmed", customer_id
-                )
+            if owner not in {str(r["customer_id"]) for r in mine}:
+                await self._forget_unstored(customer_id)
                 raise Conflict("an account with this email already exists") from None
+            customer_id = owner
         await self._confirm(customer_id)
+        return customer_id
+
+    async def _same_details_tried(self, form: SignupForm, address: str, besides: str) -> bool:
+        """Whether another unanswered signup with this email has this password."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT password_hash FROM credentials WHERE email = $1 AND customer_id <> $2 "
+                "AND NOT confirmed ORDER BY created_at DESC LIMIT $3",
+                form.email,
+                besides,
+                MAX_EARLIER_TRIES,
+            )
+            if not rows:
+                return False
+            await reserve_login_attempt(conn, self.limits, form.email, address)
+        for row in rows:
+            if await self.passwords.verify(row["password_hash"], form.password):
+                await self._forget(form.email, address)
+                return True
+        return False
+
+    async def _forget_unstored(self, customer_id: str) -> None:
+        """Drop a credential whose event the log did not take from this request, unless the
+        account view shows it was stored after all (by a retry of the same try)."""
+        await self.pool.execute(
+            "DELETE FROM credentials c WHERE customer_id = $1 AND NOT confirmed "
+            "AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.customer_id = c.customer_id)",
+            customer_id,
+        )
+
+    async def _forget(self, email: str, address: str) -> None:
+        async with self.pool.acquire() as conn:
+            await forgive_login_attempt(conn, email, address)
 
     async def _confirm(self, customer_id: str) -> None:
         await self.pool.execute(

@@ -244,3 +244,32 @@ async def test_readiness_says_when_the_log_refuses_appends(plane: Plane) -> None
     again = await plane.sign_up("log-full@example.com")
     assert again.status_code == 201, again.text
     await ready(plane)
+
+
+async def test_a_signup_lost_long_ago_is_not_replayed_with_its_old_time(plane: Plane) -> None:
+    # Review of issue 12: replaying a try from weeks ago would sign the customer up at that
+    # time, with a trial already over. Past the duplicate window a retry is a new signup.
+    email = "lost-long-ago@example.com"
+    plane.relay.cut_client_at(plane.subject_of(email).encode())
+    assert (await plane.sign_up(email)).status_code == 503
+    await ready(plane)
+    [stale] = await plane.credentials(email)
+    await plane.signup_db.execute(
+        "UPDATE credentials SET created_at = now() - interval '20 minutes' WHERE email = $1", email
+    )
+    retried = await plane.sign_up(email)
+    assert retried.status_code == 201, retried.text
+    customer_id = retried.json()["customer"]["customer_id"]
+    assert customer_id != stale["customer_id"]
+    stored = await plane.store.js.get_last_msg(plane.store.stream, plane.subject_of(email))
+    envelope = decode_envelope(stored.data or b"")
+    assert envelope.customer_id == customer_id
+    assert envelope.event_id != decode_envelope(stale["pending_envelope"]).event_id
+    await eventually(
+        lambda: plane.signup_db.fetchval(
+            "SELECT 1 FROM accounts WHERE customer_id = $1", customer_id
+        ),
+        what="the account view to show the new signup",
+    )
+    assert await settle_credentials(plane.signup_db) == 1
+    assert [c["customer_id"] for c in await plane.credentials(email)] == [customer_id]
