@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from contracts import Event
 from libs.eventstore import Appended, ConcurrencyConflict, EventStore
@@ -69,6 +70,39 @@ async def append_decision(
             raise ReadModelBehind(f"{', '.join(consumers)} behind the log (customer {customer_id})")
     log.info("%s: events keep arriving; deciding on the next pass", customer_id)
     return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision a scheduler found due: about whom, the event id it appends under (derived
+    from what is decided, so two passes append it once), and how to take it from the read
+    model (None: not due any more)."""
+
+    customer_id: str
+    event_id: str
+    decide: Callable[[], Awaitable[Event | None]]
+
+
+async def append_decisions(
+    store: EventStore, decisions: Iterable[Decision], consumers: Sequence[str], scheduler: str
+) -> int:
+    """One scheduler pass: each decision through ``append_decision``, in order, until the read
+    model is found behind the log (the rest wait for the next pass); how many were appended."""
+    appended = 0
+    for decision in decisions:
+        try:
+            done = await append_decision(
+                store,
+                customer_id=decision.customer_id,
+                event_id=decision.event_id,
+                decide=decision.decide,
+                consumers=consumers,
+            )
+        except ReadModelBehind as behind:
+            log.warning("%s: %s; the next pass decides", scheduler, behind)
+            break
+        appended += done is not None
+    return appended
 
 
 async def caught_up(store: EventStore, consumers: Sequence[str], within: float) -> bool:

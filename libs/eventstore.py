@@ -296,23 +296,24 @@ class EventStore:
             return 0
         return int(msg.seq or 0)
 
-    async def subject_counts(self) -> tuple[int, int, dict[str, int]]:
+    async def subject_counts(
+        self, filter_subject: str | None = None
+    ) -> tuple[int, int, dict[str, int]]:
         """First and last sequence and the message count per subject, from one stream info.
 
         One snapshot, so the counts add up to what lies between the two sequences. It only
         asks the server what it keeps in memory: no consumer is made and nothing is written,
         so it answers even when the server's disk is full.
         """
-        info = await self._js.stream_info(self.stream, subjects_filter=f"{self.prefix}.>")
+        info = await self._js.stream_info(
+            self.stream, subjects_filter=filter_subject or f"{self.prefix}.>"
+        )
         counts = {str(k): int(v) for k, v in (info.state.subjects or {}).items()}
         return int(info.state.first_seq), int(info.state.last_seq), counts
 
     async def count_by_subject(self, filter_subject: str | None = None) -> dict[str, int]:
         """Message counts per subject (JetStream keeps them; no scan of the log)."""
-        info = await self._js.stream_info(
-            self.stream, subjects_filter=filter_subject or f"{self.prefix}.>"
-        )
-        return {str(k): int(v) for k, v in (info.state.subjects or {}).items()}
+        return (await self.subject_counts(filter_subject))[2]
 
     async def read(
         self,

@@ -7,18 +7,16 @@ each TrialExpired comes from the trial itself, so two passes over the same trial
 
 from __future__ import annotations
 
-import logging
+import functools
 import uuid
 from datetime import datetime
 
 import asyncpg
 
 from contracts import TrialExpired
-from libs.decisions import ReadModelBehind, append_decision
+from libs.decisions import Decision, append_decisions
 from libs.eventstore import EventStore
 from libs.projections import durable_name
-
-log = logging.getLogger(__name__)
 
 LOCK_KEY = "billing:trial-scheduler"
 # The consumers behind the subscriptions read model the decision is taken from.
@@ -39,41 +37,35 @@ async def expire_ended_trials(pool: asyncpg.Pool, store: EventStore, now: dateti
         ):
             return 0
         ended = await conn.fetch(
-            "SELECT customer_id FROM subscriptions "
+            "SELECT customer_id, trial_ends_at FROM subscriptions "
             "WHERE status = 'trialing' AND trial_ends_at <= $1 ORDER BY trial_ends_at LIMIT 500",
             now,
         )
-        expired = 0
-        for row in ended:
-            customer_id = row["customer_id"]
 
-            async def still_ended(customer_id: str = customer_id) -> TrialExpired | None:
-                ends = await conn.fetchval(
-                    "SELECT trial_ends_at FROM subscriptions WHERE customer_id = $1 "
-                    "AND status = 'trialing' AND trial_ends_at <= $2",
-                    customer_id,
-                    now,
-                )
-                if ends is None:
-                    return None
-                return TrialExpired(customer_id=customer_id, trial_ended_at=ends)
-
+        async def still_ended(customer_id: str) -> TrialExpired | None:
             ends = await conn.fetchval(
-                "SELECT trial_ends_at FROM subscriptions WHERE customer_id = $1", customer_id
+                "SELECT trial_ends_at FROM subscriptions WHERE customer_id = $1 "
+                "AND status = 'trialing' AND trial_ends_at <= $2",
+                customer_id,
+                now,
             )
-            try:
-                appended = await append_decision(
-                    store,
-                    customer_id=customer_id,
-                    event_id=trial_expired_id(customer_id, ends),
-                    decide=still_ended,
-                    consumers=CONSUMERS,
+            return (
+                None if ends is None else TrialExpired(customer_id=customer_id, trial_ended_at=ends)
+            )
+
+        return await append_decisions(
+            store,
+            (
+                Decision(
+                    customer_id=row["customer_id"],
+                    event_id=trial_expired_id(row["customer_id"], row["trial_ends_at"]),
+                    decide=functools.partial(still_ended, row["customer_id"]),
                 )
-            except ReadModelBehind as behind:
-                log.warning("trial scheduler: %s; the next pass decides", behind)
-                break
-            expired += appended is not None
-        return expired
+                for row in ended
+            ),
+            CONSUMERS,
+            "trial scheduler",
+        )
 
 
 def trial_expired_id(customer_id: str, trial_ends_at: datetime) -> str:

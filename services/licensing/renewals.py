@@ -11,20 +11,18 @@ replicas append it once.
 
 from __future__ import annotations
 
-import logging
+import functools
 import uuid
 from datetime import datetime, timedelta
 
 import asyncpg
 
 from contracts import LicenseIssued
-from libs.decisions import ReadModelBehind, append_decision
+from libs.decisions import Decision, append_decisions
 from libs.eventstore import EventStore
 from libs.projections import durable_name
 from services.licensing.keys import LicenseSigner
 from services.licensing.reactors import SUBSCRIPTION_LICENSE_DAYS, signed_license
-
-log = logging.getLogger(__name__)
 
 LOCK_KEY = "licensing:renewal-scheduler"
 RENEWABLE = ("subscription", "renewal")
@@ -32,8 +30,8 @@ RENEWABLE = ("subscription", "renewal")
 # (kept by the license reactor) and the licenses.
 CONSUMERS = (durable_name("licensing", "issue_licenses"), durable_name("licensing", "licenses"))
 
-# The newest license of each customer whose subscription is active, when it is a subscription
-# license that expires within the renewal window.
+# The newest license of each customer (or of customer $3) whose subscription is active, when it
+# is a subscription license that expires within the renewal window.
 _DUE = """
     SELECT l.license_id, l.customer_id, l.expires_at, p.plan
     FROM license_plans p
@@ -45,6 +43,7 @@ _DUE = """
     WHERE p.subscription_status = 'active'
       AND l.license_type = ANY($2::text[])
       AND l.expires_at <= $1
+      AND ($3::text IS NULL OR p.customer_id = $3)
     ORDER BY l.expires_at
     LIMIT 500
 """
@@ -67,30 +66,32 @@ async def renew_due_licenses(
             "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY
         ):
             return 0  # another replica is on it
-        due = await conn.fetch(_DUE, now + renew_before, list(RENEWABLE))
-        renewed = 0
-        for row in due:
-            license_id = row["license_id"]
+        due = await conn.fetch(_DUE, now + renew_before, list(RENEWABLE), None)
 
-            async def still_due(license_id: str = license_id) -> LicenseIssued | None:
-                again = await conn.fetch(_DUE, now + renew_before, list(RENEWABLE))
-                current = next((r for r in again if r["license_id"] == license_id), None)
-                return None if current is None else _renewal(current, signer, renew_before)
+        async def still_due(customer_id: str, license_id: str) -> LicenseIssued | None:
+            again = await conn.fetchrow(_DUE, now + renew_before, list(RENEWABLE), customer_id)
+            if again is None or again["license_id"] != license_id:
+                return None  # renewed, canceled or past due since
+            return _renewal(again, signer, renew_before)
 
-            renewal_id = renewal_license_id(license_id)
-            try:
-                appended = await append_decision(
-                    store,
+        return await append_decisions(
+            store,
+            (
+                Decision(
                     customer_id=row["customer_id"],
-                    event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"renewal-issued:{renewal_id}")),
-                    decide=still_due,
-                    consumers=CONSUMERS,
+                    event_id=str(
+                        uuid.uuid5(
+                            uuid.NAMESPACE_URL,
+                            f"renewal-issued:{renewal_license_id(row['license_id'])}",
+                        )
+                    ),
+                    decide=functools.partial(still_due, row["customer_id"], row["license_id"]),
                 )
-            except ReadModelBehind as behind:
-                log.warning("renewal scheduler: %s; the next pass decides", behind)
-                break
-            renewed += appended is not None
-        return renewed
+                for row in due
+            ),
+            CONSUMERS,
+            "renewal scheduler",
+        )
 
 
 def renewal_license_id(license_id: str) -> str:
