@@ -423,6 +423,32 @@ class DeploymentJobRemoved(Event, frozen=True, kw_only=True):
     removed_by: str = "admin"
 
 
+class InstanceDegraded(Event, frozen=True, kw_only=True):
+    """A deployed instance stopped being healthy (not ready, or not answering): the
+    provisioner's health watch saw it, and redeploys it if it stays so for long."""
+
+    TYPE = "InstanceDegraded"
+    VERSION = 1
+
+    customer_id: Id
+    reason: Annotated[
+        str, Meta(max_length=500, description="what the check saw, e.g. not answering: timeout")
+    ]
+    since: Annotated[UtcDateTime, Meta(description="when the check first found it unhealthy")]
+
+
+class InstanceRecovered(Event, frozen=True, kw_only=True):
+    """A degraded instance is healthy again by itself (a redeploy that succeeds says so with
+    its DeploymentSucceeded instead)."""
+
+    TYPE = "InstanceRecovered"
+    VERSION = 1
+
+    customer_id: Id
+    degraded_since: Annotated[UtcDateTime, Meta(description="``since`` of the InstanceDegraded")]
+    recovered_at: Annotated[UtcDateTime, Meta(description="when the check found it healthy")]
+
+
 # --- instance -----------------------------------------------------------------------------------
 
 
@@ -466,6 +492,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     DeploymentRetried,
     DeploymentSuperseded,
     DeploymentJobRemoved,
+    InstanceDegraded,
+    InstanceRecovered,
     UsageReported,
 )
 

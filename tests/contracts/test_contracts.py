@@ -26,6 +26,8 @@ from contracts import (
     Envelope,
     Event,
     Features,
+    InstanceDegraded,
+    InstanceRecovered,
     LicenseIssued,
     Limits,
     MalformedEvent,
@@ -443,6 +445,37 @@ def test_every_field_kind_round_trips() -> None:
         envelope = new_envelope(event, customer_id=CUSTOMER)
         assert decode_event(decode_envelope(encode_envelope(envelope))) == event
     assert succeeded.components == {}
+
+
+def test_instance_health_events_round_trip_and_keep_their_bounds() -> None:
+    since = datetime(2026, 12, 7, 0, 20, tzinfo=UTC)
+    degraded = InstanceDegraded(
+        customer_id=CUSTOMER, reason="not answering: ReadTimeout", since=since
+    )
+    recovered = InstanceRecovered(
+        customer_id=CUSTOMER, degraded_since=since, recovered_at=since + timedelta(seconds=30)
+    )
+    for event in (degraded, recovered):
+        envelope = new_envelope(event, customer_id=CUSTOMER)
+        assert decode_event(decode_envelope(encode_envelope(envelope))) == event
+    # Owned by the provisioner, and listed right after the deployment events.
+    order = [cls.TYPE for cls in ALL_EVENTS]
+    assert order.index("InstanceDegraded") == order.index("DeploymentJobRemoved") + 1
+    assert order.index("InstanceRecovered") == order.index("InstanceDegraded") + 1
+    body = {"customer_id": CUSTOMER, "reason": "x", "since": "2026-12-07T00:20:00"}
+    with pytest.raises(MalformedEvent, match="timezone"):
+        decode_event(decode_envelope(wrap("InstanceDegraded", 1, json.dumps(body).encode())))
+    body = {"customer_id": CUSTOMER, "reason": "x" * 501, "since": "2026-12-07T00:20:00Z"}
+    with pytest.raises(MalformedEvent, match="length"):
+        decode_event(decode_envelope(wrap("InstanceDegraded", 1, json.dumps(body).encode())))
+
+
+def test_the_provisioner_owns_the_instance_health_events() -> None:
+    from services.bus import event_owners
+
+    # (tests/deploy checks that the chart's bus-permissions.json says the same.)
+    owners = event_owners()
+    assert owners["InstanceDegraded"] == owners["InstanceRecovered"] == "provisioner"
 
 
 def test_correlation_and_causation_chain_through_caused_events() -> None:
