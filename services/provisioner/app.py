@@ -15,6 +15,8 @@ from contracts import (
     DeploymentStarted,
     DeploymentSucceeded,
     DeploymentSuperseded,
+    InstanceDegraded,
+    InstanceRecovered,
 )
 from libs.outbox import OutboxRelay, outbox_relay, outbox_worker
 from libs.projections import Projection
@@ -22,8 +24,9 @@ from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.supervision import Worker
 from services.provisioner.backends.base import Backend
 from services.provisioner.backends.k8s_manifests import KubernetesSettings
-from services.provisioner.metrics import QueueMetrics
-from services.provisioner.projections import DEPLOYMENTS
+from services.provisioner.health import HealthWatch
+from services.provisioner.metrics import HealthMetrics, QueueMetrics
+from services.provisioner.projections import DEPLOYMENTS, INSTANCE_HEALTH
 from services.provisioner.reactors import provisioner_reactors
 from services.provisioner.settings import ProvisionerSettings, parse_cidrs
 from services.provisioner.worker import QueueWorker
@@ -97,6 +100,24 @@ def worker_of(runtime: ServiceRuntime) -> QueueWorker:
     )
 
 
+def health_watch_of(runtime: ServiceRuntime) -> HealthWatch:
+    """This replica's health watch over the deployed instances."""
+
+    def make() -> HealthWatch:
+        worker = worker_of(runtime)
+        return HealthWatch(
+            runtime.db,
+            runtime.events,
+            settings_of(runtime),
+            backend_of(runtime),
+            runtime.shared("health metrics", lambda: HealthMetrics(runtime.registry)),
+            worker.backend_started,
+            worker.wake,
+        )
+
+    return runtime.shared("health watch", make)
+
+
 def _reactors(runtime: ServiceRuntime) -> Sequence[Projection]:
     def wake() -> None:
         # After the reactor's transaction commits the job is claimable; the next poll (a
@@ -115,6 +136,7 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
             "queue metrics",
             lambda: metrics_of(runtime).refresh_every(runtime.db, METRICS_REFRESH_SECONDS),
         ),
+        health_watch_of(runtime).worker(),
     ]
 
 
@@ -127,7 +149,7 @@ def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
 PROVISIONER = ServiceDefinition(
     name="provisioner",
     migrations_package="services.provisioner.migrations",
-    projections=(DEPLOYMENTS,),
+    projections=(DEPLOYMENTS, INSTANCE_HEALTH),
     reactors=_reactors,
     routes=_routes,
     workers=_workers,
@@ -140,6 +162,8 @@ PROVISIONER = ServiceDefinition(
         DeploymentStarted,
         DeploymentSucceeded,
         DeploymentSuperseded,
+        InstanceDegraded,
+        InstanceRecovered,
     ),
     reactor_names=("queue_deployments",),
     settings_type=ProvisionerSettings,

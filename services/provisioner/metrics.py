@@ -1,4 +1,5 @@
-"""The queue's Prometheus metrics: jobs by state, workers, and how long jobs take."""
+"""The provisioner's Prometheus metrics: the queue's jobs by state, workers and how long jobs
+take; the health watch's unhealthy instances and redeploys."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 import asyncpg
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from libs.scheduling import PASSING
 from services.provisioner.queue import STATES, queue_stats
@@ -58,3 +59,27 @@ class QueueMetrics:
             except PASSING as exc:
                 log.warning("queue metrics: %r", exc)
             await asyncio.sleep(seconds)
+
+
+class HealthMetrics:
+    """``instances_unhealthy``, ``instance_health_checks_total`` and
+    ``instance_health_redeploys_total``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Registers the metrics in ``registry``."""
+        self.unhealthy = Gauge(
+            "instances_unhealthy",
+            "Deployed instances the health watch found unhealthy at its last pass",
+            registry=registry,
+        )
+        self.checks = Counter(
+            "instance_health_checks",
+            "Health checks of deployed instances, by outcome (healthy, unhealthy, unknown)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.redeploys = Counter(
+            "instance_health_redeploys",
+            "Redeploys the health watch queued for instances unhealthy for too long",
+            registry=registry,
+        )

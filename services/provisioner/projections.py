@@ -13,6 +13,8 @@ from contracts import (
     DeploymentStarted,
     DeploymentSucceeded,
     DeploymentSuperseded,
+    InstanceDegraded,
+    InstanceRecovered,
 )
 from libs.db import Connection
 from libs.projections import Projection, Recorded, update_row
@@ -125,5 +127,67 @@ DEPLOYMENTS = Projection(
         DeploymentRetried: when_deployment_retried_mark_waiting,
         DeploymentSuperseded: when_deployment_superseded_mark_it,
         DeploymentJobRemoved: when_deployment_job_removed_forget_it,
+    },
+)
+
+
+# --- instance health ------------------------------------------------------------------------------
+
+
+async def when_instance_degraded_open_episode(
+    conn: Connection, r: Recorded[InstanceDegraded]
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO instance_health (customer_id, state, reason, degraded_since, episodes,
+                                     updated_at)
+        VALUES ($1, 'degraded', $2, $3, 1, $4)
+        ON CONFLICT (customer_id) DO UPDATE SET state = 'degraded', reason = $2,
+            degraded_since = $3, episodes = instance_health.episodes + 1, updated_at = $4
+        """,
+        r.event.customer_id,
+        r.event.reason,
+        r.event.since,
+        r.envelope.occurred_at,
+    )
+
+
+async def _healthy(conn: Connection, customer_id: str, at: object) -> None:
+    await update_row(
+        conn,
+        "instance_health",
+        "customer_id",
+        customer_id,
+        "state = 'healthy', reason = NULL, degraded_since = NULL, updated_at = $2",
+        at,
+    )
+
+
+async def when_instance_recovered_close_episode(
+    conn: Connection, r: Recorded[InstanceRecovered]
+) -> None:
+    await _healthy(conn, r.event.customer_id, r.envelope.occurred_at)
+
+
+async def when_deployment_succeeded_close_episode(
+    conn: Connection, r: Recorded[DeploymentSucceeded]
+) -> None:
+    # A deployment succeeds only once the instance answers ready: whatever was degraded before
+    # is over (a redeploy's own recovery). A removed instance has no health to keep.
+    if r.event.components.get("instance") == "removed":
+        await conn.execute(
+            "DELETE FROM instance_health WHERE customer_id = $1", r.event.customer_id
+        )
+    else:
+        await _healthy(conn, r.event.customer_id, r.envelope.occurred_at)
+
+
+INSTANCE_HEALTH = Projection(
+    name="instance_health",
+    tables=("instance_health",),
+    handlers={
+        InstanceDegraded: when_instance_degraded_open_episode,
+        InstanceRecovered: when_instance_recovered_close_episode,
+        DeploymentSucceeded: when_deployment_succeeded_close_episode,
     },
 )

@@ -103,8 +103,13 @@ async def _record(
     )
 
 
-async def _lock(conn: asyncpg.Connection) -> None:
+async def lock_queue(conn: asyncpg.Connection) -> None:
+    """Hold the queue's lock until the transaction ends: enqueueing, claiming and retrying
+    wait for it, so what the caller reads of the queue stays true until it commits."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", QUEUE_LOCK)
+
+
+_lock = lock_queue
 
 
 async def _clock(conn: asyncpg.Connection) -> datetime:

@@ -23,6 +23,14 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     queue_lease_seconds: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     # How often idle workers look for jobs another replica queued.
     queue_poll_seconds: Annotated[float, Meta(gt=0, le=60)] = 0.25
+    # The health watch: how often each deployed instance is checked through its backend, how
+    # long one check may take, how long an instance may stay unhealthy before it is redeployed,
+    # and the longest wait between redeploys of an instance that keeps breaking (the wait
+    # doubles from INSTANCE_UNHEALTHY_REDEPLOY_SECONDS with each redeploy in that window).
+    instance_health_check_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    instance_health_timeout_seconds: Annotated[float, Meta(gt=0, le=120)] = 5.0
+    instance_unhealthy_redeploy_seconds: Annotated[float, Meta(ge=0, le=86400)] = 60.0
+    instance_redeploy_backoff_max_seconds: Annotated[float, Meta(gt=0, le=604800)] = 3600.0
     provisioner_backend: Literal["local", "kubernetes"] = "local"
     # Derives each instance's database and broker passwords (HMAC), so retries converge.
     provisioner_secret: Annotated[str, Meta(min_length=32)] | None = None

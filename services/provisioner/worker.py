@@ -79,6 +79,8 @@ class QueueWorker:
         self.worker_id = f"worker-{uuid.uuid4().hex[:12]}"
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        # Set while the backend is started (the health watch waits for it).
+        self.backend_started = asyncio.Event()
 
     @property
     def _lease(self) -> timedelta:
@@ -112,6 +114,7 @@ class QueueWorker:
             for task in self._running:
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
+            self.backend_started.clear()
             await self._backend.stop()
 
     async def _start_backend(self) -> None:
@@ -119,6 +122,7 @@ class QueueWorker:
         while True:
             try:
                 await self._backend.start()
+                self.backend_started.set()
                 return
             except Exception:
                 log.exception(

@@ -50,6 +50,15 @@ class Deployed:
     components: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class InstanceHealth:
+    """What one health check of a deployed instance found."""
+
+    healthy: bool
+    # Why it is not healthy, in a line (no secrets): what InstanceDegraded records.
+    reason: str = ""
+
+
 class Backend(Protocol):
     """A way to run customer instances: ``local`` processes or ``kubernetes``."""
 
@@ -72,3 +81,7 @@ class Backend(Protocol):
 
     async def status(self, customer_id: str) -> dict[str, object]:
         """The backend's view of the instance: release state and each component's state."""
+
+    async def health(self, customer_id: str) -> InstanceHealth:
+        """Whether the deployed instance serves: ready, answering. Raises ``BackendError``
+        when the backend cannot tell (its API is away), which says nothing of the instance."""

@@ -28,6 +28,7 @@ from libs.auth import login_relay_key
 from services.provisioner.backends.base import (
     BackendError,
     Deployed,
+    InstanceHealth,
     InstanceSpec,
     Progress,
     derive_password,
@@ -192,6 +193,23 @@ def ready(obj: dict[str, Any] | None) -> bool:
     return bool(status.get("readyReplicas", 0) >= wanted)
 
 
+def serving_trouble(obj: dict[str, Any]) -> str | None:
+    """Why a workload does not serve now (fewer ready replicas than wanted, or a Deployment
+    whose Available condition is False), or None when it serves. Unlike ``ready``, a rollout in
+    progress is no trouble while the wanted replicas are ready."""
+    status = obj.get("status") or {}
+    wanted = (obj.get("spec") or {}).get("replicas", 1)
+    name = f"{obj.get('kind', 'workload')} {(obj.get('metadata') or {}).get('name', '?')}"
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Available" and condition.get("status") == "False":
+            why = condition.get("reason") or condition.get("message") or "unavailable"
+            return f"{name} not available: {str(why)[:120]}"
+    have = status.get("readyReplicas", 0) or 0
+    if have < wanted:
+        return f"{name}: {have} of {wanted} replicas ready"
+    return None
+
+
 class KubernetesBackend:
     """Runs each customer's instance in a namespace of its own."""
 
@@ -301,6 +319,21 @@ class KubernetesBackend:
             else ("deployed" if all(s == "ready" for s in states.values()) else "progressing")
         )
         return {"release": release, "namespace": ns, "components": states}
+
+    async def health(self, customer_id: str) -> InstanceHealth:
+        """Healthy when the namespace is there and Postgres, Mosquitto and the instance
+        Deployment have their wanted replicas ready (and the Deployment is Available)."""
+        api = self._api
+        ns = namespace_of(customer_id, self._settings)
+        troubles = []
+        for kind, name in WORKLOADS:
+            obj = await api.get("apps/v1", kind, name, ns)
+            trouble = f"{kind} {name} missing" if obj is None else serving_trouble(obj)
+            if trouble is not None:
+                troubles.append(trouble)
+        if troubles:
+            return InstanceHealth(False, "; ".join(troubles))
+        return InstanceHealth(True)
 
     async def _wait_ready(self, customer_id: str, progress: Progress, start: int) -> None:
         api = self._api

@@ -37,6 +37,7 @@ from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from services.provisioner.backends.base import (
     BackendError,
     Deployed,
+    InstanceHealth,
     InstanceSpec,
     Progress,
     derive_password,
@@ -153,14 +154,12 @@ class LocalBackend:
         _write_private(folder / "license.jwt", spec.license_jwt)
         await progress(70, "instance")
         port = await self._port_of(spec.customer_id)
-        supervised = self._supervised.get(spec.customer_id)
-        if supervised is None:
-            supervised = self._supervise(
-                spec.customer_id,
-                port,
-                adopted_pid=instances_running().get(spec.customer_id),
-                database_url=database_url,
-            )
+        # A deploy starts a fresh process with today's settings (addresses, secrets): one that
+        # runs already may be the broken one a redeploy is for, or hold yesterday's ports.
+        await self._stop_instance(spec.customer_id)
+        supervised = self._supervise(
+            spec.customer_id, port, adopted_pid=None, database_url=database_url
+        )
         await progress(90, "health")
         try:
             await self._wait_ready(supervised, spec.license_id)
@@ -193,12 +192,7 @@ class LocalBackend:
         """Stop the process, then remove broker credentials, database, role and files."""
         name = instance_name(customer_id)
         await progress(10, "instance")
-        supervised = self._supervised.pop(customer_id, None)
-        if supervised is not None:
-            await self._stop_process(supervised)
-        stray = instances_running().get(customer_id)
-        if stray is not None:
-            await _terminate_pid(stray)
+        await self._stop_instance(customer_id)
         await progress(40, "broker")
         await self._remove_broker(customer_id, name)
         await progress(70, "database")
@@ -213,17 +207,62 @@ class LocalBackend:
         supervised = self._supervised.get(customer_id)
         if supervised is None:
             return {"release": "missing", "components": {}}
-        ready = await _answers(f"{self._url(supervised.port)}/health/ready")
+        checked, detail = await self._probe(customer_id)
+        components = {
+            "instance": "ready"
+            if checked.healthy
+            else ("not ready" if supervised.pid else "restarting"),
+        }
+        # What the instance says of its own database and broker connections, when it answers.
+        for part in ("database", "broker"):
+            check = detail.get(part)
+            if isinstance(check, dict) and isinstance(check.get("ok"), bool):
+                components[part] = "ready" if check["ok"] else "not ready"
         return {
-            "release": "deployed" if ready else "progressing",
+            "release": "deployed" if checked.healthy else "progressing",
             "instance_url": self._url(supervised.port),
             "pid": supervised.pid,
             "restarts": supervised.restarts,
-            "components": {
-                "instance": "running" if supervised.pid else "restarting",
-                "ready": "yes" if ready else "no",
-            },
+            "components": components,
+            **({} if checked.healthy else {"reason": checked.reason}),
         }
+
+    async def health(self, customer_id: str) -> InstanceHealth:
+        """Ready when the instance's ``/health/ready`` answers 200 within
+        ``INSTANCE_HEALTH_TIMEOUT_SECONDS``; the reason names the checks that failed."""
+        checked, _ = await self._probe(customer_id)
+        return checked
+
+    async def _probe(self, customer_id: str) -> tuple[InstanceHealth, dict[str, object]]:
+        """The instance's health, and the detail of its readiness answer (monitoring's)."""
+        supervised = self._supervised.get(customer_id)
+        if supervised is None:
+            return InstanceHealth(False, "no instance process is kept running for it here"), {}
+        if supervised.pid is None:
+            return InstanceHealth(False, "the instance process is not running (restarting)"), {}
+        token = self._password("monitoring", customer_id)
+        try:
+            async with httpx.AsyncClient(
+                timeout=self._settings.instance_health_timeout_seconds,
+                headers={"Authorization": f"Bearer {token}"},
+            ) as client:
+                answer = await client.get(f"{self._url(supervised.port)}/health/ready")
+        except httpx.HTTPError as exc:
+            return InstanceHealth(False, f"not answering: {type(exc).__name__}"), {}
+        try:
+            detail = answer.json()
+        except ValueError:
+            detail = None
+        detail = detail if isinstance(detail, dict) else {}
+        if answer.status_code == 200:
+            return InstanceHealth(True), detail
+        failed = [
+            str(name)[:40]
+            for name, check in detail.items()
+            if isinstance(check, dict) and check.get("ok") is False
+        ]
+        reason = f"not ready ({answer.status_code}): {', '.join(failed[:10]) or 'no detail'}"
+        return InstanceHealth(False, reason), detail
 
     # --- parts ----------------------------------------------------------------------------------
 
@@ -464,6 +503,15 @@ class LocalBackend:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
+    async def _stop_instance(self, customer_id: str) -> None:
+        """Stop the customer's process: the one kept running, and any stray one left here."""
+        supervised = self._supervised.pop(customer_id, None)
+        if supervised is not None:
+            await self._stop_process(supervised)
+        stray = instances_running().get(customer_id)
+        if stray is not None:
+            await _terminate_pid(stray)
+
     async def _stop_process(self, s: Supervised) -> None:
         s.wanted = False
         pid = s.pid
@@ -616,6 +664,8 @@ async def _wait_pid_gone(pid: int) -> None:
 async def _terminate_pid(pid: int, grace: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
+        # A stopped process (SIGSTOP, a debugger) handles its SIGTERM only once continued.
+        os.kill(pid, signal.SIGCONT)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while _alive(pid) and loop.time() < deadline:  # noqa: ASYNC110 - a pid has no event
@@ -623,11 +673,3 @@ async def _terminate_pid(pid: int, grace: float = 10.0) -> None:
     if _alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-async def _answers(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient(timeout=2) as client:
-            return (await client.get(url)).status_code == 200
-    except httpx.HTTPError:
-        return False
