@@ -120,6 +120,8 @@ def deployment_of(row: asyncpg.Record | None) -> DeploymentOut:
         progress=row["deployment_progress"],
         step=row["deployment_step"],
         error=row["deployment_error"],
+        degraded_since=row["instance_degraded_since"],
+        health_reason=row["instance_health_reason"],
     )
 
 

@@ -14,6 +14,8 @@ from contracts import (
     DeploymentRequested,
     DeploymentStarted,
     DeploymentSucceeded,
+    InstanceDegraded,
+    InstanceRecovered,
     LicenseIssued,
     LicenseRevoked,
     PaymentFailed,
@@ -134,15 +136,23 @@ async def when_license_revoked_clear_license(conn: Connection, r: Recorded[Licen
     )
 
 
+# Who asks for a redeploy of an instance that stays unhealthy (the provisioner's health watch).
+HEALTH_WATCH = "health-watch"
+# The job in hand is the health watch's redeploy: the account shows it as recovering throughout.
+_RECOVERING = "deployment_status = 'recovering' AND deployment_job_id = $3"
+
+
 async def when_deployment_requested_show_pending(
     conn: Connection, r: Recorded[DeploymentRequested]
 ) -> None:
+    status = "recovering" if r.event.requested_by == HEALTH_WATCH else "queued"
     await _update(
         conn,
         r,
-        "deployment_job_id = $3, deployment_status = 'queued', "
+        "deployment_job_id = $3, deployment_status = $4, "
         "deployment_progress = 0, deployment_step = NULL, deployment_error = NULL",
         r.event.job_id,
+        status,
     )
 
 
@@ -150,7 +160,11 @@ async def when_deployment_started_show_active(
     conn: Connection, r: Recorded[DeploymentStarted]
 ) -> None:
     await _update(
-        conn, r, "deployment_job_id = $3, deployment_status = 'deploying'", r.event.job_id
+        conn,
+        r,
+        f"deployment_status = CASE WHEN {_RECOVERING} THEN 'recovering' ELSE 'deploying' END, "
+        "deployment_job_id = $3",
+        r.event.job_id,
     )
 
 
@@ -167,11 +181,13 @@ async def when_deployment_succeeded_show_instance(
 ) -> None:
     # A finished delete job reports its instance as removed: the account has none any more.
     removed = r.event.components.get("instance") == "removed"
+    # It answered ready to finish: whatever the health watch said before is over.
     await _update(
         conn,
         r,
         "deployment_status = $4, deployment_progress = 100, "
-        "deployment_error = NULL, instance_url = $3",
+        "deployment_error = NULL, instance_url = $3, "
+        "instance_degraded_since = NULL, instance_health_reason = NULL",
         r.event.instance_url,
         "removed" if removed else "ready",
     )
@@ -180,8 +196,47 @@ async def when_deployment_succeeded_show_instance(
 async def when_deployment_failed_show_error(
     conn: Connection, r: Recorded[DeploymentFailed]
 ) -> None:
-    status = "retrying" if r.event.will_retry else "failed"
-    await _update(conn, r, "deployment_status = $3, deployment_error = $4", status, r.event.error)
+    # A recovering redeploy that will try again is still recovering.
+    await _update(
+        conn,
+        r,
+        f"deployment_status = CASE WHEN NOT $4 THEN 'failed' WHEN {_RECOVERING} "
+        "THEN 'recovering' ELSE 'retrying' END, deployment_error = $5",
+        r.event.job_id,
+        r.event.will_retry,
+        r.event.error,
+    )
+
+
+# While a job is in hand (or the instance is gone), that is what the account shows; the health
+# watch decides nothing while a job of the customer waits or runs.
+_JOB_IN_HAND = "('queued', 'deploying', 'retrying', 'recovering', 'removed')"
+
+
+async def when_instance_degraded_show_degraded(
+    conn: Connection, r: Recorded[InstanceDegraded]
+) -> None:
+    await _update(
+        conn,
+        r,
+        f"deployment_status = CASE WHEN deployment_status IN {_JOB_IN_HAND} "
+        "THEN deployment_status ELSE 'degraded' END, "
+        "instance_degraded_since = $3, instance_health_reason = $4",
+        r.event.since,
+        r.event.reason,
+    )
+
+
+async def when_instance_recovered_show_ready(
+    conn: Connection, r: Recorded[InstanceRecovered]
+) -> None:
+    await _update(
+        conn,
+        r,
+        "deployment_status = CASE WHEN deployment_status = 'degraded' "
+        "THEN 'ready' ELSE deployment_status END, "
+        "instance_degraded_since = NULL, instance_health_reason = NULL",
+    )
 
 
 ACCOUNTS = Projection(
@@ -203,5 +258,7 @@ ACCOUNTS = Projection(
         DeploymentProgressed: when_deployment_progressed_show_progress,
         DeploymentSucceeded: when_deployment_succeeded_show_instance,
         DeploymentFailed: when_deployment_failed_show_error,
+        InstanceDegraded: when_instance_degraded_show_degraded,
+        InstanceRecovered: when_instance_recovered_show_ready,
     },
 )
