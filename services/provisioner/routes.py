@@ -21,10 +21,12 @@ from libs.outbox import OutboxRelay
 from libs.runtime import ServiceRuntime
 from services.provisioner.admin_page import admin_page_routes
 from services.provisioner.backends.base import Backend
+from services.provisioner.health import HEALTH_WATCH
 from services.provisioner.queue import (
     DELETE,
     DEPLOY,
     FINISHED,
+    PENDING,
     JobNotFound,
     JobNotRetryable,
     clean_jobs,
@@ -211,13 +213,48 @@ def provisioner_routes(
                 "SELECT * FROM queue_jobs WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 1",
                 customer_id,
             )
+            deciding = await conn.fetchrow(
+                "SELECT * FROM queue_jobs WHERE customer_id = $1 AND state <> 'superseded' "
+                "ORDER BY created_at DESC LIMIT 1",
+                customer_id,
+            )
+            releases = await conn.fetchrow(
+                "SELECT count(*) AS revisions, max(finished_on) AS last FROM queue_jobs "
+                "WHERE customer_id = $1 AND state = 'completed' AND kind <> $2",
+                customer_id,
+                DELETE,
+            )
+            health = await conn.fetchrow(
+                "SELECT state, reason, degraded_since FROM instance_health WHERE customer_id = $1",
+                customer_id,
+            )
         if license_row is None and instance is None and latest is None:
             raise NotFound(f"no deployment for customer {customer_id}")
+        view = {"name": backend.name, **await backend.status(customer_id)}
+        degraded = health is not None and health["state"] == "degraded"
+        running = instance is not None and instance["state"] == "running"
+        deployed_at = releases["last"] or (instance["updated_at"] if running else None)
         return {
-            "customer": dict(license_row) if license_row else {"customer_id": customer_id},
+            "customer": {
+                **(dict(license_row) if license_row else {"customer_id": customer_id}),
+                # The original design's fields.
+                "customerId": customer_id,
+                "deploymentStatus": deployment_state(instance, deciding, degraded),
+                "instanceUrl": instance["instance_url"] if running else None,
+                "deployedAt": deployed_at,
+            },
             "instance": dict(instance) if instance else None,
-            "backend": {"name": backend.name, **await backend.status(customer_id)},
+            "backend": view,
             "latestJob": job_view(latest) if latest else None,
+            "health": dict(health) if health else None,
+            # The backend's release: its state, how many times it was (re)deployed, when last.
+            "release": {
+                "name": backend.name,
+                "status": view.get("release"),
+                "version": releases["revisions"],
+                "lastDeployed": releases["last"],
+            },
+            "components": component_list(view.get("components")),
         }
 
     admin = Router(
@@ -243,6 +280,37 @@ def provisioner_routes(
         return {"customerId": customer_id, "jobs": [job_view(r) for r in rows]}
 
     return [admin, customer_jobs, *admin_page_routes(runtime, settings, changed)]
+
+
+def deployment_state(
+    instance: asyncpg.Record | None, job: asyncpg.Record | None, degraded: bool
+) -> str:
+    """The customer's deployment in the original design's words: ``pending``, ``deploying``,
+    ``recovering`` (the health watch's redeploy), ``removing``, ``deployed``, ``degraded``,
+    ``failed`` or ``removed``. ``job`` is the customer's newest job that was not superseded."""
+    if job is not None and job["state"] in (*PENDING, "active"):
+        if json.loads(job["data"]).get("requested_by") == HEALTH_WATCH:
+            return "recovering"
+        if job["kind"] == DELETE:
+            return "removing"
+        return "deploying" if job["state"] == "active" else "pending"
+    if instance is not None and instance["state"] == "removed":
+        return "removed"
+    if job is not None and job["state"] == "failed":
+        return "failed"
+    if instance is not None and instance["state"] == "running":
+        return "degraded" if degraded else "deployed"
+    return "pending"
+
+
+def component_list(components: object) -> list[dict[str, Any]]:
+    """The backend's components (name to state) as the original design listed them."""
+    if not isinstance(components, dict):
+        return []
+    return [
+        {"name": str(name), "status": str(state), "ready": state == "ready"}
+        for name, state in components.items()
+    ]
 
 
 def _parse_clean(data: dict[str, Any]) -> tuple[str, float]:
