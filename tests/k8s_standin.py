@@ -5,7 +5,8 @@ the API server documents it — server-side apply (PATCH with ``application/appl
 ``fieldManager``, ``force``), GET, and DELETE of a namespace (which terminates, then takes its
 objects with it) — and records every request so tests can check the call sequence. Workloads
 report ready after ``ready_after`` reads, the way a rollout takes a while; a changed spec bumps
-``metadata.generation`` and starts a new rollout. The manifests themselves are checked against
+``metadata.generation`` and starts a new rollout; ``unready`` names workloads whose pods stopped
+being ready. The manifests themselves are checked against
 the real Kubernetes schemas separately (kubernetes-validate).
 """
 
@@ -30,6 +31,8 @@ class KubeStandIn:
     gone_after: int = 2
     token: str = "standin-token"
     fail_status: int | None = None
+    # Workloads (by name) whose pods stopped being ready, as a crash-looping pod's would.
+    unready: set[str] = field(default_factory=set)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -108,6 +111,12 @@ class KubeStandIn:
                 "updatedReplicas": replicas,
                 "availableReplicas": replicas,
             }
+        if obj.get("kind") in WORKLOAD_KINDS and obj["metadata"]["name"] in self.unready:
+            obj["status"] = {**obj.get("status", {}), "readyReplicas": 0, "availableReplicas": 0}
+            if obj["kind"] == "Deployment":  # StatefulSets have no Available condition
+                obj["status"]["conditions"] = [
+                    {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}
+                ]
         return Response(obj)
 
     def _delete(self, path: str) -> Response[Any]:

@@ -18,7 +18,7 @@ import yaml
 from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
-from services.provisioner.backends.base import BackendError, InstanceSpec
+from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render, render_yaml
 from support import serving
@@ -289,6 +289,37 @@ async def test_delete_removes_the_namespace_and_waits_until_it_is_gone(cluster) 
     assert deletes[0]["path"].endswith(f"/api/v1/namespaces/{NS}")
     assert standin.objects == {}
     assert status == {"release": "missing", "components": {}}
+
+
+async def test_health_follows_the_workloads_readiness(cluster) -> None:
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), Steps())
+        assert await backend.health(CUSTOMER) == InstanceHealth(True)
+        standin.unready = {"instance"}
+        sick = await backend.health(CUSTOMER)
+        assert not sick.healthy
+        assert sick.reason == "Deployment instance not available: MinimumReplicasUnavailable"
+        standin.unready = {"postgres"}
+        assert (
+            await backend.health(CUSTOMER)
+        ).reason == "StatefulSet postgres: 0 of 1 replicas ready"
+        standin.unready = set()
+        assert (await backend.health(CUSTOMER)).healthy
+        gets = [r["path"] for r in standin.requests if r["method"] == "GET"]
+        assert gets[-1].endswith(f"/namespaces/{NS}/deployments/instance")
+        standin.fail_status = 500
+        with pytest.raises(BackendError, match="500"):
+            await backend.health(CUSTOMER)  # the API is away: nothing said of the instance
+        standin.fail_status = None
+        await backend.delete(CUSTOMER, Steps())
+        gone = await backend.health(CUSTOMER)
+        assert not gone.healthy
+        assert gone.reason.startswith("StatefulSet postgres missing")
+    finally:
+        await backend.stop()
 
 
 async def test_api_failures_and_an_unreachable_server_are_backend_errors(cluster) -> None:
