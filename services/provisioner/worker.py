@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -26,6 +27,7 @@ import asyncpg
 from libs.outbox import OutboxRelay
 from libs.scheduling import PASSING
 from services.provisioner.backends.base import Backend, BackendError, InstanceSpec
+from services.provisioner.health import HEALTH_WATCH
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.queue import (
     DELETE,
@@ -217,6 +219,9 @@ class QueueWorker:
             await self._backend.delete(job.customer_id, progress)
             return None, {"instance": "removed"}
         spec = await self._spec(job.customer_id)
+        if job.data.get("requested_by") == HEALTH_WATCH:
+            # A redeploy of a broken instance: replace what runs rather than wait on it.
+            spec = dataclasses.replace(spec, restart_key=job.job_id)
         if job.kind == UPDATE:
             deployed = await self._backend.update(spec, progress)
         else:

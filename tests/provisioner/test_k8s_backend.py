@@ -5,6 +5,7 @@ since no API server can run here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -308,6 +309,13 @@ async def test_health_follows_the_workloads_readiness(cluster) -> None:
         ).reason == "StatefulSet postgres: 0 of 1 replicas ready"
         standin.unready = set()
         assert (await backend.health(CUSTOMER)).healthy
+        # The health watch's redeploy replaces the pods, as `kubectl rollout restart` does.
+        [path] = [k for k in standin.objects if k.endswith(f"{NS}/deployments/instance")]
+        generation = standin.objects[path]["metadata"]["generation"]
+        await backend.deploy(dataclasses.replace(spec(), restart_key="job-7"), Steps())
+        template = standin.objects[path]["spec"]["template"]["metadata"]
+        assert template["annotations"]["iotistic.io/restart"] == "job-7"
+        assert standin.objects[path]["metadata"]["generation"] == generation + 1
         gets = [r["path"] for r in standin.requests if r["method"] == "GET"]
         assert gets[-1].endswith(f"/namespaces/{NS}/deployments/instance")
         standin.fail_status = 500

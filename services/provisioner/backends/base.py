@@ -40,6 +40,9 @@ class InstanceSpec:
     jwks_url: str
     # Limits from the license, for quotas and sizing.
     max_devices: int = 10
+    # Set (to the job's id) when the running instance must be replaced, not kept: the health
+    # watch's redeploy of a broken one. A retry of that job passes the same key.
+    restart_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -524,8 +524,12 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
             "template": {
                 "metadata": {
                     "labels": labels,
-                    # A new license changes the template, so the Deployment rolls.
-                    "annotations": {"iotistic.io/license-id": spec.license_id},
+                    # A new license changes the template, so the Deployment rolls; so does a
+                    # redeploy that must replace the running pods (kubectl's rollout restart).
+                    "annotations": {
+                        "iotistic.io/license-id": spec.license_id,
+                        **({"iotistic.io/restart": spec.restart_key} if spec.restart_key else {}),
+                    },
                 },
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},

@@ -154,12 +154,15 @@ class LocalBackend:
         _write_private(folder / "license.jwt", spec.license_jwt)
         await progress(70, "instance")
         port = await self._port_of(spec.customer_id)
-        # A deploy starts a fresh process with today's settings (addresses, secrets): one that
-        # runs already may be the broken one a redeploy is for, or hold yesterday's ports.
-        await self._stop_instance(spec.customer_id)
-        supervised = self._supervise(
-            spec.customer_id, port, adopted_pid=None, database_url=database_url
-        )
+        supervised = self._running(spec.customer_id, port, database_url)
+        env = self._environment(spec.customer_id, port, database_url)
+        if supervised is None or spec.restart_key or not _runs_with(supervised, env):
+            # Nothing runs, or a redeploy replaces a broken process, or the one running holds
+            # other settings (addresses of a platform started before): a fresh one, as today.
+            await self._stop_instance(spec.customer_id)
+            supervised = self._supervise(
+                spec.customer_id, port, adopted_pid=None, database_url=database_url
+            )
         await progress(90, "health")
         try:
             await self._wait_ready(supervised, spec.license_id)
@@ -236,17 +239,25 @@ class LocalBackend:
     async def _probe(self, customer_id: str) -> tuple[InstanceHealth, dict[str, object]]:
         """The instance's health, and the detail of its readiness answer (monitoring's)."""
         supervised = self._supervised.get(customer_id)
-        if supervised is None:
-            return InstanceHealth(False, "no instance process is kept running for it here"), {}
-        if supervised.pid is None:
-            return InstanceHealth(False, "the instance process is not running (restarting)"), {}
+        if supervised is not None:
+            if supervised.pid is None:
+                return InstanceHealth(False, "the instance process is not running (restarting)"), {}
+            port = supervised.port
+        else:
+            # Another provisioner on this machine may run it: ask it where it is said to be.
+            async with self._pool().acquire() as conn:
+                port = await conn.fetchval(
+                    "SELECT port FROM local_instances WHERE customer_id = $1", customer_id
+                )
+            if port is None:
+                return InstanceHealth(False, "no instance of it runs on this machine"), {}
         token = self._password("monitoring", customer_id)
         try:
             async with httpx.AsyncClient(
                 timeout=self._settings.instance_health_timeout_seconds,
                 headers={"Authorization": f"Bearer {token}"},
             ) as client:
-                answer = await client.get(f"{self._url(supervised.port)}/health/ready")
+                answer = await client.get(f"{self._url(port)}/health/ready")
         except httpx.HTTPError as exc:
             return InstanceHealth(False, f"not answering: {type(exc).__name__}"), {}
         try:
@@ -503,6 +514,16 @@ class LocalBackend:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
+    def _running(self, customer_id: str, port: int, database_url: str) -> Supervised | None:
+        """The customer's process kept running here, adopting one left running (a provisioner
+        that died mid-job); None when there is none."""
+        supervised = self._supervised.get(customer_id)
+        if supervised is None:
+            pid = instances_running().get(customer_id)
+            if pid is not None:
+                supervised = self._supervise(customer_id, port, pid, database_url)
+        return supervised
+
     async def _stop_instance(self, customer_id: str) -> None:
         """Stop the customer's process: the one kept running, and any stray one left here."""
         supervised = self._supervised.pop(customer_id, None)
@@ -609,6 +630,23 @@ async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
             f"the instance's database role could still connect to {names}: the role in "
             "LOCAL_ADMIN_DATABASE_URL must own those databases or be a superuser"
         )
+
+
+def _runs_with(s: Supervised, env: dict[str, str]) -> bool:
+    """Whether the process runs with the settings in ``env`` (what the provisioner hands an
+    instance; what it inherits aside). A process adopted after a restart of the platform may
+    hold the addresses of the servers that ran before."""
+    if s.pid is None:
+        running = s.env  # between restarts: it starts again with these
+    else:
+        try:
+            raw = Path(f"/proc/{s.pid}/environ").read_bytes()
+        except OSError:
+            return False
+        running = dict(
+            item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if item
+        )
+    return all(running.get(k) == v for k, v in env.items() if k not in INHERITED)
 
 
 def _write_private(path: Path, text: str) -> None:
