@@ -13,7 +13,16 @@ import pytest
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 
-from contracts import CustomerClosed
+from contracts import (
+    CustomerClosed,
+    DeploymentFailed,
+    DeploymentRequested,
+    DeploymentStarted,
+    DeploymentSucceeded,
+    Event,
+    InstanceDegraded,
+    InstanceRecovered,
+)
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.runtime import Platform
@@ -298,6 +307,90 @@ async def test_no_password_or_hash_ever_reaches_the_log(client, store: EventStor
         assert b"argon2" not in stored.data
         assert PASSWORD.encode() not in stored.data
     assert seen > 0
+
+
+async def test_the_account_follows_its_instance_health_and_the_redeploy_that_repairs_it(
+    client, store: EventStore
+) -> None:
+    email = new_email()
+    customer_id = (await sign_up(client, email)).json()["customer"]["customer_id"]
+    auth = {"Authorization": f"Bearer {(await log_in(client, email, PASSWORD)).json()['token']}"}
+    url = "http://127.0.0.1:1/instance"
+    since = datetime(2026, 12, 7, 0, 20, tzinfo=UTC)
+
+    async def then(event: Event, status: str) -> dict[str, Any]:
+        await store.publish(event, customer_id=customer_id)
+        me = await eventually(
+            lambda: client.get("/api/customers/me", headers=auth),
+            lambda r: r.json()["deployment"]["status"] == status,
+            what=f"the account {status} after {type(event).__name__}",
+        )
+        deployment: dict[str, Any] = me.json()["deployment"]
+        return deployment
+
+    def requested(job: str, by: str) -> DeploymentRequested:
+        return DeploymentRequested(
+            customer_id=customer_id,
+            job_id=job,
+            kind="deploy-customer-stack",
+            priority=5,
+            requested_by=by,
+        )
+
+    def started(job: str, attempt: int = 1) -> DeploymentStarted:
+        return DeploymentStarted(
+            customer_id=customer_id, job_id=job, attempt=attempt, backend="local", worker_id="w"
+        )
+
+    def failed(job: str, again: bool) -> DeploymentFailed:
+        return DeploymentFailed(
+            customer_id=customer_id, job_id=job, attempt=1, error="hung", will_retry=again
+        )
+
+    def succeeded(job: str) -> DeploymentSucceeded:
+        return DeploymentSucceeded(
+            customer_id=customer_id, job_id=job, backend="local", instance_url=url
+        )
+
+    degraded = InstanceDegraded(customer_id=customer_id, reason="not answering", since=since)
+    await then(requested("j1", "system"), "queued")
+    await then(started("j1"), "deploying")
+    await then(succeeded("j1"), "ready")
+    shown = await then(degraded, "degraded")
+    assert (shown["health_reason"], shown["instance_url"]) == ("not answering", url)
+    assert shown["degraded_since"].startswith("2026-12-07T00:20:00")
+    recovered = InstanceRecovered(
+        customer_id=customer_id, degraded_since=since, recovered_at=since + timedelta(seconds=9)
+    )
+    shown = await then(recovered, "ready")
+    assert (shown["health_reason"], shown["degraded_since"]) == (None, None)
+    # Degraded again, and the health watch's redeploy: recovering throughout its attempts.
+    await then(degraded, "degraded")
+    await then(requested("j2", "health-watch"), "recovering")
+    await then(started("j2"), "recovering")
+    await then(failed("j2", again=True), "recovering")
+    await then(started("j2", attempt=2), "recovering")
+    shown = await then(succeeded("j2"), "ready")
+    assert shown["health_reason"] is None
+    # A redeploy that fails for good says so.
+    await then(degraded, "degraded")
+    await then(requested("j3", "health-watch"), "recovering")
+    await then(failed("j3", again=False), "failed")
+    # While another job is in hand, a degraded instance does not hide it.
+    await then(requested("j4", "admin"), "queued")
+    await store.publish(
+        InstanceDegraded(customer_id=customer_id, reason="not ready (503): database", since=since),
+        customer_id=customer_id,
+    )
+    me = await eventually(
+        lambda: client.get("/api/customers/me", headers=auth),
+        lambda r: r.json()["deployment"]["health_reason"] == "not ready (503): database",
+        what="the second reason shown",
+    )
+    assert me.json()["deployment"]["status"] == "queued"
+    await then(started("j4"), "deploying")
+    await then(failed("j4", again=True), "retrying")
+    await then(succeeded("j4"), "ready")
 
 
 async def test_replays_of_signup_and_licensing_show_no_difference(
