@@ -11,7 +11,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from libs.supervision import restart_counter
-from services.provisioner.metrics import QueueMetrics
+from services.provisioner.metrics import HealthMetrics, QueueMetrics
 
 RULES = Path(__file__).parents[2] / "deploy" / "prometheus"
 
@@ -25,7 +25,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 rules found" in result.stdout
+    assert "5 rules found" in result.stdout
 
 
 def test_the_rules_fire_when_they_should_and_only_then() -> None:
@@ -47,6 +47,16 @@ def test_the_rules_name_only_metrics_the_provisioner_exports() -> None:
         used.update(re.findall(r"\b(deployment_[a-z_]+)", rule["expr"]))
     assert used, "the rules use no queue metric"
     assert used <= exported | {f"{name}_count" for name in exported}, used - exported
+
+
+def test_the_instance_health_rule_names_a_metric_the_health_watch_exports() -> None:
+    registry = CollectorRegistry()
+    HealthMetrics(registry)
+    exported = {family.name for family in registry.collect()}
+    groups = yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+    [rule] = next(g for g in groups if g["name"] == "iotistic-instance-health")["rules"]
+    used = set(re.findall(r"\b(instances?_[a-z_]+)", rule["expr"]))
+    assert used == {"instances_unhealthy"} and used <= exported, (used, exported)
 
 
 def test_the_supervision_rule_names_the_metric_the_supervisors_export() -> None:
