@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from contracts import decode_envelope, decode_event
+from contracts import SubscriptionActivated, decode_envelope, decode_event
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.runtime import Platform
@@ -241,6 +241,45 @@ async def test_an_instance_that_recovers_by_itself_is_recorded_recovered_without
     degraded = await events_of(store, customer_id, "InstanceDegraded")
     assert (len(degraded), len(recovered)) == (1, 1)
     assert await health_watch_redeploys(store, customer_id) == 0
+
+
+async def test_a_new_license_for_a_hung_instance_replaces_it_at_once(client, admin, store) -> None:
+    customer_id, auth, account = await ready_customer(client, "hung-upgrade@example.com")
+    url = account["deployment"]["instance_url"]
+    pid = (await deployment_status(client, admin, customer_id))["backend"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await store.publish(
+            SubscriptionActivated(
+                customer_id=customer_id,
+                plan="professional",
+                status="active",
+                stripe_customer_id="cus_hung",
+                stripe_subscription_id="sub_hung",
+            ),
+            customer_id=customer_id,
+        )
+
+        async def update_job() -> Any:
+            jobs = (
+                await client.get(f"/api/queue/customer/{customer_id}/jobs", headers=admin)
+            ).json()["jobs"]
+            return next((j for j in jobs if j["name"] == "update-customer-stack"), None)
+
+        job = await eventually(
+            update_job,
+            lambda j: j is not None and j["state"] in ("completed", "failed"),
+            timeout=60,
+            what="the update finished",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    # Not waited on until it timed out: replaced by a fresh process with the new license.
+    assert (job["state"], job["attempts"]) == ("completed", 1), job
+    async with httpx.AsyncClient(base_url=url, timeout=5, headers=auth) as instance:
+        assert (await instance.get("/api/license")).json()["plan"] == "professional"
+    assert (await deployment_status(client, admin, customer_id))["backend"]["pid"] != pid
 
 
 async def test_deployment_status_answers_in_the_original_shape(client, admin) -> None:

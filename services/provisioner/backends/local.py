@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -177,10 +178,14 @@ class LocalBackend:
         )
 
     async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
-        """Write the new license and have the running instance re-read it (SIGHUP)."""
+        """Write the new license and have the running instance re-read it (SIGHUP); one that
+        does not answer ready is replaced instead (waiting on a hung one would only fail)."""
         supervised = self._supervised.get(spec.customer_id)
         if supervised is None or supervised.pid is None:
             return await self.deploy(spec, progress)
+        if not (await self.health(spec.customer_id)).healthy:
+            key = spec.restart_key or f"update:{spec.license_id}"
+            return await self.deploy(dataclasses.replace(spec, restart_key=key), progress)
         await progress(30, "license")
         _write_private(self._folder(spec.customer_id) / "license.jwt", spec.license_jwt)
         await progress(60, "reload")
