@@ -3,7 +3,8 @@
 Every ``INSTANCE_HEALTH_CHECK_SECONDS`` one provisioner replica (an advisory lock) asks the
 backend about each instance whose deployment succeeded and that no job is changing now:
 
-- unhealthy (not ready, not answering) and not yet recorded so: ``InstanceDegraded``;
+- unhealthy (not ready, not answering) at two checks in a row, and not yet recorded so:
+  ``InstanceDegraded``, ``since`` the first of them;
 - healthy again while recorded degraded: ``InstanceRecovered``;
 - degraded for longer than ``INSTANCE_UNHEALTHY_REDEPLOY_SECONDS``: a deploy job on the queue,
   requested by ``health-watch`` (the local backend then starts a fresh process). Its success
@@ -97,6 +98,9 @@ class HealthWatch:
         self._metrics = metrics
         self._backend_started = backend_started
         self._wake_queue = wake_queue
+        # Instances this replica found unhealthy, since when: one failed check alone (an
+        # instance still starting, a slow answer) records nothing; the next one does.
+        self._failing_since: dict[str, datetime] = {}
 
     def worker(self) -> Worker:
         """The supervised task: a pass every INSTANCE_HEALTH_CHECK_SECONDS."""
@@ -130,6 +134,7 @@ class HealthWatch:
             watched = await conn.fetch(_WATCHED, None)
             found = await self._check_all([row["customer_id"] for row in watched])
             self._metrics.unhealthy.set(sum(1 for h in found.values() if not h.healthy))
+            self._remember_failures(found, {row["customer_id"] for row in watched}, now)
             decisions = [
                 decision
                 for row in watched
@@ -165,17 +170,32 @@ class HealthWatch:
         results = await asyncio.gather(*(check(c) for c in customers))
         return {customer_id: health for customer_id, health in results if health is not None}
 
+    def _remember_failures(
+        self, found: dict[str, InstanceHealth], watched: set[str], now: datetime
+    ) -> None:
+        for customer_id, health in found.items():
+            if health.healthy:
+                self._failing_since.pop(customer_id, None)
+            else:
+                self._failing_since.setdefault(customer_id, now)
+        for customer_id in set(self._failing_since) - watched:
+            del self._failing_since[customer_id]  # a job took it up, or it is gone
+
     def _decision(
         self, conn: asyncpg.Connection, row: asyncpg.Record, health: InstanceHealth, now: datetime
     ) -> Decision | None:
         customer_id = row["customer_id"]
         degraded = row["degraded_since"] is not None
         if not health.healthy and not degraded:
+            since = self._failing_since.get(customer_id, now)
+            if since >= now:
+                log.info("health watch: instance of %s unhealthy once: %s", customer_id, health)
+                return None
             log.warning("health watch: instance of %s unhealthy: %s", customer_id, health.reason)
             return Decision(
                 customer_id=customer_id,
                 event_id=degraded_id(customer_id, row["episodes"] + 1),
-                decide=functools.partial(_still_unrecorded, conn, customer_id, health, now),
+                decide=functools.partial(_still_unrecorded, conn, customer_id, health, since),
             )
         if health.healthy and degraded:
             log.info("health watch: instance of %s healthy again", customer_id)
