@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from libs.runtime import Platform
 from services.provisioner.app import backend_of, health_watch_of, settings_of, worker_of
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics
+from services.provisioner.routes import deployment_state
 from services.targets import CONTROL_PLANE, build_app
 from support import assert_replays_clean, eventually, local_backend_settings, serving
 
@@ -313,3 +315,25 @@ def test_repeated_redeploys_wait_longer_each_time(platform) -> None:
 
 async def test_replay_of_every_service_is_clean_after_the_flows(platform, store) -> None:
     await assert_replays_clean(platform.settings.database_url, store, list(CONTROL_PLANE.values()))
+
+
+def test_the_deployment_state_in_the_original_words() -> None:
+    def job(state: str, kind: str = "deploy-customer-stack", by: str = "system") -> Any:
+        return {"state": state, "kind": kind, "data": json.dumps({"requested_by": by})}
+
+    running = {"state": "running"}
+    cases = [
+        (None, None, False, "pending"),
+        (None, job("waiting"), False, "pending"),
+        (None, job("active"), False, "deploying"),
+        (None, job("failed"), False, "failed"),
+        (running, job("completed"), False, "deployed"),
+        (running, job("completed"), True, "degraded"),
+        (running, job("waiting", by="health-watch"), True, "recovering"),
+        (running, job("active", by="health-watch"), True, "recovering"),
+        (running, job("delayed", "update-customer-stack"), False, "pending"),
+        (running, job("active", "delete-customer-stack"), False, "removing"),
+        ({"state": "removed"}, job("completed", "delete-customer-stack"), False, "removed"),
+    ]
+    for instance, latest, degraded, expected in cases:
+        assert deployment_state(instance, latest, degraded) == expected, (instance, latest)
