@@ -47,8 +47,9 @@ HEALTH_WATCH = "health-watch"
 LOCK_KEY = "provisioner:health-watch"
 # The consumer behind the read model the decisions are taken from.
 CONSUMERS = (durable_name("provisioner", "instance_health"),)
-# Checks in flight at once; each waits at most INSTANCE_HEALTH_TIMEOUT_SECONDS.
-CHECKS_AT_ONCE = 8
+# Checks in flight at once; each waits at most INSTANCE_HEALTH_TIMEOUT_SECONDS (a host's few
+# hundred hung instances are checked within a few timeouts).
+CHECKS_AT_ONCE = 32
 
 # Instances whose deployment succeeded and that no job is changing now (or customer $1 alone),
 # with their health as the log has it.
@@ -135,6 +136,7 @@ class HealthWatch:
             found = await self._check_all([row["customer_id"] for row in watched])
             self._metrics.unhealthy.set(sum(1 for h in found.values() if not h.healthy))
             self._remember_failures(found, {row["customer_id"] for row in watched}, now)
+            beat()  # a long pass over many hung instances is progress, not a stuck task
             decisions = [
                 decision
                 for row in watched
