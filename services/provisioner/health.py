@@ -52,7 +52,9 @@ CONSUMERS = (durable_name("provisioner", "instance_health"),)
 CHECKS_AT_ONCE = 32
 
 # Instances whose deployment succeeded and that no job is changing now (or customer $1 alone),
-# with their health as the log has it.
+# with their health as the log has it. The customer's queue events must all be on the log
+# (none left in the outbox): an InstanceDegraded appended before the DeploymentSucceeded it
+# judges would be undone by it.
 _WATCHED = """
     SELECT i.customer_id, h.degraded_since, COALESCE(h.episodes, 0) AS episodes
     FROM customer_instances i
@@ -63,6 +65,7 @@ _WATCHED = """
           SELECT 1 FROM queue_jobs j
           WHERE j.customer_id = i.customer_id AND j.state IN ('waiting', 'delayed', 'active')
       )
+      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.subject_key = i.customer_id)
     ORDER BY i.customer_id
 """
 
