@@ -20,12 +20,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from libs.embedded import (
     START_TIMEOUT,
     EmbeddedServerError,
     _ChildServer,
     _open_log,
     free_port,
+    processes_matching,
     secret_file,
 )
 
@@ -136,20 +139,27 @@ class EmbeddedMosquitto(_ChildServer):
         if self.is_running:
             return
         self._forget_dead_server()
+        self.clear_leftovers()
         broker, ctrl, plugin = mosquitto_binaries()
         if not self.dynsec_file.exists():
             self._init_dynsec(ctrl)
-        config = self.data_dir / "mosquitto.conf"
-        config.write_text(self._config(plugin))
+        self.config_path.write_text(self._config(plugin))
         with _open_log(self.log_path) as log_file:
-            self._spawn([str(broker), "-c", str(config)], log_file)
+            self._spawn([str(broker), "-c", str(self.config_path)], log_file)
         self._wait_ready(timeout)
+
+    @property
+    def config_path(self) -> Path:
+        """Where the broker's configuration is written at every start."""
+        return self.data_dir / "mosquitto.conf"
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then kill after ``timeout``; idempotent."""
-        import signal
+        self._stop(self.stop_signal, timeout)
 
-        self._stop(signal.SIGTERM, timeout)
+    def leftovers(self) -> list[psutil.Process]:
+        """Mosquitto processes running on this configuration file."""
+        return processes_matching(lambda proc: str(self.config_path) in proc.cmdline())
 
     def _init_dynsec(self, ctrl: Path) -> None:
         result = subprocess.run(

@@ -334,6 +334,8 @@ class Platform:
 
     # Each service's own settings where it has more than the common ones.
     service_settings: Mapping[str, ServiceSettings] = field(default_factory=dict)
+    # What else readiness depends on, by name (the servers `iotistic up` keeps running).
+    checks: dict[str, Callable[[], tuple[bool, dict[str, Any]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.metrics = ProjectionMetrics(self.registry)
@@ -517,6 +519,10 @@ class Platform:
             services[name] = {"ready": ready, **state}
             ok = ok and ready
         detail["services"] = services
+        for name, check in self.checks.items():
+            check_ok, state = check()
+            detail[name] = {"ok": check_ok, **state}
+            ok = ok and check_ok
         return ok, detail
 
 

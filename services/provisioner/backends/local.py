@@ -6,8 +6,11 @@ bound to a client id of its own), a folder with its license file and log, and an
 ``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
 passwords, the broker client id and the instance's monitoring token are derived from
 ``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same ones and nothing secret
-is stored. After the provisioner restarts it finds running instances again by the marker in
-their environment, and starts the ones that should run but do not.
+is stored. An instance ends with the provisioner that started it (its parent-death signal),
+so nothing outlives ``iotistic up``. Should one still be running when the provisioner starts
+(it outlived a provisioner of an earlier version, say), it is found by the marker in its
+environment and kept only if it runs with exactly the settings it would be given now; else it
+is stopped and started again with them, so instances follow the platform's addresses.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+import psutil
 
 from libs.auth import instance_usage_token, login_relay_key
 from libs.db import CONNECTION_ERRORS
-from libs.embedded import free_port
+from libs.embedded import end_with_parent, free_port
 from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from services.provisioner.backends.base import (
     BackendError,
@@ -118,7 +122,17 @@ class LocalBackend:
         for row in rows:
             customer_id = row["customer_id"]
             pid = running.get(customer_id)
-            self._supervise(customer_id, row["port"], adopted_pid=pid)
+            supervised = self._supervise(customer_id, row["port"], adopted_pid=None, start=False)
+            if pid is not None and not _runs_with(pid, supervised.env):
+                log.warning(
+                    "instance of %s (pid %d) runs with other settings than now; restarting it",
+                    customer_id,
+                    pid,
+                )
+                await _terminate_pid(pid)
+                pid = None
+            supervised.adopted_pid = pid
+            self._begin(supervised)
             log.info(
                 "instance of %s: %s",
                 customer_id,
@@ -255,14 +269,16 @@ class LocalBackend:
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise BackendError(f"database server not reachable: {type(exc).__name__}") from None
         try:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
-                await conn.execute(
-                    await conn.fetchval(
-                        "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)",
-                        name,
-                        password,
-                    )
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
+            # Set again on every deploy: the password follows PROVISIONER_SECRET if it changed.
+            await conn.execute(
+                await conn.fetchval(
+                    "SELECT format('%s ROLE %I LOGIN PASSWORD %L', $3::text, $1::text, $2::text)",
+                    name,
+                    password,
+                    "ALTER" if exists else "CREATE",
                 )
+            )
             if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
                 await conn.execute(
                     await conn.fetchval(
@@ -409,6 +425,7 @@ class LocalBackend:
         port: int,
         adopted_pid: int | None,
         database_url: str | None = None,
+        start: bool = True,
     ) -> Supervised:
         if database_url is None:
             database_url = self._database_url_of(customer_id)
@@ -420,11 +437,15 @@ class LocalBackend:
             log_path=self._folder(customer_id) / "instance.log",
             adopted_pid=adopted_pid,
         )
-        supervised.task = asyncio.create_task(
-            self._keep_running(supervised), name=f"instance {customer_id}"
-        )
-        self._supervised[customer_id] = supervised
+        if start:
+            self._begin(supervised)
         return supervised
+
+    def _begin(self, supervised: Supervised) -> None:
+        supervised.task = asyncio.create_task(
+            self._keep_running(supervised), name=f"instance {supervised.customer_id}"
+        )
+        self._supervised[supervised.customer_id] = supervised
 
     def _database_url_of(self, customer_id: str) -> str:
         name = instance_name(customer_id)
@@ -450,6 +471,8 @@ class LocalBackend:
                         stdout=out,
                         stderr=out,
                         start_new_session=True,
+                        # It ends with the provisioner, even a killed one (see the top).
+                        preexec_fn=end_with_parent(signal.SIGTERM),
                     )
                 s.exited.clear()
                 code = await s.process.wait()
@@ -592,6 +615,16 @@ def instances_running() -> dict[str, int]:
                 parent = int(stat[stat.rindex(")") + 2 :].split()[1])
                 marked[int(entry.name)] = (item[len(prefix) :].decode(), parent)
     return {customer: pid for pid, (customer, parent) in marked.items() if parent not in marked}
+
+
+def _runs_with(pid: int, env: dict[str, str]) -> bool:
+    """Whether process ``pid`` was started with every variable of ``env`` as it is there (a
+    wrapper may add its own, such as PWD)."""
+    try:
+        environ = psutil.Process(pid).environ()
+    except psutil.Error:
+        return False
+    return all(environ.get(key) == value for key, value in env.items())
 
 
 def _alive(pid: int) -> bool:
