@@ -269,6 +269,10 @@ class LocalBackend:
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise BackendError(f"database server not reachable: {type(exc).__name__}") from None
         try:
+            # One deploy's database at a time, from creation to confinement: a database made
+            # meanwhile by another deploy lets every role connect until its own REVOKE, and
+            # would fail this deploy's check that its role can connect nowhere else.
+            await conn.execute("SELECT pg_advisory_lock($1)", DATABASE_ACL_LOCK)
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
             # Set again on every deploy: the password follows PROVISIONER_SECRET if it changed.
             await conn.execute(
@@ -531,6 +535,9 @@ class LocalBackend:
         )
 
 
+# The advisory lock serialising the databases' creation and access rules across provisioners.
+DATABASE_ACL_LOCK = 0x10715_D8AC1
+
 # Instance roles, by the only name ``instance_name`` makes.
 INSTANCE_ROLE = r"^inst_[0-9a-f]{32}$"
 
@@ -544,10 +551,9 @@ async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
     connect (the control plane's own) have been granted it by name. Roles made later need an
     explicit ``GRANT CONNECT``."""
     async with conn.transaction():
-        # One deploy at a time: concurrent GRANTs on one database fail each other.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('iotistic-local-database-acl', 0))"
-        )
+        # One deploy at a time: concurrent GRANTs on one database fail each other (a session
+        # holding the lock already, as _ensure_database's, is granted it again at once).
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", DATABASE_ACL_LOCK)
         databases = await conn.fetch(
             "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
             "AND (has_database_privilege('public', oid, 'CONNECT') "
