@@ -322,6 +322,12 @@ def _print_up(
         table.add_row("admin token", "ADMIN_TOKEN from the environment")
     else:
         table.add_row("admin token", f"{data_dir / 'secrets' / 'admin-token'}  (file, owner only)")
+    if not os.environ.get("STRIPE_WEBHOOK_SECRET"):
+        table.add_row(
+            "Stripe webhooks",
+            "refused (503) until STRIPE_WEBHOOK_SECRET is set: `stripe listen --forward-to "
+            f"{http_url.removeprefix('http://')}/webhooks/stripe` prints one",
+        )
     others = [name for name in given if name != "ADMIN_TOKEN"]
     if others:
         table.add_row("from the environment", ", ".join(others))

@@ -36,7 +36,7 @@ import psutil
 
 from libs.auth import instance_usage_token, login_relay_key
 from libs.db import CONNECTION_ERRORS
-from libs.embedded import end_with_parent, free_port
+from libs.embedded import end_with_parent, free_port, port_is_free
 from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from services.provisioner.backends.base import (
     BackendError,
@@ -168,6 +168,11 @@ class LocalBackend:
         await progress(70, "instance")
         port = await self._port_of(spec.customer_id)
         supervised = self._supervised.get(spec.customer_id)
+        if supervised is not None and supervised.port != port:
+            # It could not listen on its old port: start it on the new one.
+            self._supervised.pop(spec.customer_id, None)
+            await self._stop_process(supervised)
+            supervised = None
         if supervised is None:
             supervised = self._supervise(
                 spec.customer_id,
@@ -367,18 +372,34 @@ class LocalBackend:
             raise BackendError(f"removing broker credentials failed: {exc}") from None
 
     async def _port_of(self, customer_id: str) -> int:
+        """The instance's port: the one it has, unless another program took it meanwhile (the
+        machine restarted, say), then a new one; its deployment then names the new URL."""
+        host = self._settings.local_instance_host
+        supervised = self._supervised.get(customer_id)
+        ours = supervised is not None and supervised.pid is not None
         async with self._pool().acquire() as conn, conn.transaction():
             port = await conn.fetchval(
-                "SELECT port FROM local_instances WHERE customer_id = $1", customer_id
+                "SELECT port FROM local_instances WHERE customer_id = $1 FOR UPDATE", customer_id
             )
             if port is None:
-                port = free_port(self._settings.local_instance_host)
+                port = free_port(host)
                 await conn.execute(
                     "INSERT INTO local_instances (customer_id, port, created_at) "
                     "VALUES ($1, $2, $3)",
                     customer_id,
                     port,
                     datetime.now(UTC),
+                )
+            elif not ours and not port_is_free(host, port):
+                taken, port = port, free_port(host)
+                log.warning(
+                    "instance of %s: port %d is taken by another program; moving to %d",
+                    customer_id,
+                    taken,
+                    port,
+                )
+                await conn.execute(
+                    "UPDATE local_instances SET port = $2 WHERE customer_id = $1", customer_id, port
                 )
         return int(port)
 
