@@ -628,19 +628,13 @@ def instances_running() -> dict[str, int]:
     is the marked process whose parent is not marked.
     """
     marked: dict[int, tuple[str, int]] = {}
-    prefix = f"{MARKER}=".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for proc in psutil.process_iter():
         try:
-            environ = (entry / "environ").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        for item in environ.split(b"\0"):
-            if item.startswith(prefix):
-                parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-                marked[int(entry.name)] = (item[len(prefix) :].decode(), parent)
+            customer = proc.environ().get(MARKER)
+            if customer is not None and proc.status() != psutil.STATUS_ZOMBIE:
+                marked[proc.pid] = (customer, proc.ppid())
+        except psutil.Error:
+            continue  # gone meanwhile, or not ours to read
     return {customer: pid for pid, (customer, parent) in marked.items() if parent not in marked}
 
 
