@@ -69,9 +69,12 @@ class QueueWorker:
         backend: Backend,
         relay: OutboxRelay,
         metrics: QueueMetrics,
+        capacity: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
-        """``pool`` is the provisioner's; ``relay`` is woken after each recorded change."""
+        """``pool`` is the provisioner's; ``relay`` is woken after each recorded change;
+        ``capacity`` says how many instances may run (None, or no ``capacity``: no limit)."""
         self._pool = pool
+        self._capacity = capacity
         self._settings = settings
         self._backend = backend
         self._relay = relay
@@ -131,6 +134,7 @@ class QueueWorker:
 
     async def _fill_slots(self) -> None:
         while len(self._running) < self._settings.queue_concurrency:
+            capacity = await self._capacity() if self._capacity is not None else None
             # Taken before the claim: the lease Postgres grants runs from a later moment.
             asked = time.monotonic()
             try:
@@ -141,13 +145,15 @@ class QueueWorker:
                         backend=self._backend.name,
                         concurrency=self._settings.queue_concurrency,
                         lease=self._lease,
+                        capacity=capacity,
                     )
             except PASSING as exc:
                 log.warning("queue: cannot claim jobs now: %r", exc)
                 return
+            # A claim may have recorded jobs waiting for capacity, even when it found none.
+            self._relay.wake()
             if job is None:
                 return
-            self._relay.wake()
             task = asyncio.create_task(self._run_job(job, asked), name=f"job {job.job_id}")
             self._running.add(task)
             task.add_done_callback(self._job_done)
