@@ -113,6 +113,7 @@ def worker_of(runtime: ServiceRuntime) -> QueueWorker:
             relay_of(runtime),
             metrics_of(runtime),
             capacity=capacity_of(runtime).limit,
+            after_job=capacity_of(runtime).wake,
         ),
     )
 

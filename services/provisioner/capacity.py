@@ -126,11 +126,19 @@ class CapacityWatch:
         return (await self.measure()).limit
 
     async def measure(self, fresh: bool = False) -> Capacity:
-        """The backend's capacity, measured again when older than ``every`` (or ``fresh``)."""
+        """The backend's capacity, measured again when older than ``every`` (or ``fresh``).
+
+        A measurement that fails keeps the last one (none yet: no limit), logged: the queue
+        asks before every claim, and a broken measurement must not stop deletes and updates."""
         async with self._lock:
             now = time.monotonic()
             if fresh or self._measured is None or now - self._measured[0] >= self.every:
-                self._measured = (now, await self.backend.capacity())
+                try:
+                    measured = await self.backend.capacity()
+                except Exception:
+                    log.exception("capacity: measuring the %s backend failed", self.backend.name)
+                    measured = self._measured[1] if self._measured else Capacity(limit=None)
+                self._measured = (now, measured)
             return self._measured[1]
 
     def wake(self) -> None:

@@ -70,11 +70,14 @@ class QueueWorker:
         relay: OutboxRelay,
         metrics: QueueMetrics,
         capacity: Callable[[], Awaitable[int | None]] | None = None,
+        after_job: Callable[[], None] | None = None,
     ) -> None:
         """``pool`` is the provisioner's; ``relay`` is woken after each recorded change;
-        ``capacity`` says how many instances may run (None, or no ``capacity``: no limit)."""
+        ``capacity`` says how many instances may run (None, or no ``capacity``: no limit);
+        ``after_job`` is called when a job ends (an instance may have started or gone)."""
         self._pool = pool
         self._capacity = capacity
+        self._after_job = after_job
         self._settings = settings
         self._backend = backend
         self._relay = relay
@@ -150,10 +153,10 @@ class QueueWorker:
             except PASSING as exc:
                 log.warning("queue: cannot claim jobs now: %r", exc)
                 return
-            # A claim may have recorded jobs waiting for capacity, even when it found none.
-            self._relay.wake()
             if job is None:
+                # Jobs it noted waiting for capacity reach the log at the relay's next poll.
                 return
+            self._relay.wake()
             task = asyncio.create_task(self._run_job(job, asked), name=f"job {job.job_id}")
             self._running.add(task)
             task.add_done_callback(self._job_done)
@@ -161,6 +164,8 @@ class QueueWorker:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._wake.set()  # a slot is free
+        if self._after_job is not None:
+            self._after_job()
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: stopped by an error", task.get_name(), exc_info=task.exception())
 
