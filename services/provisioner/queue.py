@@ -237,11 +237,14 @@ async def waiting_for_capacity(conn: asyncpg.Connection) -> int:
 async def _note_waiting_for_capacity(
     conn: asyncpg.Connection, now: datetime, running: int, capacity: int
 ) -> None:
-    """Record, once per attempt, each runnable job the full platform holds back."""
+    """Record, once per attempt, each runnable job the full platform holds back (not one
+    that waits for its customer's active job: that one may start the instance it needs)."""
     rows = await conn.fetch(
         "UPDATE queue_jobs j SET waiting_for_capacity_since = $1 "
         "WHERE j.state = ANY($2) AND j.run_after <= $1 "
         f"AND j.waiting_for_capacity_since IS NULL AND {_NEEDS_ROOM} "
+        "AND NOT EXISTS (SELECT 1 FROM queue_jobs o "
+        "WHERE o.customer_id = j.customer_id AND o.state = 'active') "
         "RETURNING job_id, customer_id, generation, attempts",
         now,
         list(PENDING),

@@ -321,3 +321,19 @@ async def test_a_change_is_recorded_once_and_only_from_the_logs_last_change(
     ]
     assert [json.loads(bytes(e.data))["full"] for e in changes] == [True, False, False]
     assert json.loads(bytes(changes[-1].data))["capacity"] == 200
+
+
+async def test_a_job_behind_its_customers_starting_deploy_is_not_said_to_wait_for_capacity(
+    pool: asyncpg.Pool,
+) -> None:
+    customer_id = str(uuid.uuid4())
+    await queue(pool, DEPLOY, customer_id, "starter", T0)
+    starting = await claim(pool, capacity=1)
+    assert starting is not None
+    # A new license while its instance starts: the update waits for the deploy, not for room.
+    update = await queue(pool, UPDATE, customer_id, "professional", T0 + timedelta(seconds=1))
+    assert await claim(pool, capacity=1) is None
+    assert await events_of(pool, "DeploymentWaitingForCapacity") == []
+    await complete(pool, starting)
+    then = await claim(pool, capacity=1)
+    assert then is not None and then.job_id == update
