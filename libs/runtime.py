@@ -75,6 +75,9 @@ class ServiceDefinition:
     # The names of the consumers ``reactors`` makes. The bus lets a service consume only through
     # its projections and these, so a reactor must be named here (checked at start).
     reactor_names: tuple[str, ...] = ()
+    # What else the service shows in its readiness (the provisioner's capacity, say), from
+    # what it already knows: no I/O, and never a reason to be unready.
+    readiness_detail: Callable[[ServiceRuntime], Mapping[str, Any]] = lambda _: {}
 
     @property
     def schema(self) -> str:
@@ -230,7 +233,7 @@ class ServiceRuntime:
 
     async def readiness(self, nats_connected: bool) -> tuple[bool, dict[str, Any]]:
         """Ready = database answers, consumers attached, projections within the lag bound."""
-        detail: dict[str, Any] = {}
+        detail: dict[str, Any] = dict(self.definition.readiness_detail(self))
         if self.pool is None:
             detail["database"] = {"ok": False, "error": self.last_error or "connecting"}
             return False, detail

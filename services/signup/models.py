@@ -66,6 +66,8 @@ class DeploymentOut(msgspec.Struct, frozen=True, kw_only=True):
     progress: int = 0
     step: str | None = None
     error: str | None = None
+    # What the status means for the customer, in a sentence (while waiting for capacity).
+    detail: str | None = None
 
 
 class SignupAnswer(msgspec.Struct, frozen=True, kw_only=True):

@@ -40,10 +40,12 @@ from libs.embedded import end_with_parent, free_port, port_is_free
 from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from services.provisioner.backends.base import (
     BackendError,
+    Capacity,
     Deployed,
     InstanceSpec,
     Progress,
     derive_password,
+    tightest,
 )
 from services.provisioner.settings import ProvisionerSettings, parse_cidrs
 
@@ -56,6 +58,7 @@ RESTART_BACKOFF_MAX = 30.0
 # Connections an instance's database role may hold at once (its pool is 6).
 INSTANCE_ROLE_CONNECTIONS = 12
 STABLE_AFTER = 60.0
+MIB = 1024 * 1024
 
 
 def instance_name(customer_id: str) -> str:
@@ -111,6 +114,8 @@ class LocalBackend:
         # Handed to every instance: refused here, at start, rather than by each instance.
         parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
         self._supervised: dict[str, Supervised] = {}
+        # The connection bound last measured, kept while the database does not answer.
+        self._connections_bound: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -243,6 +248,60 @@ class LocalBackend:
                 "ready": "yes" if ready else "no",
             },
         }
+
+    async def capacity(self) -> Capacity:
+        """The fewest of: the instances the shared Postgres has connections for, those the
+        memory of this machine holds, and ``MAX_INSTANCES``."""
+        s = self._settings
+        return tightest(
+            {
+                "connections": await self._connection_capacity(),
+                "memory": self._memory_capacity(),
+                "setting": s.max_instances,
+            }
+        )
+
+    async def _connection_capacity(self) -> int | None:
+        s = self._settings
+        try:
+            conn = await asyncpg.connect(self._admin_url(), timeout=5)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("capacity: database not reachable (%s); last bound kept", exc)
+            return self._connections_bound
+        try:
+            limits = await conn.fetchrow(
+                "SELECT current_setting('max_connections')::int AS max_connections, "
+                "current_setting('superuser_reserved_connections')::int AS superusers, "
+                # Postgres 16 keeps these for roles granted pg_use_reserved_connections.
+                "coalesce(current_setting('reserved_connections', true), '0')::int AS reserved"
+            )
+        except asyncpg.PostgresError as exc:
+            log.warning("capacity: reading max_connections failed (%s)", exc.sqlstate)
+            return self._connections_bound
+        finally:
+            await conn.close()
+        self._connections_bound = connection_capacity(
+            limits["max_connections"],
+            limits["superusers"] + limits["reserved"],
+            s.local_control_plane_connections,
+            s.local_connections_per_instance,
+        )
+        return self._connections_bound
+
+    def _memory_capacity(self) -> int:
+        s = self._settings
+        held = 0
+        for supervised in self._supervised.values():
+            pid = supervised.pid
+            if pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    held += psutil.Process(pid).memory_info().rss
+        return memory_capacity(
+            psutil.virtual_memory().available,
+            held,
+            s.local_memory_share,
+            s.local_memory_per_instance_mib * MIB,
+        )
 
     # --- parts ----------------------------------------------------------------------------------
 
@@ -558,6 +617,22 @@ class LocalBackend:
 
 # The advisory lock serialising the databases' creation and access rules across provisioners.
 DATABASE_ACL_LOCK = 0x10715_D8AC1
+
+
+def connection_capacity(
+    max_connections: int, reserved: int, control_plane: int, per_instance: int
+) -> int:
+    """Instances the shared Postgres has connections for: what it allows, less what it keeps
+    for superusers (``reserved``) and for the control plane, each instance taking
+    ``per_instance``."""
+    return max(0, (max_connections - reserved - control_plane) // per_instance)
+
+
+def memory_capacity(available: int, held: int, share: float, per_instance: int) -> int:
+    """Instances this machine's memory holds: the memory available now plus what the running
+    instances hold (``held``, their RSS), of which instances may take ``share``, each
+    ``per_instance`` (bytes)."""
+    return max(0, int((available + held) * share) // per_instance)
 
 # Instance roles, by the only name ``instance_name`` makes.
 INSTANCE_ROLE = r"^inst_[0-9a-f]{32}$"
