@@ -634,6 +634,7 @@ def memory_capacity(available: int, held: int, share: float, per_instance: int) 
     ``per_instance`` (bytes)."""
     return max(0, int((available + held) * share) // per_instance)
 
+
 # Instance roles, by the only name ``instance_name`` makes.
 INSTANCE_ROLE = r"^inst_[0-9a-f]{32}$"
 
