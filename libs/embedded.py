@@ -230,6 +230,10 @@ class _ChildServer:
         """Processes of this server over this data that we did not start (an earlier run's)."""
         return []
 
+    def answers(self) -> bool:
+        """Whether the running server answers its protocol within a few seconds (blocking)."""
+        raise NotImplementedError
+
     def kill(self) -> None:
         """End the server and every process it started at once, as a crash would."""
         process = self._process
@@ -453,6 +457,18 @@ class EmbeddedPostgres(_ChildServer):
             self._spawn(command, log_file, env=_postgres_env(), cwd="/", **_as_account(account))
         self._wait_ready(bin_dir, timeout)
         log.info("postgres ready at %s (data %s)", self.shown_url, self.data_dir)
+
+    def answers(self) -> bool:
+        """``pg_isready``: accepting connections, or refusing them while it starts or stops;
+        not a server that does not answer at all."""
+        isready = [str(postgres_bin_dir() / "pg_isready"), *self._client_args(), "-d", "postgres"]
+        try:
+            result = subprocess.run(
+                [*isready, "-q", "-t", "3"], env=_postgres_env(), check=False, timeout=10
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return result.returncode in (0, 1)
 
     def leftovers(self) -> list[psutil.Process]:
         """Postgres processes over this data folder: every one of them works in it."""
@@ -814,6 +830,19 @@ class EmbeddedNats(_ChildServer):
         """Graceful shutdown (SIGTERM); idempotent."""
         self._stop(signal.SIGTERM, timeout)
 
+    def answers(self) -> bool:
+        """Its monitoring port answers ``/healthz`` (a write error is the watchdog's business)."""
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - our own loopback monitor port
+                f"{self.monitor_url}/healthz", timeout=3
+            ) as response:
+                response.read()
+        except urllib.error.HTTPError:
+            return True  # it answered, with its own complaint
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
     def leftovers(self) -> list[psutil.Process]:
         """nats-server processes running on this configuration file."""
         return processes_matching(lambda proc: str(self.config_path) in proc.cmdline())
@@ -981,6 +1010,10 @@ class ServerKeeper:
     servers: Sequence[_ChildServer]
     every: float = 0.5
     backoff_max: float = 10.0
+    # A server that runs but has not answered its probe for this long is killed and started
+    # again, as a liveness probe would have it (a stopped or wedged process).
+    unresponsive_after: float = 30.0
+    probe_every: float = 5.0
     kept: dict[str, KeptServer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -995,20 +1028,47 @@ class ServerKeeper:
         views = {name: kept.view() for name, kept in self.kept.items()}
         return all(v["ok"] for v in views.values()), views
 
+    def _down(self, kept: KeptServer, why: str | None) -> None:
+        kept.last_exit = why
+        kept.state = "restarting"
+        kept.down_since = time.monotonic()
+        log.error("%s ended (%s); starting it again", kept.server.name, why)
+
+    async def _watch(self, kept: KeptServer) -> None:
+        """Return once the running server has died or stopped answering."""
+        server = kept.server
+        silent_since: float | None = None
+        next_probe = time.monotonic() + self.probe_every
+        while True:
+            if server.has_died:
+                process = server._process
+                server._note_exit(process.returncode if process is not None else None)
+                self._down(kept, server.last_exit)
+                return
+            now = time.monotonic()
+            if server.is_running and now >= next_probe:
+                next_probe = now + self.probe_every
+                if await asyncio.to_thread(server.answers):
+                    silent_since = None
+                else:
+                    silent_since = silent_since if silent_since is not None else now
+                    if now - silent_since >= self.unresponsive_after:
+                        log.error(
+                            "%s has not answered for %.0f s; killing it",
+                            server.name,
+                            now - silent_since,
+                        )
+                        await run_blocking(server.kill)
+                        self._down(kept, f"not answering for {now - silent_since:.0f} s; killed")
+                        return
+            await asyncio.sleep(self.every)
+
     async def _keep(self, kept: KeptServer) -> None:
         server = kept.server
         backoff = 0.5
         while True:
-            if not server.has_died and kept.state == "running":
-                await asyncio.sleep(self.every)
-                continue
             if kept.state == "running":
-                process = server._process
-                server._note_exit(process.returncode if process is not None else None)
-                kept.last_exit = server.last_exit
-                kept.state = "restarting"
-                kept.down_since = time.monotonic()
-                log.error("%s ended (%s); starting it again", server.name, kept.last_exit)
+                await self._watch(kept)
             kept.restarts += 1
             try:
                 await run_blocking(server.start)

@@ -33,6 +33,15 @@ from libs.embedded import (
 )
 
 ADMIN_USER = "iotistic-admin"
+# MQTT 3.1.1 CONNECT: protocol "MQTT" level 4, clean session, keep-alive 10 s, client id
+# "iotistic-probe", no credentials. The broker answers it with a CONNACK refusing the client.
+_PROBE_ID = b"iotistic-probe"
+_ANONYMOUS_CONNECT = (
+    bytes([0x10, 12 + len(_PROBE_ID)])
+    + b"\x00\x04MQTT\x04\x02\x00\x0a"
+    + len(_PROBE_ID).to_bytes(2, "big")
+    + _PROBE_ID
+)
 PLUGIN_GLOBS = (
     "/usr/lib/*/mosquitto_dynamic_security.so",
     "/usr/lib/mosquitto_dynamic_security.so",
@@ -156,6 +165,15 @@ class EmbeddedMosquitto(_ChildServer):
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then kill after ``timeout``; idempotent."""
         self._stop(self.stop_signal, timeout)
+
+    def answers(self) -> bool:
+        """An MQTT CONNECT without credentials gets its CONNACK (a refusal) within 3 s."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=3) as sock:
+                sock.sendall(_ANONYMOUS_CONNECT)
+                return sock.recv(4)[:1] == b"\x20"  # CONNACK
+        except OSError:
+            return False
 
     def leftovers(self) -> list[psutil.Process]:
         """Mosquitto processes running on this configuration file."""

@@ -235,3 +235,32 @@ def test_a_port_with_only_closed_connections_is_free_as_servers_see_it() -> None
     client.close()
     listener.close()
     assert port_is_free("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("kind", [EmbeddedPostgres, EmbeddedNats, EmbeddedMosquitto])
+async def test_the_keeper_replaces_a_server_that_stopped_answering(
+    tmp_path: Path, kind: type[EmbeddedPostgres | EmbeddedNats | EmbeddedMosquitto]
+) -> None:
+    server = kind(tmp_path / "server")
+    server.start()
+    keeper = ServerKeeper([server], every=0.05, unresponsive_after=1.0, probe_every=0.2)
+    task = asyncio.create_task(keeper.run())
+    try:
+        port, wedged = server.port, server.pid
+        assert wedged is not None
+        os.kill(wedged, signal.SIGSTOP)  # alive, holding its port, answering nothing
+        deadline = time.monotonic() + 60
+        while keeper.kept[server.name].restarts == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        while not keeper.readiness()[0] and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        ok, views = keeper.readiness()
+        assert ok, views
+        assert views[server.name]["last_exit"].startswith("not answering for")
+        assert gone(wedged, timeout=1)
+        assert server.port == port and server.pid != wedged
+        assert await asyncio.to_thread(server.answers)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.stop()
