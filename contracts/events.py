@@ -423,6 +423,43 @@ class DeploymentJobRemoved(Event, frozen=True, kw_only=True):
     removed_by: str = "admin"
 
 
+class DeploymentWaitingForCapacity(Event, frozen=True, kw_only=True):
+    """A deploy of a customer who has no instance yet waits: the platform runs as many
+    instances as it can hold. The job stays queued and starts by itself when a slot frees;
+    recorded once per job."""
+
+    TYPE = "DeploymentWaitingForCapacity"
+    VERSION = 1
+
+    customer_id: Id
+    job_id: Id
+    running: Annotated[int, Meta(ge=0, description="instances running or starting")]
+    capacity: Annotated[int, Meta(ge=0, description="instances the platform can hold")]
+
+
+class InstanceCapacityChanged(Event, frozen=True, kw_only=True):
+    """The platform's room for instances changed: it became full or had room again, or the
+    number it can hold changed. About no customer (keyed ``platform``); appended only on such
+    a change, once, whichever provisioner replica noticed it."""
+
+    TYPE = "InstanceCapacityChanged"
+    VERSION = 1
+
+    running: Annotated[int, Meta(ge=0, description="instances running or starting")]
+    capacity: (
+        Annotated[int, Meta(ge=0, description="instances the platform can hold; null: no limit")]
+        | None
+    ) = None
+    limited_by: (
+        Annotated[
+            Literal["connections", "memory", "setting"],
+            Meta(description="which bound sets the capacity"),
+        ]
+        | None
+    ) = None
+    full: bool
+
+
 class InstanceDegraded(Event, frozen=True, kw_only=True):
     """A deployed instance stopped being healthy (not ready, or not answering): the
     provisioner's health watch saw it, and redeploys it if it stays so for long."""
@@ -492,6 +529,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     DeploymentRetried,
     DeploymentSuperseded,
     DeploymentJobRemoved,
+    DeploymentWaitingForCapacity,
+    InstanceCapacityChanged,
     InstanceDegraded,
     InstanceRecovered,
     UsageReported,

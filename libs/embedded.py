@@ -6,13 +6,19 @@ keeps its state in a data folder and listens on a TCP port fixed when the object
 ``stop()`` then ``start()`` brings the same server back on the same port with its data.
 
 Both are started in a session of their own: a Ctrl-C in the terminal reaches ``iotistic up``
-only, which then stops NATS before Postgres, in that order, itself.
+only, which then stops NATS before Postgres, in that order, itself. Each server also ends with
+the process that started it, however that process ends (kill -9 included): the kernel sends it
+a signal when its parent goes (``PR_SET_PDEATHSIG``). A server left running by an earlier run
+that could not be stopped (found by its data folder or configuration file) is stopped before a
+new one starts over the same data, and a lock file it left is cleared once nothing uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import ctypes
 import functools
 import importlib.metadata
 import importlib.util
@@ -31,12 +37,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Self, TypeVar
 from urllib.parse import quote
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,7 @@ NATS_MIN_VERSION = (2, 12, 0)
 """Jepsen's 2025 analysis found acknowledged writes lost by older servers; see ARCHITECTURE.md."""
 
 START_TIMEOUT = 30.0
+MAX_CONNECTIONS = 600
 # The first line of the pg_hba.conf written here: every connection gives a password.
 _HBA_MARK = "# iotistic: every connection must give a password (SCRAM)"
 # The machine's own servers live on the standard ports; an embedded server must never take them.
@@ -59,6 +68,10 @@ _MONITOR_PORT_TRIES = 3
 
 _handed_out_ports: set[int] = set()
 _ports_lock = threading.Lock()
+_PR_SET_PDEATHSIG = 1
+# How long a server left by an earlier run gets to stop before it is killed.
+LEFTOVER_GRACE = 30.0
+T = TypeVar("T")
 
 
 class EmbeddedServerError(RuntimeError):
@@ -83,19 +96,122 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise EmbeddedServerError(f"no free TCP port found on {host}")
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now.
+
+    Binds the way servers do (``SO_REUSEADDR``, as uvicorn, Postgres, NATS and Mosquitto
+    set it), so the closed connections of a server that just stopped (TIME_WAIT) do not count
+    as a listener; only a socket listening there does.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def kept_port(port: int | None, host: str = "127.0.0.1") -> int:
+    """``port`` if it is given and free now, else a new free port."""
+    if port is not None and port_is_free(host, port):
+        return port
+    return free_port(host)
+
+
+def end_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child ``sig`` when its parent ends.
+
+    The parent is the *thread* that started the child: start servers from the main thread or
+    from ``run_blocking`` (a thread that lives as long as the process), never from a thread
+    that ends before the server should. None where the system has no ``prctl`` (not Linux).
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent ended before the signal was armed
+            os.kill(os.getpid(), sig)
+
+    return arm
+
+
+_server_thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+async def run_blocking(call: Callable[[], T]) -> T:
+    """Run ``call`` (a server's start or stop) on the one thread that starts servers for the
+    event loop's code: it lives as long as the process, so servers it starts end with the
+    process and not with some worker thread; and starts and stops of one server never overlap."""
+    global _server_thread
+    if _server_thread is None:
+        _server_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="embedded-servers"
+        )
+    return await asyncio.get_running_loop().run_in_executor(_server_thread, call)
+
+
+def on_server_thread(call: Callable[[], T]) -> T:
+    """``run_blocking`` for code outside the event loop: waits for a start or stop under way on
+    the server thread, then runs ``call`` there (or here, when no server thread was needed)."""
+    if _server_thread is None:
+        return call()
+    return _server_thread.submit(call).result()
+
+
+def end_processes(processes: Iterable[psutil.Process], sig: signal.Signals, grace: float) -> None:
+    """Send ``sig`` to each process, kill the ones still alive after ``grace`` seconds, and
+    wait until they are gone."""
+    procs = list(processes)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        log.warning("pid %d did not end within %.0f s of %s; killing it", proc.pid, grace, sig.name)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def processes_matching(match: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+    """The live processes (not zombies, not this one) for which ``match`` says yes."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and match(proc):
+                found.append(proc)
+    return found
+
+
 class _ChildServer:
     """A server process we started: its log, how it is stopped, and how it is killed."""
 
     name = "server"
+    # What stops the server gracefully; also what it gets when the process that started it ends.
+    stop_signal = signal.SIGTERM
 
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
+        self.last_exit: str | None = None
 
     @property
     def is_running(self) -> bool:
         """Whether the server process we started is still alive."""
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def has_died(self) -> bool:
+        """Whether the server we started ended without being stopped (reaping it if so)."""
+        return self._process is not None and self._process.poll() is not None
 
     @property
     def pid(self) -> int | None:
@@ -108,6 +224,14 @@ class _ChildServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the server gracefully, killing it if it outlives ``timeout``; idempotent."""
+        self._stop(self.stop_signal, timeout)
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes of this server over this data that we did not start (an earlier run's)."""
+        return []
+
+    def answers(self) -> bool:
+        """Whether the running server answers its protocol within a few seconds (blocking)."""
         raise NotImplementedError
 
     def kill(self) -> None:
@@ -119,7 +243,8 @@ class _ChildServer:
             log.info("killing %s (pid %d)", self.name, process.pid)
             # Postgres puts each backend in a session of its own, so killing our process group
             # would spare them. Freeze the server so it forks nothing while we find its children.
-            process.send_signal(signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGSTOP)
             doomed = [process.pid, *_descendants(process.pid)]
             for pid in doomed:
                 with contextlib.suppress(ProcessLookupError):
@@ -128,8 +253,32 @@ class _ChildServer:
             # Until the killed backends are gone they hold the old shared memory, and a new
             # postmaster refuses to start beside them.
             _wait_gone(doomed, timeout=10.0)
+        self._note_exit(process.returncode)
         self._process = None
+        # Children of a server that died before us were handed to init: find them by data.
+        end_processes(self._mine_not_ours(), signal.SIGKILL, grace=10.0)
         self._after_exit()
+
+    def _note_exit(self, code: int | None) -> None:
+        if code is None:
+            return
+        self.last_exit = f"killed by {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+
+    def _mine_not_ours(self) -> list[psutil.Process]:
+        own = self._process.pid if self._process is not None else None
+        return [p for p in self.leftovers() if p.pid != own]
+
+    def clear_leftovers(self) -> None:
+        """Stop what an earlier run of this server over the same data left running."""
+        found = self._mine_not_ours()
+        if found:
+            log.warning(
+                "%s: stopping %d process(es) left running by an earlier run (pids %s)",
+                self.name,
+                len(found),
+                ", ".join(str(p.pid) for p in found[:10]),
+            )
+            end_processes(found, self.stop_signal, grace=LEFTOVER_GRACE)
 
     def _stop(self, sig: signal.Signals, timeout: float) -> None:
         process = self._process
@@ -165,6 +314,8 @@ class _ChildServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # It ends with us, even when we are killed: nothing is left holding its data.
+                preexec_fn=end_with_parent(self.stop_signal),
                 **popen,
             )
         except OSError as error:
@@ -224,6 +375,8 @@ class EmbeddedPostgres(_ChildServer):
     """
 
     name = "postgres"
+    # Fast shutdown: roll back open transactions, checkpoint, end.
+    stop_signal = signal.SIGINT
 
     def __init__(
         self,
@@ -270,6 +423,8 @@ class EmbeddedPostgres(_ChildServer):
         if self.is_running:
             return
         self._forget_dead_server()
+        self.clear_leftovers()
+        self._clear_stale_lock()
         bin_dir = postgres_bin_dir()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         account = _postgres_account(bin_dir, self.data_dir) if os.geteuid() == 0 else None
@@ -289,7 +444,9 @@ class EmbeddedPostgres(_ChildServer):
             "listen_addresses": self.host,
             "port": str(self.port),
             "unix_socket_directories": str(self._socket_dir),
-            "max_connections": "200",
+            # Room for the control plane and a few hundred idle instances (one connection
+            # each); the provisioner counts instances against it (its capacity).
+            "max_connections": str(MAX_CONNECTIONS),
             "fsync": "on",
             "shared_buffers": "128MB",
         }
@@ -301,9 +458,33 @@ class EmbeddedPostgres(_ChildServer):
         self._wait_ready(bin_dir, timeout)
         log.info("postgres ready at %s (data %s)", self.shown_url, self.data_dir)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT: roll back open transactions, checkpoint); idempotent."""
-        self._stop(signal.SIGINT, timeout)
+    def answers(self) -> bool:
+        """``pg_isready``: accepting connections, or refusing them while it starts or stops;
+        not a server that does not answer at all."""
+        isready = [str(postgres_bin_dir() / "pg_isready"), *self._client_args(), "-d", "postgres"]
+        try:
+            result = subprocess.run(
+                [*isready, "-q", "-t", "3"], env=_postgres_env(), check=False, timeout=10
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return result.returncode in (0, 1)
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Postgres processes over this data folder: every one of them works in it."""
+        return processes_matching(lambda proc: Path(proc.cwd()) == self.data_dir)
+
+    def _clear_stale_lock(self) -> None:
+        """Remove the lock file of a postmaster that is gone.
+
+        Postgres removes its own stale lock file only when the pid in it is unused; after a
+        crash that pid can be a zombie or another program, and it refuses to start. Once no
+        process works in the data folder, the lock is certainly stale.
+        """
+        lock = self.data_dir / "postmaster.pid"
+        if lock.exists() and not self.leftovers():
+            log.warning("postgres: removing the lock file %s left by a server that is gone", lock)
+            lock.unlink(missing_ok=True)
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` unless it exists; returns its URL."""
@@ -620,6 +801,7 @@ class EmbeddedNats(_ChildServer):
         if self.is_running:
             return
         self._forget_dead_server()
+        self.clear_leftovers()
         binary = nats_server_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(_MONITOR_PORT_TRIES):
@@ -647,6 +829,23 @@ class EmbeddedNats(_ChildServer):
     def stop(self, timeout: float = 15.0) -> None:
         """Graceful shutdown (SIGTERM); idempotent."""
         self._stop(signal.SIGTERM, timeout)
+
+    def answers(self) -> bool:
+        """Its monitoring port answers ``/healthz`` (a write error is the watchdog's business)."""
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - our own loopback monitor port
+                f"{self.monitor_url}/healthz", timeout=3
+            ) as response:
+                response.read()
+        except urllib.error.HTTPError:
+            return True  # it answered, with its own complaint
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
+    def leftovers(self) -> list[psutil.Process]:
+        """nats-server processes running on this configuration file."""
+        return processes_matching(lambda proc: str(self.config_path) in proc.cmdline())
 
     def _config(self) -> str:
         def text(value: object) -> str:
@@ -741,7 +940,7 @@ class NatsWatchdog:
 
     async def _start_again(self) -> None:
         try:
-            await asyncio.to_thread(self.server.start)
+            await run_blocking(self.server.start)
             self._starting_failed = False
         except EmbeddedServerError as exc:
             self._starting_failed = True
@@ -769,11 +968,126 @@ class NatsWatchdog:
                         "again; restarting it",
                         error[:300],
                     )
-                    await asyncio.to_thread(self.server.stop)
+                    await run_blocking(self.server.stop)
                     self.restarts += 1
                     await self._start_again()
                     since = None
             await asyncio.sleep(self.every)
+
+
+@dataclass
+class KeptServer:
+    """One server a ``ServerKeeper`` looks after, and what happened to it."""
+
+    server: _ChildServer
+    state: str = "running"  # running | restarting
+    restarts: int = 0
+    last_exit: str | None = None
+    error: str | None = None
+    down_since: float | None = None
+
+    def view(self) -> dict[str, Any]:
+        """What readiness shows of it."""
+        shown: dict[str, Any] = {"ok": self.state == "running", "state": self.state}
+        shown["pid"] = self.server.pid
+        shown["restarts"] = self.restarts
+        if self.last_exit is not None:
+            shown["last_exit"] = self.last_exit
+        if self.down_since is not None:
+            shown["down_for_seconds"] = round(time.monotonic() - self.down_since, 1)
+        if self.error is not None:
+            shown["error"] = self.error
+        return shown
+
+
+@dataclass
+class ServerKeeper:
+    """What a process supervisor does for the embedded servers: each one that dies (killed,
+    crashed) is reaped and started again on its own ports over its own data, with a backoff
+    while it keeps failing. Its clients reconnect by themselves. ``readiness`` says what is
+    down meanwhile. A server stopped on purpose (``stop()``) is left alone."""
+
+    servers: Sequence[_ChildServer]
+    every: float = 0.5
+    backoff_max: float = 10.0
+    # A server that runs but has not answered its probe for this long is killed and started
+    # again, as a liveness probe would have it (a stopped or wedged process).
+    unresponsive_after: float = 30.0
+    probe_every: float = 5.0
+    kept: dict[str, KeptServer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kept = {server.name: KeptServer(server) for server in self.servers}
+
+    async def run(self) -> None:
+        """Watch for ever."""
+        await asyncio.gather(*(self._keep(kept) for kept in self.kept.values()))
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether every server runs, and each one's state."""
+        views = {name: kept.view() for name, kept in self.kept.items()}
+        return all(v["ok"] for v in views.values()), views
+
+    def _down(self, kept: KeptServer, why: str | None) -> None:
+        kept.last_exit = why
+        kept.state = "restarting"
+        kept.down_since = time.monotonic()
+        log.error("%s ended (%s); starting it again", kept.server.name, why)
+
+    async def _watch(self, kept: KeptServer) -> None:
+        """Return once the running server has died or stopped answering."""
+        server = kept.server
+        silent_since: float | None = None
+        next_probe = time.monotonic() + self.probe_every
+        while True:
+            if server.has_died:
+                process = server._process
+                server._note_exit(process.returncode if process is not None else None)
+                self._down(kept, server.last_exit)
+                return
+            now = time.monotonic()
+            if server.is_running and now >= next_probe:
+                next_probe = now + self.probe_every
+                if await asyncio.to_thread(server.answers):
+                    silent_since = None
+                else:
+                    silent_since = silent_since if silent_since is not None else now
+                    if now - silent_since >= self.unresponsive_after:
+                        log.error(
+                            "%s has not answered for %.0f s; killing it",
+                            server.name,
+                            now - silent_since,
+                        )
+                        await run_blocking(server.kill)
+                        self._down(kept, f"not answering for {now - silent_since:.0f} s; killed")
+                        return
+            await asyncio.sleep(self.every)
+
+    async def _keep(self, kept: KeptServer) -> None:
+        server = kept.server
+        backoff = 0.5
+        while True:
+            if kept.state == "running":
+                await self._watch(kept)
+            kept.restarts += 1
+            try:
+                await run_blocking(server.start)
+            except EmbeddedServerError as exc:
+                kept.error = str(exc).splitlines()[0][:300]
+                log.error(
+                    "%s did not start again (%s); retrying in %.1f s",
+                    server.name,
+                    kept.error,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+                continue
+            log.warning(
+                "%s is back after %.1f s", server.name, time.monotonic() - (kept.down_since or 0)
+            )
+            kept.state, kept.error, kept.down_since = "running", None, None
+            backoff = 0.5
 
 
 @functools.cache
@@ -867,59 +1181,31 @@ def _accepts_tcp(host: str, port: int) -> bool:
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every live process below ``pid``, read from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for child, parent in _process_parents():
-        children.setdefault(parent, []).append(child)
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
-
-
-def _process_parents() -> Iterator[tuple[int, int]]:
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            state = _proc_state(entry)
-            if state is not None and state[0] not in ("Z", "X"):
-                yield int(entry.name), int(state[1])
-
-
-def _proc_state(entry: Path) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp..."""
+    """Every live process below ``pid`` (empty where there is none)."""
     try:
-        return (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-    except OSError:
-        return None  # exited while we looked
-
-
-def _is_alive(pid: int) -> bool:
-    if Path("/proc").is_dir():
-        state = _proc_state(Path("/proc") / str(pid))
-        # A zombie has already released its memory; reaping it is its new parent's business.
-        return state is not None and state[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(_is_alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            log.warning("processes %s still alive %.0f s after SIGKILL", pids, timeout)
-            return
-        time.sleep(0.01)
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    # A zombie has already released its memory; reaping it is its new parent's business.
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = [p for p in alive if _status(p) not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)]
+    if alive:
+        pids_left = [p.pid for p in alive]
+        log.warning("processes %s still alive %.0f s after SIGKILL", pids_left, timeout)
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return str(proc.status())
+    except psutil.Error:
+        return str(psutil.STATUS_DEAD)
 
 
 def _open_log(path: Path) -> IO[bytes]:

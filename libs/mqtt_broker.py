@@ -20,16 +20,28 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from libs.embedded import (
     START_TIMEOUT,
     EmbeddedServerError,
     _ChildServer,
     _open_log,
     free_port,
+    processes_matching,
     secret_file,
 )
 
 ADMIN_USER = "iotistic-admin"
+# MQTT 3.1.1 CONNECT: protocol "MQTT" level 4, clean session, keep-alive 10 s, client id
+# "iotistic-probe", no credentials. The broker answers it with a CONNACK refusing the client.
+_PROBE_ID = b"iotistic-probe"
+_ANONYMOUS_CONNECT = (
+    bytes([0x10, 12 + len(_PROBE_ID)])
+    + b"\x00\x04MQTT\x04\x02\x00\x0a"
+    + len(_PROBE_ID).to_bytes(2, "big")
+    + _PROBE_ID
+)
 PLUGIN_GLOBS = (
     "/usr/lib/*/mosquitto_dynamic_security.so",
     "/usr/lib/mosquitto_dynamic_security.so",
@@ -136,20 +148,36 @@ class EmbeddedMosquitto(_ChildServer):
         if self.is_running:
             return
         self._forget_dead_server()
+        self.clear_leftovers()
         broker, ctrl, plugin = mosquitto_binaries()
         if not self.dynsec_file.exists():
             self._init_dynsec(ctrl)
-        config = self.data_dir / "mosquitto.conf"
-        config.write_text(self._config(plugin))
+        self.config_path.write_text(self._config(plugin))
         with _open_log(self.log_path) as log_file:
-            self._spawn([str(broker), "-c", str(config)], log_file)
+            self._spawn([str(broker), "-c", str(self.config_path)], log_file)
         self._wait_ready(timeout)
+
+    @property
+    def config_path(self) -> Path:
+        """Where the broker's configuration is written at every start."""
+        return self.data_dir / "mosquitto.conf"
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then kill after ``timeout``; idempotent."""
-        import signal
+        self._stop(self.stop_signal, timeout)
 
-        self._stop(signal.SIGTERM, timeout)
+    def answers(self) -> bool:
+        """An MQTT CONNECT without credentials gets its CONNACK (a refusal) within 3 s."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=3) as sock:
+                sock.sendall(_ANONYMOUS_CONNECT)
+                return sock.recv(4)[:1] == b"\x20"  # CONNACK
+        except OSError:
+            return False
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Mosquitto processes running on this configuration file."""
+        return processes_matching(lambda proc: str(self.config_path) in proc.cmdline())
 
     def _init_dynsec(self, ctrl: Path) -> None:
         result = subprocess.run(

@@ -75,6 +75,9 @@ class ServiceDefinition:
     # The names of the consumers ``reactors`` makes. The bus lets a service consume only through
     # its projections and these, so a reactor must be named here (checked at start).
     reactor_names: tuple[str, ...] = ()
+    # What else the service shows in its readiness (the provisioner's capacity, say), from
+    # what it already knows: no I/O, and never a reason to be unready.
+    readiness_detail: Callable[[ServiceRuntime], Mapping[str, Any]] = lambda _: {}
 
     @property
     def schema(self) -> str:
@@ -230,7 +233,7 @@ class ServiceRuntime:
 
     async def readiness(self, nats_connected: bool) -> tuple[bool, dict[str, Any]]:
         """Ready = database answers, consumers attached, projections within the lag bound."""
-        detail: dict[str, Any] = {}
+        detail: dict[str, Any] = dict(self.definition.readiness_detail(self))
         if self.pool is None:
             detail["database"] = {"ok": False, "error": self.last_error or "connecting"}
             return False, detail
@@ -334,6 +337,8 @@ class Platform:
 
     # Each service's own settings where it has more than the common ones.
     service_settings: Mapping[str, ServiceSettings] = field(default_factory=dict)
+    # What else readiness depends on, by name (the servers `iotistic up` keeps running).
+    checks: dict[str, Callable[[], tuple[bool, dict[str, Any]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.metrics = ProjectionMetrics(self.registry)
@@ -517,6 +522,10 @@ class Platform:
             services[name] = {"ready": ready, **state}
             ok = ok and ready
         detail["services"] = services
+        for name, check in self.checks.items():
+            check_ok, state = check()
+            detail[name] = {"ok": check_ok, **state}
+            ok = ok and check_ok
         return ok, detail
 
 

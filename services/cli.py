@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
 if TYPE_CHECKING:
-    from libs.mqtt_broker import EmbeddedMosquitto
+    pass
 
 log = logging.getLogger("iotistic")
 console = Console(stderr=True)
@@ -387,16 +386,6 @@ class GracefulServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
-def port_is_free(host: str, port: int) -> bool:
-    """True if nothing listens on ``host:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def generated_secret(data_dir: Path, name: str) -> str:
     """A secret of the embedded platform, generated at first start, readable by owner only."""
     from libs.embedded import secret_file
@@ -440,151 +429,10 @@ def running_up_pid(data_dir: Path) -> int | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """``iotistic up``: embedded Postgres and NATS on free ports, then target all."""
-    from libs.embedded import EmbeddedNats, EmbeddedPostgres
-    from libs.mqtt_broker import EmbeddedMosquitto
+    """``iotistic up``: the whole platform on embedded servers (services/up.py)."""
+    from services import up
 
-    data_dir = Path(args.data_dir).resolve()
-    if not port_is_free(args.host, args.port):
-        console.print(
-            f"[red]{args.host}:{args.port} is in use.[/red] Stop what runs there or pass "
-            "--port to choose another."
-        )
-        return 1
-    running = running_up_pid(data_dir)
-    if running is not None:
-        # A second `up` would fail on the first one's Postgres, and its clean-up would take
-        # away the runtime file the operator's tools find the running platform by.
-        console.print(
-            f"[red]iotistic up already runs on {data_dir} (pid {running}).[/red] Use it, or "
-            "stop it first."
-        )
-        return 1
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    http_url = f"http://{args.host}:{args.port}"
-    secrets_env = {
-        "ADMIN_TOKEN": generated_secret(data_dir, "admin-token"),
-        "SESSION_SECRET": generated_secret(data_dir, "session-secret"),
-        "PROVISIONER_SECRET": generated_secret(data_dir, "provisioner-secret"),
-        "USAGE_SECRET": generated_secret(data_dir, "usage-secret"),
-        "LOGIN_RELAY_SECRET": generated_secret(data_dir, "login-relay-secret"),
-        "LICENSE_KEYS_DIR": str(license_keys(data_dir)),
-    }
-    postgres = EmbeddedPostgres(
-        data_dir / "postgres", password_file=data_dir / "secrets" / "postgres-password"
-    )
-    bus_folder, authorization = embedded_bus(data_dir, load_settings(EventLogSettings, os.environ))
-    nats_server = EmbeddedNats(data_dir / "nats", authorization=authorization)
-    mosquitto = EmbeddedMosquitto(data_dir / "mosquitto")
-    runtime_file = data_dir / RUNTIME_FILE
-    try:
-        console.print("starting Postgres, NATS and Mosquitto ...")
-        postgres.start()
-        nats_server.start()
-        broker = _start_broker(mosquitto)
-        database_url = postgres.create_database("iotistic")
-        env = {
-            **os.environ,
-            **secrets_env,
-            "DATABASE_URL": database_url,
-            "NATS_URL": nats_server.url,
-            "NATS_CREDENTIALS_DIR": str(bus_folder),
-            # The local backend: instances here, on the embedded broker, verifying licenses
-            # with this process's JWKS.
-            "PROVISIONER_BACKEND": "local",
-            "LOCAL_INSTANCES_DIR": str(data_dir / "instances"),
-            "LICENSE_JWKS_URL": f"{http_url}/.well-known/jwks.json",
-            "CONTROL_PLANE_URL": http_url,
-            **broker,
-        }
-        platform = Platform.from_environ(definitions_for("all"), env)
-        # Owner only: the database URL in it carries the password.
-        runtime_file.touch(mode=0o600)
-        runtime_file.chmod(0o600)
-        runtime_file.write_text(
-            json.dumps(
-                {
-                    "DATABASE_URL": database_url,
-                    "NATS_URL": nats_server.url,
-                    "NATS_CREDENTIALS_DIR": str(bus_folder),
-                    "MQTT_URL": mosquitto.url if broker else None,
-                    "HTTP_URL": http_url,
-                    "pid": os.getpid(),
-                },
-                indent=2,
-            )
-        )
-        _print_up(
-            data_dir,
-            postgres.shown_url.removesuffix("/postgres") + "/iotistic",
-            nats_server.url,
-            mosquitto.url if broker else "not running (install mosquitto)",
-            http_url,
-        )
-        asyncio.run(_serve_up(platform, nats_server, args.host, args.port))
-    finally:
-        if running_up_pid(data_dir) == os.getpid():
-            runtime_file.unlink(missing_ok=True)
-        console.print("stopping Mosquitto, NATS and Postgres ...")
-        mosquitto.stop()
-        nats_server.stop()
-        postgres.stop()
-        console.print("stopped; data kept in", str(data_dir))
-    return 0
-
-
-async def _serve_up(platform: Platform, nats_server: Any, host: str, port: int) -> None:
-    """The platform, and what `up` does for its embedded servers as a supervisor would."""
-    from libs.embedded import NatsWatchdog
-    from libs.supervision import Supervisor
-
-    supervisor = Supervisor("up")
-    # A NATS whose JetStream stays broken after its disk was full is restarted.
-    supervisor.spawn("nats watchdog", NatsWatchdog(nats_server).run)
-    try:
-        await serve(platform, "all", host, port)
-    finally:
-        await supervisor.stop(0)
-
-
-def _start_broker(mosquitto: EmbeddedMosquitto) -> dict[str, str]:
-    """Start the device broker; without Mosquitto on the machine, go on without one."""
-    from libs.embedded import EmbeddedServerError
-
-    try:
-        mosquitto.start()
-    except EmbeddedServerError as exc:
-        console.print(f"[yellow]no device broker:[/yellow] {exc}")
-        return {}
-    return {
-        "MQTT_HOST": mosquitto.host,
-        "MQTT_PORT": str(mosquitto.port),
-        "MQTT_ADMIN_USERNAME": mosquitto.admin_username,
-        "MQTT_ADMIN_PASSWORD": mosquitto.admin_password,
-    }
-
-
-def _print_up(
-    data_dir: Path, database_url: str, nats_url: str, mqtt_url: str, http_url: str
-) -> None:
-    table = Table(title="Iotistic is running (Ctrl-C stops everything)", show_header=False)
-    table.add_row("API, health, metrics", http_url)
-    table.add_row("readiness", f"{http_url}/health/ready")
-    table.add_row("OpenAPI", f"{http_url}/schema/openapi.json")
-    table.add_row(
-        "Postgres",
-        f"{database_url}  (password: {data_dir / 'secrets' / 'postgres-password'})",
-    )
-    table.add_row(
-        "NATS JetStream",
-        f"{nats_url}  (sync_interval: always; a user per service, passwords in "
-        f"{data_dir / 'secrets' / 'nats'})",
-    )
-    table.add_row("MQTT (Mosquitto)", mqtt_url)
-    table.add_row("deployment queue", f"{http_url}/admin/queues  (admin token as password)")
-    table.add_row("data folder", str(data_dir))
-    table.add_row("admin token", f"{data_dir / 'secrets' / 'admin-token'}  (file, owner only)")
-    console.print(table)
+    return up.cmd_up(args)
 
 
 # --- simulate ----------------------------------------------------------------------------------

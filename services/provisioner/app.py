@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from litestar.types import ControllerRouterHandler
 
@@ -15,6 +16,8 @@ from contracts import (
     DeploymentStarted,
     DeploymentSucceeded,
     DeploymentSuperseded,
+    DeploymentWaitingForCapacity,
+    InstanceCapacityChanged,
     InstanceDegraded,
     InstanceRecovered,
 )
@@ -24,9 +27,10 @@ from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.supervision import Worker
 from services.provisioner.backends.base import Backend
 from services.provisioner.backends.k8s_manifests import KubernetesSettings
+from services.provisioner.capacity import CapacityWatch
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
-from services.provisioner.projections import DEPLOYMENTS, INSTANCE_HEALTH
+from services.provisioner.projections import CAPACITY_RECORDED, DEPLOYMENTS, INSTANCE_HEALTH
 from services.provisioner.reactors import provisioner_reactors
 from services.provisioner.settings import ProvisionerSettings, parse_cidrs
 from services.provisioner.worker import QueueWorker
@@ -53,6 +57,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
                 cluster_client,
                 ready_timeout=settings.kubernetes_ready_timeout_seconds,
                 login_relay_secret=settings.login_relay_secret,
+                max_instances=settings.max_instances,
             )
         from services.provisioner.backends.local import LocalBackend
 
@@ -86,6 +91,20 @@ def metrics_of(runtime: ServiceRuntime) -> QueueMetrics:
     return runtime.shared("metrics", lambda: QueueMetrics(runtime.registry))
 
 
+def capacity_of(runtime: ServiceRuntime) -> CapacityWatch:
+    """Keeps the backend's capacity measured, shown and recorded on changes."""
+    return runtime.shared(
+        "capacity",
+        lambda: CapacityWatch(
+            backend=backend_of(runtime),
+            pool=runtime.db,
+            events=runtime.events,
+            metrics=metrics_of(runtime),
+            every=settings_of(runtime).capacity_check_seconds,
+        ),
+    )
+
+
 def worker_of(runtime: ServiceRuntime) -> QueueWorker:
     """This replica's queue worker."""
     return runtime.shared(
@@ -96,6 +115,8 @@ def worker_of(runtime: ServiceRuntime) -> QueueWorker:
             backend_of(runtime),
             relay_of(runtime),
             metrics_of(runtime),
+            capacity=capacity_of(runtime).limit,
+            after_job=capacity_of(runtime).wake,
         ),
     )
 
@@ -136,8 +157,14 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
             "queue metrics",
             lambda: metrics_of(runtime).refresh_every(runtime.db, METRICS_REFRESH_SECONDS),
         ),
+        Worker("capacity", capacity_of(runtime).run),
         health_watch_of(runtime).worker(),
     ]
+
+
+def _readiness(runtime: ServiceRuntime) -> Mapping[str, Any]:
+    # Full is not unhealthy: shown, never a reason for 503.
+    return {"capacity": capacity_of(runtime).readiness()}
 
 
 def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
@@ -149,7 +176,7 @@ def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
 PROVISIONER = ServiceDefinition(
     name="provisioner",
     migrations_package="services.provisioner.migrations",
-    projections=(DEPLOYMENTS, INSTANCE_HEALTH),
+    projections=(DEPLOYMENTS, CAPACITY_RECORDED, INSTANCE_HEALTH),
     reactors=_reactors,
     routes=_routes,
     workers=_workers,
@@ -162,9 +189,12 @@ PROVISIONER = ServiceDefinition(
         DeploymentStarted,
         DeploymentSucceeded,
         DeploymentSuperseded,
+        DeploymentWaitingForCapacity,
+        InstanceCapacityChanged,
         InstanceDegraded,
         InstanceRecovered,
     ),
     reactor_names=("queue_deployments",),
+    readiness_detail=_readiness,
     settings_type=ProvisionerSettings,
 )

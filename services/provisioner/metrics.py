@@ -1,10 +1,11 @@
-"""The provisioner's Prometheus metrics: the queue's jobs by state, workers and how long jobs
-take; the health watch's unhealthy instances and redeploys."""
+"""The provisioner's Prometheus metrics: the queue's jobs by state, workers, how long jobs
+take, and capacity; the health watch's unhealthy instances and redeploys."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 import asyncpg
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class QueueMetrics:
-    """``deployment_queue_<state>`` gauges, ``deployment_queue_workers`` and job durations."""
+    """``deployment_queue_<state>`` gauges, ``deployment_queue_workers``, job durations, and
+    instances running against the capacity."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         """Registers the metrics in ``registry``."""
@@ -41,6 +43,27 @@ class QueueMetrics:
             buckets=(0.5, 1, 2, 3, 5, 10, 30, 60, 120, 300, 600),
             registry=registry,
         )
+        self.instances_running = Gauge(
+            "iotistic_instances_running",
+            "Customer instances running or being started",
+            registry=registry,
+        )
+        self.instances_capacity = Gauge(
+            "iotistic_instances_capacity",
+            "Customer instances the platform can hold (+Inf: no limit)",
+            registry=registry,
+        )
+        self.waiting_for_capacity = Gauge(
+            "iotistic_deployments_waiting_for_capacity",
+            "Deployment jobs waiting for room for another instance",
+            registry=registry,
+        )
+
+    def show_capacity(self, running: int, capacity: int | None, waiting: int) -> None:
+        """Set the capacity gauges."""
+        self.instances_running.set(running)
+        self.instances_capacity.set(math.inf if capacity is None else capacity)
+        self.waiting_for_capacity.set(waiting)
 
     async def refresh(self, pool: asyncpg.Pool) -> None:
         """Read the queue's counts into the gauges."""

@@ -1,4 +1,5 @@
-"""Deployment jobs and their progress, as the deployment events record them."""
+"""Deployment jobs and their progress, as the deployment events record them; and the platform's
+capacity as last recorded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from contracts import (
     DeploymentStarted,
     DeploymentSucceeded,
     DeploymentSuperseded,
+    InstanceCapacityChanged,
     InstanceDegraded,
     InstanceRecovered,
 )
@@ -128,6 +130,35 @@ DEPLOYMENTS = Projection(
         DeploymentSuperseded: when_deployment_superseded_mark_it,
         DeploymentJobRemoved: when_deployment_job_removed_forget_it,
     },
+)
+
+
+async def when_instance_capacity_changed_remember_it(
+    conn: Connection, r: Recorded[InstanceCapacityChanged]
+) -> None:
+    e = r.event
+    await conn.execute(
+        """
+        INSERT INTO capacity_recorded (only_row, seq, running, capacity, limited_by, "full",
+                                       changed_at)
+        VALUES (true, $1, $2, $3, $4, $5, $6)
+        ON CONFLICT (only_row) DO UPDATE SET seq = $1, running = $2, capacity = $3,
+            limited_by = $4, "full" = $5, changed_at = $6
+        """,
+        r.seq,
+        e.running,
+        e.capacity,
+        e.limited_by,
+        e.full,
+        r.envelope.occurred_at,
+    )
+
+
+# What the capacity watch compares with before it records a change (``capacity.py``).
+CAPACITY_RECORDED = Projection(
+    name="capacity",
+    tables=("capacity_recorded",),
+    handlers={InstanceCapacityChanged: when_instance_capacity_changed_remember_it},
 )
 
 

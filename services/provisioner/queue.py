@@ -15,7 +15,11 @@ Rules:
 - a worker records progress and outcomes only while it still holds the job: same attempt and
   generation, still active; a claim changes a row only if it is still as the claim read it;
 - jobs read the customer's current license when they run, so a waiting deploy or update covers
-  any newer license, and a delete makes waiting deploys and updates pointless.
+  any newer license, and a delete makes waiting deploys and updates pointless;
+- while the instances running or starting reach the capacity the backend reports, a job that
+  would start an instance for a customer who has none waits (recorded once as
+  ``DeploymentWaitingForCapacity``), neither failed nor retried; updates and deletes of
+  instances that run are never held, and held jobs start in priority order as room frees.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from contracts import (
     DeploymentStarted,
     DeploymentSucceeded,
     DeploymentSuperseded,
+    DeploymentWaitingForCapacity,
     Envelope,
     Event,
 )
@@ -203,14 +208,76 @@ async def enqueue(
     return job_id
 
 
+# --- capacity -----------------------------------------------------------------------------------
+
+# The customer of job ``j`` has an instance running (as the last finished job left it).
+_HAS_INSTANCE = (
+    "EXISTS (SELECT 1 FROM customer_instances i "
+    "WHERE i.customer_id = j.customer_id AND i.state = 'running')"
+)
+# Job ``j`` would start an instance for a customer who has none: what capacity holds back.
+_NEEDS_ROOM = f"(j.kind <> '{DELETE}' AND NOT {_HAS_INSTANCE})"
+
+
+async def instances_held(conn: asyncpg.Connection) -> int:
+    """Instances running, plus those being started (an active job of a customer with none)."""
+    held: int = await conn.fetchval(
+        "SELECT (SELECT count(*) FROM customer_instances WHERE state = 'running') + "
+        "(SELECT count(DISTINCT j.customer_id) FROM queue_jobs j "
+        f"WHERE j.state = 'active' AND {_NEEDS_ROOM})"
+    )
+    return held
+
+
+async def waiting_for_capacity(conn: asyncpg.Connection) -> int:
+    """Jobs waiting, or noted waiting, for room for another instance."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM queue_jobs WHERE state = ANY($1) "
+        "AND waiting_for_capacity_since IS NOT NULL",
+        list(PENDING),
+    )
+    return count
+
+
+async def _note_waiting_for_capacity(
+    conn: asyncpg.Connection, now: datetime, running: int, capacity: int
+) -> None:
+    """Record, once per attempt, each runnable job the full platform holds back (not one
+    that waits for its customer's active job: that one may start the instance it needs)."""
+    rows = await conn.fetch(
+        "UPDATE queue_jobs j SET waiting_for_capacity_since = $1 "
+        "WHERE j.state = ANY($2) AND j.run_after <= $1 "
+        f"AND j.waiting_for_capacity_since IS NULL AND {_NEEDS_ROOM} "
+        "AND NOT EXISTS (SELECT 1 FROM queue_jobs o "
+        "WHERE o.customer_id = j.customer_id AND o.state = 'active') "
+        "RETURNING job_id, customer_id, generation, attempts",
+        now,
+        list(PENDING),
+    )
+    for row in rows:
+        await _record(
+            conn,
+            DeploymentWaitingForCapacity(
+                customer_id=row["customer_id"],
+                job_id=row["job_id"],
+                running=running,
+                capacity=capacity,
+            ),
+            row["customer_id"],
+            _event_id(row["job_id"], row["generation"], "waiting-for-capacity", row["attempts"]),
+        )
+
+
 # --- running ------------------------------------------------------------------------------------
 
 # A waiting or delayed job waits while any other job of its customer is active, even one whose
 # lease ran out: that one is claimed again first. Of two active jobs (left by an older version)
-# only a live lease blocks, so they cannot block each other for ever.
-_NEXT = """
+# only a live lease blocks, so they cannot block each other for ever. While the platform is
+# full ($3), a waiting job that needs room for a new instance waits (an active one whose lease
+# ran out holds its room already).
+_NEXT = f"""
     SELECT * FROM queue_jobs j
-    WHERE ((j.state = ANY($2) AND j.run_after <= $1)
+    WHERE ((j.state = ANY($2) AND j.run_after <= $1 AND NOT ($3 AND {_NEEDS_ROOM}))
            OR (j.state = 'active' AND j.lease_until <= $1))
       AND NOT EXISTS (
           SELECT 1 FROM queue_jobs o
@@ -239,24 +306,33 @@ async def claim_next_job(
     backend: str,
     concurrency: int,
     lease: timedelta,
+    capacity: int | None = None,
 ) -> Claimed | None:
     """Lease the most urgent runnable job to ``worker_id``, if a slot is free.
 
     The lease runs for ``lease`` from now on Postgres's clock. Finishing and extending do not
     take the queue's lock, so the job is changed only if it is still as it was read; if it is
-    not (its old worker just finished it, say), the next one is looked for.
+    not (its old worker just finished it, say), the next one is looked for. With ``capacity``
+    (instances the backend can hold; None: no limit) reached, jobs that would start another
+    instance wait, each recorded once as waiting for capacity.
     """
     await _lock(conn)
     if await conn.fetchval("SELECT paused FROM queue_control"):
         return None
     while True:
         now = await _clock(conn)
+        full = False
+        if capacity is not None:
+            held = await instances_held(conn)
+            full = held >= capacity
+            if full:
+                await _note_waiting_for_capacity(conn, now, held, capacity)
         running = await conn.fetchval(
             "SELECT count(*) FROM queue_jobs WHERE state = 'active' AND lease_until > $1", now
         )
         if running >= concurrency:
             return None
-        row = await conn.fetchrow(_NEXT, now, list(PENDING))
+        row = await conn.fetchrow(_NEXT, now, list(PENDING), full)
         if row is None:
             return None
         if row["state"] == "active" and row["attempts"] >= row["max_attempts"]:
@@ -268,7 +344,8 @@ async def claim_next_job(
         result = await conn.execute(
             "UPDATE queue_jobs SET state = 'active', attempts = $6, lease_owner = $7, "
             "lease_until = $8, processed_on = COALESCE(processed_on, $9), progress = 0, "
-            f"step = NULL, attempt_log = attempt_log || $10::jsonb WHERE {_AS_READ}",
+            "step = NULL, waiting_for_capacity_since = NULL, "
+            f"attempt_log = attempt_log || $10::jsonb WHERE {_AS_READ}",
             *_as_read(row),
             attempt,
             worker_id,

@@ -63,6 +63,10 @@ def job_view(row: asyncpg.Record) -> dict[str, Any]:
         "finishedOn": _ms(row["finished_on"]),
         "failedReason": row["failed_reason"],
         "supersededBy": row["superseded_by"],
+        # A deploy held while the platform runs all the instances it can hold.
+        "waitingFor": "capacity"
+        if row["waiting_for_capacity_since"] is not None and row["state"] in PENDING
+        else None,
         "data": {"customerId": row["customer_id"], **json.loads(row["data"])},
         "attemptsLog": json.loads(row["attempt_log"]),
     }

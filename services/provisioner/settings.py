@@ -47,6 +47,11 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # Handed to every instance: networks its alert webhooks may reach although they are not
     # public (comma-separated CIDRs); unset: public addresses only.
     alert_webhook_allowed_cidrs: str = ""
+    # Instances this platform may run at most, whatever the backend counts it can hold;
+    # unset: as many as the backend can hold (the kubernetes backend: no limit).
+    max_instances: Annotated[int, Meta(ge=0)] | None = None
+    # How often the capacity is measured again (and a change of it recorded on the log).
+    capacity_check_seconds: Annotated[float, Meta(gt=0, le=300)] = 5.0
     # --- local backend
     # A folder for each instance's license file and log.
     local_instances_dir: str = ".iotistic/instances"
@@ -63,6 +68,15 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     local_instance_host: str = "127.0.0.1"
     # How long a started instance has to answer /health/ready.
     local_ready_timeout_seconds: Annotated[float, Meta(gt=0, le=600)] = 60.0
+    # Capacity of this machine. Connections of the instances' Postgres kept for the control
+    # plane (its services' pools, the provisioner's admin work, psql), beyond the superusers'.
+    local_control_plane_connections: Annotated[int, Meta(ge=0)] = 100
+    # Connections budgeted for each idle instance.
+    local_connections_per_instance: Annotated[int, Meta(ge=1, le=100)] = 2
+    # Memory budgeted for each idle instance (MiB), and the share of the memory available to
+    # instances (what is free now plus what the running ones hold) that they may take.
+    local_memory_per_instance_mib: Annotated[int, Meta(ge=1)] = 110
+    local_memory_share: Annotated[float, Meta(gt=0, le=1)] = 0.9
     # --- kubernetes backend
     base_domain: str = "iotistic.cloud"
     instance_image: str = "ghcr.io/iotistic/iotistic:0.1.0"

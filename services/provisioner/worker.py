@@ -71,9 +71,15 @@ class QueueWorker:
         backend: Backend,
         relay: OutboxRelay,
         metrics: QueueMetrics,
+        capacity: Callable[[], Awaitable[int | None]] | None = None,
+        after_job: Callable[[], None] | None = None,
     ) -> None:
-        """``pool`` is the provisioner's; ``relay`` is woken after each recorded change."""
+        """``pool`` is the provisioner's; ``relay`` is woken after each recorded change;
+        ``capacity`` says how many instances may run (None, or no ``capacity``: no limit);
+        ``after_job`` is called when a job ends (an instance may have started or gone)."""
         self._pool = pool
+        self._capacity = capacity
+        self._after_job = after_job
         self._settings = settings
         self._backend = backend
         self._relay = relay
@@ -137,6 +143,7 @@ class QueueWorker:
 
     async def _fill_slots(self) -> None:
         while len(self._running) < self._settings.queue_concurrency:
+            capacity = await self._capacity() if self._capacity is not None else None
             # Taken before the claim: the lease Postgres grants runs from a later moment.
             asked = time.monotonic()
             try:
@@ -147,11 +154,13 @@ class QueueWorker:
                         backend=self._backend.name,
                         concurrency=self._settings.queue_concurrency,
                         lease=self._lease,
+                        capacity=capacity,
                     )
             except PASSING as exc:
                 log.warning("queue: cannot claim jobs now: %r", exc)
                 return
             if job is None:
+                # Jobs it noted waiting for capacity reach the log at the relay's next poll.
                 return
             self._relay.wake()
             task = asyncio.create_task(self._run_job(job, asked), name=f"job {job.job_id}")
@@ -161,6 +170,8 @@ class QueueWorker:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._wake.set()  # a slot is free
+        if self._after_job is not None:
+            self._after_job()
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: stopped by an error", task.get_name(), exc_info=task.exception())
 

@@ -7,7 +7,7 @@ from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.scheduling import every
 from libs.supervision import Worker
 from services.signup.handlers import forget_stale_private_state, settle_credentials
-from services.signup.projections import ACCOUNTS
+from services.signup.projections import ACCOUNTS, PLATFORM_CAPACITY
 from services.signup.routes import signup_routes
 from services.signup.settings import SignupSettings
 
@@ -38,7 +38,7 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
 SIGNUP = ServiceDefinition(
     name="signup",
     migrations_package="services.signup.migrations",
-    projections=(ACCOUNTS,),
+    projections=(ACCOUNTS, PLATFORM_CAPACITY),
     routes=signup_routes,
     workers=_workers,
     emits=(

@@ -36,6 +36,13 @@ from services.signup.settings import SignupSettings
 
 ACCOUNT_URL = "/api/customers/me"
 ESTIMATED_DEPLOY_TIME = "a few seconds"
+WAITING_FOR_CAPACITY = "waiting_for_capacity"
+WAITING_FOR_CAPACITY_DETAIL = (
+    "The platform is running all the instances it can hold right now. Yours is queued and "
+    "starts by itself as soon as a slot frees; your account and trial are ready meanwhile."
+)
+# Deployment states of a job not started yet (or of no job yet).
+NOT_UNDER_WAY = ("pending", "queued")
 # A credential younger than this may belong to a signup whose request is still appending (an
 # append gives up after 5 s); a retry takes it up only after that.
 IN_FLIGHT_SECONDS = 10.0
@@ -100,29 +107,42 @@ def license_of(row: asyncpg.Record | None) -> LicenseOut:
     )
 
 
-def deployment_of(row: asyncpg.Record | None) -> DeploymentOut:
-    """The instance's deployment (pending until the provisioner has taken it up)."""
+def deployment_of(row: asyncpg.Record | None, platform_full: bool = False) -> DeploymentOut:
+    """The instance's deployment (pending until the provisioner has taken it up). With
+    ``platform_full``, one not under way yet is shown waiting for capacity: the provisioner
+    will hold it until an instance's slot frees."""
+    status = "pending" if row is None else row["deployment_status"]
+    if platform_full and status in NOT_UNDER_WAY:
+        status = WAITING_FOR_CAPACITY
+    waiting = status == WAITING_FOR_CAPACITY
     if row is None:
         return DeploymentOut(
-            status="pending",
+            status=status,
             job_id=None,
             instance_url=None,
-            estimated_time=ESTIMATED_DEPLOY_TIME,
+            estimated_time=None if waiting else ESTIMATED_DEPLOY_TIME,
             check_status_url=ACCOUNT_URL,
+            detail=WAITING_FOR_CAPACITY_DETAIL if waiting else None,
         )
-    ready = row["deployment_status"] == "ready"
+    ready = status == "ready"
     return DeploymentOut(
-        status=row["deployment_status"],
+        status=status,
         job_id=row["deployment_job_id"],
         instance_url=row["instance_url"],
-        estimated_time=None if ready else ESTIMATED_DEPLOY_TIME,
+        estimated_time=None if ready or waiting else ESTIMATED_DEPLOY_TIME,
         check_status_url=ACCOUNT_URL,
         progress=row["deployment_progress"],
         step=row["deployment_step"],
         error=row["deployment_error"],
+        detail=WAITING_FOR_CAPACITY_DETAIL if waiting else None,
         degraded_since=row["instance_degraded_since"],
         health_reason=row["instance_health_reason"],
     )
+
+
+async def platform_full(pool: asyncpg.Pool) -> bool:
+    """Whether the provisioner last said the platform runs all the instances it can hold."""
+    return bool(await pool.fetchval('SELECT "full" FROM platform_capacity'))
 
 
 # --- abuse limits: signups and failed logins ------------------------------------------------------
@@ -300,8 +320,12 @@ class SignupService:
             customer_id = await self._new_signup(form, address)
         row = await self._wait_for_answers(customer_id)
         now = _now()
+        deployment = deployment_of(row, await platform_full(self.pool))
         return SignupAnswer(
-            message="Account created. Your trial has started; your instance is being deployed.",
+            message="Account created. Your trial has started; your instance is being deployed."
+            if deployment.status != WAITING_FOR_CAPACITY
+            else "Account created. Your trial has started; your instance starts as soon as the "
+            "platform has room for it.",
             customer=CustomerOut(
                 customer_id=customer_id,
                 email=form.email,
@@ -309,7 +333,7 @@ class SignupService:
             ),
             subscription=subscription_of(row, now),
             license=license_of(row),
-            deployment=deployment_of(row),
+            deployment=deployment,
         )
 
     async def _new_signup(self, form: SignupForm, address: str) -> str:

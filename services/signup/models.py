@@ -66,6 +66,8 @@ class DeploymentOut(msgspec.Struct, frozen=True, kw_only=True):
     progress: int = 0
     step: str | None = None
     error: str | None = None
+    # What the status means for the customer, in a sentence (while waiting for capacity).
+    detail: str | None = None
     # While the instance is degraded, or recovering from it: since when, and what was seen.
     degraded_since: datetime | None = None
     health_reason: str | None = None

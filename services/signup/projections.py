@@ -1,4 +1,5 @@
-"""The account view: one row per customer, kept from every event about them."""
+"""The account view: one row per customer, kept from every event about them; and the
+platform's room for instances, which a new trial is told about."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from contracts import (
     DeploymentRequested,
     DeploymentStarted,
     DeploymentSucceeded,
+    DeploymentWaitingForCapacity,
+    InstanceCapacityChanged,
     InstanceDegraded,
     InstanceRecovered,
     LicenseIssued,
@@ -176,6 +179,20 @@ async def when_deployment_progressed_show_progress(
     )
 
 
+async def when_deployment_waits_for_capacity_show_it(
+    conn: Connection, r: Recorded[DeploymentWaitingForCapacity]
+) -> None:
+    # Only while that job is still the account's latest and has not started since.
+    await conn.execute(
+        "UPDATE accounts SET deployment_status = 'waiting_for_capacity', updated_at = $2 "
+        "WHERE customer_id = $1 AND deployment_job_id = $3 "
+        "AND deployment_status IN ('queued', 'retrying', 'failed')",
+        r.envelope.customer_id,
+        r.envelope.occurred_at,
+        r.event.job_id,
+    )
+
+
 async def when_deployment_succeeded_show_instance(
     conn: Connection, r: Recorded[DeploymentSucceeded]
 ) -> None:
@@ -210,7 +227,9 @@ async def when_deployment_failed_show_error(
 
 # While a job is in hand (or the instance is gone), that is what the account shows; the health
 # watch decides nothing while a job of the customer waits or runs.
-_JOB_IN_HAND = "('queued', 'deploying', 'retrying', 'recovering', 'removed')"
+_JOB_IN_HAND = (
+    "('queued', 'deploying', 'retrying', 'recovering', 'removed', 'waiting_for_capacity')"
+)
 
 
 async def when_instance_degraded_show_degraded(
@@ -258,7 +277,34 @@ ACCOUNTS = Projection(
         DeploymentProgressed: when_deployment_progressed_show_progress,
         DeploymentSucceeded: when_deployment_succeeded_show_instance,
         DeploymentFailed: when_deployment_failed_show_error,
+        DeploymentWaitingForCapacity: when_deployment_waits_for_capacity_show_it,
         InstanceDegraded: when_instance_degraded_show_degraded,
         InstanceRecovered: when_instance_recovered_show_ready,
     },
+)
+
+
+async def when_instance_capacity_changed_keep_it(
+    conn: Connection, r: Recorded[InstanceCapacityChanged]
+) -> None:
+    e = r.event
+    await conn.execute(
+        """
+        INSERT INTO platform_capacity (only_row, running, capacity, limited_by, "full", changed_at)
+        VALUES (true, $1, $2, $3, $4, $5)
+        ON CONFLICT (only_row) DO UPDATE SET running = $1, capacity = $2, limited_by = $3,
+            "full" = $4, changed_at = $5
+        """,
+        e.running,
+        e.capacity,
+        e.limited_by,
+        e.full,
+        r.envelope.occurred_at,
+    )
+
+
+PLATFORM_CAPACITY = Projection(
+    name="platform_capacity",
+    tables=("platform_capacity",),
+    handlers={InstanceCapacityChanged: when_instance_capacity_changed_keep_it},
 )

@@ -25,7 +25,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 rules found" in result.stdout
+    assert "7 rules found" in result.stdout
 
 
 def test_the_rules_fire_when_they_should_and_only_then() -> None:
@@ -68,3 +68,25 @@ def test_the_supervision_rule_names_the_metric_the_supervisors_export() -> None:
     [rule] = next(g for g in groups if g["name"] == "iotistic-supervision")["rules"]
     used = set(re.findall(r"\b(iotistic_[a-z_]+)", rule["expr"]))
     assert used == {"iotistic_task_restarts_total"} and used <= exported, (used, exported)
+
+
+def test_the_capacity_rules_name_the_metrics_the_provisioner_exports() -> None:
+    registry = CollectorRegistry()
+    metrics = QueueMetrics(registry)
+    metrics.show_capacity(running=3, capacity=None, waiting=0)
+    samples = {s.name: s.value for f in registry.collect() for s in f.samples}
+    # No limit is +Inf: running / capacity is 0, never "nearly full".
+    assert samples["iotistic_instances_capacity"] == float("inf")
+    groups = yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+    rules = next(g for g in groups if g["name"] == "iotistic-capacity")["rules"]
+    assert {r["alert"] for r in rules} == {
+        "InstanceCapacityNearlyFull",
+        "DeploymentsWaitingForCapacity",
+    }
+    used = {name for r in rules for name in re.findall(r"\b(iotistic_[a-z_]+)", r["expr"])}
+    assert used == {
+        "iotistic_instances_running",
+        "iotistic_instances_capacity",
+        "iotistic_deployments_waiting_for_capacity",
+    }
+    assert used <= set(samples), used - set(samples)

@@ -385,3 +385,15 @@ def test_render_command_prints_manifests_without_secrets_unless_asked(tmp_path: 
     for obj in yaml.safe_load_all(full.stdout):
         if obj:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+async def test_a_cluster_has_no_capacity_of_its_own_but_the_operators_limit() -> None:
+    async def no_cluster() -> k8s.ApiClient:
+        raise AssertionError("capacity asks no API server")
+
+    unlimited = KubernetesBackend(KubernetesSettings(), SECRET, no_cluster)
+    assert (await unlimited.capacity()).limit is None
+    capped = await KubernetesBackend(
+        KubernetesSettings(), SECRET, no_cluster, max_instances=40
+    ).capacity()
+    assert (capped.limit, capped.limited_by) == (40, "setting")

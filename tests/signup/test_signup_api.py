@@ -20,6 +20,7 @@ from contracts import (
     DeploymentStarted,
     DeploymentSucceeded,
     Event,
+    InstanceCapacityChanged,
     InstanceDegraded,
     InstanceRecovered,
 )
@@ -450,3 +451,38 @@ async def test_stale_rate_limit_windows_and_idempotency_answers_are_forgotten(pl
     assert nonces == {"new-nonce"}
     await pool.execute("DELETE FROM login_failures WHERE subject = 'addr:new'")
     await pool.execute("DELETE FROM signup_windows WHERE subject LIKE 'addr:%'")
+
+
+async def platform_capacity_says(platform: Platform, store: EventStore, full: bool) -> None:
+    """The provisioner's word on capacity, on the log and applied by signup."""
+    await store.publish(
+        InstanceCapacityChanged(running=5, capacity=5, limited_by="connections", full=full),
+        customer_id=None,
+        key="platform",
+    )
+    pool = platform.runtime_of("signup").db()
+    await eventually(
+        lambda: pool.fetchval('SELECT "full" FROM platform_capacity'),
+        lambda applied: applied is full,
+        what=f"signup knowing the platform {'full' if full else 'with room'}",
+    )
+
+
+async def test_a_trial_signing_up_while_the_platform_is_full_is_told_it_waits(
+    client, platform, store
+) -> None:
+    await platform_capacity_says(platform, store, full=True)
+    try:
+        waiting = await sign_up(client)
+        assert waiting.status_code == 201, waiting.text
+        deployment = waiting.json()["deployment"]
+        assert deployment["status"] == "waiting_for_capacity"
+        assert "starts by itself as soon as a slot frees" in deployment["detail"]
+        assert deployment["estimated_time"] is None
+        assert "as soon as the platform has room" in waiting.json()["message"]
+    finally:
+        await platform_capacity_says(platform, store, full=False)
+    room = await sign_up(client)
+    assert room.json()["deployment"]["status"] == "pending"
+    assert room.json()["deployment"]["detail"] is None
+    assert "being deployed" in room.json()["message"]

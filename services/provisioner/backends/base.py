@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from libs.auth import derived_secret
 
@@ -53,6 +53,33 @@ class Deployed:
     components: dict[str, str] = field(default_factory=dict)
 
 
+LimitedBy = Literal["connections", "memory", "setting"]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many instances the backend can hold, and which bound says so.
+
+    ``limit`` None: no limit known (a cluster that grows). ``bounds`` holds every bound that
+    was measured, by name, so an operator sees how close the others are."""
+
+    limit: int | None
+    limited_by: LimitedBy | None = None
+    bounds: dict[str, int] = field(default_factory=dict)
+
+
+def tightest(bounds: dict[LimitedBy, int | None]) -> Capacity:
+    """The capacity the smallest of the measured ``bounds`` allows (None ones were not
+    measured); on a tie the first named wins."""
+    known = {name: value for name, value in bounds.items() if value is not None}
+    if not known:
+        return Capacity(limit=None)
+    name = min(known, key=lambda n: known[n])
+    return Capacity(
+        limit=known[name], limited_by=name, bounds={str(n): v for n, v in known.items()}
+    )
+
+
 @dataclass(frozen=True)
 class InstanceHealth:
     """What one health check of a deployed instance found."""
@@ -84,6 +111,9 @@ class Backend(Protocol):
 
     async def status(self, customer_id: str) -> dict[str, object]:
         """The backend's view of the instance: release state and each component's state."""
+
+    async def capacity(self) -> Capacity:
+        """How many instances this backend can run at most now (running ones included)."""
 
     async def health(self, customer_id: str) -> InstanceHealth:
         """Whether the deployed instance serves: ready, answering. Raises ``BackendError``

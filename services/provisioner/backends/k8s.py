@@ -27,11 +27,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from libs.auth import login_relay_key
 from services.provisioner.backends.base import (
     BackendError,
+    Capacity,
     Deployed,
     InstanceHealth,
     InstanceSpec,
     Progress,
     derive_password,
+    tightest,
 )
 from services.provisioner.backends.k8s_manifests import (
     KubernetesSettings,
@@ -223,15 +225,23 @@ class KubernetesBackend:
         ready_timeout: float = 300.0,
         poll_seconds: float = 2.0,
         login_relay_secret: str | None = None,
+        max_instances: int | None = None,
     ) -> None:
-        """``api_client`` makes the configured client at start (in-cluster or kubeconfig)."""
+        """``api_client`` makes the configured client at start (in-cluster or kubeconfig);
+        ``max_instances`` is the operator's limit (a cluster grows: none of its own)."""
         self._settings = settings
+        self._max_instances = max_instances
         self._secret = secret
         self._login_relay_secret = login_relay_secret
         self._make_client = api_client
         self._client: k8s.ApiClient | None = None
         self._ready_timeout = ready_timeout
         self._poll = poll_seconds
+
+    async def capacity(self) -> Capacity:
+        """The operator's ``MAX_INSTANCES``, or no limit: the cluster's autoscaler and quotas
+        decide, and a pod that cannot be scheduled is reported by the deploy's readiness."""
+        return tightest({"setting": self._max_instances})
 
     @property
     def _api(self) -> KubeApi:

@@ -6,8 +6,11 @@ bound to a client id of its own), a folder with its license file and log, and an
 ``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
 passwords, the broker client id and the instance's monitoring token are derived from
 ``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same ones and nothing secret
-is stored. After the provisioner restarts it finds running instances again by the marker in
-their environment, and starts the ones that should run but do not.
+is stored. An instance ends with the provisioner that started it (its parent-death signal),
+so nothing outlives ``iotistic up``. Should one still be running when the provisioner starts
+(it outlived a provisioner of an earlier version, say), it is found by the marker in its
+environment and kept only if it runs with exactly the settings it would be given now; else it
+is stopped and started again with them, so instances follow the platform's addresses.
 """
 
 from __future__ import annotations
@@ -30,18 +33,21 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+import psutil
 
 from libs.auth import instance_usage_token, login_relay_key
 from libs.db import CONNECTION_ERRORS
-from libs.embedded import free_port
+from libs.embedded import end_with_parent, free_port, port_is_free
 from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
 from services.provisioner.backends.base import (
     BackendError,
+    Capacity,
     Deployed,
     InstanceHealth,
     InstanceSpec,
     Progress,
     derive_password,
+    tightest,
 )
 from services.provisioner.settings import ProvisionerSettings, parse_cidrs
 
@@ -54,6 +60,7 @@ RESTART_BACKOFF_MAX = 30.0
 # Connections an instance's database role may hold at once (its pool is 6).
 INSTANCE_ROLE_CONNECTIONS = 12
 STABLE_AFTER = 60.0
+MIB = 1024 * 1024
 
 
 def instance_name(customer_id: str) -> str:
@@ -109,6 +116,8 @@ class LocalBackend:
         # Handed to every instance: refused here, at start, rather than by each instance.
         parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
         self._supervised: dict[str, Supervised] = {}
+        # The connection bound last measured, kept while the database does not answer.
+        self._connections_bound: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -120,7 +129,17 @@ class LocalBackend:
         for row in rows:
             customer_id = row["customer_id"]
             pid = running.get(customer_id)
-            self._supervise(customer_id, row["port"], adopted_pid=pid)
+            supervised = self._supervise(customer_id, row["port"], adopted_pid=None, start=False)
+            if pid is not None and not _runs_with(pid, supervised.env):
+                log.warning(
+                    "instance of %s (pid %d) runs with other settings than now; restarting it",
+                    customer_id,
+                    pid,
+                )
+                await _terminate_pid(pid)
+                pid = None
+            supervised.adopted_pid = pid
+            self._begin(supervised)
             log.info(
                 "instance of %s: %s",
                 customer_id,
@@ -155,14 +174,18 @@ class LocalBackend:
         _write_private(folder / "license.jwt", spec.license_jwt)
         await progress(70, "instance")
         port = await self._port_of(spec.customer_id)
-        supervised = self._running(spec.customer_id, port, database_url)
-        env = self._environment(spec.customer_id, port, database_url)
-        if supervised is None or spec.restart_key or not _runs_with(supervised, env):
-            # Nothing runs, or a redeploy replaces a broken process, or the one running holds
-            # other settings (addresses of a platform started before): a fresh one, as today.
+        supervised = self._supervised.get(spec.customer_id)
+        if spec.restart_key or (supervised is not None and supervised.port != port):
+            # A redeploy replaces a broken process, and one that could not listen on its old
+            # port starts on the new one: a fresh process with today's settings.
             await self._stop_instance(spec.customer_id)
+            supervised = None
+        if supervised is None:
             supervised = self._supervise(
-                spec.customer_id, port, adopted_pid=None, database_url=database_url
+                spec.customer_id,
+                port,
+                adopted_pid=instances_running().get(spec.customer_id),
+                database_url=database_url,
             )
         await progress(90, "health")
         try:
@@ -280,6 +303,60 @@ class LocalBackend:
         reason = f"not ready ({answer.status_code}): {', '.join(failed[:10]) or 'no detail'}"
         return InstanceHealth(False, reason), detail
 
+    async def capacity(self) -> Capacity:
+        """The fewest of: the instances the shared Postgres has connections for, those the
+        memory of this machine holds, and ``MAX_INSTANCES``."""
+        s = self._settings
+        return tightest(
+            {
+                "connections": await self._connection_capacity(),
+                "memory": self._memory_capacity(),
+                "setting": s.max_instances,
+            }
+        )
+
+    async def _connection_capacity(self) -> int | None:
+        s = self._settings
+        try:
+            conn = await asyncpg.connect(self._admin_url(), timeout=5)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("capacity: database not reachable (%s); last bound kept", exc)
+            return self._connections_bound
+        try:
+            limits = await conn.fetchrow(
+                "SELECT current_setting('max_connections')::int AS max_connections, "
+                "current_setting('superuser_reserved_connections')::int AS superusers, "
+                # Postgres 16 keeps these for roles granted pg_use_reserved_connections.
+                "coalesce(current_setting('reserved_connections', true), '0')::int AS reserved"
+            )
+        except asyncpg.PostgresError as exc:
+            log.warning("capacity: reading max_connections failed (%s)", exc.sqlstate)
+            return self._connections_bound
+        finally:
+            await conn.close()
+        self._connections_bound = connection_capacity(
+            limits["max_connections"],
+            limits["superusers"] + limits["reserved"],
+            s.local_control_plane_connections,
+            s.local_connections_per_instance,
+        )
+        return self._connections_bound
+
+    def _memory_capacity(self) -> int:
+        s = self._settings
+        held = 0
+        for supervised in self._supervised.values():
+            pid = supervised.pid
+            if pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    held += psutil.Process(pid).memory_info().rss
+        return memory_capacity(
+            psutil.virtual_memory().available,
+            held,
+            s.local_memory_share,
+            s.local_memory_per_instance_mib * MIB,
+        )
+
     # --- parts ----------------------------------------------------------------------------------
 
     def _password(self, purpose: str, customer_id: str) -> str:
@@ -310,14 +387,20 @@ class LocalBackend:
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise BackendError(f"database server not reachable: {type(exc).__name__}") from None
         try:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
-                await conn.execute(
-                    await conn.fetchval(
-                        "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)",
-                        name,
-                        password,
-                    )
+            # One deploy's database at a time, from creation to confinement: a database made
+            # meanwhile by another deploy lets every role connect until its own REVOKE, and
+            # would fail this deploy's check that its role can connect nowhere else.
+            await conn.execute("SELECT pg_advisory_lock($1)", DATABASE_ACL_LOCK)
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
+            # Set again on every deploy: the password follows PROVISIONER_SECRET if it changed.
+            await conn.execute(
+                await conn.fetchval(
+                    "SELECT format('%s ROLE %I LOGIN PASSWORD %L', $3::text, $1::text, $2::text)",
+                    name,
+                    password,
+                    "ALTER" if exists else "CREATE",
                 )
+            )
             if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
                 await conn.execute(
                     await conn.fetchval(
@@ -402,18 +485,34 @@ class LocalBackend:
             raise BackendError(f"removing broker credentials failed: {exc}") from None
 
     async def _port_of(self, customer_id: str) -> int:
+        """The instance's port: the one it has, unless another program took it meanwhile (the
+        machine restarted, say), then a new one; its deployment then names the new URL."""
+        host = self._settings.local_instance_host
+        supervised = self._supervised.get(customer_id)
+        ours = supervised is not None and supervised.pid is not None
         async with self._pool().acquire() as conn, conn.transaction():
             port = await conn.fetchval(
-                "SELECT port FROM local_instances WHERE customer_id = $1", customer_id
+                "SELECT port FROM local_instances WHERE customer_id = $1 FOR UPDATE", customer_id
             )
             if port is None:
-                port = free_port(self._settings.local_instance_host)
+                port = free_port(host)
                 await conn.execute(
                     "INSERT INTO local_instances (customer_id, port, created_at) "
                     "VALUES ($1, $2, $3)",
                     customer_id,
                     port,
                     datetime.now(UTC),
+                )
+            elif not ours and not port_is_free(host, port):
+                taken, port = port, free_port(host)
+                log.warning(
+                    "instance of %s: port %d is taken by another program; moving to %d",
+                    customer_id,
+                    taken,
+                    port,
+                )
+                await conn.execute(
+                    "UPDATE local_instances SET port = $2 WHERE customer_id = $1", customer_id, port
                 )
         return int(port)
 
@@ -464,6 +563,7 @@ class LocalBackend:
         port: int,
         adopted_pid: int | None,
         database_url: str | None = None,
+        start: bool = True,
     ) -> Supervised:
         if database_url is None:
             database_url = self._database_url_of(customer_id)
@@ -475,11 +575,15 @@ class LocalBackend:
             log_path=self._folder(customer_id) / "instance.log",
             adopted_pid=adopted_pid,
         )
-        supervised.task = asyncio.create_task(
-            self._keep_running(supervised), name=f"instance {customer_id}"
-        )
-        self._supervised[customer_id] = supervised
+        if start:
+            self._begin(supervised)
         return supervised
+
+    def _begin(self, supervised: Supervised) -> None:
+        supervised.task = asyncio.create_task(
+            self._keep_running(supervised), name=f"instance {supervised.customer_id}"
+        )
+        self._supervised[supervised.customer_id] = supervised
 
     def _database_url_of(self, customer_id: str) -> str:
         name = instance_name(customer_id)
@@ -505,6 +609,8 @@ class LocalBackend:
                         stdout=out,
                         stderr=out,
                         start_new_session=True,
+                        # It ends with the provisioner, even a killed one (see the top).
+                        preexec_fn=end_with_parent(signal.SIGTERM),
                     )
                 s.exited.clear()
                 code = await s.process.wait()
@@ -518,16 +624,6 @@ class LocalBackend:
             s.restarts += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
-
-    def _running(self, customer_id: str, port: int, database_url: str) -> Supervised | None:
-        """The customer's process kept running here, adopting one left running (a provisioner
-        that died mid-job); None when there is none."""
-        supervised = self._supervised.get(customer_id)
-        if supervised is None:
-            pid = instances_running().get(customer_id)
-            if pid is not None:
-                supervised = self._supervise(customer_id, port, pid, database_url)
-        return supervised
 
     async def _stop_instance(self, customer_id: str) -> None:
         """Stop the customer's process: the one kept running, and any stray one left here."""
@@ -582,6 +678,26 @@ class LocalBackend:
         )
 
 
+# The advisory lock serialising the databases' creation and access rules across provisioners.
+DATABASE_ACL_LOCK = 0x10715_D8AC1
+
+
+def connection_capacity(
+    max_connections: int, reserved: int, control_plane: int, per_instance: int
+) -> int:
+    """Instances the shared Postgres has connections for: what it allows, less what it keeps
+    for superusers (``reserved``) and for the control plane, each instance taking
+    ``per_instance``."""
+    return max(0, (max_connections - reserved - control_plane) // per_instance)
+
+
+def memory_capacity(available: int, held: int, share: float, per_instance: int) -> int:
+    """Instances this machine's memory holds: the memory available now plus what the running
+    instances hold (``held``, their RSS), of which instances may take ``share``, each
+    ``per_instance`` (bytes)."""
+    return max(0, int((available + held) * share) // per_instance)
+
+
 # Instance roles, by the only name ``instance_name`` makes.
 INSTANCE_ROLE = r"^inst_[0-9a-f]{32}$"
 
@@ -595,10 +711,9 @@ async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
     connect (the control plane's own) have been granted it by name. Roles made later need an
     explicit ``GRANT CONNECT``."""
     async with conn.transaction():
-        # One deploy at a time: concurrent GRANTs on one database fail each other.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('iotistic-local-database-acl', 0))"
-        )
+        # One deploy at a time: concurrent GRANTs on one database fail each other (a session
+        # holding the lock already, as _ensure_database's, is granted it again at once).
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", DATABASE_ACL_LOCK)
         databases = await conn.fetch(
             "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
             "AND (has_database_privilege('public', oid, 'CONNECT') "
@@ -637,23 +752,6 @@ async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
         )
 
 
-def _runs_with(s: Supervised, env: dict[str, str]) -> bool:
-    """Whether the process runs with the settings in ``env`` (what the provisioner hands an
-    instance; what it inherits aside). A process adopted after a restart of the platform may
-    hold the addresses of the servers that ran before."""
-    if s.pid is None:
-        running = s.env  # between restarts: it starts again with these
-    else:
-        try:
-            raw = Path(f"/proc/{s.pid}/environ").read_bytes()
-        except OSError:
-            return False
-        running = dict(
-            item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if item
-        )
-    return all(running.get(k) == v for k, v in env.items() if k not in INHERITED)
-
-
 def _write_private(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -669,20 +767,24 @@ def instances_running() -> dict[str, int]:
     is the marked process whose parent is not marked.
     """
     marked: dict[int, tuple[str, int]] = {}
-    prefix = f"{MARKER}=".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for proc in psutil.process_iter():
         try:
-            environ = (entry / "environ").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        for item in environ.split(b"\0"):
-            if item.startswith(prefix):
-                parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-                marked[int(entry.name)] = (item[len(prefix) :].decode(), parent)
+            customer = proc.environ().get(MARKER)
+            if customer is not None and proc.status() != psutil.STATUS_ZOMBIE:
+                marked[proc.pid] = (customer, proc.ppid())
+        except psutil.Error:
+            continue  # gone meanwhile, or not ours to read
     return {customer: pid for pid, (customer, parent) in marked.items() if parent not in marked}
+
+
+def _runs_with(pid: int, env: dict[str, str]) -> bool:
+    """Whether process ``pid`` was started with every variable of ``env`` as it is there (a
+    wrapper may add its own, such as PWD)."""
+    try:
+        environ = psutil.Process(pid).environ()
+    except psutil.Error:
+        return False
+    return all(environ.get(key) == value for key, value in env.items())
 
 
 def _alive(pid: int) -> bool:
