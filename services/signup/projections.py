@@ -252,7 +252,9 @@ async def when_instance_recovered_show_ready(
     await _update(
         conn,
         r,
-        "deployment_status = CASE WHEN deployment_status = 'degraded' "
+        # Recovered follows a degraded episode: the instance answers again, whether or not
+        # the health watch's redeploy failed meanwhile.
+        "deployment_status = CASE WHEN deployment_status IN ('degraded', 'failed') "
         "THEN 'ready' ELSE deployment_status END, "
         "instance_degraded_since = NULL, instance_health_reason = NULL",
     )

@@ -12,6 +12,7 @@ Everything is the command as shipped, on its embedded servers, in a temporary da
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,7 +107,8 @@ async def running_up(tmp_path: Path) -> AsyncIterator[tuple[Up, Path]]:
             up.process.kill()
         # Whatever the test did, leave nothing of this data folder running.
         for proc in everything_started_by(data_dir):
-            proc.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
 
 
 async def sign_up(api: httpx.AsyncClient, n: int) -> dict[str, str]:

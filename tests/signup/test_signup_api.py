@@ -377,6 +377,9 @@ async def test_the_account_follows_its_instance_health_and_the_redeploy_that_rep
     await then(degraded, "degraded")
     await then(requested("j3", "health-watch"), "recovering")
     await then(failed("j3", again=False), "failed")
+    # ... and when the instance answers again after all, the account says so.
+    await then(recovered, "ready")
+    await then(degraded, "degraded")
     # While another job is in hand, a degraded instance does not hide it.
     await then(requested("j4", "admin"), "queued")
     await store.publish(
