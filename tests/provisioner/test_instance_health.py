@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,42 @@ async def test_a_hung_instance_is_shown_degraded_then_redeployed_and_ready_again
         what="no instance counted unhealthy",
     )
     assert metric(metrics.text, "instance_health_redeploys_total") >= 1
+
+
+async def test_an_instance_whose_port_another_program_took_moves_to_a_new_one(
+    client, admin
+) -> None:
+    customer_id, auth, account = await ready_customer(client, "moved@example.com")
+    old_url = account["deployment"]["instance_url"]
+    old_port = int(old_url.rsplit(":", 1)[1])
+    pid = (await deployment_status(client, admin, customer_id))["backend"]["pid"]
+    # The instance dies and, before it is started again, another program listens on its port
+    # (answering nothing): every restart fails to bind, as after a reboot where a port moved.
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        try:
+            squatter.bind(("127.0.0.1", old_port))
+            break
+        except OSError:
+            await asyncio.sleep(0.01)
+    squatter.listen()
+    try:
+        await eventually(
+            lambda: client.get("/api/customers/me", headers=auth),
+            lambda r: r.json()["deployment"]["status"] == "degraded",
+            timeout=60,
+            what="the account shows the instance degraded",
+        )
+        await account_statuses_until(client, auth, "ready", timeout=120)
+        me = (await client.get("/api/customers/me", headers=auth)).json()["deployment"]
+        new_url = me["instance_url"]
+        assert new_url != old_url
+        async with httpx.AsyncClient(timeout=5) as http:
+            assert (await http.get(f"{new_url}/health/ready")).status_code == 200
+    finally:
+        squatter.close()
 
 
 async def test_an_instance_that_recovers_by_itself_is_recorded_recovered_without_a_redeploy(

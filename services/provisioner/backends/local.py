@@ -173,11 +173,15 @@ class LocalBackend:
         folder = self._folder(spec.customer_id)
         _write_private(folder / "license.jwt", spec.license_jwt)
         await progress(70, "instance")
-        port = await self._port_of(spec.customer_id)
         supervised = self._supervised.get(spec.customer_id)
-        if spec.restart_key or (supervised is not None and supervised.port != port):
-            # A redeploy replaces a broken process, and one that could not listen on its old
-            # port starts on the new one: a fresh process with today's settings.
+        if spec.restart_key:
+            # A redeploy replaces a broken process: a fresh one with today's settings. Stopped
+            # first, so that its port is seen as it is without it.
+            await self._stop_instance(spec.customer_id)
+            supervised = None
+        port = await self._port_of(spec.customer_id)
+        if supervised is not None and supervised.port != port:
+            # It could not listen on its old port (another program took it): move it.
             await self._stop_instance(spec.customer_id)
             supervised = None
         if supervised is None:
