@@ -102,18 +102,26 @@ def service_migrations(package: str) -> list[Migration]:
 
 
 async def create_pool(
-    dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10
+    dsn: str,
+    schema: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    idle_seconds: float = 300.0,
 ) -> asyncpg.Pool:
     """A pool whose connections use ``schema`` first on their search path.
 
     The pool is created lazily connected (min_size connections are opened on first use), so a
     service starts even while Postgres is still coming up, and reports not-ready until it is.
+    A connection beyond ``min_size`` unused for ``idle_seconds`` is closed (asyncpg keeps the
+    ``min_size`` floor open), so a burst leaves no connections behind once it is over.
     """
     check_schema_name(schema)
     pool = asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
+        max_inactive_connection_lifetime=idle_seconds,
         server_settings={
             "search_path": f"{schema},public",
             "application_name": f"iotistic-{schema}",

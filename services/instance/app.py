@@ -78,6 +78,11 @@ log = logging.getLogger(__name__)
 SCHEMA = "instance"
 BODY_LIMIT = 4096
 CSV_ROWS = 1_000_000
+# The pool: up to 6 connections under load, and one once idle, which its periodic tasks (alerts
+# every 2 s) keep warm; a connection unused this long is closed. Hundreds of instances share
+# one Postgres, whose connections are the scarce thing (an idle backend costs it memory too).
+POOL_MAX = 6
+POOL_IDLE_SECONDS = 10.0
 
 
 # Times a query may name, in UTC: a timestamptz, a Python datetime and every offset of both
@@ -160,7 +165,13 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                         )
                     finally:
                         await conn.close()
-                    state["pool"] = await create_pool(settings.database_url, SCHEMA, max_size=6)
+                    state["pool"] = await create_pool(
+                        settings.database_url,
+                        SCHEMA,
+                        min_size=1,
+                        max_size=POOL_MAX,
+                        idle_seconds=POOL_IDLE_SECONDS,
+                    )
                 except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                     log.warning("database not reachable (%s); retrying", type(exc).__name__)
                     raise
