@@ -576,6 +576,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         registry=registry,
         lifespan=[lifespan],
         health=monitoring_routes(readiness, registry, settings.monitoring_token, authorize),
+        # An instance sets up no tracer (its spans would go nowhere); hundreds run per host.
+        tracing=False,
     )
 
 

@@ -2,8 +2,9 @@
 
 Per customer: a database and a role of its own in the shared Postgres (the role may connect to
 no other database), a role and a client of its own on the shared Mosquitto (dynamic security,
-bound to a client id of its own), a folder with its license file and log, and an
-``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
+bound to a client id of its own), a folder with its license file and log, and an instance
+process (``python -m services.instance``, which is ``iotistic run --target instance`` without
+the rest of the command) on a port of its own, restarted if it dies. The
 passwords, the broker client id and the instance's monitoring token are derived from
 ``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same ones and nothing secret
 is stored. After the provisioner restarts it finds running instances again by the marker in
@@ -365,7 +366,10 @@ class LocalBackend:
     def _command(self) -> list[str]:
         if self._settings.local_instance_command:
             return self._settings.local_instance_command.split()
-        return [str(Path(sys.executable).parent / "iotistic"), "run", "--target", "instance"]
+        # ``iotistic run --target instance`` without the command's other targets and tools,
+        # which every instance would otherwise carry (about 12 MiB each).
+        # -P: the provisioner's working folder is not put first on the instance's path.
+        return [sys.executable, "-P", "-m", "services.instance"]
 
     def _environment(self, customer_id: str, port: int, database_url: str | None) -> dict[str, str]:
         name = instance_name(customer_id)
