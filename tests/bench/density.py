@@ -299,6 +299,9 @@ def _report(
     uss = [f.uss / MIB for f in instances]
     taken = (available_before - available_after) / count
     by_memory = int(available_before / taken) if taken > 0 else 0
+    # The same from the processes' own figures: an instance's PSS and its share of Postgres.
+    pss_each = (statistics.median(pss) * MIB + postgres.pss / count) / MIB
+    by_pss = int(available_before / MIB / pss_each)
     # The control plane's own pools and the superuser's reserve keep some connections.
     per_instance = max(connections) if connections else 0
     by_connections = (max_connections - 50) // per_instance if per_instance else 0
@@ -328,6 +331,7 @@ def _report(
     )
     print(
         f"density: estimated capacity of this machine: {min(by_memory, by_connections)} idle "
-        f"instances (memory {by_memory}, Postgres connections {by_connections} at "
-        f"max_connections {max_connections} less 50 for the control plane)"
+        f"instances (memory: {by_memory} by MemAvailable taken, {by_pss} by PSS of "
+        f"{pss_each:.1f} MiB each with its Postgres share; Postgres connections: "
+        f"{by_connections} at max_connections {max_connections} less 50 for the control plane)"
     )

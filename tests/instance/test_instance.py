@@ -714,3 +714,35 @@ async def test_an_idle_instance_holds_at_most_one_database_connection(
         await asyncio.sleep(0.5)
     assert max(held) <= 1, held
     await dave.api.aclose()
+
+
+async def test_readiness_of_an_idle_instance_says_when_its_database_is_lost(
+    client, postgres_server_url
+) -> None:
+    # The idle pool's one connection must not hide a database that went away: readiness
+    # checks it, and says when it works again.
+    erin = await customer(client, "erin@example.com")
+    role = instance_name(erin.id)
+    ready = await erin.api.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        lost = await eventually(
+            lambda: erin.api.get("/health/ready"),
+            lambda r: r.status_code == 503,
+            what="readiness to say the database is lost",
+        )
+        assert "database" in lost.json()["failed"]
+    finally:
+        await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+        await admin.close()
+    await eventually(
+        lambda: erin.api.get("/health/ready"),
+        lambda r: r.status_code == 200,
+        what="readiness back once the database is",
+    )
+    await erin.api.aclose()
