@@ -44,6 +44,8 @@ COUNT = 200
 # Seconds the instances are left alone before they are measured: their start-up work is done,
 # their first usage report sent, connections above the pool's floor closed (10 s unused).
 SETTLE_SECONDS = 30.0
+# Then the CPU time the idle instances (and Postgres) use is counted over this long.
+CPU_WINDOW_SECONDS = 10.0
 MIB = 1024 * 1024
 
 
@@ -180,10 +182,12 @@ async def _measure(
         all_ready = time.perf_counter() - started
         await asyncio.sleep(settle)
         pids = [await _pid(backend, c) for c in customers]
+        postmaster = await _postmaster_pid(pg_url)
+        cpu = await _idle_cpu([_tree(pid) for pid in pids], _tree(postmaster))
         instances = [footprint(_tree(pid)) for pid in pids]
         available_after = mem_available()
         connections, max_connections = await _connections(pg_url)
-        postgres = footprint(_tree(await _postmaster_pid(pg_url)))
+        postgres = footprint(_tree(postmaster))
         mosquitto = footprint(_tree(broker.pid)) if broker.pid else Footprint(0, 0, 0)
     finally:
         await backend.stop()
@@ -198,6 +202,7 @@ async def _measure(
         instances=instances,
         connections=connections,
         max_connections=max_connections,
+        cpu=cpu,
         postgres=postgres,
         mosquitto=mosquitto,
         available_before=available_before,
@@ -248,6 +253,32 @@ async def _pid(backend: LocalBackend, customer_id: str) -> int:
     return pid
 
 
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+async def _idle_cpu(
+    instances: list[list[psutil.Process]], postgres: list[psutil.Process]
+) -> tuple[list[float], float]:
+    """Share of one core each idle instance uses, and the cores Postgres uses meanwhile, over
+    ``CPU_WINDOW_SECONDS``."""
+    before = [_cpu_seconds(tree) for tree in instances]
+    postgres_before = _cpu_seconds(postgres)
+    began = time.perf_counter()
+    await asyncio.sleep(CPU_WINDOW_SECONDS)
+    elapsed = time.perf_counter() - began
+    after = [_cpu_seconds(tree) for tree in instances]
+    shares = [(b - a) / elapsed for a, b in zip(before, after, strict=True)]
+    return shares, (_cpu_seconds(postgres) - postgres_before) / elapsed
+
+
 def _tree(pid: int) -> list[psutil.Process]:
     process = psutil.Process(pid)
     return [process, *process.children(recursive=True)]
@@ -289,6 +320,7 @@ def _report(
     instances: list[Footprint],
     connections: list[int],
     max_connections: int,
+    cpu: tuple[list[float], float],
     postgres: Footprint,
     mosquitto: Footprint,
     available_before: int,
@@ -319,6 +351,13 @@ def _report(
         f"density: Postgres connections per instance: median "
         f"{statistics.median(connections):g}, max {per_instance} ({sum(connections)} in all, "
         f"max_connections {max_connections})"
+    )
+    shares, postgres_cores = cpu
+    print(
+        f"density: idle CPU over {CPU_WINDOW_SECONDS:.0f} s: "
+        f"{100 * statistics.median(shares):.2f}% "
+        f"of a core per instance (median), {sum(shares):.2f} cores for all {count}; Postgres "
+        f"{postgres_cores:.2f} cores"
     )
     print(
         f"density: Postgres in all: RSS {postgres.rss / MIB:.0f} MiB, PSS "
