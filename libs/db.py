@@ -7,10 +7,12 @@ its SQL names its tables without a schema and the same code can be pointed at a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -131,6 +133,41 @@ async def create_pool(
     )
     # asyncpg pools connect on first await; keep that explicit for the caller.
     return await pool
+
+
+class Turns:
+    """A pool's connections for work that takes turns: one holder at a time.
+
+    Periodic work of a process that is otherwise idle (alert passes, housekeeping, reports,
+    readiness checks) finds the pool's one warm connection free when it takes its turn,
+    instead of opening another when two happen to fall together; so an idle process holds
+    one connection. Requests and ingest use the pool itself, as many at once as it allows.
+    """
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool]) -> None:
+        """``pool`` gives the pool (it may raise while the database is not reachable yet)."""
+        self._pool = pool
+        self._turn = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def acquire(
+        self, timeout: float | None = None, *, wait_turn: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A connection once it is this holder's turn (``timeout`` as the pool's). With
+        ``wait_turn``, a holder that has waited that long goes ahead beside the others
+        (a readiness check must not wait behind a long alert pass)."""
+        my_turn = True
+        try:
+            async with asyncio.timeout(wait_turn):
+                await self._turn.acquire()
+        except TimeoutError:
+            my_turn = False
+        try:
+            async with self._pool().acquire(timeout=timeout) as conn:
+                yield conn
+        finally:
+            if my_turn:
+                self._turn.release()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -43,7 +43,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.config import ConfigError
-from libs.db import CONNECTION_ERRORS
+from libs.db import CONNECTION_ERRORS, Turns
 from services.instance.readings import METRICS
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class AlertEngine:
 
     def __init__(
         self,
-        pool: Callable[[], asyncpg.Pool],
+        pool: Callable[[], asyncpg.Pool | Turns],
         customer_id: str,
         alerting: Callable[[], bool],
         every: float = 2.0,

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from contracts.license import LicenseClaims
 from libs.auth import bearer
-from libs.db import CONNECTION_ERRORS, create_pool, load_migrations, migrate
+from libs.db import CONNECTION_ERRORS, Turns, create_pool, load_migrations, migrate
 from libs.http import (
     Forbidden,
     InvalidRequest,
@@ -140,8 +140,11 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         return bool(claims and claims.features.alerting) and not holder.read_only(datetime.now(UTC))
 
     webhook_targets = WebhookTargets.from_setting(settings.alert_webhook_allowed_cidrs)
+    # The periodic work (alerts, housekeeping, usage reports, readiness) takes the database in
+    # turns, so an idle instance needs one connection however its timers fall together.
+    turns = Turns(lambda: pool())
     alerts = AlertEngine(
-        lambda: pool(),
+        lambda: turns,
         settings.instance_customer_id,
         alerting_allowed,
         targets=webhook_targets,
@@ -194,9 +197,9 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         supervisor.spawn("database", lambda: then_idle(connect()))
         supervisor.spawn("ingest", ingest.run)
         supervisor.spawn(
-            "housekeeping", lambda: _housekeeping(pool, holder, ingest, gauges, api_today)
+            "housekeeping", lambda: _housekeeping(lambda: turns, holder, ingest, gauges, api_today)
         )
-        supervisor.spawn("usage reports", UsageReporter(settings, pool).run)
+        supervisor.spawn("usage reports", UsageReporter(settings, lambda: turns).run)
         supervisor.spawn("alerts", alerts.run)
         supervisor.spawn(
             "devices", lambda: then_idle(devices.converge_at_start(lambda: state.get("pool")))
@@ -213,7 +216,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
         """Whether the instance is ready, and the detail only monitoring sees."""
-        database = await _database_ok(state.get("pool"))
+        database = await _database_ok(state.get("pool"), turns)
         status = holder.status(datetime.now(UTC))
         claims = holder.claims
         alerting = not alerts.stalled()
@@ -691,11 +694,12 @@ async def _housekeeping(
         gauges["api_requests"].set(api_today["count"])
 
 
-async def _database_ok(pool: asyncpg.Pool | None) -> bool:
+async def _database_ok(pool: asyncpg.Pool | None, turns: Turns) -> bool:
     if pool is None:
         return False
     try:
-        async with pool.acquire(timeout=1) as conn:
+        # In turn with the periodic work, but never more than a second behind it.
+        async with turns.acquire(timeout=1, wait_turn=1) as conn:
             await conn.fetchval("SELECT 1")
     except (*CONNECTION_ERRORS, asyncpg.PostgresError, TimeoutError):
         return False
