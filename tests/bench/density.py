@@ -11,8 +11,11 @@ After they have settled (no request reaches them), the figures: resident memory 
 proportional set size (PSS: shared pages divided among the processes sharing them, so PSS
 figures add up) per instance, Postgres connections per instance (``pg_stat_activity``), the
 memory of Postgres and Mosquitto, and the machine's MemAvailable before and after. The
-capacity estimate divides what was available before by what each instance took from it, and
-by the connections Postgres allows; the smaller wins.
+capacity estimate divides what was available before by each instance's PSS with its share of
+Postgres's, and the connections Postgres allows by each instance's; the smaller wins. What
+MemAvailable lost per instance is shown beside it (it includes the kernel's part, but anything
+else running on the machine moves it). Idle CPU is measured too: on 2 cores it is as much a
+limit as memory.
 """
 
 from __future__ import annotations
@@ -369,8 +372,9 @@ def _report(
         f"{available_after / 2**30:.2f} GiB after: {taken / MIB:.1f} MiB taken per instance"
     )
     print(
-        f"density: estimated capacity of this machine: {min(by_memory, by_connections)} idle "
-        f"instances (memory: {by_memory} by MemAvailable taken, {by_pss} by PSS of "
-        f"{pss_each:.1f} MiB each with its Postgres share; Postgres connections: "
-        f"{by_connections} at max_connections {max_connections} less 50 for the control plane)"
+        f"density: estimated capacity of this machine: {min(by_pss, by_connections)} idle "
+        f"instances (memory: {by_pss} by PSS of {pss_each:.1f} MiB each with its Postgres "
+        f"share, {by_memory if taken > 0 else 'n/a'} by MemAvailable taken, which anything else "
+        f"running here moves; Postgres connections: {by_connections} at max_connections "
+        f"{max_connections} less 50 for the control plane)"
     )
