@@ -279,12 +279,7 @@ class LocalBackend:
                     INSTANCE_ROLE_CONNECTIONS,
                 )
             )
-            # Nobody but the owner may connect to a customer's database.
-            await conn.execute(
-                await conn.fetchval(
-                    "SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', $1::text)", name
-                )
-            )
+            # Nobody but the owner may connect to a customer's database (in _confine_role).
             await _confine_role(conn, name)
         except asyncpg.PostgresError as exc:
             raise BackendError(f"creating the database failed: {exc.sqlstate}") from None
@@ -523,11 +518,19 @@ async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
     ``template1``, ...) and cannot take it from one role alone, so it is taken from PUBLIC on
     every database but the instance's own, after the roles that are not instances' and could
     connect (the control plane's own) have been granted it by name. Roles made later need an
-    explicit ``GRANT CONNECT``."""
+    explicit ``GRANT CONNECT``. The instance's own database is taken from PUBLIC too (its
+    owner keeps it), under the same lock as the others."""
     async with conn.transaction():
         # One deploy at a time: concurrent GRANTs on one database fail each other.
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended('iotistic-local-database-acl', 0))"
+        )
+        # Its own database too, under the lock: another deploy's pass below may be changing
+        # this new database's grants, and two at once fail ("tuple concurrently updated").
+        await conn.execute(
+            await conn.fetchval(
+                "SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', $1::text)", role
+            )
         )
         databases = await conn.fetch(
             "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
