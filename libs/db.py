@@ -7,10 +7,12 @@ its SQL names its tables without a schema and the same code can be pointed at a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -102,18 +104,26 @@ def service_migrations(package: str) -> list[Migration]:
 
 
 async def create_pool(
-    dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10
+    dsn: str,
+    schema: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    idle_seconds: float = 300.0,
 ) -> asyncpg.Pool:
     """A pool whose connections use ``schema`` first on their search path.
 
     The pool is created lazily connected (min_size connections are opened on first use), so a
     service starts even while Postgres is still coming up, and reports not-ready until it is.
+    A connection beyond ``min_size`` unused for ``idle_seconds`` is closed (asyncpg keeps the
+    ``min_size`` floor open), so a burst leaves no connections behind once it is over.
     """
     check_schema_name(schema)
     pool = asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
+        max_inactive_connection_lifetime=idle_seconds,
         server_settings={
             "search_path": f"{schema},public",
             "application_name": f"iotistic-{schema}",
@@ -123,6 +133,41 @@ async def create_pool(
     )
     # asyncpg pools connect on first await; keep that explicit for the caller.
     return await pool
+
+
+class Turns:
+    """A pool's connections for work that takes turns: one holder at a time.
+
+    Periodic work of a process that is otherwise idle (alert passes, housekeeping, reports,
+    readiness checks) finds the pool's one warm connection free when it takes its turn,
+    instead of opening another when two happen to fall together; so an idle process holds
+    one connection. Requests and ingest use the pool itself, as many at once as it allows.
+    """
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool]) -> None:
+        """``pool`` gives the pool (it may raise while the database is not reachable yet)."""
+        self._pool = pool
+        self._turn = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def acquire(
+        self, timeout: float | None = None, *, wait_turn: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A connection once it is this holder's turn (``timeout`` as the pool's). With
+        ``wait_turn``, a holder that has waited that long goes ahead beside the others
+        (a readiness check must not wait behind a long alert pass)."""
+        my_turn = True
+        try:
+            async with asyncio.timeout(wait_turn):
+                await self._turn.acquire()
+        except TimeoutError:
+            my_turn = False
+        try:
+            async with self._pool().acquire(timeout=timeout) as conn:
+                yield conn
+        finally:
+            if my_turn:
+                self._turn.release()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -30,14 +30,12 @@ from asyncpg.exceptions._base import DataError as ArgumentError
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from libs.db import CONNECTION_ERRORS
-from libs.eventstore import EventStoreError
 from libs.logs import CONTROL_CHARACTERS, escape_control
 
 log = logging.getLogger(__name__)
@@ -382,10 +380,21 @@ def create_app(
     lifespan: Sequence[Lifespan] = (),
     version: str = "0.1.0",
     health: Sequence[ControllerRouterHandler] | None = None,
+    unavailable: Sequence[type[Exception]] = (),
+    tracing: bool = True,
 ) -> Litestar:
     """The litestar app of a service (or of every service, in target ``all``). ``health``
-    replaces the default ``health_routes`` (a customer instance guards what they show)."""
+    replaces the default ``health_routes`` (a customer instance guards what they show).
+    ``unavailable`` are errors of a dependency besides the database (the event log) that answer
+    503 like a lost database. ``tracing`` adds a span per request; a process that never sets
+    up a tracer (a customer instance) goes without, and without loading OpenTelemetry's ASGI
+    instrumentation."""
     operations = health_routes(readiness, registry) if health is None else health
+    plugins = []
+    if tracing:
+        from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+
+        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"])))
     return Litestar(
         route_handlers=[*operations, *route_handlers],
         lifespan=list(lifespan),
@@ -394,7 +403,7 @@ def create_app(
             ValidationException: _on_validation,
             HTTPException: _on_http,
             DomainError: _on_domain,
-            EventStoreError: _on_unavailable,
+            **{e: _on_unavailable for e in unavailable},
             **{e: _on_unavailable for e in CONNECTION_ERRORS if issubclass(e, Exception)},
             UnicodeDecodeError: _on_undecodable,
             RecursionError: _on_undecodable,
@@ -404,7 +413,7 @@ def create_app(
             Exception: _on_unexpected,
         },
         before_request=check_request_input,
-        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],
+        plugins=plugins,
         debug=False,
         # Logging is the process's to configure (the CLI does); litestar must not replace it.
         logging_config=None,

@@ -9,13 +9,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import asyncpg
 import nats.js.errors
-import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -25,6 +24,7 @@ from libs.bus_auth import OPERATOR, BusAuthError
 from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
 from libs.db import CONNECTION_ERRORS
 from libs.eventstore import EventStore, EventStoreError, StoredMessage
+from libs.http_server import GracefulServer, server_config
 from libs.logs import configure_logging
 from libs.projections import NATS_ERRORS, decide, open_parked
 from libs.replay import (
@@ -330,20 +330,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_instance(args: argparse.Namespace) -> int:
-    """``iotistic run --target instance``: one customer's instance, as a backend starts it."""
-    from services.instance.app import create_instance_app
-    from services.instance.settings import InstanceSettings
+    """``iotistic run --target instance``: one customer's instance (``python -m
+    services.instance`` is the same without this command's other targets and tools)."""
+    from services.instance.server import serve_instance
 
-    settings = load_settings(InstanceSettings, os.environ)
-    logging.getLogger().setLevel(settings.log_level)
-    config = server_config(
-        create_instance_app(settings),
-        args.host or settings.http_host,
-        args.port or settings.http_port,
-        settings.log_level,
-    )
-    asyncio.run(GracefulServer(config).serve())
-    return 0
+    return serve_instance(args.host, args.port)
 
 
 async def serve(platform: Platform, target: str, host: str, port: int) -> None:
@@ -357,33 +348,6 @@ async def serve(platform: Platform, target: str, host: str, port: int) -> None:
         await GracefulServer(config).serve()
     finally:
         provider.shutdown()
-
-
-def server_config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Config:
-    """How every HTTP server of ours runs under uvicorn (the tests' harness too)."""
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        # uvicorn would otherwise take the client address from X-Forwarded-For on any request
-        # from loopback; only TRUSTED_PROXY_HOPS decides that (libs.http.client_address).
-        proxy_headers=False,
-    )
-
-
-class GracefulServer(uvicorn.Server):
-    """uvicorn, exiting 0 after a signal-driven graceful stop instead of re-raising the signal."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            yield
-            # The signal asked for a graceful stop and got one; the process ends normally.
-            self._captured_signals.clear()
 
 
 def generated_secret(data_dir: Path, name: str) -> str:

@@ -9,6 +9,7 @@ from typing import Literal
 from litestar import Litestar, Router
 
 from libs.auth import admin_guard
+from libs.eventstore import EventStoreError
 from libs.http import create_app
 from libs.runtime import Platform, ServiceDefinition
 from services.billing.app import BILLING
@@ -65,4 +66,5 @@ def build_app(platform: Platform, target: str) -> Litestar:
         readiness=platform.readiness,
         registry=platform.registry,
         lifespan=[run_platform],
+        unavailable=[EventStoreError],
     )

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from contracts.license import LicenseClaims
 from libs.auth import bearer
-from libs.db import CONNECTION_ERRORS, create_pool, load_migrations, migrate
+from libs.db import CONNECTION_ERRORS, Turns, create_pool, load_migrations, migrate
 from libs.http import (
     Forbidden,
     InvalidRequest,
@@ -78,6 +78,11 @@ log = logging.getLogger(__name__)
 SCHEMA = "instance"
 BODY_LIMIT = 4096
 CSV_ROWS = 1_000_000
+# The pool: up to 6 connections under load, and one once idle, which its periodic tasks (alerts
+# every 2 s) keep warm; a connection unused this long is closed. Hundreds of instances share
+# one Postgres, whose connections are the scarce thing (an idle backend costs it memory too).
+POOL_MAX = 6
+POOL_IDLE_SECONDS = 10.0
 
 
 # Times a query may name, in UTC: a timestamptz, a Python datetime and every offset of both
@@ -135,8 +140,11 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         return bool(claims and claims.features.alerting) and not holder.read_only(datetime.now(UTC))
 
     webhook_targets = WebhookTargets.from_setting(settings.alert_webhook_allowed_cidrs)
+    # The periodic work (alerts, housekeeping, usage reports, readiness) takes the database in
+    # turns, so an idle instance needs one connection however its timers fall together.
+    turns = Turns(lambda: pool())
     alerts = AlertEngine(
-        lambda: pool(),
+        lambda: turns,
         settings.instance_customer_id,
         alerting_allowed,
         targets=webhook_targets,
@@ -160,7 +168,13 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
                         )
                     finally:
                         await conn.close()
-                    state["pool"] = await create_pool(settings.database_url, SCHEMA, max_size=6)
+                    state["pool"] = await create_pool(
+                        settings.database_url,
+                        SCHEMA,
+                        min_size=1,
+                        max_size=POOL_MAX,
+                        idle_seconds=POOL_IDLE_SECONDS,
+                    )
                 except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                     log.warning("database not reachable (%s); retrying", type(exc).__name__)
                     raise
@@ -183,9 +197,9 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         supervisor.spawn("database", lambda: then_idle(connect()))
         supervisor.spawn("ingest", ingest.run)
         supervisor.spawn(
-            "housekeeping", lambda: _housekeeping(pool, holder, ingest, gauges, api_today)
+            "housekeeping", lambda: _housekeeping(lambda: turns, holder, ingest, gauges, api_today)
         )
-        supervisor.spawn("usage reports", UsageReporter(settings, pool).run)
+        supervisor.spawn("usage reports", UsageReporter(settings, lambda: turns).run)
         supervisor.spawn("alerts", alerts.run)
         supervisor.spawn(
             "devices", lambda: then_idle(devices.converge_at_start(lambda: state.get("pool")))
@@ -202,7 +216,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
         """Whether the instance is ready, and the detail only monitoring sees."""
-        database = await _database_ok(state.get("pool"))
+        database = await _database_ok(state.get("pool"), turns)
         status = holder.status(datetime.now(UTC))
         claims = holder.claims
         alerting = not alerts.stalled()
@@ -565,6 +579,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         registry=registry,
         lifespan=[lifespan],
         health=monitoring_routes(readiness, registry, settings.monitoring_token, authorize),
+        # An instance sets up no tracer (its spans would go nowhere); hundreds run per host.
+        tracing=False,
     )
 
 
@@ -678,11 +694,12 @@ async def _housekeeping(
         gauges["api_requests"].set(api_today["count"])
 
 
-async def _database_ok(pool: asyncpg.Pool | None) -> bool:
+async def _database_ok(pool: asyncpg.Pool | None, turns: Turns) -> bool:
     if pool is None:
         return False
     try:
-        async with pool.acquire(timeout=1) as conn:
+        # In turn with the periodic work, but never more than a second behind it.
+        async with turns.acquire(timeout=1, wait_turn=1) as conn:
             await conn.fetchval("SELECT 1")
     except (*CONNECTION_ERRORS, asyncpg.PostgresError, TimeoutError):
         return False

@@ -120,6 +120,8 @@ class Ingest:
         self._devices_loaded_at = -1.0
         self._partitions: set[date] = set()
         self._full = asyncio.Event()
+        # Set whenever something is buffered: an idle writer sleeps until then.
+        self._arrived = asyncio.Event()
         self._subscriber: MqttSubscriber | None = None
         self._closing = False
         # Messages buffered (rows, dead letters, unknown devices') before QoS 0 ones are dropped.
@@ -222,6 +224,7 @@ class Ingest:
             # behind) such readings are dropped, and counted.
             self._metrics.rejected.labels("buffer full (QoS 0)").inc()
             return
+        self._arrived.set()
         connection = self._subscriber.connection if self._subscriber else 0
         if connection != batch.connection:
             # A lost connection's unacknowledged messages come again on the new one, and their
@@ -341,6 +344,7 @@ class Ingest:
     def count_api_request(self) -> None:
         """One more API request today, written with the next batch."""
         self._batch.usage["api_requests"] += 1
+        self._arrived.set()
 
     def know_device(self, device_id: str) -> None:
         """A device registered just now may publish at once."""
@@ -364,8 +368,19 @@ class Ingest:
         self.accepted_today = int(stored or 0)
         self._devices_loaded_at = asyncio.get_running_loop().time()
 
+    def _idle(self) -> bool:
+        batch = self._batch
+        return not (
+            batch.rows or batch.dead or batch.seen or +batch.usage or batch.acks or batch.unknown
+        )
+
     async def _write_forever(self) -> None:
         while True:
+            if self._idle():
+                # Nothing to write: sleep until something arrives rather than wake every
+                # INGEST_FLUSH_SECONDS (hundreds of idle instances share a host's cores).
+                await self._arrived.wait()
+            self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self._settings.ingest_flush_seconds)
             self._full.clear()

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from libs.db import CONNECTION_ERRORS
+from libs.db import CONNECTION_ERRORS, Turns
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,9 @@ async def usage_of(conn: asyncpg.Connection, day: date) -> dict[str, Any]:
 class UsageReporter:
     """Posts usage to ``<control plane>/api/instances/<customer>/usage``."""
 
-    def __init__(self, settings: InstanceSettings, pool: Callable[[], asyncpg.Pool]) -> None:
+    def __init__(
+        self, settings: InstanceSettings, pool: Callable[[], asyncpg.Pool | Turns]
+    ) -> None:
         """Does nothing without a usage token (an instance started by hand)."""
         self._settings = settings
         self._pool = pool

@@ -14,15 +14,18 @@ import platform
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from tests.bench import events, instance, provision, signup
+from tests.bench import density, events, instance, provision, signup
 
-BENCHES: dict[str, Callable[[str, str], Awaitable[None]]] = {
+# Each takes the servers' URLs (Postgres, NATS), and its own options by keyword (OPTIONS).
+BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
     "events": events.run,
     "signup": signup.run,
     "provision": provision.run,
     "ingest": instance.run_ingest,
     "query": instance.run_query,
+    "density": density.run,
 }
 
 
@@ -41,12 +44,39 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="just bench")
-    parser.add_argument("what", nargs="*", help=f"any of {', '.join(BENCHES)} (default: all)")
+    parser.add_argument(
+        "what",
+        nargs="*",
+        help=f"any of {', '.join(BENCHES)} (default: all but density, which starts hundreds of "
+        "processes)",
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=density.COUNT,
+        help="density: idle instances to start (default %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=3,
+        help="density: instances deployed at once, as the provisioner's QUEUE_CONCURRENCY "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=density.SETTLE_SECONDS,
+        help="density: seconds the instances idle before they are measured (default %(default)s)",
+    )
     args = parser.parse_args()
+    options: dict[str, dict[str, Any]] = {
+        "density": {"count": args.count, "concurrency": args.concurrency, "settle": args.settle}
+    }
     unknown = set(args.what) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {list(BENCHES)}")
-    args.what = args.what or list(BENCHES)
+    args.what = args.what or [name for name in BENCHES if name != "density"]
     print(f"machine: {machine()}")
     from libs.embedded import EmbeddedNats, EmbeddedPostgres
     from tests.support import start_harness_nats
@@ -66,7 +96,7 @@ def main() -> None:
             nats_url = nats_server.url
         try:
             for name in args.what:
-                asyncio.run(BENCHES[name](pg_url, nats_url))
+                asyncio.run(BENCHES[name](pg_url, nats_url, **options.get(name, {})))
         finally:
             for server in reversed(servers):
                 server.stop()

@@ -678,3 +678,71 @@ async def test_readings_in_flight_when_the_instance_is_killed_are_all_stored_onc
         assert await conn.fetchval("SELECT sum(mqtt_messages) FROM usage_days") == count
     assert instances_running()[carol.id] != pid
     await carol.api.aclose()
+
+
+async def _connections_of(server_url: str, role: str) -> int:
+    conn = await asyncpg.connect(server_url)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role)
+        )
+    finally:
+        await conn.close()
+
+
+async def test_an_idle_instance_holds_at_most_one_database_connection(
+    client, postgres_server_url
+) -> None:
+    # Hundreds of instances share one Postgres: a burst may open several connections, but
+    # once it is over the instance keeps one, whatever it does while idle (alerts, usage).
+    dave = await customer(client, "dave@example.com")
+    role = instance_name(dave.id)
+    answers = await asyncio.gather(*(dave.api.get("/api/devices") for _ in range(30)))
+    assert {a.status_code for a in answers} == {200}
+    assert await _connections_of(postgres_server_url, role) > 1  # the burst took several
+    await eventually(
+        lambda: _connections_of(postgres_server_url, role),
+        lambda held: held <= 1,
+        timeout=30,
+        interval=0.5,
+        what="the instance back to at most one connection",
+    )
+    # And it stays so over several passes of its periodic tasks (alerts run every 2 s).
+    held = []
+    for _ in range(12):
+        held.append(await _connections_of(postgres_server_url, role))
+        await asyncio.sleep(0.5)
+    assert max(held) <= 1, held
+    await dave.api.aclose()
+
+
+async def test_readiness_of_an_idle_instance_says_when_its_database_is_lost(
+    client, postgres_server_url
+) -> None:
+    # The idle pool's one connection must not hide a database that went away: readiness
+    # checks it, and says when it works again.
+    erin = await customer(client, "erin@example.com")
+    role = instance_name(erin.id)
+    ready = await erin.api.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        lost = await eventually(
+            lambda: erin.api.get("/health/ready"),
+            lambda r: r.status_code == 503,
+            what="readiness to say the database is lost",
+        )
+        assert "database" in lost.json()["failed"]
+    finally:
+        await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+        await admin.close()
+    await eventually(
+        lambda: erin.api.get("/health/ready"),
+        lambda r: r.status_code == 200,
+        what="readiness back once the database is",
+    )
+    await erin.api.aclose()

@@ -2,8 +2,9 @@
 
 Per customer: a database and a role of its own in the shared Postgres (the role may connect to
 no other database), a role and a client of its own on the shared Mosquitto (dynamic security,
-bound to a client id of its own), a folder with its license file and log, and an
-``iotistic run --target instance`` process on a port of its own, restarted if it dies. The
+bound to a client id of its own), a folder with its license file and log, and an instance
+process (``python -m services.instance``, which is ``iotistic run --target instance`` without
+the rest of the command) on a port of its own, restarted if it dies. The
 passwords, the broker client id and the instance's monitoring token are derived from
 ``PROVISIONER_SECRET`` (HMAC), so a retried job converges on the same ones and nothing secret
 is stored. An instance ends with the provisioner that started it (its parent-death signal),
@@ -420,12 +421,7 @@ class LocalBackend:
                     INSTANCE_ROLE_CONNECTIONS,
                 )
             )
-            # Nobody but the owner may connect to a customer's database.
-            await conn.execute(
-                await conn.fetchval(
-                    "SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', $1::text)", name
-                )
-            )
+            # Nobody but the owner may connect to a customer's database (in _confine_role).
             await _confine_role(conn, name)
         except asyncpg.PostgresError as exc:
             raise BackendError(f"creating the database failed: {exc.sqlstate}") from None
@@ -523,7 +519,10 @@ class LocalBackend:
     def _command(self) -> list[str]:
         if self._settings.local_instance_command:
             return self._settings.local_instance_command.split()
-        return [str(Path(sys.executable).parent / "iotistic"), "run", "--target", "instance"]
+        # ``iotistic run --target instance`` without the command's other targets and tools,
+        # which every instance would otherwise carry (about 12 MiB each).
+        # -P: the provisioner's working folder is not put first on the instance's path.
+        return [sys.executable, "-P", "-m", "services.instance"]
 
     def _environment(self, customer_id: str, port: int, database_url: str | None) -> dict[str, str]:
         name = instance_name(customer_id)
@@ -713,11 +712,19 @@ async def _confine_role(conn: asyncpg.Connection, role: str) -> None:
     ``template1``, ...) and cannot take it from one role alone, so it is taken from PUBLIC on
     every database but the instance's own, after the roles that are not instances' and could
     connect (the control plane's own) have been granted it by name. Roles made later need an
-    explicit ``GRANT CONNECT``."""
+    explicit ``GRANT CONNECT``. The instance's own database is taken from PUBLIC too (its
+    owner keeps it), under the same lock as the others."""
     async with conn.transaction():
         # One deploy at a time: concurrent GRANTs on one database fail each other (a session
         # holding the lock already, as _ensure_database's, is granted it again at once).
         await conn.execute("SELECT pg_advisory_xact_lock($1)", DATABASE_ACL_LOCK)
+        # Its own database too, under the lock: another deploy's pass below may be changing
+        # this new database's grants, and two at once fail ("tuple concurrently updated").
+        await conn.execute(
+            await conn.fetchval(
+                "SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', $1::text)", role
+            )
+        )
         databases = await conn.fetch(
             "SELECT datname FROM pg_database WHERE datallowconn AND datname <> $1 "
             "AND (has_database_privilege('public', oid, 'CONNECT') "
