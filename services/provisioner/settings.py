@@ -73,9 +73,11 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     local_control_plane_connections: Annotated[int, Meta(ge=0)] = 100
     # Connections budgeted for each idle instance.
     local_connections_per_instance: Annotated[int, Meta(ge=1, le=100)] = 2
-    # Memory budgeted for each idle instance (MiB), and the share of the memory available to
-    # instances (what is free now plus what the running ones hold) that they may take.
-    local_memory_per_instance_mib: Annotated[int, Meta(ge=1)] = 110
+    # Memory budgeted for each idle instance (MiB): its RSS, 62 MiB measured by `./dev bench
+    # density`, its Postgres backend's share (~6 MiB) and room to grow; and the share of the
+    # memory available to instances (what is free now plus what the running ones hold) that
+    # they may take.
+    local_memory_per_instance_mib: Annotated[int, Meta(ge=1)] = 80
     local_memory_share: Annotated[float, Meta(gt=0, le=1)] = 0.9
     # --- kubernetes backend
     base_domain: str = "iotistic.cloud"
