@@ -304,6 +304,19 @@ def local_backend_settings(
     }
 
 
+def local_platform(
+    settings: ServiceSettings, broker: Any, port: int, folder: Path, **extra: object
+) -> Platform:
+    """The control plane with the local backend (``local_backend_settings``)."""
+    from services.targets import CONTROL_PLANE
+
+    return Platform.from_settings(
+        settings,
+        list(CONTROL_PLANE.values()),
+        **local_backend_settings(broker, port, folder, **extra),
+    )
+
+
 def fill(folder: Path) -> None:
     """Write a file into ``folder`` until its disk is full."""
     with (folder / "filler").open("wb") as handle:

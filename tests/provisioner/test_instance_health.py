@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ from services.provisioner.app import backend_of, health_watch_of, settings_of, w
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics
 from services.provisioner.routes import deployment_state
-from services.targets import CONTROL_PLANE, build_app
-from support import assert_replays_clean, eventually, local_backend_settings, serving
+from services.targets import CONTROL_PLANE
+from support import assert_replays_clean, eventually, local_platform
 
 pytestmark = pytest.mark.slow
 
@@ -49,31 +48,16 @@ async def platform(
     port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Platform:
-    return Platform.from_settings(
+    return local_platform(
         settings,
-        list(CONTROL_PLANE.values()),
-        **local_backend_settings(
-            broker,
-            port,
-            tmp_path_factory.mktemp("health"),
-            instance_health_check_seconds=CHECK_SECONDS,
-            instance_health_timeout_seconds=1.0,
-            instance_unhealthy_redeploy_seconds=REDEPLOY_SECONDS,
-            instance_redeploy_backoff_max_seconds=120.0,
-        ),
+        broker,
+        port,
+        tmp_path_factory.mktemp("health"),
+        instance_health_check_seconds=CHECK_SECONDS,
+        instance_health_timeout_seconds=1.0,
+        instance_unhealthy_redeploy_seconds=REDEPLOY_SECONDS,
+        instance_redeploy_backoff_max_seconds=120.0,
     )
-
-
-@pytest.fixture(scope="module")
-async def client(platform: Platform, port: int) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(build_app(platform, "all"), port) as http:
-        await platform.wait_started()
-        yield http
-
-
-@pytest.fixture(scope="module")
-def admin(platform: Platform) -> dict[str, str]:
-    return {"Authorization": f"Bearer {platform.settings.admin_token}"}
 
 
 async def ready_customer(

@@ -15,7 +15,6 @@ import signal
 import stat
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,11 @@ from libs.eventstore import EventStore
 from libs.mqtt_dynsec import DynSec
 from libs.runtime import Platform
 from services.provisioner.backends.local import derive_password, instance_name
-from services.targets import CONTROL_PLANE, build_app
+from services.targets import CONTROL_PLANE
 from support import (
     assert_replays_clean,
     eventually,
-    local_backend_settings,
-    serving,
+    local_platform,
     signed_license_issued,
 )
 
@@ -69,28 +67,13 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def platform(
     settings: ServiceSettings, store: EventStore, broker: Any, control: Path, port: int
 ) -> Platform:
-    return Platform.from_settings(
+    return local_platform(
         settings,
-        list(CONTROL_PLANE.values()),
-        **local_backend_settings(
-            broker,
-            port,
-            control,
-            local_instance_command=f"{control / 'instance.sh'} {IOTISTIC} run --target instance",
-        ),
+        broker,
+        port,
+        control,
+        local_instance_command=f"{control / 'instance.sh'} {IOTISTIC} run --target instance",
     )
-
-
-@pytest.fixture(scope="module")
-async def client(platform: Platform, port: int) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(build_app(platform, "all"), port) as http:
-        await platform.wait_started()
-        yield http
-
-
-@pytest.fixture(scope="module")
-def admin(platform: Platform) -> dict[str, str]:
-    return {"Authorization": f"Bearer {platform.settings.admin_token}"}
 
 
 async def sign_up(client: httpx.AsyncClient, email: str) -> tuple[str, dict[str, str]]:

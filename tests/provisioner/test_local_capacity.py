@@ -10,7 +10,6 @@ operator sees the capacity in ``/health/ready`` and ``/metrics`` all along.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,8 +19,8 @@ from contracts import SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventstore import EventStore
 from libs.runtime import Platform
-from services.targets import CONTROL_PLANE, build_app
-from support import assert_replays_clean, eventually, local_backend_settings, serving
+from services.targets import CONTROL_PLANE
+from support import assert_replays_clean, eventually, local_platform
 
 pytestmark = pytest.mark.slow
 
@@ -36,29 +35,14 @@ async def platform(
     port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Platform:
-    return Platform.from_settings(
+    return local_platform(
         settings,
-        list(CONTROL_PLANE.values()),
-        **local_backend_settings(
-            broker,
-            port,
-            tmp_path_factory.mktemp("capacity"),
-            max_instances=1,
-            capacity_check_seconds=0.5,
-        ),
+        broker,
+        port,
+        tmp_path_factory.mktemp("capacity"),
+        max_instances=1,
+        capacity_check_seconds=0.5,
     )
-
-
-@pytest.fixture(scope="module")
-async def client(platform: Platform, port: int) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(build_app(platform, "all"), port) as http:
-        await platform.wait_started()
-        yield http
-
-
-@pytest.fixture(scope="module")
-def admin(platform: Platform) -> dict[str, str]:
-    return {"Authorization": f"Bearer {platform.settings.admin_token}"}
 
 
 async def sign_up(client: httpx.AsyncClient, email: str) -> tuple[dict[str, Any], dict[str, str]]:
