@@ -192,6 +192,8 @@ async def _measure(
         connections, max_connections = await _connections(pg_url)
         postgres = footprint(_tree(postmaster))
         mosquitto = footprint(_tree(broker.pid)) if broker.pid else Footprint(0, 0, 0)
+        # What the provisioner itself concludes, with its budgets, while they all run.
+        capacity = await backend.capacity()
     finally:
         await backend.stop()
         await pool.close()
@@ -210,6 +212,14 @@ async def _measure(
         mosquitto=mosquitto,
         available_before=available_before,
         available_after=available_after,
+        control_plane=settings.local_control_plane_connections,
+    )
+    print(
+        f"density: the provisioner's capacity with {count} running: {capacity.limit} "
+        f"(limited by {capacity.limited_by}; bounds {capacity.bounds}; budgets "
+        f"{settings.local_memory_per_instance_mib} MiB and "
+        f"{settings.local_connections_per_instance} connections per instance, "
+        f"{settings.local_control_plane_connections} connections kept for the control plane)"
     )
 
 
@@ -328,6 +338,7 @@ def _report(
     mosquitto: Footprint,
     available_before: int,
     available_after: int,
+    control_plane: int,
 ) -> None:
     rss = [f.rss / MIB for f in instances]
     pss = [f.pss / MIB for f in instances]
@@ -339,7 +350,7 @@ def _report(
     by_pss = int(available_before / MIB / pss_each)
     # The control plane's own pools and the superuser's reserve keep some connections.
     per_instance = max(connections) if connections else 0
-    by_connections = (max_connections - 50) // per_instance if per_instance else 0
+    by_connections = (max_connections - control_plane) // per_instance if per_instance else 0
     print(
         f"density: {count} instances started by the local backend, {concurrency} at a time: "
         f"the last took {last_start:.1f} s to start, all ready in {all_ready:.1f} s "
@@ -376,5 +387,5 @@ def _report(
         f"instances (memory: {by_pss} by PSS of {pss_each:.1f} MiB each with its Postgres "
         f"share, {by_memory if taken > 0 else 'n/a'} by MemAvailable taken, which anything else "
         f"running here moves; Postgres connections: {by_connections} at max_connections "
-        f"{max_connections} less 50 for the control plane)"
+        f"{max_connections} less {control_plane} for the control plane)"
     )
