@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 # The subject key of the platform's capacity events: they are about no customer.
 PLATFORM = "platform"
-# A change of capacity smaller than this share (and not to or from "no limit", nor making the
-# platform full or not) is not recorded: the memory bound moves a little all the time.
-RECORDED_CHANGE = 0.05
+# What the log records of capacity is whether the platform is full (signup tells a trial that
+# waits): the limit itself moves with the memory bound all the time, and is shown live in
+# /health/ready and /metrics instead.
 
 
 @dataclass(frozen=True)
@@ -61,17 +61,12 @@ class CapacityState:
 
 
 def worth_recording(previous: asyncpg.Record | None, now: CapacityState) -> bool:
-    """Whether ``now`` differs enough from the last recorded change to be recorded."""
+    """Whether ``now`` is news against the last recorded change: the platform filled up or
+    has room again. Before any record, not being full is what everyone assumes already."""
     if previous is None:
-        return True
+        return now.full
     full: bool = previous["full"]
-    before: int | None = previous["capacity"]
-    after = now.capacity.limit
-    if full != now.full:
-        return True
-    if before is None or after is None:
-        return before != after
-    return abs(after - before) > RECORDED_CHANGE * before
+    return full != now.full
 
 
 async def record_capacity_change(

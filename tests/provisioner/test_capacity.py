@@ -297,6 +297,8 @@ async def test_a_change_is_recorded_once_and_only_from_the_logs_last_change(
     pool: asyncpg.Pool, store: EventStore
 ) -> None:
     async with pool.acquire() as conn:
+        # Room, as everyone assumes before anything is recorded: nothing to say.
+        assert await record_capacity_change(conn, store, state(10, 100)) is None
         first = await record_capacity_change(conn, store, state(100, 100))
         assert first is not None and first.envelope.customer_id is None
         assert first.subject.endswith(".InstanceCapacityChanged.platform")
@@ -304,23 +306,25 @@ async def test_a_change_is_recorded_once_and_only_from_the_logs_last_change(
         assert await record_capacity_change(conn, store, state(50, 100)) is None
     await apply(pool, first)
     async with pool.acquire() as conn:
-        # Nothing new to say: still full, same capacity (running moves without a record).
+        # Nothing new to say: still full (running moves without a record).
         assert await record_capacity_change(conn, store, state(101, 100)) is None
-        # A capacity that drifts by a few percent (the memory bound) is not news either.
+        # A capacity that moves (the memory bound drifts all the time) is not news either.
         assert await record_capacity_change(conn, store, state(103, 103)) is None
+        assert await record_capacity_change(conn, store, state(150, 150)) is None
         room = await record_capacity_change(conn, store, state(50, 100))
         assert room is not None
         # The same decision by another replica from the same view: stored once.
         assert await record_capacity_change(conn, store, state(50, 100)) is None
     await apply(pool, room)
     async with pool.acquire() as conn:
-        raised = await record_capacity_change(conn, store, state(50, 200))
-    assert raised is not None
+        assert await record_capacity_change(conn, store, state(50, 200)) is None
+        lowered = await record_capacity_change(conn, store, state(50, 40))
+    assert lowered is not None
     changes = [
         decode_envelope(m.data) async for m in store.read(event_types=["InstanceCapacityChanged"])
     ]
-    assert [json.loads(bytes(e.data))["full"] for e in changes] == [True, False, False]
-    assert json.loads(bytes(changes[-1].data))["capacity"] == 200
+    assert [json.loads(bytes(e.data))["full"] for e in changes] == [True, False, True]
+    assert json.loads(bytes(changes[-1].data))["capacity"] == 40
 
 
 async def test_a_job_behind_its_customers_starting_deploy_is_not_said_to_wait_for_capacity(
