@@ -164,19 +164,25 @@ def on_server_thread(call: Callable[[], T]) -> T:
     return _server_thread.submit(call).result()
 
 
-def end_processes(processes: Iterable[psutil.Process], sig: signal.Signals, grace: float) -> None:
+def end_processes(
+    processes: Iterable[psutil.Process], sig: signal.Signals, grace: float
+) -> list[psutil.Process]:
     """Send ``sig`` to each process, kill the ones still alive after ``grace`` seconds, and
-    wait until they are gone."""
+    wait until they are gone; returns the ones that had to be killed."""
     procs = list(processes)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
+            # A stopped process (SIGSTOP, a debugger) handles ``sig`` only once continued; one
+            # stopped when `up` was killed kept its parent-death signal pending, too.
+            proc.send_signal(signal.SIGCONT)
     _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
         log.warning("pid %d did not end within %.0f s of %s; killing it", proc.pid, grace, sig.name)
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=10)
+    return alive
 
 
 def processes_matching(match: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
@@ -985,10 +991,17 @@ class KeptServer:
     last_exit: str | None = None
     error: str | None = None
     down_since: float | None = None
+    # Since when the running server has not answered its probe (None while it answers).
+    silent_since: float | None = None
 
     def view(self) -> dict[str, Any]:
         """What readiness shows of it."""
-        shown: dict[str, Any] = {"ok": self.state == "running", "state": self.state}
+        state = self.state
+        if state == "running" and self.silent_since is not None:
+            state = "not answering"
+        shown: dict[str, Any] = {"ok": state == "running", "state": state}
+        if self.silent_since is not None:
+            shown["silent_for_seconds"] = round(time.monotonic() - self.silent_since, 1)
         shown["pid"] = self.server.pid
         shown["restarts"] = self.restarts
         if self.last_exit is not None:
@@ -1030,6 +1043,7 @@ class ServerKeeper:
 
     def _down(self, kept: KeptServer, why: str | None) -> None:
         kept.last_exit = why
+        kept.silent_since = None
         kept.state = "restarting"
         kept.down_since = time.monotonic()
         log.error("%s ended (%s); starting it again", kept.server.name, why)
@@ -1049,9 +1063,10 @@ class ServerKeeper:
             if server.is_running and now >= next_probe:
                 next_probe = now + self.probe_every
                 if await asyncio.to_thread(server.answers):
-                    silent_since = None
+                    silent_since = kept.silent_since = None
                 else:
                     silent_since = silent_since if silent_since is not None else now
+                    kept.silent_since = silent_since
                     if now - silent_since >= self.unresponsive_after:
                         log.error(
                             "%s has not answered for %.0f s; killing it",
@@ -1059,6 +1074,7 @@ class ServerKeeper:
                             now - silent_since,
                         )
                         await run_blocking(server.kill)
+                        kept.silent_since = None
                         self._down(kept, f"not answering for {now - silent_since:.0f} s; killed")
                         return
             await asyncio.sleep(self.every)

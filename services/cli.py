@@ -384,6 +384,23 @@ def embedded_bus(data_dir: Path, settings: EventLogSettings) -> tuple[Path, str]
 def running_up_pid(data_dir: Path) -> int | None:
     """The pid of the ``iotistic up`` that runs on ``data_dir`` now (by its runtime file), or
     None; a file left by one that died does not count."""
+    import fcntl
+
+    # `up` holds <data>/up.lock while it runs: when nobody holds it, the pid in the runtime
+    # file is stale, even if it now names some other process with "iotistic" in its command.
+    try:
+        fd = os.open(data_dir / "up.lock", os.O_RDONLY)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: an `up` runs; its pid is in the runtime file
+        else:
+            return None
+        finally:
+            os.close(fd)
     try:
         pid = int(json.loads((data_dir / RUNTIME_FILE).read_text())["pid"])
         command = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from rich.table import Table
 
 from libs.config import EventLogSettings, load_settings
 from libs.embedded import (
+    _STANDARD_PORTS,
     EmbeddedNats,
     EmbeddedPostgres,
     EmbeddedServerError,
@@ -59,6 +61,8 @@ from services.targets import definitions_for
 log = logging.getLogger(__name__)
 
 PORTS_FILE = "ports.json"
+# Held (flock) by the `up` that runs on the data folder; the kernel releases it however `up` ends.
+LOCK_FILE = "up.lock"
 # Secrets taken from the environment when set there, else generated into <data>/secrets/<file>.
 SECRETS = {
     "ADMIN_TOKEN": "admin-token",
@@ -67,6 +71,8 @@ SECRETS = {
     "USAGE_SECRET": "usage-secret",
     "LOGIN_RELAY_SECRET": "login-relay-secret",
 }
+# Secrets the instances' stored credentials are derived from: changing one locks them out.
+DERIVING = frozenset({"PROVISIONER_SECRET"})
 # How long instances left by an earlier run get to stop before they are killed.
 INSTANCE_GRACE = 10.0
 
@@ -82,6 +88,10 @@ class PortBook:
             self.ports: dict[str, int] = {k: int(v) for k, v in loaded.items()}
         except (OSError, ValueError, TypeError, AttributeError):
             self.ports = {}
+        # A hand-edited or damaged file: never port 0, one out of range or a standard one.
+        self.ports = {
+            k: v for k, v in self.ports.items() if 1024 <= v <= 65535 and v not in _STANDARD_PORTS
+        }
 
     def recorded(self, name: str) -> int | None:
         """The port kept for ``name``, whether or not it is free now."""
@@ -113,6 +123,15 @@ def secrets_env(data_dir: Path, environ: Mapping[str, str]) -> tuple[dict[str, s
     given: list[str] = []
     for variable, file in SECRETS.items():
         value = environ.get(variable, "").strip()
+        kept = data_dir / "secrets" / file
+        if value and variable in DERIVING and kept.exists() and kept.read_text().strip() != value:
+            # The instances' database and broker passwords derive from it (a secret given in
+            # the environment is never written to disk): say what a change costs.
+            console.print(
+                f"[yellow]{variable} differs from the one generated in {kept}: every "
+                "instance's credentials change, and each is degraded until the health watch "
+                "redeploys it (about a minute)[/yellow]"
+            )
         if value:
             given.append(variable)
             env[variable] = value
@@ -147,25 +166,51 @@ def end_leftover_instances(instances_dir: Path) -> int:
     return len(instances)
 
 
+def hold_data_folder(data_dir: Path) -> int | None:
+    """Take the data folder for this `up` (an exclusive flock on ``<data>/up.lock``, not
+    inherited by children, released by the kernel however `up` ends): the fd, or None when
+    another `up` holds it, even one still starting and without a runtime file yet."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """``iotistic up``: embedded Postgres, NATS and Mosquitto, then target all."""
     data_dir = Path(args.data_dir).resolve()
+    try:
+        return _cmd_up(args, data_dir)
+    except EmbeddedServerError as exc:
+        console.print(f"[red]iotistic up could not start:[/red] {exc}")
+        return 1
+
+
+def _cmd_up(args: argparse.Namespace, data_dir: Path) -> int:
     if not port_is_free(args.host, args.port):
         console.print(
             f"[red]{args.host}:{args.port} is in use.[/red] Stop what runs there or pass "
             "--port to choose another."
         )
         return 1
-    running = running_up_pid(data_dir)
-    if running is not None:
-        # A second `up` would stop the first one's servers as leftovers, and its clean-up
-        # would take away the runtime file the operator's tools find the running platform by.
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = hold_data_folder(data_dir)  # held until this process ends, however it ends
+    if lock is None:
+        try:
+            holder = (data_dir / LOCK_FILE).read_text().strip()
+        except OSError:
+            holder = "?"
         console.print(
-            f"[red]iotistic up already runs on {data_dir} (pid {running}).[/red] Use it, or "
+            f"[red]iotistic up already runs on {data_dir} (pid {holder}).[/red] Use it, or "
             "stop it first."
         )
         return 1
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # (The lock above is what refuses a second `up`: a runtime file's pid can be reused.)
     http_url = f"http://{args.host}:{args.port}"
     secrets, given = secrets_env(data_dir, os.environ)
     book = PortBook(data_dir / PORTS_FILE)

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -237,3 +238,42 @@ async def test_a_server_killed_under_up_is_started_again_by_up(tmp_path: Path, s
         # The customer's instance reconnects by itself, and a new customer still gets one.
         await eventually(lambda: instance_ready(url), bool, timeout=60, what="instance back")
         await every_account_healthy(api, [*auths, await sign_up(api, 1)], timeout=90)
+
+
+def test_the_data_folder_is_held_by_one_up_and_a_stale_runtime_pid_is_not_believed(
+    tmp_path: Path,
+) -> None:
+    from services.cli import running_up_pid
+    from services.up import hold_data_folder
+
+    # A dead run's runtime file names a pid that now belongs to another "iotistic" program.
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "iotistic"])
+    try:
+        (tmp_path / "runtime.json").write_text(json.dumps({"pid": stranger.pid}))
+        (tmp_path / "up.lock").write_text("12345")  # left by that run; nobody holds it
+        assert running_up_pid(tmp_path) is None  # so the runtime file is stale
+        held = hold_data_folder(tmp_path)
+        assert held is not None
+        # A second `up`, even one starting before any runtime file exists, is refused.
+        assert hold_data_folder(tmp_path) is None
+        assert running_up_pid(tmp_path) == stranger.pid
+        os.close(held)
+        assert hold_data_folder(tmp_path) is not None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_damaged_ports_file_never_yields_a_bad_or_standard_port(tmp_path: Path) -> None:
+    from services.up import PortBook
+
+    path = tmp_path / "ports.json"
+    path.write_text(json.dumps({"nats": 99999, "postgres": 5432, "mqtt": 0, "nats-monitor": 40123}))
+    book = PortBook(path)
+    assert book.recorded("nats") is None
+    assert book.recorded("postgres") is None
+    assert book.recorded("mqtt") is None
+    assert book.recorded("nats-monitor") == 40123
+    assert book.take("postgres", "127.0.0.1") not in (5432, 0)
+    path.write_text("{not json")
+    assert PortBook(path).ports == {}

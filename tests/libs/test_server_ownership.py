@@ -32,6 +32,7 @@ from libs.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
     ServerKeeper,
+    end_processes,
     free_port,
     port_is_free,
 )
@@ -250,6 +251,13 @@ async def test_the_keeper_replaces_a_server_that_stopped_answering(
         assert wedged is not None
         os.kill(wedged, signal.SIGSTOP)  # alive, holding its port, answering nothing
         deadline = time.monotonic() + 60
+        # Readiness says so before the keeper gives up on it.
+        while time.monotonic() < deadline:
+            ok, views = keeper.readiness()
+            if views[server.name]["state"] != "running" or keeper.kept[server.name].restarts:
+                break
+            await asyncio.sleep(0.05)
+        assert not ok and views[server.name]["state"] == "not answering", views
         while keeper.kept[server.name].restarts == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         while not keeper.readiness()[0] and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -264,3 +272,12 @@ async def test_the_keeper_replaces_a_server_that_stopped_answering(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         server.stop()
+
+
+def test_a_stopped_leftover_gets_its_signal_not_the_kill_after_the_grace() -> None:
+    # A server frozen (SIGSTOP) when `up` was killed keeps its parent-death signal pending;
+    # asked to stop, it must be continued to act on it rather than be killed after the grace.
+    frozen = subprocess.Popen(["sleep", "60"])
+    os.kill(frozen.pid, signal.SIGSTOP)
+    assert end_processes([psutil.Process(frozen.pid)], signal.SIGTERM, grace=5) == []
+    assert gone(frozen.pid, timeout=1)
