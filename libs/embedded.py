@@ -270,6 +270,12 @@ class _ChildServer:
             return
         self.last_exit = f"killed by {signal.Signals(-code).name}" if code < 0 else f"status {code}"
 
+    def exit_description(self) -> str | None:
+        """How the server we started ended ("killed by SIGKILL", "status 1"), once it has."""
+        if self._process is not None:
+            self._note_exit(self._process.poll())
+        return self.last_exit
+
     def _mine_not_ours(self) -> list[psutil.Process]:
         own = self._process.pid if self._process is not None else None
         return [p for p in self.leftovers() if p.pid != own]
@@ -836,18 +842,23 @@ class EmbeddedNats(_ChildServer):
         """Graceful shutdown (SIGTERM); idempotent."""
         self._stop(signal.SIGTERM, timeout)
 
-    def answers(self) -> bool:
-        """Its monitoring port answers ``/healthz`` (a write error is the watchdog's business)."""
+    def healthz(self) -> tuple[int, str] | None:
+        """``/healthz`` of its monitoring port: status and (the start of) the body, or None
+        when nothing answers within 3 s."""
         try:
             with urllib.request.urlopen(  # noqa: S310 - our own loopback monitor port
                 f"{self.monitor_url}/healthz", timeout=3
             ) as response:
-                response.read()
-        except urllib.error.HTTPError:
-            return True  # it answered, with its own complaint
+                return response.status, response.read(2000).decode(errors="replace")
+        except urllib.error.HTTPError as answer:
+            return answer.code, answer.read(2000).decode(errors="replace")
         except (urllib.error.URLError, OSError):
-            return False
-        return True
+            return None
+
+    def answers(self) -> bool:
+        """Its monitoring port answers ``/healthz``, whatever it says (a write error is the
+        watchdog's business)."""
+        return self.healthz() is not None
 
     def leftovers(self) -> list[psutil.Process]:
         """nats-server processes running on this configuration file."""
@@ -924,18 +935,12 @@ class NatsWatchdog:
         self._starting_failed = False
 
     def write_error(self) -> str | None:
-        """JetStream's write error as ``/healthz`` states it, or None while there is none."""
-        try:
-            with urllib.request.urlopen(  # noqa: S310 - our own loopback monitor port
-                f"{self.server.monitor_url}/healthz", timeout=3
-            ) as response:
-                response.read()
-                return None
-        except urllib.error.HTTPError as answer:
-            body = answer.read(2000).decode(errors="replace")
-            return body if "write error" in body else None
-        except (urllib.error.URLError, OSError):
-            return None  # not answering: a dead server is its start's and stop's business
+        """JetStream's write error as ``/healthz`` states it, or None while there is none (a
+        server that does not answer is its start's, stop's and keeper's business)."""
+        answer = self.server.healthz()
+        if answer is None or answer[0] == 200:
+            return None
+        return answer[1] if "write error" in answer[1] else None
 
     def disk_has_room(self) -> bool:
         """Whether the store's file system has room for JetStream to write again: a tenth of
@@ -1051,31 +1056,24 @@ class ServerKeeper:
     async def _watch(self, kept: KeptServer) -> None:
         """Return once the running server has died or stopped answering."""
         server = kept.server
-        silent_since: float | None = None
         next_probe = time.monotonic() + self.probe_every
         while True:
             if server.has_died:
-                process = server._process
-                server._note_exit(process.returncode if process is not None else None)
-                self._down(kept, server.last_exit)
+                self._down(kept, server.exit_description())
                 return
             now = time.monotonic()
             if server.is_running and now >= next_probe:
                 next_probe = now + self.probe_every
                 if await asyncio.to_thread(server.answers):
-                    silent_since = kept.silent_since = None
+                    kept.silent_since = None
                 else:
-                    silent_since = silent_since if silent_since is not None else now
-                    kept.silent_since = silent_since
-                    if now - silent_since >= self.unresponsive_after:
-                        log.error(
-                            "%s has not answered for %.0f s; killing it",
-                            server.name,
-                            now - silent_since,
-                        )
+                    if kept.silent_since is None:
+                        kept.silent_since = now
+                    silent = now - kept.silent_since
+                    if silent >= self.unresponsive_after:
+                        log.error("%s has not answered for %.0f s; killing it", server.name, silent)
                         await run_blocking(server.kill)
-                        kept.silent_since = None
-                        self._down(kept, f"not answering for {now - silent_since:.0f} s; killed")
+                        self._down(kept, f"not answering for {silent:.0f} s; killed")
                         return
             await asyncio.sleep(self.every)
 

@@ -48,6 +48,8 @@ console = Console(stderr=True)
 
 DEFAULT_DATA_DIR = ".iotistic"
 RUNTIME_FILE = "runtime.json"
+# Held (flock) by the `up` that runs on the data folder; the kernel releases it however `up` ends.
+LOCK_FILE = "up.lock"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -389,7 +391,7 @@ def running_up_pid(data_dir: Path) -> int | None:
     # `up` holds <data>/up.lock while it runs: when nobody holds it, the pid in the runtime
     # file is stale, even if it now names some other process with "iotistic" in its command.
     try:
-        fd = os.open(data_dir / "up.lock", os.O_RDONLY)
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
     except OSError:
         fd = None
     if fd is not None:

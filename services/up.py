@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import logging
@@ -24,8 +25,8 @@ import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+import psutil
 from rich.table import Table
 
 from libs.config import EventLogSettings, load_settings
@@ -41,12 +42,12 @@ from libs.embedded import (
     kept_port,
     on_server_thread,
     port_is_free,
-    processes_matching,
 )
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.runtime import Platform
 from libs.supervision import Supervisor
 from services.cli import (
+    LOCK_FILE,
     RUNTIME_FILE,
     console,
     embedded_bus,
@@ -55,14 +56,12 @@ from services.cli import (
     running_up_pid,
     serve,
 )
-from services.provisioner.backends.local import MARKER
+from services.provisioner.backends.local import instances_running
 from services.targets import definitions_for
 
 log = logging.getLogger(__name__)
 
 PORTS_FILE = "ports.json"
-# Held (flock) by the `up` that runs on the data folder; the kernel releases it however `up` ends.
-LOCK_FILE = "up.lock"
 # Secrets taken from the environment when set there, else generated into <data>/secrets/<file>.
 SECRETS = {
     "ADMIN_TOKEN": "admin-token",
@@ -148,15 +147,12 @@ def end_leftover_instances(instances_dir: Path) -> int:
     """Stop instance processes of this data folder that an earlier run left running (they
     would keep old settings and hold the database); returns how many there were."""
     prefix = f"{instances_dir}{os.sep}"
-
-    def of_this_folder(proc: Any) -> bool:
-        environ = proc.environ()
-        return MARKER in environ and environ.get("LICENSE_FILE", "").startswith(prefix)
-
-    found = processes_matching(of_this_folder)
-    # An instance's own children share its environment: only stop the instances themselves.
-    pids = {p.pid for p in found}
-    instances = [p for p in found if p.ppid() not in pids]
+    instances = []
+    for pid in instances_running().values():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.environ().get("LICENSE_FILE", "").startswith(prefix):
+                instances.append(proc)
     if instances:
         console.print(
             f"stopping {len(instances)} instance(s) left running by an earlier run "

@@ -249,6 +249,11 @@ def test_the_data_folder_is_held_by_one_up_and_a_stale_runtime_pid_is_not_believ
     # A dead run's runtime file names a pid that now belongs to another "iotistic" program.
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "iotistic"])
     try:
+        # Until it has exec'd, the child still shows pytest's command line.
+        deadline = time.monotonic() + 30
+        while "iotistic" not in " ".join(psutil.Process(stranger.pid).cmdline()):
+            assert time.monotonic() < deadline, "the stand-in process did not start"
+            time.sleep(0.01)
         (tmp_path / "runtime.json").write_text(json.dumps({"pid": stranger.pid}))
         (tmp_path / "up.lock").write_text("12345")  # left by that run; nobody holds it
         assert running_up_pid(tmp_path) is None  # so the runtime file is stale
