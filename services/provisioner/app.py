@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from litestar.types import ControllerRouterHandler
 
@@ -21,6 +23,7 @@ from contracts import (
     InstanceDegraded,
     InstanceRecovered,
 )
+from libs.config import ConfigError
 from libs.outbox import OutboxRelay, outbox_relay, outbox_worker
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
@@ -51,6 +54,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
         if settings.provisioner_backend == "kubernetes":
             from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
 
+            check_reachable_from_pods(settings)
             return KubernetesBackend(
                 kubernetes_settings(settings),
                 (settings.provisioner_secret or "").encode(),
@@ -58,6 +62,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
                 ready_timeout=settings.kubernetes_ready_timeout_seconds,
                 login_relay_secret=settings.login_relay_secret,
                 max_instances=settings.max_instances,
+                usage_secret=settings.usage_secret,
             )
         from services.provisioner.backends.local import LocalBackend
 
@@ -78,7 +83,33 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         alert_webhook_allowed_cidrs=",".join(
             parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
         ),
+        control_plane_url=settings.control_plane_url,
+        usage_url=settings.usage_url or settings.control_plane_url,
+        usage_report_seconds=settings.instance_usage_report_seconds,
     )
+
+
+def check_reachable_from_pods(settings: ProvisionerSettings) -> None:
+    """A ``ConfigError`` when an address the kubernetes backend hands to instances is the
+    pod's own (loopback, as the defaults made for the local backend are): there 127.0.0.1 is
+    the instance itself, which answers its own sign-ins with 404."""
+    for variable, url, owner in (
+        ("CONTROL_PLANE_URL", settings.control_plane_url, "signup"),
+        ("USAGE_URL", settings.usage_url or settings.control_plane_url, "billing"),
+        ("LICENSE_JWKS_URL", settings.license_jwks_url, "licensing"),
+    ):
+        host = urlsplit(url).hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+            itself = address.is_loopback or address.is_unspecified
+        except ValueError:
+            itself = host == "localhost" or host.endswith(".localhost")
+        if not host or itself:
+            raise ConfigError(
+                f"{variable}: {url[:120]!r} is not an address of the control plane inside the "
+                "cluster (the kubernetes backend's instances would ask themselves); set it to "
+                f"{owner}'s Service, e.g. http://<release>-iotistic-{owner}.<namespace>.svc:8080"
+            )
 
 
 def relay_of(runtime: ServiceRuntime) -> OutboxRelay:

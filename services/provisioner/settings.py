@@ -89,6 +89,10 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # The cluster's pod and service networks (comma-separated CIDRs), which instances may not
     # reach beyond their namespace, where they are not in the private ranges already refused.
     kubernetes_cluster_cidrs: str = ""
+    # Billing's URL as instances reach it, where they report their usage: its own Service,
+    # e.g. http://<release>-iotistic-billing.<namespace>.svc:8080, while CONTROL_PLANE_URL
+    # names signup's. Unset: CONTROL_PLANE_URL (the local backend's instances always use that).
+    usage_url: str | None = None
 
 
 def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:

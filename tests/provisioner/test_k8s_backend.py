@@ -145,7 +145,7 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     relay = render(spec(), KubernetesSettings(), "pw", login_relay_key="k" * 64)
     assert {(o["kind"], o["metadata"]["name"]): o for o in relay}[("Secret", "control-plane")][
         "stringData"
-    ] == {"login-relay-key": "k" * 64}
+    ] == {"login-relay-key": "k" * 64, "usage-token": ""}
     # The ingest client's id, bound on the broker, is kept with its password (optional: an
     # older Secret lacks it until the next update re-applies the Secrets).
     assert env["MQTT_CLIENT_ID"]["valueFrom"]["secretKeyRef"] == {

@@ -24,7 +24,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from libs.auth import login_relay_key
+from libs.auth import instance_usage_token, login_relay_key
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,
@@ -74,10 +74,12 @@ def customer_objects(
     settings: KubernetesSettings,
     secret: bytes,
     login_relay_secret: str | None = None,
+    usage_secret: str | None = None,
 ) -> list[dict[str, Any]]:
     """``render`` with the customer's passwords, broker client id and monitoring token, all
-    derived from ``PROVISIONER_SECRET`` (and the login relay key from ``LOGIN_RELAY_SECRET``):
-    re-applying never changes them, nothing is stored."""
+    derived from ``PROVISIONER_SECRET`` (the login relay key from ``LOGIN_RELAY_SECRET``, the
+    usage token from billing's ``USAGE_SECRET``, as the local backend derives them): re-applying
+    never changes them, nothing is stored."""
     cid = spec.customer_id
     return render(
         spec,
@@ -88,6 +90,7 @@ def customer_objects(
         mqtt_client_id=f"instance-{derive_password(secret, 'mqtt-client-id', cid)[:32]}",
         monitoring_token=derive_password(secret, "monitoring", cid),
         login_relay_key=login_relay_key(login_relay_secret, cid) if login_relay_secret else "",
+        usage_token=instance_usage_token(usage_secret, cid) if usage_secret else "",
     )
 
 
@@ -226,13 +229,17 @@ class KubernetesBackend:
         poll_seconds: float = 2.0,
         login_relay_secret: str | None = None,
         max_instances: int | None = None,
+        usage_secret: str | None = None,
     ) -> None:
         """``api_client`` makes the configured client at start (in-cluster or kubeconfig);
-        ``max_instances`` is the operator's limit (a cluster grows: none of its own)."""
+        ``max_instances`` is the operator's limit (a cluster grows: none of its own);
+        ``usage_secret`` is billing's ``USAGE_SECRET`` (instances' usage tokens derive from
+        it; unset: they report no usage)."""
         self._settings = settings
         self._max_instances = max_instances
         self._secret = secret
         self._login_relay_secret = login_relay_secret
+        self._usage_secret = usage_secret
         self._make_client = api_client
         self._client: k8s.ApiClient | None = None
         self._ready_timeout = ready_timeout
@@ -266,7 +273,9 @@ class KubernetesBackend:
         """The customer's objects, with the derived passwords."""
         if not self._secret:
             raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
-        return customer_objects(spec, self._settings, self._secret, self._login_relay_secret)
+        return customer_objects(
+            spec, self._settings, self._secret, self._login_relay_secret, self._usage_secret
+        )
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance."""

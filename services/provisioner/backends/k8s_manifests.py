@@ -96,6 +96,14 @@ class KubernetesSettings:
     alert_webhook_allowed_cidrs: str = ""
     storage_class: str | None = None
     namespace_prefix: str = "customer-"
+    # Where instances reach the control plane's owners of what they ask, from inside the
+    # cluster (each target is a Service of its own): signup, for sign-ins and sessions
+    # (CONTROL_PLANE_URL), and billing, for usage reports (USAGE_URL; empty: the same as
+    # control_plane_url). Never an address of the pod itself (127.0.0.1 is the instance).
+    control_plane_url: str = ""
+    usage_url: str = ""
+    # How often instances report their usage to billing.
+    usage_report_seconds: float = 300.0
 
 
 def dns_label(customer_id: str) -> str:
@@ -139,13 +147,15 @@ def render(
     login_relay_key: str = "",
     mqtt_client_id: str = "",
     monitoring_token: str = "",
+    usage_token: str = "",
 ) -> list[dict[str, Any]]:
     """Every object of the customer's instance, in apply order.
 
     The broker keeps its clients (dynamic security) on a volume of its own; its admin, which
     the instance uses to give devices their credentials, and the instance's own ingest client
     have the passwords given here, and the ingest client is bound to ``mqtt_client_id``.
-    ``monitoring_token`` opens the instance's metrics and readiness detail."""
+    ``monitoring_token`` opens the instance's metrics and readiness detail; ``usage_token`` is
+    the instance's credential for its usage reports to billing."""
     cid = spec.customer_id
     ns = namespace_of(cid, settings)
     database = "iotistic"
@@ -189,12 +199,13 @@ def render(
             },
         },
         {
-            # The key the dashboard signs browsers' addresses with when it relays a sign-in.
+            # The key the dashboard signs browsers' addresses with when it relays a sign-in,
+            # and the token the instance reports its usage to billing with.
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": _meta("control-plane", ns, cid),
             "type": "Opaque",
-            "stringData": {"login-relay-key": login_relay_key},
+            "stringData": {"login-relay-key": login_relay_key, "usage-token": usage_token},
         },
         {
             "apiVersion": "v1",
@@ -570,6 +581,20 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
                                 _secret_env("MQTT_ADMIN_USERNAME", "mqtt", "admin-username"),
                                 _secret_env("MQTT_ADMIN_PASSWORD", "mqtt", "admin-password"),
                                 _secret_env("LOGIN_RELAY_KEY", "control-plane", "login-relay-key"),
+                                # Each owner directly, through its own Service: signup checks
+                                # sign-ins and sessions, billing takes the usage reports.
+                                # (LOG_LEVEL stays the instance's INFO: the kubelet rotates a
+                                # container's log, unlike the local backend's log files.)
+                                {"name": "CONTROL_PLANE_URL", "value": settings.control_plane_url},
+                                {
+                                    "name": "USAGE_URL",
+                                    "value": settings.usage_url or settings.control_plane_url,
+                                },
+                                _secret_env("USAGE_TOKEN", "control-plane", "usage-token"),
+                                {
+                                    "name": "USAGE_REPORT_SECONDS",
+                                    "value": str(settings.usage_report_seconds),
+                                },
                                 # Browsers come through the ingress controller, which sets
                                 # X-Forwarded-For to the address it saw.
                                 {"name": "TRUSTED_PROXY_HOPS", "value": "1"},
