@@ -493,3 +493,59 @@ def test_the_provisioner_renders_its_urls_and_refuses_the_pods_own() -> None:
     ):
         with pytest.raises(ConfigError, match=variable.upper()):
             check_reachable_from_pods(msgspec.structs.replace(signup_only, **{variable: url}))
+
+
+def test_the_deployment_gives_the_instance_what_the_local_backend_gives_it(tmp_path: Path) -> None:
+    """Every variable the local backend sets is in the Deployment, with the same value where
+    both derive it from the same settings; the differences are the ones named here."""
+    from services.provisioner.backends.local import INHERITED, MARKER, LocalBackend
+
+    settings = ProvisionerSettings(
+        provisioner_secret=PROVISIONER_SECRET,
+        usage_secret=USAGE_SECRET,
+        login_relay_secret=LOGIN_RELAY_SECRET,
+        control_plane_url="http://signup.cp.svc:8080",
+        license_jwks_url="http://licensing.cp.svc:8080/.well-known/jwks.json",
+        instance_usage_report_seconds=42.0,
+        alert_webhook_allowed_cidrs="10.9.0.0/16",
+        local_instances_dir=str(tmp_path),
+    )
+    spec = InstanceSpec(
+        customer_id="c-3",
+        plan="starter",
+        license_jwt="h.c.s",
+        license_id="lic",
+        jwks_url=settings.license_jwks_url,
+    )
+
+    def no_pool() -> Any:
+        raise AssertionError("the environment needs no database")
+
+    local = LocalBackend(settings, no_pool)._environment("c-3", 9000, "postgresql://x@h/d")
+    objects = customer_objects(
+        spec,
+        kubernetes_settings(settings),
+        PROVISIONER_SECRET.encode(),
+        LOGIN_RELAY_SECRET,
+        USAGE_SECRET,
+    )
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    [container] = by[("Deployment", "instance")]["spec"]["template"]["spec"]["containers"]
+    rendered = container_env(container, secrets_of(by))
+    # Local only: the process's own environment (the image has its own), the mark the local
+    # backend finds its processes by, and WARNING for hundreds of log files on one disk (the
+    # kubelet rotates a pod's log: the instance's INFO). Kubernetes only: the ingress in front,
+    # devices' WebSockets address through it, and billing's own Service.
+    assert set(local) - set(rendered) == {MARKER, "LOG_LEVEL"} | (set(INHERITED) & set(local))
+    assert set(rendered) - set(local) == {"MQTT_PUBLIC_URLS", "TRUSTED_PROXY_HOPS", "USAGE_URL"}
+    for same in (
+        "INSTANCE_CUSTOMER_ID",
+        "LICENSE_JWKS_URL",
+        "CONTROL_PLANE_URL",
+        "USAGE_TOKEN",
+        "USAGE_REPORT_SECONDS",
+        "LOGIN_RELAY_KEY",
+        "MONITORING_TOKEN",
+        "ALERT_WEBHOOK_ALLOWED_CIDRS",
+    ):
+        assert rendered[same] == local[same] != "", same
