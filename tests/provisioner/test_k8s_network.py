@@ -482,21 +482,21 @@ def test_networks_the_operator_allows_webhooks_are_open_less_the_cluster() -> No
 
 
 def resolve(route: dict[str, Any], path: str) -> dict[str, Any]:
-    """The rule Gateway API picks for ``path``: an Exact match first, else the longest prefix."""
-    exact = [
-        r
-        for r in route["spec"]["rules"]
-        for m in r["matches"]
-        if m["path"] == {"type": "Exact", "value": path}
-    ]
-    if exact:
-        return exact[0]
+    """The rule Envoy Gateway picks for ``path``: an Exact match, else a RegularExpression (RE2,
+    the whole path), else the longest PathPrefix (whole segments)."""
+    matches = [(m["path"], r) for r in route["spec"]["rules"] for m in r["matches"]]
+    for kind, hit in (
+        ("Exact", lambda value: path == value),
+        ("RegularExpression", lambda value: re.fullmatch(value, path) is not None),
+    ):
+        found = [r for m, r in matches if m["type"] == kind and hit(m["value"])]
+        if found:
+            return found[0]
     prefixes = [
-        (len(m["path"]["value"]), r)
-        for r in route["spec"]["rules"]
-        for m in r["matches"]
-        if m["path"]["type"] == "PathPrefix"
-        and (path == m["path"]["value"] or path.startswith(m["path"]["value"].rstrip("/") + "/"))
+        (len(m["value"]), r)
+        for m, r in matches
+        if m["type"] == "PathPrefix"
+        and (path == m["value"] or path.startswith(m["value"].rstrip("/") + "/"))
     ]
     assert prefixes, path
     return max(prefixes, key=lambda p: p[0])[1]
@@ -534,7 +534,8 @@ def test_the_route_sends_each_path_where_it_belongs_with_its_timeout() -> None:
     assert len(set(names)) == len(names) and all(RULE_NAME.match(n) for n in names)
     for rule in rules:
         assert all(m["path"]["value"].startswith("/") for m in rule["matches"])
-        assert all(m["path"]["type"] in ("Exact", "PathPrefix") for m in rule["matches"])
+        kinds = ("Exact", "PathPrefix", "RegularExpression")
+        assert all(m["path"]["type"] in kinds for m in rule["matches"])
         assert DURATION.match(rule["timeouts"]["request"])
         assert "backendRequest" not in rule["timeouts"]
     expected = {
@@ -542,7 +543,11 @@ def test_the_route_sends_each_path_where_it_belongs_with_its_timeout() -> None:
         # "0s" disables Envoy's request timeout (15 s by default, whole response included).
         "/mqtt": ("mosquitto", 9001, "0s"),
         "/api/stream": ("instance", 80, "0s"),
-        "/api/readings": ("instance", 80, "60s"),
+        "/api/readings/latest": ("instance", 80, "60s"),
+        # A million rows of CSV take longer than an ordinary request.
+        "/api/devices/d-1/readings.csv": ("instance", 80, "15m"),
+        "/api/devices/d-1/readings": ("instance", 80, "60s"),
+        "/api/devices/d-1/readings.csvx": ("instance", 80, "60s"),
         "/dashboard/login": ("instance", 80, "60s"),
         "/": ("instance", 80, "60s"),
         "/mqtt/other": ("instance", 80, "60s"),
@@ -581,10 +586,10 @@ def test_each_backend_leads_to_a_port_the_gateway_may_reach() -> None:
 
 
 def test_the_request_timeout_is_a_setting() -> None:
-    route = objects_of(settings=KubernetesSettings(gateway_request_timeout="5m"))[
-        ("HTTPRoute", "instance")
-    ]
+    settings = KubernetesSettings(gateway_request_timeout="5m", gateway_export_timeout="1h")
+    route = objects_of(settings=settings)[("HTTPRoute", "instance")]
     assert resolve(route, "/api/devices")["timeouts"]["request"] == "5m"
+    assert resolve(route, "/api/devices/d/readings.csv")["timeouts"]["request"] == "1h"
     assert resolve(route, "/mqtt")["timeouts"]["request"] == "0s"
 
 

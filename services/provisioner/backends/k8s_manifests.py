@@ -56,6 +56,8 @@ MQTT_PATH = "/mqtt"
 MQTT_WEBSOCKETS_PORT = 9001
 # The dashboard's server-sent events: open as long as the page is.
 LIVE_STREAM_PATH = "/api/stream"
+# A device's readings as CSV, up to a million rows streamed: longer than an ordinary request.
+EXPORT_PATH = r"/api/devices/[^/]+/readings\.csv"
 GATEWAY_API = "gateway.networking.k8s.io"
 # The shared Gateway's HTTPS listener for ``*.<base domain>`` that tenants' routes attach to.
 GATEWAY_LISTENER = "tenants"
@@ -126,9 +128,11 @@ class KubernetesSettings:
     dns_pod_labels: dict[str, str] = field(default_factory=lambda: {"k8s-app": "kube-dns"})
     # Ports the instance's alert webhooks may use on public addresses: HTTPS only.
     webhook_ports: tuple[int, ...] = (443,)
-    # The longest an ordinary request through the Gateway may take (MQTT over WebSockets and
-    # the dashboard's live stream have none: they last as long as the device or page).
+    # The longest an ordinary request through the Gateway may take, and a CSV export (MQTT over
+    # WebSockets and the dashboard's live stream have none: they last as long as the device or
+    # page). Gateway API durations: "60s", "15m", "1h".
     gateway_request_timeout: str = "60s"
+    gateway_export_timeout: str = "15m"
     # Render Envoy Gateway's BackendTrafficPolicy per tenant (off for another Gateway API
     # implementation: the HTTPRoute is portable, the policy is not).
     gateway_traffic_policy: bool = True
@@ -399,12 +403,13 @@ def _allowed_networks(settings: KubernetesSettings) -> list[dict[str, Any]]:
     """``ipBlock`` peers for ALERT_WEBHOOK_ALLOWED_CIDRS, which the instance lets its webhooks
     reach although they are not public: the policy must agree, less the cluster's networks (a
     pod or Service address stays refused even inside an allowed private range)."""
+    clusters = [ipaddress.ip_network(c, strict=False) for c in settings.cluster_cidrs]
     blocks = []
     for item in settings.alert_webhook_allowed_cidrs.split(","):
         if item.strip():
             allowed = ipaddress.ip_network(item.strip(), strict=False)
-            clusters = (ipaddress.ip_network(c, strict=False) for c in settings.cluster_cidrs)
-            if not any(allowed.version == c.version and allowed.subnet_of(c) for c in clusters):  # type: ignore[arg-type]
+            same_version = [c for c in clusters if c.version == allowed.version]
+            if not any(allowed.subnet_of(c) for c in same_version):  # type: ignore[arg-type]
                 blocks.append(_block(allowed, [], settings.cluster_cidrs))
     return blocks
 
@@ -712,12 +717,13 @@ def _http_route(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> li
 
 
 def _route(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
-    """``<id>.<base domain>``: ``/mqtt`` to the broker's WebSockets, ``/api/stream`` and the
-    rest to the instance. TLS ends at the Gateway's wildcard listener, so nothing here asks for
-    a certificate. Envoy ends a route's request after 15 s unless told otherwise, whole
-    response included: a device's MQTT session and a page's live stream would be cut, so their
-    rules have no request timeout ("0s" disables it, in Gateway API); a WebSocket upgrade needs
-    nothing else, Envoy Gateway allows it on every route."""
+    """``<id>.<base domain>``: ``/mqtt`` to the broker's WebSockets, the rest to the instance.
+    TLS ends at the Gateway's wildcard listener, so nothing here asks for a certificate. Envoy
+    ends a route's request after 15 s unless told otherwise, whole response included: a
+    device's MQTT session and a page's live stream would be cut, so their rules have no request
+    timeout ("0s" disables it, in Gateway API), and a CSV export has a long one; a WebSocket
+    upgrade needs nothing else, Envoy Gateway allows it on every route. Envoy Gateway ranks an
+    Exact path, then a RegularExpression, then the longest PathPrefix."""
 
     def rule(name: str, path: str, match: str, service: str, port: int, timeout: str) -> Any:
         return {
@@ -745,6 +751,14 @@ def _route(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
             "rules": [
                 rule("mqtt", MQTT_PATH, "Exact", "mosquitto", MQTT_WEBSOCKETS_PORT, "0s"),
                 rule("live", LIVE_STREAM_PATH, "Exact", "instance", 80, "0s"),
+                rule(
+                    "export",
+                    EXPORT_PATH,
+                    "RegularExpression",
+                    "instance",
+                    80,
+                    settings.gateway_export_timeout,
+                ),
                 rule("app", "/", "PathPrefix", "instance", 80, settings.gateway_request_timeout),
             ],
         },
