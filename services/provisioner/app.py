@@ -72,6 +72,8 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         base_domain=settings.base_domain,
         instance_image=settings.instance_image,
         control_plane_namespace=settings.kubernetes_control_plane_namespace,
+        # Every target of the chart serves HTTP on its one httpPort, this process's too.
+        control_plane_port=settings.http_port,
         gateway_name=settings.kubernetes_gateway_name,
         gateway_proxy_namespace=settings.kubernetes_gateway_proxy_namespace,
         gateway_traffic_policy=settings.kubernetes_gateway_traffic_policy,
