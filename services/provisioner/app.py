@@ -72,6 +72,7 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         base_domain=settings.base_domain,
         instance_image=settings.instance_image,
         control_plane_namespace=settings.kubernetes_control_plane_namespace,
+        control_plane_pod_labels={"app.kubernetes.io/name": settings.kubernetes_control_plane_name},
         # Every target of the chart serves HTTP on its one httpPort, this process's too.
         control_plane_port=settings.http_port,
         gateway_name=settings.kubernetes_gateway_name,

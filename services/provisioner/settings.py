@@ -87,6 +87,8 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # The namespace the chart runs in: its Gateway (KUBERNETES_GATEWAY_NAME, whose "tenants"
     # listener every customer's HTTPRoute attaches to) and the targets instances call.
     kubernetes_control_plane_namespace: str = "iotistic"
+    # The chart's app.kubernetes.io/name label on its pods (the chart's name, or nameOverride).
+    kubernetes_control_plane_name: str = "iotistic"
     kubernetes_gateway_name: str = "iotistic"
     # Where the Gateway's Envoy proxies run: the only pods let into a customer's namespace.
     kubernetes_gateway_proxy_namespace: str = "envoy-gateway-system"

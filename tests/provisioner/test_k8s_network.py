@@ -653,6 +653,7 @@ def test_the_provisioners_settings_reach_the_manifests() -> None:
             "KUBERNETES_GATEWAY_REQUESTS_PER_CLIENT": "20",
             "KUBERNETES_WEBHOOK_PORTS": "443, 8443",
             "HTTP_PORT": "8081",
+            "KUBERNETES_CONTROL_PLANE_NAME": "iot",
         },
     )
     settings = kubernetes_settings(provisioner)
@@ -663,6 +664,7 @@ def test_the_provisioners_settings_reach_the_manifests() -> None:
     assert settings.gateway_requests_per_client == 20
     assert settings.webhook_ports == (443, 8443)
     assert settings.control_plane_port == 8081  # the chart's one httpPort, this process's too
+    assert settings.control_plane_pod_labels == {"app.kubernetes.io/name": "iot"}
     defaults = kubernetes_settings(load_settings(ProvisionerSettings, {}))
     assert defaults.webhook_ports == (443,)
     assert defaults.gateway_proxy_namespace == "envoy-gateway-system"
