@@ -35,7 +35,7 @@ from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
 from services.provisioner.projections import CAPACITY_RECORDED, DEPLOYMENTS, INSTANCE_HEALTH
 from services.provisioner.reactors import provisioner_reactors
-from services.provisioner.settings import ProvisionerSettings, parse_cidrs
+from services.provisioner.settings import ProvisionerSettings, parse_cidrs, parse_ports
 from services.provisioner.worker import QueueWorker
 
 METRICS_REFRESH_SECONDS = 5.0
@@ -76,8 +76,15 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
     return KubernetesSettings(
         base_domain=settings.base_domain,
         instance_image=settings.instance_image,
-        cluster_issuer=settings.cluster_issuer,
-        ingress_class=settings.ingress_class,
+        control_plane_namespace=settings.kubernetes_control_plane_namespace,
+        control_plane_pod_labels={"app.kubernetes.io/name": settings.kubernetes_control_plane_name},
+        # Every target of the chart serves HTTP on its one httpPort, this process's too.
+        control_plane_port=settings.http_port,
+        gateway_name=settings.kubernetes_gateway_name,
+        gateway_proxy_namespace=settings.kubernetes_gateway_proxy_namespace,
+        gateway_traffic_policy=settings.kubernetes_gateway_traffic_policy,
+        gateway_requests_per_client=settings.kubernetes_gateway_requests_per_client,
+        webhook_ports=parse_ports(settings.kubernetes_webhook_ports, "KUBERNETES_WEBHOOK_PORTS"),
         storage_class=settings.storage_class,
         cluster_cidrs=parse_cidrs(settings.kubernetes_cluster_cidrs, "KUBERNETES_CLUSTER_CIDRS"),
         alert_webhook_allowed_cidrs=",".join(

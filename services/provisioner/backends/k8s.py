@@ -6,10 +6,11 @@ Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
 Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
 changed is the license Secret and the instance Deployment, which the license annotation on its
-pod template rolls (and, for a customer deployed by an older version, whatever else is new). Delete
-removes the namespace and waits until it is gone. The passwords, the broker client id and the
-monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes
-them; they are never logged.
+pod template rolls (and, for a customer deployed by an older version, whatever else is new; what
+it replaced, the Ingress, is deleted after deploys and updates). Delete removes the namespace
+and waits until it is gone. The passwords, the broker client id and the monitoring token are
+derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes them; they are never
+logged.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ PLURALS = {
     "Deployment": "deployments",
     "Ingress": "ingresses",
     "ConfigMap": "configmaps",
+    "HTTPRoute": "httproutes",
+    "BackendTrafficPolicy": "backendtrafficpolicies",
 }
 # Progress while applying: the percent reached once each object is applied.
 APPLY_STEPS = {
@@ -64,8 +67,11 @@ APPLY_STEPS = {
     ("StatefulSet", "postgres"): (45, "postgres"),
     ("StatefulSet", "mosquitto"): (55, "mosquitto"),
     ("Deployment", "instance"): (70, "instance"),
-    ("Ingress", "instance"): (80, "ingress"),
+    ("HTTPRoute", "instance"): (80, "route"),
 }
+# What older versions applied and this one replaced: removed after each deploy and update. The
+# Ingress (ingress-nginx, a certificate per customer) gave way to an HTTPRoute on the Gateway.
+REPLACED = (("networking.k8s.io/v1", "Ingress", "instance"),)
 WORKLOADS = (("StatefulSet", "postgres"), ("StatefulSet", "mosquitto"), ("Deployment", "instance"))
 
 
@@ -289,6 +295,7 @@ class KubernetesBackend:
             )
             if step is not None:
                 await progress(*step)
+        await self._remove_replaced(spec.customer_id)
         await self._wait_ready(spec.customer_id, progress, 80)
         return self._deployed(spec.customer_id)
 
@@ -302,6 +309,7 @@ class KubernetesBackend:
             return await self.deploy(spec, progress)
         for obj in self.objects(spec):
             await api.apply(obj)
+        await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return self._deployed(spec.customer_id)
@@ -353,6 +361,12 @@ class KubernetesBackend:
         if troubles:
             return InstanceHealth(False, "; ".join(troubles))
         return InstanceHealth(True)
+
+    async def _remove_replaced(self, customer_id: str) -> None:
+        """Delete what an older version applied and this one replaced (fine if never there)."""
+        ns = namespace_of(customer_id, self._settings)
+        for api_version, kind, name in REPLACED:
+            await self._api.delete(api_version, kind, name, ns)
 
     async def _wait_ready(self, customer_id: str, progress: Progress, start: int) -> None:
         api = self._api
