@@ -302,6 +302,22 @@ def test_the_provisioner_hands_instances_the_control_planes_services(
     fields = {f.upper() for f in ProvisionerSettings.__struct_fields__}
     # USAGE_URL is the setting the instances' usage reports are getting (issue 14, item 1).
     assert {"INSTANCE_IMAGE", "BASE_DOMAIN", "LICENSE_JWKS_URL", "CONTROL_PLANE_URL"} <= fields
+    assert "USAGE_URL" in fields
+    # Tenants' routes attach to this release's Gateway; their policies admit this release's pods.
+    assert env["KUBERNETES_CONTROL_PLANE_NAMESPACE"] == NAMESPACE
+    assert env["KUBERNETES_GATEWAY_NAME"] == find(docs, "Gateway", "iotistic")["metadata"]["name"]
+    renamed = render(
+        {
+            "nameOverride": "air",
+            "fullnameOverride": FULLNAME,
+            "gateway": {"name": "edge", "namespace": "gw"},
+        }
+    )
+    renamed_env = plain_env(renamed, "provisioner")
+    assert renamed_env["KUBERNETES_CONTROL_PLANE_NAME"] == "air"
+    assert renamed_env["KUBERNETES_GATEWAY_NAME"] == "edge"
+    assert renamed_env["KUBERNETES_GATEWAY_PROXY_NAMESPACE"] == "gw"
+    assert {k for k in renamed_env if k.startswith("KUBERNETES_")} <= fields
     assert "PROVISIONER_BACKEND" not in env
     kube = render({"targets": {"provisioner": {"kubernetesBackend": {"enabled": True}}}})
     assert plain_env(kube, "provisioner")["PROVISIONER_BACKEND"] == "kubernetes"

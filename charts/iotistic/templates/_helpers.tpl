@@ -181,6 +181,18 @@ instance image, domain and the control-plane URLs it hands every instance; signu
 - name: PROVISIONER_BACKEND
   value: "kubernetes"
 {{- end }}
+# What each tenant's HTTPRoute and NetworkPolicies name: this release's namespace and name
+# label (the services instances may call), its Gateway and where the Gateway's proxies run.
+- name: KUBERNETES_CONTROL_PLANE_NAMESPACE
+  value: {{ $root.Release.Namespace | quote }}
+- name: KUBERNETES_CONTROL_PLANE_NAME
+  value: {{ include "iotistic.name" $root | quote }}
+- name: KUBERNETES_GATEWAY_NAME
+  value: {{ $root.Values.gateway.name | quote }}
+- name: KUBERNETES_GATEWAY_PROXY_NAMESPACE
+  value: {{ $root.Values.gateway.namespace | quote }}
+- name: KUBERNETES_GATEWAY_TRAFFIC_POLICY
+  value: {{ $root.Values.gateway.envoyGateway.enabled | toString | quote }}
 {{- end }}
 {{- if and (eq .target "signup") $root.Values.gateway.enabled }}
 - name: TRUSTED_PROXY_HOPS
