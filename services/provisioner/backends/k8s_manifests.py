@@ -154,7 +154,9 @@ echo "iotistic: instance role $role kept in step"
 # container (a failed postStart would kill Postgres, perhaps in the middle of its first
 # initdb); it writes why to the container's log, and the instance, refused, is not ready.
 PG_POST_START_SH = """#!/bin/sh
-if [ -w /proc/1/fd/2 ]; then exec >>/proc/1/fd/1 2>>/proc/1/fd/2; fi
+# A hook's output is shown nowhere: write it to the container's log (its PID 1's stdout).
+log="${IOTISTIC_LOG_TO:-/proc/1/fd/1}"
+if [ -w "$log" ]; then exec >>"$log" 2>&1; fi
 i=0
 while [ "$i" -lt 300 ]; do
   if pg_isready -q && sh "$(dirname "$0")/ensure-instance-role.sh"; then exit 0; fi
@@ -169,7 +171,9 @@ MQTT_ADMIN_DIR = "/etc/iotistic/mqtt-admin"
 # log in with the previous one and set the new, so the instance (which uses the new one to
 # re-set its own ingest client's password at start) can administer the broker again.
 MQTT_POST_START_SH = f"""#!/bin/sh
-if [ -w /proc/1/fd/2 ]; then exec >>/proc/1/fd/1 2>>/proc/1/fd/2; fi
+# A hook's output is shown nowhere: write it to the container's log (its PID 1's stdout).
+log="${{IOTISTIC_LOG_TO:-/proc/1/fd/1}}"
+if [ -w "$log" ]; then exec >>"$log" 2>&1; fi
 dir="${{IOTISTIC_MQTT_ADMIN:-{MQTT_ADMIN_DIR}}}"
 port="${{IOTISTIC_MQTT_PORT:-1883}}"
 user="$(cat "$dir/admin-username")"
