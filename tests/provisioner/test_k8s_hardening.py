@@ -18,6 +18,8 @@ import pytest
 from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
+from libs.config import load_settings
+from libs.db import migrate, service_migrations
 from libs.embedded import EmbeddedPostgres, postgres_bin_dir
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
@@ -34,6 +36,8 @@ from services.provisioner.backends.k8s_manifests import (
     KubernetesSettings,
     pinned_by_digest,
 )
+from services.provisioner.rotation import rotate_credentials
+from services.provisioner.settings import ProvisionerSettings
 from support import serving
 
 CUSTOMER = "5d41402a-bc4b-4a76-b971-9d911017c592"
@@ -483,3 +487,59 @@ async def test_rotation_reads_back_a_generation_it_cannot_trust_as_an_error(
         standin.objects[f"/api/v1/namespaces/{NS}/secrets/license"]["stringData"]["license-id"]
         == "lic-1"
     )
+
+
+async def test_the_rotate_command_rotates_the_customer_of_the_provisioners_records(
+    cluster: tuple[KubeStandIn, str], database_url: str
+) -> None:
+    standin, url = cluster
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, "provisioner", service_migrations("services.provisioner.migrations"))
+        await conn.execute(
+            "INSERT INTO provisioner.customer_licenses "
+            "(customer_id, license_id, plan, jwt, max_devices) VALUES ($1, $2, $3, $4, $5)",
+            CUSTOMER,
+            "lic-db",
+            "starter",
+            "header.claims.from-the-records",
+            10,
+        )
+        await conn.execute(
+            "INSERT INTO provisioner.customer_licenses "
+            "VALUES ('gone', 'l', 'starter', 'j', 10, true)"
+        )
+    finally:
+        await conn.close()
+    settings = load_settings(
+        ProvisionerSettings,
+        {
+            "DATABASE_URL": database_url,
+            "PROVISIONER_BACKEND": "kubernetes",
+            "PROVISIONER_SECRET": SECRET.decode(),
+            "LOGIN_RELAY_SECRET": "l" * 40,
+        },
+    )
+    steps: list[str] = []
+
+    async def progress(percent: int, step: str) -> None:
+        steps.append(step)
+
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec("lic-db"), progress)
+    finally:
+        await backend.stop()
+    assert await rotate_credentials(settings, CUSTOMER, progress, backend=backend) == 1
+    assert await rotate_credentials(settings, CUSTOMER, progress, backend=backend) == 2
+    assert "credentials generation 2 applied" in steps
+    license_secret = standin.objects[f"/api/v1/namespaces/{NS}/secrets/license"]["stringData"]
+    assert license_secret["license.jwt"] == "header.claims.from-the-records"
+    database = standin.objects[f"/api/v1/namespaces/{NS}/secrets/database"]["stringData"]
+    assert database["password"] == derive_password(SECRET, "database", CUSTOMER, 2)
+    mqtt = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
+    assert mqtt["admin-password-previous"] == derive_password(SECRET, "mqtt-admin", CUSTOMER, 1)
+    for customer, why in (("gone", "closed"), ("nobody", "no license")):
+        with pytest.raises(BackendError, match=why):
+            await rotate_credentials(settings, customer, progress, backend=backend)
