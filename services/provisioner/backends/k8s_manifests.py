@@ -150,16 +150,18 @@ IOTISTIC_SUPERUSER_PASSWORD="$(cat "$secrets/superuser-password")" \\
   -f "$scripts/ensure-instance-role.sql"
 echo "iotistic: instance role $role kept in step"
 """
-# postStart: once the server answers on its socket, run the ensure step. It never fails the
-# container (a failed postStart would kill Postgres, perhaps in the middle of its first
-# initdb); it writes why to the container's log, and the instance, refused, is not ready.
+# postStart: once the server answers over TCP (the first start's temporary server, which runs
+# the initdb.d script, listens on its socket only: the two never race), run the ensure step.
+# It never fails the container (a failed postStart would kill Postgres, perhaps in the middle
+# of its first initdb); it writes why to the container's log, and the instance, refused, is
+# not ready.
 PG_POST_START_SH = """#!/bin/sh
 # A hook's output is shown nowhere: write it to the container's log (its PID 1's stdout).
 log="${IOTISTIC_LOG_TO:-/proc/1/fd/1}"
 if [ -w "$log" ]; then exec >>"$log" 2>&1; fi
 i=0
 while [ "$i" -lt 300 ]; do
-  if pg_isready -q && sh "$(dirname "$0")/ensure-instance-role.sh"; then exit 0; fi
+  if pg_isready -q -h 127.0.0.1 && sh "$(dirname "$0")/ensure-instance-role.sh"; then exit 0; fi
   i=$((i + 1))
   sleep 1
 done
