@@ -13,6 +13,15 @@ message size and queue limits; the instance Deployment and Service; an Ingress a
 ``render`` is pure: the same customer, license and password give the same objects, so applying
 them again (a retried job, an update) converges. A new license changes the instance pod
 template's annotation, which rolls the Deployment.
+
+Hardening: the namespace enforces Pod Security "restricted" and is labelled a tenant; every
+container runs non-root with a read-only root, no capabilities and RuntimeDefault seccomp, no
+pod gets a service-account token; Postgres and Mosquitto images are pinned by digest. The
+instance connects to Postgres as a role of its own (owner of its database, no other power);
+the superuser's password is in a Secret only the Postgres pod mounts. Passwords rotate by the
+customer's credentials generation (recorded on the Namespace); a hash of them on each pod
+template rolls the pods that use them. The instance Deployment recreates its one pod rather
+than rolling, because two pods would share one MQTT client id.
 """
 
 from __future__ import annotations
