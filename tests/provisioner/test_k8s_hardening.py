@@ -20,7 +20,7 @@ from kubernetes_asyncio import client as k8s
 
 from libs.config import load_settings
 from libs.db import migrate, service_migrations
-from libs.embedded import EmbeddedPostgres, postgres_bin_dir
+from libs.embedded import _HBA_MARK, EmbeddedPostgres, postgres_bin_dir
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.k8s import (
@@ -163,9 +163,17 @@ def test_derived_passwords_change_with_the_generation_only() -> None:
 
 @pytest.fixture
 def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A Postgres that authenticates as the official image's does: local (socket)
+    connections trusted, TCP ones by password (scram)."""
     server = EmbeddedPostgres(tmp_path / "pg" / "data")
     server.start()
     try:
+        server.stop()
+        hba = server.data_dir / "pg_hba.conf"
+        hba.write_text(
+            f"{_HBA_MARK}\nlocal all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        server.start()
         yield server
     finally:
         server.stop()
@@ -185,7 +193,7 @@ def _write_secrets(folder: Path, generation: int) -> dict[str, str]:
 
 
 def _run_script(
-    name: str, server: EmbeddedPostgres, tmp_path: Path, connect_password: str
+    name: str, server: EmbeddedPostgres, tmp_path: Path
 ) -> subprocess.CompletedProcess[str]:
     scripts = tmp_path / "scripts"
     scripts.mkdir(exist_ok=True)
@@ -194,10 +202,8 @@ def _run_script(
     (tmp_path / "hook.log").touch()  # the container's log, which exists there
     env = {
         "PATH": f"{postgres_bin_dir()}:/usr/bin:/bin",
-        "PGHOST": "127.0.0.1",
+        "PGHOST": str(server._socket_dir),  # as in the pod: its own socket, trusted
         "PGPORT": str(server.port),
-        # The image's local connections are trusted; this server asks for a password.
-        "PGPASSWORD": connect_password,
         "POSTGRES_USER": "postgres",
         "POSTGRES_DB": "iotistic",
         "IOTISTIC_POSTGRES_SECRETS": str(tmp_path / "secrets"),
@@ -219,7 +225,7 @@ async def test_the_instance_role_owns_its_database_and_nothing_more(
     assert "ensure-instance-role.sh" in POSTGRES_SCRIPTS["10-instance-role.sh"]
     postgres.create_database("iotistic")  # the image's entrypoint makes POSTGRES_DB
     first = _write_secrets(tmp_path / "secrets", 0)
-    done = _run_script("ensure-instance-role.sh", postgres, tmp_path, postgres.password)
+    done = _run_script("ensure-instance-role.sh", postgres, tmp_path)
     assert done.returncode == 0, done.stderr
     assert first["password"] not in done.stdout + done.stderr
 
@@ -259,7 +265,7 @@ async def test_the_instance_role_owns_its_database_and_nothing_more(
     # A rotation: the next generation's Secret, and Postgres's start keeps the roles in step.
     second = _write_secrets(tmp_path / "secrets", 1)
     assert second["password"] != first["password"]
-    hook = _run_script("post-start.sh", postgres, tmp_path, first["superuser-password"])
+    hook = _run_script("post-start.sh", postgres, tmp_path)
     assert hook.returncode == 0, hook.stderr
     assert "kept in step" in (tmp_path / "hook.log").read_text()
     with pytest.raises(asyncpg.InvalidPasswordError):
@@ -275,15 +281,15 @@ async def test_the_instance_role_owns_its_database_and_nothing_more(
             f"@127.0.0.1:{postgres.port}/postgres"
         )
     # Run again (every start does): nothing changes, nothing fails.
-    again = _run_script("ensure-instance-role.sh", postgres, tmp_path, second["superuser-password"])
+    again = _run_script("ensure-instance-role.sh", postgres, tmp_path)
     assert again.returncode == 0, again.stderr
 
 
-async def test_a_tenant_from_before_keeps_working_and_says_so(
+async def test_a_tenant_from_before_gets_an_instance_role_of_its_own(
     postgres: EmbeddedPostgres, tmp_path: Path
 ) -> None:
     # Made by an older version: the instance's role is the cluster's bootstrap superuser and
-    # there is no other. Postgres will not take SUPERUSER from it: only its password is kept.
+    # there is no other, and it owns everything the instance made.
     old = _write_secrets(tmp_path / "secrets", 0)
     admin = await asyncpg.connect(postgres.url)
     try:
@@ -299,11 +305,72 @@ async def test_a_tenant_from_before_keeps_working_and_says_so(
         await stone.execute("CREATE DATABASE iotistic OWNER iotistic")
     finally:
         await stone.close()
-    done = _run_script("ensure-instance-role.sh", postgres, tmp_path, old["password"])
+    made = await asyncpg.connect(_instance_url(postgres, old["password"]))
+    try:
+        await made.execute("DROP ROLE stepping_stone")
+        await made.execute(
+            """
+            CREATE SCHEMA instance;
+            CREATE TYPE instance.level AS ENUM ('low', 'high');
+            CREATE TABLE instance.readings (id bigserial PRIMARY KEY, v real, l instance.level);
+            CREATE TABLE instance.devices (id bigint GENERATED ALWAYS AS IDENTITY, name text);
+            CREATE SEQUENCE instance.tickets;
+            CREATE VIEW instance.latest AS SELECT max(id) AS id FROM instance.readings;
+            CREATE FUNCTION instance.twice(x int) RETURNS int LANGUAGE sql AS 'SELECT 2 * x';
+            CREATE TABLE public.kept (k int);
+            INSERT INTO instance.readings (v, l) VALUES (20.5, 'low');
+            """
+        )
+    finally:
+        await made.close()
+
+    done = _run_script("ensure-instance-role.sh", postgres, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "bootstrap superuser" in done.stdout
+    assert "a role of its own" in done.stdout and "kept in step" in done.stdout
+    # The instance's role: not a superuser, the owner of all it made, its data still there.
     conn = await asyncpg.connect(_instance_url(postgres, old["password"]))
-    await conn.close()
+    try:
+        assert not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = 'iotistic'")
+        owners = await conn.fetch(
+            """
+            SELECT c.relname, pg_get_userbyid(c.relowner) AS owner FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname IN ('instance', 'public') AND c.relkind IN ('r', 'S', 'v', 'i')
+            """
+        )
+        assert len(owners) >= 8 and {r["owner"] for r in owners} == {"iotistic"}
+        others = await conn.fetchval(
+            """
+            SELECT array[pg_get_userbyid((SELECT nspowner FROM pg_namespace
+                                          WHERE nspname = 'instance')),
+                         pg_get_userbyid((SELECT typowner FROM pg_type WHERE typname = 'level')),
+                         pg_get_userbyid((SELECT proowner FROM pg_proc WHERE proname = 'twice'))]
+            """
+        )
+        assert others == ["iotistic"] * 3
+        assert await conn.fetchval("SELECT instance.twice(21)") == 42
+        assert await conn.fetchval("SELECT id FROM instance.latest") == 1
+        await conn.execute("INSERT INTO instance.readings (v, l) VALUES (21.0, 'high')")
+        await conn.execute("INSERT INTO instance.devices (name) VALUES ('d1')")
+        assert await conn.fetchval("SELECT nextval('instance.tickets')") == 1
+        await conn.execute("CREATE TABLE instance.more (id int)")  # migrations still run
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("CREATE ROLE intruder LOGIN")
+        roles = {r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles")}
+        assert "iotistic_migration" not in roles
+    finally:
+        await conn.close()
+    # The bootstrap superuser is now `postgres`, with the password of the Secret Postgres mounts.
+    superuser = await asyncpg.connect(
+        f"postgresql://postgres:{old['superuser-password']}@127.0.0.1:{postgres.port}/iotistic"
+    )
+    try:
+        assert await superuser.fetchval("SELECT oid FROM pg_roles WHERE rolname = 'postgres'") == 10
+    finally:
+        await superuser.close()
+    again = _run_script("ensure-instance-role.sh", postgres, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "a role of its own" not in again.stdout
 
 
 # --- the broker's admin, on a real Mosquitto -------------------------------------------------

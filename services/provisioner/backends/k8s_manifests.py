@@ -117,9 +117,12 @@ PG_SCRIPTS_DIR = "/etc/iotistic/postgres-scripts"
 # every start after (postStart): creates the instance's role if missing, gives it the password
 # of the mounted Secret (so a rotated password takes effect), takes away every power beyond
 # owning its database, and keeps the superuser's password in step too. A tenant made by a
-# version before this has the instance role as its bootstrap superuser (which Postgres does
-# not let lose SUPERUSER): then only its password is kept, and the log says so.
-PG_ENSURE_SQL = """\\set ON_ERROR_STOP on
+# version before this, whose instance role is the bootstrap superuser (which Postgres does not
+# let lose SUPERUSER), is first moved by migrate-instance-role.sql; were it not, only the
+# role's password would be kept, and the log would say so.
+PG_MIGRATION_ROLE = "iotistic_migration"
+PG_ENSURE_SQL = f"""\\set ON_ERROR_STOP on
+SET client_min_messages = warning;
 \\getenv role_password IOTISTIC_ROLE_PASSWORD
 \\getenv superuser_password IOTISTIC_SUPERUSER_PASSWORD
 SELECT NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') AS missing \\gset
@@ -139,7 +142,68 @@ ALTER DATABASE :"db" OWNER TO :"role";
 \\endif
 \\if :own_superuser
 ALTER ROLE :"superuser" PASSWORD :'superuser_password';
+DROP ROLE IF EXISTS {PG_MIGRATION_ROLE};
 \\endif
+"""
+# Once, for a tenant made before the instance had a role of its own: its instance role is the
+# cluster's bootstrap superuser, which Postgres does not let lose SUPERUSER. Run (by a
+# temporary superuser, in the instance's database, in one transaction) it is renamed to be the
+# superuser, and a new instance role gets the database and everything in it the instance made.
+PG_MIGRATE_SQL = """\\set ON_ERROR_STOP on
+\\getenv role_password IOTISTIC_ROLE_PASSWORD
+\\getenv superuser_password IOTISTIC_SUPERUSER_PASSWORD
+BEGIN;
+SELECT coalesce((SELECT oid = 10 FROM pg_roles WHERE rolname = :'role'), false)
+   AND NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'superuser') AS legacy \\gset
+\\if :legacy
+\\echo 'iotistic: giving the instance a role of its own (a tenant made before least privilege)'
+ALTER ROLE :"role" RENAME TO :"superuser";
+ALTER ROLE :"superuser" PASSWORD :'superuser_password';
+CREATE ROLE :"role" LOGIN PASSWORD :'role_password';
+ALTER DATABASE :"db" OWNER TO :"role";
+SELECT set_config('iotistic.owner', :'role', true);
+DO $$
+DECLARE
+  owner text := current_setting('iotistic.owner');
+  r record;
+BEGIN
+  FOR r IN SELECT nspname FROM pg_namespace
+      WHERE nspowner = 10 AND nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
+  LOOP
+    EXECUTE format('ALTER SCHEMA %I OWNER TO %I', r.nspname, owner);
+  END LOOP;
+  -- Relations (indexes and owned sequences follow their tables).
+  FOR r IN SELECT c.oid::regclass AS name, c.relkind FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relowner = 10 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+        AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+        AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                        AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
+  LOOP
+    EXECUTE format('ALTER %s %s OWNER TO %I',
+      CASE r.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW'
+        WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END,
+      r.name, owner);
+  END LOOP;
+  FOR r IN SELECT p.oid::regprocedure AS name FROM pg_proc p
+      JOIN pg_namespace n ON n.oid = p.pronamespace
+      WHERE p.proowner = 10 AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+  LOOP
+    EXECUTE format('ALTER ROUTINE %s OWNER TO %I', r.name, owner);
+  END LOOP;
+  -- Types of their own (enums, domains, composites, ranges); a table's row type follows it.
+  FOR r IN SELECT t.oid::regtype AS name FROM pg_type t
+      JOIN pg_namespace n ON n.oid = t.typnamespace
+      WHERE t.typowner = 10 AND t.typtype IN ('c', 'd', 'e', 'r')
+        AND (t.typrelid = 0 OR (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')
+        AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+  LOOP
+    EXECUTE format('ALTER TYPE %s OWNER TO %I', r.name, owner);
+  END LOOP;
+END
+$$;
+\\endif
+COMMIT;
 """
 PG_ENSURE_SH = f"""#!/bin/sh
 # Keeps the instance's role in step with the mounted Secret (see ensure-instance-role.sql).
@@ -149,14 +213,21 @@ scripts="${{IOTISTIC_POSTGRES_SCRIPTS:-{PG_SCRIPTS_DIR}}}"
 superuser="${{POSTGRES_USER:-{PG_SUPERUSER}}}"
 role="$(cat "$secrets/user")"
 db="${{POSTGRES_DB:-{PG_DATABASE}}}"
-# A tenant from before least privilege has no such superuser: its instance role is the one.
-if ! psql -X -q -U "$superuser" -d postgres -c 'SELECT 1' >/dev/null 2>&1; then
-  superuser="$role"
+export IOTISTIC_ROLE_PASSWORD IOTISTIC_SUPERUSER_PASSWORD
+IOTISTIC_ROLE_PASSWORD="$(cat "$secrets/password")"
+IOTISTIC_SUPERUSER_PASSWORD="$(cat "$secrets/superuser-password")"
+run() {{
+  psql -X -q -v ON_ERROR_STOP=1 -v role="$role" -v superuser="$superuser" -v db="$db" "$@"
+}}
+if ! run -U "$superuser" -d postgres -c 'SELECT 1' >/dev/null 2>&1; then
+  # No such superuser: a tenant from before least privilege, whose instance role is the
+  # bootstrap superuser (or the server does not answer, and this fails).
+  run -U "$role" -d postgres -c 'SELECT 1' >/dev/null
+  run -U "$role" -d postgres -c "CREATE ROLE {PG_MIGRATION_ROLE} SUPERUSER LOGIN" \\
+    >/dev/null 2>&1 || true
+  run -U {PG_MIGRATION_ROLE} -d "$db" -f "$scripts/migrate-instance-role.sql"
 fi
-IOTISTIC_ROLE_PASSWORD="$(cat "$secrets/password")" \\
-IOTISTIC_SUPERUSER_PASSWORD="$(cat "$secrets/superuser-password")" \\
-  psql -X -q -U "$superuser" -d "$db" -v role="$role" -v superuser="$superuser" -v db="$db" \\
-  -f "$scripts/ensure-instance-role.sql"
+run -U "$superuser" -d "$db" -f "$scripts/ensure-instance-role.sql"
 echo "iotistic: instance role $role kept in step"
 """
 # postStart: once the server answers over TCP (the first start's temporary server, which runs
@@ -210,6 +281,7 @@ echo "iotistic: the broker admin password of the Secret does not work (rotated t
 """
 POSTGRES_SCRIPTS = {
     "ensure-instance-role.sql": PG_ENSURE_SQL,
+    "migrate-instance-role.sql": PG_MIGRATE_SQL,
     "ensure-instance-role.sh": PG_ENSURE_SH,
     "post-start.sh": PG_POST_START_SH,
     # Sourced by the image's entrypoint at the first start, after initdb.
