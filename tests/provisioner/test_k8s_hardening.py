@@ -7,6 +7,7 @@ can run here.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,10 +19,11 @@ import pytest
 from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
-from libs.config import load_settings
+from libs.config import ConfigError, load_settings
 from libs.db import migrate, service_migrations
 from libs.embedded import _HBA_MARK, EmbeddedPostgres, postgres_bin_dir
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
+from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.k8s import (
     KubernetesBackend,
@@ -34,6 +36,7 @@ from services.provisioner.backends.k8s_manifests import (
     MQTT_POST_START_SH,
     POSTGRES_SCRIPTS,
     KubernetesSettings,
+    namespace_of,
     pinned_by_digest,
 )
 from services.provisioner.rotation import rotate_credentials
@@ -610,3 +613,29 @@ async def test_the_rotate_command_rotates_the_customer_of_the_provisioners_recor
     for customer, why in (("gone", "closed"), ("nobody", "no license")):
         with pytest.raises(BackendError, match=why):
             await rotate_credentials(settings, customer, progress, backend=backend)
+
+
+def test_images_and_namespace_prefix_come_from_the_provisioners_settings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pinned = "registry.example/iotistic:1.2.3@sha256:" + "b" * 64
+    settings = load_settings(
+        ProvisionerSettings,
+        {
+            "INSTANCE_IMAGE": pinned,
+            "POSTGRES_IMAGE": "mirror.example/postgres:18@sha256:" + "c" * 64,
+            "KUBERNETES_NAMESPACE_PREFIX": "tenant-",
+        },
+    )
+    with caplog.at_level(logging.WARNING):
+        chosen = kubernetes_settings(settings)
+    assert "not pinned" not in caplog.text
+    assert chosen.postgres_image.startswith("mirror.example/postgres:18@sha256:")
+    assert pinned_by_digest(chosen.mosquitto_image)  # the default: this version's digest
+    assert namespace_of(CUSTOMER, chosen) == f"tenant-{CUSTOMER}"
+    with pytest.raises(ConfigError, match="POSTGRES_IMAGE 'postgres:18' is not pinned"):
+        kubernetes_settings(load_settings(ProvisionerSettings, {"POSTGRES_IMAGE": "postgres:18"}))
+    # Our own image, built and loaded locally in a developer's cluster: warned about only.
+    with caplog.at_level(logging.WARNING):
+        kubernetes_settings(load_settings(ProvisionerSettings, {"INSTANCE_IMAGE": "iot:dev"}))
+    assert "INSTANCE_IMAGE 'iot:dev' is not pinned by digest" in caplog.text
