@@ -41,7 +41,8 @@ from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
 if TYPE_CHECKING:
-    pass
+    from services.provisioner.backends.base import InstanceSpec
+    from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger("iotistic")
 console = Console(stderr=True)
@@ -216,9 +217,22 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--include-secrets",
         action="store_true",
-        help="also print the license and database Secrets (values in clear text)",
+        help="also print the Secrets (license, passwords, tokens: values in clear text)",
+    )
+    render.add_argument(
+        "--credentials-generation",
+        type=_count,
+        default=0,
+        help="the customer's credentials generation (its namespace's "
+        "iotistic.io/credentials-generation; 0 until rotated)",
     )
     render.set_defaults(func=cmd_provisioner_render)
+    rotate = pv.add_parser(
+        "rotate-credentials",
+        help="give a customer's instance new database and broker passwords (kubernetes)",
+    )
+    rotate.add_argument("customer_id")
+    rotate.set_defaults(func=cmd_provisioner_rotate_credentials)
 
     simulate = sub.add_parser(
         "simulate", help="devices publishing realistic BME688 readings to a customer's instance"
@@ -463,50 +477,69 @@ def _running_http_url(args: argparse.Namespace) -> str | None:
 
 def cmd_provisioner_render(args: argparse.Namespace) -> int:
     """``iotistic provisioner render <customer_id>``: the manifests the kubernetes backend
-    applies, as YAML; Secrets only with ``--include-secrets``."""
-    from services.provisioner.app import kubernetes_settings
-    from services.provisioner.backends.base import InstanceSpec
-    from services.provisioner.backends.k8s import customer_objects
+    applies, as YAML, made by the same backend the provisioner runs (so the same passwords,
+    keys and tokens); Secrets only with ``--include-secrets``."""
+    from services.provisioner.app import kubernetes_backend
+    from services.provisioner.backends.base import BackendError, InstanceSpec
     from services.provisioner.backends.k8s_manifests import render_yaml
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
-    if args.license_file:
-        jwt, license_id, plan = Path(args.license_file).read_text().strip(), "given", args.plan
-    else:
-        jwt, license_id, plan = asyncio.run(_current_license(settings, args.customer_id))
-    if args.include_secrets and not settings.provisioner_secret:
-        console.print("[red]PROVISIONER_SECRET is needed to render the database Secret[/red]")
+    if not settings.provisioner_secret:
+        console.print("[red]PROVISIONER_SECRET is needed: the passwords derive from it[/red]")
         return 1
-    spec = InstanceSpec(
-        customer_id=args.customer_id,
-        plan=plan,
-        license_jwt=jwt,
-        license_id=license_id,
-        jwks_url=settings.license_jwks_url,
-    )
-    secret = (settings.provisioner_secret or "").encode()
-    objects = customer_objects(spec, kubernetes_settings(settings), secret)
+    if args.license_file:
+        spec = InstanceSpec(
+            customer_id=args.customer_id,
+            plan=args.plan,
+            license_jwt=Path(args.license_file).read_text().strip(),
+            license_id="given",
+            jwks_url=settings.license_jwks_url,
+        )
+    else:
+        try:
+            spec = asyncio.run(_current_spec(settings, args.customer_id))
+        except BackendError as exc:
+            raise SystemExit(str(exc)) from None
+    objects = kubernetes_backend(settings).objects(spec, args.credentials_generation)
     if not args.include_secrets:
         objects = [o for o in objects if o["kind"] != "Secret"]
     sys.stdout.write(render_yaml(objects))
     return 0
 
 
-async def _current_license(settings: ServiceSettings, customer_id: str) -> tuple[str, str, str]:
+async def _current_spec(settings: ProvisionerSettings, customer_id: str) -> InstanceSpec:
+    from services.provisioner.rotation import instance_spec
+
     conn = await asyncpg.connect(settings.database_url)
     try:
-        row = await conn.fetchrow(
-            "SELECT jwt, license_id, plan FROM provisioner.customer_licenses "
-            "WHERE customer_id = $1",
-            customer_id,
-        )
+        return await instance_spec(conn, customer_id, settings.license_jwks_url)
     finally:
         await conn.close()
-    if row is None or row["jwt"] is None:
-        # No row, or only the mark of an account closed before any license arrived.
-        raise SystemExit(f"no license has been issued to customer {customer_id}")
-    return row["jwt"], row["license_id"], row["plan"]
+
+
+def cmd_provisioner_rotate_credentials(args: argparse.Namespace) -> int:
+    """``iotistic provisioner rotate-credentials <customer_id>``: the customer's next
+    credentials generation, applied, and their pods ready again with it."""
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.rotation import rotate_credentials
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings = load_settings(ProvisionerSettings, environment(args))
+    if not settings.provisioner_secret:
+        console.print("[red]PROVISIONER_SECRET is needed: the passwords derive from it[/red]")
+        return 1
+
+    async def progress(percent: int, step: str) -> None:
+        console.print(f"{percent:3d}% {step}")
+
+    try:
+        generation = asyncio.run(rotate_credentials(settings, args.customer_id, progress))
+    except BackendError as exc:
+        console.print(f"[red]rotate-credentials:[/red] {exc}")
+        return 1
+    console.print(f"customer {args.customer_id}: credentials generation {generation}, pods ready")
+    return 0
 
 
 # --- replay ------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from litestar.types import ControllerRouterHandler
@@ -29,7 +30,7 @@ from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.supervision import Worker
 from services.provisioner.backends.base import Backend
-from services.provisioner.backends.k8s_manifests import KubernetesSettings
+from services.provisioner.backends.k8s_manifests import KubernetesSettings, pinned_by_digest
 from services.provisioner.capacity import CapacityWatch
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
@@ -38,7 +39,11 @@ from services.provisioner.reactors import provisioner_reactors
 from services.provisioner.settings import ProvisionerSettings, parse_cidrs, parse_ports
 from services.provisioner.worker import QueueWorker
 
+if TYPE_CHECKING:
+    from services.provisioner.backends.k8s import KubernetesBackend
+
 METRICS_REFRESH_SECONDS = 5.0
+log = logging.getLogger(__name__)
 
 
 def settings_of(runtime: ServiceRuntime) -> ProvisionerSettings:
@@ -52,18 +57,8 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
     def make() -> Backend:
         settings = settings_of(runtime)
         if settings.provisioner_backend == "kubernetes":
-            from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
-
             check_reachable_from_pods(settings)
-            return KubernetesBackend(
-                kubernetes_settings(settings),
-                (settings.provisioner_secret or "").encode(),
-                cluster_client,
-                ready_timeout=settings.kubernetes_ready_timeout_seconds,
-                login_relay_secret=settings.login_relay_secret,
-                max_instances=settings.max_instances,
-                usage_secret=settings.usage_secret,
-            )
+            return kubernetes_backend(settings)
         from services.provisioner.backends.local import LocalBackend
 
         return LocalBackend(settings, runtime.db)
@@ -71,11 +66,33 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
     return runtime.shared("backend", make)
 
 
+def kubernetes_backend(settings: ProvisionerSettings) -> KubernetesBackend:
+    """The kubernetes backend as these settings make it: the provisioner's, and the one the
+    operator's commands (render, rotate-credentials) use, so they apply the same objects."""
+    from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
+
+    return KubernetesBackend(
+        kubernetes_settings(settings),
+        (settings.provisioner_secret or "").encode(),
+        cluster_client,
+        ready_timeout=settings.kubernetes_ready_timeout_seconds,
+        login_relay_secret=settings.login_relay_secret,
+        max_instances=settings.max_instances,
+        usage_secret=settings.usage_secret,
+    )
+
+
 def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
-    """What the rendered Kubernetes objects depend on, from the provisioner's settings."""
+    """What the rendered Kubernetes objects depend on, from the provisioner's settings.
+    Raises ``ConfigError`` for a Postgres or Mosquitto image not pinned by digest (unless
+    ALLOW_UNPINNED_IMAGES), and warns of an instance image that is not."""
+    images = tenant_images(settings)
     return KubernetesSettings(
+        postgres_image=images["postgres_image"],
+        mosquitto_image=images["mosquitto_image"],
+        instance_image=images["instance_image"],
+        namespace_prefix=settings.kubernetes_namespace_prefix,
         base_domain=settings.base_domain,
-        instance_image=settings.instance_image,
         control_plane_namespace=settings.kubernetes_control_plane_namespace,
         control_plane_pod_labels={"app.kubernetes.io/name": settings.kubernetes_control_plane_name},
         # Every target of the chart serves HTTP on its one httpPort, this process's too.
@@ -117,6 +134,32 @@ def check_reachable_from_pods(settings: ProvisionerSettings) -> None:
                 "cluster (the kubernetes backend's instances would ask themselves); set it to "
                 f"{owner}'s Service, e.g. http://<release>-iotistic-{owner}.<namespace>.svc:8080"
             )
+
+
+def tenant_images(settings: ProvisionerSettings) -> dict[str, str]:
+    """The tenants' images, checked: Postgres and Mosquitto pinned by digest or refused, the
+    instance's warned about. The instance image is our own build: a developer's cluster runs
+    one made (and loaded) locally, which has no registry digest, while production gets it from
+    the chart as repo:tag@digest. Refusing it would only push developers to the opt-out."""
+    defaults = KubernetesSettings()
+    images = {
+        "postgres_image": settings.postgres_image or defaults.postgres_image,
+        "mosquitto_image": settings.mosquitto_image or defaults.mosquitto_image,
+        "instance_image": settings.instance_image,
+    }
+    for name in ("postgres_image", "mosquitto_image"):
+        if not pinned_by_digest(images[name]) and not settings.allow_unpinned_images:
+            raise ConfigError(
+                f"{name.upper()} {images[name]!r} is not pinned by digest "
+                "(name:tag@sha256:<64 hex>); pin it, or set ALLOW_UNPINNED_IMAGES=true"
+            )
+    if not pinned_by_digest(images["instance_image"]):
+        log.warning(
+            "INSTANCE_IMAGE %r is not pinned by digest: a moved tag would reach customers "
+            "at their next rollout; production should give repo:tag@sha256:...",
+            images["instance_image"],
+        )
+    return images
 
 
 def relay_of(runtime: ServiceRuntime) -> OutboxRelay:

@@ -106,6 +106,17 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # e.g. http://<release>-iotistic-billing.<namespace>.svc:8080, while CONTROL_PLANE_URL
     # names signup's. Unset: CONTROL_PLANE_URL (the local backend's instances always use that).
     usage_url: str | None = None
+    # Each customer's namespace is <prefix><customer id>.
+    kubernetes_namespace_prefix: Annotated[
+        str, Meta(pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9-])?$")
+    ] = "customer-"
+    # Every tenant's Postgres and Mosquitto, pinned by digest (repo:tag@sha256:...); an image
+    # that is not is refused at start unless ALLOW_UNPINNED_IMAGES says so (a tag can be moved
+    # to other content under running customers). Unset: the digests this version was tested
+    # with. INSTANCE_IMAGE without a digest is only warned about (see kubernetes_settings).
+    postgres_image: str | None = None
+    mosquitto_image: str | None = None
+    allow_unpinned_images: bool = False
 
 
 def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render, render_yaml
 from support import serving
 
@@ -370,10 +370,12 @@ def test_render_command_prints_manifests_without_secrets_unless_asked(tmp_path: 
         "--license-file",
         str(license_file),
     ]
-    # PYTHONPATH: the code under test, wherever the installed script's package points.
     env = {
         "PROVISIONER_SECRET": "r" * 40,
+        "LOGIN_RELAY_SECRET": "l" * 40,
+        "USAGE_SECRET": "u" * 40,
         "PATH": "/usr/bin:/bin",
+        # This checkout's code, whichever checkout the console script was installed from.
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     plain = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
@@ -390,6 +392,61 @@ def test_render_command_prints_manifests_without_secrets_unless_asked(tmp_path: 
     for obj in yaml.safe_load_all(full.stdout):
         if obj and obj["kind"] not in ("HTTPRoute", "BackendTrafficPolicy"):  # CRDs
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    # The Secrets hold what the backend applies: every password, key and token, none empty.
+    given = InstanceSpec(
+        customer_id=CUSTOMER,
+        plan="starter",
+        license_jwt="header.claims.render-signature",
+        license_id="given",
+        jwks_url="http://127.0.0.1:8080/.well-known/jwks.json",
+    )
+
+    def secrets_of(text: str) -> dict[str, dict[str, str]]:
+        return {
+            o["metadata"]["name"]: o["stringData"]
+            for o in yaml.safe_load_all(text)
+            if o and o["kind"] == "Secret"
+        }
+
+    for generation in (0, 2):
+        rendered = subprocess.run(
+            [*command, "--include-secrets", "--credentials-generation", str(generation)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert rendered.returncode == 0, rendered.stderr
+        applied = customer_objects(
+            given,
+            KubernetesSettings(),
+            b"r" * 40,
+            "l" * 40,
+            usage_secret="u" * 40,
+            credentials_generation=generation,
+        )
+        expected = {
+            o["metadata"]["name"]: o["stringData"] for o in applied if o["kind"] == "Secret"
+        }
+        assert secrets_of(rendered.stdout) == expected
+        mqtt = expected["mqtt"]
+        assert all(mqtt[k] for k in ("admin-password", "password", "client-id"))
+        assert expected["control-plane"]["login-relay-key"]
+    # An image a tag could move under running customers is refused (a configuration error).
+    unpinned = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env={**env, "MOSQUITTO_IMAGE": "x:1"}
+    )
+    assert unpinned.returncode == 2
+    assert "MOSQUITTO_IMAGE 'x:1' is not pinned by digest" in unpinned.stderr
+    allowed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "MOSQUITTO_IMAGE": "x:1", "ALLOW_UNPINNED_IMAGES": "true"},
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert "image: x:1" in allowed.stdout
 
 
 async def test_a_cluster_has_no_capacity_of_its_own_but_the_operators_limit() -> None:

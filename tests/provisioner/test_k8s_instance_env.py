@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
 from libs.config import ConfigError, ServiceSettings
-from libs.embedded import EmbeddedPostgres, free_port
+from libs.embedded import EmbeddedPostgres, free_port, postgres_bin_dir
 from libs.eventstore import EventStore
 from libs.mqtt_broker import EmbeddedMosquitto
 from libs.mqtt_dynsec import DynSec
@@ -182,23 +183,46 @@ def container_env(
     return env
 
 
-def secret_mounts(
+def volume_mounts(
     pod: dict[str, Any],
     container: dict[str, Any],
-    secrets: Mapping[str, Mapping[str, str]],
+    objects: Mapping[tuple[str, str], dict[str, Any]],
     at: Path,
 ) -> dict[str, Path]:
-    """Each Secret volume the container mounts, written as files (one per key) under ``at``:
-    mount path -> local folder."""
+    """Each Secret, projected-Secret or ConfigMap volume the container mounts, written as files
+    (one per key, or per listed item) under ``at``: mount path -> local folder. Anything else
+    (an emptyDir, a data volume) is the machine's own here."""
+
+    def data(kind: str, name: str) -> dict[str, str]:
+        found = objects[(kind, name)]
+        return dict(found.get("stringData" if kind == "Secret" else "data", {}))
+
+    def files(kind: str, source: dict[str, Any]) -> dict[str, str]:
+        values = data(kind, source["secretName" if kind == "Secret" else "name"])
+        items = source.get("items")
+        if not items:
+            return values
+        return {item["path"]: values[item["key"]] for item in items}
+
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounted = {}
     for mount in container.get("volumeMounts", []):
-        secret = volumes[mount["name"]].get("secret")
-        if secret is None:
-            continue  # an emptyDir (/tmp): the process has this machine's
-        folder = at / mount["name"]
+        volume = volumes.get(mount["name"], {})
+        if "secret" in volume:
+            written = files("Secret", volume["secret"])
+        elif "configMap" in volume:
+            written = files("ConfigMap", volume["configMap"])
+        elif "projected" in volume:
+            written = {}
+            for source in volume["projected"]["sources"]:
+                assert set(source) == {"secret"}, f"unexpected projected source {source}"
+                ref = source["secret"]
+                written.update(files("Secret", {"secretName": ref["name"], **ref}))
+        else:
+            continue
+        folder = at / f"{container['name']}-{mount['name']}"
         folder.mkdir(mode=0o700)
-        for key, value in secrets[secret["secretName"]].items():
+        for key, value in written.items():
             (folder / key).write_text(value)
         mounted[mount["mountPath"].rstrip("/") + "/"] = folder
     return mounted
@@ -225,33 +249,88 @@ def host_is_the_pod_itself(url: str, instance_names: set[str]) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
-async def make_tenant_database(server: EmbeddedPostgres, env: Mapping[str, str]) -> None:
-    """What the postgres image does at first start with its POSTGRES_* environment: the user
-    (a superuser) with its password, and the database, owned by it."""
+async def make_tenant_database(
+    server: EmbeddedPostgres,
+    pod: dict[str, Any],
+    objects: Mapping[tuple[str, str], dict[str, Any]],
+    at: Path,
+) -> None:
+    """What the postgres image does at its first start with the rendered container: its
+    superuser POSTGRES_USER gets the password of POSTGRES_PASSWORD_FILE, the database
+    POSTGRES_DB is made, then the initdb.d script runs the rendered ensure step, which gives the
+    instance a role of its own (least privilege) with the password of the ``database`` Secret.
+    The embedded server's bootstrap superuser is ``postgres``, as in the image; it asks every
+    connection for a password where the image trusts its own socket, so the step gets it."""
+    [container] = pod["containers"]
+    env = container_env(container, secrets_of(objects))
+    mounts = volume_mounts(pod, container, objects, at)
+    superuser_password = file_in(mounts, env["POSTGRES_PASSWORD_FILE"]).read_text()
+    assert env["POSTGRES_USER"] == "postgres"
     conn = await asyncpg.connect(server.url)
     try:
-        user, password, database = (
-            env["POSTGRES_USER"],
-            env["POSTGRES_PASSWORD"],
-            env["POSTGRES_DB"],
+        await conn.execute(
+            await conn.fetchval(
+                "SELECT format('ALTER ROLE postgres PASSWORD %L', $1::text)", superuser_password
+            )
         )
-        for statement, args in (
-            (
-                "SELECT format('CREATE ROLE %I SUPERUSER LOGIN PASSWORD %L', $1::text, $2::text)",
-                (user, password),
-            ),
-            ("SELECT format('CREATE DATABASE %I OWNER %I', $1::text, $2::text)", (database, user)),
-        ):
-            await conn.execute(await conn.fetchval(statement, *args))
+        await conn.execute(
+            await conn.fetchval("SELECT format('CREATE DATABASE %I', $1::text)", env["POSTGRES_DB"])
+        )
     finally:
         await conn.close()
+    [initdb] = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "initdb"]
+    [step] = [p for p in mounts[initdb.rstrip("/") + "/"].iterdir()]
+    # The initdb.d script runs the ensure step at its mounted path: run that one, from the
+    # rendered ConfigMap, with its folders where the volumes were written here.
+    assert "ensure-instance-role.sh" in step.read_text()
+    scripts = [f for f in mounts.values() if (f / "ensure-instance-role.sh").exists()]
+    secrets = [f for f in mounts.values() if (f / "superuser-password").exists()]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["sh", str(scripts[0] / "ensure-instance-role.sh")],
+        env={
+            "PATH": f"{postgres_bin_dir()}:/usr/bin:/bin",
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(server.port),
+            "PGPASSWORD": superuser_password,
+            "POSTGRES_USER": env["POSTGRES_USER"],
+            "POSTGRES_DB": env["POSTGRES_DB"],
+            "IOTISTIC_POSTGRES_SECRETS": str(secrets[0]),
+            "IOTISTIC_POSTGRES_SCRIPTS": str(scripts[0]),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
 
 
-async def run_dynsec_init(init: dict[str, Any], env: Mapping[str, str], data_dir: Path) -> None:
-    """The broker's rendered init container, run here: its command, its environment, and its
-    data volume (/mosquitto/data) as ``data_dir``."""
-    mount = str(Path(DYNSEC_FILE).parent)
-    command = [part.replace(mount, str(data_dir)) for part in init["command"]]
+def file_in(mounts: Mapping[str, Path], path: str) -> Path:
+    """The local file written for ``path`` inside the container."""
+    for mount, folder in mounts.items():
+        if path.startswith(mount):
+            return folder / path[len(mount) :]
+    raise AssertionError(f"{path} is in no mounted volume")
+
+
+async def run_dynsec_init(
+    pod: dict[str, Any],
+    objects: Mapping[tuple[str, str], dict[str, Any]],
+    data_dir: Path,
+    at: Path,
+) -> None:
+    """The broker's rendered init container, run here: its command, its environment, its data
+    volume (/mosquitto/data) as ``data_dir`` and its Secret volumes written under ``at``."""
+    [init] = pod["initContainers"]
+    env = container_env(init, secrets_of(objects))
+    paths = {str(Path(DYNSEC_FILE).parent): str(data_dir)}
+    paths.update(
+        (mount.rstrip("/"), str(folder))
+        for mount, folder in volume_mounts(pod, init, objects, at).items()
+    )
+    command = list(init["command"])
+    for mount, here in paths.items():
+        command = [part.replace(mount, here) for part in command]
     process = await asyncio.create_subprocess_exec(
         *command,
         env={"PATH": os.environ["PATH"], **env},
@@ -337,17 +416,14 @@ async def test_a_customer_signs_in_through_the_instance_run_with_its_rendered_en
     broker = EmbeddedMosquitto(tmp_path / "tenant-mosquitto")
     try:
         postgres_pod = applied[("StatefulSet", "postgres")]["spec"]["template"]["spec"]
-        await make_tenant_database(
-            tenant_postgres, container_env(postgres_pod["containers"][0], secrets)
-        )
+        await make_tenant_database(tenant_postgres, postgres_pod, applied, tmp_path)
         broker_pod = applied[("StatefulSet", "mosquitto")]["spec"]["template"]["spec"]
-        [init] = broker_pod["initContainers"]
-        await run_dynsec_init(init, container_env(init, secrets), broker.data_dir)
+        await run_dynsec_init(broker_pod, applied, broker.data_dir, tmp_path)
         await asyncio.to_thread(broker.start)  # the dynamic-security file is there: kept
 
         # --- The instance, as its container runs, with the cluster names mapped to local
         # servers by this table only.
-        mounts = secret_mounts(pod, container, secrets, tmp_path)
+        mounts = volume_mounts(pod, container, applied, tmp_path)
         [(license_mount, license_folder)] = mounts.items()
         port = free_port()
         table = [

@@ -37,6 +37,7 @@ from services.provisioner.backends.base import (
     tightest,
 )
 from services.provisioner.backends.k8s_manifests import (
+    CREDENTIALS_GENERATION,
     KubernetesSettings,
     host_of,
     namespace_of,
@@ -81,23 +82,53 @@ def customer_objects(
     secret: bytes,
     login_relay_secret: str | None = None,
     usage_secret: str | None = None,
+    credentials_generation: int = 0,
 ) -> list[dict[str, Any]]:
     """``render`` with the customer's passwords, broker client id and monitoring token, all
-    derived from ``PROVISIONER_SECRET`` (the login relay key from ``LOGIN_RELAY_SECRET``, the
-    usage token from billing's ``USAGE_SECRET``, as the local backend derives them): re-applying
-    never changes them, nothing is stored."""
+    derived from ``PROVISIONER_SECRET`` and the customer's credentials generation (the login
+    relay key from ``LOGIN_RELAY_SECRET``, the usage token from billing's ``USAGE_SECRET``, as
+    the local backend derives them): re-applying never changes them, nothing is stored. A
+    rotation (the next generation) changes every password and the monitoring token; not the
+    broker client id, which names the instance's session (its queued readings)."""
     cid = spec.customer_id
+    generation = credentials_generation
+
+    def password(purpose: str) -> str:
+        return derive_password(secret, purpose, cid, generation)
+
+    previous_admin = (
+        derive_password(secret, "mqtt-admin", cid, generation - 1) if generation > 0 else ""
+    )
     return render(
         spec,
         settings,
-        derive_password(secret, "database", cid),
-        mqtt_admin_password=derive_password(secret, "mqtt-admin", cid),
-        mqtt_password=derive_password(secret, "mqtt", cid),
+        password("database"),
+        mqtt_admin_password=password("mqtt-admin"),
+        mqtt_password=password("mqtt"),
         mqtt_client_id=f"instance-{derive_password(secret, 'mqtt-client-id', cid)[:32]}",
-        monitoring_token=derive_password(secret, "monitoring", cid),
+        monitoring_token=password("monitoring"),
         login_relay_key=login_relay_key(login_relay_secret, cid) if login_relay_secret else "",
         usage_token=instance_usage_token(usage_secret, cid) if usage_secret else "",
+        postgres_password=password("postgres-superuser"),
+        mqtt_admin_password_previous=previous_admin,
+        credentials_generation=generation,
     )
+
+
+def credentials_generation_of(namespace: dict[str, Any] | None) -> int:
+    """The customer's credentials generation, as recorded on their Namespace (0 when it is
+    not there yet, or was made by a version before rotation). A value that is not a count is
+    an error, never 0: applying generation 0 would undo a rotation."""
+    if namespace is None:
+        return 0
+    annotations = (namespace.get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(CREDENTIALS_GENERATION)
+    if text is None:
+        return 0
+    if not str(text).isdigit():
+        name = (namespace.get("metadata") or {}).get("name", "?")
+        raise BackendError(f"namespace {name}: {CREDENTIALS_GENERATION} is not a count")
+    return int(text)
 
 
 def object_path(api_version: str, kind: str, name: str, namespace: str | None) -> str:
@@ -275,18 +306,30 @@ class KubernetesBackend:
             await self._client.close()
             self._client = None
 
-    def objects(self, spec: InstanceSpec) -> list[dict[str, Any]]:
-        """The customer's objects, with the derived passwords."""
+    def objects(self, spec: InstanceSpec, credentials_generation: int = 0) -> list[dict[str, Any]]:
+        """The customer's objects, with the passwords derived for ``credentials_generation``."""
         if not self._secret:
             raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
         return customer_objects(
-            spec, self._settings, self._secret, self._login_relay_secret, self._usage_secret
+            spec,
+            self._settings,
+            self._secret,
+            self._login_relay_secret,
+            usage_secret=self._usage_secret,
+            credentials_generation=credentials_generation,
         )
 
+    async def _generation(self, customer_id: str) -> int:
+        ns = namespace_of(customer_id, self._settings)
+        return credentials_generation_of(await self._api.get("v1", "Namespace", ns, None))
+
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
-        """Apply everything, then wait for Postgres, Mosquitto and the instance."""
+        """Apply everything, then wait for Postgres, Mosquitto and the instance. The
+        customer's credentials generation is read back from their Namespace first, so a
+        retried or repeated deploy keeps the passwords of the last rotation."""
         api = self._api
-        for obj in self.objects(spec):
+        generation = await self._generation(spec.customer_id)
+        for obj in self.objects(spec, generation):
             await api.apply(obj)
             step = (
                 (10, "namespace")
@@ -305,14 +348,33 @@ class KubernetesBackend:
         them all also brings a customer deployed by an older version to today's objects."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        if await api.get("v1", "Namespace", ns, None) is None:
+        namespace = await api.get("v1", "Namespace", ns, None)
+        if namespace is None:
             return await self.deploy(spec, progress)
-        for obj in self.objects(spec):
+        for obj in self.objects(spec, credentials_generation_of(namespace)):
             await api.apply(obj)
         await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return self._deployed(spec.customer_id)
+
+    async def rotate_credentials(self, spec: InstanceSpec, progress: Progress) -> int:
+        """Give the deployed customer new passwords: the next credentials generation, applied
+        with every object (the Namespace, which records it, first), then wait until the pods
+        rolled by it are ready. Postgres's start sets its roles' new passwords, the broker's
+        moves its admin to the new one, the instance's sets its ingest client's. Returns the
+        new generation. Raises ``BackendError`` when the customer is not deployed."""
+        api = self._api
+        ns = namespace_of(spec.customer_id, self._settings)
+        namespace = await api.get("v1", "Namespace", ns, None)
+        if namespace is None:
+            raise BackendError(f"namespace {ns} not found: nothing to rotate")
+        generation = credentials_generation_of(namespace) + 1
+        for obj in self.objects(spec, generation):
+            await api.apply(obj)
+        await progress(40, f"credentials generation {generation} applied")
+        await self._wait_ready(spec.customer_id, progress, 40)
+        return generation
 
     async def delete(self, customer_id: str, progress: Progress) -> None:
         """Delete the namespace (and so everything in it) and wait until it is gone."""
