@@ -6,8 +6,11 @@ the API server documents it — server-side apply (PATCH with ``application/appl
 objects with it) — and records every request so tests can check the call sequence. Workloads
 report ready after ``ready_after`` reads, the way a rollout takes a while; a changed spec bumps
 ``metadata.generation`` and starts a new rollout; ``unready`` names workloads whose pods stopped
-being ready. The manifests themselves are checked against
-the real Kubernetes schemas separately (kubernetes-validate).
+being ready (``name`` in every namespace, or ``namespace/name``). Applies by different field
+managers merge as server-side apply documents it: each manager's last applied configuration is
+kept, and the object is all of them merged (the latest wins where they overlap), so a manager
+that drops a field removes it only if no other manager set it. The manifests themselves are
+checked against the real Kubernetes schemas separately (kubernetes-validate).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class KubeStandIn:
     fail_status: int | None = None
     # Workloads (by name) whose pods stopped being ready, as a crash-looping pod's would.
     unready: set[str] = field(default_factory=set)
+    # Per object, each field manager's last applied configuration, oldest apply first.
+    applied_configs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -50,6 +55,7 @@ class KubeStandIn:
                     "query": dict(request.query_params),
                     "content_type": request.headers.get("content-type", ""),
                     "body": json.loads(body) if body else None,
+                    "user_agent": request.headers.get("user-agent", ""),
                 }
             )
             if request.headers.get("authorization") != f"Bearer {self.token}":
@@ -72,7 +78,14 @@ class KubeStandIn:
         if not request.query_params.get("fieldManager"):
             return _status(422, "Invalid", "fieldManager is required for apply")
         stored = self.objects.get(path)
-        obj = copy.deepcopy(obj)
+        manager = request.query_params["fieldManager"]
+        configs = self.applied_configs.get(path, {}) if stored is not None else {}
+        configs.pop(manager, None)
+        configs[manager] = copy.deepcopy(obj)
+        self.applied_configs[path] = configs
+        obj = {}
+        for config in configs.values():
+            obj = _merged(obj, config)
         meta = obj.setdefault("metadata", {})
         if stored is None:
             meta["generation"] = 1
@@ -101,6 +114,7 @@ class KubeStandIn:
             prefix = f"namespaces/{obj['metadata']['name']}/"
             for key in [k for k in self.objects if prefix in k or k == path]:
                 del self.objects[key]
+                self.applied_configs.pop(key, None)
             return _status(404, "NotFound", f"{path} not found")
         if obj.get("kind") in WORKLOAD_KINDS and self.reads[path] >= self.ready_after:
             replicas = obj.get("spec", {}).get("replicas", 1)
@@ -111,13 +125,17 @@ class KubeStandIn:
                 "updatedReplicas": replicas,
                 "availableReplicas": replicas,
             }
-        if obj.get("kind") in WORKLOAD_KINDS and obj["metadata"]["name"] in self.unready:
+        if obj.get("kind") in WORKLOAD_KINDS and self._is_unready(obj["metadata"]):
             obj["status"] = {**obj.get("status", {}), "readyReplicas": 0, "availableReplicas": 0}
             if obj["kind"] == "Deployment":  # StatefulSets have no Available condition
                 obj["status"]["conditions"] = [
                     {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}
                 ]
         return Response(obj)
+
+    def _is_unready(self, meta: dict[str, Any]) -> bool:
+        name = meta["name"]
+        return name in self.unready or f"{meta.get('namespace')}/{name}" in self.unready
 
     def _delete(self, path: str) -> Response[Any]:
         obj = self.objects.get(path)
@@ -134,6 +152,18 @@ class KubeStandIn:
             for r in self.requests
             if r["method"] == "PATCH"
         ]
+
+
+def _merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` applied over ``base``: maps merge key by key, anything else is replaced (the
+    stand-in treats lists as atomic, which our objects' lists are to their one manager)."""
+    merged = copy.deepcopy(base)
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _status(code: int, reason: str, message: str) -> Response[Any]:
