@@ -279,6 +279,17 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
             )
             # The new image reached everyone, trial customers included.
             assert {image_of(standin, c) for c in everyone} == {NEW_IMAGE}
+            # Every object was applied again, not only the license and the instance; the
+            # instance rolled with its old pod gone first (one broker client id, one pod).
+            kinds = {
+                r["body"]["kind"] for r in rerun if r["method"] == "PATCH" and touches(r, broken)
+            }
+            assert kinds >= {"Namespace", "NetworkPolicy", "Secret", "StatefulSet", "Ingress"}
+            instance = standin.objects[
+                f"/apis/apps/v1/namespaces/customer-{broken}/deployments/instance"
+            ]
+            assert instance["spec"]["strategy"] == {"type": "Recreate"}
+            assert instance["metadata"]["generation"] == 2
             await eventually(relay.relay_once, lambda n: n == 0, what="outbox relayed")
 
         # The log holds who asked for each update: the rollout, once per customer and run.
@@ -288,3 +299,71 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
             if event.requested_by.startswith("rollout:"):
                 requested.append(event.customer_id)
         assert sorted(requested) == sorted([*starters, broken, enterprise])
+
+
+async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_gate(
+    pool: asyncpg.Pool, provisioner_database: str, store: EventStore
+) -> None:
+    standin = KubeStandIn()
+    async with serving(standin.app()) as http:
+        url = str(http.base_url)
+        first_one, second = sorted(str(uuid.uuid4()) for _ in range(2))
+        async with provisioner_worker(
+            pool, provisioner_settings(provisioner_database, OLD_IMAGE), url, store
+        ):
+            for customer_id in (first_one, second):
+                await license_customer(pool, license_issued(customer_id))
+            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+
+        new = provisioner_settings(provisioner_database, NEW_IMAGE)
+        async with provisioner_worker(pool, new, url, store):
+            backend = kubernetes_backend(new, client_for(url))
+            await backend.start()
+            try:
+                plan = await plan_rollout(pool, backend, new, batch_size=1, canary=1)
+                rollout = Rollout(
+                    pool, backend, new, batch_timeout=30, settle_seconds=1.0, poll_seconds=0.05
+                )
+                running = asyncio.create_task(rollout.run(plan))
+                # Its job succeeded and the gate found it healthy; then its pods stop being
+                # ready, as a new version that crashes a little after it starts would.
+                instance = f"customer-{first_one}/deployments/instance"
+                await eventually(
+                    lambda: asyncio.sleep(
+                        0,
+                        any(
+                            r["user_agent"] == USER_AGENT and r["path"].endswith(instance)
+                            for r in standin.requests
+                        ),
+                    ),
+                    what="the gate's first check",
+                )
+                standin.unready = {f"customer-{first_one}/instance"}
+                report = await running
+                assert report.stopped and report.updated == [] and report.untouched == [second]
+                [failure] = report.failures
+                assert failure.customer_id == first_one
+                assert failure.reason == (
+                    "healthy after its update, then not: "
+                    "Deployment instance not available: MinimumReplicasUnavailable"
+                )
+                # Its job had stamped it done; the gate took that back, so a rerun applies it.
+                assert await backend.applied_manifest(first_one) is None
+                assert image_of(standin, second) == OLD_IMAGE
+
+                standin.unready = set()
+                again = await plan_rollout(pool, backend, new, batch_size=1, canary=1)
+                assert [t.customer_id for t in again.tenants] == [first_one, second]
+                report = await Rollout(
+                    pool, backend, new, batch_timeout=30, settle_seconds=0.2, poll_seconds=0.05
+                ).run(again)
+                assert not report.stopped and report.updated == [first_one, second]
+                for customer_id in (first_one, second):
+                    assert image_of(standin, customer_id) == NEW_IMAGE
+                    assert await backend.applied_manifest(customer_id) == (
+                        plan.tenants[0].wanted
+                        if customer_id == first_one
+                        else plan.tenants[1].wanted
+                    )
+            finally:
+                await backend.stop()

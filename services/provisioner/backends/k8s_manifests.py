@@ -520,6 +520,9 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
         "metadata": _meta("instance", ns, spec.customer_id, labels=dict(labels)),
         "spec": {
             "replicas": 1,
+            # The old pod is gone before the new one starts: two pods of one instance would
+            # share its broker client id (each taking the other's session over) and ingest.
+            "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {
