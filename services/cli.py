@@ -41,7 +41,9 @@ from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
 if TYPE_CHECKING:
-    pass
+    from services.provisioner.backends.k8s import KubernetesBackend
+    from services.provisioner.rollout import RolloutPlan
+    from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger("iotistic")
 console = Console(stderr=True)
@@ -555,7 +557,9 @@ def cmd_provisioner_rollout(args: argparse.Namespace) -> int:
     return asyncio.run(_rollout(args, settings, kubernetes_backend(settings)))
 
 
-async def _rollout(args: argparse.Namespace, settings: Any, backend: Any) -> int:
+async def _rollout(
+    args: argparse.Namespace, settings: ProvisionerSettings, backend: KubernetesBackend
+) -> int:
     from libs.db import create_pool
     from services.provisioner.rollout import Rollout, plan_rollout
 
@@ -616,7 +620,7 @@ async def _rollout(args: argparse.Namespace, settings: Any, backend: Any) -> int
     return 0
 
 
-def _print_plan(out: Console, plan: Any, image: str) -> None:
+def _print_plan(out: Console, plan: RolloutPlan, image: str) -> None:
     out.print(
         f"instance image {image}: {len(plan.tenants)} to update in {len(plan.batches)} "
         f"batches, {len(plan.skipped)} already up to date"

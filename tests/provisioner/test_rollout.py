@@ -367,3 +367,34 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
                     )
             finally:
                 await backend.stop()
+
+
+async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_canary(
+    pool: asyncpg.Pool, provisioner_database: str, store: EventStore
+) -> None:
+    standin = KubeStandIn()
+    async with serving(standin.app()) as http:
+        url = str(http.base_url)
+        customers = sorted(str(uuid.uuid4()) for _ in range(2))
+        old = provisioner_settings(provisioner_database, OLD_IMAGE)
+        # The workers still run the old image (not restarted after the upgrade) while the
+        # operator's rollout renders the new one.
+        async with provisioner_worker(pool, old, url, store):
+            for customer_id in customers:
+                await license_customer(pool, license_issued(customer_id))
+            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            new = provisioner_settings(provisioner_database, NEW_IMAGE)
+            backend = kubernetes_backend(new, client_for(url))
+            await backend.start()
+            try:
+                plan = await plan_rollout(pool, backend, new, batch_size=5, canary=1)
+                report = await Rollout(
+                    pool, backend, new, batch_timeout=30, settle_seconds=0, poll_seconds=0.05
+                ).run(plan)
+            finally:
+                await backend.stop()
+        assert report.stopped and report.untouched == [customers[1]]
+        [failure] = report.failures
+        assert failure.customer_id == customers[0]
+        assert "not the" in failure.reason and "this rollout renders" in failure.reason
+        assert {image_of(standin, c) for c in customers} == {OLD_IMAGE}

@@ -6,7 +6,9 @@ Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
 Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
 changed is the license Secret and the instance Deployment, which the license annotation on its
-pod template rolls (and, for a customer deployed by an older version, whatever else is new). Delete
+pod template rolls (and, for a customer deployed by an older version, whatever else is new). Once
+a deploy's or update's objects are ready, the namespace is stamped with their digest
+(``iotistic.io/manifest-sha256``): what ``iotistic provisioner rollout`` compares. Delete
 removes the namespace and waits until it is gone. The passwords, the broker client id and the
 monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes
 them; they are never logged.
@@ -397,6 +399,10 @@ class KubernetesBackend:
     async def clear_manifest_stamp(self, customer_id: str) -> None:
         """Forget the stamp (a rollout's health gate failed after the job): the next rollout
         applies this customer again rather than skip them as done."""
+        ns = namespace_of(customer_id, self._settings)
+        namespace = await self._api.get("v1", "Namespace", ns, None)
+        if namespace is None or (namespace.get("status") or {}).get("phase") == "Terminating":
+            return  # nothing to take back, and an apply would make the namespace again
         await self._stamp(customer_id, None)
 
     async def _stamp(self, customer_id: str, annotations: dict[str, str] | None) -> None:
