@@ -540,6 +540,7 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
 
 def cmd_provisioner_rollout(args: argparse.Namespace) -> int:
     """``iotistic provisioner rollout``: update every deployed customer in gated batches."""
+    from services.provisioner.backends.base import BackendError
     from services.provisioner.rollout import kubernetes_backend
     from services.provisioner.settings import ProvisionerSettings
 
@@ -554,7 +555,11 @@ def cmd_provisioner_rollout(args: argparse.Namespace) -> int:
     if not settings.provisioner_secret:
         console.print("[red]rollout:[/red] PROVISIONER_SECRET is needed to render the manifests")
         return 2
-    return asyncio.run(_rollout(args, settings, kubernetes_backend(settings)))
+    try:
+        return asyncio.run(_rollout(args, settings, kubernetes_backend(settings)))
+    except BackendError as exc:  # the cluster's API refused or is away: said in a line
+        console.print(f"[red]rollout:[/red] {exc}")
+        return 1
 
 
 async def _rollout(

@@ -342,7 +342,10 @@ class Rollout:
             return None  # closed since; its delete follows
         # From the license now: one issued meanwhile is in what the job applied.
         wanted = self._backend.manifest_digest(spec_of(row, self._settings))
-        applied = await self._backend.applied_manifest(customer_id)
+        try:
+            applied = await self._backend.applied_manifest(customer_id)
+        except BackendError as exc:
+            return Failure(customer_id, f"its stamp cannot be read: {exc}", job_id)
         if applied != wanted:
             return Failure(
                 customer_id,
