@@ -365,6 +365,11 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
                         if customer_id == first_one
                         else plan.tenants[1].wanted
                     )
+                # Everyone is on today's manifests: nothing to do, unless forced.
+                done = await plan_rollout(pool, backend, new)
+                assert done.tenants == [] and len(done.skipped) == 2
+                forced = await plan_rollout(pool, backend, new, force=True)
+                assert [t.customer_id for t in forced.tenants] == [first_one, second]
             finally:
                 await backend.stop()
 
@@ -391,10 +396,28 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
                 report = await Rollout(
                     pool, backend, new, batch_timeout=30, settle_seconds=0, poll_seconds=0.05
                 ).run(plan)
+                [failure] = report.failures
+                assert report.stopped and report.untouched == [customers[1]]
+                assert failure.customer_id == customers[0]
+                assert "not the" in failure.reason and "this rollout renders" in failure.reason
+                # One failure tolerated: the next batch runs, and the second failure stops it.
+                tolerant = await Rollout(
+                    pool,
+                    backend,
+                    new,
+                    batch_timeout=30,
+                    settle_seconds=0,
+                    poll_seconds=0.05,
+                    max_failures=1,
+                ).run(plan)
+                assert tolerant.stopped and tolerant.batches_run == 2
+                assert [f.customer_id for f in tolerant.failures] == customers
+                # --only names customers; one that is not deployed here is said so.
+                only = await plan_rollout(
+                    pool, backend, new, only=[customers[1], "not-a-customer"], canary=0
+                )
+                assert [t.customer_id for t in only.tenants] == [customers[1]]
+                assert only.not_deployed == ["not-a-customer"]
             finally:
                 await backend.stop()
-        assert report.stopped and report.untouched == [customers[1]]
-        [failure] = report.failures
-        assert failure.customer_id == customers[0]
-        assert "not the" in failure.reason and "this rollout renders" in failure.reason
         assert {image_of(standin, c) for c in customers} == {OLD_IMAGE}
