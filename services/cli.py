@@ -566,7 +566,7 @@ async def _rollout(
     args: argparse.Namespace, settings: ProvisionerSettings, backend: KubernetesBackend
 ) -> int:
     from libs.db import create_pool
-    from services.provisioner.rollout import Rollout, plan_rollout
+    from services.provisioner.rollout import Rollout, RolloutBusy, plan_rollout
 
     # One line per customer or batch, however long, for the operator's logs and scripts.
     out = Console(soft_wrap=True)
@@ -603,7 +603,11 @@ async def _rollout(
             say=out.print,
         )
         out.print(f"rollout {rollout.rollout_id}: jobs requested by {rollout.requested_by}")
-        report = await rollout.run(plan)
+        try:
+            report = await rollout.run(plan)
+        except RolloutBusy as exc:
+            err.print(f"[red]rollout:[/red] {exc}")
+            return 1
     finally:
         await backend.stop()
         await pool.close()

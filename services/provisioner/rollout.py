@@ -55,6 +55,8 @@ REQUESTED_BY = "rollout"
 USER_AGENT = "iotistic-provisioner-rollout"
 # Stamps read from the cluster at once while planning (one GET of a namespace each).
 READS_AT_ONCE = 16
+# Held (a session advisory lock) while a rollout runs: one at a time across the platform.
+LOCK_KEY = "provisioner:rollout"
 
 # Deployed, open customers on one backend (or those named): what a rollout may touch. Trials
 # first, enterprise last; within a plan by id, so a rerun plans the same order.
@@ -64,6 +66,10 @@ _DEPLOYED = """
     WHERE i.state = 'running' AND i.backend = $1 AND NOT l.closed AND l.jwt IS NOT NULL
       AND ($2::text[] IS NULL OR i.customer_id = ANY($2))
 """
+
+
+class RolloutBusy(RuntimeError):
+    """Another rollout is running (from another shell, pod or replica)."""
 
 
 class ManifestBackend(Protocol):
@@ -236,7 +242,20 @@ class Rollout:
         return f"{REQUESTED_BY}:{self.rollout_id}"
 
     async def run(self, plan: RolloutPlan) -> RolloutReport:
-        """Every batch in turn; stops after the batch that took failures past the limit."""
+        """Every batch in turn; stops after the batch that took failures past the limit.
+        Raises ``RolloutBusy`` while another rollout runs (two would queue each tenant
+        twice, and neither gate would know what the other changed)."""
+        async with self._pool.acquire() as conn:
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", LOCK_KEY
+            ):
+                raise RolloutBusy("another rollout is running; wait for it, or stop it")
+            try:
+                return await self._run(plan)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", LOCK_KEY)
+
+    async def _run(self, plan: RolloutPlan) -> RolloutReport:
         report = RolloutReport(rollout_id=self.rollout_id, plan=plan)
         for number, batch in enumerate(plan.batches, start=1):
             names = ", ".join(t.customer_id for t in batch)

@@ -34,7 +34,13 @@ from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.k8s import KubernetesBackend
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.reactors import provisioner_reactors
-from services.provisioner.rollout import USER_AGENT, Rollout, kubernetes_backend, plan_rollout
+from services.provisioner.rollout import (
+    USER_AGENT,
+    Rollout,
+    RolloutBusy,
+    kubernetes_backend,
+    plan_rollout,
+)
 from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.worker import QueueWorker
 from support import eventually, license_issued, serving
@@ -412,6 +418,16 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
                 ).run(plan)
                 assert tolerant.stopped and tolerant.batches_run == 2
                 assert [f.customer_id for f in tolerant.failures] == customers
+                # One rollout at a time: another one (another shell, another pod) is refused.
+                async with pool.acquire() as held:
+                    await held.execute(
+                        "SELECT pg_advisory_lock(hashtextextended('provisioner:rollout', 0))"
+                    )
+                    with pytest.raises(RolloutBusy):
+                        await Rollout(pool, backend, new).run(plan)
+                    await held.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended('provisioner:rollout', 0))"
+                    )
                 # --only names customers; one that is not deployed here is said so.
                 only = await plan_rollout(
                     pool, backend, new, only=[customers[1], "not-a-customer"], canary=0
