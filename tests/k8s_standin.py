@@ -9,8 +9,10 @@ report ready after ``ready_after`` reads, the way a rollout takes a while; a cha
 being ready (``name`` in every namespace, or ``namespace/name``). Applies by different field
 managers merge as server-side apply documents it: each manager's last applied configuration is
 kept, and the object is all of them merged (the latest wins where they overlap), so a manager
-that drops a field removes it only if no other manager set it. The manifests themselves are
-checked against the real Kubernetes schemas separately (kubernetes-validate).
+that drops a field removes it only if no other manager set it. An update of a StatefulSet's
+spec beyond what may change (its volume claim templates, say) is refused with 422. The
+manifests themselves are checked against the real Kubernetes schemas separately
+(kubernetes-validate).
 """
 
 from __future__ import annotations
@@ -24,6 +26,21 @@ from litestar import Litestar, Request, Response, route
 from litestar.params import FromPath
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+# What of a StatefulSet's spec an update may change; the API server refuses any other change
+# (its volume claim templates, say) with this message.
+STATEFULSET_MUTABLE = (
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+)
+STATEFULSET_FORBIDDEN = (
+    "spec: Forbidden: updates to statefulset spec for fields other than 'replicas', "
+    "'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and "
+    "'minReadySeconds' are forbidden"
+)
 
 
 @dataclass
@@ -79,13 +96,16 @@ class KubeStandIn:
             return _status(422, "Invalid", "fieldManager is required for apply")
         stored = self.objects.get(path)
         manager = request.query_params["fieldManager"]
-        configs = self.applied_configs.get(path, {}) if stored is not None else {}
+        configs = dict(self.applied_configs.get(path, {})) if stored is not None else {}
         configs.pop(manager, None)
         configs[manager] = copy.deepcopy(obj)
-        self.applied_configs[path] = configs
         obj = {}
         for config in configs.values():
             obj = _merged(obj, config)
+        statefulset = stored is not None and obj.get("kind") == "StatefulSet"
+        if statefulset and _fixed(stored or {}) != _fixed(obj):
+            return _status(422, "Invalid", STATEFULSET_FORBIDDEN)
+        self.applied_configs[path] = configs
         meta = obj.setdefault("metadata", {})
         if stored is None:
             meta["generation"] = 1
@@ -152,6 +172,11 @@ class KubeStandIn:
             for r in self.requests
             if r["method"] == "PATCH"
         ]
+
+
+def _fixed(statefulset: dict[str, Any]) -> dict[str, Any]:
+    spec = statefulset.get("spec") or {}
+    return {key: value for key, value in spec.items() if key not in STATEFULSET_MUTABLE}
 
 
 def _merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 import yaml
 from k8s_standin import KubeStandIn
@@ -437,3 +438,35 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
             finally:
                 await backend.stop()
         assert {image_of(standin, c) for c in customers} == {OLD_IMAGE}
+
+
+async def test_a_volume_claim_change_stops_at_the_canary_as_the_api_server_refuses_it(
+    pool: asyncpg.Pool, provisioner_database: str, store: EventStore
+) -> None:
+    # Kubernetes never changes a StatefulSet's volume claim templates in place: a new storage
+    # class or size for existing customers is a migration of its own, not a rollout.
+    standin = KubeStandIn()
+    async with serving(standin.app()) as http:
+        url = str(http.base_url)
+        customers = sorted(str(uuid.uuid4()) for _ in range(2))
+        old = provisioner_settings(provisioner_database, OLD_IMAGE)
+        async with provisioner_worker(pool, old, url, store):
+            for customer_id in customers:
+                await license_customer(pool, license_issued(customer_id))
+            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+        moved = msgspec.structs.replace(old, storage_class="fast")
+        async with provisioner_worker(pool, moved, url, store):
+            backend = kubernetes_backend(moved, client_for(url))
+            await backend.start()
+            try:
+                plan = await plan_rollout(pool, backend, moved, batch_size=5, canary=1)
+                report = await Rollout(
+                    pool, backend, moved, batch_timeout=30, settle_seconds=0, poll_seconds=0.05
+                ).run(plan)
+            finally:
+                await backend.stop()
+    [failure] = report.failures
+    assert (failure.customer_id, report.untouched) == (customers[0], [customers[1]])
+    assert failure.reason.startswith(
+        "job failed: Kubernetes refused applying StatefulSet postgres: 422"
+    ), failure.reason
