@@ -425,10 +425,10 @@ def kubernetes_backend(
     settings: ProvisionerSettings,
     api_client: Callable[[], Awaitable[k8s.ApiClient]] | None = None,
 ) -> KubernetesBackend:
-    """The kubernetes backend as the provisioner builds it (``app.backend_of``: the rendered
-    objects must be the worker's), its calls marked with the rollout's User-Agent.
+    """The kubernetes backend as the provisioner's workers have it (``app.kubernetes_backend``:
+    the objects rendered here must be theirs), its calls marked with the rollout's User-Agent.
     ``api_client``: the cluster's (in-cluster, else kubeconfig) by default."""
-    from services.provisioner.app import kubernetes_settings
+    from services.provisioner.app import kubernetes_backend as workers_backend
 
     make = api_client or cluster_client
 
@@ -437,11 +437,4 @@ def kubernetes_backend(
         client.user_agent = USER_AGENT
         return client
 
-    return KubernetesBackend(
-        kubernetes_settings(settings),
-        (settings.provisioner_secret or "").encode(),
-        marked,
-        ready_timeout=settings.kubernetes_ready_timeout_seconds,
-        login_relay_secret=settings.login_relay_secret,
-        max_instances=settings.max_instances,
-    )
+    return workers_backend(settings, marked)

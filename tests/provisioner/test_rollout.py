@@ -32,7 +32,9 @@ from libs.eventstore import EventStore, traced_envelope
 from libs.outbox import OutboxRelay
 from libs.projections import Recorded
 from services.provisioner.app import kubernetes_settings
+from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.k8s_manifests import render
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.reactors import provisioner_reactors
 from services.provisioner.rollout import (
@@ -291,7 +293,11 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
             kinds = {
                 r["body"]["kind"] for r in rerun if r["method"] == "PATCH" and touches(r, broken)
             }
-            assert kinds >= {"Namespace", "NetworkPolicy", "Secret", "StatefulSet", "Ingress"}
+            every = InstanceSpec(
+                customer_id=broken, plan="starter", license_jwt="j", license_id="l", jwks_url="u"
+            )
+            assert kinds == {o["kind"] for o in render(every, kubernetes_settings(new), "p")}
+            assert kinds >= {"Namespace", "NetworkPolicy", "Secret", "StatefulSet", "Deployment"}
             instance = standin.objects[
                 f"/apis/apps/v1/namespaces/customer-{broken}/deployments/instance"
             ]
