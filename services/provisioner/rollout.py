@@ -275,7 +275,10 @@ class Rollout:
                     "tenants of later batches untouched"
                 )
                 break
-            self._say(f"  batch {number} healthy ({len(updated)} updated)")
+            if failures:
+                self._say(f"  batch {number}: {len(updated)} updated, {len(failures)} failed")
+            else:
+                self._say(f"  batch {number} healthy ({len(updated)} updated)")
         return report
 
     async def _run_batch(self, batch: list[Tenant]) -> tuple[list[str], list[str], list[Failure]]:
