@@ -548,8 +548,8 @@ def cmd_provisioner_rollout(args: argparse.Namespace) -> int:
     settings = load_settings(ProvisionerSettings, environment(args))
     if settings.provisioner_backend != "kubernetes":
         console.print(
-            "[red]rollout:[/red] PROVISIONER_BACKEND is not kubernetes; the local backend's "
-            "instances run the instance command of this machine, restarted by `iotistic up`"
+            "[red]rollout:[/red] works with PROVISIONER_BACKEND=kubernetes only: the local "
+            "backend's instances are processes of this machine, not manifests to re-apply"
         )
         return 2
     if not settings.provisioner_secret:
