@@ -42,6 +42,8 @@ from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
 if TYPE_CHECKING:
     from services.provisioner.backends.base import InstanceSpec
+    from services.provisioner.backends.k8s import KubernetesBackend
+    from services.provisioner.rollout import RolloutPlan
     from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger("iotistic")
@@ -233,6 +235,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("customer_id")
     rotate.set_defaults(func=cmd_provisioner_rotate_credentials)
+    rollout = pv.add_parser(
+        "rollout",
+        help="bring every deployed customer to today's manifests (a new INSTANCE_IMAGE), "
+        "through the queue, in batches each behind a health gate; stops on failure",
+        description="Run where the provisioner runs, with its settings (INSTANCE_IMAGE, "
+        "PROVISIONER_SECRET, DATABASE_URL, the cluster's credentials), once its workers run "
+        "the new version: the workers apply, this command queues and gates. Customers already "
+        "on today's manifests (their namespace's iotistic.io/manifest-sha256) are skipped, so "
+        "a stopped rollout run again carries on. Exit 0: all updated; 1: stopped on a failure.",
+    )
+    rollout.add_argument("--batch-size", type=_positive, default=10, help="default: %(default)s")
+    rollout.add_argument(
+        "--canary", type=_count, default=1, help="customers in the first batch (default: 1)"
+    )
+    rollout.add_argument(
+        "--max-failures",
+        type=_count,
+        default=0,
+        help="failed customers tolerated before stopping (default: 0)",
+    )
+    rollout.add_argument(
+        "--only", nargs="+", metavar="CUSTOMER_ID", help="these customers only (still gated)"
+    )
+    rollout.add_argument(
+        "--force", action="store_true", help="also those already on today's manifests"
+    )
+    rollout.add_argument(
+        "--dry-run", action="store_true", help="list the customers and batches; queue nothing"
+    )
+    rollout.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=900.0,
+        help="seconds a batch's jobs and health gate may take (default: %(default)s)",
+    )
+    rollout.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=10.0,
+        help="healthy again this long after the batch was (default: %(default)s)",
+    )
+    rollout.add_argument("--poll-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+    rollout.set_defaults(func=cmd_provisioner_rollout)
 
     simulate = sub.add_parser(
         "simulate", help="devices publishing realistic BME688 readings to a customer's instance"
@@ -506,6 +551,115 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
         objects = [o for o in objects if o["kind"] != "Secret"]
     sys.stdout.write(render_yaml(objects))
     return 0
+
+
+def cmd_provisioner_rollout(args: argparse.Namespace) -> int:
+    """``iotistic provisioner rollout``: update every deployed customer in gated batches."""
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.rollout import kubernetes_backend
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings_from(args, needs=("DATABASE_URL",))  # says so when there is nothing to connect to
+    settings = load_settings(ProvisionerSettings, environment(args))
+    if settings.provisioner_backend != "kubernetes":
+        console.print(
+            "[red]rollout:[/red] works with PROVISIONER_BACKEND=kubernetes only: the local "
+            "backend's instances are processes of this machine, not manifests to re-apply"
+        )
+        return 2
+    if not settings.provisioner_secret:
+        console.print("[red]rollout:[/red] PROVISIONER_SECRET is needed to render the manifests")
+        return 2
+    try:
+        return asyncio.run(_rollout(args, settings, kubernetes_backend(settings)))
+    except BackendError as exc:  # the cluster's API refused or is away: said in a line
+        console.print(f"[red]rollout:[/red] {exc}")
+        return 1
+
+
+async def _rollout(
+    args: argparse.Namespace, settings: ProvisionerSettings, backend: KubernetesBackend
+) -> int:
+    from libs.db import create_pool
+    from services.provisioner.rollout import Rollout, RolloutBusy, plan_rollout
+
+    # One line per customer or batch, however long, for the operator's logs and scripts.
+    out = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    pool = await create_pool(settings.database_url, "provisioner", max_size=4)
+    await backend.start()
+    try:
+        plan = await plan_rollout(
+            pool,
+            backend,
+            settings,
+            only=args.only,
+            force=args.force,
+            batch_size=args.batch_size,
+            canary=args.canary,
+        )
+        _print_plan(out, plan, settings.instance_image)
+        if plan.not_deployed:
+            err.print(
+                "[red]rollout:[/red] not deployed here (unknown, closed or removed): "
+                + ", ".join(plan.not_deployed)
+            )
+            return 1
+        if args.dry_run or not plan.batches:
+            return 0
+        rollout = Rollout(
+            pool,
+            backend,
+            settings,
+            batch_timeout=args.batch_timeout,
+            settle_seconds=args.settle_seconds,
+            max_failures=args.max_failures,
+            poll_seconds=args.poll_seconds,
+            say=out.print,
+        )
+        out.print(f"rollout {rollout.rollout_id}: jobs requested by {rollout.requested_by}")
+        try:
+            report = await rollout.run(plan)
+        except RolloutBusy as exc:
+            err.print(f"[red]rollout:[/red] {exc}")
+            return 1
+    finally:
+        await backend.stop()
+        await pool.close()
+    out.print(
+        f"rollout {report.rollout_id}: {len(report.updated)} updated, "
+        f"{len(report.failures)} failed, {len(report.left)} left (closed), "
+        f"{len(report.untouched)} untouched"
+    )
+    if report.failures:
+        for failure in report.failures:
+            job = f" (job {failure.job_id})" if failure.job_id else ""
+            err.print(f"[red]failed:[/red] {failure.customer_id}{job}: {failure.reason}")
+    if report.stopped:
+        err.print(
+            "[red]rollout stopped.[/red] Fix the cause and run it again: customers already "
+            "updated are skipped"
+        )
+        return 1
+    return 0
+
+
+def _print_plan(out: Console, plan: RolloutPlan, image: str) -> None:
+    out.print(
+        f"instance image {image}: {len(plan.tenants)} to update in {len(plan.batches)} "
+        f"batches, {len(plan.skipped)} already up to date"
+    )
+    for number, batch in enumerate(plan.batches, start=1):
+        out.print(f"batch {number}: " + " ".join(f"{t.customer_id} ({t.plan})" for t in batch))
+    for tenant in plan.skipped:
+        out.print(f"up to date: {tenant.customer_id} ({tenant.plan})")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
 
 
 async def _current_spec(settings: ProvisionerSettings, customer_id: str) -> InstanceSpec:

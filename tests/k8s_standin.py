@@ -6,8 +6,13 @@ the API server documents it — server-side apply (PATCH with ``application/appl
 objects with it) — and records every request so tests can check the call sequence. Workloads
 report ready after ``ready_after`` reads, the way a rollout takes a while; a changed spec bumps
 ``metadata.generation`` and starts a new rollout; ``unready`` names workloads whose pods stopped
-being ready. The manifests themselves are checked against
-the real Kubernetes schemas separately (kubernetes-validate).
+being ready (``name`` in every namespace, or ``namespace/name``). Applies by different field
+managers merge as server-side apply documents it: each manager's last applied configuration is
+kept, and the object is all of them merged (the latest wins where they overlap), so a manager
+that drops a field removes it only if no other manager set it. An update of a StatefulSet's
+spec beyond what may change (its volume claim templates, say) is refused with 422. The
+manifests themselves are checked against the real Kubernetes schemas separately
+(kubernetes-validate).
 """
 
 from __future__ import annotations
@@ -21,6 +26,21 @@ from litestar import Litestar, Request, Response, route
 from litestar.params import FromPath
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+# What of a StatefulSet's spec an update may change; the API server refuses any other change
+# (its volume claim templates, say) with this message.
+STATEFULSET_MUTABLE = (
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+)
+STATEFULSET_FORBIDDEN = (
+    "spec: Forbidden: updates to statefulset spec for fields other than 'replicas', "
+    "'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and "
+    "'minReadySeconds' are forbidden"
+)
 
 
 @dataclass
@@ -33,6 +53,8 @@ class KubeStandIn:
     fail_status: int | None = None
     # Workloads (by name) whose pods stopped being ready, as a crash-looping pod's would.
     unready: set[str] = field(default_factory=set)
+    # Per object, each field manager's last applied configuration, oldest apply first.
+    applied_configs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -50,6 +72,7 @@ class KubeStandIn:
                     "query": dict(request.query_params),
                     "content_type": request.headers.get("content-type", ""),
                     "body": json.loads(body) if body else None,
+                    "user_agent": request.headers.get("user-agent", ""),
                 }
             )
             if request.headers.get("authorization") != f"Bearer {self.token}":
@@ -72,7 +95,17 @@ class KubeStandIn:
         if not request.query_params.get("fieldManager"):
             return _status(422, "Invalid", "fieldManager is required for apply")
         stored = self.objects.get(path)
-        obj = copy.deepcopy(obj)
+        manager = request.query_params["fieldManager"]
+        configs = dict(self.applied_configs.get(path, {})) if stored is not None else {}
+        configs.pop(manager, None)
+        configs[manager] = copy.deepcopy(obj)
+        obj = {}
+        for config in configs.values():
+            obj = _merged(obj, config)
+        statefulset = stored is not None and obj.get("kind") == "StatefulSet"
+        if statefulset and _fixed(stored or {}) != _fixed(obj):
+            return _status(422, "Invalid", STATEFULSET_FORBIDDEN)
+        self.applied_configs[path] = configs
         meta = obj.setdefault("metadata", {})
         if stored is None:
             meta["generation"] = 1
@@ -101,6 +134,7 @@ class KubeStandIn:
             prefix = f"namespaces/{obj['metadata']['name']}/"
             for key in [k for k in self.objects if prefix in k or k == path]:
                 del self.objects[key]
+                self.applied_configs.pop(key, None)
             return _status(404, "NotFound", f"{path} not found")
         if obj.get("kind") in WORKLOAD_KINDS and self.reads[path] >= self.ready_after:
             replicas = obj.get("spec", {}).get("replicas", 1)
@@ -111,13 +145,17 @@ class KubeStandIn:
                 "updatedReplicas": replicas,
                 "availableReplicas": replicas,
             }
-        if obj.get("kind") in WORKLOAD_KINDS and obj["metadata"]["name"] in self.unready:
+        if obj.get("kind") in WORKLOAD_KINDS and self._is_unready(obj["metadata"]):
             obj["status"] = {**obj.get("status", {}), "readyReplicas": 0, "availableReplicas": 0}
             if obj["kind"] == "Deployment":  # StatefulSets have no Available condition
                 obj["status"]["conditions"] = [
                     {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}
                 ]
         return Response(obj)
+
+    def _is_unready(self, meta: dict[str, Any]) -> bool:
+        name = meta["name"]
+        return name in self.unready or f"{meta.get('namespace')}/{name}" in self.unready
 
     def _delete(self, path: str) -> Response[Any]:
         obj = self.objects.get(path)
@@ -134,6 +172,23 @@ class KubeStandIn:
             for r in self.requests
             if r["method"] == "PATCH"
         ]
+
+
+def _fixed(statefulset: dict[str, Any]) -> dict[str, Any]:
+    spec = statefulset.get("spec") or {}
+    return {key: value for key, value in spec.items() if key not in STATEFULSET_MUTABLE}
+
+
+def _merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` applied over ``base``: maps merge key by key, anything else is replaced (the
+    stand-in treats lists as atomic, which our objects' lists are to their one manager)."""
+    merged = copy.deepcopy(base)
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _status(code: int, reason: str, message: str) -> Response[Any]:

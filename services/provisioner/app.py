@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -39,7 +39,9 @@ from services.provisioner.reactors import provisioner_reactors
 from services.provisioner.settings import ProvisionerSettings, parse_cidrs, parse_ports
 from services.provisioner.worker import QueueWorker
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # kubernetes-asyncio is imported only by a provisioner that uses it
+    from kubernetes_asyncio import client as k8s
+
     from services.provisioner.backends.k8s import KubernetesBackend
 
 METRICS_REFRESH_SECONDS = 5.0
@@ -66,15 +68,20 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
     return runtime.shared("backend", make)
 
 
-def kubernetes_backend(settings: ProvisionerSettings) -> KubernetesBackend:
-    """The kubernetes backend as these settings make it: the provisioner's, and the one the
-    operator's commands (render, rotate-credentials) use, so they apply the same objects."""
+def kubernetes_backend(
+    settings: ProvisionerSettings,
+    api_client: Callable[[], Awaitable[k8s.ApiClient]] | None = None,
+) -> KubernetesBackend:
+    """The kubernetes backend these settings describe: the workers', and the fleet rollout's,
+    which must render exactly what the workers apply. ``api_client``: the cluster's by default
+    (in-cluster, else the kubeconfig). The operator's commands (render, rotate-credentials) use it
+    too, so they apply the same objects."""
     from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
 
     return KubernetesBackend(
         kubernetes_settings(settings),
         (settings.provisioner_secret or "").encode(),
-        cluster_client,
+        api_client or cluster_client,
         ready_timeout=settings.kubernetes_ready_timeout_seconds,
         login_relay_secret=settings.login_relay_secret,
         max_instances=settings.max_instances,

@@ -189,6 +189,12 @@ async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog)
     finally:
         await backend.stop()
     patches = [r for r in standin.requests if r["method"] == "PATCH"]
+    # Once everything is applied and ready, the namespace is stamped with the manifest set.
+    *patches, stamp = patches
+    assert stamp["query"]["fieldManager"] == "iotistic-provisioner-stamp"
+    assert stamp["body"]["metadata"]["annotations"]["iotistic.io/manifest-sha256"] == (
+        backend.manifest_digest(spec())
+    )
     assert [o["kind"] for o in render(spec(), KubernetesSettings(), "x")] == [
         r["body"]["kind"] for r in patches
     ]
@@ -255,7 +261,8 @@ async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
     # and only the license Secret and the instance change.
     rendered = render(spec(), KubernetesSettings(), "x")
     assert standin.applied()[applied_before:] == [
-        (o["kind"], o["metadata"]["name"]) for o in rendered
+        *((o["kind"], o["metadata"]["name"]) for o in rendered),
+        ("Namespace", NS),  # the stamp of the manifest set now applied
     ]
     changed = {
         k for k, v in standin.objects.items() if v["metadata"]["generation"] != generations[k]

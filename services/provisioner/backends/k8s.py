@@ -7,15 +7,19 @@ the provisioner owns the fields it sets and a retry converges), then waits until
 Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
 changed is the license Secret and the instance Deployment, which the license annotation on its
 pod template rolls (and, for a customer deployed by an older version, whatever else is new; what
-it replaced, the Ingress, is deleted after deploys and updates). Delete removes the namespace
-and waits until it is gone. The passwords, the broker client id and the monitoring token are
-derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes them; they are never
-logged.
+it replaced, the Ingress, is deleted after deploys and updates). Once a deploy's or update's
+objects are ready, the namespace is stamped with their digest (``iotistic.io/manifest-sha256``):
+what ``iotistic provisioner rollout`` compares. Delete removes the namespace and waits until it
+is gone. The passwords, the broker client id and the monitoring token are derived from
+``PROVISIONER_SECRET`` (HMAC), so re-applying never changes them; they are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,6 +51,9 @@ from services.provisioner.backends.k8s_manifests import (
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "iotistic-provisioner"
+# The stamp of the manifest set a deploy or update applied, on the namespace, and its manager.
+MANIFEST_ANNOTATION = "iotistic.io/manifest-sha256"
+STAMP_FIELD_MANAGER = "iotistic-provisioner-stamp"
 PLURALS = {
     "Namespace": "namespaces",
     "ResourceQuota": "resourcequotas",
@@ -340,6 +347,7 @@ class KubernetesBackend:
                 await progress(*step)
         await self._remove_replaced(spec.customer_id)
         await self._wait_ready(spec.customer_id, progress, 80)
+        await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 
     async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
@@ -356,6 +364,7 @@ class KubernetesBackend:
         await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
+        await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 
     async def rotate_credentials(self, spec: InstanceSpec, progress: Progress) -> int:
@@ -451,11 +460,66 @@ class KubernetesBackend:
                 await progress(start + (99 - start) * done // len(WORKLOADS), "readiness")
             await asyncio.sleep(self._poll)
 
+    # --- the manifest stamp (what the fleet rollout compares; services/provisioner/rollout.py) --
+
+    def manifest_digest(self, spec: InstanceSpec) -> str:
+        """The digest of every object the customer's instance would be applied with now (a
+        health-watch restart key aside: it replaces pods, it changes no manifest)."""
+        return manifest_digest(self.objects(dataclasses.replace(spec, restart_key=None)))
+
+    async def applied_manifest(self, customer_id: str) -> str | None:
+        """The digest a deploy or update stamped on the namespace once its objects were all
+        applied and ready; None if none did (never, or an older version)."""
+        ns = namespace_of(customer_id, self._settings)
+        namespace = await self._api.get("v1", "Namespace", ns, None)
+        annotations = ((namespace or {}).get("metadata") or {}).get("annotations") or {}
+        value = annotations.get(MANIFEST_ANNOTATION)
+        return str(value) if value else None
+
+    async def stamp_manifest(self, spec: InstanceSpec) -> None:
+        """Record on the namespace that this manifest set is applied and ready."""
+        await self._stamp(spec.customer_id, {MANIFEST_ANNOTATION: self.manifest_digest(spec)})
+
+    async def clear_manifest_stamp(self, customer_id: str) -> None:
+        """Forget the stamp (a rollout's health gate failed after the job): the next rollout
+        applies this customer again rather than skip them as done."""
+        ns = namespace_of(customer_id, self._settings)
+        namespace = await self._api.get("v1", "Namespace", ns, None)
+        if namespace is None or (namespace.get("status") or {}).get("phase") == "Terminating":
+            return  # nothing to take back, and an apply would make the namespace again
+        await self._stamp(customer_id, None)
+
+    async def _stamp(self, customer_id: str, annotations: dict[str, str] | None) -> None:
+        # A field manager of its own: the provisioner's apply of the Namespace (which does not
+        # carry the annotation) leaves it alone, and applying without it removes it (SSA).
+        ns = namespace_of(customer_id, self._settings)
+        metadata: dict[str, Any] = {"name": ns}
+        if annotations:
+            metadata["annotations"] = annotations
+        try:
+            await self._api._call(
+                "PATCH",
+                object_path("v1", "Namespace", ns, None),
+                body={"apiVersion": "v1", "kind": "Namespace", "metadata": metadata},
+                query=[("fieldManager", STAMP_FIELD_MANAGER), ("force", "true")],
+                content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            raise _failed(f"stamping namespace {ns}", exc) from None
+
     def _deployed(self, customer_id: str) -> Deployed:
         return Deployed(
             instance_url=f"https://{host_of(customer_id, self._settings)}",
             components={name: "ready" for _, name in WORKLOADS},
         )
+
+
+def manifest_digest(objects: list[dict[str, Any]]) -> str:
+    """sha256 of the objects in canonical JSON: equal exactly when the same manifests would be
+    applied. Secrets' values are in it, so a changed derived password counts; they are random
+    HMAC outputs, which a digest does not reveal."""
+    canonical = json.dumps(objects, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def cluster_client() -> k8s.ApiClient:
