@@ -94,9 +94,8 @@ def test_nats_url_points_at_the_bundled_client_service(docs: list[dict[str, Any]
     assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(statefulset(docs)))
     own = render({"nats": {"enabled": False}, "config": {"NATS_URL": "nats://elsewhere:4222"}})
     assert find(own, "ConfigMap", FULLNAME)["data"]["NATS_URL"] == "nats://elsewhere:4222"
-    assert not kinds(own, "StatefulSet") or all(
-        s["metadata"]["name"] != NATS for s in kinds(own, "StatefulSet")
-    )
+    # Only the server configuration is left, for a NATS of your own.
+    assert nats_objects(own) == [find(own, "Secret", CONFIG_SECRET)]
     assert "config.NATS_URL is required" in render_error({"nats": {"enabled": False}})
 
 
@@ -126,6 +125,17 @@ def test_a_three_node_cluster_of_the_rendered_configuration(docs: list[dict[str,
         "nats": 4222,
         "cluster": 6222,
     }
+
+
+def test_named_servers_are_the_routes_peers() -> None:
+    named = render({"natsConfig": {"statefulSetName": "bus", "headlessService": "bus-routes"}})
+    sts = find(named, "StatefulSet", "bus")
+    assert sts["spec"]["serviceName"] == "bus-routes"
+    find(named, "Service", "bus-routes")
+    routes = re.findall(r"nats-route://(\S+)", server_config(named)["nats.conf"])
+    assert routes == [f"bus-{i}.bus-routes.{NAMESPACE}.svc:6222" for i in range(REPLICAS)]
+    # Clients still find them at the one client Service.
+    assert find(named, "ConfigMap", FULLNAME)["data"]["NATS_URL"].startswith(f"nats://{NATS}.")
 
 
 def test_the_image_is_nats_2_12_or_later_pinned_by_digest(docs: list[dict[str, Any]]) -> None:
