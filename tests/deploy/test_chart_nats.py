@@ -127,6 +127,21 @@ def test_a_three_node_cluster_of_the_rendered_configuration(docs: list[dict[str,
     }
 
 
+def test_a_new_configuration_restarts_the_servers_and_a_new_render_does_not(
+    docs: list[dict[str, Any]],
+) -> None:
+    def checksum(rendered: list[dict[str, Any]]) -> str:
+        annotations = statefulset(rendered)["spec"]["template"]["metadata"]["annotations"]
+        return str(annotations["checksum/nats-conf"])
+
+    # Every render salts the bcrypt hashes anew (here, without a cluster to look the passwords
+    # up in, makes new passwords too): that alone must not restart NATS.
+    again = render()
+    assert server_config(again)["authorization.conf"] != server_config(docs)["authorization.conf"]
+    assert checksum(again) == checksum(docs)
+    assert checksum(render({"natsConfig": {"maxFileStore": "30GB"}})) != checksum(docs)
+
+
 def test_named_servers_are_the_routes_peers() -> None:
     named = render({"natsConfig": {"statefulSetName": "bus", "headlessService": "bus-routes"}})
     sts = find(named, "StatefulSet", "bus")
