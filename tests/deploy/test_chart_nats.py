@@ -155,6 +155,7 @@ def test_named_servers_are_the_routes_peers() -> None:
 
 def test_the_image_is_nats_2_12_or_later_pinned_by_digest(docs: list[dict[str, Any]]) -> None:
     image = server_container(docs)["image"]
+    # An alpine image: the probes need its wget (the scratch image has no shell tools).
     match = re.fullmatch(r"nats:(\d+)\.(\d+)\.\d+-alpine@sha256:[0-9a-f]{64}", image)
     assert match, image
     assert (int(match.group(1)), int(match.group(2))) >= (2, 12)
