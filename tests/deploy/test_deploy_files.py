@@ -13,6 +13,7 @@ and let the operator in. deploy/make-secrets.sh is run for real, in a copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -255,11 +256,61 @@ class RunningNats:
     credentials: Credentials
 
 
+def wait_healthy(
+    proc: subprocess.Popen[bytes], url: str, log: Path, path: str = "/healthz"
+) -> None:
+    """Until the monitor at ``url`` answers ``path`` with 200 (30 s at most; the server's log on
+    failure)."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"nats-server did not become healthy: {log.read_text()}"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serving_nats(
+    conf: Path,
+    monitor_url: str,
+    *,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    ready: str | None = "/healthz",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real nats-server started from ``conf`` (and ``args``; its log is ``conf`` with the
+    suffix .log), once its monitor answers ``ready`` (None: at once); stopped on exit. ``env``
+    is the whole environment, as a pod's would be."""
+    log_path = conf.with_suffix(".log")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(nats_server()), "-c", str(conf), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            if ready is not None:
+                wait_healthy(proc, monitor_url, log_path, ready)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture
 def running_nats(tmp_path: Path, bus_authorization: BusAuthorization) -> Iterator[RunningNats]:
     """deploy/nats/nats.conf and its authorization block served by a real nats-server, on free
     ports (the monitor's host as shipped) and a temp store."""
-    binary = nats_server()
     monitor = free_port()
     port = free_port()
     text = NATS_CONF.read_text()
@@ -268,30 +319,9 @@ def running_nats(tmp_path: Path, bus_authorization: BusAuthorization) -> Iterato
     text = re.sub(r"^(http: [\d.]+):8222$", rf"\g<1>:{monitor}", text, flags=re.MULTILINE)
     assert f"http: 127.0.0.1:{monitor}" in text
     conf = write_nats_conf(tmp_path, text, bus_authorization.block)
-    log = (tmp_path / "nats.log").open("w")
-    proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{monitor}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "nats.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:  # noqa: S310
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert time.monotonic() < deadline, "nats-server did not become healthy"
-            time.sleep(0.1)
+    with serving_nats(conf, url):
         yield RunningNats(f"nats://127.0.0.1:{port}", url, bus_authorization.credentials)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.slow
@@ -616,19 +646,10 @@ def literal_secrets(text: str) -> list[str]:
     return found
 
 
-# The chart's dependencies (the official NATS chart), fetched by `helm dependency build` and
-# never committed (charts/iotistic/charts/.gitignore): not ours to scan.
-DEPENDENCIES = CHART / "charts"
-
-
 def deploy_files() -> list[Path]:
     files = [COMPOSE]
     for folder in (ROOT / "charts", ROOT / "deploy"):
-        files += sorted(
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and (DEPENDENCIES not in p.parents or p.name == ".gitignore")
-        )
+        files += sorted(p for p in folder.rglob("*") if p.is_file())
     return files
 
 
@@ -692,6 +713,15 @@ def test_chart_metadata() -> None:
     assert chart["name"] == "iotistic"
     assert chart["type"] == "application"
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", str(chart["version"]))
+
+
+def test_chart_has_no_dependency_to_fetch() -> None:
+    # Its NATS is its own (templates/nats.yaml): no registry CI reaches carries the official
+    # NATS chart, and nothing fetched from GitHub is committed, so a dependency would be missing.
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert "dependencies" not in chart
+    assert not (CHART / "charts").exists()
+    assert not (CHART / "requirements.yaml").exists()
 
 
 def test_chart_values_list_the_four_targets() -> None:
@@ -993,6 +1023,7 @@ def test_chart_has_the_expected_templates() -> None:
         "gateway.yaml",
         "gateway-policies.yaml",
         "networkpolicy.yaml",
+        "nats.yaml",
     }
     assert expected <= names
 

@@ -209,25 +209,31 @@ instance image, domain and the control-plane URLs it hands every instance; signu
 {{- $domain }}
 {{- end }}
 
-{{/* The bundled NATS's name, as the official chart computes it (nats.fullname). */}}
+{{/*
+The bundled NATS's client Service (and so the default NATS_URL): <release>-nats, the name the
+official NATS chart gives it too, so NATS_URL stays put when an operator moves to that chart.
+*/}}
 {{- define "iotistic.natsFullname" -}}
-{{- if .Values.nats.fullnameOverride }}
-{{- .Values.nats.fullnameOverride | trunc 63 | trimSuffix "-" }}
-{{- else }}
-{{- $name := default "nats" .Values.nats.nameOverride }}
-{{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
-{{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
-{{- end }}
-{{- end }}
+{{- printf "%s-nats" .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels of the bundled NATS's pods (the official chart's nats.selectorLabels). */}}
+{{/*
+The NATS StatefulSet and its headless Service, as nats.conf's routes name them
+(<statefulSetName>-<i>.<headlessService>): natsConfig's names, or <release>-nats and
+<release>-nats-headless. The bundled StatefulSet takes its names from here, so its pods are
+always the routes' peers.
+*/}}
+{{- define "iotistic.natsStatefulSetName" -}}
+{{- default (include "iotistic.natsFullname" .) .Values.natsConfig.statefulSetName | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "iotistic.natsHeadlessServiceName" -}}
+{{- default (printf "%s-headless" (include "iotistic.natsFullname" .)) .Values.natsConfig.headlessService | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the bundled NATS's pods. */}}
 {{- define "iotistic.natsSelectorLabels" -}}
-app.kubernetes.io/name: {{ default "nats" .Values.nats.nameOverride | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/component: nats
+{{ include "iotistic.selectorLabels" (dict "root" . "target" "nats") }}
 {{- end }}
 
 {{/* NATS_URL for the ConfigMap: config.NATS_URL, or the bundled NATS's Service. */}}
