@@ -29,7 +29,7 @@ from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
 
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import customer_objects
+from services.provisioner.backends.k8s import WORKLOADS, customer_objects
 from services.provisioner.backends.k8s_manifests import KubernetesSettings
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "iotistic"
@@ -493,16 +493,20 @@ def granted(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 
 def test_the_cluster_role_grants_only_what_the_backend_does(chart: list[dict[str, Any]]) -> None:
     rights = granted(one(chart, "ClusterRole", WORKER))
-    # Every kind of the tenant manifests: read, and applied (a server-side apply that creates
-    # the object is also authorised as `create`).
+    # Every kind of the tenant manifests is applied (a server-side apply that creates the
+    # object is also authorised as `create`).
     for obj in tenant_objects():
         group = obj["apiVersion"].rpartition("/")[0]
         plural = KINDS[obj["kind"]][1]
-        assert {"get", "create", "patch"} <= rights.get((group, plural), set()), obj["kind"]
-    # Nothing beyond: no list/watch, no wildcard, and delete only on namespaces.
+        assert {"create", "patch"} <= rights.get((group, plural), set()), obj["kind"]
+    # Nothing beyond: no list/watch, no wildcard, delete only on namespaces, and get only on
+    # what the backend reads (the admission policy sees no reads: a get is cluster-wide).
     verbs = set().union(*rights.values())
     assert verbs == {"get", "create", "patch", "delete"}
     assert [key for key, v in rights.items() if "delete" in v] == [("", "namespaces")]
+    read = {key for key, v in rights.items() if "get" in v}
+    # What k8s.py reads: the namespace, and the workloads it waits for and watches.
+    assert read == {KINDS["Namespace"], *(KINDS[kind] for kind, _ in WORKLOADS)}
     assert not any("*" in group or "*" in resource for group, resource in rights)
     forbidden = {"roles", "rolebindings", "clusterroles", "clusterrolebindings", "serviceaccounts"}
     assert not {resource for _, resource in rights} & forbidden
