@@ -1294,10 +1294,22 @@ def test_dockerfile_builds_the_package_in_stages() -> None:
     assert len(froms) >= 2, "multi-stage build expected"
     for image in froms:
         resolved = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image.split()[0])
-        assert resolved == "python:3.11-slim", image
+        # Pinned by digest (the tag kept for the reader): every build gets the same base.
+        assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", resolved), image
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     assert "pip install -c constraints.txt ." in runs
     assert any(word == "COPY" and rest.startswith("--from=") for word, rest in instructions)
+
+
+def test_dockerfile_says_where_its_base_digest_came_from_and_how_to_refresh_it() -> None:
+    text = DOCKERFILE.read_text()
+    comment = text.split("\nFROM ")[0]  # everything before the first stage
+    assert "docker buildx imagetools inspect python:3.11-slim" in comment
+    assert "digest" in comment.lower()
+    # One base for both stages (the build's venv runs on the runtime's Python), written out
+    # in each FROM where scanners read it, not behind an ARG.
+    froms = [rest.split()[0] for word, rest in dockerfile_instructions() if word == "FROM"]
+    assert len(set(froms)) == 1 and "$" not in froms[0], froms
 
 
 def test_dockerfile_runs_as_a_non_root_user() -> None:
