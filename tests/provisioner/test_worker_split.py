@@ -161,3 +161,26 @@ async def test_only_the_worker_applies_what_the_web_facing_provisioner_queued(
                 what="the web-facing provisioner shows the instance deployed",
             )
             assert "PROVISIONER_WORKER=false" in status.json()["backend"]["unavailable"]
+
+
+async def test_a_backend_that_cannot_tell_leaves_the_status_answering(
+    fresh_log: Any, cluster: tuple[KubeStandIn, str]
+) -> None:
+    # The cluster refuses every call (as it would a token without the rights).
+    standin, url = cluster
+    standin.fail_status = 403
+    settings, store = await fresh_log()
+    admin = {"Authorization": f"Bearer {settings.admin_token}"}
+    customer_id = str(uuid.uuid4())
+    worker = provisioner(settings, url, standin.token, worker=True)
+    async with started(worker) as http:
+        await store.publish(signed_license_issued(customer_id), customer_id=customer_id)
+        status = await eventually(
+            lambda: http.get(f"/api/customers/{customer_id}/deployment/status", headers=admin),
+            lambda r: r.status_code != 404,
+            what="the customer known to the provisioner",
+        )
+        assert status.status_code == 200, status.text
+        backend = status.json()["backend"]
+        assert backend["name"] == "kubernetes" and backend["release"] is None
+        assert "Kubernetes refused" in backend["unavailable"] and "403" in backend["unavailable"]
