@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from litestar.types import ControllerRouterHandler
 
@@ -21,6 +23,7 @@ from contracts import (
     InstanceDegraded,
     InstanceRecovered,
 )
+from libs.config import ConfigError
 from libs.outbox import OutboxRelay, outbox_relay, outbox_worker
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
@@ -32,7 +35,7 @@ from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
 from services.provisioner.projections import CAPACITY_RECORDED, DEPLOYMENTS, INSTANCE_HEALTH
 from services.provisioner.reactors import provisioner_reactors
-from services.provisioner.settings import ProvisionerSettings, parse_cidrs
+from services.provisioner.settings import ProvisionerSettings, parse_cidrs, parse_ports
 from services.provisioner.worker import QueueWorker
 
 METRICS_REFRESH_SECONDS = 5.0
@@ -56,6 +59,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
         if settings.provisioner_backend == "kubernetes":
             from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
 
+            check_reachable_from_pods(settings)
             return KubernetesBackend(
                 kubernetes_settings(settings),
                 (settings.provisioner_secret or "").encode(),
@@ -63,6 +67,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
                 ready_timeout=settings.kubernetes_ready_timeout_seconds,
                 login_relay_secret=settings.login_relay_secret,
                 max_instances=settings.max_instances,
+                usage_secret=settings.usage_secret,
             )
         from services.provisioner.backends.local import LocalBackend
 
@@ -76,14 +81,47 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
     return KubernetesSettings(
         base_domain=settings.base_domain,
         instance_image=settings.instance_image,
-        cluster_issuer=settings.cluster_issuer,
-        ingress_class=settings.ingress_class,
+        control_plane_namespace=settings.kubernetes_control_plane_namespace,
+        control_plane_pod_labels={"app.kubernetes.io/name": settings.kubernetes_control_plane_name},
+        # Every target of the chart serves HTTP on its one httpPort, this process's too.
+        control_plane_port=settings.http_port,
+        gateway_name=settings.kubernetes_gateway_name,
+        gateway_proxy_namespace=settings.kubernetes_gateway_proxy_namespace,
+        gateway_traffic_policy=settings.kubernetes_gateway_traffic_policy,
+        gateway_requests_per_client=settings.kubernetes_gateway_requests_per_client,
+        webhook_ports=parse_ports(settings.kubernetes_webhook_ports, "KUBERNETES_WEBHOOK_PORTS"),
         storage_class=settings.storage_class,
         cluster_cidrs=parse_cidrs(settings.kubernetes_cluster_cidrs, "KUBERNETES_CLUSTER_CIDRS"),
         alert_webhook_allowed_cidrs=",".join(
             parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
         ),
+        control_plane_url=settings.control_plane_url,
+        usage_url=settings.usage_url or settings.control_plane_url,
+        usage_report_seconds=settings.instance_usage_report_seconds,
     )
+
+
+def check_reachable_from_pods(settings: ProvisionerSettings) -> None:
+    """A ``ConfigError`` when an address the kubernetes backend hands to instances is the
+    pod's own (loopback, as the defaults made for the local backend are): there 127.0.0.1 is
+    the instance itself, which answers its own sign-ins with 404."""
+    for variable, url, owner in (
+        ("CONTROL_PLANE_URL", settings.control_plane_url, "signup"),
+        ("USAGE_URL", settings.usage_url or settings.control_plane_url, "billing"),
+        ("LICENSE_JWKS_URL", settings.license_jwks_url, "licensing"),
+    ):
+        host = urlsplit(url).hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+            itself = address.is_loopback or address.is_unspecified
+        except ValueError:
+            itself = host == "localhost" or host.endswith(".localhost")
+        if not host or itself:
+            raise ConfigError(
+                f"{variable}: {url[:120]!r} is not an address of the control plane inside the "
+                "cluster (the kubernetes backend's instances would ask themselves); set it to "
+                f"{owner}'s Service, e.g. http://<release>-iotistic-{owner}.<namespace>.svc:8080"
+            )
 
 
 def relay_of(runtime: ServiceRuntime) -> OutboxRelay:

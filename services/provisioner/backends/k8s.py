@@ -6,10 +6,11 @@ Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
 Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
 changed is the license Secret and the instance Deployment, which the license annotation on its
-pod template rolls (and, for a customer deployed by an older version, whatever else is new). Delete
-removes the namespace and waits until it is gone. The passwords, the broker client id and the
-monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes
-them; they are never logged.
+pod template rolls (and, for a customer deployed by an older version, whatever else is new; what
+it replaced, the Ingress, is deleted after deploys and updates). Delete removes the namespace
+and waits until it is gone. The passwords, the broker client id and the monitoring token are
+derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes them; they are never
+logged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from libs.auth import login_relay_key
+from libs.auth import instance_usage_token, login_relay_key
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,
@@ -56,6 +57,8 @@ PLURALS = {
     "Deployment": "deployments",
     "Ingress": "ingresses",
     "ConfigMap": "configmaps",
+    "HTTPRoute": "httproutes",
+    "BackendTrafficPolicy": "backendtrafficpolicies",
 }
 # Progress while applying: the percent reached once each object is applied.
 APPLY_STEPS = {
@@ -64,8 +67,11 @@ APPLY_STEPS = {
     ("StatefulSet", "postgres"): (45, "postgres"),
     ("StatefulSet", "mosquitto"): (55, "mosquitto"),
     ("Deployment", "instance"): (70, "instance"),
-    ("Ingress", "instance"): (80, "ingress"),
+    ("HTTPRoute", "instance"): (80, "route"),
 }
+# What older versions applied and this one replaced: removed after each deploy and update. The
+# Ingress (ingress-nginx, a certificate per customer) gave way to an HTTPRoute on the Gateway.
+REPLACED = (("networking.k8s.io/v1", "Ingress", "instance"),)
 WORKLOADS = (("StatefulSet", "postgres"), ("StatefulSet", "mosquitto"), ("Deployment", "instance"))
 
 
@@ -74,10 +80,12 @@ def customer_objects(
     settings: KubernetesSettings,
     secret: bytes,
     login_relay_secret: str | None = None,
+    usage_secret: str | None = None,
 ) -> list[dict[str, Any]]:
     """``render`` with the customer's passwords, broker client id and monitoring token, all
-    derived from ``PROVISIONER_SECRET`` (and the login relay key from ``LOGIN_RELAY_SECRET``):
-    re-applying never changes them, nothing is stored."""
+    derived from ``PROVISIONER_SECRET`` (the login relay key from ``LOGIN_RELAY_SECRET``, the
+    usage token from billing's ``USAGE_SECRET``, as the local backend derives them): re-applying
+    never changes them, nothing is stored."""
     cid = spec.customer_id
     return render(
         spec,
@@ -88,6 +96,7 @@ def customer_objects(
         mqtt_client_id=f"instance-{derive_password(secret, 'mqtt-client-id', cid)[:32]}",
         monitoring_token=derive_password(secret, "monitoring", cid),
         login_relay_key=login_relay_key(login_relay_secret, cid) if login_relay_secret else "",
+        usage_token=instance_usage_token(usage_secret, cid) if usage_secret else "",
     )
 
 
@@ -226,13 +235,17 @@ class KubernetesBackend:
         poll_seconds: float = 2.0,
         login_relay_secret: str | None = None,
         max_instances: int | None = None,
+        usage_secret: str | None = None,
     ) -> None:
         """``api_client`` makes the configured client at start (in-cluster or kubeconfig);
-        ``max_instances`` is the operator's limit (a cluster grows: none of its own)."""
+        ``max_instances`` is the operator's limit (a cluster grows: none of its own);
+        ``usage_secret`` is billing's ``USAGE_SECRET`` (instances' usage tokens derive from
+        it; unset: they report no usage)."""
         self._settings = settings
         self._max_instances = max_instances
         self._secret = secret
         self._login_relay_secret = login_relay_secret
+        self._usage_secret = usage_secret
         self._make_client = api_client
         self._client: k8s.ApiClient | None = None
         self._ready_timeout = ready_timeout
@@ -266,7 +279,9 @@ class KubernetesBackend:
         """The customer's objects, with the derived passwords."""
         if not self._secret:
             raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
-        return customer_objects(spec, self._settings, self._secret, self._login_relay_secret)
+        return customer_objects(
+            spec, self._settings, self._secret, self._login_relay_secret, self._usage_secret
+        )
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance."""
@@ -280,6 +295,7 @@ class KubernetesBackend:
             )
             if step is not None:
                 await progress(*step)
+        await self._remove_replaced(spec.customer_id)
         await self._wait_ready(spec.customer_id, progress, 80)
         return self._deployed(spec.customer_id)
 
@@ -293,6 +309,7 @@ class KubernetesBackend:
             return await self.deploy(spec, progress)
         for obj in self.objects(spec):
             await api.apply(obj)
+        await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return self._deployed(spec.customer_id)
@@ -344,6 +361,12 @@ class KubernetesBackend:
         if troubles:
             return InstanceHealth(False, "; ".join(troubles))
         return InstanceHealth(True)
+
+    async def _remove_replaced(self, customer_id: str) -> None:
+        """Delete what an older version applied and this one replaced (fine if never there)."""
+        ns = namespace_of(customer_id, self._settings)
+        for api_version, kind, name in REPLACED:
+            await self._api.delete(api_version, kind, name, ns)
 
     async def _wait_ready(self, customer_id: str, progress: Progress, start: int) -> None:
         api = self._api

@@ -1,14 +1,17 @@
 """The Kubernetes objects of one customer's instance, as plain dicts, in the order they apply.
 
-Namespace ``customer-<id>`` with a ResourceQuota (4 CPU / 4Gi) and LimitRange; a NetworkPolicy
-that isolates it (in: its own pods, and the ingress controller to the instance and to the
-broker's WebSockets; out: its own pods and DNS) and one that lets the instance pods out to the
-control plane's HTTP port (its pods only, for the JWKS, sign-ins and usage) and to the public
-internet (alert webhooks), but not to private, loopback or link-local addresses nor the
-cluster's own networks; Secrets for the license, the database, the broker and monitoring;
-Postgres as a StatefulSet with a 10Gi volume; Mosquitto on 1883 and 9001, with the platform's
-message size and queue limits; the instance Deployment and Service; an Ingress at
-``<id>.<BASE_DOMAIN>`` with TLS by cert-manager, which also carries MQTT over WebSockets at
+Namespace ``customer-<id>`` with a ResourceQuota (4 CPU / 4Gi) and LimitRange; NetworkPolicies
+that isolate it (in: its own pods, and the shared Gateway's Envoy proxies to the instance's HTTP
+port and the broker's WebSockets port only; out: its own pods and the cluster DNS), and one that
+lets the instance pods, and only them, out to the control plane's HTTP targets (signup, billing,
+licensing: their HTTP port only, never NATS or Postgres) and to public HTTPS (alert webhooks),
+never to private, loopback, link-local, shared or reserved addresses nor the cluster's own
+networks; Secrets for the license, the database, the broker and monitoring; Postgres as a
+StatefulSet with a 10Gi volume; Mosquitto on 1883 and 9001, with the platform's message size and
+queue limits; the instance Deployment and Service; an Envoy Gateway BackendTrafficPolicy (a
+request rate per client address, connections sized by the licensed devices) and an HTTPRoute
+``<id>.<BASE_DOMAIN>`` on the chart's shared Gateway (Gateway API; one wildcard certificate
+there, none per customer), which also carries MQTT over WebSockets at
 ``wss://<id>.<BASE_DOMAIN>/mqtt`` to the broker: the way devices outside the cluster reach it.
 ``render`` is pure: the same customer, license and password give the same objects, so applying
 them again (a retried job, an update) converges. A new license changes the instance pod
@@ -25,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from libs.mqtt_broker import broker_limits, listener_limits
+from libs.mqtt_broker import MAX_CONNECTIONS, broker_limits, listener_limits
 from services.provisioner.backends.base import InstanceSpec
 
 PART_OF = "iotistic"
@@ -50,6 +53,14 @@ plugin_opt_config_file {DYNSEC_FILE}
 """
 INSTANCE_PORT = 8080
 MQTT_PATH = "/mqtt"
+MQTT_WEBSOCKETS_PORT = 9001
+# The dashboard's server-sent events: open as long as the page is.
+LIVE_STREAM_PATH = "/api/stream"
+# A device's readings as CSV, up to a million rows streamed: longer than an ordinary request.
+EXPORT_PATH = r"/api/devices/[^/]+/readings\.csv"
+GATEWAY_API = "gateway.networking.k8s.io"
+# The shared Gateway's HTTPS listener for ``*.<base domain>`` that tenants' routes attach to.
+GATEWAY_LISTENER = "tenants"
 # What instances may not reach outside their namespace, although it is not the control plane:
 # every private, loopback, link-local, shared, multicast and reserved range (and IPv4 in IPv6).
 NOT_PUBLIC_V4 = (
@@ -81,11 +92,9 @@ class KubernetesSettings:
     instance_image: str = "ghcr.io/iotistic/iotistic:0.1.0"
     postgres_image: str = "postgres:18"
     mosquitto_image: str = "eclipse-mosquitto:2.0"
-    cluster_issuer: str = "letsencrypt-prod"
-    ingress_class: str = "nginx"
-    ingress_namespace: str = "ingress-nginx"
     control_plane_namespace: str = "iotistic"
-    # The control plane's HTTP pods (the chart's) and their port: all of it instances reach.
+    # The control plane's pods (the chart's labels) and the HTTP port instances may reach on
+    # those of ``control_plane_components``.
     control_plane_pod_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "iotistic"}
     )
@@ -96,6 +105,51 @@ class KubernetesSettings:
     alert_webhook_allowed_cidrs: str = ""
     storage_class: str | None = None
     namespace_prefix: str = "customer-"
+    # Where instances reach the control plane's owners of what they ask, from inside the
+    # cluster (each target is a Service of its own): signup, for sign-ins and sessions
+    # (CONTROL_PLANE_URL), and billing, for usage reports (USAGE_URL; empty: the same as
+    # control_plane_url). Never an address of the pod itself (127.0.0.1 is the instance).
+    control_plane_url: str = ""
+    usage_url: str = ""
+    # How often instances report their usage to billing.
+    usage_report_seconds: float = 300.0
+    # --- the tenants' network: the chart's shared Gateway (Gateway API) and Envoy Gateway
+    # The Gateway every tenant's HTTPRoute attaches to, in control_plane_namespace, at its
+    # listener GATEWAY_LISTENER (``*.<base domain>``, one wildcard certificate).
+    gateway_name: str = "iotistic"
+    # Where that Gateway's Envoy proxies run (Envoy Gateway's own namespace, or the Gateway's
+    # in its "Gateway namespace" mode) and their pods' labels (Envoy Gateway's, on every proxy
+    # whatever its Gateway): the only way into a tenant from outside its namespace.
+    gateway_proxy_namespace: str = "envoy-gateway-system"
+    gateway_proxy_pod_labels: dict[str, str] = field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "envoy",
+            "app.kubernetes.io/component": "proxy",
+            "app.kubernetes.io/managed-by": "envoy-gateway",
+        }
+    )
+    # The control plane's targets an instance calls: sign-in and /me (signup), usage (billing),
+    # the license keys (licensing); never the provisioner, NATS or Postgres.
+    control_plane_components: tuple[str, ...] = ("signup", "billing", "licensing")
+    # The cluster DNS's pods, the only DNS a tenant may ask.
+    dns_namespace: str = "kube-system"
+    dns_pod_labels: dict[str, str] = field(default_factory=lambda: {"k8s-app": "kube-dns"})
+    # Ports the instance's alert webhooks may use on public addresses: HTTPS only.
+    webhook_ports: tuple[int, ...] = (443,)
+    # The longest an ordinary request through the Gateway may take, and a CSV export (MQTT over
+    # WebSockets and the dashboard's live stream have none: they last as long as the device or
+    # page). Gateway API durations: "60s", "15m", "1h".
+    gateway_request_timeout: str = "60s"
+    gateway_export_timeout: str = "15m"
+    # Render Envoy Gateway's BackendTrafficPolicy per tenant (off for another Gateway API
+    # implementation: the HTTPRoute is portable, the policy is not).
+    gateway_traffic_policy: bool = True
+    # Requests a second one client address may make to one tenant (per Envoy replica and per
+    # route rule); 0: no limit.
+    gateway_requests_per_client: int = 50
+    # Connections to a tenant's broker or instance an Envoy replica holds beyond one per
+    # licensed device (people's browsers, API clients).
+    gateway_connections_headroom: int = 100
 
 
 def dns_label(customer_id: str) -> str:
@@ -139,13 +193,15 @@ def render(
     login_relay_key: str = "",
     mqtt_client_id: str = "",
     monitoring_token: str = "",
+    usage_token: str = "",
 ) -> list[dict[str, Any]]:
     """Every object of the customer's instance, in apply order.
 
     The broker keeps its clients (dynamic security) on a volume of its own; its admin, which
     the instance uses to give devices their credentials, and the instance's own ingest client
     have the passwords given here, and the ingest client is bound to ``mqtt_client_id``.
-    ``monitoring_token`` opens the instance's metrics and readiness detail."""
+    ``monitoring_token`` opens the instance's metrics and readiness detail; ``usage_token`` is
+    the instance's credential for its usage reports to billing."""
     cid = spec.customer_id
     ns = namespace_of(cid, settings)
     database = "iotistic"
@@ -155,6 +211,7 @@ def render(
         _quota(ns, cid),
         _limits(ns, cid),
         _network_policy(ns, cid, settings),
+        *_gateway_ingress(ns, cid, settings),
         _instance_egress(ns, cid, settings),
         {
             "apiVersion": "v1",
@@ -189,12 +246,13 @@ def render(
             },
         },
         {
-            # The key the dashboard signs browsers' addresses with when it relays a sign-in.
+            # The key the dashboard signs browsers' addresses with when it relays a sign-in,
+            # and the token the instance reports its usage to billing with.
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": _meta("control-plane", ns, cid),
             "type": "Opaque",
-            "stringData": {"login-relay-key": login_relay_key},
+            "stringData": {"login-relay-key": login_relay_key, "usage-token": usage_token},
         },
         {
             "apiVersion": "v1",
@@ -215,7 +273,7 @@ def render(
         _mosquitto(ns, cid, settings),
         _instance_service(ns, cid),
         _instance(spec, ns, settings),
-        _ingress(ns, cid, settings),
+        *_http_route(spec, ns, settings),
     ]
 
 
@@ -255,12 +313,24 @@ def _limits(ns: str, cid: str) -> dict[str, Any]:
     }
 
 
+def _namespace_peer(name: str, pod_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A NetworkPolicy peer: the pods (with ``pod_labels``, or all) of the namespace ``name``."""
+    peer: dict[str, Any] = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}
+    }
+    if pod_labels is not None:
+        peer["podSelector"] = {"matchLabels": dict(pod_labels)}
+    return peer
+
+
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": port} for port in ports]
+
+
 def _network_policy(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
-    same_namespace: dict[str, Any] = {"podSelector": {}}
-
-    def namespace(name: str) -> dict[str, Any]:
-        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
-
+    """Every pod of the tenant: in from its own namespace only (the Gateway's way in is
+    ``_gateway_ingress``, pod by pod), out to its own namespace and the cluster DNS only."""
+    dns = _namespace_peer(settings.dns_namespace, settings.dns_pod_labels)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -268,38 +338,52 @@ def _network_policy(ns: str, cid: str, settings: KubernetesSettings) -> dict[str
         "spec": {
             "podSelector": {},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [
-                {"from": [same_namespace]},
-                {
-                    # The ingress controller, to the instance and (devices' MQTT over
-                    # WebSockets, TLS ended at the ingress) to the broker.
-                    "from": [namespace(settings.ingress_namespace)],
-                    "ports": [
-                        {"protocol": "TCP", "port": INSTANCE_PORT},
-                        {"protocol": "TCP", "port": 9001},
-                    ],
-                },
-            ],
+            "ingress": [{"from": [{"podSelector": {}}]}],
             "egress": [
-                {"to": [same_namespace]},
-                {
-                    "to": [namespace("kube-system")],
-                    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
-                },
+                {"to": [{"podSelector": {}}]},
+                {"to": [dns], "ports": [{"protocol": "UDP", "port": 53}, *_tcp(53)]},
             ],
         },
     }
+
+
+def _gateway_ingress(ns: str, cid: str, settings: KubernetesSettings) -> list[dict[str, Any]]:
+    """The Gateway's Envoy proxies in: to the instance's HTTP port, and (devices' MQTT over
+    WebSockets, TLS ended at the Gateway) to the broker's WebSockets port; nothing else, and
+    no other pod of the tenant."""
+    proxies = _namespace_peer(settings.gateway_proxy_namespace, settings.gateway_proxy_pod_labels)
+    return [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(f"gateway-to-{target}", ns, cid),
+            "spec": {
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": target}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [proxies], "ports": _tcp(port)}],
+            },
+        }
+        for target, port in (("instance", INSTANCE_PORT), ("mosquitto", MQTT_WEBSOCKETS_PORT))
+    ]
 
 
 def _instance_egress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
-    """The instance pods, besides their namespace and DNS: the control plane's HTTP pods on
-    their port only (never its NATS or Postgres), and public addresses (alert webhooks)."""
-    control_plane = {
-        "namespaceSelector": {
-            "matchLabels": {"kubernetes.io/metadata.name": settings.control_plane_namespace}
-        },
-        "podSelector": {"matchLabels": dict(settings.control_plane_pod_labels)},
+    """The instance pods, besides their namespace and DNS: the control plane's HTTP targets on
+    their port only (never its NATS, Postgres or provisioner), and public addresses on the
+    webhook ports (alert webhooks), plus the networks the operator allowed webhooks to reach.
+    Postgres and Mosquitto get nothing beyond their namespace and DNS."""
+    control_plane = _namespace_peer(settings.control_plane_namespace)
+    control_plane["podSelector"] = {
+        "matchLabels": dict(settings.control_plane_pod_labels),
+        "matchExpressions": [
+            {
+                "key": "app.kubernetes.io/component",
+                "operator": "In",
+                "values": list(settings.control_plane_components),
+            }
+        ],
     }
+    webhooks = public_internet(settings.cluster_cidrs) + _allowed_networks(settings)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -308,11 +392,8 @@ def _instance_egress(ns: str, cid: str, settings: KubernetesSettings) -> dict[st
             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "instance"}},
             "policyTypes": ["Egress"],
             "egress": [
-                {
-                    "to": [control_plane],
-                    "ports": [{"protocol": "TCP", "port": settings.control_plane_port}],
-                },
-                {"to": public_internet(settings.cluster_cidrs)},
+                {"to": [control_plane], "ports": _tcp(settings.control_plane_port)},
+                {"to": webhooks, "ports": _tcp(*settings.webhook_ports)},
             ],
         },
     }
@@ -324,18 +405,46 @@ def public_internet(cluster_cidrs: tuple[str, ...] = ()) -> list[dict[str, Any]]
     addresses are matched by ipBlock only where the network plugin does so)."""
     blocks = []
     for everything, refused in (("0.0.0.0/0", NOT_PUBLIC_V4), ("::/0", NOT_PUBLIC_V6)):
-        version = ipaddress.ip_network(everything).version
         excepted = [ipaddress.ip_network(c) for c in refused]
-        for cidr in cluster_cidrs:
-            network = ipaddress.ip_network(cidr, strict=False)
-            if network.version == version and not any(
-                network.subnet_of(e)  # type: ignore[arg-type]
-                for e in excepted
-                if e.version == version
-            ):
-                excepted.append(network)
-        blocks.append({"ipBlock": {"cidr": everything, "except": [str(e) for e in excepted]}})
+        blocks.append(_block(ipaddress.ip_network(everything), excepted, cluster_cidrs))
     return blocks
+
+
+def _allowed_networks(settings: KubernetesSettings) -> list[dict[str, Any]]:
+    """``ipBlock`` peers for ALERT_WEBHOOK_ALLOWED_CIDRS, which the instance lets its webhooks
+    reach although they are not public: the policy must agree, less the cluster's networks (a
+    pod or Service address stays refused even inside an allowed private range)."""
+    clusters = [ipaddress.ip_network(c, strict=False) for c in settings.cluster_cidrs]
+    blocks = []
+    for item in settings.alert_webhook_allowed_cidrs.split(","):
+        if item.strip():
+            allowed = ipaddress.ip_network(item.strip(), strict=False)
+            same_version = [c for c in clusters if c.version == allowed.version]
+            if not any(allowed.subnet_of(c) for c in same_version):  # type: ignore[arg-type]
+                blocks.append(_block(allowed, [], settings.cluster_cidrs))
+    return blocks
+
+
+def _block(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    excepted: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    cluster_cidrs: tuple[str, ...],
+) -> dict[str, Any]:
+    """An ``ipBlock`` of ``network`` less ``excepted`` and the cluster networks inside it (an
+    exception must lie inside the block; one already inside another exception is left out)."""
+    for cidr in cluster_cidrs:
+        cluster = ipaddress.ip_network(cidr, strict=False)
+        if (
+            cluster.version == network.version
+            and cluster.subnet_of(network)  # type: ignore[arg-type]
+            and cluster != network
+            and not any(cluster.subnet_of(e) for e in excepted)  # type: ignore[arg-type]
+        ):
+            excepted.append(cluster)
+    block: dict[str, Any] = {"cidr": str(network)}
+    if excepted:
+        block["except"] = [str(e) for e in excepted]
+    return {"ipBlock": block}
 
 
 def _service(
@@ -570,6 +679,20 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
                                 _secret_env("MQTT_ADMIN_USERNAME", "mqtt", "admin-username"),
                                 _secret_env("MQTT_ADMIN_PASSWORD", "mqtt", "admin-password"),
                                 _secret_env("LOGIN_RELAY_KEY", "control-plane", "login-relay-key"),
+                                # Each owner directly, through its own Service: signup checks
+                                # sign-ins and sessions, billing takes the usage reports.
+                                # (LOG_LEVEL stays the instance's INFO: the kubelet rotates a
+                                # container's log, unlike the local backend's log files.)
+                                {"name": "CONTROL_PLANE_URL", "value": settings.control_plane_url},
+                                {
+                                    "name": "USAGE_URL",
+                                    "value": settings.usage_url or settings.control_plane_url,
+                                },
+                                _secret_env("USAGE_TOKEN", "control-plane", "usage-token"),
+                                {
+                                    "name": "USAGE_REPORT_SECONDS",
+                                    "value": str(settings.usage_report_seconds),
+                                },
                                 # Browsers come through the ingress controller, which sets
                                 # X-Forwarded-For to the address it saw.
                                 {"name": "TRUSTED_PROXY_HOPS", "value": "1"},
@@ -605,56 +728,108 @@ def _instance(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict
 
 
 def mqtt_public_url(customer_id: str, settings: KubernetesSettings) -> str:
-    """Where the customer's devices connect: MQTT over WebSockets through the Ingress."""
+    """Where the customer's devices connect: MQTT over WebSockets through the shared Gateway."""
     return f"wss://{host_of(customer_id, settings)}{MQTT_PATH}"
 
 
-def _ingress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
-    host = host_of(cid, settings)
+def _http_route(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> list[dict[str, Any]]:
+    """The tenant's HTTPRoute on the shared Gateway, after the traffic policy that limits it
+    (applied first, so the route never serves unlimited)."""
+    route = _route(ns, spec.customer_id, settings)
+    if not settings.gateway_traffic_policy:
+        return [route]
+    return [_traffic_policy(spec, ns, settings), route]
+
+
+def _route(ns: str, cid: str, settings: KubernetesSettings) -> dict[str, Any]:
+    """``<id>.<base domain>``: ``/mqtt`` to the broker's WebSockets, the rest to the instance.
+    TLS ends at the Gateway's wildcard listener, so nothing here asks for a certificate. Envoy
+    ends a route's request after 15 s unless told otherwise, whole response included: a
+    device's MQTT session and a page's live stream would be cut, so their rules have no request
+    timeout ("0s" disables it, in Gateway API), and a CSV export has a long one; a WebSocket
+    upgrade needs nothing else, Envoy Gateway allows it on every route. Envoy Gateway ranks an
+    Exact path, then a RegularExpression, then the longest PathPrefix."""
+
+    def rule(name: str, path: str, match: str, service: str, port: int, timeout: str) -> Any:
+        return {
+            "name": name,
+            "matches": [{"path": {"type": match, "value": path}}],
+            "backendRefs": [{"kind": "Service", "name": service, "port": port}],
+            "timeouts": {"request": timeout},
+        }
+
     return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "Ingress",
-        "metadata": _meta(
-            "instance",
-            ns,
-            cid,
-            annotations={
-                "cert-manager.io/cluster-issuer": settings.cluster_issuer,
-                # Devices keep their MQTT connection open, browsers their live stream.
-                "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
-                "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
-            },
-        ),
+        "apiVersion": f"{GATEWAY_API}/v1",
+        "kind": "HTTPRoute",
+        "metadata": _meta("instance", ns, cid),
         "spec": {
-            "ingressClassName": settings.ingress_class,
-            "tls": [{"hosts": [host], "secretName": "instance-tls"}],
-            "rules": [
+            "parentRefs": [
                 {
-                    "host": host,
-                    "http": {
-                        "paths": [
-                            {
-                                "path": MQTT_PATH,
-                                "pathType": "Exact",
-                                "backend": {
-                                    "service": {
-                                        "name": "mosquitto",
-                                        "port": {"name": "websockets"},
-                                    }
-                                },
-                            },
-                            {
-                                "path": "/",
-                                "pathType": "Prefix",
-                                "backend": {
-                                    "service": {"name": "instance", "port": {"name": "http"}}
-                                },
-                            },
-                        ]
-                    },
+                    "group": GATEWAY_API,
+                    "kind": "Gateway",
+                    "name": settings.gateway_name,
+                    "namespace": settings.control_plane_namespace,
+                    "sectionName": GATEWAY_LISTENER,
                 }
             ],
+            "hostnames": [host_of(cid, settings)],
+            "rules": [
+                rule("mqtt", MQTT_PATH, "Exact", "mosquitto", MQTT_WEBSOCKETS_PORT, "0s"),
+                rule("live", LIVE_STREAM_PATH, "Exact", "instance", 80, "0s"),
+                rule(
+                    "export",
+                    EXPORT_PATH,
+                    "RegularExpression",
+                    "instance",
+                    80,
+                    settings.gateway_export_timeout,
+                ),
+                rule("app", "/", "PathPrefix", "instance", 80, settings.gateway_request_timeout),
+            ],
         },
+    }
+
+
+def _traffic_policy(spec: InstanceSpec, ns: str, settings: KubernetesSettings) -> dict[str, Any]:
+    """Envoy Gateway's limits on this tenant's route, so one tenant's flood or one client's
+    cannot take the shared proxies from the others: a request rate per client address (a
+    bucket per address, IPv4 and IPv6), and circuit breakers sized by the license: Envoy's
+    default of 1024 connections and requests in flight to a backend would refuse devices of a
+    large plan (each holds one for its session), and nothing larger than the broker's own
+    limit is useful. Both count per Envoy replica; the Gateway must see the client's address
+    (its Service's externalTrafficPolicy Local, or PROXY protocol), or every client shares one
+    bucket. A per-tenant total rate cannot be added: with per-address rules Envoy Gateway's
+    local rate limit never consumes its default bucket."""
+    connections = min(spec.max_devices + settings.gateway_connections_headroom, MAX_CONNECTIONS)
+    policy: dict[str, Any] = {
+        "targetRefs": [{"group": GATEWAY_API, "kind": "HTTPRoute", "name": "instance"}],
+        "circuitBreaker": {
+            "maxConnections": connections,
+            "maxParallelRequests": connections,
+        },
+    }
+    if settings.gateway_requests_per_client:
+        policy["rateLimit"] = {
+            # ``type`` is deprecated since Envoy Gateway 1.6 and required before it.
+            "type": "Local",
+            "local": {
+                "rules": [
+                    {
+                        "clientSelectors": [{"sourceCIDR": {"type": "Distinct", "value": cidr}}],
+                        "limit": {
+                            "requests": settings.gateway_requests_per_client,
+                            "unit": "Second",
+                        },
+                    }
+                    for cidr in ("0.0.0.0/0", "::/0")
+                ]
+            },
+        }
+    return {
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "BackendTrafficPolicy",
+        "metadata": _meta("instance", ns, spec.customer_id),
+        "spec": policy,
     }
 
 
