@@ -53,6 +53,11 @@ def settings_of(runtime: ServiceRuntime) -> ProvisionerSettings:
     return runtime.settings_as(ProvisionerSettings)
 
 
+def applies_here(runtime: ServiceRuntime) -> bool:
+    """Whether this process runs the backend and the queue's jobs (``PROVISIONER_WORKER``)."""
+    return settings_of(runtime).provisioner_worker
+
+
 def backend_of(runtime: ServiceRuntime) -> Backend:
     """The backend this provisioner runs instances with (one per process)."""
 
@@ -231,26 +236,40 @@ def _reactors(runtime: ServiceRuntime) -> Sequence[Projection]:
     def wake() -> None:
         # After the reactor's transaction commits the job is claimable; the next poll (a
         # quarter second) finds it anyway, waking just saves that wait.
-        worker_of(runtime).wake()
+        if applies_here(runtime):
+            worker_of(runtime).wake()
         relay_of(runtime).wake()
 
     return provisioner_reactors(settings_of(runtime).queue_max_retries, wake)
 
 
 def _workers(runtime: ServiceRuntime) -> list[Worker]:
-    return [
-        Worker("queue worker", worker_of(runtime).run),
+    # The routes' and reactor's events reach the log from any process; the metrics read the
+    # queue's table. Only a process that applies makes the backend and holds its rights.
+    everywhere = [
         outbox_worker(runtime),
         Worker(
             "queue metrics",
             lambda: metrics_of(runtime).refresh_every(runtime.db, METRICS_REFRESH_SECONDS),
         ),
+    ]
+    if not applies_here(runtime):
+        return everywhere
+    return [
+        Worker("queue worker", worker_of(runtime).run),
+        *everywhere,
         Worker("capacity", capacity_of(runtime).run),
         health_watch_of(runtime).worker(),
     ]
 
 
+# What readiness shows in a process that does not apply (PROVISIONER_WORKER=false).
+NOT_APPLYING = "not here (PROVISIONER_WORKER=false): the provisioner's worker runs the jobs"
+
+
 def _readiness(runtime: ServiceRuntime) -> Mapping[str, Any]:
+    if not applies_here(runtime):
+        return {"worker": NOT_APPLYING}
     # Full is not unhealthy: shown, never a reason for 503.
     return {"capacity": capacity_of(runtime).readiness()}
 
@@ -258,6 +277,8 @@ def _readiness(runtime: ServiceRuntime) -> Mapping[str, Any]:
 def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
     from services.provisioner.routes import provisioner_routes
 
+    if not applies_here(runtime):
+        return provisioner_routes(runtime, None, relay_of(runtime), None)
     return provisioner_routes(runtime, backend_of(runtime), relay_of(runtime), worker_of(runtime))
 
 

@@ -20,7 +20,7 @@ from libs.http import Conflict, InvalidRequest, NotFound
 from libs.outbox import OutboxRelay
 from libs.runtime import ServiceRuntime
 from services.provisioner.admin_page import admin_page_routes
-from services.provisioner.backends.base import Backend
+from services.provisioner.backends.base import Backend, BackendError
 from services.provisioner.health import HEALTH_WATCH
 from services.provisioner.queue import (
     DELETE,
@@ -90,16 +90,43 @@ async def retry_or_refuse(conn: asyncpg.Connection, job_id: str, by: str) -> Non
         raise Conflict(str(exc)) from None
 
 
+async def backend_view(
+    backend: Backend | None, backend_name: str, customer_id: str
+) -> dict[str, object]:
+    """The backend's own view of the customer's instance, or why there is none: this process
+    does not run the backend (``backend`` None: ``PROVISIONER_WORKER=false``), or the backend
+    cannot tell now. The rest of the status comes from the projections either way."""
+    if backend is None:
+        return {
+            "name": backend_name,
+            "release": None,
+            "components": {},
+            "unavailable": "this provisioner does not run the backend (PROVISIONER_WORKER=false);"
+            " the instance's state and health are the worker's, from the log",
+        }
+    try:
+        return {"name": backend.name, **await backend.status(customer_id)}
+    except BackendError as exc:
+        return {"name": backend.name, "release": None, "components": {}, "unavailable": str(exc)}
+
+
 def provisioner_routes(
-    runtime: ServiceRuntime, backend: Backend, relay: OutboxRelay, worker: QueueWorker
+    runtime: ServiceRuntime,
+    backend: Backend | None,
+    relay: OutboxRelay,
+    worker: QueueWorker | None,
 ) -> list[ControllerRouterHandler]:
-    """``/api/queue/...`` and ``/api/customers/{id}/deploy|deployment``, and ``/admin/queues``."""
+    """``/api/queue/...`` and ``/api/customers/{id}/deploy|deployment``, and ``/admin/queues``.
+
+    ``backend`` and ``worker`` are None in a process that does not apply (``PROVISIONER_WORKER``
+    false): jobs are queued here and run by a worker elsewhere."""
     settings = runtime.settings_as(ProvisionerSettings)
     sessions = SessionTokens(settings.session_secret, settings.session_ttl_seconds)
 
     async def changed() -> None:
         relay.wake()
-        worker.wake()
+        if worker is not None:
+            worker.wake()
 
     @get("/api/queue/stats")
     async def stats() -> dict[str, int]:
@@ -234,7 +261,7 @@ def provisioner_routes(
             )
         if license_row is None and instance is None and latest is None:
             raise NotFound(f"no deployment for customer {customer_id}")
-        view = {"name": backend.name, **await backend.status(customer_id)}
+        view = await backend_view(backend, settings.provisioner_backend, customer_id)
         degraded = health is not None and health["state"] == "degraded"
         running = instance is not None and instance["state"] == "running"
         deployed_at = releases["last"] or (instance["updated_at"] if running else None)
@@ -253,7 +280,7 @@ def provisioner_routes(
             "health": dict(health) if health else None,
             # The backend's release: its state, how many times it was (re)deployed, when last.
             "release": {
-                "name": backend.name,
+                "name": view["name"],
                 "status": view.get("release"),
                 "version": releases["revisions"],
                 "lastDeployed": releases["last"],

@@ -117,6 +117,12 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     postgres_image: str | None = None
     mosquitto_image: str | None = None
     allow_unpinned_images: bool = False
+    # --- where jobs run
+    # Whether this process applies: starts the backend, claims queued jobs and runs the health
+    # and capacity watches. false: it serves the routes and projections only, and queued jobs
+    # wait for a process where it is true. On Kubernetes the web-facing pods run with false and
+    # no service-account token; only the worker pods (no Service) hold the cluster rights.
+    provisioner_worker: bool = True
 
 
 def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 import pytest
@@ -48,6 +49,11 @@ TEMPLATES = CHART / "templates"
 NATS_TEMPLATE = TEMPLATES / "bus.yaml"
 BUS_PERMISSIONS = CHART / "files" / "bus-permissions.json"
 MAKE_SECRETS = ROOT / "deploy" / "make-secrets.sh"
+# Where deploy/make-secrets.sh puts the bus passwords and the settings' secrets (one per file).
+BUS_SECRETS = "deploy/secrets/nats"
+ENV_SECRETS = "deploy/secrets/env"
+# Where a target finds its secret settings, a file per variable (its entrypoint exports them).
+ENV_DIR = "/run/iotistic/env"
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")
 
 TARGETS = ("signup", "licensing", "billing", "provisioner")
@@ -394,18 +400,21 @@ def test_compose_wires_each_target_to_postgres_and_nats() -> None:
     for target in TARGETS:
         env = services[target]["environment"]
         assert env["NATS_URL"] == "nats://nats:4222"
-        assert env["DATABASE_URL"].startswith("postgresql://")
-        assert "${POSTGRES_PASSWORD:?" in env["DATABASE_URL"]
-        assert "@postgres:5432/" in env["DATABASE_URL"]
-        assert env["ADMIN_TOKEN"].startswith("${ADMIN_TOKEN:?")
+        # DATABASE_URL and ADMIN_TOKEN come from files (see the compose secrets tests).
+        assert {"DATABASE_URL", "ADMIN_TOKEN"} <= set(compose_env_secrets(services[target]))
         unknown = set(env) - SETTINGS - OTEL_STANDARD
         assert not unknown, f"{target}: environment variables the program does not read: {unknown}"
 
 
-def test_compose_postgres_takes_its_password_from_the_environment() -> None:
+def test_compose_postgres_takes_its_password_from_a_file() -> None:
     postgres = compose_services()["postgres"]
     assert postgres["image"].split(":")[0] == "postgres"
-    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "POSTGRES_PASSWORD" not in postgres["environment"]
+    password_file = postgres["environment"]["POSTGRES_PASSWORD_FILE"]
+    assert compose_secret_mounts(postgres) == {password_file: "postgres-password"}
+    assert load_yaml(COMPOSE)["secrets"]["postgres-password"]["file"] == (
+        f"./{ENV_SECRETS}/POSTGRES_PASSWORD"
+    )
     assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     volumes = load_yaml(COMPOSE)["volumes"]
@@ -447,13 +456,14 @@ def compose_volume_mounts(service: dict[str, Any]) -> dict[str, tuple[str, list[
 
 
 def compose_bus_secret_files() -> dict[str, str]:
-    """The user whose password each top-level compose secret holds: {secret: user}."""
+    """The user whose password each compose secret of deploy/secrets/nats holds: {secret: user}."""
     secrets = load_yaml(COMPOSE)["secrets"]
     users = {}
     for name, secret in secrets.items():
         path = PurePosixPath(secret["file"])
-        assert path.parent == PurePosixPath("deploy/secrets/nats"), secret
-        users[name] = path.name
+        assert path.parent in (PurePosixPath(BUS_SECRETS), PurePosixPath(ENV_SECRETS)), secret
+        if path.parent == PurePosixPath(BUS_SECRETS):
+            users[name] = path.name
     assert sorted(users.values()) == sorted(BUS_USERS)
     return users
 
@@ -464,7 +474,11 @@ def test_compose_gives_each_target_only_its_own_bus_password() -> None:
     for target in TARGETS:
         service = services[target]
         assert service["environment"]["NATS_CREDENTIALS_DIR"] == CREDENTIALS_DIR
-        mounts = compose_secret_mounts(service)
+        mounts = {
+            path: source
+            for path, source in compose_secret_mounts(service).items()
+            if path.startswith(CREDENTIALS_DIR + "/")
+        }
         assert list(mounts) == [f"{CREDENTIALS_DIR}/{target}"], target
         assert users[mounts[f"{CREDENTIALS_DIR}/{target}"]] == target
 
@@ -572,8 +586,11 @@ def test_make_secrets_makes_each_password_once(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     folder = tmp_path / "deploy" / "secrets" / "nats"
     # Where compose looks for them.
-    assert {name: folder / user for name, user in compose_bus_secret_files().items()} == {
-        name: tmp_path / secret["file"] for name, secret in load_yaml(COMPOSE)["secrets"].items()
+    bus_secrets = compose_bus_secret_files()
+    assert {name: folder / user for name, user in bus_secrets.items()} == {
+        name: tmp_path / secret["file"]
+        for name, secret in load_yaml(COMPOSE)["secrets"].items()
+        if name in bus_secrets
     }
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
@@ -612,6 +629,186 @@ def test_make_secrets_is_posix_sh_with_an_owner_only_umask() -> None:
     assert os.access(MAKE_SECRETS, os.X_OK)
 
 
+# --- docker-compose.yml: every secret from a file, every port on loopback (issue 14) ------------
+
+# Secret-looking settings of a target that compose does not hand it, each with the reason.
+NOT_IN_COMPOSE = {
+    # The local backend's broker admin: compose runs no Mosquitto for instances.
+    ("provisioner", "MQTT_ADMIN_PASSWORD"): "no instance broker in compose",
+    # Optional: the local backend's instances use the provisioner's DATABASE_URL server.
+    ("provisioner", "LOCAL_ADMIN_DATABASE_URL"): "unset: the provisioner's own server",
+}
+SECRET_SETTING = re.compile(r"SECRET|TOKEN|PASSWORD|PRIVATE_KEY|DATABASE_URL")
+IOTISTIC_BIND = "${IOTISTIC_BIND_ADDRESS:-127.0.0.1}"
+
+
+def compose_env_secrets(service: dict[str, Any]) -> dict[str, str]:
+    """The settings a container gets from files: {VARIABLE: compose secret}."""
+    return {
+        PurePosixPath(path).name: source
+        for path, source in compose_secret_mounts(service).items()
+        if PurePosixPath(path).parent == PurePosixPath(ENV_DIR)
+    }
+
+
+def target_settings(target: str) -> set[str]:
+    from services.targets import definitions_for
+
+    [definition] = definitions_for(target)
+    return {name.upper() for name in definition.settings_type.__struct_fields__}
+
+
+def test_compose_gives_each_target_the_secrets_its_settings_read_and_no_more() -> None:
+    services = compose_services()
+    declared = load_yaml(COMPOSE)["secrets"]
+    for target in TARGETS:
+        given = compose_env_secrets(services[target])
+        settings = target_settings(target)
+        assert set(given) <= settings, f"{target}: files for settings it lacks"
+        wanted = {
+            name
+            for name in settings
+            if SECRET_SETTING.search(name) and (target, name) not in NOT_IN_COMPOSE
+        }
+        assert set(given) == wanted, target
+        for variable, source in given.items():
+            assert declared[source]["file"] == f"./{ENV_SECRETS}/{variable}", source
+    # Only the provisioner derives instances' passwords; only licensing signs licenses.
+    holders = {
+        name: sorted(t for t in TARGETS if name in compose_env_secrets(services[t]))
+        for name in ("PROVISIONER_SECRET", "LICENSE_PRIVATE_KEY", "STRIPE_SECRET_KEY")
+    }
+    assert holders == {
+        "PROVISIONER_SECRET": ["provisioner"],
+        "LICENSE_PRIVATE_KEY": ["licensing"],
+        "STRIPE_SECRET_KEY": ["billing"],
+    }
+
+
+def test_compose_environment_holds_no_secret() -> None:
+    for name, service in compose_services().items():
+        environment = service.get("environment", {})
+        secret = [k for k in environment if SECRET_SETTING.search(k) and not k.endswith("_FILE")]
+        assert not secret, f"{name}: secrets in its environment: {secret}"
+    head = COMPOSE.read_text().split("services:")[0]
+    assert "export ADMIN_TOKEN" not in head and "export POSTGRES_PASSWORD" not in head
+
+
+def test_compose_publishes_every_port_on_loopback_unless_told() -> None:
+    published = 0
+    for name, service in compose_services().items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith(IOTISTIC_BIND + ":"), (name, port)
+            # host address, host port, container port: three parts once the variables are folded
+            folded = re.sub(r"\$\{[^}]*\}", "VAR", port)
+            assert re.fullmatch(r"VAR:VAR:\d+", folded), (name, port)
+            published += 1
+    assert published == len(TARGETS)
+    assert "IOTISTIC_BIND_ADDRESS" in COMPOSE.read_text().split("services:")[0]
+
+
+def compose_entrypoint_script(folder: Path) -> list[str]:
+    """The targets' entrypoint as the container runs it: compose's `$$` unescaped, and the
+    secrets' folder moved to ``folder``."""
+    entrypoint = compose_services()["signup"]["entrypoint"]
+    for target in TARGETS:
+        assert compose_services()[target]["entrypoint"] == entrypoint, target
+    shell, flag, script, name = entrypoint
+    assert (shell, flag, name) == ("/bin/sh", "-c", "iotistic")
+    return ["sh", flag, script.replace("$$", "$").replace(ENV_DIR, str(folder)), name]
+
+
+def test_compose_entrypoint_exports_each_secret_file_then_runs_iotistic(tmp_path: Path) -> None:
+    from libs.config import load_settings
+    from services.billing.settings import BillingSettings
+
+    folder = tmp_path / "env"
+    folder.mkdir()
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
+    values = {
+        "DATABASE_URL": "postgresql://iotistic:" + "ab" * 32 + "@postgres:5432/iotistic",
+        "ADMIN_TOKEN": "a" * 64,
+        "SESSION_SECRET": "s" * 64,
+        "USAGE_SECRET": "u" * 64,
+        "LICENSE_PRIVATE_KEY": pem,
+        "STRIPE_SECRET_KEY": "",
+    }
+    for variable, value in values.items():
+        (folder / variable).write_text(value)
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "iotistic").write_text(
+        "#!/bin/sh\nexec "
+        + sys.executable
+        + " -c 'import json, os, sys; print(json.dumps([sys.argv[1:], dict(os.environ)]))' \"$@\"\n"
+    )
+    (stub / "iotistic").chmod(0o755)
+    result = subprocess.run(
+        [*compose_entrypoint_script(folder), "run", "--target", "billing"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": f"{stub}:/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    args, environment = json.loads(result.stdout)
+    assert args == ["run", "--target", "billing"]
+    assert {k: environment[k] for k in values} == values
+    # The program reads them as settings; an empty file (Stripe not set up yet) is unset.
+    settings = load_settings(BillingSettings, environment)
+    assert settings.usage_secret == values["USAGE_SECRET"]
+    assert settings.admin_token == values["ADMIN_TOKEN"]
+    assert settings.stripe_secret_key is None
+
+
+def test_make_secrets_makes_every_setting_secret_compose_mounts(tmp_path: Path) -> None:
+    from libs.config import PostgresUrl
+    from services.licensing.keys import load_keyring
+
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(MAKE_SECRETS, tmp_path / "deploy" / "make-secrets.sh")
+    first = run_make_secrets(tmp_path)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / ENV_SECRETS
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    declared = load_yaml(COMPOSE)["secrets"]
+    for name, secret in declared.items():
+        path = tmp_path / secret["file"]
+        assert path.is_file(), name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, name
+    made = {p.name: p.read_text() for p in folder.iterdir()}
+    assert sorted(made) == sorted(
+        PurePosixPath(s["file"]).name
+        for s in declared.values()
+        if PurePosixPath(s["file"]).parent == PurePosixPath(ENV_SECRETS)
+    )
+    for name in ("ADMIN_TOKEN", "SESSION_SECRET", "PROVISIONER_SECRET", "USAGE_SECRET"):
+        assert re.fullmatch(r"[0-9a-f]{64}", made[name]), name
+    assert len({made[n] for n in made if re.fullmatch(r"[0-9a-f]{64}", made[n])}) == 6
+    assert made["STRIPE_WEBHOOK_SECRET"] == made["STRIPE_SECRET_KEY"] == ""
+    assert made["DATABASE_URL"] == (
+        f"postgresql://iotistic:{made['POSTGRES_PASSWORD']}@postgres:5432/iotistic"
+    )
+    msgspec.convert(made["DATABASE_URL"], PostgresUrl)
+    # A real RSA key that licensing signs with (4096 bits, as the embedded default makes).
+    ring = load_keyring(private_key_pem=made["LICENSE_PRIVATE_KEY"])
+    assert ring.current.private_key is not None
+    assert ring.current.private_key.key_size == 4096
+
+    # Kept on the next run; one deleted is made again, alone; Stripe values you wrote stay.
+    (folder / "ADMIN_TOKEN").unlink()
+    (folder / "STRIPE_SECRET_KEY").write_text("sk_test_yours")
+    second = run_make_secrets(tmp_path)
+    assert second.returncode == 0, second.stderr
+    again = {p.name: p.read_text() for p in folder.iterdir()}
+    assert again["ADMIN_TOKEN"] != made["ADMIN_TOKEN"]
+    assert again["STRIPE_SECRET_KEY"] == "sk_test_yours"
+    del again["ADMIN_TOKEN"], again["STRIPE_SECRET_KEY"], made["ADMIN_TOKEN"]
+    del made["STRIPE_SECRET_KEY"]
+    assert again == made
+
+
 # --- no committed secrets ----------------------------------------------------------------------
 
 SECRET_KEY = re.compile(
@@ -639,7 +836,12 @@ def literal_secrets(text: str) -> list[str]:
         # ${VAR:?message} and {{ template }} are references: fold them so their insides
         # (e.g. `ADMIN_TOKEN:?set`) are not read as keys.
         folded = REFERENCE.sub(lambda m: "${}" if m.group().startswith("$") else "{{}}", line)
-        values = [m.group("value") for m in SECRET_KEY.finditer(folded)]
+        values = [
+            m.group("value")
+            for m in SECRET_KEY.finditer(folded)
+            # POSTGRES_PASSWORD_FILE: /run/secrets/...: where the secret is, not the secret
+            if not (m.group("key").upper().endswith("_FILE") and m.group("value").startswith("/"))
+        ]
         values += [m.group("value") for m in URL_CREDENTIALS.finditer(folded)]
         if any(not is_reference_or_empty(value) for value in values):
             found.append(line.strip())
@@ -664,6 +866,7 @@ def deploy_files() -> list[Path]:
         "authorization { user: route, password: pwd }",
         'DATABASE_URL: "postgresql://iotistic:hunter2@postgres:5432/iotistic"',
         "stripeSecretKey: sk_live_123",
+        "POSTGRES_PASSWORD_FILE: hunter2",
     ],
 )
 def test_secret_scanner_flags_literals(line: str) -> None:
@@ -682,6 +885,7 @@ def test_secret_scanner_flags_literals(line: str) -> None:
         'DATABASE_URL: "postgresql://iotistic:${POSTGRES_PASSWORD:?x}@postgres:5432/iotistic"',
         "# postgresql://<user>:<password>@<host>:5432/iotistic",
         "automountServiceAccountToken: false",
+        "POSTGRES_PASSWORD_FILE: /run/secrets/postgres-password",
         "imagePullSecrets: []",
         '{{- $token := required "secrets.adminToken is required" .Values.secrets.adminToken }}',
     ],
@@ -1150,10 +1354,22 @@ def test_dockerfile_builds_the_package_in_stages() -> None:
     assert len(froms) >= 2, "multi-stage build expected"
     for image in froms:
         resolved = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image.split()[0])
-        assert resolved == "python:3.11-slim", image
+        # Pinned by digest (the tag kept for the reader): every build gets the same base.
+        assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", resolved), image
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     assert "pip install -c constraints.txt ." in runs
     assert any(word == "COPY" and rest.startswith("--from=") for word, rest in instructions)
+
+
+def test_dockerfile_says_where_its_base_digest_came_from_and_how_to_refresh_it() -> None:
+    text = DOCKERFILE.read_text()
+    comment = text.split("\nFROM ")[0]  # everything before the first stage
+    assert "docker buildx imagetools inspect python:3.11-slim" in comment
+    assert "digest" in comment.lower()
+    # One base for both stages (the build's venv runs on the runtime's Python), written out
+    # in each FROM where scanners read it, not behind an ARG.
+    froms = [rest.split()[0] for word, rest in dockerfile_instructions() if word == "FROM"]
+    assert len(set(froms)) == 1 and "$" not in froms[0], froms
 
 
 def test_dockerfile_runs_as_a_non_root_user() -> None:

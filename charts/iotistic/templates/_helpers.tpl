@@ -183,6 +183,8 @@ instance image, domain and the control-plane URLs it hands every instance; signu
 {{- end }}
 # What each tenant's HTTPRoute and NetworkPolicies name: this release's namespace and name
 # label (the services instances may call), its Gateway and where the Gateway's proxies run.
+- name: KUBERNETES_NAMESPACE_PREFIX
+  value: {{ $p.kubernetesBackend.namespacePrefix | quote }}
 - name: KUBERNETES_CONTROL_PLANE_NAMESPACE
   value: {{ $root.Release.Namespace | quote }}
 - name: KUBERNETES_CONTROL_PLANE_NAME
