@@ -37,7 +37,7 @@ chaos *ARGS:
 fuzz *ARGS:
     {{bin}}/python -m tests.security.fuzz {{ARGS}}
 
-# checkov's findings on the chart (every charts/iotistic/ci values file) and one customer per plan
+# checkov's findings on the chart (every tests/deploy/chart-values file) and one customer per plan
 checkov *FOLDER:
     {{bin}}/python -m tests.deploy.kube_checks {{FOLDER}}
 

@@ -39,13 +39,14 @@ from referencing import Registry, Resource
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "iotistic"
-# Values files the chart is rendered, linted and scanned with (chart-testing's convention): the
-# chart's authors keep them in step with values.yaml.
-CHART_VALUES = CHART / "ci"
+# Values files the chart is rendered, linted and scanned with, one per shape of release: whoever
+# changes values.yaml keeps them in step. Here, not in the chart's ci/ folder, because they
+# carry dummy secrets, which the chart's folder must never hold (test_deploy_files.py).
+CHART_VALUES = Path(__file__).resolve().parent / "chart-values"
 CRDS = Path(__file__).resolve().parent / "crds"
 CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
 CHECKOV_CONFIG = ROOT / ".checkov.yaml"
-CHECKOV_REQUIREMENTS = ROOT / "deploy" / "checkov-requirements.txt"
+CHECKOV_REQUIREMENTS = Path(__file__).resolve().parent / "checkov-requirements.txt"
 RELEASE = "iot"
 NAMESPACE = "iotistic"
 PLANS = ("trial", "starter", "professional", "enterprise")
@@ -93,7 +94,7 @@ class ManifestError(AssertionError):
 
 
 def values_files() -> list[Path]:
-    """The chart's ci/*-values.yaml files, in name order."""
+    """The chart-values/*-values.yaml files, in name order."""
     return sorted(CHART_VALUES.glob("*-values.yaml"))
 
 
@@ -444,10 +445,10 @@ def checkov_skips(config: Path = CHECKOV_CONFIG) -> dict[str, str]:
 
 
 def checkov_version_pinned() -> str:
-    """The checkov version deploy/checkov-requirements.txt pins."""
+    """The checkov version checkov-requirements.txt pins."""
     match = re.search(r"^checkov==(\S+)$", CHECKOV_REQUIREMENTS.read_text(), re.MULTILINE)
     if not match:
-        raise ManifestError("deploy/checkov-requirements.txt pins no checkov")
+        raise ManifestError(f"{CHECKOV_REQUIREMENTS} pins no checkov")
     return match.group(1)
 
 
@@ -456,7 +457,7 @@ def run_checkov(folder: Path, *, compact: bool = True) -> CheckovReport:
     if not CHECKOV.is_file():
         raise ManifestError(
             f"{CHECKOV} is missing: `./dev test` (or `./dev checkov`) makes .venv-checkov from "
-            "deploy/checkov-requirements.txt"
+            "tests/deploy/checkov-requirements.txt"
         )
     command = [
         str(CHECKOV),

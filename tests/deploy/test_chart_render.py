@@ -3,12 +3,12 @@
 
 Helm here is helm-python-sdk, Helm 4's own library through its C API: the chart is rendered
 (``helm template``) and linted (``helm lint --strict``) offline, with no cluster and no helm
-binary, for its defaults and for every values file in charts/iotistic/ci. Every object rendered
-is checked against the Kubernetes OpenAPI schemas of the oldest version the chart claims
-(Chart.yaml's kubeVersion) and the newest kubernetes-validate knows, and every custom resource
-against its CRD vendored in tests/deploy/crds; an object of a kind neither knows fails. checkov
-(from .venv-checkov, made by ``./dev test``) must fail no check beyond those .checkov.yaml
-skips, each with its reason. Helpers: tests/deploy/kube_checks.py.
+binary, for its defaults and for every values file in tests/deploy/chart-values. Every object
+rendered is checked against the Kubernetes OpenAPI schemas of the oldest version the chart
+claims (Chart.yaml's kubeVersion) and the newest kubernetes-validate knows, and every custom
+resource against its CRD vendored in tests/deploy/crds; an object of a kind neither knows fails.
+checkov (from .venv-checkov, made by ``./dev test``) must fail no check beyond those
+.checkov.yaml skips, each with its reason. Helpers: tests/deploy/kube_checks.py.
 """
 
 from __future__ import annotations
