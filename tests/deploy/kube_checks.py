@@ -283,7 +283,12 @@ def kubernetes_version_floor(chart: Path = CHART) -> str:
 
 def kubernetes_versions() -> list[str]:
     """The Kubernetes versions objects are checked against: the chart's floor and the newest."""
-    return sorted({kubernetes_version_floor(), NEWEST_KUBERNETES})
+    return sorted({kubernetes_version_floor(), NEWEST_KUBERNETES}, key=_minor)
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
 
 
 @functools.cache
@@ -298,12 +303,10 @@ def _object_meta_validator(version: str) -> jsonschema.protocols.Validator:
 
 
 def _schema_version(version: str) -> str:
-    # kubernetes-validate's folder for a version: the newest it has at or below it.
-    wanted = tuple(int(part) for part in version.split(".")[:2])
-    have = [v for v in kubernetes_validate.utils.all_versions()]
+    """kubernetes-validate's schemas for ``version``: the newest it has at or below it."""
+    wanted = _minor(version)
     return max(
-        (v for v in have if tuple(int(p) for p in v.split(".")[:2]) <= wanted),
-        key=lambda v: tuple(int(p) for p in v.split(".")[:2]),
+        (v for v in kubernetes_validate.utils.all_versions() if _minor(v) <= wanted), key=_minor
     )
 
 
