@@ -13,6 +13,7 @@ checkov (from .venv-checkov, made by ``./dev test``) must fail no check beyond t
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,20 @@ def test_every_check_the_configuration_skips_says_why() -> None:
     config = yaml.safe_load(CHECKOV_CONFIG.read_text())
     assert sorted(config["skip-check"]) == sorted(skips)
     assert set(config) == {"skip-check"}, "only skip-check, each with its reason"
+
+
+def test_every_check_the_configuration_skips_is_one_checkov_has() -> None:
+    # A mistyped id would skip nothing, and read as if it did.
+    listed = subprocess.run(
+        [str(CHECKOV), "--list", "--framework", "kubernetes", "--skip-download"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    known = set(re.findall(r"\|\s*(CKV2?_K8S_\d+)\s*\|", listed))
+    assert known, "checkov --list printed no kubernetes check"
+    assert set(checkov_skips()) <= known, set(checkov_skips()) - known
 
 
 def test_no_object_skips_a_check_by_itself(checkov_reports: Reports) -> None:
