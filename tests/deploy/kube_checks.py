@@ -143,21 +143,34 @@ def _license_signer() -> Any:
     return LicenseSigner(load_keyring(private_key_pem=pem))
 
 
-def tenant_settings() -> Any:
-    """The provisioner's Kubernetes settings as the chart's provisioner reads them (defaults)."""
+# The provisioner's environment as the chart would give it (dummy secrets; the control plane's
+# URL is only a value here): the settings the tenants' objects are rendered with. Names the
+# settings do not know are ignored, so the environment can run ahead of them.
+CONTROL_PLANE = f"http://{RELEASE}-iotistic-gateway.{NAMESPACE}.svc:8080"
+PROVISIONER_ENVIRONMENT = {
+    "PROVISIONER_BACKEND": "kubernetes",
+    "PROVISIONER_SECRET": "provisioner-secret-for-the-deploy-tests",
+    "USAGE_SECRET": "usage-secret-for-the-deploy-tests-000",
+    "LOGIN_RELAY_SECRET": "login-relay-secret-for-the-deploy-tests",
+    "CONTROL_PLANE_URL": CONTROL_PLANE,
+    "LICENSE_JWKS_URL": f"{CONTROL_PLANE}/.well-known/jwks.json",
+}
+
+
+def provisioner_settings() -> Any:
+    """The provisioner's settings from ``PROVISIONER_ENVIRONMENT``, as it reads them at start."""
     from libs.config import load_settings
-    from services.provisioner.app import kubernetes_settings
     from services.provisioner.settings import ProvisionerSettings
 
-    return kubernetes_settings(
-        load_settings(ProvisionerSettings, {"PROVISIONER_BACKEND": "kubernetes"})
-    )
+    return load_settings(ProvisionerSettings, PROVISIONER_ENVIRONMENT)
 
 
 def render_tenant(plan: str, customer_id: str | None = None) -> list[dict[str, Any]]:
-    """One customer's objects on ``plan``, as the kubernetes backend applies them, for a license
-    signed for that plan (its claims carry the plan's limits)."""
+    """One customer's objects on ``plan``, as the kubernetes backend applies them with the
+    chart's provisioner settings, for a license signed for that plan (its claims carry the
+    plan's limits)."""
     from services.licensing.reactors import signed_license
+    from services.provisioner.app import kubernetes_settings
     from services.provisioner.backends.base import InstanceSpec
     from services.provisioner.backends.k8s import customer_objects
 
@@ -174,16 +187,20 @@ def render_tenant(plan: str, customer_id: str | None = None) -> list[dict[str, A
         grace_until=None,
         reason="deploy test",
     )
+    settings = provisioner_settings()
     spec = InstanceSpec(
         customer_id=customer_id,
         plan=issued.plan,
         license_jwt=issued.jwt,
         license_id=issued.license_id,
-        jwks_url=f"http://{RELEASE}-iotistic-licensing.{NAMESPACE}.svc:8080/.well-known/jwks.json",
+        jwks_url=settings.license_jwks_url,
         max_devices=issued.features.maxDevices,
     )
     return customer_objects(
-        spec, tenant_settings(), b"provisioner-secret-" * 3, login_relay_secret="r" * 40
+        spec,
+        kubernetes_settings(settings),
+        settings.provisioner_secret.encode(),
+        login_relay_secret=settings.login_relay_secret,
     )
 
 
