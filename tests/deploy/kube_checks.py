@@ -5,9 +5,10 @@ and one customer's objects with the provisioner's own ``customer_objects``, for 
 signed for the plan.
 
 Schemas: built-in kinds against the Kubernetes OpenAPI schemas (kubernetes-validate, strict:
-unknown fields fail), custom resources against the openAPIV3Schema of the CRD vendored in
-tests/deploy/crds (made strict the same way), and every name and label as the API server checks
-them. A kind with neither schema fails: nothing passes unchecked.
+unknown fields fail); every other kind against the validators of the npm packages pinned in
+tests/deploy/kube-schemas (``validate.mjs``, one node run per rendered set; unknown fields fail
+there too, see its README for what is not checked); every name and label as the API server
+checks them. A kind with neither schema fails: nothing passes unchecked.
 
 checkov: over a folder of rendered objects, from its own virtualenv (.venv-checkov, made by
 ``./dev test`` or ``./dev checkov``), with the repository's .checkov.yaml, offline.
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +46,8 @@ CHART = ROOT / "charts" / "iotistic"
 # changes values.yaml keeps them in step. Here, not in the chart's ci/ folder, because they
 # carry dummy secrets, which the chart's folder must never hold (test_deploy_files.py).
 CHART_VALUES = Path(__file__).resolve().parent / "chart-values"
-CRDS = Path(__file__).resolve().parent / "crds"
+# The custom resources' validators: npm packages installed by `./dev test` from the lock file.
+KUBE_SCHEMAS = Path(__file__).resolve().parent / "kube-schemas"
 CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
 CHECKOV_CONFIG = ROOT / ".checkov.yaml"
 CHECKOV_REQUIREMENTS = Path(__file__).resolve().parent / "checkov-requirements.txt"
@@ -75,13 +79,18 @@ CLUSTER_SCOPED = {
     "ValidatingWebhookConfiguration",
     "VolumeAttachment",
 }
+# Custom kinds that are not namespaced, by (API group, kind): the validators do not say which
+# are (their CRDs' scope), so it is written here for the kinds of tests/deploy/kube-schemas.
+CUSTOM_CLUSTER_SCOPED = {
+    ("gateway.networking.k8s.io", "GatewayClass"),
+    ("cert-manager.io", "ClusterIssuer"),
+}
 
 # The API server's own checks of names and labels (apimachinery's validation), which the
 # OpenAPI schemas cannot express.
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-COMBINATORS = {"allOf", "anyOf", "oneOf", "not"}
 # Kinds whose names must be DNS-1123 labels (they become DNS names or label values).
 LABEL_NAMED = {"Namespace", "Service", "StatefulSet"}
 
@@ -115,7 +124,7 @@ def render_chart(values: dict[str, Any], namespace: str = NAMESPACE) -> list[dic
         if not name.endswith((".yaml", ".yml", ".json")):
             continue  # NOTES.txt: shown to the person installing, never applied
         for obj in load_documents(files[name]):
-            if obj.get("kind") not in CLUSTER_SCOPED and not _crd_cluster_scoped(obj):
+            if not cluster_scoped(obj):
                 obj.setdefault("metadata", {}).setdefault("namespace", namespace)
             objects.append(obj)
     return objects
@@ -222,71 +231,58 @@ def describe(obj: dict[str, Any]) -> str:
 # --- schemas --------------------------------------------------------------------------------
 
 
+def cluster_scoped(obj: dict[str, Any]) -> bool:
+    """Whether ``obj``'s kind lives outside namespaces."""
+    group = str(obj.get("apiVersion", "")).rpartition("/")[0]
+    return obj.get("kind") in CLUSTER_SCOPED or (group, obj.get("kind")) in CUSTOM_CLUSTER_SCOPED
+
+
 @dataclass(frozen=True)
-class CrdVersion:
-    """One served version of a vendored CRD."""
+class CustomResourceResult:
+    """What validate.mjs said of one object: ``source`` is the package (name@version) whose
+    schema it was checked against, None when no package has its kind."""
 
-    kind: str
-    api_version: str
-    namespaced: bool
-    deprecated: bool
-    schema: dict[str, Any]
-    source: str
+    source: str | None
+    errors: list[str]
 
 
-@functools.cache
-def crd_versions() -> dict[tuple[str, str], CrdVersion]:
-    """Every served version of the CRDs in tests/deploy/crds, by (apiVersion, kind)."""
-    found: dict[tuple[str, str], CrdVersion] = {}
-    for path in sorted(CRDS.glob("*.yaml")):
-        for crd in load_documents(path.read_text()):
-            if crd.get("kind") != "CustomResourceDefinition":
-                continue
-            spec = crd["spec"]
-            kind = spec["names"]["kind"]
-            for version in spec["versions"]:
-                if not version.get("served", False):
-                    continue
-                api_version = f"{spec['group']}/{version['name']}"
-                found[(api_version, kind)] = CrdVersion(
-                    kind=kind,
-                    api_version=api_version,
-                    namespaced=spec["scope"] == "Namespaced",
-                    deprecated=bool(version.get("deprecated", False)),
-                    schema=strict_schema(version["schema"]["openAPIV3Schema"]),
-                    source=path.name,
-                )
-    return found
+def kube_schemas_stamp() -> Path:
+    """The file `./dev test` leaves in kube-schemas/node_modules once it has installed exactly
+    what package-lock.json lists (named for the lock's hash, as .venv-checkov's stamp is)."""
+    digest = hashlib.sha256((KUBE_SCHEMAS / "package-lock.json").read_bytes()).hexdigest()
+    return KUBE_SCHEMAS / "node_modules" / f".installed-{digest[:16]}"
 
 
-def _crd_cluster_scoped(obj: dict[str, Any]) -> bool:
-    crd = crd_versions().get((str(obj.get("apiVersion")), str(obj.get("kind"))))
-    return crd is not None and not crd.namespaced
-
-
-def strict_schema(schema: Any, in_combinator: bool = False) -> Any:
-    """A CRD's structural schema as the API server enforces it with strict field validation:
-    unknown fields refused wherever the schema lists the fields (and does not preserve unknown
-    ones), and ``nullable`` fields allowed to be null. Branches of allOf/anyOf/oneOf/not only
-    constrain fields their parent declares, so they (and all below them) are left open."""
-    if isinstance(schema, list):
-        return [strict_schema(item, in_combinator) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {
-        key: strict_schema(value, in_combinator or key in COMBINATORS)
-        for key, value in schema.items()
-    }
-    if (
-        not in_combinator
-        and "properties" in out
-        and "additionalProperties" not in out
-        and not out.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    if out.get("nullable") and isinstance(out.get("type"), str):
-        out["type"] = [out["type"], "null"]
-    return out
+def check_custom_resources(objects: list[dict[str, Any]]) -> list[CustomResourceResult]:
+    """Each of ``objects`` checked by kube-schemas/validate.mjs, in one node run."""
+    node = shutil.which("node")
+    if node is None:
+        raise ManifestError("node is missing: the custom resources' validators run on Node.js")
+    if not kube_schemas_stamp().is_file():
+        raise ManifestError(
+            f"{KUBE_SCHEMAS / 'node_modules'} is missing or not what package-lock.json lists: "
+            "`./dev test` installs it"
+        )
+    proc = subprocess.run(
+        [node, str(KUBE_SCHEMAS / "validate.mjs")],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=KUBE_SCHEMAS,
+    )
+    if proc.returncode != 0:
+        raise ManifestError(f"validate.mjs exited {proc.returncode}: {proc.stderr[-2000:]}")
+    results = json.loads(proc.stdout)
+    if len(results) != len(objects):
+        raise ManifestError(f"validate.mjs answered {len(results)} of {len(objects)} objects")
+    return [
+        CustomResourceResult(
+            source=result.get("source"),
+            errors=[f"{e['path'] or '/'}: {e['message']}" for e in result.get("errors", [])],
+        )
+        for result in results
+    ]
 
 
 def kubernetes_version_floor(chart: Path = CHART) -> str:
@@ -328,35 +324,46 @@ def _schema_version(version: str) -> str:
 
 
 def validate(obj: dict[str, Any], version: str) -> None:
-    """Raise ``ManifestError`` unless Kubernetes ``version`` (with the vendored CRDs installed)
-    would accept ``obj`` under strict field validation."""
-    name = describe(obj)
-    _check_names(obj, name)
-    crd = crd_versions().get((str(obj.get("apiVersion")), str(obj.get("kind"))))
-    if crd is not None:
-        _validate_custom(obj, crd, version, name)
-        return
+    """Raise ``ManifestError`` unless Kubernetes ``version`` (with the custom resources' kinds
+    installed) would accept ``obj`` under strict field validation."""
+    problems = validate_all([obj], [version])
+    if problems:
+        raise ManifestError("; ".join(problems))
+
+
+def _validate_built_in(obj: dict[str, Any], version: str) -> bool:
+    """Check ``obj``'s names and, when Kubernetes ``version`` has its kind, the object itself;
+    False when it has not (a custom resource, for ``check_custom_resources``)."""
+    _check_names(obj, describe(obj))
     try:
-        kubernetes_validate.validate(obj, version, strict=True)
+        kubernetes_validate.validate(copy.deepcopy(obj), version, strict=True)
     except kubernetes_validate.SchemaNotFoundError:
-        raise ManifestError(
-            f"{name}: Kubernetes {version} has no {obj.get('apiVersion')} {obj.get('kind')}, and "
-            "no CRD for it is vendored in tests/deploy/crds (see its README)"
-        ) from None
+        return False
     except kubernetes_validate.ValidationError as exc:
-        raise ManifestError(f"{name} (Kubernetes {version}): {exc.message}") from None
+        raise ManifestError(f"{describe(obj)} (Kubernetes {version}): {exc.message}") from None
+    return True
 
 
-def _validate_custom(obj: dict[str, Any], crd: CrdVersion, version: str, name: str) -> None:
-    if crd.deprecated:
-        raise ManifestError(f"{name}: {crd.api_version} is deprecated ({crd.source})")
-    errors = sorted(
-        jsonschema.Draft4Validator(crd.schema).iter_errors(obj), key=lambda e: list(e.path)
-    )
-    errors += _object_meta_validator(_schema_version(version)).iter_errors(obj.get("metadata"))
-    if errors:
-        lines = [f"{'.'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in errors]
-        raise ManifestError(f"{name} ({crd.source}): " + "; ".join(lines[:10]))
+def _custom_problems(
+    obj: dict[str, Any], result: CustomResourceResult, versions: list[str]
+) -> list[str]:
+    name = describe(obj)
+    if result.source is None:
+        return [
+            f"{name}: Kubernetes {', '.join(versions)} has no {obj.get('apiVersion')} "
+            f"{obj.get('kind')}, and tests/deploy/kube-schemas has no schema for "
+            f"{obj.get('apiVersion')}/{obj.get('kind')} (see its README)"
+        ]
+    problems = []
+    if result.errors:
+        problems.append(f"{name} ({result.source}): " + "; ".join(result.errors[:10]))
+    # ObjectMeta as each Kubernetes version has it, too: the package's may be older or newer.
+    for version in versions:
+        validator = _object_meta_validator(_schema_version(version))
+        for error in validator.iter_errors(obj.get("metadata")):
+            path = ".".join(map(str, error.absolute_path)) or "."
+            problems.append(f"{name} (Kubernetes {version} ObjectMeta): {path}: {error.message}")
+    return problems
 
 
 def _check_names(obj: dict[str, Any], name: str) -> None:
@@ -400,14 +407,23 @@ def _label_sets(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def validate_all(objects: Iterable[dict[str, Any]], versions: Iterable[str]) -> list[str]:
-    """Every problem ``validate`` finds in ``objects`` for each of ``versions``."""
+    """Every problem in ``objects`` for each of ``versions``: built-in kinds checked once per
+    version, and every object no version knows checked by validate.mjs, all in one node run
+    (the custom resources' schemas are the same whatever the Kubernetes version)."""
+    objects, versions = list(objects), list(versions)
     problems: list[str] = []
+    custom: dict[int, list[str]] = {}  # object index: the versions that do not know its kind
     for version in versions:
-        for obj in objects:
+        for index, obj in enumerate(objects):
             try:
-                validate(copy.deepcopy(obj), version)
+                if not _validate_built_in(obj, version):
+                    custom.setdefault(index, []).append(version)
             except ManifestError as exc:
                 problems.append(str(exc))
+    if custom:
+        results = check_custom_resources([objects[index] for index in custom])
+        for (index, unknown_to), result in zip(custom.items(), results, strict=True):
+            problems += _custom_problems(objects[index], result, unknown_to)
     return problems
 
 

@@ -6,13 +6,16 @@ Helm here is helm-python-sdk, Helm 4's own library through its C API: the chart 
 binary, for its defaults and for every values file in tests/deploy/chart-values. Every object
 rendered is checked against the Kubernetes OpenAPI schemas of the oldest version the chart
 claims (Chart.yaml's kubeVersion) and the newest kubernetes-validate knows, and every custom
-resource against its CRD vendored in tests/deploy/crds; an object of a kind neither knows fails.
+resource against the validators of the npm packages pinned in tests/deploy/kube-schemas (made
+strict: a field the schema does not declare fails; CEL rules and the CRDs' scope are not
+checked, see its README); an object of a kind neither knows fails.
 checkov (from .venv-checkov, made by ``./dev test``) must fail no check beyond those
 .checkov.yaml skips, each with its reason. Helpers: tests/deploy/kube_checks.py.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 from pathlib import Path
@@ -132,7 +135,8 @@ def custom(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 GATEWAY_REF = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"}
-# One ordinary object of each vendored kind: the strict CRD schemas accept what is valid.
+# One ordinary object of each custom kind the chart and tenants are to use: the validators,
+# with their unknown-field check, accept what is valid.
 VALID_CUSTOM = [
     gateway(),
     custom(
@@ -143,8 +147,10 @@ VALID_CUSTOM = [
             "hostnames": ["c1.example.io"],
             "rules": [
                 {
+                    "name": "instance",
                     "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
                     "backendRefs": [{"name": "instance", "port": 8080}],
+                    "timeouts": {"request": "30s"},
                 }
             ],
         },
@@ -186,19 +192,52 @@ def test_the_schema_check_accepts_valid_custom_resources(obj: dict[str, Any]) ->
 @pytest.mark.parametrize(
     ("broken", "why"),
     [
-        (lambda o: o["spec"]["listeners"][0].update(port="443"), "port.*not of type"),
-        (lambda o: o["spec"].update(listners=[]), "Additional properties"),
-        (lambda o: o.update(apiVersion="gateway.networking.k8s.io/v9"), "no gateway"),
-        (lambda o: o.update(kind="Frobnicator"), "no gateway.networking.k8s.io/v1 Frobnicator"),
+        (lambda o: o["spec"]["listeners"][0].update(port="443"), "port: must be integer"),
+        (
+            lambda o: o["spec"]["listeners"][0].update(
+                allowedRoutes={"namespaces": {"from": "Any"}}
+            ),
+            "from: must be equal to one of the allowed values: All, Selector, Same",
+        ),
+        (lambda o: o["spec"]["listeners"][0].update(protocol="HTTP S"), "protocol: must match"),
+        (lambda o: o["spec"].pop("listeners"), "/spec: must have required property listeners"),
+        (
+            lambda o: o["spec"]["listeners"][0]["tls"].update(mode="Passthru"),
+            "tls/mode: must be equal to one of the allowed values: Terminate, Passthrough",
+        ),
+        (lambda o: o["spec"].update(listners=[]), "/spec/listners: is not a field"),
+        (
+            lambda o: o["spec"]["listeners"][0]["tls"].update(certficateRefs=[]),
+            "/spec/listeners/0/tls/certficateRefs: is not a field",
+        ),
+        (
+            lambda o: o.update(apiVersion="gateway.networking.k8s.io/v9"),
+            "no schema for gateway.networking.k8s.io/v9/Gateway",
+        ),
+        (
+            lambda o: o.update(kind="Frobnicator"),
+            "no schema for gateway.networking.k8s.io/v1/Frobnicator",
+        ),
+        # A part of a kind is no kind.
+        (
+            lambda o: o.update(kind="Listener"),
+            "no schema for gateway.networking.k8s.io/v1/Listener",
+        ),
         (lambda o: o["metadata"].update(name="Public_Gateway"), "DNS-1123"),
-        (lambda o: o["metadata"].update(lables={}), "Additional properties"),
+        (lambda o: o["metadata"].update(lables={}), "/metadata/lables: is not a field"),
         (lambda o: o["metadata"].update(labels={"app": "x" * 64}), "not a label value"),
     ],
     ids=[
         "wrong-type",
+        "bad-enum",
+        "bad-pattern",
+        "missing-required",
+        "bad-nested-enum",
         "unknown-field",
+        "unknown-nested-field",
         "unknown-version",
         "unknown-kind",
+        "part-of-a-kind",
         "bad-name",
         "bad-metadata",
         "long-label",
@@ -209,6 +248,50 @@ def test_the_schema_check_refuses_what_the_api_server_would(broken: Any, why: st
     broken(obj)
     with pytest.raises(ManifestError, match=why):
         validate(obj, kubernetes_versions()[-1])
+
+
+@pytest.mark.parametrize("obj", VALID_CUSTOM, ids=lambda o: o["kind"])
+def test_the_schema_check_refuses_an_unknown_field_in_every_custom_kind(
+    obj: dict[str, Any],
+) -> None:
+    # The unknown-field check is ours (the packages' validators let unknown fields through):
+    # it must reach each kind, at the top of its spec and in the first object below it.
+    spec = copy.deepcopy(obj)
+    spec["spec"]["shedule"] = "daily"
+    nested = copy.deepcopy(obj)
+    below = [v[0] if isinstance(v, list) and v else v for v in nested["spec"].values()]
+    next(v for v in below if isinstance(v, dict))["shedule"] = "daily"
+    for broken in (spec, nested):
+        with pytest.raises(ManifestError, match="shedule: is not a field the schema declares"):
+            validate(broken, kubernetes_versions()[-1])
+
+
+def test_the_schema_check_leaves_free_form_values_open() -> None:
+    # Where the schema says nothing of the keys (a JSON patch's value, Envoy's own), any key
+    # passes: the unknown-field check only faults keys of objects whose fields it knows.
+    patch = custom(
+        "gateway.envoyproxy.io/v1alpha1",
+        "EnvoyPatchPolicy",
+        {
+            "targetRef": GATEWAY_REF,
+            "type": "JSONPatch",
+            "jsonPatches": [
+                {
+                    "type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+                    "name": "iotistic/public/https",
+                    "operation": {
+                        "op": "add",
+                        "path": "/per_connection_buffer_limit_bytes",
+                        "value": {"anything": {"envoy": "reads"}},
+                    },
+                }
+            ],
+        },
+    )
+    validate(patch, kubernetes_versions()[-1])
+    patch["spec"]["jsonPatches"][0]["operation"]["valu"] = 1
+    with pytest.raises(ManifestError, match="operation/valu: is not a field"):
+        validate(patch, kubernetes_versions()[-1])
 
 
 def test_the_schema_check_refuses_a_built_in_kind_with_an_unknown_field() -> None:

@@ -3,8 +3,8 @@
 The objects are the kubernetes backend's own (``customer_objects``, what it applies), for a
 license really signed for each plan, with the provisioner's settings as the chart gives them.
 They are checked against the Kubernetes OpenAPI schemas of the oldest version the chart claims
-and the newest kubernetes-validate knows, custom resources against their CRDs vendored in
-tests/deploy/crds (an unknown kind fails), and checkov (from .venv-checkov, made by
+and the newest kubernetes-validate knows, custom resources against the validators pinned in
+tests/deploy/kube-schemas (an unknown kind or field fails), and checkov (from .venv-checkov, made by
 ``./dev test``) must fail no check beyond those .checkov.yaml skips, each with its reason.
 Helpers: tests/deploy/kube_checks.py.
 """
