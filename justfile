@@ -37,6 +37,10 @@ chaos *ARGS:
 fuzz *ARGS:
     {{bin}}/python -m tests.security.fuzz {{ARGS}}
 
+# checkov's findings on the chart (every tests/deploy/chart-values file) and one customer per plan
+checkov *FOLDER:
+    {{bin}}/python -m tests.deploy.kube_checks {{FOLDER}}
+
 # rebuild (or --verify, --dry-run) a service's read models from the log
 replay SERVICE *ARGS:
     {{bin}}/iotistic replay {{SERVICE}} {{ARGS}}
