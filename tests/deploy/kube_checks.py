@@ -152,26 +152,37 @@ def _license_signer() -> Any:
     return LicenseSigner(load_keyring(private_key_pem=pem))
 
 
-# The provisioner's environment as the chart would give it (dummy secrets; the control plane's
-# URL is only a value here): the settings the tenants' objects are rendered with. Names the
-# settings do not know are ignored, so the environment can run ahead of them.
-CONTROL_PLANE = f"http://{RELEASE}-iotistic-gateway.{NAMESPACE}.svc:8080"
-PROVISIONER_ENVIRONMENT = {
-    "PROVISIONER_BACKEND": "kubernetes",
+# The secrets the chart's worker gets from Secrets (dummies here); everything else comes from
+# the chart as rendered with chart-values/kubernetes-backend-values.yaml.
+PROVISIONER_SECRETS = {
     "PROVISIONER_SECRET": "provisioner-secret-for-the-deploy-tests",
     "USAGE_SECRET": "usage-secret-for-the-deploy-tests-000",
     "LOGIN_RELAY_SECRET": "login-relay-secret-for-the-deploy-tests",
-    "CONTROL_PLANE_URL": CONTROL_PLANE,
-    "LICENSE_JWKS_URL": f"{CONTROL_PLANE}/.well-known/jwks.json",
 }
 
 
+@functools.cache
+def provisioner_environment() -> dict[str, str]:
+    """The provisioner worker's environment exactly as the chart renders it (its plain values:
+    the instance image pinned by the release's digest, the control plane's Services, the
+    Gateway, the namespace prefix), with dummy values for what it takes from Secrets."""
+    chart = render_chart_file(CHART_VALUES / "kubernetes-backend-values.yaml")
+    [worker] = [
+        o
+        for o in chart
+        if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-provisioner-worker")
+    ]
+    [container] = worker["spec"]["template"]["spec"]["containers"]
+    plain = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    return {**plain, **PROVISIONER_SECRETS}
+
+
 def provisioner_settings() -> Any:
-    """The provisioner's settings from ``PROVISIONER_ENVIRONMENT``, as it reads them at start."""
+    """The provisioner's settings from the chart's environment, as it reads them at start."""
     from libs.config import load_settings
     from services.provisioner.settings import ProvisionerSettings
 
-    return load_settings(ProvisionerSettings, PROVISIONER_ENVIRONMENT)
+    return load_settings(ProvisionerSettings, provisioner_environment())
 
 
 def render_tenant(plan: str, customer_id: str | None = None) -> list[dict[str, Any]]:

@@ -564,10 +564,19 @@ def test_only_the_worker_pods_hold_a_token_and_only_they_apply(chart: list[dict[
     assert "serviceAccountName" not in web["spec"]["template"]["spec"]
     assert env_of(web)["PROVISIONER_WORKER"] == "false"
     pod = worker["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == WORKER and pod["automountServiceAccountToken"] is True
-    # checkov's "tokens only where necessary" is told why here, on the one workload with one.
-    skip = worker["metadata"]["annotations"]["checkov.io/skip1"]
-    assert skip.startswith("CKV_K8S_38=")
+    # Its token is no automatic mount but a projected volume of its own: bound to the pod,
+    # expiring within the hour, at the path the in-cluster client reads.
+    assert pod["serviceAccountName"] == WORKER and pod["automountServiceAccountToken"] is False
+    [access] = [v for v in pod["volumes"] if v["name"] == "kube-api-access"]
+    [token] = [
+        s["serviceAccountToken"]
+        for s in access["projected"]["sources"]
+        if "serviceAccountToken" in s
+    ]
+    assert token["path"] == "token" and token["expirationSeconds"] <= 3600
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kube-api-access"]
+    assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert "kube-api-access" not in [v["name"] for v in web["spec"]["template"]["spec"]["volumes"]]
     assert env_of(worker)["PROVISIONER_WORKER"] == "true"
     assert env_of(worker)["PROVISIONER_BACKEND"] == "kubernetes"
     assert [e["name"] for e in pod["containers"][0]["env"]].count("PROVISIONER_WORKER") == 1

@@ -763,6 +763,11 @@ def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dic
     return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
+# Tenants' Postgres and Mosquitto run as users above 10000, clear of any host's own users.
+POSTGRES_UID = 10999
+MOSQUITTO_UID = 11883
+
+
 def _pod_security(uid: int) -> dict[str, Any]:
     """The pod's security context: a non-root user and group of its own, the volumes' group,
     the runtime's seccomp profile for every container."""
@@ -814,7 +819,10 @@ def _postgres(ns: str, cid: str, settings: KubernetesSettings, credentials: str)
                 "spec": {
                     **NO_CLUSTER_ACCESS,
                     "securityContext": {
-                        **_pod_security(999),  # the image's postgres user, owner of the data
+                        # A user of its own, not the image's (999: a host's system range); the
+                        # official image runs as any user (its nss_wrapper), owning what it
+                        # makes in the volume (fsGroup gives it the volume's root).
+                        **_pod_security(POSTGRES_UID),
                         "fsGroupChangePolicy": "OnRootMismatch",
                     },
                     "containers": [
@@ -959,7 +967,9 @@ def _mosquitto(ns: str, cid: str, settings: KubernetesSettings, credentials: str
                 },
                 "spec": {
                     **NO_CLUSTER_ACCESS,
-                    "securityContext": _pod_security(1883),  # the image's mosquitto user
+                    # A user of its own, not the image's 1883 (a host's system range): the
+                    # broker writes only its data volume, which fsGroup gives it.
+                    "securityContext": _pod_security(MOSQUITTO_UID),
                     "initContainers": [
                         {
                             # The first start makes the dynamic-security file with the admin.
