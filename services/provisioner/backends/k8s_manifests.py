@@ -6,8 +6,10 @@ broker's WebSockets; out: its own pods and DNS) and one that lets the instance p
 control plane's HTTP port (its pods only, for the JWKS, sign-ins and usage) and to the public
 internet (alert webhooks), but not to private, loopback or link-local addresses nor the
 cluster's own networks; Secrets for the license, the database, the broker and monitoring;
-Postgres as a StatefulSet with a 10Gi volume; Mosquitto on 1883 and 9001, with the platform's
-message size and queue limits; the instance Deployment and Service; an Ingress at
+Postgres as a StatefulSet whose data volume is sized by the plan (``k8s_storage``), a
+"backups" volume and the daily backup CronJob with its scripts (``k8s_backups``); Mosquitto
+on 1883 and 9001, with the platform's message size and queue limits; the instance Deployment
+and Service; an Ingress at
 ``<id>.<BASE_DOMAIN>`` with TLS by cert-manager, which also carries MQTT over WebSockets at
 ``wss://<id>.<BASE_DOMAIN>/mqtt`` to the broker: the way devices outside the cluster reach it.
 ``render`` is pure: the same customer, license and password give the same objects, so applying
@@ -26,7 +28,16 @@ from typing import Any
 import yaml
 
 from libs.mqtt_broker import broker_limits, listener_limits
+from services.provisioner.backends import k8s_backups
 from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.k8s_storage import (
+    BACKUP_CLAIM,
+    DATA_CLAIM,
+    StoragePolicy,
+    TenantStorage,
+    tenant_storage,
+    volume_claims,
+)
 
 PART_OF = "iotistic"
 MQTT_ADMIN = "admin"
@@ -96,6 +107,12 @@ class KubernetesSettings:
     alert_webhook_allowed_cidrs: str = ""
     storage_class: str | None = None
     namespace_prefix: str = "customer-"
+    # Volumes sized by plan, and how many daily dumps each plan keeps (k8s_storage).
+    storage: StoragePolicy = field(default_factory=StoragePolicy)
+    # The backup CronJob's schedule; unset: a minute between 01:00 and 05:00 UTC by customer.
+    backup_schedule: str | None = None
+    # Days a deleted customer's namespace, volumes and backups are kept before the purge.
+    deletion_grace_days: int = 30
 
 
 def dns_label(customer_id: str) -> str:
@@ -150,9 +167,10 @@ def render(
     ns = namespace_of(cid, settings)
     database = "iotistic"
     db_url = f"postgresql://iotistic:{db_password}@postgres.{ns}.svc:5432/{database}"
+    storage = tenant_storage(spec.plan, spec.license_jwt, settings.storage)
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(ns, None, cid)},
-        _quota(ns, cid),
+        _quota(ns, cid, storage),
         _limits(ns, cid),
         _network_policy(ns, cid, settings),
         _instance_egress(ns, cid, settings),
@@ -209,8 +227,18 @@ def render(
             "metadata": _meta("mosquitto", ns, cid),
             "data": {"mosquitto.conf": MOSQUITTO_CONF},
         },
+        k8s_backups.config_map(_meta(k8s_backups.CONFIG_MAP, ns, cid)),
+        # Before the StatefulSet, which then adopts the data claim at the plan's size.
+        *_volume_claims(ns, cid, storage, settings),
         _postgres_service(ns, cid),
         _postgres(ns, cid, settings),
+        k8s_backups.cronjob(
+            _meta(k8s_backups.CRONJOB, ns, cid),
+            cid,
+            settings.postgres_image,
+            storage.backups_kept,
+            settings.backup_schedule,
+        ),
         _mosquitto_service(ns, cid),
         _mosquitto(ns, cid, settings),
         _instance_service(ns, cid),
@@ -219,7 +247,18 @@ def render(
     ]
 
 
-def _quota(ns: str, cid: str) -> dict[str, Any]:
+def _volume_claims(
+    ns: str, cid: str, storage: TenantStorage, settings: KubernetesSettings
+) -> list[dict[str, Any]]:
+    return volume_claims(
+        _meta(DATA_CLAIM, ns, cid, labels={"app.kubernetes.io/name": "postgres"}),
+        _meta(BACKUP_CLAIM, ns, cid, labels={"app.kubernetes.io/name": "tenant-backup"}),
+        storage,
+        settings.storage_class,
+    )
+
+
+def _quota(ns: str, cid: str, storage: TenantStorage) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ResourceQuota",
@@ -231,7 +270,9 @@ def _quota(ns: str, cid: str) -> dict[str, Any]:
                 "limits.cpu": "4",
                 "limits.memory": "4Gi",
                 "persistentvolumeclaims": "4",
-                "requests.storage": "20Gi",
+                # The data, backups and broker volumes (k8s_storage.keep_grown raises it
+                # where a volume is bigger than its plan's size).
+                "requests.storage": f"{storage.total_gib}Gi",
             }
         },
     }
