@@ -219,6 +219,19 @@ def _parser() -> argparse.ArgumentParser:
         help="also print the license and database Secrets (values in clear text)",
     )
     render.set_defaults(func=cmd_provisioner_render)
+    drill = pv.add_parser(
+        "restore-drill",
+        help="restore a customer's newest backup into a scratch database, count it, report",
+    )
+    drill.add_argument("customer_id")
+    drill.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait for the drill's Job"
+    )
+    drill.set_defaults(func=cmd_provisioner_restore_drill)
+    purge = pv.add_parser(
+        "purge", help="delete the namespaces of deleted customers whose grace period is over"
+    )
+    purge.set_defaults(func=cmd_provisioner_purge)
 
     simulate = sub.add_parser(
         "simulate", help="devices publishing realistic BME688 readings to a customer's instance"
@@ -490,6 +503,67 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
     if not args.include_secrets:
         objects = [o for o in objects if o["kind"] != "Secret"]
     sys.stdout.write(render_yaml(objects))
+    return 0
+
+
+def cmd_provisioner_restore_drill(args: argparse.Namespace) -> int:
+    """``iotistic provisioner restore-drill <customer_id>``: a Job in the customer's namespace
+    restores their newest dump into a scratch database and counts it; waits and prints how it
+    went. 0 when the drill passed."""
+    from services.provisioner.app import kubernetes_settings
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.backends.k8s import KubeApi, cluster_client
+    from services.provisioner.backups import run_restore_drill
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings = load_settings(ProvisionerSettings, environment(args))
+
+    async def go() -> Any:
+        client = await cluster_client()
+        try:
+            return await run_restore_drill(
+                KubeApi(client),
+                args.customer_id,
+                kubernetes_settings(settings),
+                timeout=args.timeout,
+                poll=2.0,
+            )
+        finally:
+            await client.close()
+
+    try:
+        result = asyncio.run(go())
+    except BackendError as exc:
+        console.print(f"[red]restore drill failed:[/red] {exc}", highlight=False)
+        return 1
+    verdict = "[green]passed[/green]" if result.succeeded else "[red]FAILED[/red]"
+    console.print(f"restore drill {result.namespace}/{result.job}: {verdict}")
+    console.print(result.summary or "(no summary: see `kubectl logs` of the Job)", markup=False)
+    return 0 if result.succeeded else 1
+
+
+def cmd_provisioner_purge(args: argparse.Namespace) -> int:
+    """``iotistic provisioner purge``: delete deleted customers' namespaces past their grace
+    period (the provisioner also does it every hour); idempotent."""
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.backends.k8s import KubeApi, cluster_client
+    from services.provisioner.backends.k8s_grace import purge_expired
+
+    async def go() -> list[str]:
+        client = await cluster_client()
+        try:
+            return await purge_expired(KubeApi(client))
+        finally:
+            await client.close()
+
+    try:
+        purged = asyncio.run(go())
+    except BackendError as exc:
+        console.print(f"[red]purge failed:[/red] {exc}", highlight=False)
+        return 1
+    for name in purged:
+        console.print(f"purged namespace {name}", markup=False)
+    console.print(f"{len(purged)} namespace(s) purged")
     return 0
 
 

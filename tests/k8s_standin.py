@@ -8,6 +8,13 @@ report ready after ``ready_after`` reads, the way a rollout takes a while; a cha
 ``metadata.generation`` and starts a new rollout; ``unready`` names workloads whose pods stopped
 being ready. The manifests themselves are checked against
 the real Kubernetes schemas separately (kubernetes-validate).
+
+Added for deletion with a grace period and the restore drill, just as labelled: each field
+manager's applied configuration is kept, and the object is their merge (later applies win,
+a manager that applies without a field gives it up), which is how server-side apply behaves
+for the fields we use; GET of a collection with a ``labelSelector`` lists; a Job cannot run
+here, so after ``ready_after`` reads it reports Complete (Failed if named in ``failing_jobs``)
+with a Pod whose container ended with ``job_message`` as its termination message.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any
 
 from litestar import Litestar, Request, Response, route
@@ -36,6 +44,10 @@ class KubeStandIn:
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # path -> field manager -> its applied configuration, in the order applied.
+    configs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    failing_jobs: set[str] = field(default_factory=set)
+    job_message: str = "drill ok (stand-in: no Job runs here)"
 
     def app(self) -> Litestar:
         """The HTTP server, for uvicorn."""
@@ -60,7 +72,7 @@ class KubeStandIn:
                 return self._apply(path, request, json.loads(body))
             if request.method == "DELETE":
                 return self._delete(path)
-            return self._get(path)
+            return self._get(path, request.query_params.get("labelSelector"))
 
         return Litestar([handle], debug=False)
 
@@ -72,7 +84,11 @@ class KubeStandIn:
         if not request.query_params.get("fieldManager"):
             return _status(422, "Invalid", "fieldManager is required for apply")
         stored = self.objects.get(path)
-        obj = copy.deepcopy(obj)
+        manager = request.query_params["fieldManager"]
+        configs = self.configs.setdefault(path, {})
+        configs.pop(manager, None)
+        configs[manager] = copy.deepcopy(obj)
+        obj = reduce(_merge, configs.values(), {})
         meta = obj.setdefault("metadata", {})
         if stored is None:
             meta["generation"] = 1
@@ -91,8 +107,53 @@ class KubeStandIn:
         self.objects[path] = obj
         return Response(obj, status_code=201 if stored is None else 200)
 
-    def _get(self, path: str) -> Response[Any]:
+    def _list(self, path: str, selector: str) -> Response[Any]:
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+        items = []
+        for key, obj in self.objects.items():
+            if key.rsplit("/", 1)[0] != path:
+                continue
+            labels = obj.get("metadata", {}).get("labels") or {}
+            if all(labels.get(k) == v for k, v in wanted.items()):
+                items.append(obj)
+        return Response({"kind": "List", "apiVersion": "v1", "items": items})
+
+    def _finish_job(self, path: str, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        failed = name in self.failing_jobs
+        condition = "Failed" if failed else "Complete"
+        job["status"] = {
+            "conditions": [{"type": condition, "status": "True"}],
+            ("failed" if failed else "succeeded"): 1,
+        }
+        ns = job["metadata"]["namespace"]
+        pod_path = path.replace(
+            f"apis/batch/v1/namespaces/{ns}/jobs/", f"api/v1/namespaces/{ns}/pods/"
+        )
+        self.objects[pod_path + "-standin"] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-standin", "namespace": ns, "labels": {"job-name": name}},
+            "status": {
+                "phase": "Failed" if failed else "Succeeded",
+                "containerStatuses": [
+                    {
+                        "name": "backup",
+                        "state": {
+                            "terminated": {
+                                "exitCode": 1 if failed else 0,
+                                "message": self.job_message,
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+
+    def _get(self, path: str, selector: str | None = None) -> Response[Any]:
         obj = self.objects.get(path)
+        if obj is None and selector is not None:
+            return self._list(path, selector)
         if obj is None:
             return _status(404, "NotFound", f"{path} not found")
         self.reads[path] = self.reads.get(path, 0) + 1
@@ -101,6 +162,7 @@ class KubeStandIn:
             prefix = f"namespaces/{obj['metadata']['name']}/"
             for key in [k for k in self.objects if prefix in k or k == path]:
                 del self.objects[key]
+                self.configs.pop(key, None)
             return _status(404, "NotFound", f"{path} not found")
         if obj.get("kind") in WORKLOAD_KINDS and self.reads[path] >= self.ready_after:
             replicas = obj.get("spec", {}).get("replicas", 1)
@@ -111,6 +173,8 @@ class KubeStandIn:
                 "updatedReplicas": replicas,
                 "availableReplicas": replicas,
             }
+        if obj.get("kind") == "Job" and not obj["status"] and self.reads[path] >= self.ready_after:
+            self._finish_job(path, obj)
         if obj.get("kind") in WORKLOAD_KINDS and obj["metadata"]["name"] in self.unready:
             obj["status"] = {**obj.get("status", {}), "readyReplicas": 0, "availableReplicas": 0}
             if obj["kind"] == "Deployment":  # StatefulSets have no Available condition
@@ -123,6 +187,11 @@ class KubeStandIn:
         obj = self.objects.get(path)
         if obj is None:
             return _status(404, "NotFound", f"{path} not found")
+        if obj.get("kind") != "Namespace":
+            # Anything but a namespace goes at once.
+            del self.objects[path]
+            self.configs.pop(path, None)
+            return Response(obj, status_code=200)
         obj["status"] = {"phase": "Terminating"}
         self.reads[path] = 0
         return Response(obj, status_code=202)
@@ -134,6 +203,17 @@ class KubeStandIn:
             for r in self.requests
             if r["method"] == "PATCH"
         ]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: mappings merge, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def _status(code: int, reason: str, message: str) -> Response[Any]:

@@ -25,6 +25,7 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs.auth import login_relay_key
+from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,
@@ -41,6 +42,7 @@ from services.provisioner.backends.k8s_manifests import (
     namespace_of,
     render,
 )
+from services.provisioner.backends.k8s_storage import claim_gib, keep_grown
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ PLURALS = {
     "Deployment": "deployments",
     "Ingress": "ingresses",
     "ConfigMap": "configmaps",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "CronJob": "cronjobs",
+    "Job": "jobs",
+    "Pod": "pods",
 }
 # Progress while applying: the percent reached once each object is applied.
 APPLY_STEPS = {
@@ -131,8 +137,9 @@ class KubeApi:
             raise BackendError(f"Kubernetes API not reachable: {type(exc).__name__}") from None
         return result if isinstance(result, dict) else {}
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``obj``; returns the object as the server holds it."""
+    async def apply(self, obj: dict[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply ``obj`` as field ``manager``; returns the object as the server
+        holds it."""
         meta = obj["metadata"]
         path = object_path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
         try:
@@ -140,7 +147,7 @@ class KubeApi:
                 "PATCH",
                 path,
                 body=obj,
-                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                query=[("fieldManager", manager), ("force", "true")],
                 content_type="application/apply-patch+yaml",
             )
         except ApiException as exc:
@@ -156,6 +163,17 @@ class KubeApi:
             if exc.status == 404:
                 return None
             raise _failed(f"reading {kind} {name}", exc) from None
+
+    async def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str
+    ) -> list[dict[str, Any]]:
+        """The objects of a kind (in ``namespace``, or cluster-wide) that match the labels."""
+        path = object_path(api_version, kind, "", namespace).rstrip("/")
+        try:
+            found = await self._call("GET", path, query=[("labelSelector", label_selector)])
+        except ApiException as exc:
+            raise _failed(f"listing {kind}", exc) from None
+        return list(found.get("items") or [])
 
     async def delete(self, api_version: str, kind: str, name: str, namespace: str | None) -> None:
         """Delete the object (its dependents in the background); fine if it is gone."""
@@ -271,7 +289,7 @@ class KubernetesBackend:
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance."""
         api = self._api
-        for obj in self.objects(spec):
+        for obj in await self._to_apply(spec):
             await api.apply(obj)
             step = (
                 (10, "namespace")
@@ -291,14 +309,38 @@ class KubernetesBackend:
         ns = namespace_of(spec.customer_id, self._settings)
         if await api.get("v1", "Namespace", ns, None) is None:
             return await self.deploy(spec, progress)
-        for obj in self.objects(spec):
+        for obj in await self._to_apply(spec):
             await api.apply(obj)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return self._deployed(spec.customer_id)
 
-    async def delete(self, customer_id: str, progress: Progress) -> None:
-        """Delete the namespace (and so everything in it) and wait until it is gone."""
+    async def _to_apply(self, spec: InstanceSpec) -> list[dict[str, Any]]:
+        """The objects, with no volume smaller than the cluster holds (volumes only grow),
+        once a namespace kept after a deletion is taken back from its grace period."""
+        api = self._api
+        objects = self.objects(spec)
+        ns = namespace_of(spec.customer_id, self._settings)
+        current = {}
+        for obj in objects:
+            if obj["kind"] == "PersistentVolumeClaim":
+                name = obj["metadata"]["name"]
+                size = claim_gib(await api.get("v1", "PersistentVolumeClaim", name, ns))
+                if size is not None:
+                    current[name] = size
+        await k8s_grace.take_back(api, ns)
+        return keep_grown(objects, current)
+
+    async def delete(self, customer_id: str, progress: Progress, erase: bool = False) -> None:
+        """Stop the customer's instance and keep its data for the grace period: workloads
+        scaled to 0, the public route removed, backups suspended, and the namespace marked
+        with when it goes (``purge_expired`` deletes it then). With ``erase`` (the customer
+        asked for it), delete the namespace, volumes and backups with it, at once."""
+        if not erase:
+            await k8s_grace.keep_for_grace(
+                self._api, namespace_of(customer_id, self._settings), self._settings, progress
+            )
+            return
         api = self._api
         ns = namespace_of(customer_id, self._settings)
         await progress(10, "deleting namespace")
@@ -311,6 +353,11 @@ class KubernetesBackend:
             await progress(50, "waiting for the namespace to go")
             await asyncio.sleep(self._poll)
 
+    async def purge_expired(self) -> list[str]:
+        """Delete the namespaces of deleted customers whose grace period is over; their
+        names. Idempotent: a namespace already going is passed over."""
+        return await k8s_grace.purge_expired(self._api)
+
     async def status(self, customer_id: str) -> dict[str, object]:
         """Release state from the namespace and each workload's readiness."""
         api = self._api
@@ -318,6 +365,10 @@ class KubernetesBackend:
         namespace = await api.get("v1", "Namespace", ns, None)
         if namespace is None:
             return {"release": "missing", "components": {}}
+        kept_until = k8s_grace.kept_until(namespace)
+        if kept_until is not None:
+            # Deleted, its data kept for the grace period: a redeploy takes it back.
+            return {"release": "deleted", "namespace": ns, "purge_after": kept_until}
         states = {}
         for kind, name in WORKLOADS:
             obj = await api.get("apps/v1", kind, name, ns)
@@ -335,6 +386,9 @@ class KubernetesBackend:
         Deployment have their wanted replicas ready (and the Deployment is Available)."""
         api = self._api
         ns = namespace_of(customer_id, self._settings)
+        kept_until = k8s_grace.kept_until(await api.get("v1", "Namespace", ns, None))
+        if kept_until is not None:
+            return InstanceHealth(False, f"deleted; its data is kept until {kept_until}")
         troubles = []
         for kind, name in WORKLOADS:
             obj = await api.get("apps/v1", kind, name, ns)
