@@ -537,8 +537,9 @@ def cmd_provisioner_restore_drill(args: argparse.Namespace) -> int:
         console.print(f"[red]restore drill failed:[/red] {exc}", highlight=False)
         return 1
     verdict = "[green]passed[/green]" if result.succeeded else "[red]FAILED[/red]"
-    console.print(f"restore drill {result.namespace}/{result.job}: {verdict}")
-    console.print(result.summary or "(no summary: see `kubectl logs` of the Job)", markup=False)
+    console.print(f"restore drill {result.namespace}/{result.job}: {verdict}", soft_wrap=True)
+    summary = result.summary or "(no summary: see `kubectl logs` of the Job)"
+    console.print(summary, markup=False, soft_wrap=True)
     return 0 if result.succeeded else 1
 
 
@@ -562,7 +563,7 @@ def cmd_provisioner_purge(args: argparse.Namespace) -> int:
         console.print(f"[red]purge failed:[/red] {exc}", highlight=False)
         return 1
     for name in purged:
-        console.print(f"purged namespace {name}", markup=False)
+        console.print(f"purged namespace {name}", markup=False, soft_wrap=True)
     console.print(f"{len(purged)} namespace(s) purged")
     return 0
 

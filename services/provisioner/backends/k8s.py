@@ -366,7 +366,8 @@ class KubernetesBackend:
         if namespace is None:
             return {"release": "missing", "components": {}}
         kept_until = k8s_grace.kept_until(namespace)
-        if kept_until is not None:
+        terminating = (namespace.get("status") or {}).get("phase") == "Terminating"
+        if kept_until is not None and not terminating:
             # Deleted, its data kept for the grace period: a redeploy takes it back.
             return {"release": "deleted", "namespace": ns, "purge_after": kept_until}
         states = {}
