@@ -267,11 +267,12 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
         assert (await keeper.status(other))["release"] == "deleted"
         # Thirty days on, the other one is due.
         later = datetime.now(UTC) + timedelta(days=30, seconds=5)
-        api = KubeApi(await api_client(url, standin.token))
+        client = await api_client(url, standin.token)
         try:
-            assert await k8s_grace.purge_expired(api, later) == [f"customer-{other}"]
+            purged = await k8s_grace.purge_expired(KubeApi(client), later)
         finally:
-            await api._api.close()  # noqa: SLF001
+            await client.close()
+        assert purged == [f"customer-{other}"]
     finally:
         await backend.stop()
         await keeper.stop()
