@@ -14,7 +14,8 @@ schema=${DRILL_SCHEMA:-instance}
 scratch="restore_drill_$(date -u +%Y%m%d%H%M%S)_$$"
 
 name=$(latest_dump) || { echo "drill failed: no intact dump in $BACKUP_DIR" >&2; exit 1; }
-drop() { psql -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"$scratch\" WITH (FORCE)"; }
+# No other session is on the scratch database when it goes (each psql above has ended).
+drop() { psql -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"$scratch\""; }
 trap drop EXIT
 psql -X -q -v ON_ERROR_STOP=1 -c "CREATE DATABASE \"$scratch\""
 RESTORE_DATABASE=$scratch BACKUP_FILE=$name sh "$here/restore.sh" >/dev/null
