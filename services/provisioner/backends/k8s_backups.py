@@ -25,6 +25,7 @@ CONFIG_MAP = "tenant-backup"
 CRONJOB = "tenant-backup"
 SCRIPTS_PATH = "/opt/tenant-backup"
 BACKUPS_PATH = "/backups"
+SECRET_PATH = "/etc/tenant-database"
 # The schema of the instance's tables, which the drill counts.
 INSTANCE_SCHEMA = "instance"
 RESTRICTED = {
@@ -66,18 +67,13 @@ def schedule_of(customer_id: str, hours: tuple[int, int] = (1, 5)) -> str:
 
 
 def dump_env(kept: int | None = None) -> list[dict[str, Any]]:
-    """What the scripts read: libpq's variables from the tenant's ``database`` Secret and the
-    Postgres Service, the backup folder and (for backups) how many dumps to keep."""
-
-    def secret(name: str, key: str) -> dict[str, Any]:
-        return {"name": name, "valueFrom": {"secretKeyRef": {"name": "database", "key": key}}}
-
+    """What the scripts read: the Postgres Service, the folder of the tenant's ``database``
+    Secret (user, password and database, as files), the backup folder and (for backups) how
+    many dumps to keep."""
     env = [
         {"name": "PGHOST", "value": "postgres"},
         {"name": "PGPORT", "value": "5432"},
-        secret("PGUSER", "user"),
-        secret("PGPASSWORD", "password"),
-        secret("PGDATABASE", "database"),
+        {"name": "DATABASE_SECRET_DIR", "value": SECRET_PATH},
         {"name": "BACKUP_DIR", "value": BACKUPS_PATH},
     ]
     if kept is not None:
@@ -100,6 +96,7 @@ def _pod(image: str, script: str, env: list[dict[str, Any]]) -> dict[str, Any]:
             {
                 "name": "backup",
                 "image": image,
+                "imagePullPolicy": "Always",
                 "command": ["sh", f"{SCRIPTS_PATH}/{script}"],
                 "env": env,
                 "resources": {
@@ -110,6 +107,7 @@ def _pod(image: str, script: str, env: list[dict[str, Any]]) -> dict[str, Any]:
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
                     {"name": "scripts", "mountPath": SCRIPTS_PATH, "readOnly": True},
+                    {"name": "database", "mountPath": SECRET_PATH, "readOnly": True},
                     {"name": "backups", "mountPath": BACKUPS_PATH},
                     {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
                 ],
@@ -117,6 +115,13 @@ def _pod(image: str, script: str, env: list[dict[str, Any]]) -> dict[str, Any]:
         ],
         "volumes": [
             {"name": "scripts", "configMap": {"name": CONFIG_MAP}},
+            {
+                "name": "database",
+                "secret": {
+                    "secretName": "database",
+                    "items": [{"key": k, "path": k} for k in ("user", "password", "database")],
+                },
+            },
             {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}},
             {"name": "tmp", "emptyDir": {}},
         ],

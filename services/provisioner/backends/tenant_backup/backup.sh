@@ -2,7 +2,8 @@
 # A backup of the tenant's database, as the CronJob "tenant-backup" runs it.
 #
 # Environment: BACKUP_DIR (the "backups" volume), BACKUP_KEEP (complete dumps kept), and
-# libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE. Needs pg_dump and pg_restore of the
+# libpq's PGHOST and PGPORT, and PGUSER, PGPASSWORD, PGDATABASE
+# or DATABASE_SECRET_DIR (files user, password, database). Needs pg_dump and pg_restore of the
 # server's major version (the Postgres image's own), sha256sum and sync.
 #
 # The dump is written under a temporary name, read back (pg_restore --list), flushed and

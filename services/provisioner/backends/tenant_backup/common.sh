@@ -6,6 +6,15 @@
 
 BACKUP_DIR=${BACKUP_DIR:?BACKUP_DIR must name the backup folder}
 
+# The tenant's "database" Secret, mounted as files (not put in the environment, where any
+# process listing would show it): its user, password and database for libpq.
+if [ -n "${DATABASE_SECRET_DIR:-}" ]; then
+    PGUSER=$(cat "$DATABASE_SECRET_DIR/user")
+    PGPASSWORD=$(cat "$DATABASE_SECRET_DIR/password")
+    PGDATABASE=$(cat "$DATABASE_SECRET_DIR/database")
+    export PGUSER PGPASSWORD PGDATABASE
+fi
+
 # Names of complete dumps, newest first (the names sort by time).
 dump_names() {
     for f in "$BACKUP_DIR"/dump-*.dump; do

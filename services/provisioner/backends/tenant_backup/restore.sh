@@ -2,7 +2,8 @@
 # Restore a dump into a database: the newest intact one, or BACKUP_FILE (a name in BACKUP_DIR).
 #
 # Environment: BACKUP_DIR, RESTORE_DATABASE (the database restored into; it must exist), and
-# libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD. With RESTORE_CLEAN=1 the schemas the dump holds
+# libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD
+# (or DATABASE_SECRET_DIR). With RESTORE_CLEAN=1 the schemas the dump holds
 # are dropped first (restoring over the instance's own database, the instance stopped): a
 # partitioned table's inherited constraints cannot be dropped one by one as pg_restore --clean
 # tries. Drop and restore are one transaction that stops at the first error: the database is
