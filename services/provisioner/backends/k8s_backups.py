@@ -25,7 +25,7 @@ CONFIG_MAP = "tenant-backup"
 CRONJOB = "tenant-backup"
 SCRIPTS_PATH = "/opt/tenant-backup"
 BACKUPS_PATH = "/backups"
-DATABASE_SECRET_MOUNT = "/etc/tenant-database"
+DB_FILES_PATH = "/etc/tenant-database"
 # The schema of the instance's tables, which the drill counts.
 INSTANCE_SCHEMA = "instance"
 RESTRICTED = {
@@ -73,7 +73,7 @@ def dump_env(kept: int | None = None) -> list[dict[str, Any]]:
     env = [
         {"name": "PGHOST", "value": "postgres"},
         {"name": "PGPORT", "value": "5432"},
-        {"name": "DATABASE_SECRET_DIR", "value": DATABASE_SECRET_MOUNT},
+        {"name": "DATABASE_SECRET_DIR", "value": DB_FILES_PATH},
         {"name": "BACKUP_DIR", "value": BACKUPS_PATH},
     ]
     if kept is not None:
@@ -107,7 +107,7 @@ def _pod(image: str, script: str, env: list[dict[str, Any]]) -> dict[str, Any]:
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
                     {"name": "scripts", "mountPath": SCRIPTS_PATH, "readOnly": True},
-                    {"name": "database", "mountPath": DATABASE_SECRET_MOUNT, "readOnly": True},
+                    {"name": "database", "mountPath": DB_FILES_PATH, "readOnly": True},
                     {"name": "backups", "mountPath": BACKUPS_PATH},
                     {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
                 ],
