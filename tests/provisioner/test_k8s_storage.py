@@ -375,3 +375,18 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
     assert process.returncode == 0, out
     assert f"restore drill {NS}/restore-drill-" in out and "passed" in out
     assert standin.job_message in out
+
+    # The purge, as an operator (or a CronJob) runs it: nothing is due yet.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from services.cli import main; main()",
+        "provisioner",
+        "purge",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, output.decode()
+    assert "0 namespace(s) purged" in output.decode()

@@ -6,10 +6,13 @@ Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
 Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
 changed is the license Secret and the instance Deployment, which the license annotation on its
-pod template rolls (and, for a customer deployed by an older version, whatever else is new). Delete
-removes the namespace and waits until it is gone. The passwords, the broker client id and the
-monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes
-them; they are never logged.
+pod template rolls (and, for a customer deployed by an older version, whatever else is new).
+Volumes only grow: a claim is never applied smaller than the cluster holds (``k8s_storage``).
+Delete stops the instance and keeps its namespace, volumes and backups for the grace period
+(``k8s_grace``; a redeploy within it takes the customer back, an hourly purge deletes it after);
+with erasure it removes the namespace at once and waits until it is gone. The passwords, the
+broker client id and the monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so
+re-applying never changes them; they are never logged.
 """
 
 from __future__ import annotations
