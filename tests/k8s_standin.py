@@ -14,7 +14,8 @@ manager's applied configuration is kept, and the object is their merge (later ap
 a manager that applies without a field gives it up), which is how server-side apply behaves
 for the fields we use; GET of a collection with a ``labelSelector`` lists; a Job cannot run
 here, so after ``ready_after`` reads it reports Complete (Failed if named in ``failing_jobs``)
-with a Pod whose container ended with ``job_message`` as its termination message.
+with a Pod whose container ended with ``job_message`` as its termination message;
+``refuse_growth`` refuses a bigger claim, as a StorageClass without volume expansion does.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class KubeStandIn:
     # path -> field manager -> its applied configuration, in the order applied.
     configs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     failing_jobs: set[str] = field(default_factory=set)
+    # A StorageClass without allowVolumeExpansion: a claim's request may not grow.
+    refuse_growth: bool = False
     job_message: str = "drill ok (stand-in: no Job runs here)"
 
     def app(self) -> Litestar:
@@ -84,6 +87,15 @@ class KubeStandIn:
         if not request.query_params.get("fieldManager"):
             return _status(422, "Invalid", "fieldManager is required for apply")
         stored = self.objects.get(path)
+        if self.refuse_growth and stored is not None and obj.get("kind") == "PersistentVolumeClaim":
+            size = obj.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
+            if size != stored["spec"]["resources"]["requests"]["storage"]:
+                return _status(
+                    403,
+                    "Forbidden",
+                    "only dynamically provisioned pvc can be resized and the storageclass that "
+                    "provisions the pvc must support resize",
+                )
         manager = request.query_params["fieldManager"]
         configs = self.configs.setdefault(path, {})
         configs.pop(manager, None)

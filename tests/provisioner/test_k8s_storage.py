@@ -190,6 +190,30 @@ async def test_an_upgrade_grows_the_volume_and_a_downgrade_keeps_it(cluster) -> 
         await backend.stop()
 
 
+async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
+    cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    standin, url = cluster
+    backend = backend_for(url, standin.token)
+    await backend.start()
+    try:
+        await backend.deploy(spec_for("starter"), noop)
+        standin.refuse_growth = True
+        upgraded = spec_for("professional")
+        await backend.update(upgraded, noop)
+        data = stored(standin, f"{NS}/persistentvolumeclaims/data-postgres-0")
+        assert data["spec"]["resources"]["requests"]["storage"] == "2Gi"
+        license_secret = stored(standin, f"{NS}/secrets/license")
+        assert license_secret["stringData"]["license-id"] == upgraded.license_id
+        assert "stays at 2Gi, not grown to 81Gi" in caplog.text
+        # A claim that cannot be made at all is still an error.
+        standin.fail_status = 403
+        with pytest.raises(BackendError):
+            await backend.update(upgraded, noop)
+    finally:
+        await backend.stop()
+
+
 async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token, deletion_grace_days=30)

@@ -45,7 +45,7 @@ from services.provisioner.backends.k8s_manifests import (
     namespace_of,
     render,
 )
-from services.provisioner.backends.k8s_storage import claim_gib, keep_grown
+from services.provisioner.backends.k8s_storage import claim_gib, gib_of, keep_grown
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class KubernetesBackend:
         """Apply everything, then wait for Postgres, Mosquitto and the instance."""
         api = self._api
         for obj in await self._to_apply(spec):
-            await api.apply(obj)
+            await self._apply(api, obj)
             step = (
                 (10, "namespace")
                 if obj["kind"] == "Namespace"
@@ -313,7 +313,7 @@ class KubernetesBackend:
         if await api.get("v1", "Namespace", ns, None) is None:
             return await self.deploy(spec, progress)
         for obj in await self._to_apply(spec):
-            await api.apply(obj)
+            await self._apply(api, obj)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return self._deployed(spec.customer_id)
@@ -333,6 +333,30 @@ class KubernetesBackend:
                     current[name] = size
         await k8s_grace.take_back(api, ns)
         return keep_grown(objects, current)
+
+    async def _apply(self, api: KubeApi, obj: dict[str, Any]) -> None:
+        """Apply ``obj``; a volume the cluster refuses to grow (its StorageClass does not
+        allow expansion) stays as it is, loudly, rather than hold back the rest (a new
+        license): the tenant disk alerts then show it filling."""
+        try:
+            await api.apply(obj)
+        except BackendError as exc:
+            if obj["kind"] != "PersistentVolumeClaim":
+                raise
+            meta = obj["metadata"]
+            have = claim_gib(await api.get("v1", obj["kind"], meta["name"], meta["namespace"]))
+            wanted = gib_of(obj["spec"]["resources"]["requests"]["storage"])
+            if have is None or have >= wanted:
+                raise
+            log.warning(
+                "volume %s/%s stays at %dGi, not grown to %dGi (does its StorageClass allow "
+                "volume expansion?): %s",
+                meta["namespace"],
+                meta["name"],
+                have,
+                wanted,
+                exc,
+            )
 
     async def delete(self, customer_id: str, progress: Progress, erase: bool = False) -> None:
         """Stop the customer's instance and keep its data for the grace period: workloads
