@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -228,6 +229,17 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=3600.0, help="seconds to wait for the drill's Job"
     )
     drill.set_defaults(func=cmd_provisioner_restore_drill)
+    restore = pv.add_parser(
+        "restore",
+        help="put a customer's backup back over their database (the instance stopped meanwhile)",
+    )
+    restore.add_argument("customer_id")
+    restore.add_argument("--dump", help="the dump's file name (default: the newest intact one)")
+    restore.add_argument("--timeout", type=float, default=3600.0)
+    restore.add_argument(
+        "--yes", action="store_true", help="yes, replace the customer's data with the dump's"
+    )
+    restore.set_defaults(func=cmd_provisioner_restore)
     purge = pv.add_parser(
         "purge", help="delete the namespaces of deleted customers whose grace period is over"
     )
@@ -510,10 +522,26 @@ def cmd_provisioner_restore_drill(args: argparse.Namespace) -> int:
     """``iotistic provisioner restore-drill <customer_id>``: a Job in the customer's namespace
     restores their newest dump into a scratch database and counts it; waits and prints how it
     went. 0 when the drill passed."""
+    from services.provisioner.backups import run_restore_drill
+
+    return _backup_job(args, "restore drill", run_restore_drill)
+
+
+def cmd_provisioner_restore(args: argparse.Namespace) -> int:
+    """``iotistic provisioner restore <customer_id> --yes``: a Job puts the newest intact dump
+    (or ``--dump``) back over the customer's database, the instance stopped meanwhile."""
+    from services.provisioner.backups import run_restore
+
+    if not args.yes:
+        console.print("this replaces the customer's data with the dump's: add --yes to go on")
+        return 2
+    return _backup_job(args, "restore", functools.partial(run_restore, dump=args.dump))
+
+
+def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitable[Any]]) -> int:
     from services.provisioner.app import kubernetes_settings
     from services.provisioner.backends.base import BackendError
     from services.provisioner.backends.k8s import KubeApi, cluster_client
-    from services.provisioner.backups import run_restore_drill
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
@@ -521,7 +549,7 @@ def cmd_provisioner_restore_drill(args: argparse.Namespace) -> int:
     async def go() -> Any:
         client = await cluster_client()
         try:
-            return await run_restore_drill(
+            return await run(
                 KubeApi(client),
                 args.customer_id,
                 kubernetes_settings(settings),
@@ -534,10 +562,10 @@ def cmd_provisioner_restore_drill(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(go())
     except BackendError as exc:
-        console.print(f"[red]restore drill failed:[/red] {exc}", highlight=False)
+        console.print(f"[red]{what} failed:[/red] {exc}", highlight=False)
         return 1
     verdict = "[green]passed[/green]" if result.succeeded else "[red]FAILED[/red]"
-    console.print(f"restore drill {result.namespace}/{result.job}: {verdict}", soft_wrap=True)
+    console.print(f"{what} {result.namespace}/{result.job}: {verdict}", soft_wrap=True)
     summary = result.summary or "(no summary: see `kubectl logs` of the Job)"
     console.print(summary, markup=False, soft_wrap=True)
     return 0 if result.succeeded else 1

@@ -174,10 +174,11 @@ def test_the_backup_workloads_are_valid_and_run_the_configmaps_scripts() -> None
     objects = rendered("professional")
     cron = find(objects, "CronJob", k8s_backups.CRONJOB)
     job = k8s_backups.drill_job({"name": "restore-drill-1", "namespace": "n"}, "postgres:18")
-    for obj in (cron, job, find(objects, "ConfigMap", k8s_backups.CONFIG_MAP)):
+    restore = k8s_backups.restore_job({"name": "restore-1", "namespace": "n"}, "postgres:18", "x")
+    for obj in (cron, job, restore, find(objects, "ConfigMap", k8s_backups.CONFIG_MAP)):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
-    for workload, script in ((cron, "backup.sh"), (job, "drill.sh")):
+    for workload, script in ((cron, "backup.sh"), (job, "drill.sh"), (restore, "restore.sh")):
         pod = pod_of(workload)
         [container] = pod["containers"]
         assert container["command"] == ["sh", f"{k8s_backups.SCRIPTS_PATH}/{script}"]
@@ -224,22 +225,16 @@ async def test_a_backup_restores_the_instance_database_whole(tenant: Tenant) -> 
     assert await snapshot(tenant.url) != before
 
     # The restore over the instance's own database (the instance stopped), as the README says.
-    restore = run_restore(tenant, cron, tenant.secret["database"])
+    restore = run_restore(tenant)
     assert restore.returncode == 0, restore.stderr
     assert restore.stdout.strip().splitlines()[-1] == dump
     assert await snapshot(tenant.url) == before
 
 
-def run_restore(
-    tenant: Tenant, cron: dict[str, Any], database: str
-) -> subprocess.CompletedProcess[str]:
-    """restore.sh with the CronJob's environment, into ``database``, dropping what is there."""
-    pod = pod_of(cron)
-    [container] = pod["containers"]
-    script = f"{k8s_backups.SCRIPTS_PATH}/restore.sh"
-    swapped = {**pod, "containers": [{**container, "command": ["sh", script]}]}
-    restore = {"kind": "Job", "spec": {"template": {"spec": swapped}}}
-    return tenant.run(restore, RESTORE_DATABASE=database, RESTORE_CLEAN="1")
+def run_restore(tenant: Tenant, dump: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The restore Job (``iotistic provisioner restore``): restore.sh over the tenant's own
+    database, with that Job's environment."""
+    return tenant.run(k8s_backups.restore_job({"name": "r"}, "postgres:18", dump))
 
 
 async def test_the_drill_restores_the_newest_dump_counts_it_and_drops_its_database(
@@ -315,7 +310,7 @@ async def test_a_restore_of_a_damaged_dump_is_refused_and_changes_nothing(tenant
     [dump] = tenant.dumps()
     (tenant.backups / dump).write_bytes(b"PGDMP" + b"\0" * 64)
     before = await snapshot(tenant.url)
-    restore = run_restore(tenant, cron, tenant.secret["database"])
+    restore = run_restore(tenant)
     assert restore.returncode != 0
     assert "no intact dump" in restore.stderr
     assert await snapshot(tenant.url) == before
@@ -341,7 +336,7 @@ async def test_a_dump_that_breaks_part_way_restores_nothing(tenant: Tenant) -> N
     finally:
         await conn.close()
     before = await snapshot(tenant.url)
-    restore = run_restore(tenant, cron, tenant.secret["database"])
+    restore = run_restore(tenant)
     assert restore.returncode != 0
     assert "pg_restore: error" in restore.stderr
     assert await snapshot(tenant.url) == before

@@ -31,7 +31,7 @@ from services.provisioner.backends.k8s_storage import (
     plan_usage,
     tenant_storage,
 )
-from services.provisioner.backups import run_restore_drill
+from services.provisioner.backups import run_restore, run_restore_drill
 from support import serving, signed_license_issued
 
 CUSTOMER = "5e0c2b7a-91d4-4f3e-8a6b-2c7d9e1f0a33"
@@ -414,3 +414,45 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
     output, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, output.decode()
     assert "0 namespace(s) purged" in output.decode()
+
+
+async def test_a_restore_stops_the_instance_for_its_job_and_lets_it_go_after(cluster) -> None:
+    standin, url = cluster
+    backend = backend_for(url, standin.token)
+    await backend.start()
+    try:
+        await backend.deploy(spec_for("starter"), noop)
+    finally:
+        await backend.stop()
+    standin.job_message = "restored dump-20261207T031500Z-00.dump into iotistic"
+    client = await api_client(url, standin.token)
+    try:
+        result = await run_restore(
+            KubeApi(client),
+            CUSTOMER,
+            KubernetesSettings(),
+            timeout=20,
+            poll=0.05,
+            dump="dump-20261207T031500Z-00.dump",
+            now=datetime(2026, 12, 7, 4, 0, tzinfo=UTC),
+        )
+    finally:
+        await client.close()
+    assert result.succeeded and result.summary == standin.job_message
+    patches = [
+        (r["query"]["fieldManager"], r["body"]["kind"], r["body"].get("spec", {}).get("replicas"))
+        for r in standin.requests
+        if r["method"] == "PATCH" and r["body"]["kind"] in ("Deployment", "Job")
+    ][-3:]
+    assert patches == [
+        ("iotistic-provisioner-restore", "Deployment", 0),
+        ("iotistic-provisioner", "Job", None),
+        ("iotistic-provisioner-restore", "Deployment", None),
+    ]
+    job = stored(standin, f"{NS}/jobs/restore-20261207-040000")
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["BACKUP_FILE"] == "dump-20261207T031500Z-00.dump" and env["RESTORE_CLEAN"] == "1"
+    assert container["command"][-1].endswith("/restore.sh")
+    # Let go of: the instance runs again with the replicas the provisioner gives it.
+    assert stored(standin, f"{NS}/deployments/instance")["spec"]["replicas"] == 1

@@ -166,6 +166,22 @@ def drill_job(meta: dict[str, Any], image: str) -> dict[str, Any]:
     """A Job that runs ``drill.sh`` once: the newest dump restored into a scratch database,
     counted and dropped; its summary is the container's termination message."""
     env = [*dump_env(), {"name": "DRILL_SCHEMA", "value": INSTANCE_SCHEMA}]
+    return _job(meta, image, "drill.sh", env, "restore-drill")
+
+
+def restore_job(meta: dict[str, Any], image: str, dump: str | None = None) -> dict[str, Any]:
+    """A Job that runs ``restore.sh`` once over the tenant's own database: the schemas the
+    dump holds dropped and restored, in one transaction; the newest intact dump, or ``dump``
+    (a file name on the backups volume)."""
+    env = [*dump_env(), {"name": "RESTORE_CLEAN", "value": "1"}]
+    if dump:
+        env.append({"name": "BACKUP_FILE", "value": dump})
+    return _job(meta, image, "restore.sh", env, "restore")
+
+
+def _job(
+    meta: dict[str, Any], image: str, script: str, env: list[dict[str, Any]], name: str
+) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -176,8 +192,8 @@ def drill_job(meta: dict[str, Any], image: str) -> dict[str, Any]:
             # The Job and its pod go an hour after they end; the command has read them by then.
             "ttlSecondsAfterFinished": 3600,
             "template": {
-                "metadata": {"labels": {"app.kubernetes.io/name": "restore-drill"}},
-                "spec": _pod(image, "drill.sh", env),
+                "metadata": {"labels": {"app.kubernetes.io/name": name}},
+                "spec": _pod(image, script, env),
             },
         },
     }

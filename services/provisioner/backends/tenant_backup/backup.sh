@@ -56,7 +56,7 @@ for old in $(dump_names); do
     echo "pruned $old"
 done
 # Checksum files whose dump is gone, and dumps that never got one (a run killed between the
-# two renames), older than the new one.
+# two renames: no other run is going, so none is still being written).
 for sum in "$BACKUP_DIR"/dump-*.dump.sha256; do
     if [ -f "$sum" ] && [ ! -f "${sum%.sha256}" ]; then rm -f "$sum"; fi
 done

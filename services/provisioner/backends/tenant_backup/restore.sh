@@ -1,7 +1,8 @@
 #!/bin/sh
 # Restore a dump into a database: the newest intact one, or BACKUP_FILE (a name in BACKUP_DIR).
 #
-# Environment: BACKUP_DIR, RESTORE_DATABASE (the database restored into; it must exist), and
+# Environment: BACKUP_DIR, RESTORE_DATABASE (the database restored into; it must exist; default
+# the tenant's own, PGDATABASE), and
 # libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD
 # (or DATABASE_SECRET_DIR). With RESTORE_CLEAN=1 the schemas the dump holds
 # are dropped first (restoring over the instance's own database, the instance stopped): a
@@ -11,7 +12,8 @@
 set -eu
 here=$(dirname "$0")
 . "$here/common.sh"
-RESTORE_DATABASE=${RESTORE_DATABASE:?RESTORE_DATABASE must name the database to restore into}
+RESTORE_DATABASE=${RESTORE_DATABASE:-${PGDATABASE:-}}
+[ -n "$RESTORE_DATABASE" ] || { echo "RESTORE_DATABASE (or PGDATABASE) must be set" >&2; exit 2; }
 
 if [ -n "${BACKUP_FILE:-}" ]; then
     name=$BACKUP_FILE
@@ -35,3 +37,4 @@ schemas=$(pg_restore --list "$dump" | awk '$4 == "SCHEMA" && $5 == "-" { print $
     fi
 } | psql -X -q --single-transaction -v ON_ERROR_STOP=1 -d "$RESTORE_DATABASE" >/dev/null
 echo "$name"
+if [ -w /dev/termination-log ]; then echo "restored $name into $RESTORE_DATABASE" >/dev/termination-log; fi
