@@ -42,7 +42,10 @@ from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
 if TYPE_CHECKING:
-    pass
+    from services.provisioner.backends.base import InstanceSpec
+    from services.provisioner.backends.k8s import KubernetesBackend
+    from services.provisioner.rollout import RolloutPlan
+    from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger("iotistic")
 console = Console(stderr=True)
@@ -217,7 +220,14 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--include-secrets",
         action="store_true",
-        help="also print the license and database Secrets (values in clear text)",
+        help="also print the Secrets (license, passwords, tokens: values in clear text)",
+    )
+    render.add_argument(
+        "--credentials-generation",
+        type=_count,
+        default=0,
+        help="the customer's credentials generation (its namespace's "
+        "iotistic.io/credentials-generation; 0 until rotated)",
     )
     render.set_defaults(func=cmd_provisioner_render)
     drill = pv.add_parser(
@@ -244,6 +254,55 @@ def _parser() -> argparse.ArgumentParser:
         "purge", help="delete the namespaces of deleted customers whose grace period is over"
     )
     purge.set_defaults(func=cmd_provisioner_purge)
+    rotate = pv.add_parser(
+        "rotate-credentials",
+        help="give a customer's instance new database and broker passwords (kubernetes)",
+    )
+    rotate.add_argument("customer_id")
+    rotate.set_defaults(func=cmd_provisioner_rotate_credentials)
+    rollout = pv.add_parser(
+        "rollout",
+        help="bring every deployed customer to today's manifests (a new INSTANCE_IMAGE), "
+        "through the queue, in batches each behind a health gate; stops on failure",
+        description="Run where the provisioner runs, with its settings (INSTANCE_IMAGE, "
+        "PROVISIONER_SECRET, DATABASE_URL, the cluster's credentials), once its workers run "
+        "the new version: the workers apply, this command queues and gates. Customers already "
+        "on today's manifests (their namespace's iotistic.io/manifest-sha256) are skipped, so "
+        "a stopped rollout run again carries on. Exit 0: all updated; 1: stopped on a failure.",
+    )
+    rollout.add_argument("--batch-size", type=_positive, default=10, help="default: %(default)s")
+    rollout.add_argument(
+        "--canary", type=_count, default=1, help="customers in the first batch (default: 1)"
+    )
+    rollout.add_argument(
+        "--max-failures",
+        type=_count,
+        default=0,
+        help="failed customers tolerated before stopping (default: 0)",
+    )
+    rollout.add_argument(
+        "--only", nargs="+", metavar="CUSTOMER_ID", help="these customers only (still gated)"
+    )
+    rollout.add_argument(
+        "--force", action="store_true", help="also those already on today's manifests"
+    )
+    rollout.add_argument(
+        "--dry-run", action="store_true", help="list the customers and batches; queue nothing"
+    )
+    rollout.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=900.0,
+        help="seconds a batch's jobs and health gate may take (default: %(default)s)",
+    )
+    rollout.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=10.0,
+        help="healthy again this long after the batch was (default: %(default)s)",
+    )
+    rollout.add_argument("--poll-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+    rollout.set_defaults(func=cmd_provisioner_rollout)
 
     simulate = sub.add_parser(
         "simulate", help="devices publishing realistic BME688 readings to a customer's instance"
@@ -488,30 +547,31 @@ def _running_http_url(args: argparse.Namespace) -> str | None:
 
 def cmd_provisioner_render(args: argparse.Namespace) -> int:
     """``iotistic provisioner render <customer_id>``: the manifests the kubernetes backend
-    applies, as YAML; Secrets only with ``--include-secrets``."""
-    from services.provisioner.app import kubernetes_settings
-    from services.provisioner.backends.base import InstanceSpec
-    from services.provisioner.backends.k8s import customer_objects
+    applies, as YAML, made by the same backend the provisioner runs (so the same passwords,
+    keys and tokens); Secrets only with ``--include-secrets``."""
+    from services.provisioner.app import kubernetes_backend
+    from services.provisioner.backends.base import BackendError, InstanceSpec
     from services.provisioner.backends.k8s_manifests import render_yaml
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
-    if args.license_file:
-        jwt, license_id, plan = Path(args.license_file).read_text().strip(), "given", args.plan
-    else:
-        jwt, license_id, plan = asyncio.run(_current_license(settings, args.customer_id))
-    if args.include_secrets and not settings.provisioner_secret:
-        console.print("[red]PROVISIONER_SECRET is needed to render the database Secret[/red]")
+    if not settings.provisioner_secret:
+        console.print("[red]PROVISIONER_SECRET is needed: the passwords derive from it[/red]")
         return 1
-    spec = InstanceSpec(
-        customer_id=args.customer_id,
-        plan=plan,
-        license_jwt=jwt,
-        license_id=license_id,
-        jwks_url=settings.license_jwks_url,
-    )
-    secret = (settings.provisioner_secret or "").encode()
-    objects = customer_objects(spec, kubernetes_settings(settings), secret)
+    if args.license_file:
+        spec = InstanceSpec(
+            customer_id=args.customer_id,
+            plan=args.plan,
+            license_jwt=Path(args.license_file).read_text().strip(),
+            license_id="given",
+            jwks_url=settings.license_jwks_url,
+        )
+    else:
+        try:
+            spec = asyncio.run(_current_spec(settings, args.customer_id))
+        except BackendError as exc:
+            raise SystemExit(str(exc)) from None
+    objects = kubernetes_backend(settings).objects(spec, args.credentials_generation)
     if not args.include_secrets:
         objects = [o for o in objects if o["kind"] != "Secret"]
     sys.stdout.write(render_yaml(objects))
@@ -596,20 +656,147 @@ def cmd_provisioner_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _current_license(settings: ServiceSettings, customer_id: str) -> tuple[str, str, str]:
+def cmd_provisioner_rollout(args: argparse.Namespace) -> int:
+    """``iotistic provisioner rollout``: update every deployed customer in gated batches."""
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.rollout import kubernetes_backend
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings_from(args, needs=("DATABASE_URL",))  # says so when there is nothing to connect to
+    settings = load_settings(ProvisionerSettings, environment(args))
+    if settings.provisioner_backend != "kubernetes":
+        console.print(
+            "[red]rollout:[/red] works with PROVISIONER_BACKEND=kubernetes only: the local "
+            "backend's instances are processes of this machine, not manifests to re-apply"
+        )
+        return 2
+    if not settings.provisioner_secret:
+        console.print("[red]rollout:[/red] PROVISIONER_SECRET is needed to render the manifests")
+        return 2
+    try:
+        return asyncio.run(_rollout(args, settings, kubernetes_backend(settings)))
+    except BackendError as exc:  # the cluster's API refused or is away: said in a line
+        console.print(f"[red]rollout:[/red] {exc}")
+        return 1
+
+
+async def _rollout(
+    args: argparse.Namespace, settings: ProvisionerSettings, backend: KubernetesBackend
+) -> int:
+    from libs.db import create_pool
+    from services.provisioner.rollout import Rollout, RolloutBusy, plan_rollout
+
+    # One line per customer or batch, however long, for the operator's logs and scripts.
+    out = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    pool = await create_pool(settings.database_url, "provisioner", max_size=4)
+    await backend.start()
+    try:
+        plan = await plan_rollout(
+            pool,
+            backend,
+            settings,
+            only=args.only,
+            force=args.force,
+            batch_size=args.batch_size,
+            canary=args.canary,
+        )
+        _print_plan(out, plan, settings.instance_image)
+        if plan.not_deployed:
+            err.print(
+                "[red]rollout:[/red] not deployed here (unknown, closed or removed): "
+                + ", ".join(plan.not_deployed)
+            )
+            return 1
+        if args.dry_run or not plan.batches:
+            return 0
+        rollout = Rollout(
+            pool,
+            backend,
+            settings,
+            batch_timeout=args.batch_timeout,
+            settle_seconds=args.settle_seconds,
+            max_failures=args.max_failures,
+            poll_seconds=args.poll_seconds,
+            say=out.print,
+        )
+        out.print(f"rollout {rollout.rollout_id}: jobs requested by {rollout.requested_by}")
+        try:
+            report = await rollout.run(plan)
+        except RolloutBusy as exc:
+            err.print(f"[red]rollout:[/red] {exc}")
+            return 1
+    finally:
+        await backend.stop()
+        await pool.close()
+    out.print(
+        f"rollout {report.rollout_id}: {len(report.updated)} updated, "
+        f"{len(report.failures)} failed, {len(report.left)} left (closed), "
+        f"{len(report.untouched)} untouched"
+    )
+    if report.failures:
+        for failure in report.failures:
+            job = f" (job {failure.job_id})" if failure.job_id else ""
+            err.print(f"[red]failed:[/red] {failure.customer_id}{job}: {failure.reason}")
+    if report.stopped:
+        err.print(
+            "[red]rollout stopped.[/red] Fix the cause and run it again: customers already "
+            "updated are skipped"
+        )
+        return 1
+    return 0
+
+
+def _print_plan(out: Console, plan: RolloutPlan, image: str) -> None:
+    out.print(
+        f"instance image {image}: {len(plan.tenants)} to update in {len(plan.batches)} "
+        f"batches, {len(plan.skipped)} already up to date"
+    )
+    for number, batch in enumerate(plan.batches, start=1):
+        out.print(f"batch {number}: " + " ".join(f"{t.customer_id} ({t.plan})" for t in batch))
+    for tenant in plan.skipped:
+        out.print(f"up to date: {tenant.customer_id} ({tenant.plan})")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
+async def _current_spec(settings: ProvisionerSettings, customer_id: str) -> InstanceSpec:
+    from services.provisioner.rotation import instance_spec
+
     conn = await asyncpg.connect(settings.database_url)
     try:
-        row = await conn.fetchrow(
-            "SELECT jwt, license_id, plan FROM provisioner.customer_licenses "
-            "WHERE customer_id = $1",
-            customer_id,
-        )
+        return await instance_spec(conn, customer_id, settings.license_jwks_url)
     finally:
         await conn.close()
-    if row is None or row["jwt"] is None:
-        # No row, or only the mark of an account closed before any license arrived.
-        raise SystemExit(f"no license has been issued to customer {customer_id}")
-    return row["jwt"], row["license_id"], row["plan"]
+
+
+def cmd_provisioner_rotate_credentials(args: argparse.Namespace) -> int:
+    """``iotistic provisioner rotate-credentials <customer_id>``: the customer's next
+    credentials generation, applied, and their pods ready again with it."""
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.rotation import rotate_credentials
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings = load_settings(ProvisionerSettings, environment(args))
+    if not settings.provisioner_secret:
+        console.print("[red]PROVISIONER_SECRET is needed: the passwords derive from it[/red]")
+        return 1
+
+    async def progress(percent: int, step: str) -> None:
+        console.print(f"{percent:3d}% {step}")
+
+    try:
+        generation = asyncio.run(rotate_credentials(settings, args.customer_id, progress))
+    except BackendError as exc:
+        console.print(f"[red]rotate-credentials:[/red] {exc}")
+        return 1
+    console.print(f"customer {args.customer_id}: credentials generation {generation}, pods ready")
+    return 0
 
 
 # --- replay ------------------------------------------------------------------------------------

@@ -6,16 +6,19 @@ the API server documents it — server-side apply (PATCH with ``application/appl
 objects with it) — and records every request so tests can check the call sequence. Workloads
 report ready after ``ready_after`` reads, the way a rollout takes a while; a changed spec bumps
 ``metadata.generation`` and starts a new rollout; ``unready`` names workloads whose pods stopped
-being ready. The manifests themselves are checked against
-the real Kubernetes schemas separately (kubernetes-validate).
+being ready (``name`` in every namespace, or ``namespace/name``). Applies by different field
+managers merge as server-side apply documents it: each manager's last applied configuration is
+kept, and the object is all of them merged (the latest wins where they overlap), so a manager
+that drops a field removes it only if no other manager set it. An update of a StatefulSet's
+spec beyond what may change (its volume claim templates, say) is refused with 422. The
+manifests themselves are checked against the real Kubernetes schemas separately
+(kubernetes-validate).
 
-Added for deletion with a grace period and the restore drill, just as labelled: each field
-manager's applied configuration is kept, and the object is their merge (later applies win,
-a manager that applies without a field gives it up), which is how server-side apply behaves
-for the fields we use; GET of a collection with a ``labelSelector`` lists; a Job cannot run
-here, so after ``ready_after`` reads it reports Complete (Failed if named in ``failing_jobs``)
-with a Pod whose container ended with ``job_message`` as its termination message;
-``refuse_growth`` refuses a bigger claim, as a StorageClass without volume expansion does.
+Added for deletion with a grace period and the restore drill, just as labelled: GET of a
+collection with a ``labelSelector`` lists; a Job cannot run here, so after ``ready_after``
+reads it reports Complete (Failed if named in ``failing_jobs``) with a Pod whose container
+ended with ``job_message`` as its termination message; ``refuse_growth`` refuses a bigger
+claim, as a StorageClass without volume expansion does.
 """
 
 from __future__ import annotations
@@ -23,13 +26,27 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import Any
 
 from litestar import Litestar, Request, Response, route
 from litestar.params import FromPath
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+# What of a StatefulSet's spec an update may change; the API server refuses any other change
+# (its volume claim templates, say) with this message.
+STATEFULSET_MUTABLE = (
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+)
+STATEFULSET_FORBIDDEN = (
+    "spec: Forbidden: updates to statefulset spec for fields other than 'replicas', "
+    "'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and "
+    "'minReadySeconds' are forbidden"
+)
 
 
 @dataclass
@@ -42,11 +59,11 @@ class KubeStandIn:
     fail_status: int | None = None
     # Workloads (by name) whose pods stopped being ready, as a crash-looping pod's would.
     unready: set[str] = field(default_factory=set)
+    # Per object, each field manager's last applied configuration, oldest apply first.
+    applied_configs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
-    # path -> field manager -> its applied configuration, in the order applied.
-    configs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     failing_jobs: set[str] = field(default_factory=set)
     # A StorageClass without allowVolumeExpansion: a claim's request may not grow.
     refuse_growth: bool = False
@@ -65,6 +82,7 @@ class KubeStandIn:
                     "query": dict(request.query_params),
                     "content_type": request.headers.get("content-type", ""),
                     "body": json.loads(body) if body else None,
+                    "user_agent": request.headers.get("user-agent", ""),
                 }
             )
             if request.headers.get("authorization") != f"Bearer {self.token}":
@@ -97,10 +115,16 @@ class KubeStandIn:
                     "provisions the pvc must support resize",
                 )
         manager = request.query_params["fieldManager"]
-        configs = self.configs.setdefault(path, {})
+        configs = dict(self.applied_configs.get(path, {})) if stored is not None else {}
         configs.pop(manager, None)
         configs[manager] = copy.deepcopy(obj)
-        obj = reduce(_merge, configs.values(), {})
+        obj = {}
+        for config in configs.values():
+            obj = _merged(obj, config)
+        statefulset = stored is not None and obj.get("kind") == "StatefulSet"
+        if statefulset and _fixed(stored or {}) != _fixed(obj):
+            return _status(422, "Invalid", STATEFULSET_FORBIDDEN)
+        self.applied_configs[path] = configs
         meta = obj.setdefault("metadata", {})
         if stored is None:
             meta["generation"] = 1
@@ -174,7 +198,7 @@ class KubeStandIn:
             prefix = f"namespaces/{obj['metadata']['name']}/"
             for key in [k for k in self.objects if prefix in k or k == path]:
                 del self.objects[key]
-                self.configs.pop(key, None)
+                self.applied_configs.pop(key, None)
             return _status(404, "NotFound", f"{path} not found")
         if obj.get("kind") in WORKLOAD_KINDS and self.reads[path] >= self.ready_after:
             replicas = obj.get("spec", {}).get("replicas", 1)
@@ -187,13 +211,17 @@ class KubeStandIn:
             }
         if obj.get("kind") == "Job" and not obj["status"] and self.reads[path] >= self.ready_after:
             self._finish_job(path, obj)
-        if obj.get("kind") in WORKLOAD_KINDS and obj["metadata"]["name"] in self.unready:
+        if obj.get("kind") in WORKLOAD_KINDS and self._is_unready(obj["metadata"]):
             obj["status"] = {**obj.get("status", {}), "readyReplicas": 0, "availableReplicas": 0}
             if obj["kind"] == "Deployment":  # StatefulSets have no Available condition
                 obj["status"]["conditions"] = [
                     {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}
                 ]
         return Response(obj)
+
+    def _is_unready(self, meta: dict[str, Any]) -> bool:
+        name = meta["name"]
+        return name in self.unready or f"{meta.get('namespace')}/{name}" in self.unready
 
     def _delete(self, path: str) -> Response[Any]:
         obj = self.objects.get(path)
@@ -202,7 +230,7 @@ class KubeStandIn:
         if obj.get("kind") != "Namespace":
             # Anything but a namespace goes at once.
             del self.objects[path]
-            self.configs.pop(path, None)
+            self.applied_configs.pop(path, None)
             return Response(obj, status_code=200)
         obj["status"] = {"phase": "Terminating"}
         self.reads[path] = 0
@@ -217,15 +245,21 @@ class KubeStandIn:
         ]
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` laid on ``base``: mappings merge, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+def _fixed(statefulset: dict[str, Any]) -> dict[str, Any]:
+    spec = statefulset.get("spec") or {}
+    return {key: value for key, value in spec.items() if key not in STATEFULSET_MUTABLE}
+
+
+def _merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` applied over ``base``: maps merge key by key, anything else is replaced (the
+    stand-in treats lists as atomic, which our objects' lists are to their one manager)."""
+    merged = copy.deepcopy(base)
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
         else:
-            out[key] = copy.deepcopy(value)
-    return out
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _status(code: int, reason: str, message: str) -> Response[Any]:

@@ -22,7 +22,9 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The control plane's JWKS, fetched at start and when a license names an unknown key.
     license_jwks_url: str
     license_issuer: str = "iotistic-licensing"
-    # The control plane, which vouches for customers' session tokens (GET /api/customers/me).
+    # The control plane's signup, which vouches for customers' session tokens (GET
+    # /api/customers/me) and checks the sign-ins the dashboard relays (POST
+    # /api/customers/login): the whole control plane locally, its signup Service in Kubernetes.
     control_plane_url: str = "http://127.0.0.1:8080"
     # The broker: the instance's own client (ingest) and, to make device credentials, its
     # dynamic-security admin (the local backend's shared broker; a pod's own in Kubernetes).
@@ -50,7 +52,10 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     login_relay_key: str | None = None
     # Proxies in front of the instance (the ingress) that append to X-Forwarded-For.
     trusted_proxy_hops: Annotated[int, Meta(ge=0, le=5)] = 0
-    # Usage goes to billing every so often with this instance's own token.
+    # Usage goes to billing every so often with this instance's own token, at
+    # ``<USAGE_URL>/api/instances/<customer>/usage``: billing's base URL as the instance reaches
+    # it (its own Service in Kubernetes). Unset: CONTROL_PLANE_URL (one address for everything).
+    usage_url: str | None = None
     usage_token: str | None = None
     usage_report_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0
     # Opens /metrics and the detail of /health/ready to monitoring (Prometheus, the

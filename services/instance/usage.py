@@ -33,7 +33,8 @@ async def usage_of(conn: asyncpg.Connection, day: date) -> dict[str, Any]:
 
 
 class UsageReporter:
-    """Posts usage to ``<control plane>/api/instances/<customer>/usage``."""
+    """Posts usage to ``<USAGE_URL>/api/instances/<customer>/usage`` (billing; USAGE_URL
+    defaults to CONTROL_PLANE_URL)."""
 
     def __init__(
         self, settings: InstanceSettings, pool: Callable[[], asyncpg.Pool | Turns]
@@ -46,7 +47,7 @@ class UsageReporter:
     @property
     def url(self) -> str:
         """Where reports go."""
-        base = self._settings.control_plane_url.rstrip("/")
+        base = (self._settings.usage_url or self._settings.control_plane_url).rstrip("/")
         return f"{base}/api/instances/{self._settings.instance_customer_id}/usage"
 
     async def report(self, now: datetime) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from litestar.types import ControllerRouterHandler
 
@@ -22,21 +24,32 @@ from contracts import (
     InstanceDegraded,
     InstanceRecovered,
 )
+from libs.config import ConfigError
 from libs.outbox import OutboxRelay, outbox_relay, outbox_worker
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
 from libs.scheduling import every
 from libs.supervision import Worker
 from services.provisioner.backends.base import Backend, BackendError
-from services.provisioner.backends.k8s_manifests import KubernetesSettings
+from services.provisioner.backends.k8s_manifests import KubernetesSettings, pinned_by_digest
 from services.provisioner.backends.k8s_storage import StoragePolicy
 from services.provisioner.capacity import CapacityWatch
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
 from services.provisioner.projections import CAPACITY_RECORDED, DEPLOYMENTS, INSTANCE_HEALTH
 from services.provisioner.reactors import provisioner_reactors
-from services.provisioner.settings import ProvisionerSettings, parse_backups_kept, parse_cidrs
+from services.provisioner.settings import (
+    ProvisionerSettings,
+    parse_backups_kept,
+    parse_cidrs,
+    parse_ports,
+)
 from services.provisioner.worker import QueueWorker
+
+if TYPE_CHECKING:  # kubernetes-asyncio is imported only by a provisioner that uses it
+    from kubernetes_asyncio import client as k8s
+
+    from services.provisioner.backends.k8s import KubernetesBackend
 
 METRICS_REFRESH_SECONDS = 5.0
 # How often deleted customers' namespaces are checked for the end of their grace period.
@@ -55,16 +68,8 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
     def make() -> Backend:
         settings = settings_of(runtime)
         if settings.provisioner_backend == "kubernetes":
-            from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
-
-            return KubernetesBackend(
-                kubernetes_settings(settings),
-                (settings.provisioner_secret or "").encode(),
-                cluster_client,
-                ready_timeout=settings.kubernetes_ready_timeout_seconds,
-                login_relay_secret=settings.login_relay_secret,
-                max_instances=settings.max_instances,
-            )
+            check_reachable_from_pods(settings)
+            return kubernetes_backend(settings)
         from services.provisioner.backends.local import LocalBackend
 
         return LocalBackend(settings, runtime.db)
@@ -72,18 +77,55 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
     return runtime.shared("backend", make)
 
 
+def kubernetes_backend(
+    settings: ProvisionerSettings,
+    api_client: Callable[[], Awaitable[k8s.ApiClient]] | None = None,
+) -> KubernetesBackend:
+    """The kubernetes backend these settings describe: the workers', and the fleet rollout's,
+    which must render exactly what the workers apply. ``api_client``: the cluster's by default
+    (in-cluster, else the kubeconfig). The operator's commands (render, rotate-credentials) use it
+    too, so they apply the same objects."""
+    from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
+
+    return KubernetesBackend(
+        kubernetes_settings(settings),
+        (settings.provisioner_secret or "").encode(),
+        api_client or cluster_client,
+        ready_timeout=settings.kubernetes_ready_timeout_seconds,
+        login_relay_secret=settings.login_relay_secret,
+        max_instances=settings.max_instances,
+        usage_secret=settings.usage_secret,
+    )
+
+
 def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
-    """What the rendered Kubernetes objects depend on, from the provisioner's settings."""
+    """What the rendered Kubernetes objects depend on, from the provisioner's settings.
+    Raises ``ConfigError`` for a Postgres or Mosquitto image not pinned by digest (unless
+    ALLOW_UNPINNED_IMAGES), and warns of an instance image that is not."""
+    images = tenant_images(settings)
     return KubernetesSettings(
+        postgres_image=images["postgres_image"],
+        mosquitto_image=images["mosquitto_image"],
+        instance_image=images["instance_image"],
+        namespace_prefix=settings.kubernetes_namespace_prefix,
         base_domain=settings.base_domain,
-        instance_image=settings.instance_image,
-        cluster_issuer=settings.cluster_issuer,
-        ingress_class=settings.ingress_class,
+        control_plane_namespace=settings.kubernetes_control_plane_namespace,
+        control_plane_pod_labels={"app.kubernetes.io/name": settings.kubernetes_control_plane_name},
+        # Every target of the chart serves HTTP on its one httpPort, this process's too.
+        control_plane_port=settings.http_port,
+        gateway_name=settings.kubernetes_gateway_name,
+        gateway_proxy_namespace=settings.kubernetes_gateway_proxy_namespace,
+        gateway_traffic_policy=settings.kubernetes_gateway_traffic_policy,
+        gateway_requests_per_client=settings.kubernetes_gateway_requests_per_client,
+        webhook_ports=parse_ports(settings.kubernetes_webhook_ports, "KUBERNETES_WEBHOOK_PORTS"),
         storage_class=settings.storage_class,
         cluster_cidrs=parse_cidrs(settings.kubernetes_cluster_cidrs, "KUBERNETES_CLUSTER_CIDRS"),
         alert_webhook_allowed_cidrs=",".join(
             parse_cidrs(settings.alert_webhook_allowed_cidrs, "ALERT_WEBHOOK_ALLOWED_CIDRS")
         ),
+        control_plane_url=settings.control_plane_url,
+        usage_url=settings.usage_url or settings.control_plane_url,
+        usage_report_seconds=settings.instance_usage_report_seconds,
         storage=StoragePolicy(
             bytes_per_reading=settings.storage_bytes_per_reading,
             headroom=settings.storage_headroom,
@@ -94,6 +136,55 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         backup_schedule=settings.backup_schedule,
         deletion_grace_days=settings.deletion_grace_days,
     )
+
+
+def check_reachable_from_pods(settings: ProvisionerSettings) -> None:
+    """A ``ConfigError`` when an address the kubernetes backend hands to instances is the
+    pod's own (loopback, as the defaults made for the local backend are): there 127.0.0.1 is
+    the instance itself, which answers its own sign-ins with 404."""
+    for variable, url, owner in (
+        ("CONTROL_PLANE_URL", settings.control_plane_url, "signup"),
+        ("USAGE_URL", settings.usage_url or settings.control_plane_url, "billing"),
+        ("LICENSE_JWKS_URL", settings.license_jwks_url, "licensing"),
+    ):
+        host = urlsplit(url).hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+            itself = address.is_loopback or address.is_unspecified
+        except ValueError:
+            itself = host == "localhost" or host.endswith(".localhost")
+        if not host or itself:
+            raise ConfigError(
+                f"{variable}: {url[:120]!r} is not an address of the control plane inside the "
+                "cluster (the kubernetes backend's instances would ask themselves); set it to "
+                f"{owner}'s Service, e.g. http://<release>-iotistic-{owner}.<namespace>.svc:8080"
+            )
+
+
+def tenant_images(settings: ProvisionerSettings) -> dict[str, str]:
+    """The tenants' images, checked: Postgres and Mosquitto pinned by digest or refused, the
+    instance's warned about. The instance image is our own build: a developer's cluster runs
+    one made (and loaded) locally, which has no registry digest, while production gets it from
+    the chart as repo:tag@digest. Refusing it would only push developers to the opt-out."""
+    defaults = KubernetesSettings()
+    images = {
+        "postgres_image": settings.postgres_image or defaults.postgres_image,
+        "mosquitto_image": settings.mosquitto_image or defaults.mosquitto_image,
+        "instance_image": settings.instance_image,
+    }
+    for name in ("postgres_image", "mosquitto_image"):
+        if not pinned_by_digest(images[name]) and not settings.allow_unpinned_images:
+            raise ConfigError(
+                f"{name.upper()} {images[name]!r} is not pinned by digest "
+                "(name:tag@sha256:<64 hex>); pin it, or set ALLOW_UNPINNED_IMAGES=true"
+            )
+    if not pinned_by_digest(images["instance_image"]):
+        log.warning(
+            "INSTANCE_IMAGE %r is not pinned by digest: a moved tag would reach customers "
+            "at their next rollout; production should give repo:tag@sha256:...",
+            images["instance_image"],
+        )
+    return images
 
 
 def relay_of(runtime: ServiceRuntime) -> OutboxRelay:

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from services.provisioner.backends.base import BackendError
 from services.provisioner.backends.k8s_backups import drill_job, restore_job
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, _meta, namespace_of
+from services.provisioner.backends.k8s_manifests import (
+    PG_SUPERUSER,
+    KubernetesSettings,
+    _meta,
+    namespace_of,
+)
 
 if TYPE_CHECKING:
     from services.provisioner.backends.k8s import KubeApi
@@ -72,7 +77,7 @@ async def run_restore_drill(
     end in time (the Job keeps running; ``kubectl -n <ns> logs job/<name>`` shows it)."""
     ns = await _namespace(api, customer_id, settings)
     name = f"restore-drill-{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
-    job = drill_job(_meta(name, ns, customer_id), settings.postgres_image)
+    job = drill_job(_meta(name, ns, customer_id), settings.postgres_image, PG_SUPERUSER)
     return await _run_job(api, ns, job, timeout, poll)
 
 

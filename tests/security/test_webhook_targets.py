@@ -192,7 +192,16 @@ def test_the_kubernetes_egress_lets_instances_reach_only_public_addresses_and_th
     selector, only = to_control_plane[0]
     assert selector == instance
     assert only["ports"] == [{"protocol": "TCP", "port": 8080}]
-    assert only["to"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "iotistic"}}
+    assert only["to"][0]["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "iotistic"},
+        "matchExpressions": [
+            {
+                "key": "app.kubernetes.io/component",
+                "operator": "In",
+                "values": ["signup", "billing", "licensing"],
+            }
+        ],
+    }
     # The public internet (webhooks), without anything private, loopback or link-local.
     excepted = _excepted([(s, r) for s, r in rules if s == instance])
     for address in ("10.0.0.1", "172.16.5.4", "192.168.0.1", "127.0.0.1", "169.254.169.254"):

@@ -50,14 +50,198 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 app.kubernetes.io/part-of: iotistic
 {{- end }}
 
-{{/* The container image, repository:tag (tag defaults to the chart's appVersion). */}}
+{{/*
+The container image: repository:tag (tag defaults to the chart's appVersion), and @digest when
+image.digest is set. The targets, the events-init Job and every instance (INSTANCE_IMAGE) run it.
+*/}}
 {{- define "iotistic.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $image := printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- with .Values.image.digest }}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" .) }}
+{{- fail "image.digest must be sha256:<64 hex digits>, the digest your registry printed" }}
+{{- end }}
+{{- $image = printf "%s@%s" $image . }}
+{{- end }}
+{{- $image }}
 {{- end }}
 
-{{/* The Secret holding DATABASE_URL and ADMIN_TOKEN: existingSecret, or the chart's own. */}}
+{{/* The Secret of the secret settings: existingSecret, or the chart's own. */}}
 {{- define "iotistic.secretName" -}}
 {{- default (include "iotistic.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/* The Secret of DATABASE_URL: the bundled Postgres's own, or that of the secret settings. */}}
+{{- define "iotistic.databaseSecretName" -}}
+{{- if .Values.postgresql.enabled }}
+{{- include "iotistic.postgresqlName" . }}
+{{- else }}
+{{- include "iotistic.secretName" . }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret of LICENSE_PRIVATE_KEY (licensing's pods only): existingSecret, or its own. */}}
+{{- define "iotistic.licensingKeySecretName" -}}
+{{- default (printf "%s-licensing-key" (include "iotistic.fullname" .) | trunc 63 | trimSuffix "-") .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/* The bundled Postgres's StatefulSet, Service and Secret: <fullname>-postgresql. */}}
+{{- define "iotistic.postgresqlName" -}}
+{{- printf "%s-postgresql" (include "iotistic.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the bundled Postgres's pod. */}}
+{{- define "iotistic.postgresqlSelectorLabels" -}}
+{{ include "iotistic.selectorLabels" (dict "root" . "target" "postgresql") }}
+{{- end }}
+
+{{/*
+The secret settings each target reads, beyond DATABASE_URL (every target's): a dict of
+target -> {required: [...], optional: [...]}. The one table of who holds which secret.
+*/}}
+{{- define "iotistic.secretKeys" -}}
+signup:
+  required: [ADMIN_TOKEN, SESSION_SECRET, LOGIN_RELAY_SECRET]
+  optional: [NATS_URL]
+licensing:
+  required: [ADMIN_TOKEN, SESSION_SECRET]
+  optional: [NATS_URL]
+billing:
+  required: [ADMIN_TOKEN, SESSION_SECRET, USAGE_SECRET]
+  optional: [NATS_URL, STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET]
+provisioner:
+  required: [ADMIN_TOKEN, SESSION_SECRET, PROVISIONER_SECRET, USAGE_SECRET, LOGIN_RELAY_SECRET]
+  optional: [NATS_URL]
+{{- end }}
+
+{{/*
+One target's secret settings as container env entries (secretKeyRef, one key each), taking a
+dict (root, target). A pod of another workload that runs as a target (e.g. a provisioner
+worker) includes it with that target's name and gets exactly the same.
+*/}}
+{{- define "iotistic.secretEnv" -}}
+{{- $root := .root }}
+{{- $keys := index (include "iotistic.secretKeys" $root | fromYaml) .target }}
+{{- $secret := include "iotistic.secretName" $root }}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "iotistic.databaseSecretName" $root }}
+      key: DATABASE_URL
+{{- range $keys.required }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ . }}
+{{- end }}
+{{- range $keys.optional }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ . }}
+      optional: true
+{{- end }}
+{{- if eq .target "licensing" }}
+# Only licensing's pods hold the license signing key.
+- name: LICENSE_PRIVATE_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "iotistic.licensingKeySecretName" $root }}
+      key: LICENSE_PRIVATE_KEY
+{{- end }}
+{{- end }}
+
+{{/* A target's URL inside the cluster: http://<fullname>-<target>.<namespace>.svc:<port>. */}}
+{{- define "iotistic.serviceUrl" -}}
+{{- printf "http://%s.%s.svc:%v" (include "iotistic.targetName" .) .root.Release.Namespace .root.Values.service.port }}
+{{- end }}
+
+{{/*
+Settings the chart derives for one target (dict root, target), as env entries: the provisioner's
+instance image, domain and the control-plane URLs it hands every instance; signup's proxy hops.
+*/}}
+{{- define "iotistic.targetEnv" -}}
+{{- $root := .root }}
+{{- if eq .target "provisioner" }}
+{{- $p := $root.Values.targets.provisioner }}
+- name: INSTANCE_IMAGE
+  value: {{ include "iotistic.image" $root | quote }}
+- name: BASE_DOMAIN
+  value: {{ include "iotistic.baseDomain" $root | quote }}
+# Instances verify their license with licensing's keys, sign customers in through signup and
+# report usage to billing, each at its Service.
+- name: LICENSE_JWKS_URL
+  value: {{ printf "%s/.well-known/jwks.json" (include "iotistic.serviceUrl" (dict "root" $root "target" "licensing")) | quote }}
+- name: CONTROL_PLANE_URL
+  value: {{ include "iotistic.serviceUrl" (dict "root" $root "target" "signup") | quote }}
+- name: USAGE_URL
+  value: {{ include "iotistic.serviceUrl" (dict "root" $root "target" "billing") | quote }}
+{{- if $p.kubernetesBackend.enabled }}
+- name: PROVISIONER_BACKEND
+  value: "kubernetes"
+{{- end }}
+# What each tenant's HTTPRoute and NetworkPolicies name: this release's namespace and name
+# label (the services instances may call), its Gateway and where the Gateway's proxies run.
+- name: KUBERNETES_CONTROL_PLANE_NAMESPACE
+  value: {{ $root.Release.Namespace | quote }}
+- name: KUBERNETES_CONTROL_PLANE_NAME
+  value: {{ include "iotistic.name" $root | quote }}
+- name: KUBERNETES_GATEWAY_NAME
+  value: {{ $root.Values.gateway.name | quote }}
+- name: KUBERNETES_GATEWAY_PROXY_NAMESPACE
+  value: {{ $root.Values.gateway.namespace | quote }}
+- name: KUBERNETES_GATEWAY_TRAFFIC_POLICY
+  value: {{ $root.Values.gateway.envoyGateway.enabled | toString | quote }}
+{{- end }}
+{{- if and (eq .target "signup") $root.Values.gateway.enabled }}
+- name: TRUSTED_PROXY_HOPS
+  value: {{ $root.Values.gateway.trustedProxyHops | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* baseDomain, required, without a leading "*." or dot. */}}
+{{- define "iotistic.baseDomain" -}}
+{{- $domain := required "baseDomain is required: the platform's domain (api.<baseDomain> serves the API, <customer>.<baseDomain> each instance), e.g. --set baseDomain=example.com" .Values.baseDomain }}
+{{- if not (regexMatch "^([a-z0-9]([-a-z0-9]*[a-z0-9])?\\.)+[a-z]{2,63}$" $domain) }}
+{{- fail (printf "baseDomain %q is not a lower-case DNS name such as example.com" $domain) }}
+{{- end }}
+{{- $domain }}
+{{- end }}
+
+{{/* The bundled NATS's name, as the official chart computes it (nats.fullname). */}}
+{{- define "iotistic.natsFullname" -}}
+{{- if .Values.nats.fullnameOverride }}
+{{- .Values.nats.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default "nats" .Values.nats.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the bundled NATS's pods (the official chart's nats.selectorLabels). */}}
+{{- define "iotistic.natsSelectorLabels" -}}
+app.kubernetes.io/name: {{ default "nats" .Values.nats.nameOverride | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nats
+{{- end }}
+
+{{/* NATS_URL for the ConfigMap: config.NATS_URL, or the bundled NATS's Service. */}}
+{{- define "iotistic.natsUrl" -}}
+{{- if index .Values.config "NATS_URL" }}
+{{- index .Values.config "NATS_URL" }}
+{{- else if .Values.nats.enabled }}
+{{- printf "nats://%s.%s.svc:4222" (include "iotistic.natsFullname" .) .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret of the NATS server's configuration (templates/bus.yaml): <release>-nats-bus. */}}
+{{- define "iotistic.natsConfigSecretName" -}}
+{{- printf "%s-nats-bus" .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/* The Secret of the bus users' passwords (keys signup ... operator): bus.existingSecret, or the chart's own. */}}
@@ -68,4 +252,24 @@ app.kubernetes.io/part-of: iotistic
 {{/* Where each target and the events-init Job find their bus password: NATS_CREDENTIALS_DIR. */}}
 {{- define "iotistic.busCredentialsDir" -}}
 /run/iotistic/nats
+{{- end }}
+
+{{/* Egress rules every target needs beyond DNS: the bundled NATS and Postgres. */}}
+{{- define "iotistic.networkPolicy.backendEgress" -}}
+{{- if .Values.nats.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "iotistic.natsSelectorLabels" . | nindent 10 }}
+  ports:
+    - {protocol: TCP, port: 4222}
+{{- end }}
+{{- if .Values.postgresql.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "iotistic.postgresqlSelectorLabels" . | nindent 10 }}
+  ports:
+    - {protocol: TCP, port: 5432}
+{{- end }}
 {{- end }}

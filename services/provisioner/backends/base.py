@@ -17,10 +17,19 @@ from libs.auth import derived_secret
 Progress = Callable[[int, str], Awaitable[None]]
 
 
-def derive_password(secret: bytes, purpose: str, customer_id: str) -> str:
+def derive_password(secret: bytes, purpose: str, customer_id: str, generation: int = 0) -> str:
     """A customer's password for ``purpose`` (``database``, ``mqtt``): the same on every retry,
-    so nothing secret needs storing; derived from ``PROVISIONER_SECRET``."""
-    return derived_secret(secret, purpose, customer_id)
+    so nothing secret needs storing; derived from ``PROVISIONER_SECRET``.
+
+    ``generation`` is the customer's credentials generation: rotating their credentials bumps
+    it, which gives every password a new value. Generation 0 is the derivation of the versions
+    before rotation existed, so customers never rotated keep the passwords they have."""
+    if generation < 0:
+        raise ValueError("a credentials generation is 0 or more")
+    if generation == 0:
+        return derived_secret(secret, purpose, customer_id)
+    # '#' is in no purpose, so "database#1" can never be another purpose's generation 0.
+    return derived_secret(secret, f"{purpose}#{generation}", customer_id)
 
 
 class BackendError(Exception):

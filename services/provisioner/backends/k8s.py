@@ -6,18 +6,24 @@ Deploy applies every object of ``k8s_manifests.render`` in order (PATCH with
 the provisioner owns the fields it sets and a retry converges), then waits until Postgres,
 Mosquitto and the instance are ready, reporting progress. Update re-applies every object; what
 changed is the license Secret and the instance Deployment, which the license annotation on its
-pod template rolls (and, for a customer deployed by an older version, whatever else is new).
-Volumes only grow: a claim is never applied smaller than the cluster holds (``k8s_storage``).
-Delete stops the instance and keeps its namespace, volumes and backups for the grace period
-(``k8s_grace``; a redeploy within it takes the customer back, an hourly purge deletes it after);
-with erasure it removes the namespace at once and waits until it is gone. The passwords, the
-broker client id and the monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC), so
-re-applying never changes them; they are never logged.
+pod template rolls (and, for a customer deployed by an older version, whatever else is new; what
+it replaced, the Ingress, is deleted after deploys and updates). Once a deploy's or update's
+objects are ready, the namespace is stamped with their digest (``iotistic.io/manifest-sha256``):
+what ``iotistic provisioner rollout`` compares. Volumes only grow: a claim is never applied
+smaller than the cluster holds (``k8s_storage``). Delete stops the instance and keeps its
+namespace, volumes and backups for the grace period (``k8s_grace``; a redeploy within it takes
+the customer back, an hourly purge deletes it after); with erasure it removes the namespace at
+once and waits until it is gone. The passwords, the broker client id and the monitoring token
+are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes them; they are
+never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,7 +33,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from libs.auth import login_relay_key
+from libs.auth import instance_usage_token, login_relay_key
 from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import (
     BackendError,
@@ -40,6 +46,7 @@ from services.provisioner.backends.base import (
     tightest,
 )
 from services.provisioner.backends.k8s_manifests import (
+    CREDENTIALS_GENERATION,
     KubernetesSettings,
     host_of,
     namespace_of,
@@ -50,6 +57,9 @@ from services.provisioner.backends.k8s_storage import claim_gib, gib_of, keep_gr
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "iotistic-provisioner"
+# The stamp of the manifest set a deploy or update applied, on the namespace, and its manager.
+MANIFEST_ANNOTATION = "iotistic.io/manifest-sha256"
+STAMP_FIELD_MANAGER = "iotistic-provisioner-stamp"
 PLURALS = {
     "Namespace": "namespaces",
     "ResourceQuota": "resourcequotas",
@@ -61,6 +71,8 @@ PLURALS = {
     "Deployment": "deployments",
     "Ingress": "ingresses",
     "ConfigMap": "configmaps",
+    "HTTPRoute": "httproutes",
+    "BackendTrafficPolicy": "backendtrafficpolicies",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "CronJob": "cronjobs",
     "Job": "jobs",
@@ -73,8 +85,11 @@ APPLY_STEPS = {
     ("StatefulSet", "postgres"): (45, "postgres"),
     ("StatefulSet", "mosquitto"): (55, "mosquitto"),
     ("Deployment", "instance"): (70, "instance"),
-    ("Ingress", "instance"): (80, "ingress"),
+    ("HTTPRoute", "instance"): (80, "route"),
 }
+# What older versions applied and this one replaced: removed after each deploy and update. The
+# Ingress (ingress-nginx, a certificate per customer) gave way to an HTTPRoute on the Gateway.
+REPLACED = (("networking.k8s.io/v1", "Ingress", "instance"),)
 WORKLOADS = (("StatefulSet", "postgres"), ("StatefulSet", "mosquitto"), ("Deployment", "instance"))
 
 
@@ -83,21 +98,54 @@ def customer_objects(
     settings: KubernetesSettings,
     secret: bytes,
     login_relay_secret: str | None = None,
+    usage_secret: str | None = None,
+    credentials_generation: int = 0,
 ) -> list[dict[str, Any]]:
     """``render`` with the customer's passwords, broker client id and monitoring token, all
-    derived from ``PROVISIONER_SECRET`` (and the login relay key from ``LOGIN_RELAY_SECRET``):
-    re-applying never changes them, nothing is stored."""
+    derived from ``PROVISIONER_SECRET`` and the customer's credentials generation (the login
+    relay key from ``LOGIN_RELAY_SECRET``, the usage token from billing's ``USAGE_SECRET``, as
+    the local backend derives them): re-applying never changes them, nothing is stored. A
+    rotation (the next generation) changes every password and the monitoring token; not the
+    broker client id, which names the instance's session (its queued readings)."""
     cid = spec.customer_id
+    generation = credentials_generation
+
+    def password(purpose: str) -> str:
+        return derive_password(secret, purpose, cid, generation)
+
+    previous_admin = (
+        derive_password(secret, "mqtt-admin", cid, generation - 1) if generation > 0 else ""
+    )
     return render(
         spec,
         settings,
-        derive_password(secret, "database", cid),
-        mqtt_admin_password=derive_password(secret, "mqtt-admin", cid),
-        mqtt_password=derive_password(secret, "mqtt", cid),
+        password("database"),
+        mqtt_admin_password=password("mqtt-admin"),
+        mqtt_password=password("mqtt"),
         mqtt_client_id=f"instance-{derive_password(secret, 'mqtt-client-id', cid)[:32]}",
-        monitoring_token=derive_password(secret, "monitoring", cid),
+        monitoring_token=password("monitoring"),
         login_relay_key=login_relay_key(login_relay_secret, cid) if login_relay_secret else "",
+        usage_token=instance_usage_token(usage_secret, cid) if usage_secret else "",
+        postgres_password=password("postgres-superuser"),
+        mqtt_admin_password_previous=previous_admin,
+        credentials_generation=generation,
     )
+
+
+def credentials_generation_of(namespace: dict[str, Any] | None) -> int:
+    """The customer's credentials generation, as recorded on their Namespace (0 when it is
+    not there yet, or was made by a version before rotation). A value that is not a count is
+    an error, never 0: applying generation 0 would undo a rotation."""
+    if namespace is None:
+        return 0
+    annotations = (namespace.get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(CREDENTIALS_GENERATION)
+    if text is None:
+        return 0
+    if not str(text).isdigit():
+        name = (namespace.get("metadata") or {}).get("name", "?")
+        raise BackendError(f"namespace {name}: {CREDENTIALS_GENERATION} is not a count")
+    return int(text)
 
 
 def object_path(api_version: str, kind: str, name: str, namespace: str | None) -> str:
@@ -247,13 +295,17 @@ class KubernetesBackend:
         poll_seconds: float = 2.0,
         login_relay_secret: str | None = None,
         max_instances: int | None = None,
+        usage_secret: str | None = None,
     ) -> None:
         """``api_client`` makes the configured client at start (in-cluster or kubeconfig);
-        ``max_instances`` is the operator's limit (a cluster grows: none of its own)."""
+        ``max_instances`` is the operator's limit (a cluster grows: none of its own);
+        ``usage_secret`` is billing's ``USAGE_SECRET`` (instances' usage tokens derive from
+        it; unset: they report no usage)."""
         self._settings = settings
         self._max_instances = max_instances
         self._secret = secret
         self._login_relay_secret = login_relay_secret
+        self._usage_secret = usage_secret
         self._make_client = api_client
         self._client: k8s.ApiClient | None = None
         self._ready_timeout = ready_timeout
@@ -283,16 +335,30 @@ class KubernetesBackend:
             await self._client.close()
             self._client = None
 
-    def objects(self, spec: InstanceSpec) -> list[dict[str, Any]]:
-        """The customer's objects, with the derived passwords."""
+    def objects(self, spec: InstanceSpec, credentials_generation: int = 0) -> list[dict[str, Any]]:
+        """The customer's objects, with the passwords derived for ``credentials_generation``."""
         if not self._secret:
             raise BackendError("the kubernetes backend needs PROVISIONER_SECRET")
-        return customer_objects(spec, self._settings, self._secret, self._login_relay_secret)
+        return customer_objects(
+            spec,
+            self._settings,
+            self._secret,
+            self._login_relay_secret,
+            usage_secret=self._usage_secret,
+            credentials_generation=credentials_generation,
+        )
+
+    async def _generation(self, customer_id: str) -> int:
+        ns = namespace_of(customer_id, self._settings)
+        return credentials_generation_of(await self._api.get("v1", "Namespace", ns, None))
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
-        """Apply everything, then wait for Postgres, Mosquitto and the instance."""
+        """Apply everything, then wait for Postgres, Mosquitto and the instance. The
+        customer's credentials generation is read back from their Namespace first, so a
+        retried or repeated deploy keeps the passwords of the last rotation."""
         api = self._api
-        for obj in await self._to_apply(spec):
+        generation = await self._generation(spec.customer_id)
+        for obj in await self._to_apply(spec, generation):
             await self._apply(api, obj)
             step = (
                 (10, "namespace")
@@ -301,7 +367,9 @@ class KubernetesBackend:
             )
             if step is not None:
                 await progress(*step)
+        await self._remove_replaced(spec.customer_id)
         await self._wait_ready(spec.customer_id, progress, 80)
+        await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 
     async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
@@ -310,19 +378,23 @@ class KubernetesBackend:
         them all also brings a customer deployed by an older version to today's objects."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        if await api.get("v1", "Namespace", ns, None) is None:
+        namespace = await api.get("v1", "Namespace", ns, None)
+        if namespace is None:
             return await self.deploy(spec, progress)
-        for obj in await self._to_apply(spec):
+        for obj in await self._to_apply(spec, credentials_generation_of(namespace)):
             await self._apply(api, obj)
+        await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
+        await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 
-    async def _to_apply(self, spec: InstanceSpec) -> list[dict[str, Any]]:
-        """The objects, with no volume smaller than the cluster holds (volumes only grow),
-        once a namespace kept after a deletion is taken back from its grace period."""
+    async def _to_apply(self, spec: InstanceSpec, generation: int) -> list[dict[str, Any]]:
+        """The objects (for credentials ``generation``), with no volume smaller than the
+        cluster holds (volumes only grow), once a namespace kept after a deletion is taken
+        back from its grace period."""
         api = self._api
-        objects = self.objects(spec)
+        objects = self.objects(spec, generation)
         ns = namespace_of(spec.customer_id, self._settings)
         current = {}
         for obj in objects:
@@ -357,6 +429,24 @@ class KubernetesBackend:
                 wanted,
                 exc,
             )
+
+    async def rotate_credentials(self, spec: InstanceSpec, progress: Progress) -> int:
+        """Give the deployed customer new passwords: the next credentials generation, applied
+        with every object (the Namespace, which records it, first), then wait until the pods
+        rolled by it are ready. Postgres's start sets its roles' new passwords, the broker's
+        moves its admin to the new one, the instance's sets its ingest client's. Returns the
+        new generation. Raises ``BackendError`` when the customer is not deployed."""
+        api = self._api
+        ns = namespace_of(spec.customer_id, self._settings)
+        namespace = await api.get("v1", "Namespace", ns, None)
+        if namespace is None:
+            raise BackendError(f"namespace {ns} not found: nothing to rotate")
+        generation = credentials_generation_of(namespace) + 1
+        for obj in await self._to_apply(spec, generation):
+            await self._apply(api, obj)
+        await progress(40, f"credentials generation {generation} applied")
+        await self._wait_ready(spec.customer_id, progress, 40)
+        return generation
 
     async def delete(self, customer_id: str, progress: Progress, erase: bool = False) -> None:
         """Stop the customer's instance and keep its data for the grace period: workloads
@@ -427,6 +517,12 @@ class KubernetesBackend:
             return InstanceHealth(False, "; ".join(troubles))
         return InstanceHealth(True)
 
+    async def _remove_replaced(self, customer_id: str) -> None:
+        """Delete what an older version applied and this one replaced (fine if never there)."""
+        ns = namespace_of(customer_id, self._settings)
+        for api_version, kind, name in REPLACED:
+            await self._api.delete(api_version, kind, name, ns)
+
     async def _wait_ready(self, customer_id: str, progress: Progress, start: int) -> None:
         api = self._api
         ns = namespace_of(customer_id, self._settings)
@@ -448,11 +544,66 @@ class KubernetesBackend:
                 await progress(start + (99 - start) * done // len(WORKLOADS), "readiness")
             await asyncio.sleep(self._poll)
 
+    # --- the manifest stamp (what the fleet rollout compares; services/provisioner/rollout.py) --
+
+    def manifest_digest(self, spec: InstanceSpec) -> str:
+        """The digest of every object the customer's instance would be applied with now (a
+        health-watch restart key aside: it replaces pods, it changes no manifest)."""
+        return manifest_digest(self.objects(dataclasses.replace(spec, restart_key=None)))
+
+    async def applied_manifest(self, customer_id: str) -> str | None:
+        """The digest a deploy or update stamped on the namespace once its objects were all
+        applied and ready; None if none did (never, or an older version)."""
+        ns = namespace_of(customer_id, self._settings)
+        namespace = await self._api.get("v1", "Namespace", ns, None)
+        annotations = ((namespace or {}).get("metadata") or {}).get("annotations") or {}
+        value = annotations.get(MANIFEST_ANNOTATION)
+        return str(value) if value else None
+
+    async def stamp_manifest(self, spec: InstanceSpec) -> None:
+        """Record on the namespace that this manifest set is applied and ready."""
+        await self._stamp(spec.customer_id, {MANIFEST_ANNOTATION: self.manifest_digest(spec)})
+
+    async def clear_manifest_stamp(self, customer_id: str) -> None:
+        """Forget the stamp (a rollout's health gate failed after the job): the next rollout
+        applies this customer again rather than skip them as done."""
+        ns = namespace_of(customer_id, self._settings)
+        namespace = await self._api.get("v1", "Namespace", ns, None)
+        if namespace is None or (namespace.get("status") or {}).get("phase") == "Terminating":
+            return  # nothing to take back, and an apply would make the namespace again
+        await self._stamp(customer_id, None)
+
+    async def _stamp(self, customer_id: str, annotations: dict[str, str] | None) -> None:
+        # A field manager of its own: the provisioner's apply of the Namespace (which does not
+        # carry the annotation) leaves it alone, and applying without it removes it (SSA).
+        ns = namespace_of(customer_id, self._settings)
+        metadata: dict[str, Any] = {"name": ns}
+        if annotations:
+            metadata["annotations"] = annotations
+        try:
+            await self._api._call(
+                "PATCH",
+                object_path("v1", "Namespace", ns, None),
+                body={"apiVersion": "v1", "kind": "Namespace", "metadata": metadata},
+                query=[("fieldManager", STAMP_FIELD_MANAGER), ("force", "true")],
+                content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            raise _failed(f"stamping namespace {ns}", exc) from None
+
     def _deployed(self, customer_id: str) -> Deployed:
         return Deployed(
             instance_url=f"https://{host_of(customer_id, self._settings)}",
             components={name: "ready" for _, name in WORKLOADS},
         )
+
+
+def manifest_digest(objects: list[dict[str, Any]]) -> str:
+    """sha256 of the objects in canonical JSON: equal exactly when the same manifests would be
+    applied. Secrets' values are in it, so a changed derived password counts; they are random
+    HMAC outputs, which a digest does not reveal."""
+    canonical = json.dumps(objects, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def cluster_client() -> k8s.ApiClient:

@@ -81,7 +81,45 @@ def dump_env(kept: int | None = None) -> list[dict[str, Any]]:
     return env
 
 
-def _pod(image: str, script: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+# The instance's own role (owner of its database and of everything the instance made): what
+# backups dump as, and what a restore restores as, so that the instance owns what comes back.
+INSTANCE_CREDENTIALS: dict[str, Any] = {
+    "secret": {
+        "secretName": "database",
+        "items": [{"key": k, "path": k} for k in ("user", "password", "database")],
+    }
+}
+
+
+def superuser_credentials() -> dict[str, Any]:
+    """The superuser's password (the ``postgres`` Secret) and the database's name: the drill
+    creates and drops its scratch database, which the instance's role may not."""
+    return {
+        "projected": {
+            "sources": [
+                {
+                    "secret": {
+                        "name": "postgres",
+                        "items": [{"key": "superuser-password", "path": "password"}],
+                    }
+                },
+                {
+                    "secret": {
+                        "name": "database",
+                        "items": [{"key": "database", "path": "database"}],
+                    }
+                },
+            ]
+        }
+    }
+
+
+def _pod(
+    image: str,
+    script: str,
+    env: list[dict[str, Any]],
+    credentials: dict[str, Any] = INSTANCE_CREDENTIALS,
+) -> dict[str, Any]:
     return {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -115,13 +153,7 @@ def _pod(image: str, script: str, env: list[dict[str, Any]]) -> dict[str, Any]:
         ],
         "volumes": [
             {"name": "scripts", "configMap": {"name": CONFIG_MAP}},
-            {
-                "name": "database",
-                "secret": {
-                    "secretName": "database",
-                    "items": [{"key": k, "path": k} for k in ("user", "password", "database")],
-                },
-            },
+            {"name": "database", **credentials},
             {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}},
             {"name": "tmp", "emptyDir": {}},
         ],
@@ -162,11 +194,16 @@ def cronjob(
     }
 
 
-def drill_job(meta: dict[str, Any], image: str) -> dict[str, Any]:
-    """A Job that runs ``drill.sh`` once: the newest dump restored into a scratch database,
-    counted and dropped; its summary is the container's termination message."""
-    env = [*dump_env(), {"name": "DRILL_SCHEMA", "value": INSTANCE_SCHEMA}]
-    return _job(meta, image, "drill.sh", env, "restore-drill")
+def drill_job(meta: dict[str, Any], image: str, superuser: str) -> dict[str, Any]:
+    """A Job that runs ``drill.sh`` once as the ``superuser``: the newest dump restored into a
+    scratch database, counted and dropped; its summary is the container's termination
+    message."""
+    env = [
+        *dump_env(),
+        {"name": "PGUSER", "value": superuser},
+        {"name": "DRILL_SCHEMA", "value": INSTANCE_SCHEMA},
+    ]
+    return _job(meta, image, "drill.sh", env, "restore-drill", superuser_credentials())
 
 
 def restore_job(meta: dict[str, Any], image: str, dump: str | None = None) -> dict[str, Any]:
@@ -180,7 +217,12 @@ def restore_job(meta: dict[str, Any], image: str, dump: str | None = None) -> di
 
 
 def _job(
-    meta: dict[str, Any], image: str, script: str, env: list[dict[str, Any]], name: str
+    meta: dict[str, Any],
+    image: str,
+    script: str,
+    env: list[dict[str, Any]],
+    name: str,
+    credentials: dict[str, Any] = INSTANCE_CREDENTIALS,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1",
@@ -193,7 +235,7 @@ def _job(
             "ttlSecondsAfterFinished": 3600,
             "template": {
                 "metadata": {"labels": {"app.kubernetes.io/name": name}},
-                "spec": _pod(image, script, env),
+                "spec": _pod(image, script, env, credentials),
             },
         },
     }

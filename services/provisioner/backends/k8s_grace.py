@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.provisioner.backends.base import Progress
 from services.provisioner.backends.k8s_backups import CRONJOB
-from services.provisioner.backends.k8s_manifests import PART_OF, KubernetesSettings
+from services.provisioner.backends.k8s_manifests import GATEWAY_API, PART_OF, KubernetesSettings
 
 if TYPE_CHECKING:
     from services.provisioner.backends.k8s import KubeApi
@@ -36,8 +36,11 @@ WORKLOADS = (
     ("apps/v1", "Deployment", "instance"),
 )
 # The public route(s) of an instance, removed while it is stopped (the main apply recreates
-# them). A Gateway API HTTPRoute, where the renderer makes one, belongs here too.
-ROUTES = (("networking.k8s.io/v1", "Ingress", "instance"),)
+# them): the HTTPRoute on the shared Gateway, and the Ingress of older versions.
+ROUTES = (
+    (f"{GATEWAY_API}/v1", "HTTPRoute", "instance"),
+    ("networking.k8s.io/v1", "Ingress", "instance"),
+)
 BACKUP_JOB = ("batch/v1", "CronJob", CRONJOB)
 
 

@@ -8,8 +8,9 @@ BACKUP_DIR=${BACKUP_DIR:?BACKUP_DIR must name the backup folder}
 
 # The tenant's "database" Secret, mounted as files (not put in the environment, where any
 # process listing would show it): its user, password and database for libpq.
+# (Without a "user" file, PGUSER is the one the environment names: the drill's superuser.)
 if [ -n "${DATABASE_SECRET_DIR:-}" ]; then
-    PGUSER=$(cat "$DATABASE_SECRET_DIR/user")
+    if [ -f "$DATABASE_SECRET_DIR/user" ]; then PGUSER=$(cat "$DATABASE_SECRET_DIR/user"); fi
     PGPASSWORD=$(cat "$DATABASE_SECRET_DIR/password")
     PGDATABASE=$(cat "$DATABASE_SECRET_DIR/database")
     export PGUSER PGPASSWORD PGDATABASE
