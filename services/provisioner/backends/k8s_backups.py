@@ -34,8 +34,10 @@ RESTRICTED = {
     "seccompProfile": {"type": "RuntimeDefault"},
     "readOnlyRootFilesystem": True,
 }
-# The Postgres image's user: the same owner as the database volume's files.
-POSTGRES_UID = 999
+# The backup pods' user and group: a high id of their own (they reach Postgres over the
+# network and touch no file of its volume; the backups volume is theirs by fsGroup). libpq and
+# psql need no passwd entry for it, since PGUSER is always given.
+BACKUP_UID = 10999
 
 
 @cache
@@ -123,11 +125,12 @@ def _pod(
     return {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": POSTGRES_UID,
-            "runAsGroup": POSTGRES_UID,
-            "fsGroup": POSTGRES_UID,
+            "runAsUser": BACKUP_UID,
+            "runAsGroup": BACKUP_UID,
+            "fsGroup": BACKUP_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [
