@@ -126,6 +126,18 @@ async def _clock(conn: asyncpg.Connection) -> datetime:
 # --- enqueueing ---------------------------------------------------------------------------------
 
 
+async def _make_erase(conn: asyncpg.Connection, job_id: str) -> bool:
+    """Make a waiting removal erase; False when it is no longer waiting."""
+    return bool(
+        await conn.fetchval(
+            "UPDATE queue_jobs SET data = data || '{\"erase\": true}'::jsonb "
+            "WHERE job_id = $1 AND state = ANY($2) RETURNING 1",
+            job_id,
+            list(PENDING),
+        )
+    )
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     *,
@@ -150,12 +162,9 @@ async def enqueue(
         list(PENDING),
     )
     kinds = {row["kind"]: row["job_id"] for row in pending}
-    if kind == DELETE and DELETE in kinds:
-        if erase:
-            await conn.execute(
-                "UPDATE queue_jobs SET data = data || '{\"erase\": true}'::jsonb WHERE job_id = $1",
-                kinds[DELETE],
-            )
+    # Erasure asked while a removal waits: that removal erases. Had a worker taken it
+    # meanwhile (with the data it had), the erasure gets a removal of its own, behind it.
+    if kind == DELETE and DELETE in kinds and (not erase or await _make_erase(conn, kinds[DELETE])):
         return str(kinds[DELETE])
     if kind != DELETE:
         if DELETE in kinds:

@@ -447,3 +447,16 @@ async def test_a_closure_asking_for_erasure_queues_a_removal_that_erases(pool) -
     claimed = [await claim(pool), await claim(pool)]
     erase_of = {c.customer_id: c.data.get("erase") for c in claimed if c is not None}
     assert erase_of == {keeping: True, erasing: True}
+
+    # A removal that keeps the data is already running when erasure is asked: a new one erases.
+    late = str(uuid.uuid4())
+    first = await queue(pool, DELETE, None, T0, customer_id=late)
+    running = await claim(pool)
+    assert running is not None and running.job_id == first and not running.data.get("erase")
+    second = await queue(pool, DELETE, None, T0, customer_id=late, erase=True)
+    assert second != first
+    async with pool.acquire() as conn:
+        data = json.loads(
+            await conn.fetchval("SELECT data FROM queue_jobs WHERE job_id = $1", second)
+        )
+    assert data["erase"] is True
