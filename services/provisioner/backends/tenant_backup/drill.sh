@@ -2,10 +2,10 @@
 # The restore drill: restore the newest intact dump into a scratch database, count the rows of
 # every table the dump holds, and drop the scratch database again, whatever happened.
 #
-# Environment: BACKUP_DIR, libpq's PGHOST and PGPORT, and PGUSER, PGPASSWORD, PGDATABASE
-# or DATABASE_SECRET_DIR (files user, password, database) (where the
-# scratch database is created from; the user needs CREATEDB), DRILL_SCHEMA (the tables
-# counted; default "instance"). Prints one line per table, "rows <schema.table> <n>", then
+# Environment: BACKUP_DIR; libpq's PGHOST, PGPORT, PGUSER, and PGPASSWORD and PGDATABASE or
+# DATABASE_SECRET_DIR (files password, database): a user that may create databases (the
+# tenant's superuser), connected to the tenant's database; DRILL_SCHEMA (the tables counted;
+# default "instance"). Prints one line per table, "rows <schema.table> <n>", then
 # "drill ok <dump> sha256 <hash> tables <n> rows <total>"; the last line also goes to the
 # container's termination message, where `iotistic provisioner restore-drill` reads it.
 set -eu
