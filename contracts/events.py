@@ -86,14 +86,19 @@ class CustomerSignedUp(Event, frozen=True, kw_only=True):
 
 
 class CustomerClosed(Event, frozen=True, kw_only=True):
-    """An account is closed; its instance is torn down and its license revoked."""
+    """An account is closed; its instance is torn down and its license revoked.
+
+    Version 2 adds ``erase``: the customer asked for their data to be erased, so nothing is
+    kept for the grace period in which a closed account's volumes and backups otherwise stay.
+    """
 
     TYPE = "CustomerClosed"
-    VERSION = 1
+    VERSION = 2
 
     customer_id: Id
     reason: str | None = None
     closed_by: Literal["customer", "admin", "system"]
+    erase: bool = False
 
 
 # --- licensing ----------------------------------------------------------------------------------
@@ -325,7 +330,7 @@ class DeploymentRequested(Event, frozen=True, kw_only=True):
     """A deployment job is queued for the customer's instance."""
 
     TYPE = "DeploymentRequested"
-    VERSION = 1
+    VERSION = 2
 
     customer_id: Id
     job_id: Id
@@ -334,6 +339,9 @@ class DeploymentRequested(Event, frozen=True, kw_only=True):
     priority: Annotated[int, Meta(ge=1, le=10, description="1 is most urgent")]
     license_id: str | None = None
     requested_by: str = "system"
+    # Version 2: a removal that erases the data at once instead of keeping it for the grace
+    # period (the customer asked for erasure).
+    erase: bool = False
 
 
 class DeploymentStarted(Event, frozen=True, kw_only=True):

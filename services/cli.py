@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -229,6 +230,30 @@ def _parser() -> argparse.ArgumentParser:
         "iotistic.io/credentials-generation; 0 until rotated)",
     )
     render.set_defaults(func=cmd_provisioner_render)
+    drill = pv.add_parser(
+        "restore-drill",
+        help="restore a customer's newest backup into a scratch database, count it, report",
+    )
+    drill.add_argument("customer_id")
+    drill.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait for the drill's Job"
+    )
+    drill.set_defaults(func=cmd_provisioner_restore_drill)
+    restore = pv.add_parser(
+        "restore",
+        help="put a customer's backup back over their database (the instance stopped meanwhile)",
+    )
+    restore.add_argument("customer_id")
+    restore.add_argument("--dump", help="the dump's file name (default: the newest intact one)")
+    restore.add_argument("--timeout", type=float, default=3600.0)
+    restore.add_argument(
+        "--yes", action="store_true", help="yes, replace the customer's data with the dump's"
+    )
+    restore.set_defaults(func=cmd_provisioner_restore)
+    purge = pv.add_parser(
+        "purge", help="delete the namespaces of deleted customers whose grace period is over"
+    )
+    purge.set_defaults(func=cmd_provisioner_purge)
     rotate = pv.add_parser(
         "rotate-credentials",
         help="give a customer's instance new database and broker passwords (kubernetes)",
@@ -550,6 +575,84 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
     if not args.include_secrets:
         objects = [o for o in objects if o["kind"] != "Secret"]
     sys.stdout.write(render_yaml(objects))
+    return 0
+
+
+def cmd_provisioner_restore_drill(args: argparse.Namespace) -> int:
+    """``iotistic provisioner restore-drill <customer_id>``: a Job in the customer's namespace
+    restores their newest dump into a scratch database and counts it; waits and prints how it
+    went. 0 when the drill passed."""
+    from services.provisioner.backups import run_restore_drill
+
+    return _backup_job(args, "restore drill", run_restore_drill)
+
+
+def cmd_provisioner_restore(args: argparse.Namespace) -> int:
+    """``iotistic provisioner restore <customer_id> --yes``: a Job puts the newest intact dump
+    (or ``--dump``) back over the customer's database, the instance stopped meanwhile."""
+    from services.provisioner.backups import run_restore
+
+    if not args.yes:
+        console.print("this replaces the customer's data with the dump's: add --yes to go on")
+        return 2
+    return _backup_job(args, "restore", functools.partial(run_restore, dump=args.dump))
+
+
+def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitable[Any]]) -> int:
+    from services.provisioner.app import kubernetes_settings
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.backends.k8s import KubeApi, cluster_client
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings = load_settings(ProvisionerSettings, environment(args))
+
+    async def go() -> Any:
+        client = await cluster_client()
+        try:
+            return await run(
+                KubeApi(client),
+                args.customer_id,
+                kubernetes_settings(settings),
+                timeout=args.timeout,
+                poll=2.0,
+            )
+        finally:
+            await client.close()
+
+    try:
+        result = asyncio.run(go())
+    except BackendError as exc:
+        console.print(f"[red]{what} failed:[/red] {exc}", highlight=False)
+        return 1
+    verdict = "[green]passed[/green]" if result.succeeded else "[red]FAILED[/red]"
+    console.print(f"{what} {result.namespace}/{result.job}: {verdict}", soft_wrap=True)
+    summary = result.summary or "(no summary: see `kubectl logs` of the Job)"
+    console.print(summary, markup=False, soft_wrap=True)
+    return 0 if result.succeeded else 1
+
+
+def cmd_provisioner_purge(args: argparse.Namespace) -> int:
+    """``iotistic provisioner purge``: delete deleted customers' namespaces past their grace
+    period (the provisioner also does it every hour); idempotent."""
+    from services.provisioner.backends.base import BackendError
+    from services.provisioner.backends.k8s import KubeApi, cluster_client
+    from services.provisioner.backends.k8s_grace import purge_expired
+
+    async def go() -> list[str]:
+        client = await cluster_client()
+        try:
+            return await purge_expired(KubeApi(client))
+        finally:
+            await client.close()
+
+    try:
+        purged = asyncio.run(go())
+    except BackendError as exc:
+        console.print(f"[red]purge failed:[/red] {exc}", highlight=False)
+        return 1
+    for name in purged:
+        console.print(f"purged namespace {name}", markup=False, soft_wrap=True)
+    console.print(f"{len(purged)} namespace(s) purged")
     return 0
 
 

@@ -13,6 +13,12 @@ that drops a field removes it only if no other manager set it. An update of a St
 spec beyond what may change (its volume claim templates, say) is refused with 422. The
 manifests themselves are checked against the real Kubernetes schemas separately
 (kubernetes-validate).
+
+Added for deletion with a grace period and the restore drill, just as labelled: GET of a
+collection with a ``labelSelector`` lists; a Job cannot run here, so after ``ready_after``
+reads it reports Complete (Failed if named in ``failing_jobs``) with a Pod whose container
+ended with ``job_message`` as its termination message; ``refuse_growth`` refuses a bigger
+claim, as a StorageClass without volume expansion does.
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ class KubeStandIn:
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    failing_jobs: set[str] = field(default_factory=set)
+    # A StorageClass without allowVolumeExpansion: a claim's request may not grow.
+    refuse_growth: bool = False
+    job_message: str = "drill ok (stand-in: no Job runs here)"
 
     def app(self) -> Litestar:
         """The HTTP server, for uvicorn."""
@@ -83,7 +93,7 @@ class KubeStandIn:
                 return self._apply(path, request, json.loads(body))
             if request.method == "DELETE":
                 return self._delete(path)
-            return self._get(path)
+            return self._get(path, request.query_params.get("labelSelector"))
 
         return Litestar([handle], debug=False)
 
@@ -95,6 +105,15 @@ class KubeStandIn:
         if not request.query_params.get("fieldManager"):
             return _status(422, "Invalid", "fieldManager is required for apply")
         stored = self.objects.get(path)
+        if self.refuse_growth and stored is not None and obj.get("kind") == "PersistentVolumeClaim":
+            size = obj.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
+            if size != stored["spec"]["resources"]["requests"]["storage"]:
+                return _status(
+                    403,
+                    "Forbidden",
+                    "only dynamically provisioned pvc can be resized and the storageclass that "
+                    "provisions the pvc must support resize",
+                )
         manager = request.query_params["fieldManager"]
         configs = dict(self.applied_configs.get(path, {})) if stored is not None else {}
         configs.pop(manager, None)
@@ -124,8 +143,53 @@ class KubeStandIn:
         self.objects[path] = obj
         return Response(obj, status_code=201 if stored is None else 200)
 
-    def _get(self, path: str) -> Response[Any]:
+    def _list(self, path: str, selector: str) -> Response[Any]:
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+        items = []
+        for key, obj in self.objects.items():
+            if key.rsplit("/", 1)[0] != path:
+                continue
+            labels = obj.get("metadata", {}).get("labels") or {}
+            if all(labels.get(k) == v for k, v in wanted.items()):
+                items.append(obj)
+        return Response({"kind": "List", "apiVersion": "v1", "items": items})
+
+    def _finish_job(self, path: str, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        failed = name in self.failing_jobs
+        condition = "Failed" if failed else "Complete"
+        job["status"] = {
+            "conditions": [{"type": condition, "status": "True"}],
+            ("failed" if failed else "succeeded"): 1,
+        }
+        ns = job["metadata"]["namespace"]
+        pod_path = path.replace(
+            f"apis/batch/v1/namespaces/{ns}/jobs/", f"api/v1/namespaces/{ns}/pods/"
+        )
+        self.objects[pod_path + "-standin"] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-standin", "namespace": ns, "labels": {"job-name": name}},
+            "status": {
+                "phase": "Failed" if failed else "Succeeded",
+                "containerStatuses": [
+                    {
+                        "name": "backup",
+                        "state": {
+                            "terminated": {
+                                "exitCode": 1 if failed else 0,
+                                "message": self.job_message,
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+
+    def _get(self, path: str, selector: str | None = None) -> Response[Any]:
         obj = self.objects.get(path)
+        if obj is None and selector is not None:
+            return self._list(path, selector)
         if obj is None:
             return _status(404, "NotFound", f"{path} not found")
         self.reads[path] = self.reads.get(path, 0) + 1
@@ -145,6 +209,8 @@ class KubeStandIn:
                 "updatedReplicas": replicas,
                 "availableReplicas": replicas,
             }
+        if obj.get("kind") == "Job" and not obj["status"] and self.reads[path] >= self.ready_after:
+            self._finish_job(path, obj)
         if obj.get("kind") in WORKLOAD_KINDS and self._is_unready(obj["metadata"]):
             obj["status"] = {**obj.get("status", {}), "readyReplicas": 0, "availableReplicas": 0}
             if obj["kind"] == "Deployment":  # StatefulSets have no Available condition
@@ -161,6 +227,11 @@ class KubeStandIn:
         obj = self.objects.get(path)
         if obj is None:
             return _status(404, "NotFound", f"{path} not found")
+        if obj.get("kind") != "Namespace":
+            # Anything but a namespace goes at once.
+            del self.objects[path]
+            self.applied_configs.pop(path, None)
+            return Response(obj, status_code=200)
         obj["status"] = {"phase": "Terminating"}
         self.reads[path] = 0
         return Response(obj, status_code=202)

@@ -28,15 +28,22 @@ from libs.config import ConfigError
 from libs.outbox import OutboxRelay, outbox_relay, outbox_worker
 from libs.projections import Projection
 from libs.runtime import ServiceDefinition, ServiceRuntime
+from libs.scheduling import every
 from libs.supervision import Worker
-from services.provisioner.backends.base import Backend
+from services.provisioner.backends.base import Backend, BackendError
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, pinned_by_digest
+from services.provisioner.backends.k8s_storage import StoragePolicy
 from services.provisioner.capacity import CapacityWatch
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
 from services.provisioner.projections import CAPACITY_RECORDED, DEPLOYMENTS, INSTANCE_HEALTH
 from services.provisioner.reactors import provisioner_reactors
-from services.provisioner.settings import ProvisionerSettings, parse_cidrs, parse_ports
+from services.provisioner.settings import (
+    ProvisionerSettings,
+    parse_backups_kept,
+    parse_cidrs,
+    parse_ports,
+)
 from services.provisioner.worker import QueueWorker
 
 if TYPE_CHECKING:  # kubernetes-asyncio is imported only by a provisioner that uses it
@@ -45,6 +52,8 @@ if TYPE_CHECKING:  # kubernetes-asyncio is imported only by a provisioner that u
     from services.provisioner.backends.k8s import KubernetesBackend
 
 METRICS_REFRESH_SECONDS = 5.0
+# How often deleted customers' namespaces are checked for the end of their grace period.
+PURGE_SECONDS = 3600.0
 log = logging.getLogger(__name__)
 
 
@@ -122,6 +131,15 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         control_plane_url=settings.control_plane_url,
         usage_url=settings.usage_url or settings.control_plane_url,
         usage_report_seconds=settings.instance_usage_report_seconds,
+        storage=StoragePolicy(
+            bytes_per_reading=settings.storage_bytes_per_reading,
+            headroom=settings.storage_headroom,
+            min_data_gib=settings.storage_min_data_gib,
+            dump_ratio=settings.backup_dump_ratio,
+            backups_kept=parse_backups_kept(settings.backups_kept),
+        ),
+        backup_schedule=settings.backup_schedule,
+        deletion_grace_days=settings.deletion_grace_days,
     )
 
 
@@ -260,6 +278,33 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
         *everywhere,
         Worker("capacity", capacity_of(runtime).run),
         health_watch_of(runtime).worker(),
+        *_purge_workers(runtime),
+    ]
+
+
+def _purge_workers(runtime: ServiceRuntime) -> list[Worker]:
+    """On Kubernetes: every hour, delete deleted customers' namespaces past their grace."""
+    backend = backend_of(runtime)
+    purge = getattr(backend, "purge_expired", None)
+    if purge is None:
+        return []
+    started = worker_of(runtime).backend_started
+
+    async def purge_namespaces_past_their_grace() -> int:
+        if not started.is_set():
+            return 0  # the worker has not connected to the cluster yet
+        try:
+            return len(await purge())
+        except BackendError as exc:
+            log.warning("purge: %s; next pass in an hour", exc)
+            return 0
+
+    return [
+        every(
+            PURGE_SECONDS,
+            "provisioner: purging deleted namespaces",
+            purge_namespaces_past_their_grace,
+        )
     ]
 
 

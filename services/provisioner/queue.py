@@ -126,6 +126,18 @@ async def _clock(conn: asyncpg.Connection) -> datetime:
 # --- enqueueing ---------------------------------------------------------------------------------
 
 
+async def _make_erase(conn: asyncpg.Connection, job_id: str) -> bool:
+    """Make a waiting removal erase; False when it is no longer waiting."""
+    return bool(
+        await conn.fetchval(
+            "UPDATE queue_jobs SET data = data || '{\"erase\": true}'::jsonb "
+            "WHERE job_id = $1 AND state = ANY($2) RETURNING 1",
+            job_id,
+            list(PENDING),
+        )
+    )
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     *,
@@ -137,8 +149,11 @@ async def enqueue(
     at: datetime,
     max_attempts: int,
     causation: Envelope | None = None,
+    erase: bool = False,
 ) -> str:
-    """Queue a job unless a pending one covers it; returns the id of the job that will run."""
+    """Queue a job unless a pending one covers it; returns the id of the job that will run.
+    ``erase`` (removals only): the data goes at once, not after the grace period; a pending
+    removal that would keep it is made to erase."""
     await _lock(conn)
     pending = await conn.fetch(
         "SELECT job_id, kind FROM queue_jobs WHERE customer_id = $1 AND state = ANY($2) "
@@ -147,7 +162,9 @@ async def enqueue(
         list(PENDING),
     )
     kinds = {row["kind"]: row["job_id"] for row in pending}
-    if kind == DELETE and DELETE in kinds:
+    # Erasure asked while a removal waits: that removal erases. Had a worker taken it
+    # meanwhile (with the data it had), the erasure gets a removal of its own, behind it.
+    if kind == DELETE and DELETE in kinds and (not erase or await _make_erase(conn, kinds[DELETE])):
         return str(kinds[DELETE])
     if kind != DELETE:
         if DELETE in kinds:
@@ -177,7 +194,9 @@ async def enqueue(
             causation,
         )
     priority = priority_of(kind, plan)
-    data = {"plan": plan, "license_id": license_id, "requested_by": requested_by}
+    data: dict[str, Any] = {"plan": plan, "license_id": license_id, "requested_by": requested_by}
+    if erase and kind == DELETE:
+        data["erase"] = True
     await conn.execute(
         "INSERT INTO queue_jobs (job_id, customer_id, kind, priority, state, data, max_attempts, "
         "created_at, run_after) "
@@ -200,6 +219,7 @@ async def enqueue(
             priority=priority,
             license_id=license_id,
             requested_by=requested_by,
+            erase=bool(data.get("erase")),
         ),
         customer_id,
         f"{job_id}:requested",

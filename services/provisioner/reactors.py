@@ -83,6 +83,7 @@ def provisioner_reactors(max_attempts: int, wake: Callable[[], None]) -> list[Pr
             at=r.envelope.occurred_at,
             max_attempts=max_attempts,
             causation=r.envelope,
+            erase=r.event.erase,
         )
         wake()
 

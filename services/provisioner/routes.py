@@ -202,8 +202,9 @@ def provisioner_routes(
         return job_view(row)
 
     @delete("/api/customers/{customer_id:str}/deployment", status_code=202)
-    async def remove(customer_id: FromPath[str]) -> dict[str, Any]:
-        """Queue the removal of everything the customer's instance has."""
+    async def remove(customer_id: FromPath[str], erase: bool = False) -> dict[str, Any]:
+        """Queue the removal of the customer's instance: its data kept for the grace period
+        (Kubernetes), or erased at once with ``?erase=true``."""
         async with runtime.db().acquire() as conn, conn.transaction():
             known = await conn.fetchval(
                 "SELECT 1 FROM customer_licenses WHERE customer_id = $1 UNION ALL "
@@ -221,6 +222,7 @@ def provisioner_routes(
                 requested_by="admin",
                 at=datetime.now(UTC),
                 max_attempts=settings.queue_max_retries,
+                erase=erase,
             )
             row = await find_job(conn, job_id)
         await changed()

@@ -123,6 +123,22 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # wait for a process where it is true. On Kubernetes the web-facing pods run with false and
     # no service-account token; only the worker pods (no Service) hold the cluster rights.
     provisioner_worker: bool = True
+    # --- kubernetes: storage by plan, backups, deletion (services/provisioner/backends/
+    # k8s_storage.py and k8s_backups.py say how they are used)
+    # What one stored reading costs on disk, indexes and rollups included (measured ~182 B),
+    # and the headroom over messages/day x retention days x that (WAL, dead letters).
+    storage_bytes_per_reading: Annotated[int, Meta(ge=1, le=100_000)] = 182
+    storage_headroom: Annotated[float, Meta(ge=1, le=10)] = 1.3
+    storage_min_data_gib: Annotated[int, Meta(ge=1)] = 2
+    # A compressed dump's size against the data volume's; daily dumps kept, per plan.
+    backup_dump_ratio: Annotated[float, Meta(gt=0, le=2)] = 0.35
+    backups_kept: str = "trial=3,starter=7,professional=14,enterprise=14"
+    # The backup CronJob's schedule (cron, UTC); unset: a minute between 01:00 and 05:00
+    # that each customer's id decides.
+    backup_schedule: str | None = None
+    # Days a deleted customer's namespace, volumes and backups are kept (unless the customer
+    # asked for erasure) before the hourly purge deletes them.
+    deletion_grace_days: Annotated[int, Meta(ge=0, le=3650)] = 30
 
 
 def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:
@@ -149,3 +165,16 @@ def parse_ports(text: str, variable: str) -> tuple[int, ...]:
     if not ports:
         raise ConfigError(f"{variable}: no port given")
     return tuple(ports)
+
+
+def parse_backups_kept(text: str) -> tuple[tuple[str, int], ...]:
+    """``trial=3,starter=7``: dumps kept per plan; a ``ConfigError`` names a bad item."""
+    kept = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        plan, _, count = item.partition("=")
+        if not plan.strip() or not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError(f"BACKUPS_KEPT: {item[:64]!r} is not <plan>=<dumps, 1 or more>")
+        kept.append((plan.strip(), int(count)))
+    return tuple(kept)

@@ -227,7 +227,8 @@ class QueueWorker:
             )
 
         if job.kind == DELETE:
-            await self._backend.delete(job.customer_id, progress)
+            erase = bool(job.data.get("erase"))
+            await self._backend.delete(job.customer_id, progress, erase=erase)
             return None, {"instance": "removed"}
         spec = await self._spec(job.customer_id)
         if job.data.get("requested_by") == HEALTH_WATCH:

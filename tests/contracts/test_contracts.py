@@ -659,3 +659,14 @@ def test_the_secret_guard_would_notice() -> None:
     assert not SECRET_NAME.search("LicenseIssued.jwt")
     # Nested values are covered too: the schema lists every Struct an event contains.
     assert "Features.maxDevices" in property_names(event_schema(LicenseIssued))
+
+
+def test_a_closure_or_removal_from_before_erasure_existed_keeps_the_data() -> None:
+    """CustomerClosed and DeploymentRequested version 1 carry no ``erase``: read today, they
+    mean what they meant then, a removal that keeps the data for the grace period."""
+    for name in ("CustomerClosed", "DeploymentRequested"):
+        for version, erase in ((1, False), (2, True)):
+            body = (PAYLOADS / f"{name}.v{version}.json").read_bytes()
+            event = decode_event(decode_envelope(wrap(name, version, body)))
+            assert isinstance(event, contracts.CustomerClosed | contracts.DeploymentRequested)
+            assert event.erase is erase, (name, version)

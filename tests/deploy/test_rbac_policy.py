@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s import REPLACED, WORKLOADS, customer_objects
+from services.provisioner.backends.k8s_grace import ROUTES as GRACE_ROUTES
 from services.provisioner.backends.k8s_manifests import KubernetesSettings
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "iotistic"
@@ -533,16 +534,30 @@ def test_the_cluster_role_grants_only_what_the_backend_does(chart: list[dict[str
         group = obj["apiVersion"].rpartition("/")[0]
         plural = KINDS[obj["kind"]][1]
         assert {"create", "patch"} <= rights.get((group, plural), set()), obj["kind"]
-    # Nothing beyond: no list/watch, no wildcard, delete only on namespaces and what k8s.py
-    # removes as replaced, and get only on what the backend reads (the admission policy sees
-    # no reads: a get is cluster-wide).
+    # Nothing beyond: no watch, no wildcard; delete only on namespaces, what k8s.py removes as
+    # replaced and the routes a grace-period deletion takes down; get only on what the backend
+    # reads; list only namespaces (the purge) and pods (a drill's summary). The admission
+    # policy sees no reads: a get or list is cluster-wide.
     verbs = set().union(*rights.values())
-    assert verbs == {"get", "create", "patch", "delete"}
+    assert verbs == {"get", "list", "create", "patch", "delete"}
     deleted = {key for key, v in rights.items() if "delete" in v}
-    assert deleted == {KINDS["Namespace"], *(KINDS[kind] for _, kind, _ in REPLACED)}
+    assert deleted == {
+        KINDS["Namespace"],
+        *(KINDS[kind] for _, kind, _ in REPLACED),
+        *(KINDS[kind] for _, kind, _ in GRACE_ROUTES),
+    }
     read = {key for key, v in rights.items() if "get" in v}
-    # What k8s.py reads: the namespace, and the workloads it waits for and watches.
-    assert read == {KINDS["Namespace"], *(KINDS[kind] for kind, _ in WORKLOADS)}
+    # What k8s.py reads: the namespace, the workloads it waits for and watches, the volumes'
+    # sizes, the backup CronJob (suspended in a grace period) and a drill's Job.
+    assert read == {
+        KINDS["Namespace"],
+        *(KINDS[kind] for kind, _ in WORKLOADS),
+        KINDS["PersistentVolumeClaim"],
+        KINDS["CronJob"],
+        KINDS["Job"],
+    }
+    listed = {key for key, v in rights.items() if "list" in v}
+    assert listed == {KINDS["Namespace"], ("", "pods")}
     assert not any("*" in group or "*" in resource for group, resource in rights)
     forbidden = {"roles", "rolebindings", "clusterroles", "clusterrolebindings", "serviceaccounts"}
     assert not {resource for _, resource in rights} & forbidden

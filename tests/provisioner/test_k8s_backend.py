@@ -89,6 +89,8 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas() -> None:
         "Deployment",
         "BackendTrafficPolicy",
         "HTTPRoute",
+        "PersistentVolumeClaim",
+        "CronJob",
     }
 
 
@@ -281,16 +283,16 @@ async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
     assert status["release"] == "deployed"
 
 
-async def test_delete_removes_the_namespace_and_waits_until_it_is_gone(cluster) -> None:
+async def test_erasure_removes_the_namespace_and_waits_until_it_is_gone(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url)
     await backend.start()
     try:
         await backend.deploy(spec(), Steps())
         deployed = len(standin.requests)
-        await backend.delete(CUSTOMER, Steps())
+        await backend.delete(CUSTOMER, Steps(), erase=True)
         status = await backend.status(CUSTOMER)
-        await backend.delete(CUSTOMER, Steps())  # again: nothing left, still fine
+        await backend.delete(CUSTOMER, Steps(), erase=True)  # again: nothing left, still fine
     finally:
         await backend.stop()
     deletes = [r for r in standin.requests[deployed:] if r["method"] == "DELETE"]
@@ -330,6 +332,9 @@ async def test_health_follows_the_workloads_readiness(cluster) -> None:
             await backend.health(CUSTOMER)  # the API is away: nothing said of the instance
         standin.fail_status = None
         await backend.delete(CUSTOMER, Steps())
+        kept = await backend.health(CUSTOMER)
+        assert not kept.healthy and kept.reason.startswith("deleted; its data is kept until ")
+        await backend.delete(CUSTOMER, Steps(), erase=True)
         gone = await backend.health(CUSTOMER)
         assert not gone.healthy
         assert gone.reason.startswith("StatefulSet postgres missing")

@@ -154,8 +154,13 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
     assert status.json()["instance"]["instance_url"] == url
     assert (await client.get(f"/api/customers/{customer_id}/deployment/status")).status_code == 401
 
-    removal = await client.delete(f"/api/customers/{customer_id}/deployment", headers=admin)
+    # With erasure asked (the local backend erases at once either way; kubernetes would
+    # otherwise keep the data for its grace period): the job carries the wish.
+    removal = await client.delete(
+        f"/api/customers/{customer_id}/deployment", headers=admin, params={"erase": "true"}
+    )
     assert removal.status_code == 202, removal.text
+    assert removal.json()["data"]["erase"] is True
     done = await finished_job(client, admin, customer_id, "delete-customer-stack")
     assert done["state"] == "completed"
     with pytest.raises(httpx.TransportError):

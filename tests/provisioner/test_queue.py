@@ -57,6 +57,7 @@ async def queue(pool: asyncpg.Pool, kind: str, plan: str | None, at: datetime, *
             requested_by="test",
             at=at,
             max_attempts=kw.get("max_attempts", 3),
+            erase=kw.get("erase", False),
         )
 
 
@@ -417,3 +418,45 @@ async def test_a_failed_job_overtaken_by_a_later_one_is_not_retried(pool) -> Non
             await retry_job(conn, old, "admin")
     assert (await job(pool, old))["state"] == "failed"
     assert (await job(pool, removal))["state"] == "waiting"
+
+
+async def test_a_closure_asking_for_erasure_queues_a_removal_that_erases(pool) -> None:
+    """CustomerClosed version 2's ``erase`` reaches the job the worker runs and the log's
+    DeploymentRequested; a later erasure request makes a pending keeping removal erase."""
+    keeping, erasing = str(uuid.uuid4()), str(uuid.uuid4())
+    [reactors] = provisioner_reactors(max_attempts=3, wake=lambda: None)
+
+    async def react(seq: int, event: CustomerClosed) -> None:
+        envelope = traced_envelope(event, customer_id=event.customer_id)
+        async with pool.acquire() as conn, conn.transaction():
+            await reactors.handlers[CustomerClosed](conn, Recorded(seq, envelope, event))
+
+    await react(1, CustomerClosed(customer_id=keeping, closed_by="customer"))
+    await react(2, CustomerClosed(customer_id=erasing, closed_by="customer", erase=True))
+    requested = {d["customer_id"]: d for t, d in await outbox(pool) if t == "DeploymentRequested"}
+    assert requested[keeping]["erase"] is False and requested[erasing]["erase"] is True
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT customer_id, job_id, data FROM queue_jobs")
+    data = {r["customer_id"]: json.loads(r["data"]) for r in rows}
+    assert "erase" not in data[keeping] and data[erasing]["erase"] is True
+
+    # The customer whose removal waits asks for erasure after all: the same job erases.
+    pending = next(r["job_id"] for r in rows if r["customer_id"] == keeping)
+    again = await queue(pool, DELETE, None, T0, customer_id=keeping, erase=True)
+    assert again == pending
+    claimed = [await claim(pool), await claim(pool)]
+    erase_of = {c.customer_id: c.data.get("erase") for c in claimed if c is not None}
+    assert erase_of == {keeping: True, erasing: True}
+
+    # A removal that keeps the data is already running when erasure is asked: a new one erases.
+    late = str(uuid.uuid4())
+    first = await queue(pool, DELETE, None, T0, customer_id=late)
+    running = await claim(pool)
+    assert running is not None and running.job_id == first and not running.data.get("erase")
+    second = await queue(pool, DELETE, None, T0, customer_id=late, erase=True)
+    assert second != first
+    async with pool.acquire() as conn:
+        data = json.loads(
+            await conn.fetchval("SELECT data FROM queue_jobs WHERE job_id = $1", second)
+        )
+    assert data["erase"] is True

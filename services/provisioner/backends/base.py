@@ -115,8 +115,10 @@ class Backend(Protocol):
     async def update(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Hand the running instance its new license (and plan); roll it if needed."""
 
-    async def delete(self, customer_id: str, progress: Progress) -> None:
-        """Remove everything of the customer's: processes or namespace, database, broker users."""
+    async def delete(self, customer_id: str, progress: Progress, erase: bool = False) -> None:
+        """Remove the customer's instance. ``erase``: the customer asked for their data to go,
+        at once. Without it a backend may keep the data for a grace period (kubernetes does;
+        local removes everything at once either way)."""
 
     async def status(self, customer_id: str) -> dict[str, object]:
         """The backend's view of the instance: release state and each component's state."""

@@ -9,9 +9,13 @@ changed is the license Secret and the instance Deployment, which the license ann
 pod template rolls (and, for a customer deployed by an older version, whatever else is new; what
 it replaced, the Ingress, is deleted after deploys and updates). Once a deploy's or update's
 objects are ready, the namespace is stamped with their digest (``iotistic.io/manifest-sha256``):
-what ``iotistic provisioner rollout`` compares. Delete removes the namespace and waits until it
-is gone. The passwords, the broker client id and the monitoring token are derived from
-``PROVISIONER_SECRET`` (HMAC), so re-applying never changes them; they are never logged.
+what ``iotistic provisioner rollout`` compares. Volumes only grow: a claim is never applied
+smaller than the cluster holds (``k8s_storage``). Delete stops the instance and keeps its
+namespace, volumes and backups for the grace period (``k8s_grace``; a redeploy within it takes
+the customer back, an hourly purge deletes it after); with erasure it removes the namespace at
+once and waits until it is gone. The passwords, the broker client id and the monitoring token
+are derived from ``PROVISIONER_SECRET`` (HMAC), so re-applying never changes them; they are
+never logged.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs.auth import instance_usage_token, login_relay_key
+from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,
@@ -47,6 +52,7 @@ from services.provisioner.backends.k8s_manifests import (
     namespace_of,
     render,
 )
+from services.provisioner.backends.k8s_storage import claim_gib, gib_of, keep_grown
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,10 @@ PLURALS = {
     "ConfigMap": "configmaps",
     "HTTPRoute": "httproutes",
     "BackendTrafficPolicy": "backendtrafficpolicies",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "CronJob": "cronjobs",
+    "Job": "jobs",
+    "Pod": "pods",
 }
 # Progress while applying: the percent reached once each object is applied.
 APPLY_STEPS = {
@@ -178,8 +188,9 @@ class KubeApi:
             raise BackendError(f"Kubernetes API not reachable: {type(exc).__name__}") from None
         return result if isinstance(result, dict) else {}
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``obj``; returns the object as the server holds it."""
+    async def apply(self, obj: dict[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply ``obj`` as field ``manager``; returns the object as the server
+        holds it."""
         meta = obj["metadata"]
         path = object_path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
         try:
@@ -187,7 +198,7 @@ class KubeApi:
                 "PATCH",
                 path,
                 body=obj,
-                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                query=[("fieldManager", manager), ("force", "true")],
                 content_type="application/apply-patch+yaml",
             )
         except ApiException as exc:
@@ -203,6 +214,17 @@ class KubeApi:
             if exc.status == 404:
                 return None
             raise _failed(f"reading {kind} {name}", exc) from None
+
+    async def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str
+    ) -> list[dict[str, Any]]:
+        """The objects of a kind (in ``namespace``, or cluster-wide) that match the labels."""
+        path = object_path(api_version, kind, "", namespace).rstrip("/")
+        try:
+            found = await self._call("GET", path, query=[("labelSelector", label_selector)])
+        except ApiException as exc:
+            raise _failed(f"listing {kind}", exc) from None
+        return list(found.get("items") or [])
 
     async def delete(self, api_version: str, kind: str, name: str, namespace: str | None) -> None:
         """Delete the object (its dependents in the background); fine if it is gone."""
@@ -336,8 +358,8 @@ class KubernetesBackend:
         retried or repeated deploy keeps the passwords of the last rotation."""
         api = self._api
         generation = await self._generation(spec.customer_id)
-        for obj in self.objects(spec, generation):
-            await api.apply(obj)
+        for obj in await self._to_apply(spec, generation):
+            await self._apply(api, obj)
             step = (
                 (10, "namespace")
                 if obj["kind"] == "Namespace"
@@ -359,13 +381,54 @@ class KubernetesBackend:
         namespace = await api.get("v1", "Namespace", ns, None)
         if namespace is None:
             return await self.deploy(spec, progress)
-        for obj in self.objects(spec, credentials_generation_of(namespace)):
-            await api.apply(obj)
+        for obj in await self._to_apply(spec, credentials_generation_of(namespace)):
+            await self._apply(api, obj)
         await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
+
+    async def _to_apply(self, spec: InstanceSpec, generation: int) -> list[dict[str, Any]]:
+        """The objects (for credentials ``generation``), with no volume smaller than the
+        cluster holds (volumes only grow), once a namespace kept after a deletion is taken
+        back from its grace period."""
+        api = self._api
+        objects = self.objects(spec, generation)
+        ns = namespace_of(spec.customer_id, self._settings)
+        current = {}
+        for obj in objects:
+            if obj["kind"] == "PersistentVolumeClaim":
+                name = obj["metadata"]["name"]
+                size = claim_gib(await api.get("v1", "PersistentVolumeClaim", name, ns))
+                if size is not None:
+                    current[name] = size
+        await k8s_grace.take_back(api, ns)
+        return keep_grown(objects, current)
+
+    async def _apply(self, api: KubeApi, obj: dict[str, Any]) -> None:
+        """Apply ``obj``; a volume the cluster refuses to grow (its StorageClass does not
+        allow expansion) stays as it is, loudly, rather than hold back the rest (a new
+        license): the tenant disk alerts then show it filling."""
+        try:
+            await api.apply(obj)
+        except BackendError as exc:
+            if obj["kind"] != "PersistentVolumeClaim":
+                raise
+            meta = obj["metadata"]
+            have = claim_gib(await api.get("v1", obj["kind"], meta["name"], meta["namespace"]))
+            wanted = gib_of(obj["spec"]["resources"]["requests"]["storage"])
+            if have is None or have >= wanted:
+                raise
+            log.warning(
+                "volume %s/%s stays at %dGi, not grown to %dGi (does its StorageClass allow "
+                "volume expansion?): %s",
+                meta["namespace"],
+                meta["name"],
+                have,
+                wanted,
+                exc,
+            )
 
     async def rotate_credentials(self, spec: InstanceSpec, progress: Progress) -> int:
         """Give the deployed customer new passwords: the next credentials generation, applied
@@ -379,14 +442,22 @@ class KubernetesBackend:
         if namespace is None:
             raise BackendError(f"namespace {ns} not found: nothing to rotate")
         generation = credentials_generation_of(namespace) + 1
-        for obj in self.objects(spec, generation):
-            await api.apply(obj)
+        for obj in await self._to_apply(spec, generation):
+            await self._apply(api, obj)
         await progress(40, f"credentials generation {generation} applied")
         await self._wait_ready(spec.customer_id, progress, 40)
         return generation
 
-    async def delete(self, customer_id: str, progress: Progress) -> None:
-        """Delete the namespace (and so everything in it) and wait until it is gone."""
+    async def delete(self, customer_id: str, progress: Progress, erase: bool = False) -> None:
+        """Stop the customer's instance and keep its data for the grace period: workloads
+        scaled to 0, the public route removed, backups suspended, and the namespace marked
+        with when it goes (``purge_expired`` deletes it then). With ``erase`` (the customer
+        asked for it), delete the namespace, volumes and backups with it, at once."""
+        if not erase:
+            await k8s_grace.keep_for_grace(
+                self._api, namespace_of(customer_id, self._settings), self._settings, progress
+            )
+            return
         api = self._api
         ns = namespace_of(customer_id, self._settings)
         await progress(10, "deleting namespace")
@@ -399,6 +470,11 @@ class KubernetesBackend:
             await progress(50, "waiting for the namespace to go")
             await asyncio.sleep(self._poll)
 
+    async def purge_expired(self) -> list[str]:
+        """Delete the namespaces of deleted customers whose grace period is over; their
+        names. Idempotent: a namespace already going is passed over."""
+        return await k8s_grace.purge_expired(self._api)
+
     async def status(self, customer_id: str) -> dict[str, object]:
         """Release state from the namespace and each workload's readiness."""
         api = self._api
@@ -406,6 +482,11 @@ class KubernetesBackend:
         namespace = await api.get("v1", "Namespace", ns, None)
         if namespace is None:
             return {"release": "missing", "components": {}}
+        kept_until = k8s_grace.kept_until(namespace)
+        terminating = (namespace.get("status") or {}).get("phase") == "Terminating"
+        if kept_until is not None and not terminating:
+            # Deleted, its data kept for the grace period: a redeploy takes it back.
+            return {"release": "deleted", "namespace": ns, "purge_after": kept_until}
         states = {}
         for kind, name in WORKLOADS:
             obj = await api.get("apps/v1", kind, name, ns)
@@ -423,6 +504,9 @@ class KubernetesBackend:
         Deployment have their wanted replicas ready (and the Deployment is Available)."""
         api = self._api
         ns = namespace_of(customer_id, self._settings)
+        kept_until = k8s_grace.kept_until(await api.get("v1", "Namespace", ns, None))
+        if kept_until is not None:
+            return InstanceHealth(False, f"deleted; its data is kept until {kept_until}")
         troubles = []
         for kind, name in WORKLOADS:
             obj = await api.get("apps/v1", kind, name, ns)

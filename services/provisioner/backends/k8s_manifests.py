@@ -1,21 +1,22 @@
 """The Kubernetes objects of one customer's instance, as plain dicts, in the order they apply.
 
 Namespace ``customer-<id>`` with a ResourceQuota (4 CPU / 4Gi) and LimitRange; NetworkPolicies
-that isolate it (in: its own pods, and the shared Gateway's Envoy proxies to the instance's HTTP
-port and the broker's WebSockets port only; out: its own pods and the cluster DNS), and one that
-lets the instance pods, and only them, out to the control plane's HTTP targets (signup, billing,
-licensing: their HTTP port only, never NATS or Postgres) and to public HTTPS (alert webhooks),
-never to private, loopback, link-local, shared or reserved addresses nor the cluster's own
-networks; Secrets for the license, the database, the broker and monitoring; Postgres as a
-StatefulSet with a 10Gi volume; Mosquitto on 1883 and 9001, with the platform's message size and
-queue limits; the instance Deployment and Service; an Envoy Gateway BackendTrafficPolicy (a
-request rate per client address, connections sized by the licensed devices) and an HTTPRoute
-``<id>.<BASE_DOMAIN>`` on the chart's shared Gateway (Gateway API; one wildcard certificate
-there, none per customer), which also carries MQTT over WebSockets at
-``wss://<id>.<BASE_DOMAIN>/mqtt`` to the broker: the way devices outside the cluster reach it.
-``render`` is pure: the same customer, license and password give the same objects, so applying
-them again (a retried job, an update) converges. A new license changes the instance pod
-template's annotation, which rolls the Deployment.
+that isolate it (in: its own pods, and the shared Gateway's Envoy proxies to the instance's
+HTTP port and the broker's WebSockets port only; out: its own pods and the cluster DNS), and
+one that lets the instance pods, and only them, out to the control plane's HTTP targets
+(signup, billing, licensing: their HTTP port only, never NATS or Postgres) and to public HTTPS
+(alert webhooks), never to private, loopback, link-local, shared or reserved addresses nor the
+cluster's own networks; Secrets for the license, the database, the broker and monitoring;
+Postgres as a StatefulSet whose data volume is sized by the plan (``k8s_storage``), a "backups"
+volume and the daily backup CronJob with its scripts (``k8s_backups``); Mosquitto on 1883 and
+9001, with the platform's message size and queue limits; the instance Deployment and Service;
+an Envoy Gateway BackendTrafficPolicy (a request rate per client address, connections sized by
+the licensed devices) and an HTTPRoute ``<id>.<BASE_DOMAIN>`` on the chart's shared Gateway
+(Gateway API; one wildcard certificate there, none per customer), which also carries MQTT over
+WebSockets at ``wss://<id>.<BASE_DOMAIN>/mqtt`` to the broker: the way devices outside the
+cluster reach it. ``render`` is pure: the same customer, license and password give the same
+objects, so applying them again (a retried job, an update) converges. A new license changes the
+instance pod template's annotation, which rolls the Deployment.
 
 Hardening: the namespace enforces Pod Security "restricted" and is labelled a tenant; every
 container runs non-root with a read-only root, no capabilities and RuntimeDefault seccomp, no
@@ -39,7 +40,16 @@ from typing import Any
 import yaml
 
 from libs.mqtt_broker import MAX_CONNECTIONS, broker_limits, listener_limits
+from services.provisioner.backends import k8s_backups
 from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.k8s_storage import (
+    BACKUP_CLAIM,
+    DATA_CLAIM,
+    StoragePolicy,
+    TenantStorage,
+    tenant_storage,
+    volume_claims,
+)
 
 PART_OF = "iotistic"
 MQTT_ADMIN = "admin"
@@ -368,6 +378,12 @@ class KubernetesSettings:
     # Connections to a tenant's broker or instance an Envoy replica holds beyond one per
     # licensed device (people's browsers, API clients).
     gateway_connections_headroom: int = 100
+    # Volumes sized by plan, and how many daily dumps each plan keeps (k8s_storage).
+    storage: StoragePolicy = field(default_factory=StoragePolicy)
+    # The backup CronJob's schedule; unset: a minute between 01:00 and 05:00 UTC by customer.
+    backup_schedule: str | None = None
+    # Days a deleted customer's namespace, volumes and backups are kept before the purge.
+    deletion_grace_days: int = 30
 
 
 def dns_label(customer_id: str) -> str:
@@ -442,6 +458,7 @@ def render(
     cid = spec.customer_id
     ns = namespace_of(cid, settings)
     database = PG_DATABASE
+    storage = tenant_storage(spec.plan, spec.license_jwt, settings.storage)
     db_url = f"postgresql://{PG_INSTANCE_ROLE}:{db_password}@postgres.{ns}.svc:5432/{database}"
     namespace_meta = _meta(
         ns,
@@ -465,7 +482,7 @@ def render(
     }
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": namespace_meta},
-        _quota(ns, cid),
+        _quota(ns, cid, storage),
         _limits(ns, cid),
         _network_policy(ns, cid, settings),
         *_gateway_ingress(ns, cid, settings),
@@ -540,8 +557,18 @@ def render(
             "metadata": _meta("postgres-scripts", ns, cid),
             "data": POSTGRES_SCRIPTS,
         },
+        k8s_backups.config_map(_meta(k8s_backups.CONFIG_MAP, ns, cid)),
+        # Before the StatefulSet, which then adopts the data claim at the plan's size.
+        *_volume_claims(ns, cid, storage, settings),
         _postgres_service(ns, cid),
         _postgres(ns, cid, settings, hashes["postgres"]),
+        k8s_backups.cronjob(
+            _meta(k8s_backups.CRONJOB, ns, cid),
+            cid,
+            settings.postgres_image,
+            storage.backups_kept,
+            settings.backup_schedule,
+        ),
         _mosquitto_service(ns, cid),
         _mosquitto(ns, cid, settings, hashes["mosquitto"]),
         _instance_service(ns, cid),
@@ -550,7 +577,18 @@ def render(
     ]
 
 
-def _quota(ns: str, cid: str) -> dict[str, Any]:
+def _volume_claims(
+    ns: str, cid: str, storage: TenantStorage, settings: KubernetesSettings
+) -> list[dict[str, Any]]:
+    return volume_claims(
+        _meta(DATA_CLAIM, ns, cid, labels={"app.kubernetes.io/name": "postgres"}),
+        _meta(BACKUP_CLAIM, ns, cid, labels={"app.kubernetes.io/name": "tenant-backup"}),
+        storage,
+        settings.storage_class,
+    )
+
+
+def _quota(ns: str, cid: str, storage: TenantStorage) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ResourceQuota",
@@ -562,7 +600,9 @@ def _quota(ns: str, cid: str) -> dict[str, Any]:
                 "limits.cpu": "4",
                 "limits.memory": "4Gi",
                 "persistentvolumeclaims": "4",
-                "requests.storage": "20Gi",
+                # The data, backups and broker volumes (k8s_storage.keep_grown raises it
+                # where a volume is bigger than its plan's size).
+                "requests.storage": f"{storage.total_gib}Gi",
             }
         },
     }

@@ -236,8 +236,9 @@ class LocalBackend:
             components={"database": "ready", "broker": "ready", "instance": "running"},
         )
 
-    async def delete(self, customer_id: str, progress: Progress) -> None:
-        """Stop the process, then remove broker credentials, database, role and files."""
+    async def delete(self, customer_id: str, progress: Progress, erase: bool = False) -> None:
+        """Stop the process, then remove broker credentials, database, role and files, at
+        once whether or not ``erase`` is asked: this machine keeps no grace period."""
         name = instance_name(customer_id)
         await progress(10, "instance")
         await self._stop_instance(customer_id)

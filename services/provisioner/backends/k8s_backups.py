@@ -1,0 +1,244 @@
+"""Each tenant's backups: a daily ``pg_dump`` into its "backups" volume, and the restore drill.
+
+The scripts live once, in ``tenant_backup/`` next to this module (POSIX sh: ``backup.sh``,
+``restore.sh``, ``drill.sh`` and the ``common.sh`` they share); the ConfigMap
+``tenant-backup`` carries them as they are, and the CronJob and the drill's Job run them from
+it, in the tenant's Postgres image (``pg_dump`` of the server's own major version). The tests
+run the same files with the same environment against a real Postgres.
+
+Why a CronJob and not CloudNativePG: an operator and object storage are two more systems that
+cannot run or be tested here, and a logical dump restores anywhere (another cluster, a laptop).
+A volume in the same cluster is no off-site copy: an operator adds one (volume snapshots of
+the "backups" claim copied off the cluster, or an rclone sidecar to object storage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).with_name("tenant_backup")
+SCRIPT_NAMES = ("common.sh", "backup.sh", "restore.sh", "drill.sh")
+CONFIG_MAP = "tenant-backup"
+CRONJOB = "tenant-backup"
+SCRIPTS_PATH = "/opt/tenant-backup"
+BACKUPS_PATH = "/backups"
+DB_FILES_PATH = "/etc/tenant-database"
+# The schema of the instance's tables, which the drill counts.
+INSTANCE_SCHEMA = "instance"
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+    "readOnlyRootFilesystem": True,
+}
+# The backup pods' user and group: a high id of their own (they reach Postgres over the
+# network and touch no file of its volume; the backups volume is theirs by fsGroup). libpq and
+# psql need no passwd entry for it, since PGUSER is always given.
+BACKUP_UID = 10999
+
+
+@cache
+def scripts() -> dict[str, str]:
+    """The scripts, by file name, as the ConfigMap carries them."""
+    return {name: (SCRIPTS / name).read_text() for name in SCRIPT_NAMES}
+
+
+def scripts_hash() -> str:
+    """Changes when any script does (a pod template annotation, so a new script is used)."""
+    digest = hashlib.sha256()
+    for name, text in sorted(scripts().items()):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def config_map(meta: dict[str, Any]) -> dict[str, Any]:
+    """The ConfigMap ``tenant-backup`` with the scripts."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": scripts()}
+
+
+def schedule_of(customer_id: str, hours: tuple[int, int] = (1, 5)) -> str:
+    """A daily cron schedule at a minute of the night that the customer id decides, so a
+    thousand tenants do not dump at the same minute. ``hours``: from, to (exclusive), UTC."""
+    n = int.from_bytes(hashlib.sha256(customer_id.encode()).digest()[:4], "big")
+    span = (hours[1] - hours[0]) * 60
+    minute_of_window = n % span
+    return f"{minute_of_window % 60} {hours[0] + minute_of_window // 60} * * *"
+
+
+def dump_env(kept: int | None = None) -> list[dict[str, Any]]:
+    """What the scripts read: the Postgres Service, the folder of the tenant's ``database``
+    Secret (user, password and database, as files), the backup folder and (for backups) how
+    many dumps to keep."""
+    env = [
+        {"name": "PGHOST", "value": "postgres"},
+        {"name": "PGPORT", "value": "5432"},
+        {"name": "DATABASE_SECRET_DIR", "value": DB_FILES_PATH},
+        {"name": "BACKUP_DIR", "value": BACKUPS_PATH},
+    ]
+    if kept is not None:
+        env.append({"name": "BACKUP_KEEP", "value": str(kept)})
+    return env
+
+
+# The instance's own role (owner of its database and of everything the instance made): what
+# backups dump as, and what a restore restores as, so that the instance owns what comes back.
+INSTANCE_CREDENTIALS: dict[str, Any] = {
+    "secret": {
+        "secretName": "database",
+        "items": [{"key": k, "path": k} for k in ("user", "password", "database")],
+    }
+}
+
+
+def superuser_credentials() -> dict[str, Any]:
+    """The superuser's password (the ``postgres`` Secret) and the database's name: the drill
+    creates and drops its scratch database, which the instance's role may not."""
+    return {
+        "projected": {
+            "sources": [
+                {
+                    "secret": {
+                        "name": "postgres",
+                        "items": [{"key": "superuser-password", "path": "password"}],
+                    }
+                },
+                {
+                    "secret": {
+                        "name": "database",
+                        "items": [{"key": "database", "path": "database"}],
+                    }
+                },
+            ]
+        }
+    }
+
+
+def _pod(
+    image: str,
+    script: str,
+    env: list[dict[str, Any]],
+    credentials: dict[str, Any] = INSTANCE_CREDENTIALS,
+) -> dict[str, Any]:
+    return {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": BACKUP_UID,
+            "runAsGroup": BACKUP_UID,
+            "fsGroup": BACKUP_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "backup",
+                "image": image,
+                "imagePullPolicy": "Always",
+                "command": ["sh", f"{SCRIPTS_PATH}/{script}"],
+                "env": env,
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "128Mi"},
+                    "limits": {"cpu": "500m", "memory": "512Mi"},
+                },
+                "securityContext": RESTRICTED,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [
+                    {"name": "scripts", "mountPath": SCRIPTS_PATH, "readOnly": True},
+                    {"name": "database", "mountPath": DB_FILES_PATH, "readOnly": True},
+                    {"name": "backups", "mountPath": BACKUPS_PATH},
+                    {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "scripts", "configMap": {"name": CONFIG_MAP}},
+            {"name": "database", **credentials},
+            {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+
+
+def cronjob(
+    meta: dict[str, Any], customer_id: str, image: str, kept: int, schedule: str | None = None
+) -> dict[str, Any]:
+    """The CronJob ``tenant-backup``: ``backup.sh`` daily, never two at once, keeping ``kept``
+    dumps; a failed run is retried twice and kept for a look (and the disk alerts)."""
+    labels = {"app.kubernetes.io/name": "tenant-backup"}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": meta,
+        "spec": {
+            "schedule": schedule or schedule_of(customer_id),
+            "timeZone": "Etc/UTC",
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": 3600,
+            "successfulJobsHistoryLimit": 1,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {
+                "spec": {
+                    "backoffLimit": 2,
+                    "activeDeadlineSeconds": 6 * 3600,
+                    "template": {
+                        "metadata": {
+                            "labels": labels,
+                            "annotations": {"iotistic.io/scripts-sha256": scripts_hash()},
+                        },
+                        "spec": _pod(image, "backup.sh", dump_env(kept)),
+                    },
+                }
+            },
+        },
+    }
+
+
+def drill_job(meta: dict[str, Any], image: str, superuser: str) -> dict[str, Any]:
+    """A Job that runs ``drill.sh`` once as the ``superuser``: the newest dump restored into a
+    scratch database, counted and dropped; its summary is the container's termination
+    message."""
+    env = [
+        *dump_env(),
+        {"name": "PGUSER", "value": superuser},
+        {"name": "DRILL_SCHEMA", "value": INSTANCE_SCHEMA},
+    ]
+    return _job(meta, image, "drill.sh", env, "restore-drill", superuser_credentials())
+
+
+def restore_job(meta: dict[str, Any], image: str, dump: str | None = None) -> dict[str, Any]:
+    """A Job that runs ``restore.sh`` once over the tenant's own database: the schemas the
+    dump holds dropped and restored, in one transaction; the newest intact dump, or ``dump``
+    (a file name on the backups volume)."""
+    env = [*dump_env(), {"name": "RESTORE_CLEAN", "value": "1"}]
+    if dump:
+        env.append({"name": "BACKUP_FILE", "value": dump})
+    return _job(meta, image, "restore.sh", env, "restore")
+
+
+def _job(
+    meta: dict[str, Any],
+    image: str,
+    script: str,
+    env: list[dict[str, Any]],
+    name: str,
+    credentials: dict[str, Any] = INSTANCE_CREDENTIALS,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": 6 * 3600,
+            # The Job and its pod go an hour after they end; the command has read them by then.
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": name}},
+                "spec": _pod(image, script, env, credentials),
+            },
+        },
+    }

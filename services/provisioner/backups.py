@@ -1,0 +1,132 @@
+"""The restore drill and the restore on Kubernetes, each a Job in the tenant's namespace.
+
+The drill restores the newest dump into a scratch database, counts its tables' rows, checks the
+dump's checksum, and drops the scratch database (``tenant_backup/drill.sh``). The restore puts
+a dump back over the tenant's own database (``restore.sh`` with ``RESTORE_CLEAN=1``) while the
+instance is scaled to 0, under a field manager of its own that lets go of the replicas after.
+Both wait for their Job and read its summary, which the script leaves as the container's
+termination message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from services.provisioner.backends.base import BackendError
+from services.provisioner.backends.k8s_backups import drill_job, restore_job
+from services.provisioner.backends.k8s_manifests import (
+    PG_SUPERUSER,
+    KubernetesSettings,
+    _meta,
+    namespace_of,
+)
+
+if TYPE_CHECKING:
+    from services.provisioner.backends.k8s import KubeApi
+
+
+RESTORE_MANAGER = "iotistic-provisioner-restore"
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    """How one drill (or restore) went: the Job, whether it succeeded, what the script said."""
+
+    job: str
+    namespace: str
+    succeeded: bool
+    summary: str
+
+
+def job_outcome(job: dict[str, Any] | None) -> bool | None:
+    """True when the Job completed, False when it failed, None while it runs."""
+    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return True
+        if condition.get("type") == "Failed":
+            return False
+    return None
+
+
+def termination_message(pods: list[dict[str, Any]]) -> str:
+    """The drill container's termination message (the script's last line), if any pod has
+    one: the newest pod's first."""
+    for pod in reversed(pods):
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((status.get("state") or {}).get("terminated") or {}).get("message")
+            if message:
+                return str(message).strip()
+    return ""
+
+
+async def run_restore_drill(
+    api: KubeApi,
+    customer_id: str,
+    settings: KubernetesSettings,
+    timeout: float,
+    poll: float,
+    now: datetime | None = None,
+) -> DrillResult:
+    """Apply the drill Job in the customer's namespace, wait for it (``timeout`` seconds at
+    most), and report. Raises ``BackendError`` when there is no such namespace or it does not
+    end in time (the Job keeps running; ``kubectl -n <ns> logs job/<name>`` shows it)."""
+    ns = await _namespace(api, customer_id, settings)
+    name = f"restore-drill-{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
+    job = drill_job(_meta(name, ns, customer_id), settings.postgres_image, PG_SUPERUSER)
+    return await _run_job(api, ns, job, timeout, poll)
+
+
+async def run_restore(
+    api: KubeApi,
+    customer_id: str,
+    settings: KubernetesSettings,
+    timeout: float,
+    poll: float,
+    dump: str | None = None,
+    now: datetime | None = None,
+) -> DrillResult:
+    """Put a dump (the newest intact one, or ``dump``) back over the customer's database: the
+    instance is scaled to 0 for it and let go of after, whatever happened; the restore is one
+    transaction, so a failed one leaves the database as it was."""
+    ns = await _namespace(api, customer_id, settings)
+    name = f"restore-{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
+    job = restore_job(_meta(name, ns, customer_id), settings.postgres_image, dump)
+    instance = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "instance", "namespace": ns},
+    }
+    await api.apply({**instance, "spec": {"replicas": 0}}, RESTORE_MANAGER)
+    try:
+        return await _run_job(api, ns, job, timeout, poll)
+    finally:
+        # Gives up the replicas: the Deployment goes back to its default (one), and the
+        # provisioner's next apply owns them again.
+        await api.apply(instance, RESTORE_MANAGER)
+
+
+async def _namespace(api: KubeApi, customer_id: str, settings: KubernetesSettings) -> str:
+    ns = namespace_of(customer_id, settings)
+    if await api.get("v1", "Namespace", ns, None) is None:
+        raise BackendError(f"no namespace {ns}: customer {customer_id} is not deployed here")
+    return ns
+
+
+async def _run_job(
+    api: KubeApi, ns: str, job: dict[str, Any], timeout: float, poll: float
+) -> DrillResult:
+    name = job["metadata"]["name"]
+    await api.apply(job)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (outcome := job_outcome(await api.get("batch/v1", "Job", name, ns))) is None:
+        if loop.time() > deadline:
+            raise BackendError(f"the Job {ns}/{name} did not end in {timeout:.0f}s")
+        await asyncio.sleep(poll)
+    pods = await api.list("v1", "Pod", ns, f"job-name={name}")
+    return DrillResult(name, ns, outcome, termination_message(pods))

