@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import density, events, instance, provision, signup
+from tests.bench import backup, density, events, instance, provision, signup
 
 # Each takes the servers' URLs (Postgres, NATS), and its own options by keyword (OPTIONS).
 BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
@@ -26,6 +26,7 @@ BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
     "ingest": instance.run_ingest,
     "query": instance.run_query,
     "density": density.run,
+    "backup": backup.run,
 }
 
 
@@ -48,7 +49,7 @@ def main() -> None:
         "what",
         nargs="*",
         help=f"any of {', '.join(BENCHES)} (default: all but density, which starts hundreds of "
-        "processes)",
+        "processes, and backup, which loads a million readings)",
     )
     parser.add_argument(
         "--count",
@@ -76,7 +77,7 @@ def main() -> None:
     unknown = set(args.what) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {list(BENCHES)}")
-    args.what = args.what or [name for name in BENCHES if name != "density"]
+    args.what = args.what or [name for name in BENCHES if name not in ("density", "backup")]
     print(f"machine: {machine()}")
     from libs.embedded import EmbeddedNats, EmbeddedPostgres
     from tests.support import start_harness_nats

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -282,7 +283,12 @@ def _rss_mib(pid: int) -> float:
 QUERY_ROWS = 10_000_000
 
 
-async def run_query(pg_url: str, nats_url: str) -> None:
+async def loaded_instance_database(
+    pg_url: str, readings: int = QUERY_ROWS
+) -> tuple[str, list[str], datetime, float]:
+    """A new instance database, migrated, with ``readings`` readings of DEVICES devices over
+    30 days and their rollups: its URL, the devices, the last reading's time, and the seconds
+    loading took."""
     database_url = await create_database(pg_url)
     conn = await asyncpg.connect(database_url)
     try:
@@ -293,7 +299,7 @@ async def run_query(pg_url: str, nats_url: str) -> None:
     devices = [f"device-{i:03d}" for i in range(DEVICES)]
     end = datetime.now(UTC).replace(microsecond=0)
     start = end - timedelta(days=30)
-    step = (end - start) / (QUERY_ROWS // DEVICES)
+    step = (end - start) / (readings // DEVICES)
     loaded = time.perf_counter()
     async with pool.acquire() as conn:
         for day in range(31):
@@ -302,20 +308,23 @@ async def run_query(pg_url: str, nats_url: str) -> None:
                 f"CREATE TABLE IF NOT EXISTS readings_{d:%Y%m%d} PARTITION OF readings "
                 f"FOR VALUES FROM ('{d}') TO ('{d + timedelta(days=1)}')"
             )
-        per_device = QUERY_ROWS // DEVICES
+        per_device = readings // DEVICES
+        rng = random.Random(14)
         for device in devices:
+            # Values as a BME688 sends them (two decimals, drifting), so that sizes on disk
+            # and in a compressed dump are those of real readings, not of constants.
             rows = [
                 (
                     device,
                     start + step * i,
-                    20.0 + (i % 100) / 10,
-                    40.0,
-                    1010.0,
-                    1.2e5,
-                    50.0,
+                    round(21.0 + rng.gauss(0, 2), 2),
+                    round(45.0 + rng.gauss(0, 8), 2),
+                    round(1013.0 + rng.gauss(0, 4), 2),
+                    round(rng.uniform(5e4, 2e5), 2),
+                    round(rng.uniform(0, 200), 2),
                     3,
-                    600.0,
-                    0.8,
+                    round(rng.uniform(400, 1500), 2),
+                    round(rng.uniform(0.3, 3), 2),
                 )
                 for i in range(per_device)
             ]
@@ -327,7 +336,13 @@ async def run_query(pg_url: str, nats_url: str) -> None:
         await direct.execute("ANALYZE readings; ANALYZE readings_hourly")
     finally:
         await direct.close()
-    load_seconds = time.perf_counter() - loaded
+    await pool.close()
+    return database_url, devices, end, time.perf_counter() - loaded
+
+
+async def run_query(pg_url: str, nats_url: str) -> None:
+    database_url, devices, end, load_seconds = await loaded_instance_database(pg_url)
+    pool = await create_pool(database_url, "instance", max_size=2)
     results = {}
     async with pool.acquire() as conn:
         for label, since, bucket in (
