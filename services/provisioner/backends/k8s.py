@@ -288,6 +288,32 @@ class KubeApi:
                 raise _failed(f"deleting {kind} {name}", exc) from None
 
 
+def tenant_api(client: k8s.ApiClient, settings: KubernetesSettings) -> KubeApi:
+    """The calls over ``client``; with ``settings.tenant_reader``, a read refused inside a
+    tenant namespace is granted there (``grant_reads``) and tried again."""
+    if settings.tenant_reader is None:
+        return KubeApi(client)
+
+    async def grant(ns: str) -> bool:
+        return await grant_reads(KubeApi(client), settings, ns)
+
+    return KubeApi(client, grant)
+
+
+async def grant_reads(api: KubeApi, settings: KubernetesSettings, ns: str) -> bool:
+    """Apply the worker's reader RoleBinding in the tenant namespace ``ns`` (what its manifest
+    set holds anyway, right after the Namespace): for a customer deployed before it existed,
+    until the rollout re-applies their manifests. False when the namespace is not there."""
+    prefix = settings.namespace_prefix
+    binding = reader_binding(ns, ns.removeprefix(prefix), settings)
+    if binding is None or not ns.startswith(prefix) or ns == prefix:
+        raise BackendError(f"the provisioner may not read in namespace {ns}")
+    if await api.apply_if_there(binding) is None:
+        return False  # no such namespace (yet): nothing in it to read
+    log.info("granted the provisioner's reads in namespace %s (its RoleBinding)", ns)
+    return True
+
+
 def _failed(what: str, exc: ApiException) -> BackendError:
     # The API's message names the field or reason; the body never holds our secrets' values.
     reason = exc.reason or "error"
@@ -365,23 +391,7 @@ class KubernetesBackend:
     def _api(self) -> KubeApi:
         if self._client is None:
             raise BackendError("the kubernetes backend is not started")
-        grant = self._grant_reads if self._settings.tenant_reader is not None else None
-        return KubeApi(self._client, grant)
-
-    async def _grant_reads(self, ns: str) -> bool:
-        """Apply the worker's reader RoleBinding in the tenant namespace ``ns`` (what its
-        manifest set holds anyway, right after the Namespace): for a customer deployed before
-        it existed, until the rollout re-applies them. False when the namespace is not there."""
-        prefix = self._settings.namespace_prefix
-        binding = reader_binding(ns, ns.removeprefix(prefix), self._settings)
-        if binding is None or not ns.startswith(prefix) or ns == prefix:
-            raise BackendError(f"the provisioner may not read in namespace {ns}")
-        if self._client is None:
-            raise BackendError("the kubernetes backend is not started")
-        if await KubeApi(self._client).apply_if_there(binding) is None:
-            return False  # no such namespace (yet): nothing in it to read
-        log.info("granted the provisioner's reads in namespace %s (its RoleBinding)", ns)
-        return True
+        return tenant_api(self._client, self._settings)
 
     async def start(self) -> None:
         """Connect to the cluster's API."""
