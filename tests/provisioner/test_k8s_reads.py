@@ -114,7 +114,9 @@ def test_the_settings_name_the_role_and_the_worker_together() -> None:
     assert kubernetes_settings(ProvisionerSettings()).tenant_reader is None
 
 
-async def test_a_first_deploy_binds_the_reads_before_it_reads(cluster) -> None:
+async def test_a_first_deploy_binds_the_reads_before_it_reads(
+    cluster: tuple[KubeStandIn, str],
+) -> None:
     standin, url = cluster
     backend = backend_for(url)
     await backend.start()
@@ -136,7 +138,7 @@ async def test_a_first_deploy_binds_the_reads_before_it_reads(cluster) -> None:
 
 
 async def test_a_customer_deployed_before_the_binding_is_granted_it_on_first_read(
-    cluster,
+    cluster: tuple[KubeStandIn, str],
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
@@ -157,7 +159,9 @@ async def test_a_customer_deployed_before_the_binding_is_granted_it_on_first_rea
     assert BINDING_PATH in standin.objects
 
 
-async def test_without_the_binding_the_worker_reads_nothing_in_a_tenant(cluster) -> None:
+async def test_without_the_binding_the_worker_reads_nothing_in_a_tenant(
+    cluster: tuple[KubeStandIn, str],
+) -> None:
     standin, url = cluster
     backend = backend_for(url)
     await backend.start()
@@ -177,7 +181,9 @@ async def test_without_the_binding_the_worker_reads_nothing_in_a_tenant(cluster)
         await unbound.stop()
 
 
-async def test_reads_in_a_namespace_that_is_not_a_tenants_are_not_granted(cluster) -> None:
+async def test_reads_in_a_namespace_that_is_not_a_tenants_are_not_granted(
+    cluster: tuple[KubeStandIn, str],
+) -> None:
     _, url = cluster
     backend = backend_for(url)
     await backend.start()
