@@ -128,12 +128,9 @@ async def test_a_first_deploy_binds_the_reads_before_it_reads(
     assert deployed.components == {"postgres": "ready", "mosquitto": "ready", "instance": "ready"}
     assert health.healthy, health
     # The first reads (the volumes' sizes, before the namespace existed) were refused, and
-    # the grant each asked for found no namespace (404): nothing to read. Then the namespace,
-    # its reader RoleBinding, and the rest of the manifest set.
-    applied = standin.applied()
-    first = applied.index(("Namespace", NS))
-    assert first > 0 and set(applied[:first]) == {("RoleBinding", READER_BINDING)}
-    assert applied[first + 1] == ("RoleBinding", READER_BINDING)
+    # the grant each asked for found no namespace: nothing to read, nothing applied. Then the
+    # namespace, its reader RoleBinding, and the rest of the manifest set.
+    assert standin.applied()[:2] == [("Namespace", NS), ("RoleBinding", READER_BINDING)]
     assert standin.objects[BINDING_PATH]["roleRef"]["name"] == READER
 
 
@@ -193,3 +190,27 @@ async def test_reads_in_a_namespace_that_is_not_a_tenants_are_not_granted(
             await api.get("apps/v1", "Deployment", "coredns", "kube-system")
     finally:
         await backend.stop()
+
+
+async def test_a_namespace_going_away_is_not_granted_reads(
+    cluster: tuple[KubeStandIn, str],
+) -> None:
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), noop)
+        # Erasure under way: the namespace controller took the RoleBinding before the workloads.
+        standin.objects[f"/api/v1/namespaces/{NS}"]["status"] = {"phase": "Terminating"}
+        del standin.objects[BINDING_PATH]
+        before = len(standin.applied())
+        status = await backend.status(CUSTOMER)
+    finally:
+        await backend.stop()
+    assert status["release"] == "terminating"
+    assert status["components"] == {
+        "postgres": "missing",
+        "mosquitto": "missing",
+        "instance": "missing",
+    }
+    assert standin.applied()[before:] == []  # nothing made in a namespace that is going

@@ -303,13 +303,18 @@ def tenant_api(client: k8s.ApiClient, settings: KubernetesSettings) -> KubeApi:
 async def grant_reads(api: KubeApi, settings: KubernetesSettings, ns: str) -> bool:
     """Apply the worker's reader RoleBinding in the tenant namespace ``ns`` (what its manifest
     set holds anyway, right after the Namespace): for a customer deployed before it existed,
-    until the rollout re-applies their manifests. False when the namespace is not there."""
+    until the rollout re-applies their manifests. False when the namespace is not there or is
+    going (the namespace controller may have taken the RoleBinding first, and nothing new may be
+    made in it): nothing in it to read."""
     prefix = settings.namespace_prefix
     binding = reader_binding(ns, ns.removeprefix(prefix), settings)
     if binding is None or not ns.startswith(prefix) or ns == prefix:
         raise BackendError(f"the provisioner may not read in namespace {ns}")
+    namespace = await api.get("v1", "Namespace", ns, None)
+    if namespace is None or (namespace.get("status") or {}).get("phase") == "Terminating":
+        return False
     if await api.apply_if_there(binding) is None:
-        return False  # no such namespace (yet): nothing in it to read
+        return False  # gone since
     log.info("granted the provisioner's reads in namespace %s (its RoleBinding)", ns)
     return True
 
