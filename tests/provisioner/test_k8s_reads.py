@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs.config import ConfigError
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import BackendError, InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.k8s import GRANT_RETRY_SECONDS, KubeApi, KubernetesBackend
 from services.provisioner.backends.k8s_manifests import (
     READER_BINDING,
     KubernetesSettings,
@@ -214,3 +215,45 @@ async def test_a_namespace_going_away_is_not_granted_reads(
         "instance": "missing",
     }
     assert standin.applied()[before:] == []  # nothing made in a namespace that is going
+
+
+class LaggingApi(KubeApi):
+    """A read refused ``refusals`` times (the authorizer not yet seeing the new RoleBinding),
+    then answered: the calls it got, in order."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.granted: list[str] = []
+        self.calls = 0
+
+        async def grant(ns: str) -> bool:
+            self.granted.append(ns)
+            return True
+
+        super().__init__(None, grant)  # type: ignore[arg-type]
+
+    async def _call(self, method: str, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise ApiException(status=403, reason="Forbidden")
+        return {"kind": "Deployment", "metadata": {"name": "instance"}}
+
+
+async def test_a_read_granted_is_tried_again_while_the_authorizer_catches_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr("services.provisioner.backends.k8s.asyncio.sleep", sleep)
+    api = LaggingApi(refusals=3)
+    assert await api.get("apps/v1", "Deployment", "instance", NS) is not None
+    assert api.granted == [NS]  # granted once, however many retries
+    assert slept == list(GRANT_RETRY_SECONDS[:3])
+    # Refused still after every retry: the refusal is reported, not taken for "missing".
+    stubborn = LaggingApi(refusals=100)
+    with pytest.raises(BackendError, match="403"):
+        await stubborn.get("apps/v1", "Deployment", "instance", NS)
+    assert stubborn.calls == len(GRANT_RETRY_SECONDS) + 1
