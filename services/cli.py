@@ -601,18 +601,19 @@ def cmd_provisioner_restore(args: argparse.Namespace) -> int:
 def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitable[Any]]) -> int:
     from services.provisioner.app import kubernetes_settings
     from services.provisioner.backends.base import BackendError
-    from services.provisioner.backends.k8s import KubeApi, cluster_client
+    from services.provisioner.backends.k8s import cluster_client, tenant_api
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
+    kube = kubernetes_settings(settings)
 
     async def go() -> Any:
         client = await cluster_client()
         try:
             return await run(
-                KubeApi(client),
+                tenant_api(client, kube),
                 args.customer_id,
-                kubernetes_settings(settings),
+                kube,
                 timeout=args.timeout,
                 poll=2.0,
             )

@@ -19,6 +19,14 @@ collection with a ``labelSelector`` lists; a Job cannot run here, so after ``rea
 reads it reports Complete (Failed if named in ``failing_jobs``) with a Pod whose container
 ended with ``job_message`` as its termination message; ``refuse_growth`` refuses a bigger
 claim, as a StorageClass without volume expansion does.
+
+Added for the worker's reads confined to tenant namespaces, just as labelled: a RoleBinding
+(rbac.authorization.k8s.io/v1) is applied like any object. With ``reader_role`` set, the
+stand-in plays the API server's authorizer for a worker whose ClusterRole holds no read inside a
+namespace: a GET or list there is refused with 403 unless a RoleBinding in that namespace binds
+the ClusterRole ``reader_role`` (here at once; the API server's authorizer sees a new binding a
+moment later); and, as the API server does, an apply into a namespace that does not exist is
+refused with 404. Nothing else of RBAC is played (the chart's roles are checked separately).
 """
 
 from __future__ import annotations
@@ -68,6 +76,9 @@ class KubeStandIn:
     # A StorageClass without allowVolumeExpansion: a claim's request may not grow.
     refuse_growth: bool = False
     job_message: str = "drill ok (stand-in: no Job runs here)"
+    # The reader ClusterRole a RoleBinding must bind for reads inside a namespace; None: no
+    # authorizer played.
+    reader_role: str | None = None
 
     def app(self) -> Litestar:
         """The HTTP server, for uvicorn."""
@@ -89,10 +100,15 @@ class KubeStandIn:
                 return _status(401, "Unauthorized", "no valid bearer token")
             if self.fail_status is not None:
                 return _status(self.fail_status, "InternalError", "injected failure")
+            inside = _namespace_inside(path)
             if request.method == "PATCH":
+                if self._namespace_missing(inside):
+                    return _status(404, "NotFound", f'namespaces "{inside}" not found')
                 return self._apply(path, request, json.loads(body))
             if request.method == "DELETE":
                 return self._delete(path)
+            if inside is not None and not self._may_read(inside):
+                return _status(403, "Forbidden", f"cannot read in the namespace {inside}")
             return self._get(path, request.query_params.get("labelSelector"))
 
         return Litestar([handle], debug=False)
@@ -236,6 +252,19 @@ class KubeStandIn:
         self.reads[path] = 0
         return Response(obj, status_code=202)
 
+    def _namespace_missing(self, namespace: str | None) -> bool:
+        played = self.reader_role is not None and namespace is not None
+        return played and f"/api/v1/namespaces/{namespace}" not in self.objects
+
+    def _may_read(self, namespace: str) -> bool:
+        if self.reader_role is None:
+            return True
+        prefix = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/"
+        return any(
+            key.startswith(prefix) and obj.get("roleRef", {}).get("name") == self.reader_role
+            for key, obj in self.objects.items()
+        )
+
     def applied(self) -> list[tuple[str, str]]:
         """(kind, name) of every apply, in order."""
         return [
@@ -243,6 +272,16 @@ class KubeStandIn:
             for r in self.requests
             if r["method"] == "PATCH"
         ]
+
+
+def _namespace_inside(path: str) -> str | None:
+    """The namespace an object's or collection's path is inside (None for a Namespace itself
+    and cluster-scoped kinds)."""
+    parts = path.strip("/").split("/")
+    if "namespaces" not in parts:
+        return None
+    at = parts.index("namespaces")
+    return parts[at + 1] if len(parts) > at + 2 else None
 
 
 def _fixed(statefulset: dict[str, Any]) -> dict[str, Any]:

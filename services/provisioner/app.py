@@ -43,6 +43,7 @@ from services.provisioner.settings import (
     parse_backups_kept,
     parse_cidrs,
     parse_ports,
+    parse_tenant_reader,
 )
 from services.provisioner.worker import QueueWorker
 
@@ -140,6 +141,9 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         ),
         backup_schedule=settings.backup_schedule,
         deletion_grace_days=settings.deletion_grace_days,
+        tenant_reader=parse_tenant_reader(
+            settings.kubernetes_tenant_reader_role, settings.kubernetes_worker_service_account
+        ),
     )
 
 

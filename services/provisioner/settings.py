@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Literal
 
 from msgspec import Meta
@@ -139,6 +140,13 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # Days a deleted customer's namespace, volumes and backups are kept (unless the customer
     # asked for erasure) before the hourly purge deletes them.
     deletion_grace_days: Annotated[int, Meta(ge=0, le=3650)] = 30
+    # --- kubernetes: the worker's reads, confined to tenant namespaces. The ClusterRole the
+    # worker may read tenants' workloads, volumes, Jobs and pods with, and its ServiceAccount
+    # (<namespace>:<name>): each tenant's namespace gets a RoleBinding of the one to the other
+    # (the chart sets both; its ClusterRole holds no cluster-wide read of those kinds). Both
+    # unset (the default, and outside a cluster): no RoleBinding is rendered.
+    kubernetes_tenant_reader_role: str = ""
+    kubernetes_worker_service_account: str = ""
 
 
 def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:
@@ -178,3 +186,31 @@ def parse_backups_kept(text: str) -> tuple[tuple[str, int], ...]:
             raise ConfigError(f"BACKUPS_KEPT: {item[:64]!r} is not <plan>=<dumps, 1 or more>")
         kept.append((plan.strip(), int(count)))
     return tuple(kept)
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_RBAC_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.:]{0,251}[A-Za-z0-9])?$")
+
+
+def parse_tenant_reader(role: str, service_account: str) -> tuple[str, str, str] | None:
+    """(reader ClusterRole, the worker's ServiceAccount namespace, its name) from
+    KUBERNETES_TENANT_READER_ROLE and KUBERNETES_WORKER_SERVICE_ACCOUNT (``<namespace>:<name>``);
+    None when both are unset. One without the other is a ``ConfigError``: the worker would
+    either read nothing in a tenant's namespace or bind a role to nobody."""
+    role, service_account = role.strip(), service_account.strip()
+    if not role and not service_account:
+        return None
+    if not role or not service_account:
+        raise ConfigError(
+            "KUBERNETES_TENANT_READER_ROLE and KUBERNETES_WORKER_SERVICE_ACCOUNT go together"
+        )
+    if not _RBAC_NAME.match(role):
+        raise ConfigError(f"KUBERNETES_TENANT_READER_ROLE: {role[:64]!r} is not a role name")
+    namespace, _, name = service_account.partition(":")
+    if not _DNS_LABEL.match(namespace) or not _DNS_SUBDOMAIN.match(name):
+        raise ConfigError(
+            f"KUBERNETES_WORKER_SERVICE_ACCOUNT: {service_account[:64]!r} is not"
+            " <namespace>:<service account name>"
+        )
+    return role, namespace, name

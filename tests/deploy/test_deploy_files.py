@@ -1437,5 +1437,7 @@ def test_the_provisioner_rbac_grants_what_the_kubernetes_backend_applies() -> No
     )
     assert set(PLURALS.values()) <= granted, set(PLURALS.values()) - granted
     verbs = set(re.findall(r'"([a-z]+)"', " ".join(re.findall(r"verbs: \[(.*?)\]", template))))
-    # list: only namespaces (the purge of deleted customers') and pods (a drill's summary).
-    assert verbs == {"get", "create", "patch", "delete", "list"}
+    # list: only namespaces (the purge of deleted customers') and, in the tenant reader role,
+    # pods (a drill's summary); bind: only the reader role, which tenants' RoleBindings bind
+    # (tests/deploy/test_rbac_policy.py checks each role rule by rule).
+    assert verbs == {"get", "create", "patch", "delete", "list", "bind"}

@@ -30,16 +30,31 @@ from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from k8s_standin import KubeStandIn
+from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import REPLACED, WORKLOADS, customer_objects
+from services.provisioner.backends.k8s import (
+    REPLACED,
+    WORKLOADS,
+    KubernetesBackend,
+    customer_objects,
+    tenant_api,
+)
+from services.provisioner.backends.k8s_grace import BACKUP_JOB
 from services.provisioner.backends.k8s_grace import ROUTES as GRACE_ROUTES
 from services.provisioner.backends.k8s_manifests import KubernetesSettings
+from services.provisioner.backups import run_restore, run_restore_drill
+from services.provisioner.settings import parse_tenant_reader
+from support import serving
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "iotistic"
 RELEASE, NAMESPACE = "rel", "iot"
 WORKER = "rel-iotistic-provisioner-worker"
 WORKER_USER = f"system:serviceaccount:{NAMESPACE}:{WORKER}"
+# The ClusterRole of the worker's reads inside tenant namespaces, bound in each by a RoleBinding.
+READER = f"{WORKER}-tenant-reader"
+RBAC = "rbac.authorization.k8s.io"
 K8S_VERSION = "1.30.0"
 CUSTOMER = "3f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
 TENANT = f"customer-{CUSTOMER}"
@@ -64,6 +79,9 @@ KINDS = {
     "BackendTrafficPolicy": ("gateway.envoyproxy.io", "backendtrafficpolicies"),
     "Pod": ("", "pods"),
     "ClusterRoleBinding": ("rbac.authorization.k8s.io", "clusterrolebindings"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+    "Role": ("rbac.authorization.k8s.io", "roles"),
+    "ClusterRole": ("rbac.authorization.k8s.io", "clusterroles"),
 }
 
 
@@ -241,15 +259,21 @@ def write(policy: Policy, obj: dict[str, Any], operation: str = "CREATE") -> Ver
     )
 
 
+# As the chart's provisioner env sets them (checked in test_the_worker_is_told_its_reader_role).
+TENANT_SETTINGS = KubernetesSettings(tenant_reader=(READER, NAMESPACE, WORKER))
+
+
+TENANT_SPEC = InstanceSpec(
+    customer_id=CUSTOMER,
+    plan="starter",
+    license_jwt="header.claims.signature",
+    license_id="lic-1",
+    jwks_url="http://licensing/.well-known/jwks.json",
+)
+
+
 def tenant_objects() -> list[dict[str, Any]]:
-    spec = InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt="header.claims.signature",
-        license_id="lic-1",
-        jwks_url="http://licensing/.well-known/jwks.json",
-    )
-    return customer_objects(spec, KubernetesSettings(), b"k" * 40, "r" * 40)
+    return customer_objects(TENANT_SPEC, TENANT_SETTINGS, b"k" * 40, "r" * 40)
 
 
 def test_the_worker_may_apply_everything_of_a_customer_inside_their_namespace(
@@ -527,44 +551,300 @@ def granted(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 
 
 def test_the_cluster_role_grants_only_what_the_backend_does(chart: list[dict[str, Any]]) -> None:
-    rights = granted(one(chart, "ClusterRole", WORKER))
+    role = one(chart, "ClusterRole", WORKER)
+    rights = granted(role)
     # Every kind of the tenant manifests is applied (a server-side apply that creates the
-    # object is also authorised as `create`).
-    for obj in tenant_objects():
+    # object is also authorised as `create`), the reader RoleBinding included.
+    objects = tenant_objects()
+    assert "RoleBinding" in {o["kind"] for o in objects}
+    for obj in objects:
         group = obj["apiVersion"].rpartition("/")[0]
         plural = KINDS[obj["kind"]][1]
         assert {"create", "patch"} <= rights.get((group, plural), set()), obj["kind"]
     # Nothing beyond: no watch, no wildcard; delete only on namespaces, what k8s.py removes as
-    # replaced and the routes a grace-period deletion takes down; get only on what the backend
-    # reads; list only namespaces (the purge) and pods (a drill's summary). The admission
-    # policy sees no reads: a get or list is cluster-wide.
+    # replaced and the routes a grace-period deletion takes down. The admission policy sees no
+    # reads, so a get or list here is cluster-wide: only of namespaces (cluster-scoped anyway;
+    # the purge lists them). Every read inside a namespace is the reader role's (below).
     verbs = set().union(*rights.values())
-    assert verbs == {"get", "list", "create", "patch", "delete"}
+    assert verbs == {"get", "list", "create", "patch", "delete", "bind"}
     deleted = {key for key, v in rights.items() if "delete" in v}
     assert deleted == {
         KINDS["Namespace"],
         *(KINDS[kind] for _, kind, _ in REPLACED),
         *(KINDS[kind] for _, kind, _ in GRACE_ROUTES),
     }
-    read = {key for key, v in rights.items() if "get" in v}
-    # What k8s.py reads: the namespace, the workloads it waits for and watches, the volumes'
-    # sizes, the backup CronJob (suspended in a grace period) and a drill's Job.
-    assert read == {
-        KINDS["Namespace"],
-        *(KINDS[kind] for kind, _ in WORKLOADS),
-        KINDS["PersistentVolumeClaim"],
-        KINDS["CronJob"],
-        KINDS["Job"],
+    assert {key for key, v in rights.items() if v & {"get", "list", "watch"}} == {
+        KINDS["Namespace"]
     }
-    listed = {key for key, v in rights.items() if "list" in v}
-    assert listed == {KINDS["Namespace"], ("", "pods")}
     assert not any("*" in group or "*" in resource for group, resource in rights)
-    forbidden = {"roles", "rolebindings", "clusterroles", "clusterrolebindings", "serviceaccounts"}
-    assert not {resource for _, resource in rights} & forbidden
+    # RBAC: its tenants' RoleBindings, and `bind` on the reader role alone (by name).
+    assert {key: v for key, v in rights.items() if key[0] == RBAC} == {
+        (RBAC, "rolebindings"): {"create", "patch"},
+        (RBAC, "clusterroles"): {"bind"},
+    }
+    [bind] = [r for r in role["rules"] if "bind" in r["verbs"]]
+    assert bind == {
+        "apiGroups": [RBAC],
+        "resources": ["clusterroles"],
+        "verbs": ["bind"],
+        "resourceNames": [READER],
+    }
+    assert all("resourceNames" not in r for r in role["rules"] if r is not bind)
+    assert "serviceaccounts" not in {resource for _, resource in rights}
     binding = one(chart, "ClusterRoleBinding", WORKER)
+    assert binding["roleRef"]["name"] == WORKER
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": WORKER, "namespace": NAMESPACE}
     ]
+
+
+def test_the_reader_role_holds_the_reads_inside_a_tenant_and_is_bound_nowhere(
+    chart: list[dict[str, Any]],
+) -> None:
+    reader = granted(one(chart, "ClusterRole", READER))
+    # What k8s.py, k8s_grace.py, k8s_storage.py and backups.py read inside a namespace: the
+    # workloads a deploy waits for and the health watch reads (and a grace period scales to
+    # 0), the volumes' sizes, the backup CronJob (suspended in a grace period), a drill's Job
+    # and its pods (the summary); traced call by call in
+    # test_the_reader_role_holds_exactly_the_reads_the_backend_makes.
+    assert reader == {
+        **{KINDS[kind]: {"get"} for kind, _ in WORKLOADS},
+        KINDS["PersistentVolumeClaim"]: {"get"},
+        KINDS[BACKUP_JOB[1]]: {"get"},
+        KINDS["Job"]: {"get"},
+        KINDS["Pod"]: {"list"},
+    }
+    # No ClusterRoleBinding (nor anything of the chart) binds it: only each tenant's RoleBinding.
+    for obj in chart:
+        if obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+            assert obj["roleRef"]["name"] != READER, obj["metadata"]["name"]
+
+
+def traced(
+    requests: list[dict[str, Any]], method: str
+) -> dict[str, dict[tuple[str, str], set[str]]]:
+    """The (group, plural) -> verbs of the ``method`` requests the stand-in recorded, inside a
+    namespace ("namespaced") or not ("cluster")."""
+    out: dict[str, dict[tuple[str, str], set[str]]] = {"namespaced": {}, "cluster": {}}
+    verbs = {"PATCH": "patch", "DELETE": "delete"}
+    for r in requests:
+        if r["method"] != method:
+            continue
+        parts = r["path"].strip("/").split("/")
+        group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+        inside = rest[0] == "namespaces" and len(rest) > 2
+        resource = rest[2:] if inside else rest
+        verb = verbs.get(method) or ("get" if len(resource) > 1 else "list")
+        where = out["namespaced" if inside else "cluster"]
+        where.setdefault((group, resource[0]), set()).add(verb)
+    return out
+
+
+async def test_the_reader_role_holds_exactly_the_reads_the_backend_makes(
+    chart: list[dict[str, Any]],
+) -> None:
+    """Every call of the backend (deploy, update, rotation, health and status, a grace-period
+    deletion and its purge, taking a customer back, erasure) and of the restore drill and
+    restore, traced on the STAND-IN API server (tests/k8s_standin.py) with its labelled
+    authorizer on (a read inside a namespace needs the reader RoleBinding there): the reads
+    inside a namespace are exactly the reader role's; outside, the worker's ClusterRole's,
+    namespaces only; and every write is the worker's ClusterRole's."""
+    standin = KubeStandIn(reader_role=READER)
+    async with serving(standin.app()) as http:
+        url = str(http.base_url)
+
+        async def client() -> k8s.ApiClient:
+            configuration = k8s.Configuration(host=url)
+            configuration.api_key = {"BearerToken": standin.token}
+            configuration.api_key_prefix = {"BearerToken": "Bearer"}
+            return k8s.ApiClient(configuration)
+
+        async def noop(percent: int, step: str) -> None:
+            return None
+
+        backend = KubernetesBackend(
+            TENANT_SETTINGS, b"k" * 40, client, ready_timeout=20, poll_seconds=0.05
+        )
+        await backend.start()
+        try:
+            await backend.deploy(TENANT_SPEC, noop)
+            await backend.update(TENANT_SPEC, noop)
+            await backend.rotate_credentials(TENANT_SPEC, noop)
+            assert (await backend.health(CUSTOMER)).healthy
+            assert (await backend.status(CUSTOMER))["release"] == "deployed"
+            jobs = await client()
+            try:
+                api = tenant_api(jobs, TENANT_SETTINGS)
+                drill = await run_restore_drill(api, CUSTOMER, TENANT_SETTINGS, 20, 0.05)
+                restore = await run_restore(api, CUSTOMER, TENANT_SETTINGS, 20, 0.05)
+                assert drill.succeeded and restore.succeeded
+            finally:
+                await jobs.close()
+            await backend.delete(CUSTOMER, noop)
+            assert (await backend.status(CUSTOMER))["release"] == "deleted"
+            assert await backend.purge_expired() == []
+            await backend.deploy(TENANT_SPEC, noop)
+            await backend.delete(CUSTOMER, noop, erase=True)
+        finally:
+            await backend.stop()
+    reads = traced(standin.requests, "GET")
+    reader = granted(one(chart, "ClusterRole", READER))
+    assert reads["namespaced"] == reader
+    worker = granted(one(chart, "ClusterRole", WORKER))
+    assert reads["cluster"] == {KINDS["Namespace"]: {"get", "list"}}
+    assert all(verbs <= worker[key] for key, verbs in reads["cluster"].items())
+    for method in ("PATCH", "DELETE"):
+        for scope in traced(standin.requests, method).values():
+            for key, verbs in scope.items():
+                assert verbs <= worker.get(key, set()), (method, key)
+
+
+def test_the_tenants_reader_binding_binds_the_reader_role_to_the_worker_there() -> None:
+    objects = tenant_objects()
+    assert [o["kind"] for o in objects[:2]] == ["Namespace", "RoleBinding"]
+    binding = objects[1]
+    assert binding["metadata"]["namespace"] == TENANT
+    assert binding["roleRef"] == {"apiGroup": RBAC, "kind": "ClusterRole", "name": READER}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": WORKER, "namespace": NAMESPACE}
+    ]
+    kubernetes_validate.validate(copy.deepcopy(binding), K8S_VERSION, strict=True)
+
+
+def test_the_worker_is_told_its_reader_role(chart: list[dict[str, Any]]) -> None:
+    env = env_of(one(chart, "Deployment", WORKER))
+    settings = parse_tenant_reader(
+        env["KUBERNETES_TENANT_READER_ROLE"], env["KUBERNETES_WORKER_SERVICE_ACCOUNT"]
+    )
+    assert settings == TENANT_SETTINGS.tenant_reader
+    # The web pods, which never apply, are told the same (one provisioner environment).
+    web = env_of(one(chart, "Deployment", "rel-iotistic-provisioner"))
+    assert web["KUBERNETES_TENANT_READER_ROLE"] == READER
+
+
+def rolebinding(
+    ns: str = TENANT,
+    role: str = READER,
+    role_kind: str = "ClusterRole",
+    subjects: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{RBAC}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "iotistic-provisioner-reads", "namespace": ns},
+        "roleRef": {"apiGroup": RBAC, "kind": role_kind, "name": role},
+        "subjects": subjects
+        if subjects is not None
+        else [{"kind": "ServiceAccount", "name": WORKER, "namespace": NAMESPACE}],
+    }
+
+
+def test_the_policy_admits_the_tenants_own_reader_binding(policy: Policy) -> None:
+    [binding] = [o for o in tenant_objects() if o["kind"] == "RoleBinding"]
+    for operation in ("CREATE", "UPDATE"):
+        verdict = write(policy, binding, operation)
+        assert verdict.matched and verdict.allowed, (operation, verdict)
+    # As the API server hands it over, defaulted: a ServiceAccount subject's apiGroup "".
+    defaulted = rolebinding(
+        subjects=[
+            {"kind": "ServiceAccount", "apiGroup": "", "name": WORKER, "namespace": NAMESPACE}
+        ]
+    )
+    assert write(policy, defaulted).allowed
+
+
+@pytest.mark.parametrize(
+    ("binding", "why"),
+    [
+        (rolebinding(role="cluster-admin"), "cluster-admin"),
+        (rolebinding(role="admin"), "admin"),
+        (rolebinding(role=WORKER), "the worker's own ClusterRole"),
+        (rolebinding(role=READER, role_kind="Role"), "a Role of the same name"),
+        (
+            rolebinding(
+                subjects=[{"kind": "ServiceAccount", "name": "default", "namespace": TENANT}]
+            ),
+            "the tenant's own pods",
+        ),
+        (
+            rolebinding(
+                subjects=[{"kind": "ServiceAccount", "name": WORKER, "namespace": "other"}]
+            ),
+            "a ServiceAccount of the same name elsewhere",
+        ),
+        (
+            rolebinding(
+                subjects=[
+                    {"kind": "ServiceAccount", "name": WORKER, "namespace": NAMESPACE},
+                    {"kind": "Group", "apiGroup": RBAC, "name": "system:authenticated"},
+                ]
+            ),
+            "the worker and everyone",
+        ),
+        (
+            rolebinding(subjects=[{"kind": "User", "apiGroup": RBAC, "name": WORKER_USER}]),
+            "a User named like the worker",
+        ),
+        (rolebinding(subjects=[]), "no subject"),
+    ],
+)
+def test_the_policy_refuses_any_other_binding_in_a_tenant(
+    policy: Policy, binding: dict[str, Any], why: str
+) -> None:
+    for operation in ("CREATE", "UPDATE"):
+        verdict = write(policy, binding, operation)
+        assert verdict.matched and not verdict.allowed, (why, operation)
+        assert any(f"may only bind {READER} to itself" in r for r in verdict.refusals), verdict
+
+
+@pytest.mark.parametrize("where", ["kube-system", "default", NAMESPACE, "customer-"])
+def test_the_policy_refuses_the_reader_binding_outside_tenant_namespaces(
+    policy: Policy, where: str
+) -> None:
+    binding = rolebinding(ns=where)
+    verdict = policy.admit(
+        request("CREATE", "RoleBinding", binding["metadata"]["name"], where),
+        obj=binding,
+        namespace=namespace(where),
+    )
+    assert verdict.matched and not verdict.allowed, verdict
+    assert f"rolebindings iotistic-provisioner-reads in namespace {where}" in " ".join(
+        verdict.refusals
+    )
+    # Nor in a customer-* namespace the provisioner did not make.
+    theirs = namespace("customer-portal", {"team": "web"})
+    elsewhere = policy.admit(
+        request("CREATE", "RoleBinding", "x", "customer-portal"),
+        obj=rolebinding(ns="customer-portal"),
+        namespace=theirs,
+    )
+    assert not elsewhere.allowed
+
+
+@pytest.mark.parametrize(
+    ("operation", "kind", "ns"),
+    [
+        ("DELETE", "RoleBinding", TENANT),
+        ("CREATE", "Role", TENANT),
+        ("CREATE", "ClusterRole", ""),
+        ("UPDATE", "ClusterRole", ""),
+        ("CREATE", "ClusterRoleBinding", ""),
+    ],
+)
+def test_the_policy_refuses_every_other_rbac_write(
+    policy: Policy, operation: str, kind: str, ns: str
+) -> None:
+    obj = {"apiVersion": f"{RBAC}/v1", "kind": kind, "metadata": {"name": READER}}
+    if ns:
+        obj["metadata"]["namespace"] = ns
+    verdict = policy.admit(
+        request(operation, kind, READER, ns),
+        obj=None if operation == "DELETE" else obj,
+        old=None if operation == "CREATE" else obj,
+        namespace=TENANT_NAMESPACE if ns else None,
+    )
+    assert verdict.matched and not verdict.allowed, verdict
+    assert any("may only bind" in r for r in verdict.refusals), verdict
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, str]:
@@ -655,7 +935,7 @@ def test_the_objects_are_valid_kubernetes(chart: list[dict[str, Any]]) -> None:
         if obj["kind"] in mine or obj["metadata"]["name"] == WORKER:
             kubernetes_validate.validate(copy.deepcopy(obj), K8S_VERSION, strict=True)
             checked += 1
-    assert checked == 6
+    assert checked == 7  # the two ClusterRoles
 
 
 def test_helm_lint_strict_is_clean_with_the_kubernetes_backend() -> None:

@@ -178,8 +178,15 @@ instance image, domain and the control-plane URLs it hands every instance; signu
 - name: USAGE_URL
   value: {{ include "iotistic.serviceUrl" (dict "root" $root "target" "billing") | quote }}
 {{- if $p.kubernetesBackend.enabled }}
+{{- $worker := include "iotistic.targetName" (dict "root" $root "target" "provisioner-worker") }}
 - name: PROVISIONER_BACKEND
   value: "kubernetes"
+# The worker reads inside a tenant namespace only through the RoleBinding each tenant's
+# manifest set holds: this reader role (templates/provisioner-rbac.yaml) bound to the worker.
+- name: KUBERNETES_TENANT_READER_ROLE
+  value: {{ printf "%s-tenant-reader" $worker | quote }}
+- name: KUBERNETES_WORKER_SERVICE_ACCOUNT
+  value: {{ printf "%s:%s" $root.Release.Namespace $worker | quote }}
 {{- end }}
 # What each tenant's HTTPRoute and NetworkPolicies name: this release's namespace and name
 # label (the services instances may call), its Gateway and where the Gateway's proxies run.

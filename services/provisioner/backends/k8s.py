@@ -50,6 +50,7 @@ from services.provisioner.backends.k8s_manifests import (
     KubernetesSettings,
     host_of,
     namespace_of,
+    reader_binding,
     render,
 )
 from services.provisioner.backends.k8s_storage import claim_gib, gib_of, keep_grown
@@ -77,6 +78,7 @@ PLURALS = {
     "CronJob": "cronjobs",
     "Job": "jobs",
     "Pod": "pods",
+    "RoleBinding": "rolebindings",
 }
 # Progress while applying: the percent reached once each object is applied.
 APPLY_STEPS = {
@@ -91,6 +93,12 @@ APPLY_STEPS = {
 # Ingress (ingress-nginx, a certificate per customer) gave way to an HTTPRoute on the Gateway.
 REPLACED = (("networking.k8s.io/v1", "Ingress", "instance"),)
 WORKLOADS = (("StatefulSet", "postgres"), ("StatefulSet", "mosquitto"), ("Deployment", "instance"))
+# Waits between reads refused with 403 in a tenant namespace once the worker's reads there were
+# granted: the API server's authorizer sees a new RoleBinding a moment after it is stored.
+GRANT_RETRY_SECONDS = (0.25, 0.5, 1.0, 2.0)
+# Grants the worker's reads in a namespace (applies its reader RoleBinding there); False when
+# the namespace does not exist (so there is nothing in it to read).
+Grant = Callable[[str], Awaitable[bool]]
 
 
 def customer_objects(
@@ -158,9 +166,13 @@ def object_path(api_version: str, kind: str, name: str, namespace: str | None) -
 class KubeApi:
     """The few calls the backend makes, over kubernetes-asyncio's ApiClient."""
 
-    def __init__(self, api: k8s.ApiClient) -> None:
-        """``api`` is configured for the cluster (in-cluster, kubeconfig, or a given host)."""
+    def __init__(self, api: k8s.ApiClient, grant: Grant | None = None) -> None:
+        """``api`` is configured for the cluster (in-cluster, kubeconfig, or a given host);
+        ``grant`` gives the worker its reads in a tenant namespace when one is refused (403)
+        there: a namespace of a customer deployed before the reader RoleBinding existed, or one
+        whose RoleBinding the authorizer does not see yet."""
         self._api = api
+        self._grant = grant
 
     async def _call(
         self,
@@ -191,6 +203,14 @@ class KubeApi:
     async def apply(self, obj: dict[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any]:
         """Server-side apply ``obj`` as field ``manager``; returns the object as the server
         holds it."""
+        applied = await self.apply_if_there(obj, manager, missing_ok=False)
+        return applied or {}
+
+    async def apply_if_there(
+        self, obj: dict[str, Any], manager: str = FIELD_MANAGER, missing_ok: bool = True
+    ) -> dict[str, Any] | None:
+        """``apply``, but None when the API answers 404 (the namespace ``obj`` goes in is not
+        there) and ``missing_ok``."""
         meta = obj["metadata"]
         path = object_path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
         try:
@@ -202,29 +222,54 @@ class KubeApi:
                 content_type="application/apply-patch+yaml",
             )
         except ApiException as exc:
+            if exc.status == 404 and missing_ok:
+                return None
             raise _failed(f"applying {obj['kind']} {meta['name']}", exc) from None
+
+    async def _read(
+        self,
+        what: str,
+        path: str,
+        namespace: str | None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any] | None:
+        """GET ``path``; None when it is not there (404). Refused (403) inside a namespace and
+        given ``grant``: the worker's reads are granted there (None if the namespace does not
+        exist) and the read is tried again while the authorizer catches up."""
+        granted = False
+        waits = iter(GRANT_RETRY_SECONDS)
+        while True:
+            try:
+                return await self._call("GET", path, query=query)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                if exc.status != 403 or self._grant is None or not namespace:
+                    raise _failed(what, exc) from None
+                wait = next(waits, None)
+                if wait is None:
+                    raise _failed(what, exc) from None
+            if not granted:
+                granted = True
+                if not await self._grant(namespace):
+                    return None
+            await asyncio.sleep(wait)
 
     async def get(
         self, api_version: str, kind: str, name: str, namespace: str | None
     ) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
-        try:
-            return await self._call("GET", object_path(api_version, kind, name, namespace))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _failed(f"reading {kind} {name}", exc) from None
+        path = object_path(api_version, kind, name, namespace)
+        return await self._read(f"reading {kind} {name}", path, namespace)
 
     async def list(
         self, api_version: str, kind: str, namespace: str | None, label_selector: str
     ) -> list[dict[str, Any]]:
         """The objects of a kind (in ``namespace``, or cluster-wide) that match the labels."""
         path = object_path(api_version, kind, "", namespace).rstrip("/")
-        try:
-            found = await self._call("GET", path, query=[("labelSelector", label_selector)])
-        except ApiException as exc:
-            raise _failed(f"listing {kind}", exc) from None
-        return list(found.get("items") or [])
+        query = [("labelSelector", label_selector)]
+        found = await self._read(f"listing {kind}", path, namespace, query)
+        return list((found or {}).get("items") or [])
 
     async def delete(self, api_version: str, kind: str, name: str, namespace: str | None) -> None:
         """Delete the object (its dependents in the background); fine if it is gone."""
@@ -241,6 +286,37 @@ class KubeApi:
         except ApiException as exc:
             if exc.status != 404:
                 raise _failed(f"deleting {kind} {name}", exc) from None
+
+
+def tenant_api(client: k8s.ApiClient, settings: KubernetesSettings) -> KubeApi:
+    """The calls over ``client``; with ``settings.tenant_reader``, a read refused inside a
+    tenant namespace is granted there (``grant_reads``) and tried again."""
+    if settings.tenant_reader is None:
+        return KubeApi(client)
+
+    async def grant(ns: str) -> bool:
+        return await grant_reads(KubeApi(client), settings, ns)
+
+    return KubeApi(client, grant)
+
+
+async def grant_reads(api: KubeApi, settings: KubernetesSettings, ns: str) -> bool:
+    """Apply the worker's reader RoleBinding in the tenant namespace ``ns`` (what its manifest
+    set holds anyway, right after the Namespace): for a customer deployed before it existed,
+    until the rollout re-applies their manifests. False when the namespace is not there or is
+    going (the namespace controller may have taken the RoleBinding first, and nothing new may be
+    made in it): nothing in it to read."""
+    prefix = settings.namespace_prefix
+    binding = reader_binding(ns, ns.removeprefix(prefix), settings)
+    if binding is None or not ns.startswith(prefix) or ns == prefix:
+        raise BackendError(f"the provisioner may not read in namespace {ns}")
+    namespace = await api.get("v1", "Namespace", ns, None)
+    if namespace is None or (namespace.get("status") or {}).get("phase") == "Terminating":
+        return False
+    if await api.apply_if_there(binding) is None:
+        return False  # gone since
+    log.info("granted the provisioner's reads in namespace %s (its RoleBinding)", ns)
+    return True
 
 
 def _failed(what: str, exc: ApiException) -> BackendError:
@@ -320,7 +396,7 @@ class KubernetesBackend:
     def _api(self) -> KubeApi:
         if self._client is None:
             raise BackendError("the kubernetes backend is not started")
-        return KubeApi(self._client)
+        return tenant_api(self._client, self._settings)
 
     async def start(self) -> None:
         """Connect to the cluster's API."""

@@ -384,6 +384,11 @@ class KubernetesSettings:
     backup_schedule: str | None = None
     # Days a deleted customer's namespace, volumes and backups are kept before the purge.
     deletion_grace_days: int = 30
+    # The worker's reads in a tenant's namespace: (the reader ClusterRole, the worker's
+    # ServiceAccount namespace, its name). Each namespace gets a RoleBinding of that role to
+    # that ServiceAccount (``reader_binding``), the worker's only way to read what is in it.
+    # None (outside the chart): no RoleBinding.
+    tenant_reader: tuple[str, str, str] | None = None
 
 
 def dns_label(customer_id: str) -> str:
@@ -427,6 +432,30 @@ def _meta(name: str, namespace: str | None, customer_id: str, **extra: Any) -> d
     if namespace is not None:
         meta["namespace"] = namespace
     return meta
+
+
+READER_BINDING = "iotistic-provisioner-reads"
+
+
+def reader_binding(
+    ns: str, customer_id: str, settings: KubernetesSettings
+) -> dict[str, Any] | None:
+    """The RoleBinding that lets the provisioner's worker read in the tenant's namespace ``ns``
+    (its workloads, volumes, CronJob, Jobs and their pods: the reader ClusterRole of the chart,
+    bound here only), or None without ``settings.tenant_reader``. The worker's own ClusterRole
+    holds no read of those kinds, so nothing of another namespace is readable to it; the
+    admission policy admits this RoleBinding, with exactly this role and subject, only in
+    tenant namespaces."""
+    if settings.tenant_reader is None:
+        return None
+    role, sa_namespace, sa_name = settings.tenant_reader
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(READER_BINDING, ns, customer_id),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace}],
+    }
 
 
 def render(
@@ -480,8 +509,11 @@ def render(
             usage_token,
         ),
     }
+    reads = reader_binding(ns, cid, settings)
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": namespace_meta},
+        # Right after the namespace: before anything the backend reads back.
+        *([reads] if reads is not None else []),
         _quota(ns, cid, storage),
         _limits(ns, cid),
         _network_policy(ns, cid, settings),
