@@ -82,6 +82,16 @@ class Tenant:
         self.host, self.port = parts.hostname or "127.0.0.1", str(parts.port or 5432)
         self.scripts = root / "scripts"
         self.backups = root / "backups"
+        # The broker's data volume, with the dynamic-security file its first start makes.
+        self.broker = root / "broker"
+        self.broker.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["mosquitto_ctrl", "dynsec", "init", str(self.broker / k8s_backups.BROKER_FILE)]
+            + ["admin", "admin-password"],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        )
 
     def mount_scripts(self, objects: list[dict[str, Any]]) -> None:
         """Write the ConfigMap's files where the pod would mount them."""
@@ -119,6 +129,11 @@ class Tenant:
             env[item["name"]] = item["value"]
         assert env["PGHOST"] == "postgres" and env["BACKUP_DIR"] == mounts["backups"]
         assert env["DATABASE_SECRET_DIR"] == mounts["database"]
+        if "broker" in mounts:
+            assert env["BROKER_DIR"] == mounts["broker"]
+            env["BROKER_DIR"] = str(self.broker)
+        else:
+            assert "BROKER_DIR" not in env
         env.update(
             {
                 "PGHOST": self.host,
@@ -139,6 +154,9 @@ class Tenant:
 
     def dumps(self) -> list[str]:
         return sorted(p.name for p in self.backups.glob("dump-*.dump"))
+
+    def broker_copies(self) -> list[str]:
+        return sorted(p.name for p in self.backups.glob("dump-*.dynsec.json"))
 
 
 @pytest.fixture
@@ -298,8 +316,11 @@ async def test_the_drill_restores_the_newest_dump_counts_it_and_drops_its_databa
     assert counts["instance.devices"] == 3 and counts["instance.readings"] == 1500
     [dump] = tenant.dumps()
     digest = (tenant.backups / f"{dump}.sha256").read_text().split()[0]
-    assert lines[-1] == f"drill ok {dump} sha256 {digest} tables {len(counts)} rows " + str(
-        sum(counts.values())
+    [copy] = tenant.broker_copies()
+    copy_digest = (tenant.backups / f"{copy}.sha256").read_text().split()[0]
+    assert lines[-1] == (
+        f"drill ok {dump} sha256 {digest} tables {len(counts)} rows {sum(counts.values())} "
+        f"broker {copy} sha256 {copy_digest} clients 1"
     )
     conn = await asyncpg.connect(tenant.url)
     try:
@@ -322,7 +343,7 @@ async def test_pruning_keeps_exactly_the_newest_and_never_a_broken_dump(tenant: 
         made.append(result.stdout.split("backup ")[1].split()[0])
     assert made == sorted(made) and len(set(made)) == 5
     assert tenant.dumps() == made[-3:]
-    assert sorted(p.name for p in tenant.backups.glob("*.sha256")) == [
+    assert sorted(p.name for p in tenant.backups.glob("*.dump.sha256")) == [
         f"{d}.sha256" for d in made[-3:]
     ]
 
