@@ -470,7 +470,7 @@ def test_the_backup_reads_the_brokers_volume_on_its_node_as_its_user() -> None:
     assert volumes == [
         {
             "name": "broker",
-            "persistentVolumeClaim": {"claimName": "data-mosquitto-0", "readOnly": True},
+            "persistentVolumeClaim": {"claimName": "data-mosquitto-0"},
         }
     ]
     assert mounts == [{"name": "broker", "mountPath": k8s_backups.BROKER_PATH, "readOnly": True}]

@@ -20,6 +20,11 @@ the dump. Mosquitto's persistence file (``mosquitto.db``: retained messages, and
 messages queued for offline sessions) is not copied: readings are in Postgres, and a day-old
 queue or retained state replayed to devices after a restore would be stale, not lost data.
 The restore writes the file back with the broker stopped (it reads the file only at start).
+What co-location costs: while the broker has no pod (scaled to 0, unschedulable) a backup
+waits for it, Postgres's dump included; while a backup runs, a broker pod rescheduled to
+another node waits for the volume until the backup ends; and the "backups" volume must be in
+the broker volume's zone (a new tenant's is: its first user is the backup pod, on the broker's
+node; an older tenant's "backups" volume bound in another zone must be moved).
 """
 
 from __future__ import annotations
@@ -213,10 +218,12 @@ def _pod(
         container["volumeMounts"].append(
             {"name": "broker", "mountPath": BROKER_PATH, "readOnly": read_only}
         )
-        claim: dict[str, Any] = {"claimName": BROKER_CLAIM}
-        if read_only:
-            claim["readOnly"] = True
-        pod["volumes"].append({"name": "broker", "persistentVolumeClaim": claim})
+        # Read-only in the container only, not on the claim: a claim read-only would ask the
+        # driver to attach the volume read-only, which some do (the attachment is the node's,
+        # shared with the broker's pod should that start next).
+        pod["volumes"].append(
+            {"name": "broker", "persistentVolumeClaim": {"claimName": BROKER_CLAIM}}
+        )
         if read_only:
             pod["affinity"] = WITH_THE_BROKER
     return pod
