@@ -784,3 +784,44 @@ def restore_patches(standin: KubeStandIn) -> list[tuple[str, int | None]]:
         for r in list(standin.requests)
         if r["method"] == "PATCH" and r["query"]["fieldManager"] == RESTORE_MANAGER
     ]
+
+
+async def test_backups_of_a_broker_busy_rewriting_its_file_keep_only_whole_copies(
+    tenant: Tenant,
+) -> None:
+    """A real Mosquitto rewrites its file at every change (2.0.11 here: in place); backups run
+    while devices are being registered keep only whole copies, each the file of some moment."""
+    objects = rendered()
+    tenant.mount_scripts(objects)
+    cron = find(objects, "CronJob", k8s_backups.CRONJOB)
+    broker = EmbeddedMosquitto(tenant.broker)
+    (tenant.broker / k8s_backups.BROKER_FILE).unlink()
+    broker.start()
+    registering = True
+
+    async def register_many() -> int:
+        n = 0
+        while registering:
+            await register_device(broker, f"{n:016x}")
+            n += 1
+        return n
+
+    try:
+        busy = asyncio.create_task(register_many())
+        runs = []
+        for _ in range(3):
+            runs.append(await asyncio.to_thread(tenant.run, cron, BROKER_COPY_PAUSE="0.1"))
+        registering = False
+        registered = await busy
+    finally:
+        broker.stop()
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    copies = tenant.broker_copies()
+    assert len(copies) == 3 and registered > 0
+    counts = []
+    for copy in copies:
+        doc = json.loads((tenant.backups / copy).read_text())
+        counts.append(len(doc["clients"]))
+        assert {c["username"] for c in doc["clients"]} >= {ADMIN_USER}
+    assert counts == sorted(counts) and counts[-1] <= registered + 1
