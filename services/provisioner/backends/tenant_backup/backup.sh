@@ -4,7 +4,8 @@
 # Environment: BACKUP_DIR (the "backups" volume), BACKUP_KEEP (complete dumps kept), and
 # libpq's PGHOST and PGPORT, and PGUSER, PGPASSWORD, PGDATABASE
 # or DATABASE_SECRET_DIR (files user, password, database). Needs pg_dump and pg_restore of the
-# server's major version (the Postgres image's own), sha256sum and sync.
+# server's major version (the Postgres image's own), sha256sum and sync; with BROKER_DIR, psql
+# 16 or later against a server 16 or later (\bind, pg_input_is_valid) to check the broker copy.
 #
 # The dump is written under a temporary name, read back (pg_restore --list), flushed and
 # renamed; its checksum file is written the same way after it. Only then are dumps beyond the
