@@ -1,9 +1,13 @@
 """The restore drill and the restore on Kubernetes, each a Job in the tenant's namespace.
 
 The drill restores the newest dump into a scratch database, counts its tables' rows, checks the
-dump's checksum, and drops the scratch database (``tenant_backup/drill.sh``). The restore puts
-a dump back over the tenant's own database (``restore.sh`` with ``RESTORE_CLEAN=1``) while the
-instance is scaled to 0, under a field manager of its own that lets go of the replicas after.
+dump's checksum and its broker copy's, and drops the scratch database
+(``tenant_backup/drill.sh``). The restore puts a dump back over the tenant's own database
+(``restore.sh`` with ``RESTORE_CLEAN=1``), and its copy of the broker's dynamic-security file
+back into the broker's volume, while the instance and the broker are scaled to 0 (under a field
+manager of its own that lets go of the replicas after): Mosquitto reads that file only at its
+start, and the restore Job can mount the broker's ReadWriteOnce volume only once the broker's
+pod is gone.
 Both wait for their Job and read its summary, which the script leaves as the container's
 termination message.
 """
@@ -16,7 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from services.provisioner.backends.base import BackendError
-from services.provisioner.backends.k8s_backups import drill_job, restore_job
+from services.provisioner.backends.k8s_backups import BROKER_LABELS, drill_job, restore_job
 from services.provisioner.backends.k8s_manifests import (
     PG_SUPERUSER,
     KubernetesSettings,
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
 
 
 RESTORE_MANAGER = "iotistic-provisioner-restore"
+INSTANCE_LABELS = {"app.kubernetes.io/name": "instance"}
 
 
 @dataclass(frozen=True)
@@ -90,24 +95,39 @@ async def run_restore(
     dump: str | None = None,
     now: datetime | None = None,
 ) -> DrillResult:
-    """Put a dump (the newest intact one, or ``dump``) back over the customer's database: the
-    instance is scaled to 0 for it and let go of after, whatever happened; the restore is one
-    transaction, so a failed one leaves the database as it was."""
+    """Put a dump (the newest intact one, or ``dump``) back over the customer's database, and
+    its copy of the broker's dynamic-security file into the broker's volume: the instance and
+    the broker are scaled to 0 for it (the Job starts once their pods are gone) and let go of
+    after, whatever happened; the database's restore is one transaction, so a failed one leaves
+    the database as it was, and the broker's file is replaced only after it."""
     ns = await _namespace(api, customer_id, settings)
     name = f"restore-{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
     job = restore_job(_meta(name, ns, customer_id), settings.postgres_image, dump)
-    instance = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "instance", "namespace": ns},
-    }
-    await api.apply({**instance, "spec": {"replicas": 0}}, RESTORE_MANAGER)
+    stopped = [
+        ({"apiVersion": "apps/v1", "kind": "Deployment"}, "instance", INSTANCE_LABELS),
+        ({"apiVersion": "apps/v1", "kind": "StatefulSet"}, "mosquitto", BROKER_LABELS),
+    ]
+    workloads = [{**kind, "metadata": {"name": n, "namespace": ns}} for kind, n, _ in stopped]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     try:
-        return await _run_job(api, ns, job, timeout, poll)
+        for workload in workloads:
+            await api.apply({**workload, "spec": {"replicas": 0}}, RESTORE_MANAGER)
+        for _, workload_name, labels in stopped:
+            selector = ",".join(f"{k}={v}" for k, v in labels.items())
+            while await api.list("v1", "Pod", ns, selector):
+                if loop.time() > deadline:
+                    raise BackendError(
+                        f"the pods of {ns}/{workload_name} did not stop in {timeout:.0f}s"
+                    )
+                await asyncio.sleep(poll)
+        return await _run_job(api, ns, job, max(deadline - loop.time(), poll), poll)
     finally:
-        # Gives up the replicas: the Deployment goes back to its default (one), and the
-        # provisioner's next apply owns them again.
-        await api.apply(instance, RESTORE_MANAGER)
+        # Gives up the replicas: each workload goes back to its default (one), and the
+        # provisioner's next apply owns them again. The broker first: the instance converges
+        # its devices on it at start.
+        for workload in reversed(workloads):
+            await api.apply(workload, RESTORE_MANAGER)
 
 
 async def _namespace(api: KubeApi, customer_id: str, settings: KubernetesSettings) -> str:

@@ -10,6 +10,21 @@ Why a CronJob and not CloudNativePG: an operator and object storage are two more
 cannot run or be tested here, and a logical dump restores anywhere (another cluster, a laptop).
 A volume in the same cluster is no off-site copy: an operator adds one (volume snapshots of
 the "backups" claim copied off the cluster, or an rclone sidecar to object storage).
+
+The broker's state goes with each dump: devices' passwords are shown once and exist only as
+hashes in Mosquitto's dynamic-security file on the broker's volume (``data-mosquitto-0``,
+ReadWriteOnce, the file 0600 and the broker's own). The backup pod mounts that volume
+read-only, on the broker's node (a required podAffinity to the broker's pod: ReadWriteOnce
+lets several pods of one node use a volume), as the broker's user, and copies the file next to
+the dump. Mosquitto's persistence file (``mosquitto.db``: retained messages, and QoS 1
+messages queued for offline sessions) is not copied: readings are in Postgres, and a day-old
+queue or retained state replayed to devices after a restore would be stale, not lost data.
+The restore writes the file back with the broker stopped (it reads the file only at start).
+What co-location costs: while the broker has no pod (scaled to 0, unschedulable) a backup
+waits for it, Postgres's dump included; while a backup runs, a broker pod rescheduled to
+another node waits for the volume until the backup ends; and the "backups" volume must be in
+the broker volume's zone (a new tenant's is: its first user is the backup pod, on the broker's
+node; an older tenant's "backups" volume bound in another zone must be moved).
 """
 
 from __future__ import annotations
@@ -34,10 +49,18 @@ RESTRICTED = {
     "seccompProfile": {"type": "RuntimeDefault"},
     "readOnlyRootFilesystem": True,
 }
-# The backup pods' user and group: a high id of their own (they reach Postgres over the
-# network and touch no file of its volume; the backups volume is theirs by fsGroup). libpq and
-# psql need no passwd entry for it, since PGUSER is always given.
-BACKUP_UID = 10999
+# The backup pods' user and group: the broker's (k8s_manifests.MOSQUITTO_UID; a test keeps
+# them equal), the one user that can read its 0600 dynamic-security file, and who owns the file
+# a restore writes back. Every backup pod runs as it, so the backups volume has one group (its
+# fsGroup). They reach Postgres over the network and touch no file of its volume. libpq and psql
+# need no passwd entry for it, since PGUSER is always given.
+BACKUP_UID = 11883
+# The broker's data volume (its StatefulSet's claim template "data", pod mosquitto-0), where
+# the backup pod reads and the restore writes the dynamic-security file.
+BROKER_CLAIM = "data-mosquitto-0"
+BROKER_PATH = "/mosquitto-data"
+BROKER_FILE = "dynamic-security.json"
+BROKER_LABELS = {"app.kubernetes.io/name": "mosquitto"}
 
 
 @cache
@@ -116,13 +139,38 @@ def superuser_credentials() -> dict[str, Any]:
     }
 
 
+def broker_env() -> list[dict[str, Any]]:
+    """Where the scripts find (backup) or put (restore) the broker's dynamic-security file."""
+    return [
+        {"name": "BROKER_DIR", "value": BROKER_PATH},
+        {"name": "BROKER_FILE", "value": BROKER_FILE},
+    ]
+
+
+# On the node of the broker's pod: its volume is ReadWriteOnce, which several pods of one node
+# may use. While the broker has no pod (scaled to 0, not scheduled) a backup waits for it.
+WITH_THE_BROKER = {
+    "podAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "labelSelector": {"matchLabels": BROKER_LABELS},
+                "topologyKey": "kubernetes.io/hostname",
+            }
+        ]
+    }
+}
+
+
 def _pod(
     image: str,
     script: str,
     env: list[dict[str, Any]],
     credentials: dict[str, Any] = INSTANCE_CREDENTIALS,
+    broker: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The pod of a backup workload; ``broker``: "read" mounts the broker's volume read-only on
+    the broker's node, "write" mounts it writable (the broker stopped)."""
+    pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -131,6 +179,9 @@ def _pod(
             "runAsUser": BACKUP_UID,
             "runAsGroup": BACKUP_UID,
             "fsGroup": BACKUP_UID,
+            # Volumes whose root already has the group are not walked again (the broker's has
+            # it from the broker's own pod, which runs as the same user and group).
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [
@@ -161,6 +212,21 @@ def _pod(
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    if broker is not None:
+        read_only = broker == "read"
+        [container] = pod["containers"]
+        container["volumeMounts"].append(
+            {"name": "broker", "mountPath": BROKER_PATH, "readOnly": read_only}
+        )
+        # Read-only in the container only, not on the claim: a claim read-only would ask the
+        # driver to attach the volume read-only, which some do (the attachment is the node's,
+        # shared with the broker's pod should that start next).
+        pod["volumes"].append(
+            {"name": "broker", "persistentVolumeClaim": {"claimName": BROKER_CLAIM}}
+        )
+        if read_only:
+            pod["affinity"] = WITH_THE_BROKER
+    return pod
 
 
 def cronjob(
@@ -189,7 +255,9 @@ def cronjob(
                             "labels": labels,
                             "annotations": {"iotistic.io/scripts-sha256": scripts_hash()},
                         },
-                        "spec": _pod(image, "backup.sh", dump_env(kept)),
+                        "spec": _pod(
+                            image, "backup.sh", [*dump_env(kept), *broker_env()], broker="read"
+                        ),
                     },
                 }
             },
@@ -212,11 +280,12 @@ def drill_job(meta: dict[str, Any], image: str, superuser: str) -> dict[str, Any
 def restore_job(meta: dict[str, Any], image: str, dump: str | None = None) -> dict[str, Any]:
     """A Job that runs ``restore.sh`` once over the tenant's own database: the schemas the
     dump holds dropped and restored, in one transaction; the newest intact dump, or ``dump``
-    (a file name on the backups volume)."""
-    env = [*dump_env(), {"name": "RESTORE_CLEAN", "value": "1"}]
+    (a file name on the backups volume); and the dump's copy of the broker's dynamic-security
+    file written back into the broker's volume (the broker scaled to 0 meanwhile)."""
+    env = [*dump_env(), *broker_env(), {"name": "RESTORE_CLEAN", "value": "1"}]
     if dump:
         env.append({"name": "BACKUP_FILE", "value": dump})
-    return _job(meta, image, "restore.sh", env, "restore")
+    return _job(meta, image, "restore.sh", env, "restore", broker="write")
 
 
 def _job(
@@ -226,6 +295,7 @@ def _job(
     env: list[dict[str, Any]],
     name: str,
     credentials: dict[str, Any] = INSTANCE_CREDENTIALS,
+    broker: str | None = None,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1",
@@ -238,7 +308,7 @@ def _job(
             "ttlSecondsAfterFinished": 3600,
             "template": {
                 "metadata": {"labels": {"app.kubernetes.io/name": name}},
-                "spec": _pod(image, script, env, credentials),
+                "spec": _pod(image, script, env, credentials, broker),
             },
         },
     }

@@ -8,6 +8,9 @@
 # default "instance"). Prints one line per table, "rows <schema.table> <n>", then
 # "drill ok <dump> sha256 <hash> tables <n> rows <total>"; the last line also goes to the
 # container's termination message, where `iotistic provisioner restore-drill` reads it.
+# The broker copy a restore of that dump would use (its own, or the newest intact older one)
+# is checked too (checksum, a whole dynamic-security file): the last line then ends with
+# "broker <copy> sha256 <hash> clients <n>", and the drill fails without one.
 set -eu
 here=$(dirname "$0")
 . "$here/common.sh"
@@ -15,6 +18,11 @@ schema=${DRILL_SCHEMA:-instance}
 scratch="restore_drill_$(date -u +%Y%m%d%H%M%S)_$$"
 
 name=$(latest_dump) || { echo "drill failed: no intact dump in $BACKUP_DIR" >&2; exit 1; }
+chosen=$(broker_copy_for "$name") || {
+    echo "drill failed: no intact copy of the broker's $BROKER_FILE for $name" >&2
+    exit 1
+}
+broker=${chosen%% *}
 # No other session is on the scratch database when it goes (each psql above has ended).
 drop() { psql -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"$scratch\""; }
 trap drop EXIT
@@ -39,5 +47,6 @@ for table in $tables; do
     total=$((total + rows))
 done
 summary="drill ok $name sha256 $(cut -d' ' -f1 "$BACKUP_DIR/$name.sha256") tables $count rows $total"
+summary="$summary broker $broker sha256 $(cut -d' ' -f1 "$BACKUP_DIR/$broker.sha256") ${chosen#* }"
 echo "$summary"
 if [ -w /dev/termination-log ]; then echo "$summary" >/dev/termination-log; fi

@@ -9,6 +9,12 @@
 # partitioned table's inherited constraints cannot be dropped one by one as pg_restore --clean
 # tries. Drop and restore are one transaction that stops at the first error: the database is
 # restored whole or left as it was. Prints the name of the dump restored on its last line.
+#
+# With BROKER_DIR (the broker's data volume; the broker stopped: it reads the file only at its
+# start), the dump's broker copy (or, when that one is missing or damaged, the newest intact
+# older one) is checked, written into BROKER_DIR under a temporary name, flushed, and renamed
+# over BROKER_FILE once the database is restored; without any intact copy the broker's own file
+# is left as it is, and the script says so.
 set -eu
 here=$(dirname "$0")
 . "$here/common.sh"
@@ -22,6 +28,21 @@ else
     name=$(latest_dump) || { echo "no intact dump in $BACKUP_DIR" >&2; exit 1; }
 fi
 dump="$BACKUP_DIR/$name"
+broker=""
+if [ -n "${BROKER_DIR:-}" ]; then
+    staged="$BROKER_DIR/.$BROKER_FILE.restore"
+    trap 'rm -f "$staged"' EXIT
+    if chosen=$(broker_copy_for "$name"); then
+        broker=${chosen%% *}
+        cp "$BACKUP_DIR/$broker" "$staged"
+        chmod 600 "$staged"
+        # Checked again where it lands: the bytes renamed into place are the checked ones.
+        broker_json_valid "$staged" >/dev/null
+        flush "$staged"
+    else
+        echo "no intact copy of the broker's $BROKER_FILE: the broker keeps its own" >&2
+    fi
+fi
 # The schemas the dump creates (its table of contents: "<id>; <oid> <oid> SCHEMA - <name> ...").
 schemas=$(pg_restore --list "$dump" | awk '$4 == "SCHEMA" && $5 == "-" { print $6 }')
 {
@@ -36,5 +57,14 @@ schemas=$(pg_restore --list "$dump" | awk '$4 == "SCHEMA" && $5 == "-" { print $
         printf '\n\\.\nDO $$ BEGIN RAISE EXCEPTION %s; END $$;\n' "'pg_restore failed'"
     fi
 } | psql -X -q --single-transaction -v ON_ERROR_STOP=1 -d "$RESTORE_DATABASE" >/dev/null
+summary="restored $name into $RESTORE_DATABASE"
+if [ -n "$broker" ]; then
+    mv "$staged" "$BROKER_DIR/$BROKER_FILE"
+    flush "$BROKER_DIR"
+    summary="$summary; broker ${chosen}"
+    echo "broker $chosen"
+elif [ -n "${BROKER_DIR:-}" ]; then
+    summary="$summary; broker kept its own file (no intact copy)"
+fi
 echo "$name"
-if [ -w /dev/termination-log ]; then echo "restored $name into $RESTORE_DATABASE" >/dev/termination-log; fi
+if [ -w /dev/termination-log ]; then echo "$summary" >/dev/termination-log; fi
