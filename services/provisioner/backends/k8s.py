@@ -103,8 +103,11 @@ def customer_objects(
     def password(purpose: str) -> str:
         return derive_password(secret, purpose, cid, generation)
 
-    previous_admin = (
-        derive_password(secret, "mqtt-admin", cid, generation - 1) if generation > 0 else ""
+    # Every earlier generation's admin password, newest first: the broker may have missed some
+    # (a rotation cut off after it recorded its generation, then run again).
+    previous_admin = "\n".join(
+        derive_password(secret, "mqtt-admin", cid, earlier)
+        for earlier in range(generation - 1, -1, -1)
     )
     return render(
         spec,

@@ -86,7 +86,19 @@ NOT_PUBLIC_V4 = (
     "224.0.0.0/4",
     "240.0.0.0/4",
 )
-NOT_PUBLIC_V6 = ("::1/128", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
+NOT_PUBLIC_V6 = (
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): where it carries IPv4 is the network's
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+)
+# IPv6 prefixes that carry an IPv4 address (NAT64's well-known prefix, RFC 6052, in its last
+# 32 bits; 6to4, RFC 3056, right after its 16): open only as far as the IPv4 address they
+# carry is public, as the instance's own webhook check reads them, else a cluster with NAT64
+# (IPv6-only pods) lets 64:ff9b::a9fe:a9fe through to the cloud's metadata.
+IPV4_IN_IPV6 = (("64:ff9b::/96", 0), ("2002::/16", 80))
 RESTRICTED = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -260,9 +272,11 @@ echo "iotistic: could not keep the instance role in step after 300s" >&2
 """
 MQTT_ADMIN_DIR = "/etc/iotistic/mqtt-admin"
 # postStart of the broker: the dynamic-security file keeps the admin's password of the first
-# start. When the credentials were rotated, the Secret holds the new one and the previous one:
-# log in with the previous one and set the new, so the instance (which uses the new one to
-# re-set its own ingest client's password at start) can administer the broker again.
+# start. When the credentials were rotated, the Secret holds the new one and every earlier
+# one (newest first, a line each): log in with the first that works and set the new, so the
+# instance (which uses the new one to re-set its own ingest client's password at start) can
+# administer the broker again. Every earlier one, not just the last: a rotation cut off after
+# it recorded its generation, run again, skips a generation the broker never saw.
 MQTT_POST_START_SH = f"""#!/bin/sh
 # A hook's output is shown nowhere: write it to the container's log (its PID 1's stdout).
 log="${{IOTISTIC_LOG_TO:-/proc/1/fd/1}}"
@@ -271,24 +285,31 @@ dir="${{IOTISTIC_MQTT_ADMIN:-{MQTT_ADMIN_DIR}}}"
 port="${{IOTISTIC_MQTT_PORT:-1883}}"
 user="$(cat "$dir/admin-username")"
 password="$(cat "$dir/admin-password")"
-previous="$(cat "$dir/admin-password-previous" 2>/dev/null || true)"
+earlier="$dir/admin-password-previous"
 works() {{
   mosquitto_sub -h 127.0.0.1 -p "$port" -u "$user" -P "$1" -t '$SYS/broker/version' \\
     -C 1 -W 5 >/dev/null 2>&1
+}}
+move_from_earlier() {{
+  [ -r "$earlier" ] || return 1
+  while IFS= read -r previous || [ -n "$previous" ]; do
+    if [ -n "$previous" ] && works "$previous"; then
+      mosquitto_ctrl -h 127.0.0.1 -p "$port" -u "$user" -P "$previous" \\
+        dynsec setClientPassword "$user" "$password" >/dev/null 2>&1 || true
+      echo "iotistic: broker admin password rotated"
+      return 0
+    fi
+  done < "$earlier"
+  return 1
 }}
 i=0
 while [ "$i" -lt 60 ]; do
   i=$((i + 1))
   if works "$password"; then exit 0; fi
-  if [ -n "$previous" ] && works "$previous"; then
-    mosquitto_ctrl -h 127.0.0.1 -p "$port" -u "$user" -P "$previous" \\
-      dynsec setClientPassword "$user" "$password" >/dev/null 2>&1 || true
-    echo "iotistic: broker admin password rotated"
-    continue
-  fi
+  if move_from_earlier; then continue; fi
   sleep 1
 done
-echo "iotistic: the broker admin password of the Secret does not work (rotated twice?)" >&2
+echo "iotistic: no admin password of the Secret, current or earlier, works on the broker" >&2
 """
 POSTGRES_SCRIPTS = {
     "ensure-instance-role.sql": PG_ENSURE_SQL,
@@ -438,7 +459,8 @@ def render(
     ``db_password`` is the instance's own database role's, ``postgres_password`` the
     superuser's, which only the Postgres pod sees. ``credentials_generation`` is recorded on
     the Namespace, where the backend reads it back before the next apply; after a rotation
-    ``mqtt_admin_password_previous`` lets the broker move its admin to the new password."""
+    ``mqtt_admin_password_previous`` (the earlier ones, a line each, newest first) lets the
+    broker move its admin to the new password."""
     cid = spec.customer_id
     ns = namespace_of(cid, settings)
     database = PG_DATABASE
@@ -508,7 +530,7 @@ def render(
                 "username": MQTT_INGEST,
                 "password": mqtt_password,
                 "client-id": mqtt_client_id,
-                # Mounted by the broker only: the admin's password before the last rotation.
+                # Mounted by the broker only: the admin's earlier passwords, newest first.
                 "admin-password-previous": mqtt_admin_password_previous,
             },
         },
@@ -677,10 +699,40 @@ def public_internet(cluster_cidrs: tuple[str, ...] = ()) -> list[dict[str, Any]]
     are not public and the cluster's own networks (as far as a NetworkPolicy can say it: pod
     addresses are matched by ipBlock only where the network plugin does so)."""
     blocks = []
-    for everything, refused in (("0.0.0.0/0", NOT_PUBLIC_V4), ("::/0", NOT_PUBLIC_V6)):
+    carriers = tuple(prefix for prefix, _ in IPV4_IN_IPV6)
+    for everything, refused in (("0.0.0.0/0", NOT_PUBLIC_V4), ("::/0", NOT_PUBLIC_V6 + carriers)):
         excepted = [ipaddress.ip_network(c) for c in refused]
         blocks.append(_block(ipaddress.ip_network(everything), excepted, cluster_cidrs))
+    not_public_v4 = [ipaddress.IPv4Network(c) for c in NOT_PUBLIC_V4] + [
+        net for net in map(ipaddress.ip_network, cluster_cidrs) if net.version == 4
+    ]
+    for prefix, shift in IPV4_IN_IPV6:
+        carrier = ipaddress.IPv6Network(prefix)
+        carried: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+            ipaddress.IPv6Network(
+                (
+                    int(carrier.network_address) | (int(v4.network_address) << shift),
+                    carrier.prefixlen + v4.prefixlen,
+                )
+            )
+            for v4 in not_public_v4
+        ]
+        blocks.append(_block(carrier, _outermost(carried), ()))
     return blocks
+
+
+def _outermost(
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``networks`` less those inside another of them (an ipBlock's exceptions may not nest)."""
+    return [
+        net
+        for net in networks
+        if not any(
+            other != net and net.subnet_of(other)  # type: ignore[arg-type]
+            for other in networks
+        )
+    ]
 
 
 def _allowed_networks(settings: KubernetesSettings) -> list[dict[str, Any]]:

@@ -1,0 +1,181 @@
+"""Attacks on what issue 14 built (the chart, the tenant manifests, rotation, rollout), as a
+malicious tenant and as an operator on a bad day. Each test shows one finding; what held is
+listed in the report of the session that wrote them.
+
+No API server runs here: the kubernetes backend talks to the labelled STAND-IN
+(tests/k8s_standin.py); the broker's hook runs against a real Mosquitto.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from k8s_standin import KubeStandIn
+from kubernetes_asyncio import client as k8s
+from litestar import Request, Response
+
+from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
+from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
+from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.k8s_manifests import (
+    MQTT_POST_START_SH,
+    KubernetesSettings,
+    public_internet,
+)
+from support import serving
+
+CUSTOMER = "0b4e7a0e-5bfe-4b8e-9d2b-2c2b8f6c1a11"
+NS = f"customer-{CUSTOMER}"
+SECRET = b"a" * 40
+
+
+def spec() -> InstanceSpec:
+    return InstanceSpec(
+        customer_id=CUSTOMER,
+        plan="starter",
+        license_jwt="header.claims.signature",
+        license_id="lic-1",
+        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
+    )
+
+
+async def _noop(percent: int, step: str) -> None:
+    return None
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
+    standin = KubeStandIn()
+    async with serving(standin.app()) as http:
+        yield standin, str(http.base_url)
+
+
+def backend_for(url: str) -> KubernetesBackend:
+    async def make() -> k8s.ApiClient:
+        configuration = k8s.Configuration(host=url)
+        configuration.api_key = {"BearerToken": KubeStandIn().token}
+        configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        return k8s.ApiClient(configuration)
+
+    return KubernetesBackend(KubernetesSettings(), SECRET, make, ready_timeout=5, poll_seconds=0.05)
+
+
+def _fail_applies_after_the_namespace(standin: KubeStandIn) -> None:
+    """From the next apply on, the API server answers 500 to every apply after the first
+    (the Namespace's): the rotation is cut off there, as a killed command or a flaky API would."""
+    real = standin._apply
+    seen = {"applies": 0}
+
+    def apply(path: str, request: Request[Any, Any, Any], obj: dict[str, Any]) -> Response[Any]:
+        seen["applies"] += 1
+        if seen["applies"] > 1:
+            return Response({"kind": "Status", "code": 500}, status_code=500)
+        return real(path, request, obj)
+
+    standin._apply = apply  # type: ignore[method-assign]
+
+
+def _broker_hook(tmp_path: Path, broker: EmbeddedMosquitto, mqtt: dict[str, str]) -> str:
+    """Run the broker's postStart hook with the mqtt Secret's files; its log."""
+    admin = tmp_path / "admin"
+    admin.mkdir(exist_ok=True)
+    # The embedded broker's admin has its own name; the passwords are the Secret's.
+    (admin / "admin-username").write_text(ADMIN_USER)
+    for key in ("admin-password", "admin-password-previous"):
+        (admin / key).write_text(mqtt[key])
+    script = tmp_path / "post-start.sh"
+    script.write_text(MQTT_POST_START_SH)
+    log = tmp_path / "hook.log"
+    log.write_text("")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "IOTISTIC_MQTT_ADMIN": str(admin),
+        "IOTISTIC_MQTT_PORT": str(broker.port),
+        "IOTISTIC_LOG_TO": str(log),
+    }
+    subprocess.run(["sh", str(script)], env=env, timeout=180, capture_output=True, check=False)
+    return log.read_text()
+
+
+def _admin_works(broker: EmbeddedMosquitto, password: str) -> bool:
+    command = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", ADMIN_USER]
+    command += ["-P", password, "-t", "$SYS/broker/version", "-C", "1", "-W", "5"]
+    return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+
+
+# --- 1. a rotation cut off after the Namespace, then run again, locks the broker's admin out --
+
+
+async def test_an_interrupted_rotation_run_again_keeps_the_broker_admin_reachable(
+    cluster: tuple[KubeStandIn, str], tmp_path: Path
+) -> None:
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), _noop)
+        _fail_applies_after_the_namespace(standin)
+        # The operator's first rotation: the Namespace records generation 1, then the API
+        # answers 500 (or the command is killed); the mqtt Secret and the broker stay at 0.
+        with pytest.raises(BackendError):
+            await backend.rotate_credentials(spec(), _noop)
+        standin._apply = KubeStandIn._apply.__get__(standin)
+        # The operator runs it again, as the error invites.
+        assert await backend.rotate_credentials(spec(), _noop) == 2
+    finally:
+        await backend.stop()
+    mqtt = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
+    # The broker's dynamic-security file still has generation 0's admin password: the only
+    # rollout of the mosquitto StatefulSet (by the second rotation) restarts it with a Secret
+    # that must offer a way from there to generation 2.
+    running = derive_password(SECRET, "mqtt-admin", CUSTOMER, 0)
+    broker = EmbeddedMosquitto(tmp_path / "broker")
+    (broker.data_dir / "admin-password").write_text(running)
+    broker.start()
+    try:
+        log = _broker_hook(tmp_path, broker, mqtt)
+        assert _admin_works(broker, mqtt["admin-password"]), log
+    finally:
+        broker.stop()
+
+
+# --- 2. the instance's egress lets IPv4 private and metadata addresses out inside IPv6 --------
+
+
+def _admitted(blocks: list[dict[str, Any]], address: str) -> bool:
+    """Whether an ipBlock peer of ``blocks`` admits ``address`` (in a cidr, in no except)."""
+    ip = ipaddress.ip_address(address)
+    for peer in blocks:
+        block = peer["ipBlock"]
+        network = ipaddress.ip_network(block["cidr"])
+        if ip.version != network.version or ip not in network:
+            continue
+        if not any(ip in ipaddress.ip_network(e) for e in block.get("except", [])):
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a9fe:a9fe",  # NAT64 (RFC 6052) of 169.254.169.254, the cloud metadata
+        "64:ff9b::a00:5",  # NAT64 of 10.0.0.5, a node or a pod of the cluster
+        "64:ff9b:1::a9fe:a9fe",  # the local-use NAT64 prefix (RFC 8215)
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "2002:a00:5::1",  # 6to4 of 10.0.0.5
+    ],
+)
+def test_the_instance_egress_refuses_ipv4_private_addresses_carried_in_ipv6(address: str) -> None:
+    """The instance's webhook check (services/instance/alerts.py) refuses these, as the IPv4
+    address they carry; the NetworkPolicy, the layer that holds when that check does not,
+    must refuse them too: on a cluster with NAT64 (IPv6-only pods, DNS64) they reach it."""
+    blocks = public_internet()
+    assert _admitted(blocks, "2606:4700::1111")  # a public IPv6 address stays reachable
+    assert _admitted(blocks, "1.1.1.1")
+    assert _admitted(blocks, "64:ff9b::101:101")  # 1.1.1.1 through NAT64 too
+    assert not _admitted(blocks, address)
