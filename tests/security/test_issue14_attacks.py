@@ -14,19 +14,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 from litestar import Request, Response
 
+from libs.config import load_settings
+from libs.db import migrate, service_migrations
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.k8s import KubernetesBackend
 from services.provisioner.backends.k8s_manifests import (
+    CREDENTIALS_GENERATION,
     MQTT_POST_START_SH,
     KubernetesSettings,
     public_internet,
 )
+from services.provisioner.rotation import rotate_credentials
+from services.provisioner.settings import ProvisionerSettings
 from support import serving
 
 CUSTOMER = "0b4e7a0e-5bfe-4b8e-9d2b-2c2b8f6c1a11"
@@ -179,3 +185,65 @@ def test_the_instance_egress_refuses_ipv4_private_addresses_carried_in_ipv6(addr
     assert _admitted(blocks, "1.1.1.1")
     assert _admitted(blocks, "64:ff9b::101:101")  # 1.1.1.1 through NAT64 too
     assert not _admitted(blocks, address)
+
+
+# --- 3. a rotation while the customer's job runs is undone by that job --------------------------
+
+
+async def test_a_rotation_waits_for_no_job_and_refuses_while_one_of_the_customers_runs(
+    cluster: tuple[KubeStandIn, str], database_url: str
+) -> None:
+    """A job that read generation N (a rollout's update, a license change) and applies after
+    the rotation recorded N+1 puts N's passwords back on the Namespace and in the Secrets,
+    while the broker, restarted by the rotation, has moved its admin to N+1: no password the
+    Secret holds works there any more, and the instance cannot set its ingest client's. The
+    command must not rotate under a running job of the customer's."""
+    standin, url = cluster
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, "provisioner", service_migrations("services.provisioner.migrations"))
+        await conn.execute(
+            "INSERT INTO provisioner.customer_licenses "
+            "(customer_id, license_id, plan, jwt, max_devices) VALUES ($1, 'lic-1', 'starter', "
+            "'header.claims.signature', 10) ON CONFLICT DO NOTHING",
+            CUSTOMER,
+        )
+        await conn.execute(
+            "INSERT INTO provisioner.queue_jobs (job_id, customer_id, kind, priority, state, "
+            "data, max_attempts, created_at, run_after, lease_owner, lease_until) VALUES "
+            "('job-running', $1, 'update', 1, 'active', '{}', 3, now(), now(), 'worker-1', "
+            "now() + interval '5 minutes')",
+            CUSTOMER,
+        )
+    finally:
+        await conn.close()
+    settings = load_settings(
+        ProvisionerSettings,
+        {
+            "DATABASE_URL": database_url,
+            "PROVISIONER_BACKEND": "kubernetes",
+            "PROVISIONER_SECRET": SECRET.decode(),
+        },
+    )
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), _noop)
+    finally:
+        await backend.stop()
+    applied = len(standin.applied())
+    with pytest.raises(BackendError, match="job-running"):
+        await rotate_credentials(settings, CUSTOMER, _noop, backend=backend)
+    assert len(standin.applied()) == applied  # nothing applied
+    namespace = standin.objects[f"/api/v1/namespaces/{NS}"]
+    assert namespace["metadata"]["annotations"][CREDENTIALS_GENERATION] == "0"
+    # Once the job has finished, the rotation goes ahead.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE provisioner.queue_jobs SET state = 'completed', finished_on = now() "
+            "WHERE job_id = 'job-running'"
+        )
+    finally:
+        await conn.close()
+    assert await rotate_credentials(settings, CUSTOMER, _noop, backend=backend) == 1

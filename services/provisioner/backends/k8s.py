@@ -376,17 +376,30 @@ class KubernetesBackend:
         rolled by it are ready. Postgres's start sets its roles' new passwords, the broker's
         moves its admin to the new one, the instance's sets its ingest client's. Returns the
         new generation. Raises ``BackendError`` when the customer is not deployed."""
+        generation = await self.apply_next_credentials(spec)
+        await progress(40, f"credentials generation {generation} applied")
+        await self.wait_ready(spec.customer_id, progress, 40)
+        return generation
+
+    async def apply_next_credentials(self, spec: InstanceSpec) -> int:
+        """The first half of ``rotate_credentials``: apply every object with the next
+        credentials generation (the Namespace, which records it, first); returns it."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
         namespace = await api.get("v1", "Namespace", ns, None)
         if namespace is None:
             raise BackendError(f"namespace {ns} not found: nothing to rotate")
+        if (namespace.get("metadata") or {}).get("deletionTimestamp"):
+            raise BackendError(f"namespace {ns} is being deleted: nothing to rotate")
         generation = credentials_generation_of(namespace) + 1
         for obj in self.objects(spec, generation):
             await api.apply(obj)
-        await progress(40, f"credentials generation {generation} applied")
-        await self._wait_ready(spec.customer_id, progress, 40)
         return generation
+
+    async def wait_ready(self, customer_id: str, progress: Progress, start: int) -> None:
+        """Wait until the customer's Postgres, Mosquitto and instance are ready (the second
+        half of ``rotate_credentials``); ``BackendError`` after the ready timeout."""
+        await self._wait_ready(customer_id, progress, start)
 
     async def delete(self, customer_id: str, progress: Progress) -> None:
         """Delete the namespace (and so everything in it) and wait until it is gone."""
