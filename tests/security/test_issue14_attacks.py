@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import helm_python
 import pytest
+import yaml
 from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 from litestar import Request, Response
@@ -247,3 +249,53 @@ async def test_a_rotation_waits_for_no_job_and_refuses_while_one_of_the_customer
     finally:
         await conn.close()
     assert await rotate_credentials(settings, CUSTOMER, _noop, backend=backend) == 1
+
+
+# --- 4. GitOps (`helm template`, Argo CD): the bundled Postgres's password changes every render --
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "iotistic"
+
+
+def _render_chart(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart as `helm template` renders it: no cluster, so every lookup finds nothing."""
+    files = helm_python.Chart.load(str(CHART)).render(
+        values, name="rel", namespace="iot", is_install=True
+    )
+    return [
+        doc
+        for path, text in files.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def test_the_documented_gitops_settings_render_no_generated_password() -> None:
+    """values.yaml: under `helm template` (Argo CD) "create the Secrets yourself
+    (secrets.existingSecret, bus.existingSecret)". The bundled Postgres (on by default) still
+    made its own password on every render: each sync gave its Secret, and so every target's
+    DATABASE_URL, a new one the database (initialised once, with the first) does not know,
+    and the control plane lost its database at the next restart of its pods. Its password
+    must be one of yours too (postgresql.existingSecret)."""
+    values = {
+        "baseDomain": "example.com",
+        "secrets": {"existingSecret": "mine"},
+        "bus": {"existingSecret": "mine-bus"},
+        "natsConfig": {"enabled": False},
+        "nats": {"enabled": False},
+        "postgresql": {"existingSecret": "mine-postgresql"},
+    }
+    first, second = _render_chart(values), _render_chart(values)
+    assert first == second  # nothing generated: every render the same
+    assert not [d for d in first if d["kind"] == "Secret"]
+    [postgres] = [d for d in first if d["kind"] == "StatefulSet" and "postgresql" in str(d)]
+    volumes = postgres["spec"]["template"]["spec"]["volumes"]
+    assert {"secretName": "mine-postgresql"} in [
+        {"secretName": v["secret"]["secretName"]} for v in volumes if "secret" in v
+    ]
+    for deployment in (d for d in first if d["kind"] == "Deployment"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            for env in container.get("env", []):
+                if env["name"] == "DATABASE_URL":
+                    ref = env["valueFrom"]["secretKeyRef"]
+                    assert ref["name"] == "mine-postgresql", deployment["metadata"]["name"]
