@@ -299,3 +299,25 @@ def test_the_documented_gitops_settings_render_no_generated_password() -> None:
                 if env["name"] == "DATABASE_URL":
                     ref = env["valueFrom"]["secretKeyRef"]
                     assert ref["name"] == "mine-postgresql", deployment["metadata"]["name"]
+
+
+async def test_a_rotation_leaves_a_namespace_being_deleted_alone(
+    cluster: tuple[KubeStandIn, str],
+) -> None:
+    """The customer closed and their namespace is terminating: a rotation that re-applied
+    everything would patch the dying Namespace and try to put a fresh instance (license
+    included) in it, or, the namespace gone just after it looked, make it anew for nobody."""
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), _noop)
+        standin.objects[f"/api/v1/namespaces/{NS}"]["metadata"]["deletionTimestamp"] = (
+            "2026-01-01T00:00:00Z"
+        )
+        applied = len(standin.applied())
+        with pytest.raises(BackendError, match="being deleted"):
+            await backend.rotate_credentials(spec(), _noop)
+        assert len(standin.applied()) == applied
+    finally:
+        await backend.stop()
