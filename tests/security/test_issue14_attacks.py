@@ -321,3 +321,33 @@ async def test_a_rotation_leaves_a_namespace_being_deleted_alone(
         assert len(standin.applied()) == applied
     finally:
         await backend.stop()
+
+
+# --- 5. a secret given in config lands in a ConfigMap -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("SESSION_SECRET", "s" * 48),
+        ("PROVISIONER_SECRET", "p" * 48),
+        ("USAGE_SECRET", "u" * 48),
+        ("LOGIN_RELAY_SECRET", "r" * 48),
+        ("STRIPE_SECRET_KEY", "sk_live_" + "x" * 24),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_" + "x" * 24),
+        ("LICENSE_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----"),
+        ("ADMIN_TOKEN", "a" * 48),
+        ("DATABASE_URL", "postgresql://u:secretpw@db:5432/x"),
+        ("NATS_URL", "nats://operator:secretpw@nats:4222"),
+    ],
+)
+def test_a_secret_given_in_config_is_refused_not_put_in_a_configmap(key: str, value: str) -> None:
+    """An operator who writes `--set config.SESSION_SECRET=...` (config is where every other
+    setting goes) had it rendered into the ConfigMap, readable by whoever may read ConfigMaps,
+    and silently unused (the Secret reference wins); ADMIN_TOKEN and DATABASE_URL were
+    silently dropped. The render must fail and say where the value belongs."""
+    values = {"baseDomain": "example.com", "config": {key: value}}
+    with pytest.raises(helm_python.HelmError) as caught:
+        _render_chart(values)
+    assert key in str(caught.value)
+    assert value not in str(caught.value)
