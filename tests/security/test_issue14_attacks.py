@@ -8,6 +8,7 @@ No API server runs here: the kubernetes backend talks to the labelled STAND-IN
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import subprocess
 from collections.abc import AsyncIterator
@@ -26,11 +27,12 @@ from libs.config import load_settings
 from libs.db import migrate, service_migrations
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
-from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
 from services.provisioner.backends.k8s_manifests import (
     CREDENTIALS_GENERATION,
     MQTT_POST_START_SH,
     KubernetesSettings,
+    namespace_of,
     public_internet,
 )
 from services.provisioner.rotation import rotate_credentials
@@ -351,3 +353,55 @@ def test_a_secret_given_in_config_is_refused_not_put_in_a_configmap(key: str, va
         _render_chart(values)
     assert key in str(caught.value)
     assert value not in str(caught.value)
+
+
+# --- 6. two customers, one namespace ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("one", "other"), [("Acme", "acme"), ("a_b", "a-b"), ("a.b", "a-b")])
+def test_ids_that_map_to_one_name_are_refused(one: str, other: str) -> None:
+    """dns_label lower-cases and maps every other character to '-': ids differing only there
+    share a namespace and a host name, and the second deploy would take over the first's
+    database, broker and route."""
+    settings = KubernetesSettings()
+    assert namespace_of(one, settings) == namespace_of(other, settings)
+    with pytest.raises(BackendError, match="not a DNS label"):
+        customer_objects(
+            dataclasses.replace(spec(), customer_id=one), settings, SECRET, credentials_generation=0
+        )
+
+
+async def test_a_namespace_cut_short_is_never_applied_or_deleted_for_another_customer(
+    cluster: tuple[KubeStandIn, str],
+) -> None:
+    """A namespace prefix of 32 characters (the longest the settings take) leaves 31 for the
+    id: two ids alike that far share the namespace. The second customer's deploy or update
+    must not replace the first's objects, nor their delete remove the first's namespace."""
+    standin, url = cluster
+    settings = KubernetesSettings(namespace_prefix="p" * 31 + "-")
+    first = CUSTOMER
+    second = CUSTOMER[:31] + "fffff"
+    assert namespace_of(first, settings) == namespace_of(second, settings)
+
+    async def make() -> k8s.ApiClient:
+        configuration = k8s.Configuration(host=url)
+        configuration.api_key = {"BearerToken": KubeStandIn().token}
+        configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        return k8s.ApiClient(configuration)
+
+    backend = KubernetesBackend(settings, SECRET, make, ready_timeout=5, poll_seconds=0.05)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), _noop)
+        theirs = dataclasses.replace(spec(), customer_id=second, license_id="lic-2")
+        for attempt in (backend.deploy, backend.update, backend.rotate_credentials):
+            with pytest.raises(BackendError, match="belongs to customer"):
+                await attempt(theirs, _noop)
+        with pytest.raises(BackendError, match="belongs to customer"):
+            await backend.delete(second, _noop)
+    finally:
+        await backend.stop()
+    ns = namespace_of(first, settings)
+    license_secret = standin.objects[f"/api/v1/namespaces/{ns}/secrets/license"]["stringData"]
+    assert license_secret["license-id"] == "lic-1"
+    assert f"/api/v1/namespaces/{ns}" in standin.objects

@@ -45,6 +45,7 @@ from services.provisioner.backends.k8s_manifests import (
     KubernetesSettings,
     host_of,
     namespace_of,
+    namespace_owner_conflict,
     render,
 )
 
@@ -123,6 +124,15 @@ def customer_objects(
         mqtt_admin_password_previous=previous_admin,
         credentials_generation=generation,
     )
+
+
+def _owned(namespace: dict[str, Any] | None, customer_id: str) -> dict[str, Any] | None:
+    """``namespace`` when it is ``customer_id``'s (or records nobody); ``BackendError`` when
+    it is another customer's, whose objects an apply would replace."""
+    conflict = namespace_owner_conflict(namespace, customer_id)
+    if conflict is not None:
+        raise BackendError(conflict)
+    return namespace
 
 
 def credentials_generation_of(namespace: dict[str, Any] | None) -> int:
@@ -331,7 +341,9 @@ class KubernetesBackend:
 
     async def _generation(self, customer_id: str) -> int:
         ns = namespace_of(customer_id, self._settings)
-        return credentials_generation_of(await self._api.get("v1", "Namespace", ns, None))
+        return credentials_generation_of(
+            _owned(await self._api.get("v1", "Namespace", ns, None), customer_id)
+        )
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance. The
@@ -359,7 +371,7 @@ class KubernetesBackend:
         them all also brings a customer deployed by an older version to today's objects."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        namespace = await api.get("v1", "Namespace", ns, None)
+        namespace = _owned(await api.get("v1", "Namespace", ns, None), spec.customer_id)
         if namespace is None:
             return await self.deploy(spec, progress)
         for obj in self.objects(spec, credentials_generation_of(namespace)):
@@ -386,7 +398,7 @@ class KubernetesBackend:
         credentials generation (the Namespace, which records it, first); returns it."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        namespace = await api.get("v1", "Namespace", ns, None)
+        namespace = _owned(await api.get("v1", "Namespace", ns, None), spec.customer_id)
         if namespace is None:
             raise BackendError(f"namespace {ns} not found: nothing to rotate")
         if (namespace.get("metadata") or {}).get("deletionTimestamp"):
@@ -405,6 +417,8 @@ class KubernetesBackend:
         """Delete the namespace (and so everything in it) and wait until it is gone."""
         api = self._api
         ns = namespace_of(customer_id, self._settings)
+        # Never another customer's, whose id maps to the same name.
+        _owned(await api.get("v1", "Namespace", ns, None), customer_id)
         await progress(10, "deleting namespace")
         await api.delete("v1", "Namespace", ns, None)
         loop = asyncio.get_running_loop()

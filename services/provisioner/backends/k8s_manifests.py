@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from libs.mqtt_broker import MAX_CONNECTIONS, broker_limits, listener_limits
-from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.base import BackendError, InstanceSpec
 
 PART_OF = "iotistic"
 MQTT_ADMIN = "admin"
@@ -117,6 +117,9 @@ NAMESPACE_LABELS = {
     "iotistic.io/tenant": "true",
 }
 CREDENTIALS_GENERATION = "iotistic.io/credentials-generation"
+# The customer a namespace was made for, as their id is (a label holds only its DNS form):
+# another customer whose id maps to the same name must not be applied over them.
+CUSTOMER_ANNOTATION = "iotistic.io/customer"
 CREDENTIALS_HASH = "iotistic.io/credentials-sha256"
 # Pinned by digest: a tag can be moved to other content, a digest cannot. These are the
 # multi-arch index digests of postgres:18 and eclipse-mosquitto:2.0.22 as several public
@@ -397,6 +400,30 @@ def dns_label(customer_id: str) -> str:
     return label[:63].rstrip("-") or "customer"
 
 
+def check_customer_id(customer_id: str) -> None:
+    """Refuse an id that is not its own DNS label: "Acme" and "acme", or "a_b" and "a-b",
+    would share one namespace and one host name (signup's ids, lower-case UUIDs, all are)."""
+    if dns_label(customer_id) != customer_id:
+        raise BackendError(
+            f"customer id {customer_id[:80]!r} is not a DNS label (a-z, 0-9 and '-', at most "
+            "63): its namespace and host name could be another customer's"
+        )
+
+
+def namespace_owner_conflict(namespace: dict[str, Any] | None, customer_id: str) -> str | None:
+    """Why the existing ``namespace`` is not ``customer_id``'s (it records another customer:
+    their ids map to one name, e.g. cut short by a long prefix), or None when it is theirs or
+    records nobody (made before the record, or not yet made)."""
+    meta = (namespace or {}).get("metadata") or {}
+    owner = (meta.get("annotations") or {}).get(CUSTOMER_ANNOTATION)
+    if owner is None or owner == customer_id:
+        return None
+    return (
+        f"namespace {meta.get('name', '?')} belongs to customer {str(owner)[:80]!r}, "
+        f"not {customer_id[:80]!r}: their ids map to one name"
+    )
+
+
 def pinned_by_digest(image: str) -> bool:
     """Whether ``image`` names its content by a sha256 digest (``repo[:tag]@sha256:<hex>``)."""
     return bool(_DIGEST.search(image))
@@ -462,6 +489,7 @@ def render(
     ``mqtt_admin_password_previous`` (the earlier ones, a line each, newest first) lets the
     broker move its admin to the new password."""
     cid = spec.customer_id
+    check_customer_id(cid)
     ns = namespace_of(cid, settings)
     database = PG_DATABASE
     db_url = f"postgresql://{PG_INSTANCE_ROLE}:{db_password}@postgres.{ns}.svc:5432/{database}"
@@ -470,7 +498,10 @@ def render(
         None,
         cid,
         labels=dict(NAMESPACE_LABELS),
-        annotations={CREDENTIALS_GENERATION: str(credentials_generation)},
+        annotations={
+            CREDENTIALS_GENERATION: str(credentials_generation),
+            CUSTOMER_ANNOTATION: cid,
+        },
     )
     hashes = {
         "postgres": credentials_hash(db_password, postgres_password),
