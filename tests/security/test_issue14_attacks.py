@@ -26,6 +26,7 @@ from litestar import Request, Response
 from libs.config import load_settings
 from libs.db import migrate, service_migrations
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
+from services import cli
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
 from services.provisioner.backends.k8s_manifests import (
@@ -405,3 +406,39 @@ async def test_a_namespace_cut_short_is_never_applied_or_deleted_for_another_cus
     license_secret = standin.objects[f"/api/v1/namespaces/{ns}/secrets/license"]["stringData"]
     assert license_secret["license-id"] == "lic-1"
     assert f"/api/v1/namespaces/{ns}" in standin.objects
+
+
+# --- 7. `provisioner render` (for GitOps) applied after a rotation sets the generation back ----
+
+
+def test_rendered_manifests_applied_after_a_rotation_do_not_set_the_generation_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`iotistic provisioner render` is "for GitOps": its output gets applied. It printed the
+    Namespace with iotistic.io/credentials-generation: 0 (the flag's default), so applying it
+    after a rotation recorded 0 again: the next job of the customer's applied generation 0's
+    passwords, and the broker, whose admin had moved on, was left with none it knew."""
+    license_file = tmp_path / "license.jwt"
+    license_file.write_text("header.claims.signature")
+    monkeypatch.setenv("PROVISIONER_SECRET", SECRET.decode())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for include in ([], ["--include-secrets"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(
+                [
+                    "--data-dir",
+                    str(tmp_path / "data"),
+                    "provisioner",
+                    "render",
+                    CUSTOMER,
+                    "--license-file",
+                    str(license_file),
+                    *include,
+                ]
+            )
+        assert done.value.code == 0
+        [namespace] = [
+            o for o in yaml.safe_load_all(capsys.readouterr().out) if o and o["kind"] == "Namespace"
+        ]
+        annotations = namespace["metadata"].get("annotations") or {}
+        assert CREDENTIALS_GENERATION not in annotations, include
