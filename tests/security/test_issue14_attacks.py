@@ -442,3 +442,42 @@ def test_rendered_manifests_applied_after_a_rotation_do_not_set_the_generation_b
         ]
         annotations = namespace["metadata"].get("annotations") or {}
         assert CREDENTIALS_GENERATION not in annotations, include
+
+
+# --- 8. an apply with another PROVISIONER_SECRET re-passwords the tenant ----------------------
+
+
+async def test_an_apply_with_another_provisioner_secret_is_refused(
+    cluster: tuple[KubeStandIn, str],
+) -> None:
+    """Every password derives from PROVISIONER_SECRET. `rotate-credentials` run with a stale
+    .env, or a chart render that made the secret anew (helm template: lookup finds nothing),
+    applied passwords derived from another secret: Postgres took them (its start sets them
+    over the local socket), but the broker's admin moves only from a password it had, so it
+    was lost, and with it the instance's ingest client. Such an apply must be refused."""
+    standin, url = cluster
+    backend = backend_for(url)
+    await backend.start()
+    try:
+        await backend.deploy(spec(), _noop)
+    finally:
+        await backend.stop()
+    before = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
+
+    async def make() -> k8s.ApiClient:
+        configuration = k8s.Configuration(host=url)
+        configuration.api_key = {"BearerToken": KubeStandIn().token}
+        configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        return k8s.ApiClient(configuration)
+
+    stale = KubernetesBackend(
+        KubernetesSettings(), b"z" * 40, make, ready_timeout=5, poll_seconds=0.05
+    )
+    await stale.start()
+    try:
+        for attempt in (stale.rotate_credentials, stale.update, stale.deploy):
+            with pytest.raises(BackendError, match="another PROVISIONER_SECRET"):
+                await attempt(spec(), _noop)
+    finally:
+        await stale.stop()
+    assert standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"] == before

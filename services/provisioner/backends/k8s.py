@@ -47,6 +47,7 @@ from services.provisioner.backends.k8s_manifests import (
     namespace_of,
     namespace_owner_conflict,
     render,
+    secret_conflict,
 )
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,13 @@ def customer_objects(
         postgres_password=password("postgres-superuser"),
         mqtt_admin_password_previous=previous_admin,
         credentials_generation=generation,
+        secret_fingerprint=secret_fingerprint(secret, cid),
     )
+
+
+def secret_fingerprint(secret: bytes, customer_id: str) -> str:
+    """The customer's fingerprint of ``PROVISIONER_SECRET``, recorded on their Namespace."""
+    return derive_password(secret, "secret-fingerprint", customer_id)[:16]
 
 
 def _owned(namespace: dict[str, Any] | None, customer_id: str) -> dict[str, Any] | None:
@@ -339,10 +346,22 @@ class KubernetesBackend:
             credentials_generation=credentials_generation,
         )
 
+    def _applicable(
+        self, namespace: dict[str, Any] | None, customer_id: str
+    ) -> dict[str, Any] | None:
+        """``namespace`` when this backend may apply the customer's objects over it: it is
+        theirs, and was applied with this PROVISIONER_SECRET (or records neither)."""
+        _owned(namespace, customer_id)
+        if self._secret:
+            conflict = secret_conflict(namespace, secret_fingerprint(self._secret, customer_id))
+            if conflict is not None:
+                raise BackendError(conflict)
+        return namespace
+
     async def _generation(self, customer_id: str) -> int:
         ns = namespace_of(customer_id, self._settings)
         return credentials_generation_of(
-            _owned(await self._api.get("v1", "Namespace", ns, None), customer_id)
+            self._applicable(await self._api.get("v1", "Namespace", ns, None), customer_id)
         )
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
@@ -371,7 +390,7 @@ class KubernetesBackend:
         them all also brings a customer deployed by an older version to today's objects."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        namespace = _owned(await api.get("v1", "Namespace", ns, None), spec.customer_id)
+        namespace = self._applicable(await api.get("v1", "Namespace", ns, None), spec.customer_id)
         if namespace is None:
             return await self.deploy(spec, progress)
         for obj in self.objects(spec, credentials_generation_of(namespace)):
@@ -398,7 +417,7 @@ class KubernetesBackend:
         credentials generation (the Namespace, which records it, first); returns it."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        namespace = _owned(await api.get("v1", "Namespace", ns, None), spec.customer_id)
+        namespace = self._applicable(await api.get("v1", "Namespace", ns, None), spec.customer_id)
         if namespace is None:
             raise BackendError(f"namespace {ns} not found: nothing to rotate")
         if (namespace.get("metadata") or {}).get("deletionTimestamp"):

@@ -120,6 +120,11 @@ CREDENTIALS_GENERATION = "iotistic.io/credentials-generation"
 # The customer a namespace was made for, as their id is (a label holds only its DNS form):
 # another customer whose id maps to the same name must not be applied over them.
 CUSTOMER_ANNOTATION = "iotistic.io/customer"
+# Which PROVISIONER_SECRET the customer's passwords derive from (a short HMAC of it and the
+# customer: it tells two secrets apart and nothing about either). An apply with another secret
+# (a stale .env, a chart that made the secret anew) would give every password a value the
+# broker's admin has never had: refused instead.
+SECRET_FINGERPRINT = "iotistic.io/secret-fingerprint"  # noqa: S105 (a name, not a secret)
 CREDENTIALS_HASH = "iotistic.io/credentials-sha256"
 # Pinned by digest: a tag can be moved to other content, a digest cannot. These are the
 # multi-arch index digests of postgres:18 and eclipse-mosquitto:2.0.22 as several public
@@ -424,6 +429,20 @@ def namespace_owner_conflict(namespace: dict[str, Any] | None, customer_id: str)
     )
 
 
+def secret_conflict(namespace: dict[str, Any] | None, fingerprint: str) -> str | None:
+    """Why ``namespace``'s objects were applied with another PROVISIONER_SECRET than the one
+    of ``fingerprint``, or None (the same, or not recorded)."""
+    meta = (namespace or {}).get("metadata") or {}
+    recorded = (meta.get("annotations") or {}).get(SECRET_FINGERPRINT)
+    if recorded is None or recorded == fingerprint:
+        return None
+    return (
+        f"namespace {meta.get('name', '?')} was applied with another PROVISIONER_SECRET than "
+        "this one: applying would give the customer passwords their broker has never had "
+        "(use the provisioner's own secret)"
+    )
+
+
 def pinned_by_digest(image: str) -> bool:
     """Whether ``image`` names its content by a sha256 digest (``repo[:tag]@sha256:<hex>``)."""
     return bool(_DIGEST.search(image))
@@ -474,6 +493,7 @@ def render(
     postgres_password: str = "",
     mqtt_admin_password_previous: str = "",
     credentials_generation: int = 0,
+    secret_fingerprint: str = "",
 ) -> list[dict[str, Any]]:
     """Every object of the customer's instance, in apply order.
 
@@ -501,6 +521,7 @@ def render(
         annotations={
             CREDENTIALS_GENERATION: str(credentials_generation),
             CUSTOMER_ANNOTATION: cid,
+            **({SECRET_FINGERPRINT: secret_fingerprint} if secret_fingerprint else {}),
         },
     )
     hashes = {
