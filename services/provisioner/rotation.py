@@ -20,12 +20,17 @@ new generation.
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
 from services.provisioner.backends.base import BackendError, InstanceSpec, Progress
 from services.provisioner.backends.k8s import KubernetesBackend
 from services.provisioner.queue import lock_queue
 from services.provisioner.settings import ProvisionerSettings
+
+# The longest the rotation's applies may hold the queue's lock.
+APPLY_SECONDS = 120.0
 
 
 async def instance_spec(conn: asyncpg.Connection, customer_id: str, jwks_url: str) -> InstanceSpec:
@@ -86,7 +91,10 @@ async def rotate_credentials(
                         f"job {running} of customer {customer_id} is running: rotate when it "
                         "has finished, so that it cannot apply the old passwords after the new"
                     )
-                generation = await backend.apply_next_credentials(spec)
+                # Claims and enqueues wait meanwhile: not for longer than this (a rotation cut
+                # off here is safe to run again: the broker keeps every earlier password).
+                async with asyncio.timeout(APPLY_SECONDS):
+                    generation = await backend.apply_next_credentials(spec)
         except BaseException:
             await backend.stop()
             raise
