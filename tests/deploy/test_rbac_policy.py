@@ -248,7 +248,7 @@ def tenant_objects() -> list[dict[str, Any]]:
         license_id="lic-1",
         jwks_url="http://licensing/.well-known/jwks.json",
     )
-    return customer_objects(spec, KubernetesSettings(), b"k" * 40, "r" * 40)
+    return customer_objects(spec, KubernetesSettings(base_domain=DOMAIN), b"k" * 40, "r" * 40)
 
 
 def test_the_worker_may_apply_everything_of_a_customer_inside_their_namespace(
@@ -725,21 +725,29 @@ def test_the_worker_may_not_claim_a_volume_by_name(policy: Policy, kind: str) ->
         assert verdict.matched and not verdict.allowed, (kind, operation)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: the policy does not tie an HTTPRoute's hostnames to its namespace's "
-    "customer (<id>.<baseDomain>); the CEL needs the chart's baseDomain and the id, which a "
-    "long prefix cuts short in the namespace name",
+@pytest.mark.parametrize(
+    "host",
+    [
+        f"api.{DOMAIN}",
+        f"another-customer.{DOMAIN}",
+        f"{CUSTOMER}.evil.{DOMAIN}",
+        f"{CUSTOMER}x.{DOMAIN}",
+        f"{CUSTOMER}.{DOMAIN}.evil.com",
+        None,
+    ],
 )
-@pytest.mark.parametrize("host", [f"api.{DOMAIN}", f"another-customer.{DOMAIN}"])
-def test_the_worker_may_not_route_another_host_from_a_tenant(policy: Policy, host: str) -> None:
+def test_the_worker_may_not_route_another_host_from_a_tenant(
+    policy: Policy, host: str | None
+) -> None:
     """The tenants listener (*.<baseDomain>) takes routes from every tenant namespace. A
     worker taken over could give a tenant's route the host of another customer (a more
     specific path than theirs wins) or api.<baseDomain>, which browsers reach over an HTTP/2
     connection opened to a tenant's host (one certificate covers both, the address is the
     same): the control plane's sign-in page served from a pod of the worker's choosing."""
     [route] = [copy.deepcopy(o) for o in tenant_objects() if o["kind"] == "HTTPRoute"]
-    route["spec"]["hostnames"] = [host]
+    assert route["spec"]["hostnames"] == [f"{CUSTOMER}.{DOMAIN}"]
+    # None: no hostnames at all, which answers for every host of the listener.
+    route["spec"]["hostnames"] = [host] if host else []
     route["spec"]["rules"][0]["matches"] = [
         {"path": {"type": "Exact", "value": "/api/customers/login"}}
     ]
