@@ -551,7 +551,7 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
     keys and tokens); Secrets only with ``--include-secrets``."""
     from services.provisioner.app import kubernetes_backend
     from services.provisioner.backends.base import BackendError, InstanceSpec
-    from services.provisioner.backends.k8s_manifests import render_yaml
+    from services.provisioner.backends.k8s_manifests import CREDENTIALS_GENERATION, render_yaml
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
@@ -574,6 +574,12 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
     objects = kubernetes_backend(settings).objects(spec, args.credentials_generation)
     if not args.include_secrets:
         objects = [o for o in objects if o["kind"] != "Secret"]
+    for obj in objects:
+        if obj["kind"] == "Namespace":
+            # The generation is the provisioner's record of the customer's last rotation: this
+            # output applied (GitOps, kubectl) must never set it back, or the next job applies
+            # the old passwords, which the broker's admin has left behind.
+            obj["metadata"].get("annotations", {}).pop(CREDENTIALS_GENERATION, None)
     sys.stdout.write(render_yaml(objects))
     return 0
 

@@ -11,18 +11,26 @@ password to the new one, the instance's start sets its ingest client's.
 Not rotated: the broker client id (it names the instance's session and its queued readings),
 the login relay key and the usage token (derived for every customer from signup's and
 billing's secrets, which check them: they rotate with those secrets), and the devices'
-passwords (the customer's own). Run it while no job of the customer's is running: a job that
-read the old generation before the rotation and applies after it puts the old passwords back
-(rotating again mends it).
+passwords (the customer's own). It applies holding the queue's lock, and only when no job of
+the customer's is running: a job that read the old generation before the rotation and applied
+after it would put the old passwords back over the rotated ones (and leave the broker's admin,
+already moved to the new password, on none the Secret holds). Jobs claimed after it read the
+new generation.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import asyncpg
 
 from services.provisioner.backends.base import BackendError, InstanceSpec, Progress
 from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.queue import lock_queue
 from services.provisioner.settings import ProvisionerSettings
+
+# The longest the rotation's applies may hold the queue's lock.
+APPLY_SECONDS = 120.0
 
 
 async def instance_spec(conn: asyncpg.Connection, customer_id: str, jwks_url: str) -> InstanceSpec:
@@ -60,17 +68,41 @@ async def rotate_credentials(
     in-cluster or kubeconfig configuration)."""
     if settings.provisioner_backend != "kubernetes" and backend is None:
         raise BackendError("rotate-credentials works with PROVISIONER_BACKEND=kubernetes only")
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        spec = await instance_spec(conn, customer_id, settings.license_jwks_url)
-    finally:
-        await conn.close()
     if backend is None:
         from services.provisioner.app import kubernetes_backend
 
         backend = kubernetes_backend(settings)
-    await backend.start()
+    conn = await asyncpg.connect(settings.database_url)
     try:
-        return await backend.rotate_credentials(spec, progress)
+        spec = await instance_spec(conn, customer_id, settings.license_jwks_url)
+        await backend.start()
+        try:
+            # No job may start meanwhile (claiming waits for the lock), and none may be
+            # running: its apply, with the generation it read before, would follow ours.
+            async with conn.transaction():
+                await lock_queue(conn)
+                running = await conn.fetchval(
+                    "SELECT job_id FROM provisioner.queue_jobs "
+                    "WHERE customer_id = $1 AND state = 'active' LIMIT 1",
+                    customer_id,
+                )
+                if running is not None:
+                    raise BackendError(
+                        f"job {running} of customer {customer_id} is running: rotate when it "
+                        "has finished, so that it cannot apply the old passwords after the new"
+                    )
+                # Claims and enqueues wait meanwhile: not for longer than this (a rotation cut
+                # off here is safe to run again: the broker keeps every earlier password).
+                async with asyncio.timeout(APPLY_SECONDS):
+                    generation = await backend.apply_next_credentials(spec)
+        except BaseException:
+            await backend.stop()
+            raise
+    finally:
+        await conn.close()
+    try:
+        await progress(40, f"credentials generation {generation} applied")
+        await backend.wait_ready(spec.customer_id, progress, 40)
+        return generation
     finally:
         await backend.stop()

@@ -551,12 +551,16 @@ def test_network_policies_deny_by_default_and_admit_each_path(docs: list[dict[st
     assert clients["ports"] == [{"protocol": "TCP", "port": 4222}]
     assert selects(clients["from"][0]["podSelector"], job)
     assert nats_policy["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 6222}]
-    # The Kubernetes API only for the provisioner, and only with the kubernetes backend.
+    # The Kubernetes API only for the provisioner's worker, and only with the kubernetes
+    # backend: never for the web-facing provisioner pods, which hold no token and never apply
+    # (with kubernetesApi.cidrs unset, the rule opens 443 and 6443 to every address).
     assert f"{FULLNAME}-kubernetes-api" not in policies
     kube = render({"targets": {"provisioner": {"kubernetesBackend": {"enabled": True}}}})
     api = next(d for d in kinds(kube, "NetworkPolicy") if d["metadata"]["name"].endswith("-api"))
-    labels = pod_labels(find(kube, "Deployment", f"{FULLNAME}-provisioner"))
-    assert selects(api["spec"]["podSelector"], labels)
+    worker = pod_labels(find(kube, "Deployment", f"{FULLNAME}-provisioner-worker"))
+    assert selects(api["spec"]["podSelector"], worker)
+    web = pod_labels(find(kube, "Deployment", f"{FULLNAME}-provisioner"))
+    assert not selects(api["spec"]["podSelector"], web)
     assert not selects(
         api["spec"]["podSelector"], pod_labels(find(kube, "Deployment", f"{FULLNAME}-billing"))
     )

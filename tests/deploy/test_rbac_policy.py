@@ -260,7 +260,7 @@ def write(policy: Policy, obj: dict[str, Any], operation: str = "CREATE") -> Ver
 
 
 # As the chart's provisioner env sets them (checked in test_the_worker_is_told_its_reader_role).
-TENANT_SETTINGS = KubernetesSettings(tenant_reader=(READER, NAMESPACE, WORKER))
+TENANT_SETTINGS = KubernetesSettings(base_domain=DOMAIN, tenant_reader=(READER, NAMESPACE, WORKER))
 
 
 TENANT_SPEC = InstanceSpec(
@@ -944,3 +944,116 @@ def test_helm_lint_strict_is_clean_with_the_kubernetes_backend() -> None:
     assert list(result["errors"]) == [], result
     ours = [m for m in result["messages"] if m["severity"] > 1 and "dependencies" not in m["error"]]
     assert ours == [], result
+
+
+# --- attacks (tests/security/test_issue14_attacks.py has the rest) ------------------------------
+
+
+def _service(name: str, **spec: Any) -> dict[str, Any]:
+    ports = [{"name": "http", "port": 80, "targetPort": 8080}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": TENANT},
+        "spec": {"selector": {"app.kubernetes.io/name": "instance"}, "ports": ports, **spec},
+    }
+
+
+@pytest.mark.parametrize(
+    ("service", "why"),
+    [
+        # CVE-2020-8554: every node sends the cluster's traffic for 169.254.169.254 (or any
+        # address: the control plane's Postgres, a cloud API) to this Service's pods instead.
+        (_service("steal", externalIPs=["169.254.169.254"]), "externalIPs"),
+        # Straight to the world, past the Gateway (its TLS, rate and connection limits): a
+        # tenant's Postgres or broker on a public load balancer, or on every node's port.
+        (_service("public", type="LoadBalancer"), "a load balancer"),
+        (_service("nodes", type="NodePort"), "a port on every node"),
+        # A name in the tenant's namespace for anything the cluster resolves (the control
+        # plane's Postgres), which an HTTPRoute on the public Gateway may then point at.
+        (
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "alias", "namespace": TENANT},
+                "spec": {
+                    "type": "ExternalName",
+                    "externalName": f"rel-iotistic-postgresql.{NAMESPACE}.svc.cluster.local",
+                },
+            },
+            "ExternalName",
+        ),
+    ],
+)
+def test_the_worker_may_not_make_services_that_reach_beyond_the_tenant(
+    policy: Policy, service: dict[str, Any], why: str
+) -> None:
+    """The policy confines the worker to tenant namespaces, yet a Service there is not confined
+    to them: these would let a worker that is taken over reach out of its confinement."""
+    for operation in ("CREATE", "UPDATE"):
+        verdict = write(policy, service, operation)
+        assert verdict.matched and not verdict.allowed, (why, operation)
+
+
+@pytest.mark.parametrize("kind", ["PersistentVolumeClaim", "StatefulSet", "Deployment"])
+def test_the_worker_may_not_claim_a_volume_by_name(policy: Policy, kind: str) -> None:
+    """A claim naming a PersistentVolume binds that volume, whoever's data it holds (one
+    pre-provisioned for another namespace, say): the worker's claims are provisioned anew."""
+    claim = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "1Gi"}},
+        "volumeName": "pvc-of-the-control-planes-postgres",
+    }
+    if kind == "PersistentVolumeClaim":
+        obj: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": kind,
+            "metadata": {"name": "data", "namespace": TENANT},
+            "spec": claim,
+        }
+    elif kind == "StatefulSet":
+        [obj] = [
+            copy.deepcopy(o)
+            for o in tenant_objects()
+            if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "postgres"
+        ]
+        obj["spec"]["volumeClaimTemplates"][0]["spec"]["volumeName"] = claim["volumeName"]
+    else:  # a generic ephemeral volume: its claim is made by a controller, from the pod's
+        [obj] = [copy.deepcopy(o) for o in tenant_objects() if o["kind"] == "Deployment"]
+        obj["spec"]["template"]["spec"]["volumes"].append(
+            {"name": "stolen", "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
+        )
+    operations = ("CREATE",) if kind != "Deployment" else ("CREATE", "UPDATE")
+    for operation in operations:
+        verdict = write(policy, obj, operation)
+        assert verdict.matched and not verdict.allowed, (kind, operation)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        f"api.{DOMAIN}",
+        f"another-customer.{DOMAIN}",
+        f"{CUSTOMER}.evil.{DOMAIN}",
+        f"{CUSTOMER}x.{DOMAIN}",
+        f"{CUSTOMER}.{DOMAIN}.evil.com",
+        None,
+    ],
+)
+def test_the_worker_may_not_route_another_host_from_a_tenant(
+    policy: Policy, host: str | None
+) -> None:
+    """The tenants listener (*.<baseDomain>) takes routes from every tenant namespace. A
+    worker taken over could give a tenant's route the host of another customer (a more
+    specific path than theirs wins) or api.<baseDomain>, which browsers reach over an HTTP/2
+    connection opened to a tenant's host (one certificate covers both, the address is the
+    same): the control plane's sign-in page served from a pod of the worker's choosing."""
+    [route] = [copy.deepcopy(o) for o in tenant_objects() if o["kind"] == "HTTPRoute"]
+    assert route["spec"]["hostnames"] == [f"{CUSTOMER}.{DOMAIN}"]
+    # None: no hostnames at all, which answers for every host of the listener.
+    route["spec"]["hostnames"] = [host] if host else []
+    route["spec"]["rules"][0]["matches"] = [
+        {"path": {"type": "Exact", "value": "/api/customers/login"}}
+    ]
+    verdict = write(policy, route)
+    assert verdict.matched and not verdict.allowed

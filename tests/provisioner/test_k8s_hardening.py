@@ -614,7 +614,10 @@ async def test_the_rotate_command_rotates_the_customer_of_the_provisioners_recor
     database = standin.objects[f"/api/v1/namespaces/{NS}/secrets/database"]["stringData"]
     assert database["password"] == derive_password(SECRET, "database", CUSTOMER, 2)
     mqtt = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
-    assert mqtt["admin-password-previous"] == derive_password(SECRET, "mqtt-admin", CUSTOMER, 1)
+    assert mqtt["admin-password-previous"].splitlines() == [
+        derive_password(SECRET, "mqtt-admin", CUSTOMER, 1),
+        derive_password(SECRET, "mqtt-admin", CUSTOMER, 0),
+    ]
     for customer, why in (("gone", "closed"), ("nobody", "no license")):
         with pytest.raises(BackendError, match=why):
             await rotate_credentials(settings, customer, progress, backend=backend)

@@ -295,6 +295,8 @@ NOT_PUBLIC = tuple(
         "fe80::1",
         "::ffff:10.0.0.5",
         "2001:db8:42::9",
+        "64:ff9b::a9fe:a9fe",  # the metadata service through NAT64
+        "2002:a00:5::1",  # 10.0.0.5 through 6to4
     )
 )
 

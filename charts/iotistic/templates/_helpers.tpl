@@ -73,7 +73,7 @@ image.digest is set. The targets, the events-init Job and every instance (INSTAN
 {{/* The Secret of DATABASE_URL: the bundled Postgres's own, or that of the secret settings. */}}
 {{- define "iotistic.databaseSecretName" -}}
 {{- if .Values.postgresql.enabled }}
-{{- include "iotistic.postgresqlName" . }}
+{{- include "iotistic.postgresqlSecretName" . }}
 {{- else }}
 {{- include "iotistic.secretName" . }}
 {{- end }}
@@ -87,6 +87,11 @@ image.digest is set. The targets, the events-init Job and every instance (INSTAN
 {{/* The bundled Postgres's StatefulSet, Service and Secret: <fullname>-postgresql. */}}
 {{- define "iotistic.postgresqlName" -}}
 {{- printf "%s-postgresql" (include "iotistic.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The bundled Postgres's Secret (password, DATABASE_URL): postgresql.existingSecret, or its own. */}}
+{{- define "iotistic.postgresqlSecretName" -}}
+{{- default (include "iotistic.postgresqlName" .) .Values.postgresql.existingSecret }}
 {{- end }}
 
 {{/* Labels that select the bundled Postgres's pod. */}}

@@ -50,8 +50,10 @@ from services.provisioner.backends.k8s_manifests import (
     KubernetesSettings,
     host_of,
     namespace_of,
+    namespace_owner_conflict,
     reader_binding,
     render,
+    secret_conflict,
 )
 from services.provisioner.backends.k8s_storage import claim_gib, gib_of, keep_grown
 
@@ -121,8 +123,11 @@ def customer_objects(
     def password(purpose: str) -> str:
         return derive_password(secret, purpose, cid, generation)
 
-    previous_admin = (
-        derive_password(secret, "mqtt-admin", cid, generation - 1) if generation > 0 else ""
+    # Every earlier generation's admin password, newest first: the broker may have missed some
+    # (a rotation cut off after it recorded its generation, then run again).
+    previous_admin = "\n".join(
+        derive_password(secret, "mqtt-admin", cid, earlier)
+        for earlier in range(generation - 1, -1, -1)
     )
     return render(
         spec,
@@ -137,7 +142,22 @@ def customer_objects(
         postgres_password=password("postgres-superuser"),
         mqtt_admin_password_previous=previous_admin,
         credentials_generation=generation,
+        secret_fingerprint=secret_fingerprint(secret, cid),
     )
+
+
+def secret_fingerprint(secret: bytes, customer_id: str) -> str:
+    """The customer's fingerprint of ``PROVISIONER_SECRET``, recorded on their Namespace."""
+    return derive_password(secret, "secret-fingerprint", customer_id)[:16]
+
+
+def _owned(namespace: dict[str, Any] | None, customer_id: str) -> dict[str, Any] | None:
+    """``namespace`` when it is ``customer_id``'s (or records nobody); ``BackendError`` when
+    it is another customer's, whose objects an apply would replace."""
+    conflict = namespace_owner_conflict(namespace, customer_id)
+    if conflict is not None:
+        raise BackendError(conflict)
+    return namespace
 
 
 def credentials_generation_of(namespace: dict[str, Any] | None) -> int:
@@ -424,9 +444,23 @@ class KubernetesBackend:
             credentials_generation=credentials_generation,
         )
 
+    def _applicable(
+        self, namespace: dict[str, Any] | None, customer_id: str
+    ) -> dict[str, Any] | None:
+        """``namespace`` when this backend may apply the customer's objects over it: it is
+        theirs, and was applied with this PROVISIONER_SECRET (or records neither)."""
+        _owned(namespace, customer_id)
+        if self._secret:
+            conflict = secret_conflict(namespace, secret_fingerprint(self._secret, customer_id))
+            if conflict is not None:
+                raise BackendError(conflict)
+        return namespace
+
     async def _generation(self, customer_id: str) -> int:
         ns = namespace_of(customer_id, self._settings)
-        return credentials_generation_of(await self._api.get("v1", "Namespace", ns, None))
+        return credentials_generation_of(
+            self._applicable(await self._api.get("v1", "Namespace", ns, None), customer_id)
+        )
 
     async def deploy(self, spec: InstanceSpec, progress: Progress) -> Deployed:
         """Apply everything, then wait for Postgres, Mosquitto and the instance. The
@@ -454,7 +488,7 @@ class KubernetesBackend:
         them all also brings a customer deployed by an older version to today's objects."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        namespace = await api.get("v1", "Namespace", ns, None)
+        namespace = self._applicable(await api.get("v1", "Namespace", ns, None), spec.customer_id)
         if namespace is None:
             return await self.deploy(spec, progress)
         for obj in await self._to_apply(spec, credentials_generation_of(namespace)):
@@ -512,30 +546,43 @@ class KubernetesBackend:
         rolled by it are ready. Postgres's start sets its roles' new passwords, the broker's
         moves its admin to the new one, the instance's sets its ingest client's. Returns the
         new generation. Raises ``BackendError`` when the customer is not deployed."""
+        generation = await self.apply_next_credentials(spec)
+        await progress(40, f"credentials generation {generation} applied")
+        await self.wait_ready(spec.customer_id, progress, 40)
+        return generation
+
+    async def apply_next_credentials(self, spec: InstanceSpec) -> int:
+        """The first half of ``rotate_credentials``: apply every object with the next
+        credentials generation (the Namespace, which records it, first); returns it."""
         api = self._api
         ns = namespace_of(spec.customer_id, self._settings)
-        namespace = await api.get("v1", "Namespace", ns, None)
+        namespace = self._applicable(await api.get("v1", "Namespace", ns, None), spec.customer_id)
         if namespace is None:
             raise BackendError(f"namespace {ns} not found: nothing to rotate")
+        if (namespace.get("metadata") or {}).get("deletionTimestamp"):
+            raise BackendError(f"namespace {ns} is being deleted: nothing to rotate")
         generation = credentials_generation_of(namespace) + 1
         for obj in await self._to_apply(spec, generation):
             await self._apply(api, obj)
-        await progress(40, f"credentials generation {generation} applied")
-        await self._wait_ready(spec.customer_id, progress, 40)
         return generation
+
+    async def wait_ready(self, customer_id: str, progress: Progress, start: int) -> None:
+        """Wait until the customer's Postgres, Mosquitto and instance are ready (the second
+        half of ``rotate_credentials``); ``BackendError`` after the ready timeout."""
+        await self._wait_ready(customer_id, progress, start)
 
     async def delete(self, customer_id: str, progress: Progress, erase: bool = False) -> None:
         """Stop the customer's instance and keep its data for the grace period: workloads
         scaled to 0, the public route removed, backups suspended, and the namespace marked
         with when it goes (``purge_expired`` deletes it then). With ``erase`` (the customer
-        asked for it), delete the namespace, volumes and backups with it, at once."""
+        asked for it), delete the namespace, volumes and backups with it, at once. Never
+        another customer's namespace, whose id maps to the same name."""
+        ns = namespace_of(customer_id, self._settings)
+        _owned(await self._api.get("v1", "Namespace", ns, None), customer_id)
         if not erase:
-            await k8s_grace.keep_for_grace(
-                self._api, namespace_of(customer_id, self._settings), self._settings, progress
-            )
+            await k8s_grace.keep_for_grace(self._api, ns, self._settings, progress)
             return
         api = self._api
-        ns = namespace_of(customer_id, self._settings)
         await progress(10, "deleting namespace")
         await api.delete("v1", "Namespace", ns, None)
         loop = asyncio.get_running_loop()

@@ -41,7 +41,7 @@ import yaml
 
 from libs.mqtt_broker import MAX_CONNECTIONS, broker_limits, listener_limits
 from services.provisioner.backends import k8s_backups
-from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.base import BackendError, InstanceSpec
 from services.provisioner.backends.k8s_storage import (
     BACKUP_CLAIM,
     DATA_CLAIM,
@@ -96,7 +96,19 @@ NOT_PUBLIC_V4 = (
     "224.0.0.0/4",
     "240.0.0.0/4",
 )
-NOT_PUBLIC_V6 = ("::1/128", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
+NOT_PUBLIC_V6 = (
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): where it carries IPv4 is the network's
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+)
+# IPv6 prefixes that carry an IPv4 address (NAT64's well-known prefix, RFC 6052, in its last
+# 32 bits; 6to4, RFC 3056, right after its 16): open only as far as the IPv4 address they
+# carry is public, as the instance's own webhook check reads them, else a cluster with NAT64
+# (IPv6-only pods) lets 64:ff9b::a9fe:a9fe through to the cloud's metadata.
+IPV4_IN_IPV6 = (("64:ff9b::/96", 0), ("2002::/16", 80))
 RESTRICTED = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -115,6 +127,14 @@ NAMESPACE_LABELS = {
     "iotistic.io/tenant": "true",
 }
 CREDENTIALS_GENERATION = "iotistic.io/credentials-generation"
+# The customer a namespace was made for, as their id is (a label holds only its DNS form):
+# another customer whose id maps to the same name must not be applied over them.
+CUSTOMER_ANNOTATION = "iotistic.io/customer"
+# Which PROVISIONER_SECRET the customer's passwords derive from (a short HMAC of it and the
+# customer: it tells two secrets apart and nothing about either). An apply with another secret
+# (a stale .env, a chart that made the secret anew) would give every password a value the
+# broker's admin has never had: refused instead.
+SECRET_FINGERPRINT = "iotistic.io/secret-fingerprint"  # noqa: S105 (a name, not a secret)
 CREDENTIALS_HASH = "iotistic.io/credentials-sha256"
 # Pinned by digest: a tag can be moved to other content, a digest cannot. These are the
 # multi-arch index digests of postgres:18 and eclipse-mosquitto:2.0.22 as several public
@@ -270,9 +290,11 @@ echo "iotistic: could not keep the instance role in step after 300s" >&2
 """
 MQTT_ADMIN_DIR = "/etc/iotistic/mqtt-admin"
 # postStart of the broker: the dynamic-security file keeps the admin's password of the first
-# start. When the credentials were rotated, the Secret holds the new one and the previous one:
-# log in with the previous one and set the new, so the instance (which uses the new one to
-# re-set its own ingest client's password at start) can administer the broker again.
+# start. When the credentials were rotated, the Secret holds the new one and every earlier
+# one (newest first, a line each): log in with the first that works and set the new, so the
+# instance (which uses the new one to re-set its own ingest client's password at start) can
+# administer the broker again. Every earlier one, not just the last: a rotation cut off after
+# it recorded its generation, run again, skips a generation the broker never saw.
 MQTT_POST_START_SH = f"""#!/bin/sh
 # A hook's output is shown nowhere: write it to the container's log (its PID 1's stdout).
 log="${{IOTISTIC_LOG_TO:-/proc/1/fd/1}}"
@@ -281,24 +303,31 @@ dir="${{IOTISTIC_MQTT_ADMIN:-{MQTT_ADMIN_DIR}}}"
 port="${{IOTISTIC_MQTT_PORT:-1883}}"
 user="$(cat "$dir/admin-username")"
 password="$(cat "$dir/admin-password")"
-previous="$(cat "$dir/admin-password-previous" 2>/dev/null || true)"
+earlier="$dir/admin-password-previous"
 works() {{
   mosquitto_sub -h 127.0.0.1 -p "$port" -u "$user" -P "$1" -t '$SYS/broker/version' \\
     -C 1 -W 5 >/dev/null 2>&1
+}}
+move_from_earlier() {{
+  [ -r "$earlier" ] || return 1
+  while IFS= read -r previous || [ -n "$previous" ]; do
+    if [ -n "$previous" ] && works "$previous"; then
+      mosquitto_ctrl -h 127.0.0.1 -p "$port" -u "$user" -P "$previous" \\
+        dynsec setClientPassword "$user" "$password" >/dev/null 2>&1 || true
+      echo "iotistic: broker admin password rotated"
+      return 0
+    fi
+  done < "$earlier"
+  return 1
 }}
 i=0
 while [ "$i" -lt 60 ]; do
   i=$((i + 1))
   if works "$password"; then exit 0; fi
-  if [ -n "$previous" ] && works "$previous"; then
-    mosquitto_ctrl -h 127.0.0.1 -p "$port" -u "$user" -P "$previous" \\
-      dynsec setClientPassword "$user" "$password" >/dev/null 2>&1 || true
-    echo "iotistic: broker admin password rotated"
-    continue
-  fi
+  if move_from_earlier; then continue; fi
   sleep 1
 done
-echo "iotistic: the broker admin password of the Secret does not work (rotated twice?)" >&2
+echo "iotistic: no admin password of the Secret, current or earlier, works on the broker" >&2
 """
 POSTGRES_SCRIPTS = {
     "ensure-instance-role.sql": PG_ENSURE_SQL,
@@ -397,6 +426,44 @@ def dns_label(customer_id: str) -> str:
     return label[:63].rstrip("-") or "customer"
 
 
+def check_customer_id(customer_id: str) -> None:
+    """Refuse an id that is not its own DNS label: "Acme" and "acme", or "a_b" and "a-b",
+    would share one namespace and one host name (signup's ids, lower-case UUIDs, all are)."""
+    if dns_label(customer_id) != customer_id:
+        raise BackendError(
+            f"customer id {customer_id[:80]!r} is not a DNS label (a-z, 0-9 and '-', at most "
+            "63): its namespace and host name could be another customer's"
+        )
+
+
+def namespace_owner_conflict(namespace: dict[str, Any] | None, customer_id: str) -> str | None:
+    """Why the existing ``namespace`` is not ``customer_id``'s (it records another customer:
+    their ids map to one name, e.g. cut short by a long prefix), or None when it is theirs or
+    records nobody (made before the record, or not yet made)."""
+    meta = (namespace or {}).get("metadata") or {}
+    owner = (meta.get("annotations") or {}).get(CUSTOMER_ANNOTATION)
+    if owner is None or owner == customer_id:
+        return None
+    return (
+        f"namespace {meta.get('name', '?')} belongs to customer {str(owner)[:80]!r}, "
+        f"not {customer_id[:80]!r}: their ids map to one name"
+    )
+
+
+def secret_conflict(namespace: dict[str, Any] | None, fingerprint: str) -> str | None:
+    """Why ``namespace``'s objects were applied with another PROVISIONER_SECRET than the one
+    of ``fingerprint``, or None (the same, or not recorded)."""
+    meta = (namespace or {}).get("metadata") or {}
+    recorded = (meta.get("annotations") or {}).get(SECRET_FINGERPRINT)
+    if recorded is None or recorded == fingerprint:
+        return None
+    return (
+        f"namespace {meta.get('name', '?')} was applied with another PROVISIONER_SECRET than "
+        "this one: applying would give the customer passwords their broker has never had "
+        "(use the provisioner's own secret)"
+    )
+
+
 def pinned_by_digest(image: str) -> bool:
     """Whether ``image`` names its content by a sha256 digest (``repo[:tag]@sha256:<hex>``)."""
     return bool(_DIGEST.search(image))
@@ -471,6 +538,7 @@ def render(
     postgres_password: str = "",
     mqtt_admin_password_previous: str = "",
     credentials_generation: int = 0,
+    secret_fingerprint: str = "",
 ) -> list[dict[str, Any]]:
     """Every object of the customer's instance, in apply order.
 
@@ -483,8 +551,10 @@ def render(
     ``db_password`` is the instance's own database role's, ``postgres_password`` the
     superuser's, which only the Postgres pod sees. ``credentials_generation`` is recorded on
     the Namespace, where the backend reads it back before the next apply; after a rotation
-    ``mqtt_admin_password_previous`` lets the broker move its admin to the new password."""
+    ``mqtt_admin_password_previous`` (the earlier ones, a line each, newest first) lets the
+    broker move its admin to the new password."""
     cid = spec.customer_id
+    check_customer_id(cid)
     ns = namespace_of(cid, settings)
     database = PG_DATABASE
     storage = tenant_storage(spec.plan, spec.license_jwt, settings.storage)
@@ -494,7 +564,11 @@ def render(
         None,
         cid,
         labels=dict(NAMESPACE_LABELS),
-        annotations={CREDENTIALS_GENERATION: str(credentials_generation)},
+        annotations={
+            CREDENTIALS_GENERATION: str(credentials_generation),
+            CUSTOMER_ANNOTATION: cid,
+            **({SECRET_FINGERPRINT: secret_fingerprint} if secret_fingerprint else {}),
+        },
     )
     hashes = {
         "postgres": credentials_hash(db_password, postgres_password),
@@ -557,7 +631,7 @@ def render(
                 "username": MQTT_INGEST,
                 "password": mqtt_password,
                 "client-id": mqtt_client_id,
-                # Mounted by the broker only: the admin's password before the last rotation.
+                # Mounted by the broker only: the admin's earlier passwords, newest first.
                 "admin-password-previous": mqtt_admin_password_previous,
             },
         },
@@ -749,10 +823,40 @@ def public_internet(cluster_cidrs: tuple[str, ...] = ()) -> list[dict[str, Any]]
     are not public and the cluster's own networks (as far as a NetworkPolicy can say it: pod
     addresses are matched by ipBlock only where the network plugin does so)."""
     blocks = []
-    for everything, refused in (("0.0.0.0/0", NOT_PUBLIC_V4), ("::/0", NOT_PUBLIC_V6)):
+    carriers = tuple(prefix for prefix, _ in IPV4_IN_IPV6)
+    for everything, refused in (("0.0.0.0/0", NOT_PUBLIC_V4), ("::/0", NOT_PUBLIC_V6 + carriers)):
         excepted = [ipaddress.ip_network(c) for c in refused]
         blocks.append(_block(ipaddress.ip_network(everything), excepted, cluster_cidrs))
+    not_public_v4 = [ipaddress.IPv4Network(c) for c in NOT_PUBLIC_V4] + [
+        net for net in map(ipaddress.ip_network, cluster_cidrs) if net.version == 4
+    ]
+    for prefix, shift in IPV4_IN_IPV6:
+        carrier = ipaddress.IPv6Network(prefix)
+        carried: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+            ipaddress.IPv6Network(
+                (
+                    int(carrier.network_address) | (int(v4.network_address) << shift),
+                    carrier.prefixlen + v4.prefixlen,
+                )
+            )
+            for v4 in not_public_v4
+        ]
+        blocks.append(_block(carrier, _outermost(carried), ()))
     return blocks
+
+
+def _outermost(
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``networks`` less those inside another of them (an ipBlock's exceptions may not nest)."""
+    return [
+        net
+        for net in networks
+        if not any(
+            other != net and net.subnet_of(other)  # type: ignore[arg-type]
+            for other in networks
+        )
+    ]
 
 
 def _allowed_networks(settings: KubernetesSettings) -> list[dict[str, Any]]:
