@@ -169,7 +169,9 @@ def _json_problem(value: Any) -> tuple[str, str] | None:
     while pending:
         path, item, depth = pending.pop()
         if depth > MAX_JSON_DEPTH:
-            return path or "body", f"is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+            # The body as a whole, as when the decoder itself gives up (how deep that is depends
+            # on the process's recursion limit): the path would be the depth in brackets.
+            return "body", f"is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
         if isinstance(item, str):
             if "\x00" in item:
                 return path or "body", "must not contain NUL characters"
