@@ -604,32 +604,40 @@ def cmd_provisioner_restore(args: argparse.Namespace) -> int:
     return _backup_job(args, "restore", functools.partial(run_restore, dump=args.dump))
 
 
-def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitable[Any]]) -> int:
-    from services.provisioner.app import kubernetes_settings
+def _on_cluster(what: str, use: Callable[[Any], Awaitable[Any]]) -> tuple[bool, Any]:
+    """``use`` with a client of the cluster (in-cluster, else the kubeconfig), closed after;
+    (False, None) when the cluster refused or is away, said in one line."""
     from services.provisioner.backends.base import BackendError
-    from services.provisioner.backends.k8s import cluster_client, tenant_api
-    from services.provisioner.settings import ProvisionerSettings
-
-    settings = load_settings(ProvisionerSettings, environment(args))
-    kube = kubernetes_settings(settings)
+    from services.provisioner.backends.k8s import cluster_client
 
     async def go() -> Any:
         client = await cluster_client()
         try:
-            return await run(
-                tenant_api(client, kube),
-                args.customer_id,
-                kube,
-                timeout=args.timeout,
-                poll=2.0,
-            )
+            return await use(client)
         finally:
             await client.close()
 
     try:
-        result = asyncio.run(go())
+        return True, asyncio.run(go())
     except BackendError as exc:
         console.print(f"[red]{what} failed:[/red] {exc}", highlight=False)
+        return False, None
+
+
+def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitable[Any]]) -> int:
+    from services.provisioner.app import kubernetes_settings
+    from services.provisioner.backends.k8s import tenant_api
+    from services.provisioner.settings import ProvisionerSettings
+
+    settings = load_settings(ProvisionerSettings, environment(args))
+    kube = kubernetes_settings(settings)
+    ok, result = _on_cluster(
+        what,
+        lambda client: run(
+            tenant_api(client, kube), args.customer_id, kube, timeout=args.timeout, poll=2.0
+        ),
+    )
+    if not ok:
         return 1
     verdict = "[green]passed[/green]" if result.succeeded else "[red]FAILED[/red]"
     console.print(f"{what} {result.namespace}/{result.job}: {verdict}", soft_wrap=True)
@@ -641,21 +649,11 @@ def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitabl
 def cmd_provisioner_purge(args: argparse.Namespace) -> int:
     """``iotistic provisioner purge``: delete deleted customers' namespaces past their grace
     period (the provisioner also does it every hour); idempotent."""
-    from services.provisioner.backends.base import BackendError
-    from services.provisioner.backends.k8s import KubeApi, cluster_client
+    from services.provisioner.backends.k8s import KubeApi
     from services.provisioner.backends.k8s_grace import purge_expired
 
-    async def go() -> list[str]:
-        client = await cluster_client()
-        try:
-            return await purge_expired(KubeApi(client))
-        finally:
-            await client.close()
-
-    try:
-        purged = asyncio.run(go())
-    except BackendError as exc:
-        console.print(f"[red]purge failed:[/red] {exc}", highlight=False)
+    ok, purged = _on_cluster("purge", lambda client: purge_expired(KubeApi(client)))
+    if not ok:
         return 1
     for name in purged:
         console.print(f"purged namespace {name}", markup=False, soft_wrap=True)

@@ -4,22 +4,12 @@ and the claims the provisioner renders."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import yaml
 
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, namespace_of, render
-
-RULES = Path(__file__).parents[2] / "deploy" / "prometheus"
-
-
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("promtool")
-    assert binary, "promtool is missing: apt-get install prometheus (the CI script does)"
-    return subprocess.run([binary, *args], cwd=RULES, capture_output=True, text=True, timeout=60)
+from tests.deploy.test_prometheus_rules import RULES, promtool
 
 
 def test_the_tenant_storage_rules_are_valid_and_fire_when_they_should() -> None:
