@@ -16,19 +16,17 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
+from k8s_standin import STANDIN_TOKEN, KubeStandIn, api_client_for, served
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render, render_yaml
-from support import serving
 
 CUSTOMER = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
 NS = f"customer-{CUSTOMER}"
 K8S_VERSION = "1.37.0"
 SECRET = b"k" * 40
-STANDIN_TOKEN = KubeStandIn().token
 
 
 def spec(license_id: str = "lic-1", jwt: str = "header.claims.signature-one") -> InstanceSpec:
@@ -44,19 +42,17 @@ def spec(license_id: str = "lic-1", jwt: str = "header.claims.signature-one") ->
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str, token: str = STANDIN_TOKEN) -> KubernetesBackend:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
     return KubernetesBackend(
-        KubernetesSettings(), SECRET, make, ready_timeout=20, poll_seconds=0.05
+        KubernetesSettings(),
+        SECRET,
+        api_client_for(url, token),
+        ready_timeout=20,
+        poll_seconds=0.05,
     )
 
 

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, api_client_for, no_progress, served
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs.config import ConfigError
@@ -27,7 +26,6 @@ from services.provisioner.backends.k8s_manifests import (
     render,
 )
 from services.provisioner.settings import ProvisionerSettings, parse_tenant_reader
-from support import serving
 
 CUSTOMER = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
 NS = f"customer-{CUSTOMER}"
@@ -54,22 +52,14 @@ def settings(reader: bool = True) -> KubernetesSettings:
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn(reader_role=READER)
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str, reader: bool = True) -> KubernetesBackend:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    return KubernetesBackend(settings(reader), SECRET, make, ready_timeout=20, poll_seconds=0.05)
-
-
-async def noop(percent: int, step: str) -> None:
-    pass
+    return KubernetesBackend(
+        settings(reader), SECRET, api_client_for(url), ready_timeout=20, poll_seconds=0.05
+    )
 
 
 def test_the_reader_binding_follows_the_namespace_and_binds_the_role_to_the_worker() -> None:
@@ -122,7 +112,7 @@ async def test_a_first_deploy_binds_the_reads_before_it_reads(
     backend = backend_for(url)
     await backend.start()
     try:
-        deployed = await backend.deploy(spec(), noop)
+        deployed = await backend.deploy(spec(), no_progress)
         health = await backend.health(CUSTOMER)
     finally:
         await backend.stop()
@@ -142,7 +132,7 @@ async def test_a_customer_deployed_before_the_binding_is_granted_it_on_first_rea
     backend = backend_for(url)
     await backend.start()
     try:
-        await backend.deploy(spec(), noop)
+        await backend.deploy(spec(), no_progress)
         # As a namespace made by an older version: no reader RoleBinding in it.
         del standin.objects[BINDING_PATH]
         before = len(standin.applied())
@@ -164,7 +154,7 @@ async def test_without_the_binding_the_worker_reads_nothing_in_a_tenant(
     backend = backend_for(url)
     await backend.start()
     try:
-        await backend.deploy(spec(), noop)
+        await backend.deploy(spec(), no_progress)
     finally:
         await backend.stop()
     del standin.objects[BINDING_PATH]
@@ -200,7 +190,7 @@ async def test_a_namespace_going_away_is_not_granted_reads(
     backend = backend_for(url)
     await backend.start()
     try:
-        await backend.deploy(spec(), noop)
+        await backend.deploy(spec(), no_progress)
         # Erasure under way: the namespace controller took the RoleBinding before the workloads.
         standin.objects[f"/api/v1/namespaces/{NS}"]["status"] = {"phase": "Terminating"}
         del standin.objects[BINDING_PATH]

@@ -17,8 +17,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, api_client_for, no_progress, served
 
 from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import BackendError, InstanceSpec
@@ -32,7 +31,7 @@ from services.provisioner.backends.k8s_storage import (
     tenant_storage,
 )
 from services.provisioner.backups import run_restore, run_restore_drill
-from support import serving, signed_license_issued
+from support import signed_license_issued
 
 CUSTOMER = "5e0c2b7a-91d4-4f3e-8a6b-2c7d9e1f0a33"
 NS = f"customer-{CUSTOMER}"
@@ -143,29 +142,18 @@ def test_volumes_never_shrink_and_the_quota_follows() -> None:
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
-
-
-async def api_client(url: str, token: str) -> k8s.ApiClient:
-    configuration = k8s.Configuration(host=url)
-    configuration.api_key = {"BearerToken": token}
-    configuration.api_key_prefix = {"BearerToken": "Bearer"}
-    return k8s.ApiClient(configuration)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str, token: str, **settings: Any) -> KubernetesBackend:
     return KubernetesBackend(
         KubernetesSettings(**settings),
         SECRET,
-        lambda: api_client(url, token),
+        api_client_for(url, token),
         ready_timeout=20,
         poll_seconds=0.05,
     )
-
-
-async def noop(percent: int, step: str) -> None:
-    return None
 
 
 def stored(standin: KubeStandIn, suffix: str) -> dict[str, Any]:
@@ -178,12 +166,12 @@ async def test_an_upgrade_grows_the_volume_and_a_downgrade_keeps_it(cluster) -> 
     backend = backend_for(url, standin.token)
     await backend.start()
     try:
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
         data = f"{NS}/persistentvolumeclaims/data-postgres-0"
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "2Gi"
-        await backend.update(spec_for("professional"), noop)
+        await backend.update(spec_for("professional"), no_progress)
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "81Gi"
-        await backend.update(spec_for("starter"), noop)
+        await backend.update(spec_for("starter"), no_progress)
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "81Gi"
         quota = stored(standin, f"{NS}/resourcequotas/customer-quota")
         assert quota["spec"]["hard"]["requests.storage"] == f"{81 + 426 + 1}Gi"
@@ -198,10 +186,10 @@ async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
     backend = backend_for(url, standin.token)
     await backend.start()
     try:
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
         standin.refuse_growth = True
         upgraded = spec_for("professional")
-        await backend.update(upgraded, noop)
+        await backend.update(upgraded, no_progress)
         data = stored(standin, f"{NS}/persistentvolumeclaims/data-postgres-0")
         assert data["spec"]["resources"]["requests"]["storage"] == "2Gi"
         license_secret = stored(standin, f"{NS}/secrets/license")
@@ -210,7 +198,7 @@ async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
         # A claim that cannot be made at all is still an error.
         standin.fail_status = 403
         with pytest.raises(BackendError):
-            await backend.update(upgraded, noop)
+            await backend.update(upgraded, no_progress)
     finally:
         await backend.stop()
 
@@ -220,9 +208,9 @@ async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(clu
     backend = backend_for(url, standin.token, deletion_grace_days=30)
     await backend.start()
     try:
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
         before = datetime.now(UTC).replace(microsecond=0)
-        await backend.delete(CUSTOMER, noop)
+        await backend.delete(CUSTOMER, no_progress)
         namespace = stored(standin, f"namespaces/{NS}")
         labels, notes = namespace["metadata"]["labels"], namespace["metadata"]["annotations"]
         assert labels["iotistic.io/deleted"] == "true"
@@ -244,12 +232,12 @@ async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(clu
 
         # A retried deletion keeps the first dates.
         await asyncio.sleep(1.1)
-        await backend.delete(CUSTOMER, noop)
+        await backend.delete(CUSTOMER, no_progress)
         again = stored(standin, f"namespaces/{NS}")["metadata"]["annotations"]
         assert again == notes
 
         # Redeployed within the grace period: the same namespace and volumes, running again.
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
         namespace = stored(standin, f"namespaces/{NS}")
         assert "iotistic.io/deleted" not in namespace["metadata"]["labels"]
         assert "annotations" not in namespace["metadata"] or not namespace["metadata"][
@@ -272,7 +260,7 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
     await keeper.start()
     other = "7a1d3c5e-0000-4000-8000-00000000beef"
     try:
-        await backend.deploy(spec_for("trial"), noop)
+        await backend.deploy(spec_for("trial"), no_progress)
         await keeper.deploy(
             InstanceSpec(
                 customer_id=other,
@@ -281,10 +269,10 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
                 license_id="l",
                 jwks_url="http://licensing/.well-known/jwks.json",
             ),
-            noop,
+            no_progress,
         )
-        await backend.delete(CUSTOMER, noop)  # grace 0: due at once
-        await keeper.delete(other, noop)  # 30 days
+        await backend.delete(CUSTOMER, no_progress)  # grace 0: due at once
+        await keeper.delete(other, no_progress)  # 30 days
         assert await backend.purge_expired() == [NS]
         # Terminating, then gone: a second pass purges nothing more.
         assert await backend.purge_expired() == []
@@ -292,7 +280,7 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
         assert (await keeper.status(other))["release"] == "deleted"
         # Thirty days on, the other one is due.
         later = datetime.now(UTC) + timedelta(days=30, seconds=5)
-        client = await api_client(url, standin.token)
+        client = await api_client_for(url, standin.token)()
         try:
             purged = await k8s_grace.purge_expired(KubeApi(client), later)
         finally:
@@ -311,11 +299,11 @@ async def test_the_restore_drill_applies_its_job_waits_and_reports(cluster) -> N
     backend = backend_for(url, standin.token)
     await backend.start()
     try:
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
     finally:
         await backend.stop()
     standin.job_message = "drill ok dump-20261207T031500Z-00.dump sha256 ab12 tables 7 rows 1503"
-    client = await api_client(url, standin.token)
+    client = await api_client_for(url, standin.token)()
     try:
         api = KubeApi(client)
         result = await run_restore_drill(
@@ -362,7 +350,7 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
     backend = backend_for(url, standin.token)
     await backend.start()
     try:
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
     finally:
         await backend.stop()
     standin.job_message = "drill ok dump-x.dump sha256 cd34 tables 7 rows 9"
@@ -422,11 +410,11 @@ async def test_a_restore_stops_the_instance_for_its_job_and_lets_it_go_after(clu
     backend = backend_for(url, standin.token)
     await backend.start()
     try:
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
     finally:
         await backend.stop()
     standin.job_message = "restored dump-20261207T031500Z-00.dump into iotistic"
-    client = await api_client(url, standin.token)
+    client = await api_client_for(url, standin.token)()
     try:
         result = await run_restore(
             KubeApi(client),

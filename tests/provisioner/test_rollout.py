@@ -23,8 +23,7 @@ import asyncpg
 import msgspec
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import STANDIN_TOKEN, KubeStandIn, api_client_for, served
 from prometheus_client import CollectorRegistry
 
 from contracts import LicenseIssued, decode_envelope, decode_event
@@ -46,14 +45,13 @@ from services.provisioner.rollout import (
 )
 from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.worker import QueueWorker
-from support import eventually, license_issued, serving
+from support import eventually, license_issued
 
 pytestmark = pytest.mark.slow
 
 OLD_IMAGE = "ghcr.io/iotistic/iotistic:0.1.0"
 NEW_IMAGE = "ghcr.io/iotistic/iotistic:0.2.0"
 SECRET = "r" * 40
-TOKEN = KubeStandIn().token
 
 
 def provisioner_settings(database_url: str, image: str) -> ProvisionerSettings:
@@ -68,16 +66,6 @@ def provisioner_settings(database_url: str, image: str) -> ProvisionerSettings:
     )
 
 
-def client_for(url: str) -> Any:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": TOKEN}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    return make
-
-
 @contextlib.asynccontextmanager
 async def provisioner_worker(
     pool: asyncpg.Pool, settings: ProvisionerSettings, url: str, store: EventStore
@@ -87,7 +75,7 @@ async def provisioner_worker(
     backend = KubernetesBackend(
         kubernetes_settings(settings),
         SECRET.encode(),
-        client_for(url),
+        api_client_for(url),
         ready_timeout=settings.kubernetes_ready_timeout_seconds,
         poll_seconds=0.05,
     )
@@ -170,7 +158,7 @@ def command_env(database_url: str, url: str, folder: Path) -> dict[str, str]:
                 "apiVersion": "v1",
                 "kind": "Config",
                 "clusters": [{"name": "standin", "cluster": {"server": url}}],
-                "users": [{"name": "provisioner", "user": {"token": TOKEN}}],
+                "users": [{"name": "provisioner", "user": {"token": STANDIN_TOKEN}}],
                 "contexts": [
                     {"name": "standin", "context": {"cluster": "standin", "user": "provisioner"}}
                 ],
@@ -194,8 +182,7 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
     pool: asyncpg.Pool, provisioner_database: str, store: EventStore, tmp_path: Path
 ) -> None:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         # Four starter customers and one enterprise one, each from a trial license only.
         starters = sorted(str(uuid.uuid4()) for _ in range(4))
         enterprise = str(uuid.uuid4())
@@ -227,7 +214,7 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
             # The third customer's new instance will not become ready.
             broken = starters[2]
             standin.unready = {f"customer-{broken}/instance"}
-            backend = kubernetes_backend(new, client_for(url))
+            backend = kubernetes_backend(new, api_client_for(url))
             await backend.start()
             try:
                 plan = await plan_rollout(pool, backend, new, batch_size=2, canary=1)
@@ -318,8 +305,7 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
     pool: asyncpg.Pool, provisioner_database: str, store: EventStore
 ) -> None:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         first_one, second = sorted(str(uuid.uuid4()) for _ in range(2))
         async with provisioner_worker(
             pool, provisioner_settings(provisioner_database, OLD_IMAGE), url, store
@@ -330,7 +316,7 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
 
         new = provisioner_settings(provisioner_database, NEW_IMAGE)
         async with provisioner_worker(pool, new, url, store):
-            backend = kubernetes_backend(new, client_for(url))
+            backend = kubernetes_backend(new, api_client_for(url))
             await backend.start()
             try:
                 plan = await plan_rollout(pool, backend, new, batch_size=1, canary=1)
@@ -391,8 +377,7 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
     pool: asyncpg.Pool, provisioner_database: str, store: EventStore
 ) -> None:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         customers = sorted(str(uuid.uuid4()) for _ in range(2))
         old = provisioner_settings(provisioner_database, OLD_IMAGE)
         # The workers still run the old image (not restarted after the upgrade) while the
@@ -402,7 +387,7 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
                 await license_customer(pool, license_issued(customer_id))
             await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
             new = provisioner_settings(provisioner_database, NEW_IMAGE)
-            backend = kubernetes_backend(new, client_for(url))
+            backend = kubernetes_backend(new, api_client_for(url))
             await backend.start()
             try:
                 plan = await plan_rollout(pool, backend, new, batch_size=5, canary=1)
@@ -452,8 +437,7 @@ async def test_a_volume_claim_change_stops_at_the_canary_as_the_api_server_refus
     # Kubernetes never changes a StatefulSet's volume claim templates in place: a new storage
     # class or size for existing customers is a migration of its own, not a rollout.
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         customers = sorted(str(uuid.uuid4()) for _ in range(2))
         old = provisioner_settings(provisioner_database, OLD_IMAGE)
         async with provisioner_worker(pool, old, url, store):
@@ -462,7 +446,7 @@ async def test_a_volume_claim_change_stops_at_the_canary_as_the_api_server_refus
             await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
         moved = msgspec.structs.replace(old, storage_class="fast")
         async with provisioner_worker(pool, moved, url, store):
-            backend = kubernetes_backend(moved, client_for(url))
+            backend = kubernetes_backend(moved, api_client_for(url))
             await backend.start()
             try:
                 plan = await plan_rollout(pool, backend, moved, batch_size=5, canary=1)

@@ -19,8 +19,7 @@ import asyncpg
 import helm_python
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, api_client_for, no_progress, served
 from litestar import Request, Response
 
 from libs.config import load_settings
@@ -38,7 +37,6 @@ from services.provisioner.backends.k8s_manifests import (
 )
 from services.provisioner.rotation import rotate_credentials
 from services.provisioner.settings import ProvisionerSettings
-from support import serving
 
 CUSTOMER = "0b4e7a0e-5bfe-4b8e-9d2b-2c2b8f6c1a11"
 NS = f"customer-{CUSTOMER}"
@@ -55,25 +53,17 @@ def spec() -> InstanceSpec:
     )
 
 
-async def _noop(percent: int, step: str) -> None:
-    return None
-
-
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str) -> KubernetesBackend:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    return KubernetesBackend(KubernetesSettings(), SECRET, make, ready_timeout=5, poll_seconds=0.05)
+    return KubernetesBackend(
+        KubernetesSettings(), SECRET, api_client_for(url), ready_timeout=5, poll_seconds=0.05
+    )
 
 
 def _fail_applies_after_the_namespace(standin: KubeStandIn) -> None:
@@ -129,15 +119,15 @@ async def test_an_interrupted_rotation_run_again_keeps_the_broker_admin_reachabl
     backend = backend_for(url)
     await backend.start()
     try:
-        await backend.deploy(spec(), _noop)
+        await backend.deploy(spec(), no_progress)
         _fail_applies_after_the_namespace(standin)
         # The operator's first rotation: the Namespace records generation 1, then the API
         # answers 500 (or the command is killed); the mqtt Secret and the broker stay at 0.
         with pytest.raises(BackendError):
-            await backend.rotate_credentials(spec(), _noop)
+            await backend.rotate_credentials(spec(), no_progress)
         standin._apply = KubeStandIn._apply.__get__(standin)
         # The operator runs it again, as the error invites.
-        assert await backend.rotate_credentials(spec(), _noop) == 2
+        assert await backend.rotate_credentials(spec(), no_progress) == 2
     finally:
         await backend.stop()
     mqtt = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
@@ -233,12 +223,12 @@ async def test_a_rotation_waits_for_no_job_and_refuses_while_one_of_the_customer
     backend = backend_for(url)
     await backend.start()
     try:
-        await backend.deploy(spec(), _noop)
+        await backend.deploy(spec(), no_progress)
     finally:
         await backend.stop()
     applied = len(standin.applied())
     with pytest.raises(BackendError, match="job-running"):
-        await rotate_credentials(settings, CUSTOMER, _noop, backend=backend)
+        await rotate_credentials(settings, CUSTOMER, no_progress, backend=backend)
     assert len(standin.applied()) == applied  # nothing applied
     namespace = standin.objects[f"/api/v1/namespaces/{NS}"]
     assert namespace["metadata"]["annotations"][CREDENTIALS_GENERATION] == "0"
@@ -251,7 +241,7 @@ async def test_a_rotation_waits_for_no_job_and_refuses_while_one_of_the_customer
         )
     finally:
         await conn.close()
-    assert await rotate_credentials(settings, CUSTOMER, _noop, backend=backend) == 1
+    assert await rotate_credentials(settings, CUSTOMER, no_progress, backend=backend) == 1
 
 
 # --- 4. GitOps (`helm template`, Argo CD): the bundled Postgres's password changes every render --
@@ -314,13 +304,13 @@ async def test_a_rotation_leaves_a_namespace_being_deleted_alone(
     backend = backend_for(url)
     await backend.start()
     try:
-        await backend.deploy(spec(), _noop)
+        await backend.deploy(spec(), no_progress)
         standin.objects[f"/api/v1/namespaces/{NS}"]["metadata"]["deletionTimestamp"] = (
             "2026-01-01T00:00:00Z"
         )
         applied = len(standin.applied())
         with pytest.raises(BackendError, match="being deleted"):
-            await backend.rotate_credentials(spec(), _noop)
+            await backend.rotate_credentials(spec(), no_progress)
         assert len(standin.applied()) == applied
     finally:
         await backend.stop()
@@ -384,22 +374,18 @@ async def test_a_namespace_cut_short_is_never_applied_or_deleted_for_another_cus
     second = CUSTOMER[:31] + "fffff"
     assert namespace_of(first, settings) == namespace_of(second, settings)
 
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    backend = KubernetesBackend(settings, SECRET, make, ready_timeout=5, poll_seconds=0.05)
+    backend = KubernetesBackend(
+        settings, SECRET, api_client_for(url), ready_timeout=5, poll_seconds=0.05
+    )
     await backend.start()
     try:
-        await backend.deploy(spec(), _noop)
+        await backend.deploy(spec(), no_progress)
         theirs = dataclasses.replace(spec(), customer_id=second, license_id="lic-2")
         for attempt in (backend.deploy, backend.update, backend.rotate_credentials):
             with pytest.raises(BackendError, match="belongs to customer"):
-                await attempt(theirs, _noop)
+                await attempt(theirs, no_progress)
         with pytest.raises(BackendError, match="belongs to customer"):
-            await backend.delete(second, _noop)
+            await backend.delete(second, no_progress)
     finally:
         await backend.stop()
     ns = namespace_of(first, settings)
@@ -459,25 +445,19 @@ async def test_an_apply_with_another_provisioner_secret_is_refused(
     backend = backend_for(url)
     await backend.start()
     try:
-        await backend.deploy(spec(), _noop)
+        await backend.deploy(spec(), no_progress)
     finally:
         await backend.stop()
     before = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
 
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
     stale = KubernetesBackend(
-        KubernetesSettings(), b"z" * 40, make, ready_timeout=5, poll_seconds=0.05
+        KubernetesSettings(), b"z" * 40, api_client_for(url), ready_timeout=5, poll_seconds=0.05
     )
     await stale.start()
     try:
         for attempt in (stale.rotate_credentials, stale.update, stale.deploy):
             with pytest.raises(BackendError, match="another PROVISIONER_SECRET"):
-                await attempt(spec(), _noop)
+                await attempt(spec(), no_progress)
     finally:
         await stale.stop()
     assert standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"] == before
