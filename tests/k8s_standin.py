@@ -348,3 +348,13 @@ async def served(standin: KubeStandIn) -> AsyncIterator[str]:
 async def no_progress(percent: int, step: str) -> None:
     """A progress callback that reports nowhere."""
     return None
+
+
+@contextlib.asynccontextmanager
+async def backend_running(backend: Any) -> AsyncIterator[Any]:
+    """The backend started, and stopped however the block ends."""
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn, api_client_for, no_progress, served
+from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
 
 from libs.config import ConfigError, load_settings
 from libs.db import migrate, service_migrations
@@ -475,8 +475,7 @@ async def test_rotation_changes_the_passwords_and_rolls_the_pods_and_nothing_els
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         with pytest.raises(BackendError, match="nothing to rotate"):
             await backend.rotate_credentials(spec(), no_progress)
         await backend.deploy(spec(), no_progress)
@@ -492,8 +491,6 @@ async def test_rotation_changes_the_passwords_and_rolls_the_pods_and_nothing_els
         await backend.deploy(spec(), no_progress)
         after_deploy = _secret_values(standin)
         await backend.update(spec(), no_progress)
-    finally:
-        await backend.stop()
     namespace = standin.objects[f"/api/v1/namespaces/{NS}"]
     assert namespace["metadata"]["annotations"][CREDENTIALS_GENERATION] == "1"
     secrets_after = _secret_values(standin)
@@ -536,15 +533,12 @@ async def test_rotation_reads_back_a_generation_it_cannot_trust_as_an_error(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
         path = f"/api/v1/namespaces/{NS}"
         standin.objects[path]["metadata"]["annotations"][CREDENTIALS_GENERATION] = "two"
         with pytest.raises(BackendError, match="not a count"):
             await backend.update(spec("lic-2"), no_progress)
-    finally:
-        await backend.stop()
     # Nothing was applied with generation 0's passwords over it.
     assert (
         standin.objects[f"/api/v1/namespaces/{NS}/secrets/license"]["stringData"]["license-id"]
@@ -589,11 +583,8 @@ async def test_the_rotate_command_rotates_the_customer_of_the_provisioners_recor
         steps.append(step)
 
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec("lic-db"), progress)
-    finally:
-        await backend.stop()
     assert await rotate_credentials(settings, CUSTOMER, progress, backend=backend) == 1
     assert await rotate_credentials(settings, CUSTOMER, progress, backend=backend) == 2
     assert "credentials generation 2 applied" in steps

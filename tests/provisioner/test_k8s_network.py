@@ -22,7 +22,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn, api_client_for, served
+from k8s_standin import KubeStandIn, api_client_for, backend_running, served
 
 from libs.config import ConfigError, load_settings
 from libs.mqtt_broker import MAX_CONNECTIONS
@@ -695,11 +695,8 @@ async def standin() -> AsyncIterator[tuple[KubeStandIn, KubernetesBackend]]:
             ready_timeout=20,
             poll_seconds=0.05,
         )
-        await backend.start()
-        try:
+        async with backend_running(backend):
             yield cluster_api, backend
-        finally:
-            await backend.stop()
 
 
 async def test_a_deploy_applies_the_route_and_removes_an_older_versions_ingress(

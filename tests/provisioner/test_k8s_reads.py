@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from k8s_standin import KubeStandIn, api_client_for, no_progress, served
+from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs.config import ConfigError
@@ -110,12 +110,9 @@ async def test_a_first_deploy_binds_the_reads_before_it_reads(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         deployed = await backend.deploy(spec(), no_progress)
         health = await backend.health(CUSTOMER)
-    finally:
-        await backend.stop()
     assert deployed.components == {"postgres": "ready", "mosquitto": "ready", "instance": "ready"}
     assert health.healthy, health
     # The first reads (the volumes' sizes, before the namespace existed) were refused, and
@@ -130,16 +127,13 @@ async def test_a_customer_deployed_before_the_binding_is_granted_it_on_first_rea
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
         # As a namespace made by an older version: no reader RoleBinding in it.
         del standin.objects[BINDING_PATH]
         before = len(standin.applied())
         health = await backend.health(CUSTOMER)
         status = await backend.status(CUSTOMER)
-    finally:
-        await backend.stop()
     assert health.healthy, health
     assert status["release"] == "deployed"
     # The first read was refused; the binding was applied once, and the reads went on.
@@ -152,21 +146,15 @@ async def test_without_the_binding_the_worker_reads_nothing_in_a_tenant(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
-    finally:
-        await backend.stop()
     del standin.objects[BINDING_PATH]
     # A provisioner not told the reader role (settings empty) renders no binding and grants
     # none: the cluster refuses its reads inside the namespace.
     unbound = backend_for(url, reader=False)
-    await unbound.start()
-    try:
+    async with backend_running(unbound):
         with pytest.raises(BackendError, match="403"):
             await unbound.health(CUSTOMER)
-    finally:
-        await unbound.stop()
 
 
 async def test_reads_in_a_namespace_that_is_not_a_tenants_are_not_granted(
@@ -174,13 +162,10 @@ async def test_reads_in_a_namespace_that_is_not_a_tenants_are_not_granted(
 ) -> None:
     _, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         api: Any = backend._api
         with pytest.raises(BackendError, match="may not read in namespace kube-system"):
             await api.get("apps/v1", "Deployment", "coredns", "kube-system")
-    finally:
-        await backend.stop()
 
 
 async def test_a_namespace_going_away_is_not_granted_reads(
@@ -188,16 +173,13 @@ async def test_a_namespace_going_away_is_not_granted_reads(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
         # Erasure under way: the namespace controller took the RoleBinding before the workloads.
         standin.objects[f"/api/v1/namespaces/{NS}"]["status"] = {"phase": "Terminating"}
         del standin.objects[BINDING_PATH]
         before = len(standin.applied())
         status = await backend.status(CUSTOMER)
-    finally:
-        await backend.stop()
     assert status["release"] == "terminating"
     assert status["components"] == {
         "postgres": "missing",

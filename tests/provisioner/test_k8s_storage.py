@@ -17,7 +17,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_standin import KubeStandIn, api_client_for, no_progress, served
+from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
 
 from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import BackendError, InstanceSpec
@@ -164,8 +164,7 @@ def stored(standin: KubeStandIn, suffix: str) -> dict[str, Any]:
 async def test_an_upgrade_grows_the_volume_and_a_downgrade_keeps_it(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec_for("starter"), no_progress)
         data = f"{NS}/persistentvolumeclaims/data-postgres-0"
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "2Gi"
@@ -175,8 +174,6 @@ async def test_an_upgrade_grows_the_volume_and_a_downgrade_keeps_it(cluster) -> 
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "81Gi"
         quota = stored(standin, f"{NS}/resourcequotas/customer-quota")
         assert quota["spec"]["hard"]["requests.storage"] == f"{81 + 426 + 1}Gi"
-    finally:
-        await backend.stop()
 
 
 async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
@@ -184,8 +181,7 @@ async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec_for("starter"), no_progress)
         standin.refuse_growth = True
         upgraded = spec_for("professional")
@@ -199,15 +195,12 @@ async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
         standin.fail_status = 403
         with pytest.raises(BackendError):
             await backend.update(upgraded, no_progress)
-    finally:
-        await backend.stop()
 
 
 async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token, deletion_grace_days=30)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec_for("starter"), no_progress)
         before = datetime.now(UTC).replace(microsecond=0)
         await backend.delete(CUSTOMER, no_progress)
@@ -248,8 +241,6 @@ async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(clu
         assert "suspend" not in stored(standin, f"{NS}/cronjobs/tenant-backup")["spec"]
         stored(standin, f"{NS}/httproutes/instance")
         assert (await backend.status(CUSTOMER))["release"] == "deployed"
-    finally:
-        await backend.stop()
 
 
 async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> None:
@@ -297,11 +288,8 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
 async def test_the_restore_drill_applies_its_job_waits_and_reports(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec_for("starter"), no_progress)
-    finally:
-        await backend.stop()
     standin.job_message = "drill ok dump-20261207T031500Z-00.dump sha256 ab12 tables 7 rows 1503"
     client = await api_client_for(url, standin.token)()
     try:
@@ -348,11 +336,8 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
     """``iotistic provisioner restore-drill`` with a kubeconfig naming the stand-in."""
     standin, url = cluster
     backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec_for("starter"), no_progress)
-    finally:
-        await backend.stop()
     standin.job_message = "drill ok dump-x.dump sha256 cd34 tables 7 rows 9"
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -408,11 +393,8 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
 async def test_a_restore_stops_the_instance_for_its_job_and_lets_it_go_after(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec_for("starter"), no_progress)
-    finally:
-        await backend.stop()
     standin.job_message = "restored dump-20261207T031500Z-00.dump into iotistic"
     client = await api_client_for(url, standin.token)()
     try:

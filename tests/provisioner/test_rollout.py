@@ -23,7 +23,7 @@ import asyncpg
 import msgspec
 import pytest
 import yaml
-from k8s_standin import STANDIN_TOKEN, KubeStandIn, api_client_for, served
+from k8s_standin import STANDIN_TOKEN, KubeStandIn, api_client_for, backend_running, served
 from prometheus_client import CollectorRegistry
 
 from contracts import LicenseIssued, decode_envelope, decode_event
@@ -215,8 +215,7 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
             broken = starters[2]
             standin.unready = {f"customer-{broken}/instance"}
             backend = kubernetes_backend(new, api_client_for(url))
-            await backend.start()
-            try:
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, new, batch_size=2, canary=1)
                 assert [[t.customer_id for t in b] for b in plan.batches] == [
                     [starters[0]],
@@ -227,8 +226,6 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
                 report = await Rollout(
                     pool, backend, new, batch_timeout=30, settle_seconds=0.2, poll_seconds=0.05
                 ).run(plan)
-            finally:
-                await backend.stop()
             assert report.stopped
             assert [(f.customer_id, f.reason) for f in report.failures] == [
                 (broken, "job failed: not ready after 3s: instance")
@@ -317,8 +314,7 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
         new = provisioner_settings(provisioner_database, NEW_IMAGE)
         async with provisioner_worker(pool, new, url, store):
             backend = kubernetes_backend(new, api_client_for(url))
-            await backend.start()
-            try:
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, new, batch_size=1, canary=1)
                 rollout = Rollout(
                     pool, backend, new, batch_timeout=30, settle_seconds=1.0, poll_seconds=0.05
@@ -369,8 +365,6 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
                 assert done.tenants == [] and len(done.skipped) == 2
                 forced = await plan_rollout(pool, backend, new, force=True)
                 assert [t.customer_id for t in forced.tenants] == [first_one, second]
-            finally:
-                await backend.stop()
 
 
 async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_canary(
@@ -388,8 +382,7 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
             await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
             new = provisioner_settings(provisioner_database, NEW_IMAGE)
             backend = kubernetes_backend(new, api_client_for(url))
-            await backend.start()
-            try:
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, new, batch_size=5, canary=1)
                 report = await Rollout(
                     pool, backend, new, batch_timeout=30, settle_seconds=0, poll_seconds=0.05
@@ -426,8 +419,6 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
                 )
                 assert [t.customer_id for t in only.tenants] == [customers[1]]
                 assert only.not_deployed == ["not-a-customer"]
-            finally:
-                await backend.stop()
         assert {image_of(standin, c) for c in customers} == {OLD_IMAGE}
 
 
@@ -447,14 +438,11 @@ async def test_a_volume_claim_change_stops_at_the_canary_as_the_api_server_refus
         moved = msgspec.structs.replace(old, storage_class="fast")
         async with provisioner_worker(pool, moved, url, store):
             backend = kubernetes_backend(moved, api_client_for(url))
-            await backend.start()
-            try:
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, moved, batch_size=5, canary=1)
                 report = await Rollout(
                     pool, backend, moved, batch_timeout=30, settle_seconds=0, poll_seconds=0.05
                 ).run(plan)
-            finally:
-                await backend.stop()
     [failure] = report.failures
     assert (failure.customer_id, report.untouched) == (customers[0], [customers[1]])
     assert failure.reason.startswith(

@@ -19,7 +19,7 @@ import asyncpg
 import helm_python
 import pytest
 import yaml
-from k8s_standin import KubeStandIn, api_client_for, no_progress, served
+from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
 from litestar import Request, Response
 
 from libs.config import load_settings
@@ -117,8 +117,7 @@ async def test_an_interrupted_rotation_run_again_keeps_the_broker_admin_reachabl
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
         _fail_applies_after_the_namespace(standin)
         # The operator's first rotation: the Namespace records generation 1, then the API
@@ -128,8 +127,6 @@ async def test_an_interrupted_rotation_run_again_keeps_the_broker_admin_reachabl
         standin._apply = KubeStandIn._apply.__get__(standin)
         # The operator runs it again, as the error invites.
         assert await backend.rotate_credentials(spec(), no_progress) == 2
-    finally:
-        await backend.stop()
     mqtt = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
     # The broker's dynamic-security file still has generation 0's admin password: the only
     # rollout of the mosquitto StatefulSet (by the second rotation) restarts it with a Secret
@@ -221,11 +218,8 @@ async def test_a_rotation_waits_for_no_job_and_refuses_while_one_of_the_customer
         },
     )
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
-    finally:
-        await backend.stop()
     applied = len(standin.applied())
     with pytest.raises(BackendError, match="job-running"):
         await rotate_credentials(settings, CUSTOMER, no_progress, backend=backend)
@@ -302,8 +296,7 @@ async def test_a_rotation_leaves_a_namespace_being_deleted_alone(
     included) in it, or, the namespace gone just after it looked, make it anew for nobody."""
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
         standin.objects[f"/api/v1/namespaces/{NS}"]["metadata"]["deletionTimestamp"] = (
             "2026-01-01T00:00:00Z"
@@ -312,8 +305,6 @@ async def test_a_rotation_leaves_a_namespace_being_deleted_alone(
         with pytest.raises(BackendError, match="being deleted"):
             await backend.rotate_credentials(spec(), no_progress)
         assert len(standin.applied()) == applied
-    finally:
-        await backend.stop()
 
 
 # --- 5. a secret given in config lands in a ConfigMap -----------------------------------------
@@ -377,8 +368,7 @@ async def test_a_namespace_cut_short_is_never_applied_or_deleted_for_another_cus
     backend = KubernetesBackend(
         settings, SECRET, api_client_for(url), ready_timeout=5, poll_seconds=0.05
     )
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
         theirs = dataclasses.replace(spec(), customer_id=second, license_id="lic-2")
         for attempt in (backend.deploy, backend.update, backend.rotate_credentials):
@@ -386,8 +376,6 @@ async def test_a_namespace_cut_short_is_never_applied_or_deleted_for_another_cus
                 await attempt(theirs, no_progress)
         with pytest.raises(BackendError, match="belongs to customer"):
             await backend.delete(second, no_progress)
-    finally:
-        await backend.stop()
     ns = namespace_of(first, settings)
     license_secret = standin.objects[f"/api/v1/namespaces/{ns}/secrets/license"]["stringData"]
     assert license_secret["license-id"] == "lic-1"
@@ -443,21 +431,15 @@ async def test_an_apply_with_another_provisioner_secret_is_refused(
     was lost, and with it the instance's ingest client. Such an apply must be refused."""
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), no_progress)
-    finally:
-        await backend.stop()
     before = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
 
     stale = KubernetesBackend(
         KubernetesSettings(), b"z" * 40, api_client_for(url), ready_timeout=5, poll_seconds=0.05
     )
-    await stale.start()
-    try:
+    async with backend_running(stale):
         for attempt in (stale.rotate_credentials, stale.update, stale.deploy):
             with pytest.raises(BackendError, match="another PROVISIONER_SECRET"):
                 await attempt(spec(), no_progress)
-    finally:
-        await stale.stop()
     assert standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"] == before
