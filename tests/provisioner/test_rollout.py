@@ -104,6 +104,13 @@ async def all_jobs_finished(pool: asyncpg.Pool) -> bool:
     )
 
 
+async def license_and_deploy(pool: asyncpg.Pool, *events: LicenseIssued) -> None:
+    """Each customer licensed, and the worker's deploys of them all finished."""
+    for event in events:
+        await license_customer(pool, event)
+    await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+
+
 def image_of(standin: KubeStandIn, customer_id: str) -> str:
     deployment = standin.objects[
         f"/apis/apps/v1/namespaces/customer-{customer_id}/deployments/instance"
@@ -188,10 +195,11 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
         enterprise = str(uuid.uuid4())
         old = provisioner_settings(provisioner_database, OLD_IMAGE)
         async with provisioner_worker(pool, old, url, store):
-            for customer_id in starters:
-                await license_customer(pool, license_issued(customer_id))
-            await license_customer(pool, license_issued(enterprise, plan="enterprise"))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(
+                pool,
+                *(license_issued(c) for c in starters),
+                license_issued(enterprise, plan="enterprise"),
+            )
         everyone = [*starters, enterprise]
         assert {image_of(standin, c) for c in everyone} == {OLD_IMAGE}
 
@@ -307,9 +315,7 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
         async with provisioner_worker(
             pool, provisioner_settings(provisioner_database, OLD_IMAGE), url, store
         ):
-            for customer_id in (first_one, second):
-                await license_customer(pool, license_issued(customer_id))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(pool, license_issued(first_one), license_issued(second))
 
         new = provisioner_settings(provisioner_database, NEW_IMAGE)
         async with provisioner_worker(pool, new, url, store):
@@ -377,9 +383,7 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
         # The workers still run the old image (not restarted after the upgrade) while the
         # operator's rollout renders the new one.
         async with provisioner_worker(pool, old, url, store):
-            for customer_id in customers:
-                await license_customer(pool, license_issued(customer_id))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(pool, *(license_issued(c) for c in customers))
             new = provisioner_settings(provisioner_database, NEW_IMAGE)
             backend = kubernetes_backend(new, api_client_for(url))
             async with backend_running(backend):
@@ -432,9 +436,7 @@ async def test_a_volume_claim_change_stops_at_the_canary_as_the_api_server_refus
         customers = sorted(str(uuid.uuid4()) for _ in range(2))
         old = provisioner_settings(provisioner_database, OLD_IMAGE)
         async with provisioner_worker(pool, old, url, store):
-            for customer_id in customers:
-                await license_customer(pool, license_issued(customer_id))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(pool, *(license_issued(c) for c in customers))
         moved = msgspec.structs.replace(old, storage_class="fast")
         async with provisioner_worker(pool, moved, url, store):
             backend = kubernetes_backend(moved, api_client_for(url))
