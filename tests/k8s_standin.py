@@ -42,6 +42,7 @@ from kubernetes_asyncio import client as k8s
 from litestar import Litestar, Request, Response, route
 from litestar.params import FromPath
 
+from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s import KubeApi, KubernetesBackend
 from support import serving
 
@@ -337,6 +338,21 @@ def api_client_for(url: str, token: str = STANDIN_TOKEN) -> Callable[[], Awaitab
         return k8s.ApiClient(configuration)
 
     return make
+
+
+def starter_spec(customer_id: str, **fields: Any) -> InstanceSpec:
+    """What the backend deploys for a starter customer, its license a placeholder (the
+    backend passes it on, never checks it); ``fields`` set any of it otherwise."""
+    return InstanceSpec(
+        **{
+            "customer_id": customer_id,
+            "plan": "starter",
+            "license_jwt": "header.claims.signature",
+            "license_id": "lic-1",
+            "jwks_url": "http://licensing.iotistic.svc/.well-known/jwks.json",
+        }
+        | fields
+    )
 
 
 @contextlib.asynccontextmanager

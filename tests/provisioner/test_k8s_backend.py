@@ -16,7 +16,14 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_standin import STANDIN_TOKEN, KubeStandIn, api_client_for, backend_running, served
+from k8s_standin import (
+    STANDIN_TOKEN,
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    served,
+    starter_spec,
+)
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
@@ -30,13 +37,7 @@ SECRET = b"k" * 40
 
 
 def spec(license_id: str = "lic-1", jwt: str = "header.claims.signature-one") -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt=jwt,
-        license_id=license_id,
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
+    return starter_spec(CUSTOMER, license_id=license_id, license_jwt=jwt)
 
 
 @pytest.fixture

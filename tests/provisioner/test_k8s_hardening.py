@@ -16,7 +16,14 @@ from typing import Any
 import asyncpg
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
+from k8s_standin import (
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    no_progress,
+    served,
+    starter_spec,
+)
 
 from libs.config import ConfigError, load_settings
 from libs.db import migrate, service_migrations
@@ -48,13 +55,7 @@ K8S_VERSION = "1.37.0"
 
 
 def spec(license_id: str = "lic-1") -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt="header.claims.signature",
-        license_id=license_id,
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
+    return starter_spec(CUSTOMER, license_id=license_id)
 
 
 def objects(generation: int = 0) -> dict[tuple[str, str], dict[str, Any]]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn, api_client_for, backend_running, served
+from k8s_standin import KubeStandIn, api_client_for, backend_running, served, starter_spec
 
 from libs.config import ConfigError, load_settings
 from libs.mqtt_broker import MAX_CONNECTIONS
@@ -48,14 +48,7 @@ RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-
 
 
 def spec(customer_id: str = TENANT_A, max_devices: int = 10) -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=customer_id,
-        plan="starter",
-        license_jwt="header.claims.signature",
-        license_id="lic-1",
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-        max_devices=max_devices,
-    )
+    return starter_spec(customer_id, max_devices=max_devices)
 
 
 def objects_of(

@@ -13,7 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
+from k8s_standin import (
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    no_progress,
+    served,
+    starter_spec,
+)
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs.config import ConfigError
@@ -36,13 +43,7 @@ BINDING_PATH = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings
 
 
 def spec() -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt="header.claims.signature-one",
-        license_id="lic-1",
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
+    return starter_spec(CUSTOMER, license_jwt="header.claims.signature-one")
 
 
 def settings(reader: bool = True) -> KubernetesSettings:

@@ -19,7 +19,14 @@ import asyncpg
 import helm_python
 import pytest
 import yaml
-from k8s_standin import KubeStandIn, api_client_for, backend_running, no_progress, served
+from k8s_standin import (
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    no_progress,
+    served,
+    starter_spec,
+)
 from litestar import Request, Response
 
 from libs.config import load_settings
@@ -44,13 +51,7 @@ SECRET = b"a" * 40
 
 
 def spec() -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt="header.claims.signature",
-        license_id="lic-1",
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
+    return starter_spec(CUSTOMER)
 
 
 @pytest.fixture
