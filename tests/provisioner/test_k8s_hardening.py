@@ -16,8 +16,14 @@ from typing import Any
 import asyncpg
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import (
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    no_progress,
+    served,
+    starter_spec,
+)
 
 from libs.config import ConfigError, load_settings
 from libs.db import migrate, service_migrations
@@ -41,7 +47,6 @@ from services.provisioner.backends.k8s_manifests import (
 )
 from services.provisioner.rotation import rotate_credentials
 from services.provisioner.settings import ProvisionerSettings
-from support import serving
 
 CUSTOMER = "5d41402a-bc4b-4a76-b971-9d911017c592"
 NS = f"customer-{CUSTOMER}"
@@ -50,13 +55,7 @@ K8S_VERSION = "1.37.0"
 
 
 def spec(license_id: str = "lic-1") -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt="header.claims.signature",
-        license_id=license_id,
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
+    return starter_spec(CUSTOMER, license_id=license_id)
 
 
 def objects(generation: int = 0) -> dict[tuple[str, str], dict[str, Any]]:
@@ -449,29 +448,19 @@ def test_the_broker_moves_its_admin_to_the_rotated_password(tmp_path: Path) -> N
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str) -> KubernetesBackend:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
     return KubernetesBackend(
         KubernetesSettings(),
         SECRET,
-        make,
+        api_client_for(url),
         ready_timeout=20,
         poll_seconds=0.05,
         login_relay_secret="l" * 40,
     )
-
-
-async def _noop(percent: int, step: str) -> None:
-    return None
 
 
 def _secret_values(standin: KubeStandIn) -> dict[str, dict[str, str]]:
@@ -487,11 +476,10 @@ async def test_rotation_changes_the_passwords_and_rolls_the_pods_and_nothing_els
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         with pytest.raises(BackendError, match="nothing to rotate"):
-            await backend.rotate_credentials(spec(), _noop)
-        await backend.deploy(spec(), _noop)
+            await backend.rotate_credentials(spec(), no_progress)
+        await backend.deploy(spec(), no_progress)
         before = {k: v["metadata"]["generation"] for k, v in standin.objects.items()}
         secrets_before = _secret_values(standin)
         templates_before = {
@@ -499,13 +487,11 @@ async def test_rotation_changes_the_passwords_and_rolls_the_pods_and_nothing_els
             for k, v in standin.objects.items()
             if v["kind"] in ("Deployment", "StatefulSet")
         }
-        assert await backend.rotate_credentials(spec(), _noop) == 1
+        assert await backend.rotate_credentials(spec(), no_progress) == 1
         # A later deploy or update (a retried job, a new license) keeps the new generation.
-        await backend.deploy(spec(), _noop)
+        await backend.deploy(spec(), no_progress)
         after_deploy = _secret_values(standin)
-        await backend.update(spec(), _noop)
-    finally:
-        await backend.stop()
+        await backend.update(spec(), no_progress)
     namespace = standin.objects[f"/api/v1/namespaces/{NS}"]
     assert namespace["metadata"]["annotations"][CREDENTIALS_GENERATION] == "1"
     secrets_after = _secret_values(standin)
@@ -548,15 +534,12 @@ async def test_rotation_reads_back_a_generation_it_cannot_trust_as_an_error(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), _noop)
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
         path = f"/api/v1/namespaces/{NS}"
         standin.objects[path]["metadata"]["annotations"][CREDENTIALS_GENERATION] = "two"
         with pytest.raises(BackendError, match="not a count"):
-            await backend.update(spec("lic-2"), _noop)
-    finally:
-        await backend.stop()
+            await backend.update(spec("lic-2"), no_progress)
     # Nothing was applied with generation 0's passwords over it.
     assert (
         standin.objects[f"/api/v1/namespaces/{NS}/secrets/license"]["stringData"]["license-id"]
@@ -601,11 +584,8 @@ async def test_the_rotate_command_rotates_the_customer_of_the_provisioners_recor
         steps.append(step)
 
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         await backend.deploy(spec("lic-db"), progress)
-    finally:
-        await backend.stop()
     assert await rotate_credentials(settings, CUSTOMER, progress, backend=backend) == 1
     assert await rotate_credentials(settings, CUSTOMER, progress, backend=backend) == 2
     assert "credentials generation 2 applied" in steps

@@ -34,8 +34,7 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, api_client_for, served
 
 from libs.config import ConfigError, ServiceSettings
 from libs.embedded import EmbeddedPostgres, free_port, postgres_bin_dir
@@ -115,17 +114,10 @@ async def control_plane(
     provisioner's kubernetes backend talks to the STAND-IN API server."""
     cluster = KubeStandIn()
     async with contextlib.AsyncExitStack() as stack:
-        api = await stack.enter_async_context(serving(cluster.app()))
-
-        async def standin_client() -> k8s.ApiClient:
-            # STAND-IN for the in-cluster configuration (service-account token, API address).
-            configuration = k8s.Configuration(host=str(api.base_url))
-            configuration.api_key = {"BearerToken": cluster.token}
-            configuration.api_key_prefix = {"BearerToken": "Bearer"}
-            return k8s.ApiClient(configuration)
-
+        api_url = await stack.enter_async_context(served(cluster))
         patch = stack.enter_context(pytest.MonkeyPatch.context())
-        patch.setattr(k8s_backend, "cluster_client", standin_client)
+        # STAND-IN for the in-cluster configuration (service-account token, API address).
+        patch.setattr(k8s_backend, "cluster_client", api_client_for(api_url, cluster.token))
         urls = {}
         platforms = []
         for name, definition in CONTROL_PLANE.items():

@@ -22,8 +22,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, api_client_for, backend_running, served, starter_spec
 
 from libs.config import ConfigError, load_settings
 from libs.mqtt_broker import MAX_CONNECTIONS
@@ -32,7 +31,6 @@ from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend, object_path
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
 from services.provisioner.settings import ProvisionerSettings, parse_ports
-from support import serving
 
 K8S_VERSION = "1.37.0"
 TENANT_A = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
@@ -50,14 +48,7 @@ RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-
 
 
 def spec(customer_id: str = TENANT_A, max_devices: int = 10) -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=customer_id,
-        plan="starter",
-        license_jwt="header.claims.signature",
-        license_id="lic-1",
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-        max_devices=max_devices,
-    )
+    return starter_spec(customer_id, max_devices=max_devices)
 
 
 def objects_of(
@@ -689,22 +680,16 @@ def test_the_gateway_kinds_have_their_rest_paths() -> None:
 @pytest.fixture
 async def standin() -> AsyncIterator[tuple[KubeStandIn, KubernetesBackend]]:
     cluster_api = KubeStandIn()
-    async with serving(cluster_api.app()) as http:
-
-        async def make() -> k8s.ApiClient:
-            configuration = k8s.Configuration(host=str(http.base_url))
-            configuration.api_key = {"BearerToken": cluster_api.token}
-            configuration.api_key_prefix = {"BearerToken": "Bearer"}
-            return k8s.ApiClient(configuration)
-
+    async with served(cluster_api) as url:
         backend = KubernetesBackend(
-            KubernetesSettings(), b"k" * 40, make, ready_timeout=20, poll_seconds=0.05
+            KubernetesSettings(),
+            b"k" * 40,
+            api_client_for(url),
+            ready_timeout=20,
+            poll_seconds=0.05,
         )
-        await backend.start()
-        try:
+        async with backend_running(backend):
             yield cluster_api, backend
-        finally:
-            await backend.stop()
 
 
 async def test_a_deploy_applies_the_route_and_removes_an_older_versions_ingress(

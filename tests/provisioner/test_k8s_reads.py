@@ -13,8 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import (
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    no_progress,
+    served,
+    starter_spec,
+)
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs.config import ConfigError
@@ -27,7 +33,6 @@ from services.provisioner.backends.k8s_manifests import (
     render,
 )
 from services.provisioner.settings import ProvisionerSettings, parse_tenant_reader
-from support import serving
 
 CUSTOMER = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
 NS = f"customer-{CUSTOMER}"
@@ -38,13 +43,7 @@ BINDING_PATH = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings
 
 
 def spec() -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt="header.claims.signature-one",
-        license_id="lic-1",
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
+    return starter_spec(CUSTOMER, license_jwt="header.claims.signature-one")
 
 
 def settings(reader: bool = True) -> KubernetesSettings:
@@ -54,22 +53,14 @@ def settings(reader: bool = True) -> KubernetesSettings:
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn(reader_role=READER)
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str, reader: bool = True) -> KubernetesBackend:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    return KubernetesBackend(settings(reader), SECRET, make, ready_timeout=20, poll_seconds=0.05)
-
-
-async def noop(percent: int, step: str) -> None:
-    pass
+    return KubernetesBackend(
+        settings(reader), SECRET, api_client_for(url), ready_timeout=20, poll_seconds=0.05
+    )
 
 
 def test_the_reader_binding_follows_the_namespace_and_binds_the_role_to_the_worker() -> None:
@@ -120,12 +111,9 @@ async def test_a_first_deploy_binds_the_reads_before_it_reads(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        deployed = await backend.deploy(spec(), noop)
+    async with backend_running(backend):
+        deployed = await backend.deploy(spec(), no_progress)
         health = await backend.health(CUSTOMER)
-    finally:
-        await backend.stop()
     assert deployed.components == {"postgres": "ready", "mosquitto": "ready", "instance": "ready"}
     assert health.healthy, health
     # The first reads (the volumes' sizes, before the namespace existed) were refused, and
@@ -140,16 +128,13 @@ async def test_a_customer_deployed_before_the_binding_is_granted_it_on_first_rea
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), noop)
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
         # As a namespace made by an older version: no reader RoleBinding in it.
         del standin.objects[BINDING_PATH]
         before = len(standin.applied())
         health = await backend.health(CUSTOMER)
         status = await backend.status(CUSTOMER)
-    finally:
-        await backend.stop()
     assert health.healthy, health
     assert status["release"] == "deployed"
     # The first read was refused; the binding was applied once, and the reads went on.
@@ -162,21 +147,15 @@ async def test_without_the_binding_the_worker_reads_nothing_in_a_tenant(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), noop)
-    finally:
-        await backend.stop()
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
     del standin.objects[BINDING_PATH]
     # A provisioner not told the reader role (settings empty) renders no binding and grants
     # none: the cluster refuses its reads inside the namespace.
     unbound = backend_for(url, reader=False)
-    await unbound.start()
-    try:
+    async with backend_running(unbound):
         with pytest.raises(BackendError, match="403"):
             await unbound.health(CUSTOMER)
-    finally:
-        await unbound.stop()
 
 
 async def test_reads_in_a_namespace_that_is_not_a_tenants_are_not_granted(
@@ -184,13 +163,10 @@ async def test_reads_in_a_namespace_that_is_not_a_tenants_are_not_granted(
 ) -> None:
     _, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
+    async with backend_running(backend):
         api: Any = backend._api
         with pytest.raises(BackendError, match="may not read in namespace kube-system"):
             await api.get("apps/v1", "Deployment", "coredns", "kube-system")
-    finally:
-        await backend.stop()
 
 
 async def test_a_namespace_going_away_is_not_granted_reads(
@@ -198,16 +174,13 @@ async def test_a_namespace_going_away_is_not_granted_reads(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), noop)
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
         # Erasure under way: the namespace controller took the RoleBinding before the workloads.
         standin.objects[f"/api/v1/namespaces/{NS}"]["status"] = {"phase": "Terminating"}
         del standin.objects[BINDING_PATH]
         before = len(standin.applied())
         status = await backend.status(CUSTOMER)
-    finally:
-        await backend.stop()
     assert status["release"] == "terminating"
     assert status["components"] == {
         "postgres": "missing",

@@ -17,12 +17,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, api_client_for, backend_running, kube_api, no_progress, served
 
 from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import BackendError, InstanceSpec
-from services.provisioner.backends.k8s import KubeApi, KubernetesBackend
+from services.provisioner.backends.k8s import KubernetesBackend
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
 from services.provisioner.backends.k8s_storage import (
     StoragePolicy,
@@ -32,7 +31,7 @@ from services.provisioner.backends.k8s_storage import (
     tenant_storage,
 )
 from services.provisioner.backups import run_restore, run_restore_drill
-from support import serving, signed_license_issued
+from support import signed_license_issued
 
 CUSTOMER = "5e0c2b7a-91d4-4f3e-8a6b-2c7d9e1f0a33"
 NS = f"customer-{CUSTOMER}"
@@ -143,29 +142,24 @@ def test_volumes_never_shrink_and_the_quota_follows() -> None:
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
-
-
-async def api_client(url: str, token: str) -> k8s.ApiClient:
-    configuration = k8s.Configuration(host=url)
-    configuration.api_key = {"BearerToken": token}
-    configuration.api_key_prefix = {"BearerToken": "Bearer"}
-    return k8s.ApiClient(configuration)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str, token: str, **settings: Any) -> KubernetesBackend:
     return KubernetesBackend(
         KubernetesSettings(**settings),
         SECRET,
-        lambda: api_client(url, token),
+        api_client_for(url, token),
         ready_timeout=20,
         poll_seconds=0.05,
     )
 
 
-async def noop(percent: int, step: str) -> None:
-    return None
+async def deploy_starter(url: str, token: str) -> None:
+    """The customer deployed on the starter plan; the backend that did it stopped again."""
+    async with backend_running(backend_for(url, token)) as backend:
+        await backend.deploy(spec_for("starter"), no_progress)
 
 
 def stored(standin: KubeStandIn, suffix: str) -> dict[str, Any]:
@@ -176,19 +170,16 @@ def stored(standin: KubeStandIn, suffix: str) -> dict[str, Any]:
 async def test_an_upgrade_grows_the_volume_and_a_downgrade_keeps_it(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
-        await backend.deploy(spec_for("starter"), noop)
+    async with backend_running(backend):
+        await backend.deploy(spec_for("starter"), no_progress)
         data = f"{NS}/persistentvolumeclaims/data-postgres-0"
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "2Gi"
-        await backend.update(spec_for("professional"), noop)
+        await backend.update(spec_for("professional"), no_progress)
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "81Gi"
-        await backend.update(spec_for("starter"), noop)
+        await backend.update(spec_for("starter"), no_progress)
         assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "81Gi"
         quota = stored(standin, f"{NS}/resourcequotas/customer-quota")
         assert quota["spec"]["hard"]["requests.storage"] == f"{81 + 426 + 1}Gi"
-    finally:
-        await backend.stop()
 
 
 async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
@@ -196,12 +187,11 @@ async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
 ) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
-        await backend.deploy(spec_for("starter"), noop)
+    async with backend_running(backend):
+        await backend.deploy(spec_for("starter"), no_progress)
         standin.refuse_growth = True
         upgraded = spec_for("professional")
-        await backend.update(upgraded, noop)
+        await backend.update(upgraded, no_progress)
         data = stored(standin, f"{NS}/persistentvolumeclaims/data-postgres-0")
         assert data["spec"]["resources"]["requests"]["storage"] == "2Gi"
         license_secret = stored(standin, f"{NS}/secrets/license")
@@ -210,19 +200,16 @@ async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
         # A claim that cannot be made at all is still an error.
         standin.fail_status = 403
         with pytest.raises(BackendError):
-            await backend.update(upgraded, noop)
-    finally:
-        await backend.stop()
+            await backend.update(upgraded, no_progress)
 
 
 async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token, deletion_grace_days=30)
-    await backend.start()
-    try:
-        await backend.deploy(spec_for("starter"), noop)
+    async with backend_running(backend):
+        await backend.deploy(spec_for("starter"), no_progress)
         before = datetime.now(UTC).replace(microsecond=0)
-        await backend.delete(CUSTOMER, noop)
+        await backend.delete(CUSTOMER, no_progress)
         namespace = stored(standin, f"namespaces/{NS}")
         labels, notes = namespace["metadata"]["labels"], namespace["metadata"]["annotations"]
         assert labels["iotistic.io/deleted"] == "true"
@@ -244,12 +231,12 @@ async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(clu
 
         # A retried deletion keeps the first dates.
         await asyncio.sleep(1.1)
-        await backend.delete(CUSTOMER, noop)
+        await backend.delete(CUSTOMER, no_progress)
         again = stored(standin, f"namespaces/{NS}")["metadata"]["annotations"]
         assert again == notes
 
         # Redeployed within the grace period: the same namespace and volumes, running again.
-        await backend.deploy(spec_for("starter"), noop)
+        await backend.deploy(spec_for("starter"), no_progress)
         namespace = stored(standin, f"namespaces/{NS}")
         assert "iotistic.io/deleted" not in namespace["metadata"]["labels"]
         assert "annotations" not in namespace["metadata"] or not namespace["metadata"][
@@ -260,19 +247,15 @@ async def test_a_deletion_stops_keeps_and_a_redeploy_takes_the_customer_back(clu
         assert "suspend" not in stored(standin, f"{NS}/cronjobs/tenant-backup")["spec"]
         stored(standin, f"{NS}/httproutes/instance")
         assert (await backend.status(CUSTOMER))["release"] == "deployed"
-    finally:
-        await backend.stop()
 
 
 async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> None:
     standin, url = cluster
     backend = backend_for(url, standin.token, deletion_grace_days=0)
     keeper = backend_for(url, standin.token, deletion_grace_days=30)
-    await backend.start()
-    await keeper.start()
     other = "7a1d3c5e-0000-4000-8000-00000000beef"
-    try:
-        await backend.deploy(spec_for("trial"), noop)
+    async with backend_running(backend), backend_running(keeper):
+        await backend.deploy(spec_for("trial"), no_progress)
         await keeper.deploy(
             InstanceSpec(
                 customer_id=other,
@@ -281,10 +264,10 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
                 license_id="l",
                 jwks_url="http://licensing/.well-known/jwks.json",
             ),
-            noop,
+            no_progress,
         )
-        await backend.delete(CUSTOMER, noop)  # grace 0: due at once
-        await keeper.delete(other, noop)  # 30 days
+        await backend.delete(CUSTOMER, no_progress)  # grace 0: due at once
+        await keeper.delete(other, no_progress)  # 30 days
         assert await backend.purge_expired() == [NS]
         # Terminating, then gone: a second pass purges nothing more.
         assert await backend.purge_expired() == []
@@ -292,15 +275,9 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
         assert (await keeper.status(other))["release"] == "deleted"
         # Thirty days on, the other one is due.
         later = datetime.now(UTC) + timedelta(days=30, seconds=5)
-        client = await api_client(url, standin.token)
-        try:
-            purged = await k8s_grace.purge_expired(KubeApi(client), later)
-        finally:
-            await client.close()
+        async with kube_api(url, standin.token) as api:
+            purged = await k8s_grace.purge_expired(api, later)
         assert purged == [f"customer-{other}"]
-    finally:
-        await backend.stop()
-        await keeper.stop()
 
 
 # --- the restore drill ----------------------------------------------------------------------
@@ -308,16 +285,9 @@ async def test_the_purge_deletes_only_namespaces_past_their_date(cluster) -> Non
 
 async def test_the_restore_drill_applies_its_job_waits_and_reports(cluster) -> None:
     standin, url = cluster
-    backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
-        await backend.deploy(spec_for("starter"), noop)
-    finally:
-        await backend.stop()
+    await deploy_starter(url, standin.token)
     standin.job_message = "drill ok dump-20261207T031500Z-00.dump sha256 ab12 tables 7 rows 1503"
-    client = await api_client(url, standin.token)
-    try:
-        api = KubeApi(client)
+    async with kube_api(url, standin.token) as api:
         result = await run_restore_drill(
             api,
             CUSTOMER,
@@ -352,19 +322,12 @@ async def test_the_restore_drill_applies_its_job_waits_and_reports(cluster) -> N
         assert not failed.succeeded and failed.summary == standin.job_message
         with pytest.raises(BackendError, match="no namespace customer-nobody"):
             await run_restore_drill(api, "nobody", KubernetesSettings(), timeout=1, poll=0.05)
-    finally:
-        await client.close()
 
 
 async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Path) -> None:
     """``iotistic provisioner restore-drill`` with a kubeconfig naming the stand-in."""
     standin, url = cluster
-    backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
-        await backend.deploy(spec_for("starter"), noop)
-    finally:
-        await backend.stop()
+    await deploy_starter(url, standin.token)
     standin.job_message = "drill ok dump-x.dump sha256 cd34 tables 7 rows 9"
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -419,17 +382,11 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
 
 async def test_a_restore_stops_the_instance_for_its_job_and_lets_it_go_after(cluster) -> None:
     standin, url = cluster
-    backend = backend_for(url, standin.token)
-    await backend.start()
-    try:
-        await backend.deploy(spec_for("starter"), noop)
-    finally:
-        await backend.stop()
+    await deploy_starter(url, standin.token)
     standin.job_message = "restored dump-20261207T031500Z-00.dump into iotistic"
-    client = await api_client(url, standin.token)
-    try:
+    async with kube_api(url, standin.token) as api:
         result = await run_restore(
-            KubeApi(client),
+            api,
             CUSTOMER,
             KubernetesSettings(),
             timeout=20,
@@ -437,8 +394,6 @@ async def test_a_restore_stops_the_instance_for_its_job_and_lets_it_go_after(clu
             dump="dump-20261207T031500Z-00.dump",
             now=datetime(2026, 12, 7, 4, 0, tzinfo=UTC),
         )
-    finally:
-        await client.close()
     assert result.succeeded and result.summary == standin.job_message
     patches = [
         (r["query"]["fieldManager"], r["body"]["kind"], r["body"].get("spec", {}).get("replicas"))

@@ -23,8 +23,7 @@ import asyncpg
 import msgspec
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import STANDIN_TOKEN, KubeStandIn, api_client_for, backend_running, served
 from prometheus_client import CollectorRegistry
 
 from contracts import LicenseIssued, decode_envelope, decode_event
@@ -46,14 +45,13 @@ from services.provisioner.rollout import (
 )
 from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.worker import QueueWorker
-from support import eventually, license_issued, serving
+from support import eventually, license_issued
 
 pytestmark = pytest.mark.slow
 
 OLD_IMAGE = "ghcr.io/iotistic/iotistic:0.1.0"
 NEW_IMAGE = "ghcr.io/iotistic/iotistic:0.2.0"
 SECRET = "r" * 40
-TOKEN = KubeStandIn().token
 
 
 def provisioner_settings(database_url: str, image: str) -> ProvisionerSettings:
@@ -68,16 +66,6 @@ def provisioner_settings(database_url: str, image: str) -> ProvisionerSettings:
     )
 
 
-def client_for(url: str) -> Any:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": TOKEN}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    return make
-
-
 @contextlib.asynccontextmanager
 async def provisioner_worker(
     pool: asyncpg.Pool, settings: ProvisionerSettings, url: str, store: EventStore
@@ -87,7 +75,7 @@ async def provisioner_worker(
     backend = KubernetesBackend(
         kubernetes_settings(settings),
         SECRET.encode(),
-        client_for(url),
+        api_client_for(url),
         ready_timeout=settings.kubernetes_ready_timeout_seconds,
         poll_seconds=0.05,
     )
@@ -114,6 +102,13 @@ async def all_jobs_finished(pool: asyncpg.Pool) -> bool:
     return not await pool.fetchval(
         "SELECT count(*) FROM queue_jobs WHERE state IN ('waiting', 'delayed', 'active')"
     )
+
+
+async def license_and_deploy(pool: asyncpg.Pool, *events: LicenseIssued) -> None:
+    """Each customer licensed, and the worker's deploys of them all finished."""
+    for event in events:
+        await license_customer(pool, event)
+    await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
 
 
 def image_of(standin: KubeStandIn, customer_id: str) -> str:
@@ -170,7 +165,7 @@ def command_env(database_url: str, url: str, folder: Path) -> dict[str, str]:
                 "apiVersion": "v1",
                 "kind": "Config",
                 "clusters": [{"name": "standin", "cluster": {"server": url}}],
-                "users": [{"name": "provisioner", "user": {"token": TOKEN}}],
+                "users": [{"name": "provisioner", "user": {"token": STANDIN_TOKEN}}],
                 "contexts": [
                     {"name": "standin", "context": {"cluster": "standin", "user": "provisioner"}}
                 ],
@@ -194,17 +189,17 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
     pool: asyncpg.Pool, provisioner_database: str, store: EventStore, tmp_path: Path
 ) -> None:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         # Four starter customers and one enterprise one, each from a trial license only.
         starters = sorted(str(uuid.uuid4()) for _ in range(4))
         enterprise = str(uuid.uuid4())
         old = provisioner_settings(provisioner_database, OLD_IMAGE)
         async with provisioner_worker(pool, old, url, store):
-            for customer_id in starters:
-                await license_customer(pool, license_issued(customer_id))
-            await license_customer(pool, license_issued(enterprise, plan="enterprise"))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(
+                pool,
+                *(license_issued(c) for c in starters),
+                license_issued(enterprise, plan="enterprise"),
+            )
         everyone = [*starters, enterprise]
         assert {image_of(standin, c) for c in everyone} == {OLD_IMAGE}
 
@@ -227,9 +222,8 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
             # The third customer's new instance will not become ready.
             broken = starters[2]
             standin.unready = {f"customer-{broken}/instance"}
-            backend = kubernetes_backend(new, client_for(url))
-            await backend.start()
-            try:
+            backend = kubernetes_backend(new, api_client_for(url))
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, new, batch_size=2, canary=1)
                 assert [[t.customer_id for t in b] for b in plan.batches] == [
                     [starters[0]],
@@ -240,8 +234,6 @@ async def test_a_new_image_rolls_out_in_gated_batches_stops_at_a_broken_one_and_
                 report = await Rollout(
                     pool, backend, new, batch_timeout=30, settle_seconds=0.2, poll_seconds=0.05
                 ).run(plan)
-            finally:
-                await backend.stop()
             assert report.stopped
             assert [(f.customer_id, f.reason) for f in report.failures] == [
                 (broken, "job failed: not ready after 3s: instance")
@@ -318,21 +310,17 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
     pool: asyncpg.Pool, provisioner_database: str, store: EventStore
 ) -> None:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         first_one, second = sorted(str(uuid.uuid4()) for _ in range(2))
         async with provisioner_worker(
             pool, provisioner_settings(provisioner_database, OLD_IMAGE), url, store
         ):
-            for customer_id in (first_one, second):
-                await license_customer(pool, license_issued(customer_id))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(pool, license_issued(first_one), license_issued(second))
 
         new = provisioner_settings(provisioner_database, NEW_IMAGE)
         async with provisioner_worker(pool, new, url, store):
-            backend = kubernetes_backend(new, client_for(url))
-            await backend.start()
-            try:
+            backend = kubernetes_backend(new, api_client_for(url))
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, new, batch_size=1, canary=1)
                 rollout = Rollout(
                     pool, backend, new, batch_timeout=30, settle_seconds=1.0, poll_seconds=0.05
@@ -383,28 +371,22 @@ async def test_an_instance_that_fails_after_its_update_stops_the_rollout_at_the_
                 assert done.tenants == [] and len(done.skipped) == 2
                 forced = await plan_rollout(pool, backend, new, force=True)
                 assert [t.customer_id for t in forced.tenants] == [first_one, second]
-            finally:
-                await backend.stop()
 
 
 async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_canary(
     pool: asyncpg.Pool, provisioner_database: str, store: EventStore
 ) -> None:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         customers = sorted(str(uuid.uuid4()) for _ in range(2))
         old = provisioner_settings(provisioner_database, OLD_IMAGE)
         # The workers still run the old image (not restarted after the upgrade) while the
         # operator's rollout renders the new one.
         async with provisioner_worker(pool, old, url, store):
-            for customer_id in customers:
-                await license_customer(pool, license_issued(customer_id))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(pool, *(license_issued(c) for c in customers))
             new = provisioner_settings(provisioner_database, NEW_IMAGE)
-            backend = kubernetes_backend(new, client_for(url))
-            await backend.start()
-            try:
+            backend = kubernetes_backend(new, api_client_for(url))
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, new, batch_size=5, canary=1)
                 report = await Rollout(
                     pool, backend, new, batch_timeout=30, settle_seconds=0, poll_seconds=0.05
@@ -441,8 +423,6 @@ async def test_a_rollout_run_with_other_settings_than_the_workers_stops_at_the_c
                 )
                 assert [t.customer_id for t in only.tenants] == [customers[1]]
                 assert only.not_deployed == ["not-a-customer"]
-            finally:
-                await backend.stop()
         assert {image_of(standin, c) for c in customers} == {OLD_IMAGE}
 
 
@@ -452,25 +432,19 @@ async def test_a_volume_claim_change_stops_at_the_canary_as_the_api_server_refus
     # Kubernetes never changes a StatefulSet's volume claim templates in place: a new storage
     # class or size for existing customers is a migration of its own, not a rollout.
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        url = str(http.base_url)
+    async with served(standin) as url:
         customers = sorted(str(uuid.uuid4()) for _ in range(2))
         old = provisioner_settings(provisioner_database, OLD_IMAGE)
         async with provisioner_worker(pool, old, url, store):
-            for customer_id in customers:
-                await license_customer(pool, license_issued(customer_id))
-            await eventually(lambda: all_jobs_finished(pool), timeout=60, what="deploys")
+            await license_and_deploy(pool, *(license_issued(c) for c in customers))
         moved = msgspec.structs.replace(old, storage_class="fast")
         async with provisioner_worker(pool, moved, url, store):
-            backend = kubernetes_backend(moved, client_for(url))
-            await backend.start()
-            try:
+            backend = kubernetes_backend(moved, api_client_for(url))
+            async with backend_running(backend):
                 plan = await plan_rollout(pool, backend, moved, batch_size=5, canary=1)
                 report = await Rollout(
                     pool, backend, moved, batch_timeout=30, settle_seconds=0, poll_seconds=0.05
                 ).run(plan)
-            finally:
-                await backend.stop()
     [failure] = report.failures
     assert (failure.customer_id, report.untouched) == (customers[0], [customers[1]])
     assert failure.reason.startswith(

@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import KubeStandIn, api_client_for, served
 
 from libs.config import ServiceSettings
 from libs.runtime import Platform
@@ -40,21 +39,19 @@ APPLYING_TASKS = {"queue worker", "capacity", "health watch"}
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn(ready_after=1)
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def standin_backend(url: str, token: str) -> KubernetesBackend:
     """The real kubernetes backend, its client pointed at the stand-in."""
 
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
     return KubernetesBackend(
-        KubernetesSettings(), SECRET.encode(), make, ready_timeout=20, poll_seconds=0.05
+        KubernetesSettings(),
+        SECRET.encode(),
+        api_client_for(url, token),
+        ready_timeout=20,
+        poll_seconds=0.05,
     )
 
 

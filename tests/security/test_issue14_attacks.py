@@ -19,8 +19,14 @@ import asyncpg
 import helm_python
 import pytest
 import yaml
-from k8s_standin import KubeStandIn
-from kubernetes_asyncio import client as k8s
+from k8s_standin import (
+    KubeStandIn,
+    api_client_for,
+    backend_running,
+    no_progress,
+    served,
+    starter_spec,
+)
 from litestar import Request, Response
 
 from libs.config import load_settings
@@ -38,7 +44,6 @@ from services.provisioner.backends.k8s_manifests import (
 )
 from services.provisioner.rotation import rotate_credentials
 from services.provisioner.settings import ProvisionerSettings
-from support import serving
 
 CUSTOMER = "0b4e7a0e-5bfe-4b8e-9d2b-2c2b8f6c1a11"
 NS = f"customer-{CUSTOMER}"
@@ -46,34 +51,20 @@ SECRET = b"a" * 40
 
 
 def spec() -> InstanceSpec:
-    return InstanceSpec(
-        customer_id=CUSTOMER,
-        plan="starter",
-        license_jwt="header.claims.signature",
-        license_id="lic-1",
-        jwks_url="http://licensing.iotistic.svc/.well-known/jwks.json",
-    )
-
-
-async def _noop(percent: int, step: str) -> None:
-    return None
+    return starter_spec(CUSTOMER)
 
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[tuple[KubeStandIn, str]]:
     standin = KubeStandIn()
-    async with serving(standin.app()) as http:
-        yield standin, str(http.base_url)
+    async with served(standin) as url:
+        yield standin, url
 
 
 def backend_for(url: str) -> KubernetesBackend:
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    return KubernetesBackend(KubernetesSettings(), SECRET, make, ready_timeout=5, poll_seconds=0.05)
+    return KubernetesBackend(
+        KubernetesSettings(), SECRET, api_client_for(url), ready_timeout=5, poll_seconds=0.05
+    )
 
 
 def _fail_applies_after_the_namespace(standin: KubeStandIn) -> None:
@@ -127,19 +118,16 @@ async def test_an_interrupted_rotation_run_again_keeps_the_broker_admin_reachabl
 ) -> None:
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), _noop)
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
         _fail_applies_after_the_namespace(standin)
         # The operator's first rotation: the Namespace records generation 1, then the API
         # answers 500 (or the command is killed); the mqtt Secret and the broker stay at 0.
         with pytest.raises(BackendError):
-            await backend.rotate_credentials(spec(), _noop)
+            await backend.rotate_credentials(spec(), no_progress)
         standin._apply = KubeStandIn._apply.__get__(standin)
         # The operator runs it again, as the error invites.
-        assert await backend.rotate_credentials(spec(), _noop) == 2
-    finally:
-        await backend.stop()
+        assert await backend.rotate_credentials(spec(), no_progress) == 2
     mqtt = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
     # The broker's dynamic-security file still has generation 0's admin password: the only
     # rollout of the mosquitto StatefulSet (by the second rotation) restarts it with a Secret
@@ -231,14 +219,11 @@ async def test_a_rotation_waits_for_no_job_and_refuses_while_one_of_the_customer
         },
     )
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), _noop)
-    finally:
-        await backend.stop()
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
     applied = len(standin.applied())
     with pytest.raises(BackendError, match="job-running"):
-        await rotate_credentials(settings, CUSTOMER, _noop, backend=backend)
+        await rotate_credentials(settings, CUSTOMER, no_progress, backend=backend)
     assert len(standin.applied()) == applied  # nothing applied
     namespace = standin.objects[f"/api/v1/namespaces/{NS}"]
     assert namespace["metadata"]["annotations"][CREDENTIALS_GENERATION] == "0"
@@ -251,7 +236,7 @@ async def test_a_rotation_waits_for_no_job_and_refuses_while_one_of_the_customer
         )
     finally:
         await conn.close()
-    assert await rotate_credentials(settings, CUSTOMER, _noop, backend=backend) == 1
+    assert await rotate_credentials(settings, CUSTOMER, no_progress, backend=backend) == 1
 
 
 # --- 4. GitOps (`helm template`, Argo CD): the bundled Postgres's password changes every render --
@@ -312,18 +297,15 @@ async def test_a_rotation_leaves_a_namespace_being_deleted_alone(
     included) in it, or, the namespace gone just after it looked, make it anew for nobody."""
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), _noop)
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
         standin.objects[f"/api/v1/namespaces/{NS}"]["metadata"]["deletionTimestamp"] = (
             "2026-01-01T00:00:00Z"
         )
         applied = len(standin.applied())
         with pytest.raises(BackendError, match="being deleted"):
-            await backend.rotate_credentials(spec(), _noop)
+            await backend.rotate_credentials(spec(), no_progress)
         assert len(standin.applied()) == applied
-    finally:
-        await backend.stop()
 
 
 # --- 5. a secret given in config lands in a ConfigMap -----------------------------------------
@@ -384,24 +366,17 @@ async def test_a_namespace_cut_short_is_never_applied_or_deleted_for_another_cus
     second = CUSTOMER[:31] + "fffff"
     assert namespace_of(first, settings) == namespace_of(second, settings)
 
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
-    backend = KubernetesBackend(settings, SECRET, make, ready_timeout=5, poll_seconds=0.05)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), _noop)
+    backend = KubernetesBackend(
+        settings, SECRET, api_client_for(url), ready_timeout=5, poll_seconds=0.05
+    )
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
         theirs = dataclasses.replace(spec(), customer_id=second, license_id="lic-2")
         for attempt in (backend.deploy, backend.update, backend.rotate_credentials):
             with pytest.raises(BackendError, match="belongs to customer"):
-                await attempt(theirs, _noop)
+                await attempt(theirs, no_progress)
         with pytest.raises(BackendError, match="belongs to customer"):
-            await backend.delete(second, _noop)
-    finally:
-        await backend.stop()
+            await backend.delete(second, no_progress)
     ns = namespace_of(first, settings)
     license_secret = standin.objects[f"/api/v1/namespaces/{ns}/secrets/license"]["stringData"]
     assert license_secret["license-id"] == "lic-1"
@@ -457,27 +432,15 @@ async def test_an_apply_with_another_provisioner_secret_is_refused(
     was lost, and with it the instance's ingest client. Such an apply must be refused."""
     standin, url = cluster
     backend = backend_for(url)
-    await backend.start()
-    try:
-        await backend.deploy(spec(), _noop)
-    finally:
-        await backend.stop()
+    async with backend_running(backend):
+        await backend.deploy(spec(), no_progress)
     before = standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"]
 
-    async def make() -> k8s.ApiClient:
-        configuration = k8s.Configuration(host=url)
-        configuration.api_key = {"BearerToken": KubeStandIn().token}
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        return k8s.ApiClient(configuration)
-
     stale = KubernetesBackend(
-        KubernetesSettings(), b"z" * 40, make, ready_timeout=5, poll_seconds=0.05
+        KubernetesSettings(), b"z" * 40, api_client_for(url), ready_timeout=5, poll_seconds=0.05
     )
-    await stale.start()
-    try:
+    async with backend_running(stale):
         for attempt in (stale.rotate_credentials, stale.update, stale.deploy):
             with pytest.raises(BackendError, match="another PROVISIONER_SECRET"):
-                await attempt(spec(), _noop)
-    finally:
-        await stale.stop()
+                await attempt(spec(), no_progress)
     assert standin.objects[f"/api/v1/namespaces/{NS}/secrets/mqtt"]["stringData"] == before
