@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 from litestar import Request, Router, delete, get, post
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.types import ControllerRouterHandler
 
 from libs.auth import SessionTokens, admin_guard
@@ -202,7 +202,7 @@ def provisioner_routes(
         return job_view(row)
 
     @delete("/api/customers/{customer_id:str}/deployment", status_code=202)
-    async def remove(customer_id: FromPath[str], erase: bool = False) -> dict[str, Any]:
+    async def remove(customer_id: FromPath[str], erase: FromQuery[bool] = False) -> dict[str, Any]:
         """Queue the removal of the customer's instance: its data kept for the grace period
         (Kubernetes), or erased at once with ``?erase=true``."""
         async with runtime.db().acquire() as conn, conn.transaction():

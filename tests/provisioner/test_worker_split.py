@@ -185,3 +185,35 @@ async def test_a_backend_that_cannot_tell_leaves_the_status_answering(
         backend = status.json()["backend"]
         assert backend["name"] == "kubernetes" and backend["release"] is None
         assert "Kubernetes refused" in backend["unavailable"] and "403" in backend["unavailable"]
+
+
+async def test_an_erasure_asked_over_http_reaches_the_queued_removal(
+    fresh_log: Any, cluster: tuple[KubeStandIn, str]
+) -> None:
+    # The web-facing provisioner only queues: the removal waits, with what was asked of it.
+    standin, url = cluster
+    settings, store = await fresh_log()
+    admin = {"Authorization": f"Bearer {settings.admin_token}"}
+    keeping, erasing = str(uuid.uuid4()), str(uuid.uuid4())
+    web = provisioner(settings, url, standin.token, worker=False)
+    async with started(web) as http:
+        for customer_id in (keeping, erasing):
+            await store.publish(signed_license_issued(customer_id), customer_id=customer_id)
+            await eventually(
+                lambda c=customer_id: customer_jobs(http, admin, c),
+                lambda jobs: len(jobs) == 1,
+                what="the deploy queued",
+            )
+        unclear = await http.delete(
+            f"/api/customers/{erasing}/deployment?erase=maybe", headers=admin
+        )
+        assert unclear.status_code == 400, unclear.text
+        assert "erase" in unclear.text and "Traceback" not in unclear.text
+        kept = await http.delete(f"/api/customers/{keeping}/deployment", headers=admin)
+        erased = await http.delete(f"/api/customers/{erasing}/deployment?erase=true", headers=admin)
+        assert kept.status_code == erased.status_code == 202, (kept.text, erased.text)
+        assert kept.json()["data"].get("erase", False) is False
+        assert erased.json()["data"]["erase"] is True
+        removals = [j for j in await customer_jobs(http, admin, erasing) if j["data"].get("erase")]
+        assert len(removals) == 1 and removals[0]["state"] == "waiting"
+        assert standin.requests == []  # nothing was applied or deleted from the web pods
