@@ -126,13 +126,14 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     provisioner_worker: bool = True
     # --- kubernetes: storage by plan, backups, deletion (services/provisioner/backends/
     # k8s_storage.py and k8s_backups.py say how they are used)
-    # What one stored reading costs on disk, indexes and rollups included (measured ~182 B),
+    # What one stored reading costs on disk, indexes and rollups included (`./dev bench backup`:
+    # 239 B with readings that vary as a sensor's do),
     # and the headroom over messages/day x retention days x that (WAL, dead letters).
-    storage_bytes_per_reading: Annotated[int, Meta(ge=1, le=100_000)] = 182
+    storage_bytes_per_reading: Annotated[int, Meta(ge=1, le=100_000)] = 240
     storage_headroom: Annotated[float, Meta(ge=1, le=10)] = 1.3
     storage_min_data_gib: Annotated[int, Meta(ge=1)] = 2
     # A compressed dump's size against the data volume's; daily dumps kept, per plan.
-    backup_dump_ratio: Annotated[float, Meta(gt=0, le=2)] = 0.35
+    backup_dump_ratio: Annotated[float, Meta(gt=0, le=2)] = 0.2
     backups_kept: str = "trial=3,starter=7,professional=14,enterprise=14"
     # The backup CronJob's schedule (cron, UTC); unset: a minute between 01:00 and 05:00
     # that each customer's id decides.

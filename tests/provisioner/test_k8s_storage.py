@@ -71,13 +71,14 @@ def quota_storage(objects: list[dict[str, Any]]) -> str:
 @pytest.mark.parametrize(
     ("plan", "data", "backups", "kept"),
     [
-        # 100k/day x 90 d x 182 B x 1.3 = 1.98 GiB -> 2; backups 2 x 0.35 x (3 + 1) = 2.8 -> 3
-        ("trial", 2, 3, 3),
-        ("starter", 2, 6, 7),
-        # 1M/day x 365 d x 182 B x 1.3 = 80.4 GiB -> 81; 81 x 0.35 x 15 = 425.25 -> 426
-        ("professional", 81, 426, 14),
-        # 10M/day x 1825 d x 182 B x 1.3 = 4021.6 GiB -> 4022 (3.9 TiB); 4022 x 0.35 x 15
-        ("enterprise", 4022, 21116, 14),
+        # 100k/day x 90 d x 240 B x 1.3 = 2.6 GiB -> 3; backups 3 x 0.2 x (3 + 1) = 2.4 -> 3
+        ("trial", 3, 3, 3),
+        ("starter", 3, 5, 7),
+        # 1M/day x 365 d x 240 B x 1.3 = 106.06 GiB -> 107; 107 x 0.2 x 15 = 321 -> 322 (the
+        # float product lands a hair above 321)
+        ("professional", 107, 322, 14),
+        # 10M/day x 1825 d x 240 B x 1.3 = 5302.95 GiB -> 5303 (5.2 TiB); 5303 x 0.2 x 15
+        ("enterprise", 5303, 15910, 14),
     ],
 )
 def test_each_plan_gets_the_volumes_its_license_needs(
@@ -107,8 +108,10 @@ def test_the_bytes_per_reading_and_headroom_are_settings() -> None:
     spec = spec_for("professional")
     doubled = tenant_storage("professional", spec.license_jwt, StoragePolicy(bytes_per_reading=364))
     assert doubled.data_gib == 161  # 1M x 365 x 364 x 1.3 / 2^30 = 160.8
-    no_headroom = tenant_storage("professional", spec.license_jwt, StoragePolicy(headroom=1.0))
-    assert no_headroom.data_gib == 62  # the issue's ~62 GiB
+    no_headroom = tenant_storage(
+        "professional", spec.license_jwt, StoragePolicy(bytes_per_reading=182, headroom=1.0)
+    )
+    assert no_headroom.data_gib == 62  # the issue's ~62 GiB, at the 182 B it was measured with
 
 
 def test_an_unreadable_license_gets_the_fallback_size() -> None:
@@ -133,7 +136,7 @@ def test_volumes_never_shrink_and_the_quota_follows() -> None:
     assert claim_size(grown, "data-postgres-0") == "81Gi"
     assert claim_size(grown, "backups") == "3Gi"  # bigger than what exists: applied
     assert quota_storage(grown) == f"{81 + 3 + 1}Gi"
-    assert claim_size(objects, "data-postgres-0") == "2Gi"  # the given objects are untouched
+    assert claim_size(objects, "data-postgres-0") == "3Gi"  # the given objects are untouched
 
 
 # --- against the stand-in ---------------------------------------------------------------------
@@ -173,13 +176,13 @@ async def test_an_upgrade_grows_the_volume_and_a_downgrade_keeps_it(cluster) -> 
     async with backend_running(backend):
         await backend.deploy(spec_for("starter"), no_progress)
         data = f"{NS}/persistentvolumeclaims/data-postgres-0"
-        assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "2Gi"
+        assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "3Gi"
         await backend.update(spec_for("professional"), no_progress)
-        assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "81Gi"
+        assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "107Gi"
         await backend.update(spec_for("starter"), no_progress)
-        assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "81Gi"
+        assert stored(standin, data)["spec"]["resources"]["requests"]["storage"] == "107Gi"
         quota = stored(standin, f"{NS}/resourcequotas/customer-quota")
-        assert quota["spec"]["hard"]["requests.storage"] == f"{81 + 426 + 1}Gi"
+        assert quota["spec"]["hard"]["requests.storage"] == f"{107 + 322 + 1}Gi"
 
 
 async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
@@ -193,10 +196,10 @@ async def test_a_volume_that_cannot_grow_does_not_hold_back_the_license(
         upgraded = spec_for("professional")
         await backend.update(upgraded, no_progress)
         data = stored(standin, f"{NS}/persistentvolumeclaims/data-postgres-0")
-        assert data["spec"]["resources"]["requests"]["storage"] == "2Gi"
+        assert data["spec"]["resources"]["requests"]["storage"] == "3Gi"
         license_secret = stored(standin, f"{NS}/secrets/license")
         assert license_secret["stringData"]["license-id"] == upgraded.license_id
-        assert "stays at 2Gi, not grown to 81Gi" in caplog.text
+        assert "stays at 3Gi, not grown to 107Gi" in caplog.text
         # A claim that cannot be made at all is still an error.
         standin.fail_status = 403
         with pytest.raises(BackendError):
