@@ -6,8 +6,9 @@ event log, where only licensing may append it, and sizing a volume is no trust d
 
 Postgres data = messages per day x retention days x bytes per reading x headroom, in whole GiB
 (at least ``min_data_gib``). Bytes per reading is the measured cost of one stored reading with
-its indexes and hourly rollups (239 bytes measured by `./dev bench backup`, 240 by default); the headroom (1.3) covers WAL (``max_wal_size``
-1 GiB), dead letters, and the day a dropped partition waits for the retention sweep.
+its indexes and hourly rollups (239 bytes measured by `./dev bench backup`, 240 by default);
+the headroom (1.3) covers WAL (``max_wal_size`` 1 GiB), dead letters, and the day a dropped
+partition waits for the retention sweep.
 
 Volumes only grow. The data volume is the claim the Postgres StatefulSet's template names
 (``data-postgres-0``), applied as an object of its own before the StatefulSet: the controller
