@@ -14,11 +14,12 @@ up *ARGS:
 test *ARGS:
     {{bin}}/pytest {{ARGS}}
 
-# lint, format check and type check
+# lint, format check, type check, and the architecture's import rules (pyproject.toml)
 check:
     {{bin}}/ruff check .
     {{bin}}/ruff format --check .
     {{bin}}/mypy
+    {{bin}}/lint-imports
 
 # format the code
 fmt:

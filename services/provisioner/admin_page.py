@@ -30,6 +30,7 @@ from litestar.types import ControllerRouterHandler
 from libs.auth import bearer, is_admin
 from libs.http import InvalidRequest, NotFound
 from libs.runtime import ServiceRuntime
+from services.provisioner.jobs_view import job_view, retry_or_refuse
 from services.provisioner.queue import (
     FINISHED,
     STATES,
@@ -124,7 +125,6 @@ def admin_page_routes(
     changed: Callable[[], Awaitable[None]],
 ) -> list[ControllerRouterHandler]:
     """The admin page's handlers, behind the admin guard."""
-    from services.provisioner.routes import job_view, retry_or_refuse
 
     guards = [admin_page_guard(settings.admin_token)]
     token = _csrf(settings.admin_token or "")
