@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -38,13 +40,25 @@ from support import (
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def servers_dir() -> Iterator[Path]:
+    """A folder of this run's own for its servers' data, outside pytest's shared base
+    temporary folder: another pytest run on the machine prunes old runs' folders there, and
+    took a running Postgres's files with it. Removed when the run ends."""
+    folder = Path(tempfile.mkdtemp(prefix="iotistic-test-servers-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(servers_dir: Path) -> Iterator[str]:
     """A Postgres server for the whole run."""
     given = os.environ.get("TEST_DATABASE_URL")
     if given:
         yield given
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    server = EmbeddedPostgres(servers_dir / "pg" / "data")
     server.start()
     try:
         yield server.url
@@ -53,13 +67,13 @@ def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_url(servers_dir: Path) -> Iterator[str]:
     """A NATS server with JetStream (sync_interval: always) for the whole run."""
     given = os.environ.get("TEST_NATS_URL")
     if given:
         yield given
         return
-    server = start_harness_nats(tmp_path_factory.mktemp("nats"))
+    server = start_harness_nats(servers_dir / "nats")
     try:
         yield server.url
     finally:
