@@ -96,6 +96,17 @@ def server_error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand's --help opens with its one-line help where it has no description."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, subparser in action.choices.items():
+                if subparser.description is None and helps.get(name):
+                    subparser.description = str(helps[name])
+                _describe(subparser)
+
+
 def setup_logging(command: str) -> None:
     """The process's logging: one escaped line per record, uvicorn's included (``libs.logs``)."""
     # Servers log what they do; the operator's one-shot commands only what went wrong.
@@ -104,7 +115,12 @@ def setup_logging(command: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iotistic", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="iotistic",
+        description="Iotistic's command: bring the platform up on one machine, run one service "
+        "against your Postgres and NATS, replay and look at the event log, and the "
+        "provisioner's and the bus's tools. `iotistic <command> --help` says more.",
+    )
     parser.add_argument(
         "--data-dir",
         default=os.environ.get("IOTISTIC_DATA_DIR", DEFAULT_DATA_DIR),
@@ -113,19 +129,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run one target against Postgres and NATS given by URL")
-    run.add_argument("--target", choices=TARGETS, default="all")
+    run = sub.add_parser(
+        "run",
+        help="run one target against Postgres and NATS given by URL",
+        description="Serve one target (a service, all of them, or a customer's instance) "
+        "against the Postgres of DATABASE_URL and the NATS of NATS_URL (with its bus password "
+        "in NATS_CREDENTIALS_DIR), configured by the environment (README, Configuration).",
+    )
+    run.add_argument(
+        "--target", choices=TARGETS, default="all", help="what to serve (default: %(default)s)"
+    )
     run.add_argument("--host", help="HTTP address (default: HTTP_HOST)")
     run.add_argument("--port", type=int, help="HTTP port (default: HTTP_PORT)")
     run.set_defaults(func=cmd_run)
 
-    up = sub.add_parser("up", help="start embedded Postgres and NATS, then target all")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8080)
+    up = sub.add_parser(
+        "up",
+        help="start embedded Postgres, NATS and Mosquitto, then target all",
+        description="The whole platform on this machine: embedded Postgres, NATS JetStream and "
+        "Mosquitto, and every service, in the folder of --data-dir (given before `up`; "
+        "default .iotistic), where secrets are generated at first run. Ctrl-C stops it all; "
+        "the data is kept.",
+    )
+    up.add_argument("--host", default="127.0.0.1", help="HTTP address (default: %(default)s)")
+    up.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
     up.set_defaults(func=cmd_up)
 
     replay = sub.add_parser("replay", help="rebuild a service's read models from the log")
-    replay.add_argument("service", choices=sorted(CONTROL_PLANE))
+    replay.add_argument(
+        "service", choices=sorted(CONTROL_PLANE), help="the service whose read models to rebuild"
+    )
     replay.add_argument(
         "--from-seq",
         type=int,
@@ -161,8 +194,10 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--json", action="store_true", help="print whole envelopes")
     tail.set_defaults(func=cmd_events_tail)
     export = ev.add_parser("export", help="export a range of the log as JSON lines")
-    export.add_argument("--from-seq", type=int, default=1)
-    export.add_argument("--to-seq", type=int)
+    export.add_argument(
+        "--from-seq", type=int, default=1, help="first stream sequence (default: %(default)s)"
+    )
+    export.add_argument("--to-seq", type=int, help="last stream sequence (default: the head)")
     export.add_argument("--type", action="append", dest="types", help="only this event type")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.set_defaults(func=cmd_events_export)
@@ -172,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(func=cmd_events_init)
     stats = ev.add_parser("stats", help="event counts per type")
-    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--json", action="store_true", help="the counts as JSON")
     stats.set_defaults(func=cmd_events_stats)
 
     bus = sub.add_parser("bus", help="who may publish and consume what on the event bus")
@@ -202,9 +237,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     for decision in ("skip", "retry"):
         p = pk.add_parser(decision, help=f"{decision} a parked event; the projection resumes")
-        p.add_argument("service", choices=sorted(CONTROL_PLANE))
-        p.add_argument("projection")
-        p.add_argument("seq", type=int)
+        p.add_argument("service", choices=sorted(CONTROL_PLANE), help="the projection's service")
+        p.add_argument("projection", help="the projection's name (`iotistic parked list`)")
+        p.add_argument("seq", type=int, help="the parked event's stream sequence")
         p.set_defaults(func=cmd_parked_decide, decision=decision)
 
     provisioner = sub.add_parser("provisioner", help="the provisioner's tools")
@@ -212,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     render = pv.add_parser(
         "render", help="print a customer's Kubernetes manifests as YAML (for GitOps)"
     )
-    render.add_argument("customer_id")
+    render.add_argument("customer_id", help="the customer whose manifests to print")
     render.add_argument(
         "--license-file", help="the license JWT to put in (default: the customer's current one)"
     )
@@ -234,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
         "restore-drill",
         help="restore a customer's newest backup into a scratch database, count it, report",
     )
-    drill.add_argument("customer_id")
+    drill.add_argument("customer_id", help="the customer whose newest backup to restore")
     drill.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds to wait for the drill's Job"
     )
@@ -243,9 +278,14 @@ def _parser() -> argparse.ArgumentParser:
         "restore",
         help="put a customer's backup back over their database (the instance stopped meanwhile)",
     )
-    restore.add_argument("customer_id")
+    restore.add_argument("customer_id", help="the customer whose data to put back")
     restore.add_argument("--dump", help="the dump's file name (default: the newest intact one)")
-    restore.add_argument("--timeout", type=float, default=3600.0)
+    restore.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds to wait for the restore's Job (default: %(default)s)",
+    )
     restore.add_argument(
         "--yes", action="store_true", help="yes, replace the customer's data with the dump's"
     )
@@ -258,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
         "rotate-credentials",
         help="give a customer's instance new database and broker passwords (kubernetes)",
     )
-    rotate.add_argument("customer_id")
+    rotate.add_argument("customer_id", help="the customer whose credentials to rotate")
     rotate.set_defaults(func=cmd_provisioner_rotate_credentials)
     rollout = pv.add_parser(
         "rollout",
@@ -312,7 +352,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--password", help="the customer's password (default: IOTISTIC_PASSWORD, else asked)"
     )
-    simulate.add_argument("--devices", type=int, default=3)
+    simulate.add_argument(
+        "--devices", type=int, default=3, help="devices to simulate (default: %(default)s)"
+    )
     simulate.add_argument("--rate", default="1/s", help="readings per second in all, e.g. 5/s")
     simulate.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     simulate.add_argument("--url", help="the control plane (default: the running iotistic up)")
@@ -321,8 +363,11 @@ def _parser() -> argparse.ArgumentParser:
     contracts = sub.add_parser("contracts", help="event contracts")
     ct = contracts.add_subparsers(dest="contracts_command", required=True)
     exp = ct.add_parser("export", help="write the JSON Schemas of every event")
-    exp.add_argument("--out", default="contracts/schemas")
+    exp.add_argument(
+        "--out", default="contracts/schemas", help="folder to write (default: %(default)s)"
+    )
     exp.set_defaults(func=cmd_contracts_export)
+    _describe(parser)
     return parser
 
 
