@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,6 @@ import yaml
 from celpy import celtypes
 from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
@@ -47,6 +44,7 @@ from services.provisioner.backends.k8s_manifests import KubernetesSettings
 from services.provisioner.backups import run_restore, run_restore_drill
 from services.provisioner.settings import parse_tenant_reader
 from support import serving
+from tests.deploy.test_chart_control_plane import signing_key
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "iotistic"
 RELEASE, NAMESPACE = "rel", "iot"
@@ -83,17 +81,6 @@ KINDS = {
     "Role": ("rbac.authorization.k8s.io", "roles"),
     "ClusterRole": ("rbac.authorization.k8s.io", "clusterroles"),
 }
-
-
-@cache
-def signing_key() -> str:
-    """A 2048-bit license key made once, so that renders need not make a 4096-bit one each."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
 
 
 def chart_values(provisioner: dict[str, Any] | None) -> dict[str, Any]:
