@@ -43,9 +43,9 @@ class EventLogSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Where the event log lives and how its stream is declared."""
 
     nats_url: NatsUrl = "nats://127.0.0.1:4222"
-    # A folder of bus passwords, one file per user (libs/bus_auth.py): each service connects as
-    # itself, the operator's tools as `operator`. Unset: connect without credentials, for a
-    # NATS server that asks for none (not one of ours: up, compose and the chart all ask).
+    # A folder of bus passwords, one file per user (libs/eventlog/bus_auth.py): each service
+    # connects as itself, the operator's tools as `operator`. Unset: connect without credentials,
+    # for a NATS server that asks for none (not one of ours: up, compose and the chart all ask).
     nats_credentials_dir: str | None = None
     events_stream: StreamName = "IOTISTIC_EVENTS"
     events_subject_prefix: SubjectToken = "iotistic.events"

@@ -2,7 +2,7 @@
 
 Each service declares the events it emits next to its definition (``ServiceDefinition.emits``);
 this module reads those declarations, checks that every event type has exactly one owner, and
-turns them into the NATS users and permissions the server enforces (``libs/bus_auth.py``).
+turns them into the NATS users and permissions the server enforces (``libs/eventlog/bus_auth.py``).
 The embedded platform, the test harness, ``iotistic bus`` (for compose and the chart) all use it,
 so what the server allows is always what the code declares.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from contracts import EVENT_TYPES
-from libs.bus_auth import BusUser, operator_user, service_user
 from libs.config import EventLogSettings
-from libs.runtime import ServiceDefinition
+from libs.eventlog.bus_auth import BusUser, operator_user, service_user
+from libs.runtime.service import ServiceDefinition
 from services.targets import CONTROL_PLANE
 
 

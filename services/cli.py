@@ -21,14 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from contracts import MalformedEvent, decode_envelope
-from libs.bus_auth import OPERATOR, BusAuthError
 from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
-from libs.db import CONNECTION_ERRORS
-from libs.eventstore import EventStore, EventStoreError, StoredMessage
-from libs.http_server import GracefulServer, server_config
-from libs.logs import configure_logging
-from libs.projections import NATS_ERRORS, decide, open_parked
-from libs.replay import (
+from libs.db.postgres import CONNECTION_ERRORS
+from libs.eventlog.bus_auth import OPERATOR, BusAuthError
+from libs.eventlog.store import EventStore, EventStoreError, StoredMessage
+from libs.http.server import GracefulServer, server_config
+from libs.observability.logs import configure_logging
+from libs.observability.telemetry import setup_tracing
+from libs.projections.core import NATS_ERRORS, decide, open_parked
+from libs.projections.replay import (
     VERIFY_WAIT_SECONDS,
     ProjectionCheck,
     ReplayError,
@@ -36,8 +37,7 @@ from libs.replay import (
     TableDiff,
     replay_service,
 )
-from libs.runtime import Platform, connect_bus
-from libs.telemetry import setup_tracing
+from libs.runtime.service import Platform, connect_bus
 from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
@@ -108,7 +108,10 @@ def _describe(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(command: str) -> None:
-    """The process's logging: one escaped line per record, uvicorn's included (``libs.logs``)."""
+    """The process's logging: one escaped line per record, uvicorn's included.
+
+    See ``libs.observability.logs``.
+    """
     # Servers log what they do; the operator's one-shot commands only what went wrong.
     quiet = "WARNING" if command not in ("run", "up") else "INFO"
     configure_logging(os.environ.get("LOG_LEVEL", quiet))
@@ -483,7 +486,7 @@ async def serve(platform: Platform, target: str, host: str, port: int) -> None:
 
 def generated_secret(data_dir: Path, name: str) -> str:
     """A secret of the embedded platform, generated at first start, readable by owner only."""
-    from libs.embedded import secret_file
+    from libs.secret_files import secret_file
 
     return secret_file(data_dir / "secrets" / name, nbytes=32)
 
@@ -502,7 +505,7 @@ def license_keys(data_dir: Path) -> Path:
 def embedded_bus(data_dir: Path, settings: EventLogSettings) -> tuple[Path, str]:
     """The embedded bus's credentials (generated at first start into ``secrets/nats``, one
     password per service and the operator's) and the server's ``authorization`` block."""
-    from libs.bus_auth import Credentials, authorization_block
+    from libs.eventlog.bus_auth import Credentials, authorization_block
     from services.bus import bus_users
 
     credentials = Credentials(data_dir / "secrets" / "nats")
@@ -733,7 +736,7 @@ def cmd_provisioner_rollout(args: argparse.Namespace) -> int:
 async def _rollout(
     args: argparse.Namespace, settings: ProvisionerSettings, backend: KubernetesBackend
 ) -> int:
-    from libs.db import create_pool
+    from libs.db.postgres import create_pool
     from services.provisioner.rollout import Rollout, RolloutBusy, plan_rollout
 
     # One line per customer or batch, however long, for the operator's logs and scripts.
@@ -1125,7 +1128,7 @@ def cmd_bus_permissions(args: argparse.Namespace) -> int:
 
 def cmd_bus_config(args: argparse.Namespace) -> int:
     """``iotistic bus config``: the server's authorization block; passwords made if missing."""
-    from libs.bus_auth import Credentials, authorization_block
+    from libs.eventlog.bus_auth import Credentials, authorization_block
     from services.bus import bus_users
 
     settings = load_settings(EventLogSettings, environment(args))

@@ -9,8 +9,8 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 from litestar.types import ControllerRouterHandler
 
-from libs.projections import decide, open_parked
-from libs.runtime import Platform
+from libs.projections.core import decide, open_parked
+from libs.runtime.service import Platform
 
 
 def operations_routes(platform: Platform) -> list[ControllerRouterHandler]:

@@ -8,10 +8,10 @@ from typing import Literal
 
 from litestar import Litestar, Router
 
-from libs.auth import admin_guard
-from libs.eventstore import EventStoreError
-from libs.http import create_app
-from libs.runtime import Platform, ServiceDefinition
+from libs.eventlog.store import EventStoreError
+from libs.http.app import create_app
+from libs.http.auth import admin_guard
+from libs.runtime.service import Platform, ServiceDefinition
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.operations import operations_routes

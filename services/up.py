@@ -30,7 +30,9 @@ import psutil
 from rich.table import Table
 
 from libs.config import EventLogSettings, load_settings
-from libs.embedded import (
+from libs.runtime.service import Platform
+from libs.runtime.supervision import Supervisor
+from libs.servers.embedded import (
     _STANDARD_PORTS,
     EmbeddedNats,
     EmbeddedPostgres,
@@ -43,9 +45,7 @@ from libs.embedded import (
     on_server_thread,
     port_is_free,
 )
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.runtime import Platform
-from libs.supervision import Supervisor
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.cli import (
     LOCK_FILE,
     RUNTIME_FILE,

@@ -27,9 +27,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from libs.config import ServiceSettings
-from libs.embedded import EmbeddedPostgres, free_port
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.eventlog.store import EventStore
+from libs.servers.embedded import EmbeddedPostgres, free_port
+from libs.servers.mosquitto import EmbeddedMosquitto
 from support import (
     NATS_CREDENTIALS_ENV,
     connect_harness,

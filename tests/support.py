@@ -22,9 +22,9 @@ import uvicorn
 from litestar import Litestar
 
 from contracts import Features, LicenseIssued, Limits
-from libs.bus_auth import Credentials, authorization_block, superuser
 from libs.config import ServiceSettings
-from libs.runtime import Platform, ServiceDefinition, connect_nats
+from libs.eventlog.bus_auth import Credentials, authorization_block, superuser
+from libs.runtime.service import Platform, ServiceDefinition, connect_nats
 
 T = TypeVar("T")
 
@@ -95,7 +95,7 @@ def harness_authorization(credentials: Credentials) -> str:
 def start_harness_nats(folder: Path) -> Any:
     """The harness's NATS (an ``EmbeddedNats`` asking for credentials) started in ``folder``;
     its passwords' folder is published in ``TEST_NATS_CREDENTIALS_DIR``."""
-    from libs.embedded import EmbeddedNats
+    from libs.servers.embedded import EmbeddedNats
 
     credentials = Credentials(folder / "credentials")
     server = EmbeddedNats(folder / "server", authorization=harness_authorization(credentials))
@@ -183,7 +183,7 @@ def license_issued(customer_id: str | None = None, *, plan: str = "starter") -> 
 async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """The app served by uvicorn on ``port`` (a free one by default) in this event loop, and a
     client for it."""
-    from libs.embedded import free_port
+    from libs.servers.embedded import free_port
     from services.cli import server_config
 
     port = port or free_port()
@@ -207,8 +207,8 @@ async def publish_license_and_wait(
     With ``credentials_dir`` (a platform's bus passwords) it appends as licensing, the owner of
     LicenseIssued; otherwise as the harness.
     """
-    from libs.eventstore import EventStore
-    from libs.runtime import connect_bus
+    from libs.eventlog.store import EventStore
+    from libs.runtime.service import connect_bus
 
     settings = ServiceSettings(
         database_url=database_url, nats_url=nats_url, nats_credentials_dir=credentials_dir
@@ -237,7 +237,7 @@ async def assert_replays_clean(
     database_url: str, store: Any, services: Sequence[ServiceDefinition]
 ) -> None:
     """`iotistic replay <service> --verify` finds no difference for each of ``services``."""
-    from libs.replay import replay_service
+    from libs.projections.replay import replay_service
 
     conn = await asyncpg.connect(database_url)
     try:

@@ -15,10 +15,10 @@ from contracts import (
     TrialStarted,
     UsageReported,
 )
-from libs.outbox import outbox_worker
-from libs.runtime import ServiceDefinition, ServiceRuntime
-from libs.scheduling import every
-from libs.supervision import Worker
+from libs.runtime.outbox import outbox_worker
+from libs.runtime.scheduling import every
+from libs.runtime.service import ServiceDefinition, ServiceRuntime
+from libs.runtime.supervision import Worker
 from services.billing.projections import SUBSCRIPTIONS
 from services.billing.reactors import billing_reactors
 from services.billing.routes import billing_routes

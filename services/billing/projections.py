@@ -14,8 +14,8 @@ from contracts import (
     TrialExpired,
     TrialStarted,
 )
-from libs.db import Connection
-from libs.projections import Projection, Recorded, update_customer_row
+from libs.db.postgres import Connection
+from libs.projections.core import Projection, Recorded, update_customer_row
 
 
 async def when_customer_signed_up_record_contact(

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 from contracts import CustomerSignedUp, StripeCustomerLinked, StripeEventReceived, TrialStarted
-from libs.db import Connection
-from libs.eventstore import caused_event_id
-from libs.outbox import add_to_outbox, outbox_relay
-from libs.projections import Projection, Recorded
-from libs.runtime import ServiceRuntime
+from libs.db.postgres import Connection
+from libs.eventlog.store import caused_event_id
+from libs.projections.core import Projection, Recorded
+from libs.runtime.outbox import add_to_outbox, outbox_relay
+from libs.runtime.service import ServiceRuntime
 from services.billing.settings import BillingSettings
 from services.billing.stripe_events import StripeTranslator
 from services.billing.webhooks import webhook_metrics

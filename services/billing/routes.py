@@ -13,9 +13,9 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
 from contracts import StripeCustomerLinked
-from libs.auth import SessionTokens
-from libs.http import Conflict, InvalidRequest, NotFound
-from libs.runtime import ServiceRuntime
+from libs.http.app import Conflict, InvalidRequest, NotFound
+from libs.http.auth import SessionTokens
+from libs.runtime.service import ServiceRuntime
 from libs.timeutil import days_remaining
 from services.billing.settings import BillingSettings
 from services.billing.stripe_api import StripeGateway

@@ -21,8 +21,8 @@ from contracts import (
     SubscriptionCanceled,
     SubscriptionChanged,
 )
-from libs.db import Connection
-from libs.projections import Recorded
+from libs.db.postgres import Connection
+from libs.projections.core import Recorded
 from services.billing.settings import BillingSettings
 from services.billing.stripe_payloads import UnreadableStripeObject, stored_facts
 

@@ -14,9 +14,9 @@ from datetime import datetime
 import asyncpg
 
 from contracts import TrialExpired
-from libs.decisions import Decision, append_decisions
-from libs.eventstore import EventStore
-from libs.projections import durable_name
+from libs.eventlog.decisions import Decision, append_decisions
+from libs.eventlog.store import EventStore
+from libs.projections.core import durable_name
 
 LOCK_KEY = "billing:trial-scheduler"
 # The consumers behind the subscriptions read model the decision is taken from.

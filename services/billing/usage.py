@@ -17,10 +17,11 @@ import msgspec
 from msgspec import Meta
 
 from contracts import UsageReported
-from libs.auth import bearer, instance_usage_token
-from libs.db import Connection
-from libs.http import InvalidRequest, Unauthorized
-from libs.projections import Projection, Recorded
+from contracts.credentials import instance_usage_token
+from libs.db.postgres import Connection
+from libs.http.app import InvalidRequest, Unauthorized
+from libs.http.auth import bearer
+from libs.projections.core import Projection, Recorded
 
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # what the bigint columns hold
 

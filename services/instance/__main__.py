@@ -18,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="HTTP port (default: HTTP_PORT)")
     args = parser.parse_args(argv)
     from libs.config import ConfigError
-    from libs.logs import configure_logging
+    from libs.observability.logs import configure_logging
     from services.instance.server import serve_instance
 
     configure_logging(os.environ.get("LOG_LEVEL", "INFO"))

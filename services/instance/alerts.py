@@ -43,7 +43,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.config import ConfigError
-from libs.db import CONNECTION_ERRORS, Turns
+from libs.db.postgres import CONNECTION_ERRORS, Turns
 from services.instance.readings import METRICS
 
 log = logging.getLogger(__name__)

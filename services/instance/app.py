@@ -28,9 +28,8 @@ from litestar.response import Stream
 from prometheus_client import CollectorRegistry, Gauge
 
 from contracts.license import LicenseClaims
-from libs.auth import bearer
-from libs.db import CONNECTION_ERRORS, Turns, create_pool, load_migrations, migrate
-from libs.http import (
+from libs.db.postgres import CONNECTION_ERRORS, Turns, create_pool, load_migrations, migrate
+from libs.http.app import (
     Forbidden,
     InvalidRequest,
     NotFound,
@@ -41,7 +40,8 @@ from libs.http import (
     create_app,
     invalid,
 )
-from libs.supervision import Supervisor, restart_counter, retrying, then_idle
+from libs.http.auth import bearer
+from libs.runtime.supervision import Supervisor, restart_counter, retrying, then_idle
 from services.instance.alerts import (
     AlertEngine,
     RuleError,

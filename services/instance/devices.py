@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from libs.config import ConfigError
-from libs.db import CONNECTION_ERRORS
-from libs.mqtt_dynsec import DynSec, DynSecError, device_acls
-from libs.supervision import retrying
+from libs.db.postgres import CONNECTION_ERRORS
+from libs.mqtt.dynsec import DynSec, DynSecError, device_acls
+from libs.runtime.supervision import retrying
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)

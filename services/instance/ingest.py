@@ -33,9 +33,9 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
-from libs.db import CONNECTION_ERRORS
-from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
-from libs.mqtt_subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
+from libs.db.postgres import CONNECTION_ERRORS
+from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
+from libs.mqtt.subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
 from services.instance.license import LicenseHolder
 from services.instance.readings import (
     Rejected,
@@ -154,7 +154,7 @@ class Ingest:
         async with DynSec(
             s.mqtt_host, s.mqtt_port, s.mqtt_admin_username, s.mqtt_admin_password
         ) as ds:
-            await ds.ensure_role(s.mqtt_username, instance_acls(s.instance_customer_id))
+            await ds.ensure_role(s.mqtt_username, subtree_acls(s.instance_customer_id))
             await ds.ensure_client(
                 s.mqtt_username,
                 s.mqtt_password or "",

@@ -13,7 +13,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Gauge
 
 from contracts.license import LicenseClaims
-from libs.license_verify import InvalidLicense, LicenseVerifier, Status
+from contracts.license_verify import InvalidLicense, LicenseVerifier, Status
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)

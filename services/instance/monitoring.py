@@ -18,8 +18,8 @@ from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ControllerRouterHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from libs.auth import bearer
-from libs.http import Readiness
+from libs.http.app import Readiness
+from libs.http.auth import bearer
 
 
 def failed_checks(detail: dict[str, Any]) -> list[str]:

@@ -31,7 +31,7 @@ def serve_instance(host: str | None = None, port: int | None = None) -> int:
     """Serve the instance its environment describes (``InstanceSettings``) until stopped."""
     skip_unused_optional_modules()
     from libs.config import load_settings
-    from libs.http_server import GracefulServer, server_config
+    from libs.http.server import GracefulServer, server_config
     from services.instance.app import create_instance_app
     from services.instance.settings import InstanceSettings
 

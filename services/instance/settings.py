@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from libs.auth import derived_secret
+from contracts.credentials import derived_secret
 from libs.config import LogLevel, Port, PostgresUrl
 
 

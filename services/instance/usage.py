@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from libs.db import CONNECTION_ERRORS, Turns
+from libs.db.postgres import CONNECTION_ERRORS, Turns
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)

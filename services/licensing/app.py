@@ -9,11 +9,11 @@ from functools import cache
 from litestar.types import ControllerRouterHandler
 
 from contracts import LicenseIssued, LicenseRevoked
-from libs.outbox import outbox_worker
-from libs.projections import Projection
-from libs.runtime import ServiceDefinition, ServiceRuntime
-from libs.scheduling import every
-from libs.supervision import Worker
+from libs.projections.core import Projection
+from libs.runtime.outbox import outbox_worker
+from libs.runtime.scheduling import every
+from libs.runtime.service import ServiceDefinition, ServiceRuntime
+from libs.runtime.supervision import Worker
 from services.licensing.keys import KeyRing, LicenseSigner, load_keyring
 from services.licensing.projections import LICENSES
 from services.licensing.reactors import licensing_reactors

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 
 from contracts import LicenseIssued, LicenseRevoked
-from libs.db import Connection
-from libs.projections import Projection, Recorded
+from libs.db.postgres import Connection
+from libs.projections.core import Projection, Recorded
 
 
 async def when_license_issued_record_it(conn: Connection, r: Recorded[LicenseIssued]) -> None:

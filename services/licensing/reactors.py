@@ -20,11 +20,11 @@ from contracts import (
     SubscriptionChanged,
     TrialExpired,
 )
-from libs.db import Connection
-from libs.eventstore import caused_event_id
-from libs.outbox import add_to_outbox, outbox_relay
-from libs.projections import Projection, Recorded
-from libs.runtime import ServiceRuntime
+from libs.db.postgres import Connection
+from libs.eventlog.store import caused_event_id
+from libs.projections.core import Projection, Recorded
+from libs.runtime.outbox import add_to_outbox, outbox_relay
+from libs.runtime.service import ServiceRuntime
 from services.licensing.keys import LicenseSigner, build_claims
 from services.licensing.plans import plan
 

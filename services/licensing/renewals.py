@@ -18,9 +18,9 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from contracts import LicenseIssued
-from libs.decisions import Decision, append_decisions
-from libs.eventstore import EventStore
-from libs.projections import durable_name
+from libs.eventlog.decisions import Decision, append_decisions
+from libs.eventlog.store import EventStore
+from libs.projections.core import durable_name
 from services.licensing.keys import LicenseSigner
 from services.licensing.reactors import SUBSCRIPTION_LICENSE_DAYS, signed_license
 

@@ -10,10 +10,10 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from libs.auth import SessionTokens
-from libs.http import InvalidRequest, NotFound
-from libs.license_verify import InvalidLicense, LicenseVerifier
-from libs.runtime import ServiceRuntime
+from contracts.license_verify import InvalidLicense, LicenseVerifier
+from libs.http.app import InvalidRequest, NotFound
+from libs.http.auth import SessionTokens
+from libs.runtime.service import ServiceRuntime
 from services.licensing.keys import KeyRing
 from services.licensing.settings import LicensingSettings
 

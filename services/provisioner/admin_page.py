@@ -27,9 +27,9 @@ from litestar.params import FromPath, QueryParameter
 from litestar.response import Redirect
 from litestar.types import ControllerRouterHandler
 
-from libs.auth import bearer, is_admin
-from libs.http import InvalidRequest, NotFound
-from libs.runtime import ServiceRuntime
+from libs.http.app import InvalidRequest, NotFound
+from libs.http.auth import bearer, is_admin
+from libs.runtime.service import ServiceRuntime
 from services.provisioner.jobs_view import job_view, retry_or_refuse
 from services.provisioner.queue import (
     FINISHED,

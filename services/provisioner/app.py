@@ -25,11 +25,11 @@ from contracts import (
     InstanceRecovered,
 )
 from libs.config import ConfigError
-from libs.outbox import OutboxRelay, outbox_relay, outbox_worker
-from libs.projections import Projection
-from libs.runtime import ServiceDefinition, ServiceRuntime
-from libs.scheduling import every
-from libs.supervision import Worker
+from libs.projections.core import Projection
+from libs.runtime.outbox import OutboxRelay, outbox_relay, outbox_worker
+from libs.runtime.scheduling import every
+from libs.runtime.service import ServiceDefinition, ServiceRuntime
+from libs.runtime.supervision import Worker
 from services.provisioner.backends.base import Backend, BackendError
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, pinned_by_digest
 from services.provisioner.backends.k8s_storage import StoragePolicy

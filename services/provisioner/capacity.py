@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 
 from contracts import InstanceCapacityChanged
-from libs.eventstore import Appended, ConcurrencyConflict, EventStore
-from libs.scheduling import PASSING
+from libs.eventlog.store import Appended, ConcurrencyConflict, EventStore
+from libs.runtime.scheduling import PASSING
 from services.provisioner.backends.base import Backend, Capacity
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.queue import instances_held, waiting_for_capacity

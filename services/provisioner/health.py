@@ -10,12 +10,12 @@ backend about each instance whose deployment succeeded and that no job is changi
   requested by ``health-watch`` (the local backend then starts a fresh process). Its success
   ends the episode (the ``instance_health`` read model closes it on ``DeploymentSucceeded``).
 
-The events are decisions taken against the log (``libs/decisions.py``): each is appended only
-if nothing about the customer reached the log since what the ``instance_health`` read model has
-applied, and its id comes from the episode it opens or closes, so replicas and restarts append
-it once. A redeploy is decided against the queue itself, under the queue's lock: none while a
-job of the customer is waiting or running, and each further one waits twice as long as the one
-before (up to ``INSTANCE_REDEPLOY_BACKOFF_MAX_SECONDS``).
+The events are decisions taken against the log (``libs/eventlog/decisions.py``): each is appended
+only if nothing about the customer reached the log since what the ``instance_health`` read model has
+applied, and its id comes from the episode it opens or closes, so replicas and restarts append it
+once. A redeploy is decided against the queue itself, under the queue's lock: none while a job of
+the customer is waiting or running, and each further one waits twice as long as the one before (up
+to ``INSTANCE_REDEPLOY_BACKOFF_MAX_SECONDS``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from contracts import Event, InstanceDegraded, InstanceRecovered
-from libs.decisions import Decision, append_decisions
-from libs.eventstore import EventStore
-from libs.projections import durable_name
-from libs.scheduling import STUCK_GRACE_SECONDS, run_every
-from libs.supervision import Worker, beat
+from libs.eventlog.decisions import Decision, append_decisions
+from libs.eventlog.store import EventStore
+from libs.projections.core import durable_name
+from libs.runtime.scheduling import STUCK_GRACE_SECONDS, run_every
+from libs.runtime.supervision import Worker, beat
 from services.provisioner.backends.base import Backend, BackendError, InstanceHealth
 from services.provisioner.metrics import HealthMetrics
 from services.provisioner.queue import DEPLOY, PENDING, enqueue, lock_queue

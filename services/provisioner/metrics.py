@@ -11,7 +11,7 @@ from collections.abc import Callable
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from libs.scheduling import PASSING
+from libs.runtime.scheduling import PASSING
 from services.provisioner.queue import STATES, queue_stats
 
 log = logging.getLogger(__name__)

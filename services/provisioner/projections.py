@@ -18,8 +18,8 @@ from contracts import (
     InstanceDegraded,
     InstanceRecovered,
 )
-from libs.db import Connection
-from libs.projections import Projection, Recorded, update_row
+from libs.db.postgres import Connection
+from libs.projections.core import Projection, Recorded, update_row
 
 
 async def when_deployment_requested_record_job(

@@ -44,7 +44,7 @@ from contracts import (
     Envelope,
     Event,
 )
-from libs.outbox import add_to_outbox
+from libs.runtime.outbox import add_to_outbox
 
 Kind = Literal["deploy-customer-stack", "update-customer-stack", "delete-customer-stack"]
 DEPLOY: Kind = "deploy-customer-stack"

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from contracts import CustomerClosed, LicenseIssued
-from libs.db import Connection
-from libs.projections import Projection, Recorded
+from libs.db.postgres import Connection
+from libs.projections.core import Projection, Recorded
 from services.provisioner.queue import DELETE, DEPLOY, UPDATE, enqueue
 
 

@@ -15,10 +15,10 @@ from litestar import Request, Router, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from libs.auth import SessionTokens, admin_guard
-from libs.http import Conflict, InvalidRequest, NotFound
-from libs.outbox import OutboxRelay
-from libs.runtime import ServiceRuntime
+from libs.http.app import Conflict, InvalidRequest, NotFound
+from libs.http.auth import SessionTokens, admin_guard
+from libs.runtime.outbox import OutboxRelay
+from libs.runtime.service import ServiceRuntime
 from services.provisioner.admin_page import admin_page_routes
 from services.provisioner.backends.base import Backend, BackendError
 from services.provisioner.health import HEALTH_WATCH

@@ -24,8 +24,8 @@ from typing import TypeVar
 
 import asyncpg
 
-from libs.outbox import OutboxRelay
-from libs.scheduling import PASSING
+from libs.runtime.outbox import OutboxRelay
+from libs.runtime.scheduling import PASSING
 from services.provisioner.backends.base import Backend, BackendError, InstanceSpec
 from services.provisioner.health import HEALTH_WATCH
 from services.provisioner.metrics import QueueMetrics

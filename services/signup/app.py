@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from contracts import CustomerClosed, CustomerSignedUp
-from libs.runtime import ServiceDefinition, ServiceRuntime
-from libs.scheduling import every
-from libs.supervision import Worker
+from libs.runtime.scheduling import every
+from libs.runtime.service import ServiceDefinition, ServiceRuntime
+from libs.runtime.supervision import Worker
 from services.signup.handlers import forget_stale_private_state, settle_credentials
 from services.signup.projections import ACCOUNTS, PLATFORM_CAPACITY
 from services.signup.routes import signup_routes

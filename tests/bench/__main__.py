@@ -79,7 +79,7 @@ def main() -> None:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {list(BENCHES)}")
     args.what = args.what or [name for name in BENCHES if name not in ("density", "backup")]
     print(f"machine: {machine()}")
-    from libs.embedded import EmbeddedNats, EmbeddedPostgres
+    from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres
     from tests.support import start_harness_nats
 
     with tempfile.TemporaryDirectory(prefix="iotistic-bench-") as tmp:

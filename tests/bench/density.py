@@ -36,8 +36,8 @@ import asyncpg
 import psutil
 from litestar import Litestar, get, post
 
-from libs.db import create_pool, migrate, service_migrations
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.db.postgres import create_pool, migrate, service_migrations
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.local import LocalBackend
 from services.provisioner.settings import ProvisionerSettings

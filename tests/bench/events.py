@@ -7,8 +7,8 @@ import time
 
 import asyncpg
 
-from libs.eventstore import EventStore
-from libs.replay import replay_service
+from libs.eventlog.store import EventStore
+from libs.projections.replay import replay_service
 from services.licensing.app import LICENSING
 from tests.support import (
     connect_harness,

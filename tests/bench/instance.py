@@ -28,10 +28,10 @@ from typing import Any
 import asyncpg
 import httpx
 
-from libs.db import create_pool, load_migrations, migrate
-from libs.embedded import free_port
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.mqtt_dynsec import Acl, DynSec
+from libs.db.postgres import create_pool, load_migrations, migrate
+from libs.mqtt.dynsec import Acl, DynSec
+from libs.servers.embedded import free_port
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.instance.readings import COLUMNS, ROLLUP_SQL, aggregate
 from tests.support import create_database, license_keys_dir, serving
 

@@ -17,9 +17,9 @@ import pytest
 
 from contracts import Envelope, decode_envelope
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.replay import replay_service
-from libs.runtime import Platform
+from libs.eventlog.store import EventStore
+from libs.projections.replay import replay_service
+from libs.runtime.service import Platform
 from services.billing.app import BILLING
 from services.billing.settings import BillingSettings
 from services.billing.stripe_events import StripeTranslator

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.runtime import Platform
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP

@@ -13,9 +13,9 @@ import pytest
 
 from contracts import StripeEventReceived, StripeFacts, decode_envelope, decode_event
 from libs.config import ServiceSettings
-from libs.db import create_pool
-from libs.eventstore import EventStore
-from libs.runtime import Platform
+from libs.db.postgres import create_pool
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform
 from services.billing.app import BILLING
 from services.billing.stripe_payloads import purge_payloads
 from services.billing.webhooks import stripe_key

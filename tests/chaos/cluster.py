@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 
 from libs.config import EventLogSettings, load_settings
-from libs.embedded import EmbeddedNats, EmbeddedPostgres, NatsWatchdog, free_port
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres, NatsWatchdog, free_port
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.local import MARKER, instance_name
 
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")

@@ -29,7 +29,7 @@ import nats.errors
 import nats.js.api
 import pytest
 
-from libs.bus_auth import OPERATOR, inbox_prefix
+from libs.eventlog.bus_auth import OPERATOR, inbox_prefix
 from tests.deploy.test_chart_control_plane import (
     FULLNAME,
     NAMESPACE,

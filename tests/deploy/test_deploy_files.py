@@ -36,8 +36,8 @@ import nats.errors
 import pytest
 import yaml  # PyYAML: installed with litestar, a runtime dependency
 
-from libs.bus_auth import OPERATOR, Credentials, inbox_prefix
 from libs.config import ServiceSettings
+from libs.eventlog.bus_auth import OPERATOR, Credentials, inbox_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
-from libs.supervision import restart_counter
+from libs.runtime.supervision import restart_counter
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
 
 RULES = Path(__file__).parents[2] / "deploy" / "prometheus"

@@ -17,8 +17,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js import api
 
 from libs.config import ServiceSettings
-from libs.embedded import EmbeddedNats
-from libs.eventstore import EventStore
+from libs.eventlog.store import EventStore
+from libs.servers.embedded import EmbeddedNats
 from services.cli import server_error_line
 from services.licensing.app import LICENSING
 from support import eventually, fill, license_issued, make_platform

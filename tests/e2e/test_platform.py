@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
-from libs.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from support import eventually, license_keys_dir, publish_license_and_wait
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ import msgspec
 import pytest
 from litestar import Litestar, Request, get, post
 
-from libs.db import load_migrations, migrate
-from libs.embedded import free_port
+from libs.db.postgres import load_migrations, migrate
+from libs.servers.embedded import free_port
 from services.instance.alerts import WebhookTargets
 from services.instance.app import create_instance_app
 from services.instance.readings import store_readings

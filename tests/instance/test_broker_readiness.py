@@ -16,7 +16,7 @@ import pytest
 from litestar import Litestar, get
 from tcp_relay import TcpRelay
 
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.instance.app import create_instance_app
 from services.instance.settings import InstanceSettings
 from support import create_database, eventually, license_keys_dir, serving, signed_license_issued

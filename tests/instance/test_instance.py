@@ -23,9 +23,9 @@ import pytest
 
 from contracts import TrialExpired
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.runtime import Platform
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.local import instance_name, instances_running
 from services.targets import CONTROL_PLANE, build_app
 from support import eventually, local_backend_settings, serving, with_database
@@ -377,7 +377,7 @@ async def test_after_the_license_expires_ingest_stops_and_queries_work(
 
 
 async def test_usage_reaches_billing_and_only_from_the_instance(client, alice) -> None:
-    from libs.auth import instance_usage_token
+    from contracts.credentials import instance_usage_token
 
     # Alice's instance has stored readings by now (earlier tests); it reports within seconds.
     today = datetime.now(UTC).date().isoformat()

@@ -19,9 +19,9 @@ import pytest
 from litestar import Litestar, get
 from prometheus_client import CollectorRegistry
 
-from libs.db import create_pool, load_migrations, migrate
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.mqtt_dynsec import DynSec, device_acls, instance_acls
+from libs.db.postgres import create_pool, load_migrations, migrate
+from libs.mqtt.dynsec import DynSec, device_acls, subtree_acls
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder
 from services.instance.readings import (
@@ -272,7 +272,7 @@ async def test_readings_delivered_again_after_a_reconnect_are_stored_once(
     admin = (broker.host, broker.port, broker.admin_username, broker.admin_password)
     device = f"device-{uuid.uuid4().hex[:8]}"
     async with DynSec(*admin) as dynsec:
-        await dynsec.ensure_role(username, instance_acls(customer_id))
+        await dynsec.ensure_role(username, subtree_acls(customer_id))
         await dynsec.ensure_client(username, password, [username], clientid=client_id)
         await dynsec.ensure_role(device, device_acls([topic]))
         await dynsec.ensure_client(device, "device-password", [device])

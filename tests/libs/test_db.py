@@ -1,5 +1,5 @@
-"""libs.db against a real Postgres: the pool gives back what a burst opened, and periodic work
-takes its connections in turns."""
+"""libs.db.postgres against a real Postgres: the pool gives back what a burst opened, and
+periodic work takes its connections in turns."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 
-from libs.db import Turns, create_pool
+from libs.db.postgres import Turns, create_pool
 from support import eventually
 
 APPLICATION = "iotistic-public"  # create_pool's application_name for the schema public

@@ -12,7 +12,7 @@ import nats
 import pytest
 from nats.js.api import StorageType
 
-from libs.embedded import (
+from libs.servers.embedded import (
     NATS_MIN_VERSION,
     EmbeddedNats,
     EmbeddedPostgres,

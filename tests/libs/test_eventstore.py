@@ -11,7 +11,7 @@ from nats.js import api
 from tcp_relay import TcpRelay
 
 from contracts import CustomerSignedUp, decode_envelope, new_envelope
-from libs.eventstore import ConcurrencyConflict, EventStore, ReadPosition
+from libs.eventlog.store import ConcurrencyConflict, EventStore, ReadPosition
 from support import connect_harness
 
 

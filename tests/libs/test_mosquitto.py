@@ -1,8 +1,9 @@
 """Tenant isolation and admin behaviour of the embedded Mosquitto, beyond test_mqtt_broker.py.
 
-The broker and its admin client live in ``libs.mqtt_broker`` and ``libs.mqtt_dynsec``; these tests
-pin down what a customer's broker role must guarantee: the receive ACL as well as the subscribe
-ACL, the WebSockets listener, concurrent admin commands, and errors that arrive in bounded time.
+The broker and its admin client live in ``libs.servers.mosquitto`` and ``libs.mqtt.dynsec``; these
+tests pin down what a customer's broker role must guarantee: the receive ACL as well as the
+subscribe ACL, the WebSockets listener, concurrent admin commands, and errors that arrive in bounded
+time.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import aiomqtt
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from libs.mqtt_broker import MAX_CONNECTIONS, EmbeddedMosquitto
-from libs.mqtt_dynsec import Acl, DynSec, DynSecError
+from libs.mqtt.dynsec import Acl, DynSec, DynSecError
+from libs.servers.mosquitto import MAX_CONNECTIONS, EmbeddedMosquitto
 
 SENTINEL = b"sentinel"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.mqtt_dynsec import Acl, DynSec, DynSecError, device_acls
+from libs.mqtt.dynsec import Acl, DynSec, DynSecError, device_acls
+from libs.servers.mosquitto import EmbeddedMosquitto
 
 
 def acls(root: str) -> list[Acl]:

@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator, Callable
 import aiomqtt
 import pytest
 
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.mqtt_dynsec import Acl, DynSec
-from libs.mqtt_subscriber import (
+from libs.mqtt.dynsec import Acl, DynSec
+from libs.mqtt.subscriber import (
     MqttSubscriber,
     MqttSubscriberError,
     SubscriberOptions,
     _Protocol,
 )
+from libs.servers.mosquitto import EmbeddedMosquitto
 
 ROOT = "sub-tests"
 
@@ -194,7 +194,7 @@ async def test_a_filter_beyond_the_acl_is_refused(broker, users) -> None:
 
 
 async def test_no_broker_is_a_clear_error(broker) -> None:
-    from libs.embedded import free_port
+    from libs.servers.embedded import free_port
 
     subscriber = MqttSubscriber(
         SubscriberOptions(host="127.0.0.1", port=free_port(), client_id="nobody"), Inbox()

@@ -15,7 +15,7 @@ import nats.errors
 import pytest
 from nats.js import api
 
-from libs.embedded import EmbeddedNats, NatsWatchdog
+from libs.servers.embedded import EmbeddedNats, NatsWatchdog
 from support import eventually, fill
 
 

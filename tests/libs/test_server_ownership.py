@@ -27,7 +27,7 @@ import asyncpg
 import psutil
 import pytest
 
-from libs.embedded import (
+from libs.servers.embedded import (
     PG_SYSTEM_USER,
     EmbeddedNats,
     EmbeddedPostgres,
@@ -36,7 +36,7 @@ from libs.embedded import (
     free_port,
     port_is_free,
 )
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.servers.mosquitto import EmbeddedMosquitto
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,8 @@ def test_servers_end_when_the_process_that_started_them_is_killed(tmp_path: Path
         f"""
         import json, sys, time
         from pathlib import Path
-        from libs.embedded import EmbeddedNats, EmbeddedPostgres
-        from libs.mqtt_broker import EmbeddedMosquitto
+        from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres
+        from libs.servers.mosquitto import EmbeddedMosquitto
         root = Path({str(tmp_path)!r})
         servers = [EmbeddedPostgres(root / "pg"), EmbeddedNats(root / "nats")]
         servers.append(EmbeddedMosquitto(root / "mqtt"))

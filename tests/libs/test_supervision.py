@@ -18,12 +18,12 @@ from prometheus_client import CollectorRegistry
 
 from contracts import CustomerSignedUp
 from libs.config import ServiceSettings
-from libs.db import Connection
-from libs.eventstore import EventStore
-from libs.projections import Projection, Recorded
-from libs.runtime import Platform
-from libs.scheduling import run_every
-from libs.supervision import Backoff, Supervisor, TaskState, Worker, restart_counter
+from libs.db.postgres import Connection
+from libs.eventlog.store import EventStore
+from libs.projections.core import Projection, Recorded
+from libs.runtime.scheduling import run_every
+from libs.runtime.service import Platform
+from libs.runtime.supervision import Backoff, Supervisor, TaskState, Worker, restart_counter
 from services.signup.app import SIGNUP
 from support import eventually
 

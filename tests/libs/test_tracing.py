@@ -11,9 +11,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.runtime import Platform
-from libs.telemetry import setup_tracing, tracer
+from libs.eventlog.store import EventStore
+from libs.observability.telemetry import setup_tracing, tracer
+from libs.runtime.service import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
@@ -139,7 +139,11 @@ async def test_a_signup_request_and_every_event_it_causes_are_one_trace(
 def test_a_callers_oversized_tracestate_is_not_copied_into_events(members: int, kept: bool) -> None:
     from opentelemetry import context as otel_context
 
-    from libs.telemetry import TRACESTATE_MAX_CHARS, context_from, current_trace_context
+    from libs.observability.telemetry import (
+        TRACESTATE_MAX_CHARS,
+        context_from,
+        current_trace_context,
+    )
 
     tracestate = ",".join(f"vendor{i}={'x' * 40}" for i in range(members))
     assert (len(tracestate) <= TRACESTATE_MAX_CHARS) is kept

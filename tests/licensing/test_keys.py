@@ -17,7 +17,7 @@ from joserfc import jwt as jose_jwt
 from joserfc.errors import BadSignatureError
 from joserfc.jwk import KeySet
 
-from libs.license_verify import InvalidLicense, LicenseVerifier
+from contracts.license_verify import InvalidLicense, LicenseVerifier
 from services.licensing.keys import (
     KeyConfigError,
     LicenseSigner,

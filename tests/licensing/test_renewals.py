@@ -21,9 +21,9 @@ from contracts import (
     decode_event,
 )
 from libs.config import ServiceSettings
-from libs.db import create_pool
-from libs.eventstore import EventStore
-from libs.runtime import Platform
+from libs.db.postgres import create_pool
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform
 from services.licensing.app import LICENSING
 from services.licensing.keys import LicenseSigner, load_keyring
 from services.licensing.renewals import renew_due_licenses

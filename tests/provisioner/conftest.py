@@ -10,8 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from libs.db import create_pool, migrate, service_migrations
-from libs.runtime import Platform
+from libs.db.postgres import create_pool, migrate, service_migrations
+from libs.runtime.service import Platform
 from services.targets import build_app
 from support import create_database, serving
 

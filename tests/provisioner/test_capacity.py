@@ -16,8 +16,8 @@ import asyncpg
 import psutil
 
 from contracts import decode_envelope
-from libs.eventstore import EventStore
-from libs.projections import Recorded
+from libs.eventlog.store import EventStore
+from libs.projections.core import Recorded
 from services.provisioner.backends.base import Capacity, tightest
 from services.provisioner.backends.local import (
     MIB,

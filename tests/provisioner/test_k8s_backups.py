@@ -26,9 +26,9 @@ import kubernetes_validate
 import pytest
 from k8s_standin import KubeStandIn, kube_api, served
 
-from libs.db import load_migrations, migrate
-from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
-from libs.mqtt_dynsec import DynSec, device_acls
+from libs.db.postgres import load_migrations, migrate
+from libs.mqtt.dynsec import DynSec, device_acls
+from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
 from services.instance.devices import device_topics
 from services.instance.readings import ensure_partitions
 from services.provisioner.backends import k8s_backups

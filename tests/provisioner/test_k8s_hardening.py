@@ -26,9 +26,9 @@ from k8s_standin import (
 )
 
 from libs.config import ConfigError, load_settings
-from libs.db import migrate, service_migrations
-from libs.embedded import _HBA_MARK, EmbeddedPostgres, postgres_bin_dir
-from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
+from libs.db.postgres import migrate, service_migrations
+from libs.servers.embedded import _HBA_MARK, EmbeddedPostgres, postgres_bin_dir
+from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.k8s import (
@@ -149,7 +149,7 @@ def test_the_superuser_password_reaches_postgres_only() -> None:
 
 def test_derived_passwords_change_with_the_generation_only() -> None:
     # Generation 0 is the derivation of the versions before rotation: nothing changes.
-    from libs.auth import derived_secret
+    from contracts.credentials import derived_secret
 
     assert derive_password(SECRET, "database", CUSTOMER) == derived_secret(
         SECRET, "database", CUSTOMER

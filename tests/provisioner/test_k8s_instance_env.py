@@ -37,11 +37,11 @@ import pytest
 from k8s_standin import KubeStandIn, api_client_for, served
 
 from libs.config import ConfigError, ServiceSettings
-from libs.embedded import EmbeddedPostgres, free_port, postgres_bin_dir
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.mqtt_dynsec import DynSec
-from libs.runtime import Platform
+from libs.eventlog.store import EventStore
+from libs.mqtt.dynsec import DynSec
+from libs.runtime.service import Platform
+from libs.servers.embedded import EmbeddedPostgres, free_port, postgres_bin_dir
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.instance.settings import InstanceSettings
 from services.instance.usage import UsageReporter
 from services.provisioner.app import check_reachable_from_pods, kubernetes_settings
@@ -544,7 +544,7 @@ def test_the_provisioner_renders_its_urls_and_refuses_the_pods_own() -> None:
     # Without USAGE_URL, usage goes where sign-ins go (one address for the whole control plane).
     assert env["USAGE_URL"] == env["CONTROL_PLANE_URL"] == "http://signup.cp.svc:8080"
     assert env["USAGE_REPORT_SECONDS"] == "300.0"
-    from libs.auth import instance_usage_token
+    from contracts.credentials import instance_usage_token
 
     assert env["USAGE_TOKEN"] == instance_usage_token(USAGE_SECRET, "c-2")
     # The token is in a Secret, never in the pod template.

@@ -25,7 +25,7 @@ import pytest
 from k8s_standin import KubeStandIn, api_client_for, backend_running, served, starter_spec
 
 from libs.config import ConfigError, load_settings
-from libs.mqtt_broker import MAX_CONNECTIONS
+from libs.servers.mosquitto import MAX_CONNECTIONS
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend, object_path

@@ -27,9 +27,9 @@ import pytest
 
 from contracts import SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_dynsec import DynSec
-from libs.runtime import Platform
+from libs.eventlog.store import EventStore
+from libs.mqtt.dynsec import DynSec
+from libs.runtime.service import Platform
 from services.provisioner.backends.local import derive_password, instance_name
 from services.targets import CONTROL_PLANE
 from support import (

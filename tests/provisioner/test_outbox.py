@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 
 from contracts import DeploymentRequested, MalformedEvent, decode_envelope
-from libs.eventstore import EventStore
-from libs.outbox import OutboxRelay, add_to_outbox
+from libs.eventlog.store import EventStore
+from libs.runtime.outbox import OutboxRelay, add_to_outbox
 from support import eventually
 
 

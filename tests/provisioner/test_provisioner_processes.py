@@ -25,10 +25,10 @@ import pytest
 
 from contracts import decode_envelope
 from libs.config import ServiceSettings
-from libs.embedded import free_port
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.runtime import Platform
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform
+from libs.servers.embedded import free_port
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.licensing.app import LICENSING
 from services.provisioner.backends.local import instances_running
 from services.targets import build_app

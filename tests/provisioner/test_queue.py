@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 
 from contracts import CustomerClosed, LicenseIssued, decode_envelope
-from libs.eventstore import traced_envelope
-from libs.projections import Recorded
+from libs.eventlog.store import traced_envelope
+from libs.projections.core import Recorded
 from services.provisioner.queue import (
     DELETE,
     DEPLOY,

@@ -27,9 +27,9 @@ from k8s_standin import STANDIN_TOKEN, KubeStandIn, api_client_for, backend_runn
 from prometheus_client import CollectorRegistry
 
 from contracts import LicenseIssued, decode_envelope, decode_event
-from libs.eventstore import EventStore, traced_envelope
-from libs.outbox import OutboxRelay
-from libs.projections import Recorded
+from libs.eventlog.store import EventStore, traced_envelope
+from libs.projections.core import Recorded
+from libs.runtime.outbox import OutboxRelay
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend

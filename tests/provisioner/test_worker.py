@@ -23,8 +23,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from contracts import decode_envelope
-from libs.eventstore import EventStore
-from libs.outbox import OutboxRelay
+from libs.eventlog.store import EventStore
+from libs.runtime.outbox import OutboxRelay
 from services.provisioner.backends.local import LocalBackend, instance_name
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.queue import DELETE, DEPLOY, Kind, enqueue

@@ -9,8 +9,8 @@ import pytest
 from tenant_instances import control_plane
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.eventlog.store import EventStore
+from libs.servers.mosquitto import EmbeddedMosquitto
 
 
 @pytest.fixture(scope="module")

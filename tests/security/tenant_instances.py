@@ -16,8 +16,8 @@ import httpx
 import paho.mqtt.client as paho
 
 from libs.config import ServiceSettings
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.runtime import Platform
+from libs.runtime.service import Platform
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.targets import CONTROL_PLANE, build_app
 from support import eventually, local_backend_settings, serving
 

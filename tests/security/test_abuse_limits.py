@@ -24,9 +24,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.runtime import Platform
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.signup.app import SIGNUP
 from services.targets import CONTROL_PLANE, build_app
 from support import (

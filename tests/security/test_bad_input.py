@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.eventlog.store import EventStore
+from libs.servers.mosquitto import EmbeddedMosquitto
 from tests.security.tenant_platform import World, running_world
 
 pytestmark = pytest.mark.slow

@@ -28,11 +28,11 @@ from nats.aio.client import Client as NatsClient
 from nats.js import api
 
 from contracts import SubscriptionActivated, encode_envelope, new_envelope
-from libs.bus_auth import OPERATOR, Credentials, inbox_prefix
 from libs.config import ServiceSettings
-from libs.embedded import EmbeddedNats
-from libs.eventstore import EventStore
-from libs.runtime import Platform, ServiceDefinition
+from libs.eventlog.bus_auth import OPERATOR, Credentials, inbox_prefix
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform, ServiceDefinition
+from libs.servers.embedded import EmbeddedNats
 from services.bus import OwnershipError, event_owners
 from services.cli import embedded_bus
 from services.targets import CONTROL_PLANE, build_app

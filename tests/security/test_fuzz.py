@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.eventlog.store import EventStore
+from libs.servers.mosquitto import EmbeddedMosquitto
 from tests.security.fuzz import control_plane_credential, fuzz_api
 from tests.security.tenant_platform import World, running_world
 

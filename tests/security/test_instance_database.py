@@ -18,8 +18,8 @@ import pytest
 from tenant_instances import control_plane, sign_up
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.eventlog.store import EventStore
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.base import derive_password
 from services.provisioner.backends.local import INSTANCE_ROLE_CONNECTIONS, instance_name
 from support import with_database

@@ -30,8 +30,8 @@ from k8s_standin import (
 from litestar import Request, Response
 
 from libs.config import load_settings
-from libs.db import migrate, service_migrations
-from libs.mqtt_broker import ADMIN_USER, EmbeddedMosquitto
+from libs.db.postgres import migrate, service_migrations
+from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
 from services import cli
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.k8s import KubernetesBackend, customer_objects

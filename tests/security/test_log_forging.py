@@ -13,8 +13,8 @@ from urllib.parse import quote
 import pytest
 
 from libs.config import ServiceSettings
-from libs.eventstore import EventStore
-from libs.mqtt_broker import EmbeddedMosquitto
+from libs.eventlog.store import EventStore
+from libs.servers.mosquitto import EmbeddedMosquitto
 from tests.security.tenant_platform import World, running_world
 
 pytestmark = pytest.mark.slow
@@ -74,8 +74,8 @@ def test_every_record_of_an_iotistic_process_is_one_escaped_line() -> None:
         setup_logging("run")
         uvicorn.Config(app=None, log_level="info", access_log=False)
         forged = {FORGED_PATH!r}
-        logging.getLogger("libs.http").error("unhandled error on GET %s", forged)
-        logging.getLogger("libs.http").warning(forged)
+        logging.getLogger("libs.http.app").error("unhandled error on GET %s", forged)
+        logging.getLogger("libs.http.app").warning(forged)
         try:
             raise ValueError({FORGED_ERROR!r})
         except ValueError:

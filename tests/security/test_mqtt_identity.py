@@ -30,8 +30,8 @@ from tenant_instances import (
     stored_times,
 )
 
-from libs.mqtt_broker import EmbeddedMosquitto
-from libs.mqtt_dynsec import Acl, DynSec
+from libs.mqtt.dynsec import Acl, DynSec
+from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.base import derive_password
 from services.provisioner.backends.local import instances_running
 from support import eventually

@@ -34,11 +34,11 @@ from contracts import (
     new_envelope,
 )
 from libs.config import ServiceSettings
-from libs.db import create_pool, migrate, service_migrations
-from libs.eventstore import EventStore, StoredMessage
-from libs.projections import Recorded
-from libs.replay import replay_service
-from libs.runtime import Platform
+from libs.db.postgres import create_pool, migrate, service_migrations
+from libs.eventlog.store import EventStore, StoredMessage
+from libs.projections.core import Recorded
+from libs.projections.replay import replay_service
+from libs.runtime.service import Platform
 from services.billing.app import BILLING
 from services.billing.settings import BillingSettings
 from services.billing.stripe_events import StripeTranslator

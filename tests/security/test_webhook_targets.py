@@ -24,7 +24,7 @@ from litestar import Litestar, Request, post
 from tenant_instances import Tenant, device_client, reading, register, sign_up
 
 from contracts import SubscriptionActivated
-from libs.eventstore import EventStore
+from libs.eventlog.store import EventStore
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
 from services.provisioner.backends.local import instance_name

@@ -19,9 +19,9 @@ from tcp_relay import TcpRelay
 
 from contracts import decode_envelope
 from libs.config import ServiceSettings
-from libs.db import create_pool
-from libs.eventstore import EventStore
-from libs.runtime import Platform
+from libs.db.postgres import create_pool
+from libs.eventlog.store import EventStore
+from libs.runtime.service import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from libs.auth import derived_secret
+from contracts.credentials import derived_secret
 
 # Reports a step: percent done (0-100) and the step's name, e.g. (40, "database").
 Progress = Callable[[int, str], Awaitable[None]]

@@ -33,7 +33,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from libs.auth import instance_usage_token, login_relay_key
+from contracts.credentials import instance_usage_token, login_relay_key
 from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import (
     BackendError,

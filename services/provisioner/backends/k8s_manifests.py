@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from libs.mqtt_broker import MAX_CONNECTIONS, broker_limits, listener_limits
+from libs.servers.mosquitto import MAX_CONNECTIONS, broker_limits, listener_limits
 from services.provisioner.backends import k8s_backups
 from services.provisioner.backends.base import BackendError, InstanceSpec
 from services.provisioner.backends.k8s_storage import (

@@ -36,10 +36,10 @@ import asyncpg
 import httpx
 import psutil
 
-from libs.auth import instance_usage_token, login_relay_key
-from libs.db import CONNECTION_ERRORS
-from libs.embedded import end_with_parent, free_port, port_is_free
-from libs.mqtt_dynsec import DynSec, DynSecError, instance_acls
+from contracts.credentials import instance_usage_token, login_relay_key
+from libs.db.postgres import CONNECTION_ERRORS
+from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
+from libs.servers.embedded import end_with_parent, free_port, port_is_free
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,
@@ -471,7 +471,7 @@ class LocalBackend:
         dynsec = self._dynsec()
         if dynsec is None:
             return "not configured"
-        acls = instance_acls(topic_root(customer_id))
+        acls = subtree_acls(topic_root(customer_id))
         try:
             async with dynsec:
                 await dynsec.ensure_role(name, acls)

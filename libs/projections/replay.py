@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import asyncpg
 
-from libs.db import check_schema_name, drop_schema, migrate, service_migrations
-from libs.eventstore import EventStore, EventStoreError, ReadPosition, StoredMessage
-from libs.projections import PoisonEvent, Projection, apply_stored, ensure_checkpoint
+from libs.db.postgres import check_schema_name, drop_schema, migrate, service_migrations
+from libs.eventlog.store import EventStore, EventStoreError, ReadPosition, StoredMessage
+from libs.projections.core import PoisonEvent, Projection, apply_stored, ensure_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ import importlib.util
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +44,8 @@ from typing import IO, Any, Self, TypeVar
 from urllib.parse import quote
 
 import psutil
+
+from libs.secret_files import secret_file
 
 log = logging.getLogger(__name__)
 
@@ -356,18 +357,6 @@ class _ChildServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def secret_file(path: Path, nbytes: int = 24) -> str:
-    """The secret kept in ``path``, made at first use: random, owner-only (0600), in a folder
-    of the owner's (0700) when the folder is new."""
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(nbytes))
-    return path.read_text().strip()
 
 
 # --- Postgres ------------------------------------------------------------------------------------
@@ -785,7 +774,7 @@ class EmbeddedNats(_ChildServer):
         self.port = port if port is not None else free_port(host)
         # Monitoring answers anyone who reaches it (no credentials): loopback only, always.
         self.monitor_port = monitor_port if monitor_port is not None else free_port(_LOOPBACK)
-        # The server's `authorization` block (libs/bus_auth.py); None: clients need none.
+        # The server's `authorization` block (libs/eventlog/bus_auth.py); None: clients need none.
         self.authorization = authorization
 
     @property
@@ -870,7 +859,7 @@ class EmbeddedNats(_ChildServer):
 
         return "\n".join(
             [
-                "# Written by libs/embedded.py at every start; edits here are overwritten.",
+                "# Written by libs/servers/embedded.py at every start; edits here are overwritten.",
                 f"server_name: {NATS_SERVER_NAME}",
                 f"listen: {text(_host_port(self.host, self.port))}",
                 f"http: {text(_host_port(_LOOPBACK, self.monitor_port))}",

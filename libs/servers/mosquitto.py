@@ -22,14 +22,14 @@ from pathlib import Path
 
 import psutil
 
-from libs.embedded import (
+from libs.secret_files import secret_file
+from libs.servers.embedded import (
     START_TIMEOUT,
     EmbeddedServerError,
     _ChildServer,
     _open_log,
     free_port,
     processes_matching,
-    secret_file,
 )
 
 ADMIN_USER = "iotistic-admin"

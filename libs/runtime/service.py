@@ -1,11 +1,11 @@
 """Running services: what a service is made of, and the process that hosts one or all of them.
 
 A service is declared once (``ServiceDefinition``: its schema's migrations, its projections, its
-routes). A process (``Platform``) hosts one service in production or every control-plane service
-in the embedded default; the service code is the same either way, only the wiring differs. Each
-service has its own NATS connection, as its own bus user (``libs/bus_auth.py``: the server lets
-it append only the events it owns), its own pool, schema and consumers, and the services talk to
-each other only through the log, even inside one process.
+routes). A process (``Platform``) hosts one service in production or every control-plane service in
+the embedded default; the service code is the same either way, only the wiring differs. Each service
+has its own NATS connection, as its own bus user (``libs/eventlog/bus_auth.py``: the server lets it
+append only the events it owns), its own pool, schema and consumers, and the services talk to each
+other only through the log, even inside one process.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry, Counter
 
 from contracts import Event
-from libs.bus_auth import OPERATOR, BusAuthError, Credentials, inbox_prefix
 from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
-from libs.db import CONNECTION_ERRORS, create_pool, migrate, ping, service_migrations
-from libs.eventstore import EventStore
-from libs.http import DomainError
-from libs.metrics import ProjectionMetrics
-from libs.projections import (
+from libs.db.postgres import CONNECTION_ERRORS, create_pool, migrate, ping, service_migrations
+from libs.eventlog.bus_auth import OPERATOR, BusAuthError, Credentials, inbox_prefix
+from libs.eventlog.store import EventStore
+from libs.http.app import DomainError
+from libs.observability.metrics import ProjectionMetrics
+from libs.projections.core import (
     NATS_ERRORS,
     Projection,
     ProjectionRunner,
@@ -43,7 +43,7 @@ from libs.projections import (
     RunnerState,
     durable_name,
 )
-from libs.supervision import Supervisor, Worker, restart_counter, retrying
+from libs.runtime.supervision import Supervisor, Worker, restart_counter, retrying
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ServiceDefinition:
     # The service's own settings type (a ServiceSettings with more fields), read once at start.
     settings_type: type[ServiceSettings] = ServiceSettings
     # The event types this service appends. It owns them: no other service may, and the bus
-    # refuses this service any other (``libs/bus_auth.py``).
+    # refuses this service any other (``libs/eventlog/bus_auth.py``).
     emits: tuple[type[Event], ...] = ()
     # The names of the consumers ``reactors`` makes. The bus lets a service consume only through
     # its projections and these, so a reactor must be named here (checked at start).

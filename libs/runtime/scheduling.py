@@ -6,9 +6,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from libs.projections import TRANSIENT_ERRORS
-from libs.runtime import ServiceUnavailable
-from libs.supervision import Worker, beat
+from libs.projections.core import TRANSIENT_ERRORS
+from libs.runtime.service import ServiceUnavailable
+from libs.runtime.supervision import Worker, beat
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ def server_config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Con
         lifespan="on",
         server_header=False,
         # uvicorn would otherwise take the client address from X-Forwarded-For on any request
-        # from loopback; only TRUSTED_PROXY_HOPS decides that (libs.http.client_address).
+        # from loopback; only TRUSTED_PROXY_HOPS decides that (libs.http.app.client_address).
         proxy_headers=False,
     )
 

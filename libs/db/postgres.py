@@ -25,7 +25,7 @@ _SCHEMA_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 
 # Tables every service needs for its projections; applied before the service's own migrations.
-LIB_MIGRATIONS_PACKAGE = "libs.migrations"
+LIB_MIGRATIONS_PACKAGE = "libs.projections.migrations"
 
 Pool = asyncpg.Pool
 Connection = asyncpg.Connection

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext, api
 
 from contracts import Envelope, Event, TraceContext, encode_envelope, new_envelope
 from libs.config import EventLogSettings
-from libs.telemetry import current_trace_context
+from libs.observability.telemetry import current_trace_context
 
 log = logging.getLogger(__name__)
 

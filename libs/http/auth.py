@@ -24,6 +24,8 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
 
+from contracts.credentials import login_relay_key
+
 SESSION_AUDIENCE = "iotistic-customer"
 SESSION_ISSUER = "iotistic-signup"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -49,27 +51,10 @@ def bearer(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
     return token.strip()
 
 
-def derived_secret(secret: bytes, purpose: str, subject: str) -> str:
-    """A secret for ``purpose`` and ``subject`` (a customer), derived with HMAC-SHA256 from
-    ``secret``: the same every time, so it needs no storing, and useless for any other pair."""
-    return hmac.new(secret, f"{purpose}:{subject}".encode(), "sha256").hexdigest()
-
-
-def instance_usage_token(usage_secret: str, customer_id: str) -> str:
-    """The token a customer's instance reports its usage to billing with."""
-    return derived_secret(usage_secret.encode(), "usage", customer_id)
-
-
 LOGIN_RELAY_HEADER = "Iotistic-Relayed-Client"
 LOGIN_RELAY_MAX_AGE_SECONDS = 60
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 _SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def login_relay_key(login_relay_secret: str, customer_id: str) -> str:
-    """The key a customer's instance signs its browsers' addresses with, when its dashboard
-    relays a sign-in to the control plane (derived from ``LOGIN_RELAY_SECRET``)."""
-    return derived_secret(login_relay_secret.encode(), "login-relay", customer_id)
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,11 @@ class Acl:
         }
 
 
-def instance_acls(customer_id: str) -> list[Acl]:
-    """What a customer's instance may do on the broker: everything under ``<customer_id>/``
-    and nothing else. Dynamic security lets clients receive anything by default, so receiving
+def subtree_acls(root: str) -> list[Acl]:
+    """What a client confined to one subtree may do: everything under ``<root>/`` and nothing
+    else. Dynamic security lets clients receive anything by default, so receiving
     is also denied outside the customer's topics, a second lock behind the subscribe ACL."""
-    root = f"{customer_id}/#"
+    root = f"{root}/#"
     return [
         Acl("publishClientSend", root),
         Acl("subscribePattern", root),

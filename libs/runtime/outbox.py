@@ -26,10 +26,10 @@ from collections.abc import Callable
 import asyncpg
 
 from contracts import Envelope, Event, decode_envelope, encode_envelope
-from libs.eventstore import EventStore, traced_envelope
-from libs.runtime import ServiceRuntime
-from libs.scheduling import PASSING
-from libs.supervision import Worker, beat
+from libs.eventlog.store import EventStore, traced_envelope
+from libs.runtime.scheduling import PASSING
+from libs.runtime.service import ServiceRuntime
+from libs.runtime.supervision import Worker, beat
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from libs.db import CONNECTION_ERRORS
-from libs.logs import CONTROL_CHARACTERS, escape_control
+from libs.db.postgres import CONNECTION_ERRORS
+from libs.observability.logs import CONTROL_CHARACTERS, escape_control
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import bcrypt
 
-from libs.embedded import secret_file
+from libs.secret_files import secret_file
 
 OPERATOR = "operator"
 """The user of the operators' tools."""

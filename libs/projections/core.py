@@ -30,10 +30,10 @@ from nats.js import api
 from opentelemetry import trace
 
 from contracts import Envelope, Event, MalformedEvent, decode_envelope, decode_event
-from libs.db import CONNECTION_ERRORS
-from libs.eventstore import EventStore, EventStoreError, StoredMessage, to_stored
-from libs.metrics import ProjectionMetrics
-from libs.telemetry import context_from, tracer
+from libs.db.postgres import CONNECTION_ERRORS
+from libs.eventlog.store import EventStore, EventStoreError, StoredMessage, to_stored
+from libs.observability.metrics import ProjectionMetrics
+from libs.observability.telemetry import context_from, tracer
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class _Reattach(Exception):
 
 def durable_name(service: str, consumer: str) -> str:
     """The JetStream durable consumer of one projection or reactor of a service; the bus lets
-    each service use only the consumers named so after its own (``libs/bus_auth.py``)."""
+    each service use only the consumers named so after its own (``libs/eventlog/bus_auth.py``)."""
     return f"{service}_{consumer}"
 
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from contracts import Event
-from libs.eventstore import Appended, ConcurrencyConflict, EventStore
+from libs.eventlog.store import Appended, ConcurrencyConflict, EventStore
 
 log = logging.getLogger(__name__)
 
