@@ -95,7 +95,7 @@ def harness_authorization(credentials: Credentials) -> str:
 def start_harness_nats(folder: Path) -> Any:
     """The harness's NATS (an ``EmbeddedNats`` asking for credentials) started in ``folder``;
     its passwords' folder is published in ``TEST_NATS_CREDENTIALS_DIR``."""
-    from libs.servers.embedded import EmbeddedNats
+    from libs.servers.nats import EmbeddedNats
 
     credentials = Credentials(folder / "credentials")
     server = EmbeddedNats(folder / "server", authorization=harness_authorization(credentials))
@@ -183,7 +183,7 @@ def license_issued(customer_id: str | None = None, *, plan: str = "starter") -> 
 async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """The app served by uvicorn on ``port`` (a free one by default) in this event loop, and a
     client for it."""
-    from libs.servers.embedded import free_port
+    from libs.servers.ports import free_port
     from services.cli import server_config
 
     port = port or free_port()

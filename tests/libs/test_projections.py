@@ -28,7 +28,7 @@ from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.projections.replay import ReplayError, ReplayReport, replay_service
 from libs.runtime.service import Platform
-from libs.servers.embedded import free_port
+from libs.servers.ports import free_port
 from services.licensing.app import LICENSING
 from support import (
     connect_harness,

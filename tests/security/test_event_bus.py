@@ -32,7 +32,7 @@ from libs.config import ServiceSettings
 from libs.eventlog.bus_auth import OPERATOR, Credentials, inbox_prefix
 from libs.eventlog.store import EventStore
 from libs.runtime.service import Platform, ServiceDefinition
-from libs.servers.embedded import EmbeddedNats
+from libs.servers.nats import EmbeddedNats
 from services.bus import OwnershipError, event_owners
 from services.cli import embedded_bus
 from services.targets import CONTROL_PLANE, build_app
