@@ -30,7 +30,7 @@ import psutil
 from rich.table import Table
 
 from libs.config import EventLogSettings, load_settings
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from libs.runtime.supervision import Supervisor
 from libs.servers.keeper import NatsWatchdog, ServerKeeper
 from libs.servers.mosquitto import EmbeddedMosquitto

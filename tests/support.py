@@ -24,7 +24,9 @@ from litestar import Litestar
 from contracts import Features, LicenseIssued, Limits
 from libs.config import ServiceSettings
 from libs.eventlog.bus_auth import Credentials, authorization_block, superuser
-from libs.runtime.service import Platform, ServiceDefinition, connect_nats
+from libs.eventlog.connection import connect_nats
+from libs.runtime.platform import Platform
+from libs.runtime.service import ServiceDefinition
 
 T = TypeVar("T")
 
@@ -207,8 +209,8 @@ async def publish_license_and_wait(
     With ``credentials_dir`` (a platform's bus passwords) it appends as licensing, the owner of
     LicenseIssued; otherwise as the harness.
     """
+    from libs.eventlog.connection import connect_bus
     from libs.eventlog.store import EventStore
-    from libs.runtime.service import connect_bus
 
     settings = ServiceSettings(
         database_url=database_url, nats_url=nats_url, nats_credentials_dir=credentials_dir

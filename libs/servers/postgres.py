@@ -13,19 +13,17 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import psutil
 
 from libs.secret_files import secret_file
 from libs.servers.ports import accepts_tcp, connect_host, free_port, url_host
+from libs.servers.postgres_account import Account, as_account, own_tree, postgres_account
 from libs.servers.process import (
     START_TIMEOUT,
     ChildServer,
@@ -36,9 +34,6 @@ from libs.servers.process import (
 )
 
 log = logging.getLogger(__name__)
-
-PG_SYSTEM_USER = "iotistic-pg"
-"""The account Postgres runs as when we are root: postgres refuses to run as root."""
 
 PG_SUPERUSER = "postgres"
 MAX_CONNECTIONS = 600
@@ -56,7 +51,8 @@ class EmbeddedPostgres(ChildServer):
     the data folder) and is part of ``url``. A cluster made by an older version with trust
     authentication gets the password and SCRAM at its next start. Its log is written next to
     the data folder, ``<data_dir>/../postgres.log``, because ``initdb`` wants an empty folder.
-    As root, the server runs as the system user ``PG_SYSTEM_USER``, created if missing.
+    As root, the server runs as the system user ``PG_SYSTEM_USER``, created if missing
+    (``libs/servers/postgres_account.py``).
     """
 
     name = "postgres"
@@ -112,11 +108,11 @@ class EmbeddedPostgres(ChildServer):
         self._clear_stale_lock()
         bin_dir = postgres_bin_dir()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        account = _postgres_account(bin_dir, self.data_dir) if os.geteuid() == 0 else None
+        account = postgres_account(bin_dir, self.data_dir) if os.geteuid() == 0 else None
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(bin_dir, account)
         elif account is not None:
-            _own_tree(self.data_dir, account)
+            own_tree(self.data_dir, account)
         if _HBA_MARK not in (self.data_dir / "pg_hba.conf").read_text():
             self._require_password(bin_dir, account)
         # Postgres refuses a data folder others can read.
@@ -139,7 +135,7 @@ class EmbeddedPostgres(ChildServer):
         for key, value in settings.items():
             command += ["-c", f"{key}={value}"]
         with open_log(self.log_path) as log_file:
-            self._spawn(command, log_file, env=_postgres_env(), cwd="/", **_as_account(account))
+            self._spawn(command, log_file, env=_postgres_env(), cwd="/", **as_account(account))
         self._wait_ready(bin_dir, timeout)
         log.info("postgres ready at %s (data %s)", self.shown_url, self.data_dir)
 
@@ -207,10 +203,10 @@ class EmbeddedPostgres(ChildServer):
         host = connect_host(self.host)
         return ["-h", host, "-p", str(self.port), "-U", PG_SUPERUSER]
 
-    def _initdb(self, bin_dir: Path, account: _Account | None) -> None:
+    def _initdb(self, bin_dir: Path, account: Account | None) -> None:
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         if account is not None:
-            _own_tree(self.data_dir, account)
+            own_tree(self.data_dir, account)
         # initdb reads the password from a file the server's account can open (owner only).
         fd, pwfile = tempfile.mkstemp(prefix="iotpg-pw-")
         with os.fdopen(fd, "w") as handle:
@@ -241,7 +237,7 @@ class EmbeddedPostgres(ChildServer):
                     cwd="/",
                     timeout=300,
                     check=False,
-                    **_as_account(account),
+                    **as_account(account),
                 )
         finally:
             os.unlink(pwfile)
@@ -254,7 +250,7 @@ class EmbeddedPostgres(ChildServer):
                 f"--- end of {self.log_path} ---\n{tail}"
             )
 
-    def _require_password(self, bin_dir: Path, account: _Account | None) -> None:
+    def _require_password(self, bin_dir: Path, account: Account | None) -> None:
         """A cluster made with trust authentication: give the superuser the password (in
         single-user mode, before any client can connect) and require it from now on."""
         log.info("requiring a password for the Postgres cluster in %s", self.data_dir)
@@ -267,7 +263,7 @@ class EmbeddedPostgres(ChildServer):
             cwd="/",
             timeout=120,
             check=False,
-            **_as_account(account),
+            **as_account(account),
         )
         if result.returncode != 0:
             raise EmbeddedServerError(
@@ -276,7 +272,7 @@ class EmbeddedPostgres(ChildServer):
             )
         self._write_hba(account)
 
-    def _write_hba(self, account: _Account | None) -> None:
+    def _write_hba(self, account: Account | None) -> None:
         path = self.data_dir / "pg_hba.conf"
         path.write_text(
             f"{_HBA_MARK}\n"
@@ -336,90 +332,6 @@ def postgres_bin_dir() -> Path:
     if not (bin_dir / "postgres").is_file():
         raise EmbeddedServerError(f"no postgres binary in {bin_dir}")
     return bin_dir
-
-
-@dataclass(frozen=True)
-class _Account:
-    """A system account child processes switch to."""
-
-    name: str
-    uid: int
-    gid: int
-
-
-def _postgres_account(bin_dir: Path, data_dir: Path) -> _Account:
-    """The unprivileged account Postgres runs as when we are root, able to reach what it needs."""
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(PG_SYSTEM_USER)
-    except KeyError:
-        log.info(
-            "creating system user %s to run Postgres (it refuses to run as root)", PG_SYSTEM_USER
-        )
-        nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
-        result = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", nologin, PG_SYSTEM_USER],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise EmbeddedServerError(
-                f"Postgres cannot run as root and creating the user {PG_SYSTEM_USER} failed: "
-                f"{result.stderr.strip()}; create it or run as an ordinary user"
-            ) from None
-        entry = pwd.getpwnam(PG_SYSTEM_USER)
-    account = _Account(PG_SYSTEM_USER, entry.pw_uid, entry.pw_gid)
-    _allow_traverse(data_dir.parent)
-    _allow_traverse(bin_dir)
-    _allow_reading(bin_dir.parent)
-    return account
-
-
-def _allow_traverse(path: Path) -> None:
-    """Let other users pass through ``path`` and every folder above it (o+x, not o+r)."""
-    for folder in [path, *path.parents]:
-        if not folder.exists():
-            continue
-        mode = folder.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            log.info("allowing others to traverse %s so Postgres can reach its files", folder)
-            folder.chmod(mode | stat.S_IXOTH)
-
-
-def _allow_reading(install: Path) -> None:
-    """Make the Postgres install readable (and its programs runnable) by the Postgres user."""
-    postgres = install / "bin" / "postgres"
-    if postgres.stat().st_mode & stat.S_IXOTH and (install / "share").stat().st_mode & stat.S_IROTH:
-        return
-    log.info("making %s readable by %s", install, PG_SYSTEM_USER)
-    for dirpath, _dirnames, filenames in os.walk(install):
-        folder = Path(dirpath)
-        folder.chmod(folder.stat().st_mode | stat.S_IROTH | stat.S_IXOTH)
-        for filename in filenames:
-            file = folder / filename
-            if file.is_symlink():
-                continue
-            mode = file.stat().st_mode
-            extra = stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
-            file.chmod(mode | extra)
-
-
-def _own_tree(root: Path, account: _Account) -> None:
-    """Give ``root`` and everything in it to ``account``, unless it already owns it."""
-    if root.stat().st_uid == account.uid:
-        return
-    os.chown(root, account.uid, account.gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            os.chown(os.path.join(dirpath, name), account.uid, account.gid, follow_symlinks=False)
-
-
-def _as_account(account: _Account | None) -> dict[str, Any]:
-    if account is None:
-        return {}
-    return {"user": account.uid, "group": account.gid, "extra_groups": []}
 
 
 def _postgres_env() -> dict[str, str]:

@@ -31,7 +31,8 @@ from libs.servers.keeper import ServerKeeper
 from libs.servers.mosquitto import EmbeddedMosquitto
 from libs.servers.nats import EmbeddedNats
 from libs.servers.ports import free_port, port_is_free
-from libs.servers.postgres import PG_SYSTEM_USER, EmbeddedPostgres
+from libs.servers.postgres import EmbeddedPostgres
+from libs.servers.postgres_account import PG_SYSTEM_USER
 from libs.servers.process import end_processes
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ import pytest
 from contracts import decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
 from libs.servers.ports import free_port
 from services.licensing.app import LICENSING
