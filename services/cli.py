@@ -24,20 +24,18 @@ from contracts import MalformedEvent, decode_envelope
 from libs.config import ConfigError, EventLogSettings, ServiceSettings, load_settings
 from libs.db.postgres import CONNECTION_ERRORS
 from libs.eventlog.bus_auth import OPERATOR, BusAuthError
-from libs.eventlog.store import EventStore, EventStoreError, StoredMessage
+from libs.eventlog.connection import NATS_ERRORS, connect_bus
+from libs.eventlog.errors import EventStoreError
+from libs.eventlog.reader import StoredMessage
+from libs.eventlog.store import EventStore
 from libs.http.server import GracefulServer, server_config
 from libs.observability.logs import configure_logging
 from libs.observability.telemetry import setup_tracing
-from libs.projections.core import NATS_ERRORS, decide, open_parked
-from libs.projections.replay import (
-    VERIFY_WAIT_SECONDS,
-    ProjectionCheck,
-    ReplayError,
-    ReplayReport,
-    TableDiff,
-    replay_service,
-)
-from libs.runtime.service import Platform, connect_bus
+from libs.projections.parking import decide, open_parked
+from libs.projections.replay import replay_service
+from libs.projections.reports import ProjectionCheck, ReplayError, ReplayReport, TableDiff
+from libs.projections.verify import VERIFY_WAIT_SECONDS
+from libs.runtime.platform import Platform
 from services.licensing.keys import KeyConfigError
 from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 

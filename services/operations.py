@@ -9,8 +9,8 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 from litestar.types import ControllerRouterHandler
 
-from libs.projections.core import decide, open_parked
-from libs.runtime.service import Platform
+from libs.projections.parking import decide, open_parked
+from libs.runtime.platform import Platform
 
 
 def operations_routes(platform: Platform) -> list[ControllerRouterHandler]:

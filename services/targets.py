@@ -8,10 +8,11 @@ from typing import Literal
 
 from litestar import Litestar, Router
 
-from libs.eventlog.store import EventStoreError
+from libs.eventlog.errors import EventStoreError
 from libs.http.app import create_app
 from libs.http.auth import admin_guard
-from libs.runtime.service import Platform, ServiceDefinition
+from libs.runtime.platform import Platform
+from libs.runtime.service import ServiceDefinition
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.operations import operations_routes

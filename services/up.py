@@ -30,22 +30,16 @@ import psutil
 from rich.table import Table
 
 from libs.config import EventLogSettings, load_settings
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from libs.runtime.supervision import Supervisor
-from libs.servers.embedded import (
-    _STANDARD_PORTS,
-    EmbeddedNats,
-    EmbeddedPostgres,
-    EmbeddedServerError,
-    NatsWatchdog,
-    ServerKeeper,
-    _ChildServer,
-    end_processes,
-    kept_port,
-    on_server_thread,
-    port_is_free,
-)
+from libs.servers.keeper import NatsWatchdog, ServerKeeper
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.nats import EmbeddedNats
+from libs.servers.ports import STANDARD_PORTS as _STANDARD_PORTS
+from libs.servers.ports import kept_port, port_is_free
+from libs.servers.postgres import EmbeddedPostgres
+from libs.servers.process import ChildServer as _ChildServer
+from libs.servers.process import EmbeddedServerError, end_processes, on_server_thread
 from services.cli import (
     LOCK_FILE,
     RUNTIME_FILE,

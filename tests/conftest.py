@@ -28,8 +28,9 @@ from nats.aio.client import Client as NatsClient
 
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.servers.embedded import EmbeddedPostgres, free_port
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.ports import free_port
+from libs.servers.postgres import EmbeddedPostgres
 from support import (
     NATS_CREDENTIALS_ENV,
     connect_harness,

@@ -24,7 +24,9 @@ from litestar import Litestar
 from contracts import Features, LicenseIssued, Limits
 from libs.config import ServiceSettings
 from libs.eventlog.bus_auth import Credentials, authorization_block, superuser
-from libs.runtime.service import Platform, ServiceDefinition, connect_nats
+from libs.eventlog.connection import connect_nats
+from libs.runtime.platform import Platform
+from libs.runtime.service import ServiceDefinition
 
 T = TypeVar("T")
 
@@ -95,7 +97,7 @@ def harness_authorization(credentials: Credentials) -> str:
 def start_harness_nats(folder: Path) -> Any:
     """The harness's NATS (an ``EmbeddedNats`` asking for credentials) started in ``folder``;
     its passwords' folder is published in ``TEST_NATS_CREDENTIALS_DIR``."""
-    from libs.servers.embedded import EmbeddedNats
+    from libs.servers.nats import EmbeddedNats
 
     credentials = Credentials(folder / "credentials")
     server = EmbeddedNats(folder / "server", authorization=harness_authorization(credentials))
@@ -183,7 +185,7 @@ def license_issued(customer_id: str | None = None, *, plan: str = "starter") -> 
 async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """The app served by uvicorn on ``port`` (a free one by default) in this event loop, and a
     client for it."""
-    from libs.servers.embedded import free_port
+    from libs.servers.ports import free_port
     from services.cli import server_config
 
     port = port or free_port()
@@ -207,8 +209,8 @@ async def publish_license_and_wait(
     With ``credentials_dir`` (a platform's bus passwords) it appends as licensing, the owner of
     LicenseIssued; otherwise as the harness.
     """
+    from libs.eventlog.connection import connect_bus
     from libs.eventlog.store import EventStore
-    from libs.runtime.service import connect_bus
 
     settings = ServiceSettings(
         database_url=database_url, nats_url=nats_url, nats_credentials_dir=credentials_dir

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from urllib.parse import urlsplit
 
-from libs.servers.embedded import free_port
+from libs.servers.ports import free_port
 
 
 class TcpRelay:

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from contracts import Event
-from libs.eventlog.store import Appended, ConcurrencyConflict, EventStore
+from libs.eventlog.errors import ConcurrencyConflict
+from libs.eventlog.store import Appended, EventStore
 
 log = logging.getLogger(__name__)
 

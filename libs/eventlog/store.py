@@ -8,6 +8,7 @@ customer id), so "first writer wins" can be asked of JetStream for one thing at 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -18,11 +19,12 @@ from datetime import datetime
 
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from contracts import Envelope, Event, TraceContext, encode_envelope, new_envelope
 from libs.config import EventLogSettings
+from libs.eventlog.errors import AppendRefused, ConcurrencyConflict, EventStoreError
+from libs.eventlog.reader import LogReader, ReadPosition, StoredMessage
 from libs.observability.telemetry import current_trace_context
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,6 @@ log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # JetStream's error code for a failed expected-last-(subject-)sequence check.
 _WRONG_LAST_SEQUENCE = 10071
-
-# Fetch timeouts in a row, with the consumer still owing events, before a read gives up.
-_READ_STALL_CHECKS = 40
 
 # How long a failed append keeps readiness red when no append has succeeded since (an append
 # that works clears it at once; without traffic, it fades after this).
@@ -48,35 +47,6 @@ HEADER_TRACEPARENT = "traceparent"
 HEADER_TRACESTATE = "tracestate"
 
 
-class EventStoreError(RuntimeError):
-    """The log could not take or give an event (connection, timeout, stream missing).
-
-    Transient: the same append may succeed later.
-    """
-
-
-class AppendRefused(EventStoreError):
-    """The log certainly did not store the event: the connection was down before it was sent,
-    or the server answered with an error (a full stream or disk, a refused permission).
-
-    A caller may undo what it prepared for the event; a plain ``EventStoreError`` from an
-    append (a timeout, a connection lost after sending) leaves it unknown whether the event was
-    stored, and the caller must keep what a later retry needs to find the first outcome.
-    """
-
-
-class ConcurrencyConflict(Exception):
-    """Another writer appended to the subject first; the caller lost the race (final).
-
-    ``last_seq`` is the sequence the server found instead of the one expected, when it said.
-    """
-
-    def __init__(self, subject: str, last_seq: int | None = None) -> None:
-        super().__init__(f"another event was appended to {subject} first")
-        self.subject = subject
-        self.last_seq = last_seq
-
-
 @dataclass(frozen=True)
 class Appended:
     """Where an appended event landed; ``duplicate`` when the log already had its event id."""
@@ -85,22 +55,6 @@ class Appended:
     subject: str
     seq: int
     duplicate: bool
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    """A message read back from the log, not yet decoded (it may be malformed)."""
-
-    seq: int
-    subject: str
-    data: bytes
-    headers: dict[str, str]
-
-    @property
-    def event_type(self) -> str:
-        """The event type its subject names (``<prefix>.<EventType>.<key>``)."""
-        parts = self.subject.rsplit(".", 2)
-        return parts[-2] if len(parts) == 3 else ""
 
 
 class EventStore:
@@ -335,93 +289,13 @@ class EventStore:
         """
         filters = self.filter_for(event_types) if event_types is not None else [f"{self.prefix}.>"]
         end = to_seq if to_seq is not None else (None if follow else await self.last_seq())
+        reader = LogReader(self._js, self.stream, filters, batch)
         position = position if position is not None else ReadPosition()
-        if end is not None and end < from_seq:
-            position.through = end
-            return
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(from_seq, 1),
-            ack_policy=api.AckPolicy.NONE,
-            filter_subjects=filters,
-            inactive_threshold=60.0,
-            max_waiting=1,
-            mem_storage=True,
-        )
-        sub = await self._js.pull_subscribe("", stream=self.stream, config=config)
-        received = 0  # consumer sequence of the last delivery received
-        stalls = 0
-        try:
-            while True:
-                try:
-                    # Short waits: a batch fetch lingers until full or timed out (see runner).
-                    msgs = await sub.fetch(batch, timeout=0.25)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    stalls += 1
-                    if follow or end is None:
-                        continue
-                    if await self._read_is_complete(sub, received, stalls):
-                        position.through = end
-                        return
-                    continue
-                stalls = 0
-                for msg in msgs:
-                    received = self._next_delivery(msg, received)
-                    stored = to_stored(msg)
-                    if end is not None and stored.seq > end:
-                        position.through = end
-                        return
-                    yield stored
-                    position.through = stored.seq
-                    if end is not None and stored.seq >= end:
-                        return
-                if not follow and end is not None and msgs and msgs[-1].metadata.num_pending == 0:
-                    position.through = end
-                    return
-        finally:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                log.debug("reader unsubscribe failed", exc_info=True)
-
-    def _next_delivery(self, msg: Msg, received: int) -> int:
-        """The delivery's consumer sequence, which must follow ``received`` without a gap."""
-        delivered = int(msg.metadata.sequence.consumer)
-        if delivered != received + 1:
-            # The reader's consumer never redelivers (no acks): what was skipped is gone.
-            raise EventStoreError(
-                f"read of {self.stream}: delivery {received + 1} was lost "
-                f"(got {delivered}, stream seq {msg.metadata.sequence.stream})"
-            )
-        return delivered
-
-    async def _read_is_complete(
-        self, sub: JetStreamContext.PullSubscription, received: int, stalls: int
-    ) -> bool:
-        """After a fetch timed out: True when the reader's consumer has nothing left to deliver
-        and all it delivered arrived. A timeout alone says nothing about the end of the log (a
-        slow server or network looks the same)."""
-        try:
-            info = await sub.consumer_info()
-        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
-            raise EventStoreError(f"read of {self.stream} lost its consumer: {exc!r}") from exc
-        delivered = int((info.delivered.consumer_seq or 0) if info.delivered else 0)
-        # Deliveries sent before the timeout may still be on their way: the next fetch takes them.
-        if not info.num_pending and delivered <= received:
-            return True
-        if stalls >= _READ_STALL_CHECKS:
-            raise EventStoreError(
-                f"read of {self.stream} stalled: {info.num_pending} events not delivered, "
-                f"{delivered - received} delivered but not received"
-            )
-        return False
-
-
-@dataclass
-class ReadPosition:
-    """How far a read covered the log: every matching event through ``through`` was yielded."""
-
-    through: int = 0
+        messages = reader.read(from_seq, end, follow=follow, position=position)
+        # Closed with this generator, so a reader that stops early ends its consumer at once.
+        async with contextlib.aclosing(messages):
+            async for stored in messages:
+                yield stored
 
 
 def traced_envelope(
@@ -451,14 +325,3 @@ def caused_event_id(cause: Envelope, purpose: str) -> str:
     the same id, which JetStream stores once.
     """
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"iotistic:{cause.event_id}:{purpose}"))
-
-
-def to_stored(msg: Msg) -> StoredMessage:
-    """The parts of a JetStream message a projection or reader needs."""
-    meta = msg.metadata
-    return StoredMessage(
-        seq=int(meta.sequence.stream),
-        subject=msg.subject,
-        data=msg.data,
-        headers=dict(msg.headers or {}),
-    )

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from libs.http.app import InvalidRequest
+from libs.http.errors import InvalidRequest
 
 T = TypeVar("T")
 _AT = re.compile(r" - at `\$(?:\.(?P<field>[^`\[]+))?[^`]*`$")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from libs.projections.core import TRANSIENT_ERRORS
+from libs.projections.apply import TRANSIENT_ERRORS
 from libs.runtime.service import ServiceUnavailable
 from libs.runtime.supervision import Worker, beat
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import psutil
 
 from libs.secret_files import secret_file
-from libs.servers.embedded import (
+from libs.servers.ports import free_port
+from libs.servers.process import (
     START_TIMEOUT,
+    ChildServer,
     EmbeddedServerError,
-    _ChildServer,
-    _open_log,
-    free_port,
+    open_log,
     processes_matching,
 )
 
@@ -98,7 +98,7 @@ def mosquitto_binaries() -> tuple[Path, Path, Path]:
     return Path(broker), Path(ctrl), Path(plugins[0])
 
 
-class EmbeddedMosquitto(_ChildServer):
+class EmbeddedMosquitto(ChildServer):
     """Mosquitto with dynamic security on free ports, over a data folder."""
 
     name = "mosquitto"
@@ -153,7 +153,7 @@ class EmbeddedMosquitto(_ChildServer):
         if not self.dynsec_file.exists():
             self._init_dynsec(ctrl)
         self.config_path.write_text(self._config(plugin))
-        with _open_log(self.log_path) as log_file:
+        with open_log(self.log_path) as log_file:
             self._spawn([str(broker), "-c", str(self.config_path)], log_file)
         self._wait_ready(timeout)
 

@@ -13,8 +13,8 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
 from contracts import StripeCustomerLinked
-from libs.http.app import Conflict, InvalidRequest, NotFound
 from libs.http.auth import SessionTokens
+from libs.http.errors import Conflict, InvalidRequest, NotFound
 from libs.runtime.service import ServiceRuntime
 from libs.timeutil import days_remaining
 from services.billing.settings import BillingSettings

@@ -16,7 +16,7 @@ from stripe.params import CustomerCreateParams
 from stripe.params.billing_portal import SessionCreateParams as PortalParams
 from stripe.params.checkout import SessionCreateParams as CheckoutParams
 
-from libs.http.app import DomainError, UpstreamError
+from libs.http.errors import DomainError, UpstreamError
 from services.billing.settings import BillingSettings
 
 log = logging.getLogger(__name__)

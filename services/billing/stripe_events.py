@@ -22,7 +22,7 @@ from contracts import (
     SubscriptionChanged,
 )
 from libs.db.postgres import Connection
-from libs.projections.core import Recorded
+from libs.projections.apply import Recorded
 from services.billing.settings import BillingSettings
 from services.billing.stripe_payloads import UnreadableStripeObject, stored_facts
 

@@ -23,7 +23,7 @@ from msgspec import Meta, Struct
 
 from contracts import StripeFacts
 from contracts.events import MinorUnits, StripeRef, StripeWord
-from libs.http.app import InvalidRequest
+from libs.http.errors import InvalidRequest
 
 # The Stripe event types whose object billing reads (services/billing/stripe_events.py turns
 # them into domain events). Of every other type only the envelope's facts are kept.

@@ -16,7 +16,7 @@ import asyncpg
 from contracts import TrialExpired
 from libs.eventlog.decisions import Decision, append_decisions
 from libs.eventlog.store import EventStore
-from libs.projections.core import durable_name
+from libs.projections.runner import durable_name
 
 LOCK_KEY = "billing:trial-scheduler"
 # The consumers behind the subscriptions read model the decision is taken from.

@@ -19,9 +19,9 @@ from msgspec import Meta
 from contracts import UsageReported
 from contracts.credentials import instance_usage_token
 from libs.db.postgres import Connection
-from libs.http.app import InvalidRequest, Unauthorized
 from libs.http.auth import bearer
-from libs.projections.core import Projection, Recorded
+from libs.http.errors import InvalidRequest, Unauthorized
+from libs.projections.apply import Projection, Recorded
 
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # what the bigint columns hold
 

@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry, Counter
 from stripe import SignatureVerificationError, WebhookSignature
 
 from contracts import StripeEventReceived, StripeFacts
-from libs.eventlog.store import ConcurrencyConflict, EventStore
-from libs.http.app import DomainError, InvalidRequest
+from libs.eventlog.errors import ConcurrencyConflict
+from libs.eventlog.store import EventStore
+from libs.http.errors import DomainError, InvalidRequest
 from services.billing.stripe_payloads import (
     StripeEventHead,
     customer_hint,

@@ -29,18 +29,18 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from contracts.license import LicenseClaims
 from libs.db.postgres import CONNECTION_ERRORS, Turns, create_pool, load_migrations, migrate
-from libs.http.app import (
+from libs.http.app import create_app
+from libs.http.auth import bearer
+from libs.http.errors import (
     Forbidden,
     InvalidRequest,
     NotFound,
     TooManyRequests,
     Unauthorized,
     UpstreamError,
-    control_character_reason,
-    create_app,
     invalid,
 )
-from libs.http.auth import bearer
+from libs.http.input_checks import control_character_reason
 from libs.runtime.supervision import Supervisor, restart_counter, retrying, then_idle
 from services.instance.alerts import (
     AlertEngine,

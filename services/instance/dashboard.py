@@ -27,14 +27,9 @@ from litestar.params import JSONBody
 from litestar.response import File, ServerSentEvent, ServerSentEventMessage
 from litestar.types import ControllerRouterHandler
 
-from libs.http.app import (
-    InvalidRequest,
-    TooManyRequests,
-    Unauthorized,
-    UpstreamError,
-    client_address,
-)
+from libs.http.app import client_address
 from libs.http.auth import LOGIN_RELAY_HEADER, relayed_client_header
+from libs.http.errors import InvalidRequest, TooManyRequests, Unauthorized, UpstreamError
 from services.instance.readings import METRICS
 from services.instance.settings import InstanceSettings
 

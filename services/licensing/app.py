@@ -9,7 +9,7 @@ from functools import cache
 from litestar.types import ControllerRouterHandler
 
 from contracts import LicenseIssued, LicenseRevoked
-from libs.projections.core import Projection
+from libs.projections.apply import Projection
 from libs.runtime.outbox import outbox_worker
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime

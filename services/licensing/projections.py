@@ -6,7 +6,7 @@ import msgspec
 
 from contracts import LicenseIssued, LicenseRevoked
 from libs.db.postgres import Connection
-from libs.projections.core import Projection, Recorded
+from libs.projections.apply import Projection, Recorded
 
 
 async def when_license_issued_record_it(conn: Connection, r: Recorded[LicenseIssued]) -> None:

@@ -22,7 +22,7 @@ from contracts import (
 )
 from libs.db.postgres import Connection
 from libs.eventlog.store import caused_event_id
-from libs.projections.core import Projection, Recorded
+from libs.projections.apply import Projection, Recorded
 from libs.runtime.outbox import add_to_outbox, outbox_relay
 from libs.runtime.service import ServiceRuntime
 from services.licensing.keys import LicenseSigner, build_claims

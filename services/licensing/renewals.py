@@ -20,7 +20,7 @@ import asyncpg
 from contracts import LicenseIssued
 from libs.eventlog.decisions import Decision, append_decisions
 from libs.eventlog.store import EventStore
-from libs.projections.core import durable_name
+from libs.projections.runner import durable_name
 from services.licensing.keys import LicenseSigner
 from services.licensing.reactors import SUBSCRIPTION_LICENSE_DAYS, signed_license
 

@@ -11,8 +11,8 @@ from litestar.params import FromPath, JSONBody
 from litestar.types import ControllerRouterHandler
 
 from contracts.license_verify import InvalidLicense, LicenseVerifier
-from libs.http.app import InvalidRequest, NotFound
 from libs.http.auth import SessionTokens
+from libs.http.errors import InvalidRequest, NotFound
 from libs.runtime.service import ServiceRuntime
 from services.licensing.keys import KeyRing
 from services.licensing.settings import LicensingSettings

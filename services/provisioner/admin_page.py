@@ -27,8 +27,8 @@ from litestar.params import FromPath, QueryParameter
 from litestar.response import Redirect
 from litestar.types import ControllerRouterHandler
 
-from libs.http.app import InvalidRequest, NotFound
 from libs.http.auth import bearer, is_admin
+from libs.http.errors import InvalidRequest, NotFound
 from libs.runtime.service import ServiceRuntime
 from services.provisioner.jobs_view import job_view, retry_or_refuse
 from services.provisioner.queue import (

@@ -25,7 +25,7 @@ from contracts import (
     InstanceRecovered,
 )
 from libs.config import ConfigError
-from libs.projections.core import Projection
+from libs.projections.apply import Projection
 from libs.runtime.outbox import OutboxRelay, outbox_relay, outbox_worker
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime

@@ -20,7 +20,8 @@ from typing import Any
 import asyncpg
 
 from contracts import InstanceCapacityChanged
-from libs.eventlog.store import Appended, ConcurrencyConflict, EventStore
+from libs.eventlog.errors import ConcurrencyConflict
+from libs.eventlog.store import Appended, EventStore
 from libs.runtime.scheduling import PASSING
 from services.provisioner.backends.base import Backend, Capacity
 from services.provisioner.metrics import QueueMetrics

@@ -33,7 +33,7 @@ import asyncpg
 from contracts import Event, InstanceDegraded, InstanceRecovered
 from libs.eventlog.decisions import Decision, append_decisions
 from libs.eventlog.store import EventStore
-from libs.projections.core import durable_name
+from libs.projections.runner import durable_name
 from libs.runtime.scheduling import STUCK_GRACE_SECONDS, run_every
 from libs.runtime.supervision import Worker, beat
 from services.provisioner.backends.base import Backend, BackendError, InstanceHealth

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from libs.http.app import Conflict, NotFound
+from libs.http.errors import Conflict, NotFound
 from services.provisioner.queue import PENDING, JobNotFound, JobNotRetryable, retry_job
 
 

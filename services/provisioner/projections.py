@@ -19,7 +19,7 @@ from contracts import (
     InstanceRecovered,
 )
 from libs.db.postgres import Connection
-from libs.projections.core import Projection, Recorded, update_row
+from libs.projections.apply import Projection, Recorded, update_row
 
 
 async def when_deployment_requested_record_job(

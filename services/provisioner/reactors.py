@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from contracts import CustomerClosed, LicenseIssued
 from libs.db.postgres import Connection
-from libs.projections.core import Projection, Recorded
+from libs.projections.apply import Projection, Recorded
 from services.provisioner.queue import DELETE, DEPLOY, UPDATE, enqueue
 
 

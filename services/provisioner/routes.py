@@ -15,8 +15,8 @@ from litestar import Request, Router, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from libs.http.app import Conflict, InvalidRequest, NotFound
 from libs.http.auth import SessionTokens, admin_guard
+from libs.http.errors import Conflict, InvalidRequest, NotFound
 from libs.runtime.outbox import OutboxRelay
 from libs.runtime.service import ServiceRuntime
 from services.provisioner.admin_page import admin_page_routes

@@ -15,9 +15,10 @@ import asyncpg
 import msgspec
 
 from contracts import CustomerSignedUp, Features, decode_envelope, encode_envelope
-from libs.eventlog.store import AppendRefused, ConcurrencyConflict, EventStore, traced_envelope
-from libs.http.app import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
+from libs.eventlog.errors import AppendRefused, ConcurrencyConflict
+from libs.eventlog.store import EventStore, traced_envelope
 from libs.http.auth import LOGIN_RELAY_MAX_AGE_SECONDS, RelayedClient, SessionTokens
+from libs.http.errors import Conflict, DomainError, NotFound, TooManyRequests, Unauthorized
 from libs.runtime.service import ServiceUnavailable
 from libs.timeutil import days_remaining
 from services.signup.models import (

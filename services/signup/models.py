@@ -10,7 +10,7 @@ import msgspec
 from email_validator import EmailNotValidError, validate_email
 
 from contracts import Features
-from libs.http.app import InvalidRequest
+from libs.http.errors import InvalidRequest
 from services.signup.passwords import is_common
 
 EMAIL_MAX = 254

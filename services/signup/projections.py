@@ -29,7 +29,7 @@ from contracts import (
     TrialStarted,
 )
 from libs.db.postgres import Connection
-from libs.projections.core import Projection, Recorded, update_customer_row
+from libs.projections.apply import Projection, Recorded, update_customer_row
 
 
 async def when_customer_signed_up_open_account(

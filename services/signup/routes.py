@@ -9,8 +9,9 @@ from litestar import Request, Response, get, post
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from libs.http.app import DomainError, InvalidRequest, TooManyRequests, client_address, error_body
+from libs.http.app import client_address
 from libs.http.auth import LOGIN_RELAY_HEADER, SessionTokens, verify_relayed_client
+from libs.http.errors import DomainError, InvalidRequest, TooManyRequests, error_body
 from libs.runtime.service import ServiceRuntime
 from services.signup.handlers import (
     SignupService,

@@ -79,7 +79,8 @@ def main() -> None:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {list(BENCHES)}")
     args.what = args.what or [name for name in BENCHES if name not in ("density", "backup")]
     print(f"machine: {machine()}")
-    from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres
+    from libs.servers.nats import EmbeddedNats
+    from libs.servers.postgres import EmbeddedPostgres
     from tests.support import start_harness_nats
 
     with tempfile.TemporaryDirectory(prefix="iotistic-bench-") as tmp:

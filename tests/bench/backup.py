@@ -19,7 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
-from libs.servers.embedded import postgres_bin_dir
+from libs.servers.postgres import postgres_bin_dir
 from tests.bench.instance import loaded_instance_database
 from tests.support import create_database
 

@@ -30,8 +30,8 @@ import httpx
 
 from libs.db.postgres import create_pool, load_migrations, migrate
 from libs.mqtt.dynsec import Acl, DynSec
-from libs.servers.embedded import free_port
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.ports import free_port
 from services.instance.readings import COLUMNS, ROLLUP_SQL, aggregate
 from tests.support import create_database, license_keys_dir, serving
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from libs.servers.embedded import free_port
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.ports import free_port
 from tests.support import create_database, license_keys_dir, nats_credentials_dir
 
 CUSTOMERS = 20

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from libs.config import load_settings
-from libs.servers.embedded import free_port
+from libs.servers.ports import free_port
 from services.signup.settings import SignupSettings
 from tests.support import create_database, license_keys_dir, nats_credentials_dir
 

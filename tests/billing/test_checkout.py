@@ -18,7 +18,7 @@ import pytest
 from contracts import decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.billing.settings import BillingSettings
 from services.billing.stripe_api import StripeGateway, StripeNotConfigured, StripeUnavailable

@@ -19,7 +19,7 @@ import pytest
 from contracts import CustomerSignedUp, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from support import eventually
 

@@ -19,7 +19,7 @@ from contracts import Envelope, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.projections.replay import replay_service
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.billing.settings import BillingSettings
 from services.billing.stripe_events import StripeTranslator

@@ -13,7 +13,7 @@ from contracts import CustomerSignedUp, SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
 from libs.db.postgres import create_pool
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.billing.trials import expire_ended_trials
 from support import eventually

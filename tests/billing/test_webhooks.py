@@ -15,7 +15,7 @@ from contracts import StripeEventReceived, StripeFacts, decode_envelope, decode_
 from libs.config import ServiceSettings
 from libs.db.postgres import create_pool
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.billing.stripe_payloads import purge_payloads
 from services.billing.webhooks import stripe_key

@@ -32,8 +32,11 @@ from pathlib import Path
 import httpx
 
 from libs.config import EventLogSettings, load_settings
-from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres, NatsWatchdog, free_port
+from libs.servers.keeper import NatsWatchdog
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.nats import EmbeddedNats
+from libs.servers.ports import free_port
+from libs.servers.postgres import EmbeddedPostgres
 from services.provisioner.backends.local import MARKER, instance_name
 
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")

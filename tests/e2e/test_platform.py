@@ -19,7 +19,9 @@ import asyncpg
 import httpx
 import pytest
 
-from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from libs.servers.nats import EmbeddedNats
+from libs.servers.ports import free_port
+from libs.servers.postgres import EmbeddedPostgres
 from support import eventually, license_keys_dir, publish_license_and_wait
 
 pytestmark = pytest.mark.slow

@@ -30,7 +30,7 @@ import psutil
 import pytest
 from test_platform import IOTISTIC, wait_status
 
-from libs.servers.embedded import free_port
+from libs.servers.ports import free_port
 from services.provisioner.backends.local import MARKER
 from support import eventually, license_keys_dir
 

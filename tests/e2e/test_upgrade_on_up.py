@@ -21,7 +21,7 @@ import httpx
 import pytest
 from test_platform import IOTISTIC, wait_status
 
-from libs.servers.embedded import free_port
+from libs.servers.ports import free_port
 from services.provisioner.backends.local import instance_name
 from stripe_signing import SECRET, sign
 from stripe_standin import API_KEY, StripeStandIn

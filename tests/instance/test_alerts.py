@@ -18,7 +18,7 @@ import pytest
 from litestar import Litestar, Request, get, post
 
 from libs.db.postgres import load_migrations, migrate
-from libs.servers.embedded import free_port
+from libs.servers.ports import free_port
 from services.instance.alerts import WebhookTargets
 from services.instance.app import create_instance_app
 from services.instance.readings import store_readings

@@ -24,7 +24,7 @@ import pytest
 from contracts import TrialExpired
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.local import instance_name, instances_running
 from services.targets import CONTROL_PLANE, build_app

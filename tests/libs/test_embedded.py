@@ -12,13 +12,10 @@ import nats
 import pytest
 from nats.js.api import StorageType
 
-from libs.servers.embedded import (
-    NATS_MIN_VERSION,
-    EmbeddedNats,
-    EmbeddedPostgres,
-    EmbeddedServerError,
-    free_port,
-)
+from libs.servers.nats import NATS_MIN_VERSION, EmbeddedNats
+from libs.servers.ports import free_port
+from libs.servers.postgres import EmbeddedPostgres
+from libs.servers.process import EmbeddedServerError
 
 STANDARD_PORTS = {4222, 5432, 8222}
 

@@ -11,7 +11,9 @@ from nats.js import api
 from tcp_relay import TcpRelay
 
 from contracts import CustomerSignedUp, decode_envelope, new_envelope
-from libs.eventlog.store import ConcurrencyConflict, EventStore, ReadPosition
+from libs.eventlog.errors import ConcurrencyConflict
+from libs.eventlog.reader import ReadPosition
+from libs.eventlog.store import EventStore
 from support import connect_harness
 
 

@@ -194,7 +194,7 @@ async def test_a_filter_beyond_the_acl_is_refused(broker, users) -> None:
 
 
 async def test_no_broker_is_a_clear_error(broker) -> None:
-    from libs.servers.embedded import free_port
+    from libs.servers.ports import free_port
 
     subscriber = MqttSubscriber(
         SubscriberOptions(host="127.0.0.1", port=free_port(), client_id="nobody"), Inbox()

@@ -15,7 +15,8 @@ import nats.errors
 import pytest
 from nats.js import api
 
-from libs.servers.embedded import EmbeddedNats, NatsWatchdog
+from libs.servers.keeper import NatsWatchdog
+from libs.servers.nats import EmbeddedNats
 from support import eventually, fill
 
 

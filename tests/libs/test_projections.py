@@ -26,9 +26,10 @@ from tcp_relay import TcpRelay
 from contracts import new_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.projections.replay import ReplayError, ReplayReport, replay_service
-from libs.runtime.service import Platform
-from libs.servers.embedded import free_port
+from libs.projections.replay import replay_service
+from libs.projections.reports import ReplayError, ReplayReport
+from libs.runtime.platform import Platform
+from libs.servers.ports import free_port
 from services.licensing.app import LICENSING
 from support import (
     connect_harness,

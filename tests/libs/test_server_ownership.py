@@ -27,16 +27,13 @@ import asyncpg
 import psutil
 import pytest
 
-from libs.servers.embedded import (
-    PG_SYSTEM_USER,
-    EmbeddedNats,
-    EmbeddedPostgres,
-    ServerKeeper,
-    end_processes,
-    free_port,
-    port_is_free,
-)
+from libs.servers.keeper import ServerKeeper
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.nats import EmbeddedNats
+from libs.servers.ports import free_port, port_is_free
+from libs.servers.postgres import EmbeddedPostgres
+from libs.servers.postgres_account import PG_SYSTEM_USER
+from libs.servers.process import end_processes
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +56,8 @@ def test_servers_end_when_the_process_that_started_them_is_killed(tmp_path: Path
         f"""
         import json, sys, time
         from pathlib import Path
-        from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres
+        from libs.servers.nats import EmbeddedNats
+        from libs.servers.postgres import EmbeddedPostgres
         from libs.servers.mosquitto import EmbeddedMosquitto
         root = Path({str(tmp_path)!r})
         servers = [EmbeddedPostgres(root / "pg"), EmbeddedNats(root / "nats")]

@@ -20,9 +20,9 @@ from contracts import CustomerSignedUp
 from libs.config import ServiceSettings
 from libs.db.postgres import Connection
 from libs.eventlog.store import EventStore
-from libs.projections.core import Projection, Recorded
+from libs.projections.apply import Projection, Recorded
+from libs.runtime.platform import Platform
 from libs.runtime.scheduling import run_every
-from libs.runtime.service import Platform
 from libs.runtime.supervision import Backoff, Supervisor, TaskState, Worker, restart_counter
 from services.signup.app import SIGNUP
 from support import eventually

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from libs.http.app import InvalidRequest
+from libs.http.errors import InvalidRequest
 from libs.http.validation import FieldErrors, convert, decode, json_object
 
 

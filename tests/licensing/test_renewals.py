@@ -23,7 +23,7 @@ from contracts import (
 from libs.config import ServiceSettings
 from libs.db.postgres import create_pool
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.licensing.app import LICENSING
 from services.licensing.keys import LicenseSigner, load_keyring
 from services.licensing.renewals import renew_due_licenses

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from libs.db.postgres import create_pool, migrate, service_migrations
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.targets import build_app
 from support import create_database, serving
 

@@ -17,7 +17,7 @@ import psutil
 
 from contracts import decode_envelope
 from libs.eventlog.store import EventStore
-from libs.projections.core import Recorded
+from libs.projections.apply import Recorded
 from services.provisioner.backends.base import Capacity, tightest
 from services.provisioner.backends.local import (
     MIB,

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from contracts import SubscriptionActivated, decode_envelope, decode_event
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.provisioner.app import backend_of, health_watch_of, settings_of, worker_of
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics

@@ -336,7 +336,7 @@ async def test_api_failures_and_an_unreachable_server_are_backend_errors(cluster
     async with backend_running(wrong):
         with pytest.raises(BackendError, match="401"):
             await wrong.deploy(spec(), Steps())
-    from libs.servers.embedded import free_port
+    from libs.servers.ports import free_port
 
     nowhere = backend_for(f"http://127.0.0.1:{free_port()}")
     async with backend_running(nowhere):

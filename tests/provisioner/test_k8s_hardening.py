@@ -27,8 +27,8 @@ from k8s_standin import (
 
 from libs.config import ConfigError, load_settings
 from libs.db.postgres import migrate, service_migrations
-from libs.servers.embedded import _HBA_MARK, EmbeddedPostgres, postgres_bin_dir
 from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
+from libs.servers.postgres import _HBA_MARK, EmbeddedPostgres, postgres_bin_dir
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.k8s import (

@@ -39,9 +39,10 @@ from k8s_standin import KubeStandIn, api_client_for, served
 from libs.config import ConfigError, ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.mqtt.dynsec import DynSec
-from libs.runtime.service import Platform
-from libs.servers.embedded import EmbeddedPostgres, free_port, postgres_bin_dir
+from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.ports import free_port
+from libs.servers.postgres import EmbeddedPostgres, postgres_bin_dir
 from services.instance.settings import InstanceSettings
 from services.instance.usage import UsageReporter
 from services.provisioner.app import check_reachable_from_pods, kubernetes_settings

@@ -29,7 +29,7 @@ from contracts import SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.mqtt.dynsec import DynSec
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.provisioner.backends.local import derive_password, instance_name
 from services.targets import CONTROL_PLANE
 from support import (

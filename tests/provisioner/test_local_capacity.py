@@ -19,7 +19,7 @@ import pytest
 from contracts import SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.targets import CONTROL_PLANE
 from support import assert_replays_clean, eventually, local_platform
 

@@ -26,9 +26,9 @@ import pytest
 from contracts import decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
-from libs.servers.embedded import free_port
+from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.ports import free_port
 from services.licensing.app import LICENSING
 from services.provisioner.backends.local import instances_running
 from services.targets import build_app

@@ -19,7 +19,7 @@ import pytest
 
 from contracts import CustomerClosed, LicenseIssued, decode_envelope
 from libs.eventlog.store import traced_envelope
-from libs.projections.core import Recorded
+from libs.projections.apply import Recorded
 from services.provisioner.queue import (
     DELETE,
     DEPLOY,

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from contracts import LicenseIssued, decode_envelope, decode_event
 from libs.eventlog.store import EventStore, traced_envelope
-from libs.projections.core import Recorded
+from libs.projections.apply import Recorded
 from libs.runtime.outbox import OutboxRelay
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import InstanceSpec

@@ -22,7 +22,7 @@ import pytest
 from k8s_standin import KubeStandIn, api_client_for, served
 
 from libs.config import ServiceSettings
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.provisioner.app import NOT_APPLYING, PROVISIONER, worker_of
 from services.provisioner.backends.k8s import KubernetesBackend
 from services.provisioner.backends.k8s_manifests import KubernetesSettings

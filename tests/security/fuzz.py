@@ -190,8 +190,10 @@ def control_plane_credential(admin: dict[str, str], customer: dict[str, str]) ->
 
 async def fuzz_platform(examples: int, seconds: float) -> list[FuzzReport]:
     """A platform of its own, fuzzed: the control plane, then the customer's instance."""
-    from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres, free_port
     from libs.servers.mosquitto import EmbeddedMosquitto
+    from libs.servers.nats import EmbeddedNats
+    from libs.servers.ports import free_port
+    from libs.servers.postgres import EmbeddedPostgres
     from tests.security.tenant_platform import running_world
     from tests.support import create_database, make_settings
 

@@ -16,7 +16,7 @@ import httpx
 import paho.mqtt.client as paho
 
 from libs.config import ServiceSettings
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
 from services.targets import CONTROL_PLANE, build_app
 from support import eventually, local_backend_settings, serving

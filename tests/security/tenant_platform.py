@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from libs.config import ServiceSettings
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.provisioner.backends.local import instance_name
 from services.targets import CONTROL_PLANE, build_app
 from tests.stripe_standin import API_KEY, StripeStandIn

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NatsClient
 
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
 from services.signup.app import SIGNUP
 from services.targets import CONTROL_PLANE, build_app

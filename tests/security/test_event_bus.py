@@ -31,8 +31,9 @@ from contracts import SubscriptionActivated, encode_envelope, new_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.bus_auth import OPERATOR, Credentials, inbox_prefix
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform, ServiceDefinition
-from libs.servers.embedded import EmbeddedNats
+from libs.runtime.platform import Platform
+from libs.runtime.service import ServiceDefinition
+from libs.servers.nats import EmbeddedNats
 from services.bus import OwnershipError, event_owners
 from services.cli import embedded_bus
 from services.targets import CONTROL_PLANE, build_app

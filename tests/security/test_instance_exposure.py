@@ -17,8 +17,8 @@ import msgspec
 import pytest
 from tenant_instances import Tenant, device_client, reading, register, sign_up
 
-from libs.servers.embedded import free_port
 from libs.servers.mosquitto import EmbeddedMosquitto
+from libs.servers.ports import free_port
 from services.instance.app import create_instance_app
 from services.instance.settings import InstanceSettings
 from services.provisioner.backends.base import derive_password

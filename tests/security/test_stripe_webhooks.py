@@ -35,10 +35,11 @@ from contracts import (
 )
 from libs.config import ServiceSettings
 from libs.db.postgres import create_pool, migrate, service_migrations
-from libs.eventlog.store import EventStore, StoredMessage
-from libs.projections.core import Recorded
+from libs.eventlog.reader import StoredMessage
+from libs.eventlog.store import EventStore
+from libs.projections.apply import Recorded
 from libs.projections.replay import replay_service
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.billing.settings import BillingSettings
 from services.billing.stripe_events import StripeTranslator

@@ -26,7 +26,7 @@ from contracts import (
 )
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP

@@ -21,7 +21,7 @@ from contracts import decode_envelope
 from libs.config import ServiceSettings
 from libs.db.postgres import create_pool
 from libs.eventlog.store import EventStore
-from libs.runtime.service import Platform
+from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP

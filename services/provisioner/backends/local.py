@@ -39,7 +39,8 @@ import psutil
 from contracts.credentials import instance_usage_token, login_relay_key
 from libs.db.postgres import CONNECTION_ERRORS
 from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
-from libs.servers.embedded import end_with_parent, free_port, port_is_free
+from libs.servers.ports import free_port, port_is_free
+from libs.servers.process import end_with_parent
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,

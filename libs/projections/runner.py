@@ -1,14 +1,17 @@
-"""Projections: read models kept in step with the log, one durable consumer each.
-
-Every event is applied in one Postgres transaction together with the projection's checkpoint
-(the last stream sequence applied), and acknowledged to JetStream only after that commit. A
-redelivered event finds the checkpoint already past it and changes nothing, so delivery at least
-once gives read models as if each event were applied exactly once.
+"""The projection runner: one durable JetStream consumer per projection, applied in order.
 
 Order matters to a read model, so one process at a time consumes a projection (a Postgres
-advisory lock; other replicas wait on standby) and an event that cannot be applied is parked and
-stops the projection where it is: it moves on only when an operator decides (`iotistic parked
-skip|retry`). The service keeps serving what it has meanwhile; readiness and metrics show it.
+advisory lock; other replicas wait on standby), and every delivery must follow the one before
+it. Events are applied with their checkpoint in one transaction (``libs/projections/apply.py``)
+and acknowledged only after that commit. An event that cannot be applied is parked and stops
+the projection where it is (``libs/projections/parking.py``): it moves on only when an operator
+decides (`iotistic parked skip|retry`). The service keeps serving what it has meanwhile;
+readiness and metrics show it.
+
+Longer than 400 lines because ``ProjectionRunner`` is one state machine (take the lead, attach
+the consumer, consume in step, retry or park, wait for the operator's decision) whose steps all
+share its status, its lock's connection and its epoch; what does not need them is elsewhere
+(applying in ``apply.py``, checkpoints in ``checkpoints.py``, parked rows in ``parking.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import asyncpg
 import nats.errors
@@ -29,287 +31,32 @@ from nats.aio.msg import Msg
 from nats.js import api
 from opentelemetry import trace
 
-from contracts import Envelope, Event, MalformedEvent, decode_envelope, decode_event
 from libs.db.postgres import CONNECTION_ERRORS
-from libs.eventlog.store import EventStore, EventStoreError, StoredMessage, to_stored
+from libs.eventlog.connection import NATS_ERRORS
+from libs.eventlog.reader import StoredMessage, to_stored
+from libs.eventlog.store import EventStore
 from libs.observability.metrics import ProjectionMetrics
 from libs.observability.telemetry import context_from, tracer
+from libs.projections.apply import (
+    TRANSIENT_ERRORS,
+    ApplyOutcome,
+    PoisonEvent,
+    Projection,
+    apply_event,
+    apply_stored,
+)
+from libs.projections.checkpoints import (
+    LogMismatch,
+    LostLeadership,
+    check_stream,
+    ensure_checkpoint,
+    lock_checkpoint,
+    save_checkpoint,
+    take_leadership,
+)
+from libs.projections.parking import park, resolve_decision
 
 log = logging.getLogger(__name__)
-
-E = TypeVar("E", bound=Event)
-
-NATS_ERRORS: tuple[type[BaseException], ...] = (
-    nats.errors.Error,
-    nats.js.errors.Error,
-    OSError,
-    TimeoutError,
-)
-
-# Failures that say nothing about the event: the database or the log is away for a moment.
-# The runner reconnects and tries the same event again; it is never parked for these.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
-    *NATS_ERRORS,
-    EventStoreError,
-)
-
-
-@dataclass(frozen=True)
-class Recorded(Generic[E]):
-    """An event as the log recorded it: its position, its envelope and its decoded body."""
-
-    seq: int
-    envelope: Envelope
-    event: E
-
-
-EventHandler = Callable[[asyncpg.Connection, Recorded[Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A read model: the tables it owns and the function that applies each event type to them.
-
-    Handlers must derive every value from the event (use ``envelope.occurred_at``, never
-    ``now()``), so that a replay builds exactly the rows the live projection built.
-    """
-
-    name: str
-    handlers: Mapping[type[Event], EventHandler]
-    tables: tuple[str, ...]
-    # Called after each transaction of this consumer commits (a reactor wakes the relay of
-    # the outbox its handlers wrote to, so the effects reach the log at once).
-    after_commit: Callable[[], None] | None = None
-
-    @property
-    def event_types(self) -> list[str]:
-        """Names of the event types this projection reads."""
-        return sorted(cls.TYPE for cls in self.handlers)
-
-    def handler_for(self, event_type: str) -> EventHandler | None:
-        """The handler for an event type, if this projection reads it."""
-        for cls, handler in self.handlers.items():
-            if event_type == cls.TYPE:
-                return handler
-        return None
-
-
-async def update_row(
-    conn: asyncpg.Connection,
-    table: str,
-    key_column: str,
-    key: object,
-    assignments: str,
-    *values: object,
-) -> None:
-    """``UPDATE table SET assignments WHERE key_column = $1``; ``values`` are ``$2`` onwards.
-
-    A handler's common move: events about a row the projection does not have change nothing.
-    """
-    await conn.execute(f"UPDATE {table} SET {assignments} WHERE {key_column} = $1", key, *values)
-
-
-async def update_customer_row(
-    conn: asyncpg.Connection, table: str, r: Recorded[Any], assignments: str, *values: object
-) -> None:
-    """Update the event's customer's row in ``table``, stamping ``updated_at`` with the event's
-    time (``$2``); ``values`` are ``$3`` onwards."""
-    await update_row(
-        conn,
-        table,
-        "customer_id",
-        r.envelope.customer_id,
-        f"{assignments}, updated_at = $2",
-        r.envelope.occurred_at,
-        *values,
-    )
-
-
-class ApplyOutcome(enum.Enum):
-    """What applying one stored message did."""
-
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"
-    IGNORED = "ignored"
-    # Its envelope names another type than its subject: see ``apply_event``.
-    REFUSED = "refused"
-
-
-class PoisonEvent(Exception):
-    """An event that a projection cannot apply: malformed, unknown, or its handler fails."""
-
-    def __init__(self, seq: int, reason: str, *, retryable: bool) -> None:
-        super().__init__(f"seq {seq}: {reason}")
-        self.seq = seq
-        self.reason = reason
-        self.retryable = retryable
-
-
-def decode_stored(stored: StoredMessage) -> Recorded[Event]:
-    """Decode a stored message, raising ``PoisonEvent`` if it is not a valid event."""
-    try:
-        envelope = decode_envelope(stored.data)
-        event = decode_event(envelope)
-    except MalformedEvent as exc:
-        raise PoisonEvent(stored.seq, f"malformed event: {exc}", retryable=False) from exc
-    return Recorded(seq=stored.seq, envelope=envelope, event=event)
-
-
-async def ensure_checkpoint(conn: asyncpg.Connection, projection: str) -> int:
-    """The projection's checkpoint, creating it at 0 the first time."""
-    await conn.execute(
-        "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
-        projection,
-    )
-    value = await conn.fetchval(
-        "SELECT last_seq FROM projection_checkpoints WHERE projection = $1", projection
-    )
-    return int(value)
-
-
-class LogMismatch(Exception):
-    """The log is not the one the projection has read: it was created again, or it ends before
-    the checkpoint. Consuming would take its events for ones already applied."""
-
-
-async def check_stream(
-    conn: asyncpg.Connection,
-    projection: str,
-    checkpoint: int,
-    created: datetime | None,
-    last_seq: int,
-) -> None:
-    """Raise ``LogMismatch`` unless the stream is the one this projection has read so far; a
-    projection that has read nothing (or predates the record) adopts the current stream."""
-    seen = await conn.fetchval(
-        "SELECT stream_created FROM projection_checkpoints WHERE projection = $1", projection
-    )
-    if created is not None and (seen is None or checkpoint == 0):
-        await conn.execute(
-            "UPDATE projection_checkpoints SET stream_created = $2 WHERE projection = $1",
-            projection,
-            created,
-        )
-    elif created is not None and seen != created:
-        raise LogMismatch(
-            f"the event stream was created again ({created.isoformat()}; this projection read "
-            f"the one created {seen.isoformat()}, up to seq {checkpoint}): restore the stream, "
-            "or rebuild the read models from the new one with `iotistic replay`"
-        )
-    if checkpoint > last_seq:
-        raise LogMismatch(
-            f"the event stream ends at seq {last_seq} but this projection has applied events "
-            f"up to seq {checkpoint}: events were lost from the log; restore it, or rebuild the "
-            "read models with `iotistic replay`"
-        )
-
-
-async def apply_stored(
-    conn: asyncpg.Connection,
-    projection: Projection,
-    stored: StoredMessage,
-    epoch: int | None = None,
-) -> ApplyOutcome:
-    """Apply one message and advance the checkpoint atomically.
-
-    On a connection outside a transaction it makes one of its own. Inside the caller's (a batch
-    applied with one commit), a failure leaves that transaction for the caller to roll back.
-    Raises ``PoisonEvent`` for a message that cannot be applied; connection errors propagate
-    unchanged for the caller to retry.
-    """
-    if conn.is_in_transaction():
-        return await _apply(conn, projection, stored, epoch)
-    async with conn.transaction():
-        return await _apply(conn, projection, stored, epoch)
-
-
-async def _apply(
-    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage, epoch: int | None
-) -> ApplyOutcome:
-    last = await lock_checkpoint(conn, projection.name, epoch)
-    outcome = await apply_event(conn, projection, stored, last)
-    if outcome is not ApplyOutcome.DUPLICATE:
-        await save_checkpoint(conn, projection.name, stored.seq)
-    return outcome
-
-
-class LostLeadership(Exception):
-    """Another replica has taken the projection since this one did: it must not write."""
-
-
-async def lock_checkpoint(
-    conn: asyncpg.Connection, projection: str, epoch: int | None = None
-) -> int:
-    """The checkpoint, locked until the transaction ends (one applier at a time). With
-    ``epoch``, raise ``LostLeadership`` unless it is still the projection's."""
-    row = await conn.fetchrow(
-        "SELECT last_seq, epoch FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-        projection,
-    )
-    if row is None:
-        raise RuntimeError(f"projection {projection} has no checkpoint row")
-    if epoch is not None and row["epoch"] != epoch:
-        raise LostLeadership(
-            f"projection {projection} was taken by another replica (epoch {row['epoch']}, "
-            f"this one had {epoch})"
-        )
-    return int(row["last_seq"])
-
-
-async def take_leadership(conn: asyncpg.Connection, projection: str) -> int:
-    """Count the projection's epoch up for a replica that now holds its lock; the new epoch."""
-    return int(
-        await conn.fetchval(
-            "UPDATE projection_checkpoints SET epoch = epoch + 1 WHERE projection = $1 "
-            "RETURNING epoch",
-            projection,
-        )
-    )
-
-
-async def save_checkpoint(conn: asyncpg.Connection, projection: str, seq: int) -> None:
-    """Move the checkpoint, in the transaction that applied the events up to ``seq``."""
-    await conn.execute(
-        "UPDATE projection_checkpoints SET last_seq = $2, updated_at = now() WHERE projection = $1",
-        projection,
-        seq,
-    )
-
-
-async def apply_event(
-    conn: asyncpg.Connection, projection: Projection, stored: StoredMessage, last: int
-) -> ApplyOutcome:
-    """Apply one event given the checkpoint ``last``; the caller saves the checkpoint."""
-    if stored.seq <= last:
-        return ApplyOutcome.DUPLICATE
-    recorded = decode_stored(stored)
-    if recorded.envelope.type != stored.event_type:
-        # The bus vouches only for the subject: it let the subject's owner append, and an
-        # envelope claiming another type is that owner forging another service's event. Not
-        # applied, never parked (a compromised service must not stall everyone's projections),
-        # counted and logged; the same on every replay, so read models stay reproducible.
-        log.error(
-            "%s: seq %d on %s claims to be %s; refused: only %s's owner could append there",
-            projection.name,
-            stored.seq,
-            stored.subject,
-            recorded.envelope.type[:64],
-            stored.event_type,
-        )
-        return ApplyOutcome.REFUSED
-    handler = projection.handler_for(recorded.envelope.type)
-    if handler is None:
-        return ApplyOutcome.IGNORED
-    try:
-        await handler(conn, recorded)
-    except TRANSIENT_ERRORS:
-        raise
-    # Any other failure of a handler is this event's problem, not the connection's:
-    # it is parked (with its reason), never dropped.
-    except Exception as exc:
-        raise PoisonEvent(stored.seq, f"{type(exc).__name__}: {exc}", retryable=True) from exc
-    return ApplyOutcome.APPLIED
 
 
 class _Reattach(Exception):
@@ -694,31 +441,7 @@ class ProjectionRunner:
     async def _park(self, stored: StoredMessage, poison: PoisonEvent, attempts: int) -> None:
         log.error("%s: parked event seq %d: %s", self.durable, stored.seq, poison.reason)
         async with self.pool.acquire() as conn:
-            await conn.execute(
-                """
-                INSERT INTO parked_events
-                    (projection, seq, subject, event_type, event_id, payload, error, attempts)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                ON CONFLICT (projection, seq) DO UPDATE SET
-                    error = EXCLUDED.error,
-                    attempts = parked_events.attempts + EXCLUDED.attempts,
-                    parked_at = now(),
-                    -- a decision taken while no runner was waiting still stands
-                    decision = CASE WHEN parked_events.resolved_at IS NULL
-                                    THEN parked_events.decision END,
-                    decided_at = CASE WHEN parked_events.resolved_at IS NULL
-                                      THEN parked_events.decided_at END,
-                    resolved_at = NULL
-                """,
-                self.projection.name,
-                stored.seq,
-                stored.subject,
-                stored.event_type,
-                stored.headers.get("Nats-Msg-Id"),
-                stored.data,
-                poison.reason,
-                attempts,
-            )
+            await park(conn, self.projection.name, stored, poison.reason, attempts)
         self.metrics.parked(self.service, self.projection.name)
         self.status.state = RunnerState.BLOCKED
         self.status.blocked_at = stored.seq
@@ -769,56 +492,3 @@ def deliveries_in_step(msgs: Sequence[Msg], delivered: int) -> int:
             break
         count += 1
     return count
-
-
-async def resolve_decision(conn: asyncpg.Connection, projection: str, seq: int) -> str | None:
-    """Carry out an operator's decision on a parked event, if one was made.
-
-    ``skip`` advances the checkpoint past the event; ``retry`` leaves it, so the event is
-    applied again. Either way the parked row is marked resolved. Returns the decision.
-    """
-    async with conn.transaction():
-        decision = await conn.fetchval(
-            "SELECT decision FROM parked_events WHERE projection = $1 AND seq = $2 "
-            "AND resolved_at IS NULL FOR UPDATE",
-            projection,
-            seq,
-        )
-        if decision is None:
-            return None
-        if decision == "skip":
-            await conn.execute(
-                "UPDATE projection_checkpoints SET last_seq = GREATEST(last_seq, $2), "
-                "updated_at = now() WHERE projection = $1",
-                projection,
-                seq,
-            )
-        await conn.execute(
-            "UPDATE parked_events SET resolved_at = now() WHERE projection = $1 AND seq = $2",
-            projection,
-            seq,
-        )
-        return str(decision)
-
-
-async def decide(conn: asyncpg.Connection, projection: str, seq: int, decision: str) -> bool:
-    """Record an operator's ``skip`` or ``retry`` for an open parked event; False if none."""
-    if decision not in ("skip", "retry"):
-        raise ValueError("decision must be skip or retry")
-    result = await conn.execute(
-        "UPDATE parked_events SET decision = $3, decided_at = now() "
-        "WHERE projection = $1 AND seq = $2 AND resolved_at IS NULL",
-        projection,
-        seq,
-        decision,
-    )
-    return bool(result.endswith(" 1"))
-
-
-async def open_parked(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-    """Parked events not yet resolved, oldest first (for the operator)."""
-    rows = await conn.fetch(
-        "SELECT projection, seq, subject, event_type, event_id, error, attempts, parked_at, "
-        "decision FROM parked_events WHERE resolved_at IS NULL ORDER BY projection, seq"
-    )
-    return [dict(r.items()) for r in rows]
