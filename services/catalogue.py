@@ -36,7 +36,7 @@ from contracts import EVENT_TYPES
 from contracts.envelope import Envelope
 from libs.config import EventLogSettings
 from libs.observability.metrics import ProjectionMetrics
-from libs.projections.core import Projection
+from libs.projections.apply import Projection
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from services.bus import event_owners
 from services.targets import CONTROL_PLANE
