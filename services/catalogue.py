@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import CollectorRegistry
 
 from contracts import EVENT_TYPES
@@ -82,6 +84,16 @@ def constructions(package: Path, names: Iterable[str]) -> dict[str, set[str]]:
     return found
 
 
+def _throwaway_key() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return pem.decode()
+
+
 def consumers_of(definition: ServiceDefinition) -> list[tuple[Projection, str]]:
     """The service's projections and reactors, each with its kind.
 
@@ -89,9 +101,14 @@ def consumers_of(definition: ServiceDefinition) -> list[tuple[Projection, str]]:
     settings); one is made here with the settings' defaults and never started.
     """
     registry = CollectorRegistry()
+    settings = definition.settings_type()
+    if hasattr(settings, "license_private_key"):
+        # Licensing's reactors are made with its signer: give them a throwaway key (the table
+        # is read here, never run).
+        settings = msgspec.structs.replace(settings, license_private_key=_throwaway_key())
     runtime = ServiceRuntime(
         definition=definition,
-        settings=definition.settings_type(),
+        settings=settings,
         metrics=ProjectionMetrics(registry),
         registry=registry,
     )

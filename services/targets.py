@@ -10,6 +10,7 @@ from litestar import Litestar, Router
 
 from libs.eventlog.errors import EventStoreError
 from libs.http.app import create_app
+from libs.http.asyncapi import asyncapi_document
 from libs.http.auth import admin_guard
 from libs.runtime.platform import Platform
 from libs.runtime.service import ServiceDefinition
@@ -63,7 +64,8 @@ def build_app(platform: Platform, target: str) -> Litestar:
             service_routes.append(Router(path="/", route_handlers=handlers, tags=[definition.name]))
     return create_app(
         title=f"Iotistic ({target})",
-        route_handlers=[admin, *service_routes],
+        # The event log's AsyncAPI document, next to the OpenAPI one at /schema.
+        route_handlers=[admin, asyncapi_document, *service_routes],
         readiness=platform.readiness,
         registry=platform.registry,
         lifespan=[run_platform],

@@ -143,6 +143,12 @@ async def test_http_surface_metrics_openapi_errors_and_admin(servers) -> None:
 
             openapi = (await client.get("/schema/openapi.json")).json()
             assert "/health/ready" in openapi["paths"]
+            # The event log's catalogue is served next to it, by every control-plane process.
+            asyncapi = await client.get("/schema/asyncapi.json")
+            assert asyncapi.status_code == 200
+            assert asyncapi.headers["content-type"].startswith("application/json")
+            assert asyncapi.json()["asyncapi"] == "3.0.0"
+            assert "LicenseIssued" in asyncapi.json()["channels"]
 
             missing = await client.get("/no/such/route")
             assert missing.status_code == 404
