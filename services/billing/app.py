@@ -51,16 +51,17 @@ BILLING = ServiceDefinition(
     reactors=billing_reactors,
     routes=billing_routes,
     workers=_workers,
+    # Every event billing appends, and the one file that appends it (each file one concern).
     emits=(
-        PaymentFailed,
-        StripeCustomerLinked,
-        StripeEventReceived,
-        SubscriptionActivated,
-        SubscriptionCanceled,
-        SubscriptionChanged,
-        TrialExpired,
-        TrialStarted,
-        UsageReported,
+        PaymentFailed,  # reactors.py, as stripe_events.py decides
+        StripeCustomerLinked,  # accounts.py: a first checkout made the Stripe customer
+        StripeEventReceived,  # webhooks.py: the gateway, once per Stripe event id
+        SubscriptionActivated,  # reactors.py, as stripe_events.py decides
+        SubscriptionCanceled,  # reactors.py, as stripe_events.py decides
+        SubscriptionChanged,  # reactors.py, as stripe_events.py decides
+        TrialExpired,  # trials.py: the trial scheduler
+        TrialStarted,  # reactors.py: a customer signed up
+        UsageReported,  # usage.py: an instance's report
     ),
     reactor_names=(
         "start_trials",

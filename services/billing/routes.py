@@ -1,4 +1,9 @@
-"""Billing's HTTP API: checkout, the billing portal, the subscription, and Stripe's webhooks."""
+"""Billing's HTTP API: checkout, the billing portal, the subscription, usage, Stripe's webhooks.
+
+Thin translations: each handler reads what the request says and hands it to ``accounts.py``
+(the customer's commands), ``usage.py`` or ``webhooks.py``. What they need comes in as litestar
+dependencies, made per request from the service's runtime (``billing_routes``).
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,29 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
-from litestar import Request, get, post
+from litestar import Controller, Request, Router, get, post
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.params import FromPath, HeaderParameter, JSONBody
 from litestar.types import ControllerRouterHandler
 
-from contracts import StripeCustomerLinked
+from libs.eventlog.store import EventStore
 from libs.http.auth import SessionTokens
-from libs.http.errors import Conflict, InvalidRequest, NotFound
+from libs.http.validation import FieldErrors, json_object
 from libs.runtime.service import ServiceRuntime
-from libs.timeutil import days_remaining
+from services.billing.accounts import BillingAccounts
+from services.billing.decisions import PAID_PLANS
 from services.billing.settings import BillingSettings
 from services.billing.stripe_api import StripeGateway
-from services.billing.usage import check_instance, parse_report, usage_event
-from services.billing.webhooks import WebhookTooLarge, receive_webhook, webhook_metrics
+from services.billing.usage import check_instance, parse_report, record_usage, usage_days
+from services.billing.webhooks import (
+    WebhookMetrics,
+    WebhookTooLarge,
+    receive_webhook,
+    webhook_metrics,
+)
 
 BODY_LIMIT = 4 * 1024
-PAID_PLANS = ("starter", "professional", "enterprise")
-# A Stripe subscription in these states still bills: a second checkout would charge twice.
-BILLING_STATES = ("active", "past_due", "trialing", "unpaid")
 
 IdempotencyKey = Annotated[
     str | None,
@@ -37,147 +46,98 @@ IdempotencyKey = Annotated[
     ),
 ]
 
-_ACCOUNT = """
-    SELECT c.customer_id, c.email, c.company_name, c.stripe_customer_id AS linked_customer,
-           s.plan, s.status, s.trial_started_at, s.trial_ends_at, s.stripe_customer_id,
-           s.stripe_subscription_id, s.current_period_end, s.last_payment_failure_at,
-           s.canceled_at, s.updated_at
-    FROM billing_customers c LEFT JOIN subscriptions s USING (customer_id)
-    WHERE c.customer_id = $1
-"""
-
 
 def parse_checkout(data: Any) -> str:
     """The plan a checkout body asks for (400 naming each bad field)."""
-    if not isinstance(data, dict):
-        raise InvalidRequest(
-            "invalid request", fields=[{"field": "body", "reason": "must be a JSON object"}]
-        )
-    fields = [
-        {"field": str(name)[:64], "reason": "is not a known field"}
-        for name in sorted(set(data) - {"plan"}, key=str)
-    ]
-    plan = data.get("plan")
+    body = json_object(data)
+    errors = FieldErrors()
+    errors.unknown(body, {"plan"})
+    plan = body.get("plan")
     if plan is None:
-        fields.append({"field": "plan", "reason": "is required"})
+        errors.add("plan", "is required")
     elif plan not in PAID_PLANS:
-        fields.append({"field": "plan", "reason": f"must be one of {', '.join(PAID_PLANS)}"})
-    if fields:
-        raise InvalidRequest("invalid request", fields=fields)
+        errors.add("plan", f"must be one of {', '.join(PAID_PLANS)}")
+    errors.raise_if_any()
     return str(plan)
 
 
-def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
-    """Checkout, portal and subscription for customers; ``POST /webhooks/stripe`` for Stripe."""
-    settings = runtime.settings_as(BillingSettings)
-    metrics = webhook_metrics(runtime.registry)
-    sessions = SessionTokens(settings.session_secret, settings.session_ttl_seconds)
-    gateway = StripeGateway(settings)
+class CustomerBillingController(Controller):
+    """A signed-in customer's billing: checkout, portal, subscription and usage."""
 
-    async def account(customer_id: str) -> asyncpg.Record:
-        async with runtime.db().acquire() as conn:
-            row = await conn.fetchrow(_ACCOUNT, customer_id)
-        if row is None:
-            # A valid token for an account billing has not projected yet (a second after
-            # signup), or one that is gone: try again shortly either way.
-            raise NotFound("no billing account for this customer yet; try again shortly")
-        return row
+    path = "/api/billing"
+    tags = ("billing",)
 
-    async def stripe_customer(row: asyncpg.Record) -> str:
-        linked = row["linked_customer"] or row["stripe_customer_id"]
-        if linked:
-            return str(linked)
-        # Concurrent first checkouts get the same Stripe customer (idempotency key), and
-        # the link event's id is derived from the pair, so it is recorded once.
-        created = await gateway.create_customer(
-            row["customer_id"], row["email"], row["company_name"]
-        )
-        await runtime.events().publish(
-            StripeCustomerLinked(
-                customer_id=row["customer_id"], stripe_customer_id=created, linked_via="checkout"
-            ),
-            customer_id=row["customer_id"],
-            event_id=str(
-                uuid.uuid5(uuid.NAMESPACE_URL, f"stripe-customer:{row['customer_id']}:{created}")
-            ),
-        )
-        return created
-
-    @post(
-        "/api/billing/checkout",
-        status_code=201,
-        request_max_body_size=BODY_LIMIT,
-        tags=["billing"],
-    )
+    @post("/checkout", status_code=201, request_max_body_size=BODY_LIMIT)
     async def checkout(
-        data: JSONBody[Any], request: Request[Any, Any, Any], idempotency_key: IdempotencyKey
+        self,
+        data: JSONBody[Any],
+        session_customer_id: NamedDependency[str],
+        accounts: NamedDependency[BillingAccounts],
+        idempotency_key: IdempotencyKey,
     ) -> dict[str, Any]:
         """A Stripe Checkout page where the customer subscribes to ``plan``."""
-        customer_id = sessions.customer(request)
         plan = parse_checkout(data)
-        row = await account(customer_id)
-        if row["stripe_subscription_id"] and row["status"] in BILLING_STATES:
-            raise Conflict(
-                f"already subscribed to {row['plan']} ({row['status']}); change the plan "
-                "in the billing portal (POST /api/billing/portal)"
-            )
-        session = await gateway.create_checkout(
-            customer_id=customer_id,
-            stripe_customer_id=await stripe_customer(row),
-            plan=plan,
-            attempt=idempotency_key or uuid.uuid4().hex,
-        )
-        return {
-            "checkout_url": session.url,
-            "session_id": session.id,
-            "plan": plan,
-            "expires_at": _iso(session.expires_at),
-        }
+        attempt = idempotency_key or uuid.uuid4().hex
+        return await accounts.checkout(session_customer_id, plan, attempt)
 
-    @post(
-        "/api/billing/portal", status_code=201, request_max_body_size=BODY_LIMIT, tags=["billing"]
-    )
-    async def portal(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    @post("/portal", status_code=201, request_max_body_size=BODY_LIMIT)
+    async def portal(
+        self, session_customer_id: NamedDependency[str], accounts: NamedDependency[BillingAccounts]
+    ) -> dict[str, Any]:
         """A Stripe billing-portal page: change plan or card, see invoices, cancel."""
-        row = await account(sessions.customer(request))
-        linked = row["linked_customer"] or row["stripe_customer_id"]
-        if not linked:
-            raise Conflict(
-                "no billing account at Stripe yet: subscribe first (POST /api/billing/checkout)"
-            )
-        return {"portal_url": await gateway.create_portal(str(linked))}
+        return await accounts.portal(session_customer_id)
 
-    @get("/api/billing/subscription", tags=["billing"])
-    async def subscription(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    @get("/subscription")
+    async def subscription(
+        self, session_customer_id: NamedDependency[str], accounts: NamedDependency[BillingAccounts]
+    ) -> dict[str, Any]:
         """The customer's subscription as billing knows it."""
-        row = await account(sessions.customer(request))
-        if row["status"] is None:
-            raise NotFound("no subscription for this customer yet; try again shortly")
-        now = datetime.now(UTC)
-        trial_ends = row["trial_ends_at"]
-        return {
-            "customer_id": row["customer_id"],
-            "plan": row["plan"],
-            "status": row["status"],
-            "trial_ends_at": trial_ends,
-            "trial_days_remaining": days_remaining(trial_ends, now)
-            if trial_ends and row["status"] == "trialing"
-            else None,
-            "current_period_end": row["current_period_end"],
-            "last_payment_failure_at": row["last_payment_failure_at"],
-            "canceled_at": row["canceled_at"],
-            "stripe_customer_id": row["linked_customer"] or row["stripe_customer_id"],
-            "stripe_subscription_id": row["stripe_subscription_id"],
-            "updated_at": row["updated_at"],
-        }
+        return await accounts.subscription(session_customer_id, datetime.now(UTC))
 
-    @post(
-        "/webhooks/stripe",
-        status_code=200,
-        request_max_body_size=settings.stripe_webhook_max_bytes,
-        tags=["billing"],
-    )
-    async def stripe_webhook(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    @get("/usage")
+    async def usage(
+        self, session_customer_id: NamedDependency[str], pool: NamedDependency[asyncpg.Pool]
+    ) -> dict[str, Any]:
+        """The customer's usage per day, newest first (the last 90 days)."""
+        days = await usage_days(pool, session_customer_id)
+        return {"customer_id": session_customer_id, "days": days}
+
+
+class UsageReportController(Controller):
+    """Where customers' instances report their usage (each with its own usage token)."""
+
+    path = "/api/instances"
+    tags = ("billing",)
+
+    @post("/{customer_id:str}/usage", status_code=202, request_max_body_size=BODY_LIMIT)
+    async def report_usage(
+        self,
+        customer_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[BillingSettings],
+        events: NamedDependency[EventStore],
+    ) -> dict[str, Any]:
+        """An instance's usage for a UTC day (its own usage token)."""
+        check_instance(request, settings.usage_secret, customer_id)
+        event = await record_usage(events, customer_id, parse_report(await request.body()))
+        return {"recorded": True, "day": event.day.isoformat(), "final": event.final}
+
+
+class StripeWebhookController(Controller):
+    """Stripe's webhooks (the body limit is the router's: ``STRIPE_WEBHOOK_MAX_BYTES``)."""
+
+    path = "/webhooks"
+    tags = ("billing",)
+
+    @post("/stripe", status_code=200)
+    async def stripe_webhook(
+        self,
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[BillingSettings],
+        events: NamedDependency[EventStore],
+        pool: NamedDependency[asyncpg.Pool],
+        metrics: NamedDependency[WebhookMetrics],
+    ) -> dict[str, Any]:
         """Stripe's webhooks: verified, kept, their facts stored on the log once per event id."""
         try:
             # Refused on its Content-Length before a byte is read, or once the limit is passed.
@@ -189,8 +149,8 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
                 "(STRIPE_WEBHOOK_MAX_BYTES); it was not stored"
             ) from None
         received = await receive_webhook(
-            runtime.events(),
-            runtime.db(),
+            events,
+            pool,
             body,
             request.headers.get("stripe-signature"),
             secret=settings.stripe_webhook_secret,
@@ -199,36 +159,48 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         )
         return {"received": True, "id": received.stripe_event_id, "duplicate": received.duplicate}
 
-    @post(
-        "/api/instances/{customer_id:str}/usage",
-        status_code=202,
-        request_max_body_size=BODY_LIMIT,
-        tags=["billing"],
-    )
-    async def report_usage(
-        customer_id: FromPath[str], request: Request[Any, Any, Any]
-    ) -> dict[str, Any]:
-        """An instance's usage for a UTC day (its own usage token)."""
-        check_instance(request, settings.usage_secret, customer_id)
-        event, event_id = usage_event(customer_id, parse_report(await request.body()))
-        await runtime.events().publish(event, customer_id=customer_id, event_id=event_id)
-        return {"recorded": True, "day": event.day.isoformat(), "final": event.final}
 
-    @get("/api/billing/usage", tags=["billing"])
-    async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """The customer's usage per day, newest first (the last 90 days)."""
-        customer_id = sessions.customer(request)
-        async with runtime.db().acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT day, devices, mqtt_messages, api_requests, rejected_readings, "
-                "storage_bytes, final FROM usage_days WHERE customer_id = $1 "
-                "ORDER BY day DESC LIMIT 90",
-                customer_id,
-            )
-        return {"customer_id": customer_id, "days": [dict(r) for r in rows]}
+def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
+    """Checkout, portal, subscription and usage for customers; usage reports for instances;
+    ``POST /webhooks/stripe`` for Stripe."""
+    settings = runtime.settings_as(BillingSettings)
+    sessions = SessionTokens(settings.session_secret, settings.session_ttl_seconds)
+    gateway = StripeGateway(settings)
+    metrics = webhook_metrics(runtime.registry)
 
-    return [checkout, portal, subscription, stripe_webhook, report_usage, usage]
+    # Closures, not bound methods: litestar deep-copies a router's dependencies as it mounts
+    # them, and a bound method would take the whole runtime along. Each is made per request:
+    # the pool and the log are there only once the service has started.
+    def accounts() -> BillingAccounts:
+        return BillingAccounts(runtime.db(), runtime.events(), gateway)
 
+    def events() -> EventStore:
+        return runtime.events()
 
-def _iso(timestamp: int | None) -> str | None:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp else None
+    def pool() -> asyncpg.Pool:
+        return runtime.db()
+
+    def session_customer_id(request: Request[Any, Any, Any]) -> str:
+        return sessions.customer(request)
+
+    dependencies = {
+        "accounts": Provide(accounts, sync_to_thread=False),
+        "events": Provide(events, sync_to_thread=False),
+        "pool": Provide(pool, sync_to_thread=False),
+        "session_customer_id": Provide(session_customer_id, sync_to_thread=False),
+        "settings": Provide(lambda: settings, sync_to_thread=False),
+        "metrics": Provide(lambda: metrics, sync_to_thread=False),
+    }
+    return [
+        Router(
+            "/",
+            route_handlers=[CustomerBillingController, UsageReportController],
+            dependencies=dependencies,
+        ),
+        Router(
+            "/",
+            route_handlers=[StripeWebhookController],
+            dependencies=dependencies,
+            request_max_body_size=settings.stripe_webhook_max_bytes,
+        ),
+    ]

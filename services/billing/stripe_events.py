@@ -3,12 +3,15 @@
 Stripe retries, duplicates and reorders webhooks. Each Stripe event is looked at once (its id is
 remembered), and a subscription's state only moves forward: an event older than the newest one
 applied to that subscription changes nothing, and a canceled subscription is never revived.
+It appends nothing itself: the reactor that calls it (``reactors.py``) puts the events it
+returns in the outbox, in the same transaction.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +41,32 @@ def facts_of(e: StripeEventReceived) -> StripeFacts | None:
     if e.facts is not None or e.payload is None:
         return e.facts
     return stored_facts(e.payload, e.stripe_type)
+
+
+async def remember_customer(
+    conn: Connection, stripe_customer: str | None, customer_id: str
+) -> None:
+    """Map Stripe's customer to ours; the first mapping stays."""
+    if stripe_customer:
+        await conn.execute(
+            "INSERT INTO stripe_customers VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            stripe_customer,
+            customer_id,
+        )
+
+
+@dataclass(frozen=True)
+class SubscriptionSeen:
+    """A subscription as one Stripe event shows it."""
+
+    customer_id: str
+    subscription: str
+    stripe_customer: str
+    plan: str
+    status: str
+    period_end: datetime | None
+    # When Stripe made the event (its ``created``, in seconds): older ones change nothing.
+    created: int
 
 
 class StripeTranslator:
@@ -104,15 +133,6 @@ class StripeTranslator:
         )
         return str(value) if value else None
 
-    async def remember_customer(self, stripe_customer: str | None, customer_id: str) -> None:
-        """Map Stripe's customer to ours; the first mapping stays."""
-        if stripe_customer:
-            await self.conn.execute(
-                "INSERT INTO stripe_customers VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                stripe_customer,
-                customer_id,
-            )
-
     def _plan(self, facts: StripeFacts) -> str | None:
         return self.settings.plan_of_price(facts.price) or facts.metadata_plan
 
@@ -125,7 +145,7 @@ class StripeTranslator:
         customer_id = await self._customer_of(facts) or facts.client_reference_id
         if customer_id is None:
             return "unmatched", []
-        await self.remember_customer(facts.customer, customer_id)
+        await remember_customer(self.conn, facts.customer, customer_id)
         return "noted", []
 
     async def _subscription_updated(
@@ -137,82 +157,85 @@ class StripeTranslator:
         stripe_customer = facts.customer
         if customer_id is None or subscription is None or plan is None or stripe_customer is None:
             return "unmatched", []  # every real subscription names its customer, id and price
-        await self.remember_customer(stripe_customer, customer_id)
-        return await self._subscription_state(
-            e,
-            customer_id,
-            subscription,
-            stripe_customer,
-            plan,
-            facts.status or "active",
-            facts.current_period_end,
-            created,
+        await remember_customer(self.conn, stripe_customer, customer_id)
+        seen = SubscriptionSeen(
+            customer_id=customer_id,
+            subscription=subscription,
+            stripe_customer=stripe_customer,
+            plan=plan,
+            status=facts.status or "active",
+            period_end=facts.current_period_end,
+            created=created,
         )
+        return await self._subscription_state(e, seen)
 
     async def _subscription_state(
-        self,
-        e: StripeEventReceived,
-        customer_id: str,
-        subscription: str,
-        stripe_customer: str,
-        plan: str,
-        status: str,
-        period_end: datetime | None,
-        created: int,
+        self, e: StripeEventReceived, seen: SubscriptionSeen
     ) -> tuple[str, list[Event]]:
+        """Move the subscription forward to what ``seen`` shows, if it is newer."""
         row = await self.conn.fetchrow(
             "SELECT * FROM stripe_subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE",
-            subscription,
+            seen.subscription,
         )
         if row is None:
-            if status not in ACTIVE:
-                return "not_active", []
-            await self.conn.execute(
-                "INSERT INTO stripe_subscriptions (stripe_subscription_id, customer_id, "
-                "stripe_customer_id, plan, status, current_period_end, last_event_created) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                subscription,
-                customer_id,
-                stripe_customer,
-                plan,
-                status,
-                period_end,
-                created,
-            )
-            return "activated", [
-                SubscriptionActivated(
-                    customer_id=customer_id,
-                    plan=plan,  # type: ignore[arg-type]
-                    status=status,
-                    stripe_customer_id=stripe_customer,
-                    stripe_subscription_id=subscription,
-                    current_period_end=period_end,
-                    stripe_event_id=e.stripe_event_id,
-                )
-            ]
-        if row["canceled"] or created < row["last_event_created"]:
+            return await self._first_seen(e, seen)
+        if row["canceled"] or seen.created < row["last_event_created"]:
             return "stale", []
-        period_end = period_end or row["current_period_end"]
-        if (plan, status, period_end) == (row["plan"], row["status"], row["current_period_end"]):
-            await self._touch(subscription, created)
+        period_end = seen.period_end or row["current_period_end"]
+        if (seen.plan, seen.status, period_end) == (
+            row["plan"],
+            row["status"],
+            row["current_period_end"],
+        ):
+            await self._touch(seen.subscription, seen.created)
             return "unchanged", []
         await self.conn.execute(
             "UPDATE stripe_subscriptions SET plan = $2, status = $3, current_period_end = $4, "
             "last_event_created = $5 WHERE stripe_subscription_id = $1",
-            subscription,
-            plan,
-            status,
+            seen.subscription,
+            seen.plan,
+            seen.status,
             period_end,
-            created,
+            seen.created,
         )
         return "changed", [
             SubscriptionChanged(
-                customer_id=customer_id,
-                plan=plan,  # type: ignore[arg-type]
+                customer_id=seen.customer_id,
+                plan=seen.plan,  # type: ignore[arg-type]
                 previous_plan=row["plan"],
-                status=status,
-                stripe_subscription_id=subscription,
+                status=seen.status,
+                stripe_subscription_id=seen.subscription,
                 current_period_end=period_end,
+                stripe_event_id=e.stripe_event_id,
+            )
+        ]
+
+    async def _first_seen(
+        self, e: StripeEventReceived, seen: SubscriptionSeen
+    ) -> tuple[str, list[Event]]:
+        """A subscription billing has not seen before: it is activated if it is active."""
+        if seen.status not in ACTIVE:
+            return "not_active", []
+        await self.conn.execute(
+            "INSERT INTO stripe_subscriptions (stripe_subscription_id, customer_id, "
+            "stripe_customer_id, plan, status, current_period_end, last_event_created) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            seen.subscription,
+            seen.customer_id,
+            seen.stripe_customer,
+            seen.plan,
+            seen.status,
+            seen.period_end,
+            seen.created,
+        )
+        return "activated", [
+            SubscriptionActivated(
+                customer_id=seen.customer_id,
+                plan=seen.plan,  # type: ignore[arg-type]
+                status=seen.status,
+                stripe_customer_id=seen.stripe_customer,
+                stripe_subscription_id=seen.subscription,
+                current_period_end=seen.period_end,
                 stripe_event_id=e.stripe_event_id,
             )
         ]

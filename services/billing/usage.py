@@ -13,14 +13,17 @@ import uuid
 from datetime import date
 from typing import Annotated, Any
 
+import asyncpg
 import msgspec
 from msgspec import Meta
 
 from contracts import UsageReported
 from contracts.credentials import instance_usage_token
 from libs.db.postgres import Connection
+from libs.eventlog.store import EventStore
 from libs.http.auth import bearer
-from libs.http.errors import InvalidRequest, Unauthorized
+from libs.http.errors import Unauthorized
+from libs.http.validation import decode
 from libs.projections.apply import Projection, Recorded
 
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # what the bigint columns hold
@@ -53,17 +56,8 @@ def check_instance(request: Any, secret: str | None, customer_id: str) -> None:
 
 
 def parse_report(body: bytes) -> UsageReport:
-    """The report, or 400 naming what is wrong."""
-    try:
-        return msgspec.json.decode(body, type=UsageReport)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(
-            "invalid usage report", fields=[{"field": "body", "reason": str(exc)}]
-        ) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest(
-            "invalid usage report", fields=[{"field": "body", "reason": "not JSON"}]
-        ) from None
+    """The report, or 400 naming the field that is wrong and why."""
+    return decode(body, UsageReport, "invalid usage report")
 
 
 def usage_event(customer_id: str, report: UsageReport) -> tuple[UsageReported, str]:
@@ -80,6 +74,24 @@ def usage_event(customer_id: str, report: UsageReport) -> tuple[UsageReported, s
     )
     content = msgspec.json.encode(event).decode()
     return event, str(uuid.uuid5(uuid.NAMESPACE_URL, f"usage:{customer_id}:{content}"))
+
+
+async def record_usage(store: EventStore, customer_id: str, report: UsageReport) -> UsageReported:
+    """Append the report as ``UsageReported`` (once, however often it is retried)."""
+    event, event_id = usage_event(customer_id, report)
+    await store.publish(event, customer_id=customer_id, event_id=event_id)
+    return event
+
+
+async def usage_days(pool: asyncpg.Pool, customer_id: str) -> list[dict[str, Any]]:
+    """The customer's usage per day, newest first (the last 90 days)."""
+    rows = await pool.fetch(
+        "SELECT day, devices, mqtt_messages, api_requests, rejected_readings, "
+        "storage_bytes, final FROM usage_days WHERE customer_id = $1 "
+        "ORDER BY day DESC LIMIT 90",
+        customer_id,
+    )
+    return [dict(r) for r in rows]
 
 
 async def when_usage_reported_record_it(conn: Connection, r: Recorded[UsageReported]) -> None:

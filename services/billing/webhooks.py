@@ -1,9 +1,10 @@
 """The Stripe webhook gateway: verify, keep the body, put its facts on the log once, answer fast.
 
-It does no business logic: the billing service turns stored Stripe events into domain events
-from the log, where a retried, duplicated or reordered webhook is just another event to judge.
-The body as sent stays in billing's own table (``stripe_payloads``); the log gets only the
-facts billing reads (``services/billing/stripe_payloads.py``).
+This is where ``StripeEventReceived`` is appended, once per Stripe event id. It does no business
+logic: the billing service turns stored Stripe events into domain events from the log, where a
+retried, duplicated or reordered webhook is just another event to judge. The body as sent stays
+in billing's own table (``stripe_payloads``); the log gets only the facts billing reads
+(``services/billing/stripe_payloads.py``).
 """
 
 from __future__ import annotations

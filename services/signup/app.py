@@ -6,7 +6,7 @@ from contracts import CustomerClosed, CustomerSignedUp
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
-from services.signup.handlers import forget_stale_private_state, settle_credentials
+from services.signup.private_state import forget_stale_private_state, settle_credentials
 from services.signup.projections import ACCOUNTS, PLATFORM_CAPACITY
 from services.signup.routes import signup_routes
 from services.signup.settings import SignupSettings
@@ -41,9 +41,10 @@ SIGNUP = ServiceDefinition(
     projections=(ACCOUNTS, PLATFORM_CAPACITY),
     routes=signup_routes,
     workers=_workers,
+    # Every event signup owns, and where it is appended.
     emits=(
-        CustomerClosed,
-        CustomerSignedUp,
+        CustomerClosed,  # owned here (ARCHITECTURE.md), though no code appends it yet
+        CustomerSignedUp,  # signups.py: the first signup of an email
     ),
     settings_type=SignupSettings,
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import unicodedata
 from datetime import datetime
 from typing import Any, Literal
 
@@ -11,6 +10,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from contracts import Features
 from libs.http.errors import InvalidRequest
+from libs.http.validation import FieldErrors, json_object
 from services.signup.passwords import is_common
 
 EMAIL_MAX = 254
@@ -103,74 +103,45 @@ class AccountView(msgspec.Struct, frozen=True, kw_only=True):
     closed_at: datetime | None
 
 
-def invalid(fields: list[dict[str, str]], message: str = "invalid request") -> InvalidRequest:
-    """A 400 naming each bad field with its reason."""
-    return InvalidRequest(message, fields=fields)
-
-
-def _text(
-    data: dict[str, Any], name: str, errors: list[dict[str, str]], *, required: bool, limit: int
-) -> str | None:
-    value = data.get(name)
-    if value is None:
-        if required:
-            errors.append({"field": name, "reason": "is required"})
-        return None
-    if not isinstance(value, str):
-        errors.append({"field": name, "reason": "must be a string"})
-        return None
-    value = value.strip()
-    if required and not value:
-        errors.append({"field": name, "reason": "is required"})
-        return None
-    if len(value) > limit:
-        errors.append({"field": name, "reason": f"must be at most {limit} characters"})
-        return None
-    if any(unicodedata.category(c) == "Cc" for c in value):
-        errors.append({"field": name, "reason": "must not contain control characters"})
-        return None
-    return value
-
-
-def check_email(value: str, errors: list[dict[str, str]]) -> str | None:
-    """The email lower-cased, or None with the reason added to ``errors``."""
+def check_email(value: str, errors: FieldErrors) -> str | None:
+    """The email lower-cased, or None with the reason recorded in ``errors``."""
     try:
         validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:
-        errors.append({"field": "email", "reason": str(exc)})
+        errors.add("email", str(exc))
         return None
     return value.lower()
 
 
+def check_password(password: Any, errors: FieldErrors) -> str | None:
+    """A new password, or None with the reason recorded in ``errors``."""
+    if password is None:
+        errors.add("password", "is required")
+    elif not isinstance(password, str):
+        errors.add("password", "must be a string")
+    elif len(password) < PASSWORD_MIN:
+        errors.add("password", f"must be at least {PASSWORD_MIN} characters")
+    elif len(password) > PASSWORD_MAX:
+        errors.add("password", f"must be at most {PASSWORD_MAX} characters")
+    elif is_common(password):
+        errors.add("password", "is too common; choose another")
+    else:
+        return password
+    return None
+
+
 def parse_signup(data: Any) -> SignupForm:
     """Check a signup body, raising a 400 that names every bad field at once."""
-    if not isinstance(data, dict):
-        raise invalid([{"field": "body", "reason": "must be a JSON object"}])
-    errors: list[dict[str, str]] = []
-    allowed = {"email", "password", "company_name", "full_name"}
-    for name in sorted(set(data) - allowed):
-        errors.append({"field": str(name)[:64], "reason": "is not a known field"})
-    display = _text(data, "email", errors, required=True, limit=EMAIL_MAX)
+    body = json_object(data)
+    errors = FieldErrors()
+    errors.unknown(body, {"email", "password", "company_name", "full_name"})
+    display = errors.text(body, "email", required=True, limit=EMAIL_MAX)
     email = check_email(display, errors) if display is not None else None
-    password = data.get("password")
-    if password is None:
-        errors.append({"field": "password", "reason": "is required"})
-    elif not isinstance(password, str):
-        errors.append({"field": "password", "reason": "must be a string"})
-    elif len(password) < PASSWORD_MIN:
-        errors.append(
-            {"field": "password", "reason": f"must be at least {PASSWORD_MIN} characters"}
-        )
-    elif len(password) > PASSWORD_MAX:
-        errors.append({"field": "password", "reason": f"must be at most {PASSWORD_MAX} characters"})
-    elif is_common(password):
-        errors.append({"field": "password", "reason": "is too common; choose another"})
-    company = _text(data, "company_name", errors, required=True, limit=NAME_MAX)
-    full_name = _text(data, "full_name", errors, required=False, limit=NAME_MAX)
-    if errors or email is None or display is None or company is None:
-        raise invalid(errors)
-    if not isinstance(password, str):
-        raise invalid(errors)
+    password = check_password(body.get("password"), errors)
+    company = errors.text(body, "company_name", required=True, limit=NAME_MAX)
+    full_name = errors.text(body, "full_name", required=False, limit=NAME_MAX)
+    if errors or email is None or display is None or password is None or company is None:
+        raise InvalidRequest("invalid request", fields=errors.fields)
     return SignupForm(
         email=email,
         email_display=display,
@@ -182,17 +153,15 @@ def parse_signup(data: Any) -> SignupForm:
 
 def parse_login(data: Any) -> LoginForm:
     """Check a login body's shape (400); whether it is right is for the 401 to say."""
-    if not isinstance(data, dict):
-        raise invalid([{"field": "body", "reason": "must be a JSON object"}])
-    errors: list[dict[str, str]] = []
-    for name in sorted(set(data) - {"email", "password"}):
-        errors.append({"field": str(name)[:64], "reason": "is not a known field"})
-    email = _text(data, "email", errors, required=True, limit=EMAIL_MAX)
-    password = data.get("password")
+    body = json_object(data)
+    errors = FieldErrors()
+    errors.unknown(body, {"email", "password"})
+    email = errors.text(body, "email", required=True, limit=EMAIL_MAX)
+    password = body.get("password")
     if not isinstance(password, str) or not password:
-        errors.append({"field": "password", "reason": "is required"})
+        errors.add("password", "is required")
     elif len(password) > PASSWORD_MAX:
-        errors.append({"field": "password", "reason": f"must be at most {PASSWORD_MAX} characters"})
+        errors.add("password", f"must be at most {PASSWORD_MAX} characters")
     if errors or email is None or not isinstance(password, str):
-        raise invalid(errors)
+        raise InvalidRequest("invalid request", fields=errors.fields)
     return LoginForm(email=email.lower(), password=password)

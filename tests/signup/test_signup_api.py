@@ -30,7 +30,8 @@ from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
-from services.signup.handlers import email_key, forget_stale_private_state
+from services.signup.limits import email_key
+from services.signup.private_state import forget_stale_private_state
 from services.targets import build_app
 from support import SUITE_SIGNUP_LIMITS, assert_replays_clean, eventually, license_keys_dir, serving
 

@@ -25,7 +25,8 @@ from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
-from services.signup.handlers import email_key, settle_credentials
+from services.signup.limits import email_key
+from services.signup.private_state import settle_credentials
 from services.targets import build_app
 from support import SUITE_SIGNUP_LIMITS, eventually, license_keys_dir, serving
 
