@@ -44,7 +44,8 @@ from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
-from services.provisioner.queue import DELETE, PLAN_PRIORITY, UPDATE, enqueue, lock_queue
+from services.provisioner.queue import enqueue, lock_queue
+from services.provisioner.queue_rules import DELETE, PLAN_PRIORITY, UPDATE
 from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)

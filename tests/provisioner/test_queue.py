@@ -20,25 +20,24 @@ import pytest
 from contracts import CustomerClosed, LicenseIssued, decode_envelope
 from libs.eventlog.store import traced_envelope
 from libs.projections.core import Recorded
-from services.provisioner.queue import (
-    DELETE,
-    DEPLOY,
-    UPDATE,
+from services.provisioner.leases import (
     Claimed,
-    JobNotRetryable,
     claim_next_job,
-    clean_jobs,
     complete_job,
-    enqueue,
     extend_lease,
     fail_job,
-    priority_of,
-    queue_stats,
     record_progress,
     release_job,
+)
+from services.provisioner.queue import (
+    JobNotRetryable,
+    clean_jobs,
+    enqueue,
+    queue_stats,
     retry_job,
     set_paused,
 )
+from services.provisioner.queue_rules import DELETE, DEPLOY, UPDATE, priority_of
 from services.provisioner.reactors import provisioner_reactors
 from support import eventually, license_issued
 
