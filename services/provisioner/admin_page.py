@@ -23,7 +23,7 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from litestar import Controller, MediaType, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, QueryParameter
@@ -151,7 +151,7 @@ class AdminPageController(Controller):
     @get("/")
     async def queues(
         self,
-        page: AdminPage,
+        page: NamedDependency[AdminPage],
         state_name: Annotated[str, QueryParameter(name="state")] = "waiting",
     ) -> Response[str]:
         """The jobs in one state, with a tab for each state."""
@@ -171,7 +171,9 @@ class AdminPageController(Controller):
         )
 
     @get("/jobs/{job_id:str}")
-    async def job_detail(self, job_id: FromPath[str], page: AdminPage) -> Response[str]:
+    async def job_detail(
+        self, job_id: FromPath[str], page: NamedDependency[AdminPage]
+    ) -> Response[str]:
         """One job: its facts, its attempts and their errors."""
         async with page.provisioning.db().acquire() as conn:
             row = await find_job(conn, job_id)
@@ -180,7 +182,10 @@ class AdminPageController(Controller):
 
     @post("/jobs/{job_id:str}/retry")
     async def retry_from_page(
-        self, job_id: FromPath[str], request: Request[Any, Any, Any], page: AdminPage
+        self,
+        job_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        page: NamedDependency[AdminPage],
     ) -> Redirect:
         """Retry a failed job, then show it."""
         await page.checked_form(request)
@@ -190,7 +195,9 @@ class AdminPageController(Controller):
         return Redirect(f"/admin/queues/jobs/{quote(job_id)}", status_code=303)
 
     @post("/clean")
-    async def clean_from_page(self, request: Request[Any, Any, Any], page: AdminPage) -> Redirect:
+    async def clean_from_page(
+        self, request: Request[Any, Any, Any], page: NamedDependency[AdminPage]
+    ) -> Redirect:
         """Remove every finished job of a state, then show that state."""
         form = await page.checked_form(request)
         state = known_state(form.get("state", ""), FINISHED)

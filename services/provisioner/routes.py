@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Router, delete, get, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.types import ControllerRouterHandler
 
@@ -45,19 +45,23 @@ class QueueController(Controller):
     path = "/api/queue"
 
     @get("/stats")
-    async def stats(self, provisioning: Provisioning) -> dict[str, int]:
+    async def stats(self, provisioning: NamedDependency[Provisioning]) -> dict[str, int]:
         """How many jobs are in each state."""
         async with provisioning.db().acquire() as conn:
             return await queue_stats(conn)
 
     @get("/jobs/{job_id:str}")
-    async def job(self, job_id: FromPath[str], provisioning: Provisioning) -> dict[str, Any]:
+    async def job(
+        self, job_id: FromPath[str], provisioning: NamedDependency[Provisioning]
+    ) -> dict[str, Any]:
         """One job, with its attempts and errors."""
         async with provisioning.db().acquire() as conn:
             return job_view(await find_job(conn, job_id))
 
     @post("/jobs/{job_id:str}/retry", status_code=200)
-    async def retry(self, job_id: FromPath[str], provisioning: Provisioning) -> dict[str, Any]:
+    async def retry(
+        self, job_id: FromPath[str], provisioning: NamedDependency[Provisioning]
+    ) -> dict[str, Any]:
         """Run a failed job again, with a fresh set of attempts."""
         async with provisioning.db().acquire() as conn, conn.transaction():
             await retry_or_refuse(conn, job_id, "admin")
@@ -66,14 +70,14 @@ class QueueController(Controller):
         return job_view(row)
 
     @post("/pause", status_code=200)
-    async def pause(self, provisioning: Provisioning) -> dict[str, bool]:
+    async def pause(self, provisioning: NamedDependency[Provisioning]) -> dict[str, bool]:
         """No new jobs start (on any replica); running ones finish."""
         async with provisioning.db().acquire() as conn:
             await set_paused(conn, True)
         return {"paused": True}
 
     @post("/resume", status_code=200)
-    async def resume(self, provisioning: Provisioning) -> dict[str, bool]:
+    async def resume(self, provisioning: NamedDependency[Provisioning]) -> dict[str, bool]:
         """Jobs start again."""
         async with provisioning.db().acquire() as conn:
             await set_paused(conn, False)
@@ -82,7 +86,7 @@ class QueueController(Controller):
 
     @post("/clean", status_code=200, request_max_body_size=BODY_LIMIT)
     async def clean(
-        self, data: JSONBody[dict[str, Any]], provisioning: Provisioning
+        self, data: JSONBody[dict[str, Any]], provisioning: NamedDependency[Provisioning]
     ) -> dict[str, int]:
         """Remove finished jobs (``state``: completed, failed or superseded) older than
         ``grace_seconds`` from the queue; their events stay on the log."""
@@ -100,7 +104,7 @@ class DeploymentController(Controller):
 
     @post("/deploy", status_code=202)
     async def deploy(
-        self, customer_id: FromPath[str], provisioning: Provisioning
+        self, customer_id: FromPath[str], provisioning: NamedDependency[Provisioning]
     ) -> dict[str, Any]:
         """Queue a deployment of the customer's instance with their current license."""
         max_attempts = provisioning.settings.queue_max_retries
@@ -112,7 +116,10 @@ class DeploymentController(Controller):
 
     @delete("/deployment", status_code=202)
     async def remove(
-        self, customer_id: FromPath[str], provisioning: Provisioning, erase: FromQuery[bool] = False
+        self,
+        customer_id: FromPath[str],
+        provisioning: NamedDependency[Provisioning],
+        erase: FromQuery[bool] = False,
     ) -> dict[str, Any]:
         """Queue the removal of the customer's instance: its data kept for the grace period
         (Kubernetes), or erased at once with ``?erase=true``."""
@@ -125,7 +132,7 @@ class DeploymentController(Controller):
 
     @get("/deployment/status")
     async def deployment_status(
-        self, customer_id: FromPath[str], provisioning: Provisioning
+        self, customer_id: FromPath[str], provisioning: NamedDependency[Provisioning]
     ) -> dict[str, Any]:
         """The customer record, the backend's release state and each component's state."""
         async with provisioning.db().acquire() as conn:
@@ -141,8 +148,8 @@ class DeploymentController(Controller):
 async def customer_jobs(
     customer_id: FromPath[str],
     request: Request[Any, Any, Any],
-    provisioning: Provisioning,
-    sessions: SessionTokens,
+    provisioning: NamedDependency[Provisioning],
+    sessions: NamedDependency[SessionTokens],
 ) -> dict[str, Any]:
     """The customer's jobs, newest first (an admin, or the customer's own session)."""
     if not sessions.caller(request, provisioning.settings.admin_token).may_see(customer_id):
