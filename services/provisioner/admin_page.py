@@ -107,8 +107,6 @@ def admin_templates() -> JinjaTemplateEngine:
 class AdminPage:
     """What the page's handlers work with: the queue, its templates and the forms' token."""
 
-    # A plain class, not a dataclass: litestar injects it and would validate a dataclass's
-    # fields as data.
     def __init__(self, provisioning: Provisioning, admin_token: str | None) -> None:
         self.provisioning = provisioning
         self.csrf = csrf_token(admin_token or "")

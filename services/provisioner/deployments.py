@@ -28,24 +28,17 @@ from services.provisioner.settings import ProvisionerSettings
 MAX_GRACE_SECONDS = 10 * 365 * 86400
 
 
+@dataclass(frozen=True)
 class Provisioning:
-    """What the queue's HTTP handlers work with: the service's database, its settings, the
-    backend (None in a process that does not apply, ``PROVISIONER_WORKER`` false: jobs are
-    queued here and run by a worker elsewhere) and ``wake``, called after the queue changed."""
+    """What the queue's HTTP handlers work with (injected by litestar): the service's database,
+    its settings, the backend (None in a process that does not apply, ``PROVISIONER_WORKER``
+    false: jobs are queued here and run by a worker elsewhere) and ``wake``, called after the
+    queue changed."""
 
-    # A plain class, not a dataclass: litestar injects it as a dependency and would otherwise
-    # try to validate its fields (callables) as data.
-    def __init__(
-        self,
-        db: Callable[[], asyncpg.Pool],
-        settings: ProvisionerSettings,
-        backend: Backend | None,
-        wake: Callable[[], None],
-    ) -> None:
-        self.db = db
-        self.settings = settings
-        self.backend = backend
-        self.wake = wake
+    db: Callable[[], asyncpg.Pool]
+    settings: ProvisionerSettings
+    backend: Backend | None
+    wake: Callable[[], None]
 
 
 async def queue_deployment(conn: asyncpg.Connection, customer_id: str, max_attempts: int) -> str:
