@@ -4,7 +4,8 @@ Jobs by state, a job's detail with its attempts and errors, and retry and clean 
 browser signs in with HTTP Basic (any user name, the admin token as password); API clients may
 send the bearer token instead. The buttons are forms carrying a token derived from the admin
 token, which a page on another site cannot read, so it cannot make an admin's browser press them.
-Every value shown is escaped: job errors come from the outside world.
+The pages are Jinja templates (``templates/admin/``) with autoescape on: every value shown is
+escaped, and job errors come from the outside world.
 """
 
 from __future__ import annotations
@@ -13,46 +14,47 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from html import escape
+from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote
 
-from litestar import Request, Response, get, post
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from litestar import Controller, MediaType, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, QueryParameter
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect
-from litestar.types import ControllerRouterHandler
 
 from libs.http.auth import bearer, is_admin
-from libs.http.errors import InvalidRequest, NotFound
-from libs.runtime.service import ServiceRuntime
-from services.provisioner.jobs_view import job_view, retry_or_refuse
-from services.provisioner.queue import (
-    FINISHED,
-    STATES,
-    clean_jobs,
-    queue_stats,
+from libs.http.validation import FieldErrors
+from services.provisioner.deployments import Provisioning
+from services.provisioner.jobs_view import (
+    counts_and_pause,
+    find_job,
+    job_view,
+    jobs_in_state,
+    retry_or_refuse,
 )
-from services.provisioner.settings import ProvisionerSettings
+from services.provisioner.queue import clean_jobs
+from services.provisioner.queue_rules import FINISHED, STATES
 
 REALM = {"WWW-Authenticate": 'Basic realm="Iotistic admin", charset="UTF-8"'}
 VIEW_STATES = (*STATES, "superseded")
-UNKNOWN = "is not a state of the queue's jobs"
-STYLE = """
-body{font:14px system-ui,sans-serif;margin:2rem;color:#1d2330}
-a{color:#2456c9;text-decoration:none} table{border-collapse:collapse;width:100%}
-th,td{text-align:left;padding:.35rem .6rem;border-bottom:1px solid #e3e6ec;vertical-align:top}
-nav a{margin-right:1rem;padding:.2rem .5rem;border-radius:4px}
-nav a.on{background:#2456c9;color:#fff} .err{color:#b3261e;white-space:pre-wrap}
-form{display:inline} button{cursor:pointer}
-"""
+TEMPLATES = Path(__file__).parent / "templates"
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "form-action 'self'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
 
 
 def _basic_password(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
+    # Hand-written: litestar has no HTTP Basic authentication of its own.
     scheme, _, value = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "basic":
         return None
@@ -76,175 +78,142 @@ def admin_page_guard(admin_token: str | None) -> Callable[..., None]:
     return guard
 
 
-def _csrf(admin_token: str) -> str:
+def csrf_token(admin_token: str) -> str:
+    """The token the page's forms carry: derived from the admin token, so another site's page
+    cannot know it."""
     return hmac.new(admin_token.encode(), b"admin-page-form", hashlib.sha256).hexdigest()
 
 
-def _when(ms: Any) -> str:
+def when(ms: Any) -> str:
+    """An epoch-milliseconds time as the page shows it (UTC), or nothing."""
     if not ms:
         return ""
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _page(title: str, body: str) -> Response[str]:
-    html = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{body}</body></html>"
+def admin_templates() -> JinjaTemplateEngine:
+    """The admin page's templates, every value escaped."""
+    environment = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
-    return Response(
-        html,
-        media_type="text/html",
-        headers={
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-            "form-action 'self'; frame-ancestors 'none'",
-            "Cache-Control": "no-store",
-        },
-    )
+    environment.filters["when"] = when
+    return JinjaTemplateEngine.from_environment(environment)
 
 
-def _button(action: str, label: str, token: str, extra: str = "") -> str:
-    return (
-        f"<form method='post' action='{escape(action)}'>"
-        f"<input type='hidden' name='csrf' value='{token}'>{extra}"
-        f"<button>{escape(label)}</button></form>"
-    )
+class AdminPage:
+    """What the page's handlers work with: the queue, its templates and the forms' token."""
+
+    def __init__(self, provisioning: Provisioning, admin_token: str | None) -> None:
+        self.provisioning = provisioning
+        self.csrf = csrf_token(admin_token or "")
+        self.templates = admin_templates()
+
+    def render(self, name: str, title: str, **context: Any) -> Response[str]:
+        """A page, never cached, and allowed neither scripts nor frames.
+
+        Rendered here rather than by a litestar ``Template`` response, which needs the app's
+        template config: the app is the platform's (``libs/http/app.py``), this page the
+        provisioner's alone."""
+        html = self.templates.get_template(name).render(title=title, csrf=self.csrf, **context)
+        return Response(html, media_type=MediaType.HTML, headers=HEADERS)
+
+    async def checked_form(self, request: Request[Any, Any, Any]) -> dict[str, str]:
+        """The form's fields, once its CSRF token is found to be the page's (else 403)."""
+        received = await request.form()
+        form = {name: str(received.get(name)) for name in received}  # a name's first value
+        # Bytes: compare_digest refuses str with anything but ASCII, and a form may hold any.
+        if not hmac.compare_digest(form.get("csrf", "").encode(), self.csrf.encode()):
+            raise PermissionDeniedException("the form is stale or not ours; reload the page")
+        return form
 
 
-async def _form(request: Request[Any, Any, Any], token: str) -> dict[str, str]:
-    body = (await request.body()).decode(errors="replace")
-    form = {k: v[0] for k, v in parse_qs(body).items()}
-    # Bytes: compare_digest refuses str with anything but ASCII, and a form may hold any.
-    if not hmac.compare_digest(form.get("csrf", "").encode(), token.encode()):
-        raise PermissionDeniedException("the form is stale or not ours; reload the page")
-    return form
+def known_state(state: str, states: tuple[str, ...]) -> str:
+    """``state`` if it is one of ``states``, else a 400 naming the field."""
+    errors = FieldErrors()
+    if state not in states:
+        errors.add("state", "unknown")
+    errors.raise_if_any()
+    return state
 
 
-def admin_page_routes(
-    runtime: ServiceRuntime,
-    settings: ProvisionerSettings,
-    changed: Callable[[], Awaitable[None]],
-) -> list[ControllerRouterHandler]:
-    """The admin page's handlers, behind the admin guard."""
+class AdminPageController(Controller):
+    """The page's handlers; ``admin_page_router`` puts them behind the admin page's guard."""
 
-    guards = [admin_page_guard(settings.admin_token)]
-    token = _csrf(settings.admin_token or "")
+    path = "/admin/queues"
+    include_in_schema = False
 
-    @get("/admin/queues", guards=guards, include_in_schema=False)
+    @get("/")
     async def queues(
+        self,
+        page: NamedDependency[AdminPage],
         state_name: Annotated[str, QueryParameter(name="state")] = "waiting",
     ) -> Response[str]:
-        state = state_name
-        if state not in VIEW_STATES:
-            raise InvalidRequest(
-                "invalid request", fields=[{"field": "state", "reason": "unknown"}]
-            )
-        async with runtime.db().acquire() as conn:
-            counts = await queue_stats(conn)
-            counts["superseded"] = await conn.fetchval(
-                "SELECT count(*) FROM queue_jobs WHERE state = 'superseded'"
-            )
-            paused = await conn.fetchval("SELECT paused FROM queue_control")
-            rows = await conn.fetch(
-                "SELECT * FROM queue_jobs WHERE state = $1 ORDER BY priority, created_at LIMIT 200",
-                state,
-            )
-        tabs = "".join(
-            f"<a class='{'on' if s == state else ''}' href='/admin/queues?state={s}'>"
-            f"{s} ({counts[s]})</a>"
-            for s in VIEW_STATES
+        """The jobs in one state, with a tab for each state."""
+        state = known_state(state_name, VIEW_STATES)
+        async with page.provisioning.db().acquire() as conn:
+            counts, paused = await counts_and_pause(conn)
+            rows = await jobs_in_state(conn, state)
+        return page.render(
+            "admin/queues.html",
+            "Deployment queue",
+            state=state,
+            states=VIEW_STATES,
+            finished=FINISHED,
+            counts=counts,
+            paused=paused,
+            jobs=[job_view(row) for row in rows],
         )
-        lines = []
-        for row in rows:
-            job = job_view(row)
-            action = ""
-            if job["state"] == "failed":
-                action = _button(f"/admin/queues/jobs/{quote(job['id'])}/retry", "retry", token)
-            lines.append(
-                "<tr>"
-                f"<td><a href='/admin/queues/jobs/{quote(job['id'])}'>{escape(job['id'])}</a></td>"
-                f"<td>{escape(job['name'])}</td><td>{job['priority']}</td>"
-                f"<td>{job['progress']}% {escape(job['step'] or '')}</td>"
-                f"<td>{job['attempts']}/{job['maxAttempts']}</td>"
-                f"<td>{_when(job['timestamp'])}</td>"
-                f"<td class='err'>{escape(job['failedReason'] or '')}</td><td>{action}</td></tr>"
-            )
-        clean = ""
-        if state in FINISHED:
-            clean = _button(
-                "/admin/queues/clean",
-                f"clean all {state} jobs",
-                token,
-                f"<input type='hidden' name='state' value='{state}'>",
-            )
-        body = (
-            f"<p>{'Paused: no new jobs start.' if paused else 'Running.'}</p><nav>{tabs}</nav>"
-            f"<p>{clean}</p><table><tr><th>job</th><th>kind</th><th>priority</th>"
-            "<th>progress</th><th>attempts</th><th>queued</th><th>error</th><th></th></tr>"
-            f"{''.join(lines) or '<tr><td colspan=8>no jobs</td></tr>'}</table>"
-        )
-        return _page("Deployment queue", body)
 
-    @get("/admin/queues/jobs/{job_id:str}", guards=guards, include_in_schema=False)
-    async def job_detail(job_id: FromPath[str]) -> Response[str]:
-        async with runtime.db().acquire() as conn:
-            row = await conn.fetchrow("SELECT * FROM queue_jobs WHERE job_id = $1", job_id)
-        if row is None:
-            raise NotFound(f"no job {job_id}")
+    @get("/jobs/{job_id:str}")
+    async def job_detail(
+        self, job_id: FromPath[str], page: NamedDependency[AdminPage]
+    ) -> Response[str]:
+        """One job: its facts, its attempts and their errors."""
+        async with page.provisioning.db().acquire() as conn:
+            row = await find_job(conn, job_id)
         job = job_view(row)
-        facts = "".join(
-            f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>"
-            for k, v in (
-                ("state", job["state"]),
-                ("kind", job["name"]),
-                ("customer", job["data"]["customerId"]),
-                ("priority", job["priority"]),
-                ("progress", f"{job['progress']}% {job['step'] or ''}"),
-                ("attempts", f"{job['attempts']} of {job['maxAttempts']}"),
-                ("queued", _when(job["timestamp"])),
-                ("first started", _when(job["processedOn"])),
-                ("finished", _when(job["finishedOn"])),
-                ("superseded by", job["supersededBy"] or ""),
-                ("data", json.dumps(job["data"])),
-            )
-        )
-        attempts = "".join(
-            f"<tr><td>{escape(str(a.get('attempt')))}</td><td>{escape(str(a.get('worker')))}</td>"
-            f"<td>{escape(str(a.get('started_at', '')))}</td>"
-            f"<td>{escape(str(a.get('finished_at', '')))}</td>"
-            f"<td>{escape(str(a.get('outcome', 'running')))}</td>"
-            f"<td class='err'>{escape(str(a.get('error', '')))}</td></tr>"
-            for a in job["attemptsLog"]
-        )
-        retry = ""
-        if job["state"] == "failed":
-            retry = _button(f"/admin/queues/jobs/{quote(job_id)}/retry", "retry this job", token)
-        body = (
-            f"<p><a href='/admin/queues?state={job['state']}'>back to {job['state']}</a></p>"
-            f"<table>{facts}</table><h2>Attempts</h2><table><tr><th>#</th><th>worker</th>"
-            "<th>started</th><th>finished</th><th>outcome</th><th>error</th></tr>"
-            f"{attempts or '<tr><td colspan=6>not started yet</td></tr>'}</table><p>{retry}</p>"
-        )
-        return _page(f"Job {job_id}", body)
+        return page.render("admin/job.html", f"Job {job_id}", job=job, data=json.dumps(job["data"]))
 
-    @post("/admin/queues/jobs/{job_id:str}/retry", guards=guards, include_in_schema=False)
-    async def retry_from_page(job_id: FromPath[str], request: Request[Any, Any, Any]) -> Redirect:
-        await _form(request, token)
-        async with runtime.db().acquire() as conn, conn.transaction():
+    @post("/jobs/{job_id:str}/retry")
+    async def retry_from_page(
+        self,
+        job_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        page: NamedDependency[AdminPage],
+    ) -> Redirect:
+        """Retry a failed job, then show it."""
+        await page.checked_form(request)
+        async with page.provisioning.db().acquire() as conn, conn.transaction():
             await retry_or_refuse(conn, job_id, "admin page")
-        await changed()
+        page.provisioning.wake()
         return Redirect(f"/admin/queues/jobs/{quote(job_id)}", status_code=303)
 
-    @post("/admin/queues/clean", guards=guards, include_in_schema=False)
-    async def clean_from_page(request: Request[Any, Any, Any]) -> Redirect:
-        form = await _form(request, token)
-        state = form.get("state", "")
-        if state not in FINISHED:
-            raise InvalidRequest(
-                "invalid request", fields=[{"field": "state", "reason": "unknown"}]
-            )
-        async with runtime.db().acquire() as conn, conn.transaction():
-            await clean_jobs(conn, state, datetime.now(UTC) + timedelta(seconds=1), "admin page")
-        await changed()
+    @post("/clean")
+    async def clean_from_page(
+        self, request: Request[Any, Any, Any], page: NamedDependency[AdminPage]
+    ) -> Redirect:
+        """Remove every finished job of a state, then show that state."""
+        form = await page.checked_form(request)
+        state = known_state(form.get("state", ""), FINISHED)
+        # A second from now: what finished this very second goes too.
+        before = datetime.now(UTC) + timedelta(seconds=1)
+        async with page.provisioning.db().acquire() as conn, conn.transaction():
+            await clean_jobs(conn, state, before, "admin page")
+        page.provisioning.wake()
         return Redirect(f"/admin/queues?state={state}", status_code=303)
 
-    return [queues, job_detail, retry_from_page, clean_from_page]
+
+def admin_page_router(provisioning: Provisioning) -> Router:
+    """The admin page behind its guard (Basic or Bearer, the admin token)."""
+    admin_token = provisioning.settings.admin_token
+    page = AdminPage(provisioning, admin_token)
+    return Router(
+        path="/",
+        route_handlers=[AdminPageController],
+        guards=[admin_page_guard(admin_token)],
+        dependencies={"page": Provide(lambda: page, sync_to_thread=False)},
+    )

@@ -38,7 +38,8 @@ from libs.runtime.scheduling import STUCK_GRACE_SECONDS, run_every
 from libs.runtime.supervision import Worker, beat
 from services.provisioner.backends.base import Backend, BackendError, InstanceHealth
 from services.provisioner.metrics import HealthMetrics
-from services.provisioner.queue import DEPLOY, PENDING, enqueue, lock_queue
+from services.provisioner.queue import enqueue, lock_queue
+from services.provisioner.queue_rules import DEPLOY, PENDING
 from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)

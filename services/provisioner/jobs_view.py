@@ -1,5 +1,5 @@
-"""The queue's jobs as the HTTP API and the admin page show them, and the one way either
-retries a job: shared by both, so neither imports the other."""
+"""The queue's jobs as the HTTP API and the admin page show them, the reads both make, and the
+one way either retries a job: shared by both, so neither imports the other."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import asyncpg
 
 from libs.http.errors import Conflict, NotFound
-from services.provisioner.queue import PENDING, JobNotFound, JobNotRetryable, retry_job
+from services.provisioner.queue import JobNotFound, JobNotRetryable, queue_stats, retry_job
+from services.provisioner.queue_rules import PENDING
 
 
 def _ms(value: datetime | None) -> int | None:
@@ -58,3 +59,32 @@ async def retry_or_refuse(conn: asyncpg.Connection, job_id: str, by: str) -> Non
         raise NotFound(f"no job {job_id}") from None
     except JobNotRetryable as exc:
         raise Conflict(str(exc)) from None
+
+
+async def jobs_of_customer(conn: asyncpg.Connection, customer_id: str) -> list[asyncpg.Record]:
+    """The customer's last 100 jobs, newest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT * FROM queue_jobs WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 100",
+        customer_id,
+    )
+    return rows
+
+
+async def jobs_in_state(conn: asyncpg.Connection, state: str) -> list[asyncpg.Record]:
+    """The first 200 jobs in ``state``, in the order they would run."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT * FROM queue_jobs WHERE state = $1 ORDER BY priority, created_at LIMIT 200",
+        state,
+    )
+    return rows
+
+
+async def counts_and_pause(conn: asyncpg.Connection) -> tuple[dict[str, int], bool]:
+    """How many jobs are in each state (superseded ones too), and whether the queue is
+    paused."""
+    counts = await queue_stats(conn)
+    counts["superseded"] = await conn.fetchval(
+        "SELECT count(*) FROM queue_jobs WHERE state = 'superseded'"
+    )
+    paused = bool(await conn.fetchval("SELECT paused FROM queue_control"))
+    return counts, paused

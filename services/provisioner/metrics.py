@@ -12,7 +12,8 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from libs.runtime.scheduling import PASSING
-from services.provisioner.queue import STATES, queue_stats
+from services.provisioner.queue import queue_stats
+from services.provisioner.queue_rules import STATES
 
 log = logging.getLogger(__name__)
 

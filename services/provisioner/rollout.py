@@ -25,26 +25,26 @@ this rollout wanted (else the worker renders something else: another INSTANCE_IM
 and every tenant of it is healthy (``backend.health``), again after ``settle`` seconds. A tenant
 that fails the gate after its job had it stamped has the stamp removed, so a rerun applies it
 again. More than ``max_failures`` failed tenants stop the rollout: the later batches are not
-touched, and the report names each failed tenant and why.
+touched, and the report names each failed tenant and why. The gate is ``rollout_gate.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
 
 import asyncpg
 from kubernetes_asyncio import client as k8s
 
-from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
+from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
-from services.provisioner.queue import DELETE, PLAN_PRIORITY, UPDATE, enqueue, lock_queue
+from services.provisioner.queue import enqueue, lock_queue
+from services.provisioner.queue_rules import DELETE, PLAN_PRIORITY, UPDATE
+from services.provisioner.rollout_gate import BatchGate, Failure, ManifestBackend
 from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)
@@ -70,24 +70,6 @@ _DEPLOYED = """
 
 class RolloutBusy(RuntimeError):
     """Another rollout is running (from another shell, pod or replica)."""
-
-
-class ManifestBackend(Protocol):
-    """What a rollout needs of a backend: the kubernetes backend has it."""
-
-    name: str
-
-    def manifest_digest(self, spec: InstanceSpec) -> str:
-        """The digest of the objects the customer would be applied with now."""
-
-    async def applied_manifest(self, customer_id: str) -> str | None:
-        """The digest stamped when the customer's objects were last applied and ready."""
-
-    async def clear_manifest_stamp(self, customer_id: str) -> None:
-        """Forget the stamp, so the next rollout applies the customer again."""
-
-    async def health(self, customer_id: str) -> InstanceHealth:
-        """Whether the customer's instance serves now."""
 
 
 @dataclass(frozen=True)
@@ -118,15 +100,6 @@ class RolloutPlan:
     def tenants(self) -> list[Tenant]:
         """Every tenant to update, in order."""
         return [tenant for batch in self.batches for tenant in batch]
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A tenant the rollout could not bring to the new manifest set, and why."""
-
-    customer_id: str
-    reason: str
-    job_id: str | None = None
 
 
 @dataclass
@@ -230,9 +203,15 @@ class Rollout:
         self._backend = backend
         self._settings = settings
         self._timeout = batch_timeout
-        self._settle = settle_seconds
         self._max_failures = max_failures
-        self._poll = poll_seconds
+        self._gate = BatchGate(
+            pool,
+            backend,
+            self._wanted,
+            timeout=batch_timeout,
+            settle_seconds=settle_seconds,
+            poll_seconds=poll_seconds,
+        )
         self._say = say
         self.rollout_id = rollout_id or uuid.uuid4().hex[:12]
 
@@ -294,11 +273,11 @@ class Rollout:
             else:
                 jobs[tenant.customer_id] = job_id
         outcomes = await asyncio.gather(
-            *(self._job_outcome(cid, job_id, deadline) for cid, job_id in jobs.items())
+            *(self._gate.job_outcome(cid, job_id, deadline) for cid, job_id in jobs.items())
         )
         failures = [outcome for outcome in outcomes if outcome is not None]
         failed = {f.customer_id for f in failures}
-        gated = await self._gate([cid for cid in jobs if cid not in failed], deadline)
+        gated = await self._gate.gate([cid for cid in jobs if cid not in failed], deadline)
         failures += gated
         failed |= {f.customer_id for f in gated}
         return [cid for cid in jobs if cid not in failed], left, failures
@@ -328,100 +307,12 @@ class Rollout:
         # today's objects as well and is waited for like our own job.
         return None if kind == DELETE else job_id
 
-    async def _job_outcome(self, customer_id: str, job_id: str, deadline: float) -> Failure | None:
-        """Wait for the job (or the one that superseded it) to finish; None if it succeeded
-        and left the stamp this rollout wanted."""
-        loop = asyncio.get_running_loop()
-        while True:
-            async with self._pool.acquire() as conn:
-                row = await conn.fetchrow(
-                    "SELECT state, failed_reason, superseded_by FROM queue_jobs WHERE job_id = $1",
-                    job_id,
-                )
-                paused = await conn.fetchval("SELECT paused FROM queue_control")
-            if row is None:
-                return Failure(customer_id, "its job was removed from the queue", job_id)
-            if row["state"] == "superseded" and row["superseded_by"]:
-                job_id = row["superseded_by"]  # a later license: its job applies everything
-                continue
-            if row["state"] == "failed":
-                return Failure(customer_id, f"job failed: {row['failed_reason']}", job_id)
-            if row["state"] == "completed":
-                return await self._check_stamp(customer_id, job_id)
-            if loop.time() > deadline:
-                why = (
-                    "the queue is paused"
-                    if paused
-                    else f"its job is still {row['state']} (is a provisioner worker running?)"
-                )
-                return Failure(customer_id, f"no outcome after {self._timeout:.0f}s: {why}", job_id)
-            await asyncio.sleep(self._poll)
-
-    async def _check_stamp(self, customer_id: str, job_id: str) -> Failure | None:
+    async def _wanted(self, customer_id: str) -> str | None:
+        """The digest of what the customer would be applied with now, from their license now;
+        None once they are no longer deployed here (closed since: their delete follows)."""
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(f"{_DEPLOYED} LIMIT 1", self._backend.name, [customer_id])
-        if row is None:
-            return None  # closed since; its delete follows
-        # From the license now: one issued meanwhile is in what the job applied.
-        wanted = self._backend.manifest_digest(spec_of(row, self._settings))
-        try:
-            applied = await self._backend.applied_manifest(customer_id)
-        except BackendError as exc:
-            return Failure(customer_id, f"its stamp cannot be read: {exc}", job_id)
-        if applied != wanted:
-            return Failure(
-                customer_id,
-                f"the provisioner applied manifest set {str(applied)[:12]}, not the "
-                f"{wanted[:12]} this rollout renders: run the rollout with the provisioner's own "
-                "settings (INSTANCE_IMAGE, secrets), after its workers restarted with them",
-                job_id,
-            )
-        return None
-
-    async def _gate(self, customers: list[str], deadline: float) -> list[Failure]:
-        """Every tenant healthy before the deadline, and again ``settle`` seconds later."""
-        if not customers:
-            return []
-        waiting = await self._until_healthy(customers, deadline)
-        failures = [Failure(cid, f"not healthy: {why}") for cid, why in waiting.items()]
-        ready = [cid for cid in customers if cid not in waiting]
-        if ready and self._settle > 0:
-            await asyncio.sleep(self._settle)
-            found = await self._healths(ready)
-            failures += [
-                Failure(cid, f"healthy after its update, then not: {why}")
-                for cid, why in found.items()
-                if why is not None
-            ]
-        for failure in failures:
-            # Stamped by its job, yet it does not serve: the next rollout must not skip it.
-            with contextlib.suppress(BackendError):
-                await self._backend.clear_manifest_stamp(failure.customer_id)
-        return failures
-
-    async def _until_healthy(self, customers: list[str], deadline: float) -> dict[str, str]:
-        """Poll until all are healthy or the deadline passes; those still not, and why."""
-        loop = asyncio.get_running_loop()
-        waiting = dict.fromkeys(customers, "not checked")
-        while True:
-            found = await self._healths(list(waiting))
-            waiting = {cid: why for cid, why in found.items() if why is not None}
-            if not waiting or loop.time() > deadline:
-                return waiting
-            await asyncio.sleep(self._poll)
-
-    async def _healths(self, customers: list[str]) -> dict[str, str | None]:
-        """Each tenant's trouble, None when healthy."""
-
-        async def one(customer_id: str) -> str | None:
-            try:
-                health = await self._backend.health(customer_id)
-            except BackendError as exc:
-                return f"cannot tell: {exc}"
-            return None if health.healthy else health.reason
-
-        results = await asyncio.gather(*(one(cid) for cid in customers))
-        return dict(zip(customers, results, strict=True))
+        return None if row is None else self._backend.manifest_digest(spec_of(row, self._settings))
 
 
 def kubernetes_backend(

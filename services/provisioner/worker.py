@@ -28,10 +28,7 @@ from libs.runtime.outbox import OutboxRelay
 from libs.runtime.scheduling import PASSING
 from services.provisioner.backends.base import Backend, BackendError, InstanceSpec
 from services.provisioner.health import HEALTH_WATCH
-from services.provisioner.metrics import QueueMetrics
-from services.provisioner.queue import (
-    DELETE,
-    UPDATE,
+from services.provisioner.leases import (
     Claimed,
     claim_next_job,
     complete_job,
@@ -40,6 +37,8 @@ from services.provisioner.queue import (
     record_progress,
     release_job,
 )
+from services.provisioner.metrics import QueueMetrics
+from services.provisioner.queue_rules import DELETE, UPDATE
 from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)

@@ -26,18 +26,10 @@ from services.provisioner.backends.local import (
     memory_capacity,
 )
 from services.provisioner.capacity import CapacityState, record_capacity_change
+from services.provisioner.leases import Claimed, claim_next_job, complete_job
 from services.provisioner.projections import when_instance_capacity_changed_remember_it
-from services.provisioner.queue import (
-    DELETE,
-    DEPLOY,
-    UPDATE,
-    Claimed,
-    claim_next_job,
-    complete_job,
-    enqueue,
-    instances_held,
-    waiting_for_capacity,
-)
+from services.provisioner.queue import enqueue, instances_held, waiting_for_capacity
+from services.provisioner.queue_rules import DELETE, DEPLOY, UPDATE
 from services.provisioner.settings import ProvisionerSettings
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)

@@ -25,9 +25,9 @@ from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.runtime.platform import Platform
 from services.provisioner.app import backend_of, health_watch_of, settings_of, worker_of
+from services.provisioner.deployments import deployment_state
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics
-from services.provisioner.routes import deployment_state
 from services.targets import CONTROL_PLANE
 from support import assert_replays_clean, eventually, local_platform
 

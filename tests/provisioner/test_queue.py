@@ -20,26 +20,28 @@ import pytest
 from contracts import CustomerClosed, LicenseIssued, decode_envelope
 from libs.eventlog.store import traced_envelope
 from libs.projections.apply import Recorded
-from services.provisioner.queue import (
-    DELETE,
-    DEPLOY,
-    UPDATE,
+from services.provisioner.leases import (
     Claimed,
-    JobNotRetryable,
     claim_next_job,
-    clean_jobs,
     complete_job,
-    enqueue,
     extend_lease,
     fail_job,
-    priority_of,
-    queue_stats,
     record_progress,
     release_job,
+)
+from services.provisioner.queue import (
+    JobNotRetryable,
+    clean_jobs,
+    enqueue,
+    queue_stats,
     retry_job,
     set_paused,
 )
-from services.provisioner.reactors import provisioner_reactors
+from services.provisioner.queue_rules import DELETE, DEPLOY, UPDATE, priority_of
+from services.provisioner.reactors import (
+    provisioner_reactors,
+    when_license_issued_queue_deployment,
+)
 from support import eventually, license_issued
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -460,3 +462,29 @@ async def test_a_closure_asking_for_erasure_queues_a_removal_that_erases(pool) -
             await conn.fetchval("SELECT data FROM queue_jobs WHERE job_id = $1", second)
         )
     assert data["erase"] is True
+
+
+async def test_the_license_handler_called_alone_deploys_then_updates(pool) -> None:
+    """The reactor's handler is a module-level function: called with its arguments, no table."""
+    customer = str(uuid.uuid4())
+    woken: list[str] = []
+
+    async def issue(seq: int) -> None:
+        event = license_issued(customer)
+        envelope = traced_envelope(event, customer_id=customer)
+        async with pool.acquire() as conn, conn.transaction():
+            await when_license_issued_queue_deployment(
+                conn,
+                Recorded(seq, envelope, event),
+                max_attempts=3,
+                wake=lambda: woken.append(customer),
+            )
+
+    await issue(1)
+    first = await claim(pool)
+    assert first is not None and first.kind == DEPLOY
+    assert await complete(pool, first, "w1", None)
+    await issue(2)
+    second = await claim(pool)
+    assert second is not None and second.kind == UPDATE
+    assert woken == [customer, customer]

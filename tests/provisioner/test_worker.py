@@ -27,7 +27,8 @@ from libs.eventlog.store import EventStore
 from libs.runtime.outbox import OutboxRelay
 from services.provisioner.backends.local import LocalBackend, instance_name
 from services.provisioner.metrics import QueueMetrics
-from services.provisioner.queue import DELETE, DEPLOY, Kind, enqueue
+from services.provisioner.queue import enqueue
+from services.provisioner.queue_rules import DELETE, DEPLOY, Kind
 from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.worker import QueueWorker
 from support import eventually
