@@ -9,7 +9,6 @@ re-checks the key on every call (about 25 ms for a 4096-bit key).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -24,6 +23,8 @@ import jwt
 import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from jwt.utils import base64url_encode
 
 from contracts.license import LicenseClaims
 from services.licensing.plans import PlanSpec
@@ -36,23 +37,19 @@ class KeyConfigError(ValueError):
     """The signing keys are missing, unreadable, too weak or too exposed."""
 
 
-def _b64(number: int) -> str:
-    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
 def public_jwk(public_key: rsa.RSAPublicKey) -> dict[str, str]:
-    """The key's public half as a JWK (kty, n, e)."""
-    numbers = public_key.public_numbers()
-    return {"kty": "RSA", "n": _b64(numbers.n), "e": _b64(numbers.e)}
+    """The key's public half as a JWK (kty, n, e), encoded by pyjwt."""
+    jwk = RSAAlgorithm.to_jwk(public_key, as_dict=True)
+    # Without the key_ops pyjwt adds: the JWKS stays byte for byte what instances have cached.
+    return {"kty": jwk["kty"], "n": jwk["n"], "e": jwk["e"]}
 
 
 def thumbprint(public_key: rsa.RSAPublicKey) -> str:
     """RFC 7638 JWK thumbprint: the key's ``kid``."""
+    # By hand: pyjwt (2.15) has no RFC 7638 thumbprint; its JWK supplies the members hashed.
     jwk = public_jwk(public_key)
     canonical = json.dumps({"e": jwk["e"], "kty": "RSA", "n": jwk["n"]}, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return base64url_encode(hashlib.sha256(canonical.encode()).digest()).decode()
 
 
 @dataclass(frozen=True)
