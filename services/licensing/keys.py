@@ -19,15 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jwt
-import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from jwt.utils import base64url_encode
-
-from contracts.license import LicenseClaims
-from services.licensing.plans import PlanSpec
 
 MIN_BITS = 2048
 _STAMP = "%Y%m%dT%H%M%S%fZ"
@@ -187,62 +182,3 @@ def ensure_keyring(directory: Path, bits: int = 4096) -> KeyRing:
     ):
         generate_key(directory, bits)
     return load_keyring(directory)
-
-
-def build_claims(
-    *,
-    customer_id: str,
-    license_id: str,
-    plan: PlanSpec,
-    license_type: str,
-    issued_at: datetime,
-    expires_at: datetime,
-    grace_until: datetime | None,
-    issuer: str,
-) -> LicenseClaims:
-    """The claims of a license for ``plan`` over the given period."""
-
-    def rfc3339(moment: datetime) -> str:
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    return LicenseClaims(
-        customerId=customer_id,
-        plan=plan.name,
-        issuedAt=rfc3339(issued_at),
-        expiresAt=rfc3339(expires_at),
-        features=plan.features,
-        limits=plan.limits,
-        iss=issuer,
-        sub=customer_id,
-        iat=int(issued_at.timestamp()),
-        exp=int(expires_at.timestamp()),
-        licenseId=license_id,
-        licenseType=license_type,
-        graceUntil=rfc3339(grace_until) if grace_until else None,
-    )
-
-
-class LicenseSigner:
-    """Signs license claims with the key ring's current key."""
-
-    def __init__(self, keyring: KeyRing, issuer: str = "iotistic-licensing") -> None:
-        """Sign with ``keyring.current``; ``issuer`` goes into every license's ``iss``."""
-        self.keyring = keyring
-        self.issuer = issuer
-
-    @property
-    def kid(self) -> str:
-        """The id of the key that signs."""
-        return self.keyring.current.kid
-
-    def sign(self, claims: LicenseClaims) -> str:
-        """The license JWT (RS256, ``kid`` in the header)."""
-        key = self.keyring.current
-        if key.private_key is None:  # KeyRing.current never returns one, but say so plainly
-            raise KeyConfigError("the current license key has no private half")
-        return jwt.encode(
-            msgspec.to_builtins(claims),
-            key.private_key,
-            algorithm="RS256",
-            headers={"kid": key.kid, "typ": "JWT"},
-        )

@@ -18,7 +18,6 @@ from typing import Any
 
 from contracts import (
     CustomerSignedUp,
-    LicenseIssued,
     PaymentFailed,
     SubscriptionActivated,
     SubscriptionCanceled,
@@ -30,52 +29,12 @@ from libs.eventlog.store import caused_event_id
 from libs.projections.core import Projection, Recorded
 from libs.runtime.outbox import add_to_outbox, outbox_relay
 from libs.runtime.service import ServiceRuntime
-from services.licensing.keys import LicenseSigner, build_claims
-from services.licensing.plans import plan
-
-SUBSCRIPTION_LICENSE_DAYS = 30
-GRACE_DAYS = 7
-
-
-def signed_license(
-    signer: LicenseSigner,
-    *,
-    customer_id: str,
-    license_id: str,
-    plan_name: str,
-    license_type: str,
-    issued_at: datetime,
-    expires_at: datetime,
-    grace_until: datetime | None,
-    reason: str,
-) -> LicenseIssued:
-    """The LicenseIssued event for a license signed now with the newest key."""
-    spec = plan(plan_name)
-    claims = build_claims(
-        customer_id=customer_id,
-        license_id=license_id,
-        plan=spec,
-        license_type=license_type,
-        issued_at=issued_at,
-        expires_at=expires_at,
-        grace_until=grace_until,
-        issuer=signer.issuer,
-    )
-    return LicenseIssued(
-        customer_id=customer_id,
-        license_id=license_id,
-        jwt=signer.sign(claims),
-        kid=signer.kid,
-        plan=spec.name,
-        issued_at=issued_at,
-        expires_at=expires_at,
-        features=spec.features,
-        limits=spec.limits,
-        license_type=license_type,
-        reason=reason,
-        issued_by="system",
-        grace_until=grace_until,
-    )
+from services.licensing.issuing import (
+    GRACE_DAYS,
+    SUBSCRIPTION_LICENSE_DAYS,
+    LicenseSigner,
+    signed_license,
+)
 
 
 async def issue_license(

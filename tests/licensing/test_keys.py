@@ -18,10 +18,9 @@ from joserfc.errors import BadSignatureError
 from joserfc.jwk import KeySet, RSAKey
 
 from contracts.license_verify import InvalidLicense, LicenseVerifier
+from services.licensing.issuing import LicenseSigner, build_claims
 from services.licensing.keys import (
     KeyConfigError,
-    LicenseSigner,
-    build_claims,
     ensure_keyring,
     generate_key,
     load_keyring,

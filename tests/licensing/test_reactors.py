@@ -23,7 +23,8 @@ from contracts.license_verify import LicenseVerifier
 from libs.db.postgres import create_pool, migrate, service_migrations
 from libs.projections.core import Recorded
 from services.licensing.app import LICENSING
-from services.licensing.keys import LicenseSigner, load_keyring
+from services.licensing.issuing import LicenseSigner
+from services.licensing.keys import load_keyring
 from services.licensing.reactors import (
     when_customer_signed_up_issue_trial_license,
     when_subscription_active_issue_subscription_license,

@@ -14,7 +14,8 @@ import pytest
 from libs.config import ServiceSettings
 from libs.runtime.service import Platform
 from services.licensing.app import LICENSING
-from services.licensing.keys import LicenseSigner, build_claims, load_keyring
+from services.licensing.issuing import LicenseSigner, build_claims
+from services.licensing.keys import load_keyring
 from services.licensing.plans import plan
 from services.targets import build_app
 from support import license_keys_dir, serving
