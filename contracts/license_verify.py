@@ -6,7 +6,6 @@ signed with a public key gets through), and every failure says why.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from typing import Any, Literal
 import jwt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt import PyJWK
 
 from contracts.license import LicenseClaims
 
@@ -34,14 +34,9 @@ class InvalidLicense(Exception):
         self.reason: Reason = reason
 
 
-def _int(value: str) -> int:
-    padded = value + "=" * (-len(value) % 4)
-    return int.from_bytes(base64.urlsafe_b64decode(padded), "big")
-
-
-def public_key_from_jwk(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
-    """An RSA public key object from a JWK's ``n`` and ``e``."""
-    return rsa.RSAPublicNumbers(e=_int(str(jwk["e"])), n=_int(str(jwk["n"]))).public_key()
+def _public(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> rsa.RSAPublicKey:
+    # A member that carries a private half (``d``) is trusted for its public half only.
+    return key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
 
 
 class LicenseVerifier:
@@ -64,9 +59,15 @@ class LicenseVerifier:
     ) -> LicenseVerifier:
         """A verifier for every RSA key of a JWK Set (as ``/.well-known/jwks.json`` serves it)."""
         keys: dict[str, rsa.RSAPublicKey] = {}
-        for jwk in jwks.get("keys", []):
-            if isinstance(jwk, Mapping) and jwk.get("kty") == "RSA" and "kid" in jwk:
-                keys[str(jwk["kid"])] = public_key_from_jwk(jwk)
+        for member in jwks.get("keys", []):
+            if not (isinstance(member, Mapping) and member.get("kty") == "RSA" and "kid" in member):
+                continue
+            try:
+                # Read as RS256 whatever its ``alg`` says (PyJWKSet would trust that ``alg``).
+                key = PyJWK(dict(member), algorithm="RS256").key
+            except jwt.PyJWTError:
+                continue  # RFC 7517 section 5: a member that cannot be used is ignored
+            keys[str(member["kid"])] = _public(key)
         return cls(keys, issuer, leeway_seconds)
 
     @classmethod

@@ -261,8 +261,8 @@ async def assert_replays_clean(
 def signed_license_issued(customer_id: str, *, plan: str = "starter") -> LicenseIssued:
     """A LicenseIssued whose JWT is really signed with the tests' license key, as licensing
     signs it, for instances that verify it against the JWKS."""
-    from services.licensing.keys import LicenseSigner, load_keyring
-    from services.licensing.reactors import signed_license
+    from services.licensing.issuing import LicenseSigner, signed_license
+    from services.licensing.keys import load_keyring
 
     now = datetime.now(UTC)
     return signed_license(

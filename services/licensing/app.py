@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from pathlib import Path
 
 from litestar.types import ControllerRouterHandler
 
@@ -14,7 +15,8 @@ from libs.runtime.outbox import outbox_worker
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
-from services.licensing.keys import KeyRing, LicenseSigner, load_keyring
+from services.licensing.issuing import LicenseSigner
+from services.licensing.keys import KeyRing, load_keyring
 from services.licensing.projections import LICENSES
 from services.licensing.reactors import licensing_reactors
 from services.licensing.renewals import renew_due_licenses
@@ -25,8 +27,6 @@ from services.licensing.settings import LicensingSettings
 @cache
 def _keyring(settings: LicensingSettings) -> KeyRing:
     # Loaded once per process: key objects, never PEM strings, are handed to the JWT library.
-    from pathlib import Path
-
     folder = Path(settings.license_keys_dir) if settings.license_keys_dir else None
     return load_keyring(folder, settings.license_private_key)
 

@@ -9,7 +9,6 @@ re-checks the key on every call (about 25 ms for a 4096-bit key).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -20,13 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jwt
-import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
-from contracts.license import LicenseClaims
-from services.licensing.plans import PlanSpec
+from jwt.algorithms import RSAAlgorithm
+from jwt.utils import base64url_encode
 
 MIN_BITS = 2048
 _STAMP = "%Y%m%dT%H%M%S%fZ"
@@ -36,23 +32,19 @@ class KeyConfigError(ValueError):
     """The signing keys are missing, unreadable, too weak or too exposed."""
 
 
-def _b64(number: int) -> str:
-    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
 def public_jwk(public_key: rsa.RSAPublicKey) -> dict[str, str]:
-    """The key's public half as a JWK (kty, n, e)."""
-    numbers = public_key.public_numbers()
-    return {"kty": "RSA", "n": _b64(numbers.n), "e": _b64(numbers.e)}
+    """The key's public half as a JWK (kty, n, e), encoded by pyjwt."""
+    jwk = RSAAlgorithm.to_jwk(public_key, as_dict=True)
+    # Without the key_ops pyjwt adds: the JWKS stays byte for byte what instances have cached.
+    return {"kty": jwk["kty"], "n": jwk["n"], "e": jwk["e"]}
 
 
 def thumbprint(public_key: rsa.RSAPublicKey) -> str:
     """RFC 7638 JWK thumbprint: the key's ``kid``."""
+    # By hand: pyjwt (2.15) has no RFC 7638 thumbprint; its JWK supplies the members hashed.
     jwk = public_jwk(public_key)
     canonical = json.dumps({"e": jwk["e"], "kty": "RSA", "n": jwk["n"]}, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return base64url_encode(hashlib.sha256(canonical.encode()).digest()).decode()
 
 
 @dataclass(frozen=True)
@@ -190,62 +182,3 @@ def ensure_keyring(directory: Path, bits: int = 4096) -> KeyRing:
     ):
         generate_key(directory, bits)
     return load_keyring(directory)
-
-
-def build_claims(
-    *,
-    customer_id: str,
-    license_id: str,
-    plan: PlanSpec,
-    license_type: str,
-    issued_at: datetime,
-    expires_at: datetime,
-    grace_until: datetime | None,
-    issuer: str,
-) -> LicenseClaims:
-    """The claims of a license for ``plan`` over the given period."""
-
-    def rfc3339(moment: datetime) -> str:
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    return LicenseClaims(
-        customerId=customer_id,
-        plan=plan.name,
-        issuedAt=rfc3339(issued_at),
-        expiresAt=rfc3339(expires_at),
-        features=plan.features,
-        limits=plan.limits,
-        iss=issuer,
-        sub=customer_id,
-        iat=int(issued_at.timestamp()),
-        exp=int(expires_at.timestamp()),
-        licenseId=license_id,
-        licenseType=license_type,
-        graceUntil=rfc3339(grace_until) if grace_until else None,
-    )
-
-
-class LicenseSigner:
-    """Signs license claims with the key ring's current key."""
-
-    def __init__(self, keyring: KeyRing, issuer: str = "iotistic-licensing") -> None:
-        """Sign with ``keyring.current``; ``issuer`` goes into every license's ``iss``."""
-        self.keyring = keyring
-        self.issuer = issuer
-
-    @property
-    def kid(self) -> str:
-        """The id of the key that signs."""
-        return self.keyring.current.kid
-
-    def sign(self, claims: LicenseClaims) -> str:
-        """The license JWT (RS256, ``kid`` in the header)."""
-        key = self.keyring.current
-        if key.private_key is None:  # KeyRing.current never returns one, but say so plainly
-            raise KeyConfigError("the current license key has no private half")
-        return jwt.encode(
-            msgspec.to_builtins(claims),
-            key.private_key,
-            algorithm="RS256",
-            headers={"kid": key.kid, "typ": "JWT"},
-        )

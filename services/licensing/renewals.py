@@ -21,8 +21,7 @@ from contracts import LicenseIssued
 from libs.eventlog.decisions import Decision, append_decisions
 from libs.eventlog.store import EventStore
 from libs.projections.runner import durable_name
-from services.licensing.keys import LicenseSigner
-from services.licensing.reactors import SUBSCRIPTION_LICENSE_DAYS, signed_license
+from services.licensing.issuing import SUBSCRIPTION_LICENSE_DAYS, LicenseSigner, signed_license
 
 LOCK_KEY = "licensing:renewal-scheduler"
 RENEWABLE = ("subscription", "renewal")

@@ -97,8 +97,8 @@ def control_plane_stand_in(keyring: Any) -> Litestar:
 
 def trial_licenses() -> Callable[[str], tuple[str, str]]:
     """Signs a customer's starter trial license with the test key: (JWT, license id)."""
-    from services.licensing.keys import LicenseSigner, load_keyring
-    from services.licensing.reactors import signed_license
+    from services.licensing.issuing import LicenseSigner, signed_license
+    from services.licensing.keys import load_keyring
 
     signer = LicenseSigner(load_keyring(Path(license_keys_dir())))
 

@@ -45,8 +45,8 @@ SUSTAINED_SECONDS = 30
 
 
 def _license(customer_id: str) -> str:
-    from services.licensing.keys import LicenseSigner, load_keyring
-    from services.licensing.reactors import signed_license
+    from services.licensing.issuing import LicenseSigner, signed_license
+    from services.licensing.keys import load_keyring
 
     now = datetime.now(UTC)
     return signed_license(

@@ -141,7 +141,8 @@ def _license_signer() -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from services.licensing.keys import LicenseSigner, load_keyring
+    from services.licensing.issuing import LicenseSigner
+    from services.licensing.keys import load_keyring
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(
@@ -189,7 +190,7 @@ def render_tenant(plan: str, customer_id: str | None = None) -> list[dict[str, A
     """One customer's objects on ``plan``, as the kubernetes backend applies them with the
     chart's provisioner settings, for a license signed for that plan (its claims carry the
     plan's limits)."""
-    from services.licensing.reactors import signed_license
+    from services.licensing.issuing import signed_license
     from services.provisioner.app import kubernetes_settings
     from services.provisioner.backends.base import InstanceSpec
     from services.provisioner.backends.k8s import customer_objects

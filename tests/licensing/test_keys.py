@@ -15,13 +15,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt as jose_jwt
 from joserfc.errors import BadSignatureError
-from joserfc.jwk import KeySet
+from joserfc.jwk import KeySet, RSAKey
 
 from contracts.license_verify import InvalidLicense, LicenseVerifier
+from services.licensing.issuing import LicenseSigner, build_claims
 from services.licensing.keys import (
     KeyConfigError,
-    LicenseSigner,
-    build_claims,
     ensure_keyring,
     generate_key,
     load_keyring,
@@ -214,3 +213,62 @@ def test_the_embedded_default_makes_one_4096_bit_key_at_first_start(tmp_path: Pa
     assert ring.current.public_key.key_size == 4096
     again = ensure_keyring(tmp_path / "fresh")
     assert [k.kid for k in again.keys] == [ring.current.kid]
+
+
+# A public key fixed once, and its kid and JWKS as the hand-written encoder (before pyjwt's
+# PyJWK and to_jwk took it over) produced them: licenses already issued name this kid, and the
+# instances cache this JWKS, so neither may change by a byte.
+FIXED_PUBLIC_PEM = b"""-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAsffkDN5d7qEQ9RmoTtLk
+AOM6FSfTpcvyc3NlvwuUlPVeFMhfNWmTw3gHRIa3esGB4oqL47itcUf/pytQPyIR
+fDWaebQrQOmFItzn64hGq5B1L2bx7rtrHnOziPwNZ+V7GkgGqQySCm57PwUAieVq
++EOoJ66HscOC95lsvw0WLPs0dmuRELPMhygGFvwn1/YO5DLAI8tMOLOPjjLk8obt
+I2RkMLBYww9ETYdEn/fISgAwdnKE3uKETd58P0XzFmsx8YHuVCqntIBKNkRdTpBq
+KoivsoEynD8/xMqakENQF39VlVurRM51kc25BgOPLkor4t3M56AEMGYtEMiIFIeg
+pQIDAQAB
+-----END PUBLIC KEY-----
+"""
+FIXED_KID = "TtUCKwZbugsAZhnSo26O85SxFIzc8oFA1kKsGWWLnco"
+FIXED_JWKS_ENTRY = (
+    '{"kty":"RSA","n":"sffkDN5d7qEQ9RmoTtLkAOM6FSfTpcvyc3NlvwuUlPVeFMhfNWmTw3gHRIa3esGB4oqL47itcU'
+    "f_pytQPyIRfDWaebQrQOmFItzn64hGq5B1L2bx7rtrHnOziPwNZ-V7GkgGqQySCm57PwUAieVq-EOoJ66HscOC95lsvw"
+    "0WLPs0dmuRELPMhygGFvwn1_YO5DLAI8tMOLOPjjLk8obtI2RkMLBYww9ETYdEn_fISgAwdnKE3uKETd58P0XzFmsx8Y"
+    "HuVCqntIBKNkRdTpBqKoivsoEynD8_xMqakENQF39VlVurRM51kc25BgOPLkor4t3M56AEMGYtEMiIFIegpQ"
+    '","e":"AQAB","kid":"TtUCKwZbugsAZhnSo26O85SxFIzc8oFA1kKsGWWLnco","use":"sig","alg":"RS256"}'
+)
+
+
+def test_a_fixed_key_keeps_its_kid_and_its_jwks_byte_for_byte(tmp_path: Path) -> None:
+    public = serialization.load_pem_public_key(FIXED_PUBLIC_PEM)
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert thumbprint(public) == FIXED_KID
+    assert RSAKey.import_key(FIXED_PUBLIC_PEM).thumbprint() == FIXED_KID  # another library agrees
+    # Loaded the way a retired key is (a .pub.pem next to the key that signs), and served.
+    folder = tmp_path / "keys"
+    generate_key(folder, bits=2048)
+    (folder / "20200101T000000000000Z.pub.pem").write_bytes(FIXED_PUBLIC_PEM)
+    jwks = load_keyring(folder).jwks()
+    assert len(jwks["keys"]) == 2
+    assert json.dumps(jwks["keys"][-1], separators=(",", ":")) == FIXED_JWKS_ENTRY
+    verifier = LicenseVerifier.from_jwks({"keys": [json.loads(FIXED_JWKS_ENTRY)]})
+    assert verifier.kids == {FIXED_KID}
+
+
+def test_jwks_members_that_cannot_verify_a_license_are_ignored(keys_dir: Path) -> None:
+    ring = load_keyring(keys_dir)
+    token = LicenseSigner(ring).sign(claims())
+    [good] = ring.jwks()["keys"]
+    jwks = {
+        "keys": [
+            {**good, "kid": "says-none", "alg": "none"},  # read as RS256 all the same
+            {"kty": "RSA", "kid": "garbled", "n": "!!", "e": "AQAB"},
+            {"kty": "EC", "kid": "ec", "crv": "P-256", "x": "AA", "y": "AA"},
+            {"kty": "RSA", "n": good["n"], "e": good["e"]},  # no kid
+            "not a key",
+            good,
+        ]
+    }
+    verifier = LicenseVerifier.from_jwks(jwks)
+    assert verifier.kids == {"says-none", ring.current.kid}
+    assert verifier.verify(token, now=NOW).customerId == "c-1"
+    assert LicenseVerifier.from_jwks({"keys": []}).kids == frozenset()

@@ -25,7 +25,8 @@ from libs.db.postgres import create_pool
 from libs.eventlog.store import EventStore
 from libs.runtime.platform import Platform
 from services.licensing.app import LICENSING
-from services.licensing.keys import LicenseSigner, load_keyring
+from services.licensing.issuing import LicenseSigner
+from services.licensing.keys import load_keyring
 from services.licensing.renewals import renew_due_licenses
 from services.targets import build_app
 from support import eventually, license_keys_dir, serving
