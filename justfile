@@ -21,12 +21,16 @@ check:
     {{bin}}/mypy
     {{bin}}/lint-imports
 
+# refresh docs/events.md and contracts/asyncapi.json from the services' declarations
+catalogue:
+    {{bin}}/python -m services.catalogue --write
+
 # format the code
 fmt:
     {{bin}}/ruff format .
     {{bin}}/ruff check --fix .
 
-# measure speed and memory: `just bench events` (see README for the figures)
+# measure speed and memory: `just bench events` (see docs/figures.md for the figures)
 bench *WHAT:
     {{bin}}/python -m tests.bench {{WHAT}}
 
