@@ -87,7 +87,7 @@ def test_every_event_has_an_owner_and_every_consumer_is_declared(
 def test_the_committed_catalogue_and_asyncapi_are_up_to_date(
     entries: list[catalogue.EventEntry],
 ) -> None:
-    stale = "out of date: run python -m services.catalogue --write"
+    stale = "out of date: run ./dev catalogue"
     assert catalogue.EVENTS_DOC.read_text() == catalogue.markdown(entries), stale
     assert catalogue.ASYNCAPI_DOC.read_text() == catalogue.asyncapi_json(entries), stale
 
