@@ -43,7 +43,8 @@ import asyncpg
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
+from services.provisioner.backends.kubernetes.api import cluster_client
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 from services.provisioner.queue import DELETE, PLAN_PRIORITY, UPDATE, enqueue, lock_queue
 from services.provisioner.settings import ProvisionerSettings
 

@@ -31,16 +31,12 @@ from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import (
-    REPLACED,
-    WORKLOADS,
-    KubernetesBackend,
-    customer_objects,
-    tenant_api,
-)
-from services.provisioner.backends.k8s_grace import BACKUP_JOB
-from services.provisioner.backends.k8s_grace import ROUTES as GRACE_ROUTES
-from services.provisioner.backends.k8s_manifests import KubernetesSettings
+from services.provisioner.backends.kubernetes.api import tenant_api
+from services.provisioner.backends.kubernetes.backend import REPLACED, WORKLOADS, KubernetesBackend
+from services.provisioner.backends.kubernetes.credentials import customer_objects
+from services.provisioner.backends.kubernetes.grace import BACKUP_JOB
+from services.provisioner.backends.kubernetes.grace import ROUTES as GRACE_ROUTES
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.backups import run_restore, run_restore_drill
 from services.provisioner.settings import parse_tenant_reader
 from support import serving

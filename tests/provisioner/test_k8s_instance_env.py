@@ -45,16 +45,13 @@ from libs.servers.mosquitto import EmbeddedMosquitto
 from services.instance.settings import InstanceSettings
 from services.instance.usage import UsageReporter
 from services.provisioner.app import check_reachable_from_pods, kubernetes_settings
-from services.provisioner.backends import k8s as k8s_backend
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import customer_objects
-from services.provisioner.backends.k8s_manifests import (
-    DYNSEC_FILE,
-    INSTANCE_PORT,
-    KubernetesSettings,
-    host_of,
-    namespace_of,
-)
+from services.provisioner.backends.kubernetes import api as k8s_backend
+from services.provisioner.backends.kubernetes.credentials import customer_objects
+from services.provisioner.backends.kubernetes.manifests.instance import INSTANCE_PORT
+from services.provisioner.backends.kubernetes.manifests.metadata import host_of, namespace_of
+from services.provisioner.backends.kubernetes.manifests.mosquitto import DYNSEC_FILE
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.settings import ProvisionerSettings
 from services.targets import CONTROL_PLANE, build_app
 from support import SUITE_SIGNUP_LIMITS, eventually, license_keys_dir, serving

@@ -28,8 +28,10 @@ from libs.config import ConfigError, load_settings
 from libs.servers.mosquitto import MAX_CONNECTIONS
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend, object_path
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
+from services.provisioner.backends.kubernetes.api import object_path
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.manifests.render import render
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.settings import ProvisionerSettings, parse_ports
 
 K8S_VERSION = "1.37.0"
