@@ -79,7 +79,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
         if settings.provisioner_backend == "kubernetes":
             check_reachable_from_pods(settings)
             return kubernetes_backend(settings)
-        from services.provisioner.backends.local import LocalBackend
+        from services.provisioner.backends.local.backend import LocalBackend
 
         return LocalBackend(settings, runtime.db)
 

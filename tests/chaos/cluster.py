@@ -34,7 +34,8 @@ import httpx
 from libs.config import EventLogSettings, load_settings
 from libs.servers.embedded import EmbeddedNats, EmbeddedPostgres, NatsWatchdog, free_port
 from libs.servers.mosquitto import EmbeddedMosquitto
-from services.provisioner.backends.local import MARKER, instance_name
+from services.provisioner.backends.local.backend import instance_name
+from services.provisioner.backends.local.processes import MARKER
 
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")
 SERVICES = ("signup", "licensing", "billing", "provisioner")

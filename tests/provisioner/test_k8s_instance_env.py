@@ -563,7 +563,9 @@ def test_the_provisioner_renders_its_urls_and_refuses_the_pods_own() -> None:
 def test_the_deployment_gives_the_instance_what_the_local_backend_gives_it(tmp_path: Path) -> None:
     """Every variable the local backend sets is in the Deployment, with the same value where
     both derive it from the same settings; the differences are the ones named here."""
-    from services.provisioner.backends.local import INHERITED, MARKER, LocalBackend
+    from services.provisioner.backends.local.backend import LocalBackend
+    from services.provisioner.backends.local.environment import INHERITED
+    from services.provisioner.backends.local.processes import MARKER
 
     settings = ProvisionerSettings(
         provisioner_secret=PROVISIONER_SECRET,

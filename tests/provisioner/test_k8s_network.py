@@ -1,5 +1,5 @@
 """The tenants' network on Kubernetes: the NetworkPolicies, HTTPRoute and Envoy Gateway policy
-that ``k8s_manifests.render`` gives each customer.
+that ``kubernetes.manifests.render`` gives each customer.
 
 No cluster or network plugin runs here, so the policies are checked by an evaluator of the
 Kubernetes NetworkPolicy semantics (``Cluster.may_connect`` below: a connection needs the

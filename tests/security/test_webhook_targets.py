@@ -28,7 +28,7 @@ from libs.eventlog.store import EventStore
 from services.provisioner.backends.base import InstanceSpec
 from services.provisioner.backends.kubernetes.manifests.render import render
 from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
-from services.provisioner.backends.local import instance_name
+from services.provisioner.backends.local.backend import instance_name
 from support import eventually, serving, with_database
 
 pytestmark = pytest.mark.slow
