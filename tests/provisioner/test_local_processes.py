@@ -4,7 +4,6 @@ out its grace period; a process that ignores SIGTERM is killed after it."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -27,10 +26,14 @@ async def test_a_process_that_ends_on_sigterm_is_stopped_without_waiting_out_its
 
 
 async def test_a_process_that_ignores_sigterm_is_killed_after_the_grace() -> None:
-    ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    child = subprocess.Popen([sys.executable, "-c", ignores])
+    ignores = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ignoring', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", ignores], stdout=subprocess.PIPE, text=True)
     try:
-        await asyncio.sleep(0.5)  # its handler set
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ignoring\n"  # its handler is set
         await terminate_pid(child.pid, grace=0.5)
         assert child.wait(timeout=5) == -signal.SIGKILL
     finally:
