@@ -41,7 +41,7 @@ from services.targets import CONTROL_PLANE, TARGETS, build_app, definitions_for
 
 if TYPE_CHECKING:
     from services.provisioner.backends.base import InstanceSpec
-    from services.provisioner.backends.k8s import KubernetesBackend
+    from services.provisioner.backends.kubernetes.backend import KubernetesBackend
     from services.provisioner.rollout import RolloutPlan
     from services.provisioner.settings import ProvisionerSettings
 
@@ -597,7 +597,8 @@ def cmd_provisioner_render(args: argparse.Namespace) -> int:
     keys and tokens); Secrets only with ``--include-secrets``."""
     from services.provisioner.app import kubernetes_backend
     from services.provisioner.backends.base import BackendError, InstanceSpec
-    from services.provisioner.backends.k8s_manifests import CREDENTIALS_GENERATION, render_yaml
+    from services.provisioner.backends.kubernetes.manifests.metadata import CREDENTIALS_GENERATION
+    from services.provisioner.backends.kubernetes.manifests.render import render_yaml
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
@@ -654,7 +655,7 @@ def _on_cluster(what: str, use: Callable[[Any], Awaitable[Any]]) -> tuple[bool, 
     """``use`` with a client of the cluster (in-cluster, else the kubeconfig), closed after;
     (False, None) when the cluster refused or is away, said in one line."""
     from services.provisioner.backends.base import BackendError
-    from services.provisioner.backends.k8s import cluster_client
+    from services.provisioner.backends.kubernetes.api import cluster_client
 
     async def go() -> Any:
         client = await cluster_client()
@@ -672,7 +673,7 @@ def _on_cluster(what: str, use: Callable[[Any], Awaitable[Any]]) -> tuple[bool, 
 
 def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitable[Any]]) -> int:
     from services.provisioner.app import kubernetes_settings
-    from services.provisioner.backends.k8s import tenant_api
+    from services.provisioner.backends.kubernetes.api import tenant_api
     from services.provisioner.settings import ProvisionerSettings
 
     settings = load_settings(ProvisionerSettings, environment(args))
@@ -695,8 +696,8 @@ def _backup_job(args: argparse.Namespace, what: str, run: Callable[..., Awaitabl
 def cmd_provisioner_purge(args: argparse.Namespace) -> int:
     """``iotistic provisioner purge``: delete deleted customers' namespaces past their grace
     period (the provisioner also does it every hour); idempotent."""
-    from services.provisioner.backends.k8s import KubeApi
-    from services.provisioner.backends.k8s_grace import purge_expired
+    from services.provisioner.backends.kubernetes.api import KubeApi
+    from services.provisioner.backends.kubernetes.grace import purge_expired
 
     ok, purged = _on_cluster("purge", lambda client: purge_expired(KubeApi(client)))
     if not ok:

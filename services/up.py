@@ -50,7 +50,7 @@ from services.cli import (
     running_up_pid,
     serve,
 )
-from services.provisioner.backends.local import instances_running
+from services.provisioner.backends.local.processes import instances_running
 from services.targets import definitions_for
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,8 @@ from litestar import Litestar, Request, Response, route
 from litestar.params import FromPath
 
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import KubeApi, KubernetesBackend
+from services.provisioner.backends.kubernetes.api import KubeApi
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 from support import serving
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")

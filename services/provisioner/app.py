@@ -31,8 +31,11 @@ from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
 from services.provisioner.backends.base import Backend, BackendError
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, pinned_by_digest
-from services.provisioner.backends.k8s_storage import StoragePolicy
+from services.provisioner.backends.kubernetes.manifests.settings import (
+    KubernetesSettings,
+    pinned_by_digest,
+)
+from services.provisioner.backends.kubernetes.storage import StoragePolicy
 from services.provisioner.capacity import CapacityWatch
 from services.provisioner.health import HealthWatch
 from services.provisioner.metrics import HealthMetrics, QueueMetrics
@@ -50,7 +53,7 @@ from services.provisioner.worker import QueueWorker
 if TYPE_CHECKING:  # kubernetes-asyncio is imported only by a provisioner that uses it
     from kubernetes_asyncio import client as k8s
 
-    from services.provisioner.backends.k8s import KubernetesBackend
+    from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 
 METRICS_REFRESH_SECONDS = 5.0
 # How often deleted customers' namespaces are checked for the end of their grace period.
@@ -76,7 +79,7 @@ def backend_of(runtime: ServiceRuntime) -> Backend:
         if settings.provisioner_backend == "kubernetes":
             check_reachable_from_pods(settings)
             return kubernetes_backend(settings)
-        from services.provisioner.backends.local import LocalBackend
+        from services.provisioner.backends.local.backend import LocalBackend
 
         return LocalBackend(settings, runtime.db)
 
@@ -91,7 +94,8 @@ def kubernetes_backend(
     which must render exactly what the workers apply. ``api_client``: the cluster's by default
     (in-cluster, else the kubeconfig). The operator's commands (render, rotate-credentials) use it
     too, so they apply the same objects."""
-    from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
+    from services.provisioner.backends.kubernetes.api import cluster_client
+    from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 
     return KubernetesBackend(
         kubernetes_settings(settings),

@@ -20,16 +20,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from services.provisioner.backends.base import BackendError
-from services.provisioner.backends.k8s_backups import BROKER_LABELS, drill_job, restore_job
-from services.provisioner.backends.k8s_manifests import (
-    PG_SUPERUSER,
-    KubernetesSettings,
-    _meta,
-    namespace_of,
-)
+from services.provisioner.backends.kubernetes.backups import BROKER_LABELS, drill_job, restore_job
+from services.provisioner.backends.kubernetes.manifests.metadata import namespace_of
+from services.provisioner.backends.kubernetes.manifests.metadata import object_meta as _meta
+from services.provisioner.backends.kubernetes.manifests.postgres_scripts import PG_SUPERUSER
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 
 if TYPE_CHECKING:
-    from services.provisioner.backends.k8s import KubeApi
+    from services.provisioner.backends.kubernetes.api import KubeApi
 
 
 RESTORE_MANAGER = "iotistic-provisioner-restore"

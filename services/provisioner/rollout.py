@@ -41,7 +41,8 @@ import asyncpg
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend, cluster_client
+from services.provisioner.backends.kubernetes.api import cluster_client
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 from services.provisioner.queue import enqueue, lock_queue
 from services.provisioner.queue_rules import DELETE, PLAN_PRIORITY, UPDATE
 from services.provisioner.rollout_gate import BatchGate, Failure, ManifestBackend

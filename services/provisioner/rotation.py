@@ -25,7 +25,7 @@ import asyncio
 import asyncpg
 
 from services.provisioner.backends.base import BackendError, InstanceSpec, Progress
-from services.provisioner.backends.k8s import KubernetesBackend
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 from services.provisioner.queue import lock_queue
 from services.provisioner.settings import ProvisionerSettings
 

@@ -125,7 +125,7 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # no service-account token; only the worker pods (no Service) hold the cluster rights.
     provisioner_worker: bool = True
     # --- kubernetes: storage by plan, backups, deletion (services/provisioner/backends/
-    # k8s_storage.py and k8s_backups.py say how they are used)
+    # kubernetes/storage.py and kubernetes/backups.py say how they are used)
     # What one stored reading costs on disk, indexes and rollups included (`./dev bench backup`:
     # 239 B with readings that vary as a sensor's do),
     # and the headroom over messages/day x retention days x that (WAL, dead letters).

@@ -39,7 +39,7 @@ from litestar import Litestar, get, post
 from libs.db.postgres import create_pool, migrate, service_migrations
 from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.local import LocalBackend
+from services.provisioner.backends.local.backend import LocalBackend
 from services.provisioner.settings import ProvisionerSettings
 from tests.support import create_database, license_keys_dir, serving
 

@@ -37,7 +37,8 @@ from libs.servers.mosquitto import EmbeddedMosquitto
 from libs.servers.nats import EmbeddedNats
 from libs.servers.ports import free_port
 from libs.servers.postgres import EmbeddedPostgres
-from services.provisioner.backends.local import MARKER, instance_name
+from services.provisioner.backends.local.backend import instance_name
+from services.provisioner.backends.local.processes import MARKER
 
 IOTISTIC = str(Path(sys.executable).parent / "iotistic")
 SERVICES = ("signup", "licensing", "billing", "provisioner")

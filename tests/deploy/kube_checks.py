@@ -193,7 +193,7 @@ def render_tenant(plan: str, customer_id: str | None = None) -> list[dict[str, A
     from services.licensing.issuing import signed_license
     from services.provisioner.app import kubernetes_settings
     from services.provisioner.backends.base import InstanceSpec
-    from services.provisioner.backends.k8s import customer_objects
+    from services.provisioner.backends.kubernetes.credentials import customer_objects
 
     customer_id = customer_id or str(uuid.uuid4())
     now = datetime.now(UTC)

@@ -1425,7 +1425,7 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
 
 
 def test_the_provisioner_rbac_grants_what_the_kubernetes_backend_applies() -> None:
-    from services.provisioner.backends.k8s import PLURALS
+    from services.provisioner.backends.kubernetes.api import PLURALS
 
     template = (TEMPLATES / "provisioner-rbac.yaml").read_text()
     assert "kubernetesBackend.enabled" in template

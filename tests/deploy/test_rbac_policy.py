@@ -31,16 +31,12 @@ from k8s_standin import KubeStandIn
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import (
-    REPLACED,
-    WORKLOADS,
-    KubernetesBackend,
-    customer_objects,
-    tenant_api,
-)
-from services.provisioner.backends.k8s_grace import BACKUP_JOB
-from services.provisioner.backends.k8s_grace import ROUTES as GRACE_ROUTES
-from services.provisioner.backends.k8s_manifests import KubernetesSettings
+from services.provisioner.backends.kubernetes.api import tenant_api
+from services.provisioner.backends.kubernetes.backend import REPLACED, WORKLOADS, KubernetesBackend
+from services.provisioner.backends.kubernetes.credentials import customer_objects
+from services.provisioner.backends.kubernetes.grace import BACKUP_JOB
+from services.provisioner.backends.kubernetes.grace import ROUTES as GRACE_ROUTES
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.backups import run_restore, run_restore_drill
 from services.provisioner.settings import parse_tenant_reader
 from support import serving
@@ -548,7 +544,7 @@ def test_the_cluster_role_grants_only_what_the_backend_does(chart: list[dict[str
         group = obj["apiVersion"].rpartition("/")[0]
         plural = KINDS[obj["kind"]][1]
         assert {"create", "patch"} <= rights.get((group, plural), set()), obj["kind"]
-    # Nothing beyond: no watch, no wildcard; delete only on namespaces, what k8s.py removes as
+    # Nothing beyond: no watch, no wildcard; delete only on namespaces, what backend.py removes as
     # replaced and the routes a grace-period deletion takes down. The admission policy sees no
     # reads, so a get or list here is cluster-wide: only of namespaces (cluster-scoped anyway;
     # the purge lists them). Every read inside a namespace is the reader role's (below).
@@ -589,7 +585,7 @@ def test_the_reader_role_holds_the_reads_inside_a_tenant_and_is_bound_nowhere(
     chart: list[dict[str, Any]],
 ) -> None:
     reader = granted(one(chart, "ClusterRole", READER))
-    # What k8s.py, k8s_grace.py, k8s_storage.py and backups.py read inside a namespace: the
+    # What kubernetes/ (backend, grace, storage) and backups.py read inside a namespace: the
     # workloads a deploy waits for and the health watch reads (and a grace period scales to
     # 0), the volumes' sizes, the backup CronJob (suspended in a grace period), a drill's Job
     # and its pods (the summary); traced call by call in

@@ -8,7 +8,9 @@ import re
 import yaml
 
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, namespace_of, render
+from services.provisioner.backends.kubernetes.manifests.metadata import namespace_of
+from services.provisioner.backends.kubernetes.manifests.render import render
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from tests.deploy.test_prometheus_rules import RULES, promtool
 
 

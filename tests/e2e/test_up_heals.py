@@ -31,7 +31,7 @@ import pytest
 from test_platform import IOTISTIC, wait_status
 
 from libs.servers.ports import free_port
-from services.provisioner.backends.local import MARKER
+from services.provisioner.backends.local.processes import MARKER
 from support import eventually, license_keys_dir
 
 pytestmark = pytest.mark.slow

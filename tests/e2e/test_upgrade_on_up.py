@@ -22,7 +22,7 @@ import pytest
 from test_platform import IOTISTIC, wait_status
 
 from libs.servers.ports import free_port
-from services.provisioner.backends.local import instance_name
+from services.provisioner.backends.local.backend import instance_name
 from stripe_signing import SECRET, sign
 from stripe_standin import API_KEY, StripeStandIn
 from support import eventually, license_keys_dir, serving

@@ -26,7 +26,8 @@ from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
-from services.provisioner.backends.local import instance_name, instances_running
+from services.provisioner.backends.local.backend import instance_name
+from services.provisioner.backends.local.processes import instances_running
 from services.targets import CONTROL_PLANE, build_app
 from support import eventually, local_backend_settings, serving, with_database
 

@@ -19,12 +19,8 @@ from contracts import decode_envelope
 from libs.eventlog.store import EventStore
 from libs.projections.apply import Recorded
 from services.provisioner.backends.base import Capacity, tightest
-from services.provisioner.backends.local import (
-    MIB,
-    LocalBackend,
-    connection_capacity,
-    memory_capacity,
-)
+from services.provisioner.backends.local.backend import LocalBackend
+from services.provisioner.backends.local.capacity import MIB, connection_capacity, memory_capacity
 from services.provisioner.capacity import CapacityState, record_capacity_change
 from services.provisioner.leases import Claimed, claim_next_job, complete_job
 from services.provisioner.projections import when_instance_capacity_changed_remember_it

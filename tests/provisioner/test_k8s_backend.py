@@ -27,8 +27,10 @@ from k8s_standin import (
 from kubernetes_asyncio import client as k8s
 
 from services.provisioner.backends.base import BackendError, InstanceHealth, InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, render, render_yaml
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.credentials import customer_objects
+from services.provisioner.backends.kubernetes.manifests.render import render, render_yaml
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 
 CUSTOMER = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
 NS = f"customer-{CUSTOMER}"

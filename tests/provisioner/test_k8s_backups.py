@@ -31,15 +31,12 @@ from libs.mqtt.dynsec import DynSec, device_acls
 from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
 from services.instance.devices import device_topics
 from services.instance.readings import ensure_partitions
-from services.provisioner.backends import k8s_backups
 from services.provisioner.backends.base import BackendError, InstanceSpec
-from services.provisioner.backends.k8s import KubeApi
-from services.provisioner.backends.k8s_manifests import (
-    DYNSEC_FILE,
-    MOSQUITTO_UID,
-    KubernetesSettings,
-    render,
-)
+from services.provisioner.backends.kubernetes import backups as k8s_backups
+from services.provisioner.backends.kubernetes.api import KubeApi
+from services.provisioner.backends.kubernetes.manifests.mosquitto import DYNSEC_FILE, MOSQUITTO_UID
+from services.provisioner.backends.kubernetes.manifests.render import render
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.backups import RESTORE_MANAGER, run_restore
 from support import with_database
 

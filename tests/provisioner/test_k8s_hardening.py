@@ -31,18 +31,20 @@ from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
 from libs.servers.postgres import _HBA_MARK, EmbeddedPostgres, postgres_bin_dir
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
-from services.provisioner.backends.k8s import (
-    KubernetesBackend,
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.credentials import (
     credentials_generation_of,
     customer_objects,
 )
-from services.provisioner.backends.k8s_manifests import (
+from services.provisioner.backends.kubernetes.manifests.metadata import (
     CREDENTIALS_GENERATION,
     CREDENTIALS_HASH,
-    MQTT_POST_START_SH,
-    POSTGRES_SCRIPTS,
-    KubernetesSettings,
     namespace_of,
+)
+from services.provisioner.backends.kubernetes.manifests.mosquitto import MQTT_POST_START_SH
+from services.provisioner.backends.kubernetes.manifests.postgres_scripts import POSTGRES_SCRIPTS
+from services.provisioner.backends.kubernetes.manifests.settings import (
+    KubernetesSettings,
     pinned_by_digest,
 )
 from services.provisioner.rotation import rotate_credentials

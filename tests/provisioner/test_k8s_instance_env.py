@@ -46,16 +46,13 @@ from libs.servers.postgres import EmbeddedPostgres, postgres_bin_dir
 from services.instance.settings import InstanceSettings
 from services.instance.usage import UsageReporter
 from services.provisioner.app import check_reachable_from_pods, kubernetes_settings
-from services.provisioner.backends import k8s as k8s_backend
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import customer_objects
-from services.provisioner.backends.k8s_manifests import (
-    DYNSEC_FILE,
-    INSTANCE_PORT,
-    KubernetesSettings,
-    host_of,
-    namespace_of,
-)
+from services.provisioner.backends.kubernetes import api as k8s_backend
+from services.provisioner.backends.kubernetes.credentials import customer_objects
+from services.provisioner.backends.kubernetes.manifests.instance import INSTANCE_PORT
+from services.provisioner.backends.kubernetes.manifests.metadata import host_of, namespace_of
+from services.provisioner.backends.kubernetes.manifests.mosquitto import DYNSEC_FILE
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.settings import ProvisionerSettings
 from services.targets import CONTROL_PLANE, build_app
 from support import SUITE_SIGNUP_LIMITS, eventually, license_keys_dir, serving
@@ -567,7 +564,9 @@ def test_the_provisioner_renders_its_urls_and_refuses_the_pods_own() -> None:
 def test_the_deployment_gives_the_instance_what_the_local_backend_gives_it(tmp_path: Path) -> None:
     """Every variable the local backend sets is in the Deployment, with the same value where
     both derive it from the same settings; the differences are the ones named here."""
-    from services.provisioner.backends.local import INHERITED, MARKER, LocalBackend
+    from services.provisioner.backends.local.backend import LocalBackend
+    from services.provisioner.backends.local.environment import INHERITED
+    from services.provisioner.backends.local.processes import MARKER
 
     settings = ProvisionerSettings(
         provisioner_secret=PROVISIONER_SECRET,

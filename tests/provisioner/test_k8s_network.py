@@ -1,5 +1,5 @@
 """The tenants' network on Kubernetes: the NetworkPolicies, HTTPRoute and Envoy Gateway policy
-that ``k8s_manifests.render`` gives each customer.
+that ``kubernetes.manifests.render`` gives each customer.
 
 No cluster or network plugin runs here, so the policies are checked by an evaluator of the
 Kubernetes NetworkPolicy semantics (``Cluster.may_connect`` below: a connection needs the
@@ -28,8 +28,10 @@ from libs.config import ConfigError, load_settings
 from libs.servers.mosquitto import MAX_CONNECTIONS
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend, object_path
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
+from services.provisioner.backends.kubernetes.api import object_path
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.manifests.render import render
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.settings import ProvisionerSettings, parse_ports
 
 K8S_VERSION = "1.37.0"

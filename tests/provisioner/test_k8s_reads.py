@@ -26,12 +26,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from libs.config import ConfigError
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import BackendError, InstanceSpec
-from services.provisioner.backends.k8s import GRANT_RETRY_SECONDS, KubeApi, KubernetesBackend
-from services.provisioner.backends.k8s_manifests import (
-    READER_BINDING,
-    KubernetesSettings,
-    render,
-)
+from services.provisioner.backends.kubernetes.api import GRANT_RETRY_SECONDS, KubeApi
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.manifests.namespace import READER_BINDING
+from services.provisioner.backends.kubernetes.manifests.render import render
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.settings import ProvisionerSettings, parse_tenant_reader
 
 CUSTOMER = "8f14e45f-ceea-4e7a-9c3b-2d1f0a6b7c11"
@@ -220,7 +219,7 @@ async def test_a_read_granted_is_tried_again_while_the_authorizer_catches_up(
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    monkeypatch.setattr("services.provisioner.backends.k8s.asyncio.sleep", sleep)
+    monkeypatch.setattr("services.provisioner.backends.kubernetes.api.asyncio.sleep", sleep)
     api = LaggingApi(refusals=3)
     assert await api.get("apps/v1", "Deployment", "instance", NS) is not None
     assert api.granted == [NS]  # granted once, however many retries

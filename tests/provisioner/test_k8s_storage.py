@@ -19,11 +19,12 @@ import pytest
 import yaml
 from k8s_standin import KubeStandIn, api_client_for, backend_running, kube_api, no_progress, served
 
-from services.provisioner.backends import k8s_grace
 from services.provisioner.backends.base import BackendError, InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
-from services.provisioner.backends.k8s_storage import (
+from services.provisioner.backends.kubernetes import grace as k8s_grace
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.manifests.render import render
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
+from services.provisioner.backends.kubernetes.storage import (
     StoragePolicy,
     gib_of,
     keep_grown,

@@ -30,7 +30,8 @@ from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.mqtt.dynsec import DynSec
 from libs.runtime.platform import Platform
-from services.provisioner.backends.local import derive_password, instance_name
+from services.provisioner.backends.base import derive_password
+from services.provisioner.backends.local.backend import instance_name
 from services.targets import CONTROL_PLANE
 from support import (
     assert_replays_clean,

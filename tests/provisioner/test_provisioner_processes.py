@@ -30,7 +30,7 @@ from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
 from libs.servers.ports import free_port
 from services.licensing.app import LICENSING
-from services.provisioner.backends.local import instances_running
+from services.provisioner.backends.local.processes import instances_running
 from services.targets import build_app
 from support import eventually, license_keys_dir, serving, signed_license_issued
 

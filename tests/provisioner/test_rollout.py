@@ -32,8 +32,8 @@ from libs.projections.apply import Recorded
 from libs.runtime.outbox import OutboxRelay
 from services.provisioner.app import kubernetes_settings
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s import KubernetesBackend
-from services.provisioner.backends.k8s_manifests import render
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.manifests.render import render
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.reactors import provisioner_reactors
 from services.provisioner.rollout import (

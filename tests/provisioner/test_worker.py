@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from contracts import decode_envelope
 from libs.eventlog.store import EventStore
 from libs.runtime.outbox import OutboxRelay
-from services.provisioner.backends.local import LocalBackend, instance_name
+from services.provisioner.backends.local.backend import LocalBackend, instance_name
 from services.provisioner.metrics import QueueMetrics
 from services.provisioner.queue import enqueue
 from services.provisioner.queue_rules import DELETE, DEPLOY, Kind

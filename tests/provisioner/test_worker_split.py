@@ -24,8 +24,8 @@ from k8s_standin import KubeStandIn, api_client_for, served
 from libs.config import ServiceSettings
 from libs.runtime.platform import Platform
 from services.provisioner.app import NOT_APPLYING, PROVISIONER, worker_of
-from services.provisioner.backends.k8s import KubernetesBackend
-from services.provisioner.backends.k8s_manifests import KubernetesSettings
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.targets import build_app
 from support import eventually, serving, signed_license_issued
 

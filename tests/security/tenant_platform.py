@@ -18,7 +18,7 @@ import httpx
 
 from libs.config import ServiceSettings
 from libs.runtime.platform import Platform
-from services.provisioner.backends.local import instance_name
+from services.provisioner.backends.local.backend import instance_name
 from services.targets import CONTROL_PLANE, build_app
 from tests.stripe_standin import API_KEY, StripeStandIn
 from tests.support import eventually, local_backend_settings, serving

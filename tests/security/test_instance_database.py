@@ -21,7 +21,8 @@ from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.base import derive_password
-from services.provisioner.backends.local import INSTANCE_ROLE_CONNECTIONS, instance_name
+from services.provisioner.backends.local.backend import instance_name
+from services.provisioner.backends.local.database import INSTANCE_ROLE_CONNECTIONS
 from support import with_database
 
 pytestmark = pytest.mark.slow

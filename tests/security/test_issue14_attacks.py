@@ -34,14 +34,15 @@ from libs.db.postgres import migrate, service_migrations
 from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
 from services import cli
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
-from services.provisioner.backends.k8s import KubernetesBackend, customer_objects
-from services.provisioner.backends.k8s_manifests import (
+from services.provisioner.backends.kubernetes.backend import KubernetesBackend
+from services.provisioner.backends.kubernetes.credentials import customer_objects
+from services.provisioner.backends.kubernetes.manifests.metadata import (
     CREDENTIALS_GENERATION,
-    MQTT_POST_START_SH,
-    KubernetesSettings,
     namespace_of,
-    public_internet,
 )
+from services.provisioner.backends.kubernetes.manifests.mosquitto import MQTT_POST_START_SH
+from services.provisioner.backends.kubernetes.manifests.network import public_internet
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 from services.provisioner.rotation import rotate_credentials
 from services.provisioner.settings import ProvisionerSettings
 

@@ -33,7 +33,7 @@ from tenant_instances import (
 from libs.mqtt.dynsec import Acl, DynSec
 from libs.servers.mosquitto import EmbeddedMosquitto
 from services.provisioner.backends.base import derive_password
-from services.provisioner.backends.local import instances_running
+from services.provisioner.backends.local.processes import instances_running
 from support import eventually
 
 pytestmark = pytest.mark.slow

@@ -26,8 +26,9 @@ from tenant_instances import Tenant, device_client, reading, register, sign_up
 from contracts import SubscriptionActivated
 from libs.eventlog.store import EventStore
 from services.provisioner.backends.base import InstanceSpec
-from services.provisioner.backends.k8s_manifests import KubernetesSettings, render
-from services.provisioner.backends.local import instance_name
+from services.provisioner.backends.kubernetes.manifests.render import render
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
+from services.provisioner.backends.local.backend import instance_name
 from support import eventually, serving, with_database
 
 pytestmark = pytest.mark.slow

@@ -49,9 +49,9 @@ RESTRICTED = {
     "seccompProfile": {"type": "RuntimeDefault"},
     "readOnlyRootFilesystem": True,
 }
-# The backup pods' user and group: the broker's (k8s_manifests.MOSQUITTO_UID; a test keeps
-# them equal), the one user that can read its 0600 dynamic-security file, and who owns the file
-# a restore writes back. Every backup pod runs as it, so the backups volume has one group (its
+# The backup pods' user and group: the broker's (manifests.mosquitto.MOSQUITTO_UID; a test
+# keeps them equal), the one user that can read its 0600 dynamic-security file, and who owns the
+# file a restore writes back. Every backup pod runs as it, so the backups volume has one group (its
 # fsGroup). They reach Postgres over the network and touch no file of its volume. libpq and psql
 # need no passwd entry for it, since PGUSER is always given.
 BACKUP_UID = 11883
@@ -184,27 +184,7 @@ def _pod(
             "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [
-            {
-                "name": "backup",
-                "image": image,
-                "imagePullPolicy": "Always",
-                "command": ["sh", f"{SCRIPTS_PATH}/{script}"],
-                "env": env,
-                "resources": {
-                    "requests": {"cpu": "100m", "memory": "128Mi"},
-                    "limits": {"cpu": "500m", "memory": "512Mi"},
-                },
-                "securityContext": RESTRICTED,
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-                "volumeMounts": [
-                    {"name": "scripts", "mountPath": SCRIPTS_PATH, "readOnly": True},
-                    {"name": "database", "mountPath": DB_FILES_PATH, "readOnly": True},
-                    {"name": "backups", "mountPath": BACKUPS_PATH},
-                    {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
-                ],
-            }
-        ],
+        "containers": [_container(image, script, env)],
         "volumes": [
             {"name": "scripts", "configMap": {"name": CONFIG_MAP}},
             {"name": "database", **credentials},
@@ -213,20 +193,45 @@ def _pod(
         ],
     }
     if broker is not None:
-        read_only = broker == "read"
-        [container] = pod["containers"]
-        container["volumeMounts"].append(
-            {"name": "broker", "mountPath": BROKER_PATH, "readOnly": read_only}
-        )
-        # Read-only in the container only, not on the claim: a claim read-only would ask the
-        # driver to attach the volume read-only, which some do (the attachment is the node's,
-        # shared with the broker's pod should that start next).
-        pod["volumes"].append(
-            {"name": "broker", "persistentVolumeClaim": {"claimName": BROKER_CLAIM}}
-        )
-        if read_only:
-            pod["affinity"] = WITH_THE_BROKER
+        _mount_broker(pod, read_only=broker == "read")
     return pod
+
+
+def _container(image: str, script: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+    """The container that runs ``script`` from the ConfigMap."""
+    return {
+        "name": "backup",
+        "image": image,
+        "imagePullPolicy": "Always",
+        "command": ["sh", f"{SCRIPTS_PATH}/{script}"],
+        "env": env,
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"cpu": "500m", "memory": "512Mi"},
+        },
+        "securityContext": RESTRICTED,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "scripts", "mountPath": SCRIPTS_PATH, "readOnly": True},
+            {"name": "database", "mountPath": DB_FILES_PATH, "readOnly": True},
+            {"name": "backups", "mountPath": BACKUPS_PATH},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
+        ],
+    }
+
+
+def _mount_broker(pod: dict[str, Any], read_only: bool) -> None:
+    """Mount the broker's volume in ``pod``'s container; read-only, on the broker's node."""
+    [container] = pod["containers"]
+    container["volumeMounts"].append(
+        {"name": "broker", "mountPath": BROKER_PATH, "readOnly": read_only}
+    )
+    # Read-only in the container only, not on the claim: a claim read-only would ask the
+    # driver to attach the volume read-only, which some do (the attachment is the node's,
+    # shared with the broker's pod should that start next).
+    pod["volumes"].append({"name": "broker", "persistentVolumeClaim": {"claimName": BROKER_CLAIM}})
+    if read_only:
+        pod["affinity"] = WITH_THE_BROKER
 
 
 def cronjob(

@@ -20,11 +20,13 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from services.provisioner.backends.base import Progress
-from services.provisioner.backends.k8s_backups import CRONJOB
-from services.provisioner.backends.k8s_manifests import GATEWAY_API, PART_OF, KubernetesSettings
+from services.provisioner.backends.kubernetes.backups import CRONJOB
+from services.provisioner.backends.kubernetes.manifests.gateway import GATEWAY_API
+from services.provisioner.backends.kubernetes.manifests.metadata import PART_OF
+from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
 
 if TYPE_CHECKING:
-    from services.provisioner.backends.k8s import KubeApi
+    from services.provisioner.backends.kubernetes.api import KubeApi
 
 GRACE_MANAGER = "iotistic-provisioner-grace"
 DELETED = "iotistic.io/deleted"

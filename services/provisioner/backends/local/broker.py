@@ -1,0 +1,54 @@
+"""Each instance's client on the shared Mosquitto: a role whose ACLs cover the customer's
+topics only, and a client of it bound to the instance's client id (dynamic security)."""
+
+from __future__ import annotations
+
+from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
+from services.provisioner.backends.base import BackendError
+from services.provisioner.settings import ProvisionerSettings
+
+
+def topic_root(customer_id: str) -> str:
+    """Every MQTT topic of the customer is under ``<customer_id>/`` (devices publish to
+    ``<customer_id>/devices/<device_id>/readings`` and ``.../status``)."""
+    return customer_id
+
+
+def _dynsec(settings: ProvisionerSettings) -> DynSec | None:
+    s = settings
+    if not s.mqtt_admin_username or not s.mqtt_admin_password:
+        return None
+    return DynSec(s.mqtt_host, s.mqtt_port, s.mqtt_admin_username, s.mqtt_admin_password)
+
+
+async def ensure_broker(
+    settings: ProvisionerSettings, customer_id: str, name: str, password: str, client_id: str
+) -> str:
+    """Make (or converge) the role and client ``name``; "ready", or "not configured" when the
+    broker's admin is not set."""
+    dynsec = _dynsec(settings)
+    if dynsec is None:
+        return "not configured"
+    acls = subtree_acls(topic_root(customer_id))
+    try:
+        async with dynsec:
+            await dynsec.ensure_role(name, acls)
+            await dynsec.ensure_client(
+                name, password, [name], textname=customer_id, clientid=client_id
+            )
+    except (DynSecError, OSError) as exc:
+        raise BackendError(f"broker credentials failed: {exc}") from None
+    return "ready"
+
+
+async def remove_broker(settings: ProvisionerSettings, name: str) -> None:
+    """Delete the client and role ``name`` (nothing when the broker's admin is not set)."""
+    dynsec = _dynsec(settings)
+    if dynsec is None:
+        return
+    try:
+        async with dynsec:
+            await dynsec.delete_client(name)
+            await dynsec.delete_role(name)
+    except (DynSecError, OSError) as exc:
+        raise BackendError(f"removing broker credentials failed: {exc}") from None
