@@ -5,6 +5,10 @@ cookie for reading requests only, so another site cannot make a signed-in browse
 anything). A session of another customer gets 404, as if nothing were here. The license must
 include API access, and each request counts against its ``apiRequestsPerDay``. An expired
 license (after its grace) makes the instance read-only: changes are refused, saying why.
+
+Guards run before litestar reads the request's parameters and body: a caller without a session
+gets 401 whatever it sent (it learns nothing of what a route takes), and every request of the
+customer's that reached a route counts against the day's quota, one refused for its input too.
 """
 
 from __future__ import annotations
