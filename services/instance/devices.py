@@ -25,6 +25,7 @@ import asyncpg
 
 from libs.config import ConfigError
 from libs.db.postgres import CONNECTION_ERRORS
+from libs.http.errors import NotFound
 from libs.mqtt.dynsec import DynSec, DynSecError, device_acls
 from libs.runtime.supervision import retrying
 from services.instance.settings import InstanceSettings
@@ -114,8 +115,7 @@ class Devices:
         async with conn.transaction():
             # Serialise registrations so two at once cannot both take the last slot.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('devices', 0))")
-            active = await conn.fetchval("SELECT count(*) FROM devices WHERE deleted_at IS NULL")
-            if active >= max_devices:
+            if await count_active_devices(conn) >= max_devices:
                 raise DeviceLimitReached(
                     f"the license allows {max_devices} devices and all are registered"
                 )
@@ -216,3 +216,32 @@ def device_view(
         "online": online,
         "latest": latest,
     }
+
+
+async def active_devices(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """The registered devices (not deleted), oldest first."""
+    return list(
+        await conn.fetch("SELECT * FROM devices WHERE deleted_at IS NULL ORDER BY created_at")
+    )
+
+
+async def active_device_ids(conn: asyncpg.Connection) -> set[str]:
+    """The devices that may publish (registered, not deleted)."""
+    rows = await conn.fetch("SELECT device_id FROM devices WHERE deleted_at IS NULL")
+    return {r["device_id"] for r in rows}
+
+
+async def count_active_devices(conn: asyncpg.Connection) -> int:
+    """How many devices are registered (not deleted)."""
+    return int(await conn.fetchval("SELECT count(*) FROM devices WHERE deleted_at IS NULL"))
+
+
+async def known_device(
+    conn: asyncpg.Connection, device_id: str, *, include_deleted: bool = False
+) -> asyncpg.Record:
+    """The device's row; ``NotFound`` when there is none (or it is deleted, unless
+    ``include_deleted``: its readings stay until retention)."""
+    row = await conn.fetchrow("SELECT * FROM devices WHERE device_id = $1", device_id)
+    if row is None or (row["deleted_at"] is not None and not include_deleted):
+        raise NotFound(f"no device {device_id}")
+    return row

@@ -2,10 +2,9 @@
 
 Each message is checked (known device, size, msgspec against the sensor's ranges, the license's
 daily message quota, read-only mode) and either buffered as a row or recorded as a dead letter
-with its reason. The buffer is written with COPY in one transaction per batch (at
-``INGEST_BATCH_ROWS`` messages or every ``INGEST_FLUSH_SECONDS``), together with the rollups,
-dead letters, the day's usage counters and the devices' last-seen times. A reading over the
-quota is dropped and counted, never half-stored.
+with its reason. The buffer is written in one transaction per batch (at ``INGEST_BATCH_ROWS``
+messages or every ``INGEST_FLUSH_SECONDS``; see ``ingest_batch``). A reading over the quota is
+dropped and counted, never half-stored.
 
 Messages are acknowledged to the broker (PUBACK) only after their batch has committed, so a
 crash or a database outage loses nothing: the broker delivers what was not acknowledged again
@@ -23,9 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -36,40 +33,15 @@ from prometheus_client import Counter as PromCounter
 from libs.db.postgres import CONNECTION_ERRORS
 from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
 from libs.mqtt.subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
+from services.instance.dead_letters import DEAD_LETTER_PAYLOAD
+from services.instance.devices import active_device_ids
+from services.instance.ingest_batch import Batch, write_batch
 from services.instance.license import LicenseHolder
-from services.instance.readings import (
-    Rejected,
-    parse_reading,
-    readings_added,
-    record,
-    store_readings,
-)
+from services.instance.readings import Rejected, parse_reading, record
 from services.instance.settings import InstanceSettings, ingest_client_id
+from services.instance.usage import usage_day
 
 log = logging.getLogger(__name__)
-
-DEAD_LETTER_PAYLOAD = 4096
-
-
-@dataclass
-class Batch:
-    """What arrived since the last write."""
-
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
-    dead: list[tuple[Any, ...]] = field(default_factory=list)
-    seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
-    usage: Counter[str] = field(default_factory=Counter)
-    # Messages from devices not known yet: looked up again before the batch is written.
-    unknown: list[tuple[str, bytes, datetime, int]] = field(default_factory=list)
-    # The broker's packet ids to acknowledge once the batch is stored, and their connection.
-    acks: list[int] = field(default_factory=list)
-    connection: int = 0
-
-
-async def _active_devices(conn: asyncpg.Connection) -> set[str]:
-    """The devices that may publish (registered, not deleted)."""
-    rows = await conn.fetch("SELECT device_id FROM devices WHERE deleted_at IS NULL")
-    return {r["device_id"] for r in rows}
 
 
 class IngestMetrics:
@@ -324,7 +296,7 @@ class Ingest:
             self._devices_loaded_at = loop.time()
             try:
                 async with pool.acquire() as conn:
-                    self._known_devices = await _active_devices(conn)
+                    self._known_devices = await active_device_ids(conn)
             except BaseException:
                 if connection == self._batch.connection:
                     self._batch.unknown[:0] = unknown
@@ -361,18 +333,13 @@ class Ingest:
         if pool is None:
             return
         async with pool.acquire() as conn:
-            stored = await conn.fetchval(
-                "SELECT mqtt_messages FROM usage_days WHERE day = $1", self.today
-            )
-            self._known_devices = await _active_devices(conn)
-        self.accepted_today = int(stored or 0)
+            today = await usage_day(conn, self.today)
+            self._known_devices = await active_device_ids(conn)
+        self.accepted_today = today["mqtt_messages"] if today else 0
         self._devices_loaded_at = asyncio.get_running_loop().time()
 
     def _idle(self) -> bool:
-        batch = self._batch
-        return not (
-            batch.rows or batch.dead or batch.seen or +batch.usage or batch.acks or batch.unknown
-        )
+        return not (self._batch.has_writes() or self._batch.unknown)
 
     async def _write_forever(self) -> None:
         while True:
@@ -402,35 +369,17 @@ class Ingest:
         if self._batch.unknown:
             await self._settle_unknown(pool)
         batch = self._batch
-        if not (batch.rows or batch.dead or batch.seen or +batch.usage or batch.acks):
+        if not batch.has_writes():
             return 0
         # Messages of devices still being looked up stay for the next batch (with their acks).
         self._batch = Batch(connection=batch.connection, unknown=batch.unknown)
         batch.unknown = []
-        stored, shown = 0, batch.rows
         try:
             async with pool.acquire() as conn, conn.transaction():
-                if batch.rows:
-                    stored = await store_readings(conn, batch.rows, self._partitions)
-                    if stored < len(batch.rows):  # some came again: show only the new ones
-                        shown = _only(batch.rows, await readings_added(conn))
-                if batch.dead:
-                    await conn.executemany(
-                        "INSERT INTO dead_letters (received_at, topic, device_id, reason, payload) "
-                        "VALUES ($1, $2, $3, $4, $5)",
-                        batch.dead,
-                    )
-                await self._record_usage(conn, batch, stored)
-                for device_id, (seen, status) in batch.seen.items():
-                    await conn.execute(
-                        "UPDATE devices SET last_seen = GREATEST(last_seen, $2), status = $3 "
-                        "WHERE device_id = $1",
-                        device_id,
-                        seen,
-                        status,
-                    )
+                stored, shown = await write_batch(conn, batch, self.today, self._partitions)
         except BaseException:
-            self._merge_back(batch)
+            batch.absorb(self._batch)
+            self._batch = batch
             # A partition made in the rolled-back transaction is gone again (and retention
             # may have dropped one): make them again, as needed, on the next try.
             self._partitions.clear()
@@ -449,50 +398,3 @@ class Ingest:
         if self._on_stored is not None and shown:
             self._on_stored(shown)
         return stored
-
-    async def _record_usage(self, conn: asyncpg.Connection, batch: Batch, stored: int) -> None:
-        usage = batch.usage
-        await conn.execute(
-            """
-            INSERT INTO usage_days (day, mqtt_messages, stored_readings, rejected_readings,
-                                    over_quota_readings, api_requests)
-            VALUES ($1, $2, $3, $4, $5, $6)
-            ON CONFLICT (day) DO UPDATE SET
-                mqtt_messages = usage_days.mqtt_messages + EXCLUDED.mqtt_messages,
-                stored_readings = usage_days.stored_readings + EXCLUDED.stored_readings,
-                rejected_readings = usage_days.rejected_readings + EXCLUDED.rejected_readings,
-                over_quota_readings = usage_days.over_quota_readings
-                    + EXCLUDED.over_quota_readings,
-                api_requests = usage_days.api_requests + EXCLUDED.api_requests
-            """,
-            self.today,
-            stored,
-            stored,
-            usage["rejected_readings"],
-            usage["over_quota_readings"],
-            usage["api_requests"],
-        )
-
-    def _merge_back(self, batch: Batch) -> None:
-        current = self._batch
-        batch.rows.extend(current.rows)
-        batch.dead.extend(current.dead)
-        batch.seen.update(current.seen)
-        batch.usage.update(current.usage)
-        batch.unknown.extend(current.unknown)
-        if current.connection == batch.connection:
-            batch.acks.extend(current.acks)
-        else:
-            batch.acks, batch.connection = current.acks, current.connection
-        self._batch = batch
-
-
-def _only(rows: list[tuple[Any, ...]], keys: set[tuple[str, datetime]]) -> list[tuple[Any, ...]]:
-    """The rows whose (device_id, ts) is in ``keys``, each key once."""
-    left = set(keys)
-    found = []
-    for row in rows:
-        if (row[0], row[1]) in left:
-            left.discard((row[0], row[1]))
-            found.append(row)
-    return found

@@ -94,6 +94,11 @@ class LicenseHolder:
         """No license yet, or past its grace: queries only, no ingest and no changes."""
         return self.status(now) in (None, "expired")
 
+    def allows_alerting(self, now: datetime) -> bool:
+        """Whether rules are evaluated now: alerting is in the license, which has not expired."""
+        claims = self.claims
+        return bool(claims and claims.features.alerting) and not self.read_only(now)
+
 
 async def keep_license_current(holder: LicenseHolder) -> None:
     """Until the first license is in hand retry quickly; then re-read it every minute."""

@@ -9,7 +9,9 @@ dropped whole when they pass the license's retention) with hourly rollups per me
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import csv
+import io
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -38,6 +40,8 @@ BUCKETS: dict[str, timedelta] = {
 # Ranges longer than this are answered from the hourly rollups.
 RAW_LIMIT = timedelta(days=2)
 MAX_PAYLOAD = 4096
+CSV_ROWS = 1_000_000
+CSV_CHUNK = 65536
 FUTURE_SLACK = timedelta(minutes=5)
 
 
@@ -315,3 +319,29 @@ async def latest(conn: asyncpg.Connection, device_ids: Sequence[str]) -> dict[st
         list(device_ids),
     )
     return {r["device_id"]: {k: r[k] for k in ("ts", *METRICS)} for r in rows}
+
+
+async def export_csv(
+    pool: asyncpg.Pool, device_id: str, start: datetime, end: datetime, limit: int = CSV_ROWS
+) -> AsyncIterator[str]:
+    """Every stored reading of a device from ``start`` to ``end`` (at most ``limit``) as CSV,
+    its header first, in chunks of about ``CSV_CHUNK`` characters."""
+    chunk = io.StringIO()
+    writer = csv.writer(chunk)
+    writer.writerow(["ts", *METRICS])
+    async with pool.acquire() as conn, conn.transaction():
+        cursor = conn.cursor(
+            "SELECT ts, " + ", ".join(METRICS) + " FROM readings WHERE device_id = $1 "
+            "AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
+            device_id,
+            start,
+            end,
+            limit,
+        )
+        async for row in cursor:
+            writer.writerow([row["ts"].isoformat(), *(row[m] for m in METRICS)])
+            if chunk.tell() > CSV_CHUNK:
+                yield chunk.getvalue()
+                chunk.seek(0)
+                chunk.truncate()
+        yield chunk.getvalue()

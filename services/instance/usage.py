@@ -14,21 +14,32 @@ import asyncpg
 import httpx
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
+from services.instance.devices import count_active_devices
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
 
 
+async def usage_day(conn: asyncpg.Connection, day: date) -> asyncpg.Record | None:
+    """The counters of ``day`` (``usage_days``), or None before anything was counted."""
+    return await conn.fetchrow("SELECT * FROM usage_days WHERE day = $1", day)
+
+
+async def database_size(conn: asyncpg.Connection) -> int:
+    """The size of the instance's database, in bytes."""
+    return int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+
+
 async def usage_of(conn: asyncpg.Connection, day: date) -> dict[str, Any]:
     """The instance's counts for ``day``."""
-    row = await conn.fetchrow("SELECT * FROM usage_days WHERE day = $1", day)
+    row = await usage_day(conn, day)
     return {
         "day": day.isoformat(),
-        "devices": await conn.fetchval("SELECT count(*) FROM devices WHERE deleted_at IS NULL"),
+        "devices": await count_active_devices(conn),
         "mqtt_messages": row["mqtt_messages"] if row else 0,
         "api_requests": row["api_requests"] if row else 0,
         "rejected_readings": row["rejected_readings"] if row else 0,
-        "storage_bytes": await conn.fetchval("SELECT pg_database_size(current_database())"),
+        "storage_bytes": await database_size(conn),
     }
 
 

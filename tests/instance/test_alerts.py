@@ -19,7 +19,7 @@ from litestar import Litestar, Request, get, post
 
 from libs.db.postgres import load_migrations, migrate
 from libs.servers.ports import free_port
-from services.instance.alerts import WebhookTargets
+from services.instance.alerts.targets import WebhookTargets
 from services.instance.app import create_instance_app
 from services.instance.readings import store_readings
 from services.instance.settings import InstanceSettings

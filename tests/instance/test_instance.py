@@ -418,7 +418,7 @@ async def test_an_alert_fires_resolves_and_its_webhook_verifies(
     from litestar import Litestar, Request, post
 
     from contracts import SubscriptionActivated
-    from services.instance.alerts import sign
+    from services.instance.alerts.webhooks import sign
 
     received: list[dict[str, Any]] = []
     failures = {"left": 1}

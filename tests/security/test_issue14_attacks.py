@@ -171,7 +171,7 @@ def _admitted(blocks: list[dict[str, Any]], address: str) -> bool:
     ],
 )
 def test_the_instance_egress_refuses_ipv4_private_addresses_carried_in_ipv6(address: str) -> None:
-    """The instance's webhook check (services/instance/alerts.py) refuses these, as the IPv4
+    """The instance's webhook check (services/instance/alerts/targets.py) refuses these, as the IPv4
     address they carry; the NetworkPolicy, the layer that holds when that check does not,
     must refuse them too: on a cluster with NAT64 (IPv6-only pods, DNS64) they reach it."""
     blocks = public_internet()

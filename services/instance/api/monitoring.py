@@ -9,17 +9,13 @@ the customer's own session.
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from litestar import MediaType, Request, Response, get
+from litestar import Controller, MediaType, Request, Response, get
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
-from litestar.types import ControllerRouterHandler
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from libs.http.app import Readiness
-from libs.http.auth import bearer
+from services.instance.api.access import INSTANCE, Instance, is_monitoring, monitoring_or_customer
 
 
 def failed_checks(detail: dict[str, Any]) -> list[str]:
@@ -31,29 +27,23 @@ def failed_checks(detail: dict[str, Any]) -> list[str]:
     ]
 
 
-def monitoring_routes(
-    readiness: Readiness,
-    registry: CollectorRegistry,
-    monitoring_token: str | None,
-    authorize: Callable[[Request[Any, Any, Any]], Awaitable[None]],
-) -> list[ControllerRouterHandler]:
+class MonitoringController(Controller):
     """``/health/live``, ``/health/ready`` (``/health``) and ``/metrics`` of an instance."""
 
-    def is_monitoring(request: Request[Any, Any, Any]) -> bool:
-        token = bearer(request)
-        if not token or not monitoring_token:
-            return False
-        return hmac.compare_digest(token.encode(), monitoring_token.encode())
+    path = "/"
+    dependencies = INSTANCE
 
     @get("/health/live", sync_to_thread=False, tags=["operations"])
-    def live() -> dict[str, str]:
+    def live(self) -> dict[str, str]:
         """The process is up and serving HTTP."""
         return {"status": "live"}
 
     @get(["/health/ready", "/health"], tags=["operations"])
-    async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    async def ready(
+        self, request: Request[Any, Any, Any], instance: Instance
+    ) -> Response[dict[str, Any]]:
         """Database reachable and a valid license; the detail only with monitoring's token."""
-        ok, detail = await readiness()
+        ok, detail = await instance.readiness()
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready"}
         if is_monitoring(request):
             body.update(detail)
@@ -61,12 +51,13 @@ def monitoring_routes(
             body["failed"] = failed_checks(detail)
         return Response(body, status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
 
-    @get("/metrics", tags=["operations"], media_type=MediaType.TEXT)
-    async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    @get(
+        "/metrics",
+        tags=["operations"],
+        media_type=MediaType.TEXT,
+        guards=[monitoring_or_customer],
+    )
+    async def metrics(self, instance: Instance) -> Response[bytes]:
         """Prometheus text: the instance's usage and ingest; monitoring's token or the
         customer's session."""
-        if not is_monitoring(request):
-            await authorize(request)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return [live, ready, metrics]
+        return Response(generate_latest(instance.registry), media_type=CONTENT_TYPE_LATEST)

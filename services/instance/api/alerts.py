@@ -1,0 +1,72 @@
+"""``/api/alerts``: alert rules (made, listed, deleted) and their history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, delete, get, post
+from litestar.params import FromPath, JSONBody
+
+from libs.http.errors import Forbidden, NotFound
+from services.instance.alerts.rules import (
+    WebhooksNotLicensed,
+    create_rule,
+    delete_rule,
+    parse_rule,
+    recent_alert_history,
+    rules_with_states,
+)
+from services.instance.api.access import (
+    INSTANCE,
+    Instance,
+    alerting_licensed,
+    customer_session,
+    read_write,
+)
+
+BODY_LIMIT = 4096
+
+
+class AlertsController(Controller):
+    """The customer's alert rules and what they did."""
+
+    path = "/api/alerts"
+    guards = (customer_session,)
+    dependencies = INSTANCE
+
+    @post(
+        "/rules",
+        status_code=201,
+        request_max_body_size=BODY_LIMIT,
+        tags=["alerts"],
+        guards=[read_write, alerting_licensed],
+    )
+    async def create_alert_rule(self, data: JSONBody[Any], instance: Instance) -> dict[str, Any]:
+        """A rule; with ``webhook_url`` its signing secret is in this answer only."""
+        webhooks = instance.licensed().features.webhooks
+        try:
+            rule = await parse_rule(data, webhooks, instance.webhook_targets)
+        except WebhooksNotLicensed as exc:
+            raise Forbidden(str(exc)) from None
+        async with instance.pool().acquire() as conn:
+            return await create_rule(conn, rule)
+
+    @get("/rules", tags=["alerts"])
+    async def list_alert_rules(self, instance: Instance) -> dict[str, Any]:
+        """The rules (without their secrets) and each device's state under them."""
+        async with instance.pool().acquire() as conn:
+            return {"rules": await rules_with_states(conn)}
+
+    @delete("/rules/{rule_id:str}", status_code=204, tags=["alerts"], guards=[read_write])
+    async def delete_alert_rule(self, rule_id: FromPath[str], instance: Instance) -> None:
+        """Stop evaluating a rule (its history stays)."""
+        async with instance.pool().acquire() as conn:
+            deleted = await delete_rule(conn, rule_id)
+        if not deleted:
+            raise NotFound(f"no rule {rule_id}")
+
+    @get("/history", tags=["alerts"])
+    async def alert_history(self, instance: Instance) -> dict[str, Any]:
+        """Firings and resolutions, newest first."""
+        async with instance.pool().acquire() as conn:
+            return {"history": await recent_alert_history(conn)}

@@ -1,0 +1,156 @@
+"""The dashboard at the instance's URL: the page, its chart library, sign-in and sign-out.
+
+The page is served by the instance with its chart library (plotly.js, from the ``plotly``
+package installed from PyPI: nothing comes from a CDN, nothing is copied into the repo), so it
+works offline. Signing in posts the customer's email and password to the instance, which asks
+the control plane to sign them in — with the browser's address, signed with the instance's
+``LOGIN_RELAY_KEY``, so failed tries count against that browser and not against the instance —
+and keeps the session token in an HttpOnly, SameSite=Strict cookie; the cookie is accepted for
+reading only (GET), so another site cannot make a signed-in browser change anything. Readings
+arrive live over server-sent events (``/api/stream``, in ``api.readings``).
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import httpx
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import Cookie
+from litestar.params import JSONBody
+from litestar.response import File
+
+from libs.http.app import client_address
+from libs.http.auth import LOGIN_RELAY_HEADER, relayed_client_header
+from libs.http.errors import TooManyRequests, Unauthorized, UpstreamError
+from libs.http.validation import FieldErrors
+from services.instance.api.access import COOKIE, INSTANCE, Instance
+from services.instance.settings import InstanceSettings
+
+PLOTLY = Path(str(files("plotly") / "package_data" / "plotly.min.js"))
+PAGE = files("services.instance") / "static" / "dashboard.html"
+CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
+)
+SESSION_SECONDS = 3600
+
+
+@functools.cache
+def page_html() -> str:
+    """The dashboard page, read once."""
+    return PAGE.read_text()
+
+
+def _retry_after(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 60
+
+
+def credentials(data: dict[str, Any]) -> tuple[str, str]:
+    """The email (as the control plane reads it, so the relay's signature holds) and password
+    of a sign-in, or a 400 naming each one missing."""
+    errors = FieldErrors()
+    for name in ("email", "password"):
+        value = data.get(name)
+        if not isinstance(value, str) or not value:
+            errors.add(name, "is required (a string)")
+    errors.raise_if_any()
+    return str(data["email"]).strip().lower(), str(data["password"])
+
+
+async def relay_login(
+    settings: InstanceSettings, email: str, password: str, browser: str
+) -> httpx.Response:
+    """Ask the control plane, vouching for the browser's address so that its failures count
+    against it, not against this instance (every local instance is 127.0.0.1)."""
+    headers = {}
+    if settings.login_relay_key:
+        headers[LOGIN_RELAY_HEADER] = relayed_client_header(
+            settings.login_relay_key, settings.instance_customer_id, browser, email
+        )
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await client.post(
+                f"{settings.control_plane_url.rstrip('/')}/api/customers/login",
+                json={"email": email, "password": password},
+                headers=headers,
+            )
+    except httpx.HTTPError as exc:
+        raise UpstreamError("the control plane is unreachable; try again") from exc
+
+
+def session_token(answer: httpx.Response, customer_id: str) -> str:
+    """The session token of the control plane's answer to a sign-in for ``customer_id``, or
+    the refusal to give the browser."""
+    if answer.status_code == 429:
+        raise TooManyRequests(
+            "too many failed sign-ins; try again later",
+            _retry_after(answer.headers.get("retry-after")),
+        )
+    if answer.status_code in (400, 401):
+        raise Unauthorized("wrong email or password")
+    if answer.status_code != 200:
+        raise UpstreamError("the control plane could not check the sign-in; try again")
+    body = answer.json()
+    if body.get("customer_id") != customer_id:
+        raise Unauthorized("this dashboard belongs to another account")
+    return str(body["token"])
+
+
+class DashboardController(Controller):
+    """``/``, ``/static/plotly.min.js`` and ``/dashboard/login|logout``: public, out of the
+    OpenAPI document."""
+
+    path = "/"
+    include_in_schema = False
+    dependencies = INSTANCE
+
+    @get("/")
+    async def page(self) -> Response[str]:
+        return Response(
+            page_html(),
+            media_type="text/html",
+            headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+        )
+
+    @get("/static/plotly.min.js")
+    async def plotly(self) -> File:
+        return File(
+            PLOTLY,
+            media_type="application/javascript",
+            headers={"Cache-Control": "public, max-age=86400"},
+            content_disposition_type="inline",
+        )
+
+    @post("/dashboard/login", status_code=200, request_max_body_size=4096)
+    async def login(
+        self,
+        data: JSONBody[dict[str, Any]],
+        request: Request[Any, Any, Any],
+        instance: Instance,
+    ) -> Response[Any]:
+        settings = instance.settings
+        email, password = credentials(data)
+        browser = client_address(request, settings.trusted_proxy_hops)
+        answer = await relay_login(settings, email, password, browser)
+        token = session_token(answer, settings.instance_customer_id)
+        cookie = Cookie(
+            key=COOKIE,
+            value=token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+            max_age=SESSION_SECONDS,
+        )
+        return Response({"signed_in": True}, cookies=[cookie])
+
+    @post("/dashboard/logout", status_code=200)
+    async def logout(self) -> Response[Any]:
+        return Response(
+            {"signed_in": False},
+            cookies=[Cookie(key=COOKIE, value="", max_age=0, path="/", httponly=True)],
+        )

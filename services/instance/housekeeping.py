@@ -1,0 +1,88 @@
+"""The instance's housekeeping: its usage as Prometheus gauges every half minute, and, every
+hour, the readings' day partitions past the license's retention dropped whole."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Gauge
+
+from libs.db.postgres import CONNECTION_ERRORS, Turns
+from services.instance.devices import count_active_devices
+from services.instance.ingest import Ingest
+from services.instance.license import LicenseHolder
+from services.instance.readings import drop_expired_partitions
+from services.instance.state import ApiRequestsToday
+from services.instance.usage import database_size, usage_day
+
+log = logging.getLogger(__name__)
+
+RETENTION_EVERY = 3600.0
+
+
+class UsageGauges:
+    """The day's usage as gauges of the instance's /metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Registers the gauges."""
+        self.devices = Gauge("iotistic_instance_devices", "Registered devices", registry=registry)
+        self.mqtt_messages = Gauge(
+            "iotistic_instance_mqtt_messages_today", "Readings accepted today", registry=registry
+        )
+        self.api_requests = Gauge(
+            "iotistic_instance_api_requests_today", "API requests today", registry=registry
+        )
+        self.rejected = Gauge(
+            "iotistic_instance_rejected_readings_today",
+            "Readings rejected today",
+            registry=registry,
+        )
+        self.storage = Gauge(
+            "iotistic_instance_storage_bytes", "Size of the instance's database", registry=registry
+        )
+
+
+async def _stored_usage(
+    conn: asyncpg.Connection, gauges: UsageGauges, holder: LicenseHolder, retention_due: bool
+) -> bool:
+    """Set the gauges read from the database and, when due, apply the retention; whether it
+    was applied."""
+    gauges.devices.set(await count_active_devices(conn))
+    today = await usage_day(conn, datetime.now(UTC).date())
+    gauges.rejected.set(today["rejected_readings"] if today else 0)
+    gauges.storage.set(await database_size(conn))
+    claims = holder.claims
+    if claims is None or not retention_due:
+        return False
+    keep = datetime.now(UTC).date() - timedelta(days=claims.features.dataRetentionDays)
+    dropped = await drop_expired_partitions(conn, keep)
+    if dropped:
+        log.info("retention: dropped %s", ", ".join(dropped))
+    return True
+
+
+async def housekeeping(
+    pool: Callable[[], asyncpg.Pool | Turns],
+    holder: LicenseHolder,
+    ingest: Ingest,
+    gauges: UsageGauges,
+    api_requests: ApiRequestsToday,
+) -> None:
+    """Every half minute: usage gauges; every hour: drop partitions past retention."""
+    last_retention = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(30 if last_retention else 2)
+        try:
+            async with pool().acquire() as conn:
+                due = loop.time() - last_retention > RETENTION_EVERY
+                if await _stored_usage(conn, gauges, holder, due):
+                    last_retention = loop.time()
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("housekeeping: %s", type(exc).__name__)
+        gauges.mqtt_messages.set(ingest.accepted_today)
+        gauges.api_requests.set(api_requests.count)
