@@ -34,7 +34,7 @@ from libs.eventlog.store import EventStore
 from libs.runtime.service import Platform, ServiceDefinition
 from libs.servers.embedded import EmbeddedNats
 from services.bus import OwnershipError, event_owners
-from services.cli import embedded_bus
+from services.cli.data_folder import embedded_bus
 from services.targets import CONTROL_PLANE, build_app
 from support import (
     connect_harness,
