@@ -185,8 +185,8 @@ def license_issued(customer_id: str | None = None, *, plan: str = "starter") -> 
 async def serving(app: Litestar, port: int | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """The app served by uvicorn on ``port`` (a free one by default) in this event loop, and a
     client for it."""
+    from libs.http.server import server_config
     from libs.servers.ports import free_port
-    from services.cli import server_config
 
     port = port or free_port()
     # The configuration production runs with (no X-Forwarded-For believed by uvicorn).

@@ -108,7 +108,7 @@ class Cluster:
 
     async def start(self) -> None:
         """Every server and process, each ready, or ``ClusterError``."""
-        from services.cli import embedded_bus
+        from services.cli.data_folder import embedded_bus
         from services.licensing.keys import generate_key
 
         base = {k: os.environ[k] for k in INHERITED if k in os.environ}

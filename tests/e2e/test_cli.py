@@ -19,7 +19,7 @@ from nats.js import api
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.servers.nats import EmbeddedNats
-from services.cli import server_error_line
+from services.cli.main import server_error_line
 from services.licensing.app import LICENSING
 from support import eventually, fill, license_issued, make_platform
 

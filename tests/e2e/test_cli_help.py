@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.cli import _parser
+from services.cli.main import build_parser
 
 
 def commands(
@@ -24,7 +24,7 @@ def commands(
 
 def test_every_command_and_argument_is_explained() -> None:
     undescribed, unexplained = [], []
-    found = list(commands(_parser()))
+    found = list(commands(build_parser()))
     assert len(found) > 20  # the walk reaches the nested commands
     for path, parser in found:
         if path and not parser.description:

@@ -243,8 +243,7 @@ async def test_a_server_killed_under_up_is_started_again_by_up(tmp_path: Path, s
 def test_the_data_folder_is_held_by_one_up_and_a_stale_runtime_pid_is_not_believed(
     tmp_path: Path,
 ) -> None:
-    from services.cli import running_up_pid
-    from services.up import hold_data_folder
+    from services.cli.data_folder import hold_data_folder, running_up_pid
 
     # A dead run's runtime file names a pid that now belongs to another "iotistic" program.
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "iotistic"])
@@ -270,7 +269,7 @@ def test_the_data_folder_is_held_by_one_up_and_a_stale_runtime_pid_is_not_believ
 
 
 def test_a_damaged_ports_file_never_yields_a_bad_or_standard_port(tmp_path: Path) -> None:
-    from services.up import PortBook
+    from services.cli.data_folder import PortBook
 
     path = tmp_path / "ports.json"
     path.write_text(json.dumps({"nats": 99999, "postgres": 5432, "mqtt": 0, "nats-monitor": 40123}))

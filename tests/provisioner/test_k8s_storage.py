@@ -352,7 +352,7 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "from services.cli import main; main()",
+        "from services.cli.main import main; main()",
         "--data-dir",
         str(tmp_path),
         "provisioner",
@@ -372,7 +372,7 @@ async def test_the_restore_drill_command_prints_the_result(cluster, tmp_path: Pa
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "from services.cli import main; main()",
+        "from services.cli.main import main; main()",
         "provisioner",
         "purge",
         env=env,

@@ -35,7 +35,7 @@ from libs.runtime.platform import Platform
 from libs.runtime.service import ServiceDefinition
 from libs.servers.nats import EmbeddedNats
 from services.bus import OwnershipError, event_owners
-from services.cli import embedded_bus
+from services.cli.data_folder import embedded_bus
 from services.targets import CONTROL_PLANE, build_app
 from support import (
     connect_harness,

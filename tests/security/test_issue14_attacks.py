@@ -32,7 +32,7 @@ from litestar import Request, Response
 from libs.config import load_settings
 from libs.db.postgres import migrate, service_migrations
 from libs.servers.mosquitto import ADMIN_USER, EmbeddedMosquitto
-from services import cli
+from services.cli import main as cli
 from services.provisioner.backends.base import BackendError, InstanceSpec, derive_password
 from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 from services.provisioner.backends.kubernetes.credentials import customer_objects

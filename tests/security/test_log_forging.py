@@ -70,7 +70,7 @@ def test_every_record_of_an_iotistic_process_is_one_escaped_line() -> None:
         f"""
         import logging
         import uvicorn
-        from services.cli import setup_logging
+        from services.cli.main import setup_logging
         setup_logging("run")
         uvicorn.Config(app=None, log_level="info", access_log=False)
         forged = {FORGED_PATH!r}
