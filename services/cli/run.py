@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run one target against Postgres and NATS given by URL",
         description="Serve one target (a service, all of them, or a customer's instance) "
         "against the Postgres of DATABASE_URL and the NATS of NATS_URL (with its bus password "
-        "in NATS_CREDENTIALS_DIR), configured by the environment (docs/reference.md, Configuration).",
+        "in NATS_CREDENTIALS_DIR), configured by the environment "
+        "(docs/reference.md, Configuration).",
     )
     run.add_argument(
         "--target", choices=TARGETS, default="all", help="what to serve (default: %(default)s)"
