@@ -94,24 +94,27 @@ def _throwaway_key() -> str:
     return pem.decode()
 
 
-def consumers_of(definition: ServiceDefinition) -> list[tuple[Projection, str]]:
-    """The service's projections and reactors, each with its kind.
-
-    Reactor tables are made from a runtime (their handlers reach the service's store and
-    settings); one is made here with the settings' defaults and never started.
-    """
+def listing_runtime(definition: ServiceDefinition) -> ServiceRuntime:
+    """A runtime of the service with its settings' defaults, never started: enough to make its
+    reactor tables and routes, to read what they declare."""
     registry = CollectorRegistry()
     settings = definition.settings_type()
     if hasattr(settings, "license_private_key"):
         # Licensing's reactors are made with its signer: give them a throwaway key (the table
         # is read here, never run).
         settings = msgspec.structs.replace(settings, license_private_key=_throwaway_key())
-    runtime = ServiceRuntime(
+    return ServiceRuntime(
         definition=definition,
         settings=settings,
         metrics=ProjectionMetrics(registry),
         registry=registry,
     )
+
+
+def consumers_of(definition: ServiceDefinition) -> list[tuple[Projection, str]]:
+    """The service's projections and reactors, each with its kind (reactor tables are made from
+    a runtime: their handlers reach the service's store and settings)."""
+    runtime = listing_runtime(definition)
     return [
         *((p, "projection") for p in definition.projections),
         *((r, "reactor") for r in definition.reactors(runtime)),

@@ -23,12 +23,15 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from litestar import Litestar
 
 from services.billing.settings import BillingSettings
+from services.catalogue import listing_runtime
 from services.licensing.keys import load_keyring
 from services.licensing.settings import LicensingSettings
 from services.provisioner.settings import ProvisionerSettings
 from services.signup.settings import SignupSettings
+from services.targets import CONTROL_PLANE
 
 helm_python = pytest.importorskip("helm_python")
 
@@ -373,15 +376,12 @@ def test_an_external_postgres_needs_its_url() -> None:
 
 # --- the gateway ------------------------------------------------------------------------------
 
-ROUTE = re.compile(r"""@(?:get|post|put|patch|delete)\(\s*(?:\[\s*)?["']([^"']+)["']""")
-
 
 def served_paths(target: str) -> set[str]:
-    """The HTTP paths a service declares, read from its own route decorators."""
-    paths: set[str] = set()
-    for path in (ROOT / "services" / target).glob("*.py"):
-        paths |= set(ROUTE.findall(path.read_text()))
-    return paths
+    """The HTTP paths a service serves, from the litestar app of its own routes."""
+    definition = CONTROL_PLANE[target]
+    app = Litestar(route_handlers=list(definition.routes(listing_runtime(definition))))
+    return {route.path for route in app.routes}
 
 
 def route_rules(docs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
