@@ -6,6 +6,7 @@ signed with a public key gets through), and every failure says why.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,6 +24,9 @@ Reason = Literal[
 
 
 Status = Literal["active", "grace", "expired"]
+
+
+log = logging.getLogger(__name__)
 
 
 class InvalidLicense(Exception):
@@ -65,8 +69,10 @@ class LicenseVerifier:
             try:
                 # Read as RS256 whatever its ``alg`` says (PyJWKSet would trust that ``alg``).
                 key = PyJWK(dict(member), algorithm="RS256").key
-            except jwt.PyJWTError:
-                continue  # RFC 7517 section 5: a member that cannot be used is ignored
+            except jwt.PyJWTError as exc:
+                # RFC 7517 section 5: a member that cannot be used is ignored (and said).
+                log.warning("ignoring JWKS key %r: %s", str(member["kid"])[:64], exc)
+                continue
             keys[str(member["kid"])] = _public(key)
         return cls(keys, issuer, leeway_seconds)
 

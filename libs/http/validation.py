@@ -18,7 +18,8 @@ import msgspec
 from libs.http.errors import InvalidRequest
 
 T = TypeVar("T")
-_AT = re.compile(r" - at `\$(?:\.(?P<field>[^`\[]+))?[^`]*`$")
+# msgspec's "- at `$.a[0].b`": the whole path, so a field inside a list keeps its index.
+_AT = re.compile(r" - at `\$\.?(?P<field>[^`]*)`$")
 
 
 class FieldErrors:

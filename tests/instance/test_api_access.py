@@ -97,3 +97,7 @@ async def test_every_api_route_wants_the_customers_session() -> None:
             assert answer.json()["error"]["code"] == "unauthorized"
         assert (await client.get("/metrics")).status_code == 401
         assert (await client.get("/health/live")).json() == {"status": "live"}
+        # A preflight carries no credentials: answered by litestar, not refused, not counted.
+        preflight = await client.options("/api/devices")
+        assert preflight.status_code == 204
+        assert "GET" in preflight.headers["allow"]

@@ -47,6 +47,19 @@ def test_a_nested_field_is_named_by_its_path() -> None:
     ]
 
 
+class Batch(msgspec.Struct):
+    items: list[Checkout]
+
+
+def test_a_field_inside_a_list_keeps_its_index() -> None:
+    assert refusal(lambda: convert({"items": [{"plan": "a"}, {"plan": 2}]}, Batch)) == [
+        {"field": "items[1].plan", "reason": "Expected `str`, got `int`"}
+    ]
+    assert refusal(lambda: convert({"items": [{}]}, Batch)) == [
+        {"field": "items[0].plan", "reason": "is required"}
+    ]
+
+
 def test_a_good_body_decodes() -> None:
     assert decode(b'{"plan": "pro", "seats": 3}', Checkout) == Checkout("pro", 3)
     assert convert({"plan": "pro"}, Checkout) == Checkout("pro")

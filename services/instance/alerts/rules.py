@@ -51,7 +51,7 @@ class NewRule(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
-    """Record what is wrong with the rule's fields before its webhook, in the body's order."""
+    """Record what is wrong with the rule's fields before its webhook, in a fixed order."""
     errors.unknown(data, RULE_FIELDS)
     metric = data.get("metric")
     if metric not in (*METRICS, NO_DATA):

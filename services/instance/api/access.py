@@ -44,7 +44,9 @@ def session_cookie(connection: Connection) -> str | None:
 
 async def customer_session(connection: Connection, _: BaseRouteHandler) -> None:
     """The customer's own session, API access in the license, and today's quota (the request
-    is counted)."""
+    is counted). A CORS preflight (OPTIONS) carries no credentials: litestar answers it."""
+    if connection.scope.get("method") == "OPTIONS":
+        return
     instance = instance_of(connection)
     try:
         who = await instance.sessions.caller(bearer(connection) or session_cookie(connection))
