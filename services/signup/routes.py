@@ -18,6 +18,7 @@ from litestar.types import ControllerRouterHandler
 from libs.http.app import client_address
 from libs.http.auth import LOGIN_RELAY_HEADER, SessionTokens, verify_relayed_client
 from libs.runtime.service import ServiceRuntime
+from libs.web.pages import static_files
 from services.signup.account_view import account_view
 from services.signup.idempotency import answer_once
 from services.signup.logins import Logins
@@ -25,6 +26,7 @@ from services.signup.models import AccountView, LoginAnswer, parse_login, parse_
 from services.signup.passwords import Passwords
 from services.signup.settings import SignupSettings
 from services.signup.signups import Signups
+from services.signup.web import STATIC_PREFIX
 
 BODY_LIMIT = 16 * 1024
 IdempotencyKey = Annotated[
@@ -113,6 +115,7 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         return sessions.customer(request)
 
     return [
+        static_files(STATIC_PREFIX),
         Router(
             "/",
             route_handlers=[CustomersController],
