@@ -124,6 +124,31 @@ async def form_fields(request: Request[Any, Any, Any]) -> dict[str, str]:
     return fields
 
 
+def local_path(value: str | None, default: str = "/account") -> str:
+    """``value`` when it is a path on this site (where a sign-in may send the browser next),
+    else ``default``: never another origin, so a link cannot make us an open redirect.
+    Refused: absolute and scheme-relative URLs (``//evil``, ``/\\evil``, which browsers read
+    as another host), anything with a scheme or a control character, and over-long values."""
+    if not value or len(value) > 512 or not value.startswith("/"):
+        return default
+    if value.startswith(("//", "/\\")) or any(ord(c) < 0x20 or c == "\\" for c in value):
+        return default
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return default
+    return value
+
+
+def retry_in_words(seconds: int) -> str:
+    """How long to wait, as a person reads it: "in 40 seconds", "in 3 minutes"."""
+    if seconds < 90:
+        return f"in {max(1, seconds)} seconds"
+    minutes = -(-seconds // 60)
+    if minutes < 90:
+        return f"in {minutes} minutes"
+    return f"in {-(-minutes // 60)} hours"
+
+
 def field_errors(fields: list[dict[str, str]]) -> Mapping[str, str]:
     """A 400's per-field reasons (``DomainError.fields``) keyed by field, the first of each."""
     errors: dict[str, str] = {}

@@ -22,8 +22,10 @@ from libs.eventlog.store import EventStore
 from libs.http.auth import SessionTokens
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.service import ServiceRuntime
+from libs.web.forms import CsrfTokens
 from services.billing.accounts import BillingAccounts
 from services.billing.decisions import PAID_PLANS
+from services.billing.pages import AccountBillingForms
 from services.billing.settings import BillingSettings
 from services.billing.stripe_api import StripeGateway
 from services.billing.usage import check_instance, parse_report, record_usage, usage_days
@@ -161,10 +163,11 @@ class StripeWebhookController(Controller):
 
 
 def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
-    """Checkout, portal, subscription and usage for customers; usage reports for instances;
-    ``POST /webhooks/stripe`` for Stripe."""
+    """Checkout, portal, subscription and usage for customers (and the account page's forms
+    for the first two); usage reports for instances; ``POST /webhooks/stripe`` for Stripe."""
     settings = runtime.settings_as(BillingSettings)
     sessions = SessionTokens(settings.session_secret, settings.session_ttl_seconds)
+    csrf = CsrfTokens(settings.session_secret)
     gateway = StripeGateway(settings)
     metrics = webhook_metrics(runtime.registry)
 
@@ -190,11 +193,13 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         "session_customer_id": Provide(session_customer_id, sync_to_thread=False),
         "settings": Provide(lambda: settings, sync_to_thread=False),
         "metrics": Provide(lambda: metrics, sync_to_thread=False),
+        "sessions": Provide(lambda: sessions, sync_to_thread=False),
+        "csrf": Provide(lambda: csrf, sync_to_thread=False),
     }
     return [
         Router(
             "/",
-            route_handlers=[CustomerBillingController, UsageReportController],
+            route_handlers=[CustomerBillingController, UsageReportController, AccountBillingForms],
             dependencies=dependencies,
         ),
         Router(

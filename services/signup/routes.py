@@ -18,11 +18,13 @@ from litestar.types import ControllerRouterHandler
 from libs.http.app import client_address
 from libs.http.auth import LOGIN_RELAY_HEADER, SessionTokens, verify_relayed_client
 from libs.runtime.service import ServiceRuntime
+from libs.web.forms import CsrfTokens
 from libs.web.pages import static_files
 from services.signup.account_view import account_view
 from services.signup.idempotency import answer_once
 from services.signup.logins import Logins
 from services.signup.models import AccountView, LoginAnswer, parse_login, parse_signup
+from services.signup.pages import AccountPages
 from services.signup.passwords import Passwords
 from services.signup.settings import SignupSettings
 from services.signup.signups import Signups
@@ -89,7 +91,8 @@ class CustomersController(Controller):
 
 
 def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
-    """``POST /api/customers/signup``, ``POST /api/customers/login``, ``GET /api/customers/me``."""
+    """``POST /api/customers/signup``, ``POST /api/customers/login``, ``GET /api/customers/me``,
+    and the customer's pages (``pages.py``)."""
     settings = runtime.settings_as(SignupSettings)
     passwords = Passwords(
         memory_kib=settings.argon2_memory_kib,
@@ -98,6 +101,7 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         workers=settings.hash_workers,
     )
     sessions = SessionTokens(settings.session_secret, settings.session_ttl_seconds)
+    csrf = CsrfTokens(settings.session_secret)
 
     # Closures, not bound methods: litestar deep-copies a router's dependencies as it mounts
     # them, and a bound method would take the whole runtime along. Each is made per request:
@@ -118,12 +122,15 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         static_files(STATIC_PREFIX),
         Router(
             "/",
-            route_handlers=[CustomersController],
+            route_handlers=[CustomersController, AccountPages],
             dependencies={
                 "signups": Provide(signups, sync_to_thread=False),
                 "logins": Provide(logins, sync_to_thread=False),
                 "pool": Provide(pool, sync_to_thread=False),
                 "session_customer_id": Provide(session_customer_id, sync_to_thread=False),
+                "sessions": Provide(lambda: sessions, sync_to_thread=False),
+                "csrf": Provide(lambda: csrf, sync_to_thread=False),
+                "settings": Provide(lambda: settings, sync_to_thread=False),
             },
-        )
+        ),
     ]

@@ -36,3 +36,6 @@ class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
     # Instances' dashboards relay sign-ins with the browser's address, signed with a key
     # derived from this (the provisioner hands each instance its own); unset believes none.
     login_relay_secret: Annotated[str, Meta(min_length=32)] | None = None
+    # Where the account page's billing forms may be redirected to (Stripe Checkout and the
+    # billing portal), space-separated origins for its Content-Security-Policy form-action.
+    payment_form_origins: str = "https://checkout.stripe.com https://billing.stripe.com"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from litestar import Request
 from litestar.response import Redirect
@@ -30,4 +31,4 @@ def signed_in(request: Request[Any, Any, Any], sessions: SessionTokens) -> str |
 
 def to_sign_in(next_path: str = "/account") -> Redirect:
     """Off to the sign-in page, coming back to ``next_path`` (a path of ours) after."""
-    return Redirect(f"/login?next={next_path}", status_code=303)
+    return Redirect(f"/login?{urlencode({'next': next_path})}", status_code=303)

@@ -53,7 +53,41 @@ function wireConfirm(form) {
   });
 }
 
+// Live progress from server-sent events: <section data-progress="/events/url"> whose children
+// carry data-field="label|progress|step|error|ready|instance|reload". Each "progress" event is
+// a JSON object {label, progress, step, detail, error, instance_url, done}; "end" closes it.
+function showProgress(section, state) {
+  const field = (name) => section.querySelector('[data-field="' + name + '"]');
+  const label = field("label");
+  if (label) label.textContent = state.label;
+  const bar = field("progress");
+  if (bar) { bar.value = state.progress; bar.textContent = state.progress + "%"; }
+  const step = field("step");
+  if (step) step.textContent = state.step || state.detail || "";
+  const error = field("error");
+  if (error) { error.textContent = state.error || ""; error.hidden = !state.error; }
+  const link = field("instance");
+  const ready = field("ready");
+  const url = state.instance_url || "";
+  if (link && /^https?:\/\//.test(url)) link.href = url;
+  if (ready) ready.hidden = !url;
+  const reload = field("reload");
+  if (reload && state.done) reload.hidden = true;
+}
+
+function wireProgress(section) {
+  if (!window.EventSource) return;
+  const source = new EventSource(section.dataset.progress);
+  source.addEventListener("progress", (event) => {
+    const state = JSON.parse(event.data);
+    showProgress(section, state);
+    if (state.done) source.close();
+  });
+  source.addEventListener("end", () => source.close());
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("[data-progress]").forEach(wireProgress);
   document.querySelectorAll("[data-strength]").forEach(wireStrength);
   document.querySelectorAll("[data-copy]").forEach(wireCopy);
   document.querySelectorAll("form[data-confirm]").forEach(wireConfirm);
