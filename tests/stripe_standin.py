@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 from litestar import Litestar, Request, Response, get, post
+from litestar.params import FromPath
 from litestar.response import Redirect
 
 API_KEY = "sk_test_standin_" + "k3y" * 8
@@ -89,19 +90,19 @@ class StripeStandIn:
             return self._handle(request.url.path, request.headers, await request.body())
 
         @get("/c/pay/{session_id:str}", media_type="text/html")
-        async def checkout_page(session_id: str) -> Response[str]:
+        async def checkout_page(session_id: FromPath[str]) -> Response[str]:
             return self._checkout_page(session_id)
 
         @post("/c/pay/{session_id:str}", media_type="text/html")
-        async def pay(session_id: str) -> Response[Any]:
+        async def pay(session_id: FromPath[str]) -> Response[Any]:
             return await self._pay(session_id)
 
         @get("/p/session/{portal_id:str}", media_type="text/html")
-        async def portal_page(portal_id: str) -> Response[str]:
+        async def portal_page(portal_id: FromPath[str]) -> Response[str]:
             return self._portal_page(portal_id)
 
         @get("/i/{invoice_id:str}", media_type="text/html")
-        async def invoice_page(invoice_id: str) -> Response[str]:
+        async def invoice_page(invoice_id: FromPath[str]) -> Response[str]:
             invoice = self.invoices.get(invoice_id)
             if invoice is None:
                 return _page("No such invoice", "<p>The stand-in has no such invoice.</p>", 404)

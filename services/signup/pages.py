@@ -20,7 +20,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 from litestar.response import Redirect, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
@@ -85,8 +85,9 @@ NOTICES = {
     "canceled": "Checkout was canceled; nothing was charged.",
 }
 SIGNED_OUT = "signed-out"
+FIX_FIELDS = "Please correct the fields marked below."
 
-NextPath = Annotated[str | None, Parameter(query="next", required=False)]
+NextPath = Annotated[str | None, QueryParameter(name="next", required=False)]
 Code = Annotated[str | None, Parameter(required=False)]
 
 
@@ -99,7 +100,7 @@ def _retry_message(what: str, exc: TooManyRequests) -> str:
     return f"{what} Please try again {retry_in_words(seconds)}."
 
 
-def _expired(request: Request[Any, Any, Any], exc: PermissionDeniedException) -> Response[str]:
+def _expired(exc: PermissionDeniedException) -> Response[str]:
     return PAGES.render("expired.html", 403, title="Form expired", problem=exc.detail)
 
 
@@ -111,13 +112,19 @@ def safe_link(url: str | None) -> str | None:
 def progress_of(deployment: DeploymentOut) -> dict[str, Any]:
     """What the account page shows of a deployment, and sends while it comes up."""
     ready = deployment.status == "ready"
+    if ready:
+        message = "Your instance is up and running."
+    elif deployment.step and deployment.status in UNDER_WAY:
+        message = f"Current step: {deployment.step.replace('_', ' ')}"
+    else:
+        message = deployment.detail or ""
     return {
         "status": deployment.status,
         "label": STATUS_LABELS.get(deployment.status, deployment.status.replace("_", " ")),
         "progress": 100 if ready else max(0, min(100, deployment.progress)),
-        "step": deployment.step,
+        "tone": "ok" if ready else ("warn" if deployment.status in UNDER_WAY else "bad"),
+        "message": message,
         "error": deployment.error,
-        "detail": deployment.detail,
         "instance_url": safe_link(deployment.instance_url) if ready else None,
         "done": deployment.status not in UNDER_WAY,
     }
@@ -200,14 +207,15 @@ class AccountPages(Controller):
         try:
             csrf.check(request, fields.get(CSRF_FIELD))
         except PermissionDeniedException as exc:
-            return _expired(request, exc)
+            return _expired(exc)
         body = {name: fields[name] for name in SIGNUP_FIELDS if fields.get(name)}
         kept = {name: value for name, value in body.items() if name != "password"}
         try:
             form = parse_signup(body)
             answer = await signups.sign_up(form, _address(request, signups.settings))
         except InvalidRequest as exc:
-            return _signup_form(request, csrf, kept, field_errors(exc.fields), 400)
+            errors = field_errors(exc.fields)
+            return _signup_form(request, csrf, kept, errors, 400, FIX_FIELDS)
         except Conflict:
             errors = {"email": "already has an account: sign in instead"}
             return _signup_form(request, csrf, kept, errors, 409)
@@ -249,14 +257,15 @@ class AccountPages(Controller):
         try:
             csrf.check(request, fields.get(CSRF_FIELD))
         except PermissionDeniedException as exc:
-            return _expired(request, exc)
+            return _expired(exc)
         target = local_path(fields.get("next"))
         email = fields.get("email", "").strip()
         try:
             form = parse_login({"email": email, "password": fields.get("password", "")})
             answer = await logins.log_in(form, _address(request, logins.settings))
         except InvalidRequest as exc:
-            return _login_form(request, csrf, target, email, 400, errors=field_errors(exc.fields))
+            errors = field_errors(exc.fields)
+            return _login_form(request, csrf, target, email, 400, errors=errors, problem=FIX_FIELDS)
         except Unauthorized:
             problem = "That email and password do not match an account."
             return _login_form(request, csrf, target, email, 401, problem=problem)
@@ -277,7 +286,7 @@ class AccountPages(Controller):
         try:
             csrf.check(request, fields.get(CSRF_FIELD))
         except PermissionDeniedException as exc:
-            return _expired(request, exc)
+            return _expired(exc)
         return Redirect(
             f"/login?notice={SIGNED_OUT}", status_code=303, cookies=[cleared_session_cookie()]
         )

@@ -55,15 +55,18 @@ function wireConfirm(form) {
 
 // Live progress from server-sent events: <section data-progress="/events/url"> whose children
 // carry data-field="label|progress|step|error|ready|instance|reload". Each "progress" event is
-// a JSON object {label, progress, step, detail, error, instance_url, done}; "end" closes it.
+// a JSON object {label, tone, progress, message, error, instance_url, done}; "end" closes it.
 function showProgress(section, state) {
   const field = (name) => section.querySelector('[data-field="' + name + '"]');
   const label = field("label");
-  if (label) label.textContent = state.label;
+  if (label) {
+    label.textContent = state.label;
+    label.className = "badge " + (state.tone || "");
+  }
   const bar = field("progress");
   if (bar) { bar.value = state.progress; bar.textContent = state.progress + "%"; }
   const step = field("step");
-  if (step) step.textContent = state.step || state.detail || "";
+  if (step) step.textContent = state.message || "";
   const error = field("error");
   if (error) { error.textContent = state.error || ""; error.hidden = !state.error; }
   const link = field("instance");
