@@ -142,7 +142,7 @@ def local_path(value: str | None, default: str = "/account") -> str:
 def retry_in_words(seconds: int) -> str:
     """How long to wait, as a person reads it: "in 40 seconds", "in 3 minutes"."""
     if seconds < 90:
-        return f"in {max(1, seconds)} seconds"
+        return "in 1 second" if seconds <= 1 else f"in {seconds} seconds"
     minutes = -(-seconds // 60)
     if minutes < 90:
         return f"in {minutes} minutes"
