@@ -492,3 +492,23 @@ async def test_huge_forms_are_refused_before_they_are_read(
     )
     assert answer.status_code == 400
     assert "Company must be at most 200 characters" in answer.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"email": "a@example.com"}'),
+        ("application/x-www-form-urlencoded", b"email=%ff%fe&csrf_token=%00&password=\x80"),
+        ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data\r\n\r\n"),
+        ("multipart/form-data", b"garbage"),
+        ("text/plain", b"\x00\x01\x02"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/signup", "/login", "/logout", "/account/upgrade"])
+async def test_malformed_forms_get_a_4xx_never_a_trace(
+    browser_client: httpx.AsyncClient, path: str, content_type: str, body: bytes
+) -> None:
+    await csrf_token(browser_client, "/login")
+    answer = await browser_client.post(path, content=body, headers={"Content-Type": content_type})
+    assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
+    assert "Traceback" not in answer.text
