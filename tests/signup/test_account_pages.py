@@ -8,9 +8,11 @@ Checkout page, whose "Pay" posts signed webhooks to billing as Stripe would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -132,7 +134,9 @@ async def test_sign_up_watch_the_instance_come_up_and_upgrade(
     base_url: str, standin: StripeStandIn
 ) -> None:
     async with open_browser() as browser:
-        page = await new_page(browser, base_url=base_url)
+        page = await new_page(
+            browser, base_url=base_url, permissions=["clipboard-read", "clipboard-write"]
+        )
         await page.goto("/signup")
         await check_page(page, "signup")
 
@@ -161,6 +165,16 @@ async def test_sign_up_watch_the_instance_come_up_and_upgrade(
         instance_url = await link.get_attribute("href")
         assert instance_url and instance_url.startswith("http://127.0.0.1:")
         await check_page(page, "account-ready")
+
+        await page.click("text=Copy license")
+        copied = await page.evaluate("() => navigator.clipboard.readText()")
+        assert copied == await page.input_value("#license-jwt") and copied.count(".") == 2
+        async with page.expect_download() as downloading:
+            await page.click("text=Download license")
+        download = await downloading.value
+        assert download.suggested_filename == "iotistic-license.jwt"
+        saved = Path(await download.path())
+        assert await asyncio.to_thread(saved.read_text) == copied
 
         await page.click("text=Upgrade to Professional")
         await page.wait_for_url(re.compile(r"/c/pay/cs_test_"))

@@ -89,9 +89,22 @@ function wireProgress(section) {
   source.addEventListener("end", () => source.close());
 }
 
+// A form sent once: its buttons wait for the answer, so a double-click is not two requests
+// (the server copes with both anyway). Coming back to the page by "Back" enables them again.
+function wireOnce(form) {
+  form.addEventListener("submit", (event) => {
+    if (event.defaultPrevented) return;
+    setTimeout(() => form.querySelectorAll("button[type=submit]").forEach((b) => { b.disabled = true; }), 0);
+  });
+}
+window.addEventListener("pageshow", () => {
+  document.querySelectorAll("form button[type=submit]").forEach((b) => { b.disabled = false; });
+});
+
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-progress]").forEach(wireProgress);
   document.querySelectorAll("[data-strength]").forEach(wireStrength);
   document.querySelectorAll("[data-copy]").forEach(wireCopy);
   document.querySelectorAll("form[data-confirm]").forEach(wireConfirm);
+  document.querySelectorAll('form[method="post"]').forEach(wireOnce);
 });
