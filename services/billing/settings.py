@@ -50,8 +50,9 @@ class BillingSettings(ServiceSettings, frozen=True, kw_only=True):
     # stripe package at a stand-in server.
     stripe_api_base: HttpUrl = "https://api.stripe.com"
     stripe_timeout_seconds: Annotated[float, Meta(gt=0, le=120)] = 20.0
-    # Where Stripe sends the customer back after checkout or the billing portal.
-    billing_return_url: HttpUrl = "http://127.0.0.1:8080/"
+    # Where Stripe sends the customer back after checkout or the billing portal: the account
+    # page, which says how the checkout went (`iotistic up` sets its own).
+    billing_return_url: HttpUrl = "http://127.0.0.1:8080/account"
 
     def plan_of_price(self, price_id: str | None) -> str | None:
         """The plan a Stripe price id stands for, if it is one of ours."""

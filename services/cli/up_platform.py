@@ -148,6 +148,8 @@ def _start_and_serve(
         "LOCAL_INSTANCES_DIR": str(data_dir / "instances"),
         "LICENSE_JWKS_URL": f"{http_url}/.well-known/jwks.json",
         "CONTROL_PLANE_URL": http_url,
+        # Back from Stripe to the account page of this process, unless told otherwise.
+        "BILLING_RETURN_URL": os.environ.get("BILLING_RETURN_URL") or f"{http_url}/account",
         **broker,
     }
     platform = Platform.from_environ(definitions_for("all"), env)
