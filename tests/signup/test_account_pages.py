@@ -189,6 +189,13 @@ async def test_sign_up_watch_the_instance_come_up_and_upgrade(
             return await page.inner_text('[data-field="plan"]')
 
         await eventually(plan_shown, lambda plan: plan == "Professional", what="the new plan")
+        assert "Upgrade to" not in await page.inner_text("main")  # the portal changes plans now
+        await check_page(page, "account-upgraded")
+        await page.click("text=Manage billing")
+        await page.wait_for_url(re.compile(r"/p/session/test_"))
+        await check_page(page, "stripe-standin-portal")
+        await page.click("text=Return to your account")
+        await page.wait_for_url(f"{base_url}/account")
         assert [kind for kind, status in standin.webhooks_sent if status == 200] == [
             "checkout.session.completed",
             "customer.subscription.created",
