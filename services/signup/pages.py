@@ -10,23 +10,25 @@ this page only renders them, and the few problem codes they come back with.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import asyncpg
-import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.params import Parameter, QueryParameter
 from litestar.response import Redirect, ServerSentEvent
-from litestar.response.sse import ServerSentEventMessage
 
 from libs.http.app import client_address
 from libs.http.auth import SessionTokens
-from libs.http.errors import Conflict, DomainError, InvalidRequest, TooManyRequests, Unauthorized
+from libs.http.errors import (
+    Conflict,
+    DomainError,
+    InvalidRequest,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+)
 from libs.web.forms import (
     CSRF_FIELD,
     CsrfTokens,
@@ -37,9 +39,10 @@ from libs.web.forms import (
     retry_in_words,
     session_cookie,
 )
-from services.signup.account_view import account_view, deployment_of
+from services.signup.account_view import account_view
 from services.signup.logins import Logins
-from services.signup.models import AccountView, DeploymentOut, parse_login, parse_signup
+from services.signup.models import AccountView, parse_login, parse_signup
+from services.signup.progress import progress_events, progress_of
 from services.signup.settings import SignupSettings
 from services.signup.signups import Signups
 from services.signup.web import PAGES, signed_in, to_sign_in
@@ -48,24 +51,6 @@ FORM_BODY_LIMIT = 16 * 1024
 SIGNUP_FIELDS = ("email", "password", "company_name", "full_name")
 # The plans a customer can pay for, each a form on the account page (billing checks the plan).
 PAID_PLANS = ("starter", "professional", "enterprise")
-# A deployment in one of these is still coming up: the account page follows it live.
-UNDER_WAY = ("pending", "queued", "deploying", "retrying", "recovering", "waiting_for_capacity")
-STATUS_LABELS = {
-    "pending": "Waiting to start",
-    "queued": "Queued",
-    "deploying": "Deploying",
-    "retrying": "Retrying after a problem",
-    "recovering": "Recovering",
-    "waiting_for_capacity": "Waiting for capacity",
-    "ready": "Ready",
-    "failed": "Failed",
-    "degraded": "Degraded",
-    "removed": "Removed",
-}
-# How often the progress stream reads the read model, and how long one stream lasts before
-# the browser reconnects (EventSource does so by itself).
-POLL_SECONDS = 0.5
-STREAM_SECONDS = 300.0
 # What billing's forms and Stripe's return links may say, by code: the query string is never
 # shown as text.
 PROBLEMS = {
@@ -101,33 +86,7 @@ def _retry_message(what: str, exc: TooManyRequests) -> str:
 
 
 def _expired(exc: PermissionDeniedException) -> Response[str]:
-    return PAGES.render("expired.html", 403, title="Form expired", problem=exc.detail)
-
-
-def safe_link(url: str | None) -> str | None:
-    """An instance URL fit for a link (http or https only)."""
-    return url if url and url.startswith(("https://", "http://")) else None
-
-
-def progress_of(deployment: DeploymentOut) -> dict[str, Any]:
-    """What the account page shows of a deployment, and sends while it comes up."""
-    ready = deployment.status == "ready"
-    if ready:
-        message = "Your instance is up and running."
-    elif deployment.step and deployment.status in UNDER_WAY:
-        message = f"Current step: {deployment.step.replace('_', ' ')}"
-    else:
-        message = deployment.detail or ""
-    return {
-        "status": deployment.status,
-        "label": STATUS_LABELS.get(deployment.status, deployment.status.replace("_", " ")),
-        "progress": 100 if ready else max(0, min(100, deployment.progress)),
-        "tone": "ok" if ready else ("warn" if deployment.status in UNDER_WAY else "bad"),
-        "message": message,
-        "error": deployment.error,
-        "instance_url": safe_link(deployment.instance_url) if ready else None,
-        "done": deployment.status not in UNDER_WAY,
-    }
+    return PAGES.render("message.html", 403, title="Form expired", problem=exc.detail)
 
 
 def _signup_form(
@@ -339,7 +298,7 @@ class AccountPages(Controller):
         if customer_id is None:
             raise NotAuthorizedException("sign in first")
         return ServerSentEvent(
-            _progress_events(pool, customer_id),
+            progress_events(pool, customer_id),
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
@@ -357,7 +316,7 @@ class AccountPages(Controller):
         view = await _account_or_none(pool, customer_id)
         if view is None or view.license.jwt is None:
             return PAGES.render(
-                "expired.html",
+                "message.html",
                 404,
                 title="No license yet",
                 problem="No license has been issued yet; it comes within seconds of signing up.",
@@ -375,21 +334,7 @@ class AccountPages(Controller):
 
 async def _account_or_none(pool: asyncpg.Pool, customer_id: str) -> AccountView | None:
     """The account view; None while signup has not projected the account yet."""
-    row = await pool.fetchval("SELECT 1 FROM accounts WHERE customer_id = $1", customer_id)
-    return None if row is None else await account_view(pool, customer_id)
-
-
-async def _progress_events(pool: asyncpg.Pool, customer_id: str) -> AsyncIterator[Any]:
-    last: dict[str, Any] | None = None
-    deadline = time.monotonic() + STREAM_SECONDS
-    while time.monotonic() < deadline:
-        row = await pool.fetchrow("SELECT * FROM accounts WHERE customer_id = $1", customer_id)
-        state = progress_of(deployment_of(row))
-        if state != last:
-            data = msgspec.json.encode(state).decode()
-            yield ServerSentEventMessage(data=data, event="progress")
-            last = state
-        if state["done"]:
-            yield ServerSentEventMessage(data="done", event="end")
-            return
-        await asyncio.sleep(POLL_SECONDS)
+    try:
+        return await account_view(pool, customer_id)
+    except NotFound:
+        return None
