@@ -40,7 +40,10 @@ def content_security_policy(form_targets: Sequence[str] = ()) -> str:
 class Pages:
     """The pages of one service: ``render`` a template of its folder with the shared layout."""
 
-    def __init__(self, templates: Path, static_prefix: str, brand: str = "Iotistic") -> None:
+    def __init__(
+        self, templates: Path, static_prefix: str, brand: str = "Iotistic", home: str = "/"
+    ) -> None:
+        """``home`` is where the brand in the header leads (the service's main page)."""
         self.static_prefix = static_prefix.rstrip("/")
         self.environment = Environment(
             loader=ChoiceLoader([FileSystemLoader(templates), FileSystemLoader(SHARED_TEMPLATES)]),
@@ -49,7 +52,7 @@ class Pages:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.environment.globals.update(brand=brand, static=self.static_prefix)
+        self.environment.globals.update(brand=brand, static=self.static_prefix, home=home)
 
     def html(self, template: str, context: Mapping[str, Any]) -> str:
         """The template rendered with ``context``."""

@@ -1,6 +1,7 @@
 """What signup's pages share: their templates, the forms' CSRF tokens and who is signed in.
 
-The pages (``pages.py``: sign up, sign in, the account; ``recovery_pages.py``: forgotten
+The pages (``pages.py``: sign up, sign in, the account, whose deployment ``progress.py``
+follows; ``recovery_pages.py``: forgotten
 passwords, email verification, closing an account; ``admin_pages.py``: operators' customers
 page) render ``templates/`` over the layout in ``libs/web`` and call the same commands as the
 JSON API, so the same checks and rate limits hold. The stylesheet and script are served under
@@ -21,7 +22,7 @@ from libs.web.forms import session_token
 from libs.web.pages import Pages
 
 STATIC_PREFIX = "/static/signup"
-PAGES = Pages(Path(__file__).parent / "templates", STATIC_PREFIX)
+PAGES = Pages(Path(__file__).parent / "templates", STATIC_PREFIX, home="/account")
 
 
 def signed_in(request: Request[Any, Any, Any], sessions: SessionTokens) -> str | None:
