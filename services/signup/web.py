@@ -1,9 +1,8 @@
 """What signup's pages share: their templates, the forms' CSRF tokens and who is signed in.
 
 The pages (``pages.py``: sign up, sign in, the account, whose deployment ``progress.py``
-follows; ``recovery_pages.py``: forgotten
-passwords, email verification, closing an account; ``admin_pages.py``: operators' customers
-page) render ``templates/`` over the layout in ``libs/web`` and call the same commands as the
+follows; ``recovery_pages.py``: forgotten passwords, email verification, closing an account;
+``admin_pages.py``: operators' customers page) render ``templates/`` over the layout in ``libs/web`` and call the same commands as the
 JSON API, so the same checks and rate limits hold. The stylesheet and script are served under
 ``STATIC_PREFIX``.
 """
