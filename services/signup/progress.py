@@ -53,6 +53,9 @@ def progress_of(deployment: DeploymentOut) -> dict[str, Any]:
         message = "Your instance is up and running."
     elif deployment.step and deployment.status in UNDER_WAY:
         message = f"Current step: {deployment.step.replace('_', ' ')}"
+    elif deployment.status == "degraded":
+        reason = deployment.health_reason or "it does not answer its health check"
+        message = f"Your instance is running with a problem ({reason}); it is being watched."
     else:
         message = deployment.detail or ""
     return {
@@ -62,7 +65,10 @@ def progress_of(deployment: DeploymentOut) -> dict[str, Any]:
         "tone": "ok" if ready else ("warn" if deployment.status in UNDER_WAY else "bad"),
         "message": message,
         "error": deployment.error,
-        "instance_url": safe_link(deployment.instance_url) if ready else None,
+        # A degraded instance runs, and may well answer: its link stays.
+        "instance_url": safe_link(deployment.instance_url)
+        if deployment.status in ("ready", "degraded")
+        else None,
         "done": deployment.status not in UNDER_WAY,
     }
 

@@ -2,9 +2,9 @@
 
 The pages (``pages.py``: sign up, sign in, the account, whose deployment ``progress.py``
 follows; ``recovery_pages.py``: forgotten passwords, email verification, closing an account;
-``admin_pages.py``: operators' customers page) render ``templates/`` over the layout in ``libs/web`` and call the same commands as the
-JSON API, so the same checks and rate limits hold. The stylesheet and script are served under
-``STATIC_PREFIX``.
+``admin_pages.py``: operators' customers page) render ``templates/`` over the layout in
+``libs/web`` and call the same commands as the JSON API, so the same checks and rate limits
+hold. The stylesheet and script are served under ``STATIC_PREFIX``.
 """
 
 from __future__ import annotations

@@ -533,3 +533,44 @@ async def test_malformed_forms_get_a_4xx_never_a_trace(
     answer = await browser_client.post(path, content=body, headers={"Content-Type": content_type})
     assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
     assert "Traceback" not in answer.text
+
+
+@pytest.mark.parametrize(
+    ("status", "done", "link", "tone"),
+    [
+        ("queued", False, False, "warn"),
+        ("deploying", False, False, "warn"),
+        ("waiting_for_capacity", False, False, "warn"),
+        ("ready", True, True, "ok"),
+        ("degraded", True, True, "bad"),
+        ("failed", True, False, "bad"),
+    ],
+)
+def test_the_progress_shown_for_each_deployment_state(
+    status: str, done: bool, link: bool, tone: str
+) -> None:
+    from services.signup.models import DeploymentOut
+    from services.signup.progress import progress_of
+
+    shown = progress_of(
+        DeploymentOut(
+            status=status,
+            job_id="job",
+            instance_url="https://acme.example" if status != "failed" else None,
+            estimated_time=None,
+            check_status_url="/api/customers/me",
+            progress=40,
+            step="database",
+        )
+    )
+    assert shown["done"] is done and shown["tone"] == tone
+    assert (shown["instance_url"] is not None) is link
+    if not done:
+        assert shown["message"] == "Current step: database"
+
+
+def test_an_instance_link_must_be_http() -> None:
+    from services.signup.progress import safe_link
+
+    assert safe_link("javascript:alert(1)") is None
+    assert safe_link("https://acme.example") == "https://acme.example"
