@@ -20,6 +20,7 @@ from libs.http.auth import LOGIN_RELAY_HEADER, SessionTokens, verify_relayed_cli
 from libs.runtime.service import ServiceRuntime
 from libs.web.pages import static_files
 from services.signup.account_view import account_view
+from services.signup.admin_pages import admin_customers_router
 from services.signup.idempotency import answer_once
 from services.signup.logins import Logins
 from services.signup.models import AccountView, LoginAnswer, parse_login, parse_signup
@@ -116,6 +117,7 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
 
     return [
         static_files(STATIC_PREFIX),
+        admin_customers_router(runtime),
         Router(
             "/",
             route_handlers=[CustomersController],
@@ -125,5 +127,5 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
                 "pool": Provide(pool, sync_to_thread=False),
                 "session_customer_id": Provide(session_customer_id, sync_to_thread=False),
             },
-        )
+        ),
     ]
