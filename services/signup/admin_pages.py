@@ -228,7 +228,7 @@ class AdminCustomersController(Controller):
                     "number": invoice.number,
                     "status": invoice.status,
                     "amount": money(invoice.amount, invoice.currency),
-                    "created_at": shown_time(invoice.created_at),
+                    "created_at": invoice.created_at.date().isoformat(),
                     "url": invoice.url,
                 }
                 for invoice in invoices
