@@ -258,6 +258,21 @@ MinorUnits = Annotated[
     int, Meta(ge=0, le=2**53 - 1, description="in the currency's minor unit (cents)")
 ]
 PaidPlan = Literal["starter", "professional", "enterprise"]
+# An invoice's number as Stripe numbers them (a prefix, a dash and a sequence: ABCD1234-0001).
+InvoiceNumber = Annotated[
+    str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./#-]*$")
+]
+# The invoice's page at Stripe: a web address and nothing else (no script, no spaces).
+InvoiceUrl = Annotated[
+    str,
+    Meta(
+        min_length=8,
+        max_length=2048,
+        pattern=r"^https?://[A-Za-z0-9._~:/?#@!$&'()*+,;=%-]+$",
+        description="the invoice's page at Stripe",
+    ),
+]
+Currency = Annotated[str, Meta(pattern=r"^[a-z]{3}$", description="ISO 4217, lower-case")]
 
 
 class StripeFacts(Struct, frozen=True, kw_only=True):
@@ -280,11 +295,14 @@ class StripeFacts(Struct, frozen=True, kw_only=True):
     canceled_at: UtcDateTime | None = None
     cancellation_reason: StripeWord | None = None
     amount_due: MinorUnits | None = None
-    currency: (
-        Annotated[str, Meta(pattern=r"^[a-z]{3}$", description="ISO 4217, lower-case")] | None
-    ) = None
+    currency: Currency | None = None
     attempt_count: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
     next_payment_attempt: UtcDateTime | None = None
+    # Since version 3 of StripeEventReceived: what an invoice's line in the account shows.
+    number: InvoiceNumber | None = None
+    amount_paid: MinorUnits | None = None
+    created: Annotated[UtcDateTime, Meta(description="when Stripe made the object")] | None = None
+    hosted_invoice_url: InvoiceUrl | None = None
 
 
 class StripeEventReceived(Event, frozen=True, kw_only=True):
@@ -294,10 +312,11 @@ class StripeEventReceived(Event, frozen=True, kw_only=True):
     Version 1 carried the body as Stripe sent it in ``payload``, personal data and all. Version
     2 carries only ``facts``, what billing derives its events from (none for the Stripe types
     billing does not read); the body stays in billing's own table for a retention period.
+    Version 3's facts add an invoice's number, amount paid, creation time and page.
     """
 
     TYPE = "StripeEventReceived"
-    VERSION = 2
+    VERSION = 3
 
     customer_id: str | None = None
     stripe_event_id: Id
@@ -309,6 +328,28 @@ class StripeEventReceived(Event, frozen=True, kw_only=True):
         Annotated[str, Meta(description="version 1 only: the verified JSON text as sent")] | None
     ) = None
     facts: StripeFacts | None = None
+
+
+class InvoiceRecorded(Event, frozen=True, kw_only=True):
+    """An invoice of the customer's, in a state Stripe reported (``open`` when a payment
+    failed, ``paid`` once collected): what the account's invoice list shows.
+
+    Appended once per invoice and state, however often and in whatever order Stripe sends
+    its webhooks. Only Stripe's ids, amounts, times and the invoice's page: no name, address
+    or card detail.
+    """
+
+    TYPE = "InvoiceRecorded"
+    VERSION = 1
+
+    customer_id: Id
+    stripe_invoice_id: StripeRef
+    number: InvoiceNumber | None = None
+    status: StripeWord
+    amount: Annotated[MinorUnits, Meta(description="paid, or due while unpaid; minor units")]
+    currency: Currency
+    created_at: Annotated[UtcDateTime, Meta(description="when Stripe made the invoice")]
+    hosted_invoice_url: InvoiceUrl | None = None
 
 
 class StripeCustomerLinked(Event, frozen=True, kw_only=True):
@@ -534,6 +575,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     SubscriptionCanceled,
     StripeEventReceived,
     StripeCustomerLinked,
+    InvoiceRecorded,
     DeploymentRequested,
     DeploymentStarted,
     DeploymentProgressed,

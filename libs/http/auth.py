@@ -1,8 +1,10 @@
 """Who is calling: the admin (a bearer token) or a customer (a short-lived session token).
 
 Session tokens are HS256 JWTs signed with ``SESSION_SECRET``: signup issues them at login, every
-service checks them for the customer's own routes. Admin routes take ``ADMIN_TOKEN``. Both are
-compared in constant time, and an unset secret closes its routes rather than opening them.
+service checks them for the customer's own routes. Admin routes take ``ADMIN_TOKEN``: as a bearer
+token, or, for the operators' pages in a browser, as the password of HTTP Basic (any user name).
+Both are compared in constant time, and an unset secret closes its routes rather than opening
+them.
 Instances prove themselves with credentials derived per customer from a secret the provisioner
 shares with the service that checks them: usage tokens (billing) and the key that signs the
 browser address of a dashboard sign-in (signup).
@@ -10,6 +12,7 @@ browser address of a dashboard sign-in (signup).
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import re
@@ -29,6 +32,7 @@ from contracts.credentials import login_relay_key
 SESSION_AUDIENCE = "iotistic-customer"
 SESSION_ISSUER = "iotistic-signup"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+ADMIN_REALM = {"WWW-Authenticate": 'Basic realm="Iotistic admin", charset="UTF-8"'}
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,34 @@ def admin_guard(admin_token: str | None) -> Guard:
             raise PermissionDeniedException("admin routes are disabled: ADMIN_TOKEN is not set")
         if not is_admin(bearer(connection), admin_token):
             raise NotAuthorizedException("admin credential required", headers=_CHALLENGE)
+
+    return guard
+
+
+def basic_password(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
+    """The password of a request's HTTP Basic credentials, if it has some (the user name is
+    not read). Hand-written: litestar has no HTTP Basic authentication of its own."""
+    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        return None
+    _, _, password = decoded.partition(":")
+    return password or None
+
+
+def admin_page_guard(admin_token: str | None) -> Guard:
+    """A guard for operators' pages: the admin token as the password of HTTP Basic (so a
+    browser asks for it, and ``ADMIN_REALM`` challenges it) or as a bearer token."""
+
+    def guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+        if not admin_token:
+            raise PermissionDeniedException("admin routes are disabled: ADMIN_TOKEN is not set")
+        token = bearer(connection) or basic_password(connection)
+        if not is_admin(token, admin_token):
+            raise NotAuthorizedException("admin credential required", headers=ADMIN_REALM)
 
     return guard
 

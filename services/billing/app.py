@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from contracts import (
+    InvoiceRecorded,
     PaymentFailed,
     StripeCustomerLinked,
     StripeEventReceived,
@@ -53,6 +54,7 @@ BILLING = ServiceDefinition(
     workers=_workers,
     # Every event billing appends, and the one file that appends it (each file one concern).
     emits=(
+        InvoiceRecorded,  # reactors.py, as stripe_events.py decides
         PaymentFailed,  # reactors.py, as stripe_events.py decides
         StripeCustomerLinked,  # accounts.py: a first checkout made the Stripe customer
         StripeEventReceived,  # webhooks.py: the gateway, once per Stripe event id

@@ -5,7 +5,7 @@ for Stripe's events, the settings and counters it needs), so a test can call one
 of its own. The effects go to the outbox in the reactor's transaction and reach the log once:
 this module is where ``TrialStarted`` and the subscription events ``stripe_events.py`` decides
 (``SubscriptionActivated``, ``SubscriptionChanged``, ``SubscriptionCanceled``,
-``PaymentFailed``) are appended.
+``PaymentFailed``, ``InvoiceRecorded``) are appended.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Stripe retries, duplicates and reorders webhooks. Each Stripe event is looked at once (its id is
 remembered), and a subscription's state only moves forward: an event older than the newest one
 applied to that subscription changes nothing, and a canceled subscription is never revived.
+Each state of an invoice (open when a payment failed, paid) is recorded once.
 It appends nothing itself: the reactor that calls it (``reactors.py``) puts the events it
 returns in the outbox, in the same transaction.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from contracts import (
     Event,
+    InvoiceRecorded,
     PaymentFailed,
     StripeEventReceived,
     StripeFacts,
@@ -297,8 +299,9 @@ class StripeTranslator:
         self, e: StripeEventReceived, facts: StripeFacts, created: int
     ) -> tuple[str, list[Event]]:
         row = await self._subscription_of_invoice(facts)
+        invoice = await self._invoice_recorded(e, facts, row, "paid")
         if row is None or row["canceled"] or row["status"] != "past_due":
-            return "noted", []
+            return "noted", invoice
         await self.conn.execute(
             "UPDATE stripe_subscriptions SET status = 'active', "
             "last_event_created = GREATEST(last_event_created, $2) "
@@ -315,15 +318,17 @@ class StripeTranslator:
                 stripe_subscription_id=row["stripe_subscription_id"],
                 current_period_end=row["current_period_end"],
                 stripe_event_id=e.stripe_event_id,
-            )
+            ),
+            *invoice,
         ]
 
     async def _payment_failed(
         self, e: StripeEventReceived, facts: StripeFacts, created: int
     ) -> tuple[str, list[Event]]:
         row = await self._subscription_of_invoice(facts)
+        invoice = await self._invoice_recorded(e, facts, row, "open")
         if row is None or row["canceled"] or facts.id is None:
-            return "unmatched", []
+            return "unmatched", invoice
         await self.conn.execute(
             "UPDATE stripe_subscriptions SET status = 'past_due' "
             "WHERE stripe_subscription_id = $1 AND last_event_created <= $2",
@@ -340,6 +345,42 @@ class StripeTranslator:
                 attempt_count=1 if facts.attempt_count is None else facts.attempt_count,
                 next_payment_attempt=facts.next_payment_attempt,
                 stripe_event_id=e.stripe_event_id,
+            ),
+            *invoice,
+        ]
+
+    async def _invoice_recorded(
+        self, e: StripeEventReceived, facts: StripeFacts, subscription: Any, status: str
+    ) -> list[Event]:
+        """The invoice in the state this event shows (``status`` when Stripe names none), once
+        per invoice and state: a second Stripe event for the same state, or the same one stored
+        again past JetStream's duplicate window, records nothing."""
+        customer_id = (
+            subscription["customer_id"] if subscription is not None else None
+        ) or await self._customer_of(facts)
+        if facts.id is None or customer_id is None:
+            return []
+        state = facts.status or status
+        first = await self.conn.fetchval(
+            "INSERT INTO stripe_invoices (stripe_invoice_id, status, customer_id) "
+            "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
+            facts.id,
+            state,
+            customer_id,
+        )
+        if not first:
+            return []
+        paid = facts.amount_paid if state == "paid" else None
+        return [
+            InvoiceRecorded(
+                customer_id=customer_id,
+                stripe_invoice_id=facts.id,
+                number=facts.number,
+                status=state,
+                amount=paid if paid is not None else facts.amount_due or 0,
+                currency=facts.currency or "eur",
+                created_at=facts.created or e.stripe_created,
+                hosted_invoice_url=facts.hosted_invoice_url,
             )
         ]
 

@@ -22,7 +22,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from contracts import StripeFacts
-from contracts.events import MinorUnits, StripeRef, StripeWord
+from contracts.events import Currency, InvoiceNumber, InvoiceUrl, MinorUnits, StripeRef, StripeWord
 from libs.http.errors import InvalidRequest
 
 # The Stripe event types whose object billing reads (services/billing/stripe_events.py turns
@@ -101,9 +101,13 @@ class _StripeObject(Struct, frozen=True, kw_only=True):
     canceled_at: UnixTime | None = None
     cancellation_details: _CancellationDetails | None = None
     amount_due: MinorUnits | None = None
-    currency: Annotated[str, Meta(pattern=r"^[a-z]{3}$")] | None = None
+    currency: Currency | None = None
     attempt_count: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
     next_payment_attempt: UnixTime | None = None
+    number: InvoiceNumber | None = None
+    amount_paid: MinorUnits | None = None
+    created: UnixTime | None = None
+    hosted_invoice_url: InvoiceUrl | None = None
 
 
 class _Body(Struct, frozen=True, kw_only=True):
@@ -195,6 +199,10 @@ def _facts(obj: _StripeObject) -> StripeFacts:
         currency=obj.currency,
         attempt_count=obj.attempt_count,
         next_payment_attempt=_time(obj.next_payment_attempt),
+        number=obj.number,
+        amount_paid=obj.amount_paid,
+        created=_time(obj.created),
+        hosted_invoice_url=obj.hosted_invoice_url,
     )
 
 

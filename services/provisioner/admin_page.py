@@ -10,11 +10,9 @@ escaped, and job errors come from the outside world.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,15 +20,13 @@ from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from litestar import Controller, MediaType, Request, Response, Router, get, post
-from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.exceptions import PermissionDeniedException
 from litestar.params import FromPath, QueryParameter
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect
 
-from libs.http.auth import bearer, is_admin
+from libs.http.auth import admin_page_guard
 from libs.http.validation import FieldErrors
 from services.provisioner.deployments import Provisioning
 from services.provisioner.jobs_view import (
@@ -43,7 +39,6 @@ from services.provisioner.jobs_view import (
 from services.provisioner.queue import clean_jobs
 from services.provisioner.queue_rules import FINISHED, STATES
 
-REALM = {"WWW-Authenticate": 'Basic realm="Iotistic admin", charset="UTF-8"'}
 VIEW_STATES = (*STATES, "superseded")
 TEMPLATES = Path(__file__).parent / "templates"
 HEADERS = {
@@ -51,31 +46,6 @@ HEADERS = {
     "form-action 'self'; frame-ancestors 'none'",
     "Cache-Control": "no-store",
 }
-
-
-def _basic_password(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
-    # Hand-written: litestar has no HTTP Basic authentication of its own.
-    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        _, _, password = base64.b64decode(value.strip()).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return password
-
-
-def admin_page_guard(admin_token: str | None) -> Callable[..., None]:
-    """Basic (the admin token as password) or Bearer; a browser is asked to sign in."""
-
-    def guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
-        if not admin_token:
-            raise PermissionDeniedException("admin routes are disabled: ADMIN_TOKEN is not set")
-        token = bearer(connection) or _basic_password(connection)
-        if not is_admin(token, admin_token):
-            raise NotAuthorizedException("admin credential required", headers=REALM)
-
-    return guard
 
 
 def csrf_token(admin_token: str) -> str:

@@ -1,7 +1,8 @@
 """The account view: what ``GET /api/customers/me`` and a signup's answer show of a customer.
 
 Built from the ``accounts`` read model, which signup projects from every event about the
-customer (billing's trial, licensing's license, the provisioner's deployment). Each part shows
+customer (billing's trial, licensing's license, the provisioner's deployment), and from the
+invoices and latest usage day (``account_invoices``, ``account_usage``). Each part shows
 "pending" until the service that owns it has answered.
 """
 
@@ -19,8 +20,10 @@ from services.signup.models import (
     AccountView,
     CustomerOut,
     DeploymentOut,
+    InvoiceOut,
     LicenseOut,
     SubscriptionOut,
+    UsageOut,
 )
 
 ACCOUNT_URL = "/api/customers/me"
@@ -32,6 +35,8 @@ WAITING_FOR_CAPACITY_DETAIL = (
 )
 # Deployment states of a job not started yet (or of no job yet).
 NOT_UNDER_WAY = ("pending", "queued")
+# Two years of monthly invoices; older ones are at Stripe's portal.
+ACCOUNT_INVOICES = 24
 
 
 def subscription_of(row: asyncpg.Record | None, now: datetime) -> SubscriptionOut:
@@ -99,6 +104,45 @@ def deployment_of(row: asyncpg.Record | None, platform_full: bool = False) -> De
     )
 
 
+async def invoices_of(pool: asyncpg.Pool, customer_id: str) -> list[InvoiceOut]:
+    """The customer's invoices, newest first, at most ``ACCOUNT_INVOICES``."""
+    rows = await pool.fetch(
+        "SELECT number, status, amount, currency, created_at, url FROM account_invoices "
+        "WHERE customer_id = $1 ORDER BY created_at DESC, stripe_invoice_id DESC LIMIT $2",
+        customer_id,
+        ACCOUNT_INVOICES,
+    )
+    return [InvoiceOut(**dict(row)) for row in rows]
+
+
+def _limit(document: str | None, name: str) -> int | None:
+    """One value of a license's features or limits as projected (JSON), if it is there."""
+    if document is None:
+        return None
+    value = msgspec.json.decode(document).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+async def usage_of(pool: asyncpg.Pool, account: asyncpg.Record) -> UsageOut | None:
+    """The newest day the instance reported, against the license in force (None before the
+    first report)."""
+    row = await pool.fetchrow(
+        "SELECT day, devices, messages, api_requests FROM account_usage WHERE customer_id = $1",
+        account["customer_id"],
+    )
+    if row is None:
+        return None
+    return UsageOut(
+        day=row["day"],
+        devices=row["devices"],
+        messages=row["messages"],
+        api_requests=row["api_requests"],
+        max_devices=_limit(account["license_features"], "maxDevices"),
+        messages_per_day=_limit(account["license_limits"], "mqttMessagesPerDay"),
+        api_requests_per_day=_limit(account["license_limits"], "apiRequestsPerDay"),
+    )
+
+
 async def platform_full(pool: asyncpg.Pool) -> bool:
     """Whether the provisioner last said the platform runs all the instances it can hold."""
     return bool(await pool.fetchval('SELECT "full" FROM platform_capacity'))
@@ -120,4 +164,6 @@ async def account_view(pool: asyncpg.Pool, customer_id: str) -> AccountView:
         license=license_of(row),
         deployment=deployment_of(row),
         closed_at=row["closed_at"],
+        invoices=await invoices_of(pool, customer_id),
+        usage=await usage_of(pool, row),
     )

@@ -6,8 +6,9 @@ from contracts import CustomerClosed, CustomerSignedUp
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
+from services.signup.customer_events import CUSTOMER_EVENTS
 from services.signup.private_state import forget_stale_private_state, settle_credentials
-from services.signup.projections import ACCOUNTS, PLATFORM_CAPACITY
+from services.signup.projections import ACCOUNTS, INVOICES_AND_USAGE, PLATFORM_CAPACITY
 from services.signup.routes import signup_routes
 from services.signup.settings import SignupSettings
 
@@ -38,7 +39,7 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
 SIGNUP = ServiceDefinition(
     name="signup",
     migrations_package="services.signup.migrations",
-    projections=(ACCOUNTS, PLATFORM_CAPACITY),
+    projections=(ACCOUNTS, PLATFORM_CAPACITY, INVOICES_AND_USAGE, CUSTOMER_EVENTS),
     routes=signup_routes,
     workers=_workers,
     # Every event signup owns, and where it is appended.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -91,6 +91,30 @@ class LoginAnswer(msgspec.Struct, frozen=True, kw_only=True):
     token_expires_in: int
 
 
+class InvoiceOut(msgspec.Struct, frozen=True, kw_only=True):
+    """One invoice as Stripe last reported it; ``url`` is its page at Stripe."""
+
+    number: str | None
+    status: str
+    amount: int  # in the currency's minor unit (cents)
+    currency: str
+    created_at: datetime
+    url: str | None
+
+
+class UsageOut(msgspec.Struct, frozen=True, kw_only=True):
+    """The newest UTC day the instance reported, against the license's limits (None where
+    the license sets none or none is issued yet)."""
+
+    day: date
+    devices: int
+    messages: int
+    api_requests: int
+    max_devices: int | None
+    messages_per_day: int | None
+    api_requests_per_day: int | None
+
+
 class AccountView(msgspec.Struct, frozen=True, kw_only=True):
     """``GET /api/customers/me``: everything the platform knows about the customer."""
 
@@ -101,6 +125,10 @@ class AccountView(msgspec.Struct, frozen=True, kw_only=True):
     license: LicenseOut
     deployment: DeploymentOut
     closed_at: datetime | None
+    # Newest first, at most ACCOUNT_INVOICES (account_view.py).
+    invoices: list[InvoiceOut] = msgspec.field(default_factory=list)
+    # None until the instance has reported a day.
+    usage: UsageOut | None = None
 
 
 def check_email(value: str, errors: FieldErrors) -> str | None:

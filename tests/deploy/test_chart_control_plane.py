@@ -463,6 +463,10 @@ def test_admin_routes_are_not_public_unless_asked(docs: list[dict[str, Any]]) ->
     assert not any(p.startswith(admin) for p in public(route_rules(docs)))
     exposed = render({"gateway": {"exposeAdmin": True}})
     assert set(admin) <= public(route_rules(exposed))
+    # The operators' customers page is signup's, under the provisioner's /admin.
+    [(kind, backend)] = [(k, b) for k, p, b in route_rules(exposed) if p == "/admin/customers"]
+    assert (kind, backend) == ("PathPrefix", f"{FULLNAME}-signup")
+    assert {"/admin/customers", "/admin/customers/{customer_id:str}"} <= served_paths("signup")
 
 
 def test_envoy_gateway_limits_requests_per_client_and_connections(

@@ -51,11 +51,12 @@ async def test_an_event_is_handled_in_the_trace_of_the_request_that_caused_it(
                 and s.context.trace_id == request_ctx.trace_id
             ]
 
+        # Signup applies it twice: to the account view and to the customer's last events.
         found = await eventually(
-            lambda: _now(handled()), lambda found: len(found) == 2, what="both services' spans"
+            lambda: _now(handled()), lambda found: len(found) == 3, what="both services' spans"
         )
         services = sorted(s.attributes["iotistic.service"] for s in found)  # type: ignore[attr-defined]
-        assert services == ["licensing", "signup"]
+        assert services == ["licensing", "signup", "signup"]
         for span in found:
             assert span.parent is not None  # type: ignore[attr-defined]
             assert span.parent.span_id == request_ctx.span_id  # type: ignore[attr-defined]

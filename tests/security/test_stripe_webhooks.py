@@ -51,7 +51,13 @@ from support import create_database, eventually, serving
 PRICES = {"starter": "price_starter_m", "professional": "price_pro_m", "enterprise": "price_ent_m"}
 # Short enough to watch the purge happen, long enough to see the body kept first.
 RETENTION_SECONDS = 6.0
-DERIVED = ("SubscriptionActivated", "SubscriptionChanged", "SubscriptionCanceled", "PaymentFailed")
+DERIVED = (
+    "SubscriptionActivated",
+    "SubscriptionChanged",
+    "SubscriptionCanceled",
+    "PaymentFailed",
+    "InvoiceRecorded",
+)
 
 # Personal data Stripe puts in its objects; none of it may reach the log.
 EMAIL = "ada.lovelace.4f7c@analytical-engines.example"
