@@ -148,6 +148,8 @@ def _start_and_serve(
         "LOCAL_INSTANCES_DIR": str(data_dir / "instances"),
         "LICENSE_JWKS_URL": f"{http_url}/.well-known/jwks.json",
         "CONTROL_PLANE_URL": http_url,
+        # The base of the links signup mails (never the request's Host header).
+        "PUBLIC_URL": os.environ.get("PUBLIC_URL") or http_url,
         **broker,
     }
     platform = Platform.from_environ(definitions_for("all"), env)

@@ -120,4 +120,5 @@ async def account_view(pool: asyncpg.Pool, customer_id: str) -> AccountView:
         license=license_of(row),
         deployment=deployment_of(row),
         closed_at=row["closed_at"],
+        email_verified=row["email_verified"],
     )

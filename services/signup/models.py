@@ -101,6 +101,9 @@ class AccountView(msgspec.Struct, frozen=True, kw_only=True):
     license: LicenseOut
     deployment: DeploymentOut
     closed_at: datetime | None
+    # Whether the customer opened the verification link mailed to their address (an
+    # unverified account works all the same).
+    email_verified: bool = False
 
 
 def check_email(value: str, errors: FieldErrors) -> str | None:
