@@ -86,7 +86,7 @@ class Logins:
             customer_id=row["customer_id"],
             email=form.email,
             license=license_of(account),
-            token=issue_session(
+            token=await issue_session(
                 self.sessions, row["customer_id"], form.email, row["sessions_valid_from"]
             ),
             token_expires_in=self.sessions.ttl_seconds,

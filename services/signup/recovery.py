@@ -183,21 +183,21 @@ class PasswordResets:
             # The mailbox's owner may sign in again at once, whatever was guessed before.
             await forgive_login_attempt(conn, email, address)
         self.wake_events()
-        return self._signed_in(customer_id, email, valid_from)
+        return await self._signed_in(customer_id, email, valid_from)
 
     async def _answer_retry(self, row: asyncpg.Record, password: str) -> PasswordReset:
         """A used link: the same answer again if ``password`` is the one it set, else 400."""
         if not await self.passwords.verify(row["password_hash"], password):
             raise InvalidRequest("invalid request", fields=[{"field": "token", "reason": BAD_LINK}])
-        return self._signed_in(row["customer_id"], row["email"], row["sessions_valid_from"])
+        return await self._signed_in(row["customer_id"], row["email"], row["sessions_valid_from"])
 
-    def _signed_in(
+    async def _signed_in(
         self, customer_id: str, email: str, valid_from: datetime | None
     ) -> PasswordReset:
         return PasswordReset(
             message="Your password is changed; every other session is signed out.",
             customer_id=customer_id,
             email=email,
-            token=issue_session(self.sessions, customer_id, email, valid_from),
+            token=await issue_session(self.sessions, customer_id, email, valid_from),
             token_expires_in=self.sessions.ttl_seconds,
         )

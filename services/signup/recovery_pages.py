@@ -10,11 +10,12 @@ names its field next to it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
+from litestar.params import QueryParameter
 from litestar.response import Redirect
 
 from libs.http.app import client_address
@@ -36,6 +37,8 @@ from services.signup.verification import Verifications
 from services.signup.web import PAGES, to_sign_in
 
 FORM_LIMIT = 16 * 1024
+# The token of a mailed link (anything else is refused by the command, never echoed long).
+LinkToken = Annotated[str, QueryParameter(name="token", description="the mailed link's token")]
 CLOSE_PATH = "/account/close"
 VERIFY_SAYS = {
     "verified": "Thank you: your email address is verified.",
@@ -128,7 +131,7 @@ class RecoveryPages(Controller):
         self,
         request: Request[Any, Any, Any],
         csrf: NamedDependency[CsrfTokens],
-        token: str = "",
+        token: LinkToken = "",
     ) -> Response[str]:
         """The form for a new password, with the link's token in a hidden field."""
         return _page("reset.html", request, csrf, title="Choose a new password", token=token[:200])
@@ -171,7 +174,7 @@ class RecoveryPages(Controller):
         request: Request[Any, Any, Any],
         csrf: NamedDependency[CsrfTokens],
         verifications: NamedDependency[Verifications],
-        token: str = "",
+        token: LinkToken = "",
     ) -> Response[str]:
         """Open a verification link."""
         outcome = await verifications.verify(token)

@@ -4,13 +4,15 @@ was reset, nor those of a closed account.
 Session tokens are stateless HS256 JWTs (``libs/http/auth.py``); signup, which issued them,
 also checks them against the customer's credential row: its ``sessions_valid_from`` (set with a
 new password, to the next whole second, since a token's ``iat`` counts whole seconds) and its
-``closed_at``. Tokens signup issues afterwards carry an ``iat`` no earlier than that second.
+``closed_at``. Tokens signup issues afterwards carry an ``iat`` no earlier than that second
+(issuing waits for it to begin, at most a second).
 Other services check tokens by signature and expiry only; ``PasswordChanged`` and
 ``CustomerClosed`` on the log let them do the same (docs/security.md says what they do today).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from datetime import datetime
@@ -76,11 +78,18 @@ def next_whole_second() -> int:
     return math.floor(time.time()) + 1
 
 
-def issue_session(
+async def issue_session(
     sessions: SessionTokens, customer_id: str, email: str, valid_from: datetime | None
 ) -> str:
-    """A session token that the customer's ``sessions_valid_from`` lets through."""
-    now = time.time()
+    """A session token that the customer's ``sessions_valid_from`` lets through. Within the
+    second after a reset, that means waiting for the second to begin (at most one): a token's
+    ``iat`` may not lie in the future, or every service would refuse it."""
     if valid_from is not None:
-        now = max(now, math.ceil(valid_from.timestamp()))
-    return sessions.issue(customer_id, email, now=now)
+        wait = valid_from.timestamp() - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+    return sessions.issue(customer_id, email, now=max(time.time(), _start(valid_from)))
+
+
+def _start(valid_from: datetime | None) -> float:
+    return 0.0 if valid_from is None else float(math.ceil(valid_from.timestamp()))
