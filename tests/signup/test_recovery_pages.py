@@ -10,9 +10,18 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page
-
 from browser import check_page, new_page, open_browser
+from playwright.async_api import Browser, Page
+from test_recovery import (
+    NEW_PASSWORD,
+    PASSWORD,
+    events_of,
+    log_in,
+    mail_tail,
+    new_email,
+    sign_up,
+)
+
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.runtime.platform import Platform
@@ -23,15 +32,6 @@ from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
 from services.targets import build_app
 from support import SUITE_SIGNUP_LIMITS, eventually, license_keys_dir, serving
-from test_recovery import (
-    NEW_PASSWORD,
-    PASSWORD,
-    events_of,
-    log_in,
-    mail_tail,
-    new_email,
-    sign_up,
-)
 
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
