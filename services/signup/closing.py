@@ -19,7 +19,7 @@ import asyncpg
 import msgspec
 
 from contracts import CustomerClosed
-from libs.http.errors import InvalidRequest, NotFound
+from libs.http.errors import Conflict, InvalidRequest, NotFound
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.outbox import add_to_outbox
 from services.signup.limits import forgive_login_attempt, login_limits, reserve_login_attempt
@@ -99,35 +99,8 @@ class Closings:
             )
         async with self.pool.acquire() as conn, conn.transaction():
             await forgive_login_attempt(conn, row["email"], address)
-            closed = await conn.fetchrow(
-                "UPDATE credentials SET closed_at = now(), close_erase = $2 "
-                "WHERE customer_id = $1 AND closed_at IS NULL AND NOT EXISTS "
-                "(SELECT 1 FROM accounts a WHERE a.customer_id = $1 AND a.closed_at IS NOT NULL) "
-                "RETURNING closed_at, close_erase",
-                customer_id,
-                form.erase,
-            )
-            if closed is not None:
-                await add_to_outbox(
-                    conn,
-                    CustomerClosed(
-                        customer_id=customer_id,
-                        reason=form.reason,
-                        closed_by="customer",
-                        erase=form.erase,
-                    ),
-                    customer_id=customer_id,
-                )
-            else:
-                # Closed before (by this customer, or by an operator: the account view says).
-                closed = await conn.fetchrow(
-                    "SELECT coalesce(c.closed_at, a.closed_at) AS closed_at, c.close_erase "
-                    "FROM credentials c LEFT JOIN accounts a USING (customer_id) "
-                    "WHERE c.customer_id = $1",
-                    customer_id,
-                )
+            closed = await _close_once(conn, customer_id, form)
         self.wake_events()
-        assert closed is not None
         erase = bool(closed["close_erase"])
         return AccountClosed(
             customer_id=customer_id,
@@ -135,3 +108,56 @@ class Closings:
             erase=erase,
             message=outcome_message(erase),
         )
+
+
+class SubscriptionStillPaid(Conflict):
+    """409: a paid subscription must be canceled before the account closes."""
+
+    code = "subscription_active"
+
+
+# A paid subscription is billed by Stripe until it is canceled, and billing does not cancel it
+# when an account closes (yet): closing waits until the customer has canceled it.
+PAID = ("active", "past_due")
+
+
+async def _close_once(
+    conn: asyncpg.Connection, customer_id: str, form: CloseForm
+) -> asyncpg.Record:
+    """Mark the account closed and queue ``CustomerClosed``, unless it was closed before (by
+    this customer or an operator): then its first outcome. 409 while a subscription is paid."""
+    closed = await conn.fetchrow(
+        "UPDATE credentials SET closed_at = now(), close_erase = $2 "
+        "WHERE customer_id = $1 AND closed_at IS NULL AND NOT EXISTS (SELECT 1 FROM accounts a "
+        "WHERE a.customer_id = $1 "
+        "AND (a.closed_at IS NOT NULL OR a.subscription_status = ANY($3::text[]))) "
+        "RETURNING closed_at, close_erase",
+        customer_id,
+        form.erase,
+        list(PAID),
+    )
+    if closed is not None:
+        await add_to_outbox(
+            conn,
+            CustomerClosed(
+                customer_id=customer_id,
+                reason=form.reason,
+                closed_by="customer",
+                erase=form.erase,
+            ),
+            customer_id=customer_id,
+        )
+        return closed
+    before = await conn.fetchrow(
+        "SELECT coalesce(c.closed_at, a.closed_at) AS closed_at, c.close_erase, "
+        "a.subscription_status FROM credentials c LEFT JOIN accounts a USING (customer_id) "
+        "WHERE c.customer_id = $1",
+        customer_id,
+    )
+    assert before is not None
+    if before["closed_at"] is None:
+        raise SubscriptionStillPaid(
+            "your subscription is still paid for: cancel it first on the billing portal "
+            "(your account page), so that it is not charged again, then close the account"
+        )
+    return before

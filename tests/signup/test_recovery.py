@@ -352,6 +352,24 @@ async def test_closing_needs_the_password_and_happens_once(client, platform, sto
     assert await links_to(platform, email, "/reset") == []
 
 
+async def test_a_paid_subscription_is_canceled_before_the_account_closes(client, platform) -> None:
+    email = new_email()
+    customer_id = await sign_up(client, email)
+    headers = bearer((await log_in(client, email, PASSWORD)).json()["token"])
+    pool = platform.runtime_of("signup").db()
+    set_status = "UPDATE accounts SET subscription_status = $2 WHERE customer_id = $1"
+    await pool.execute(set_status, customer_id, "active")
+    body = {"password": PASSWORD}
+    refused = await client.post("/api/customers/me/close", json=body, headers=headers)
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "subscription_active"
+    assert (await log_in(client, email, PASSWORD)).status_code == 200
+    await pool.execute(set_status, customer_id, "canceled")
+    closed = await client.post("/api/customers/me/close", json=body, headers=headers)
+    assert closed.status_code == 200
+    assert closed.json()["erase"] is False
+
+
 async def test_one_address_asking_for_many_links_is_told_to_wait(client) -> None:
     statuses = []
     for _ in range(45):
