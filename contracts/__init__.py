@@ -15,6 +15,7 @@ from contracts.envelope import (
 from contracts.errors import MalformedEvent, UnknownEventType
 from contracts.events import (
     EVENT_TYPES,
+    CredentialsChanged,
     CustomerClosed,
     CustomerSignedUp,
     DeploymentFailed,
@@ -35,7 +36,6 @@ from contracts.events import (
     LicenseIssued,
     LicenseRevoked,
     Limits,
-    PasswordChanged,
     PaymentFailed,
     Plan,
     StripeCustomerLinked,
@@ -52,6 +52,7 @@ from contracts.events import (
 
 __all__ = [
     "EVENT_TYPES",
+    "CredentialsChanged",
     "CustomerClosed",
     "CustomerSignedUp",
     "DeploymentFailed",
@@ -74,7 +75,6 @@ __all__ = [
     "LicenseRevoked",
     "Limits",
     "MalformedEvent",
-    "PasswordChanged",
     "PaymentFailed",
     "Plan",
     "StripeCustomerLinked",

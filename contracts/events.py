@@ -120,14 +120,14 @@ class EmailVerified(Event, frozen=True, kw_only=True):
     verified_at: UtcDateTime
 
 
-class PasswordChanged(Event, frozen=True, kw_only=True):
+class CredentialsChanged(Event, frozen=True, kw_only=True):
     """The customer set a new password (through a reset link). Session tokens issued before
     ``sessions_valid_from`` are no longer honoured.
 
     Carries no password, hash or token: only who and when.
     """
 
-    TYPE = "PasswordChanged"
+    TYPE = "CredentialsChanged"
     VERSION = 1
 
     customer_id: Id
@@ -556,7 +556,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     CustomerSignedUp,
     CustomerClosed,
     EmailVerified,
-    PasswordChanged,
+    CredentialsChanged,
     LicenseIssued,
     LicenseRevoked,
     TrialStarted,

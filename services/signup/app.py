@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contracts import CustomerClosed, CustomerSignedUp, EmailVerified, PasswordChanged
+from contracts import CredentialsChanged, CustomerClosed, CustomerSignedUp, EmailVerified
 from libs.mail.outbox import forget_sent_mail
 from libs.projections.apply import Projection
 from libs.runtime.outbox import outbox_worker
@@ -37,7 +37,7 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
     return [
         every(SETTLE_SECONDS, "signup: settling credentials", settle_signups),
         every(600, "signup: sweeping stale state", sweep_private_state),
-        # EmailVerified, PasswordChanged and CustomerClosed are decided in signup's database.
+        # EmailVerified, CredentialsChanged and CustomerClosed are decided in signup's database.
         outbox_worker(runtime),
         mail_relay(runtime).worker(),
     ]
@@ -58,10 +58,10 @@ SIGNUP = ServiceDefinition(
     reactor_names=(REACTOR,),
     # Every event signup owns, and where it is appended.
     emits=(
+        CredentialsChanged,  # recovery.py, through the outbox: a password reset
         CustomerClosed,  # closing.py, through the outbox: the customer closed the account
         CustomerSignedUp,  # signups.py: the first signup of an email
         EmailVerified,  # verification.py, through the outbox: a verification link opened
-        PasswordChanged,  # recovery.py, through the outbox: a password reset
     ),
     settings_type=SignupSettings,
 )

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from contracts import (
+    CredentialsChanged,
     CustomerClosed,
     CustomerSignedUp,
     DeploymentFailed,
@@ -22,7 +23,6 @@ from contracts import (
     InstanceRecovered,
     LicenseIssued,
     LicenseRevoked,
-    PasswordChanged,
     PaymentFailed,
     SubscriptionActivated,
     SubscriptionCanceled,
@@ -75,7 +75,9 @@ async def when_email_verified_show_it(conn: Connection, r: Recorded[EmailVerifie
     )
 
 
-async def when_password_changed_show_it(conn: Connection, r: Recorded[PasswordChanged]) -> None:
+async def when_credentials_changed_show_it(
+    conn: Connection, r: Recorded[CredentialsChanged]
+) -> None:
     await _update(conn, r, "password_changed_at = $3", r.event.changed_at)
 
 
@@ -284,7 +286,7 @@ ACCOUNTS = Projection(
         CustomerSignedUp: when_customer_signed_up_open_account,
         CustomerClosed: when_customer_closed_close_account,
         EmailVerified: when_email_verified_show_it,
-        PasswordChanged: when_password_changed_show_it,
+        CredentialsChanged: when_credentials_changed_show_it,
         TrialStarted: when_trial_started_show_trial,
         TrialExpired: when_trial_expired_show_expiry,
         SubscriptionActivated: when_subscription_activated_show_plan,

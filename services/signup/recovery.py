@@ -6,7 +6,7 @@ the same answer and no mail, so nobody can flood a mailbox). Setting the passwor
 (``confirm_reset``) takes a link valid for an hour, once; in one transaction it stores the new
 hash, uses the token up with every other open reset link of the customer, moves the
 customer's ``sessions_valid_from`` to the next second (``recovery_sessions.py``: older sessions
-stop working) and queues ``PasswordChanged`` in the outbox. A confirm retried after its answer
+stop working) and queues ``CredentialsChanged`` in the outbox. A confirm retried after its answer
 was lost, with the same token and password, gets a session again instead of "link used".
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from contracts import PasswordChanged
+from contracts import CredentialsChanged
 from libs.http.auth import SessionTokens
 from libs.http.errors import InvalidRequest
 from libs.http.validation import FieldErrors, json_object
@@ -101,13 +101,13 @@ class PasswordResets:
     async def request_reset(self, email: str, address: str) -> ResetRequested:
         """Mail a reset link if an open account uses ``email``; the same answer either way."""
         s = self.settings
-        window = float(s.password_reset_window_seconds)
+        window = float(s.reset_links_window_seconds)
         async with self.pool.acquire() as conn:
             await reserve_from_address(
-                conn, "reset", address, s.password_reset_max_per_address, window
+                conn, "reset", address, s.reset_links_max_per_address, window
             )
             if not await within_email_limit(
-                conn, "reset", email, s.password_reset_max_per_email, window
+                conn, "reset", email, s.reset_links_max_per_email, window
             ):
                 log.warning("password reset: too many links asked for one email; none sent")
                 return ResetRequested()
@@ -132,7 +132,7 @@ class PasswordResets:
                 "reset-confirm",
                 address,
                 CONFIRMS_PER_ADDRESS,
-                float(self.settings.password_reset_window_seconds),
+                float(self.settings.reset_links_window_seconds),
             )
             row = await conn.fetchrow(
                 "SELECT t.customer_id, t.email, t.used_at, c.password_hash, "
@@ -173,7 +173,7 @@ class PasswordResets:
             )
             await add_to_outbox(
                 conn,
-                PasswordChanged(
+                CredentialsChanged(
                     customer_id=customer_id,
                     changed_at=datetime.now(UTC),
                     sessions_valid_from=valid_from,

@@ -6,7 +6,7 @@ also checks them against the customer's credential row: its ``sessions_valid_fro
 new password, to the next whole second, since a token's ``iat`` counts whole seconds) and its
 ``closed_at``. Tokens signup issues afterwards carry an ``iat`` no earlier than that second
 (issuing waits for it to begin, at most a second).
-Other services check tokens by signature and expiry only; ``PasswordChanged`` and
+Other services check tokens by signature and expiry only; ``CredentialsChanged`` and
 ``CustomerClosed`` on the log let them do the same (docs/security.md says what they do today).
 """
 

@@ -51,8 +51,8 @@ class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
     mail_from: Annotated[str, Meta(min_length=3, max_length=200)] = "Iotistic <no-reply@localhost>"
     # Forgotten-password mails: per client address (429 past it) and per email (past it the
     # answer is the same 202, and no mail goes, so nobody can flood a mailbox).
-    password_reset_max_per_address: Annotated[int, Meta(ge=1)] = 10
-    password_reset_max_per_email: Annotated[int, Meta(ge=1)] = 3
-    password_reset_window_seconds: Annotated[int, Meta(ge=60)] = 3600
+    reset_links_max_per_address: Annotated[int, Meta(ge=1)] = 10
+    reset_links_max_per_email: Annotated[int, Meta(ge=1)] = 3
+    reset_links_window_seconds: Annotated[int, Meta(ge=60)] = 3600
     # Verification mails a customer may ask for again per window.
     verification_resend_max: Annotated[int, Meta(ge=1)] = 3

@@ -308,9 +308,9 @@ def test_the_provisioner_hands_instances_the_control_planes_services(
     assert plain_env(kube, "provisioner")["PROVISIONER_BACKEND"] == "kubernetes"
     # Signup counts sign-ups and failures per client address: behind the gateway, one hop.
     assert plain_env(docs, "signup")["TRUSTED_PROXY_HOPS"] == "1"
-    # Links in mail go to the public API address, or where config.PUBLIC_URL says.
+    # Links in mail go to the public API address, or where targets.signup.publicUrl says.
     assert plain_env(docs, "signup")["PUBLIC_URL"] == f"https://api.{DOMAIN}"
-    own = render({"config": {"PUBLIC_URL": "https://iot.example.org"}})
+    own = render({"targets": {"signup": {"publicUrl": "https://iot.example.org"}}})
     assert plain_env(own, "signup")["PUBLIC_URL"] == "https://iot.example.org"
 
 

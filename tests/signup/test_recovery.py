@@ -42,7 +42,7 @@ async def platform(settings: ServiceSettings, store: EventStore) -> Platform:
         argon2_memory_kib=8192,
         argon2_time_cost=1,
         public_url=PUBLIC_URL,
-        password_reset_max_per_address=40,
+        reset_links_max_per_address=40,
         **SUITE_SIGNUP_LIMITS,
     )
 
@@ -170,7 +170,7 @@ async def test_the_whole_reset_through_the_mail_the_cli_shows(
     assert me.status_code == 401
     assert (await client.get("/api/customers/me", headers=bearer(new_session))).status_code == 200
     changed = await eventually(
-        lambda: events_of(store, "PasswordChanged", customer_id), what="PasswordChanged"
+        lambda: events_of(store, "CredentialsChanged", customer_id), what="CredentialsChanged"
     )
     assert len(changed) == 1
     # Only who and when: no password, hash or token travels.

@@ -215,9 +215,9 @@ and public URL.
 {{- end }}
 {{- if eq .target "signup" }}
 # The base of the links signup mails (reset, verification): the public API address, never a
-# request's Host header. config.PUBLIC_URL overrides it (a gateway of your own, say).
+# request's Host header. targets.signup.publicUrl overrides it (a gateway of your own, say).
 - name: PUBLIC_URL
-  value: {{ index $root.Values.config "PUBLIC_URL" | default (printf "https://api.%s" (include "iotistic.baseDomain" $root)) | quote }}
+  value: {{ $root.Values.targets.signup.publicUrl | default (printf "https://api.%s" (include "iotistic.baseDomain" $root)) | quote }}
 {{- end }}
 {{- end }}
 

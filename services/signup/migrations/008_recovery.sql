@@ -38,7 +38,7 @@ CREATE TABLE mail_outbox (
 
 CREATE INDEX mail_outbox_due ON mail_outbox (next_attempt_at) WHERE sent_at IS NULL;
 
--- Events decided with the private state above (EmailVerified, PasswordChanged, CustomerClosed),
+-- Events decided with the private state above (EmailVerified, CredentialsChanged, CustomerClosed),
 -- relayed to the log by libs/runtime/outbox.py.
 CREATE TABLE outbox (
     id bigserial PRIMARY KEY,
