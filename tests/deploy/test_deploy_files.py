@@ -402,7 +402,7 @@ def test_compose_wires_each_target_to_postgres_and_nats() -> None:
         assert env["NATS_URL"] == "nats://nats:4222"
         # DATABASE_URL and ADMIN_TOKEN come from files (see the compose secrets tests).
         assert {"DATABASE_URL", "ADMIN_TOKEN"} <= set(compose_env_secrets(services[target]))
-        unknown = set(env) - SETTINGS - OTEL_STANDARD
+        unknown = set(env) - target_settings(target) - OTEL_STANDARD
         assert not unknown, f"{target}: environment variables the program does not read: {unknown}"
 
 
