@@ -15,6 +15,7 @@ from contracts.envelope import (
 from contracts.errors import MalformedEvent, UnknownEventType
 from contracts.events import (
     EVENT_TYPES,
+    CredentialsChanged,
     CustomerClosed,
     CustomerSignedUp,
     DeploymentFailed,
@@ -26,6 +27,7 @@ from contracts.events import (
     DeploymentSucceeded,
     DeploymentSuperseded,
     DeploymentWaitingForCapacity,
+    EmailVerified,
     Event,
     Features,
     InstanceCapacityChanged,
@@ -51,6 +53,7 @@ from contracts.events import (
 
 __all__ = [
     "EVENT_TYPES",
+    "CredentialsChanged",
     "CustomerClosed",
     "CustomerSignedUp",
     "DeploymentFailed",
@@ -62,6 +65,7 @@ __all__ = [
     "DeploymentSucceeded",
     "DeploymentSuperseded",
     "DeploymentWaitingForCapacity",
+    "EmailVerified",
     "Envelope",
     "Event",
     "Features",

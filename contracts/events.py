@@ -106,6 +106,37 @@ class CustomerClosed(Event, frozen=True, kw_only=True):
     erase: bool = False
 
 
+class EmailVerified(Event, frozen=True, kw_only=True):
+    """The customer opened the link mailed to ``email``: the address is theirs.
+
+    Carries no token: the link's token is stored hashed in signup's private tables and used once.
+    """
+
+    TYPE = "EmailVerified"
+    VERSION = 1
+
+    customer_id: Id
+    email: Annotated[str, Meta(min_length=3, description="normalised: trimmed, lower-case")]
+    verified_at: UtcDateTime
+
+
+class CredentialsChanged(Event, frozen=True, kw_only=True):
+    """The customer set a new password (through a reset link). Session tokens issued before
+    ``sessions_valid_from`` are no longer honoured.
+
+    Carries no password, hash or token: only who and when.
+    """
+
+    TYPE = "CredentialsChanged"
+    VERSION = 1
+
+    customer_id: Id
+    changed_at: UtcDateTime
+    # Sessions whose ``iat`` is earlier than this are refused (a whole second, so a token
+    # issued in the same second as the change is refused too).
+    sessions_valid_from: UtcDateTime
+
+
 # --- licensing ----------------------------------------------------------------------------------
 
 
@@ -565,6 +596,8 @@ class UsageReported(Event, frozen=True, kw_only=True):
 ALL_EVENTS: tuple[type[Event], ...] = (
     CustomerSignedUp,
     CustomerClosed,
+    EmailVerified,
+    CredentialsChanged,
     LicenseIssued,
     LicenseRevoked,
     TrialStarted,

@@ -21,6 +21,7 @@ from services.cli import (
     bus,
     contracts,
     events,
+    mail,
     parked,
     provisioner,
     replay,
@@ -34,7 +35,7 @@ from services.licensing.keys import KeyConfigError
 DEFAULT_DATA_DIR = ".iotistic"
 
 # In the order `iotistic --help` lists them.
-GROUPS = (run, up, replay, events, bus, parked, provisioner, simulate, contracts)
+GROUPS = (run, up, replay, events, mail, bus, parked, provisioner, simulate, contracts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -150,6 +150,8 @@ def _start_and_serve(
         "CONTROL_PLANE_URL": http_url,
         # Back from Stripe to the account page of this process, unless told otherwise.
         "BILLING_RETURN_URL": os.environ.get("BILLING_RETURN_URL") or f"{http_url}/account",
+        # The base of the links signup mails (never the request's Host header).
+        "PUBLIC_URL": os.environ.get("PUBLIC_URL") or http_url,
         **broker,
     }
     platform = Platform.from_environ(definitions_for("all"), env)

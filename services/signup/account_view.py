@@ -166,4 +166,5 @@ async def account_view(pool: asyncpg.Pool, customer_id: str) -> AccountView:
         closed_at=row["closed_at"],
         invoices=await invoices_of(pool, customer_id),
         usage=await usage_of(pool, row),
+        email_verified=row["email_verified"],
     )

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from contracts import CustomerClosed, CustomerSignedUp
+from contracts import CredentialsChanged, CustomerClosed, CustomerSignedUp, EmailVerified
+from libs.mail.outbox import forget_sent_mail
+from libs.projections.apply import Projection
+from libs.runtime.outbox import outbox_worker
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
 from services.signup.customer_events import CUSTOMER_EVENTS
+from services.signup.mail import forget_spent_links, mail_relay
 from services.signup.private_state import forget_stale_private_state, settle_credentials
 from services.signup.projections import ACCOUNTS, INVOICES_AND_USAGE, PLATFORM_CAPACITY
 from services.signup.routes import signup_routes
 from services.signup.settings import SignupSettings
+from services.signup.verification import REACTOR, verification_reactors
 
 # How often credentials are brought in line with the account view (cheap: two indexed
 # statements that find nothing on a healthy day).
@@ -28,12 +33,20 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
     async def sweep_private_state() -> int:
         """Forget rate-limit windows and idempotency answers past their use."""
         await forget_stale_private_state(runtime.db(), settings.login_failure_window_seconds)
-        return 0
+        return await forget_sent_mail(runtime.db()) + await forget_spent_links(runtime.db())
 
     return [
         every(SETTLE_SECONDS, "signup: settling credentials", settle_signups),
         every(600, "signup: sweeping stale state", sweep_private_state),
+        # EmailVerified, CredentialsChanged and CustomerClosed are decided in signup's database.
+        outbox_worker(runtime),
+        mail_relay(runtime).worker(),
     ]
+
+
+def _reactors(runtime: ServiceRuntime) -> list[Projection]:
+    settings = runtime.settings_as(SignupSettings)
+    return verification_reactors(settings, mail_relay(runtime).wake)
 
 
 SIGNUP = ServiceDefinition(
@@ -42,10 +55,14 @@ SIGNUP = ServiceDefinition(
     projections=(ACCOUNTS, PLATFORM_CAPACITY, INVOICES_AND_USAGE, CUSTOMER_EVENTS),
     routes=signup_routes,
     workers=_workers,
+    reactors=_reactors,
+    reactor_names=(REACTOR,),
     # Every event signup owns, and where it is appended.
     emits=(
-        CustomerClosed,  # owned here (ARCHITECTURE.md), though no code appends it yet
+        CredentialsChanged,  # recovery.py, through the outbox: a password reset
+        CustomerClosed,  # closing.py, through the outbox: the customer closed the account
         CustomerSignedUp,  # signups.py: the first signup of an email
+        EmailVerified,  # verification.py, through the outbox: a verification link opened
     ),
     settings_type=SignupSettings,
 )

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import asyncpg
 
 from libs.http.auth import LOGIN_RELAY_MAX_AGE_SECONDS, RelayedClient, SessionTokens
-from libs.http.errors import Unauthorized
+from libs.http.errors import Forbidden, Unauthorized
 from services.signup.account_view import license_of
 from services.signup.limits import forgive_login_attempt, login_limits, reserve_login_attempt
 from services.signup.models import LoginAnswer, LoginForm
 from services.signup.passwords import Passwords
+from services.signup.recovery_sessions import issue_session
 from services.signup.settings import SignupSettings
 
 # Assertions older than LOGIN_RELAY_MAX_AGE_SECONDS are refused by their timestamp, so their
@@ -31,6 +32,12 @@ async def first_use_of_relay(conn: asyncpg.Connection, nonce: str) -> bool:
         nonce,
     )
     return bool(inserted)
+
+
+class AccountClosed(Forbidden):
+    """403: the password is right, but the customer closed the account."""
+
+    code = "account_closed"
 
 
 @dataclass
@@ -56,7 +63,8 @@ class Logins:
             # In force: confirmed by the request that appended it, or proven by the account
             # the log made (the request may have died between the append and the confirm).
             row = await conn.fetchrow(
-                "SELECT customer_id, password_hash FROM credentials c WHERE email = $1 "
+                "SELECT customer_id, password_hash, closed_at, sessions_valid_from "
+                "FROM credentials c WHERE email = $1 "
                 "AND (confirmed OR EXISTS (SELECT 1 FROM accounts a "
                 "WHERE a.customer_id = c.customer_id))",
                 form.email,
@@ -68,14 +76,18 @@ class Logins:
             account = await conn.fetchrow(
                 "SELECT * FROM accounts WHERE customer_id = $1", row["customer_id"]
             )
-            if account is not None and account["closed_at"] is not None:
-                # A closed account answers (and counts) like a wrong password.
-                raise Unauthorized("invalid email or password")
+            if row["closed_at"] is not None or (
+                account is not None and account["closed_at"] is not None
+            ):
+                # Told plainly, to the one who knows the password only (still counted).
+                raise AccountClosed("this account is closed; it cannot sign in any more")
             await forgive_login_attempt(conn, form.email, address)
         return LoginAnswer(
             customer_id=row["customer_id"],
             email=form.email,
             license=license_of(account),
-            token=self.sessions.issue(row["customer_id"], form.email),
+            token=await issue_session(
+                self.sessions, row["customer_id"], form.email, row["sessions_valid_from"]
+            ),
             token_expires_in=self.sessions.ttl_seconds,
         )

@@ -129,6 +129,9 @@ class AccountView(msgspec.Struct, frozen=True, kw_only=True):
     invoices: list[InvoiceOut] = msgspec.field(default_factory=list)
     # None until the instance has reported a day.
     usage: UsageOut | None = None
+    # Whether the customer opened the verification link mailed to their address (an
+    # unverified account works all the same).
+    email_verified: bool = False
 
 
 def check_email(value: str, errors: FieldErrors) -> str | None:

@@ -63,11 +63,14 @@ PROBLEMS = {
     "already_subscribed": "You already have a subscription: change its plan in Manage billing.",
     "no_billing_account": "There is nothing to manage yet: choose a paid plan first.",
     "billing_failed": "Billing could not do that just now; nothing was charged. Please try again.",
+    "verification_limit": "We sent you several links already; please wait an hour before asking "
+    "for another.",
 }
 NOTICES = {
     "success": "Thank you: your payment went through. Your plan changes as soon as the payment "
     "provider confirms it, usually within seconds.",
     "canceled": "Checkout was canceled; nothing was charged.",
+    "verification_sent": "We sent you a new link: open it to verify your email address.",
 }
 SIGNED_OUT = "signed-out"
 FIX_FIELDS = "Please correct the fields marked below."
@@ -146,10 +149,11 @@ class AccountPages(Controller):
         self,
         request: Request[Any, Any, Any],
         sessions: NamedDependency[SessionTokens],
+        pool: NamedDependency[asyncpg.Pool],
         csrf: NamedDependency[CsrfTokens],
     ) -> Response[Any]:
         """The sign-up form."""
-        if signed_in(request, sessions):
+        if await signed_in(request, sessions, pool):
             return Redirect("/account", status_code=303)
         return _signup_form(request, csrf, {}, {})
 
@@ -192,13 +196,14 @@ class AccountPages(Controller):
         self,
         request: Request[Any, Any, Any],
         sessions: NamedDependency[SessionTokens],
+        pool: NamedDependency[asyncpg.Pool],
         csrf: NamedDependency[CsrfTokens],
         next_path: NextPath = None,
         notice: Code = None,
     ) -> Response[Any]:
         """The sign-in form; ``next`` is where to go after (a path of ours)."""
         target = local_path(next_path)
-        if signed_in(request, sessions):
+        if await signed_in(request, sessions, pool):
             return Redirect(target, status_code=303)
         shown = "You are signed out." if notice == SIGNED_OUT else None
         return _login_form(request, csrf, target, "", notice=shown)
@@ -260,9 +265,10 @@ class AccountPages(Controller):
         csrf: NamedDependency[CsrfTokens],
         problem: Code = None,
         checkout: Code = None,
+        notice: Code = None,
     ) -> Response[Any]:
         """The signed-in customer's account: plan, instance, license, usage and billing."""
-        customer_id = signed_in(request, sessions)
+        customer_id = await signed_in(request, sessions, pool)
         if customer_id is None:
             return to_sign_in("/account")
         view = await _account_or_none(pool, customer_id)
@@ -282,7 +288,7 @@ class AccountPages(Controller):
             plans=PAID_PLANS,
             csrf_token=token,
             problem=PROBLEMS.get(problem or ""),
-            notice=NOTICES.get(checkout or ""),
+            notice=NOTICES.get(checkout or notice or ""),
         )
 
     @get("/account/progress", media_type="text/event-stream")
@@ -294,7 +300,7 @@ class AccountPages(Controller):
     ) -> ServerSentEvent:
         """The deployment's status and step as server-sent events, read from the account view
         every ``POLL_SECONDS``, until it is ready or has failed."""
-        customer_id = signed_in(request, sessions)
+        customer_id = await signed_in(request, sessions, pool)
         if customer_id is None:
             raise NotAuthorizedException("sign in first")
         return ServerSentEvent(
@@ -310,7 +316,7 @@ class AccountPages(Controller):
         pool: NamedDependency[asyncpg.Pool],
     ) -> Response[Any]:
         """The customer's current license, as a file to download."""
-        customer_id = signed_in(request, sessions)
+        customer_id = await signed_in(request, sessions, pool)
         if customer_id is None:
             return to_sign_in("/account")
         view = await _account_or_none(pool, customer_id)

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from contracts import (
+    CredentialsChanged,
     CustomerClosed,
     CustomerSignedUp,
     DeploymentFailed,
@@ -17,6 +18,7 @@ from contracts import (
     DeploymentStarted,
     DeploymentSucceeded,
     DeploymentWaitingForCapacity,
+    EmailVerified,
     InstanceCapacityChanged,
     InstanceDegraded,
     InstanceRecovered,
@@ -63,6 +65,23 @@ async def _update(conn: Connection, r: Recorded[Any], sets: str, *args: object) 
 
 async def when_customer_closed_close_account(conn: Connection, r: Recorded[CustomerClosed]) -> None:
     await _update(conn, r, "closed_at = $2, subscription_status = 'closed'")
+
+
+async def when_email_verified_show_it(conn: Connection, r: Recorded[EmailVerified]) -> None:
+    # Only the address the account has (a later change of address would need verifying anew).
+    await conn.execute(
+        "UPDATE accounts SET email_verified = true, updated_at = $2 "
+        "WHERE customer_id = $1 AND email = $3",
+        r.envelope.customer_id,
+        r.envelope.occurred_at,
+        r.event.email,
+    )
+
+
+async def when_credentials_changed_show_it(
+    conn: Connection, r: Recorded[CredentialsChanged]
+) -> None:
+    await _update(conn, r, "password_changed_at = $3", r.event.changed_at)
 
 
 async def when_trial_started_show_trial(conn: Connection, r: Recorded[TrialStarted]) -> None:
@@ -271,6 +290,8 @@ ACCOUNTS = Projection(
     handlers={
         CustomerSignedUp: when_customer_signed_up_open_account,
         CustomerClosed: when_customer_closed_close_account,
+        EmailVerified: when_email_verified_show_it,
+        CredentialsChanged: when_credentials_changed_show_it,
         TrialStarted: when_trial_started_show_trial,
         TrialExpired: when_trial_expired_show_expiry,
         SubscriptionActivated: when_subscription_activated_show_plan,

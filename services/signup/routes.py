@@ -27,6 +27,8 @@ from services.signup.logins import Logins
 from services.signup.models import AccountView, LoginAnswer, parse_login, parse_signup
 from services.signup.pages import AccountPages
 from services.signup.passwords import Passwords
+from services.signup.recovery_routes import recovery_routes
+from services.signup.recovery_sessions import require_session
 from services.signup.settings import SignupSettings
 from services.signup.signups import Signups
 from services.signup.web import STATIC_PREFIX
@@ -116,8 +118,9 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     def pool() -> asyncpg.Pool:
         return runtime.db()
 
-    def session_customer_id(request: Request[Any, Any, Any]) -> str:
-        return sessions.customer(request)
+    async def session_customer_id(request: Request[Any, Any, Any]) -> str:
+        # Not a session issued before a password reset, nor one of a closed account.
+        return await require_session(runtime.db(), sessions, request)
 
     return [
         static_files(STATIC_PREFIX),
@@ -129,10 +132,11 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
                 "signups": Provide(signups, sync_to_thread=False),
                 "logins": Provide(logins, sync_to_thread=False),
                 "pool": Provide(pool, sync_to_thread=False),
-                "session_customer_id": Provide(session_customer_id, sync_to_thread=False),
+                "session_customer_id": Provide(session_customer_id),
                 "sessions": Provide(lambda: sessions, sync_to_thread=False),
                 "csrf": Provide(lambda: csrf, sync_to_thread=False),
                 "settings": Provide(lambda: settings, sync_to_thread=False),
             },
         ),
+        recovery_routes(runtime, passwords, sessions),
     ]

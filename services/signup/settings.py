@@ -10,7 +10,8 @@ from libs.config import ServiceSettings
 
 
 class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
-    """Trial length, how long a signup waits for its license, password hashing, abuse limits."""
+    """Trial length, how long a signup waits for its license, password hashing, abuse limits,
+    the public address its mails link to, and the SMTP server they go through."""
 
     default_trial_days: Annotated[int, Meta(ge=1, le=90)] = 14
     # How long a signup waits for the license and trial other services answer with; what has
@@ -39,3 +40,22 @@ class SignupSettings(ServiceSettings, frozen=True, kw_only=True):
     # Where the account page's billing forms may be redirected to (Stripe Checkout and the
     # billing portal), space-separated origins for its Content-Security-Policy form-action.
     payment_form_origins: str = "https://checkout.stripe.com https://billing.stripe.com"
+    # The control plane's public address, the only base of the links mailed to customers
+    # (never the request's Host header, which a client chooses). `iotistic up` sets its own,
+    # the chart https://api.<baseDomain>; unset: http://localhost:<HTTP_PORT>.
+    public_url: Annotated[str, Meta(pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")] | None = None
+    # Where mail goes. Without SMTP_HOST each mail is written to the log and kept for
+    # `iotistic mail tail` (a platform on one machine has no mail server).
+    smtp_host: str | None = None
+    smtp_port: Annotated[int, Meta(ge=1, le=65535)] = 587
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = True
+    mail_from: Annotated[str, Meta(min_length=3, max_length=200)] = "Iotistic <no-reply@localhost>"
+    # Forgotten-password mails: per client address (429 past it) and per email (past it the
+    # answer is the same 202, and no mail goes, so nobody can flood a mailbox).
+    reset_links_max_per_address: Annotated[int, Meta(ge=1)] = 10
+    reset_links_max_per_email: Annotated[int, Meta(ge=1)] = 3
+    reset_links_window_seconds: Annotated[int, Meta(ge=60)] = 3600
+    # Verification mails a customer may ask for again per window.
+    verification_resend_max: Annotated[int, Meta(ge=1)] = 3

@@ -13,20 +13,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import asyncpg
 from litestar import Request
 from litestar.response import Redirect
 
 from libs.http.auth import SessionTokens
 from libs.web.forms import session_token
 from libs.web.pages import Pages
+from services.signup.recovery_sessions import customer_in_session
 
 STATIC_PREFIX = "/static/signup"
 PAGES = Pages(Path(__file__).parent / "templates", STATIC_PREFIX, home="/account")
 
 
-def signed_in(request: Request[Any, Any, Any], sessions: SessionTokens) -> str | None:
-    """The customer whose session cookie the browser carries, if it is valid."""
-    return sessions.customer_of(session_token(request))
+async def signed_in(
+    request: Request[Any, Any, Any], sessions: SessionTokens, pool: asyncpg.Pool
+) -> str | None:
+    """The customer whose session cookie the browser carries, if it is valid and signup still
+    honours it (not issued before a password reset, not of a closed account)."""
+    return await customer_in_session(pool, sessions, session_token(request))
 
 
 def to_sign_in(next_path: str = "/account") -> Redirect:

@@ -308,6 +308,10 @@ def test_the_provisioner_hands_instances_the_control_planes_services(
     assert plain_env(kube, "provisioner")["PROVISIONER_BACKEND"] == "kubernetes"
     # Signup counts sign-ups and failures per client address: behind the gateway, one hop.
     assert plain_env(docs, "signup")["TRUSTED_PROXY_HOPS"] == "1"
+    # Links in mail go to the public API address, or where targets.signup.publicUrl says.
+    assert plain_env(docs, "signup")["PUBLIC_URL"] == f"https://api.{DOMAIN}"
+    own = render({"targets": {"signup": {"publicUrl": "https://iot.example.org"}}})
+    assert plain_env(own, "signup")["PUBLIC_URL"] == "https://iot.example.org"
 
 
 def test_base_domain_is_required() -> None:

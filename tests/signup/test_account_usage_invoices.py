@@ -77,6 +77,14 @@ async def new_customer(store: EventStore, pool: asyncpg.Pool, *, license: bool =
     )
     if license:
         await store.publish(license_issued(customer_id), customer_id=customer_id)
+    # The private state a signup through the API keeps beside the log: a session is honoured
+    # only for a customer with credentials.
+    await pool.execute(
+        "INSERT INTO credentials (customer_id, email, password_hash, confirmed) "
+        "VALUES ($1, $2, 'not-a-hash', true)",
+        customer_id,
+        email,
+    )
     await eventually(
         lambda: pool.fetchrow(
             "SELECT license_limits FROM accounts WHERE customer_id = $1", customer_id

@@ -422,8 +422,10 @@ async def test_a_closed_account_cannot_log_in(client, platform, store: EventStor
         lambda r: r.status_code != 200,
         what="the closed account refused",
     )
-    assert response.status_code == 401
-    assert response.json()["error"]["message"] == "invalid email or password"
+    # Told plainly (only to someone with the right password; a wrong one is still a 401).
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "account_closed"
+    assert (await log_in(client, email, "not the password at all")).status_code == 401
 
 
 async def test_stale_rate_limit_windows_and_idempotency_answers_are_forgotten(platform) -> None:

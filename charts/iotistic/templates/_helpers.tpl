@@ -164,7 +164,8 @@ worker) includes it with that target's name and gets exactly the same.
 
 {{/*
 Settings the chart derives for one target (dict root, target), as env entries: the provisioner's
-instance image, domain and the control-plane URLs it hands every instance; signup's proxy hops.
+instance image, domain and the control-plane URLs it hands every instance; signup's proxy hops
+and public URL.
 */}}
 {{- define "iotistic.targetEnv" -}}
 {{- $root := .root }}
@@ -211,6 +212,12 @@ instance image, domain and the control-plane URLs it hands every instance; signu
 {{- if and (eq .target "signup") $root.Values.gateway.enabled }}
 - name: TRUSTED_PROXY_HOPS
   value: {{ $root.Values.gateway.trustedProxyHops | toString | quote }}
+{{- end }}
+{{- if eq .target "signup" }}
+# The base of the links signup mails (reset, verification): the public API address, never a
+# request's Host header. targets.signup.publicUrl overrides it (a gateway of your own, say).
+- name: PUBLIC_URL
+  value: {{ $root.Values.targets.signup.publicUrl | default (printf "https://api.%s" (include "iotistic.baseDomain" $root)) | quote }}
 {{- end }}
 {{- end }}
 
