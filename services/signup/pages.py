@@ -42,7 +42,7 @@ from libs.web.forms import (
 from services.signup.account_view import account_view
 from services.signup.logins import Logins
 from services.signup.models import AccountView, parse_login, parse_signup
-from services.signup.progress import progress_events, progress_of
+from services.signup.progress import may_open_stream, progress_events, progress_of
 from services.signup.settings import SignupSettings
 from services.signup.signups import Signups
 from services.signup.web import PAGES, signed_in, to_sign_in
@@ -303,6 +303,8 @@ class AccountPages(Controller):
         customer_id = await signed_in(request, sessions, pool)
         if customer_id is None:
             raise NotAuthorizedException("sign in first")
+        if not may_open_stream(customer_id):
+            raise TooManyRequests("too many progress streams open; close a tab", 5)
         return ServerSentEvent(
             progress_events(pool, customer_id),
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import asyncpg
@@ -39,6 +39,15 @@ STATUS_LABELS = {
 # the browser reconnects (EventSource does so by itself).
 POLL_SECONDS = 0.5
 STREAM_SECONDS = 300.0
+# Streams one customer may hold open at once in one process (a few tabs): each reads the
+# database twice a second, so a session must not be able to open thousands.
+STREAMS_PER_CUSTOMER = 4
+_open_streams: dict[str, int] = {}
+
+
+def may_open_stream(customer_id: str) -> bool:
+    """Whether ``customer_id`` may open one more progress stream now."""
+    return _open_streams.get(customer_id, 0) < STREAMS_PER_CUSTOMER
 
 
 def safe_link(url: str | None) -> str | None:
@@ -75,19 +84,25 @@ def progress_of(deployment: DeploymentOut) -> dict[str, Any]:
 
 async def progress_events(
     pool: asyncpg.Pool, customer_id: str
-) -> AsyncIterator[ServerSentEventMessage]:
+) -> AsyncGenerator[ServerSentEventMessage, None]:
     """The deployment of ``customer_id`` as server-sent events: a ``progress`` event at each
     change, read every ``POLL_SECONDS``; ``end`` once it is no longer under way."""
     last: dict[str, Any] | None = None
     deadline = time.monotonic() + STREAM_SECONDS
-    while time.monotonic() < deadline:
-        row = await pool.fetchrow("SELECT * FROM accounts WHERE customer_id = $1", customer_id)
-        state = progress_of(deployment_of(row))
-        if state != last:
-            data = msgspec.json.encode(state).decode()
-            yield ServerSentEventMessage(data=data, event="progress")
-            last = state
-        if state["done"]:
-            yield ServerSentEventMessage(data="done", event="end")
-            return
-        await asyncio.sleep(POLL_SECONDS)
+    _open_streams[customer_id] = _open_streams.get(customer_id, 0) + 1
+    try:
+        while time.monotonic() < deadline:
+            row = await pool.fetchrow("SELECT * FROM accounts WHERE customer_id = $1", customer_id)
+            state = progress_of(deployment_of(row))
+            if state != last:
+                data = msgspec.json.encode(state).decode()
+                yield ServerSentEventMessage(data=data, event="progress")
+                last = state
+            if state["done"]:
+                yield ServerSentEventMessage(data="done", event="end")
+                return
+            await asyncio.sleep(POLL_SECONDS)
+    finally:
+        left = _open_streams.pop(customer_id, 1) - 1
+        if left > 0:
+            _open_streams[customer_id] = left

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -24,6 +26,7 @@ from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.runtime.platform import Platform
 from libs.servers.mosquitto import EmbeddedMosquitto
+from services.signup.progress import STREAMS_PER_CUSTOMER, may_open_stream, progress_events
 from services.targets import CONTROL_PLANE, build_app
 from stripe_signing import SECRET
 from stripe_standin import API_KEY, StripeStandIn
@@ -574,3 +577,24 @@ def test_an_instance_link_must_be_http() -> None:
 
     assert safe_link("javascript:alert(1)") is None
     assert safe_link("https://acme.example") == "https://acme.example"
+
+
+async def test_one_customer_cannot_hold_more_than_a_few_progress_streams(
+    base_url: str, settings: ServiceSettings
+) -> None:
+    """Each stream reads the database twice a second: a session may hold a few, not thousands;
+    a closed stream frees its place."""
+    customer_id = f"streams-{uuid.uuid4().hex[:8]}"  # no account yet: its deployment is pending
+    async with asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=2, server_settings={"search_path": "signup"}
+    ) as pool:
+        streams = [progress_events(pool, customer_id) for _ in range(STREAMS_PER_CUSTOMER)]
+        for stream in streams:
+            first = await anext(stream)
+            assert first.event == "progress"
+        assert not may_open_stream(customer_id)
+        assert may_open_stream("someone-else")
+        await streams[0].aclose()
+        assert may_open_stream(customer_id)
+        for stream in streams[1:]:
+            await stream.aclose()
