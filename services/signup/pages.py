@@ -144,6 +144,17 @@ class AccountPages(Controller):
     path = "/"
     include_in_schema = False
 
+    @get("/")
+    async def home(
+        self,
+        request: Request[Any, Any, Any],
+        sessions: NamedDependency[SessionTokens],
+        pool: NamedDependency[asyncpg.Pool],
+    ) -> Redirect:
+        """The platform's address: the account when signed in, otherwise the sign-up form."""
+        signed = await signed_in(request, sessions, pool)
+        return Redirect("/account" if signed else "/signup", status_code=303)
+
     @get("/signup")
     async def signup_page(
         self,

@@ -447,7 +447,7 @@ def test_each_public_path_goes_to_the_service_that_serves_it(docs: list[dict[str
     assert by_path["/webhooks/stripe"] == "billing"
     assert by_path["/.well-known/jwks.json"] == "licensing"
     # The customer's pages are signup's, but for billing's two forms under /account.
-    assert {by_path[p] for p in ("/signup", "/login", "/logout", "/account")} == {"signup"}
+    assert {by_path[p] for p in ("/", "/signup", "/login", "/logout", "/account")} == {"signup"}
     assert by_path["/static/signup"] == "signup"
     assert by_path["/account/upgrade"] == by_path["/account/billing"] == "billing"
     # Exact paths of signup under the provisioner's prefix: Gateway API prefers Exact.

@@ -598,3 +598,13 @@ async def test_one_customer_cannot_hold_more_than_a_few_progress_streams(
         assert may_open_stream(customer_id)
         for stream in streams[1:]:
             await stream.aclose()
+
+
+async def test_the_platforms_address_leads_to_sign_up_or_to_the_account(
+    browser_client: httpx.AsyncClient, member: str
+) -> None:
+    first = await browser_client.get("/")
+    assert (first.status_code, first.headers["location"]) == (303, "/signup")
+    assert (await sign_in(browser_client, member)).status_code == 303
+    again = await browser_client.get("/")
+    assert (again.status_code, again.headers["location"]) == (303, "/account")
