@@ -126,7 +126,7 @@ class DevicesController(Controller):
         guards=[read_write],
     )
     async def rename(
-        self, device_id: FromPath[str], data: JSONBody[dict[str, Any]], instance: Instance
+        self, device_id: FromPath[str], data: JSONBody[Any], instance: Instance
     ) -> dict[str, Any]:
         """A new ``name`` for the device (its credentials and readings stay)."""
         name = device_name(data)

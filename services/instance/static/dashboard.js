@@ -99,7 +99,9 @@ $("login-form").addEventListener("submit", async (event) => {
 $("logout").addEventListener("click", async () => {
   await fetch("/dashboard/logout", {method: "POST"}); location.reload();
 });
-function showSection(name) {
+const LOADERS = {devices: () => loadDevices(), charts: () => loadCharts(), alerts: () => loadAlerts(),
+  problems: () => loadProblems(), usage: () => loadUsage()};
+function showSection(name, load = true) {
   state.section = name;
   for (const button of document.querySelectorAll("nav button")) {
     if (button.dataset.section === name) button.setAttribute("aria-current", "page");
@@ -110,6 +112,7 @@ function showSection(name) {
     const chart = $(`chart-${metric}`); if (chart.data && !chart.hidden) Plotly.Plots.resize(chart);
   }
   if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
+  if (load) LOADERS[name]().catch((e) => notice(e.message));
 }
 for (const button of document.querySelectorAll("nav button")) button.addEventListener("click", () => showSection(button.dataset.section));
 
@@ -337,12 +340,14 @@ async function loadCharts() {
   state.shown = {from, to, live, bucket, devices};
   for (const metric of Object.keys(METRICS)) {
     const traces = devices.map((d, i) => ({x: answers[i].series[metric].map((p) => p.t), y: answers[i].series[metric].map((p) => p.avg),
-      name: d.name, mode: "lines+markers", type: "scatter", marker: {size: 4}}));
+      name: d.name, mode: "lines+markers", type: "scatter", marker: {size: 6}}));
     const chart = $(`chart-${metric}`);
     chart.hidden = OPTIONAL.includes(metric) && !traces.some((t) => t.y.length);
     const extra = metric === "iaq" ? {shapes: iaqShapes(), yaxis: {range: [0, 500]}} : {};
     Plotly.react(chart, traces.length ? traces : [{x: [], y: [], name: "no device", mode: "lines"}], layout(metric, from, to, extra),
       {displayModeBar: false, responsive: true});
+    // Drawn while hidden, a chart takes plotly's default size: fit it once it can be seen.
+    if (state.section === "charts" && !chart.hidden) Plotly.Plots.resize(chart);
   }
   $("chart-note").textContent = devices.length
     ? `Each point is the average over ${BUCKET_TEXT[bucket]}${live ? "; new readings appear as they arrive" : ""}.`
@@ -386,11 +391,14 @@ function onReading(r) {
   const shown = state.shown;
   const index = shown && shown.live ? shown.devices.findIndex((d) => d.device_id === r.device_id) : -1;
   if (index < 0) return;
+  const slide = new Date(r.ts) > shown.to;  // keep the window on the last hour, day...
+  if (slide) { const span = shown.to - shown.from; shown.to = new Date(); shown.from = new Date(shown.to - span); }
   for (const metric of Object.keys(METRICS)) {
     if (r[metric] == null) continue;
     const chart = $(`chart-${metric}`);
     if (chart.hidden) { chart.hidden = false; Plotly.Plots.resize(chart); }
     Plotly.extendTraces(chart, {x: [[r.ts]], y: [[r[metric]]]}, [index], 5000);
+    if (slide) Plotly.relayout(chart, {"xaxis.range": [shown.from.toISOString(), shown.to.toISOString()]});
   }
   window.lastLiveReading = r;
 }
@@ -497,7 +505,7 @@ const REQUIRED = "ts, temperature, humidity, pressure and gas_resistance";
 function explain(reason) {
   let m;
   if ((m = reason.match(/missing required field `(\w+)`/))) return `The reading has no "${m[1]}". Every reading needs ${REQUIRED}.`;
-  if ((m = reason.match(/Expected `(\w+)`, got `(\w+)` - at `\$\.(\w+)`/))) return `"${m[3]}" must be a ${m[1] === "float" ? "number" : m[1]}, not a ${m[2]} (send 21.5, not "21.5").`;
+  if ((m = reason.match(/Expected `(\w+)`, got `(\w+)` - at `\$\.(\w+)`/))) return `"${m[3]}" must be a ${m[1] === "float" ? "number" : m[1]}, not ${m[2] === "str" ? "text" : m[2]} (send 21.5, not "21.5").`;
   if ((m = reason.match(/Expected `\w+` ([<>]=?) ([-\d.e+]+) - at `\$\.(\w+)`/))) return `"${m[3]}" is outside what the sensor can measure (it must be ${m[1]} ${m[2]}).`;
   if (/^malformed/.test(reason)) return "The message is not valid JSON.";
   if (/^oversized/.test(reason)) return "The message is larger than 4 KiB.";
@@ -559,7 +567,7 @@ async function start() {
   $("rule-metric").replaceChildren(...[...Object.keys(METRICS), "iaq_accuracy", "no_data"].map((m) => el("option", {value: m}, m)));
   $("iaq-legend").replaceChildren(...IAQ_BANDS.map(([low, high, name, colour]) =>
     el("li", {}, el("span", {style: `background:${colour}`}), high === 500 ? `over 350: ${name}` : `${low}–${high}: ${name}`)));
-  showSection(location.hash.slice(1) in {devices: 1, charts: 1, alerts: 1, problems: 1, usage: 1} ? location.hash.slice(1) : "devices");
+  showSection(location.hash.slice(1) in LOADERS ? location.hash.slice(1) : "devices", false);
   await Promise.all([loadUsage(), loadCharts(), loadAlerts(), loadProblems()]);
   live();
   setInterval(refresh, 10000);

@@ -1,0 +1,139 @@
+"""The instance's dashboard as a facility manager uses it, in Debian's Chromium: signing in,
+adding a device and publishing with the very ``mosquitto_pub`` command the page shows, its
+charts, an alert rule made in the page that fires (then muted), a dead letter from a bad
+payload, and the usage meters. Every section is checked with axe-core and at 390 px, and
+screenshotted (``check_page``). Everything real: the control plane, the instance, Postgres,
+NATS and Mosquitto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+from typing import Any
+
+import pytest
+from playwright.async_api import Page
+
+from browser import check_page, new_page, open_browser
+from test_instance import PASSWORD, client, customer  # noqa: F401 - client is a fixture
+
+pytestmark = pytest.mark.slow
+
+MOSQUITTO_PUB = "/usr/bin/mosquitto_pub"
+
+
+def run_snippet(command: str) -> None:
+    """Run a shell command copied out of the page, as a customer would paste it."""
+    assert command.startswith("mosquitto_pub "), command
+    done = subprocess.run(
+        ["/bin/sh", "-c", MOSQUITTO_PUB + command.removeprefix("mosquitto_pub")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+async def open_section(page: Page, name: str) -> None:
+    await page.click(f"nav button[data-section={name}]")
+    await page.wait_for_selector(f"#section-{name}", state="visible")
+
+
+async def sign_in(page: Page, base: str, email: str) -> None:
+    await page.goto(base + "/")
+    await page.wait_for_selector("#login-form", state="visible")
+    await check_page(page, "instance-login")
+    await page.fill("#email", email)
+    await page.fill("#password", PASSWORD)
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)
+
+
+async def add_device_and_publish(page: Page, name: str) -> str:
+    """Add a device in the page and publish with the page's own mosquitto_pub command; return
+    the command."""
+    await page.fill("#device-name", name)
+    await page.click("#add-device button[type=submit]")
+    await page.wait_for_selector("#credentials", state="visible")
+    command = await page.inner_text("#snippet-mosquitto")
+    for snippet in ("#snippet-python", "#snippet-esp32"):
+        text = await page.inner_text(snippet)
+        assert re.search(r"dev-[0-9a-f]{16}", text), text  # the real username, filled in
+    assert "bsec2.h" in await page.inner_text("#snippet-esp32")
+    run_snippet(command)
+    await page.wait_for_function(
+        "() => /online/.test(document.querySelector('#devices tbody').innerText)"
+        " && /calibrated/.test(document.querySelector('#devices tbody').innerText)",
+        timeout=20_000,
+    )
+    return command
+
+
+async def test_every_section_works_with_real_data_and_passes_axe(client) -> None:  # noqa: F811
+    grace = await customer(client, "grace@example.com")
+    base = str(grace.api.base_url).rstrip("/")
+    requested: list[str] = []
+    try:
+        async with open_browser() as browser:
+            page = await new_page(browser)
+            page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            page.on("request", lambda r: requested.append(r.url))
+            answer = await page.request.get(base + "/")
+            policy = answer.headers["content-security-policy"]
+            assert "script-src 'self';" in policy and "unsafe-eval" not in policy, policy
+            await sign_in(page, base, "grace@example.com")
+
+            command = await add_device_and_publish(page, "Lobby")
+            await check_page(page, "instance-devices")
+
+            await open_section(page, "charts")
+            await page.wait_for_function(
+                "() => { const c = document.getElementById('chart-temperature');"
+                " return !!(c && c.data && c.data[0].y.length > 0); }",
+                timeout=20_000,
+            )
+            await page.wait_for_selector("#chart-iaq .shapelayer path")  # the IAQ bands
+            raw = await page.get_attribute("#csv-raw a", "href")
+            assert raw and "/readings.csv?from=" in raw, raw
+            await check_page(page, "instance-charts")
+
+            await open_section(page, "alerts")
+            await page.fill("#rule-name", "Lobby too warm")
+            await page.select_option("#rule-metric", "temperature")
+            await page.select_option("#rule-operator", ">")
+            await page.fill("#rule-threshold", "20")
+            await page.fill("#rule-for", "0")
+            await page.click("#rule-submit")
+            await page.wait_for_selector("#rules >> text=Lobby too warm")
+            await _until_text(page, "alerts", "#history", "still firing")
+            await check_page(page, "instance-alerts")
+            await page.click("#rules button:has-text('Mute')")
+            await page.wait_for_selector("#rules button:has-text('Unmute')")
+            assert "muted" in await page.inner_text("#rules")
+
+            bad = re.sub(r'\\"temperature\\":21.5', r'\\"temperature\\":\\"warm\\"', command)
+            assert bad != command
+            run_snippet(bad)
+            await _until_text(page, "problems", "#dead-letters", "must be a number")
+            await check_page(page, "instance-problems")
+
+            await open_section(page, "usage")
+            await page.wait_for_selector("#meters progress")
+            assert "Messages today" in await page.inner_text("#meters")
+            assert "At 100%" in await page.inner_text("#meters")
+            await check_page(page, "instance-usage")
+        assert requested and all(url.startswith(base) for url in requested), requested
+    finally:
+        await grace.api.aclose()
+
+
+async def _until_text(page: Page, section: str, selector: str, text: str) -> Any:
+    """Open ``section`` again (which reloads it) until ``selector`` shows ``text``."""
+    for _ in range(40):
+        await open_section(page, section)
+        await asyncio.sleep(0.5)
+        if text in await page.inner_text(selector):
+            return
+    raise AssertionError(f"{selector} never showed {text!r}: {await page.inner_text(selector)}")
