@@ -15,10 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-
-from contracts import SubscriptionActivated
-from libs.servers.mosquitto import EmbeddedMosquitto
-from support import eventually
 from test_instance import (  # noqa: F401 - client is a fixture
     PASSWORD,
     Customer,
@@ -28,6 +24,10 @@ from test_instance import (  # noqa: F401 - client is a fixture
     reading,
     register,
 )
+
+from contracts import SubscriptionActivated
+from libs.servers.mosquitto import EmbeddedMosquitto
+from support import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,8 @@ import subprocess
 from typing import Any
 
 import pytest
-from playwright.async_api import Page
-
 from browser import check_page, new_page, open_browser
+from playwright.async_api import Page
 from test_instance import PASSWORD, client, customer  # noqa: F401 - client is a fixture
 
 pytestmark = pytest.mark.slow
