@@ -257,6 +257,9 @@ def parse_metrics(value: str | None) -> list[str]:
     return asked
 
 
+Series = dict[str, list[dict[str, Any]]]
+
+
 async def aggregate(
     conn: asyncpg.Connection,
     device_id: str,
@@ -268,56 +271,76 @@ async def aggregate(
     """avg/min/max of each metric per bucket; long ranges from the hourly rollups."""
     step = BUCKETS[bucket]
     from_rollups = step >= BUCKETS["1h"] and (end - start) > RAW_LIMIT
-    if from_rollups:
-        rows = await conn.fetch(
-            f"""
-            SELECT date_bin($4::interval, hour, '2000-01-01') AS bucket, metric,
-                   {as_sent("sum(total) / sum(n)")} AS avg, {as_sent("min(low)")} AS min,
-                   {as_sent("max(high)")} AS max
-            FROM readings_hourly
-            WHERE device_id = $1 AND hour >= $2 AND hour < $3 AND metric = ANY($5::text[])
-            GROUP BY 1, 2 ORDER BY 1
-            """,
-            device_id,
-            start,
-            end,
-            step,
-            metrics,
-        )
-        series: dict[str, list[dict[str, Any]]] = {m: [] for m in metrics}
-        for row in rows:
-            series[row["metric"]].append(
-                {"t": row["bucket"], "avg": row["avg"], "min": row["min"], "max": row["max"]}
-            )
-    else:
-        columns = ", ".join(
-            f"{as_sent(f'avg({m})')} AS {m}_avg, {_sent_if_real(m, f'min({m})')} AS {m}_min, "
-            f"{_sent_if_real(m, f'max({m})')} AS {m}_max"
-            for m in metrics
-        )
-        rows = await conn.fetch(
-            f"SELECT date_bin($4::interval, ts, '2000-01-01') AS bucket, {columns} "
-            "FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 GROUP BY 1 ORDER BY 1",
-            device_id,
-            start,
-            end,
-            step,
-        )
-        series = {
-            m: [
-                {"t": r["bucket"], "avg": r[f"{m}_avg"], "min": r[f"{m}_min"], "max": r[f"{m}_max"]}
-                for r in rows
-                if r[f"{m}_avg"] is not None
-            ]
-            for m in metrics
-        }
+    query = _from_rollups if from_rollups else _from_readings
     return {
         "device_id": device_id,
         "from": start,
         "to": end,
         "bucket": bucket,
         "source": "rollups" if from_rollups else "readings",
-        "series": series,
+        "series": await query(conn, device_id, start, end, step, metrics),
+    }
+
+
+async def _from_rollups(
+    conn: asyncpg.Connection,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    step: timedelta,
+    metrics: list[str],
+) -> Series:
+    rows = await conn.fetch(
+        f"""
+        SELECT date_bin($4::interval, hour, '2000-01-01') AS bucket, metric,
+               {as_sent("sum(total) / sum(n)")} AS avg, {as_sent("min(low)")} AS min,
+               {as_sent("max(high)")} AS max
+        FROM readings_hourly
+        WHERE device_id = $1 AND hour >= $2 AND hour < $3 AND metric = ANY($5::text[])
+        GROUP BY 1, 2 ORDER BY 1
+        """,
+        device_id,
+        start,
+        end,
+        step,
+        metrics,
+    )
+    series: Series = {m: [] for m in metrics}
+    for row in rows:
+        series[row["metric"]].append(
+            {"t": row["bucket"], "avg": row["avg"], "min": row["min"], "max": row["max"]}
+        )
+    return series
+
+
+async def _from_readings(
+    conn: asyncpg.Connection,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    step: timedelta,
+    metrics: list[str],
+) -> Series:
+    columns = ", ".join(
+        f"{as_sent(f'avg({m})')} AS {m}_avg, {_sent_if_real(m, f'min({m})')} AS {m}_min, "
+        f"{_sent_if_real(m, f'max({m})')} AS {m}_max"
+        for m in metrics
+    )
+    rows = await conn.fetch(
+        f"SELECT date_bin($4::interval, ts, '2000-01-01') AS bucket, {columns} "
+        "FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 GROUP BY 1 ORDER BY 1",
+        device_id,
+        start,
+        end,
+        step,
+    )
+    return {
+        m: [
+            {"t": r["bucket"], "avg": r[f"{m}_avg"], "min": r[f"{m}_min"], "max": r[f"{m}_max"]}
+            for r in rows
+            if r[f"{m}_avg"] is not None
+        ]
+        for m in metrics
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,6 +97,12 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             await page.wait_for_selector("#chart-iaq .shapelayer path")  # the IAQ bands
             raw = await page.get_attribute("#csv-raw a", "href")
             assert raw and "/readings.csv?from=" in raw, raw
+            async with page.expect_download() as download:
+                await page.click("#csv-shown")
+            saved = Path(await (await download.value).path())
+            shown = await asyncio.to_thread(saved.read_text)
+            assert shown.startswith("device,metric,time,value\n"), shown
+            assert "Lobby,temperature," in shown and shown.rstrip().endswith(",0.8"), shown
             await check_page(page, "instance-charts")
 
             await open_section(page, "alerts")
