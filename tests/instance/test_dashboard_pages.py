@@ -57,6 +57,7 @@ async def add_device_and_publish(page: Page, name: str) -> str:
     await page.fill("#device-name", name)
     await page.click("#add-device button[type=submit]")
     await page.wait_for_selector("#credentials", state="visible")
+    assert await page.inner_text("#cred-name") == name
     command = await page.inner_text("#snippet-mosquitto")
     for snippet in ("#snippet-python", "#snippet-esp32"):
         text = await page.inner_text(snippet)
@@ -64,8 +65,10 @@ async def add_device_and_publish(page: Page, name: str) -> str:
     assert "bsec2.h" in await page.inner_text("#snippet-esp32")
     run_snippet(command)
     await page.wait_for_function(
-        "() => /online/.test(document.querySelector('#devices tbody').innerText)"
-        " && /calibrated/.test(document.querySelector('#devices tbody').innerText)",
+        "name => [...document.querySelectorAll('#devices tbody tr')].some(row =>"
+        " row.innerText.includes(name) && /online/.test(row.innerText)"
+        " && /calibrated/.test(row.innerText))",
+        arg=name,
         timeout=20_000,
     )
     return command
@@ -86,12 +89,20 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             await sign_in(page, base, "grace@example.com")
 
             command = await add_device_and_publish(page, "Lobby")
+            await add_device_and_publish(page, "Office")
             await check_page(page, "instance-devices")
 
             await open_section(page, "charts")
             await page.wait_for_function(
                 "() => { const c = document.getElementById('chart-temperature');"
                 " return !!(c && c.data && c.data[0].y.length > 0); }",
+                timeout=20_000,
+            )
+            # Both devices side by side: one trace each on every chart.
+            await page.check("#chart-devices label:has-text('Office') input")
+            await page.wait_for_function(
+                "() => { const c = document.getElementById('chart-humidity');"
+                " return c.data.length === 2 && c.data.every(t => t.y.length > 0); }",
                 timeout=20_000,
             )
             await page.wait_for_selector("#chart-iaq .shapelayer path")  # the IAQ bands

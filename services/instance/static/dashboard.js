@@ -120,7 +120,7 @@ for (const button of document.querySelectorAll("nav button")) button.addEventLis
 function accuracy(latest) {
   if (!latest || latest.iaq_accuracy == null) return "";
   const a = latest.iaq_accuracy;
-  return ` (accuracy ${a}: ${a >= 3 ? "calibrated" : a === 0 ? "stabilising" : "calibrating"})`;
+  return ` (accuracy ${a}: ${a >= 3 ? "calibrated" : "calibrating"})`;
 }
 function deviceRow(d) {
   const l = d.latest || {};
@@ -300,12 +300,14 @@ function showCredentials(device) {
   $("payload-format").textContent = JSON.stringify({ts: "2026-01-01T12:00:00Z", ...SAMPLE}, null, 2);
   $("credentials").hidden = false; $("credentials").focus();
 }
-$("credentials-done").addEventListener("click", () => {
+function hideCredentials() {
   $("credentials").hidden = true; for (const id of ["snippet-mosquitto", "snippet-python", "snippet-esp32"]) $(id).textContent = "";
   $("cred-fields").replaceChildren();
-});
+}
+$("credentials-done").addEventListener("click", hideCredentials);
 $("add-device").addEventListener("submit", async (event) => {
   event.preventDefault();
+  hideCredentials();
   try {
     const device = await api("/api/devices", {method: "POST", body: {name: $("device-name").value}});
     $("device-name").value = ""; showCredentials(device); notice(""); await loadDevices();
