@@ -60,9 +60,9 @@ async def add_device_and_publish(page: Page, name: str) -> str:
     assert await page.inner_text("#cred-name") == name
     command = await page.inner_text("#snippet-mosquitto")
     for snippet in ("#snippet-python", "#snippet-esp32"):
-        text = await page.inner_text(snippet)
+        text = await page.text_content(snippet) or ""
         assert re.search(r"dev-[0-9a-f]{16}", text), text  # the real username, filled in
-    assert "bsec2.h" in await page.inner_text("#snippet-esp32")
+    assert "bsec2.h" in (await page.text_content("#snippet-esp32") or "")
     run_snippet(command)
     await page.wait_for_function(
         "name => [...document.querySelectorAll('#devices tbody tr')].some(row =>"
