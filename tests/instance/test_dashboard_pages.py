@@ -89,7 +89,7 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             await sign_in(page, base, "grace@example.com")
 
             command = await add_device_and_publish(page, "Lobby")
-            await add_device_and_publish(page, "Office")
+            office = await add_device_and_publish(page, "Office")
             await check_page(page, "instance-devices")
 
             await open_section(page, "charts")
@@ -129,6 +129,11 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             await page.click("#rules button:has-text('Mute')")
             await page.wait_for_selector("#rules button:has-text('Unmute')")
             assert "muted" in await page.inner_text("#rules")
+            await page.click("#rules button:has-text('Edit')")
+            await page.fill("#rule-threshold", "25.5")
+            await page.click("#rule-submit")
+            await page.wait_for_selector("#rules >> text=temperature > 25.5 for 0 s")
+            assert await page.inner_text("#rule-submit") == "Create rule"
 
             bad = re.sub(r'\\"temperature\\":21.5', r'\\"temperature\\":\\"warm\\"', command)
             assert bad != command
@@ -141,6 +146,19 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             assert "Messages today" in await page.inner_text("#meters")
             assert "At 100%" in await page.inner_text("#meters")
             await check_page(page, "instance-usage")
+
+            await open_section(page, "devices")
+            lobby_id = await page.get_attribute("#devices tr:has-text('Lobby')", "data-device")
+            lobby = f"#devices tr[data-device='{lobby_id}']"
+            await page.click(f"{lobby} button:has-text('Rename')")
+            await page.fill(f"{lobby} input", "Front lobby")
+            await page.click(f"{lobby} button:has-text('Save')")
+            await page.wait_for_selector("#devices >> text=Front lobby")
+            await page.click("#devices tr:has-text('Office') button:has-text('Delete')")
+            await page.wait_for_selector("#notice >> text=Office deleted")
+            assert "Office" not in await page.inner_text("#devices")
+            with pytest.raises(AssertionError):  # its credentials stopped working at once
+                run_snippet(office)
         assert requested and all(url.startswith(base) for url in requested), requested
     finally:
         await grace.api.aclose()

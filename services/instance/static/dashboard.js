@@ -20,7 +20,8 @@ const IAQ_BANDS = [
 ];
 const RANGES = {"1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3};
 const BUCKET_TEXT = {"1m": "1 minute", "5m": "5 minutes", "1h": "1 hour", "1d": "1 day"};
-const state = {csrf: null, devices: [], selected: [], rules: [], editing: null, shown: null, section: "devices"};
+const state = {csrf: null, devices: [], selected: [], rules: [], editing: null, renaming: null, shown: null,
+  section: "devices"};
 
 // --- small helpers ------------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -139,9 +140,11 @@ function deviceRow(d) {
 function renameForm(d, cell) {
   const input = el("input", {value: d.name, maxlength: "100", "aria-label": `New name for ${d.name}`, required: ""});
   const form = el("form", {class: "inline"}, input, el("button", {type: "submit"}, "Save"),
-    el("button", {type: "button", class: "secondary", onclick: () => loadDevices()}, "Cancel"));
+    el("button", {type: "button", class: "secondary", onclick: () => { state.renaming = null; loadDevices(); }}, "Cancel"));
+  state.renaming = d.device_id;  // the list is not redrawn under the form meanwhile
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    state.renaming = null;
     try { await api(`/api/devices/${d.device_id}`, {method: "PATCH", body: {name: input.value}}); notice(`Renamed to ${input.value.trim()}.`); }
     catch (e) { notice(`Could not rename: ${e.message}`); }
     await loadDevices();
@@ -157,7 +160,7 @@ async function deleteDevice(d) {
 async function loadDevices() {
   state.devices = (await api("/api/devices")).devices;
   const tbody = document.querySelector("#devices tbody");
-  tbody.replaceChildren(...state.devices.map(deviceRow));
+  if (!state.renaming) tbody.replaceChildren(...state.devices.map(deviceRow));
   if (!state.devices.length) tbody.append(el("tr", {}, el("td", {colspan: "7"}, "No devices yet: add one above.")));
   const ids = state.devices.map((d) => d.device_id);
   state.selected = state.selected.filter((id) => ids.includes(id));
@@ -388,7 +391,7 @@ function onReading(r) {
   if (device) {
     device.latest = r; device.last_seen = new Date().toISOString(); device.online = true;
     const row = document.querySelector(`#devices tr[data-device="${r.device_id}"]`);
-    if (row) row.replaceWith(deviceRow(device));
+    if (row && state.renaming !== r.device_id) row.replaceWith(deviceRow(device));
   } else loadDevices();
   const shown = state.shown;
   const index = shown && shown.live ? shown.devices.findIndex((d) => d.device_id === r.device_id) : -1;
