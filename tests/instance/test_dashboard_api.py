@@ -144,9 +144,13 @@ async def test_a_rule_is_changed_and_a_muted_rule_neither_fires_nor_notifies(hen
     assert changed.status_code == 200, changed.text
     assert changed.json()["threshold"] == 40 and changed.json()["name"] == "Too hot"
     assert changed.json()["operator"] == ">" and changed.json()["devices"] == [device["device_id"]]
+    history = (await henry.api.get("/api/alerts/history")).json()["history"]
+    closed = [h for h in history if h["rule_id"] == rule and h["event"] == "resolved"]
+    assert len(closed) == 1 and "changed or muted" in closed[0]["message"], history
     await asyncio.sleep(4)
     rules = (await henry.api.get("/api/alerts/rules")).json()["rules"]
     assert not next(r for r in rules if r["rule_id"] == rule)["states"]
+    assert await _firings(henry, rule) == 1
     # Webhooks are not in the starter plan, added by a change either.
     hooked = await henry.api.patch(path, json={"webhook_url": "http://127.0.0.1:9/hook"})
     assert hooked.status_code == 403, hooked.text

@@ -207,8 +207,9 @@ async def update_rule(
     conn: asyncpg.Connection, rule_id: str, rule: NewRule, new_webhook: bool, anew: bool
 ) -> dict[str, Any]:
     """Store the changed rule; when it asks ``anew`` its devices' states start again from
-    ``ok``. A new webhook URL gets a new secret, shown in this answer only, and muting drops
-    the notifications still waiting."""
+    ``ok`` (those firing are recorded as resolved, without a notification). A new webhook URL
+    gets a new secret, shown in this answer only, and muting drops the notifications still
+    waiting."""
     secret = secrets.token_urlsafe(32) if new_webhook else None
     async with conn.transaction():
         await conn.execute(
@@ -229,6 +230,15 @@ async def update_rule(
             secret,
         )
         if anew:
+            # What was firing is closed in the history, so nothing stays "firing" for ever.
+            await conn.execute(
+                "INSERT INTO alert_history (rule_id, device_id, event, at, value, message) "
+                "SELECT rule_id, device_id, 'resolved', now(), value, "
+                "$2 || ': the rule was changed or muted; on device ' || device_id || ' resolved' "
+                "FROM alert_states WHERE rule_id = $1 AND state = 'firing'",
+                rule_id,
+                rule.name,
+            )
             await conn.execute("DELETE FROM alert_states WHERE rule_id = $1", rule_id)
         if rule.muted:
             await conn.execute(
