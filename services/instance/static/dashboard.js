@@ -125,12 +125,13 @@ function accuracy(latest) {
 }
 function deviceRow(d) {
   const l = d.latest || {};
+  const online = d.online && Date.now() - new Date(d.last_seen) < 120e3;  // as the API counts it
   const name = el("td", {}, el("strong", {}, d.name), el("br"), el("small", {class: "muted"}, d.device_id));
   const actions = el("td", {class: "actions"},
     el("button", {type: "button", class: "secondary", onclick: () => renameForm(d, name)}, "Rename"),
     el("button", {type: "button", class: "danger", onclick: () => deleteDevice(d)}, "Delete"));
   return el("tr", {"data-device": d.device_id}, name,
-    el("td", {}, el("span", {class: d.online ? "on" : "off"}, d.online ? "online" : "offline"), el("br"),
+    el("td", {}, el("span", {class: online ? "on" : "off"}, online ? "online" : "offline"), el("br"),
       el("small", {}, `last seen ${ago(d.last_seen)}`)),
     el("td", {}, fmt(l.iaq), el("small", {}, accuracy(l))),
     el("td", {}, l.temperature == null ? "–" : `${fmt(l.temperature)} °C`),
@@ -562,8 +563,18 @@ async function loadUsage() {
 }
 
 // --- start ----------------------------------------------------------------------------------------
-async function refresh() {
-  await Promise.all([loadDevices(), loadUsage(), loadAlerts(), loadProblems()]).catch(() => {});
+// Every request counts against the license's API requests a day, this page's too: live
+// readings come over the stream, and only the section in view is fetched again, once a minute
+// while the page is visible ("last seen" is recounted in the page meanwhile).
+const REFRESH_MS = 60000;
+function refresh() {
+  if (document.hidden) return;
+  LOADERS[state.section]().catch(() => {});
+  if (state.section !== "problems") loadProblems().catch(() => {});  // the count on its tab
+}
+function redrawDevices() {
+  if (state.renaming || !state.devices.length) return;
+  document.querySelector("#devices tbody").replaceChildren(...state.devices.map(deviceRow));
 }
 async function start() {
   try { await loadDevices(); } catch (e) { return; }
@@ -575,7 +586,8 @@ async function start() {
   showSection(location.hash.slice(1) in LOADERS ? location.hash.slice(1) : "devices", false);
   await Promise.all([loadUsage(), loadCharts(), loadAlerts(), loadProblems()]);
   live();
-  setInterval(refresh, 10000);
+  setInterval(refresh, REFRESH_MS);
+  setInterval(redrawDevices, 15000);
   window.dashboardReady = true;
 }
 start();
