@@ -138,7 +138,11 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             bad = re.sub(r'\\"temperature\\":21.5', r'\\"temperature\\":\\"warm\\"', command)
             assert bad != command
             run_snippet(bad)
+            misspelt = command.replace('\\"temperature\\":', '\\"temp\\":')
+            assert misspelt != command
+            run_snippet(misspelt)
             await _until_text(page, "problems", "#dead-letters", "must be a number")
+            await _until_text(page, "problems", "#dead-letters", '"temp", which is not a field')
             await check_page(page, "instance-problems")
 
             await open_section(page, "usage")

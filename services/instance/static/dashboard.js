@@ -508,9 +508,20 @@ $("rule-metric").addEventListener("change", () => {
 
 // --- data problems --------------------------------------------------------------------------------
 const REQUIRED = "ts, temperature, humidity, pressure and gas_resistance";
-function explain(reason) {
+const FIELDS = ["ts", ...Object.keys(METRICS), "iaq_accuracy"];
+function unknownFields(payload) {  // a misspelt field is why a required one is "missing"
+  try {
+    const body = JSON.parse(payload);
+    return body && typeof body === "object" ? Object.keys(body).filter((k) => !FIELDS.includes(k)) : [];
+  } catch (e) { return []; }
+}
+function explain(reason, payload) {
   let m;
-  if ((m = reason.match(/missing required field `(\w+)`/))) return `The reading has no "${m[1]}". Every reading needs ${REQUIRED}.`;
+  if ((m = reason.match(/missing required field `(\w+)`/))) {
+    const unknown = unknownFields(payload || "");
+    const hint = unknown.length ? ` It sent ${unknown.map((k) => `"${k}"`).join(", ")}, which is not a field the instance reads: rename it.` : "";
+    return `The reading has no "${m[1]}". Every reading needs ${REQUIRED}.${hint}`;
+  }
   if ((m = reason.match(/Expected `(\w+)`, got `(\w+)` - at `\$\.(\w+)`/))) return `"${m[3]}" must be a ${m[1] === "float" ? "number" : m[1]}, not ${m[2] === "str" ? "text" : m[2]} (send 21.5, not "21.5").`;
   if ((m = reason.match(/Expected `\w+` ([<>]=?) ([-\d.e+]+) - at `\$\.(\w+)`/))) return `"${m[3]}" is outside what the sensor can measure (it must be ${m[1]} ${m[2]}).`;
   if (/^malformed/.test(reason)) return "The message is not valid JSON.";
@@ -529,7 +540,7 @@ async function loadProblems() {
   const tbody = document.querySelector("#dead-letters tbody");
   tbody.replaceChildren(...letters.map((d) => el("tr", {}, el("td", {}, when(d.received_at)),
     el("td", {}, d.device_id ? deviceNames([d.device_id]) : d.topic),
-    el("td", {}, explain(d.reason), el("br"), el("small", {class: "muted"}, d.reason)),
+    el("td", {}, explain(d.reason, d.payload), el("br"), el("small", {class: "muted"}, d.reason)),
     el("td", {}, el("code", {}, d.payload)))));
   if (!letters.length) tbody.append(el("tr", {}, el("td", {colspan: "4"}, "No problems: every message was stored.")));
 }
