@@ -44,6 +44,18 @@ function ago(iso) {
   if (s < 86400) return `${Math.round(s / 3600)} h ago`;
   return `${Math.round(s / 86400)} days ago`;
 }
+// On a phone each row is a card, each cell labelled with its column (data-label, in the CSS).
+function labelCells(table) {
+  const heads = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of table.tBodies[0].rows) [...row.cells].forEach((cell, i) => { cell.dataset.label = heads[i] || ""; });
+}
+function fill(selector, rows, empty) {
+  const tbody = document.querySelector(`${selector} tbody`);
+  const columns = String(tbody.closest("table").querySelectorAll("thead th").length);
+  tbody.replaceChildren(...rows);
+  if (!rows.length) tbody.append(el("tr", {}, el("td", {colspan: columns, class: "empty"}, empty)));
+  labelCells(tbody.closest("table"));
+}
 function notice(text) { const n = $("notice"); n.textContent = text; n.hidden = !text; }
 
 async function api(path, options = {}) {
@@ -160,9 +172,7 @@ async function deleteDevice(d) {
 }
 async function loadDevices() {
   state.devices = (await api("/api/devices")).devices;
-  const tbody = document.querySelector("#devices tbody");
-  if (!state.renaming) tbody.replaceChildren(...state.devices.map(deviceRow));
-  if (!state.devices.length) tbody.append(el("tr", {}, el("td", {colspan: "7"}, "No devices yet: add one above.")));
+  if (!state.renaming) fill("#devices", state.devices.map(deviceRow), "No devices yet: add one above.");
   const ids = state.devices.map((d) => d.device_id);
   state.selected = state.selected.filter((id) => ids.includes(id));
   if (!state.selected.length && ids.length) state.selected = [ids[0]];
@@ -392,7 +402,7 @@ function onReading(r) {
   if (device) {
     device.latest = r; device.last_seen = new Date().toISOString(); device.online = true;
     const row = document.querySelector(`#devices tr[data-device="${r.device_id}"]`);
-    if (row && state.renaming !== r.device_id) row.replaceWith(deviceRow(device));
+    if (row && state.renaming !== r.device_id) { row.replaceWith(deviceRow(device)); labelCells($("devices")); }
   } else loadDevices();
   const shown = state.shown;
   const index = shown && shown.live ? shown.devices.findIndex((d) => d.device_id === r.device_id) : -1;
@@ -449,13 +459,9 @@ function historyRows(history) {  // firings paired with their resolutions, newes
 }
 async function loadAlerts() {
   state.rules = (await api("/api/alerts/rules")).rules || [];
-  const tbody = document.querySelector("#rules tbody");
-  tbody.replaceChildren(...state.rules.map(ruleRow));
-  if (!state.rules.length) tbody.append(el("tr", {}, el("td", {colspan: "5"}, "No rules yet.")));
+  fill("#rules", state.rules.map(ruleRow), "No rules yet.");
   const rows = historyRows((await api("/api/alerts/history")).history || []);
-  const hbody = document.querySelector("#history tbody");
-  hbody.replaceChildren(...rows.slice(0, 100));
-  if (!rows.length) hbody.append(el("tr", {}, el("td", {colspan: "5"}, "Nothing has fired yet.")));
+  fill("#history", rows.slice(0, 100), "Nothing has fired yet.");
 }
 function ruleBody() {
   const metric = $("rule-metric").value;
@@ -537,12 +543,10 @@ function explain(reason, payload) {
 async function loadProblems() {
   const letters = (await api("/api/dead-letters")).dead_letters || [];
   $("problems-count").textContent = letters.length ? `(${letters.length})` : "";
-  const tbody = document.querySelector("#dead-letters tbody");
-  tbody.replaceChildren(...letters.map((d) => el("tr", {}, el("td", {}, when(d.received_at)),
+  fill("#dead-letters", letters.map((d) => el("tr", {}, el("td", {}, when(d.received_at)),
     el("td", {}, d.device_id ? deviceNames([d.device_id]) : d.topic),
     el("td", {}, explain(d.reason, d.payload), el("br"), el("small", {class: "muted"}, d.reason)),
-    el("td", {}, el("code", {}, d.payload)))));
-  if (!letters.length) tbody.append(el("tr", {}, el("td", {colspan: "4"}, "No problems: every message was stored.")));
+    el("td", {}, el("code", {}, d.payload)))), "No problems: every message was stored.");
 }
 
 // --- usage and license ----------------------------------------------------------------------------
@@ -585,7 +589,7 @@ function refresh() {
 }
 function redrawDevices() {
   if (state.renaming || !state.devices.length) return;
-  document.querySelector("#devices tbody").replaceChildren(...state.devices.map(deviceRow));
+  fill("#devices", state.devices.map(deviceRow), "");
 }
 async function start() {
   try { await loadDevices(); } catch (e) { return; }
