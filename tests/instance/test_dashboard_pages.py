@@ -115,6 +115,16 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             assert shown.startswith("device,metric,time,value\n"), shown
             assert "Lobby,temperature," in shown and shown.rstrip().endswith(",0.8"), shown
             await check_page(page, "instance-charts")
+            # The bucket fits the range: a week in hours, a month in days, a custom range.
+            for value, bucket in (("7d", "1 hour"), ("30d", "1 day")):
+                await page.select_option("#range", value)
+                await page.wait_for_selector(f"#chart-note >> text=average over {bucket}")
+            await page.select_option("#range", "custom")
+            await page.fill("#from", "2026-01-01T00:00")
+            await page.fill("#to", "2026-01-01T02:00")
+            await page.click("#custom-range button[type=submit]")
+            await page.wait_for_selector("#chart-note >> text=average over 1 minute.")
+            assert "2026-01-01" in (await page.get_attribute("#csv-raw a", "href") or "")
 
             await open_section(page, "alerts")
             await page.fill("#rule-name", "Lobby too warm")
