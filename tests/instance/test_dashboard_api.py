@@ -26,7 +26,9 @@ from test_instance import (  # noqa: F401 - client is a fixture
 )
 
 from contracts import SubscriptionActivated
+from libs.http.errors import InvalidRequest
 from libs.servers.mosquitto import EmbeddedMosquitto
+from services.instance.alerts.rules import parse_rule
 from support import eventually
 
 pytestmark = pytest.mark.slow
@@ -175,6 +177,13 @@ async def test_a_rule_change_is_checked_field_by_field(henry, ida) -> None:
         refused = await henry.api.patch(path, json=body)
         assert refused.status_code == 400, (body, refused.text)
         assert field in [f["field"] for f in refused.json()["error"]["fields"]], refused.text
+    for huge in (b'{"threshold": 1e999}', b'{"threshold": 1' + b"0" * 400 + b"}"):
+        refused = await henry.api.patch(
+            path, content=huge, headers={"Content-Type": "application/json"}
+        )
+        assert refused.status_code == 400, refused.text
+        # Refused as it is read (no number that large is JSON we take), or by the rule's check.
+        assert refused.json()["error"]["fields"][0]["field"] in ("body", "threshold")
     # Nothing of the refused changes was kept.
     rules = (await henry.api.get("/api/alerts/rules")).json()["rules"]
     kept = next(r for r in rules if path.endswith(r["rule_id"]))
@@ -265,3 +274,10 @@ async def test_a_webhook_added_by_a_change_gets_a_secret_shown_once(henry, store
     assert moved.json()["webhook_secret"] not in (None, secret)
     removed = await henry.api.patch(path, json={"webhook_url": None})
     assert removed.status_code == 200 and removed.json()["webhook_url"] is None
+
+
+async def test_a_rule_threshold_must_be_finite() -> None:
+    for threshold in (float("inf"), float("nan"), 10**400):
+        with pytest.raises(InvalidRequest) as bad:
+            await parse_rule({"metric": "iaq", "operator": ">", "threshold": threshold}, False)
+        assert bad.value.fields == [{"field": "threshold", "reason": "must be a finite number"}]

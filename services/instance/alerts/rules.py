@@ -11,6 +11,7 @@ notifies, and muting it drops the notifications still waiting to be delivered.
 
 from __future__ import annotations
 
+import math
 import secrets
 import uuid
 from collections.abc import Callable
@@ -76,6 +77,8 @@ def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
         threshold = data.get("threshold")
         if not isinstance(threshold, int | float) or isinstance(threshold, bool):
             errors.add("threshold", "must be a number")
+        elif not _finite(threshold):
+            errors.add("threshold", "must be a finite number")
     for_seconds = data.get("for_seconds", 0)
     if (
         not isinstance(for_seconds, int)
@@ -93,6 +96,13 @@ def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
     if not isinstance(data.get("muted", False), bool):
         errors.add("muted", "must be true or false")
     errors.text(data, "name", required=False, limit=NAME_LIMIT)
+
+
+def _finite(number: float) -> bool:
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 async def _check_webhook(url: Any, webhooks_allowed: bool, targets: WebhookTargets) -> None:
