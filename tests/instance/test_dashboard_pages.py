@@ -58,7 +58,10 @@ async def add_device_and_publish(page: Page, name: str) -> str:
     await page.click("#add-device button[type=submit]")
     await page.wait_for_selector("#credentials", state="visible")
     assert await page.inner_text("#cred-name") == name
-    command = await page.inner_text("#snippet-mosquitto")
+    # Copied with the page's own button, as a customer would.
+    await page.click("button[data-copy=snippet-mosquitto]")
+    command = await page.evaluate("navigator.clipboard.readText()")
+    assert command == await page.inner_text("#snippet-mosquitto")
     for snippet in ("#snippet-python", "#snippet-esp32"):
         text = await page.text_content(snippet) or ""
         assert re.search(r"dev-[0-9a-f]{16}", text), text  # the real username, filled in
@@ -80,7 +83,7 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
     requested: list[str] = []
     try:
         async with open_browser() as browser:
-            page = await new_page(browser)
+            page = await new_page(browser, permissions=["clipboard-read", "clipboard-write"])
             page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
             page.on("request", lambda r: requested.append(r.url))
             answer = await page.request.get(base + "/")
