@@ -19,6 +19,9 @@ from browser import check_page, new_page, open_browser
 from playwright.async_api import Page
 from test_instance import PASSWORD, client, customer  # noqa: F401 - client is a fixture
 
+from contracts import SubscriptionActivated
+from support import eventually
+
 pytestmark = pytest.mark.slow
 
 MOSQUITTO_PUB = "/usr/bin/mosquitto_pub"
@@ -77,8 +80,19 @@ async def add_device_and_publish(page: Page, name: str) -> str:
     return command
 
 
-async def test_every_section_works_with_real_data_and_passes_axe(client) -> None:  # noqa: F811
+async def test_every_section_works_with_real_data_and_passes_axe(client, store) -> None:  # noqa: F811
     grace = await customer(client, "grace@example.com")
+    # On the professional plan, for webhooks (its license arrives while the test goes on).
+    await store.publish(
+        SubscriptionActivated(
+            customer_id=grace.id,
+            plan="professional",
+            status="active",
+            stripe_customer_id="cus_grace",
+            stripe_subscription_id="sub_grace",
+        ),
+        customer_id=grace.id,
+    )
     base = str(grace.api.base_url).rstrip("/")
     requested: list[str] = []
     try:
@@ -142,7 +156,25 @@ async def test_every_section_works_with_real_data_and_passes_axe(client) -> None
             await page.click("#rules button:has-text('Mute')")
             await page.wait_for_selector("#rules button:has-text('Unmute')")
             assert "muted" in await page.inner_text("#rules")
-            await page.click("#rules button:has-text('Edit')")
+            await eventually(
+                lambda: grace.api.get("/api/license"),
+                lambda r: r.json().get("plan") == "professional",
+                timeout=60,
+                what="the professional license",
+            )
+            await page.fill("#rule-name", "Stuffy air")
+            await page.select_option("#rule-metric", "iaq")
+            await page.fill("#rule-threshold", "150")
+            await page.fill("#rule-webhook", "http://127.0.0.1:9/hook")
+            await page.click("#rule-submit")
+            await page.wait_for_selector("#rule-secret", state="visible")
+            secret = await page.inner_text("#rule-secret-value")
+            assert len(secret) > 30
+            listed = (await grace.api.get("/api/alerts/rules")).json()
+            assert secret not in str(listed)  # shown once, never listed
+            await page.click("#rule-secret-done")
+            assert await page.inner_text("#rule-secret-value") == ""
+            await page.click("#rules tr:has-text('Lobby too warm') button:has-text('Edit')")
             await page.fill("#rule-threshold", "25.5")
             await page.click("#rule-submit")
             await page.wait_for_selector("#rules >> text=temperature > 25.5 for 0 s")
