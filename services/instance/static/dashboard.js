@@ -21,7 +21,7 @@ const IAQ_BANDS = [
 const RANGES = {"1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3};
 const BUCKET_TEXT = {"1m": "1 minute", "5m": "5 minutes", "1h": "1 hour", "1d": "1 day"};
 const state = {csrf: null, devices: [], selected: [], rules: [], editing: null, renaming: null, shown: null,
-  section: "devices"};
+  section: "devices", started: false};
 
 // --- small helpers ------------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -90,7 +90,8 @@ async function copyText(text, button) {
     const area = el("textarea", {class: "sr-only", "aria-hidden": "true"}, text);
     document.body.append(area); area.select(); document.execCommand("copy"); area.remove();
   }
-  const label = button.textContent; button.textContent = "Copied"; setTimeout(() => { button.textContent = label; }, 1500);
+  button.dataset.label = button.dataset.label || button.textContent;
+  button.textContent = "Copied"; setTimeout(() => { button.textContent = button.dataset.label; }, 1500);
 }
 document.addEventListener("click", (event) => {
   const button = event.target.closest("button[data-copy]");
@@ -193,13 +194,16 @@ function deviceChecks(id, checked, onchange) {
 // --- a new device's credentials and snippets ------------------------------------------------------
 const SAMPLE = {temperature: 21.5, humidity: 45.2, pressure: 1013.2, gas_resistance: 125000, iaq: 42,
   iaq_accuracy: 3, co2_equivalent: 612, breath_voc_equivalent: 0.8};
-function brokerOf(mqtt) {  // the first mqtt:// or mqtts:// URL devices are told to use
-  const url = (mqtt.urls || []).find((u) => /^mqtts?:/.test(u)) || `mqtt://${mqtt.host}:${mqtt.port}`;
-  const tls = url.startsWith("mqtts:");
+function brokerOf(mqtt) {  // where devices connect: the first mqtt:// or mqtts:// URL, else a ws(s):// one
+  const urls = mqtt.urls || [];
+  const url = urls.find((u) => /^mqtts?:/.test(u)) || urls[0] || `mqtt://${mqtt.host}:${mqtt.port}`;
+  const tls = /^(mqtts|wss):/.test(url), ws = /^wss?:/.test(url);
   const parsed = new URL(url.replace(/^mqtts?:/, "http:"));
-  return {url, host: parsed.hostname, port: Number(parsed.port) || (tls ? 8883 : 1883), tls};
+  const port = Number(parsed.port) || (ws ? (tls ? 443 : 80) : (tls ? 8883 : 1883));
+  return {url, host: parsed.hostname, port, tls, ws, path: parsed.pathname || "/mqtt"};
 }
 function mosquittoSnippet(m, b) {
+  if (b.ws) return `# This broker takes devices over WebSockets only (${b.url}), which mosquitto_pub does not speak: use the Python snippet.`;
   const json = JSON.stringify({ts: "TS", ...SAMPLE}).replace(/"/g, '\\"').replace('\\"TS\\"', '\\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\\"');
   return `mosquitto_pub -h ${b.host} -p ${b.port}${b.tls ? " --capath /etc/ssl/certs" : ""} -i '${m.client_id}' -u '${m.username}' -P '${m.password}' -q 1 -t '${m.topics.readings}' -m "${json}"`;
 }
@@ -210,9 +214,9 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 
-client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="${m.client_id}")
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="${m.client_id}"${b.ws ? ', transport="websockets"' : ""})
 client.username_pw_set("${m.username}", "${m.password}")
-${b.tls ? "client.tls_set()\n" : ""}client.connect("${b.host}", ${b.port})
+${b.ws ? `client.ws_set_options(path="${b.path}")\n` : ""}${b.tls ? "client.tls_set()\n" : ""}client.connect("${b.host}", ${b.port})
 client.loop_start()
 reading = {
     "ts": datetime.now(timezone.utc).isoformat(),
@@ -224,7 +228,10 @@ client.disconnect()
 `;
 }
 function esp32Snippet(m, b) {
-  return `// ESP32 + BME688, Arduino IDE or PlatformIO. Libraries: "PubSubClient" (Nick O'Leary),
+  const wsNote = b.ws ? `// This broker takes devices over WebSockets only (${b.url}); PubSubClient speaks plain
+// MQTT, so run it over a WebSocket client (e.g. the "ArduinoHttpClient" WebSocketClient).
+` : "";
+  return `${wsNote}// ESP32 + BME688, Arduino IDE or PlatformIO. Libraries: "PubSubClient" (Nick O'Leary),
 // "BSEC2 Software Library" and "BME68x Sensor library" (Bosch Sensortec).
 #include <WiFi.h>
 ${b.tls ? "#include <WiFiClientSecure.h>\n" : ""}#include <Wire.h>
@@ -600,6 +607,8 @@ async function start() {
     el("li", {}, el("span", {style: `background:${colour}`}), high === 500 ? `over 350: ${name}` : `${low}–${high}: ${name}`)));
   showSection(location.hash.slice(1) in LOADERS ? location.hash.slice(1) : "devices", false);
   await Promise.all([loadUsage(), loadCharts(), loadAlerts(), loadProblems()]);
+  if (state.started) return;  // signed in again after the session ran out: all runs already
+  state.started = true;
   live();
   setInterval(refresh, REFRESH_MS);
   setInterval(redrawDevices, 15000);
