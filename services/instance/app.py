@@ -40,7 +40,7 @@ from services.instance.housekeeping import UsageGauges, housekeeping
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder, keep_license_current
 from services.instance.live import LiveReadings
-from services.instance.settings import InstanceSettings
+from services.instance.settings import InstanceSettings, dashboard_csrf_key
 from services.instance.state import STATE_KEY, InstanceState
 from services.instance.usage import UsageReporter, usage_day
 
@@ -82,6 +82,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         brokers=brokers,
         broker_address=broker_address(brokers[0]),
         readiness=lambda: _readiness(instance, turns, alerts, supervisor),
+        csrf_key=dashboard_csrf_key(settings),
     )
     tasks = _tasks(instance, turns, alerts, UsageGauges(registry))
     app = create_app(

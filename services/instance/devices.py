@@ -218,6 +218,17 @@ def device_view(
     }
 
 
+async def rename_device(conn: asyncpg.Connection, device_id: str, name: str) -> bool:
+    """Give a registered device a new name; False when there is no such device. Its
+    credentials, topics and readings stay as they are (they go by its id)."""
+    done = await conn.execute(
+        "UPDATE devices SET name = $2 WHERE device_id = $1 AND deleted_at IS NULL",
+        device_id,
+        name,
+    )
+    return not done.endswith(" 0")
+
+
 async def active_devices(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     """The registered devices (not deleted), oldest first."""
     return list(

@@ -30,6 +30,8 @@ METRICS = (
     "breath_voc_equivalent",
 )
 COLUMNS = ("device_id", "ts", *METRICS)
+# Stored as float4 (real); the rest are whole numbers.
+REAL_METRICS = frozenset(METRICS) - {"iaq_accuracy"}
 BucketName = Literal["1m", "5m", "1h", "1d"]  # the keys of BUCKETS
 BUCKETS: dict[str, timedelta] = {
     "1m": timedelta(minutes=1),
@@ -232,6 +234,18 @@ async def drop_expired_partitions(conn: asyncpg.Connection, keep_from: date) -> 
 # --- queries ------------------------------------------------------------------------------------
 
 
+def as_sent(expr: str) -> str:
+    """SQL for ``expr`` as the float4 it was stored as, in the fewest digits that are that
+    float4 (Postgres prints float4 so): a value sent as 40.2 comes back as 40.2, not as the
+    40.20000076293945 a float4 widened to a double would print."""
+    return f"(({expr})::real::text::double precision)"
+
+
+def stored_column(metric: str) -> str:
+    """SQL for a metric's column of ``readings`` as it was sent."""
+    return as_sent(metric) if metric in REAL_METRICS else metric
+
+
 def parse_metrics(value: str | None) -> list[str]:
     """The metrics asked for (all when none; each once), or ValueError naming the unknown one."""
     if not value:
@@ -241,6 +255,9 @@ def parse_metrics(value: str | None) -> list[str]:
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
     return asked
+
+
+Series = dict[str, list[dict[str, Any]]]
 
 
 async def aggregate(
@@ -254,65 +271,92 @@ async def aggregate(
     """avg/min/max of each metric per bucket; long ranges from the hourly rollups."""
     step = BUCKETS[bucket]
     from_rollups = step >= BUCKETS["1h"] and (end - start) > RAW_LIMIT
-    if from_rollups:
-        rows = await conn.fetch(
-            """
-            SELECT date_bin($4::interval, hour, '2000-01-01') AS bucket, metric,
-                   sum(total) / sum(n) AS avg, min(low) AS min, max(high) AS max
-            FROM readings_hourly
-            WHERE device_id = $1 AND hour >= $2 AND hour < $3 AND metric = ANY($5::text[])
-            GROUP BY 1, 2 ORDER BY 1
-            """,
-            device_id,
-            start,
-            end,
-            step,
-            metrics,
-        )
-        series: dict[str, list[dict[str, Any]]] = {m: [] for m in metrics}
-        for row in rows:
-            series[row["metric"]].append(
-                {"t": row["bucket"], "avg": row["avg"], "min": row["min"], "max": row["max"]}
-            )
-    else:
-        columns = ", ".join(
-            f"avg({m}) AS {m}_avg, min({m}) AS {m}_min, max({m}) AS {m}_max" for m in metrics
-        )
-        rows = await conn.fetch(
-            f"SELECT date_bin($4::interval, ts, '2000-01-01') AS bucket, {columns} "
-            "FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 GROUP BY 1 ORDER BY 1",
-            device_id,
-            start,
-            end,
-            step,
-        )
-        series = {
-            m: [
-                {"t": r["bucket"], "avg": r[f"{m}_avg"], "min": r[f"{m}_min"], "max": r[f"{m}_max"]}
-                for r in rows
-                if r[f"{m}_avg"] is not None
-            ]
-            for m in metrics
-        }
+    query = _from_rollups if from_rollups else _from_readings
     return {
         "device_id": device_id,
         "from": start,
         "to": end,
         "bucket": bucket,
         "source": "rollups" if from_rollups else "readings",
-        "series": series,
+        "series": await query(conn, device_id, start, end, step, metrics),
     }
+
+
+async def _from_rollups(
+    conn: asyncpg.Connection,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    step: timedelta,
+    metrics: list[str],
+) -> Series:
+    rows = await conn.fetch(
+        f"""
+        SELECT date_bin($4::interval, hour, '2000-01-01') AS bucket, metric,
+               {as_sent("sum(total) / sum(n)")} AS avg, {as_sent("min(low)")} AS min,
+               {as_sent("max(high)")} AS max
+        FROM readings_hourly
+        WHERE device_id = $1 AND hour >= $2 AND hour < $3 AND metric = ANY($5::text[])
+        GROUP BY 1, 2 ORDER BY 1
+        """,
+        device_id,
+        start,
+        end,
+        step,
+        metrics,
+    )
+    series: Series = {m: [] for m in metrics}
+    for row in rows:
+        series[row["metric"]].append(
+            {"t": row["bucket"], "avg": row["avg"], "min": row["min"], "max": row["max"]}
+        )
+    return series
+
+
+async def _from_readings(
+    conn: asyncpg.Connection,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    step: timedelta,
+    metrics: list[str],
+) -> Series:
+    columns = ", ".join(
+        f"{as_sent(f'avg({m})')} AS {m}_avg, {_sent_if_real(m, f'min({m})')} AS {m}_min, "
+        f"{_sent_if_real(m, f'max({m})')} AS {m}_max"
+        for m in metrics
+    )
+    rows = await conn.fetch(
+        f"SELECT date_bin($4::interval, ts, '2000-01-01') AS bucket, {columns} "
+        "FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 GROUP BY 1 ORDER BY 1",
+        device_id,
+        start,
+        end,
+        step,
+    )
+    return {
+        m: [
+            {"t": r["bucket"], "avg": r[f"{m}_avg"], "min": r[f"{m}_min"], "max": r[f"{m}_max"]}
+            for r in rows
+            if r[f"{m}_avg"] is not None
+        ]
+        for m in metrics
+    }
+
+
+def _sent_if_real(metric: str, expr: str) -> str:
+    return as_sent(expr) if metric in REAL_METRICS else expr
 
 
 async def latest(conn: asyncpg.Connection, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The newest reading of each device (one index probe per device)."""
+    columns = ", ".join(f"{stored_column(m)} AS {m}" for m in METRICS)
     rows = await conn.fetch(
-        """
+        f"""
         SELECT d.id AS device_id, r.*
         FROM unnest($1::text[]) AS d(id)
         CROSS JOIN LATERAL (
-            SELECT ts, temperature, humidity, pressure, gas_resistance, iaq, iaq_accuracy,
-                   co2_equivalent, breath_voc_equivalent
+            SELECT ts, {columns}
             FROM readings WHERE device_id = d.id ORDER BY ts DESC LIMIT 1
         ) r
         """,
@@ -331,7 +375,9 @@ async def export_csv(
     writer.writerow(["ts", *METRICS])
     async with pool.acquire() as conn, conn.transaction():
         cursor = conn.cursor(
-            "SELECT ts, " + ", ".join(METRICS) + " FROM readings WHERE device_id = $1 "
+            # Postgres prints each float4 as it was sent (40.2, not 40.20000076293945).
+            "SELECT ts, " + ", ".join(f"{m}::text AS {m}" for m in METRICS) + " FROM readings "
+            "WHERE device_id = $1 "
             "AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
             device_id,
             start,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated
 
 import msgspec
@@ -77,3 +78,21 @@ def ingest_client_id(settings: InstanceSettings) -> str:
     return (
         f"instance-{derived_secret(secret, 'mqtt-client-id', settings.instance_customer_id)[:32]}"
     )
+
+
+def dashboard_csrf_key(settings: InstanceSettings) -> bytes:
+    """The key the dashboard's CSRF tokens are signed with, derived from a secret the instance
+    holds already (nothing more to provision). Given none (a bare local run), a random key of
+    the process: the page then fetches a new token after a restart."""
+    for secret in (
+        settings.monitoring_token,
+        settings.usage_token,
+        settings.login_relay_key,
+        settings.mqtt_admin_password,
+        settings.mqtt_password,
+    ):
+        if secret:
+            return derived_secret(
+                secret.encode(), "dashboard-csrf", settings.instance_customer_id
+            ).encode()
+    return secrets.token_bytes(32)

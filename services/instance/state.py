@@ -71,6 +71,8 @@ class InstanceState:
     brokers: list[str]
     broker_address: tuple[str, int]
     readiness: Readiness
+    # Signs the dashboard's CSRF tokens (``api.access.csrf_token``): derived, never provisioned.
+    csrf_key: bytes
     api_requests: ApiRequestsToday = field(default_factory=ApiRequestsToday)
 
     def pool(self) -> asyncpg.Pool:

@@ -88,7 +88,7 @@ async def test_every_api_route_wants_the_customers_session() -> None:
         if route.path.startswith("/api/")
         for method in sorted(route.methods - {"OPTIONS"})
     ]
-    assert len(routes) == 15
+    assert len(routes) == 17
     async with serving(app) as client:
         for method, path in routes:
             answer = await client.request(method, path.format(device_id="d1", rule_id="r1"))
@@ -96,6 +96,7 @@ async def test_every_api_route_wants_the_customers_session() -> None:
             assert answer.headers["www-authenticate"] == "Bearer"
             assert answer.json()["error"]["code"] == "unauthorized"
         assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/dashboard/session")).status_code == 401
         assert (await client.get("/health/live")).json() == {"status": "live"}
         # A preflight carries no credentials: answered by litestar, not refused, not counted.
         preflight = await client.options("/api/devices")

@@ -30,6 +30,7 @@ from libs.db.postgres import CONNECTION_ERRORS, Turns
 from services.instance.alerts.rules import NO_DATA, OPERATORS
 from services.instance.alerts.targets import WebhookTargets
 from services.instance.alerts.webhooks import WebhookDeliveries, enqueue
+from services.instance.readings import stored_column
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,10 @@ class AlertEngine:
         rule that cannot be evaluated is rolled back alone, logged and counted."""
         changed = 0
         async with self._pool().acquire() as conn, conn.transaction():
-            rules = await conn.fetch("SELECT * FROM alert_rules WHERE deleted_at IS NULL")
+            # A muted rule is not evaluated: it neither fires nor notifies.
+            rules = await conn.fetch(
+                "SELECT * FROM alert_rules WHERE deleted_at IS NULL AND NOT muted"
+            )
             devices = await conn.fetch(
                 "SELECT device_id, last_seen FROM devices WHERE deleted_at IS NULL"
             )
@@ -146,7 +150,7 @@ class AlertEngine:
                 conn, rule, device_id, holds, since_true, now, value, True
             )
         newest = await conn.fetchrow(
-            f"SELECT ts, {rule['metric']} AS v FROM readings WHERE device_id = $1 "
+            f"SELECT ts, {stored_column(rule['metric'])} AS v FROM readings WHERE device_id = $1 "
             f"AND ts > $2 ORDER BY ts DESC LIMIT 1",
             device_id,
             now - FRESH,

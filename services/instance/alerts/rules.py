@@ -1,14 +1,17 @@
-"""Alert rules: checked as a customer sends them, stored, listed and deleted.
+"""Alert rules: checked as a customer sends them, stored, listed, changed, muted and deleted.
 
 A rule ``{metric, operator, threshold, for_seconds, devices}`` fires for a device when the
 device's newest reading has met the condition continuously for ``for_seconds``; the metric
 ``no_data`` fires when a device has sent nothing for ``for_seconds``. With a ``webhook_url``
 (the license's ``webhooks`` feature) each firing and resolution is also POSTed there, signed
-with a secret made for the rule and shown once, in the answer to its creation.
+with a secret made for the rule and shown once, in the answer to its creation (or to the change
+that gave it a new webhook URL). A muted rule is kept but not evaluated: it neither fires nor
+notifies, and muting it drops the notifications still waiting to be delivered.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import uuid
 from collections.abc import Callable
@@ -30,7 +33,18 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 NO_DATA = "no_data"
 MAX_URL_LENGTH = 2048
-RULE_FIELDS = ("name", "metric", "operator", "threshold", "for_seconds", "devices", "webhook_url")
+RULE_FIELDS = (
+    "name",
+    "metric",
+    "operator",
+    "threshold",
+    "for_seconds",
+    "devices",
+    "webhook_url",
+    "muted",
+)
+NAME_LIMIT = 100
+MAX_DEVICES = 1000
 INVALID_RULE = "invalid rule"
 
 
@@ -48,6 +62,7 @@ class NewRule(msgspec.Struct, frozen=True, kw_only=True):
     for_seconds: int
     devices: list[str]
     webhook_url: str | None
+    muted: bool = False
 
 
 def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
@@ -62,6 +77,8 @@ def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
         threshold = data.get("threshold")
         if not isinstance(threshold, int | float) or isinstance(threshold, bool):
             errors.add("threshold", "must be a number")
+        elif not _finite(threshold):
+            errors.add("threshold", "must be a finite number")
     for_seconds = data.get("for_seconds", 0)
     if (
         not isinstance(for_seconds, int)
@@ -70,8 +87,22 @@ def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
     ):
         errors.add("for_seconds", "must be whole seconds from 0 to 86400")
     devices = data.get("devices", [])
-    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+    if (
+        not isinstance(devices, list)
+        or len(devices) > MAX_DEVICES
+        or not all(isinstance(d, str) and len(d) <= NAME_LIMIT for d in devices)
+    ):
         errors.add("devices", "must be a list of device ids (empty: every device)")
+    if not isinstance(data.get("muted", False), bool):
+        errors.add("muted", "must be true or false")
+    errors.text(data, "name", required=False, limit=NAME_LIMIT)
+
+
+def _finite(number: float) -> bool:
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 async def _check_webhook(url: Any, webhooks_allowed: bool, targets: WebhookTargets) -> None:
@@ -106,16 +137,43 @@ async def parse_rule(
     if url is not None:
         await _check_webhook(url, webhooks_allowed, targets or WebhookTargets())
     metric, operator, threshold = body["metric"], body.get("operator"), body.get("threshold")
-    name = body.get("name") or f"{metric} {operator or ''} {threshold or ''}".strip()
+    name = str(body.get("name") or "").strip()
+    if not name:
+        name = f"{metric} {operator or ''} {'' if threshold is None else threshold}".strip()
     return NewRule(
-        name=str(name)[:100],
+        name=name[:NAME_LIMIT],
         metric=metric,
         operator=operator if metric != NO_DATA else None,
-        threshold=float(threshold) if isinstance(threshold, int | float) else None,
+        threshold=(
+            float(threshold) if metric != NO_DATA and isinstance(threshold, int | float) else None
+        ),
         for_seconds=body.get("for_seconds", 0),
         devices=body.get("devices", []),
         webhook_url=url,
+        muted=body.get("muted", False),
     )
+
+
+async def parse_rule_change(
+    data: Any,
+    stored: asyncpg.Record,
+    webhooks_allowed: bool,
+    targets: WebhookTargets | None = None,
+) -> tuple[NewRule, bool]:
+    """The rule ``stored`` with the fields of a change (any of ``RULE_FIELDS``) applied and
+    checked as a new rule is, and whether it has a new webhook URL (which is checked; an
+    unchanged one is kept as it is). ``webhook_url: null`` removes the webhook."""
+    body = json_object(data, INVALID_RULE)
+    errors = FieldErrors()
+    errors.unknown(body, RULE_FIELDS)
+    errors.raise_if_any(INVALID_RULE)
+    merged = {f: stored[f] for f in RULE_FIELDS if stored[f] is not None} | body
+    url = merged.pop("webhook_url", None)
+    rule = await parse_rule(merged, webhooks_allowed, targets)
+    changed_url = url is not None and url != stored["webhook_url"]
+    if changed_url:
+        await _check_webhook(url, webhooks_allowed, targets or WebhookTargets())
+    return msgspec.structs.replace(rule, webhook_url=url), changed_url
 
 
 async def create_rule(conn: asyncpg.Connection, rule: NewRule) -> dict[str, Any]:
@@ -124,8 +182,8 @@ async def create_rule(conn: asyncpg.Connection, rule: NewRule) -> dict[str, Any]
     secret = secrets.token_urlsafe(32) if rule.webhook_url else None
     await conn.execute(
         "INSERT INTO alert_rules (rule_id, name, metric, operator, threshold, for_seconds, "
-        "devices, webhook_url, webhook_secret, created_at) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "devices, webhook_url, webhook_secret, created_at, muted) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         rule_id,
         rule.name,
         rule.metric,
@@ -136,15 +194,78 @@ async def create_rule(conn: asyncpg.Connection, rule: NewRule) -> dict[str, Any]
         rule.webhook_url,
         secret,
         datetime.now(UTC),
+        rule.muted,
     )
     return {"rule_id": rule_id, **msgspec.structs.asdict(rule), "webhook_secret": secret}
+
+
+async def stored_rule(conn: asyncpg.Connection, rule_id: str) -> asyncpg.Record | None:
+    """A rule in force, as stored; None when there is none (or it was deleted)."""
+    return await conn.fetchrow(
+        "SELECT * FROM alert_rules WHERE rule_id = $1 AND deleted_at IS NULL", rule_id
+    )
+
+
+def asks_anew(rule: NewRule, stored: asyncpg.Record) -> bool:
+    """Whether a change makes the rule a new question (its condition, its devices, muting),
+    so that its devices' states start again from ``ok``; a new name or webhook does not."""
+    fields = ("metric", "operator", "threshold", "for_seconds", "devices", "muted")
+    return any(getattr(rule, f) != stored[f] for f in fields)
+
+
+async def update_rule(
+    conn: asyncpg.Connection, rule_id: str, rule: NewRule, new_webhook: bool, anew: bool
+) -> dict[str, Any]:
+    """Store the changed rule; when it asks ``anew`` its devices' states start again from
+    ``ok`` (those firing are recorded as resolved, without a notification). A new webhook URL
+    gets a new secret, shown in this answer only, and muting drops the notifications still
+    waiting."""
+    secret = secrets.token_urlsafe(32) if new_webhook else None
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE alert_rules SET name = $2, metric = $3, operator = $4, threshold = $5, "
+            "for_seconds = $6, devices = $7, webhook_url = $8, muted = $9, "
+            "webhook_secret = CASE WHEN $8::text IS NULL THEN NULL "
+            "WHEN $10::text IS NOT NULL THEN $10 ELSE webhook_secret END "
+            "WHERE rule_id = $1",
+            rule_id,
+            rule.name,
+            rule.metric,
+            rule.operator,
+            rule.threshold,
+            rule.for_seconds,
+            rule.devices,
+            rule.webhook_url,
+            rule.muted,
+            secret,
+        )
+        if anew:
+            # What was firing is closed in the history, so nothing stays "firing" for ever.
+            await conn.execute(
+                "INSERT INTO alert_history (rule_id, device_id, event, at, value, message) "
+                "SELECT rule_id, device_id, 'resolved', now(), value, "
+                "$2 || ': the rule was changed or muted; on device ' || device_id || ' resolved' "
+                "FROM alert_states WHERE rule_id = $1 AND state = 'firing'",
+                rule_id,
+                rule.name,
+            )
+            await conn.execute("DELETE FROM alert_states WHERE rule_id = $1", rule_id)
+        if rule.muted:
+            await conn.execute(
+                "DELETE FROM webhook_deliveries WHERE rule_id = $1 AND delivered_at IS NULL",
+                rule_id,
+            )
+    answer = {"rule_id": rule_id, **msgspec.structs.asdict(rule)}
+    if new_webhook:
+        answer["webhook_secret"] = secret
+    return answer
 
 
 async def rules_with_states(conn: asyncpg.Connection) -> list[dict[str, Any]]:
     """The rules in force (without their secrets), each with every device's state under it."""
     rules = await conn.fetch(
         "SELECT rule_id, name, metric, operator, threshold, for_seconds, devices, "
-        "webhook_url, created_at FROM alert_rules WHERE deleted_at IS NULL "
+        "webhook_url, muted, created_at FROM alert_rules WHERE deleted_at IS NULL "
         "ORDER BY created_at"
     )
     states = await conn.fetch("SELECT * FROM alert_states")

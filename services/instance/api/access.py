@@ -1,10 +1,14 @@
 """Who may use the instance's API, as litestar guards.
 
 A request carries the customer's session token (``Authorization: Bearer``, or the dashboard's
-cookie for reading requests only, so another site cannot make a signed-in browser change
-anything). A session of another customer gets 404, as if nothing were here. The license must
-include API access, and each request counts against its ``apiRequestsPerDay``. An expired
-license (after its grace) makes the instance read-only: changes are refused, saying why.
+cookie). A change made with the cookie (POST, PATCH, DELETE) must also carry the session's
+CSRF token in ``X-CSRF-Token`` (``csrf_token``: an HMAC of the session token under a key the
+instance derives from its own secrets, which the page reads from ``GET /dashboard/session``),
+so another site cannot make a signed-in browser change anything; without it, or with another
+session's, it is refused (403) before the session is even looked up. A session of another
+customer gets 404, as if nothing were here. The license must include API access, and each
+request counts against its ``apiRequestsPerDay``. An expired license (after its grace) makes
+the instance read-only: changes are refused, saying why.
 
 Guards run before litestar reads the request's parameters and body: a caller without a session
 gets 401 whatever it sent (it learns nothing of what a route takes), and every request of the
@@ -35,11 +39,31 @@ INSTANCE = {"instance": Provide(provide_instance, sync_to_thread=False)}
 Instance = NamedDependency[SkipValidation[InstanceState]]
 
 
+CSRF_HEADER = "x-csrf-token"
+READING = ("GET", "HEAD")
+
+
+def csrf_token(key: bytes, session: str) -> str:
+    """The CSRF token of a session: useless with any other session, and no secret stored."""
+    return hmac.new(key, f"csrf:{session}".encode(), "sha256").hexdigest()
+
+
 def session_cookie(connection: Connection) -> str | None:
-    """The session token from the dashboard's cookie, for reading requests only."""
-    if connection.scope.get("method") not in ("GET", "HEAD"):
-        return None
-    return connection.cookies.get(COOKIE)
+    """The session token from the dashboard's cookie; for a change, only together with that
+    session's CSRF token (``Forbidden`` otherwise)."""
+    session = connection.cookies.get(COOKIE)
+    if not session or connection.scope.get("method") in READING:
+        return session
+    sent = connection.headers.get(CSRF_HEADER, "")
+    expected = csrf_token(instance_of(connection).csrf_key, session)
+    if not sent:
+        raise Forbidden(
+            "a change made with the dashboard's cookie needs the X-CSRF-Token header "
+            "(from GET /dashboard/session)"
+        )
+    if not hmac.compare_digest(sent.encode(errors="replace"), expected.encode()):
+        raise Forbidden("the X-CSRF-Token header does not belong to this session; reload the page")
+    return session
 
 
 async def customer_session(connection: Connection, _: BaseRouteHandler) -> None:

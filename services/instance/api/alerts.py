@@ -1,20 +1,24 @@
-"""``/api/alerts``: alert rules (made, listed, deleted) and their history."""
+"""``/api/alerts``: alert rules (made, listed, changed, muted, deleted) and their history."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, delete, get, post
+from litestar import Controller, delete, get, patch, post
 from litestar.params import FromPath, JSONBody
 
 from libs.http.errors import Forbidden, NotFound
 from services.instance.alerts.rules import (
     WebhooksNotLicensed,
+    asks_anew,
     create_rule,
     delete_rule,
     parse_rule,
+    parse_rule_change,
     recent_alert_history,
     rules_with_states,
+    stored_rule,
+    update_rule,
 )
 from services.instance.api.access import (
     INSTANCE,
@@ -56,6 +60,33 @@ class AlertsController(Controller):
         """The rules (without their secrets) and each device's state under them."""
         async with instance.pool().acquire() as conn:
             return {"rules": await rules_with_states(conn)}
+
+    @patch(
+        "/rules/{rule_id:str}",
+        request_max_body_size=BODY_LIMIT,
+        tags=["alerts"],
+        guards=[read_write, alerting_licensed],
+    )
+    async def change_alert_rule(
+        self, rule_id: FromPath[str], data: JSONBody[Any], instance: Instance
+    ) -> dict[str, Any]:
+        """Change any of a rule's fields, ``muted`` included (a muted rule neither fires nor
+        notifies); a new ``webhook_url`` gets a new signing secret, in this answer only."""
+        async with instance.pool().acquire() as conn:
+            stored = await stored_rule(conn, rule_id)
+        if stored is None:
+            raise NotFound(f"no rule {rule_id}")
+        webhooks = instance.licensed().features.webhooks
+        try:
+            rule, new_webhook = await parse_rule_change(
+                data, stored, webhooks, instance.webhook_targets
+            )
+        except WebhooksNotLicensed as exc:
+            raise Forbidden(str(exc)) from None
+        async with instance.pool().acquire() as conn:
+            if await stored_rule(conn, rule_id) is None:  # deleted while the URL was checked
+                raise NotFound(f"no rule {rule_id}")
+            return await update_rule(conn, rule_id, rule, new_webhook, asks_anew(rule, stored))
 
     @delete("/rules/{rule_id:str}", status_code=204, tags=["alerts"], guards=[read_write])
     async def delete_alert_rule(self, rule_id: FromPath[str], instance: Instance) -> None:

@@ -1,13 +1,19 @@
-"""The dashboard at the instance's URL: the page, its chart library, sign-in and sign-out.
+"""The dashboard at the instance's URL: the page, its script, style and chart library, sign-in,
+its CSRF token and sign-out.
 
-The page is served by the instance with its chart library (plotly.js, from the ``plotly``
-package installed from PyPI: nothing comes from a CDN, nothing is copied into the repo), so it
-works offline. Signing in posts the customer's email and password to the instance, which asks
+The page is served by the instance with its script and its chart library (plotly.js, from the
+``plotly`` package installed from PyPI: nothing comes from a CDN, nothing is copied into the
+repo), so it works offline. Its Content-Security-Policy allows scripts from the instance only:
+no inline script and no ``eval`` (plotly's SVG charts need neither); styles may be inline, as
+plotly sets them on the elements it draws.
+
+Signing in posts the customer's email and password to the instance, which asks
 the control plane to sign them in — with the browser's address, signed with the instance's
 ``LOGIN_RELAY_KEY``, so failed tries count against that browser and not against the instance —
-and keeps the session token in an HttpOnly, SameSite=Strict cookie; the cookie is accepted for
-reading only (GET), so another site cannot make a signed-in browser change anything. Readings
-arrive live over server-sent events (``/api/stream``, in ``api.readings``).
+and keeps the session token in an HttpOnly, SameSite=Strict cookie. The page changes things with
+that cookie only together with the session's CSRF token (``GET /dashboard/session``, sent back
+as ``X-CSRF-Token``; see ``api.access``), so another site cannot make a signed-in browser change
+anything. Readings arrive live over server-sent events (``/api/stream``, in ``api.readings``).
 """
 
 from __future__ import annotations
@@ -24,17 +30,27 @@ from litestar.params import JSONBody
 from litestar.response import File
 
 from libs.http.app import client_address
-from libs.http.auth import LOGIN_RELAY_HEADER, relayed_client_header
-from libs.http.errors import TooManyRequests, Unauthorized, UpstreamError
+from libs.http.auth import LOGIN_RELAY_HEADER, bearer, relayed_client_header
+from libs.http.errors import NotFound, TooManyRequests, Unauthorized, UpstreamError
 from libs.http.validation import FieldErrors
-from services.instance.api.access import COOKIE, INSTANCE, Instance
+from services.instance.api.access import (
+    COOKIE,
+    INSTANCE,
+    Instance,
+    csrf_token,
+    customer_session,
+    session_cookie,
+)
 from services.instance.settings import InstanceSettings
 
 PLOTLY = Path(str(files("plotly") / "package_data" / "plotly.min.js"))
-PAGE = files("services.instance") / "static" / "dashboard.html"
+STATIC = files("services.instance") / "static"
+PAGE = STATIC / "dashboard.html"
+ASSETS = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
 CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
-    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
 )
 SESSION_SECONDS = 3600
 
@@ -43,6 +59,12 @@ SESSION_SECONDS = 3600
 def page_html() -> str:
     """The dashboard page, read once."""
     return PAGE.read_text()
+
+
+@functools.cache
+def asset(name: str) -> str:
+    """One of the page's own files (``ASSETS``), read once."""
+    return (STATIC / name).read_text()
 
 
 def _retry_after(value: str | None) -> int:
@@ -101,8 +123,8 @@ def session_token(answer: httpx.Response, customer_id: str) -> str:
 
 
 class DashboardController(Controller):
-    """``/``, ``/static/plotly.min.js`` and ``/dashboard/login|logout``: public, out of the
-    OpenAPI document."""
+    """``/``, ``/static/*`` and ``/dashboard/login|logout``: public, out of the OpenAPI
+    document; ``/dashboard/session`` needs the session."""
 
     path = "/"
     include_in_schema = False
@@ -123,6 +145,25 @@ class DashboardController(Controller):
             media_type="application/javascript",
             headers={"Cache-Control": "public, max-age=86400"},
             content_disposition_type="inline",
+        )
+
+    @get("/static/{name:str}")
+    async def page_asset(self, name: str) -> Response[str]:
+        if name not in ASSETS:
+            raise NotFound("not found")
+        return Response(
+            asset(name),
+            media_type=ASSETS[name],
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
+
+    @get("/dashboard/session", guards=[customer_session])
+    async def session(self, request: Request[Any, Any, Any], instance: Instance) -> Response[Any]:
+        """The CSRF token the page sends with its changes (``X-CSRF-Token``)."""
+        token = bearer(request) or session_cookie(request) or ""
+        return Response(
+            {"csrf_token": csrf_token(instance.csrf_key, token)},
+            headers={"Cache-Control": "no-store"},
         )
 
     @post("/dashboard/login", status_code=200, request_max_body_size=4096)
@@ -146,7 +187,10 @@ class DashboardController(Controller):
             path="/",
             max_age=SESSION_SECONDS,
         )
-        return Response({"signed_in": True}, cookies=[cookie])
+        return Response(
+            {"signed_in": True, "csrf_token": csrf_token(instance.csrf_key, token)},
+            cookies=[cookie],
+        )
 
     @post("/dashboard/logout", status_code=200)
     async def logout(self) -> Response[Any]:

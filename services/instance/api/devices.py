@@ -1,12 +1,12 @@
-"""``/api/devices``: registering a device (with its broker credentials), listing, reading and
-deleting devices."""
+"""``/api/devices``: registering a device (with its broker credentials), listing, reading,
+renaming and deleting devices."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from litestar import Controller, delete, get, post
+from litestar import Controller, delete, get, patch, post
 from litestar.params import FromPath, JSONBody
 
 from libs.http.errors import Forbidden, NotFound, UpstreamError
@@ -20,6 +20,7 @@ from services.instance.devices import (
     active_devices,
     device_view,
     known_device,
+    rename_device,
 )
 from services.instance.readings import latest
 
@@ -114,6 +115,24 @@ class DevicesController(Controller):
             instance.pool().acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
+            row = await known_device(conn, device_id)
+            newest = await latest(conn, [device_id])
+        return device_view(row, newest.get(device_id), datetime.now(UTC))
+
+    @patch(
+        "/{device_id:str}",
+        request_max_body_size=BODY_LIMIT,
+        tags=["devices"],
+        guards=[read_write],
+    )
+    async def rename(
+        self, device_id: FromPath[str], data: JSONBody[Any], instance: Instance
+    ) -> dict[str, Any]:
+        """A new ``name`` for the device (its credentials and readings stay)."""
+        name = device_name(data)
+        async with instance.pool().acquire() as conn:
+            if not await rename_device(conn, device_id, name):
+                raise NotFound(f"no device {device_id}")
             row = await known_device(conn, device_id)
             newest = await latest(conn, [device_id])
         return device_view(row, newest.get(device_id), datetime.now(UTC))
