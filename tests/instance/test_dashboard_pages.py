@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 from browser import check_page, new_page, open_browser
+from dashboard_steps import add_device_and_publish, open_section, run_snippet, until_text
 from playwright.async_api import Page
 from test_instance import PASSWORD, client, customer  # noqa: F401 - client is a fixture
 
@@ -23,25 +22,6 @@ from contracts import SubscriptionActivated
 from support import eventually
 
 pytestmark = pytest.mark.slow
-
-MOSQUITTO_PUB = "/usr/bin/mosquitto_pub"
-
-
-def run_snippet(command: str) -> None:
-    """Run a shell command copied out of the page, as a customer would paste it."""
-    assert command.startswith("mosquitto_pub "), command
-    done = subprocess.run(
-        ["/bin/sh", "-c", MOSQUITTO_PUB + command.removeprefix("mosquitto_pub")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-
-
-async def open_section(page: Page, name: str) -> None:
-    await page.click(f"nav button[data-section={name}]")
-    await page.wait_for_selector(f"#section-{name}", state="visible")
 
 
 async def sign_in(page: Page, base: str, email: str) -> None:
@@ -52,32 +32,6 @@ async def sign_in(page: Page, base: str, email: str) -> None:
     await page.fill("#password", PASSWORD)
     await page.click("#login-form button[type=submit]")
     await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)
-
-
-async def add_device_and_publish(page: Page, name: str) -> str:
-    """Add a device in the page and publish with the page's own mosquitto_pub command; return
-    the command."""
-    await page.fill("#device-name", name)
-    await page.click("#add-device button[type=submit]")
-    await page.wait_for_selector("#credentials", state="visible")
-    assert await page.inner_text("#cred-name") == name
-    # Copied with the page's own button, as a customer would.
-    await page.click("button[data-copy=snippet-mosquitto]")
-    command = await page.evaluate("navigator.clipboard.readText()")
-    assert command == await page.inner_text("#snippet-mosquitto")
-    for snippet in ("#snippet-python", "#snippet-esp32"):
-        text = await page.text_content(snippet) or ""
-        assert re.search(r"dev-[0-9a-f]{16}", text), text  # the real username, filled in
-    assert "bsec2.h" in (await page.text_content("#snippet-esp32") or "")
-    run_snippet(command)
-    await page.wait_for_function(
-        "name => [...document.querySelectorAll('#devices tbody tr')].some(row =>"
-        " row.innerText.includes(name) && /online/.test(row.innerText)"
-        " && /calibrated/.test(row.innerText))",
-        arg=name,
-        timeout=20_000,
-    )
-    return command
 
 
 async def test_every_section_works_with_real_data_and_passes_axe(client, store) -> None:  # noqa: F811
@@ -151,7 +105,7 @@ async def test_every_section_works_with_real_data_and_passes_axe(client, store) 
             await page.fill("#rule-for", "0")
             await page.click("#rule-submit")
             await page.wait_for_selector("#rules >> text=Lobby too warm")
-            await _until_text(page, "alerts", "#history", "still firing")
+            await until_text(page, "alerts", "#history", "still firing")
             await check_page(page, "instance-alerts")
             await page.click("#rules button:has-text('Mute')")
             await page.wait_for_selector("#rules button:has-text('Unmute')")
@@ -186,8 +140,8 @@ async def test_every_section_works_with_real_data_and_passes_axe(client, store) 
             misspelt = command.replace('\\"temperature\\":', '\\"temp\\":')
             assert misspelt != command
             run_snippet(misspelt)
-            await _until_text(page, "problems", "#dead-letters", "must be a number")
-            await _until_text(page, "problems", "#dead-letters", '"temp", which is not a field')
+            await until_text(page, "problems", "#dead-letters", "must be a number")
+            await until_text(page, "problems", "#dead-letters", '"temp", which is not a field')
             await check_page(page, "instance-problems")
 
             await open_section(page, "usage")
@@ -211,13 +165,3 @@ async def test_every_section_works_with_real_data_and_passes_axe(client, store) 
         assert requested and all(url.startswith(base) for url in requested), requested
     finally:
         await grace.api.aclose()
-
-
-async def _until_text(page: Page, section: str, selector: str, text: str) -> Any:
-    """Open ``section`` again (which reloads it) until ``selector`` shows ``text``."""
-    for _ in range(40):
-        await open_section(page, section)
-        await asyncio.sleep(0.5)
-        if text in await page.inner_text(selector):
-            return
-    raise AssertionError(f"{selector} never showed {text!r}: {await page.inner_text(selector)}")
