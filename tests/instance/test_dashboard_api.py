@@ -281,3 +281,30 @@ async def test_a_rule_threshold_must_be_finite() -> None:
         with pytest.raises(InvalidRequest) as bad:
             await parse_rule({"metric": "iaq", "operator": ">", "threshold": threshold}, False)
         assert bad.value.fields == [{"field": "threshold", "reason": "must be a finite number"}]
+
+
+def test_the_control_planes_refusals_of_a_sign_in_read_plainly() -> None:
+    """What the dashboard tells a browser for each answer of the control plane to a relayed
+    sign-in (a closed account is not a fault of the control plane)."""
+    import httpx
+
+    from libs.http.errors import TooManyRequests, Unauthorized, UpstreamError
+    from services.instance.api.dashboard import session_token
+
+    closed = httpx.Response(403, json={"error": {"code": "account_closed", "message": "closed"}})
+    with pytest.raises(Unauthorized, match="this account is closed"):
+        session_token(closed, "c1")
+    with pytest.raises(Unauthorized, match="wrong email or password"):
+        session_token(httpx.Response(401, json={}), "c1")
+    with pytest.raises(TooManyRequests):
+        session_token(httpx.Response(429, headers={"retry-after": "30"}), "c1")
+    for odd in (
+        httpx.Response(403, json=[1]),
+        httpx.Response(403, text="<html>"),
+        httpx.Response(500),
+    ):
+        with pytest.raises(UpstreamError):
+            session_token(odd, "c1")
+    with pytest.raises(Unauthorized, match="another account"):
+        session_token(httpx.Response(200, json={"customer_id": "c2", "token": "t"}), "c1")
+    assert session_token(httpx.Response(200, json={"customer_id": "c1", "token": "t"}), "c1") == "t"

@@ -104,6 +104,16 @@ async def relay_login(
         raise UpstreamError("the control plane is unreachable; try again") from exc
 
 
+def _error_code(answer: httpx.Response) -> str | None:
+    """The ``error.code`` of the control plane's refusal, if it sent one."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
+
+
 def session_token(answer: httpx.Response, customer_id: str) -> str:
     """The session token of the control plane's answer to a sign-in for ``customer_id``, or
     the refusal to give the browser."""
@@ -114,6 +124,8 @@ def session_token(answer: httpx.Response, customer_id: str) -> str:
         )
     if answer.status_code in (400, 401):
         raise Unauthorized("wrong email or password")
+    if answer.status_code == 403 and _error_code(answer) == "account_closed":
+        raise Unauthorized("this account is closed")
     if answer.status_code != 200:
         raise UpstreamError("the control plane could not check the sign-in; try again")
     body = answer.json()
