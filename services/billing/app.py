@@ -69,6 +69,7 @@ BILLING = ServiceDefinition(
     reactor_names=(
         "start_trials",
         "apply_stripe_events",
+        "cancel_closed_subscriptions",
     ),
     settings_type=BillingSettings,
 )

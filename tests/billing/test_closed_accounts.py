@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-
 from account_flows import (
     PUBLIC_URL,
     SESSION_REFUSED,
@@ -23,10 +22,12 @@ from account_flows import (
     reset_password,
     sign_up,
 )
-from contracts import CustomerClosed, CustomerSignedUp, decode_envelope
+
+from contracts import CustomerClosed, CustomerSignedUp, SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.http.errors import Conflict
+from libs.projections.runner import durable_name
 from libs.runtime.platform import Platform
 from services.billing.accounts import AccountClosed, BillingAccounts
 from services.billing.app import BILLING
@@ -36,17 +37,27 @@ from services.billing.trials import expire_ended_trials
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
 from services.targets import build_app
+from stripe_standin import API_KEY, StripeStandIn
 from support import SUITE_SIGNUP_LIMITS, eventually, license_keys_dir, serving
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 @pytest.fixture(scope="module")
-async def platform(settings: ServiceSettings, store: EventStore) -> Platform:
+async def stripe_api() -> AsyncIterator[tuple[StripeStandIn, str]]:
+    standin = StripeStandIn()
+    async with serving(standin.app()) as http:
+        yield standin, str(http.base_url)
+
+
+@pytest.fixture(scope="module")
+async def platform(settings: ServiceSettings, store: EventStore, stripe_api) -> Platform:
     return Platform.from_settings(
         settings,
         [SIGNUP, LICENSING, BILLING],
         license_keys_dir=license_keys_dir(),
+        stripe_secret_key=API_KEY,
+        stripe_api_base=stripe_api[1],
         argon2_memory_kib=8192,
         argon2_time_cost=1,
         public_url=PUBLIC_URL,
@@ -219,3 +230,53 @@ async def test_a_closed_trial_never_expires_even_when_the_scheduler_runs_at_the_
     assert await expired_events(store, unpaid) == 1
     assert await expired_events(store, closed) == 0
     assert await expired_events(store, closed_at_once) == 0
+
+
+def activated(customer_id: str, subscription_id: str) -> SubscriptionActivated:
+    return SubscriptionActivated(
+        customer_id=customer_id,
+        plan="professional",
+        status="active",
+        stripe_customer_id=f"cus_{subscription_id}",
+        stripe_subscription_id=subscription_id,
+    )
+
+
+async def test_a_subscription_that_raced_the_closure_is_canceled_at_stripe_once(
+    client, platform, store, stripe_api
+) -> None:
+    standin, _ = stripe_api
+    # Paid, then closed (an admin's closure, which signup's own API would refuse while it
+    # bills): billing cancels the subscription at Stripe.
+    paid_first = await signed_up_20_days_ago(store, "Paid First Air")
+    await store.publish(activated(paid_first, "sub_paid_first"), customer_id=paid_first)
+    await store.publish(
+        CustomerClosed(customer_id=paid_first, closed_by="admin"), customer_id=paid_first
+    )
+    # Closed, then a checkout that started before the closure completes at Stripe.
+    closed_first = await signed_up_20_days_ago(store, "Closed First Air")
+    await store.publish(
+        CustomerClosed(customer_id=closed_first, closed_by="customer"), customer_id=closed_first
+    )
+    await store.publish(activated(closed_first, "sub_closed_first"), customer_id=closed_first)
+    # The closure again (closed by an admin too): nothing more is asked of Stripe.
+    await store.publish(
+        CustomerClosed(customer_id=paid_first, closed_by="admin"), customer_id=paid_first
+    )
+    # An open account's subscription is left alone.
+    open_one = await signed_up_20_days_ago(store, "Open Air")
+    await store.publish(activated(open_one, "sub_open"), customer_id=open_one)
+
+    durable = durable_name("billing", "cancel_closed_subscriptions")
+    await eventually(lambda: store.consumer_pending(durable), lambda n: n == 0, what="reactor")
+    await eventually(lambda: _canceled(standin), lambda c: len(c) >= 2, what="two cancellations")
+    assert sorted(standin.canceled) == ["sub_closed_first", "sub_paid_first"]
+    cancels = [path for path, _ in standin.requests if path.startswith("/v1/subscriptions/")]
+    assert sorted(cancels) == [
+        "/v1/subscriptions/sub_closed_first",
+        "/v1/subscriptions/sub_paid_first",
+    ]
+
+
+async def _canceled(standin: StripeStandIn) -> list[str]:
+    return list(standin.canceled)

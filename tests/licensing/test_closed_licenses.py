@@ -7,14 +7,13 @@ signup's own API, as a customer does them."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
-
 from account_flows import (
     PUBLIC_URL,
     SESSION_REFUSED,
@@ -25,6 +24,7 @@ from account_flows import (
     reset_password,
     sign_up,
 )
+
 from contracts import CustomerClosed, SubscriptionActivated, SubscriptionChanged, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
