@@ -1,8 +1,10 @@
 """STAND-IN for Stripe's HTTP API (api.stripe.com), which these machines cannot reach.
 
-Only the calls billing makes are served: ``POST /v1/customers``, ``POST /v1/checkout/sessions``
-and ``POST /v1/billing_portal/sessions``. They behave as Stripe documents: form-encoded bodies
-with bracketed keys, ``Authorization: Bearer sk_...`` (401 otherwise), ``Idempotency-Key``
+Only the calls billing makes are served: ``POST /v1/customers``, ``POST /v1/checkout/sessions``,
+``POST /v1/billing_portal/sessions`` and ``DELETE /v1/subscriptions/<id>`` (a closed account's
+subscription canceled at once: recorded in ``canceled``; a second cancel is Stripe's 400).
+They behave as Stripe documents: form-encoded bodies with bracketed keys,
+``Authorization: Bearer sk_...`` (401 otherwise), ``Idempotency-Key``
 replaying the first answer (400 when reused with other parameters), Stripe's error JSON, and
 objects shaped like Stripe's. ``complete_checkout`` makes the webhook events Stripe would send
 when the customer pays, from what the checkout asked for, so the tests carry the metadata our
@@ -31,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.params import FromPath
 from litestar.response import Redirect
 
@@ -80,6 +82,8 @@ class StripeStandIn:
     currency: str = "eur"
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     webhooks_sent: list[tuple[str, int]] = field(default_factory=list)
+    # Subscription ids canceled through DELETE /v1/subscriptions/<id>, in order.
+    canceled: list[str] = field(default_factory=list)
     _idempotent: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = field(default_factory=dict)
 
     def app(self) -> Litestar:
@@ -87,6 +91,10 @@ class StripeStandIn:
 
         @post(["/v1/customers", "/v1/checkout/sessions", "/v1/billing_portal/sessions"])
         async def create(request: Request[Any, Any, Any]) -> Response[Any]:
+            return self._handle(request.url.path, request.headers, await request.body())
+
+        @delete("/v1/subscriptions/{subscription_id:str}", status_code=200)
+        async def cancel(request: Request[Any, Any, Any]) -> Response[Any]:
             return self._handle(request.url.path, request.headers, await request.body())
 
         @get("/c/pay/{session_id:str}", media_type="text/html")
@@ -110,7 +118,9 @@ class StripeStandIn:
             body = f"<p>Invoice {html.escape(invoice['number'])}: {amount}, paid.</p>"
             return _page("Invoice", body)
 
-        return Litestar([create, checkout_page, pay, portal_page, invoice_page], debug=False)
+        return Litestar(
+            [create, cancel, checkout_page, pay, portal_page, invoice_page], debug=False
+        )
 
     def _hosted(self, path: str, stripe_host: str) -> str:
         base = self.base_url.rstrip("/") if self.base_url else stripe_host
@@ -204,6 +214,8 @@ class StripeStandIn:
             return 200, customer
         if path == "/v1/checkout/sessions":
             return self._checkout(params)
+        if path.startswith("/v1/subscriptions/"):
+            return self._cancel(path.rsplit("/", 1)[1])
         customer = params.get("customer")
         if customer not in self.customers:
             return 400, _error_body("invalid_request_error", f"No such customer: '{customer}'")
@@ -218,6 +230,21 @@ class StripeStandIn:
         }
         self.portals[portal_id] = portal
         return 200, portal
+
+    def _cancel(self, subscription_id: str) -> tuple[int, dict[str, Any]]:
+        if subscription_id in self.canceled:
+            return 400, _error_body(
+                "invalid_request_error",
+                "A canceled subscription can only update its cancellation_details and metadata.",
+            )
+        self.canceled.append(subscription_id)
+        return 200, {
+            "id": subscription_id,
+            "object": "subscription",
+            "status": "canceled",
+            "canceled_at": int(time.time()),
+            "livemode": False,
+        }
 
     def _checkout(self, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if params.get("mode") != "subscription":

@@ -5,6 +5,10 @@ service checks them for the customer's own routes. Admin routes take ``ADMIN_TOK
 token, or, for the operators' pages in a browser, as the password of HTTP Basic (any user name).
 Both are compared in constant time, and an unset secret closes its routes rather than opening
 them.
+A session token says nothing of what happened after it was issued: each service that honours
+them also refuses those issued before the customer's latest credentials change (``issued_before``
+against the cut-off ``CredentialsChanged`` carries) and those of a closed account, from a table
+of its own projected from the log.
 Instances prove themselves with credentials derived per customer from a secret the provisioner
 shares with the service that checks them: usage tokens (billing) and the key that signs the
 browser address of a dashboard sign-in (signup).
@@ -19,6 +23,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 import jwt
@@ -213,7 +218,7 @@ class SessionTokens:
         """The customer whose valid session token the request carries; 401 otherwise."""
         customer_id = self.customer_of(bearer(connection))
         if customer_id is None:
-            raise NotAuthorizedException("a valid session token is required", headers=_CHALLENGE)
+            raise session_refused()
         return customer_id
 
     def caller(self, connection: ASGIConnection, admin_token: str | None) -> Caller:  # type: ignore[type-arg]
@@ -223,5 +228,32 @@ class SessionTokens:
             return Caller(kind="admin")
         customer_id = self.customer_of(token)
         if customer_id is None:
-            raise NotAuthorizedException("a valid session token is required", headers=_CHALLENGE)
+            raise session_refused()
         return Caller(kind="customer", customer_id=customer_id)
+
+
+def session_refused() -> NotAuthorizedException:
+    """The 401 for a session that does not hold, whatever the reason (expired, forged, issued
+    before a password reset, of a closed account): the caller learns only to sign in again."""
+    return NotAuthorizedException("a valid session token is required", headers=_CHALLENGE)
+
+
+def session_issued_at(token: str) -> int | None:
+    """The ``iat`` of a session token whose signature the caller has already checked."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    value = claims.get("iat")
+    return int(value) if isinstance(value, int | float) else None
+
+
+def issued_before(token: str, cutoff: datetime | None) -> bool:
+    """Whether a session token (signature already checked) was issued before ``cutoff``, the
+    time from which the customer's sessions hold (``CredentialsChanged.sessions_valid_from``):
+    such a token is refused. A token without an ``iat`` counts as issued before any cut-off;
+    no cut-off (None) refuses nothing."""
+    if cutoff is None:
+        return False
+    iat = session_issued_at(token)
+    return iat is None or iat < cutoff.timestamp()

@@ -30,8 +30,9 @@ _ACCOUNT = """
     SELECT c.customer_id, c.email, c.company_name, c.stripe_customer_id AS linked_customer,
            s.plan, s.status, s.trial_started_at, s.trial_ends_at, s.stripe_customer_id,
            s.stripe_subscription_id, s.current_period_end, s.last_payment_failure_at,
-           s.canceled_at, s.updated_at
+           s.canceled_at, s.updated_at, a.closed_at
     FROM billing_customers c LEFT JOIN subscriptions s USING (customer_id)
+    LEFT JOIN account_access a USING (customer_id)
     WHERE c.customer_id = $1
 """
 
@@ -43,7 +44,19 @@ def subscription_state(row: asyncpg.Record) -> SubscriptionState:
         status=row["status"],
         stripe_subscription_id=row["stripe_subscription_id"],
         stripe_customer_id=row["linked_customer"] or row["stripe_customer_id"],
+        closed=row["closed_at"] is not None,
     )
+
+
+class AccountClosed(Conflict):
+    """409: the account is closed; checkout and the billing portal are not for it."""
+
+    code = "account_closed"
+
+
+def refusal(decision: Refused) -> Conflict:
+    """The 409 a refused command answers (``account_closed`` for a closed account)."""
+    return AccountClosed(decision.reason) if decision.closed else Conflict(decision.reason)
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ class BillingAccounts:
         row = await self.account(customer_id)
         decision = decide_checkout(subscription_state(row), plan)
         if isinstance(decision, Refused):
-            raise Conflict(decision.reason)
+            raise refusal(decision)
         session = await self.gateway.create_checkout(
             customer_id=customer_id,
             stripe_customer_id=decision.stripe_customer_id or await self._link_new_customer(row),
@@ -104,7 +117,7 @@ class BillingAccounts:
         """A Stripe billing-portal page: change plan or card, see invoices, cancel."""
         decision = decide_portal(subscription_state(await self.account(customer_id)))
         if isinstance(decision, Refused):
-            raise Conflict(decision.reason)
+            raise refusal(decision)
         return {"portal_url": await self.gateway.create_portal(decision.stripe_customer_id)}
 
     async def subscription(self, customer_id: str, now: datetime) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from libs.runtime.outbox import outbox_worker
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
+from services.billing.access import ACCOUNT_ACCESS
 from services.billing.projections import SUBSCRIPTIONS
 from services.billing.reactors import billing_reactors
 from services.billing.routes import billing_routes
@@ -48,7 +49,7 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
 BILLING = ServiceDefinition(
     name="billing",
     migrations_package="services.billing.migrations",
-    projections=(SUBSCRIPTIONS, USAGE),
+    projections=(SUBSCRIPTIONS, USAGE, ACCOUNT_ACCESS),
     reactors=billing_reactors,
     routes=billing_routes,
     workers=_workers,
@@ -68,6 +69,7 @@ BILLING = ServiceDefinition(
     reactor_names=(
         "start_trials",
         "apply_stripe_events",
+        "cancel_closed_subscriptions",
     ),
     settings_type=BillingSettings,
 )

@@ -22,6 +22,8 @@ class SubscriptionState:
     stripe_subscription_id: str | None
     # The customer at Stripe this customer is linked to, if any yet.
     stripe_customer_id: str | None
+    # The account was closed (signup's CustomerClosed): nothing more is sold or opened.
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,18 @@ class Refused:
     """Not done, and why (the customer is told; it is a 409)."""
 
     reason: str
+    # The account is closed: refused whatever was asked (``account_closed``).
+    closed: bool = False
+
+
+CLOSED = Refused("this account is closed; nothing can be bought or changed for it", closed=True)
 
 
 def decide_checkout(current: SubscriptionState, plan: str) -> StartCheckout | Refused:
     """A checkout for ``plan``, unless a subscription that still bills exists: that one's plan
-    is changed in the billing portal, never by paying for a second."""
+    is changed in the billing portal, never by paying for a second; never for a closed account."""
+    if current.closed:
+        return CLOSED
     if current.stripe_subscription_id and current.status in BILLING_STATES:
         return Refused(
             f"already subscribed to {current.plan} ({current.status}); change the plan "
@@ -58,7 +67,10 @@ def decide_checkout(current: SubscriptionState, plan: str) -> StartCheckout | Re
 
 
 def decide_portal(current: SubscriptionState) -> OpenPortal | Refused:
-    """The billing portal of the customer's Stripe customer; there is none before a checkout."""
+    """The billing portal of the customer's Stripe customer; there is none before a checkout,
+    and none for a closed account."""
+    if current.closed:
+        return CLOSED
     if not current.stripe_customer_id:
         return Refused(
             "no billing account at Stripe yet: subscribe first (POST /api/billing/checkout)"

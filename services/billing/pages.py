@@ -16,7 +16,6 @@ from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
 from litestar.response import Redirect
 
-from libs.http.auth import SessionTokens
 from libs.http.errors import Conflict, DomainError, NotFound
 from libs.web.forms import (
     CSRF_COOKIE,
@@ -25,7 +24,8 @@ from libs.web.forms import (
     form_fields,
     session_token,
 )
-from services.billing.accounts import BillingAccounts
+from services.billing.access import CustomerSessions
+from services.billing.accounts import AccountClosed, BillingAccounts
 from services.billing.decisions import PAID_PLANS
 from services.billing.stripe_api import StripeNotConfigured, StripeUnavailable
 
@@ -40,6 +40,8 @@ def back_with(problem: str) -> Redirect:
 
 def problem_of(exc: DomainError, refused: str) -> str:
     """The account page's code for a billing command's refusal (``refused`` for a 409)."""
+    if isinstance(exc, AccountClosed):
+        return "not_signed_in"  # a closed account's session ends: the page asks to sign in
     if isinstance(exc, StripeNotConfigured):
         return "billing_not_configured"
     if isinstance(exc, StripeUnavailable):
@@ -69,13 +71,13 @@ class AccountBillingForms(Controller):
         self,
         request: Request[Any, Any, Any],
         csrf: NamedDependency[CsrfTokens],
-        sessions: NamedDependency[SessionTokens],
+        sessions: NamedDependency[CustomerSessions],
         accounts: NamedDependency[BillingAccounts],
     ) -> Response[Any]:
         """Off to Stripe's Checkout page for the plan chosen (403 for a forged form)."""
         fields = await form_fields(request)
         csrf.check(request, fields.get(CSRF_FIELD))
-        customer_id = sessions.customer_of(session_token(request))
+        customer_id = await sessions.customer_of(session_token(request))
         if customer_id is None:
             return back_with("not_signed_in")
         plan = fields.get("plan", "")
@@ -93,13 +95,13 @@ class AccountBillingForms(Controller):
         self,
         request: Request[Any, Any, Any],
         csrf: NamedDependency[CsrfTokens],
-        sessions: NamedDependency[SessionTokens],
+        sessions: NamedDependency[CustomerSessions],
         accounts: NamedDependency[BillingAccounts],
     ) -> Response[Any]:
         """Off to Stripe's billing portal (403 for a forged form)."""
         fields = await form_fields(request)
         csrf.check(request, fields.get(CSRF_FIELD))
-        customer_id = sessions.customer_of(session_token(request))
+        customer_id = await sessions.customer_of(session_token(request))
         if customer_id is None:
             return back_with("not_signed_in")
         try:

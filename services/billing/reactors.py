@@ -19,7 +19,9 @@ from libs.eventlog.store import caused_event_id
 from libs.projections.apply import Projection, Recorded
 from libs.runtime.outbox import add_to_outbox, outbox_relay
 from libs.runtime.service import ServiceRuntime
+from services.billing.closing import closed_subscriptions_reactor
 from services.billing.settings import BillingSettings
+from services.billing.stripe_api import StripeGateway
 from services.billing.stripe_events import StripeTranslator, remember_customer
 from services.billing.webhooks import WebhookMetrics, webhook_metrics
 
@@ -73,7 +75,8 @@ async def when_stripe_customer_linked_remember_it(
 
 
 def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
-    """Start a trial for every new customer; turn stored Stripe events into domain events."""
+    """Start a trial for every new customer; turn stored Stripe events into domain events;
+    cancel a closed account's subscription at Stripe (``closing.py``)."""
     settings = runtime.settings_as(BillingSettings)
     apply_stripe_event = functools.partial(
         when_stripe_event_stored_apply_it,
@@ -98,4 +101,5 @@ def billing_reactors(runtime: ServiceRuntime) -> list[Projection]:
             },
             after_commit=relay.wake,
         ),
+        closed_subscriptions_reactor(StripeGateway(settings)),
     ]

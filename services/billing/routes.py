@@ -23,6 +23,7 @@ from libs.http.auth import SessionTokens
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.service import ServiceRuntime
 from libs.web.forms import CsrfTokens
+from services.billing.access import CustomerSessions
 from services.billing.accounts import BillingAccounts
 from services.billing.decisions import PAID_PLANS
 from services.billing.pages import AccountBillingForms
@@ -166,7 +167,6 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     """Checkout, portal, subscription and usage for customers (and the account page's forms
     for the first two); usage reports for instances; ``POST /webhooks/stripe`` for Stripe."""
     settings = runtime.settings_as(BillingSettings)
-    sessions = SessionTokens(settings.session_secret, settings.session_ttl_seconds)
     csrf = CsrfTokens(settings.session_secret)
     gateway = StripeGateway(settings)
     metrics = webhook_metrics(runtime.registry)
@@ -183,14 +183,19 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     def pool() -> asyncpg.Pool:
         return runtime.db()
 
-    def session_customer_id(request: Request[Any, Any, Any]) -> str:
-        return sessions.customer(request)
+    # Valid and still holding: not from before a password reset, nor of a closed account.
+    sessions = CustomerSessions(
+        SessionTokens(settings.session_secret, settings.session_ttl_seconds), pool
+    )
+
+    async def session_customer_id(request: Request[Any, Any, Any]) -> str:
+        return await sessions.customer(request)
 
     dependencies = {
         "accounts": Provide(accounts, sync_to_thread=False),
         "events": Provide(events, sync_to_thread=False),
         "pool": Provide(pool, sync_to_thread=False),
-        "session_customer_id": Provide(session_customer_id, sync_to_thread=False),
+        "session_customer_id": Provide(session_customer_id),
         "settings": Provide(lambda: settings, sync_to_thread=False),
         "metrics": Provide(lambda: metrics, sync_to_thread=False),
         "sessions": Provide(lambda: sessions, sync_to_thread=False),

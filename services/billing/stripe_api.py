@@ -1,4 +1,5 @@
-"""Billing's outgoing calls to Stripe: customers, Checkout Sessions and billing-portal sessions.
+"""Billing's outgoing calls to Stripe: customers, Checkout Sessions, billing-portal sessions, and
+canceling the subscription of an account that closed.
 
 Every call goes through the ``stripe`` package, async over httpx, to ``STRIPE_API_BASE``
 (Stripe itself unless changed; the tests point it at a stand-in). Each creating call carries an
@@ -126,6 +127,26 @@ class StripeGateway:
         except stripe.StripeError as exc:
             raise _unavailable("create the billing-portal session", exc) from None
         return str(session.url)
+
+    async def cancel_subscription(self, stripe_subscription_id: str) -> bool:
+        """Cancel a subscription at once (a closed account's): True when Stripe canceled it,
+        False when Stripe says there is nothing to cancel (unknown, or canceled already)."""
+        try:
+            await self._stripe().v1.subscriptions.cancel_async(
+                stripe_subscription_id,
+                options={"idempotency_key": f"iotistic-cancel-{stripe_subscription_id}"},
+            )
+        except stripe.InvalidRequestError as exc:
+            log.warning(
+                "stripe: subscription %s not canceled: %s (request %s)",
+                stripe_subscription_id,
+                exc.code,
+                exc.request_id,
+            )
+            return False
+        except stripe.StripeError as exc:
+            raise _unavailable("cancel the subscription", exc) from None
+        return True
 
 
 def _unavailable(what: str, exc: stripe.StripeError) -> StripeUnavailable:

@@ -3,6 +3,11 @@
 It keeps no state of its own: the subscriptions read model says which trials have ended and
 are still trialing, so a restart (or a replica taking over) simply finds them again. The id of
 each TrialExpired comes from the trial itself, so two passes over the same trial append it once.
+A closed account's trial ended with the account: it never expires (no ``TrialExpired``, hence no
+final license for an account that has none to run). The closure is read from
+``account_access``, whose consumer the decision also waits for, so a ``CustomerClosed`` on the
+log that the read models have not applied yet makes the append conflict and the trial is
+looked at again once they have.
 """
 
 from __future__ import annotations
@@ -19,8 +24,18 @@ from libs.eventlog.store import EventStore
 from libs.projections.runner import durable_name
 
 LOCK_KEY = "billing:trial-scheduler"
-# The consumers behind the subscriptions read model the decision is taken from.
-CONSUMERS = (durable_name("billing", "subscriptions"),)
+# The consumers behind the read models the decision is taken from: the subscriptions, and
+# which accounts are closed.
+CONSUMERS = (durable_name("billing", "subscriptions"), durable_name("billing", "account_access"))
+# Trials that ended by $1 (of customer $2 when given), still trialing, of open accounts.
+_ENDED = """
+    SELECT s.customer_id, s.trial_ends_at FROM subscriptions s
+    WHERE s.status = 'trialing' AND s.trial_ends_at <= $1
+      AND ($2::text IS NULL OR s.customer_id = $2)
+      AND NOT EXISTS (SELECT 1 FROM account_access a
+                      WHERE a.customer_id = s.customer_id AND a.closed_at IS NOT NULL)
+    ORDER BY s.trial_ends_at LIMIT 500
+"""
 
 
 async def expire_ended_trials(pool: asyncpg.Pool, store: EventStore, now: datetime) -> int:
@@ -36,19 +51,11 @@ async def expire_ended_trials(pool: asyncpg.Pool, store: EventStore, now: dateti
             "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY
         ):
             return 0
-        ended = await conn.fetch(
-            "SELECT customer_id, trial_ends_at FROM subscriptions "
-            "WHERE status = 'trialing' AND trial_ends_at <= $1 ORDER BY trial_ends_at LIMIT 500",
-            now,
-        )
+        ended = await conn.fetch(_ENDED, now, None)
 
         async def still_ended(customer_id: str) -> TrialExpired | None:
-            ends = await conn.fetchval(
-                "SELECT trial_ends_at FROM subscriptions WHERE customer_id = $1 "
-                "AND status = 'trialing' AND trial_ends_at <= $2",
-                customer_id,
-                now,
-            )
+            again = await conn.fetchrow(_ENDED, now, customer_id)
+            ends = None if again is None else again["trial_ends_at"]
             return (
                 None if ends is None else TrialExpired(customer_id=customer_id, trial_ended_at=ends)
             )

@@ -15,6 +15,7 @@ from libs.runtime.outbox import outbox_worker
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
+from services.licensing.access import ACCOUNT_ACCESS
 from services.licensing.issuing import LicenseSigner
 from services.licensing.keys import KeyRing, load_keyring
 from services.licensing.projections import LICENSES
@@ -63,7 +64,7 @@ def _routes(runtime: ServiceRuntime) -> Sequence[ControllerRouterHandler]:
 LICENSING = ServiceDefinition(
     name="licensing",
     migrations_package="services.licensing.migrations",
-    projections=(LICENSES,),
+    projections=(LICENSES, ACCOUNT_ACCESS),
     reactors=_reactors,
     routes=_routes,
     workers=_workers,

@@ -45,10 +45,10 @@ def license_view(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
 async def newest_license(
     pool: asyncpg.Pool, customer_id: str, now: datetime
 ) -> dict[str, Any] | None:
-    """The customer's newest license that is not revoked, if there is one."""
+    """The customer's newest license, if there is one: a revoked one (a closed account's)
+    shows as ``revoked``, never an older one in its place."""
     row = await pool.fetchrow(
-        "SELECT * FROM licenses WHERE customer_id = $1 AND revoked_at IS NULL "
-        "ORDER BY issued_at DESC, license_id LIMIT 1",
+        "SELECT * FROM licenses WHERE customer_id = $1 ORDER BY issued_at DESC, license_id LIMIT 1",
         customer_id,
     )
     return None if row is None else license_view(row, now)
@@ -60,3 +60,12 @@ async def license_history(pool: asyncpg.Pool, customer_id: str) -> list[dict[str
         "SELECT * FROM license_history WHERE customer_id = $1 ORDER BY seq", customer_id
     )
     return [{k: r[k] for k in HISTORY_FIELDS} for r in rows]
+
+
+async def is_revoked(pool: asyncpg.Pool, license_id: str) -> bool:
+    """Whether licensing has recorded the license as revoked."""
+    return bool(
+        await pool.fetchval(
+            "SELECT revoked_at IS NOT NULL FROM licenses WHERE license_id = $1", license_id
+        )
+    )

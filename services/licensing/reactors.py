@@ -2,7 +2,8 @@
 
 A trial license at signup; a subscription license (30 days) when billing activates or changes a
 subscription; a license with a grace period when a payment fails; a final, expired license
-when the subscription is canceled or the trial runs out. Every license's times come from the
+when the subscription is canceled or the trial runs out; none once the account is closed, when
+its current license is revoked instead (``closing.py``). Every license's times come from the
 event that caused it, so issuing it again after a crash yields the very same token and event.
 
 Each handler is a function of its own that takes the signer it signs with, the consumer's
@@ -17,7 +18,9 @@ from functools import partial
 from typing import Any
 
 from contracts import (
+    CustomerClosed,
     CustomerSignedUp,
+    LicenseIssued,
     PaymentFailed,
     SubscriptionActivated,
     SubscriptionCanceled,
@@ -29,6 +32,11 @@ from libs.eventlog.store import caused_event_id
 from libs.projections.apply import Projection, Recorded
 from libs.runtime.outbox import add_to_outbox, outbox_relay
 from libs.runtime.service import ServiceRuntime
+from services.licensing.closing import (
+    is_closed,
+    when_customer_closed_revoke_license,
+    when_license_issued_track_it,
+)
 from services.licensing.issuing import (
     GRACE_DAYS,
     SUBSCRIPTION_LICENSE_DAYS,
@@ -48,10 +56,13 @@ async def issue_license(
     grace_until: datetime | None,
     reason: str,
 ) -> None:
-    """Sign the license that answers ``r`` and put its LicenseIssued into the outbox."""
+    """Sign the license that answers ``r`` and put its LicenseIssued into the outbox; none
+    for a closed account (``closing.py``)."""
     customer_id = r.envelope.customer_id
     if customer_id is None:
         raise ValueError(f"{r.envelope.type} without a customer id")
+    if await is_closed(conn, customer_id):
+        return
     license_id = caused_event_id(r.envelope, "license")
     # Into the outbox, in this consumer's transaction: the license reaches the log once,
     # however long after its cause this event is delivered again.
@@ -180,7 +191,8 @@ async def when_subscription_ends_issue_final_license(
 
 
 def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[Projection]:
-    """The license that follows each signup and each change of the subscription."""
+    """The license that follows each signup and each change of the subscription, and the
+    revocation that follows a closure."""
     relay = outbox_relay(runtime)
     return [
         Projection(
@@ -197,6 +209,8 @@ def licensing_reactors(runtime: ServiceRuntime, signer: LicenseSigner) -> list[P
                 PaymentFailed: partial(when_payment_failed_issue_grace_license, signer),
                 SubscriptionCanceled: partial(when_subscription_ends_issue_final_license, signer),
                 TrialExpired: partial(when_subscription_ends_issue_final_license, signer),
+                CustomerClosed: when_customer_closed_revoke_license,
+                LicenseIssued: when_license_issued_track_it,
             },
             after_commit=relay.wake,
         )

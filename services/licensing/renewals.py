@@ -29,7 +29,8 @@ RENEWABLE = ("subscription", "renewal")
 # (kept by the license reactor) and the licenses.
 CONSUMERS = (durable_name("licensing", "issue_licenses"), durable_name("licensing", "licenses"))
 
-# The newest license of each customer (or of customer $3) whose subscription is active, when it
+# The newest license of each customer (or of customer $3) whose subscription is active and
+# whose account is open (a closed account's license is revoked, never renewed), when it
 # is a subscription license that expires within the renewal window.
 _DUE = """
     SELECT l.license_id, l.customer_id, l.expires_at, p.plan
@@ -39,7 +40,7 @@ _DUE = """
         WHERE l.customer_id = p.customer_id AND l.revoked_at IS NULL
         ORDER BY l.issued_at DESC, l.expires_at DESC LIMIT 1
     ) l ON true
-    WHERE p.subscription_status = 'active'
+    WHERE p.subscription_status = 'active' AND p.closed_at IS NULL
       AND l.license_type = ANY($2::text[])
       AND l.expires_at <= $1
       AND ($3::text IS NULL OR p.customer_id = $3)

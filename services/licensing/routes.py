@@ -22,8 +22,9 @@ from libs.http.auth import Caller, SessionTokens
 from libs.http.errors import NotFound
 from libs.http.validation import FieldErrors
 from libs.runtime.service import ServiceRuntime
+from services.licensing.access import CustomerSessions
 from services.licensing.keys import KeyRing
-from services.licensing.license_views import license_history, newest_license
+from services.licensing.license_views import is_revoked, license_history, newest_license
 from services.licensing.settings import LicensingSettings
 
 BODY_LIMIT = 64 * 1024
@@ -87,33 +88,43 @@ class LicenseController(Controller):
 
     @post("/verify", status_code=200, request_max_body_size=BODY_LIMIT)
     async def verify(
-        self, data: JSONBody[dict[str, Any]], verifier: NamedDependency[LicenseVerifier]
+        self,
+        data: JSONBody[dict[str, Any]],
+        verifier: NamedDependency[LicenseVerifier],
+        pool: NamedDependency[asyncpg.Pool],
     ) -> dict[str, Any]:
-        """The claims of a valid license, or why it is not valid."""
+        """The claims of a valid license, or why it is not valid (``revoked``: its account
+        was closed, though the signature and times still hold)."""
         try:
             claims = verifier.verify(license_token(data))
         except InvalidLicense as exc:
             return {"valid": False, "reason": exc.reason, "message": str(exc)}
+        if await is_revoked(pool, claims.licenseId):
+            return {"valid": False, "reason": "revoked", "message": "the license was revoked"}
         return {"valid": True, "claims": msgspec.to_builtins(claims)}
 
 
 def licensing_routes(runtime: ServiceRuntime, keyring: KeyRing) -> list[ControllerRouterHandler]:
     """JWKS, ``/api/licenses/{customer_id}``, its history, and ``/api/licenses/verify``."""
     settings = runtime.settings_as(LicensingSettings)
-    sessions = SessionTokens(settings.session_secret, settings.session_ttl_seconds)
     jwks = keyring.jwks()
     verifier = LicenseVerifier.from_jwks(jwks, issuer=settings.license_issuer)
-
-    def caller(request: Request[Any, Any, Any]) -> Caller:
-        return sessions.caller(request, settings.admin_token)
 
     def pool() -> asyncpg.Pool:
         # A function, not the bound runtime.db: litestar deep-copies a nested router's
         # dependencies, and a bound method would copy the runtime (and its locks) with it.
         return runtime.db()
 
+    # Valid and still holding: not from before a password reset, nor of a closed account.
+    sessions = CustomerSessions(
+        SessionTokens(settings.session_secret, settings.session_ttl_seconds), pool
+    )
+
+    async def caller(request: Request[Any, Any, Any]) -> Caller:
+        return await sessions.caller(request, settings.admin_token)
+
     dependencies = {
-        "caller": Provide(caller, sync_to_thread=False),
+        "caller": Provide(caller),
         "jwks": Provide(lambda: jwks, sync_to_thread=False),
         "pool": Provide(pool, sync_to_thread=False),
         "verifier": Provide(lambda: verifier, sync_to_thread=False),

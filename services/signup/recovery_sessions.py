@@ -6,8 +6,8 @@ also checks them against the customer's credential row: its ``sessions_valid_fro
 new password, to the next whole second, since a token's ``iat`` counts whole seconds) and its
 ``closed_at``. Tokens signup issues afterwards carry an ``iat`` no earlier than that second
 (issuing waits for it to begin, at most a second).
-Other services check tokens by signature and expiry only; ``CredentialsChanged`` and
-``CustomerClosed`` on the log let them do the same (docs/security.md says what they do today).
+Billing and licensing do the same from ``CredentialsChanged`` and ``CustomerClosed`` on the
+log, each in a table of its own; the check "issued before the cut-off" is ``libs.http.auth``'s.
 """
 
 from __future__ import annotations
@@ -19,21 +19,9 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import jwt
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
 
-from libs.http.auth import SessionTokens, bearer
-
-
-def issued_at(token: str) -> int | None:
-    """The ``iat`` of a token whose signature was already checked."""
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    value = claims.get("iat")
-    return int(value) if isinstance(value, int | float) else None
+from libs.http.auth import SessionTokens, bearer, issued_before, session_refused
 
 
 async def customer_in_session(
@@ -50,9 +38,7 @@ async def customer_in_session(
     )
     if row is None or (row["closed_at"] is not None and not closed_ok):
         return None
-    valid_from: datetime | None = row["sessions_valid_from"]
-    iat = issued_at(token)
-    if valid_from is not None and (iat is None or iat < valid_from.timestamp()):
+    if issued_before(token, row["sessions_valid_from"]):
         return None
     return customer_id
 
@@ -67,9 +53,7 @@ async def require_session(
     """The customer of the request's bearer token if signup honours it; 401 otherwise."""
     customer_id = await customer_in_session(pool, sessions, bearer(connection), closed_ok=closed_ok)
     if customer_id is None:
-        raise NotAuthorizedException(
-            "a valid session token is required", headers={"WWW-Authenticate": "Bearer"}
-        )
+        raise session_refused()
     return customer_id
 
 
