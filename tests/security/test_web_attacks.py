@@ -15,7 +15,7 @@ import uuid
 import asyncpg
 import httpx
 import pytest
-from browser import open_browser, new_page
+from browser import new_page, open_browser
 from tenant_instances import PASSWORD, Tenant, sign_up
 
 from libs.config import ServiceSettings
@@ -116,7 +116,7 @@ async def test_a_formula_in_a_device_name_is_not_a_formula_in_the_shown_csv(
         cells = await page.evaluate(
             """() => ["=cmd|' /C calc'!A0", '=HYPERLINK("http://evil.example","x")', "+1+2",
                       "@SUM(A1)", "-2+3", "\\t=1", "\\r=1", "Lobby", -4.5, 21.25,
-                      "2026-01-01T00:00:00Z", 'say "hi", then go'].map(csvCell)"""
+                      "2026-01-01T00:00:00Z", 'say "hi", then go', null].map(csvCell)"""
         )
     assert cells == [
         "'=cmd|' /C calc'!A0",
@@ -125,12 +125,13 @@ async def test_a_formula_in_a_device_name_is_not_a_formula_in_the_shown_csv(
         "'@SUM(A1)",
         "'-2+3",
         "'\t=1",
-        "\"'\r=1\"",
+        '"\'\r=1"',
         "Lobby",
         "-4.5",
         "21.25",
         "2026-01-01T00:00:00Z",
         '"say ""hi"", then go"',
+        "",
     ], cells
 
 
@@ -139,7 +140,7 @@ async def test_hostile_company_names_are_shown_as_text_everywhere(
 ) -> None:
     """A company name of markup and script is escaped on the account page, whatever it holds
     (held: autoescaped templates)."""
-    name = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'><svg onload=alert(3)>'
+    name = "<script>alert(1)</script><img src=x onerror=alert(2)>\"'><svg onload=alert(3)>"
     async with httpx.AsyncClient(base_url=client.base_url, timeout=30) as browser:
         page = await browser.get("/signup")
         token = TOKEN.search(page.text)
