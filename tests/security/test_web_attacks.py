@@ -139,7 +139,7 @@ async def test_hostile_company_names_are_shown_as_text_everywhere(
     client: httpx.AsyncClient,
 ) -> None:
     """A company name of markup and script is escaped on the account page, whatever it holds
-    (held: autoescaped templates)."""
+    (held: autoescaped templates), on a page that names its charset once."""
     name = "<script>alert(1)</script><img src=x onerror=alert(2)>\"'><svg onload=alert(3)>"
     async with httpx.AsyncClient(base_url=client.base_url, timeout=30) as browser:
         page = await browser.get("/signup")
@@ -157,5 +157,7 @@ async def test_hostile_company_names_are_shown_as_text_everywhere(
         assert signed.status_code == 303, signed.text
         account = await browser.get("/account")
         assert account.status_code == 200
+        # One charset: the pages said "text/html; charset=utf-8; charset=utf-8".
+        assert account.headers["content-type"] == "text/html; charset=utf-8"
         for raw in ("<script>alert", "<img src=x", "<svg onload"):
             assert raw not in account.text
