@@ -161,3 +161,21 @@ async def test_hostile_company_names_are_shown_as_text_everywhere(
         assert account.headers["content-type"] == "text/html; charset=utf-8"
         for raw in ("<script>alert", "<img src=x", "<svg onload"):
             assert raw not in account.text
+
+
+async def test_behind_the_tls_gateway_the_dashboards_cookie_is_secure(mallory: Tenant) -> None:
+    """On Kubernetes TLS ends at the Gateway (Envoy), which reaches the instance over plain
+    HTTP and says ``X-Forwarded-Proto: https``. The dashboard set ``Secure`` only when its own
+    connection was HTTPS, so in production its session cookie never was: a browser would send
+    it over plain HTTP to the instance's host (a link to ``http://...``, a network that strips
+    TLS). The control plane's pages read the gateway's header already; the dashboard now too."""
+    body = {"email": mallory.email, "password": PASSWORD}
+    async with httpx.AsyncClient(base_url=mallory.url, timeout=10) as browser:
+        behind = await browser.post(
+            "/dashboard/login", json=body, headers={"X-Forwarded-Proto": "https"}
+        )
+        assert behind.status_code == 200, behind.text
+        flags = [f.strip().lower() for f in behind.headers["set-cookie"].split(";")]
+        assert "secure" in flags and "httponly" in flags and "samesite=strict" in flags, flags
+        plain = await browser.post("/dashboard/login", json=body)
+        assert "secure" not in plain.headers["set-cookie"].lower()  # ./dev up: plain HTTP

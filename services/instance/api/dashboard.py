@@ -42,7 +42,7 @@ from libs.http.errors import (
     UpstreamError,
 )
 from libs.http.validation import FieldErrors
-from libs.web.forms import from_another_origin
+from libs.web.forms import from_another_origin, is_https
 from services.instance.api.access import (
     COOKIE,
     INSTANCE,
@@ -235,7 +235,8 @@ class DashboardController(Controller):
             value=token,
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            # Behind the TLS gateway the instance is reached over HTTP: its header counts.
+            secure=is_https(request),
             path="/",
             max_age=SESSION_SECONDS,
         )
