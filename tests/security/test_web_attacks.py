@@ -8,6 +8,7 @@ in Debian's Chromium. Each test here failed on the code before its fix.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -16,10 +17,21 @@ import asyncpg
 import httpx
 import pytest
 from browser import new_page, open_browser
-from tenant_instances import PASSWORD, Tenant, sign_up
+from tenant_instances import (
+    PASSWORD,
+    Tenant,
+    device_client,
+    reading,
+    register,
+    sign_up,
+)
 
 from libs.config import ServiceSettings
+from libs.servers.mosquitto import EmbeddedMosquitto
+from services.instance.api.readings import KEEP_ALIVE_SECONDS
+from services.instance.auth import ACCEPTED_FOR
 from services.signup.progress import STREAMS_PER_CUSTOMER, may_open_stream, progress_events
+from support import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +191,55 @@ async def test_behind_the_tls_gateway_the_dashboards_cookie_is_secure(mallory: T
         assert "secure" in flags and "httponly" in flags and "samesite=strict" in flags, flags
         plain = await browser.post("/dashboard/login", json=body)
         assert "secure" not in plain.headers["set-cookie"].lower()  # ./dev up: plain HTTP
+
+
+async def test_a_live_stream_ends_once_its_session_is_reset_away(
+    client: httpx.AsyncClient, broker: EmbeddedMosquitto, settings: ServiceSettings
+) -> None:
+    """A session is checked when ``/api/stream`` opens; the stream then ran for ever. Whoever
+    held a session (a stolen cookie, a shared laptop) kept receiving every reading live after
+    the customer reset the password or closed the account, as long as the connection stayed
+    open. The stream now checks its session as often as it sends a keep-alive, and ends."""
+    sid = await sign_up(client, "sid@example.com")
+    device = await register(sid, "hall")
+    async with sid.api.stream("GET", "/api/stream", timeout=None) as stream:
+        assert stream.status_code == 200
+        lines = stream.aiter_lines()
+        assert await anext(lines) == ": connected"
+        asked = await client.post("/api/customers/password-reset", json={"email": sid.email})
+        assert asked.status_code == 202, asked.text
+        token = await eventually(
+            lambda: mailed_reset_token(settings, sid.email), lambda t: t is not None
+        )
+        reset = await client.post(
+            "/api/customers/password-reset/confirm",
+            json={"token": token, "password": "a brand new passphrase"},
+        )
+        assert reset.status_code == 200, reset.text
+        # The instance's cached answer (a minute) runs out, then the next check ends it.
+        deadline = ACCEPTED_FOR + 2 * KEEP_ALIVE_SECONDS + 10
+        heard: list[str] = []
+
+        async def listen() -> None:
+            async for line in lines:
+                heard.append(line)
+
+        async with device_client(broker, device) as mqtt:
+            await mqtt.publish(device["mqtt"]["topics"]["readings"], reading(), qos=1)
+            await asyncio.wait_for(listen(), deadline)  # TimeoutError: it never ended
+        assert (await sid.api.get("/api/devices")).status_code == 401
+
+
+async def mailed_reset_token(settings: ServiceSettings, email: str) -> str | None:
+    """The token of the newest reset link mailed to ``email`` (the log transport keeps it)."""
+    conn = await asyncpg.connect(settings.database_url, server_settings={"search_path": "signup"})
+    try:
+        body = await conn.fetchval(
+            "SELECT body FROM mail_outbox WHERE recipient = $1 AND subject LIKE '%password%' "
+            "ORDER BY id DESC LIMIT 1",
+            email,
+        )
+    finally:
+        await conn.close()
+    found = re.search(r"/reset\?token=([\w-]+)", body or "")
+    return found.group(1) if found else None
