@@ -71,7 +71,7 @@ class Pages:
         return Response(
             self.html(template, context),
             status_code=status_code,
-            media_type="text/html; charset=utf-8",
+            media_type="text/html",  # litestar adds "; charset=utf-8"
             cookies=list(cookies),
             headers={
                 "Content-Security-Policy": content_security_policy(form_targets),

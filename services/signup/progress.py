@@ -86,7 +86,16 @@ async def progress_events(
     pool: asyncpg.Pool, customer_id: str
 ) -> AsyncGenerator[ServerSentEventMessage, None]:
     """The deployment of ``customer_id`` as server-sent events: a ``progress`` event at each
-    change, read every ``POLL_SECONDS``; ``end`` once it is no longer under way."""
+    change, read every ``POLL_SECONDS``; ``end`` once it is no longer under way, or at once
+    when the customer holds ``STREAMS_PER_CUSTOMER`` streams already."""
+    # The route checked ``may_open_stream``, but before this stream ran: requests arriving
+    # together all pass that check. Checked again and counted here, with no await between
+    # (one step of the event loop), a stream over the limit ends at once.
+    if not may_open_stream(customer_id):
+        yield ServerSentEventMessage(
+            data="too many progress streams open; close a tab", event="end"
+        )
+        return
     last: dict[str, Any] | None = None
     deadline = time.monotonic() + STREAM_SECONDS
     _open_streams[customer_id] = _open_streams.get(customer_id, 0) + 1

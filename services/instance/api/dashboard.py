@@ -25,14 +25,24 @@ from typing import Any
 
 import httpx
 from litestar import Controller, Request, Response, get, post
+from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie
+from litestar.handlers.base import BaseRouteHandler
 from litestar.params import JSONBody
 from litestar.response import File
 
 from libs.http.app import client_address
 from libs.http.auth import LOGIN_RELAY_HEADER, bearer, relayed_client_header
-from libs.http.errors import NotFound, TooManyRequests, Unauthorized, UpstreamError
+from libs.http.errors import (
+    DomainError,
+    Forbidden,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+)
 from libs.http.validation import FieldErrors
+from libs.web.forms import from_another_origin, is_https
 from services.instance.api.access import (
     COOKIE,
     INSTANCE,
@@ -53,6 +63,31 @@ CSP = (
     "form-action 'self'; frame-ancestors 'none'"
 )
 SESSION_SECONDS = 3600
+
+
+class NotJson(DomainError):
+    """415: the sign-in is the page's JSON, never a form."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+async def from_the_page(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Sign-in and sign-out come from the dashboard's own page only: another site's page can
+    post a "simple" request (a form, or fetch with ``text/plain``) with no preflight, refused
+    by its ``Origin``, so no site can sign a browser in as someone else (login CSRF) or out."""
+    if from_another_origin(connection):
+        raise Forbidden("sign-in and sign-out are for the dashboard's own page")
+
+
+async def json_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """The sign-in is the page's JSON: a form cannot send that content type, so a browser
+    that sends no ``Origin`` is not signed in by another site's form either."""
+    kind = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise NotJson("the sign-in takes JSON (Content-Type: application/json)")
 
 
 @functools.cache
@@ -178,7 +213,12 @@ class DashboardController(Controller):
             headers={"Cache-Control": "no-store"},
         )
 
-    @post("/dashboard/login", status_code=200, request_max_body_size=4096)
+    @post(
+        "/dashboard/login",
+        status_code=200,
+        request_max_body_size=4096,
+        guards=[from_the_page, json_only],
+    )
     async def login(
         self,
         data: JSONBody[dict[str, Any]],
@@ -195,7 +235,8 @@ class DashboardController(Controller):
             value=token,
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            # Behind the TLS gateway the instance is reached over HTTP: its header counts.
+            secure=is_https(request),
             path="/",
             max_age=SESSION_SECONDS,
         )
@@ -204,7 +245,7 @@ class DashboardController(Controller):
             cookies=[cookie],
         )
 
-    @post("/dashboard/logout", status_code=200)
+    @post("/dashboard/logout", status_code=200, guards=[from_the_page])
     async def logout(self) -> Response[Any]:
         return Response(
             {"signed_in": False},

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.params import FromPath, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
+from libs.http.auth import bearer
 from libs.http.errors import invalid
 from libs.http.validation import FieldErrors
-from services.instance.api.access import INSTANCE, Instance, customer_session
+from services.instance.api.access import COOKIE, INSTANCE, Instance, customer_session
+from services.instance.auth import ControlPlaneUnavailable
 from services.instance.devices import active_devices, known_device
 from services.instance.live import LiveReadings
 from services.instance.readings import (
@@ -99,17 +102,29 @@ async def _started(body: AsyncIterator[str]) -> AsyncIterator[str]:
     return whole()
 
 
-async def _live(live: LiveReadings) -> AsyncIterator[ServerSentEventMessage]:
-    """Each reading as it is stored, with a comment every ``KEEP_ALIVE_SECONDS`` of quiet."""
+async def _live(
+    live: LiveReadings, still_signed_in: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[ServerSentEventMessage]:
+    """Each reading as it is stored, with a comment every ``KEEP_ALIVE_SECONDS`` of quiet.
+    The session that opened the stream is checked as often (the instance caches the control
+    plane's answer for a minute): a stream outlives no password reset, closing or expiry; the
+    browser's EventSource reconnects, with the session it has then."""
     with live.watch() as queue:
         yield ServerSentEventMessage(comment="connected")
+        checked = time.monotonic()
         while True:
             try:
                 reading = await asyncio.wait_for(queue.get(), KEEP_ALIVE_SECONDS)
             except TimeoutError:
+                reading = None
+            if time.monotonic() - checked >= KEEP_ALIVE_SECONDS:
+                if not await still_signed_in():
+                    return
+                checked = time.monotonic()
+            if reading is None:
                 yield ServerSentEventMessage(comment="keep-alive")
-                continue
-            yield ServerSentEventMessage(event="reading", data=json.dumps(reading))
+            else:
+                yield ServerSentEventMessage(event="reading", data=json.dumps(reading))
 
 
 class ReadingsController(Controller):
@@ -161,6 +176,15 @@ class ReadingsController(Controller):
             return {"latest": await latest(conn, ids)}
 
     @get("/stream", tags=["readings"])
-    async def stream(self, instance: Instance) -> ServerSentEvent:
-        """Readings as they are stored (server-sent events, event ``reading``)."""
-        return ServerSentEvent(_live(instance.live))
+    async def stream(self, request: Request[Any, Any, Any], instance: Instance) -> ServerSentEvent:
+        """Readings as they are stored (server-sent events, event ``reading``), while the
+        session that asked is valid."""
+        token = bearer(request) or request.cookies.get(COOKIE)
+
+        async def still_signed_in() -> bool:
+            try:
+                return await instance.sessions.caller(token) == "customer"
+            except ControlPlaneUnavailable:
+                return True  # the control plane away a moment does not stop the charts
+
+        return ServerSentEvent(_live(instance.live, still_signed_in))

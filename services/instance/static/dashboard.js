@@ -386,7 +386,14 @@ function shownCsv() {  // exactly the points on the charts, live ones included
       trace.x.forEach((t, i) => rows.push([trace.name, metric, t, trace.y[i]]));
     }
   }
-  return rows.map((r) => r.map((c) => /[",\n]/.test(String(c)) ? `"${String(c).replace(/"/g, '""')}"` : c).join(",")).join("\n") + "\n";
+  return rows.map((r) => r.map(csvCell).join(",")).join("\n") + "\n";
+}
+// A text cell a spreadsheet would run as a formula (a device named "=HYPERLINK(...)") is written
+// as text, with a leading apostrophe (OWASP's advice on CSV injection); numbers stay numbers.
+function csvCell(c) {
+  if (c == null) return "";  // a gap in a series, as join() wrote it before
+  const text = typeof c === "string" && /^[=+\-@\t\r]/.test(c) ? `'${c}` : String(c);
+  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 $("csv-shown").addEventListener("click", (event) => {
   const link = event.currentTarget;
