@@ -9,10 +9,11 @@ from libs.runtime.outbox import outbox_worker
 from libs.runtime.scheduling import every
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import Worker
+from services.signup.account_billing import INVOICES_AND_USAGE
 from services.signup.customer_events import CUSTOMER_EVENTS
 from services.signup.mail import forget_spent_links, mail_relay
 from services.signup.private_state import forget_stale_private_state, settle_credentials
-from services.signup.projections import ACCOUNTS, INVOICES_AND_USAGE, PLATFORM_CAPACITY
+from services.signup.projections import ACCOUNTS, PLATFORM_CAPACITY
 from services.signup.routes import signup_routes
 from services.signup.settings import SignupSettings
 from services.signup.verification import REACTOR, verification_reactors

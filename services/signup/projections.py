@@ -1,6 +1,6 @@
-"""The account view: one row per customer, kept from every event about them, with their
-invoices and latest usage; and the platform's room for instances, which a new trial is told
-about."""
+"""The account view: one row per customer, kept from every event about them (its invoices and
+latest usage are ``account_billing.py``'s); and the platform's room for instances, which a new
+trial is told about."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from contracts import (
     InstanceCapacityChanged,
     InstanceDegraded,
     InstanceRecovered,
-    InvoiceRecorded,
     LicenseIssued,
     LicenseRevoked,
     PaymentFailed,
@@ -31,7 +30,6 @@ from contracts import (
     SubscriptionChanged,
     TrialExpired,
     TrialStarted,
-    UsageReported,
 )
 from libs.db.postgres import Connection
 from libs.projections.apply import Projection, Recorded, update_customer_row
@@ -308,70 +306,6 @@ ACCOUNTS = Projection(
         DeploymentWaitingForCapacity: when_deployment_waits_for_capacity_show_it,
         InstanceDegraded: when_instance_degraded_show_degraded,
         InstanceRecovered: when_instance_recovered_show_ready,
-    },
-)
-
-
-# How far along an invoice's state is: a state only gives way to one at least as far along,
-# whatever order Stripe's webhooks came in (an uncollectible invoice may still be paid).
-INVOICE_STATUS_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
-
-
-async def when_invoice_recorded_list_it(conn: Connection, r: Recorded[InvoiceRecorded]) -> None:
-    e = r.event
-    await conn.execute(
-        """
-        INSERT INTO account_invoices AS i (customer_id, stripe_invoice_id, number, status,
-                                           status_rank, amount, currency, created_at, url)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-        ON CONFLICT (customer_id, stripe_invoice_id) DO UPDATE SET
-            number = COALESCE(EXCLUDED.number, i.number), status = EXCLUDED.status,
-            status_rank = EXCLUDED.status_rank, amount = EXCLUDED.amount,
-            currency = EXCLUDED.currency, url = COALESCE(EXCLUDED.url, i.url)
-        WHERE EXCLUDED.status_rank >= i.status_rank
-        """,
-        e.customer_id,
-        e.stripe_invoice_id,
-        e.number,
-        e.status,
-        INVOICE_STATUS_RANK.get(e.status, 1),
-        e.amount,
-        e.currency,
-        e.created_at,
-        e.hosted_invoice_url,
-    )
-
-
-async def when_usage_reported_show_latest_day(conn: Connection, r: Recorded[UsageReported]) -> None:
-    # The same day again is a later count of it; an older day's late report changes nothing.
-    e = r.event
-    await conn.execute(
-        """
-        INSERT INTO account_usage AS u (customer_id, day, devices, messages, api_requests,
-                                        reported_at)
-        VALUES ($1, $2, $3, $4, $5, $6)
-        ON CONFLICT (customer_id) DO UPDATE SET day = EXCLUDED.day, devices = EXCLUDED.devices,
-            messages = EXCLUDED.messages, api_requests = EXCLUDED.api_requests,
-            reported_at = EXCLUDED.reported_at
-        WHERE EXCLUDED.day >= u.day
-        """,
-        e.customer_id,
-        e.day,
-        e.devices,
-        e.mqtt_messages,
-        e.api_requests,
-        r.envelope.occurred_at,
-    )
-
-
-# Its own projection (and checkpoint), so that a platform upgraded to it reads the usage and
-# invoices already on the log from the start instead of only what comes after.
-INVOICES_AND_USAGE = Projection(
-    name="invoices_and_usage",
-    tables=("account_invoices", "account_usage"),
-    handlers={
-        InvoiceRecorded: when_invoice_recorded_list_it,
-        UsageReported: when_usage_reported_show_latest_day,
     },
 )
 

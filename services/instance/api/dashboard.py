@@ -28,7 +28,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie
 from litestar.handlers.base import BaseRouteHandler
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from litestar.response import File
 
 from libs.http.app import client_address
@@ -195,7 +195,8 @@ class DashboardController(Controller):
         )
 
     @get("/static/{name:str}")
-    async def page_asset(self, name: str) -> Response[str]:
+    async def page_asset(self, name: FromPath[str]) -> Response[str]:
+        """The page's own script and stylesheet."""
         if name not in ASSETS:
             raise NotFound("not found")
         return Response(
