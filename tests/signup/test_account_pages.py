@@ -447,7 +447,9 @@ def test_the_templates_render_usage_invoices_and_the_verify_banner() -> None:
         {
             "title": "Your account",
             "account": SimpleNamespace(
-                customer=SimpleNamespace(email="u@example.com", company_name="U", customer_id="c-1"),
+                customer=SimpleNamespace(
+                    email="u@example.com", company_name="U", customer_id="c-1"
+                ),
                 subscription=SimpleNamespace(
                     plan="starter", status="trialing", trial_days_remaining=3
                 ),
