@@ -5,7 +5,10 @@ supervised task, so sending never blocks or fails the request that decided it.
 ``MailRelay`` takes due mails one at a time (``FOR UPDATE SKIP LOCKED``: replicas share the
 work, never a mail), delivers each through a ``MailTransport``, and marks it sent; a mail the
 server would not take waits with jittered exponential backoff, capped, and is tried again,
-across restarts too: nothing is lost, and a mail marked sent is not sent again. Sent over SMTP,
+across restarts too: nothing is lost, and a mail marked sent is not sent again. A mail the
+server refuses for good (its recipient does not exist), or still not taken ``GIVE_UP_DAYS``
+after it was written (every link it carries has expired by then), is given up: marked, its
+body dropped, and a warning logged; ``iotistic mail tail`` shows why. Sent over SMTP,
 a mail's body is dropped (it may hold a one-time link); written to the log instead, it is kept
 for ``iotistic mail tail`` until ``forget_sent_mail`` trims it. The table, in the service's
 schema::
@@ -20,7 +23,8 @@ schema::
         next_attempt_at timestamptz NOT NULL DEFAULT now(),
         last_error text,
         sent_at timestamptz,
-        delivered_by text
+        delivered_by text,
+        given_up_at timestamptz
     );
 """
 
@@ -48,6 +52,8 @@ MAX_BACKOFF_SECONDS = 600.0
 FIRST_BACKOFF_SECONDS = 2.0
 # A relay pass that has not finished for this long is stuck (readiness says so).
 RELAY_STUCK_SECONDS = 300.0
+# A mail not taken this long after it was written is given up (its links have expired).
+GIVE_UP_DAYS = 3
 
 
 async def queue_mail(conn: asyncpg.Connection, mail: Mail) -> int:
@@ -91,8 +97,10 @@ class MailRelay:
         """Deliver the oldest due mail, if any; True when there was one (sent or not)."""
         async with self._pool().acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                f"SELECT id, recipient, subject, body, attempts FROM {TABLE} "
-                "WHERE sent_at IS NULL AND next_attempt_at <= now() "
+                f"SELECT id, recipient, subject, body, attempts, "
+                f"created_at < now() - make_interval(days => {GIVE_UP_DAYS}) AS stale "
+                f"FROM {TABLE} WHERE sent_at IS NULL AND given_up_at IS NULL "
+                "AND next_attempt_at <= now() "
                 "ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
             )
             if row is None:
@@ -102,6 +110,22 @@ class MailRelay:
                 await self.transport.deliver(mail)
             except MailNotSent as exc:
                 attempts = row["attempts"] + 1
+                if exc.permanent or row["stale"]:
+                    log.warning(
+                        "mail %d to %s given up after %d tries: %s",
+                        row["id"],
+                        row["recipient"],
+                        attempts,
+                        exc,
+                    )
+                    await conn.execute(
+                        f"UPDATE {TABLE} SET attempts = $2, last_error = $3, body = NULL, "
+                        "given_up_at = now() WHERE id = $1",
+                        row["id"],
+                        attempts,
+                        str(exc)[:500],
+                    )
+                    return True
                 wait = backoff_seconds(attempts)
                 log.warning(
                     "mail %d to %s not sent (try %d): %s; next try in %.0fs",
@@ -173,6 +197,7 @@ class KeptMail:
     delivered_by: str | None
     attempts: int
     last_error: str | None
+    given_up_at: datetime | None
 
 
 async def read_mail(
@@ -181,7 +206,8 @@ async def read_mail(
     """Mails of ``schema``'s outbox with ids above ``after_id``, oldest first."""
     rows = await conn.fetch(
         f"SELECT id, recipient, subject, body, created_at, sent_at, delivered_by, attempts, "
-        f"last_error FROM {_quoted(schema)}.{TABLE} WHERE id > $1 ORDER BY id LIMIT $2",
+        f"last_error, given_up_at FROM {_quoted(schema)}.{TABLE} WHERE id > $1 "
+        "ORDER BY id LIMIT $2",
         after_id,
         limit,
     )

@@ -25,7 +25,22 @@ SMTP_ERRORS: tuple[type[BaseException], ...] = (smtplib.SMTPException, OSError, 
 
 
 class MailNotSent(Exception):
-    """The SMTP server could not take the mail now; the message says why (never the body)."""
+    """The SMTP server did not take the mail; the message says why (never the body).
+    ``permanent`` when it refused this mail for good (every recipient refused with a 5xx, or
+    the message itself), so that trying again cannot help; otherwise it may take it later."""
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether an SMTP error refuses this mail for good: every recipient refused with a 5xx,
+    or the data refused with one. A refused sender or sign-in is the platform's configuration,
+    which an operator fixes: those are tried again."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return bool(exc.recipients) and all(code >= 500 for code, _ in exc.recipients.values())
+    return isinstance(exc, smtplib.SMTPDataError) and exc.smtp_code >= 500
 
 
 @dataclass(frozen=True)
@@ -96,4 +111,6 @@ class MailTransport:
         try:
             await asyncio.to_thread(_send_blocking, self.server, mail)
         except SMTP_ERRORS as exc:
-            raise MailNotSent(f"{type(exc).__name__}: {exc}") from exc
+            raise MailNotSent(
+                f"{type(exc).__name__}: {exc}", permanent=refused_for_good(exc)
+            ) from exc

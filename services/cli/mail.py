@@ -32,13 +32,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def shown(mail: KeptMail) -> str:
     """A mail as ``mail tail`` prints it."""
-    if mail.sent_at is None:
+    if mail.given_up_at is not None:
+        state = f"given up at {mail.given_up_at.isoformat()} ({mail.last_error})"
+    elif mail.sent_at is None:
         state = (
             f"waiting (tries: {mail.attempts}{'; ' + mail.last_error if mail.last_error else ''})"
         )
     else:
         state = f"sent by {mail.delivered_by} at {mail.sent_at.isoformat()}"
-    body = mail.body if mail.body is not None else "(body not kept: sent over SMTP)"
+    body = mail.body if mail.body is not None else "(body not kept: sent over SMTP, or given up)"
     return (
         f"--- mail {mail.id}, {mail.created_at.isoformat()}, {state}\n"
         f"To: {mail.recipient}\nSubject: {mail.subject}\n\n{body.rstrip()}\n"

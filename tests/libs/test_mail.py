@@ -30,7 +30,8 @@ CREATE TABLE mail_outbox (
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     last_error text,
     sent_at timestamptz,
-    delivered_by text
+    delivered_by text,
+    given_up_at timestamptz
 )
 """
 
@@ -43,6 +44,8 @@ class SmtpSink:
     port: int
     received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
     server: asyncio.Server | None = None
+    # Answer every RCPT with 550, as a server does for a mailbox that does not exist.
+    refuse_recipients: bool = False
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._session, "127.0.0.1", self.port)
@@ -70,6 +73,8 @@ class SmtpSink:
             elif verb == "MAIL":
                 sender = line.partition(":")[2].strip()
                 await say("250 ok")
+            elif verb == "RCPT" and self.refuse_recipients:
+                await say("550 5.1.1 no such mailbox")
             elif verb == "RCPT":
                 recipients.append(line.partition(":")[2].strip())
                 await say("250 ok")
@@ -180,3 +185,51 @@ async def test_without_a_server_mail_is_written_to_the_log_and_kept(pool, caplog
     [line] = [r.getMessage() for r in caplog.records if "mail written" in r.getMessage()]
     assert "ada@example.com" in line and "Reset your password" in line
     assert "token" not in line  # the link stays out of the log
+
+
+async def test_a_mail_refused_for_good_is_given_up_at_once_and_its_link_dropped(pool) -> None:
+    sink = SmtpSink(free_port(), refuse_recipients=True)
+    server = SmtpServer(host="127.0.0.1", port=sink.port, starttls=False, sender="p@example.com")
+    relay = MailRelay(lambda: pool, MailTransport(server), poll_seconds=0.2)
+    async with pool.acquire() as conn:
+        mail_id = await queue_mail(conn, MAIL)
+    await sink.start()
+    try:
+        async with running(relay):
+            row = await eventually(
+                lambda: pool.fetchrow("SELECT * FROM mail_outbox WHERE id = $1", mail_id),
+                lambda r: r["given_up_at"] is not None,
+                what="the refused mail given up",
+            )
+            await asyncio.sleep(1)  # the relay polls five times more: no other try
+            again = await pool.fetchrow("SELECT * FROM mail_outbox WHERE id = $1", mail_id)
+    finally:
+        await sink.stop()
+    assert (row["attempts"], again["attempts"]) == (1, 1)
+    assert row["sent_at"] is None and row["body"] is None
+    assert "550" in row["last_error"]
+    assert sink.received == []
+    async with pool.acquire() as conn:
+        [kept] = await read_mail(conn, "mailtest", mail_id - 1, 1)
+    assert kept.given_up_at is not None
+
+
+async def test_a_mail_nobody_took_for_days_is_given_up_not_tried_for_ever(pool) -> None:
+    """Its links expired long ago: the next failed try is the last."""
+    server = SmtpServer(host="127.0.0.1", port=free_port(), starttls=False, sender="p@x.example")
+    relay = MailRelay(lambda: pool, MailTransport(server), poll_seconds=0.2)
+    async with pool.acquire() as conn:
+        old = await queue_mail(conn, MAIL)
+        fresh = await queue_mail(conn, MAIL)
+        await conn.execute(
+            "UPDATE mail_outbox SET created_at = now() - interval '4 days' WHERE id = $1", old
+        )
+    async with running(relay):
+        await eventually(
+            lambda: pool.fetch("SELECT * FROM mail_outbox ORDER BY id"),
+            lambda rows: all(r["attempts"] >= 1 for r in rows),
+            what="a try at each",
+        )
+    rows = {r["id"]: r for r in await pool.fetch("SELECT * FROM mail_outbox")}
+    assert rows[old]["given_up_at"] is not None and rows[old]["body"] is None
+    assert rows[fresh]["given_up_at"] is None and rows[fresh]["body"] == MAIL.body

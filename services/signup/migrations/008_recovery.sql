@@ -33,10 +33,13 @@ CREATE TABLE mail_outbox (
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     last_error text,
     sent_at timestamptz,
-    delivered_by text
+    delivered_by text,
+    -- Refused for good, or not taken for days: no more tries (libs/mail/outbox.py).
+    given_up_at timestamptz
 );
 
-CREATE INDEX mail_outbox_due ON mail_outbox (next_attempt_at) WHERE sent_at IS NULL;
+CREATE INDEX mail_outbox_due ON mail_outbox (next_attempt_at)
+    WHERE sent_at IS NULL AND given_up_at IS NULL;
 
 -- Events decided with the private state above (EmailVerified, CredentialsChanged, CustomerClosed),
 -- relayed to the log by libs/runtime/outbox.py.
