@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from litestar import Response
+from litestar import Request, Response
 from litestar.datastructures import Cookie
 from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
+
+from libs.web.forms import CsrfTokens
 
 HERE = Path(__file__).parent
 SHARED_TEMPLATES = HERE / "templates"
@@ -57,6 +59,19 @@ class Pages:
     def html(self, template: str, context: Mapping[str, Any]) -> str:
         """The template rendered with ``context``."""
         return self.environment.get_template(template).render(**context)
+
+    def form(
+        self,
+        template: str,
+        request: Request[Any, Any, Any],
+        csrf: CsrfTokens,
+        status_code: int = 200,
+        **context: Any,
+    ) -> Response[str]:
+        """``template`` with a form: a fresh CSRF token as ``csrf_token`` (and the cookie it
+        needs, when the browser has none yet)."""
+        token, cookies = csrf.issue(request)
+        return self.render(template, status_code, cookies=cookies, csrf_token=token, **context)
 
     def render(
         self,

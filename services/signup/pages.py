@@ -100,13 +100,12 @@ def _signup_form(
     status: int = 200,
     problem: str | None = None,
 ) -> Response[str]:
-    token, cookies = csrf.issue(request)
-    return PAGES.render(
+    return PAGES.form(
         "signup.html",
+        request,
+        csrf,
         status,
-        cookies=cookies,
         title="Start your free trial",
-        csrf_token=token,
         values=values,
         errors=errors,
         problem=problem,
@@ -123,13 +122,12 @@ def _login_form(
     problem: str | None = None,
     notice: str | None = None,
 ) -> Response[str]:
-    token, cookies = csrf.issue(request)
-    return PAGES.render(
+    return PAGES.form(
         "login.html",
+        request,
+        csrf,
         status,
-        cookies=cookies,
         title="Sign in",
-        csrf_token=token,
         next_path=target,
         email=email,
         errors=errors or {},
@@ -285,19 +283,18 @@ class AccountPages(Controller):
         view = await _account_or_none(pool, customer_id)
         if view is not None and view.closed_at is not None:
             return Redirect("/login", status_code=303, cookies=[cleared_session_cookie()])
-        token, cookies = csrf.issue(request)
-        return PAGES.render(
+        return PAGES.form(
             "account.html",
-            cookies=cookies,
+            request,
+            csrf,
             form_targets=settings.payment_form_origins.split(),
             title="Your account",
             account=view,
             progress=progress_of(view.deployment) if view is not None else None,
-            usage=getattr(view, "usage", None),
-            invoices=getattr(view, "invoices", None) or [],
-            email_verified=getattr(view, "email_verified", True),
+            usage=view.usage if view is not None else None,
+            invoices=view.invoices if view is not None else [],
+            email_verified=view.email_verified if view is not None else True,
             plans=PAID_PLANS,
-            csrf_token=token,
             problem=PROBLEMS.get(problem or ""),
             notice=NOTICES.get(checkout or notice or ""),
         )

@@ -55,12 +55,9 @@ def _page(
     status_code: int = 200,
     **context: Any,
 ) -> Response[str]:
-    """``template`` with a fresh CSRF token for its form (and the cookie it needs)."""
-    token, cookies = csrf.issue(request)
+    """``template`` with a fresh CSRF token for its form, and no errors unless given."""
     context.setdefault("errors", {})
-    return PAGES.render(
-        template, status_code, cookies=cookies, csrf=token, title=context.pop("title"), **context
-    )
+    return PAGES.form(template, request, csrf, status_code, **context)
 
 
 async def _checked_form(request: Request[Any, Any, Any], csrf: CsrfTokens) -> dict[str, str]:
@@ -271,7 +268,7 @@ class RecoveryPages(Controller):
             title="Account closed",
             closed=closed,
             account=None,
-            csrf="",
+            csrf_token="",
             errors={},
             reason="",
             cookies=[cleared_session_cookie()],
