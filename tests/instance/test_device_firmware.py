@@ -8,8 +8,8 @@ Mosquitto.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import httpx
