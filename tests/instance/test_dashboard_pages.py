@@ -1,9 +1,9 @@
 """The instance's dashboard as a facility manager uses it, in Debian's Chromium: signing in,
 adding a device and publishing with the very ``mosquitto_pub`` command and Python snippet the
 page shows, the firmware versions devices report, its charts, an alert rule made in the page
-that fires (then muted), a dead letter from a bad payload, and the usage meters. Every section is checked with axe-core and at 390 px, and
-screenshotted (``check_page``). Everything real: the control plane, the instance, Postgres,
-NATS and Mosquitto.
+that fires (then muted), a dead letter from a bad payload, and the usage meters. Every section
+is checked with axe-core and at 390 px, and screenshotted (``check_page``). Everything real:
+the control plane, the instance, Postgres, NATS and Mosquitto.
 """
 
 from __future__ import annotations
