@@ -204,7 +204,8 @@ class Devices:
 def device_view(
     row: asyncpg.Record, latest: dict[str, Any] | None, now: datetime
 ) -> dict[str, Any]:
-    """A device as the API shows it: online state from its status and when it was last seen."""
+    """A device as the API shows it: online state from its status and when it was last seen,
+    and the firmware it last reported (None until it reports one)."""
     seen = row["last_seen"]
     online = row["status"] != "offline" and seen is not None and now - seen < ONLINE_WITHIN
     return {
@@ -214,6 +215,8 @@ def device_view(
         "created_at": row["created_at"],
         "last_seen": seen,
         "online": online,
+        "firmware": row["firmware"],
+        "firmware_reported_at": row["firmware_reported_at"],
         "latest": latest,
     }
 

@@ -39,6 +39,7 @@ from services.instance.ingest_batch import Batch, write_batch
 from services.instance.license import LicenseHolder
 from services.instance.readings import Rejected, parse_reading, record
 from services.instance.settings import InstanceSettings, ingest_client_id
+from services.instance.status import take_status
 from services.instance.usage import usage_day
 
 log = logging.getLogger(__name__)
@@ -241,9 +242,8 @@ class Ingest:
         if not known:
             return self._reject(topic, device_id, "unknown device", payload, now)
         if kind == "status":
-            state = payload.decode(errors="replace").strip().strip('"').lower()
-            batch.seen[device_id] = (now, "offline" if state == "offline" else "online")
-            return None
+            reason = take_status(batch, device_id, payload, now)
+            return self._reject(topic, device_id, reason, payload, now) if reason else None
         if self._license.read_only(now):
             return self._reject(
                 topic, device_id, "read-only: the license has expired", payload, now

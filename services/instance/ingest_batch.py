@@ -1,7 +1,7 @@
 """What ingest buffers between two writes, and how one batch is written: in one transaction,
-the new readings with their rollups, the dead letters, the day's usage counters and the
-devices' last-seen times. A reading already stored (delivered again) is skipped and counted
-nowhere, so every count is of readings actually added."""
+the new readings with their rollups, the dead letters, the day's usage counters, the devices'
+last-seen times and the firmware they reported. A reading already stored (delivered again) is
+skipped and counted nowhere, so every count is of readings actually added."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class Batch:
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     dead: list[tuple[Any, ...]] = field(default_factory=list)
     seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+    # The firmware each device last reported in a JSON status, and when.
+    firmware: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
     # Messages from devices not known yet: looked up again before the batch is written.
     unknown: list[tuple[str, bytes, datetime, int]] = field(default_factory=list)
@@ -32,7 +34,9 @@ class Batch:
 
     def has_writes(self) -> bool:
         """Whether writing the batch would store or acknowledge anything."""
-        return bool(self.rows or self.dead or self.seen or +self.usage or self.acks)
+        return bool(
+            self.rows or self.dead or self.seen or self.firmware or +self.usage or self.acks
+        )
 
     def absorb(self, later: Batch) -> None:
         """Take in what arrived in ``later`` while this batch failed to be written, so both
@@ -40,6 +44,7 @@ class Batch:
         self.rows.extend(later.rows)
         self.dead.extend(later.dead)
         self.seen.update(later.seen)
+        self.firmware.update(later.firmware)
         self.usage.update(later.usage)
         self.unknown.extend(later.unknown)
         if later.connection == self.connection:
@@ -68,6 +73,13 @@ async def write_batch(
             device_id,
             seen,
             status,
+        )
+    for device_id, (reported, firmware) in batch.firmware.items():
+        await conn.execute(
+            "UPDATE devices SET firmware = $2, firmware_reported_at = $3 WHERE device_id = $1",
+            device_id,
+            firmware,
+            reported,
         )
     return stored, added
 

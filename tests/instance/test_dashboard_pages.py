@@ -1,15 +1,17 @@
 """The instance's dashboard as a facility manager uses it, in Debian's Chromium: signing in,
-adding a device and publishing with the very ``mosquitto_pub`` command the page shows, its
-charts, an alert rule made in the page that fires (then muted), a dead letter from a bad
-payload, and the usage meters. Every section is checked with axe-core and at 390 px, and
-screenshotted (``check_page``). Everything real: the control plane, the instance, Postgres,
-NATS and Mosquitto.
+adding a device and publishing with the very ``mosquitto_pub`` command and Python snippet the
+page shows, the firmware versions devices report, its charts, an alert rule made in the page
+that fires (then muted), a dead letter from a bad payload, and the usage meters. Every section
+is checked with axe-core and at 390 px, and screenshotted (``check_page``). Everything real:
+the control plane, the instance, Postgres, NATS and Mosquitto.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,19 @@ async def test_every_section_works_with_real_data_and_passes_axe(client, store) 
             await sign_in(page, base, "grace@example.com")
 
             command = await add_device_and_publish(page, "Lobby")
+            status_topic = await page.text_content("#cred-5") or ""
+            assert status_topic.endswith("/status"), status_topic
             office = await add_device_and_publish(page, "Office")
+            # The page's Python snippet, run as is: its status reports firmware 1.0.0.
+            python = await page.text_content("#snippet-python") or ""
+            ran = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", python],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert ran.returncode == 0, ran.stderr
             await check_page(page, "instance-devices")
 
             await open_section(page, "charts")
@@ -150,7 +164,12 @@ async def test_every_section_works_with_real_data_and_passes_axe(client, store) 
             assert "At 100%" in await page.inner_text("#meters")
             await check_page(page, "instance-usage")
 
-            await open_section(page, "devices")
+            # The Lobby reports its firmware in a JSON status, on the status topic of its
+            # credentials.
+            payload = '{"state":"online","firmware":"1.4.2"}'
+            run_snippet(f"{command.split(' -t ')[0]} -t '{status_topic}' -m '{payload}'")
+            await until_text(page, "devices", "#devices tr:has-text('Lobby')", "firmware 1.4.2")
+            assert "firmware 1.0.0" in await page.inner_text("#devices tr:has-text('Office')")
             lobby_id = await page.get_attribute("#devices tr:has-text('Lobby')", "data-device")
             lobby = f"#devices tr[data-device='{lobby_id}']"
             await page.click(f"{lobby} button:has-text('Rename')")
@@ -159,6 +178,8 @@ async def test_every_section_works_with_real_data_and_passes_axe(client, store) 
             await page.wait_for_selector("#devices >> text=Front lobby")
             await page.click("#devices tr:has-text('Office') button:has-text('Delete')")
             await page.wait_for_selector("#notice >> text=Office deleted")
+            # The notice comes before the list is fetched again.
+            await page.wait_for_selector("#devices tr:has-text('Office')", state="detached")
             assert "Office" not in await page.inner_text("#devices")
             with pytest.raises(AssertionError):  # its credentials stopped working at once
                 run_snippet(office)

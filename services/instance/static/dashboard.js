@@ -145,7 +145,9 @@ function deviceRow(d) {
     el("button", {type: "button", class: "danger", onclick: () => deleteDevice(d)}, "Delete"));
   return el("tr", {"data-device": d.device_id}, name,
     el("td", {}, el("span", {class: online ? "on" : "off"}, online ? "online" : "offline"), el("br"),
-      el("small", {}, `last seen ${ago(d.last_seen)}`)),
+      el("small", {}, `last seen ${ago(d.last_seen)}`), el("br"),
+      el("small", {class: "muted", title: d.firmware_reported_at ? `reported ${when(d.firmware_reported_at)}` : ""},
+        `firmware ${d.firmware || "—"}`)),
     el("td", {}, fmt(l.iaq), el("small", {}, accuracy(l))),
     el("td", {}, l.temperature == null ? "–" : `${fmt(l.temperature)} °C`),
     el("td", {}, l.humidity == null ? "–" : `${fmt(l.humidity)} %`),
@@ -214,10 +216,16 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 
+FIRMWARE = "1.0.0"  # your device's version, shown in the dashboard
+STATUS_TOPIC = "${m.topics.status}"
+
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="${m.client_id}"${b.ws ? ', transport="websockets"' : ""})
 client.username_pw_set("${m.username}", "${m.password}")
-${b.ws ? `client.ws_set_options(path="${b.path}")\n` : ""}${b.tls ? "client.tls_set()\n" : ""}client.connect("${b.host}", ${b.port})
+${b.ws ? `client.ws_set_options(path="${b.path}")\n` : ""}${b.tls ? "client.tls_set()\n" : ""}# If the device drops off without saying goodbye, the broker says it went offline.
+client.will_set(STATUS_TOPIC, json.dumps({"state": "offline"}), qos=1)
+client.connect("${b.host}", ${b.port})
 client.loop_start()
+client.publish(STATUS_TOPIC, json.dumps({"state": "online", "firmware": FIRMWARE}), qos=1)
 reading = {
     "ts": datetime.now(timezone.utc).isoformat(),
 ${Object.entries(SAMPLE).map(([k, v]) => `    "${k}": ${v},`).join("\n")}
@@ -247,6 +255,8 @@ const char* MQTT_USER = "${m.username}";
 const char* MQTT_PASSWORD = "${m.password}";
 const char* MQTT_CLIENT_ID = "${m.client_id}";
 const char* TOPIC = "${m.topics.readings}";
+const char* STATUS_TOPIC = "${m.topics.status}";
+const char* FIRMWARE_VERSION = "1.0.0";  // your sketch's version, shown in the dashboard
 
 ${b.tls ? "WiFiClientSecure net;  // net.setCACert(...) with your broker's CA" : "WiFiClient net;"}
 PubSubClient mqtt(net);
@@ -279,7 +289,12 @@ void newData(const bme68xData data, const bsecOutputs outputs, Bsec2 bsec) {
 
 void connectMqtt() {
   while (!mqtt.connected()) {
-    if (!mqtt.connect(MQTT_CLIENT_ID, MQTT_USER, MQTT_PASSWORD)) delay(5000);
+    // Last will: if the device drops off without saying goodbye, the broker says it is offline.
+    if (!mqtt.connect(MQTT_CLIENT_ID, MQTT_USER, MQTT_PASSWORD, STATUS_TOPIC, 1, false,
+                      "{\\"state\\":\\"offline\\"}")) { delay(5000); continue; }
+    char status[128];
+    snprintf(status, sizeof status, "{\\"state\\":\\"online\\",\\"firmware\\":\\"%s\\"}", FIRMWARE_VERSION);
+    mqtt.publish(STATUS_TOPIC, status);
   }
 }
 
