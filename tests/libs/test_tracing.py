@@ -51,12 +51,13 @@ async def test_an_event_is_handled_in_the_trace_of_the_request_that_caused_it(
                 and s.context.trace_id == request_ctx.trace_id
             ]
 
-        # Signup applies it twice: to the account view and to the customer's last events.
+        # Each service applies it twice. Signup: to the account view and to the customer's last
+        # events; licensing: to its licenses and in the reactor that tracks the current one.
         found = await eventually(
-            lambda: _now(handled()), lambda found: len(found) == 3, what="both services' spans"
+            lambda: _now(handled()), lambda found: len(found) == 4, what="both services' spans"
         )
         services = sorted(s.attributes["iotistic.service"] for s in found)  # type: ignore[attr-defined]
-        assert services == ["licensing", "signup", "signup"]
+        assert services == ["licensing", "licensing", "signup", "signup"]
         for span in found:
             assert span.parent is not None  # type: ignore[attr-defined]
             assert span.parent.span_id == request_ctx.span_id  # type: ignore[attr-defined]
