@@ -116,8 +116,9 @@ class SubscriptionStillPaid(Conflict):
     code = "subscription_active"
 
 
-# A paid subscription is billed by Stripe until it is canceled, and billing does not cancel it
-# when an account closes (yet): closing waits until the customer has canceled it.
+# A paid subscription is billed by Stripe until it is canceled: closing waits until the customer
+# has canceled it in the billing portal, so that nobody is surprised by what ends when. (Billing
+# cancels at Stripe only a subscription that raced the closure: billing/closing.py.)
 PAID = ("active", "past_due")
 
 
