@@ -178,6 +178,28 @@ class DynSec:
             if wanted_acl is not None:
                 await self.command("addRoleACL", rolename=name, **wanted_acl)
 
+    async def create_role(self, name: str, acls: list[Acl]) -> bool:
+        """Make the role with these ACLs if there is none; an existing role is left as it is.
+        True if it was made."""
+        return await self._tolerating(
+            "already exists", "createRole", rolename=name, acls=[a.as_command() for a in acls]
+        )
+
+    async def add_role_acls(self, name: str, acls: list[Acl]) -> None:
+        """Add these ACLs to the role (one already there is replaced)."""
+        for acl in acls:
+            await self._tolerating(
+                "not found", "removeRoleACL", rolename=name, acltype=acl.acltype, topic=acl.topic
+            )
+            await self.command("addRoleACL", rolename=name, **acl.as_command())
+
+    async def remove_role_acls(self, name: str, acls: list[Acl]) -> None:
+        """Remove these ACLs from the role; fine where one is not there."""
+        for acl in acls:
+            await self._tolerating(
+                "not found", "removeRoleACL", rolename=name, acltype=acl.acltype, topic=acl.topic
+            )
+
     async def ensure_client(
         self,
         username: str,
@@ -185,10 +207,14 @@ class DynSec:
         roles: list[str],
         textname: str | None = None,
         clientid: str | None = None,
+        priorities: dict[str, int] | None = None,
     ) -> None:
-        """The client exists with this password, exactly these roles and, given ``clientid``,
-        bound to that client id (without one: any id)."""
-        role_list = [{"rolename": r} for r in roles]
+        """The client exists with this password, exactly these roles (each with its priority
+        in ``priorities``, else the broker's default of -1: the broker checks a client's roles
+        from the highest priority down, and the first ACL that matches decides) and, given
+        ``clientid``, bound to that client id (without one: any id)."""
+        ranks = priorities or {}
+        role_list = [{"rolename": r, "priority": ranks.get(r, -1)} for r in roles]
         extra: dict[str, Any] = {"textname": textname} if textname else {}
         if clientid:
             extra["clientid"] = clientid
@@ -203,7 +229,7 @@ class DynSec:
             return
         await self.command("setClientPassword", username=username, password=password)
         client = await self.get_client(username) or {}
-        await self._converge_client(username, client, roles, clientid)
+        await self._converge_client(username, client, roles, clientid, ranks)
 
     async def bind_client(self, username: str, clientid: str, roles: list[str]) -> bool:
         """An existing client, its password untouched, bound to ``clientid`` with exactly
@@ -211,21 +237,31 @@ class DynSec:
         client = await self.get_client(username)
         if client is None:
             return False
-        await self._converge_client(username, client, roles, clientid)
+        await self._converge_client(username, client, roles, clientid, {})
         return True
 
     async def _converge_client(
-        self, username: str, client: dict[str, Any], roles: list[str], clientid: str | None
+        self,
+        username: str,
+        client: dict[str, Any],
+        roles: list[str],
+        clientid: str | None,
+        priorities: dict[str, int],
     ) -> None:
         if client.get("clientid") != clientid:
             # The broker disconnects the client if it is connected under another id.
             bound = {"clientid": clientid} if clientid else {}
             await self.command("setClientId", username=username, **bound)
-        have = {r["rolename"] for r in client.get("roles", [])}
-        for role in have - set(roles):
-            await self.command("removeClientRole", username=username, rolename=role)
-        for role in set(roles) - have:
-            await self.command("addClientRole", username=username, rolename=role)
+        have = {r["rolename"]: int(r.get("priority", -1)) for r in client.get("roles", [])}
+        for role, priority in have.items():
+            if role not in roles or priority != priorities.get(role, -1):
+                await self.command("removeClientRole", username=username, rolename=role)
+        for role in roles:
+            priority = priorities.get(role, -1)
+            if have.get(role) != priority:
+                await self.command(
+                    "addClientRole", username=username, rolename=role, priority=priority
+                )
 
     async def get_client(self, username: str) -> dict[str, Any] | None:
         """The client's record, or None."""

@@ -33,8 +33,10 @@ from prometheus_client import Counter as PromCounter
 from libs.db.postgres import CONNECTION_ERRORS
 from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
 from libs.mqtt.subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
+from services.instance import fleet
 from services.instance.dead_letters import DEAD_LETTER_PAYLOAD
 from services.instance.devices import active_device_ids
+from services.instance.fleet import fleet_role, fleet_role_acls
 from services.instance.ingest_batch import Batch, write_batch
 from services.instance.license import LicenseHolder
 from services.instance.readings import Rejected, parse_reading, record
@@ -124,15 +126,22 @@ class Ingest:
         s = self._settings
         if not (s.mqtt_admin_username and s.mqtt_admin_password and s.mqtt_username):
             return
+        fleet = fleet_role(s.mqtt_username)
         async with DynSec(
             s.mqtt_host, s.mqtt_port, s.mqtt_admin_username, s.mqtt_admin_password
         ) as ds:
             await ds.ensure_role(s.mqtt_username, subtree_acls(s.instance_customer_id))
+            # The fleet devices' rights are added and removed with the devices (provisioning);
+            # here the role is only made if it is missing.
+            await ds.create_role(fleet, fleet_role_acls([]))
             await ds.ensure_client(
                 s.mqtt_username,
                 s.mqtt_password or "",
-                [s.mqtt_username],
+                [s.mqtt_username, fleet],
                 clientid=ingest_client_id(s),
+                # Checked first: its allows for the fleet's topics come before the ingest
+                # role's deny of everything outside the customer's subtree.
+                priorities={fleet: 1},
             )
 
     async def run(self) -> None:
@@ -176,7 +185,11 @@ class Ingest:
                     client_id=ingest_client_id(s),
                     username=s.mqtt_username,
                     password=s.mqtt_password,
-                    filters=(f"{self.root}/+/readings", f"{self.root}/+/status"),
+                    filters=(
+                        f"{self.root}/+/readings",
+                        f"{self.root}/+/status",
+                        fleet.SUBSCRIPTION,
+                    ),
                     # Room for two batches in flight while one is being written.
                     receive_maximum=min(65_535, 2 * s.ingest_batch_rows + 1000),
                 ),
