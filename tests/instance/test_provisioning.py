@@ -8,7 +8,9 @@ device. Everything real: the control plane, the instance, Postgres, NATS and Mos
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +39,9 @@ from test_instance import (  # noqa: F401 - client is a fixture
 
 from libs.mqtt.dynsec import DynSec
 from libs.servers.mosquitto import EmbeddedMosquitto
+from services.instance import fleet
+from services.provisioner.backends.local.processes import instances_running
+from support import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -278,3 +283,59 @@ async def test_the_audit_trail_names_every_attempt_by_key_id(fiona) -> None:
     assert entries[2]["uuid"] == device["uuid"] and entries[2]["reason"] is None
     assert all(e["address"] == "127.0.0.1" for e in entries)
     assert key["key"] not in audit.text
+
+
+async def fleet_role_of(dynsec: DynSec, uuid: str) -> dict[str, Any]:
+    """The fleet role that may receive the device's topics."""
+    roles = (await dynsec.command("listRoles", verbose=True))["data"]["roles"]
+    return next(
+        r
+        for r in roles
+        if r["rolename"].endswith("-fleet")
+        and any(a["topic"] == f"iot/device/{uuid}/#" for a in r.get("acls", []))
+    )
+
+
+async def test_a_restarted_instance_converges_its_fleet_on_the_broker(
+    fiona, broker, postgres_server_url
+) -> None:
+    key = await create_key(fiona, name="converged")
+    device = await provision_fleet_device(url(fiona), key["key"])
+    async with instance_database(postgres_server_url, fiona) as conn:
+        uuids = {
+            r["uuid"]
+            for r in await conn.fetch(
+                "SELECT uuid FROM devices WHERE deleted_at IS NULL AND uuid IS NOT NULL"
+            )
+        }
+    stray = new_uuid()
+    async with DynSec(
+        broker.host, broker.port, broker.admin_username, broker.admin_password
+    ) as dynsec:
+        role = (await fleet_role_of(dynsec, device["uuid"]))["rolename"]
+        # The broker drifted: a device's rights gone from the fleet role, a stranger's added,
+        # and the device's client unbound from its uuid.
+        await dynsec.remove_role_acls(role, fleet.reader_acls(device["uuid"]))
+        await dynsec.add_role_acls(role, fleet.reader_acls(stray))
+        await dynsec.command("setClientId", username=f"iot-{device['uuid']}")
+    pid = instances_running()[fiona.id]
+    os.kill(pid, signal.SIGKILL)
+
+    async def fleet_role() -> set[tuple[str, str]]:
+        async with DynSec(
+            broker.host, broker.port, broker.admin_username, broker.admin_password
+        ) as dynsec:
+            got = (await dynsec.command("getRole", rolename=role))["data"]["role"]
+            client = await dynsec.get_client(f"iot-{device['uuid']}")
+        bound = client is not None and client.get("clientid") == device["uuid"]
+        return {(a["acltype"], a["topic"]) for a in got["acls"]} if bound else set()
+
+    wanted = {(a.acltype, a.topic) for a in fleet.fleet_role_acls(sorted(uuids))}
+    await eventually(
+        fleet_role,
+        lambda acls: acls == wanted,
+        timeout=90,
+        what="the fleet role and the device's binding converged after the restart",
+    )
+    assert instances_running()[fiona.id] != pid
+    assert await echoes(broker, device)
