@@ -87,3 +87,16 @@ def counts_as_failure(exc: DomainError) -> bool:
     if isinstance(exc, UpstreamError):
         return False
     return not (isinstance(exc, Forbidden) and "maxDevices" in exc.message)
+
+
+async def forget_old_attempts(conn: asyncpg.Connection, keep_days: int) -> None:
+    """Drop audit rows older than the license's data retention, and failure windows that
+    ended (what a flood of attempts from many addresses left behind)."""
+    await conn.execute(
+        "DELETE FROM registration_audit WHERE at < now() - make_interval(days => $1)", keep_days
+    )
+    await conn.execute(
+        "DELETE FROM registration_failures "
+        "WHERE window_started_at < now() - make_interval(secs => $1)",
+        float(FAILURE_WINDOW_SECONDS),
+    )

@@ -308,6 +308,16 @@ async def test_a_restarted_instance_converges_its_fleet_on_the_broker(
                 "SELECT uuid FROM devices WHERE deleted_at IS NULL AND uuid IS NOT NULL"
             )
         }
+        # What housekeeping forgets at start: an audit row past the professional plan's
+        # retention (365 days) and a failure window that ended.
+        await conn.execute(
+            "INSERT INTO registration_audit (at, action, outcome, address) "
+            "VALUES (now() - interval '400 days', 'register', 'refused', '192.0.2.1')"
+        )
+        await conn.execute(
+            "INSERT INTO registration_failures VALUES ('addr:192.0.2.1', "
+            "now() - interval '1 hour', 20)"
+        )
     stray = new_uuid()
     async with DynSec(
         broker.host, broker.port, broker.admin_username, broker.admin_password
@@ -339,3 +349,15 @@ async def test_a_restarted_instance_converges_its_fleet_on_the_broker(
     )
     assert instances_running()[fiona.id] != pid
     assert await echoes(broker, device)
+
+    async def forgotten() -> bool:
+        async with instance_database(postgres_server_url, fiona) as conn:
+            old = await conn.fetchval(
+                "SELECT count(*) FROM registration_audit WHERE address = '192.0.2.1'"
+            )
+            ended = await conn.fetchval(
+                "SELECT count(*) FROM registration_failures WHERE subject = 'addr:192.0.2.1'"
+            )
+        return old == 0 and ended == 0
+
+    await eventually(forgotten, timeout=30, what="old attempts forgotten by housekeeping")
