@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import uuid as uuids
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,10 @@ T = TypeVar("T")
 API_KEY_MIN, API_KEY_MAX = 16, 256
 NAME_LIMIT, TYPE_LIMIT = 100, 64
 NOT_EXCHANGED = "unknown device or wrong deviceApiKey"
+# The shapes of the client ids the platform's own clients are bound to (devices registered by
+# hand, instances, the admin): a fleet device bound to one of them could push that client off
+# the shared broker (the newer connection with a client id wins).
+RESERVED_CLIENT_IDS = re.compile(r"^(?:[0-9a-f]{16}|instance-.*|iotistic-.*)$")
 ELSEWHERE = "this uuid is registered elsewhere"
 
 
@@ -158,6 +163,8 @@ def registration_request(body: bytes) -> Registration:
     uuid = data.get("uuid")
     if not isinstance(uuid, str) or not fleet.valid_uuid(uuid):
         errors.add("uuid", "must be 8 to 64 letters, digits, '-' or '_', first a letter or digit")
+    elif RESERVED_CLIENT_IDS.fullmatch(uuid):
+        errors.add("uuid", "has the shape of the platform's own client ids; use a UUID")
     name = errors.text(data, "deviceName", required=False, limit=NAME_LIMIT)
     device_type = errors.text(data, "deviceType", required=False, limit=TYPE_LIMIT)
     api_key = data.get("deviceApiKey")

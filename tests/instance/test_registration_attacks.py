@@ -219,6 +219,9 @@ async def test_bad_bodies_and_missing_keys_are_refused_and_named(gina) -> None:
         ({**good, "uuid": "short"}, "uuid"),
         ({**good, "uuid": "abcdefgh/+/#"}, "uuid"),
         ({**good, "uuid": "x" * 65}, "uuid"),
+        # The client ids of devices registered by hand and of instances are not for taking.
+        ({**good, "uuid": "0123456789abcdef"}, "uuid"),
+        ({**good, "uuid": "instance-0123456789abcdef"}, "uuid"),
         ({**good, "deviceApiKey": "too short"}, "deviceApiKey"),
         ({**good, "deviceApiKey": "é" * 20}, "deviceApiKey"),
         ({**good, "deviceName": "n" * 101}, "deviceName"),
