@@ -6,10 +6,10 @@ no session)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, post
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from libs.http.app import client_address
 from libs.http.auth import bearer
@@ -28,6 +28,10 @@ from services.instance.registration import FleetRegistered, exchange_api_key
 from services.instance.registration_audit import Attempt
 
 BODY_LIMIT = 4096
+# Checked by ``audit_limit``, so a bad one is answered naming the field like every other.
+AuditLimit = Annotated[
+    str | None, QueryParameter(description="entries to show, 1..1000 (default 100)")
+]
 
 
 class ProvisioningKeysController(Controller):
@@ -61,7 +65,7 @@ class ProvisioningKeysController(Controller):
 
     @get("/audit", tags=["provisioning"])
     async def registration_audit(
-        self, instance: Instance, limit: str | None = None
+        self, instance: Instance, limit: AuditLimit = None
     ) -> dict[str, Any]:
         """The newest registrations and key exchanges (``limit``, 1..1000, default 100),
         accepted or refused, with the caller's address and the key's id."""
