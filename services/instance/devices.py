@@ -165,13 +165,11 @@ class Devices:
             )
             try:
                 async with self._dynsec() as dynsec:
-                    for row in rows:
-                        await self._converge_device(dynsec, row)
+                    held = [row["uuid"] for row in rows if await self._converge_device(dynsec, row)]
                     if self._settings.mqtt_username:
-                        uuids = [r["uuid"] for r in rows if r["uuid"]]
                         await dynsec.ensure_role(
                             fleet.fleet_role(self._settings.mqtt_username),
-                            fleet.fleet_role_acls(uuids),
+                            fleet.fleet_role_acls([uuid for uuid in held if uuid]),
                         )
             except (DynSecError, OSError) as exc:
                 raise BrokerUnavailable(
@@ -179,9 +177,17 @@ class Devices:
                 ) from None
         return len(rows)
 
-    async def _converge_device(self, dynsec: DynSec, row: asyncpg.Record) -> None:
+    async def _converge_device(self, dynsec: DynSec, row: asyncpg.Record) -> bool:
+        """Converge one device's client and role; whether its client is there (and, for a
+        fleet device, ours: only then may the fleet role receive its uuid's topics, which on a
+        shared broker another customer may hold once our client is gone)."""
         username, device_id, uuid = row["mqtt_username"], row["device_id"], row["uuid"]
         if uuid:
+            client = await dynsec.get_client(username)
+            owner = fleet.owner_text(self._settings.instance_customer_id)
+            if client is None or client.get("textname") != owner:
+                log.warning("fleet device %s has no broker client of ours", device_id)
+                return False
             await dynsec.ensure_role(username, fleet.device_acls(uuid))
             bound = uuid
         else:
@@ -190,6 +196,8 @@ class Devices:
             bound = device_id
         if not await dynsec.bind_client(username, bound, [username]):
             log.warning("device %s has no broker client", device_id)
+            return False
+        return True
 
     async def converge_at_start(self, pool: Callable[[], asyncpg.Pool | None]) -> None:
         """``converge`` once the database answers, retried with backoff until it succeeds
@@ -238,14 +246,17 @@ class Devices:
         return True
 
     async def _revoke(self, dynsec: DynSec, username: str, uuid: str | None) -> None:
-        await dynsec.delete_client(username)
-        await dynsec.delete_role(username)
         if uuid and self._settings.mqtt_username:
-            # The retained desired configuration on iot/device/<uuid>/config is cleared by the
-            # config publisher (it alone may publish there); the admin client may not.
+            # The fleet role's rights go first: once the client is gone the uuid is free on a
+            # shared broker, and another customer's device of that uuid must reach nothing of
+            # ours even if what follows fails. (The retained desired configuration on
+            # iot/device/<uuid>/config is cleared by the config publisher, the only client
+            # that may publish there.)
             await dynsec.remove_role_acls(
                 fleet.fleet_role(self._settings.mqtt_username), fleet.reader_acls(uuid)
             )
+        await dynsec.delete_client(username)
+        await dynsec.delete_role(username)
 
 
 def device_view(
