@@ -122,7 +122,7 @@ def _tasks(
         "database": lambda: then_idle(_open_database(instance)),
         "ingest": ingest.run,
         "housekeeping": lambda: housekeeping(
-            lambda: turns, instance.license, ingest, gauges, instance.api_requests
+            lambda: turns, instance.license, ingest, gauges, instance.api_requests, instance.devices
         ),
         "usage reports": UsageReporter(settings, lambda: turns).run,
         "alerts": alerts.run,

@@ -1,6 +1,7 @@
 """The instance's housekeeping: its usage as Prometheus gauges every half minute, and, every
 hour, the readings' day partitions past the license's retention dropped whole (and the fleet
-registrations' audit rows past it, with ended windows of failed attempts)."""
+registrations' audit rows past it, with ended windows of failed attempts, and the fleet devices
+whose key exchange never came within a day)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Gauge
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
-from services.instance.devices import count_active_devices
+from services.instance.devices import BrokerUnavailable, Devices, count_active_devices
 from services.instance.ingest import Ingest
 from services.instance.license import LicenseHolder
 from services.instance.readings import drop_expired_partitions
+from services.instance.registration import abandoned_registrations
 from services.instance.registration_audit import forget_old_attempts
 from services.instance.state import ApiRequestsToday
 from services.instance.usage import database_size, usage_day
@@ -68,12 +70,27 @@ async def _stored_usage(
     return True
 
 
+async def _forget_abandoned(conn: asyncpg.Connection, devices: Devices, ingest: Ingest) -> None:
+    """Remove the fleet devices that registered a day ago or more and never completed their key
+    exchange: what a leaked provisioning key registered, or a device that gave up, frees its
+    place under maxDevices (a device that comes back registers again)."""
+    for device_id in await abandoned_registrations(conn, datetime.now(UTC)):
+        try:
+            await devices.remove(conn, device_id)
+        except BrokerUnavailable as exc:
+            log.warning("housekeeping: abandoned fleet devices stay for now: %s", exc)
+            return
+        ingest.forget_device(device_id)
+        log.info("removed fleet device %s: its key exchange never came", device_id)
+
+
 async def housekeeping(
     pool: Callable[[], asyncpg.Pool | Turns],
     holder: LicenseHolder,
     ingest: Ingest,
     gauges: UsageGauges,
     api_requests: ApiRequestsToday,
+    devices: Devices | None = None,
 ) -> None:
     """Every half minute: usage gauges; every hour: drop partitions past retention."""
     # None until the retention first ran: the loop's clock counts from the machine's boot,
@@ -87,6 +104,8 @@ async def housekeeping(
                 due = last_retention is None or loop.time() - last_retention > RETENTION_EVERY
                 if await _stored_usage(conn, gauges, holder, due):
                     last_retention = loop.time()
+                    if devices is not None:
+                        await _forget_abandoned(conn, devices, ingest)
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             log.warning("housekeeping: %s", type(exc).__name__)
         gauges.mqtt_messages.set(ingest.accepted_today)

@@ -27,7 +27,7 @@ import secrets
 import uuid as uuids
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
@@ -70,6 +70,9 @@ NOT_EXCHANGED = "unknown device or wrong deviceApiKey"
 # the shared broker (the newer connection with a client id wins).
 RESERVED_CLIENT_IDS = re.compile(r"^(?:[0-9a-f]{16}|instance-.*|iotistic-.*)$")
 ELSEWHERE = "this uuid is registered elsewhere"
+# A fleet device that has not completed its key exchange this long after registering is
+# removed by housekeeping.
+ABANDONED_AFTER = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -371,3 +374,14 @@ class FleetRegistrations:
             "status": "provisioned",
             "key_exchanged_at": exchanged,
         }
+
+
+async def abandoned_registrations(conn: asyncpg.Connection, now: datetime) -> list[str]:
+    """The fleet devices registered ``ABANDONED_AFTER`` or longer before ``now`` whose key
+    exchange never came."""
+    rows = await conn.fetch(
+        "SELECT device_id FROM devices WHERE uuid IS NOT NULL AND key_exchanged_at IS NULL "
+        "AND deleted_at IS NULL AND created_at <= $1",
+        now - ABANDONED_AFTER,
+    )
+    return [r["device_id"] for r in rows]

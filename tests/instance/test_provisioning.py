@@ -300,13 +300,19 @@ async def fleet_role_of(dynsec: DynSec, uuid: str) -> dict[str, Any]:
     )
 
 
-async def test_a_restarted_instance_converges_its_fleet_on_the_broker(
+async def test_a_restarted_instance_converges_its_fleet_and_forgets_the_abandoned(
     fiona, broker, postgres_server_url
 ) -> None:
     key = await create_key(fiona, name="converged")
     device = await provision_fleet_device(url(fiona), key["key"])
     lost = await provision_fleet_device(url(fiona), key["key"])
+    abandoned = await register_fleet_device(url(fiona), key["key"])
     async with instance_database(postgres_server_url, fiona) as conn:
+        # Registered a day ago, and its key exchange never came.
+        await conn.execute(
+            "UPDATE devices SET created_at = now() - interval '25 hours' WHERE device_id = $1",
+            abandoned["id"],
+        )
         uuids = {
             r["uuid"]
             for r in await conn.fetch(
@@ -348,7 +354,8 @@ async def test_a_restarted_instance_converges_its_fleet_on_the_broker(
         bound = client is not None and client.get("clientid") == device["uuid"]
         return {(a["acltype"], a["topic"]) for a in got["acls"]} if bound else set()
 
-    wanted = {(a.acltype, a.topic) for a in fleet.fleet_role_acls(sorted(uuids - {lost["uuid"]}))}
+    kept = sorted(uuids - {lost["uuid"], abandoned["uuid"]})
+    wanted = {(a.acltype, a.topic) for a in fleet.fleet_role_acls(kept)}
     await eventually(
         fleet_role,
         lambda acls: acls == wanted,
@@ -369,3 +376,5 @@ async def test_a_restarted_instance_converges_its_fleet_on_the_broker(
         return old == 0 and ended == 0
 
     await eventually(forgotten, timeout=30, what="old attempts forgotten by housekeeping")
+    assert (await fiona.api.get(f"/api/devices/{abandoned['id']}")).status_code == 404
+    assert await refused(broker, abandoned)
