@@ -236,7 +236,7 @@ def test_a_report_keeps_its_values_apart_from_its_version() -> None:
     ],
 )
 def test_a_bad_report_is_refused_with_its_reason(payload: bytes, reason: str) -> None:
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(ValueError, match=r"^report ") as refused:
         parse_report(payload)
     assert str(refused.value).startswith(reason)
 

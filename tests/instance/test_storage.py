@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from libs.db.postgres import create_pool, load_migrations, migrate
 from libs.mqtt.dynsec import DynSec, device_acls, subtree_acls
 from libs.servers.mosquitto import EmbeddedMosquitto
+from services.instance.fleet import fleet_role, fleet_role_acls
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder
 from services.instance.readings import (
@@ -273,7 +274,12 @@ async def test_readings_delivered_again_after_a_reconnect_are_stored_once(
     device = f"device-{uuid.uuid4().hex[:8]}"
     async with DynSec(*admin) as dynsec:
         await dynsec.ensure_role(username, subtree_acls(customer_id))
-        await dynsec.ensure_client(username, password, [username], clientid=client_id)
+        # As the instance makes its ingest client: it subscribes to the fleet's topics too.
+        fleet = fleet_role(username)
+        await dynsec.create_role(fleet, fleet_role_acls([]))
+        await dynsec.ensure_client(
+            username, password, [username, fleet], clientid=client_id, priorities={fleet: 1}
+        )
         await dynsec.ensure_role(device, device_acls([topic]))
         await dynsec.ensure_client(device, "device-password", [device])
     running = asyncio.create_task(ingest.run())
