@@ -127,7 +127,7 @@ class Intake:
             self._batch.seen[device_id] = (now, "online")
         for refused in parsed.refused:
             self._reject(topic, device_id, refused.reason, refused.payload, now)
-        read_only = parsed.readings and self._license.read_only(now)
+        read_only = bool(parsed.readings) and self._license.read_only(now)
         for message in parsed.readings:
             if read_only:
                 reason = f"read-only: message {message.index}: the license has expired"
