@@ -116,6 +116,7 @@ class Ingest(Intake):
         cancelled, stop taking messages, write and acknowledge what was taken, then leave."""
         writer = asyncio.create_task(self._write_forever())
         connection: asyncio.Task[None] | None = None
+        at_once = -1.0
         try:
             while True:
                 connection = asyncio.create_task(self._connection())
@@ -123,7 +124,13 @@ class Ingest(Intake):
                     await asyncio.shield(connection)
                 except (MqttSubscriberError, DynSecError) as exc:
                     log.warning("broker connection lost (%s); reconnecting", exc)
-                    await asyncio.sleep(1)
+                    if not self._just_lost() or time.monotonic() - at_once < 1:
+                        await asyncio.sleep(1)
+                    else:
+                        # The broker's administration ends a working connection whenever the
+                        # fleet role changes (each registration): the devices' QoS 0 messages
+                        # are lost until it is back, so it is, at once (once a second at most).
+                        at_once = time.monotonic()
         except asyncio.CancelledError:
             self._closing = True
             writer.cancel()
@@ -138,6 +145,12 @@ class Ingest(Intake):
                 connection.cancel()
                 with contextlib.suppress(asyncio.CancelledError, MqttSubscriberError):
                     await connection
+
+    def _just_lost(self) -> bool:
+        """Whether a subscribed connection ended just now (not a connection attempt that
+        failed)."""
+        lost = self._subscriber.lost_at if self._subscriber is not None else None
+        return lost is not None and time.monotonic() - lost < 1
 
     async def _connection(self) -> None:
         s = self._settings
