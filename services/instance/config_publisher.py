@@ -145,7 +145,10 @@ class ConfigPublisher:
         except TimeoutError:
             pass
         try:
-            await self._publish_device(device_id)
+            # Bounded: behind a sweep of every configuration, or a broker that does not answer,
+            # the answer does not wait; the background task publishes it.
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await self._publish_device(device_id)
         except (ConfigNotPublished, *_TRANSIENT) as exc:
             self._wake.set()
             log.warning("config of device %s not published yet: %s", device_id, exc)
