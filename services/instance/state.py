@@ -24,6 +24,7 @@ from services.instance.devices import Devices
 from services.instance.ingest import Ingest
 from services.instance.license import LicenseHolder
 from services.instance.live import LiveReadings
+from services.instance.registration import FleetRegistrations
 from services.instance.settings import InstanceSettings
 
 STATE_KEY = "instance"
@@ -65,6 +66,8 @@ class InstanceState:
     database: Database
     sessions: CustomerSessions
     devices: Devices
+    # Devices registering themselves with a provisioning key (fleet provisioning).
+    fleet: FleetRegistrations
     ingest: Ingest
     # Delivers fleet devices' desired configurations (retained on their config topics).
     config_publisher: ConfigPublisher
