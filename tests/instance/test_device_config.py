@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import aiomqtt
 import httpx
 import pytest
+from fleet_steps import create_key, provision_fleet_device
 from test_instance import (  # noqa: F401 - client is a fixture
     Customer,
     client,
@@ -28,16 +27,8 @@ from test_instance import (  # noqa: F401 - client is a fixture
     register,
 )
 
-from libs.mqtt.dynsec import DynSec
 from libs.servers.mosquitto import EmbeddedMosquitto
-from services.instance.fleet import (
-    broker_username,
-    config_topic,
-    device_acls,
-    fleet_role,
-    reader_acls,
-)
-from services.provisioner.backends.local.backend import instance_name
+from services.instance.fleet import config_topic, reported_topic
 from support import eventually
 
 pytestmark = pytest.mark.slow
@@ -57,30 +48,22 @@ async def pete(client) -> AsyncIterator[Customer]:  # noqa: F811
     await found.api.aclose()
 
 
-async def fleet_device(
-    c: Customer, broker: EmbeddedMosquitto, postgres_server_url: str, name: str
-) -> dict[str, Any]:
-    """A device as fleet registration leaves it: a row with a uuid, its broker client
-    ``iot-<uuid>`` bound to the uuid, and its rights in the customer's fleet role."""
-    device = await register(c, name)
-    device_uuid = uuid.uuid4().hex
-    async with instance_database(postgres_server_url, c) as conn:
-        await conn.execute(
-            "UPDATE devices SET uuid = $2, device_type = 'bme688' WHERE device_id = $1",
-            device["device_id"],
-            device_uuid,
-        )
-    password = secrets.token_urlsafe(18)
-    username = broker_username(device_uuid)
-    async with DynSec(broker.host, broker.port, broker.admin_username, broker.admin_password) as ds:
-        await ds.add_role_acls(fleet_role(instance_name(c.id)), reader_acls(device_uuid))
-        await ds.ensure_role(username, device_acls(device_uuid))
-        await ds.ensure_client(username, password, [username], clientid=device_uuid)
+_keys: dict[str, str] = {}
+
+
+async def fleet_device(c: Customer, name: str) -> dict[str, Any]:
+    """A device registered with a provisioning key and its key exchange done, as the original
+    agent does it: its id, uuid and broker credentials."""
+    if c.id not in _keys:
+        _keys[c.id] = (await create_key(c))["key"]
+    registered = await provision_fleet_device(str(c.api.base_url), _keys[c.id])
+    mqtt = registered["mqtt"]
+    assert mqtt["clientId"] == registered["uuid"]
     return {
-        "device_id": device["device_id"],
-        "uuid": device_uuid,
-        "username": username,
-        "password": password,
+        "device_id": registered["id"],
+        "uuid": registered["uuid"],
+        "username": mqtt["username"],
+        "password": mqtt["password"],
     }
 
 
@@ -133,9 +116,9 @@ def config_path(device: dict[str, Any]) -> str:
 
 
 async def test_a_configuration_reaches_a_subscribed_device_retained_and_a_later_one_replaces_it(
-    olga, broker, postgres_server_url
+    olga, broker
 ) -> None:
-    device = await fleet_device(olga, broker, postgres_server_url, "greenhouse")
+    device = await fleet_device(olga, "greenhouse")
     path = config_path(device)
     before = await olga.api.get(path)
     assert before.status_code == 200, before.text
@@ -183,37 +166,41 @@ async def test_a_configuration_reaches_a_subscribed_device_retained_and_a_later_
     )
 
 
-async def test_the_report_shows_with_its_time_and_whether_it_is_in_sync(
-    olga, broker, postgres_server_url
-) -> None:
-    # The report's way in (ingest, on iot/device/<uuid>/config/reported) is ingest's part;
-    # here the columns it writes are set in the database and read through the API.
-    device = await fleet_device(olga, broker, postgres_server_url, "cellar")
+async def test_the_report_shows_with_its_time_and_whether_it_is_in_sync(olga, broker) -> None:
+    device = await fleet_device(olga, "cellar")
     path = config_path(device)
     assert (await olga.api.put(path, json={"temperature_offset": 2})).status_code == 200
     assert (await olga.api.put(path, json={"temperature_offset": 2.5})).status_code == 200
-    at = datetime.now(UTC).replace(microsecond=0)
-    async with instance_database(postgres_server_url, olga) as conn:
-        await conn.execute(
-            "UPDATE device_config SET reported = $2::jsonb, reported_version = 1, "
-            "reported_at = $3 WHERE device_id = $1",
-            device["device_id"],
-            json.dumps({"version": 1, "temperature_offset": 2.0}),
-            at,
+    before = datetime.now(UTC)
+    async with as_device(broker, device) as mqtt:
+        await mqtt.publish(
+            reported_topic(device["uuid"]),
+            json.dumps({"version": 1, "temperature_offset": 2.0}).encode(),
+            qos=1,
         )
-    behind = (await olga.api.get(path)).json()
-    assert behind["reported"] == {"version": 1, "temperature_offset": 2.0}
-    assert behind["reported_version"] == 1 and behind["version"] == 2
-    assert datetime.fromisoformat(behind["reported_at"]) == at
-    assert behind["in_sync"] is False
-    async with instance_database(postgres_server_url, olga) as conn:
-        await conn.execute(
-            "UPDATE device_config SET reported = $2::jsonb, reported_version = 2 "
-            "WHERE device_id = $1",
-            device["device_id"],
-            json.dumps({"version": 2, "temperature_offset": 2.5}),
+    behind = (
+        await eventually(
+            lambda: olga.api.get(path),
+            lambda r: r.json()["reported_version"] == 1,
+            what="the report of version 1",
         )
-    assert (await olga.api.get(path)).json()["in_sync"] is True
+    ).json()
+    assert behind["reported"]["temperature_offset"] == 2.0
+    assert behind["version"] == 2 and behind["in_sync"] is False
+    assert datetime.fromisoformat(behind["reported_at"]) >= before.replace(microsecond=0)
+    async with as_device(broker, device) as mqtt:
+        await mqtt.publish(
+            reported_topic(device["uuid"]),
+            json.dumps({"version": 2, "temperature_offset": 2.5}).encode(),
+            qos=1,
+        )
+    synced = await eventually(
+        lambda: olga.api.get(path),
+        lambda r: r.json()["in_sync"] is True,
+        what="the report of the current version",
+    )
+    assert synced.json()["reported"]["temperature_offset"] == 2.5
+    assert synced.json()["reported_at"] >= behind["reported_at"]
 
 
 @pytest.mark.parametrize(
@@ -242,9 +229,9 @@ async def test_the_report_shows_with_its_time_and_whether_it_is_in_sync(
     ],
 )
 async def test_a_bad_body_is_refused_naming_the_field(
-    olga, broker, postgres_server_url, body: Any, field: str, reason: str
+    olga, broker, body: Any, field: str, reason: str
 ) -> None:
-    device = await _one_fleet_device(olga, broker, postgres_server_url)
+    device = await _one_fleet_device(olga)
     answer = await olga.api.put(config_path(device), json=body)
     assert answer.status_code == 400, answer.text
     fields = answer.json()["error"]["fields"]
@@ -253,10 +240,8 @@ async def test_a_bad_body_is_refused_naming_the_field(
     assert (await olga.api.get(config_path(device))).json()["version"] == 0
 
 
-async def test_every_bad_field_is_named_at_once_and_nothing_is_stored(
-    olga, broker, postgres_server_url
-) -> None:
-    device = await _one_fleet_device(olga, broker, postgres_server_url)
+async def test_every_bad_field_is_named_at_once_and_nothing_is_stored(olga, broker) -> None:
+    device = await _one_fleet_device(olga)
     answer = await olga.api.put(
         config_path(device),
         json={"reporting_interval": -1, "temperature_offset": 99, "extra": 1, "custom": 5},
@@ -274,12 +259,10 @@ async def test_every_bad_field_is_named_at_once_and_nothing_is_stored(
 _fleet_devices: dict[str, dict[str, Any]] = {}
 
 
-async def _one_fleet_device(
-    c: Customer, broker: EmbeddedMosquitto, postgres_server_url: str
-) -> dict[str, Any]:
+async def _one_fleet_device(c: Customer) -> dict[str, Any]:
     """One fleet device for the refusals (which change nothing), made at first use."""
     if c.id not in _fleet_devices:
-        _fleet_devices[c.id] = await fleet_device(c, broker, postgres_server_url, "untouched")
+        _fleet_devices[c.id] = await fleet_device(c, "untouched")
     return _fleet_devices[c.id]
 
 
@@ -292,8 +275,8 @@ async def test_a_hand_registered_device_has_no_remote_configuration(olga) -> Non
     assert (await olga.api.get(path)).status_code == 409
 
 
-async def test_another_customers_device_is_not_there(olga, pete, broker, postgres_server_url):
-    device = await fleet_device(olga, broker, postgres_server_url, "private")
+async def test_another_customers_device_is_not_there(olga, pete, broker):
+    device = await fleet_device(olga, "private")
     path = config_path(device)
     assert (await olga.api.put(path, json={"heater_profile": "mine"})).status_code == 200
     # Pete's own instance has no such device...
@@ -312,9 +295,9 @@ async def test_another_customers_device_is_not_there(olga, pete, broker, postgre
 
 
 async def test_a_configuration_set_while_the_broker_is_away_is_delivered_when_it_is_back(
-    olga, broker, postgres_server_url
+    olga, broker
 ) -> None:
-    device = await fleet_device(olga, broker, postgres_server_url, "attic")
+    device = await fleet_device(olga, "attic")
     path = config_path(device)
     assert (await olga.api.put(path, json={"reporting_interval": 10})).status_code == 200
     await asyncio.to_thread(broker.stop)
@@ -336,10 +319,8 @@ async def test_a_configuration_set_while_the_broker_is_away_is_delivered_when_it
     assert await retained_config(broker, device) == {"version": 2, "reporting_interval": 20}
 
 
-async def test_a_broker_that_lost_its_retained_messages_gets_them_again(
-    olga, broker, postgres_server_url
-) -> None:
-    device = await fleet_device(olga, broker, postgres_server_url, "basement")
+async def test_a_broker_that_lost_its_retained_messages_gets_them_again(olga, broker) -> None:
+    device = await fleet_device(olga, "basement")
     path = config_path(device)
     assert (await olga.api.put(path, json={"heater_profile": "slow"})).status_code == 200
     assert await retained_config(broker, device) == {"version": 1, "heater_profile": "slow"}

@@ -3,7 +3,6 @@ beside what the device reported it applied."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from litestar import Controller, get, put
@@ -41,13 +40,8 @@ class DeviceConfigController(Controller):
         async with instance.pool().acquire() as conn:
             await set_desired(conn, device_id, desired)
         reason = await instance.config_publisher.publish(device_id)
-        # Ingest applies the temperature offset of the desired configuration; the ingest
-        # helper adds ``config_changed`` (lead: call it directly once it is merged).
-        changed = getattr(instance.ingest, "config_changed", None)
-        if changed is not None:
-            done = changed(device_id)
-            if inspect.isawaitable(done):
-                await done
+        # Ingest applies the desired temperature offset to the device's readings from now on.
+        instance.ingest.config_changed(device_id)
         async with instance.pool().acquire() as conn:
             row = await config_row(conn, device_id)
         return config_view(row, reason)
