@@ -184,8 +184,9 @@ class ConfigPublisher:
                 try:
                     await self._serve(client)
                 except (*_TRANSIENT, ConfigNotPublished) as exc:
-                    # Dynamic security also disconnects the clients of a role whose rights
-                    # change (each fleet registration): connect again at once.
+                    # The broker went away or disconnected us (an administrative action):
+                    # connect again at once; the session found, or not, tells whether the
+                    # broker may have lost its retained messages.
                     log.warning("config publisher: connection ended (%s); connecting again", exc)
 
     async def _ensure_own_client(self) -> None:
@@ -308,10 +309,10 @@ class ConfigPublisher:
         async with self._lock, self._ready_pool().acquire() as conn:
             row = await conn.fetchrow(
                 """
-                    SELECT d.uuid, d.created_at, c.desired::text AS desired, c.version
-                    FROM device_config c JOIN devices d USING (device_id)
-                    WHERE c.device_id = $1 AND d.deleted_at IS NULL AND d.uuid IS NOT NULL
-                    """,
+                SELECT d.uuid, d.created_at, c.desired::text AS desired, c.version
+                FROM device_config c JOIN devices d USING (device_id)
+                WHERE c.device_id = $1 AND d.deleted_at IS NULL AND d.uuid IS NOT NULL
+                """,
                 device_id,
             )
             if row is None or self._was_cleared(row["uuid"], row["created_at"]):

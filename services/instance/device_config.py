@@ -145,11 +145,15 @@ async def fleet_device(conn: asyncpg.Connection, device_id: str) -> asyncpg.Reco
     if row is None:
         raise NotFound(f"no device {device_id}")
     if row["uuid"] is None:
-        raise Conflict(
-            "this device was registered by hand and subscribes to nothing; register it "
-            "through a provisioning key to configure it remotely"
-        )
+        raise _registered_by_hand()
     return row
+
+
+def _registered_by_hand() -> Conflict:
+    return Conflict(
+        "this device was registered by hand and subscribes to nothing; register it "
+        "through a provisioning key to configure it remotely"
+    )
 
 
 async def set_desired(
@@ -189,7 +193,7 @@ async def config_row(conn: asyncpg.Connection, device_id: str) -> asyncpg.Record
     if row is None:
         raise NotFound(f"no device {device_id}")
     if row["uuid"] is None:
-        await fleet_device(conn, device_id)  # raises Conflict, the same answer as a PUT
+        raise _registered_by_hand()
     return row
 
 
