@@ -431,7 +431,7 @@ $("key-form").addEventListener("submit", async (event) => {
     $("key-form").reset(); showKey(made); await loadProvisioning();
   } catch (e) { $("key-error").textContent = e.message; }
 });
-$("key-shown-done").addEventListener("click", hideKey);
+$("key-shown-done").addEventListener("click", () => { hideKey(); $("key-name").focus(); });
 
 // --- a device's remote configuration ---------------------------------------------------------------
 const POLL_MS = 5000, POLL_TIMES = 24;  // after a change, look for the device's report for two minutes
@@ -529,7 +529,12 @@ $("config-form").addEventListener("submit", async (event) => {
 });
 $("config-add-key").addEventListener("click", () => customRow().focus());
 $("config-refresh").addEventListener("click", () => refreshConfig().catch((e) => { $("config-error").textContent = e.message; }));
-$("config-close").addEventListener("click", closeConfig);
+$("config-close").addEventListener("click", () => {  // back to the device's row
+  const id = state.configuring && state.configuring.device_id;
+  closeConfig();
+  const back = id && document.querySelector(`#devices tr[data-device="${id}"] button`);
+  (back || $("device-name")).focus();
+});
 
 // --- charts ---------------------------------------------------------------------------------------
 function chosenRange() {
