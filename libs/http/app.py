@@ -48,6 +48,20 @@ def client_address(request: Request[Any, Any, Any], trusted_proxy_hops: int) -> 
         return peer
 
 
+def address_subject(address: str) -> str:
+    """What a client address is counted under: an IPv4 address, or the /64 an IPv6 address is
+    in (one subscriber holds a /64 or more, so single IPv6 addresses would count nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"addr:{address[:64]}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"addr:{ip.ipv4_mapped}"
+        return f"addr:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"addr:{ip}"
+
+
 def health_routes(
     readiness: Readiness, registry: CollectorRegistry
 ) -> list[ControllerRouterHandler]:

@@ -32,6 +32,10 @@ from services.instance.api.dead_letters import DeadLettersController
 from services.instance.api.devices import DevicesController
 from services.instance.api.license import LicenseController
 from services.instance.api.monitoring import MonitoringController
+from services.instance.api.provisioning import (
+    DeviceRegistrationController,
+    ProvisioningKeysController,
+)
 from services.instance.api.readings import ReadingsController
 from services.instance.auth import CustomerSessions
 from services.instance.database import Database
@@ -40,6 +44,7 @@ from services.instance.housekeeping import UsageGauges, housekeeping
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder, keep_license_current
 from services.instance.live import LiveReadings
+from services.instance.registration import FleetRegistrations
 from services.instance.settings import InstanceSettings, dashboard_csrf_key
 from services.instance.state import STATE_KEY, InstanceState
 from services.instance.usage import UsageReporter, usage_day
@@ -69,13 +74,15 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         registry=registry,
     )
     supervisor = Supervisor("instance", restart_counter(registry))
+    devices = Devices(settings)
     instance = InstanceState(
         settings=settings,
         registry=registry,
         license=holder,
         database=database,
         sessions=CustomerSessions(settings.control_plane_url, settings.instance_customer_id),
-        devices=Devices(settings),
+        devices=devices,
+        fleet=FleetRegistrations(devices),
         ingest=ingest,
         live=live,
         webhook_targets=targets,
@@ -95,6 +102,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             ReadingsController,
             DeadLettersController,
             AlertsController,
+            ProvisioningKeysController,
+            DeviceRegistrationController,
         ],
         readiness=instance.readiness,
         registry=registry,

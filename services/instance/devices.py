@@ -28,11 +28,15 @@ from libs.db.postgres import CONNECTION_ERRORS
 from libs.http.errors import NotFound
 from libs.mqtt.dynsec import DynSec, DynSecError, device_acls
 from libs.runtime.supervision import retrying
+from services.instance import fleet
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
 
 ONLINE_WITHIN = timedelta(minutes=2)
+# Taken by every registration (by hand or a fleet device's), removal and convergence, in their
+# transactions: the license's maxDevices and the fleet role's rights are decided one at a time.
+DEVICES_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('devices', 0))"
 
 
 class DeviceLimitReached(Exception):
@@ -100,6 +104,16 @@ class Devices:
         """Broker administration uses ``MQTT_ADMIN_*`` from the settings."""
         self._settings = settings
 
+    @property
+    def settings(self) -> InstanceSettings:
+        """The instance's settings."""
+        return self._settings
+
+    def broker_admin(self) -> DynSec:
+        """A connection to the broker as its admin (``async with``); ``BrokerUnavailable``
+        when none is configured."""
+        return self._dynsec()
+
     def _dynsec(self) -> DynSec:
         s = self._settings
         if not s.mqtt_admin_username or not s.mqtt_admin_password:
@@ -114,7 +128,7 @@ class Devices:
         password = secrets.token_urlsafe(24)
         async with conn.transaction():
             # Serialise registrations so two at once cannot both take the last slot.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('devices', 0))")
+            await conn.execute(DEVICES_LOCK)
             if await count_active_devices(conn) >= max_devices:
                 raise DeviceLimitReached(
                     f"the license allows {max_devices} devices and all are registered"
@@ -140,23 +154,42 @@ class Devices:
 
     async def converge(self, conn: asyncpg.Connection) -> int:
         """Bring every registered device's broker client and role to today's shape (bound to
-        its device id; publishing only, receiving nothing), keeping its password; idempotent.
+        its device id, or a fleet device's to its uuid; publishing only its own topics), keeping
+        its password, and the fleet role to exactly the fleet devices' rights; idempotent.
         Returns how many devices it went over."""
-        rows = await conn.fetch(
-            "SELECT device_id, mqtt_username FROM devices WHERE deleted_at IS NULL"
-        )
-        customer = self._settings.instance_customer_id
-        try:
-            async with self._dynsec() as dynsec:
-                for row in rows:
-                    username, device_id = row["mqtt_username"], row["device_id"]
-                    topics = list(device_topics(customer, device_id).values())
-                    await dynsec.ensure_role(username, device_acls(topics))
-                    if not await dynsec.bind_client(username, device_id, [username]):
-                        log.warning("device %s has no broker client", device_id)
-        except (DynSecError, OSError) as exc:
-            raise BrokerUnavailable(f"the broker did not take the devices' shape: {exc}") from None
+        async with conn.transaction():
+            # No registration or removal meanwhile: the fleet role is written from this list.
+            await conn.execute(DEVICES_LOCK)
+            rows = await conn.fetch(
+                "SELECT device_id, mqtt_username, uuid FROM devices WHERE deleted_at IS NULL"
+            )
+            try:
+                async with self._dynsec() as dynsec:
+                    for row in rows:
+                        await self._converge_device(dynsec, row)
+                    if self._settings.mqtt_username:
+                        uuids = [r["uuid"] for r in rows if r["uuid"]]
+                        await dynsec.ensure_role(
+                            fleet.fleet_role(self._settings.mqtt_username),
+                            fleet.fleet_role_acls(uuids),
+                        )
+            except (DynSecError, OSError) as exc:
+                raise BrokerUnavailable(
+                    f"the broker did not take the devices' shape: {exc}"
+                ) from None
         return len(rows)
+
+    async def _converge_device(self, dynsec: DynSec, row: asyncpg.Record) -> None:
+        username, device_id, uuid = row["mqtt_username"], row["device_id"], row["uuid"]
+        if uuid:
+            await dynsec.ensure_role(username, fleet.device_acls(uuid))
+            bound = uuid
+        else:
+            topics = list(device_topics(self._settings.instance_customer_id, device_id).values())
+            await dynsec.ensure_role(username, device_acls(topics))
+            bound = device_id
+        if not await dynsec.bind_client(username, bound, [username]):
+            log.warning("device %s has no broker client", device_id)
 
     async def converge_at_start(self, pool: Callable[[], asyncpg.Pool | None]) -> None:
         """``converge`` once the database answers, retried with backoff until it succeeds
@@ -180,25 +213,39 @@ class Devices:
         log.info("broker clients of %d devices converged", count)
 
     async def remove(self, conn: asyncpg.Connection, device_id: str) -> bool:
-        """Revoke the device's credentials (disconnecting it) and mark it deleted."""
-        row = await conn.fetchrow(
-            "SELECT mqtt_username FROM devices WHERE device_id = $1 AND deleted_at IS NULL",
-            device_id,
-        )
-        if row is None:
-            return False
-        try:
-            async with self._dynsec() as dynsec:
-                await dynsec.delete_client(row["mqtt_username"])
-                await dynsec.delete_role(row["mqtt_username"])
-        except (DynSecError, OSError) as exc:
-            raise BrokerUnavailable(f"the broker did not revoke the device: {exc}") from None
-        await conn.execute(
-            "UPDATE devices SET deleted_at = $2, status = 'deleted' WHERE device_id = $1",
-            device_id,
-            datetime.now(UTC),
-        )
+        """Revoke the device's credentials (disconnecting it) and mark it deleted; a fleet
+        device's rights are also taken from the fleet role, so its uuid, once free on the
+        broker, gives this instance nothing of whoever registers it next."""
+        async with conn.transaction():
+            await conn.execute(DEVICES_LOCK)
+            row = await conn.fetchrow(
+                "SELECT mqtt_username, uuid FROM devices "
+                "WHERE device_id = $1 AND deleted_at IS NULL",
+                device_id,
+            )
+            if row is None:
+                return False
+            try:
+                async with self._dynsec() as dynsec:
+                    await self._revoke(dynsec, row["mqtt_username"], row["uuid"])
+            except (DynSecError, OSError) as exc:
+                raise BrokerUnavailable(f"the broker did not revoke the device: {exc}") from None
+            await conn.execute(
+                "UPDATE devices SET deleted_at = $2, status = 'deleted' WHERE device_id = $1",
+                device_id,
+                datetime.now(UTC),
+            )
         return True
+
+    async def _revoke(self, dynsec: DynSec, username: str, uuid: str | None) -> None:
+        await dynsec.delete_client(username)
+        await dynsec.delete_role(username)
+        if uuid and self._settings.mqtt_username:
+            # The retained desired configuration on iot/device/<uuid>/config is cleared by the
+            # config publisher (it alone may publish there); the admin client may not.
+            await dynsec.remove_role_acls(
+                fleet.fleet_role(self._settings.mqtt_username), fleet.reader_acls(uuid)
+            )
 
 
 def device_view(
@@ -217,8 +264,20 @@ def device_view(
         "online": online,
         "firmware": row["firmware"],
         "firmware_reported_at": row["firmware_reported_at"],
+        "uuid": row["uuid"],
+        "device_type": row["device_type"],
+        "provisioning": provisioning_state(row),
+        "provisioning_key_id": row["provisioning_key_id"],
         "latest": latest,
     }
+
+
+def provisioning_state(row: asyncpg.Record) -> str:
+    """``manual`` (registered by hand), ``pending`` (registered itself, key exchange not done)
+    or ``provisioned``."""
+    if row["uuid"] is None:
+        return "manual"
+    return "provisioned" if row["key_exchanged_at"] is not None else "pending"
 
 
 async def rename_device(conn: asyncpg.Connection, device_id: str, name: str) -> bool:

@@ -1,5 +1,6 @@
 """The instance's housekeeping: its usage as Prometheus gauges every half minute, and, every
-hour, the readings' day partitions past the license's retention dropped whole."""
+hour, the readings' day partitions past the license's retention dropped whole (and the fleet
+registrations' audit rows past it, with ended windows of failed attempts)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from services.instance.devices import count_active_devices
 from services.instance.ingest import Ingest
 from services.instance.license import LicenseHolder
 from services.instance.readings import drop_expired_partitions
+from services.instance.registration_audit import forget_old_attempts
 from services.instance.state import ApiRequestsToday
 from services.instance.usage import database_size, usage_day
 
@@ -62,6 +64,7 @@ async def _stored_usage(
     dropped = await drop_expired_partitions(conn, keep)
     if dropped:
         log.info("retention: dropped %s", ", ".join(dropped))
+    await forget_old_attempts(conn, claims.features.dataRetentionDays)
     return True
 
 
@@ -73,13 +76,15 @@ async def housekeeping(
     api_requests: ApiRequestsToday,
 ) -> None:
     """Every half minute: usage gauges; every hour: drop partitions past retention."""
-    last_retention = 0.0
+    # None until the retention first ran: the loop's clock counts from the machine's boot,
+    # so "an hour since 0" is not yet true on a machine up for less than an hour.
+    last_retention: float | None = None
     loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(30 if last_retention else 2)
+        await asyncio.sleep(30 if last_retention is not None else 2)
         try:
             async with pool().acquire() as conn:
-                due = loop.time() - last_retention > RETENTION_EVERY
+                due = last_retention is None or loop.time() - last_retention > RETENTION_EVERY
                 if await _stored_usage(conn, gauges, holder, due):
                     last_retention = loop.time()
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:

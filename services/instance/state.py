@@ -23,6 +23,7 @@ from services.instance.devices import Devices
 from services.instance.ingest import Ingest
 from services.instance.license import LicenseHolder
 from services.instance.live import LiveReadings
+from services.instance.registration import FleetRegistrations
 from services.instance.settings import InstanceSettings
 
 STATE_KEY = "instance"
@@ -64,6 +65,8 @@ class InstanceState:
     database: Database
     sessions: CustomerSessions
     devices: Devices
+    # Devices registering themselves with a provisioning key (fleet provisioning).
+    fleet: FleetRegistrations
     ingest: Ingest
     live: LiveReadings
     webhook_targets: WebhookTargets

@@ -6,11 +6,11 @@ sees the same count (ARCHITECTURE.md: every shared resource has a limit a caller
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from dataclasses import dataclass
 
 import asyncpg
 
+from libs.http.app import address_subject
 from libs.http.errors import TooManyRequests
 from services.signup.settings import SignupSettings
 
@@ -18,20 +18,6 @@ from services.signup.settings import SignupSettings
 def email_key(email: str) -> str:
     """The subject key of an email: first writer on it owns the email (no PII in subjects)."""
     return hashlib.sha256(email.encode()).hexdigest()[:40]
-
-
-def address_subject(address: str) -> str:
-    """What a client address is counted under: an IPv4 address, or the /64 an IPv6 address is
-    in (one subscriber holds a /64 or more, so single IPv6 addresses would count nothing)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return f"addr:{address[:64]}"
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return f"addr:{ip.ipv4_mapped}"
-        return f"addr:{ipaddress.IPv6Network((ip, 64), strict=False)}"
-    return f"addr:{ip}"
 
 
 @dataclass(frozen=True)

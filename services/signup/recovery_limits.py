@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncpg
 
+from libs.http.app import address_subject
 from libs.http.errors import TooManyRequests
-from services.signup.limits import address_subject, email_key
+from services.signup.limits import email_key
 
 
 async def count_in_window(
