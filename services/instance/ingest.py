@@ -1,10 +1,13 @@
-"""MQTT ingest: the instance's subscriber (QoS 1) on its devices' readings and status.
+"""MQTT ingest: the instance's subscriber (QoS 1) on its devices' readings and status, and on
+its fleet devices' readings batches, heartbeats and configuration reports in the original
+agent's wire format (``iot/device/<uuid>/...``; see ``intake`` and ``original_format``).
 
 Each message is checked (known device, size, msgspec against the sensor's ranges, the license's
 daily message quota, read-only mode) and either buffered as a row or recorded as a dead letter
-with its reason. The buffer is written in one transaction per batch (at ``INGEST_BATCH_ROWS``
-messages or every ``INGEST_FLUSH_SECONDS``; see ``ingest_batch``). A reading over the quota is
-dropped and counted, never half-stored.
+with its reason (a batch in the original format: each of its readings; the batch is one
+message, acknowledged once). The buffer is written in one transaction per batch (at
+``INGEST_BATCH_ROWS`` messages or every ``INGEST_FLUSH_SECONDS``; see ``ingest_batch``). A
+reading over the quota is dropped and counted, never half-stored.
 
 Messages are acknowledged to the broker (PUBACK) only after their batch has committed, so a
 crash or a database outage loses nothing: the broker delivers what was not acknowledged again
@@ -13,7 +16,8 @@ and its time, one already stored is skipped, and the rollups, the usage counts a
 quota count only the readings actually added. So the rows buffered when a connection is lost
 are kept (the broker may not deliver them again, if it lost the session) and their copies,
 delivered again on the next connection, are stored once. While the database is away the broker
-holds back everything past the receive maximum, which bounds what this process buffers.
+holds back everything past the receive maximum, which bounds what this process buffers (in
+messages: a batch in the original format holds up to 1000 readings).
 """
 
 from __future__ import annotations
@@ -23,56 +27,33 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
-from prometheus_client import CollectorRegistry
-from prometheus_client import Counter as PromCounter
 
 from libs.db.postgres import CONNECTION_ERRORS
 from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
 from libs.mqtt.subscriber import MqttSubscriber, MqttSubscriberError, SubscriberOptions
 from services.instance import fleet
-from services.instance.dead_letters import DEAD_LETTER_PAYLOAD
+from services.instance.config_reports import fleet_devices
 from services.instance.devices import active_device_ids
 from services.instance.fleet import fleet_role, fleet_role_acls
 from services.instance.ingest_batch import Batch, write_batch
+from services.instance.ingest_metrics import IngestMetrics
+from services.instance.intake import Intake
 from services.instance.license import LicenseHolder
-from services.instance.readings import Rejected, parse_reading, record
 from services.instance.settings import InstanceSettings, ingest_client_id
-from services.instance.status import take_status
 from services.instance.usage import usage_day
 
 log = logging.getLogger(__name__)
 
-
-class IngestMetrics:
-    """Readings received, stored and rejected (by reason) since the instance started."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        """Registers the counters."""
-        self.messages = PromCounter(
-            "iotistic_instance_mqtt_messages_total", "MQTT messages received", registry=registry
-        )
-        self.stored = PromCounter(
-            "iotistic_instance_readings_stored_total", "Readings stored", registry=registry
-        )
-        self.repeated = PromCounter(
-            "iotistic_instance_readings_repeated_total",
-            "Readings received again (redelivered or published twice) and not stored again",
-            registry=registry,
-        )
-        self.rejected = PromCounter(
-            "iotistic_instance_readings_rejected_total",
-            "Readings not stored, by reason",
-            ["reason"],
-            registry=registry,
-        )
+__all__ = ["Ingest", "IngestMetrics"]
 
 
-class Ingest:
-    """Subscribes to the devices' topics and writes what they publish."""
+class Ingest(Intake):
+    """Subscribes to the devices' topics and writes what they publish (``Intake`` takes each
+    message into the batch)."""
 
     def __init__(
         self,
@@ -85,24 +66,15 @@ class Ingest:
         """``pool`` may be None until the database answers; messages wait in the buffer (and,
         unacknowledged, in the broker). ``on_stored`` sees the rows of each batch once they
         are stored (the dashboard's live charts)."""
-        self._settings = settings
+        super().__init__(settings, license, metrics)
         self._pool = pool
-        self._license = license
-        self._metrics = metrics
         self._on_stored = on_stored
-        self._batch = Batch()
-        self._known_devices: set[str] = set()
         self._devices_loaded_at = -1.0
         self._partitions: set[date] = set()
-        self._full = asyncio.Event()
-        # Set whenever something is buffered: an idle writer sleeps until then.
-        self._arrived = asyncio.Event()
         self._subscriber: MqttSubscriber | None = None
         self._closing = False
         # Messages buffered (rows, dead letters, unknown devices') before QoS 0 ones are dropped.
         self._buffer_cap = 4 * settings.ingest_batch_rows
-        self.today: date = datetime.now(UTC).date()
-        self.accepted_today = 0
         self._started_at = time.monotonic()
 
     def disconnected_for(self) -> float:
@@ -113,11 +85,6 @@ class Ingest:
             return 0.0
         lost = subscriber.lost_at if subscriber is not None else None
         return time.monotonic() - (lost if lost is not None else self._started_at)
-
-    @property
-    def root(self) -> str:
-        """``<customer_id>/devices``."""
-        return f"{self._settings.instance_customer_id}/devices"
 
     async def ensure_own_client(self) -> None:
         """Where the instance administers its broker (its own, in Kubernetes), make sure its
@@ -149,6 +116,7 @@ class Ingest:
         cancelled, stop taking messages, write and acknowledge what was taken, then leave."""
         writer = asyncio.create_task(self._write_forever())
         connection: asyncio.Task[None] | None = None
+        at_once = -1.0
         try:
             while True:
                 connection = asyncio.create_task(self._connection())
@@ -156,7 +124,13 @@ class Ingest:
                     await asyncio.shield(connection)
                 except (MqttSubscriberError, DynSecError) as exc:
                     log.warning("broker connection lost (%s); reconnecting", exc)
-                    await asyncio.sleep(1)
+                    if not self._just_lost() or time.monotonic() - at_once < 1:
+                        await asyncio.sleep(1)
+                    else:
+                        # The broker's administration ends a working connection whenever the
+                        # fleet role changes (each registration): the devices' QoS 0 messages
+                        # are lost until it is back, so it is, at once (once a second at most).
+                        at_once = time.monotonic()
         except asyncio.CancelledError:
             self._closing = True
             writer.cancel()
@@ -171,6 +145,12 @@ class Ingest:
                 connection.cancel()
                 with contextlib.suppress(asyncio.CancelledError, MqttSubscriberError):
                     await connection
+
+    def _just_lost(self) -> bool:
+        """Whether a subscribed connection ended just now (not a connection attempt that
+        failed)."""
+        lost = self._subscriber.lost_at if self._subscriber is not None else None
+        return lost is not None and time.monotonic() - lost < 1
 
     async def _connection(self) -> None:
         s = self._settings
@@ -221,82 +201,6 @@ class Ingest:
             batch.connection = connection
         self._take_safely(topic, payload, datetime.now(UTC), packet_id)
 
-    def _take_safely(
-        self, topic: str, payload: bytes, now: datetime, packet_id: int, looked_up: bool = False
-    ) -> None:
-        """``_take``, except that a message this code cannot handle becomes a dead letter (and
-        is acknowledged with its batch) instead of stopping ingest."""
-        acks = len(self._batch.acks)
-        try:
-            self._take(topic, payload, now, packet_id, looked_up)
-        except Exception as exc:
-            log.exception("ingest: could not take a message on %s", topic[:200])
-            self._reject(topic, None, f"internal error: {type(exc).__name__}", payload, now)
-            if packet_id and len(self._batch.acks) == acks:
-                self._batch.acks.append(packet_id)
-
-    def _take(
-        self, topic: str, payload: bytes, now: datetime, packet_id: int, looked_up: bool = False
-    ) -> None:
-        batch = self._batch
-        parts = topic.split("/")
-        known = len(parts) == 4 and parts[2] in self._known_devices
-        if len(parts) == 4 and not known and not looked_up:
-            batch.unknown.append((topic, payload, now, packet_id))  # see _settle_unknown
-            return None
-        if packet_id:
-            batch.acks.append(packet_id)
-            if len(batch.acks) >= self._settings.ingest_batch_rows:
-                self._full.set()
-        batch.usage["messages"] += 1
-        if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != self.root:
-            return self._reject(topic, None, "unknown topic", payload, now)
-        device_id, kind = parts[2], parts[3]
-        if not known:
-            return self._reject(topic, device_id, "unknown device", payload, now)
-        if kind == "status":
-            reason = take_status(batch, device_id, payload, now)
-            return self._reject(topic, device_id, reason, payload, now) if reason else None
-        if self._license.read_only(now):
-            return self._reject(
-                topic, device_id, "read-only: the license has expired", payload, now
-            )
-        try:
-            ts, reading = parse_reading(payload, now, now - timedelta(days=self._retention()))
-        except Rejected as exc:
-            return self._reject(topic, device_id, str(exc), payload, now)
-        self._roll_day(now)
-        if self.accepted_today >= self._quota():
-            batch.usage["over_quota_readings"] += 1
-            return None
-        self.accepted_today += 1
-        batch.rows.append(record(device_id, ts, reading))
-        if len(batch.rows) >= self._settings.ingest_batch_rows:
-            self._full.set()
-        batch.seen[device_id] = (now, "online")
-        return None
-
-    def _reject(
-        self, topic: str, device_id: str | None, reason: str, payload: bytes, now: datetime
-    ) -> None:
-        self._batch.dead.append(
-            (now, topic[:512], device_id, reason[:500], payload[:DEAD_LETTER_PAYLOAD])
-        )
-        self._batch.usage["rejected_readings"] += 1
-        self._metrics.rejected.labels(reason.split(":")[0]).inc()
-
-    def _retention(self) -> int:
-        claims = self._license.claims
-        return claims.features.dataRetentionDays if claims is not None else 1
-
-    def _quota(self) -> int:
-        claims = self._license.claims
-        return claims.limits.mqttMessagesPerDay if claims is not None else 0
-
-    def _roll_day(self, now: datetime) -> None:
-        if now.date() != self.today:
-            self.today, self.accepted_today = now.date(), 0
-
     async def _settle_unknown(self, pool: asyncpg.Pool) -> None:
         """Messages from devices not in the cache: reload the devices (at most once a second,
         so a stranger's flood cannot hammer the database), then take each message again or
@@ -309,7 +213,7 @@ class Ingest:
             self._devices_loaded_at = loop.time()
             try:
                 async with pool.acquire() as conn:
-                    self._known_devices = await active_device_ids(conn)
+                    await self._load_devices(conn)
             except BaseException:
                 if connection == self._batch.connection:
                     self._batch.unknown[:0] = unknown
@@ -320,24 +224,15 @@ class Ingest:
         waiting = []
         for message in unknown:
             topic, payload, now, packet_id = message
-            if reloaded or topic.split("/")[2] in self._known_devices:
+            if reloaded or self._is_known(topic):
                 self._take_safely(topic, payload, now, packet_id, looked_up=True)
             else:
                 waiting.append(message)
         self._batch.unknown[:0] = waiting
 
-    def count_api_request(self) -> None:
-        """One more API request today, written with the next batch."""
-        self._batch.usage["api_requests"] += 1
-        self._arrived.set()
-
-    def know_device(self, device_id: str) -> None:
-        """A device registered just now may publish at once."""
-        self._known_devices.add(device_id)
-
-    def forget_device(self, device_id: str) -> None:
-        """A deleted device's messages are refused from now on."""
-        self._known_devices.discard(device_id)
+    async def _load_devices(self, conn: asyncpg.Connection) -> None:
+        self._known_devices = await active_device_ids(conn)
+        self._fleet = await fleet_devices(conn)
 
     async def load_usage(self) -> None:
         """Start the day's quota from what was stored today before a restart, and learn the
@@ -347,7 +242,8 @@ class Ingest:
             return
         async with pool.acquire() as conn:
             today = await usage_day(conn, self.today)
-            self._known_devices = await active_device_ids(conn)
+            await self._load_devices(conn)
+            await self._offsets.load(conn, asyncio.get_running_loop().time())
         self.accepted_today = today["mqtt_messages"] if today else 0
         self._devices_loaded_at = asyncio.get_running_loop().time()
 
@@ -373,12 +269,22 @@ class Ingest:
                 log.exception("could not write readings; keeping them for the next try")
                 await asyncio.sleep(1)
 
+    async def _load_offsets(self, pool: asyncpg.Pool) -> None:
+        """The fleet devices' temperature offsets from the database, then the reports taken
+        but not yet written over them."""
+        async with pool.acquire() as conn:
+            await self._offsets.load(conn, asyncio.get_running_loop().time())
+        for device_id, (_, report) in self._batch.reports.items():
+            self._offsets.reported(device_id, report.temperature_offset)
+
     async def flush(self) -> int:
         """Write the buffer in one transaction and acknowledge its messages to the broker; on
         failure it stays for the next try."""
         pool = self._pool()
         if pool is None:
             return 0
+        if self._fleet and self._offsets.due(asyncio.get_running_loop().time()):
+            await self._load_offsets(pool)
         if self._batch.unknown:
             await self._settle_unknown(pool)
         batch = self._batch

@@ -1,7 +1,8 @@
 """What ingest buffers between two writes, and how one batch is written: in one transaction,
 the new readings with their rollups, the dead letters, the day's usage counters, the devices'
-last-seen times and the firmware they reported. A reading already stored (delivered again) is
-skipped and counted nowhere, so every count is of readings actually added."""
+last-seen times, the firmware they reported and the fleet devices' configuration reports. A
+reading already stored (delivered again) is skipped and counted nowhere, so every count is of
+readings actually added."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from services.instance.config_reports import Report, store_reports
 from services.instance.dead_letters import record_dead_letters
 from services.instance.readings import readings_added, store_readings
 
@@ -25,6 +27,8 @@ class Batch:
     seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     # The firmware each device last reported in a JSON status, and when.
     firmware: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+    # The configuration each fleet device last reported applying, and when.
+    reports: dict[str, tuple[datetime, Report]] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
     # Messages from devices not known yet: looked up again before the batch is written.
     unknown: list[tuple[str, bytes, datetime, int]] = field(default_factory=list)
@@ -35,7 +39,13 @@ class Batch:
     def has_writes(self) -> bool:
         """Whether writing the batch would store or acknowledge anything."""
         return bool(
-            self.rows or self.dead or self.seen or self.firmware or +self.usage or self.acks
+            self.rows
+            or self.dead
+            or self.seen
+            or self.firmware
+            or self.reports
+            or +self.usage
+            or self.acks
         )
 
     def absorb(self, later: Batch) -> None:
@@ -45,6 +55,7 @@ class Batch:
         self.dead.extend(later.dead)
         self.seen.update(later.seen)
         self.firmware.update(later.firmware)
+        self.reports.update(later.reports)
         self.usage.update(later.usage)
         self.unknown.extend(later.unknown)
         if later.connection == self.connection:
@@ -81,6 +92,8 @@ async def write_batch(
             firmware,
             reported,
         )
+    if batch.reports:
+        await store_reports(conn, batch.reports)
     return stored, added
 
 

@@ -26,7 +26,7 @@ class LiveReadings:
             reading = {
                 "device_id": row[0],
                 "ts": row[1].isoformat(),
-                **dict(zip(METRICS, row[2:], strict=True)),
+                **dict(zip(METRICS, row[2 : 2 + len(METRICS)], strict=True)),
             }
             for queue in self._queues:
                 with contextlib.suppress(asyncio.QueueFull):

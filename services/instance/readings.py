@@ -5,6 +5,9 @@ present) before it is stored; anything else goes to the dead-letter table with t
 Readings live in a table partitioned by UTC day (partitions are made as days arrive and
 dropped whole when they pass the license's retention) with hourly rollups per metric, so a
 30-day query reads about 720 rows per metric and device instead of millions.
+
+Longer than 400 lines because it is the one place that knows the readings' columns: how a
+reading is checked, stored, rolled up and read back must change together.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ METRICS = (
     "breath_voc_equivalent",
 )
 COLUMNS = ("device_id", "ts", *METRICS)
+# The columns of a row as ingest writes it: the reading's, then the temperature offset the
+# platform added (null when none; see ``record``).
+ROW_COLUMNS = (*COLUMNS, "temperature_offset")
 # Stored as float4 (real); the rest are whole numbers.
 REAL_METRICS = frozenset(METRICS) - {"iaq_accuracy"}
 BucketName = Literal["1m", "5m", "1h", "1d"]  # the keys of BUCKETS
@@ -78,38 +84,47 @@ def parse_reading(payload: bytes, now: datetime, oldest: datetime) -> tuple[date
         raise Rejected(f"invalid: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Rejected(f"malformed: {exc}") from None
-    ts = _time(reading.ts)
+    return reading_time(reading.ts, now, oldest), reading
+
+
+def reading_time(value: str | int, now: datetime, oldest: datetime, field: str = "ts") -> datetime:
+    """The time a reading states in ``field`` (RFC 3339 with an offset, or epoch
+    milliseconds), within the retention and not in the future; else ``Rejected``."""
+    ts = _time(value, field)
     if ts > now + FUTURE_SLACK:
-        raise Rejected("invalid: ts is in the future")
+        raise Rejected(f"invalid: {field} is in the future")
     if ts < oldest:
-        raise Rejected("invalid: ts is older than the data retention")
-    return ts, reading
+        raise Rejected(f"invalid: {field} is older than the data retention")
+    return ts
 
 
-def _time(value: str | int) -> datetime:
+def _time(value: str | int, field: str) -> datetime:
     if isinstance(value, int):
         try:
             return datetime.fromtimestamp(value / 1000, UTC)
         except (OverflowError, OSError, ValueError):
-            raise Rejected("invalid: ts is not a time in epoch milliseconds") from None
+            raise Rejected(f"invalid: {field} is not a time in epoch milliseconds") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise Rejected("invalid: ts is not RFC 3339") from None
+        raise Rejected(f"invalid: {field} is not RFC 3339") from None
     if parsed.tzinfo is None:
-        raise Rejected("invalid: ts has no UTC offset")
+        raise Rejected(f"invalid: {field} has no UTC offset")
     try:
         return parsed.astimezone(UTC)
     except OverflowError:  # a date at the very edge of the calendar, with an offset
-        raise Rejected("invalid: ts is out of range") from None
+        raise Rejected(f"invalid: {field} is out of range") from None
 
 
-def record(device_id: str, ts: datetime, r: Reading) -> tuple[Any, ...]:
-    """The row of ``readings`` for this reading, in ``COLUMNS`` order."""
+def record(
+    device_id: str, ts: datetime, r: Reading, temperature_offset: float | None = None
+) -> tuple[Any, ...]:
+    """The row of ``readings`` for this reading, in ``ROW_COLUMNS`` order: its temperature
+    plus ``temperature_offset`` (what the platform applies for the device), and that offset."""
     return (
         device_id,
         ts,
-        r.temperature,
+        r.temperature + temperature_offset if temperature_offset else r.temperature,
         r.humidity,
         r.pressure,
         r.gas_resistance,
@@ -117,6 +132,7 @@ def record(device_id: str, ts: datetime, r: Reading) -> tuple[Any, ...]:
         r.iaq_accuracy,
         r.co2_equivalent,
         r.breath_voc_equivalent,
+        temperature_offset or None,
     )
 
 
@@ -193,7 +209,7 @@ async def store_readings(
         "CREATE TEMPORARY TABLE IF NOT EXISTS readings_in "
         "(LIKE readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
-    await conn.copy_records_to_table("readings_in", records=rows, columns=COLUMNS)
+    await conn.copy_records_to_table("readings_in", records=rows, columns=ROW_COLUMNS)
     return int(await conn.fetchval(STORE_SQL))
 
 
@@ -369,14 +385,16 @@ async def export_csv(
     pool: asyncpg.Pool, device_id: str, start: datetime, end: datetime, limit: int = CSV_ROWS
 ) -> AsyncIterator[str]:
     """Every stored reading of a device from ``start`` to ``end`` (at most ``limit``) as CSV,
-    its header first, in chunks of about ``CSV_CHUNK`` characters."""
+    its header first, in chunks of about ``CSV_CHUNK`` characters. The last column is the
+    temperature offset the platform added to the reading (empty when none)."""
+    columns = (*METRICS, "temperature_offset")
     chunk = io.StringIO()
     writer = csv.writer(chunk)
-    writer.writerow(["ts", *METRICS])
+    writer.writerow(["ts", *columns])
     async with pool.acquire() as conn, conn.transaction():
         cursor = conn.cursor(
             # Postgres prints each float4 as it was sent (40.2, not 40.20000076293945).
-            "SELECT ts, " + ", ".join(f"{m}::text AS {m}" for m in METRICS) + " FROM readings "
+            "SELECT ts, " + ", ".join(f"{m}::text AS {m}" for m in columns) + " FROM readings "
             "WHERE device_id = $1 "
             "AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
             device_id,
@@ -385,7 +403,7 @@ async def export_csv(
             limit,
         )
         async for row in cursor:
-            writer.writerow([row["ts"].isoformat(), *(row[m] for m in METRICS)])
+            writer.writerow([row["ts"].isoformat(), *(row[m] for m in columns)])
             if chunk.tell() > CSV_CHUNK:
                 yield chunk.getvalue()
                 chunk.seek(0)

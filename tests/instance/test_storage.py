@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from libs.db.postgres import create_pool, load_migrations, migrate
 from libs.mqtt.dynsec import DynSec, device_acls, subtree_acls
 from libs.servers.mosquitto import EmbeddedMosquitto
+from services.instance.fleet import fleet_role, fleet_role_acls
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder
 from services.instance.readings import (
@@ -51,7 +52,7 @@ async def database(postgres_server_url: str) -> AsyncIterator[tuple[str, asyncpg
 
 
 def row(device: str, ts: datetime, temperature: float = 20.0) -> tuple[Any, ...]:
-    return (device, ts, temperature, 40.0, 1010.0, 1.0e5, 50.0, 3, 600.0, 0.8)
+    return (device, ts, temperature, 40.0, 1010.0, 1.0e5, 50.0, 3, 600.0, 0.8, None)
 
 
 async def test_retention_drops_whole_old_partitions_and_their_rollups(database) -> None:
@@ -273,7 +274,12 @@ async def test_readings_delivered_again_after_a_reconnect_are_stored_once(
     device = f"device-{uuid.uuid4().hex[:8]}"
     async with DynSec(*admin) as dynsec:
         await dynsec.ensure_role(username, subtree_acls(customer_id))
-        await dynsec.ensure_client(username, password, [username], clientid=client_id)
+        # As the instance makes its ingest client: it subscribes to the fleet's topics too.
+        fleet = fleet_role(username)
+        await dynsec.create_role(fleet, fleet_role_acls([]))
+        await dynsec.ensure_client(
+            username, password, [username, fleet], clientid=client_id, priorities={fleet: 1}
+        )
         await dynsec.ensure_role(device, device_acls([topic]))
         await dynsec.ensure_client(device, "device-password", [device])
     running = asyncio.create_task(ingest.run())
@@ -333,7 +339,9 @@ async def test_a_database_with_readings_stored_twice_upgrades_to_one_of_each(
         await conn.execute("SET search_path TO instance")
         async with conn.transaction():
             await ensure_partitions(conn, {hour.date()}, set())
-            await conn.copy_records_to_table("readings", records=twice, columns=COLUMNS)
+            await conn.copy_records_to_table(
+                "readings", records=[r[: len(COLUMNS)] for r in twice], columns=COLUMNS
+            )
             await conn.execute(ROLLUP_SQL.format(source="readings"))  # as the old ingest did
         assert await conn.fetchval("SELECT sum(n) FROM readings_hourly") == 7 * 8
         await migrate(conn, "instance", migrations)
