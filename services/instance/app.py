@@ -29,6 +29,7 @@ from services.instance.alerts.targets import WebhookTargets
 from services.instance.api.alerts import AlertsController
 from services.instance.api.dashboard import DashboardController
 from services.instance.api.dead_letters import DeadLettersController
+from services.instance.api.device_config import DeviceConfigController
 from services.instance.api.devices import DevicesController
 from services.instance.api.license import LicenseController
 from services.instance.api.monitoring import MonitoringController
@@ -38,6 +39,7 @@ from services.instance.api.provisioning import (
 )
 from services.instance.api.readings import ReadingsController
 from services.instance.auth import CustomerSessions
+from services.instance.config_publisher import ConfigPublisher
 from services.instance.database import Database
 from services.instance.devices import Devices, broker_address, broker_urls
 from services.instance.housekeeping import UsageGauges, housekeeping
@@ -84,6 +86,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         devices=devices,
         fleet=FleetRegistrations(devices),
         ingest=ingest,
+        config_publisher=ConfigPublisher(settings, database.pool_if_connected),
         live=live,
         webhook_targets=targets,
         brokers=brokers,
@@ -99,6 +102,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             DashboardController,
             LicenseController,
             DevicesController,
+            DeviceConfigController,
             ReadingsController,
             DeadLettersController,
             AlertsController,
@@ -134,6 +138,7 @@ def _tasks(
         "devices": lambda: then_idle(
             instance.devices.converge_at_start(database.pool_if_connected)
         ),
+        "device configs": instance.config_publisher.run,
     }
 
 

@@ -18,6 +18,7 @@ from libs.http.app import Readiness
 from libs.http.errors import Forbidden, TooManyRequests
 from services.instance.alerts.targets import WebhookTargets
 from services.instance.auth import CustomerSessions
+from services.instance.config_publisher import ConfigPublisher
 from services.instance.database import Database
 from services.instance.devices import Devices
 from services.instance.ingest import Ingest
@@ -68,6 +69,8 @@ class InstanceState:
     # Devices registering themselves with a provisioning key (fleet provisioning).
     fleet: FleetRegistrations
     ingest: Ingest
+    # Delivers fleet devices' desired configurations (retained on their config topics).
+    config_publisher: ConfigPublisher
     live: LiveReadings
     webhook_targets: WebhookTargets
     # Where devices connect (``broker_urls``), and the first one's host and port.
