@@ -158,6 +158,8 @@ async def test_a_fleet_is_provisioned_and_configured_in_the_page(client) -> None
             await page.wait_for_selector("#keys tr:has-text('Building A') >> text=revoked")
             refused = await asyncio.to_thread(run_shell, curl)
             assert refused.returncode != 0 and "revoked" in refused.stdout, refused.stdout
+            assert "key-exchange" not in refused.stderr + refused.stdout  # stopped at the refusal
+            assert len(refused.stdout.splitlines()) == 1, refused.stdout
             await until_text(page, "devices", "#registrations", "refused")
             assert uuid in await page.inner_text("#devices")
             await check_page(page, "instance-provisioning-revoked")

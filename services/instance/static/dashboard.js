@@ -397,11 +397,11 @@ DEVICE_API_KEY=$(openssl rand -hex 32)
 curl -sS --fail-with-body -X POST '${origin}/api/v1/device/register' \\
   -H 'Authorization: Bearer ${key}' \\
   -H 'Content-Type: application/json' \\
-  -d '{"uuid": "'"$UUID"'", "deviceName": "sensor-1", "deviceType": "bme688", "deviceApiKey": "'"$DEVICE_API_KEY"'"}'
-echo
+  -d '{"uuid": "'"$UUID"'", "deviceName": "sensor-1", "deviceType": "bme688", "deviceApiKey": "'"$DEVICE_API_KEY"'"}' &&
+echo &&
 # The key exchange: the device proves it holds its API key, and its registration is complete.
 curl -sS --fail-with-body -X POST "${origin}/api/v1/device/$UUID/key-exchange" \\
-  -H "Authorization: Bearer $DEVICE_API_KEY"
+  -H "Authorization: Bearer $DEVICE_API_KEY" &&
 echo
 `;
 }
