@@ -11,6 +11,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -83,6 +84,8 @@ def simulate(data_dir: Path, customer_id: str, base_url: str, *extra: str) -> li
 
 async def run(command: list[str]) -> None:
     env = {"PATH": "/usr/bin:/bin", "IOTISTIC_PASSWORD": PASSWORD}
+    if "PYTHONPATH" in os.environ:  # the code under test, where it is not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     done = await asyncio.to_thread(
         subprocess.run, command, capture_output=True, text=True, timeout=90, env=env
     )
