@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import subprocess
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,10 +53,11 @@ def device_client(mqtt: dict[str, Any]) -> aiomqtt.Client:
     )
 
 
-async def create_key(page: Page, name: str, max_uses: str) -> str:
+async def create_key(page: Page, name: str, max_uses: str, expires: str) -> str:
     """Create a key in the page; the key it shows once."""
     await page.fill("#key-name", name)
     await page.fill("#key-max-uses", max_uses)
+    await page.fill("#key-expires", expires)
     await page.click("#key-form button[type=submit]")
     await page.wait_for_selector("#key-shown", state="visible")
     key = await page.inner_text("#key-value")
@@ -74,10 +76,13 @@ async def test_a_fleet_is_provisioned_and_configured_in_the_page(client) -> None
             page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
             await sign_in(page, base, "hana@example.com")
 
-            key = await create_key(page, "Building A", "5")
+            next_year = datetime.now(UTC).year + 1
+            key = await create_key(page, "Building A", "5", f"{next_year}-06-30T18:00")
             curl = await page.inner_text("#key-curl")
             assert f"Bearer {key}" in curl and f"{base}/api/v1/device/register" in curl
             await page.wait_for_selector("#keys tr:has-text('Building A') >> text=0 of 5")
+            (made,) = (await hana.api.get("/api/provisioning-keys")).json()["keys"]
+            assert made["expires_at"].startswith(f"{next_year}-06-") and made["state"] == "active"
             await check_page(page, "instance-provisioning-key")
             listed = (await hana.api.get("/api/provisioning-keys")).json()
             assert key not in json.dumps(listed)  # shown once, never listed
@@ -103,15 +108,23 @@ async def test_a_fleet_is_provisioned_and_configured_in_the_page(client) -> None
             await page.click(f"{row} button:has-text('Configuration')")
             await page.wait_for_selector("#config-panes", state="visible")
             assert await page.evaluate("document.activeElement.id") == "device-config"
+            assert "No configuration set yet" in await page.inner_text("#config-desired-at")
+            # A custom key the API refuses: the reason shows, nothing is set.
+            await page.click("#config-add-key")
+            await page.fill("#custom-key-1", "bad key!")
+            await page.fill("#custom-value-1", "1")
+            await page.click("#config-save")
+            await page.wait_for_selector("#config-error >> text=custom.bad key!")
+            await page.click("#config-custom button:has-text('Remove')")
             await page.fill("#config-interval", "30")
             await page.fill("#config-offset", "-1.5")
             await page.fill("#config-heater", "HP-354")
-            await page.click("#config-add-key")
-            await page.fill("#custom-key-1", "led")
-            await page.fill("#custom-value-1", "false")
-            await page.click("#config-add-key")
-            await page.fill("#custom-key-2", "room")
-            await page.fill("#custom-value-2", "Lobby")
+            for key, value in (("led", "false"), ("room", "Lobby")):
+                await page.click("#config-add-key")
+                focused = await page.evaluate("document.activeElement.className")
+                assert focused == "custom-key"  # the new row's key, ready to type
+                await page.keyboard.type(key)
+                await page.fill("#config-custom .kv:last-child .custom-value", value)
             await page.click("#config-save")
             await page.wait_for_selector("#config-sync >> text=waiting for the device")
             await check_page(page, "instance-device-config")

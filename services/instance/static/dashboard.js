@@ -365,7 +365,7 @@ $("add-device").addEventListener("submit", async (event) => {
 const KEY_STATES = {active: "on", expired: "off", "used up": "off", revoked: "firing"};
 function keyName(id) {
   const key = state.keys.find((k) => k.key_id === id);
-  return key ? key.name : id;
+  return key ? key.name : "";
 }
 function keyRow(k) {
   const uses = k.max_uses == null ? `${k.uses} (no limit)` : `${k.uses} of ${k.max_uses}`;
@@ -380,7 +380,8 @@ function keyRow(k) {
 function auditRow(a) {
   return el("tr", {}, el("td", {}, when(a.at)), el("td", {}, a.action),
     el("td", {}, el("span", {class: a.outcome === "accepted" ? "on" : "firing"}, a.outcome)), el("td", {}, a.reason || "–"),
-    el("td", {}, el("code", {}, a.address)), el("td", {}, a.key_id ? keyName(a.key_id) : "–"),
+    el("td", {}, el("code", {}, a.address)),
+    el("td", {}, ...(a.key_id ? [keyName(a.key_id), el("br"), el("small", {class: "muted"}, a.key_id)] : ["–"])),
     el("td", {}, a.uuid ? el("code", {}, a.uuid) : "–"));
 }
 async function loadProvisioning() {
@@ -441,8 +442,9 @@ function customValue(text) {  // true, false, null and numbers as such; "…" fo
   return text;
 }
 function customText(v) { return typeof v === "string" && customValue(v) === v ? v : JSON.stringify(v); }
+let customRows = 0;  // ids stay unique as rows come and go
 function customRow(key = "", value = "") {
-  const n = $("config-custom").children.length + 1;
+  const n = ++customRows;
   const keyInput = el("input", {id: `custom-key-${n}`, maxlength: "64", value: key, class: "custom-key"});
   const valueInput = el("input", {id: `custom-value-${n}`, maxlength: "256", value, class: "custom-value"});
   const row = el("div", {class: "kv", role: "group", "aria-label": `Custom key ${n}`},
@@ -456,7 +458,7 @@ function fillDesired(c) {
   const d = c.desired || {};
   $("config-interval").value = d.reporting_interval ?? ""; $("config-offset").value = d.temperature_offset ?? "";
   $("config-heater").value = d.heater_profile ?? "";
-  $("config-custom").replaceChildren();
+  $("config-custom").replaceChildren(); customRows = 0;
   for (const [k, v] of Object.entries(d.custom || {})) customRow(k, customText(v));
 }
 function configFacts(values) {
