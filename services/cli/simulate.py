@@ -50,7 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``iotistic simulate``: register devices and publish readings until told to stop."""
     from services.instance.simulate import devices_for, publish, session
-    from services.instance.simulate_original import fleet_devices, publish_original
+    from services.instance.simulate_original import (
+        CredentialsRefused,
+        fleet_devices,
+        publish_original,
+    )
 
     rate = float(str(args.rate).removesuffix("/s"))
     if rate <= 0 or args.devices < 1:
@@ -79,6 +83,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
         return await publish(devices, rate, args.duration)
 
-    sent = asyncio.run(go())
+    try:
+        sent = asyncio.run(go())
+    except CredentialsRefused as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 1
     console.print(f"sent {sent} readings")
     return 0

@@ -22,6 +22,7 @@ finishes the registration the next time (a repeat registration of a pending uuid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import ssl
@@ -34,7 +35,10 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 import httpx
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
 
+from libs.runtime.supervision import retrying
 from services.instance.simulate import SensorModel, remember, remembered
 
 FORMAT = "original"
@@ -45,6 +49,13 @@ BATCH = 3  # readings a batch, as the agent buffers a few between publishes
 HEARTBEAT_SECONDS = 30.0
 KEY_LIFETIME = timedelta(hours=1)
 PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+# CONNACK codes of credentials refused: bad user name or password, not authorised (MQTT 3.1.1
+# and MQTT 5, as paho reports them).
+REFUSED = {4, 5, 134, 135}
+
+
+class CredentialsRefused(Exception):
+    """The broker refuses a simulated device's credentials (the device was deleted)."""
 
 
 def original_message(reading: dict[str, Any]) -> dict[str, Any]:
@@ -191,80 +202,125 @@ async def fleet_devices(
 
 
 # --- publishing ----------------------------------------------------------------------------------
-def _client(mqtt: dict[str, Any], host: str | None) -> aiomqtt.Client:
-    """A broker connection with the device's credentials, at its first broker URL."""
-    url = urlsplit(mqtt["broker"])
-    tls = url.scheme in ("mqtts", "wss")
+def _client(mqtt: dict[str, Any], broker: str | None) -> aiomqtt.Client:
+    """A broker connection with the device's credentials, at ``broker`` (default: the first
+    broker URL it was answered)."""
+    url = urlsplit(broker or mqtt["broker"])
+    websockets = url.scheme in ("ws", "wss")
     return aiomqtt.Client(
-        host or url.hostname or "127.0.0.1",
+        url.hostname or "127.0.0.1",
         url.port or PORTS.get(url.scheme, 1883),
         username=mqtt["username"],
         password=mqtt["password"],
         identifier=mqtt["clientId"],
-        transport="websockets" if url.scheme in ("ws", "wss") else "tcp",
-        websocket_path=url.path or "/mqtt" if url.scheme in ("ws", "wss") else None,
-        tls_context=ssl.create_default_context() if tls else None,
+        transport="websockets" if websockets else "tcp",
+        websocket_path=(url.path or "/mqtt") if websockets else None,
+        tls_context=ssl.create_default_context() if url.scheme in ("mqtts", "wss") else None,
     )
 
 
-async def _listen(client: aiomqtt.Client, uuid_: str, config: AppliedConfig) -> None:
-    """Apply each desired configuration that arrives and report it."""
-    async for message in client.messages:
-        report = config.apply(message.payload if isinstance(message.payload, bytes) else b"")
-        if report is not None:
-            await client.publish(f"iot/device/{uuid_}/config/reported", report, qos=1)
+def _refused(exc: MqttConnectError) -> bool:
+    """Whether the broker refused the credentials (not: was unavailable)."""
+    code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
+    return code in REFUSED
 
 
-async def run_device(
-    device: dict[str, Any], seed: int, interval: float, deadline: float | None, host: str | None
-) -> int:
-    """One device until ``deadline`` (the loop's time; None: until cancelled): batches,
-    heartbeats and its configuration; how many readings it sent."""
-    model, config = SensorModel(seed), AppliedConfig(interval)
-    root, sent, buffered = f"iot/device/{device['uuid']}", 0, []
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    last_beat = started - HEARTBEAT_SECONDS
-    async with _client(device["mqtt"], host) as client, asyncio.TaskGroup() as tasks:
-        await client.subscribe(f"{root}/config", qos=1)
-        listener = tasks.create_task(_listen(client, device["uuid"], config))
-        while deadline is None or loop.time() < deadline:
+@dataclass
+class SimulatedAgent:
+    """One device running the original agent: it publishes until ``deadline`` (the event
+    loop's time; None: until cancelled) and, like the agent, reconnects when the broker goes
+    away, keeping the readings it could not send yet."""
+
+    device: dict[str, Any]
+    model: SensorModel
+    config: AppliedConfig
+    deadline: float | None
+    sent: int = 0
+    connections: int = 0
+    buffered: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def root(self) -> str:
+        return f"iot/device/{self.device['uuid']}"
+
+    def _over(self) -> bool:
+        return self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
+
+    async def run(self, broker: str | None = None) -> int:
+        """Publish until the deadline, across reconnections; how many readings were sent.
+        ``CredentialsRefused`` when the broker no longer takes the device's credentials."""
+        async for attempt in retrying((aiomqtt.MqttError,), wait_max=10.0):
+            if attempt.num > 1 and self._over():
+                break  # the broker stayed away to the end
+            with attempt:
+                try:
+                    await self._connected(broker)
+                except MqttConnectError as exc:
+                    if _refused(exc):
+                        raise CredentialsRefused(
+                            f"the broker refuses the credentials of {self.device['uuid']} "
+                            f"({exc}): was it deleted? The next run registers another"
+                        ) from exc
+                    raise
+        return self.sent
+
+    async def _connected(self, broker: str | None) -> None:
+        async with _client(self.device["mqtt"], broker) as client:
+            self.connections += 1
+            await client.subscribe(f"{self.root}/config", qos=1)
+            listener = asyncio.create_task(self._listen(client))
+            try:
+                await self._publish(client, listener)
+            finally:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await listener
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        """Apply each desired configuration that arrives, and report it."""
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            report = self.config.apply(payload)
+            if report is not None:
+                await client.publish(f"{self.root}/config/reported", report, qos=1)
+
+    async def _publish(self, client: aiomqtt.Client, listener: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        last_beat = loop.time() - HEARTBEAT_SECONDS  # one heartbeat on every connection
+        while not self._over():
+            if listener.done():
+                listener.result()  # the connection it lost ends this one too
             now = datetime.now(UTC)
             if loop.time() - last_beat >= HEARTBEAT_SECONDS:
                 last_beat = loop.time()
-                beat = {
-                    "status": "online",
-                    "timestamp": now.isoformat(),
-                    "uptime": round(last_beat - started),
-                }
-                await client.publish(f"{root}/sensor/{HEARTBEAT}", json.dumps(beat), qos=0)
-            buffered.append(original_message(model.next(now)))
-            if len(buffered) >= BATCH:
-                await client.publish(f"{root}/sensor/{SENSOR}", batch(buffered, now), qos=1)
-                sent, buffered = sent + len(buffered), []
-            pause = (
-                config.interval
-                if deadline is None
-                else min(config.interval, deadline - loop.time())
-            )
+                beat = json.dumps({"status": "online", "timestamp": now.isoformat()})
+                await client.publish(f"{self.root}/sensor/{HEARTBEAT}", beat, qos=0)
+            self.buffered.append(original_message(self.model.next(now)))
+            if len(self.buffered) >= BATCH:
+                await self._send(client)
+            pause = self.config.interval
+            if self.deadline is not None:
+                pause = min(pause, self.deadline - loop.time())
             await asyncio.sleep(max(0.0, pause))
-        if buffered:
-            body = batch(buffered, datetime.now(UTC))
-            await client.publish(f"{root}/sensor/{SENSOR}", body, qos=1)
-            sent += len(buffered)
-        listener.cancel()
-    return sent
+        if self.buffered:
+            await self._send(client)
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        body = batch(self.buffered, datetime.now(UTC))
+        await client.publish(f"{self.root}/sensor/{SENSOR}", body, qos=1)
+        self.sent, self.buffered = self.sent + len(self.buffered), []
 
 
 async def publish_original(
-    devices: list[dict[str, Any]], rate: float, duration: float | None, host: str | None = None
+    devices: list[dict[str, Any]], rate: float, duration: float | None, broker: str | None = None
 ) -> int:
     """Run every device, ``rate`` readings a second in all (until a configuration sets a
     device's own pace); how many readings were sent."""
     loop = asyncio.get_running_loop()
     deadline = None if duration is None else loop.time() + duration
     interval = len(devices) / rate
-    sent = await asyncio.gather(
-        *(run_device(d, i, interval, deadline, host) for i, d in enumerate(devices))
-    )
-    return sum(sent)
+    agents = [
+        SimulatedAgent(d, SensorModel(i), AppliedConfig(interval), deadline)
+        for i, d in enumerate(devices)
+    ]
+    return sum(await asyncio.gather(*(agent.run(broker) for agent in agents)))

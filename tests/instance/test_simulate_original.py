@@ -18,10 +18,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from tcp_relay import TcpRelay
 from test_instance import PASSWORD, client, customer  # noqa: F401 - client is a fixture
 
 from services.instance.simulate import SensorModel
-from services.instance.simulate_original import AppliedConfig, batch, original_message
+from services.instance.simulate_original import (
+    AppliedConfig,
+    SimulatedAgent,
+    batch,
+    fleet_devices,
+    original_message,
+)
 from support import eventually
 
 
@@ -167,3 +174,41 @@ async def test_simulate_original_provisions_devices_that_publish_batches(
         assert len(keys) == 2 and keys["installers"]["uses"] == 1
     finally:
         await olga.api.aclose()
+
+
+@pytest.mark.slow
+async def test_a_simulated_agent_reconnects_and_sends_what_it_kept(
+    client,  # noqa: F811
+    broker,
+    tmp_path,
+) -> None:
+    pia = await customer(client, "pia@example.com")
+    token = pia.auth["Authorization"].removeprefix("Bearer ")
+    try:
+        (device,) = await fleet_devices(str(pia.api.base_url), token, 1, tmp_path / "kept.json")
+        agent = SimulatedAgent(device, SensorModel(5), AppliedConfig(0.2), deadline=None)
+        loop = asyncio.get_running_loop()
+
+        async def stored() -> int:
+            listed = (await pia.api.get("/api/devices")).json()["devices"]
+            now = datetime.now(UTC)
+            exported = await pia.api.get(
+                f"/api/devices/{listed[0]['device_id']}/readings.csv",
+                params={"from": (now - timedelta(minutes=5)).isoformat(), "to": now.isoformat()},
+            )
+            return len(exported.text.splitlines()) - 1
+
+        async with TcpRelay(f"mqtt://{broker.host}:{broker.port}") as relay:
+            running = asyncio.create_task(agent.run(f"mqtt://127.0.0.1:{relay.port}"))
+            await eventually(stored, lambda n: n >= 3, what="readings before the outage")
+            relay.go_down()
+            relay.come_back()
+            await eventually(
+                lambda: asyncio.sleep(0, agent.connections), lambda n: n >= 2, what="a reconnection"
+            )
+            agent.deadline = loop.time() + 1.0
+            sent = await asyncio.wait_for(running, 30)
+        # Every reading it counted as sent is stored once: none lost in the outage, none twice.
+        await eventually(stored, lambda n: n == sent, what=f"all {sent} readings stored")
+    finally:
+        await pia.api.aclose()
