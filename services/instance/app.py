@@ -33,10 +33,7 @@ from services.instance.api.device_config import DeviceConfigController
 from services.instance.api.devices import DevicesController
 from services.instance.api.license import LicenseController
 from services.instance.api.monitoring import MonitoringController
-from services.instance.api.provisioning import (
-    DeviceRegistrationController,
-    ProvisioningKeysController,
-)
+from services.instance.api.provisioning import PROVISIONING_ROUTES
 from services.instance.api.readings import ReadingsController
 from services.instance.auth import CustomerSessions
 from services.instance.config_publisher import ConfigPublisher
@@ -76,15 +73,14 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         registry=registry,
     )
     supervisor = Supervisor("instance", restart_counter(registry))
-    devices = Devices(settings)
     instance = InstanceState(
         settings=settings,
         registry=registry,
         license=holder,
         database=database,
         sessions=CustomerSessions(settings.control_plane_url, settings.instance_customer_id),
-        devices=devices,
-        fleet=FleetRegistrations(devices),
+        devices=Devices(settings),
+        fleet=FleetRegistrations(Devices(settings)),
         ingest=ingest,
         config_publisher=ConfigPublisher(settings, database.pool_if_connected),
         live=live,
@@ -106,8 +102,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             ReadingsController,
             DeadLettersController,
             AlertsController,
-            ProvisioningKeysController,
-            DeviceRegistrationController,
+            *PROVISIONING_ROUTES,
         ],
         readiness=instance.readiness,
         registry=registry,

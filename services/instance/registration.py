@@ -22,21 +22,16 @@ caller's address (``registration_audit``).
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
 import secrets
 import uuid as uuids
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
-from argon2 import PasswordHasher, Type
-from argon2.exceptions import InvalidHashError, VerificationError
 
 from libs.http.errors import (
     Conflict,
@@ -49,6 +44,7 @@ from libs.http.errors import (
 from libs.http.validation import FieldErrors, json_object
 from libs.mqtt.dynsec import DynSec, DynSecError
 from services.instance import fleet
+from services.instance.device_api_keys import ApiKeys
 from services.instance.devices import (
     DEVICES_LOCK,
     BrokerUnavailable,
@@ -74,38 +70,6 @@ NOT_EXCHANGED = "unknown device or wrong deviceApiKey"
 # the shared broker (the newer connection with a client id wins).
 RESERVED_CLIENT_IDS = re.compile(r"^(?:[0-9a-f]{16}|instance-.*|iotistic-.*)$")
 ELSEWHERE = "this uuid is registered elsewhere"
-
-
-class ApiKeys:
-    """argon2id hashes of devices' API keys, made off the event loop in a pool no wider than
-    the cores (a modest cost: the key is the device's own random secret)."""
-
-    def __init__(self) -> None:
-        self._hasher = PasswordHasher(memory_cost=19456, time_cost=2, parallelism=1, type=Type.ID)
-        self._pool = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="device-api-key"
-        )
-        # Checked for an unknown uuid, so that answer takes as long as a wrong key.
-        self._decoy = self._hasher.hash("decoy device api key, never valid")
-
-    async def hash(self, api_key: str) -> str:
-        """The argon2id hash of ``api_key``."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._hasher.hash, api_key)
-
-    async def verify(self, api_key_hash: str | None, api_key: str) -> bool:
-        """Whether ``api_key`` matches; with no hash, spends the same time and says False."""
-        loop = asyncio.get_running_loop()
-        matches = await loop.run_in_executor(
-            self._pool, self._verify, api_key_hash or self._decoy, api_key
-        )
-        return matches and api_key_hash is not None
-
-    def _verify(self, api_key_hash: str, api_key: str) -> bool:
-        try:
-            return self._hasher.verify(api_key_hash, api_key)
-        except (VerificationError, InvalidHashError):
-            return False
 
 
 @dataclass(frozen=True)
@@ -303,18 +267,31 @@ class FleetRegistrations:
         if await count_active_devices(conn) >= max_devices:
             raise Forbidden(f"the license allows {max_devices} devices (maxDevices), all taken")
         device_id = uuids.uuid4().hex[:16]
+        username = fleet.broker_username(request.uuid)
+        # A deleted device of this uuid gives up the broker user name (unique in the table,
+        # deleted rows included), which stays readable on its row.
         await conn.execute(
-            "INSERT INTO devices (device_id, name, mqtt_username, created_at, uuid, device_type,"
-            " api_key_hash, provisioning_key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            device_id,
-            request.device_name,
-            fleet.broker_username(request.uuid),
-            now,
-            request.uuid,
-            request.device_type,
-            api_key_hash,
-            key_id,
+            "UPDATE devices SET mqtt_username = mqtt_username || ' (deleted ' || device_id || ')'"
+            " WHERE mqtt_username = $1 AND deleted_at IS NOT NULL",
+            username,
         )
+        try:
+            await conn.execute(
+                "INSERT INTO devices (device_id, name, mqtt_username, created_at, uuid,"
+                " device_type, api_key_hash, provisioning_key_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                device_id,
+                request.device_name,
+                username,
+                now,
+                request.uuid,
+                request.device_type,
+                api_key_hash,
+                key_id,
+            )
+        except asyncpg.UniqueViolationError:
+            # Not expected under the lock; a conflict all the same, never a 500.
+            raise Conflict("this uuid is being registered; try again") from None
         await conn.execute("UPDATE provisioning_keys SET uses = uses + 1 WHERE key_id = $1", key_id)
         return device_id
 

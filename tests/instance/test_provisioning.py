@@ -146,6 +146,10 @@ async def test_fifty_devices_register_at_once_and_the_fifty_first_is_refused(fio
         topics = {acl["topic"] for role in roles for acl in role.get("acls", [])}
     assert f"iot/device/{gone[0]['uuid']}/#" not in topics
     assert f"iot/device/{first['uuid']}/#" in topics
+    # A deleted device's uuid is free again.
+    back = await register_fleet_device(url(fiona), key["key"], gone[0]["uuid"])
+    assert back["id"] != gone[0]["id"]
+    assert await echoes(broker, back)
 
 
 async def test_a_key_is_shown_once_and_bad_keys_are_refused_with_the_field(fiona) -> None:

@@ -154,3 +154,7 @@ class DeviceRegistrationController(Controller):
             return await instance.fleet.exchange(conn, attempt, exchange_api_key(token, body))
 
         return await instance.fleet.attempt(instance.pool(), attempt, exchange)
+
+
+# The instance's app serves both (``app.create_instance_app``).
+PROVISIONING_ROUTES = [ProvisioningKeysController, DeviceRegistrationController]
