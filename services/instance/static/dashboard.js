@@ -421,6 +421,7 @@ async function revokeKey(k) {
   try { await api(`/api/provisioning-keys/${k.key_id}`, {method: "DELETE"}); notice(`${k.name} revoked: it registers no more devices.`); }
   catch (e) { notice(`Could not revoke: ${e.message}`); }
   await loadProvisioning();
+  $("keys").closest(".table-wrap").focus();  // the button pressed is gone: stay in the list
 }
 $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault(); $("key-error").textContent = ""; hideKey();
