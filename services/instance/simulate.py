@@ -86,29 +86,39 @@ async def session(control_plane: str, email: str, password: str) -> tuple[str, s
     return me["customer"]["customer_id"], token, url
 
 
-def _remembered(store: Path) -> list[dict[str, Any]]:
+def remembered(store: Path) -> list[dict[str, Any]]:
+    """The devices a run kept (both formats'; ``"format": "original"`` marks the fleet ones)."""
     return json.loads(store.read_text()) if store.exists() else []
+
+
+def remember(store: Path, devices: list[dict[str, Any]]) -> None:
+    """Keep ``devices`` for the next run, readable by the user only (they hold passwords);
+    written whole or not at all."""
+    store.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = store.with_name(store.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(devices, handle)
+    os.replace(partial, store)
 
 
 async def devices_for(
     instance_url: str, token: str, count: int, store: Path
 ) -> list[dict[str, Any]]:
     """``count`` devices with credentials: the ones remembered, plus new ones registered."""
-    known = _remembered(store)
+    entries = remembered(store)
+    others = [d for d in entries if d.get("format", "native") != "native"]
     async with httpx.AsyncClient(
         base_url=instance_url, headers={"Authorization": f"Bearer {token}"}, timeout=15
     ) as api:
         listed = {d["device_id"] for d in (await api.get("/api/devices")).json()["devices"]}
-        known = [d for d in known if d["device_id"] in listed]
+        known = [d for d in entries if d not in others and d["device_id"] in listed]
         while len(known) < count:
             answer = await api.post("/api/devices", json={"name": f"simulated {len(known) + 1}"})
             if answer.status_code != 201:
                 raise SystemExit(f"registering a device failed: {answer.status_code} {answer.text}")
             known.append(answer.json())
-    store.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(known, handle)
+    remember(store, others + known)
     return known[:count]
 
 

@@ -21,7 +21,7 @@ const IAQ_BANDS = [
 const RANGES = {"1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3};
 const BUCKET_TEXT = {"1m": "1 minute", "5m": "5 minutes", "1h": "1 hour", "1d": "1 day"};
 const state = {csrf: null, devices: [], selected: [], rules: [], editing: null, renaming: null, shown: null,
-  section: "devices", started: false};
+  section: "devices", started: false, keys: [], configuring: null, configPoll: null};
 
 // --- small helpers ------------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -113,7 +113,7 @@ $("login-form").addEventListener("submit", async (event) => {
 $("logout").addEventListener("click", async () => {
   await fetch("/dashboard/logout", {method: "POST"}); location.reload();
 });
-const LOADERS = {devices: () => loadDevices(), charts: () => loadCharts(), alerts: () => loadAlerts(),
+const LOADERS = {devices: () => Promise.all([loadDevices(), loadProvisioning(), refreshConfig()]), charts: () => loadCharts(), alerts: () => loadAlerts(),
   problems: () => loadProblems(), usage: () => loadUsage()};
 function showSection(name, load = true) {
   state.section = name;
@@ -136,11 +136,19 @@ function accuracy(latest) {
   const a = latest.iaq_accuracy;
   return ` (accuracy ${a}: ${a >= 3 ? "calibrated" : "calibrating"})`;
 }
+const PROVISIONING = {provisioned: "provisioned", pending: "pending: waiting for its key exchange", manual: "added by hand"};
+function fleetFacts(d) {  // a device that registered itself: its uuid, type and where its registration is
+  if (!d.uuid) return [];
+  return [el("br"), el("small", {}, "uuid ", el("code", {}, d.uuid)), el("br"),
+    el("small", {}, `type ${d.device_type || "–"} · `,
+      el("span", {class: d.provisioning === "provisioned" ? "on" : "pending"}, PROVISIONING[d.provisioning] || d.provisioning))];
+}
 function deviceRow(d) {
   const l = d.latest || {};
   const online = d.online && Date.now() - new Date(d.last_seen) < 120e3;  // as the API counts it
-  const name = el("td", {}, el("strong", {}, d.name), el("br"), el("small", {class: "muted"}, d.device_id));
+  const name = el("td", {}, el("strong", {}, d.name), el("br"), el("small", {class: "muted"}, d.device_id), ...fleetFacts(d));
   const actions = el("td", {class: "actions"},
+    el("button", {type: "button", class: "secondary", "aria-label": `Configuration of ${d.name}`, onclick: () => openConfig(d)}, "Configuration"),
     el("button", {type: "button", class: "secondary", onclick: () => renameForm(d, name)}, "Rename"),
     el("button", {type: "button", class: "danger", onclick: () => deleteDevice(d)}, "Delete"));
   return el("tr", {"data-device": d.device_id}, name,
@@ -169,7 +177,10 @@ function renameForm(d, cell) {
 }
 async function deleteDevice(d) {
   if (!confirm(`Delete ${d.name}? Its credentials stop working at once; its readings stay until retention.`)) return;
-  try { await api(`/api/devices/${d.device_id}`, {method: "DELETE"}); notice(`${d.name} deleted; its credentials no longer work.`); }
+  try {
+    await api(`/api/devices/${d.device_id}`, {method: "DELETE"}); notice(`${d.name} deleted; its credentials no longer work.`);
+    if (state.configuring && state.configuring.device_id === d.device_id) closeConfig();
+  }
   catch (e) { notice(`Could not delete: ${e.message}`); }
   await loadDevices();
 }
@@ -348,6 +359,184 @@ $("add-device").addEventListener("submit", async (event) => {
     const device = await api("/api/devices", {method: "POST", body: {name: $("device-name").value}});
     $("device-name").value = ""; showCredentials(device); notice(""); await loadDevices();
   } catch (e) { notice(`Could not add the device: ${e.message}`); }
+});
+
+// --- provisioning keys and the registration audit -------------------------------------------------
+const KEY_STATES = {active: "on", expired: "off", "used up": "off", revoked: "firing"};
+function keyName(id) {
+  const key = state.keys.find((k) => k.key_id === id);
+  return key ? key.name : "";
+}
+function keyRow(k) {
+  const uses = k.max_uses == null ? `${k.uses} (no limit)` : `${k.uses} of ${k.max_uses}`;
+  const actions = el("td", {class: "actions"}, k.state === "revoked" ? "–"
+    : el("button", {type: "button", class: "danger", "aria-label": `Revoke ${k.name}`, onclick: () => revokeKey(k)}, "Revoke"));
+  return el("tr", {"data-key": k.key_id},
+    el("td", {}, el("strong", {}, k.name), el("br"), el("small", {class: "muted"}, `${k.key_id} · created ${when(k.created_at)}`)),
+    el("td", {}, uses), el("td", {}, el("span", {class: KEY_STATES[k.state] || ""}, k.state),
+      k.revoked_at ? el("br") : null, k.revoked_at ? el("small", {}, when(k.revoked_at)) : null),
+    el("td", {}, fmt(k.devices)), el("td", {}, k.expires_at ? when(k.expires_at) : "never"), actions);
+}
+function auditRow(a) {
+  return el("tr", {}, el("td", {}, when(a.at)), el("td", {}, a.action),
+    el("td", {}, el("span", {class: a.outcome === "accepted" ? "on" : "firing"}, a.outcome)), el("td", {}, a.reason || "–"),
+    el("td", {}, el("code", {}, a.address)),
+    el("td", {}, ...(a.key_id ? [keyName(a.key_id), el("br"), el("small", {class: "muted"}, a.key_id)] : ["–"])),
+    el("td", {}, a.uuid ? el("code", {}, a.uuid) : "–"));
+}
+async function loadProvisioning() {
+  const [keys, audit] = await Promise.all([api("/api/provisioning-keys"), api("/api/provisioning-keys/audit?limit=100")]);
+  state.keys = keys.keys || [];
+  fill("#keys", state.keys.map(keyRow), "No provisioning keys yet: create one above.");
+  fill("#registrations", (audit.entries || []).map(auditRow), "No device has tried to register yet.");
+}
+function registerSnippet(key) {
+  const origin = location.origin;
+  return `# Each device: a uuid and a secret API key of its own (keep both on the device).
+UUID=$(uuidgen 2>/dev/null || cat /proc/sys/kernel/random/uuid)
+DEVICE_API_KEY=$(openssl rand -hex 32)
+curl -sS --fail-with-body -X POST '${origin}/api/v1/device/register' \\
+  -H 'Authorization: Bearer ${key}' \\
+  -H 'Content-Type: application/json' \\
+  -d '{"uuid": "'"$UUID"'", "deviceName": "sensor-1", "deviceType": "bme688", "deviceApiKey": "'"$DEVICE_API_KEY"'"}' &&
+echo &&
+# The key exchange: the device proves it holds its API key, and its registration is complete.
+curl -sS --fail-with-body -X POST "${origin}/api/v1/device/$UUID/key-exchange" \\
+  -H "Authorization: Bearer $DEVICE_API_KEY" &&
+echo
+`;
+}
+function showKey(made) {
+  $("key-shown-name").textContent = made.name;
+  $("key-value").textContent = made.key;
+  $("key-curl").textContent = registerSnippet(made.key);
+  $("key-shown").hidden = false; $("key-shown").focus();
+}
+function hideKey() {
+  $("key-shown").hidden = true; $("key-value").textContent = ""; $("key-curl").textContent = "";
+}
+async function revokeKey(k) {
+  const devices = k.devices ? ` The ${k.devices} device${k.devices === 1 ? "" : "s"} registered with it keep working.` : "";
+  if (!confirm(`Revoke the provisioning key ${k.name}? No device can register with it any more.${devices}`)) return;
+  try { await api(`/api/provisioning-keys/${k.key_id}`, {method: "DELETE"}); notice(`${k.name} revoked: it registers no more devices.`); }
+  catch (e) { notice(`Could not revoke: ${e.message}`); }
+  await loadProvisioning();
+  $("keys").closest(".table-wrap").focus();  // the button pressed is gone: stay in the list
+}
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault(); $("key-error").textContent = ""; hideKey();
+  const body = {name: $("key-name").value.trim()};
+  if ($("key-expires").value) body.expires_at = new Date($("key-expires").value).toISOString();
+  if ($("key-max-uses").value) body.max_uses = Number($("key-max-uses").value);
+  try {
+    const made = await api("/api/provisioning-keys", {method: "POST", body});
+    $("key-form").reset(); showKey(made); await loadProvisioning();
+  } catch (e) { $("key-error").textContent = e.message; }
+});
+$("key-shown-done").addEventListener("click", () => { hideKey(); $("key-name").focus(); });
+
+// --- a device's remote configuration ---------------------------------------------------------------
+const POLL_MS = 5000, POLL_TIMES = 24;  // after a change, look for the device's report for two minutes
+function customValue(text) {  // true, false, null and numbers as such; "…" for text that looks like one
+  const t = text.trim();
+  if (/^(true|false|null|-?\d+(\.\d+)?([eE][+-]?\d+)?|".*")$/.test(t)) { try { return JSON.parse(t); } catch (e) { /* text */ } }
+  return text;
+}
+function customText(v) { return typeof v === "string" && customValue(v) === v ? v : JSON.stringify(v); }
+let customRows = 0;  // ids stay unique as rows come and go
+function customRow(key = "", value = "") {
+  const n = ++customRows;
+  const keyInput = el("input", {id: `custom-key-${n}`, maxlength: "64", value: key, class: "custom-key"});
+  const valueInput = el("input", {id: `custom-value-${n}`, maxlength: "256", value, class: "custom-value"});
+  const row = el("div", {class: "kv", role: "group", "aria-label": `Custom key ${n}`},
+    el("label", {for: keyInput.id}, "Key"), keyInput, el("label", {for: valueInput.id}, "Value"), valueInput);
+  row.append(el("button", {type: "button", class: "secondary", "aria-label": `Remove custom key ${n}`,
+    onclick: () => { row.remove(); $("config-add-key").focus(); }}, "Remove"));
+  $("config-custom").append(row);
+  return keyInput;
+}
+function fillDesired(c) {
+  const d = c.desired || {};
+  $("config-interval").value = d.reporting_interval ?? ""; $("config-offset").value = d.temperature_offset ?? "";
+  $("config-heater").value = d.heater_profile ?? "";
+  $("config-custom").replaceChildren(); customRows = 0;
+  for (const [k, v] of Object.entries(d.custom || {})) customRow(k, customText(v));
+}
+function configFacts(values) {
+  return Object.entries(values).filter(([k]) => k !== "version").flatMap(([k, v]) =>
+    [el("dt", {}, k), el("dd", {}, el("code", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v)))]);
+}
+function renderReported(c) {
+  const delivery = c.published ? "on the broker for the device (retained)"
+    : `not on the broker yet: ${c.unpublished_reason || "it is published as soon as the broker answers"}`;
+  $("config-desired-at").textContent = c.version ? `Version ${c.version}, set ${when(c.desired_at)}; ${delivery}.` : "No configuration set yet.";
+  const badge = $("config-sync");
+  if (!c.version) { badge.textContent = "no configuration set"; badge.className = "badge"; }
+  else if (c.in_sync) { badge.textContent = "in sync"; badge.className = "badge sync"; }
+  else { badge.textContent = `waiting for the device to apply version ${c.version}`; badge.className = "badge waiting"; }
+  $("config-reported-at").textContent = c.reported_at
+    ? `Version ${c.reported_version}, last reported ${when(c.reported_at)} (${ago(c.reported_at)}).`
+    : "The device has not reported a configuration yet.";
+  $("config-reported").replaceChildren(...configFacts(c.reported || {}));
+}
+function stopPolling() { clearInterval(state.configPoll); state.configPoll = null; }
+function pollConfig() {  // until the device reports the version set, for a while
+  stopPolling();
+  let left = POLL_TIMES;
+  state.configPoll = setInterval(async () => {
+    if (document.hidden) return;
+    const c = await refreshConfig().catch(() => null);
+    if (--left <= 0 || !c || c.in_sync || !c.version) stopPolling();
+  }, POLL_MS);
+}
+async function refreshConfig() {
+  const d = state.configuring;
+  if (!d || !d.uuid) return null;
+  const c = await api(`/api/devices/${d.device_id}/config`);
+  if (state.configuring === d) renderReported(c);
+  return c;
+}
+async function openConfig(d) {
+  state.configuring = d; stopPolling();
+  $("config-name").textContent = d.name; $("config-error").textContent = "";
+  $("config-manual").hidden = !!d.uuid; $("config-panes").hidden = !d.uuid;
+  $("device-config").hidden = false; $("device-config").focus();
+  if (!d.uuid) return;
+  try {
+    const c = await api(`/api/devices/${d.device_id}/config`);
+    fillDesired(c); renderReported(c);
+    if (c.version && !c.in_sync) pollConfig();
+  } catch (e) { $("config-error").textContent = e.message; }
+}
+function closeConfig() { state.configuring = null; stopPolling(); $("device-config").hidden = true; }
+function desiredBody() {
+  const body = {}, custom = {};
+  if ($("config-interval").value !== "") body.reporting_interval = Number($("config-interval").value);
+  if ($("config-offset").value !== "") body.temperature_offset = Number($("config-offset").value);
+  if ($("config-heater").value.trim()) body.heater_profile = $("config-heater").value.trim();
+  for (const row of $("config-custom").children) {
+    const key = row.querySelector(".custom-key").value.trim(), value = row.querySelector(".custom-value").value;
+    if (key || value) custom[key] = customValue(value);  // a value without a key: the API names it
+  }
+  if (Object.keys(custom).length) body.custom = custom;
+  return body;
+}
+$("config-form").addEventListener("submit", async (event) => {
+  event.preventDefault(); $("config-error").textContent = "";
+  const d = state.configuring;
+  try {
+    const c = await api(`/api/devices/${d.device_id}/config`, {method: "PUT", body: desiredBody()});
+    fillDesired(c); renderReported(c); notice(`Configuration version ${c.version} of ${d.name} saved; it reaches the device when it is connected.`);
+    if (!c.in_sync) pollConfig();
+  } catch (e) { $("config-error").textContent = e.message; }
+});
+$("config-add-key").addEventListener("click", () => customRow().focus());
+$("config-refresh").addEventListener("click", () => refreshConfig().catch((e) => { $("config-error").textContent = e.message; }));
+$("config-close").addEventListener("click", () => {  // back to the device's row
+  const id = state.configuring && state.configuring.device_id;
+  closeConfig();
+  const back = id && document.querySelector(`#devices tr[data-device="${id}"] button`);
+  (back || $("device-name")).focus();
 });
 
 // --- charts ---------------------------------------------------------------------------------------
@@ -628,7 +817,7 @@ async function start() {
   $("iaq-legend").replaceChildren(...IAQ_BANDS.map(([low, high, name, colour]) =>
     el("li", {}, el("span", {style: `background:${colour}`}), high === 500 ? `over 350: ${name}` : `${low}–${high}: ${name}`)));
   showSection(location.hash.slice(1) in LOADERS ? location.hash.slice(1) : "devices", false);
-  await Promise.all([loadUsage(), loadCharts(), loadAlerts(), loadProblems()]);
+  await Promise.all([loadUsage(), loadCharts(), loadAlerts(), loadProblems(), loadProvisioning().catch((e) => notice(e.message))]);
   if (state.started) return;  // signed in again after the session ran out: all runs already
   state.started = true;
   live();
