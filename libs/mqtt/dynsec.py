@@ -25,6 +25,12 @@ CONTROL = "$CONTROL/dynamic-security/v1"
 RESPONSE = f"{CONTROL}/response"
 
 
+def owner_text(customer_id: str) -> str:
+    """The text name of the broker clients a customer's devices registered themselves (fleet
+    provisioning): whose they are, so that they go with the customer."""
+    return f"customer:{customer_id}"
+
+
 class DynSecError(Exception):
     """The broker refused a command, or did not answer in time."""
 
@@ -275,6 +281,15 @@ class DynSec:
         """Every client's user name."""
         response = await self.command("listClients", verbose=False)
         return [str(c) for c in response.get("data", {}).get("clients", [])]
+
+    async def clients_named(self, textname: str) -> list[str]:
+        """The user names of the clients whose text name is ``textname``."""
+        response = await self.command("listClients", verbose=True)
+        return [
+            str(c["username"])
+            for c in response.get("data", {}).get("clients", [])
+            if isinstance(c, dict) and c.get("textname") == textname and "username" in c
+        ]
 
     async def delete_client(self, username: str) -> None:
         """The client is gone (and disconnected); fine if it never existed."""

@@ -73,16 +73,18 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         registry=registry,
     )
     supervisor = Supervisor("instance", restart_counter(registry))
+    publisher = ConfigPublisher(settings, database.pool_if_connected)
+    devices = Devices(settings, clear_config=publisher.clear)
     instance = InstanceState(
         settings=settings,
         registry=registry,
         license=holder,
         database=database,
         sessions=CustomerSessions(settings.control_plane_url, settings.instance_customer_id),
-        devices=Devices(settings),
-        fleet=FleetRegistrations(Devices(settings)),
+        devices=devices,
+        fleet=FleetRegistrations(devices),
         ingest=ingest,
-        config_publisher=ConfigPublisher(settings, database.pool_if_connected),
+        config_publisher=publisher,
         live=live,
         webhook_targets=targets,
         brokers=brokers,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -100,9 +100,16 @@ class Registered:
 class Devices:
     """Registering, listing and removing the customer's devices."""
 
-    def __init__(self, settings: InstanceSettings) -> None:
-        """Broker administration uses ``MQTT_ADMIN_*`` from the settings."""
+    def __init__(
+        self,
+        settings: InstanceSettings,
+        clear_config: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        """Broker administration uses ``MQTT_ADMIN_*`` from the settings. ``clear_config``
+        empties a fleet device's retained desired configuration (the config publisher's
+        ``clear``, the only client that may publish it), before the device is removed."""
         self._settings = settings
+        self._clear_config = clear_config
 
     @property
     def settings(self) -> InstanceSettings:
@@ -234,6 +241,10 @@ class Devices:
             if row is None:
                 return False
             try:
+                if row["uuid"] and self._clear_config is not None:
+                    # While the uuid's rights are still ours: whoever registers it next must
+                    # not be handed this customer's configuration.
+                    await self._clear_config(row["uuid"])
                 async with self._dynsec() as dynsec:
                     await self._revoke(dynsec, row["mqtt_username"], row["uuid"])
             except (DynSecError, OSError) as exc:
@@ -250,8 +261,7 @@ class Devices:
             # The fleet role's rights go first: once the client is gone the uuid is free on a
             # shared broker, and another customer's device of that uuid must reach nothing of
             # ours even if what follows fails. (The retained desired configuration on
-            # iot/device/<uuid>/config is cleared by the config publisher, the only client
-            # that may publish there.)
+            # iot/device/<uuid>/config was cleared before, by ``clear_config``.)
             await dynsec.remove_role_acls(
                 fleet.fleet_role(self._settings.mqtt_username), fleet.reader_acls(uuid)
             )

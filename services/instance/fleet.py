@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import re
 
-from libs.mqtt.dynsec import Acl
+from libs.mqtt.dynsec import Acl, owner_text
+
+__all__ = ["owner_text"]
 
 ROOT = "iot/device"
 # Topic-safe and long enough not to be guessed by chance: a UUID (with or without dashes) or
@@ -63,11 +65,6 @@ def broker_username(uuid: str) -> str:
 def fleet_role(ingest_username: str) -> str:
     """The role of the instance's own clients for its fleet devices."""
     return f"{ingest_username}-fleet"
-
-
-def owner_text(customer_id: str) -> str:
-    """The broker client's text name, which says whose device it is."""
-    return f"customer:{customer_id}"
 
 
 def device_acls(uuid: str) -> list[Acl]:

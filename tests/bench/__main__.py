@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import backup, density, events, instance, provision, signup
+from tests.bench import backup, density, events, fleet, instance, provision, signup
 
 # Each takes the servers' URLs (Postgres, NATS), and its own options by keyword (OPTIONS).
 BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
@@ -27,6 +27,7 @@ BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
     "query": instance.run_query,
     "density": density.run,
     "backup": backup.run,
+    "fleet": fleet.run_fleet,
 }
 
 

@@ -24,11 +24,12 @@ import asyncpg
 import httpx
 import jwt
 import pytest
+from fleet_steps import register_fleet_device
 
 from contracts import SubscriptionActivated, decode_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.mqtt.dynsec import DynSec
+from libs.mqtt.dynsec import DynSec, owner_text
 from libs.runtime.platform import Platform
 from services.provisioner.backends.base import derive_password
 from services.provisioner.backends.local.backend import instance_name
@@ -149,6 +150,16 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
         async with aiomqtt.Client(broker.host, broker.port, username=name, password=mqtt_password):
             pass
 
+    # A device registers itself with a provisioning key: it gets a broker client of its own.
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=auth) as instance:
+        made = await instance.post("/api/provisioning-keys", json={"name": "fleet"})
+        assert made.status_code == 201, made.text
+    fleet_device = await register_fleet_device(url, made.json()["key"])
+    async with DynSec(
+        broker.host, broker.port, broker.admin_username, broker.admin_password
+    ) as dynsec:
+        assert await dynsec.get_client(fleet_device["mqtt"]["username"]) is not None
+
     status = await client.get(f"/api/customers/{customer_id}/deployment/status", headers=admin)
     assert status.status_code == 200
     assert status.json()["backend"]["release"] == "deployed"
@@ -172,6 +183,11 @@ async def test_signup_brings_up_an_instance_and_delete_removes_it(
         broker.host, broker.port, broker.admin_username, broker.admin_password
     ) as dynsec:
         assert await dynsec.get_client(name) is None
+        # Nothing of the customer is left on the shared broker: its config publisher, and the
+        # device that registered itself, whose uuid is free again for another account.
+        assert await dynsec.get_client(f"{name}-config") is None
+        assert await dynsec.get_client(fleet_device["mqtt"]["username"]) is None
+        assert await dynsec.clients_named(owner_text(customer_id)) == []
     me = await eventually(
         lambda: client.get("/api/customers/me", headers=auth),
         lambda r: r.json()["deployment"]["status"] == "removed",

@@ -124,13 +124,8 @@ class DeviceRegistrationController(Controller):
             return await instance.fleet.register(conn, attempt, key, body, max_devices)
 
         device = await instance.fleet.attempt(instance.pool(), attempt, register)
-        # Ingest takes the device's messages from now on. The ingest helper adds a map of
-        # uuids to device ids (know_fleet_device); until that is merged, the device id.
-        know = getattr(instance.ingest, "know_fleet_device", None)
-        if know is not None:
-            know(device.device_id, device.uuid)
-        else:
-            instance.ingest.know_device(device.device_id)
+        # Ingest takes the device's messages from now on.
+        instance.ingest.know_fleet_device(device.device_id, device.uuid)
         return registered_answer(device, instance)
 
     @post(

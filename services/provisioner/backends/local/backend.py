@@ -200,7 +200,7 @@ class LocalBackend:
         await progress(10, "instance")
         await self._stop_instance(customer_id)
         await progress(40, "broker")
-        await remove_broker(self._settings, name)
+        await remove_broker(self._settings, customer_id, name)
         await progress(70, "database")
         await database.drop_database(self._admin_url(), name)
         await progress(90, "files")

@@ -3,7 +3,7 @@ topics only, and a client of it bound to the instance's client id (dynamic secur
 
 from __future__ import annotations
 
-from libs.mqtt.dynsec import DynSec, DynSecError, subtree_acls
+from libs.mqtt.dynsec import DynSec, DynSecError, owner_text, subtree_acls
 from services.provisioner.backends.base import BackendError
 from services.provisioner.settings import ProvisionerSettings
 
@@ -41,14 +41,23 @@ async def ensure_broker(
     return "ready"
 
 
-async def remove_broker(settings: ProvisionerSettings, name: str) -> None:
-    """Delete the client and role ``name`` (nothing when the broker's admin is not set)."""
+async def remove_broker(settings: ProvisionerSettings, customer_id: str, name: str) -> None:
+    """Delete what the instance ``name`` has on the broker (nothing when the broker's admin is
+    not set): its client and role, its config publisher (``<name>-config``), its fleet role
+    (``<name>-fleet``), and the clients and roles of the devices that registered themselves
+    with the customer's provisioning keys (their text name says whose they are), which frees
+    their uuids for another account."""
     dynsec = _dynsec(settings)
     if dynsec is None:
         return
     try:
         async with dynsec:
+            for device in await dynsec.clients_named(owner_text(customer_id)):
+                await dynsec.delete_client(device)
+                await dynsec.delete_role(device)
+            await dynsec.delete_client(f"{name}-config")
             await dynsec.delete_client(name)
+            await dynsec.delete_role(f"{name}-fleet")
             await dynsec.delete_role(name)
     except (DynSecError, OSError) as exc:
         raise BackendError(f"removing broker credentials failed: {exc}") from None
