@@ -65,13 +65,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     # The periodic work (alerts, housekeeping, usage reports, readiness) takes the database in
     # turns, so an idle instance needs one connection however its timers fall together.
     turns = Turns(database.pool)
-    alerts = AlertEngine(
-        lambda: turns,
-        settings.instance_customer_id,
-        lambda: holder.allows_alerting(datetime.now(UTC)),
-        targets=targets,
-        registry=registry,
-    )
+    alerts = _alert_engine(settings, turns, holder, targets, registry)
     supervisor = Supervisor("instance", restart_counter(registry))
     publisher = ConfigPublisher(settings, database.pool_if_connected)
     devices = Devices(settings, clear_config=publisher.clear)
@@ -115,6 +109,22 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     )
     app.state[STATE_KEY] = instance
     return app
+
+
+def _alert_engine(
+    settings: InstanceSettings,
+    turns: Turns,
+    holder: LicenseHolder,
+    targets: WebhookTargets,
+    registry: CollectorRegistry,
+) -> AlertEngine:
+    return AlertEngine(
+        lambda: turns,
+        settings.instance_customer_id,
+        lambda: holder.allows_alerting(datetime.now(UTC)),
+        targets=targets,
+        registry=registry,
+    )
 
 
 def _tasks(

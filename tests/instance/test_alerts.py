@@ -59,7 +59,7 @@ async def database(postgres_server_url: str) -> str:
         async with conn.transaction():
             now = datetime.now(UTC)
             await store_readings(
-                conn, [("d1", now, 35.0, 40.0, 1000.0, 1e5, None, None, None, None)], set()
+                conn, [("d1", now, 35.0, 40.0, 1000.0, 1e5, None, None, None, None, None)], set()
             )
     finally:
         await conn.close()
@@ -145,6 +145,7 @@ async def test_a_rule_that_cannot_be_evaluated_or_delivered_stops_no_other(
         "usage reports",
         "alerts",
         "devices",
+        "device configs",
     }
     assert {t["state"] for t in tasks.values()} == {"running"}
     assert {t["restarts"] for t in tasks.values()} == {0}
