@@ -125,7 +125,8 @@ async def _original_ingest(
     expected = len(devices) * BATCHES_EACH * BATCH
     first_ms = int(time.time() * 1000) - 3_600_000
     chunks = [
-        _batch_lines(BATCHES_EACH, first_ms + index * 1_000_000) for index in range(len(devices))
+        _batch_lines(BATCHES_EACH, first_ms + index * BATCHES_EACH * BATCH)
+        for index in range(len(devices))
     ]
     publishers = [_publisher(broker, device) for device in devices]
     started = time.perf_counter()
