@@ -1,0 +1,83 @@
+"""Fleet devices on the shared broker against crashes and a uuid that changed hands: whatever
+one customer's instance still believes about a uuid, it never touches the broker client of
+another customer who holds that uuid now. Everything real: the control plane, the instances,
+Postgres, NATS and Mosquitto.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from fleet_steps import create_key, fleet_mqtt_client, provision_fleet_device, register_fleet_device
+from test_instance import (  # noqa: F401 - client is a fixture
+    Customer,
+    client,
+    customer,
+)
+
+from libs.mqtt.dynsec import DynSec
+from libs.servers.mosquitto import EmbeddedMosquitto
+from services.instance import fleet
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+async def alma(client) -> AsyncIterator[Customer]:  # noqa: F811
+    found = await customer(client, "alma@example.com")
+    yield found
+    await found.api.aclose()
+
+
+@pytest.fixture(scope="module")
+async def boris(client) -> AsyncIterator[Customer]:  # noqa: F811
+    found = await customer(client, "boris@example.com")
+    yield found
+    await found.api.aclose()
+
+
+def url(c: Customer) -> str:
+    return str(c.api.base_url)
+
+
+def admin(broker: EmbeddedMosquitto) -> DynSec:
+    return DynSec(broker.host, broker.port, broker.admin_username, broker.admin_password)
+
+
+async def fleet_roles_holding(dynsec: DynSec, uuid: str) -> list[str]:
+    roles = (await dynsec.command("listRoles", verbose=True))["data"]["roles"]
+    return [
+        r["rolename"]
+        for r in roles
+        if r["rolename"].endswith("-fleet")
+        and any(a["topic"] == f"{fleet.device_root(uuid)}/#" for a in r.get("acls", []))
+    ]
+
+
+async def test_deleting_a_device_whose_uuid_another_customer_took_leaves_theirs_alone(
+    alma, boris, broker
+) -> None:
+    almas = await provision_fleet_device(url(alma), (await create_key(alma))["key"])
+    uuid = almas["uuid"]
+    username = fleet.broker_username(uuid)
+    # Alma's earlier removal of the device got as far as the broker and no further (the
+    # instance was killed before its commit): the uuid is free on the broker, her row stays.
+    async with admin(broker) as dynsec:
+        for role in await fleet_roles_holding(dynsec, uuid):
+            await dynsec.remove_role_acls(role, fleet.reader_acls(uuid))
+        await dynsec.delete_client(username)
+        await dynsec.delete_role(username)
+    # Boris's device of that uuid registers: it is his now.
+    boriss = await register_fleet_device(url(boris), (await create_key(boris))["key"], uuid)
+
+    # Alma deletes her device again: her row goes, Boris's client stays as it is.
+    deleted = await alma.api.delete(f"/api/devices/{almas['id']}")
+    assert deleted.status_code == 204, deleted.text
+    assert almas["id"] not in (await alma.api.get("/api/devices")).text
+    async with admin(broker) as dynsec:
+        held = await dynsec.get_client(username)
+        assert held is not None and held["textname"] == f"customer:{boris.id}"
+        assert len(await fleet_roles_holding(dynsec, uuid)) == 1
+    async with fleet_mqtt_client(broker, boriss):
+        pass  # his credentials still connect
