@@ -85,6 +85,7 @@ class DynSec:
         self, host: str, port: int, username: str, password: str, timeout: float = 5.0
     ) -> None:
         """Connects on ``async with``; passwords are never logged."""
+        self._host, self._port = host, port
         self._client = aiomqtt.Client(
             host,
             port,
@@ -298,3 +299,36 @@ class DynSec:
     async def delete_role(self, name: str) -> None:
         """The role is gone; fine if it never existed."""
         await self._tolerating("not found", "deleteRole", rolename=name)
+
+    async def clear_retained(self, username: str, clientid: str, root: str) -> list[str]:
+        """Empty every retained message under ``<root>/#``, as the client ``username`` (bound
+        to ``clientid``, holding the role of the same name) that is about to be deleted: what a
+        device left retained under its own topics is not handed to whoever holds them next.
+        Its password is replaced first (whoever is connected with it is pushed off and stays
+        out) and its role may then publish all of ``root``. Answers the topics it emptied."""
+        password = secrets.token_urlsafe(24)
+        await self.command("setClientPassword", username=username, password=password)
+        await self.add_role_acls(username, [Acl("publishClientSend", f"{root}/#", priority=9)])
+        found: list[str] = []
+        try:
+            async with aiomqtt.Client(
+                self._host,
+                self._port,
+                username=username,
+                password=password,
+                identifier=clientid,
+                timeout=self._timeout,
+            ) as mqtt:
+                await mqtt.subscribe(f"{root}/#", qos=0)
+                # The broker sends a new subscription's retained messages before it answers
+                # the next packet: all of them have arrived once the unsubscribe is answered.
+                await mqtt.unsubscribe(f"{root}/#")
+                while len(mqtt.messages):
+                    message = await anext(aiter(mqtt.messages))
+                    if message.retain and str(message.topic) not in found:
+                        found.append(str(message.topic))
+                for topic in found:
+                    await mqtt.publish(topic, b"", qos=1, retain=True)
+        except aiomqtt.MqttError as exc:
+            raise DynSecError(f"cannot clear the retained messages under {root}: {exc}") from None
+        return found

@@ -277,6 +277,10 @@ class Devices:
             await dynsec.remove_role_acls(
                 fleet.fleet_role(self._settings.mqtt_username), fleet.reader_acls(uuid)
             )
+        if uuid and ours:
+            # Its retained messages (with our fleet role's rights gone, ingest takes none of
+            # the emptying): not for whoever holds the uuid next.
+            await dynsec.clear_retained(username, uuid, fleet.device_root(uuid))
         if ours:  # a fleet device's client and role, by name, are whoever holds the uuid
             await dynsec.delete_client(username)
             await dynsec.delete_role(username)

@@ -6,6 +6,7 @@ Postgres, NATS and Mosquitto.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -81,3 +82,42 @@ async def test_deleting_a_device_whose_uuid_another_customer_took_leaves_theirs_
         assert len(await fleet_roles_holding(dynsec, uuid)) == 1
     async with fleet_mqtt_client(broker, boriss):
         pass  # his credentials still connect
+
+
+async def retained_under(broker: EmbeddedMosquitto, device: dict, sentinel: str) -> list[str]:
+    """The topics ``device`` receives on subscribing to its own root, up to the sentinel it
+    then publishes (not retained): the retained messages the broker holds there."""
+    got: list[str] = []
+    async with fleet_mqtt_client(broker, device) as mqtt:
+        await mqtt.subscribe(f"{fleet.device_root(device['uuid'])}/#", qos=1)
+        await mqtt.publish(sentinel, b"{}", qos=1)
+        async with asyncio.timeout(10):
+            async for message in mqtt.messages:
+                if str(message.topic) == sentinel:
+                    return got
+                got.append(str(message.topic))
+    return got
+
+
+async def test_what_a_deleted_device_left_retained_is_not_handed_to_the_next_holder(
+    alma, boris, broker
+) -> None:
+    almas = await provision_fleet_device(url(alma), (await create_key(alma))["key"])
+    uuid = almas["uuid"]
+    # Alma's device leaves retained messages under its own topics (the broker lets it).
+    left = [
+        fleet.sensor_topic(uuid, "bme688"),
+        fleet.reported_topic(uuid),
+        f"{fleet.device_root(uuid)}/commands/run",
+    ]
+    async with fleet_mqtt_client(broker, almas) as mqtt:
+        for topic in left:
+            await mqtt.publish(topic, b'{"temperature": 99}', qos=1, retain=True)
+    held = await retained_under(broker, almas, fleet.sensor_topic(uuid, "s1"))
+    assert sorted(held) == sorted(left)
+    deleted = await alma.api.delete(f"/api/devices/{almas['id']}")
+    assert deleted.status_code == 204, deleted.text
+
+    # Boris's device of that uuid subscribes to its topics: nothing of Alma's is there.
+    boriss = await register_fleet_device(url(boris), (await create_key(boris))["key"], uuid)
+    assert await retained_under(broker, boriss, fleet.sensor_topic(uuid, "s2")) == []
