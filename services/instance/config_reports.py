@@ -56,6 +56,8 @@ def parse_report(payload: bytes) -> Report:
         body = msgspec.json.decode(payload)
     except msgspec.DecodeError as exc:
         raise ValueError(f"report malformed: {exc}") from None
+    except RecursionError:  # nested deeper than the decoder goes
+        raise ValueError("report malformed: nested too deeply") from None
     if not isinstance(body, dict):
         raise ValueError('report invalid: a report is a JSON object {"version": n, ...}')
     try:
