@@ -22,6 +22,8 @@ from typing import Any, Self
 import aiomqtt
 
 CONTROL = "$CONTROL/dynamic-security/v1"
+# Where devices that registered themselves (fleet provisioning) publish: ``<FLEET_ROOT>/<uuid>``.
+FLEET_ROOT = "iot/device"
 RESPONSE = f"{CONTROL}/response"
 
 
@@ -302,13 +304,25 @@ class DynSec:
 
     async def clear_retained(self, username: str, clientid: str, root: str) -> list[str]:
         """Empty every retained message under ``<root>/#``, as the client ``username`` (bound
-        to ``clientid``, holding the role of the same name) that is about to be deleted: what a
-        device left retained under its own topics is not handed to whoever holds them next.
-        Its password is replaced first (whoever is connected with it is pushed off and stays
-        out) and its role may then publish all of ``root``. Answers the topics it emptied."""
+        to ``clientid``) that is about to be deleted: what a device left retained under its own
+        topics, or was sent there, is not handed to whoever holds them next. Its password is
+        replaced first (whoever is connected with it is pushed off and stays out) and it holds,
+        for this, a role (``<username>-clearing``, removed after) that may do anything under
+        ``root``. Answers the topics it emptied."""
         password = secrets.token_urlsafe(24)
+        clearing = f"{username}-clearing"
         await self.command("setClientPassword", username=username, password=password)
-        await self.add_role_acls(username, [Acl("publishClientSend", f"{root}/#", priority=9)])
+        everything = ("subscribePattern", "publishClientReceive", "publishClientSend")
+        await self.ensure_role(clearing, [Acl(t, f"{root}/#", priority=9) for t in everything])
+        await self.command("addClientRole", username=username, rolename=clearing, priority=9)
+        try:
+            return await self._clear_retained_as(username, password, clientid, root)
+        finally:
+            await self.delete_role(clearing)
+
+    async def _clear_retained_as(
+        self, username: str, password: str, clientid: str, root: str
+    ) -> list[str]:
         found: list[str] = []
         try:
             async with aiomqtt.Client(
