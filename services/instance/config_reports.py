@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
@@ -64,6 +64,9 @@ def parse_report(payload: bytes) -> Report:
         shape = msgspec.convert(body, ReportShape)
     except msgspec.ValidationError as exc:
         raise ValueError(f"report invalid: {exc}") from None
+    if _holds_nul(body):
+        # Postgres's jsonb cannot store it: the batch's transaction would fail with it.
+        raise ValueError("report invalid: a key or string holds a NUL character (\\u0000)")
     values = {k: v for k, v in body.items() if k != "version"}
     return Report(
         version=shape.version,
@@ -150,3 +153,19 @@ class TemperatureOffsets:
             return None
         offset = round(desired - (self._reported.get(device_id) or 0.0), 6)
         return offset if offset and math.isfinite(offset) else None
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a decoded JSON value has a NUL character in any key or string."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False

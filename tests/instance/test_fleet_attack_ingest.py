@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from test_original_format_ingest import dead_letters, fleet_ingest, message, readings_of
+from test_original_format_ingest import UUID, dead_letters, fleet_ingest, message, readings_of
 from test_storage import database  # noqa: F401 - a fixture
 
+from services.instance.fleet import reported_topic
 from services.instance.intake import MAX_REFUSED_KEPT
 
 pytestmark = pytest.mark.slow
@@ -42,3 +43,27 @@ async def test_a_batch_of_a_thousand_bad_messages_is_a_few_dead_letters_and_all_
     async with pool.acquire() as conn:
         usage = await conn.fetchrow("SELECT * FROM usage_days")
     assert usage["rejected_readings"] == 3 * 999
+
+
+@pytest.mark.parametrize(
+    "report", [b'{"version": 1, "note": "a\\u0000b"}', b'{"version": 1, "a\\u0000": 1}']
+)
+async def test_a_report_postgres_cannot_store_is_a_dead_letter_and_ingest_goes_on(
+    database: tuple[str, asyncpg.Pool],  # noqa: F811
+    report: bytes,
+) -> None:
+    url, pool = database
+    ingest, topic, _ = await fleet_ingest(url, pool)
+    now = datetime.now(UTC)
+    ingest.receive(reported_topic(UUID), report)
+    ingest.receive(topic, json.dumps({"messages": [message(now)]}).encode())
+    await ingest.flush()
+
+    assert len(await readings_of(pool)) == 1
+    reasons = [d["reason"] for d in await dead_letters(pool)]
+    assert len(reasons) == 1 and reasons[0].startswith("report invalid: "), reasons
+    async with pool.acquire() as conn:
+        assert (
+            await conn.fetchval("SELECT count(*) FROM device_config WHERE reported IS NOT NULL")
+            == 0
+        )
