@@ -7,11 +7,12 @@ Mosquitto.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fleet_steps import create_key, new_api_key, new_uuid, registration_body
+from fleet_steps import create_key, new_api_key, new_uuid, post_registration, registration_body
 from test_instance import (  # noqa: F401 - client is a fixture
     Customer,
     client,
@@ -68,3 +69,21 @@ async def test_bodies_no_route_takes_are_audited_400s_on_the_device_routes(cora)
             assert answer.status_code == 400, (what, answer.text)
     # Every one of them is an attempt of the audit trail (and counts against the address).
     assert await refused_attempts(cora) - before == len(bad) + len(deep)
+
+
+async def test_many_registrations_at_once_take_a_key_no_further_than_its_max_uses(cora) -> None:
+    key = await create_key(cora, max_uses=3)
+    answers = await asyncio.gather(
+        *(
+            post_registration(url(cora), key["key"], registration_body(new_uuid(), new_api_key()))
+            for _ in range(16)
+        )
+    )
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] * 3 + [403] * 13, [a.text for a in answers]
+    assert {a.json()["error"]["message"] for a in answers if a.status_code == 403} == {
+        "the provisioning key is used up"
+    }
+    listed = (await cora.api.get("/api/provisioning-keys")).json()["keys"]
+    held = next(k for k in listed if k["key_id"] == key["key_id"])
+    assert (held["uses"], held["state"], held["devices"]) == (3, "used up", 3)
