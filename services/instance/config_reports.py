@@ -27,7 +27,9 @@ import asyncpg
 import msgspec
 from msgspec import Meta
 
-MAX_REPORT = 4096
+# Room for the device to report back the largest desired configuration it can be sent (a PUT
+# body is at most 16 KB), as the original agent does, with what it adds of its own.
+MAX_REPORT = 32 * 1024
 # How long ingest trusts its copy of the offsets: changes made by another replica (or by hand)
 # are seen within this.
 REFRESH_SECONDS = 5.0

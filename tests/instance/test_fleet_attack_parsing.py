@@ -9,9 +9,12 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
+from services.instance.api.device_config import BODY_LIMIT as CONFIG_BODY_LIMIT
 from services.instance.config_reports import parse_report
+from services.instance.device_config import desired_config, payload
 from services.instance.original_format import parse_sensor_message
 from services.instance.readings import Rejected, parse_reading
 
@@ -44,8 +47,8 @@ def test_a_deeply_nested_message_is_refused_and_the_rest_of_its_batch_stands() -
 
 
 def test_a_deeply_nested_batch_is_one_malformed_dead_letter() -> None:
-    for payload in (DEEP, json.dumps({"messages": [good()], "x": "?"}).replace('"?"', DEEP)):
-        parsed = parse_sensor_message(payload.encode(), NOW, OLDEST)
+    for sent in (DEEP, json.dumps({"messages": [good()], "x": "?"}).replace('"?"', DEEP)):
+        parsed = parse_sensor_message(sent.encode(), NOW, OLDEST)
         assert parsed.readings == [] and not parsed.heartbeat
         assert [r.reason for r in parsed.refused] == ["malformed: nested too deeply"]
 
@@ -69,3 +72,14 @@ def test_a_deeply_nested_native_reading_is_refused_with_its_reason() -> None:
     payload = '{"ts": 1, "x": ' + DEEP + "}"
     with pytest.raises(Rejected, match="malformed: nested too deeply"):
         parse_reading(payload.encode(), NOW, OLDEST)
+
+
+def test_a_device_may_report_back_the_largest_configuration_it_can_be_sent() -> None:
+    # About the largest desired configuration the API takes (its body limit): every custom
+    # key, long, with long values in two-byte characters; the device reports it back as it
+    # applied it (as the original agent and the simulator do).
+    custom = {f"k{i:02d}".ljust(64, "x"): "\u00e9" * 200 for i in range(32)}
+    body = {"reporting_interval": 60, "heater_profile": "p" * 64, "custom": custom}
+    assert len(msgspec.json.encode(body)) <= CONFIG_BODY_LIMIT
+    report = parse_report(payload(desired_config(body), 7))
+    assert report.version == 7 and json.loads(report.values)["custom"] == custom
