@@ -307,10 +307,11 @@ class DynSec:
         to ``clientid``) that is about to be deleted: what a device left retained under its own
         topics, or was sent there, is not handed to whoever holds them next. Its password is
         replaced first (whoever is connected with it is pushed off and stays out) and it holds,
-        for this, a role (``<username>-clearing``, removed after) that may do anything under
+        for this, a role (``<username>.clearing``, removed after) that may do anything under
         ``root``. Answers the topics it emptied."""
         password = secrets.token_urlsafe(24)
-        clearing = f"{username}-clearing"
+        # A "." is in no user name or uuid: this role is never another client's.
+        clearing = f"{username}.clearing"
         await self.command("setClientPassword", username=username, password=password)
         everything = ("subscribePattern", "publishClientReceive", "publishClientSend")
         await self.ensure_role(clearing, [Acl(t, f"{root}/#", priority=9) for t in everything])

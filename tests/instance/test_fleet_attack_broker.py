@@ -10,7 +10,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from fleet_steps import create_key, fleet_mqtt_client, provision_fleet_device, register_fleet_device
+from fleet_steps import (
+    create_key,
+    fleet_mqtt_client,
+    new_uuid,
+    provision_fleet_device,
+    register_fleet_device,
+)
 from test_instance import (  # noqa: F401 - client is a fixture
     Customer,
     client,
@@ -121,3 +127,25 @@ async def test_what_a_deleted_device_left_retained_is_not_handed_to_the_next_hol
     # Boris's device of that uuid subscribes to its topics: nothing of Alma's is there.
     boriss = await register_fleet_device(url(boris), (await create_key(boris))["key"], uuid)
     assert await retained_under(broker, boriss, fleet.sensor_topic(uuid, "s2")) == []
+
+
+async def test_uuids_differing_in_case_are_two_devices_of_their_own(alma, boris, broker) -> None:
+    uuid = new_uuid()
+    upper = await register_fleet_device(url(alma), (await create_key(alma))["key"], uuid.upper())
+    lower = await register_fleet_device(url(boris), (await create_key(boris))["key"], uuid)
+    async with admin(broker) as dynsec:
+        for device, owner in ((upper, alma), (lower, boris)):
+            held = await dynsec.get_client(device["mqtt"]["username"])
+            assert held is not None and held["textname"] == f"customer:{owner.id}"
+            assert held["clientid"] == device["uuid"]
+    # Neither receives what the other publishes (the broker's topics are case-sensitive too).
+    async with fleet_mqtt_client(broker, upper) as alma_device:
+        await alma_device.subscribe(f"{fleet.device_root(upper['uuid'])}/#", qos=1)
+        async with fleet_mqtt_client(broker, lower) as boris_device:
+            await boris_device.publish(fleet.sensor_topic(uuid, "bme688"), b"{}", qos=1)
+        sentinel = fleet.sensor_topic(upper["uuid"], "sentinel")
+        await alma_device.publish(sentinel, b"{}", qos=1)
+        async with asyncio.timeout(10):
+            async for message in alma_device.messages:
+                assert str(message.topic) == sentinel
+                break
