@@ -54,9 +54,11 @@ async def remove_broker(settings: ProvisionerSettings, customer_id: str, name: s
         async with dynsec:
             for device in await dynsec.clients_named(owner_text(customer_id)):
                 # What the uuid holds retained (its desired configuration, what the device
-                # left) is not for the next account that registers it.
-                uuid = ((await dynsec.get_client(device)) or {}).get("clientid")
-                if uuid:
+                # left) is not for the next account that registers it. A fleet device's
+                # client is ``iot-<uuid>``, bound to the uuid.
+                held = (await dynsec.get_client(device)) or {}
+                uuid = held.get("clientid") or device.removeprefix("iot-")
+                if uuid != device:  # a uuid is known
                     await dynsec.clear_retained(device, uuid, f"{FLEET_ROOT}/{uuid}")
                 await dynsec.delete_client(device)
                 await dynsec.delete_role(device)
