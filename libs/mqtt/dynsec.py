@@ -22,6 +22,8 @@ from typing import Any, Self
 import aiomqtt
 
 CONTROL = "$CONTROL/dynamic-security/v1"
+# Where devices that registered themselves (fleet provisioning) publish: ``<FLEET_ROOT>/<uuid>``.
+FLEET_ROOT = "iot/device"
 RESPONSE = f"{CONTROL}/response"
 
 
@@ -85,6 +87,7 @@ class DynSec:
         self, host: str, port: int, username: str, password: str, timeout: float = 5.0
     ) -> None:
         """Connects on ``async with``; passwords are never logged."""
+        self._host, self._port = host, port
         self._client = aiomqtt.Client(
             host,
             port,
@@ -298,3 +301,49 @@ class DynSec:
     async def delete_role(self, name: str) -> None:
         """The role is gone; fine if it never existed."""
         await self._tolerating("not found", "deleteRole", rolename=name)
+
+    async def clear_retained(self, username: str, clientid: str, root: str) -> list[str]:
+        """Empty every retained message under ``<root>/#``, as the client ``username`` (bound
+        to ``clientid``) that is about to be deleted: what a device left retained under its own
+        topics, or was sent there, is not handed to whoever holds them next. Its password is
+        replaced first (whoever is connected with it is pushed off and stays out) and it holds,
+        for this, a role (``<username>.clearing``, removed after) that may do anything under
+        ``root``. Answers the topics it emptied."""
+        password = secrets.token_urlsafe(24)
+        # A "." is in no user name or uuid: this role is never another client's.
+        clearing = f"{username}.clearing"
+        await self.command("setClientPassword", username=username, password=password)
+        everything = ("subscribePattern", "publishClientReceive", "publishClientSend")
+        await self.ensure_role(clearing, [Acl(t, f"{root}/#", priority=9) for t in everything])
+        await self.command("addClientRole", username=username, rolename=clearing, priority=9)
+        try:
+            return await self._clear_retained_as(username, password, clientid, root)
+        finally:
+            await self.delete_role(clearing)
+
+    async def _clear_retained_as(
+        self, username: str, password: str, clientid: str, root: str
+    ) -> list[str]:
+        found: list[str] = []
+        try:
+            async with aiomqtt.Client(
+                self._host,
+                self._port,
+                username=username,
+                password=password,
+                identifier=clientid,
+                timeout=self._timeout,
+            ) as mqtt:
+                await mqtt.subscribe(f"{root}/#", qos=0)
+                # The broker sends a new subscription's retained messages before it answers
+                # the next packet: all of them have arrived once the unsubscribe is answered.
+                await mqtt.unsubscribe(f"{root}/#")
+                while len(mqtt.messages):
+                    message = await anext(aiter(mqtt.messages))
+                    if message.retain and str(message.topic) not in found:
+                        found.append(str(message.topic))
+                for topic in found:
+                    await mqtt.publish(topic, b"", qos=1, retain=True)
+        except aiomqtt.MqttError as exc:
+            raise DynSecError(f"cannot clear the retained messages under {root}: {exc}") from None
+        return found

@@ -21,13 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
 from msgspec import Meta
 
-MAX_REPORT = 4096
+# Room for the device to report back the largest desired configuration it can be sent (a PUT
+# body is at most 16 KB), as the original agent does, with what it adds of its own.
+MAX_REPORT = 32 * 1024
 # How long ingest trusts its copy of the offsets: changes made by another replica (or by hand)
 # are seen within this.
 REFRESH_SECONDS = 5.0
@@ -56,12 +58,17 @@ def parse_report(payload: bytes) -> Report:
         body = msgspec.json.decode(payload)
     except msgspec.DecodeError as exc:
         raise ValueError(f"report malformed: {exc}") from None
+    except RecursionError:  # nested deeper than the decoder goes
+        raise ValueError("report malformed: nested too deeply") from None
     if not isinstance(body, dict):
         raise ValueError('report invalid: a report is a JSON object {"version": n, ...}')
     try:
         shape = msgspec.convert(body, ReportShape)
     except msgspec.ValidationError as exc:
         raise ValueError(f"report invalid: {exc}") from None
+    if _holds_nul(body):
+        # Postgres's jsonb cannot store it: the batch's transaction would fail with it.
+        raise ValueError("report invalid: a key or string holds a NUL character (\\u0000)")
     values = {k: v for k, v in body.items() if k != "version"}
     return Report(
         version=shape.version,
@@ -148,3 +155,19 @@ class TemperatureOffsets:
             return None
         offset = round(desired - (self._reported.get(device_id) or 0.0), 6)
         return offset if offset and math.isfinite(offset) else None
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a decoded JSON value has a NUL character in any key or string."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False

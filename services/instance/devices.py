@@ -241,12 +241,13 @@ class Devices:
             if row is None:
                 return False
             try:
-                if row["uuid"] and self._clear_config is not None:
-                    # While the uuid's rights are still ours: whoever registers it next must
-                    # not be handed this customer's configuration.
-                    await self._clear_config(row["uuid"])
                 async with self._dynsec() as dynsec:
-                    await self._revoke(dynsec, row["mqtt_username"], row["uuid"])
+                    ours = await self._holds(dynsec, row["mqtt_username"], row["uuid"])
+                    if row["uuid"] and ours and self._clear_config is not None:
+                        # While the uuid's rights are still ours: whoever registers it next
+                        # must not be handed this customer's configuration.
+                        await self._clear_config(row["uuid"])
+                    await self._revoke(dynsec, row["mqtt_username"], row["uuid"], ours)
             except (DynSecError, OSError) as exc:
                 raise BrokerUnavailable(f"the broker did not revoke the device: {exc}") from None
             await conn.execute(
@@ -256,7 +257,18 @@ class Devices:
             )
         return True
 
-    async def _revoke(self, dynsec: DynSec, username: str, uuid: str | None) -> None:
+    async def _holds(self, dynsec: DynSec, username: str, uuid: str | None) -> bool:
+        """Whether the device's broker client is this customer's to remove. A fleet device's
+        may be gone, or another customer's: an earlier removal that reached the broker and not
+        the commit (it had cleared the retained configuration and freed the uuid), after which
+        another customer's device of the uuid may have registered. Theirs is never touched."""
+        if not uuid:
+            return True
+        client = await dynsec.get_client(username)
+        owner = fleet.owner_text(self._settings.instance_customer_id)
+        return client is not None and client.get("textname") == owner
+
+    async def _revoke(self, dynsec: DynSec, username: str, uuid: str | None, ours: bool) -> None:
         if uuid and self._settings.mqtt_username:
             # The fleet role's rights go first: once the client is gone the uuid is free on a
             # shared broker, and another customer's device of that uuid must reach nothing of
@@ -265,8 +277,13 @@ class Devices:
             await dynsec.remove_role_acls(
                 fleet.fleet_role(self._settings.mqtt_username), fleet.reader_acls(uuid)
             )
-        await dynsec.delete_client(username)
-        await dynsec.delete_role(username)
+        if uuid and ours:
+            # Its retained messages (with our fleet role's rights gone, ingest takes none of
+            # the emptying): not for whoever holds the uuid next.
+            await dynsec.clear_retained(username, uuid, fleet.device_root(uuid))
+        if ours:  # a fleet device's client and role, by name, are whoever holds the uuid
+            await dynsec.delete_client(username)
+            await dynsec.delete_role(username)
 
 
 def device_view(

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import re
 
-from libs.mqtt.dynsec import Acl, owner_text
+from libs.mqtt.dynsec import FLEET_ROOT, Acl, owner_text
 
 __all__ = ["owner_text"]
 
-ROOT = "iot/device"
+ROOT = FLEET_ROOT
 # Topic-safe and long enough not to be guessed by chance: a UUID (with or without dashes) or
 # any other id of 8 to 64 letters, digits, ``-`` and ``_``.
 UUID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")

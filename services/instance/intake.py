@@ -19,12 +19,16 @@ from services.instance.dead_letters import DEAD_LETTER_PAYLOAD
 from services.instance.ingest_batch import Batch
 from services.instance.ingest_metrics import IngestMetrics
 from services.instance.license import LicenseHolder
-from services.instance.original_format import parse_sensor_message, topic_kind
+from services.instance.original_format import Refused, parse_sensor_message, topic_kind
 from services.instance.readings import Reading, Rejected, parse_reading, record
 from services.instance.settings import InstanceSettings
 from services.instance.status import take_status
 
 log = logging.getLogger(__name__)
+# The refused messages of one batch kept each as its own dead letter; the rest are one more (a
+# batch of a thousand bad messages would otherwise be a thousand dead letters buffered and
+# stored for one MQTT message).
+MAX_REFUSED_KEPT = 20
 
 
 class Intake:
@@ -125,16 +129,39 @@ class Intake:
         parsed = parse_sensor_message(payload, now, now - timedelta(days=self._retention()))
         if parsed.heartbeat:
             self._batch.seen[device_id] = (now, "online")
-        for refused in parsed.refused:
-            self._reject(topic, device_id, refused.reason, refused.payload, now)
-        read_only = bool(parsed.readings) and self._license.read_only(now)
-        for message in parsed.readings:
-            if read_only:
-                reason = f"read-only: message {message.index}: the license has expired"
-                self._reject(topic, device_id, reason, message.payload, now)
-            else:
+        refused = list(parsed.refused)
+        if parsed.readings and self._license.read_only(now):
+            refused += [
+                Refused(
+                    m.index, f"read-only: message {m.index}: the license has expired", m.payload
+                )
+                for m in parsed.readings
+            ]
+        else:
+            for message in parsed.readings:
                 self._accept(device_id, message.ts, message.reading, now)
+        refused.sort(key=lambda one: -1 if one.index is None else one.index)
+        self._reject_messages(topic, device_id, refused, payload, now)
         return None
+
+    def _reject_messages(
+        self, topic: str, device_id: str, refused: list[Refused], payload: bytes, now: datetime
+    ) -> None:
+        """The refused messages of one batch: each its own dead letter up to
+        ``MAX_REFUSED_KEPT``, then one for the rest (how many, which, the first's reason, the
+        batch as payload); every one counted."""
+        for one in refused[:MAX_REFUSED_KEPT]:
+            self._reject(topic, device_id, one.reason, one.payload, now)
+        rest = refused[MAX_REFUSED_KEPT:]
+        if not rest:
+            return
+        kind = rest[0].reason.partition(":")[0]
+        reason = (
+            f"{kind}: messages {rest[0].index} to {rest[-1].index}: {len(rest)} more refused "
+            f"messages of this batch, not kept one by one (the first: {rest[0].reason})"
+        )
+        self._reject(topic, device_id, reason, payload, now)
+        self._batch.usage["rejected_readings"] += len(rest) - 1
 
     def _count(self, packet_id: int, message: bool = True) -> None:
         """One message taken: acknowledged with its batch, and counted (``message``)."""

@@ -29,6 +29,8 @@ MAX_MESSAGES = 1000
 PASCALS = (30_000, 110_000)
 HECTOPASCALS = (300, 1100)
 NOT_A_BATCH = "invalid: a readings batch is a JSON object with a messages list"
+# JSON nested deeper than the decoder goes (it raises RecursionError, not a DecodeError).
+TOO_DEEP = "malformed: nested too deeply"
 
 
 def topic_kind(topic: str) -> str | None:
@@ -84,6 +86,8 @@ def parse_sensor_message(payload: bytes, now: datetime, oldest: datetime) -> Sen
         body = msgspec.json.decode(payload)
     except msgspec.DecodeError as exc:
         return _whole(f"malformed: {exc}", payload)
+    except RecursionError:
+        return _whole(TOO_DEEP, payload)
     if not isinstance(body, dict):
         return _whole(NOT_A_BATCH, payload)
     if "messages" not in body:
@@ -120,6 +124,9 @@ def parse_original_reading(
             message = msgspec.json.decode(message)
         except msgspec.DecodeError as exc:
             raise Rejected(f"malformed: {exc}") from None
+        except RecursionError:
+            # Not an error of this code: one message, refused; the rest of its batch stands.
+            raise Rejected(TOO_DEEP) from None
     if not isinstance(message, dict):
         raise Rejected("invalid: a message is a JSON object, or a JSON string of one")
     fields = {k: v for k, v in message.items() if k != "ts"}

@@ -84,6 +84,8 @@ def parse_reading(payload: bytes, now: datetime, oldest: datetime) -> tuple[date
         raise Rejected(f"invalid: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Rejected(f"malformed: {exc}") from None
+    except RecursionError:  # nested deeper than the decoder goes (in a field it skips)
+        raise Rejected("malformed: nested too deeply") from None
     return reading_time(reading.ts, now, oldest), reading
 
 

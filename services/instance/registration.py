@@ -108,6 +108,12 @@ def _decoded(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(
             "invalid request", fields=[{"field": "body", "reason": "is not JSON"}]
         ) from None
+    except RecursionError:
+        # A refusal of the attempt (audited, counted against the address), not only the
+        # app-wide 400 that would skip both: these routes read their body by hand.
+        raise InvalidRequest(
+            "invalid request", fields=[{"field": "body", "reason": "is nested too deeply"}]
+        ) from None
     return json_object(data)
 
 

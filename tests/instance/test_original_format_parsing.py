@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.instance.config_reports import TemperatureOffsets, parse_report
+from services.instance.config_reports import MAX_REPORT, TemperatureOffsets, parse_report
 from services.instance.original_format import (
     MAX_BATCH,
     MAX_MESSAGES,
@@ -232,7 +232,7 @@ def test_a_report_keeps_its_values_apart_from_its_version() -> None:
         (b'{"version": -1}', "report invalid: Expected `int` >= 0 - at `$.version`"),
         (b'{"version": "2"}', "report invalid: Expected `int`, got `str` - at `$.version`"),
         (b'{"version": 1, "temperature_offset": "2"}', "report invalid: Expected `float | null`"),
-        (b'{"version": 1, "x": "' + b"y" * 5000 + b'"}', "report oversized: "),
+        (b'{"version": 1, "x": "' + b"y" * MAX_REPORT + b'"}', "report oversized: "),
     ],
 )
 def test_a_bad_report_is_refused_with_its_reason(payload: bytes, reason: str) -> None:

@@ -567,7 +567,7 @@ async function loadCharts() {
   state.shown = {from, to, live, bucket, devices};
   for (const metric of Object.keys(METRICS)) {
     const traces = devices.map((d, i) => ({x: answers[i].series[metric].map((p) => p.t), y: answers[i].series[metric].map((p) => p.avg),
-      name: d.name, mode: "lines+markers", type: "scatter", marker: {size: 6}}));
+      name: plotText(d.name), meta: d.name, mode: "lines+markers", type: "scatter", marker: {size: 6}}));
     const chart = $(`chart-${metric}`);
     chart.hidden = OPTIONAL.includes(metric) && !traces.some((t) => t.y.length);
     const extra = metric === "iaq" ? {shapes: iaqShapes(), yaxis: {range: [0, 500]}} : {};
@@ -583,11 +583,14 @@ async function loadCharts() {
     href: `/api/devices/${d.device_id}/readings.csv?from=${from.toISOString()}&to=${to.toISOString()}`}, `every reading of ${d.name} (CSV)`))
     .flatMap((a) => [" · ", a]));
 }
+// Plotly reads a trace's name as its own small HTML (links, bold, styles): a device's name (a
+// fleet device chooses its own) is shown as the text it is, its markup escaped.
+const plotText = (text) => text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
 function shownCsv() {  // exactly the points on the charts, live ones included
   const rows = [["device", "metric", "time", "value"]];
   for (const metric of Object.keys(METRICS)) {
     for (const trace of $(`chart-${metric}`).data || []) {
-      trace.x.forEach((t, i) => rows.push([trace.name, metric, t, trace.y[i]]));
+      trace.x.forEach((t, i) => rows.push([trace.meta ?? trace.name, metric, t, trace.y[i]]));
     }
   }
   return rows.map((r) => r.map(csvCell).join(",")).join("\n") + "\n";

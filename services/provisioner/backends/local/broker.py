@@ -3,7 +3,7 @@ topics only, and a client of it bound to the instance's client id (dynamic secur
 
 from __future__ import annotations
 
-from libs.mqtt.dynsec import DynSec, DynSecError, owner_text, subtree_acls
+from libs.mqtt.dynsec import FLEET_ROOT, DynSec, DynSecError, owner_text, subtree_acls
 from services.provisioner.backends.base import BackendError
 from services.provisioner.settings import ProvisionerSettings
 
@@ -53,6 +53,13 @@ async def remove_broker(settings: ProvisionerSettings, customer_id: str, name: s
     try:
         async with dynsec:
             for device in await dynsec.clients_named(owner_text(customer_id)):
+                # What the uuid holds retained (its desired configuration, what the device
+                # left) is not for the next account that registers it. A fleet device's
+                # client is ``iot-<uuid>``, bound to the uuid.
+                held = (await dynsec.get_client(device)) or {}
+                uuid = held.get("clientid") or device.removeprefix("iot-")
+                if uuid != device:  # a uuid is known
+                    await dynsec.clear_retained(device, uuid, f"{FLEET_ROOT}/{uuid}")
                 await dynsec.delete_client(device)
                 await dynsec.delete_role(device)
             await dynsec.delete_client(f"{name}-config")
