@@ -22,6 +22,7 @@ caller's address (``registration_audit``).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import uuid as uuids
@@ -73,6 +74,11 @@ ELSEWHERE = "this uuid is registered elsewhere"
 # A fleet device that has not completed its key exchange this long after registering is
 # removed by housekeeping.
 ABANDONED_AFTER = timedelta(hours=24)
+# Registrations and key exchanges holding a database connection at once. They take turns on
+# the devices' lock anyway; a burst of them (a fleet powering up) must leave the pool's other
+# connections to ingest, the API and readiness, which otherwise found none within its second
+# and said the database was away.
+AT_ONCE = 2
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,7 @@ class FleetRegistrations:
         self._devices = devices
         self._settings = devices.settings
         self.api_keys = ApiKeys()
+        self._at_once = asyncio.Semaphore(AT_ONCE)
 
     async def attempt(
         self,
@@ -182,7 +189,7 @@ class FleetRegistrations:
         """Run ``work`` unless the address is rate-limited, and record the attempt in the audit
         trail (a refused one also against the address). The rate-limited ones are not recorded:
         a flood of them would fill the customer's database."""
-        async with pool.acquire() as conn:
+        async with self._at_once, pool.acquire() as conn:
             await refuse_if_limited(conn, attempt.address)
             try:
                 result = await work(conn)
