@@ -227,16 +227,22 @@ class Devices:
                     raise
         log.info("broker clients of %d devices converged", count)
 
-    async def remove(self, conn: asyncpg.Connection, device_id: str) -> bool:
+    async def remove(
+        self, conn: asyncpg.Connection, device_id: str, *, pending_only: bool = False
+    ) -> bool:
         """Revoke the device's credentials (disconnecting it) and mark it deleted; a fleet
         device's rights are also taken from the fleet role, so its uuid, once free on the
-        broker, gives this instance nothing of whoever registers it next."""
+        broker, gives this instance nothing of whoever registers it next. ``pending_only``:
+        only while its key exchange has not come (housekeeping's abandoned registrations; the
+        row is locked, so a key exchange either came before, and it stays, or finds it gone)."""
         async with conn.transaction():
             await conn.execute(DEVICES_LOCK)
             row = await conn.fetchrow(
                 "SELECT mqtt_username, uuid FROM devices "
-                "WHERE device_id = $1 AND deleted_at IS NULL",
+                "WHERE device_id = $1 AND deleted_at IS NULL "
+                "AND NOT ($2 AND key_exchanged_at IS NOT NULL) FOR UPDATE",
                 device_id,
+                pending_only,
             )
             if row is None:
                 return False

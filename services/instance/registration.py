@@ -371,10 +371,12 @@ class FleetRegistrations:
             raise Unauthorized(NOT_EXCHANGED)
         exchanged = await conn.fetchval(
             "UPDATE devices SET key_exchanged_at = coalesce(key_exchanged_at, $2) "
-            "WHERE device_id = $1 RETURNING key_exchanged_at",
+            "WHERE device_id = $1 AND deleted_at IS NULL RETURNING key_exchanged_at",
             row["device_id"],
             datetime.now(UTC),
         )
+        if exchanged is None:
+            raise Unauthorized(NOT_EXCHANGED)  # removed meanwhile (housekeeping)
         return {
             "id": row["device_id"],
             "uuid": uuid,
