@@ -164,24 +164,24 @@ class Devices:
         its device id, or a fleet device's to its uuid; publishing only its own topics), keeping
         its password, and the fleet role to exactly the fleet devices' rights; idempotent.
         Returns how many devices it went over."""
-        async with conn.transaction():
-            # No registration or removal meanwhile: the fleet role is written from this list.
-            await conn.execute(DEVICES_LOCK)
-            rows = await conn.fetch(
-                "SELECT device_id, mqtt_username, uuid FROM devices WHERE deleted_at IS NULL"
-            )
-            try:
-                async with self._dynsec() as dynsec:
-                    held = [row["uuid"] for row in rows if await self._converge_device(dynsec, row)]
-                    if self._settings.mqtt_username:
-                        await dynsec.ensure_role(
-                            fleet.fleet_role(self._settings.mqtt_username),
-                            fleet.fleet_role_acls([uuid for uuid in held if uuid]),
-                        )
-            except (DynSecError, OSError) as exc:
-                raise BrokerUnavailable(
-                    f"the broker did not take the devices' shape: {exc}"
-                ) from None
+        try:
+            # Connected before the lock: a broker that does not answer holds up no
+            # registration or removal while this waits for it (and retries).
+            async with self._dynsec() as dynsec, conn.transaction():
+                # No registration or removal meanwhile: the fleet role is written from this
+                # list.
+                await conn.execute(DEVICES_LOCK)
+                rows = await conn.fetch(
+                    "SELECT device_id, mqtt_username, uuid FROM devices WHERE deleted_at IS NULL"
+                )
+                held = [row["uuid"] for row in rows if await self._converge_device(dynsec, row)]
+                if self._settings.mqtt_username:
+                    await dynsec.ensure_role(
+                        fleet.fleet_role(self._settings.mqtt_username),
+                        fleet.fleet_role_acls([uuid for uuid in held if uuid]),
+                    )
+        except (DynSecError, OSError) as exc:
+            raise BrokerUnavailable(f"the broker did not take the devices' shape: {exc}") from None
         return len(rows)
 
     async def _converge_device(self, dynsec: DynSec, row: asyncpg.Record) -> bool:

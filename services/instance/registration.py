@@ -23,14 +23,16 @@ caller's address (``registration_audit``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import uuid as uuids
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import aiomqtt
 import asyncpg
 import msgspec
 
@@ -222,7 +224,7 @@ class FleetRegistrations:
         same_key = held is not None and await self.api_keys.verify(held, request.api_key)
         new_hash = await self.api_keys.hash(request.api_key)
         password = secrets.token_urlsafe(24)
-        async with conn.transaction():
+        async with self._broker_admin() as dynsec, conn.transaction():
             key_row = await conn.fetchrow(
                 "SELECT * FROM provisioning_keys WHERE key_id = $1 FOR UPDATE", key_id
             )
@@ -238,13 +240,13 @@ class FleetRegistrations:
                     raise Conflict("this uuid is already provisioned")
                 if not same_key or row["api_key_hash"] != held:
                     raise Conflict("this uuid is pending with another deviceApiKey")
-                await self._credentials(request, password)
+                await self._credentials(dynsec, request, password)
                 return FleetRegistered(
                     row["device_id"], request.uuid, row["name"], row["device_type"], password
                 )
             refuse_key(key_row, now, new_device=True)
             device_id = await self._insert(conn, request, key_id, new_hash, max_devices, now)
-            await self._credentials(request, password)
+            await self._credentials(dynsec, request, password)
         return FleetRegistered(
             device_id, request.uuid, request.device_name, request.device_type, password
         )
@@ -305,17 +307,25 @@ class FleetRegistrations:
         await conn.execute("UPDATE provisioning_keys SET uses = uses + 1 WHERE key_id = $1", key_id)
         return device_id
 
-    async def _credentials(self, request: Registration, password: str) -> None:
-        """The device's broker client with this password (adopting our own, refusing another
-        customer's), its role, and the fleet role's rights on its topics."""
+    @contextlib.asynccontextmanager
+    async def _broker_admin(self) -> AsyncIterator[DynSec]:
+        """The broker's administration, connected before any lock is taken: a broker that is
+        away or stalled fails each registration after the administration's timeout, not one
+        registration after another behind the devices' lock (nor a device's deletion behind
+        them). What the broker refuses is a 502."""
         try:
             async with self._devices.broker_admin() as dynsec:
-                await self._claim_client(dynsec, request, password)
-                await dynsec.add_role_acls(self._fleet_role(), fleet.reader_acls(request.uuid))
-        except (DynSecError, OSError) as exc:
+                yield dynsec
+        except (DynSecError, OSError, aiomqtt.MqttError) as exc:
             raise UpstreamError(f"the broker refused the device: {exc}") from None
         except BrokerUnavailable as exc:
             raise UpstreamError(str(exc)) from None
+
+    async def _credentials(self, dynsec: DynSec, request: Registration, password: str) -> None:
+        """The device's broker client with this password (adopting our own, refusing another
+        customer's), its role, and the fleet role's rights on its topics."""
+        await self._claim_client(dynsec, request, password)
+        await dynsec.add_role_acls(self._fleet_role(), fleet.reader_acls(request.uuid))
 
     async def _claim_client(self, dynsec: DynSec, request: Registration, password: str) -> None:
         uuid = request.uuid
