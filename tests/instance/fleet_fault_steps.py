@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -45,6 +46,7 @@ async def running_instance(
     *,
     mqtt_port: int | None = None,
     plan: str = "professional",
+    database_port: int | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Running]:
     """An instance (of ``plan``) with the provisioning key ``KEY``, ready."""
@@ -58,11 +60,16 @@ async def running_instance(
         return keyring.jwks()
 
     database = await create_database(postgres_server_url)
+    # The instance may reach the database through a relay of the test's (``database_port``);
+    # the test's own connection goes to it directly.
+    reached = urlsplit(database)
+    if database_port is not None:
+        reached = reached._replace(netloc=reached.netloc.rsplit(":", 1)[0] + f":{database_port}")
     async with serving(Litestar([jwks])) as control:
         settings = msgspec.convert(
             {
                 "instance_customer_id": customer_id,
-                "database_url": database,
+                "database_url": urlunsplit(reached),
                 "license_jwt": signed_license_issued(customer_id, plan=plan).jwt,
                 "license_jwks_url": f"{control.base_url}/jwks",
                 "control_plane_url": str(control.base_url),
