@@ -237,6 +237,8 @@ class Devices:
         row is locked, so a key exchange either came before, and it stays, or finds it gone)."""
         async with conn.transaction():
             await conn.execute(DEVICES_LOCK)
+            # The row stays locked until the deletion commits or fails: the config publisher
+            # tells a deletion going on (its clearing holds) from one that failed by it.
             row = await conn.fetchrow(
                 "SELECT mqtt_username, uuid FROM devices "
                 "WHERE device_id = $1 AND deleted_at IS NULL "
