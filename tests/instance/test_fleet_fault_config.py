@@ -95,3 +95,29 @@ async def test_a_device_deleted_just_after_another_registered_is_deleted(
                 assert await inst.state.devices.remove(conn, previous["id"])
             previous = registered
         assert await inst.db.fetchval("SELECT count(*) FROM devices WHERE deleted_at IS NULL") == 1
+
+
+async def test_a_device_deleted_while_its_configuration_is_published_leaves_none_retained(
+    postgres_server_url: str, broker: EmbeddedMosquitto
+) -> None:
+    """A PUT's publish and the device's deletion at the same moment, in both orders: whoever
+    registers the uuid next is handed no configuration of the deleted device."""
+    async with running_instance(postgres_server_url, broker) as inst:
+        publisher = inst.state.config_publisher
+        devices = [await register_fleet_device(inst.url, KEY) for _ in range(4)]
+
+        async def configure(device: dict[str, Any]) -> str | None:
+            async with inst.state.pool().acquire() as conn:
+                await set_desired(conn, device["id"], DesiredConfig(heater_profile="secret"))
+            return await publisher.publish(device["id"])
+
+        async def delete(device: dict[str, Any]) -> bool:
+            async with inst.state.pool().acquire() as conn:
+                return await inst.state.devices.remove(conn, device["id"])
+
+        for n, device in enumerate(devices):
+            steps = [configure(device), delete(device)]
+            await asyncio.gather(*(steps if n % 2 else reversed(steps)))
+        for device in devices:
+            again = await register_fleet_device(inst.url, KEY, uuid=device["uuid"])
+            assert await retained_config(broker, again) is None
