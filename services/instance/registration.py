@@ -81,6 +81,17 @@ ABANDONED_AFTER = timedelta(hours=24)
 # connections to ingest, the API and readiness, which otherwise found none within its second
 # and said the database was away.
 AT_ONCE = 2
+# How long one waits for its turn before it is answered 503 (retry): with the broker stalled,
+# each turn takes the broker administration's timeout, and a herd of devices retrying must not
+# pile up waiting requests without bound.
+TURN_WAIT = 8.0
+
+
+class Busy(DomainError):
+    """503: too many registrations are waiting for their turn; the device retries."""
+
+    status_code = 503
+    code = "unavailable"
 
 
 @dataclass(frozen=True)
@@ -190,8 +201,28 @@ class FleetRegistrations:
     ) -> T:
         """Run ``work`` unless the address is rate-limited, and record the attempt in the audit
         trail (a refused one also against the address). The rate-limited ones are not recorded:
-        a flood of them would fill the customer's database."""
-        async with self._at_once, pool.acquire() as conn:
+        a flood of them would fill the customer's database; nor those answered ``Busy`` (no
+        turn within ``TURN_WAIT``)."""
+        try:
+            async with asyncio.timeout(TURN_WAIT):
+                await self._at_once.acquire()
+        except TimeoutError:
+            raise Busy(
+                "too many devices are registering; try again shortly",
+                headers={"Retry-After": "5"},
+            ) from None
+        try:
+            return await self._attempt(pool, attempt, work)
+        finally:
+            self._at_once.release()
+
+    async def _attempt(
+        self,
+        pool: asyncpg.Pool,
+        attempt: Attempt,
+        work: Callable[[asyncpg.Connection], Awaitable[T]],
+    ) -> T:
+        async with pool.acquire() as conn:
             await refuse_if_limited(conn, attempt.address)
             try:
                 result = await work(conn)
