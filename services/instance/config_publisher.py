@@ -164,22 +164,14 @@ class ConfigPublisher:
         if self.unavailable_reason is not None:
             return  # nothing was ever published from here
         self._cleared[uuid] = datetime.now(UTC)
-        for attempt in range(2):
-            # The publisher connects after the instance is ready, and again after the broker
-            # went away: a deletion just then waits for it, as a publish does, and tries
-            # again once if a lost connection cut the clearing.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CONNECT_WAIT):
-                    await self._connected.wait()
-            try:
-                async with self._lock:
-                    await self._send(config_topic(uuid), b"")
-                return
-            except ConfigRefused:
-                raise
-            except ConfigNotPublished:
-                if attempt:
-                    raise
+        # The publisher connects after the instance is ready, and again after the broker went
+        # away: a deletion just then waits for it a moment, as a publish does (bounded: the
+        # deletion holds the devices' lock meanwhile).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONNECT_WAIT):
+                await self._connected.wait()
+        async with self._lock:
+            await self._send(config_topic(uuid), b"")
 
     async def run(self) -> None:
         """For ever: make the broker client and connect (with backoff while the broker or

@@ -19,6 +19,7 @@ from fleet_fault_steps import KEY, running_instance
 from fleet_steps import fleet_mqtt_client, register_fleet_device
 from tcp_relay import TcpRelay
 
+from libs.http.errors import NotFound
 from libs.servers.mosquitto import EmbeddedMosquitto
 from services.instance import fleet
 from services.instance.device_config import DesiredConfig, set_desired
@@ -107,8 +108,11 @@ async def test_a_device_deleted_while_its_configuration_is_published_leaves_none
         devices = [await register_fleet_device(inst.url, KEY) for _ in range(4)]
 
         async def configure(device: dict[str, Any]) -> str | None:
-            async with inst.state.pool().acquire() as conn:
-                await set_desired(conn, device["id"], DesiredConfig(heater_profile="secret"))
+            try:
+                async with inst.state.pool().acquire() as conn:
+                    await set_desired(conn, device["id"], DesiredConfig(heater_profile="secret"))
+            except NotFound:
+                return "deleted first: the PUT is answered 404"
             return await publisher.publish(device["id"])
 
         async def delete(device: dict[str, Any]) -> bool:
