@@ -17,7 +17,11 @@ on the device's topics are added before the credentials are answered, so ingest 
 device's first message.
 
 Every attempt, accepted or refused, is a row of the audit trail; refused ones count against the
-caller's address (``registration_audit``).
+caller's address (``registration_audit``). At most ``AT_ONCE`` attempts hold a database
+connection at once; one that gets no turn within ``TURN_WAIT`` is answered 503.
+
+Longer than 400 lines because registration, its broker claim and the key exchange share the
+one transaction's rules (locks, adoption, the audit), which read best in one place.
 """
 
 from __future__ import annotations
