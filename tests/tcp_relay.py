@@ -26,6 +26,8 @@ class TcpRelay:
         self._flowing.set()
         self._cut_marker: bytes | None = None
         self._cut_client_marker: bytes | None = None
+        self._swallow_client_marker: bytes | None = None
+        self.swallowed = asyncio.Event()
         self.cut = asyncio.Event()
         self._watch: tuple[bytes, asyncio.Event] | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -78,6 +80,12 @@ class TcpRelay:
         self.cut.clear()
         self._cut_client_marker = marker
 
+    def swallow_client_at(self, marker: bytes) -> None:
+        """Drop the client's next data containing ``marker`` and keep the connection: the
+        client waits for an answer that never comes (a process frozen just as it sent it)."""
+        self.swallowed.clear()
+        self._swallow_client_marker = marker
+
     def watch_client(self, marker: bytes) -> asyncio.Event:
         """An event set once the client sends data containing ``marker`` (from now on)."""
         seen = asyncio.Event()
@@ -125,6 +133,13 @@ class TcpRelay:
                         w.transport.abort()
                     self.cut.set()
                     return
+                elif (
+                    self._swallow_client_marker is not None
+                    and self._swallow_client_marker in window
+                ):
+                    self._swallow_client_marker = None
+                    self.swallowed.set()
+                    continue
                 elif self._watch is not None and self._watch[0] in window:
                     self._watch[1].set()
                     self._watch = None

@@ -164,6 +164,12 @@ class ConfigPublisher:
         if self.unavailable_reason is not None:
             return  # nothing was ever published from here
         self._cleared[uuid] = datetime.now(UTC)
+        # The publisher connects after the instance is ready, and again after the broker went
+        # away: a deletion just then waits for it a moment, as a publish does (bounded: the
+        # deletion holds the devices' lock meanwhile).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONNECT_WAIT):
+                await self._connected.wait()
         async with self._lock:
             await self._send(config_topic(uuid), b"")
 
@@ -235,20 +241,19 @@ class ConfigPublisher:
         """Publish on this connection until it is lost."""
         self._client = client
         self._connected.set()
+        lost = asyncio.create_task(self._until_lost(client))
+        sweeping = asyncio.create_task(self._sweep_forever())
         try:
-            lost = asyncio.create_task(self._until_lost(client))
-            sweeping = asyncio.create_task(self._sweep_forever())
-            done, pending = await asyncio.wait(
-                (lost, sweeping), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            done, _ = await asyncio.wait((lost, sweeping), return_when=asyncio.FIRST_COMPLETED)
             # Both may have ended (a lost connection fails a publish too): look at each.
             reasons = [e for e in (task.exception() for task in done) if e is not None]
             if reasons:
                 raise reasons[0]
         finally:
+            # Also when the publisher is stopped: neither outlives the connection.
+            for task in (lost, sweeping):
+                task.cancel()
+            await asyncio.gather(lost, sweeping, return_exceptions=True)
             self._client = None
             self._connected.clear()
 
@@ -283,10 +288,12 @@ class ConfigPublisher:
                 """
                 SELECT c.device_id FROM device_config c JOIN devices d USING (device_id)
                 WHERE d.deleted_at IS NULL AND d.uuid IS NOT NULL
-                  AND ($1 OR c.published_version < c.version)
+                  AND ($1 OR c.published_version < c.version OR d.uuid = ANY($2::text[]))
                 ORDER BY c.device_id
                 """,
                 everything,
+                # Cleared while a deletion went on: published again where the deletion failed.
+                list(self._cleared),
             )
         refused = 0
         for row in rows:
@@ -316,11 +323,28 @@ class ConfigPublisher:
                 """,
                 device_id,
             )
-            if row is None or self._was_cleared(row["uuid"], row["created_at"]):
+            if row is None:
+                return
+            cleared = self._was_cleared(row["uuid"], row["created_at"])
+            if cleared and not await self._deletion_failed(conn, device_id, row["uuid"]):
                 return
             desired = msgspec.json.decode(row["desired"], type=DesiredConfig)
             await self._send(config_topic(row["uuid"]), payload(desired, row["version"]))
             await mark_published(conn, device_id, row["version"])
+
+    async def _deletion_failed(self, conn: asyncpg.Connection, device_id: str, uuid: str) -> bool:
+        """Whether the deletion that cleared the device's configuration failed (the broker
+        refused the rest): the device is active and no deletion holds its row (``Devices.
+        remove`` locks it until it commits or rolls back). Then it is ours again: the mark
+        goes and its configuration is published, else it stayed suppressed until a restart."""
+        active = await conn.fetchval(
+            "SELECT true FROM devices WHERE device_id = $1 AND deleted_at IS NULL "
+            "FOR KEY SHARE SKIP LOCKED",
+            device_id,
+        )
+        if active:
+            self._cleared.pop(uuid, None)
+        return bool(active)
 
     def _was_cleared(self, uuid: str, created_at: datetime) -> bool:
         cleared = self._cleared.get(uuid)

@@ -164,24 +164,24 @@ class Devices:
         its device id, or a fleet device's to its uuid; publishing only its own topics), keeping
         its password, and the fleet role to exactly the fleet devices' rights; idempotent.
         Returns how many devices it went over."""
-        async with conn.transaction():
-            # No registration or removal meanwhile: the fleet role is written from this list.
-            await conn.execute(DEVICES_LOCK)
-            rows = await conn.fetch(
-                "SELECT device_id, mqtt_username, uuid FROM devices WHERE deleted_at IS NULL"
-            )
-            try:
-                async with self._dynsec() as dynsec:
-                    held = [row["uuid"] for row in rows if await self._converge_device(dynsec, row)]
-                    if self._settings.mqtt_username:
-                        await dynsec.ensure_role(
-                            fleet.fleet_role(self._settings.mqtt_username),
-                            fleet.fleet_role_acls([uuid for uuid in held if uuid]),
-                        )
-            except (DynSecError, OSError) as exc:
-                raise BrokerUnavailable(
-                    f"the broker did not take the devices' shape: {exc}"
-                ) from None
+        try:
+            # Connected before the lock: a broker that does not answer holds up no
+            # registration or removal while this waits for it (and retries).
+            async with self._dynsec() as dynsec, conn.transaction():
+                # No registration or removal meanwhile: the fleet role is written from this
+                # list.
+                await conn.execute(DEVICES_LOCK)
+                rows = await conn.fetch(
+                    "SELECT device_id, mqtt_username, uuid FROM devices WHERE deleted_at IS NULL"
+                )
+                held = [row["uuid"] for row in rows if await self._converge_device(dynsec, row)]
+                if self._settings.mqtt_username:
+                    await dynsec.ensure_role(
+                        fleet.fleet_role(self._settings.mqtt_username),
+                        fleet.fleet_role_acls([uuid for uuid in held if uuid]),
+                    )
+        except (DynSecError, OSError) as exc:
+            raise BrokerUnavailable(f"the broker did not take the devices' shape: {exc}") from None
         return len(rows)
 
     async def _converge_device(self, dynsec: DynSec, row: asyncpg.Record) -> bool:
@@ -227,16 +227,24 @@ class Devices:
                     raise
         log.info("broker clients of %d devices converged", count)
 
-    async def remove(self, conn: asyncpg.Connection, device_id: str) -> bool:
+    async def remove(
+        self, conn: asyncpg.Connection, device_id: str, *, pending_only: bool = False
+    ) -> bool:
         """Revoke the device's credentials (disconnecting it) and mark it deleted; a fleet
         device's rights are also taken from the fleet role, so its uuid, once free on the
-        broker, gives this instance nothing of whoever registers it next."""
+        broker, gives this instance nothing of whoever registers it next. ``pending_only``:
+        only while its key exchange has not come (housekeeping's abandoned registrations; the
+        row is locked, so a key exchange either came before, and it stays, or finds it gone)."""
         async with conn.transaction():
             await conn.execute(DEVICES_LOCK)
+            # The row stays locked until the deletion commits or fails: the config publisher
+            # tells a deletion going on (its clearing holds) from one that failed by it.
             row = await conn.fetchrow(
                 "SELECT mqtt_username, uuid FROM devices "
-                "WHERE device_id = $1 AND deleted_at IS NULL",
+                "WHERE device_id = $1 AND deleted_at IS NULL "
+                "AND NOT ($2 AND key_exchanged_at IS NOT NULL) FOR UPDATE",
                 device_id,
+                pending_only,
             )
             if row is None:
                 return False

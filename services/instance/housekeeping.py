@@ -76,7 +76,9 @@ async def _forget_abandoned(conn: asyncpg.Connection, devices: Devices, ingest: 
     place under maxDevices (a device that comes back registers again)."""
     for device_id in await abandoned_registrations(conn, datetime.now(UTC)):
         try:
-            await devices.remove(conn, device_id)
+            # It may have completed its key exchange since it was listed: then it stays.
+            if not await devices.remove(conn, device_id, pending_only=True):
+                continue
         except BrokerUnavailable as exc:
             log.warning("housekeeping: abandoned fleet devices stay for now: %s", exc)
             return

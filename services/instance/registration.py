@@ -17,19 +17,26 @@ on the device's topics are added before the credentials are answered, so ingest 
 device's first message.
 
 Every attempt, accepted or refused, is a row of the audit trail; refused ones count against the
-caller's address (``registration_audit``).
+caller's address (``registration_audit``). At most ``AT_ONCE`` attempts hold a database
+connection at once; one that gets no turn within ``TURN_WAIT`` is answered 503.
+
+Longer than 400 lines because registration, its broker claim and the key exchange share the
+one transaction's rules (locks, adoption, the audit), which read best in one place.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import secrets
 import uuid as uuids
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import aiomqtt
 import asyncpg
 import msgspec
 
@@ -73,6 +80,22 @@ ELSEWHERE = "this uuid is registered elsewhere"
 # A fleet device that has not completed its key exchange this long after registering is
 # removed by housekeeping.
 ABANDONED_AFTER = timedelta(hours=24)
+# Registrations and key exchanges holding a database connection at once. They take turns on
+# the devices' lock anyway; a burst of them (a fleet powering up) must leave the pool's other
+# connections to ingest, the API and readiness, which otherwise found none within its second
+# and said the database was away.
+AT_ONCE = 2
+# How long one waits for its turn before it is answered 503 (retry): with the broker stalled,
+# each turn takes the broker administration's timeout, and a herd of devices retrying must not
+# pile up waiting requests without bound.
+TURN_WAIT = 8.0
+
+
+class Busy(DomainError):
+    """503: too many registrations are waiting for their turn; the device retries."""
+
+    status_code = 503
+    code = "unavailable"
 
 
 @dataclass(frozen=True)
@@ -178,6 +201,7 @@ class FleetRegistrations:
         self._devices = devices
         self._settings = devices.settings
         self.api_keys = ApiKeys()
+        self._at_once = asyncio.Semaphore(AT_ONCE)
 
     async def attempt(
         self,
@@ -187,7 +211,27 @@ class FleetRegistrations:
     ) -> T:
         """Run ``work`` unless the address is rate-limited, and record the attempt in the audit
         trail (a refused one also against the address). The rate-limited ones are not recorded:
-        a flood of them would fill the customer's database."""
+        a flood of them would fill the customer's database; nor those answered ``Busy`` (no
+        turn within ``TURN_WAIT``)."""
+        try:
+            async with asyncio.timeout(TURN_WAIT):
+                await self._at_once.acquire()
+        except TimeoutError:
+            raise Busy(
+                "too many devices are registering; try again shortly",
+                headers={"Retry-After": "5"},
+            ) from None
+        try:
+            return await self._attempt(pool, attempt, work)
+        finally:
+            self._at_once.release()
+
+    async def _attempt(
+        self,
+        pool: asyncpg.Pool,
+        attempt: Attempt,
+        work: Callable[[asyncpg.Connection], Awaitable[T]],
+    ) -> T:
         async with pool.acquire() as conn:
             await refuse_if_limited(conn, attempt.address)
             try:
@@ -221,7 +265,7 @@ class FleetRegistrations:
         same_key = held is not None and await self.api_keys.verify(held, request.api_key)
         new_hash = await self.api_keys.hash(request.api_key)
         password = secrets.token_urlsafe(24)
-        async with conn.transaction():
+        async with self._broker_admin() as dynsec, conn.transaction():
             key_row = await conn.fetchrow(
                 "SELECT * FROM provisioning_keys WHERE key_id = $1 FOR UPDATE", key_id
             )
@@ -237,13 +281,13 @@ class FleetRegistrations:
                     raise Conflict("this uuid is already provisioned")
                 if not same_key or row["api_key_hash"] != held:
                     raise Conflict("this uuid is pending with another deviceApiKey")
-                await self._credentials(request, password)
+                await self._credentials(dynsec, request, password)
                 return FleetRegistered(
                     row["device_id"], request.uuid, row["name"], row["device_type"], password
                 )
             refuse_key(key_row, now, new_device=True)
             device_id = await self._insert(conn, request, key_id, new_hash, max_devices, now)
-            await self._credentials(request, password)
+            await self._credentials(dynsec, request, password)
         return FleetRegistered(
             device_id, request.uuid, request.device_name, request.device_type, password
         )
@@ -304,17 +348,25 @@ class FleetRegistrations:
         await conn.execute("UPDATE provisioning_keys SET uses = uses + 1 WHERE key_id = $1", key_id)
         return device_id
 
-    async def _credentials(self, request: Registration, password: str) -> None:
-        """The device's broker client with this password (adopting our own, refusing another
-        customer's), its role, and the fleet role's rights on its topics."""
+    @contextlib.asynccontextmanager
+    async def _broker_admin(self) -> AsyncIterator[DynSec]:
+        """The broker's administration, connected before any lock is taken: a broker that is
+        away or stalled fails each registration after the administration's timeout, not one
+        registration after another behind the devices' lock (nor a device's deletion behind
+        them). What the broker refuses is a 502."""
         try:
             async with self._devices.broker_admin() as dynsec:
-                await self._claim_client(dynsec, request, password)
-                await dynsec.add_role_acls(self._fleet_role(), fleet.reader_acls(request.uuid))
-        except (DynSecError, OSError) as exc:
+                yield dynsec
+        except (DynSecError, OSError, aiomqtt.MqttError) as exc:
             raise UpstreamError(f"the broker refused the device: {exc}") from None
         except BrokerUnavailable as exc:
             raise UpstreamError(str(exc)) from None
+
+    async def _credentials(self, dynsec: DynSec, request: Registration, password: str) -> None:
+        """The device's broker client with this password (adopting our own, refusing another
+        customer's), its role, and the fleet role's rights on its topics."""
+        await self._claim_client(dynsec, request, password)
+        await dynsec.add_role_acls(self._fleet_role(), fleet.reader_acls(request.uuid))
 
     async def _claim_client(self, dynsec: DynSec, request: Registration, password: str) -> None:
         uuid = request.uuid
@@ -370,10 +422,12 @@ class FleetRegistrations:
             raise Unauthorized(NOT_EXCHANGED)
         exchanged = await conn.fetchval(
             "UPDATE devices SET key_exchanged_at = coalesce(key_exchanged_at, $2) "
-            "WHERE device_id = $1 RETURNING key_exchanged_at",
+            "WHERE device_id = $1 AND deleted_at IS NULL RETURNING key_exchanged_at",
             row["device_id"],
             datetime.now(UTC),
         )
+        if exchanged is None:
+            raise Unauthorized(NOT_EXCHANGED)  # removed meanwhile (housekeeping)
         return {
             "id": row["device_id"],
             "uuid": uuid,

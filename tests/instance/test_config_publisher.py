@@ -166,8 +166,19 @@ async def test_a_refused_configuration_is_delivered_once_the_device_may_receive_
         device = await device_client(broker, device_uuid)
         assert await retained(device, device_uuid) == {"version": 1, "heater_profile": "eco"}
 
-        await publisher.clear(device_uuid)
-        assert await retained(device, device_uuid) is None
-        # Not published again, even when asked: the device was deleted.
+        async with pool.acquire() as removing, removing.transaction():
+            # As a deletion does (Devices.remove): the row locked until it commits.
+            await removing.execute(
+                "SELECT 1 FROM devices WHERE device_id = $1 FOR UPDATE", device_id
+            )
+            await publisher.clear(device_uuid)
+            assert await retained(device, device_uuid) is None
+            # Not published again, even when asked: the device is being deleted...
+            assert await publisher.publish(device_id) is None
+            assert await retained(device, device_uuid) is None
+            await removing.execute(
+                "UPDATE devices SET deleted_at = now() WHERE device_id = $1", device_id
+            )
+        # ...and then was.
         assert await publisher.publish(device_id) is None
         assert await retained(device, device_uuid) is None
