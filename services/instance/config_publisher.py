@@ -190,10 +190,9 @@ class ConfigPublisher:
                 try:
                     await self._serve(client)
                 except (*_TRANSIENT, ConfigNotPublished) as exc:
-                    # The broker went away, or disconnected us: dynamic security does so to
-                    # the holders of a role whose rights change (the fleet role, at each fleet
-                    # registration and deletion). Connect again at once; the session found,
-                    # or not, tells whether the broker may have lost its retained messages.
+                    # The broker went away, or disconnected us (its administration may).
+                    # Connect again at once; the session found, or not, tells whether the
+                    # broker may have lost its retained messages.
                     log.warning("config publisher: connection ended (%s); connecting again", exc)
 
     async def _ensure_own_client(self) -> None:

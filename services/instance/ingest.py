@@ -127,9 +127,10 @@ class Ingest(Intake):
                     if not self._just_lost() or time.monotonic() - at_once < 1:
                         await asyncio.sleep(1)
                     else:
-                        # The broker's administration ends a working connection whenever the
-                        # fleet role changes (each registration): the devices' QoS 0 messages
-                        # are lost until it is back, so it is, at once (once a second at most).
+                        # A working connection lost (the broker's administration may end it,
+                        # e.g. when the client's password or roles change): the devices' QoS 0
+                        # messages are lost until it is back, so it is, at once (once a second
+                        # at most).
                         at_once = time.monotonic()
         except asyncio.CancelledError:
             self._closing = True
