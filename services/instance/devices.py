@@ -180,9 +180,25 @@ class Devices:
                         fleet.fleet_role(self._settings.mqtt_username),
                         fleet.fleet_role_acls([uuid for uuid in held if uuid]),
                     )
+                await self._remove_orphans(dynsec, {r["mqtt_username"] for r in rows})
         except (DynSecError, OSError) as exc:
             raise BrokerUnavailable(f"the broker did not take the devices' shape: {exc}") from None
         return len(rows)
+
+    async def _remove_orphans(self, dynsec: DynSec, registered: set[str]) -> None:
+        """Delete the broker clients of this customer that no registered device has: a
+        registration that reached the broker and not the commit (the instance killed, the
+        database gone), whose device never came back to be adopted. Left, it would keep its
+        uuid from any other account on a shared broker. (Under the devices' lock: no
+        registration is between the broker and its commit now.)"""
+        owner = fleet.owner_text(self._settings.instance_customer_id)
+        for username in set(await dynsec.clients_named(owner)) - registered:
+            uuid = username.removeprefix("iot-")
+            if username == fleet.broker_username(uuid) and fleet.valid_uuid(uuid):
+                await dynsec.clear_retained(username, uuid, fleet.device_root(uuid))
+            log.warning("removing broker client %s: no device of ours has it", username)
+            await dynsec.delete_client(username)
+            await dynsec.delete_role(username)
 
     async def _converge_device(self, dynsec: DynSec, row: asyncpg.Record) -> bool:
         """Converge one device's client and role; whether its client is there (and, for a

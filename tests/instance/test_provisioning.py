@@ -342,6 +342,17 @@ async def test_a_restarted_instance_converges_its_fleet_and_forgets_the_abandone
         # A device whose client is gone (a deletion that failed half-way): its uuid is free on
         # the shared broker, so the fleet role must not receive it any more.
         await dynsec.delete_client(f"iot-{lost['uuid']}")
+        # A registration that reached the broker and not the database (killed between the
+        # two), whose device never came back: its client would hold the uuid for ever.
+        orphan = new_uuid()
+        await dynsec.ensure_role(f"iot-{orphan}", fleet.device_acls(orphan))
+        await dynsec.ensure_client(
+            f"iot-{orphan}",
+            "orphaned password",
+            [f"iot-{orphan}"],
+            textname=fleet.owner_text(fiona.id),
+            clientid=orphan,
+        )
     pid = instances_running()[fiona.id]
     os.kill(pid, signal.SIGKILL)
 
@@ -364,6 +375,11 @@ async def test_a_restarted_instance_converges_its_fleet_and_forgets_the_abandone
     )
     assert instances_running()[fiona.id] != pid
     assert await echoes(broker, device)
+    async with DynSec(
+        broker.host, broker.port, broker.admin_username, broker.admin_password
+    ) as dynsec:
+        assert await dynsec.get_client(f"iot-{orphan}") is None
+        assert f"iot-{device['uuid']}" in await dynsec.clients_named(fleet.owner_text(fiona.id))
 
     async def forgotten() -> bool:
         async with instance_database(postgres_server_url, fiona) as conn:
