@@ -6,6 +6,8 @@ out. Each is refused with its reason; the good messages of a batch stand. Pure f
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,17 @@ NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 OLDEST = NOW - timedelta(days=30)
 # Deeper than the decoder's recursion allows, and small enough for every size limit.
 DEEP = "[" * 1500 + "]" * 1500
+
+
+@pytest.fixture(autouse=True)
+def interpreter_default_recursion_limit() -> Iterator[None]:
+    """The instance runs with the interpreter's default recursion limit (1000), which bounds
+    how deep msgspec decodes; libraries the test process loads may raise it (celpy sets 2500
+    when the chart's CEL rules are checked), under which DEEP would decode."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(before)
 
 
 def good() -> dict[str, Any]:
