@@ -61,6 +61,7 @@ from services.instance.devices import (
 from services.instance.provisioning_keys import key_hash, key_state, looks_like_key
 from services.instance.registration_audit import (
     Attempt,
+    LicenseFull,
     audit,
     count_failure,
     counts_as_failure,
@@ -318,7 +319,7 @@ class FleetRegistrations:
     ) -> str:
         """The device's row and one more use of its key, within the license's maxDevices."""
         if await count_active_devices(conn) >= max_devices:
-            raise Forbidden(f"the license allows {max_devices} devices (maxDevices), all taken")
+            raise LicenseFull(f"the license allows {max_devices} devices (maxDevices), all taken")
         device_id = uuids.uuid4().hex[:16]
         username = fleet.broker_username(request.uuid)
         # A deleted device of this uuid gives up the broker user name (unique in the table,

@@ -81,12 +81,15 @@ async def count_failure(conn: asyncpg.Connection, address: str) -> None:
     )
 
 
+class LicenseFull(Forbidden):
+    """The license's ``maxDevices`` are all taken: the customer's limit, not the caller's
+    fault."""
+
+
 def counts_as_failure(exc: DomainError) -> bool:
     """Refusals for what the caller sent (not the license's limit or the broker) count
     against its address."""
-    if isinstance(exc, UpstreamError):
-        return False
-    return not (isinstance(exc, Forbidden) and "maxDevices" in exc.message)
+    return not isinstance(exc, UpstreamError | LicenseFull)
 
 
 async def forget_old_attempts(conn: asyncpg.Connection, keep_days: int) -> None:
