@@ -27,6 +27,7 @@ class TcpRelay:
         self._cut_marker: bytes | None = None
         self._cut_client_marker: bytes | None = None
         self._swallow_client_marker: bytes | None = None
+        self._client_gate: bytes | None = None
         self.swallowed = asyncio.Event()
         self.cut = asyncio.Event()
         self._watch: tuple[bytes, asyncio.Event] | None = None
@@ -74,17 +75,23 @@ class TcpRelay:
         self.cut.clear()
         self._cut_marker = marker
 
-    def cut_client_at(self, marker: bytes) -> None:
+    def cut_client_at(self, marker: bytes, *, after: bytes | None = None) -> None:
         """Drop the client's next data containing ``marker`` and cut that connection: what it
-        sent never reaches the server (a connection lost just as a request went out)."""
+        sent never reaches the server (a connection lost just as a request went out).
+
+        With ``after``, only on the connection that sent ``after`` first, from its next data
+        on: the relay arms itself, so no data can slip through while a test reacts."""
         self.cut.clear()
         self._cut_client_marker = marker
+        self._client_gate = after
 
-    def swallow_client_at(self, marker: bytes) -> None:
+    def swallow_client_at(self, marker: bytes, *, after: bytes | None = None) -> None:
         """Drop the client's next data containing ``marker`` and keep the connection: the
-        client waits for an answer that never comes (a process frozen just as it sent it)."""
+        client waits for an answer that never comes (a process frozen just as it sent it).
+        ``after`` as for ``cut_client_at``."""
         self.swallowed.clear()
         self._swallow_client_marker = marker
+        self._client_gate = after
 
     def watch_client(self, marker: bytes) -> asyncio.Event:
         """An event set once the client sends data containing ``marker`` (from now on)."""
@@ -116,9 +123,14 @@ class TcpRelay:
         downstream: bool,
     ) -> None:
         tail = b""
+        gate_passed = False
         try:
             while data := await reader.read(65536):
                 window, tail = tail + data, data[-200:]
+                gate = self._client_gate
+                armed = gate is None or gate_passed
+                if not downstream and not armed and gate is not None and gate in window:
+                    gate_passed, tail = True, b""
                 if downstream:
                     if self._cut_marker is not None and self._cut_marker in window:
                         self._cut_marker = None
@@ -127,17 +139,22 @@ class TcpRelay:
                         self.cut.set()
                         return
                     await self._flowing.wait()
-                elif self._cut_client_marker is not None and self._cut_client_marker in window:
-                    self._cut_client_marker = None
+                elif (
+                    armed
+                    and self._cut_client_marker is not None
+                    and self._cut_client_marker in window
+                ):
+                    self._cut_client_marker = self._client_gate = None
                     for w in pair:
                         w.transport.abort()
                     self.cut.set()
                     return
                 elif (
-                    self._swallow_client_marker is not None
+                    armed
+                    and self._swallow_client_marker is not None
                     and self._swallow_client_marker in window
                 ):
-                    self._swallow_client_marker = None
+                    self._swallow_client_marker = self._client_gate = None
                     self.swallowed.set()
                     continue
                 elif self._watch is not None and self._watch[0] in window:

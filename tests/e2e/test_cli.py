@@ -137,7 +137,9 @@ async def test_events_tail_follows_new_events(settings, store: EventStore, log_w
         proc.wait(timeout=20)
 
 
-async def test_parked_list_and_skip_then_replay_verify(settings, log_with_events) -> None:
+async def test_parked_list_and_skip_then_replay_verify(
+    settings, store: EventStore, log_with_events
+) -> None:
     listed = cli(settings, "parked", "list").stdout
     assert "licenses" in listed and str(log_with_events["bad"]) in listed
     skipped = cli(settings, "parked", "skip", "licensing", "licenses", str(log_with_events["bad"]))
@@ -146,19 +148,18 @@ async def test_parked_list_and_skip_then_replay_verify(settings, log_with_events
     assert again.returncode == 1
     cli(settings, "parked", "skip", "licensing", "issue_licenses", str(log_with_events["bad"]))
 
-    # Let the projection act on the decision and catch up, then compare with a clean replay.
+    # Let the projection act on the decision and catch up to the head (the tail test appends
+    # past the skipped event), then compare with a clean replay.
+    head = await store.last_seq()
     platform = make_platform(settings, [LICENSING])
     await platform.start()
     await platform.wait_started()
     conn = await asyncpg.connect(settings.database_url)
     try:
         await eventually(
-            lambda: conn.fetchval(
-                "SELECT last_seq FROM licensing.projection_checkpoints "
-                "WHERE projection = 'licenses'"
-            ),
-            lambda seq: seq is not None and seq >= log_with_events["bad"],
-            what="the projection past the skipped event",
+            lambda: licenses_checkpoint(conn),
+            lambda seq: seq >= max(head, log_with_events["bad"]),
+            what="the projection at the head, past the skipped event",
         )
         await platform.stop()
         clean = cli(settings, "replay", "licensing", "--verify")
@@ -219,10 +220,12 @@ async def test_replay_verify_fails_on_a_projection_behind_the_head_and_names_its
     await platform.wait_started()
     conn = await asyncpg.connect(settings.database_url)
     try:
+        # At the head, whatever the tests before appended, so the three below are its whole lag.
+        at_start = await store.last_seq()
         checkpoint = await eventually(
             lambda: licenses_checkpoint(conn),
-            lambda seq: seq >= log_with_events["bad"],
-            what="the projection past the malformed event",
+            lambda seq: seq >= max(at_start, log_with_events["bad"]),
+            what="the projection at the head, past the malformed event",
         )
         await platform.stop()
         for _ in range(3):

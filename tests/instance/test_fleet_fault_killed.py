@@ -126,11 +126,11 @@ async def test_an_instance_killed_mid_registration_keeps_nothing_and_the_device_
                     "VALUES ('pk_test', 'test', $1, now())",
                     key_hash(KEY),
                 )
-                uses_counted = relay.watch_client(b"UPDATE provisioning_keys SET uses")
+                # Armed by the relay itself on the registration's connection: the COMMIT
+                # cannot slip through before the test reacts, however busy the machine.
+                relay.swallow_client_at(b"COMMIT", after=b"UPDATE provisioning_keys SET uses")
                 registering = asyncio.create_task(post_registration(url, KEY, body))
-                await uses_counted.wait()
-                relay.swallow_client_at(b"COMMIT")
-                await relay.swallowed.wait()
+                await first_of(relay.swallowed, registering)
                 first.send_signal(signal.SIGKILL)
                 first.wait(10)
                 with pytest.raises(httpx.HTTPError):
@@ -178,3 +178,14 @@ async def test_an_instance_killed_mid_registration_keeps_nothing_and_the_device_
                 )
         finally:
             await db.close()
+
+
+async def first_of(event: asyncio.Event, request: asyncio.Task[httpx.Response]) -> None:
+    """Wait for ``event``; fail with the answer if the request ended first (a 503 on a busy
+    machine, say) instead of waiting for ever."""
+    waiter = asyncio.ensure_future(event.wait())
+    done, _ = await asyncio.wait({waiter, request}, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        answer = request.result()
+        pytest.fail(f"the registration ended before its COMMIT: {answer.status_code} {answer.text}")
