@@ -25,6 +25,7 @@ from libs.db.postgres import CONNECTION_ERRORS, Turns
 from libs.http.app import create_app
 from libs.runtime.supervision import Supervisor, restart_counter, then_idle
 from services.instance.alerts.engine import AlertEngine
+from services.instance.alerts.presets import install_presets
 from services.instance.alerts.targets import WebhookTargets
 from services.instance.api.alerts import AlertsController
 from services.instance.api.dashboard import DashboardController
@@ -150,10 +151,12 @@ def _tasks(
 
 
 async def _open_database(instance: InstanceState) -> None:
-    """Connect (migrating), then take up the day's counts where a restart left them."""
+    """Connect (migrating), install the alert presets not installed yet, then take up the
+    day's counts where a restart left them."""
     await instance.database.connect()
     await instance.ingest.load_usage()
     async with instance.pool().acquire() as conn:
+        await install_presets(conn)
         today = await usage_day(conn, instance.api_requests.day)
     instance.api_requests.count = today["api_requests"] if today else 0
 

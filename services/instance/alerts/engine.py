@@ -1,11 +1,14 @@
 """The alert loop: every few seconds, each rule evaluated for each device, then the webhooks
 that are due delivered.
 
-A rule fires for a device when the device's newest reading has met its condition continuously
-for ``for_seconds`` (pending until then), and resolves when a newer reading no longer meets it;
-``no_data`` fires when a device has sent nothing for ``for_seconds``. Each firing and
-resolution goes into the history and, with a webhook on the rule, into the delivery queue
-(``webhooks``).
+A threshold rule fires for a device when the device's newest reading has met its condition
+continuously for ``for_seconds`` (pending until then), and resolves when a newer reading no
+longer meets it; ``no_data`` fires when a device has sent nothing for ``for_seconds``. The
+indoor-air kinds (offline, mould risk, stale sensor, CO₂) are evaluated by ``indoor``. Readings
+taken before the sensor was calibrated are left out unless the rule says
+``include_calibrating``. Each firing and resolution goes into the history with why
+(``history``), to the integrations' outbox and, with a webhook on the rule, into the delivery
+queue (``webhooks``).
 
 Nothing one rule or one delivery does stops the others: a rule that cannot be evaluated (one
 stored by an older version, say) is rolled back alone, a delivery that fails in a way nobody
@@ -17,19 +20,29 @@ and says when it last finished one, which readiness checks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
+from services.instance.alerts.history import record_event, set_state
+from services.instance.alerts.indoor import (
+    Pass,
+    evaluate_offline,
+    evaluate_readings,
+    in_scope,
+    load_pass,
+)
+from services.instance.alerts.kinds import OFFLINE, READING_KINDS, THRESHOLD, duration_text
 from services.instance.alerts.rules import NO_DATA, OPERATORS
 from services.instance.alerts.targets import WebhookTargets
-from services.instance.alerts.webhooks import WebhookDeliveries, enqueue
+from services.instance.alerts.webhooks import WebhookDeliveries
+from services.instance.alerts.windows import stamp
 from services.instance.readings import stored_column
 
 log = logging.getLogger(__name__)
@@ -107,14 +120,12 @@ class AlertEngine:
             devices = await conn.fetch(
                 "SELECT device_id, last_seen FROM devices WHERE deleted_at IS NULL"
             )
+            ctx = await load_pass(conn, rules, devices, now)
             for rule in rules:
-                scope = [
-                    d for d in devices if not rule["devices"] or d["device_id"] in rule["devices"]
-                ]
                 try:
                     async with conn.transaction():  # a savepoint: this rule's changes only
-                        for device in scope:
-                            changed += await self._evaluate_one(conn, rule, device, now)
+                        for device in in_scope(rule, devices):
+                            changed += await self._evaluate_one(conn, rule, device, ctx, now)
                 except CONNECTION_ERRORS:
                     raise
                 except Exception as exc:  # noqa: BLE001 - logged and counted in _rule_failed
@@ -137,29 +148,61 @@ class AlertEngine:
         )
 
     async def _evaluate_one(
-        self, conn: asyncpg.Connection, rule: asyncpg.Record, device: asyncpg.Record, now: datetime
+        self,
+        conn: asyncpg.Connection,
+        rule: asyncpg.Record,
+        device: asyncpg.Record,
+        ctx: Pass,
+        now: datetime,
     ) -> int:
-        device_id = device["device_id"]
+        device_id, kind = device["device_id"], rule["kind"]
+        if kind == OFFLINE:
+            return await evaluate_offline(conn, self._customer, rule, device, ctx, now)
+        if kind in READING_KINDS:
+            return await evaluate_readings(conn, self._customer, rule, device_id, ctx, now)
+        if kind != THRESHOLD:
+            raise ValueError(f"unknown rule kind {kind!r}")
         if rule["metric"] == NO_DATA:
             seen = device["last_seen"]
             value = (now - seen).total_seconds() if seen else None
             # Silence counts from the last message (or from the rule's creation).
             since = seen or rule["created_at"]
             holds, since_true = (now - since).total_seconds() >= rule["for_seconds"], since
-            return await self._transition(
-                conn, rule, device_id, holds, since_true, now, value, True
+            why = _Why(
+                fired=lambda _: (
+                    f"no data since {stamp(since)} "
+                    f"({duration_text((now - since).total_seconds())}; "
+                    f"threshold {rule['for_seconds']} s)"
+                ),
+                resolved=f"data again: last message at {stamp(seen)}" if seen else "data again",
             )
+            return await self._transition(
+                conn, rule, device_id, holds, since_true, now, value, True, why
+            )
+        # The newest reading, leaving out those taken before calibration unless asked.
         newest = await conn.fetchrow(
             f"SELECT ts, {stored_column(rule['metric'])} AS v FROM readings WHERE device_id = $1 "
-            f"AND ts > $2 ORDER BY ts DESC LIMIT 1",
+            "AND ts > $2 AND ($3 OR iaq_accuracy IS NULL OR iaq_accuracy >= 3) "
+            "ORDER BY ts DESC LIMIT 1",
             device_id,
             now - FRESH,
+            rule["include_calibrating"],
         )
         if newest is None or newest["v"] is None:
             return 0
         holds = OPERATORS[rule["operator"]](newest["v"], rule["threshold"])
+        metric, operator, threshold = rule["metric"], rule["operator"], rule["threshold"]
+        value, at = newest["v"], stamp(newest["ts"])
+        why = _Why(
+            fired=lambda since: (
+                f"{metric} {value:g} {operator} {threshold:g} in the newest reading ({at}), met "
+                f"since {stamp(since)} (threshold {operator} {threshold:g} for "
+                f"{rule['for_seconds']} s)"
+            ),
+            resolved=f"{metric} {value:g} at {at}, not {operator} {threshold:g}",
+        )
         return await self._transition(
-            conn, rule, device_id, holds, newest["ts"], now, newest["v"], False
+            conn, rule, device_id, holds, newest["ts"], now, newest["v"], False, why
         )
 
     async def _transition(
@@ -172,50 +215,31 @@ class AlertEngine:
         now: datetime,
         value: float | None,
         silence: bool,
+        why: _Why,
     ) -> int:
+        rule_id = rule["rule_id"]
         state = await conn.fetchrow(
-            "SELECT * FROM alert_states WHERE rule_id = $1 AND device_id = $2",
-            rule["rule_id"],
-            device_id,
+            "SELECT * FROM alert_states WHERE rule_id = $1 AND device_id = $2", rule_id, device_id
         )
         current = state["state"] if state else "ok"
         if holds and current == "ok":
-            await self._set(conn, rule, device_id, "pending", since_true, value)
+            await set_state(conn, rule_id, device_id, "pending", since_true, value)
             current, state_since = "pending", since_true
         else:
             state_since = state["since"] if state else now
         if holds and current == "pending":
             if silence or (now - state_since).total_seconds() >= rule["for_seconds"]:
-                await self._set(conn, rule, device_id, "firing", state_since, value)
-                await self._record(conn, rule, device_id, "firing", now, value)
+                fired = why.fired(state_since)
+                await set_state(conn, rule_id, device_id, "firing", state_since, value, fired)
+                await self._record(conn, rule, device_id, "firing", now, value, fired)
                 return 1
             return 0
         if not holds and current in ("pending", "firing"):
-            await self._set(conn, rule, device_id, "ok", now, value)
+            await set_state(conn, rule_id, device_id, "ok", now, value)
             if current == "firing":
-                await self._record(conn, rule, device_id, "resolved", now, value)
+                await self._record(conn, rule, device_id, "resolved", now, value, why.resolved)
                 return 1
         return 0
-
-    async def _set(
-        self,
-        conn: asyncpg.Connection,
-        rule: asyncpg.Record,
-        device_id: str,
-        state: str,
-        since: datetime,
-        value: float | None,
-    ) -> None:
-        await conn.execute(
-            "INSERT INTO alert_states (rule_id, device_id, state, since, value) "
-            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (rule_id, device_id) DO UPDATE SET "
-            "state = $3, since = $4, value = $5",
-            rule["rule_id"],
-            device_id,
-            state,
-            since,
-            value,
-        )
 
     async def _record(
         self,
@@ -225,35 +249,15 @@ class AlertEngine:
         event: str,
         now: datetime,
         value: float | None,
+        explanation: str,
     ) -> None:
-        what = (
-            "no data"
-            if rule["metric"] == NO_DATA
-            else (f"{rule['metric']} {rule['operator']} {rule['threshold']:g}")
-        )
-        message = f"{rule['name']}: {what} on device {device_id} {event}"
-        await conn.execute(
-            "INSERT INTO alert_history (rule_id, device_id, event, at, value, message) "
-            "VALUES ($1, $2, $3, $4, $5, $6)",
-            rule["rule_id"],
-            device_id,
-            event,
-            now,
-            value,
-            message,
-        )
-        if rule["webhook_url"]:
-            body = json.dumps(
-                {
-                    "customer_id": self._customer,
-                    "rule_id": rule["rule_id"],
-                    "rule": rule["name"],
-                    "device_id": device_id,
-                    "event": event,
-                    "metric": rule["metric"],
-                    "value": value,
-                    "at": now.isoformat(),
-                    "message": message,
-                }
-            )
-            await enqueue(conn, rule["rule_id"], rule["webhook_url"], body, now)
+        await record_event(conn, self._customer, rule, device_id, event, now, value, explanation)
+
+
+@dataclass(frozen=True)
+class _Why:
+    """How a threshold rule's firing (from when its condition was first met) and its
+    resolution are explained."""
+
+    fired: Callable[[datetime], str]
+    resolved: str

@@ -1,16 +1,23 @@
 """Alert rules: checked as a customer sends them, stored, listed, changed, muted and deleted.
 
-A rule ``{metric, operator, threshold, for_seconds, devices}`` fires for a device when the
-device's newest reading has met the condition continuously for ``for_seconds``; the metric
-``no_data`` fires when a device has sent nothing for ``for_seconds``. With a ``webhook_url``
+A threshold rule ``{metric, operator, threshold, for_seconds, devices}`` fires for a device
+when the device's newest reading has met the condition continuously for ``for_seconds``; the
+metric ``no_data`` fires when a device has sent nothing for ``for_seconds``. A rule of an
+indoor-air ``kind`` (``kinds``: offline, mould_risk, stale_sensor, co2_high) has ``params``
+instead, each defaulted and tunable. ``include_calibrating`` makes a rule look at readings taken
+before the sensor was calibrated too (by default they are left out). With a ``webhook_url``
 (the license's ``webhooks`` feature) each firing and resolution is also POSTed there, signed
 with a secret made for the rule and shown once, in the answer to its creation (or to the change
 that gave it a new webhook URL). A muted rule is kept but not evaluated: it neither fires nor
 notifies, and muting it drops the notifications still waiting to be delivered.
+
+Longer than 400 lines because it is the one place where a rule of every kind is checked,
+stored and changed: a field added to one must be added to all of these together.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import uuid
@@ -22,6 +29,14 @@ import asyncpg
 import msgspec
 
 from libs.http.validation import FieldErrors, json_object
+from services.instance.alerts.kinds import (
+    KINDS,
+    THRESHOLD,
+    check_params,
+    condition_text,
+    defaults,
+    stored_params,
+)
 from services.instance.alerts.targets import WebhookRefused, WebhookTargets
 from services.instance.readings import METRICS
 
@@ -42,6 +57,18 @@ RULE_FIELDS = (
     "devices",
     "webhook_url",
     "muted",
+    "kind",
+    "include_calibrating",
+)
+# The fields of a rule of an indoor-air kind: its parameters instead of a condition.
+KIND_FIELDS = (
+    "name",
+    "kind",
+    "params",
+    "devices",
+    "webhook_url",
+    "muted",
+    "include_calibrating",
 )
 NAME_LIMIT = 100
 MAX_DEVICES = 1000
@@ -56,13 +83,31 @@ class NewRule(msgspec.Struct, frozen=True, kw_only=True):
     """A rule as it was asked for, checked, not stored yet."""
 
     name: str
-    metric: str
+    metric: str | None
     operator: str | None
     threshold: float | None
     for_seconds: int
     devices: list[str]
     webhook_url: str | None
     muted: bool = False
+    kind: str = THRESHOLD
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    include_calibrating: bool = False
+
+
+def _check_common(data: dict[str, Any], errors: FieldErrors) -> None:
+    """The fields every kind of rule has: its devices, muting, calibration and name."""
+    devices = data.get("devices", [])
+    if (
+        not isinstance(devices, list)
+        or len(devices) > MAX_DEVICES
+        or not all(isinstance(d, str) and len(d) <= NAME_LIMIT for d in devices)
+    ):
+        errors.add("devices", "must be a list of device ids (empty: every device)")
+    for flag in ("muted", "include_calibrating"):
+        if not isinstance(data.get(flag, False), bool):
+            errors.add(flag, "must be true or false")
+    errors.text(data, "name", required=False, limit=NAME_LIMIT)
 
 
 def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
@@ -86,16 +131,7 @@ def _check_condition(data: dict[str, Any], errors: FieldErrors) -> None:
         or not 0 <= for_seconds <= 86400
     ):
         errors.add("for_seconds", "must be whole seconds from 0 to 86400")
-    devices = data.get("devices", [])
-    if (
-        not isinstance(devices, list)
-        or len(devices) > MAX_DEVICES
-        or not all(isinstance(d, str) and len(d) <= NAME_LIMIT for d in devices)
-    ):
-        errors.add("devices", "must be a list of device ids (empty: every device)")
-    if not isinstance(data.get("muted", False), bool):
-        errors.add("muted", "must be true or false")
-    errors.text(data, "name", required=False, limit=NAME_LIMIT)
+    _check_common(data, errors)
 
 
 def _finite(number: float) -> bool:
@@ -130,6 +166,13 @@ async def parse_rule(
     right (its host is resolved, which may take seconds) and must lead to an address
     ``targets`` allows (by default: public ones only)."""
     body = json_object(data, INVALID_RULE)
+    kind = body.get("kind", THRESHOLD)
+    if kind not in KINDS:
+        errors = FieldErrors()
+        errors.add("kind", f"must be one of {', '.join(KINDS)}")
+        errors.raise_if_any(INVALID_RULE)
+    if kind != THRESHOLD:
+        return await _parse_kind_rule(body, kind, webhooks_allowed, targets)
     errors = FieldErrors()
     _check_condition(body, errors)
     errors.raise_if_any(INVALID_RULE)
@@ -151,6 +194,35 @@ async def parse_rule(
         devices=body.get("devices", []),
         webhook_url=url,
         muted=body.get("muted", False),
+        include_calibrating=body.get("include_calibrating", False),
+    )
+
+
+async def _parse_kind_rule(
+    body: dict[str, Any], kind: str, webhooks_allowed: bool, targets: WebhookTargets | None
+) -> NewRule:
+    """A rule of an indoor-air kind: its parameters checked over the defaults."""
+    errors = FieldErrors()
+    errors.unknown(body, KIND_FIELDS)
+    params = check_params(kind, body.get("params"), defaults(kind), errors)
+    _check_common(body, errors)
+    errors.raise_if_any(INVALID_RULE)
+    url = body.get("webhook_url")
+    if url is not None:
+        await _check_webhook(url, webhooks_allowed, targets or WebhookTargets())
+    name = str(body.get("name") or "").strip() or kind.replace("_", " ")
+    return NewRule(
+        name=name[:NAME_LIMIT],
+        metric=None,
+        operator=None,
+        threshold=None,
+        for_seconds=0,
+        devices=body.get("devices", []),
+        webhook_url=url,
+        muted=body.get("muted", False),
+        kind=kind,
+        params=params,
+        include_calibrating=body.get("include_calibrating", False),
     )
 
 
@@ -165,9 +237,17 @@ async def parse_rule_change(
     unchanged one is kept as it is). ``webhook_url: null`` removes the webhook."""
     body = json_object(data, INVALID_RULE)
     errors = FieldErrors()
-    errors.unknown(body, RULE_FIELDS)
+    kind = stored["kind"]
+    fields = RULE_FIELDS if kind == THRESHOLD else KIND_FIELDS
+    errors.unknown(body, fields)
+    if "kind" in body and body["kind"] != kind:
+        errors.add("kind", f"cannot be changed (this rule is {kind}); make a new rule")
+    if kind != THRESHOLD and "params" in body and not isinstance(body["params"], dict):
+        errors.add("params", "must be a JSON object")
     errors.raise_if_any(INVALID_RULE)
-    merged = {f: stored[f] for f in RULE_FIELDS if stored[f] is not None} | body
+    merged = {f: stored[f] for f in fields if f != "params" and stored[f] is not None} | body
+    if kind != THRESHOLD:
+        merged["params"] = stored_params(stored["params"]) | (body.get("params") or {})
     url = merged.pop("webhook_url", None)
     rule = await parse_rule(merged, webhooks_allowed, targets)
     changed_url = url is not None and url != stored["webhook_url"]
@@ -176,14 +256,18 @@ async def parse_rule_change(
     return msgspec.structs.replace(rule, webhook_url=url), changed_url
 
 
-async def create_rule(conn: asyncpg.Connection, rule: NewRule) -> dict[str, Any]:
-    """Store the rule; a webhook secret is made for it and shown once."""
+async def create_rule(
+    conn: asyncpg.Connection, rule: NewRule, preset: str | None = None
+) -> dict[str, Any]:
+    """Store the rule (made from ``preset``, if one); a webhook secret is made for it and
+    shown once."""
     rule_id = uuid.uuid4().hex[:16]
     secret = secrets.token_urlsafe(32) if rule.webhook_url else None
     await conn.execute(
         "INSERT INTO alert_rules (rule_id, name, metric, operator, threshold, for_seconds, "
-        "devices, webhook_url, webhook_secret, created_at, muted) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "devices, webhook_url, webhook_secret, created_at, muted, kind, params, "
+        "include_calibrating, preset) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15)",
         rule_id,
         rule.name,
         rule.metric,
@@ -195,8 +279,25 @@ async def create_rule(conn: asyncpg.Connection, rule: NewRule) -> dict[str, Any]
         secret,
         datetime.now(UTC),
         rule.muted,
+        rule.kind,
+        json.dumps(rule.params),
+        rule.include_calibrating,
+        preset,
     )
-    return {"rule_id": rule_id, **msgspec.structs.asdict(rule), "webhook_secret": secret}
+    return {
+        "rule_id": rule_id,
+        **_shown(rule),
+        "preset": preset,
+        "webhook_secret": secret,
+    }
+
+
+def _shown(rule: NewRule) -> dict[str, Any]:
+    """A rule as the API shows it, with what its kind watches for in words."""
+    shown = msgspec.structs.asdict(rule)
+    if rule.kind != THRESHOLD:
+        shown["condition"] = condition_text(rule.kind, rule.params)
+    return shown
 
 
 async def stored_rule(conn: asyncpg.Connection, rule_id: str) -> asyncpg.Record | None:
@@ -209,7 +310,17 @@ async def stored_rule(conn: asyncpg.Connection, rule_id: str) -> asyncpg.Record 
 def asks_anew(rule: NewRule, stored: asyncpg.Record) -> bool:
     """Whether a change makes the rule a new question (its condition, its devices, muting),
     so that its devices' states start again from ``ok``; a new name or webhook does not."""
-    fields = ("metric", "operator", "threshold", "for_seconds", "devices", "muted")
+    fields = (
+        "metric",
+        "operator",
+        "threshold",
+        "for_seconds",
+        "devices",
+        "muted",
+        "include_calibrating",
+    )
+    if rule.params != stored_params(stored["params"]) and rule.kind != THRESHOLD:
+        return True
     return any(getattr(rule, f) != stored[f] for f in fields)
 
 
@@ -226,7 +337,8 @@ async def update_rule(
             "UPDATE alert_rules SET name = $2, metric = $3, operator = $4, threshold = $5, "
             "for_seconds = $6, devices = $7, webhook_url = $8, muted = $9, "
             "webhook_secret = CASE WHEN $8::text IS NULL THEN NULL "
-            "WHEN $10::text IS NOT NULL THEN $10 ELSE webhook_secret END "
+            "WHEN $10::text IS NOT NULL THEN $10 ELSE webhook_secret END, "
+            "params = $11::jsonb, include_calibrating = $12 "
             "WHERE rule_id = $1",
             rule_id,
             rule.name,
@@ -238,6 +350,8 @@ async def update_rule(
             rule.webhook_url,
             rule.muted,
             secret,
+            json.dumps(rule.params),
+            rule.include_calibrating,
         )
         if anew:
             # What was firing is closed in the history, so nothing stays "firing" for ever.
@@ -250,12 +364,13 @@ async def update_rule(
                 rule.name,
             )
             await conn.execute("DELETE FROM alert_states WHERE rule_id = $1", rule_id)
+            await conn.execute("DELETE FROM alert_windows WHERE rule_id = $1", rule_id)
         if rule.muted:
             await conn.execute(
                 "DELETE FROM webhook_deliveries WHERE rule_id = $1 AND delivered_at IS NULL",
                 rule_id,
             )
-    answer = {"rule_id": rule_id, **msgspec.structs.asdict(rule)}
+    answer = {"rule_id": rule_id, **_shown(rule)}
     if new_webhook:
         answer["webhook_secret"] = secret
     return answer
@@ -265,14 +380,25 @@ async def rules_with_states(conn: asyncpg.Connection) -> list[dict[str, Any]]:
     """The rules in force (without their secrets), each with every device's state under it."""
     rules = await conn.fetch(
         "SELECT rule_id, name, metric, operator, threshold, for_seconds, devices, "
-        "webhook_url, muted, created_at FROM alert_rules WHERE deleted_at IS NULL "
-        "ORDER BY created_at"
+        "webhook_url, muted, created_at, kind, params, include_calibrating, preset "
+        "FROM alert_rules WHERE deleted_at IS NULL ORDER BY created_at"
     )
     states = await conn.fetch("SELECT * FROM alert_states")
     by_rule: dict[str, list[dict[str, Any]]] = {}
     for state in states:
         by_rule.setdefault(state["rule_id"], []).append(dict(state))
-    return [{**dict(r), "states": by_rule.get(r["rule_id"], [])} for r in rules]
+    listed = []
+    for r in rules:
+        shown = {
+            **dict(r),
+            "params": stored_params(r["params"]),
+            "states": by_rule.get(r["rule_id"], []),
+        }
+        if r["kind"] != THRESHOLD:
+            shown["params"] = defaults(r["kind"]) | shown["params"]
+            shown["condition"] = condition_text(r["kind"], shown["params"])
+        listed.append(shown)
+    return listed
 
 
 async def delete_rule(conn: asyncpg.Connection, rule_id: str) -> bool:
@@ -282,10 +408,5 @@ async def delete_rule(conn: asyncpg.Connection, rule_id: str) -> bool:
         rule_id,
     )
     await conn.execute("DELETE FROM alert_states WHERE rule_id = $1", rule_id)
+    await conn.execute("DELETE FROM alert_windows WHERE rule_id = $1", rule_id)
     return not done.endswith(" 0")
-
-
-async def recent_alert_history(conn: asyncpg.Connection, limit: int = 200) -> list[dict[str, Any]]:
-    """Firings and resolutions, newest first."""
-    rows = await conn.fetch("SELECT * FROM alert_history ORDER BY id DESC LIMIT $1", limit)
-    return [dict(r) for r in rows]
