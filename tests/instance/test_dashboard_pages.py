@@ -121,9 +121,11 @@ async def test_every_section_works_with_real_data_and_passes_axe(client, store) 
             await page.wait_for_selector("#rules >> text=Lobby too warm")
             await until_text(page, "alerts", "#history", "still firing")
             await check_page(page, "instance-alerts")
-            await page.click("#rules button:has-text('Mute')")
-            await page.wait_for_selector("#rules button:has-text('Unmute')")
-            assert "muted" in await page.inner_text("#rules")
+            # The Lobby's rule, not one of the indoor-air rules every instance has.
+            lobby_rule = "#rules tr:has-text('Lobby too warm')"
+            await page.click(f"{lobby_rule} button:has-text('Mute')")
+            await page.wait_for_selector(f"{lobby_rule} button:has-text('Unmute')")
+            assert "muted" in await page.inner_text(lobby_rule)
             await eventually(
                 lambda: grace.api.get("/api/license"),
                 lambda r: r.json().get("plan") == "professional",

@@ -646,6 +646,7 @@ function live() {
 
 // --- alerts ---------------------------------------------------------------------------------------
 function condition(r) {
+  if (r.kind && r.kind !== "threshold") return r.condition;  // indoor-air kinds (indoor_alerts.js)
   return r.metric === "no_data" ? `no data for ${r.for_seconds} s` : `${r.metric} ${r.operator} ${fmt(r.threshold)} for ${r.for_seconds} s`;
 }
 function deviceNames(ids) {
@@ -681,8 +682,9 @@ function historyRows(history) {  // firings paired with their resolutions, newes
 async function loadAlerts() {
   state.rules = (await api("/api/alerts/rules")).rules || [];
   fill("#rules", state.rules.map(ruleRow), "No rules yet.");
-  const rows = historyRows((await api("/api/alerts/history")).history || []);
-  fill("#history", rows.slice(0, 100), "Nothing has fired yet.");
+  const history = (await api("/api/alerts/history")).history || [];
+  fill("#history", historyRows(history).slice(0, 100), "Nothing has fired yet.");
+  if (window.indoorAlerts) window.indoorAlerts.show(state.rules, history);
 }
 function ruleBody() {
   const metric = $("rule-metric").value;
@@ -693,6 +695,7 @@ function ruleBody() {
   return body;
 }
 function editRule(r) {
+  if (r.kind && r.kind !== "threshold") return window.indoorAlerts.tune(r);
   state.editing = r.rule_id;
   $("rule-form-title").textContent = `Edit rule ${r.name}`; $("rule-submit").textContent = "Save changes"; $("rule-cancel").hidden = false;
   $("rule-name").value = r.name; $("rule-metric").value = r.metric; $("rule-operator").value = r.operator || ">";
@@ -829,3 +832,4 @@ async function start() {
   window.dashboardReady = true;
 }
 start();
+window.iotistic = {api, el, fmt, when, ago, state};
