@@ -135,6 +135,26 @@ async def test_presets_are_installed_once_and_a_deleted_one_stays_deleted(pool) 
     assert sorted(r["kind"] for r in kinds) == ["co2_high", "offline", "stale_sensor"]
 
 
+async def test_rules_made_before_the_upgrade_keep_looking_at_every_reading(
+    postgres_server_url: str,
+) -> None:
+    conn = await asyncpg.connect(await create_database(postgres_server_url))
+    try:
+        await migrate(conn, "instance", [m for m in MIGRATIONS if int(m.version) < 11])
+        await conn.execute(
+            "INSERT INTO instance.alert_rules (rule_id, name, metric, operator, threshold, "
+            "for_seconds, devices, created_at) "
+            "VALUES ('old', 'old', 'iaq', '>', 150, 0, '{}', now())"
+        )
+        await migrate(conn, "instance", MIGRATIONS)
+        old = await conn.fetchrow(
+            "SELECT kind, include_calibrating FROM instance.alert_rules WHERE rule_id = 'old'"
+        )
+    finally:
+        await conn.close()
+    assert (old["kind"], old["include_calibrating"]) == ("threshold", True)
+
+
 async def test_mould_risk_fires_with_why_and_resolves(pool) -> None:
     async with pool.acquire() as conn:
         await install_presets(conn)
@@ -352,3 +372,38 @@ async def test_rules_of_a_kind_are_checked_field_by_field() -> None:
         "dew_point_minutes": 0,
         "surface_temperature": 11.5,
     }
+
+
+async def test_a_threshold_rule_leaves_out_readings_before_calibration_too(pool) -> None:
+    async with pool.acquire() as conn:
+        await add_device(conn, "lab", NOW)
+        await add_readings(
+            conn,
+            "lab",
+            NOW - timedelta(minutes=2),
+            NOW,
+            timedelta(minutes=1),
+            iaq=300.0,
+            iaq_accuracy=0,
+        )
+        made = {}
+        for name, include in (("plain", False), ("asking", True)):
+            rule = await parse_rule(
+                {
+                    "name": name,
+                    "metric": "iaq",
+                    "operator": ">",
+                    "threshold": 150,
+                    "include_calibrating": include,
+                },
+                False,
+            )
+            made[name] = (await create_rule(conn, rule))["rule_id"]
+    assert await engine(pool).evaluate(NOW) == 1
+    async with pool.acquire() as conn:
+        assert await events(conn, made["plain"]) == []
+        fired = await events(conn, made["asking"])
+    assert fired[0]["explanation"] == (
+        "iaq 300 > 150 in the newest reading (06-13 12:00 UTC), met since 06-13 12:00 UTC "
+        "(threshold > 150 for 0 s)"
+    )

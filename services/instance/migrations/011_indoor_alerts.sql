@@ -8,6 +8,9 @@ ALTER TABLE alert_rules
     ADD COLUMN params jsonb NOT NULL DEFAULT '{}',
     ADD COLUMN include_calibrating boolean NOT NULL DEFAULT false,
     ADD COLUMN preset text;
+-- A rule made before this version goes on looking at every reading, as its customer saw it do;
+-- rules made from now on leave out readings taken before calibration unless they ask.
+UPDATE alert_rules SET include_calibrating = true;
 
 -- Why a rule fired (or resolved): a sentence for people and the values and window behind it.
 ALTER TABLE alert_history
