@@ -144,6 +144,9 @@ async def test_indoor_air_alerts_are_explained_and_tuned_in_the_page(
             why = await page.inner_text("#indoor-why")
             assert "CO₂ too high on Office fired" in why, why
             assert "(threshold 1000 ppm for 30 min)" in why, why
+            # The rule's row says what it sees now.
+            co2_row = await page.inner_text("#rules tr:has-text('CO₂ too high')")
+            assert "Office firing: CO₂-equivalent 1500 to 1500 ppm for" in co2_row, co2_row
             mould = "#rules tr:has-text('Mould risk')"
             assert "RH above 70% for 24 h" in await page.inner_text(mould)
             await page.click(f"{mould} button:has-text('Edit')")

@@ -55,7 +55,19 @@
       resolution ? el("div", {class: "muted"}, `Resolved ${when(resolution.at)}: ${resolution.explanation || resolution.message}`) : null);
   }
 
+  // Under each indoor-air rule's state: what it sees now, per device (pending: so far; firing).
+  function explainStates(rules) {
+    for (const r of rules.filter((x) => x.kind && x.kind !== "threshold")) {
+      const cell = document.querySelector(`#rules tr[data-rule="${r.rule_id}"] td:nth-child(4)`);
+      if (!cell || r.muted) continue;
+      for (const s of (r.states || []).filter((x) => x.explanation && x.state !== "ok")) {
+        cell.append(el("div", {class: `state-why ${s.state}`}, `${deviceName(s.device_id)} ${s.state}: ${s.explanation}`));
+      }
+    }
+  }
+
   function show(rules, history) {
+    explainStates(rules);
     const resolved = new Map();  // a firing's resolution: the next "resolved" of its rule and device
     const open = new Map();
     for (const h of [...history].reverse()) {
