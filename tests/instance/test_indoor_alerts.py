@@ -309,7 +309,13 @@ async def test_a_frozen_sensor_is_stale(pool) -> None:
     await engine(pool).evaluate(NOW)
     async with pool.acquire() as conn:
         fired = await events(conn, stale)
+        states = await conn.fetch(
+            "SELECT device_id, state FROM alert_states WHERE rule_id = $1 ORDER BY device_id",
+            stale,
+        )
     assert [e["device_id"] for e in fired] == ["frozen"]
+    # A working sensor's newest reading is a run of one: nothing pending about it.
+    assert [(s["device_id"], s["state"]) for s in states] == [("frozen", "firing")]
     assert fired[0]["explanation"].startswith(
         "temperature 21 °C, RH 45%, pressure 1013 hPa and gas 100000 Ω unchanged in"
     ), fired[0]["explanation"]

@@ -159,6 +159,7 @@ async def test_indoor_air_alerts_are_explained_and_tuned_in_the_page(
             await page.wait_for_selector(f"{mould} >> text=RH above 65%")
             assert "within 2 °C of 12.5 °C" in await page.inner_text(mould)
             stale = "#rules tr:has-text('Stale sensor')"
+            assert "pending" not in await page.inner_text(stale)  # a working sensor
             await page.click(f"{stale} button:has-text('Mute')")
             await page.wait_for_selector(f"{stale} button:has-text('Unmute')")
             await page.click("#rules tr:has-text('Device offline') button:has-text('Delete')")

@@ -229,7 +229,7 @@ def _follow(found: list[Part], runs: dict[str, Run], f: _Follow) -> None:
     """The state after one reading: firing once a part holds, resolved once none does,
     pending while a run goes on that is not long enough yet."""
     holding = [p for p in found if p.holds(runs[p.name])]
-    active = [p for p in found if runs[p.name].run_from is not None]
+    active = [p for p in found if p.active(runs[p.name])]
     if holding:
         part, run = holding[0], runs[holding[0].name]
         f.explanation, f.value = part.tell_run(run), _value(run)

@@ -85,6 +85,11 @@ class Part:
     tell_break: Callable[[Any, Verdict], str]
     min_readings: int = 1
 
+    def active(self, run: Run) -> bool:
+        """Whether ``run`` is under way: enough readings to be a run at all (a stale sensor's
+        run begins with every reading, and is worth a look only from the second alike)."""
+        return run.run_from is not None and run.n >= self.min_readings
+
     def holds(self, run: Run) -> bool:
         """Whether ``run`` has met the condition for long enough."""
         return (
