@@ -27,6 +27,7 @@ from libs.runtime.supervision import Supervisor, restart_counter, then_idle
 from services.instance.alerts.engine import AlertEngine
 from services.instance.alerts.targets import WebhookTargets
 from services.instance.api.alerts import AlertsController
+from services.instance.api.calibration import CalibrationController
 from services.instance.api.dashboard import DashboardController
 from services.instance.api.dead_letters import DeadLettersController
 from services.instance.api.device_config import DeviceConfigController
@@ -95,6 +96,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             LicenseController,
             DevicesController,
             DeviceConfigController,
+            CalibrationController,
             ReadingsController,
             DeadLettersController,
             AlertsController,

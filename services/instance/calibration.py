@@ -259,7 +259,13 @@ def expected(row: asyncpg.Record | Tracked | None, now: datetime) -> dict[str, A
 def summary(row: asyncpg.Record | None, now: datetime) -> dict[str, Any]:
     """A device's calibration in short (the device list)."""
     if row is None:
-        return {"state": UNKNOWN, "iaq_accuracy": None, "since": None, "run_started": None}
+        return {
+            "state": UNKNOWN,
+            "iaq_accuracy": None,
+            "since": None,
+            "run_started": None,
+            "expected": None,
+        }
     return {
         "state": row["state"],
         "iaq_accuracy": row["accuracy"],
