@@ -16,7 +16,14 @@ from prometheus_client import CollectorRegistry
 from test_original_format_ingest import batch, fleet_ingest, message
 from test_storage import database, ingest_for  # noqa: F401 - database is a fixture
 
-from services.instance.calibration import calibration_view, expected, first, fold, step
+from services.instance.calibration import (
+    calibration_view,
+    expected,
+    first,
+    fold,
+    forget_old_changes,
+    step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -198,3 +205,45 @@ def test_the_fold_takes_each_batch_in_time_order_and_flapping_is_no_drop() -> No
     assert change2 is None and again.drops == 0
     assert expected(again, minutes(5 * 1440))["longer_than_usual"] is False
     assert expected(again, minutes(9 * 1440))["longer_than_usual"] is True
+
+
+async def test_a_failed_write_takes_its_calibration_back_and_the_retry_tells_it_once(
+    database,  # noqa: F811
+) -> None:
+    url, pool = database
+    ingest, topic = await ingest_for(url, pool, CollectorRegistry())
+    for at, accuracy in ((0, 0), (1, 1), (2, 3)):
+        ingest.receive(topic, reading(minutes(at), accuracy))
+    # The write fails after the calibration was followed (the usage counters come later).
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "ALTER TABLE usage_days ADD CONSTRAINT refuse_all CHECK (mqtt_messages < 0)"
+        )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await ingest.flush()
+    assert (await view(pool))["state"] == "unknown"
+    assert await events(pool) == []
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE usage_days DROP CONSTRAINT refuse_all")
+    assert await ingest.flush() == 3
+    shown = await view(pool)
+    assert shown["state"] == "calibrated" and len(shown["changes"]) == 3
+    assert [(e["from"], e["to"]) for e in await events(pool)] == [
+        ("unknown", "stabilising"),
+        ("stabilising", "calibrating"),
+        ("calibrating", "calibrated"),
+    ]
+
+
+async def test_history_older_than_the_retention_goes_and_the_state_stays(database) -> None:  # noqa: F811
+    url, pool = database
+    ingest, topic = await ingest_for(url, pool, CollectorRegistry())
+    for at, accuracy in ((0, 3), (1, 0), (2000, 3)):
+        ingest.receive(topic, reading(minutes(at), accuracy))
+    await ingest.flush()
+    async with pool.acquire() as conn:
+        await forget_old_changes(conn, minutes(1000))
+    shown = await view(pool)
+    assert (shown["state"], shown["first_seen"], shown["drops"]) == ("calibrated", START, 1)
+    assert [c["at"] for c in shown["changes"]] == [minutes(2000)]
+    assert [r["started_at"] for r in shown["runs"]] == [minutes(1)]  # the run going on
