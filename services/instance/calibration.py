@@ -3,9 +3,10 @@
 burn-in of up to days for a new sensor), 3 once calibrated. A drop back to 0 after having been
 at 1 or more is a reset or a power cut, and starts a new run.
 
-Followed at ingest, in the transaction that stores the readings, at a cost per batch and not
-per reading: Postgres picks, from the batch's rows, only the points where a device's accuracy
-changes (and its newest reading), and only those are folded here. Readings older than the
+Followed at ingest, in the transaction that stores the readings, with one statement a batch
+and nothing a reading: Postgres notes the newest reading of each device whose accuracy stayed
+what it was (the usual batch), and picks for the others only the points where their accuracy
+changes (and their newest reading), which alone are folded here. Readings older than the
 newest already taken into account (arriving late, or delivered again) change nothing. Each
 change of state is kept (``calibration_changes``), each run with the time it took to reach 3
 (``calibration_runs``), and each is appended for the customer's integrations as
@@ -144,18 +145,31 @@ def fold(known: dict[str, Tracked], points: list[tuple[str, datetime, int]]) -> 
 
 
 FIELDS = tuple(Tracked.__dataclass_fields__)
-# The points of the batch (``readings_in``, see ``readings.store_readings``) where a device's
-# accuracy changes, and each device's newest reading, with the device's row: only readings
-# newer than what was taken into account before.
+# One statement a batch (``readings_in``, see ``readings.store_readings``), of its readings newer
+# than what was taken into account before: a device whose accuracy stayed what it was (the
+# usual batch) only has its newest reading noted, here; for the others, the points where their
+# accuracy changes and their newest reading are answered, with their row, to be folded.
 POINTS_SQL = f"""
-    SELECT p.device_id, p.ts, p.accuracy, {", ".join(f"c.{f} AS was_{f}" for f in FIELDS[1:])}
-    FROM (
-        SELECT i.device_id, i.ts, i.iaq_accuracy AS accuracy,
-               lag(i.iaq_accuracy) OVER w AS before, lead(i.ts) OVER w IS NULL AS newest
+    WITH fresh AS (
+        SELECT i.device_id, i.ts, i.iaq_accuracy AS accuracy
         FROM readings_in i LEFT JOIN calibration c ON c.device_id = i.device_id
         WHERE i.iaq_accuracy IS NOT NULL
           AND (c.last_reading IS NULL OR i.ts > c.last_reading)
-        WINDOW w AS (PARTITION BY i.device_id ORDER BY i.ts)
+    ), per_device AS (
+        SELECT device_id, max(ts) AS newest, min(accuracy) AS low, max(accuracy) AS high
+        FROM fresh GROUP BY device_id
+    ), steady AS (
+        UPDATE calibration c SET last_reading = p.newest FROM per_device p
+        WHERE c.device_id = p.device_id AND p.low = c.accuracy AND p.high = c.accuracy
+        RETURNING c.device_id
+    )
+    SELECT p.device_id, p.ts, p.accuracy, {", ".join(f"c.{f} AS was_{f}" for f in FIELDS[1:])}
+    FROM (
+        SELECT f.device_id, f.ts, f.accuracy,
+               lag(f.accuracy) OVER w AS before, lead(f.ts) OVER w IS NULL AS newest
+        FROM fresh f
+        WHERE f.device_id NOT IN (SELECT device_id FROM steady)
+        WINDOW w AS (PARTITION BY f.device_id ORDER BY f.ts)
     ) p LEFT JOIN calibration c ON c.device_id = p.device_id
     WHERE p.before IS DISTINCT FROM p.accuracy OR p.newest
     ORDER BY p.device_id, p.ts

@@ -2,7 +2,8 @@
 stabilising to calibrated with the time it took, a drop back to 0 (a reset or a power cut)
 starting a new run of a known sensor, every change kept and appended for the integrations,
 readings delivered again or arriving late changing nothing, devices without BSEC fields left
-unknown, and fleet devices (the original wire format) followed the same way."""
+unknown, and fleet devices (the original wire format) followed the same way, with the
+temperature offset applied to them."""
 
 from __future__ import annotations
 
@@ -142,6 +143,14 @@ async def test_readings_again_or_late_change_nothing(database) -> None:  # noqa:
     after = await view(pool)
     assert after == before
     assert after["state"] == "calibrated" and len(after["changes"]) == 2
+    # A batch that changes no accuracy still moves the newest reading taken into account.
+    ingest.receive(topic, reading(minutes(3), 3))
+    ingest.receive(topic, reading(minutes(4), 3))
+    await ingest.flush()
+    assert (await view(pool))["last_reading"] == minutes(4)
+    ingest.receive(topic, reading(minutes(3.5), 0))
+    await ingest.flush()
+    assert (await view(pool))["changes"] == after["changes"]
     assert len(await events(pool)) == 2
 
 
@@ -170,6 +179,14 @@ async def test_a_fleet_device_in_the_original_format_is_followed(database) -> No
     url, pool = database
     ingest, topic, _ = await fleet_ingest(url, pool)
     now = datetime.now(UTC).replace(microsecond=0)
+    # Its desired configuration corrects self-heating: the offset applied shows with it.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO device_config (device_id, desired, version, desired_at) "
+            "VALUES ('f1', '{\"temperature_offset\": -1.5}', 1, now())"
+        )
+    ingest.config_changed("f1")
+    await ingest.flush()  # loads the offsets for the readings taken next
     ingest.receive(
         topic,
         batch(
@@ -181,7 +198,7 @@ async def test_a_fleet_device_in_the_original_format_is_followed(database) -> No
     )
     assert await ingest.flush() == 4
     shown = await view(pool, "f1")
-    assert shown["state"] == "calibrated"
+    assert (shown["state"], shown["temperature_offset"]) == ("calibrated", -1.5)
     assert [r["seconds_to_calibrated"] for r in shown["runs"]] == [3 * 60]
     assert len(await events(pool)) == 3
 
