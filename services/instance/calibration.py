@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from services.instance.integration_events import CALIBRATION_CHANGED, enqueue
+from services.instance.integration_events import CALIBRATION_CHANGED, enqueue_many
 
 STABILISING, CALIBRATING, CALIBRATED, UNKNOWN = (
     "stabilising",
@@ -204,26 +204,35 @@ async def _save(conn: asyncpg.Connection, folded: Folded) -> None:
     rows = list(folded.tracked.values())
     await conn.execute(SAVE_SQL, *([getattr(t, f) for t in rows] for f in FIELDS))
     if folded.runs:
-        await conn.executemany(
+        runs = [(d, started, cal, end) for (d, started), (cal, end) in folded.runs.items()]
+        await conn.execute(
             "INSERT INTO calibration_runs (device_id, started_at, calibrated_at, ended_at) "
-            "VALUES ($1, $2, $3, $4) ON CONFLICT (device_id, started_at) DO UPDATE SET "
+            "SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], "
+            "$4::timestamptz[]) "
+            "ON CONFLICT (device_id, started_at) DO UPDATE SET "
             "calibrated_at = coalesce(calibration_runs.calibrated_at, EXCLUDED.calibrated_at), "
             "ended_at = coalesce(calibration_runs.ended_at, EXCLUDED.ended_at)",
-            [(d, started, cal, end) for (d, started), (cal, end) in folded.runs.items()],
+            *([run[i] for run in runs] for i in range(4)),
         )
-    for change in folded.changes:
-        await conn.execute(
-            "INSERT INTO calibration_changes "
-            "(device_id, at, from_state, to_state, accuracy, dropped) "
-            "VALUES ($1, $2, $3, $4, $5, $6)",
-            change.device_id,
-            change.at,
-            change.from_state,
-            change.to_state,
-            change.accuracy,
-            change.dropped,
-        )
-        await enqueue(conn, CALIBRATION_CHANGED, event_body(change), change.at, change.device_id)
+    if not folded.changes:
+        return
+    # Each change kept and told, however many (a broken sensor may flap every reading): one
+    # statement each for all of them.
+    await conn.execute(
+        "INSERT INTO calibration_changes "
+        "(device_id, at, from_state, to_state, accuracy, dropped) "
+        "SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], "
+        "$5::smallint[], $6::boolean[])",
+        *(
+            [getattr(c, f) for c in folded.changes]
+            for f in ("device_id", "at", "from_state", "to_state", "accuracy", "dropped")
+        ),
+    )
+    await enqueue_many(
+        conn,
+        CALIBRATION_CHANGED,
+        [(c.at, c.device_id, event_body(c)) for c in folded.changes],
+    )
 
 
 def event_body(change: Change) -> dict[str, Any]:

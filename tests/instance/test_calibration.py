@@ -264,3 +264,24 @@ async def test_history_older_than_the_retention_goes_and_the_state_stays(databas
     assert (shown["state"], shown["first_seen"], shown["drops"]) == ("calibrated", START, 1)
     assert [c["at"] for c in shown["changes"]] == [minutes(2000)]
     assert [r["started_at"] for r in shown["runs"]] == [minutes(1)]  # the run going on
+
+
+async def test_a_sensor_flapping_every_reading_is_kept_change_by_change(database) -> None:  # noqa: F811
+    url, pool = database
+    ingest, topic = await ingest_for(url, pool, CollectorRegistry())
+    # A broken sensor (or a hostile device) swinging between 3 and 0 with each reading: each
+    # swing is a change, each 0 a drop and a new run, all written in one batch.
+    for at in range(1000):
+        ingest.receive(topic, reading(START + timedelta(seconds=at), 3 if at % 2 == 0 else 0))
+    assert await ingest.flush() == 1000
+    shown = await view(pool)
+    assert (shown["state"], shown["drops"]) == ("stabilising", 500)
+    async with pool.acquire() as conn:
+        changes = await conn.fetchval("SELECT count(*) FROM calibration_changes")
+        runs = await conn.fetch("SELECT * FROM calibration_runs ORDER BY started_at")
+    assert changes == 1000 and len(runs) == 501
+    assert all(r["calibrated_at"] == r["started_at"] + timedelta(seconds=1) for r in runs[1:-1])
+    assert runs[-1]["ended_at"] is None
+    told = await events(pool)
+    assert len(told) == 1000
+    assert told[-1]["at"] == (START + timedelta(seconds=999)).isoformat() and told[-1]["dropped"]
