@@ -5,7 +5,7 @@
 "use strict";
 
 (() => {
-  const {api, el, when, state, fill} = window.iotistic;
+  const {api, el, when, state} = window.iotistic;
   const $ = (id) => document.getElementById(id);
   const BUCKET_MS = {"1m": 60e3, "5m": 300e3, "1h": 3600e3, "1d": 86400e3};
   const ORIGIN = Date.UTC(2000, 0, 1);  // the API's buckets start from here (date_bin)
@@ -18,6 +18,14 @@
     if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
     if (seconds < 2 * 86400) return `${Math.round(seconds / 3600)} h`;
     return `${(seconds / 86400).toFixed(1).replace(/\.0$/, "")} days`;
+  }
+  // A table's rows, or one saying it is empty; each cell labelled with its column for phones.
+  function fill(selector, rows, empty) {
+    const table = document.querySelector(selector), tbody = table.tBodies[0];
+    const heads = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+    tbody.replaceChildren(...rows);
+    if (!rows.length) tbody.append(el("tr", {}, el("td", {colspan: String(heads.length), class: "empty"}, empty)));
+    for (const row of tbody.rows) [...row.cells].forEach((cell, i) => { cell.dataset.label = heads[i] || ""; });
   }
   const soFar = (c) => (Date.now() - new Date(c.run_started)) / 1000;
 

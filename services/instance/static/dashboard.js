@@ -831,4 +831,4 @@ async function start() {
   window.dashboardReady = true;
 }
 start();
-window.iotistic = {api, el, fmt, when, ago, state, fill, labelCells, notice};
+window.iotistic = {api, el, fmt, when, ago, state};
