@@ -74,12 +74,14 @@ class Change:
     accuracy: int
     dropped: bool
     run_started: datetime
+    # Set when the run reaches accuracy 3 for the first time: how long that took.
+    took: timedelta | None = None
 
 
 @dataclass
 class Folded:
     """What a batch changed: the devices' new rows, the changes, and the runs begun, reaching
-    3 or ended (as ``(device_id, started_at, calibrated_at, ended_at)``)."""
+    3 or ended (``(device_id, started_at)``: ``(calibrated_at, ended_at)``)."""
 
     tracked: dict[str, Tracked]
     changes: list[Change]
@@ -93,7 +95,8 @@ def first(device_id: str, at: datetime, accuracy: int) -> tuple[Tracked, Change]
     tracked = Tracked(
         device_id, accuracy, state, at, at, calibrated, accuracy >= 1, at, calibrated, 0, at
     )
-    return tracked, Change(device_id, at, UNKNOWN, state, accuracy, False, at)
+    took = timedelta(0) if calibrated else None
+    return tracked, Change(device_id, at, UNKNOWN, state, accuracy, False, at, took)
 
 
 def step(tracked: Tracked, at: datetime, accuracy: int) -> tuple[Tracked, Change | None]:
@@ -115,8 +118,10 @@ def step(tracked: Tracked, at: datetime, accuracy: int) -> tuple[Tracked, Change
     moved = replace(moved, accuracy=accuracy)
     if state == tracked.state and not dropped:
         return moved, None
+    reached = moved.run_calibrated == at and tracked.run_calibrated is None
+    took = at - moved.run_started if reached else None
     change = Change(
-        tracked.device_id, at, tracked.state, state, accuracy, dropped, moved.run_started
+        tracked.device_id, at, tracked.state, state, accuracy, dropped, moved.run_started, took
     )
     return replace(moved, state=state, since=at), change
 
@@ -245,6 +250,9 @@ def event_body(change: Change) -> dict[str, Any]:
         "iaq_accuracy": change.accuracy,
         "dropped": change.dropped,
         "run_started": change.run_started.isoformat(),
+        "seconds_to_calibrated": (
+            int(change.took.total_seconds()) if change.took is not None else None
+        ),
     }
 
 

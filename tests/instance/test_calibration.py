@@ -19,6 +19,7 @@ from test_storage import database, ingest_for  # noqa: F401 - database is a fixt
 
 from services.instance.calibration import (
     calibration_view,
+    event_body,
     expected,
     first,
     fold,
@@ -123,7 +124,13 @@ async def test_a_new_sensor_calibrates_and_a_power_cut_starts_a_new_run(database
         "iaq_accuracy": 0,
         "dropped": True,
         "run_started": minutes(3000).isoformat(),
+        "seconds_to_calibrated": None,
     }
+    # Reaching 3 tells how long the run took.
+    assert [e["seconds_to_calibrated"] for e in told if e["to"] == "calibrated"] == [
+        2 * 86400,
+        20 * 60,
+    ]
 
 
 async def test_readings_again_or_late_change_nothing(database) -> None:  # noqa: F811
@@ -206,6 +213,7 @@ async def test_a_fleet_device_in_the_original_format_is_followed(database) -> No
 def test_the_fold_takes_each_batch_in_time_order_and_flapping_is_no_drop() -> None:
     tracked, change = first("d", START, 3)
     assert change.to_state == "calibrated" and tracked.run_calibrated == START
+    assert event_body(change)["seconds_to_calibrated"] == 0  # calibrated from its first reading
     # 3 -> 2 -> 3: calibrating for a while, the same run; 2 -> 1 is no change of state.
     points = [("d", minutes(1), 2), ("d", minutes(2), 1), ("d", minutes(3), 3)]
     folded = fold({"d": tracked}, points)
