@@ -28,6 +28,7 @@ from services.instance.alerts.engine import AlertEngine
 from services.instance.alerts.presets import install_presets
 from services.instance.alerts.targets import WebhookTargets
 from services.instance.api.alerts import AlertsController
+from services.instance.api.calibration import CalibrationController
 from services.instance.api.dashboard import DashboardController
 from services.instance.api.dead_letters import DeadLettersController
 from services.instance.api.device_config import DeviceConfigController
@@ -96,6 +97,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             LicenseController,
             DevicesController,
             DeviceConfigController,
+            CalibrationController,
             ReadingsController,
             DeadLettersController,
             AlertsController,

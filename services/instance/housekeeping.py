@@ -14,6 +14,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Gauge
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
+from services.instance.calibration import forget_old_changes
 from services.instance.devices import BrokerUnavailable, Devices, count_active_devices
 from services.instance.ingest import Ingest
 from services.instance.license import LicenseHolder
@@ -67,6 +68,7 @@ async def _stored_usage(
     if dropped:
         log.info("retention: dropped %s", ", ".join(dropped))
     await forget_old_attempts(conn, claims.features.dataRetentionDays)
+    await forget_old_changes(conn, datetime.combine(keep, datetime.min.time(), UTC))
     return True
 
 

@@ -1,8 +1,8 @@
 """What ingest buffers between two writes, and how one batch is written: in one transaction,
-the new readings with their rollups, the dead letters, the day's usage counters, the devices'
-last-seen times, the firmware they reported and the fleet devices' configuration reports. A
-reading already stored (delivered again) is skipped and counted nowhere, so every count is of
-readings actually added."""
+the new readings with their rollups and the devices' calibration, the dead letters, the day's
+usage counters, the devices' last-seen times, the firmware they reported and the fleet devices'
+configuration reports. A reading already stored (delivered again) is skipped and counted
+nowhere, so every count is of readings actually added."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from services.instance.calibration import track_calibration
 from services.instance.config_reports import Report, store_reports
 from services.instance.dead_letters import record_dead_letters
 from services.instance.readings import readings_added, store_readings
@@ -74,6 +75,7 @@ async def write_batch(
         stored = await store_readings(conn, batch.rows, partitions)
         if stored < len(batch.rows):  # some came again: only the new ones are added
             added = _only(batch.rows, await readings_added(conn))
+        await track_calibration(conn)
     if batch.dead:
         await record_dead_letters(conn, batch.dead)
     await _record_usage(conn, batch.usage, day, stored)

@@ -47,3 +47,25 @@ async def enqueue(
             json.dumps(body, default=str),
         )
     )
+
+
+async def enqueue_many(
+    conn: asyncpg.Connection,
+    kind: str,
+    events: list[tuple[datetime, str | None, dict[str, Any]]],
+) -> None:
+    """Append events of one kind (each its time, device and body), in the caller's
+    transaction, with one statement whatever their number."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown integration event kind {kind!r}")
+    if not events:
+        return
+    await conn.execute(
+        "INSERT INTO integration_events (kind, at, device_id, body) "
+        "SELECT $1, at, device_id, body::jsonb "
+        "FROM unnest($2::timestamptz[], $3::text[], $4::text[]) AS e (at, device_id, body)",
+        kind,
+        [at for at, _, _ in events],
+        [device_id for _, device_id, _ in events],
+        [json.dumps(body, default=str) for _, _, body in events],
+    )

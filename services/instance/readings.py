@@ -36,6 +36,12 @@ COLUMNS = ("device_id", "ts", *METRICS)
 # The columns of a row as ingest writes it: the reading's, then the temperature offset the
 # platform added (null when none; see ``record``).
 ROW_COLUMNS = (*COLUMNS, "temperature_offset")
+# A reading taken before its sensor was calibrated (BSEC's accuracy below 3, see
+# ``calibration``): marked in the charts and the CSV, left out of alerts by default.
+CALIBRATING_SQL = "(iaq_accuracy IS NOT NULL AND iaq_accuracy < 3)"
+# The readings CSV's columns after ``ts``: the reading's, the temperature offset the platform
+# added, and whether it was taken before calibration (``true``/``false``).
+CSV_COLUMNS = (*METRICS, "temperature_offset", "calibrating")
 # Stored as float4 (real); the rest are whole numbers.
 REAL_METRICS = frozenset(METRICS) - {"iaq_accuracy"}
 BucketName = Literal["1m", "5m", "1h", "1d"]  # the keys of BUCKETS
@@ -290,14 +296,28 @@ async def aggregate(
     step = BUCKETS[bucket]
     from_rollups = step >= BUCKETS["1h"] and (end - start) > RAW_LIMIT
     query = _from_rollups if from_rollups else _from_readings
+    series, calibrating = await query(conn, device_id, start, end, step, metrics)
     return {
         "device_id": device_id,
         "from": start,
         "to": end,
         "bucket": bucket,
         "source": "rollups" if from_rollups else "readings",
-        "series": await query(conn, device_id, start, end, step, metrics),
+        "series": series,
+        "calibrating": spans(calibrating, step),
     }
+
+
+def spans(buckets: Sequence[datetime], step: timedelta) -> list[dict[str, datetime]]:
+    """The buckets (their starts, in order) that hold readings taken before calibration, as
+    ranges: consecutive buckets make one."""
+    found: list[dict[str, datetime]] = []
+    for bucket in buckets:
+        if found and found[-1]["to"] == bucket:
+            found[-1]["to"] = bucket + step
+        else:
+            found.append({"from": bucket, "to": bucket + step})
+    return found
 
 
 async def _from_rollups(
@@ -307,7 +327,7 @@ async def _from_rollups(
     end: datetime,
     step: timedelta,
     metrics: list[str],
-) -> Series:
+) -> tuple[Series, list[datetime]]:
     rows = await conn.fetch(
         f"""
         SELECT date_bin($4::interval, hour, '2000-01-01') AS bucket, metric,
@@ -328,7 +348,17 @@ async def _from_rollups(
         series[row["metric"]].append(
             {"t": row["bucket"], "avg": row["avg"], "min": row["min"], "max": row["max"]}
         )
-    return series
+    # An hour whose lowest accuracy is below 3 held readings taken before calibration.
+    calibrating = await conn.fetch(
+        "SELECT DISTINCT date_bin($4::interval, hour, '2000-01-01') AS bucket "
+        "FROM readings_hourly WHERE device_id = $1 AND metric = 'iaq_accuracy' "
+        "AND hour >= $2 AND hour < $3 AND low < 3 ORDER BY 1",
+        device_id,
+        start,
+        end,
+        step,
+    )
+    return series, [row["bucket"] for row in calibrating]
 
 
 async def _from_readings(
@@ -338,21 +368,22 @@ async def _from_readings(
     end: datetime,
     step: timedelta,
     metrics: list[str],
-) -> Series:
+) -> tuple[Series, list[datetime]]:
     columns = ", ".join(
         f"{as_sent(f'avg({m})')} AS {m}_avg, {_sent_if_real(m, f'min({m})')} AS {m}_min, "
         f"{_sent_if_real(m, f'max({m})')} AS {m}_max"
         for m in metrics
     )
     rows = await conn.fetch(
-        f"SELECT date_bin($4::interval, ts, '2000-01-01') AS bucket, {columns} "
+        f"SELECT date_bin($4::interval, ts, '2000-01-01') AS bucket, {columns}, "
+        f"bool_or({CALIBRATING_SQL}) AS calibrating "
         "FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 GROUP BY 1 ORDER BY 1",
         device_id,
         start,
         end,
         step,
     )
-    return {
+    series = {
         m: [
             {"t": r["bucket"], "avg": r[f"{m}_avg"], "min": r[f"{m}_min"], "max": r[f"{m}_max"]}
             for r in rows
@@ -360,6 +391,7 @@ async def _from_readings(
         ]
         for m in metrics
     }
+    return series, [r["bucket"] for r in rows if r["calibrating"]]
 
 
 def _sent_if_real(metric: str, expr: str) -> str:
@@ -387,16 +419,19 @@ async def export_csv(
     pool: asyncpg.Pool, device_id: str, start: datetime, end: datetime, limit: int = CSV_ROWS
 ) -> AsyncIterator[str]:
     """Every stored reading of a device from ``start`` to ``end`` (at most ``limit``) as CSV,
-    its header first, in chunks of about ``CSV_CHUNK`` characters. The last column is the
-    temperature offset the platform added to the reading (empty when none)."""
-    columns = (*METRICS, "temperature_offset")
+    its header first, in chunks of about ``CSV_CHUNK`` characters. The last columns are the
+    temperature offset the platform added to the reading (empty when none) and whether it was
+    taken before calibration."""
+    columns = CSV_COLUMNS
     chunk = io.StringIO()
     writer = csv.writer(chunk)
     writer.writerow(["ts", *columns])
     async with pool.acquire() as conn, conn.transaction():
         cursor = conn.cursor(
             # Postgres prints each float4 as it was sent (40.2, not 40.20000076293945).
-            "SELECT ts, " + ", ".join(f"{m}::text AS {m}" for m in columns) + " FROM readings "
+            "SELECT ts, "
+            + ", ".join(f"{m}::text AS {m}" for m in columns[:-1])
+            + f", {CALIBRATING_SQL}::text AS calibrating FROM readings "
             "WHERE device_id = $1 "
             "AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
             device_id,

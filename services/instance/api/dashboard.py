@@ -60,6 +60,7 @@ ASSETS = {
     "dashboard.js": "application/javascript",
     "dashboard.css": "text/css",
     "indoor_alerts.js": "application/javascript",
+    "calibration.js": "application/javascript",
 }
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "

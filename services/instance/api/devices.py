@@ -1,5 +1,5 @@
-"""``/api/devices``: registering a device (with its broker credentials), listing, reading,
-renaming and deleting devices."""
+"""``/api/devices``: registering a device (with its broker credentials), listing (with each
+device's calibration in short), reading, renaming and deleting devices."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from libs.http.errors import Forbidden, NotFound, UpstreamError
 from libs.http.input_checks import control_character_reason
 from libs.http.validation import FieldErrors, json_object
 from services.instance.api.access import INSTANCE, Instance, customer_session, read_write
+from services.instance.calibration import states as calibration_states
+from services.instance.calibration import summary
 from services.instance.devices import (
     BrokerUnavailable,
     DeviceLimitReached,
@@ -104,9 +106,17 @@ class DevicesController(Controller):
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             rows = await active_devices(conn)
-            newest = await latest(conn, [r["device_id"] for r in rows])
+            ids = [r["device_id"] for r in rows]
+            newest = await latest(conn, ids)
+            calibrated = await calibration_states(conn, ids)
         now = datetime.now(UTC)
-        return {"devices": [device_view(r, newest.get(r["device_id"]), now) for r in rows]}
+        return {
+            "devices": [
+                device_view(r, newest.get(r["device_id"]), now)
+                | {"calibration": summary(calibrated.get(r["device_id"]), now)}
+                for r in rows
+            ]
+        }
 
     @get("/{device_id:str}", tags=["devices"])
     async def get_device(self, device_id: FromPath[str], instance: Instance) -> dict[str, Any]:
@@ -117,7 +127,11 @@ class DevicesController(Controller):
         ):
             row = await known_device(conn, device_id)
             newest = await latest(conn, [device_id])
-        return device_view(row, newest.get(device_id), datetime.now(UTC))
+            calibrated = await calibration_states(conn, [device_id])
+        now = datetime.now(UTC)
+        return device_view(row, newest.get(device_id), now) | {
+            "calibration": summary(calibrated.get(device_id), now)
+        }
 
     @patch(
         "/{device_id:str}",

@@ -144,7 +144,9 @@ class ReadingsController(Controller):
         bucket: Bucket = "5m",
         metrics: Metrics = None,
     ) -> dict[str, Any]:
-        """avg/min/max per bucket (``1m``, ``5m``, ``1h``, ``1d``) between ``from`` and ``to``."""
+        """avg/min/max per bucket (``1m``, ``5m``, ``1h``, ``1d``) between ``from`` and ``to``,
+        and the spans of buckets that hold readings taken before calibration
+        (``calibrating``: BSEC's ``iaq_accuracy`` below 3)."""
         start, end, metrics_asked = time_range(start_at, end_at, metrics)
         async with instance.pool().acquire() as conn:
             await known_device(conn, device_id, include_deleted=True)
@@ -158,7 +160,9 @@ class ReadingsController(Controller):
         start_at: From = None,
         end_at: To = None,
     ) -> Stream:
-        """Every stored reading between ``from`` and ``to`` as CSV."""
+        """Every stored reading between ``from`` and ``to`` as CSV; its last columns are the
+        temperature offset applied at ingest and ``calibrating`` (``true`` for a reading taken
+        before calibration)."""
         start, end, _ = time_range(start_at, end_at)
         async with instance.pool().acquire() as conn:
             await known_device(conn, device_id, include_deleted=True)

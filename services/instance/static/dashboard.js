@@ -579,6 +579,7 @@ async function loadCharts() {
   $("chart-note").textContent = devices.length
     ? `Each point is the average over ${BUCKET_TEXT[bucket]}${live ? "; new readings appear as they arrive" : ""}.`
     : "Tick a device to see its readings.";
+  document.dispatchEvent(new CustomEvent("iotistic:charts", {detail: {answers, devices, from, to, bucket}}));
   $("csv-raw").replaceChildren(...devices.map((d) => el("a", {download: `${d.name}.csv`,
     href: `/api/devices/${d.device_id}/readings.csv?from=${from.toISOString()}&to=${to.toISOString()}`}, `every reading of ${d.name} (CSV)`))
     .flatMap((a) => [" · ", a]));
@@ -619,6 +620,7 @@ $("chart-form").addEventListener("submit", (event) => { event.preventDefault(); 
 
 // --- live readings --------------------------------------------------------------------------------
 function onReading(r) {
+  document.dispatchEvent(new CustomEvent("iotistic:reading", {detail: r}));
   const device = state.devices.find((d) => d.device_id === r.device_id);
   if (device) {
     device.latest = r; device.last_seen = new Date().toISOString(); device.online = true;
