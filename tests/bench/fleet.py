@@ -186,6 +186,7 @@ async def run_fleet(pg_url: str, nats_url: str) -> None:
         async with serving(Litestar([jwks])) as control:
             env = {
                 "PATH": os.environ.get("PATH", ""),
+                **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
                 "INSTANCE_CUSTOMER_ID": customer_id,
                 "DATABASE_URL": database_url,
                 "LICENSE_FILE": _write(tmp / "license.jwt", _license(customer_id)),

@@ -32,6 +32,7 @@ from libs.db.postgres import create_pool, load_migrations, migrate
 from libs.mqtt.dynsec import Acl, DynSec
 from libs.servers.mosquitto import EmbeddedMosquitto
 from libs.servers.ports import free_port
+from services.instance import fleet
 from services.instance.readings import COLUMNS, ROLLUP_SQL, aggregate
 from tests.support import create_database, license_keys_dir, serving
 
@@ -200,6 +201,8 @@ async def run_ingest(pg_url: str, nats_url: str) -> None:
                 "MQTT_USERNAME": "bench-instance",
                 "MQTT_PASSWORD": "bench-instance-password",
                 "LOG_LEVEL": "WARNING",
+                # The checkout being measured, also from a clone run with this venv.
+                **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
             }
             async with DynSec(
                 broker.host, broker.port, broker.admin_username, broker.admin_password
@@ -211,6 +214,9 @@ async def run_ingest(pg_url: str, nats_url: str) -> None:
                         Acl("subscribePattern", root),
                         Acl("publishClientReceive", root),
                         Acl("publishClientSend", root),
+                        # The instance also subscribes to the fleet's tree (issue 17); the
+                        # bench registers no fleet device, so nothing arrives there.
+                        Acl("subscribePattern", fleet.SUBSCRIPTION),
                     ],
                 )
                 await ds.ensure_client("bench-instance", "bench-instance-password", ["bench"])
