@@ -43,6 +43,7 @@ from services.instance.ingest_batch import Batch, write_batch
 from services.instance.ingest_metrics import IngestMetrics
 from services.instance.intake import Intake
 from services.instance.license import LicenseHolder
+from services.instance.quotas import load_bucket, save_bucket
 from services.instance.settings import InstanceSettings, ingest_client_id
 from services.instance.usage import usage_day
 
@@ -245,7 +246,10 @@ class Ingest(Intake):
             today = await usage_day(conn, self.today)
             await self._load_devices(conn)
             await self._offsets.load(conn, asyncio.get_running_loop().time())
+            saved = await load_bucket(conn)
         self.accepted_today = today["mqtt_messages"] if today else 0
+        if saved is not None:
+            self.restore_bucket(*saved)
         self._devices_loaded_at = asyncio.get_running_loop().time()
 
     def _idle(self) -> bool:
@@ -297,6 +301,8 @@ class Ingest(Intake):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 stored, shown = await write_batch(conn, batch, self.today, self._partitions)
+                if self.bucket is not None and (batch.rows or batch.refused):
+                    await save_bucket(conn, self.bucket)
         except BaseException:
             batch.absorb(self._batch)
             self._batch = batch
@@ -315,6 +321,8 @@ class Ingest(Intake):
             # They were counted against today's quota as they arrived; they are not stored.
             self._metrics.repeated.inc(repeated)
             self.accepted_today = max(0, self.accepted_today - repeated)
+            if self.bucket is not None:
+                self.bucket.give_back(repeated)
         if self._on_stored is not None and shown:
             self._on_stored(shown)
         return stored
