@@ -188,17 +188,26 @@ async def record_refusals(conn: asyncpg.Connection, refusals: Refusals) -> None:
 
 
 def limited_message(
-    meter: str, quota: int, device_id: str | None, what: str, count: int, name: str | None = None
+    meter: str,
+    quota: int,
+    device_id: str | None,
+    what: str,
+    count: int,
+    name: str | None = None,
+    during: str = "",
 ) -> str:
-    """What a refusal means, in words: who, how many of what, and which limit."""
+    """What a refusal means, in words: who, how many of what (``during`` when), and which limit:
+    "device Kitchen: 1,234 readings refused 14:02-14:05 UTC, daily budget 100,000 used"."""
     who = f"device {name or device_id}: " if device_id else ""
+    if count == 1 and what.endswith("s"):
+        what = what[:-1]
     why = {
         DAILY_BUDGET: f"daily budget {quota:,} used",
         BURST: f"burst allowance used (it refills at {quota:,} a day)",
         API_LIMIT: f"daily limit of {quota:,} API requests used",
         DEVICE_LIMIT: f"the license allows {quota:,} devices",
     }.get(meter, f"{meter} {quota:,}")
-    return f"{who}{count:,} {what} refused, {why}"
+    return f"{who}{count:,} {what} refused{' ' + during if during else ''}, {why}"
 
 
 async def limited_spans(
@@ -226,16 +235,9 @@ async def limited_spans(
     for span in spans:
         del span["_minute"]
         device = span["device_id"]
-        span["device_name"] = names.get(device) if device else None
-        span["message"] = (
-            limited_message(
-                span["meter"],
-                span["limit"],
-                device,
-                span["what"],
-                span["count"],
-                span["device_name"],
-            )
-            + f" {span['from']:%H:%M}-{span['to']:%H:%M} UTC"
-        )
+        span["device_name"] = name = names.get(device) if device else None
+        facts = (span["meter"], span["limit"], device, span["what"], span["count"], name)
+        span["summary"] = limited_message(*facts)
+        during = f"{span['from']:%H:%M}-{span['to']:%H:%M} UTC"
+        span["message"] = limited_message(*facts, during=during)
     return spans[::-1]

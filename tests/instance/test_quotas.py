@@ -108,9 +108,8 @@ async def test_the_daily_budget_names_itself_apart_from_the_burst(database) -> N
         names = {r["device_id"]: "Kitchen" for r in await conn.fetch("SELECT * FROM devices")}
         spans = await limited_spans(conn, now - timedelta(hours=1), names)
     assert [(s["meter"], s["count"], s["limit"]) for s in spans] == [(DAILY_BUDGET, 1, 100_000)]
-    assert spans[0]["message"].startswith(
-        "device Kitchen: 1 readings refused, daily budget 100,000 used"
-    )
+    assert spans[0]["summary"] == "device Kitchen: 1 reading refused, daily budget 100,000 used"
+    assert spans[0]["message"].startswith("device Kitchen: 1 reading refused ")
 
 
 async def test_consecutive_minutes_are_one_span_and_a_gap_starts_another(database) -> None:  # noqa: F811
