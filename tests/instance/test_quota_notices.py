@@ -8,6 +8,8 @@ written to the log as the tests' mail sink), each once; a limit that bites is in
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -140,6 +142,20 @@ async def test_devices_at_80_and_100_percent_are_shown_mailed_and_told_to_integr
     assert unreported == 0
     bad = await quinn.api.get("/api/quotas/limited", params={"hours": 0})
     assert bad.status_code == 400 and "hours" in bad.text
+    # The dashboard's stream: the meters, and what was refused, in one request.
+    events: dict[str, Any] = {}
+    async with asyncio.timeout(30), quinn.api.stream("GET", "/api/quotas/stream") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        async for line in stream.aiter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: ") and kind:
+                events[kind] = json.loads(line.removeprefix("data: "))
+            if {"quotas", "limited"} <= events.keys():
+                break
+    assert events["quotas"]["meters"]["devices"]["used"] == 10
+    assert events["limited"]["limited"][0]["meter"] == "maxDevices"
 
 
 async def test_billing_takes_notices_only_from_the_instance_and_each_once(

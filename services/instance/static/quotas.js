@@ -1,15 +1,13 @@
-// Quotas that explain themselves: the live meters of GET /api/quotas (devices, messages today
-// with the burst allowance's level, API requests today), a banner while a notice holds (80% or
-// 100% of a limit), and what the limits refused (GET /api/quotas/limited). Every request counts
-// against the license's API requests a day: the meters are fetched every 10 s while the
-// "Usage and license" section is in view and the page visible, once a minute otherwise.
+// Quotas that explain themselves: the live meters (devices, messages today with the burst
+// allowance's level, API requests today), a banner while a notice holds (80% or 100% of a
+// limit), and what the limits refused. They come over one server-sent stream
+// (/api/quotas/stream: the meters every few seconds, what was refused when it changes), since
+// every request counts against the license's API requests a day and polling would spend them.
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const LIVE_MS = 10000, BACKGROUND_MS = 60000;
   const LABELS = {devices: "Devices", mqtt_messages: "Messages today", api_requests: "API requests today"};
-  let last = 0, lastSection = null, busy = false;
 
   const n = (v) => Number(v).toLocaleString();
   const time = (iso) => new Date(iso).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
@@ -20,19 +18,24 @@
       el("progress", {id, class: level ? `level-${level}` : "", max: String(limit || 1), value: String(Math.min(used, limit || 1))}));
   }
 
+  // The section's own meters (dashboard.js draws them once a minute) are kept live here; the
+  // burst allowance and what was refused today are this block's own.
   function showMeters(el, q) {
     const levels = Object.fromEntries(q.notices.map((x) => [x.meter, x.level]));
-    const cards = Object.entries(LABELS).map(([key, label]) => {
-      const m = q.meters[key];
-      return meter(el, `quota-${key}`, label, m.used, m.limit, `${n(m.used)} of ${n(m.limit)} (${m.percent}%)`, levels[key]);
-    });
+    for (const key of Object.keys(LABELS)) {
+      const m = q.meters[key], bar = $(`meter-${key}`);
+      if (!bar) continue;
+      bar.max = m.limit || 1; bar.value = Math.min(m.used, m.limit || 1);
+      bar.className = levels[key] ? `level-${levels[key]}` : "";
+      const big = bar.previousElementSibling;
+      if (big) big.textContent = `${n(m.used)} of ${n(m.limit)} (${m.percent}%)`;
+    }
     const b = q.meters.mqtt_messages.bucket;
-    cards.splice(2, 0, meter(el, "quota-bucket", "Burst allowance", b.level, b.capacity,
-      `${n(b.level)} of ${n(b.capacity)} readings, refilling ${n(b.refill_per_minute)} a minute`));
-    cards.push(el("div", {class: "meter"}, el("p", {class: "big"}, "Refused today"),
-      el("p", {}, `${n(q.refused_today)} over a limit (below); rejected readings are in Data problems.`)));
-    $("quota-meters").replaceChildren(...cards);
-    $("meters").hidden = true;  // the page's first meters, fetched once a minute: these are live
+    $("quota-meters").replaceChildren(
+      meter(el, "quota-bucket", "Burst allowance", b.level, b.capacity,
+        `${n(b.level)} of ${n(b.capacity)} readings, refilling ${n(b.refill_per_minute)} a minute`),
+      el("div", {class: "meter"}, el("p", {class: "big"}, "Refused today"),
+        el("p", {}, `${n(q.refused_today)} over a limit (below); rejected readings are in Data problems.`)));
   }
 
   function showNotices(el, notices) {
@@ -55,28 +58,25 @@
     for (const row of tbody.rows) [...row.cells].forEach((cell, i) => { cell.dataset.label = heads[i] || ""; });
   }
 
-  async function load(withLimited) {
-    const {api, el} = window.iotistic;
-    const [q, limited] = await Promise.all([api("/api/quotas"), withLimited ? api("/api/quotas/limited") : null]);
-    showMeters(el, q);
-    showNotices(el, q.notices);
-    if (limited) showLimited(el, limited.limited);
-    $("quota-updated").textContent = `Updated ${new Date().toLocaleTimeString()}.`;
-    window.quotasShown = (window.quotasShown || 0) + 1;
+  let source = null, opened = 0;
+  function connect() {
+    const {el} = window.iotistic;
+    source = new EventSource("/api/quotas/stream");
+    source.addEventListener("quotas", (event) => {
+      const q = JSON.parse(event.data);
+      showMeters(el, q);
+      showNotices(el, q.notices);
+      $("quota-updated").textContent = `Updated ${new Date().toLocaleTimeString()}.`;
+    });
+    source.addEventListener("limited", (event) => showLimited(el, JSON.parse(event.data).limited));
   }
-
-  async function tick() {
-    const iq = window.iotistic;
-    if (!iq || busy || $("app").hidden || !window.dashboardReady) return;
-    const inView = iq.state.section === "usage";
-    const opened = inView && lastSection !== "usage";
-    lastSection = iq.state.section;
-    if (document.hidden && !opened) return;
-    if (!opened && Date.now() - last < (inView ? LIVE_MS : BACKGROUND_MS)) return;
-    busy = true;
-    last = Date.now();
-    try { await load(inView); } catch (e) { /* signed out or away: the next turn tries again */ }
-    finally { busy = false; }
-  }
-  setInterval(tick, 1000);
+  // Opened once the page is signed in; opened again (at most every 30 s) if it was closed for
+  // good (signed out, then in again). EventSource reconnects by itself after a network error.
+  setInterval(() => {
+    if (!window.iotistic || !window.dashboardReady || $("app").hidden) return;
+    if (source && source.readyState !== EventSource.CLOSED) return;
+    if (Date.now() - opened < 30000) return;
+    opened = Date.now();
+    connect();
+  }, 1000);
 })();
