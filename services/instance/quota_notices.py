@@ -28,6 +28,7 @@ from services.instance.settings import InstanceSettings
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 5.0
+MAX_BACKOFF_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,11 @@ class QuotaWatch:
         self._settings = settings
         self._pool = pool
         self._meters = meters
+        # What each meter read at the last check (and its day): an unchanged meter is not
+        # looked at again, so an idle instance's turn is one query.
+        self._seen: dict[str, tuple[int, int, str]] = {}
+        # Whether notices may wait to be reported (at start: those of before a restart).
+        self._unreported = True
 
     @property
     def url(self) -> str:
@@ -179,13 +185,18 @@ class QuotaWatch:
         async with self._pool().acquire() as conn:
             devices = await count_active_devices(conn)
             for meter in self._meters(devices):
+                reading = (meter.used, meter.limit, now.date().isoformat())
+                if self._seen.get(meter.name) == reading:
+                    continue
                 async with conn.transaction():
                     new += [(meter.name, level) for level in await notice_levels(conn, meter, now)]
+                self._seen[meter.name] = reading
+        self._unreported = self._unreported or bool(new)
         return new
 
     async def report(self) -> int:
         """Send the notices the control plane does not have yet; how many went."""
-        if not self._settings.usage_token:
+        if not self._settings.usage_token or not self._unreported:
             return 0
         async with self._pool().acquire() as conn:
             rows = await conn.fetch(
@@ -212,14 +223,21 @@ class QuotaWatch:
                         "UPDATE quota_notices SET reported_at = now() WHERE id = $1", row["id"]
                     )
                 sent += 1
+        # All went (a failure above leaves it set, for the next turn); 20: more may wait.
+        self._unreported = len(rows) == 20
         return sent
 
     async def run(self) -> None:
         """Check and report for ever (a failed turn is tried again at the next)."""
+        failures = 0
         while True:
-            await asyncio.sleep(WATCH_SECONDS)
+            # After failures, wait longer (up to 5 minutes): a control plane that refuses the
+            # notices is not asked again every few seconds.
+            await asyncio.sleep(min(MAX_BACKOFF_SECONDS, WATCH_SECONDS * 2**failures))
             try:
                 await self.check(datetime.now(UTC))
                 await self.report()
+                failures = 0
             except (httpx.HTTPError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-                log.warning("quota notices: %s; next turn", type(exc).__name__)
+                failures = min(failures + 1, 10)
+                log.warning("quota notices: %s; trying again later", type(exc).__name__)

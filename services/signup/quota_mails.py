@@ -6,7 +6,7 @@ A reactor (never replayed: a rebuilt account view mails nobody) queues the mail 
 transaction as a row keyed on the event's id (``quota_notice_mails``) and its checkpoint, so a
 notice delivered again is mailed once. A closed account is not mailed, nor a notice older than
 ``MAX_AGE`` when the reactor first sees it (it was down for days: the dashboard shows what
-holds now).
+holds now), nor more than ``MAX_MAILS_PER_DAY`` a day to one customer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 REACTOR = "quota_notice_mails"
 MAX_AGE = timedelta(days=2)
+# Three meters at two levels make six honest notices a day; past this many notices in a day to
+# one customer, a notice is recorded but not mailed (a broken or forged instance cannot flood
+# the customer's inbox through us).
+MAX_MAILS_PER_DAY = 12
 METERS = {
     "devices": ("devices registered", "New devices are refused until one is removed"),
     "mqtt_messages": ("readings of today's budget", "Readings are dropped until midnight UTC"),
@@ -57,6 +61,11 @@ async def when_quota_noticed_mail_customer(
     e = r.event
     if e.noticed_at < datetime.now(UTC) - MAX_AGE:
         return
+    mailed_today = await conn.fetchval(
+        "SELECT count(*) FROM quota_notice_mails "
+        "WHERE customer_id = $1 AND mailed_at > now() - interval '1 day'",
+        e.customer_id,
+    )
     first = await conn.fetchval(
         "INSERT INTO quota_notice_mails (event_id, customer_id) VALUES ($1, $2) "
         "ON CONFLICT (event_id) DO NOTHING RETURNING true",
@@ -64,6 +73,9 @@ async def when_quota_noticed_mail_customer(
         e.customer_id,
     )
     if not first:
+        return
+    if mailed_today >= MAX_MAILS_PER_DAY:
+        log.warning("quota notice for %s not mailed: %d mailed today", e.customer_id, mailed_today)
         return
     account = await conn.fetchrow(
         "SELECT email, closed_at FROM accounts WHERE customer_id = $1", e.customer_id

@@ -5,15 +5,20 @@ of each meter, once per day (devices: once per crossing), each with its ``quota.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 from test_storage import body, database, ingest_for  # noqa: F401 - database is a fixture
 
+from libs.servers.ports import free_port
 from services.instance.ingest import Ingest, IngestMetrics
-from services.instance.quota_notices import Meter, current_notices, notice_levels
+from services.instance.quota_notices import Meter, QuotaWatch, current_notices, notice_levels
 from services.instance.quotas import (
+    API_LIMIT,
     BURST,
     DAILY_BUDGET,
     TokenBucket,
@@ -22,6 +27,7 @@ from services.instance.quotas import (
     note_refused,
     record_refusals,
 )
+from services.instance.settings import InstanceSettings
 
 NOON = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
@@ -185,3 +191,56 @@ async def test_devices_notice_once_per_crossing(database) -> None:  # noqa: F811
         assert await notices(conn, Meter("devices", 10, 10, False), later) == [80, 100]
         count = await conn.fetchval("SELECT count(*) FROM quota_notices WHERE meter = 'devices'")
     assert count == 3
+
+
+async def test_refused_api_requests_are_counted_and_survive_a_failed_write(
+    database,  # noqa: F811
+) -> None:
+    url, pool = database
+    ingest, _ = await ingest_for(url, pool, CollectorRegistry())
+    now = datetime.now(UTC)
+    for _ in range(3):
+        ingest.refused(API_LIMIT, now, 10_000, "API requests")
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE quota_limited RENAME TO quota_limited_away")
+    with pytest.raises(asyncpg.UndefinedTableError):
+        await ingest.flush()
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE quota_limited_away RENAME TO quota_limited")
+    ingest.refused(API_LIMIT, now, 10_000, "API requests")
+    await ingest.flush()  # the failed batch's refusals with the new one, once
+    await ingest.flush()
+    async with pool.acquire() as conn:
+        spans = await limited_spans(conn, now - timedelta(hours=1), {})
+        events = await conn.fetchval("SELECT count(*) FROM integration_events")
+    assert [(s["meter"], s["device_id"], s["count"]) for s in spans] == [(API_LIMIT, None, 4)]
+    assert spans[0]["summary"] == "4 API requests refused, daily limit of 10,000 API requests used"
+    assert events == 1
+
+
+async def test_a_notice_the_control_plane_did_not_take_waits_for_the_next_turn(
+    database,  # noqa: F811
+) -> None:
+    url, pool = database
+    settings = InstanceSettings(
+        instance_customer_id=str(uuid.uuid4()),
+        database_url=url,
+        usage_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: billing is away
+        usage_token="t" * 40,
+        license_jwks_url="http://127.0.0.1:9/jwks",  # not used here
+    )
+    readings = 80_000
+    watch = QuotaWatch(
+        settings, lambda: pool, lambda devices: [Meter("mqtt_messages", readings, 100_000, True)]
+    )
+    assert await watch.check(NOON) == [("mqtt_messages", 80)]
+    assert await watch.check(NOON) == []  # unchanged: not looked at again
+    with pytest.raises(httpx.ConnectError):
+        await watch.report()
+    with pytest.raises(httpx.ConnectError):
+        await watch.report()  # still waiting, asked again
+    async with pool.acquire() as conn:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM quota_notices WHERE reported_at IS NULL"
+        )
+    assert waiting == 1

@@ -5,3 +5,6 @@ CREATE TABLE quota_notice_mails (
     customer_id text NOT NULL,
     mailed_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- How many were mailed to a customer in the last day (a cap: ``quota_mails.MAX_MAILS_PER_DAY``).
+CREATE INDEX quota_notice_mails_recent ON quota_notice_mails (customer_id, mailed_at);
