@@ -52,25 +52,27 @@ def bucket_shape(daily: int) -> tuple[float, float]:
 
 @dataclass
 class TokenBucket:
-    """The readings' bucket: ``level`` readings may be taken at ``at``."""
+    """The readings' bucket: ``level`` readings may be taken at ``at``. Taken once per reading
+    at ingest, so kept to a few arithmetic steps."""
 
     capacity: float
     refill: float
     level: float
     at: datetime
+    daily: int = 0
 
     @classmethod
     def full(cls, daily: int, now: datetime) -> TokenBucket:
         """A full bucket for ``daily`` readings a day."""
         capacity, refill = bucket_shape(daily)
-        return cls(capacity, refill, capacity, now)
+        return cls(capacity, refill, capacity, now, daily)
 
     def reshape(self, daily: int) -> None:
         """Follow a new budget (a license changed), keeping the level within it."""
-        capacity, refill = bucket_shape(daily)
-        if (capacity, refill) != (self.capacity, self.refill):
-            self.capacity, self.refill = capacity, refill
-            self.level = min(self.level, capacity)
+        if daily != self.daily:
+            self.daily = daily
+            self.capacity, self.refill = bucket_shape(daily)
+            self.level = min(self.level, self.capacity)
 
     def level_at(self, now: datetime) -> float:
         """The level at ``now`` (refilled since ``at``; a clock going back refills nothing)."""
@@ -79,7 +81,10 @@ class TokenBucket:
 
     def take(self, now: datetime) -> bool:
         """Take one reading's token at ``now``; False when the bucket is empty."""
-        self.level, self.at = self.level_at(now), max(now, self.at)
+        elapsed = (now - self.at).total_seconds()
+        if elapsed > 0:
+            self.level = min(self.capacity, self.level + elapsed * self.refill)
+            self.at = now
         if self.level < 1:
             return False
         self.level -= 1

@@ -67,7 +67,7 @@ def _bucket_view(instance: InstanceState, daily: int, now: datetime) -> dict[str
         if saved is not None:
             bucket.level, bucket.at = min(saved[0], bucket.capacity), saved[1]
     else:
-        bucket = TokenBucket(bucket.capacity, bucket.refill, bucket.level, bucket.at)
+        bucket = TokenBucket(bucket.capacity, bucket.refill, bucket.level, bucket.at, bucket.daily)
         bucket.reshape(daily)
     return bucket.view(now)
 
