@@ -246,3 +246,12 @@ async def limited_spans(
         during = f"{span['from']:%H:%M}-{span['to']:%H:%M} UTC"
         span["message"] = limited_message(*facts, during=during)
     return spans[::-1]
+
+
+async def forget_old_refusals(conn: asyncpg.Connection, keep_days: int) -> int:
+    """Drop the refusals older than the license's retention (housekeeping, hourly); how many
+    rows went."""
+    done = await conn.execute(
+        "DELETE FROM quota_limited WHERE minute < now() - make_interval(days => $1)", keep_days
+    )
+    return int(done.split()[-1])

@@ -23,6 +23,7 @@ from services.instance.quotas import (
     DAILY_BUDGET,
     TokenBucket,
     bucket_shape,
+    forget_old_refusals,
     limited_spans,
     note_refused,
     record_refusals,
@@ -244,3 +245,17 @@ async def test_a_notice_the_control_plane_did_not_take_waits_for_the_next_turn(
             "SELECT count(*) FROM quota_notices WHERE reported_at IS NULL"
         )
     assert waiting == 1
+
+
+async def test_refusals_past_the_retention_are_forgotten(database) -> None:  # noqa: F811
+    _, pool = database
+    refusals: dict = {}
+    now = datetime.now(UTC)
+    for days in (0, 89, 91):
+        note_refused(refusals, BURST, "d1", now - timedelta(days=days), 9, "readings")
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await record_refusals(conn, refusals)
+        assert await forget_old_refusals(conn, 90) == 1
+        left = await conn.fetchval("SELECT count(*) FROM quota_limited")
+    assert left == 2
