@@ -3,11 +3,12 @@ its fleet devices' readings batches, heartbeats and configuration reports in the
 agent's wire format (``iot/device/<uuid>/...``; see ``intake`` and ``original_format``).
 
 Each message is checked (known device, size, msgspec against the sensor's ranges, the license's
-daily message quota, read-only mode) and either buffered as a row or recorded as a dead letter
-with its reason (a batch in the original format: each of its readings; the batch is one
-message, acknowledged once). The buffer is written in one transaction per batch (at
-``INGEST_BATCH_ROWS`` messages or every ``INGEST_FLUSH_SECONDS``; see ``ingest_batch``). A
-reading over the quota is dropped and counted, never half-stored.
+daily message budget and its burst allowance (``quotas``), read-only mode) and either buffered
+as a row or recorded as a dead letter with its reason (a batch in the original format: each of
+its readings; the batch is one message, acknowledged once). The buffer is written in one
+transaction per batch (at ``INGEST_BATCH_ROWS`` messages or every ``INGEST_FLUSH_SECONDS``; see
+``ingest_batch``). A reading over the quota is dropped and counted (per device and minute,
+with the limit that refused it), never half-stored.
 
 Messages are acknowledged to the broker (PUBACK) only after their batch has committed, so a
 crash or a database outage loses nothing: the broker delivers what was not acknowledged again

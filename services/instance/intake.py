@@ -1,10 +1,11 @@
 """How ingest takes one MQTT message into its buffer: a native reading or status on
 ``<customer>/devices/<device_id>/...``, or a fleet device's batch, heartbeat or configuration
 report on ``iot/device/<uuid>/...`` (the original agent's wire format). Each message becomes rows
-(within the license's daily quota, unless the license is read-only, with the temperature offset
-the platform applies for the device), a device's status, a report, or dead letters with their
-reasons; its packet id is kept to be acknowledged with the batch. Messages of devices not known
-yet wait in ``Batch.unknown`` for ``Ingest`` to look them up again.
+(within the license's daily budget and burst allowance, unless the license is read-only, with
+the temperature offset the platform applies for the device), a device's status, a report, or
+dead letters with their reasons; its packet id is kept to be acknowledged with the batch.
+Messages of devices not known yet wait in ``Batch.unknown`` for ``Ingest`` to look them up
+again.
 """
 
 from __future__ import annotations
