@@ -24,7 +24,8 @@ async def test_the_usage_section_shows_meters_notices_and_refusals_live(client) 
             await sign_in(page, base, "rosa@example.com")
             await open_section(page, "usage")
             await page.wait_for_function(
-                "() => /Burst allowance/.test(document.getElementById('quota-meters').innerText)",
+                "() => /Burst allowance/.test(document.getElementById('quota-meters').innerText)"
+                " && document.querySelector('#quota-limited tbody').rows.length > 0",
                 timeout=20_000,
             )
             meters = await page.inner_text("#quota-meters")
