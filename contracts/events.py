@@ -590,6 +590,30 @@ class UsageReported(Event, frozen=True, kw_only=True):
     final: bool = False  # true once the day is over and its counts will not change
 
 
+class QuotaNoticeReported(Event, frozen=True, kw_only=True):
+    """An instance's meter reached 80% or 100% of its license's limit (once per meter and day;
+    for devices, once per crossing): the customer is told (signup mails the account's
+    address). No personal data: the meter and the counts only."""
+
+    TYPE = "QuotaNoticeReported"
+    VERSION = 1
+
+    customer_id: Id
+    meter: Literal["devices", "mqtt_messages", "api_requests"]
+    level: Annotated[int, Meta(ge=1, le=100, description="the percentage reached: 80 or 100")]
+    used: Count
+    limit: Count
+    period: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=64,
+            description="the UTC day of a daily meter, or the start of a devices crossing",
+        ),
+    ]
+    noticed_at: Annotated[UtcDateTime, Meta(description="when the instance noticed it")]
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 # Every event this code can read. A type is never removed: the log still holds its events.
@@ -622,6 +646,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     InstanceDegraded,
     InstanceRecovered,
     UsageReported,
+    QuotaNoticeReported,
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.TYPE: cls for cls in ALL_EVENTS}

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from contracts import (
     InvoiceRecorded,
     PaymentFailed,
+    QuotaNoticeReported,
     StripeCustomerLinked,
     StripeEventReceived,
     SubscriptionActivated,
@@ -57,6 +58,7 @@ BILLING = ServiceDefinition(
     emits=(
         InvoiceRecorded,  # reactors.py, as stripe_events.py decides
         PaymentFailed,  # reactors.py, as stripe_events.py decides
+        QuotaNoticeReported,  # usage.py: an instance's meter at 80% or 100%
         StripeCustomerLinked,  # accounts.py: a first checkout made the Stripe customer
         StripeEventReceived,  # webhooks.py: the gateway, once per Stripe event id
         SubscriptionActivated,  # reactors.py, as stripe_events.py decides

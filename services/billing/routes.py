@@ -29,7 +29,14 @@ from services.billing.decisions import PAID_PLANS
 from services.billing.pages import AccountBillingForms
 from services.billing.settings import BillingSettings
 from services.billing.stripe_api import StripeGateway
-from services.billing.usage import check_instance, parse_report, record_usage, usage_days
+from services.billing.usage import (
+    check_instance,
+    parse_notice,
+    parse_report,
+    record_quota_notice,
+    record_usage,
+    usage_days,
+)
 from services.billing.webhooks import (
     WebhookMetrics,
     WebhookTooLarge,
@@ -124,6 +131,20 @@ class UsageReportController(Controller):
         check_instance(request, settings.usage_secret, customer_id)
         event = await record_usage(events, customer_id, parse_report(await request.body()))
         return {"recorded": True, "day": event.day.isoformat(), "final": event.final}
+
+    @post("/{customer_id:str}/quota-notices", status_code=202, request_max_body_size=BODY_LIMIT)
+    async def report_quota_notice(
+        self,
+        customer_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[BillingSettings],
+        events: NamedDependency[EventStore],
+    ) -> dict[str, Any]:
+        """An instance's meter reached 80% or 100% of its limit (its own usage token)."""
+        check_instance(request, settings.usage_secret, customer_id)
+        notice = parse_notice(await request.body())
+        event = await record_quota_notice(events, customer_id, notice)
+        return {"recorded": True, "meter": event.meter, "level": event.level}
 
 
 class StripeWebhookController(Controller):

@@ -1,4 +1,6 @@
-"""Usage that customers' instances report: received over HTTP, recorded as UsageReported.
+"""Usage that customers' instances report: received over HTTP, recorded as UsageReported; and
+their quota notices (a meter at 80% or 100% of its limit), recorded as QuotaNoticeReported for
+signup to mail the customer.
 
 An instance posts its counts for a UTC day every few minutes and once more, ``final``, when
 the day is over. It proves who it is with a token derived from ``USAGE_SECRET`` and its
@@ -10,14 +12,14 @@ from __future__ import annotations
 
 import hmac
 import uuid
-from datetime import date
-from typing import Annotated, Any
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import msgspec
 from msgspec import Meta
 
-from contracts import UsageReported
+from contracts import QuotaNoticeReported, UsageReported
 from contracts.credentials import instance_usage_token
 from libs.db.postgres import Connection
 from libs.eventlog.store import EventStore
@@ -39,6 +41,17 @@ class UsageReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     rejected_readings: Count
     storage_bytes: Count
     final: bool = False
+
+
+class QuotaNotice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What an instance reports when a meter reaches 80% or 100% of its limit."""
+
+    meter: Literal["devices", "mqtt_messages", "api_requests"]
+    level: Literal[80, 100]
+    used: Count
+    limit: Count
+    period: Annotated[str, Meta(min_length=1, max_length=64)]
+    noticed_at: Annotated[datetime, Meta(tz=True)]
 
 
 def check_instance(request: Any, secret: str | None, customer_id: str) -> None:
@@ -80,6 +93,32 @@ async def record_usage(store: EventStore, customer_id: str, report: UsageReport)
     """Append the report as ``UsageReported`` (once, however often it is retried)."""
     event, event_id = usage_event(customer_id, report)
     await store.publish(event, customer_id=customer_id, event_id=event_id)
+    return event
+
+
+def parse_notice(body: bytes) -> QuotaNotice:
+    """The notice, or 400 naming the field that is wrong and why."""
+    return decode(body, QuotaNotice, "invalid quota notice")
+
+
+async def record_quota_notice(
+    store: EventStore, customer_id: str, notice: QuotaNotice
+) -> QuotaNoticeReported:
+    """Append the notice as ``QuotaNoticeReported``, once per meter, period and level however
+    often it is retried (its id comes from those)."""
+    event = QuotaNoticeReported(
+        customer_id=customer_id,
+        meter=notice.meter,
+        level=notice.level,
+        used=notice.used,
+        limit=notice.limit,
+        period=notice.period,
+        noticed_at=notice.noticed_at,
+    )
+    key = f"quota-notice:{customer_id}:{notice.meter}:{notice.period}:{notice.level}"
+    await store.publish(
+        event, customer_id=customer_id, event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, key))
+    )
     return event
 
 

@@ -36,6 +36,7 @@ from services.instance.api.devices import DevicesController
 from services.instance.api.license import LicenseController
 from services.instance.api.monitoring import MonitoringController
 from services.instance.api.provisioning import PROVISIONING_ROUTES
+from services.instance.api.quotas import QuotasController, meters_now
 from services.instance.api.readings import ReadingsController
 from services.instance.auth import CustomerSessions
 from services.instance.config_publisher import ConfigPublisher
@@ -45,6 +46,7 @@ from services.instance.housekeeping import UsageGauges, housekeeping
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.license import LicenseHolder, keep_license_current
 from services.instance.live import LiveReadings
+from services.instance.quota_notices import QuotaWatch
 from services.instance.registration import FleetRegistrations
 from services.instance.settings import InstanceSettings, dashboard_csrf_key
 from services.instance.state import STATE_KEY, InstanceState
@@ -101,6 +103,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             ReadingsController,
             DeadLettersController,
             AlertsController,
+            QuotasController,
             *PROVISIONING_ROUTES,
         ],
         readiness=instance.readiness,
@@ -149,6 +152,7 @@ def _tasks(
             instance.devices.converge_at_start(database.pool_if_connected)
         ),
         "device configs": instance.config_publisher.run,
+        "quotas": QuotaWatch(settings, lambda: turns, lambda n: meters_now(instance, n)).run,
     }
 
 

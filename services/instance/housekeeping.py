@@ -1,7 +1,7 @@
 """The instance's housekeeping: its usage as Prometheus gauges every half minute, and, every
 hour, the readings' day partitions past the license's retention dropped whole (and the fleet
-registrations' audit rows past it, with ended windows of failed attempts, and the fleet devices
-whose key exchange never came within a day)."""
+registrations' audit rows and the quotas' refusals past it, with ended windows of failed
+attempts, and the fleet devices whose key exchange never came within a day)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from services.instance.calibration import forget_old_changes
 from services.instance.devices import BrokerUnavailable, Devices, count_active_devices
 from services.instance.ingest import Ingest
 from services.instance.license import LicenseHolder
+from services.instance.quotas import forget_old_refusals
 from services.instance.readings import drop_expired_partitions
 from services.instance.registration import abandoned_registrations
 from services.instance.registration_audit import forget_old_attempts
@@ -69,6 +70,7 @@ async def _stored_usage(
         log.info("retention: dropped %s", ", ".join(dropped))
     await forget_old_attempts(conn, claims.features.dataRetentionDays)
     await forget_old_changes(conn, datetime.combine(keep, datetime.min.time(), UTC))
+    await forget_old_refusals(conn, claims.features.dataRetentionDays)
     return True
 
 

@@ -3,11 +3,12 @@ its fleet devices' readings batches, heartbeats and configuration reports in the
 agent's wire format (``iot/device/<uuid>/...``; see ``intake`` and ``original_format``).
 
 Each message is checked (known device, size, msgspec against the sensor's ranges, the license's
-daily message quota, read-only mode) and either buffered as a row or recorded as a dead letter
-with its reason (a batch in the original format: each of its readings; the batch is one
-message, acknowledged once). The buffer is written in one transaction per batch (at
-``INGEST_BATCH_ROWS`` messages or every ``INGEST_FLUSH_SECONDS``; see ``ingest_batch``). A
-reading over the quota is dropped and counted, never half-stored.
+daily message budget and its burst allowance (``quotas``), read-only mode) and either buffered
+as a row or recorded as a dead letter with its reason (a batch in the original format: each of
+its readings; the batch is one message, acknowledged once). The buffer is written in one
+transaction per batch (at ``INGEST_BATCH_ROWS`` messages or every ``INGEST_FLUSH_SECONDS``; see
+``ingest_batch``). A reading over the quota is dropped and counted (per device and minute,
+with the limit that refused it), never half-stored.
 
 Messages are acknowledged to the broker (PUBACK) only after their batch has committed, so a
 crash or a database outage loses nothing: the broker delivers what was not acknowledged again
@@ -43,6 +44,7 @@ from services.instance.ingest_batch import Batch, write_batch
 from services.instance.ingest_metrics import IngestMetrics
 from services.instance.intake import Intake
 from services.instance.license import LicenseHolder
+from services.instance.quotas import load_bucket, save_bucket
 from services.instance.settings import InstanceSettings, ingest_client_id
 from services.instance.usage import usage_day
 
@@ -245,7 +247,10 @@ class Ingest(Intake):
             today = await usage_day(conn, self.today)
             await self._load_devices(conn)
             await self._offsets.load(conn, asyncio.get_running_loop().time())
+            saved = await load_bucket(conn)
         self.accepted_today = today["mqtt_messages"] if today else 0
+        if saved is not None:
+            self.restore_bucket(*saved)
         self._devices_loaded_at = asyncio.get_running_loop().time()
 
     def _idle(self) -> bool:
@@ -297,6 +302,8 @@ class Ingest(Intake):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 stored, shown = await write_batch(conn, batch, self.today, self._partitions)
+                if self.bucket is not None and (batch.rows or batch.refused):
+                    await save_bucket(conn, self.bucket)
         except BaseException:
             batch.absorb(self._batch)
             self._batch = batch
@@ -315,6 +322,8 @@ class Ingest(Intake):
             # They were counted against today's quota as they arrived; they are not stored.
             self._metrics.repeated.inc(repeated)
             self.accepted_today = max(0, self.accepted_today - repeated)
+            if self.bucket is not None:
+                self.bucket.give_back(repeated)
         if self._on_stored is not None and shown:
             self._on_stored(shown)
         return stored

@@ -16,6 +16,7 @@ import asyncpg
 from services.instance.calibration import track_calibration
 from services.instance.config_reports import Report, store_reports
 from services.instance.dead_letters import record_dead_letters
+from services.instance.quotas import Refusals, merge_refusals, record_refusals
 from services.instance.readings import readings_added, store_readings
 
 
@@ -36,6 +37,8 @@ class Batch:
     # The broker's packet ids to acknowledge once the batch is stored, and their connection.
     acks: list[int] = field(default_factory=list)
     connection: int = 0
+    # What the quotas refused, per limit, device and minute (``quotas``).
+    refused: Refusals = field(default_factory=dict)
 
     def has_writes(self) -> bool:
         """Whether writing the batch would store or acknowledge anything."""
@@ -47,6 +50,7 @@ class Batch:
             or self.reports
             or +self.usage
             or self.acks
+            or self.refused
         )
 
     def absorb(self, later: Batch) -> None:
@@ -59,6 +63,7 @@ class Batch:
         self.reports.update(later.reports)
         self.usage.update(later.usage)
         self.unknown.extend(later.unknown)
+        merge_refusals(self.refused, later.refused)
         if later.connection == self.connection:
             self.acks.extend(later.acks)
         else:
@@ -96,6 +101,8 @@ async def write_batch(
         )
     if batch.reports:
         await store_reports(conn, batch.reports)
+    if batch.refused:
+        await record_refusals(conn, batch.refused)
     return stored, added
 
 

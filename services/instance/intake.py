@@ -1,10 +1,11 @@
 """How ingest takes one MQTT message into its buffer: a native reading or status on
 ``<customer>/devices/<device_id>/...``, or a fleet device's batch, heartbeat or configuration
 report on ``iot/device/<uuid>/...`` (the original agent's wire format). Each message becomes rows
-(within the license's daily quota, unless the license is read-only, with the temperature offset
-the platform applies for the device), a device's status, a report, or dead letters with their
-reasons; its packet id is kept to be acknowledged with the batch. Messages of devices not known
-yet wait in ``Batch.unknown`` for ``Ingest`` to look them up again.
+(within the license's daily budget and burst allowance, unless the license is read-only, with
+the temperature offset the platform applies for the device), a device's status, a report, or
+dead letters with their reasons; its packet id is kept to be acknowledged with the batch.
+Messages of devices not known yet wait in ``Batch.unknown`` for ``Ingest`` to look them up
+again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from services.instance.ingest_batch import Batch
 from services.instance.ingest_metrics import IngestMetrics
 from services.instance.license import LicenseHolder
 from services.instance.original_format import Refused, parse_sensor_message, topic_kind
+from services.instance.quotas import BURST, DAILY_BUDGET, TokenBucket, note_refused
 from services.instance.readings import Reading, Rejected, parse_reading, record
 from services.instance.settings import InstanceSettings
 from services.instance.status import take_status
@@ -52,6 +54,10 @@ class Intake:
         self._arrived = asyncio.Event()
         self.today: date = datetime.now(UTC).date()
         self.accepted_today = 0
+        # The readings' burst allowance (``quotas``): made at the first reading, from the
+        # license then held and the level saved before a restart (``saved_bucket``).
+        self.bucket: TokenBucket | None = None
+        self.saved_bucket: tuple[float, datetime] | None = None
 
     @property
     def root(self) -> str:
@@ -177,14 +183,43 @@ class Intake:
         offset the platform applies for the device)."""
         batch = self._batch
         self._roll_day(now)
-        if self.accepted_today >= self._quota():
-            batch.usage["over_quota_readings"] += 1
-            return
+        quota = self._quota()
+        bucket = self._bucket(quota, now)
+        if self.accepted_today >= quota:
+            return self._over_quota(DAILY_BUDGET, device_id, now, quota)
+        if not bucket.take(now):
+            return self._over_quota(BURST, device_id, now, quota)
         self.accepted_today += 1
         batch.rows.append(record(device_id, ts, reading, self._offsets.applied(device_id)))
         if len(batch.rows) >= self._settings.ingest_batch_rows:
             self._full.set()
         batch.seen[device_id] = (now, "online")
+
+    def _bucket(self, quota: int, now: datetime) -> TokenBucket:
+        """The bucket, shaped for ``quota`` (and made, from its saved level if any)."""
+        if self.bucket is None:
+            self.bucket = TokenBucket.full(quota, now)
+            if self.saved_bucket is not None:
+                self.restore_bucket(*self.saved_bucket)
+        self.bucket.reshape(quota)
+        return self.bucket
+
+    def restore_bucket(self, level: float, at: datetime) -> None:
+        """Continue from the level saved before a restart (refilled since)."""
+        self.saved_bucket = (level, at)
+        if self.bucket is not None:
+            self.bucket.level, self.bucket.at = min(level, self.bucket.capacity), at
+
+    def _over_quota(self, meter: str, device_id: str, now: datetime, quota: int) -> None:
+        """A reading a limit refused: counted, and recorded per device and minute."""
+        self._batch.usage["over_quota_readings"] += 1
+        note_refused(self._batch.refused, meter, device_id, now, quota, "readings")
+
+    def refused(self, meter: str, now: datetime, quota: int, what: str) -> None:
+        """Something a limit refused outside ingest (an API request, a device registration),
+        recorded with the next batch."""
+        note_refused(self._batch.refused, meter, None, now, quota, what)
+        self._arrived.set()
 
     def _reject(
         self, topic: str, device_id: str | None, reason: str, payload: bytes, now: datetime

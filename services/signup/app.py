@@ -14,6 +14,8 @@ from services.signup.customer_events import CUSTOMER_EVENTS
 from services.signup.mail import forget_spent_links, mail_relay
 from services.signup.private_state import forget_stale_private_state, settle_credentials
 from services.signup.projections import ACCOUNTS, PLATFORM_CAPACITY
+from services.signup.quota_mails import REACTOR as QUOTA_MAILS
+from services.signup.quota_mails import quota_mail_reactors
 from services.signup.routes import signup_routes
 from services.signup.settings import SignupSettings
 from services.signup.verification import REACTOR, verification_reactors
@@ -47,7 +49,8 @@ def _workers(runtime: ServiceRuntime) -> list[Worker]:
 
 def _reactors(runtime: ServiceRuntime) -> list[Projection]:
     settings = runtime.settings_as(SignupSettings)
-    return verification_reactors(settings, mail_relay(runtime).wake)
+    wake = mail_relay(runtime).wake
+    return [*verification_reactors(settings, wake), *quota_mail_reactors(wake)]
 
 
 SIGNUP = ServiceDefinition(
@@ -57,7 +60,7 @@ SIGNUP = ServiceDefinition(
     routes=signup_routes,
     workers=_workers,
     reactors=_reactors,
-    reactor_names=(REACTOR,),
+    reactor_names=(REACTOR, QUOTA_MAILS),
     # Every event signup owns, and where it is appended.
     emits=(
         CredentialsChanged,  # recovery.py, through the outbox: a password reset

@@ -96,7 +96,7 @@ async def test_every_api_route_wants_the_customers_session() -> None:
         ("POST", "/api/v1/device/{uuid}/key-exchange"),
     }
     routes = [r for r in routes if r not in by_device]
-    assert len(routes) == 23
+    assert len(routes) == 26  # with /api/quotas, /api/quotas/limited and /api/quotas/stream
     async with serving(app) as client:
         for method, path in routes:
             answer = await client.request(

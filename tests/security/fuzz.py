@@ -8,8 +8,9 @@ operation gets ``--examples`` cases that fit its OpenAPI description and as many
 (schemathesis's positive and negative modes), GET operations as many again with the
 customer's real ids, and every declared parameter each of ``HOSTILE_VALUES``, within
 ``--seconds`` per API. Admin routes get the admin token, the
-customer's routes the customer's session. Left out: ``GET /api/stream`` (server-sent events,
-an answer that never ends) and the instances' usage reports (their token is the instance's).
+customer's routes the customer's session. Left out: ``GET /api/stream`` and
+``/api/quotas/stream`` (server-sent events, an answer that never ends) and the instances' usage
+reports and quota notices (their token is the instance's).
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, Verbosity, given
 from schemathesis import GenerationMode
 
-SKIPPED = ("/api/stream", "/api/instances/{customer_id}/usage")
+SKIPPED = (
+    "/api/stream",
+    "/api/quotas/stream",
+    "/api/instances/{customer_id}/usage",
+    "/api/instances/{customer_id}/quota-notices",
+)
 # Values random generation seldom draws, each of which once made an operation answer 500 (issue
 # 11): control characters, numbers past 64 bits, the calendar's edges, one thing a thousand
 # times. Every declared parameter gets each of them, once, after the random cases.

@@ -27,8 +27,9 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import SkipValidation
 
 from libs.http.auth import bearer
-from libs.http.errors import Forbidden, NotFound, Unauthorized, UpstreamError
+from libs.http.errors import Forbidden, NotFound, TooManyRequests, Unauthorized, UpstreamError
 from services.instance.auth import ControlPlaneUnavailable
+from services.instance.quotas import API_LIMIT
 from services.instance.state import InstanceState, instance_of, provide_instance
 
 Connection = ASGIConnection[Any, Any, Any, Any]
@@ -85,7 +86,12 @@ async def customer_session(connection: Connection, _: BaseRouteHandler) -> None:
     claims = instance.licensed()
     if not claims.features.apiAccess:
         raise Forbidden("the license does not include API access")
-    instance.api_requests.take(datetime.now(UTC), claims.limits.apiRequestsPerDay)
+    now, limit = datetime.now(UTC), claims.limits.apiRequestsPerDay
+    try:
+        instance.api_requests.take(now, limit)
+    except TooManyRequests:
+        instance.ingest.refused(API_LIMIT, now, limit, "API requests")
+        raise
     instance.ingest.count_api_request()
 
 

@@ -61,6 +61,7 @@ ASSETS = {
     "dashboard.css": "text/css",
     "indoor_alerts.js": "application/javascript",
     "calibration.js": "application/javascript",
+    "quotas.js": "application/javascript",
 }
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "

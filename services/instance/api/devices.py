@@ -24,6 +24,7 @@ from services.instance.devices import (
     known_device,
     rename_device,
 )
+from services.instance.quotas import DEVICE_LIMIT
 from services.instance.readings import latest
 
 BODY_LIMIT = 4096
@@ -84,12 +85,14 @@ class DevicesController(Controller):
     ) -> dict[str, Any]:
         """A new device and its broker credentials; the password is shown only here."""
         name = device_name(data)
+        max_devices = instance.licensed().features.maxDevices
         async with instance.pool().acquire() as conn:
             try:
-                device = await instance.devices.register(
-                    conn, name, instance.licensed().features.maxDevices
-                )
+                device = await instance.devices.register(conn, name, max_devices)
             except DeviceLimitReached as exc:
+                instance.ingest.refused(
+                    DEVICE_LIMIT, datetime.now(UTC), max_devices, "device registrations"
+                )
                 raise Forbidden(str(exc)) from None
             except BrokerUnavailable as exc:
                 raise UpstreamError(str(exc)) from None

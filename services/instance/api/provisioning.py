@@ -24,8 +24,9 @@ from services.instance.provisioning_keys import (
     new_key_request,
     revoke_key,
 )
+from services.instance.quotas import DEVICE_LIMIT
 from services.instance.registration import FleetRegistered, exchange_api_key
-from services.instance.registration_audit import Attempt
+from services.instance.registration_audit import Attempt, LicenseFull
 
 BODY_LIMIT = 4096
 # Checked by ``audit_limit``, so a bad one is answered naming the field like every other.
@@ -123,7 +124,14 @@ class DeviceRegistrationController(Controller):
             max_devices = instance.licensed().features.maxDevices
             return await instance.fleet.register(conn, attempt, key, body, max_devices)
 
-        device = await instance.fleet.attempt(instance.pool(), attempt, register)
+        try:
+            device = await instance.fleet.attempt(instance.pool(), attempt, register)
+        except LicenseFull:
+            max_devices = instance.licensed().features.maxDevices
+            instance.ingest.refused(
+                DEVICE_LIMIT, datetime.now(UTC), max_devices, "device registrations"
+            )
+            raise
         # Ingest takes the device's messages from now on.
         instance.ingest.know_fleet_device(device.device_id, device.uuid)
         return registered_answer(device, instance)
