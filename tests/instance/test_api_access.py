@@ -96,7 +96,8 @@ async def test_every_api_route_wants_the_customers_session() -> None:
         ("POST", "/api/v1/device/{uuid}/key-exchange"),
     }
     routes = [r for r in routes if r not in by_device]
-    assert len(routes) == 26  # with /api/quotas, /api/quotas/limited and /api/quotas/stream
+    # With /api/quotas(/limited, /stream), a device's calibration and PUT on alert rules.
+    assert len(routes) == 28
     async with serving(app) as client:
         for method, path in routes:
             answer = await client.request(
