@@ -1,0 +1,387 @@
+"""The integrations' sender: one loop that POSTs to every integration what is due, live and
+backfills alike, each from its own position.
+
+Live, an integration is sent the events of its kinds (``integration_events``, up to
+``EVENTS_PAGE`` a POST) and the readings stored since it was made (``reading_batches``, which a
+trigger fills in the ingest transaction; up to ``READINGS_PAGE`` a POST). Its position moves
+only once a POST was answered with success, in the same statement that records it, so a restart
+resends at most the POST it was making (receivers dedupe on ``X-Iotistic-Delivery``, or on a
+reading's device and time) and loses nothing. A failed POST is retried with backoff (1 s, 2 s,
+4 s ... 5 min), for as long as it takes: giving up would lose data, so the integration shows
+that it is failing, since when and why, instead. Its running backfill (``backfills``) goes at
+its rate from its own cursor, retried the same way.
+
+Integrations are served side by side, so a slow receiver holds up only its own. Nothing is sent
+while the license does not include webhooks; the positions wait. Batches of readings every
+integration has passed are deleted once a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import httpx
+from prometheus_client import CollectorRegistry, Counter
+
+from libs.db.postgres import CONNECTION_ERRORS, Turns
+from services.instance.integrations import backfills
+from services.instance.integrations.backfills import READING_COLUMNS, backoff
+from services.instance.integrations.store import READINGS
+from services.instance.webhook_posts import post_signed, sender
+from services.instance.webhook_targets import WebhookTargets
+
+log = logging.getLogger(__name__)
+
+EVENTS_PAGE = 100
+READINGS_PAGE = 500
+PRUNE_EVERY = 60.0
+# Only rows whose transaction ended can be passed for good (see migration 012).
+SETTLED = "pg_snapshot_xmin(pg_current_snapshot())"
+INTEGRATIONS_SQL = (
+    "SELECT integration_id, url, kinds, secret, next_at, failures, "
+    "events_xid::text AS events_xid, events_id, readings_xid::text AS readings_xid, "
+    "readings_id, readings_n FROM integrations WHERE deleted_at IS NULL"
+)
+EVENTS_SQL = (
+    "SELECT xid::text AS xid, id, kind, at, device_id, body::text AS body "
+    "FROM integration_events WHERE (xid, id) > ($1::text::xid8, $2::bigint) "
+    f"AND xid < {SETTLED} ORDER BY xid, id LIMIT $3"
+)
+READINGS_SQL = (
+    f"SELECT b.xid::text AS xid, b.id, k.n, r.device_id IS NOT NULL AS present, "
+    f"{READING_COLUMNS} FROM reading_batches b "
+    "CROSS JOIN LATERAL unnest(b.device_ids, b.times) WITH ORDINALITY AS k(k_device, k_ts, n) "
+    "LEFT JOIN readings r ON r.device_id = k.k_device AND r.ts = k.k_ts "
+    "WHERE (b.xid, b.id) >= ($1::text::xid8, $2::bigint) "
+    f"AND b.xid < {SETTLED} "
+    "AND (b.xid, b.id, k.n) > ($1::text::xid8, $2::bigint, $3::bigint) "
+    "ORDER BY b.xid, b.id, k.n LIMIT $4"
+)
+PRUNE_SQL = (
+    f"DELETE FROM reading_batches b WHERE b.xid < {SETTLED} AND NOT EXISTS ("
+    "SELECT 1 FROM integrations i WHERE i.deleted_at IS NULL AND $1 = ANY (i.kinds) "
+    "AND (i.readings_xid, i.readings_id) <= (b.xid, b.id))"
+)
+POSITION_COLUMNS = ("xid", "id", "n", "present")
+SUCCEEDED = "failures = 0, last_error = NULL, failing_since = NULL, delivered_at = $2, next_at = $2"
+
+
+class _Client:
+    """One HTTP client for a pass, made only once something is to be sent (one costs ~30 ms
+    of CPU: not every second in an idle instance)."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+        self._client: httpx.AsyncClient | None = None
+
+    async def get(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = await self._stack.enter_async_context(sender())
+        return self._client
+
+
+class IntegrationSender:
+    """POSTs to the integrations what is due, live and backfills."""
+
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool | Turns],
+        customer_id: str,
+        sending: Callable[[], bool],
+        targets: WebhookTargets | None = None,
+        registry: CollectorRegistry | None = None,
+        every: float = 1.0,
+    ) -> None:
+        """``sending`` says whether the license includes webhooks right now; POSTs go only
+        where ``targets`` allows. Counters go into ``registry`` (the instance's /metrics)."""
+        self._pool = pool
+        self._customer = customer_id
+        self._sending = sending
+        self._targets = targets or WebhookTargets()
+        self._every = every
+        registry = registry if registry is not None else CollectorRegistry()
+        self.errors = Counter(
+            "iotistic_instance_integration_errors_total",
+            "Unexpected errors sending to integrations, by stage; the rest went on",
+            ["stage"],
+            registry=registry,
+        )
+        self.sent = Counter(
+            "iotistic_instance_integration_sent_total",
+            "Readings and events delivered to integrations, by how (live, backfill)",
+            ["how"],
+            registry=registry,
+        )
+        self._prune_at = 0.0
+
+    async def run(self) -> None:
+        """Send for ever; an error ends a pass, never the loop."""
+        while True:
+            wait = self._every
+            try:
+                if self._sending():
+                    wait = await self.send_due(datetime.now(UTC))
+                if time.monotonic() >= self._prune_at:
+                    await self.prune()
+                    self._prune_at = time.monotonic() + PRUNE_EVERY
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("integrations: %s", type(exc).__name__)
+            except Exception:
+                log.exception("integrations: the pass failed; the next one runs as usual")
+                self.errors.labels("pass").inc()
+            await asyncio.sleep(wait)
+
+    async def send_due(self, now: datetime) -> float:
+        """One pass: each integration's due POSTs, side by side; returns how long to wait
+        before the next pass (none while there is more to send)."""
+        async with self._pool().acquire() as conn:
+            integrations = await conn.fetch(INTEGRATIONS_SQL)
+            if not integrations:
+                return self._every
+            running = await conn.fetch(
+                "SELECT DISTINCT ON (integration_id) * FROM integration_backfills "
+                "WHERE state IN ('queued', 'running') ORDER BY integration_id, created_at"
+            )
+        by_integration = {b["integration_id"]: b for b in running}
+        async with contextlib.AsyncExitStack() as stack:
+            client = _Client(stack)
+            waits = await asyncio.gather(
+                *(
+                    self._serve(client, i, by_integration.get(i["integration_id"]), now)
+                    for i in integrations
+                ),
+                return_exceptions=True,
+            )
+        wait = self._every
+        for outcome in waits:
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, (*CONNECTION_ERRORS, asyncpg.PostgresError)):
+                    log.error("integrations: sending failed", exc_info=outcome)
+                    self.errors.labels("send").inc()
+            else:
+                wait = min(wait, outcome)
+        return max(wait, 0.0)
+
+    async def _serve(
+        self,
+        client: _Client,
+        integration: asyncpg.Record,
+        backfill: asyncpg.Record | None,
+        now: datetime,
+    ) -> float:
+        """One integration's due POSTs; how soon it has more (seconds)."""
+        wait = self._every
+        if integration["next_at"] <= now:
+            if await self._send_live(client, integration, now):
+                wait = 0.0
+        else:
+            wait = min(wait, (integration["next_at"] - now).total_seconds())
+        if backfill is not None:
+            if backfill["next_at"] <= now:
+                await self._send_backfill(client, integration, backfill, now)
+                backfill = await self._backfill_now(backfill["backfill_id"])
+            if backfill is not None and backfill["state"] in backfills.ACTIVE:
+                wait = min(wait, (backfill["next_at"] - datetime.now(UTC)).total_seconds())
+        return wait
+
+    async def _backfill_now(self, backfill_id: str) -> asyncpg.Record | None:
+        async with self._pool().acquire() as conn:
+            return await conn.fetchrow(
+                "SELECT * FROM integration_backfills WHERE backfill_id = $1", backfill_id
+            )
+
+    async def _send_live(self, client: _Client, integration: asyncpg.Record, now: datetime) -> bool:
+        """POST the integration's new events, then its new readings; whether there were any."""
+        kinds = set(integration["kinds"])
+        async with self._pool().acquire() as conn:
+            events = []
+            if kinds - {READINGS}:
+                events = await conn.fetch(
+                    EVENTS_SQL, integration["events_xid"], integration["events_id"], EVENTS_PAGE
+                )
+            readings = []
+            if READINGS in kinds:
+                readings = await conn.fetch(
+                    READINGS_SQL,
+                    integration["readings_xid"],
+                    integration["readings_id"],
+                    integration["readings_n"],
+                    READINGS_PAGE,
+                )
+        if events and not await self._send_events(client, integration, events, now):
+            return False
+        if readings:
+            await self._send_readings(client, integration, readings, now)
+        return bool(events or readings)
+
+    async def _send_events(
+        self,
+        client: _Client,
+        integration: asyncpg.Record,
+        events: list[asyncpg.Record],
+        now: datetime,
+    ) -> bool:
+        """POST the events of the integration's kinds among ``events``, then move past all of
+        them; whether that succeeded."""
+        wanted = [e for e in events if e["kind"] in integration["kinds"]]
+        if wanted:
+            body = {
+                "type": "events",
+                "customer_id": self._customer,
+                "integration_id": integration["integration_id"],
+                "events": [
+                    {
+                        "id": e["id"],
+                        "kind": e["kind"],
+                        "at": e["at"].isoformat(),
+                        "device_id": e["device_id"],
+                        "body": json.loads(e["body"]),
+                    }
+                    for e in wanted
+                ],
+            }
+            delivery = f"events:{integration['events_xid']}:{integration['events_id']}"
+            error = await self._post(client, integration, body, delivery)
+            if error is not None:
+                await self._failed(integration, error, now)
+                return False
+            self.sent.labels("live").inc(len(wanted))
+        last = events[-1]
+        async with self._pool().acquire() as conn:
+            await conn.execute(
+                f"UPDATE integrations SET events_xid = $3::text::xid8, events_id = $4, "
+                f"{SUCCEEDED} WHERE integration_id = $1",
+                integration["integration_id"],
+                now,
+                last["xid"],
+                last["id"],
+            )
+        return True
+
+    async def _send_readings(
+        self,
+        client: _Client,
+        integration: asyncpg.Record,
+        rows: list[asyncpg.Record],
+        now: datetime,
+    ) -> None:
+        """POST the readings still stored among ``rows``, then move past all of them."""
+        present = [r for r in rows if r["present"]]
+        if present:
+            body = self._readings_body(integration["integration_id"], present)
+            delivery = (
+                f"readings:{integration['readings_xid']}:{integration['readings_id']}:"
+                f"{integration['readings_n']}"
+            )
+            error = await self._post(client, integration, body, delivery)
+            if error is not None:
+                await self._failed(integration, error, now)
+                return
+            self.sent.labels("live").inc(len(present))
+        last = rows[-1]
+        async with self._pool().acquire() as conn:
+            await conn.execute(
+                f"UPDATE integrations SET readings_xid = $3::text::xid8, readings_id = $4, "
+                f"readings_n = $5, {SUCCEEDED} WHERE integration_id = $1",
+                integration["integration_id"],
+                now,
+                last["xid"],
+                last["id"],
+                last["n"],
+            )
+
+    async def _send_backfill(
+        self,
+        client: _Client,
+        integration: asyncpg.Record,
+        backfill: asyncpg.Record,
+        now: datetime,
+    ) -> None:
+        """Start the backfill if it waits, then POST its next page (or finish it)."""
+        backfill_id = backfill["backfill_id"]
+        async with self._pool().acquire() as conn:
+            if backfill["state"] == "queued":
+                await backfills.begin(conn, backfill, now)
+                backfill = await conn.fetchrow(
+                    "SELECT * FROM integration_backfills WHERE backfill_id = $1", backfill_id
+                )
+            if backfill is None or backfill["state"] != "running":
+                return
+            page = await backfills.next_page(conn, backfill)
+            if not page:
+                await backfills.finish(conn, backfill, now)
+                return
+        body = self._readings_body(integration["integration_id"], page)
+        body["backfill_id"] = backfill_id
+        error = await self._post(
+            client, integration, body, f"backfill:{backfill_id}:{backfill['done']}"
+        )
+        async with self._pool().acquire() as conn:
+            if error is None:
+                await backfills.page_delivered(conn, backfill, page, datetime.now(UTC))
+                self.sent.labels("backfill").inc(len(page))
+            else:
+                await backfills.page_failed(conn, backfill, error, datetime.now(UTC))
+
+    def _readings_body(self, integration_id: str, rows: list[asyncpg.Record]) -> dict[str, Any]:
+        readings = []
+        for row in rows:
+            reading = {k: v for k, v in dict(row).items() if k not in POSITION_COLUMNS}
+            reading["ts"] = row["ts"].isoformat()
+            readings.append(reading)
+        return {
+            "type": "readings",
+            "customer_id": self._customer,
+            "integration_id": integration_id,
+            "readings": readings,
+        }
+
+    async def _post(
+        self, client: _Client, integration: asyncpg.Record, body: dict[str, Any], delivery: str
+    ) -> str | None:
+        """One signed POST: None once delivered, else what went wrong."""
+        headers = {
+            "X-Iotistic-Integration": integration["integration_id"],
+            "X-Iotistic-Delivery": delivery,
+        }
+        try:
+            return await post_signed(
+                await client.get(),
+                self._targets,
+                integration["url"],
+                json.dumps(body),
+                integration["secret"],
+                headers,
+            )
+        except Exception as exc:
+            # Not an answer nor a refusal: a failed attempt like any other, retried.
+            log.exception("integrations: a POST to %s failed", integration["integration_id"])
+            self.errors.labels("post").inc()
+            return f"internal error: {type(exc).__name__}"
+
+    async def _failed(self, integration: asyncpg.Record, error: str, now: datetime) -> None:
+        """Record a failed attempt; the next is due after a backoff."""
+        async with self._pool().acquire() as conn:
+            await conn.execute(
+                "UPDATE integrations SET failures = failures + 1, last_error = $2, "
+                "failing_since = coalesce(failing_since, $3), next_at = $4 "
+                "WHERE integration_id = $1",
+                integration["integration_id"],
+                error[:500],
+                now,
+                now + backoff(integration["failures"] + 1),
+            )
+
+    async def prune(self) -> int:
+        """Delete the batches of readings every integration has passed; how many."""
+        async with self._pool().acquire() as conn:
+            done = await conn.execute(PRUNE_SQL, READINGS)
+        return int(done.split()[-1])
