@@ -3,6 +3,7 @@ can refuse some), and an instance database with stored readings."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -30,6 +31,8 @@ class Receiver:
     refused: int = 0
     bad_signatures: int = 0
     url: str = ""
+    # While set and not released, every POST waits (a receiver that does not answer).
+    hold: asyncio.Event | None = None
 
     def readings(self, *, backfill: str | None = None) -> list[tuple[str, str]]:
         """The (device_id, ts) of every reading received, live (or of one backfill)."""
@@ -53,6 +56,8 @@ async def receiving() -> AsyncIterator[Receiver]:
     @post("/hook", status_code=200)
     async def hook(request: Request[Any, Any, Any]) -> Response[str]:
         body = (await request.body()).decode()
+        if receiver.hold is not None:
+            await receiver.hold.wait()
         stamp = request.headers.get("x-iotistic-timestamp", "")
         expected = sign(receiver.secret, stamp, body)
         if request.headers.get("x-iotistic-signature") != expected:

@@ -221,7 +221,7 @@ async def test_an_event_committed_after_a_later_one_is_not_passed_over(
         pool = await asyncpg.create_pool(
             database, min_size=1, max_size=3, server_settings={"search_path": "instance"}
         )
-        sender = IntegrationSender(lambda: pool, "c", lambda: True, targets=LOOPBACK)
+        sender = IntegrationSender(lambda: pool, "c", lambda: True, targets=LOOPBACK, every=0)
         now = datetime.now(UTC)
         try:
             slow = conn.transaction()
@@ -230,11 +230,48 @@ async def test_an_event_committed_after_a_later_one_is_not_passed_over(
             async with pool.acquire() as other:
                 second = await integration_events.enqueue(other, "alert", {"n": 2}, now, "d1")
             await sender.send_due(datetime.now(UTC))
+            await sender.settle(None)
             before = [e["id"] for e in receiver.events()]
             await slow.commit()
             await sender.send_due(datetime.now(UTC))
+            await sender.settle(None)
         finally:
+            await sender.stop()
             await pool.close()
     assert first < second
     assert before == []  # not sent while an earlier event could still commit
     assert [e["id"] for e in receiver.events()] == [first, second]
+
+
+async def test_a_receiver_that_does_not_answer_holds_up_only_its_own_integration(
+    database: str, conn: asyncpg.Connection
+) -> None:
+    async with receiving() as stuck, receiving() as healthy:
+        stuck.hold = asyncio.Event()
+        await integrate(conn, stuck, ["readings"])
+        await integrate(conn, healthy, ["readings"])
+        pool = await asyncpg.create_pool(
+            database, min_size=1, max_size=3, server_settings={"search_path": "instance"}
+        )
+        sender = IntegrationSender(lambda: pool, "c", lambda: True, targets=LOOPBACK, every=0)
+        now = datetime.now(UTC).replace(microsecond=0)
+
+        async def pass_then_received() -> list[tuple[str, str]]:
+            await sender.send_due(datetime.now(UTC))
+            return healthy.readings()
+
+        try:
+            await store(conn, reading_rows("d1", now, 3))
+            received = await eventually(
+                pass_then_received, lambda sent: len(sent) == 3, what="the healthy receiver"
+            )
+            waiting = len(stuck.posts)
+            stuck.hold.set()
+            await eventually(
+                pass_then_received, lambda _: len(stuck.readings()) == 3, what="the stuck one"
+            )
+        finally:
+            await sender.stop()
+            await pool.close()
+    assert len(received) == 3
+    assert waiting == 0

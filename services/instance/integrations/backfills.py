@@ -13,7 +13,7 @@ finds that one (a retry after a lost answer makes no second).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -55,7 +55,11 @@ def _instant(body: dict[str, Any], name: str, errors: FieldErrors) -> datetime |
     if when.tzinfo is None:
         errors.add(name, "must carry its offset (e.g. Z or +02:00)")
         return None
-    return when
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:  # 0001-01-01 at +14:00 is before the first year
+        errors.add(name, "is out of range")
+        return None
 
 
 def parse_backfill(data: Any, now: datetime) -> tuple[datetime, datetime, int]:

@@ -19,7 +19,6 @@ integration has passed are deleted once a minute.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -75,17 +74,23 @@ SUCCEEDED = "failures = 0, last_error = NULL, failing_since = NULL, delivered_at
 
 
 class _Client:
-    """One HTTP client for a pass, made only once something is to be sent (one costs ~30 ms
-    of CPU: not every second in an idle instance)."""
+    """The HTTP client the POSTs share: made once something is to be sent, closed once nothing
+    was for a while (one costs ~30 ms of CPU: not every second in an idle instance)."""
 
-    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
-        self._stack = stack
+    def __init__(self) -> None:
         self._client: httpx.AsyncClient | None = None
+        self.used = 0.0
 
-    async def get(self) -> httpx.AsyncClient:
+    def get(self) -> httpx.AsyncClient:
+        self.used = time.monotonic()
         if self._client is None:
-            self._client = await self._stack.enter_async_context(sender())
+            self._client = sender()
         return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
 
 
 class IntegrationSender:
@@ -121,58 +126,102 @@ class IntegrationSender:
             registry=registry,
         )
         self._prune_at = 0.0
+        self._client = _Client()
+        # Each integration's POSTs under way, and when (monotonic) it is worth a look again.
+        self._inflight: dict[str, asyncio.Task[float]] = {}
+        self._due: dict[str, float] = {}
 
     async def run(self) -> None:
-        """Send for ever; an error ends a pass, never the loop."""
-        while True:
-            wait = self._every
-            try:
-                if self._sending():
-                    wait = await self.send_due(datetime.now(UTC))
-                if time.monotonic() >= self._prune_at:
-                    await self.prune()
-                    self._prune_at = time.monotonic() + PRUNE_EVERY
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-                log.warning("integrations: %s", type(exc).__name__)
-            except Exception:
-                log.exception("integrations: the pass failed; the next one runs as usual")
-                self.errors.labels("pass").inc()
-            await asyncio.sleep(wait)
+        """Send for ever; an error ends a pass, never the loop. Stopped, it cancels the POSTs
+        under way (their positions stay where they were: they are sent again)."""
+        try:
+            while True:
+                try:
+                    if self._sending():
+                        await self.send_due(datetime.now(UTC))
+                    else:
+                        await asyncio.sleep(self._every)
+                    if time.monotonic() >= self._prune_at:
+                        await self.prune()
+                        self._prune_at = time.monotonic() + PRUNE_EVERY
+                except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                    log.warning("integrations: %s", type(exc).__name__)
+                    await asyncio.sleep(self._every)
+                except Exception:
+                    log.exception("integrations: the pass failed; the next one runs as usual")
+                    self.errors.labels("pass").inc()
+                    await asyncio.sleep(self._every)
+        finally:
+            await self.stop()
 
-    async def send_due(self, now: datetime) -> float:
-        """One pass: each integration's due POSTs, side by side; returns how long to wait
-        before the next pass (none while there is more to send)."""
+    async def stop(self) -> None:
+        """Cancel the POSTs under way and close the client."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._inflight.clear()
+        await self._client.close()
+
+    async def send_due(self, now: datetime) -> None:
+        """Start the POSTs of each integration that is due and not busy already, then wait
+        until one of them is done, or until the next is due (a second at most): integrations
+        go side by side, so a slow receiver holds up only its own."""
         async with self._pool().acquire() as conn:
             integrations = await conn.fetch(INTEGRATIONS_SQL)
-            if not integrations:
-                return self._every
-            running = await conn.fetch(
-                "SELECT DISTINCT ON (integration_id) * FROM integration_backfills "
-                "WHERE state IN ('queued', 'running') ORDER BY integration_id, created_at"
+            running = (
+                await conn.fetch(
+                    "SELECT DISTINCT ON (integration_id) * FROM integration_backfills "
+                    "WHERE state IN ('queued', 'running') ORDER BY integration_id, created_at"
+                )
+                if integrations
+                else []
             )
         by_integration = {b["integration_id"]: b for b in running}
-        async with contextlib.AsyncExitStack() as stack:
-            client = _Client(stack)
-            waits = await asyncio.gather(
-                *(
-                    self._serve(client, i, by_integration.get(i["integration_id"]), now)
-                    for i in integrations
-                ),
-                return_exceptions=True,
+        clock = time.monotonic()
+        for integration in integrations:
+            key = integration["integration_id"]
+            if key not in self._inflight and self._due.get(key, 0.0) <= clock:
+                self._inflight[key] = asyncio.create_task(
+                    self._serve(integration, by_integration.get(key), now)
+                )
+        known = {i["integration_id"] for i in integrations}
+        self._due = {k: v for k, v in self._due.items() if k in known}
+        idle = [v for k, v in self._due.items() if k not in self._inflight]
+        await self.settle(min([self._every, *(v - clock for v in idle)]))
+
+    async def settle(self, timeout: float | None) -> None:
+        """Wait until the POSTs of one integration are done (of all, without ``timeout``),
+        or ``timeout`` seconds; note when each that is done is due again."""
+        timeout = None if timeout is None else max(timeout, 0.0)
+        if self._inflight:
+            await asyncio.wait(
+                self._inflight.values(),
+                timeout=timeout,
+                return_when=asyncio.ALL_COMPLETED if timeout is None else asyncio.FIRST_COMPLETED,
             )
-        wait = self._every
-        for outcome in waits:
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, (*CONNECTION_ERRORS, asyncpg.PostgresError)):
-                    log.error("integrations: sending failed", exc_info=outcome)
-                    self.errors.labels("send").inc()
-            else:
-                wait = min(wait, outcome)
-        return max(wait, 0.0)
+        elif timeout:
+            await asyncio.sleep(timeout)
+        for key, task in list(self._inflight.items()):
+            if task.done():
+                del self._inflight[key]
+                self._due[key] = time.monotonic() + self._outcome(task)
+        if not self._inflight and time.monotonic() - self._client.used > 10 * self._every:
+            await self._client.close()
+
+    def _outcome(self, task: asyncio.Task[float]) -> float:
+        """How soon an integration whose POSTs are done is due again (logging a failure)."""
+        try:
+            return max(task.result(), 0.0)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("integrations: %s", type(exc).__name__)
+        except Exception:
+            log.exception("integrations: sending failed; tried again at the next pass")
+            self.errors.labels("send").inc()
+        return self._every
 
     async def _serve(
         self,
-        client: _Client,
         integration: asyncpg.Record,
         backfill: asyncpg.Record | None,
         now: datetime,
@@ -180,13 +229,13 @@ class IntegrationSender:
         """One integration's due POSTs; how soon it has more (seconds)."""
         wait = self._every
         if integration["next_at"] <= now:
-            if await self._send_live(client, integration, now):
+            if await self._send_live(integration, now):
                 wait = 0.0
         else:
             wait = min(wait, (integration["next_at"] - now).total_seconds())
         if backfill is not None:
             if backfill["next_at"] <= now:
-                await self._send_backfill(client, integration, backfill, now)
+                await self._send_backfill(integration, backfill, now)
                 backfill = await self._backfill_now(backfill["backfill_id"])
             if backfill is not None and backfill["state"] in backfills.ACTIVE:
                 wait = min(wait, (backfill["next_at"] - datetime.now(UTC)).total_seconds())
@@ -198,7 +247,7 @@ class IntegrationSender:
                 "SELECT * FROM integration_backfills WHERE backfill_id = $1", backfill_id
             )
 
-    async def _send_live(self, client: _Client, integration: asyncpg.Record, now: datetime) -> bool:
+    async def _send_live(self, integration: asyncpg.Record, now: datetime) -> bool:
         """POST the integration's new events, then its new readings; whether there were any."""
         kinds = set(integration["kinds"])
         async with self._pool().acquire() as conn:
@@ -216,15 +265,14 @@ class IntegrationSender:
                     integration["readings_n"],
                     READINGS_PAGE,
                 )
-        if events and not await self._send_events(client, integration, events, now):
+        if events and not await self._send_events(integration, events, now):
             return False
         if readings:
-            await self._send_readings(client, integration, readings, now)
+            await self._send_readings(integration, readings, now)
         return bool(events or readings)
 
     async def _send_events(
         self,
-        client: _Client,
         integration: asyncpg.Record,
         events: list[asyncpg.Record],
         now: datetime,
@@ -249,7 +297,7 @@ class IntegrationSender:
                 ],
             }
             delivery = f"events:{integration['events_xid']}:{integration['events_id']}"
-            error = await self._post(client, integration, body, delivery)
+            error = await self._post(integration, body, delivery)
             if error is not None:
                 await self._failed(integration, error, now)
                 return False
@@ -268,7 +316,6 @@ class IntegrationSender:
 
     async def _send_readings(
         self,
-        client: _Client,
         integration: asyncpg.Record,
         rows: list[asyncpg.Record],
         now: datetime,
@@ -281,7 +328,7 @@ class IntegrationSender:
                 f"readings:{integration['readings_xid']}:{integration['readings_id']}:"
                 f"{integration['readings_n']}"
             )
-            error = await self._post(client, integration, body, delivery)
+            error = await self._post(integration, body, delivery)
             if error is not None:
                 await self._failed(integration, error, now)
                 return
@@ -300,7 +347,6 @@ class IntegrationSender:
 
     async def _send_backfill(
         self,
-        client: _Client,
         integration: asyncpg.Record,
         backfill: asyncpg.Record,
         now: datetime,
@@ -321,9 +367,7 @@ class IntegrationSender:
                 return
         body = self._readings_body(integration["integration_id"], page)
         body["backfill_id"] = backfill_id
-        error = await self._post(
-            client, integration, body, f"backfill:{backfill_id}:{backfill['done']}"
-        )
+        error = await self._post(integration, body, f"backfill:{backfill_id}:{backfill['done']}")
         async with self._pool().acquire() as conn:
             if error is None:
                 await backfills.page_delivered(conn, backfill, page, datetime.now(UTC))
@@ -345,7 +389,7 @@ class IntegrationSender:
         }
 
     async def _post(
-        self, client: _Client, integration: asyncpg.Record, body: dict[str, Any], delivery: str
+        self, integration: asyncpg.Record, body: dict[str, Any], delivery: str
     ) -> str | None:
         """One signed POST: None once delivered, else what went wrong."""
         headers = {
@@ -354,7 +398,7 @@ class IntegrationSender:
         }
         try:
             return await post_signed(
-                await client.get(),
+                self._client.get(),
                 self._targets,
                 integration["url"],
                 json.dumps(body),
