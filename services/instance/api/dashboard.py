@@ -56,7 +56,11 @@ from services.instance.settings import InstanceSettings
 PLOTLY = Path(str(files("plotly") / "package_data" / "plotly.min.js"))
 STATIC = files("services.instance") / "static"
 PAGE = STATIC / "dashboard.html"
-ASSETS = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
+ASSETS = {
+    "dashboard.js": "application/javascript",
+    "dashboard.css": "text/css",
+    "integrations.js": "application/javascript",
+}
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "

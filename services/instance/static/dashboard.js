@@ -829,3 +829,4 @@ async function start() {
   window.dashboardReady = true;
 }
 start();
+window.iotistic = {api, el, fmt, when, ago, state};
