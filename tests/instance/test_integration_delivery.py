@@ -275,3 +275,50 @@ async def test_a_receiver_that_does_not_answer_holds_up_only_its_own_integration
             await pool.close()
     assert len(received) == 3
     assert waiting == 0
+
+
+async def test_batches_of_readings_are_kept_only_while_an_integration_needs_them(
+    database: str, conn: asyncpg.Connection
+) -> None:
+    batches = "SELECT count(*) FROM reading_batches"
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with receiving() as receiver:
+        # No integration takes readings: ingest writes nothing for them.
+        await integrate(conn, receiver, [integration_events.ALERT])
+        await store(conn, reading_rows("d1", now - timedelta(hours=1), 3))
+        without = await conn.fetchval(batches)
+        made = await integrate(conn, receiver, ["readings"])
+        pool = await asyncpg.create_pool(
+            database, min_size=1, max_size=3, server_settings={"search_path": "instance"}
+        )
+        sender = IntegrationSender(lambda: pool, "c", lambda: True, targets=LOOPBACK, every=0)
+        try:
+            await store(conn, reading_rows("d1", now, 3))
+            await sender.send_due(datetime.now(UTC))
+            await sender.settle(None)
+            passed = (await conn.fetchval(batches), await sender.prune())
+            receiver.refuse = 1
+            await store(conn, reading_rows("d2", now, 2))
+            await sender.send_due(datetime.now(UTC))
+            await sender.settle(None)
+            await sender.prune()
+            waiting = await conn.fetchval(batches)
+            await conn.execute("UPDATE reading_batches SET stored_at = now() - interval '31 days'")
+            too_old = await sender.prune()
+            await conn.execute(
+                "UPDATE integrations SET next_at = now() WHERE integration_id = $1",
+                made["integration_id"],
+            )
+            await sender.send_due(datetime.now(UTC))
+            await sender.settle(None)
+        finally:
+            await sender.stop()
+            await pool.close()
+    assert without == 0
+    assert passed == (1, 1)  # sent, then deleted
+    assert waiting == 1  # refused: kept
+    assert too_old == 1
+    assert receiver.refused == 1
+    assert sorted(receiver.readings()) == [
+        ("d1", (now + timedelta(seconds=i)).isoformat()) for i in range(3)
+    ]

@@ -13,7 +13,9 @@ its rate from its own cursor, retried the same way.
 
 Integrations are served side by side, so a slow receiver holds up only its own. Nothing is sent
 while the license does not include webhooks; the positions wait. Batches of readings every
-integration has passed are deleted once a minute.
+integration has passed are deleted once a minute, and so are those older than
+``BACKLOG_DAYS``: an integration that took nothing for that long (the position waits at most
+that long) has the readings it missed still stored, to backfill.
 """
 
 from __future__ import annotations
@@ -64,10 +66,15 @@ READINGS_SQL = (
     "AND (b.xid, b.id, k.n) > ($1::text::xid8, $2::bigint, $3::bigint) "
     "ORDER BY b.xid, b.id, k.n LIMIT $4"
 )
+# Readings an integration has not taken for this long (its receiver failing all along, or the
+# license without webhooks) are no longer kept for it: they stay stored, to be backfilled.
+BACKLOG_DAYS = 30
 PRUNE_SQL = (
-    f"DELETE FROM reading_batches b WHERE b.xid < {SETTLED} AND NOT EXISTS ("
+    f"DELETE FROM reading_batches b WHERE b.xid < {SETTLED} AND (NOT EXISTS ("
     "SELECT 1 FROM integrations i WHERE i.deleted_at IS NULL AND $1 = ANY (i.kinds) "
-    "AND (i.readings_xid, i.readings_id) <= (b.xid, b.id))"
+    "AND (i.readings_xid, i.readings_id, i.readings_n) "
+    "< (b.xid, b.id, cardinality(b.device_ids))) "
+    "OR b.stored_at < now() - make_interval(days => $2))"
 )
 POSITION_COLUMNS = ("xid", "id", "n", "present")
 SUCCEEDED = "failures = 0, last_error = NULL, failing_since = NULL, delivered_at = $2, next_at = $2"
@@ -427,5 +434,5 @@ class IntegrationSender:
     async def prune(self) -> int:
         """Delete the batches of readings every integration has passed; how many."""
         async with self._pool().acquire() as conn:
-            done = await conn.execute(PRUNE_SQL, READINGS)
+            done = await conn.execute(PRUNE_SQL, READINGS, BACKLOG_DAYS)
         return int(done.split()[-1])

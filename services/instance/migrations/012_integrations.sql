@@ -38,10 +38,12 @@ CREATE INDEX integration_events_position ON integration_events (xid, id);
 -- The readings each ingest statement stored, by key, while an integration takes readings:
 -- written by a trigger in the statement's own transaction, so a reading stored is a reading
 -- sent, whatever restarts in between; an instance without such an integration writes nothing
--- here. Rows every integration has passed are deleted.
+-- here. Rows every integration has passed are deleted, and so are rows older than the backlog
+-- an integration may keep (days; what it missed is still there to backfill).
 CREATE TABLE reading_batches (
     id bigserial PRIMARY KEY,
     xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    stored_at timestamptz NOT NULL DEFAULT now(),
     device_ids text[] NOT NULL,
     times timestamptz[] NOT NULL
 );
