@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 from litestar import Litestar, Request, Response, post
+from litestar.response import Stream
 
 from libs.db.postgres import load_migrations, migrate
 from services.instance.readings import store_readings
@@ -31,6 +32,8 @@ class Receiver:
     refused: int = 0
     bad_signatures: int = 0
     url: str = ""
+    # Answers 200 with a body that never ends.
+    endless_url: str = ""
     # While set and not released, every POST waits (a receiver that does not answer).
     hold: asyncio.Event | None = None
 
@@ -71,8 +74,20 @@ async def receiving() -> AsyncIterator[Receiver]:
         )
         return Response("ok", status_code=200)
 
-    async with serving(Litestar([hook])) as client:
+    @post("/endless", status_code=200)
+    async def endless(request: Request[Any, Any, Any]) -> Stream:
+        receiver.posts.append({**json.loads(await request.body()), "delivery": "endless"})
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * 65536
+                await asyncio.sleep(0)
+
+        return Stream(chunks())
+
+    async with serving(Litestar([hook, endless])) as client:
         receiver.url = f"{str(client.base_url).rstrip('/')}/hook"
+        receiver.endless_url = f"{str(client.base_url).rstrip('/')}/endless"
         yield receiver
 
 

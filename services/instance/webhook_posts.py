@@ -6,7 +6,8 @@ A body is signed with HMAC-SHA256 under a secret shown to the customer once
 checked again (``webhook_targets.WebhookTargets``: public addresses only, unless an operator
 allows a network), so a name that resolves elsewhere by the time of delivery cannot lead the
 POST into the instance's own network. An answer below 300 is a delivery; anything else is a
-failed attempt, described in a few words for the customer to read.
+failed attempt, described in a few words for the customer to read. The answer's body is not
+read: a receiver that sends an endless one cannot fill the instance's memory or hold it.
 """
 
 from __future__ import annotations
@@ -82,13 +83,15 @@ async def _post(
     for address in target.addresses:
         pinned, host, extensions = target.via(address)
         try:
-            answer = await client.post(
-                pinned, content=body, headers={**headers, **host}, extensions=extensions
-            )
+            # Only the status is read: a receiver's body, however long, is never taken in.
+            async with client.stream(
+                "POST", pinned, content=body, headers={**headers, **host}, extensions=extensions
+            ) as answer:
+                status = answer.status_code
         except httpx.ConnectError:
             error = "ConnectError"
             continue  # the next address the name resolved to, checked as well
         except httpx.HTTPError as exc:
             return type(exc).__name__
-        return None if answer.status_code < 300 else f"answered {answer.status_code}"
+        return None if status < 300 else f"answered {status}"
     return error

@@ -322,3 +322,37 @@ async def test_batches_of_readings_are_kept_only_while_an_integration_needs_them
     assert sorted(receiver.readings()) == [
         ("d1", (now + timedelta(seconds=i)).isoformat()) for i in range(3)
     ]
+
+
+async def test_a_receiver_answering_with_an_endless_body_is_a_delivery(
+    database: str, conn: asyncpg.Connection
+) -> None:
+    async with receiving() as receiver:
+        made = await create_integration(
+            conn,
+            NewIntegration(name="endless", url=receiver.endless_url, kinds=["alert"]),
+            datetime.now(UTC),
+        )
+        pool = await asyncpg.create_pool(
+            database, min_size=1, max_size=3, server_settings={"search_path": "instance"}
+        )
+        sender = IntegrationSender(lambda: pool, "c", lambda: True, targets=LOOPBACK, every=0)
+
+        async def pass_then_state() -> asyncpg.Record:
+            await sender.send_due(datetime.now(UTC))
+            return await conn.fetchrow(
+                "SELECT failures, delivered_at FROM integrations WHERE integration_id = $1",
+                made["integration_id"],
+            )
+
+        try:
+            await integration_events.enqueue(conn, "alert", {"n": 1}, datetime.now(UTC), "d1")
+            # Well within the 30 s a POST may take: its body is never read.
+            state = await eventually(
+                pass_then_state, lambda s: s["delivered_at"] is not None, what="delivered"
+            )
+        finally:
+            await sender.stop()
+            await pool.close()
+    assert state["failures"] == 0
+    assert [e["body"] for e in receiver.events()] == [{"n": 1}]

@@ -3,6 +3,6 @@
 
 ``store`` checks and keeps what a customer asks for (``{name, url, kinds}``, a signing secret
 shown once); ``sender`` is the loop that POSTs, live and backfills alike, each integration from
-its own position, retried with backoff; ``backfills`` replays a range of stored readings to an
-integration at a bounded rate from a persisted cursor.
+its own position (``positions``), retried with backoff; ``backfills`` replays a range of stored
+readings to an integration at a bounded rate from a persisted cursor.
 """

@@ -226,9 +226,14 @@ async def next_page(conn: asyncpg.Connection, backfill: asyncpg.Record) -> list[
 
 
 async def page_delivered(
-    conn: asyncpg.Connection, backfill: asyncpg.Record, page: list[asyncpg.Record], now: datetime
+    conn: asyncpg.Connection,
+    backfill: asyncpg.Record,
+    page: list[asyncpg.Record],
+    started: datetime,
+    now: datetime,
 ) -> None:
-    """Move the cursor past a delivered page; the next is due when the rate allows."""
+    """Move the cursor past a delivered page; the next is due when the rate allows, counted
+    from when this one was ``started`` (so the time it took is not added to the wait)."""
     last = page[-1]
     await conn.execute(
         "UPDATE integration_backfills SET cursor_device = $2, cursor_ts = $3, "
@@ -238,7 +243,7 @@ async def page_delivered(
         last["device_id"],
         last["ts"],
         len(page),
-        now + timedelta(seconds=len(page) / backfill["rate"]),
+        started + timedelta(seconds=len(page) / backfill["rate"]),
         now,
     )
 

@@ -14,8 +14,9 @@ its rate from its own cursor, retried the same way.
 Integrations are served side by side, so a slow receiver holds up only its own. Nothing is sent
 while the license does not include webhooks; the positions wait. Batches of readings every
 integration has passed are deleted once a minute, and so are those older than
-``BACKLOG_DAYS``: an integration that took nothing for that long (the position waits at most
-that long) has the readings it missed still stored, to backfill.
+``positions.BACKLOG_DAYS``: an integration that took nothing for that long (the position
+waits at most that long) has the readings it missed still stored, to backfill. The positions
+and the SQL that reads and moves them are in ``positions``.
 """
 
 from __future__ import annotations
@@ -33,51 +34,15 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
-from services.instance.integrations import backfills
-from services.instance.integrations.backfills import READING_COLUMNS, backoff
+from services.instance.integrations import backfills, positions
+from services.instance.integrations.backfills import backoff
 from services.instance.integrations.store import READINGS
 from services.instance.webhook_posts import post_signed, sender
 from services.instance.webhook_targets import WebhookTargets
 
 log = logging.getLogger(__name__)
 
-EVENTS_PAGE = 100
-READINGS_PAGE = 500
 PRUNE_EVERY = 60.0
-# Only rows whose transaction ended can be passed for good (see migration 012).
-SETTLED = "pg_snapshot_xmin(pg_current_snapshot())"
-INTEGRATIONS_SQL = (
-    "SELECT integration_id, url, kinds, secret, next_at, failures, "
-    "events_xid::text AS events_xid, events_id, readings_xid::text AS readings_xid, "
-    "readings_id, readings_n FROM integrations WHERE deleted_at IS NULL"
-)
-EVENTS_SQL = (
-    "SELECT xid::text AS xid, id, kind, at, device_id, body::text AS body "
-    "FROM integration_events WHERE (xid, id) > ($1::text::xid8, $2::bigint) "
-    f"AND xid < {SETTLED} ORDER BY xid, id LIMIT $3"
-)
-READINGS_SQL = (
-    f"SELECT b.xid::text AS xid, b.id, k.n, r.device_id IS NOT NULL AS present, "
-    f"{READING_COLUMNS} FROM reading_batches b "
-    "CROSS JOIN LATERAL unnest(b.device_ids, b.times) WITH ORDINALITY AS k(k_device, k_ts, n) "
-    "LEFT JOIN readings r ON r.device_id = k.k_device AND r.ts = k.k_ts "
-    "WHERE (b.xid, b.id) >= ($1::text::xid8, $2::bigint) "
-    f"AND b.xid < {SETTLED} "
-    "AND (b.xid, b.id, k.n) > ($1::text::xid8, $2::bigint, $3::bigint) "
-    "ORDER BY b.xid, b.id, k.n LIMIT $4"
-)
-# Readings an integration has not taken for this long (its receiver failing all along, or the
-# license without webhooks) are no longer kept for it: they stay stored, to be backfilled.
-BACKLOG_DAYS = 30
-PRUNE_SQL = (
-    f"DELETE FROM reading_batches b WHERE b.xid < {SETTLED} AND (NOT EXISTS ("
-    "SELECT 1 FROM integrations i WHERE i.deleted_at IS NULL AND $1 = ANY (i.kinds) "
-    "AND (i.readings_xid, i.readings_id, i.readings_n) "
-    "< (b.xid, b.id, cardinality(b.device_ids))) "
-    "OR b.stored_at < now() - make_interval(days => $2))"
-)
-POSITION_COLUMNS = ("xid", "id", "n", "present")
-SUCCEEDED = "failures = 0, last_error = NULL, failing_since = NULL, delivered_at = $2, next_at = $2"
 
 
 class _Client:
@@ -175,7 +140,7 @@ class IntegrationSender:
         until one of them is done, or until the next is due (a second at most): integrations
         go side by side, so a slow receiver holds up only its own."""
         async with self._pool().acquire() as conn:
-            integrations = await conn.fetch(INTEGRATIONS_SQL)
+            integrations = await positions.integrations_in_force(conn)
             running = (
                 await conn.fetch(
                     "SELECT DISTINCT ON (integration_id) * FROM integration_backfills "
@@ -258,20 +223,8 @@ class IntegrationSender:
         """POST the integration's new events, then its new readings; whether there were any."""
         kinds = set(integration["kinds"])
         async with self._pool().acquire() as conn:
-            events = []
-            if kinds - {READINGS}:
-                events = await conn.fetch(
-                    EVENTS_SQL, integration["events_xid"], integration["events_id"], EVENTS_PAGE
-                )
-            readings = []
-            if READINGS in kinds:
-                readings = await conn.fetch(
-                    READINGS_SQL,
-                    integration["readings_xid"],
-                    integration["readings_id"],
-                    integration["readings_n"],
-                    READINGS_PAGE,
-                )
+            events = await positions.new_events(conn, integration) if kinds - {READINGS} else []
+            readings = await positions.new_readings(conn, integration) if READINGS in kinds else []
         if events and not await self._send_events(integration, events, now):
             return False
         if readings:
@@ -309,16 +262,8 @@ class IntegrationSender:
                 await self._failed(integration, error, now)
                 return False
             self.sent.labels("live").inc(len(wanted))
-        last = events[-1]
         async with self._pool().acquire() as conn:
-            await conn.execute(
-                f"UPDATE integrations SET events_xid = $3::text::xid8, events_id = $4, "
-                f"{SUCCEEDED} WHERE integration_id = $1",
-                integration["integration_id"],
-                now,
-                last["xid"],
-                last["id"],
-            )
+            await positions.passed_events(conn, integration["integration_id"], events[-1], now)
         return True
 
     async def _send_readings(
@@ -340,17 +285,8 @@ class IntegrationSender:
                 await self._failed(integration, error, now)
                 return
             self.sent.labels("live").inc(len(present))
-        last = rows[-1]
         async with self._pool().acquire() as conn:
-            await conn.execute(
-                f"UPDATE integrations SET readings_xid = $3::text::xid8, readings_id = $4, "
-                f"readings_n = $5, {SUCCEEDED} WHERE integration_id = $1",
-                integration["integration_id"],
-                now,
-                last["xid"],
-                last["id"],
-                last["n"],
-            )
+            await positions.passed_readings(conn, integration["integration_id"], rows[-1], now)
 
     async def _send_backfill(
         self,
@@ -377,7 +313,7 @@ class IntegrationSender:
         error = await self._post(integration, body, f"backfill:{backfill_id}:{backfill['done']}")
         async with self._pool().acquire() as conn:
             if error is None:
-                await backfills.page_delivered(conn, backfill, page, datetime.now(UTC))
+                await backfills.page_delivered(conn, backfill, page, now, datetime.now(UTC))
                 self.sent.labels("backfill").inc(len(page))
             else:
                 await backfills.page_failed(conn, backfill, error, datetime.now(UTC))
@@ -385,7 +321,7 @@ class IntegrationSender:
     def _readings_body(self, integration_id: str, rows: list[asyncpg.Record]) -> dict[str, Any]:
         readings = []
         for row in rows:
-            reading = {k: v for k, v in dict(row).items() if k not in POSITION_COLUMNS}
+            reading = {k: v for k, v in dict(row).items() if k not in positions.POSITION_COLUMNS}
             reading["ts"] = row["ts"].isoformat()
             readings.append(reading)
         return {
@@ -421,18 +357,11 @@ class IntegrationSender:
     async def _failed(self, integration: asyncpg.Record, error: str, now: datetime) -> None:
         """Record a failed attempt; the next is due after a backoff."""
         async with self._pool().acquire() as conn:
-            await conn.execute(
-                "UPDATE integrations SET failures = failures + 1, last_error = $2, "
-                "failing_since = coalesce(failing_since, $3), next_at = $4 "
-                "WHERE integration_id = $1",
-                integration["integration_id"],
-                error[:500],
-                now,
-                now + backoff(integration["failures"] + 1),
+            await positions.delivery_failed(
+                conn, integration, error, now, backoff(integration["failures"] + 1)
             )
 
     async def prune(self) -> int:
-        """Delete the batches of readings every integration has passed; how many."""
+        """Delete the batches of readings no integration needs; how many."""
         async with self._pool().acquire() as conn:
-            done = await conn.execute(PRUNE_SQL, READINGS, BACKLOG_DAYS)
-        return int(done.split()[-1])
+            return await positions.prune(conn)
