@@ -24,7 +24,12 @@ from services.instance import integration_events
 from services.instance.app import create_instance_app
 from services.instance.integrations import backfills
 from services.instance.integrations.sender import IntegrationSender
-from services.instance.integrations.store import NewIntegration, create_integration
+from services.instance.integrations.store import (
+    NewIntegration,
+    create_integration,
+    delete_integration,
+    update_integration,
+)
 from services.instance.settings import InstanceSettings
 from services.instance.webhook_targets import WebhookTargets
 from support import eventually, license_keys_dir, serving, signed_license_issued
@@ -356,3 +361,27 @@ async def test_a_receiver_answering_with_an_endless_body_is_a_delivery(
             await pool.close()
     assert state["failures"] == 0
     assert [e["body"] for e in receiver.events()] == [{"n": 1}]
+
+
+async def test_ingest_notes_readings_only_while_an_integration_takes_them(
+    conn: asyncpg.Connection,
+) -> None:
+    enabled = (
+        "SELECT tgenabled <> 'D' FROM pg_trigger WHERE tgrelid = 'readings'::regclass "
+        "AND tgname = 'readings_for_integrations'"
+    )
+    states = [await conn.fetchval(enabled)]
+    async with receiving() as receiver:
+        events = await integrate(conn, receiver, [integration_events.ALERT])
+        states.append(await conn.fetchval(enabled))
+        readings = await integrate(conn, receiver, ["readings"])
+        states.append(await conn.fetchval(enabled))
+        taken = NewIntegration(name="other", url=receiver.url, kinds=["alert"])
+        await update_integration(conn, events["integration_id"], taken, False)
+        states.append(await conn.fetchval(enabled))
+        await delete_integration(conn, readings["integration_id"], datetime.now(UTC))
+        states.append(await conn.fetchval(enabled))
+        moved = NewIntegration(name="other", url=receiver.url, kinds=["alert", "readings"])
+        await update_integration(conn, events["integration_id"], moved, False)
+        states.append(await conn.fetchval(enabled))
+    assert states == [False, False, True, True, False, True]

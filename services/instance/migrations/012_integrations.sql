@@ -68,6 +68,9 @@ CREATE TRIGGER readings_for_integrations
 AFTER INSERT ON readings
 REFERENCING NEW TABLE AS stored_readings
 FOR EACH STATEMENT EXECUTE FUNCTION note_readings_for_integrations();
+-- Enabled only while an integration takes readings (in the transaction that makes it so): the
+-- rows a trigger with a transition table sees are gathered even when it writes nothing.
+ALTER TABLE readings DISABLE TRIGGER readings_for_integrations;
 
 -- Past readings replayed to an integration on request, one at a time per integration, at a
 -- bounded rate, from a cursor kept here (device, then time) so a restart resumes it.
