@@ -36,6 +36,7 @@ class IntegrationsController(Controller):
     """The customer's integrations and their backfills."""
 
     path = "/api/integrations"
+    tags = ("integrations",)
     guards = (customer_session,)
     dependencies = INSTANCE
 
