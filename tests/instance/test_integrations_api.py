@@ -124,6 +124,9 @@ async def test_integrations_are_checked_licensed_and_their_secret_shown_once(
     assert (await olga.api.get(path)).status_code == 404
     assert (await olga.api.delete(path)).status_code == 404
     assert (await olga.api.get("/api/integrations/nosuch")).status_code == 404
+    assert (await olga.api.get("/api/integrations/" + "x" * 1000)).status_code == 404
+    huge = await olga.api.post("/api/integrations", json={**body, "name": "x" * 5000})
+    assert huge.status_code == 413
 
 
 async def test_readings_published_arrive_live_and_a_backfill_is_followed_and_cancelled(
