@@ -33,6 +33,7 @@ from services.instance.api.dashboard import DashboardController
 from services.instance.api.dead_letters import DeadLettersController
 from services.instance.api.device_config import DeviceConfigController
 from services.instance.api.devices import DevicesController
+from services.instance.api.integrations import IntegrationsController
 from services.instance.api.license import LicenseController
 from services.instance.api.monitoring import MonitoringController
 from services.instance.api.provisioning import PROVISIONING_ROUTES
@@ -44,6 +45,7 @@ from services.instance.database import Database
 from services.instance.devices import Devices, broker_address, broker_urls
 from services.instance.housekeeping import UsageGauges, housekeeping
 from services.instance.ingest import Ingest, IngestMetrics
+from services.instance.integrations.sender import IntegrationSender
 from services.instance.license import LicenseHolder, keep_license_current
 from services.instance.live import LiveReadings
 from services.instance.quota_notices import QuotaWatch
@@ -91,6 +93,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         csrf_key=dashboard_csrf_key(settings),
     )
     tasks = _tasks(instance, turns, alerts, UsageGauges(registry))
+    tasks["integrations"] = _integration_sender(instance, turns).run
     app = create_app(
         # Public (/schema): no customer id in it.
         title="Iotistic instance",
@@ -104,6 +107,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             DeadLettersController,
             AlertsController,
             QuotasController,
+            IntegrationsController,
             *PROVISIONING_ROUTES,
         ],
         readiness=instance.readiness,
@@ -130,6 +134,20 @@ def _alert_engine(
         lambda: holder.allows_alerting(datetime.now(UTC)),
         targets=targets,
         registry=registry,
+    )
+
+
+def _integration_sender(instance: InstanceState, turns: Turns) -> IntegrationSender:
+    def sending() -> bool:
+        claims = instance.license.claims
+        return claims is not None and claims.features.webhooks
+
+    return IntegrationSender(
+        lambda: turns,
+        instance.settings.instance_customer_id,
+        sending,
+        targets=instance.webhook_targets,
+        registry=instance.registry,
     )
 
 

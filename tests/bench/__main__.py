@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import backup, density, events, fleet, instance, provision, signup
+from tests.bench import backup, density, events, fleet, instance, integrations, provision, signup
 
 # Each takes the servers' URLs (Postgres, NATS), and its own options by keyword (OPTIONS).
 BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
@@ -28,6 +28,7 @@ BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
     "density": density.run,
     "backup": backup.run,
     "fleet": fleet.run_fleet,
+    "integrations": integrations.run,
 }
 
 

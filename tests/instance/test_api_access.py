@@ -96,12 +96,20 @@ async def test_every_api_route_wants_the_customers_session() -> None:
         ("POST", "/api/v1/device/{uuid}/key-exchange"),
     }
     routes = [r for r in routes if r not in by_device]
-    # With /api/quotas(/limited, /stream), a device's calibration and PUT on alert rules.
-    assert len(routes) == 28
+    # 23; /api/quotas(/limited, /stream), a device's calibration and PUT on alert rules (5);
+    # the integrations' 9 (tests/instance/test_integrations_api.py).
+    assert len(routes) == 37
     async with serving(app) as client:
         for method, path in routes:
             answer = await client.request(
-                method, path.format(device_id="d1", rule_id="r1", key_id="k1")
+                method,
+                path.format(
+                    device_id="d1",
+                    rule_id="r1",
+                    key_id="k1",
+                    integration_id="i1",
+                    backfill_id="b1",
+                ),
             )
             assert answer.status_code == 401, (method, path, answer.text)
             assert answer.headers["www-authenticate"] == "Bearer"

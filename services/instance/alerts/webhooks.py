@@ -1,20 +1,15 @@
 """Alert webhooks: the delivery queue, signed POSTs, and their retries.
 
 Each firing and resolution of a rule with a ``webhook_url`` is queued in the same transaction as
-its history row, then POSTed, signed with HMAC-SHA256 (``X-Iotistic-Signature: sha256=<hex>``
-over ``<timestamp>.<body>``, the timestamp in ``X-Iotistic-Timestamp``), and retried with
-backoff (1 s, 2 s, 4 s ... ``MAX_DELIVERY_ATTEMPTS`` tries). The POST goes to an address the
-URL's host resolves to at that moment, checked again (``WebhookTargets``). A delivery that fails
+its history row, then POSTed signed (``webhook_posts``, shared with integrations), and retried
+with backoff (1 s, 2 s, 4 s ... ``MAX_DELIVERY_ATTEMPTS`` tries). The POST goes to an address
+the URL's host resolves to at that moment, checked again (``WebhookTargets``). A delivery that fails
 in a way nobody foresaw is a failed attempt like any other, logged and counted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import hmac
 import logging
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -23,20 +18,14 @@ import httpx
 from prometheus_client import Counter
 
 from libs.db.postgres import Turns
-from services.instance.alerts.targets import WebhookRefused, WebhookTargets
+from services.instance.alerts.targets import WebhookTargets
+from services.instance.webhook_posts import post_signed, sender, sign
+
+__all__ = ["MAX_DELIVERY_ATTEMPTS", "WebhookDeliveries", "enqueue", "sign"]
 
 log = logging.getLogger(__name__)
 
 MAX_DELIVERY_ATTEMPTS = 8
-# One delivery, all its addresses included: a receiver that trickles its answer cannot hold
-# the loop for longer.
-DELIVERY_SECONDS = 30.0
-
-
-def sign(secret: str, timestamp: str, body: str) -> str:
-    """``sha256=<hex>`` of HMAC-SHA256(secret, "<timestamp>.<body>")."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256)
-    return f"sha256={mac.hexdigest()}"
 
 
 async def enqueue(
@@ -84,8 +73,7 @@ class WebhookDeliveries:
             # every 2 s in each of hundreds of idle instances).
             return 0
         delivered = 0
-        # No proxy from the environment: the connection goes to the address that was checked.
-        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        async with sender() as client:
             for row in due:
                 error = await self._attempt(client, row)
                 await self._settle(row, error)
@@ -95,17 +83,10 @@ class WebhookDeliveries:
 
     async def _attempt(self, client: httpx.AsyncClient, row: asyncpg.Record) -> str | None:
         """One POST of a delivery: None, or what went wrong."""
-        stamp = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            "X-Iotistic-Timestamp": stamp,
-            "X-Iotistic-Signature": sign(row["webhook_secret"] or "", stamp, row["body"]),
-        }
         try:
-            async with asyncio.timeout(DELIVERY_SECONDS):
-                return await self._post(client, row["url"], row["body"], headers)
-        except TimeoutError:
-            return "timed out"
+            return await post_signed(
+                client, self._targets, row["url"], row["body"], row["webhook_secret"] or ""
+            )
         except Exception as exc:
             # Not an answer nor a refusal: a failed attempt like any other (retried, then
             # given up), so it cannot hold back the deliveries after it.
@@ -132,27 +113,3 @@ class WebhookDeliveries:
                     error,
                     datetime.now(UTC) + backoff,
                 )
-
-    async def _post(
-        self, client: httpx.AsyncClient, url: str, body: str, headers: dict[str, str]
-    ) -> str | None:
-        """POST to an address the URL resolves to now, checked; None, or what went wrong."""
-        try:
-            target = await self._targets.resolve(url)
-        except WebhookRefused as exc:
-            log.warning("webhook refused: %s", exc)
-            return f"refused: {exc}"[:500]
-        error = "not reachable"
-        for address in target.addresses:
-            pinned, host, extensions = target.via(address)
-            try:
-                answer = await client.post(
-                    pinned, content=body, headers={**headers, **host}, extensions=extensions
-                )
-            except httpx.ConnectError:
-                error = "ConnectError"
-                continue  # the next address the name resolved to, checked as well
-            except httpx.HTTPError as exc:
-                return type(exc).__name__
-            return None if answer.status_code < 300 else f"answered {answer.status_code}"
-        return error

@@ -62,6 +62,7 @@ ASSETS = {
     "indoor_alerts.js": "application/javascript",
     "calibration.js": "application/javascript",
     "quotas.js": "application/javascript",
+    "integrations.js": "application/javascript",
 }
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
