@@ -147,6 +147,7 @@ async def test_a_rule_that_cannot_be_evaluated_or_delivered_stops_no_other(
         "devices",
         "device configs",
         "integrations",
+        "quotas",
     }
     assert {t["state"] for t in tasks.values()} == {"running"}
     assert {t["restarts"] for t in tasks.values()} == {0}
