@@ -38,6 +38,8 @@ SECRETS = {
     "PROVISIONER_SECRET": "provisioner-secret",
     "USAGE_SECRET": "usage-secret",
     "LOGIN_RELAY_SECRET": "login-relay-secret",
+    # Wraps the data keys that seal personal data: lost, every customer's is unreadable.
+    "DATA_KEYS_MASTER_KEY": "data-keys-master-key",
 }
 # Secrets the instances' stored credentials are derived from: changing one locks them out.
 DERIVING = frozenset({"PROVISIONER_SECRET"})
