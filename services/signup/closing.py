@@ -22,6 +22,7 @@ from contracts import CustomerClosed
 from libs.http.errors import Conflict, InvalidRequest, NotFound
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.outbox import add_to_outbox
+from services.signup.erasure import erase_in
 from services.signup.limits import forgive_login_attempt, login_limits, reserve_login_attempt
 from services.signup.models import PASSWORD_MAX
 from services.signup.passwords import Passwords
@@ -148,6 +149,9 @@ async def _close_once(
             ),
             customer_id=customer_id,
         )
+        if form.erase:
+            # Asked for erasure: the personal data goes with the account, in this transaction.
+            await erase_in(conn, customer_id, "customer")
         return closed
     before = await conn.fetchrow(
         "SELECT coalesce(c.closed_at, a.closed_at) AS closed_at, c.close_erase, "

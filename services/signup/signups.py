@@ -2,6 +2,8 @@
 
 The credential is kept, with the ``CustomerSignedUp`` it is for, before the event is offered to
 the log on the email's own subject (expected last sequence 0: the first writer owns the email).
+The event's personal data is sealed with the customer's data key (``libs/sealing``), and the
+subject names the email by a keyed hash, so neither the body nor the subject names anyone.
 A retry whose first try's outcome the client never learned finds that try again, and offers
 its event once more, so the answer is that account whether or not the first append was stored.
 This module is where ``CustomerSignedUp`` is appended.
@@ -17,11 +19,12 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from contracts import CustomerSignedUp, decode_envelope, encode_envelope
+from contracts import CustomerSignedUp, PersonalData, decode_envelope, encode_envelope
 from libs.eventlog.errors import AppendRefused, ConcurrencyConflict
 from libs.eventlog.store import EventStore, traced_envelope
 from libs.http.errors import Conflict
 from libs.runtime.service import ServiceUnavailable
+from libs.sealing.vault import data_key_for, seal
 from services.signup.account_view import (
     WAITING_FOR_CAPACITY,
     deployment_of,
@@ -30,7 +33,6 @@ from services.signup.account_view import (
     subscription_of,
 )
 from services.signup.limits import (
-    email_key,
     forgive_login_attempt,
     login_limits,
     reserve_login_attempt,
@@ -39,6 +41,7 @@ from services.signup.limits import (
 )
 from services.signup.models import CustomerOut, SignupAnswer, SignupForm
 from services.signup.passwords import Passwords
+from services.signup.personal_data import sealing_key
 from services.signup.settings import SignupSettings
 
 # A credential younger than this may belong to a signup whose request is still appending (an
@@ -99,14 +102,20 @@ class Signups:
     async def _new_signup(self, form: SignupForm, address: str) -> str:
         """Keep the credential with the event it is for, then offer the event to the log."""
         customer_id = str(uuid.uuid4())
+        master = sealing_key(self.settings)
         password_hash = await self.passwords.hash(form.password)
+        async with self.pool.acquire() as conn:
+            data_key = await data_key_for(conn, master, customer_id)
+        personal = PersonalData(
+            email=form.email,
+            email_display=form.email_display,
+            company_name=form.company_name,
+            full_name=form.full_name,
+        )
         envelope = traced_envelope(
             CustomerSignedUp(
                 customer_id=customer_id,
-                email=form.email,
-                email_display=form.email_display,
-                company_name=form.company_name,
-                full_name=form.full_name,
+                sealed=seal(data_key, CustomerSignedUp.TYPE, personal),
                 plan="starter",
                 signed_up_at=_now(),
                 trial_days=self.settings.default_trial_days,
@@ -123,7 +132,7 @@ class Signups:
         )
         try:
             await self.store.append(
-                envelope, key=email_key(form.email), expected_last_subject_seq=0
+                envelope, key=master.email_subject(form.email), expected_last_subject_seq=0
             )
         except AppendRefused:
             await self._forget_unstored(customer_id)  # certainly not stored: nothing is left
@@ -197,7 +206,11 @@ class Signups:
         customer_id = str(mine[0]["customer_id"])
         envelope = decode_envelope(mine[0]["pending_envelope"])
         try:
-            await self.store.append(envelope, key=email_key(email), expected_last_subject_seq=0)
+            await self.store.append(
+                envelope,
+                key=sealing_key(self.settings).email_subject(email),
+                expected_last_subject_seq=0,
+            )
         except ConcurrencyConflict:
             # Stored longer ago than JetStream keeps event ids, or another try won: the
             # account view, built from the log, says whose the email is.
