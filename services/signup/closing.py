@@ -22,6 +22,7 @@ from contracts import CustomerClosed
 from libs.http.errors import Conflict, InvalidRequest, NotFound
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.outbox import add_to_outbox
+from libs.sealing.vault import master_key
 from services.signup.erasure import erase_in
 from services.signup.limits import forgive_login_attempt, login_limits, reserve_login_attempt
 from services.signup.models import PASSWORD_MAX
@@ -93,14 +94,16 @@ class Closings:
             )
             if row is None:
                 raise NotFound("no such account")
-            await reserve_login_attempt(conn, login_limits(self.settings), row["email"], address)
+            # An erased customer's credential names no email: their tries count by their id.
+            who = row["email"] or f"customer:{customer_id}"
+            await reserve_login_attempt(conn, login_limits(self.settings), who, address)
         if not await self.passwords.verify(row["password_hash"], form.password):
             raise InvalidRequest(
                 "invalid request", fields=[{"field": "password", "reason": NOT_THEIRS}]
             )
         async with self.pool.acquire() as conn, conn.transaction():
-            await forgive_login_attempt(conn, row["email"], address)
-            closed = await _close_once(conn, customer_id, form)
+            await forgive_login_attempt(conn, who, address)
+            closed = await _close_once(conn, customer_id, form, self.settings)
         self.wake_events()
         erase = bool(closed["close_erase"])
         return AccountClosed(
@@ -124,7 +127,7 @@ PAID = ("active", "past_due")
 
 
 async def _close_once(
-    conn: asyncpg.Connection, customer_id: str, form: CloseForm
+    conn: asyncpg.Connection, customer_id: str, form: CloseForm, settings: SignupSettings
 ) -> asyncpg.Record:
     """Mark the account closed and queue ``CustomerClosed``, unless it was closed before (by
     this customer or an operator): then its first outcome. 409 while a subscription is paid."""
@@ -151,7 +154,8 @@ async def _close_once(
         )
         if form.erase:
             # Asked for erasure: the personal data goes with the account, in this transaction.
-            await erase_in(conn, customer_id, "customer")
+            secret = settings.data_keys_master_key
+            await erase_in(conn, customer_id, "customer", master_key(secret) if secret else None)
         return closed
     before = await conn.fetchrow(
         "SELECT coalesce(c.closed_at, a.closed_at) AS closed_at, c.close_erase, "

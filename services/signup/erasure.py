@@ -34,7 +34,7 @@ from libs.http.auth import admin_guard
 from libs.http.errors import Conflict, NotFound
 from libs.runtime.outbox import add_to_outbox, outbox_relay
 from libs.runtime.service import ServiceRuntime
-from libs.sealing.vault import destroy_data_key, vacuum_keys
+from libs.sealing.vault import MasterKey, destroy_data_key, master_key, vacuum_keys
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,17 @@ class AccountStillOpen(Conflict):
 
 
 async def erase_in(
-    conn: asyncpg.Connection, customer_id: str, erased_by: Literal["customer", "admin"]
+    conn: asyncpg.Connection,
+    customer_id: str,
+    erased_by: Literal["customer", "admin"],
+    master: MasterKey | None,
 ) -> ErasureAnswer:
-    """Erase the customer in the caller's transaction (see the module's docstring)."""
+    """Erase the customer in the caller's transaction (see the module's docstring). With the
+    ``master`` key, their email's subject on the log is released for a new signup."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"erase:{customer_id}")
     cred = await conn.fetchrow(
-        "SELECT email, closed_at, erased_at, erased_key_id FROM credentials WHERE customer_id = $1",
+        "SELECT email, closed_at, erased_at, erased_key_id, signup_seq FROM credentials "
+        "WHERE customer_id = $1",
         customer_id,
     )
     account = await conn.fetchrow(
@@ -90,12 +95,38 @@ async def erase_in(
         if key in row and (value := row[key])
     }
     key_id = await destroy_data_key(conn, customer_id)
+    if master is not None and cred is not None and cred["email"] and cred["signup_seq"]:
+        await conn.execute(
+            "INSERT INTO released_email_subjects (subject_key, last_seq) VALUES ($1, $2) "
+            "ON CONFLICT (subject_key) DO UPDATE SET last_seq = EXCLUDED.last_seq",
+            master.email_subject(cred["email"]),
+            cred["signup_seq"],
+        )
     erased_at = datetime.now(UTC)
-    await conn.execute(
-        "DELETE FROM mail_outbox WHERE lower(recipient) = ANY($1::text[])", sorted(emails)
+    await _forget_private_state(conn, customer_id, sorted(emails), erased_at, key_id)
+    await add_to_outbox(
+        conn,
+        CustomerErased(
+            customer_id=customer_id, key_id=key_id, erased_by=erased_by, erased_at=erased_at
+        ),
+        customer_id=customer_id,
     )
+    return _answer(customer_id, erased_at, key_id)
+
+
+async def _forget_private_state(
+    conn: asyncpg.Connection,
+    customer_id: str,
+    emails: list[str],
+    erased_at: datetime,
+    key_id: str | None,
+) -> None:
+    """Drop what signup's private state says of the person: mail to them (sent or not),
+    their one-time links, a keyed signup's stored answer (it names them; its request hash is
+    of their details), and the credential's email. The password hash stays: it names no one,
+    and a retried close still needs it to find its first outcome."""
+    await conn.execute("DELETE FROM mail_outbox WHERE lower(recipient) = ANY($1::text[])", emails)
     await conn.execute("DELETE FROM account_tokens WHERE customer_id = $1", customer_id)
-    # A keyed signup's stored answer names them, and its request hash is of their details.
     await conn.execute(
         "DELETE FROM idempotency_keys WHERE response -> 'customer' ->> 'customer_id' = $1",
         customer_id,
@@ -107,20 +138,12 @@ async def erase_in(
         erased_at,
     )
     await conn.execute(
-        "UPDATE credentials SET email = NULL, password_hash = NULL, pending_envelope = NULL, "
+        "UPDATE credentials SET email = NULL, pending_envelope = NULL, "
         "erased_at = $2, erased_key_id = $3 WHERE customer_id = $1",
         customer_id,
         erased_at,
         key_id,
     )
-    await add_to_outbox(
-        conn,
-        CustomerErased(
-            customer_id=customer_id, key_id=key_id, erased_by=erased_by, erased_at=erased_at
-        ),
-        customer_id=customer_id,
-    )
-    return _answer(customer_id, erased_at, key_id)
 
 
 def _answer(customer_id: str, erased_at: datetime, key_id: str | None) -> ErasureAnswer:
@@ -151,13 +174,14 @@ class Erasures:
 
     pool: asyncpg.Pool
     wake_events: Callable[[], None]
+    master: MasterKey | None
 
     async def erase(
         self, customer_id: str, erased_by: Literal["customer", "admin"] = "admin"
     ) -> ErasureAnswer:
         """Erase a closed customer's personal data (409 while open, 404 for no customer)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            answer = await erase_in(conn, customer_id, erased_by)
+            answer = await erase_in(conn, customer_id, erased_by, self.master)
         self.wake_events()
         with contextlib.suppress(Exception):
             await vacuum_erased(self.pool)
@@ -183,8 +207,11 @@ class ErasureController(Controller):
 def erasure_router(runtime: ServiceRuntime) -> Router:
     """The erasure route behind the admin credential."""
 
+    secret = runtime.settings.data_keys_master_key
+    master = master_key(secret) if secret else None
+
     def erasures() -> Erasures:
-        return Erasures(runtime.db(), outbox_relay(runtime).wake)
+        return Erasures(runtime.db(), outbox_relay(runtime).wake, master)
 
     return Router(
         "/",

@@ -248,6 +248,29 @@ async def test_closing_with_erase_erases_at_once(
     await assert_replays_clean(settings.database_url, store, [SIGNUP, BILLING])
 
 
+async def test_an_erased_email_can_sign_up_again_once(client, platform: Platform) -> None:
+    person = Person.new("comes-back")
+    first = await sign_up(client, person)
+    session = await log_in(client, person.email)
+    closed = await client.post(
+        "/api/customers/me/close",
+        json={"password": PASSWORD, "erase": True},
+        headers=bearer(session),
+    )
+    assert closed.status_code == 200, closed.text
+    await erased_everywhere(platform, first)
+
+    # The email's subject on the log still holds the erased signup: released, not taken.
+    again = await sign_up(client, person)
+    assert again != first
+    view = await client.get("/api/customers/me", headers=bearer(await log_in(client, person.email)))
+    assert view.json()["customer"]["customer_id"] == again
+    # And it is this customer's now: another signup of the email is refused.
+    body = {"email": person.email, "password": "another passphrase 42", "company_name": "X"}
+    taken = await client.post("/api/customers/signup", json=body)
+    assert taken.status_code == 409, taken.text
+
+
 async def test_erasure_is_for_operators_and_for_customers_that_exist(client, admin) -> None:
     nobody = await client.post("/api/customers/no-such-customer/erase", headers=admin)
     assert nobody.status_code == 404, nobody.text

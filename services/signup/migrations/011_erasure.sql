@@ -23,9 +23,22 @@ ALTER TABLE accounts
     ADD COLUMN erased_at timestamptz;
 
 -- Private state: an erased customer's credential keeps only what makes a retried erasure
--- (or close) find the first outcome; its email and password hash are gone.
+-- (or close) find the first outcome: its email is gone (an erasure of a customer who never had
+-- a credential here leaves a row without a password).
 ALTER TABLE credentials
     ALTER COLUMN email DROP NOT NULL,
     ALTER COLUMN password_hash DROP NOT NULL,
     ADD COLUMN erased_at timestamptz,
-    ADD COLUMN erased_key_id text;
+    ADD COLUMN erased_key_id text,
+    -- Where the log stored the account's CustomerSignedUp (on its email's subject), once known.
+    ADD COLUMN signup_seq bigint;
+
+-- Private state: the email subjects erased customers held, and the sequence of their
+-- CustomerSignedUp there. A new signup of that email appends expecting that sequence last (the
+-- first writer still wins), so erasure does not lock the person out for good. The subject key
+-- is a keyed hash of the email, as on the log.
+CREATE TABLE released_email_subjects (
+    subject_key text PRIMARY KEY,
+    last_seq bigint NOT NULL,
+    released_at timestamptz NOT NULL DEFAULT now()
+);
