@@ -1017,6 +1017,7 @@ def test_secret_template_generates_or_takes_every_secret() -> None:
         "PROVISIONER_SECRET",
         "USAGE_SECRET",
         "LOGIN_RELAY_SECRET",
+        "DATA_KEYS_MASTER_KEY",
     ):
         assert f'"{key}"' in text, key
     key = (TEMPLATES / "licensing-key.yaml").read_text()
