@@ -94,6 +94,9 @@ async def erase_in(
         for key in ("email", "email_display")
         if key in row and (value := row[key])
     }
+    # Links first: a verification in flight holds its link's row, then takes the key's; taking
+    # them in the same order, the two wait for each other instead of deadlocking.
+    await conn.execute("DELETE FROM account_tokens WHERE customer_id = $1", customer_id)
     key_id = await destroy_data_key(conn, customer_id)
     if master is not None and cred is not None and cred["email"] and cred["signup_seq"]:
         await conn.execute(
@@ -122,11 +125,10 @@ async def _forget_private_state(
     key_id: str | None,
 ) -> None:
     """Drop what signup's private state says of the person: mail to them (sent or not),
-    their one-time links, a keyed signup's stored answer (it names them; its request hash is
+    a keyed signup's stored answer (it names them; its request hash is
     of their details), and the credential's email. The password hash stays: it names no one,
     and a retried close still needs it to find its first outcome."""
     await conn.execute("DELETE FROM mail_outbox WHERE lower(recipient) = ANY($1::text[])", emails)
-    await conn.execute("DELETE FROM account_tokens WHERE customer_id = $1", customer_id)
     await conn.execute(
         "DELETE FROM idempotency_keys WHERE response -> 'customer' ->> 'customer_id' = $1",
         customer_id,
