@@ -78,6 +78,9 @@ class PersonalData(Struct, frozen=True, kw_only=True):
     email_display: str | None = None
     company_name: str | None = None
     full_name: str | None = None
+    # Why the customer closed the account, in their words (CustomerClosed): free text may
+    # name anyone.
+    reason: str | None = None
 
 
 class SealedPersonalData(Struct, frozen=True, kw_only=True):
@@ -127,15 +130,18 @@ class CustomerClosed(Event, frozen=True, kw_only=True):
 
     Version 2 adds ``erase``: the customer asked for their data to be erased, so nothing is
     kept for the grace period in which a closed account's volumes and backups otherwise stay.
+    Version 3 carries the customer's own ``reason`` (free text) only in ``sealed``
+    (``PersonalData.reason``); a reason given by an operator or the system stays plain.
     """
 
     TYPE = "CustomerClosed"
-    VERSION = 2
+    VERSION = 3
 
     customer_id: Id
     reason: str | None = None
     closed_by: Literal["customer", "admin", "system"]
     erase: bool = False
+    sealed: SealedPersonalData | None = None
 
 
 class EmailVerified(Event, frozen=True, kw_only=True):

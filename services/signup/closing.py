@@ -18,15 +18,16 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from contracts import CustomerClosed
+from contracts import CustomerClosed, PersonalData
 from libs.http.errors import Conflict, InvalidRequest, NotFound
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.outbox import add_to_outbox
-from libs.sealing.vault import master_key
+from libs.sealing.vault import data_key_for, master_key, seal
 from services.signup.erasure import erase_in
 from services.signup.limits import forgive_login_attempt, login_limits, reserve_login_attempt
 from services.signup.models import PASSWORD_MAX
 from services.signup.passwords import Passwords
+from services.signup.personal_data import sealing_key
 from services.signup.settings import SignupSettings
 
 REASON_MAX = 500
@@ -142,13 +143,14 @@ async def _close_once(
         list(PAID),
     )
     if closed is not None:
+        sealed = None
+        if form.reason is not None:  # their words may name anyone: sealed like their name
+            key = await data_key_for(conn, sealing_key(settings), customer_id)
+            sealed = seal(key, CustomerClosed.TYPE, PersonalData(reason=form.reason))
         await add_to_outbox(
             conn,
             CustomerClosed(
-                customer_id=customer_id,
-                reason=form.reason,
-                closed_by="customer",
-                erase=form.erase,
+                customer_id=customer_id, closed_by="customer", erase=form.erase, sealed=sealed
             ),
             customer_id=customer_id,
         )

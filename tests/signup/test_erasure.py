@@ -245,9 +245,11 @@ async def test_closing_with_erase_erases_at_once(
     person = Person.new("closes-erasing")
     customer_id = await sign_up(client, person)
     session = await log_in(client, person.email)
+    # Their reason, in their words, names someone: sealed like their name.
+    reason = f"moving on; ask {person.full_name}"
     closed = await client.post(
         "/api/customers/me/close",
-        json={"password": PASSWORD, "erase": True},
+        json={"password": PASSWORD, "erase": True, "reason": reason},
         headers=bearer(session),
     )
     assert closed.status_code == 200, closed.text
