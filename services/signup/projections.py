@@ -35,7 +35,7 @@ from contracts import (
 )
 from libs.db.postgres import Connection
 from libs.projections.apply import Projection, Recorded, update_customer_row
-from libs.sealing.vault import personal_data_of
+from libs.sealing.vault import destroy_data_key, personal_data_of
 
 
 async def when_customer_signed_up_open_account(
@@ -87,6 +87,9 @@ async def when_email_verified_show_it(conn: Connection, r: Recorded[EmailVerifie
 async def when_customer_erased_drop_personal_data(
     conn: Connection, r: Recorded[CustomerErased]
 ) -> None:
+    # The key follows the log: a vault restored from a backup older than the erasure gets
+    # the key destroyed again when this is applied again (a replay, or a restored checkpoint).
+    await destroy_data_key(conn, r.event.customer_id)
     # The same row whether the personal data was projected before (live) or could not be
     # opened any more (a replay): nothing in it depends on what the sealed data said.
     await _update(

@@ -214,6 +214,14 @@ async def test_an_erased_customer_can_be_read_nowhere_and_replay_still_works(
     assert "close it first" in refused.json()["error"]["message"]
 
     await close_account(client, session)
+    vault_row = (
+        await platform.runtime_of("signup")
+        .db()
+        .fetchrow(
+            "SELECT wrapped_key FROM data_keys.customer_keys WHERE customer_id = $1", customer_id
+        )
+    )
+    assert vault_row["wrapped_key"] is not None
     erased = await client.post(f"/api/customers/{customer_id}/erase", headers=admin)
     assert erased.status_code == 200, erased.text
     assert erased.json()["key_id"].startswith("dk-")
@@ -230,6 +238,19 @@ async def test_an_erased_customer_can_be_read_nowhere_and_replay_still_works(
 
     # The history stays valid: every view rebuilds from the log to what it is now.
     await assert_replays_clean(settings.database_url, store, [SIGNUP, LICENSING, BILLING])
+    # A vault restored from a backup older than the erasure: the key follows the log again.
+    pool = platform.runtime_of("signup").db()
+    await pool.execute(
+        "UPDATE data_keys.customer_keys SET wrapped_key = $2, destroyed_at = NULL "
+        "WHERE customer_id = $1",
+        customer_id,
+        vault_row["wrapped_key"],
+    )
+    await assert_replays_clean(settings.database_url, store, [SIGNUP])
+    assert await pool.fetchval(
+        "SELECT wrapped_key IS NULL FROM data_keys.customer_keys WHERE customer_id = $1",
+        customer_id,
+    )
     events = await store.count_by_subject(f"{store.prefix}.CustomerErased.{customer_id}")
     assert sum(events.values()) == 1
     login = await client.post(
