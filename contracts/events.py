@@ -70,24 +70,59 @@ class Limits(Struct, frozen=True, kw_only=True, rename=None):
 # --- signup -------------------------------------------------------------------------------------
 
 
+class PersonalData(Struct, frozen=True, kw_only=True):
+    """The personal data of an event, as sealed into its ``sealed`` field (never on the log in
+    the clear since the versions that carry ``sealed``): what a customer's erasure destroys."""
+
+    email: str | None = None
+    email_display: str | None = None
+    company_name: str | None = None
+    full_name: str | None = None
+    # Why the customer closed the account, in their words (CustomerClosed): free text may
+    # name anyone.
+    reason: str | None = None
+
+
+class SealedPersonalData(Struct, frozen=True, kw_only=True):
+    """``PersonalData`` encrypted with the customer's data key (AES-256-GCM; the key is held
+    outside the log, ``libs/sealing``). Erasing the customer destroys the key, so every copy
+    of this, in the log and in its backups, can no longer be read. Associated data binds it to
+    the event's type and customer: it cannot be moved into another customer's event."""
+
+    key_id: Annotated[str, Meta(min_length=1, max_length=64, description="the data key's id")]
+    algorithm: Literal["AES-256-GCM"] = "AES-256-GCM"
+    nonce: Annotated[bytes, Meta(description="96 bits, base64")]
+    ciphertext: Annotated[bytes, Meta(description="sealed PersonalData JSON with its tag, base64")]
+
+
 class CustomerSignedUp(Event, frozen=True, kw_only=True):
     """A new account exists. Starts the trial, the license and the first deployment.
 
     Carries no password or hash: credentials stay in the signup service's private tables.
+    Version 2 carries the personal data (email, email_display, company_name, full_name) only
+    in ``sealed``; the plain fields are left out (null). Version 1 events carry them in the
+    clear and stay readable as they are.
     """
 
     TYPE = "CustomerSignedUp"
-    VERSION = 1
+    VERSION = 2
 
     customer_id: Id
-    email: Annotated[str, Meta(min_length=3, description="normalised: trimmed, lower-case")]
-    email_display: Annotated[str, Meta(min_length=3, description="as the customer typed it")]
-    company_name: str
+    email: (
+        Annotated[str, Meta(min_length=3, description="version 1 only: normalised, lower-case")]
+        | None
+    ) = None
+    email_display: (
+        Annotated[str, Meta(min_length=3, description="version 1 only: as the customer typed it")]
+        | None
+    ) = None
+    company_name: str | None = None
     full_name: str | None = None
     plan: Plan = "starter"
     signed_up_at: UtcDateTime
     # Decided once, at signup: billing's trial and licensing's first license both end with it.
     trial_days: Annotated[int, Meta(ge=1, le=365)] = 14
+    sealed: SealedPersonalData | None = None
 
 
 class CustomerClosed(Event, frozen=True, kw_only=True):
@@ -95,29 +130,37 @@ class CustomerClosed(Event, frozen=True, kw_only=True):
 
     Version 2 adds ``erase``: the customer asked for their data to be erased, so nothing is
     kept for the grace period in which a closed account's volumes and backups otherwise stay.
+    Version 3 carries the customer's own ``reason`` (free text) only in ``sealed``
+    (``PersonalData.reason``); a reason given by an operator or the system stays plain.
     """
 
     TYPE = "CustomerClosed"
-    VERSION = 2
+    VERSION = 3
 
     customer_id: Id
     reason: str | None = None
     closed_by: Literal["customer", "admin", "system"]
     erase: bool = False
+    sealed: SealedPersonalData | None = None
 
 
 class EmailVerified(Event, frozen=True, kw_only=True):
     """The customer opened the link mailed to ``email``: the address is theirs.
 
     Carries no token: the link's token is stored hashed in signup's private tables and used once.
+    Version 2 carries the address only in ``sealed`` (``PersonalData.email``).
     """
 
     TYPE = "EmailVerified"
-    VERSION = 1
+    VERSION = 2
 
     customer_id: Id
-    email: Annotated[str, Meta(min_length=3, description="normalised: trimmed, lower-case")]
+    email: (
+        Annotated[str, Meta(min_length=3, description="version 1 only: normalised, lower-case")]
+        | None
+    ) = None
     verified_at: UtcDateTime
+    sealed: SealedPersonalData | None = None
 
 
 class CredentialsChanged(Event, frozen=True, kw_only=True):
@@ -614,6 +657,23 @@ class QuotaNoticeReported(Event, frozen=True, kw_only=True):
     noticed_at: Annotated[UtcDateTime, Meta(description="when the instance noticed it")]
 
 
+# --- erasure (signup) -------------------------------------------------------------------------
+
+
+class CustomerErased(Event, frozen=True, kw_only=True):
+    """The customer's personal data is erased: their data key is destroyed, so the sealed
+    personal data of every event about them can no longer be read, and every view drops it.
+    The events themselves stay, readable for everything else, so replays still work."""
+
+    TYPE = "CustomerErased"
+    VERSION = 1
+
+    customer_id: Id
+    key_id: Annotated[str, Meta(description="the data key destroyed")] | None = None
+    erased_by: Literal["customer", "admin"]
+    erased_at: UtcDateTime
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 # Every event this code can read. A type is never removed: the log still holds its events.
@@ -647,6 +707,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     InstanceRecovered,
     UsageReported,
     QuotaNoticeReported,
+    CustomerErased,
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.TYPE: cls for cls in ALL_EVENTS}

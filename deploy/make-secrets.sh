@@ -5,7 +5,8 @@
 #   deploy/secrets/env/<VARIABLE>    one file per secret setting, exported by the targets'
 #                                    entrypoint as the variable it is named after:
 #     POSTGRES_PASSWORD, and DATABASE_URL made from it
-#     ADMIN_TOKEN, SESSION_SECRET, PROVISIONER_SECRET, USAGE_SECRET, LOGIN_RELAY_SECRET
+#     ADMIN_TOKEN, SESSION_SECRET, PROVISIONER_SECRET, USAGE_SECRET, LOGIN_RELAY_SECRET,
+#     DATA_KEYS_MASTER_KEY (lost, no sealed personal data can be read again: back it up)
 #     LICENSE_PRIVATE_KEY            the license signing key (RSA 4096, PEM; needs openssl)
 #     STRIPE_WEBHOOK_SECRET, STRIPE_SECRET_KEY   made empty: write your Stripe values in them
 #
@@ -25,7 +26,7 @@ set -eu
 umask 077
 
 users="signup licensing billing provisioner operator"
-generated="POSTGRES_PASSWORD ADMIN_TOKEN SESSION_SECRET PROVISIONER_SECRET USAGE_SECRET LOGIN_RELAY_SECRET"
+generated="POSTGRES_PASSWORD ADMIN_TOKEN SESSION_SECRET PROVISIONER_SECRET USAGE_SECRET LOGIN_RELAY_SECRET DATA_KEYS_MASTER_KEY"
 yours="STRIPE_WEBHOOK_SECRET STRIPE_SECRET_KEY"
 secrets="$(cd "$(dirname "$0")" && pwd)/secrets"
 

@@ -82,6 +82,9 @@ class ServiceSettings(EventLogSettings, frozen=True, kw_only=True):
     # closes customer routes. `iotistic up` generates one.
     session_secret: Annotated[str, Meta(min_length=32)] | None = None
     session_ttl_seconds: Annotated[int, Meta(ge=60, le=86400)] = 3600
+    # Wraps the per-customer keys that seal personal data in events (libs/sealing/vault.py);
+    # never stored with them. `iotistic up` generates one; unset, no signup can be sealed.
+    data_keys_master_key: Annotated[str, Meta(min_length=32)] | None = None
 
 
 _FIELD_IN_PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)`")

@@ -132,6 +132,7 @@ def make_settings(database_url: str, nats_url: str, **overrides: object) -> Serv
         "projection_ack_wait_seconds": 5,
         "admin_token": secrets.token_urlsafe(32),
         "session_secret": secrets.token_urlsafe(32),
+        "data_keys_master_key": secrets.token_urlsafe(32),
         "http_host": "127.0.0.1",
     }
     values.update(overrides)

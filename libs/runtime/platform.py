@@ -36,6 +36,7 @@ from libs.eventlog.store import EventStore
 from libs.observability.metrics import ProjectionMetrics
 from libs.runtime.service import ServiceDefinition, ServiceRuntime
 from libs.runtime.supervision import restart_counter, retrying
+from libs.sealing.vault import master_key
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class Platform:
     def __post_init__(self) -> None:
         self.metrics = ProjectionMetrics(self.registry)
         restarts = restart_counter(self.registry)
+        for settings in (self.settings, *self.service_settings.values()):
+            if settings.data_keys_master_key:
+                master_key(settings.data_keys_master_key)  # so projections can open sealed data
         for definition in self.definitions:
             self.services[definition.name] = ServiceRuntime(
                 definition=definition,

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from contracts import (
+    CustomerErased,
     CustomerSignedUp,
     PaymentFailed,
+    PersonalData,
     StripeCustomerLinked,
     SubscriptionActivated,
     SubscriptionCanceled,
@@ -16,18 +18,39 @@ from contracts import (
 )
 from libs.db.postgres import Connection
 from libs.projections.apply import Projection, Recorded, update_customer_row
+from libs.sealing.vault import personal_data_of
 
 
 async def when_customer_signed_up_record_contact(
     conn: Connection, r: Recorded[CustomerSignedUp]
 ) -> None:
     e = r.event
+    # Erased already (a replay after the erasure): billed, if ever, without a name.
+    personal = await personal_data_of(conn, e.customer_id, e) or PersonalData()
     await conn.execute(
         "INSERT INTO billing_customers (customer_id, email, company_name) VALUES ($1, $2, $3) "
         "ON CONFLICT (customer_id) DO NOTHING",
         e.customer_id,
-        e.email_display,
-        e.company_name,
+        personal.email_display,
+        personal.company_name,
+    )
+
+
+async def when_customer_erased_drop_contact(conn: Connection, r: Recorded[CustomerErased]) -> None:
+    e = r.event
+    await conn.execute(
+        "UPDATE billing_customers SET email = NULL, company_name = NULL, erased_at = $2 "
+        "WHERE customer_id = $1",
+        e.customer_id,
+        e.erased_at,
+    )
+    # Stripe's webhook bodies as sent (private state kept for a retention period, never
+    # replayed) hold the customer's name and email too: those naming them go now.
+    await conn.execute(
+        "DELETE FROM stripe_payloads WHERE position(convert_to($1, 'UTF8') IN payload) > 0 "
+        "OR position(convert_to(coalesce((SELECT stripe_customer_id FROM billing_customers "
+        "WHERE customer_id = $1), $1), 'UTF8') IN payload) > 0",
+        e.customer_id,
     )
 
 
@@ -128,6 +151,7 @@ SUBSCRIPTIONS = Projection(
     tables=("subscriptions", "billing_customers"),
     handlers={
         CustomerSignedUp: when_customer_signed_up_record_contact,
+        CustomerErased: when_customer_erased_drop_contact,
         StripeCustomerLinked: when_stripe_customer_linked_record_mapping,
         TrialStarted: when_trial_started_record_trial,
         TrialExpired: when_trial_expired_record_expiry,

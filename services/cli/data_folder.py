@@ -38,6 +38,8 @@ SECRETS = {
     "PROVISIONER_SECRET": "provisioner-secret",
     "USAGE_SECRET": "usage-secret",
     "LOGIN_RELAY_SECRET": "login-relay-secret",
+    # Wraps the data keys that seal personal data: lost, every customer's is unreadable.
+    "DATA_KEYS_MASTER_KEY": "data-keys-master-key",
 }
 # Secrets the instances' stored credentials are derived from: changing one locks them out.
 DERIVING = frozenset({"PROVISIONER_SECRET"})
@@ -100,6 +102,12 @@ def secrets_env(data_dir: Path, environ: Mapping[str, str]) -> tuple[dict[str, s
                 "instance's credentials change, and each is degraded until the health watch "
                 "redeploys it (about a minute)[/yellow]"
             )
+        if value and variable == "DATA_KEYS_MASTER_KEY" and _differs(kept, value):
+            console.print(
+                f"[yellow]{variable} differs from the one generated in {kept}: the personal "
+                "data sealed under that key (every customer who signed up with it) cannot be "
+                "opened with this one; the views fail on it instead of showing it[/yellow]"
+            )
         if value:
             given.append(variable)
             env[variable] = value
@@ -110,6 +118,10 @@ def secrets_env(data_dir: Path, environ: Mapping[str, str]) -> tuple[dict[str, s
         given.append("LICENSE_KEYS_DIR")
     env["LICENSE_KEYS_DIR"] = keys or str(license_keys(data_dir))
     return env, given
+
+
+def _differs(kept: Path, value: str) -> bool:
+    return kept.exists() and kept.read_text().strip() != value
 
 
 def generated_secret(data_dir: Path, name: str) -> str:

@@ -28,6 +28,11 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
         for key in ("DATABASE_URL", "NATS_URL", "NATS_CREDENTIALS_DIR"):
             if key not in env and key in published:
                 env[key] = published[key]
+    # The master key that opens sealed personal data (a replay rebuilds views from it), as
+    # `iotistic up` generated it, unless given.
+    master = Path(args.data_dir) / "secrets" / "data-keys-master-key"
+    if not env.get("DATA_KEYS_MASTER_KEY") and master.is_file():
+        env["DATA_KEYS_MASTER_KEY"] = master.read_text().strip()
     return env
 
 

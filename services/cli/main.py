@@ -20,6 +20,7 @@ from libs.observability.logs import configure_logging
 from services.cli import (
     bus,
     contracts,
+    erase,
     events,
     mail,
     parked,
@@ -35,7 +36,7 @@ from services.licensing.keys import KeyConfigError
 DEFAULT_DATA_DIR = ".iotistic"
 
 # In the order `iotistic --help` lists them.
-GROUPS = (run, up, replay, events, mail, bus, parked, provisioner, simulate, contracts)
+GROUPS = (run, up, replay, events, mail, bus, parked, provisioner, erase, simulate, contracts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

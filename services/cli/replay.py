@@ -15,6 +15,7 @@ from libs.config import ServiceSettings
 from libs.projections.replay import replay_service
 from libs.projections.reports import ProjectionCheck, ReplayError, ReplayReport, TableDiff
 from libs.projections.verify import VERIFY_WAIT_SECONDS
+from libs.sealing.vault import master_key
 from services.cli.arguments import count
 from services.cli.environment import console, settings_from
 from services.cli.event_log import connected
@@ -78,6 +79,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 async def _replay(args: argparse.Namespace, settings: ServiceSettings) -> ReplayReport:
     """The replay itself, with a progress bar on standard error."""
     definition = CONTROL_PLANE[args.service]
+    if settings.data_keys_master_key:
+        master_key(settings.data_keys_master_key)  # the views open sealed personal data
     async with connected(settings) as (store, conn):
         with Progress(
             TextColumn(f"replay {args.service}"),

@@ -115,14 +115,20 @@ def email_verified(row: Any) -> bool | None:
     return None
 
 
+ERASED = "(erased)"
+
+
 def customer_line(row: Any) -> dict[str, Any]:
-    """What the page shows of a customer's account row."""
+    """What the page shows of a customer's account row ("(erased)" for the personal data of
+    an erased customer)."""
+    erased = row.get("erased_at") is not None
+    state = "erased" if erased else "closed" if row["closed_at"] is not None else "active"
     return {
         "customer_id": row["customer_id"],
-        "email": row["email"],
-        "company_name": row["company_name"],
-        "full_name": row["full_name"],
-        "state": "closed" if row["closed_at"] is not None else "active",
+        "email": ERASED if erased else row["email"],
+        "company_name": ERASED if erased else row["company_name"],
+        "full_name": None if erased else row["full_name"],
+        "state": state,
         "closed_at": shown_time(row["closed_at"]),
         "plan": row["plan"],
         "subscription_status": row["subscription_status"],
@@ -218,7 +224,7 @@ class AdminCustomersController(Controller):
         events = await last_events(pool, customer_id)
         return PAGES.render(
             "admin_customer.html",
-            title=f"Customer {row['company_name']}",
+            title=f"Customer {row['company_name'] or row['customer_id']}",
             customer=customer_line(row),
             current_period_end=shown_time(row["current_period_end"]),
             trial_ends_at=shown_time(row["trial_ends_at"]),

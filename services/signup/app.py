@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from contracts import CredentialsChanged, CustomerClosed, CustomerSignedUp, EmailVerified
+from contracts import (
+    CredentialsChanged,
+    CustomerClosed,
+    CustomerErased,
+    CustomerSignedUp,
+    EmailVerified,
+)
 from libs.mail.outbox import forget_sent_mail
 from libs.projections.apply import Projection
 from libs.runtime.outbox import outbox_worker
@@ -65,6 +71,7 @@ SIGNUP = ServiceDefinition(
     emits=(
         CredentialsChanged,  # recovery.py, through the outbox: a password reset
         CustomerClosed,  # closing.py, through the outbox: the customer closed the account
+        CustomerErased,  # erasure.py, through the outbox: a closed customer's data key destroyed
         CustomerSignedUp,  # signups.py: the first signup of an email
         EmailVerified,  # verification.py, through the outbox: a verification link opened
     ),

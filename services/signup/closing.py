@@ -18,13 +18,16 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from contracts import CustomerClosed
+from contracts import CustomerClosed, PersonalData
 from libs.http.errors import Conflict, InvalidRequest, NotFound
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.outbox import add_to_outbox
+from libs.sealing.vault import data_key_for, master_key, seal
+from services.signup.erasure import erase_in
 from services.signup.limits import forgive_login_attempt, login_limits, reserve_login_attempt
 from services.signup.models import PASSWORD_MAX
 from services.signup.passwords import Passwords
+from services.signup.personal_data import sealing_key
 from services.signup.settings import SignupSettings
 
 REASON_MAX = 500
@@ -92,14 +95,16 @@ class Closings:
             )
             if row is None:
                 raise NotFound("no such account")
-            await reserve_login_attempt(conn, login_limits(self.settings), row["email"], address)
+            # An erased customer's credential names no email: their tries count by their id.
+            who = row["email"] or f"customer:{customer_id}"
+            await reserve_login_attempt(conn, login_limits(self.settings), who, address)
         if not await self.passwords.verify(row["password_hash"], form.password):
             raise InvalidRequest(
                 "invalid request", fields=[{"field": "password", "reason": NOT_THEIRS}]
             )
         async with self.pool.acquire() as conn, conn.transaction():
-            await forgive_login_attempt(conn, row["email"], address)
-            closed = await _close_once(conn, customer_id, form)
+            await forgive_login_attempt(conn, who, address)
+            closed = await _close_once(conn, customer_id, form, self.settings)
         self.wake_events()
         erase = bool(closed["close_erase"])
         return AccountClosed(
@@ -123,7 +128,7 @@ PAID = ("active", "past_due")
 
 
 async def _close_once(
-    conn: asyncpg.Connection, customer_id: str, form: CloseForm
+    conn: asyncpg.Connection, customer_id: str, form: CloseForm, settings: SignupSettings
 ) -> asyncpg.Record:
     """Mark the account closed and queue ``CustomerClosed``, unless it was closed before (by
     this customer or an operator): then its first outcome. 409 while a subscription is paid."""
@@ -138,16 +143,21 @@ async def _close_once(
         list(PAID),
     )
     if closed is not None:
+        sealed = None
+        if form.reason is not None:  # their words may name anyone: sealed like their name
+            key = await data_key_for(conn, sealing_key(settings), customer_id)
+            sealed = seal(key, CustomerClosed.TYPE, PersonalData(reason=form.reason))
         await add_to_outbox(
             conn,
             CustomerClosed(
-                customer_id=customer_id,
-                reason=form.reason,
-                closed_by="customer",
-                erase=form.erase,
+                customer_id=customer_id, closed_by="customer", erase=form.erase, sealed=sealed
             ),
             customer_id=customer_id,
         )
+        if form.erase:
+            # Asked for erasure: the personal data goes with the account, in this transaction.
+            secret = settings.data_keys_master_key
+            await erase_in(conn, customer_id, "customer", master_key(secret) if secret else None)
         return closed
     before = await conn.fetchrow(
         "SELECT coalesce(c.closed_at, a.closed_at) AS closed_at, c.close_erase, "

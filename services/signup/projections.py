@@ -11,6 +11,7 @@ import msgspec
 from contracts import (
     CredentialsChanged,
     CustomerClosed,
+    CustomerErased,
     CustomerSignedUp,
     DeploymentFailed,
     DeploymentProgressed,
@@ -25,6 +26,7 @@ from contracts import (
     LicenseIssued,
     LicenseRevoked,
     PaymentFailed,
+    PersonalData,
     SubscriptionActivated,
     SubscriptionCanceled,
     SubscriptionChanged,
@@ -33,12 +35,15 @@ from contracts import (
 )
 from libs.db.postgres import Connection
 from libs.projections.apply import Projection, Recorded, update_customer_row
+from libs.sealing.vault import destroy_data_key, personal_data_of
 
 
 async def when_customer_signed_up_open_account(
     conn: Connection, r: Recorded[CustomerSignedUp]
 ) -> None:
     e = r.event
+    # Erased already (a replay after the erasure): the account is there, without a name.
+    personal = await personal_data_of(conn, e.customer_id, e) or PersonalData()
     await conn.execute(
         """
         INSERT INTO accounts (customer_id, email, email_display, company_name, full_name,
@@ -47,10 +52,10 @@ async def when_customer_signed_up_open_account(
         ON CONFLICT (customer_id) DO NOTHING
         """,
         e.customer_id,
-        e.email,
-        e.email_display,
-        e.company_name,
-        e.full_name,
+        personal.email,
+        personal.email_display,
+        personal.company_name,
+        personal.full_name,
         e.signed_up_at,
         e.plan,
         r.envelope.occurred_at,
@@ -66,13 +71,33 @@ async def when_customer_closed_close_account(conn: Connection, r: Recorded[Custo
 
 
 async def when_email_verified_show_it(conn: Connection, r: Recorded[EmailVerified]) -> None:
+    personal = await personal_data_of(conn, r.event.customer_id, r.event)
+    if personal is None:
+        return  # erased: no address to verify (CustomerErased clears the flag as well)
     # Only the address the account has (a later change of address would need verifying anew).
     await conn.execute(
         "UPDATE accounts SET email_verified = true, updated_at = $2 "
         "WHERE customer_id = $1 AND email = $3",
         r.envelope.customer_id,
         r.envelope.occurred_at,
-        r.event.email,
+        personal.email,
+    )
+
+
+async def when_customer_erased_drop_personal_data(
+    conn: Connection, r: Recorded[CustomerErased]
+) -> None:
+    # The key follows the log: a vault restored from a backup older than the erasure gets
+    # the key destroyed again when this is applied again (a replay, or a restored checkpoint).
+    await destroy_data_key(conn, r.event.customer_id)
+    # The same row whether the personal data was projected before (live) or could not be
+    # opened any more (a replay): nothing in it depends on what the sealed data said.
+    await _update(
+        conn,
+        r,
+        "email = NULL, email_display = NULL, company_name = NULL, full_name = NULL, "
+        "email_verified = false, erased_at = $3",
+        r.event.erased_at,
     )
 
 
@@ -289,6 +314,7 @@ ACCOUNTS = Projection(
         CustomerSignedUp: when_customer_signed_up_open_account,
         CustomerClosed: when_customer_closed_close_account,
         EmailVerified: when_email_verified_show_it,
+        CustomerErased: when_customer_erased_drop_personal_data,
         CredentialsChanged: when_credentials_changed_show_it,
         TrialStarted: when_trial_started_show_trial,
         TrialExpired: when_trial_expired_show_expiry,

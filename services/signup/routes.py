@@ -22,6 +22,7 @@ from libs.web.forms import CsrfTokens
 from libs.web.pages import static_files
 from services.signup.account_view import account_view
 from services.signup.admin_pages import admin_customers_router
+from services.signup.erasure import erasure_router
 from services.signup.idempotency import answer_once
 from services.signup.logins import Logins
 from services.signup.models import AccountView, LoginAnswer, parse_login, parse_signup
@@ -125,6 +126,7 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     return [
         static_files(STATIC_PREFIX),
         admin_customers_router(runtime),
+        erasure_router(runtime),
         Router(
             "/",
             route_handlers=[CustomersController, AccountPages],

@@ -2,6 +2,8 @@
 
 The credential is kept, with the ``CustomerSignedUp`` it is for, before the event is offered to
 the log on the email's own subject (expected last sequence 0: the first writer owns the email).
+The event's personal data is sealed with the customer's data key (``libs/sealing``), and the
+subject names the email by a keyed hash, so neither the body nor the subject names anyone.
 A retry whose first try's outcome the client never learned finds that try again, and offers
 its event once more, so the answer is that account whether or not the first append was stored.
 This module is where ``CustomerSignedUp`` is appended.
@@ -17,11 +19,18 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from contracts import CustomerSignedUp, decode_envelope, encode_envelope
+from contracts import (
+    CustomerSignedUp,
+    Envelope,
+    PersonalData,
+    decode_envelope,
+    encode_envelope,
+)
 from libs.eventlog.errors import AppendRefused, ConcurrencyConflict
-from libs.eventlog.store import EventStore, traced_envelope
+from libs.eventlog.store import Appended, EventStore, traced_envelope
 from libs.http.errors import Conflict
 from libs.runtime.service import ServiceUnavailable
+from libs.sealing.vault import data_key_for, seal
 from services.signup.account_view import (
     WAITING_FOR_CAPACITY,
     deployment_of,
@@ -30,7 +39,6 @@ from services.signup.account_view import (
     subscription_of,
 )
 from services.signup.limits import (
-    email_key,
     forgive_login_attempt,
     login_limits,
     reserve_login_attempt,
@@ -39,6 +47,7 @@ from services.signup.limits import (
 )
 from services.signup.models import CustomerOut, SignupAnswer, SignupForm
 from services.signup.passwords import Passwords
+from services.signup.personal_data import sealing_key
 from services.signup.settings import SignupSettings
 
 # A credential younger than this may belong to a signup whose request is still appending (an
@@ -99,14 +108,20 @@ class Signups:
     async def _new_signup(self, form: SignupForm, address: str) -> str:
         """Keep the credential with the event it is for, then offer the event to the log."""
         customer_id = str(uuid.uuid4())
+        master = sealing_key(self.settings)
         password_hash = await self.passwords.hash(form.password)
+        async with self.pool.acquire() as conn:
+            data_key = await data_key_for(conn, master, customer_id)
+        personal = PersonalData(
+            email=form.email,
+            email_display=form.email_display,
+            company_name=form.company_name,
+            full_name=form.full_name,
+        )
         envelope = traced_envelope(
             CustomerSignedUp(
                 customer_id=customer_id,
-                email=form.email,
-                email_display=form.email_display,
-                company_name=form.company_name,
-                full_name=form.full_name,
+                sealed=seal(data_key, CustomerSignedUp.TYPE, personal),
                 plan="starter",
                 signed_up_at=_now(),
                 trial_days=self.settings.default_trial_days,
@@ -122,9 +137,7 @@ class Signups:
             encode_envelope(envelope),
         )
         try:
-            await self.store.append(
-                envelope, key=email_key(form.email), expected_last_subject_seq=0
-            )
+            appended = await self._append_on_email(envelope, form.email)
         except AppendRefused:
             await self._forget_unstored(customer_id)  # certainly not stored: nothing is left
             raise
@@ -137,8 +150,26 @@ class Signups:
                     "an earlier signup with these details is still being set up; retry shortly"
                 ) from None
             raise Conflict("an account with this email already exists") from None
-        await self._confirm(customer_id)
+        await self._confirm(customer_id, appended.seq)
         return customer_id
+
+    async def _append_on_email(self, envelope: Envelope, email: str) -> Appended:
+        """Append a signup on its email's subject, first writer wins: none there yet, or only
+        the signup of a customer since erased (``erasure.py`` released the subject)."""
+        subject_key = sealing_key(self.settings).email_subject(email)
+        try:
+            return await self.store.append(envelope, key=subject_key, expected_last_subject_seq=0)
+        except ConcurrencyConflict as conflict:
+            released = conflict.last_seq is not None and await self.pool.fetchval(
+                "SELECT true FROM released_email_subjects WHERE subject_key = $1 AND last_seq = $2",
+                subject_key,
+                conflict.last_seq,
+            )
+            if not released:
+                raise
+            return await self.store.append(
+                envelope, key=subject_key, expected_last_subject_seq=conflict.last_seq
+            )
 
     async def _earlier_signup(self, form: SignupForm, address: str) -> str | None:
         """The customer an earlier signup with this email and password made (or may have
@@ -197,8 +228,9 @@ class Signups:
         customer_id = str(mine[0]["customer_id"])
         envelope = decode_envelope(mine[0]["pending_envelope"])
         try:
-            await self.store.append(envelope, key=email_key(email), expected_last_subject_seq=0)
+            appended: Appended | None = await self._append_on_email(envelope, email)
         except ConcurrencyConflict:
+            appended = None
             # Stored longer ago than JetStream keeps event ids, or another try won: the
             # account view, built from the log, says whose the email is.
             owner = await self._owner_of(email)
@@ -210,7 +242,7 @@ class Signups:
                 await self._forget_unstored(customer_id)
                 raise Conflict("an account with this email already exists") from None
             customer_id = owner
-        await self._confirm(customer_id)
+        await self._confirm(customer_id, appended.seq if appended is not None else None)
         return customer_id
 
     async def _same_details_tried(self, form: SignupForm, address: str, besides: str) -> bool:
@@ -245,11 +277,13 @@ class Signups:
         async with self.pool.acquire() as conn:
             await forgive_login_attempt(conn, email, address)
 
-    async def _confirm(self, customer_id: str) -> None:
+    async def _confirm(self, customer_id: str, signup_seq: int | None = None) -> None:
+        """The credential's signup is on the log (at ``signup_seq``, when known)."""
         await self.pool.execute(
-            "UPDATE credentials SET confirmed = true, pending_envelope = NULL "
-            "WHERE customer_id = $1 AND NOT confirmed",
+            "UPDATE credentials SET confirmed = true, pending_envelope = NULL, "
+            "signup_seq = coalesce(signup_seq, $2) WHERE customer_id = $1",
             customer_id,
+            signup_seq,
         )
 
     async def _owner_of(self, email: str) -> str | None:

@@ -19,11 +19,13 @@ from typing import Literal
 import asyncpg
 import msgspec
 
-from contracts import CustomerSignedUp, EmailVerified
+from contracts import CustomerSignedUp, EmailVerified, PersonalData
 from libs.db.postgres import Connection
 from libs.projections.apply import Projection, Recorded
 from libs.runtime.outbox import add_to_outbox
+from libs.sealing.vault import data_key_for, personal_data_of, seal
 from services.signup.mail import mail_verification_link, plausible_token, token_hash
+from services.signup.personal_data import sealing_key
 from services.signup.recovery_limits import reserve_for_customer
 from services.signup.settings import SignupSettings
 
@@ -51,7 +53,10 @@ async def when_customer_signed_up_mail_verification(
     e = r.event
     if e.signed_up_at < datetime.now(UTC) - WELCOME_MAIL_MAX_AGE:
         return
-    await mail_verification_link(conn, settings, e.customer_id, e.email)
+    personal = await personal_data_of(conn, e.customer_id, e)
+    if personal is None or personal.email is None:
+        return  # erased since: there is nobody to mail
+    await mail_verification_link(conn, settings, e.customer_id, personal.email)
 
 
 def verification_reactors(
@@ -135,11 +140,12 @@ class Verifications:
                     token_hash(token),
                 )
                 return "already_verified" if used else "invalid"
+            key = await data_key_for(conn, sealing_key(self.settings), row["customer_id"])
             await add_to_outbox(
                 conn,
                 EmailVerified(
                     customer_id=row["customer_id"],
-                    email=row["email"],
+                    sealed=seal(key, EmailVerified.TYPE, PersonalData(email=row["email"])),
                     verified_at=datetime.now(UTC),
                 ),
                 customer_id=row["customer_id"],

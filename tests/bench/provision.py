@@ -51,6 +51,7 @@ async def _measure(pg_url: str, nats_url: str, broker: EmbeddedMosquitto, tmp: P
         "HTTP_PORT": str(port),
         "LICENSE_KEYS_DIR": license_keys_dir(),
         "SESSION_SECRET": uuid.uuid4().hex * 2,
+        "DATA_KEYS_MASTER_KEY": uuid.uuid4().hex * 2,
         "ADMIN_TOKEN": uuid.uuid4().hex * 2,
         "PROVISIONER_SECRET": uuid.uuid4().hex * 2,
         "LICENSE_JWKS_URL": f"http://127.0.0.1:{port}/.well-known/jwks.json",

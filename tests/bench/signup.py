@@ -70,6 +70,7 @@ async def run(pg_url: str, nats_url: str) -> None:
         "HTTP_PORT": str(port),
         "LICENSE_KEYS_DIR": license_keys_dir(),
         "SESSION_SECRET": uuid.uuid4().hex * 2,
+        "DATA_KEYS_MASTER_KEY": uuid.uuid4().hex * 2,
         "ADMIN_TOKEN": uuid.uuid4().hex * 2,
         "LOG_LEVEL": "WARNING",
         # Every signup comes from 127.0.0.1: an operator's raised limits, not the defaults.

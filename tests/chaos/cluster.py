@@ -148,6 +148,7 @@ class Cluster:
             "PROVISIONER_SECRET": secrets.token_urlsafe(32),
             "USAGE_SECRET": secrets.token_urlsafe(32),
             "LOGIN_RELAY_SECRET": secrets.token_urlsafe(32),
+            "DATA_KEYS_MASTER_KEY": secrets.token_urlsafe(32),
             "LICENSE_KEYS_DIR": str(keys),
             "PROVISIONER_BACKEND": "local",
             "LOCAL_INSTANCES_DIR": str(self.root / "instances"),

@@ -45,12 +45,19 @@ TARGETS = ("signup", "licensing", "billing", "provisioner")
 DIGEST = "sha256:" + "ab" * 32
 # Settings a target reads from a Secret, by target (besides DATABASE_URL, every target's).
 SECRET_KEYS = {
-    "signup": {"ADMIN_TOKEN", "SESSION_SECRET", "LOGIN_RELAY_SECRET", "NATS_URL"},
+    "signup": {
+        "ADMIN_TOKEN",
+        "SESSION_SECRET",
+        "LOGIN_RELAY_SECRET",
+        "DATA_KEYS_MASTER_KEY",
+        "NATS_URL",
+    },
     "licensing": {"ADMIN_TOKEN", "SESSION_SECRET", "LICENSE_PRIVATE_KEY", "NATS_URL"},
     "billing": {
         "ADMIN_TOKEN",
         "SESSION_SECRET",
         "USAGE_SECRET",
+        "DATA_KEYS_MASTER_KEY",
         "STRIPE_SECRET_KEY",
         "STRIPE_WEBHOOK_SECRET",
         "NATS_URL",
@@ -179,7 +186,7 @@ def test_each_target_reads_only_its_own_secrets_one_key_at_a_time(
 def test_generated_secrets_are_long_random_and_distinct(docs: list[dict[str, Any]]) -> None:
     data = secret_data(find(docs, "Secret", FULLNAME))
     generated = ("ADMIN_TOKEN", "SESSION_SECRET", "PROVISIONER_SECRET")
-    generated += ("USAGE_SECRET", "LOGIN_RELAY_SECRET")
+    generated += ("USAGE_SECRET", "LOGIN_RELAY_SECRET", "DATA_KEYS_MASTER_KEY")
     assert set(data) == set(generated)
     for key in generated:
         # The services refuse fewer than 32 characters (libs/config.py and the settings).

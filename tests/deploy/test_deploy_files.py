@@ -639,8 +639,11 @@ NOT_IN_COMPOSE = {
     ("provisioner", "LOCAL_ADMIN_DATABASE_URL"): "unset: the provisioner's own server",
     # Optional: without an SMTP server signup writes its mail to the log (iotistic mail tail).
     ("signup", "SMTP_PASSWORD"): "no mail server in compose",
+    # Only signup and billing open sealed personal data.
+    ("licensing", "DATA_KEYS_MASTER_KEY"): "opens no sealed personal data",
+    ("provisioner", "DATA_KEYS_MASTER_KEY"): "opens no sealed personal data",
 }
-SECRET_SETTING = re.compile(r"SECRET|TOKEN|PASSWORD|PRIVATE_KEY|DATABASE_URL")
+SECRET_SETTING = re.compile(r"SECRET|TOKEN|PASSWORD|PRIVATE_KEY|MASTER_KEY|DATABASE_URL")
 IOTISTIC_BIND = "${IOTISTIC_BIND_ADDRESS:-127.0.0.1}"
 
 
@@ -785,9 +788,15 @@ def test_make_secrets_makes_every_setting_secret_compose_mounts(tmp_path: Path) 
         for s in declared.values()
         if PurePosixPath(s["file"]).parent == PurePosixPath(ENV_SECRETS)
     )
-    for name in ("ADMIN_TOKEN", "SESSION_SECRET", "PROVISIONER_SECRET", "USAGE_SECRET"):
+    for name in (
+        "ADMIN_TOKEN",
+        "SESSION_SECRET",
+        "PROVISIONER_SECRET",
+        "USAGE_SECRET",
+        "DATA_KEYS_MASTER_KEY",
+    ):
         assert re.fullmatch(r"[0-9a-f]{64}", made[name]), name
-    assert len({made[n] for n in made if re.fullmatch(r"[0-9a-f]{64}", made[n])}) == 6
+    assert len({made[n] for n in made if re.fullmatch(r"[0-9a-f]{64}", made[n])}) == 7
     assert made["STRIPE_WEBHOOK_SECRET"] == made["STRIPE_SECRET_KEY"] == ""
     assert made["DATABASE_URL"] == (
         f"postgresql://iotistic:{made['POSTGRES_PASSWORD']}@postgres:5432/iotistic"
@@ -1017,6 +1026,7 @@ def test_secret_template_generates_or_takes_every_secret() -> None:
         "PROVISIONER_SECRET",
         "USAGE_SECRET",
         "LOGIN_RELAY_SECRET",
+        "DATA_KEYS_MASTER_KEY",
     ):
         assert f'"{key}"' in text, key
     key = (TEMPLATES / "licensing-key.yaml").read_text()

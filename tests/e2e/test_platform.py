@@ -62,6 +62,7 @@ def run_env(
         "HTTP_PORT": str(port),
         "ADMIN_TOKEN": token,
         "SESSION_SECRET": "s" * 40,
+        "DATA_KEYS_MASTER_KEY": "k" * 40,
         "LICENSE_KEYS_DIR": license_keys_dir(),
         "LOG_LEVEL": "WARNING",
     }

@@ -74,6 +74,7 @@ def environment(
         "EVENTS_SUBJECT_PREFIX": settings.events_subject_prefix,
         "ADMIN_TOKEN": settings.admin_token or "",
         "SESSION_SECRET": settings.session_secret or "",
+        "DATA_KEYS_MASTER_KEY": settings.data_keys_master_key or "",
         "PROVISIONER_SECRET": "s" * 40,
         "LICENSE_JWKS_URL": jwks_url,
         "LOCAL_INSTANCES_DIR": str(control / "instances"),

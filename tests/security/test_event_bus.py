@@ -73,6 +73,7 @@ def bus(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator
         http_host="127.0.0.1",
         admin_token="a" * 40,
         session_secret="s" * 40,
+        data_keys_master_key="k" * 40,
         projection_ack_wait_seconds=5,
     )
     yield Bus(server, Credentials(credentials_dir), settings)

@@ -27,10 +27,10 @@ from contracts import (
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.runtime.platform import Platform
+from libs.sealing.vault import master_key
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
-from services.signup.limits import email_key
 from services.signup.private_state import forget_stale_private_state
 from services.targets import build_app
 from support import SUITE_SIGNUP_LIMITS, assert_replays_clean, eventually, license_keys_dir, serving
@@ -171,7 +171,10 @@ async def test_fifty_concurrent_signups_with_one_email_make_one_account(
     assert all(r.headers.get("Retry-After") for r in responses if r.status_code == 503)
     winners = {r.json()["customer"]["customer_id"] for r in responses if r.status_code == 201}
     assert len(winners) == 1, winners
-    subject = store.subject("CustomerSignedUp", email_key(email.lower()))
+    subject = store.subject(
+        "CustomerSignedUp",
+        master_key(store.settings.data_keys_master_key).email_subject(email.lower()),
+    )
     assert await store.count_by_subject(subject) == {subject: 1}
 
 
@@ -185,7 +188,10 @@ async def test_an_idempotency_key_makes_a_retry_return_the_first_answer(
     again = await client.post("/api/customers/signup", json=body, headers=headers)
     assert first.status_code == again.status_code == 201
     assert again.json() == first.json()
-    subject = store.subject("CustomerSignedUp", email_key(email.lower()))
+    subject = store.subject(
+        "CustomerSignedUp",
+        master_key(store.settings.data_keys_master_key).email_subject(email.lower()),
+    )
     assert await store.count_by_subject(subject) == {subject: 1}
     other = await client.post(
         "/api/customers/signup", json={**body, "company_name": "Other"}, headers=headers

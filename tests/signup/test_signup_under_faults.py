@@ -22,10 +22,10 @@ from libs.config import ServiceSettings
 from libs.db.postgres import create_pool
 from libs.eventlog.store import EventStore
 from libs.runtime.platform import Platform
+from libs.sealing.vault import master_key
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
 from services.signup.app import SIGNUP
-from services.signup.limits import email_key
 from services.signup.private_state import settle_credentials
 from services.targets import build_app
 from support import SUITE_SIGNUP_LIMITS, eventually, license_keys_dir, serving
@@ -50,7 +50,10 @@ class Plane:
 
     def subject_of(self, email: str) -> str:
         """The subject a signup with ``email`` is appended to (no consumer request names it)."""
-        return self.store.subject("CustomerSignedUp", email_key(email))
+        return self.store.subject(
+            "CustomerSignedUp",
+            master_key(self.store.settings.data_keys_master_key).email_subject(email),
+        )
 
     async def signups_on_log(self, email: str) -> int:
         subject = self.subject_of(email)

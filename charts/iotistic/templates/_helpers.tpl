@@ -105,13 +105,13 @@ target -> {required: [...], optional: [...]}. The one table of who holds which s
 */}}
 {{- define "iotistic.secretKeys" -}}
 signup:
-  required: [ADMIN_TOKEN, SESSION_SECRET, LOGIN_RELAY_SECRET]
+  required: [ADMIN_TOKEN, SESSION_SECRET, LOGIN_RELAY_SECRET, DATA_KEYS_MASTER_KEY]
   optional: [NATS_URL]
 licensing:
   required: [ADMIN_TOKEN, SESSION_SECRET]
   optional: [NATS_URL]
 billing:
-  required: [ADMIN_TOKEN, SESSION_SECRET, USAGE_SECRET]
+  required: [ADMIN_TOKEN, SESSION_SECRET, USAGE_SECRET, DATA_KEYS_MASTER_KEY]
   optional: [NATS_URL, STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET]
 provisioner:
   required: [ADMIN_TOKEN, SESSION_SECRET, PROVISIONER_SECRET, USAGE_SECRET, LOGIN_RELAY_SECRET]
