@@ -31,6 +31,7 @@ from services.instance.api.dashboard import DashboardController
 from services.instance.api.dead_letters import DeadLettersController
 from services.instance.api.device_config import DeviceConfigController
 from services.instance.api.devices import DevicesController
+from services.instance.api.export import ExportController
 from services.instance.api.license import LicenseController
 from services.instance.api.monitoring import MonitoringController
 from services.instance.api.provisioning import PROVISIONING_ROUTES
@@ -98,6 +99,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             ReadingsController,
             DeadLettersController,
             AlertsController,
+            ExportController,
             *PROVISIONING_ROUTES,
         ],
         readiness=instance.readiness,
