@@ -37,6 +37,8 @@ from services.instance.export import READING_COLUMNS, ROLLUP_COLUMNS
 from services.instance.readings import ensure_partitions
 
 JSON_BATCH = 1000
+# Readings staged before they are moved into their table under their devices' new ids.
+STAGED_ROWS = 500_000
 
 
 class InstanceNotEmpty(Exception):
@@ -198,12 +200,10 @@ class Restore:
         )
         return made
 
-    async def _copy(
-        self, entry: dict[str, Any], staging: str, columns: tuple[str, ...], into: str
-    ) -> None:
+    async def _stage(self, entry: dict[str, Any], staging: str, columns: tuple[str, ...]) -> int:
+        """COPY one file into the staging table; its rows, which must be the manifest's."""
         name = entry["name"]
-        new = self._new_id(entry.get("device_id"), name)
-        await self.conn.execute(f"TRUNCATE {staging}")
+        self._new_id(entry.get("device_id"), name)
         try:
             status = await self.conn.copy_to_table(
                 staging,
@@ -212,30 +212,65 @@ class Restore:
                 format="csv",
                 header=True,
             )
-            moved = await self.conn.execute(
-                f"INSERT INTO {into} ({', '.join(columns)}) "
-                f"SELECT $1, {', '.join(columns[1:])} FROM {staging} WHERE device_id = $2",
-                new,
-                entry["device_id"],
-            )
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise ArchiveRefused(name, f"cannot be restored: {exc}") from None
         rows = int(status.split()[-1])
-        if rows != entry.get("rows") or int(moved.split()[-1]) != rows:
+        if rows != entry.get("rows"):
             said = entry.get("rows")
-            raise ArchiveRefused(name, f"holds {rows} rows of its device; the manifest says {said}")
+            raise ArchiveRefused(name, f"holds {rows} rows; the manifest says {said}")
+        return rows
+
+    async def _move(
+        self, staging: str, columns: tuple[str, ...], into: str, first: str, staged: int
+    ) -> None:
+        """The staged rows into ``into`` under their devices' new ids; the staging emptied."""
+        try:
+            moved = await self.conn.execute(
+                f"INSERT INTO {into} ({', '.join(columns)}) "
+                f"SELECT m.new_id, {', '.join('s.' + c for c in columns[1:])} "
+                f"FROM {staging} s JOIN device_map m ON m.old_id = s.device_id"
+            )
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            raise ArchiveRefused(first, f"cannot be restored: {exc}") from None
+        if int(moved.split()[-1]) != staged:
+            stranger = await self.conn.fetchval(
+                f"SELECT device_id FROM {staging} WHERE device_id NOT IN "
+                "(SELECT old_id FROM device_map) LIMIT 1"
+            )
+            raise ArchiveRefused(first, f"has rows of a device devices.jsonl lacks: {stranger!r}")
+        await self.conn.execute(f"TRUNCATE {staging}")
+
+    async def _restore_kind(
+        self, kind: str, staging: str, columns: tuple[str, ...], into: str
+    ) -> int:
+        """Every file of ``kind``, staged a batch of about ``STAGED_ROWS`` rows at a time."""
+        total = staged = 0
+        first = ""
+        for entry in self.checked.of_kind(kind):
+            first = first or entry["name"]
+            staged += await self._stage(entry, staging, columns)
+            if staged >= STAGED_ROWS:
+                await self._move(staging, columns, into, first, staged)
+                total, staged, first = total + staged, 0, ""
+        if staged:
+            await self._move(staging, columns, into, first, staged)
+        return total + staged
 
     async def series(self) -> None:
-        """Rollups and readings, a file at a time through a staging table."""
+        """Rollups and readings, through staging tables, a batch of files at a time."""
         conn = self.conn
         await conn.execute(
             "CREATE TEMPORARY TABLE rollups_in (LIKE readings_hourly) ON COMMIT DROP; "
-            "CREATE TEMPORARY TABLE readings_restored (LIKE readings) ON COMMIT DROP"
+            "CREATE TEMPORARY TABLE readings_restored (LIKE readings) ON COMMIT DROP; "
+            "CREATE TEMPORARY TABLE device_map (old_id text PRIMARY KEY, new_id text) "
+            "ON COMMIT DROP"
         )
-        self.counts["rollups"] = 0
-        for entry in self.checked.of_kind("rollups-csv"):
-            await self._copy(entry, "rollups_in", ROLLUP_COLUMNS, "readings_hourly")
-            self.counts["rollups"] += int(entry["rows"])
+        await conn.executemany(
+            "INSERT INTO device_map VALUES ($1, $2)", list(self.device_ids.items())
+        )
+        self.counts["rollups"] = await self._restore_kind(
+            "rollups-csv", "rollups_in", ROLLUP_COLUMNS, "readings_hourly"
+        )
         days: set[date] = set()
         for entry in self.checked.of_kind("readings-csv"):
             try:
@@ -243,10 +278,9 @@ class Restore:
             except ValueError:
                 raise ArchiveRefused(entry["name"], "has no day in the manifest") from None
         await ensure_partitions(conn, days, set())
-        self.counts["readings"] = 0
-        for entry in self.checked.of_kind("readings-csv"):
-            await self._copy(entry, "readings_restored", READING_COLUMNS, "readings")
-            self.counts["readings"] += int(entry["rows"])
+        self.counts["readings"] = await self._restore_kind(
+            "readings-csv", "readings_restored", READING_COLUMNS, "readings"
+        )
 
 
 async def issue_credentials(

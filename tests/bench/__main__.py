@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import backup, density, events, fleet, instance, provision, signup
+from tests.bench import backup, density, events, export, fleet, instance, provision, signup
 
 # Each takes the servers' URLs (Postgres, NATS), and its own options by keyword (OPTIONS).
 BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
@@ -28,6 +28,7 @@ BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
     "density": density.run,
     "backup": backup.run,
     "fleet": fleet.run_fleet,
+    "export": export.run,
 }
 
 
@@ -50,7 +51,7 @@ def main() -> None:
         "what",
         nargs="*",
         help=f"any of {', '.join(BENCHES)} (default: all but density, which starts hundreds of "
-        "processes, and backup, which loads a million readings)",
+        "processes, backup, which loads a million readings, and export, which loads ten million)",
     )
     parser.add_argument(
         "--count",
@@ -78,7 +79,9 @@ def main() -> None:
     unknown = set(args.what) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {list(BENCHES)}")
-    args.what = args.what or [name for name in BENCHES if name not in ("density", "backup")]
+    args.what = args.what or [
+        name for name in BENCHES if name not in ("density", "backup", "export")
+    ]
     print(f"machine: {machine()}")
     from libs.servers.nats import EmbeddedNats
     from libs.servers.postgres import EmbeddedPostgres
