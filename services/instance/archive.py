@@ -4,7 +4,7 @@ Why tar: its members follow one another, each with its size in a header before i
 it is written front to back with no directory to seek back to (zip keeps one at its end) and
 read the same way; every system opens it (``tar xf``). It is not compressed: the Parquet files
 are (zstd), the CSV files are there to be read by anything, and compressing both would cost the
-instance's CPU at every export (``iotistic export --gzip`` compresses on the customer's side).
+instance's CPU at every export (compress it on your side if you keep it).
 
 Layout (format ``iotistic-export``, version ``FORMAT_VERSION``):
 
@@ -35,6 +35,8 @@ FORMAT_VERSION = 1
 HEADER_NAME = "iotistic-export.json"
 MANIFEST_NAME = "manifest.json"
 BLOCK = 512
+# Two files per device and day: 500 devices for five years, and room to spare.
+MAX_FILES = 2_000_000
 # Members bigger than this are not read into memory whole when an import checks them.
 READ_CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -187,6 +189,19 @@ class CheckedArchive:
         return (e for e in self.files.values() if e["kind"] == kind)
 
 
+def _members(archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The archive's members, at most ``MAX_FILES`` of them (each is kept while it is read)."""
+    members: list[tarfile.TarInfo] = []
+    try:
+        while (member := archive.next()) is not None:
+            members.append(member)
+            if len(members) > MAX_FILES:
+                raise ArchiveRefused("archive", f"has more than {MAX_FILES} files")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ArchiveRefused("archive", f"is cut short or damaged ({exc})") from None
+    return members
+
+
 def check_archive(path: str) -> CheckedArchive:
     """Read the archive at ``path`` through: its header first, then every member, each hashed
     and compared with the manifest (found last); ``ArchiveRefused`` names the first file that
@@ -196,10 +211,7 @@ def check_archive(path: str) -> CheckedArchive:
     except (tarfile.TarError, OSError) as exc:
         raise ArchiveRefused("archive", f"is not a tar archive ({exc})") from None
     with archive:
-        try:
-            members = archive.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ArchiveRefused("archive", f"is cut short or damaged ({exc})") from None
+        members = _members(archive)
         if not members:
             raise ArchiveRefused("archive", "is empty")
         _check_header(archive, members[0])

@@ -24,6 +24,7 @@ import json
 import secrets
 import tarfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
@@ -37,6 +38,7 @@ from services.instance.export import READING_COLUMNS, ROLLUP_COLUMNS
 from services.instance.readings import ensure_partitions
 
 JSON_BATCH = 1000
+MAX_LINE = 1 << 20
 # Readings staged before they are moved into their table under their devices' new ids.
 STAGED_ROWS = 500_000
 
@@ -85,20 +87,26 @@ async def _holds_data(conn: asyncpg.Connection) -> str | None:
     return None
 
 
-def _lines(stream: IO[bytes], name: str) -> list[list[dict[str, Any]]]:
-    """The JSON lines of a file, in batches."""
-    batches: list[list[dict[str, Any]]] = [[]]
-    for number, line in enumerate(stream, 1):
+def _lines(stream: IO[bytes], name: str) -> Iterator[list[dict[str, Any]]]:
+    """The JSON lines of a file, in batches of ``JSON_BATCH`` (a line at most ``MAX_LINE``
+    bytes: no line of ours is near it, and a forged one is not read into memory whole)."""
+    batch: list[dict[str, Any]] = []
+    number = 0
+    while line := stream.readline(MAX_LINE + 1):
+        number += 1
+        if len(line) > MAX_LINE:
+            raise ArchiveRefused(name, f"line {number} is longer than {MAX_LINE} bytes")
         try:
             row = json.loads(line)
         except ValueError:
             raise ArchiveRefused(name, f"line {number} is not JSON") from None
         if not isinstance(row, dict):
             raise ArchiveRefused(name, f"line {number} is not an object")
-        if len(batches[-1]) >= JSON_BATCH:
-            batches.append([])
-        batches[-1].append(row)
-    return batches
+        batch.append(row)
+        if len(batch) >= JSON_BATCH:
+            yield batch
+            batch = []
+    yield batch
 
 
 async def _insert_json(
@@ -130,9 +138,9 @@ class Restore:
         self.device_ids: dict[str, str] = {}
         self.counts: dict[str, int] = {}
 
-    def _json(self, name: str) -> list[list[dict[str, Any]]]:
+    def _json(self, name: str) -> Iterator[list[dict[str, Any]]]:
         if name not in self.checked.files:
-            return [[]]
+            return iter([[]])
         return _lines(self.checked.open(self.tar, name), name)
 
     def _new_id(self, old: Any, name: str) -> str:
@@ -283,26 +291,21 @@ class Restore:
         )
 
 
-async def issue_credentials(
-    devices: Devices, conn: asyncpg.Connection, device_ids: list[str]
-) -> list[dict[str, Any]]:
-    """New broker credentials for each device (its role, its client bound to its id); a
-    device's earlier password, if any, stops working."""
+async def issue_credentials(devices: Devices, rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    """New broker credentials for each device registered by hand (``device_id``,
+    ``mqtt_username``, ``name``): its role, its client bound to its id, a new password; the
+    earlier password, if any, stops working."""
     customer = devices.settings.instance_customer_id
     issued = []
     try:
         async with devices.broker_admin() as dynsec:
-            for device_id in device_ids:
-                username, password = f"dev-{device_id}", secrets.token_urlsafe(24)
+            for row in rows:
+                device_id, username = row["device_id"], row["mqtt_username"]
+                password = secrets.token_urlsafe(24)
                 topics = device_topics(customer, device_id)
                 await dynsec.ensure_role(username, device_acls(list(topics.values())))
                 await dynsec.ensure_client(
-                    username, password, [username], textname=device_id, clientid=device_id
-                )
-                await conn.execute(
-                    "UPDATE devices SET mqtt_username = $2 WHERE device_id = $1",
-                    device_id,
-                    username,
+                    username, password, [username], textname=row["name"], clientid=device_id
                 )
                 issued.append(
                     {
@@ -341,7 +344,8 @@ async def restore(
             job = Restore(conn, checked, tar)
             await job.devices()
             in_use = await conn.fetch(
-                "SELECT device_id FROM devices WHERE deleted_at IS NULL ORDER BY created_at"
+                "SELECT device_id, mqtt_username, name FROM devices WHERE deleted_at IS NULL "
+                "ORDER BY created_at"
             )
             if len(in_use) > max_devices:
                 raise TooManyDevices(
@@ -363,5 +367,5 @@ async def restore(
                 json.dumps(job.counts),
                 json.dumps(job.device_ids),
             )
-            credentials = await issue_credentials(devices, conn, [r["device_id"] for r in in_use])
+            credentials = await issue_credentials(devices, in_use)
     return Imported(True, now, from_customer, job.counts, job.device_ids, credentials, made)

@@ -9,10 +9,14 @@ Everything real: the control plane, the local backend's instance processes, Post
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
@@ -193,6 +197,12 @@ async def test_a_retried_import_finds_the_first_and_a_used_instance_refuses(
     assert retried.json()["first_time"] is False and "devices" not in retried.json()
     listed = (await pavel.api.get("/api/devices")).json()["devices"]
     assert len(listed) == 2  # not imported twice
+    # The passwords were in the first answer only; a device gets new ones on asking.
+    device_id = listed[0]["device_id"]
+    renewed = await pavel.api.post(f"/api/devices/{device_id}/credentials")
+    assert renewed.status_code == 201, renewed.text
+    assert renewed.json()["password"] and renewed.json()["client_id"] == device_id
+    assert (await pavel.api.post("/api/devices/nosuchdevice/credentials")).status_code == 404
     parts = members(exported)
     manifest = json.loads(parts["manifest.json"])
     manifest["exported_at"] = "another time"  # another archive, the same data
@@ -242,3 +252,52 @@ async def test_a_damaged_or_foreign_archive_is_refused_naming_the_file(
         assert fields[0]["field"] == target
     # Nothing was written: the instance is as new.
     assert (await quinn.api.get("/api/devices")).json()["devices"] == []
+
+
+async def _iotistic(*args: str) -> tuple[int, str]:
+    """The ``iotistic`` command, as a customer runs it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from services.cli.main import main; main()",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+async def test_the_command_exports_checks_and_imports(
+    exported: bytes,
+    olga: Customer,
+    client,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    token = olga.auth["Authorization"].removeprefix("Bearer ")
+    archive = tmp_path / "olga.tar"
+    code, said = await _iotistic(
+        "export", "--instance", str(olga.api.base_url), "--token", token, "-o", str(archive)
+    )
+    assert code == 0, said
+    assert "checked" in said and not (tmp_path / "olga.tar.partial").exists()
+    # The same data (her events grow meanwhile: the instance reports its usage every second).
+    counts = manifest_of(archive.read_bytes())["counts"]
+    assert counts.pop("events") >= manifest_of(exported)["counts"]["events"]
+    assert counts == {k: v for k, v in manifest_of(exported)["counts"].items() if k != "events"}
+    rosa = await customer(client, "rosa@example.com")
+    try:
+        rosa_token = rosa.auth["Authorization"].removeprefix("Bearer ")
+        code, said = await _iotistic(
+            "import", str(archive), "--instance", str(rosa.api.base_url), "--token", rosa_token
+        )
+        assert code == 0, said
+        assert len((await rosa.api.get("/api/devices")).json()["devices"]) == 2
+        # A session of someone else is refused, and the command says so.
+        code, said = await _iotistic(
+            "export", "--instance", str(rosa.api.base_url), "--token", token, "-o", str(archive)
+        )
+        assert code == 1 and "404" in said, said
+    finally:
+        await rosa.api.aclose()

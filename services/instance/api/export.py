@@ -12,22 +12,42 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
-from litestar.params import QueryParameter
+from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 
-from libs.http.errors import Conflict, Forbidden, UpstreamError, invalid
+from libs.http.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    NotFound,
+    UpstreamError,
+    invalid,
+)
 from services.instance.api.access import INSTANCE, Instance, customer_session, read_write
 from services.instance.archive import ArchiveRefused, check_archive
 from services.instance.customer_events import EventsUnavailable, fetch_customer_events
-from services.instance.devices import BrokerUnavailable
+from services.instance.devices import DEVICES_LOCK, BrokerUnavailable
 from services.instance.export import ExportRequest, export_archive
-from services.instance.restore import Imported, InstanceNotEmpty, TooManyDevices, restore
+from services.instance.restore import (
+    Imported,
+    InstanceNotEmpty,
+    TooManyDevices,
+    issue_credentials,
+    restore,
+)
 
 # The largest archive an import takes (it is written to a temporary file as it arrives).
 IMPORT_MAX_BYTES = 64 << 30
 DeadLetters = Annotated[
     bool, QueryParameter(description="include the dead letters (rejected payloads)")
 ]
+
+
+class NoRoom(DomainError):
+    """507: the archive does not fit on the instance's disk while it is checked."""
+
+    status_code = 507
+    code = "insufficient_storage"
 
 
 def imported_view(done: Imported) -> dict[str, Any]:
@@ -49,7 +69,8 @@ def imported_view(done: Imported) -> dict[str, Any]:
         )
     else:
         answer["note"] = (
-            "this archive was imported before; the devices' credentials were in that answer"
+            "this archive was imported before; the devices' credentials were in that answer "
+            "(POST /api/devices/{device_id}/credentials gives a device new ones)"
         )
     return answer
 
@@ -59,13 +80,18 @@ async def _received(request: Request[Any, Any, Any], folder: str) -> tuple[str, 
     path = os.path.join(folder, "archive.tar")
     digest = hashlib.sha256()
     size = 0
-    with open(path, "wb") as out:  # noqa: ASYNC230 - local disk, a chunk at a time
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > IMPORT_MAX_BYTES:
-                raise invalid("body", f"the archive is larger than {IMPORT_MAX_BYTES} bytes")
-            digest.update(chunk)
-            out.write(chunk)
+    try:
+        with open(path, "wb") as out:  # noqa: ASYNC230 - local disk, a chunk at a time
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > IMPORT_MAX_BYTES:
+                    raise invalid("body", f"the archive is larger than {IMPORT_MAX_BYTES} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as exc:
+        raise NoRoom(
+            f"the instance has no room for the archive ({exc.strerror}); nothing was imported"
+        ) from None
     if size == 0:
         raise invalid("body", "is empty: send the archive (application/x-tar)")
     return path, digest.hexdigest()
@@ -140,3 +166,32 @@ class ExportController(Controller):
         for device_id in done.device_ids.values():
             instance.ingest.know_device(device_id)
         return imported_view(done)
+
+    @post(
+        "/devices/{device_id:str}/credentials",
+        status_code=201,
+        tags=["devices"],
+        guards=[read_write],
+    )
+    async def new_credentials(self, device_id: FromPath[str], instance: Instance) -> dict[str, Any]:
+        """New broker credentials for a device registered by hand (an imported one, or one
+        whose password was lost): the old password stops working; the new one is shown once."""
+        async with instance.pool().acquire() as conn, conn.transaction():
+            await conn.execute(DEVICES_LOCK)
+            row = await conn.fetchrow(
+                "SELECT device_id, mqtt_username, name, uuid FROM devices "
+                "WHERE device_id = $1 AND deleted_at IS NULL",
+                device_id,
+            )
+            if row is None:
+                raise NotFound(f"no device {device_id}")
+            if row["uuid"] is not None:
+                raise Conflict(
+                    "this device registered itself with a provisioning key: it gets its "
+                    "credentials at its key exchange"
+                )
+            try:
+                issued = await issue_credentials(instance.devices, [row])
+            except BrokerUnavailable as exc:
+                raise UpstreamError(str(exc)) from None
+        return {**issued[0], "note": "the password is shown only once; store it on the device"}
