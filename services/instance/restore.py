@@ -39,6 +39,8 @@ from services.instance.readings import ensure_partitions
 
 JSON_BATCH = 1000
 MAX_LINE = 1 << 20
+# Devices an archive may hold, deleted ones included (ten times the largest plan's).
+MAX_DEVICES = 5000
 # Readings staged before they are moved into their table under their devices' new ids.
 STAGED_ROWS = 500_000
 
@@ -153,6 +155,8 @@ class Restore:
         for batch in self._json("devices.jsonl"):
             for row in batch:
                 old = row.get("device_id")
+                if len(self.device_ids) >= MAX_DEVICES:
+                    raise ArchiveRefused("devices.jsonl", f"has more than {MAX_DEVICES} devices")
                 if not isinstance(old, str) or old in self.device_ids:
                     why = f"device id {old!r} is missing or repeated"
                     raise ArchiveRefused("devices.jsonl", why)

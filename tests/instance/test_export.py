@@ -32,6 +32,7 @@ from test_instance import (  # noqa: F401 - client is a fixture
     register,
 )
 
+from contracts.credentials import instance_usage_token
 from libs.servers.mosquitto import EmbeddedMosquitto
 from support import eventually
 
@@ -301,3 +302,47 @@ async def test_the_command_exports_checks_and_imports(
         assert code == 1 and "404" in said, said
     finally:
         await rosa.api.aclose()
+
+
+async def test_the_control_plane_gives_an_instance_its_own_customers_events_only(
+    olga: Customer,
+    pavel: Customer,
+    client,  # noqa: F811
+) -> None:
+    path = f"/api/instances/{olga.id}/events"
+    assert (await client.get(path)).status_code == 401
+    # Pavel's instance's token (the local backend derives it from USAGE_SECRET) opens his only.
+    pavels = {"Authorization": f"Bearer {instance_usage_token('u' * 40, pavel.id)}"}
+    assert (await client.get(path, headers=pavels)).status_code == 401
+    olgas = {"Authorization": f"Bearer {instance_usage_token('u' * 40, olga.id)}"}
+    answer = await client.get(path, headers=olgas)
+    assert answer.status_code == 200, answer.text
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    assert lines and {line["event"]["customer_id"] for line in lines} == {olga.id}
+    assert "CustomerSignedUp" in {line["event"]["type"] for line in lines}
+    assert all(line["subject"].split(".")[-2] == line["event"]["type"] for line in lines)
+
+
+async def test_one_export_or_import_at_a_time(quinn: Customer) -> None:
+    """Each holds one of the instance's few database connections for its length: a second
+    one meanwhile is told to come back (429), and can once the first is done."""
+    sending, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"\0" * 1024
+        sending.set()
+        await go_on.wait()
+        yield b"not an archive"
+
+    upload = asyncio.create_task(quinn.api.post("/api/import", content=slow_body(), timeout=60))
+    await asyncio.wait_for(sending.wait(), 30)
+    busy = await eventually(
+        lambda: quinn.api.get("/api/export"),
+        lambda r: r.status_code == 429,
+        what="the export refused while the import receives",
+    )
+    assert busy.headers["retry-after"] == "30"
+    go_on.set()
+    refused = await upload
+    assert refused.status_code == 400, refused.text
+    assert (await quinn.api.get("/api/export")).status_code == 200

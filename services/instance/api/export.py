@@ -20,6 +20,7 @@ from libs.http.errors import (
     DomainError,
     Forbidden,
     NotFound,
+    TooManyRequests,
     UpstreamError,
     invalid,
 )
@@ -97,6 +98,40 @@ async def _received(request: Request[Any, Any, Any], folder: str) -> tuple[str, 
     return path, digest.hexdigest()
 
 
+async def _import(request: Request[Any, Any, Any], instance: Instance) -> dict[str, Any]:
+    """Receive, check and restore the archive the request carries."""
+    with tempfile.TemporaryDirectory(prefix="iotistic-import-") as folder:
+        path, sha256 = await _received(request, folder)
+        try:
+            checked = await asyncio.to_thread(check_archive, path)
+            async with instance.pool().acquire() as conn:
+                done = await restore(
+                    conn,
+                    checked,
+                    sha256,
+                    instance.devices,
+                    instance.licensed().features.maxDevices,
+                )
+        except ArchiveRefused as exc:
+            raise invalid(exc.file, exc.reason) from None
+        except InstanceNotEmpty as exc:
+            raise Conflict(str(exc)) from None
+        except TooManyDevices as exc:
+            raise Forbidden(str(exc)) from None
+        except BrokerUnavailable as exc:
+            raise UpstreamError(str(exc)) from None
+    for device_id in done.device_ids.values():
+        instance.ingest.know_device(device_id)
+    return imported_view(done)
+
+
+def _turn_free(instance: Instance) -> asyncio.Lock:
+    """The instance's turn for an export or import; 429 while another one has it."""
+    if instance.archive_turn.locked():
+        raise TooManyRequests("an export or import is running; try again once it is done", 30)
+    return instance.archive_turn
+
+
 class ExportController(Controller):
     """Exporting and importing everything the customer owns."""
 
@@ -109,19 +144,22 @@ class ExportController(Controller):
         """One tar archive: manifest, devices and configurations, readings per device and day
         (CSV and Parquet), rollups, alert rules and history, the customer's events."""
         customer = instance.settings.instance_customer_id
+        turn = _turn_free(instance)
+        pool = instance.pool()
+        await pool.fetchval("SELECT 1")  # the database answers before the answer starts
         try:
             events = await fetch_customer_events(instance.settings)
             note = None
         except EventsUnavailable as exc:
             events, note = None, str(exc)
         request = ExportRequest(customer, events, note, dead_letters)
-        parts = export_archive(instance.pool(), request)
-        first = await anext(parts)  # the database answers before the answer starts
 
         async def body() -> AsyncIterator[bytes]:
-            yield first
-            async for part in parts:
-                yield part
+            # Taken here, so that it is given back however the stream ends (a request that
+            # passed the check with another one waits its turn instead).
+            async with turn:
+                async for part in export_archive(pool, request):
+                    yield part
 
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         return Stream(
@@ -143,29 +181,9 @@ class ExportController(Controller):
         self, request: Request[Any, Any, Any], instance: Instance
     ) -> dict[str, Any]:
         """Restore an export archive into this instance, which must be new (empty)."""
-        with tempfile.TemporaryDirectory(prefix="iotistic-import-") as folder:
-            path, sha256 = await _received(request, folder)
-            try:
-                checked = await asyncio.to_thread(check_archive, path)
-                async with instance.pool().acquire() as conn:
-                    done = await restore(
-                        conn,
-                        checked,
-                        sha256,
-                        instance.devices,
-                        instance.licensed().features.maxDevices,
-                    )
-            except ArchiveRefused as exc:
-                raise invalid(exc.file, exc.reason) from None
-            except InstanceNotEmpty as exc:
-                raise Conflict(str(exc)) from None
-            except TooManyDevices as exc:
-                raise Forbidden(str(exc)) from None
-            except BrokerUnavailable as exc:
-                raise UpstreamError(str(exc)) from None
-        for device_id in done.device_ids.values():
-            instance.ingest.know_device(device_id)
-        return imported_view(done)
+        turn = _turn_free(instance)
+        async with turn:
+            return await _import(request, instance)
 
     @post(
         "/devices/{device_id:str}/credentials",
