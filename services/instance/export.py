@@ -16,6 +16,7 @@ no webhook signing secrets.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -146,11 +147,23 @@ async def _copy_csv(conn: asyncpg.Connection, query: str, *args: Any) -> tuple[b
     return buffer.getvalue(), int(status.split()[-1])
 
 
-def _readings_sql() -> str:
+def literal(value: str) -> str:
+    """``value`` as an SQL string literal (standard-conforming strings, as Postgres has them
+    by default): COPY of a query takes no parameters, and asyncpg's way round that costs a
+    statement's preparation and a round trip per device-day."""
+    if "\0" in value:
+        raise ValueError("a text value with a NUL byte")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _readings_sql(device_id: str, day: date) -> str:
     columns = ", ".join(TS_TEXT if c == "ts" else c for c in READING_COLUMNS)
+    start, end = _day_range(day)
     # One partition (pruned by the range), the device's rows of the day by the key's index.
     return (
-        f"SELECT {columns} FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts"
+        f"SELECT {columns} FROM readings WHERE device_id = {literal(device_id)} "
+        f"AND ts >= {literal(start.isoformat())} AND ts < {literal(end.isoformat())} "
+        "ORDER BY ts"
     )
 
 
@@ -209,6 +222,8 @@ def parquet_of(csv_bytes: bytes) -> bytes:
     types["ts"] = pa.timestamp("us", tz="UTC")
     table = pacsv.read_csv(
         io.BytesIO(csv_bytes),
+        # A device-day is small: a pool of threads for it costs more than it saves.
+        read_options=pacsv.ReadOptions(use_threads=False),
         convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
     )
     out = io.BytesIO()
@@ -239,16 +254,33 @@ class ReadingsSpan:
 async def _readings(
     conn: asyncpg.Connection, writer: ArchiveWriter, span: ReadingsSpan
 ) -> AsyncIterator[bytes]:
+    # A device-day's Parquet is made in a thread (pyarrow lets go of the GIL) while the next
+    # device-day is read from Postgres: two device-days in memory at most.
+    pending: tuple[asyncio.Future[bytes], str, int, dict[str, Any]] | None = None
     for day in await reading_days(conn):
         for device_id in await devices_of_day(conn, day):
-            csv_bytes, rows = await _copy_csv(conn, _readings_sql(), device_id, *_day_range(day))
+            csv_bytes, rows = await _copy_csv(conn, _readings_sql(device_id, day))
             span.add(csv_bytes, rows)
             base = f"readings/{safe_part(device_id)}/{day.isoformat()}"
             extra = {"device_id": device_id, "day": day.isoformat()}
+            making = asyncio.ensure_future(asyncio.to_thread(parquet_of, csv_bytes))
             yield writer.small(f"{base}.csv", "readings-csv", csv_bytes, rows, **extra)
-            yield writer.small(
-                f"{base}.parquet", "readings-parquet", parquet_of(csv_bytes), rows, **extra
-            )
+            if pending is not None:
+                yield _parquet_member(writer, *pending, await pending[0])
+            pending = (making, base, rows, extra)
+    if pending is not None:
+        yield _parquet_member(writer, *pending, await pending[0])
+
+
+def _parquet_member(
+    writer: ArchiveWriter,
+    _: asyncio.Future[bytes],
+    base: str,
+    rows: int,
+    extra: dict[str, Any],
+    parquet: bytes,
+) -> bytes:
+    return writer.small(f"{base}.parquet", "readings-parquet", parquet, rows, **extra)
 
 
 async def _rollups(conn: asyncpg.Connection, writer: ArchiveWriter) -> AsyncIterator[bytes]:
