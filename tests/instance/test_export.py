@@ -275,17 +275,35 @@ async def test_the_command_exports_checks_and_imports(
     olga: Customer,
     client,  # noqa: F811
     tmp_path: Path,
+    postgres_server_url: str,
 ) -> None:
     token = olga.auth["Authorization"].removeprefix("Bearer ")
     archive = tmp_path / "olga.tar"
+    async with instance_database(postgres_server_url, olga) as conn:
+        await conn.execute(
+            "INSERT INTO dead_letters (received_at, topic, device_id, reason, payload) "
+            "VALUES (now(), 't', NULL, 'malformed: not JSON', '\\x00ff'::bytea)"
+        )
     code, said = await _iotistic(
-        "export", "--instance", str(olga.api.base_url), "--token", token, "-o", str(archive)
+        "export",
+        "--instance",
+        str(olga.api.base_url),
+        "--token",
+        token,
+        "-o",
+        str(archive),
+        "--dead-letters",
     )
     assert code == 0, said
     assert "checked" in said and not (tmp_path / "olga.tar.partial").exists()
     # The same data (her events grow meanwhile: the instance reports its usage every second).
     counts = manifest_of(archive.read_bytes())["counts"]
     assert counts.pop("events") >= manifest_of(exported)["counts"]["events"]
+    # Asked for, the dead letters come too, their payloads in base64.
+    assert counts.pop("dead_letters") == 1
+    letter = json.loads(members(archive.read_bytes())["dead_letters.jsonl"])
+    assert letter["payload"] == "AP8=" and letter["reason"] == "malformed: not JSON"
+    assert "dead_letters.jsonl" not in members(exported)
     assert counts == {k: v for k, v in manifest_of(exported)["counts"].items() if k != "events"}
     rosa = await customer(client, "rosa@example.com")
     try:
