@@ -44,6 +44,8 @@ from services.instance.archive import (
 from services.instance.readings import METRICS
 
 SPOOL_BYTES = 8 << 20
+# A device's rollups of years may take longer to copy out than the pool's usual 30 s.
+STATEMENT_SECONDS = 600.0
 CHUNK = 1 << 20
 # The readings' columns in the archive: the table's, the time in RFC 3339 UTC.
 READING_COLUMNS = ("device_id", "ts", *METRICS, "temperature_offset")
@@ -143,7 +145,9 @@ async def _copy_csv(conn: asyncpg.Connection, query: str, *args: Any) -> tuple[b
     async def take(chunk: bytes) -> None:
         buffer.write(chunk)
 
-    status = await conn.copy_from_query(query, *args, output=take, format="csv", header=True)
+    status = await conn.copy_from_query(
+        query, *args, output=take, format="csv", header=True, timeout=STATEMENT_SECONDS
+    )
     return buffer.getvalue(), int(status.split()[-1])
 
 
@@ -299,6 +303,7 @@ async def _rollups(conn: asyncpg.Connection, writer: ArchiveWriter) -> AsyncIter
             output=take,
             format="csv",
             header=True,
+            timeout=STATEMENT_SECONDS,
         )
         out.rows = int(status.split()[-1])
         name = f"rollups/{safe_part(device_id)}.csv"

@@ -43,6 +43,8 @@ MAX_LINE = 1 << 20
 MAX_DEVICES = 5000
 # Readings staged before they are moved into their table under their devices' new ids.
 STAGED_ROWS = 500_000
+# Moving a batch may take longer than the pool's usual 30 s on a busy database.
+STATEMENT_SECONDS = 600.0
 
 
 class InstanceNotEmpty(Exception):
@@ -223,6 +225,7 @@ class Restore:
                 columns=columns,
                 format="csv",
                 header=True,
+                timeout=STATEMENT_SECONDS,
             )
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise ArchiveRefused(name, f"cannot be restored: {exc}") from None
@@ -240,7 +243,8 @@ class Restore:
             moved = await self.conn.execute(
                 f"INSERT INTO {into} ({', '.join(columns)}) "
                 f"SELECT m.new_id, {', '.join('s.' + c for c in columns[1:])} "
-                f"FROM {staging} s JOIN device_map m ON m.old_id = s.device_id"
+                f"FROM {staging} s JOIN device_map m ON m.old_id = s.device_id",
+                timeout=STATEMENT_SECONDS,
             )
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise ArchiveRefused(first, f"cannot be restored: {exc}") from None
