@@ -5,7 +5,8 @@ own customer's events and nobody else's. The events are read from the log itself
 read model): every event keyed by the customer (``<prefix>.<Type>.<customer id>``) and their
 ``CustomerSignedUp``, which is keyed by the hash of the email (the first signup on an address
 wins it) and told by its envelope's customer id. Each goes out as one JSON line, as stored:
-``{"seq": ..., "subject": ..., "event": <the stored envelope>}``, in the log's order.
+``{"seq": ..., "subject": ..., "event": <the stored envelope>}``, in the log's order, and a
+last line ``{"end": {"events": <how many>, "through_seq": ...}}`` that only a whole answer has.
 
 Reading goes through a consumer of billing's own name (``READER``), the only kind the bus lets
 a service create; one read at a time uses it (``lock``), so exports wait their turn.
@@ -68,9 +69,15 @@ async def customer_events(
         own = store.read(
             to_seq=end, filters=[store.customer_filter(customer_id)], consumer_name=name
         )
+        count = 0
         async for stored in own:
             while signups and signups[0].seq < stored.seq:
+                count += 1
                 yield event_line(signups.pop(0))
+            count += 1
             yield event_line(stored)
         for stored in signups:
+            count += 1
             yield event_line(stored)
+    # Last: how many, so that an answer cut short is told from a whole one.
+    yield json.dumps({"end": {"events": count, "through_seq": end}}).encode() + b"\n"

@@ -2,14 +2,20 @@
 
 The instance asks billing (``GET <USAGE_URL>/api/instances/<customer>/events``) with the token
 it reports usage with: the same credential, useless for any other customer. The answer is JSON
-lines, one stored event a line, read into a spooled file as it comes (bounded memory).
+lines, one stored event a line, read into a spooled file as it comes (bounded memory), and
+a last line with their count: an answer cut short (the control plane restarted midway) is
+refused, and the export says the events are missing rather than holding some of them.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from typing import IO
+
 import httpx
 
-from services.instance.export import Spooled
+from services.instance.export import SPOOL_BYTES, Spooled
 from services.instance.settings import InstanceSettings
 
 
@@ -27,25 +33,41 @@ async def fetch_customer_events(settings: InstanceSettings, timeout: float = 300
     """The customer's events as JSON lines (spooled); ``EventsUnavailable`` saying why not."""
     if not settings.usage_token:
         raise EventsUnavailable("this instance has no usage token to ask the control plane with")
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as raw:
+        try:
+            async with (
+                httpx.AsyncClient(timeout=timeout) as client,
+                client.stream(
+                    "GET",
+                    events_url(settings),
+                    headers={"Authorization": f"Bearer {settings.usage_token}"},
+                ) as answer,
+            ):
+                if answer.status_code != 200:
+                    raise EventsUnavailable(f"the control plane answered {answer.status_code}")
+                async for chunk in answer.aiter_bytes():
+                    raw.write(chunk)
+        except httpx.HTTPError as exc:
+            why = f"the control plane did not answer ({type(exc).__name__})"
+            raise EventsUnavailable(why) from None
+        raw.seek(0)
+        return _whole(raw)
+
+
+def _whole(raw: IO[bytes]) -> Spooled:
+    """The event lines of an answer that ends with its count (the control plane's last
+    line); ``EventsUnavailable`` for one cut short."""
     out = Spooled()
-    try:
-        async with (
-            httpx.AsyncClient(timeout=timeout) as client,
-            client.stream(
-                "GET",
-                events_url(settings),
-                headers={"Authorization": f"Bearer {settings.usage_token}"},
-            ) as answer,
-        ):
-            if answer.status_code != 200:
-                raise EventsUnavailable(f"the control plane answered {answer.status_code}")
-            async for chunk in answer.aiter_bytes():
-                out.write(chunk)
-    except httpx.HTTPError as exc:
+    end: object = None
+    for line in raw:
+        if end is not None:
+            raise EventsUnavailable("the control plane's answer goes on after its end")
+        if line.startswith(b'{"end"'):
+            end = json.loads(line).get("end")
+            continue
+        out.write(line)
+        out.rows += 1
+    if not isinstance(end, dict) or end.get("events") != out.rows:
         out.body.close()
-        why = f"the control plane did not answer ({type(exc).__name__})"
-        raise EventsUnavailable(why) from None
-    out.body.seek(0)
-    out.rows = sum(1 for line in out.body if line.strip())
-    out.body.seek(0, 2)
+        raise EventsUnavailable("the control plane's answer was cut short")
     return out
