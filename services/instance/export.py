@@ -53,31 +53,34 @@ TS_TEXT = """to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS 
 ROLLUP_COLUMNS = ("device_id", "hour", "metric", "n", "total", "low", "high")
 HOUR_TEXT = """to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS hour"""
 
-# The tables exported as JSON lines, each row as Postgres writes it (``row_to_json``); what is
-# secret is left out by naming the columns.
-TABLES: dict[str, str] = {
-    "devices.jsonl": (
-        "SELECT device_id, name, mqtt_username, created_at, status, last_seen, deleted_at, "
-        "firmware, firmware_reported_at, uuid, device_type, provisioning_key_id, "
-        "key_exchanged_at FROM devices ORDER BY created_at, device_id"
-    ),
-    "device_config.jsonl": (
-        "SELECT device_id, desired, version, desired_at, published_version, reported, "
-        "reported_version, reported_at FROM device_config ORDER BY device_id"
-    ),
-    "provisioning_keys.jsonl": (
-        "SELECT key_id, name, created_at, expires_at, max_uses, uses, revoked_at "
-        "FROM provisioning_keys ORDER BY created_at, key_id"
-    ),
-    "alert_rules.jsonl": (
-        "SELECT rule_id, name, metric, operator, threshold, for_seconds, devices, webhook_url, "
-        "created_at, deleted_at, muted FROM alert_rules ORDER BY created_at, rule_id"
-    ),
-    "alert_history.jsonl": "SELECT * FROM alert_history ORDER BY id",
+# The tables exported as JSON lines: every column of each row (so columns added later come
+# along), less the secret ones named here, which never leave the instance.
+SECRET_COLUMNS: dict[str, tuple[str, ...]] = {
+    "devices": ("api_key_hash",),
+    "device_config": (),
+    "provisioning_keys": ("key_hash",),
+    "alert_rules": ("webhook_secret",),
+    "alert_history": (),
 }
+ORDER = {
+    "devices": "created_at, device_id",
+    "device_config": "device_id",
+    "provisioning_keys": "created_at, key_id",
+    "alert_rules": "created_at, rule_id",
+    "alert_history": "id",
+}
+
+
+def table_query(table: str) -> str:
+    """A table's rows as JSON text, its secret columns left out."""
+    secret = ", ".join(f"'{c}'" for c in SECRET_COLUMNS[table])
+    drop = f" - ARRAY[{secret}]::text[]" if secret else ""
+    return f"SELECT (to_jsonb(t){drop})::text FROM {table} t ORDER BY {ORDER[table]}"
+
+
 DEAD_LETTERS = (
-    "SELECT id, received_at, topic, device_id, reason, encode(payload, 'base64') AS payload "
-    "FROM dead_letters ORDER BY id"
+    "SELECT row_to_json(t)::text FROM (SELECT id, received_at, topic, device_id, reason, "
+    "encode(payload, 'base64') AS payload FROM dead_letters ORDER BY id) t"
 )
 
 
@@ -130,9 +133,9 @@ class ArchiveWriter:
 
 
 async def _jsonl(conn: asyncpg.Connection, query: str) -> Spooled:
-    """The rows of ``query`` as JSON lines, spooled."""
+    """The rows of ``query`` (each one JSON text) as JSON lines, spooled."""
     out = Spooled()
-    async for row in conn.cursor(f"SELECT row_to_json(t)::text FROM ({query}) t", prefetch=500):
+    async for row in conn.cursor(query, prefetch=500):
         out.write(row[0].encode() + b"\n")
         out.rows += 1
     return out
@@ -329,7 +332,7 @@ async def export_archive(pool: asyncpg.Pool, request: ExportRequest) -> AsyncIte
     yield writer.small(HEADER_NAME, "format", header_file())
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         counts: dict[str, int] = {}
-        tables = dict(TABLES)
+        tables = {f"{table}.jsonl": table_query(table) for table in SECRET_COLUMNS}
         if request.dead_letters:
             tables["dead_letters.jsonl"] = DEAD_LETTERS
         for name, query in tables.items():

@@ -85,7 +85,9 @@ async def earlier_import(conn: asyncpg.Connection, sha256: str) -> Imported | No
 
 
 async def _holds_data(conn: asyncpg.Connection) -> str | None:
-    for table in ("devices", "readings", "alert_rules", "readings_hourly", "imports"):
+    # Alert rules are not the customer's data yet in a new instance: it may have made rules on
+    # by default. The archive's rules replace them (``Restore.rules``).
+    for table in ("devices", "readings", "readings_hourly", "imports"):
         if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
             return table
     return None
@@ -185,9 +187,14 @@ class Restore:
         self.counts["device_config"] = count
 
     async def rules(self) -> dict[str, str]:
-        """Alert rules (a new webhook secret for each with a webhook) and their history."""
+        """Alert rules (a new webhook secret for each with a webhook) and their history, in
+        place of the rules a new instance had (those it makes on by default: they were in the
+        archive too, as the customer had them, or the customer had deleted them)."""
         made: dict[str, str] = {}
         count = 0
+        if "alert_rules.jsonl" in self.checked.files:
+            for table in ("alert_states", "webhook_deliveries", "alert_history", "alert_rules"):
+                await self.conn.execute(f"DELETE FROM {table}")
         for batch in self._json("alert_rules.jsonl"):
             for row in batch:
                 devices = row.get("devices") or []

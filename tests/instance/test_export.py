@@ -141,6 +141,11 @@ async def test_another_customer_cannot_export_or_import_here(olga: Customer, pav
 async def test_a_round_trip_restores_the_same_counts_and_checksums(
     exported: bytes, pavel: Customer, broker: EmbeddedMosquitto
 ) -> None:
+    # A rule the new instance had before (as one made on by default): the archive's replace it.
+    before_import = await pavel.api.post(
+        "/api/alerts/rules", json={"metric": "humidity", "operator": ">", "threshold": 70}
+    )
+    assert before_import.status_code == 201, before_import.text
     imported = await pavel.api.post(
         "/api/import",
         content=exported,
@@ -154,6 +159,9 @@ async def test_a_round_trip_restores_the_same_counts_and_checksums(
     assert answer["counts"]["readings"] == before["counts"]["readings"]
     assert answer["counts"]["rollups"] == before["counts"]["rollups"]
     renamed = answer["device_ids"]
+    rules = (await pavel.api.get("/api/alerts/rules")).json()["rules"]
+    assert [(r["metric"], r["threshold"], r["muted"]) for r in rules] == [("temperature", 25, True)]
+    assert sorted(rules[0]["devices"]) == sorted(renamed.values())
     again = await pavel.api.get("/api/export", timeout=120)
     after = manifest_of(again.content)
     for key in ("devices", "readings", "rollups", "alert_rules", "alert_history"):
