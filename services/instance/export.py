@@ -235,6 +235,9 @@ def parquet_of(csv_bytes: bytes) -> bytes:
     )
     out = io.BytesIO()
     pq.write_table(table, out, compression="zstd")
+    del table
+    # Arrow's allocator keeps what it freed for a while; an instance should not.
+    pa.default_memory_pool().release_unused()
     return out.getvalue()
 
 
@@ -270,10 +273,12 @@ async def _readings(
             span.add(csv_bytes, rows)
             base = f"readings/{safe_part(device_id)}/{day.isoformat()}"
             extra = {"device_id": device_id, "day": day.isoformat()}
+            # One conversion at a time: the last one ends before this one starts.
+            done = None if pending is None else (pending, await pending[0])
             making = asyncio.ensure_future(asyncio.to_thread(parquet_of, csv_bytes))
             yield writer.small(f"{base}.csv", "readings-csv", csv_bytes, rows, **extra)
-            if pending is not None:
-                yield _parquet_member(writer, *pending, await pending[0])
+            if done is not None:
+                yield _parquet_member(writer, *done[0], done[1])
             pending = (making, base, rows, extra)
     if pending is not None:
         yield _parquet_member(writer, *pending, await pending[0])
