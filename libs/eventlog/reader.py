@@ -63,13 +63,21 @@ class LogReader:
     """One read of the log: ``filters`` from a start sequence, ``batch`` events per fetch."""
 
     def __init__(
-        self, js: JetStreamContext, stream: str, filters: list[str], batch: int = 500
+        self,
+        js: JetStreamContext,
+        stream: str,
+        filters: list[str],
+        batch: int = 500,
+        name: str | None = None,
     ) -> None:
-        """Read ``stream`` over ``js``, only the subjects matching ``filters``."""
+        """Read ``stream`` over ``js``, only the subjects matching ``filters``; through a
+        consumer called ``name`` when given (one the bus lets the reader create), else one with
+        a name the client makes up (which only the operator's tools may create)."""
         self._js = js
         self.stream = stream
         self.filters = filters
         self.batch = batch
+        self.name = name
 
     def consumer_config(self, from_seq: int) -> api.ConsumerConfig:
         """The ephemeral consumer of a read: no acks, in memory, gone a minute after use."""
@@ -91,9 +99,7 @@ class LogReader:
         if end is not None and end < from_seq:
             position.through = end
             return
-        sub = await self._js.pull_subscribe(
-            "", stream=self.stream, config=self.consumer_config(from_seq)
-        )
+        sub = await self._subscribe(from_seq)
         received = 0  # consumer sequence of the last delivery received
         stalls = 0
         try:
@@ -126,8 +132,19 @@ class LogReader:
         finally:
             try:
                 await sub.unsubscribe()
-            except nats.errors.Error:
+                if self.name is not None:
+                    # Gone now, not a minute later: the next read may use the name.
+                    await self._js.delete_consumer(self.stream, self.name)
+            except (nats.errors.Error, nats.js.errors.Error):
                 log.debug("reader unsubscribe failed", exc_info=True)
+
+    async def _subscribe(self, from_seq: int) -> JetStreamContext.PullSubscription:
+        config = self.consumer_config(from_seq)
+        if self.name is None:
+            return await self._js.pull_subscribe("", stream=self.stream, config=config)
+        config.name = self.name
+        await self._js.add_consumer(self.stream, config=config)
+        return await self._js.pull_subscribe_bind(stream=self.stream, name=self.name)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
         """The next deliveries, or none when the fetch timed out."""

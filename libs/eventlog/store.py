@@ -278,6 +278,8 @@ class EventStore:
         batch: int = 500,
         follow: bool = False,
         position: ReadPosition | None = None,
+        filters: list[str] | None = None,
+        consumer_name: str | None = None,
     ) -> AsyncIterator[StoredMessage]:
         """Yield the log's messages in order from ``from_seq`` (through ``to_seq``).
 
@@ -285,11 +287,16 @@ class EventStore:
         With ``follow`` it keeps waiting for new events instead of stopping at the end. A fetch
         that times out ends a bounded read only once the consumer has nothing left to deliver;
         a delivery that never arrives raises ``EventStoreError``. ``position``, if given, is
-        kept up to date with how far the read covered the log.
+        kept up to date with how far the read covered the log. ``filters`` (subjects) instead
+        of ``event_types``; ``consumer_name`` names the reader's consumer (a service may create
+        only the ones it declares: ``ServiceDefinition.reader_names``).
         """
-        filters = self.filter_for(event_types) if event_types is not None else [f"{self.prefix}.>"]
+        if filters is None:
+            filters = (
+                self.filter_for(event_types) if event_types is not None else [f"{self.prefix}.>"]
+            )
         end = to_seq if to_seq is not None else (None if follow else await self.last_seq())
-        reader = LogReader(self._js, self.stream, filters, batch)
+        reader = LogReader(self._js, self.stream, filters, batch, consumer_name)
         position = position if position is not None else ReadPosition()
         messages = reader.read(from_seq, end, follow=follow, position=position)
         # Closed with this generator, so a reader that stops early ends its consumer at once.

@@ -61,6 +61,9 @@ class ServiceDefinition:
     # The names of the consumers ``reactors`` makes. The bus lets a service consume only through
     # its projections and these, so a reactor must be named here (checked at start).
     reactor_names: tuple[str, ...] = ()
+    # Short-lived consumers the service reads the log through for an answer (a customer's own
+    # events, for their export), one read at a time per name; the bus lets it create these too.
+    reader_names: tuple[str, ...] = ()
     # What else the service shows in its readiness (the provisioner's capacity, say), from
     # what it already knows: no I/O, and never a reason to be unready.
     readiness_detail: Callable[[ServiceRuntime], Mapping[str, Any]] = lambda _: {}
@@ -77,8 +80,8 @@ class ServiceDefinition:
 
     @property
     def consumers(self) -> tuple[str, ...]:
-        """The durable consumers this service may use: one per projection and reactor."""
-        names = (*(p.name for p in self.projections), *self.reactor_names)
+        """The consumers this service may use: one per projection, reactor and reader."""
+        names = (*(p.name for p in self.projections), *self.reactor_names, *self.reader_names)
         return tuple(durable_name(self.name, n) for n in names)
 
 

@@ -73,5 +73,7 @@ BILLING = ServiceDefinition(
         "apply_stripe_events",
         "cancel_closed_subscriptions",
     ),
+    # A customer's own events, read for their instance's export (customer_events.py).
+    reader_names=("customer_events",),
     settings_type=BillingSettings,
 )

@@ -7,6 +7,8 @@ dependencies, made per request from the service's runtime (``billing_routes``).
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -16,15 +18,18 @@ from litestar import Controller, Request, Router, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.params import FromPath, HeaderParameter, JSONBody
+from litestar.response import Stream
 from litestar.types import ControllerRouterHandler
 
 from libs.eventlog.store import EventStore
 from libs.http.auth import SessionTokens
+from libs.http.errors import invalid
 from libs.http.validation import FieldErrors, json_object
 from libs.runtime.service import ServiceRuntime
 from libs.web.forms import CsrfTokens
 from services.billing.access import CustomerSessions
 from services.billing.accounts import BillingAccounts
+from services.billing.customer_events import customer_events
 from services.billing.decisions import PAID_PLANS
 from services.billing.pages import AccountBillingForms
 from services.billing.settings import BillingSettings
@@ -45,6 +50,8 @@ from services.billing.webhooks import (
 )
 
 BODY_LIMIT = 4 * 1024
+# What a subject's key may be (``EventStore.subject``).
+EVENT_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 IdempotencyKey = Annotated[
     str | None,
@@ -146,6 +153,22 @@ class UsageReportController(Controller):
         event = await record_quota_notice(events, customer_id, notice)
         return {"recorded": True, "meter": event.meter, "level": event.level}
 
+    @get("/{customer_id:str}/events", media_type="application/x-ndjson")
+    async def events_of_customer(
+        self,
+        customer_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[BillingSettings],
+        events: NamedDependency[EventStore],
+        reading: NamedDependency[asyncio.Lock],
+    ) -> Stream:
+        """The customer's own events from the log, as stored, one JSON line each (its
+        instance's usage token): what the instance puts in the customer's export archive."""
+        check_instance(request, settings.usage_secret, customer_id)
+        if not EVENT_KEY.match(customer_id):
+            raise invalid("customer_id", "is not a customer id")
+        return Stream(customer_events(events, customer_id, reading))
+
 
 class StripeWebhookController(Controller):
     """Stripe's webhooks (the body limit is the router's: ``STRIPE_WEBHOOK_MAX_BYTES``)."""
@@ -191,6 +214,7 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     csrf = CsrfTokens(settings.session_secret)
     gateway = StripeGateway(settings)
     metrics = webhook_metrics(runtime.registry)
+    reading = asyncio.Lock()
 
     # Closures, not bound methods: litestar deep-copies a router's dependencies as it mounts
     # them, and a bound method would take the whole runtime along. Each is made per request:
@@ -219,6 +243,8 @@ def billing_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
         "session_customer_id": Provide(session_customer_id),
         "settings": Provide(lambda: settings, sync_to_thread=False),
         "metrics": Provide(lambda: metrics, sync_to_thread=False),
+        # One read of the log at a time through billing's reader consumer (customer_events).
+        "reading": Provide(lambda: reading, sync_to_thread=False),
         "sessions": Provide(lambda: sessions, sync_to_thread=False),
         "csrf": Provide(lambda: csrf, sync_to_thread=False),
     }

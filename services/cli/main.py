@@ -18,6 +18,7 @@ from libs.eventlog.connection import NATS_ERRORS
 from libs.eventlog.errors import EventStoreError
 from libs.observability.logs import configure_logging
 from services.cli import (
+    archives,
     bus,
     contracts,
     erase,
@@ -36,7 +37,20 @@ from services.licensing.keys import KeyConfigError
 DEFAULT_DATA_DIR = ".iotistic"
 
 # In the order `iotistic --help` lists them.
-GROUPS = (run, up, replay, events, mail, bus, parked, provisioner, erase, simulate, contracts)
+GROUPS = (
+    run,
+    up,
+    replay,
+    events,
+    mail,
+    bus,
+    parked,
+    provisioner,
+    erase,
+    simulate,
+    archives,
+    contracts,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -33,6 +33,7 @@ from services.instance.api.dashboard import DashboardController
 from services.instance.api.dead_letters import DeadLettersController
 from services.instance.api.device_config import DeviceConfigController
 from services.instance.api.devices import DevicesController
+from services.instance.api.export import ExportController
 from services.instance.api.integrations import IntegrationsController
 from services.instance.api.license import LicenseController
 from services.instance.api.monitoring import MonitoringController
@@ -108,6 +109,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
             AlertsController,
             QuotasController,
             IntegrationsController,
+            ExportController,
             *PROVISIONING_ROUTES,
         ],
         readiness=instance.readiness,

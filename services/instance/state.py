@@ -4,6 +4,7 @@ broker credentials, ingest, the live readings and the day's count of API request
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
@@ -80,6 +81,8 @@ class InstanceState:
     # Signs the dashboard's CSRF tokens (``api.access.csrf_token``): derived, never provisioned.
     csrf_key: bytes
     api_requests: ApiRequestsToday = field(default_factory=ApiRequestsToday)
+    # One export or import at a time: each holds a connection of the pool for its length.
+    archive_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def pool(self) -> asyncpg.Pool:
         """The database's pool (a connection error, answered 503, until it answers)."""

@@ -16,7 +16,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import backup, density, events, fleet, instance, integrations, provision, signup
+from tests.bench import (
+    backup,
+    density,
+    events,
+    export,
+    fleet,
+    instance,
+    integrations,
+    provision,
+    signup,
+)
 
 # Each takes the servers' URLs (Postgres, NATS), and its own options by keyword (OPTIONS).
 BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
@@ -29,6 +39,7 @@ BENCHES: dict[str, Callable[..., Awaitable[None]]] = {
     "backup": backup.run,
     "fleet": fleet.run_fleet,
     "integrations": integrations.run,
+    "export": export.run,
 }
 
 
@@ -51,7 +62,7 @@ def main() -> None:
         "what",
         nargs="*",
         help=f"any of {', '.join(BENCHES)} (default: all but density, which starts hundreds of "
-        "processes, and backup, which loads a million readings)",
+        "processes, backup, which loads a million readings, and export, which loads ten million)",
     )
     parser.add_argument(
         "--count",
@@ -79,7 +90,9 @@ def main() -> None:
     unknown = set(args.what) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {list(BENCHES)}")
-    args.what = args.what or [name for name in BENCHES if name not in ("density", "backup")]
+    args.what = args.what or [
+        name for name in BENCHES if name not in ("density", "backup", "export")
+    ]
     print(f"machine: {machine()}")
     from libs.servers.nats import EmbeddedNats
     from libs.servers.postgres import EmbeddedPostgres

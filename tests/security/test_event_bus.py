@@ -27,7 +27,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import api
 
-from contracts import SubscriptionActivated, encode_envelope, new_envelope
+from contracts import SubscriptionActivated, UsageReported, encode_envelope, new_envelope
 from libs.config import ServiceSettings
 from libs.eventlog.bus_auth import OPERATOR, Credentials, inbox_prefix
 from libs.eventlog.store import EventStore
@@ -296,6 +296,49 @@ async def test_the_operator_reads_but_does_not_append(bus: Bus, platform: Platfo
         )
     finally:
         await operator.nc.close()
+
+
+async def test_billing_reads_a_customers_events_only_through_its_reader(
+    bus: Bus, platform: Platform
+) -> None:
+    """The export of a customer's events (``services/billing/customer_events.py``): billing's
+    bus user may create the reader consumer it declares, and no consumer of another name."""
+    billing = await connect_as(bus, "billing")
+    try:
+        store = EventStore(billing.nc.jetstream(), bus.settings)
+        customer = "c0ffee00-0000-4000-8000-000000000009"
+        await store.publish(
+            UsageReported(
+                customer_id=customer,
+                day=datetime.now(UTC).date(),
+                devices=1,
+                mqtt_messages=2,
+                api_requests=3,
+                rejected_readings=0,
+                storage_bytes=4,
+            ),
+            customer_id=customer,
+        )
+        read = [
+            m.subject
+            async for m in store.read(
+                filters=[store.customer_filter(customer)],
+                consumer_name="billing_customer_events",
+            )
+        ]
+        assert read == [f"{PREFIX}.UsageReported.{customer}"]  # through billing's reader
+        # The name is free again at once, for the next export's read.
+        assert [m.seq async for m in store.read(consumer_name="billing_customer_events")]
+        subject = f"$JS.API.CONSUMER.CREATE.{STREAM}.billing_anything_else"
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await asyncio.wait_for(store.read(consumer_name="billing_anything_else").__anext__(), 3)
+        await eventually(
+            lambda: asyncio.sleep(0, billing.refused(subject)),
+            lambda refused: refused,
+            what="refusal of a consumer billing does not declare",
+        )
+    finally:
+        await billing.nc.close()
 
 
 def _outside_address() -> str:

@@ -1,0 +1,375 @@
+"""The exit guarantee on real instances: one customer's everything exported as one archive
+(manifest, checksums, readings per device and day in CSV and Parquet, rollups, rules, history,
+their own events from the control plane's log), imported into a new instance, and exported
+again: the same row counts and the same checksums (device ids aside, which an import renews).
+Damaged, forged and foreign archives are refused naming the file, before anything is written.
+Everything real: the control plane, the local backend's instance processes, Postgres, NATS
+(with the services' own bus permissions) and Mosquitto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from export_steps import manifest_of, members, retar, seed_readings, sha256
+from test_instance import (  # noqa: F401 - client is a fixture
+    Customer,
+    client,
+    customer,
+    device_client,
+    instance_database,
+    reading,
+    register,
+)
+
+from contracts.credentials import instance_usage_token
+from libs.servers.mosquitto import EmbeddedMosquitto
+from support import eventually
+
+pytestmark = pytest.mark.slow
+
+DAYS, PER_DAY = 3, 288
+
+
+@pytest.fixture(scope="module")
+async def olga(client) -> AsyncIterator[Customer]:  # noqa: F811
+    found = await customer(client, "olga@example.com")
+    yield found
+    await found.api.aclose()
+
+
+@pytest.fixture(scope="module")
+async def pavel(client) -> AsyncIterator[Customer]:  # noqa: F811
+    found = await customer(client, "pavel@example.com")
+    yield found
+    await found.api.aclose()
+
+
+@pytest.fixture(scope="module")
+async def quinn(client) -> AsyncIterator[Customer]:  # noqa: F811
+    found = await customer(client, "quinn@example.com")
+    yield found
+    await found.api.aclose()
+
+
+@pytest.fixture(scope="module")
+async def exported(olga: Customer, postgres_server_url: str) -> bytes:
+    """Olga's instance with two devices, three days of readings, a rule with history; her
+    export."""
+    ids = [(await register(olga, name))["device_id"] for name in ("kitchen", "cellar")]
+    rule = await olga.api.post(
+        "/api/alerts/rules",
+        json={"metric": "temperature", "operator": ">", "threshold": 25, "devices": ids},
+    )
+    assert rule.status_code == 201, rule.text
+    # Muted: nothing fires while the test compares (its history is written below).
+    muted = await olga.api.patch(
+        f"/api/alerts/rules/{rule.json()['rule_id']}", json={"muted": True}
+    )
+    assert muted.status_code == 200, muted.text
+    start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    async with instance_database(postgres_server_url, olga) as conn:
+        await seed_readings(conn, ids, DAYS, PER_DAY, start - timedelta(days=DAYS))
+        await conn.execute(
+            "INSERT INTO alert_history (rule_id, device_id, event, at, value, message) "
+            "VALUES ($1, $2, 'firing', now(), 26.5, 'temperature 26.5 > 25')",
+            rule.json()["rule_id"],
+            ids[0],
+        )
+    answer = await olga.api.get("/api/export", timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/x-tar"
+    return answer.content
+
+
+def test_the_archive_holds_everything_with_its_checksums(exported: bytes, olga: Customer) -> None:
+    parts = members(exported)
+    names = list(parts)
+    assert names[0] == "iotistic-export.json" and names[-1] == "manifest.json"
+    manifest = json.loads(parts["manifest.json"])
+    assert manifest["format"] == "iotistic-export" and manifest["version"] == 1
+    assert manifest["customer_id"] == olga.id
+    files = {f["name"]: f for f in manifest["files"]}
+    assert set(files) == set(names[1:-1])
+    for name, entry in files.items():
+        assert entry["sha256"] == sha256(parts[name]), name
+        assert entry["bytes"] == len(parts[name]), name
+    counts = manifest["counts"]
+    assert counts["devices"] == 2 and counts["alert_rules"] == 1 and counts["alert_history"] == 1
+    assert counts["readings"] == 2 * DAYS * PER_DAY
+    csvs = [f for f in files.values() if f["kind"] == "readings-csv"]
+    parquets = [f for f in files.values() if f["kind"] == "readings-parquet"]
+    assert len(csvs) == len(parquets) == 2 * DAYS  # one per device and day, in both formats
+    assert sum(f["rows"] for f in csvs) == counts["readings"]
+    # The Parquet file holds the CSV's rows, with the columns' own types.
+    first = csvs[0]
+    table = pq.read_table(io.BytesIO(parts[first["name"].replace(".csv", ".parquet")]))
+    assert table.num_rows == first["rows"] == parts[first["name"]].count(b"\n") - 1
+    assert str(table.schema.field("temperature").type) == "float"
+    assert str(table.schema.field("ts").type) == "timestamp[us, tz=UTC]"
+    assert manifest["time_range"]["from"] < manifest["time_range"]["to"]
+    # Nothing secret: no webhook secrets, no key hashes, no broker passwords.
+    assert b"webhook_secret" not in exported and b"key_hash" not in exported
+    assert b"password" not in exported
+    # Her own events from the log, as stored: her signup first, nobody else's.
+    assert manifest["events"] == {"included": True}
+    events = [json.loads(line) for line in parts["events.jsonl"].splitlines()]
+    assert events[0]["event"]["type"] == "CustomerSignedUp"
+    assert {e["event"]["customer_id"] for e in events} == {olga.id}
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    assert counts["events"] == len(events) >= 3  # signed up, trial, license at least
+
+
+async def test_another_customer_cannot_export_or_import_here(olga: Customer, pavel) -> None:
+    async with httpx.AsyncClient(base_url=str(olga.api.base_url), headers=pavel.auth) as other:
+        assert (await other.get("/api/export")).status_code == 404
+        assert (await other.post("/api/import", content=b"x")).status_code == 404
+    async with httpx.AsyncClient(base_url=str(olga.api.base_url)) as nobody:
+        assert (await nobody.get("/api/export")).status_code == 401
+
+
+async def test_a_round_trip_restores_the_same_counts_and_checksums(
+    exported: bytes, pavel: Customer, broker: EmbeddedMosquitto
+) -> None:
+    # A rule the new instance had before (as one made on by default): the archive's replace it.
+    before_import = await pavel.api.post(
+        "/api/alerts/rules", json={"metric": "humidity", "operator": ">", "threshold": 70}
+    )
+    assert before_import.status_code == 201, before_import.text
+    imported = await pavel.api.post(
+        "/api/import",
+        content=exported,
+        headers={"Content-Type": "application/x-tar"},
+        timeout=120,
+    )
+    assert imported.status_code == 201, imported.text
+    answer = imported.json()
+    before = manifest_of(exported)
+    assert answer["first_time"] is True
+    assert answer["counts"]["readings"] == before["counts"]["readings"]
+    assert answer["counts"]["rollups"] == before["counts"]["rollups"]
+    renamed = answer["device_ids"]
+    rules = (await pavel.api.get("/api/alerts/rules")).json()["rules"]
+    assert [(r["metric"], r["threshold"], r["muted"]) for r in rules] == [("temperature", 25, True)]
+    assert sorted(rules[0]["devices"]) == sorted(renamed.values())
+    again = await pavel.api.get("/api/export", timeout=120)
+    after = manifest_of(again.content)
+    for key in ("devices", "readings", "rollups", "alert_rules", "alert_history"):
+        assert after["counts"][key] == before["counts"][key], key
+    assert after["time_range"] == before["time_range"]
+
+    def renewed(data: bytes) -> bytes:
+        for old, new in renamed.items():
+            data = data.replace(old.encode(), new.encode())
+        return data
+
+    old_parts, new_parts = members(exported), members(again.content)
+    by_place = {(f["kind"], f.get("device_id"), f.get("day")): f for f in after["files"]}
+    compared = 0
+    for entry in before["files"]:
+        if entry["kind"] not in {"readings-csv", "rollups-csv"}:
+            continue
+        twin = by_place[(entry["kind"], renamed[entry["device_id"]], entry.get("day"))]
+        assert twin["rows"] == entry["rows"]
+        # The same bytes once the device ids are the new ones: the same checksum.
+        assert twin["sha256"] == sha256(renewed(old_parts[entry["name"]])), entry["name"]
+        assert new_parts[twin["name"]] == renewed(old_parts[entry["name"]])
+        compared += 1
+    assert compared == 2 * DAYS + 2
+    # A device's new credentials work: its reading arrives in the new instance.
+    device = answer["devices"][0]
+    mqtt = {"mqtt": {**device, "client_id": device["client_id"]}}
+    async with device_client(broker, mqtt) as publisher:
+        await publisher.publish(device["topics"]["readings"], reading(temperature=19.5), qos=1)
+    await eventually(
+        lambda: pavel.api.get(f"/api/devices/{device['device_id']}"),
+        lambda r: (r.json()["latest"] or {}).get("temperature") == 19.5,
+        what="a reading with the new credentials",
+    )
+
+
+async def test_a_retried_import_finds_the_first_and_a_used_instance_refuses(
+    exported: bytes, pavel: Customer
+) -> None:
+    retried = await pavel.api.post("/api/import", content=exported, timeout=120)
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["first_time"] is False and "devices" not in retried.json()
+    listed = (await pavel.api.get("/api/devices")).json()["devices"]
+    assert len(listed) == 2  # not imported twice
+    # The passwords were in the first answer only; a device gets new ones on asking.
+    device_id = listed[0]["device_id"]
+    renewed = await pavel.api.post(f"/api/devices/{device_id}/credentials")
+    assert renewed.status_code == 201, renewed.text
+    assert renewed.json()["password"] and renewed.json()["client_id"] == device_id
+    assert (await pavel.api.post("/api/devices/nosuchdevice/credentials")).status_code == 404
+    parts = members(exported)
+    manifest = json.loads(parts["manifest.json"])
+    manifest["exported_at"] = "another time"  # another archive, the same data
+    parts["manifest.json"] = json.dumps(manifest).encode()
+    refused = await pavel.api.post("/api/import", content=retar(parts), timeout=120)
+    assert refused.status_code == 409, refused.text
+    assert "holds data already" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "file"),
+    [
+        ("flip", "readings-csv"),
+        ("drop", "readings-parquet"),
+        ("format", "iotistic-export.json"),
+        ("truncate", "manifest.json"),
+        ("extra", "../escape"),
+    ],
+)
+async def test_a_damaged_or_foreign_archive_is_refused_naming_the_file(
+    exported: bytes, quinn: Customer, damage: str, file: str
+) -> None:
+    parts = members(exported)
+    manifest = json.loads(parts["manifest.json"])
+    target = next((f["name"] for f in manifest["files"] if f["kind"] == file), file)
+    if damage == "flip":
+        body = bytearray(parts[target])
+        body[-3] ^= 1
+        parts[target] = bytes(body)
+        archive = retar(parts)
+    elif damage == "drop":
+        del parts[target]
+        archive = retar(parts)
+    elif damage == "format":
+        parts[target] = json.dumps({"format": "iotistic-export", "version": 99}).encode()
+        archive = retar(parts)
+    elif damage == "truncate":
+        archive = exported[: len(exported) // 2]
+    else:
+        last = parts.pop("manifest.json")
+        archive = retar({**parts, target: b"x", "manifest.json": last})
+    refused = await quinn.api.post("/api/import", content=archive, timeout=120)
+    assert refused.status_code == 400, refused.text
+    fields = refused.json()["error"]["fields"]
+    assert fields[0]["field"] in {target, "archive", "manifest.json"}, fields
+    if damage in {"flip", "drop", "format"}:
+        assert fields[0]["field"] == target
+    # Nothing was written: the instance is as new.
+    assert (await quinn.api.get("/api/devices")).json()["devices"] == []
+
+
+async def _iotistic(*args: str) -> tuple[int, str]:
+    """The ``iotistic`` command, as a customer runs it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from services.cli.main import main; main()",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+async def test_the_command_exports_checks_and_imports(
+    exported: bytes,
+    olga: Customer,
+    client,  # noqa: F811
+    tmp_path: Path,
+    postgres_server_url: str,
+) -> None:
+    token = olga.auth["Authorization"].removeprefix("Bearer ")
+    archive = tmp_path / "olga.tar"
+    async with instance_database(postgres_server_url, olga) as conn:
+        await conn.execute(
+            "INSERT INTO dead_letters (received_at, topic, device_id, reason, payload) "
+            "VALUES (now(), 't', NULL, 'malformed: not JSON', '\\x00ff'::bytea)"
+        )
+    code, said = await _iotistic(
+        "export",
+        "--instance",
+        str(olga.api.base_url),
+        "--token",
+        token,
+        "-o",
+        str(archive),
+        "--dead-letters",
+    )
+    assert code == 0, said
+    assert "checked" in said and not (tmp_path / "olga.tar.partial").exists()
+    # The same data (her events grow meanwhile: the instance reports its usage every second).
+    counts = manifest_of(archive.read_bytes())["counts"]
+    assert counts.pop("events") >= manifest_of(exported)["counts"]["events"]
+    # Asked for, the dead letters come too, their payloads in base64.
+    assert counts.pop("dead_letters") == 1
+    letter = json.loads(members(archive.read_bytes())["dead_letters.jsonl"])
+    assert letter["payload"] == "AP8=" and letter["reason"] == "malformed: not JSON"
+    assert "dead_letters.jsonl" not in members(exported)
+    assert counts == {k: v for k, v in manifest_of(exported)["counts"].items() if k != "events"}
+    rosa = await customer(client, "rosa@example.com")
+    try:
+        rosa_token = rosa.auth["Authorization"].removeprefix("Bearer ")
+        code, said = await _iotistic(
+            "import", str(archive), "--instance", str(rosa.api.base_url), "--token", rosa_token
+        )
+        assert code == 0, said
+        assert len((await rosa.api.get("/api/devices")).json()["devices"]) == 2
+        # A session of someone else is refused, and the command says so.
+        code, said = await _iotistic(
+            "export", "--instance", str(rosa.api.base_url), "--token", token, "-o", str(archive)
+        )
+        assert code == 1 and "404" in said, said
+    finally:
+        await rosa.api.aclose()
+
+
+async def test_the_control_plane_gives_an_instance_its_own_customers_events_only(
+    olga: Customer,
+    pavel: Customer,
+    client,  # noqa: F811
+) -> None:
+    path = f"/api/instances/{olga.id}/events"
+    assert (await client.get(path)).status_code == 401
+    # Pavel's instance's token (the local backend derives it from USAGE_SECRET) opens his only.
+    pavels = {"Authorization": f"Bearer {instance_usage_token('u' * 40, pavel.id)}"}
+    assert (await client.get(path, headers=pavels)).status_code == 401
+    olgas = {"Authorization": f"Bearer {instance_usage_token('u' * 40, olga.id)}"}
+    answer = await client.get(path, headers=olgas)
+    assert answer.status_code == 200, answer.text
+    *lines, end = [json.loads(line) for line in answer.text.splitlines()]
+    assert end["end"]["events"] == len(lines)  # the last line: only a whole answer has it
+    assert lines and {line["event"]["customer_id"] for line in lines} == {olga.id}
+    assert "CustomerSignedUp" in {line["event"]["type"] for line in lines}
+    assert all(line["subject"].split(".")[-2] == line["event"]["type"] for line in lines)
+
+
+async def test_one_export_or_import_at_a_time(quinn: Customer) -> None:
+    """Each holds one of the instance's few database connections for its length: a second
+    one meanwhile is told to come back (429), and can once the first is done."""
+    sending, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"\0" * 1024
+        sending.set()
+        await go_on.wait()
+        yield b"not an archive"
+
+    upload = asyncio.create_task(quinn.api.post("/api/import", content=slow_body(), timeout=60))
+    await asyncio.wait_for(sending.wait(), 30)
+    busy = await eventually(
+        lambda: quinn.api.get("/api/export"),
+        lambda r: r.status_code == 429,
+        what="the export refused while the import receives",
+    )
+    assert busy.headers["retry-after"] == "30"
+    go_on.set()
+    refused = await upload
+    assert refused.status_code == 400, refused.text
+    assert (await quinn.api.get("/api/export")).status_code == 200
