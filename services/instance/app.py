@@ -58,6 +58,23 @@ from services.instance.usage import UsageReporter, usage_day
 Tasks = dict[str, Callable[[], Awaitable[None]]]
 
 
+# What the instance serves: the dashboard and its customer API, the fleet's own routes.
+ROUTES = [
+    DashboardController,
+    LicenseController,
+    DevicesController,
+    DeviceConfigController,
+    CalibrationController,
+    ReadingsController,
+    DeadLettersController,
+    AlertsController,
+    QuotasController,
+    IntegrationsController,
+    ExportController,
+    *PROVISIONING_ROUTES,
+]
+
+
 def create_instance_app(settings: InstanceSettings) -> Litestar:
     """The instance's HTTP app and, in its lifespan, ingest and housekeeping."""
     registry = CollectorRegistry()
@@ -98,20 +115,7 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
     app = create_app(
         # Public (/schema): no customer id in it.
         title="Iotistic instance",
-        route_handlers=[
-            DashboardController,
-            LicenseController,
-            DevicesController,
-            DeviceConfigController,
-            CalibrationController,
-            ReadingsController,
-            DeadLettersController,
-            AlertsController,
-            QuotasController,
-            IntegrationsController,
-            ExportController,
-            *PROVISIONING_ROUTES,
-        ],
+        route_handlers=ROUTES,
         readiness=instance.readiness,
         registry=registry,
         lifespan=[lambda _: _running(instance, supervisor, tasks)],
