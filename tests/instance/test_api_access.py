@@ -97,8 +97,9 @@ async def test_every_api_route_wants_the_customers_session() -> None:
     }
     routes = [r for r in routes if r not in by_device]
     # 23; /api/quotas(/limited, /stream), a device's calibration and PUT on alert rules (5);
-    # the integrations' 9 (tests/instance/test_integrations_api.py).
-    assert len(routes) == 37
+    # the integrations' 9 (tests/instance/test_integrations_api.py); export, import and a
+    # device's new credentials (3).
+    assert len(routes) == 40
     async with serving(app) as client:
         for method, path in routes:
             answer = await client.request(
