@@ -154,8 +154,9 @@ class Restore:
         return _lines(self.checked.open(self.tar, name), name)
 
     def new_id(self, old: Any, name: str) -> str:
-        if old not in self.device_ids:
-            raise ArchiveRefused(name, f"names a device {old!r} that devices.jsonl does not have")
+        if not isinstance(old, str) or old not in self.device_ids:
+            why = f"names a device {old!r:.80} that devices.jsonl does not have"
+            raise ArchiveRefused(name, why)
         return self.device_ids[old]
 
     async def devices(self) -> None:

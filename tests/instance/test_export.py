@@ -393,6 +393,48 @@ async def test_a_damaged_or_foreign_archive_is_refused_naming_the_file(
     assert (await quinn.api.get("/api/devices")).json()["devices"] == []
 
 
+def _forged(exported: bytes, name: str, rows: list[dict[str, Any]]) -> bytes:
+    """The archive with ``name`` holding ``rows``, its manifest entry made to match."""
+    parts = members(exported)
+    body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    manifest = json.loads(parts.pop("manifest.json"))
+    for entry in manifest["files"]:
+        if entry["name"] == name:
+            entry |= {"sha256": sha256(body), "bytes": len(body), "rows": len(rows)}
+    parts[name] = body
+    return retar({**parts, "manifest.json": json.dumps(manifest).encode()})
+
+
+def _first(exported: bytes, name: str) -> dict[str, Any]:
+    return dict(json.loads(members(exported)[name].splitlines()[0]))
+
+
+@pytest.mark.parametrize(
+    ("file", "forge", "reason"),
+    [
+        ("integrations.jsonl", lambda r: [r | {"kinds": ["readings", "nope"]}], "kinds"),
+        ("integrations.jsonl", lambda r: [r, r | {"integration_id": "other"}], "named"),
+        (
+            "integrations.jsonl",
+            lambda r: [r | {"integration_id": f"i{n}", "name": f"n{n}"} for n in range(21)],
+            "more than 20",
+        ),
+        ("calibration.jsonl", lambda r: [r | {"device_id": ["a", "b"]}], "names a device"),
+        ("quota_limited.jsonl", lambda r: [r | {"device_id": "elsewhere"}], "names a device"),
+        ("calibration_runs.jsonl", lambda r: [r | {"started_at": "not a time"}], "restored"),
+    ],
+)
+async def test_a_forged_part_is_refused_naming_its_file(
+    exported: bytes, quinn: Customer, file: str, forge: Any, reason: str
+) -> None:
+    archive = _forged(exported, file, forge(_first(exported, file)))
+    refused = await quinn.api.post("/api/import", content=archive, timeout=120)
+    assert refused.status_code == 400, refused.text
+    [field] = refused.json()["error"]["fields"]
+    assert field["field"] == file and reason in field["reason"], field
+    assert (await quinn.api.get("/api/devices")).json()["devices"] == []
+
+
 async def _iotistic(*args: str) -> tuple[int, str]:
     """The ``iotistic`` command, as a customer runs it."""
     process = await asyncio.create_subprocess_exec(
