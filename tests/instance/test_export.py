@@ -435,6 +435,24 @@ async def test_a_forged_part_is_refused_naming_its_file(
     assert (await quinn.api.get("/api/devices")).json()["devices"] == []
 
 
+async def test_an_instance_with_an_integration_is_not_new(
+    exported: bytes,
+    client,  # noqa: F811
+    postgres_server_url: str,
+) -> None:
+    sam = await customer(client, "sam@example.com")
+    try:
+        async with instance_database(postgres_server_url, sam) as conn:
+            new = NewIntegration(name="mine", url="https://hooks.example.com/x", kinds=["readings"])
+            await create_integration(conn, new, datetime.now(UTC))
+        refused = await sam.api.post("/api/import", content=exported, timeout=120)
+        assert refused.status_code == 409, refused.text
+        assert "(integrations)" in refused.json()["error"]["message"]
+        assert (await sam.api.get("/api/devices")).json()["devices"] == []
+    finally:
+        await sam.api.aclose()
+
+
 async def _iotistic(*args: str) -> tuple[int, str]:
     """The ``iotistic`` command, as a customer runs it."""
     process = await asyncio.create_subprocess_exec(
