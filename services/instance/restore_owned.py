@@ -109,7 +109,8 @@ async def presets(job: Restore) -> None:
         return  # the instance's own rules stay, and its presets with them
     await job.conn.execute("DELETE FROM alert_presets")
     await restore_table(job, "alert_presets", device_column=None)
-    # An archive made before the presets were exported: its rules say which presets they are.
+    # An archive made before the presets were exported: its rules (deleted ones too, as a
+    # deletion keeps the row) say which presets they were made from.
     await job.conn.execute(
         "INSERT INTO alert_presets (preset, rule_id, installed_at) "
         "SELECT preset, rule_id, created_at FROM alert_rules WHERE preset IS NOT NULL "

@@ -453,6 +453,36 @@ async def test_an_instance_with_an_integration_is_not_new(
         await sam.api.aclose()
 
 
+async def test_an_archive_without_presets_gets_each_default_rule_once(
+    exported: bytes,
+    client,  # noqa: F811
+    postgres_server_url: str,
+) -> None:
+    """An archive made before the presets were exported: the rules made from one say so (the
+    one deleted too, kept as deleted), so none is installed again."""
+    parts = members(exported)
+    manifest = json.loads(parts.pop("manifest.json"))
+    manifest["files"] = [f for f in manifest["files"] if f["name"] != "alert_presets.jsonl"]
+    del parts["alert_presets.jsonl"]
+    older = retar({**parts, "manifest.json": json.dumps(manifest).encode()})
+    tara = await customer(client, "tara@example.com")
+    try:
+        imported = await tara.api.post("/api/import", content=older, timeout=120)
+        assert imported.status_code == 201, imported.text
+        rules = (await tara.api.get("/api/alerts/rules")).json()["rules"]
+        presets = sorted(r["preset"] for r in rules if r["preset"])
+        assert presets == ["co2_high", "offline", "stale_sensor"]
+        async with instance_database(postgres_server_url, tara) as conn:
+            assert await install_presets(conn) == []
+            installed = await conn.fetch(
+                "SELECT p.preset FROM alert_presets p JOIN alert_rules r USING (rule_id) "
+                "WHERE r.preset = p.preset"
+            )
+            assert len(installed) == 4  # each pointing at its own rule
+    finally:
+        await tara.api.aclose()
+
+
 async def _iotistic(*args: str) -> tuple[int, str]:
     """The ``iotistic`` command, as a customer runs it."""
     process = await asyncio.create_subprocess_exec(
