@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from services.instance.calibration import track_calibration
 from services.instance.readings import store_readings
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -43,7 +44,7 @@ async def seed_readings(
     batch: int = 50_000,
 ) -> int:
     """``per_day`` readings a day for ``days`` days for each device, stored (with their hourly
-    rollups) as ingest stores them; how many."""
+    rollups and the sensors' calibration followed) as ingest stores them; how many."""
     step = timedelta(days=1) / per_day
     known: set[Any] = set()
     count = 0
@@ -54,10 +55,12 @@ async def seed_readings(
             if len(rows) >= batch:
                 async with conn.transaction():
                     count += await store_readings(conn, rows, known)
+                    await track_calibration(conn)
                 rows = []
         if rows:
             async with conn.transaction():
                 count += await store_readings(conn, rows, known)
+                await track_calibration(conn)
     return count
 
 

@@ -1,17 +1,24 @@
 """Everything a customer owns, as one archive streamed from a snapshot of the database.
 
 The archive (``archive.py``) holds the devices (with their desired configurations), the
-provisioning keys' metadata, the alert rules and their history, the hourly rollups, every
-reading once per device and UTC day in CSV and in Parquet, optionally the dead letters, and the
-customer's own events from the control plane's log; ``manifest.json`` last. Everything is read
-in one repeatable-read transaction, so the archive is one moment's state while ingest goes on.
+provisioning keys' metadata, the alert rules, their history and the presets installed, the
+sensors' calibration (state, runs, changes), the quota notices and refusals, the integrations'
+configuration, the hourly rollups, every reading once per device and UTC day in CSV and in
+Parquet, optionally the dead letters, and the customer's own events from the control plane's
+log; ``manifest.json`` last. Everything is read in one repeatable-read transaction, so the
+archive is one moment's state while ingest goes on.
 
 Memory stays bounded whatever the size: a device-day of readings at a time (COPY'd out of
 Postgres as CSV, parsed by pyarrow into Parquet), and every other file through a spooled
 temporary file (in memory up to ``SPOOL_BYTES``, on disk beyond) whose size the tar header
 needs before its bytes. Nothing secret leaves: no broker passwords (the broker keeps only
 their hashes, and the instance not even those), no hashes of provisioning or device API keys,
-no webhook signing secrets.
+no webhook or integration signing secrets. Left out as state of this instance's own working,
+not the customer's data: the alert rules' evaluation (``alert_windows``, ``alert_states``: a
+new instance evaluates from the readings), the quota bucket's level and the meters' levels
+noticed, the integrations' outbox (``integration_events``, ``reading_batches``: what they
+record is in the tables above) and their backfills. An integration's delivery position is in
+its row but means nothing elsewhere: an import starts it anew.
 """
 
 from __future__ import annotations
@@ -61,6 +68,13 @@ SECRET_COLUMNS: dict[str, tuple[str, ...]] = {
     "provisioning_keys": ("key_hash",),
     "alert_rules": ("webhook_secret",),
     "alert_history": (),
+    "alert_presets": (),
+    "calibration": (),
+    "calibration_runs": (),
+    "calibration_changes": (),
+    "quota_notices": (),
+    "quota_limited": (),
+    "integrations": ("secret",),
 }
 ORDER = {
     "devices": "created_at, device_id",
@@ -68,6 +82,13 @@ ORDER = {
     "provisioning_keys": "created_at, key_id",
     "alert_rules": "created_at, rule_id",
     "alert_history": "id",
+    "alert_presets": "installed_at, preset",
+    "calibration": "device_id",
+    "calibration_runs": "device_id, started_at",
+    "calibration_changes": "id",
+    "quota_notices": "id",
+    "quota_limited": "id",
+    "integrations": "created_at, integration_id",
 }
 
 

@@ -2,7 +2,8 @@
 
 The archive is checked whole first (``archive.check_archive``: the format, every file against
 the manifest's size and sha256) and only then restored, in one transaction: devices, their
-desired configurations, alert rules and history, rollups and readings. Either all of it is
+desired configurations, alert rules and history, rollups and readings, then the rest
+(``restore_owned``: presets, calibration, quota notices, integrations). Either all of it is
 there after the commit or none of it, and the archive's sha256 is recorded in ``imports`` in the
 same transaction: a retry of an import that failed runs again from nothing, and a retry of one
 that succeeded (its answer lost) finds the first outcome instead of importing twice.
@@ -36,6 +37,7 @@ from services.instance.archive import ArchiveRefused, CheckedArchive
 from services.instance.devices import DEVICES_LOCK, BrokerUnavailable, Devices, device_topics
 from services.instance.export import READING_COLUMNS, ROLLUP_COLUMNS
 from services.instance.readings import ensure_partitions
+from services.instance.restore_owned import restore_owned
 
 JSON_BATCH = 1000
 MAX_LINE = 1 << 20
@@ -66,6 +68,7 @@ class Imported:
     device_ids: dict[str, str]
     credentials: list[dict[str, Any]]
     webhook_secrets: dict[str, str]
+    integration_secrets: dict[str, str]
 
 
 async def earlier_import(conn: asyncpg.Connection, sha256: str) -> Imported | None:
@@ -81,13 +84,14 @@ async def earlier_import(conn: asyncpg.Connection, sha256: str) -> Imported | No
         device_ids=json.loads(row["device_ids"]),
         credentials=[],
         webhook_secrets={},
+        integration_secrets={},
     )
 
 
 async def _holds_data(conn: asyncpg.Connection) -> str | None:
     # Alert rules are not the customer's data yet in a new instance: it may have made rules on
     # by default. The archive's rules replace them (``Restore.rules``).
-    for table in ("devices", "readings", "readings_hourly", "imports"):
+    for table in ("devices", "readings", "readings_hourly", "imports", "integrations"):
         if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
             return table
     return None
@@ -115,7 +119,7 @@ def _lines(stream: IO[bytes], name: str) -> Iterator[list[dict[str, Any]]]:
     yield batch
 
 
-async def _insert_json(
+async def insert_json(
     conn: asyncpg.Connection, table: str, rows: list[dict[str, Any]], name: str
 ) -> None:
     """Rows as the export wrote them (``row_to_json``) back into ``table``; columns missing
@@ -144,19 +148,20 @@ class Restore:
         self.device_ids: dict[str, str] = {}
         self.counts: dict[str, int] = {}
 
-    def _json(self, name: str) -> Iterator[list[dict[str, Any]]]:
+    def batches(self, name: str) -> Iterator[list[dict[str, Any]]]:
         if name not in self.checked.files:
             return iter([[]])
         return _lines(self.checked.open(self.tar, name), name)
 
-    def _new_id(self, old: Any, name: str) -> str:
-        if old not in self.device_ids:
-            raise ArchiveRefused(name, f"names a device {old!r} that devices.jsonl does not have")
+    def new_id(self, old: Any, name: str) -> str:
+        if not isinstance(old, str) or old not in self.device_ids:
+            why = f"names a device {old!r:.80} that devices.jsonl does not have"
+            raise ArchiveRefused(name, why)
         return self.device_ids[old]
 
     async def devices(self) -> None:
         """Devices under new ids, registered by hand, without credentials yet."""
-        for batch in self._json("devices.jsonl"):
+        for batch in self.batches("devices.jsonl"):
             for row in batch:
                 old = row.get("device_id")
                 if len(self.device_ids) >= MAX_DEVICES:
@@ -171,18 +176,18 @@ class Restore:
                 row |= {"api_key_hash": None}
                 if row.get("deleted_at") is None:
                     row["status"] = "unknown"
-            await _insert_json(self.conn, "devices", batch, "devices.jsonl")
+            await insert_json(self.conn, "devices", batch, "devices.jsonl")
         self.counts["devices"] = len(self.device_ids)
 
     async def configs(self) -> None:
         """Desired (and last reported) configurations, as delivered already: the devices come
         back registered by hand, to which nothing is published."""
         count = 0
-        for batch in self._json("device_config.jsonl"):
+        for batch in self.batches("device_config.jsonl"):
             for row in batch:
-                row["device_id"] = self._new_id(row.get("device_id"), "device_config.jsonl")
+                row["device_id"] = self.new_id(row.get("device_id"), "device_config.jsonl")
                 row["published_version"] = row.get("version")
-            await _insert_json(self.conn, "device_config", batch, "device_config.jsonl")
+            await insert_json(self.conn, "device_config", batch, "device_config.jsonl")
             count += len(batch)
         self.counts["device_config"] = count
 
@@ -193,26 +198,32 @@ class Restore:
         made: dict[str, str] = {}
         count = 0
         if "alert_rules.jsonl" in self.checked.files:
-            for table in ("alert_states", "webhook_deliveries", "alert_history", "alert_rules"):
+            for table in (
+                "alert_states",
+                "alert_windows",
+                "webhook_deliveries",
+                "alert_history",
+                "alert_rules",
+            ):
                 await self.conn.execute(f"DELETE FROM {table}")
-        for batch in self._json("alert_rules.jsonl"):
+        for batch in self.batches("alert_rules.jsonl"):
             for row in batch:
                 devices = row.get("devices") or []
                 if not isinstance(devices, list):
                     raise ArchiveRefused("alert_rules.jsonl", "a rule's devices is not a list")
-                row["devices"] = [self._new_id(d, "alert_rules.jsonl") for d in devices]
+                row["devices"] = [self.new_id(d, "alert_rules.jsonl") for d in devices]
                 if row.get("webhook_url"):
                     row["webhook_secret"] = made[str(row.get("rule_id"))] = secrets.token_urlsafe(
                         32
                     )
-            await _insert_json(self.conn, "alert_rules", batch, "alert_rules.jsonl")
+            await insert_json(self.conn, "alert_rules", batch, "alert_rules.jsonl")
             count += len(batch)
         self.counts["alert_rules"] = count
         count = 0
-        for batch in self._json("alert_history.jsonl"):
+        for batch in self.batches("alert_history.jsonl"):
             for row in batch:
-                row["device_id"] = self._new_id(row.get("device_id"), "alert_history.jsonl")
-            await _insert_json(self.conn, "alert_history", batch, "alert_history.jsonl")
+                row["device_id"] = self.new_id(row.get("device_id"), "alert_history.jsonl")
+            await insert_json(self.conn, "alert_history", batch, "alert_history.jsonl")
             count += len(batch)
         self.counts["alert_history"] = count
         await self.conn.execute(
@@ -224,7 +235,7 @@ class Restore:
     async def _stage(self, entry: dict[str, Any], staging: str, columns: tuple[str, ...]) -> int:
         """COPY one file into the staging table; its rows, which must be the manifest's."""
         name = entry["name"]
-        self._new_id(entry.get("device_id"), name)
+        self.new_id(entry.get("device_id"), name)
         try:
             status = await self.conn.copy_to_table(
                 staging,
@@ -370,6 +381,7 @@ async def restore(
             await job.configs()
             made = await job.rules()
             await job.series()
+            secrets_made = await restore_owned(job)
             now = datetime.now(UTC)
             customer = checked.manifest.get("customer_id")
             from_customer = customer if isinstance(customer, str) else None
@@ -383,4 +395,6 @@ async def restore(
                 json.dumps(job.device_ids),
             )
             credentials = await issue_credentials(devices, in_use)
-    return Imported(True, now, from_customer, job.counts, job.device_ids, credentials, made)
+    return Imported(
+        True, now, from_customer, job.counts, job.device_ids, credentials, made, secrets_made
+    )

@@ -17,7 +17,9 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pyarrow.parquet as pq
 import pytest
@@ -34,6 +36,13 @@ from test_instance import (  # noqa: F401 - client is a fixture
 
 from contracts.credentials import instance_usage_token
 from libs.servers.mosquitto import EmbeddedMosquitto
+from services.instance.alerts.presets import install_presets
+from services.instance.integrations.positions import (
+    integrations_in_force,
+    new_events,
+    new_readings,
+)
+from services.instance.integrations.store import NewIntegration, create_integration
 from support import eventually
 
 pytestmark = pytest.mark.slow
@@ -62,11 +71,23 @@ async def quinn(client) -> AsyncIterator[Customer]:  # noqa: F811
     await found.api.aclose()
 
 
+INTEGRATION_SECRET: dict[str, str] = {}
+
+
+async def _rows(conn: asyncpg.Connection, query: str) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(query)]
+
+
 @pytest.fixture(scope="module")
 async def exported(olga: Customer, postgres_server_url: str) -> bytes:
-    """Olga's instance with two devices, three days of readings, a rule with history; her
-    export."""
+    """Olga's instance with two devices, three days of readings (their sensors' calibration
+    followed), a rule with history, the default rules less one she deleted, quota notices and
+    refusals, an integration; her export."""
     ids = [(await register(olga, name))["device_id"] for name in ("kitchen", "cellar")]
+    defaults = (await olga.api.get("/api/alerts/rules")).json()["rules"]
+    mould = next(r for r in defaults if r["preset"] == "mould_risk")
+    deleted = await olga.api.delete(f"/api/alerts/rules/{mould['rule_id']}")
+    assert deleted.status_code == 204, deleted.text
     rule = await olga.api.post(
         "/api/alerts/rules",
         json={"metric": "temperature", "operator": ">", "threshold": 25, "devices": ids},
@@ -86,6 +107,26 @@ async def exported(olga: Customer, postgres_server_url: str) -> bytes:
             rule.json()["rule_id"],
             ids[0],
         )
+        await conn.execute(
+            "INSERT INTO quota_notices (at, meter, period, level, used, quota, reported_at) "
+            "VALUES (now() - interval '2 days', 'mqtt_messages', '2026-01-01', 80, 80, 100, "
+            "now()), (now(), 'devices', 'from 2026-01-02', 80, 4, 5, NULL)"
+        )
+        await conn.execute(
+            "INSERT INTO quota_limited (minute, meter, device_id, quota, what, count, first_at, "
+            "last_at) VALUES (date_trunc('minute', now()), 'mqtt_messages', $1, 100, "
+            "'readings', 7, now(), now()), "
+            "(date_trunc('minute', now()), 'devices', NULL, 5, 'a device', 1, now(), now())",
+            ids[1],
+        )
+        made = await create_integration(
+            conn,
+            NewIntegration(
+                name="warehouse", url="https://hooks.example.com/iot", kinds=["readings"]
+            ),
+            datetime.now(UTC),
+        )
+        INTEGRATION_SECRET[made["integration_id"]] = made["secret"]
     answer = await olga.api.get("/api/export", timeout=120)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/x-tar"
@@ -105,7 +146,12 @@ def test_the_archive_holds_everything_with_its_checksums(exported: bytes, olga: 
         assert entry["sha256"] == sha256(parts[name]), name
         assert entry["bytes"] == len(parts[name]), name
     counts = manifest["counts"]
-    assert counts["devices"] == 2 and counts["alert_rules"] == 1 and counts["alert_history"] == 1
+    # Her rule and the four default ones (the one she deleted too, as deleted).
+    assert counts["devices"] == 2 and counts["alert_rules"] == 5 and counts["alert_history"] == 1
+    assert counts["alert_presets"] == 4 and counts["integrations"] == 1
+    assert counts["quota_notices"] == 2 and counts["quota_limited"] == 2
+    assert counts["calibration"] == 2 and counts["calibration_runs"] > 2
+    assert counts["calibration_changes"] > counts["calibration_runs"]
     assert counts["readings"] == 2 * DAYS * PER_DAY
     csvs = [f for f in files.values() if f["kind"] == "readings-csv"]
     parquets = [f for f in files.values() if f["kind"] == "readings-parquet"]
@@ -121,6 +167,12 @@ def test_the_archive_holds_everything_with_its_checksums(exported: bytes, olga: 
     # Nothing secret: no webhook secrets, no key hashes, no broker passwords.
     assert b"webhook_secret" not in exported and b"key_hash" not in exported
     assert b"password" not in exported
+    # Nor the integration's signing secret: its configuration only.
+    [secret] = INTEGRATION_SECRET.values()
+    assert secret.encode() not in exported
+    [integration] = [json.loads(line) for line in parts["integrations.jsonl"].splitlines()]
+    assert "secret" not in integration
+    assert (integration["name"], integration["kinds"]) == ("warehouse", ["readings"])
     # Her own events from the log, as stored: her signup first, nobody else's.
     assert manifest["events"] == {"included": True}
     events = [json.loads(line) for line in parts["events.jsonl"].splitlines()]
@@ -139,7 +191,11 @@ async def test_another_customer_cannot_export_or_import_here(olga: Customer, pav
 
 
 async def test_a_round_trip_restores_the_same_counts_and_checksums(
-    exported: bytes, pavel: Customer, broker: EmbeddedMosquitto
+    exported: bytes,
+    olga: Customer,
+    pavel: Customer,
+    broker: EmbeddedMosquitto,
+    postgres_server_url: str,
 ) -> None:
     # A rule the new instance had before (as one made on by default): the archive's replace it.
     before_import = await pavel.api.post(
@@ -159,12 +215,21 @@ async def test_a_round_trip_restores_the_same_counts_and_checksums(
     assert answer["counts"]["readings"] == before["counts"]["readings"]
     assert answer["counts"]["rollups"] == before["counts"]["rollups"]
     renamed = answer["device_ids"]
+    # Olga's rules in place of Pavel's (his own and his default ones): the default rule she
+    # deleted stays deleted, the others are not doubled.
     rules = (await pavel.api.get("/api/alerts/rules")).json()["rules"]
-    assert [(r["metric"], r["threshold"], r["muted"]) for r in rules] == [("temperature", 25, True)]
-    assert sorted(rules[0]["devices"]) == sorted(renamed.values())
+    assert sorted((r["preset"] or r["metric"], r["muted"]) for r in rules) == [
+        ("co2_high", False),
+        ("offline", False),
+        ("stale_sensor", False),
+        ("temperature", True),
+    ]
+    mine = next(r for r in rules if r["metric"] == "temperature")
+    assert sorted(mine["devices"]) == sorted(renamed.values())
+    await _restored_as_olga_had_them(postgres_server_url, olga, pavel, renamed, answer)
     again = await pavel.api.get("/api/export", timeout=120)
     after = manifest_of(again.content)
-    for key in ("devices", "readings", "rollups", "alert_rules", "alert_history"):
+    for key in ("devices", "readings", "rollups", "alert_rules", "alert_history", *OWNED):
         assert after["counts"][key] == before["counts"][key], key
     assert after["time_range"] == before["time_range"]
 
@@ -196,6 +261,71 @@ async def test_a_round_trip_restores_the_same_counts_and_checksums(
         lambda r: (r.json()["latest"] or {}).get("temperature") == 19.5,
         what="a reading with the new credentials",
     )
+    # The integration is sent that reading, and nothing of what was imported.
+    async with instance_database(postgres_server_url, pavel) as conn:
+        [integration] = await integrations_in_force(conn)
+        sent = await eventually(
+            lambda: new_readings(conn, integration),
+            lambda rows: len(rows) > 0,
+            what="the new reading for the integration",
+        )
+        assert [r["device_id"] for r in sent] == [device["device_id"]]
+        assert sent[0]["temperature"] == 19.5
+
+
+OWNED = (
+    "alert_presets",
+    "calibration",
+    "calibration_runs",
+    "calibration_changes",
+    "quota_notices",
+    "quota_limited",
+    "integrations",
+)
+
+
+async def _restored_as_olga_had_them(
+    server_url: str,
+    olga: Customer,
+    pavel: Customer,
+    renamed: dict[str, str],
+    answer: dict[str, Any],
+) -> None:
+    """Presets, calibration, quota notices and refusals, integrations: Pavel's as Olga's, under
+    the devices' new ids; the integration with a new secret, given once, sent nothing old."""
+    queries = {
+        "alert_presets": "SELECT preset, rule_id FROM alert_presets ORDER BY preset",
+        "calibration": "SELECT * FROM calibration ORDER BY device_id",
+        "calibration_runs": "SELECT * FROM calibration_runs ORDER BY device_id, started_at",
+        "calibration_changes": "SELECT device_id, at, from_state, to_state, accuracy, dropped "
+        "FROM calibration_changes ORDER BY id",
+        "quota_notices": "SELECT at, meter, period, level, used, quota FROM quota_notices "
+        "ORDER BY id",
+        "quota_limited": "SELECT minute, meter, device_id, quota, what, count, first_at, last_at "
+        "FROM quota_limited ORDER BY id",
+        "integrations": "SELECT integration_id, name, url, kinds, created_at, deleted_at, secret "
+        "FROM integrations ORDER BY created_at",
+    }
+    async with instance_database(server_url, olga) as conn:
+        theirs = {table: await _rows(conn, query) for table, query in queries.items()}
+    async with instance_database(server_url, pavel) as conn:
+        his = {table: await _rows(conn, query) for table, query in queries.items()}
+        assert await install_presets(conn) == []  # at his next start: none installed again
+        assert all(r["reported_at"] for r in await conn.fetch("SELECT * FROM quota_notices"))
+        [integration] = await integrations_in_force(conn)
+        assert await new_readings(conn, integration) == []
+        assert await new_events(conn, integration) == []
+    for table in ("calibration", "calibration_runs", "calibration_changes", "quota_limited"):
+        for row in theirs[table]:
+            row["device_id"] = renamed.get(row["device_id"], row["device_id"])
+    for rows in (*theirs.values(), *his.values()):  # the new ids sort otherwise
+        rows.sort(key=lambda r: (r.get("device_id") or "", str(r.get("started_at"))))
+    [olgas] = theirs.pop("integrations")
+    [pavels] = his.pop("integrations")
+    assert answer["integration_secrets"] == {olgas["integration_id"]: pavels["secret"]}
+    assert pavels.pop("secret") != olgas.pop("secret") and pavels == olgas
+    assert theirs["calibration"] and theirs["quota_limited"]
+    assert his == theirs
 
 
 async def test_a_retried_import_finds_the_first_and_a_used_instance_refuses(
@@ -261,6 +391,96 @@ async def test_a_damaged_or_foreign_archive_is_refused_naming_the_file(
         assert fields[0]["field"] == target
     # Nothing was written: the instance is as new.
     assert (await quinn.api.get("/api/devices")).json()["devices"] == []
+
+
+def _forged(exported: bytes, name: str, rows: list[dict[str, Any]]) -> bytes:
+    """The archive with ``name`` holding ``rows``, its manifest entry made to match."""
+    parts = members(exported)
+    body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    manifest = json.loads(parts.pop("manifest.json"))
+    for entry in manifest["files"]:
+        if entry["name"] == name:
+            entry |= {"sha256": sha256(body), "bytes": len(body), "rows": len(rows)}
+    parts[name] = body
+    return retar({**parts, "manifest.json": json.dumps(manifest).encode()})
+
+
+def _first(exported: bytes, name: str) -> dict[str, Any]:
+    return dict(json.loads(members(exported)[name].splitlines()[0]))
+
+
+@pytest.mark.parametrize(
+    ("file", "forge", "reason"),
+    [
+        ("integrations.jsonl", lambda r: [r | {"kinds": ["readings", "nope"]}], "kinds"),
+        ("integrations.jsonl", lambda r: [r, r | {"integration_id": "other"}], "named"),
+        (
+            "integrations.jsonl",
+            lambda r: [r | {"integration_id": f"i{n}", "name": f"n{n}"} for n in range(21)],
+            "more than 20",
+        ),
+        ("calibration.jsonl", lambda r: [r | {"device_id": ["a", "b"]}], "names a device"),
+        ("quota_limited.jsonl", lambda r: [r | {"device_id": "elsewhere"}], "names a device"),
+        ("calibration_runs.jsonl", lambda r: [r | {"started_at": "not a time"}], "restored"),
+    ],
+)
+async def test_a_forged_part_is_refused_naming_its_file(
+    exported: bytes, quinn: Customer, file: str, forge: Any, reason: str
+) -> None:
+    archive = _forged(exported, file, forge(_first(exported, file)))
+    refused = await quinn.api.post("/api/import", content=archive, timeout=120)
+    assert refused.status_code == 400, refused.text
+    [field] = refused.json()["error"]["fields"]
+    assert field["field"] == file and reason in field["reason"], field
+    assert (await quinn.api.get("/api/devices")).json()["devices"] == []
+
+
+async def test_an_instance_with_an_integration_is_not_new(
+    exported: bytes,
+    client,  # noqa: F811
+    postgres_server_url: str,
+) -> None:
+    sam = await customer(client, "sam@example.com")
+    try:
+        async with instance_database(postgres_server_url, sam) as conn:
+            new = NewIntegration(name="mine", url="https://hooks.example.com/x", kinds=["readings"])
+            await create_integration(conn, new, datetime.now(UTC))
+        refused = await sam.api.post("/api/import", content=exported, timeout=120)
+        assert refused.status_code == 409, refused.text
+        assert "(integrations)" in refused.json()["error"]["message"]
+        assert (await sam.api.get("/api/devices")).json()["devices"] == []
+    finally:
+        await sam.api.aclose()
+
+
+async def test_an_archive_without_presets_gets_each_default_rule_once(
+    exported: bytes,
+    client,  # noqa: F811
+    postgres_server_url: str,
+) -> None:
+    """An archive made before the presets were exported: the rules made from one say so (the
+    one deleted too, kept as deleted), so none is installed again."""
+    parts = members(exported)
+    manifest = json.loads(parts.pop("manifest.json"))
+    manifest["files"] = [f for f in manifest["files"] if f["name"] != "alert_presets.jsonl"]
+    del parts["alert_presets.jsonl"]
+    older = retar({**parts, "manifest.json": json.dumps(manifest).encode()})
+    tara = await customer(client, "tara@example.com")
+    try:
+        imported = await tara.api.post("/api/import", content=older, timeout=120)
+        assert imported.status_code == 201, imported.text
+        rules = (await tara.api.get("/api/alerts/rules")).json()["rules"]
+        presets = sorted(r["preset"] for r in rules if r["preset"])
+        assert presets == ["co2_high", "offline", "stale_sensor"]
+        async with instance_database(postgres_server_url, tara) as conn:
+            assert await install_presets(conn) == []
+            installed = await conn.fetch(
+                "SELECT p.preset FROM alert_presets p JOIN alert_rules r USING (rule_id) "
+                "WHERE r.preset = p.preset"
+            )
+            assert len(installed) == 4  # each pointing at its own rule
+    finally:
+        await tara.api.aclose()
 
 
 async def _iotistic(*args: str) -> tuple[int, str]:

@@ -64,9 +64,12 @@ def imported_view(done: Imported) -> dict[str, Any]:
     if done.first:
         answer["devices"] = done.credentials
         answer["webhook_secrets"] = done.webhook_secrets
+        answer["integration_secrets"] = done.integration_secrets
         answer["note"] = (
             "devices have new ids and new broker credentials (passwords are shown only once); "
-            "provisioning keys are not restored: make new ones"
+            "alert rules with a webhook and integrations have new signing secrets (shown only "
+            "once); integrations are sent what happens from now on (ask for a backfill for the "
+            "past); provisioning keys are not restored: make new ones"
         )
     else:
         answer["note"] = (

@@ -144,7 +144,7 @@ async def create_integration(
             secret,
             now,
         )
-        await _readings_noted_while_taken(conn)
+        await readings_noted_while_taken(conn)
         row = await integration_of(conn, integration_id)
     assert row is not None
     return {**shown(row), "secret": secret}
@@ -156,7 +156,7 @@ async def _one_change_at_a_time(conn: asyncpg.Connection) -> None:
     await conn.execute("LOCK TABLE integrations IN SHARE ROW EXCLUSIVE MODE")
 
 
-async def _readings_noted_while_taken(conn: asyncpg.Connection) -> None:
+async def readings_noted_while_taken(conn: asyncpg.Connection) -> None:
     """Ingest notes the readings it stores for integrations (``reading_batches``) only while
     one takes them: the trigger is enabled in the transaction that makes one take them, and
     disabled in the one that makes none (it costs ingest about a tenth otherwise; measured by
@@ -215,7 +215,7 @@ async def update_integration(
         )
         if done.endswith(" 0"):
             return None
-        await _readings_noted_while_taken(conn)
+        await readings_noted_while_taken(conn)
         row = await integration_of(conn, integration_id)
     assert row is not None
     answer = shown(row)
@@ -240,7 +240,7 @@ async def delete_integration(conn: asyncpg.Connection, integration_id: str, now:
             integration_id,
             now,
         )
-        await _readings_noted_while_taken(conn)
+        await readings_noted_while_taken(conn)
     return not done.endswith(" 0")
 
 
