@@ -508,16 +508,24 @@ async def test_an_event_with_a_bad_body_is_parked_and_can_be_retried(
     bad = await publish_raw(nc, store, "LicenseIssued", msgspec.json.encode(body))
     platform = await start(settings)
     try:
-        await eventually(lambda: db.fetchval("SELECT attempts FROM parked_events"), what="parked")
+        # Both of licensing's consumers of LicenseIssued park it; the retry is decided for both
+        # (deciding before the second parked would leave that one waiting, undecided).
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM parked_events WHERE seq = $1", bad),
+            lambda n: n == 2,
+            what="parked by both projections",
+        )
         await db.execute("UPDATE parked_events SET decision = 'retry' WHERE seq = $1", bad)
         # Retried, it fails again: parked again, attempts add up, still waiting.
-        row = await eventually(
-            lambda: db.fetchrow("SELECT * FROM parked_events WHERE seq = $1", bad),
-            lambda r: r["attempts"] >= 2 and r["decision"] is None,
+        rows = await eventually(
+            lambda: db.fetch("SELECT * FROM parked_events WHERE seq = $1", bad),
+            lambda rs: (
+                len(rs) == 2 and all(r["attempts"] >= 2 and r["decision"] is None for r in rs)
+            ),
             what="parked again after retry",
         )
-        assert row["resolved_at"] is None
-        assert "features" in row["error"]
+        assert all(r["resolved_at"] is None for r in rows)
+        assert all("features" in r["error"] for r in rows)
         assert await checkpoint(db) == bad - 1
     finally:
         await platform.stop()
