@@ -20,6 +20,7 @@ from test_instance import (  # noqa: F401 - client is a fixture
 from test_integrations_api import upgrade
 
 from services.instance.integrations.store import NewIntegration, create_integration
+from support import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +86,57 @@ async def test_odd_quota_parameters_are_refused_naming_them(rosa: Customer, quer
     answer = await rosa.api.get(f"/api/quotas/limited?{query}")
     assert answer.status_code == 400, answer.text
     assert "hours" in answer.text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"from": "0001-01-01T00:00:00Z", "to": "9999-12-31T23:59:59Z"},
+        {"from": "0001-01-01T00:00:00+14:00", "to": "2026-01-01T00:00:00Z"},
+        {"from": "2026-01-01T00:00:00Z", "to": "9999-12-31T23:59:59-14:00"},
+        {"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
+        {"from": "2026-01-01T00:00:00Z", "to": "2026-02-01T00:00:00Z", "rate": 10**30},
+        {"from": "2026-01-01T00:00:00Z", "to": "2026-02-01T00:00:00Z", "rate": 1.5},
+        {"from": "2026-01-01T00:00:00Z", "to": "2026-02-01T00:00:00Z", "rate": -1},
+        {"from": 1, "to": None},
+        {"from": "2026-01-01", "to": "2026-02-01"},
+        [],
+    ],
+)
+async def test_absurd_backfills_are_refused_or_run_never_a_500(
+    rosa: Customer, body: object, postgres_server_url: str
+) -> None:
+    async with instance_database(postgres_server_url, rosa) as conn:
+        integration = await conn.fetchval("SELECT integration_id FROM integrations LIMIT 1")
+    path = f"/api/integrations/{integration}/backfills"
+    answer = await rosa.api.post(path, json=body)
+    assert answer.status_code in {200, 201, 400, 409}, answer.text
+    if answer.status_code == 400:
+        assert answer.json()["error"]["fields"], answer.text
+    listed = await rosa.api.get(path)
+    assert listed.status_code == 200, listed.text
+    for backfill in listed.json()["backfills"]:
+        one = await rosa.api.get(f"{path}/{backfill['backfill_id']}")
+        assert one.status_code == 200, one.text
+
+
+async def test_a_backfill_over_all_of_time_finishes(
+    rosa: Customer, postgres_server_url: str
+) -> None:
+    async with instance_database(postgres_server_url, rosa) as conn:
+        integration = await conn.fetchval("SELECT integration_id FROM integrations LIMIT 1")
+    path = f"/api/integrations/{integration}/backfills"
+    for backfill in (await rosa.api.get(path)).json()["backfills"]:
+        await rosa.api.delete(f"{path}/{backfill['backfill_id']}")
+    made = await rosa.api.post(
+        path, json={"from": "0001-01-01T00:00:00Z", "to": "9999-12-31T23:59:59Z"}
+    )
+    assert made.status_code == 201, made.text
+    one = f"{path}/{made.json()['backfill_id']}"
+    done = await eventually(
+        lambda: rosa.api.get(one),
+        lambda r: r.json()["state"] not in {"queued", "running"},
+        timeout=60,
+        what="the backfill over all of time",
+    )
+    assert done.json()["state"] == "done", done.text
