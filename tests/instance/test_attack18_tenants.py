@@ -140,3 +140,45 @@ async def test_a_backfill_over_all_of_time_finishes(
         what="the backfill over all of time",
     )
     assert done.json()["state"] == "done", done.text
+
+
+HOSTILE_RULES: list[str] = [
+    '{"params": {"minutes": NaN}}',
+    '{"params": {"minutes": Infinity}}',
+    '{"params": {"minutes": -1}}',
+    '{"params": {"minutes": 1e400}}',
+    '{"params": {"minutes": 100000000000000000000000000000000000000}}',
+    '{"params": {"minutes": "30"}}',
+    '{"params": {"minutes": true}}',
+    '{"params": [1]}',
+    '{"params": {"": 1}}',
+    '{"threshold": 1e400}',
+    '{"threshold": NaN}',
+    '{"muted": "yes"}',
+    '{"name": 5}',
+    '{"devices": [1, {}]}',
+    '{"enabled": null}',
+    "[]",
+    "null",
+    "1",
+    '{"params": {"minutes": 30}, "params": {"minutes": 31}}',
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_RULES)
+async def test_hostile_rule_changes_are_never_a_500_and_leave_params_finite(
+    rosa: Customer, body: str
+) -> None:
+    rules = (await rosa.api.get("/api/alerts/rules")).json()["rules"]
+    for rule in rules:
+        answer = await rosa.api.put(
+            f"/api/alerts/rules/{rule['rule_id']}",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert answer.status_code < 500, (rule, answer.text)
+        if answer.status_code == 400:
+            assert "traceback" not in answer.text.lower()
+    for rule in (await rosa.api.get("/api/alerts/rules")).json()["rules"]:
+        for value in (rule.get("params") or {}).values():
+            assert value is None or (isinstance(value, int | float) and value == value)
