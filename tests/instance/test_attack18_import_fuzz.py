@@ -62,3 +62,31 @@ async def test_no_forged_field_is_a_500(exported: bytes, client) -> None:  # noq
                 failures.append(f"{name} {key}={value!r}: refused but wrote devices")
     await target.api.aclose()
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        {"url": "javascript:alert(document.cookie)"},
+        {"url": "file:///etc/passwd"},
+        {"url": "https://hooks.example.com/" + "a" * 5000},
+        {"name": "n" * 5000},
+        {"name": ""},
+    ],
+)
+async def test_a_forged_integration_url_or_name_is_refused(
+    exported: bytes,  # noqa: F811
+    client,  # noqa: F811
+    forge: dict[str, Any],
+) -> None:
+    target = await customer(client, f"forged-{len(str(forge))}-{next(iter(forge))}@example.com")
+    try:
+        name = "integrations.jsonl"
+        archive = _forge(exported, name, next(iter(forge)), next(iter(forge.values())))
+        refused = await target.api.post("/api/import", content=archive, timeout=120)
+        assert refused.status_code == 400, refused.text
+        [field] = refused.json()["error"]["fields"]
+        assert field["field"] == name, field
+        assert (await target.api.get("/api/devices")).json()["devices"] == []
+    finally:
+        await target.api.aclose()
