@@ -29,6 +29,8 @@ from services.instance.archive import ArchiveRefused, CheckedArchive
 from services.instance.integrations.store import (
     KINDS,
     MAX_INTEGRATIONS,
+    MAX_URL_LENGTH,
+    NAME_LIMIT,
     readings_noted_while_taken,
 )
 
@@ -132,8 +134,19 @@ def _check_integration(row: dict[str, Any], seen: set[str], names: set[str]) -> 
     kinds = row.get("kinds")
     if not isinstance(kinds, list) or not kinds or any(k not in KINDS for k in kinds):
         raise ArchiveRefused(file, f"integration {integration_id!r} has kinds {kinds!r}")
-    if not isinstance(row.get("url"), str) or not isinstance(name, str):
+    url = row.get("url")
+    if not isinstance(url, str) or not isinstance(name, str):
         raise ArchiveRefused(file, f"integration {integration_id!r} lacks its name or url")
+    # As the API would take them (the host is checked again at every POST).
+    if not url.startswith(("https://", "http://")) or len(url) > MAX_URL_LENGTH:
+        why = f"has a url that is no http(s) URL of at most {MAX_URL_LENGTH} characters"
+        raise ArchiveRefused(file, f"integration {integration_id!r} {why}")
+    if not 1 <= len(name) <= NAME_LIMIT:
+        raise ArchiveRefused(
+            file,
+            f"integration {integration_id!r} has a name of {len(name)} characters "
+            f"(1 to {NAME_LIMIT})",
+        )
     if row.get("deleted_at") is None:
         if name in names:
             raise ArchiveRefused(file, f"two integrations in force are named {name!r}")

@@ -35,11 +35,20 @@ from libs.http.errors import Conflict, NotFound
 from libs.runtime.outbox import add_to_outbox, outbox_relay
 from libs.runtime.service import ServiceRuntime
 from libs.sealing.vault import MasterKey, destroy_data_key, master_key, vacuum_keys
+from services.signup.limits import email_key
 
 log = logging.getLogger(__name__)
 
 # Tables whose dead row versions still hold what was erased: vacuumed right after.
-_VACUUMED = ("mail_outbox", "credentials", "account_tokens", "idempotency_keys", "accounts")
+_VACUUMED = (
+    "mail_outbox",
+    "credentials",
+    "account_tokens",
+    "idempotency_keys",
+    "accounts",
+    "login_failures",
+    "signup_windows",
+)
 
 
 class ErasureAnswer(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +138,15 @@ async def _forget_private_state(
     of their details), and the credential's email. The password hash stays: it names no one,
     and a retried close still needs it to find its first outcome."""
     await conn.execute("DELETE FROM mail_outbox WHERE lower(recipient) = ANY($1::text[])", emails)
+    # The abuse limits' counters are keyed by an unkeyed hash of the email (anyone guessing
+    # the address could match it): gone now, not at the window's end.
+    keys = sorted({f"email:{email_key(e)}" for e in emails})
+    await conn.execute("DELETE FROM login_failures WHERE subject = ANY($1::text[])", keys)
+    await conn.execute(
+        "DELETE FROM signup_windows WHERE EXISTS (SELECT 1 FROM unnest($1::text[]) k "
+        "WHERE right(subject, length(k) + 1) = ':' || k)",
+        keys,
+    )
     await conn.execute(
         "DELETE FROM idempotency_keys WHERE response -> 'customer' ->> 'customer_id' = $1",
         customer_id,
