@@ -33,6 +33,9 @@ def _forge(exported_: bytes, name: str, field: str, value: Any) -> bytes:
     return retar({**parts, "manifest.json": json.dumps(manifest).encode()})
 
 
+CASES = 24
+
+
 async def test_no_forged_field_is_a_500(exported: bytes, client) -> None:  # noqa: F811
     parts = members(exported)
     fields = [
@@ -42,24 +45,27 @@ async def test_no_forged_field_is_a_500(exported: bytes, client) -> None:  # noq
         for key in json.loads(body.splitlines()[0])
     ]
     assert fields
+    # Every field with one hostile value each, in turn, at most CASES of them spread over
+    # all parts: the whole cross product takes 11 minutes, too long for the suite.
+    cases = [(n, k, HOSTILE[i % len(HOSTILE)]) for i, (n, k) in enumerate(fields)]
+    cases = cases[:: max(1, len(cases) // CASES)][:CASES]
     target = await customer(client, "fuzz0@example.com")
     failures: list[str] = []
     made = 0
-    for name, key in fields:
-        for value in HOSTILE:
-            answer = await target.api.post(
-                "/api/import", content=_forge(exported, name, key, value), timeout=120
-            )
-            if answer.status_code >= 500:
-                failures.append(f"{name} {key}={value!r}: {answer.status_code} {answer.text[:300]}")
-            elif answer.status_code == 201:
-                made += 1
-                await target.api.aclose()
-                target = await customer(client, f"fuzz{made}@example.com")
-            elif answer.status_code != 400 or not answer.json()["error"].get("fields"):
-                failures.append(f"{name} {key}={value!r}: {answer.status_code} {answer.text[:300]}")
-            elif (await target.api.get("/api/devices")).json()["devices"]:
-                failures.append(f"{name} {key}={value!r}: refused but wrote devices")
+    for name, key, value in cases:
+        answer = await target.api.post(
+            "/api/import", content=_forge(exported, name, key, value), timeout=120
+        )
+        if answer.status_code >= 500:
+            failures.append(f"{name} {key}={value!r}: {answer.status_code} {answer.text[:300]}")
+        elif answer.status_code == 201:
+            made += 1
+            await target.api.aclose()
+            target = await customer(client, f"fuzz{made}@example.com")
+        elif answer.status_code != 400 or not answer.json()["error"].get("fields"):
+            failures.append(f"{name} {key}={value!r}: {answer.status_code} {answer.text[:300]}")
+        elif (await target.api.get("/api/devices")).json()["devices"]:
+            failures.append(f"{name} {key}={value!r}: refused but wrote devices")
     await target.api.aclose()
     assert not failures, "\n".join(failures)
 
