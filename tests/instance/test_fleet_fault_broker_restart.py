@@ -104,7 +104,13 @@ async def test_a_broker_restart_loses_no_configuration_and_no_device(
             timeout=60,
             what="the configuration set while the broker was away, retained",
         )
-        assert await retained_config(broker, devices[1]) == {"version": 1, "reporting_interval": 40}
+        # The publisher sends everything again one after another: the other one follows.
+        await eventually(
+            lambda: retained_config(broker, devices[1]),
+            lambda config: config == {"version": 1, "reporting_interval": 40},
+            timeout=60,
+            what="the other configuration, retained again",
+        )
         assert await inst.db.fetchval(
             "SELECT bool_and(published_version = version) FROM device_config"
         )
