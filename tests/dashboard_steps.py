@@ -65,3 +65,13 @@ async def until_text(page: Page, section: str, selector: str, text: str) -> Any:
         if text in await page.inner_text(selector):
             return
     raise AssertionError(f"{selector} never showed {text!r}: {await page.inner_text(selector)}")
+
+
+async def sign_in(page: Page, base: str, email: str, password: str) -> None:
+    """Sign in on the instance's dashboard at ``base`` and wait until it has loaded."""
+    await page.goto(base + "/")
+    await page.wait_for_selector("#login-form", state="visible")
+    await page.fill("#email", email)
+    await page.fill("#password", password)
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)

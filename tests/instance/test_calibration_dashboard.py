@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 from browser import accessibility_problems, check_page, new_page, open_browser
-from dashboard_steps import open_section
-from playwright.async_api import Page
+from dashboard_steps import open_section, sign_in
 from test_instance import (  # noqa: F401 - client is a fixture
     PASSWORD,
     client,
@@ -28,15 +27,6 @@ from libs.servers.mosquitto import EmbeddedMosquitto
 from support import eventually
 
 pytestmark = pytest.mark.slow
-
-
-async def sign_in(page: Page, base: str, email: str) -> None:
-    await page.goto(base + "/")
-    await page.wait_for_selector("#login-form", state="visible")
-    await page.fill("#email", email)
-    await page.fill("#password", PASSWORD)
-    await page.click("#login-form button[type=submit]")
-    await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)
 
 
 async def publish(
@@ -72,7 +62,7 @@ async def test_calibration_badges_history_and_shaded_charts(client, broker) -> N
     try:
         async with open_browser() as browser:
             page = await new_page(browser)
-            await sign_in(page, base, "mia@example.com")
+            await sign_in(page, base, "mia@example.com", PASSWORD)
             lab_badge = badge(lab["device_id"])
             await page.wait_for_selector(lab_badge)
             assert await page.inner_text(lab_badge) == (

@@ -20,20 +20,11 @@ from urllib.parse import urlsplit
 import aiomqtt
 import pytest
 from browser import check_page, new_page, open_browser
-from dashboard_steps import until_text
+from dashboard_steps import sign_in, until_text
 from playwright.async_api import Page
 from test_instance import PASSWORD, client, customer  # noqa: F401 - client is a fixture
 
 pytestmark = pytest.mark.slow
-
-
-async def sign_in(page: Page, base: str, email: str) -> None:
-    await page.goto(base + "/")
-    await page.wait_for_selector("#login-form", state="visible")
-    await page.fill("#email", email)
-    await page.fill("#password", PASSWORD)
-    await page.click("#login-form button[type=submit]")
-    await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)
 
 
 def run_shell(script: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +65,7 @@ async def test_a_fleet_is_provisioned_and_configured_in_the_page(client) -> None
         async with open_browser() as browser:
             page = await new_page(browser, permissions=["clipboard-read", "clipboard-write"])
             page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-            await sign_in(page, base, "hana@example.com")
+            await sign_in(page, base, "hana@example.com", PASSWORD)
 
             next_year = datetime.now(UTC).year + 1
             key = await create_key(page, "Building A", "5", f"{next_year}-06-30T18:00")

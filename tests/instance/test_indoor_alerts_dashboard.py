@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from browser import check_page, new_page, open_browser
-from dashboard_steps import open_section
-from playwright.async_api import Page
+from dashboard_steps import open_section, sign_in
 from test_instance import (  # noqa: F401 - client is a fixture
     PASSWORD,
     Customer,
@@ -30,15 +29,6 @@ from test_instance import (  # noqa: F401 - client is a fixture
 from support import eventually
 
 pytestmark = pytest.mark.slow
-
-
-async def sign_in(page: Page, base: str, email: str) -> None:
-    await page.goto(base + "/")
-    await page.wait_for_selector("#login-form", state="visible")
-    await page.fill("#email", email)
-    await page.fill("#password", PASSWORD)
-    await page.click("#login-form button[type=submit]")
-    await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)
 
 
 async def rules(c: Customer) -> list[dict[str, Any]]:
@@ -135,7 +125,7 @@ async def test_indoor_air_alerts_are_explained_and_tuned_in_the_page(
         async with open_browser() as browser:
             page = await new_page(browser)
             page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-            await sign_in(page, base, "lena@example.com")
+            await sign_in(page, base, "lena@example.com", PASSWORD)
             for _ in range(60):
                 await open_section(page, "alerts")
                 await asyncio.sleep(0.5)
