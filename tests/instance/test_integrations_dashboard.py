@@ -11,9 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from browser import check_page, new_page, open_browser
-from dashboard_steps import open_section, until_text
+from dashboard_steps import open_section, sign_in, until_text
 from integration_steps import receiving
-from playwright.async_api import Page
 from test_instance import (  # noqa: F401 - client is a fixture
     PASSWORD,
     client,
@@ -25,15 +24,6 @@ from test_instance import (  # noqa: F401 - client is a fixture
 from test_integrations_api import upgrade
 
 pytestmark = pytest.mark.slow
-
-
-async def sign_in(page: Page, base: str, email: str) -> None:
-    await page.goto(base + "/")
-    await page.wait_for_selector("#login-form", state="visible")
-    await page.fill("#email", email)
-    await page.fill("#password", PASSWORD)
-    await page.click("#login-form button[type=submit]")
-    await page.wait_for_function("() => window.dashboardReady === true", timeout=20_000)
 
 
 async def test_an_integration_is_added_and_backfilled_in_the_page(
@@ -54,7 +44,7 @@ async def test_an_integration_is_added_and_backfilled_in_the_page(
         async with receiving() as receiver, open_browser() as browser:
             page = await new_page(browser, permissions=["clipboard-read", "clipboard-write"])
             page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-            await sign_in(page, base, "rosa@example.com")
+            await sign_in(page, base, "rosa@example.com", PASSWORD)
             await open_section(page, "alerts")
             await page.fill("#integration-name", "Data lake")
             await page.fill("#integration-url", receiver.url)
@@ -69,6 +59,8 @@ async def test_an_integration_is_added_and_backfilled_in_the_page(
             await page.wait_for_selector("#backfill-form", state="visible")
             await page.click("#backfill-form button[type=submit]")
             await until_text(page, "alerts", "#integrations-table", "30 of 30")
+            # The last page delivered, the backfill is marked done a moment later.
+            await until_text(page, "alerts", "#integrations-table", "done")
             table = await page.inner_text("#integrations-table")
             await check_page(page, "instance-integrations")
             # The receiver stops answering: the page says so, and why.
