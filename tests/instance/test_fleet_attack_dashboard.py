@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from browser import new_page, open_browser
-from dashboard_steps import open_section
+from dashboard_steps import open_section, sign_in
 from fleet_steps import create_key, new_api_key, new_uuid, post_registration, registration_body
-from test_fleet_dashboard import device_client, sign_in
-from test_instance import client, customer  # noqa: F401 - client is a fixture
+from test_fleet_dashboard import device_client
+from test_instance import PASSWORD, client, customer  # noqa: F401 - client is a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ async def test_a_device_name_is_text_in_the_charts(client) -> None:  # noqa: F81
             )
     async with open_browser() as browser:
         page = await new_page(browser)
-        await sign_in(page, base, "dora@example.com")
+        await sign_in(page, base, "dora@example.com", PASSWORD)
         await open_section(page, "charts")
         for label in ("Plain", "sign in again"):
             box = page.locator(f"#chart-devices label:has-text('{label}') input")

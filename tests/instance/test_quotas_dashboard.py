@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 from browser import check_page, new_page, open_browser
-from dashboard_steps import open_section
-from test_fleet_dashboard import sign_in
-from test_instance import client, customer, register  # noqa: F401 - client is a fixture
+from dashboard_steps import open_section, sign_in
+from test_instance import PASSWORD, client, customer, register  # noqa: F401 - client is a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +20,7 @@ async def test_the_usage_section_shows_meters_notices_and_refusals_live(client) 
     try:
         async with open_browser() as browser:
             page = await new_page(browser)
-            await sign_in(page, base, "rosa@example.com")
+            await sign_in(page, base, "rosa@example.com", PASSWORD)
             await open_section(page, "usage")
             await page.wait_for_function(
                 "() => /Burst allowance/.test(document.getElementById('quota-meters').innerText)"
