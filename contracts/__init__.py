@@ -5,6 +5,7 @@ JSON Schemas and checks that a change keeps old events readable.
 """
 
 from contracts.envelope import (
+    Cause,
     Envelope,
     TraceContext,
     decode_envelope,
@@ -57,6 +58,7 @@ from contracts.events import (
 
 __all__ = [
     "EVENT_TYPES",
+    "Cause",
     "CredentialsChanged",
     "CustomerClosed",
     "CustomerErased",

@@ -18,6 +18,7 @@ from contracts.errors import MalformedEvent, UnknownEventType
 from contracts.events import EVENT_TYPES, Event, UtcDateTime
 
 __all__ = [
+    "Cause",
     "Envelope",
     "MalformedEvent",
     "TraceContext",
@@ -56,6 +57,27 @@ class Envelope(Struct, frozen=True, kw_only=True):
     data: msgspec.Raw
 
 
+class Cause(Struct, frozen=True, kw_only=True):
+    """What an event was caused by, kept apart from the event: its id, correlation and trace.
+
+    Work that outlives the consumer that started it (a queued job, a scheduled decision)
+    keeps this, so what it appends later names its cause and continues (or links to) its trace.
+    """
+
+    event_id: Annotated[str, Meta(min_length=1)]
+    correlation_id: Annotated[str, Meta(min_length=1)]
+    trace: TraceContext = TraceContext()
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> Cause:
+        """The cause an envelope's event is for what it leads to."""
+        return cls(
+            event_id=envelope.event_id,
+            correlation_id=envelope.correlation_id,
+            trace=envelope.trace,
+        )
+
+
 _encoder = msgspec.json.Encoder()
 _envelope_decoder = msgspec.json.Decoder(Envelope)
 # One decoder per event type, built once: building a Decoder costs far more than using one.
@@ -69,7 +91,7 @@ def new_envelope(
     *,
     customer_id: str | None,
     correlation_id: str | None = None,
-    causation: Envelope | None = None,
+    causation: Envelope | Cause | None = None,
     trace: TraceContext | None = None,
     event_id: str | None = None,
     occurred_at: datetime | None = None,

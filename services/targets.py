@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 from litestar import Litestar, Router
+from litestar.connection import ASGIConnection
 
 from libs.eventlog.errors import EventStoreError
 from libs.http.app import create_app
 from libs.http.asyncapi import asyncapi_document
 from libs.http.auth import admin_guard
+from libs.observability.telemetry import name_request_span
 from libs.runtime.platform import Platform
 from libs.runtime.service import ServiceDefinition
 from services.billing.app import BILLING
@@ -40,6 +42,13 @@ def definitions_for(target: str) -> list[ServiceDefinition]:
     return [CONTROL_PLANE[target]]
 
 
+def _named_for(service: str) -> Callable[[ASGIConnection[Any, Any, Any, Any], Any], None]:
+    def name_span(_: ASGIConnection[Any, Any, Any, Any], __: Any) -> None:
+        name_request_span(service)
+
+    return name_span
+
+
 def build_app(platform: Platform, target: str) -> Litestar:
     """The HTTP app of a process: each hosted service's routes, health, metrics, operations."""
 
@@ -61,7 +70,17 @@ def build_app(platform: Platform, target: str) -> Litestar:
     for definition in platform.definitions:
         handlers = list(definition.routes(platform.runtime_of(definition.name)))
         if handlers:
-            service_routes.append(Router(path="/", route_handlers=handlers, tags=[definition.name]))
+            service_routes.append(
+                Router(
+                    path="/",
+                    route_handlers=handlers,
+                    tags=[definition.name],
+                    # Its requests' spans are the service's, also when one process serves all
+                    # (a guard that lets everything through: guards add up across layers,
+                    # where a router's before_request would replace the app's input checks).
+                    guards=[_named_for(definition.name)],
+                )
+            )
     return create_app(
         title=f"Iotistic ({target})",
         # The event log's AsyncAPI document, next to the OpenAPI one at /schema.

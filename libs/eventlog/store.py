@@ -21,7 +21,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from contracts import Envelope, Event, TraceContext, encode_envelope, new_envelope
+from contracts import Cause, Envelope, Event, TraceContext, encode_envelope, new_envelope
 from libs.config import EventLogSettings
 from libs.eventlog.errors import AppendRefused, ConcurrencyConflict, EventStoreError
 from libs.eventlog.reader import LogReader, ReadPosition, StoredMessage
@@ -200,7 +200,7 @@ class EventStore:
         event: Event,
         *,
         customer_id: str | None,
-        causation: Envelope | None = None,
+        causation: Envelope | Cause | None = None,
         key: str | None = None,
         expected_last_subject_seq: int | None = None,
         expected_on: str | None = None,
@@ -309,19 +309,18 @@ def traced_envelope(
     event: Event,
     *,
     customer_id: str | None,
-    causation: Envelope | None = None,
+    causation: Envelope | Cause | None = None,
     event_id: str | None = None,
 ) -> Envelope:
-    """``event`` in an envelope that carries the current span's trace context."""
+    """``event`` in an envelope that carries the current span's trace context, else (no span
+    is recording) its cause's, so an event appended outside any span still continues the trace
+    of what caused it."""
     trace = current_trace_context()
+    carried = TraceContext(traceparent=trace.get("traceparent"), tracestate=trace.get("tracestate"))
+    if carried.traceparent is None and causation is not None:
+        carried = causation.trace
     return new_envelope(
-        event,
-        customer_id=customer_id,
-        causation=causation,
-        trace=TraceContext(
-            traceparent=trace.get("traceparent"), tracestate=trace.get("tracestate")
-        ),
-        event_id=event_id,
+        event, customer_id=customer_id, causation=causation, trace=carried, event_id=event_id
     )
 
 

@@ -110,7 +110,11 @@ def create_app(
     if tracing:
         from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
-        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"])))
+        # A span per request; not one more per ASGI message it reads and sends.
+        config = OpenTelemetryConfig(
+            exclude=["/health", "/metrics"], exclude_spans=["receive", "send"]
+        )
+        plugins.append(OpenTelemetryPlugin(config))
     return Litestar(
         route_handlers=[*operations, *route_handlers],
         lifespan=list(lifespan),

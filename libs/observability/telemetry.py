@@ -2,18 +2,29 @@
 
 The W3C trace context of the span that appends an event travels in the event's envelope (and in
 the NATS headers, for tools that look there); the projection runner starts the span that handles
-the event as a child of it, so a signup and the license it leads to are one trace.
+the event as a child of it, so a signup and the license it leads to are one trace. Work that
+outlives its consumer (a queued job, a scheduled decision) keeps the ``Cause`` it came from and
+continues or links to its trace; a process started for a trace (a customer's instance) gets it
+in ``TRACEPARENT``; outgoing HTTP calls carry it in their headers.
+
+Each span names the service it was made for (``iotistic.service``): set from the service whose
+task made it (``serving``), or by the service's routes. Its ``service.name`` is that service's
+(``iotistic-signup``), also when every service runs in one process.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 
+import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -21,30 +32,113 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from contracts import TraceContext
+from contracts import Cause, TraceContext
 
 log = logging.getLogger(__name__)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
+SERVICE_ATTRIBUTE = "iotistic.service"
+_SERVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "iotistic_service", default=None
+)
+
+
+def service_name(service: str) -> str:
+    """The ``service.name`` of a service's spans: ``iotistic-<service>``."""
+    return f"iotistic-{service}"
+
+
+def serving(service: str) -> None:
+    """Spans made from here on in this task (and the tasks it starts) are ``service``'s."""
+    _SERVICE.set(service)
+
+
+def name_request_span(service: str) -> None:
+    """The current request's span, and those made while handling it, are ``service``'s (for
+    one process serving every service's routes)."""
+    serving(service)
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute(SERVICE_ATTRIBUTE, service)
+
+
+class _NamedByService(SpanProcessor):
+    """Hands ``inner`` each span with the resource of the service that made it: the same
+    resource with ``service.name`` set from the span's ``iotistic.service``."""
+
+    def __init__(self, inner: SpanProcessor, resource: Resource) -> None:
+        self._inner = inner
+        self._resource = resource
+        self._resources: dict[str, Resource] = {}
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        if SERVICE_ATTRIBUTE not in (span.attributes or {}):
+            # The parent's service where the parent was made here, else the task's.
+            parent = trace.get_current_span(parent_context)
+            inherited = getattr(parent, "attributes", None) or {}
+            service = inherited.get(SERVICE_ATTRIBUTE) or _SERVICE.get()
+            if service is not None:
+                span.set_attribute(SERVICE_ATTRIBUTE, service)
+        self._inner.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        service = (span.attributes or {}).get(SERVICE_ATTRIBUTE)
+        if not isinstance(service, str):
+            self._inner.on_end(span)
+            return
+        resource = self._resources.get(service)
+        if resource is None:
+            resource = self._resource.merge(Resource({"service.name": service_name(service)}))
+            self._resources[service] = resource
+        self._inner.on_end(
+            ReadableSpan(
+                name=span.name,
+                context=span.context,
+                parent=span.parent,
+                resource=resource,
+                attributes=span.attributes,
+                events=span.events,
+                links=span.links,
+                kind=span.kind,
+                status=span.status,
+                start_time=span.start_time,
+                end_time=span.end_time,
+                instrumentation_scope=span.instrumentation_scope,
+            )
+        )
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
 
 def setup_tracing(
-    service_name: str, exporter: str, extra_processors: tuple[SpanProcessor, ...] = ()
+    service_name: str,
+    exporter: str,
+    extra_processors: tuple[SpanProcessor, ...] = (),
+    attributes: Mapping[str, str] | None = None,
 ) -> TracerProvider:
     """Install a tracer provider for this process and return it (to shut down at exit).
 
     ``exporter`` is ``none`` (spans are still made and propagated, just not sent), ``console``
     or ``otlp`` (configured by the standard ``OTEL_EXPORTER_OTLP_*`` variables).
+    ``service_name`` names the spans no service claims (``serving``); ``attributes`` are added
+    to the resource of every span.
     """
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    resource = Resource.create({**(attributes or {}), "service.name": service_name})
+    provider = TracerProvider(resource=resource)
+    processors: list[SpanProcessor] = []
     if exporter == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
     elif exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    for processor in extra_processors:
-        provider.add_span_processor(processor)
+        processors.append(BatchSpanProcessor(OTLPSpanExporter()))
+    for processor in (*processors, *extra_processors):
+        provider.add_span_processor(_NamedByService(processor, resource))
     trace.set_tracer_provider(provider)
     return provider
 
@@ -82,3 +176,72 @@ def context_from(trace_context: TraceContext | Mapping[str, str]) -> otel_contex
     else:
         carrier = dict(trace_context)
     return _PROPAGATOR.extract(carrier)
+
+
+def trace_context_of(carrier: Mapping[str, str]) -> TraceContext:
+    """The W3C headers of ``carrier`` (``current_trace_context()``) as an envelope's."""
+    return TraceContext(
+        traceparent=carrier.get("traceparent"), tracestate=carrier.get("tracestate")
+    )
+
+
+def link_to(cause: Cause | TraceContext | None) -> list[trace.Link]:
+    """A span link to the span a cause was appended in (none when it carried no trace): what
+    a scheduled decision starts its own trace with, pointing at what it decided on."""
+    context = cause.trace if isinstance(cause, Cause) else cause
+    if context is None or not context.traceparent:
+        return []
+    span_context = trace.get_current_span(context_from(context)).get_span_context()
+    return [trace.Link(span_context)] if span_context.is_valid else []
+
+
+# --- across processes --------------------------------------------------------------------------
+
+TRACEPARENT_VARIABLE = "TRACEPARENT"
+TRACESTATE_VARIABLE = "TRACESTATE"
+
+
+def trace_environment() -> dict[str, str]:
+    """The current span's trace context as environment variables (``TRACEPARENT``,
+    ``TRACESTATE``), for a process started on its behalf to continue its trace."""
+    carrier = current_trace_context()
+    names = {"traceparent": TRACEPARENT_VARIABLE, "tracestate": TRACESTATE_VARIABLE}
+    return {names[key]: value for key, value in carrier.items() if key in names}
+
+
+def context_from_environment(environ: Mapping[str, str] = os.environ) -> otel_context.Context:
+    """The context a process was started in (``trace_environment``), else an empty one."""
+    return context_from(
+        {
+            key: environ[variable]
+            for key, variable in (
+                ("traceparent", TRACEPARENT_VARIABLE),
+                ("tracestate", TRACESTATE_VARIABLE),
+            )
+            if environ.get(variable)
+        }
+    )
+
+
+async def inject_trace_headers(request: httpx.Request) -> None:
+    """An httpx request hook: the call carries the current trace, so the service it reaches
+    handles it in the same trace."""
+    for key, value in current_trace_context().items():
+        request.headers[key] = value
+
+
+def traced_hooks() -> dict[str, list[Callable[[httpx.Request], Awaitable[None]]]]:
+    """``event_hooks`` for an ``httpx.AsyncClient`` whose calls carry the current trace."""
+    return {"request": [inject_trace_headers]}
+
+
+@contextmanager
+def continuing(cause: Cause | TraceContext | None) -> Iterator[otel_context.Context]:
+    """Make the span a cause was appended in the current parent while the block runs."""
+    context = cause.trace if isinstance(cause, Cause) else cause
+    parent = context_from(context) if context is not None else otel_context.Context()
+    token = otel_context.attach(parent)
+    try:
+        yield parent
+    finally:
+        otel_context.detach(token)

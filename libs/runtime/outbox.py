@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from contracts import Envelope, Event, decode_envelope, encode_envelope
+from contracts import Cause, Envelope, Event, decode_envelope, encode_envelope
 from libs.eventlog.store import EventStore, traced_envelope
 from libs.runtime.scheduling import PASSING
 from libs.runtime.service import ServiceRuntime
@@ -47,10 +47,12 @@ async def add_to_outbox(
     *,
     customer_id: str | None,
     key: str | None = None,
-    causation: Envelope | None = None,
+    causation: Envelope | Cause | None = None,
     event_id: str | None = None,
 ) -> Envelope:
-    """Record ``event`` for the log in the caller's transaction; returns its envelope."""
+    """Record ``event`` for the log in the caller's transaction; returns its envelope. It
+    carries the trace of the span recording it (else its cause's), whenever the relay sends
+    it."""
     envelope = traced_envelope(
         event, customer_id=customer_id, causation=causation, event_id=event_id
     )

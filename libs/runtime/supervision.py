@@ -28,6 +28,8 @@ from typing import Any
 import stamina
 from prometheus_client import CollectorRegistry, Counter
 
+from libs.observability.telemetry import serving
+
 log = logging.getLogger(__name__)
 
 # The task the running coroutine belongs to, so the code it calls can beat without being
@@ -190,6 +192,7 @@ class Supervisor:
 
     async def _keep(self, supervised: SupervisedTask, start: Callable[[], Awaitable[None]]) -> None:
         _current.set(supervised)
+        serving(self.owner)  # the spans this task makes are its service's
         crashes_in_a_row = 0
         while not self._stopping:
             supervised.state = TaskState.RUNNING

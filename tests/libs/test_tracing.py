@@ -130,6 +130,20 @@ async def test_a_signup_request_and_every_event_it_causes_are_one_trace(
         for s in spans.get_finished_spans()
         if s.context.trace_id == trace_id and s.name.startswith("apply ")
     }
+    # One process serves every service, yet each span is its own service's.
+    assert request.resource.attributes["service.name"] == "iotistic-signup"
+    names = {
+        (s.attributes.get("iotistic.service"), s.resource.attributes["service.name"])
+        for s in spans.get_finished_spans()
+        if s.context.trace_id == trace_id
+    }
+    assert {("signup", "iotistic-signup"), ("licensing", "iotistic-licensing")} <= names
+    assert ("billing", "iotistic-billing") in names
+    assert all(name == f"iotistic-{service}" for service, name in names), [
+        (s.name, s.kind, s.attributes)
+        for s in spans.get_finished_spans()
+        if s.context.trace_id == trace_id and "iotistic.service" not in s.attributes
+    ]
     # signup's request → licensing and billing answer → signup's account view applies both.
     assert ("licensing", "apply CustomerSignedUp") in in_trace
     assert ("billing", "apply CustomerSignedUp") in in_trace
