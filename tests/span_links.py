@@ -1,15 +1,19 @@
 """The spans this test process finishes, in memory, and how to follow one trace to another.
 
-OpenTelemetry takes a global tracer provider once per process: the first module that asks for
-spans installs it (``setup_tracing``, as the platform does); a module asking later, after another
-module installed one, adds its exporter to that one instead of being refused.
+OpenTelemetry takes a global tracer provider once per process (a second ``setup_tracing`` is
+refused), so every test module that records spans goes through ``recorded_spans``: the first
+installs the provider, as the platform does, with one exporter that hands each finished span to
+the exporters of the modules recording at the moment.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from contracts import Envelope, decode_envelope
@@ -17,15 +21,44 @@ from libs.eventlog.store import EventStore
 from libs.observability.telemetry import setup_tracing
 
 
-def recording_spans() -> InMemorySpanExporter:
-    """A new exporter that records every span finished in this process from now on."""
+class _Recorders(SpanExporter):
+    """Hands each finished span to every exporter recording now."""
+
+    def __init__(self) -> None:
+        self.recording: list[InMemorySpanExporter] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for exporter in list(self.recording):
+            exporter.export(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.recording.clear()
+
+
+_recorders: _Recorders | None = None
+
+
+@contextlib.contextmanager
+def recorded_spans() -> Iterator[InMemorySpanExporter]:
+    """Every span finished in this process while the block runs, in memory (for a
+    module-scoped fixture: ``with recorded_spans() as spans: yield spans``)."""
+    global _recorders
+    if _recorders is None:
+        _recorders = _Recorders()
+        processor = SimpleSpanProcessor(_recorders)
+        installed = trace.get_tracer_provider()
+        if isinstance(installed, TracerProvider):
+            # Installed elsewhere (not through here): spans keep that provider's resource.
+            installed.add_span_processor(processor)
+        else:
+            setup_tracing("iotistic-test", "none", (processor,))
     exporter = InMemorySpanExporter()
-    installed = trace.get_tracer_provider()
-    if isinstance(installed, TracerProvider):
-        installed.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        setup_tracing("iotistic-test", "none", (SimpleSpanProcessor(exporter),))
-    return exporter
+    _recorders.recording.append(exporter)
+    try:
+        yield exporter
+    finally:
+        _recorders.recording.remove(exporter)
 
 
 def span_ids(envelope: Envelope) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from span_links import envelopes_of, recording_spans, span_ids, spans_named
+from span_links import envelopes_of, recorded_spans, span_ids, spans_named
 
 from contracts import CustomerSignedUp, Envelope
 from libs.config import ServiceSettings
@@ -27,8 +27,9 @@ from support import eventually
 
 
 @pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    return recording_spans()
+def spans() -> Iterator[InMemorySpanExporter]:
+    with recorded_spans() as exporter:
+        yield exporter
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +204,9 @@ async def trial_cause(pool: asyncpg.Pool, customer_id: str) -> Any:
     return None if raw is None else json.loads(raw)
 
 
-async def test_the_trial_scheduler_decides_in_billings_name(fresh_log: Any) -> None:
-    spans = recording_spans()
+async def test_the_trial_scheduler_decides_in_billings_name(
+    spans: InMemorySpanExporter, fresh_log: Any
+) -> None:
     settings, store = await fresh_log()
     platform = Platform.from_settings(settings, [BILLING], trial_scan_seconds=0.2)
     await platform.start()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from span_links import envelopes_of, recording_spans, span_ids, spans_named
+from span_links import envelopes_of, recorded_spans, span_ids, spans_named
 
 from contracts import CustomerSignedUp, Envelope, SubscriptionActivated, decode_event
 from libs.config import ServiceSettings
@@ -29,8 +29,9 @@ BEFORE = timedelta(days=7)
 
 
 @pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    return recording_spans()
+def spans() -> Iterator[InMemorySpanExporter]:
+    with recorded_spans() as exporter:
+        yield exporter
 
 
 @pytest.fixture(scope="module")
