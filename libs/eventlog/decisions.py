@@ -12,14 +12,20 @@ read model have applied everything up to there, asks again, and appends with tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from contracts import Event
+import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from contracts import Cause, Envelope, Event
 from libs.eventlog.errors import ConcurrencyConflict
 from libs.eventlog.store import Appended, EventStore
+from libs.observability.telemetry import link_to, tracer
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ CATCH_UP_SECONDS = 5.0
 # Tries at one decision in one pass; a customer whose events keep coming waits for the next.
 ATTEMPTS = 4
 
+TRACER = "iotistic.schedulers"
+
 
 async def append_decision(
     store: EventStore,
@@ -42,6 +50,7 @@ async def append_decision(
     event_id: str,
     decide: Callable[[], Awaitable[Event | None]],
     consumers: Sequence[str],
+    cause: Cause | None = None,
     catch_up_seconds: float = CATCH_UP_SECONDS,
 ) -> Appended | None:
     """Append what ``decide`` answers (re-reading its read model) about ``customer_id``, only
@@ -49,39 +58,76 @@ async def append_decision(
     feeding that read model) have applied; None when it decides nothing. Raises
     ``ReadModelBehind`` when the read model did not catch up (a parked event, a stalled
     consumer): no other decision from it can be trusted in this pass either.
+
+    The event is appended caused by ``cause`` (none: it starts a chain of its own), in a root
+    span ``schedule <EventType>`` linked to the cause's span; no span when nothing is due.
     """
-    expected = 0  # nothing known yet: the first try learns the customer's last sequence
-    for _ in range(ATTEMPTS):
-        event = await decide()
-        if event is None:
-            return None
-        try:
-            return await store.publish(
-                event,
-                customer_id=customer_id,
-                event_id=event_id,
-                expected_last_subject_seq=expected,
-                expected_on=store.customer_filter(customer_id),
-            )
-        except ConcurrencyConflict as conflict:
-            if conflict.last_seq is None:
-                raise
-            expected = conflict.last_seq
-        if not await caught_up(store, consumers, catch_up_seconds):
-            raise ReadModelBehind(f"{', '.join(consumers)} behind the log (customer {customer_id})")
+    event = await decide()
+    if event is None:
+        return None
+    with _scheduling(event, customer_id, event_id, cause) as span:
+        expected = 0  # nothing known yet: the first try learns the customer's last sequence
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                event = await decide()
+                if event is None:
+                    span.set_attribute("iotistic.outcome", "not due")
+                    return None
+            try:
+                appended = await store.publish(
+                    event,
+                    customer_id=customer_id,
+                    causation=cause,
+                    event_id=event_id,
+                    expected_last_subject_seq=expected,
+                    expected_on=store.customer_filter(customer_id),
+                )
+            except ConcurrencyConflict as conflict:
+                if conflict.last_seq is None:
+                    raise
+                expected = conflict.last_seq
+            else:
+                span.set_attribute(
+                    "iotistic.outcome", "duplicate" if appended.duplicate else "appended"
+                )
+                return appended
+            if not await caught_up(store, consumers, catch_up_seconds):
+                raise ReadModelBehind(
+                    f"{', '.join(consumers)} behind the log (customer {customer_id})"
+                )
+        span.set_attribute("iotistic.outcome", "busy")
     log.info("%s: events keep arriving; deciding on the next pass", customer_id)
     return None
+
+
+def _scheduling(
+    event: Event, customer_id: str, event_id: str, cause: Cause | None
+) -> contextlib.AbstractContextManager[trace.Span]:
+    # A root span: an empty context has no parent, whatever span the caller is in.
+    attributes: dict[str, str] = {
+        "iotistic.customer_id": customer_id,
+        "iotistic.event_id": event_id,
+    }
+    if cause is not None:
+        attributes["iotistic.causation_id"] = cause.event_id
+    return tracer(TRACER).start_as_current_span(
+        f"schedule {event.TYPE}",
+        context=otel_context.Context(),
+        links=link_to(cause),
+        attributes=attributes,
+    )
 
 
 @dataclass(frozen=True)
 class Decision:
     """One decision a scheduler found due: about whom, the event id it appends under (derived
-    from what is decided, so two passes append it once), and how to take it from the read
-    model (None: not due any more)."""
+    from what is decided, so two passes append it once), how to take it from the read model
+    (None: not due any more), and what it is decided on, when the read model remembers it."""
 
     customer_id: str
     event_id: str
     decide: Callable[[], Awaitable[Event | None]]
+    cause: Cause | None = None
 
 
 async def append_decisions(
@@ -98,12 +144,32 @@ async def append_decisions(
                 event_id=decision.event_id,
                 decide=decision.decide,
                 consumers=consumers,
+                cause=decision.cause,
             )
         except ReadModelBehind as behind:
             log.warning("%s: %s; the next pass decides", scheduler, behind)
             break
         appended += done is not None
     return appended
+
+
+def cause_json(envelope: Envelope) -> str:
+    """What a read model keeps (a jsonb column) of the event a later decision is taken on:
+    its ``Cause``, derived from the envelope alone, so a replay keeps the same."""
+    return msgspec.json.encode(Cause.of(envelope)).decode()
+
+
+def cause_from_json(raw: str | bytes | None, where: str = "read model") -> Cause | None:
+    """The ``Cause`` a read model kept (``cause_json``); None for a row from before causes
+    were kept, or one that does not read as a cause (logged: a decision is taken all the same,
+    only without its causation)."""
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw, type=Cause)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+        log.warning("%s: a stored cause does not decode (%s); deciding without it", where, exc)
+        return None
 
 
 async def caught_up(store: EventStore, consumers: Sequence[str], within: float) -> bool:

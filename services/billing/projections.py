@@ -17,6 +17,7 @@ from contracts import (
     TrialStarted,
 )
 from libs.db.postgres import Connection
+from libs.eventlog.decisions import cause_json
 from libs.projections.apply import Projection, Recorded, update_customer_row
 from libs.sealing.vault import personal_data_of
 
@@ -76,8 +77,8 @@ async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialSta
     await conn.execute(
         """
         INSERT INTO subscriptions (customer_id, plan, status, trial_started_at, trial_ends_at,
-                                   updated_at)
-        VALUES ($1, $2, 'trialing', $3, $4, $5)
+                                   updated_at, trial_cause)
+        VALUES ($1, $2, 'trialing', $3, $4, $5, $6::jsonb)
         ON CONFLICT (customer_id) DO NOTHING
         """,
         e.customer_id,
@@ -85,6 +86,8 @@ async def when_trial_started_record_trial(conn: Connection, r: Recorded[TrialSta
         e.trial_started_at,
         e.trial_ends_at,
         r.envelope.occurred_at,
+        # What the trial's expiry will be decided on (trials.py).
+        cause_json(r.envelope),
     )
 
 

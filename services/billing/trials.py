@@ -7,7 +7,9 @@ A closed account's trial ended with the account: it never expires (no ``TrialExp
 final license for an account that has none to run). The closure is read from
 ``account_access``, whose consumer the decision also waits for, so a ``CustomerClosed`` on the
 log that the read models have not applied yet makes the append conflict and the trial is
-looked at again once they have.
+looked at again once they have. Each TrialExpired is caused by the TrialStarted it ends (kept
+by the read model as ``trial_cause``), so it carries the signup's correlation id and its
+``schedule TrialExpired`` span links to the trial's trace.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import datetime
 import asyncpg
 
 from contracts import TrialExpired
-from libs.eventlog.decisions import Decision, append_decisions
+from libs.eventlog.decisions import Decision, append_decisions, cause_from_json
 from libs.eventlog.store import EventStore
 from libs.projections.runner import durable_name
 
@@ -29,7 +31,7 @@ LOCK_KEY = "billing:trial-scheduler"
 CONSUMERS = (durable_name("billing", "subscriptions"), durable_name("billing", "account_access"))
 # Trials that ended by $1 (of customer $2 when given), still trialing, of open accounts.
 _ENDED = """
-    SELECT s.customer_id, s.trial_ends_at FROM subscriptions s
+    SELECT s.customer_id, s.trial_ends_at, s.trial_cause FROM subscriptions s
     WHERE s.status = 'trialing' AND s.trial_ends_at <= $1
       AND ($2::text IS NULL OR s.customer_id = $2)
       AND NOT EXISTS (SELECT 1 FROM account_access a
@@ -67,6 +69,7 @@ async def expire_ended_trials(pool: asyncpg.Pool, store: EventStore, now: dateti
                     customer_id=row["customer_id"],
                     event_id=trial_expired_id(row["customer_id"], row["trial_ends_at"]),
                     decide=functools.partial(still_ended, row["customer_id"]),
+                    cause=cause_from_json(row["trial_cause"], "trial scheduler"),
                 )
                 for row in ended
             ),

@@ -6,6 +6,7 @@ import msgspec
 
 from contracts import LicenseIssued, LicenseRevoked
 from libs.db.postgres import Connection
+from libs.eventlog.decisions import cause_json
 from libs.projections.apply import Projection, Recorded
 
 
@@ -14,8 +15,8 @@ async def when_license_issued_record_it(conn: Connection, r: Recorded[LicenseIss
     await conn.execute(
         """
         INSERT INTO licenses (license_id, customer_id, plan, kid, license_type, issued_at,
-                              expires_at, grace_until, features, limits, jwt)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11)
+                              expires_at, grace_until, features, limits, jwt, cause)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12::jsonb)
         ON CONFLICT (license_id) DO NOTHING
         """,
         e.license_id,
@@ -29,6 +30,8 @@ async def when_license_issued_record_it(conn: Connection, r: Recorded[LicenseIss
         msgspec.json.encode(e.features).decode(),
         msgspec.json.encode(e.limits).decode(),
         e.jwt,
+        # What renewing this license will be decided on (renewals.py).
+        cause_json(r.envelope),
     )
     await _history(conn, r, e.license_id, "issued", e.license_type, e.plan, e.issued_by, e.reason)
 

@@ -6,7 +6,9 @@ Stripe's renewal webhooks, so a late or lost webhook never turns a paying custom
 It keeps no state of its own: the newest license (licensing's read model) and the subscription's
 state as the license reactor saw it say what is due. Each renewal is derived from the license it
 renews (its id, its times, hence the very same signed token), so two passes, a restart or two
-replicas append it once.
+replicas append it once. Each renewal is caused by the LicenseIssued of the license it renews
+(kept by the licenses read model as ``cause``): it carries that license's correlation id, and
+its ``schedule LicenseIssued`` span links to that license's trace.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from contracts import LicenseIssued
-from libs.eventlog.decisions import Decision, append_decisions
+from libs.eventlog.decisions import Decision, append_decisions, cause_from_json
 from libs.eventlog.store import EventStore
 from libs.projections.runner import durable_name
 from services.licensing.issuing import SUBSCRIPTION_LICENSE_DAYS, LicenseSigner, signed_license
@@ -33,7 +35,7 @@ CONSUMERS = (durable_name("licensing", "issue_licenses"), durable_name("licensin
 # whose account is open (a closed account's license is revoked, never renewed), when it
 # is a subscription license that expires within the renewal window.
 _DUE = """
-    SELECT l.license_id, l.customer_id, l.expires_at, p.plan
+    SELECT l.license_id, l.customer_id, l.expires_at, l.cause, p.plan
     FROM license_plans p
     JOIN LATERAL (
         SELECT * FROM licenses l
@@ -86,6 +88,7 @@ async def renew_due_licenses(
                         )
                     ),
                     decide=functools.partial(still_due, row["customer_id"], row["license_id"]),
+                    cause=cause_from_json(row["cause"], "renewal scheduler"),
                 )
                 for row in due
             ),
