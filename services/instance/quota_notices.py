@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
+from libs.observability.telemetry import traced_hooks
 from services.instance.devices import count_active_devices
 from services.instance.integration_events import QUOTA_NOTICE, enqueue
 from services.instance.quotas import API_REQUESTS, DEVICES, LEVELS, MESSAGES
@@ -203,7 +204,7 @@ class QuotaWatch:
                 "SELECT * FROM quota_notices WHERE reported_at IS NULL ORDER BY id LIMIT 20"
             )
         sent = 0
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, event_hooks=traced_hooks()) as client:
             for row in rows:
                 answer = await client.post(
                     self.url,

@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
+from libs.observability.telemetry import traced_hooks
 from services.instance.devices import count_active_devices
 from services.instance.settings import InstanceSettings
 
@@ -70,7 +71,7 @@ class UsageReporter:
                 reports.insert(
                     0, {**await usage_of(conn, today - timedelta(days=1)), "final": True}
                 )
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, event_hooks=traced_hooks()) as client:
             for body in reports:
                 answer = await client.post(
                     self.url,
