@@ -232,6 +232,8 @@ async def _running(
         yield
     finally:
         started.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await started
         start.end("stopped before it was ready")
         await supervisor.stop(0)
         with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):

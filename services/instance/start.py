@@ -45,11 +45,12 @@ class FirstStart:
         self._settings = settings
         self._span: trace.Span | None = None
         self._context = trace.set_span_in_context(trace.INVALID_SPAN)
-        self.ended = False
+        self.ended = True
 
     def begin(self) -> None:
         """Start the span, a child of the trace the process was started in (if any)."""
         s = self._settings
+        self.ended = False
         parent = context_from(TraceContext(traceparent=s.traceparent, tracestate=s.tracestate))
         self._span = tracer(TRACER).start_span(
             "instance start",

@@ -80,9 +80,10 @@ async def control_plane() -> AsyncIterator[tuple[ControlPlane, str]]:
 
 @contextlib.asynccontextmanager
 async def instance_process(
-    postgres_server_url: str, control: str, receiver: Receiver, **env: str
+    postgres_server_url: str, control: str, receiver: Receiver, wait: str = "ready", **env: str
 ) -> AsyncIterator[str]:
-    """``python -m services.instance`` for a new customer, exporting to ``receiver``; its URL."""
+    """``python -m services.instance`` for a new customer, exporting to ``receiver``, once it
+    is ``wait`` (ready, or live); its URL. Stopped with SIGTERM when the block ends."""
     customer_id = str(uuid.uuid4())
     port = free_port()
     environment = {
@@ -107,7 +108,10 @@ async def instance_process(
     try:
         async with httpx.AsyncClient(base_url=url, timeout=5) as http:
             await eventually(
-                lambda: _ready(http), lambda code: code == 200, timeout=60, what="instance ready"
+                lambda: _answers(http, f"/health/{wait}"),
+                lambda code: code == 200,
+                timeout=60,
+                what=f"instance {wait}",
             )
         yield url
     finally:
@@ -116,9 +120,9 @@ async def instance_process(
         await process.wait()
 
 
-async def _ready(http: httpx.AsyncClient) -> int:
+async def _answers(http: httpx.AsyncClient, path: str) -> int:
     try:
-        return (await http.get("/health/ready")).status_code
+        return (await http.get(path)).status_code
     except httpx.HTTPError:
         return 0
 
@@ -194,6 +198,30 @@ async def test_without_a_traceparent_or_with_a_bad_one_the_start_is_a_trace_of_i
             assert start.trace_id != TRACE_ID
             [jwks_call] = calls.traceparents("/.well-known/jwks.json")
             assert jwks_call is not None and start.trace_id in jwks_call
+
+
+async def test_an_instance_stopped_before_it_was_ready_exports_its_start_as_failed(
+    postgres_server_url: str,
+) -> None:
+    with otlp_receiver() as receiver:
+        async with control_plane() as (_, control):
+            async with instance_process(
+                postgres_server_url,
+                control,
+                receiver,
+                wait="live",
+                TRACEPARENT=TRACEPARENT,
+                # Its license's keys are nowhere: it never becomes ready.
+                LICENSE_JWKS_URL=f"{control}/nowhere",
+                # Nothing is exported on a timer while it runs: only at exit, flushed.
+                OTEL_BSP_SCHEDULE_DELAY="600000",
+            ):
+                assert named(receiver, "instance start") == []
+            [start] = named(receiver, "instance start")
+    assert start.trace_id == TRACE_ID
+    assert start.status_code == 2  # error
+    [license_part] = named(receiver, "start license")
+    assert license_part.parent_span_id == start.span_id
 
 
 async def test_the_local_backend_gives_the_trace_to_the_first_run_only(tmp_path: Path) -> None:
