@@ -6,7 +6,8 @@ Its parts are child spans, ``start <part>`` (the database and its migrations, th
 its JWKS fetch, the devices' broker clients); the broker connection is inside the span's time
 (the instance is not ready without it). Only the first start: what the instance does once
 ready (usage reports, sign-ins) is traced on its own, and a part restarted later by the
-supervisor runs outside the span. No error message goes into a span (one could name a
+supervisor runs outside the span. A report the instance sends on its own (usage, quota
+notices) is a trace of its own (``reporting``). No error message goes into a span (one could name a
 database URL); the kind of error and what was not ready do.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -114,3 +116,21 @@ class FirstStart:
         if error is not None:
             self._span.set_status(Status(StatusCode.ERROR, error))
         self._span.end()
+
+
+@contextmanager
+def reporting(what: str, settings: InstanceSettings) -> Iterator[None]:
+    """A root span for a report the instance sends on its own (usage, quota notices): the
+    control plane's handling of it joins that trace rather than start one."""
+    with tracer(TRACER).start_as_current_span(
+        what,
+        context=otel_context.Context(),
+        attributes={CUSTOMER_ATTRIBUTE: settings.instance_customer_id},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from litestar import Litestar, Request, Response, get, post
+from litestar.params import FromPath
 from otlp_receiver import ReceivedSpan, Receiver, otlp_receiver
 
 from libs.servers.ports import free_port
@@ -65,7 +66,12 @@ class ControlPlane:
             calls.append((request.url.path, request.headers.get("traceparent")))
             return Response({"error": {"code": "invalid_credentials"}}, status_code=401)
 
-        return Litestar([jwks, login])
+        @post("/api/instances/{customer:str}/usage", status_code=200)
+        async def usage(request: Request[Any, Any, Any], customer: FromPath[str]) -> dict[str, Any]:
+            calls.append(("usage", request.headers.get("traceparent")))
+            return {}
+
+        return Litestar([jwks, login, usage])
 
     def traceparents(self, path: str) -> list[str | None]:
         return [parent for called, parent in self.calls if called == path]
@@ -127,6 +133,13 @@ async def _answers(http: httpx.AsyncClient, path: str) -> int:
         return 0
 
 
+def span_of(traceparent: str | None) -> tuple[str, str]:
+    """The (trace id, span id) a W3C traceparent names."""
+    assert traceparent is not None
+    _, trace_id, span_id, _ = traceparent.split("-")
+    return trace_id, span_id
+
+
 def named(receiver: Receiver, name: str) -> list[ReceivedSpan]:
     return [s for s in receiver.spans() if s.name == name]
 
@@ -138,7 +151,12 @@ async def test_the_first_start_is_a_span_in_the_trace_the_instance_was_started_i
         async with (
             control_plane() as (calls, control),
             instance_process(
-                postgres_server_url, control, receiver, TRACEPARENT=TRACEPARENT
+                postgres_server_url,
+                control,
+                receiver,
+                TRACEPARENT=TRACEPARENT,
+                USAGE_TOKEN="t" * 40,
+                USAGE_REPORT_SECONDS="0.5",
             ) as url,
         ):
             [start] = await eventually(
@@ -158,7 +176,7 @@ async def test_the_first_start_is_a_span_in_the_trace_the_instance_was_started_i
             assert {"start license", "start database"} <= set(parts)
             assert {p.parent_span_id for p in parts.values()} == {start.span_id}
             [jwks_call] = calls.traceparents("/.well-known/jwks.json")
-            assert jwks_call == f"00-{TRACE_ID}-{parts['start license'].span_id}-01"
+            assert span_of(jwks_call) == (TRACE_ID, parts["start license"].span_id)
 
             # A sign-in relayed to the control plane carries the instance's request span.
             async with httpx.AsyncClient(base_url=url, timeout=10) as http:
@@ -167,8 +185,7 @@ async def test_the_first_start_is_a_span_in_the_trace_the_instance_was_started_i
                 )
             assert answer.status_code == 401, answer.text
             [relayed] = calls.traceparents("/api/customers/login")
-            assert relayed is not None
-            _, trace_id, span_id, _ = relayed.split("-")
+            trace_id, span_id = span_of(relayed)
             assert trace_id != TRACE_ID  # a request of its own, not the deploy's
             request = await eventually(
                 lambda: asyncio.sleep(0, [s for s in receiver.spans() if s.span_id == span_id]),
@@ -177,6 +194,16 @@ async def test_the_first_start_is_a_span_in_the_trace_the_instance_was_started_i
             )
             assert request[0].service_name == "iotistic-instance"
             assert request[0].trace_id == trace_id
+
+            # A usage report is a trace of its own, which the control plane's handling joins.
+            reported = await eventually(
+                lambda: asyncio.sleep(0, calls.traceparents("usage")), bool, what="a usage report"
+            )
+            [report] = await eventually(
+                lambda: asyncio.sleep(0, named(receiver, "report usage")), bool, what="exported"
+            )
+            assert report.parent_span_id == "" and report.trace_id != TRACE_ID
+            assert span_of(reported[0]) == (report.trace_id, report.span_id)
 
 
 async def test_without_a_traceparent_or_with_a_bad_one_the_start_is_a_trace_of_its_own(
