@@ -47,11 +47,12 @@ from services.instance.devices import Devices, broker_address, broker_urls
 from services.instance.housekeeping import UsageGauges, housekeeping
 from services.instance.ingest import Ingest, IngestMetrics
 from services.instance.integrations.sender import IntegrationSender
-from services.instance.license import LicenseHolder, keep_license_current
+from services.instance.license import LicenseHolder, keep_license_current, until_licensed
 from services.instance.live import LiveReadings
 from services.instance.quota_notices import QuotaWatch
 from services.instance.registration import FleetRegistrations
 from services.instance.settings import InstanceSettings, dashboard_csrf_key
+from services.instance.start import FirstStart
 from services.instance.state import STATE_KEY, InstanceState
 from services.instance.usage import UsageReporter, usage_day
 
@@ -110,7 +111,8 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         readiness=lambda: _readiness(instance, turns, alerts, supervisor),
         csrf_key=dashboard_csrf_key(settings),
     )
-    tasks = _tasks(instance, turns, alerts, UsageGauges(registry))
+    start = FirstStart(settings)
+    tasks = _tasks(instance, turns, alerts, UsageGauges(registry), start)
     tasks["integrations"] = _integration_sender(instance, turns).run
     app = create_app(
         # Public (/schema): no customer id in it.
@@ -118,10 +120,11 @@ def create_instance_app(settings: InstanceSettings) -> Litestar:
         route_handlers=ROUTES,
         readiness=instance.readiness,
         registry=registry,
-        lifespan=[lambda _: _running(instance, supervisor, tasks)],
+        lifespan=[lambda _: _running(instance, supervisor, tasks, start)],
         health=[MonitoringController],
-        # An instance sets up no tracer (its spans would go nowhere); hundreds run per host.
-        tracing=False,
+        # A span per request only where spans go somewhere: hundreds of instances run per
+        # host, and the ASGI instrumentation costs each about 2 MiB (server.py).
+        tracing=settings.otel_exporter != "none",
     )
     app.state[STATE_KEY] = instance
     return app
@@ -158,31 +161,50 @@ def _integration_sender(instance: InstanceState, turns: Turns) -> IntegrationSen
 
 
 def _tasks(
-    instance: InstanceState, turns: Turns, alerts: AlertEngine, gauges: UsageGauges
+    instance: InstanceState,
+    turns: Turns,
+    alerts: AlertEngine,
+    gauges: UsageGauges,
+    start: FirstStart,
 ) -> Tasks:
-    """The instance's long-lived tasks, by name (as readiness shows them)."""
+    """The instance's long-lived tasks, by name (as readiness shows them); the parts of its
+    first start are spans of ``start``."""
     settings, ingest = instance.settings, instance.ingest
-    database = instance.database
     return {
-        "license": lambda: keep_license_current(instance.license),
-        "database": lambda: then_idle(_open_database(instance)),
+        "license": lambda: _keep_license(instance.license, start),
+        "database": lambda: then_idle(_open_database(instance, start)),
         "ingest": ingest.run,
         "housekeeping": lambda: housekeeping(
             lambda: turns, instance.license, ingest, gauges, instance.api_requests, instance.devices
         ),
         "usage reports": UsageReporter(settings, lambda: turns).run,
         "alerts": alerts.run,
-        "devices": lambda: then_idle(
-            instance.devices.converge_at_start(database.pool_if_connected)
-        ),
+        "devices": lambda: then_idle(_converge_devices(instance, start)),
         "device configs": instance.config_publisher.run,
         "quotas": QuotaWatch(settings, lambda: turns, lambda n: meters_now(instance, n)).run,
     }
 
 
-async def _open_database(instance: InstanceState) -> None:
+async def _keep_license(holder: LicenseHolder, start: FirstStart) -> None:
+    """The first license (its keys fetched) as a part of the first start, then kept current."""
+    with start.part("license"):
+        await until_licensed(holder)
+    await keep_license_current(holder)
+
+
+async def _converge_devices(instance: InstanceState, start: FirstStart) -> None:
+    with start.part("devices"):
+        await instance.devices.converge_at_start(instance.database.pool_if_connected)
+
+
+async def _open_database(instance: InstanceState, start: FirstStart) -> None:
     """Connect (migrating), install the alert presets not installed yet, then take up the
     day's counts where a restart left them."""
+    with start.part("database"):
+        await _open_database_now(instance)
+
+
+async def _open_database_now(instance: InstanceState) -> None:
     await instance.database.connect()
     await instance.ingest.load_usage()
     async with instance.pool().acquire() as conn:
@@ -193,18 +215,26 @@ async def _open_database(instance: InstanceState) -> None:
 
 @contextlib.asynccontextmanager
 async def _running(
-    instance: InstanceState, supervisor: Supervisor, tasks: Tasks
+    instance: InstanceState, supervisor: Supervisor, tasks: Tasks, start: FirstStart
 ) -> AsyncIterator[None]:
     """Every task under the supervisor while the app serves: one that crashes is logged,
     counted and started again, and readiness says so meanwhile. The start-up steps stay done
-    once done. A SIGHUP re-reads the license (the local backend sends one when it changes)."""
+    once done; the span of the first start ends once the instance is first ready. A SIGHUP
+    re-reads the license (the local backend sends one when it changes)."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(instance.license.load()))
-    for name, start in tasks.items():
-        supervisor.spawn(name, start)
+    start.begin()
+    for name, run in tasks.items():
+        supervisor.spawn(name, run)
+    # Not one of the supervised tasks: it ends (it only watches), and ends its span if it fails.
+    started = loop.create_task(start.until_ready(instance.readiness), name="first start")
     try:
         yield
     finally:
+        started.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await started
+        start.end("stopped before it was ready")
         await supervisor.stop(0)
         with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
             await instance.ingest.flush()

@@ -15,6 +15,8 @@ from typing import Literal
 
 import httpx
 
+from libs.observability.telemetry import traced_hooks
+
 Caller = Literal["customer", "other", "nobody"]
 ACCEPTED_FOR = 60.0
 REFUSED_FOR = 10.0
@@ -44,7 +46,7 @@ class CustomerSessions:
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
-            async with httpx.AsyncClient(timeout=5) as client:
+            async with httpx.AsyncClient(timeout=5, event_hooks=traced_hooks()) as client:
                 answer = await client.get(
                     f"{self._url}/api/customers/me", headers={"Authorization": f"Bearer {token}"}
                 )

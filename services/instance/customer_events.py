@@ -15,6 +15,7 @@ from typing import IO
 
 import httpx
 
+from libs.observability.telemetry import traced_hooks
 from services.instance.export import SPOOL_BYTES, Spooled
 from services.instance.settings import InstanceSettings
 
@@ -36,7 +37,7 @@ async def fetch_customer_events(settings: InstanceSettings, timeout: float = 300
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as raw:
         try:
             async with (
-                httpx.AsyncClient(timeout=timeout) as client,
+                httpx.AsyncClient(timeout=timeout, event_hooks=traced_hooks()) as client,
                 client.stream(
                     "GET",
                     events_url(settings),

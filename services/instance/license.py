@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from contracts.license import LicenseClaims
 from contracts.license_verify import InvalidLicense, LicenseVerifier, Status
+from libs.observability.telemetry import traced_hooks
 from services.instance.settings import InstanceSettings
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class LicenseHolder:
         return (self._settings.license_jwt or "").strip()
 
     async def _fetch_keys(self) -> LicenseVerifier:
-        async with httpx.AsyncClient(timeout=5) as client:
+        # The control plane's: the call carries the trace (the first start's, at start).
+        async with httpx.AsyncClient(timeout=5, event_hooks=traced_hooks()) as client:
             answer = await client.get(self._settings.license_jwks_url)
             answer.raise_for_status()
         return LicenseVerifier.from_jwks(answer.json(), issuer=self._settings.license_issuer)
@@ -100,13 +102,18 @@ class LicenseHolder:
         return bool(claims and claims.features.alerting) and not self.read_only(now)
 
 
-async def keep_license_current(holder: LicenseHolder) -> None:
-    """Until the first license is in hand retry quickly; then re-read it every minute."""
+async def until_licensed(holder: LicenseHolder) -> None:
+    """Load the license until the first good one is in hand, retrying quickly."""
     delay = 0.2
-    while True:
+    await holder.load()
+    while holder.claims is None:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
         await holder.load()
-        if holder.claims is None:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        else:
-            await asyncio.sleep(RELOAD_SECONDS)
+
+
+async def keep_license_current(holder: LicenseHolder) -> None:
+    """Once the first license is in hand (``until_licensed``), re-read it every minute."""
+    while True:
+        await asyncio.sleep(RELOAD_SECONDS)
+        await holder.load()

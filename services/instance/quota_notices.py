@@ -20,10 +20,12 @@ import asyncpg
 import httpx
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
+from libs.observability.telemetry import traced_hooks
 from services.instance.devices import count_active_devices
 from services.instance.integration_events import QUOTA_NOTICE, enqueue
 from services.instance.quotas import API_REQUESTS, DEVICES, LEVELS, MESSAGES
 from services.instance.settings import InstanceSettings
+from services.instance.start import reporting
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +200,17 @@ class QuotaWatch:
         """Send the notices the control plane does not have yet; how many went."""
         if not self._settings.usage_token or not self._unreported:
             return 0
+        # A trace of its own (when there is something to send), which billing's joins.
+        with reporting("report quota notices", self._settings):
+            return await self._send()
+
+    async def _send(self) -> int:
         async with self._pool().acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM quota_notices WHERE reported_at IS NULL ORDER BY id LIMIT 20"
             )
         sent = 0
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, event_hooks=traced_hooks()) as client:
             for row in rows:
                 answer = await client.post(
                     self.url,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -68,6 +68,14 @@ class InstanceSettings(msgspec.Struct, frozen=True, kw_only=True):
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
     log_level: LogLevel = "INFO"
+    # Where its spans go, as for the control plane's processes: none (made and propagated, not
+    # sent; no span per request), console, or otlp (the standard OTEL_EXPORTER_OTLP_* variables).
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    # The trace the process was started in (W3C trace context: the provisioner's deploy step),
+    # which its first start (the span ``instance start``) continues. Not checked here: one the
+    # propagator cannot read starts a trace of its own rather than keep the instance down.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 def ingest_client_id(settings: InstanceSettings) -> str:

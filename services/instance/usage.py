@@ -14,8 +14,10 @@ import asyncpg
 import httpx
 
 from libs.db.postgres import CONNECTION_ERRORS, Turns
+from libs.observability.telemetry import traced_hooks
 from services.instance.devices import count_active_devices
 from services.instance.settings import InstanceSettings
+from services.instance.start import reporting
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class UsageReporter:
                 reports.insert(
                     0, {**await usage_of(conn, today - timedelta(days=1)), "final": True}
                 )
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, event_hooks=traced_hooks()) as client:
             for body in reports:
                 answer = await client.post(
                     self.url,
@@ -90,7 +92,9 @@ class UsageReporter:
         await asyncio.sleep(min(5.0, self._settings.usage_report_seconds))
         while True:
             try:
-                await self.report(datetime.now(UTC))
+                # A trace of its own, which billing's handling of it joins.
+                with reporting("report usage", self._settings):
+                    await self.report(datetime.now(UTC))
             except (httpx.HTTPError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("usage report not sent (%s); next turn", type(exc).__name__)
             await asyncio.sleep(self._settings.usage_report_seconds)

@@ -136,6 +136,9 @@ def kubernetes_settings(settings: ProvisionerSettings) -> KubernetesSettings:
         control_plane_url=settings.control_plane_url,
         usage_url=settings.usage_url or settings.control_plane_url,
         usage_report_seconds=settings.instance_usage_report_seconds,
+        otel_exporter=settings.instance_otel_exporter or settings.otel_exporter,
+        otlp_endpoint=settings.instance_otlp_endpoint or settings.otel_exporter_otlp_endpoint or "",
+        otlp_collector_namespace=settings.kubernetes_otlp_collector_namespace,
         storage=StoragePolicy(
             bytes_per_reading=settings.storage_bytes_per_reading,
             headroom=settings.storage_headroom,

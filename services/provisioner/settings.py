@@ -107,6 +107,15 @@ class ProvisionerSettings(ServiceSettings, frozen=True, kw_only=True):
     # e.g. http://<release>-iotistic-billing.<namespace>.svc:8080, while CONTROL_PLANE_URL
     # names signup's. Unset: CONTROL_PLANE_URL (the local backend's instances always use that).
     usage_url: str | None = None
+    # Where the kubernetes backend's instances send their spans: their OTEL_EXPORTER (unset:
+    # this process's) and OTEL_EXPORTER_OTLP_ENDPOINT (unset: this process's, the standard
+    # variable read here too), and the namespace of a collector inside the cluster, which their
+    # egress policy then lets them reach on that endpoint's port (unset: a collector outside
+    # the cluster, reached on the webhook ports as public HTTPS is).
+    instance_otel_exporter: Literal["none", "console", "otlp"] | None = None
+    instance_otlp_endpoint: str | None = None
+    otel_exporter_otlp_endpoint: str | None = None
+    kubernetes_otlp_collector_namespace: str = ""
     # Each customer's namespace is <prefix><customer id>.
     kubernetes_namespace_prefix: Annotated[
         str, Meta(pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9-])?$")

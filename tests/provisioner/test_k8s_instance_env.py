@@ -151,8 +151,9 @@ def container_env(
 ) -> dict[str, str]:
     """The container's environment as the kubelet makes it: values as written, each
     ``secretKeyRef`` resolved from the Secret (an optional reference to a missing key is left
-    out; a required one would keep the container from starting, so the test fails) and each
-    ``fieldRef`` from ``pod_fields``. Any other source fails the test: resolve it here first."""
+    out; a required one would keep the container from starting, so the test fails), each
+    ``fieldRef`` from ``pod_fields`` and the optional ``configMapKeyRef`` of the trace left
+    out. Any other source fails the test: resolve it here first."""
     env: dict[str, str] = {}
     for item in container.get("env", []):
         assert set(item) <= {"name", "value", "valueFrom"}, item
@@ -161,6 +162,11 @@ def container_env(
             continue
         if "fieldRef" in item["valueFrom"]:
             env[item["name"]] = (pod_fields or {})[item["valueFrom"]["fieldRef"]["fieldPath"]]
+            continue
+        if "configMapKeyRef" in item["valueFrom"]:
+            # Only the trace a job hands the pod (kubernetes/trace.py), applied by the job,
+            # not one of the rendered objects: without it the reference is optional and left out.
+            assert item["valueFrom"]["configMapKeyRef"]["optional"] is True, item
             continue
         assert set(item["valueFrom"]) == {"secretKeyRef"}, item
         ref = item["valueFrom"]["secretKeyRef"]

@@ -42,6 +42,7 @@ from libs.http.errors import (
     UpstreamError,
 )
 from libs.http.validation import FieldErrors
+from libs.observability.telemetry import traced_hooks
 from libs.web.forms import from_another_origin, is_https
 from services.instance.api.access import (
     COOKIE,
@@ -136,7 +137,7 @@ async def relay_login(
             settings.login_relay_key, settings.instance_customer_id, browser, email
         )
     try:
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, event_hooks=traced_hooks()) as client:
             return await client.post(
                 f"{settings.control_plane_url.rstrip('/')}/api/customers/login",
                 json={"email": email, "password": password},

@@ -6,13 +6,14 @@ waits until Postgres, Mosquitto and the instance are ready, reporting progress. 
 re-applies every object; what changed is the license Secret and the instance Deployment, which
 the license annotation on its pod template rolls (and, for a customer deployed by an older
 version, whatever else is new; what it replaced, the Ingress, is deleted after deploys and
-updates). Once a deploy's or update's objects are ready, the namespace is stamped with their
-digest (``stamp``): what ``iotistic provisioner rollout`` compares. Volumes only grow: a claim
-is never applied smaller than the cluster holds (``storage``). Delete stops the instance and
-keeps its namespace, volumes and backups for the grace period (``grace``; a redeploy within it
-takes the customer back, an hourly purge deletes it after); with erasure it removes the
-namespace at once and waits until it is gone. The passwords, the broker client id and the
-monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC, ``credentials``), so
+updates). The job's trace is handed to the instance pod it starts (``trace``: a ConfigMap,
+not the pod template). Once a deploy's or update's objects are ready, the namespace is stamped
+with their digest (``stamp``): what ``iotistic provisioner rollout`` compares. Volumes only
+grow: a claim is never applied smaller than the cluster holds (``storage``). Delete stops the
+instance and keeps its namespace, volumes and backups for the grace period (``grace``; a
+redeploy within it takes the customer back, an hourly purge deletes it after); with erasure it
+removes the namespace at once and waits until it is gone. The passwords, the broker client id
+and the monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC, ``credentials``), so
 re-applying never changes them; they are never logged.
 """
 
@@ -49,6 +50,7 @@ from services.provisioner.backends.kubernetes.manifests.settings import Kubernet
 from services.provisioner.backends.kubernetes.readiness import ready, serving_trouble
 from services.provisioner.backends.kubernetes.stamp import manifest_digest
 from services.provisioner.backends.kubernetes.storage import claim_gib, gib_of, keep_grown
+from services.provisioner.backends.kubernetes.trace import hand_trace_before, take_trace_back
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +158,11 @@ class KubernetesBackend:
         """Apply everything, then wait for Postgres, Mosquitto and the instance. The
         customer's credentials generation is read back from their Namespace first, so a
         retried or repeated deploy keeps the passwords of the last rotation."""
-        api = self._api
+        api, ns = self._api, namespace_of(spec.customer_id, self._settings)
         generation = await self._generation(spec.customer_id)
+        handed = False
         for obj in await self._to_apply(spec, generation):
+            handed = await hand_trace_before(api, obj, ns, spec.customer_id) or handed
             await self._apply(api, obj)
             step = (
                 (10, "namespace")
@@ -169,6 +173,8 @@ class KubernetesBackend:
                 await progress(*step)
         await self._remove_replaced(spec.customer_id)
         await self._wait_ready(spec.customer_id, progress, 80)
+        if handed:
+            await take_trace_back(api, ns, spec.customer_id)
         await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 
@@ -181,11 +187,15 @@ class KubernetesBackend:
         namespace = self._applicable(await api.get("v1", "Namespace", ns, None), spec.customer_id)
         if namespace is None:
             return await self.deploy(spec, progress)
+        handed = False
         for obj in await self._to_apply(spec, credentials_generation_of(namespace)):
+            handed = await hand_trace_before(api, obj, ns, spec.customer_id) or handed
             await self._apply(api, obj)
         await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
         await self._wait_ready(spec.customer_id, progress, 40)
+        if handed:
+            await take_trace_back(api, ns, spec.customer_id)
         await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from libs.observability.telemetry import trace_environment
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,
@@ -358,6 +359,8 @@ class LocalBackend:
         return supervised
 
     def _begin(self, supervised: Supervised) -> None:
+        # The span current now (a deploy's step) is the parent of the instance's first start.
+        supervised.trace = trace_environment()
         supervised.task = asyncio.create_task(
             processes.keep_running(supervised), name=f"instance {supervised.customer_id}"
         )

@@ -1,5 +1,6 @@
 """What an instance process is started with: its command, and an environment of its own (no
-secret of the provisioner's beyond the shared broker's admin)."""
+secret of the provisioner's beyond the shared broker's admin and, where spans go to a
+collector that wants one, its OTLP headers)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from services.provisioner.settings import ProvisionerSettings
 
 # What an instance inherits from the provisioner's environment; nothing else (no secrets).
 INHERITED = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "VIRTUAL_ENV", "PYTHONPATH", "TMPDIR")
+# Where its spans go, as the provisioner's do: the standard OTLP exporter's variables (its
+# endpoint, headers, protocol, timeouts; OTEL_EXPORTER_OTLP_HEADERS may hold a collector's
+# token, given to the instance process as to the provisioner and never logged) and the batch
+# processor's.
+INHERITED_PREFIXES = ("OTEL_EXPORTER_OTLP_", "OTEL_BSP_")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ def instance_environment(
     """The instance's whole environment: what it inherits, its marker, and its settings."""
     customer_id = who.customer_id
     env = {k: os.environ[k] for k in INHERITED if k in os.environ}
+    env.update({k: v for k, v in os.environ.items() if k.startswith(INHERITED_PREFIXES)})
     env.update(
         {
             MARKER: customer_id,
@@ -74,6 +81,7 @@ def instance_environment(
             if settings.login_relay_secret
             else "",
             "LOG_LEVEL": "WARNING",
+            "OTEL_EXPORTER": settings.otel_exporter,
         }
     )
     return env

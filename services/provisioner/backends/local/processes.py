@@ -44,6 +44,9 @@ class Supervised:
     wanted: bool = True
     task: asyncio.Task[None] | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    # The trace it is started for (TRACEPARENT, TRACESTATE of the deploy's span): given to its
+    # first run only, so a restart days later does not join that deploy's trace.
+    trace: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:
@@ -75,10 +78,11 @@ async def keep_running(s: Supervised) -> None:
 
 async def _run_once(s: Supervised) -> None:
     """Start the process, its output appended to its log, and wait until it exits."""
+    env, s.trace = {**s.env, **s.trace}, {}
     with s.log_path.open("ab") as out:
         s.process = await asyncio.create_subprocess_exec(
             *s.command,
-            env=s.env,
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=out,

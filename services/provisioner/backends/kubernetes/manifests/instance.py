@@ -19,6 +19,7 @@ from services.provisioner.backends.kubernetes.manifests.pods import (
     service,
 )
 from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
+from services.provisioner.backends.kubernetes.trace import trace_env
 
 INSTANCE_PORT = 8080
 INSTANCE_UID = 10001
@@ -79,7 +80,11 @@ def _container(spec: InstanceSpec, settings: KubernetesSettings) -> dict[str, An
         "imagePullPolicy": "IfNotPresent",
         "args": ["run", "--target", "instance"],
         "ports": [{"name": "http", "containerPort": INSTANCE_PORT}],
-        "env": [*_platform_env(spec, settings), *_control_plane_env(settings)],
+        "env": [
+            *_platform_env(spec, settings),
+            *_control_plane_env(settings),
+            *_telemetry_env(settings),
+        ],
         "readinessProbe": probe,
         "livenessProbe": {
             "httpGet": {"path": "/health/live", "port": "http"},
@@ -119,6 +124,16 @@ def _platform_env(spec: InstanceSpec, settings: KubernetesSettings) -> list[dict
         secret_env("MQTT_ADMIN_USERNAME", "mqtt", "admin-username"),
         secret_env("MQTT_ADMIN_PASSWORD", "mqtt", "admin-password"),
     ]
+
+
+def _telemetry_env(settings: KubernetesSettings) -> list[dict[str, Any]]:
+    """Where its spans go, and the trace a job hands it (``trace``: not in the template)."""
+    endpoint = (
+        [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": settings.otlp_endpoint}]
+        if settings.otlp_endpoint
+        else []
+    )
+    return [{"name": "OTEL_EXPORTER", "value": settings.otel_exporter}, *endpoint, *trace_env()]
 
 
 def _control_plane_env(settings: KubernetesSettings) -> list[dict[str, Any]]:

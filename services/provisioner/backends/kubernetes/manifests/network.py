@@ -1,13 +1,15 @@
 """The tenant's NetworkPolicies: every pod isolated in its namespace (in: its own pods; out:
 its own pods and the cluster DNS), the shared Gateway's proxies let in to the instance's HTTP
 port and the broker's WebSockets port only, and the instance pods, only them, let out to the
-control plane's HTTP targets and to public HTTPS (alert webhooks), never to private, loopback,
-link-local, shared or reserved addresses nor the cluster's own networks."""
+control plane's HTTP targets, to public HTTPS (alert webhooks) and to the OTLP collector's
+namespace if one is named, never to private, loopback, link-local, shared or reserved addresses
+nor the cluster's own networks."""
 
 from __future__ import annotations
 
 import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 from services.provisioner.backends.kubernetes.manifests.instance import INSTANCE_PORT
 from services.provisioner.backends.kubernetes.manifests.metadata import object_meta
@@ -125,9 +127,20 @@ def instance_egress(ns: str, cid: str, settings: KubernetesSettings) -> dict[str
             "egress": [
                 {"to": [control_plane], "ports": _tcp(settings.control_plane_port)},
                 {"to": webhooks, "ports": _tcp(*settings.webhook_ports)},
+                *_collector(settings),
             ],
         },
     }
+
+
+def _collector(settings: KubernetesSettings) -> list[dict[str, Any]]:
+    """The OTLP collector's namespace on its endpoint's port, where instances export to one
+    inside the cluster (``otlp_collector_namespace``); else nothing."""
+    if not (settings.otlp_collector_namespace and settings.otlp_endpoint):
+        return []
+    endpoint = urlsplit(settings.otlp_endpoint)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    return [{"to": [_namespace_peer(settings.otlp_collector_namespace)], "ports": _tcp(port)}]
 
 
 def public_internet(cluster_cidrs: tuple[str, ...] = ()) -> list[dict[str, Any]]:

@@ -50,6 +50,12 @@ class KubernetesSettings:
     usage_url: str = ""
     # How often instances report their usage to billing.
     usage_report_seconds: float = 300.0
+    # Where instances' spans go: their OTEL_EXPORTER, and OTEL_EXPORTER_OTLP_ENDPOINT (empty:
+    # not set). A collector in the cluster (``otlp_collector_namespace``) is let through the
+    # instance's egress policy on the endpoint's port; one outside it is reached like webhooks.
+    otel_exporter: str = "none"
+    otlp_endpoint: str = ""
+    otlp_collector_namespace: str = ""
     # --- the tenants' network: the chart's shared Gateway (Gateway API) and Envoy Gateway
     # The Gateway every tenant's HTTPRoute attaches to, in control_plane_namespace, at its
     # listener GATEWAY_LISTENER (``*.<base domain>``, one wildcard certificate).
