@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from span_capture import captured_spans
 
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
-from libs.observability.telemetry import setup_tracing, tracer
+from libs.observability.telemetry import tracer
 from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.licensing.app import LICENSING
@@ -22,12 +20,9 @@ from support import eventually, license_issued, license_keys_dir, make_platform,
 
 
 @pytest.fixture(scope="module")
-def spans() -> Iterator[InMemorySpanExporter]:
+def spans() -> InMemorySpanExporter:
     """The process's tracer provider, recording every finished span in memory."""
-    exporter = InMemorySpanExporter()
-    provider = setup_tracing("iotistic-test", "none", (SimpleSpanProcessor(exporter),))
-    yield exporter
-    provider.shutdown()
+    return captured_spans()
 
 
 async def test_an_event_is_handled_in_the_trace_of_the_request_that_caused_it(
