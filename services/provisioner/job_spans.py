@@ -28,8 +28,8 @@ TRACER = "iotistic.provisioner"
 def job_span(job: Claimed, backend: str) -> Iterator[Span]:
     """The current span while one attempt at ``job`` runs: a child of the span its cause was
     recorded in (a root span for a job queued before causes were kept). The caller sets its
-    status; an exception escaping it is recorded, and marks it failed unless it is a
-    cancellation (a worker shutting down gives the job back: nothing failed)."""
+    status; an exception escaping it marks it failed unless it is a cancellation (a worker
+    shutting down gives the job back: nothing failed)."""
     parent = context_from(job.cause.trace) if job.cause is not None else otel_context.Context()
     with tracer(TRACER).start_as_current_span(
         f"job {job.kind}",
@@ -54,9 +54,11 @@ def job_span(job: Claimed, backend: str) -> Iterator[Span]:
 
 
 def fail(span: Span, error: str, exc: BaseException | None = None) -> None:
-    """Mark ``span`` failed with ``error`` (what the job records; never a secret)."""
+    """Mark ``span`` failed with ``error``: what the job records, never a secret. Of ``exc``
+    only the type is kept: its message, and those of the errors it was raised from (a driver's,
+    an HTTP client's), may hold what no span should."""
     if exc is not None:
-        span.record_exception(exc)
+        span.set_attribute("exception.type", type(exc).__qualname__)
     span.set_status(Status(StatusCode.ERROR, error))
 
 

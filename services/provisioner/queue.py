@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -57,6 +58,8 @@ from services.provisioner.queue_rules import (
     retry_refusal,
 )
 
+log = logging.getLogger(__name__)
+
 QUEUE_LOCK = "provisioner:queue"
 
 
@@ -82,8 +85,15 @@ def encode_cause(cause: Cause) -> str:
 
 
 def job_cause(stored: str | None) -> Cause | None:
-    """The cause ``queue_jobs.cause`` holds; None for a job queued before causes were kept."""
-    return msgspec.json.decode(stored, type=Cause) if stored is not None else None
+    """The cause ``queue_jobs.cause`` holds; None for a job queued before causes were kept,
+    or one whose cause does not read (the job runs without it rather than stop the queue)."""
+    if stored is None:
+        return None
+    try:
+        return msgspec.json.decode(stored, type=Cause)
+    except msgspec.DecodeError as exc:
+        log.warning("a job's cause does not read, so it is left out: %s", exc)
+        return None
 
 
 async def lock_queue(conn: asyncpg.Connection) -> None:

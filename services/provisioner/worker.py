@@ -250,6 +250,9 @@ class QueueWorker:
         except BackendError as exc:
             steps.fail(str(exc))
             raise
+        except Exception as exc:
+            steps.fail(f"internal error: {type(exc).__name__}")
+            raise
         finally:
             # Also when the attempt is cancelled (lease lost, shutdown).
             steps.close()

@@ -14,9 +14,11 @@ import signal
 import stat
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -24,11 +26,29 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from span_capture import captured_spans
 
-from contracts import DeploymentRequested, Envelope, decode_envelope, decode_event
+from contracts import (
+    Cause,
+    DeploymentRequested,
+    Envelope,
+    decode_envelope,
+    decode_event,
+    new_envelope,
+)
 from libs.config import ServiceSettings
 from libs.eventlog.store import EventStore
 from libs.observability.telemetry import tracer
 from libs.runtime.platform import Platform
+from services.provisioner.leases import (
+    Claimed,
+    claim_next_job,
+    complete_job,
+    fail_job,
+    record_progress,
+)
+from services.provisioner.queue import clean_jobs, enqueue, retry_job
+from services.provisioner.queue_rules import DELETE as DELETE_KIND
+from services.provisioner.queue_rules import DEPLOY as DEPLOY_KIND
+from services.provisioner.queue_rules import Kind
 from support import eventually, local_platform, signed_license_issued
 
 pytestmark = pytest.mark.slow
@@ -359,3 +379,122 @@ async def test_a_health_watch_redeploy_starts_from_its_decision(
     assert (queued_in.attributes or {})["iotistic.customer_id"] == customer_id
     assert [f"{link.context.span_id:016x}" for link in queued_in.links] == [hexes(decided)[1]]
     assert trace_of(requested[0]) == hexes(queued_in)
+
+
+# --- the queue keeps each job's cause -------------------------------------------------------------
+
+
+async def queued(pool: asyncpg.Pool, customer_id: str, kind: Kind, cause: Envelope) -> str:
+    async with pool.acquire() as conn, conn.transaction():
+        return await enqueue(
+            conn,
+            customer_id=customer_id,
+            kind=kind,
+            plan="starter",
+            license_id=None,
+            requested_by="test",
+            at=datetime.now(UTC),
+            max_attempts=1,
+            causation=cause,
+        )
+
+
+async def outbox(pool: asyncpg.Pool) -> list[Envelope]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT envelope FROM outbox ORDER BY id")
+    return [decode_envelope(row["envelope"]) for row in rows]
+
+
+async def claim(pool: asyncpg.Pool, capacity: int | None = None) -> Claimed | None:
+    async with pool.acquire() as conn, conn.transaction():
+        return await claim_next_job(
+            conn,
+            worker_id="w1",
+            backend="local",
+            concurrency=10,
+            lease=timedelta(seconds=30),
+            capacity=capacity,
+        )
+
+
+async def test_every_change_of_a_job_names_its_request_and_a_retry_becomes_its_cause(
+    pool: asyncpg.Pool,
+) -> None:
+    customer_id = str(uuid.uuid4())
+    issued = new_envelope(signed_license_issued(customer_id), customer_id=customer_id)
+    job_id = await queued(pool, customer_id, DEPLOY_KIND, issued)
+    [requested] = await outbox(pool)
+    assert (requested.causation_id, requested.correlation_id) == (issued.event_id, issued.event_id)
+    claimed = await claim(pool)
+    assert claimed is not None and claimed.cause == Cause.of(requested)
+    async with pool.acquire() as conn, conn.transaction():
+        assert await record_progress(conn, claimed, "w1", 10, "database")
+        assert await fail_job(conn, claimed, "w1", "broken", timedelta(seconds=1))
+        await retry_job(conn, job_id, "admin")
+    *changes, retried = (await outbox(pool))[1:]
+    assert [e.type for e in changes] == [
+        "DeploymentStarted",
+        "DeploymentProgressed",
+        "DeploymentFailed",
+    ]
+    for event in (*changes, retried):
+        assert (event.causation_id, event.correlation_id) == (requested.event_id, issued.event_id)
+    # The retried job's attempts are caused by the retry, in the same correlation.
+    again = await claim(pool)
+    assert again is not None and again.cause == Cause.of(retried)
+    started = (await outbox(pool))[-1]
+    assert (started.type, started.causation_id) == ("DeploymentStarted", retried.event_id)
+    assert started.correlation_id == issued.event_id
+
+
+async def test_a_job_queued_before_causes_were_kept_runs_and_records_without_one(
+    pool: asyncpg.Pool,
+) -> None:
+    customer_id = str(uuid.uuid4())
+    issued = new_envelope(signed_license_issued(customer_id), customer_id=customer_id)
+    job_id = await queued(pool, customer_id, DEPLOY_KIND, issued)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE queue_jobs SET cause = NULL WHERE job_id = $1", job_id)
+    # A cause that does not read (mended by hand, say) holds nothing up either.
+    broken = await queued(pool, str(uuid.uuid4()), DEPLOY_KIND, issued)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE queue_jobs SET cause = '{\"event_id\": 7}' WHERE job_id = $1", broken
+        )
+    claimed = await claim(pool)
+    assert claimed is not None and claimed.cause is None
+    async with pool.acquire() as conn, conn.transaction():
+        assert await complete_job(
+            conn, claimed, "w1", backend="local", instance_url=None, components={}
+        )
+        assert await clean_jobs(conn, "completed", datetime.now(UTC) + timedelta(days=1), "admin")
+    other = await claim(pool)
+    assert other is not None and (other.job_id, other.cause) == (broken, None)
+    changes = [e for e in await outbox(pool) if e.type != "DeploymentRequested"]
+    assert [(e.type, e.customer_id) for e in changes] == [
+        ("DeploymentStarted", customer_id),
+        ("DeploymentSucceeded", customer_id),
+        ("DeploymentJobRemoved", customer_id),
+        ("DeploymentStarted", other.customer_id),
+    ]
+    assert all(e.causation_id is None for e in changes)
+
+
+async def test_a_superseded_or_held_job_records_it_as_caused_by_its_own_request(
+    pool: asyncpg.Pool,
+) -> None:
+    customer_id = str(uuid.uuid4())
+    first = new_envelope(signed_license_issued(customer_id), customer_id=customer_id)
+    await queued(pool, customer_id, DEPLOY_KIND, first)
+    [requested] = await outbox(pool)
+    # No room for another instance: the waiting deploy is held, as caused by its request.
+    assert await claim(pool, capacity=0) is None
+    [held] = (await outbox(pool))[1:]
+    assert (held.type, held.causation_id) == ("DeploymentWaitingForCapacity", requested.event_id)
+    closed = new_envelope(signed_license_issued(customer_id), customer_id=customer_id)
+    await queued(pool, customer_id, DELETE_KIND, closed)
+    superseded = next(e for e in await outbox(pool) if e.type == "DeploymentSuperseded")
+    assert (superseded.causation_id, superseded.correlation_id) == (
+        requested.event_id,
+        first.event_id,
+    )
