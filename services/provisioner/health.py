@@ -26,24 +26,29 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span
 
-from contracts import Event, InstanceDegraded, InstanceRecovered
-from libs.eventlog.decisions import Decision, append_decisions
+from contracts import Cause, Event, InstanceDegraded, InstanceRecovered
+from libs.eventlog.decisions import Decision, ReadModelBehind, append_decision
 from libs.eventlog.store import EventStore
+from libs.observability.telemetry import SERVICE_ATTRIBUTE, link_to, tracer
 from libs.projections.runner import durable_name
 from libs.runtime.scheduling import STUCK_GRACE_SECONDS, run_every
 from libs.runtime.supervision import Worker, beat
 from services.provisioner.backends.base import Backend, BackendError, InstanceHealth
 from services.provisioner.metrics import HealthMetrics
-from services.provisioner.queue import enqueue, lock_queue
+from services.provisioner.queue import enqueue, job_cause, lock_queue
 from services.provisioner.queue_rules import DEPLOY, PENDING
 from services.provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)
 
+TRACER = "iotistic.provisioner"
 HEALTH_WATCH = "health-watch"
 LOCK_KEY = "provisioner:health-watch"
 # The consumer behind the read model the decisions are taken from.
@@ -57,7 +62,8 @@ CHECKS_AT_ONCE = 32
 # (none left in the outbox): an InstanceDegraded appended before the DeploymentSucceeded it
 # judges would be undone by it.
 _WATCHED = """
-    SELECT i.customer_id, h.degraded_since, COALESCE(h.episodes, 0) AS episodes
+    SELECT i.customer_id, h.degraded_since, COALESCE(h.episodes, 0) AS episodes,
+           h.degraded_cause
     FROM customer_instances i
     LEFT JOIN instance_health h USING (customer_id)
     WHERE i.state = 'running'
@@ -147,7 +153,7 @@ class HealthWatch:
                 if row["customer_id"] in found
                 and (decision := self._decision(conn, row, found[row["customer_id"]], now))
             ]
-            appended = await append_decisions(self._store(), decisions, CONSUMERS, "health watch")
+            appended = await self._append(decisions)
         bound = timedelta(seconds=self._settings.instance_unhealthy_redeploy_seconds)
         redeployed = 0
         for row in watched:
@@ -155,8 +161,29 @@ class HealthWatch:
             since = row["degraded_since"]
             # Still unhealthy, and recorded so for longer than the bound: redeploy it.
             if health is not None and not health.healthy and since and now - since >= bound:
-                redeployed += await self._redeploy(row["customer_id"], now)
+                redeployed += await self._redeploy(row["customer_id"], now, _degraded_cause(row))
         return appended + redeployed
+
+    async def _append(self, decisions: list[tuple[str, Decision]]) -> int:
+        """Each decision appended against the log in a span of its own (``health <event>``, a
+        trace of its own), until the read model is found behind the log (the rest wait for the
+        next pass); how many were appended."""
+        appended = 0
+        for what, decision in decisions:
+            with _decision_span(what, decision.customer_id):
+                try:
+                    done = await append_decision(
+                        self._store(),
+                        customer_id=decision.customer_id,
+                        event_id=decision.event_id,
+                        decide=decision.decide,
+                        consumers=CONSUMERS,
+                    )
+                except ReadModelBehind as behind:
+                    log.warning("health watch: %s; the next pass decides", behind)
+                    break
+            appended += done is not None
+        return appended
 
     async def _check_all(self, customers: list[str]) -> dict[str, InstanceHealth]:
         """Each instance's health; one the backend cannot tell about now is left out."""
@@ -189,7 +216,8 @@ class HealthWatch:
 
     def _decision(
         self, conn: asyncpg.Connection, row: asyncpg.Record, health: InstanceHealth, now: datetime
-    ) -> Decision | None:
+    ) -> tuple[str, Decision] | None:
+        """What to append about the instance, named by the event it would append."""
         customer_id = row["customer_id"]
         degraded = row["degraded_since"] is not None
         if not health.healthy and not degraded:
@@ -198,14 +226,14 @@ class HealthWatch:
                 log.info("health watch: instance of %s unhealthy once: %s", customer_id, health)
                 return None
             log.warning("health watch: instance of %s unhealthy: %s", customer_id, health.reason)
-            return Decision(
+            return InstanceDegraded.TYPE, Decision(
                 customer_id=customer_id,
                 event_id=degraded_id(customer_id, row["episodes"] + 1),
                 decide=functools.partial(_still_unrecorded, conn, customer_id, health, since),
             )
         if health.healthy and degraded:
             log.info("health watch: instance of %s healthy again", customer_id)
-            return Decision(
+            return InstanceRecovered.TYPE, Decision(
                 customer_id=customer_id,
                 event_id=recovered_id(customer_id, row["episodes"]),
                 decide=functools.partial(_still_degraded, conn, customer_id, now),
@@ -222,9 +250,11 @@ class HealthWatch:
         cap = self._settings.instance_redeploy_backoff_max_seconds
         return timedelta(seconds=min(cap, first * 2 ** min(recent, 30)))
 
-    async def _redeploy(self, customer_id: str, now: datetime) -> int:
+    async def _redeploy(self, customer_id: str, now: datetime, degraded: Cause) -> int:
         """Queue a deploy of the customer's instance, unless a job of theirs is waiting or
-        running, or the last health-watch redeploy was too recent; 1 when queued."""
+        running, or the last health-watch redeploy was too recent; 1 when queued. The job is
+        caused by the ``degraded`` InstanceDegraded and queued in a span of its own (``health
+        redeploy``, linked to the InstanceDegraded's), whose trace the deploy continues."""
         window = timedelta(seconds=self._settings.instance_redeploy_backoff_max_seconds)
         async with self._pool().acquire() as conn, conn.transaction():
             await lock_queue(conn)
@@ -251,20 +281,45 @@ class HealthWatch:
                 earlier["recent"]
             ):
                 return 0
-            job_id = await enqueue(
-                conn,
-                customer_id=customer_id,
-                kind=DEPLOY,
-                plan=license_row["plan"],
-                license_id=license_row["license_id"],
-                requested_by=HEALTH_WATCH,
-                at=now,
-                max_attempts=self._settings.queue_max_retries,
-            )
+            with _decision_span("redeploy", customer_id, degraded):
+                job_id = await enqueue(
+                    conn,
+                    customer_id=customer_id,
+                    kind=DEPLOY,
+                    plan=license_row["plan"],
+                    license_id=license_row["license_id"],
+                    requested_by=HEALTH_WATCH,
+                    at=now,
+                    max_attempts=self._settings.queue_max_retries,
+                    causation=degraded,
+                )
         log.warning("health watch: instance of %s redeployed (job %s)", customer_id, job_id)
         self._metrics.redeploys.inc()
         self._wake_queue()
         return 1
+
+
+def _decision_span(
+    what: str, customer_id: str, cause: Cause | None = None
+) -> AbstractContextManager[Span]:
+    """A root span for one decision about one instance, linked to the trace of ``cause``."""
+    return tracer(TRACER).start_as_current_span(
+        f"health {what}",
+        context=otel_context.Context(),
+        links=link_to(cause),
+        attributes={SERVICE_ATTRIBUTE: "provisioner", "iotistic.customer_id": customer_id},
+    )
+
+
+def _degraded_cause(row: asyncpg.Record) -> Cause:
+    """The InstanceDegraded that opened the instance's current episode. Recorded before the
+    read model kept it, it is known by its id alone: appended with no cause, it is its own
+    correlation."""
+    cause = job_cause(row["degraded_cause"])
+    if cause is None:
+        event_id = degraded_id(row["customer_id"], row["episodes"])
+        cause = Cause(event_id=event_id, correlation_id=event_id)
+    return cause
 
 
 async def _still_unrecorded(

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from contracts import (
+    Cause,
     DeploymentFailed,
     DeploymentProgressed,
     DeploymentStarted,
@@ -20,6 +21,7 @@ from contracts import (
 from services.provisioner.queue import (
     NEEDS_ROOM,
     instances_held,
+    job_cause,
     lock_queue,
     note_waiting_for_capacity,
     record_job_event,
@@ -45,6 +47,10 @@ class Claimed:
     data: dict[str, Any]
     # Counted up each time the job's attempts start over (a retry, a job given back).
     generation: int = 0
+    # What asked for the job (its DeploymentRequested, or an operator's DeploymentRetried):
+    # what each event of the attempt names as its cause, and whose trace the attempt continues.
+    # None for a job queued before causes were kept.
+    cause: Cause | None = None
 
 
 def _changed_one(result: str) -> bool:
@@ -166,6 +172,8 @@ async def _lease(
     )
     if not _changed_one(result):
         return None
+    cause = job_cause(row["cause"])
+    # Recorded before the worker's span of the attempt exists: it carries the cause's trace.
     await record_job_event(
         conn,
         DeploymentStarted(
@@ -177,6 +185,7 @@ async def _lease(
         ),
         row["customer_id"],
         job_event_id(row["job_id"], row["generation"], "started", attempt),
+        cause,
     )
     return Claimed(
         job_id=row["job_id"],
@@ -186,6 +195,7 @@ async def _lease(
         max_attempts=row["max_attempts"],
         data=json.loads(row["data"]),
         generation=row["generation"],
+        cause=cause,
     )
 
 
@@ -231,6 +241,7 @@ async def record_progress(
         ),
         job.customer_id,
         job_event_id(job.job_id, job.generation, "progress", job.attempt, progress, step),
+        job.cause,
     )
     return True
 
@@ -278,6 +289,7 @@ async def complete_job(
         ),
         job.customer_id,
         job_event_id(job.job_id, job.generation, "succeeded"),
+        job.cause,
     )
     return True
 
@@ -329,6 +341,7 @@ async def fail_job(
         ),
         job.customer_id,
         job_event_id(job.job_id, job.generation, "failed", job.attempt),
+        job.cause,
     )
     return True
 
@@ -358,6 +371,7 @@ async def _finish_failed(
         ),
         row["customer_id"],
         job_event_id(row["job_id"], row["generation"], "failed", row["attempts"]),
+        job_cause(row["cause"]),
     )
     return True
 

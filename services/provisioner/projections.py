@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from contracts import (
+    Cause,
     DeploymentFailed,
     DeploymentJobRemoved,
     DeploymentProgressed,
@@ -20,6 +21,7 @@ from contracts import (
 )
 from libs.db.postgres import Connection
 from libs.projections.apply import Projection, Recorded, update_row
+from services.provisioner.queue import encode_cause
 
 
 async def when_deployment_requested_record_job(
@@ -171,15 +173,18 @@ async def when_instance_degraded_open_episode(
     await conn.execute(
         """
         INSERT INTO instance_health (customer_id, state, reason, degraded_since, episodes,
-                                     updated_at)
-        VALUES ($1, 'degraded', $2, $3, 1, $4)
+                                     updated_at, degraded_cause)
+        VALUES ($1, 'degraded', $2, $3, 1, $4, $5::jsonb)
         ON CONFLICT (customer_id) DO UPDATE SET state = 'degraded', reason = $2,
-            degraded_since = $3, episodes = instance_health.episodes + 1, updated_at = $4
+            degraded_since = $3, episodes = instance_health.episodes + 1, updated_at = $4,
+            degraded_cause = $5::jsonb
         """,
         r.event.customer_id,
         r.event.reason,
         r.event.since,
         r.envelope.occurred_at,
+        # What the health watch's redeploy of the instance names as its cause.
+        encode_cause(Cause.of(r.envelope)),
     )
 
 
@@ -189,7 +194,8 @@ async def _healthy(conn: Connection, customer_id: str, at: object) -> None:
         "instance_health",
         "customer_id",
         customer_id,
-        "state = 'healthy', reason = NULL, degraded_since = NULL, updated_at = $2",
+        "state = 'healthy', reason = NULL, degraded_since = NULL, degraded_cause = NULL, "
+        "updated_at = $2",
         at,
     )
 

@@ -28,12 +28,15 @@ Rules:
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from contracts import (
+    Cause,
     DeploymentJobRemoved,
     DeploymentRequested,
     DeploymentRetried,
@@ -55,6 +58,8 @@ from services.provisioner.queue_rules import (
     retry_refusal,
 )
 
+log = logging.getLogger(__name__)
+
 QUEUE_LOCK = "provisioner:queue"
 
 
@@ -63,12 +68,32 @@ async def record_job_event(
     event: Event,
     customer_id: str,
     event_id: str,
-    causation: Envelope | None = None,
-) -> None:
-    """Put a change of a job in the outbox, in the caller's transaction."""
-    await add_to_outbox(
+    causation: Envelope | Cause | None = None,
+) -> Envelope:
+    """Put a change of a job in the outbox, in the caller's transaction; its envelope.
+
+    ``causation`` is the job's cause (``job_cause``) for every change of a job after its
+    request: the event then names the request as its cause and shares its correlation id."""
+    return await add_to_outbox(
         conn, event, customer_id=customer_id, causation=causation, event_id=event_id
     )
+
+
+def encode_cause(cause: Cause) -> str:
+    """A cause as the ``queue_jobs.cause`` column stores it."""
+    return msgspec.json.encode(cause).decode()
+
+
+def job_cause(stored: str | None) -> Cause | None:
+    """The cause ``queue_jobs.cause`` holds; None for a job queued before causes were kept,
+    or one whose cause does not read (the job runs without it rather than stop the queue)."""
+    if stored is None:
+        return None
+    try:
+        return msgspec.json.decode(stored, type=Cause)
+    except msgspec.DecodeError as exc:
+        log.warning("a job's cause does not read, so it is left out: %s", exc)
+        return None
 
 
 async def lock_queue(conn: asyncpg.Connection) -> None:
@@ -102,7 +127,7 @@ async def enqueue(
     requested_by: str,
     at: datetime,
     max_attempts: int,
-    causation: Envelope | None = None,
+    causation: Envelope | Cause | None = None,
     erase: bool = False,
 ) -> str:
     """Queue a job unless a pending one covers it (``queue_rules.collapse``); returns the id of
@@ -147,21 +172,23 @@ async def _supersede(
     job_id: str,
     customer_id: str,
     at: datetime,
-    causation: Envelope | None,
+    causation: Envelope | Cause | None,
 ) -> None:
-    await conn.execute(
+    stored = await conn.fetchval(
         "UPDATE queue_jobs SET state = 'superseded', superseded_by = $2, finished_on = $3 "
-        "WHERE job_id = $1",
+        "WHERE job_id = $1 RETURNING cause",
         old,
         job_id,
         at,
     )
+    # A change of the old job, so caused by its request like its other changes; it is
+    # recorded in the trace of what superseded it (the span recording it).
     await record_job_event(
         conn,
         DeploymentSuperseded(customer_id=customer_id, job_id=old, superseded_by=job_id),
         customer_id,
         f"{old}:superseded",
-        causation,
+        job_cause(stored) or causation,
     )
 
 
@@ -173,22 +200,10 @@ async def _insert_job(
     data: dict[str, Any],
     max_attempts: int,
     at: datetime,
-    causation: Envelope | None,
+    causation: Envelope | Cause | None,
 ) -> None:
     priority = priority_of(kind, data["plan"])
-    await conn.execute(
-        "INSERT INTO queue_jobs (job_id, customer_id, kind, priority, state, data, max_attempts, "
-        "created_at, run_after) "
-        "VALUES ($1, $2, $3, $4, 'waiting', $5::jsonb, $6, $7, clock_timestamp())",
-        job_id,
-        customer_id,
-        kind,
-        priority,
-        json.dumps(data),
-        max_attempts,
-        at,
-    )
-    await record_job_event(
+    requested = await record_job_event(
         conn,
         DeploymentRequested(
             customer_id=customer_id,
@@ -203,6 +218,20 @@ async def _insert_job(
         customer_id,
         f"{job_id}:requested",
         causation,
+    )
+    # The request is what every later change of the job was caused by.
+    await conn.execute(
+        "INSERT INTO queue_jobs (job_id, customer_id, kind, priority, state, data, max_attempts, "
+        "created_at, run_after, cause) "
+        "VALUES ($1, $2, $3, $4, 'waiting', $5::jsonb, $6, $7, clock_timestamp(), $8::jsonb)",
+        job_id,
+        customer_id,
+        kind,
+        priority,
+        json.dumps(data),
+        max_attempts,
+        at,
+        encode_cause(Cause.of(requested)),
     )
 
 
@@ -248,7 +277,7 @@ async def note_waiting_for_capacity(
         f"AND j.waiting_for_capacity_since IS NULL AND {NEEDS_ROOM} "
         "AND NOT EXISTS (SELECT 1 FROM queue_jobs o "
         "WHERE o.customer_id = j.customer_id AND o.state = 'active') "
-        "RETURNING job_id, customer_id, generation, attempts",
+        "RETURNING job_id, customer_id, generation, attempts, cause",
         now,
         list(PENDING),
     )
@@ -263,6 +292,7 @@ async def note_waiting_for_capacity(
             ),
             row["customer_id"],
             job_event_id(row["job_id"], row["generation"], "waiting-for-capacity", row["attempts"]),
+            job_cause(row["cause"]),
         )
 
 
@@ -279,7 +309,11 @@ class JobNotRetryable(ValueError):
 
 async def retry_job(conn: asyncpg.Connection, job_id: str, requested_by: str) -> None:
     """A failed job gets a fresh set of attempts, in a new generation
-    (``queue_rules.retry_refusal`` says which may not)."""
+    (``queue_rules.retry_refusal`` says which may not).
+
+    The retry becomes the job's cause: its attempts from now on continue the trace of the
+    operator's request (the span recording the retry), and their events name the
+    ``DeploymentRetried``, which names the job's first cause."""
     await lock_queue(conn)
     row = await conn.fetchrow("SELECT * FROM queue_jobs WHERE job_id = $1 FOR UPDATE", job_id)
     if row is None:
@@ -296,18 +330,20 @@ async def retry_job(conn: asyncpg.Connection, job_id: str, requested_by: str) ->
     if refusal is not None:
         raise JobNotRetryable(refusal)
     generation = row["generation"] + 1
-    await conn.execute(
-        "UPDATE queue_jobs SET state = 'waiting', attempts = 0, generation = $2, "
-        "run_after = clock_timestamp(), finished_on = NULL, failed_reason = NULL, progress = 0, "
-        "step = NULL WHERE job_id = $1",
-        job_id,
-        generation,
-    )
-    await record_job_event(
+    retried = await record_job_event(
         conn,
         DeploymentRetried(customer_id=row["customer_id"], job_id=job_id, requested_by=requested_by),
         row["customer_id"],
         job_event_id(job_id, generation, "retried"),
+        job_cause(row["cause"]),
+    )
+    await conn.execute(
+        "UPDATE queue_jobs SET state = 'waiting', attempts = 0, generation = $2, "
+        "run_after = clock_timestamp(), finished_on = NULL, failed_reason = NULL, progress = 0, "
+        "step = NULL, cause = $3::jsonb WHERE job_id = $1",
+        job_id,
+        generation,
+        encode_cause(Cause.of(retried)),
     )
 
 
@@ -318,7 +354,7 @@ async def clean_jobs(
     rows = await conn.fetch(
         "DELETE FROM queue_jobs WHERE job_id IN (SELECT job_id FROM queue_jobs "
         "WHERE state = $1 AND finished_on < $2 ORDER BY finished_on LIMIT $3) "
-        "RETURNING job_id, customer_id",
+        "RETURNING job_id, customer_id, cause",
         state,
         older_than,
         limit,
@@ -331,6 +367,7 @@ async def clean_jobs(
             ),
             row["customer_id"],
             f"{row['job_id']}:removed",
+            job_cause(row["cause"]),
         )
     return len(rows)
 

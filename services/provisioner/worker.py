@@ -23,11 +23,13 @@ from functools import partial
 from typing import TypeVar
 
 import asyncpg
+from opentelemetry.trace import Span
 
 from libs.runtime.outbox import OutboxRelay
 from libs.runtime.scheduling import PASSING
-from services.provisioner.backends.base import Backend, BackendError, InstanceSpec
+from services.provisioner.backends.base import Backend, BackendError, InstanceSpec, Progress
 from services.provisioner.health import HEALTH_WATCH
+from services.provisioner.job_spans import JobSteps, fail, job_span
 from services.provisioner.leases import (
     Claimed,
     claim_next_job,
@@ -177,7 +179,17 @@ class QueueWorker:
     async def _run_job(self, job: Claimed, asked: float) -> None:
         log.info("job %s (%s) attempt %d started", job.job_id, job.kind, job.attempt)
         started = time.monotonic()
+        with job_span(job, self._backend.name) as span:
+            outcome = await self._run_attempt(job, asked, span)
+            span.set_attribute("iotistic.outcome", outcome)
+        if outcome in ("completed", "failed"):
+            self._metrics.durations.labels(job.kind, outcome).observe(time.monotonic() - started)
+
+    async def _run_attempt(self, job: Claimed, asked: float, span: Span) -> str:
+        """Run the attempt and record how it went; its outcome (``lease lost`` when it was
+        stopped, or its outcome not recorded, because the job is no longer this worker's)."""
         lost = asyncio.Event()
+        # Started in the job's span: the attempt's steps are its children.
         work = asyncio.create_task(self._attempt(job), name=f"job {job.job_id} work")
         keeper = asyncio.create_task(self._keep_lease(job, asked), name=f"job {job.job_id} lease")
         keeper.add_done_callback(partial(self._lease_ended, job, work, lost))
@@ -188,19 +200,23 @@ class QueueWorker:
                 if not lost.is_set():
                     # This worker is shutting down: give the job back at once for another to
                     # take, without counting the attempt.
+                    span.set_attribute("iotistic.outcome", "released")
                     with contextlib.suppress(*PASSING):
                         await self._transact(lambda c: release_job(c, job, self.worker_id))
                     raise
                 log.warning("job %s: lease lost; stopped without recording it", job.job_id)
+                fail(span, "lease lost")
                 if _being_cancelled():
                     raise
-                return
+                return "lease lost"
             except BackendError as exc:
                 outcome, write = "failed", self._failure(job, str(exc))
+                fail(span, str(exc), exc)
             except Exception as exc:
                 log.exception("job %s: unexpected error", job.job_id)
                 error = f"internal error: {type(exc).__name__}"
                 outcome, write = "failed", self._failure(job, error)
+                fail(span, error, exc)
             else:
                 outcome = "completed"
                 write = partial(
@@ -213,18 +229,35 @@ class QueueWorker:
                 )
             if not await self._record_outcome(job, write, lost):
                 log.warning("job %s: lease lost before its outcome was recorded", job.job_id)
-                return
+                fail(span, "lease lost before the outcome was recorded")
+                return "lease lost"
             log.info("job %s %s", job.job_id, outcome)
+            return outcome
         finally:
             keeper.cancel()
-        self._metrics.durations.labels(job.kind, outcome).observe(time.monotonic() - started)
 
     async def _attempt(self, job: Claimed) -> tuple[str | None, dict[str, str]]:
+        steps = JobSteps()
+
         async def progress(percent: int, step: str) -> None:
+            steps.enter(step)
             await self._transact(
                 lambda conn: record_progress(conn, job, self.worker_id, percent, step)
             )
 
+        try:
+            return await self._apply(job, progress)
+        except BackendError as exc:
+            steps.fail(str(exc))
+            raise
+        except Exception as exc:
+            steps.fail(f"internal error: {type(exc).__name__}")
+            raise
+        finally:
+            # Also when the attempt is cancelled (lease lost, shutdown).
+            steps.close()
+
+    async def _apply(self, job: Claimed, progress: Progress) -> tuple[str | None, dict[str, str]]:
         if job.kind == DELETE:
             erase = bool(job.data.get("erase"))
             await self._backend.delete(job.customer_id, progress, erase=erase)

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from libs.observability.telemetry import trace_environment
+from libs.observability.telemetry import trace_environment, traced_hooks
 from services.provisioner.backends.base import (
     BackendError,
     Capacity,
@@ -128,7 +128,8 @@ class LocalBackend:
     def _client(self) -> httpx.AsyncClient:
         """The client the instances are probed with (made on first use, in the event loop)."""
         if self._http is None:
-            self._http = httpx.AsyncClient()
+            # Each probe carries the current trace (a job's "step health").
+            self._http = httpx.AsyncClient(event_hooks=traced_hooks())
         return self._http
 
     # --- jobs -----------------------------------------------------------------------------------
