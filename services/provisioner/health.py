@@ -34,7 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Span
 
 from contracts import Cause, Event, InstanceDegraded, InstanceRecovered
-from libs.eventlog.decisions import Decision, ReadModelBehind, append_decision
+from libs.eventlog.decisions import Decision, append_decisions
 from libs.eventlog.store import EventStore
 from libs.observability.telemetry import SERVICE_ATTRIBUTE, link_to, tracer
 from libs.projections.runner import durable_name
@@ -165,25 +165,12 @@ class HealthWatch:
         return appended + redeployed
 
     async def _append(self, decisions: list[tuple[str, Decision]]) -> int:
-        """Each decision appended against the log in a span of its own (``health <event>``, a
-        trace of its own), until the read model is found behind the log (the rest wait for the
-        next pass); how many were appended."""
-        appended = 0
-        for what, decision in decisions:
-            with _decision_span(what, decision.customer_id):
-                try:
-                    done = await append_decision(
-                        self._store(),
-                        customer_id=decision.customer_id,
-                        event_id=decision.event_id,
-                        decide=decision.decide,
-                        consumers=CONSUMERS,
-                    )
-                except ReadModelBehind as behind:
-                    log.warning("health watch: %s; the next pass decides", behind)
-                    break
-            appended += done is not None
-        return appended
+        """Each decision appended against the log, in a trace of its own (``schedule
+        <event>``, ``append_decisions``), until the read model is found behind the log (the
+        rest wait for the next pass); how many were appended."""
+        return await append_decisions(
+            self._store(), [decision for _, decision in decisions], CONSUMERS, "health watch"
+        )
 
     async def _check_all(self, customers: list[str]) -> dict[str, InstanceHealth]:
         """Each instance's health; one the backend cannot tell about now is left out."""

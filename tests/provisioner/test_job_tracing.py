@@ -372,7 +372,7 @@ async def test_a_health_watch_redeploy_starts_from_its_decision(
     # The watch decided each in a trace of its own: the instance degraded, then its redeploy
     # (linked to that decision), which the job continues.
     decided = span_with_id(spans, trace_of(degraded)[1])
-    assert decided.name == "health InstanceDegraded"
+    assert decided.name == "schedule InstanceDegraded"
     assert decided.parent is None
     [attempt] = job_spans(spans, redeploy["id"])
     queued_in = span_with_id(spans, parent_of(attempt) or "")
