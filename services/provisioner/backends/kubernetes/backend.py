@@ -162,15 +162,16 @@ class KubernetesBackend:
         generation = await self._generation(spec.customer_id)
         handed = False
         for obj in await self._to_apply(spec, generation):
-            handed = await hand_trace_before(api, obj, ns, spec.customer_id) or handed
-            await self._apply(api, obj)
             step = (
                 (10, "namespace")
                 if obj["kind"] == "Namespace"
                 else APPLY_STEPS.get((obj["kind"], obj["metadata"]["name"]))
             )
             if step is not None:
+                # Reported as it begins, so the step's span holds what it does.
                 await progress(*step)
+            handed = await hand_trace_before(api, obj, ns, spec.customer_id) or handed
+            await self._apply(api, obj)
         await self._remove_replaced(spec.customer_id)
         await self._wait_ready(spec.customer_id, progress, 80)
         if handed:
