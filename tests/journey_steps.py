@@ -39,7 +39,7 @@ MILESTONES: tuple[tuple[str, str], ...] = (
     ("DeploymentRequested applied", "start:apply DeploymentRequested"),
     ("job started", f"start:{JOB_SPAN}"),
     ("instance process starting", "start:step instance"),
-    ("instance started (its own span)", "end:instance start"),
+    ("instance ready (its first start ends)", "end:instance start"),
     ("health step", "start:step health"),
     ("instance healthy (job done)", f"end:{JOB_SPAN}"),
 )
@@ -190,10 +190,16 @@ def hops(trace: list[ReceivedSpan]) -> dict[str, float]:
     return {f"{a} → {b}": (passed[b] - passed[a]) / 1e6 for a, b in itertools.pairwise(labels)}
 
 
-def hop_table(journeys: list[dict[str, float]]) -> str:
+def parts(trace: list[ReceivedSpan]) -> dict[str, float]:
+    """Milliseconds each step of the job (``step <name>``) and each part of the instance's
+    first start (``start <part>``) took, by span name."""
+    return {s.name: s.duration_ms for s in trace if s.name.startswith(("step ", "start "))}
+
+
+def hop_table(journeys: list[dict[str, float]], what: str = "hop") -> str:
     """A Markdown table of each hop's median and 95th percentile over ``journeys``."""
-    rows = ["| hop | p50 ms | p95 ms |", "|---|---:|---:|"]
-    for hop in journeys[0]:
+    rows = [f"| {what} | p50 ms | p95 ms |", "|---|---:|---:|"]
+    for hop in dict.fromkeys(name for journey in journeys for name in journey):
         values = sorted(j[hop] for j in journeys if hop in j)
         p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
         rows.append(f"| {hop} | {statistics.median(values):.0f} | {p95:.0f} |")

@@ -20,6 +20,7 @@ from libs.servers.ports import free_port
 from tests.journey_steps import (
     hop_table,
     hops,
+    parts,
     platform_environment,
     running_platform,
     sign_up_until_healthy,
@@ -72,6 +73,8 @@ async def _measure(
         for s in spans
         if s.kind == "SERVER" and s.name.startswith("POST /api/customers/signup")
     }
-    traced = [hops([s for s in spans if s.trace_id == trace_id]) for trace_id in requests]
-    print(f"provision: latency per hop from {len(traced)} traces (ms):")
-    print(hop_table(traced))
+    traces = [[s for s in spans if s.trace_id == trace_id] for trace_id in requests]
+    print(f"provision: latency per hop from {len(traces)} traces (ms):")
+    print(hop_table([hops(trace) for trace in traces]))
+    print("provision: the job's steps and the instance's first start, by span (ms):")
+    print(hop_table([parts(trace) for trace in traces], "span"))
