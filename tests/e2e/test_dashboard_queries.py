@@ -180,18 +180,19 @@ class Prometheus:
         self.config.write_text(yaml.safe_dump(config))
 
     def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                self._binary,
-                f"--config.file={self.config}",
-                f"--storage.tsdb.path={self.folder / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(self.folder / "prometheus.log").open("wb"),
-        )
+        with (self.folder / "prometheus.log").open("wb") as log:
+            self._process = subprocess.Popen(
+                [
+                    self._binary,
+                    f"--config.file={self.config}",
+                    f"--storage.tsdb.path={self.folder / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--web.enable-lifecycle",
+                    "--log.level=warn",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
 
     def stop(self) -> None:
         if self._process is not None:
@@ -217,9 +218,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, port: int) -> Iterator[
 @pytest.fixture(scope="module")
 async def promql(prometheus: Prometheus) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=prometheus.url, timeout=10) as http:
-        await eventually(
-            lambda: http.get("/-/ready"), lambda r: r.status_code == 200, what="Prometheus ready"
-        )
+        try:
+            await eventually(
+                lambda: http.get("/-/ready"), lambda r: r.status_code == 200, what="Prometheus"
+            )
+        except AssertionError as exc:
+            log = (prometheus.folder / "prometheus.log").read_text()
+            pytest.fail(f"{exc}\nits log:\n{log}")
         yield http
 
 
@@ -394,6 +399,26 @@ async def test_every_panel_returns_data_after_a_signup_and_readings(
     except AssertionError:
         empty = "\n".join(await empty_panels(promql))
         pytest.fail(f"panels without data:\n{empty}")
+    await eventually(lambda: counted(promql), lambda found: found == DONE, what="the counts")
+
+
+# What the test did, as Prometheus counts it: the panels plot what happened, not only zeros.
+DONE = {
+    "sum(iotistic_signups_total)": 1.0,
+    'sum(deployment_job_duration_seconds_count{outcome="completed"})': 1.0,
+    'sum(iotistic_stripe_webhooks_total{outcome="received"})': 1.0,
+    'sum(iotistic_stripe_webhooks_total{outcome="rejected"})': 1.0,
+    "sum(iotistic_instance_readings_stored_total)": 5.0,
+    "sum(iotistic_instance_readings_rejected_total)": 1.0,
+}
+
+
+async def counted(promql: httpx.AsyncClient) -> dict[str, float | None]:
+    found = {}
+    for query in DONE:
+        result = await series(promql, query)
+        found[query] = float(result[0]["value"][1]) if result else None
+    return found
 
 
 @pytest.mark.slow
