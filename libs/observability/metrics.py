@@ -29,6 +29,12 @@ class ProjectionMetrics:
             labels,
             registry=registry,
         )
+        self.pending = Gauge(
+            "iotistic_projection_pending_events",
+            "Events of the projection's types in the log it has not applied yet (its lag)",
+            labels,
+            registry=registry,
+        )
         self.apply_seconds = Histogram(
             "iotistic_projection_apply_seconds",
             "Time to apply one event with its checkpoint in one transaction",
@@ -41,6 +47,12 @@ class ProjectionMetrics:
         """Count one event taken and move the checkpoint gauge."""
         self.events.labels(service, projection, outcome).inc()
         self.checkpoint.labels(service, projection).set(seq)
+
+    def show_pending(self, service: str, projection: str, pending: int) -> None:
+        """Set how many events the projection has still to apply (and make its parked
+        counter exist at 0, so increase() counts its first parked event)."""
+        self.pending.labels(service, projection).set(pending)
+        self.parked_events.labels(service, projection)
 
     def parked(self, service: str, projection: str) -> None:
         """Count one parked event."""

@@ -310,10 +310,13 @@ class ProjectionRunner:
                 last_lock_check = time.monotonic()
             msgs = await self._next_batch(sub, idle)
             idle = not msgs
+            if idle:
+                self._show_pending(0)  # the consumer had nothing to deliver
             in_step = deliveries_in_step(msgs, delivered)
             if in_step:
                 delivered = int(msgs[in_step - 1].metadata.sequence.consumer)
                 await self._apply_batch(msgs[:in_step])
+                self._show_pending(int(msgs[in_step - 1].metadata.num_pending or 0))
             if in_step < len(msgs):
                 got = msgs[in_step].metadata.sequence
                 raise _Reattach(
@@ -481,7 +484,14 @@ class ProjectionRunner:
     async def lag(self) -> int:
         """Events of this projection's types in the log not yet applied (consumer's view)."""
         info = await self.store.js.consumer_info(self.store.stream, self.durable, timeout=1)
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        lag = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self._show_pending(lag)
+        return lag
+
+    def _show_pending(self, pending: int) -> None:
+        # Set as each batch is applied (the last event says what is left after it) and at
+        # each readiness check (which sees a projection that is stuck and applies nothing).
+        self.metrics.show_pending(self.service, self.projection.name, pending)
 
 
 def deliveries_in_step(msgs: Sequence[Msg], delivered: int) -> int:

@@ -185,6 +185,10 @@ class Supervisor:
             raise ValueError(f"{self.owner}: a task named {name!r} is supervised already")
         supervised = SupervisedTask(name=name, stuck_after=stuck_after)
         self.tasks[name] = supervised
+        if self._restarts is not None:
+            # The task's series exists at 0 from its start, so increase() counts its first
+            # restart, and a dashboard shows the tasks that never restarted.
+            self._restarts.labels(self.owner, name)
         supervised.task = asyncio.create_task(
             self._keep(supervised, start), name=f"{self.owner}.{name}"
         )

@@ -40,6 +40,13 @@ class LicenseHolder:
             "When the instance's license expires (exp)",
             registry=registry,
         )
+        self._limits = Gauge(
+            "iotistic_instance_license_limit",
+            "What the held license allows: devices, MQTT messages and API requests per day, "
+            "retention days",
+            ["limit"],
+            registry=registry,
+        )
 
     def _token(self) -> str:
         if self._settings.license_file:
@@ -76,9 +83,20 @@ class LicenseHolder:
             else:
                 self.claims, self.error = claims, None
                 self._expires.set(claims.exp)
+                self._show_limits(claims)
         self._valid.set(1 if self.claims is not None else 0)
         if self.error:
             log.warning("%s", self.error)
+
+    def _show_limits(self, claims: LicenseClaims) -> None:
+        allowed = {
+            "devices": claims.features.maxDevices,
+            "mqtt_messages_per_day": claims.limits.mqttMessagesPerDay,
+            "api_requests_per_day": claims.limits.apiRequestsPerDay,
+            "retention_days": claims.features.dataRetentionDays,
+        }
+        for limit, value in allowed.items():
+            self._limits.labels(limit).set(value)
 
     def status(self, now: datetime) -> Status | None:
         """Where the held license stands now."""

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from libs.runtime.scheduling import PASSING
 from services.provisioner.queue import queue_stats
-from services.provisioner.queue_rules import STATES
+from services.provisioner.queue_rules import DELETE, DEPLOY, STATES, UPDATE
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ class QueueMetrics:
             buckets=(0.5, 1, 2, 3, 5, 10, 30, 60, 120, 300, 600),
             registry=registry,
         )
+        # Every kind and outcome exists at 0 from the start: a failure rate is 0 (not absent)
+        # while nothing failed, and increase() counts a process's first deployment.
+        for kind in (DEPLOY, UPDATE, DELETE):
+            for outcome in ("completed", "failed"):
+                self.durations.labels(kind, outcome)
         self.instances_running = Gauge(
             "iotistic_instances_running",
             "Customer instances running or being started",

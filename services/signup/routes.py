@@ -31,7 +31,7 @@ from services.signup.passwords import Passwords
 from services.signup.recovery_routes import recovery_routes
 from services.signup.recovery_sessions import require_session
 from services.signup.settings import SignupSettings
-from services.signup.signups import Signups
+from services.signup.signups import Signups, signups_counter
 from services.signup.web import STATIC_PREFIX
 
 BODY_LIMIT = 16 * 1024
@@ -110,8 +110,10 @@ def signup_routes(runtime: ServiceRuntime) -> list[ControllerRouterHandler]:
     # Closures, not bound methods: litestar deep-copies a router's dependencies as it mounts
     # them, and a bound method would take the whole runtime along. Each is made per request:
     # the pool and the log are there only once the service has started.
+    opened = signups_counter(runtime.registry)
+
     def signups() -> Signups:
-        return Signups(runtime.db(), runtime.events(), passwords, settings)
+        return Signups(runtime.db(), runtime.events(), passwords, settings, opened)
 
     def logins() -> Logins:
         return Logins(runtime.db(), passwords, sessions, settings)

@@ -12,12 +12,14 @@ This module is where ``CustomerSignedUp`` is appended.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+from prometheus_client import CollectorRegistry, Counter
 
 from contracts import (
     CustomerSignedUp,
@@ -63,6 +65,16 @@ MAX_EARLIER_TRIES = 3
 OWNER_WAIT_SECONDS = 3.0
 
 
+@functools.cache
+def signups_counter(registry: CollectorRegistry) -> Counter:
+    """``iotistic_signups_total`` of a process's registry (one per registry)."""
+    return Counter(
+        "iotistic_signups",
+        "Accounts opened: signups whose CustomerSignedUp this process appended",
+        registry=registry,
+    )
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -75,6 +87,8 @@ class Signups:
     store: EventStore
     passwords: Passwords
     settings: SignupSettings
+    # Accounts opened (``iotistic_signups_total``); None where nobody scrapes them.
+    opened: Counter | None = None
 
     async def sign_up(self, form: SignupForm, address: str) -> SignupAnswer:
         """Open an account: the limits first, then the log decides who got the email first.
@@ -151,6 +165,8 @@ class Signups:
                 ) from None
             raise Conflict("an account with this email already exists") from None
         await self._confirm(customer_id, appended.seq)
+        if self.opened is not None:
+            self.opened.inc()
         return customer_id
 
     async def _append_on_email(self, envelope: Envelope, email: str) -> Appended:

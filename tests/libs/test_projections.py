@@ -452,7 +452,7 @@ async def test_a_malformed_event_is_parked_counted_and_waits_for_the_operator(
     settings, store = fresh
     [good] = await publish_licenses(store, 1)
     garbage = await publish_raw(nc, store, "LicenseIssued", b"\x00not json at all")
-    [after] = await publish_licenses(store, 1)
+    await publish_licenses(store, 1)  # waits behind the parked event
     platform = await start(settings)
     try:
         # Both of licensing's consumers of LicenseIssued park it: the read model and the
@@ -473,6 +473,12 @@ async def test_a_malformed_event_is_parked_counted_and_waits_for_the_operator(
         assert ok, detail  # the service keeps serving
         assert entry["state"] == "blocked"
         assert entry["blocked_at"] == garbage
+        # Its lag is on /metrics too, also with events appended while it is stuck: the
+        # parked event, the one after it, and one more.
+        [later] = await publish_licenses(store, 1)
+        _, detail = await platform.readiness()
+        lag = detail["services"]["licensing"]["projections"][PROJECTION]["lag"]
+        assert lag == 3 and sample(platform, "iotistic_projection_pending_events") == lag
         # The projection holds at the parked event: the later one waits for the decision.
         assert await checkpoint(db) == good
         assert await db.fetchval("SELECT count(*) FROM licenses") == 1
@@ -481,14 +487,15 @@ async def test_a_malformed_event_is_parked_counted_and_waits_for_the_operator(
             "UPDATE parked_events SET decision = 'skip', decided_at = now() WHERE seq = $1",
             garbage,
         )
-        await caught_up(db, after)
-        assert await db.fetchval("SELECT count(*) FROM licenses") == 2
+        await caught_up(db, later)
+        assert await db.fetchval("SELECT count(*) FROM licenses") == 3
         await eventually(
             lambda: db.fetchval("SELECT bool_and(resolved_at IS NOT NULL) FROM parked_events"),
             what="both parked copies resolved",
         )
         ok, detail = await platform.readiness()
         assert detail["services"]["licensing"]["projections"][PROJECTION]["state"] == "running"
+        assert sample(platform, "iotistic_projection_pending_events") == 0
     finally:
         await platform.stop()
     # The rebuild skips what the operator skipped, so live and replay agree.
