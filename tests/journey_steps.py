@@ -31,17 +31,15 @@ if TYPE_CHECKING:  # the bench imports this module as tests.journey_steps
 
 SIGNUP_SPAN = "POST /api/customers/signup"
 JOB_SPAN = "job deploy-customer-stack"
-# The moments a journey passes, in order: (label, what marks it in the trace).
-MILESTONES: tuple[tuple[str, str], ...] = (
-    ("signup request", f"start:{SIGNUP_SPAN}"),
-    ("CustomerSignedUp applied", "start:apply CustomerSignedUp"),
-    ("LicenseIssued applied", "start:apply LicenseIssued"),
-    ("DeploymentRequested applied", "start:apply DeploymentRequested"),
-    ("job started", f"start:{JOB_SPAN}"),
-    ("instance process starting", "start:step instance"),
-    ("instance ready (its first start ends)", "end:instance start"),
-    ("health step", "start:step health"),
-    ("instance healthy (job done)", f"end:{JOB_SPAN}"),
+# The moments a journey passes, each necessarily after the one before: (label, the span that
+# marks it, and whether its start or its end does).
+MILESTONES: tuple[tuple[str, str, str], ...] = (
+    ("signup request", SIGNUP_SPAN, "start"),
+    ("CustomerSignedUp applied", "apply CustomerSignedUp", "start"),
+    ("LicenseIssued applied", "apply LicenseIssued", "start"),
+    ("job started", JOB_SPAN, "start"),
+    ("instance process started", "step instance", "start"),
+    ("instance healthy", JOB_SPAN, "end"),
 )
 
 
@@ -169,8 +167,7 @@ def milestones(trace: list[ReceivedSpan]) -> dict[str, int]:
     """When (ns) a journey's trace passed each milestone it holds: the first span of each
     name that marks one."""
     found: dict[str, int] = {}
-    for label, mark in MILESTONES:
-        edge, name = mark.split(":", 1)
+    for label, name, edge in MILESTONES:
         times = [
             s.start_ns if edge == "start" else s.end_ns
             for s in trace
@@ -182,12 +179,16 @@ def milestones(trace: list[ReceivedSpan]) -> dict[str, int]:
 
 
 def hops(trace: list[ReceivedSpan]) -> dict[str, float]:
-    """Milliseconds from each milestone to the next one the trace holds, by "a → b"."""
+    """Milliseconds from each milestone to the next one the trace holds, by "a → b", and
+    from the first to the last."""
     passed = milestones(trace)
-    # In the order they happened (the instance may report itself started before or after
-    # the health step begins).
-    labels = sorted(passed, key=lambda label: passed[label])
-    return {f"{a} → {b}": (passed[b] - passed[a]) / 1e6 for a, b in itertools.pairwise(labels)}
+    labels = [label for label, _, _ in MILESTONES if label in passed]
+    found = {f"{a} → {b}": (passed[b] - passed[a]) / 1e6 for a, b in itertools.pairwise(labels)}
+    if len(labels) > 1:
+        found[f"whole journey: {labels[0]} → {labels[-1]}"] = (
+            passed[labels[-1]] - passed[labels[0]]
+        ) / 1e6
+    return found
 
 
 def parts(trace: list[ReceivedSpan]) -> dict[str, float]:

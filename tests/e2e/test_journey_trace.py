@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from journey_steps import (
     JOB_SPAN,
+    MILESTONES,
     hops,
     platform_environment,
     running_platform,
@@ -138,7 +139,9 @@ async def test_a_signup_and_everything_it_causes_is_one_trace_with_named_service
 
     # The hops read off the trace (the README's table) are all there, in order.
     measured = hops(trace)
-    assert measured and all(ms >= 0 for ms in measured.values()), measured
+    # Every milestone is there (five hops and the whole), each after the one before.
+    assert len(measured) == len(MILESTONES), measured
+    assert all(ms >= 0 for ms in measured.values()), measured
 
 
 def _ancestors(span: ReceivedSpan, by_id: dict[str, ReceivedSpan]) -> set[str]:
