@@ -39,6 +39,7 @@ MILESTONES: tuple[tuple[str, str, str], ...] = (
     ("LicenseIssued applied", "apply LicenseIssued", "start"),
     ("job started", JOB_SPAN, "start"),
     ("instance process started", "step instance", "start"),
+    ("instance app starting", "instance start", "start"),
     ("instance healthy", JOB_SPAN, "end"),
 )
 
@@ -194,7 +195,11 @@ def hops(trace: list[ReceivedSpan]) -> dict[str, float]:
 def parts(trace: list[ReceivedSpan]) -> dict[str, float]:
     """Milliseconds each step of the job (``step <name>``) and each part of the instance's
     first start (``start <part>``) took, by span name."""
-    return {s.name: s.duration_ms for s in trace if s.name.startswith(("step ", "start "))}
+    return {
+        s.name: s.duration_ms
+        for s in trace
+        if s.name.startswith(("step ", "start ")) or s.name == "instance start"
+    }
 
 
 def hop_table(journeys: list[dict[str, float]], what: str = "hop") -> str:
