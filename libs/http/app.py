@@ -87,6 +87,25 @@ def health_routes(
     return [live, ready, metrics]
 
 
+# Where OpenTelemetry's ASGI instrumentation puts a request's URL (old and new conventions).
+URL_ATTRIBUTES = ("http.url", "http.target", "url.full")
+
+
+def without_query(span: Any, _scope: Any) -> None:
+    """Keep a request's query string out of its span: links carry tokens in it (an email
+    verification, a password reset) and searches carry emails, and spans leave the process
+    for a collector."""
+    if not span.is_recording():
+        return
+    attributes = getattr(span, "attributes", None) or {}
+    for key in URL_ATTRIBUTES:
+        value = attributes.get(key)
+        if isinstance(value, str) and "?" in value:
+            span.set_attribute(key, value.split("?", 1)[0])
+    if "url.query" in attributes:
+        span.set_attribute("url.query", "")
+
+
 def create_app(
     *,
     title: str,
@@ -110,9 +129,11 @@ def create_app(
     if tracing:
         from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
-        # A span per request; not one more per ASGI message it reads and sends.
+        # A span per request, without its query string; not one more per ASGI message.
         config = OpenTelemetryConfig(
-            exclude=["/health", "/metrics"], exclude_spans=["receive", "send"]
+            exclude=["/health", "/metrics"],
+            exclude_spans=["receive", "send"],
+            server_request_hook_handler=without_query,
         )
         plugins.append(OpenTelemetryPlugin(config))
     return Litestar(

@@ -175,3 +175,27 @@ def test_a_callers_oversized_tracestate_is_not_copied_into_events(members: int, 
         otel_context.detach(token)
     assert carried["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
     assert ("tracestate" in carried) is kept
+
+
+async def test_a_requests_query_string_stays_out_of_its_span(
+    spans: InMemorySpanExporter, settings: ServiceSettings
+) -> None:
+    """Links carry tokens in their query (an email verification, a password reset) and
+    searches carry emails; spans leave the process for a collector."""
+    platform = make_platform(settings, [LICENSING])
+    app = build_app(platform, "licensing")
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4736"
+    async with AsyncTestClient(app) as client:
+        response = await client.get(
+            "/schema/openapi.json?token=s3cret-link-token&q=ada%40example.com",
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+        assert response.status_code == 200
+    [server] = [
+        s
+        for s in spans.get_finished_spans()
+        if f"{s.context.trace_id:032x}" == trace_id and s.kind.name == "SERVER"
+    ]
+    shown = repr(dict(server.attributes or {})) + server.name
+    assert "/schema/openapi.json" in shown
+    assert "s3cret" not in shown and "example.com" not in shown, shown
