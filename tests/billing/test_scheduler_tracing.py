@@ -19,11 +19,10 @@ from libs.config import ServiceSettings
 from libs.db.postgres import create_pool
 from libs.eventlog.store import EventStore
 from libs.observability.telemetry import tracer
-from libs.projections.replay import replay_service
 from libs.runtime.platform import Platform
 from services.billing.app import BILLING
 from services.billing.trials import expire_ended_trials
-from support import eventually
+from support import assert_replays_clean, eventually
 
 
 @pytest.fixture(scope="module")
@@ -176,22 +175,8 @@ async def test_replaying_the_subscriptions_keeps_each_trials_cause(
         "trace": {"traceparent": started.trace.traceparent, "tracestate": None},
     }
     # The tests above blanked some causes by hand; what the log says is restored for those.
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        # Rebuilt and swapped in, then checked: the live rows are what the log rebuilds.
-        for verify in (False, True):
-            report = await replay_service(
-                conn,
-                store,
-                schema=BILLING.schema,
-                migrations_package=BILLING.migrations_package,
-                projections=BILLING.projections,
-                verify=verify,
-            )
-            assert report.events_applied > 0
-            assert not verify or report.differences == 0, report.diffs
-    finally:
-        await conn.close()
+    # Rebuilt and swapped in, then checked: the live rows are what the log rebuilds.
+    await assert_replays_clean(settings.database_url, store, [BILLING], rebuild=True)
     assert await trial_cause(pool, customer_id) == kept
     blank = await pool.fetchval("SELECT count(*) FROM subscriptions WHERE trial_cause IS NULL")
     assert blank == 0

@@ -11,8 +11,6 @@ import contextlib
 import itertools
 import os
 import signal
-import stat
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from span_links import recorded_spans
+from test_local_backend import IOTISTIC, PASSWORD, control  # noqa: F401 - control is a fixture
 
 from contracts import (
     Cause,
@@ -54,17 +53,6 @@ from support import eventually, local_platform, signed_license_issued
 
 pytestmark = pytest.mark.slow
 
-PASSWORD = "a long passphrase"
-IOTISTIC = str(Path(sys.executable).parent / "iotistic")
-WRAPPER = """#!/bin/sh
-# Test wrapper around the instance command: fails while {dir}/<customer>.fail counts down.
-f="{dir}/$INSTANCE_CUSTOMER_ID.fail"
-if [ -f "$f" ]; then
-  n=$(cat "$f")
-  if [ "$n" -gt 0 ]; then echo $((n - 1)) > "$f"; echo "failing on purpose" >&2; exit 3; fi
-fi
-exec "$@"
-"""
 DEPLOY = "job deploy-customer-stack"
 LOCAL_DEPLOY_STEPS = ["database", "broker", "license", "instance", "health"]
 
@@ -76,21 +64,12 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 @pytest.fixture(scope="module")
-def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("traced")
-    script = folder / "instance.sh"
-    script.write_text(WRAPPER.format(dir=folder))
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return folder
-
-
-@pytest.fixture(scope="module")
 async def platform(
     spans: InMemorySpanExporter,
     settings: ServiceSettings,
     store: EventStore,
     broker: Any,
-    control: Path,
+    control: Path,  # noqa: F811 - the fixture
     port: int,
 ) -> Platform:
     return local_platform(
@@ -259,7 +238,7 @@ async def test_a_failed_attempt_is_an_error_and_the_next_one_has_the_same_parent
     admin: dict[str, str],
     store: EventStore,
     spans: InMemorySpanExporter,
-    control: Path,
+    control: Path,  # noqa: F811 - the fixture
 ) -> None:
     customer_id = str(uuid.uuid4())
     (control / f"{customer_id}.fail").write_text("1")
@@ -293,7 +272,7 @@ async def test_an_operators_retry_runs_the_job_in_the_retry_requests_trace(
     admin: dict[str, str],
     store: EventStore,
     spans: InMemorySpanExporter,
-    control: Path,
+    control: Path,  # noqa: F811 - the fixture
 ) -> None:
     customer_id = str(uuid.uuid4())
     fail = control / f"{customer_id}.fail"
