@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -141,6 +142,28 @@ def setup_tracing(
         provider.add_span_processor(_NamedByService(processor, resource))
     trace.set_tracer_provider(provider)
     return provider
+
+
+EXIT_FLUSH_SECONDS = 3.0
+"""How long a process's exit waits for its last spans to be sent. OTLP's exporter waits 10 s
+for a collector that never answers (and backs off 1 + 2 + 4 s from one that refuses) per batch
+of 512 spans: unbounded, an instance outlives the 10 s its backend gives it to stop, and is
+killed; a control plane's pod its grace period."""
+
+
+def shutdown_tracing(provider: TracerProvider, seconds: float = EXIT_FLUSH_SECONDS) -> bool:
+    """Flush and stop ``provider`` at exit, waiting at most ``seconds``; whether it finished.
+
+    Spans still unsent then are dropped: the flush goes on in a daemon thread, which the
+    process's exit does not wait for.
+    """
+    stopping = threading.Thread(target=provider.shutdown, name="tracing shutdown", daemon=True)
+    stopping.start()
+    stopping.join(seconds)
+    if stopping.is_alive():
+        log.warning("spans not sent within %.0f s of exit were dropped", seconds)
+        return False
+    return True
 
 
 def tracer(name: str) -> trace.Tracer:
