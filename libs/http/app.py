@@ -9,7 +9,7 @@ refused first (``libs/http/input_checks.py``) and every error answered as JSON
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -17,6 +17,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ControllerRouterHandler
+from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from libs.http.errors import exception_handlers
@@ -87,6 +88,20 @@ def health_routes(
     return [live, ready, metrics]
 
 
+def forget_query(span: Span, scope: dict[str, Any]) -> None:
+    """A request's span keeps its URL without the query string, which is the client's to
+    fill: one-time links carry their token there (``/verify?token=``, ``/reset?token=``), and
+    whoever reads traces must not be able to reset a customer's password."""
+    if not span.is_recording() or not scope.get("query_string"):
+        return
+    attributes: Mapping[str, object] = getattr(span, "attributes", None) or {}
+    url = attributes.get("http.url")
+    if isinstance(url, str):
+        span.set_attribute("http.url", url.partition("?")[0])
+    if "url.query" in attributes:  # the stable HTTP conventions' name for it
+        span.set_attribute("url.query", "")
+
+
 def create_app(
     *,
     title: str,
@@ -112,7 +127,9 @@ def create_app(
 
         # A span per request; not one more per ASGI message it reads and sends.
         config = OpenTelemetryConfig(
-            exclude=["/health", "/metrics"], exclude_spans=["receive", "send"]
+            exclude=["/health", "/metrics"],
+            exclude_spans=["receive", "send"],
+            server_request_hook_handler=forget_query,
         )
         plugins.append(OpenTelemetryPlugin(config))
     return Litestar(
