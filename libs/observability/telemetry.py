@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -31,6 +32,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from contracts import Cause, TraceContext
@@ -130,7 +132,7 @@ def setup_tracing(
     to the resource of every span.
     """
     resource = Resource.create({**(attributes or {}), "service.name": service_name})
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, sampler=_sampler())
     processors: list[SpanProcessor] = []
     if exporter == "console":
         processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
@@ -164,6 +166,16 @@ def shutdown_tracing(provider: TracerProvider, seconds: float = EXIT_FLUSH_SECON
         log.warning("spans not sent within %.0f s of exit were dropped", seconds)
         return False
     return True
+
+
+def _sampler() -> Sampler | None:
+    """Every span is recorded, whatever a caller's ``traceparent`` says: its sampled flag is
+    the client's to set, and an unsampled one would leave out the request and, through the
+    events it appends, every span of the journey it starts (the job, the instance). An
+    operator's ``OTEL_TRACES_SAMPLER`` decides instead (None: the SDK reads it)."""
+    if os.environ.get(OTEL_TRACES_SAMPLER):
+        return None
+    return ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)
 
 
 def tracer(name: str) -> trace.Tracer:

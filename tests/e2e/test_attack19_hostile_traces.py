@@ -6,7 +6,8 @@ OTLP receiver. Requests carry malformed, oversized, repeated and borrowed ``trac
 ``tracestate`` headers: none is answered 500, none copies a large ``tracestate`` into a job's
 cause. Then a customer signs up, signs in, follows one-time links and reaches their instance:
 no span exported, the instance's included, holds their email, password, session token, a
-one-time link's token, a JWT or the platform's admin token.
+one-time link's token, a JWT or the platform's admin token. Nor can a client's ``traceparent``
+saying "not sampled" leave its journey out of the traces.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import asyncpg
 import httpx
 import pytest
 from journey_steps import (
+    JOB_SPAN,
+    SIGNUP_SPAN,
     platform_environment,
     running_platform,
     sign_up_until_healthy,
@@ -144,3 +147,34 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, list):
         return [text for item in value for text in _strings(item)]
     return [str(value)]
+
+
+async def test_a_client_cannot_switch_off_the_trace_of_the_journey_it_starts(
+    postgres_server_url: str, nats_url: str, broker: EmbeddedMosquitto, tmp_path: Path
+) -> None:
+    trace_id = uuid.uuid4().hex
+    # Flags 00: "not sampled", which a client may say of any request it sends.
+    unsampled = {"traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-00"}
+    with otlp_receiver() as receiver:
+        env = platform_environment(
+            database_url=await create_database(postgres_server_url),
+            nats_url=nats_url,
+            broker=broker,
+            folder=tmp_path,
+            port=free_port(),
+            license_keys=license_keys_dir(),
+            credentials_dir=nats_credentials_dir(),
+            otlp_endpoint=receiver.endpoint,
+        )
+        async with running_platform(env) as client:
+            email = f"attack19-{uuid.uuid4().hex}@example.com"
+            body = {"email": email, "password": PASSWORD, "company_name": "Unsampled"}
+            signed = await client.post("/api/customers/signup", json=body, headers=unsampled)
+            assert signed.status_code == 201
+            names = await eventually(
+                lambda: asyncio.sleep(0, _names(receiver.trace(trace_id))),
+                lambda names: {JOB_SPAN, "instance start"} <= names,
+                timeout=90,
+                what="the journey's spans exported (have: last)",
+            )
+    assert {SIGNUP_SPAN, "apply CustomerSignedUp", "apply LicenseIssued"} <= names
