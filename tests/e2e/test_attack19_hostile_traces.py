@@ -65,6 +65,13 @@ async def _answer(client: httpx.AsyncClient, headers: list[tuple[str, str]]) -> 
         return 0  # the server closed a request it would not read: no answer, no failure
 
 
+async def _get(client: httpx.AsyncClient, headers: list[tuple[str, str]]) -> int:
+    try:
+        return (await client.get("/api/devices", headers=headers)).status_code
+    except httpx.TransportError:
+        return 0
+
+
 async def test_hostile_trace_headers_and_secrets_in_spans(
     postgres_server_url: str, nats_url: str, broker: EmbeddedMosquitto, tmp_path: Path
 ) -> None:
@@ -85,6 +92,10 @@ async def test_hostile_trace_headers_and_secrets_in_spans(
             borrowed = signup_trace(receiver.spans())  # another customer's trace
             answers = [await _answer(client, headers) for headers in hostile_headers(borrowed)]
             assert 500 not in answers, answers
+            async with httpx.AsyncClient(base_url=journey.instance_url, timeout=10) as instance:
+                answered = [await _get(instance, h) for h in hostile_headers(borrowed)]
+            # Refused for want of a token (or, too large, by the HTTP server), never failed.
+            assert set(answered) <= {0, 400, 401}, answered
             assert answers.count(201) >= 6, answers
             assert (await client.get("/health/ready")).status_code == 200
 
