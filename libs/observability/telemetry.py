@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -30,6 +32,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from contracts import Cause, TraceContext
@@ -129,7 +132,7 @@ def setup_tracing(
     to the resource of every span.
     """
     resource = Resource.create({**(attributes or {}), "service.name": service_name})
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, sampler=_sampler())
     processors: list[SpanProcessor] = []
     if exporter == "console":
         processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
@@ -141,6 +144,38 @@ def setup_tracing(
         provider.add_span_processor(_NamedByService(processor, resource))
     trace.set_tracer_provider(provider)
     return provider
+
+
+EXIT_FLUSH_SECONDS = 3.0
+"""How long a process's exit waits for its last spans to be sent. OTLP's exporter waits 10 s
+for a collector that never answers (and backs off 1 + 2 + 4 s from one that refuses) per batch
+of 512 spans: unbounded, an instance outlives the 10 s its backend gives it to stop, and is
+killed; a control plane's pod its grace period."""
+
+
+def shutdown_tracing(provider: TracerProvider, seconds: float = EXIT_FLUSH_SECONDS) -> bool:
+    """Flush and stop ``provider`` at exit, waiting at most ``seconds``; whether it finished.
+
+    Spans still unsent then are dropped: the flush goes on in a daemon thread, which the
+    process's exit does not wait for.
+    """
+    stopping = threading.Thread(target=provider.shutdown, name="tracing shutdown", daemon=True)
+    stopping.start()
+    stopping.join(seconds)
+    if stopping.is_alive():
+        log.warning("spans not sent within %.0f s of exit were dropped", seconds)
+        return False
+    return True
+
+
+def _sampler() -> Sampler | None:
+    """Every span is recorded, whatever a caller's ``traceparent`` says: its sampled flag is
+    the client's to set, and an unsampled one would leave out the request and, through the
+    events it appends, every span of the journey it starts (the job, the instance). An
+    operator's ``OTEL_TRACES_SAMPLER`` decides instead (None: the SDK reads it)."""
+    if os.environ.get(OTEL_TRACES_SAMPLER):
+        return None
+    return ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)
 
 
 def tracer(name: str) -> trace.Tracer:

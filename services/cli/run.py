@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from libs.http.server import GracefulServer, server_config
-from libs.observability.telemetry import setup_tracing
+from libs.observability.telemetry import setup_tracing, shutdown_tracing
 from libs.runtime.platform import Platform
 from services.cli.environment import environment
 from services.targets import TARGETS, build_app, definitions_for
@@ -60,4 +60,4 @@ async def serve(platform: Platform, target: str, host: str, port: int) -> None:
     try:
         await GracefulServer(config).serve()
     finally:
-        provider.shutdown()
+        shutdown_tracing(provider)

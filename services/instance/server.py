@@ -40,7 +40,12 @@ def serve_instance(host: str | None = None, port: int | None = None) -> int:
     skip_unused_optional_modules(os.environ.get("OTEL_EXPORTER", "none") not in ("", "none"))
     from libs.config import load_settings
     from libs.http.server import GracefulServer, server_config
-    from libs.observability.telemetry import service_name, serving, setup_tracing
+    from libs.observability.telemetry import (
+        service_name,
+        serving,
+        setup_tracing,
+        shutdown_tracing,
+    )
     from services.instance.app import create_instance_app
     from services.instance.settings import InstanceSettings
     from services.instance.start import CUSTOMER_ATTRIBUTE
@@ -64,5 +69,5 @@ def serve_instance(host: str | None = None, port: int | None = None) -> int:
         # Woken once a second rather than ten times: one of hundreds of idle processes.
         asyncio.run(GracefulServer(config, tick_seconds=1.0).serve())
     finally:
-        provider.shutdown()
+        shutdown_tracing(provider)
     return 0
