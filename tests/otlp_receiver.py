@@ -42,6 +42,8 @@ class ReceivedSpan:
     resource: dict[str, Any] = field(default_factory=dict)
     # (trace id, span id) of each span this one links to.
     links: tuple[tuple[str, str], ...] = ()
+    # (name, attributes) of each event recorded on the span (an exception, say).
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     @property
     def duration_ms(self) -> float:
@@ -81,6 +83,10 @@ def decode(body: bytes) -> list[ReceivedSpan]:
                         attributes={a.key: _value(a.value) for a in span.attributes},
                         resource=resource,
                         links=tuple((k.trace_id.hex(), k.span_id.hex()) for k in span.links),
+                        events=tuple(
+                            (e.name, {a.key: _value(a.value) for a in e.attributes})
+                            for e in span.events
+                        ),
                     )
                 )
     return spans

@@ -26,7 +26,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    Span,
+    SpanLimits,
+    SpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -66,6 +73,20 @@ def name_request_span(service: str) -> None:
         span.set_attribute(SERVICE_ATTRIBUTE, service)
 
 
+# What an exception recorded on a span keeps: its type. Its message and stack trace may hold
+# what no span should (a driver's error quoting a statement's values, a URL with a token).
+KEPT_EXCEPTION_ATTRIBUTES = frozenset({"exception.type", "exception.escaped"})
+
+
+def _without_error_text(event: Event) -> Event:
+    if event.name != "exception" or not event.attributes:
+        return event
+    kept = {k: v for k, v in event.attributes.items() if k in KEPT_EXCEPTION_ATTRIBUTES}
+    if len(kept) == len(event.attributes):
+        return event
+    return Event(event.name, kept, event.timestamp)
+
+
 class _NamedByService(SpanProcessor):
     """Hands ``inner`` each span with the resource of the service that made it: the same
     resource with ``service.name`` set from the span's ``iotistic.service``."""
@@ -87,13 +108,13 @@ class _NamedByService(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         service = (span.attributes or {}).get(SERVICE_ATTRIBUTE)
-        if not isinstance(service, str):
+        resource = span.resource
+        if isinstance(service, str):
+            resource = self._resources.get(service) or self._resource_of(service)
+        events = tuple(_without_error_text(event) for event in span.events)
+        if resource is span.resource and events == tuple(span.events):
             self._inner.on_end(span)
             return
-        resource = self._resources.get(service)
-        if resource is None:
-            resource = self._resource.merge(Resource({"service.name": service_name(service)}))
-            self._resources[service] = resource
         self._inner.on_end(
             ReadableSpan(
                 name=span.name,
@@ -101,7 +122,7 @@ class _NamedByService(SpanProcessor):
                 parent=span.parent,
                 resource=resource,
                 attributes=span.attributes,
-                events=span.events,
+                events=events,
                 links=span.links,
                 kind=span.kind,
                 status=span.status,
@@ -110,6 +131,11 @@ class _NamedByService(SpanProcessor):
                 instrumentation_scope=span.instrumentation_scope,
             )
         )
+
+    def _resource_of(self, service: str) -> Resource:
+        resource = self._resource.merge(Resource({"service.name": service_name(service)}))
+        self._resources[service] = resource
+        return resource
 
     def shutdown(self) -> None:
         self._inner.shutdown()
@@ -132,7 +158,7 @@ def setup_tracing(
     to the resource of every span.
     """
     resource = Resource.create({**(attributes or {}), "service.name": service_name})
-    provider = TracerProvider(resource=resource, sampler=_sampler())
+    provider = TracerProvider(resource=resource, sampler=_sampler(), span_limits=span_limits())
     processors: list[SpanProcessor] = []
     if exporter == "console":
         processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
@@ -166,6 +192,20 @@ def shutdown_tracing(provider: TracerProvider, seconds: float = EXIT_FLUSH_SECON
         log.warning("spans not sent within %.0f s of exit were dropped", seconds)
         return False
     return True
+
+
+# The longest attribute value a span keeps, unless OpenTelemetry's variables say otherwise: a
+# client's path or user agent may be 16 KiB, copied to the collector for every request.
+ATTRIBUTE_VALUE_MAX_CHARS = 2048
+_LIMIT_VARIABLES = ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+
+
+def span_limits(environ: Mapping[str, str] = os.environ) -> SpanLimits:
+    """OpenTelemetry's limits, with attribute values cut at ``ATTRIBUTE_VALUE_MAX_CHARS``
+    where no variable sets a length."""
+    if any(environ.get(name) for name in _LIMIT_VARIABLES):
+        return SpanLimits()
+    return SpanLimits(max_attribute_length=ATTRIBUTE_VALUE_MAX_CHARS)
 
 
 def _sampler() -> Sampler | None:
