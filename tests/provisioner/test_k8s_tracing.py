@@ -16,7 +16,7 @@ from contracts import TraceContext
 from libs.config import load_settings
 from libs.observability.telemetry import continuing
 from services.provisioner.app import kubernetes_settings
-from services.provisioner.backends.base import InstanceSpec
+from services.provisioner.backends.base import BackendError, InstanceSpec
 from services.provisioner.backends.kubernetes.backend import KubernetesBackend
 from services.provisioner.backends.kubernetes.manifests.render import render
 from services.provisioner.backends.kubernetes.manifests.settings import KubernetesSettings
@@ -87,6 +87,19 @@ async def test_a_deploy_hands_its_trace_to_the_pod_it_starts_then_takes_it_back(
     }
     assert env["TRACESTATE"]["valueFrom"]["configMapKeyRef"]["key"] == "tracestate"
     assert "4bf92f3577b34da6a3ce929d0e0e4736" not in str(standin.objects[DEPLOYMENT])
+
+
+async def test_a_deploy_that_never_gets_ready_takes_its_trace_back_all_the_same(cluster) -> None:
+    standin, url = cluster
+    standin.unready.add("instance")  # its pod crash-loops: the deploy fails waiting for it
+    backend = KubernetesBackend(
+        KubernetesSettings(), b"k" * 40, api_client_for(url), ready_timeout=0.5, poll_seconds=0.05
+    )
+    async with backend_running(backend):
+        with continuing(DEPLOY), pytest.raises(BackendError, match="not ready"):
+            await backend.deploy(spec(), lambda *_: _nothing())
+    # A pod that starts later (a retry, a restart) must not join the failed attempt's trace.
+    assert standin.objects[CONFIGMAP]["data"] == {}
 
 
 async def test_another_trace_rolls_nothing_and_changes_no_manifest_digest(cluster) -> None:

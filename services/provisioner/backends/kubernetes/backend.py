@@ -1,20 +1,19 @@
-"""The ``kubernetes`` backend: server-side apply of each customer's objects, through
-kubernetes-asyncio.
+"""The ``kubernetes`` backend: server-side apply of each customer's objects (kubernetes-asyncio).
 
 Deploy applies every object of ``manifests.render`` in order (server-side apply: ``api``), then
-waits until Postgres, Mosquitto and the instance are ready, reporting progress. Update
+waits until Postgres, Mosquitto and the instance are ready, reporting each step. Update
 re-applies every object; what changed is the license Secret and the instance Deployment, which
 the license annotation on its pod template rolls (and, for a customer deployed by an older
 version, whatever else is new; what it replaced, the Ingress, is deleted after deploys and
-updates). The job's trace is handed to the instance pod it starts (``trace``: a ConfigMap,
-not the pod template). Once a deploy's or update's objects are ready, the namespace is stamped
-with their digest (``stamp``): what ``iotistic provisioner rollout`` compares. Volumes only
-grow: a claim is never applied smaller than the cluster holds (``storage``). Delete stops the
-instance and keeps its namespace, volumes and backups for the grace period (``grace``; a
-redeploy within it takes the customer back, an hourly purge deletes it after); with erasure it
-removes the namespace at once and waits until it is gone. The passwords, the broker client id
-and the monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC, ``credentials``), so
-re-applying never changes them; they are never logged.
+updates). The job's trace is handed to the instance pod it starts (``trace``: a ConfigMap, not
+the pod template) and taken back once it is ready or failed. Once ready, the namespace is
+stamped with the objects' digest (``stamp``): what ``iotistic provisioner rollout`` compares.
+Volumes only grow: a claim is never applied smaller than the cluster holds (``storage``). Delete
+stops the instance and keeps its namespace, volumes and backups for the grace period
+(``grace``; a redeploy within it takes the customer back, an hourly purge deletes it after);
+with erasure it removes the namespace at once and waits until it is gone. The passwords, the
+broker client id and the monitoring token are derived from ``PROVISIONER_SECRET`` (HMAC,
+``credentials``), so re-applying never changes them; they are never logged.
 """
 
 from __future__ import annotations
@@ -173,9 +172,11 @@ class KubernetesBackend:
             handed = await hand_trace_before(api, obj, ns, spec.customer_id) or handed
             await self._apply(api, obj)
         await self._remove_replaced(spec.customer_id)
-        await self._wait_ready(spec.customer_id, progress, 80)
-        if handed:
-            await take_trace_back(api, ns, spec.customer_id)
+        try:
+            await self._wait_ready(spec.customer_id, progress, 80)
+        finally:  # ready or not: a pod that starts later must not join this attempt's trace
+            if handed:
+                await take_trace_back(api, ns, spec.customer_id)
         await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 
@@ -194,9 +195,11 @@ class KubernetesBackend:
             await self._apply(api, obj)
         await self._remove_replaced(spec.customer_id)
         await progress(40, "license applied")
-        await self._wait_ready(spec.customer_id, progress, 40)
-        if handed:
-            await take_trace_back(api, ns, spec.customer_id)
+        try:
+            await self._wait_ready(spec.customer_id, progress, 40)
+        finally:  # ready or not: a pod that starts later must not join this attempt's trace
+            if handed:
+                await take_trace_back(api, ns, spec.customer_id)
         await self.stamp_manifest(spec)
         return self._deployed(spec.customer_id)
 
