@@ -12,9 +12,18 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import Link, SpanKind, TraceState
+from opentelemetry.util.types import Attributes
 
 from contracts import Envelope, decode_envelope
 from libs.eventlog.store import EventStore
@@ -39,6 +48,31 @@ class _Recorders(SpanExporter):
 _recorders: _Recorders | None = None
 
 
+class _WhileRecording(Sampler):
+    """Spans are recorded only while a test module records them. The provider is the
+    process's for good once installed; recording every span of every test after it (each
+    request, each event applied) would cost all of them, for nobody."""
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        recording = _recorders is not None and bool(_recorders.recording)
+        chosen = ALWAYS_ON if recording else ALWAYS_OFF
+        return chosen.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return "WhileRecording"
+
+
 @contextlib.contextmanager
 def recorded_spans() -> Iterator[InMemorySpanExporter]:
     """Every span finished in this process while the block runs, in memory (for a
@@ -52,7 +86,7 @@ def recorded_spans() -> Iterator[InMemorySpanExporter]:
             # Installed elsewhere (not through here): spans keep that provider's resource.
             installed.add_span_processor(processor)
         else:
-            setup_tracing("iotistic-test", "none", (processor,))
+            setup_tracing("iotistic-test", "none", (processor,), sampler=_WhileRecording())
     exporter = InMemorySpanExporter()
     _recorders.recording.append(exporter)
     try:

@@ -149,16 +149,20 @@ def setup_tracing(
     exporter: str,
     extra_processors: tuple[SpanProcessor, ...] = (),
     attributes: Mapping[str, str] | None = None,
+    sampler: Sampler | None = None,
 ) -> TracerProvider:
     """Install a tracer provider for this process and return it (to shut down at exit).
 
     ``exporter`` is ``none`` (spans are still made and propagated, just not sent), ``console``
     or ``otlp`` (configured by the standard ``OTEL_EXPORTER_OTLP_*`` variables).
     ``service_name`` names the spans no service claims (``serving``); ``attributes`` are added
-    to the resource of every span.
+    to the resource of every span; ``sampler`` replaces the default (every span recorded,
+    or ``OTEL_TRACES_SAMPLER``'s choice).
     """
     resource = Resource.create({**(attributes or {}), "service.name": service_name})
-    provider = TracerProvider(resource=resource, sampler=_sampler(), span_limits=span_limits())
+    provider = TracerProvider(
+        resource=resource, sampler=sampler or _sampler(), span_limits=span_limits()
+    )
     processors: list[SpanProcessor] = []
     if exporter == "console":
         processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
