@@ -153,7 +153,9 @@ class HealthWatch:
                 if row["customer_id"] in found
                 and (decision := self._decision(conn, row, found[row["customer_id"]], now))
             ]
-            appended = await self._append(decisions)
+            # Each in a trace of its own (``schedule <event>``), until the read model is found
+            # behind the log (the rest wait for the next pass).
+            appended = await append_decisions(self._store(), decisions, CONSUMERS, "health watch")
         bound = timedelta(seconds=self._settings.instance_unhealthy_redeploy_seconds)
         redeployed = 0
         for row in watched:
@@ -163,14 +165,6 @@ class HealthWatch:
             if health is not None and not health.healthy and since and now - since >= bound:
                 redeployed += await self._redeploy(row["customer_id"], now, _degraded_cause(row))
         return appended + redeployed
-
-    async def _append(self, decisions: list[tuple[str, Decision]]) -> int:
-        """Each decision appended against the log, in a trace of its own (``schedule
-        <event>``, ``append_decisions``), until the read model is found behind the log (the
-        rest wait for the next pass); how many were appended."""
-        return await append_decisions(
-            self._store(), [decision for _, decision in decisions], CONSUMERS, "health watch"
-        )
 
     async def _check_all(self, customers: list[str]) -> dict[str, InstanceHealth]:
         """Each instance's health; one the backend cannot tell about now is left out."""
@@ -203,8 +197,9 @@ class HealthWatch:
 
     def _decision(
         self, conn: asyncpg.Connection, row: asyncpg.Record, health: InstanceHealth, now: datetime
-    ) -> tuple[str, Decision] | None:
-        """What to append about the instance, named by the event it would append."""
+    ) -> Decision | None:
+        """What to append about the instance (InstanceDegraded or InstanceRecovered), if
+        anything."""
         customer_id = row["customer_id"]
         degraded = row["degraded_since"] is not None
         if not health.healthy and not degraded:
@@ -213,14 +208,14 @@ class HealthWatch:
                 log.info("health watch: instance of %s unhealthy once: %s", customer_id, health)
                 return None
             log.warning("health watch: instance of %s unhealthy: %s", customer_id, health.reason)
-            return InstanceDegraded.TYPE, Decision(
+            return Decision(
                 customer_id=customer_id,
                 event_id=degraded_id(customer_id, row["episodes"] + 1),
                 decide=functools.partial(_still_unrecorded, conn, customer_id, health, since),
             )
         if health.healthy and degraded:
             log.info("health watch: instance of %s healthy again", customer_id)
-            return InstanceRecovered.TYPE, Decision(
+            return Decision(
                 customer_id=customer_id,
                 event_id=recovered_id(customer_id, row["episodes"]),
                 decide=functools.partial(_still_degraded, conn, customer_id, now),
